@@ -1,0 +1,925 @@
+//! The scheduler: given the folded state and a worker count, decide the next commands.
+//!
+//! [`Engine`] is sans-IO. A runtime calls [`Engine::poll`] to get the events to append and the
+//! commands to execute, runs the commands however it likes (tokio workers, or the simulator's
+//! seeded single thread), and reports each result with [`Engine::complete`]. Every state change
+//! goes through an event applied to [`BackupState`], so the durable log alone rebuilds the state
+//! on [`Engine::resume`]; the only other memory is what is in flight, which a crash loses anyway.
+//!
+//! Write-ahead discipline is carried by [`Command::after_seq`]: an effect may only be executed once
+//! the event with that sequence number (its intent: `HookStarted` for an exec, `BlockStarted` for a
+//! write) is durable. Reads (discovery, list, get) need nothing durable first.
+//!
+//! A block attempt is the explicit state machine [`BlockRun`]; its transitions live in
+//! `advance_block` (what to do next) and `block_completion` (what a result means). Recovery is
+//! the same machine started in [`BlockRun::ClosingInterrupted`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
+use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
+use crate::hooks::{Hook, HookPhase, OnError};
+use crate::item::{GroupResource, Item, ItemKey, ResourceType};
+use crate::ports::{ClusterError, ListPage};
+use crate::spec::{BackupSpec, Selection, SpecError};
+use crate::state::{ArchiveInfo, BackupState, FoldError};
+
+/// Identifies a command until its completion is reported.
+pub type CmdId = u64;
+
+/// Bounds and knobs of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Blocks processed at once.
+    pub workers: usize,
+    /// Page size asked of list calls.
+    pub list_page_items_max: u32,
+    /// Listing units in flight at once.
+    pub list_concurrency_max: usize,
+    /// Keys per get command.
+    pub get_batch_items_max: usize,
+    /// Blocks per `BlockPlanned` event.
+    pub plan_chunk_blocks_max: usize,
+    /// Test-only deliberate rule breaks, to prove the checks can fail.
+    pub mutation: Option<Mutation>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 8,
+            list_page_items_max: 500,
+            list_concurrency_max: 4,
+            get_batch_items_max: 100,
+            plan_chunk_blocks_max: 512,
+            mutation: None,
+        }
+    }
+}
+
+/// Deliberate engine bugs, switched on only by tests of the test harness itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// Write a block's items before its pre-hooks (breaks H1).
+    WriteBeforePreHooks,
+    /// Skip the post-hooks owed by an interrupted attempt (breaks H2).
+    SkipOwedPostHooks,
+    /// Ignore a failed Fail-mode pre-hook (breaks H3).
+    IgnorePreHookFailure,
+}
+
+/// One entry of the final archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveEntry {
+    /// The item.
+    pub key: ItemKey,
+    /// Its preferred version, for the `-preferredversion` copy.
+    pub version: String,
+    /// sha256 of the staged bytes.
+    pub digest: [u8; 32],
+}
+
+/// What a runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandKind {
+    /// Discover listable resource types.
+    Discover,
+    /// List one page.
+    List { unit: ListUnit, resource: ResourceType, limit: u32, continue_token: Option<String> },
+    /// Get objects by key.
+    Get { items: Vec<(ResourceType, ItemKey)> },
+    /// Exec a hook (the runtime enforces `hook.timeout_ms`).
+    RunHook { block: u32, attempt: u32, hook: Hook },
+    /// Stage one item's bytes under its deterministic key (idempotent).
+    WriteItem { block: u32, attempt: u32, key: ItemKey, bytes: Arc<Vec<u8>> },
+    /// Build the archive from the staged items.
+    Finalize { entries: Vec<ArchiveEntry> },
+}
+
+/// A command and the durability it waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// Id to report the completion with.
+    pub id: CmdId,
+    /// Execute only once events up to this sequence number are durable.
+    pub after_seq: Option<Seq>,
+    /// What to do.
+    pub kind: CommandKind,
+}
+
+/// The result of a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// Result of `Discover`.
+    Discovered(Result<Vec<ResourceType>, ClusterError>),
+    /// Result of `List`.
+    Listed(Result<ListPage, ClusterError>),
+    /// Result of `Get`: raw JSON or `None` per key.
+    Fetched(Result<Vec<(ItemKey, Option<String>)>, ClusterError>),
+    /// Result of `RunHook`.
+    HookRan(HookOutcome),
+    /// Result of `WriteItem`.
+    Written(Result<(), String>),
+    /// Result of `Finalize`.
+    Finalized(Result<ArchiveInfo, String>),
+}
+
+/// What one `poll` hands the runtime.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Events to append, in order.
+    pub events: Vec<(Seq, Event)>,
+    /// Commands to execute, each once its `after_seq` is durable.
+    pub commands: Vec<Command>,
+}
+
+/// The life of one block attempt in this process.
+#[derive(Debug, Clone, PartialEq)]
+enum BlockRun {
+    /// Closing an attempt a crash interrupted: its owed post-hooks, then a fresh attempt.
+    ClosingInterrupted { attempt: u32, owed: Vec<Hook>, next: usize },
+    /// Running pre-hook `next` of the current attempt.
+    Pre { next: usize },
+    /// Writing item `next`.
+    Writing { next: usize },
+    /// Running post-hook `next` of `hooks`; the block then ends with `failed` as its reason.
+    Post { hooks: Vec<Hook>, next: usize, failed: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    state: BlockRun,
+    attempt: u32,
+    intent_seq: Seq,
+    busy: bool,
+    writes_done: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Pending {
+    Discover,
+    List { unit: ListUnit, chunk: u32 },
+    Get,
+    Block(u32),
+    Finalize,
+}
+
+/// Why a log cannot be resumed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The events do not fold.
+    #[error(transparent)]
+    Fold(#[from] FoldError),
+    /// The recorded spec no longer compiles.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Nothing was ever recorded.
+    #[error("the log is empty")]
+    Empty,
+}
+
+/// The backup engine: state, decisions, nothing else.
+pub struct Engine {
+    cfg: EngineConfig,
+    state: BackupState,
+    selection: Selection,
+    actions: Vec<Box<dyn ItemBlockAction>>,
+    now_ms: u64,
+    out: Output,
+    inflight: BTreeMap<CmdId, Pending>,
+    next_cmd: CmdId,
+    discovering: bool,
+    listing: BTreeSet<ListUnit>,
+    list_tokens: BTreeMap<ListUnit, Option<String>>,
+    fetching: bool,
+    objects: Option<HashMap<ItemKey, Arc<Vec<u8>>>>,
+    runs: BTreeMap<u32, Run>,
+    cursor: usize,
+    finalizing: bool,
+    fatal: Option<String>,
+}
+
+impl Engine {
+    /// Starts a new backup; the first event is `BackupRequested`.
+    pub fn new(spec: BackupSpec, cfg: EngineConfig, now_ms: u64) -> Result<Engine, SpecError> {
+        let selection = Selection::compile(&spec)?;
+        let actions = builtin_actions(&spec.volume_group_label);
+        let mut e = Engine::with_state(cfg, BackupState::default(), selection, actions);
+        e.now_ms = now_ms;
+        let workers = e.cfg.workers as u32;
+        e.emit(Event::BackupRequested { spec, workers, at_ms: now_ms });
+        Ok(e)
+    }
+
+    /// Rebuilds an engine from a log; in-flight blocks will first close their interrupted attempt.
+    pub fn resume<'a>(
+        events: impl IntoIterator<Item = &'a Event>,
+        cfg: EngineConfig,
+        now_ms: u64,
+    ) -> Result<Engine, ResumeError> {
+        let state = BackupState::fold(events)?;
+        let spec = state.spec.clone().ok_or(ResumeError::Empty)?;
+        let selection = Selection::compile(&spec)?;
+        let actions = builtin_actions(&spec.volume_group_label);
+        let mut e = Engine::with_state(cfg, state, selection, actions);
+        e.now_ms = now_ms;
+        e.recover();
+        Ok(e)
+    }
+
+    /// Adds a user-defined ItemBlockAction (before the first poll).
+    pub fn add_action(&mut self, action: Box<dyn ItemBlockAction>) {
+        self.actions.push(action);
+    }
+
+    fn with_state(
+        cfg: EngineConfig,
+        state: BackupState,
+        selection: Selection,
+        actions: Vec<Box<dyn ItemBlockAction>>,
+    ) -> Engine {
+        Engine {
+            cfg,
+            state,
+            selection,
+            actions,
+            now_ms: 0,
+            out: Output::default(),
+            inflight: BTreeMap::new(),
+            next_cmd: 0,
+            discovering: false,
+            listing: BTreeSet::new(),
+            list_tokens: BTreeMap::new(),
+            fetching: false,
+            objects: None,
+            runs: BTreeMap::new(),
+            cursor: 0,
+            finalizing: false,
+            fatal: None,
+        }
+    }
+
+    /// What a crash left open: every in-flight block first runs the post-hooks it owes.
+    fn recover(&mut self) {
+        for b in &self.state.blocks {
+            let Some(a) = b.attempt.as_ref().filter(|_| b.in_flight()) else { continue };
+            let pods = a.pods_with_pre_started();
+            let owed: Vec<Hook> = if self.cfg.mutation == Some(Mutation::SkipOwedPostHooks) {
+                Vec::new()
+            } else {
+                b.plan
+                    .hooks
+                    .iter()
+                    .filter(|h| h.phase == HookPhase::Post && pods.contains(&h.pod))
+                    .filter(|h| !a.hooks_finished.contains_key(&hook_ref(h)))
+                    .cloned()
+                    .collect()
+            };
+            let run = Run {
+                state: BlockRun::ClosingInterrupted { attempt: a.number, owed, next: 0 },
+                attempt: a.number,
+                intent_seq: 0,
+                busy: false,
+                writes_done: false,
+            };
+            self.runs.insert(b.plan.id, run);
+        }
+    }
+
+    /// Sets the clock used to stamp events (the runtime's clock, virtual or real).
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// The folded state.
+    pub fn state(&self) -> &BackupState {
+        &self.state
+    }
+
+    /// Whether the backup reached a terminal phase.
+    pub fn is_finished(&self) -> bool {
+        self.state.finished.is_some()
+    }
+
+    /// A bug-level inconsistency that stopped the engine, if any.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// Commands issued and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn emit(&mut self, e: Event) -> Seq {
+        let seq = self.state.events;
+        if let Err(err) = self.state.apply(&e) {
+            // Only an engine bug gets here; stop deciding rather than corrupt the log.
+            tracing::error!("{err}");
+            self.fatal.get_or_insert(err.to_string());
+            return seq;
+        }
+        self.out.events.push((seq, e));
+        seq
+    }
+
+    fn issue(&mut self, pending: Pending, after_seq: Option<Seq>, kind: CommandKind) {
+        let id = self.next_cmd;
+        self.next_cmd += 1;
+        self.inflight.insert(id, pending);
+        self.out.commands.push(Command { id, after_seq, kind });
+    }
+
+    /// Decides everything that can be decided now and hands it over.
+    pub fn poll(&mut self) -> Output {
+        if self.fatal.is_none() && !self.is_finished() {
+            self.pump();
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn warn(&mut self, message: String) {
+        self.emit(Event::Diagnostic { severity: Severity::Warning, message });
+    }
+
+    fn resource(&self, gr: &GroupResource) -> Option<ResourceType> {
+        self.state.resources.as_ref()?.iter().find(|r| &r.gr == gr).cloned()
+    }
+
+    fn list_units(&self) -> Vec<(ListUnit, ResourceType)> {
+        let spec = self.selection.spec();
+        let explicit_ns: Option<Vec<String>> =
+            if !spec.included_namespaces.is_empty() && spec.included_namespaces.iter().all(|n| !n.contains('*')) {
+                let mut v: Vec<String> =
+                    spec.included_namespaces.iter().filter(|n| self.selection.namespace_included(n)).cloned().collect();
+                v.sort();
+                v.dedup();
+                Some(v)
+            } else {
+                None
+            };
+        let mut units = Vec::new();
+        for rt in self.state.resources.iter().flatten() {
+            if !self.selection.resource_listable(rt) {
+                continue;
+            }
+            match (&explicit_ns, rt.namespaced) {
+                (Some(nss), true) => {
+                    for ns in nss {
+                        units.push((ListUnit { resource: rt.gr.clone(), namespace: Some(ns.clone()) }, rt.clone()));
+                    }
+                }
+                _ => units.push((ListUnit { resource: rt.gr.clone(), namespace: None }, rt.clone())),
+            }
+        }
+        units.sort_by(|a, b| a.0.cmp(&b.0));
+        units
+    }
+
+    fn pump(&mut self) {
+        if self.state.resources.is_none() {
+            if !self.discovering {
+                self.discovering = true;
+                self.issue(Pending::Discover, None, CommandKind::Discover);
+            }
+            return;
+        }
+        let units = self.list_units();
+        let mut all_listed = true;
+        for (unit, rt) in units {
+            if self.state.listings.get(&unit).is_some_and(|l| l.complete) {
+                continue;
+            }
+            all_listed = false;
+            if self.listing.contains(&unit) || self.listing.len() >= self.cfg.list_concurrency_max {
+                continue;
+            }
+            self.listing.insert(unit.clone());
+            let limit = self.cfg.list_page_items_max;
+            self.issue(
+                Pending::List { unit: unit.clone(), chunk: 0 },
+                None,
+                CommandKind::List { unit, resource: rt, limit, continue_token: None },
+            );
+        }
+        if !all_listed {
+            return;
+        }
+        if !self.state.plan_finished {
+            if !self.fetching {
+                self.plan_round();
+            }
+            if !self.state.plan_finished {
+                return;
+            }
+        }
+        self.pump_blocks();
+    }
+
+    /// Parses every known object (listed and fetched) into items; bad ones were reported at list time.
+    fn known_items(&self) -> Vec<Item> {
+        let mut items = Vec::new();
+        let types: BTreeMap<&GroupResource, &ResourceType> =
+            self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect();
+        for (unit, l) in &self.state.listings {
+            let Some(rt) = types.get(&unit.resource) else { continue };
+            items.extend(l.objects.iter().enumerate().filter_map(|(i, o)| Item::parse(rt, i, o).ok()));
+        }
+        for (key, json) in &self.state.fetched {
+            if let (Some(rt), Some(json)) = (types.get(&key.gr()), json) {
+                items.extend(Item::parse(rt, 0, json).ok());
+            }
+        }
+        items
+    }
+
+    fn plan_round(&mut self) {
+        let resources = self.state.resources.clone().unwrap_or_default();
+        let not_found: BTreeSet<ItemKey> =
+            self.state.fetched.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect();
+        let index = Index::new(self.known_items(), &self.selection.spec().volume_group_label);
+        let input = PlanInput {
+            selection: &self.selection,
+            resources: &resources,
+            not_found: &not_found,
+            actions: &self.actions,
+        };
+        match plan(&input, &index) {
+            PlanStep::Fetch(keys) => {
+                let items: Vec<(ResourceType, ItemKey)> = keys
+                    .into_iter()
+                    .filter_map(|k| resources.iter().find(|r| r.gr == k.gr()).map(|rt| (rt.clone(), k)))
+                    .collect();
+                for chunk in items.chunks(self.cfg.get_batch_items_max.max(1)) {
+                    self.fetching = true;
+                    self.issue(Pending::Get, None, CommandKind::Get { items: chunk.to_vec() });
+                }
+            }
+            PlanStep::Done(p) => {
+                let items = p.item_count() as u64;
+                let already = self.state.blocks.len();
+                if already == 0 {
+                    for w in p.warnings {
+                        self.warn(w);
+                    }
+                }
+                let total = p.blocks.len() as u32;
+                let rest: Vec<_> = p.blocks.into_iter().skip(already).collect();
+                for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
+                    self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
+                }
+                self.emit(Event::PlanFinished { blocks: total, items });
+            }
+        }
+    }
+
+    fn build_objects(&mut self) {
+        let mut map = HashMap::new();
+        for it in self.known_items() {
+            let bytes = it.canonical_json();
+            map.insert(it.key, Arc::new(bytes));
+        }
+        self.objects = Some(map);
+    }
+
+    fn pump_blocks(&mut self) {
+        if self.objects.is_none() {
+            self.build_objects();
+        }
+        loop {
+            // Fill free workers with the next blocks, in id order.
+            while self.runs.len() < self.cfg.workers.max(1) && self.cursor < self.state.blocks.len() {
+                let id = self.cursor as u32;
+                self.cursor += 1;
+                let b = &self.state.blocks[id as usize];
+                if b.outcome.is_some() || self.runs.contains_key(&id) {
+                    continue;
+                }
+                let attempt = b.attempt.as_ref().map_or(0, |a| a.number) + 1;
+                let at_ms = self.now_ms;
+                let seq = self.emit(Event::BlockStarted { block: id, attempt, at_ms });
+                let run =
+                    Run { state: BlockRun::Pre { next: 0 }, attempt, intent_seq: seq, busy: false, writes_done: false };
+                self.runs.insert(id, run);
+            }
+            let before = self.runs.len();
+            let idle: Vec<u32> = self.runs.iter().filter(|(_, r)| !r.busy).map(|(id, _)| *id).collect();
+            for id in idle {
+                self.advance_block(id);
+            }
+            // A block that finished frees a worker: fill it in the same poll.
+            if self.runs.len() == before || self.cursor >= self.state.blocks.len() || self.fatal.is_some() {
+                break;
+            }
+        }
+        if self.runs.is_empty()
+            && self.cursor >= self.state.blocks.len()
+            && self.state.blocks.iter().all(|b| b.outcome.is_some())
+        {
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.state.archive.is_none() {
+            if !self.finalizing {
+                self.finalizing = true;
+                let mut entries = Vec::new();
+                for b in &self.state.blocks {
+                    let Some(a) = &b.attempt else { continue };
+                    for (key, (digest, _)) in &a.written {
+                        let version = self.resource(&key.gr()).map(|r| r.version).unwrap_or_default();
+                        entries.push(ArchiveEntry { key: key.clone(), version, digest: *digest });
+                    }
+                }
+                entries.sort_by(|a, b| a.key.cmp(&b.key));
+                let last = self.state.events.checked_sub(1);
+                self.issue(Pending::Finalize, last, CommandKind::Finalize { entries });
+            }
+            return;
+        }
+        let phase = self.state.terminal_phase();
+        let at_ms = self.now_ms;
+        self.emit(Event::BackupFinished { phase, at_ms });
+    }
+
+    fn hooks_of(&self, id: u32, phase: HookPhase) -> Vec<Hook> {
+        self.state.blocks[id as usize].plan.hooks.iter().filter(|h| h.phase == phase).cloned().collect()
+    }
+
+    /// The transitions of a block with nothing in flight: issue its next command, or move on.
+    fn advance_block(&mut self, id: u32) {
+        loop {
+            let Some(run) = self.runs.get(&id).cloned() else { return };
+            if run.busy || self.fatal.is_some() {
+                return;
+            }
+            let at_ms = self.now_ms;
+            match run.state {
+                BlockRun::ClosingInterrupted { attempt, owed, next } => {
+                    if let Some(h) = owed.get(next).cloned() {
+                        self.start_hook(id, attempt, h);
+                        return;
+                    }
+                    let attempt = attempt + 1;
+                    let seq = self.emit(Event::BlockStarted { block: id, attempt, at_ms });
+                    self.runs.insert(
+                        id,
+                        Run {
+                            state: BlockRun::Pre { next: 0 },
+                            attempt,
+                            intent_seq: seq,
+                            busy: false,
+                            writes_done: false,
+                        },
+                    );
+                }
+                BlockRun::Pre { next } => {
+                    let pre = self.hooks_of(id, HookPhase::Pre);
+                    if self.cfg.mutation == Some(Mutation::WriteBeforePreHooks) && !run.writes_done {
+                        // Deliberate bug: write everything first, then run the pre-hooks.
+                        self.set_state(id, BlockRun::Writing { next: 0 });
+                        continue;
+                    }
+                    match pre.get(next).cloned() {
+                        Some(h) if h.invalid.is_some() => {
+                            let reason = h.invalid.clone().unwrap_or_default();
+                            let hook = hook_ref(&h);
+                            self.emit(Event::HookFinished {
+                                block: id,
+                                attempt: run.attempt,
+                                hook,
+                                outcome: HookOutcome::Invalid { reason },
+                                at_ms,
+                            });
+                            self.after_hook(id, &h, false);
+                        }
+                        Some(h) => {
+                            self.start_hook(id, run.attempt, h);
+                            return;
+                        }
+                        None if run.writes_done => {
+                            let hooks = self.hooks_of(id, HookPhase::Post);
+                            self.set_state(id, BlockRun::Post { hooks, next: 0, failed: None });
+                        }
+                        None => self.set_state(id, BlockRun::Writing { next: 0 }),
+                    }
+                }
+                BlockRun::Writing { next } => {
+                    let items = &self.state.blocks[id as usize].plan.items;
+                    if let Some(key) = items.get(next).cloned() {
+                        let bytes = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
+                        match bytes {
+                            Some(bytes) => {
+                                if let Some(r) = self.runs.get_mut(&id) {
+                                    r.busy = true;
+                                }
+                                let kind = CommandKind::WriteItem { block: id, attempt: run.attempt, key, bytes };
+                                self.issue(Pending::Block(id), Some(run.intent_seq), kind);
+                                return;
+                            }
+                            None => {
+                                let error = "object is no longer known (listing changed after planning)".to_string();
+                                self.emit(Event::ItemFailed { block: id, attempt: run.attempt, key, error });
+                                self.set_state(id, BlockRun::Writing { next: next + 1 });
+                            }
+                        }
+                    } else {
+                        if let Some(r) = self.runs.get_mut(&id) {
+                            r.writes_done = true;
+                        }
+                        if self.cfg.mutation == Some(Mutation::WriteBeforePreHooks) {
+                            self.set_state(id, BlockRun::Pre { next: 0 });
+                        } else {
+                            let hooks = self.hooks_of(id, HookPhase::Post);
+                            self.set_state(id, BlockRun::Post { hooks, next: 0, failed: None });
+                        }
+                    }
+                }
+                BlockRun::Post { hooks, next, failed } => {
+                    if let Some(h) = hooks.get(next).cloned() {
+                        if let Some(reason) = h.invalid.clone() {
+                            let hook = hook_ref(&h);
+                            self.emit(Event::HookFinished {
+                                block: id,
+                                attempt: run.attempt,
+                                hook,
+                                outcome: HookOutcome::Invalid { reason },
+                                at_ms,
+                            });
+                            self.set_state(id, BlockRun::Post { hooks, next: next + 1, failed });
+                            continue;
+                        }
+                        self.start_hook(id, run.attempt, h);
+                        return;
+                    }
+                    let outcome = match failed {
+                        Some(reason) => BlockOutcome::Failed { reason },
+                        None => {
+                            let a = self.state.blocks[id as usize].attempt.as_ref();
+                            let trouble = a.is_some_and(|a| {
+                                !a.failed_items.is_empty() || a.hooks_finished.values().any(|o| !o.ok())
+                            });
+                            if trouble {
+                                BlockOutcome::PartiallyFailed
+                            } else {
+                                BlockOutcome::Completed
+                            }
+                        }
+                    };
+                    self.emit(Event::BlockFinished { block: id, attempt: run.attempt, outcome, at_ms });
+                    self.runs.remove(&id);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn set_state(&mut self, id: u32, state: BlockRun) {
+        if let Some(r) = self.runs.get_mut(&id) {
+            r.state = state;
+        }
+    }
+
+    fn start_hook(&mut self, id: u32, attempt: u32, h: Hook) {
+        let at_ms = self.now_ms;
+        let seq = self.emit(Event::HookStarted { block: id, attempt, hook: hook_ref(&h), at_ms });
+        if let Some(r) = self.runs.get_mut(&id) {
+            r.busy = true;
+        }
+        self.issue(Pending::Block(id), Some(seq), CommandKind::RunHook { block: id, attempt, hook: h });
+    }
+
+    /// A pre-hook ended (`ok` or not): go on, or fail the block.
+    fn after_hook(&mut self, id: u32, h: &Hook, ok: bool) {
+        let Some(run) = self.runs.get(&id).cloned() else { return };
+        let BlockRun::Pre { next } = run.state else { return };
+        let fail = !ok && h.on_error == OnError::Fail && self.cfg.mutation != Some(Mutation::IgnorePreHookFailure);
+        if fail {
+            // Post-hooks only for pods whose pre-hook window opened in this attempt.
+            let pods: BTreeSet<ItemKey> = self.state.blocks[id as usize]
+                .attempt
+                .as_ref()
+                .map(|a| a.pods_with_pre_started().into_iter().cloned().collect())
+                .unwrap_or_default();
+            let hooks: Vec<Hook> =
+                self.hooks_of(id, HookPhase::Post).into_iter().filter(|p| pods.contains(&p.pod)).collect();
+            let reason = format!("pre-hook {} of pod {} failed with onError Fail", h.index, h.pod);
+            self.set_state(id, BlockRun::Post { hooks, next: 0, failed: Some(reason) });
+        } else {
+            self.set_state(id, BlockRun::Pre { next: next + 1 });
+        }
+    }
+
+    /// Reports the result of command `id`.
+    pub fn complete(&mut self, id: CmdId, completion: Completion) {
+        let Some(pending) = self.inflight.remove(&id) else {
+            tracing::warn!("completion for unknown command {id}");
+            return;
+        };
+        if self.is_finished() || self.fatal.is_some() {
+            return;
+        }
+        match (pending, completion) {
+            (Pending::Discover, Completion::Discovered(r)) => {
+                self.discovering = false;
+                match r {
+                    Ok(mut resources) => {
+                        resources.sort();
+                        resources.dedup_by(|a, b| a.gr == b.gr);
+                        self.emit(Event::ResourcesDiscovered { resources });
+                    }
+                    Err(e) => {
+                        let at_ms = self.now_ms;
+                        self.emit(Event::Diagnostic {
+                            severity: Severity::Error,
+                            message: format!("discovery failed: {e}"),
+                        });
+                        self.emit(Event::BackupFinished { phase: Phase::Failed, at_ms });
+                    }
+                }
+            }
+            (Pending::List { unit, chunk }, Completion::Listed(r)) => self.listed(unit, chunk, r),
+            (Pending::Get, Completion::Fetched(r)) => {
+                let items = match r {
+                    Ok(items) => items
+                        .into_iter()
+                        .map(|(k, json)| {
+                            let canon = json.and_then(|j| self.canonicalize_fetched(&k, &j));
+                            (k, canon)
+                        })
+                        .collect(),
+                    Err(e) => {
+                        self.emit(Event::Diagnostic {
+                            severity: Severity::Error,
+                            message: format!("get of pull targets failed: {e}"),
+                        });
+                        Vec::new()
+                    }
+                };
+                self.emit(Event::ItemsFetched { items });
+                if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
+                    self.fetching = false;
+                }
+            }
+            (Pending::Block(b), c) => self.block_completion(b, c),
+            (Pending::Finalize, Completion::Finalized(r)) => {
+                self.finalizing = false;
+                let at_ms = self.now_ms;
+                match r {
+                    Ok(a) => {
+                        self.emit(Event::ArchiveFinalized { digest: a.digest, bytes: a.bytes, items: a.items });
+                    }
+                    Err(e) => {
+                        self.emit(Event::Diagnostic {
+                            severity: Severity::Error,
+                            message: format!("building the archive failed: {e}"),
+                        });
+                        self.emit(Event::BackupFinished { phase: Phase::Failed, at_ms });
+                    }
+                }
+            }
+            (p, c) => {
+                self.fatal.get_or_insert(format!("completion {c:?} does not answer {p:?}"));
+            }
+        }
+    }
+
+    fn canonicalize_fetched(&mut self, key: &ItemKey, json: &str) -> Option<String> {
+        let rt = self.resource(&key.gr())?;
+        match canonicalize(&rt, 0, json) {
+            Ok((it, s)) if &it.key == key => Some(s),
+            Ok((it, _)) => {
+                self.warn(format!("get {key} returned a different object ({})", it.key));
+                None
+            }
+            Err(e) => {
+                self.warn(e.to_string());
+                None
+            }
+        }
+    }
+
+    fn listed(&mut self, unit: ListUnit, chunk: u32, r: Result<ListPage, ClusterError>) {
+        match r {
+            Ok(page) => {
+                let Some(rt) = self.resource(&unit.resource) else { return };
+                let base = self.state.listings.get(&unit).filter(|_| chunk > 0).map_or(0, |l| l.objects.len());
+                let mut objects = Vec::with_capacity(page.objects.len());
+                let mut bad = Vec::new();
+                for (i, raw) in page.objects.iter().enumerate() {
+                    match canonicalize(&rt, base + i, raw) {
+                        Ok((_, s)) => objects.push(s),
+                        Err(e) => bad.push(e.to_string()),
+                    }
+                }
+                let complete = page.continue_token.is_none();
+                self.emit(Event::ResourceListed { unit: unit.clone(), chunk, objects, complete });
+                for b in bad {
+                    self.warn(b);
+                }
+                if complete {
+                    self.listing.remove(&unit);
+                    self.list_tokens.remove(&unit);
+                } else {
+                    let limit = self.cfg.list_page_items_max;
+                    let kind = CommandKind::List {
+                        unit: unit.clone(),
+                        resource: rt,
+                        limit,
+                        continue_token: page.continue_token,
+                    };
+                    self.issue(Pending::List { unit, chunk: chunk + 1 }, None, kind);
+                }
+            }
+            Err(ClusterError::Expired(_)) => {
+                // 410 Gone: the continue token expired; list the unit again from the start.
+                let Some(rt) = self.resource(&unit.resource) else { return };
+                let limit = self.cfg.list_page_items_max;
+                let kind = CommandKind::List { unit: unit.clone(), resource: rt, limit, continue_token: None };
+                self.issue(Pending::List { unit, chunk: 0 }, None, kind);
+            }
+            Err(e) => {
+                self.listing.remove(&unit);
+                self.emit(Event::ListFailed { unit, error: e.to_string() });
+            }
+        }
+    }
+
+    fn block_completion(&mut self, id: u32, c: Completion) {
+        let Some(run) = self.runs.get(&id).cloned() else { return };
+        if let Some(r) = self.runs.get_mut(&id) {
+            r.busy = false;
+        }
+        let at_ms = self.now_ms;
+        match (run.state.clone(), c) {
+            (BlockRun::ClosingInterrupted { attempt, owed, next }, Completion::HookRan(outcome)) => {
+                if let Some(h) = owed.get(next) {
+                    self.emit(Event::HookFinished { block: id, attempt, hook: hook_ref(h), outcome, at_ms });
+                }
+                self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: next + 1 });
+            }
+            (BlockRun::Pre { next }, Completion::HookRan(outcome)) => {
+                let Some(h) = self.hooks_of(id, HookPhase::Pre).get(next).cloned() else { return };
+                let ok = outcome.ok();
+                self.emit(Event::HookFinished { block: id, attempt: run.attempt, hook: hook_ref(&h), outcome, at_ms });
+                self.after_hook(id, &h, ok);
+            }
+            (BlockRun::Writing { next }, Completion::Written(r)) => {
+                let key = self.state.blocks[id as usize].plan.items[next].clone();
+                match r {
+                    Ok(()) => {
+                        let bytes = self.objects.as_ref().and_then(|m| m.get(&key).cloned()).unwrap_or_default();
+                        let digest: [u8; 32] = Sha256::digest(bytes.as_slice()).into();
+                        self.emit(Event::ItemWritten {
+                            block: id,
+                            attempt: run.attempt,
+                            key,
+                            digest,
+                            bytes: bytes.len() as u64,
+                        });
+                    }
+                    Err(error) => {
+                        self.emit(Event::ItemFailed { block: id, attempt: run.attempt, key, error });
+                    }
+                }
+                self.set_state(id, BlockRun::Writing { next: next + 1 });
+            }
+            (BlockRun::Post { hooks, next, failed }, Completion::HookRan(outcome)) => {
+                if let Some(h) = hooks.get(next) {
+                    self.emit(Event::HookFinished {
+                        block: id,
+                        attempt: run.attempt,
+                        hook: hook_ref(h),
+                        outcome,
+                        at_ms,
+                    });
+                }
+                self.set_state(id, BlockRun::Post { hooks, next: next + 1, failed });
+            }
+            (s, c) => {
+                self.fatal.get_or_insert(format!("block {id}: completion {c:?} in state {s:?}"));
+            }
+        }
+    }
+}
+
+/// The reference of a hook inside its block.
+pub fn hook_ref(h: &Hook) -> HookRef {
+    HookRef { pod: h.pod.clone(), phase: h.phase, index: h.index }
+}
+
+/// Validates a served object and returns its canonical JSON (sorted keys, apiVersion and kind set,
+/// as Velero writes them; list responses leave them out of the items).
+pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item, String), crate::item::ItemError> {
+    let mut it = Item::parse(rt, index, raw)?;
+    if let Some(o) = it.object.as_object_mut() {
+        o.insert("apiVersion".into(), serde_json::Value::String(rt.api_version()));
+        o.insert("kind".into(), serde_json::Value::String(rt.kind.clone()));
+    }
+    let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
+    Ok((it, s))
+}

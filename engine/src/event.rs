@@ -1,0 +1,271 @@
+//! Events and their durable record format (DESIGN §5).
+//!
+//! Every step of a backup is an [`Event`]; the backup's state is a pure fold of them
+//! ([`crate::state`]). A record on disk is
+//! `len: u32 LE ‖ crc32c: u32 LE ‖ version: u8 ‖ payload`, where `len` counts the version byte and
+//! the payload and the checksum covers the same bytes; the payload is bincode 2 (`=2.0.1`,
+//! standard config, with a decode limit so hostile lengths cannot allocate unbounded memory).
+//! Variants are only ever appended at the end of the enum, and golden-byte fixtures in the tests
+//! pin every variant's encoding, so old logs stay readable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::grouping::BlockPlan;
+use crate::hooks::HookPhase;
+use crate::item::{GroupResource, ItemKey, ResourceType};
+use crate::spec::BackupSpec;
+
+/// Position of an event in its backup's log, from 0.
+pub type Seq = u64;
+
+/// The record format version written today.
+pub const RECORD_VERSION: u8 = 1;
+/// Bytes before the payload: length, checksum.
+pub const RECORD_HEADER_BYTES: usize = 8;
+/// Upper bound on a record's payload; larger lengths are corruption.
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 << 20;
+
+/// One unit of listing: a resource type, cluster-wide or in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListUnit {
+    /// The resource listed.
+    pub resource: GroupResource,
+    /// `None` lists across all namespaces (or a cluster-scoped resource).
+    pub namespace: Option<String>,
+}
+
+impl std::fmt::Display for ListUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} in namespace {ns}", self.resource),
+            None => write!(f, "{}", self.resource),
+        }
+    }
+}
+
+/// Which hook of a block: the pod, the phase, the position.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HookRef {
+    /// The pod the hook runs in.
+    pub pod: ItemKey,
+    /// Pre or post.
+    pub phase: HookPhase,
+    /// Position among the pod's hooks of that phase.
+    pub index: u32,
+}
+
+/// How a hook ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookOutcome {
+    /// Exit status 0.
+    Succeeded,
+    /// Non-zero exit status.
+    Exited { code: i32, output: String },
+    /// The exec could not be run or broke (connection, container missing, …).
+    Errored { message: String },
+    /// The timeout expired and the exec stream was cancelled.
+    TimedOut { timeout_ms: u64 },
+    /// The hook could not be built from its annotation or spec; it was never sent.
+    Invalid { reason: String },
+}
+
+impl HookOutcome {
+    /// Whether the hook succeeded.
+    pub fn ok(&self) -> bool {
+        matches!(self, HookOutcome::Succeeded)
+    }
+}
+
+impl std::fmt::Display for HookOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookOutcome::Succeeded => f.write_str("succeeded"),
+            HookOutcome::Exited { code, output } if output.is_empty() => write!(f, "exited with code {code}"),
+            HookOutcome::Exited { code, output } => write!(f, "exited with code {code}: {output}"),
+            HookOutcome::Errored { message } => write!(f, "error: {message}"),
+            HookOutcome::TimedOut { timeout_ms } => write!(f, "timed out after {timeout_ms} ms"),
+            HookOutcome::Invalid { reason } => write!(f, "invalid: {reason}"),
+        }
+    }
+}
+
+/// How a block attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockOutcome {
+    /// Every item written, every hook succeeded.
+    Completed,
+    /// Written, but some item or hook failed (Continue-mode hooks, post-hooks, item writes).
+    PartiallyFailed,
+    /// A Fail-mode pre-hook failed: nothing of the block was written.
+    Failed { reason: String },
+}
+
+/// A backup's phase, as Velero names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Running, or interrupted and waiting for `resume`.
+    InProgress,
+    /// Everything succeeded.
+    Completed,
+    /// Finished, with errors.
+    PartiallyFailed,
+    /// Could not finish.
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::InProgress => "InProgress",
+            Phase::Completed => "Completed",
+            Phase::PartiallyFailed => "PartiallyFailed",
+            Phase::Failed => "Failed",
+        })
+    }
+}
+
+/// Severity of a diagnostic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Severity {
+    /// Recorded; does not change the phase.
+    Warning,
+    /// Makes the backup PartiallyFailed.
+    Error,
+}
+
+/// Every step of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The backup was asked for.
+    BackupRequested { spec: BackupSpec, workers: u32, at_ms: u64 },
+    /// Discovery found these listable resource types.
+    ResourcesDiscovered { resources: Vec<ResourceType> },
+    /// One page of a listing; chunk 0 starts the unit afresh. Objects are canonical JSON.
+    ResourceListed { unit: ListUnit, chunk: u32, objects: Vec<String>, complete: bool },
+    /// A listing gave up; the unit contributes nothing.
+    ListFailed { unit: ListUnit, error: String },
+    /// Pull targets fetched by key: canonical JSON, or `None` when not found.
+    ItemsFetched { items: Vec<(ItemKey, Option<String>)> },
+    /// A warning or error found by the engine (bad objects, bad annotations, …).
+    Diagnostic { severity: Severity, message: String },
+    /// Some planned blocks, in id order.
+    BlockPlanned { blocks: Vec<BlockPlan> },
+    /// Planning is over: this many blocks and items.
+    PlanFinished { blocks: u32, items: u64 },
+    /// Intent: a block attempt begins (durable before any hook or write of it).
+    BlockStarted { block: u32, attempt: u32, at_ms: u64 },
+    /// Intent: a hook exec is about to be sent.
+    HookStarted { block: u32, attempt: u32, hook: HookRef, at_ms: u64 },
+    /// Fact: a hook ended.
+    HookFinished { block: u32, attempt: u32, hook: HookRef, outcome: HookOutcome, at_ms: u64 },
+    /// Fact: an item is durably staged in the store.
+    ItemWritten { block: u32, attempt: u32, key: ItemKey, digest: [u8; 32], bytes: u64 },
+    /// Fact: an item could not be staged.
+    ItemFailed { block: u32, attempt: u32, key: ItemKey, error: String },
+    /// Fact: a block attempt ended.
+    BlockFinished { block: u32, attempt: u32, outcome: BlockOutcome, at_ms: u64 },
+    /// Fact: the archive is built and stored.
+    ArchiveFinalized { digest: [u8; 32], bytes: u64, items: u64 },
+    /// The backup reached a terminal phase.
+    BackupFinished { phase: Phase, at_ms: u64 },
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// Fewer bytes than the header, or than the header says.
+    #[error("record is truncated: {have} bytes, needs {need}")]
+    Truncated { have: usize, need: usize },
+    /// More bytes than the header says.
+    #[error("record has {extra} trailing bytes after its payload")]
+    Trailing { extra: usize },
+    /// Impossible length.
+    #[error("record length {0} is out of bounds")]
+    BadLength(usize),
+    /// The checksum does not match: the bytes changed after they were written.
+    #[error("record checksum mismatch: stored {stored:08x}, computed {computed:08x}")]
+    Checksum { stored: u32, computed: u32 },
+    /// A format version this build does not know.
+    #[error("unknown record format version {0}")]
+    Version(u8),
+    /// Checksum fine but the payload does not decode (a bug or a foreign writer).
+    #[error("record payload does not decode: {0}")]
+    Payload(String),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<RECORD_PAYLOAD_BYTES_MAX>()
+}
+
+/// Encodes an event as one record.
+pub fn encode_record(event: &Event) -> Vec<u8> {
+    let mut out = vec![0u8; RECORD_HEADER_BYTES];
+    out.push(RECORD_VERSION);
+    // Encoding plain data into a Vec cannot fail except past the limit, which no event reaches:
+    // listing pages are bounded by `list_page_items_max`.
+    if let Err(e) = bincode::serde::encode_into_std_write(event, &mut out, bincode_config()) {
+        tracing::error!("event does not encode: {e}");
+    }
+    let body_len = (out.len() - RECORD_HEADER_BYTES) as u32;
+    let crc = crc32c::crc32c(&out[RECORD_HEADER_BYTES..]);
+    out[0..4].copy_from_slice(&body_len.to_le_bytes());
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes one record, checking length, checksum and version. Never panics.
+pub fn decode_record(bytes: &[u8]) -> Result<Event, RecordError> {
+    if bytes.len() < RECORD_HEADER_BYTES + 1 {
+        return Err(RecordError::Truncated { have: bytes.len(), need: RECORD_HEADER_BYTES + 1 });
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len == 0 || len > RECORD_PAYLOAD_BYTES_MAX + 1 {
+        return Err(RecordError::BadLength(len));
+    }
+    let need = RECORD_HEADER_BYTES + len;
+    if bytes.len() < need {
+        return Err(RecordError::Truncated { have: bytes.len(), need });
+    }
+    if bytes.len() > need {
+        return Err(RecordError::Trailing { extra: bytes.len() - need });
+    }
+    let stored = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    let body = &bytes[RECORD_HEADER_BYTES..];
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Err(RecordError::Checksum { stored, computed });
+    }
+    if body[0] != RECORD_VERSION {
+        return Err(RecordError::Version(body[0]));
+    }
+    let (event, used) = bincode::serde::decode_from_slice::<Event, _>(&body[1..], bincode_config())
+        .map_err(|e| RecordError::Payload(e.to_string()))?;
+    if used != body.len() - 1 {
+        return Err(RecordError::Payload(format!("{} unused payload bytes", body.len() - 1 - used)));
+    }
+    Ok(event)
+}
+
+impl Event {
+    /// A short name of the variant, for logs and traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::BackupRequested { .. } => "BackupRequested",
+            Event::ResourcesDiscovered { .. } => "ResourcesDiscovered",
+            Event::ResourceListed { .. } => "ResourceListed",
+            Event::ListFailed { .. } => "ListFailed",
+            Event::ItemsFetched { .. } => "ItemsFetched",
+            Event::Diagnostic { .. } => "Diagnostic",
+            Event::BlockPlanned { .. } => "BlockPlanned",
+            Event::PlanFinished { .. } => "PlanFinished",
+            Event::BlockStarted { .. } => "BlockStarted",
+            Event::HookStarted { .. } => "HookStarted",
+            Event::HookFinished { .. } => "HookFinished",
+            Event::ItemWritten { .. } => "ItemWritten",
+            Event::ItemFailed { .. } => "ItemFailed",
+            Event::BlockFinished { .. } => "BlockFinished",
+            Event::ArchiveFinalized { .. } => "ArchiveFinalized",
+            Event::BackupFinished { .. } => "BackupFinished",
+        }
+    }
+}

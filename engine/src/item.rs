@@ -1,0 +1,302 @@
+//! The item model: what one Kubernetes object is to the engine.
+//!
+//! An [`Item`] is parsed once from the object's JSON as the cluster returned it. Its identity is an
+//! [`ItemKey`] (group, resource, namespace, name); uid and resourceVersion are recorded but are not
+//! part of the key, so a re-created object with the same name is the same item. Parsing never
+//! panics: an object without a name, with a name that would escape the store directory, or that is
+//! not a JSON object becomes an [`ItemError`] naming the resource and what was wrong.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A group and resource, e.g. `apps` / `deployments`; the core group is the empty string.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GroupResource {
+    /// API group, empty for the core group.
+    pub group: String,
+    /// Plural resource name, lower case.
+    pub resource: String,
+}
+
+impl GroupResource {
+    /// Builds a group/resource pair.
+    pub fn new(group: &str, resource: &str) -> Self {
+        GroupResource { group: group.to_string(), resource: resource.to_string() }
+    }
+
+    /// Velero's directory name: `<resource>` for the core group, `<resource>.<group>` otherwise.
+    pub fn dir_name(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+}
+
+impl fmt::Display for GroupResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.dir_name())
+    }
+}
+
+/// One listable resource type found by discovery, at its preferred version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceType {
+    /// Group and plural resource.
+    pub gr: GroupResource,
+    /// The preferred version, e.g. `v1`.
+    pub version: String,
+    /// The kind, e.g. `Pod`.
+    pub kind: String,
+    /// Whether objects of this type live in a namespace.
+    pub namespaced: bool,
+}
+
+impl ResourceType {
+    /// Builds a resource type.
+    pub fn new(group: &str, version: &str, resource: &str, kind: &str, namespaced: bool) -> Self {
+        ResourceType {
+            gr: GroupResource::new(group, resource),
+            version: version.to_string(),
+            kind: kind.to_string(),
+            namespaced,
+        }
+    }
+
+    /// `v1` for the core group, `<group>/<version>` otherwise.
+    pub fn api_version(&self) -> String {
+        if self.gr.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.gr.group, self.version)
+        }
+    }
+}
+
+/// The identity of an item: uid and resourceVersion are deliberately not part of it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ItemKey {
+    /// API group, empty for the core group.
+    pub group: String,
+    /// Plural resource name.
+    pub resource: String,
+    /// Namespace, `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    /// Object name.
+    pub name: String,
+}
+
+impl ItemKey {
+    /// A namespaced key.
+    pub fn namespaced(group: &str, resource: &str, namespace: &str, name: &str) -> Self {
+        ItemKey {
+            group: group.to_string(),
+            resource: resource.to_string(),
+            namespace: Some(namespace.to_string()),
+            name: name.to_string(),
+        }
+    }
+
+    /// A cluster-scoped key.
+    pub fn cluster(group: &str, resource: &str, name: &str) -> Self {
+        ItemKey { group: group.to_string(), resource: resource.to_string(), namespace: None, name: name.to_string() }
+    }
+
+    /// The key's group/resource.
+    pub fn gr(&self) -> GroupResource {
+        GroupResource::new(&self.group, &self.resource)
+    }
+
+    /// Whether this key is of the given group/resource.
+    pub fn is(&self, group: &str, resource: &str) -> bool {
+        self.group == group && self.resource == resource
+    }
+
+    /// The item's path inside the archive, in Velero's layout:
+    /// `resources/<resource>[.<group>]/namespaces/<ns>/<name>.json` or `…/cluster/<name>.json`.
+    pub fn archive_path(&self) -> String {
+        format!("resources/{}/{}", self.gr().dir_name(), self.scope_path())
+    }
+
+    /// The preferred-version copy of [`ItemKey::archive_path`]:
+    /// `resources/<gr>/<version>-preferredversion/…`.
+    pub fn preferred_version_path(&self, version: &str) -> String {
+        format!("resources/{}/{}-preferredversion/{}", self.gr().dir_name(), version, self.scope_path())
+    }
+
+    fn scope_path(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("namespaces/{}/{}.json", ns, self.name),
+            None => format!("cluster/{}.json", self.name),
+        }
+    }
+}
+
+impl fmt::Display for ItemKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.gr())?;
+        match &self.namespace {
+            Some(ns) => write!(f, " {}/{}", ns, self.name),
+            None => write!(f, " {}", self.name),
+        }
+    }
+}
+
+/// Why an object could not become an item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemError {
+    /// The bytes were not JSON at all.
+    #[error("{resource}: object #{index} is not valid JSON: {reason}")]
+    NotJson { resource: String, index: usize, reason: String },
+    /// The JSON was not an object.
+    #[error("{resource}: object #{index} is not a JSON object")]
+    NotAnObject { resource: String, index: usize },
+    /// `metadata.name` missing or not a string.
+    #[error("{resource}: object #{index} has no metadata.name")]
+    MissingName { resource: String, index: usize },
+    /// A namespaced object without `metadata.namespace`.
+    #[error("{resource} {name}: namespaced object has no metadata.namespace")]
+    MissingNamespace { resource: String, name: String },
+    /// A name or namespace that is not a safe path component.
+    #[error("{resource} {name}: {field} {value:?} is not a valid object name (it could escape the store directory)")]
+    UnsafeName { resource: String, name: String, field: &'static str, value: String },
+}
+
+/// True when `s` is safe as one path component of a store key: non-empty, at most 253 bytes,
+/// not `.`/`..`, no `/`, `\` or control characters.
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+}
+
+/// One Kubernetes object, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// Identity.
+    pub key: ItemKey,
+    /// `metadata.uid`, empty when absent.
+    pub uid: String,
+    /// `metadata.resourceVersion`, empty when absent.
+    pub resource_version: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// Whether `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// The whole object as returned by the API server.
+    pub object: Value,
+}
+
+impl Item {
+    /// Parses an object listed for resource type `rt`; `index` names it in errors.
+    pub fn parse(rt: &ResourceType, index: usize, json: &str) -> Result<Item, ItemError> {
+        let value: Value = serde_json::from_str(json).map_err(|e| ItemError::NotJson {
+            resource: rt.gr.to_string(),
+            index,
+            reason: e.to_string(),
+        })?;
+        Item::from_value(rt, index, value)
+    }
+
+    /// Builds an item from an already parsed object.
+    pub fn from_value(rt: &ResourceType, index: usize, object: Value) -> Result<Item, ItemError> {
+        let resource = rt.gr.to_string();
+        if !object.is_object() {
+            return Err(ItemError::NotAnObject { resource, index });
+        }
+        let meta = object.get("metadata");
+        let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
+        let name = field("name").ok_or_else(|| ItemError::MissingName { resource: resource.clone(), index })?;
+        if !is_safe_name(&name) {
+            return Err(ItemError::UnsafeName { resource, name: name.clone(), field: "name", value: name });
+        }
+        let namespace = if rt.namespaced {
+            let ns = field("namespace")
+                .ok_or_else(|| ItemError::MissingNamespace { resource: resource.clone(), name: name.clone() })?;
+            if !is_safe_name(&ns) {
+                return Err(ItemError::UnsafeName { resource, name, field: "namespace", value: ns });
+            }
+            Some(ns)
+        } else {
+            None
+        };
+        let map = |k: &str| -> BTreeMap<String, String> {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_object)
+                .map(|o| o.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+                .unwrap_or_default()
+        };
+        let deleting = meta.and_then(|m| m.get("deletionTimestamp")).is_some_and(|v| !v.is_null());
+        Ok(Item {
+            key: ItemKey { group: rt.gr.group.clone(), resource: rt.gr.resource.clone(), namespace, name },
+            uid: field("uid").unwrap_or_default(),
+            resource_version: field("resourceVersion").unwrap_or_default(),
+            labels: map("labels"),
+            annotations: map("annotations"),
+            deleting,
+            object,
+        })
+    }
+
+    /// A string at a JSON pointer inside the object (e.g. `/spec/volumeName`).
+    pub fn str_at(&self, pointer: &str) -> Option<&str> {
+        self.object.pointer(pointer).and_then(Value::as_str)
+    }
+
+    /// The canonical JSON of the object: compact, keys sorted. This is what gets written.
+    pub fn canonical_json(&self) -> Vec<u8> {
+        // serde_json's Map is a BTreeMap (no preserve_order feature), so keys come out sorted.
+        serde_json::to_vec(&self.object).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods() -> ResourceType {
+        ResourceType::new("", "v1", "pods", "Pod", true)
+    }
+
+    #[test]
+    fn archive_paths_follow_velero_layout() {
+        let k = ItemKey::namespaced("", "pods", "ns1", "web-0");
+        assert_eq!(k.archive_path(), "resources/pods/namespaces/ns1/web-0.json");
+        assert_eq!(k.preferred_version_path("v1"), "resources/pods/v1-preferredversion/namespaces/ns1/web-0.json");
+        let k = ItemKey::cluster("rbac.authorization.k8s.io", "clusterroles", "admin");
+        assert_eq!(k.archive_path(), "resources/clusterroles.rbac.authorization.k8s.io/cluster/admin.json");
+    }
+
+    #[test]
+    fn parse_errors_name_the_object() {
+        let e = Item::parse(&pods(), 3, r#"{"metadata":{"namespace":"a"}}"#).unwrap_err();
+        assert_eq!(e.to_string(), "pods: object #3 has no metadata.name");
+        let e = Item::parse(&pods(), 0, r#"{"metadata":{"name":"x"}}"#).unwrap_err();
+        assert_eq!(e.to_string(), "pods x: namespaced object has no metadata.namespace");
+        let e = Item::parse(&pods(), 0, r#"{"metadata":{"name":"../../etc","namespace":"a"}}"#).unwrap_err();
+        assert!(e.to_string().contains("could escape the store directory"), "{e}");
+        let e = Item::parse(&pods(), 0, r#"{"metadata":{"name":"x","namespace":".."}}"#).unwrap_err();
+        assert!(e.to_string().contains("namespace \"..\""), "{e}");
+        let e = Item::parse(&pods(), 1, "[1]").unwrap_err();
+        assert_eq!(e.to_string(), "pods: object #1 is not a JSON object");
+        let e = Item::parse(&pods(), 1, "{").unwrap_err();
+        assert!(e.to_string().starts_with("pods: object #1 is not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        let it = Item::parse(&pods(), 0, r#"{"z":1,"metadata":{"namespace":"a","name":"p"},"a":2}"#).unwrap();
+        assert_eq!(
+            String::from_utf8(it.canonical_json()).unwrap(),
+            r#"{"a":2,"metadata":{"name":"p","namespace":"a"},"z":1}"#
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! The ports the shell implements: how the engine's commands reach a cluster.
+//!
+//! [`Cluster`] is the one trait that the in-memory fake cluster (simulator), the demo cluster and
+//! the kube-rs adapter all implement. It is declared here, as plain async signatures, so that the
+//! simulator can implement it without depending on the shell; nothing in the engine calls it —
+//! runtimes do. Timeouts are the runtime's job: dropping an `exec` future must cancel the exec.
+
+use async_trait::async_trait;
+
+use crate::item::{ItemKey, ResourceType};
+
+/// One page of a list call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// Raw JSON of each object, as served.
+    pub objects: Vec<String>,
+    /// Token for the next page; `None` on the last page.
+    pub continue_token: Option<String>,
+}
+
+/// What an exec returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    /// The command's exit status.
+    pub exit_code: i32,
+    /// Captured stdout (bounded by the implementation).
+    pub stdout: String,
+    /// Captured stderr (bounded by the implementation).
+    pub stderr: String,
+}
+
+/// Errors a cluster call can return, classified for retry decisions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// 410 Gone: the continue token expired; the listing must restart.
+    #[error("continue token expired: {0}")]
+    Expired(String),
+    /// 429 or 5xx after the adapter's own retries.
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// 403.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Access to one Kubernetes cluster.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// Every resource type that supports list, at its preferred version.
+    async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError>;
+    /// One page of objects of `rt`, optionally in one namespace.
+    async fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        limit: u32,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage, ClusterError>;
+    /// One object by key; `Ok(None)` when it does not exist.
+    async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError>;
+    /// Runs `command` in `container` of `pod` and waits for its exit.
+    async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError>;
+}

@@ -1,0 +1,331 @@
+//! The backup's state as a pure fold of its events.
+//!
+//! [`BackupState::apply`] is the only way state changes, in the engine as in recovery: the engine
+//! applies each event as it emits it, and `resume` applies the log from the start. So whatever the
+//! engine decided before a crash, the restarted engine sees exactly what was made durable.
+//! Events that contradict the state (a hook for a block that was never planned, say) are a
+//! [`FoldError`] naming the sequence number, never a panic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
+use crate::grouping::BlockPlan;
+use crate::hooks::HookPhase;
+use crate::item::{ItemKey, ResourceType};
+use crate::spec::BackupSpec;
+
+/// An event that does not fit the state it is applied to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {seq} ({kind}) does not fit the backup's state: {reason}")]
+pub struct FoldError {
+    /// Sequence number of the event.
+    pub seq: Seq,
+    /// Its kind.
+    pub kind: &'static str,
+    /// What did not fit.
+    pub reason: String,
+}
+
+/// Progress of one listing unit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Listing {
+    /// Canonical JSON of the objects received so far.
+    pub objects: Vec<String>,
+    /// Chunks received.
+    pub chunks: u32,
+    /// All pages received.
+    pub complete: bool,
+    /// The listing gave up with this error.
+    pub failed: Option<String>,
+}
+
+/// One attempt at a block.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attempt {
+    /// Attempt number, from 1.
+    pub number: u32,
+    /// Hooks whose start is recorded.
+    pub hooks_started: BTreeSet<HookRef>,
+    /// Hooks whose end is recorded, with how they ended.
+    pub hooks_finished: BTreeMap<HookRef, HookOutcome>,
+    /// Items written in this attempt: key → (digest, bytes).
+    pub written: BTreeMap<ItemKey, ([u8; 32], u64)>,
+    /// Items that failed to write.
+    pub failed_items: BTreeMap<ItemKey, String>,
+    /// When it started.
+    pub started_ms: u64,
+}
+
+impl Attempt {
+    /// Pods with at least one pre-hook started in this attempt: their post-hooks are owed.
+    pub fn pods_with_pre_started(&self) -> BTreeSet<&ItemKey> {
+        self.hooks_started.iter().filter(|h| h.phase == HookPhase::Pre).map(|h| &h.pod).collect()
+    }
+}
+
+/// A planned block and its history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockState {
+    /// The plan.
+    pub plan: BlockPlan,
+    /// The latest attempt, if any started.
+    pub attempt: Option<Attempt>,
+    /// How the block ended, once it has.
+    pub outcome: Option<BlockOutcome>,
+    /// When it finished.
+    pub finished_ms: Option<u64>,
+}
+
+impl BlockState {
+    /// Started, not finished: a crash left this attempt open (or it is running now).
+    pub fn in_flight(&self) -> bool {
+        self.attempt.is_some() && self.outcome.is_none()
+    }
+}
+
+/// Summary of the finished archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveInfo {
+    /// sha256 of the `.tar.gz`.
+    pub digest: [u8; 32],
+    /// Its size.
+    pub bytes: u64,
+    /// Items in it.
+    pub items: u64,
+}
+
+/// Everything known about one backup.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackupState {
+    /// The spec, once requested.
+    pub spec: Option<BackupSpec>,
+    /// Workers asked for at creation.
+    pub workers: u32,
+    /// Request time.
+    pub requested_ms: u64,
+    /// Discovery result.
+    pub resources: Option<Vec<ResourceType>>,
+    /// Listing progress per unit.
+    pub listings: BTreeMap<ListUnit, Listing>,
+    /// Pull targets fetched by key.
+    pub fetched: BTreeMap<ItemKey, Option<String>>,
+    /// Planned blocks, by id.
+    pub blocks: Vec<BlockState>,
+    /// Planning is over.
+    pub plan_finished: bool,
+    /// Items in the plan.
+    pub planned_items: u64,
+    /// Warnings (do not change the phase).
+    pub warnings: Vec<String>,
+    /// Errors (make the backup PartiallyFailed).
+    pub errors: Vec<String>,
+    /// The archive, once built.
+    pub archive: Option<ArchiveInfo>,
+    /// Terminal phase and time.
+    pub finished: Option<(Phase, u64)>,
+    /// Events applied.
+    pub events: u64,
+    /// Time of the latest timestamped event.
+    pub last_ms: u64,
+    /// Messages already recorded: a diagnostic repeated after a crash is recorded once.
+    seen: BTreeSet<String>,
+}
+
+impl BackupState {
+    /// Folds a whole log.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<BackupState, FoldError> {
+        let mut s = BackupState::default();
+        for e in events {
+            s.apply(e)?;
+        }
+        Ok(s)
+    }
+
+    fn error(&mut self, message: String) {
+        if self.seen.insert(message.clone()) {
+            self.errors.push(message);
+        }
+    }
+
+    /// The phase as of now.
+    pub fn phase(&self) -> Phase {
+        self.finished.map_or(Phase::InProgress, |(p, _)| p)
+    }
+
+    /// Blocks finished.
+    pub fn blocks_done(&self) -> usize {
+        self.blocks.iter().filter(|b| b.outcome.is_some()).count()
+    }
+
+    /// Items written by finished blocks.
+    pub fn items_done(&self) -> u64 {
+        self.blocks
+            .iter()
+            .filter(|b| b.outcome.is_some())
+            .filter_map(|b| b.attempt.as_ref())
+            .map(|a| a.written.len() as u64)
+            .sum()
+    }
+
+    /// The phase the backup ends in if nothing else goes wrong.
+    pub fn terminal_phase(&self) -> Phase {
+        let block_trouble = self.blocks.iter().any(|b| !matches!(b.outcome, Some(BlockOutcome::Completed) | None));
+        if self.errors.is_empty() && !block_trouble {
+            Phase::Completed
+        } else {
+            Phase::PartiallyFailed
+        }
+    }
+
+    fn block_mut(&mut self, seq: Seq, kind: &'static str, id: u32) -> Result<&mut BlockState, FoldError> {
+        let n = self.blocks.len();
+        self.blocks.get_mut(id as usize).ok_or_else(|| FoldError {
+            seq,
+            kind,
+            reason: format!("block {id} was not planned ({n} blocks)"),
+        })
+    }
+
+    fn attempt_mut(&mut self, seq: Seq, kind: &'static str, id: u32, attempt: u32) -> Result<&mut Attempt, FoldError> {
+        let b = self.block_mut(seq, kind, id)?;
+        match b.attempt.as_mut() {
+            Some(a) if a.number == attempt => Ok(a),
+            other => {
+                let have = other.map(|a| a.number);
+                Err(FoldError {
+                    seq,
+                    kind,
+                    reason: format!("block {id} attempt {attempt} is not the latest ({have:?})"),
+                })
+            }
+        }
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, e: &Event) -> Result<(), FoldError> {
+        let seq = self.events;
+        let kind = e.kind();
+        if self.spec.is_none() && !matches!(e, Event::BackupRequested { .. }) {
+            return Err(FoldError { seq, kind, reason: "the log does not start with BackupRequested".into() });
+        }
+        if self.finished.is_some() {
+            return Err(FoldError { seq, kind, reason: "the backup already finished".into() });
+        }
+        match e {
+            Event::BackupRequested { spec, workers, at_ms } => {
+                if self.spec.is_some() {
+                    return Err(FoldError { seq, kind, reason: "backup requested twice".into() });
+                }
+                self.spec = Some(spec.clone());
+                self.workers = *workers;
+                self.requested_ms = *at_ms;
+                self.last_ms = *at_ms;
+            }
+            Event::ResourcesDiscovered { resources } => self.resources = Some(resources.clone()),
+            Event::ResourceListed { unit, chunk, objects, complete } => {
+                let l = self.listings.entry(unit.clone()).or_default();
+                if *chunk == 0 {
+                    *l = Listing::default();
+                } else if *chunk != l.chunks {
+                    return Err(FoldError {
+                        seq,
+                        kind,
+                        reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
+                    });
+                }
+                l.objects.extend(objects.iter().cloned());
+                l.chunks = chunk + 1;
+                l.complete = *complete;
+            }
+            Event::ListFailed { unit, error } => {
+                let l = self.listings.entry(unit.clone()).or_default();
+                *l = Listing { complete: true, failed: Some(error.clone()), ..Listing::default() };
+                self.error(format!("listing {unit} failed: {error}"));
+            }
+            Event::ItemsFetched { items } => {
+                for (k, v) in items {
+                    self.fetched.insert(k.clone(), v.clone());
+                }
+            }
+            Event::Diagnostic { severity, message } => match severity {
+                Severity::Warning => {
+                    if self.seen.insert(message.clone()) {
+                        self.warnings.push(message.clone());
+                    }
+                }
+                Severity::Error => self.error(message.clone()),
+            },
+            Event::BlockPlanned { blocks } => {
+                for b in blocks {
+                    if b.id as usize != self.blocks.len() {
+                        return Err(FoldError { seq, kind, reason: format!("block {} planned out of order", b.id) });
+                    }
+                    self.blocks.push(BlockState { plan: b.clone(), attempt: None, outcome: None, finished_ms: None });
+                }
+            }
+            Event::PlanFinished { blocks, items } => {
+                if *blocks as usize != self.blocks.len() {
+                    return Err(FoldError {
+                        seq,
+                        kind,
+                        reason: format!("{blocks} blocks announced, {} planned", self.blocks.len()),
+                    });
+                }
+                self.plan_finished = true;
+                self.planned_items = *items;
+            }
+            Event::BlockStarted { block, attempt, at_ms } => {
+                self.last_ms = *at_ms;
+                let b = self.block_mut(seq, kind, *block)?;
+                let prev = b.attempt.as_ref().map_or(0, |a| a.number);
+                if b.outcome.is_some() || *attempt != prev + 1 {
+                    return Err(FoldError {
+                        seq,
+                        kind,
+                        reason: format!("block {block}: attempt {attempt} after {prev}"),
+                    });
+                }
+                b.attempt = Some(Attempt { number: *attempt, started_ms: *at_ms, ..Attempt::default() });
+            }
+            Event::HookStarted { block, attempt, hook, at_ms } => {
+                self.last_ms = *at_ms;
+                self.attempt_mut(seq, kind, *block, *attempt)?.hooks_started.insert(hook.clone());
+            }
+            Event::HookFinished { block, attempt, hook, outcome, at_ms } => {
+                self.last_ms = *at_ms;
+                self.attempt_mut(seq, kind, *block, *attempt)?.hooks_finished.insert(hook.clone(), outcome.clone());
+                if !outcome.ok() {
+                    let msg =
+                        format!("block {block}: {:?} hook {} of pod {}: {outcome}", hook.phase, hook.index, hook.pod);
+                    self.error(msg);
+                }
+            }
+            Event::ItemWritten { block, attempt, key, digest, bytes } => {
+                self.attempt_mut(seq, kind, *block, *attempt)?.written.insert(key.clone(), (*digest, *bytes));
+            }
+            Event::ItemFailed { block, attempt, key, error } => {
+                self.attempt_mut(seq, kind, *block, *attempt)?.failed_items.insert(key.clone(), error.clone());
+                self.error(format!("block {block}: {key}: {error}"));
+            }
+            Event::BlockFinished { block, attempt, outcome, at_ms } => {
+                self.last_ms = *at_ms;
+                self.attempt_mut(seq, kind, *block, *attempt)?;
+                if let BlockOutcome::Failed { reason } = outcome {
+                    self.error(format!("block {block} failed: {reason}"));
+                }
+                let b = &mut self.blocks[*block as usize];
+                b.outcome = Some(outcome.clone());
+                b.finished_ms = Some(*at_ms);
+            }
+            Event::ArchiveFinalized { digest, bytes, items } => {
+                self.archive = Some(ArchiveInfo { digest: *digest, bytes: *bytes, items: *items });
+            }
+            Event::BackupFinished { phase, at_ms } => {
+                self.last_ms = *at_ms;
+                self.finished = Some((*phase, *at_ms));
+            }
+        }
+        self.events += 1;
+        Ok(())
+    }
+}
