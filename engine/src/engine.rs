@@ -707,7 +707,7 @@ impl Engine {
                 .unwrap_or_default();
             let hooks: Vec<Hook> =
                 self.hooks_of(id, HookPhase::Post).into_iter().filter(|p| pods.contains(&p.pod)).collect();
-            let reason = format!("pre-hook {} of pod {} failed with onError Fail", h.index, h.pod);
+            let reason = format!("pre-hook {} of {} failed with onError Fail", h.index, h.pod);
             self.set_state(id, BlockRun::Post { hooks, next: 0, failed: Some(reason) });
         } else {
             self.set_state(id, BlockRun::Pre { next: next + 1 });

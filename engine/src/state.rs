@@ -295,8 +295,7 @@ impl BackupState {
                 self.last_ms = *at_ms;
                 self.attempt_mut(seq, kind, *block, *attempt)?.hooks_finished.insert(hook.clone(), outcome.clone());
                 if !outcome.ok() {
-                    let msg =
-                        format!("block {block}: {:?} hook {} of pod {}: {outcome}", hook.phase, hook.index, hook.pod);
+                    let msg = format!("block {block}: {:?} hook {} of {}: {outcome}", hook.phase, hook.index, hook.pod);
                     self.error(msg);
                 }
             }

@@ -1,0 +1,535 @@
+//! The `blockwise` command line, in Velero's vocabulary (`backup create|resume|describe|get|logs`).
+//!
+//! Exit codes a script can rely on: 0 Completed, 3 PartiallyFailed, 1 Failed (or the run could not
+//! go on), 2 usage or input error (bad flag, bad name, a backup that already exists). With no
+//! kubeconfig, or with `--demo`, the built-in demo cluster from `blockwise-simulator` is backed up,
+//! and the choice is announced on stderr. The data directory holds one sled log per backup under
+//! `backups/<name>/log`, the cluster source used (so `resume` talks to the same cluster) and the
+//! local store under `store/`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use blockwise_engine::event::{Event, Phase};
+use blockwise_engine::hooks::ResourceHookSpec;
+use blockwise_engine::ports::Cluster;
+use blockwise_engine::spec::{parse_ordered_resources, validate_backup_name, BackupSpec, DEFAULT_VOLUME_GROUP_LABEL};
+use blockwise_engine::state::BackupState;
+use blockwise_engine::{Engine, EngineConfig};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::log::EventLog;
+use crate::report;
+use crate::runtime::{now_ms, run_backup, Observer};
+use crate::store::{LocalStore, Store};
+
+/// Exit code for usage and input errors.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blockwise",
+    version,
+    about = "Kubernetes backups in ItemBlocks, with hooks, parallel workers and resume"
+)]
+struct Cli {
+    #[command(flatten)]
+    data: DataDir,
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand, Debug)]
+enum Top {
+    /// Create, resume and inspect backups.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// Back up a cluster (the built-in demo cluster when no kubeconfig is found).
+    Create(Box<CreateArgs>),
+    /// Continue an interrupted backup from its log.
+    Resume(ResumeArgs),
+    /// Show a backup's phase, progress, hook results, warnings and errors.
+    Describe(DescribeArgs),
+    /// List backups.
+    Get,
+    /// Print a backup's event history.
+    Logs(NamedArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataDir {
+    /// Where logs and the local store live.
+    #[arg(long, default_value = "blockwise-data", global = true)]
+    data_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ClusterArgs {
+    /// Kubeconfig to use (also KUBECONFIG, ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Back up the built-in demo cluster even if a kubeconfig exists.
+    #[arg(long)]
+    demo: bool,
+    /// Objects in the demo cluster.
+    #[arg(long, default_value_t = blockwise_simulator::demo::DEMO_OBJECTS_DEFAULT)]
+    demo_objects: usize,
+    /// Simulated latency of each demo API call and hook exec, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    demo_latency_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Backup name (lower-case letters, digits, '-').
+    name: String,
+    /// Blocks backed up in parallel.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: u32,
+    /// Namespaces to include (comma-separated, '*' globs); default all.
+    #[arg(long, value_delimiter = ',')]
+    include_namespaces: Vec<String>,
+    /// Namespaces to exclude.
+    #[arg(long, value_delimiter = ',')]
+    exclude_namespaces: Vec<String>,
+    /// Resources to include (plural, plural.group or kind); default all.
+    #[arg(long, value_delimiter = ',')]
+    include_resources: Vec<String>,
+    /// Resources to exclude.
+    #[arg(long, value_delimiter = ',')]
+    exclude_resources: Vec<String>,
+    /// Include cluster-scoped resources (unset: only when all namespaces are included).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    include_cluster_resources: Option<bool>,
+    /// Label selector, e.g. 'app=db,tier in (a,b)'.
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+    /// Ordered resources: 'pods=ns/a,ns/b;persistentvolumes=pv1'.
+    #[arg(long)]
+    ordered_resources: Option<String>,
+    /// PVC label whose value forms a volume group.
+    #[arg(long, default_value = DEFAULT_VOLUME_GROUP_LABEL)]
+    volume_group_label: String,
+    /// JSON file with Velero's spec.hooks.resources[] array.
+    #[arg(long)]
+    hooks_file: Option<PathBuf>,
+    /// Objects per list page.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    page_size: u32,
+    /// Wait for the backup to finish (always the case: the backup runs in this process).
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+struct ResumeArgs {
+    /// Backup name.
+    name: String,
+    /// Blocks backed up in parallel (default: as created).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: Option<u32>,
+    /// Override the demo cluster's simulated latency.
+    #[arg(long)]
+    demo_latency_ms: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct DescribeArgs {
+    /// Backup name.
+    name: String,
+    /// Output format: text or json.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
+#[derive(Args, Debug)]
+struct NamedArgs {
+    /// Backup name.
+    name: String,
+}
+
+/// Where a backup's cluster came from, recorded so `resume` talks to the same one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ClusterSource {
+    /// The built-in demo cluster.
+    Demo {
+        /// Objects generated.
+        objects: usize,
+        /// Generator seed.
+        seed: u64,
+        /// Simulated latency per API call and exec.
+        latency_ms: u64,
+    },
+}
+
+/// A tokio sleeper for the demo cluster's simulated latency.
+struct TokioSleeper;
+
+impl blockwise_simulator::fake::Sleeper for TokioSleeper {
+    fn sleep(&self, ms: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
+    }
+}
+
+/// The directory of one backup's log and metadata.
+pub fn backup_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("backups").join(name)
+}
+
+/// The path of the demo cluster's exec record for a backup.
+pub fn demo_exec_log(data_dir: &Path, name: &str) -> PathBuf {
+    backup_dir(data_dir, name).join("demo-exec.jsonl")
+}
+
+fn build_cluster(source: &ClusterSource, data_dir: &Path, name: &str) -> Arc<dyn Cluster> {
+    match source {
+        ClusterSource::Demo { objects, seed, latency_ms } => {
+            let fake = blockwise_simulator::demo::demo_cluster(*objects, *seed)
+                .with_latency(blockwise_simulator::fake::Latency { api_ms: *latency_ms, exec_ms: *latency_ms })
+                .with_sleeper(Arc::new(TokioSleeper))
+                .with_exec_log(demo_exec_log(data_dir, name));
+            Arc::new(fake)
+        }
+    }
+}
+
+fn kubeconfig_present(args: &ClusterArgs) -> Option<PathBuf> {
+    if let Some(k) = &args.kubeconfig {
+        return Some(k.clone());
+    }
+    if let Some(k) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
+        return Some(PathBuf::from(k));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".kube").join("config");
+    p.exists().then_some(p)
+}
+
+/// Progress for people: an indicatif bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_reported: usize,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} blocks {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
+        Progress { bar, last_reported: usize::MAX }
+    }
+}
+
+impl Observer for Progress {
+    fn event(&mut self, event: &Event, s: &BackupState) {
+        let msg = match event {
+            Event::ResourceListed { unit, complete: true, .. } => Some(format!("listed {unit}")),
+            Event::PlanFinished { blocks, items } => Some(format!("planned {blocks} blocks, {items} items")),
+            Event::BlockFinished { .. } => None,
+            Event::BackupFinished { phase, .. } => Some(format!("backup {phase}")),
+            _ => return,
+        };
+        let done = s.blocks_done();
+        let total = s.blocks.len();
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            if let Some(m) = msg {
+                bar.set_message(m);
+            }
+            return;
+        }
+        if let Some(m) = msg {
+            println!("{m}");
+        }
+        if matches!(event, Event::BlockFinished { .. }) {
+            let step = (total / 50).max(1);
+            if done != self.last_reported && (done % step == 0 || done == total) {
+                self.last_reported = done;
+                println!("blocks {done}/{total} items {}/{}", s.items_done(), s.planned_items);
+            }
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn phase_exit(phase: Phase) -> ExitCode {
+    match phase {
+        Phase::Completed => ExitCode::SUCCESS,
+        Phase::PartiallyFailed => ExitCode::from(3),
+        Phase::Failed | Phase::InProgress => ExitCode::from(1),
+    }
+}
+
+/// An error that is the user's input, not a failure of the backup: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn store_for(data_dir: &Path) -> Arc<dyn Store> {
+    Arc::new(LocalStore::new(data_dir.join("store")))
+}
+
+fn finish_run(
+    data_dir: &Path,
+    name: &str,
+    state: &BackupState,
+    store: &Arc<dyn Store>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<ExitCode> {
+    let doc = serde_json::to_vec_pretty(&report::velero_backup_json(state)).context("encoding velero-backup.json")?;
+    rt.block_on(store.put_file(name, "velero-backup.json", &doc)).context("writing velero-backup.json")?;
+    let phase = state.phase();
+    eprintln!(
+        "backup {name} {phase}: {} items in {} blocks, {} warnings, {} errors",
+        state.items_done(),
+        state.blocks.len(),
+        state.warnings.len(),
+        state.errors.len()
+    );
+    if state.archive.is_some() {
+        eprintln!("archive: {}", crate::store::archive_path(&data_dir.join("store"), name).display());
+    }
+    if !state.errors.is_empty() {
+        eprintln!("run `blockwise backup describe {name}` for details");
+    }
+    Ok(phase_exit(phase))
+}
+
+fn read_log(data_dir: &Path, name: &str) -> Result<Vec<Event>> {
+    validate_backup_name(name).map_err(|e| usage(e.to_string()))?;
+    let dir = backup_dir(data_dir, name).join("log");
+    if !dir.exists() {
+        return Err(usage(format!("backup {name:?} not found in {}", data_dir.display())));
+    }
+    crate::log::read_events(&dir).with_context(|| format!("reading the log of backup {name}"))
+}
+
+fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
+    validate_backup_name(&a.name).map_err(|e| usage(e.to_string()))?;
+    let mut spec = BackupSpec::new(&a.name);
+    spec.included_namespaces = a.include_namespaces;
+    spec.excluded_namespaces = a.exclude_namespaces;
+    spec.included_resources = a.include_resources;
+    spec.excluded_resources = a.exclude_resources;
+    spec.include_cluster_resources = a.include_cluster_resources;
+    spec.label_selector = a.selector;
+    spec.volume_group_label = a.volume_group_label;
+    if let Some(o) = &a.ordered_resources {
+        spec.ordered_resources = parse_ordered_resources(o).map_err(|e| usage(e.to_string()))?;
+    }
+    if let Some(path) = &a.hooks_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading hooks file {}", path.display()))?;
+        let hooks: Vec<ResourceHookSpec> = serde_json::from_str(&text).map_err(|e| {
+            usage(format!("hooks file {}: expected a JSON array of Velero hook resources: {e}", path.display()))
+        })?;
+        spec.hooks = hooks;
+    }
+    let dir = backup_dir(data_dir, &a.name);
+    if dir.join("log").exists() {
+        let events = read_log(data_dir, &a.name)?;
+        let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+        if state.phase() == Phase::InProgress {
+            return Err(usage(format!(
+                "backup {} is InProgress (interrupted): run `blockwise backup resume {}` to continue it",
+                a.name, a.name
+            )));
+        }
+        return Err(usage(format!("backup {} already exists ({})", a.name, state.phase())));
+    }
+    let source = match (a.cluster.demo, kubeconfig_present(&a.cluster)) {
+        (false, Some(k)) => {
+            return Err(usage(format!(
+                "kubeconfig {} found, but this build cannot talk to real clusters yet (the kube adapter is issue #4); pass --demo to back up the demo cluster",
+                k.display()
+            )))
+        }
+        (demo, _) => {
+            if !demo {
+                eprintln!("no kubeconfig found: backing up the built-in demo cluster ({} objects)", a.cluster.demo_objects);
+            } else {
+                eprintln!("backing up the built-in demo cluster ({} objects)", a.cluster.demo_objects);
+            }
+            ClusterSource::Demo {
+                objects: a.cluster.demo_objects,
+                seed: blockwise_simulator::demo::DEMO_SEED,
+                latency_ms: a.cluster.demo_latency_ms,
+            }
+        }
+    };
+    let cfg = EngineConfig { workers: a.workers as usize, list_page_items_max: a.page_size, ..EngineConfig::default() };
+    let engine = Engine::new(spec, cfg, now_ms()).map_err(|e| usage(e.to_string()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let source_json = serde_json::to_vec_pretty(&source).context("encoding the cluster source")?;
+    std::fs::write(dir.join("cluster.json"), source_json)
+        .with_context(|| format!("writing {}", dir.join("cluster.json").display()))?;
+    let mut log = EventLog::create(&dir.join("log"), &a.name)
+        .with_context(|| format!("creating the log of backup {}", a.name))?;
+    let cluster = build_cluster(&source, data_dir, &a.name);
+    let store = store_for(data_dir);
+    let rt = runtime()?;
+    let mut progress = Progress::new();
+    let state = rt
+        .block_on(run_backup(engine, &mut log, cluster, store.clone(), a.workers as usize, &mut progress))
+        .with_context(|| {
+            format!("backup {} stopped; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
+        })?;
+    drop(progress);
+    finish_run(data_dir, &a.name, &state, &store, &rt)
+}
+
+fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
+    validate_backup_name(&a.name).map_err(|e| usage(e.to_string()))?;
+    let dir = backup_dir(data_dir, &a.name);
+    if !dir.join("log").exists() {
+        return Err(usage(format!("backup {:?} not found in {}", a.name, data_dir.display())));
+    }
+    let (mut log, events, report) =
+        EventLog::open(&dir.join("log")).with_context(|| format!("opening the log of backup {}", a.name))?;
+    if let Some((seq, reason)) = &report.cut_tail {
+        eprintln!("log of backup {}: cut a torn tail at record {seq} ({reason})", a.name);
+    }
+    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+    if state.phase() != Phase::InProgress {
+        eprintln!("backup {} already finished: {}", a.name, state.phase());
+        return Ok(phase_exit(state.phase()));
+    }
+    let text = std::fs::read_to_string(dir.join("cluster.json"))
+        .with_context(|| format!("reading {}", dir.join("cluster.json").display()))?;
+    let mut source: ClusterSource =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", dir.join("cluster.json").display()))?;
+    if let (Some(l), ClusterSource::Demo { latency_ms, .. }) = (a.demo_latency_ms, &mut source) {
+        *latency_ms = l;
+    }
+    let workers = a.workers.unwrap_or(state.workers.max(1)) as usize;
+    let cfg = EngineConfig { workers, ..EngineConfig::default() };
+    let engine = Engine::resume(&events, cfg, now_ms()).map_err(|e| anyhow!("cannot resume backup {}: {e}", a.name))?;
+    let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count();
+    eprintln!(
+        "resuming backup {} at event {}: {}/{} blocks done, {in_flight} interrupted",
+        a.name,
+        events.len(),
+        state.blocks_done(),
+        state.blocks.len()
+    );
+    let cluster = build_cluster(&source, data_dir, &a.name);
+    let store = store_for(data_dir);
+    let rt = runtime()?;
+    let mut progress = Progress::new();
+    let state = rt
+        .block_on(run_backup(engine, &mut log, cluster, store.clone(), workers, &mut progress))
+        .with_context(|| format!("backup {} stopped again; it can be resumed", a.name))?;
+    drop(progress);
+    finish_run(data_dir, &a.name, &state, &store, &rt)
+}
+
+fn describe(a: DescribeArgs, data_dir: &Path) -> Result<ExitCode> {
+    let events = read_log(data_dir, &a.name)?;
+    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&report::describe_json(&state)).context("encoding JSON")?);
+    } else {
+        print!("{}", report::describe_text(&state));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn get(data_dir: &Path) -> Result<ExitCode> {
+    let root = data_dir.join("backups");
+    let mut names: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+    };
+    names.sort();
+    println!("{:<32} {:<16} {:>8} {:>8} {:>9} CREATED", "NAME", "STATUS", "ERRORS", "WARNINGS", "ITEMS");
+    for name in names {
+        let row = read_log(data_dir, &name).and_then(|ev| BackupState::fold(&ev).map_err(anyhow::Error::from));
+        match row {
+            Ok(s) => println!(
+                "{:<32} {:<16} {:>8} {:>8} {:>9} {}",
+                name,
+                s.phase().to_string(),
+                s.errors.len(),
+                s.warnings.len(),
+                format!("{}/{}", s.items_done(), s.planned_items),
+                report::rfc3339(s.requested_ms)
+            ),
+            Err(e) => println!("{name:<32} {:<16} {e:#}", "Unreadable"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logs(a: NamedArgs, data_dir: &Path) -> Result<ExitCode> {
+    let events = read_log(data_dir, &a.name)?;
+    for (i, e) in events.iter().enumerate() {
+        println!("{}", report::event_line(i as u64, e));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    let data_dir = cli.data.data_dir;
+    let Top::Backup { command } = cli.command;
+    let result = match command {
+        BackupCommand::Create(a) => create(*a, &data_dir),
+        BackupCommand::Resume(a) => resume(a, &data_dir),
+        BackupCommand::Describe(a) => describe(a, &data_dir),
+        BackupCommand::Get => get(&data_dir),
+        BackupCommand::Logs(a) => logs(a, &data_dir),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,639 @@
+//! The durable per-backup event log (DESIGN §5), on sled.
+//!
+//! [`EventLog`] keeps one sled database per backup. Every record lives under the key
+//! `backup id (u64 BE) ‖ seq (u64 BE)`, so a prefix scan returns the backup's records in sequence
+//! order; the value is the engine's record bytes ([`encode_record`]: length, crc32c, version,
+//! bincode payload). The backup id is the FNV-1a 64 hash of the backup name, which is also kept
+//! under a meta key so `open` can check it. sled's own periodic flush is switched off: appends only
+//! reach memory, and durability comes solely from [`EventLog::flush`], a group commit that makes
+//! every append since the previous flush durable with one `fsync`. On open, a bad *last* record is
+//! a torn tail — cut and reported — while a bad record or a gap anywhere before it is corruption,
+//! reported as an error naming the sequence number.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blockwise_engine::event::{decode_record, encode_record};
+use blockwise_engine::{Event, Seq};
+
+/// Meta key holding the backup name; it starts with 0xff and is 17 bytes long, so it never falls
+/// inside a backup's 16-byte record keys.
+const META_NAME_KEY: &[u8] = b"\xffmeta/backup-name";
+/// sled's page cache size.
+const CACHE_BYTES: u64 = 64 << 20;
+
+/// Why the event log cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log directory does not exist (or holds no log).
+    #[error("event log {}: not found", .0.display())]
+    NotFound(PathBuf),
+    /// `create` found a log that already has records.
+    #[error("event log {}: already exists with {records} records (backup {name:?}); use resume instead", .path.display())]
+    AlreadyExists { path: PathBuf, name: String, records: u64 },
+    /// Another process holds the sled lock.
+    #[error("event log {}: is in use by another blockwise process", .0.display())]
+    InUse(PathBuf),
+    /// The log belongs to another backup than the one asked for.
+    #[error("event log {}: belongs to backup {stored:?}, not {requested:?}", .path.display())]
+    WrongBackup { path: PathBuf, stored: String, requested: String },
+    /// A record before the last one is bad, or a sequence number is missing.
+    #[error("event log {}: record {seq} is corrupt: {reason}", .path.display())]
+    Corrupt { path: PathBuf, seq: Seq, reason: String },
+    /// An append with a sequence number other than the next one.
+    #[error("event log {}: append of record {got} out of order: the next record must be {expected}", .path.display())]
+    OutOfOrder { path: PathBuf, expected: Seq, got: Seq },
+    /// sled failed.
+    #[error("event log {}: storage error: {source}", .path.display())]
+    Storage { path: PathBuf, source: sled::Error },
+}
+
+/// What `open` found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OpenReport {
+    /// Good records read.
+    pub events: usize,
+    /// A torn last record that was cut: its sequence number and why it was bad.
+    pub cut_tail: Option<(Seq, String)>,
+}
+
+/// The durable event log of one backup.
+#[derive(Debug)]
+pub struct EventLog {
+    db: sled::Db,
+    path: PathBuf,
+    name: String,
+    id: u64,
+    next: Seq,
+    durable: Option<Seq>,
+}
+
+/// The backup id of a name: FNV-1a 64 of its bytes.
+pub fn backup_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn record_key(id: u64, seq: Seq) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// How long `open` keeps retrying a held lock. sled 0.34's background threads can keep the
+/// locked file open for a moment after a `Db` in this process is dropped, so a lock that is only
+/// briefly held is waited for; one held by another process stays held and is reported.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn open_db(dir: &Path) -> Result<sled::Db, LogError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let opened = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(LogError::InUse(dir.to_path_buf()));
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(LogError::Storage { path: dir.to_path_buf(), source: e }),
+        }
+    }
+}
+
+impl EventLog {
+    /// Creates the log of backup `backup_name` in `dir`; fails if it already has records.
+    pub fn create(dir: &Path, backup_name: &str) -> Result<EventLog, LogError> {
+        let db = open_db(dir)?;
+        let id = backup_id(backup_name);
+        let storage = |source| LogError::Storage { path: dir.to_path_buf(), source };
+        let stored = db.get(META_NAME_KEY).map_err(storage)?;
+        let records = db.scan_prefix(id.to_be_bytes()).count() as u64;
+        if let Some(stored) = stored {
+            let stored = String::from_utf8_lossy(&stored).into_owned();
+            if stored != backup_name {
+                return Err(LogError::WrongBackup {
+                    path: dir.to_path_buf(),
+                    stored,
+                    requested: backup_name.to_string(),
+                });
+            }
+        }
+        if records > 0 {
+            return Err(LogError::AlreadyExists { path: dir.to_path_buf(), name: backup_name.to_string(), records });
+        }
+        db.insert(META_NAME_KEY, backup_name.as_bytes()).map_err(storage)?;
+        db.flush().map_err(storage)?;
+        Ok(EventLog { db, path: dir.to_path_buf(), name: backup_name.to_string(), id, next: 0, durable: None })
+    }
+
+    /// Opens an existing log and reads it whole, cutting a torn last record.
+    pub fn open(dir: &Path) -> Result<(EventLog, Vec<Event>, OpenReport), LogError> {
+        // sled would create a missing database; a log that was never created is simply not there.
+        if !dir.join("db").is_file() {
+            return Err(LogError::NotFound(dir.to_path_buf()));
+        }
+        let db = open_db(dir)?;
+        let path = dir.to_path_buf();
+        let storage = |source| LogError::Storage { path: dir.to_path_buf(), source };
+        let name = match db.get(META_NAME_KEY).map_err(storage)? {
+            Some(n) => String::from_utf8(n.to_vec()).map_err(|_| LogError::Corrupt {
+                path: path.clone(),
+                seq: 0,
+                reason: "the backup name in the log's metadata is not UTF-8".to_string(),
+            })?,
+            None => return Err(LogError::NotFound(path)),
+        };
+        let id = backup_id(&name);
+
+        // Read every record, keeping the first bad one aside: it is a torn tail only if it is last.
+        let mut events = Vec::new();
+        let mut bad: Option<(Seq, String)> = None;
+        for kv in db.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv.map_err(storage)?;
+            let expected = events.len() as Seq;
+            if let Some((seq, reason)) = bad {
+                // Something follows the bad record, so it was not the tail.
+                return Err(LogError::Corrupt { path, seq, reason });
+            }
+            if k.len() != 16 {
+                return Err(LogError::Corrupt {
+                    path,
+                    seq: expected,
+                    reason: format!("unexpected key of {} bytes among the records", k.len()),
+                });
+            }
+            let mut seq_bytes = [0u8; 8];
+            seq_bytes.copy_from_slice(&k[8..]);
+            let seq = Seq::from_be_bytes(seq_bytes);
+            if seq != expected {
+                return Err(LogError::Corrupt {
+                    path,
+                    seq: expected,
+                    reason: format!("record {expected} is missing; the next record present is {seq}"),
+                });
+            }
+            match decode_record(&v) {
+                Ok(event) => events.push(event),
+                Err(e) => bad = Some((seq, e.to_string())),
+            }
+        }
+        let mut report = OpenReport { events: events.len(), cut_tail: None };
+        if let Some((seq, reason)) = bad {
+            tracing::warn!("event log {}: cutting torn last record {seq}: {reason}", path.display());
+            db.remove(record_key(id, seq)).map_err(storage)?;
+            db.flush().map_err(storage)?;
+            report.cut_tail = Some((seq, reason));
+        }
+        let next = events.len() as Seq;
+        let log = EventLog { db, path, name, id, next, durable: next.checked_sub(1) };
+        Ok((log, events, report))
+    }
+
+    /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
+    pub fn append(&mut self, seq: Seq, event: &Event) -> Result<(), LogError> {
+        self.append_encoded(seq, &encode_record(event))
+    }
+
+    /// Appends already encoded record bytes as record `seq`; not yet durable.
+    pub fn append_encoded(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+        self.check_next(seq)?;
+        self.db.insert(record_key(self.id, seq), bytes).map_err(|source| self.storage(source))?;
+        self.next = seq + 1;
+        Ok(())
+    }
+
+    /// Writes arbitrary bytes at any `seq`, bypassing every check (corruption tests only).
+    #[doc(hidden)]
+    pub fn put_raw(&self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+        self.db.insert(record_key(self.id, seq), bytes).map_err(|source| self.storage(source))?;
+        Ok(())
+    }
+
+    /// Group commit: makes every append so far durable with one flush.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        let upto = self.next.checked_sub(1);
+        if upto == self.durable {
+            return Ok(());
+        }
+        self.db.flush().map_err(|source| self.storage(source))?;
+        self.durable = upto;
+        Ok(())
+    }
+
+    /// The last record known durable, if any.
+    pub fn durable_seq(&self) -> Option<Seq> {
+        self.durable
+    }
+
+    /// The sequence number the next append must use.
+    pub fn next_seq(&self) -> Seq {
+        self.next
+    }
+
+    /// The backup this log belongs to.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The log's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_next(&self, seq: Seq) -> Result<(), LogError> {
+        if seq != self.next {
+            return Err(LogError::OutOfOrder { path: self.path.clone(), expected: self.next, got: seq });
+        }
+        Ok(())
+    }
+
+    fn storage(&self, source: sled::Error) -> LogError {
+        LogError::Storage { path: self.path.clone(), source }
+    }
+}
+
+/// Reads a backup's events for inspection (may cut a torn tail, like [`EventLog::open`]).
+pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
+    EventLog::open(dir).map(|(_, events, _)| events)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use blockwise_engine::grouping::BlockPlan;
+    use blockwise_engine::hooks::{ExecHookSpec, Hook, HookPhase, OnError, ResourceHookSpec};
+    use blockwise_engine::{
+        BackupSpec, BlockOutcome, HookOutcome, HookRef, ItemKey, ListUnit, Phase, ResourceType, Severity,
+    };
+
+    use super::*;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/events-v1.hex");
+
+    fn pod(ns: &str, name: &str) -> ItemKey {
+        ItemKey::namespaced("", "pods", ns, name)
+    }
+
+    fn hook_ref() -> HookRef {
+        HookRef { pod: pod("ns1", "db-0"), phase: HookPhase::Pre, index: 1 }
+    }
+
+    fn unit() -> ListUnit {
+        ListUnit {
+            resource: blockwise_engine::GroupResource::new("apps", "deployments"),
+            namespace: Some("ns1".into()),
+        }
+    }
+
+    /// Position of a variant; exhaustive on purpose so a new variant fails to compile here until it
+    /// gets a sample and a fixture line.
+    fn variant_index(e: &Event) -> usize {
+        match e {
+            Event::BackupRequested { .. } => 0,
+            Event::ResourcesDiscovered { .. } => 1,
+            Event::ResourceListed { .. } => 2,
+            Event::ListFailed { .. } => 3,
+            Event::ItemsFetched { .. } => 4,
+            Event::Diagnostic { .. } => 5,
+            Event::BlockPlanned { .. } => 6,
+            Event::PlanFinished { .. } => 7,
+            Event::BlockStarted { .. } => 8,
+            Event::HookStarted { .. } => 9,
+            Event::HookFinished { .. } => 10,
+            Event::ItemWritten { .. } => 11,
+            Event::ItemFailed { .. } => 12,
+            Event::BlockFinished { .. } => 13,
+            Event::ArchiveFinalized { .. } => 14,
+            Event::BackupFinished { .. } => 15,
+        }
+    }
+
+    /// One deterministic instance of every variant, in declaration order.
+    fn samples() -> Vec<Event> {
+        let mut spec = BackupSpec::new("nightly");
+        spec.included_namespaces = vec!["ns1".into(), "team-*".into()];
+        spec.excluded_namespaces = vec!["kube-system".into()];
+        spec.included_resources = vec!["pods".into(), "deployments.apps".into()];
+        spec.excluded_resources = vec!["events".into()];
+        spec.include_cluster_resources = Some(false);
+        spec.label_selector = Some("app=db,tier in (a,b)".into());
+        spec.ordered_resources = vec![("pods".into(), vec!["ns1/a".into(), "ns1/b".into()])];
+        spec.hooks = vec![ResourceHookSpec {
+            name: "freeze".into(),
+            included_namespaces: vec!["ns1".into()],
+            excluded_namespaces: vec![],
+            label_selector: Some("app=db".into()),
+            pre: vec![ExecHookSpec {
+                container: "db".into(),
+                command: vec!["/bin/fsfreeze".into(), "--freeze".into()],
+                on_error: Some(OnError::Fail),
+                timeout: Some("30s".into()),
+            }],
+            post: vec![ExecHookSpec {
+                container: String::new(),
+                command: vec!["/bin/fsfreeze".into(), "--unfreeze".into()],
+                on_error: None,
+                timeout: None,
+            }],
+        }];
+        let hook = Hook {
+            pod: pod("ns1", "db-0"),
+            phase: HookPhase::Post,
+            index: 0,
+            container: "db".into(),
+            command: vec!["sync".into()],
+            on_error: OnError::Continue,
+            timeout_ms: 30_000,
+            invalid: Some("bad annotation".into()),
+        };
+        vec![
+            Event::BackupRequested { spec, workers: 4, at_ms: 1_700_000_000_000 },
+            Event::ResourcesDiscovered {
+                resources: vec![
+                    ResourceType::new("", "v1", "pods", "Pod", true),
+                    ResourceType::new("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
+                ],
+            },
+            Event::ResourceListed {
+                unit: unit(),
+                chunk: 2,
+                objects: vec![r#"{"metadata":{"name":"web","namespace":"ns1"}}"#.into()],
+                complete: true,
+            },
+            Event::ListFailed { unit: ListUnit { namespace: None, ..unit() }, error: "forbidden".into() },
+            Event::ItemsFetched {
+                items: vec![
+                    (ItemKey::cluster("", "persistentvolumes", "pv-1"), Some(r#"{"kind":"PersistentVolume"}"#.into())),
+                    (pod("ns1", "gone"), None),
+                ],
+            },
+            Event::Diagnostic { severity: Severity::Warning, message: "block 3 has 1200 items".into() },
+            Event::BlockPlanned {
+                blocks: vec![BlockPlan {
+                    id: 7,
+                    items: vec![pod("ns1", "db-0"), pod("ns1", "db-1")],
+                    hooks: vec![hook],
+                }],
+            },
+            Event::PlanFinished { blocks: 8, items: 1234 },
+            Event::BlockStarted { block: 7, attempt: 2, at_ms: 1_700_000_000_500 },
+            Event::HookStarted { block: 7, attempt: 2, hook: hook_ref(), at_ms: 1_700_000_000_600 },
+            Event::HookFinished {
+                block: 7,
+                attempt: 2,
+                hook: hook_ref(),
+                outcome: HookOutcome::Exited { code: 3, output: "frozen?".into() },
+                at_ms: 1_700_000_000_700,
+            },
+            Event::ItemWritten { block: 7, attempt: 2, key: pod("ns1", "db-0"), digest: [0xab; 32], bytes: 4096 },
+            Event::ItemFailed { block: 7, attempt: 2, key: pod("ns1", "db-1"), error: "disk full".into() },
+            Event::BlockFinished {
+                block: 7,
+                attempt: 2,
+                outcome: BlockOutcome::Failed { reason: "pre-hook failed".into() },
+                at_ms: 1_700_000_000_800,
+            },
+            Event::ArchiveFinalized { digest: [0x5a; 32], bytes: 1 << 20, items: 1234 },
+            Event::BackupFinished { phase: Phase::PartiallyFailed, at_ms: 1_700_000_001_000 },
+        ]
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        assert_eq!(s.len() & 1, 0, "odd hex length");
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    fn ev(i: u64) -> Event {
+        Event::BlockStarted { block: i as u32, attempt: 0, at_ms: i * 10 }
+    }
+
+    fn new_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut log = EventLog::create(&dir, "b1").unwrap();
+        for i in 0..n {
+            log.append(i, &ev(i)).unwrap();
+        }
+        log.flush().unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn append_flush_reopen_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        {
+            let mut log = EventLog::create(&dir, "nightly").unwrap();
+            assert_eq!((log.next_seq(), log.durable_seq(), log.name()), (0, None, "nightly"));
+            for (i, e) in samples().iter().enumerate() {
+                log.append(i as u64, e).unwrap();
+            }
+            assert_eq!(log.durable_seq(), None);
+            log.flush().unwrap();
+            assert_eq!(log.durable_seq(), Some(15));
+            assert_eq!(log.next_seq(), 16);
+        }
+        let (mut log, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events, samples());
+        assert_eq!(report, OpenReport { events: 16, cut_tail: None });
+        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 16, Some(15)));
+        log.append(16, &ev(16)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        assert_eq!(read_events(&dir).unwrap().len(), 17);
+    }
+
+    #[test]
+    fn create_refuses_an_existing_log() {
+        let (_tmp, dir) = new_log(2);
+        let e = EventLog::create(&dir, "b1").unwrap_err();
+        assert!(matches!(e, LogError::AlreadyExists { records: 2, .. }), "{e}");
+        assert!(e.to_string().contains("already exists with 2 records"), "{e}");
+        let e = EventLog::create(&dir, "other").unwrap_err();
+        assert!(matches!(e, LogError::WrongBackup { .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_log_is_not_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("nope");
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::NotFound(_)), "{e}");
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(!dir.exists(), "open must not create the log");
+    }
+
+    #[test]
+    fn second_opener_is_told_the_log_is_in_use() {
+        let (_tmp, dir) = new_log(1);
+        let (_log, _, _) = EventLog::open(&dir).unwrap();
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(e.to_string().contains("is in use by another blockwise process"), "{e}");
+    }
+
+    #[test]
+    fn out_of_order_append_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = EventLog::create(&tmp.path().join("log"), "b1").unwrap();
+        log.append(0, &ev(0)).unwrap();
+        let e = log.append(2, &ev(2)).unwrap_err();
+        assert!(matches!(e, LogError::OutOfOrder { expected: 1, got: 2, .. }), "{e}");
+        let e = log.append(0, &ev(0)).unwrap_err();
+        assert!(e.to_string().contains("record 0 out of order: the next record must be 1"), "{e}");
+        log.append(1, &ev(1)).unwrap();
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_the_log_stays_appendable() {
+        let (_tmp, dir) = new_log(5);
+        {
+            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let rec = encode_record(&ev(5));
+            log.put_raw(5, &rec[..rec.len() - 3]).unwrap();
+        }
+        let (mut log, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events.len(), 5);
+        let (seq, reason) = report.cut_tail.clone().unwrap();
+        assert_eq!(seq, 5);
+        assert!(reason.contains("truncated"), "{reason}");
+        assert_eq!(log.next_seq(), 5);
+        log.append(5, &ev(5)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let (_, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events, (0..6).map(ev).collect::<Vec<_>>());
+        assert_eq!(report.cut_tail, None);
+    }
+
+    #[test]
+    fn flipped_byte_in_last_record_is_cut() {
+        let (_tmp, dir) = new_log(4);
+        {
+            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let mut rec = encode_record(&ev(3));
+            let last = rec.len() - 1;
+            rec[last] ^= 0x40;
+            log.put_raw(3, &rec).unwrap();
+        }
+        let (log, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events.len(), 3);
+        let (seq, reason) = report.cut_tail.unwrap();
+        assert_eq!(seq, 3);
+        assert!(reason.contains("checksum mismatch"), "{reason}");
+        assert_eq!(log.next_seq(), 3);
+    }
+
+    #[test]
+    fn flipped_byte_in_middle_record_names_the_seq() {
+        let (_tmp, dir) = new_log(30);
+        {
+            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let mut rec = encode_record(&ev(17));
+            rec[10] ^= 1;
+            log.put_raw(17, &rec).unwrap();
+        }
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::Corrupt { seq: 17, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("event log ") && msg.contains("record 17 is corrupt: record checksum mismatch"),
+            "{msg}"
+        );
+        // Opening again gives the same answer: nothing was cut.
+        assert!(matches!(read_events(&dir).unwrap_err(), LogError::Corrupt { seq: 17, .. }));
+    }
+
+    #[test]
+    fn seq_gap_is_an_error() {
+        let (_tmp, dir) = new_log(3);
+        {
+            let (log, _, _) = EventLog::open(&dir).unwrap();
+            log.put_raw(4, &encode_record(&ev(4))).unwrap();
+        }
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::Corrupt { seq: 3, .. }), "{e}");
+        assert!(e.to_string().contains("record 3 is missing; the next record present is 4"), "{e}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let (_tmp, dir) = new_log(1);
+        {
+            let (log, _, _) = EventLog::open(&dir).unwrap();
+            for (i, junk) in [&b""[..], &[0xff; 3], &[1, 0, 0, 0, 0, 0, 0, 0], &[0xff; 64]].iter().enumerate() {
+                log.put_raw(1 + i as u64, junk).unwrap();
+            }
+        }
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::Corrupt { seq: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn golden_fixtures_decode_for_every_variant() {
+        let samples = samples();
+        let indices: Vec<usize> = samples.iter().map(variant_index).collect();
+        assert_eq!(indices, (0..16).collect::<Vec<_>>(), "samples must cover every variant in order");
+
+        let bless = std::env::var("BLOCKWISE_BLESS").is_ok_and(|v| v == "1");
+        let text = match std::fs::read_to_string(FIXTURE) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && bless => String::new(),
+            Err(e) => panic!("cannot read {FIXTURE}: {e} (generate it once with BLOCKWISE_BLESS=1)"),
+        };
+        let mut fixtures: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (kind, hexed) = line.split_once(' ').unwrap_or_else(|| panic!("bad fixture line {line:?}"));
+            fixtures.insert(kind.to_string(), unhex(hexed.trim()));
+        }
+        let mut missing = Vec::new();
+        for event in &samples {
+            let encoded = encode_record(event);
+            match fixtures.get(event.kind()) {
+                Some(golden) => {
+                    assert_eq!(
+                        decode_record(golden).as_ref(),
+                        Ok(event),
+                        "{} fixture no longer decodes to its sample: old logs would become unreadable",
+                        event.kind()
+                    );
+                    assert_eq!(hex(golden), hex(&encoded), "{} encodes differently from its fixture", event.kind());
+                }
+                None => missing.push(format!("{} {}\n", event.kind(), hex(&encoded))),
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        assert!(bless, "{FIXTURE} lacks fixtures for {} variants; run once with BLOCKWISE_BLESS=1", missing.len());
+        // Blessing only ever appends: existing lines pin the format of old logs.
+        let mut out = text;
+        if out.is_empty() {
+            out.push_str(
+                "# Golden record bytes of every Event variant (record format version 1). Never edit a line.\n",
+            );
+        }
+        out.extend(missing);
+        std::fs::create_dir_all(Path::new(FIXTURE).parent().unwrap()).unwrap();
+        std::fs::write(FIXTURE, out).unwrap();
+    }
+
+    #[test]
+    fn backup_id_is_fnv1a() {
+        assert_eq!(backup_id(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(backup_id("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,633 @@
+//! Stores: where staged items, the Velero-layout archive and its companion files go (DESIGN §6).
+//!
+//! [`Store`] is the port the runtime writes through; [`LocalStore`] implements it on a local
+//! directory. Items are staged one file each under a deterministic key
+//! (`backups/<backup>/staging/<archive path>`), written atomically (temp file, fsync, rename), so a
+//! retried or resumed block simply rewrites them. [`Store::finalize`] then builds
+//! `backups/<backup>/<backup>.tar.gz` from the staged files, checking each against the digest the
+//! log recorded, with every tar entry sorted by path and every piece of metadata fixed (mtime 0,
+//! uid/gid 0, mode 0644, GNU headers, gzip mtime 0 and no file name, one compression level): the
+//! same items give a byte-identical archive whatever the worker count or crash/resume history.
+//! Every backup name and key component is checked with [`is_safe_name`] so nothing escapes the
+//! store root.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use blockwise_engine::item::is_safe_name;
+use blockwise_engine::state::ArchiveInfo;
+use blockwise_engine::{ArchiveEntry, ItemKey};
+use sha2::{Digest, Sha256};
+
+/// Path of the format version file inside the archive.
+pub const VERSION_PATH: &str = "metadata/version";
+/// Velero's backup format version, written without a newline.
+pub const FORMAT_VERSION: &str = "1.1.0";
+/// The gzip level of every archive; fixed so the bytes are reproducible.
+const GZIP_LEVEL: u32 = 6;
+/// Distinguishes concurrent temp files of one process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A backup or file name that is not one safe path component.
+    #[error("store: {what} {value:?} is not allowed: names must be one path component without '/', '\\' or control characters, and not '.' or '..'")]
+    UnsafeName { what: &'static str, value: String },
+    /// An item key with a component that is not a safe path component.
+    #[error("store: item {key}: {field} {value:?} is not a safe path component (it could escape the store directory)")]
+    UnsafeKey { key: String, field: &'static str, value: String },
+    /// `finalize` was given an item that was never staged.
+    #[error("store: item {key} is not staged: {} is missing", .path.display())]
+    NotStaged { key: String, path: PathBuf },
+    /// A staged file does not hold the bytes the log recorded.
+    #[error("store: item {key}: staged bytes have sha256 {actual}, but the log recorded {expected}")]
+    DigestMismatch { key: String, expected: String, actual: String },
+    /// Two entries map to the same archive path with different contents.
+    #[error("store: archive path {path} is claimed by both item {first} and item {second}")]
+    DuplicatePath { path: String, first: String, second: String },
+    /// The file system failed.
+    #[error("store: cannot {op} {}: {source}", .path.display())]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+}
+
+/// Where a backup's items, archive and files are kept.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stages one item under its deterministic key; idempotent.
+    async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Builds the backup's `.tar.gz` from the staged items, checking their digests.
+    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError>;
+
+    /// Stores a file beside the archive (`velero-backup.json`, …); `name` is one path component.
+    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Reads a file stored beside the archive; `None` when it does not exist.
+    async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// A human description, e.g. `local directory /x/store`.
+    fn describe(&self) -> String;
+
+    /// Where the backup's archive is, for messages.
+    fn archive_location(&self, backup: &str) -> String {
+        format!("backups/{backup}/{backup}.tar.gz in {}", self.describe())
+    }
+}
+
+/// A store on a local directory.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+/// The archive's path in a local store rooted at `root` (the name is not checked).
+pub fn archive_path(root: &Path, backup: &str) -> PathBuf {
+    root.join("backups").join(backup).join(format!("{backup}.tar.gz"))
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
+    if is_safe_name(value) {
+        Ok(())
+    } else {
+        Err(StoreError::UnsafeName { what, value: value.to_string() })
+    }
+}
+
+fn check_key(key: &ItemKey) -> Result<(), StoreError> {
+    let bad = |field: &'static str, value: &str| StoreError::UnsafeKey {
+        key: key.to_string(),
+        field,
+        value: value.to_string(),
+    };
+    if !key.group.is_empty() && !is_safe_name(&key.group) {
+        return Err(bad("group", &key.group));
+    }
+    if !is_safe_name(&key.resource) {
+        return Err(bad("resource", &key.resource));
+    }
+    if let Some(ns) = &key.namespace {
+        if !is_safe_name(ns) {
+            return Err(bad("namespace", ns));
+        }
+    }
+    if !is_safe_name(&key.name) {
+        return Err(bad("name", &key.name));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Makes a directory entry change (create, rename) durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// `create_dir_all`, syncing the parent of every directory it creates.
+fn create_dirs(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(io_err("create directory", dir)(e)),
+    }
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// A fresh temp file path in `dir`, short so long item names stay within file-name limits.
+fn temp_path(dir: &Path) -> PathBuf {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".tmp-{}-{n}", std::process::id()))
+}
+
+/// Moves a finished temp file into place and makes the rename durable.
+fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
+    if let Err(e) = fs::rename(tmp, path) {
+        let _ = fs::remove_file(tmp);
+        return Err(io_err("rename into", path)(e));
+    }
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    create_dirs(dir)?;
+    let tmp = temp_path(dir);
+    let written = File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("write", &tmp)(e));
+    }
+    commit(&tmp, path)
+}
+
+/// A writer that hashes and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One tar entry to write: its path, and the entry whose staged bytes it holds (`None`: the
+/// format version file).
+struct Planned<'a> {
+    path: String,
+    entry: Option<&'a ArchiveEntry>,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> LocalStore {
+        LocalStore { root: root.into() }
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of one backup.
+    pub fn backup_dir(&self, backup: &str) -> Result<PathBuf, StoreError> {
+        check_name("backup name", backup)?;
+        Ok(self.root.join("backups").join(backup))
+    }
+
+    /// The path of the backup's archive.
+    pub fn archive_path(&self, backup: &str) -> Result<PathBuf, StoreError> {
+        check_name("backup name", backup)?;
+        Ok(archive_path(&self.root, backup))
+    }
+
+    /// The path where an item is staged.
+    pub fn staged_path(&self, backup: &str, key: &ItemKey) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        Ok(self.backup_dir(backup)?.join("staging").join(key.archive_path()))
+    }
+
+    fn file_path(&self, backup: &str, name: &str) -> Result<PathBuf, StoreError> {
+        check_name("file name", name)?;
+        if name == "staging" || name.starts_with(".tmp-") {
+            return Err(StoreError::UnsafeName { what: "file name", value: name.to_string() });
+        }
+        Ok(self.backup_dir(backup)?.join(name))
+    }
+
+    /// Reads an entry's staged bytes and checks them against the recorded digest.
+    fn read_staged(&self, backup: &str, entry: &ArchiveEntry) -> Result<Vec<u8>, StoreError> {
+        let path = self.staged_path(backup, &entry.key)?;
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotStaged { key: entry.key.to_string(), path });
+            }
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let actual: [u8; 32] = Sha256::digest(&bytes).into();
+        if actual != entry.digest {
+            return Err(StoreError::DigestMismatch {
+                key: entry.key.to_string(),
+                expected: hex(&entry.digest),
+                actual: hex(&actual),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Every tar entry in archive order, duplicates of identical items dropped.
+    fn plan<'a>(entries: &'a [ArchiveEntry]) -> Result<Vec<Planned<'a>>, StoreError> {
+        let mut planned = vec![Planned { path: VERSION_PATH.to_string(), entry: None }];
+        for entry in entries {
+            check_key(&entry.key)?;
+            if !is_safe_name(&entry.version) {
+                return Err(StoreError::UnsafeKey {
+                    key: entry.key.to_string(),
+                    field: "version",
+                    value: entry.version.clone(),
+                });
+            }
+            planned.push(Planned { path: entry.key.archive_path(), entry: Some(entry) });
+            planned.push(Planned { path: entry.key.preferred_version_path(&entry.version), entry: Some(entry) });
+        }
+        planned.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut out: Vec<Planned<'a>> = Vec::with_capacity(planned.len());
+        for p in planned {
+            if let Some(prev) = out.last() {
+                if prev.path == p.path {
+                    let same = match (prev.entry, p.entry) {
+                        (Some(a), Some(b)) => a.digest == b.digest,
+                        _ => false,
+                    };
+                    if same {
+                        continue;
+                    }
+                    let who =
+                        |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
+                    return Err(StoreError::DuplicatePath {
+                        path: p.path,
+                        first: who(prev.entry),
+                        second: who(p.entry),
+                    });
+                }
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Writes the archive of `planned` into `file`, returning its sha256 and size.
+    fn write_archive(
+        &self,
+        backup: &str,
+        planned: &[Planned<'_>],
+        file: File,
+        tmp: &Path,
+    ) -> Result<([u8; 32], u64), StoreError> {
+        let sink = HashingWriter { inner: BufWriter::new(file), hasher: Sha256::new(), bytes: 0 };
+        let gz =
+            flate2::GzBuilder::new().mtime(0).operating_system(255).write(sink, flate2::Compression::new(GZIP_LEVEL));
+        let mut tar = tar::Builder::new(gz);
+        for p in planned {
+            let bytes = match p.entry {
+                Some(entry) => self.read_staged(backup, entry)?,
+                None => FORMAT_VERSION.as_bytes().to_vec(),
+            };
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            tar.append_data(&mut header, &p.path, bytes.as_slice()).map_err(io_err("write", tmp))?;
+        }
+        let gz = tar.into_inner().map_err(io_err("write", tmp))?;
+        let sink = gz.finish().map_err(io_err("write", tmp))?;
+        let (digest, size) = (sink.hasher.finalize().into(), sink.bytes);
+        let file = sink.inner.into_inner().map_err(|e| io_err("write", tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("sync", tmp))?;
+        Ok((digest, size))
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.staged_path(backup, key)?, bytes)
+    }
+
+    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
+        let path = self.archive_path(backup)?;
+        let planned = Self::plan(entries)?;
+        let dir = self.backup_dir(backup)?;
+        create_dirs(&dir)?;
+        let tmp = temp_path(&dir);
+        let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let (digest, bytes) = match self.write_archive(backup, &planned, file, &tmp) {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        commit(&tmp, &path)?;
+        Ok(ArchiveInfo { digest, bytes, items: entries.len() as u64 })
+    }
+
+    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.file_path(backup, name)?, bytes)
+    }
+
+    async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.file_path(backup, name)?;
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("local directory {}", self.root.display())
+    }
+
+    fn archive_location(&self, backup: &str) -> String {
+        archive_path(&self.root, backup).display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    fn entry(key: &ItemKey, version: &str, bytes: &[u8]) -> ArchiveEntry {
+        ArchiveEntry { key: key.clone(), version: version.to_string(), digest: Sha256::digest(bytes).into() }
+    }
+
+    fn long_name() -> String {
+        format!("very-long-{}", "x".repeat(120))
+    }
+
+    /// Items of several groups and scopes, one with a path too long for a plain tar header.
+    fn items() -> Vec<(ItemKey, &'static str, Vec<u8>)> {
+        vec![
+            (ItemKey::namespaced("", "pods", "ns1", "web-0"), "v1", br#"{"kind":"Pod"}"#.to_vec()),
+            (ItemKey::namespaced("apps", "deployments", "ns1", "web"), "v1", br#"{"kind":"Deployment"}"#.to_vec()),
+            (ItemKey::cluster("", "namespaces", "ns1"), "v1", br#"{"kind":"Namespace"}"#.to_vec()),
+            (
+                ItemKey::cluster("rbac.authorization.k8s.io", "clusterroles", &long_name()),
+                "v1",
+                br#"{"kind":"ClusterRole"}"#.to_vec(),
+            ),
+            (ItemKey::namespaced("", "configmaps", "ns2", "cfg"), "v1", Vec::new()),
+        ]
+    }
+
+    async fn stage(store: &LocalStore, order: &[usize]) -> Vec<ArchiveEntry> {
+        let items = items();
+        let mut entries = Vec::new();
+        for &i in order {
+            let (key, version, bytes) = &items[i];
+            store.put_item("b1", key, bytes).await.unwrap();
+            entries.push(entry(key, version, bytes));
+        }
+        entries
+    }
+
+    fn read_archive(path: &Path) -> Vec<(String, tar::Header, Vec<u8>)> {
+        let gz = flate2::read::GzDecoder::new(File::open(path).unwrap());
+        let mut archive = tar::Archive::new(gz);
+        let mut out = Vec::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let header = e.header().clone();
+            let mut bytes = Vec::new();
+            e.read_to_end(&mut bytes).unwrap();
+            out.push((path, header, bytes));
+        }
+        out
+    }
+
+    fn list_dir_recursive(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(list_dir_recursive(&p));
+            } else {
+                out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn archives_are_byte_identical_for_any_order() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sa, sb) = (LocalStore::new(a.path()), LocalStore::new(b.path()));
+        let ea = stage(&sa, &[0, 1, 2, 3, 4]).await;
+        let eb = stage(&sb, &[4, 2, 0, 3, 1]).await;
+        let ia = sa.finalize("b1", &ea).await.unwrap();
+        let ib = sb.finalize("b1", &eb).await.unwrap();
+        let (ba, bb) =
+            (fs::read(archive_path(a.path(), "b1")).unwrap(), fs::read(archive_path(b.path(), "b1")).unwrap());
+        assert_eq!(ba, bb);
+        assert_eq!(ia, ib);
+        assert_eq!(ia.digest, <[u8; 32]>::from(Sha256::digest(&ba)));
+        assert_eq!((ia.bytes, ia.items), (ba.len() as u64, 5));
+        // Finalizing again (a resumed backup) gives the same bytes.
+        let mut reversed = ea.clone();
+        reversed.reverse();
+        assert_eq!(sa.finalize("b1", &reversed).await.unwrap(), ia);
+        assert_eq!(fs::read(sa.archive_path("b1").unwrap()).unwrap(), ba);
+    }
+
+    #[tokio::test]
+    async fn archive_lists_version_and_both_copies_sorted_with_fixed_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        let entries = stage(&store, &[3, 1, 4, 0, 2]).await;
+        store.finalize("b1", &entries).await.unwrap();
+        let path = store.archive_path("b1").unwrap();
+        let raw = fs::read(&path).unwrap();
+        assert_eq!(&raw[..4], &[0x1f, 0x8b, 8, 0], "gzip header without file name");
+        assert_eq!(&raw[4..8], &[0, 0, 0, 0], "gzip mtime 0");
+
+        let listed = read_archive(&path);
+        let mut expected: Vec<(String, Vec<u8>)> = vec![(VERSION_PATH.into(), b"1.1.0".to_vec())];
+        for (key, version, bytes) in items() {
+            expected.push((key.archive_path(), bytes.clone()));
+            expected.push((key.preferred_version_path(version), bytes));
+        }
+        expected.sort();
+        let got: Vec<(String, Vec<u8>)> = listed.iter().map(|(p, _, b)| (p.clone(), b.clone())).collect();
+        assert_eq!(got, expected);
+        assert!(got.iter().any(|(p, _)| p.len() > 100 && p.contains(&long_name())));
+        assert!(got.iter().any(|(p, _)| p == "resources/pods/v1-preferredversion/namespaces/ns1/web-0.json"));
+        for (p, h, _) in &listed {
+            assert_eq!(h.mtime().unwrap(), 0, "{p}");
+            assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (0, 0), "{p}");
+            assert_eq!(h.mode().unwrap(), 0o644, "{p}");
+            assert_eq!(h.entry_type(), tar::EntryType::Regular, "{p}");
+            assert!(h.as_gnu().is_some(), "{p}");
+            assert_eq!(h.username().unwrap(), Some(""), "{p}");
+        }
+        // Nothing but the archive and the staging directory is left beside it.
+        let mut names: Vec<String> = fs::read_dir(store.backup_dir("b1").unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b1.tar.gz", "staging"]);
+    }
+
+    #[tokio::test]
+    async fn digest_mismatch_and_missing_items_name_the_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        let mut entries = stage(&store, &[0, 1]).await;
+        entries[1].digest[0] ^= 1;
+        let e = store.finalize("b1", &entries).await.unwrap_err();
+        assert!(matches!(e, StoreError::DigestMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("item deployments.apps ns1/web"), "{e}");
+
+        let key = ItemKey::namespaced("", "secrets", "ns1", "never");
+        let e = store.finalize("b1", &[entry(&key, "v1", b"x")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::NotStaged { .. }), "{e}");
+        assert!(e.to_string().contains("item secrets ns1/never is not staged"), "{e}");
+
+        // No archive, no temp file left behind.
+        let mut names: Vec<String> = fs::read_dir(store.backup_dir("b1").unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["staging"]);
+    }
+
+    #[tokio::test]
+    async fn duplicate_paths_with_different_contents_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        let key = ItemKey::namespaced("", "pods", "ns1", "a");
+        store.put_item("b1", &key, b"{}").await.unwrap();
+        let e1 = entry(&key, "v1", b"{}");
+        // The same entry twice is one item.
+        let info = store.finalize("b1", &[e1.clone(), e1.clone()]).await.unwrap();
+        assert_eq!(read_archive(&store.archive_path("b1").unwrap()).len(), 3);
+        assert_eq!(info.items, 2);
+        let mut e2 = e1.clone();
+        e2.digest = [0; 32];
+        let e = store.finalize("b1", &[e1, e2]).await.unwrap_err();
+        assert!(matches!(e, StoreError::DuplicatePath { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unsafe_names_are_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().join("store"));
+        let good = ItemKey::namespaced("", "pods", "ns1", "a");
+        for backup in ["", ".", "..", "a/b", "../x", "a\\b"] {
+            let e = store.put_item(backup, &good, b"{}").await.unwrap_err();
+            assert!(matches!(e, StoreError::UnsafeName { what: "backup name", .. }), "{backup:?}: {e}");
+            assert!(store.finalize(backup, &[]).await.is_err());
+            assert!(store.put_file(backup, "velero-backup.json", b"{}").await.is_err());
+        }
+        let bad_keys = [
+            ItemKey::namespaced("", "pods", "..", "a"),
+            ItemKey::namespaced("", "pods", "ns1", "../../etc/passwd"),
+            ItemKey::namespaced("", "..", "ns1", "a"),
+            ItemKey::namespaced("x/..", "pods", "ns1", "a"),
+            ItemKey::cluster("", "nodes", ""),
+        ];
+        for key in &bad_keys {
+            let e = store.put_item("b1", key, b"{}").await.unwrap_err();
+            assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
+            assert!(e.to_string().contains("not a safe path component"), "{e}");
+            let e = store.finalize("b1", &[entry(key, "v1", b"{}")]).await.unwrap_err();
+            assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
+        }
+        let e = store.finalize("b1", &[entry(&good, "../v1", b"{}")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::UnsafeKey { field: "version", .. }), "{e}");
+        for name in ["", "..", "a/b", "../velero-backup.json", "staging", ".tmp-1-2"] {
+            assert!(store.put_file("b1", name, b"{}").await.is_err(), "{name:?}");
+            assert!(store.get_file("b1", name).await.is_err(), "{name:?}");
+        }
+        assert!(!tmp.path().join("store").exists(), "nothing may have been written");
+    }
+
+    #[tokio::test]
+    async fn put_item_is_idempotent_and_atomic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        let key = ItemKey::namespaced("", "pods", "ns1", "a");
+        store.put_item("b1", &key, b"{\"v\":1}").await.unwrap();
+        store.put_item("b1", &key, b"{\"v\":1}").await.unwrap();
+        let path = store.staged_path("b1", &key).unwrap();
+        assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/a.json"));
+        assert_eq!(fs::read(&path).unwrap(), b"{\"v\":1}");
+        // A rewrite (a retried block) replaces the bytes.
+        store.put_item("b1", &key, b"{\"v\":2}").await.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"{\"v\":2}");
+        assert_eq!(list_dir_recursive(&tmp.path().join("backups")), ["a.json"]);
+    }
+
+    #[tokio::test]
+    async fn files_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        assert_eq!(store.get_file("b1", "velero-backup.json").await.unwrap(), None);
+        store.put_file("b1", "velero-backup.json", b"{\"kind\":\"Backup\"}").await.unwrap();
+        store.put_file("b1", "b1-logs.gz", b"").await.unwrap();
+        assert_eq!(store.get_file("b1", "velero-backup.json").await.unwrap().unwrap(), b"{\"kind\":\"Backup\"}");
+        assert_eq!(store.get_file("b1", "b1-logs.gz").await.unwrap().unwrap(), b"");
+        assert!(tmp.path().join("backups/b1/velero-backup.json").is_file());
+        let as_dyn: &dyn Store = &store;
+        assert_eq!(as_dyn.describe(), format!("local directory {}", tmp.path().display()));
+        assert_eq!(store.archive_location("b1"), tmp.path().join("backups/b1/b1.tar.gz").display().to_string());
+    }
+}

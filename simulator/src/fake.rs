@@ -1,0 +1,614 @@
+//! An in-memory Kubernetes cluster behind the engine's [`Cluster`] port.
+//!
+//! [`FakeCluster`] serves discovery, paginated lists and gets from JSON objects held in memory and
+//! answers pod execs from scripts or a small interpreter, so the engine's whole pipeline runs
+//! without a cluster: in unit tests, in the deterministic simulator and as the CLI's built-in demo.
+//! It behaves like the API server where the engine can tell the difference: list items carry no
+//! `apiVersion`/`kind` (a get does), lists are sorted by (namespace, name) and paginated with an
+//! opaque continue token, a missing object is `Ok(None)`, exec into a missing container is an error.
+//!
+//! It never reads a clock and never spawns: latency is applied through an injected [`Sleeper`]
+//! (tokio's sleep in the adapters, virtual time in the simulator, nothing at all by default).
+//! Every exec is recorded when it starts — in memory and optionally in an append-only JSON-lines
+//! file that survives a SIGKILL of the process — so tests can check hook ordering across crashes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
+use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How long a [`ExecScript::Hang`] exec sleeps: one hour, far beyond any hook timeout.
+pub const HANG_MS: u64 = 3_600_000;
+
+/// Waits for a number of milliseconds; injected so the simulator stays runtime-agnostic.
+pub trait Sleeper: Send + Sync {
+    /// A future that completes after `ms` milliseconds of (real or virtual) time.
+    fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Simulated latency of cluster calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Before each list page and each get.
+    pub api_ms: u64,
+    /// Before each exec returns.
+    pub exec_ms: u64,
+}
+
+/// A scripted exec outcome for one pod and command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecScript {
+    /// The command exits with this status.
+    Exit(i32),
+    /// The exec itself fails (stream error, API error) with this message.
+    Error(String),
+    /// The command never finishes: sleeps [`HANG_MS`] so the caller's timeout fires.
+    Hang,
+}
+
+/// One exec call, recorded when it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    /// Start order, counted across processes sharing one exec log.
+    pub seq: u64,
+    /// The pod.
+    pub pod: ItemKey,
+    /// The container.
+    pub container: String,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+}
+
+/// Anything that names a group/resource: a [`ResourceType`] or a [`GroupResource`].
+pub trait AsGroupResource {
+    /// The group/resource it names.
+    fn group_resource(&self) -> GroupResource;
+}
+
+impl AsGroupResource for GroupResource {
+    fn group_resource(&self) -> GroupResource {
+        self.clone()
+    }
+}
+
+impl AsGroupResource for ResourceType {
+    fn group_resource(&self) -> GroupResource {
+        self.gr.clone()
+    }
+}
+
+impl<T: AsGroupResource + ?Sized> AsGroupResource for &T {
+    fn group_resource(&self) -> GroupResource {
+        (**self).group_resource()
+    }
+}
+
+/// Objects of one resource keyed by (namespace or "", name), so iteration is the list order.
+type Objects = BTreeMap<(String, String), Value>;
+
+#[derive(Debug, Default)]
+struct ExecState {
+    next_seq: u64,
+    records: Vec<ExecRecord>,
+}
+
+/// An in-memory cluster; see the module docs.
+#[derive(Default)]
+pub struct FakeCluster {
+    resources: Vec<ResourceType>,
+    objects: BTreeMap<GroupResource, Objects>,
+    scripts: HashMap<(ItemKey, Vec<String>), ExecScript>,
+    latency: Latency,
+    sleeper: Option<Arc<dyn Sleeper>>,
+    exec_log: Option<PathBuf>,
+    execs: Mutex<ExecState>,
+}
+
+impl fmt::Debug for FakeCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeCluster")
+            .field("resources", &self.resources.len())
+            .field("objects", &self.object_count())
+            .field("scripts", &self.scripts.len())
+            .field("latency", &self.latency)
+            .field("sleeper", &self.sleeper.is_some())
+            .field("exec_log", &self.exec_log)
+            .finish()
+    }
+}
+
+fn ns_name(key: &ItemKey) -> String {
+    match &key.namespace {
+        Some(ns) => format!("{ns}/{}", key.name),
+        None => key.name.clone(),
+    }
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+}
+
+impl FakeCluster {
+    /// An empty cluster: no resource types, no objects, no latency.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a resource type to discovery (a type already present is replaced).
+    pub fn add_resource(&mut self, rt: ResourceType) -> &mut Self {
+        self.resources.retain(|r| r.gr != rt.gr);
+        self.resources.push(rt);
+        self
+    }
+
+    /// Adds an object, keyed by its `metadata.namespace` (empty when absent) and `metadata.name`
+    /// (empty when absent or not a string); an object with the same key is replaced.
+    pub fn add_object(&mut self, gr: impl AsGroupResource, object: Value) -> &mut Self {
+        let ns = meta_str(&object, "namespace").unwrap_or("").to_string();
+        let name = meta_str(&object, "name").unwrap_or("").to_string();
+        self.objects.entry(gr.group_resource()).or_default().insert((ns, name), object);
+        self
+    }
+
+    /// Removes an object; returns it if it existed.
+    pub fn remove_object(&mut self, key: &ItemKey) -> Option<Value> {
+        let objs = self.objects.get_mut(&key.gr())?;
+        objs.remove(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+    }
+
+    /// Registers a scripted outcome for `command` exec'd in `pod` (any container).
+    pub fn script_exec(&mut self, pod: ItemKey, command: Vec<String>, script: ExecScript) -> &mut Self {
+        self.scripts.insert((pod, command), script);
+        self
+    }
+
+    /// Sets the simulated latency.
+    pub fn with_latency(mut self, latency: Latency) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Sets the sleeper that applies latency and hangs; without one, nothing waits.
+    pub fn with_sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
+        self.sleeper = Some(sleeper);
+        self
+    }
+
+    /// Also appends every exec record to `path` as one JSON line. An existing log is continued:
+    /// a torn last line (from a killed process) is cut off and sequence numbers go on from the
+    /// number of complete lines. I/O errors are logged with `tracing` and never fail an exec.
+    pub fn with_exec_log(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        match prepare_exec_log(&path) {
+            Ok(lines) => self.execs.get_mut().unwrap_or_else(PoisonError::into_inner).next_seq = lines,
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot prepare exec log"),
+        }
+        self.exec_log = Some(path);
+        self
+    }
+
+    /// The resource types served by discovery.
+    pub fn resources(&self) -> &[ResourceType] {
+        &self.resources
+    }
+
+    /// Every object with its group/resource, by group/resource then (namespace, name).
+    pub fn objects(&self) -> impl Iterator<Item = (&GroupResource, &Value)> + '_ {
+        self.objects.iter().flat_map(|(gr, objs)| objs.values().map(move |o| (gr, o)))
+    }
+
+    /// The number of objects held.
+    pub fn object_count(&self) -> usize {
+        self.objects.values().map(BTreeMap::len).sum()
+    }
+
+    /// The object with this key, as stored.
+    pub fn object(&self, key: &ItemKey) -> Option<&Value> {
+        self.objects.get(&key.gr())?.get(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+    }
+
+    /// Every exec started so far by this instance, in start order.
+    pub fn exec_records(&self) -> Vec<ExecRecord> {
+        self.execs.lock().unwrap_or_else(PoisonError::into_inner).records.clone()
+    }
+
+    async fn pause(&self, ms: u64) {
+        if let (true, Some(s)) = (ms > 0, &self.sleeper) {
+            s.sleep(ms).await;
+        }
+    }
+
+    fn discovered(&self, rt: &ResourceType) -> Result<(), ClusterError> {
+        if self.resources.iter().any(|r| r.gr == rt.gr) {
+            Ok(())
+        } else {
+            Err(ClusterError::Other(format!("the server could not find the requested resource {}", rt.gr)))
+        }
+    }
+
+    /// Records the start of an exec in memory and in the exec log, under one lock so the file's
+    /// line order is the sequence order.
+    fn record_exec(&self, pod: &ItemKey, container: &str, command: &[String]) {
+        let mut st = self.execs.lock().unwrap_or_else(PoisonError::into_inner);
+        let rec = ExecRecord {
+            seq: st.next_seq,
+            pod: pod.clone(),
+            container: container.to_string(),
+            command: command.to_vec(),
+        };
+        st.next_seq += 1;
+        if let Some(path) = &self.exec_log {
+            if let Err(e) = append_record(path, &rec) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot append to exec log");
+            }
+        }
+        st.records.push(rec);
+    }
+
+    /// What an unscripted exec does: checks the pod and container, then interprets the command.
+    fn interpret(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
+        let obj = self
+            .object(&ItemKey { group: String::new(), resource: "pods".into(), ..pod.clone() })
+            .ok_or_else(|| ClusterError::Other(format!("pod {}: not found", ns_name(pod))))?;
+        let has_container = obj
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| c.get("name").and_then(Value::as_str) == Some(container)));
+        if !has_container {
+            return Err(ClusterError::Other(format!("pod {}: container {container} not found", ns_name(pod))));
+        }
+        let exit =
+            |code: i32, stdout: &str| ExecResult { exit_code: code, stdout: stdout.into(), stderr: String::new() };
+        let first =
+            command.first().ok_or_else(|| ClusterError::Other(format!("pod {}: empty command", ns_name(pod))))?;
+        let base = first.rsplit('/').next().unwrap_or(first);
+        if base == "false" {
+            return Ok(exit(1, ""));
+        }
+        if let ([_, flag, script], "sh") = (command, base) {
+            if let (Some(n), "-c") = (script.trim().strip_prefix("exit"), flag.as_str()) {
+                let n = n.trim();
+                if n.is_empty() {
+                    return Ok(exit(0, ""));
+                }
+                if let Ok(n) = n.parse::<i64>() {
+                    return Ok(exit(n.rem_euclid(256) as i32, ""));
+                }
+            }
+        }
+        Ok(exit(0, "ok"))
+    }
+}
+
+/// Cuts a torn last line off an existing exec log; returns the number of complete lines.
+fn prepare_exec_log(path: &Path) -> io::Result<u64> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let good = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if good < bytes.len() {
+        OpenOptions::new().write(true).open(path)?.set_len(good as u64)?;
+    }
+    Ok(bytes[..good].iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
+/// Appends one record as a single unbuffered `write_all`, so a killed process leaves whole lines.
+fn append_record(path: &Path, rec: &ExecRecord) -> io::Result<()> {
+    let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
+    line.push(b'\n');
+    OpenOptions::new().create(true).append(true).open(path)?.write_all(&line)
+}
+
+/// Reads an exec log written by [`FakeCluster::with_exec_log`]. A last line without its newline
+/// (a write cut short by a kill) is skipped; a complete line that does not parse is an
+/// `InvalidData` error naming its line number.
+pub fn read_exec_log(path: impl AsRef<Path>) -> io::Result<Vec<ExecRecord>> {
+    let bytes = fs::read(path)?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    bytes[..complete]
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| {
+            serde_json::from_slice(line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("exec log line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Cluster for FakeCluster {
+    async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError> {
+        Ok(self.resources.clone())
+    }
+
+    async fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        limit: u32,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage, ClusterError> {
+        self.pause(self.latency.api_ms).await;
+        self.discovered(rt)?;
+        let offset = match continue_token {
+            None => 0,
+            Some(t) => t.parse::<usize>().map_err(|_| ClusterError::Other(format!("invalid continue token {t:?}")))?,
+        };
+        // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
+        let ns_filter = namespace.filter(|_| rt.namespaced);
+        let matching = self
+            .objects
+            .get(&rt.gr)
+            .into_iter()
+            .flat_map(|objs| objs.iter())
+            .filter(|((ns, _), _)| ns_filter.is_none_or(|f| f == ns))
+            .map(|(_, o)| o);
+        let limit = if limit == 0 { usize::MAX } else { limit as usize };
+        let mut objects = Vec::new();
+        let mut more = false;
+        for obj in matching.skip(offset) {
+            if objects.len() == limit {
+                more = true;
+                break;
+            }
+            let mut obj = obj.clone();
+            if let Some(map) = obj.as_object_mut() {
+                map.remove("apiVersion");
+                map.remove("kind");
+            }
+            objects.push(serde_json::to_string(&obj).map_err(|e| ClusterError::Other(e.to_string()))?);
+        }
+        let continue_token = more.then(|| (offset + objects.len()).to_string());
+        Ok(ListPage { objects, continue_token })
+    }
+
+    async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
+        self.pause(self.latency.api_ms).await;
+        self.discovered(rt)?;
+        let Some(obj) = self.object(key) else { return Ok(None) };
+        let mut obj = obj.clone();
+        if let Some(map) = obj.as_object_mut() {
+            map.insert("apiVersion".into(), Value::String(rt.api_version()));
+            map.insert("kind".into(), Value::String(rt.kind.clone()));
+        }
+        serde_json::to_string(&obj).map(Some).map_err(|e| ClusterError::Other(e.to_string()))
+    }
+
+    async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
+        self.record_exec(pod, container, command);
+        self.pause(self.latency.exec_ms).await;
+        match self.scripts.get(&(pod.clone(), command.to_vec())) {
+            Some(ExecScript::Exit(code)) => {
+                Ok(ExecResult { exit_code: *code, stdout: String::new(), stderr: String::new() })
+            }
+            Some(ExecScript::Error(msg)) => Err(ClusterError::Other(msg.clone())),
+            Some(ExecScript::Hang) => match &self.sleeper {
+                Some(s) => {
+                    s.sleep(HANG_MS).await;
+                    Err(ClusterError::Other(format!("pod {}: exec hung for {HANG_MS} ms", ns_name(pod))))
+                }
+                None => Err(ClusterError::Other(format!("pod {}: hang without sleeper", ns_name(pod)))),
+            },
+            None => self.interpret(pod, container, command),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll, Waker};
+
+    /// Polls a future to completion on this thread; FakeCluster never blocks without a sleeper.
+    pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+    }
+
+    /// A sleeper that returns at once and adds up what it was asked to sleep.
+    #[derive(Default)]
+    struct CountingSleeper(AtomicU64);
+
+    impl Sleeper for CountingSleeper {
+        fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            self.0.fetch_add(ms, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    fn pods() -> ResourceType {
+        ResourceType::new("", "v1", "pods", "Pod", true)
+    }
+
+    fn nodes() -> ResourceType {
+        ResourceType::new("", "v1", "nodes", "Node", false)
+    }
+
+    fn pod(ns: &str, name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+               "spec": {"containers": [{"name": "app"}, {"name": "sidecar"}]}})
+    }
+
+    fn cluster() -> FakeCluster {
+        let mut c = FakeCluster::new();
+        c.add_resource(pods()).add_resource(nodes());
+        for ns in ["b", "a", "c"] {
+            for i in (0..7).rev() {
+                c.add_object(pods(), pod(ns, &format!("p{i}")));
+            }
+        }
+        c.add_object(GroupResource::new("", "nodes"), json!({"metadata": {"name": "n1"}}));
+        c
+    }
+
+    fn names(page: &ListPage) -> Vec<String> {
+        page.objects
+            .iter()
+            .map(|s| {
+                let v: Value = serde_json::from_str(s).unwrap();
+                assert!(v.get("kind").is_none() && v.get("apiVersion").is_none(), "{s}");
+                format!("{}/{}", meta_str(&v, "namespace").unwrap_or(""), meta_str(&v, "name").unwrap())
+            })
+            .collect()
+    }
+
+    fn list_all(c: &FakeCluster, rt: &ResourceType, ns: Option<&str>, limit: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = block_on(c.list(rt, ns, limit, token.as_deref())).unwrap();
+            if limit > 0 {
+                assert!(page.objects.len() <= limit as usize);
+            }
+            out.extend(names(&page));
+            match page.continue_token {
+                Some(t) => token = Some(t),
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn pagination_returns_every_object_once_in_order() {
+        let c = cluster();
+        let all = list_all(&c, &pods(), None, 0);
+        assert_eq!(all.len(), 21);
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(all, sorted);
+        assert_eq!(all[0], "a/p0");
+        for limit in [1, 2, 5, 7, 20, 21, 22, 1000] {
+            assert_eq!(list_all(&c, &pods(), None, limit), all, "limit {limit}");
+        }
+        assert_eq!(list_all(&c, &nodes(), None, 1), vec!["/n1"]);
+    }
+
+    #[test]
+    fn namespace_filter_and_errors() {
+        let c = cluster();
+        let b = list_all(&c, &pods(), Some("b"), 3);
+        assert_eq!(b, (0..7).map(|i| format!("b/p{i}")).collect::<Vec<_>>());
+        assert!(list_all(&c, &pods(), Some("zzz"), 3).is_empty());
+        assert_eq!(list_all(&c, &nodes(), Some("b"), 0), vec!["/n1"], "ignored for cluster scope");
+        let e = block_on(c.list(&pods(), None, 5, Some("abc"))).unwrap_err();
+        assert!(matches!(&e, ClusterError::Other(m) if m.contains("\"abc\"")), "{e}");
+        let past = block_on(c.list(&pods(), None, 5, Some("999"))).unwrap();
+        assert!(past.objects.is_empty() && past.continue_token.is_none());
+        let svc = ResourceType::new("", "v1", "services", "Service", true);
+        assert!(block_on(c.list(&svc, None, 0, None)).is_err());
+        assert_eq!(block_on(c.discover()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn get_adds_type_meta_and_misses_are_none() {
+        let c = cluster();
+        let got = block_on(c.get(&pods(), &ItemKey::namespaced("", "pods", "a", "p3"))).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&got).unwrap();
+        assert_eq!((v["kind"].as_str(), v["apiVersion"].as_str()), (Some("Pod"), Some("v1")));
+        assert_eq!(block_on(c.get(&pods(), &ItemKey::namespaced("", "pods", "a", "nope"))).unwrap(), None);
+        let n = block_on(c.get(&nodes(), &ItemKey::cluster("", "nodes", "n1"))).unwrap();
+        assert!(n.is_some());
+    }
+
+    fn cmd(words: &[&str]) -> Vec<String> {
+        words.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn exec_interprets_commands_and_scripts() {
+        let mut c = cluster();
+        let p = ItemKey::namespaced("", "pods", "a", "p1");
+        let run = |c: &FakeCluster, container: &str, w: &[&str]| block_on(c.exec(&p, container, &cmd(w)));
+        assert_eq!(run(&c, "app", &["/sbin/fsfreeze", "--freeze", "/x"]).unwrap().stdout, "ok");
+        assert_eq!(run(&c, "sidecar", &["/bin/false"]).unwrap().exit_code, 1);
+        assert_eq!(run(&c, "app", &["sh", "-c", "exit 3"]).unwrap().exit_code, 3);
+        assert_eq!(run(&c, "app", &["/bin/sh", "-c", " exit 1 "]).unwrap().exit_code, 1);
+        assert_eq!(run(&c, "app", &["/bin/sh", "-c", "exit 256"]).unwrap().exit_code, 0);
+        assert_eq!(run(&c, "app", &["/bin/sh", "-c", "echo hi"]).unwrap().exit_code, 0);
+        let e = run(&c, "db", &["true"]).unwrap_err();
+        assert_eq!(e, ClusterError::Other("pod a/p1: container db not found".into()));
+        assert!(run(&c, "app", &[]).is_err());
+        let missing = ItemKey::namespaced("", "pods", "a", "ghost");
+        let e = block_on(c.exec(&missing, "app", &cmd(&["true"]))).unwrap_err();
+        assert!(e.to_string().contains("a/ghost") && e.to_string().contains("not found"), "{e}");
+
+        c.script_exec(p.clone(), cmd(&["freeze"]), ExecScript::Exit(7));
+        c.script_exec(p.clone(), cmd(&["boom"]), ExecScript::Error("stream reset".into()));
+        c.script_exec(p.clone(), cmd(&["hang"]), ExecScript::Hang);
+        assert_eq!(run(&c, "app", &["freeze"]).unwrap().exit_code, 7);
+        assert_eq!(run(&c, "app", &["boom"]).unwrap_err(), ClusterError::Other("stream reset".into()));
+        assert!(run(&c, "app", &["hang"]).unwrap_err().to_string().contains("hang without sleeper"));
+
+        let recs = c.exec_records();
+        assert_eq!(recs.len(), 12);
+        assert!(recs.iter().enumerate().all(|(i, r)| r.seq == i as u64));
+        assert_eq!(recs[1].container, "sidecar");
+        assert_eq!(recs[11].command, cmd(&["hang"]));
+    }
+
+    #[test]
+    fn latency_and_hang_go_through_the_sleeper() {
+        let sleeper = Arc::new(CountingSleeper::default());
+        let mut c = cluster().with_latency(Latency { api_ms: 5, exec_ms: 20 }).with_sleeper(sleeper.clone());
+        let p = ItemKey::namespaced("", "pods", "a", "p1");
+        c.script_exec(p.clone(), cmd(&["hang"]), ExecScript::Hang);
+        list_all(&c, &pods(), None, 10); // 3 pages
+        block_on(c.get(&pods(), &p)).unwrap();
+        assert_eq!(sleeper.0.load(Ordering::SeqCst), 20);
+        block_on(c.exec(&p, "app", &cmd(&["true"]))).unwrap();
+        assert_eq!(sleeper.0.load(Ordering::SeqCst), 40);
+        assert!(block_on(c.exec(&p, "app", &cmd(&["hang"]))).is_err());
+        assert_eq!(sleeper.0.load(Ordering::SeqCst), 60 + HANG_MS);
+    }
+
+    #[test]
+    fn exec_log_round_trips_and_survives_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("blockwise-sim-execlog-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("exec.jsonl");
+        let _ = fs::remove_file(&path);
+        let p = ItemKey::namespaced("", "pods", "a", "p1");
+        let c = cluster().with_exec_log(&path);
+        for w in ["one", "two", "three"] {
+            block_on(c.exec(&p, "app", &cmd(&[w]))).unwrap();
+        }
+        let back = read_exec_log(&path).unwrap();
+        assert_eq!(back, c.exec_records());
+
+        // A process killed mid-write leaves a partial line: readers skip it ...
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":3,"pod":{"gro"#).unwrap();
+        assert_eq!(read_exec_log(&path).unwrap(), back);
+        // ... and the next process cuts it off and continues the sequence.
+        let c2 = cluster().with_exec_log(&path);
+        block_on(c2.exec(&p, "sidecar", &cmd(&["four"]))).unwrap();
+        let all = read_exec_log(&path).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!((all[3].seq, all[3].container.as_str()), (3, "sidecar"));
+
+        fs::write(&path, "not json\n").unwrap();
+        let e = read_exec_log(&path).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
