@@ -10,4 +10,5 @@ pub mod cli;
 pub mod log;
 pub mod report;
 pub mod runtime;
+pub mod simulate;
 pub mod store;

@@ -31,12 +31,21 @@ pub struct SeedPlan {
 
 /// Derives everything about a seed from the seed. `allowed` limits the faults that may be enabled.
 pub fn plan_seed(seed: u64, allowed: &BTreeSet<FaultKind>, mutation: Option<Mutation>) -> SeedPlan {
-    let mut rng = Rng::new(mix64(seed ^ 0x5eed_0f_b10c));
+    let mut rng = Rng::new(mix64(seed ^ 0x005e_ed0f_b10c));
     let size = rng.range(3, 30) as usize;
     let mut model = Model::generate(&mut rng, size);
     let faults: BTreeSet<FaultKind> =
         FaultKind::ALL.into_iter().filter(|f| allowed.contains(f) && rng.chance(0.5)).collect();
     assign_hook_faults(&mut model, &faults, &mut rng);
+    if !faults.contains(&FaultKind::DeletedBeforeGet) {
+        // Dangling references are this fault: without it, every referenced object exists.
+        for c in &mut model.pvcs {
+            c.pv_missing = false;
+        }
+        for p in &mut model.pods {
+            p.claims.retain(|c| !c.starts_with("gone"));
+        }
+    }
     let workers = *rng.pick(&[1usize, 2, 3, 8]).unwrap_or(&2);
     SeedPlan { model, cfg: RunConfig { seed, faults, workers, crash_at_append: None, mutation } }
 }

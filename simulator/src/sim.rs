@@ -446,7 +446,7 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
     let mut log = SimLog::default();
     let mut crashes = 0u32;
     // Crashes are drawn from the run's PRNG, so the crash schedule is part of the seed.
-    let crash_p = if cfg.faults.contains(&FaultKind::Crash) { 0.01 } else { 0.0 };
+    let crash_p = if cfg.faults.contains(&FaultKind::Crash) { 0.03 } else { 0.0 };
     let mut engine = match Engine::new(model.spec("sim"), ecfg.clone(), w.clock) {
         Ok(e) => e,
         Err(e) => {
@@ -491,7 +491,7 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
             }
             if !log.pending.is_empty() {
                 w.hits.insert(FaultKind::LostUnflushed);
-                if cfg.faults.contains(&FaultKind::TornRecord) && w.rng.chance(0.5) {
+                if cfg.faults.contains(&FaultKind::TornRecord) && w.rng.chance(0.8) {
                     let first = &log.pending[0];
                     let cut = w.rng.range(1, first.len().saturating_sub(1).max(1) as u64) as usize;
                     log.durable.push(first[..cut.min(first.len())].to_vec());
