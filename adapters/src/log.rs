@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use blockwise_engine::event::{decode_record, encode_record};
+use blockwise_engine::event::{encode_record, recover_records};
 use blockwise_engine::{Event, Seq};
 
 /// Meta key holding the backup name; it starts with 0xff and is 17 bytes long, so it never falls
@@ -154,38 +154,23 @@ impl EventLog {
         };
         let id = backup_id(&name);
 
-        // Read every record, keeping the first bad one aside: it is a torn tail only if it is last.
-        let mut events = Vec::new();
-        let mut bad: Option<(Seq, String)> = None;
+        // Read every record; the engine's `recover_records` decides torn tail versus corruption,
+        // the same function the simulator's log recovers with.
+        let mut records: Vec<(Seq, sled::IVec)> = Vec::new();
         for kv in db.scan_prefix(id.to_be_bytes()) {
             let (k, v) = kv.map_err(storage)?;
-            let expected = events.len() as Seq;
-            if let Some((seq, reason)) = bad {
-                // Something follows the bad record, so it was not the tail.
-                return Err(LogError::Corrupt { path, seq, reason });
-            }
             if k.len() != 16 {
-                return Err(LogError::Corrupt {
-                    path,
-                    seq: expected,
-                    reason: format!("unexpected key of {} bytes among the records", k.len()),
-                });
+                let seq = records.len() as Seq;
+                let reason = format!("unexpected key of {} bytes among the records", k.len());
+                return Err(LogError::Corrupt { path, seq, reason });
             }
             let mut seq_bytes = [0u8; 8];
             seq_bytes.copy_from_slice(&k[8..]);
-            let seq = Seq::from_be_bytes(seq_bytes);
-            if seq != expected {
-                return Err(LogError::Corrupt {
-                    path,
-                    seq: expected,
-                    reason: format!("record {expected} is missing; the next record present is {seq}"),
-                });
-            }
-            match decode_record(&v) {
-                Ok(event) => events.push(event),
-                Err(e) => bad = Some((seq, e.to_string())),
-            }
+            records.push((Seq::from_be_bytes(seq_bytes), v));
         }
+        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_ref())))
+            .map_err(|e| LogError::Corrupt { path: path.clone(), seq: e.seq, reason: e.reason })?;
+        let (events, bad) = (recovered.events, recovered.cut_tail);
         let mut report = OpenReport { events: events.len(), cut_tail: None };
         if let Some((seq, reason)) = bad {
             tracing::warn!("event log {}: cutting torn last record {seq}: {reason}", path.display());
@@ -605,7 +590,7 @@ mod tests {
             match fixtures.get(event.kind()) {
                 Some(golden) => {
                     assert_eq!(
-                        decode_record(golden).as_ref(),
+                        blockwise_engine::event::decode_record(golden).as_ref(),
                         Ok(event),
                         "{} fixture no longer decodes to its sample: old logs would become unreadable",
                         event.kind()

@@ -170,6 +170,10 @@ pub fn check_hooks(report: &RunReport) -> Vec<Violation> {
 /// E1: the archive holds each item of every non-failed block exactly once, and nothing else.
 pub fn check_archive(report: &RunReport) -> Vec<Violation> {
     let mut out = Vec::new();
+    if matches!(report.outcome, Outcome::CorruptionDetected { .. }) {
+        // Recovery refused the log (as it must): there is no readable plan to judge the archive by.
+        return out;
+    }
     let Some(archive) = &report.archive else {
         if matches!(report.outcome, Outcome::Finished(_)) {
             out.push(v("E1", "the backup finished without an archive".into()));
