@@ -52,6 +52,21 @@ enum Top {
     },
     /// Run the deterministic simulator: seeds, faults, invariants, shrinking.
     Simulate(SimulateArgs),
+    /// Measure: scale, parallel efficiency, event log, recovery, grouping, simulator.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Small sizes (a smoke test); every key is still reported.
+    #[arg(long)]
+    quick: bool,
+    /// Output format: text or json.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+    /// Scratch directory (default: a fresh one under the system temp dir, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -543,6 +558,9 @@ pub fn main() -> ExitCode {
     let command = match cli.command {
         Top::Backup { command } => command,
         Top::Simulate(a) => return exit_with(simulate(a)),
+        Top::Bench(a) => {
+            return exit_with(crate::bench::run(a.quick, a.output == "json", a.dir).map(|()| ExitCode::SUCCESS))
+        }
     };
     let result = match command {
         BackupCommand::Create(a) => create(*a, &data_dir),

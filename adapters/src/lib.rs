@@ -6,6 +6,7 @@
 //! The engine's decisions are never re-implemented here: this crate only executes commands,
 //! appends and flushes events, and reports results back.
 
+pub mod bench;
 pub mod cli;
 pub mod log;
 pub mod report;

@@ -176,6 +176,41 @@ pub struct RunReport {
     pub hits: BTreeSet<FaultKind>,
     /// Crashes.
     pub crashes: u32,
+    /// Virtual milliseconds from the request to the end of the run.
+    pub makespan_ms: u64,
+    /// Virtual milliseconds from the request to the end of planning (listing and gets).
+    pub planned_ms: Option<u64>,
+}
+
+/// Command durations in virtual milliseconds, as inclusive ranges drawn per command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latencies {
+    /// One list page.
+    pub list_page_ms: (u64, u64),
+    /// One get batch.
+    pub get_ms: (u64, u64),
+    /// One hook exec.
+    pub exec_ms: (u64, u64),
+    /// One item write.
+    pub write_ms: (u64, u64),
+}
+
+impl Latencies {
+    /// The spread used for simulated seeds.
+    pub const SEEDED: Latencies =
+        Latencies { list_page_ms: (5, 50), get_ms: (5, 20), exec_ms: (10, 120), write_ms: (1, 10) };
+}
+
+/// Engine bounds for simulated seeds: tiny pages and batches, so every path is exercised.
+pub fn seeded_engine_config(workers: usize, mutation: Option<Mutation>) -> EngineConfig {
+    EngineConfig {
+        workers,
+        list_page_items_max: 4,
+        list_concurrency_max: 2,
+        get_batch_items_max: 3,
+        plan_chunk_blocks_max: 5,
+        mutation,
+    }
 }
 
 /// Runs a future that never waits (the fake cluster without a sleeper) to completion.
@@ -214,8 +249,9 @@ struct InFlight {
 }
 
 struct World<'a> {
-    model: &'a Model,
+    model: Option<&'a Model>,
     cluster: FakeCluster,
+    lat: Latencies,
     cfg: &'a RunConfig,
     rng: Rng,
     clock: u64,
@@ -227,7 +263,11 @@ struct World<'a> {
     labels: Vec<String>,
     list_attempts: BTreeMap<String, u32>,
     gone_once: BTreeSet<String>,
+    planned_ms: Option<u64>,
 }
+
+/// The virtual clock at the start of every run.
+const START_MS: u64 = 1_000_000;
 
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
     let mut h = h ^ 0xcbf2_9ce4_8422_2325;
@@ -254,7 +294,7 @@ impl World<'_> {
     }
 
     fn hook_fault(&self, pod: &ItemKey, phase: HookPhase) -> Option<HookFault> {
-        let p = self.model.pods.iter().find(|p| p.name == pod.name)?;
+        let p = self.model?.pods.iter().find(|p| p.name == pod.name)?;
         let h = p.hook.as_ref()?;
         let f = if phase == HookPhase::Pre { h.pre_fault } else { h.post_fault }?;
         let kind = match f {
@@ -266,7 +306,7 @@ impl World<'_> {
         self.on(kind).then_some(f)
     }
 
-    fn latency(&mut self, base_lo: u64, base_hi: u64) -> u64 {
+    fn latency(&mut self, (base_lo, base_hi): (u64, u64)) -> u64 {
         let mut d = self.rng.range(base_lo, base_hi);
         if self.on(FaultKind::SlowWorker) && self.rng.chance(0.05) {
             self.hits.insert(FaultKind::SlowWorker);
@@ -303,7 +343,7 @@ impl World<'_> {
                 let page =
                     now(self.cluster.list(&resource, unit.namespace.as_deref(), limit, continue_token.as_deref()))
                         .unwrap_or_else(|| Err(pending()));
-                let d = self.latency(5, 50) + extra;
+                let d = self.latency(self.lat.list_page_ms) + extra;
                 (Completion::Listed(page), d, None)
             }
             CommandKind::Get { items } => {
@@ -315,13 +355,13 @@ impl World<'_> {
                     }
                     out.push((key, got));
                 }
-                (Completion::Fetched(Ok(out)), self.latency(5, 20), None)
+                (Completion::Fetched(Ok(out)), self.latency(self.lat.get_ms), None)
             }
             CommandKind::RunHook { block, attempt, hook } => {
                 let pod = hook.pod.clone();
                 self.effects.push(Effect::ExecStart { block, attempt, pod: pod.clone(), phase: hook.phase });
                 let result = now(self.cluster.exec(&hook.pod, &hook.container, &hook.command));
-                let mut d = self.latency(10, 120);
+                let mut d = self.latency(self.lat.exec_ms);
                 let outcome = match (self.hook_fault(&pod, hook.phase), result) {
                     (Some(HookFault::Exit), _) => HookOutcome::Exited { code: 3, output: "injected".into() },
                     (Some(HookFault::Error), _) => {
@@ -351,7 +391,7 @@ impl World<'_> {
             }
             CommandKind::WriteItem { block, attempt, key, bytes } => {
                 self.effects.push(Effect::WriteStart { block, attempt, key: key.clone() });
-                let mut d = self.latency(1, 10);
+                let mut d = self.latency(self.lat.write_ms);
                 if self.on(FaultKind::StoreWriteFailure) && self.rng.chance(0.05) {
                     // The store's bounded retry absorbs it: a delay, then success.
                     self.hits.insert(FaultKind::StoreWriteFailure);
@@ -420,12 +460,27 @@ pub fn assign_hook_faults(model: &mut Model, faults: &BTreeSet<FaultKind>, rng: 
 
 /// Runs one backup of `model` in the simulated world.
 pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
+    let ecfg = seeded_engine_config(cfg.workers, cfg.mutation);
+    simulate_world(model.fake(), &model.spec("sim"), Some(model), cfg, &ecfg, Latencies::SEEDED)
+}
+
+/// Runs one backup of any fake cluster with `spec`, engine bounds `ecfg` and latencies `lat`;
+/// `model` (when the cluster came from one) supplies per-pod hook faults.
+pub fn simulate_world(
+    cluster: FakeCluster,
+    spec: &blockwise_engine::BackupSpec,
+    model: Option<&Model>,
+    cfg: &RunConfig,
+    ecfg: &EngineConfig,
+    lat: Latencies,
+) -> RunReport {
     let mut w = World {
         model,
-        cluster: model.fake(),
+        cluster,
+        lat,
         cfg,
         rng: Rng::new(mix64(cfg.seed)),
-        clock: 1_000_000,
+        clock: START_MS,
         staged: BTreeMap::new(),
         archive: None,
         effects: Vec::new(),
@@ -434,20 +489,14 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
         labels: Vec::new(),
         list_attempts: BTreeMap::new(),
         gone_once: BTreeSet::new(),
+        planned_ms: None,
     };
-    let ecfg = EngineConfig {
-        workers: cfg.workers,
-        list_page_items_max: 4,
-        list_concurrency_max: 2,
-        get_batch_items_max: 3,
-        plan_chunk_blocks_max: 5,
-        mutation: cfg.mutation,
-    };
+    let ecfg = ecfg.clone();
     let mut log = SimLog::default();
     let mut crashes = 0u32;
     // Crashes are drawn from the run's PRNG, so the crash schedule is part of the seed.
     let crash_p = if cfg.faults.contains(&FaultKind::Crash) { 0.03 } else { 0.0 };
-    let mut engine = match Engine::new(model.spec("sim"), ecfg.clone(), w.clock) {
+    let mut engine = match Engine::new(spec.clone(), ecfg.clone(), w.clock) {
         Ok(e) => e,
         Err(e) => {
             return finish(w, log, Outcome::Stuck(format!("spec rejected: {e}")), crashes);
@@ -475,6 +524,9 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
             }
         }
         waiting.extend(out.commands);
+        if w.planned_ms.is_none() && engine.state().plan_finished {
+            w.planned_ms = Some(w.clock - START_MS);
+        }
         if let Some(f) = engine.fatal() {
             break Outcome::Stuck(format!("engine stopped: {f}"));
         }
@@ -529,7 +581,7 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
             w.record(format!("recovered {} events", recovered.events.len()), &[]);
             // Nothing durable means the backup was never created: the user creates it again.
             let restarted = if recovered.events.is_empty() {
-                Engine::new(model.spec("sim"), ecfg.clone(), w.clock).map_err(|e| e.to_string())
+                Engine::new(spec.clone(), ecfg.clone(), w.clock).map_err(|e| e.to_string())
             } else {
                 Engine::resume(&recovered.events, ecfg.clone(), w.clock).map_err(|e| e.to_string())
             };
@@ -598,5 +650,7 @@ fn finish(w: World<'_>, mut log: SimLog, outcome: Outcome, crashes: u32) -> RunR
         trace_labels: w.labels,
         hits: w.hits,
         crashes,
+        makespan_ms: w.clock - START_MS,
+        planned_ms: w.planned_ms,
     }
 }

@@ -1,0 +1,399 @@
+//! `blockwise bench`: the numbers that say whether blockwise is fast, measured, never asserted.
+//!
+//! Six sections, one table (or JSON with `-o json`): scale (a generated cluster through the real
+//! tokio runtime, sled log and local store, with wall time and peak RSS read from the OS), parallel
+//! efficiency (the engine under the deterministic simulator with fixed latencies, against the ideal
+//! makespan), the event log (group commit against a raw write + fdatasync loop with the same batch
+//! size, in the same run), recovery (open + verify + fold of the scale run's log; time to first
+//! new work after resuming that backup cut halfway), grouping (plan time at three sizes), and the
+//! simulator (seeds per CPU-second with all faults on). `--quick` shrinks every size, keeps every
+//! key and prints the sizes it used.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use blockwise_engine::event::{encode_record, Event};
+use blockwise_engine::grouping::{builtin_actions, plan, Index, PlanInput, PlanStep};
+use blockwise_engine::item::{Item, ItemKey};
+use blockwise_engine::spec::{BackupSpec, Selection};
+use blockwise_engine::state::BackupState;
+use blockwise_engine::{Engine, EngineConfig};
+use blockwise_simulator::demo::{demo_cluster, demo_resource_types, DEMO_SEED};
+use blockwise_simulator::runner::check_seed;
+use blockwise_simulator::sim::{simulate_world, Effect, FaultKind, Latencies, RunConfig};
+use serde_json::{json, Value};
+
+use crate::log::EventLog;
+use crate::runtime::{run_backup, Quiet};
+use crate::store::LocalStore;
+
+/// Sizes of one benchmark run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Objects in the scale run.
+    pub scale_objects: usize,
+    /// Objects in the parallel-efficiency runs.
+    pub efficiency_objects: usize,
+    /// Events appended in the log benchmark.
+    pub log_events: usize,
+    /// Appends per flush (group commit) in the log benchmark.
+    pub log_batch_events: usize,
+    /// Cluster sizes for the grouping benchmark.
+    pub plan_objects: [usize; 3],
+    /// Seeds in the simulator benchmark.
+    pub sim_seeds: u64,
+}
+
+impl Sizes {
+    /// The full run recorded in docs/benchmarks.md.
+    pub const FULL: Sizes = Sizes {
+        scale_objects: 300_000,
+        efficiency_objects: 20_000,
+        log_events: 200_000,
+        log_batch_events: 64,
+        plan_objects: [10_000, 100_000, 300_000],
+        sim_seeds: 300,
+    };
+    /// `--quick`: a smoke test that finishes in well under two minutes even in a debug build.
+    pub const QUICK: Sizes = Sizes {
+        scale_objects: 3_000,
+        efficiency_objects: 1_000,
+        log_events: 5_000,
+        log_batch_events: 64,
+        plan_objects: [1_000, 3_000, 6_000],
+        sim_seeds: 20,
+    };
+}
+
+/// The simulated latencies of the efficiency benchmark, fixed (no spread).
+pub const EFFICIENCY_LATENCIES: Latencies =
+    Latencies { list_page_ms: (20, 20), get_ms: (10, 10), exec_ms: (200, 200), write_ms: (5, 5) };
+
+fn proc_status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the kernel's peak-RSS mark for this process (Linux `clear_refs` value 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and reads nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+struct Scale {
+    seconds: f64,
+    items: u64,
+    events: u64,
+    peak_rss: u64,
+    cluster_rss: u64,
+    log_dir: PathBuf,
+}
+
+fn scale(dir: &Path, objects: usize) -> Result<Scale> {
+    reset_peak_rss();
+    let cluster = demo_cluster(objects, DEMO_SEED);
+    let cluster_rss = proc_status_bytes("VmRSS:");
+    let log_dir = dir.join("scale-log");
+    let mut log = EventLog::create(&log_dir, "scale").context("creating the scale log")?;
+    let store = Arc::new(LocalStore::new(dir.join("store")));
+    let cfg = EngineConfig { workers: 8, ..EngineConfig::default() };
+    let engine = Engine::new(BackupSpec::new("scale"), cfg, crate::runtime::now_ms())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let start = Instant::now();
+    let state = rt.block_on(run_backup(engine, &mut log, Arc::new(cluster), store, 8, &mut Quiet))?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(log);
+    Ok(Scale {
+        seconds,
+        items: state.items_done(),
+        events: state.events,
+        peak_rss: proc_status_bytes("VmHWM:"),
+        cluster_rss,
+        log_dir,
+    })
+}
+
+struct Efficiency {
+    workers: usize,
+    makespan_ms: u64,
+    ideal_ms: u64,
+}
+
+fn efficiency(objects: usize) -> Vec<Efficiency> {
+    let spec = BackupSpec::new("efficiency");
+    let mut out = Vec::new();
+    for workers in [1usize, 4, 16, 64] {
+        let cfg = RunConfig { seed: 1, faults: BTreeSet::new(), workers, crash_at_append: None, mutation: None };
+        let ecfg = EngineConfig { workers, ..EngineConfig::default() };
+        let r = simulate_world(demo_cluster(objects, DEMO_SEED), &spec, None, &cfg, &ecfg, EFFICIENCY_LATENCIES);
+        // Work per block from the effects actually executed (fixed latencies).
+        let mut work: BTreeMap<u32, u64> = BTreeMap::new();
+        for e in &r.effects {
+            match e {
+                Effect::ExecStart { block, .. } => *work.entry(*block).or_default() += EFFICIENCY_LATENCIES.exec_ms.0,
+                Effect::WriteStart { block, .. } => *work.entry(*block).or_default() += EFFICIENCY_LATENCIES.write_ms.0,
+                _ => {}
+            }
+        }
+        let total: u64 = work.values().sum();
+        let longest = work.values().copied().max().unwrap_or(0);
+        let ideal_ms = r.planned_ms.unwrap_or(0) + longest.max(total.div_ceil(workers as u64));
+        out.push(Efficiency { workers, makespan_ms: r.makespan_ms, ideal_ms });
+    }
+    out
+}
+
+struct LogBench {
+    group_commit_eps: f64,
+    raw_eps: f64,
+    flush_per_event_eps: f64,
+}
+
+fn sample_event(i: usize) -> Event {
+    let key = ItemKey::namespaced("", "configmaps", "bench", &format!("item-{i:08}"));
+    Event::ItemWritten { block: (i / 4) as u32, attempt: 1, key, digest: [7; 32], bytes: 1500 }
+}
+
+fn log_bench(dir: &Path, events: usize, batch: usize) -> Result<LogBench> {
+    let encoded: Vec<Vec<u8>> = (0..events).map(|i| encode_record(&sample_event(i))).collect();
+    // blockwise's log: sled, one flush per batch.
+    let gc_dir = dir.join("log-group-commit");
+    let mut log = EventLog::create(&gc_dir, "bench")?;
+    log.append(0, &Event::BackupRequested { spec: BackupSpec::new("bench"), workers: 1, at_ms: 0 })?;
+    let start = Instant::now();
+    for (i, rec) in encoded.iter().enumerate() {
+        log.append_encoded(i as u64 + 1, rec)?;
+        if (i + 1) % batch == 0 {
+            log.flush()?;
+        }
+    }
+    log.flush()?;
+    let group_commit_eps = events as f64 / start.elapsed().as_secs_f64();
+    drop(log);
+    // Raw: the same bytes appended to a file, fdatasync per batch.
+    let raw_path = dir.join("log-raw.bin");
+    let mut f = std::fs::File::create(&raw_path)?;
+    let start = Instant::now();
+    for (i, rec) in encoded.iter().enumerate() {
+        f.write_all(rec)?;
+        if (i + 1) % batch == 0 {
+            f.sync_data()?;
+        }
+    }
+    f.sync_data()?;
+    let raw_eps = events as f64 / start.elapsed().as_secs_f64();
+    // For reference: a flush per event (a tenth of the events).
+    let n = (events / 10).max(100);
+    let fpe_dir = dir.join("log-flush-per-event");
+    let mut log = EventLog::create(&fpe_dir, "bench")?;
+    log.append(0, &Event::BackupRequested { spec: BackupSpec::new("bench"), workers: 1, at_ms: 0 })?;
+    let start = Instant::now();
+    for (i, rec) in encoded.iter().take(n).enumerate() {
+        log.append_encoded(i as u64 + 1, rec)?;
+        log.flush()?;
+    }
+    let flush_per_event_eps = n as f64 / start.elapsed().as_secs_f64();
+    Ok(LogBench { group_commit_eps, raw_eps, flush_per_event_eps })
+}
+
+struct Recovery {
+    events: usize,
+    open_verify_seconds: f64,
+    fold_seconds: f64,
+    first_work_seconds: f64,
+}
+
+fn recovery(dir: &Path, scale_log: &Path) -> Result<Recovery> {
+    let start = Instant::now();
+    let (log, events, _) = EventLog::open(scale_log)?;
+    let open_verify_seconds = start.elapsed().as_secs_f64();
+    drop(log);
+    let start = Instant::now();
+    let state = BackupState::fold(&events)?;
+    let fold_seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(&state);
+    // The same backup cut halfway: a log of the first half of its events, then resume.
+    let half = &events[..events.len() / 2];
+    let half_dir = dir.join("half-log");
+    let mut log = EventLog::create(&half_dir, "scale")?;
+    for (i, e) in half.iter().enumerate() {
+        log.append(i as u64, e)?;
+    }
+    log.flush()?;
+    drop(log);
+    let start = Instant::now();
+    let (_log, events, _) = EventLog::open(&half_dir)?;
+    let mut engine = Engine::resume(&events, EngineConfig::default(), 0)?;
+    let mut polls = 0;
+    while engine.poll().commands.is_empty() && polls < 4 {
+        polls += 1;
+    }
+    let first_work_seconds = start.elapsed().as_secs_f64();
+    Ok(Recovery { events: state.events as usize, open_verify_seconds, fold_seconds, first_work_seconds })
+}
+
+fn plan_seconds(objects: usize) -> Result<f64> {
+    let cluster = demo_cluster(objects, DEMO_SEED);
+    let types = demo_resource_types();
+    let items: Vec<Item> = cluster
+        .objects()
+        .enumerate()
+        .filter_map(|(i, (gr, v))| {
+            types.iter().find(|t| &t.gr == gr).and_then(|rt| Item::from_value(rt, i, v.clone()).ok())
+        })
+        .collect();
+    let spec = BackupSpec::new("plan");
+    let selection = Selection::compile(&spec)?;
+    let actions = builtin_actions(&spec.volume_group_label);
+    let not_found = BTreeSet::new();
+    let start = Instant::now();
+    let index = Index::new(items, &spec.volume_group_label);
+    let input = PlanInput { selection: &selection, resources: &types, not_found: &not_found, actions: &actions };
+    let step = plan(&input, &index);
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(matches!(step, PlanStep::Done(_)));
+    Ok(seconds)
+}
+
+fn sim_seeds_per_cpu_second(seeds: u64) -> f64 {
+    let all: BTreeSet<FaultKind> = FaultKind::ALL.into_iter().collect();
+    let start = cpu_seconds();
+    for seed in 0..seeds {
+        std::hint::black_box(check_seed(seed, &all, false, None));
+    }
+    seeds as f64 / (cpu_seconds() - start).max(1e-9)
+}
+
+/// Runs every section and prints the table (or JSON).
+pub fn run(quick: bool, json_out: bool, dir: Option<PathBuf>) -> Result<()> {
+    let sizes = if quick { Sizes::QUICK } else { Sizes::FULL };
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("blockwise-bench-{}", std::process::id())));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let progress = |what: &str| {
+        if !json_out {
+            eprintln!("bench: {what}…");
+        }
+    };
+    progress(&format!("scale, {} objects", sizes.scale_objects));
+    let sc = scale(&dir, sizes.scale_objects)?;
+    progress(&format!("parallel efficiency, {} objects", sizes.efficiency_objects));
+    let eff = efficiency(sizes.efficiency_objects);
+    progress(&format!("event log, {} events", sizes.log_events));
+    let lb = log_bench(&dir, sizes.log_events, sizes.log_batch_events)?;
+    progress("recovery");
+    let rc = recovery(&dir, &sc.log_dir)?;
+    progress("grouping");
+    let mut plans = Vec::new();
+    for n in sizes.plan_objects {
+        plans.push((n, plan_seconds(n)?));
+    }
+    progress(&format!("simulator, {} seeds", sizes.sim_seeds));
+    let sim = sim_seeds_per_cpu_second(sizes.sim_seeds);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let eff16 = eff.iter().find(|e| e.workers == 16).map_or(0.0, |e| e.ideal_ms as f64 / e.makespan_ms.max(1) as f64);
+    let mut doc = json!({
+        "quick": quick,
+        "scale_objects": sizes.scale_objects,
+        "scale_items": sc.items,
+        "scale_seconds": sc.seconds,
+        "scale_items_per_second": sc.items as f64 / sc.seconds.max(1e-9),
+        "scale_peak_rss_bytes": sc.peak_rss,
+        "scale_cluster_rss_bytes": sc.cluster_rss,
+        "scale_events": sc.events,
+        "efficiency_objects": sizes.efficiency_objects,
+        "efficiency_workers_16": eff16,
+        "log_events": sizes.log_events,
+        "log_batch_events": sizes.log_batch_events,
+        "log_events_per_second": lb.group_commit_eps,
+        "log_raw_events_per_second": lb.raw_eps,
+        "log_ratio_to_raw": lb.group_commit_eps / lb.raw_eps.max(1e-9),
+        "log_flush_per_event_events_per_second": lb.flush_per_event_eps,
+        "recovery_events": rc.events,
+        "recovery_open_verify_seconds": rc.open_verify_seconds,
+        "recovery_fold_seconds_1m": rc.fold_seconds,
+        "recovery_first_work_seconds": rc.first_work_seconds,
+        "plan_seconds_300k": plans[2].1,
+        "sim_seeds": sizes.sim_seeds,
+        "sim_seeds_per_cpu_second": sim,
+    });
+    for e in &eff {
+        doc[format!("efficiency_workers_{}", e.workers)] = json!(e.ideal_ms as f64 / e.makespan_ms.max(1) as f64);
+    }
+    for (n, s) in &plans {
+        doc[format!("plan_seconds_{n}")] = json!(s);
+    }
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let row = |k: &str, v: String, target: &str| println!("{k:<44} {v:>16}  {target}");
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "blockwise bench{} ({} cores)",
+        if quick { " --quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    row("scale: objects / items written", format!("{} / {}", sizes.scale_objects, sc.items), "");
+    row("scale: wall seconds", format!("{:.2}", sc.seconds), "target <= 60 s at 300k");
+    row("scale: items/s", format!("{:.0}", f(&doc["scale_items_per_second"])), "");
+    row(
+        "scale: peak RSS MiB (fake cluster's share)",
+        format!("{:.0} ({:.0})", sc.peak_rss as f64 / 1048576.0, sc.cluster_rss as f64 / 1048576.0),
+        "target <= 256 MiB",
+    );
+    for e in &eff {
+        let pct = 100.0 * e.ideal_ms as f64 / e.makespan_ms.max(1) as f64;
+        row(
+            &format!("efficiency: {} workers (makespan / ideal ms)", e.workers),
+            format!("{pct:.1}% ({}/{})", e.makespan_ms, e.ideal_ms),
+            if e.workers == 16 { "target >= 90%" } else { "" },
+        );
+    }
+    row(
+        &format!("log: group commit, batch {} (events/s)", sizes.log_batch_events),
+        format!("{:.0}", lb.group_commit_eps),
+        "target >= 50k",
+    );
+    row("log: raw write + fdatasync, same batch (events/s)", format!("{:.0}", lb.raw_eps), "");
+    row("log: ratio to raw", format!("{:.1}%", 100.0 * f(&doc["log_ratio_to_raw"])), "target >= 50%");
+    row("log: flush per event (events/s)", format!("{:.0}", lb.flush_per_event_eps), "reference");
+    row(&format!("recovery: open + verify {} events (s)", rc.events), format!("{:.3}", rc.open_verify_seconds), "");
+    row(&format!("recovery: fold {} events (s)", rc.events), format!("{:.3}", rc.fold_seconds), "target <= 1 s at 1M");
+    row("recovery: resume halfway, time to first work (s)", format!("{:.3}", rc.first_work_seconds), "");
+    for (n, s) in &plans {
+        row(
+            &format!("grouping: plan {n} objects (s, us/object)"),
+            format!("{s:.3}, {:.2}", s * 1e6 / *n as f64),
+            "near-linear",
+        );
+    }
+    row(
+        &format!("simulator: seeds/CPU-s, all faults ({} seeds)", sizes.sim_seeds),
+        format!("{sim:.1}"),
+        "target >= 50",
+    );
+    Ok(())
+}
