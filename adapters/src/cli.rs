@@ -405,6 +405,12 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
     if dir.join("log").exists() {
         let events = read_log(data_dir, &a.name)?;
         let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+        if let Some(reason) = &state.stopped {
+            return Err(usage(format!(
+                "backup {} stopped ({reason}): run `blockwise backup resume {}` to continue it",
+                a.name, a.name
+            )));
+        }
         if state.phase() == Phase::InProgress {
             return Err(usage(format!(
                 "backup {} is InProgress (interrupted): run `blockwise backup resume {}` to continue it",
@@ -466,9 +472,12 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
         eprintln!("log of backup {}: cut a torn tail at record {seq} ({reason})", a.name);
     }
     let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
-    if state.phase() != Phase::InProgress {
+    if !state.resumable() {
         eprintln!("backup {} already finished: {}", a.name, state.phase());
         return Ok(phase_exit(state.phase()));
+    }
+    if let Some(reason) = &state.stopped {
+        eprintln!("backup {} had stopped: {reason}", a.name);
     }
     let text = std::fs::read_to_string(dir.join("cluster.json"))
         .with_context(|| format!("reading {}", dir.join("cluster.json").display()))?;
@@ -494,7 +503,9 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
     let mut progress = Progress::new();
     let state = rt
         .block_on(run_backup(engine, &mut log, cluster, store.clone(), workers, &mut progress))
-        .with_context(|| format!("backup {} stopped again; it can be resumed", a.name))?;
+        .with_context(|| {
+            format!("backup {} stopped again; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
+        })?;
     drop(progress);
     finish_run(data_dir, &a.name, &state, &store, &rt)
 }

@@ -300,6 +300,8 @@ mod tests {
             Event::BlockFinished { .. } => 13,
             Event::ArchiveFinalized { .. } => 14,
             Event::BackupFinished { .. } => 15,
+            Event::RunStopped { .. } => 16,
+            Event::RunResumed { .. } => 17,
         }
     }
 
@@ -390,6 +392,11 @@ mod tests {
             },
             Event::ArchiveFinalized { digest: [0x5a; 32], bytes: 1 << 20, items: 1234 },
             Event::BackupFinished { phase: Phase::PartiallyFailed, at_ms: 1_700_000_001_000 },
+            Event::RunStopped {
+                reason: "block 7: staging pods ns1/db-0 failed: store: cannot put s3://b/backups/x: 503".into(),
+                at_ms: 1_700_000_002_000,
+            },
+            Event::RunResumed { at_ms: 1_700_000_003_000 },
         ]
     }
 
@@ -429,17 +436,17 @@ mod tests {
             }
             assert_eq!(log.durable_seq(), None);
             log.flush().unwrap();
-            assert_eq!(log.durable_seq(), Some(15));
-            assert_eq!(log.next_seq(), 16);
+            assert_eq!(log.durable_seq(), Some(17));
+            assert_eq!(log.next_seq(), 18);
         }
         let (mut log, events, report) = EventLog::open(&dir).unwrap();
         assert_eq!(events, samples());
-        assert_eq!(report, OpenReport { events: 16, cut_tail: None });
-        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 16, Some(15)));
-        log.append(16, &ev(16)).unwrap();
+        assert_eq!(report, OpenReport { events: 18, cut_tail: None });
+        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 18, Some(17)));
+        log.append(18, &ev(18)).unwrap();
         log.flush().unwrap();
         drop(log);
-        assert_eq!(read_events(&dir).unwrap().len(), 17);
+        assert_eq!(read_events(&dir).unwrap().len(), 19);
     }
 
     #[test]
@@ -571,7 +578,7 @@ mod tests {
     fn golden_fixtures_decode_for_every_variant() {
         let samples = samples();
         let indices: Vec<usize> = samples.iter().map(variant_index).collect();
-        assert_eq!(indices, (0..16).collect::<Vec<_>>(), "samples must cover every variant in order");
+        assert_eq!(indices, (0..18).collect::<Vec<_>>(), "samples must cover every variant in order");
 
         let bless = std::env::var("BLOCKWISE_BLESS").is_ok_and(|v| v == "1");
         let text = match std::fs::read_to_string(FIXTURE) {

@@ -65,6 +65,7 @@ pub fn describe_json(s: &BackupState) -> Value {
     json!({
         "name": spec.map(|s| s.name.clone()),
         "phase": s.phase().to_string(),
+        "stopped": s.stopped,
         "startTimestamp": rfc3339(s.requested_ms),
         "completionTimestamp": s.finished.map(|(_, t)| rfc3339(t)),
         "durationSeconds": (s.finished.map_or(s.last_ms, |(_, t)| t).saturating_sub(s.requested_ms)) as f64 / 1000.0,
@@ -88,6 +89,10 @@ pub fn describe_text(s: &BackupState) -> String {
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     line(&mut out, "Name:", j["name"].as_str().unwrap_or("?").to_string());
     line(&mut out, "Phase:", s.phase().to_string());
+    if let Some(reason) = &s.stopped {
+        let name = j["name"].as_str().unwrap_or("NAME");
+        line(&mut out, "Stopped:", format!("{reason}\n{:<14}run `blockwise backup resume {name}` to finish it", ""));
+    }
     line(&mut out, "Started:", rfc3339(s.requested_ms));
     if let Some((_, t)) = s.finished {
         line(&mut out, "Completed:", rfc3339(t));
@@ -168,6 +173,10 @@ pub fn event_line(seq: u64, e: &Event) -> String {
             format!("archive finalized: {items} items, {bytes} bytes, sha256 {}", hex(digest))
         }
         Event::BackupFinished { phase, at_ms } => format!("{} backup finished: {phase}", rfc3339(*at_ms)),
+        Event::RunStopped { reason, at_ms } => {
+            format!("{} run stopped (resume to continue): {reason}", rfc3339(*at_ms))
+        }
+        Event::RunResumed { at_ms } => format!("{} run resumed", rfc3339(*at_ms)),
     };
     format!("{seq:>8} {body}")
 }

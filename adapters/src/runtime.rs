@@ -39,6 +39,10 @@ pub enum RunError {
     /// The engine hit an internal inconsistency.
     #[error("engine stopped: {0}")]
     Engine(String),
+    /// The store failed after its retries; the engine recorded `RunStopped` (durable) and the
+    /// backup can be resumed once the store is back.
+    #[error("the run stopped: {0}")]
+    Stopped(String),
 }
 
 /// Something that watches a run (progress bar, plain lines, nothing).
@@ -162,6 +166,11 @@ pub async fn run_backup(
         ready.extend(go);
         if let Some(f) = engine.fatal() {
             break Err(RunError::Engine(f.to_string()));
+        }
+        if let Some(reason) = engine.stopped() {
+            // RunStopped must be durable before the process reports it.
+            log.flush()?;
+            break Err(RunError::Stopped(reason.to_string()));
         }
         if engine.is_finished() && in_flight == 0 && ready.is_empty() {
             break Ok(engine.state().clone());

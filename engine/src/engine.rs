@@ -13,6 +13,11 @@
 //! A block attempt is the explicit state machine [`BlockRun`]; its transitions live in
 //! `advance_block` (what to do next) and `block_completion` (what a result means). Recovery is
 //! the same machine started in [`BlockRun::ClosingInterrupted`].
+//!
+//! A store failure (a staging write or the archive build failing after the store's own retries)
+//! is not an item error: the engine records `RunStopped` and issues nothing more, exactly as if the
+//! process had died there, so `resume` finishes the backup once the store is back. A resumed
+//! stopped run first records `RunResumed`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -226,6 +231,9 @@ impl Engine {
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, state, selection, actions);
         e.now_ms = now_ms;
+        if e.state.stopped.is_some() {
+            e.emit(Event::RunResumed { at_ms: now_ms });
+        }
         e.recover();
         Ok(e)
     }
@@ -309,6 +317,17 @@ impl Engine {
         self.fatal.as_deref()
     }
 
+    /// Why the run stopped (a store failure recorded as `RunStopped`), if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.state.stopped.as_deref()
+    }
+
+    /// Records `RunStopped`: from here on nothing is issued and every completion is ignored.
+    fn stop(&mut self, reason: String) {
+        let at_ms = self.now_ms;
+        self.emit(Event::RunStopped { reason, at_ms });
+    }
+
     /// Commands issued and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
@@ -335,7 +354,7 @@ impl Engine {
 
     /// Decides everything that can be decided now and hands it over.
     pub fn poll(&mut self) -> Output {
-        if self.fatal.is_none() && !self.is_finished() {
+        if self.fatal.is_none() && !self.is_finished() && self.stopped().is_none() {
             self.pump();
         }
         std::mem::take(&mut self.out)
@@ -720,7 +739,7 @@ impl Engine {
             tracing::warn!("completion for unknown command {id}");
             return;
         };
-        if self.is_finished() || self.fatal.is_some() {
+        if self.is_finished() || self.fatal.is_some() || self.stopped().is_some() {
             return;
         }
         match (pending, completion) {
@@ -768,18 +787,11 @@ impl Engine {
             (Pending::Block(b), c) => self.block_completion(b, c),
             (Pending::Finalize, Completion::Finalized(r)) => {
                 self.finalizing = false;
-                let at_ms = self.now_ms;
                 match r {
                     Ok(a) => {
                         self.emit(Event::ArchiveFinalized { digest: a.digest, bytes: a.bytes, items: a.items });
                     }
-                    Err(e) => {
-                        self.emit(Event::Diagnostic {
-                            severity: Severity::Error,
-                            message: format!("building the archive failed: {e}"),
-                        });
-                        self.emit(Event::BackupFinished { phase: Phase::Failed, at_ms });
-                    }
+                    Err(e) => self.stop(format!("building the archive failed: {e}")),
                 }
             }
             (p, c) => {
@@ -883,7 +895,9 @@ impl Engine {
                         });
                     }
                     Err(error) => {
-                        self.emit(Event::ItemFailed { block: id, attempt: run.attempt, key, error });
+                        // The store is failing, not the item: stop, and let `resume` redo the block.
+                        self.stop(format!("block {id}: staging {key} failed: {error}"));
+                        return;
                     }
                 }
                 self.set_state(id, BlockRun::Writing { next: next + 1 });

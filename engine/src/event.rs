@@ -168,6 +168,11 @@ pub enum Event {
     ArchiveFinalized { digest: [u8; 32], bytes: u64, items: u64 },
     /// The backup reached a terminal phase.
     BackupFinished { phase: Phase, at_ms: u64 },
+    /// The run stopped before a terminal phase because the store failed (after its retries): the
+    /// backup reports Failed until `resume` continues it. Nothing is issued after it.
+    RunStopped { reason: String, at_ms: u64 },
+    /// A stopped run is being continued by `resume`; the backup is InProgress again.
+    RunResumed { at_ms: u64 },
 }
 
 /// Why a record could not be decoded.
@@ -266,6 +271,8 @@ impl Event {
             Event::BlockFinished { .. } => "BlockFinished",
             Event::ArchiveFinalized { .. } => "ArchiveFinalized",
             Event::BackupFinished { .. } => "BackupFinished",
+            Event::RunStopped { .. } => "RunStopped",
+            Event::RunResumed { .. } => "RunResumed",
         }
     }
 }

@@ -123,6 +123,8 @@ pub struct BackupState {
     pub archive: Option<ArchiveInfo>,
     /// Terminal phase and time.
     pub finished: Option<(Phase, u64)>,
+    /// The run stopped (store failure) and waits for `resume`: why.
+    pub stopped: Option<String>,
     /// Events applied.
     pub events: u64,
     /// Time of the latest timestamped event.
@@ -147,9 +149,18 @@ impl BackupState {
         }
     }
 
-    /// The phase as of now.
+    /// The phase as of now: a stopped run is Failed until `resume` continues it.
     pub fn phase(&self) -> Phase {
-        self.finished.map_or(Phase::InProgress, |(p, _)| p)
+        match (self.finished, &self.stopped) {
+            (Some((p, _)), _) => p,
+            (None, Some(_)) => Phase::Failed,
+            (None, None) => Phase::InProgress,
+        }
+    }
+
+    /// Whether `resume` can continue the backup: interrupted (InProgress) or stopped.
+    pub fn resumable(&self) -> bool {
+        self.finished.is_none()
     }
 
     /// Blocks finished.
@@ -210,6 +221,9 @@ impl BackupState {
         }
         if self.finished.is_some() {
             return Err(FoldError { seq, kind, reason: "the backup already finished".into() });
+        }
+        if self.stopped.is_some() && !matches!(e, Event::RunResumed { .. }) {
+            return Err(FoldError { seq, kind, reason: "the run stopped; only RunResumed may follow".into() });
         }
         match e {
             Event::BackupRequested { spec, workers, at_ms } => {
@@ -322,6 +336,16 @@ impl BackupState {
             Event::BackupFinished { phase, at_ms } => {
                 self.last_ms = *at_ms;
                 self.finished = Some((*phase, *at_ms));
+            }
+            Event::RunStopped { reason, at_ms } => {
+                self.last_ms = *at_ms;
+                self.stopped = Some(reason.clone());
+            }
+            Event::RunResumed { at_ms } => {
+                if self.stopped.take().is_none() {
+                    return Err(FoldError { seq, kind, reason: "the run did not stop".into() });
+                }
+                self.last_ms = *at_ms;
             }
         }
         self.events += 1;

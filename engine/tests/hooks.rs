@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase};
 use blockwise_engine::hooks::HookPhase;
 use blockwise_engine::spec::BackupSpec;
+use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
 use common::{backup, drive, Cluster, Effect};
 use serde_json::{json, Value};
@@ -238,4 +239,98 @@ fn crash_after_every_event_then_resume_gives_the_same_items_and_closes_windows()
             }
         }
     }
+}
+
+/// A store outage (a staging write failing after the store's retries) stops the run: the backup
+/// reports Failed, and `resume` with a healthy store finishes it with the uninterrupted items,
+/// closing every hook window the stopped run opened.
+#[test]
+fn store_outage_stops_the_run_and_resume_finishes_it() {
+    let reference = backup(&fixture(), BackupSpec::new("t"), 2, 7);
+    for seed in 1..20 {
+        let mut c = fixture();
+        c.write_fails.insert("settings".into());
+        let cfg = EngineConfig { workers: 2, ..EngineConfig::default() };
+        let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
+        let first = Engine::new(BackupSpec::new("t"), cfg.clone(), 0).unwrap();
+        let stopped = drive(first, &c, Vec::new(), seed, None, &mut effects, &mut staged);
+        assert!(!stopped.finished, "seed {seed}");
+        let Some(Event::RunStopped { reason, .. }) = stopped.events.last() else {
+            panic!("seed {seed}: the last event must be RunStopped: {:?}", stopped.events.last())
+        };
+        assert!(reason.contains("staging configmaps db/settings failed"), "{reason}");
+        let state = BackupState::fold(&stopped.events).unwrap();
+        assert_eq!(state.phase(), Phase::Failed);
+        assert!(state.resumable());
+        assert_eq!(finished_phase(&stopped.events), None);
+
+        c.write_fails.clear();
+        let engine = Engine::resume(&stopped.events, cfg, 1).unwrap();
+        let n = stopped.events.len();
+        let last = drive(engine, &c, stopped.events.clone(), seed + 100, None, &mut effects, &mut staged);
+        assert!(last.finished, "seed {seed}");
+        assert!(matches!(last.events[n], Event::RunResumed { .. }), "seed {seed}: {:?}", last.events[n]);
+        assert_eq!(finished_phase(&last.events), Some(Phase::Completed), "seed {seed}");
+        assert_eq!(last.staged, reference.staged, "seed {seed}");
+        assert_h2(&effects);
+    }
+}
+
+#[test]
+fn failed_archive_build_stops_and_resume_builds_it_without_redoing_blocks() {
+    let mut c = fixture();
+    c.finalize_fails = true;
+    let cfg = EngineConfig { workers: 4, ..EngineConfig::default() };
+    let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
+    let stopped = drive(
+        Engine::new(BackupSpec::new("t"), cfg.clone(), 0).unwrap(),
+        &c,
+        Vec::new(),
+        3,
+        None,
+        &mut effects,
+        &mut staged,
+    );
+    assert!(!stopped.finished);
+    assert!(
+        matches!(stopped.events.last(), Some(Event::RunStopped { reason, .. }) if reason.contains("building the archive failed") && reason.contains("503")),
+        "{:?}",
+        stopped.events.last()
+    );
+    let state = BackupState::fold(&stopped.events).unwrap();
+    assert_eq!((state.phase(), state.blocks_done()), (Phase::Failed, state.blocks.len()));
+
+    c.finalize_fails = false;
+    let n = stopped.events.len();
+    let last = drive(
+        Engine::resume(&stopped.events, cfg, 1).unwrap(),
+        &c,
+        stopped.events.clone(),
+        4,
+        None,
+        &mut effects,
+        &mut staged,
+    );
+    assert!(last.finished);
+    let after: Vec<&str> = last.events[n..].iter().map(Event::kind).collect();
+    assert_eq!(after, ["RunResumed", "ArchiveFinalized", "BackupFinished"]);
+    assert_eq!(finished_phase(&last.events), Some(Phase::Completed));
+}
+
+#[test]
+fn only_run_resumed_may_follow_run_stopped() {
+    let run = backup(&fixture(), BackupSpec::new("t"), 1, 1);
+    let stop = Event::RunStopped { reason: "store down".into(), at_ms: 5 };
+    let mut events = vec![run.events[0].clone(), stop.clone(), run.events[1].clone()];
+    let e = BackupState::fold(&events).unwrap_err();
+    assert_eq!(e.seq, 2);
+    assert!(e.to_string().contains("only RunResumed may follow"), "{e}");
+    events[2] = Event::RunResumed { at_ms: 6 };
+    let s = BackupState::fold(&events).unwrap();
+    assert_eq!((s.phase(), s.stopped.clone()), (Phase::InProgress, None));
+    events.push(Event::RunResumed { at_ms: 7 });
+    let e = BackupState::fold(&events).unwrap_err();
+    assert!(e.to_string().contains("the run did not stop"), "{e}");
+    events.truncate(2);
+    assert_eq!(BackupState::fold(&events).unwrap().stopped.as_deref(), Some("store down"));
 }

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use blockwise_engine::event::{Event, HookOutcome};
 use blockwise_engine::hooks::HookPhase;
@@ -34,6 +34,10 @@ pub struct Cluster {
     pub objects: Vec<(String, Value)>,
     /// Scripted hook outcomes by (pod name, command[0]); default success.
     pub hook_outcomes: BTreeMap<(String, String), HookOutcome>,
+    /// Names of items whose staging write fails (a store outage).
+    pub write_fails: BTreeSet<String>,
+    /// Whether building the archive fails.
+    pub finalize_fails: bool,
 }
 
 impl Cluster {
@@ -46,7 +50,7 @@ impl Cluster {
             .iter()
             .map(|o| (o["kind"].as_str().expect("kind").to_string(), o.clone()))
             .collect();
-        Cluster { objects, hook_outcomes: BTreeMap::new() }
+        Cluster { objects, ..Cluster::default() }
     }
 
     fn of(&self, rt: &ResourceType, ns: Option<&str>) -> Vec<String> {
@@ -134,10 +138,16 @@ pub fn drive(
                     .unwrap_or(HookOutcome::Succeeded);
                 Completion::HookRan(outcome)
             }
+            CommandKind::WriteItem { key, .. } if cluster.write_fails.contains(&key.name) => {
+                Completion::Written(Err(format!("store: cannot put {}: connection refused", key.archive_path())))
+            }
             CommandKind::WriteItem { block, attempt, key, bytes } => {
                 effects.push(Effect::Write { block, attempt, key: key.clone() });
                 staged.insert(key, bytes.to_vec());
                 Completion::Written(Ok(()))
+            }
+            CommandKind::Finalize { .. } if cluster.finalize_fails => {
+                Completion::Finalized(Err("store: cannot put backups/t/t.tar.gz: 503 Slow Down".into()))
             }
             CommandKind::Finalize { entries } => {
                 Completion::Finalized(Ok(ArchiveInfo { digest: [0; 32], bytes: 0, items: entries.len() as u64 }))
