@@ -10,11 +10,19 @@
 //! same items give a byte-identical archive whatever the worker count or crash/resume history.
 //! Every backup name and key component is checked with [`is_safe_name`] so nothing escapes the
 //! store root.
+//!
+//! The archive bytes come from one place, [`write_archive`] over [`plan_archive`], whichever store
+//! holds the staged items (the S3 store in [`crate::s3`] uses it too), and the gzip companion files
+//! use [`gzip_reproducible`]. [`RetryingStore`] wraps any store with bounded retries of transient
+//! failures; what still fails is an error naming the key, which stops the run (the engine records
+//! `RunStopped`) so `resume` can finish once the store is back.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
@@ -52,6 +60,39 @@ pub enum StoreError {
     /// The file system failed.
     #[error("store: cannot {op} {}: {source}", .path.display())]
     Io { op: &'static str, path: PathBuf, source: io::Error },
+    /// The object store failed (after its own HTTP-level retries).
+    #[error("store: cannot {op} {key}: {source}")]
+    Remote { op: &'static str, key: String, source: object_store::Error },
+    /// A fault injected on purpose (tests; see [`crate::faults`]).
+    #[error("store: cannot {op} {key}: injected fault")]
+    Injected { op: &'static str, key: String },
+    /// A transient failure persisted through every attempt of [`RetryingStore`].
+    #[error("{last} (gave up after {attempts} attempts)")]
+    GaveUp { attempts: u32, last: Box<StoreError> },
+    /// A storage location that cannot be used (`--storage`).
+    #[error("storage {location:?}: {reason}")]
+    BadLocation { location: String, reason: String },
+}
+
+impl StoreError {
+    /// Whether trying again may succeed: I/O and network failures, not bad names or digests.
+    pub fn is_transient(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            StoreError::Io { .. } | StoreError::Injected { .. } => true,
+            StoreError::Remote { source, .. } => !matches!(
+                source,
+                E::NotFound { .. }
+                    | E::InvalidPath { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+                    | E::UnknownConfigurationKey { .. }
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Where a backup's items, archive and files are kept.
@@ -68,6 +109,15 @@ pub trait Store: Send + Sync {
 
     /// Reads a file stored beside the archive; `None` when it does not exist.
     async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Copies a file stored beside the archive (the archive itself too) to the local path `dest`,
+    /// atomically; `false` when it does not exist.
+    async fn download_file(&self, backup: &str, name: &str, dest: &Path) -> Result<bool, StoreError> {
+        match self.get_file(backup, name).await? {
+            Some(bytes) => write_atomic(dest, &bytes).map(|()| true),
+            None => Ok(false),
+        }
+    }
 
     /// A human description, e.g. `local directory /x/store`.
     fn describe(&self) -> String;
@@ -93,7 +143,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
-fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
+/// Checks that `value` is one safe path component (no `/`, `\\`, `.`, `..`, control characters).
+pub fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
     if is_safe_name(value) {
         Ok(())
     } else {
@@ -101,7 +152,8 @@ fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
     }
 }
 
-fn check_key(key: &ItemKey) -> Result<(), StoreError> {
+/// Checks every component of an item key with [`is_safe_name`].
+pub fn check_key(key: &ItemKey) -> Result<(), StoreError> {
     let bad = |field: &'static str, value: &str| StoreError::UnsafeKey {
         key: key.to_string(),
         field,
@@ -128,6 +180,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The directory a path lives in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Makes a directory entry change (create, rename) durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
@@ -138,8 +198,8 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// `create_dir_all`, syncing the parent of every directory it creates.
-fn create_dirs(dir: &Path) -> Result<(), StoreError> {
-    if dir.is_dir() {
+pub(crate) fn create_dirs(dir: &Path) -> Result<(), StoreError> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
@@ -157,26 +217,23 @@ fn create_dirs(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// A fresh temp file path in `dir`, short so long item names stay within file-name limits.
-fn temp_path(dir: &Path) -> PathBuf {
+pub(crate) fn temp_path(dir: &Path) -> PathBuf {
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(".tmp-{}-{n}", std::process::id()))
 }
 
 /// Moves a finished temp file into place and makes the rename durable.
-fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
+pub(crate) fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
     if let Err(e) = fs::rename(tmp, path) {
         let _ = fs::remove_file(tmp);
         return Err(io_err("rename into", path)(e));
     }
-    match path.parent() {
-        Some(dir) => sync_dir(dir),
-        None => Ok(()),
-    }
+    sync_dir(parent_dir(path))
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = parent_dir(path);
     create_dirs(dir)?;
     let tmp = temp_path(dir);
     let written = File::create(&tmp).and_then(|mut f| {
@@ -212,9 +269,104 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// One tar entry to write: its path, and the entry whose staged bytes it holds (`None`: the
 /// format version file).
-struct Planned<'a> {
-    path: String,
-    entry: Option<&'a ArchiveEntry>,
+pub struct Planned<'a> {
+    /// Path inside the archive.
+    pub path: String,
+    /// The item, or `None` for `metadata/version`.
+    pub entry: Option<&'a ArchiveEntry>,
+}
+
+/// Every tar entry of the archive in archive order (sorted by path): `metadata/version`, then each
+/// item twice (its own path and its `-preferredversion` copy); duplicates of identical items are
+/// dropped, and two different items claiming one path are an error.
+pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreError> {
+    let mut planned = vec![Planned { path: VERSION_PATH.to_string(), entry: None }];
+    for entry in entries {
+        check_key(&entry.key)?;
+        if !is_safe_name(&entry.version) {
+            return Err(StoreError::UnsafeKey {
+                key: entry.key.to_string(),
+                field: "version",
+                value: entry.version.clone(),
+            });
+        }
+        planned.push(Planned { path: entry.key.archive_path(), entry: Some(entry) });
+        planned.push(Planned { path: entry.key.preferred_version_path(&entry.version), entry: Some(entry) });
+    }
+    planned.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut out: Vec<Planned<'_>> = Vec::with_capacity(planned.len());
+    for p in planned {
+        if let Some(prev) = out.last() {
+            if prev.path == p.path {
+                let same = match (prev.entry, p.entry) {
+                    (Some(a), Some(b)) => a.digest == b.digest,
+                    _ => false,
+                };
+                if same {
+                    continue;
+                }
+                let who = |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
+                return Err(StoreError::DuplicatePath { path: p.path, first: who(prev.entry), second: who(p.entry) });
+            }
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Checks staged bytes against the digest the log recorded for the entry.
+pub fn verify_staged(entry: &ArchiveEntry, bytes: &[u8]) -> Result<(), StoreError> {
+    let actual: [u8; 32] = Sha256::digest(bytes).into();
+    if actual != entry.digest {
+        return Err(StoreError::DigestMismatch {
+            key: entry.key.to_string(),
+            expected: hex(&entry.digest),
+            actual: hex(&actual),
+        });
+    }
+    Ok(())
+}
+
+/// The gzip encoder of every file we write: mtime 0, no file name, OS "unknown", one level.
+fn gzip_encoder<W: Write>(sink: W) -> flate2::write::GzEncoder<W> {
+    flate2::GzBuilder::new().mtime(0).operating_system(255).write(sink, flate2::Compression::new(GZIP_LEVEL))
+}
+
+/// Gzips `bytes` with a fixed header, so the same input always gives the same output.
+pub fn gzip_reproducible(bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut gz = gzip_encoder(Vec::with_capacity(bytes.len() / 4 + 64));
+    gz.write_all(bytes)?;
+    gz.finish()
+}
+
+/// Writes the reproducible `.tar.gz` of `planned` into `sink` — the one place archive bytes are
+/// made, for every store. `read` returns an entry's verified staged bytes; `what` names the
+/// destination in errors. Returns the sink, and the sha256 and size of what was written.
+pub fn write_archive<W: Write>(
+    planned: &[Planned<'_>],
+    sink: W,
+    what: &Path,
+    mut read: impl FnMut(&ArchiveEntry) -> Result<Vec<u8>, StoreError>,
+) -> Result<(W, [u8; 32], u64), StoreError> {
+    let sink = HashingWriter { inner: sink, hasher: Sha256::new(), bytes: 0 };
+    let mut tar = tar::Builder::new(gzip_encoder(sink));
+    for p in planned {
+        let bytes = match p.entry {
+            Some(entry) => read(entry)?,
+            None => FORMAT_VERSION.as_bytes().to_vec(),
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        tar.append_data(&mut header, &p.path, bytes.as_slice()).map_err(io_err("write", what))?;
+    }
+    let gz = tar.into_inner().map_err(io_err("write", what))?;
+    let sink = gz.finish().map_err(io_err("write", what))?;
+    Ok((sink.inner, sink.hasher.finalize().into(), sink.bytes))
 }
 
 impl LocalStore {
@@ -264,88 +416,21 @@ impl LocalStore {
             }
             Err(e) => return Err(io_err("read", &path)(e)),
         };
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if actual != entry.digest {
-            return Err(StoreError::DigestMismatch {
-                key: entry.key.to_string(),
-                expected: hex(&entry.digest),
-                actual: hex(&actual),
-            });
-        }
+        verify_staged(entry, &bytes)?;
         Ok(bytes)
     }
 
-    /// Every tar entry in archive order, duplicates of identical items dropped.
-    fn plan<'a>(entries: &'a [ArchiveEntry]) -> Result<Vec<Planned<'a>>, StoreError> {
-        let mut planned = vec![Planned { path: VERSION_PATH.to_string(), entry: None }];
-        for entry in entries {
-            check_key(&entry.key)?;
-            if !is_safe_name(&entry.version) {
-                return Err(StoreError::UnsafeKey {
-                    key: entry.key.to_string(),
-                    field: "version",
-                    value: entry.version.clone(),
-                });
-            }
-            planned.push(Planned { path: entry.key.archive_path(), entry: Some(entry) });
-            planned.push(Planned { path: entry.key.preferred_version_path(&entry.version), entry: Some(entry) });
-        }
-        planned.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut out: Vec<Planned<'a>> = Vec::with_capacity(planned.len());
-        for p in planned {
-            if let Some(prev) = out.last() {
-                if prev.path == p.path {
-                    let same = match (prev.entry, p.entry) {
-                        (Some(a), Some(b)) => a.digest == b.digest,
-                        _ => false,
-                    };
-                    if same {
-                        continue;
-                    }
-                    let who =
-                        |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
-                    return Err(StoreError::DuplicatePath {
-                        path: p.path,
-                        first: who(prev.entry),
-                        second: who(p.entry),
-                    });
-                }
-            }
-            out.push(p);
-        }
-        Ok(out)
-    }
-
-    /// Writes the archive of `planned` into `file`, returning its sha256 and size.
-    fn write_archive(
+    /// Writes the archive into the temp file `tmp` and syncs it.
+    fn build_into(
         &self,
         backup: &str,
         planned: &[Planned<'_>],
         file: File,
         tmp: &Path,
     ) -> Result<([u8; 32], u64), StoreError> {
-        let sink = HashingWriter { inner: BufWriter::new(file), hasher: Sha256::new(), bytes: 0 };
-        let gz =
-            flate2::GzBuilder::new().mtime(0).operating_system(255).write(sink, flate2::Compression::new(GZIP_LEVEL));
-        let mut tar = tar::Builder::new(gz);
-        for p in planned {
-            let bytes = match p.entry {
-                Some(entry) => self.read_staged(backup, entry)?,
-                None => FORMAT_VERSION.as_bytes().to_vec(),
-            };
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(bytes.len() as u64);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
-            tar.append_data(&mut header, &p.path, bytes.as_slice()).map_err(io_err("write", tmp))?;
-        }
-        let gz = tar.into_inner().map_err(io_err("write", tmp))?;
-        let sink = gz.finish().map_err(io_err("write", tmp))?;
-        let (digest, size) = (sink.hasher.finalize().into(), sink.bytes);
-        let file = sink.inner.into_inner().map_err(|e| io_err("write", tmp)(e.into_error()))?;
+        let (buf, digest, size) =
+            write_archive(planned, BufWriter::new(file), tmp, |entry| self.read_staged(backup, entry))?;
+        let file = buf.into_inner().map_err(|e| io_err("write", tmp)(e.into_error()))?;
         file.sync_all().map_err(io_err("sync", tmp))?;
         Ok((digest, size))
     }
@@ -359,12 +444,12 @@ impl Store for LocalStore {
 
     async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
         let path = self.archive_path(backup)?;
-        let planned = Self::plan(entries)?;
+        let planned = plan_archive(entries)?;
         let dir = self.backup_dir(backup)?;
         create_dirs(&dir)?;
         let tmp = temp_path(&dir);
         let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        let (digest, bytes) = match self.write_archive(backup, &planned, file, &tmp) {
+        let (digest, bytes) = match self.build_into(backup, &planned, file, &tmp) {
             Ok(done) => done,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -388,12 +473,135 @@ impl Store for LocalStore {
         }
     }
 
+    async fn download_file(&self, backup: &str, name: &str, dest: &Path) -> Result<bool, StoreError> {
+        let path = self.file_path(backup, name)?;
+        let mut src = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let dir = parent_dir(dest);
+        create_dirs(dir)?;
+        let tmp = temp_path(dir);
+        let copied = File::create(&tmp).and_then(|mut f| {
+            io::copy(&mut src, &mut f)?;
+            f.sync_all()
+        });
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("copy to", dest)(e));
+        }
+        commit(&tmp, dest).map(|()| true)
+    }
+
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
     }
 
     fn archive_location(&self, backup: &str) -> String {
         archive_path(&self.root, backup).display().to_string()
+    }
+}
+
+/// Bounds of [`RetryingStore`]: attempts per operation and the exponential backoff between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per operation, the first included (at least 1).
+    pub attempts_max: u32,
+    /// Wait before the second attempt; doubled before each further one.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of one wait.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    /// 4 attempts, waiting 100, 200 and 400 ms (at most 2 s each): a put that keeps failing costs
+    /// 0.7 s of waiting here, on top of the store's own retries (see `crate::s3`).
+    fn default() -> Self {
+        RetryPolicy { attempts_max: 4, backoff_initial_ms: 100, backoff_max_ms: 2_000 }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based).
+    pub fn backoff_ms(&self, attempt: u32) -> u64 {
+        let doubled = self.backoff_initial_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
+        doubled.min(self.backoff_max_ms)
+    }
+}
+
+/// A store that retries transient failures ([`StoreError::is_transient`]) of another store within a
+/// [`RetryPolicy`]; permanent ones (unsafe names, digest mismatches) fail at once. Every operation of
+/// the [`Store`] trait is idempotent, so a retry is always safe.
+pub struct RetryingStore {
+    inner: Arc<dyn Store>,
+    policy: RetryPolicy,
+}
+
+impl RetryingStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>, policy: RetryPolicy) -> RetryingStore {
+        RetryingStore { inner, policy }
+    }
+
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        let attempts_max = self.policy.attempts_max.max(1);
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) if attempt >= attempts_max => {
+                    return Err(if attempts_max == 1 {
+                        e
+                    } else {
+                        StoreError::GaveUp { attempts: attempt, last: Box::new(e) }
+                    });
+                }
+                Err(e) => {
+                    let wait_ms = self.policy.backoff_ms(attempt);
+                    tracing::warn!("{e}; attempt {attempt} of {attempts_max}, retrying in {wait_ms} ms");
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RetryingStore {
+    async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
+        self.retry(|| self.inner.put_item(backup, key, bytes)).await
+    }
+
+    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
+        self.retry(|| self.inner.finalize(backup, entries)).await
+    }
+
+    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.retry(|| self.inner.put_file(backup, name, bytes)).await
+    }
+
+    async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.retry(|| self.inner.get_file(backup, name)).await
+    }
+
+    async fn download_file(&self, backup: &str, name: &str, dest: &Path) -> Result<bool, StoreError> {
+        self.retry(|| self.inner.download_file(backup, name, dest)).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn archive_location(&self, backup: &str) -> String {
+        self.inner.archive_location(backup)
     }
 }
 
