@@ -4,8 +4,10 @@
 //! go on), 2 usage or input error (bad flag, bad name, a backup that already exists). With no
 //! kubeconfig, or with `--demo`, the built-in demo cluster from `blockwise-simulator` is backed up,
 //! and the choice is announced on stderr. The data directory holds one sled log per backup under
-//! `backups/<name>/log`, the cluster source used (so `resume` talks to the same cluster) and the
-//! local store under `store/`.
+//! `backups/<name>/log`, the cluster source and the storage location used (`cluster.json`,
+//! `storage.json` — never credentials — so `resume`, `download` and `inspect` reach the same ones)
+//! and the default local store under `store/`. Every store is wrapped in a
+//! [`RetryingStore`]; debug builds also honour the fault plan of [`crate::faults::FAULT_ENV`].
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -22,10 +24,12 @@ use blockwise_engine::{Engine, EngineConfig};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use crate::faults::{FaultPlan, FaultyStore};
 use crate::log::EventLog;
 use crate::report;
 use crate::runtime::{now_ms, run_backup, Observer};
-use crate::store::{LocalStore, Store};
+use crate::s3::{S3Config, S3Location, S3Store};
+use crate::store::{LocalStore, RetryPolicy, RetryingStore, Store, StoreError};
 
 /// Exit code for usage and input errors.
 pub const EXIT_USAGE: u8 = 2;
@@ -106,6 +110,41 @@ enum BackupCommand {
     Get,
     /// Print a backup's event history.
     Logs(NamedArgs),
+    /// Copy a backup's archive out of its store.
+    Download(DownloadArgs),
+    /// List an archive's items by resource and namespace and verify it (exit 1 on any defect).
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct StorageArgs {
+    /// Where the backup goes: a local directory (default: <data-dir>/store) or s3://BUCKET/PREFIX.
+    #[arg(long)]
+    storage: Option<String>,
+    /// S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, …); default AWS.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1).
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Allow a plain-HTTP (unencrypted) S3 endpoint.
+    #[arg(long)]
+    s3_allow_http: bool,
+}
+
+#[derive(Args, Debug)]
+struct DownloadArgs {
+    /// Backup name.
+    name: String,
+    /// Where to write the archive (default: ./NAME.tar.gz).
+    #[arg(short = 'o', long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// An archive file (…/NAME.tar.gz), or the name of a backup to read from its store.
+    target: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -173,6 +212,8 @@ struct CreateArgs {
     wait: bool,
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +256,84 @@ pub enum ClusterSource {
         /// Simulated latency per API call and exec.
         latency_ms: u64,
     },
+}
+
+/// Where a backup's store is, recorded in `storage.json` so later commands use the same one.
+/// Holds no credentials: those always come from the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StorageSpec {
+    /// A local directory; `None` is `<data-dir>/store`.
+    Local {
+        /// The directory, absolute.
+        #[serde(default)]
+        root: Option<PathBuf>,
+    },
+    /// An S3-compatible bucket.
+    S3(S3Location),
+}
+
+fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
+    let s3_flags = a.s3_endpoint.is_some() || a.s3_region.is_some() || a.s3_allow_http;
+    match a.storage.as_deref() {
+        Some(url) if url.starts_with("s3://") => {
+            let mut loc = S3Location::parse(url).map_err(|e| usage(e.to_string()))?;
+            if let Some(e) = &a.s3_endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(usage(format!("--s3-endpoint {e:?}: expected an http:// or https:// URL")));
+                }
+                if e.starts_with("http://") && !a.s3_allow_http {
+                    return Err(usage(format!(
+                        "--s3-endpoint {e} is plain HTTP: pass --s3-allow-http to send data unencrypted"
+                    )));
+                }
+            }
+            loc.endpoint = a.s3_endpoint.clone();
+            loc.region = a.s3_region.clone();
+            loc.allow_http = a.s3_allow_http;
+            Ok(StorageSpec::S3(loc))
+        }
+        _ if s3_flags => Err(usage("--s3-endpoint, --s3-region and --s3-allow-http need --storage s3://BUCKET/PREFIX")),
+        None => Ok(StorageSpec::Local { root: None }),
+        Some(other) if other.contains("://") => {
+            Err(usage(format!("--storage {other:?}: expected a local directory or s3://BUCKET/PREFIX")))
+        }
+        Some(dir) => {
+            let root = std::path::absolute(dir).with_context(|| format!("resolving --storage {dir}"))?;
+            Ok(StorageSpec::Local { root: Some(root) })
+        }
+    }
+}
+
+/// The storage a backup was created with (`storage.json`; before it existed: the default).
+fn read_storage(data_dir: &Path, name: &str) -> Result<StorageSpec> {
+    let path = backup_dir(data_dir, name).join("storage.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StorageSpec::Local { root: None }),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The store of a storage spec: fault injection (debug builds, when asked) under bounded retries.
+fn open_store(spec: &StorageSpec, data_dir: &Path) -> Result<Arc<dyn Store>> {
+    let base: Arc<dyn Store> = match spec {
+        StorageSpec::Local { root } => {
+            Arc::new(LocalStore::new(root.clone().unwrap_or_else(|| data_dir.join("store"))))
+        }
+        StorageSpec::S3(loc) => {
+            let cfg = S3Config::new(loc.clone(), data_dir.join("tmp"));
+            Arc::new(S3Store::new(cfg).map_err(|e| match e {
+                StoreError::BadLocation { .. } => usage(e.to_string()),
+                e => anyhow::Error::new(e),
+            })?)
+        }
+    };
+    let base: Arc<dyn Store> = match FaultPlan::from_env().map_err(usage)? {
+        Some(plan) => Arc::new(FaultyStore::new(base, plan)),
+        None => base,
+    };
+    Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default())))
 }
 
 /// A tokio sleeper for the demo cluster's simulated latency.
@@ -342,10 +461,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
 }
 
-fn store_for(data_dir: &Path) -> Arc<dyn Store> {
-    Arc::new(LocalStore::new(data_dir.join("store")))
-}
-
+/// After the backup reached a terminal phase (the log must be closed): stores Velero's files beside
+/// the archive and reports. Idempotent, so `resume` of a finished backup can redo it.
 fn finish_run(
     data_dir: &Path,
     name: &str,
@@ -353,8 +470,17 @@ fn finish_run(
     store: &Arc<dyn Store>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<ExitCode> {
-    let doc = serde_json::to_vec_pretty(&report::velero_backup_json(state)).context("encoding velero-backup.json")?;
-    rt.block_on(store.put_file(name, "velero-backup.json", &doc)).context("writing velero-backup.json")?;
+    let events = crate::log::read_events(&backup_dir(data_dir, name).join("log"))
+        .with_context(|| format!("reading the log of backup {name}"))?;
+    let files = report::backup_files(name, state, &events).context("encoding the backup's files")?;
+    for (file, bytes) in &files {
+        rt.block_on(store.put_file(name, file, bytes)).with_context(|| {
+            format!(
+                "storing {file} of backup {name} in {}; run `blockwise backup resume {name}` to store it again",
+                store.describe()
+            )
+        })?;
+    }
     let phase = state.phase();
     eprintln!(
         "backup {name} {phase}: {} items in {} blocks, {} warnings, {} errors",
@@ -364,7 +490,7 @@ fn finish_run(
         state.errors.len()
     );
     if state.archive.is_some() {
-        eprintln!("archive: {}", crate::store::archive_path(&data_dir.join("store"), name).display());
+        eprintln!("archive: {}", store.archive_location(name));
     }
     if !state.errors.is_empty() {
         eprintln!("run `blockwise backup describe {name}` for details");
@@ -439,16 +565,20 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
             }
         }
     };
+    let storage = storage_from_args(&a.storage)?;
+    let store = open_store(&storage, data_dir)?;
     let cfg = EngineConfig { workers: a.workers as usize, list_page_items_max: a.page_size, ..EngineConfig::default() };
     let engine = Engine::new(spec, cfg, now_ms()).map_err(|e| usage(e.to_string()))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let storage_json = serde_json::to_vec_pretty(&storage).context("encoding the storage location")?;
+    std::fs::write(dir.join("storage.json"), storage_json)
+        .with_context(|| format!("writing {}", dir.join("storage.json").display()))?;
     let source_json = serde_json::to_vec_pretty(&source).context("encoding the cluster source")?;
     std::fs::write(dir.join("cluster.json"), source_json)
         .with_context(|| format!("writing {}", dir.join("cluster.json").display()))?;
     let mut log = EventLog::create(&dir.join("log"), &a.name)
         .with_context(|| format!("creating the log of backup {}", a.name))?;
     let cluster = build_cluster(&source, data_dir, &a.name);
-    let store = store_for(data_dir);
     let rt = runtime()?;
     let mut progress = Progress::new();
     let state = rt
@@ -457,6 +587,7 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
             format!("backup {} stopped; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
         })?;
     drop(progress);
+    drop(log);
     finish_run(data_dir, &a.name, &state, &store, &rt)
 }
 
@@ -472,9 +603,11 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
         eprintln!("log of backup {}: cut a torn tail at record {seq} ({reason})", a.name);
     }
     let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+    let store = open_store(&read_storage(data_dir, &a.name)?, data_dir)?;
     if !state.resumable() {
-        eprintln!("backup {} already finished: {}", a.name, state.phase());
-        return Ok(phase_exit(state.phase()));
+        eprintln!("backup {} already finished: {}; storing its files again", a.name, state.phase());
+        drop(log);
+        return finish_run(data_dir, &a.name, &state, &store, &runtime()?);
     }
     if let Some(reason) = &state.stopped {
         eprintln!("backup {} had stopped: {reason}", a.name);
@@ -498,7 +631,6 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
         state.blocks.len()
     );
     let cluster = build_cluster(&source, data_dir, &a.name);
-    let store = store_for(data_dir);
     let rt = runtime()?;
     let mut progress = Progress::new();
     let state = rt
@@ -507,7 +639,68 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
             format!("backup {} stopped again; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
         })?;
     drop(progress);
+    drop(log);
     finish_run(data_dir, &a.name, &state, &store, &rt)
+}
+
+fn download(a: DownloadArgs, data_dir: &Path) -> Result<ExitCode> {
+    let events = read_log(data_dir, &a.name)?;
+    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
+    let store = open_store(&read_storage(data_dir, &a.name)?, data_dir)?;
+    let dest = a.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.gz", a.name)));
+    let file = format!("{}.tar.gz", a.name);
+    let found = runtime()?
+        .block_on(store.download_file(&a.name, &file, &dest))
+        .with_context(|| format!("downloading {} to {}", store.archive_location(&a.name), dest.display()))?;
+    if !found {
+        return Err(anyhow!("backup {} has no archive in {} (phase {})", a.name, store.describe(), state.phase()));
+    }
+    eprintln!("downloaded {} to {}", store.archive_location(&a.name), dest.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(a: InspectArgs, data_dir: &Path) -> Result<ExitCode> {
+    let path = Path::new(&a.target);
+    let is_file = path.is_file() || a.target.contains('/') || a.target.ends_with(".tar.gz");
+    let (what, archive, list) = if is_file {
+        if !path.is_file() {
+            return Err(usage(format!("{}: no such archive file", path.display())));
+        }
+        let archive = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // `NAME.tar.gz` may have `NAME-resource-list.json.gz` beside it, as in a store.
+        let stem = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".tar.gz"));
+        let list = match stem {
+            Some(stem) => {
+                let p = path.with_file_name(format!("{stem}-resource-list.json.gz"));
+                p.is_file()
+                    .then(|| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()?
+            }
+            None => None,
+        };
+        (path.display().to_string(), archive, list)
+    } else {
+        read_log(data_dir, &a.target)?;
+        let store = open_store(&read_storage(data_dir, &a.target)?, data_dir)?;
+        let rt = runtime()?;
+        let name = &a.target;
+        let archive = rt
+            .block_on(store.get_file(name, &format!("{name}.tar.gz")))
+            .with_context(|| format!("reading {}", store.archive_location(name)))?
+            .ok_or_else(|| anyhow!("backup {name} has no archive in {}", store.describe()))?;
+        let list = rt
+            .block_on(store.get_file(name, &format!("{name}-resource-list.json.gz")))
+            .with_context(|| format!("reading the resource list of backup {name}"))?;
+        (store.archive_location(name), archive, list)
+    };
+    let found = crate::inspect::inspect(&archive, list.as_deref());
+    print!("{}", crate::inspect::render(&what, &found));
+    if found.defects.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{what}: {} defects", found.defects.len());
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn describe(a: DescribeArgs, data_dir: &Path) -> Result<ExitCode> {
@@ -579,6 +772,8 @@ pub fn main() -> ExitCode {
         BackupCommand::Describe(a) => describe(a, &data_dir),
         BackupCommand::Get => get(&data_dir),
         BackupCommand::Logs(a) => logs(a, &data_dir),
+        BackupCommand::Download(a) => download(a, &data_dir),
+        BackupCommand::Inspect(a) => inspect(a, &data_dir),
     };
     exit_with(result)
 }

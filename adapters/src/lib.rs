@@ -1,7 +1,8 @@
 //! blockwise-adapters: the imperative shell around the engine.
 //!
 //! Everything that touches the world lives here: the sled event log ([`log`]), the stores and the
-//! Velero-layout archive ([`store`], [`s3`], fault injection in [`faults`]), the tokio runtime that executes the engine's commands on N
+//! Velero-layout archive ([`store`], [`s3`], fault injection in [`faults`], verification in
+//! [`inspect`]), the tokio runtime that executes the engine's commands on N
 //! workers ([`runtime`]), what users read ([`report`]) and the `blockwise` command line ([`cli`]).
 //! The engine's decisions are never re-implemented here: this crate only executes commands,
 //! appends and flushes events, and reports results back.
@@ -9,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod faults;
+pub mod inspect;
 pub mod log;
 pub mod report;
 pub mod runtime;

@@ -1,13 +1,22 @@
-//! What users read: `describe` (text and JSON), `logs` lines, `get` rows and `velero-backup.json`.
+//! What users read: `describe` (text and JSON), `logs` lines, `get` rows, and Velero's files beside
+//! the archive: `velero-backup.json`, `<name>-resource-list.json.gz`, `<name>-results.gz`,
+//! `<name>-logs.gz` ([`backup_files`]).
 //!
-//! Everything here is a pure function of the folded [`BackupState`] (and, for `logs`, the events),
-//! so what `describe` says after a crash is exactly what the log holds. Timestamps are formatted as
-//! RFC 3339 UTC by hand (civil-from-days), to keep a date crate out of the build.
+//! Everything here is a pure function of the folded [`BackupState`] (and, for `logs` and results,
+//! the events), so what `describe` says after a crash is exactly what the log holds. Timestamps are
+//! formatted as RFC 3339 UTC by hand (civil-from-days), to keep a date crate out of the build. The
+//! resource list holds no timestamp and is gzipped with a fixed header: like the archive, it is
+//! byte-identical for the same cluster state.
 
-use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase};
-use blockwise_engine::hooks::HookPhase;
+use std::collections::{BTreeMap, BTreeSet};
+
+use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
+use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
+use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::BackupState;
 use serde_json::{json, Value};
+
+use crate::store::gzip_reproducible;
 
 /// Velero's backup format version, written into the archive and `velero-backup.json`.
 pub const BACKUP_FORMAT_VERSION: &str = "1.1.0";
@@ -192,6 +201,30 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
         Phase::PartiallyFailed => "PartiallyFailed",
         Phase::Failed => "Failed",
     };
+    // Velero's types: a LabelSelector object, not a string; each hook wrapped as `{"exec": …}`.
+    let selector = |s: &Option<String>| {
+        s.as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .and_then(|s| LabelSelector::parse(s).ok())
+            .map(|l| l.to_k8s_json())
+    };
+    let exec = |hooks: &[ExecHookSpec]| -> Vec<Value> {
+        hooks.iter().map(|h| json!({"exec": serde_json::to_value(h).unwrap_or(Value::Null)})).collect()
+    };
+    let hooks: Vec<Value> = spec
+        .hooks
+        .iter()
+        .map(|h| {
+            json!({
+                "name": h.name,
+                "includedNamespaces": h.included_namespaces,
+                "excludedNamespaces": h.excluded_namespaces,
+                "labelSelector": selector(&h.label_selector),
+                "pre": exec(&h.pre),
+                "post": exec(&h.post),
+            })
+        })
+        .collect();
     json!({
         "apiVersion": "velero.io/v1",
         "kind": "Backup",
@@ -202,9 +235,10 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
             "includedResources": spec.included_resources,
             "excludedResources": spec.excluded_resources,
             "includeClusterResources": spec.include_cluster_resources,
-            "labelSelector": spec.label_selector,
+            "labelSelector": selector(&spec.label_selector),
             "orderedResources": ordered,
-            "hooks": {"resources": spec.hooks},
+            "hooks": {"resources": hooks},
+            "storageLocation": "default",
         },
         "status": {
             "phase": phase,
@@ -217,6 +251,117 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
             "warnings": s.warnings.len(),
         },
     })
+}
+
+/// `<name>-resource-list.json.gz`'s content: `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or
+/// `"name"` for cluster-scoped items) of every item in the archive — the same entries the engine
+/// hands to `Finalize`.
+pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
+    for b in &s.blocks {
+        let Some(a) = &b.attempt else { continue };
+        for key in a.written.keys() {
+            let gvk = match types.get(&key.gr()) {
+                Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
+                None => format!("{}/unknown", key.gr().dir_name()),
+            };
+            let name = match &key.namespace {
+                Some(ns) => format!("{ns}/{}", key.name),
+                None => key.name.clone(),
+            };
+            out.entry(gvk).or_default().insert(name);
+        }
+    }
+    out.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+}
+
+/// Errors or warnings in Velero's `results.Result` shape.
+#[derive(Debug, Default)]
+struct ResultPart {
+    velero: Vec<String>,
+    cluster: Vec<String>,
+    namespaces: BTreeMap<String, Vec<String>>,
+}
+
+impl ResultPart {
+    fn push(&mut self, namespace: Option<&str>, cluster: bool, message: String) {
+        match (namespace, cluster) {
+            (Some(ns), _) => self.namespaces.entry(ns.to_string()).or_default().push(message),
+            (None, true) => self.cluster.push(message),
+            (None, false) => self.velero.push(message),
+        }
+    }
+
+    /// Velero omits empty parts (`omitempty`).
+    fn to_json(&self) -> Value {
+        let mut o = serde_json::Map::new();
+        if !self.velero.is_empty() {
+            o.insert("velero".into(), json!(self.velero));
+        }
+        if !self.cluster.is_empty() {
+            o.insert("cluster".into(), json!(self.cluster));
+        }
+        if !self.namespaces.is_empty() {
+            o.insert("namespaces".into(), json!(self.namespaces));
+        }
+        Value::Object(o)
+    }
+}
+
+/// `<name>-results.gz`'s content: `{"errors": {...}, "warnings": {...}}`, each split like Velero's
+/// `results.Result` into `velero` (backup-wide), `cluster` (cluster-scoped items) and `namespaces`.
+/// The messages are exactly those of `describe` (the fold's, de-duplicated the same way).
+pub fn results_json(s: &BackupState, events: &[Event]) -> Value {
+    let (mut errors, mut warnings) = (ResultPart::default(), ResultPart::default());
+    let mut seen = BTreeSet::new();
+    for e in events {
+        let (part, ns, cluster, message) = match e {
+            Event::ListFailed { unit, error } => {
+                (&mut errors, unit.namespace.clone(), false, format!("listing {unit} failed: {error}"))
+            }
+            Event::Diagnostic { severity: Severity::Error, message } => (&mut errors, None, false, message.clone()),
+            Event::Diagnostic { severity: Severity::Warning, message } => (&mut warnings, None, false, message.clone()),
+            Event::HookFinished { block, hook, outcome, .. } if !outcome.ok() => (
+                &mut errors,
+                hook.pod.namespace.clone(),
+                true,
+                format!("block {block}: {:?} hook {} of {}: {outcome}", hook.phase, hook.index, hook.pod),
+            ),
+            Event::ItemFailed { block, key, error, .. } => {
+                (&mut errors, key.namespace.clone(), true, format!("block {block}: {key}: {error}"))
+            }
+            Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
+                let ns =
+                    s.blocks.get(*block as usize).and_then(|b| b.plan.items.iter().find_map(|k| k.namespace.clone()));
+                (&mut errors, ns, true, format!("block {block} failed: {reason}"))
+            }
+            _ => continue,
+        };
+        if seen.insert(message.clone()) {
+            part.push(ns.as_deref(), cluster, message);
+        }
+    }
+    json!({"errors": errors.to_json(), "warnings": warnings.to_json()})
+}
+
+/// The files Velero keeps beside the archive, in the order to store them: `velero-backup.json`
+/// last, because Velero takes its presence to mean the backup is complete.
+pub fn backup_files(name: &str, s: &BackupState, events: &[Event]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let list = serde_json::to_vec(&resource_list(s)).map_err(std::io::Error::other)?;
+    let results = serde_json::to_vec(&results_json(s, events)).map_err(std::io::Error::other)?;
+    let mut logs = String::new();
+    for (i, e) in events.iter().enumerate() {
+        logs.push_str(&event_line(i as u64, e));
+        logs.push('\n');
+    }
+    let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
+    Ok(vec![
+        (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
+        (format!("{name}-results.gz"), gzip_reproducible(&results)?),
+        (format!("{name}-logs.gz"), gzip_reproducible(logs.as_bytes())?),
+        ("velero-backup.json".to_string(), backup),
+    ])
 }
 
 #[cfg(test)]

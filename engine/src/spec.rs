@@ -235,6 +235,40 @@ impl LabelSelector {
         Ok(LabelSelector { reqs })
     }
 
+    /// The selector as a Kubernetes `metav1.LabelSelector` (`matchLabels`, `matchExpressions`), the
+    /// shape Velero's `spec.labelSelector` has.
+    pub fn to_k8s_json(&self) -> serde_json::Value {
+        let mut labels = serde_json::Map::new();
+        let mut exprs = Vec::new();
+        let expr = |key: &str, op: &str, values: &[String]| {
+            let mut e = serde_json::json!({"key": key, "operator": op});
+            if !values.is_empty() {
+                e["values"] = serde_json::json!(values);
+            }
+            e
+        };
+        for r in &self.reqs {
+            match r {
+                Requirement::Eq(k, v) => {
+                    labels.insert(k.clone(), serde_json::Value::String(v.clone()));
+                }
+                Requirement::NotEq(k, v) => exprs.push(expr(k, "NotIn", std::slice::from_ref(v))),
+                Requirement::In(k, vs) => exprs.push(expr(k, "In", vs)),
+                Requirement::NotIn(k, vs) => exprs.push(expr(k, "NotIn", vs)),
+                Requirement::Exists(k) => exprs.push(expr(k, "Exists", &[])),
+                Requirement::NotExists(k) => exprs.push(expr(k, "DoesNotExist", &[])),
+            }
+        }
+        let mut out = serde_json::Map::new();
+        if !labels.is_empty() {
+            out.insert("matchLabels".into(), serde_json::Value::Object(labels));
+        }
+        if !exprs.is_empty() {
+            out.insert("matchExpressions".into(), serde_json::Value::Array(exprs));
+        }
+        serde_json::Value::Object(out)
+    }
+
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.reqs.iter().all(|r| match r {
@@ -375,6 +409,20 @@ mod tests {
         for bad in ["app in a", "a=(b", "=x", "a=b,,c", "a b=c"] {
             assert!(LabelSelector::parse(bad).is_err(), "{bad} should not parse");
         }
+    }
+
+    #[test]
+    fn selectors_render_as_kubernetes_label_selectors() {
+        let s = LabelSelector::parse("app=db,tier in (a,b),env!=dev,!legacy,team").unwrap();
+        assert_eq!(
+            s.to_k8s_json().to_string(),
+            concat!(
+                r#"{"matchExpressions":[{"key":"tier","operator":"In","values":["a","b"]},"#,
+                r#"{"key":"env","operator":"NotIn","values":["dev"]},{"key":"legacy","operator":"DoesNotExist"},"#,
+                r#"{"key":"team","operator":"Exists"}],"matchLabels":{"app":"db"}}"#
+            )
+        );
+        assert_eq!(LabelSelector::parse("").unwrap().to_k8s_json().to_string(), "{}");
     }
 
     #[test]

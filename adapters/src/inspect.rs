@@ -1,0 +1,410 @@
+//! `blockwise backup inspect`: read a Velero-format archive back and verify it.
+//!
+//! [`inspect`] is a pure function of the archive bytes (and, when available, the bytes of
+//! `<name>-resource-list.json.gz`): it lists the items by resource and namespace and collects every
+//! defect it finds instead of stopping at the first — layout (`metadata/version` = `1.1.0`, only
+//! `resources/<gr>/{namespaces/<ns>,cluster}/<name>.json` and their
+//! `<version>-preferredversion` copies, regular files, no duplicate paths), content (every item is
+//! a JSON object whose `metadata.name`/`namespace` match its path and which names its `apiVersion`
+//! and `kind`), copies (each item has exactly one preferred-version copy with the same bytes, and
+//! no copy lacks its item) and counts (the archive's `"<apiVersion>/<Kind>"` → names map equals
+//! the resource list). It never panics on hostile input: a broken gzip or tar stream is a defect.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+
+use serde_json::Value;
+
+use crate::store::{FORMAT_VERSION, VERSION_PATH};
+
+/// Names printed per namespace line before the rest is summarised.
+const NAMES_SHOWN_MAX: usize = 50;
+/// Entries read from one archive; more is a defect (hostile input).
+const ENTRIES_MAX: usize = 10_000_000;
+
+/// Where an item sits: resource directory (`<resource>[.<group>]`) and namespace (`None`: cluster).
+pub type Place = (String, Option<String>);
+
+/// What `inspect` found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Inspection {
+    /// Content of `metadata/version`, if present.
+    pub format_version: Option<String>,
+    /// Items (primary copies) by resource directory and namespace, names sorted.
+    pub items: BTreeMap<Place, Vec<String>>,
+    /// Tar entries read.
+    pub entries: usize,
+    /// Whether a resource list was compared.
+    pub resource_list_checked: bool,
+    /// Everything wrong, one sentence each.
+    pub defects: Vec<String>,
+}
+
+impl Inspection {
+    /// Items (primary copies) in the archive.
+    pub fn item_count(&self) -> usize {
+        self.items.values().map(Vec::len).sum()
+    }
+}
+
+/// An item's identity in the archive: resource directory, namespace, name.
+type ItemId = (String, Option<String>, String);
+
+/// An item path split into its parts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ItemPath {
+    gr: String,
+    /// `Some(version)` for a `<version>-preferredversion` copy.
+    preferred: Option<String>,
+    namespace: Option<String>,
+    name: String,
+}
+
+fn parse_path(path: &str) -> Option<ItemPath> {
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") || parts.first() != Some(&"resources") {
+        return None;
+    }
+    let gr = parts.get(1)?.to_string();
+    let (preferred, rest) = match parts.get(2)?.strip_suffix("-preferredversion") {
+        Some(v) if !v.is_empty() => (Some(v.to_string()), &parts[3..]),
+        Some(_) => return None,
+        None => (None, &parts[2..]),
+    };
+    let (namespace, file) = match rest {
+        ["namespaces", ns, file] => (Some(ns.to_string()), *file),
+        ["cluster", file] => (None, *file),
+        _ => return None,
+    };
+    let name = file.strip_suffix(".json").filter(|n| !n.is_empty())?.to_string();
+    Some(ItemPath { gr, preferred, namespace, name })
+}
+
+fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| format!("{what} is not valid gzip: {e}"))?;
+    Ok(out)
+}
+
+/// Checks one item's JSON against its path; returns its `"<apiVersion>/<Kind>"`.
+fn check_item(path: &str, p: &ItemPath, bytes: &[u8], defects: &mut Vec<String>) -> Option<String> {
+    let v: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            defects.push(format!("{path}: not valid JSON: {e}"));
+            return None;
+        }
+    };
+    let Some(o) = v.as_object() else {
+        defects.push(format!("{path}: JSON is not an object"));
+        return None;
+    };
+    let meta = o.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+    if name != Some(p.name.as_str()) {
+        defects.push(format!("{path}: metadata.name is {name:?}, the path says {:?}", p.name));
+    }
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).filter(|n| !n.is_empty());
+    if ns != p.namespace.as_deref() {
+        defects.push(format!("{path}: metadata.namespace is {ns:?}, the path says {:?}", p.namespace));
+    }
+    let api = o.get("apiVersion").and_then(Value::as_str).filter(|a| !a.is_empty());
+    let kind = o.get("kind").and_then(Value::as_str).filter(|k| !k.is_empty());
+    match (api, kind) {
+        (Some(a), Some(k)) => Some(format!("{a}/{k}")),
+        _ => {
+            defects.push(format!("{path}: apiVersion or kind is missing"));
+            None
+        }
+    }
+}
+
+/// Reads and verifies an archive; `resource_list` is the gzipped resource list, if there is one.
+pub fn inspect(archive: &[u8], resource_list: Option<&[u8]>) -> Inspection {
+    let mut out = Inspection::default();
+    // Items: bytes and "<apiVersion>/<Kind>"; preferred-version copies: path and bytes.
+    let mut primaries: BTreeMap<ItemId, (Vec<u8>, Option<String>)> = BTreeMap::new();
+    let mut copies: BTreeMap<ItemId, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+    let mut paths = BTreeSet::new();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let entries = match tar.entries() {
+        Ok(e) => e,
+        Err(e) => {
+            out.defects.push(format!("not a gzip tar archive: {e}"));
+            return out;
+        }
+    };
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                out.defects.push(format!("the archive is damaged after {} entries: {e}", out.entries));
+                break;
+            }
+        };
+        out.entries += 1;
+        if out.entries > ENTRIES_MAX {
+            out.defects.push(format!("more than {ENTRIES_MAX} entries"));
+            break;
+        }
+        let path = match entry.path() {
+            Ok(p) => p.to_string_lossy().into_owned(),
+            Err(e) => {
+                out.defects.push(format!("entry {} has an unreadable path: {e}", out.entries));
+                continue;
+            }
+        };
+        if !paths.insert(path.clone()) {
+            out.defects.push(format!("{path}: appears more than once"));
+            continue;
+        }
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            out.defects.push(format!("{path}: is not a regular file ({:?})", entry.header().entry_type()));
+            continue;
+        }
+        let mut bytes = Vec::new();
+        if let Err(e) = entry.read_to_end(&mut bytes) {
+            out.defects.push(format!("{path}: cannot be read: {e}"));
+            break;
+        }
+        if path == VERSION_PATH {
+            out.format_version = Some(String::from_utf8_lossy(&bytes).into_owned());
+            continue;
+        }
+        let Some(p) = parse_path(&path) else {
+            out.defects
+                .push(format!("{path}: unexpected entry (not metadata/version or resources/<gr>/…/<name>.json)"));
+            continue;
+        };
+        let key = (p.gr.clone(), p.namespace.clone(), p.name.clone());
+        match &p.preferred {
+            None => {
+                let gvk = check_item(&path, &p, &bytes, &mut out.defects);
+                primaries.insert(key, (bytes, gvk));
+            }
+            Some(_) => copies.entry(key).or_default().push((path, bytes)),
+        }
+    }
+    match out.format_version.as_deref() {
+        None => out.defects.push(format!("{VERSION_PATH} is missing")),
+        Some(v) if v != FORMAT_VERSION => {
+            out.defects.push(format!("{VERSION_PATH} is {v:?}, expected {FORMAT_VERSION:?}"))
+        }
+        Some(_) => {}
+    }
+    for (key, (bytes, _)) in &primaries {
+        let (gr, ns, name) = key;
+        let place = ns.as_ref().map_or_else(|| format!("{gr} {name}"), |ns| format!("{gr} {ns}/{name}"));
+        match copies.get(key).map(Vec::as_slice) {
+            None | Some([]) => out.defects.push(format!("{place}: no preferred-version copy")),
+            Some([(path, copy)]) if copy != bytes => out.defects.push(format!("{path}: differs from {place}")),
+            Some([_]) => {}
+            Some(many) => out.defects.push(format!("{place}: {} preferred-version copies", many.len())),
+        }
+        out.items.entry((gr.clone(), ns.clone())).or_default().push(name.clone());
+    }
+    for (key, list) in &copies {
+        if !primaries.contains_key(key) {
+            for (path, _) in list {
+                out.defects.push(format!("{path}: a preferred-version copy without its item"));
+            }
+        }
+    }
+    if let Some(list) = resource_list {
+        out.resource_list_checked = true;
+        let mut in_archive: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for ((_, ns, name), (_, gvk)) in &primaries {
+            if let Some(gvk) = gvk {
+                let n = ns.as_ref().map_or_else(|| name.clone(), |ns| format!("{ns}/{name}"));
+                in_archive.entry(gvk.clone()).or_default().insert(n);
+            }
+        }
+        compare_resource_list(list, &in_archive, &mut out.defects);
+    }
+    out
+}
+
+fn compare_resource_list(list: &[u8], in_archive: &BTreeMap<String, BTreeSet<String>>, defects: &mut Vec<String>) {
+    let parsed = gunzip(list, "the resource list").and_then(|raw| {
+        serde_json::from_slice::<BTreeMap<String, Vec<String>>>(&raw)
+            .map_err(|e| format!("the resource list is not a JSON object of name arrays: {e}"))
+    });
+    let listed = match parsed {
+        Ok(l) => l,
+        Err(e) => {
+            defects.push(e);
+            return;
+        }
+    };
+    let empty = BTreeSet::new();
+    let kinds: BTreeSet<&String> = listed.keys().chain(in_archive.keys()).collect();
+    for kind in kinds {
+        let names: BTreeSet<String> = listed.get(kind).map(|v| v.iter().cloned().collect()).unwrap_or_default();
+        let have = in_archive.get(kind).unwrap_or(&empty);
+        if &names == have {
+            continue;
+        }
+        let missing: Vec<&String> = names.difference(have).take(5).collect();
+        let extra: Vec<&String> = have.difference(&names).take(5).collect();
+        defects.push(format!(
+            "{kind}: the resource list has {} items, the archive {} (listed but missing: {missing:?}; in the archive but not listed: {extra:?})",
+            names.len(),
+            have.len()
+        ));
+    }
+}
+
+/// The listing `inspect` prints: items by resource and namespace, then the verdict.
+pub fn render(what: &str, i: &Inspection) -> String {
+    let mut out = format!(
+        "{what}: format {}, {} items in {} entries\n",
+        i.format_version.as_deref().unwrap_or("?"),
+        i.item_count(),
+        i.entries
+    );
+    let mut last_gr: Option<&str> = None;
+    for ((gr, ns), names) in &i.items {
+        if last_gr != Some(gr.as_str()) {
+            out.push_str(&format!("{gr}\n"));
+            last_gr = Some(gr);
+        }
+        let scope = ns.as_ref().map_or_else(|| "cluster".to_string(), |ns| format!("namespace {ns}"));
+        let shown: Vec<&str> = names.iter().take(NAMES_SHOWN_MAX).map(String::as_str).collect();
+        let more = names.len().saturating_sub(NAMES_SHOWN_MAX);
+        let tail = if more > 0 { format!(", … {more} more") } else { String::new() };
+        out.push_str(&format!("  {scope} ({}): {}{tail}\n", names.len(), shown.join(", ")));
+    }
+    out.push_str(if i.resource_list_checked {
+        "resource list: compared\n"
+    } else {
+        "resource list: not available, counts not compared\n"
+    });
+    if i.defects.is_empty() {
+        out.push_str("defects: none\n");
+    } else {
+        out.push_str(&format!("defects: {}\n", i.defects.len()));
+        for d in &i.defects {
+            out.push_str(&format!("  defect: {d}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::store::gzip_reproducible;
+
+    /// A tar.gz of `(path, bytes)` entries, in the given order.
+    fn archive(files: &[(&str, &str)]) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut tar = tar::Builder::new(gz);
+        for (path, body) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            tar.append_data(&mut h, path, body.as_bytes()).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-0","namespace":"shop"}}"#;
+    const PV: &str = r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"pv-1"}}"#;
+
+    fn good() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("metadata/version", "1.1.0"),
+            ("resources/persistentvolumes/cluster/pv-1.json", PV),
+            ("resources/persistentvolumes/v1-preferredversion/cluster/pv-1.json", PV),
+            ("resources/pods/namespaces/shop/web-0.json", POD),
+            ("resources/pods/v1-preferredversion/namespaces/shop/web-0.json", POD),
+        ]
+    }
+
+    fn list(json: &str) -> Vec<u8> {
+        gzip_reproducible(json.as_bytes()).unwrap()
+    }
+
+    #[track_caller]
+    fn check(files: &[(&str, &str)], resource_list: Option<&str>, expected_defects: &[&str]) {
+        let l = resource_list.map(list);
+        let i = inspect(&archive(files), l.as_deref());
+        assert_eq!(i.defects.len(), expected_defects.len(), "{:#?}", i.defects);
+        for (d, want) in i.defects.iter().zip(expected_defects) {
+            assert!(d.contains(want), "defect {d:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_good_archive_lists_items_by_resource_and_namespace() {
+        let l = list(r#"{"v1/PersistentVolume":["pv-1"],"v1/Pod":["shop/web-0"]}"#);
+        let i = inspect(&archive(&good()), Some(&l));
+        assert!(i.defects.is_empty(), "{:?}", i.defects);
+        assert_eq!(i.item_count(), 2);
+        assert_eq!(i.items[&("pods".to_string(), Some("shop".to_string()))], ["web-0"]);
+        let text = render("b.tar.gz", &i);
+        assert_eq!(
+            text,
+            "b.tar.gz: format 1.1.0, 2 items in 5 entries\npersistentvolumes\n  cluster (1): pv-1\npods\n  namespace shop (1): web-0\nresource list: compared\ndefects: none\n"
+        );
+    }
+
+    #[test]
+    fn every_kind_of_defect_is_named() {
+        let mut files = good();
+        files[0] = ("metadata/version", "1.0.0");
+        check(&files, None, &["metadata/version is \"1.0.0\""]);
+        check(&good()[1..], None, &["metadata/version is missing"]);
+        let mut files = good();
+        files.push(("resources/pods/namespaces/shop/extra.txt", "x"));
+        check(&files, None, &["extra.txt: unexpected entry"]);
+        let mut files = good();
+        files.remove(4);
+        check(&files, None, &["pods shop/web-0: no preferred-version copy"]);
+        let mut files = good();
+        files[2] = ("resources/persistentvolumes/v1-preferredversion/cluster/pv-1.json", r#"{"x":1}"#);
+        check(&files, None, &["differs from persistentvolumes pv-1"]);
+        let mut files = good();
+        files.push(("resources/pods/v1-preferredversion/namespaces/shop/ghost.json", POD));
+        check(&files, None, &["ghost.json: a preferred-version copy without its item"]);
+        let mut files = good();
+        files[3] = ("resources/pods/namespaces/shop/web-0.json", "{not json");
+        check(&files, None, &["web-0.json: not valid JSON", "differs from"]);
+        let mut files = good();
+        files[3] = ("resources/pods/namespaces/other/web-0.json", POD);
+        check(&files, None, &["metadata.namespace is Some(\"shop\")", "no preferred-version copy", "without its item"]);
+    }
+
+    #[test]
+    fn counts_are_compared_with_the_resource_list() {
+        check(
+            &good(),
+            Some(r#"{"v1/PersistentVolume":["pv-1"],"v1/Pod":["shop/web-0","shop/web-1"]}"#),
+            &["v1/Pod: the resource list has 2 items, the archive 1 (listed but missing: [\"shop/web-1\"]"],
+        );
+        check(
+            &good(),
+            Some(r#"{"v1/Pod":["shop/web-0"]}"#),
+            &["v1/PersistentVolume: the resource list has 0 items, the archive 1"],
+        );
+        check(&good(), Some("[1,2]"), &["the resource list is not a JSON object"]);
+        let i = inspect(&archive(&good()), Some(b"not gzip"));
+        assert!(i.defects[0].contains("the resource list is not valid gzip"), "{:?}", i.defects);
+    }
+
+    #[test]
+    fn garbage_is_a_defect_not_a_panic() {
+        for junk in [&b""[..], b"\x1f\x8b\x08\x00junk", b"plain text", &[0u8; 1024]] {
+            let i = inspect(junk, None);
+            assert!(!i.defects.is_empty(), "{junk:?}");
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&[7u8; 700]).unwrap();
+        assert!(!inspect(&gz.finish().unwrap(), None).defects.is_empty());
+        let mut truncated = archive(&good());
+        truncated.truncate(truncated.len() / 2);
+        assert!(!inspect(&truncated, None).defects.is_empty());
+    }
+}
