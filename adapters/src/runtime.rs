@@ -98,8 +98,8 @@ async fn execute(cmd: CommandKind, backup: &str, cluster: &dyn Cluster, store: &
             };
             Completion::HookRan(outcome)
         }
-        CommandKind::WriteItem { key, bytes, .. } => {
-            Completion::Written(store.put_item(backup, &key, &bytes).await.map_err(|e| e.to_string()))
+        CommandKind::WriteItem { key, json, .. } => {
+            Completion::Written(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
         }
         CommandKind::Finalize { entries } => {
             Completion::Finalized(store.finalize(backup, &entries).await.map_err(|e| e.to_string()))

@@ -19,7 +19,7 @@
 //! process had died there, so `resume` finishes the backup once the store is back. A resumed
 //! stopped run first records `RunResumed`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -48,6 +48,9 @@ pub struct EngineConfig {
     pub get_batch_items_max: usize,
     /// Blocks per `BlockPlanned` event.
     pub plan_chunk_blocks_max: usize,
+    /// Blocks whose `BlockStarted` intent is recorded ahead of a free worker, so that one log
+    /// flush covers many block starts instead of one flush per block.
+    pub intent_lookahead_blocks: usize,
     /// Test-only deliberate rule breaks, to prove the checks can fail.
     pub mutation: Option<Mutation>,
 }
@@ -60,6 +63,7 @@ impl Default for EngineConfig {
             list_concurrency_max: 4,
             get_batch_items_max: 100,
             plan_chunk_blocks_max: 512,
+            intent_lookahead_blocks: 64,
             mutation: None,
         }
     }
@@ -98,8 +102,8 @@ pub enum CommandKind {
     Get { items: Vec<(ResourceType, ItemKey)> },
     /// Exec a hook (the runtime enforces `hook.timeout_ms`).
     RunHook { block: u32, attempt: u32, hook: Hook },
-    /// Stage one item's bytes under its deterministic key (idempotent).
-    WriteItem { block: u32, attempt: u32, key: ItemKey, bytes: Arc<Vec<u8>> },
+    /// Stage one item's canonical JSON under its deterministic key (idempotent).
+    WriteItem { block: u32, attempt: u32, key: ItemKey, json: Arc<str> },
     /// Build the archive from the staged items.
     Finalize { entries: Vec<ArchiveEntry> },
 }
@@ -200,8 +204,12 @@ pub struct Engine {
     listing: BTreeSet<ListUnit>,
     list_tokens: BTreeMap<ListUnit, Option<String>>,
     fetching: bool,
-    objects: Option<HashMap<ItemKey, Arc<Vec<u8>>>>,
+    objects: Option<HashMap<ItemKey, Arc<str>>>,
     runs: BTreeMap<u32, Run>,
+    /// Interrupted attempts waiting for a worker to close them (recovery).
+    recovering: VecDeque<(u32, Run)>,
+    /// Blocks whose `BlockStarted` is recorded, waiting for a worker.
+    primed: VecDeque<(u32, u32, Seq)>,
     cursor: usize,
     finalizing: bool,
     fatal: Option<String>,
@@ -264,6 +272,8 @@ impl Engine {
             fetching: false,
             objects: None,
             runs: BTreeMap::new(),
+            recovering: VecDeque::new(),
+            primed: VecDeque::new(),
             cursor: 0,
             finalizing: false,
             fatal: None,
@@ -293,7 +303,7 @@ impl Engine {
                 busy: false,
                 writes_done: false,
             };
-            self.runs.insert(b.plan.id, run);
+            self.recovering.push_back((b.plan.id, run));
         }
     }
 
@@ -443,13 +453,23 @@ impl Engine {
         let mut items = Vec::new();
         let types: BTreeMap<&GroupResource, &ResourceType> =
             self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect();
+        // Bodies no action reads (and hooks do not need) are dropped right after parsing.
+        let keep_body = |gr: &GroupResource| {
+            gr.group.is_empty() && gr.resource == "pods" || self.actions.iter().any(|a| a.reads(gr))
+        };
+        let mut slim = |mut it: Item| {
+            if !keep_body(&it.key.gr()) {
+                it.object = serde_json::Value::Null;
+            }
+            it
+        };
         for (unit, l) in &self.state.listings {
             let Some(rt) = types.get(&unit.resource) else { continue };
-            items.extend(l.objects.iter().enumerate().filter_map(|(i, o)| Item::parse(rt, i, o).ok()));
+            items.extend(l.objects.iter().enumerate().filter_map(|(i, o)| Item::parse(rt, i, o).ok().map(&mut slim)));
         }
         for (key, json) in &self.state.fetched {
             if let (Some(rt), Some(json)) = (types.get(&key.gr()), json) {
-                items.extend(Item::parse(rt, 0, json).ok());
+                items.extend(Item::parse(rt, 0, json).ok().map(&mut slim));
             }
         }
         items
@@ -495,34 +515,74 @@ impl Engine {
         }
     }
 
+    /// The write path's view of every known object: key → its canonical JSON, shared with the
+    /// fold (no copy). Keys come from a metadata-only parse; the JSON was canonicalized at list time.
     fn build_objects(&mut self) {
         let mut map = HashMap::new();
-        for it in self.known_items() {
-            let bytes = it.canonical_json();
-            map.insert(it.key, Arc::new(bytes));
+        let types: BTreeMap<&GroupResource, &ResourceType> =
+            self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect();
+        for (unit, l) in &self.state.listings {
+            let Some(rt) = types.get(&unit.resource) else { continue };
+            for o in &l.objects {
+                if let Some(key) = object_key(rt, o) {
+                    map.entry(key).or_insert_with(|| o.clone());
+                }
+            }
+        }
+        for (key, json) in &self.state.fetched {
+            if let Some(json) = json {
+                map.entry(key.clone()).or_insert_with(|| Arc::from(json.as_str()));
+            }
         }
         self.objects = Some(map);
+    }
+
+    /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
+    /// attempt belong to recovery; finished blocks are never redone.
+    fn start_next_block(&mut self) -> Option<(u32, u32, Seq)> {
+        while self.cursor < self.state.blocks.len() {
+            let id = self.cursor as u32;
+            self.cursor += 1;
+            let b = &self.state.blocks[id as usize];
+            if b.outcome.is_some() || b.attempt.is_some() {
+                continue;
+            }
+            let at_ms = self.now_ms;
+            let seq = self.emit(Event::BlockStarted { block: id, attempt: 1, at_ms });
+            return Some((id, 1, seq));
+        }
+        None
     }
 
     fn pump_blocks(&mut self) {
         if self.objects.is_none() {
             self.build_objects();
         }
+        let workers = self.cfg.workers.max(1);
         loop {
-            // Fill free workers with the next blocks, in id order.
-            while self.runs.len() < self.cfg.workers.max(1) && self.cursor < self.state.blocks.len() {
-                let id = self.cursor as u32;
-                self.cursor += 1;
-                let b = &self.state.blocks[id as usize];
-                if b.outcome.is_some() || self.runs.contains_key(&id) {
-                    continue;
+            // Fill free workers: interrupted attempts first, then primed blocks, then new ones.
+            while self.runs.len() < workers {
+                if let Some((id, run)) = self.recovering.pop_front() {
+                    self.runs.insert(id, run);
+                } else if let Some((id, attempt, seq)) = self.primed.pop_front().or_else(|| self.start_next_block()) {
+                    let run = Run {
+                        state: BlockRun::Pre { next: 0 },
+                        attempt,
+                        intent_seq: seq,
+                        busy: false,
+                        writes_done: false,
+                    };
+                    self.runs.insert(id, run);
+                } else {
+                    break;
                 }
-                let attempt = b.attempt.as_ref().map_or(0, |a| a.number) + 1;
-                let at_ms = self.now_ms;
-                let seq = self.emit(Event::BlockStarted { block: id, attempt, at_ms });
-                let run =
-                    Run { state: BlockRun::Pre { next: 0 }, attempt, intent_seq: seq, busy: false, writes_done: false };
-                self.runs.insert(id, run);
+            }
+            // Record the next blocks' intents ahead: one flush then covers many block starts.
+            while self.primed.len() < self.cfg.intent_lookahead_blocks {
+                match self.start_next_block() {
+                    Some(p) => self.primed.push_back(p),
+                    None => break,
+                }
             }
             let before = self.runs.len();
             let idle: Vec<u32> = self.runs.iter().filter(|(_, r)| !r.busy).map(|(id, _)| *id).collect();
@@ -530,11 +590,14 @@ impl Engine {
                 self.advance_block(id);
             }
             // A block that finished frees a worker: fill it in the same poll.
-            if self.runs.len() == before || self.cursor >= self.state.blocks.len() || self.fatal.is_some() {
+            let more = !self.recovering.is_empty() || !self.primed.is_empty() || self.cursor < self.state.blocks.len();
+            if self.runs.len() == before || !more || self.fatal.is_some() {
                 break;
             }
         }
         if self.runs.is_empty()
+            && self.recovering.is_empty()
+            && self.primed.is_empty()
             && self.cursor >= self.state.blocks.len()
             && self.state.blocks.iter().all(|b| b.outcome.is_some())
         {
@@ -630,13 +693,13 @@ impl Engine {
                 BlockRun::Writing { next } => {
                     let items = &self.state.blocks[id as usize].plan.items;
                     if let Some(key) = items.get(next).cloned() {
-                        let bytes = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
-                        match bytes {
-                            Some(bytes) => {
+                        let json = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
+                        match json {
+                            Some(json) => {
                                 if let Some(r) = self.runs.get_mut(&id) {
                                     r.busy = true;
                                 }
-                                let kind = CommandKind::WriteItem { block: id, attempt: run.attempt, key, bytes };
+                                let kind = CommandKind::WriteItem { block: id, attempt: run.attempt, key, json };
                                 self.issue(Pending::Block(id), Some(run.intent_seq), kind);
                                 return;
                             }
@@ -884,14 +947,15 @@ impl Engine {
                 let key = self.state.blocks[id as usize].plan.items[next].clone();
                 match r {
                     Ok(()) => {
-                        let bytes = self.objects.as_ref().and_then(|m| m.get(&key).cloned()).unwrap_or_default();
-                        let digest: [u8; 32] = Sha256::digest(bytes.as_slice()).into();
+                        let json: Arc<str> =
+                            self.objects.as_ref().and_then(|m| m.get(&key).cloned()).unwrap_or_else(|| Arc::from(""));
+                        let digest: [u8; 32] = Sha256::digest(json.as_bytes()).into();
                         self.emit(Event::ItemWritten {
                             block: id,
                             attempt: run.attempt,
                             key,
                             digest,
-                            bytes: bytes.len() as u64,
+                            bytes: json.len() as u64,
                         });
                     }
                     Err(error) => {
@@ -924,6 +988,30 @@ impl Engine {
 /// The reference of a hook inside its block.
 pub fn hook_ref(h: &Hook) -> HookRef {
     HookRef { pod: h.pod.clone(), phase: h.phase, index: h.index }
+}
+
+/// The key of an already validated (canonical) object, from its metadata alone.
+fn object_key(rt: &ResourceType, json: &str) -> Option<ItemKey> {
+    #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        metadata: Names<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Names<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+        #[serde(borrow, default)]
+        namespace: Option<std::borrow::Cow<'a, str>>,
+    }
+    let m: Meta<'_> = serde_json::from_str(json).ok()?;
+    let namespace = if rt.namespaced { Some(m.metadata.namespace?.into_owned()) } else { None };
+    Some(ItemKey {
+        group: rt.gr.group.clone(),
+        resource: rt.gr.resource.clone(),
+        namespace,
+        name: m.metadata.name.into_owned(),
+    })
 }
 
 /// Validates a served object and returns its canonical JSON (sorted keys, apiVersion and kind set,

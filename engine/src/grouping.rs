@@ -36,6 +36,13 @@ pub trait ItemBlockAction: Send + Sync {
     fn name(&self) -> &str;
     /// Appends the relations of `item` to `out`. Must be a pure function of `item` and `index`.
     fn relations(&self, item: &Item, index: &Index, out: &mut Vec<Relation>);
+    /// Whether this action reads the object bodies (`Item::object`) of resource `gr`, of the item
+    /// itself or through the [`Index`]. Bodies nobody reads are dropped before planning, so a
+    /// cluster's ConfigMaps and Secrets are not held in memory as parsed JSON. Default: all.
+    fn reads(&self, gr: &GroupResource) -> bool {
+        let _ = gr;
+        true
+    }
 }
 
 /// Lookups over every item known to the plan (listed or fetched), sorted by key.
@@ -147,6 +154,9 @@ impl ItemBlockAction for PodAction {
     fn name(&self) -> &str {
         "pod"
     }
+    fn reads(&self, gr: &GroupResource) -> bool {
+        gr.group == PODS.0 && gr.resource == PODS.1
+    }
     fn relations(&self, item: &Item, _ix: &Index, out: &mut Vec<Relation>) {
         if !item.key.is(PODS.0, PODS.1) {
             return;
@@ -181,6 +191,9 @@ impl ItemBlockAction for PvcAction {
     fn name(&self) -> &str {
         "persistentvolumeclaim"
     }
+    fn reads(&self, gr: &GroupResource) -> bool {
+        gr.group.is_empty() && (gr.resource == PVCS.1 || gr.resource == PODS.1)
+    }
     fn relations(&self, item: &Item, ix: &Index, out: &mut Vec<Relation>) {
         if !item.key.is(PVCS.0, PVCS.1) || !pvc_bound(item) {
             return;
@@ -206,6 +219,9 @@ pub struct ServiceAccountAction;
 impl ItemBlockAction for ServiceAccountAction {
     fn name(&self) -> &str {
         "serviceaccount"
+    }
+    fn reads(&self, gr: &GroupResource) -> bool {
+        gr.group == RBAC && gr.resource == "clusterrolebindings"
     }
     fn relations(&self, item: &Item, ix: &Index, out: &mut Vec<Relation>) {
         if !item.key.is(SAS.0, SAS.1) {

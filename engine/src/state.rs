@@ -7,6 +7,7 @@
 //! [`FoldError`] naming the sequence number, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::BlockPlan;
@@ -29,8 +30,8 @@ pub struct FoldError {
 /// Progress of one listing unit.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Listing {
-    /// Canonical JSON of the objects received so far.
-    pub objects: Vec<String>,
+    /// Canonical JSON of the objects received so far, shared with the engine's write path.
+    pub objects: Vec<Arc<str>>,
     /// Chunks received.
     pub chunks: u32,
     /// All pages received.
@@ -247,7 +248,7 @@ impl BackupState {
                         reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
                     });
                 }
-                l.objects.extend(objects.iter().cloned());
+                l.objects.extend(objects.iter().map(|o| Arc::<str>::from(o.as_str())));
                 l.chunks = chunk + 1;
                 l.complete = *complete;
             }

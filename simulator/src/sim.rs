@@ -209,6 +209,7 @@ pub fn seeded_engine_config(workers: usize, mutation: Option<Mutation>) -> Engin
         list_concurrency_max: 2,
         get_batch_items_max: 3,
         plan_chunk_blocks_max: 5,
+        intent_lookahead_blocks: 2,
         mutation,
     }
 }
@@ -389,7 +390,7 @@ impl World<'_> {
                 let end = Effect::ExecEnd { block, attempt, pod, phase: hook.phase, ok };
                 (Completion::HookRan(outcome), d, Some(end))
             }
-            CommandKind::WriteItem { block, attempt, key, bytes } => {
+            CommandKind::WriteItem { block, attempt, key, json } => {
                 self.effects.push(Effect::WriteStart { block, attempt, key: key.clone() });
                 let mut d = self.latency(self.lat.write_ms);
                 if self.on(FaultKind::StoreWriteFailure) && self.rng.chance(0.05) {
@@ -397,7 +398,7 @@ impl World<'_> {
                     self.hits.insert(FaultKind::StoreWriteFailure);
                     d += 50 * self.rng.range(1, u64::from(RETRIES_MAX));
                 }
-                self.staged.insert(key.clone(), bytes.to_vec());
+                self.staged.insert(key.clone(), json.as_bytes().to_vec());
                 (Completion::Written(Ok(())), d, Some(Effect::WriteEnd { block, attempt, key }))
             }
             CommandKind::Finalize { entries } => (Completion::Finalized(self.finalize(&entries)), 20, None),

@@ -141,9 +141,9 @@ pub fn drive(
             CommandKind::WriteItem { key, .. } if cluster.write_fails.contains(&key.name) => {
                 Completion::Written(Err(format!("store: cannot put {}: connection refused", key.archive_path())))
             }
-            CommandKind::WriteItem { block, attempt, key, bytes } => {
+            CommandKind::WriteItem { block, attempt, key, json } => {
                 effects.push(Effect::Write { block, attempt, key: key.clone() });
-                staged.insert(key, bytes.to_vec());
+                staged.insert(key, json.as_bytes().to_vec());
                 Completion::Written(Ok(()))
             }
             CommandKind::Finalize { .. } if cluster.finalize_fails => {
