@@ -128,6 +128,10 @@ impl Store for FaultyStore {
         self.inner.put_item(backup, key, bytes).await
     }
 
+    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
+        self.inner.sync_staged(backup).await
+    }
+
     async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
         self.check("put", self.plan.finalize, format!("{backup}/{backup}.tar.gz"))?;
         self.inner.finalize(backup, entries).await

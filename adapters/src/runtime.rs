@@ -4,7 +4,10 @@
 //! [`EventLog`], group-commits them (one flush for every batch of appends), and hands each command
 //! to a pool of worker tasks through a bounded queue only once the event its `after_seq` names is
 //! durable — so a `HookStarted` is on disk before its exec is sent and a `BlockStarted` before any
-//! write of that attempt. Results come back on a second bounded channel. Hook timeouts are enforced
+//! write of that attempt. Results come back on a second bounded channel. Staged items are not
+//! fsynced one by one: before a flush that makes `ItemWritten` facts durable, the store's
+//! `sync_staged` barrier makes the items durable first (one `syncfs` for a local directory), so a
+//! fact never outlives its item, even across a power loss. Hook timeouts are enforced
 //! here by dropping the exec future, which cancels the exec stream.
 
 use std::collections::VecDeque;
@@ -43,6 +46,24 @@ pub enum RunError {
     /// backup can be resumed once the store is back.
     #[error("the run stopped: {0}")]
     Stopped(String),
+    /// Staged items could not be made durable; their facts were not flushed.
+    #[error("staged items could not be made durable: {0}")]
+    Sync(String),
+}
+
+/// Group commit: makes staged items durable if facts about them are pending, then flushes the log.
+async fn commit(
+    log: &mut EventLog,
+    store: &dyn Store,
+    backup: &str,
+    staged_unsynced: &mut bool,
+) -> Result<(), RunError> {
+    if *staged_unsynced {
+        store.sync_staged(backup).await.map_err(|e| RunError::Sync(e.to_string()))?;
+        *staged_unsynced = false;
+    }
+    log.flush()?;
+    Ok(())
 }
 
 /// Something that watches a run (progress bar, plain lines, nothing).
@@ -144,10 +165,12 @@ pub async fn run_backup(
     let mut ready: VecDeque<Command> = VecDeque::new();
     let mut in_flight = 0usize;
     let mut unflushed = 0usize;
+    let mut staged_unsynced = false;
     let result = loop {
         engine.set_now(now_ms());
         let out = engine.poll();
         for (seq, ev) in &out.events {
+            staged_unsynced |= matches!(ev, Event::ItemWritten { .. });
             log.append(*seq, ev)?;
             observer.event(ev, engine.state());
         }
@@ -156,7 +179,7 @@ pub async fn run_backup(
         let durable = log.durable_seq();
         let blocked = waiting.iter().any(|c| c.after_seq.is_some_and(|s| durable.is_none_or(|d| s > d)));
         if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || engine.is_finished() || in_flight == 0) {
-            log.flush()?;
+            commit(log, store.as_ref(), &backup, &mut staged_unsynced).await?;
             unflushed = 0;
         }
         let durable = log.durable_seq();
@@ -169,7 +192,7 @@ pub async fn run_backup(
         }
         if let Some(reason) = engine.stopped() {
             // RunStopped must be durable before the process reports it.
-            log.flush()?;
+            commit(log, store.as_ref(), &backup, &mut staged_unsynced).await?;
             break Err(RunError::Stopped(reason.to_string()));
         }
         if engine.is_finished() && in_flight == 0 && ready.is_empty() {
@@ -205,7 +228,7 @@ pub async fn run_backup(
         h.abort();
     }
     if result.is_ok() {
-        log.flush()?;
+        commit(log, store.as_ref(), &backup, &mut staged_unsynced).await?;
     }
     result
 }

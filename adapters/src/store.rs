@@ -101,6 +101,14 @@ pub trait Store: Send + Sync {
     /// Stages one item under its deterministic key; idempotent.
     async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError>;
 
+    /// Makes every item staged so far durable. The runtime calls it before a log flush that makes
+    /// `ItemWritten` facts durable, so a fact never outlives its item (one barrier per flush
+    /// instead of an fsync per item). Default: nothing to do (acknowledged puts are durable).
+    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
+        let _ = backup;
+        Ok(())
+    }
+
     /// Builds the backup's `.tar.gz` from the staged items, checking their digests.
     async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError>;
 
@@ -229,6 +237,38 @@ pub(crate) fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
         return Err(io_err("rename into", path)(e));
     }
     sync_dir(parent_dir(path))
+}
+
+/// Writes `bytes` to `path` atomically (temp file, rename) without forcing it to disk: durability
+/// comes from [`Store::sync_staged`] before the log records the write.
+fn stage_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = parent_dir(path);
+    create_dirs(dir)?;
+    let tmp = temp_path(dir);
+    if let Err(e) = File::create(&tmp).and_then(|mut f| f.write_all(bytes)) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("write", &tmp)(e));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_err("rename into", path)(e)
+    })
+}
+
+/// Flushes the whole filesystem holding `dir` (data and directory entries) in one call.
+fn sync_filesystem(dir: &Path) -> Result<(), StoreError> {
+    let d = File::open(dir).map_err(io_err("open", dir))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a file descriptor we own for the duration of the call.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(io_err("syncfs", dir)(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    d.sync_all().map_err(io_err("sync", dir))
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
@@ -439,7 +479,15 @@ impl LocalStore {
 #[async_trait]
 impl Store for LocalStore {
     async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
-        write_atomic(&self.staged_path(backup, key)?, bytes)
+        stage_file(&self.staged_path(backup, key)?, bytes)
+    }
+
+    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
+        let dir = self.backup_dir(backup)?;
+        if dir.is_dir() {
+            sync_filesystem(&dir)?;
+        }
+        Ok(())
     }
 
     async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
@@ -582,6 +630,10 @@ impl Store for RetryingStore {
 
     async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
         self.retry(|| self.inner.finalize(backup, entries)).await
+    }
+
+    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
+        self.retry(|| self.inner.sync_staged(backup)).await
     }
 
     async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
