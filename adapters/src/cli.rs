@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use blockwise_engine::event::{Event, Phase};
-use blockwise_engine::hooks::ResourceHookSpec;
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::spec::{parse_ordered_resources, validate_backup_name, BackupSpec, DEFAULT_VOLUME_GROUP_LABEL};
 use blockwise_engine::state::BackupState;
@@ -522,10 +521,8 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
     }
     if let Some(path) = &a.hooks_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading hooks file {}", path.display()))?;
-        let hooks: Vec<ResourceHookSpec> = serde_json::from_str(&text).map_err(|e| {
-            usage(format!("hooks file {}: expected a JSON array of Velero hook resources: {e}", path.display()))
-        })?;
-        spec.hooks = hooks;
+        spec.hooks = crate::hookspec::parse_hooks_file(&text)
+            .map_err(|e| usage(format!("hooks file {}: {e}", path.display())))?;
     }
     let dir = backup_dir(data_dir, &a.name);
     if dir.join("log").exists() {

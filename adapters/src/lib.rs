@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod faults;
+pub mod hookspec;
 pub mod inspect;
 pub mod log;
 pub mod report;
