@@ -132,6 +132,10 @@ pub struct BackupState {
     pub last_ms: u64,
     /// Messages already recorded: a diagnostic repeated after a crash is recorded once.
     seen: BTreeSet<String>,
+    /// Blocks with an outcome.
+    finished_blocks: usize,
+    /// Items written by blocks with an outcome.
+    finished_items: u64,
 }
 
 impl BackupState {
@@ -164,19 +168,14 @@ impl BackupState {
         self.finished.is_none()
     }
 
-    /// Blocks finished.
+    /// Blocks finished (a counter kept by the fold: progress reporting calls this per event).
     pub fn blocks_done(&self) -> usize {
-        self.blocks.iter().filter(|b| b.outcome.is_some()).count()
+        self.finished_blocks
     }
 
-    /// Items written by finished blocks.
+    /// Items written by finished blocks (a counter kept by the fold).
     pub fn items_done(&self) -> u64 {
-        self.blocks
-            .iter()
-            .filter(|b| b.outcome.is_some())
-            .filter_map(|b| b.attempt.as_ref())
-            .map(|a| a.written.len() as u64)
-            .sum()
+        self.finished_items
     }
 
     /// The phase the backup ends in if nothing else goes wrong.
@@ -330,6 +329,8 @@ impl BackupState {
                 let b = &mut self.blocks[*block as usize];
                 b.outcome = Some(outcome.clone());
                 b.finished_ms = Some(*at_ms);
+                self.finished_blocks += 1;
+                self.finished_items += b.attempt.as_ref().map_or(0, |a| a.written.len() as u64);
             }
             Event::ArchiveFinalized { digest, bytes, items } => {
                 self.archive = Some(ArchiveInfo { digest: *digest, bytes: *bytes, items: *items });
