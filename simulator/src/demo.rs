@@ -161,7 +161,7 @@ pub fn demo_cluster(objects: usize, seed: u64) -> FakeCluster {
     }
     while g.count() < objects {
         let ns = &namespaces[unit % namespaces.len()];
-        if unit % 2 == 0 {
+        if unit.is_multiple_of(2) {
             let name = g.claim(ns, "feature-flags");
             g.configmap(ns, &name, None);
         } else {

@@ -1,0 +1,640 @@
+//! A fake Kubernetes API server: any [`FakeCluster`] served over the real wire protocol.
+//!
+//! No kube-apiserver can run where blockwise is built, so this module speaks just enough of the
+//! Kubernetes HTTP API for real clients — kube-rs and `kubectl` — to back up, list, get and exec
+//! against a fake cluster over plain HTTP on loopback: discovery (`/api`, `/apis`, `/api/v1`,
+//! `/apis/{group}/{version}`, `/version`), lists (namespaced, cluster-wide and across namespaces)
+//! with `limit`/`continue` pagination, `resourceVersion` and label selectors, gets, and pod exec over
+//! WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`: stdout on channel 1, stderr on 2, the
+//! `Status` on 3). Exec runs the fake cluster's scripted or interpreted commands, with their latency,
+//! so the exec records of the [`FakeCluster`] are the server's record of every exec call.
+//!
+//! Key decisions: the server holds no state of its own beyond [`Faults`] (injected HTTP errors —
+//! 5xx, 429, 410 on continued lists, 403 — for tests) and a request log; everything else is the
+//! fake cluster's, so an in-memory backup and one through this server see the same objects. Paths
+//! are parsed by hand in one fallback handler rather than by a router table, because the Kubernetes
+//! path grammar (`/api/v1/namespaces/{ns}` is both a get of a namespace and a prefix) does not fit
+//! one. Deliberately absent: TLS, authentication, watches, writes, SPDY exec, OpenAPI (404, which
+//! kubectl tolerates). This module is compiled only with the `server` feature, so the deterministic
+//! simulator core stays free of tokio.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use blockwise_engine::item::{ItemKey, ResourceType};
+use blockwise_engine::ports::{Cluster, ClusterError, ExecResult};
+use blockwise_engine::spec::LabelSelector;
+use serde_json::{json, Value};
+
+use crate::fake::{FakeCluster, Sleeper};
+
+/// The context, cluster and user name in kubeconfigs written for this server.
+pub const KUBECONFIG_CONTEXT: &str = "blockwise-simulator";
+/// Exec subprotocols served, in order of preference.
+pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The `resourceVersion` reported on lists (the fake cluster does not change while served).
+pub const LIST_RESOURCE_VERSION: &str = "1";
+
+/// A [`Sleeper`] on tokio's timer, for latency and hung execs of a served cluster.
+pub struct TokioSleeper;
+
+impl Sleeper for TokioSleeper {
+    fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
+    }
+}
+
+/// Which kind of call a [`Fault`] applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// Discovery (`/api`, `/apis`, their group versions).
+    Discovery,
+    /// A list call.
+    List,
+    /// A get of one object.
+    Get,
+    /// A pod exec (fails before the WebSocket upgrade).
+    Exec,
+}
+
+/// One injected error: the next `times` matching calls answer `status` instead of being served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// The kind of call.
+    pub verb: Verb,
+    /// Plural resource, `plural.group` for non-core groups; `None` matches every resource.
+    pub resource: Option<String>,
+    /// Only lists that carry a `continue` token (how a 410 Gone on an expired token looks).
+    pub continued_only: bool,
+    /// The HTTP status answered (with a Kubernetes `Status` body).
+    pub status: u16,
+    /// How many calls it still fails; `u32::MAX` for ever.
+    pub times: u32,
+}
+
+impl Fault {
+    /// Fails the next `times` calls of `verb` on `resource` (any resource when `None`) with `status`.
+    pub fn new(verb: Verb, resource: Option<&str>, status: u16, times: u32) -> Fault {
+        Fault { verb, resource: resource.map(str::to_string), continued_only: false, status, times }
+    }
+
+    /// Only matches lists that carry a continue token.
+    pub fn on_continue(mut self) -> Fault {
+        self.continued_only = true;
+        self
+    }
+}
+
+/// The injected errors of one server; settable while it runs.
+#[derive(Debug, Default)]
+pub struct Faults(Mutex<Vec<Fault>>);
+
+impl Faults {
+    /// Adds a fault; faults are tried in the order added.
+    pub fn add(&self, fault: Fault) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(fault);
+    }
+
+    /// Removes every fault.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// The status to answer for this call, consuming one use of the first matching fault.
+    fn take(&self, verb: Verb, resource: Option<&str>, continued: bool) -> Option<u16> {
+        let mut faults = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = faults.iter().position(|f| {
+            f.verb == verb
+                && f.times > 0
+                && (!f.continued_only || continued)
+                && f.resource.as_deref().is_none_or(|r| Some(r) == resource)
+        })?;
+        let f = &mut faults[i];
+        if f.times != u32::MAX {
+            f.times -= 1;
+        }
+        Some(f.status)
+    }
+}
+
+/// One request the server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// HTTP method.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// The raw query string (empty when none).
+    pub query: String,
+    /// The status answered (101 for an exec upgrade).
+    pub status: u16,
+}
+
+struct Shared {
+    cluster: Arc<FakeCluster>,
+    faults: Arc<Faults>,
+    requests: Mutex<Vec<RequestRecord>>,
+    execs_cancelled: Arc<AtomicU64>,
+    addr: SocketAddr,
+}
+
+/// A running fake API server; stops when dropped.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeApiServer {
+    /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves `cluster` on the current tokio
+    /// runtime until the returned handle is dropped or the runtime ends. Give the cluster a
+    /// [`TokioSleeper`] if it has latency or hanging execs.
+    pub async fn start(cluster: Arc<FakeCluster>, addr: SocketAddr) -> io::Result<FakeApiServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            cluster,
+            faults: Arc::new(Faults::default()),
+            requests: Mutex::new(Vec::new()),
+            execs_cancelled: Arc::new(AtomicU64::new(0)),
+            addr,
+        });
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(error = %e, "fake API server stopped");
+            }
+        });
+        Ok(FakeApiServer { shared, task })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    /// The injected errors, settable while the server runs.
+    pub fn faults(&self) -> &Faults {
+        &self.shared.faults
+    }
+
+    /// The cluster served.
+    pub fn cluster(&self) -> &Arc<FakeCluster> {
+        &self.shared.cluster
+    }
+
+    /// Every request answered so far, in order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.requests.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Execs whose client went away before the command finished (a cancelled stream).
+    pub fn execs_cancelled(&self) -> u64 {
+        self.shared.execs_cancelled.load(Ordering::SeqCst)
+    }
+
+    /// A kubeconfig (JSON, which is YAML) whose only context points at this server, no credentials.
+    pub fn kubeconfig(&self) -> String {
+        kubeconfig_for(&self.url())
+    }
+
+    /// Writes [`Self::kubeconfig`] to `path`.
+    pub fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        std::fs::write(path, self.kubeconfig())
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A kubeconfig whose current context `blockwise-simulator` points at `server`.
+pub fn kubeconfig_for(server: &str) -> String {
+    let name = KUBECONFIG_CONTEXT;
+    let doc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": {"server": server}}],
+        "users": [{"name": name, "user": {}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
+        "current-context": name,
+        "preferences": {},
+    });
+    format!("{doc:#}\n")
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        400 => "BadRequest",
+        403 => "Forbidden",
+        404 => "NotFound",
+        405 => "MethodNotAllowed",
+        410 => "Expired",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+fn json_response(code: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn failure(code: u16, message: impl Into<String>) -> Response {
+    let message = message.into();
+    json_response(code, &status_body(code, reason_of(code), &message))
+}
+
+fn not_found(path: &str) -> Response {
+    failure(404, format!("the server could not find the requested resource ({path})"))
+}
+
+/// The query parameters of a request, repeated keys kept in order.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        Query(
+            form_urlencoded::parse(q.unwrap_or("").as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect(),
+        )
+    }
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    }
+    fn all(&self, key: &str) -> Vec<String> {
+        self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+fn fault_name(rt: &ResourceType) -> String {
+    if rt.gr.group.is_empty() {
+        rt.gr.resource.clone()
+    } else {
+        format!("{}.{}", rt.gr.resource, rt.gr.group)
+    }
+}
+
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let path = uri.path().to_string();
+    let query = Query::parse(uri.query());
+    let response = route(&s, &method, &path, &query, ws).await;
+    s.requests.lock().unwrap_or_else(PoisonError::into_inner).push(RequestRecord {
+        method: method.to_string(),
+        path,
+        query: uri.query().unwrap_or("").to_string(),
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+async fn route(
+    s: &Shared,
+    method: &Method,
+    path: &str,
+    query: &Query,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
+    let is_exec = segs.last() == Some(&"exec");
+    if method != Method::GET && !(is_exec && method == Method::POST) {
+        return failure(405, format!("{method} {path}: this fake API server is read-only"));
+    }
+    let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
+        ["version"] => return json_response(200, &version_info()),
+        ["api"] | ["apis"] | ["api", _] | ["apis", _, _] => {
+            if let Some(code) = s.faults.take(Verb::Discovery, None, false) {
+                return failure(code, format!("discovery {path}: injected error"));
+            }
+            return discovery(s, &segs).unwrap_or_else(|| not_found(path));
+        }
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return not_found(path),
+    };
+    let (namespace, resource, name, sub) = match rest {
+        [r] => (None, *r, None, None),
+        [r, n] => (None, *r, Some(*n), None),
+        ["namespaces", ns, r] => (Some(*ns), *r, None, None),
+        ["namespaces", ns, r, n] => (Some(*ns), *r, Some(*n), None),
+        ["namespaces", ns, r, n, sub] => (Some(*ns), *r, Some(*n), Some(*sub)),
+        _ => return not_found(path),
+    };
+    let Some(rt) = s
+        .cluster
+        .resources()
+        .iter()
+        .find(|rt| rt.gr.group == group && rt.version == version && rt.gr.resource == resource)
+        .cloned()
+    else {
+        return not_found(path);
+    };
+    if namespace.is_some() && !rt.namespaced {
+        return not_found(path);
+    }
+    match (name, sub) {
+        (None, _) => list(s, &rt, namespace, query).await,
+        (Some(name), None) => get(s, &rt, namespace, name).await,
+        (Some(name), Some("exec")) if rt.gr.group.is_empty() && rt.gr.resource == "pods" => {
+            exec(s, namespace.unwrap_or_default(), name, query, ws).await
+        }
+        _ => not_found(path),
+    }
+}
+
+fn version_info() -> Value {
+    json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-blockwise-fake", "gitCommit": "",
+           "gitTreeState": "clean", "buildDate": "2024-05-01T12:00:00Z", "goVersion": "go1.24",
+           "compiler": "gc", "platform": "linux/amd64"})
+}
+
+/// group → versions (sorted, in the order they are advertised).
+fn groups(s: &Shared) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for rt in s.cluster.resources() {
+        out.entry(rt.gr.group.clone()).or_default().insert(rt.version.clone());
+    }
+    out
+}
+
+fn discovery(s: &Shared, segs: &[&str]) -> Option<Response> {
+    let groups = groups(s);
+    let body = match segs {
+        ["api"] => json!({
+            "kind": "APIVersions",
+            "versions": groups.get("").map(|v| v.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": s.addr.to_string()}],
+        }),
+        ["apis"] => {
+            let list: Vec<Value> = groups
+                .iter()
+                .filter(|(g, _)| !g.is_empty())
+                .map(|(g, versions)| {
+                    let vs: Vec<Value> =
+                        versions.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+                    let preferred = vs.first().cloned().unwrap_or(Value::Null);
+                    json!({"name": g, "versions": vs, "preferredVersion": preferred})
+                })
+                .collect();
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": list})
+        }
+        ["api", v] => resource_list(s, "", v)?,
+        ["apis", g, v] => resource_list(s, g, v)?,
+        _ => return None,
+    };
+    Some(json_response(200, &body))
+}
+
+fn resource_list(s: &Shared, group: &str, version: &str) -> Option<Value> {
+    let rts: Vec<&ResourceType> =
+        s.cluster.resources().iter().filter(|rt| rt.gr.group == group && rt.version == version).collect();
+    if rts.is_empty() {
+        return None;
+    }
+    let mut resources = Vec::new();
+    for rt in rts {
+        resources.push(json!({
+            "name": rt.gr.resource,
+            "shortNames": short_names(&rt.gr.resource),
+            "singularName": rt.kind.to_lowercase(),
+            "namespaced": rt.namespaced,
+            "kind": rt.kind,
+            "verbs": ["get", "list"],
+        }));
+        if group.is_empty() && rt.gr.resource == "pods" {
+            resources.push(json!({"name": "pods/exec", "singularName": "", "namespaced": true,
+                                  "kind": "PodExecOptions", "verbs": ["create", "get"]}));
+        }
+    }
+    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+}
+
+/// kubectl's usual abbreviations (`pvc`, `deploy`, …) for the built-in resources it may be asked for.
+fn short_names(resource: &str) -> &'static [&'static str] {
+    match resource {
+        "pods" => &["po"],
+        "persistentvolumeclaims" => &["pvc"],
+        "persistentvolumes" => &["pv"],
+        "configmaps" => &["cm"],
+        "services" => &["svc"],
+        "serviceaccounts" => &["sa"],
+        "namespaces" => &["ns"],
+        "deployments" => &["deploy"],
+        "replicasets" => &["rs"],
+        "statefulsets" => &["sts"],
+        "priorityclasses" => &["pc"],
+        "storageclasses" => &["sc"],
+        _ => &[],
+    }
+}
+
+fn labels_of(obj: &Value) -> BTreeMap<String, String> {
+    obj.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
+}
+
+fn cluster_error(what: &str, e: ClusterError) -> Response {
+    match e {
+        ClusterError::Expired(m) => failure(410, format!("{what}: {m}")),
+        ClusterError::Forbidden(m) => failure(403, format!("{what}: {m}")),
+        ClusterError::Unavailable(m) => failure(503, format!("{what}: {m}")),
+        ClusterError::Other(m) if m.starts_with("invalid continue token") => failure(400, format!("{what}: {m}")),
+        ClusterError::Other(m) => failure(500, format!("{what}: {m}")),
+    }
+}
+
+async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query) -> Response {
+    let token = q.get("continue");
+    let what = match namespace {
+        Some(ns) => format!("list {} in namespace {ns}", fault_name(rt)),
+        None => format!("list {}", fault_name(rt)),
+    };
+    if let Some(code) = s.faults.take(Verb::List, Some(&fault_name(rt)), token.is_some()) {
+        let msg = match code {
+            410 => "The provided continue parameter is too old to display a consistent list result. \
+                    You can start a new list without the continue parameter."
+                .to_string(),
+            403 => format!("{what}: {} is forbidden: injected", fault_name(rt)),
+            _ => format!("{what}: injected error"),
+        };
+        return failure(code, msg);
+    }
+    let selector = match q.get("labelSelector").map(LabelSelector::parse).transpose() {
+        Ok(s) => s,
+        Err(e) => return failure(400, format!("{what}: unable to parse labelSelector: {e}")),
+    };
+    let limit = match q.get("limit").map(str::parse::<u32>).transpose() {
+        Ok(l) => l.unwrap_or(0),
+        Err(e) => return failure(400, format!("{what}: invalid limit: {e}")),
+    };
+    let page = match s.cluster.list(rt, namespace, limit, token).await {
+        Ok(p) => p,
+        Err(e) => return cluster_error(&what, e),
+    };
+    let mut items = Vec::with_capacity(page.objects.len());
+    for raw in &page.objects {
+        let Ok(obj) = serde_json::from_str::<Value>(raw) else {
+            return failure(500, format!("{what}: the fake cluster holds an object that is not JSON"));
+        };
+        if selector.as_ref().is_none_or(|sel| sel.matches(&labels_of(&obj))) {
+            items.push(obj);
+        }
+    }
+    let mut metadata = json!({"resourceVersion": LIST_RESOURCE_VERSION});
+    if let Some(t) = &page.continue_token {
+        metadata["continue"] = Value::String(t.clone());
+    }
+    json_response(
+        200,
+        &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata, "items": items}),
+    )
+}
+
+async fn get(s: &Shared, rt: &ResourceType, namespace: Option<&str>, name: &str) -> Response {
+    let key = ItemKey {
+        group: rt.gr.group.clone(),
+        resource: rt.gr.resource.clone(),
+        namespace: namespace.map(str::to_string),
+        name: name.to_string(),
+    };
+    let what = format!("get {} {key}", fault_name(rt));
+    if let Some(code) = s.faults.take(Verb::Get, Some(&fault_name(rt)), false) {
+        return failure(code, format!("{what}: injected error"));
+    }
+    match s.cluster.get(rt, &key).await {
+        Ok(Some(raw)) => match serde_json::from_str::<Value>(&raw) {
+            Ok(v) => json_response(200, &v),
+            Err(_) => failure(500, format!("{what}: the fake cluster holds an object that is not JSON")),
+        },
+        Ok(None) => failure(404, format!("{} \"{name}\" not found", fault_name(rt))),
+        Err(e) => cluster_error(&what, e),
+    }
+}
+
+async fn exec(
+    s: &Shared,
+    namespace: &str,
+    name: &str,
+    q: &Query,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let pod = ItemKey::namespaced("", "pods", namespace, name);
+    if let Some(code) = s.faults.take(Verb::Exec, Some("pods"), false) {
+        return failure(code, format!("exec in pod {namespace}/{name}: injected error"));
+    }
+    let Some(obj) = s.cluster.object(&pod) else {
+        return failure(404, format!("pods \"{name}\" not found"));
+    };
+    let command = q.all("command");
+    if command.is_empty() {
+        return failure(400, format!("exec in pod {namespace}/{name}: you must specify at least one command"));
+    }
+    let first_container = obj.pointer("/spec/containers/0/name").and_then(Value::as_str).map(str::to_string);
+    let Some(container) = q.get("container").map(str::to_string).or(first_container) else {
+        return failure(400, format!("exec in pod {namespace}/{name}: the pod has no containers"));
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return failure(
+                400,
+                format!("exec in pod {namespace}/{name}: a WebSocket upgrade ({}) is required: {e}", EXEC_PROTOCOLS[0]),
+            )
+        }
+    };
+    let cluster = s.cluster.clone();
+    let cancelled = s.execs_cancelled.clone();
+    ws.protocols(EXEC_PROTOCOLS).on_upgrade(move |socket| run_exec(socket, cluster, pod, container, command, cancelled))
+}
+
+async fn run_exec(
+    mut socket: WebSocket,
+    cluster: Arc<FakeCluster>,
+    pod: ItemKey,
+    container: String,
+    command: Vec<String>,
+    cancelled: Arc<AtomicU64>,
+) {
+    let run = cluster.exec(&pod, &container, &command);
+    tokio::pin!(run);
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break Some(r),
+            m = socket.recv() => match m {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(_)) => continue,
+            },
+        }
+    };
+    let Some(result) = result else {
+        cancelled.fetch_add(1, Ordering::SeqCst);
+        return;
+    };
+    let status = match result {
+        Ok(ExecResult { exit_code, stdout, stderr }) => {
+            for (channel, text) in [(1u8, stdout), (2u8, stderr)] {
+                if !text.is_empty() {
+                    let mut frame = vec![channel];
+                    frame.extend_from_slice(text.as_bytes());
+                    if socket.send(Message::Binary(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            exit_status(exit_code, &command)
+        }
+        Err(e) => json!({"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                         "message": format!("error executing command in container {container}: {e}")}),
+    };
+    let mut frame = vec![3u8];
+    frame.extend_from_slice(status.to_string().as_bytes());
+    let _ = socket.send(Message::Binary(frame.into())).await;
+    // A normal closure (1000): kubectl reads a close without a status code (1005) as an error.
+    let close = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
+    let _ = socket.send(Message::Close(Some(close))).await;
+}
+
+/// The `Status` the API server sends on channel 3 when a command exits.
+pub fn exit_status(exit_code: i32, command: &[String]) -> Value {
+    if exit_code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({"metadata": {}, "status": "Failure",
+           "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {exit_code}"),
+           "reason": "NonZeroExitCode",
+           "details": {"causes": [{"reason": "ExitCode", "message": exit_code.to_string()}]}})
+}
