@@ -1,9 +1,12 @@
 //! The `blockwise` command line, in Velero's vocabulary (`backup create|resume|describe|get|logs`).
 //!
 //! Exit codes a script can rely on: 0 Completed, 3 PartiallyFailed, 1 Failed (or the run could not
-//! go on), 2 usage or input error (bad flag, bad name, a backup that already exists). With no
-//! kubeconfig, or with `--demo`, the built-in demo cluster from `blockwise-simulator` is backed up,
-//! and the choice is announced on stderr. The data directory holds one sled log per backup under
+//! go on), 2 usage or input error (bad flag, bad name, a bad kubeconfig or context, a backup that
+//! already exists). With a kubeconfig (`--kubeconfig`, `KUBECONFIG`, `~/.kube/config`) or inside a
+//! pod, the cluster is reached through kube-rs ([`crate::kube`]); with none, or with `--demo`, the
+//! built-in demo cluster from `blockwise-simulator` is backed up in memory, and the choice is
+//! announced on stderr. `simulator serve` serves the demo cluster over the Kubernetes HTTP API. The
+//! data directory holds one sled log per backup under
 //! `backups/<name>/log`, the cluster source and the storage location used (`cluster.json`,
 //! `storage.json` — never credentials — so `resume`, `download` and `inspect` reach the same ones)
 //! and the default local store under `store/`. Every store is wrapped in a
@@ -24,6 +27,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use crate::faults::{FaultPlan, FaultyStore};
+use crate::kube::KubeCluster;
 use crate::log::EventLog;
 use crate::report;
 use crate::runtime::{now_ms, run_backup, Observer};
@@ -57,6 +61,56 @@ enum Top {
     Simulate(SimulateArgs),
     /// Measure: scale, parallel efficiency, event log, recovery, grouping, simulator.
     Bench(BenchArgs),
+    /// The simulator's fake Kubernetes API server.
+    Simulator {
+        #[command(subcommand)]
+        command: SimulatorCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SimulatorCommand {
+    /// Serve the demo cluster over the Kubernetes HTTP API on 127.0.0.1 until interrupted.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Objects in the demo cluster.
+    #[arg(long, default_value_t = blockwise_simulator::demo::DEMO_OBJECTS_DEFAULT)]
+    demo_objects: usize,
+    /// Simulated latency of each API call and exec, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    demo_latency_ms: u64,
+    /// Write a kubeconfig pointing at the server here.
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+}
+
+fn serve(a: ServeArgs) -> Result<ExitCode> {
+    use blockwise_simulator::server::{FakeApiServer, TokioSleeper};
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cluster = blockwise_simulator::demo::demo_cluster(a.demo_objects, blockwise_simulator::demo::DEMO_SEED)
+            .with_latency(blockwise_simulator::fake::Latency { api_ms: a.demo_latency_ms, exec_ms: a.demo_latency_ms })
+            .with_sleeper(Arc::new(TokioSleeper));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
+        let server = FakeApiServer::start(Arc::new(cluster), addr)
+            .await
+            .with_context(|| format!("binding the fake API server to {addr}"))?;
+        if let Some(path) = &a.kubeconfig_out {
+            server.write_kubeconfig(path).with_context(|| format!("writing kubeconfig {}", path.display()))?;
+            println!("kubeconfig: {}", path.display());
+        }
+        println!("serving the demo cluster ({} objects) at {}", a.demo_objects, server.url());
+        println!("press Ctrl-C to stop");
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        drop(server);
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 #[derive(Args, Debug)]
@@ -155,9 +209,12 @@ struct DataDir {
 
 #[derive(Args, Debug, Clone)]
 struct ClusterArgs {
-    /// Kubeconfig to use (also KUBECONFIG, ~/.kube/config).
+    /// Kubeconfig to use (also KUBECONFIG, ~/.kube/config; in a pod, its service account).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (default: its current-context).
+    #[arg(long)]
+    context: Option<String>,
     /// Back up the built-in demo cluster even if a kubeconfig exists.
     #[arg(long)]
     demo: bool,
@@ -255,6 +312,15 @@ pub enum ClusterSource {
         /// Simulated latency per API call and exec.
         latency_ms: u64,
     },
+    /// A real cluster (or the fake API server) through kube-rs. Never holds credentials: `resume`
+    /// reads the same kubeconfig again.
+    Kube {
+        /// The kubeconfig named by `--kubeconfig` (absolute); `None`: KUBECONFIG, ~/.kube/config or
+        /// in-cluster, looked up again on resume.
+        kubeconfig: Option<PathBuf>,
+        /// The context named by `--context`; `None`: the kubeconfig's current-context.
+        context: Option<String>,
+    },
 }
 
 /// Where a backup's store is, recorded in `storage.json` so later commands use the same one.
@@ -335,15 +401,6 @@ fn open_store(spec: &StorageSpec, data_dir: &Path) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default())))
 }
 
-/// A tokio sleeper for the demo cluster's simulated latency.
-struct TokioSleeper;
-
-impl blockwise_simulator::fake::Sleeper for TokioSleeper {
-    fn sleep(&self, ms: u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
-    }
-}
-
 /// The directory of one backup's log and metadata.
 pub fn backup_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("backups").join(name)
@@ -354,28 +411,54 @@ pub fn demo_exec_log(data_dir: &Path, name: &str) -> PathBuf {
     backup_dir(data_dir, name).join("demo-exec.jsonl")
 }
 
-fn build_cluster(source: &ClusterSource, data_dir: &Path, name: &str) -> Arc<dyn Cluster> {
+fn build_cluster(
+    source: &ClusterSource,
+    data_dir: &Path,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Arc<dyn Cluster>> {
     match source {
         ClusterSource::Demo { objects, seed, latency_ms } => {
             let fake = blockwise_simulator::demo::demo_cluster(*objects, *seed)
                 .with_latency(blockwise_simulator::fake::Latency { api_ms: *latency_ms, exec_ms: *latency_ms })
-                .with_sleeper(Arc::new(TokioSleeper))
+                .with_sleeper(Arc::new(blockwise_simulator::server::TokioSleeper))
                 .with_exec_log(demo_exec_log(data_dir, name));
-            Arc::new(fake)
+            Ok(Arc::new(fake))
+        }
+        ClusterSource::Kube { kubeconfig, context } => {
+            let cluster = rt
+                .block_on(KubeCluster::connect(kubeconfig.as_deref(), context.as_deref()))
+                .map_err(|e| usage(e.to_string()))?;
+            let version = rt.block_on(cluster.check_reachable()).map_err(|e| {
+                anyhow!(
+                    "cannot reach the Kubernetes API server {} (context {}): {e}",
+                    cluster.server(),
+                    cluster.context()
+                )
+            })?;
+            eprintln!("cluster {} (context {}, {version})", cluster.server(), cluster.context());
+            Ok(Arc::new(cluster))
         }
     }
 }
 
-fn kubeconfig_present(args: &ClusterArgs) -> Option<PathBuf> {
+/// Where a kube-rs cluster comes from, if any: `Some((kubeconfig, context))` when `--kubeconfig`,
+/// `KUBECONFIG`, `~/.kube/config` or an in-cluster service account is there; `None` means the demo.
+fn kube_target(args: &ClusterArgs) -> Result<Option<(Option<PathBuf>, Option<String>)>> {
     if let Some(k) = &args.kubeconfig {
-        return Some(k.clone());
+        let abs = std::path::absolute(k).with_context(|| format!("resolving kubeconfig path {}", k.display()))?;
+        return Ok(Some((Some(abs), args.context.clone())));
     }
-    if let Some(k) = std::env::var_os("KUBECONFIG").filter(|k| !k.is_empty()) {
-        return Some(PathBuf::from(k));
+    let env = std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty());
+    let home = std::env::var_os("HOME").is_some_and(|h| Path::new(&h).join(".kube").join("config").exists());
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if env || home || in_cluster {
+        return Ok(Some((None, args.context.clone())));
     }
-    let home = std::env::var_os("HOME")?;
-    let p = Path::new(&home).join(".kube").join("config");
-    p.exists().then_some(p)
+    if let Some(ctx) = &args.context {
+        return Err(usage(format!("--context {ctx}: no kubeconfig found (--kubeconfig, KUBECONFIG, ~/.kube/config)")));
+    }
+    Ok(None)
 }
 
 /// Progress for people: an indicatif bar on a terminal, plain lines otherwise.
@@ -423,7 +506,7 @@ impl Observer for Progress {
         }
         if matches!(event, Event::BlockFinished { .. }) {
             let step = (total / 50).max(1);
-            if done != self.last_reported && (done % step == 0 || done == total) {
+            if done != self.last_reported && (done.is_multiple_of(step) || done == total) {
                 self.last_reported = done;
                 println!("blocks {done}/{total} items {}/{}", s.items_done(), s.planned_items);
             }
@@ -542,16 +625,16 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
         }
         return Err(usage(format!("backup {} already exists ({})", a.name, state.phase())));
     }
-    let source = match (a.cluster.demo, kubeconfig_present(&a.cluster)) {
-        (false, Some(k)) => {
-            return Err(usage(format!(
-                "kubeconfig {} found, but this build cannot talk to real clusters yet (the kube adapter is issue #4); pass --demo to back up the demo cluster",
-                k.display()
-            )))
-        }
-        (demo, _) => {
+    let target = if a.cluster.demo { None } else { kube_target(&a.cluster)? };
+    let source = match target {
+        Some((kubeconfig, context)) => ClusterSource::Kube { kubeconfig, context },
+        None => {
+            let demo = a.cluster.demo;
             if !demo {
-                eprintln!("no kubeconfig found: backing up the built-in demo cluster ({} objects)", a.cluster.demo_objects);
+                eprintln!(
+                    "no kubeconfig found: backing up the built-in demo cluster ({} objects)",
+                    a.cluster.demo_objects
+                );
             } else {
                 eprintln!("backing up the built-in demo cluster ({} objects)", a.cluster.demo_objects);
             }
@@ -566,6 +649,10 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
     let store = open_store(&storage, data_dir)?;
     let cfg = EngineConfig { workers: a.workers as usize, list_page_items_max: a.page_size, ..EngineConfig::default() };
     let engine = Engine::new(spec, cfg, now_ms()).map_err(|e| usage(e.to_string()))?;
+    let rt = runtime()?;
+    // Connect before anything is written, so a bad kubeconfig or an unreachable server leaves no
+    // half-created backup behind.
+    let cluster = build_cluster(&source, data_dir, &a.name, &rt)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let storage_json = serde_json::to_vec_pretty(&storage).context("encoding the storage location")?;
     std::fs::write(dir.join("storage.json"), storage_json)
@@ -575,8 +662,6 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
         .with_context(|| format!("writing {}", dir.join("cluster.json").display()))?;
     let mut log = EventLog::create(&dir.join("log"), &a.name)
         .with_context(|| format!("creating the log of backup {}", a.name))?;
-    let cluster = build_cluster(&source, data_dir, &a.name);
-    let rt = runtime()?;
     let mut progress = Progress::new();
     let state = rt
         .block_on(run_backup(engine, &mut log, cluster, store.clone(), a.workers as usize, &mut progress))
@@ -627,8 +712,8 @@ fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
         state.blocks_done(),
         state.blocks.len()
     );
-    let cluster = build_cluster(&source, data_dir, &a.name);
     let rt = runtime()?;
+    let cluster = build_cluster(&source, data_dir, &a.name, &rt)?;
     let mut progress = Progress::new();
     let state = rt
         .block_on(run_backup(engine, &mut log, cluster, store.clone(), workers, &mut progress))
@@ -759,6 +844,7 @@ pub fn main() -> ExitCode {
     let command = match cli.command {
         Top::Backup { command } => command,
         Top::Simulate(a) => return exit_with(simulate(a)),
+        Top::Simulator { command: SimulatorCommand::Serve(a) } => return exit_with(serve(a)),
         Top::Bench(a) => {
             return exit_with(crate::bench::run(a.quick, a.output == "json", a.dir).map(|()| ExitCode::SUCCESS))
         }

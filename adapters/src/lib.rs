@@ -1,6 +1,6 @@
 //! blockwise-adapters: the imperative shell around the engine.
 //!
-//! Everything that touches the world lives here: the sled event log ([`log`]), the stores and the
+//! Everything that touches the world lives here: Kubernetes through kube-rs ([`kube`]), the sled event log ([`log`]), the stores and the
 //! Velero-layout archive ([`store`], [`s3`], fault injection in [`faults`], verification in
 //! [`inspect`]), the tokio runtime that executes the engine's commands on N
 //! workers ([`runtime`]), what users read ([`report`]) and the `blockwise` command line ([`cli`]).
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod faults;
 pub mod hookspec;
 pub mod inspect;
+pub mod kube;
 pub mod log;
 pub mod report;
 pub mod runtime;

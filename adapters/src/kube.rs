@@ -1,0 +1,597 @@
+//! The engine's [`Cluster`] port over kube-rs: real clusters, and the simulator's fake API server.
+//!
+//! [`KubeCluster`] loads its configuration the way kubectl does (`--kubeconfig`, `KUBECONFIG`,
+//! `~/.kube/config`, optionally a `--context`, else the in-cluster service account), discovers every
+//! group/version/resource that supports `list` (each resource at its group's preferred version when
+//! served there — no hard-coded resource list), lists in pages (`limit`/`continue`), gets single
+//! objects and runs hook commands through pod exec over WebSocket (kube's `ws` feature).
+//!
+//! Key decisions: lists and gets go through raw requests and hand the engine each object's JSON as
+//! served — no round trip through typed structs that could drop or reformat fields, which would
+//! break byte-identical archives. Errors are classified once, in [`classify`]: 410 Gone is
+//! [`ClusterError::Expired`] (the engine restarts that resource's listing), 403 is
+//! [`ClusterError::Forbidden`], a 404 on get is `Ok(None)`, and 429/5xx/connection failures are
+//! retried here with capped, jittered exponential backoff for at most [`RETRY_ATTEMPTS_MAX`] attempts
+//! before they become [`ClusterError::Unavailable`]; every message names the call and the resource.
+//! An exec is retried only when the server refused the upgrade (the command never started); once the
+//! stream is open, dropping the future (the runtime's hook timeout) aborts the stream, and the exit
+//! status is read from the `Status` frame on channel 3. Hook output is captured up to
+//! [`EXEC_OUTPUT_BYTES_MAX`] per stream; the rest is drained and dropped so the stream never stalls.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockwise_engine::item::{ItemKey, ResourceType};
+use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIResourceList, Status as ExecStatus};
+use kube::api::{AttachParams, AttachedProcess, GetParams, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Attempts of one call (the first try included) before a retryable failure is reported.
+pub const RETRY_ATTEMPTS_MAX: u32 = 6;
+/// Backoff before the first retry; doubled for each further one.
+pub const RETRY_BACKOFF_BASE_MS: u64 = 100;
+/// Upper bound of one backoff.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 5_000;
+/// Bytes of a hook's stdout and of its stderr kept; the rest is read and dropped.
+pub const EXEC_OUTPUT_BYTES_MAX: usize = 16 * 1024;
+
+/// How a [`KubeCluster`] retries 429, 5xx and connection failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts of one call, the first included (at least 1).
+    pub attempts_max: u32,
+    /// Backoff before the first retry, doubled after each.
+    pub backoff_base_ms: u64,
+    /// Upper bound of one backoff.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts_max: RETRY_ATTEMPTS_MAX,
+            backoff_base_ms: RETRY_BACKOFF_BASE_MS,
+            backoff_max_ms: RETRY_BACKOFF_MAX_MS,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (0-based): "equal jitter" — half the capped exponential
+    /// delay, plus a random part of the other half, so many clients do not retry in lockstep.
+    pub fn backoff_ms(&self, retry: u32) -> u64 {
+        let exp = self.backoff_base_ms.saturating_mul(1u64 << retry.min(32)).min(self.backoff_max_ms);
+        let half = exp / 2;
+        half + jitter(exp - half + 1)
+    }
+}
+
+/// A pseudo-random number below `bound` (> 0): a splitmix64 step over a process-wide counter seeded
+/// from the clock. Jitter needs spread, not quality; this avoids a `rand` dependency.
+fn jitter(bound: u64) -> u64 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % bound.max(1)
+}
+
+/// Why a cluster could not be configured; names the kubeconfig file and context.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeConfigError {
+    /// The kubeconfig file could not be read or parsed.
+    #[error("kubeconfig {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The kubeconfig was read but the context (or its cluster/user) is unusable.
+    #[error("kubeconfig {source_name}, context {context}: {message}")]
+    Context {
+        /// The file, or where the configuration came from.
+        source_name: String,
+        /// The context asked for (`current-context` when none).
+        context: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Neither a kubeconfig nor an in-cluster service account could be used.
+    #[error("no usable cluster configuration: {0}")]
+    Missing(String),
+    /// The HTTP client could not be built from the configuration.
+    #[error("building a client for {server}: {message}")]
+    Client {
+        /// The API server URL.
+        server: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A Kubernetes cluster reached through kube-rs; see the module docs.
+#[derive(Clone)]
+pub struct KubeCluster {
+    client: Client,
+    server: String,
+    context: String,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for KubeCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeCluster").field("server", &self.server).field("context", &self.context).finish()
+    }
+}
+
+fn context_label(context: Option<&str>) -> String {
+    context.map_or_else(|| "(current-context)".to_string(), str::to_string)
+}
+
+impl KubeCluster {
+    /// Loads the configuration: `kubeconfig` when given, else `KUBECONFIG` or `~/.kube/config`,
+    /// else the in-cluster service account; `context` picks a context other than the current one.
+    /// Must be called inside a tokio runtime. Credentials are never recorded by blockwise.
+    pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<KubeCluster, KubeConfigError> {
+        let options = KubeConfigOptions { context: context.map(str::to_string), ..KubeConfigOptions::default() };
+        let mut ctx = context_label(context);
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = Kubeconfig::read_from(path)
+                    .map_err(|e| KubeConfigError::File { path: path.to_path_buf(), message: error_chain(&e) })?;
+                if let (None, Some(current)) = (context, &kc.current_context) {
+                    ctx = current.clone();
+                }
+                Config::from_custom_kubeconfig(kc, &options).await.map_err(|e| KubeConfigError::Context {
+                    source_name: path.display().to_string(),
+                    context: ctx.clone(),
+                    message: error_chain(&e),
+                })?
+            }
+            None => match Config::from_kubeconfig(&options).await {
+                Ok(c) => {
+                    if let (None, Ok(Kubeconfig { current_context: Some(current), .. })) = (context, Kubeconfig::read())
+                    {
+                        ctx = current;
+                    }
+                    c
+                }
+                Err(kube_err) if context.is_none() => {
+                    ctx = "in-cluster".into();
+                    Config::incluster().map_err(|e| {
+                        KubeConfigError::Missing(format!(
+                            "no kubeconfig ({}) and not in a cluster ({})",
+                            error_chain(&kube_err),
+                            error_chain(&e)
+                        ))
+                    })?
+                }
+                Err(e) => {
+                    return Err(KubeConfigError::Context {
+                        source_name: "from KUBECONFIG or ~/.kube/config".into(),
+                        context: ctx,
+                        message: error_chain(&e),
+                    })
+                }
+            },
+        };
+        // kube's own retry layer (15 retries, delays up to 1000 s) would hide our bounded policy.
+        let mut config = config;
+        config.default_retry = false;
+        let server = config.cluster_url.to_string().trim_end_matches('/').to_string();
+        let client = Client::try_from(config)
+            .map_err(|e| KubeConfigError::Client { server: server.clone(), message: error_chain(&e) })?;
+        Ok(KubeCluster { client, server, context: ctx, retry: RetryPolicy::default() })
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> KubeCluster {
+        self.retry = retry;
+        self
+    }
+
+    /// The API server's URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The context used (`(current-context)` when none was named).
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Asks the server for `/version` (with retries): a clear error early when it cannot be reached.
+    pub async fn check_reachable(&self) -> Result<String, ClusterError> {
+        let what = format!("reaching the API server {} (context {})", self.server, self.context);
+        let info = self.retrying(&what, || self.client.apiserver_version()).await?;
+        Ok(info.git_version)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the attempts run out.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, ClusterError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, kube::Error>>,
+    {
+        let attempts = self.retry.attempts_max.max(1);
+        let mut retry = 0u32;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => match classify(what, &e) {
+                    Failure::Retryable(msg) if retry + 1 < attempts => {
+                        let wait = self.retry.backoff_ms(retry);
+                        tracing::debug!(%what, error = %msg, wait_ms = wait, "retrying");
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        retry += 1;
+                    }
+                    Failure::Retryable(msg) => {
+                        return Err(ClusterError::Unavailable(format!("{msg} (gave up after {attempts} attempts)")))
+                    }
+                    Failure::Final(e) => return Err(e),
+                    Failure::NotFound(msg) => return Err(ClusterError::Other(msg)),
+                },
+            }
+        }
+    }
+
+    async fn raw_get(
+        &self,
+        what: &str,
+        build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<Option<String>, ClusterError> {
+        let attempts = self.retry.attempts_max.max(1);
+        let mut retry = 0u32;
+        loop {
+            let req = build().map_err(|e| ClusterError::Other(format!("{what}: building the request: {e}")))?;
+            match self.client.request_text(req).await {
+                Ok(text) => return Ok(Some(text)),
+                Err(e) => match classify(what, &e) {
+                    Failure::NotFound(_) => return Ok(None),
+                    Failure::Retryable(msg) if retry + 1 < attempts => {
+                        let wait = self.retry.backoff_ms(retry);
+                        tracing::debug!(%what, error = %msg, wait_ms = wait, "retrying");
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        retry += 1;
+                    }
+                    Failure::Retryable(msg) => {
+                        return Err(ClusterError::Unavailable(format!("{msg} (gave up after {attempts} attempts)")))
+                    }
+                    Failure::Final(e) => return Err(e),
+                },
+            }
+        }
+    }
+}
+
+/// How one failed call is handled.
+#[derive(Debug)]
+enum Failure {
+    /// 429, 5xx, connection trouble: try again after a backoff.
+    Retryable(String),
+    /// 404.
+    NotFound(String),
+    /// Anything else, already classified.
+    Final(ClusterError),
+}
+
+/// The full error chain of `e`, `: `-separated, so messages keep their causes.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s
+}
+
+fn classify(what: &str, e: &kube::Error) -> Failure {
+    match e {
+        kube::Error::Api(status) => {
+            let msg = format!("{what}: {} {} ({})", status.code, status.reason, status.message);
+            match status.code {
+                404 => Failure::NotFound(msg),
+                410 => Failure::Final(ClusterError::Expired(msg)),
+                403 => Failure::Final(ClusterError::Forbidden(msg)),
+                429 | 500..=599 => Failure::Retryable(msg),
+                _ => Failure::Final(ClusterError::Other(msg)),
+            }
+        }
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(code)) => {
+            let msg = format!("{what}: the server refused the WebSocket upgrade with {code}");
+            match code.as_u16() {
+                404 => Failure::NotFound(msg),
+                403 => Failure::Final(ClusterError::Forbidden(msg)),
+                429 | 500..=599 => Failure::Retryable(msg),
+                _ => Failure::Final(ClusterError::Other(msg)),
+            }
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => {
+            Failure::Retryable(format!("{what}: {}", error_chain(e)))
+        }
+        _ => Failure::Final(ClusterError::Other(format!("{what}: {}", error_chain(e)))),
+    }
+}
+
+/// `/api/v1` or `/apis/{group}/{version}`, plus `/namespaces/{ns}` and the plural.
+fn collection_url(rt: &ResourceType, namespace: Option<&str>) -> String {
+    let mut url = if rt.gr.group.is_empty() {
+        format!("/api/{}", rt.version)
+    } else {
+        format!("/apis/{}/{}", rt.gr.group, rt.version)
+    };
+    if let Some(ns) = namespace.filter(|_| rt.namespaced) {
+        url.push_str("/namespaces/");
+        url.push_str(ns);
+    }
+    url.push('/');
+    url.push_str(&rt.gr.resource);
+    url
+}
+
+fn resource_label(rt: &ResourceType) -> String {
+    if rt.gr.group.is_empty() {
+        format!("{}/{}", rt.version, rt.gr.resource)
+    } else {
+        format!("{}/{} {}", rt.gr.group, rt.version, rt.gr.resource)
+    }
+}
+
+/// The listable resources of one group: each at the preferred version when served there, otherwise
+/// at the first version (in the server's priority order) that serves it.
+fn group_resources(group: &str, versions: &[(String, APIResourceList)], preferred: &str) -> Vec<ResourceType> {
+    let mut chosen: BTreeMap<String, ResourceType> = BTreeMap::new();
+    let ordered =
+        versions.iter().filter(|(v, _)| v == preferred).chain(versions.iter().filter(|(v, _)| v != preferred));
+    for (version, list) in ordered {
+        for r in &list.resources {
+            let listable = r.verbs.iter().any(|v| v == "list");
+            if r.name.contains('/') || !listable || chosen.contains_key(&r.name) {
+                continue;
+            }
+            chosen.insert(r.name.clone(), ResourceType::new(group, version, &r.name, &r.kind, r.namespaced));
+        }
+    }
+    chosen.into_values().collect()
+}
+
+/// Reads `r` to its end, keeping at most [`EXEC_OUTPUT_BYTES_MAX`] bytes.
+async fn read_bounded(r: Option<impl AsyncRead + Unpin>) -> String {
+    let Some(mut r) = r else { return String::new() };
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = EXEC_OUTPUT_BYTES_MAX.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// Aborts the exec stream when dropped: a hook timeout (the runtime drops the exec future) cancels
+/// the remote command's stream instead of leaving it running in the background.
+struct AbortOnDrop(AttachedProcess);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The exit code in a `Status` from channel 3, or the error it reports.
+fn exit_code_of(what: &str, status: Option<ExecStatus>) -> Result<i32, ClusterError> {
+    let Some(status) = status else {
+        return Err(ClusterError::Other(format!("{what}: the stream ended without an exit status")));
+    };
+    if status.status.as_deref() == Some("Success") {
+        return Ok(0);
+    }
+    let message = status.message.clone().unwrap_or_default();
+    let reason = status.reason.clone().unwrap_or_default();
+    if reason == "NonZeroExitCode" {
+        let code = status
+            .details
+            .as_ref()
+            .and_then(|d| d.causes.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.reason.as_deref() == Some("ExitCode")))
+            .and_then(|c| c.message.as_deref())
+            .and_then(|m| m.trim().parse::<i32>().ok());
+        return code
+            .ok_or_else(|| ClusterError::Other(format!("{what}: non-zero exit without an exit code ({message})")));
+    }
+    Err(ClusterError::Other(format!("{what}: {message} ({reason})")))
+}
+
+#[async_trait]
+impl Cluster for KubeCluster {
+    async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError> {
+        let mut out = Vec::new();
+        let core = self.retrying("discovery /api", || self.client.list_core_api_versions()).await?;
+        let mut core_lists = Vec::new();
+        for v in &core.versions {
+            let what = format!("discovery /api/{v}");
+            core_lists.push((v.clone(), self.retrying(&what, || self.client.list_core_api_resources(v)).await?));
+        }
+        out.extend(group_resources("", &core_lists, core.versions.first().map_or("v1", String::as_str)));
+        let groups = self.retrying("discovery /apis", || self.client.list_api_groups()).await?;
+        for g in &groups.groups {
+            let mut lists = Vec::new();
+            for gv in &g.versions {
+                let what = format!("discovery /apis/{}", gv.group_version);
+                lists.push((
+                    gv.version.clone(),
+                    self.retrying(&what, || self.client.list_api_group_resources(&gv.group_version)).await?,
+                ));
+            }
+            let preferred = g
+                .preferred_version
+                .as_ref()
+                .map(|p| p.version.clone())
+                .or_else(|| g.versions.first().map(|v| v.version.clone()))
+                .unwrap_or_default();
+            out.extend(group_resources(&g.name, &lists, &preferred));
+        }
+        Ok(out)
+    }
+
+    async fn list(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        limit: u32,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage, ClusterError> {
+        let what = match namespace.filter(|_| rt.namespaced) {
+            Some(ns) => format!("list {} in namespace {ns}", resource_label(rt)),
+            None => format!("list {}", resource_label(rt)),
+        };
+        let url = collection_url(rt, namespace);
+        let build = || {
+            let mut lp = ListParams::default();
+            if limit > 0 {
+                lp = lp.limit(limit);
+            }
+            if let Some(t) = continue_token {
+                lp = lp.continue_token(t);
+            }
+            kube::core::Request::new(&url).list(&lp)
+        };
+        let text = self
+            .raw_get(&what, build)
+            .await?
+            .ok_or_else(|| ClusterError::Other(format!("{what}: 404 NotFound (the resource is no longer served)")))?;
+        let mut body: Value = serde_json::from_str(&text)
+            .map_err(|e| ClusterError::Other(format!("{what}: the response is not JSON: {e}")))?;
+        let token =
+            body.pointer("/metadata/continue").and_then(Value::as_str).filter(|t| !t.is_empty()).map(str::to_string);
+        let items = match body.get_mut("items").map(Value::take) {
+            Some(Value::Array(items)) => items,
+            Some(Value::Null) | None => Vec::new(),
+            Some(_) => return Err(ClusterError::Other(format!("{what}: `items` is not an array"))),
+        };
+        let objects = items.iter().map(Value::to_string).collect();
+        Ok(ListPage { objects, continue_token: token })
+    }
+
+    async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
+        let what = format!("get {} {key}", resource_label(rt));
+        let url = collection_url(rt, key.namespace.as_deref());
+        let text = self.raw_get(&what, || kube::core::Request::new(&url).get(&key.name, &GetParams::default())).await?;
+        match text {
+            None => Ok(None),
+            Some(t) => {
+                // Re-encode so every object reaches the engine in the same compact form as a list item.
+                let v: Value = serde_json::from_str(&t)
+                    .map_err(|e| ClusterError::Other(format!("{what}: the response is not JSON: {e}")))?;
+                Ok(Some(v.to_string()))
+            }
+        }
+    }
+
+    async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
+        let ns = pod.namespace.as_deref().unwrap_or("default");
+        let what = format!("exec {command:?} in pod {ns}/{} container {container}", pod.name);
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let params = AttachParams::default().container(container).stdin(false).stdout(true).stderr(true);
+        let mut process = self.retrying(&what, || api.exec(&pod.name, command.to_vec(), &params)).await?;
+        let stdout = process.stdout();
+        let stderr = process.stderr();
+        let status = process.take_status();
+        let guard = AbortOnDrop(process);
+        let status_fut = async {
+            match status {
+                Some(s) => s.await,
+                None => None,
+            }
+        };
+        let (stdout, stderr, status) = tokio::join!(read_bounded(stdout), read_bounded(stderr), status_fut);
+        drop(guard);
+        let exit_code = exit_code_of(&what, status)?;
+        Ok(ExecResult { exit_code, stdout, stderr })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered_within_bounds() {
+        let p = RetryPolicy { attempts_max: 10, backoff_base_ms: 100, backoff_max_ms: 1_000 };
+        for retry in 0..40 {
+            let exp = (100u64 << retry.min(20)).min(1_000);
+            for _ in 0..50 {
+                let b = p.backoff_ms(retry);
+                assert!(b >= exp / 2 && b <= exp, "retry {retry}: {b} not in [{}, {exp}]", exp / 2);
+            }
+        }
+        let spread: std::collections::BTreeSet<u64> = (0..50).map(|_| p.backoff_ms(5)).collect();
+        assert!(spread.len() > 5, "no jitter: {spread:?}");
+    }
+
+    fn list(version: &str, resources: &[(&str, &str, bool, &[&str])]) -> (String, APIResourceList) {
+        let doc = serde_json::json!({
+            "groupVersion": version,
+            "resources": resources.iter().map(|(n, k, ns, verbs)| serde_json::json!({
+                "name": n, "singularName": "", "kind": k, "namespaced": ns, "verbs": verbs,
+            })).collect::<Vec<_>>(),
+        });
+        (version.to_string(), serde_json::from_value(doc).unwrap())
+    }
+
+    #[test]
+    fn discovery_prefers_the_preferred_version_and_skips_unlistable_and_subresources() {
+        let versions = vec![
+            list("v1", &[("hpas", "HPA", true, &["get", "list"]), ("hpas/status", "HPA", true, &["get", "list"])]),
+            list("v2", &[("hpas", "HPA", true, &["get", "list"]), ("reviews", "Review", false, &["create"])]),
+            list("v2beta1", &[("olds", "Old", true, &["list"])]),
+        ];
+        let got = group_resources("autoscaling", &versions, "v2");
+        let want = vec![
+            ResourceType::new("autoscaling", "v2", "hpas", "HPA", true),
+            ResourceType::new("autoscaling", "v2beta1", "olds", "Old", true),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn exit_status_frames_map_to_exit_codes_and_errors() {
+        let parse = |v: Value| exit_code_of("exec x", serde_json::from_value(v).unwrap());
+        assert_eq!(parse(serde_json::json!({"metadata": {}, "status": "Success"})), Ok(0));
+        let nonzero = serde_json::json!({"status": "Failure", "reason": "NonZeroExitCode", "message": "m",
+                                         "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}});
+        assert_eq!(parse(nonzero), Ok(3));
+        let err = parse(serde_json::json!({"status": "Failure", "reason": "InternalError", "message": "boom"}));
+        assert!(matches!(&err, Err(ClusterError::Other(m)) if m.contains("exec x") && m.contains("boom")), "{err:?}");
+        assert!(exit_code_of("exec x", None).unwrap_err().to_string().contains("without an exit status"));
+    }
+
+    #[test]
+    fn urls_name_group_version_namespace_and_plural() {
+        let pods = ResourceType::new("", "v1", "pods", "Pod", true);
+        let crb =
+            ResourceType::new("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false);
+        assert_eq!(collection_url(&pods, Some("a")), "/api/v1/namespaces/a/pods");
+        assert_eq!(collection_url(&pods, None), "/api/v1/pods");
+        assert_eq!(collection_url(&crb, Some("a")), "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings");
+    }
+}
