@@ -3,59 +3,18 @@
 //! pre-hook exec started must have had its post-hook exec afterwards (the demo cluster records
 //! every exec at its start in `demo-exec.jsonl`, a file that survives the kill).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
 
-use blockwise_simulator::fake::read_exec_log;
+use std::path::Path;
 
-const BIN: &str = env!("CARGO_BIN_EXE_blockwise");
+use common::{assert_windows_closed, blockwise, kill_after_line, local_archive as archive};
 
-fn blockwise(data: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args).arg("--data-dir").arg(data).env_remove("KUBECONFIG").env("HOME", data);
-    c
-}
-
-fn archive(data: &Path, name: &str) -> Vec<u8> {
-    let p: PathBuf = data.join("store").join("backups").join(name).join(format!("{name}.tar.gz"));
-    std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
-
-/// Starts a backup, reads its plain progress lines and SIGKILLs it right after line `kill_at`
-/// (1-based). Returns whether the process was killed before it finished by itself.
+/// Starts `backup create NAME --demo --workers 4 EXTRA…` and SIGKILLs it right after progress
+/// line `kill_at`; whether the kill landed before the backup finished.
 fn create_and_kill(data: &Path, name: &str, extra: &[&str], kill_at: usize) -> bool {
     let mut args = vec!["backup", "create", name, "--demo", "--workers", "4"];
     args.extend_from_slice(extra);
-    let mut child =
-        blockwise(data, &args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn blockwise");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut seen = 0;
-    while let Some(Ok(_line)) = lines.next() {
-        seen += 1;
-        if seen == kill_at {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            break;
-        }
-    }
-    let status = child.wait().expect("wait");
-    use std::os::unix::process::ExitStatusExt;
-    status.signal() == Some(libc::SIGKILL)
-}
-
-/// Every pod with a freeze exec has an unfreeze exec after its last freeze.
-fn assert_windows_closed(log: &Path) {
-    let records = read_exec_log(log).expect("exec log");
-    assert!(!records.is_empty(), "the demo cluster recorded no exec at all");
-    for (i, r) in records.iter().enumerate() {
-        let is_pre = r.command.iter().any(|a| a == "--freeze") || r.command.last().is_some_and(|a| a == "exit 1");
-        if is_pre {
-            let closed = records[i + 1..].iter().any(|p| p.pod == r.pod && p.command.iter().any(|a| a == "--unfreeze"));
-            assert!(closed, "pod {} had its pre-hook exec (record {i}) but no post-hook after it", r.pod);
-        }
-    }
+    kill_after_line(blockwise(data, &args), kill_at)
 }
 
 #[test]
@@ -84,17 +43,7 @@ fn kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive() {
             interrupted += 1;
             // A second kill during resume, for the rounds where it can land.
             if round % 2 == 1 {
-                let mut child = blockwise(&data, &["backup", "resume", "ref"])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn");
-                let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-                if lines.next().is_some() {
-                    // SAFETY: plain kill(2) on our own child's pid.
-                    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                }
-                let _ = child.wait();
+                kill_after_line(blockwise(&data, &["backup", "resume", "ref"]), 1);
             }
             let out = blockwise(&data, &["backup", "resume", "ref"]).output().expect("resume");
             assert_eq!(out.status.code(), Some(3), "round {round}: resume\n{}", String::from_utf8_lossy(&out.stderr));

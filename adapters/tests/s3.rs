@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 
-use common::{assert_exit, assert_windows_closed, blockwise, local_archive, local_file, run, Moto};
+use common::{assert_exit, assert_windows_closed, blockwise, kill_after_line, local_archive, local_file, run, Moto};
 
 /// A smaller demo for the runs that repeat (moto answers a few hundred requests a second).
 const SMALL: [&str; 2] = ["--demo-objects", "300"];
@@ -98,23 +96,7 @@ fn kill_9_then_resume_on_s3_gives_the_uninterrupted_archive() {
         let data = tmp.path().join(format!("kill-{round}"));
         let mut extra = slow.to_vec();
         extra.extend(moto.flags("bkt", &format!("round-{round}")));
-        let mut child = blockwise(&data, &args(&["backup", "create", "k", "--demo"], &extra))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut seen = 0;
-        while let Some(Ok(_)) = lines.next() {
-            seen += 1;
-            if seen == kill_at {
-                // SAFETY: plain kill(2) on our own child's pid.
-                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                break;
-            }
-        }
-        use std::os::unix::process::ExitStatusExt;
-        if child.wait().expect("wait").signal() == Some(libc::SIGKILL) {
+        if kill_after_line(blockwise(&data, &args(&["backup", "create", "k", "--demo"], &extra)), kill_at) {
             interrupted += 1;
             assert_exit(&run(&data, &["backup", "resume", "k"]), 3, "resume");
         }

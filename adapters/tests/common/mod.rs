@@ -186,6 +186,26 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Spawns `cmd`, reads its plain progress lines and SIGKILLs it right after line `kill_at`
+/// (1-based). Returns whether it died of the kill (rather than finishing first).
+pub fn kill_after_line(mut cmd: Command, kill_at: usize) -> bool {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().expect("spawn blockwise");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = 0;
+    while let Some(Ok(_)) = lines.next() {
+        seen += 1;
+        if seen == kill_at {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            break;
+        }
+    }
+    child.wait().expect("wait").signal() == Some(libc::SIGKILL)
+}
+
 /// Every pod with a freeze exec has an unfreeze exec after its last freeze (DESIGN §7 H2).
 #[track_caller]
 pub fn assert_windows_closed(log: &Path) {
