@@ -217,8 +217,9 @@ impl KubeCluster {
         Ok(info.git_version)
     }
 
-    /// Runs `call` until it succeeds, fails for good, or the attempts run out.
-    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, ClusterError>
+    /// Runs `call` until it succeeds, fails for good, or the attempts run out. The final failure
+    /// comes back classified: a 404 stays `NotFound` for the callers to whom it is an answer.
+    async fn attempts<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, kube::Error>>,
@@ -236,40 +237,45 @@ impl KubeCluster {
                         retry += 1;
                     }
                     Failure::Retryable(msg) => {
-                        return Err(ClusterError::Unavailable(format!("{msg} (gave up after {attempts} attempts)")))
+                        let gave_up = format!("{msg} (gave up after {attempts} attempts)");
+                        return Err(Failure::Final(ClusterError::Unavailable(gave_up)));
                     }
-                    Failure::Final(e) => return Err(e),
-                    Failure::NotFound(msg) => return Err(ClusterError::Other(msg)),
+                    other => return Err(other),
                 },
             }
         }
     }
 
+    /// [`KubeCluster::attempts`] for calls where a 404 is an error like any other.
+    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ClusterError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, kube::Error>>,
+    {
+        self.attempts(what, call).await.map_err(|f| match f {
+            Failure::Final(e) => e,
+            Failure::NotFound(msg) => ClusterError::Other(msg),
+            Failure::Retryable(msg) => ClusterError::Unavailable(msg),
+        })
+    }
+
+    /// A GET whose 404 means "no such object": `Ok(None)`.
     async fn raw_get(
         &self,
         what: &str,
         build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
     ) -> Result<Option<String>, ClusterError> {
-        let attempts = self.retry.attempts_max.max(1);
-        let mut retry = 0u32;
-        loop {
-            let req = build().map_err(|e| ClusterError::Other(format!("{what}: building the request: {e}")))?;
-            match self.client.request_text(req).await {
-                Ok(text) => return Ok(Some(text)),
-                Err(e) => match classify(what, &e) {
-                    Failure::NotFound(_) => return Ok(None),
-                    Failure::Retryable(msg) if retry + 1 < attempts => {
-                        let wait = self.retry.backoff_ms(retry);
-                        tracing::debug!(%what, error = %msg, wait_ms = wait, "retrying");
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                        retry += 1;
-                    }
-                    Failure::Retryable(msg) => {
-                        return Err(ClusterError::Unavailable(format!("{msg} (gave up after {attempts} attempts)")))
-                    }
-                    Failure::Final(e) => return Err(e),
-                },
-            }
+        let text = self
+            .attempts(what, || async {
+                let req = build().map_err(kube::Error::BuildRequest)?;
+                self.client.request_text(req).await
+            })
+            .await;
+        match text {
+            Ok(text) => Ok(Some(text)),
+            Err(Failure::NotFound(_)) => Ok(None),
+            Err(Failure::Final(e)) => Err(e),
+            Err(Failure::Retryable(msg)) => Err(ClusterError::Unavailable(msg)),
         }
     }
 }
