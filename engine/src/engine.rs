@@ -202,7 +202,6 @@ pub struct Engine {
     next_cmd: CmdId,
     discovering: bool,
     listing: BTreeSet<ListUnit>,
-    list_tokens: BTreeMap<ListUnit, Option<String>>,
     fetching: bool,
     objects: Option<HashMap<ItemKey, Arc<str>>>,
     runs: BTreeMap<u32, Run>,
@@ -268,7 +267,6 @@ impl Engine {
             next_cmd: 0,
             discovering: false,
             listing: BTreeSet::new(),
-            list_tokens: BTreeMap::new(),
             fetching: false,
             objects: None,
             runs: BTreeMap::new(),
@@ -374,6 +372,11 @@ impl Engine {
         self.emit(Event::Diagnostic { severity: Severity::Warning, message });
     }
 
+    /// Discovered resource types by group/resource.
+    fn resource_types(&self) -> BTreeMap<&GroupResource, &ResourceType> {
+        self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect()
+    }
+
     fn resource(&self, gr: &GroupResource) -> Option<ResourceType> {
         self.state.resources.as_ref()?.iter().find(|r| &r.gr == gr).cloned()
     }
@@ -451,8 +454,7 @@ impl Engine {
     /// Parses every known object (listed and fetched) into items; bad ones were reported at list time.
     fn known_items(&self) -> Vec<Item> {
         let mut items = Vec::new();
-        let types: BTreeMap<&GroupResource, &ResourceType> =
-            self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect();
+        let types = self.resource_types();
         // Bodies no action reads (and hooks do not need) are dropped right after parsing.
         let keep_body = |gr: &GroupResource| {
             gr.group.is_empty() && gr.resource == "pods" || self.actions.iter().any(|a| a.reads(gr))
@@ -519,8 +521,7 @@ impl Engine {
     /// fold (no copy). Keys come from a metadata-only parse; the JSON was canonicalized at list time.
     fn build_objects(&mut self) {
         let mut map = HashMap::new();
-        let types: BTreeMap<&GroupResource, &ResourceType> =
-            self.state.resources.iter().flatten().map(|r| (&r.gr, r)).collect();
+        let types = self.resource_types();
         for (unit, l) in &self.state.listings {
             let Some(rt) = types.get(&unit.resource) else { continue };
             for o in &l.objects {
@@ -898,7 +899,6 @@ impl Engine {
                 }
                 if complete {
                     self.listing.remove(&unit);
-                    self.list_tokens.remove(&unit);
                 } else {
                     let limit = self.cfg.list_page_items_max;
                     let kind = CommandKind::List {

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::hooks::{resolve_pod_hooks, Hook};
 use crate::item::{GroupResource, Item, ItemKey, ResourceType};
-use crate::spec::{resource_matches, Selection};
+use crate::spec::{find_resource, Selection};
 
 /// A relation from one item to another.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -398,7 +398,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     let mut named_order: Vec<u32> = Vec::new();
     let mut entry_of_root: BTreeMap<u32, usize> = BTreeMap::new();
     for (e, (res, names)) in sel.spec().ordered_resources.iter().enumerate() {
-        let Some(rt) = input.resources.iter().find(|rt| resource_matches(res, rt)) else {
+        let Some(rt) = find_resource(input.resources, res) else {
             warnings.push(format!("--ordered-resources: resource {res:?} is not served by the cluster"));
             continue;
         };

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::ResourceHookSpec;
-use crate::item::{GroupResource, Item, ItemKey, ResourceType};
+use crate::item::{Item, ItemKey, ResourceType};
 
 /// The label that opts an object out of every backup.
 pub const EXCLUDE_LABEL: &str = "velero.io/exclude-from-backup";
@@ -376,11 +376,6 @@ fn is_namespace_object(key: &ItemKey) -> bool {
 /// The group/resource of a command-line resource name, among `resources`.
 pub fn find_resource<'a>(resources: &'a [ResourceType], name: &str) -> Option<&'a ResourceType> {
     resources.iter().find(|rt| resource_matches(name, rt))
-}
-
-/// Convenience for tests and callers: the group/resource of a key.
-pub fn gr_of(key: &ItemKey) -> GroupResource {
-    key.gr()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use blockwise_engine::event::{Event, HookOutcome};
 use blockwise_engine::hooks::HookPhase;
-use blockwise_engine::ports::{ClusterError, ListPage};
+use blockwise_engine::ports::ListPage;
 use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::{BackupSpec, CommandKind, Completion, Engine, EngineConfig, ItemKey, ResourceType};
 use serde_json::Value;
@@ -163,9 +163,4 @@ pub fn backup(cluster: &Cluster, spec: BackupSpec, workers: usize, seed: u64) ->
     let engine = Engine::new(spec, cfg, 0).expect("valid spec");
     let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
     drive(engine, cluster, Vec::new(), seed, None, &mut effects, &mut staged)
-}
-
-/// Unused-error helper so fixtures can script a list failure later.
-pub fn unavailable() -> ClusterError {
-    ClusterError::Unavailable("503".into())
 }
