@@ -174,7 +174,7 @@ mod tests {
     fn stores(plan: FaultPlan) -> (tempfile::TempDir, Arc<FaultyStore>, RetryingStore) {
         let tmp = tempfile::tempdir().unwrap();
         let faulty = Arc::new(FaultyStore::new(Arc::new(LocalStore::new(tmp.path())), plan));
-        let retrying = RetryingStore::new(faulty.clone(), fast());
+        let retrying = RetryingStore::new(faulty.clone(), fast(), Arc::new(crate::world::TokioRuntime));
         (tmp, faulty, retrying)
     }
 

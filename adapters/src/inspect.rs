@@ -2,7 +2,8 @@
 //!
 //! [`inspect`] is a pure function of the archive bytes (and, when available, the bytes of
 //! `<name>-resource-list.json.gz`): it lists the items by resource and namespace and collects every
-//! defect it finds instead of stopping at the first — layout (`metadata/version` = `1.1.0`, only
+//! defect it finds instead of stopping at the first — layout (`metadata/version` = `1.1.0` and a
+//! newline, as Velero writes it; only
 //! `resources/<gr>/{namespaces/<ns>,cluster}/<name>.json` and their
 //! `<version>-preferredversion` copies, regular files, no duplicate paths), content (every item is
 //! a JSON object whose `metadata.name`/`namespace` match its path and which names its `apiVersion`
@@ -15,7 +16,7 @@ use std::io::Read;
 
 use serde_json::Value;
 
-use crate::store::{FORMAT_VERSION, VERSION_PATH};
+use crate::store::{FORMAT_VERSION, VERSION_FILE_BYTES, VERSION_PATH};
 
 /// Names printed per namespace line before the rest is summarised.
 const NAMES_SHOWN_MAX: usize = 50;
@@ -187,9 +188,13 @@ pub fn inspect(archive: &[u8], resource_list: Option<&[u8]>) -> Inspection {
     }
     match out.format_version.as_deref() {
         None => out.defects.push(format!("{VERSION_PATH} is missing")),
-        Some(v) if v != FORMAT_VERSION => {
+        Some(v) if v.trim_end() != FORMAT_VERSION => {
             out.defects.push(format!("{VERSION_PATH} is {v:?}, expected {FORMAT_VERSION:?}"))
         }
+        Some(v) if v.as_bytes() != VERSION_FILE_BYTES => out.defects.push(format!(
+            "{VERSION_PATH} is {v:?}: Velero writes the version followed by a newline ({:?})",
+            String::from_utf8_lossy(VERSION_FILE_BYTES)
+        )),
         Some(_) => {}
     }
     for (key, (bytes, _)) in &primaries {
@@ -258,7 +263,7 @@ fn compare_resource_list(list: &[u8], in_archive: &BTreeMap<String, BTreeSet<Str
 pub fn render(what: &str, i: &Inspection) -> String {
     let mut out = format!(
         "{what}: format {}, {} items in {} entries\n",
-        i.format_version.as_deref().unwrap_or("?"),
+        i.format_version.as_deref().map_or("?", str::trim_end),
         i.item_count(),
         i.entries
     );
@@ -315,7 +320,7 @@ mod tests {
 
     fn good() -> Vec<(&'static str, &'static str)> {
         vec![
-            ("metadata/version", "1.1.0"),
+            ("metadata/version", "1.1.0\n"),
             ("resources/persistentvolumes/cluster/pv-1.json", PV),
             ("resources/persistentvolumes/v1-preferredversion/cluster/pv-1.json", PV),
             ("resources/pods/namespaces/shop/web-0.json", POD),
@@ -356,6 +361,8 @@ mod tests {
         let mut files = good();
         files[0] = ("metadata/version", "1.0.0");
         check(&files, None, &["metadata/version is \"1.0.0\""]);
+        files[0] = ("metadata/version", "1.1.0");
+        check(&files, None, &["Velero writes the version followed by a newline"]);
         check(&good()[1..], None, &["metadata/version is missing"]);
         let mut files = good();
         files.push(("resources/pods/namespaces/shop/extra.txt", "x"));

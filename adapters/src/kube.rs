@@ -11,17 +11,15 @@
 //! break byte-identical archives. Errors are classified once, in [`classify`]: 410 Gone is
 //! [`ClusterError::Expired`] (the engine restarts that resource's listing), 403 is
 //! [`ClusterError::Forbidden`], a 404 on get is `Ok(None)`, and 429/5xx/connection failures are
-//! retried here with capped, jittered exponential backoff for at most [`RETRY_ATTEMPTS_MAX`] attempts
-//! before they become [`ClusterError::Unavailable`]; every message names the call and the resource.
-//! An exec is retried only when the server refused the upgrade (the command never started); once the
-//! stream is open, dropping the future (the runtime's hook timeout) aborts the stream, and the exit
+//! [`ClusterError::Unavailable`] — transient, retried by [`crate::retry::RetryingCluster`], the one
+//! retry loop the simulator runs too; every message names the call and the resource. An exec is
+//! `Unavailable` only when the server refused the upgrade (the command never started); once the
+//! stream is open, dropping the future (the driver's hook timeout) aborts the stream, and the exit
 //! status is read from the `Status` frame on channel 3. Hook output is captured up to
 //! [`EXEC_OUTPUT_BYTES_MAX`] per stream; the rest is drained and dropped so the stream never stalls.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use blockwise_engine::item::{ItemKey, ResourceType};
@@ -34,56 +32,11 @@ use kube::{Api, Client, Config};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Attempts of one call (the first try included) before a retryable failure is reported.
-pub const RETRY_ATTEMPTS_MAX: u32 = 6;
-/// Backoff before the first retry; doubled for each further one.
-pub const RETRY_BACKOFF_BASE_MS: u64 = 100;
-/// Upper bound of one backoff.
-pub const RETRY_BACKOFF_MAX_MS: u64 = 5_000;
+use crate::retry::{retry_transient, RetryPolicy};
+use crate::world::TokioRuntime;
+
 /// Bytes of a hook's stdout and of its stderr kept; the rest is read and dropped.
 pub const EXEC_OUTPUT_BYTES_MAX: usize = 16 * 1024;
-
-/// How a [`KubeCluster`] retries 429, 5xx and connection failures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts of one call, the first included (at least 1).
-    pub attempts_max: u32,
-    /// Backoff before the first retry, doubled after each.
-    pub backoff_base_ms: u64,
-    /// Upper bound of one backoff.
-    pub backoff_max_ms: u64,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts_max: RETRY_ATTEMPTS_MAX,
-            backoff_base_ms: RETRY_BACKOFF_BASE_MS,
-            backoff_max_ms: RETRY_BACKOFF_MAX_MS,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait before retry number `retry` (0-based): "equal jitter" — half the capped exponential
-    /// delay, plus a random part of the other half, so many clients do not retry in lockstep.
-    pub fn backoff_ms(&self, retry: u32) -> u64 {
-        let exp = self.backoff_base_ms.saturating_mul(1u64 << retry.min(32)).min(self.backoff_max_ms);
-        let half = exp / 2;
-        half + jitter(exp - half + 1)
-    }
-}
-
-/// A pseudo-random number below `bound` (> 0): a splitmix64 step over a process-wide counter seeded
-/// from the clock. Jitter needs spread, not quality; this avoids a `rand` dependency.
-fn jitter(bound: u64) -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut z = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ seed;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) % bound.max(1)
-}
 
 /// Why a cluster could not be configured; names the kubeconfig file and context.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +78,6 @@ pub struct KubeCluster {
     client: Client,
     server: String,
     context: String,
-    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for KubeCluster {
@@ -191,13 +143,7 @@ impl KubeCluster {
         let server = config.cluster_url.to_string().trim_end_matches('/').to_string();
         let client = Client::try_from(config)
             .map_err(|e| KubeConfigError::Client { server: server.clone(), message: error_chain(&e) })?;
-        Ok(KubeCluster { client, server, context: ctx, retry: RetryPolicy::default() })
-    }
-
-    /// Replaces the retry policy.
-    pub fn with_retry(mut self, retry: RetryPolicy) -> KubeCluster {
-        self.retry = retry;
-        self
+        Ok(KubeCluster { client, server, context: ctx })
     }
 
     /// The API server's URL.
@@ -213,50 +159,20 @@ impl KubeCluster {
     /// Asks the server for `/version` (with retries): a clear error early when it cannot be reached.
     pub async fn check_reachable(&self) -> Result<String, ClusterError> {
         let what = format!("reaching the API server {} (context {})", self.server, self.context);
-        let info = self.retrying(&what, || self.client.apiserver_version()).await?;
+        let policy = RetryPolicy::default();
+        let info = retry_transient(&policy, &TokioRuntime, &what, || async {
+            self.client.apiserver_version().await.map_err(|e| classify(&what, &e).into_error())
+        })
+        .await?;
         Ok(info.git_version)
     }
 
-    /// Runs `call` until it succeeds, fails for good, or the attempts run out. The final failure
-    /// comes back classified: a 404 stays `NotFound` for the callers to whom it is an answer.
-    async fn attempts<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Failure>
+    /// One call; its failure classified, a 404 an error like any other.
+    async fn once<T, Fut>(&self, what: &str, call: Fut) -> Result<T, ClusterError>
     where
-        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, kube::Error>>,
     {
-        let attempts = self.retry.attempts_max.max(1);
-        let mut retry = 0u32;
-        loop {
-            match call().await {
-                Ok(v) => return Ok(v),
-                Err(e) => match classify(what, &e) {
-                    Failure::Retryable(msg) if retry + 1 < attempts => {
-                        let wait = self.retry.backoff_ms(retry);
-                        tracing::debug!(%what, error = %msg, wait_ms = wait, "retrying");
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                        retry += 1;
-                    }
-                    Failure::Retryable(msg) => {
-                        let gave_up = format!("{msg} (gave up after {attempts} attempts)");
-                        return Err(Failure::Final(ClusterError::Unavailable(gave_up)));
-                    }
-                    other => return Err(other),
-                },
-            }
-        }
-    }
-
-    /// [`KubeCluster::attempts`] for calls where a 404 is an error like any other.
-    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ClusterError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, kube::Error>>,
-    {
-        self.attempts(what, call).await.map_err(|f| match f {
-            Failure::Final(e) => e,
-            Failure::NotFound(msg) => ClusterError::Other(msg),
-            Failure::Retryable(msg) => ClusterError::Unavailable(msg),
-        })
+        call.await.map_err(|e| classify(what, &e).into_error())
     }
 
     /// A GET whose 404 means "no such object": `Ok(None)`.
@@ -265,17 +181,13 @@ impl KubeCluster {
         what: &str,
         build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
     ) -> Result<Option<String>, ClusterError> {
-        let text = self
-            .attempts(what, || async {
-                let req = build().map_err(kube::Error::BuildRequest)?;
-                self.client.request_text(req).await
-            })
-            .await;
-        match text {
+        let req = build().map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
+        match self.client.request_text(req).await {
             Ok(text) => Ok(Some(text)),
-            Err(Failure::NotFound(_)) => Ok(None),
-            Err(Failure::Final(e)) => Err(e),
-            Err(Failure::Retryable(msg)) => Err(ClusterError::Unavailable(msg)),
+            Err(e) => match classify(what, &e) {
+                Failure::NotFound(_) => Ok(None),
+                f => Err(f.into_error()),
+            },
         }
     }
 }
@@ -283,12 +195,23 @@ impl KubeCluster {
 /// How one failed call is handled.
 #[derive(Debug)]
 enum Failure {
-    /// 429, 5xx, connection trouble: try again after a backoff.
+    /// 429, 5xx, connection trouble: worth another try after a backoff.
     Retryable(String),
     /// 404.
     NotFound(String),
     /// Anything else, already classified.
     Final(ClusterError),
+}
+
+impl Failure {
+    /// The error a caller sees: retryable failures are `Unavailable`, a 404 is `Other`.
+    fn into_error(self) -> ClusterError {
+        match self {
+            Failure::Retryable(msg) => ClusterError::Unavailable(msg),
+            Failure::NotFound(msg) => ClusterError::Other(msg),
+            Failure::Final(e) => e,
+        }
+    }
 }
 
 /// The full error chain of `e`, `: `-separated, so messages keep their causes.
@@ -431,21 +354,21 @@ fn exit_code_of(what: &str, status: Option<ExecStatus>) -> Result<i32, ClusterEr
 impl Cluster for KubeCluster {
     async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError> {
         let mut out = Vec::new();
-        let core = self.retrying("discovery /api", || self.client.list_core_api_versions()).await?;
+        let core = self.once("discovery /api", self.client.list_core_api_versions()).await?;
         let mut core_lists = Vec::new();
         for v in &core.versions {
             let what = format!("discovery /api/{v}");
-            core_lists.push((v.clone(), self.retrying(&what, || self.client.list_core_api_resources(v)).await?));
+            core_lists.push((v.clone(), self.once(&what, self.client.list_core_api_resources(v)).await?));
         }
         out.extend(group_resources("", &core_lists, core.versions.first().map_or("v1", String::as_str)));
-        let groups = self.retrying("discovery /apis", || self.client.list_api_groups()).await?;
+        let groups = self.once("discovery /apis", self.client.list_api_groups()).await?;
         for g in &groups.groups {
             let mut lists = Vec::new();
             for gv in &g.versions {
                 let what = format!("discovery /apis/{}", gv.group_version);
                 lists.push((
                     gv.version.clone(),
-                    self.retrying(&what, || self.client.list_api_group_resources(&gv.group_version)).await?,
+                    self.once(&what, self.client.list_api_group_resources(&gv.group_version)).await?,
                 ));
             }
             let preferred = g
@@ -518,7 +441,7 @@ impl Cluster for KubeCluster {
         let what = format!("exec {command:?} in pod {ns}/{} container {container}", pod.name);
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let params = AttachParams::default().container(container).stdin(false).stdout(true).stderr(true);
-        let mut process = self.retrying(&what, || api.exec(&pod.name, command.to_vec(), &params)).await?;
+        let mut process = self.once(&what, api.exec(&pod.name, command.to_vec(), &params)).await?;
         let stdout = process.stdout();
         let stderr = process.stderr();
         let status = process.take_status();
@@ -539,20 +462,6 @@ impl Cluster for KubeCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_capped_and_jittered_within_bounds() {
-        let p = RetryPolicy { attempts_max: 10, backoff_base_ms: 100, backoff_max_ms: 1_000 };
-        for retry in 0..40 {
-            let exp = (100u64 << retry.min(20)).min(1_000);
-            for _ in 0..50 {
-                let b = p.backoff_ms(retry);
-                assert!(b >= exp / 2 && b <= exp, "retry {retry}: {b} not in [{}, {exp}]", exp / 2);
-            }
-        }
-        let spread: std::collections::BTreeSet<u64> = (0..50).map(|_| p.backoff_ms(5)).collect();
-        assert!(spread.len() > 5, "no jitter: {spread:?}");
-    }
 
     fn list(version: &str, resources: &[(&str, &str, bool, &[&str])]) -> (String, APIResourceList) {
         let doc = serde_json::json!({

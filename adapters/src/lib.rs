@@ -1,21 +1,24 @@
 //! blockwise-adapters: the imperative shell around the engine.
 //!
-//! Everything that touches the world lives here: Kubernetes through kube-rs ([`kube`]), the sled event log ([`log`]), the stores and the
-//! Velero-layout archive ([`store`], [`s3`], fault injection in [`faults`], verification in
-//! [`inspect`]), the tokio runtime that executes the engine's commands on N
-//! workers ([`runtime`]), what users read ([`report`]) and the `blockwise` command line ([`cli`]).
-//! The engine's decisions are never re-implemented here: this crate only executes commands,
-//! appends and flushes events, and reports results back.
+//! Everything that touches the world lives here: the one driver between the engine and the world
+//! ([`driver`]), what it needs from a runtime ([`world`]: time, jitter, where work runs), Kubernetes
+//! through kube-rs ([`kube`]) with bounded retries ([`retry`]), the event log over a medium (sled in
+//! production: [`log`]), the stores and the Velero-layout archive ([`store`], [`s3`], fault
+//! injection in [`faults`], verification in [`inspect`]), the data directory and crash-atomic
+//! backup sessions ([`session`]), and what users read ([`report`]). The engine's decisions are
+//! never re-implemented here: this crate executes commands, appends and flushes events, and reports
+//! results back. The simulator runs this same code with a fake world plugged in; the `blockwise`
+//! binary (`adapters/cli`) parses arguments and prints.
 
-pub mod bench;
-pub mod cli;
+pub mod driver;
 pub mod faults;
 pub mod hookspec;
 pub mod inspect;
 pub mod kube;
 pub mod log;
 pub mod report;
-pub mod runtime;
+pub mod retry;
 pub mod s3;
-pub mod simulate;
+pub mod session;
 pub mod store;
+pub mod world;

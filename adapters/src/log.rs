@@ -1,20 +1,32 @@
-//! The durable per-backup event log (DESIGN §5), on sled.
+//! The durable per-backup event log (DESIGN §5), over a swappable medium.
 //!
-//! [`EventLog`] keeps one sled database per backup. Every record lives under the key
-//! `backup id (u64 BE) ‖ seq (u64 BE)`, so a prefix scan returns the backup's records in sequence
-//! order; the value is the engine's record bytes ([`encode_record`]: length, crc32c, version,
-//! bincode payload). The backup id is the FNV-1a 64 hash of the backup name, which is also kept
-//! under a meta key so `open` can check it. sled's own periodic flush is switched off: appends only
-//! reach memory, and durability comes solely from [`EventLog::flush`], a group commit that makes
-//! every append since the previous flush durable with one `fsync`. On open, a bad *last* record is
-//! a torn tail — cut and reported — while a bad record or a gap anywhere before it is corruption,
-//! reported as an error naming the sequence number.
+//! [`EventLog`] owns the log's rules: records are numbered 0, 1, 2, … and appended only in order;
+//! each value is the engine's record bytes ([`encode_record`]: length, crc32c, version, bincode
+//! payload); durability comes solely from [`EventLog::flush`], a group commit that makes every
+//! append since the previous flush durable at once; on open, a bad *last* record is a torn tail —
+//! cut and reported — while a bad record or a gap anywhere before it is corruption, reported as an
+//! error naming the sequence number (through the engine's shared [`recover_records`]).
+//!
+//! Where the bytes live is a [`LogMedium`]: [`SledMedium`] in production (one sled database per
+//! backup, keys `backup id (u64 BE) ‖ seq (u64 BE)`, the backup id being the FNV-1a 64 hash of the
+//! name, which is also kept under a meta key; sled's own periodic flush switched off), and the
+//! simulator's in-memory medium, which loses what was not flushed when the simulated process dies.
+//! Both run this same code, so the simulator exercises the real recovery, tail cutting and
+//! sequence bookkeeping.
+//!
+//! sled 0.34.7 cannot open a database whose snapshot was interrupted while being written (it reads
+//! the empty `snap.<lsn>.generating` file back as corruption: sled issues #1527, #1533).
+//! [`SledMedium::open`] removes such files first; the log's own per-record checksums then verify
+//! every record, so nothing unverified is ever trusted.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use blockwise_engine::event::{encode_record, recover_records};
+use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::{Event, Seq};
+
+use crate::world::{offload, Runtime};
 
 /// Meta key holding the backup name; it starts with 0xff and is 17 bytes long, so it never falls
 /// inside a backup's 16-byte record keys.
@@ -43,9 +55,9 @@ pub enum LogError {
     /// An append with a sequence number other than the next one.
     #[error("event log {}: append of record {got} out of order: the next record must be {expected}", .path.display())]
     OutOfOrder { path: PathBuf, expected: Seq, got: Seq },
-    /// sled failed.
-    #[error("event log {}: storage error: {source}", .path.display())]
-    Storage { path: PathBuf, source: sled::Error },
+    /// The medium failed (sled, or the simulator's medium after a simulated crash).
+    #[error("event log {}: storage error: {message}", .path.display())]
+    Storage { path: PathBuf, message: String },
 }
 
 /// What `open` found.
@@ -57,15 +69,51 @@ pub struct OpenReport {
     pub cut_tail: Option<(Seq, String)>,
 }
 
-/// The durable event log of one backup.
-#[derive(Debug)]
-pub struct EventLog {
-    db: sled::Db,
+/// Stored records with their sequence numbers, or where reading them failed (how many records came
+/// before the bad key) and why.
+pub type Records = Result<Vec<(Seq, Vec<u8>)>, (usize, String)>;
+
+/// A flush that can run on another thread: makes every prior insert durable.
+pub type FlushJob = Box<dyn FnOnce() -> Result<(), String> + Send + 'static>;
+
+/// Where a log's records are kept. Errors are plain messages; [`EventLog`] adds the path.
+pub trait LogMedium: Send {
+    /// Where the medium is, for messages.
+    fn location(&self) -> &Path;
+    /// The backup name stored with the log, if any.
+    fn read_name(&self) -> Result<Option<Vec<u8>>, String>;
+    /// Stores the backup name (durable at the next flush).
+    fn write_name(&mut self, name: &str) -> Result<(), String>;
+    /// Every record of backup `id`, in key order, with its sequence number; a key that is not a
+    /// record key is an error naming how many records came before it.
+    fn records(&self, id: u64) -> Records;
+    /// Inserts (or replaces) a record; not durable until a flush.
+    fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String>;
+    /// Removes a record; not durable until a flush.
+    fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String>;
+    /// A job that makes every insert and removal so far durable.
+    fn flush_job(&self) -> FlushJob;
+}
+
+/// The durable event log of one backup, over a [`LogMedium`].
+pub struct EventLog<M: LogMedium = SledMedium> {
+    medium: M,
     path: PathBuf,
     name: String,
     id: u64,
     next: Seq,
     durable: Option<Seq>,
+}
+
+impl<M: LogMedium> std::fmt::Debug for EventLog<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("next", &self.next)
+            .field("durable", &self.durable)
+            .finish()
+    }
 }
 
 /// The backup id of a name: FNV-1a 64 of its bytes.
@@ -78,74 +126,33 @@ pub fn backup_id(name: &str) -> u64 {
     h
 }
 
-fn record_key(id: u64, seq: Seq) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&id.to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// How long `open` keeps retrying a held lock. sled 0.34's background threads can keep the
-/// locked file open for a moment after a `Db` in this process is dropped, so a lock that is only
-/// briefly held is waited for; one held by another process stays held and is reported.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-fn open_db(dir: &Path) -> Result<sled::Db, LogError> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let opened = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open();
-        match opened {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
-                if started.elapsed() >= LOCK_WAIT {
-                    return Err(LogError::InUse(dir.to_path_buf()));
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-            Err(e) => return Err(LogError::Storage { path: dir.to_path_buf(), source: e }),
-        }
-    }
-}
-
-impl EventLog {
-    /// Creates the log of backup `backup_name` in `dir`; fails if it already has records.
-    pub fn create(dir: &Path, backup_name: &str) -> Result<EventLog, LogError> {
-        let db = open_db(dir)?;
+impl<M: LogMedium> EventLog<M> {
+    /// Creates the log of backup `backup_name` on `medium`; fails if it already has records.
+    pub fn create_on(mut medium: M, backup_name: &str) -> Result<EventLog<M>, LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
         let id = backup_id(backup_name);
-        let storage = |source| LogError::Storage { path: dir.to_path_buf(), source };
-        let stored = db.get(META_NAME_KEY).map_err(storage)?;
-        let records = db.scan_prefix(id.to_be_bytes()).count() as u64;
-        if let Some(stored) = stored {
+        if let Some(stored) = medium.read_name().map_err(storage)? {
             let stored = String::from_utf8_lossy(&stored).into_owned();
             if stored != backup_name {
-                return Err(LogError::WrongBackup {
-                    path: dir.to_path_buf(),
-                    stored,
-                    requested: backup_name.to_string(),
-                });
+                return Err(LogError::WrongBackup { path, stored, requested: backup_name.to_string() });
             }
         }
+        let records = medium.records(id).map_err(|(_, m)| storage(m))?.len() as u64;
         if records > 0 {
-            return Err(LogError::AlreadyExists { path: dir.to_path_buf(), name: backup_name.to_string(), records });
+            return Err(LogError::AlreadyExists { path, name: backup_name.to_string(), records });
         }
-        db.insert(META_NAME_KEY, backup_name.as_bytes()).map_err(storage)?;
-        db.flush().map_err(storage)?;
-        Ok(EventLog { db, path: dir.to_path_buf(), name: backup_name.to_string(), id, next: 0, durable: None })
+        medium.write_name(backup_name).map_err(storage)?;
+        (medium.flush_job())().map_err(storage)?;
+        Ok(EventLog { medium, path, name: backup_name.to_string(), id, next: 0, durable: None })
     }
 
-    /// Opens an existing log and reads it whole, cutting a torn last record.
-    pub fn open(dir: &Path) -> Result<(EventLog, Vec<Event>, OpenReport), LogError> {
-        // sled would create a missing database; a log that was never created is simply not there.
-        if !dir.join("db").is_file() {
-            return Err(LogError::NotFound(dir.to_path_buf()));
-        }
-        let db = open_db(dir)?;
-        let path = dir.to_path_buf();
-        let storage = |source| LogError::Storage { path: dir.to_path_buf(), source };
-        let name = match db.get(META_NAME_KEY).map_err(storage)? {
-            Some(n) => String::from_utf8(n.to_vec()).map_err(|_| LogError::Corrupt {
+    /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
+    pub fn open_on(mut medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        let name = match medium.read_name().map_err(storage)? {
+            Some(n) => String::from_utf8(n).map_err(|_| LogError::Corrupt {
                 path: path.clone(),
                 seq: 0,
                 reason: "the backup name in the log's metadata is not UTF-8".to_string(),
@@ -153,33 +160,29 @@ impl EventLog {
             None => return Err(LogError::NotFound(path)),
         };
         let id = backup_id(&name);
-
-        // Read every record; the engine's `recover_records` decides torn tail versus corruption,
-        // the same function the simulator's log recovers with.
-        let mut records: Vec<(Seq, sled::IVec)> = Vec::new();
-        for kv in db.scan_prefix(id.to_be_bytes()) {
-            let (k, v) = kv.map_err(storage)?;
-            if k.len() != 16 {
-                let seq = records.len() as Seq;
-                let reason = format!("unexpected key of {} bytes among the records", k.len());
-                return Err(LogError::Corrupt { path, seq, reason });
-            }
-            let mut seq_bytes = [0u8; 8];
-            seq_bytes.copy_from_slice(&k[8..]);
-            records.push((Seq::from_be_bytes(seq_bytes), v));
-        }
-        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_ref())))
+        let records = medium.records(id).map_err(|(seq, reason)| LogError::Corrupt {
+            path: path.clone(),
+            seq: seq as Seq,
+            reason,
+        })?;
+        // The engine's `recover_records` decides torn tail versus corruption, for every medium.
+        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
             .map_err(|e| LogError::Corrupt { path: path.clone(), seq: e.seq, reason: e.reason })?;
         let (events, bad) = (recovered.events, recovered.cut_tail);
         let mut report = OpenReport { events: events.len(), cut_tail: None };
+        let mut next = events.len() as Seq;
+        let durable = next.checked_sub(1);
         if let Some((seq, reason)) = bad {
             tracing::warn!("event log {}: cutting torn last record {seq}: {reason}", path.display());
-            db.remove(record_key(id, seq)).map_err(storage)?;
-            db.flush().map_err(storage)?;
+            medium.remove(id, seq).map_err(storage)?;
+            (medium.flush_job())().map_err(storage)?;
+            if mutation::active(Mutation::LogStaleNextSeq) {
+                // Deliberate bug: count the cut record, so appends resume one past the tail.
+                next = records.len() as Seq;
+            }
             report.cut_tail = Some((seq, reason));
         }
-        let next = events.len() as Seq;
-        let log = EventLog { db, path, name, id, next, durable: next.checked_sub(1) };
+        let log = EventLog { medium, path, name, id, next, durable };
         Ok((log, events, report))
     }
 
@@ -190,28 +193,54 @@ impl EventLog {
 
     /// Appends already encoded record bytes as record `seq`; not yet durable.
     pub fn append_encoded(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
-        self.check_next(seq)?;
-        self.db.insert(record_key(self.id, seq), bytes).map_err(|source| self.storage(source))?;
+        if seq != self.next {
+            return Err(LogError::OutOfOrder { path: self.path.clone(), expected: self.next, got: seq });
+        }
+        self.medium.insert(self.id, seq, bytes).map_err(|m| self.storage(m))?;
         self.next = seq + 1;
         Ok(())
     }
 
     /// Writes arbitrary bytes at any `seq`, bypassing every check (corruption tests only).
     #[doc(hidden)]
-    pub fn put_raw(&self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
-        self.db.insert(record_key(self.id, seq), bytes).map_err(|source| self.storage(source))?;
-        Ok(())
+    pub fn put_raw(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+        self.medium.insert(self.id, seq, bytes).map_err(|m| self.storage(m))
     }
 
-    /// Group commit: makes every append so far durable with one flush.
+    /// Group commit, on this thread: makes every append so far durable with one flush.
     pub fn flush(&mut self) -> Result<(), LogError> {
         let upto = self.next.checked_sub(1);
         if upto == self.durable {
             return Ok(());
         }
-        self.db.flush().map_err(|source| self.storage(source))?;
+        (self.medium.flush_job())().map_err(|m| self.storage(m))?;
         self.durable = upto;
         Ok(())
+    }
+
+    /// Group commit through `rt` (production: `spawn_blocking`, so an fsync never stalls a
+    /// runtime thread).
+    pub async fn flush_on(&mut self, rt: &dyn Runtime) -> Result<(), LogError> {
+        let upto = self.next.checked_sub(1);
+        if upto == self.durable {
+            return Ok(());
+        }
+        let job = self.medium.flush_job();
+        offload(rt, job).await.map_err(|m| self.storage(m))?;
+        self.durable = upto;
+        Ok(())
+    }
+
+    /// Every event in the log, read back from the medium (the log stays open).
+    pub fn read_back(&self) -> Result<Vec<Event>, LogError> {
+        let records = self.medium.records(self.id).map_err(|(seq, reason)| LogError::Corrupt {
+            path: self.path.clone(),
+            seq: seq as Seq,
+            reason,
+        })?;
+        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
+            .map_err(|e| LogError::Corrupt { path: self.path.clone(), seq: e.seq, reason: e.reason })?;
+        Ok(recovered.events)
     }
 
     /// The last record known durable, if any.
@@ -229,20 +258,145 @@ impl EventLog {
         &self.name
     }
 
-    /// The log's directory.
+    /// The log's location.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn check_next(&self, seq: Seq) -> Result<(), LogError> {
-        if seq != self.next {
-            return Err(LogError::OutOfOrder { path: self.path.clone(), expected: self.next, got: seq });
-        }
-        Ok(())
+    /// The medium (tests).
+    pub fn medium(&self) -> &M {
+        &self.medium
     }
 
-    fn storage(&self, source: sled::Error) -> LogError {
-        LogError::Storage { path: self.path.clone(), source }
+    fn storage(&self, message: String) -> LogError {
+        LogError::Storage { path: self.path.clone(), message }
+    }
+}
+
+/// How long `open` keeps retrying a held lock. sled 0.34's background threads can keep the
+/// locked file open for a moment after a `Db` in this process is dropped, so a lock that is only
+/// briefly held is waited for; one held by another process stays held and is reported.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// A sled database as a [`LogMedium`].
+#[derive(Debug)]
+pub struct SledMedium {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+fn record_key(id: u64, seq: Seq) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&id.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Removes snapshots sled was still generating when its process died: sled 0.34.7 would read the
+/// (empty or partial) file back as corruption on every later open. Returns the files removed.
+fn remove_interrupted_snapshots(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
+    let storage = |e: std::io::Error| LogError::Storage { path: dir.to_path_buf(), message: e.to_string() };
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(storage(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(storage)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path()).map_err(storage)?;
+            removed.push(entry.path());
+        }
+    }
+    if !removed.is_empty() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
+    }
+    Ok(removed)
+}
+
+impl SledMedium {
+    /// Opens (creating if needed) the sled database in `dir`, waiting briefly for a lock held by
+    /// this process's own background threads; a lock held by another process is [`LogError::InUse`].
+    pub fn open(dir: &Path) -> Result<SledMedium, LogError> {
+        for path in remove_interrupted_snapshots(dir)? {
+            tracing::warn!("event log {}: removed interrupted sled snapshot {}", dir.display(), path.display());
+        }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let opened = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open();
+            match opened {
+                Ok(db) => return Ok(SledMedium { db, path: dir.to_path_buf() }),
+                Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() >= LOCK_WAIT {
+                        return Err(LogError::InUse(dir.to_path_buf()));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(LogError::Storage { path: dir.to_path_buf(), message: e.to_string() }),
+            }
+        }
+    }
+}
+
+impl LogMedium for SledMedium {
+    fn location(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_name(&self) -> Result<Option<Vec<u8>>, String> {
+        self.db.get(META_NAME_KEY).map(|v| v.map(|v| v.to_vec())).map_err(|e| e.to_string())
+    }
+
+    fn write_name(&mut self, name: &str) -> Result<(), String> {
+        self.db.insert(META_NAME_KEY, name.as_bytes()).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn records(&self, id: u64) -> Records {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv.map_err(|e| (out.len(), e.to_string()))?;
+            if k.len() != 16 {
+                return Err((out.len(), format!("unexpected key of {} bytes among the records", k.len())));
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&k[8..]);
+            out.push((Seq::from_be_bytes(seq), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
+        self.db.insert(record_key(id, seq), bytes).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String> {
+        self.db.remove(record_key(id, seq)).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn flush_job(&self) -> FlushJob {
+        let db = self.db.clone();
+        Box::new(move || db.flush().map(|_| ()).map_err(|e| e.to_string()))
+    }
+}
+
+impl EventLog<SledMedium> {
+    /// Creates the sled log of backup `backup_name` in `dir`; fails if it already has records.
+    pub fn create(dir: &Path, backup_name: &str) -> Result<EventLog<SledMedium>, LogError> {
+        EventLog::create_on(SledMedium::open(dir)?, backup_name)
+    }
+
+    /// Opens an existing sled log and reads it whole, cutting a torn last record.
+    pub fn open(dir: &Path) -> Result<(EventLog<SledMedium>, Vec<Event>, OpenReport), LogError> {
+        // sled would create a missing database; a log that was never created is simply not there.
+        if !dir.join("db").is_file() {
+            return Err(LogError::NotFound(dir.to_path_buf()));
+        }
+        EventLog::open_on(SledMedium::open(dir)?)
     }
 }
 
@@ -250,7 +404,6 @@ impl EventLog {
 pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
     EventLog::open(dir).map(|(_, events, _)| events)
 }
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -302,6 +455,7 @@ mod tests {
             Event::BackupFinished { .. } => 15,
             Event::RunStopped { .. } => 16,
             Event::RunResumed { .. } => 17,
+            Event::FetchFailed { .. } => 18,
         }
     }
 
@@ -397,6 +551,10 @@ mod tests {
                 at_ms: 1_700_000_002_000,
             },
             Event::RunResumed { at_ms: 1_700_000_003_000 },
+            Event::FetchFailed {
+                key: ItemKey::cluster("scheduling.k8s.io", "priorityclasses", "critical"),
+                error: "get priorityclasses.scheduling.k8s.io critical: 403 Forbidden".into(),
+            },
         ]
     }
 
@@ -436,17 +594,17 @@ mod tests {
             }
             assert_eq!(log.durable_seq(), None);
             log.flush().unwrap();
-            assert_eq!(log.durable_seq(), Some(17));
-            assert_eq!(log.next_seq(), 18);
+            assert_eq!(log.durable_seq(), Some(18));
+            assert_eq!(log.next_seq(), 19);
         }
         let (mut log, events, report) = EventLog::open(&dir).unwrap();
         assert_eq!(events, samples());
-        assert_eq!(report, OpenReport { events: 18, cut_tail: None });
-        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 18, Some(17)));
-        log.append(18, &ev(18)).unwrap();
+        assert_eq!(report, OpenReport { events: 19, cut_tail: None });
+        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 19, Some(18)));
+        log.append(19, &ev(19)).unwrap();
         log.flush().unwrap();
         drop(log);
-        assert_eq!(read_events(&dir).unwrap().len(), 19);
+        assert_eq!(read_events(&dir).unwrap().len(), 20);
     }
 
     #[test]
@@ -493,7 +651,7 @@ mod tests {
     fn torn_tail_is_cut_and_the_log_stays_appendable() {
         let (_tmp, dir) = new_log(5);
         {
-            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
             let rec = encode_record(&ev(5));
             log.put_raw(5, &rec[..rec.len() - 3]).unwrap();
         }
@@ -515,7 +673,7 @@ mod tests {
     fn flipped_byte_in_last_record_is_cut() {
         let (_tmp, dir) = new_log(4);
         {
-            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
             let mut rec = encode_record(&ev(3));
             let last = rec.len() - 1;
             rec[last] ^= 0x40;
@@ -533,7 +691,7 @@ mod tests {
     fn flipped_byte_in_middle_record_names_the_seq() {
         let (_tmp, dir) = new_log(30);
         {
-            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
             let mut rec = encode_record(&ev(17));
             rec[10] ^= 1;
             log.put_raw(17, &rec).unwrap();
@@ -553,7 +711,7 @@ mod tests {
     fn seq_gap_is_an_error() {
         let (_tmp, dir) = new_log(3);
         {
-            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
             log.put_raw(4, &encode_record(&ev(4))).unwrap();
         }
         let e = EventLog::open(&dir).unwrap_err();
@@ -565,7 +723,7 @@ mod tests {
     fn garbage_never_panics() {
         let (_tmp, dir) = new_log(1);
         {
-            let (log, _, _) = EventLog::open(&dir).unwrap();
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
             for (i, junk) in [&b""[..], &[0xff; 3], &[1, 0, 0, 0, 0, 0, 0, 0], &[0xff; 64]].iter().enumerate() {
                 log.put_raw(1 + i as u64, junk).unwrap();
             }
@@ -578,7 +736,7 @@ mod tests {
     fn golden_fixtures_decode_for_every_variant() {
         let samples = samples();
         let indices: Vec<usize> = samples.iter().map(variant_index).collect();
-        assert_eq!(indices, (0..18).collect::<Vec<_>>(), "samples must cover every variant in order");
+        assert_eq!(indices, (0..19).collect::<Vec<_>>(), "samples must cover every variant in order");
 
         let bless = std::env::var("BLOCKWISE_BLESS").is_ok_and(|v| v == "1");
         let text = match std::fs::read_to_string(FIXTURE) {
@@ -621,6 +779,28 @@ mod tests {
         out.extend(missing);
         std::fs::create_dir_all(Path::new(FIXTURE).parent().unwrap()).unwrap();
         std::fs::write(FIXTURE, out).unwrap();
+    }
+
+    #[test]
+    fn an_interrupted_sled_snapshot_does_not_make_the_log_unreadable() {
+        // sled 0.34.7 leaves `snap.<lsn>.generating` behind when killed while writing a snapshot
+        // and then refuses every later open ("Read corrupted data at file offset None").
+        let (_tmp, dir) = new_log(40);
+        std::fs::write(dir.join("snap.00000000000FFFFF.generating"), b"").unwrap();
+        std::fs::write(dir.join("snap.0000000000FFFFFF.generating"), b"partial").unwrap();
+        let (mut log, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events, (0..40).map(ev).collect::<Vec<_>>());
+        assert_eq!(report.cut_tail, None);
+        log.append(40, &ev(40)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        assert_eq!(read_events(&dir).unwrap().len(), 41);
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".generating"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

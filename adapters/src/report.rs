@@ -186,6 +186,7 @@ pub fn event_line(seq: u64, e: &Event) -> String {
             format!("{} run stopped (resume to continue): {reason}", rfc3339(*at_ms))
         }
         Event::RunResumed { at_ms } => format!("{} run resumed", rfc3339(*at_ms)),
+        Event::FetchFailed { key, error } => format!("get of pull target {key} failed: {error}"),
     };
     format!("{seq:>8} {body}")
 }

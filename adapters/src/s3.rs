@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
 use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::{ArchiveEntry, ItemKey};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
 use object_store::{
@@ -39,8 +39,8 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
-    check_key, check_name, commit, create_dirs, plan_archive, temp_path, verify_staged, write_archive, Store,
-    StoreError,
+    check_key, check_name, commit, create_dirs, plan_archive, temp_path, unstaged_error, verify_staged, write_archive,
+    Store, StoreError,
 };
 
 /// Archives larger than this are uploaded as a multipart upload.
@@ -330,8 +330,8 @@ impl S3Store {
         backup: &str,
         i: usize,
         entry: &ArchiveEntry,
-    ) -> Result<(usize, Vec<u8>), StoreError> {
-        self.fetch_staged(backup, entry).await.map(|b| (i, b))
+    ) -> (usize, Result<Vec<u8>, StoreError>) {
+        (i, self.fetch_staged(backup, entry).await)
     }
 
     /// Builds the archive into `tmp` from the staged items: each downloaded once into `scratch`.
@@ -352,10 +352,23 @@ impl S3Store {
         let fetches: Vec<_> = entries.iter().enumerate().map(|(i, e)| self.fetch_indexed(backup, i, e)).collect();
         let mut fetched = futures::stream::iter(fetches).buffer_unordered(FINALIZE_GETS_IN_FLIGHT_MAX);
         let mut index: HashMap<&ItemKey, PathBuf> = HashMap::with_capacity(entries.len());
-        while let Some((i, bytes)) = fetched.try_next().await? {
+        // Items missing or changed are all collected, so the engine can stage them again at once.
+        let mut unstaged = Vec::new();
+        while let Some((i, got)) = fetched.next().await {
+            let bytes = match got {
+                Ok(b) => b,
+                Err(e @ (StoreError::NotStaged { .. } | StoreError::DigestMismatch { .. })) => {
+                    unstaged.push((entries[i].key.clone(), e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let path = scratch.join(i.to_string());
             fs::write(&path, &bytes).map_err(io("write", &path))?;
             index.insert(&entries[i].key, path);
+        }
+        if let Some(e) = unstaged_error(&mut unstaged) {
+            return Err(e);
         }
         let file = File::create(tmp).map_err(io("create", tmp))?;
         let (buf, digest, size) = write_archive(&planned, BufWriter::new(file), tmp, |entry| {
@@ -611,7 +624,11 @@ mod tests {
         let victim = Path::from("team/a/backups/b1/staging/resources/configmaps/namespaces/ns1/cm-1.json");
         mem.put(&victim, PutPayload::from_static(b"{}")).await.unwrap();
         let e = s3.finalize("b1", &entries).await.unwrap_err();
-        assert!(matches!(e, StoreError::DigestMismatch { .. }) && e.to_string().contains("configmaps ns1/cm-1"), "{e}");
+        assert!(
+            matches!(&e, StoreError::Unstaged { keys, first } if keys.len() == 1 && matches!(**first, StoreError::DigestMismatch { .. }))
+                && e.to_string().contains("configmaps ns1/cm-1"),
+            "{e}"
+        );
         mem.delete(&victim).await.unwrap();
         let e = s3.finalize("b1", &entries).await.unwrap_err();
         assert!(e.to_string().contains("item configmaps ns1/cm-1 is not staged"), "{e}");

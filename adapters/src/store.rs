@@ -1,13 +1,18 @@
 //! Stores: where staged items, the Velero-layout archive and its companion files go (DESIGN §6).
 //!
-//! [`Store`] is the port the runtime writes through; [`LocalStore`] implements it on a local
-//! directory. Items are staged one file each under a deterministic key
-//! (`backups/<backup>/staging/<archive path>`), written atomically (temp file, fsync, rename), so a
-//! retried or resumed block simply rewrites them. [`Store::finalize`] then builds
+//! [`Store`] is the port the driver writes through; [`LocalStore`] implements it on a directory
+//! tree, a [`StoreMedium`]: a real directory ([`FsMedium`], the default) or the simulator's
+//! in-memory one, so the simulator runs this same store code. Items are staged one file each under
+//! a deterministic key (`backups/<backup>/staging/<archive path>`), each replaced atomically (temp
+//! file, rename) and made durable in bulk by [`Store::sync_staged`], so a retried or resumed block
+//! simply rewrites them. Blocking file-system calls run on the runtime's blocking pool, never on a
+//! worker thread. [`Store::finalize`] then builds
 //! `backups/<backup>/<backup>.tar.gz` from the staged files, checking each against the digest the
 //! log recorded, with every tar entry sorted by path and every piece of metadata fixed (mtime 0,
 //! uid/gid 0, mode 0644, GNU headers, gzip mtime 0 and no file name, one compression level): the
 //! same items give a byte-identical archive whatever the worker count or crash/resume history.
+//! Items it finds missing or changed are reported together ([`StoreError::Unstaged`]) so the
+//! engine can stage them again from the log.
 //! Every backup name and key component is checked with [`is_safe_name`] so nothing escapes the
 //! store root.
 //!
@@ -22,7 +27,6 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
@@ -30,10 +34,14 @@ use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::{ArchiveEntry, ItemKey};
 use sha2::{Digest, Sha256};
 
+use crate::world::{offload, BoxFuture, Runtime, TokioRuntime};
+
 /// Path of the format version file inside the archive.
 pub const VERSION_PATH: &str = "metadata/version";
-/// Velero's backup format version, written without a newline.
+/// Velero's backup format version.
 pub const FORMAT_VERSION: &str = "1.1.0";
+/// The bytes of `metadata/version`: the format version and a newline, as Velero writes it.
+pub const VERSION_FILE_BYTES: &[u8] = b"1.1.0\n";
 /// The gzip level of every archive; fixed so the bytes are reproducible.
 const GZIP_LEVEL: u32 = 6;
 /// Distinguishes concurrent temp files of one process.
@@ -72,6 +80,9 @@ pub enum StoreError {
     /// A storage location that cannot be used (`--storage`).
     #[error("storage {location:?}: {reason}")]
     BadLocation { location: String, reason: String },
+    /// Building the archive found staged items missing or different from their logged digest.
+    #[error("{} staged items are missing or changed; the first: {first}", .keys.len())]
+    Unstaged { keys: Vec<ItemKey>, first: Box<StoreError> },
 }
 
 impl StoreError {
@@ -135,11 +146,307 @@ pub trait Store: Send + Sync {
         format!("backups/{backup}/{backup}.tar.gz in {}", self.describe())
     }
 }
+/// Where a [`LocalStore`] keeps its files: a directory tree, addressed by paths relative to the
+/// store's root. Writes replace a file atomically (a reader sees the old bytes or the new ones); a
+/// write that is not `durable` survives a crash only once a later [`StoreMedium::sync_tree`] of a
+/// directory above it returned. [`FsMedium`] is a real directory; the simulator's in-memory medium
+/// loses unsynced writes when the simulated process dies. Both run the same [`LocalStore`] code.
+pub trait StoreMedium: Clone + Send + Sync + 'static {
+    /// A human description, e.g. `local directory /x/store`.
+    fn describe(&self) -> String;
+    /// Where `path` is, for messages (an absolute path for a real directory).
+    fn location(&self, path: &Path) -> PathBuf;
+    /// Replaces `path` with `bytes` atomically; `durable` also makes it survive a crash at once.
+    fn write(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError>;
+    /// Replaces `path` with what `fill` writes, atomically and durably; nothing is left behind
+    /// when `fill` fails.
+    fn write_with(
+        &self,
+        path: &Path,
+        fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    /// The bytes of `path`, `None` when it does not exist.
+    fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Makes every write below `dir` durable (one barrier for many writes).
+    fn sync_tree(&self, dir: &Path) -> Result<(), StoreError>;
+    /// Copies `path` to the local file `dest`, atomically and durably; `false` when `path` does not
+    /// exist.
+    fn copy_out(&self, path: &Path, dest: &Path) -> Result<bool, StoreError> {
+        match self.read(path)? {
+            Some(bytes) => write_atomic(dest, &bytes).map(|()| true),
+            None => Ok(false),
+        }
+    }
+    /// Runs blocking medium work where it cannot stall other work.
+    fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> BoxFuture<T>;
+}
 
-/// A store on a local directory.
+/// A real directory as a [`StoreMedium`]: blocking calls run on tokio's blocking pool.
 #[derive(Debug, Clone)]
-pub struct LocalStore {
+pub struct FsMedium {
     root: PathBuf,
+}
+
+impl FsMedium {
+    /// The directory `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> FsMedium {
+        FsMedium { root: root.into() }
+    }
+}
+
+impl StoreMedium for FsMedium {
+    fn describe(&self) -> String {
+        format!("local directory {}", self.root.display())
+    }
+
+    fn location(&self, path: &Path) -> PathBuf {
+        self.root.join(path)
+    }
+
+    fn write(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+        let path = self.root.join(path);
+        if durable {
+            write_atomic(&path, bytes)
+        } else {
+            stage_file(&path, bytes)
+        }
+    }
+
+    fn write_with(
+        &self,
+        path: &Path,
+        fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let path = self.root.join(path);
+        let dir = parent_dir(&path);
+        create_dirs(dir)?;
+        let tmp = temp_path(dir);
+        let written = (|| {
+            let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+            let mut buf = BufWriter::new(file);
+            fill(&mut buf)?;
+            let file = buf.into_inner().map_err(|e| io_err("write", &tmp)(e.into_error()))?;
+            file.sync_all().map_err(io_err("sync", &tmp))
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        commit(&tmp, &path)
+    }
+
+    fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.root.join(path);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    fn sync_tree(&self, dir: &Path) -> Result<(), StoreError> {
+        let dir = self.root.join(dir);
+        if dir.is_dir() {
+            sync_filesystem(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Streams the file, so a large archive is never held in memory.
+    fn copy_out(&self, path: &Path, dest: &Path) -> Result<bool, StoreError> {
+        let path = self.root.join(path);
+        let mut src = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let dir = parent_dir(dest);
+        create_dirs(dir)?;
+        let tmp = temp_path(dir);
+        let copied = File::create(&tmp).and_then(|mut f| {
+            io::copy(&mut src, &mut f)?;
+            f.sync_all()
+        });
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("copy to", dest)(e));
+        }
+        commit(&tmp, dest).map(|()| true)
+    }
+
+    fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> BoxFuture<T> {
+        Box::pin(async move { offload(&TokioRuntime, job).await })
+    }
+}
+
+/// A store on a directory tree ([`FsMedium`] by default): see the module docs.
+#[derive(Debug, Clone)]
+pub struct LocalStore<M: StoreMedium = FsMedium> {
+    medium: M,
+}
+
+/// The relative path of a backup's directory.
+fn backup_rel(backup: &str) -> Result<PathBuf, StoreError> {
+    check_name("backup name", backup)?;
+    Ok(Path::new("backups").join(backup))
+}
+
+/// The relative path where an item is staged.
+fn staged_rel(backup: &str, key: &ItemKey) -> Result<PathBuf, StoreError> {
+    check_key(key)?;
+    Ok(backup_rel(backup)?.join("staging").join(key.archive_path()))
+}
+
+/// The relative path of a file beside the archive.
+fn file_rel(backup: &str, name: &str) -> Result<PathBuf, StoreError> {
+    check_name("file name", name)?;
+    if name == "staging" || name.starts_with(".tmp-") {
+        return Err(StoreError::UnsafeName { what: "file name", value: name.to_string() });
+    }
+    Ok(backup_rel(backup)?.join(name))
+}
+
+impl LocalStore<FsMedium> {
+    /// A store rooted at the directory `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> LocalStore<FsMedium> {
+        LocalStore { medium: FsMedium::new(root) }
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.medium.root
+    }
+
+    /// The directory of one backup.
+    pub fn backup_dir(&self, backup: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.medium.root.join(backup_rel(backup)?))
+    }
+
+    /// The path of the backup's archive.
+    pub fn archive_path(&self, backup: &str) -> Result<PathBuf, StoreError> {
+        check_name("backup name", backup)?;
+        Ok(archive_path(&self.medium.root, backup))
+    }
+
+    /// The path where an item is staged.
+    pub fn staged_path(&self, backup: &str, key: &ItemKey) -> Result<PathBuf, StoreError> {
+        Ok(self.medium.root.join(staged_rel(backup, key)?))
+    }
+}
+
+impl<M: StoreMedium> LocalStore<M> {
+    /// A store on `medium`.
+    pub fn on(medium: M) -> LocalStore<M> {
+        LocalStore { medium }
+    }
+
+    /// The medium.
+    pub fn medium(&self) -> &M {
+        &self.medium
+    }
+}
+
+/// Builds the archive of `entries` at `archive` on `m`, reading each staged item once. Items that
+/// are missing or differ from their logged digest are all collected into one
+/// [`StoreError::Unstaged`] (and no archive is written), so the caller can stage them again.
+fn build_archive<M: StoreMedium>(
+    m: &M,
+    backup: &str,
+    entries: &[ArchiveEntry],
+    archive: &Path,
+) -> Result<ArchiveInfo, StoreError> {
+    let planned = plan_archive(entries)?;
+    let what = m.location(archive);
+    let mut unstaged: Vec<(ItemKey, StoreError)> = Vec::new();
+    let mut result = None;
+    m.write_with(archive, &mut |sink| {
+        let (_, digest, bytes) = write_archive(&planned, sink, &what, |entry| {
+            let rel = staged_rel(backup, &entry.key)?;
+            let bytes = match m.read(&rel)? {
+                Some(b) => b,
+                None => {
+                    let e = StoreError::NotStaged { key: entry.key.to_string(), path: m.location(&rel) };
+                    unstaged.push((entry.key.clone(), e));
+                    return Ok(Vec::new());
+                }
+            };
+            if let Err(e) = verify_staged(entry, &bytes) {
+                unstaged.push((entry.key.clone(), e));
+            }
+            Ok(bytes)
+        })?;
+        if let Some(e) = unstaged_error(&mut unstaged) {
+            return Err(e);
+        }
+        result = Some(ArchiveInfo { digest, bytes, items: entries.len() as u64 });
+        Ok(())
+    })?;
+    result.ok_or_else(|| StoreError::Io {
+        op: "build",
+        path: what,
+        source: io::Error::other("the archive writer did not finish"),
+    })
+}
+
+/// The collected missing or changed items as one [`StoreError::Unstaged`], if any.
+pub(crate) fn unstaged_error(found: &mut Vec<(ItemKey, StoreError)>) -> Option<StoreError> {
+    if found.is_empty() {
+        return None;
+    }
+    let mut found = std::mem::take(found);
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.dedup_by(|a, b| a.0 == b.0);
+    let (keys, errors): (Vec<ItemKey>, Vec<StoreError>) = found.into_iter().unzip();
+    let first = errors.into_iter().next().map(Box::new);
+    first.map(|first| StoreError::Unstaged { keys, first })
+}
+
+#[async_trait]
+impl<M: StoreMedium> Store for LocalStore<M> {
+    async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
+        let rel = staged_rel(backup, key)?;
+        let (m, bytes) = (self.medium.clone(), bytes.to_vec());
+        self.medium.run(move || m.write(&rel, &bytes, false)).await
+    }
+
+    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
+        let rel = backup_rel(backup)?;
+        let m = self.medium.clone();
+        self.medium.run(move || m.sync_tree(&rel)).await
+    }
+
+    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
+        let archive = backup_rel(backup)?.join(format!("{backup}.tar.gz"));
+        let (m, backup, entries) = (self.medium.clone(), backup.to_string(), entries.to_vec());
+        self.medium.run(move || build_archive(&m, &backup, &entries, &archive)).await
+    }
+
+    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let rel = file_rel(backup, name)?;
+        let (m, bytes) = (self.medium.clone(), bytes.to_vec());
+        self.medium.run(move || m.write(&rel, &bytes, true)).await
+    }
+
+    async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rel = file_rel(backup, name)?;
+        let m = self.medium.clone();
+        self.medium.run(move || m.read(&rel)).await
+    }
+
+    async fn download_file(&self, backup: &str, name: &str, dest: &Path) -> Result<bool, StoreError> {
+        let rel = file_rel(backup, name)?;
+        let (m, dest) = (self.medium.clone(), dest.to_path_buf());
+        self.medium.run(move || m.copy_out(&rel, &dest)).await
+    }
+
+    fn describe(&self) -> String {
+        self.medium.describe()
+    }
+
+    fn archive_location(&self, backup: &str) -> String {
+        let rel = Path::new("backups").join(backup).join(format!("{backup}.tar.gz"));
+        self.medium.location(&rel).display().to_string()
+    }
 }
 
 /// The archive's path in a local store rooted at `root` (the name is not checked).
@@ -218,10 +525,7 @@ pub(crate) fn create_dirs(dir: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         Err(e) => return Err(io_err("create directory", dir)(e)),
     }
-    match dir.parent() {
-        Some(parent) => sync_dir(parent),
-        None => Ok(()),
-    }
+    sync_dir(parent_dir(dir))
 }
 
 /// A fresh temp file path in `dir`, short so long item names stay within file-name limits.
@@ -393,7 +697,7 @@ pub fn write_archive<W: Write>(
     for p in planned {
         let bytes = match p.entry {
             Some(entry) => read(entry)?,
-            None => FORMAT_VERSION.as_bytes().to_vec(),
+            None => VERSION_FILE_BYTES.to_vec(),
         };
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Regular);
@@ -408,149 +712,6 @@ pub fn write_archive<W: Write>(
     let sink = gz.finish().map_err(io_err("write", what))?;
     Ok((sink.inner, sink.hasher.finalize().into(), sink.bytes))
 }
-
-impl LocalStore {
-    /// A store rooted at `root` (created on first write).
-    pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into() }
-    }
-
-    /// The store's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The directory of one backup.
-    pub fn backup_dir(&self, backup: &str) -> Result<PathBuf, StoreError> {
-        check_name("backup name", backup)?;
-        Ok(self.root.join("backups").join(backup))
-    }
-
-    /// The path of the backup's archive.
-    pub fn archive_path(&self, backup: &str) -> Result<PathBuf, StoreError> {
-        check_name("backup name", backup)?;
-        Ok(archive_path(&self.root, backup))
-    }
-
-    /// The path where an item is staged.
-    pub fn staged_path(&self, backup: &str, key: &ItemKey) -> Result<PathBuf, StoreError> {
-        check_key(key)?;
-        Ok(self.backup_dir(backup)?.join("staging").join(key.archive_path()))
-    }
-
-    fn file_path(&self, backup: &str, name: &str) -> Result<PathBuf, StoreError> {
-        check_name("file name", name)?;
-        if name == "staging" || name.starts_with(".tmp-") {
-            return Err(StoreError::UnsafeName { what: "file name", value: name.to_string() });
-        }
-        Ok(self.backup_dir(backup)?.join(name))
-    }
-
-    /// Reads an entry's staged bytes and checks them against the recorded digest.
-    fn read_staged(&self, backup: &str, entry: &ArchiveEntry) -> Result<Vec<u8>, StoreError> {
-        let path = self.staged_path(backup, &entry.key)?;
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotStaged { key: entry.key.to_string(), path });
-            }
-            Err(e) => return Err(io_err("read", &path)(e)),
-        };
-        verify_staged(entry, &bytes)?;
-        Ok(bytes)
-    }
-
-    /// Writes the archive into the temp file `tmp` and syncs it.
-    fn build_into(
-        &self,
-        backup: &str,
-        planned: &[Planned<'_>],
-        file: File,
-        tmp: &Path,
-    ) -> Result<([u8; 32], u64), StoreError> {
-        let (buf, digest, size) =
-            write_archive(planned, BufWriter::new(file), tmp, |entry| self.read_staged(backup, entry))?;
-        let file = buf.into_inner().map_err(|e| io_err("write", tmp)(e.into_error()))?;
-        file.sync_all().map_err(io_err("sync", tmp))?;
-        Ok((digest, size))
-    }
-}
-
-#[async_trait]
-impl Store for LocalStore {
-    async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
-        stage_file(&self.staged_path(backup, key)?, bytes)
-    }
-
-    async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
-        let dir = self.backup_dir(backup)?;
-        if dir.is_dir() {
-            sync_filesystem(&dir)?;
-        }
-        Ok(())
-    }
-
-    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
-        let path = self.archive_path(backup)?;
-        let planned = plan_archive(entries)?;
-        let dir = self.backup_dir(backup)?;
-        create_dirs(&dir)?;
-        let tmp = temp_path(&dir);
-        let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        let (digest, bytes) = match self.build_into(backup, &planned, file, &tmp) {
-            Ok(done) => done,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        commit(&tmp, &path)?;
-        Ok(ArchiveInfo { digest, bytes, items: entries.len() as u64 })
-    }
-
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        write_atomic(&self.file_path(backup, name)?, bytes)
-    }
-
-    async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.file_path(backup, name)?;
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("read", &path)(e)),
-        }
-    }
-
-    async fn download_file(&self, backup: &str, name: &str, dest: &Path) -> Result<bool, StoreError> {
-        let path = self.file_path(backup, name)?;
-        let mut src = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_err("open", &path)(e)),
-        };
-        let dir = parent_dir(dest);
-        create_dirs(dir)?;
-        let tmp = temp_path(dir);
-        let copied = File::create(&tmp).and_then(|mut f| {
-            io::copy(&mut src, &mut f)?;
-            f.sync_all()
-        });
-        if let Err(e) = copied {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err("copy to", dest)(e));
-        }
-        commit(&tmp, dest).map(|()| true)
-    }
-
-    fn describe(&self) -> String {
-        format!("local directory {}", self.root.display())
-    }
-
-    fn archive_location(&self, backup: &str) -> String {
-        archive_path(&self.root, backup).display().to_string()
-    }
-}
-
 /// Bounds of [`RetryingStore`]: attempts per operation and the exponential backoff between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -584,12 +745,13 @@ impl RetryPolicy {
 pub struct RetryingStore {
     inner: Arc<dyn Store>,
     policy: RetryPolicy,
+    runtime: Arc<dyn Runtime>,
 }
 
 impl RetryingStore {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Store>, policy: RetryPolicy) -> RetryingStore {
-        RetryingStore { inner, policy }
+    /// Wraps `inner`; waits between attempts on `runtime`'s clock.
+    pub fn new(inner: Arc<dyn Store>, policy: RetryPolicy, runtime: Arc<dyn Runtime>) -> RetryingStore {
+        RetryingStore { inner, policy, runtime }
     }
 
     async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
@@ -614,7 +776,7 @@ impl RetryingStore {
                 Err(e) => {
                     let wait_ms = self.policy.backoff_ms(attempt);
                     tracing::warn!("{e}; attempt {attempt} of {attempts_max}, retrying in {wait_ms} ms");
-                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                    self.runtime.sleep(wait_ms).await;
                     attempt += 1;
                 }
             }
@@ -656,7 +818,6 @@ impl Store for RetryingStore {
         self.inner.archive_location(backup)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use std::io::Read;
@@ -758,7 +919,7 @@ mod tests {
         assert_eq!(&raw[4..8], &[0, 0, 0, 0], "gzip mtime 0");
 
         let listed = read_archive(&path);
-        let mut expected: Vec<(String, Vec<u8>)> = vec![(VERSION_PATH.into(), b"1.1.0".to_vec())];
+        let mut expected: Vec<(String, Vec<u8>)> = vec![(VERSION_PATH.into(), b"1.1.0\n".to_vec())];
         for (key, version, bytes) in items() {
             expected.push((key.archive_path(), bytes.clone()));
             expected.push((key.preferred_version_path(version), bytes));
@@ -792,13 +953,26 @@ mod tests {
         let mut entries = stage(&store, &[0, 1]).await;
         entries[1].digest[0] ^= 1;
         let e = store.finalize("b1", &entries).await.unwrap_err();
-        assert!(matches!(e, StoreError::DigestMismatch { .. }), "{e}");
+        assert!(
+            matches!(&e, StoreError::Unstaged { first, .. } if matches!(**first, StoreError::DigestMismatch { .. })),
+            "{e}"
+        );
         assert!(e.to_string().contains("item deployments.apps ns1/web"), "{e}");
 
         let key = ItemKey::namespaced("", "secrets", "ns1", "never");
         let e = store.finalize("b1", &[entry(&key, "v1", b"x")]).await.unwrap_err();
-        assert!(matches!(e, StoreError::NotStaged { .. }), "{e}");
+        assert!(
+            matches!(&e, StoreError::Unstaged { keys, first } if keys == std::slice::from_ref(&key) && matches!(**first, StoreError::NotStaged { .. })),
+            "{e}"
+        );
         assert!(e.to_string().contains("item secrets ns1/never is not staged"), "{e}");
+        // Every missing or changed item is named at once, so they can all be staged again.
+        let mut all = stage(&store, &[0, 1]).await;
+        all[0].digest[0] ^= 1;
+        all.push(entry(&key, "v1", b"x"));
+        let e = store.finalize("b1", &all).await.unwrap_err();
+        let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
+        assert_eq!(keys.len(), 2, "{e}");
 
         // No archive, no temp file left behind.
         let mut names: Vec<String> = fs::read_dir(store.backup_dir("b1").unwrap())

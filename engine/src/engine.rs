@@ -15,9 +15,11 @@
 //! the same machine started in [`BlockRun::ClosingInterrupted`].
 //!
 //! A store failure (a staging write or the archive build failing after the store's own retries)
-//! is not an item error: the engine records `RunStopped` and issues nothing more, exactly as if the
-//! process had died there, so `resume` finishes the backup once the store is back. A resumed
-//! stopped run first records `RunResumed`.
+//! is not an item error: the engine starts nothing new, closes every open hook window (each block
+//! in flight runs the post-hooks its attempt owes, in [`BlockRun::Closing`]), then records
+//! `RunStopped` and issues nothing more, so `resume` finishes the backup once the store is back. A
+//! resumed stopped run first records `RunResumed`. An archive build that finds staged items missing
+//! or changed stages them again from the log (`Restage`) and builds again, a bounded number of times.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, S
 use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
 use crate::item::{GroupResource, Item, ItemKey, ResourceType};
+use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
 use crate::spec::{BackupSpec, Selection, SpecError};
 use crate::state::{ArchiveInfo, BackupState, FoldError};
@@ -51,8 +54,11 @@ pub struct EngineConfig {
     /// Blocks whose `BlockStarted` intent is recorded ahead of a free worker, so that one log
     /// flush covers many block starts instead of one flush per block.
     pub intent_lookahead_blocks: usize,
-    /// Test-only deliberate rule breaks, to prove the checks can fail.
-    pub mutation: Option<Mutation>,
+    /// Bytes of object JSON in one `ResourceListed` or `ItemsFetched` record: a page of large
+    /// objects is split over several records, so no record nears the codec's payload limit.
+    pub record_objects_bytes_max: usize,
+    /// Times the archive build may be retried after re-staging items it found missing or changed.
+    pub restage_rounds_max: u32,
 }
 
 impl Default for EngineConfig {
@@ -64,20 +70,10 @@ impl Default for EngineConfig {
             get_batch_items_max: 100,
             plan_chunk_blocks_max: 512,
             intent_lookahead_blocks: 64,
-            mutation: None,
+            record_objects_bytes_max: 4 << 20,
+            restage_rounds_max: 2,
         }
     }
-}
-
-/// Deliberate engine bugs, switched on only by tests of the test harness itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mutation {
-    /// Write a block's items before its pre-hooks (breaks H1).
-    WriteBeforePreHooks,
-    /// Skip the post-hooks owed by an interrupted attempt (breaks H2).
-    SkipOwedPostHooks,
-    /// Ignore a failed Fail-mode pre-hook (breaks H3).
-    IgnorePreHookFailure,
 }
 
 /// One entry of the final archive.
@@ -98,12 +94,15 @@ pub enum CommandKind {
     Discover,
     /// List one page.
     List { unit: ListUnit, resource: ResourceType, limit: u32, continue_token: Option<String> },
-    /// Get objects by key.
+    /// Get objects by key; each key's result is reported on its own.
     Get { items: Vec<(ResourceType, ItemKey)> },
     /// Exec a hook (the runtime enforces `hook.timeout_ms`).
     RunHook { block: u32, attempt: u32, hook: Hook },
     /// Stage one item's canonical JSON under its deterministic key (idempotent).
     WriteItem { block: u32, attempt: u32, key: ItemKey, json: Arc<str> },
+    /// Stage again an item the archive build found missing or changed; its `ItemWritten` fact is
+    /// already in the log, so the bytes are the logged ones and nothing new is recorded.
+    Restage { key: ItemKey, json: Arc<str> },
     /// Build the archive from the staged items.
     Finalize { entries: Vec<ArchiveEntry> },
 }
@@ -126,14 +125,38 @@ pub enum Completion {
     Discovered(Result<Vec<ResourceType>, ClusterError>),
     /// Result of `List`.
     Listed(Result<ListPage, ClusterError>),
-    /// Result of `Get`: raw JSON or `None` per key.
-    Fetched(Result<Vec<(ItemKey, Option<String>)>, ClusterError>),
+    /// Result of `Get`, per key: raw JSON, `None` when not found, or why the get failed.
+    Fetched(Vec<(ItemKey, Result<Option<String>, ClusterError>)>),
     /// Result of `RunHook`.
     HookRan(HookOutcome),
     /// Result of `WriteItem`.
     Written(Result<(), String>),
+    /// Result of `Restage`.
+    Restaged(Result<(), String>),
     /// Result of `Finalize`.
-    Finalized(Result<ArchiveInfo, String>),
+    Finalized(Result<ArchiveInfo, FinalizeError>),
+}
+
+/// Why building the archive failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinalizeError {
+    /// Staged items are missing or differ from their logged digest: stage them again.
+    Unstaged {
+        /// The items.
+        keys: Vec<ItemKey>,
+        /// The store's message.
+        message: String,
+    },
+    /// The store failed.
+    Store(String),
+}
+
+impl std::fmt::Display for FinalizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FinalizeError::Unstaged { message, .. } | FinalizeError::Store(message) => f.write_str(message),
+        }
+    }
 }
 
 /// What one `poll` hands the runtime.
@@ -156,6 +179,9 @@ enum BlockRun {
     Writing { next: usize },
     /// Running post-hook `next` of `hooks`; the block then ends with `failed` as its reason.
     Post { hooks: Vec<Hook>, next: usize, failed: Option<String> },
+    /// The run is stopping (a store failure): running the post-hooks this attempt owes, after
+    /// which the block is left open for `resume` to redo.
+    Closing { hooks: Vec<Hook>, next: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +199,7 @@ enum Pending {
     List { unit: ListUnit, chunk: u32 },
     Get,
     Block(u32),
+    Restage(ItemKey),
     Finalize,
 }
 
@@ -211,19 +238,32 @@ pub struct Engine {
     primed: VecDeque<(u32, u32, Seq)>,
     cursor: usize,
     finalizing: bool,
+    /// Restage commands in flight.
+    restaging: usize,
+    /// Archive builds retried after re-staging.
+    restage_rounds: u32,
+    /// A store failure: the run closes its open hook windows, then records `RunStopped`.
+    stopping: Option<String>,
     fatal: Option<String>,
 }
 
 impl Engine {
     /// Starts a new backup; the first event is `BackupRequested`.
     pub fn new(spec: BackupSpec, cfg: EngineConfig, now_ms: u64) -> Result<Engine, SpecError> {
+        let first = Engine::request(spec.clone(), cfg.workers, now_ms)?;
         let selection = Selection::compile(&spec)?;
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, BackupState::default(), selection, actions);
         e.now_ms = now_ms;
-        let workers = e.cfg.workers as u32;
-        e.emit(Event::BackupRequested { spec, workers, at_ms: now_ms });
+        e.emit(first);
         Ok(e)
+    }
+
+    /// The first event of a backup, once its spec is known to be valid. A shell that must make a
+    /// backup's creation crash-atomic records it durably itself, then [`Engine::resume`]s.
+    pub fn request(spec: BackupSpec, workers: usize, now_ms: u64) -> Result<Event, SpecError> {
+        Selection::compile(&spec)?;
+        Ok(Event::BackupRequested { spec, workers: workers as u32, at_ms: now_ms })
     }
 
     /// Rebuilds an engine from a log; in-flight blocks will first close their interrupted attempt.
@@ -274,6 +314,9 @@ impl Engine {
             primed: VecDeque::new(),
             cursor: 0,
             finalizing: false,
+            restaging: 0,
+            restage_rounds: 0,
+            stopping: None,
             fatal: None,
         }
     }
@@ -281,19 +324,21 @@ impl Engine {
     /// What a crash left open: every in-flight block first runs the post-hooks it owes.
     fn recover(&mut self) {
         for b in &self.state.blocks {
+            if mutation::active(Mutation::RedoFinishedBlocks) && b.outcome == Some(BlockOutcome::Completed) {
+                // Deliberate bug: write a finished block's items again.
+                let attempt = b.attempt.as_ref().map_or(1, |a| a.number);
+                let run = Run {
+                    state: BlockRun::Writing { next: 0 },
+                    attempt,
+                    intent_seq: 0,
+                    busy: false,
+                    writes_done: false,
+                };
+                self.recovering.push_back((b.plan.id, run));
+                continue;
+            }
             let Some(a) = b.attempt.as_ref().filter(|_| b.in_flight()) else { continue };
-            let pods = a.pods_with_pre_started();
-            let owed: Vec<Hook> = if self.cfg.mutation == Some(Mutation::SkipOwedPostHooks) {
-                Vec::new()
-            } else {
-                b.plan
-                    .hooks
-                    .iter()
-                    .filter(|h| h.phase == HookPhase::Post && pods.contains(&h.pod))
-                    .filter(|h| !a.hooks_finished.contains_key(&hook_ref(h)))
-                    .cloned()
-                    .collect()
-            };
+            let owed = if mutation::active(Mutation::SkipOwedPostHooks) { Vec::new() } else { owed_post_hooks(b) };
             let run = Run {
                 state: BlockRun::ClosingInterrupted { attempt: a.number, owed, next: 0 },
                 attempt: a.number,
@@ -330,10 +375,59 @@ impl Engine {
         self.state.stopped.as_deref()
     }
 
-    /// Records `RunStopped`: from here on nothing is issued and every completion is ignored.
+    /// A store failure: stop starting work, close every open hook window (DESIGN §4: the post-hooks
+    /// run whatever happened), then record `RunStopped`, after which nothing is issued and every
+    /// completion is ignored.
     fn stop(&mut self, reason: String) {
-        let at_ms = self.now_ms;
-        self.emit(Event::RunStopped { reason, at_ms });
+        if self.stopping.is_some() {
+            return;
+        }
+        if mutation::active(Mutation::StopWithoutClosingWindows) {
+            let at_ms = self.now_ms;
+            self.emit(Event::RunStopped { reason, at_ms });
+            return;
+        }
+        self.stopping = Some(reason);
+    }
+
+    /// While stopping: turn every idle block into `Closing`, and once nothing is in flight any
+    /// more, record `RunStopped`.
+    fn pump_stopping(&mut self) {
+        let ids: Vec<u32> = self.runs.iter().filter(|(_, r)| !r.busy).map(|(id, _)| *id).collect();
+        for id in ids {
+            let Some(run) = self.runs.get(&id).cloned() else { continue };
+            let closing = match run.state {
+                // A block whose writes are all done (or that failed on a pre-hook) finishes normally.
+                BlockRun::Post { .. } | BlockRun::Closing { .. } => None,
+                BlockRun::ClosingInterrupted { owed, next, .. } => Some(owed.into_iter().skip(next).collect()),
+                BlockRun::Pre { .. } | BlockRun::Writing { .. } => {
+                    Some(owed_post_hooks(&self.state.blocks[id as usize]))
+                }
+            };
+            if let Some(hooks) = closing {
+                self.set_state(id, BlockRun::Closing { hooks, next: 0 });
+            }
+            self.advance_block(id);
+        }
+        if self.inflight.is_empty() && self.runs.is_empty() {
+            if let Some(reason) = self.stopping.take() {
+                let at_ms = self.now_ms;
+                self.emit(Event::RunStopped { reason, at_ms });
+            }
+        }
+    }
+
+    /// The store failed outside any command (the shell's durability barrier): stop as after a
+    /// failed write — close the open hook windows, then record `RunStopped`.
+    pub fn store_failed(&mut self, reason: String) {
+        if !self.is_finished() && self.fatal.is_none() && self.stopped().is_none() {
+            self.stop(reason);
+        }
+    }
+
+    /// Whether the run is closing its hook windows before recording `RunStopped`.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_some()
     }
 
     /// Commands issued and not yet completed.
@@ -412,6 +506,10 @@ impl Engine {
     }
 
     fn pump(&mut self) {
+        if self.stopping.is_some() {
+            self.pump_stopping();
+            return;
+        }
         if self.state.resources.is_none() {
             if !self.discovering {
                 self.discovering = true;
@@ -481,11 +579,13 @@ impl Engine {
         let resources = self.state.resources.clone().unwrap_or_default();
         let not_found: BTreeSet<ItemKey> =
             self.state.fetched.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect();
+        let failed: BTreeSet<ItemKey> = self.state.fetch_failed.keys().cloned().collect();
         let index = Index::new(self.known_items(), &self.selection.spec().volume_group_label);
         let input = PlanInput {
             selection: &self.selection,
             resources: &resources,
             not_found: &not_found,
+            fetch_failed: &failed,
             actions: &self.actions,
         };
         match plan(&input, &index) {
@@ -608,7 +708,7 @@ impl Engine {
 
     fn finish(&mut self) {
         if self.state.archive.is_none() {
-            if !self.finalizing {
+            if !self.finalizing && self.restaging == 0 {
                 self.finalizing = true;
                 let mut entries = Vec::new();
                 for b in &self.state.blocks {
@@ -630,7 +730,33 @@ impl Engine {
     }
 
     fn hooks_of(&self, id: u32, phase: HookPhase) -> Vec<Hook> {
-        self.state.blocks[id as usize].plan.hooks.iter().filter(|h| h.phase == phase).cloned().collect()
+        let hooks = &self.state.blocks[id as usize].plan.hooks;
+        if phase == HookPhase::Pre && mutation::active(Mutation::SkipPreHooksOfMultiPodBlocks) {
+            let pods: BTreeSet<&ItemKey> = hooks.iter().map(|h| &h.pod).collect();
+            if pods.len() > 1 {
+                // Deliberate bug: no freeze for blocks with several hooked pods.
+                return Vec::new();
+            }
+        }
+        hooks.iter().filter(|h| h.phase == phase).cloned().collect()
+    }
+
+    /// Starts hook `h` of an attempt, or, when it cannot run, records it `Invalid` without an
+    /// exec. Returns whether a command was issued (the block is then busy).
+    fn run_hook(&mut self, id: u32, attempt: u32, h: Hook) -> bool {
+        match h.invalid.clone() {
+            Some(reason) => {
+                let at_ms = self.now_ms;
+                let hook = hook_ref(&h);
+                let outcome = HookOutcome::Invalid { reason };
+                self.emit(Event::HookFinished { block: id, attempt, hook, outcome, at_ms });
+                false
+            }
+            None => {
+                self.start_hook(id, attempt, h);
+                true
+            }
+        }
     }
 
     /// The transitions of a block with nothing in flight: issue its next command, or move on.
@@ -644,8 +770,11 @@ impl Engine {
             match run.state {
                 BlockRun::ClosingInterrupted { attempt, owed, next } => {
                     if let Some(h) = owed.get(next).cloned() {
-                        self.start_hook(id, attempt, h);
-                        return;
+                        if self.run_hook(id, attempt, h) {
+                            return;
+                        }
+                        self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: next + 1 });
+                        continue;
                     }
                     let attempt = attempt + 1;
                     let seq = self.emit(Event::BlockStarted { block: id, attempt, at_ms });
@@ -662,7 +791,7 @@ impl Engine {
                 }
                 BlockRun::Pre { next } => {
                     let pre = self.hooks_of(id, HookPhase::Pre);
-                    if self.cfg.mutation == Some(Mutation::WriteBeforePreHooks) && !run.writes_done {
+                    if mutation::active(Mutation::WriteBeforePreHooks) && !run.writes_done {
                         // Deliberate bug: write everything first, then run the pre-hooks.
                         self.set_state(id, BlockRun::Writing { next: 0 });
                         continue;
@@ -714,7 +843,7 @@ impl Engine {
                         if let Some(r) = self.runs.get_mut(&id) {
                             r.writes_done = true;
                         }
-                        if self.cfg.mutation == Some(Mutation::WriteBeforePreHooks) {
+                        if mutation::active(Mutation::WriteBeforePreHooks) {
                             self.set_state(id, BlockRun::Pre { next: 0 });
                         } else {
                             let hooks = self.hooks_of(id, HookPhase::Post);
@@ -722,22 +851,25 @@ impl Engine {
                         }
                     }
                 }
+                BlockRun::Closing { hooks, next } => {
+                    if let Some(h) = hooks.get(next).cloned() {
+                        if self.run_hook(id, run.attempt, h) {
+                            return;
+                        }
+                        self.set_state(id, BlockRun::Closing { hooks, next: next + 1 });
+                        continue;
+                    }
+                    // Windows closed; the attempt stays open and `resume` redoes the block.
+                    self.runs.remove(&id);
+                    return;
+                }
                 BlockRun::Post { hooks, next, failed } => {
                     if let Some(h) = hooks.get(next).cloned() {
-                        if let Some(reason) = h.invalid.clone() {
-                            let hook = hook_ref(&h);
-                            self.emit(Event::HookFinished {
-                                block: id,
-                                attempt: run.attempt,
-                                hook,
-                                outcome: HookOutcome::Invalid { reason },
-                                at_ms,
-                            });
-                            self.set_state(id, BlockRun::Post { hooks, next: next + 1, failed });
-                            continue;
+                        if self.run_hook(id, run.attempt, h) {
+                            return;
                         }
-                        self.start_hook(id, run.attempt, h);
-                        return;
+                        self.set_state(id, BlockRun::Post { hooks, next: next + 1, failed });
+                        continue;
                     }
                     let outcome = match failed {
                         Some(reason) => BlockOutcome::Failed { reason },
@@ -780,7 +912,8 @@ impl Engine {
     fn after_hook(&mut self, id: u32, h: &Hook, ok: bool) {
         let Some(run) = self.runs.get(&id).cloned() else { return };
         let BlockRun::Pre { next } = run.state else { return };
-        let fail = !ok && h.on_error == OnError::Fail && self.cfg.mutation != Some(Mutation::IgnorePreHookFailure);
+        let fail_mode = h.on_error == OnError::Fail || mutation::active(Mutation::ContinueFailsBlock);
+        let fail = !ok && fail_mode && !mutation::active(Mutation::IgnorePreHookFailure);
         if fail {
             // Post-hooks only for pods whose pre-hook window opened in this attempt.
             let pods: BTreeSet<ItemKey> = self.state.blocks[id as usize]
@@ -826,41 +959,85 @@ impl Engine {
                 }
             }
             (Pending::List { unit, chunk }, Completion::Listed(r)) => self.listed(unit, chunk, r),
-            (Pending::Get, Completion::Fetched(r)) => {
-                let items = match r {
-                    Ok(items) => items
-                        .into_iter()
-                        .map(|(k, json)| {
-                            let canon = json.and_then(|j| self.canonicalize_fetched(&k, &j));
-                            (k, canon)
-                        })
-                        .collect(),
-                    Err(e) => {
-                        self.emit(Event::Diagnostic {
-                            severity: Severity::Error,
-                            message: format!("get of pull targets failed: {e}"),
-                        });
-                        Vec::new()
+            (Pending::Get, Completion::Fetched(results)) => {
+                let mut items = Vec::new();
+                let mut failed = Vec::new();
+                for (key, r) in results {
+                    match r {
+                        Ok(json) => {
+                            let canon = json.and_then(|j| self.canonicalize_fetched(&key, &j));
+                            items.push((key, canon));
+                        }
+                        // Recorded once; planning treats the key as unavailable and never asks again.
+                        Err(e) => failed.push((key, e.to_string())),
                     }
-                };
-                self.emit(Event::ItemsFetched { items });
+                }
+                let max = self.cfg.record_objects_bytes_max;
+                for chunk in split_by_bytes(items, max, |(_, j)| j.as_ref().map_or(0, String::len)) {
+                    self.emit(Event::ItemsFetched { items: chunk });
+                }
+                for (key, error) in failed {
+                    self.emit(Event::FetchFailed { key, error });
+                }
                 if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
                     self.fetching = false;
                 }
             }
             (Pending::Block(b), c) => self.block_completion(b, c),
-            (Pending::Finalize, Completion::Finalized(r)) => {
-                self.finalizing = false;
+            (Pending::Restage(key), Completion::Restaged(r)) => {
+                self.restaging -= 1;
                 match r {
-                    Ok(a) => {
-                        self.emit(Event::ArchiveFinalized { digest: a.digest, bytes: a.bytes, items: a.items });
+                    Ok(()) => {
+                        if self.restaging == 0 {
+                            self.finalizing = false;
+                        }
                     }
-                    Err(e) => self.stop(format!("building the archive failed: {e}")),
+                    Err(e) => self.stop(format!("staging {key} again failed: {e}")),
                 }
             }
+            (Pending::Finalize, Completion::Finalized(r)) => match r {
+                Ok(a) => {
+                    self.finalizing = false;
+                    self.emit(Event::ArchiveFinalized { digest: a.digest, bytes: a.bytes, items: a.items });
+                }
+                Err(FinalizeError::Unstaged { keys, message }) if self.restage_rounds < self.cfg.restage_rounds_max => {
+                    // A staged item was lost or changed after its fact was recorded: stage the
+                    // logged bytes again, then build the archive again.
+                    self.restage_rounds += 1;
+                    self.warn(format!(
+                        "building the archive found {} staged items missing or changed ({message}); staging them again from the log",
+                        keys.len()
+                    ));
+                    self.restage(keys);
+                }
+                Err(e) => {
+                    self.finalizing = false;
+                    self.stop(format!("building the archive failed: {e}"));
+                }
+            },
             (p, c) => {
                 self.fatal.get_or_insert(format!("completion {c:?} does not answer {p:?}"));
             }
+        }
+    }
+
+    /// Issues a `Restage` of each key's logged JSON; the archive is built again once all are done.
+    fn restage(&mut self, keys: Vec<ItemKey>) {
+        for key in keys {
+            let json = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
+            match json {
+                Some(json) => {
+                    self.restaging += 1;
+                    self.issue(Pending::Restage(key.clone()), None, CommandKind::Restage { key, json });
+                }
+                None => {
+                    self.stop(format!("building the archive failed: {key} is not staged and not in the log"));
+                    return;
+                }
+            }
+        }
+        if self.restaging == 0 {
+            self.finalizing = false;
         }
     }
 
@@ -893,7 +1070,19 @@ impl Engine {
                     }
                 }
                 let complete = page.continue_token.is_none();
-                self.emit(Event::ResourceListed { unit: unit.clone(), chunk, objects, complete });
+                // A page of large objects becomes several records, each bounded in bytes.
+                let parts = split_by_bytes(objects, self.cfg.record_objects_bytes_max, String::len);
+                let n = parts.len() as u32;
+                for (i, objects) in parts.into_iter().enumerate() {
+                    let i = i as u32;
+                    let last = i + 1 == n;
+                    self.emit(Event::ResourceListed {
+                        unit: unit.clone(),
+                        chunk: chunk + i,
+                        objects,
+                        complete: complete && last,
+                    });
+                }
                 for b in bad {
                     self.warn(b);
                 }
@@ -907,7 +1096,7 @@ impl Engine {
                         limit,
                         continue_token: page.continue_token,
                     };
-                    self.issue(Pending::List { unit, chunk: chunk + 1 }, None, kind);
+                    self.issue(Pending::List { unit, chunk: chunk + n }, None, kind);
                 }
             }
             Err(ClusterError::Expired(_)) => {
@@ -966,6 +1155,13 @@ impl Engine {
                 }
                 self.set_state(id, BlockRun::Writing { next: next + 1 });
             }
+            (BlockRun::Closing { hooks, next }, Completion::HookRan(outcome)) => {
+                if let Some(h) = hooks.get(next) {
+                    let hook = hook_ref(h);
+                    self.emit(Event::HookFinished { block: id, attempt: run.attempt, hook, outcome, at_ms });
+                }
+                self.set_state(id, BlockRun::Closing { hooks, next: next + 1 });
+            }
             (BlockRun::Post { hooks, next, failed }, Completion::HookRan(outcome)) => {
                 if let Some(h) = hooks.get(next) {
                     self.emit(Event::HookFinished {
@@ -983,6 +1179,40 @@ impl Engine {
             }
         }
     }
+}
+
+/// Splits `items` into runs whose summed `size` stays within `bytes_max` (an item larger than the
+/// bound gets a run of its own); always at least one run, possibly empty.
+fn split_by_bytes<T>(items: Vec<T>, bytes_max: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = vec![Vec::new()];
+    let mut used = 0usize;
+    for it in items {
+        let n = size(&it);
+        let current_full = out.last().is_some_and(|c| !c.is_empty()) && used + n > bytes_max;
+        if current_full {
+            out.push(Vec::new());
+            used = 0;
+        }
+        used += n;
+        if let Some(last) = out.last_mut() {
+            last.push(it);
+        }
+    }
+    out
+}
+
+/// The post-hooks the latest attempt of `b` still owes: those of the pods whose pre-hook started,
+/// not yet finished.
+fn owed_post_hooks(b: &crate::state::BlockState) -> Vec<Hook> {
+    let Some(a) = &b.attempt else { return Vec::new() };
+    let pods = a.pods_with_pre_started();
+    b.plan
+        .hooks
+        .iter()
+        .filter(|h| h.phase == HookPhase::Post && pods.contains(&h.pod))
+        .filter(|h| !a.hooks_finished.contains_key(&hook_ref(h)))
+        .cloned()
+        .collect()
 }
 
 /// The reference of a hook inside its block.

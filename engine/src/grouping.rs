@@ -296,6 +296,8 @@ pub struct PlanInput<'a> {
     pub resources: &'a [ResourceType],
     /// Pull targets that were fetched and not found.
     pub not_found: &'a BTreeSet<ItemKey>,
+    /// Pull targets whose get failed (already recorded as errors).
+    pub fetch_failed: &'a BTreeSet<ItemKey>,
     /// The actions to apply.
     pub actions: &'a [Box<dyn ItemBlockAction>],
 }
@@ -354,7 +356,9 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
         }
         for r in &rels {
             let Some(j) = index.by_key.get(&r.to).copied() else {
-                if r.pull && !input.not_found.contains(&r.to) {
+                if r.pull && input.fetch_failed.contains(&r.to) {
+                    // The error is recorded; the item is simply not in the backup.
+                } else if r.pull && !input.not_found.contains(&r.to) {
                     match types.get(&r.to.gr()) {
                         Some(rt) if sel.exclusion(rt, &r.to, None).is_none() => {
                             missing.insert(r.to.clone());
@@ -372,9 +376,14 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
             };
             if r.pull && !in_backup[j as usize] {
                 let target = &index.items[j as usize];
-                let allowed = types
-                    .get(&target.key.gr())
-                    .is_some_and(|rt| sel.exclusion(rt, &target.key, Some(target)).is_none());
+                // Deliberate bug (mutation): judge a pull target by its key only, missing its labels.
+                let seen = if crate::mutation::active(crate::mutation::Mutation::PullExcludedObjects) {
+                    None
+                } else {
+                    Some(target)
+                };
+                let allowed =
+                    types.get(&target.key.gr()).is_some_and(|rt| sel.exclusion(rt, &target.key, seen).is_none());
                 if allowed {
                     in_backup[j as usize] = true;
                     queue.push(j);

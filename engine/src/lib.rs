@@ -12,12 +12,14 @@ pub mod event;
 pub mod grouping;
 pub mod hooks;
 pub mod item;
+pub mod mutation;
 pub mod ports;
 pub mod spec;
 pub mod state;
 
-pub use engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, Mutation, Output};
+pub use engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, FinalizeError, Output};
 pub use event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 pub use item::{GroupResource, Item, ItemKey, ResourceType};
+pub use mutation::Mutation;
 pub use spec::BackupSpec;
 pub use state::BackupState;

@@ -322,7 +322,11 @@ impl Selection {
 
     /// Whether objects of `rt` can ever be in the backup, i.e. whether it must be listed.
     pub fn resource_listable(&self, rt: &ResourceType) -> bool {
-        self.resource_included(rt) && (rt.namespaced || self.spec.include_cluster_resources != Some(false))
+        // Namespace objects are cluster-scoped but follow the namespace filter, so they are listed
+        // even when cluster-scoped resources are off.
+        let namespaces = rt.gr.group.is_empty() && rt.gr.resource == "namespaces";
+        self.resource_included(rt)
+            && (rt.namespaced || namespaces || self.spec.include_cluster_resources != Some(false))
     }
 
     /// Why an item may never be in the backup, or `None` when it may be.

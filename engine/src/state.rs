@@ -110,6 +110,8 @@ pub struct BackupState {
     pub listings: BTreeMap<ListUnit, Listing>,
     /// Pull targets fetched by key.
     pub fetched: BTreeMap<ItemKey, Option<String>>,
+    /// Pull targets whose get failed, with the error.
+    pub fetch_failed: BTreeMap<ItemKey, String>,
     /// Planned blocks, by id.
     pub blocks: Vec<BlockState>,
     /// Planning is over.
@@ -199,6 +201,9 @@ impl BackupState {
 
     fn attempt_mut(&mut self, seq: Seq, kind: &'static str, id: u32, attempt: u32) -> Result<&mut Attempt, FoldError> {
         let b = self.block_mut(seq, kind, id)?;
+        if b.outcome.is_some() {
+            return Err(FoldError { seq, kind, reason: format!("block {id} already finished") });
+        }
         match b.attempt.as_mut() {
             Some(a) if a.number == attempt => Ok(a),
             other => {
@@ -348,6 +353,10 @@ impl BackupState {
                     return Err(FoldError { seq, kind, reason: "the run did not stop".into() });
                 }
                 self.last_ms = *at_ms;
+            }
+            Event::FetchFailed { key, error } => {
+                self.fetch_failed.insert(key.clone(), error.clone());
+                self.error(format!("get of {key} failed: {error}"));
             }
         }
         self.events += 1;

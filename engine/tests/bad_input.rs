@@ -20,7 +20,7 @@ fn malformed_objects_are_warnings_naming_them_and_the_rest_is_backed_up() {
             "pre.hook.backup.velero.io/timeout": "forever"}},
          "spec": {"containers": [{"name": "main"}]}, "status": {"phase": "Running"}},
     ]);
-    let c = Cluster::from_json(&objects.to_string());
+    let c = Cluster::from_json(&objects.to_string()).expect("fixture");
     let run = backup(&c, BackupSpec::new("bad"), 2, 1);
     assert!(run.finished);
     let warnings: Vec<&str> = run

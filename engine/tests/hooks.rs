@@ -1,18 +1,20 @@
-//! Hook semantics of DESIGN §4 and recovery of §5, checked through the engine with a driver that
-//! records the order of effects. H1: pre before the first write, post after the last. H2: every
-//! pod whose pre-hook started gets its post-hooks, across crashes. H3: a failed Fail-mode pre-hook
-//! writes nothing of its block.
+//! Hook semantics of DESIGN §4 and recovery of §5, checked through the engine and the production
+//! shell in the simulator's world, whose records give the order of effects. H1: pre before the
+//! first write, post after the last. H2: every pod whose pre-hook started gets its post-hooks,
+//! across crashes. H3: a failed Fail-mode pre-hook writes nothing of its block.
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase};
 use blockwise_engine::hooks::HookPhase;
 use blockwise_engine::spec::BackupSpec;
 use blockwise_engine::state::BackupState;
-use blockwise_engine::{Engine, EngineConfig};
-use common::{backup, drive, Cluster, Effect};
+use blockwise_simulator::fixture::Observed;
+use blockwise_simulator::rng::Rng;
+use blockwise_simulator::sim::{Life, RUN_STEPS_MAX};
+use common::{backup, cluster, cmd, Cluster, Effect, HookFault};
 use serde_json::{json, Value};
 
 fn hooked_pod(name: &str, claim: &str, on_error: &str) -> Value {
@@ -46,7 +48,7 @@ fn fixture() -> Cluster {
         pv("pv2"),
         json!({"kind": "ConfigMap", "metadata": {"namespace": "db", "name": "settings"}}),
     ];
-    Cluster::from_json(&Value::Array(objects).to_string())
+    cluster(objects)
 }
 
 /// Checks H1 on an effect trace: within each (block, attempt), no write precedes a pre-hook's
@@ -106,7 +108,7 @@ fn pre_hooks_before_writes_and_post_hooks_after_for_every_seed_and_worker_count(
     for seed in 1..40 {
         for workers in [1, 2, 8] {
             let run = backup(&c, BackupSpec::new("t"), workers, seed);
-            assert!(run.finished, "seed {seed}");
+            assert!(run.finished, "seed {seed}: {}", run.life);
             assert_h1(&run.effects);
             assert_h2(&run.effects);
             assert_eq!(finished_phase(&run.events), Some(Phase::Completed), "seed {seed}");
@@ -119,10 +121,10 @@ fn pre_hooks_before_writes_and_post_hooks_after_for_every_seed_and_worker_count(
 fn failing_fail_mode_pre_hook_writes_nothing_of_its_block_and_closes_open_windows() {
     let mut c = fixture();
     // Pod b's freeze fails; a's started before it (pods run in key order), so a is owed its post.
-    c.hook_outcomes.insert(("b".into(), "freeze-b".into()), HookOutcome::Exited { code: 1, output: String::new() });
+    c.hook_faults.insert(("b".into(), cmd("freeze-b")), HookFault::Exit);
     let run = backup(&c, BackupSpec::new("t"), 2, 5);
     assert!(run.finished);
-    let written: std::collections::BTreeSet<&str> = run.staged.keys().map(|k| k.name.as_str()).collect();
+    let written: BTreeSet<&str> = run.staged.keys().map(|k| k.name.as_str()).collect();
     assert_eq!(written, ["c", "own", "pv2", "settings"].into_iter().collect(), "only the other blocks are written");
     let hooks: Vec<String> = run
         .effects
@@ -143,8 +145,7 @@ fn failing_fail_mode_pre_hook_writes_nothing_of_its_block_and_closes_open_window
 #[test]
 fn first_pre_hook_failing_opens_no_window_for_later_pods() {
     let mut c = fixture();
-    c.hook_outcomes
-        .insert(("a".into(), "freeze-a".into()), HookOutcome::Errored { message: "connection reset".into() });
+    c.hook_faults.insert(("a".into(), cmd("freeze-a")), HookFault::Error);
     let run = backup(&c, BackupSpec::new("t"), 1, 9);
     let hooks: Vec<&str> = run
         .effects
@@ -159,20 +160,32 @@ fn first_pre_hook_failing_opens_no_window_for_later_pods() {
 }
 
 #[test]
-fn timeout_counts_as_failure() {
-    let mut c = fixture();
-    c.hook_outcomes.insert(("c".into(), "freeze-c".into()), HookOutcome::TimedOut { timeout_ms: 30_000 });
-    let run = backup(&c, BackupSpec::new("t"), 4, 2);
-    assert!(!run.staged.keys().any(|k| k.name == "own" || k.name == "c" || k.name == "pv2"), "{:?}", run.staged.keys());
-    assert_eq!(finished_phase(&run.events), Some(Phase::PartiallyFailed));
+fn timeout_counts_as_failure_and_hang_is_cut_at_the_timeout() {
+    for fault in [HookFault::Timeout, HookFault::Hang] {
+        let mut c = fixture();
+        c.hook_faults.insert(("c".into(), cmd("freeze-c")), fault);
+        let run = backup(&c, BackupSpec::new("t"), 4, 2);
+        assert!(run.finished, "{fault:?}: {}", run.life);
+        assert!(
+            !run.staged.keys().any(|k| k.name == "own" || k.name == "c" || k.name == "pv2"),
+            "{fault:?}: {:?}",
+            run.staged.keys()
+        );
+        let timed_out = run
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::HookFinished { outcome: HookOutcome::TimedOut { timeout_ms: 30_000 }, .. }));
+        assert!(timed_out, "{fault:?}");
+        assert_eq!(finished_phase(&run.events), Some(Phase::PartiallyFailed));
+    }
 }
 
 #[test]
 fn continue_mode_failure_proceeds_and_marks_partial() {
     let mut objects: Vec<Value> = vec![hooked_pod("c", "own", "Continue"), claim("own", "pv2"), pv("pv2")];
     objects.push(json!({"kind": "ConfigMap", "metadata": {"namespace": "db", "name": "x"}}));
-    let mut c = Cluster::from_json(&Value::Array(objects).to_string());
-    c.hook_outcomes.insert(("c".into(), "freeze-c".into()), HookOutcome::Exited { code: 2, output: "busy".into() });
+    let mut c = cluster(objects);
+    c.hook_faults.insert(("c".into(), cmd("freeze-c")), HookFault::Exit);
     let run = backup(&c, BackupSpec::new("t"), 1, 3);
     assert_eq!(run.staged.len(), 4, "everything is written");
     assert_h1(&run.effects);
@@ -186,7 +199,7 @@ fn continue_mode_failure_proceeds_and_marks_partial() {
 fn invalid_hook_annotation_fails_its_block_without_an_exec() {
     let mut bad = hooked_pod("c", "own", "Fail");
     bad["metadata"]["annotations"]["pre.hook.backup.velero.io/command"] = json!("[\"unterminated");
-    let c = Cluster::from_json(&Value::Array(vec![bad, claim("own", "pv2"), pv("pv2")]).to_string());
+    let c = cluster(vec![bad, claim("own", "pv2"), pv("pv2")]);
     let run = backup(&c, BackupSpec::new("t"), 1, 3);
     assert!(run.effects.is_empty(), "no exec, no write: {:?}", run.effects);
     let reason = run.events.iter().find_map(|e| match e {
@@ -196,65 +209,69 @@ fn invalid_hook_annotation_fails_its_block_without_an_exec() {
     assert!(reason.is_some_and(|r| r.contains("db/c") && r.contains("invalid JSON array")));
 }
 
+/// Finished blocks are never redone: no block attempt starts after its BlockFinished.
+#[track_caller]
+fn assert_no_block_redone(events: &[Event], what: &str) {
+    let mut finished = BTreeSet::new();
+    for e in events {
+        match e {
+            Event::BlockFinished { block, .. } => {
+                finished.insert(*block);
+            }
+            Event::BlockStarted { block, .. } => assert!(!finished.contains(block), "{what}: block {block} redone"),
+            _ => {}
+        }
+    }
+}
+
 /// Crash after every event index in turn, resume from the durable prefix (possibly crashing
 /// again), and require the crash-free items and closed hook windows every time.
 #[test]
 fn crash_after_every_event_then_resume_gives_the_same_items_and_closes_windows() {
     let mut c = fixture();
-    c.hook_outcomes.insert(("c".into(), "freeze-c".into()), HookOutcome::Exited { code: 1, output: String::new() });
+    c.hook_faults.insert(("c".into(), cmd("freeze-c")), HookFault::Exit);
     let reference = backup(&c, BackupSpec::new("t"), 2, 11);
     assert!(reference.finished);
-    let total = reference.events.len();
+    let total = reference.events.len() as u64;
     for k in 1..total {
-        let cfg = EngineConfig { workers: 2, ..EngineConfig::default() };
-        let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
-        let first = Engine::new(BackupSpec::new("t"), cfg.clone(), 0).unwrap();
-        let crashed = drive(first, &c, Vec::new(), 11 + k as u64, Some(k), &mut effects, &mut staged);
-        assert!(!crashed.finished);
+        let mut w = c.world(&BackupSpec::new("t"), 2, 11 + k);
+        let mut rng = Rng::new(k);
+        w.log.crash_after_inserts(k);
+        let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+        assert!(matches!(life, Life::Crashed), "crash point {k}: {life:?}");
+        w.crash(0, None, &mut rng);
+        w.restart();
         // A second crash a few events later, then a final resume.
-        let again = Engine::resume(&crashed.events, cfg.clone(), 1).unwrap_or_else(|e| panic!("crash point {k}: {e}"));
-        let second = drive(again, &c, crashed.events.clone(), k as u64, Some(k + 3), &mut effects, &mut staged);
-        let events = second.events.clone();
-        let last = if second.finished {
-            second
-        } else {
-            let engine = Engine::resume(&events, cfg, 2).unwrap_or_else(|e| panic!("crash point {k}: {e}"));
-            drive(engine, &c, events, 99, None, &mut effects, &mut staged)
-        };
-        assert!(last.finished, "crash point {k}: resumed backup did not finish");
+        let inserts = w.log.disk().inserts();
+        w.log.crash_after_inserts(inserts + 3);
+        let (mut life, _) = w.live(RUN_STEPS_MAX, |_| false);
+        if matches!(life, Life::Crashed) {
+            w.crash(0, None, &mut rng);
+            w.restart();
+            life = w.live(RUN_STEPS_MAX, |_| false).0;
+        }
+        let last = Observed::of(&w, &life);
+        assert!(last.finished, "crash point {k}: resumed backup did not finish: {}", last.life);
         assert_eq!(last.staged, reference.staged, "crash point {k}: staged items differ");
         assert_eq!(finished_phase(&last.events), finished_phase(&reference.events), "crash point {k}");
-        assert_h2(&effects);
-        // Finished blocks are never redone: no block attempt starts after its BlockFinished.
-        let mut finished = std::collections::BTreeSet::new();
-        for e in &last.events {
-            match e {
-                Event::BlockFinished { block, .. } => {
-                    finished.insert(*block);
-                }
-                Event::BlockStarted { block, .. } => {
-                    assert!(!finished.contains(block), "crash point {k}: block {block} redone")
-                }
-                _ => {}
-            }
-        }
+        assert_h2(&last.effects);
+        assert_no_block_redone(&last.events, &format!("crash point {k}"));
     }
 }
 
 /// A store outage (a staging write failing after the store's retries) stops the run: the backup
-/// reports Failed, and `resume` with a healthy store finishes it with the uninterrupted items,
-/// closing every hook window the stopped run opened.
+/// reports Failed — after closing every hook window the run had opened, so no pod stays frozen —
+/// and a new process with a healthy store finishes it with the uninterrupted items.
 #[test]
-fn store_outage_stops_the_run_and_resume_finishes_it() {
+fn store_outage_stops_the_run_after_closing_its_windows_and_resume_finishes_it() {
     let reference = backup(&fixture(), BackupSpec::new("t"), 2, 7);
     for seed in 1..20 {
         let mut c = fixture();
         c.write_fails.insert("settings".into());
-        let cfg = EngineConfig { workers: 2, ..EngineConfig::default() };
-        let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
-        let first = Engine::new(BackupSpec::new("t"), cfg.clone(), 0).unwrap();
-        let stopped = drive(first, &c, Vec::new(), seed, None, &mut effects, &mut staged);
-        assert!(!stopped.finished, "seed {seed}");
+        let mut w = c.world(&BackupSpec::new("t"), 2, seed);
+        let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+        assert!(matches!(life, Life::Stopped(_)), "seed {seed}: {life:?}");
+        let stopped = Observed::of(&w, &life);
         let Some(Event::RunStopped { reason, .. }) = stopped.events.last() else {
             panic!("seed {seed}: the last event must be RunStopped: {:?}", stopped.events.last())
         };
@@ -263,16 +280,18 @@ fn store_outage_stops_the_run_and_resume_finishes_it() {
         assert_eq!(state.phase(), Phase::Failed);
         assert!(state.resumable());
         assert_eq!(finished_phase(&stopped.events), None);
+        // Every window opened before the stop was closed before it.
+        assert_h2(&stopped.effects);
 
-        c.write_fails.clear();
-        let engine = Engine::resume(&stopped.events, cfg, 1).unwrap();
+        w.restart();
         let n = stopped.events.len();
-        let last = drive(engine, &c, stopped.events.clone(), seed + 100, None, &mut effects, &mut staged);
-        assert!(last.finished, "seed {seed}");
+        let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+        let last = Observed::of(&w, &life);
+        assert!(last.finished, "seed {seed}: {}", last.life);
         assert!(matches!(last.events[n], Event::RunResumed { .. }), "seed {seed}: {:?}", last.events[n]);
         assert_eq!(finished_phase(&last.events), Some(Phase::Completed), "seed {seed}");
         assert_eq!(last.staged, reference.staged, "seed {seed}");
-        assert_h2(&effects);
+        assert_h2(&last.effects);
     }
 }
 
@@ -280,38 +299,23 @@ fn store_outage_stops_the_run_and_resume_finishes_it() {
 fn failed_archive_build_stops_and_resume_builds_it_without_redoing_blocks() {
     let mut c = fixture();
     c.finalize_fails = true;
-    let cfg = EngineConfig { workers: 4, ..EngineConfig::default() };
-    let (mut effects, mut staged) = (Vec::new(), BTreeMap::new());
-    let stopped = drive(
-        Engine::new(BackupSpec::new("t"), cfg.clone(), 0).unwrap(),
-        &c,
-        Vec::new(),
-        3,
-        None,
-        &mut effects,
-        &mut staged,
-    );
+    let mut w = c.world(&BackupSpec::new("t"), 4, 3);
+    let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+    let stopped = Observed::of(&w, &life);
     assert!(!stopped.finished);
     assert!(
-        matches!(stopped.events.last(), Some(Event::RunStopped { reason, .. }) if reason.contains("building the archive failed") && reason.contains("503")),
+        matches!(stopped.events.last(), Some(Event::RunStopped { reason, .. }) if reason.contains("building the archive failed") && reason.contains("gave up after 4 attempts")),
         "{:?}",
         stopped.events.last()
     );
     let state = BackupState::fold(&stopped.events).unwrap();
     assert_eq!((state.phase(), state.blocks_done()), (Phase::Failed, state.blocks.len()));
 
-    c.finalize_fails = false;
+    w.restart();
     let n = stopped.events.len();
-    let last = drive(
-        Engine::resume(&stopped.events, cfg, 1).unwrap(),
-        &c,
-        stopped.events.clone(),
-        4,
-        None,
-        &mut effects,
-        &mut staged,
-    );
-    assert!(last.finished);
+    let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+    let last = Observed::of(&w, &life);
+    assert!(last.finished, "{}", last.life);
     let after: Vec<&str> = last.events[n..].iter().map(Event::kind).collect();
     assert_eq!(after, ["RunResumed", "ArchiveFinalized", "BackupFinished"]);
     assert_eq!(finished_phase(&last.events), Some(Phase::Completed));

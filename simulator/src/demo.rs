@@ -6,8 +6,10 @@
 //! ReplicaSets → Pods, StatefulSets with per-pod PVCs bound to PVs, an RWX claim shared by several
 //! Running pods (plus a Pending one), two volume groups, an unbound claim, Pending and Succeeded
 //! pods, ServiceAccounts bound by ClusterRoleBindings, PriorityClasses, eight Running pods with
-//! fsfreeze-style pre/post hook annotations and exactly one pod whose pre-hook fails with onError
-//! Fail ([`demo_failing_hook_pod`]). This fixed core lives in the first two namespaces (`shop`,
+//! fsfreeze-style pre/post hook annotations and — with the demo's faults, which the CLI adds only on
+//! `--demo-faults` — exactly one pod whose pre-hook fails with onError Fail
+//! ([`demo_failing_hook_pod`]; without faults it freezes like the others). This fixed core lives in
+//! the first two namespaces (`shop`,
 //! `payments`); the rest of the budget is filled with generic apps spread over all namespaces and
 //! then single ConfigMaps/Secrets, so the count is exact whenever it exceeds the core (83
 //! objects; smaller requests give the core alone). Uids derive from a hash of seed, kind and
@@ -133,15 +135,24 @@ pub fn demo_namespaces(objects: usize) -> Vec<String> {
         .collect()
 }
 
-/// The one Running pod whose pre-hook fails with onError Fail (`/bin/sh -c "exit 1"`); it mounts a
-/// bound PVC, so its block also holds the PVC and PV. The same for every size and seed.
+/// The one Running pod whose pre-hook fails with onError Fail (`/bin/sh -c "exit 1"`) when the demo
+/// has its faults; it mounts a bound PVC, so its block also holds the PVC and PV. The same for every
+/// size and seed.
 pub fn demo_failing_hook_pod() -> ItemKey {
     ItemKey::namespaced("", "pods", NAMESPACE_NAMES[1], "reporting-0")
 }
 
-/// A deterministic demo cluster of about `objects` objects (see the module docs).
+/// A deterministic demo cluster of about `objects` objects (see the module docs), with its
+/// deliberate faults (the failing pre-hook of [`demo_failing_hook_pod`]).
 pub fn demo_cluster(objects: usize, seed: u64) -> FakeCluster {
+    demo_cluster_with(objects, seed, true)
+}
+
+/// A deterministic demo cluster; without `faults`, [`demo_failing_hook_pod`] has an ordinary
+/// freeze hook and every hook succeeds, so a backup of it completes.
+pub fn demo_cluster_with(objects: usize, seed: u64, faults: bool) -> FakeCluster {
     let mut g = Gen::new(seed);
+    g.faults = faults;
     let namespaces = demo_namespaces(objects);
     g.cluster_wide();
     for ns in &namespaces {
@@ -319,6 +330,8 @@ struct Gen {
     /// (namespace, name) of every workload and single object name handed out.
     used: HashSet<(String, String)>,
     ca_cert: String,
+    /// Include the deliberate faults.
+    faults: bool,
 }
 
 impl Gen {
@@ -332,7 +345,7 @@ impl Gen {
         let b64 = base64(&der);
         let lines: Vec<&str> = b64.as_bytes().chunks(64).filter_map(|c| std::str::from_utf8(c).ok()).collect();
         let ca_cert = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"));
-        Gen { seed, rng, cluster, resource_version: 1000, used: HashSet::new(), ca_cert }
+        Gen { seed, rng, cluster, resource_version: 1000, used: HashSet::new(), ca_cert, faults: true }
     }
 
     fn count(&self) -> usize {
@@ -785,7 +798,11 @@ impl Gen {
         self.deployment(ns, "kafka-indexer", &indexer, &["Running"], false);
 
         let mut reporting = Template::new(&[("reporting", "registry.example.com/reporting:3.3.0")]);
-        reporting.hook = Hook::Failing { container: "reporting" };
+        reporting.hook = if self.faults {
+            Hook::Failing { container: "reporting" }
+        } else {
+            Hook::Freeze { container: "reporting", timeout: None }
+        };
         self.statefulset(ns, "reporting", &reporting, 1, Claim::default(), 8080);
         self.bound_service_account(ns, "monitoring-agent", "monitoring-reader");
     }

@@ -7,21 +7,22 @@
 //! `apiVersion`/`kind` (a get does), lists are sorted by (namespace, name) and paginated with an
 //! opaque continue token, a missing object is `Ok(None)`, exec into a missing container is an error.
 //!
-//! It never reads a clock and never spawns: latency is applied through an injected [`Sleeper`]
-//! (tokio's sleep in the adapters, virtual time in the simulator, nothing at all by default).
+//! It never reads a clock and never spawns: latency is applied through an injected clock, the
+//! shell's [`Runtime`] (tokio's timers for the demo and the API server, virtual time in the
+//! simulator, nothing at all by default). Lists are in (namespace, name) order, or — for the
+//! simulator's G3 check — in a seeded order that is stable across pages ([`FakeCluster::with_list_order_seed`]).
 //! Every exec is recorded when it starts — in memory and optionally in an append-only JSON-lines
 //! file that survives a SIGKILL of the process — so tests can check hook ordering across crashes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, OpenOptions};
-use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use blockwise_adapters::world::Runtime;
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
 use serde::{Deserialize, Serialize};
@@ -29,12 +30,6 @@ use serde_json::Value;
 
 /// How long a [`ExecScript::Hang`] exec sleeps: one hour, far beyond any hook timeout.
 pub const HANG_MS: u64 = 3_600_000;
-
-/// Waits for a number of milliseconds; injected so the simulator stays runtime-agnostic.
-pub trait Sleeper: Send + Sync {
-    /// A future that completes after `ms` milliseconds of (real or virtual) time.
-    fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>>;
-}
 
 /// Simulated latency of cluster calls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +104,8 @@ pub struct FakeCluster {
     objects: BTreeMap<GroupResource, Objects>,
     scripts: HashMap<(ItemKey, Vec<String>), ExecScript>,
     latency: Latency,
-    sleeper: Option<Arc<dyn Sleeper>>,
+    sleeper: Option<Arc<dyn Runtime>>,
+    list_order_seed: Option<u64>,
     exec_log: Option<PathBuf>,
     execs: Mutex<ExecState>,
 }
@@ -178,9 +174,16 @@ impl FakeCluster {
         self
     }
 
-    /// Sets the sleeper that applies latency and hangs; without one, nothing waits.
-    pub fn with_sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
-        self.sleeper = Some(sleeper);
+    /// Sets the clock that applies latency and hangs; without one, nothing waits.
+    pub fn with_clock(mut self, clock: Arc<dyn Runtime>) -> Self {
+        self.sleeper = Some(clock);
+        self
+    }
+
+    /// Serves every list in an order drawn from `seed` (the same order on every page and every
+    /// call), instead of (namespace, name) order.
+    pub fn with_list_order_seed(mut self, seed: u64) -> Self {
+        self.list_order_seed = Some(seed);
         self
     }
 
@@ -215,6 +218,11 @@ impl FakeCluster {
     /// The object with this key, as stored.
     pub fn object(&self, key: &ItemKey) -> Option<&Value> {
         self.objects.get(&key.gr())?.get(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+    }
+
+    /// The object with this key, to change it in place (the simulator's cluster changes).
+    pub fn object_mut(&mut self, key: &ItemKey) -> Option<&mut Value> {
+        self.objects.get_mut(&key.gr())?.get_mut(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
     }
 
     /// Every exec started so far by this instance, in start order.
@@ -349,13 +357,17 @@ impl Cluster for FakeCluster {
         };
         // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
         let ns_filter = namespace.filter(|_| rt.namespaced);
-        let matching = self
+        let mut matching: Vec<(&(String, String), &Value)> = self
             .objects
             .get(&rt.gr)
             .into_iter()
             .flat_map(|objs| objs.iter())
             .filter(|((ns, _), _)| ns_filter.is_none_or(|f| f == ns))
-            .map(|(_, o)| o);
+            .collect();
+        if let Some(seed) = self.list_order_seed {
+            matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
+        }
+        let matching = matching.into_iter().map(|(_, o)| o);
         let limit = if limit == 0 { usize::MAX } else { limit as usize };
         let mut objects = Vec::new();
         let mut more = false;
@@ -415,7 +427,7 @@ pub(crate) mod tests {
     use std::task::{Context, Poll, Waker};
 
     /// Polls a future to completion on this thread; FakeCluster never blocks without a sleeper.
-    pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+    pub(crate) fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         let mut fut = std::pin::pin!(fut);
         let mut cx = Context::from_waker(Waker::noop());
         loop {
@@ -429,9 +441,22 @@ pub(crate) mod tests {
     #[derive(Default)]
     struct CountingSleeper(AtomicU64);
 
-    impl Sleeper for CountingSleeper {
-        fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    impl Runtime for CountingSleeper {
+        fn now_ms(&self) -> u64 {
+            0
+        }
+        fn sleep(&self, ms: u64) -> blockwise_adapters::world::BoxFuture<()> {
             self.0.fetch_add(ms, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+        fn jitter(&self, _: u64) -> u64 {
+            0
+        }
+        fn spawn(&self, fut: blockwise_adapters::world::BoxFuture<()>) -> blockwise_adapters::world::BoxFuture<()> {
+            fut
+        }
+        fn offload(&self, job: blockwise_adapters::world::Job) -> blockwise_adapters::world::BoxFuture<()> {
+            job();
             Box::pin(async {})
         }
     }
@@ -569,7 +594,7 @@ pub(crate) mod tests {
     #[test]
     fn latency_and_hang_go_through_the_sleeper() {
         let sleeper = Arc::new(CountingSleeper::default());
-        let mut c = cluster().with_latency(Latency { api_ms: 5, exec_ms: 20 }).with_sleeper(sleeper.clone());
+        let mut c = cluster().with_latency(Latency { api_ms: 5, exec_ms: 20 }).with_clock(sleeper.clone());
         let p = ItemKey::namespaced("", "pods", "a", "p1");
         c.script_exec(p.clone(), cmd(&["hang"]), ExecScript::Hang);
         list_all(&c, &pods(), None, 10); // 3 pages

@@ -1,27 +1,37 @@
-//! blockwise-simulator: fake clusters, the demo workload and the deterministic simulation runtime.
+//! blockwise-simulator: fake clusters, the demo workload and the deterministic simulation.
 //!
 //! [`FakeCluster`] implements the engine's [`Cluster`](blockwise_engine::ports::Cluster) port in
 //! memory — discovery, paginated lists, gets and scripted pod execs, with every exec recorded —
 //! so the whole backup pipeline runs without Kubernetes. [`demo_cluster`] fills one with a
 //! realistic, seeded workload (the CLI's built-in demo), and [`Rng`] is the seeded PRNG everything
-//! random here derives from. [`sim::simulate`] runs the production engine in a seeded, single
-//! threaded world with injected faults; [`check`] holds the invariants and [`runner`] turns seeds
-//! into verdicts. With the `server` feature, [`server`] serves any fake cluster over the real
-//! Kubernetes HTTP API (for kube-rs and kubectl). Key decision: this crate has no async runtime (no tokio) and reads no wall
-//! clock (only the optional `server` module uses tokio). Waiting is done through an injected [`Sleeper`] — tokio's sleep in the adapters, virtual
-//! time under simulation, none at all by default — so the same fake cluster serves the production
-//! runtime, the single-threaded deterministic runtime and plain unit tests.
+//! random here derives from.
+//!
+//! The simulation runs the **production shell** — the driver, the retries, the store, the archive
+//! writer, the event log — from `blockwise-adapters`, and swaps only the world: [`vt`] is the
+//! virtual-time runtime and its single-threaded executor, [`cluster`] the faulty cluster, [`media`]
+//! the log and store media that lose what a crash loses, [`records`] what the fake world saw.
+//! [`sim`] assembles a run, [`check`] judges it from the [`model`] and the records, and [`runner`]
+//! turns seeds into verdicts. With the `server` feature, [`server`] serves any fake cluster over
+//! the real Kubernetes HTTP API (for kube-rs and kubectl). Key decision: nothing here reads the
+//! wall clock or starts a thread, except the optional `server` module, which runs on tokio.
 
 pub mod check;
+pub mod cluster;
 pub mod demo;
 pub mod fake;
+pub mod fixture;
+pub mod media;
 pub mod model;
+pub mod records;
 pub mod rng;
 pub mod runner;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod sim;
+pub mod vt;
 
-pub use demo::{demo_cluster, demo_failing_hook_pod, demo_resource_types, DEMO_OBJECTS_DEFAULT, DEMO_SEED};
-pub use fake::{read_exec_log, AsGroupResource, ExecRecord, ExecScript, FakeCluster, Latency, Sleeper, HANG_MS};
+pub use demo::{
+    demo_cluster, demo_cluster_with, demo_failing_hook_pod, demo_resource_types, DEMO_OBJECTS_DEFAULT, DEMO_SEED,
+};
+pub use fake::{read_exec_log, AsGroupResource, ExecRecord, ExecScript, FakeCluster, Latency, HANG_MS};
 pub use rng::Rng;

@@ -1,48 +1,43 @@
-//! Generated clusters for simulation: a small structured [`Model`], its objects, and an oracle.
+//! Generated clusters for simulation: a small structured [`Model`], its objects, and the oracles.
 //!
-//! A model is a list of plain records (pods, claims, service accounts, …) rather than JSON, so it
-//! can be generated from a seed, shrunk by deleting records, printed readably, and — the point —
-//! checked by [`Model::oracle_blocks`], a second, naive implementation of DESIGN §3 written from
-//! the rules over the model's structure. The engine's index-based grouping must agree with it.
+//! A model is a list of plain records (pods, claims, service accounts, …) plus the backup spec's
+//! knobs and the world's faults, rather than JSON, so it can be generated from a seed, shrunk by
+//! deleting records, printed readably, and — the point — judged against: [`Model::hooks`] says
+//! which hooks each pod has per phase (annotation over spec, defaults, Running only, invalid ones)
+//! and [`Model::oracle_blocks`] which items the backup holds and how they group, both written from
+//! DESIGN §3–§4 over the model's structure, sharing no code with the engine.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blockwise_engine::hooks::OnError;
+use blockwise_engine::hooks::{HookPhase, OnError};
 use blockwise_engine::item::{ItemKey, ResourceType};
 use blockwise_engine::spec::BackupSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use crate::cluster::HookFault;
+use crate::cluster::{Change, ClusterFaults};
 use crate::fake::FakeCluster;
 use crate::rng::Rng;
 
 /// Namespaces a model can use.
 pub const NAMESPACES: [&str; 3] = ["ns0", "ns1", "ns2"];
-
-/// How a hook misbehaves, decided per pod so reruns behave the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum HookFault {
-    /// Non-zero exit.
-    Exit,
-    /// The exec errors (connection reset).
-    Error,
-    /// Slower than its timeout.
-    Timeout,
-    /// Never returns; the timeout fires.
-    Hang,
-}
+/// The timeout every generated hook has (`2s`).
+pub const HOOK_TIMEOUT_MS: u64 = 2_000;
+/// The label that excludes an object from backups.
+pub const EXCLUDE_LABEL: &str = "velero.io/exclude-from-backup";
 
 /// A pod's hook annotations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookM {
-    /// onError of the pre-hook.
+    /// onError of the pre-hook annotation.
     pub on_error: OnError,
-    /// Misbehaviour of the pre-hook, if any.
-    pub pre_fault: Option<HookFault>,
-    /// Misbehaviour of the post-hook, if any.
-    pub post_fault: Option<HookFault>,
-    /// The command annotation is malformed JSON.
+    /// The pre command annotation is malformed JSON (the hook is invalid).
     pub malformed: bool,
+    /// Has a pre-hook annotation.
+    pub pre: bool,
+    /// Has a post-hook annotation.
+    pub post: bool,
 }
 
 /// A pod.
@@ -81,6 +76,9 @@ pub struct PvcM {
     pub group: Option<u8>,
     /// Being deleted.
     pub deleting: bool,
+    /// `app` label value (so a label selector can pick the claim itself).
+    #[serde(default)]
+    pub app: Option<u8>,
 }
 
 /// A ServiceAccount bound by ClusterRoleBindings to ClusterRoles.
@@ -94,7 +92,36 @@ pub struct SaM {
     pub roles: Vec<String>,
 }
 
-/// A whole generated cluster and the spec to back it up with.
+/// The spec's hook entry: pods labelled `app=1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecHookM {
+    /// onError of its hooks.
+    pub on_error: OnError,
+    /// Has a pre-hook (`spec-freeze`).
+    pub pre: bool,
+    /// Has a post-hook (`spec-thaw`).
+    pub post: bool,
+}
+
+/// The world's faults, decided per seed and kept with the model so a shrunk failure shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldM {
+    /// Per `<pod>/pre` or `<pod>/post`: how its hook exec misbehaves, on every attempt.
+    pub hook_faults: BTreeMap<String, HookFault>,
+    /// Per resource (`pods`, `persistentvolumes`, …): list calls answering 5xx before one works.
+    pub list_unavailable: BTreeMap<String, u32>,
+    /// Resources whose failing list calls answer 429 rather than 503.
+    #[serde(default)]
+    pub list_throttled: BTreeSet<String>,
+    /// Objects whose get is forbidden, as `kind/name` (see [`Model::exclude_label`]).
+    pub get_forbidden: BTreeSet<String>,
+    /// Pods deleted at the first exec.
+    pub delete_pods: Vec<String>,
+    /// Pods whose containers are renamed at the first exec.
+    pub rename_containers: Vec<String>,
+}
+
+/// A whole generated cluster, the spec to back it up with, and the world's faults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Model {
     /// Pods.
@@ -111,12 +138,52 @@ pub struct Model {
     pub selector_app: Option<u8>,
     /// Included namespaces (empty: all).
     pub include_ns: Vec<usize>,
+    /// Excluded namespaces.
+    #[serde(default)]
+    pub exclude_ns: Vec<usize>,
+    /// `--include-cluster-resources`.
+    #[serde(default)]
+    pub include_cluster_resources: Option<bool>,
     /// Exclude PersistentVolumes by resource filter.
     pub exclude_pvs: bool,
     /// Ordered pods: names in order (namespace ns0).
     pub ordered_pods: Vec<String>,
-    /// A spec hook for pods with `app=1`, with this onError.
-    pub spec_hook: Option<OnError>,
+    /// A spec hook for pods with `app=1`.
+    pub spec_hook: Option<SpecHookM>,
+    /// Objects labelled with the exclude label, as `kind/name`: `pv/`, `pvc/`, `pc/`, `cm/`,
+    /// `sa/`, `crb/`, `role/`, `widget/`.
+    #[serde(default)]
+    pub exclude_label: BTreeSet<String>,
+    /// The world's faults.
+    #[serde(default)]
+    pub world: WorldM,
+}
+
+/// One hook as the model says it must run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookDef {
+    /// The pod.
+    pub pod: ItemKey,
+    /// Pre or post.
+    pub phase: HookPhase,
+    /// The command exec'd.
+    pub command: Vec<String>,
+    /// Its failure policy.
+    pub on_error: OnError,
+    /// Its timeout.
+    pub timeout_ms: u64,
+    /// Whether it can run at all (a malformed annotation cannot).
+    pub valid: bool,
+}
+
+/// What the world's records say the engine could see: listings that failed for good and gets
+/// that failed. The oracle computes the backup over what was visible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Visibility {
+    /// `(resource, namespace)` of each listing whose last call failed.
+    pub failed_lists: BTreeSet<(String, Option<String>)>,
+    /// Objects whose get failed.
+    pub failed_gets: BTreeSet<ItemKey>,
 }
 
 /// Resource types served by generated clusters.
@@ -149,12 +216,41 @@ pub fn post_command(pod: &str) -> Vec<String> {
     vec!["unfreeze".into(), pod.into()]
 }
 
+/// The spec hook's pre command.
+pub const SPEC_PRE: &str = "spec-freeze";
+/// The spec hook's post command.
+pub const SPEC_POST: &str = "spec-thaw";
+
+/// The key of an object named `kind/name` in [`Model::exclude_label`] and [`WorldM::get_forbidden`].
+fn tag_key(kind: &str, ns: Option<usize>, name: &str) -> ItemKey {
+    let (group, resource) = match kind {
+        "pv" => ("", "persistentvolumes"),
+        "pvc" => ("", "persistentvolumeclaims"),
+        "pc" => ("scheduling.k8s.io", "priorityclasses"),
+        "cm" => ("", "configmaps"),
+        "sa" => ("", "serviceaccounts"),
+        "crb" => ("rbac.authorization.k8s.io", "clusterrolebindings"),
+        "role" => ("rbac.authorization.k8s.io", "clusterroles"),
+        _ => ("example.com", "widgets"),
+    };
+    match ns {
+        Some(ns) => ItemKey::namespaced(group, resource, NAMESPACES[ns], name),
+        None => ItemKey::cluster(group, resource, name),
+    }
+}
+
+/// The key of a pod's hook in [`WorldM::hook_faults`].
+pub fn hook_fault_key(pod: &str, phase: HookPhase) -> String {
+    match phase {
+        HookPhase::Pre => format!("{pod}/pre"),
+        HookPhase::Post => format!("{pod}/post"),
+    }
+}
+
 impl Model {
-    /// Generates a model of roughly `size` records from `rng`.
-    pub fn generate(rng: &mut Rng, size: usize) -> Model {
-        let size = size.max(1);
-        let nns = rng.range(1, 3) as usize;
-        let mut m = Model {
+    /// A model with nothing in it.
+    pub fn empty() -> Model {
+        Model {
             pods: Vec::new(),
             pvcs: Vec::new(),
             sas: Vec::new(),
@@ -162,10 +258,21 @@ impl Model {
             widgets: Vec::new(),
             selector_app: None,
             include_ns: Vec::new(),
+            exclude_ns: Vec::new(),
+            include_cluster_resources: None,
             exclude_pvs: false,
             ordered_pods: Vec::new(),
             spec_hook: None,
-        };
+            exclude_label: BTreeSet::new(),
+            world: WorldM::default(),
+        }
+    }
+
+    /// Generates a model of roughly `size` records from `rng` (no faults: see [`WorldM`]).
+    pub fn generate(rng: &mut Rng, size: usize) -> Model {
+        let size = size.max(1);
+        let nns = rng.range(1, 3) as usize;
+        let mut m = Model::empty();
         let npvc = rng.below(size as u64 / 2 + 2) as usize;
         for i in 0..npvc {
             m.pvcs.push(PvcM {
@@ -175,6 +282,7 @@ impl Model {
                 pv_missing: rng.chance(0.05),
                 group: rng.chance(0.25).then(|| rng.below(2) as u8),
                 deleting: rng.chance(0.04),
+                app: rng.chance(0.2).then(|| rng.below(3) as u8),
             });
         }
         let npods = rng.range(1, size as u64 / 2 + 2) as usize;
@@ -193,11 +301,18 @@ impl Model {
                 claims.push(format!("gone{i}"));
             }
             let phase = *rng.pick(&["Running", "Running", "Running", "Pending", "Succeeded"]).unwrap_or(&"Running");
-            let hook = rng.chance(0.35).then(|| HookM {
-                on_error: if rng.chance(0.7) { OnError::Fail } else { OnError::Continue },
-                pre_fault: None,
-                post_fault: None,
-                malformed: rng.chance(0.05),
+            let hook = rng.chance(0.35).then(|| {
+                let (pre, post) = match rng.below(6) {
+                    0 => (true, false),
+                    1 => (false, true),
+                    _ => (true, true),
+                };
+                HookM {
+                    on_error: if rng.chance(0.7) { OnError::Fail } else { OnError::Continue },
+                    malformed: rng.chance(0.05),
+                    pre,
+                    post,
+                }
             });
             m.pods.push(PodM {
                 ns,
@@ -229,7 +344,14 @@ impl Model {
         }
         if nns > 1 && rng.chance(0.2) {
             m.include_ns = vec![0];
+        } else if nns > 1 && rng.chance(0.1) {
+            m.exclude_ns = vec![rng.below(nns as u64) as usize];
         }
+        m.include_cluster_resources = match rng.below(10) {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
         m.exclude_pvs = rng.chance(0.08);
         if rng.chance(0.15) {
             let mut names: Vec<String> = m.pods.iter().filter(|p| p.ns == 0).map(|p| p.name.clone()).collect();
@@ -237,10 +359,70 @@ impl Model {
             names.truncate(3);
             m.ordered_pods = names;
         }
-        if rng.chance(0.2) {
-            m.spec_hook = Some(if rng.chance(0.5) { OnError::Fail } else { OnError::Continue });
+        if rng.chance(0.25) {
+            let on_error = if rng.chance(0.5) { OnError::Fail } else { OnError::Continue };
+            let (pre, post) = match rng.below(4) {
+                0 => (true, false),
+                1 => (false, true),
+                _ => (true, true),
+            };
+            m.spec_hook = Some(SpecHookM { on_error, pre, post });
+        }
+        // The exclude label on objects of every kind, pulled ones included.
+        for tag in m.tags() {
+            if rng.chance(0.04) {
+                m.exclude_label.insert(tag);
+            }
         }
         m
+    }
+
+    /// Every non-pod object as `kind/name`, for exclusions and get faults.
+    pub fn tags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.pvcs {
+            out.push(format!("pvc/{}", c.name));
+            if c.bound {
+                out.push(format!("pv/{}", pv_name(c.ns, &c.name)));
+            }
+        }
+        out.extend(["pc/pc0".to_string(), "pc/pc1".to_string()]);
+        for (_, n) in &self.configmaps {
+            out.push(format!("cm/{n}"));
+        }
+        let mut roles = BTreeSet::new();
+        for s in &self.sas {
+            out.push(format!("sa/{}", s.name));
+            for r in &s.roles {
+                out.push(format!("crb/{}-{}-{r}", NAMESPACES[s.ns], s.name));
+                roles.insert(r.clone());
+            }
+        }
+        out.extend(roles.into_iter().map(|r| format!("role/{r}")));
+        for (_, n) in &self.widgets {
+            out.push(format!("widget/{n}"));
+        }
+        out
+    }
+
+    /// The key of a `kind/name` tag, if the model has such an object.
+    pub fn tag_key(&self, tag: &str) -> Option<ItemKey> {
+        let (kind, name) = tag.split_once('/')?;
+        let ns = match kind {
+            "pvc" => Some(self.pvcs.iter().find(|c| c.name == name)?.ns),
+            "cm" => Some(self.configmaps.iter().find(|(_, n)| n == name)?.0),
+            "sa" => Some(self.sas.iter().find(|s| s.name == name)?.ns),
+            "widget" => Some(self.widgets.iter().find(|(_, n)| n == name)?.0),
+            _ => None,
+        };
+        Some(tag_key(kind, ns, name))
+    }
+
+    fn labels(&self, tag: &str, mut labels: Value) -> Value {
+        if self.exclude_label.contains(tag) {
+            labels[EXCLUDE_LABEL] = json!("true");
+        }
+        labels
     }
 
     /// Objects in the model, as (resource type, JSON).
@@ -248,32 +430,29 @@ impl Model {
         let rts = model_resources();
         let rt = |r: &str| rts.iter().find(|t| t.gr.resource == r).cloned().unwrap_or_else(|| rts[0].clone());
         let mut out = Vec::new();
-        let used: BTreeSet<usize> = self
-            .pods
-            .iter()
-            .map(|p| p.ns)
-            .chain(self.pvcs.iter().map(|c| c.ns))
-            .chain(self.sas.iter().map(|s| s.ns))
-            .collect();
-        for ns in used {
+        for ns in self.used_namespaces() {
             out.push((rt("namespaces"), json!({"metadata": {"name": NAMESPACES[ns], "uid": format!("uid-ns-{ns}")}})));
         }
         for p in &self.pods {
             let mut annotations = serde_json::Map::new();
             if let Some(h) = &p.hook {
-                let pre = serde_json::to_string(&pre_command(&p.name)).unwrap_or_default();
-                let pre = if h.malformed { format!("{pre}\"") } else { pre };
-                annotations.insert("pre.hook.backup.velero.io/command".into(), json!(pre));
-                let on_error = if h.on_error == OnError::Fail { "Fail" } else { "Continue" };
-                annotations.insert("pre.hook.backup.velero.io/on-error".into(), json!(on_error));
-                annotations.insert("pre.hook.backup.velero.io/timeout".into(), json!("2s"));
-                let post = serde_json::to_string(&post_command(&p.name)).unwrap_or_default();
-                annotations.insert("post.hook.backup.velero.io/command".into(), json!(post));
-                annotations.insert("post.hook.backup.velero.io/timeout".into(), json!("2s"));
+                if h.pre {
+                    let pre = serde_json::to_string(&pre_command(&p.name)).unwrap_or_default();
+                    let pre = if h.malformed { format!("{pre}\"") } else { pre };
+                    annotations.insert("pre.hook.backup.velero.io/command".into(), json!(pre));
+                    let on_error = if h.on_error == OnError::Fail { "Fail" } else { "Continue" };
+                    annotations.insert("pre.hook.backup.velero.io/on-error".into(), json!(on_error));
+                    annotations.insert("pre.hook.backup.velero.io/timeout".into(), json!("2s"));
+                }
+                if h.post {
+                    let post = serde_json::to_string(&post_command(&p.name)).unwrap_or_default();
+                    annotations.insert("post.hook.backup.velero.io/command".into(), json!(post));
+                    annotations.insert("post.hook.backup.velero.io/timeout".into(), json!("2s"));
+                }
             }
             let mut labels = json!({"app": p.app.to_string()});
             if p.excluded {
-                labels["velero.io/exclude-from-backup"] = json!("true");
+                labels[EXCLUDE_LABEL] = json!("true");
             }
             let volumes: Vec<Value> =
                 p.claims.iter().map(|c| json!({"name": c, "persistentVolumeClaim": {"claimName": c}})).collect();
@@ -292,6 +471,10 @@ impl Model {
             if let Some(g) = c.group {
                 labels["velero.io/volume-group"] = json!(format!("g{g}"));
             }
+            if let Some(a) = c.app {
+                labels["app"] = json!(a.to_string());
+            }
+            let labels = self.labels(&format!("pvc/{}", c.name), labels);
             let mut meta = json!({"namespace": NAMESPACES[c.ns], "name": c.name, "uid": format!("uid-{}", c.name), "labels": labels});
             if c.deleting {
                 meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
@@ -304,39 +487,78 @@ impl Model {
             ));
             if c.bound && !c.pv_missing {
                 let pv = pv_name(c.ns, &c.name);
-                out.push((rt("persistentvolumes"), json!({"metadata": {"name": pv, "uid": format!("uid-{pv}")}})));
+                let labels = self.labels(&format!("pv/{pv}"), json!({}));
+                out.push((
+                    rt("persistentvolumes"),
+                    json!({"metadata": {"name": pv, "uid": format!("uid-{pv}"), "labels": labels}}),
+                ));
             }
         }
         let mut roles = BTreeSet::new();
         for s in &self.sas {
-            out.push((rt("serviceaccounts"), json!({"metadata": {"namespace": NAMESPACES[s.ns], "name": s.name}})));
+            let labels = self.labels(&format!("sa/{}", s.name), json!({}));
+            out.push((
+                rt("serviceaccounts"),
+                json!({"metadata": {"namespace": NAMESPACES[s.ns], "name": s.name, "labels": labels}}),
+            ));
             for r in &s.roles {
                 roles.insert(r.clone());
+                let crb = format!("{}-{}-{r}", NAMESPACES[s.ns], s.name);
+                let labels = self.labels(&format!("crb/{crb}"), json!({}));
                 out.push((
                     rt("clusterrolebindings"),
-                    json!({"metadata": {"name": format!("{}-{}-{r}", NAMESPACES[s.ns], s.name)},
+                    json!({"metadata": {"name": crb, "labels": labels},
                            "subjects": [{"kind": "ServiceAccount", "name": s.name, "namespace": NAMESPACES[s.ns]}],
                            "roleRef": {"kind": "ClusterRole", "name": r}}),
                 ));
             }
         }
         for r in roles {
-            out.push((rt("clusterroles"), json!({"metadata": {"name": r}})));
+            let labels = self.labels(&format!("role/{r}"), json!({}));
+            out.push((rt("clusterroles"), json!({"metadata": {"name": r, "labels": labels}})));
         }
         for pc in ["pc0", "pc1"] {
-            out.push((rt("priorityclasses"), json!({"metadata": {"name": pc}, "value": 1000})));
+            let labels = self.labels(&format!("pc/{pc}"), json!({}));
+            out.push((rt("priorityclasses"), json!({"metadata": {"name": pc, "labels": labels}, "value": 1000})));
         }
         for (ns, n) in &self.configmaps {
+            let labels = self.labels(&format!("cm/{n}"), json!({}));
             out.push((
                 rt("configmaps"),
-                json!({"metadata": {"namespace": NAMESPACES[*ns], "name": n}, "data": {"k": n}}),
+                json!({"metadata": {"namespace": NAMESPACES[*ns], "name": n, "labels": labels}, "data": {"k": n}}),
             ));
         }
         for (ns, n) in &self.widgets {
+            let labels = self.labels(&format!("widget/{n}"), json!({}));
             out.push((
                 rt("widgets"),
-                json!({"metadata": {"namespace": NAMESPACES[*ns], "name": n}, "spec": {"size": 3}}),
+                json!({"metadata": {"namespace": NAMESPACES[*ns], "name": n, "labels": labels}, "spec": {"size": 3}}),
             ));
+        }
+        out
+    }
+
+    fn used_namespaces(&self) -> BTreeSet<usize> {
+        self.pods
+            .iter()
+            .map(|p| p.ns)
+            .chain(self.pvcs.iter().map(|c| c.ns))
+            .chain(self.sas.iter().map(|s| s.ns))
+            .collect()
+    }
+
+    /// Every object of the model by key, with its JSON as served by a get (apiVersion and kind set).
+    pub fn objects_by_key(&self) -> BTreeMap<ItemKey, Value> {
+        let mut out = BTreeMap::new();
+        for (rt, mut v) in self.objects() {
+            let name = v["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let key = match v["metadata"]["namespace"].as_str() {
+                Some(ns) if rt.namespaced => ItemKey::namespaced(&rt.gr.group, &rt.gr.resource, ns, &name),
+                _ => ItemKey::cluster(&rt.gr.group, &rt.gr.resource, &name),
+            };
+            v["apiVersion"] = json!(rt.api_version());
+            v["kind"] = json!(rt.kind);
+            out.insert(key, v);
         }
         out
     }
@@ -358,28 +580,58 @@ impl Model {
         let mut s = BackupSpec::new(name);
         s.label_selector = self.selector_app.map(|a| format!("app={a}"));
         s.included_namespaces = self.include_ns.iter().map(|&i| NAMESPACES[i].to_string()).collect();
+        s.excluded_namespaces = self.exclude_ns.iter().map(|&i| NAMESPACES[i].to_string()).collect();
+        s.include_cluster_resources = self.include_cluster_resources;
         if self.exclude_pvs {
             s.excluded_resources = vec!["persistentvolumes".into()];
         }
         if !self.ordered_pods.is_empty() {
             s.ordered_resources = vec![("pods".into(), self.ordered_pods.iter().map(|n| format!("ns0/{n}")).collect())];
         }
-        if let Some(on_error) = self.spec_hook {
+        if let Some(h) = &self.spec_hook {
+            let exec = |cmd: &str| blockwise_engine::hooks::ExecHookSpec {
+                container: String::new(),
+                command: vec![cmd.into()],
+                on_error: Some(h.on_error),
+                timeout: Some("2s".into()),
+            };
             s.hooks = vec![blockwise_engine::hooks::ResourceHookSpec {
                 name: "spec-freeze".into(),
                 included_namespaces: vec![],
                 excluded_namespaces: vec![],
                 label_selector: Some("app=1".into()),
-                pre: vec![blockwise_engine::hooks::ExecHookSpec {
-                    container: String::new(),
-                    command: vec!["spec-freeze".into()],
-                    on_error: Some(on_error),
-                    timeout: Some("2s".into()),
-                }],
-                post: vec![],
+                pre: if h.pre { vec![exec(SPEC_PRE)] } else { vec![] },
+                post: if h.post { vec![exec(SPEC_POST)] } else { vec![] },
             }];
         }
         s
+    }
+
+    /// The cluster faults of this model's world, keyed as the simulated cluster needs them.
+    pub fn cluster_faults(&self, list_gone: bool, slow_p: f64) -> ClusterFaults {
+        let mut hooks = BTreeMap::new();
+        for p in &self.pods {
+            for h in self.hooks(p) {
+                if let Some(f) = self.world.hook_faults.get(&hook_fault_key(&p.name, h.phase)) {
+                    hooks.insert((h.pod.clone(), h.command.clone()), *f);
+                }
+            }
+        }
+        let pod_key = |name: &String| {
+            self.pods.iter().find(|p| &p.name == name).map(|p| ItemKey::namespaced("", "pods", NAMESPACES[p.ns], name))
+        };
+        let mut changes: Vec<Change> =
+            self.world.delete_pods.iter().filter_map(pod_key).map(Change::DeletePod).collect();
+        changes.extend(self.world.rename_containers.iter().filter_map(pod_key).map(Change::RenameContainers));
+        ClusterFaults {
+            list_unavailable: self.world.list_unavailable.clone(),
+            list_throttled: self.world.list_throttled.clone(),
+            list_gone,
+            get_forbidden: self.world.get_forbidden.iter().filter_map(|t| self.tag_key(t)).collect(),
+            hooks,
+            slow_p,
+            changes,
+        }
     }
 
     /// Records in the model, for shrinking progress.
@@ -387,14 +639,14 @@ impl Model {
         self.pods.len() + self.pvcs.len() + self.sas.len() + self.configmaps.len() + self.widgets.len()
     }
 
-    /// Candidate one-step smaller models (each drops one record or one option), for shrinking.
+    /// Candidate one-step smaller models (each drops one record, option or fault), for shrinking.
     pub fn shrink_candidates(&self) -> Vec<Model> {
         let mut out = Vec::new();
         macro_rules! drop_each {
-            ($field:ident) => {
-                for i in 0..self.$field.len() {
+            ($($field:ident).+) => {
+                for i in 0..self.$($field).+.len() {
                     let mut m = self.clone();
-                    m.$field.remove(i);
+                    m.$($field).+.remove(i);
                     out.push(m);
                 }
             };
@@ -404,6 +656,9 @@ impl Model {
         drop_each!(sas);
         drop_each!(configmaps);
         drop_each!(widgets);
+        drop_each!(exclude_ns);
+        drop_each!(world.delete_pods);
+        drop_each!(world.rename_containers);
         for i in 0..self.pods.len() {
             if !self.pods[i].claims.is_empty() {
                 let mut m = self.clone();
@@ -416,8 +671,32 @@ impl Model {
                 out.push(m);
             }
         }
+        for tag in &self.exclude_label {
+            let mut m = self.clone();
+            m.exclude_label.remove(tag);
+            out.push(m);
+        }
+        for k in self.world.hook_faults.keys() {
+            let mut m = self.clone();
+            m.world.hook_faults.remove(k);
+            out.push(m);
+        }
+        for k in self.world.list_unavailable.keys() {
+            let mut m = self.clone();
+            m.world.list_unavailable.remove(k);
+            out.push(m);
+        }
+        for k in &self.world.get_forbidden {
+            let mut m = self.clone();
+            m.world.get_forbidden.remove(k);
+            out.push(m);
+        }
         let mut m = self.clone();
         if m.selector_app.take().is_some() {
+            out.push(m);
+        }
+        let mut m = self.clone();
+        if m.include_cluster_resources.take().is_some() {
             out.push(m);
         }
         let mut m = self.clone();
@@ -432,122 +711,273 @@ impl Model {
         out
     }
 
-    /// The oracle: blocks per DESIGN §3, computed naively from the model (no engine code).
-    /// Each block is a sorted set of keys; blocks are sorted.
-    pub fn oracle_blocks(&self) -> Vec<BTreeSet<ItemKey>> {
-        let ns_ok = |ns: usize| self.include_ns.is_empty() || self.include_ns.contains(&ns);
-        let ns_filtered = !self.include_ns.is_empty();
-        let key_pod = |p: &PodM| ItemKey::namespaced("", "pods", NAMESPACES[p.ns], &p.name);
+    fn pod_key(p: &PodM) -> ItemKey {
+        ItemKey::namespaced("", "pods", NAMESPACES[p.ns], &p.name)
+    }
+
+    /// The hooks DESIGN §4 gives pod `p`, pre then post: only Running pods have hooks; per phase,
+    /// the pod's annotation replaces the spec's hooks; defaults first container, onError Fail; a
+    /// malformed command annotation makes an invalid hook (recorded failed, never exec'd).
+    pub fn hooks(&self, p: &PodM) -> Vec<HookDef> {
+        if p.phase != "Running" {
+            return Vec::new();
+        }
+        let pod = Model::pod_key(p);
+        let mut out = Vec::new();
+        let spec = self.spec_hook.as_ref().filter(|_| p.app == 1);
+        let ann = p.hook.as_ref();
+        // Pre.
+        if let Some(h) = ann.filter(|h| h.pre) {
+            out.push(HookDef {
+                pod: pod.clone(),
+                phase: HookPhase::Pre,
+                command: pre_command(&p.name),
+                on_error: h.on_error,
+                timeout_ms: HOOK_TIMEOUT_MS,
+                valid: !h.malformed,
+            });
+        } else if let Some(s) = spec.filter(|s| s.pre) {
+            out.push(HookDef {
+                pod: pod.clone(),
+                phase: HookPhase::Pre,
+                command: vec![SPEC_PRE.into()],
+                on_error: s.on_error,
+                timeout_ms: HOOK_TIMEOUT_MS,
+                valid: true,
+            });
+        }
+        // Post: an annotation has no on-error, so the default (Fail) applies.
+        if ann.is_some_and(|h| h.post) {
+            out.push(HookDef {
+                pod: pod.clone(),
+                phase: HookPhase::Post,
+                command: post_command(&p.name),
+                on_error: OnError::Fail,
+                timeout_ms: HOOK_TIMEOUT_MS,
+                valid: true,
+            });
+        } else if let Some(s) = spec.filter(|s| s.post) {
+            out.push(HookDef {
+                pod,
+                phase: HookPhase::Post,
+                command: vec![SPEC_POST.into()],
+                on_error: s.on_error,
+                timeout_ms: HOOK_TIMEOUT_MS,
+                valid: true,
+            });
+        }
+        out
+    }
+
+    /// Every hook of every pod, keyed by (pod, command).
+    pub fn all_hooks(&self) -> BTreeMap<(ItemKey, Vec<String>), HookDef> {
+        let mut out = BTreeMap::new();
+        for p in &self.pods {
+            for h in self.hooks(p) {
+                out.insert((h.pod.clone(), h.command.clone()), h);
+            }
+        }
+        out
+    }
+
+    /// Whether a namespace passes the namespace filters.
+    fn ns_ok(&self, ns: usize) -> bool {
+        (self.include_ns.is_empty() || self.include_ns.contains(&ns)) && !self.exclude_ns.contains(&ns)
+    }
+
+    /// The oracle: blocks per DESIGN §3, computed naively from the model (no engine code) over
+    /// what `seen` says the engine could see. Each block is a sorted set of keys; blocks are sorted.
+    pub fn oracle_blocks(&self, seen: &Visibility) -> Vec<BTreeSet<ItemKey>> {
+        let ns_filtered = !self.include_ns.is_empty() || !self.exclude_ns.is_empty();
+        let cluster_seed = self.include_cluster_resources.unwrap_or(!ns_filtered);
+        let cluster_off = self.include_cluster_resources == Some(false);
+        let key_pod = Model::pod_key;
         let key_pvc = |ns: usize, n: &str| ItemKey::namespaced("", "persistentvolumeclaims", NAMESPACES[ns], n);
         let key_pv = |ns: usize, n: &str| ItemKey::cluster("", "persistentvolumes", &pv_name(ns, n));
-        // Every object, with whether it is excluded and whether it is a seed.
-        let mut exists: BTreeMap<ItemKey, (bool, bool)> = BTreeMap::new();
         let sel_ok = |app: Option<u8>| self.selector_app.is_none() || app.is_some() && app == self.selector_app;
-        let cluster_seed = !ns_filtered;
-        let used: BTreeSet<usize> = self
-            .pods
-            .iter()
-            .map(|p| p.ns)
-            .chain(self.pvcs.iter().map(|c| c.ns))
-            .chain(self.sas.iter().map(|s| s.ns))
-            .collect();
-        for ns in used {
+        let labelled = |tag: String| self.exclude_label.contains(&tag);
+        // How each object was listed: per-namespace units when namespaces are named explicitly.
+        let listed = |resource: &str, ns: Option<usize>| {
+            let unit_ns = match ns {
+                Some(n) if !self.include_ns.is_empty() => Some(NAMESPACES[n].to_string()),
+                _ => None,
+            };
+            !seen.failed_lists.contains(&(resource.to_string(), unit_ns))
+        };
+        // Every object: (excluded, seed, listed).
+        let mut exists: BTreeMap<ItemKey, (bool, bool, bool)> = BTreeMap::new();
+        for ns in self.used_namespaces() {
             let k = ItemKey::cluster("", "namespaces", NAMESPACES[ns]);
-            exists.insert(k, (!ns_ok(ns), ns_ok(ns) && self.selector_app.is_none()));
+            exists.insert(
+                k,
+                (!self.ns_ok(ns), self.ns_ok(ns) && self.selector_app.is_none(), listed("namespaces", None)),
+            );
         }
         for p in &self.pods {
-            exists.insert(key_pod(p), (!ns_ok(p.ns) || p.excluded, sel_ok(Some(p.app))));
+            exists
+                .insert(key_pod(p), (!self.ns_ok(p.ns) || p.excluded, sel_ok(Some(p.app)), listed("pods", Some(p.ns))));
         }
         for c in &self.pvcs {
-            exists.insert(key_pvc(c.ns, &c.name), (!ns_ok(c.ns) || c.deleting, sel_ok(None)));
+            exists.insert(
+                key_pvc(c.ns, &c.name),
+                (
+                    !self.ns_ok(c.ns) || c.deleting || labelled(format!("pvc/{}", c.name)),
+                    sel_ok(c.app),
+                    listed("persistentvolumeclaims", Some(c.ns)),
+                ),
+            );
             if c.bound && !c.pv_missing {
-                exists.insert(key_pv(c.ns, &c.name), (self.exclude_pvs, cluster_seed && sel_ok(None)));
+                let pv = pv_name(c.ns, &c.name);
+                exists.insert(
+                    key_pv(c.ns, &c.name),
+                    (
+                        self.exclude_pvs || cluster_off || labelled(format!("pv/{pv}")),
+                        cluster_seed && sel_ok(None),
+                        listed("persistentvolumes", None),
+                    ),
+                );
             }
         }
         let mut roles = BTreeSet::new();
         for s in &self.sas {
             exists.insert(
                 ItemKey::namespaced("", "serviceaccounts", NAMESPACES[s.ns], &s.name),
-                (!ns_ok(s.ns), sel_ok(None)),
+                (
+                    !self.ns_ok(s.ns) || labelled(format!("sa/{}", s.name)),
+                    sel_ok(None),
+                    listed("serviceaccounts", Some(s.ns)),
+                ),
             );
             for r in &s.roles {
                 roles.insert(r.clone());
                 let crb = format!("{}-{}-{r}", NAMESPACES[s.ns], s.name);
                 exists.insert(
                     ItemKey::cluster("rbac.authorization.k8s.io", "clusterrolebindings", &crb),
-                    (false, cluster_seed && sel_ok(None)),
+                    (
+                        cluster_off || labelled(format!("crb/{crb}")),
+                        cluster_seed && sel_ok(None),
+                        listed("clusterrolebindings.rbac.authorization.k8s.io", None),
+                    ),
                 );
             }
         }
         for r in roles {
             exists.insert(
                 ItemKey::cluster("rbac.authorization.k8s.io", "clusterroles", &r),
-                (false, cluster_seed && sel_ok(None)),
+                (
+                    cluster_off || labelled(format!("role/{r}")),
+                    cluster_seed && sel_ok(None),
+                    listed("clusterroles.rbac.authorization.k8s.io", None),
+                ),
             );
         }
         for pc in ["pc0", "pc1"] {
             exists.insert(
                 ItemKey::cluster("scheduling.k8s.io", "priorityclasses", pc),
-                (false, cluster_seed && sel_ok(None)),
+                (
+                    cluster_off || labelled(format!("pc/{pc}")),
+                    cluster_seed && sel_ok(None),
+                    listed("priorityclasses.scheduling.k8s.io", None),
+                ),
             );
         }
         for (ns, n) in &self.configmaps {
-            exists.insert(ItemKey::namespaced("", "configmaps", NAMESPACES[*ns], n), (!ns_ok(*ns), sel_ok(None)));
+            exists.insert(
+                ItemKey::namespaced("", "configmaps", NAMESPACES[*ns], n),
+                (!self.ns_ok(*ns) || labelled(format!("cm/{n}")), sel_ok(None), listed("configmaps", Some(*ns))),
+            );
         }
         for (ns, n) in &self.widgets {
-            exists
-                .insert(ItemKey::namespaced("example.com", "widgets", NAMESPACES[*ns], n), (!ns_ok(*ns), sel_ok(None)));
+            exists.insert(
+                ItemKey::namespaced("example.com", "widgets", NAMESPACES[*ns], n),
+                (
+                    !self.ns_ok(*ns) || labelled(format!("widget/{n}")),
+                    sel_ok(None),
+                    listed("widgets.example.com", Some(*ns)),
+                ),
+            );
         }
-        // Relations by brute force: (from, to, together, pull).
-        let mut rels: Vec<(ItemKey, ItemKey, bool, bool)> = Vec::new();
+        // Relations by brute force. An action finds some targets by key (a pod's claims, a claim's
+        // volume, a pod's PriorityClass, a binding's ClusterRole): those can be fetched when they
+        // were not listed. It finds others by looking among the objects it knows (claims of a
+        // volume group, bindings naming a ServiceAccount, pods mounting a claim): those must be
+        // known — listed, or fetched as another item's target. `via` must be known for the
+        // relation to be seen at all (a ClusterRole is found through its binding).
+        struct Rel {
+            from: ItemKey,
+            to: ItemKey,
+            together: bool,
+            pull: bool,
+            by_key: bool,
+            via: Option<ItemKey>,
+        }
+        let rel =
+            |from: ItemKey, to: ItemKey, together, pull, by_key| Rel { from, to, together, pull, by_key, via: None };
+        let mut rels: Vec<Rel> = Vec::new();
         for p in &self.pods {
             for c in &p.claims {
-                rels.push((key_pod(p), key_pvc(p.ns, c), true, true));
+                rels.push(rel(key_pod(p), key_pvc(p.ns, c), true, true, true));
             }
             if let Some(pc) = &p.priority_class {
-                rels.push((key_pod(p), ItemKey::cluster("scheduling.k8s.io", "priorityclasses", pc), false, true));
+                let pc = ItemKey::cluster("scheduling.k8s.io", "priorityclasses", pc);
+                rels.push(rel(key_pod(p), pc, false, true, true));
             }
         }
         for c in &self.pvcs {
             if !c.bound {
                 continue;
             }
-            rels.push((key_pvc(c.ns, &c.name), key_pv(c.ns, &c.name), true, true));
+            rels.push(rel(key_pvc(c.ns, &c.name), key_pv(c.ns, &c.name), true, true, true));
             for p in &self.pods {
                 if p.ns == c.ns && p.phase == "Running" && p.claims.contains(&c.name) {
-                    rels.push((key_pvc(c.ns, &c.name), key_pod(p), true, false));
+                    rels.push(rel(key_pvc(c.ns, &c.name), key_pod(p), true, false, false));
                 }
             }
             for o in &self.pvcs {
                 if o.ns == c.ns && o.name != c.name && c.group.is_some() && o.group == c.group {
-                    rels.push((key_pvc(c.ns, &c.name), key_pvc(o.ns, &o.name), true, true));
+                    rels.push(rel(key_pvc(c.ns, &c.name), key_pvc(o.ns, &o.name), true, true, false));
                 }
             }
         }
         for s in &self.sas {
             let sa = ItemKey::namespaced("", "serviceaccounts", NAMESPACES[s.ns], &s.name);
             for r in &s.roles {
-                let crb = format!("{}-{}-{r}", NAMESPACES[s.ns], s.name);
-                rels.push((
-                    sa.clone(),
-                    ItemKey::cluster("rbac.authorization.k8s.io", "clusterrolebindings", &crb),
-                    false,
-                    true,
-                ));
-                rels.push((sa.clone(), ItemKey::cluster("rbac.authorization.k8s.io", "clusterroles", r), false, true));
+                let crb = ItemKey::cluster(
+                    "rbac.authorization.k8s.io",
+                    "clusterrolebindings",
+                    &format!("{}-{}-{r}", NAMESPACES[s.ns], s.name),
+                );
+                rels.push(rel(sa.clone(), crb.clone(), false, true, false));
+                let role = ItemKey::cluster("rbac.authorization.k8s.io", "clusterroles", r);
+                rels.push(Rel { via: Some(crb), ..rel(sa.clone(), role, false, true, true) });
             }
         }
-        // Closure to a fixed point.
+        // Seeds: listed, selected, not excluded. Then the pull closure: a target is in the backup
+        // if the relation is seen, the target is not excluded, and it was listed or its get worked.
+        let mut known: BTreeSet<ItemKey> =
+            exists.iter().filter(|(_, (_, _, listed))| *listed).map(|(k, _)| k.clone()).collect();
         let mut inb: BTreeSet<ItemKey> =
-            exists.iter().filter(|(_, (ex, seed))| !ex && *seed).map(|(k, _)| k.clone()).collect();
+            exists.iter().filter(|(_, (ex, seed, listed))| !ex && *seed && *listed).map(|(k, _)| k.clone()).collect();
         loop {
-            let before = inb.len();
-            for (a, b, _, pull) in &rels {
-                if *pull && inb.contains(a) && exists.get(b).is_some_and(|(ex, _)| !ex) {
-                    inb.insert(b.clone());
+            let before = (inb.len(), known.len());
+            for r in &rels {
+                if !r.pull || !inb.contains(&r.from) {
+                    continue;
+                }
+                let visible = r.by_key || known.contains(&r.to);
+                if !visible || r.via.as_ref().is_some_and(|v| !known.contains(v)) {
+                    continue;
+                }
+                let Some((excluded, _, listed)) = exists.get(&r.to) else { continue };
+                if !listed && seen.failed_gets.contains(&r.to) {
+                    continue;
+                }
+                known.insert(r.to.clone());
+                if !excluded {
+                    inb.insert(r.to.clone());
                 }
             }
-            if inb.len() == before {
+            if (inb.len(), known.len()) == before {
                 break;
             }
         }
@@ -564,10 +994,8 @@ impl Model {
                 }
             }
         };
-        for (a, b, together, _) in &rels {
-            if *together {
-                merge(&mut blocks, a, b);
-            }
+        for r in rels.iter().filter(|r| r.together) {
+            merge(&mut blocks, &r.from, &r.to);
         }
         let ordered: Vec<ItemKey> = self
             .ordered_pods

@@ -1,32 +1,102 @@
 //! Seeds in, verdicts out: what `blockwise simulate` and the simulation tests run.
 //!
-//! [`plan_seed`] turns a seed into a model, a fault set and a worker count — all from the seed, so
-//! `(seed, commit)` reproduces a run. [`check_seed`] runs it and applies every check: the
-//! per-run invariants of [`crate::check`], then E2/G3 against a crash-free run of the same cluster
-//! with a different worker count, and D1 by running the seed twice and comparing trace hashes.
-//! [`shrink`] deletes model records greedily while the same invariant still fails.
+//! [`plan_seed`] turns a seed into a model, a fault set, the world's faults and a worker count —
+//! all from the seed, so `(seed, commit)` reproduces a run. [`check_run`] runs it and applies every
+//! judge of [`crate::check`], then G3 and E2 against a reference run of the same cluster without
+//! the process-killing faults, with another worker count and another listing order, and D1 by
+//! running the seed twice and comparing the hash chains of the world's records. [`shrink`] deletes
+//! model records greedily while the same invariant still fails.
 
 use std::collections::BTreeSet;
 
+use blockwise_engine::hooks::HookPhase;
 use blockwise_engine::Mutation;
 use serde::Serialize;
 
-use crate::check::{check_archive, check_grouping, check_hooks, check_liveness, planned_blocks, Violation};
-use crate::model::Model;
+use crate::check::{check_report, evidence, expected_items, planned_blocks, Violation};
+use crate::cluster::HookFault;
+use crate::model::{hook_fault_key, Model};
 use crate::rng::{mix64, Rng};
-use crate::sim::{assign_hook_faults, simulate, FaultKind, Outcome, RunConfig, RunReport};
+use crate::sim::{simulate, FaultKind, Outcome, RunConfig, RunReport};
 
-/// Faults that kill the process; the E2 reference run leaves them out.
-const CRASH_FAMILY: [FaultKind; 4] =
-    [FaultKind::Crash, FaultKind::LostUnflushed, FaultKind::TornRecord, FaultKind::BitFlip];
+/// Faults that kill or stop the process; the reference run leaves them out.
+const PROCESS_FAULTS: [FaultKind; 5] =
+    [FaultKind::Crash, FaultKind::LostUnflushed, FaultKind::TornRecord, FaultKind::BitFlip, FaultKind::StoreOutage];
 
 /// A seed's model and run configuration.
 #[derive(Debug, Clone)]
 pub struct SeedPlan {
-    /// The generated cluster (with its hook faults assigned).
+    /// The generated cluster, with the world's faults.
     pub model: Model,
     /// The run configuration.
     pub cfg: RunConfig,
+}
+
+/// Assigns the world's faults of `faults` to `model`, from `rng`: deterministic per pod, resource
+/// and object, so a rerun after a crash meets the same ones.
+pub fn assign_world_faults(model: &mut Model, faults: &BTreeSet<FaultKind>, rng: &mut Rng) {
+    let kinds: Vec<HookFault> = [
+        (FaultKind::HookExit, HookFault::Exit),
+        (FaultKind::HookError, HookFault::Error),
+        (FaultKind::HookTimeout, HookFault::Timeout),
+        (FaultKind::HookHang, HookFault::Hang),
+    ]
+    .into_iter()
+    .filter(|(k, _)| faults.contains(k))
+    .map(|(_, f)| f)
+    .collect();
+    if !kinds.is_empty() {
+        let pods: Vec<(String, Vec<HookPhase>)> =
+            model.pods.iter().map(|p| (p.name.clone(), model.hooks(p).iter().map(|h| h.phase).collect())).collect();
+        for (name, phases) in pods {
+            for phase in phases {
+                let p = if phase == HookPhase::Pre { 0.4 } else { 0.2 };
+                if rng.chance(p) {
+                    if let Some(f) = rng.pick(&kinds) {
+                        model.world.hook_faults.insert(hook_fault_key(&name, phase), *f);
+                    }
+                }
+            }
+        }
+    }
+    let resources = ["pods", "persistentvolumeclaims", "persistentvolumes", "configmaps", "namespaces"];
+    if faults.contains(&FaultKind::List5xx) {
+        for _ in 0..rng.range(1, 2) {
+            if let Some(r) = rng.pick(&resources) {
+                // Six attempts per listing: up to 8 failures, so the retries sometimes run out.
+                model.world.list_unavailable.insert(r.to_string(), rng.range(1, 8) as u32);
+            }
+        }
+    }
+    if faults.contains(&FaultKind::List429) {
+        if let Some(r) = rng.pick(&resources) {
+            model.world.list_unavailable.entry(r.to_string()).or_insert(rng.range(1, 3) as u32);
+            model.world.list_throttled.insert(r.to_string());
+        }
+    }
+    if faults.contains(&FaultKind::GetError) {
+        let pulled: Vec<String> = model
+            .tags()
+            .into_iter()
+            .filter(|t| ["pv/", "pc/", "crb/", "role/", "pvc/"].iter().any(|p| t.starts_with(p)))
+            .collect();
+        for _ in 0..rng.range(1, 2) {
+            if let Some(t) = rng.pick(&pulled) {
+                model.world.get_forbidden.insert(t.clone());
+            }
+        }
+    }
+    if faults.contains(&FaultKind::ClusterChange) {
+        let hooked: Vec<String> =
+            model.pods.iter().filter(|p| !model.hooks(p).is_empty()).map(|p| p.name.clone()).collect();
+        if let Some(p) = rng.pick(&hooked) {
+            if rng.chance(0.5) {
+                model.world.delete_pods.push(p.clone());
+            } else {
+                model.world.rename_containers.push(p.clone());
+            }
+        }
+    }
 }
 
 /// Derives everything about a seed from the seed. `allowed` limits the faults that may be enabled.
@@ -36,7 +106,7 @@ pub fn plan_seed(seed: u64, allowed: &BTreeSet<FaultKind>, mutation: Option<Muta
     let mut model = Model::generate(&mut rng, size);
     let faults: BTreeSet<FaultKind> =
         FaultKind::ALL.into_iter().filter(|f| allowed.contains(f) && rng.chance(0.5)).collect();
-    assign_hook_faults(&mut model, &faults, &mut rng);
+    assign_world_faults(&mut model, &faults, &mut rng);
     if !faults.contains(&FaultKind::DeletedBeforeGet) {
         // Dangling references are this fault: without it, every referenced object exists.
         for c in &mut model.pvcs {
@@ -47,7 +117,10 @@ pub fn plan_seed(seed: u64, allowed: &BTreeSet<FaultKind>, mutation: Option<Muta
         }
     }
     let workers = *rng.pick(&[1usize, 2, 3, 8]).unwrap_or(&2);
-    SeedPlan { model, cfg: RunConfig { seed, faults, workers, crash_at_append: None, mutation } }
+    let mut cfg = RunConfig::new(seed, faults, workers);
+    cfg.mutation = mutation;
+    cfg.list_order_seed = rng.chance(0.5).then(|| rng.next_u64());
+    SeedPlan { model, cfg }
 }
 
 /// The verdict on one seed.
@@ -66,41 +139,45 @@ pub struct SeedResult {
     pub crashes: u32,
 }
 
+/// G3 and E2 against a reference run without the process faults, with another worker count and
+/// listing order: when both runs saw the same cluster (the same listings and gets failed), their
+/// plans must be equal; when the world's records give both the same expected archive, their
+/// archives must be equal byte for byte.
+fn check_reference(model: &Model, cfg: &RunConfig, report: &RunReport) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut ref_cfg = cfg.clone();
+    ref_cfg.faults.retain(|f| !PROCESS_FAULTS.contains(f));
+    ref_cfg.crash_at_append = None;
+    ref_cfg.workers = if cfg.workers == 1 { 5 } else { 1 };
+    ref_cfg.seed = mix64(cfg.seed ^ 0xe2);
+    ref_cfg.list_order_seed = Some(mix64(cfg.seed ^ 0x63));
+    let reference = simulate(model, &ref_cfg);
+    if !matches!(reference.outcome, Outcome::Finished(_)) {
+        return out;
+    }
+    let (ev, ev_ref) = (evidence(&report.records), evidence(&reference.records));
+    if ev.visibility == ev_ref.visibility && planned_blocks(&reference.events) != planned_blocks(&report.events) {
+        out.push(Violation {
+            invariant: "G3",
+            detail: "blocks differ from a run with another worker count and listing order".into(),
+        });
+    }
+    if expected_items(model, &ev) == expected_items(model, &ev_ref) && reference.archive != report.archive {
+        let detail = match (&reference.archive, &report.archive) {
+            (Some(a), Some(b)) => format!("archive differs from the reference run ({} vs {} bytes)", b.len(), a.len()),
+            _ => "one of the runs has no archive".into(),
+        };
+        out.push(Violation { invariant: "E2", detail });
+    }
+    out
+}
+
 /// Runs every check on one configured run.
 pub fn check_run(model: &Model, cfg: &RunConfig, check_determinism: bool) -> (Vec<Violation>, RunReport) {
     let report = simulate(model, cfg);
-    let mut out = Vec::new();
-    out.extend(check_liveness(&report));
-    out.extend(check_grouping(model, &report));
-    out.extend(check_hooks(&report));
-    out.extend(check_archive(&report));
+    let mut out = check_report(model, &report);
     if matches!(report.outcome, Outcome::Finished(_)) {
-        let mut ref_cfg = cfg.clone();
-        ref_cfg.faults.retain(|f| !CRASH_FAMILY.contains(f));
-        ref_cfg.crash_at_append = None;
-        ref_cfg.workers = if cfg.workers == 1 { 5 } else { 1 };
-        ref_cfg.seed = mix64(cfg.seed ^ 0xe2);
-        let reference = simulate(model, &ref_cfg);
-        if planned_blocks(&reference.events) != planned_blocks(&report.events) {
-            out.push(Violation {
-                invariant: "G3",
-                detail: "blocks differ from a run with another worker count and schedule".into(),
-            });
-        }
-        if matches!(reference.outcome, Outcome::Finished(_)) && reference.archive != report.archive {
-            let detail = match (&reference.archive, &report.archive) {
-                (Some(a), Some(b)) => {
-                    let diff = a.iter().zip(b.iter()).find(|(x, y)| x != y).map(|(x, _)| x.0.clone());
-                    format!(
-                        "archive differs from the crash-free run ({} vs {} files; first difference at {diff:?})",
-                        b.len(),
-                        a.len()
-                    )
-                }
-                _ => "one of the runs has no archive".into(),
-            };
-            out.push(Violation { invariant: "E2", detail });
-        }
+        out.extend(check_reference(model, cfg, &report));
     }
     if check_determinism {
         let again = simulate(model, cfg);

@@ -19,11 +19,9 @@
 //! simulator core stays free of tokio.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -37,7 +35,7 @@ use blockwise_engine::ports::{Cluster, ClusterError, ExecResult};
 use blockwise_engine::spec::LabelSelector;
 use serde_json::{json, Value};
 
-use crate::fake::{FakeCluster, Sleeper};
+use crate::fake::FakeCluster;
 
 /// The context, cluster and user name in kubeconfigs written for this server.
 pub const KUBECONFIG_CONTEXT: &str = "blockwise-simulator";
@@ -45,15 +43,6 @@ pub const KUBECONFIG_CONTEXT: &str = "blockwise-simulator";
 pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 /// The `resourceVersion` reported on lists (the fake cluster does not change while served).
 pub const LIST_RESOURCE_VERSION: &str = "1";
-
-/// A [`Sleeper`] on tokio's timer, for latency and hung execs of a served cluster.
-pub struct TokioSleeper;
-
-impl Sleeper for TokioSleeper {
-    fn sleep(&self, ms: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
-    }
-}
 
 /// Which kind of call a [`Fault`] applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +146,8 @@ pub struct FakeApiServer {
 
 impl FakeApiServer {
     /// Binds `addr` (use `127.0.0.1:0` for any free port) and serves `cluster` on the current tokio
-    /// runtime until the returned handle is dropped or the runtime ends. Give the cluster a
-    /// [`TokioSleeper`] if it has latency or hanging execs.
+    /// runtime until the returned handle is dropped or the runtime ends. Give the cluster the
+    /// shell's `TokioRuntime` as its clock if it has latency or hanging execs.
     pub async fn start(cluster: Arc<FakeCluster>, addr: SocketAddr) -> io::Result<FakeApiServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;

@@ -1,39 +1,54 @@
-//! The deterministic simulation runtime: the production engine, unchanged, in a seeded world.
+//! The deterministic simulation: the production shell, unchanged, in a seeded fake world.
 //!
-//! One thread, no wall clock, no OS threads. [`simulate`] drives an [`Engine`] exactly as the
-//! tokio runtime does — poll, append, flush when a command waits for durability, execute, complete
-//! — but every command's duration comes from a seeded [`Rng`] and the next completion is the one
-//! with the earliest virtual due time (ties broken by the PRNG). The log is in memory and models
-//! durability: appends are lost on a crash unless flushed, a crash may tear the first lost record
-//! into the stored log, and stored records can have a bit flipped; recovery goes through the same
-//! [`recover_records`] as the sled log. Faults are chosen per seed ([`FaultKind`]) and every run
-//! keeps a hash chain over each event and completion, so `(seed, commit)` reproduces a run and a
-//! second run names the first step where it diverged.
+//! [`simulate_world`] assembles the world — a [`SimCluster`] behind the shell's `RetryingCluster`,
+//! the shell's `LocalStore` on an in-memory [`MemStore`] behind its `RetryingStore`, the shell's
+//! `EventLog` on an in-memory [`MemLog`], all on the virtual-time [`SimRuntime`] — and runs the
+//! shell's own `run_backup` (the one driver, then the companion files) in it, exactly as
+//! `blockwise backup create` does. Between timer firings it may kill the process: the driver's
+//! future is dropped, the media lose what a crash loses (unflushed records, a torn record, a flipped
+//! bit, unsynced staged files), and a new process opens the log and resumes, as `blockwise backup
+//! resume` does — or creates the backup again when nothing durable was left. A store outage makes
+//! the run stop (`RunStopped`); the store then comes back and the run is resumed. Faults are
+//! chosen per seed ([`FaultKind`]); the run's report holds the fake world's records, the final
+//! stored files and a hash chain over the records, so `(seed, commit)` reproduces a run and a
+//! second run names the first place where it diverged. Deliberately absent: tokio, threads, the
+//! wall clock, and any copy of the driver's logic.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
 
-use blockwise_engine::event::{encode_record, recover_records, Event, HookOutcome, Phase, Seq};
-use blockwise_engine::hooks::HookPhase;
+use blockwise_adapters::driver::{run_backup, Quiet, RunError, World};
+use blockwise_adapters::log::{EventLog, LogError};
+use blockwise_adapters::retry::{RetryPolicy as ClusterRetryPolicy, RetryingCluster};
+use blockwise_adapters::store::{LocalStore, RetryPolicy, RetryingStore};
+use blockwise_adapters::world::Runtime;
+use blockwise_engine::event::{recover_records, Event, Phase, Seq};
 use blockwise_engine::item::ItemKey;
-use blockwise_engine::ports::{Cluster, ClusterError};
-use blockwise_engine::state::ArchiveInfo;
-use blockwise_engine::{ArchiveEntry, Command, CommandKind, Completion, Engine, EngineConfig, Mutation};
+use blockwise_engine::mutation::{Mutation, MutationGuard};
+use blockwise_engine::state::BackupState;
+use blockwise_engine::{BackupSpec, Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::cluster::{ClusterFaults, Latencies, SimCluster};
 use crate::fake::FakeCluster;
-use crate::model::{HookFault, Model};
+use crate::media::{Death, LogCrash, MemLog, MemStore, StoreFaults};
+use crate::model::Model;
+use crate::records::{Record, WorldLog};
 use crate::rng::{mix64, Rng};
+use crate::vt::{Ended, SimRuntime};
 
-/// Engine interactions after which a run that has not finished counts as stuck (L1).
-pub const RUN_STEPS_MAX: u64 = 200_000;
+/// Timer firings after which a run that has not finished counts as stuck (L1).
+pub const RUN_STEPS_MAX: u64 = 400_000;
 /// Crashes injected per run at most.
 pub const CRASHES_PER_RUN_MAX: u32 = 3;
-/// Retries of a transient list or store failure (the adapters' bounded retry, modelled).
-pub const RETRIES_MAX: u32 = 4;
+/// Process starts per run at most (crashes, store outages, failed companion files).
+pub const RESTARTS_MAX: u32 = 12;
+/// Chance of a crash at each step when crashes are on.
+const CRASH_P: f64 = 0.01;
+/// The backup's name in simulated runs.
+pub const BACKUP: &str = "sim";
+/// The virtual clock at the start of every run.
+pub const START_MS: u64 = 1_000_000;
 
 /// The fault types. Each is enabled or not per seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -50,29 +65,35 @@ pub enum FaultKind {
     HookExit,
     /// A hook exec errors.
     HookError,
-    /// A hook runs past its timeout.
+    /// A hook runs past its timeout (it would finish much later).
     HookTimeout,
     /// A hook never returns.
     HookHang,
-    /// A list call answers 5xx, then recovers.
+    /// A list call answers 5xx, sometimes more often than the retries allow.
     List5xx,
-    /// A list call answers 429, then recovers after the retry delay.
+    /// A list call answers 429 a few times.
     List429,
     /// A continued list answers 410 Gone: the listing restarts.
     List410,
     /// A pull target was deleted: the get finds nothing.
     DeletedBeforeGet,
-    /// A store put fails, then succeeds on retry.
+    /// A pull target's get is forbidden.
+    GetError,
+    /// A store put fails a few times, sometimes more often than the retries allow.
     StoreWriteFailure,
-    /// A worker is ten to fifty times slower.
+    /// The store goes down until the process restarts: the run stops and is resumed.
+    StoreOutage,
+    /// A call takes ten to fifty times longer.
     SlowWorker,
-    /// The clock jumps forward.
+    /// The wall clock jumps forward (timers, on a monotonic clock, do not).
     ClockJump,
+    /// A hooked pod is deleted or its containers renamed after everything was listed.
+    ClusterChange,
 }
 
 impl FaultKind {
     /// Every fault type.
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 18] = [
         FaultKind::Crash,
         FaultKind::LostUnflushed,
         FaultKind::TornRecord,
@@ -85,9 +106,12 @@ impl FaultKind {
         FaultKind::List429,
         FaultKind::List410,
         FaultKind::DeletedBeforeGet,
+        FaultKind::GetError,
         FaultKind::StoreWriteFailure,
+        FaultKind::StoreOutage,
         FaultKind::SlowWorker,
         FaultKind::ClockJump,
+        FaultKind::ClusterChange,
     ];
 
     /// The kebab-case name used on the command line and in JSON.
@@ -105,9 +129,12 @@ impl FaultKind {
             FaultKind::List429 => "list-429",
             FaultKind::List410 => "list-410",
             FaultKind::DeletedBeforeGet => "deleted-before-get",
+            FaultKind::GetError => "get-error",
             FaultKind::StoreWriteFailure => "store-write-failure",
+            FaultKind::StoreOutage => "store-outage",
             FaultKind::SlowWorker => "slow-worker",
             FaultKind::ClockJump => "clock-jump",
+            FaultKind::ClusterChange => "cluster-change",
         }
     }
 
@@ -128,21 +155,21 @@ pub struct RunConfig {
     pub workers: usize,
     /// Crash exactly once, right after this many appends (exhaustive crash-point testing).
     pub crash_at_append: Option<u64>,
-    /// A deliberate engine bug, to test the checks.
+    /// A deliberate bug, to test the judges (needs the `mutations` feature).
     pub mutation: Option<Mutation>,
+    /// Lists come in an order drawn from this seed (G3), instead of (namespace, name) order.
+    pub list_order_seed: Option<u64>,
 }
 
-/// An effect on the world, in execution order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// An exec was sent.
-    ExecStart { block: u32, attempt: u32, pod: ItemKey, phase: HookPhase },
-    /// An exec returned.
-    ExecEnd { block: u32, attempt: u32, pod: ItemKey, phase: HookPhase, ok: bool },
-    /// An item write was sent.
-    WriteStart { block: u32, attempt: u32, key: ItemKey },
-    /// An item write returned.
-    WriteEnd { block: u32, attempt: u32, key: ItemKey },
+impl RunConfig {
+    /// A run of `seed` with `faults` and `workers`, nothing else special.
+    pub fn new(seed: u64, faults: BTreeSet<FaultKind>, workers: usize) -> RunConfig {
+        RunConfig { seed, faults, workers, crash_at_append: None, mutation: None, list_order_seed: None }
+    }
+
+    fn on(&self, f: FaultKind) -> bool {
+        self.faults.contains(&f)
+    }
 }
 
 /// How a run ended.
@@ -153,22 +180,40 @@ pub enum Outcome {
     /// Recovery refused a corrupt record: `found` is the sequence number it named, `flipped` the
     /// one the fault flipped.
     CorruptionDetected { found: Seq, flipped: Seq },
-    /// No progress possible, or past [`RUN_STEPS_MAX`].
+    /// Recovery read a record with a flipped bit back without noticing.
+    CorruptionMissed { flipped: Seq },
+    /// No progress possible, past [`RUN_STEPS_MAX`], or an error no restart can fix.
     Stuck(String),
 }
 
-/// Everything a run produced, for the checks.
+/// What the log durably promised when a process died: blocks finished (their items and hooked
+/// pods), as the next process would read it. The F1 judge holds later effects against it.
+#[derive(Debug, Clone, Default)]
+pub struct DurableFinished {
+    /// Index in the world records where the next process started.
+    pub from_record: usize,
+    /// Items of blocks whose `BlockFinished` was durable.
+    pub items: BTreeSet<ItemKey>,
+    /// Pods with hooks in those blocks.
+    pub pods: BTreeSet<ItemKey>,
+}
+
+/// Everything a run produced, for the judges.
 #[derive(Debug, Clone)]
 pub struct RunReport {
     /// How it ended.
     pub outcome: Outcome,
-    /// The durable log at the end.
+    /// The fake world's records, in order.
+    pub records: Vec<Record>,
+    /// The durable log at the end (the plan, for G1/G2 and G3).
     pub events: Vec<Event>,
-    /// Effects in order.
-    pub effects: Vec<Effect>,
-    /// The archive as (path, sha256 of content), sorted, when finalized.
-    pub archive: Option<Vec<(String, [u8; 32])>>,
-    /// Hash chain over every event and completion.
+    /// The archive's bytes, when it was stored.
+    pub archive: Option<Vec<u8>>,
+    /// Every durable file of the backup beside the archive (companion files), by name.
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// What the log promised at each restart.
+    pub durable_finished: Vec<DurableFinished>,
+    /// Hash chain over every record.
     pub trace: Vec<u64>,
     /// Readable label of each trace step.
     pub trace_labels: Vec<String>,
@@ -178,31 +223,10 @@ pub struct RunReport {
     pub crashes: u32,
     /// Virtual milliseconds from the request to the end of the run.
     pub makespan_ms: u64,
-    /// Virtual milliseconds from the request to the end of planning (listing and gets).
-    pub planned_ms: Option<u64>,
 }
 
-/// Command durations in virtual milliseconds, as inclusive ranges drawn per command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Latencies {
-    /// One list page.
-    pub list_page_ms: (u64, u64),
-    /// One get batch.
-    pub get_ms: (u64, u64),
-    /// One hook exec.
-    pub exec_ms: (u64, u64),
-    /// One item write.
-    pub write_ms: (u64, u64),
-}
-
-impl Latencies {
-    /// The spread used for simulated seeds.
-    pub const SEEDED: Latencies =
-        Latencies { list_page_ms: (5, 50), get_ms: (5, 20), exec_ms: (10, 120), write_ms: (1, 10) };
-}
-
-/// Engine bounds for simulated seeds: tiny pages and batches, so every path is exercised.
-pub fn seeded_engine_config(workers: usize, mutation: Option<Mutation>) -> EngineConfig {
+/// Engine bounds for simulated seeds: tiny pages, batches and records, so every path is exercised.
+pub fn seeded_engine_config(workers: usize) -> EngineConfig {
     EngineConfig {
         workers,
         list_page_items_max: 4,
@@ -210,65 +234,10 @@ pub fn seeded_engine_config(workers: usize, mutation: Option<Mutation>) -> Engin
         get_batch_items_max: 3,
         plan_chunk_blocks_max: 5,
         intent_lookahead_blocks: 2,
-        mutation,
+        record_objects_bytes_max: 600,
+        restage_rounds_max: 2,
     }
 }
-
-/// Runs a future that never waits (the fake cluster without a sleeper) to completion.
-fn now<F: Future>(f: F) -> Option<F::Output> {
-    let mut f = pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    match f.as_mut().poll(&mut cx) {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
-    }
-}
-
-/// The in-memory log: durable records and an unflushed tail.
-#[derive(Default)]
-struct SimLog {
-    durable: Vec<Vec<u8>>,
-    pending: Vec<Vec<u8>>,
-    appends: u64,
-}
-
-impl SimLog {
-    fn flush(&mut self) {
-        self.durable.append(&mut self.pending);
-    }
-    fn durable_seq(&self) -> Option<Seq> {
-        (self.durable.len() as Seq).checked_sub(1)
-    }
-}
-
-struct InFlight {
-    cmd_id: u64,
-    due: u64,
-    order: u64,
-    completion: Completion,
-    end: Option<Effect>,
-}
-
-struct World<'a> {
-    model: Option<&'a Model>,
-    cluster: FakeCluster,
-    lat: Latencies,
-    cfg: &'a RunConfig,
-    rng: Rng,
-    clock: u64,
-    staged: BTreeMap<ItemKey, Vec<u8>>,
-    archive: Option<Vec<(String, [u8; 32])>>,
-    effects: Vec<Effect>,
-    hits: BTreeSet<FaultKind>,
-    trace: Vec<u64>,
-    labels: Vec<String>,
-    list_attempts: BTreeMap<String, u32>,
-    gone_once: BTreeSet<String>,
-    planned_ms: Option<u64>,
-}
-
-/// The virtual clock at the start of every run.
-const START_MS: u64 = 1_000_000;
 
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
     let mut h = h ^ 0xcbf2_9ce4_8422_2325;
@@ -279,379 +248,374 @@ fn fnv(h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-impl World<'_> {
-    fn on(&self, f: FaultKind) -> bool {
-        self.cfg.faults.contains(&f)
+/// Runs one backup of `model` in the simulated world.
+pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
+    let mut fake = model.fake();
+    if let Some(s) = cfg.list_order_seed {
+        fake = fake.with_list_order_seed(s);
     }
+    let slow_p = if cfg.on(FaultKind::SlowWorker) { 0.05 } else { 0.0 };
+    let cluster_faults = model.cluster_faults(cfg.on(FaultKind::List410), slow_p);
+    let store_faults = if cfg.on(FaultKind::StoreWriteFailure) {
+        StoreFaults { put_failure_p: 0.05, put_failures_max: 6, failing_paths: Vec::new() }
+    } else {
+        StoreFaults::default()
+    };
+    simulate_world(
+        fake,
+        &model.spec(BACKUP),
+        cluster_faults,
+        store_faults,
+        cfg,
+        &seeded_engine_config(cfg.workers),
+        Latencies::SEEDED,
+    )
+}
 
-    fn record(&mut self, label: String, payload: &[u8]) {
-        let prev = self.trace.last().copied().unwrap_or(0);
-        let mut h = fnv(prev, &(self.trace.len() as u64).to_le_bytes());
-        h = fnv(h, &self.clock.to_le_bytes());
-        h = fnv(h, label.as_bytes());
-        h = fnv(h, payload);
-        self.trace.push(h);
-        self.labels.push(label);
-    }
-
-    fn hook_fault(&self, pod: &ItemKey, phase: HookPhase) -> Option<HookFault> {
-        let p = self.model?.pods.iter().find(|p| p.name == pod.name)?;
-        let h = p.hook.as_ref()?;
-        let f = if phase == HookPhase::Pre { h.pre_fault } else { h.post_fault }?;
-        let kind = match f {
-            HookFault::Exit => FaultKind::HookExit,
-            HookFault::Error => FaultKind::HookError,
-            HookFault::Timeout => FaultKind::HookTimeout,
-            HookFault::Hang => FaultKind::HookHang,
-        };
-        self.on(kind).then_some(f)
-    }
-
-    fn latency(&mut self, (base_lo, base_hi): (u64, u64)) -> u64 {
-        let mut d = self.rng.range(base_lo, base_hi);
-        if self.on(FaultKind::SlowWorker) && self.rng.chance(0.05) {
-            self.hits.insert(FaultKind::SlowWorker);
-            d *= self.rng.range(10, 50);
+/// The blocks whose `BlockFinished` is in `events`: their items and hooked pods.
+fn finished_blocks(events: &[Event]) -> (BTreeSet<ItemKey>, BTreeSet<ItemKey>) {
+    let mut plans: BTreeMap<u32, (Vec<ItemKey>, Vec<ItemKey>)> = BTreeMap::new();
+    let mut items = BTreeSet::new();
+    let mut pods = BTreeSet::new();
+    for e in events {
+        match e {
+            Event::BlockPlanned { blocks } => {
+                for b in blocks {
+                    plans.insert(b.id, (b.items.clone(), b.hooks.iter().map(|h| h.pod.clone()).collect()));
+                }
+            }
+            Event::BlockFinished { block, .. } => {
+                if let Some((i, p)) = plans.get(block) {
+                    items.extend(i.iter().cloned());
+                    pods.extend(p.iter().cloned());
+                }
+            }
+            _ => {}
         }
+    }
+    (items, pods)
+}
+
+/// How one simulated process's life ended.
+#[derive(Debug)]
+pub enum Life {
+    /// The backup reached a terminal phase and its files are stored.
+    Finished(Box<BackupState>),
+    /// The run stopped on a store failure (or storing the files failed); a new process resumes it.
+    Stopped(String),
+    /// The process was killed.
+    Crashed,
+    /// Opening the log refused a corrupt record.
+    Refused { seq: Seq, reason: String },
+    /// Anything else: the run cannot go on.
+    Failed(String),
+    /// No progress, or the step budget ran out.
+    Stuck(String),
+}
+
+/// The simulated world of one backup, across process lives: the runtime, the fake cluster, the
+/// media and the records, plus the shell's `World` over them. The production driver runs in it.
+pub struct SimWorld {
+    /// Virtual time.
+    pub rt: SimRuntime,
+    /// The fake world's records.
+    pub records: WorldLog,
+    /// Whether the current process is dead.
+    pub death: Death,
+    /// The fake cluster.
+    pub cluster: Arc<SimCluster>,
+    /// The store's medium.
+    pub store: MemStore,
+    /// The log's medium.
+    pub log: MemLog,
+    world: World,
+    spec: BackupSpec,
+    ecfg: EngineConfig,
+    workers: usize,
+    /// The torn tail the last open cut, if any.
+    pub last_cut: Option<Seq>,
+}
+
+impl SimWorld {
+    /// A fresh world for a backup of `fake` with `spec`.
+    pub fn new(
+        fake: FakeCluster,
+        spec: &BackupSpec,
+        cluster_faults: ClusterFaults,
+        store_faults: StoreFaults,
+        seed: u64,
+        ecfg: &EngineConfig,
+        lat: Latencies,
+    ) -> SimWorld {
+        let records = WorldLog::new();
+        let rt = SimRuntime::new(START_MS, Rng::new(mix64(seed)));
+        let death = Death::default();
+        let cluster = Arc::new(SimCluster::new(fake, rt.clone(), records.clone(), death.clone(), cluster_faults, lat));
+        let store = MemStore::new(rt.clone(), records.clone(), death.clone(), store_faults, lat.store_ms);
+        let log = MemLog::new(death.clone());
+        let runtime: Arc<dyn Runtime> = Arc::new(rt.clone());
+        let world = World {
+            cluster: Arc::new(RetryingCluster::new(cluster.clone(), ClusterRetryPolicy::default(), runtime.clone())),
+            store: Arc::new(RetryingStore::new(
+                Arc::new(LocalStore::on(store.clone())),
+                RetryPolicy::default(),
+                runtime.clone(),
+            )),
+            runtime,
+        };
+        SimWorld {
+            rt,
+            records,
+            death,
+            cluster,
+            store,
+            log,
+            world,
+            spec: spec.clone(),
+            ecfg: ecfg.clone(),
+            workers: ecfg.workers,
+            last_cut: None,
+        }
+    }
+
+    /// One process's life: open the log (or create the backup when nothing durable is there),
+    /// then run the shell's `run_backup` until it ends, `crash_now(step)` says the process dies,
+    /// the log's crash point is reached, or `steps_max` timer firings passed. Returns the life and
+    /// the steps it took.
+    pub fn live(&mut self, steps_max: u64, mut crash_now: impl FnMut(u64) -> bool) -> (Life, u64) {
+        self.last_cut = None;
+        let (mut log, events) = match EventLog::open_on(self.log.clone()) {
+            Err(LogError::Corrupt { seq, reason, .. }) => return (Life::Refused { seq, reason }, 0),
+            Err(LogError::NotFound(_)) => match EventLog::create_on(self.log.clone(), BACKUP) {
+                Ok(log) => (log, Vec::new()),
+                Err(e) => return (Life::Failed(format!("creating the log failed: {e}")), 0),
+            },
+            Err(e) => return (Life::Failed(format!("opening the log failed: {e}")), 0),
+            Ok((log, events, report)) => {
+                self.last_cut = report.cut_tail.map(|(s, _)| s);
+                (log, events)
+            }
+        };
+        let now = self.rt.now_ms();
+        let engine = if events.is_empty() {
+            // Nothing durable: the backup was never created, and the user creates it again.
+            Engine::new(self.spec.clone(), self.ecfg.clone(), now).map_err(|e| e.to_string())
+        } else {
+            Engine::resume(&events, self.ecfg.clone(), now).map_err(|e| e.to_string())
+        };
+        let engine = match engine {
+            Ok(e) => e,
+            Err(e) => return (Life::Failed(format!("starting the engine failed: {e}")), 0),
+        };
+        let mut steps = 0u64;
+        let mut quiet = Quiet;
+        let death = self.death.clone();
+        let fut = run_backup(engine, &mut log, &self.world, self.workers, &mut quiet);
+        let ended = self.rt.run(
+            fut,
+            steps_max,
+            |step| {
+                steps = step;
+                crash_now(step)
+            },
+            || death.is_dead(),
+        );
+        let life = match ended {
+            Ended::Done(_) | Ended::Crashed if self.death.is_dead() => Life::Crashed,
+            Ended::Crashed => Life::Crashed,
+            Ended::Done(Ok(state)) => Life::Finished(Box::new(state)),
+            Ended::Done(Err(e @ (RunError::Stopped(_) | RunError::Files { .. }))) => Life::Stopped(e.to_string()),
+            Ended::Done(Err(e)) => Life::Failed(format!("the run failed: {e}")),
+            Ended::Stuck(why) => Life::Stuck(why),
+        };
+        if matches!(life, Life::Crashed) {
+            self.death.kill();
+        }
+        (life, steps)
+    }
+
+    /// What a crash does to the media: the log keeps `keep` pending operations (and tears the
+    /// next one when `tear` is given), unsynced staged files survive by draws from `rng`. Then a
+    /// new process may start.
+    pub fn crash(&mut self, keep: usize, tear: Option<f64>, rng: &mut Rng) -> LogCrash {
+        let lost = self.log.crash(keep, tear);
+        self.store.crash(rng);
+        lost
+    }
+
+    /// Before a new process starts: the store comes back, the process lives, a millisecond
+    /// passes, and the log's durable promises are noted for F1.
+    pub fn restart(&mut self) -> DurableFinished {
+        self.store.heal();
+        self.death.revive();
+        self.rt.pass(1);
+        let (items, pods) = finished_blocks(&self.durable_events());
+        let d = DurableFinished { from_record: self.records.len(), items, pods };
+        self.records.push(Record::Restart { at_ms: self.rt.now() });
         d
     }
 
-    /// Executes a command: applies its start effect now and returns (completion, duration, end effect).
-    fn execute(&mut self, kind: CommandKind) -> (Completion, u64, Option<Effect>) {
-        match kind {
-            CommandKind::Discover => {
-                (Completion::Discovered(now(self.cluster.discover()).unwrap_or_else(|| Err(pending()))), 5, None)
-            }
-            CommandKind::List { unit, resource, limit, continue_token } => {
-                let name = unit.to_string();
-                let tries = self.list_attempts.entry(name.clone()).or_insert(0);
-                *tries += 1;
-                let first = *tries == 1;
-                let mut extra = 0;
-                if first && self.on(FaultKind::List5xx) && self.rng.chance(0.3) {
-                    // The adapter retries a 5xx with backoff: the engine sees only the delay.
-                    self.hits.insert(FaultKind::List5xx);
-                    extra += 100 * u64::from(self.rng.range(1, u64::from(RETRIES_MAX)) as u32);
-                }
-                if first && self.on(FaultKind::List429) && self.rng.chance(0.3) {
-                    self.hits.insert(FaultKind::List429);
-                    extra += 1000;
-                }
-                if continue_token.is_some() && self.on(FaultKind::List410) && self.gone_once.insert(name) {
-                    self.hits.insert(FaultKind::List410);
-                    return (Completion::Listed(Err(ClusterError::Expired("410 Gone".into()))), 10, None);
-                }
-                let page =
-                    now(self.cluster.list(&resource, unit.namespace.as_deref(), limit, continue_token.as_deref()))
-                        .unwrap_or_else(|| Err(pending()));
-                let d = self.latency(self.lat.list_page_ms) + extra;
-                (Completion::Listed(page), d, None)
-            }
-            CommandKind::Get { items } => {
-                let mut out = Vec::new();
-                for (rt, key) in items {
-                    let got = now(self.cluster.get(&rt, &key)).and_then(Result::ok).flatten();
-                    if got.is_none() {
-                        self.hits.insert(FaultKind::DeletedBeforeGet);
-                    }
-                    out.push((key, got));
-                }
-                (Completion::Fetched(Ok(out)), self.latency(self.lat.get_ms), None)
-            }
-            CommandKind::RunHook { block, attempt, hook } => {
-                let pod = hook.pod.clone();
-                self.effects.push(Effect::ExecStart { block, attempt, pod: pod.clone(), phase: hook.phase });
-                let result = now(self.cluster.exec(&hook.pod, &hook.container, &hook.command));
-                let mut d = self.latency(self.lat.exec_ms);
-                let outcome = match (self.hook_fault(&pod, hook.phase), result) {
-                    (Some(HookFault::Exit), _) => HookOutcome::Exited { code: 3, output: "injected".into() },
-                    (Some(HookFault::Error), _) => {
-                        HookOutcome::Errored { message: "connection reset (injected)".into() }
-                    }
-                    (Some(HookFault::Timeout | HookFault::Hang), _) => {
-                        // The runtime's timeout fires and cancels the exec.
-                        d = hook.timeout_ms;
-                        HookOutcome::TimedOut { timeout_ms: hook.timeout_ms }
-                    }
-                    (None, Some(Ok(r))) if r.exit_code == 0 => HookOutcome::Succeeded,
-                    (None, Some(Ok(r))) => HookOutcome::Exited { code: r.exit_code, output: r.stdout },
-                    (None, Some(Err(e))) => HookOutcome::Errored { message: e.to_string() },
-                    (None, None) => HookOutcome::Errored { message: "exec did not complete".into() },
-                };
-                if let Some(f) = self.hook_fault(&pod, hook.phase) {
-                    self.hits.insert(match f {
-                        HookFault::Exit => FaultKind::HookExit,
-                        HookFault::Error => FaultKind::HookError,
-                        HookFault::Timeout => FaultKind::HookTimeout,
-                        HookFault::Hang => FaultKind::HookHang,
-                    });
-                }
-                let ok = outcome.ok();
-                let end = Effect::ExecEnd { block, attempt, pod, phase: hook.phase, ok };
-                (Completion::HookRan(outcome), d, Some(end))
-            }
-            CommandKind::WriteItem { block, attempt, key, json } => {
-                self.effects.push(Effect::WriteStart { block, attempt, key: key.clone() });
-                let mut d = self.latency(self.lat.write_ms);
-                if self.on(FaultKind::StoreWriteFailure) && self.rng.chance(0.05) {
-                    // The store's bounded retry absorbs it: a delay, then success.
-                    self.hits.insert(FaultKind::StoreWriteFailure);
-                    d += 50 * self.rng.range(1, u64::from(RETRIES_MAX));
-                }
-                self.staged.insert(key.clone(), json.as_bytes().to_vec());
-                (Completion::Written(Ok(())), d, Some(Effect::WriteEnd { block, attempt, key }))
-            }
-            CommandKind::Finalize { entries } => (Completion::Finalized(self.finalize(&entries)), 20, None),
-        }
+    /// The events the log durably holds (what the next process would read).
+    pub fn durable_events(&self) -> Vec<Event> {
+        let durable = self.log.disk().durable_records();
+        recover_records(durable.iter().map(|(s, b)| (*s, b.as_slice()))).map(|r| r.events).unwrap_or_default()
     }
 
-    fn finalize(&mut self, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, String> {
-        let mut files = vec![("metadata/version".to_string(), Sha256::digest(b"1.1.0").into())];
-        for e in entries {
-            let bytes = self.staged.get(&e.key).ok_or_else(|| format!("{} was never staged", e.key))?;
-            let digest: [u8; 32] = Sha256::digest(bytes).into();
-            if digest != e.digest {
-                return Err(format!("{}: staged bytes do not match the logged digest", e.key));
-            }
-            files.push((e.key.archive_path(), digest));
-            files.push((e.key.preferred_version_path(&e.version), digest));
-        }
-        files.sort();
-        let mut h = Sha256::new();
-        for (p, d) in &files {
-            h.update(p.as_bytes());
-            h.update(d);
-        }
-        let digest: [u8; 32] = h.finalize().into();
-        self.archive = Some(files);
-        Ok(ArchiveInfo { digest, bytes: 0, items: entries.len() as u64 })
+    /// Every durable file of the backup in the store, by name (the archive under its own name).
+    pub fn stored_files(&self) -> BTreeMap<String, Vec<u8>> {
+        let prefix = format!("backups/{BACKUP}/");
+        self.store
+            .durable_files()
+            .into_iter()
+            .filter_map(|(path, bytes)| {
+                let name = path.strip_prefix(&prefix)?;
+                (!name.starts_with("staging/")).then(|| (name.to_string(), bytes))
+            })
+            .collect()
+    }
+
+    /// Staged items as the store holds them now (synced or not).
+    pub fn staged(&self) -> BTreeMap<ItemKey, Vec<u8>> {
+        self.store
+            .files()
+            .into_iter()
+            .filter(|(p, _)| p.contains("/staging/"))
+            .filter_map(|(p, b)| crate::check::item_of_path(&p).map(|k| (k, b)))
+            .collect()
     }
 }
 
-fn pending() -> ClusterError {
-    ClusterError::Other("the fake cluster waited, which it cannot do under simulation".into())
-}
-
-/// Assigns the model's hook faults for this seed: deterministic per pod.
-pub fn assign_hook_faults(model: &mut Model, faults: &BTreeSet<FaultKind>, rng: &mut Rng) {
-    let kinds: Vec<HookFault> = [
-        (FaultKind::HookExit, HookFault::Exit),
-        (FaultKind::HookError, HookFault::Error),
-        (FaultKind::HookTimeout, HookFault::Timeout),
-        (FaultKind::HookHang, HookFault::Hang),
-    ]
-    .into_iter()
-    .filter(|(k, _)| faults.contains(k))
-    .map(|(_, f)| f)
-    .collect();
-    if kinds.is_empty() {
-        return;
-    }
-    for p in model.pods.iter_mut() {
-        if let Some(h) = p.hook.as_mut() {
-            if rng.chance(0.4) {
-                h.pre_fault = rng.pick(&kinds).copied();
-            }
-            if rng.chance(0.2) {
-                h.post_fault = rng.pick(&kinds).copied();
-            }
-        }
-    }
-}
-
-/// Runs one backup of `model` in the simulated world.
-pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
-    let ecfg = seeded_engine_config(cfg.workers, cfg.mutation);
-    simulate_world(model.fake(), &model.spec("sim"), Some(model), cfg, &ecfg, Latencies::SEEDED)
-}
-
-/// Runs one backup of any fake cluster with `spec`, engine bounds `ecfg` and latencies `lat`;
-/// `model` (when the cluster came from one) supplies per-pod hook faults.
+/// Runs one backup of any fake cluster with `spec`, engine bounds `ecfg` and latencies `lat`.
 pub fn simulate_world(
-    cluster: FakeCluster,
-    spec: &blockwise_engine::BackupSpec,
-    model: Option<&Model>,
+    fake: FakeCluster,
+    spec: &BackupSpec,
+    cluster_faults: ClusterFaults,
+    store_faults: StoreFaults,
     cfg: &RunConfig,
     ecfg: &EngineConfig,
     lat: Latencies,
 ) -> RunReport {
-    let mut w = World {
-        model,
-        cluster,
-        lat,
-        cfg,
-        rng: Rng::new(mix64(cfg.seed)),
-        clock: START_MS,
-        staged: BTreeMap::new(),
-        archive: None,
-        effects: Vec::new(),
-        hits: BTreeSet::new(),
-        trace: Vec::new(),
-        labels: Vec::new(),
-        list_attempts: BTreeMap::new(),
-        gone_once: BTreeSet::new(),
-        planned_ms: None,
-    };
-    let ecfg = ecfg.clone();
-    let mut log = SimLog::default();
+    let mut w = SimWorld::new(fake, spec, cluster_faults, store_faults, cfg.seed, ecfg, lat);
+    let mut rng = Rng::new(mix64(cfg.seed ^ 0x00c0_ffee));
+    if let Some(n) = cfg.crash_at_append {
+        w.log.crash_after_inserts(n);
+    }
+    let _mutation = MutationGuard::set(cfg.mutation);
+    let mut hits: BTreeSet<FaultKind> = BTreeSet::new();
     let mut crashes = 0u32;
-    // Crashes are drawn from the run's PRNG, so the crash schedule is part of the seed.
-    let crash_p = if cfg.faults.contains(&FaultKind::Crash) { 0.03 } else { 0.0 };
-    let mut engine = match Engine::new(spec.clone(), ecfg.clone(), w.clock) {
-        Ok(e) => e,
-        Err(e) => {
-            return finish(w, log, Outcome::Stuck(format!("spec rejected: {e}")), crashes);
-        }
-    };
-    let mut waiting: Vec<Command> = Vec::new();
-    let mut inflight: Vec<InFlight> = Vec::new();
-    let mut order = 0u64;
-    let mut step = 0u64;
+    let mut restarts = 0u32;
+    let mut steps_used = 0u64;
+    let mut flipped: Option<Seq> = None;
+    let mut outage_done = false;
+    let mut durable_finished = Vec::new();
+    let crash_on = cfg.on(FaultKind::Crash) && cfg.crash_at_append.is_none();
+    let outage_on = cfg.on(FaultKind::StoreOutage);
+    let jump_on = cfg.on(FaultKind::ClockJump);
     let outcome = loop {
-        step += 1;
-        if step > RUN_STEPS_MAX {
-            break Outcome::Stuck(format!("no terminal phase after {RUN_STEPS_MAX} steps"));
-        }
-        engine.set_now(w.clock);
-        let out = engine.poll();
-        let mut crash_now = false;
-        for (seq, ev) in &out.events {
-            let bytes = encode_record(ev);
-            w.record(format!("event {seq} {}", ev.kind()), &bytes);
-            log.pending.push(bytes);
-            log.appends += 1;
-            if cfg.crash_at_append == Some(log.appends) {
-                crash_now = true;
+        let crashes_before = crashes;
+        let (store, rt) = (w.store.clone(), w.rt.clone());
+        let budget = RUN_STEPS_MAX.saturating_sub(steps_used);
+        let (life, steps) = w.live(budget, |_| {
+            if jump_on && rng.chance(0.005) {
+                hits.insert(FaultKind::ClockJump);
+                rt.jump_wall(rng.range(60_000, 3_600_000));
             }
+            if outage_on && !outage_done && rng.chance(0.004) {
+                outage_done = true;
+                hits.insert(FaultKind::StoreOutage);
+                store.set_down(true);
+            }
+            crash_on && crashes_before < CRASHES_PER_RUN_MAX && rng.chance(CRASH_P)
+        });
+        steps_used += steps;
+        let crashed = match (life, flipped) {
+            (Life::Refused { seq, .. }, Some(f)) => break Outcome::CorruptionDetected { found: seq, flipped: f },
+            (Life::Refused { seq, reason }, None) => {
+                break Outcome::Stuck(format!("recovery refused record {seq} without a flipped bit: {reason}"))
+            }
+            // The log opened although a record in it has a flipped bit (and it was not the tail).
+            (_, Some(f)) if w.last_cut != Some(f) => break Outcome::CorruptionMissed { flipped: f },
+            (Life::Finished(state), _) => break Outcome::Finished(state.phase()),
+            (Life::Crashed, _) => true,
+            (Life::Stopped(_), _) => false,
+            (Life::Failed(why) | Life::Stuck(why), _) => break Outcome::Stuck(why),
+        };
+        restarts += 1;
+        if restarts > RESTARTS_MAX {
+            break Outcome::Stuck(format!("{restarts} process starts without finishing"));
         }
-        waiting.extend(out.commands);
-        if w.planned_ms.is_none() && engine.state().plan_finished {
-            w.planned_ms = Some(w.clock - START_MS);
-        }
-        if let Some(f) = engine.fatal() {
-            break Outcome::Stuck(format!("engine stopped: {f}"));
-        }
-        if !crash_now && crashes < CRASHES_PER_RUN_MAX && w.rng.chance(crash_p) {
-            crash_now = true;
-        }
-        if crash_now {
+        if crashed {
             crashes += 1;
-            w.hits.insert(FaultKind::Crash);
-            w.record(format!("crash {crashes}"), &[]);
-            // Without the fault, a random crash comes right after a flush.
-            if cfg.crash_at_append.is_none() && !cfg.faults.contains(&FaultKind::LostUnflushed) {
-                log.flush();
-            }
-            if !log.pending.is_empty() {
-                w.hits.insert(FaultKind::LostUnflushed);
-                if cfg.faults.contains(&FaultKind::TornRecord) && w.rng.chance(0.8) {
-                    let first = &log.pending[0];
-                    let cut = w.rng.range(1, first.len().saturating_sub(1).max(1) as u64) as usize;
-                    log.durable.push(first[..cut.min(first.len())].to_vec());
-                    w.hits.insert(FaultKind::TornRecord);
-                }
-                log.pending.clear();
-            }
-            let mut flipped = None;
-            if cfg.faults.contains(&FaultKind::BitFlip)
-                && crashes == CRASHES_PER_RUN_MAX.min(2)
-                && log.durable.len() >= 3
-            {
-                let i = w.rng.below(log.durable.len() as u64 - 1) as usize;
-                let rec = &mut log.durable[i];
-                let bit = w.rng.below(rec.len() as u64 * 8) as usize;
-                rec[bit / 8] ^= 1 << (bit % 8);
-                flipped = Some(i as Seq);
-                w.hits.insert(FaultKind::BitFlip);
-            }
-            inflight.clear();
-            waiting.clear();
-            // Restart: recover the log exactly as the sled log does, then resume the engine.
-            let recovered = recover_records(log.durable.iter().enumerate().map(|(i, r)| (i as Seq, r.as_slice())));
-            let recovered = match (recovered, flipped) {
-                (Err(e), Some(f)) => break Outcome::CorruptionDetected { found: e.seq, flipped: f },
-                (Err(e), None) => break Outcome::Stuck(format!("recovery failed without a flipped bit: {e}")),
-                (Ok(r), Some(f)) if r.cut_tail.as_ref().is_none_or(|(s, _)| *s != f) => {
-                    break Outcome::Stuck(format!("bit flipped in record {f} was read back silently"));
-                }
-                (Ok(r), _) => r,
-            };
-            if recovered.cut_tail.is_some() {
-                log.durable.pop();
-            }
-            w.record(format!("recovered {} events", recovered.events.len()), &[]);
-            // Nothing durable means the backup was never created: the user creates it again.
-            let restarted = if recovered.events.is_empty() {
-                Engine::new(spec.clone(), ecfg.clone(), w.clock).map_err(|e| e.to_string())
+            hits.insert(FaultKind::Crash);
+            w.records.push(Record::Crash { at_ms: w.rt.now(), n: crashes });
+            // Without lost-unflushed, a crash comes right after a flush: nothing pending is lost.
+            let lose = cfg.crash_at_append.is_some() || cfg.on(FaultKind::LostUnflushed);
+            let keep = if !lose {
+                usize::MAX
+            } else if cfg.crash_at_append.is_some() || rng.chance(0.5) {
+                0
             } else {
-                Engine::resume(&recovered.events, ecfg.clone(), w.clock).map_err(|e| e.to_string())
+                rng.below(8) as usize
             };
-            engine = match restarted {
-                Ok(e) => e,
-                Err(e) => break Outcome::Stuck(format!("resume failed: {e}")),
-            };
-            continue;
+            let tear = (cfg.on(FaultKind::TornRecord) && rng.chance(0.8)).then(|| rng.unit_f64());
+            let lost = w.crash(keep, tear, &mut rng);
+            if lost.lost > 0 {
+                hits.insert(FaultKind::LostUnflushed);
+            }
+            if lost.torn.is_some() {
+                hits.insert(FaultKind::TornRecord);
+            }
+            if cfg.on(FaultKind::BitFlip) && crashes == CRASHES_PER_RUN_MAX.min(2) && flipped.is_none() {
+                let n = w.log.disk().durable_records().len();
+                if n >= 3 {
+                    let i = rng.below(n as u64 - 1) as usize;
+                    let bit = rng.next_u64();
+                    flipped = w.log.flip_bit(i, bit);
+                    hits.insert(FaultKind::BitFlip);
+                }
+            }
+        } else {
+            w.records.push(Record::Stopped { at_ms: w.rt.now() });
         }
-        // Group commit: one flush for everything appended, when a command waits for it.
-        let blocked = waiting.iter().any(|c| c.after_seq.is_some_and(|s| log.durable_seq().is_none_or(|d| s > d)));
-        if blocked || engine.is_finished() || (inflight.is_empty() && !log.pending.is_empty()) {
-            w.record("flush".into(), &(log.pending.len() as u64).to_le_bytes());
-            log.flush();
-        }
-        if engine.is_finished() && inflight.is_empty() {
-            break Outcome::Finished(engine.state().phase());
-        }
-        let durable = log.durable_seq();
-        let (go, stay): (Vec<Command>, Vec<Command>) =
-            waiting.drain(..).partition(|c| c.after_seq.is_none_or(|s| durable.is_some_and(|d| s <= d)));
-        waiting = stay;
-        for cmd in go {
-            let (completion, d, end) = w.execute(cmd.kind);
-            order += 1;
-            inflight.push(InFlight {
-                cmd_id: cmd.id,
-                due: w.clock + d,
-                order: w.rng.next_u64() ^ order,
-                completion,
-                end,
-            });
-        }
-        if inflight.is_empty() {
-            break Outcome::Stuck("nothing in flight and the backup is not finished".into());
-        }
-        // The next completion: earliest due time, ties by a seeded draw.
-        let next = inflight.iter().enumerate().min_by_key(|(_, f)| (f.due, f.order)).map(|(i, _)| i).unwrap_or(0);
-        let f = inflight.swap_remove(next);
-        w.clock = w.clock.max(f.due);
-        if w.on(FaultKind::ClockJump) && w.rng.chance(0.01) {
-            w.hits.insert(FaultKind::ClockJump);
-            w.clock += w.rng.range(60_000, 3_600_000);
-        }
-        if let Some(e) = f.end {
-            w.effects.push(e);
-        }
-        w.record(format!("complete {}", f.cmd_id), format!("{:?}", f.completion).as_bytes());
-        engine.set_now(w.clock);
-        engine.complete(f.cmd_id, f.completion);
+        durable_finished.push(w.restart());
     };
-    finish(w, log, outcome, crashes)
-}
-
-fn finish(w: World<'_>, mut log: SimLog, outcome: Outcome, crashes: u32) -> RunReport {
-    log.flush();
-    let events = recover_records(log.durable.iter().enumerate().map(|(i, r)| (i as Seq, r.as_slice())))
-        .map(|r| r.events)
-        .unwrap_or_default();
+    for h in w.cluster.hits() {
+        if let Some(f) = FaultKind::parse(h) {
+            hits.insert(f);
+        }
+    }
+    let recs = w.records.snapshot();
+    if cfg.on(FaultKind::StoreWriteFailure) && recs.iter().any(|r| matches!(r, Record::StoreFailed { .. })) {
+        hits.insert(FaultKind::StoreWriteFailure);
+    }
+    let events = w.durable_events();
+    let mut files = w.stored_files();
+    let archive = files.remove(&format!("{BACKUP}.tar.gz"));
+    let mut trace = Vec::with_capacity(recs.len());
+    let mut labels = Vec::with_capacity(recs.len());
+    let mut h = 0u64;
+    for r in &recs {
+        let label = format!("{r:?}");
+        h = fnv(h, label.as_bytes());
+        trace.push(h);
+        labels.push(label);
+    }
+    for e in &events {
+        h = fnv(h, &blockwise_engine::event::encode_record(e));
+    }
+    trace.push(h);
+    labels.push(format!("the final log ({} events)", events.len()));
     RunReport {
         outcome,
+        records: recs,
         events,
-        effects: w.effects,
-        archive: w.archive,
-        trace: w.trace,
-        trace_labels: w.labels,
-        hits: w.hits,
+        archive,
+        files,
+        durable_finished,
+        trace,
+        trace_labels: labels,
+        hits,
         crashes,
-        makespan_ms: w.clock - START_MS,
-        planned_ms: w.planned_ms,
+        makespan_ms: w.rt.now() - START_MS,
     }
 }

@@ -1,10 +1,10 @@
-//! The simulator's own acceptance tests (issue 3): fixed seeds with every fault type and the
-//! determinism check, exhaustive crash points on small clusters, and a mutation check proving the
-//! harness can fail. Every failure prints the seed and the command that reproduces it.
+//! The simulator's own acceptance tests: fixed seeds with every fault type and the determinism
+//! check, and exhaustive crash points on small clusters. Every failure prints the seed and the
+//! command that reproduces it. (The mutation tests — the harness must be able to fail — live in
+//! `tests/tests/mutations.rs`, which builds the engine with its `mutations` feature.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blockwise_engine::Mutation;
 use blockwise_simulator::runner::{check_run, check_seed, plan_seed, shrink};
 use blockwise_simulator::sim::{FaultKind, RunConfig};
 
@@ -52,26 +52,7 @@ fn crash_after_every_append_gives_the_crash_free_archive() {
             let (v, report) = check_run(&plan.model, &cfg, false);
             assert!(v.is_empty(), "seed {seed}, crash after append {k}: {v:?}");
             assert_eq!(report.crashes, 1, "seed {seed}, crash after append {k}");
-            assert_eq!(report.archive, clean.archive, "seed {seed}, crash after append {k}: archive differs");
+            assert!(report.archive == clean.archive, "seed {seed}, crash after append {k}: archive differs");
         }
-    }
-}
-
-/// The harness must be able to fail: each deliberate engine bug is reported, as the invariant it
-/// breaks, within a bounded number of seeds.
-#[test]
-fn mutations_are_caught_by_the_matching_invariant() {
-    let hooks_only: BTreeSet<FaultKind> =
-        [FaultKind::Crash, FaultKind::HookExit, FaultKind::HookError].into_iter().collect();
-    for (mutation, invariant) in [
-        (Mutation::WriteBeforePreHooks, "H1"),
-        (Mutation::SkipOwedPostHooks, "H2"),
-        (Mutation::IgnorePreHookFailure, "H3"),
-    ] {
-        let caught = (0..400u64).find(|&seed| {
-            let (r, _) = check_seed(seed, &hooks_only, false, Some(mutation));
-            r.violations.iter().any(|v| v.invariant == invariant)
-        });
-        assert!(caught.is_some(), "{mutation:?} was not reported as {invariant} within 400 seeds");
     }
 }

@@ -1,14 +1,16 @@
-//! Property tests over generated clusters and fault schedules (issue 3, item 5): proptest builds a
-//! structured cluster model — pods with 0..n claims, RWX sharing, bound/unbound claims, volume
-//! groups, non-Running pods, ServiceAccounts with bindings, custom resources, annotation and spec
-//! hooks with each onError mode and misbehaviour, exclusions, selectors, ordered resources — and a
-//! fault set, runs the real engine in the simulator, and requires every invariant. proptest shrinks
-//! a failure to a minimal cluster; its seed is fixed in CI (`PROPTEST_CASES` raises the count).
+//! Property tests over generated clusters and fault schedules: proptest builds a structured
+//! cluster model — pods with 0..n claims, RWX sharing, bound/unbound claims, volume groups,
+//! non-Running pods, ServiceAccounts with bindings, custom resources, annotation and spec hooks
+//! (pre and post) with each onError mode and misbehaviour, the exclude label on any kind, namespace
+//! filters both ways, cluster resources on/off, selectors matching claims, ordered resources — and
+//! a fault set, runs the production shell in the simulator, and requires every invariant. proptest
+//! shrinks a failure to a minimal cluster; its seed is fixed in CI (`PROPTEST_CASES` raises the
+//! count).
 
 use std::collections::BTreeSet;
 
-use blockwise_engine::hooks::OnError;
-use blockwise_simulator::model::{HookFault, HookM, Model, PodM, PvcM, SaM};
+use blockwise_engine::hooks::{HookPhase, OnError};
+use blockwise_simulator::model::{hook_fault_key, HookFault, HookM, Model, PodM, PvcM, SaM, SpecHookM};
 use blockwise_simulator::runner::check_run;
 use blockwise_simulator::sim::{FaultKind, RunConfig};
 use proptest::prelude::*;
@@ -29,11 +31,28 @@ fn hook_fault() -> impl Strategy<Value = Option<HookFault>> {
 }
 
 fn model() -> impl Strategy<Value = Model> {
-    let pvc = (0usize..2, 0u8..8, any::<bool>(), prop::option::of(0u8..2), prop::bool::weighted(0.05)).prop_map(
-        |(ns, i, bound, group, deleting)| PvcM { ns, name: format!("c{i}"), bound, pv_missing: false, group, deleting },
+    let pvc = (
+        0usize..2,
+        0u8..8,
+        any::<bool>(),
+        prop::option::of(0u8..2),
+        prop::bool::weighted(0.05),
+        prop::option::of(0u8..3),
+    )
+        .prop_map(|(ns, i, bound, group, deleting, app)| PvcM {
+            ns,
+            name: format!("c{i}"),
+            bound,
+            pv_missing: false,
+            group,
+            deleting,
+            app,
+        });
+    let hook = (on_error(), hook_fault(), hook_fault(), prop::bool::weighted(0.05), 0u8..3).prop_map(
+        |(on_error, pre_fault, post_fault, malformed, which)| {
+            (HookM { on_error, malformed, pre: which != 1, post: which != 2 }, pre_fault, post_fault)
+        },
     );
-    let hook = (on_error(), hook_fault(), hook_fault(), prop::bool::weighted(0.05))
-        .prop_map(|(on_error, pre_fault, post_fault, malformed)| HookM { on_error, pre_fault, post_fault, malformed });
     let pod = (
         0usize..2,
         prop::sample::select(vec!["Running", "Running", "Pending", "Succeeded"]),
@@ -52,25 +71,45 @@ fn model() -> impl Strategy<Value = Model> {
         prop::option::of(0u8..3),
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.1),
-        prop::option::of(on_error()),
+        prop::option::of((on_error(), any::<bool>(), any::<bool>())),
         prop::collection::vec(0usize..10, 0..3),
+        (prop::option::of(any::<bool>()), prop::bool::weighted(0.15), prop::collection::vec(0usize..12, 0..3)),
     )
-        .prop_map(|(pods, pvcs, sas, widgets, selector_app, ns_filter, exclude_pvs, spec_hook, ordered)| {
+        .prop_map(|(pods, pvcs, sas, widgets, selector_app, ns_filter, exclude_pvs, spec_hook, ordered, extra)| {
+            let (include_cluster_resources, exclude_ns1, excluded_tags) = extra;
             let mut pvcs = pvcs;
             pvcs.sort_by(|a, b| (a.ns, &a.name).cmp(&(b.ns, &b.name)));
             pvcs.dedup_by(|a, b| a.ns == b.ns && a.name == b.name);
+            let mut hook_faults = std::collections::BTreeMap::new();
             let pods: Vec<PodM> = pods
                 .into_iter()
                 .enumerate()
-                .map(|(i, (ns, phase, claims, app, hook, pc, excluded))| PodM {
-                    ns,
-                    name: format!("p{i}"),
-                    phase: phase.to_string(),
-                    claims: claims.into_iter().map(|c| format!("c{c}")).collect::<BTreeSet<_>>().into_iter().collect(),
-                    app,
-                    hook,
-                    priority_class: pc.map(str::to_string),
-                    excluded,
+                .map(|(i, (ns, phase, claims, app, hook, pc, excluded))| {
+                    let name = format!("p{i}");
+                    let hook = hook.map(|(h, pre_fault, post_fault)| {
+                        // Faults apply to the pod's hooks whatever their source (annotation or spec).
+                        for (phase, f) in [(HookPhase::Pre, pre_fault), (HookPhase::Post, post_fault)] {
+                            if let Some(f) = f {
+                                hook_faults.insert(hook_fault_key(&name, phase), f);
+                            }
+                        }
+                        h
+                    });
+                    PodM {
+                        ns,
+                        name,
+                        phase: phase.to_string(),
+                        claims: claims
+                            .into_iter()
+                            .map(|c| format!("c{c}"))
+                            .collect::<BTreeSet<_>>()
+                            .into_iter()
+                            .collect(),
+                        app,
+                        hook,
+                        priority_class: pc.map(str::to_string),
+                        excluded,
+                    }
                 })
                 .collect();
             let ordered_pods: Vec<String> = ordered
@@ -79,7 +118,7 @@ fn model() -> impl Strategy<Value = Model> {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            Model {
+            let mut m = Model {
                 sas: sas
                     .into_iter()
                     .enumerate()
@@ -93,12 +132,19 @@ fn model() -> impl Strategy<Value = Model> {
                 widgets: widgets.into_iter().enumerate().map(|(i, ns)| (ns, format!("w{i}"))).collect(),
                 selector_app,
                 include_ns: if ns_filter { vec![0] } else { vec![] },
+                exclude_ns: if exclude_ns1 && !ns_filter { vec![1] } else { vec![] },
+                include_cluster_resources,
                 exclude_pvs,
                 ordered_pods,
-                spec_hook,
+                spec_hook: spec_hook.map(|(on_error, pre, post)| SpecHookM { on_error, pre, post }),
                 pods,
                 pvcs,
-            }
+                ..Model::empty()
+            };
+            m.world.hook_faults = hook_faults;
+            let tags = m.tags();
+            m.exclude_label = excluded_tags.into_iter().filter_map(|i| tags.get(i).cloned()).collect();
+            m
         })
 }
 
@@ -114,7 +160,7 @@ fn generated_clusters_and_fault_schedules_hold_every_invariant() {
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]);
     let mut runner = TestRunner::new_with_rng(config, rng);
     let result = runner.run(&(model(), faults(), 1usize..6, any::<u64>()), |(model, faults, workers, seed)| {
-        let cfg = RunConfig { seed, faults, workers, crash_at_append: None, mutation: None };
+        let cfg = RunConfig::new(seed, faults, workers);
         let (violations, _) = check_run(&model, &cfg, false);
         prop_assert!(violations.is_empty(), "seed {seed}, workers {workers}: {violations:?}");
         Ok(())

@@ -12,7 +12,7 @@ use common::{assert_windows_closed, blockwise, kill_after_line, local_archive as
 /// Starts `backup create NAME --demo --workers 4 EXTRA…` and SIGKILLs it right after progress
 /// line `kill_at`; whether the kill landed before the backup finished.
 fn create_and_kill(data: &Path, name: &str, extra: &[&str], kill_at: usize) -> bool {
-    let mut args = vec!["backup", "create", name, "--demo", "--workers", "4"];
+    let mut args = vec!["backup", "create", name, "--demo", "--demo-faults", "--workers", "4"];
     args.extend_from_slice(extra);
     kill_after_line(blockwise(data, &args), kill_at)
 }
@@ -22,7 +22,7 @@ fn kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let reference = tmp.path().join("reference");
     let latency = ["--demo-latency-ms", "15", "--page-size", "50"];
-    let mut args = vec!["backup", "create", "ref", "--demo", "--workers", "4"];
+    let mut args = vec!["backup", "create", "ref", "--demo", "--demo-faults", "--workers", "4"];
     args.extend_from_slice(&latency);
     let out = blockwise(&reference, &args).output().expect("run reference");
     assert_eq!(
@@ -67,7 +67,9 @@ fn same_archive_bytes_for_1_and_16_workers() {
     let mut archives = Vec::new();
     for workers in ["1", "16"] {
         let data = tmp.path().join(workers);
-        let out = blockwise(&data, &["backup", "create", "w", "--demo", "--workers", workers]).output().expect("run");
+        let out = blockwise(&data, &["backup", "create", "w", "--demo", "--demo-faults", "--workers", workers])
+            .output()
+            .expect("run");
         assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
         archives.push(archive(&data, "w"));
     }
@@ -79,7 +81,7 @@ fn create_refuses_an_in_progress_name_and_points_to_resume() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path();
     assert!(create_and_kill(data, "half", &["--demo-latency-ms", "20", "--page-size", "50"], 3));
-    let out = blockwise(data, &["backup", "create", "half", "--demo"]).output().expect("run");
+    let out = blockwise(data, &["backup", "create", "half", "--demo", "--demo-faults"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("InProgress") && err.contains("blockwise backup resume half"), "{err}");

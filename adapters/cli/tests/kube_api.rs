@@ -11,12 +11,14 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockwise_adapters::kube::{KubeCluster, RetryPolicy};
+use blockwise_adapters::kube::KubeCluster;
+use blockwise_adapters::retry::{RetryPolicy, RetryingCluster};
+use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::item::{ItemKey, ResourceType};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_simulator::demo::{demo_cluster, demo_namespaces, DEMO_SEED};
 use blockwise_simulator::fake::{ExecScript, FakeCluster};
-use blockwise_simulator::server::{FakeApiServer, Fault, TokioSleeper, Verb};
+use blockwise_simulator::server::{FakeApiServer, Fault, Verb};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blockwise");
@@ -32,7 +34,7 @@ struct Served {
 
 fn serve(cluster: FakeCluster) -> Served {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let cluster = Arc::new(cluster.with_sleeper(Arc::new(TokioSleeper)));
+    let cluster = Arc::new(cluster.with_clock(Arc::new(TokioRuntime)));
     let server = rt.block_on(FakeApiServer::start(cluster, "127.0.0.1:0".parse().unwrap())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -45,9 +47,10 @@ fn serve_demo() -> Served {
 }
 
 impl Served {
-    fn cluster(&self) -> KubeCluster {
+    fn cluster(&self) -> RetryingCluster {
         let fast = RetryPolicy { attempts_max: 4, backoff_base_ms: 5, backoff_max_ms: 20 };
-        self.rt.block_on(KubeCluster::connect(Some(&self.kubeconfig), None)).unwrap().with_retry(fast)
+        let kube = self.rt.block_on(KubeCluster::connect(Some(&self.kubeconfig), None)).unwrap();
+        RetryingCluster::new(Arc::new(kube), fast, Arc::new(TokioRuntime))
     }
 
     fn blockwise(&self, data: &Path, args: &[&str]) -> Output {
@@ -85,7 +88,8 @@ fn check_exit(out: &Output, code: i32, what: &str) {
 fn in_memory_archive(home: &Path, name: &str) -> Vec<u8> {
     let data = home.join("in-memory");
     let objects = DEMO_OBJECTS.to_string();
-    let out = blockwise(home, &data, &["backup", "create", name, "--demo", "--demo-objects", &objects]);
+    let out =
+        blockwise(home, &data, &["backup", "create", name, "--demo", "--demo-faults", "--demo-objects", &objects]);
     check_exit(&out, 3, "the demo has one failing Fail-mode pre-hook: PartiallyFailed");
     archive(&data, name)
 }

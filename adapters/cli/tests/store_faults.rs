@@ -13,7 +13,7 @@ use common::{assert_exit, assert_windows_closed, blockwise, local_archive, run};
 const SMALL: [&str; 4] = ["--demo-objects", "120", "--workers", "16"];
 
 fn create(data: &Path, name: &str, faults: Option<&str>) -> std::process::Output {
-    let mut args = vec!["backup", "create", name, "--demo"];
+    let mut args = vec!["backup", "create", name, "--demo", "--demo-faults"];
     args.extend(SMALL);
     let mut c = blockwise(data, &args);
     if let Some(f) = faults {
@@ -98,7 +98,7 @@ fn a_failing_companion_file_is_stored_again_by_resume() {
 fn bad_storage_locations_are_usage_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let check = |extra: &[&str], needle: &str| {
-        let mut args = vec!["backup", "create", "x", "--demo"];
+        let mut args = vec!["backup", "create", "x", "--demo", "--demo-faults"];
         args.extend_from_slice(extra);
         let out = run(tmp.path(), &args);
         let err = String::from_utf8_lossy(&out.stderr).to_string();

@@ -1,41 +1,41 @@
 //! The `blockwise` command line, in Velero's vocabulary (`backup create|resume|describe|get|logs`).
 //!
+//! This module parses arguments and prints; everything a backup *is* — the data directory's
+//! layout, crash-atomic creation, resume, the live view of a running backup — is the adapters'
+//! session API ([`blockwise_adapters::session`]), which the in-cluster controller uses too.
+//!
 //! Exit codes a script can rely on: 0 Completed, 3 PartiallyFailed, 1 Failed (or the run could not
 //! go on), 2 usage or input error (bad flag, bad name, a bad kubeconfig or context, a backup that
 //! already exists). With a kubeconfig (`--kubeconfig`, `KUBECONFIG`, `~/.kube/config`) or inside a
-//! pod, the cluster is reached through kube-rs ([`crate::kube`]); with none, or with `--demo`, the
-//! built-in demo cluster from `blockwise-simulator` is backed up in memory, and the choice is
-//! announced on stderr. `simulator serve` serves the demo cluster over the Kubernetes HTTP API. The
-//! data directory holds one sled log per backup under
-//! `backups/<name>/log`, the cluster source and the storage location used (`cluster.json`,
-//! `storage.json` — never credentials — so `resume`, `download` and `inspect` reach the same ones)
-//! and the default local store under `store/`. Every store is wrapped in a
-//! [`RetryingStore`]; debug builds also honour the fault plan of [`crate::faults::FAULT_ENV`].
+//! pod, the cluster is reached through kube-rs; with none, or with `--demo`, the built-in demo
+//! cluster from `blockwise-simulator` is backed up in memory, and the choice is announced on
+//! stderr. `simulator serve` serves the demo cluster over the Kubernetes HTTP API. Output to a
+//! closed pipe (`blockwise backup logs NAME | head`) ends the command quietly.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
+use blockwise_adapters::driver::{Observer, RunError};
+use blockwise_adapters::kube::KubeCluster;
+use blockwise_adapters::report;
+use blockwise_adapters::s3::S3Location;
+use blockwise_adapters::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError, Status, StorageSpec};
+use blockwise_adapters::store::Store;
+use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::spec::{parse_ordered_resources, validate_backup_name, BackupSpec, DEFAULT_VOLUME_GROUP_LABEL};
 use blockwise_engine::state::BackupState;
-use blockwise_engine::{Engine, EngineConfig};
+use blockwise_simulator::demo;
 use clap::{Args, Parser, Subcommand};
-use serde::{Deserialize, Serialize};
-
-use crate::faults::{FaultPlan, FaultyStore};
-use crate::kube::KubeCluster;
-use crate::log::EventLog;
-use crate::report;
-use crate::runtime::{now_ms, run_backup, Observer};
-use crate::s3::{S3Config, S3Location, S3Store};
-use crate::store::{LocalStore, RetryPolicy, RetryingStore, Store, StoreError};
 
 /// Exit code for usage and input errors.
 pub const EXIT_USAGE: u8 = 2;
+/// List page size used by `resume` (the page size is not part of a backup's record).
+pub const RESUME_PAGE_SIZE: u32 = 500;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,7 +45,7 @@ pub const EXIT_USAGE: u8 = 2;
 )]
 struct Cli {
     #[command(flatten)]
-    data: DataDir,
+    data: DataDirArgs,
     #[command(subcommand)]
     command: Top,
 }
@@ -85,18 +85,21 @@ struct ServeArgs {
     /// Simulated latency of each API call and exec, in milliseconds.
     #[arg(long, default_value_t = 0)]
     demo_latency_ms: u64,
+    /// Include the demo's deliberate faults (a pod whose Fail-mode pre-hook fails).
+    #[arg(long)]
+    demo_faults: bool,
     /// Write a kubeconfig pointing at the server here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
-    use blockwise_simulator::server::{FakeApiServer, TokioSleeper};
+    use blockwise_simulator::server::FakeApiServer;
     let rt = runtime()?;
     rt.block_on(async {
-        let cluster = blockwise_simulator::demo::demo_cluster(a.demo_objects, blockwise_simulator::demo::DEMO_SEED)
+        let cluster = demo::demo_cluster_with(a.demo_objects, demo::DEMO_SEED, a.demo_faults)
             .with_latency(blockwise_simulator::fake::Latency { api_ms: a.demo_latency_ms, exec_ms: a.demo_latency_ms })
-            .with_sleeper(Arc::new(TokioSleeper));
+            .with_clock(Arc::new(TokioRuntime));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
         let server = FakeApiServer::start(Arc::new(cluster), addr)
             .await
@@ -201,7 +204,7 @@ struct InspectArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-struct DataDir {
+struct DataDirArgs {
     /// Where logs and the local store live.
     #[arg(long, default_value = "blockwise-data", global = true)]
     data_dir: PathBuf,
@@ -224,6 +227,10 @@ struct ClusterArgs {
     /// Simulated latency of each demo API call and hook exec, in milliseconds.
     #[arg(long, default_value_t = 0)]
     demo_latency_ms: u64,
+    /// Include the demo's deliberate faults: a pod whose Fail-mode pre-hook fails, so its block is
+    /// not written and the backup ends PartiallyFailed (exit 3).
+    #[arg(long)]
+    demo_faults: bool,
 }
 
 #[derive(Args, Debug)]
@@ -299,45 +306,6 @@ struct NamedArgs {
     name: String,
 }
 
-/// Where a backup's cluster came from, recorded so `resume` talks to the same one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ClusterSource {
-    /// The built-in demo cluster.
-    Demo {
-        /// Objects generated.
-        objects: usize,
-        /// Generator seed.
-        seed: u64,
-        /// Simulated latency per API call and exec.
-        latency_ms: u64,
-    },
-    /// A real cluster (or the fake API server) through kube-rs. Never holds credentials: `resume`
-    /// reads the same kubeconfig again.
-    Kube {
-        /// The kubeconfig named by `--kubeconfig` (absolute); `None`: KUBECONFIG, ~/.kube/config or
-        /// in-cluster, looked up again on resume.
-        kubeconfig: Option<PathBuf>,
-        /// The context named by `--context`; `None`: the kubeconfig's current-context.
-        context: Option<String>,
-    },
-}
-
-/// Where a backup's store is, recorded in `storage.json` so later commands use the same one.
-/// Holds no credentials: those always come from the environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum StorageSpec {
-    /// A local directory; `None` is `<data-dir>/store`.
-    Local {
-        /// The directory, absolute.
-        #[serde(default)]
-        root: Option<PathBuf>,
-    },
-    /// An S3-compatible bucket.
-    S3(S3Location),
-}
-
 fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
     let s3_flags = a.s3_endpoint.is_some() || a.s3_region.is_some() || a.s3_allow_http;
     match a.storage.as_deref() {
@@ -370,59 +338,28 @@ fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
     }
 }
 
-/// The storage a backup was created with (`storage.json`; before it existed: the default).
-fn read_storage(data_dir: &Path, name: &str) -> Result<StorageSpec> {
-    let path = backup_dir(data_dir, name).join("storage.json");
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StorageSpec::Local { root: None }),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+/// A session error as the CLI reports it: the user's input is exit 2.
+fn session_err(e: SessionError) -> anyhow::Error {
+    if e.is_usage() {
+        usage(e.to_string())
+    } else {
+        anyhow::Error::new(e)
     }
 }
 
-/// The store of a storage spec: fault injection (debug builds, when asked) under bounded retries.
-fn open_store(spec: &StorageSpec, data_dir: &Path) -> Result<Arc<dyn Store>> {
-    let base: Arc<dyn Store> = match spec {
-        StorageSpec::Local { root } => {
-            Arc::new(LocalStore::new(root.clone().unwrap_or_else(|| data_dir.join("store"))))
-        }
-        StorageSpec::S3(loc) => {
-            let cfg = S3Config::new(loc.clone(), data_dir.join("tmp"));
-            Arc::new(S3Store::new(cfg).map_err(|e| match e {
-                StoreError::BadLocation { .. } => usage(e.to_string()),
-                e => anyhow::Error::new(e),
-            })?)
-        }
-    };
-    let base: Arc<dyn Store> = match FaultPlan::from_env().map_err(usage)? {
-        Some(plan) => Arc::new(FaultyStore::new(base, plan)),
-        None => base,
-    };
-    Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default())))
-}
-
-/// The directory of one backup's log and metadata.
-pub fn backup_dir(data_dir: &Path, name: &str) -> PathBuf {
-    data_dir.join("backups").join(name)
-}
-
-/// The path of the demo cluster's exec record for a backup.
-pub fn demo_exec_log(data_dir: &Path, name: &str) -> PathBuf {
-    backup_dir(data_dir, name).join("demo-exec.jsonl")
-}
-
+/// Connects to a backup's cluster; for a real cluster, checks it answers before anything else.
 fn build_cluster(
     source: &ClusterSource,
-    data_dir: &Path,
+    data: &DataDir,
     name: &str,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Arc<dyn Cluster>> {
     match source {
-        ClusterSource::Demo { objects, seed, latency_ms } => {
-            let fake = blockwise_simulator::demo::demo_cluster(*objects, *seed)
+        ClusterSource::Demo { objects, seed, latency_ms, faults } => {
+            let fake = demo::demo_cluster_with(*objects, *seed, *faults)
                 .with_latency(blockwise_simulator::fake::Latency { api_ms: *latency_ms, exec_ms: *latency_ms })
-                .with_sleeper(Arc::new(blockwise_simulator::server::TokioSleeper))
-                .with_exec_log(demo_exec_log(data_dir, name));
+                .with_clock(Arc::new(TokioRuntime))
+                .with_exec_log(data.demo_exec_log(name));
             Ok(Arc::new(fake))
         }
         ClusterSource::Kube { kubeconfig, context } => {
@@ -501,14 +438,16 @@ impl Observer for Progress {
             }
             return;
         }
+        // Progress lines are best effort: a closed stdout must not stop the backup.
+        let mut out = std::io::stdout().lock();
         if let Some(m) = msg {
-            println!("{m}");
+            let _ = writeln!(out, "{m}");
         }
         if matches!(event, Event::BlockFinished { .. }) {
             let step = (total / 50).max(1);
             if done != self.last_reported && (done.is_multiple_of(step) || done == total) {
                 self.last_reported = done;
-                println!("blocks {done}/{total} items {}/{}", s.items_done(), s.planned_items);
+                let _ = writeln!(out, "blocks {done}/{total} items {}/{}", s.items_done(), s.planned_items);
             }
         }
     }
@@ -543,26 +482,40 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
 }
 
-/// After the backup reached a terminal phase (the log must be closed): stores Velero's files beside
-/// the archive and reports. Idempotent, so `resume` of a finished backup can redo it.
-fn finish_run(
-    data_dir: &Path,
-    name: &str,
-    state: &BackupState,
-    store: &Arc<dyn Store>,
+/// Prints to stdout; a closed pipe (`| head`) is not an error, the output just ends there.
+fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
+
+/// Runs an opened session to its end and reports, as `create` and `resume` do.
+fn run_session(
+    session: Session,
+    cluster: Arc<dyn Cluster>,
+    store: Arc<dyn Store>,
+    (workers, page_size): (usize, u32),
     rt: &tokio::runtime::Runtime,
 ) -> Result<ExitCode> {
-    let events = crate::log::read_events(&backup_dir(data_dir, name).join("log"))
-        .with_context(|| format!("reading the log of backup {name}"))?;
-    let files = report::backup_files(name, state, &events).context("encoding the backup's files")?;
-    for (file, bytes) in &files {
-        rt.block_on(store.put_file(name, file, bytes)).with_context(|| {
-            format!(
-                "storing {file} of backup {name} in {}; run `blockwise backup resume {name}` to store it again",
-                store.describe()
-            )
-        })?;
-    }
+    let name = session.name().to_string();
+    let mut progress = Progress::new();
+    let result = rt.block_on(session.run(cluster, store.clone(), workers, page_size, &mut progress));
+    drop(progress);
+    report_end(&name, result, store.as_ref())
+}
+
+/// The end of a run, for people and scripts: a summary on stderr and the exit code of the phase.
+fn report_end(name: &str, result: Result<BackupState, RunError>, store: &dyn Store) -> Result<ExitCode> {
+    let state = result.map_err(|e| match e {
+        RunError::Files { file, source } => anyhow!(
+            "backup {name} finished, but storing {file} in {} failed: {source}; run `blockwise backup resume {name}` to store it again",
+            store.describe()
+        ),
+        e => anyhow::Error::new(e)
+            .context(format!("backup {name} stopped; run `blockwise backup resume {name}` once the cause is fixed")),
+    })?;
     let phase = state.phase();
     eprintln!(
         "backup {name} {phase}: {} items in {} blocks, {} warnings, {} errors",
@@ -580,16 +533,7 @@ fn finish_run(
     Ok(phase_exit(phase))
 }
 
-fn read_log(data_dir: &Path, name: &str) -> Result<Vec<Event>> {
-    validate_backup_name(name).map_err(|e| usage(e.to_string()))?;
-    let dir = backup_dir(data_dir, name).join("log");
-    if !dir.exists() {
-        return Err(usage(format!("backup {name:?} not found in {}", data_dir.display())));
-    }
-    crate::log::read_events(&dir).with_context(|| format!("reading the log of backup {name}"))
-}
-
-fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
+fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     validate_backup_name(&a.name).map_err(|e| usage(e.to_string()))?;
     let mut spec = BackupSpec::new(&a.name);
     spec.included_namespaces = a.include_namespaces;
@@ -604,144 +548,94 @@ fn create(a: CreateArgs, data_dir: &Path) -> Result<ExitCode> {
     }
     if let Some(path) = &a.hooks_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading hooks file {}", path.display()))?;
-        spec.hooks = crate::hookspec::parse_hooks_file(&text)
+        spec.hooks = blockwise_adapters::hookspec::parse_hooks_file(&text)
             .map_err(|e| usage(format!("hooks file {}: {e}", path.display())))?;
-    }
-    let dir = backup_dir(data_dir, &a.name);
-    if dir.join("log").exists() {
-        let events = read_log(data_dir, &a.name)?;
-        let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
-        if let Some(reason) = &state.stopped {
-            return Err(usage(format!(
-                "backup {} stopped ({reason}): run `blockwise backup resume {}` to continue it",
-                a.name, a.name
-            )));
-        }
-        if state.phase() == Phase::InProgress {
-            return Err(usage(format!(
-                "backup {} is InProgress (interrupted): run `blockwise backup resume {}` to continue it",
-                a.name, a.name
-            )));
-        }
-        return Err(usage(format!("backup {} already exists ({})", a.name, state.phase())));
     }
     let target = if a.cluster.demo { None } else { kube_target(&a.cluster)? };
     let source = match target {
         Some((kubeconfig, context)) => ClusterSource::Kube { kubeconfig, context },
         None => {
-            let demo = a.cluster.demo;
-            if !demo {
+            let what = if a.cluster.demo_faults { "with its deliberate faults" } else { "no faults" };
+            if a.cluster.demo {
+                eprintln!("backing up the built-in demo cluster ({} objects, {what})", a.cluster.demo_objects);
+            } else {
                 eprintln!(
-                    "no kubeconfig found: backing up the built-in demo cluster ({} objects)",
+                    "no kubeconfig found: backing up the built-in demo cluster ({} objects, {what})",
                     a.cluster.demo_objects
                 );
-            } else {
-                eprintln!("backing up the built-in demo cluster ({} objects)", a.cluster.demo_objects);
             }
             ClusterSource::Demo {
                 objects: a.cluster.demo_objects,
-                seed: blockwise_simulator::demo::DEMO_SEED,
+                seed: demo::DEMO_SEED,
                 latency_ms: a.cluster.demo_latency_ms,
+                faults: a.cluster.demo_faults,
             }
         }
     };
     let storage = storage_from_args(&a.storage)?;
-    let store = open_store(&storage, data_dir)?;
-    let cfg = EngineConfig { workers: a.workers as usize, list_page_items_max: a.page_size, ..EngineConfig::default() };
-    let engine = Engine::new(spec, cfg, now_ms()).map_err(|e| usage(e.to_string()))?;
+    let store = data.open_store(&storage).map_err(session_err)?;
     let rt = runtime()?;
     // Connect before anything is written, so a bad kubeconfig or an unreachable server leaves no
-    // half-created backup behind.
-    let cluster = build_cluster(&source, data_dir, &a.name, &rt)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let storage_json = serde_json::to_vec_pretty(&storage).context("encoding the storage location")?;
-    std::fs::write(dir.join("storage.json"), storage_json)
-        .with_context(|| format!("writing {}", dir.join("storage.json").display()))?;
-    let source_json = serde_json::to_vec_pretty(&source).context("encoding the cluster source")?;
-    std::fs::write(dir.join("cluster.json"), source_json)
-        .with_context(|| format!("writing {}", dir.join("cluster.json").display()))?;
-    let mut log = EventLog::create(&dir.join("log"), &a.name)
-        .with_context(|| format!("creating the log of backup {}", a.name))?;
-    let mut progress = Progress::new();
-    let state = rt
-        .block_on(run_backup(engine, &mut log, cluster, store.clone(), a.workers as usize, &mut progress))
-        .with_context(|| {
-            format!("backup {} stopped; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
-        })?;
-    drop(progress);
-    drop(log);
-    finish_run(data_dir, &a.name, &state, &store, &rt)
+    // backup behind.
+    let cluster = build_cluster(&source, data, &a.name, &rt)?;
+    let workers = a.workers as usize;
+    let req = CreateRequest { spec, workers, source: source.clone(), storage };
+    let session = Session::create(data, req).map_err(session_err)?;
+    run_session(session, cluster, store, (workers, a.page_size), &rt)
 }
 
-fn resume(a: ResumeArgs, data_dir: &Path) -> Result<ExitCode> {
-    validate_backup_name(&a.name).map_err(|e| usage(e.to_string()))?;
-    let dir = backup_dir(data_dir, &a.name);
-    if !dir.join("log").exists() {
-        return Err(usage(format!("backup {:?} not found in {}", a.name, data_dir.display())));
-    }
-    let (mut log, events, report) =
-        EventLog::open(&dir.join("log")).with_context(|| format!("opening the log of backup {}", a.name))?;
-    if let Some((seq, reason)) = &report.cut_tail {
+fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {
+    let session = Session::open(data, &a.name).map_err(session_err)?;
+    if let Some((seq, reason)) = &session.open_report().cut_tail {
         eprintln!("log of backup {}: cut a torn tail at record {seq} ({reason})", a.name);
     }
-    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
-    let store = open_store(&read_storage(data_dir, &a.name)?, data_dir)?;
-    if !state.resumable() {
-        eprintln!("backup {} already finished: {}; storing its files again", a.name, state.phase());
-        drop(log);
-        return finish_run(data_dir, &a.name, &state, &store, &runtime()?);
-    }
-    if let Some(reason) = &state.stopped {
-        eprintln!("backup {} had stopped: {reason}", a.name);
-    }
-    let text = std::fs::read_to_string(dir.join("cluster.json"))
-        .with_context(|| format!("reading {}", dir.join("cluster.json").display()))?;
-    let mut source: ClusterSource =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", dir.join("cluster.json").display()))?;
+    let state = session.state().clone();
+    let store = session.store().map_err(session_err)?;
+    let mut source = session.source().map_err(session_err)?;
     if let (Some(l), ClusterSource::Demo { latency_ms, .. }) = (a.demo_latency_ms, &mut source) {
         *latency_ms = l;
     }
     let workers = a.workers.unwrap_or(state.workers.max(1)) as usize;
-    let cfg = EngineConfig { workers, ..EngineConfig::default() };
-    let engine = Engine::resume(&events, cfg, now_ms()).map_err(|e| anyhow!("cannot resume backup {}: {e}", a.name))?;
+    let rt = runtime()?;
+    if !state.resumable() {
+        eprintln!("backup {} already finished: {}; storing its files again", a.name, state.phase());
+        let result = rt.block_on(session.store_files(store.clone()));
+        return report_end(&a.name, result, store.as_ref());
+    }
+    if let Some(reason) = &state.stopped {
+        eprintln!("backup {} had stopped: {reason}", a.name);
+    }
     let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count();
     eprintln!(
         "resuming backup {} at event {}: {}/{} blocks done, {in_flight} interrupted",
         a.name,
-        events.len(),
+        session.events(),
         state.blocks_done(),
         state.blocks.len()
     );
-    let rt = runtime()?;
-    let cluster = build_cluster(&source, data_dir, &a.name, &rt)?;
-    let mut progress = Progress::new();
-    let state = rt
-        .block_on(run_backup(engine, &mut log, cluster, store.clone(), workers, &mut progress))
-        .with_context(|| {
-            format!("backup {} stopped again; run `blockwise backup resume {}` once the cause is fixed", a.name, a.name)
-        })?;
-    drop(progress);
-    drop(log);
-    finish_run(data_dir, &a.name, &state, &store, &rt)
+    let cluster = build_cluster(&source, data, &a.name, &rt)?;
+    run_session(session, cluster, store, (workers, RESUME_PAGE_SIZE), &rt)
 }
 
-fn download(a: DownloadArgs, data_dir: &Path) -> Result<ExitCode> {
-    let events = read_log(data_dir, &a.name)?;
-    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
-    let store = open_store(&read_storage(data_dir, &a.name)?, data_dir)?;
+fn download(a: DownloadArgs, data: &DataDir) -> Result<ExitCode> {
+    let phase = match data.status(&a.name).map_err(session_err)? {
+        Status::Log { state, .. } => state.phase().to_string(),
+        Status::Live { view, .. } => view["row"]["phase"].as_str().unwrap_or("InProgress").to_string(),
+    };
+    let store = data.open_store(&data.storage(&a.name).map_err(session_err)?).map_err(session_err)?;
     let dest = a.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.gz", a.name)));
     let file = format!("{}.tar.gz", a.name);
     let found = runtime()?
         .block_on(store.download_file(&a.name, &file, &dest))
         .with_context(|| format!("downloading {} to {}", store.archive_location(&a.name), dest.display()))?;
     if !found {
-        return Err(anyhow!("backup {} has no archive in {} (phase {})", a.name, store.describe(), state.phase()));
+        return Err(anyhow!("backup {} has no archive in {} (phase {phase})", a.name, store.describe()));
     }
     eprintln!("downloaded {} to {}", store.archive_location(&a.name), dest.display());
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(a: InspectArgs, data_dir: &Path) -> Result<ExitCode> {
+fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
     let path = Path::new(&a.target);
     let is_file = path.is_file() || a.target.contains('/') || a.target.ends_with(".tar.gz");
     let (what, archive, list) = if is_file {
@@ -762,8 +656,11 @@ fn inspect(a: InspectArgs, data_dir: &Path) -> Result<ExitCode> {
         };
         (path.display().to_string(), archive, list)
     } else {
-        read_log(data_dir, &a.target)?;
-        let store = open_store(&read_storage(data_dir, &a.target)?, data_dir)?;
+        validate_backup_name(&a.target).map_err(|e| usage(e.to_string()))?;
+        if !data.log_dir(&a.target).exists() {
+            return Err(usage(format!("backup {:?} not found in {}", a.target, data.root().display())));
+        }
+        let store = data.open_store(&data.storage(&a.target).map_err(session_err)?).map_err(session_err)?;
         let rt = runtime()?;
         let name = &a.target;
         let archive = rt
@@ -775,8 +672,8 @@ fn inspect(a: InspectArgs, data_dir: &Path) -> Result<ExitCode> {
             .with_context(|| format!("reading the resource list of backup {name}"))?;
         (store.archive_location(name), archive, list)
     };
-    let found = crate::inspect::inspect(&archive, list.as_deref());
-    print!("{}", crate::inspect::render(&what, &found));
+    let found = blockwise_adapters::inspect::inspect(&archive, list.as_deref());
+    emit(&blockwise_adapters::inspect::render(&what, &found))?;
     if found.defects.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -785,48 +682,86 @@ fn inspect(a: InspectArgs, data_dir: &Path) -> Result<ExitCode> {
     }
 }
 
-fn describe(a: DescribeArgs, data_dir: &Path) -> Result<ExitCode> {
-    let events = read_log(data_dir, &a.name)?;
-    let state = BackupState::fold(&events).with_context(|| format!("folding the log of backup {}", a.name))?;
-    if a.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&report::describe_json(&state)).context("encoding JSON")?);
-    } else {
-        print!("{}", report::describe_text(&state));
+/// The note printed under a live view.
+fn live_note(view: &serde_json::Value) -> String {
+    format!("(live view: the backup is running in process {}; this is its last published status)\n", view["pid"])
+}
+
+fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
+    match data.status(&a.name).map_err(session_err)? {
+        Status::Log { state, .. } if a.output == "json" => emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report::describe_json(&state)).context("encoding JSON")?
+        ))?,
+        Status::Log { state, .. } => emit(&report::describe_text(&state))?,
+        Status::Live { view, .. } if a.output == "json" => {
+            let mut doc = view["describe"].clone();
+            doc["live"] = serde_json::json!(true);
+            emit(&format!("{}\n", serde_json::to_string_pretty(&doc).context("encoding JSON")?))?
+        }
+        Status::Live { view, .. } => {
+            emit(view["text"].as_str().unwrap_or_default())?;
+            emit(&live_note(&view))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn get(data_dir: &Path) -> Result<ExitCode> {
-    let root = data_dir.join("backups");
-    let mut names: Vec<String> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
-    };
-    names.sort();
-    println!("{:<32} {:<16} {:>8} {:>8} {:>9} CREATED", "NAME", "STATUS", "ERRORS", "WARNINGS", "ITEMS");
-    for name in names {
-        let row = read_log(data_dir, &name).and_then(|ev| BackupState::fold(&ev).map_err(anyhow::Error::from));
-        match row {
-            Ok(s) => println!(
-                "{:<32} {:<16} {:>8} {:>8} {:>9} {}",
+fn get(data: &DataDir) -> Result<ExitCode> {
+    let mut out = format!("{:<32} {:<16} {:>8} {:>8} {:>9} CREATED\n", "NAME", "STATUS", "ERRORS", "WARNINGS", "ITEMS");
+    for name in data.names().map_err(session_err)? {
+        match data.status(&name) {
+            Ok(Status::Log { state: s, .. }) => out.push_str(&format!(
+                "{:<32} {:<16} {:>8} {:>8} {:>9} {}\n",
                 name,
                 s.phase().to_string(),
                 s.errors.len(),
                 s.warnings.len(),
                 format!("{}/{}", s.items_done(), s.planned_items),
                 report::rfc3339(s.requested_ms)
-            ),
-            Err(e) => println!("{name:<32} {:<16} {e:#}", "Unreadable"),
+            )),
+            Ok(Status::Live { view, .. }) => {
+                let r = &view["row"];
+                out.push_str(&format!(
+                    "{:<32} {:<16} {:>8} {:>8} {:>9} {} (running)\n",
+                    name,
+                    r["phase"].as_str().unwrap_or("?"),
+                    r["errors"],
+                    r["warnings"],
+                    r["items"].as_str().unwrap_or("?"),
+                    r["created"].as_str().unwrap_or("?")
+                ));
+            }
+            // A directory whose creation was interrupted holds no backup.
+            Err(SessionError::NotFound { .. }) => {}
+            Err(e) => out.push_str(&format!("{name:<32} {:<16} {e}\n", "Unreadable")),
         }
     }
+    emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn logs(a: NamedArgs, data_dir: &Path) -> Result<ExitCode> {
-    let events = read_log(data_dir, &a.name)?;
-    for (i, e) in events.iter().enumerate() {
-        println!("{}", report::event_line(i as u64, e));
+fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
+    match data.status(&a.name).map_err(session_err)? {
+        Status::Log { events, .. } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (i, e) in events.iter().enumerate() {
+                if let Err(e) = writeln!(out, "{}", report::event_line(i as u64, e)) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    return Err(e).context("writing to stdout");
+                }
+            }
+            match out.flush() {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e).context("writing to stdout"),
+                _ => {}
+            }
+        }
+        Status::Live { view, lines } => {
+            emit(&lines)?;
+            emit(&live_note(&view))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -840,7 +775,7 @@ pub fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
         }
     };
-    let data_dir = cli.data.data_dir;
+    let data = DataDir::new(cli.data.data_dir);
     let command = match cli.command {
         Top::Backup { command } => command,
         Top::Simulate(a) => return exit_with(simulate(a)),
@@ -850,13 +785,13 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match command {
-        BackupCommand::Create(a) => create(*a, &data_dir),
-        BackupCommand::Resume(a) => resume(a, &data_dir),
-        BackupCommand::Describe(a) => describe(a, &data_dir),
-        BackupCommand::Get => get(&data_dir),
-        BackupCommand::Logs(a) => logs(a, &data_dir),
-        BackupCommand::Download(a) => download(a, &data_dir),
-        BackupCommand::Inspect(a) => inspect(a, &data_dir),
+        BackupCommand::Create(a) => create(*a, &data),
+        BackupCommand::Resume(a) => resume(a, &data),
+        BackupCommand::Describe(a) => describe(a, &data),
+        BackupCommand::Get => get(&data),
+        BackupCommand::Logs(a) => logs(a, &data),
+        BackupCommand::Download(a) => download(a, &data),
+        BackupCommand::Inspect(a) => inspect(a, &data),
     };
     exit_with(result)
 }

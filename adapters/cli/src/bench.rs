@@ -16,20 +16,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use blockwise_adapters::driver::{drive, Quiet, World};
+use blockwise_adapters::log::EventLog;
+use blockwise_adapters::retry::{RetryPolicy, RetryingCluster};
+use blockwise_adapters::store::LocalStore;
+use blockwise_adapters::world::{Runtime, TokioRuntime};
 use blockwise_engine::event::{encode_record, Event};
 use blockwise_engine::grouping::{builtin_actions, plan, Index, PlanInput, PlanStep};
 use blockwise_engine::item::{Item, ItemKey};
 use blockwise_engine::spec::{BackupSpec, Selection};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
+use blockwise_simulator::cluster::{ClusterFaults, Latencies};
 use blockwise_simulator::demo::{demo_cluster, demo_resource_types, DEMO_SEED};
+use blockwise_simulator::media::StoreFaults;
+use blockwise_simulator::records::Record;
 use blockwise_simulator::runner::check_seed;
-use blockwise_simulator::sim::{simulate_world, Effect, FaultKind, Latencies, RunConfig};
+use blockwise_simulator::sim::{simulate_world, FaultKind, RunConfig, START_MS};
 use serde_json::{json, Value};
-
-use crate::log::EventLog;
-use crate::runtime::{run_backup, Quiet};
-use crate::store::LocalStore;
 
 /// Sizes of one benchmark run.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +75,7 @@ impl Sizes {
 
 /// The simulated latencies of the efficiency benchmark, fixed (no spread).
 pub const EFFICIENCY_LATENCIES: Latencies =
-    Latencies { list_page_ms: (20, 20), get_ms: (10, 10), exec_ms: (200, 200), write_ms: (5, 5) };
+    Latencies { list_page_ms: (20, 20), get_ms: (10, 10), exec_ms: (200, 200), store_ms: (5, 5) };
 
 fn proc_status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -114,12 +118,17 @@ fn scale(dir: &Path, objects: usize) -> Result<Scale> {
     let cluster_rss = proc_status_bytes("VmRSS:");
     let log_dir = dir.join("scale-log");
     let mut log = EventLog::create(&log_dir, "scale").context("creating the scale log")?;
-    let store = Arc::new(LocalStore::new(dir.join("store")));
+    let runtime: Arc<dyn Runtime> = Arc::new(TokioRuntime);
+    let world = World {
+        cluster: Arc::new(RetryingCluster::new(Arc::new(cluster), RetryPolicy::default(), runtime.clone())),
+        store: Arc::new(LocalStore::new(dir.join("store"))),
+        runtime: runtime.clone(),
+    };
     let cfg = EngineConfig { workers: 8, ..EngineConfig::default() };
-    let engine = Engine::new(BackupSpec::new("scale"), cfg, crate::runtime::now_ms())?;
+    let engine = Engine::new(BackupSpec::new("scale"), cfg, runtime.now_ms())?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let start = Instant::now();
-    let state = rt.block_on(run_backup(engine, &mut log, Arc::new(cluster), store, 8, &mut Quiet))?;
+    let state = rt.block_on(drive(engine, &mut log, &world, 8, &mut Quiet))?;
     let seconds = start.elapsed().as_secs_f64();
     drop(log);
     Ok(Scale {
@@ -142,21 +151,54 @@ fn efficiency(objects: usize) -> Vec<Efficiency> {
     let spec = BackupSpec::new("efficiency");
     let mut out = Vec::new();
     for workers in [1usize, 4, 16, 64] {
-        let cfg = RunConfig { seed: 1, faults: BTreeSet::new(), workers, crash_at_append: None, mutation: None };
+        let cfg = RunConfig::new(1, BTreeSet::new(), workers);
         let ecfg = EngineConfig { workers, ..EngineConfig::default() };
-        let r = simulate_world(demo_cluster(objects, DEMO_SEED), &spec, None, &cfg, &ecfg, EFFICIENCY_LATENCIES);
-        // Work per block from the effects actually executed (fixed latencies).
+        let lat = EFFICIENCY_LATENCIES;
+        let cluster = demo_cluster(objects, DEMO_SEED);
+        let r = simulate_world(cluster, &spec, ClusterFaults::default(), StoreFaults::default(), &cfg, &ecfg, lat);
+        // Which block each item and hooked pod is in (the plan), to add up each block's work.
+        let mut block_of = BTreeMap::new();
+        for e in &r.events {
+            if let Event::BlockPlanned { blocks } = e {
+                for b in blocks {
+                    for k in b.items.iter().chain(b.hooks.iter().map(|h| &h.pod)) {
+                        block_of.insert(k.clone(), b.id);
+                    }
+                }
+            }
+        }
+        // Work per block from what the world actually did (fixed latencies): every exec's
+        // duration, and one store operation (latency + acknowledgement) per staged item.
         let mut work: BTreeMap<u32, u64> = BTreeMap::new();
-        for e in &r.effects {
-            match e {
-                Effect::ExecStart { block, .. } => *work.entry(*block).or_default() += EFFICIENCY_LATENCIES.exec_ms.0,
-                Effect::WriteStart { block, .. } => *work.entry(*block).or_default() += EFFICIENCY_LATENCIES.write_ms.0,
+        let mut starts = BTreeMap::new();
+        let mut first_effect = None;
+        for rec in &r.records {
+            match rec {
+                Record::ExecStart { id, at_ms, pod, .. } => {
+                    first_effect.get_or_insert(*at_ms);
+                    starts.insert(*id, (*at_ms, pod.clone()));
+                }
+                Record::ExecEnd { id, at_ms, .. } => {
+                    if let Some((start, pod)) = starts.get(id) {
+                        if let Some(b) = block_of.get(pod) {
+                            *work.entry(*b).or_default() += at_ms - start;
+                        }
+                    }
+                }
+                Record::Staged { at_ms, path, .. } => {
+                    first_effect.get_or_insert(*at_ms);
+                    let key = blockwise_simulator::check::item_of_path(path);
+                    if let Some(b) = key.and_then(|k| block_of.get(&k)) {
+                        *work.entry(*b).or_default() += lat.store_ms.0 + 1;
+                    }
+                }
                 _ => {}
             }
         }
         let total: u64 = work.values().sum();
         let longest = work.values().copied().max().unwrap_or(0);
-        let ideal_ms = r.planned_ms.unwrap_or(0) + longest.max(total.div_ceil(workers as u64));
+        let planned_ms = first_effect.map_or(0, |t| t - START_MS);
+        let ideal_ms = planned_ms + longest.max(total.div_ceil(workers as u64));
         out.push(Efficiency { workers, makespan_ms: r.makespan_ms, ideal_ms });
     }
     out
@@ -267,7 +309,13 @@ fn plan_seconds(objects: usize) -> Result<f64> {
     let not_found = BTreeSet::new();
     let start = Instant::now();
     let index = Index::new(items, &spec.volume_group_label);
-    let input = PlanInput { selection: &selection, resources: &types, not_found: &not_found, actions: &actions };
+    let input = PlanInput {
+        selection: &selection,
+        resources: &types,
+        not_found: &not_found,
+        fetch_failed: &not_found,
+        actions: &actions,
+    };
     let step = plan(&input, &index);
     let seconds = start.elapsed().as_secs_f64();
     std::hint::black_box(matches!(step, PlanStep::Done(_)));

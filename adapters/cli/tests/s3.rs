@@ -32,9 +32,9 @@ fn demo_backup_to_s3_downloads_byte_identical_to_the_local_archive() {
     moto.create_bucket("velero");
     let tmp = tempfile::tempdir().expect("tempdir");
     let (local, remote) = (tmp.path().join("local"), tmp.path().join("remote"));
-    assert_exit(&run(&local, &["backup", "create", "demo", "--demo"]), 3, "local backup");
+    assert_exit(&run(&local, &["backup", "create", "demo", "--demo", "--demo-faults"]), 3, "local backup");
     let flags = moto.flags("velero", "cluster-a");
-    let out = run(&remote, &args(&["backup", "create", "demo", "--demo"], &flags));
+    let out = run(&remote, &args(&["backup", "create", "demo", "--demo", "--demo-faults"], &flags));
     assert_exit(&out, 3, "S3 backup");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("archive: s3://velero/cluster-a/backups/demo/demo.tar.gz"), "{err}");
@@ -69,14 +69,18 @@ fn s3_archives_are_identical_for_1_4_and_16_workers() {
     moto.create_bucket("bkt");
     let tmp = tempfile::tempdir().expect("tempdir");
     let local = tmp.path().join("local");
-    assert_exit(&run(&local, &args(&["backup", "create", "w", "--demo"], &SMALL.map(String::from))), 3, "local");
+    assert_exit(
+        &run(&local, &args(&["backup", "create", "w", "--demo", "--demo-faults"], &SMALL.map(String::from))),
+        3,
+        "local",
+    );
     let expected = local_archive(&local, "w");
     for workers in ["1", "4", "16"] {
         let data = tmp.path().join(format!("s3-{workers}"));
         let mut extra: Vec<String> = SMALL.map(String::from).to_vec();
         extra.extend(moto.flags("bkt", &format!("workers-{workers}")));
         extra.extend(["--workers".to_string(), workers.to_string()]);
-        assert_exit(&run(&data, &args(&["backup", "create", "w", "--demo"], &extra)), 3, workers);
+        assert_exit(&run(&data, &args(&["backup", "create", "w", "--demo", "--demo-faults"], &extra)), 3, workers);
         assert!(download(&data, "w") == expected, "{workers} workers: the S3 archive differs from the local one");
     }
 }
@@ -89,14 +93,17 @@ fn kill_9_then_resume_on_s3_gives_the_uninterrupted_archive() {
     let slow =
         ["--demo-objects", "300", "--demo-latency-ms", "5", "--page-size", "50", "--workers", "4"].map(String::from);
     let local = tmp.path().join("local");
-    assert_exit(&run(&local, &args(&["backup", "create", "k", "--demo"], &slow)), 3, "local");
+    assert_exit(&run(&local, &args(&["backup", "create", "k", "--demo", "--demo-faults"], &slow)), 3, "local");
     let expected = local_archive(&local, "k");
     let mut interrupted = 0;
     for (round, kill_at) in [3usize, 9, 14].into_iter().enumerate() {
         let data = tmp.path().join(format!("kill-{round}"));
         let mut extra = slow.to_vec();
         extra.extend(moto.flags("bkt", &format!("round-{round}")));
-        if kill_after_line(blockwise(&data, &args(&["backup", "create", "k", "--demo"], &extra)), kill_at) {
+        if kill_after_line(
+            blockwise(&data, &args(&["backup", "create", "k", "--demo", "--demo-faults"], &extra)),
+            kill_at,
+        ) {
             interrupted += 1;
             assert_exit(&run(&data, &["backup", "resume", "k"]), 3, "resume");
         }

@@ -1,0 +1,295 @@
+//! The one driver between the engine and the world (DESIGN §1): production and the simulator both
+//! run [`drive`], and nothing else executes the engine's commands.
+//!
+//! [`drive`] appends the engine's events to the [`EventLog`] and group-commits them (one flush for
+//! every batch of appends), and starts a command only once the event its `after_seq` names is
+//! durable — so a `HookStarted` is on disk before its exec is sent and a `BlockStarted` before any
+//! write of that attempt. Staged items are not synced one by one: before a flush that makes
+//! `ItemWritten` facts durable, the store's `sync_staged` barrier makes the items durable first, so
+//! a fact never outlives its item. Commands run concurrently (at most `workers + 4` at once) through
+//! [`Runtime::spawn`]; hook timeouts are enforced here on the runtime's clock by dropping the exec
+//! future, which cancels the exec stream. When the backup reaches a terminal phase,
+//! [`store_backup_files`] stores Velero's companion files, `velero-backup.json` last.
+//!
+//! What differs between production and simulation is only the [`World`] (cluster, store, runtime)
+//! and the log's medium; the simulator drops the future returned by [`drive`] to crash the process.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use blockwise_engine::event::{Event, HookOutcome};
+use blockwise_engine::mutation::{self, Mutation};
+use blockwise_engine::ports::Cluster;
+use blockwise_engine::state::BackupState;
+use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+
+use crate::log::{EventLog, LogError, LogMedium};
+use crate::report;
+use crate::store::{Store, StoreError};
+use crate::world::{timeout, BoxFuture, Runtime};
+
+/// Events appended before a flush is forced even when no command waits for one.
+pub const FLUSH_BATCH_EVENTS_MAX: usize = 1024;
+/// Bytes of hook output kept in a hook result.
+pub const HOOK_OUTPUT_BYTES_MAX: usize = 1024;
+/// Commands in flight beyond one per worker (listing and gets run beside the blocks).
+pub const EXECUTORS_EXTRA: usize = 4;
+
+/// Everything outside the engine and the log that a backup acts on.
+#[derive(Clone)]
+pub struct World {
+    /// The cluster (with its retries).
+    pub cluster: Arc<dyn Cluster>,
+    /// The store (with its retries).
+    pub store: Arc<dyn Store>,
+    /// Time and where work runs.
+    pub runtime: Arc<dyn Runtime>,
+}
+
+/// Why a run stopped before the backup reached a terminal phase.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The log could not be written or flushed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The engine hit an internal inconsistency.
+    #[error("engine stopped: {0}")]
+    Engine(String),
+    /// The store failed after its retries; the engine closed the open hook windows and recorded
+    /// `RunStopped` (durable), and the backup can be resumed once the store is back.
+    #[error("the run stopped: {0}")]
+    Stopped(String),
+    /// A companion file could not be stored; `resume` of the finished backup stores it again.
+    #[error("storing {file} failed: {source}")]
+    Files { file: String, source: StoreError },
+    /// The companion files could not be encoded.
+    #[error("encoding the backup's files failed: {0}")]
+    Encode(String),
+}
+
+/// Something that watches a run (progress bar, plain lines, a status file, nothing).
+pub trait Observer: Send {
+    /// Called after each event is appended, with the state including it.
+    fn event(&mut self, event: &Event, state: &BackupState);
+    /// Called after each group commit: every event so far is durable.
+    fn committed(&mut self, _state: &BackupState) {}
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&mut self, _: &Event, _: &BackupState) {}
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= HOOK_OUTPUT_BYTES_MAX {
+        return s.trim_end().to_string();
+    }
+    let mut end = HOOK_OUTPUT_BYTES_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Executes one command against the world.
+async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
+    let (cluster, store, rt) = (world.cluster.as_ref(), world.store.as_ref(), world.runtime.as_ref());
+    match kind {
+        CommandKind::Discover => Completion::Discovered(cluster.discover().await),
+        CommandKind::List { unit, resource, limit, continue_token } => Completion::Listed(
+            cluster.list(&resource, unit.namespace.as_deref(), limit, continue_token.as_deref()).await,
+        ),
+        CommandKind::Get { items } => {
+            // Each key's answer stands on its own: one failing get does not fail the others.
+            let mut out = Vec::with_capacity(items.len());
+            for (rt, key) in items {
+                let got = cluster.get(&rt, &key).await;
+                out.push((key, got));
+            }
+            Completion::Fetched(out)
+        }
+        CommandKind::RunHook { hook, .. } => {
+            let exec = cluster.exec(&hook.pod, &hook.container, &hook.command);
+            let result = if mutation::active(Mutation::NoHookTimeout) {
+                Some(exec.await)
+            } else {
+                timeout(rt, hook.timeout_ms, exec).await
+            };
+            let outcome = match result {
+                None => HookOutcome::TimedOut { timeout_ms: hook.timeout_ms },
+                Some(Err(e)) => HookOutcome::Errored { message: e.to_string() },
+                Some(Ok(r)) if r.exit_code == 0 => HookOutcome::Succeeded,
+                Some(Ok(r)) => {
+                    let output = if r.stderr.trim().is_empty() { truncate(&r.stdout) } else { truncate(&r.stderr) };
+                    HookOutcome::Exited { code: r.exit_code, output }
+                }
+            };
+            Completion::HookRan(outcome)
+        }
+        CommandKind::WriteItem { key, json, .. } => {
+            Completion::Written(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
+        }
+        CommandKind::Restage { key, json } => {
+            Completion::Restaged(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
+        }
+        CommandKind::Finalize { entries } => {
+            Completion::Finalized(store.finalize(backup, &entries).await.map_err(|e| match e {
+                StoreError::Unstaged { ref keys, .. } => {
+                    FinalizeError::Unstaged { keys: keys.clone(), message: e.to_string() }
+                }
+                e => FinalizeError::Store(e.to_string()),
+            }))
+        }
+    }
+}
+
+/// Starts `cmd` on the world's runtime; the future yields its id and completion.
+fn dispatch(cmd: Command, backup: &Arc<str>, world: &World) -> BoxFuture<(CmdId, Completion)> {
+    let slot: Arc<Mutex<Option<Completion>>> = Arc::new(Mutex::new(None));
+    let (out, backup, w) = (slot.clone(), backup.clone(), world.clone());
+    let id = cmd.id;
+    let work = world.runtime.spawn(Box::pin(async move {
+        let c = execute(cmd.kind, &backup, &w).await;
+        *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);
+    }));
+    Box::pin(async move {
+        work.await;
+        let c = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        // A command task that ended without a result panicked, and the runtime re-raised it.
+        (id, c.unwrap_or_else(|| Completion::Written(Err("the command's task ended without a result".into()))))
+    })
+}
+
+/// Group commit: makes staged items durable if facts about them are pending, then flushes the log.
+/// A barrier that fails is a store failure: the engine is told, stops starting work, and closes
+/// its open hook windows; the facts are flushed anyway, and an item they name that did not survive
+/// is staged again from the log when the archive is built.
+async fn commit<M: LogMedium>(
+    log: &mut EventLog<M>,
+    engine: &mut Engine,
+    world: &World,
+    staged_unsynced: &mut bool,
+) -> Result<(), RunError> {
+    if *staged_unsynced {
+        *staged_unsynced = false;
+        if let Err(e) = world.store.sync_staged(log.name()).await {
+            engine.store_failed(format!("making staged items durable failed: {e}"));
+        }
+    }
+    log.flush_on(world.runtime.as_ref()).await?;
+    Ok(())
+}
+
+/// Runs `engine` until the backup reaches a terminal phase, the run stops (a store outage, after
+/// closing the open hook windows), or the log fails. At most `workers + 4` commands run at once.
+pub async fn drive<M: LogMedium>(
+    mut engine: Engine,
+    log: &mut EventLog<M>,
+    world: &World,
+    workers: usize,
+    observer: &mut dyn Observer,
+) -> Result<BackupState, RunError> {
+    let backup: Arc<str> = Arc::from(log.name());
+    let rt = world.runtime.clone();
+    let executors_max = workers.max(1) + EXECUTORS_EXTRA;
+    let mut waiting: Vec<Command> = Vec::new();
+    let mut ready: VecDeque<Command> = VecDeque::new();
+    let mut inflight: FuturesUnordered<BoxFuture<(CmdId, Completion)>> = FuturesUnordered::new();
+    let mut unflushed = 0usize;
+    let mut staged_unsynced = false;
+    loop {
+        engine.set_now(rt.now_ms());
+        let out = engine.poll();
+        for (seq, ev) in &out.events {
+            staged_unsynced |= matches!(ev, Event::ItemWritten { .. });
+            log.append(*seq, ev)?;
+            observer.event(ev, engine.state());
+        }
+        unflushed += out.events.len();
+        waiting.extend(out.commands);
+        if let Some(f) = engine.fatal() {
+            return Err(RunError::Engine(f.to_string()));
+        }
+        let is_durable = |c: &Command, durable: Option<u64>| {
+            mutation::active(Mutation::DispatchBeforeDurable)
+                || c.after_seq.is_none_or(|s| durable.is_some_and(|d| s <= d))
+        };
+        let blocked = waiting.iter().any(|c| !is_durable(c, log.durable_seq()));
+        let terminal = engine.is_finished() || engine.stopped().is_some();
+        if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || terminal || inflight.is_empty()) {
+            let was_stopping = engine.is_stopping();
+            commit(log, &mut engine, world, &mut staged_unsynced).await?;
+            unflushed = 0;
+            observer.committed(engine.state());
+            if engine.is_stopping() && !was_stopping {
+                // The barrier failed: let the engine react before anything else is started.
+                continue;
+            }
+        }
+        if let Some(reason) = engine.stopped() {
+            // RunStopped is durable (committed above) before the process reports it.
+            return Err(RunError::Stopped(reason.to_string()));
+        }
+        let durable = log.durable_seq();
+        let (go, stay): (Vec<Command>, Vec<Command>) = waiting.drain(..).partition(|c| is_durable(c, durable));
+        waiting = stay;
+        ready.extend(go);
+        if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
+            return Ok(engine.state().clone());
+        }
+        while inflight.len() < executors_max {
+            let Some(cmd) = ready.pop_front() else { break };
+            inflight.push(dispatch(cmd, &backup, world));
+        }
+        let Some((id, completion)) = inflight.next().await else {
+            return Err(RunError::Engine("the engine has nothing to do but the backup is not finished".into()));
+        };
+        engine.set_now(rt.now_ms());
+        engine.complete(id, completion);
+        // Take every result that is already there: one poll and one flush for all of them.
+        while let Some(Some((id, completion))) = inflight.next().now_or_never() {
+            engine.complete(id, completion);
+        }
+    }
+}
+
+/// Stores Velero's companion files of a finished backup (resource list, results, logs, then
+/// `velero-backup.json`, whose presence tells Velero the backup is complete). Idempotent: `resume`
+/// of a finished backup runs it again.
+pub async fn store_backup_files<M: LogMedium>(
+    log: &EventLog<M>,
+    state: &BackupState,
+    store: &dyn Store,
+) -> Result<(), RunError> {
+    let events = log.read_back()?;
+    let files = report::backup_files(log.name(), state, &events).map_err(|e| RunError::Encode(e.to_string()))?;
+    for (file, bytes) in &files {
+        store
+            .put_file(log.name(), file, bytes)
+            .await
+            .map_err(|source| RunError::Files { file: file.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// [`drive`], then [`store_backup_files`]: a whole run, as the CLI, the controller and the
+/// simulator do it. A backup that already finished only has its files stored again.
+pub async fn run_backup<M: LogMedium>(
+    engine: Engine,
+    log: &mut EventLog<M>,
+    world: &World,
+    workers: usize,
+    observer: &mut dyn Observer,
+) -> Result<BackupState, RunError> {
+    let state = if engine.is_finished() {
+        engine.state().clone()
+    } else {
+        drive(engine, log, world, workers, observer).await?
+    };
+    store_backup_files(log, &state, world.store.as_ref()).await?;
+    Ok(state)
+}

@@ -1,0 +1,574 @@
+//! Backups in a data directory: the layout, crash-atomic creation, resume, and a live view.
+//!
+//! The CLI and the in-cluster controller both go through [`Session`]; neither knows the layout:
+//!
+//! ```text
+//! <data-dir>/backups/<name>/log/          the sled event log (the backup's truth)
+//! <data-dir>/backups/<name>/cluster.json  where the cluster is (ClusterSource; never credentials)
+//! <data-dir>/backups/<name>/storage.json  where the store is (StorageSpec; never credentials)
+//! <data-dir>/backups/<name>/status.json   live view for describe/get while a run holds the log
+//! <data-dir>/backups/<name>/events.log    live view for logs (one line per durable event)
+//! <data-dir>/store/                        the default local store
+//! <data-dir>/tmp/                          scratch (S3 archive builds)
+//! ```
+//!
+//! **A backup exists exactly when its log holds a durable `BackupRequested`.** [`Session::create`]
+//! builds the directory under a temporary name (`backups/.new-<name>-<pid>`), records and flushes
+//! the request there, and only then renames it into place, so a kill at any instant leaves either
+//! no backup or a resumable one; a leftover directory without a durable request (from a kill, or
+//! from an older version) is removed by the next `create` of that name. [`Session::open`] reads a
+//! log back (cutting a torn tail) for `resume`; [`Session::run`] drives it to the end with the one
+//! driver, keeping `status.json` and `events.log` current (at most every
+//! [`STATUS_INTERVAL_MS`]) so `describe`, `get` and `logs` can show a running backup that another
+//! process holds open.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockwise_engine::event::{Event, Phase};
+use blockwise_engine::ports::Cluster;
+use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
+use blockwise_engine::state::BackupState;
+use blockwise_engine::{Engine, EngineConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::driver::{run_backup, Observer, RunError, World};
+use crate::faults::{FaultPlan, FaultyStore};
+use crate::log::{EventLog, LogError, OpenReport};
+use crate::report;
+use crate::retry::{RetryPolicy as ClusterRetryPolicy, RetryingCluster};
+use crate::s3::{S3Config, S3Location, S3Store};
+use crate::store::{LocalStore, RetryPolicy, RetryingStore, Store, StoreError};
+use crate::world::{Runtime, TokioRuntime};
+
+/// Least time between two rewrites of `status.json` during a run.
+pub const STATUS_INTERVAL_MS: u64 = 500;
+
+/// Where a backup's cluster came from, recorded so `resume` talks to the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ClusterSource {
+    /// The built-in demo cluster.
+    Demo {
+        /// Objects generated.
+        objects: usize,
+        /// Generator seed.
+        seed: u64,
+        /// Simulated latency per API call and exec.
+        latency_ms: u64,
+        /// With the demo's deliberate faults (a failing Fail-mode pre-hook).
+        #[serde(default)]
+        faults: bool,
+    },
+    /// A real cluster (or the fake API server) through kube-rs. Never holds credentials: `resume`
+    /// reads the same kubeconfig again.
+    Kube {
+        /// The kubeconfig named by `--kubeconfig` (absolute); `None`: KUBECONFIG, ~/.kube/config or
+        /// in-cluster, looked up again on resume.
+        kubeconfig: Option<PathBuf>,
+        /// The context named by `--context`; `None`: the kubeconfig's current-context.
+        context: Option<String>,
+    },
+}
+
+/// Where a backup's store is, recorded in `storage.json` so later commands use the same one.
+/// Holds no credentials: those always come from the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StorageSpec {
+    /// A local directory; `None` is `<data-dir>/store`.
+    Local {
+        /// The directory, absolute.
+        #[serde(default)]
+        root: Option<PathBuf>,
+    },
+    /// An S3-compatible bucket.
+    S3(S3Location),
+}
+
+/// Why a session could not be created, opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The name or spec is not acceptable.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// No backup of that name exists.
+    #[error("backup {name:?} not found in {}", .data_dir.display())]
+    NotFound { name: String, data_dir: PathBuf },
+    /// `create` of a name that is taken.
+    #[error("backup {name} already exists ({phase})")]
+    Exists { name: String, phase: Phase },
+    /// `create` of a backup that was interrupted.
+    #[error("backup {name} is InProgress (interrupted): run `blockwise backup resume {name}` to continue it")]
+    Interrupted { name: String },
+    /// `create` of a backup that stopped on a store failure.
+    #[error("backup {name} stopped ({reason}): run `blockwise backup resume {name}` to continue it")]
+    Stopped { name: String, reason: String },
+    /// The log.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The log's events do not fold or resume.
+    #[error("backup {name}: {message}")]
+    State { name: String, message: String },
+    /// A file of the backup.
+    #[error("{what} {}: {message}", .path.display())]
+    File { what: &'static str, path: PathBuf, message: String },
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SessionError {
+    /// Whether the user's input (a name, a flag) is what is wrong, rather than the system.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Spec(_)
+                | SessionError::NotFound { .. }
+                | SessionError::Exists { .. }
+                | SessionError::Interrupted { .. }
+                | SessionError::Stopped { .. }
+                | SessionError::Store(StoreError::BadLocation { .. })
+        )
+    }
+}
+
+fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SessionError + 'a {
+    move |e| SessionError::File { what, path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// A data directory: see the module docs.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The data directory at `root` (created on first use).
+    pub fn new(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+
+    /// Its root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the backups' directories are.
+    pub fn backups(&self) -> PathBuf {
+        self.root.join("backups")
+    }
+
+    /// The directory of one backup.
+    pub fn backup_dir(&self, name: &str) -> PathBuf {
+        self.backups().join(name)
+    }
+
+    /// The event log of one backup.
+    pub fn log_dir(&self, name: &str) -> PathBuf {
+        self.backup_dir(name).join("log")
+    }
+
+    /// The default local store.
+    pub fn default_store(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    /// The demo cluster's exec record of one backup (it survives a SIGKILL; tests read it).
+    pub fn demo_exec_log(&self, name: &str) -> PathBuf {
+        self.backup_dir(name).join("demo-exec.jsonl")
+    }
+
+    /// The names of every backup directory, sorted (temporary directories of a create are not
+    /// backups).
+    pub fn names(&self) -> Result<Vec<String>, SessionError> {
+        let dir = self.backups();
+        let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(file_err("reading", &dir)(e)),
+        };
+        names.sort();
+        Ok(names)
+    }
+
+    /// The storage a backup was created with (`storage.json`; before it existed: the default).
+    pub fn storage(&self, name: &str) -> Result<StorageSpec, SessionError> {
+        let path = self.backup_dir(name).join("storage.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SessionError::File {
+                what: "parsing",
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StorageSpec::Local { root: None }),
+            Err(e) => Err(file_err("reading", &path)(e)),
+        }
+    }
+
+    /// The cluster a backup was created with (`cluster.json`).
+    pub fn source(&self, name: &str) -> Result<ClusterSource, SessionError> {
+        let path = self.backup_dir(name).join("cluster.json");
+        let text = std::fs::read_to_string(&path).map_err(file_err("reading", &path))?;
+        serde_json::from_str(&text).map_err(|e| SessionError::File { what: "parsing", path, message: e.to_string() })
+    }
+
+    /// The store of a storage spec: fault injection (debug builds, when asked) under bounded
+    /// retries.
+    pub fn open_store(&self, spec: &StorageSpec) -> Result<Arc<dyn Store>, SessionError> {
+        let base: Arc<dyn Store> = match spec {
+            StorageSpec::Local { root } => {
+                Arc::new(LocalStore::new(root.clone().unwrap_or_else(|| self.default_store())))
+            }
+            StorageSpec::S3(loc) => Arc::new(S3Store::new(S3Config::new(loc.clone(), self.root.join("tmp")))?),
+        };
+        let plan = FaultPlan::from_env().map_err(|message| SessionError::File {
+            what: "reading the fault plan of",
+            path: PathBuf::from(crate::faults::FAULT_ENV),
+            message,
+        })?;
+        let base: Arc<dyn Store> = match plan {
+            Some(plan) => Arc::new(FaultyStore::new(base, plan)),
+            None => base,
+        };
+        Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default(), Arc::new(TokioRuntime))))
+    }
+
+    /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`).
+    pub fn read_events(&self, name: &str) -> Result<Vec<Event>, SessionError> {
+        validate_backup_name(name)?;
+        let dir = self.log_dir(name);
+        if !dir.exists() {
+            return Err(SessionError::NotFound { name: name.into(), data_dir: self.root.clone() });
+        }
+        Ok(crate::log::read_events(&dir)?)
+    }
+
+    /// A backup's folded state: from its log, or — while another process runs it and holds the
+    /// log — from the live view that process keeps (`live` is then true).
+    pub fn status(&self, name: &str) -> Result<Status, SessionError> {
+        match self.read_events(name) {
+            Ok(events) => {
+                let state = BackupState::fold(&events)
+                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+                Ok(Status::Log { events, state: Box::new(state) })
+            }
+            Err(SessionError::Log(LogError::InUse(_))) => {
+                let path = self.backup_dir(name).join("status.json");
+                let bytes = std::fs::read(&path).map_err(file_err("reading the live status", &path))?;
+                let view: Value = serde_json::from_slice(&bytes).map_err(|e| SessionError::File {
+                    what: "parsing",
+                    path,
+                    message: e.to_string(),
+                })?;
+                let events_log = self.backup_dir(name).join("events.log");
+                let lines = std::fs::read_to_string(&events_log).unwrap_or_default();
+                Ok(Status::Live { view, lines })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What [`DataDir::status`] found.
+#[derive(Debug)]
+pub enum Status {
+    /// Read from the log.
+    Log {
+        /// Every event.
+        events: Vec<Event>,
+        /// Their fold.
+        state: Box<BackupState>,
+    },
+    /// Another process runs the backup: its live view.
+    Live {
+        /// `status.json`: `describe` JSON and text, written by the running process.
+        view: Value,
+        /// `events.log`: a line per durable event.
+        lines: String,
+    },
+}
+
+/// What a new backup is.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// The spec (its name is the backup's name).
+    pub spec: BackupSpec,
+    /// Blocks in parallel.
+    pub workers: usize,
+    /// Where the cluster is.
+    pub source: ClusterSource,
+    /// Where the store is.
+    pub storage: StorageSpec,
+}
+
+/// One backup, opened for a run.
+pub struct Session {
+    data: DataDir,
+    name: String,
+    log: EventLog,
+    events: Vec<Event>,
+    state: BackupState,
+    report: OpenReport,
+}
+
+/// Writes `bytes` to `path` through a temp file, fsync and rename (durable).
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
+    crate::store::write_atomic(path, bytes).map_err(|e| SessionError::File {
+        what: "writing",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SessionError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err("syncing", dir))
+}
+
+impl Session {
+    /// Creates a backup, crash-atomically (see the module docs). A name whose directory holds a
+    /// backup is refused, pointing to `resume` when it can be continued.
+    pub fn create(data: &DataDir, req: CreateRequest) -> Result<Session, SessionError> {
+        let name = req.spec.name.clone();
+        validate_backup_name(&name)?;
+        let first = Engine::request(req.spec.clone(), req.workers, TokioRuntime.now_ms())?;
+        let dir = data.backup_dir(&name);
+        if dir.exists() {
+            match Session::existing(data, &name)? {
+                Some(state) => return Err(Session::refusal(&name, &state)),
+                None => {
+                    // A create that died before its request was durable: it never existed.
+                    tracing::warn!("removing {}: a backup whose creation was interrupted", dir.display());
+                    std::fs::remove_dir_all(&dir).map_err(file_err("removing", &dir))?;
+                }
+            }
+        }
+        let backups = data.backups();
+        crate::store::create_dirs(&backups).map_err(|e| SessionError::File {
+            what: "creating",
+            path: backups.clone(),
+            message: e.to_string(),
+        })?;
+        // Leftovers of earlier interrupted creates of this name.
+        for entry in std::fs::read_dir(&backups).map_err(file_err("reading", &backups))?.flatten() {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if n.strip_prefix(".new-").is_some_and(|rest| rest.rsplit_once('-').is_some_and(|(b, _)| b == name)) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let tmp = backups.join(format!(".new-{name}-{}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
+        let storage = serde_json::to_vec_pretty(&req.storage).map_err(|e| SessionError::File {
+            what: "encoding",
+            path: tmp.join("storage.json"),
+            message: e.to_string(),
+        })?;
+        write_durable(&tmp.join("storage.json"), &storage)?;
+        let source = serde_json::to_vec_pretty(&req.source).map_err(|e| SessionError::File {
+            what: "encoding",
+            path: tmp.join("cluster.json"),
+            message: e.to_string(),
+        })?;
+        write_durable(&tmp.join("cluster.json"), &source)?;
+        {
+            let mut log = EventLog::create(&tmp.join("log"), &name)?;
+            log.append(0, &first)?;
+            log.flush()?;
+        }
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &dir).map_err(file_err("renaming into place", &dir))?;
+        sync_dir(&backups)?;
+        Session::open(data, &name)
+    }
+
+    /// The state of an existing backup directory: `None` when its log holds no durable request.
+    fn existing(data: &DataDir, name: &str) -> Result<Option<BackupState>, SessionError> {
+        let log = data.log_dir(name);
+        let events = match crate::log::read_events(&log) {
+            Ok(events) => events,
+            Err(LogError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let state = BackupState::fold(&events)
+            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+        Ok(Some(state))
+    }
+
+    fn refusal(name: &str, state: &BackupState) -> SessionError {
+        match (&state.stopped, state.phase()) {
+            (Some(reason), _) => SessionError::Stopped { name: name.into(), reason: reason.clone() },
+            (None, Phase::InProgress) => SessionError::Interrupted { name: name.into() },
+            (None, phase) => SessionError::Exists { name: name.into(), phase },
+        }
+    }
+
+    /// Opens an existing backup for a run (`resume`): reads its log back, cutting a torn tail.
+    pub fn open(data: &DataDir, name: &str) -> Result<Session, SessionError> {
+        validate_backup_name(name)?;
+        let dir = data.log_dir(name);
+        let not_found = || SessionError::NotFound { name: name.into(), data_dir: data.root.clone() };
+        if !dir.exists() {
+            return Err(not_found());
+        }
+        let (log, events, report) = match EventLog::open(&dir) {
+            Ok(opened) => opened,
+            Err(LogError::NotFound(_)) => return Err(not_found()),
+            Err(e) => return Err(e.into()),
+        };
+        if events.is_empty() {
+            // Never durably requested: the backup does not exist.
+            return Err(not_found());
+        }
+        let state = BackupState::fold(&events)
+            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+        Ok(Session { data: data.clone(), name: name.into(), log, events, state, report })
+    }
+
+    /// The backup's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The state as opened.
+    pub fn state(&self) -> &BackupState {
+        &self.state
+    }
+
+    /// Events in the log when it was opened.
+    pub fn events(&self) -> usize {
+        self.events.len()
+    }
+
+    /// What opening the log found (a cut torn tail).
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// Where its cluster is.
+    pub fn source(&self) -> Result<ClusterSource, SessionError> {
+        self.data.source(&self.name)
+    }
+
+    /// Its store (with retries).
+    pub fn store(&self) -> Result<Arc<dyn Store>, SessionError> {
+        self.data.open_store(&self.data.storage(&self.name)?)
+    }
+
+    /// Runs the backup to a terminal phase (or only stores its files again, when it already
+    /// finished) through the one driver, with `workers` blocks in parallel and list pages of
+    /// `page_size` objects, keeping the live view current.
+    pub async fn run(
+        mut self,
+        cluster: Arc<dyn Cluster>,
+        store: Arc<dyn Store>,
+        workers: usize,
+        page_size: u32,
+        observer: &mut dyn Observer,
+    ) -> Result<BackupState, RunError> {
+        let runtime: Arc<dyn Runtime> = Arc::new(TokioRuntime);
+        let cfg = EngineConfig { workers, list_page_items_max: page_size, ..EngineConfig::default() };
+        let engine =
+            Engine::resume(&self.events, cfg, runtime.now_ms()).map_err(|e| RunError::Engine(e.to_string()))?;
+        let world = World {
+            cluster: Arc::new(RetryingCluster::new(cluster, ClusterRetryPolicy::default(), runtime.clone())),
+            store,
+            runtime,
+        };
+        let mut live = LiveView::start(&self.data.backup_dir(&self.name), &self.events, &self.state, observer);
+        run_backup(engine, &mut self.log, &world, workers, &mut live).await
+    }
+}
+
+impl Session {
+    /// Stores the companion files of a backup that already finished again (`resume` of a finished
+    /// backup: a failure storing them earlier is repaired this way).
+    pub async fn store_files(self, store: Arc<dyn Store>) -> Result<BackupState, RunError> {
+        crate::driver::store_backup_files(&self.log, &self.state, store.as_ref()).await?;
+        Ok(self.state)
+    }
+}
+
+/// Keeps `status.json` and `events.log` current during a run (see the module docs).
+struct LiveView<'a> {
+    dir: PathBuf,
+    inner: &'a mut dyn Observer,
+    lines: String,
+    events_file: Option<std::fs::File>,
+    last_status: Option<Instant>,
+}
+
+impl<'a> LiveView<'a> {
+    fn start(dir: &Path, events: &[Event], state: &BackupState, inner: &'a mut dyn Observer) -> LiveView<'a> {
+        let mut all = String::new();
+        for (i, e) in events.iter().enumerate() {
+            all.push_str(&report::event_line(i as u64, e));
+            all.push('\n');
+        }
+        let path = dir.join("events.log");
+        let events_file = std::fs::write(&path, all)
+            .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path))
+            .map_err(|e| tracing::warn!("cannot keep {} current: {e}", path.display()))
+            .ok();
+        let mut view = LiveView { dir: dir.to_path_buf(), inner, lines: String::new(), events_file, last_status: None };
+        view.write_status(state);
+        view
+    }
+
+    /// The live view is a convenience: failing to write it never fails the backup.
+    fn write_status(&mut self, state: &BackupState) {
+        let doc = json!({
+            "pid": std::process::id(),
+            "describe": report::describe_json(state),
+            "text": report::describe_text(state),
+            "row": {
+                "phase": state.phase().to_string(),
+                "errors": state.errors.len(),
+                "warnings": state.warnings.len(),
+                "items": format!("{}/{}", state.items_done(), state.planned_items),
+                "created": report::rfc3339(state.requested_ms),
+            },
+        });
+        let path = self.dir.join("status.json");
+        let tmp = self.dir.join(".status.json.tmp");
+        let written = serde_json::to_vec(&doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+        self.last_status = Some(Instant::now());
+    }
+}
+
+impl Observer for LiveView<'_> {
+    fn event(&mut self, event: &Event, state: &BackupState) {
+        self.lines.push_str(&report::event_line(state.events.saturating_sub(1), event));
+        self.lines.push('\n');
+        self.inner.event(event, state);
+    }
+
+    fn committed(&mut self, state: &BackupState) {
+        if let Some(f) = self.events_file.as_mut() {
+            if let Err(e) = f.write_all(self.lines.as_bytes()) {
+                tracing::warn!("cannot append to events.log: {e}");
+            }
+        }
+        self.lines.clear();
+        let due = self.last_status.is_none_or(|t| t.elapsed().as_millis() as u64 >= STATUS_INTERVAL_MS);
+        if due || state.finished.is_some() || state.stopped.is_some() {
+            self.write_status(state);
+        }
+        self.inner.committed(state);
+    }
+}

@@ -1,0 +1,103 @@
+//! Deliberate bugs, to prove that the checks can fail (STYLE §5, §9).
+//!
+//! Each [`Mutation`] breaks one rule of the engine, the driver or the log on purpose. The tests of
+//! the test harness switch one on for one simulated run ([`MutationGuard`]) and expect the
+//! simulator's judges to report it. The switch is per thread (the simulator runs a whole backup on
+//! one thread, and tests run in parallel threads), and it only exists with the cargo feature
+//! `mutations`: without it [`active`] is the constant `false`, so the bugs are dead code that the
+//! compiler removes, and no release build can be made to misbehave.
+
+/// One deliberate rule break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mutation {
+    /// Engine: write a block's items before its pre-hooks (breaks H1).
+    WriteBeforePreHooks,
+    /// Engine: skip the post-hooks owed by an interrupted attempt (breaks H2).
+    SkipOwedPostHooks,
+    /// Engine: ignore a failed Fail-mode pre-hook (breaks H3).
+    IgnorePreHookFailure,
+    /// Engine: run no pre-hooks in blocks with more than one hooked pod (breaks H1).
+    SkipPreHooksOfMultiPodBlocks,
+    /// Engine: treat a failed Continue-mode pre-hook like a Fail-mode one (breaks E1).
+    ContinueFailsBlock,
+    /// Engine: let a pulled object with the exclude label into the backup (breaks G1).
+    PullExcludedObjects,
+    /// Engine: redo blocks that already finished when resuming (breaks F1).
+    RedoFinishedBlocks,
+    /// Engine: stop on a store failure without closing the open hook windows (breaks H2).
+    StopWithoutClosingWindows,
+    /// Driver: dispatch commands without waiting for their intent to be durable (breaks H2).
+    DispatchBeforeDurable,
+    /// Driver: do not enforce hook timeouts (breaks T1 or L1).
+    NoHookTimeout,
+    /// Log: after cutting a torn tail, resume appends one past it (breaks L1).
+    LogStaleNextSeq,
+    /// Log: decode records without verifying their checksum (breaks R1).
+    LogSkipsChecksum,
+}
+
+impl Mutation {
+    /// Every mutation.
+    pub const ALL: [Mutation; 12] = [
+        Mutation::WriteBeforePreHooks,
+        Mutation::SkipOwedPostHooks,
+        Mutation::IgnorePreHookFailure,
+        Mutation::SkipPreHooksOfMultiPodBlocks,
+        Mutation::ContinueFailsBlock,
+        Mutation::PullExcludedObjects,
+        Mutation::RedoFinishedBlocks,
+        Mutation::StopWithoutClosingWindows,
+        Mutation::DispatchBeforeDurable,
+        Mutation::NoHookTimeout,
+        Mutation::LogStaleNextSeq,
+        Mutation::LogSkipsChecksum,
+    ];
+}
+
+#[cfg(feature = "mutations")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<Option<Mutation>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether `m` is switched on for this thread (always `false` without the `mutations` feature).
+#[inline]
+pub fn active(m: Mutation) -> bool {
+    #[cfg(feature = "mutations")]
+    {
+        ACTIVE.with(|a| a.get() == Some(m))
+    }
+    #[cfg(not(feature = "mutations"))]
+    {
+        let _ = m;
+        false
+    }
+}
+
+/// Switches a mutation on for this thread until dropped.
+#[derive(Debug)]
+pub struct MutationGuard {
+    _private: (),
+}
+
+impl MutationGuard {
+    /// Switches `m` on (`None`: no mutation). Without the `mutations` feature this does nothing.
+    pub fn set(m: Option<Mutation>) -> MutationGuard {
+        #[cfg(feature = "mutations")]
+        ACTIVE.with(|a| a.set(m));
+        #[cfg(not(feature = "mutations"))]
+        let _ = m;
+        MutationGuard { _private: () }
+    }
+
+    /// Whether mutations can be switched on in this build.
+    pub fn available() -> bool {
+        cfg!(feature = "mutations")
+    }
+}
+
+impl Drop for MutationGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "mutations")]
+        ACTIVE.with(|a| a.set(None));
+    }
+}
