@@ -244,6 +244,24 @@ fn namespace_filter_pulls_cluster_resources_only_when_related() {
     );
 }
 
+/// Regression (issue 9): `--include-namespaces shop --include-cluster-resources=false` dropped the
+/// Namespace object. Namespace objects follow the namespace filter (docs/decisions.md), as in Velero.
+#[test]
+fn namespace_objects_follow_the_namespace_filter_even_with_cluster_resources_off() {
+    let ns = |name: &str| json!({"kind": "Namespace", "metadata": {"name": name}});
+    let mut s = spec();
+    s.included_namespaces = vec!["shop".into()];
+    s.include_cluster_resources = Some(false);
+    check(
+        vec![ns("shop"), ns("other"), pod("shop", "p", "Running", &[]), pod("other", "q", "Running", &[]), pv("pv9")],
+        s,
+        "
+        namespaces shop
+        pods shop/p
+        ",
+    );
+}
+
 #[test]
 fn ordered_resources_form_one_block_in_the_given_order() {
     let mut s = spec();

@@ -52,6 +52,8 @@ pub struct Fixture {
     pub finalize_fails: bool,
     /// Lists come in an order drawn from this seed instead of (namespace, name) order.
     pub list_order_seed: Option<u64>,
+    /// Gets of these objects are forbidden (403), always.
+    pub get_forbidden: BTreeSet<ItemKey>,
 }
 
 impl Fixture {
@@ -95,7 +97,7 @@ impl Fixture {
             .iter()
             .filter_map(|((pod, command), f)| Some(((self.pod_key(pod)?, command.clone()), *f)))
             .collect();
-        let faults = ClusterFaults { hooks, ..ClusterFaults::default() };
+        let faults = ClusterFaults { hooks, get_forbidden: self.get_forbidden.clone(), ..ClusterFaults::default() };
         let mut failing_paths: Vec<String> = self.write_fails.iter().map(|n| format!("/{n}.json")).collect();
         if self.finalize_fails {
             failing_paths.push(".tar.gz".into());
