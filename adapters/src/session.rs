@@ -241,14 +241,21 @@ impl DataDir {
         Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default(), Arc::new(TokioRuntime))))
     }
 
-    /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`).
+    /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`). A log
+    /// without a durable request is no backup: not found.
     pub fn read_events(&self, name: &str) -> Result<Vec<Event>, SessionError> {
         validate_backup_name(name)?;
         let dir = self.log_dir(name);
+        let not_found = || SessionError::NotFound { name: name.into(), data_dir: self.root.clone() };
         if !dir.exists() {
-            return Err(SessionError::NotFound { name: name.into(), data_dir: self.root.clone() });
+            return Err(not_found());
         }
-        Ok(crate::log::read_events(&dir)?)
+        match crate::log::read_events(&dir) {
+            Ok(events) if events.is_empty() => Err(not_found()),
+            Ok(events) => Ok(events),
+            Err(LogError::NotFound(_)) => Err(not_found()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A backup's folded state: from its log, or — while another process runs it and holds the

@@ -581,7 +581,15 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     let workers = a.workers as usize;
     let req = CreateRequest { spec, workers, source: source.clone(), storage };
     let session = Session::create(data, req).map_err(session_err)?;
-    run_session(session, cluster, store, (workers, a.page_size), &rt)
+    let code = run_session(session, cluster, store, (workers, a.page_size), &rt)?;
+    if matches!(source, ClusterSource::Demo { faults: false, .. }) {
+        let n = &a.name;
+        eprintln!(
+            "next: `blockwise backup describe {n}` (blocks, hooks), `blockwise backup inspect {n}` (the archive), \
+             `--demo-faults` for a failing freeze hook, and the README's kill -9 + resume"
+        );
+    }
+    Ok(code)
 }
 
 fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {

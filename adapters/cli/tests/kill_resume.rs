@@ -109,3 +109,105 @@ fn bad_input_is_a_clear_usage_error() {
     check(&["backup", "describe", "missing"], "backup \"missing\" not found");
     check(&["backup", "resume", "missing"], "backup \"missing\" not found");
 }
+
+/// Spawns `cmd` and SIGKILLs it after `after_ms` (the kill's timing is the fault being injected,
+/// not a synchronisation: every instant must leave a backup that works).
+fn kill_after_ms(mut cmd: std::process::Command, after_ms: u64) {
+    let mut child =
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("spawn blockwise");
+    std::thread::sleep(std::time::Duration::from_millis(after_ms));
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+/// Regression (issue 9): a kill -9 in the first ~50 ms of `create` could leave a directory with
+/// `cluster.json`, `storage.json` and a log without a durable request: `get` showed it Unreadable,
+/// `resume` said not found and `create` refused the name. A backup exists exactly when its log
+/// holds a durable request: whatever instant the kill lands, the name is either resumable or free.
+#[test]
+fn a_kill_at_any_instant_of_create_leaves_a_resumable_backup_or_none() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let small = ["--demo-objects", "200", "--demo-latency-ms", "2"];
+    let reference = tmp.path().join("reference");
+    let mut args = vec!["backup", "create", "b", "--demo"];
+    args.extend_from_slice(&small);
+    let out = blockwise(&reference, &args).output().expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = archive(&reference, "b");
+    for (round, ms) in [0u64, 3, 6, 10, 15, 20, 30, 45, 60, 90].into_iter().enumerate() {
+        let data = tmp.path().join(format!("kill-{round}"));
+        kill_after_ms(blockwise(&data, &args), ms);
+        let get = blockwise(&data, &["backup", "get"]).output().expect("get");
+        let table = String::from_utf8_lossy(&get.stdout).to_string();
+        assert!(!table.contains("Unreadable"), "round {round} ({ms} ms): {table}");
+        let listed = table.lines().any(|l| l.starts_with("b "));
+        let out = if listed {
+            blockwise(&data, &["backup", "resume", "b"]).output().expect("resume")
+        } else {
+            blockwise(&data, &args).output().expect("create again")
+        };
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round} ({ms} ms, {}): {}",
+            if listed { "resume" } else { "create again" },
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(archive(&data, "b") == expected, "round {round} ({ms} ms): archive differs");
+    }
+}
+
+/// A directory left by an interrupted create (a log with no durable request, from before
+/// creation was crash-atomic) is not a backup: `get` skips it, `resume` does not find it, and
+/// `create` of the name starts afresh.
+#[test]
+fn a_create_whose_request_never_became_durable_is_started_afresh() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    let dir = data.join("backups").join("half");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("cluster.json"), r#"{"kind":"demo","objects":200,"seed":1,"latency_ms":0}"#).unwrap();
+    std::fs::write(dir.join("storage.json"), r#"{"kind":"local"}"#).unwrap();
+    drop(blockwise_adapters::log::EventLog::create(&dir.join("log"), "half").expect("an empty log"));
+    let get = blockwise(data, &["backup", "get"]).output().expect("get");
+    assert!(!String::from_utf8_lossy(&get.stdout).contains("half"), "{}", String::from_utf8_lossy(&get.stdout));
+    let out = blockwise(data, &["backup", "resume", "half"]).output().expect("resume");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backup \"half\" not found"));
+    let out = blockwise(data, &["backup", "create", "half", "--demo", "--demo-objects", "200"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!archive(data, "half").is_empty());
+}
+
+/// Regression (issue 9): kill -9 while `resume` opened the log could make it unreadable for good
+/// (sled 0.34.7 reads its own interrupted snapshot back as corruption). Kill `resume` at many
+/// instants of its first 150 ms — while it opens and recovers the log — and resume again: the
+/// backup always finishes with the uninterrupted archive.
+#[test]
+fn kills_while_resume_opens_the_log_never_make_it_unreadable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let slow = ["--demo-latency-ms", "10", "--page-size", "50"];
+    let reference = tmp.path().join("reference");
+    let mut args = vec!["backup", "create", "r", "--demo", "--workers", "4"];
+    args.extend_from_slice(&slow);
+    let out = blockwise(&reference, &args).output().expect("run reference");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = archive(&reference, "r");
+    let data = tmp.path().join("data");
+    assert!(kill_after_line(blockwise(&data, &args), 20), "the first create must be killed mid-run");
+    for ms in [1u64, 5, 10, 20, 35, 50, 70, 100, 150] {
+        kill_after_ms(blockwise(&data, &["backup", "resume", "r"]), ms);
+        let describe = blockwise(&data, &["backup", "describe", "r"]).output().expect("describe");
+        assert_eq!(
+            describe.status.code(),
+            Some(0),
+            "after a kill at {ms} ms: {}",
+            String::from_utf8_lossy(&describe.stderr)
+        );
+    }
+    let out = blockwise(&data, &["backup", "resume", "r"]).output().expect("resume");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(archive(&data, "r") == expected, "archive differs from the uninterrupted run");
+    assert_windows_closed(&data.join("backups/r/demo-exec.jsonl"));
+}

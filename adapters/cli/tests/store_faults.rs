@@ -146,3 +146,30 @@ fn inspect_finds_a_tampered_archive() {
     assert_exit(&out, 1, "truncated archive");
     assert!(String::from_utf8_lossy(&out.stdout).contains("defect: "));
 }
+
+/// Regression (issue 9): an archive build that found a staged item missing (or changed) stopped
+/// the run on every resume. The engine stages the logged bytes again and builds once more, and
+/// the archive is the undisturbed run's.
+#[test]
+fn a_staged_item_lost_before_the_archive_is_built_is_staged_again_from_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clean = tmp.path().join("clean");
+    assert_exit(&create(&clean, "b", None), 3, "reference");
+    let expected = local_archive(&clean, "b");
+    let data = tmp.path().join("lost");
+    assert_exit(&create(&data, "b", Some("finalize=always")), 1, "the archive build fails");
+    // Every block finished; now a staged item disappears and another is damaged.
+    let staging = data.join("store/backups/b/staging/resources");
+    let lost = staging.join("namespaces/cluster/shop.json");
+    std::fs::remove_file(&lost).unwrap_or_else(|e| panic!("removing {}: {e}", lost.display()));
+    let damaged = staging.join("namespaces/cluster/payments.json");
+    std::fs::write(&damaged, b"{}").expect("damage a staged item");
+    let out = run(&data, &["backup", "resume", "b"]);
+    assert_exit(&out, 3, "resume stages the two items again and builds the archive");
+    assert!(local_archive(&data, "b") == expected, "archive differs from the undisturbed run");
+    let d = describe(&data, "b");
+    let warned = d["warnings"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|m| m.as_str().is_some_and(|m| m.contains("2 staged items missing or changed"))));
+    assert!(warned, "{d}");
+}

@@ -1,0 +1,79 @@
+//! What a newcomer and a shell script see: the README's first command completes (exit 0) and says
+//! what to try next; `--demo-faults` shows a failing hook (exit 3); output to a closed pipe ends
+//! quietly; `describe`, `logs` and `get` show a backup that another process is running.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+
+use common::{assert_exit, blockwise, run};
+
+#[test]
+fn the_default_demo_completes_and_says_what_to_try_next() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = run(tmp.path(), &["backup", "create", "demo", "--demo", "--demo-objects", "300"]);
+    assert_exit(&out, 0, "the default demo has no faults");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backup demo Completed"), "{err}");
+    assert!(err.contains("blockwise backup describe demo") && err.contains("--demo-faults"), "{err}");
+    let out = run(tmp.path(), &["backup", "create", "faulty", "--demo", "--demo-faults", "--demo-objects", "300"]);
+    assert_exit(&out, 3, "the demo's deliberate failing pre-hook: PartiallyFailed");
+}
+
+/// Regression (issue 9): `blockwise backup logs NAME | head` panicked on the closed pipe.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_exit(&run(tmp.path(), &["backup", "create", "p", "--demo", "--demo-objects", "300"]), 0, "create");
+    for args in [&["backup", "logs", "p"][..], &["backup", "describe", "p"], &["backup", "get"]] {
+        let mut child = blockwise(tmp.path(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // Read one line, then close the pipe, as `| head -1` does.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        drop(stdout);
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        let status = child.wait().unwrap();
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(status.code() == Some(0) || status.code().is_none(), "{args:?}: {status:?} {err}");
+        assert!(!first.is_empty(), "{args:?}");
+    }
+}
+
+/// Regression (issue 9): `describe` and `logs` failed while the backup ran in another process
+/// ("is in use by another blockwise process"). They show the running process's live view.
+#[test]
+fn describe_logs_and_get_show_a_backup_running_in_another_process() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 100 ms per API call and exec, one worker: after planning, the 18 hook execs alone take 1.8 s.
+    let args =
+        ["backup", "create", "live", "--demo", "--demo-latency-ms", "100", "--page-size", "100", "--workers", "1"];
+    let mut child = blockwise(tmp.path(), &args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait (on the runner's own output, not on time) until the plan is made.
+    let planned = lines.by_ref().map_while(Result::ok).any(|l| l.starts_with("planned "));
+    assert!(planned, "the backup printed no plan");
+    let describe = run(tmp.path(), &["backup", "describe", "live"]);
+    let logs = run(tmp.path(), &["backup", "logs", "live"]);
+    let json = run(tmp.path(), &["backup", "describe", "live", "-o", "json"]);
+    let get = run(tmp.path(), &["backup", "get"]);
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    assert_exit(&describe, 0, "describe of a running backup");
+    let text = String::from_utf8_lossy(&describe.stdout);
+    assert!(text.contains("Phase:") && text.contains("InProgress") && text.contains("live view"), "{text}");
+    assert_exit(&logs, 0, "logs of a running backup");
+    let log_text = String::from_utf8_lossy(&logs.stdout);
+    assert!(log_text.contains("backup \"live\" requested") && log_text.contains("live view"), "{log_text}");
+    assert_exit(&json, 0, "describe -o json");
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!((doc["phase"].as_str(), doc["live"].as_bool()), (Some("InProgress"), Some(true)), "{doc}");
+    let table = String::from_utf8_lossy(&get.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("live ") && l.contains("InProgress") && l.contains("(running)")),
+        "{table}"
+    );
+}
