@@ -39,7 +39,13 @@ fuzz_target!(|data: &[u8]| {
     let actions = builtin_actions("velero.io/volume-group");
     let index = Index::new(items, "velero.io/volume-group");
     let not_found = BTreeSet::new();
-    let input = PlanInput { selection: &selection, resources: &resources, not_found: &not_found, actions: &actions };
+    let input = PlanInput {
+        selection: &selection,
+        resources: &resources,
+        not_found: &not_found,
+        fetch_failed: &not_found,
+        actions: &actions,
+    };
     if let PlanStep::Done(p) = plan(&input, &index) {
         let mut seen = BTreeSet::new();
         for b in &p.blocks {
