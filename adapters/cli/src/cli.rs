@@ -79,15 +79,8 @@ struct ServeArgs {
     /// Port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
-    /// Objects in the demo cluster.
-    #[arg(long, default_value_t = blockwise_simulator::demo::DEMO_OBJECTS_DEFAULT)]
-    demo_objects: usize,
-    /// Simulated latency of each API call and exec, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    demo_latency_ms: u64,
-    /// Include the demo's deliberate faults (a pod whose Fail-mode pre-hook fails).
-    #[arg(long)]
-    demo_faults: bool,
+    #[command(flatten)]
+    demo: DemoArgs,
     /// Write a kubeconfig pointing at the server here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
@@ -97,8 +90,9 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     use blockwise_simulator::server::FakeApiServer;
     let rt = runtime()?;
     rt.block_on(async {
-        let cluster = demo::demo_cluster_with(a.demo_objects, demo::DEMO_SEED, a.demo_faults)
-            .with_latency(blockwise_simulator::fake::Latency { api_ms: a.demo_latency_ms, exec_ms: a.demo_latency_ms })
+        let d = &a.demo;
+        let cluster = demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults)
+            .with_latency(blockwise_simulator::fake::Latency { api_ms: d.demo_latency_ms, exec_ms: d.demo_latency_ms })
             .with_clock(Arc::new(TokioRuntime));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
         let server = FakeApiServer::start(Arc::new(cluster), addr)
@@ -108,7 +102,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             server.write_kubeconfig(path).with_context(|| format!("writing kubeconfig {}", path.display()))?;
             println!("kubeconfig: {}", path.display());
         }
-        println!("serving the demo cluster ({} objects) at {}", a.demo_objects, server.url());
+        println!("serving the demo cluster ({} objects) at {}", d.demo_objects, server.url());
         println!("press Ctrl-C to stop");
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
         drop(server);
@@ -221,6 +215,13 @@ struct ClusterArgs {
     /// Back up the built-in demo cluster even if a kubeconfig exists.
     #[arg(long)]
     demo: bool,
+    #[command(flatten)]
+    shape: DemoArgs,
+}
+
+/// The built-in demo cluster's shape (`backup create` and `simulator serve`).
+#[derive(Args, Debug, Clone)]
+struct DemoArgs {
     /// Objects in the demo cluster.
     #[arg(long, default_value_t = blockwise_simulator::demo::DEMO_OBJECTS_DEFAULT)]
     demo_objects: usize,
@@ -555,20 +556,21 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     let source = match target {
         Some((kubeconfig, context)) => ClusterSource::Kube { kubeconfig, context },
         None => {
-            let what = if a.cluster.demo_faults { "with its deliberate faults" } else { "no faults" };
+            let d = &a.cluster.shape;
+            let what = if d.demo_faults { "with its deliberate faults" } else { "no faults" };
             if a.cluster.demo {
-                eprintln!("backing up the built-in demo cluster ({} objects, {what})", a.cluster.demo_objects);
+                eprintln!("backing up the built-in demo cluster ({} objects, {what})", d.demo_objects);
             } else {
                 eprintln!(
                     "no kubeconfig found: backing up the built-in demo cluster ({} objects, {what})",
-                    a.cluster.demo_objects
+                    d.demo_objects
                 );
             }
             ClusterSource::Demo {
-                objects: a.cluster.demo_objects,
+                objects: d.demo_objects,
                 seed: demo::DEMO_SEED,
-                latency_ms: a.cluster.demo_latency_ms,
-                faults: a.cluster.demo_faults,
+                latency_ms: d.demo_latency_ms,
+                faults: d.demo_faults,
             }
         }
     };
