@@ -30,6 +30,8 @@ pub enum Mutation {
     DispatchBeforeDurable,
     /// Driver: do not enforce hook timeouts (breaks T1 or L1).
     NoHookTimeout,
+    /// Driver: flush `ItemWritten` facts without the staged-sync barrier (breaks W1).
+    SkipStagedSync,
     /// Log: after cutting a torn tail, resume appends one past it (breaks L1).
     LogStaleNextSeq,
     /// Log: decode records without verifying their checksum (breaks R1).
@@ -38,7 +40,7 @@ pub enum Mutation {
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -49,6 +51,7 @@ impl Mutation {
         Mutation::StopWithoutClosingWindows,
         Mutation::DispatchBeforeDurable,
         Mutation::NoHookTimeout,
+        Mutation::SkipStagedSync,
         Mutation::LogStaleNextSeq,
         Mutation::LogSkipsChecksum,
     ];

@@ -21,9 +21,10 @@
 //!   model's object; it passes `inspect` against the stored resource list; the companion files are
 //!   stored, `velero-backup.json` only after the others.
 //! - **F1** — after a restart, nothing is staged and no hook runs for a block the log durably
-//!   recorded as finished (except re-staging an item the archive build found missing). This one
-//!   judge reads the log, because "finished" is what the log promised; it holds the engine to that
-//!   promise with the world's records.
+//!   recorded as finished (except re-staging an item the archive build found missing). **W1** —
+//!   when a process ends, every item the log durably says was written is durably in the store.
+//!   These two read the log, because "finished" and "written" are what the log promised; they hold
+//!   the engine to that promise with the world's records.
 //! - **L1/R1** — the run reached a terminal phase, or recovery refused exactly the flipped record.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -518,10 +519,36 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
     out
 }
 
+/// W1: a flushed fact never outlives its item. Whenever a process ended, every item whose
+/// `ItemWritten` a flush made durable in it was durably staged with the fact's bytes — unless that
+/// process saw a sync barrier fail (the engine then stops, and re-stages at the archive build what
+/// did not survive). A fact the log medium kept on its own at a crash, unflushed, is not held to
+/// this: no barrier can precede what no flush asked for, and the archive build re-stages it.
+pub fn check_write_ahead(report: &RunReport) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for p in &report.promises {
+        let barrier_failed =
+            report.records[start..p.from_record].iter().any(|r| matches!(r, Record::SyncFailed { .. }));
+        if let (false, Some(k)) = (barrier_failed, p.facts_without_items.first()) {
+            out.push(v(
+                "W1",
+                format!(
+                    "the log recorded {k} as written, but the store did not durably hold it when the process ended at record {} ({} such items)",
+                    p.from_record,
+                    p.facts_without_items.len()
+                ),
+            ));
+        }
+        start = p.from_record;
+    }
+    out
+}
+
 /// F1: no block the log durably recorded as finished is worked on again after a restart.
 pub fn check_finished_not_redone(report: &RunReport, ev: &Evidence) -> Vec<Violation> {
     let mut out = Vec::new();
-    for d in &report.durable_finished {
+    for d in &report.promises {
         for (i, key) in ev.staged.iter().filter(|(i, _)| *i > d.from_record) {
             if d.items.contains(key) && !is_restage(&report.records, ev, key, *i) {
                 out.push(v("F1", format!("{key} was staged again (record {i}) although its block had finished")));
@@ -541,9 +568,13 @@ pub fn check_finished_not_redone(report: &RunReport, ev: &Evidence) -> Vec<Viola
     out
 }
 
-/// L1 and recovery: the run reached a terminal phase, or refused exactly the corrupted record.
+/// L1 and recovery: the run reached a terminal phase — durably — or refused exactly the corrupted
+/// record.
 pub fn check_liveness(report: &RunReport) -> Vec<Violation> {
     match &report.outcome {
+        Outcome::Finished(_) if !report.events.iter().any(|e| matches!(e, Event::BackupFinished { .. })) => {
+            vec![v("L1", "the run ended with a terminal phase that the log does not durably hold".into())]
+        }
         Outcome::Finished(_) => Vec::new(),
         Outcome::CorruptionDetected { found, flipped } if found == flipped => Vec::new(),
         Outcome::CorruptionDetected { found, flipped } => {
@@ -565,6 +596,7 @@ pub fn check_report(model: &Model, report: &RunReport) -> Vec<Violation> {
     out.extend(check_closed(model, report, &ev));
     out.extend(check_execs(model, report, &ev));
     out.extend(check_archive(model, report, &ev));
+    out.extend(check_write_ahead(report));
     out.extend(check_finished_not_redone(report, &ev));
     out
 }

@@ -90,6 +90,8 @@ pub struct LogDisk {
     pending: Vec<LogOp>,
     inserts: u64,
     crash_after_inserts: Option<u64>,
+    /// Records durable through a flush (not merely kept by a crash's luck).
+    flushed: usize,
 }
 
 impl LogDisk {
@@ -122,6 +124,12 @@ impl LogDisk {
     /// Inserts so far.
     pub fn inserts(&self) -> u64 {
         self.inserts
+    }
+
+    /// How many records were durable right after the last flush. Records beyond them survived a
+    /// crash without being flushed (a medium may write some of its buffer out on its own).
+    pub fn flushed(&self) -> usize {
+        self.flushed
     }
 }
 
@@ -240,6 +248,7 @@ impl LogMedium for MemLog {
             for op in &pending {
                 LogDisk::apply(name, durable, op);
             }
+            d.flushed = d.durable.len();
             Ok(())
         })
     }
@@ -426,7 +435,7 @@ impl StoreMedium for MemStore {
         let mut d = lock(&self.disk);
         if d.down {
             drop(d);
-            self.records.push(Record::StoreFailed { at_ms: self.now(), path: prefix.clone() });
+            self.records.push(Record::SyncFailed { at_ms: self.now(), dir: prefix.clone() });
             return Err(StoreError::Injected { op: "sync", key: prefix });
         }
         let below: Vec<String> = d.unsynced.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();

@@ -62,6 +62,8 @@ pub enum Record {
     ReadMissing { at_ms: u64, path: String },
     /// A sync barrier made staged writes below `dir` durable.
     Synced { at_ms: u64, dir: String },
+    /// A sync barrier failed (the store is down).
+    SyncFailed { at_ms: u64, dir: String },
     /// A file was written durably (the archive, a companion file).
     FileWritten { at_ms: u64, path: String },
     /// The objects of the cluster changed (deleted or altered) behind the backup's back.

@@ -28,6 +28,7 @@ use blockwise_engine::mutation::{Mutation, MutationGuard};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{BackupSpec, Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::cluster::{ClusterFaults, Latencies, SimCluster};
 use crate::fake::FakeCluster;
@@ -186,16 +187,20 @@ pub enum Outcome {
     Stuck(String),
 }
 
-/// What the log durably promised when a process died: blocks finished (their items and hooked
-/// pods), as the next process would read it. The F1 judge holds later effects against it.
+/// What the log durably promised when a process ended, as the next process reads it, and what
+/// the store durably held then. The F1 judge holds later effects to the promise; the W1 judge
+/// holds the store to the facts.
 #[derive(Debug, Clone, Default)]
-pub struct DurableFinished {
+pub struct Promise {
     /// Index in the world records where the next process started.
     pub from_record: usize,
     /// Items of blocks whose `BlockFinished` was durable.
     pub items: BTreeSet<ItemKey>,
     /// Pods with hooks in those blocks.
     pub pods: BTreeSet<ItemKey>,
+    /// Items whose `ItemWritten` a flush made durable in the process that ended, while their staged
+    /// bytes did not survive it (missing, or other bytes than the fact's digest).
+    pub facts_without_items: Vec<ItemKey>,
 }
 
 /// Everything a run produced, for the judges.
@@ -211,8 +216,8 @@ pub struct RunReport {
     pub archive: Option<Vec<u8>>,
     /// Every durable file of the backup beside the archive (companion files), by name.
     pub files: BTreeMap<String, Vec<u8>>,
-    /// What the log promised at each restart.
-    pub durable_finished: Vec<DurableFinished>,
+    /// What the log promised, and the store held, at each restart.
+    pub promises: Vec<Promise>,
     /// Hash chain over every record.
     pub trace: Vec<u64>,
     /// Readable label of each trace step.
@@ -334,6 +339,8 @@ pub struct SimWorld {
     workers: usize,
     /// The torn tail the last open cut, if any.
     pub last_cut: Option<Seq>,
+    /// Durable events when the current process started.
+    durable_at_start: usize,
 }
 
 impl SimWorld {
@@ -375,6 +382,7 @@ impl SimWorld {
             ecfg: ecfg.clone(),
             workers: ecfg.workers,
             last_cut: None,
+            durable_at_start: 0,
         }
     }
 
@@ -445,12 +453,28 @@ impl SimWorld {
 
     /// Before a new process starts: the store comes back, the process lives, a millisecond
     /// passes, and the log's durable promises are noted for F1.
-    pub fn restart(&mut self) -> DurableFinished {
+    pub fn restart(&mut self) -> Promise {
         self.store.heal();
         self.death.revive();
         self.rt.pass(1);
-        let (items, pods) = finished_blocks(&self.durable_events());
-        let d = DurableFinished { from_record: self.records.len(), items, pods };
+        let events = self.durable_events();
+        let (items, pods) = finished_blocks(&events);
+        let files = self.store.durable_files();
+        let mut facts_without_items = Vec::new();
+        // Only facts a flush made durable: the driver syncs staged items before every flush, but a
+        // record the medium kept on its own at the crash had no flush to wait for.
+        let flushed = self.log.disk().flushed().min(events.len());
+        for e in events.iter().take(flushed).skip(self.durable_at_start) {
+            if let Event::ItemWritten { key, digest, .. } = e {
+                let path = format!("backups/{BACKUP}/staging/{}", key.archive_path());
+                let held: Option<[u8; 32]> = files.get(&path).map(|b| Sha256::digest(b).into());
+                if held != Some(*digest) {
+                    facts_without_items.push(key.clone());
+                }
+            }
+        }
+        self.durable_at_start = events.len();
+        let d = Promise { from_record: self.records.len(), items, pods, facts_without_items };
         self.records.push(Record::Restart { at_ms: self.rt.now() });
         d
     }
@@ -507,7 +531,7 @@ pub fn simulate_world(
     let mut steps_used = 0u64;
     let mut flipped: Option<Seq> = None;
     let mut outage_done = false;
-    let mut durable_finished = Vec::new();
+    let mut promises = Vec::new();
     let crash_on = cfg.on(FaultKind::Crash) && cfg.crash_at_append.is_none();
     let outage_on = cfg.on(FaultKind::StoreOutage);
     let jump_on = cfg.on(FaultKind::ClockJump);
@@ -577,7 +601,7 @@ pub fn simulate_world(
         } else {
             w.records.push(Record::Stopped { at_ms: w.rt.now() });
         }
-        durable_finished.push(w.restart());
+        promises.push(w.restart());
     };
     for h in w.cluster.hits() {
         if let Some(f) = FaultKind::parse(h) {
@@ -611,7 +635,7 @@ pub fn simulate_world(
         events,
         archive,
         files,
-        durable_finished,
+        promises,
         trace,
         trace_labels: labels,
         hits,

@@ -30,7 +30,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 12] = [
+    let expected: [(Mutation, &[&str]); 13] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -41,6 +41,7 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::StopWithoutClosingWindows, &["H2"]),
         (Mutation::DispatchBeforeDurable, &["H2"]),
         (Mutation::NoHookTimeout, &["T1", "L1"]),
+        (Mutation::SkipStagedSync, &["W1"]),
         (Mutation::LogStaleNextSeq, &["L1"]),
         (Mutation::LogSkipsChecksum, &["R1"]),
     ];
