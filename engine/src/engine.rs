@@ -921,8 +921,9 @@ impl Engine {
                 .as_ref()
                 .map(|a| a.pods_with_pre_started().into_iter().cloned().collect())
                 .unwrap_or_default();
+            let all_pods = mutation::active(Mutation::PostHooksForUnopenedWindows);
             let hooks: Vec<Hook> =
-                self.hooks_of(id, HookPhase::Post).into_iter().filter(|p| pods.contains(&p.pod)).collect();
+                self.hooks_of(id, HookPhase::Post).into_iter().filter(|p| all_pods || pods.contains(&p.pod)).collect();
             let reason = format!("pre-hook {} of {} failed with onError Fail", h.index, h.pod);
             self.set_state(id, BlockRun::Post { hooks, next: 0, failed: Some(reason) });
         } else {

@@ -305,7 +305,13 @@ fn build_hook(
         index: 0,
         container,
         command: Vec::new(),
-        on_error: spec.on_error.unwrap_or(OnError::Fail),
+        on_error: spec.on_error.unwrap_or(
+            if crate::mutation::active(crate::mutation::Mutation::DefaultOnErrorContinue) {
+                OnError::Continue
+            } else {
+                OnError::Fail
+            },
+        ),
         timeout_ms,
         invalid,
     }

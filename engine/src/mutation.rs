@@ -26,6 +26,11 @@ pub enum Mutation {
     RedoFinishedBlocks,
     /// Engine: stop on a store failure without closing the open hook windows (breaks H2).
     StopWithoutClosingWindows,
+    /// Engine: when a Fail-mode pre-hook fails, run the post-hooks of every pod of the block, also
+    /// of those whose window never opened (breaks H2).
+    PostHooksForUnopenedWindows,
+    /// Engine: an unset onError means Continue, as Velero's code has it, not Fail (breaks H3).
+    DefaultOnErrorContinue,
     /// Driver: dispatch commands without waiting for their intent to be durable (breaks H2).
     DispatchBeforeDurable,
     /// Driver: do not enforce hook timeouts (breaks T1 or L1).
@@ -40,7 +45,7 @@ pub enum Mutation {
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 13] = [
+    pub const ALL: [Mutation; 15] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -49,6 +54,8 @@ impl Mutation {
         Mutation::PullExcludedObjects,
         Mutation::RedoFinishedBlocks,
         Mutation::StopWithoutClosingWindows,
+        Mutation::PostHooksForUnopenedWindows,
+        Mutation::DefaultOnErrorContinue,
         Mutation::DispatchBeforeDurable,
         Mutation::NoHookTimeout,
         Mutation::SkipStagedSync,

@@ -308,6 +308,30 @@ pub fn check_closed(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vio
     let is =
         |e: &Exec, phase: HookPhase| hooks.get(&(e.pod.clone(), e.command.clone())).is_some_and(|h| h.phase == phase);
     let has_post = |pod: &ItemKey| hooks.values().any(|h| &h.pod == pod && h.phase == HookPhase::Post && h.valid);
+    // A post-hook only closes a window that is open: a pod whose pre-hooks can all run gets a
+    // post-hook exec only after a pre-hook exec since its previous post-hook — or, right after a
+    // restart, as the first exec of the pod in the new process (the log said its window opened:
+    // the intent was durable, whether or not the exec reached the cluster before the crash).
+    let pre_all_valid = |pod: &ItemKey| {
+        let pres: Vec<&HookDef> = hooks.values().filter(|h| &h.pod == pod && h.phase == HookPhase::Pre).collect();
+        !pres.is_empty() && pres.iter().all(|h| h.valid)
+    };
+    for e in ev.execs.iter().filter(|e| is(e, HookPhase::Post) && pre_all_valid(&e.pod)) {
+        let before: Vec<&Exec> = ev.execs.iter().filter(|x| x.start < e.start && x.pod == e.pod).collect();
+        let opened = before
+            .iter()
+            .rev()
+            .find(|x| is(x, HookPhase::Pre) || is(x, HookPhase::Post))
+            .is_some_and(|x| is(x, HookPhase::Pre));
+        let restart = report.records[..e.start].iter().rposition(|r| matches!(r, Record::Restart { .. }));
+        let owed_after_restart = restart.is_some_and(|r| before.iter().all(|x| x.start < r));
+        if !opened && !owed_after_restart {
+            out.push(v(
+                "H2",
+                format!("{}: post-hook ran (record {}) although no window of the pod was open", e.pod, e.start),
+            ));
+        }
+    }
     for e in ev.execs.iter().filter(|e| is(e, HookPhase::Pre) && has_post(&e.pod)) {
         let later = ev.execs.iter().filter(|x| x.start > e.start && x.pod == e.pod);
         let next_pre = later.clone().find(|x| is(x, HookPhase::Pre)).map(|x| x.start);

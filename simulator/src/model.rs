@@ -32,6 +32,10 @@ pub const EXCLUDE_LABEL: &str = "velero.io/exclude-from-backup";
 pub struct HookM {
     /// onError of the pre-hook annotation.
     pub on_error: OnError,
+    /// Whether the on-error annotation is written; without it the default (Fail) applies, so
+    /// `on_error` is then Fail.
+    #[serde(default = "yes")]
+    pub on_error_set: bool,
     /// The pre command annotation is malformed JSON (the hook is invalid).
     pub malformed: bool,
     /// Has a pre-hook annotation.
@@ -239,6 +243,10 @@ fn tag_key(kind: &str, ns: Option<usize>, name: &str) -> ItemKey {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// The key of a pod's hook in [`WorldM::hook_faults`].
 pub fn hook_fault_key(pod: &str, phase: HookPhase) -> String {
     match phase {
@@ -307,12 +315,10 @@ impl Model {
                     1 => (false, true),
                     _ => (true, true),
                 };
-                HookM {
-                    on_error: if rng.chance(0.7) { OnError::Fail } else { OnError::Continue },
-                    malformed: rng.chance(0.05),
-                    pre,
-                    post,
-                }
+                // A third of the hooks leave onError to its default, which is Fail (DESIGN §4).
+                let on_error_set = !rng.chance(0.3);
+                let on_error = if on_error_set && rng.chance(0.4) { OnError::Continue } else { OnError::Fail };
+                HookM { on_error, on_error_set, malformed: rng.chance(0.05), pre, post }
             });
             m.pods.push(PodM {
                 ns,
@@ -440,8 +446,10 @@ impl Model {
                     let pre = serde_json::to_string(&pre_command(&p.name)).unwrap_or_default();
                     let pre = if h.malformed { format!("{pre}\"") } else { pre };
                     annotations.insert("pre.hook.backup.velero.io/command".into(), json!(pre));
-                    let on_error = if h.on_error == OnError::Fail { "Fail" } else { "Continue" };
-                    annotations.insert("pre.hook.backup.velero.io/on-error".into(), json!(on_error));
+                    if h.on_error_set {
+                        let on_error = if h.on_error == OnError::Fail { "Fail" } else { "Continue" };
+                        annotations.insert("pre.hook.backup.velero.io/on-error".into(), json!(on_error));
+                    }
                     annotations.insert("pre.hook.backup.velero.io/timeout".into(), json!("2s"));
                 }
                 if h.post {
@@ -732,7 +740,7 @@ impl Model {
                 pod: pod.clone(),
                 phase: HookPhase::Pre,
                 command: pre_command(&p.name),
-                on_error: h.on_error,
+                on_error: if h.on_error_set { h.on_error } else { OnError::Fail },
                 timeout_ms: HOOK_TIMEOUT_MS,
                 valid: !h.malformed,
             });

@@ -30,7 +30,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 13] = [
+    let expected: [(Mutation, &[&str]); 15] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -39,6 +39,8 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::PullExcludedObjects, &["G1"]),
         (Mutation::RedoFinishedBlocks, &["F1", "L1"]),
         (Mutation::StopWithoutClosingWindows, &["H2"]),
+        (Mutation::PostHooksForUnopenedWindows, &["H2"]),
+        (Mutation::DefaultOnErrorContinue, &["H3", "E1"]),
         (Mutation::DispatchBeforeDurable, &["H2"]),
         (Mutation::NoHookTimeout, &["T1", "L1"]),
         (Mutation::SkipStagedSync, &["W1"]),

@@ -50,7 +50,11 @@ fn model() -> impl Strategy<Value = Model> {
         });
     let hook = (on_error(), hook_fault(), hook_fault(), prop::bool::weighted(0.05), 0u8..3).prop_map(
         |(on_error, pre_fault, post_fault, malformed, which)| {
-            (HookM { on_error, malformed, pre: which != 1, post: which != 2 }, pre_fault, post_fault)
+            (
+                HookM { on_error, on_error_set: true, malformed, pre: which != 1, post: which != 2 },
+                pre_fault,
+                post_fault,
+            )
         },
     );
     let pod = (
