@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use blockwise_engine::event::{Event, HookOutcome};
+use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::state::BackupState;
@@ -186,6 +186,15 @@ async fn commit<M: LogMedium>(
     Ok(())
 }
 
+/// Moves the commands whose intent is durable (up to `durable`) from `waiting` to `ready`, in order.
+fn promote(waiting: &mut Vec<Command>, ready: &mut VecDeque<Command>, durable: Option<Seq>) {
+    let (go, stay): (Vec<Command>, Vec<Command>) = std::mem::take(waiting).into_iter().partition(|c| {
+        mutation::active(Mutation::DispatchBeforeDurable) || c.after_seq.is_none_or(|s| durable.is_some_and(|d| s <= d))
+    });
+    *waiting = stay;
+    ready.extend(go);
+}
+
 /// Runs `engine` until the backup reaches a terminal phase, the run stops (a store outage, after
 /// closing the open hook windows), or the log fails. At most `workers + 4` commands run at once.
 pub async fn drive<M: LogMedium>(
@@ -216,13 +225,13 @@ pub async fn drive<M: LogMedium>(
         if let Some(f) = engine.fatal() {
             return Err(RunError::Engine(f.to_string()));
         }
-        let is_durable = |c: &Command, durable: Option<u64>| {
-            mutation::active(Mutation::DispatchBeforeDurable)
-                || c.after_seq.is_none_or(|s| durable.is_some_and(|d| s <= d))
-        };
-        let blocked = waiting.iter().any(|c| !is_durable(c, log.durable_seq()));
+        // Commands whose intent is already durable go at once; a flush is needed only when one
+        // waits for it, when nothing else could make progress, or when the batch is full.
+        promote(&mut waiting, &mut ready, log.durable_seq());
+        let blocked = !waiting.is_empty();
         let terminal = engine.is_finished() || engine.stopped().is_some();
-        if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || terminal || inflight.is_empty()) {
+        let idle = inflight.is_empty() && ready.is_empty();
+        if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || terminal || idle) {
             let was_stopping = engine.is_stopping();
             commit(log, &mut engine, world, &mut staged_unsynced).await?;
             unflushed = 0;
@@ -236,10 +245,7 @@ pub async fn drive<M: LogMedium>(
             // RunStopped is durable (committed above) before the process reports it.
             return Err(RunError::Stopped(reason.to_string()));
         }
-        let durable = log.durable_seq();
-        let (go, stay): (Vec<Command>, Vec<Command>) = waiting.drain(..).partition(|c| is_durable(c, durable));
-        waiting = stay;
-        ready.extend(go);
+        promote(&mut waiting, &mut ready, log.durable_seq());
         if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
             return Ok(engine.state().clone());
         }

@@ -41,7 +41,7 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::StopWithoutClosingWindows, &["H2"]),
         (Mutation::PostHooksForUnopenedWindows, &["H2"]),
         (Mutation::DefaultOnErrorContinue, &["H3", "E1"]),
-        (Mutation::DispatchBeforeDurable, &["H2"]),
+        (Mutation::DispatchBeforeDurable, &["H2", "E1"]),
         (Mutation::NoHookTimeout, &["T1", "L1"]),
         (Mutation::SkipStagedSync, &["W1"]),
         (Mutation::LogStaleNextSeq, &["L1"]),
