@@ -147,8 +147,9 @@ async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
     }
 }
 
-/// Starts `cmd` on the world's runtime; the future yields its id and completion.
-fn dispatch(cmd: Command, backup: &Arc<str>, world: &World) -> BoxFuture<(CmdId, Completion)> {
+/// Starts `cmd` on the world's runtime; the future yields its id and completion (`None` only if
+/// the task ended without one, which the runtime's spawn rules out: a panic is re-raised).
+fn dispatch(cmd: Command, backup: &Arc<str>, world: &World) -> BoxFuture<(CmdId, Option<Completion>)> {
     let slot: Arc<Mutex<Option<Completion>>> = Arc::new(Mutex::new(None));
     let (out, backup, w) = (slot.clone(), backup.clone(), world.clone());
     let id = cmd.id;
@@ -159,8 +160,7 @@ fn dispatch(cmd: Command, backup: &Arc<str>, world: &World) -> BoxFuture<(CmdId,
     Box::pin(async move {
         work.await;
         let c = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-        // A command task that ended without a result panicked, and the runtime re-raised it.
-        (id, c.unwrap_or_else(|| Completion::Written(Err("the command's task ended without a result".into()))))
+        (id, c)
     })
 }
 
@@ -186,6 +186,23 @@ async fn commit<M: LogMedium>(
     Ok(())
 }
 
+/// Commands in flight, each yielding its id and completion.
+type InFlight = FuturesUnordered<BoxFuture<(CmdId, Option<Completion>)>>;
+
+/// Starts ready commands, in order, while fewer than `executors_max` are in flight.
+fn dispatch_ready(
+    ready: &mut VecDeque<Command>,
+    inflight: &mut InFlight,
+    executors_max: usize,
+    backup: &Arc<str>,
+    world: &World,
+) {
+    while inflight.len() < executors_max {
+        let Some(cmd) = ready.pop_front() else { break };
+        inflight.push(dispatch(cmd, backup, world));
+    }
+}
+
 /// Moves the commands whose intent is durable (up to `durable`) from `waiting` to `ready`, in order.
 fn promote(waiting: &mut Vec<Command>, ready: &mut VecDeque<Command>, durable: Option<Seq>) {
     let (go, stay): (Vec<Command>, Vec<Command>) = std::mem::take(waiting).into_iter().partition(|c| {
@@ -209,7 +226,7 @@ pub async fn drive<M: LogMedium>(
     let executors_max = workers.max(1) + EXECUTORS_EXTRA;
     let mut waiting: Vec<Command> = Vec::new();
     let mut ready: VecDeque<Command> = VecDeque::new();
-    let mut inflight: FuturesUnordered<BoxFuture<(CmdId, Completion)>> = FuturesUnordered::new();
+    let mut inflight: InFlight = FuturesUnordered::new();
     let mut unflushed = 0usize;
     let mut staged_unsynced = false;
     loop {
@@ -225,9 +242,11 @@ pub async fn drive<M: LogMedium>(
         if let Some(f) = engine.fatal() {
             return Err(RunError::Engine(f.to_string()));
         }
-        // Commands whose intent is already durable go at once; a flush is needed only when one
-        // waits for it, when nothing else could make progress, or when the batch is full.
+        // Commands whose intent is already durable go at once — they run while the log flushes;
+        // a flush is needed only when a command waits for it, when nothing else could make
+        // progress, or when the batch is full.
         promote(&mut waiting, &mut ready, log.durable_seq());
+        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world);
         let blocked = !waiting.is_empty();
         let terminal = engine.is_finished() || engine.stopped().is_some();
         let idle = inflight.is_empty() && ready.is_empty();
@@ -249,18 +268,18 @@ pub async fn drive<M: LogMedium>(
         if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
             return Ok(engine.state().clone());
         }
-        while inflight.len() < executors_max {
-            let Some(cmd) = ready.pop_front() else { break };
-            inflight.push(dispatch(cmd, &backup, world));
-        }
-        let Some((id, completion)) = inflight.next().await else {
+        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world);
+        let Some(first) = inflight.next().await else {
             return Err(RunError::Engine("the engine has nothing to do but the backup is not finished".into()));
         };
         engine.set_now(rt.now_ms());
-        engine.complete(id, completion);
         // Take every result that is already there: one poll and one flush for all of them.
-        while let Some(Some((id, completion))) = inflight.next().now_or_never() {
+        let mut next = Some(first);
+        while let Some((id, completion)) = next {
+            let completion =
+                completion.ok_or_else(|| RunError::Engine(format!("command {id} ended without a result")))?;
             engine.complete(id, completion);
+            next = inflight.next().now_or_never().flatten();
         }
     }
 }

@@ -797,21 +797,12 @@ impl Engine {
                         continue;
                     }
                     match pre.get(next).cloned() {
-                        Some(h) if h.invalid.is_some() => {
-                            let reason = h.invalid.clone().unwrap_or_default();
-                            let hook = hook_ref(&h);
-                            self.emit(Event::HookFinished {
-                                block: id,
-                                attempt: run.attempt,
-                                hook,
-                                outcome: HookOutcome::Invalid { reason },
-                                at_ms,
-                            });
-                            self.after_hook(id, &h, false);
-                        }
                         Some(h) => {
-                            self.start_hook(id, run.attempt, h);
-                            return;
+                            if self.run_hook(id, run.attempt, h.clone()) {
+                                return;
+                            }
+                            // Recorded Invalid: a failed pre-hook under its onError.
+                            self.after_hook(id, &h, false);
                         }
                         None if run.writes_done => {
                             let hooks = self.hooks_of(id, HookPhase::Post);
