@@ -335,6 +335,16 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
     })
 }
 
+/// Writes `value` as pretty JSON to `path`, durably.
+fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), SessionError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| SessionError::File {
+        what: "encoding",
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_durable(path, &bytes)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), SessionError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err("syncing", dir))
 }
@@ -372,18 +382,8 @@ impl Session {
         }
         let tmp = backups.join(format!(".new-{name}-{}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
-        let storage = serde_json::to_vec_pretty(&req.storage).map_err(|e| SessionError::File {
-            what: "encoding",
-            path: tmp.join("storage.json"),
-            message: e.to_string(),
-        })?;
-        write_durable(&tmp.join("storage.json"), &storage)?;
-        let source = serde_json::to_vec_pretty(&req.source).map_err(|e| SessionError::File {
-            what: "encoding",
-            path: tmp.join("cluster.json"),
-            message: e.to_string(),
-        })?;
-        write_durable(&tmp.join("cluster.json"), &source)?;
+        write_json_durable(&tmp.join("storage.json"), &req.storage)?;
+        write_json_durable(&tmp.join("cluster.json"), &req.source)?;
         {
             let mut log = EventLog::create(&tmp.join("log"), &name)?;
             log.append(0, &first)?;

@@ -20,23 +20,15 @@ use crate::check::item_of_path;
 use crate::cluster::{ClusterFaults, HookFault, Latencies};
 use crate::fake::FakeCluster;
 use crate::media::StoreFaults;
+use crate::model::model_resources;
 use crate::records::Record;
 use crate::sim::{Life, SimWorld, RUN_STEPS_MAX};
 
-/// Resource types fixtures can use.
+/// Resource types fixtures can use: those of generated clusters, and Secrets.
 pub fn fixture_resources() -> Vec<ResourceType> {
-    vec![
-        ResourceType::new("", "v1", "pods", "Pod", true),
-        ResourceType::new("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true),
-        ResourceType::new("", "v1", "persistentvolumes", "PersistentVolume", false),
-        ResourceType::new("", "v1", "serviceaccounts", "ServiceAccount", true),
-        ResourceType::new("", "v1", "configmaps", "ConfigMap", true),
-        ResourceType::new("", "v1", "secrets", "Secret", true),
-        ResourceType::new("", "v1", "namespaces", "Namespace", false),
-        ResourceType::new("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false),
-        ResourceType::new("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
-        ResourceType::new("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", false),
-    ]
+    let mut types = model_resources();
+    types.push(ResourceType::new("", "v1", "secrets", "Secret", true));
+    types
 }
 
 /// A hand-written cluster and its faults.
