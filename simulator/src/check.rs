@@ -605,7 +605,7 @@ pub fn check_liveness(report: &RunReport) -> Vec<Violation> {
             vec![v("R1", format!("bit flipped in record {flipped} but recovery blamed record {found}"))]
         }
         Outcome::CorruptionMissed { flipped } => {
-            vec![v("R1", format!("bit flipped in record {flipped} was read back silently"))]
+            vec![v("R1", format!("bit flipped in record {flipped}, not the last, was read back or cut as a torn tail instead of refused"))]
         }
         Outcome::Stuck(why) => vec![v("L1", why.clone())],
     }
