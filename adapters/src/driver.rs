@@ -136,6 +136,18 @@ async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
         CommandKind::Restage { key, json } => {
             Completion::Restaged(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
         }
+        CommandKind::InspectVolumes { pvs, classes } => {
+            Completion::VolumesInspected(crate::csi::inspect(cluster, &pvs, &classes).await)
+        }
+        CommandKind::CutSnapshots { api, group_label, orders, timeout_ms, .. } => {
+            Completion::SnapshotsCut(crate::csi::cut_all(cluster, rt, &api, &group_label, &orders, timeout_ms).await)
+        }
+        CommandKind::AwaitSnapshots { api, waits } => {
+            Completion::SnapshotsSettled(crate::csi::await_ready(cluster, rt, &api, &waits).await)
+        }
+        CommandKind::ReleaseSnapshots { api, group_label, orders } => {
+            Completion::SnapshotsReleased(crate::csi::release_all(cluster, &api, &group_label, &orders).await)
+        }
         CommandKind::Finalize { entries } => {
             Completion::Finalized(store.finalize(backup, &entries).await.map_err(|e| match e {
                 StoreError::Unstaged { ref keys, .. } => {

@@ -24,9 +24,12 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use blockwise_engine::item::{ItemKey, ResourceType};
 use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIResourceList, Status as ExecStatus};
-use kube::api::{AttachParams, AttachedProcess, GetParams, ListParams};
+use kube::api::{
+    AttachParams, AttachedProcess, DeleteParams, GetParams, ListParams, Patch, PatchParams, PostParams, WatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::Value;
@@ -175,6 +178,19 @@ impl KubeCluster {
         call.await.map_err(|e| classify(what, &e).into_error())
     }
 
+    /// A write (create, patch, delete): the response body, a 404 as [`ClusterError::NotFound`].
+    async fn raw_write(
+        &self,
+        what: &str,
+        req: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<String, ClusterError> {
+        let req = req.map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
+        self.client.request_text(req).await.map_err(|e| match classify(what, &e) {
+            Failure::NotFound(msg) => ClusterError::NotFound(msg),
+            f => f.into_error(),
+        })
+    }
+
     /// A GET whose 404 means "no such object": `Ok(None)`.
     async fn raw_get(
         &self,
@@ -235,6 +251,7 @@ fn classify(what: &str, e: &kube::Error) -> Failure {
             let msg = format!("{what}: {} {} ({})", status.code, status.reason, status.message);
             match status.code {
                 404 => Failure::NotFound(msg),
+                409 if status.reason == "AlreadyExists" => Failure::Final(ClusterError::AlreadyExists(msg)),
                 410 => Failure::Final(ClusterError::Expired(msg)),
                 403 => Failure::Final(ClusterError::Forbidden(msg)),
                 429 | 500..=599 => Failure::Retryable(msg),
@@ -457,6 +474,74 @@ impl Cluster for KubeCluster {
         let exit_code = exit_code_of(&what, status)?;
         Ok(ExecResult { exit_code, stdout, stderr })
     }
+
+    async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError> {
+        let what = match namespace.filter(|_| rt.namespaced) {
+            Some(ns) => format!("create {} in namespace {ns}", resource_label(rt)),
+            None => format!("create {}", resource_label(rt)),
+        };
+        let url = collection_url(rt, namespace);
+        let req = kube::core::Request::new(&url).create(&PostParams::default(), json.as_bytes().to_vec());
+        compact(&what, self.raw_write(&what, req).await?)
+    }
+
+    async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
+        let what = format!("patch {} {key}", resource_label(rt));
+        let url = collection_url(rt, key.namespace.as_deref());
+        let body: Value = serde_json::from_str(merge_patch)
+            .map_err(|e| ClusterError::Other(format!("{what}: the patch is not JSON: {e}")))?;
+        let req = kube::core::Request::new(&url).patch(&key.name, &PatchParams::default(), &Patch::Merge(&body));
+        compact(&what, self.raw_write(&what, req).await?)
+    }
+
+    async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        let what = format!("delete {} {key}", resource_label(rt));
+        let url = collection_url(rt, key.namespace.as_deref());
+        let req = kube::core::Request::new(&url).delete(&key.name, &DeleteParams::default());
+        match self.raw_write(&what, req).await {
+            Ok(_) => Ok(true),
+            Err(ClusterError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn watch(
+        &self,
+        rt: &ResourceType,
+        key: &ItemKey,
+        resource_version: &str,
+        timeout_ms: u64,
+    ) -> Result<Option<String>, ClusterError> {
+        let what = format!("watch {} {key}", resource_label(rt));
+        let url = collection_url(rt, key.namespace.as_deref());
+        let secs = timeout_ms.div_ceil(1000).clamp(1, WATCH_SECONDS_MAX) as u32;
+        let wp = WatchParams::default().fields(&format!("metadata.name={}", key.name)).timeout(secs);
+        let req = kube::core::Request::new(&url)
+            .watch(&wp, resource_version)
+            .map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
+        let events = self.client.request_events::<Value>(req).await.map_err(|e| classify(&what, &e).into_error())?;
+        let mut events = std::pin::pin!(events);
+        // The first event (or the end of the stream at the server's timeout) is all a caller needs:
+        // it re-reads the object and decides. A 410 (the version is too old) also means "re-read".
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms.max(1)), events.try_next());
+        if let Ok(Err(e)) = wait.await {
+            match classify(&what, &e) {
+                Failure::Final(ClusterError::Expired(_)) => {}
+                f => return Err(f.into_error()),
+            }
+        }
+        self.get(rt, key).await
+    }
+}
+
+/// Longest `timeoutSeconds` asked of a watch (the API server caps watches at a few minutes).
+pub const WATCH_SECONDS_MAX: u64 = 290;
+
+/// A response body re-encoded compactly, as every object reaches the engine.
+fn compact(what: &str, text: String) -> Result<String, ClusterError> {
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ClusterError::Other(format!("{what}: the response is not JSON: {e}")))?;
+    Ok(v.to_string())
 }
 
 #[cfg(test)]

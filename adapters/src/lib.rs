@@ -2,7 +2,8 @@
 //!
 //! Everything that touches the world lives here: the one driver between the engine and the world
 //! ([`driver`]), what it needs from a runtime ([`world`]: time, jitter, where work runs), Kubernetes
-//! through kube-rs ([`kube`]) with bounded retries ([`retry`]), the event log over a medium (sled in
+//! through kube-rs ([`kube`]) with bounded retries ([`retry`]), the CSI snapshot procedures
+//! ([`csi`]), the event log over a medium (sled in
 //! production: [`log`]), the stores and the Velero-layout archive ([`store`], [`s3`], fault
 //! injection in [`faults`], verification in [`inspect`]), the data directory and crash-atomic
 //! backup sessions ([`session`]), and what users read ([`report`]). The engine's decisions are
@@ -10,6 +11,7 @@
 //! results back. The simulator runs this same code with a fake world plugged in; the `blockwise`
 //! binary (`adapters/cli`) parses arguments and prints.
 
+pub mod csi;
 pub mod driver;
 pub mod faults;
 pub mod hookspec;

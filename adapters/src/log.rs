@@ -437,6 +437,7 @@ mod tests {
 
     use blockwise_engine::grouping::BlockPlan;
     use blockwise_engine::hooks::{ExecHookSpec, Hook, HookPhase, OnError, ResourceHookSpec};
+    use blockwise_engine::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
     use blockwise_engine::{
         BackupSpec, BlockOutcome, HookOutcome, HookRef, ItemKey, ListUnit, Phase, ResourceType, Severity,
     };
@@ -483,6 +484,14 @@ mod tests {
             Event::RunStopped { .. } => 16,
             Event::RunResumed { .. } => 17,
             Event::FetchFailed { .. } => 18,
+            Event::BackupRequestedWithOptions { .. } => 19,
+            Event::VolumesInspected { .. } => 20,
+            Event::SnapshotsPlanned { .. } => 21,
+            Event::SnapshotRequested { .. } => 22,
+            Event::SnapshotCut { .. } => 23,
+            Event::SnapshotFailed { .. } => 24,
+            Event::SnapshotReady { .. } => 25,
+            Event::SnapshotReleased { .. } => 26,
         }
     }
 
@@ -582,6 +591,68 @@ mod tests {
                 key: ItemKey::cluster("scheduling.k8s.io", "priorityclasses", "critical"),
                 error: "get priorityclasses.scheduling.k8s.io critical: 403 Forbidden".into(),
             },
+            Event::BackupRequestedWithOptions {
+                spec: BackupSpec::new("nightly"),
+                options: BackupOptions {
+                    snapshot_volumes: Some(true),
+                    csi_snapshot_timeout_ms: 600_000,
+                    item_operation_timeout_ms: 14_400_000,
+                    annotations: [(
+                        "velero.io/csi-volumesnapshot-class_ebs.csi.aws.com".to_string(),
+                        "fast".to_string(),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    uid: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+                },
+                workers: 8,
+                at_ms: 1_700_000_004_000,
+            },
+            Event::VolumesInspected {
+                volumes: vec![
+                    ("pv-1".into(), PvVolume::Csi { driver: "ebs.csi.aws.com".into(), handle: "vol-1".into() }),
+                    ("pv-2".into(), PvVolume::NotCsi),
+                    ("pv-3".into(), PvVolume::Missing),
+                    ("pv-4".into(), PvVolume::Unreadable { error: "403".into() }),
+                ],
+                classes: vec![r#"{"driver":"ebs.csi.aws.com","metadata":{"name":"fast"}}"#.into()],
+                group_classes: vec![],
+                complete: true,
+            },
+            Event::SnapshotsPlanned {
+                snapshots: vec![SnapshotPlan {
+                    id: 0,
+                    block: 7,
+                    namespace: "ns1".into(),
+                    name: "nightly-data-0123456789".into(),
+                    claims: vec!["data".into(), "log".into()],
+                    group: Some("db".into()),
+                    driver: "ebs.csi.aws.com".into(),
+                    class: "fast-group".into(),
+                    labels: [("velero.io/backup-name".to_string(), "nightly".to_string())].into_iter().collect(),
+                    blocked: Some("no class".into()),
+                }],
+            },
+            Event::SnapshotRequested { id: 0, attempt: 2, at_ms: 1_700_000_005_000 },
+            Event::SnapshotCut {
+                id: 0,
+                members: vec![MemberCut {
+                    claim: "data".into(),
+                    snapshot: "snapshot-ab".into(),
+                    content: "snapcontent-ab".into(),
+                    handle: "snap-1".into(),
+                    driver: "ebs.csi.aws.com".into(),
+                    restore_size: Some(10 << 30),
+                    creation_time: Some("2026-01-01T00:00:00Z".into()),
+                    snapshot_json: r#"{"kind":"VolumeSnapshot"}"#.into(),
+                    content_json: r#"{"kind":"VolumeSnapshotContent"}"#.into(),
+                }],
+                group_handle: Some("group-1".into()),
+                at_ms: 1_700_000_006_000,
+            },
+            Event::SnapshotFailed { id: 1, error: "no handle within 10m".into(), at_ms: 1_700_000_007_000 },
+            Event::SnapshotReady { id: 0, error: Some("not ready within 4h".into()), at_ms: 1_700_000_008_000 },
+            Event::SnapshotReleased { id: 0, kept: true, error: None, at_ms: 1_700_000_009_000 },
         ]
     }
 
@@ -621,17 +692,17 @@ mod tests {
             }
             assert_eq!(log.durable_seq(), None);
             log.flush().unwrap();
-            assert_eq!(log.durable_seq(), Some(18));
-            assert_eq!(log.next_seq(), 19);
+            assert_eq!(log.durable_seq(), Some(26));
+            assert_eq!(log.next_seq(), 27);
         }
         let (mut log, events, report) = EventLog::open(&dir).unwrap();
         assert_eq!(events, samples());
-        assert_eq!(report, OpenReport { events: 19, cut_tail: None });
-        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 19, Some(18)));
-        log.append(19, &ev(19)).unwrap();
+        assert_eq!(report, OpenReport { events: 27, cut_tail: None });
+        assert_eq!((log.name(), log.next_seq(), log.durable_seq()), ("nightly", 27, Some(26)));
+        log.append(27, &ev(27)).unwrap();
         log.flush().unwrap();
         drop(log);
-        assert_eq!(read_events(&dir).unwrap().len(), 20);
+        assert_eq!(read_events(&dir).unwrap().len(), 28);
     }
 
     #[test]
@@ -763,7 +834,7 @@ mod tests {
     fn golden_fixtures_decode_for_every_variant() {
         let samples = samples();
         let indices: Vec<usize> = samples.iter().map(variant_index).collect();
-        assert_eq!(indices, (0..19).collect::<Vec<_>>(), "samples must cover every variant in order");
+        assert_eq!(indices, (0..27).collect::<Vec<_>>(), "samples must cover every variant in order");
 
         let bless = std::env::var("BLOCKWISE_BLESS").is_ok_and(|v| v == "1");
         let text = match std::fs::read_to_string(FIXTURE) {

@@ -1,6 +1,8 @@
 //! What users read: `describe` (text and JSON), `logs` lines, `get` rows, and Velero's files beside
 //! the archive: `velero-backup.json`, `<name>-resource-list.json.gz`, `<name>-results.gz`,
-//! `<name>-logs.gz` ([`backup_files`]).
+//! `<name>-logs.gz`, and the CSI files `<name>-volumeinfo.json.gz`, `<name>-itemoperations.json.gz`,
+//! `<name>-csi-volumesnapshots.json.gz`, `<name>-csi-volumesnapshotcontents.json.gz` and
+//! `<name>-csi-volumesnapshotclasses.json.gz` ([`backup_files`]; shapes in docs/format.md).
 //!
 //! Everything here is a pure function of the folded [`BackupState`] (and, for `logs` and results,
 //! the events), so what `describe` says after a crash is exactly what the log holds. Timestamps are
@@ -12,8 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
+use blockwise_engine::item::ItemKey;
+use blockwise_engine::snapshot::{MemberCut, PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
-use blockwise_engine::state::BackupState;
+use blockwise_engine::state::{BackupState, SnapshotState};
 use serde_json::{json, Value};
 
 use crate::store::gzip_reproducible;
@@ -55,6 +59,40 @@ fn hook_results(s: &BackupState) -> Vec<(u32, String, HookPhase, u32, HookOutcom
     out
 }
 
+/// One row per claim with a planned snapshot: (claim, snapshot state, member when cut).
+fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&MemberCut>)> {
+    let mut out = Vec::new();
+    for st in &s.snapshots {
+        for key in st.plan.claim_keys() {
+            let m = st.cut.as_ref().and_then(|c| c.members.iter().find(|m| m.claim == key.name));
+            out.push((key, st, m));
+        }
+    }
+    out
+}
+
+/// What `describe` says about one claim's snapshot.
+fn snapshot_status(st: &SnapshotState, m: Option<&MemberCut>) -> String {
+    if let Some(why) = st.failure() {
+        return format!("failed: {why}");
+    }
+    let Some(m) = m else {
+        return if st.requested.is_some() { "being cut".into() } else { "not taken yet".into() };
+    };
+    let ready = match &st.ready {
+        Some(Ok(_)) => "ready".to_string(),
+        Some(Err(e)) => format!("not ready: {e}"),
+        None => "cut, not ready yet".to_string(),
+    };
+    let released = match &st.released {
+        Some(r) if r.error.is_some() => ", release failed",
+        Some(r) if r.kept => ", retained",
+        Some(_) => ", deleted",
+        None => "",
+    };
+    format!("{ready}{released}, handle {}", m.handle)
+}
+
 /// `describe -o json`.
 pub fn describe_json(s: &BackupState) -> Value {
     let spec = s.spec.as_ref();
@@ -71,9 +109,29 @@ pub fn describe_json(s: &BackupState) -> Value {
             json!({"block": block, "pod": pod, "phase": format!("{phase:?}"), "index": index, "ok": o.ok(), "result": o.to_string()})
         })
         .collect();
+    let snapshots: Vec<Value> = claim_snapshots(s)
+        .into_iter()
+        .map(|(key, st, m)| {
+            json!({
+                "claim": format!("{}/{}", key.namespace.clone().unwrap_or_default(), key.name),
+                "block": st.plan.block,
+                "snapshot": m.map_or(st.plan.name.clone(), |m| m.snapshot.clone()),
+                "group": st.plan.group,
+                "content": m.map(|m| m.content.clone()),
+                "handle": m.map(|m| m.handle.clone()),
+                "ready": st.ready.as_ref().map(|r| r.is_ok()),
+                "retained": st.released.as_ref().map(|r| r.kept && r.error.is_none()),
+                "error": st.failure().map(str::to_string).or_else(|| st.ready.as_ref().and_then(|r| r.clone().err())),
+                "status": snapshot_status(st, m),
+            })
+        })
+        .collect();
     json!({
         "name": spec.map(|s| s.name.clone()),
-        "phase": s.phase().to_string(),
+        "uid": s.options.uid,
+        "phase": s.phase_name(),
+        "snapshotVolumes": s.options.snapshots_on(),
+        "snapshots": snapshots,
         "stopped": s.stopped,
         "startTimestamp": rfc3339(s.requested_ms),
         "completionTimestamp": s.finished.map(|(_, t)| rfc3339(t)),
@@ -97,7 +155,7 @@ pub fn describe_text(s: &BackupState) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     line(&mut out, "Name:", j["name"].as_str().unwrap_or("?").to_string());
-    line(&mut out, "Phase:", s.phase().to_string());
+    line(&mut out, "Phase:", s.phase_name());
     if let Some(reason) = &s.stopped {
         let name = j["name"].as_str().unwrap_or("NAME");
         line(&mut out, "Stopped:", format!("{reason}\n{:<14}run `blockwise backup resume {name}` to finish it", ""));
@@ -122,6 +180,24 @@ pub fn describe_text(s: &BackupState) -> String {
     }
     if let Some(a) = s.archive {
         line(&mut out, "Archive:", format!("{} bytes, {} items, sha256 {}", a.bytes, a.items, hex(&a.digest)));
+    }
+    let rows = claim_snapshots(s);
+    if !rows.is_empty() {
+        let captured = rows.iter().filter(|(_, _, m)| m.is_some()).count();
+        let ready = rows.iter().filter(|(_, st, m)| m.is_some() && matches!(st.ready, Some(Ok(_)))).count();
+        line(&mut out, "Snapshots:", format!("{captured}/{} claims captured, {ready} ready", rows.len()));
+        for (key, st, m) in rows {
+            let name = m.map_or(st.plan.name.as_str(), |m| m.snapshot.as_str());
+            let group = st.plan.group.as_ref().map(|g| format!(" (group {g})")).unwrap_or_default();
+            out.push_str(&format!(
+                "  {}/{}: snapshot {name}{group}: {}\n",
+                key.namespace.clone().unwrap_or_default(),
+                key.name,
+                snapshot_status(st, m)
+            ));
+        }
+    } else if !s.options.snapshots_on() {
+        line(&mut out, "Snapshots:", "off (--snapshot-volumes=false)".into());
     }
     let hooks = hook_results(s);
     if !hooks.is_empty() {
@@ -187,6 +263,43 @@ pub fn event_line(seq: u64, e: &Event) -> String {
         }
         Event::RunResumed { at_ms } => format!("{} run resumed", rfc3339(*at_ms)),
         Event::FetchFailed { key, error } => format!("get of pull target {key} failed: {error}"),
+        Event::BackupRequestedWithOptions { spec, options, workers, at_ms } => format!(
+            "{} backup {:?} requested, {workers} workers, volume snapshots {}",
+            rfc3339(*at_ms),
+            spec.name,
+            if options.snapshots_on() { "on" } else { "off" }
+        ),
+        Event::VolumesInspected { volumes, classes, group_classes, complete } => format!(
+            "inspected {} volumes, {} snapshot classes, {} group snapshot classes{}",
+            volumes.len(),
+            classes.len(),
+            group_classes.len(),
+            if *complete { ", complete" } else { "" }
+        ),
+        Event::SnapshotsPlanned { snapshots } => format!(
+            "planned snapshots {}..={}",
+            snapshots.first().map_or(0, |p| p.id),
+            snapshots.last().map_or(0, |p| p.id)
+        ),
+        Event::SnapshotRequested { id, attempt, at_ms } => {
+            format!("{} snapshot {id} requested (block attempt {attempt})", rfc3339(*at_ms))
+        }
+        Event::SnapshotCut { id, members, at_ms, .. } => format!(
+            "{} snapshot {id} cut: {}",
+            rfc3339(*at_ms),
+            members.iter().map(|m| format!("{} -> {}", m.claim, m.handle)).collect::<Vec<_>>().join(", ")
+        ),
+        Event::SnapshotFailed { id, error, at_ms } => format!("{} snapshot {id} failed: {error}", rfc3339(*at_ms)),
+        Event::SnapshotReady { id, error: None, at_ms } => format!("{} snapshot {id} ready to use", rfc3339(*at_ms)),
+        Event::SnapshotReady { id, error: Some(e), at_ms } => {
+            format!("{} snapshot {id} not ready: {e}", rfc3339(*at_ms))
+        }
+        Event::SnapshotReleased { id, kept, error, at_ms } => format!(
+            "{} snapshot {id} released ({}){}",
+            rfc3339(*at_ms),
+            if *kept { "storage retained" } else { "deleted" },
+            error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        ),
     };
     format!("{seq:>8} {body}")
 }
@@ -229,7 +342,8 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
     json!({
         "apiVersion": "velero.io/v1",
         "kind": "Backup",
-        "metadata": {"name": spec.name, "namespace": "velero"},
+        "metadata": {"name": spec.name, "namespace": "velero", "uid": s.options.uid,
+            "annotations": s.options.annotations},
         "spec": {
             "includedNamespaces": if spec.included_namespaces.is_empty() { vec!["*".to_string()] } else { spec.included_namespaces.clone() },
             "excludedNamespaces": spec.excluded_namespaces,
@@ -240,6 +354,10 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
             "orderedResources": ordered,
             "hooks": {"resources": hooks},
             "storageLocation": "default",
+            "snapshotVolumes": s.options.snapshot_volumes,
+            "csiSnapshotTimeout": go_duration(s.options.csi_snapshot_timeout_ms),
+            "itemOperationTimeout": go_duration(s.options.item_operation_timeout_ms),
+            "volumeGroupSnapshotLabelKey": spec.volume_group_label,
         },
         "status": {
             "phase": phase,
@@ -250,8 +368,235 @@ pub fn velero_backup_json(s: &BackupState) -> Value {
             "progress": {"totalItems": s.planned_items, "itemsBackedUp": s.items_done()},
             "errors": s.errors.len(),
             "warnings": s.warnings.len(),
+            "csiVolumeSnapshotsAttempted": members_where(s, |_| true),
+            "csiVolumeSnapshotsCompleted": members_where(s, |st| matches!(st.ready, Some(Ok(_)))),
+            "backupItemOperationsAttempted": members_where(s, |_| true),
+            "backupItemOperationsCompleted": members_where(s, |st| matches!(st.ready, Some(Ok(_)))),
+            "backupItemOperationsFailed": members_where(s, |st| matches!(st.ready, Some(Err(_)))),
         },
     })
+}
+
+/// Go's `time.Duration` text for whole minutes/hours/seconds: `10m0s`, `4h0m0s`.
+pub fn go_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Cut members of kept snapshots whose state satisfies `pick`.
+fn members_where(s: &BackupState, pick: impl Fn(&SnapshotState) -> bool) -> usize {
+    kept_snapshots(s).filter(|st| pick(st)).map(|st| st.cut.as_ref().map_or(0, |c| c.members.len())).sum()
+}
+
+/// Snapshots whose storage the backup holds: cut, in a block that did not fail.
+fn kept_snapshots(s: &BackupState) -> impl Iterator<Item = &SnapshotState> + '_ {
+    s.snapshots.iter().filter(|st| {
+        st.cut.is_some()
+            && !matches!(
+                s.blocks.get(st.plan.block as usize).and_then(|b| b.outcome.as_ref()),
+                Some(BlockOutcome::Failed { .. })
+            )
+    })
+}
+
+/// Velero's operation id of a VolumeSnapshot: `<namespace>/<name>/<RFC 3339 time>`.
+fn operation_id(ns: &str, snapshot: &str, at_ms: u64) -> String {
+    format!("{ns}/{snapshot}/{}", rfc3339(at_ms))
+}
+
+/// Objects of the backup's listings and fetches by key, for the keys asked for.
+fn objects_of(s: &BackupState, wanted: &BTreeSet<ItemKey>) -> BTreeMap<ItemKey, Value> {
+    let mut out = BTreeMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
+    let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
+    for (unit, l) in &s.listings {
+        let Some(rt) = types.get(&unit.resource) else { continue };
+        if !wanted.iter().any(|k| k.gr() == rt.gr) {
+            continue;
+        }
+        for o in &l.objects {
+            if let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, o) {
+                if wanted.contains(&it.key) {
+                    out.entry(it.key.clone()).or_insert(it.object);
+                }
+            }
+        }
+    }
+    for (key, json) in &s.fetched {
+        if let (true, Some(j)) = (wanted.contains(key), json) {
+            if let Ok(v) = serde_json::from_str::<Value>(j) {
+                out.entry(key.clone()).or_insert(v);
+            }
+        }
+    }
+    out
+}
+
+/// `<name>-volumeinfo.json.gz`'s content: one Velero `BackupVolumeInfo` per bound claim of the
+/// backup — `CSISnapshot` with its snapshot's facts when captured, skipped (with the reason)
+/// otherwise.
+pub fn volume_infos(s: &BackupState) -> Value {
+    let claims: BTreeSet<ItemKey> = s
+        .blocks
+        .iter()
+        .filter(|b| !matches!(b.outcome, Some(BlockOutcome::Failed { .. })))
+        .flat_map(|b| &b.plan.items)
+        .filter(|k| k.is("", "persistentvolumeclaims"))
+        .cloned()
+        .collect();
+    let claim_objs = objects_of(s, &claims);
+    let pv_keys: BTreeSet<ItemKey> = claim_objs
+        .values()
+        .filter_map(|c| c.pointer("/spec/volumeName").and_then(Value::as_str))
+        .map(|v| ItemKey::cluster("", "persistentvolumes", v))
+        .collect();
+    let pvs = objects_of(s, &pv_keys);
+    let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
+        claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
+    let mut out = Vec::new();
+    for (key, claim) in &claim_objs {
+        let bound = claim.pointer("/status/phase").and_then(Value::as_str) == Some("Bound");
+        let Some(pv_name) = claim.pointer("/spec/volumeName").and_then(Value::as_str).filter(|_| bound) else {
+            continue;
+        };
+        let ns = key.namespace.clone().unwrap_or_default();
+        let pv_info = pvs.get(&ItemKey::cluster("", "persistentvolumes", pv_name)).map(|pv| {
+            json!({
+                "reclaimPolicy": pv.pointer("/spec/persistentVolumeReclaimPolicy").and_then(Value::as_str).unwrap_or_default(),
+                "labels": pv.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
+            })
+        });
+        let mut v = json!({"pvcName": key.name, "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
+        match snap_of.get(key) {
+            Some((st, Some(m))) => {
+                let cut_ms = st.cut.as_ref().map_or(0, |c| c.at_ms);
+                v["backupMethod"] = json!("CSISnapshot");
+                v["preserveLocalSnapshot"] = json!(true);
+                v["skipped"] = json!(false);
+                v["startTimestamp"] = json!(m.creation_time.clone().unwrap_or_else(|| rfc3339(cut_ms)));
+                match &st.ready {
+                    Some(Ok(t)) => {
+                        v["completionTimestamp"] = json!(rfc3339(*t));
+                        v["result"] = json!("succeeded");
+                    }
+                    Some(Err(_)) => v["result"] = json!("failed"),
+                    None => {}
+                }
+                let mut info = json!({
+                    "snapshotHandle": m.handle,
+                    "size": m.restore_size.unwrap_or(0),
+                    "driver": m.driver,
+                    "vscName": m.content,
+                    "operationID": operation_id(&ns, &m.snapshot, cut_ms),
+                    "ReadyToUse": st.ready.as_ref().map(|r| r.is_ok()),
+                });
+                if let Some(h) = st.cut.as_ref().and_then(|c| c.group_handle.clone()) {
+                    info["volumeGroupSnapshotHandle"] = json!(h);
+                }
+                v["csiSnapshotInfo"] = info;
+            }
+            other => {
+                let reason = match other {
+                    Some((st, _)) => {
+                        st.failure().map_or_else(|| "the snapshot was not taken".to_string(), str::to_string)
+                    }
+                    None if !s.options.snapshots_on() => {
+                        "volume snapshots are off for this backup (snapshotVolumes: false)".into()
+                    }
+                    None => match s.volumes.get(pv_name) {
+                        Some(PvVolume::NotCsi) => "not a CSI volume".into(),
+                        _ => "the cluster serves no CSI VolumeSnapshots".into(),
+                    },
+                };
+                v["preserveLocalSnapshot"] = json!(false);
+                v["skipped"] = json!(true);
+                v["skippedReason"] = json!(reason);
+            }
+        }
+        if let Some(p) = pv_info {
+            v["pvInfo"] = p;
+        }
+        out.push(v);
+    }
+    Value::Array(out)
+}
+
+/// `<name>-itemoperations.json.gz`'s content: one Velero `BackupOperation` per captured
+/// VolumeSnapshot — the asynchronous wait until it is ready to use.
+pub fn item_operations(s: &BackupState) -> Value {
+    let name = s.spec.as_ref().map(|x| x.name.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for st in kept_snapshots(s) {
+        let Some(cut) = &st.cut else { continue };
+        let ns = &st.plan.namespace;
+        for m in &cut.members {
+            let vs =
+                json!({"Group": SNAPSHOT_GROUP, "Resource": "volumesnapshots", "Namespace": ns, "Name": m.snapshot});
+            let vsc = json!({"Group": SNAPSHOT_GROUP, "Resource": "volumesnapshotcontents", "Namespace": "", "Name": m.content});
+            let mut status = json!({"created": rfc3339(cut.at_ms), "started": rfc3339(cut.at_ms)});
+            match &st.ready {
+                Some(Ok(t)) => {
+                    status["phase"] = json!("Completed");
+                    status["updated"] = json!(rfc3339(*t));
+                }
+                Some(Err(e)) => {
+                    status["phase"] = json!("Failed");
+                    status["error"] = json!(e);
+                }
+                None => status["phase"] = json!("InProgress"),
+            }
+            out.push(json!({
+                "spec": {
+                    "backupName": name,
+                    "backupUID": s.options.uid,
+                    "backupItemAction": "velero.io/csi-volumesnapshot-backupper",
+                    "resourceIdentifier": vs,
+                    "operationID": operation_id(ns, &m.snapshot, cut.at_ms),
+                    "postOperationItems": [vs, vsc],
+                },
+                "status": status,
+            }));
+        }
+    }
+    Value::Array(out)
+}
+
+/// The archived VolumeSnapshots, VolumeSnapshotContents and used VolumeSnapshotClasses of the
+/// backup's kept snapshots (`-csi-volumesnapshots.json.gz` and its two siblings).
+pub fn csi_objects(s: &BackupState) -> (Value, Value, Value) {
+    let mut snapshots = Vec::new();
+    let mut contents = Vec::new();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    for st in kept_snapshots(s) {
+        if st.plan.group.is_none() {
+            used.insert(st.plan.class.clone());
+        }
+        for m in st.cut.iter().flat_map(|c| &c.members) {
+            let parse = |j: &str| serde_json::from_str::<Value>(j).unwrap_or(Value::Null);
+            let vs = parse(&m.snapshot_json);
+            if let Some(c) = vs.pointer("/spec/volumeSnapshotClassName").and_then(Value::as_str) {
+                used.insert(c.to_string());
+            }
+            snapshots.push(vs);
+            contents.push(parse(&m.content_json));
+        }
+    }
+    let classes: Vec<Value> = s
+        .snapshot_classes
+        .iter()
+        .filter_map(|j| serde_json::from_str::<Value>(j).ok())
+        .filter(|c| c.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| used.contains(n)))
+        .collect();
+    (Value::Array(snapshots), Value::Array(contents), Value::Array(classes))
 }
 
 /// `<name>-resource-list.json.gz`'s content: `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or
@@ -332,6 +677,26 @@ pub fn results_json(s: &BackupState, events: &[Event]) -> Value {
             Event::ItemFailed { block, key, error, .. } => {
                 (&mut errors, key.namespace.clone(), true, format!("block {block}: {key}: {error}"))
             }
+            Event::SnapshotFailed { id, error, .. } => {
+                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                let msg =
+                    format!("snapshot {} of {}/{}: {error}", st.plan.name, st.plan.namespace, st.plan.claims.join(","));
+                (&mut errors, Some(st.plan.namespace.clone()), false, msg)
+            }
+            Event::SnapshotReady { id, error: Some(e), .. } => {
+                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                (
+                    &mut errors,
+                    Some(st.plan.namespace.clone()),
+                    false,
+                    format!("snapshot {} in {}: {e}", st.plan.name, st.plan.namespace),
+                )
+            }
+            Event::SnapshotReleased { id, error: Some(e), .. } => {
+                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                let msg = format!("releasing snapshot {} in {}: {e}", st.plan.name, st.plan.namespace);
+                (&mut errors, Some(st.plan.namespace.clone()), false, msg)
+            }
             Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
                 let ns =
                     s.blocks.get(*block as usize).and_then(|b| b.plan.items.iter().find_map(|k| k.namespace.clone()));
@@ -357,10 +722,22 @@ pub fn backup_files(name: &str, s: &BackupState, events: &[Event]) -> std::io::R
         logs.push('\n');
     }
     let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
+    // Velero writes these with a JSON encoder: the value and a newline.
+    let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
+        let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+        b.push(b'\n');
+        gzip_reproducible(&b)
+    };
+    let (snapshots, contents, classes) = csi_objects(s);
     Ok(vec![
         (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
         (format!("{name}-results.gz"), gzip_reproducible(&results)?),
         (format!("{name}-logs.gz"), gzip_reproducible(logs.as_bytes())?),
+        (format!("{name}-volumeinfo.json.gz"), encode(&volume_infos(s))?),
+        (format!("{name}-itemoperations.json.gz"), encode(&item_operations(s))?),
+        (format!("{name}-csi-volumesnapshots.json.gz"), encode(&snapshots)?),
+        (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode(&contents)?),
+        (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
         ("velero-backup.json".to_string(), backup),
     ])
 }

@@ -124,6 +124,33 @@ impl Cluster for RetryingCluster {
     async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
         retry_transient(&self.policy, self.runtime.as_ref(), "exec", || self.inner.exec(pod, container, command)).await
     }
+
+    /// A create is retried too: when an earlier try reached the server, a retry answers
+    /// `AlreadyExists`, which callers treat as create-or-get.
+    async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError> {
+        retry_transient(&self.policy, self.runtime.as_ref(), "create", || self.inner.create(rt, namespace, json)).await
+    }
+
+    async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
+        retry_transient(&self.policy, self.runtime.as_ref(), "patch", || self.inner.patch(rt, key, merge_patch)).await
+    }
+
+    async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        retry_transient(&self.policy, self.runtime.as_ref(), "delete", || self.inner.delete(rt, key)).await
+    }
+
+    async fn watch(
+        &self,
+        rt: &ResourceType,
+        key: &ItemKey,
+        resource_version: &str,
+        timeout_ms: u64,
+    ) -> Result<Option<String>, ClusterError> {
+        retry_transient(&self.policy, self.runtime.as_ref(), "watch", || {
+            self.inner.watch(rt, key, resource_version, timeout_ms)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

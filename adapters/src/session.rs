@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
+use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
@@ -177,6 +178,12 @@ impl DataDir {
         self.root.join("store")
     }
 
+    /// The demo cluster's written objects and snapshot controller of backup `name`: the cluster's
+    /// state outlives a killed process, as a real cluster's would.
+    pub fn demo_cluster_state(&self, name: &str) -> PathBuf {
+        self.backup_dir(name).join("demo-cluster.json")
+    }
+
     /// The demo cluster's exec record of one backup (it survives a SIGKILL; tests read it).
     pub fn demo_exec_log(&self, name: &str) -> PathBuf {
         self.backup_dir(name).join("demo-exec.jsonl")
@@ -310,6 +317,8 @@ pub struct CreateRequest {
     pub spec: BackupSpec,
     /// Blocks in parallel.
     pub workers: usize,
+    /// Options beyond the spec (volume snapshots); an empty `uid` is filled in at creation.
+    pub options: BackupOptions,
     /// Where the cluster is.
     pub source: ClusterSource,
     /// Where the store is.
@@ -349,13 +358,27 @@ fn sync_dir(dir: &Path) -> Result<(), SessionError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err("syncing", dir))
 }
 
+/// A fresh backup uid in the UUID layout, from the name, the clock and the process: unique enough
+/// to tell two backups of one name apart (it labels and names their snapshots).
+pub fn new_uid(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let h = Sha256::digest(format!("{name}\0{nanos}\0{}", std::process::id()).as_bytes());
+    let x: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+}
+
 impl Session {
     /// Creates a backup, crash-atomically (see the module docs). A name whose directory holds a
     /// backup is refused, pointing to `resume` when it can be continued.
     pub fn create(data: &DataDir, req: CreateRequest) -> Result<Session, SessionError> {
         let name = req.spec.name.clone();
         validate_backup_name(&name)?;
-        let first = Engine::request(req.spec.clone(), req.workers, TokioRuntime.now_ms())?;
+        let mut options = req.options.clone();
+        if options.uid.is_empty() {
+            options.uid = new_uid(&name);
+        }
+        let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
         let dir = data.backup_dir(&name);
         if dir.exists() {
             match Session::existing(data, &name)? {

@@ -32,8 +32,12 @@ use crate::hooks::{Hook, HookPhase, OnError};
 use crate::item::{GroupResource, Item, ItemKey, ResourceType};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
+use crate::snapshot::{
+    self, annotated_claim, archived_member, BackupOptions, Claim, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder,
+    SnapshotApi, SnapshotPlan, SnapshotPlanInput, VolumeInventory,
+};
 use crate::spec::{BackupSpec, Selection, SpecError};
-use crate::state::{ArchiveInfo, BackupState, FoldError};
+use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState};
 
 /// Identifies a command until its completion is reported.
 pub type CmdId = u64;
@@ -105,6 +109,23 @@ pub enum CommandKind {
     Restage { key: ItemKey, json: Arc<str> },
     /// Build the archive from the staged items.
     Finalize { entries: Vec<ArchiveEntry> },
+    /// Read the claims' PersistentVolumes (`pvs`) and list the snapshot classes of `classes`
+    /// (VolumeSnapshotClasses, then VolumeGroupSnapshotClasses when served).
+    InspectVolumes { pvs: Vec<(ResourceType, ItemKey)>, classes: Vec<ResourceType> },
+    /// Create (or get) each snapshot and wait until it is cut, each within `timeout_ms`; the
+    /// snapshots are taken inside attempt `attempt` of block `block`'s hook window.
+    CutSnapshots {
+        block: u32,
+        attempt: u32,
+        api: SnapshotApi,
+        group_label: String,
+        orders: Vec<CutOrder>,
+        timeout_ms: u64,
+    },
+    /// Wait until one or more cut snapshots are ready to use, or past their deadline.
+    AwaitSnapshots { api: SnapshotApi, waits: Vec<ReadyWait> },
+    /// Remove the snapshots' cluster objects, retaining or deleting their storage snapshots.
+    ReleaseSnapshots { api: SnapshotApi, group_label: String, orders: Vec<ReleaseOrder> },
 }
 
 /// A command and the durability it waits for.
@@ -135,6 +156,14 @@ pub enum Completion {
     Restaged(Result<(), String>),
     /// Result of `Finalize`.
     Finalized(Result<ArchiveInfo, FinalizeError>),
+    /// Result of `InspectVolumes`.
+    VolumesInspected(VolumeInventory),
+    /// Result of `CutSnapshots`, per snapshot id.
+    SnapshotsCut(Vec<(u32, Result<CutRaw, String>)>),
+    /// Result of `AwaitSnapshots`: the snapshots that settled (ready, or why not), at least one.
+    SnapshotsSettled(Vec<(u32, Result<(), String>)>),
+    /// Result of `ReleaseSnapshots`, per snapshot id.
+    SnapshotsReleased(Vec<(u32, Result<(), String>)>),
 }
 
 /// Why building the archive failed.
@@ -175,13 +204,27 @@ enum BlockRun {
     ClosingInterrupted { attempt: u32, owed: Vec<Hook>, next: usize },
     /// Running pre-hook `next` of the current attempt.
     Pre { next: usize },
-    /// Writing item `next`.
+    /// Waiting for the block's snapshots to be cut (inside the window).
+    Cutting,
+    /// Recovery: the interrupted attempt was cutting snapshots inside its still-open window; they
+    /// are cut (created-or-got) before the window is closed by the `owed` post-hooks.
+    FinishingCut { attempt: u32, owed: Vec<Hook> },
+    /// Writing entry `next` of the attempt's writes.
     Writing { next: usize },
     /// Running post-hook `next` of `hooks`; the block then ends with `failed` as its reason.
     Post { hooks: Vec<Hook>, next: usize, failed: Option<String> },
     /// The run is stopping (a store failure): running the post-hooks this attempt owes, after
     /// which the block is left open for `resume` to redo.
     Closing { hooks: Vec<Hook>, next: usize },
+}
+
+/// One entry of a block attempt's writes.
+#[derive(Debug, Clone)]
+enum PlannedWrite {
+    /// Stage this JSON.
+    Write { key: ItemKey, json: Arc<str> },
+    /// The item cannot be written: record why.
+    Fail { key: ItemKey, error: String },
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +234,16 @@ struct Run {
     intent_seq: Seq,
     busy: bool,
     writes_done: bool,
+    /// The attempt's writes, fixed when writing starts.
+    writes: Option<Arc<Vec<PlannedWrite>>>,
+    /// The snapshots were cut already in this attempt (the `SnapshotBeforePreHooks` mutation).
+    captured: bool,
+}
+
+impl Run {
+    fn new(state: BlockRun, attempt: u32, intent_seq: Seq) -> Run {
+        Run { state, attempt, intent_seq, busy: false, writes_done: false, writes: None, captured: false }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +254,9 @@ enum Pending {
     Block(u32),
     Restage(ItemKey),
     Finalize,
+    Inspect,
+    Await,
+    Release,
 }
 
 /// Why a log cannot be resumed.
@@ -245,12 +301,34 @@ pub struct Engine {
     /// A store failure: the run closes its open hook windows, then records `RunStopped`.
     stopping: Option<String>,
     fatal: Option<String>,
+    /// The volume inspection is in flight.
+    inspecting: bool,
+    /// The finished item plan and its claims, kept while the volumes are inspected.
+    pending_plan: Option<(crate::grouping::Plan, BTreeMap<ItemKey, Claim>)>,
+    /// Volume facts read from listed objects, recorded with the inspection's answer.
+    known_volumes: Vec<(String, PvVolume)>,
+    /// The snapshot API the cluster serves, and why group snapshots cannot be used.
+    api: Option<(Option<SnapshotApi>, Option<String>)>,
+    /// An `AwaitSnapshots` is in flight.
+    awaiting: bool,
+    /// A `ReleaseSnapshots` is in flight.
+    releasing: bool,
 }
 
 impl Engine {
-    /// Starts a new backup; the first event is `BackupRequested`.
+    /// Starts a new backup with default options; the first event is `BackupRequestedWithOptions`.
     pub fn new(spec: BackupSpec, cfg: EngineConfig, now_ms: u64) -> Result<Engine, SpecError> {
-        let first = Engine::request(spec.clone(), cfg.workers, now_ms)?;
+        Engine::with_options(spec, BackupOptions::default(), cfg, now_ms)
+    }
+
+    /// Starts a new backup with `options`.
+    pub fn with_options(
+        spec: BackupSpec,
+        options: BackupOptions,
+        cfg: EngineConfig,
+        now_ms: u64,
+    ) -> Result<Engine, SpecError> {
+        let first = Engine::request(spec.clone(), options, cfg.workers, now_ms)?;
         let selection = Selection::compile(&spec)?;
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, BackupState::default(), selection, actions);
@@ -261,9 +339,9 @@ impl Engine {
 
     /// The first event of a backup, once its spec is known to be valid. A shell that must make a
     /// backup's creation crash-atomic records it durably itself, then [`Engine::resume`]s.
-    pub fn request(spec: BackupSpec, workers: usize, now_ms: u64) -> Result<Event, SpecError> {
+    pub fn request(spec: BackupSpec, options: BackupOptions, workers: usize, now_ms: u64) -> Result<Event, SpecError> {
         Selection::compile(&spec)?;
-        Ok(Event::BackupRequested { spec, workers: workers as u32, at_ms: now_ms })
+        Ok(Event::BackupRequestedWithOptions { spec, options, workers: workers as u32, at_ms: now_ms })
     }
 
     /// Rebuilds an engine from a log; in-flight blocks will first close their interrupted attempt.
@@ -318,6 +396,12 @@ impl Engine {
             restage_rounds: 0,
             stopping: None,
             fatal: None,
+            inspecting: false,
+            pending_plan: None,
+            known_volumes: Vec::new(),
+            api: None,
+            awaiting: false,
+            releasing: false,
         }
     }
 
@@ -327,26 +411,22 @@ impl Engine {
             if mutation::active(Mutation::RedoFinishedBlocks) && b.outcome == Some(BlockOutcome::Completed) {
                 // Deliberate bug: write a finished block's items again.
                 let attempt = b.attempt.as_ref().map_or(1, |a| a.number);
-                let run = Run {
-                    state: BlockRun::Writing { next: 0 },
-                    attempt,
-                    intent_seq: 0,
-                    busy: false,
-                    writes_done: false,
-                };
-                self.recovering.push_back((b.plan.id, run));
+                self.recovering.push_back((b.plan.id, Run::new(BlockRun::Writing { next: 0 }, attempt, 0)));
                 continue;
             }
             let Some(a) = b.attempt.as_ref().filter(|_| b.in_flight()) else { continue };
             let owed = if mutation::active(Mutation::SkipOwedPostHooks) { Vec::new() } else { owed_post_hooks(b) };
-            let run = Run {
-                state: BlockRun::ClosingInterrupted { attempt: a.number, owed, next: 0 },
-                attempt: a.number,
-                intent_seq: 0,
-                busy: false,
-                writes_done: false,
+            // An attempt interrupted while cutting snapshots left its window open: the cut is
+            // finished inside it (create-or-get) before the owed post-hooks close it, so every
+            // snapshot of the block is from that one window and none is taken twice.
+            let cutting = !mutation::active(Mutation::SecondSnapshotAfterResume)
+                && self.state.snapshots_of(b.plan.id).any(|s| s.requested.is_some() && !s.settled());
+            let state = if cutting {
+                BlockRun::FinishingCut { attempt: a.number, owed }
+            } else {
+                BlockRun::ClosingInterrupted { attempt: a.number, owed, next: 0 }
             };
-            self.recovering.push_back((b.plan.id, run));
+            self.recovering.push_back((b.plan.id, Run::new(state, a.number, 0)));
         }
     }
 
@@ -397,8 +477,12 @@ impl Engine {
         for id in ids {
             let Some(run) = self.runs.get(&id).cloned() else { continue };
             let closing = match run.state {
-                // A block whose writes are all done (or that failed on a pre-hook) finishes normally.
-                BlockRun::Post { .. } | BlockRun::Closing { .. } => None,
+                // A block whose writes are all done (or that failed on a pre-hook) finishes normally;
+                // a cut in progress ends first (it is inside the window), then the window closes.
+                BlockRun::Post { .. }
+                | BlockRun::Closing { .. }
+                | BlockRun::Cutting
+                | BlockRun::FinishingCut { .. } => None,
                 BlockRun::ClosingInterrupted { owed, next, .. } => Some(owed.into_iter().skip(next).collect()),
                 BlockRun::Pre { .. } | BlockRun::Writing { .. } => {
                     Some(owed_post_hooks(&self.state.blocks[id as usize]))
@@ -409,7 +493,9 @@ impl Engine {
             }
             self.advance_block(id);
         }
-        if self.inflight.is_empty() && self.runs.is_empty() {
+        // A wait for readiness holds no window open: it does not keep the run from stopping.
+        let busy = self.inflight.values().any(|p| !matches!(p, Pending::Await));
+        if !busy && self.runs.is_empty() {
             if let Some(reason) = self.stopping.take() {
                 let at_ms = self.now_ms;
                 self.emit(Event::RunStopped { reason, at_ms });
@@ -539,7 +625,7 @@ impl Engine {
             return;
         }
         if !self.state.plan_finished {
-            if !self.fetching {
+            if !self.fetching && !self.inspecting {
                 self.plan_round();
             }
             if !self.state.plan_finished {
@@ -554,8 +640,10 @@ impl Engine {
         let mut items = Vec::new();
         let types = self.resource_types();
         // Bodies no action reads (and hooks do not need) are dropped right after parsing.
+        let pv_bodies = self.state.options.snapshots_on();
         let keep_body = |gr: &GroupResource| {
-            gr.group.is_empty() && gr.resource == "pods" || self.actions.iter().any(|a| a.reads(gr))
+            gr.group.is_empty() && (gr.resource == "pods" || pv_bodies && gr.resource == "persistentvolumes")
+                || self.actions.iter().any(|a| a.reads(gr))
         };
         let mut slim = |mut it: Item| {
             if !keep_body(&it.key.gr()) {
@@ -576,6 +664,14 @@ impl Engine {
     }
 
     fn plan_round(&mut self) {
+        if let Some((p, claims)) = self.pending_plan.take() {
+            if self.state.volumes_inspected {
+                self.emit_plan(p, &claims);
+            } else {
+                self.pending_plan = Some((p, claims));
+            }
+            return;
+        }
         let resources = self.state.resources.clone().unwrap_or_default();
         let not_found: BTreeSet<ItemKey> =
             self.state.fetched.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect();
@@ -600,21 +696,192 @@ impl Engine {
                 }
             }
             PlanStep::Done(p) => {
-                let items = p.item_count() as u64;
-                let already = self.state.blocks.len();
-                if already == 0 {
-                    for w in p.warnings {
-                        self.warn(w);
+                let claims = if self.state.options.snapshots_on() { self.claims(&p, &index) } else { BTreeMap::new() };
+                let bound = claims.values().any(|c| c.in_backup && c.volume.is_some());
+                if bound && !self.state.volumes_inspected {
+                    match self.snapshot_api() {
+                        (None, _) => {
+                            let n = claims.values().filter(|c| c.in_backup && c.volume.is_some()).count();
+                            self.warn(format!(
+                                "the cluster does not serve snapshot.storage.k8s.io/v1 VolumeSnapshots: the {n} bound claims of the backup are backed up without their data (manifests only)"
+                            ));
+                        }
+                        (Some(api), _) => {
+                            self.inspect_volumes(&api, &claims, &index);
+                            self.pending_plan = Some((p, claims));
+                            return;
+                        }
                     }
                 }
-                let total = p.blocks.len() as u32;
-                let rest: Vec<_> = p.blocks.into_iter().skip(already).collect();
-                for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
-                    self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
-                }
-                self.emit(Event::PlanFinished { blocks: total, items });
+                self.emit_plan(p, &claims);
             }
         }
+    }
+
+    /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
+    fn claims(&self, p: &crate::grouping::Plan, index: &Index) -> BTreeMap<ItemKey, Claim> {
+        let in_backup: BTreeSet<&ItemKey> =
+            p.blocks.iter().flat_map(|b| &b.items).filter(|k| k.is("", "persistentvolumeclaims")).collect();
+        let group_label = self.group_label();
+        let mut out = BTreeMap::new();
+        for it in index.items().iter().filter(|it| it.key.is("", "persistentvolumeclaims")) {
+            let inb = in_backup.contains(&it.key);
+            let grouped = it.labels.get(&group_label).is_some_and(|g| !g.is_empty());
+            if !inb && !grouped {
+                continue;
+            }
+            let volume =
+                crate::grouping::pvc_bound(it).then(|| it.str_at("/spec/volumeName").unwrap_or_default().to_string());
+            out.insert(
+                it.key.clone(),
+                Claim {
+                    key: it.key.clone(),
+                    volume,
+                    in_backup: inb,
+                    labels: it.labels.clone(),
+                    annotations: it.annotations.clone(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Reads what the claims' volumes are from the listed PersistentVolumes, and issues the gets of
+    /// the others and the listing of the snapshot classes.
+    fn inspect_volumes(&mut self, api: &SnapshotApi, claims: &BTreeMap<ItemKey, Claim>, index: &Index) {
+        let pv_type = self.resource(&GroupResource::new("", "persistentvolumes"));
+        let mut known = Vec::new();
+        let mut gets = Vec::new();
+        let names: BTreeSet<&String> =
+            claims.values().filter(|c| c.in_backup).filter_map(|c| c.volume.as_ref()).collect();
+        for name in names {
+            let key = ItemKey::cluster("", "persistentvolumes", name);
+            match (index.get(&key).filter(|it| !it.object.is_null()), &pv_type) {
+                (Some(pv), _) => known.push((name.clone(), PvVolume::of(&pv.object))),
+                (None, Some(rt)) => gets.push((rt.clone(), key)),
+                (None, None) => known.push((
+                    name.clone(),
+                    PvVolume::Unreadable { error: "the cluster does not serve persistentvolumes".into() },
+                )),
+            }
+        }
+        self.known_volumes = known;
+        let mut classes = vec![api.classes.clone()];
+        if let Some(g) = &api.groups {
+            classes.push(g.classes.clone());
+        }
+        self.inspecting = true;
+        self.issue(Pending::Inspect, None, CommandKind::InspectVolumes { pvs: gets, classes });
+    }
+
+    /// Records the inspection's answer.
+    fn volumes_inspected(&mut self, inv: VolumeInventory) {
+        self.inspecting = false;
+        let mut volumes = std::mem::take(&mut self.known_volumes);
+        for (name, r) in inv.volumes {
+            let v = match r {
+                Ok(Some(json)) => match serde_json::from_str::<serde_json::Value>(&json) {
+                    Ok(pv) => PvVolume::of(&pv),
+                    Err(e) => PvVolume::Unreadable { error: format!("not valid JSON: {e}") },
+                },
+                Ok(None) => PvVolume::Missing,
+                Err(e) => PvVolume::Unreadable { error: e.to_string() },
+            };
+            volumes.push((name, v));
+        }
+        volumes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut canon = |what: &str, r: Result<Vec<String>, ClusterError>| -> Vec<String> {
+            match r {
+                Ok(list) => {
+                    let mut out: Vec<String> = list
+                        .iter()
+                        .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+                        .filter(|v| v.is_object())
+                        .map(|v| v.to_string())
+                        .collect();
+                    out.sort();
+                    out
+                }
+                Err(e) => {
+                    self.emit(Event::Diagnostic {
+                        severity: Severity::Error,
+                        message: format!("listing {what} failed: {e}"),
+                    });
+                    Vec::new()
+                }
+            }
+        };
+        let classes = canon("VolumeSnapshotClasses", inv.classes);
+        let group_classes = canon("VolumeGroupSnapshotClasses", inv.group_classes);
+        let max = self.cfg.record_objects_bytes_max;
+        let parts = split_by_bytes(volumes, max, |(n, v)| n.len() + format!("{v:?}").len());
+        let n = parts.len();
+        for (i, volumes) in parts.into_iter().enumerate() {
+            let first = i == 0;
+            self.emit(Event::VolumesInspected {
+                volumes,
+                classes: if first { classes.clone() } else { Vec::new() },
+                group_classes: if first { group_classes.clone() } else { Vec::new() },
+                complete: i + 1 == n,
+            });
+        }
+    }
+
+    /// Records the plan: blocks, then snapshots, then `PlanFinished` (skipping what a crashed
+    /// process recorded already).
+    fn emit_plan(&mut self, p: crate::grouping::Plan, claims: &BTreeMap<ItemKey, Claim>) {
+        let items = p.item_count() as u64;
+        let already = self.state.blocks.len();
+        if already == 0 {
+            for w in &p.warnings {
+                self.warn(w.clone());
+            }
+        }
+        let total = p.blocks.len() as u32;
+        let snapshots = if self.state.options.snapshots_on() && self.state.volumes_inspected {
+            self.plan_snapshots(&p, claims)
+        } else {
+            Vec::new()
+        };
+        let rest: Vec<_> = p.blocks.into_iter().skip(already).collect();
+        for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
+            self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
+        }
+        let done = self.state.snapshots.len();
+        let rest: Vec<_> = snapshots.into_iter().skip(done).collect();
+        for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
+            self.emit(Event::SnapshotsPlanned { snapshots: chunk.to_vec() });
+        }
+        self.emit(Event::PlanFinished { blocks: total, items });
+    }
+
+    fn plan_snapshots(&mut self, p: &crate::grouping::Plan, claims: &BTreeMap<ItemKey, Claim>) -> Vec<SnapshotPlan> {
+        let (Some(_), why) = self.snapshot_api() else { return Vec::new() };
+        let parse = |v: &[String]| -> Vec<serde_json::Value> {
+            v.iter().filter_map(|j| serde_json::from_str(j).ok()).collect()
+        };
+        let classes = parse(&self.state.snapshot_classes);
+        let group_classes = parse(&self.state.group_classes);
+        let backup = self.backup_name();
+        let group_label = self.group_label();
+        let input = SnapshotPlanInput {
+            backup: &backup,
+            options: &self.state.options,
+            group_label: &group_label,
+            blocks: &p.blocks,
+            claims,
+            volumes: &self.state.volumes,
+            classes: &classes,
+            group_classes: &group_classes,
+            groups: why.map_or(Ok(()), Err),
+        };
+        let (plans, warnings) = snapshot::plan_snapshots(&input);
+        if self.state.snapshots.is_empty() {
+            for w in warnings {
+                self.warn(w);
+            }
+        }
+        plans
     }
 
     /// The write path's view of every known object: key → its canonical JSON, shared with the
@@ -666,14 +933,7 @@ impl Engine {
                 if let Some((id, run)) = self.recovering.pop_front() {
                     self.runs.insert(id, run);
                 } else if let Some((id, attempt, seq)) = self.primed.pop_front().or_else(|| self.start_next_block()) {
-                    let run = Run {
-                        state: BlockRun::Pre { next: 0 },
-                        attempt,
-                        intent_seq: seq,
-                        busy: false,
-                        writes_done: false,
-                    };
-                    self.runs.insert(id, run);
+                    self.runs.insert(id, Run::new(BlockRun::Pre { next: 0 }, attempt, seq));
                 } else {
                     break;
                 }
@@ -696,14 +956,89 @@ impl Engine {
                 break;
             }
         }
+        self.await_snapshots();
         if self.runs.is_empty()
             && self.recovering.is_empty()
             && self.primed.is_empty()
             && self.cursor >= self.state.blocks.len()
             && self.state.blocks.iter().all(|b| b.outcome.is_some())
+            && self.release_snapshots()
         {
             self.finish();
         }
+    }
+
+    /// Whether a snapshot's storage belongs to the backup: cut, and its block did not fail.
+    fn snapshot_kept(&self, s: &SnapshotState) -> bool {
+        let block = &self.state.blocks[s.plan.block as usize];
+        s.cut.is_some() && !matches!(block.outcome, Some(BlockOutcome::Failed { .. }))
+    }
+
+    /// Issues one `AwaitSnapshots` for the cut snapshots of finished blocks that are not ready yet.
+    fn await_snapshots(&mut self) {
+        if self.awaiting {
+            return;
+        }
+        let timeout = self.state.options.item_operation_timeout_ms;
+        let waits: Vec<ReadyWait> = self
+            .state
+            .snapshots
+            .iter()
+            .filter(|s| s.ready.is_none() && self.state.blocks[s.plan.block as usize].outcome.is_some())
+            .filter(|s| self.snapshot_kept(s))
+            .filter_map(|s| {
+                let cut = s.cut.as_ref()?;
+                Some(ReadyWait {
+                    id: s.plan.id,
+                    namespace: s.plan.namespace.clone(),
+                    snapshots: cut.members.iter().map(|m| m.snapshot.clone()).collect(),
+                    deadline_ms: cut.at_ms.saturating_add(timeout),
+                })
+            })
+            .collect();
+        if waits.is_empty() {
+            return;
+        }
+        let (Some(api), _) = self.snapshot_api() else { return };
+        self.awaiting = true;
+        self.issue(Pending::Await, None, CommandKind::AwaitSnapshots { api, waits });
+    }
+
+    /// Once every kept snapshot is ready (or past its deadline), removes the snapshots' cluster
+    /// objects: kept ones with their storage retained, the others deleted. Returns whether
+    /// nothing is left to release.
+    fn release_snapshots(&mut self) -> bool {
+        if self.awaiting || self.releasing {
+            return false;
+        }
+        let waiting = self.state.snapshots.iter().any(|s| s.ready.is_none() && self.snapshot_kept(s));
+        if waiting {
+            return false;
+        }
+        let orders: Vec<ReleaseOrder> = self
+            .state
+            .snapshots
+            .iter()
+            .filter(|s| s.requested.is_some() && s.released.is_none())
+            .map(|s| ReleaseOrder {
+                plan: s.plan.clone(),
+                members: s
+                    .cut
+                    .iter()
+                    .flat_map(|c| &c.members)
+                    .map(|m| (m.snapshot.clone(), m.content.clone()))
+                    .collect(),
+                keep: self.snapshot_kept(s),
+            })
+            .collect();
+        if orders.is_empty() || mutation::active(Mutation::SkipSnapshotRelease) {
+            return true;
+        }
+        let (Some(api), _) = self.snapshot_api() else { return true };
+        self.releasing = true;
+        let group_label = self.group_label();
+        self.issue(Pending::Release, None, CommandKind::ReleaseSnapshots { api, group_label, orders });
+        false
     }
 
     fn finish(&mut self) {
@@ -778,22 +1113,36 @@ impl Engine {
                     }
                     let attempt = attempt + 1;
                     let seq = self.emit(Event::BlockStarted { block: id, attempt, at_ms });
-                    self.runs.insert(
-                        id,
-                        Run {
-                            state: BlockRun::Pre { next: 0 },
-                            attempt,
-                            intent_seq: seq,
-                            busy: false,
-                            writes_done: false,
-                        },
-                    );
+                    self.runs.insert(id, Run::new(BlockRun::Pre { next: 0 }, attempt, seq));
                 }
+                BlockRun::FinishingCut { attempt, owed } => {
+                    // Every snapshot of the block not settled yet is cut now, inside the window
+                    // the interrupted attempt opened; those it never requested are requested now.
+                    let todo: Vec<SnapshotPlan> =
+                        self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| s.plan.clone()).collect();
+                    if todo.is_empty() {
+                        self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: 0 });
+                        continue;
+                    }
+                    self.request_cuts(id, attempt, todo);
+                    return;
+                }
+                BlockRun::Cutting => return,
                 BlockRun::Pre { next } => {
                     let pre = self.hooks_of(id, HookPhase::Pre);
                     if mutation::active(Mutation::WriteBeforePreHooks) && !run.writes_done {
                         // Deliberate bug: write everything first, then run the pre-hooks.
                         self.set_state(id, BlockRun::Writing { next: 0 });
+                        continue;
+                    }
+                    if mutation::active(Mutation::SnapshotBeforePreHooks) && next == 0 && !run.captured {
+                        // Deliberate bug: cut the block's snapshots before its pre-hooks.
+                        if let Some(r) = self.runs.get_mut(&id) {
+                            r.captured = true;
+                        }
+                        if self.start_cut(id, run.attempt) {
+                            return;
+                        }
                         continue;
                     }
                     match pre.get(next).cloned() {
@@ -808,15 +1157,29 @@ impl Engine {
                             let hooks = self.hooks_of(id, HookPhase::Post);
                             self.set_state(id, BlockRun::Post { hooks, next: 0, failed: None });
                         }
-                        None => self.set_state(id, BlockRun::Writing { next: 0 }),
+                        None => {
+                            // The window is open: cut the block's snapshots, then write.
+                            if self.start_cut(id, run.attempt) {
+                                return;
+                            }
+                            self.set_state(id, BlockRun::Writing { next: 0 });
+                        }
                     }
                 }
                 BlockRun::Writing { next } => {
-                    let items = &self.state.blocks[id as usize].plan.items;
-                    if let Some(key) = items.get(next).cloned() {
-                        let json = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
-                        match json {
-                            Some(json) => {
+                    let writes = match &run.writes {
+                        Some(w) => w.clone(),
+                        None => {
+                            let w = Arc::new(self.block_writes(id));
+                            if let Some(r) = self.runs.get_mut(&id) {
+                                r.writes = Some(w.clone());
+                            }
+                            w
+                        }
+                    };
+                    if let Some(w) = writes.get(next).cloned() {
+                        match w {
+                            PlannedWrite::Write { key, json } => {
                                 if let Some(r) = self.runs.get_mut(&id) {
                                     r.busy = true;
                                 }
@@ -824,8 +1187,7 @@ impl Engine {
                                 self.issue(Pending::Block(id), Some(run.intent_seq), kind);
                                 return;
                             }
-                            None => {
-                                let error = "object is no longer known (listing changed after planning)".to_string();
+                            PlannedWrite::Fail { key, error } => {
                                 self.emit(Event::ItemFailed { block: id, attempt: run.attempt, key, error });
                                 self.set_state(id, BlockRun::Writing { next: next + 1 });
                             }
@@ -881,6 +1243,194 @@ impl Engine {
                     return;
                 }
             }
+        }
+    }
+
+    /// The snapshot API of the cluster (from discovery), and why group snapshots cannot be used.
+    fn snapshot_api(&mut self) -> (Option<SnapshotApi>, Option<String>) {
+        if self.api.is_none() {
+            self.api = Some(snapshot::snapshot_api(self.state.resources.as_deref().unwrap_or_default()));
+        }
+        self.api.clone().unwrap_or((None, None))
+    }
+
+    fn backup_name(&self) -> String {
+        self.state.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+    }
+
+    fn group_label(&self) -> String {
+        self.state.spec.as_ref().map(|s| s.volume_group_label.clone()).unwrap_or_default()
+    }
+
+    /// Requests and issues the cut of every snapshot of block `id` that is not settled; returns
+    /// whether a command was issued (the block is then busy in `Cutting`).
+    fn start_cut(&mut self, id: u32, attempt: u32) -> bool {
+        let todo: Vec<SnapshotPlan> =
+            self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| s.plan.clone()).collect();
+        if todo.is_empty() {
+            return false;
+        }
+        self.set_state(id, BlockRun::Cutting);
+        self.request_cuts(id, attempt, todo)
+    }
+
+    /// Records `SnapshotRequested` for each of `todo` not yet requested in this attempt, then
+    /// issues one `CutSnapshots` that waits for those intents. Returns whether it was issued.
+    fn request_cuts(&mut self, id: u32, attempt: u32, todo: Vec<SnapshotPlan>) -> bool {
+        let (Some(api), _) = self.snapshot_api() else {
+            self.fatal.get_or_insert(format!("block {id}: snapshots planned but the cluster serves no snapshot API"));
+            return false;
+        };
+        let group_label = self.group_label();
+        let at_ms = self.now_ms;
+        let mut last = None;
+        let mut orders = Vec::with_capacity(todo.len());
+        for mut plan in todo {
+            let requested = self.state.snapshots[plan.id as usize].requested;
+            if requested != Some(attempt) {
+                last = Some(self.emit(Event::SnapshotRequested { id: plan.id, attempt, at_ms }));
+            }
+            if requested.is_some() && mutation::active(Mutation::SecondSnapshotAfterResume) {
+                // Deliberate bug: a later attempt takes the snapshot again under a new name.
+                plan.name = format!("{}-a{attempt}", plan.name);
+            }
+            let body = match (&plan.group, &api.groups) {
+                (Some(_), Some(g)) => snapshot::group_snapshot_body(&plan, &group_label, &g.snapshots),
+                _ => snapshot::volume_snapshot_body(&plan),
+            };
+            orders.push(CutOrder { plan, body });
+        }
+        if let Some(r) = self.runs.get_mut(&id) {
+            r.busy = true;
+        }
+        let timeout_ms = self.state.options.csi_snapshot_timeout_ms;
+        // Intents recorded by an interrupted attempt are durable already (they were read back).
+        let after = last;
+        self.issue(
+            Pending::Block(id),
+            after,
+            CommandKind::CutSnapshots { block: id, attempt, api, group_label, orders, timeout_ms },
+        );
+        true
+    }
+
+    /// Records the outcome of each cut: `SnapshotCut` with the archived members, or `SnapshotFailed`.
+    fn record_cuts(&mut self, results: Vec<(u32, Result<CutRaw, String>)>) {
+        let backup = self.backup_name();
+        for (sid, r) in results {
+            let Some(s) = self.state.snapshots.get(sid as usize) else { continue };
+            if s.settled() {
+                continue;
+            }
+            let at_ms = self.now_ms;
+            let plan = s.plan.clone();
+            let cut = r.and_then(|raw| {
+                let mut got: Vec<&str> = raw.members.iter().map(|m| m.claim.as_str()).collect();
+                got.sort();
+                if got != plan.claims.iter().map(String::as_str).collect::<Vec<_>>() {
+                    return Err(format!(
+                        "the snapshot captured claims [{}], not [{}]",
+                        got.join(", "),
+                        plan.claims.join(", ")
+                    ));
+                }
+                let members = raw
+                    .members
+                    .iter()
+                    .map(|m| {
+                        archived_member(
+                            &backup,
+                            &m.claim,
+                            &m.snapshot_json,
+                            &m.content_json,
+                            raw.group_handle.as_deref(),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok((members, raw.group_handle))
+            });
+            match cut {
+                Ok((members, group_handle)) => {
+                    self.emit(Event::SnapshotCut { id: sid, members, group_handle, at_ms });
+                }
+                Err(error) => {
+                    self.emit(Event::SnapshotFailed { id: sid, error, at_ms });
+                }
+            }
+        }
+    }
+
+    /// What attempt of block `id` writes: its items (a claim whose snapshot is cut annotated with
+    /// it; a claim whose snapshot failed not at all), then the VolumeSnapshot and
+    /// VolumeSnapshotContent of each cut member.
+    fn block_writes(&self, id: u32) -> Vec<PlannedWrite> {
+        let backup = self.backup_name();
+        let mut of_claim: BTreeMap<ItemKey, &SnapshotState> = BTreeMap::new();
+        for s in self.state.snapshots_of(id) {
+            for k in s.plan.claim_keys() {
+                of_claim.insert(k, s);
+            }
+        }
+        let mut out = Vec::new();
+        for key in &self.state.blocks[id as usize].plan.items {
+            let Some(json) = self.objects.as_ref().and_then(|m| m.get(key).cloned()) else {
+                let error = "object is no longer known (listing changed after planning)".to_string();
+                out.push(PlannedWrite::Fail { key: key.clone(), error });
+                continue;
+            };
+            let snap = of_claim.get(key);
+            let member = snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name));
+            match (snap, member) {
+                (_, Some(m)) => match annotated_claim(&json, &backup, &m.snapshot) {
+                    Some(j) => out.push(PlannedWrite::Write { key: key.clone(), json: Arc::from(j) }),
+                    None => {
+                        out.push(PlannedWrite::Fail { key: key.clone(), error: "claim is not a JSON object".into() })
+                    }
+                },
+                (Some(s), None) if s.failure().is_some() => {
+                    let why = s.failure().unwrap_or_default();
+                    let error = format!("not backed up: its volume snapshot failed: {why}");
+                    out.push(PlannedWrite::Fail { key: key.clone(), error });
+                }
+                _ => out.push(PlannedWrite::Write { key: key.clone(), json }),
+            }
+        }
+        let mut extra: Vec<(ItemKey, Arc<str>)> = Vec::new();
+        for s in self.state.snapshots_of(id) {
+            for m in s.cut.iter().flat_map(|c| &c.members) {
+                let (vs, vsc) = m.keys(&s.plan.namespace);
+                extra.push((vs, Arc::from(m.snapshot_json.as_str())));
+                extra.push((vsc, Arc::from(m.content_json.as_str())));
+            }
+        }
+        extra.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(extra.into_iter().map(|(key, json)| PlannedWrite::Write { key, json }));
+        out
+    }
+
+    /// The bytes an item was staged with, for re-staging: what [`Engine::block_writes`] wrote.
+    fn staged_json(&self, key: &ItemKey) -> Option<Arc<str>> {
+        for s in &self.state.snapshots {
+            let Some(cut) = &s.cut else { continue };
+            for m in &cut.members {
+                let (vs, vsc) = m.keys(&s.plan.namespace);
+                if &vs == key {
+                    return Some(Arc::from(m.snapshot_json.as_str()));
+                }
+                if &vsc == key {
+                    return Some(Arc::from(m.content_json.as_str()));
+                }
+            }
+        }
+        let json = self.objects.as_ref().and_then(|m| m.get(key).cloned())?;
+        let member = self.state.snapshots.iter().find_map(|s| {
+            let ns_ok = key.namespace.as_deref() == Some(s.plan.namespace.as_str());
+            let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;
+            c.members.iter().find(|m| m.claim == key.name)
+        });
+        match member {
+            Some(m) => annotated_claim(&json, &self.backup_name(), &m.snapshot).map(Arc::from),
+            None => Some(json),
         }
     }
 
@@ -976,6 +1526,30 @@ impl Engine {
                 }
             }
             (Pending::Block(b), c) => self.block_completion(b, c),
+            (Pending::Inspect, Completion::VolumesInspected(inv)) => self.volumes_inspected(inv),
+            (Pending::Await, Completion::SnapshotsSettled(results)) => {
+                self.awaiting = false;
+                for (id, r) in results {
+                    let waiting =
+                        self.state.snapshots.get(id as usize).is_some_and(|s| s.cut.is_some() && s.ready.is_none());
+                    if waiting {
+                        let at_ms = self.now_ms;
+                        self.emit(Event::SnapshotReady { id, error: r.err(), at_ms });
+                    }
+                }
+            }
+            (Pending::Release, Completion::SnapshotsReleased(results)) => {
+                self.releasing = false;
+                for (id, r) in results {
+                    let Some(s) = self.state.snapshots.get(id as usize) else { continue };
+                    if s.released.is_some() || s.requested.is_none() {
+                        continue;
+                    }
+                    let kept = self.snapshot_kept(s);
+                    let at_ms = self.now_ms;
+                    self.emit(Event::SnapshotReleased { id, kept, error: r.err(), at_ms });
+                }
+            }
             (Pending::Restage(key), Completion::Restaged(r)) => {
                 self.restaging -= 1;
                 match r {
@@ -1016,7 +1590,7 @@ impl Engine {
     /// Issues a `Restage` of each key's logged JSON; the archive is built again once all are done.
     fn restage(&mut self, keys: Vec<ItemKey>) {
         for key in keys {
-            let json = self.objects.as_ref().and_then(|m| m.get(&key).cloned());
+            let json = self.staged_json(&key);
             match json {
                 Some(json) => {
                     self.restaging += 1;
@@ -1124,12 +1698,27 @@ impl Engine {
                 self.emit(Event::HookFinished { block: id, attempt: run.attempt, hook: hook_ref(&h), outcome, at_ms });
                 self.after_hook(id, &h, ok);
             }
+            (BlockRun::FinishingCut { attempt, owed }, Completion::SnapshotsCut(results)) => {
+                self.record_cuts(results);
+                self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: 0 });
+            }
+            (BlockRun::Cutting, Completion::SnapshotsCut(results)) => {
+                self.record_cuts(results);
+                if mutation::active(Mutation::SnapshotBeforePreHooks) && run.captured && !run.writes_done {
+                    // The deliberate bug cut before the pre-hooks: run them now.
+                    self.set_state(id, BlockRun::Pre { next: 0 });
+                } else {
+                    self.set_state(id, BlockRun::Writing { next: 0 });
+                }
+            }
             (BlockRun::Writing { next }, Completion::Written(r)) => {
-                let key = self.state.blocks[id as usize].plan.items[next].clone();
+                let Some(PlannedWrite::Write { key, json }) = run.writes.as_ref().and_then(|w| w.get(next)).cloned()
+                else {
+                    self.fatal.get_or_insert(format!("block {id}: a write completed that was not planned"));
+                    return;
+                };
                 match r {
                     Ok(()) => {
-                        let json: Arc<str> =
-                            self.objects.as_ref().and_then(|m| m.get(&key).cloned()).unwrap_or_else(|| Arc::from(""));
                         let digest: [u8; 32] = Sha256::digest(json.as_bytes()).into();
                         self.emit(Event::ItemWritten {
                             block: id,

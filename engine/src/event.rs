@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
 use crate::item::{GroupResource, ItemKey, ResourceType};
+use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
 use crate::spec::BackupSpec;
 
 /// Position of an event in its backup's log, from 0.
@@ -176,6 +177,36 @@ pub enum Event {
     /// A pull target could not be fetched (after the adapter's retries); planning treats it as
     /// unavailable and never asks again.
     FetchFailed { key: ItemKey, error: String },
+    /// The backup was asked for, with its options (every backup created since options exist;
+    /// `BackupRequested` is read as one with [`BackupOptions::legacy`]).
+    BackupRequestedWithOptions {
+        spec: BackupSpec,
+        #[serde(with = "crate::snapshot::json_string")]
+        options: BackupOptions,
+        workers: u32,
+        at_ms: u64,
+    },
+    /// What the claims' PersistentVolumes are, and the cluster's snapshot classes (canonical
+    /// JSON), for snapshot planning; `complete` on the last record of the inspection.
+    VolumesInspected {
+        volumes: Vec<(String, PvVolume)>,
+        classes: Vec<String>,
+        group_classes: Vec<String>,
+        complete: bool,
+    },
+    /// Some planned snapshots, in id order (after the last `BlockPlanned`, before `PlanFinished`).
+    SnapshotsPlanned { snapshots: Vec<SnapshotPlan> },
+    /// Intent: snapshot `id` is about to be created, inside attempt `attempt` of its block's window.
+    SnapshotRequested { id: u32, attempt: u32, at_ms: u64 },
+    /// Fact: snapshot `id` is cut (every member's handle is set).
+    SnapshotCut { id: u32, members: Vec<MemberCut>, group_handle: Option<String>, at_ms: u64 },
+    /// Fact: snapshot `id` could not be cut (an error, or no handle within the CSI timeout).
+    SnapshotFailed { id: u32, error: String, at_ms: u64 },
+    /// Fact: snapshot `id` is ready to use, or (`error`) was not within the item-operation timeout.
+    SnapshotReady { id: u32, error: Option<String>, at_ms: u64 },
+    /// Fact: the cluster objects of snapshot `id` are gone; `kept` when its storage snapshot was
+    /// retained for the backup, else it was deleted with them. `error` when that failed.
+    SnapshotReleased { id: u32, kept: bool, error: Option<String>, at_ms: u64 },
 }
 
 /// Why a record could not be decoded.
@@ -278,6 +309,14 @@ impl Event {
             Event::RunStopped { .. } => "RunStopped",
             Event::RunResumed { .. } => "RunResumed",
             Event::FetchFailed { .. } => "FetchFailed",
+            Event::BackupRequestedWithOptions { .. } => "BackupRequestedWithOptions",
+            Event::VolumesInspected { .. } => "VolumesInspected",
+            Event::SnapshotsPlanned { .. } => "SnapshotsPlanned",
+            Event::SnapshotRequested { .. } => "SnapshotRequested",
+            Event::SnapshotCut { .. } => "SnapshotCut",
+            Event::SnapshotFailed { .. } => "SnapshotFailed",
+            Event::SnapshotReady { .. } => "SnapshotReady",
+            Event::SnapshotReleased { .. } => "SnapshotReleased",
         }
     }
 }

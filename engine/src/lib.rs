@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod item;
 pub mod mutation;
 pub mod ports;
+pub mod snapshot;
 pub mod spec;
 pub mod state;
 

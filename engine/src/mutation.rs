@@ -41,11 +41,18 @@ pub enum Mutation {
     LogStaleNextSeq,
     /// Log: decode records without verifying their checksum (breaks R1).
     LogSkipsChecksum,
+    /// Engine: cut a block's snapshots before its pre-hooks (breaks S1).
+    SnapshotBeforePreHooks,
+    /// Engine: after a crash during a cut, take the snapshot again under a new name instead of
+    /// finishing the interrupted one (breaks S3).
+    SecondSnapshotAfterResume,
+    /// Engine: leave the snapshots' cluster objects behind at the end (breaks S3).
+    SkipSnapshotRelease,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 15] = [
+    pub const ALL: [Mutation; 18] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -61,6 +68,9 @@ impl Mutation {
         Mutation::SkipStagedSync,
         Mutation::LogStaleNextSeq,
         Mutation::LogSkipsChecksum,
+        Mutation::SnapshotBeforePreHooks,
+        Mutation::SecondSnapshotAfterResume,
+        Mutation::SkipSnapshotRelease,
     ];
 }
 

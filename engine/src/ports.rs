@@ -41,6 +41,12 @@ pub enum ClusterError {
     /// 403.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// 404 on a write or a watch (a get answers `Ok(None)` instead).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 409 AlreadyExists on a create.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
@@ -63,4 +69,23 @@ pub trait Cluster: Send + Sync {
     async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError>;
     /// Runs `command` in `container` of `pod` and waits for its exit.
     async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError>;
+    /// Creates an object of `rt` (in `namespace` when namespaced) from its JSON; returns the object
+    /// as stored. An object of that name that exists already is [`ClusterError::AlreadyExists`].
+    async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError>;
+    /// Applies a JSON merge patch (RFC 7386) to an object; returns the object as stored. A missing
+    /// object is [`ClusterError::NotFound`].
+    async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError>;
+    /// Deletes an object; `Ok(false)` when it did not exist. An object with finalizers is only
+    /// marked for deletion and goes once they are removed.
+    async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError>;
+    /// Waits until object `key` changes from `resource_version` (a watch) or `timeout_ms` passes,
+    /// and returns the object then (`None` when it does not exist). Callers re-check what they
+    /// wait for after each return: a return is a hint that something may have changed.
+    async fn watch(
+        &self,
+        rt: &ResourceType,
+        key: &ItemKey,
+        resource_version: &str,
+        timeout_ms: u64,
+    ) -> Result<Option<String>, ClusterError>;
 }

@@ -13,6 +13,7 @@ use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, S
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
 use crate::item::{ItemKey, ResourceType};
+use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
 use crate::spec::BackupSpec;
 
 /// An event that does not fit the state it is applied to.
@@ -84,6 +85,57 @@ impl BlockState {
     }
 }
 
+/// A captured snapshot: every member's handle is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    /// One per claim.
+    pub members: Vec<MemberCut>,
+    /// The group snapshot's handle, for a volume group.
+    pub group_handle: Option<String>,
+    /// When the cut was observed.
+    pub at_ms: u64,
+}
+
+/// How a snapshot's cluster objects were released at the end of the backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The storage snapshot was retained for the backup (else deleted).
+    pub kept: bool,
+    /// Releasing failed: objects may be left in the cluster.
+    pub error: Option<String>,
+}
+
+/// A planned snapshot and its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotState {
+    /// The plan.
+    pub plan: SnapshotPlan,
+    /// The attempt of its block that requested it (the latest request).
+    pub requested: Option<u32>,
+    /// When it was requested.
+    pub requested_ms: u64,
+    /// The cut, once observed.
+    pub cut: Option<Cut>,
+    /// Why it could not be cut.
+    pub failed: Option<String>,
+    /// Ready to use (`Ok(at_ms)`), or why not within the item-operation timeout.
+    pub ready: Option<Result<u64, String>>,
+    /// Its cluster objects are gone.
+    pub released: Option<Released>,
+}
+
+impl SnapshotState {
+    /// Cut, failed, or never to be taken: no cut is pending.
+    pub fn settled(&self) -> bool {
+        self.cut.is_some() || self.failed.is_some() || self.plan.blocked.is_some()
+    }
+
+    /// Why the claims of this snapshot are not backed up, if they are not (blocked or failed).
+    pub fn failure(&self) -> Option<&str> {
+        self.plan.blocked.as_deref().or(self.failed.as_deref())
+    }
+}
+
 /// Summary of the finished archive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ArchiveInfo {
@@ -100,6 +152,20 @@ pub struct ArchiveInfo {
 pub struct BackupState {
     /// The spec, once requested.
     pub spec: Option<BackupSpec>,
+    /// The backup's options (those of a backup recorded before options existed: no snapshots).
+    pub options: BackupOptions,
+    /// What each claim's PersistentVolume is (snapshot planning).
+    pub volumes: BTreeMap<String, PvVolume>,
+    /// The cluster's VolumeSnapshotClasses, canonical JSON.
+    pub snapshot_classes: Vec<String>,
+    /// The cluster's VolumeGroupSnapshotClasses, canonical JSON.
+    pub group_classes: Vec<String>,
+    /// The volume inspection is complete.
+    pub volumes_inspected: bool,
+    /// Planned snapshots, by id.
+    pub snapshots: Vec<SnapshotState>,
+    /// Snapshot ids of each block.
+    pub block_snapshots: BTreeMap<u32, Vec<u32>>,
     /// Workers asked for at creation.
     pub workers: u32,
     /// Request time.
@@ -165,6 +231,26 @@ impl BackupState {
         }
     }
 
+    /// Every block is done and the backup waits for its snapshots to be ready to use (or for
+    /// their cluster objects to be released) before the archive is built.
+    pub fn waiting_for_snapshots(&self) -> bool {
+        self.finished.is_none()
+            && self.stopped.is_none()
+            && self.plan_finished
+            && self.blocks.iter().all(|b| b.outcome.is_some())
+            && self.snapshots.iter().any(|s| s.requested.is_some() && s.released.is_none())
+    }
+
+    /// The phase as shown to people: Velero's phase, or `WaitingForSnapshots` while an InProgress
+    /// backup waits for its snapshots.
+    pub fn phase_name(&self) -> String {
+        if self.waiting_for_snapshots() {
+            "WaitingForSnapshots".to_string()
+        } else {
+            self.phase().to_string()
+        }
+    }
+
     /// Whether `resume` can continue the backup: interrupted (InProgress) or stopped.
     pub fn resumable(&self) -> bool {
         self.finished.is_none()
@@ -188,6 +274,20 @@ impl BackupState {
         } else {
             Phase::PartiallyFailed
         }
+    }
+
+    /// The snapshots of block `id`.
+    pub fn snapshots_of(&self, id: u32) -> impl Iterator<Item = &SnapshotState> + '_ {
+        self.block_snapshots.get(&id).into_iter().flatten().filter_map(|&s| self.snapshots.get(s as usize))
+    }
+
+    fn snapshot_mut(&mut self, seq: Seq, kind: &'static str, id: u32) -> Result<&mut SnapshotState, FoldError> {
+        let n = self.snapshots.len();
+        self.snapshots.get_mut(id as usize).ok_or_else(|| FoldError {
+            seq,
+            kind,
+            reason: format!("snapshot {id} was not planned ({n} snapshots)"),
+        })
     }
 
     fn block_mut(&mut self, seq: Seq, kind: &'static str, id: u32) -> Result<&mut BlockState, FoldError> {
@@ -217,11 +317,32 @@ impl BackupState {
         }
     }
 
+    fn request(
+        &mut self,
+        seq: Seq,
+        kind: &'static str,
+        spec: &BackupSpec,
+        options: BackupOptions,
+        workers: u32,
+        at_ms: u64,
+    ) -> Result<(), FoldError> {
+        if self.spec.is_some() {
+            return Err(FoldError { seq, kind, reason: "backup requested twice".into() });
+        }
+        self.spec = Some(spec.clone());
+        self.options = options;
+        self.workers = workers;
+        self.requested_ms = at_ms;
+        self.last_ms = at_ms;
+        Ok(())
+    }
+
     /// Applies one event.
     pub fn apply(&mut self, e: &Event) -> Result<(), FoldError> {
         let seq = self.events;
         let kind = e.kind();
-        if self.spec.is_none() && !matches!(e, Event::BackupRequested { .. }) {
+        if self.spec.is_none() && !matches!(e, Event::BackupRequested { .. } | Event::BackupRequestedWithOptions { .. })
+        {
             return Err(FoldError { seq, kind, reason: "the log does not start with BackupRequested".into() });
         }
         if self.finished.is_some() {
@@ -232,13 +353,104 @@ impl BackupState {
         }
         match e {
             Event::BackupRequested { spec, workers, at_ms } => {
-                if self.spec.is_some() {
-                    return Err(FoldError { seq, kind, reason: "backup requested twice".into() });
+                self.request(seq, kind, spec, BackupOptions::legacy(), *workers, *at_ms)?;
+            }
+            Event::BackupRequestedWithOptions { spec, options, workers, at_ms } => {
+                self.request(seq, kind, spec, options.clone(), *workers, *at_ms)?;
+            }
+            Event::VolumesInspected { volumes, classes, group_classes, complete } => {
+                if self.volumes_inspected {
+                    return Err(FoldError { seq, kind, reason: "the volumes were inspected already".into() });
                 }
-                self.spec = Some(spec.clone());
-                self.workers = *workers;
-                self.requested_ms = *at_ms;
+                self.volumes.extend(volumes.iter().cloned());
+                self.snapshot_classes.extend(classes.iter().cloned());
+                self.group_classes.extend(group_classes.iter().cloned());
+                self.volumes_inspected = *complete;
+            }
+            Event::SnapshotsPlanned { snapshots } => {
+                if self.plan_finished {
+                    return Err(FoldError { seq, kind, reason: "snapshots planned after the plan finished".into() });
+                }
+                for p in snapshots {
+                    if p.id as usize != self.snapshots.len() || p.block as usize >= self.blocks.len() {
+                        return Err(FoldError {
+                            seq,
+                            kind,
+                            reason: format!("snapshot {} of block {} planned out of order", p.id, p.block),
+                        });
+                    }
+                    self.block_snapshots.entry(p.block).or_default().push(p.id);
+                    self.snapshots.push(SnapshotState {
+                        plan: p.clone(),
+                        requested: None,
+                        requested_ms: 0,
+                        cut: None,
+                        failed: None,
+                        ready: None,
+                        released: None,
+                    });
+                }
+            }
+            Event::SnapshotRequested { id, attempt, at_ms } => {
                 self.last_ms = *at_ms;
+                let block = self.snapshot_mut(seq, kind, *id)?.plan.block;
+                self.attempt_mut(seq, kind, block, *attempt)?;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                if s.settled() {
+                    return Err(FoldError { seq, kind, reason: format!("snapshot {id} is settled already") });
+                }
+                s.requested = Some(*attempt);
+                s.requested_ms = *at_ms;
+            }
+            Event::SnapshotCut { id, members, group_handle, at_ms } => {
+                self.last_ms = *at_ms;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                if s.requested.is_none() || s.settled() {
+                    return Err(FoldError { seq, kind, reason: format!("snapshot {id} is not waiting for its cut") });
+                }
+                s.cut = Some(Cut { members: members.clone(), group_handle: group_handle.clone(), at_ms: *at_ms });
+            }
+            Event::SnapshotFailed { id, error, at_ms } => {
+                self.last_ms = *at_ms;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                if s.requested.is_none() || s.settled() {
+                    return Err(FoldError { seq, kind, reason: format!("snapshot {id} is not waiting for its cut") });
+                }
+                s.failed = Some(error.clone());
+                let msg =
+                    format!("snapshot {} of {}/{}: {error}", s.plan.name, s.plan.namespace, s.plan.claims.join(","));
+                self.error(msg);
+            }
+            Event::SnapshotReady { id, error, at_ms } => {
+                self.last_ms = *at_ms;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                if s.cut.is_none() || s.ready.is_some() {
+                    return Err(FoldError { seq, kind, reason: format!("snapshot {id} is not waiting to be ready") });
+                }
+                s.ready = Some(match error {
+                    None => Ok(*at_ms),
+                    Some(e) => Err(e.clone()),
+                });
+                if let Some(e) = error {
+                    let msg = format!("snapshot {} in {}: {e}", s.plan.name, s.plan.namespace);
+                    self.error(msg);
+                }
+            }
+            Event::SnapshotReleased { id, kept, error, at_ms } => {
+                self.last_ms = *at_ms;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                if s.requested.is_none() || s.released.is_some() {
+                    return Err(FoldError {
+                        seq,
+                        kind,
+                        reason: format!("snapshot {id} is not waiting to be released"),
+                    });
+                }
+                s.released = Some(Released { kept: *kept, error: error.clone() });
+                if let Some(e) = error {
+                    let msg = format!("releasing snapshot {} in {}: {e}", s.plan.name, s.plan.namespace);
+                    self.error(msg);
+                }
             }
             Event::ResourcesDiscovered { resources } => self.resources = Some(resources.clone()),
             Event::ResourceListed { unit, chunk, objects, complete } => {

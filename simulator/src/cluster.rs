@@ -129,6 +129,8 @@ fn kind(e: &ClusterError) -> &'static str {
         ClusterError::Expired(_) => "expired",
         ClusterError::Unavailable(_) => "unavailable",
         ClusterError::Forbidden(_) => "forbidden",
+        ClusterError::NotFound(_) => "missing",
+        ClusterError::AlreadyExists(_) => "exists",
         ClusterError::Other(_) => "other",
     }
 }
@@ -205,6 +207,38 @@ impl SimCluster {
         d
     }
 
+    /// Moves the fake CSI driver's events into the world's records.
+    fn drain(&self) {
+        for e in lock(&self.fake).take_csi_events() {
+            self.records.push(Record::Csi(e));
+        }
+    }
+
+    /// Runs the snapshot controller up to now and records what it did (the end of a run).
+    pub fn settle(&self) {
+        lock(&self.fake).settle_at(self.rt.now());
+        self.drain();
+    }
+
+    /// The fake driver's storage snapshots.
+    pub fn storage_snapshots(&self) -> BTreeMap<String, crate::csi::StorageSnapshot> {
+        lock(&self.fake).storage_snapshots()
+    }
+
+    /// Snapshot objects left in the cluster.
+    pub fn snapshot_objects(&self) -> Vec<ItemKey> {
+        lock(&self.fake).snapshot_objects()
+    }
+
+    fn write_record(&self, verb: &'static str, key: ItemKey, answer: &Result<impl Sized, ClusterError>) {
+        let answer = match answer {
+            Ok(_) => "ok",
+            Err(e) => kind(e),
+        };
+        self.records.push(Record::Write { at_ms: self.rt.now(), verb, key, answer });
+        self.drain();
+    }
+
     fn apply_changes(&self) {
         let first = {
             let mut st = lock(&self.state);
@@ -245,8 +279,7 @@ impl Cluster for SimCluster {
         if self.death.is_dead() {
             return never().await;
         }
-        let fake = lock(&self.fake);
-        at_once(fake.discover()).unwrap_or_else(|| Err(waited()))
+        Ok(lock(&self.fake).resources().to_vec())
     }
 
     async fn list(
@@ -281,8 +314,7 @@ impl Cluster for SimCluster {
                 Err(ClusterError::Expired(format!("list {unit}: 410 Gone (injected)")))
             } else {
                 drop(st);
-                let fake = lock(&self.fake);
-                at_once(fake.list(rt, namespace, limit, continue_token)).unwrap_or_else(|| Err(waited()))
+                lock(&self.fake).list_at(self.rt.now(), rt, namespace, limit, continue_token)
             }
         };
         let recorded = match &answer {
@@ -309,9 +341,9 @@ impl Cluster for SimCluster {
             self.hit("get-error");
             Err(ClusterError::Forbidden(format!("get {key}: 403 Forbidden (injected)")))
         } else {
-            let fake = lock(&self.fake);
-            at_once(fake.get(rt, key)).unwrap_or_else(|| Err(waited()))
+            lock(&self.fake).get_at(self.rt.now(), rt, key)
         };
+        self.drain();
         let recorded = match &answer {
             Ok(Some(_)) => GetAnswer::Found,
             Ok(None) => {
@@ -383,6 +415,76 @@ impl Cluster for SimCluster {
             Err(e) => ExecEnd::Failed(e.to_string()),
         });
         result
+    }
+
+    async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError> {
+        let d = self.latency(self.lat.get_ms);
+        self.rt.sleep(d).await;
+        if self.death.is_dead() {
+            return never().await;
+        }
+        let name = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.pointer("/metadata/name").and_then(|n| n.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        let key = match namespace.filter(|_| rt.namespaced) {
+            Some(ns) => ItemKey::namespaced(&rt.gr.group, &rt.gr.resource, ns, &name),
+            None => ItemKey::cluster(&rt.gr.group, &rt.gr.resource, &name),
+        };
+        let answer = lock(&self.fake).create_at(self.rt.now(), rt, namespace, json);
+        self.write_record("create", key, &answer);
+        answer
+    }
+
+    async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
+        let d = self.latency(self.lat.get_ms);
+        self.rt.sleep(d).await;
+        if self.death.is_dead() {
+            return never().await;
+        }
+        let answer = lock(&self.fake).patch_at(self.rt.now(), rt, key, merge_patch);
+        self.write_record("patch", key.clone(), &answer);
+        answer
+    }
+
+    async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        let d = self.latency(self.lat.get_ms);
+        self.rt.sleep(d).await;
+        if self.death.is_dead() {
+            return never().await;
+        }
+        let answer = lock(&self.fake).delete_at(self.rt.now(), rt, key);
+        let recorded = match &answer {
+            Ok(false) => Err(ClusterError::NotFound(String::new())),
+            Ok(true) => Ok(()),
+            Err(e) => Err(e.clone()),
+        };
+        self.write_record("delete", key.clone(), &recorded);
+        answer
+    }
+
+    /// Sleeps on virtual time until the fake controller's next change of the object (or the
+    /// timeout), then answers like a get.
+    async fn watch(
+        &self,
+        rt: &ResourceType,
+        key: &ItemKey,
+        resource_version: &str,
+        timeout_ms: u64,
+    ) -> Result<Option<String>, ClusterError> {
+        if self.death.is_dead() {
+            return never().await;
+        }
+        let wait = lock(&self.fake).watch_wait(self.rt.now(), key, resource_version, timeout_ms);
+        if wait > 0 {
+            self.rt.sleep(wait).await;
+        }
+        if self.death.is_dead() {
+            return never().await;
+        }
+        let answer = lock(&self.fake).get_at(self.rt.now(), rt, key);
+        self.drain();
+        answer
     }
 }
 

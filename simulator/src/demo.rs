@@ -95,6 +95,10 @@ const CRBS: Gr = (RBAC, "clusterrolebindings");
 const CLUSTERROLES: Gr = (RBAC, "clusterroles");
 const PRIORITYCLASSES: Gr = ("scheduling.k8s.io", "priorityclasses");
 const STORAGECLASSES: Gr = ("storage.k8s.io", "storageclasses");
+const SNAPSHOTCLASSES: Gr = ("snapshot.storage.k8s.io", "volumesnapshotclasses");
+const GROUPSNAPSHOTCLASSES: Gr = ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses");
+/// The CSI driver of the demo's volumes.
+pub const DEMO_CSI_DRIVER: &str = "pd.csi.storage.gke.io";
 
 /// Every resource type the demo cluster serves, at its preferred version.
 pub fn demo_resource_types() -> Vec<ResourceType> {
@@ -117,7 +121,15 @@ pub fn demo_resource_types() -> Vec<ResourceType> {
     ]
     .into_iter()
     .map(|(g, v, r, k, n)| ResourceType::new(g, v, r, k, n))
+    .chain(crate::csi::snapshot_resources(Some("v1")))
     .collect()
+}
+
+/// How the demo's fake CSI driver behaves for a demo with `latency_ms` of API latency: a cut takes
+/// a few API round trips, readiness ten times longer.
+pub fn demo_csi(latency_ms: u64) -> crate::csi::CsiConfig {
+    let timing = crate::csi::Timing { cut_ms: 20 + 2 * latency_ms, ready_ms: 100 + 10 * latency_ms };
+    crate::csi::CsiConfig { default: crate::csi::Behaviour { timing, fault: None }, ..Default::default() }
 }
 
 /// How many namespaces a demo of `objects` objects has: about 10 for 2000, at least 2, at most 64.
@@ -444,6 +456,22 @@ impl Gen {
                        "volumeBindingMode": "WaitForFirstConsumer", "allowVolumeExpansion": true}),
             );
         }
+        self.add(
+            SNAPSHOTCLASSES,
+            "VolumeSnapshotClass",
+            None,
+            "pd-snapshots",
+            json!({"annotations": {blockwise_engine::snapshot::DEFAULT_CLASS_ANNOTATION: "true"}}),
+            json!({"driver": DEMO_CSI_DRIVER, "deletionPolicy": "Delete", "parameters": {"storage-locations": "europe-west1"}}),
+        );
+        self.add(
+            GROUPSNAPSHOTCLASSES,
+            "VolumeGroupSnapshotClass",
+            None,
+            "pd-group-snapshots",
+            json!({"labels": {blockwise_engine::snapshot::GROUP_CLASS_LABEL: "true"}}),
+            json!({"driver": DEMO_CSI_DRIVER, "deletionPolicy": "Delete"}),
+        );
         for (name, value, desc) in [
             ("high-priority", 1_000_000, "Stateful services that must not be preempted."),
             ("batch-low", 100, "Batch work that may wait."),
@@ -1052,7 +1080,7 @@ mod tests {
         assert_eq!(block_on(c.exec(&pg, "postgres", &cmd(UNFREEZE_COMMAND))).unwrap().exit_code, 0);
         assert!(block_on(c.exec(&pg, "nope", &cmd(FREEZE_COMMAND))).is_err());
         assert_eq!(c.exec_records().len(), 4);
-        assert_eq!(block_on(c.discover()).unwrap().len(), 15);
+        assert_eq!(block_on(c.discover()).unwrap().len(), 21, "15 built-in resources and the 6 snapshot CRDs");
     }
 
     #[test]

@@ -13,13 +13,19 @@
 //! simulator's G3 check — in a seeded order that is stable across pages ([`FakeCluster::with_list_order_seed`]).
 //! Every exec is recorded when it starts — in memory and optionally in an append-only JSON-lines
 //! file that survives a SIGKILL of the process — so tests can check hook ordering across crashes.
+//!
+//! Objects can also be created, merge-patched, deleted and watched ([`crate::csi`]: an overlay over
+//! the built-in objects, with finalizers and a fake CSI snapshot controller). The overlay can be
+//! kept in a JSON file ([`FakeCluster::with_state_file`], written atomically after every change),
+//! so the demo cluster's snapshots outlive a killed `blockwise` process as a real cluster's would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use blockwise_adapters::world::Runtime;
@@ -27,6 +33,8 @@ use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::csi::{CsiConfig, CsiEvent, Dynamic, Statics, StorageSnapshot};
 
 /// How long a [`ExecScript::Hang`] exec sleeps: one hour, far beyond any hook timeout.
 pub const HANG_MS: u64 = 3_600_000;
@@ -108,6 +116,11 @@ pub struct FakeCluster {
     list_order_seed: Option<u64>,
     exec_log: Option<PathBuf>,
     execs: Mutex<ExecState>,
+    csi: CsiConfig,
+    dynamic: Mutex<Dynamic>,
+    state_file: Option<PathBuf>,
+    /// The clock of a fake cluster without one: a watch moves it to the next change.
+    virtual_now: AtomicU64,
 }
 
 impl fmt::Debug for FakeCluster {
@@ -198,6 +211,215 @@ impl FakeCluster {
         }
         self.exec_log = Some(path);
         self
+    }
+
+    /// Sets how the fake CSI driver behaves.
+    pub fn with_csi(mut self, config: CsiConfig) -> Self {
+        self.csi = config;
+        self
+    }
+
+    /// Keeps the written objects and the snapshot controller's state in `path` (JSON), loading
+    /// what an earlier process left there. A file that does not parse is an error naming it.
+    pub fn with_state_file(mut self, path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let d: Dynamic = serde_json::from_slice(&bytes).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("fake cluster state {}: {e}", path.display()))
+                })?;
+                *self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner) = d;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.state_file = Some(path);
+        Ok(self)
+    }
+
+    fn dyn_lock(&self) -> MutexGuard<'_, Dynamic> {
+        self.dynamic.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn statics(&self) -> Statics<'_> {
+        Statics { objects: &self.objects, resources: &self.resources, config: &self.csi }
+    }
+
+    /// Writes the overlay to the state file, if there is one (atomically: a temporary file renamed).
+    fn persist(&self, d: &Dynamic) {
+        let Some(path) = &self.state_file else { return };
+        let write = || -> io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, serde_json::to_vec(d).map_err(io::Error::other)?)?;
+            fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            // The fake cluster has no error channel for this; say it where a user sees it.
+            eprintln!("warning: cannot write the demo cluster's state {}: {e}", path.display());
+        }
+    }
+
+    /// The cluster's clock: the injected one, else the virtual clock watches advance.
+    pub fn now(&self) -> u64 {
+        match &self.sleeper {
+            Some(s) => s.now_ms(),
+            None => self.virtual_now.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Runs the snapshot controller's jobs due at `now`.
+    pub fn settle_at(&self, now: u64) {
+        let mut d = self.dyn_lock();
+        if d.settle(&self.statics(), now) {
+            self.persist(&d);
+        }
+    }
+
+    /// The fake driver's storage snapshots, by handle.
+    pub fn storage_snapshots(&self) -> BTreeMap<String, StorageSnapshot> {
+        self.dyn_lock().storage.clone()
+    }
+
+    /// Snapshot objects (not classes) that exist now.
+    pub fn snapshot_objects(&self) -> Vec<ItemKey> {
+        self.dyn_lock().snapshot_objects()
+    }
+
+    /// Takes the snapshot controller's events recorded since the last call.
+    pub fn take_csi_events(&self) -> Vec<CsiEvent> {
+        self.dyn_lock().take_events()
+    }
+
+    /// When the next scheduled change of `key` happens.
+    pub fn next_change(&self, key: &ItemKey) -> Option<u64> {
+        self.dyn_lock().next_change(key)
+    }
+
+    /// Creates an object at time `now`.
+    pub fn create_at(
+        &self,
+        now: u64,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        json: &str,
+    ) -> Result<String, ClusterError> {
+        self.discovered(rt)?;
+        let mut d = self.dyn_lock();
+        let r = d.create(&self.statics(), now, rt, namespace, json);
+        self.persist(&d);
+        r.map(|v| v.to_string())
+    }
+
+    /// Merge-patches an object at time `now`.
+    pub fn patch_at(&self, now: u64, rt: &ResourceType, key: &ItemKey, patch: &str) -> Result<String, ClusterError> {
+        self.discovered(rt)?;
+        let mut d = self.dyn_lock();
+        let r = d.patch(&self.statics(), now, key, patch);
+        self.persist(&d);
+        r.map(|v| v.to_string())
+    }
+
+    /// Deletes an object at time `now`.
+    pub fn delete_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        self.discovered(rt)?;
+        let mut d = self.dyn_lock();
+        let r = d.delete(&self.statics(), now, key);
+        self.persist(&d);
+        r
+    }
+
+    /// One object at time `now`, as a get serves it (apiVersion and kind set).
+    pub fn get_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
+        self.discovered(rt)?;
+        let mut d = self.dyn_lock();
+        if d.settle(&self.statics(), now) {
+            self.persist(&d);
+        }
+        let Some(mut obj) = d.lookup(&self.statics(), key) else { return Ok(None) };
+        if let Some(map) = obj.as_object_mut() {
+            map.insert("apiVersion".into(), Value::String(rt.api_version()));
+            map.insert("kind".into(), Value::String(rt.kind.clone()));
+        }
+        serde_json::to_string(&obj).map(Some).map_err(|e| ClusterError::Other(e.to_string()))
+    }
+
+    /// How long a watch of `key` from `resource_version` at `now` waits: 0 when the object changed
+    /// already, else until its next scheduled change, at most `timeout_ms`.
+    pub fn watch_wait(&self, now: u64, key: &ItemKey, resource_version: &str, timeout_ms: u64) -> u64 {
+        let mut d = self.dyn_lock();
+        if d.settle(&self.statics(), now) {
+            self.persist(&d);
+        }
+        let current = d.lookup(&self.statics(), key);
+        let rv = current.as_ref().and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
+        if current.is_none() || rv != Some(resource_version) {
+            return 0;
+        }
+        d.next_change(key).map_or(timeout_ms, |t| t.saturating_sub(now).min(timeout_ms))
+    }
+
+    /// One page of a list at time `now` (see [`Cluster::list`]).
+    pub fn list_at(
+        &self,
+        now: u64,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        limit: u32,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage, ClusterError> {
+        self.discovered(rt)?;
+        let offset = match continue_token {
+            None => 0,
+            Some(t) => t.parse::<usize>().map_err(|_| ClusterError::Other(format!("invalid continue token {t:?}")))?,
+        };
+        let mut d = self.dyn_lock();
+        if d.settle(&self.statics(), now) {
+            self.persist(&d);
+        }
+        // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
+        let ns_filter = namespace.filter(|_| rt.namespaced);
+        let mut merged: BTreeMap<&(String, String), &Value> = self
+            .objects
+            .get(&rt.gr)
+            .into_iter()
+            .flat_map(|objs| objs.iter())
+            .filter(|((ns, _), _)| ns_filter.is_none_or(|f| f == ns))
+            .collect();
+        for (k, v) in d.overlay.get(&rt.gr).into_iter().flatten() {
+            if ns_filter.is_some_and(|f| f != k.0) {
+                continue;
+            }
+            match v {
+                Some(v) => {
+                    merged.insert(k, v);
+                }
+                None => {
+                    merged.remove(k);
+                }
+            }
+        }
+        let mut matching: Vec<(&(String, String), &Value)> = merged.into_iter().collect();
+        if let Some(seed) = self.list_order_seed {
+            matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
+        }
+        let matching = matching.into_iter().map(|(_, o)| o);
+        let limit = if limit == 0 { usize::MAX } else { limit as usize };
+        let mut objects = Vec::new();
+        let mut more = false;
+        for obj in matching.skip(offset) {
+            if objects.len() == limit {
+                more = true;
+                break;
+            }
+            let mut obj = obj.clone();
+            if let Some(map) = obj.as_object_mut() {
+                map.remove("apiVersion");
+                map.remove("kind");
+            }
+            objects.push(serde_json::to_string(&obj).map_err(|e| ClusterError::Other(e.to_string()))?);
+        }
+        let continue_token = more.then(|| (offset + objects.len()).to_string());
+        Ok(ListPage { objects, continue_token })
     }
 
     /// The resource types served by discovery.
@@ -350,53 +572,12 @@ impl Cluster for FakeCluster {
         continue_token: Option<&str>,
     ) -> Result<ListPage, ClusterError> {
         self.pause(self.latency.api_ms).await;
-        self.discovered(rt)?;
-        let offset = match continue_token {
-            None => 0,
-            Some(t) => t.parse::<usize>().map_err(|_| ClusterError::Other(format!("invalid continue token {t:?}")))?,
-        };
-        // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
-        let ns_filter = namespace.filter(|_| rt.namespaced);
-        let mut matching: Vec<(&(String, String), &Value)> = self
-            .objects
-            .get(&rt.gr)
-            .into_iter()
-            .flat_map(|objs| objs.iter())
-            .filter(|((ns, _), _)| ns_filter.is_none_or(|f| f == ns))
-            .collect();
-        if let Some(seed) = self.list_order_seed {
-            matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
-        }
-        let matching = matching.into_iter().map(|(_, o)| o);
-        let limit = if limit == 0 { usize::MAX } else { limit as usize };
-        let mut objects = Vec::new();
-        let mut more = false;
-        for obj in matching.skip(offset) {
-            if objects.len() == limit {
-                more = true;
-                break;
-            }
-            let mut obj = obj.clone();
-            if let Some(map) = obj.as_object_mut() {
-                map.remove("apiVersion");
-                map.remove("kind");
-            }
-            objects.push(serde_json::to_string(&obj).map_err(|e| ClusterError::Other(e.to_string()))?);
-        }
-        let continue_token = more.then(|| (offset + objects.len()).to_string());
-        Ok(ListPage { objects, continue_token })
+        self.list_at(self.now(), rt, namespace, limit, continue_token)
     }
 
     async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
         self.pause(self.latency.api_ms).await;
-        self.discovered(rt)?;
-        let Some(obj) = self.object(key) else { return Ok(None) };
-        let mut obj = obj.clone();
-        if let Some(map) = obj.as_object_mut() {
-            map.insert("apiVersion".into(), Value::String(rt.api_version()));
-            map.insert("kind".into(), Value::String(rt.kind.clone()));
-        }
-        serde_json::to_string(&obj).map(Some).map_err(|e| ClusterError::Other(e.to_string()))
+        self.get_at(self.now(), rt, key)
     }
 
     async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
@@ -416,6 +597,42 @@ impl Cluster for FakeCluster {
             },
             None => self.interpret(pod, container, command),
         }
+    }
+
+    async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError> {
+        self.pause(self.latency.api_ms).await;
+        self.create_at(self.now(), rt, namespace, json)
+    }
+
+    async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
+        self.pause(self.latency.api_ms).await;
+        self.patch_at(self.now(), rt, key, merge_patch)
+    }
+
+    async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        self.pause(self.latency.api_ms).await;
+        self.delete_at(self.now(), rt, key)
+    }
+
+    /// Waits until the object's next scheduled change (or the timeout) on the injected clock;
+    /// without one, the cluster's virtual clock jumps there.
+    async fn watch(
+        &self,
+        rt: &ResourceType,
+        key: &ItemKey,
+        resource_version: &str,
+        timeout_ms: u64,
+    ) -> Result<Option<String>, ClusterError> {
+        self.discovered(rt)?;
+        let wait = self.watch_wait(self.now(), key, resource_version, timeout_ms);
+        match &self.sleeper {
+            Some(s) if wait > 0 => s.sleep(wait).await,
+            Some(_) => {}
+            None => {
+                self.virtual_now.fetch_add(wait, Ordering::SeqCst);
+            }
+        }
+        self.get_at(self.now(), rt, key)
     }
 }
 

@@ -1,7 +1,8 @@
 //! blockwise-simulator: fake clusters, the demo workload and the deterministic simulation.
 //!
 //! [`FakeCluster`] implements the engine's [`Cluster`](blockwise_engine::ports::Cluster) port in
-//! memory — discovery, paginated lists, gets and scripted pod execs, with every exec recorded —
+//! memory — discovery, paginated lists, gets and scripted pod execs, with every exec recorded, and
+//! writes with a fake CSI snapshot controller behind them ([`csi`]) —
 //! so the whole backup pipeline runs without Kubernetes. [`demo_cluster`] fills one with a
 //! realistic, seeded workload (the CLI's built-in demo), and [`Rng`] is the seeded PRNG everything
 //! random here derives from.
@@ -17,6 +18,7 @@
 
 pub mod check;
 pub mod cluster;
+pub mod csi;
 pub mod demo;
 pub mod fake;
 pub mod fixture;

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use blockwise_engine::item::ItemKey;
 use serde::Serialize;
 
+use crate::csi::CsiEvent;
+
 /// How an exec ended, as the fake cluster saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum ExecEnd {
@@ -74,6 +76,11 @@ pub enum Record {
     Stopped { at_ms: u64 },
     /// A new process started (the backup is resumed, or created again).
     Restart { at_ms: u64 },
+    /// A write through the API (`create`, `patch`, `delete`) and what it answered (`ok`,
+    /// `exists`, `missing`, or an error kind).
+    Write { at_ms: u64, verb: &'static str, key: ItemKey, answer: &'static str },
+    /// The fake CSI driver cut, failed or deleted a snapshot.
+    Csi(CsiEvent),
 }
 
 /// The shared, append-only record of one simulated run.

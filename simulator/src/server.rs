@@ -9,13 +9,21 @@
 //! `Status` on 3). Exec runs the fake cluster's scripted or interpreted commands, with their latency,
 //! so the exec records of the [`FakeCluster`] are the server's record of every exec call.
 //!
+//! Writes go to the fake cluster's overlay ([`crate::csi`]): `POST` creates (201; 409
+//! `AlreadyExists`), `PATCH` with `application/merge-patch+json` merges (other patch types are 415,
+//! as for custom resources), `DELETE` deletes or marks for deletion. A `GET …?watch=1` with
+//! `fieldSelector=metadata.name=NAME` waits until that object changes (the fake snapshot
+//! controller's next step, or `timeoutSeconds`) and streams one event, which is all kube-rs's
+//! watch-until-changed needs.
+//!
 //! Key decisions: the server holds no state of its own beyond [`Faults`] (injected HTTP errors —
 //! 5xx, 429, 410 on continued lists, 403 — for tests) and a request log; everything else is the
 //! fake cluster's, so an in-memory backup and one through this server see the same objects. Paths
 //! are parsed by hand in one fallback handler rather than by a router table, because the Kubernetes
 //! path grammar (`/api/v1/namespaces/{ns}` is both a get of a namespace and a prefix) does not fit
-//! one. Deliberately absent: TLS, authentication, watches, writes, SPDY exec, OpenAPI (404, which
-//! kubectl tolerates). This module is compiled only with the `server` feature, so the deterministic
+//! one. Deliberately absent: TLS, authentication, watches of whole lists, strategic merge patch,
+//! SPDY exec, OpenAPI (404, which kubectl tolerates), server-side tables (kubectl falls back to
+//! NAME and AGE). This module is compiled only with the `server` feature, so the deterministic
 //! simulator core stays free of tokio.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,9 +33,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use blockwise_engine::item::{ItemKey, ResourceType};
@@ -55,6 +64,8 @@ pub enum Verb {
     Get,
     /// A pod exec (fails before the WebSocket upgrade).
     Exec,
+    /// A create, patch or delete.
+    Write,
 }
 
 /// One injected error: the next `times` matching calls answer `status` instead of being served.
@@ -240,7 +251,9 @@ fn reason_of(code: u16) -> &'static str {
         403 => "Forbidden",
         404 => "NotFound",
         405 => "MethodNotAllowed",
+        409 => "AlreadyExists",
         410 => "Expired",
+        415 => "UnsupportedMediaType",
         429 => "TooManyRequests",
         500 => "InternalError",
         503 => "ServiceUnavailable",
@@ -290,15 +303,25 @@ fn fault_name(rt: &ResourceType) -> String {
     }
 }
 
+/// A request's method, headers and body.
+struct Req<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+}
+
 async fn handle(
     State(s): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
     let query = Query::parse(uri.query());
-    let response = route(&s, &method, &path, &query, ws).await;
+    let req = Req { method: &method, headers: &headers, body: &body };
+    let response = route(&s, &req, &path, &query, ws).await;
     s.requests.lock().unwrap_or_else(PoisonError::into_inner).push(RequestRecord {
         method: method.to_string(),
         path,
@@ -310,19 +333,23 @@ async fn handle(
 
 async fn route(
     s: &Shared,
-    method: &Method,
+    req: &Req<'_>,
     path: &str,
     query: &Query,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let method = req.method;
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
-    let is_exec = segs.last() == Some(&"exec");
-    if method != Method::GET && !(is_exec && method == Method::POST) {
-        return failure(405, format!("{method} {path}: this fake API server is read-only"));
+    let writes = [Method::POST, Method::PATCH, Method::DELETE];
+    if method != Method::GET && !writes.contains(method) {
+        return failure(405, format!("{method} {path}: not supported by this fake API server"));
     }
     let (group, version, rest): (&str, &str, &[&str]) = match segs.as_slice() {
         ["version"] => return json_response(200, &version_info()),
         ["api"] | ["apis"] | ["api", _] | ["apis", _, _] => {
+            if method != Method::GET {
+                return failure(405, format!("{method} {path}: discovery is read-only"));
+            }
             if let Some(code) = s.faults.take(Verb::Discovery, None, false) {
                 return failure(code, format!("discovery {path}: injected error"));
             }
@@ -352,14 +379,108 @@ async fn route(
     if namespace.is_some() && !rt.namespaced {
         return not_found(path);
     }
-    match (name, sub) {
-        (None, _) => list(s, &rt, namespace, query).await,
-        (Some(name), None) => get(s, &rt, namespace, name).await,
-        (Some(name), Some("exec")) if rt.gr.group.is_empty() && rt.gr.resource == "pods" => {
+    let watching = matches!(query.get("watch"), Some("true" | "1"));
+    match (method.as_str(), name, sub) {
+        ("GET", None, _) if watching => watch(s, &rt, namespace, query).await,
+        ("GET", None, _) => list(s, &rt, namespace, query).await,
+        ("GET", Some(name), None) => get(s, &rt, namespace, name).await,
+        ("POST", Some(name), Some("exec")) | ("GET", Some(name), Some("exec"))
+            if rt.gr.group.is_empty() && rt.gr.resource == "pods" =>
+        {
             exec(s, namespace.unwrap_or_default(), name, query, ws).await
         }
+        ("POST", None, None) => write(s, req, &rt, namespace, None).await,
+        ("PATCH" | "DELETE", Some(name), None) => write(s, req, &rt, namespace, Some(name)).await,
         _ => not_found(path),
     }
+}
+
+fn object_key(rt: &ResourceType, namespace: Option<&str>, name: &str) -> ItemKey {
+    ItemKey {
+        group: rt.gr.group.clone(),
+        resource: rt.gr.resource.clone(),
+        namespace: namespace.filter(|_| rt.namespaced).map(str::to_string),
+        name: name.to_string(),
+    }
+}
+
+/// A create (`name` is `None`), merge patch or delete.
+async fn write(s: &Shared, req: &Req<'_>, rt: &ResourceType, namespace: Option<&str>, name: Option<&str>) -> Response {
+    let verb = req.method.as_str().to_lowercase();
+    let what = format!("{verb} {}{}", fault_name(rt), name.map(|n| format!(" {n}")).unwrap_or_default());
+    if let Some(code) = s.faults.take(Verb::Write, Some(&fault_name(rt)), false) {
+        return failure(code, format!("{what}: injected error"));
+    }
+    let body = String::from_utf8_lossy(req.body).into_owned();
+    match (req.method.as_str(), name) {
+        ("POST", _) => match s.cluster.create(rt, namespace, &body).await {
+            Ok(obj) => match serde_json::from_str::<Value>(&obj) {
+                Ok(v) => json_response(201, &v),
+                Err(_) => failure(500, format!("{what}: the fake cluster answered an object that is not JSON")),
+            },
+            Err(e) => cluster_error(&what, e),
+        },
+        ("PATCH", Some(name)) => {
+            let ct = req.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let ct = ct.split(';').next().unwrap_or("").trim();
+            if ct != "application/merge-patch+json" {
+                return failure(
+                    415,
+                    format!(
+                        "the body of the request was in an unknown format ({ct}) - accepted media types include: application/merge-patch+json"
+                    ),
+                );
+            }
+            match s.cluster.patch(rt, &object_key(rt, namespace, name), &body).await {
+                Ok(obj) => json_response(200, &serde_json::from_str::<Value>(&obj).unwrap_or(Value::Null)),
+                Err(e) => cluster_error(&what, e),
+            }
+        }
+        ("DELETE", Some(name)) => {
+            let key = object_key(rt, namespace, name);
+            match s.cluster.delete(rt, &key).await {
+                Ok(true) => match s.cluster.get(rt, &key).await {
+                    Ok(Some(obj)) => json_response(200, &serde_json::from_str::<Value>(&obj).unwrap_or(Value::Null)),
+                    _ => json_response(
+                        200,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                "details": {"name": name, "group": rt.gr.group, "kind": rt.gr.resource}}),
+                    ),
+                },
+                Ok(false) => failure(404, format!("{} \"{name}\" not found", fault_name(rt))),
+                Err(e) => cluster_error(&what, e),
+            }
+        }
+        _ => failure(405, format!("{what}: not supported")),
+    }
+}
+
+/// A watch of one object (`fieldSelector=metadata.name=NAME`): waits until it changes from
+/// `resourceVersion`, or `timeoutSeconds` pass, then streams one event and ends.
+async fn watch(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query) -> Response {
+    let what = format!("watch {}", fault_name(rt));
+    let Some(name) = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")) else {
+        return failure(
+            400,
+            format!("{what}: this fake API server watches single objects (fieldSelector=metadata.name=NAME)"),
+        );
+    };
+    let secs = match q.get("timeoutSeconds").map(str::parse::<u64>).transpose() {
+        Ok(t) => t.unwrap_or(60),
+        Err(e) => return failure(400, format!("{what}: invalid timeoutSeconds: {e}")),
+    };
+    let key = object_key(rt, namespace, name);
+    let rv = q.get("resourceVersion").unwrap_or("");
+    let got = match s.cluster.watch(rt, &key, rv, secs.saturating_mul(1000)).await {
+        Ok(o) => o,
+        Err(e) => return cluster_error(&what, e),
+    };
+    let event = match got.and_then(|o| serde_json::from_str::<Value>(&o).ok()) {
+        Some(obj) => json!({"type": "MODIFIED", "object": obj}),
+        None => json!({"type": "DELETED", "object": {"apiVersion": rt.api_version(), "kind": rt.kind,
+            "metadata": {"name": name, "namespace": namespace}}}),
+    };
+    json_response(200, &event)
 }
 
 fn version_info() -> Value {
@@ -419,7 +540,7 @@ fn resource_list(s: &Shared, group: &str, version: &str) -> Option<Value> {
             "singularName": rt.kind.to_lowercase(),
             "namespaced": rt.namespaced,
             "kind": rt.kind,
-            "verbs": ["get", "list"],
+            "verbs": ["create", "delete", "get", "list", "patch", "watch"],
         }));
         if group.is_empty() && rt.gr.resource == "pods" {
             resources.push(json!({"name": "pods/exec", "singularName": "", "namespaced": true,
@@ -445,6 +566,12 @@ fn short_names(resource: &str) -> &'static [&'static str] {
         "statefulsets" => &["sts"],
         "priorityclasses" => &["pc"],
         "storageclasses" => &["sc"],
+        "volumesnapshots" => &["vs"],
+        "volumesnapshotcontents" => &["vsc", "vscs"],
+        "volumesnapshotclasses" => &["vsclass", "vsclasses"],
+        "volumegroupsnapshots" => &["vgs"],
+        "volumegroupsnapshotcontents" => &["vgsc", "vgscs"],
+        "volumegroupsnapshotclasses" => &["vgsclass", "vgsclasses"],
         _ => &[],
     }
 }
@@ -461,6 +588,8 @@ fn cluster_error(what: &str, e: ClusterError) -> Response {
         ClusterError::Expired(m) => failure(410, format!("{what}: {m}")),
         ClusterError::Forbidden(m) => failure(403, format!("{what}: {m}")),
         ClusterError::Unavailable(m) => failure(503, format!("{what}: {m}")),
+        ClusterError::NotFound(m) => failure(404, m),
+        ClusterError::AlreadyExists(m) => failure(409, m),
         ClusterError::Other(m) if m.starts_with("invalid continue token") => failure(400, format!("{what}: {m}")),
         ClusterError::Other(m) => failure(500, format!("{what}: {m}")),
     }

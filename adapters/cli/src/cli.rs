@@ -27,6 +27,7 @@ use blockwise_adapters::store::Store;
 use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
+use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{parse_ordered_resources, validate_backup_name, BackupSpec, DEFAULT_VOLUME_GROUP_LABEL};
 use blockwise_engine::state::BackupState;
 use blockwise_simulator::demo;
@@ -93,7 +94,8 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         let d = &a.demo;
         let cluster = demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults)
             .with_latency(blockwise_simulator::fake::Latency { api_ms: d.demo_latency_ms, exec_ms: d.demo_latency_ms })
-            .with_clock(Arc::new(TokioRuntime));
+            .with_clock(Arc::new(TokioRuntime))
+            .with_csi(demo::demo_csi(d.demo_latency_ms));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
         let server = FakeApiServer::start(Arc::new(cluster), addr)
             .await
@@ -271,6 +273,24 @@ struct CreateArgs {
     /// Objects per list page.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
+    /// Take CSI volume snapshots of the backup's claims inside their blocks' hook windows
+    /// (Velero's --snapshot-volumes); false backs up manifests only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    snapshot_volumes: Option<bool>,
+    /// How long to wait for a CSI snapshot to be cut (its handle set), e.g. 10m or 90s.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    csi_snapshot_timeout: u64,
+    /// How long a cut snapshot may take to become ready to use, e.g. 4h.
+    #[arg(long, default_value = "4h", value_parser = parse_duration)]
+    item_operation_timeout: u64,
+    /// Backup annotations, key=value (comma-separated); e.g.
+    /// velero.io/csi-volumesnapshot-class_<driver>=<class> picks a snapshot class per driver.
+    #[arg(long, value_delimiter = ',')]
+    annotations: Vec<String>,
+    /// The backup's uid (labels and names its snapshots); default a new one. The in-cluster
+    /// controller passes the Backup object's uid; tests pass one to compare two runs' archives.
+    #[arg(long)]
+    uid: Option<String>,
     /// Wait for the backup to finish (always the case: the backup runs in this process).
     #[arg(long)]
     wait: bool,
@@ -305,6 +325,44 @@ struct DescribeArgs {
 struct NamedArgs {
     /// Backup name.
     name: String,
+}
+
+/// A Go-style duration (`10m`, `90s`, `1h30m`, `500ms`) in milliseconds, for clap.
+fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    match blockwise_engine::hooks::parse_go_duration_ms(s) {
+        Some(ms) if ms > 0 => Ok(ms),
+        _ => Err(format!("{s:?} is not a positive duration (e.g. 10m, 90s, 1h30m)")),
+    }
+}
+
+/// A `--uid`: a label value (at most 63 letters, digits, '-', '_', '.'), or empty for a new one.
+fn parse_uid(uid: Option<&str>) -> Result<String> {
+    let Some(u) = uid else { return Ok(String::new()) };
+    let ok = !u.is_empty()
+        && u.len() <= 63
+        && u.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && u.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && u.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(u.to_string())
+    } else {
+        Err(usage(format!(
+            "--uid {u:?}: expected 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// `key=value` backup annotations.
+fn parse_annotations(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in pairs.iter().filter(|p| !p.trim().is_empty()) {
+        let (k, v) = p
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| usage(format!("--annotations {p:?}: expected key=value")))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
 }
 
 fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
@@ -357,10 +415,14 @@ fn build_cluster(
 ) -> Result<Arc<dyn Cluster>> {
     match source {
         ClusterSource::Demo { objects, seed, latency_ms, faults } => {
+            let state = data.demo_cluster_state(name);
             let fake = demo::demo_cluster_with(*objects, *seed, *faults)
                 .with_latency(blockwise_simulator::fake::Latency { api_ms: *latency_ms, exec_ms: *latency_ms })
                 .with_clock(Arc::new(TokioRuntime))
-                .with_exec_log(data.demo_exec_log(name));
+                .with_csi(demo::demo_csi(*latency_ms))
+                .with_exec_log(data.demo_exec_log(name))
+                .with_state_file(&state)
+                .with_context(|| format!("loading the demo cluster's state {}", state.display()))?;
             Ok(Arc::new(fake))
         }
         ClusterSource::Kube { kubeconfig, context } => {
@@ -581,7 +643,14 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     // backup behind.
     let cluster = build_cluster(&source, data, &a.name, &rt)?;
     let workers = a.workers as usize;
-    let req = CreateRequest { spec, workers, source: source.clone(), storage };
+    let options = BackupOptions {
+        snapshot_volumes: a.snapshot_volumes,
+        csi_snapshot_timeout_ms: a.csi_snapshot_timeout,
+        item_operation_timeout_ms: a.item_operation_timeout,
+        annotations: parse_annotations(&a.annotations)?,
+        uid: parse_uid(a.uid.as_deref())?,
+    };
+    let req = CreateRequest { spec, workers, options, source: source.clone(), storage };
     let session = Session::create(data, req).map_err(session_err)?;
     let code = run_session(session, cluster, store, (workers, a.page_size), &rt)?;
     if matches!(source, ClusterSource::Demo { faults: false, .. }) {

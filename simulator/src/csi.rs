@@ -1,0 +1,1206 @@
+//! The fake cluster's writable side: objects created, patched and deleted through the API, with
+//! Kubernetes' finalizer semantics, and a fake CSI snapshot controller and driver behind the
+//! `snapshot.storage.k8s.io` and `groupsnapshot.storage.k8s.io` resources.
+//!
+//! [`Dynamic`] is an overlay over the fake cluster's built-in objects (a created object, a changed
+//! one, a deleted one). The controller is **lazy**: creating a VolumeSnapshot schedules jobs (cut
+//! at `+cut_ms`, ready at `+ready_ms` after that) and every API call first runs the jobs that are
+//! due ([`Dynamic::settle`]), so the same code runs on tokio's clock (demo, API server) and on the
+//! simulator's virtual clock, and a watch can sleep exactly until the next change of the object it
+//! watches ([`Dynamic::next_change`]). What it does follows external-snapshotter: a content
+//! `snapcontent-<uid>` bound to each snapshot, a handle and a restore size when the driver cuts,
+//! `readyToUse` later; a VolumeGroupSnapshot selects claims by `matchLabels` and, when cut,
+//! creates a group content and one member VolumeSnapshot (owned by the group, with the in-group
+//! finalizer) and content per claim, named `snapshot-<sha256(group uid + volume handle)>`.
+//! Deleting a content with `deletionPolicy: Delete` deletes its storage snapshot; `Retain` keeps it.
+//!
+//! Key decisions: the fake driver's identities are **deterministic** — an object's uid is a hash
+//! of its key and how many times that name was created, a handle a hash of its content's name — so
+//! two backups of the same cluster that create the same snapshots get the same facts (the
+//! simulator's E2 and the CLI's kill-and-resume test compare archives byte for byte). Faults per
+//! claim or group ([`CsiFault`]): an error, a handle never set, never ready, a group missing a
+//! member. Every cut, failure and storage deletion is an event ([`CsiEvent`]) for the judges, and
+//! [`Dynamic::storage`] says which storage snapshots exist. Deliberately absent: watches of lists,
+//! resourceVersion conflicts (writes are last-write-wins), strategic merge patch.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
+use blockwise_engine::ports::ClusterError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The API group of VolumeSnapshots.
+pub const SNAP: &str = "snapshot.storage.k8s.io";
+/// The API group of VolumeGroupSnapshots.
+pub const GSNAP: &str = "groupsnapshot.storage.k8s.io";
+const AS_SOURCE: &str = "snapshot.storage.kubernetes.io/volumesnapshot-as-source-protection";
+const VS_BOUND: &str = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection";
+const IN_GROUP: &str = "snapshot.storage.kubernetes.io/volumesnapshot-in-group-protection";
+const VSC_BOUND: &str = "snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection";
+const VGS_BOUND: &str = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshot-bound-protection";
+const VGSC_BOUND: &str = "groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection";
+/// Restore size of a claim without a storage request.
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// The resource types of the snapshot CRDs: the snapshot kinds at v1, the group kinds at
+/// `group_version` (none when `None`).
+pub fn snapshot_resources(group_version: Option<&str>) -> Vec<ResourceType> {
+    let mut out = vec![
+        ResourceType::new(SNAP, "v1", "volumesnapshots", "VolumeSnapshot", true),
+        ResourceType::new(SNAP, "v1", "volumesnapshotcontents", "VolumeSnapshotContent", false),
+        ResourceType::new(SNAP, "v1", "volumesnapshotclasses", "VolumeSnapshotClass", false),
+    ];
+    if let Some(v) = group_version {
+        out.push(ResourceType::new(GSNAP, v, "volumegroupsnapshots", "VolumeGroupSnapshot", true));
+        out.push(ResourceType::new(GSNAP, v, "volumegroupsnapshotcontents", "VolumeGroupSnapshotContent", false));
+        out.push(ResourceType::new(GSNAP, v, "volumegroupsnapshotclasses", "VolumeGroupSnapshotClass", false));
+    }
+    out
+}
+
+/// How long the fake driver takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    /// From the snapshot's creation to its handle.
+    pub cut_ms: u64,
+    /// From the handle to `readyToUse`.
+    pub ready_ms: u64,
+}
+
+/// A deliberate misbehaviour of the fake driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CsiFault {
+    /// The snapshot fails: `status.error` is set where the handle would be.
+    Error,
+    /// The snapshot is bound to a content whose handle is never set.
+    NeverHandle,
+    /// The snapshot is cut but never becomes ready to use.
+    NeverReady,
+    /// A group snapshot is cut without the member of its last claim.
+    Partial,
+}
+
+/// How the fake driver treats one claim or one volume group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Behaviour {
+    /// Its timing.
+    pub timing: Timing,
+    /// Its fault, if any.
+    pub fault: Option<CsiFault>,
+}
+
+/// The fake driver's behaviour per claim and per volume group, by (namespace, name or label value).
+#[derive(Debug, Clone, Default)]
+pub struct CsiConfig {
+    /// Behaviour of everything not listed below.
+    pub default: Behaviour,
+    /// Per claim (its single snapshots).
+    pub claims: BTreeMap<(String, String), Behaviour>,
+    /// Per volume group (its group snapshots).
+    pub groups: BTreeMap<(String, String), Behaviour>,
+}
+
+/// One storage snapshot the fake driver holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageSnapshot {
+    /// Its handle.
+    pub handle: String,
+    /// The claim it is a snapshot of.
+    pub claim: ItemKey,
+    /// The group snapshot's handle, for a member of one.
+    pub group: Option<String>,
+    /// When it was cut.
+    pub cut_ms: u64,
+    /// When it was deleted, if it was.
+    pub deleted_ms: Option<u64>,
+}
+
+/// What the fake driver did, for the judges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum CsiEvent {
+    /// Storage snapshots were cut at one instant: one per claim of `object` (a VolumeSnapshot, or
+    /// a VolumeGroupSnapshot), which was created at `created_ms`.
+    Cut { at_ms: u64, object: ItemKey, created_ms: u64, members: Vec<(ItemKey, String)> },
+    /// The snapshot `object` failed.
+    Failed { at_ms: u64, object: ItemKey, message: String },
+    /// A storage snapshot was deleted.
+    Deleted { at_ms: u64, handle: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum JobKind {
+    Cut,
+    Ready,
+    GroupCut,
+    GroupReady,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    at: u64,
+    kind: JobKind,
+    /// The VolumeSnapshot or VolumeGroupSnapshot.
+    target: ItemKey,
+    /// Its uid when scheduled: a job for a deleted and re-created object does nothing.
+    uid: String,
+    /// Objects the job changes (for watches).
+    touches: Vec<ItemKey>,
+    /// Its fault.
+    fault: Option<CsiFault>,
+    /// Its ready delay.
+    ready_ms: u64,
+    /// When the snapshot was created.
+    created: u64,
+}
+
+/// The built-in objects and configuration the overlay reads.
+pub struct Statics<'a> {
+    /// Built-in objects, by resource then (namespace, name).
+    pub objects: &'a BTreeMap<GroupResource, BTreeMap<(String, String), Value>>,
+    /// Discovery.
+    pub resources: &'a [ResourceType],
+    /// The driver's behaviour.
+    pub config: &'a CsiConfig,
+}
+
+/// Created, changed and deleted objects, and the snapshot controller's state; see the module docs.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Dynamic {
+    /// Objects written through the API: the object, or `None` when deleted.
+    #[serde(with = "overlay_entries")]
+    pub overlay: Overlay,
+    jobs: Vec<Job>,
+    /// Storage snapshots, by handle.
+    pub storage: BTreeMap<String, StorageSnapshot>,
+    next_rv: u64,
+    incarnations: BTreeMap<String, u64>,
+    /// Events not yet taken ([`Dynamic::take_events`]).
+    #[serde(skip)]
+    events: Vec<CsiEvent>,
+}
+
+/// Written objects by resource, then (namespace or "", name): the object, or `None` when deleted.
+pub type Overlay = BTreeMap<GroupResource, BTreeMap<(String, String), Option<Value>>>;
+
+/// The overlay as lists of entries: JSON object keys must be strings.
+mod overlay_entries {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    type Entries = Vec<(GroupResource, Vec<((String, String), Option<Value>)>)>;
+
+    pub fn serialize<S: Serializer>(o: &Overlay, s: S) -> Result<S::Ok, S::Error> {
+        let entries: Entries =
+            o.iter().map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())).collect();
+        entries.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Overlay, D::Error> {
+        let entries = Entries::deserialize(d)?;
+        Ok(entries.into_iter().map(|(g, m)| (g, m.into_iter().collect())).collect())
+    }
+}
+
+fn slot(key: &ItemKey) -> (String, String) {
+    (key.namespace.clone().unwrap_or_default(), key.name.clone())
+}
+
+fn key_of(gr: &GroupResource, ns: &str, name: &str, namespaced: bool) -> ItemKey {
+    if namespaced {
+        ItemKey::namespaced(&gr.group, &gr.resource, ns, name)
+    } else {
+        ItemKey::cluster(&gr.group, &gr.resource, name)
+    }
+}
+
+fn vs_key(ns: &str, name: &str) -> ItemKey {
+    ItemKey::namespaced(SNAP, "volumesnapshots", ns, name)
+}
+
+fn vsc_key(name: &str) -> ItemKey {
+    ItemKey::cluster(SNAP, "volumesnapshotcontents", name)
+}
+
+fn vgs_key(ns: &str, name: &str) -> ItemKey {
+    ItemKey::namespaced(GSNAP, "volumegroupsnapshots", ns, name)
+}
+
+fn vgsc_key(name: &str) -> ItemKey {
+    ItemKey::cluster(GSNAP, "volumegroupsnapshotcontents", name)
+}
+
+fn hex(parts: &[&str], n: usize) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(n).map(|b| format!("{b:02x}")).collect()
+}
+
+fn uuid(parts: &[&str]) -> String {
+    let x = hex(parts, 16);
+    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+}
+
+fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
+    v.pointer(p).and_then(Value::as_str).filter(|x| !x.is_empty())
+}
+
+fn finalizers(v: &Value) -> Vec<String> {
+    v.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn set_finalizers(v: &mut Value, f: &[String]) {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        if f.is_empty() {
+            m.remove("finalizers");
+        } else {
+            m.insert("finalizers".into(), json!(f));
+        }
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// Whether objects of `gr` have a status subresource (a create drops `.status`, a patch of the
+/// object keeps the old one), as the snapshot CRDs declare.
+fn has_status(gr: &GroupResource) -> bool {
+    (gr.group == SNAP && gr.resource != "volumesnapshotclasses")
+        || (gr.group == GSNAP && gr.resource != "volumegroupsnapshotclasses")
+}
+
+/// RFC 3339 of Unix milliseconds.
+fn time(ms: u64) -> String {
+    blockwise_adapters::report::rfc3339(ms)
+}
+
+fn quantity(q: Option<&str>) -> u64 {
+    q.and_then(blockwise_engine::snapshot::parse_quantity).unwrap_or(DEFAULT_SIZE)
+}
+
+impl Dynamic {
+    /// An object as the API serves it now: overlay first, then the built-in objects.
+    pub fn lookup(&self, st: &Statics<'_>, key: &ItemKey) -> Option<Value> {
+        let gr = key.gr();
+        match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {
+            Some(v) => v.clone(),
+            None => st.objects.get(&gr).and_then(|o| o.get(&slot(key))).cloned(),
+        }
+    }
+
+    fn put(&mut self, key: &ItemKey, v: Option<Value>) {
+        self.overlay.entry(key.gr()).or_default().insert(slot(key), v);
+    }
+
+    fn bump(&mut self, v: &mut Value) {
+        self.next_rv += 1;
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.insert("resourceVersion".into(), json!(self.next_rv.to_string()));
+        }
+    }
+
+    /// Takes the events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<CsiEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// When the next scheduled change of `key` happens, if one is scheduled.
+    pub fn next_change(&self, key: &ItemKey) -> Option<u64> {
+        self.jobs.iter().filter(|j| j.touches.contains(key)).map(|j| j.at).min()
+    }
+
+    /// Runs every job due at `now`, in time order. Returns whether anything changed.
+    pub fn settle(&mut self, st: &Statics<'_>, now: u64) -> bool {
+        let mut changed = false;
+        while let Some(i) =
+            self.jobs.iter().enumerate().filter(|(_, j)| j.at <= now).min_by_key(|(i, j)| (j.at, *i)).map(|(i, _)| i)
+        {
+            let job = self.jobs.remove(i);
+            self.run(st, &job);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Creates an object (see the module docs).
+    pub fn create(
+        &mut self,
+        st: &Statics<'_>,
+        now: u64,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        json: &str,
+    ) -> Result<Value, ClusterError> {
+        self.settle(st, now);
+        let mut obj: Value = serde_json::from_str(json)
+            .map_err(|e| ClusterError::Other(format!("create {}: the body is not JSON: {e}", rt.gr)))?;
+        if !obj.is_object() {
+            return Err(ClusterError::Other(format!("create {}: the body is not an object", rt.gr)));
+        }
+        let name = s(&obj, "/metadata/name")
+            .map(str::to_string)
+            .ok_or_else(|| ClusterError::Other(format!("create {}: metadata.name is required", rt.gr)))?;
+        let ns = if rt.namespaced {
+            let given = s(&obj, "/metadata/namespace").map(str::to_string);
+            match (ns, given) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(ClusterError::Other(format!(
+                        "create {}: the namespace of the object ({b}) does not match the request ({a})",
+                        rt.gr
+                    )))
+                }
+                (Some(a), _) => a.to_string(),
+                (None, Some(b)) => b,
+                (None, None) => return Err(ClusterError::Other(format!("create {}: a namespace is required", rt.gr))),
+            }
+        } else {
+            String::new()
+        };
+        let key = key_of(&rt.gr, &ns, &name, rt.namespaced);
+        if self.lookup(st, &key).is_some() {
+            return Err(ClusterError::AlreadyExists(format!("{} \"{name}\" already exists", rt.gr)));
+        }
+        let id = format!("{}/{ns}/{name}", rt.gr);
+        let n = self.incarnations.entry(id.clone()).or_insert(0);
+        *n += 1;
+        let uid = uuid(&["uid", &id, &n.to_string()]);
+        if let Some(m) = obj.as_object_mut() {
+            m.insert("apiVersion".into(), json!(rt.api_version()));
+            m.insert("kind".into(), json!(rt.kind));
+            if has_status(&rt.gr) {
+                m.remove("status");
+            }
+        }
+        if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.insert("uid".into(), json!(uid));
+            m.insert("creationTimestamp".into(), json!(time(now)));
+            m.insert("generation".into(), json!(1));
+            if rt.namespaced {
+                m.insert("namespace".into(), json!(ns));
+            }
+        }
+        self.bump(&mut obj);
+        self.put(&key, Some(obj.clone()));
+        if rt.gr.group == SNAP && rt.gr.resource == "volumesnapshots" {
+            self.snapshot_created(st, now, &key);
+        } else if rt.gr.group == GSNAP && rt.gr.resource == "volumegroupsnapshots" {
+            self.group_created(st, now, &key);
+        }
+        self.reconcile(st, now);
+        Ok(self.lookup(st, &key).unwrap_or(obj))
+    }
+
+    /// Applies a JSON merge patch.
+    pub fn patch(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, patch: &str) -> Result<Value, ClusterError> {
+        self.settle(st, now);
+        let p: Value = serde_json::from_str(patch)
+            .map_err(|e| ClusterError::Other(format!("patch {key}: the patch is not JSON: {e}")))?;
+        let mut obj = self
+            .lookup(st, key)
+            .ok_or_else(|| ClusterError::NotFound(format!("{} \"{}\" not found", key.gr(), key.name)))?;
+        let status = obj.get("status").cloned();
+        let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
+        let before = finalizers(&obj);
+        merge_patch(&mut obj, &p);
+        if has_status(&key.gr()) {
+            match status {
+                Some(s) => obj["status"] = s,
+                None => {
+                    if let Some(m) = obj.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        }
+        if deleting && finalizers(&obj).iter().any(|f| !before.contains(f)) {
+            return Err(ClusterError::Other(format!(
+                "patch {key}: no new finalizers can be added if the object is being deleted"
+            )));
+        }
+        self.bump(&mut obj);
+        self.put(key, Some(obj));
+        self.reconcile(st, now);
+        self.lookup(st, key).map_or_else(|| Ok(json!({"kind": "Status", "status": "Success"})), Ok)
+    }
+
+    /// Deletes an object (marks it, when it has finalizers); `Ok(false)` when there is none.
+    pub fn delete(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) -> Result<bool, ClusterError> {
+        self.settle(st, now);
+        let Some(mut obj) = self.lookup(st, key) else { return Ok(false) };
+        if finalizers(&obj).is_empty() {
+            self.remove(st, now, key, &obj);
+        } else if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.insert("deletionTimestamp".into(), json!(time(now)));
+                m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            }
+            self.bump(&mut obj);
+            self.put(key, Some(obj));
+        }
+        self.reconcile(st, now);
+        Ok(true)
+    }
+
+    /// Removes an object for good, with what its removal does to storage.
+    fn remove(&mut self, _st: &Statics<'_>, now: u64, key: &ItemKey, obj: &Value) {
+        self.put(key, None);
+        let delete_policy = s(obj, "/spec/deletionPolicy") == Some("Delete");
+        if key.is(SNAP, "volumesnapshotcontents") && delete_policy {
+            if let Some(h) = s(obj, "/status/snapshotHandle") {
+                self.delete_storage(now, h);
+            }
+        }
+        if key.is(GSNAP, "volumegroupsnapshotcontents") && delete_policy {
+            let handles: Vec<String> = obj
+                .pointer("/status/volumeSnapshotInfoList")
+                .and_then(Value::as_array)
+                .map(|l| l.iter().filter_map(|i| s(i, "/snapshotHandle").map(str::to_string)).collect())
+                .unwrap_or_default();
+            for h in handles {
+                self.delete_storage(now, &h);
+            }
+        }
+    }
+
+    fn delete_storage(&mut self, now: u64, handle: &str) {
+        if let Some(snap) = self.storage.get_mut(handle).filter(|s| s.deleted_ms.is_none()) {
+            snap.deleted_ms = Some(now);
+            self.events.push(CsiEvent::Deleted { at_ms: now, handle: handle.to_string() });
+        }
+    }
+
+    /// Objects being deleted whose controller finalizers can go: the controller's deletion work,
+    /// until nothing changes.
+    fn reconcile(&mut self, st: &Statics<'_>, now: u64) {
+        for _ in 0..64 {
+            let deleting: Vec<(ItemKey, Value)> = self
+                .overlay
+                .iter()
+                .flat_map(|(gr, objs)| {
+                    objs.iter().filter_map(move |((ns, name), v)| {
+                        let v = v.as_ref()?;
+                        v.pointer("/metadata/deletionTimestamp")?;
+                        let namespaced = !ns.is_empty();
+                        Some((key_of(gr, ns, name, namespaced), v.clone()))
+                    })
+                })
+                .collect();
+            let mut changed = false;
+            for (key, obj) in deleting {
+                changed |= self.finalize(st, now, &key, obj);
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+
+    /// The controller's work for one object being deleted; whether anything changed.
+    fn finalize(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, mut obj: Value) -> bool {
+        let ns = key.namespace.clone().unwrap_or_default();
+        let mut release: Vec<&str> = Vec::new();
+        if key.is(SNAP, "volumesnapshots") {
+            let owner = obj
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .and_then(|r| r.iter().find(|o| o.get("kind").and_then(Value::as_str) == Some("VolumeGroupSnapshot")))
+                .and_then(|o| o.get("name").and_then(Value::as_str))
+                .map(str::to_string);
+            let group_alive = owner.is_some_and(|g| self.lookup(st, &vgs_key(&ns, &g)).is_some());
+            if finalizers(&obj).iter().any(|f| f == IN_GROUP) && group_alive {
+                return false; // SnapshotDeletePending: its group still exists.
+            }
+            if let Some(c) = s(&obj, "/status/boundVolumeSnapshotContentName").map(str::to_string) {
+                if let Some(vsc) = self.lookup(st, &vsc_key(&c)) {
+                    if s(&vsc, "/spec/deletionPolicy") == Some("Delete")
+                        && vsc.pointer("/metadata/deletionTimestamp").is_none()
+                    {
+                        let _ = self.delete(st, now, &vsc_key(&c));
+                    }
+                }
+            }
+            release = vec![AS_SOURCE, VS_BOUND, IN_GROUP];
+        } else if key.is(SNAP, "volumesnapshotcontents") {
+            let vs = match (s(&obj, "/spec/volumeSnapshotRef/namespace"), s(&obj, "/spec/volumeSnapshotRef/name")) {
+                (Some(n), Some(v)) => self.lookup(st, &vs_key(n, v)),
+                _ => None,
+            };
+            if vs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+                release = vec![VSC_BOUND];
+            }
+        } else if key.is(GSNAP, "volumegroupsnapshots") {
+            let uid = s(&obj, "/metadata/uid").unwrap_or_default().to_string();
+            if let Some(c) = s(&obj, "/status/boundVolumeGroupSnapshotContentName").map(str::to_string) {
+                if let Some(vgsc) = self.lookup(st, &vgsc_key(&c)) {
+                    if s(&vgsc, "/spec/deletionPolicy") == Some("Delete")
+                        && vgsc.pointer("/metadata/deletionTimestamp").is_none()
+                    {
+                        let _ = self.delete(st, now, &vgsc_key(&c));
+                    }
+                }
+            }
+            // Garbage collection of the members it still owns.
+            let owned: Vec<ItemKey> = self
+                .overlay
+                .get(&GroupResource::new(SNAP, "volumesnapshots"))
+                .into_iter()
+                .flatten()
+                .filter_map(|((n, name), v)| {
+                    let v = v.as_ref()?;
+                    let refs = v.pointer("/metadata/ownerReferences")?.as_array()?;
+                    let ours = refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()));
+                    (ours && v.pointer("/metadata/deletionTimestamp").is_none()).then(|| vs_key(n, name))
+                })
+                .collect();
+            for m in owned {
+                let _ = self.delete(st, now, &m);
+            }
+            release = vec![VGS_BOUND];
+        } else if key.is(GSNAP, "volumegroupsnapshotcontents") {
+            let vgs =
+                match (s(&obj, "/spec/volumeGroupSnapshotRef/namespace"), s(&obj, "/spec/volumeGroupSnapshotRef/name"))
+                {
+                    (Some(n), Some(v)) => self.lookup(st, &vgs_key(n, v)),
+                    _ => None,
+                };
+            if vgs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+                release = vec![VGSC_BOUND];
+            }
+        }
+        // The object may have changed through the deletions above.
+        if let Some(now_obj) = self.lookup(st, key) {
+            obj = now_obj;
+        } else {
+            return true;
+        }
+        let before = finalizers(&obj);
+        let after: Vec<String> = before.iter().filter(|f| !release.contains(&f.as_str())).cloned().collect();
+        if after.is_empty() {
+            self.remove(st, now, key, &obj);
+            return true;
+        }
+        if after.len() != before.len() {
+            set_finalizers(&mut obj, &after);
+            self.bump(&mut obj);
+            self.put(key, Some(obj));
+            return true;
+        }
+        false
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
+        &mut self,
+        at: u64,
+        kind: JobKind,
+        target: &ItemKey,
+        uid: &str,
+        touches: Vec<ItemKey>,
+        b: Behaviour,
+        created: u64,
+    ) {
+        self.jobs.push(Job {
+            at,
+            kind,
+            target: target.clone(),
+            uid: uid.to_string(),
+            touches,
+            fault: b.fault,
+            ready_ms: b.timing.ready_ms,
+            created,
+        });
+    }
+
+    fn fail(&mut self, now: u64, key: &ItemKey, message: String) {
+        if let Some(mut v) = self.lookup_overlay(key) {
+            v["status"] = json!({"readyToUse": false, "error": {"time": time(now), "message": message}});
+            self.bump(&mut v);
+            self.put(key, Some(v));
+        }
+        self.events.push(CsiEvent::Failed { at_ms: now, object: key.clone(), message });
+    }
+
+    fn lookup_overlay(&self, key: &ItemKey) -> Option<Value> {
+        self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).cloned().flatten()
+    }
+
+    /// What a claim is: its storage request, its volume's driver and handle, or why it cannot be
+    /// snapshotted.
+    fn claim_volume(&self, st: &Statics<'_>, ns: &str, claim: &str) -> Result<(u64, String, String), String> {
+        let pvc = self
+            .lookup(st, &ItemKey::namespaced("", "persistentvolumeclaims", ns, claim))
+            .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} not found"))?;
+        let size = quantity(s(&pvc, "/spec/resources/requests/storage"));
+        let pv = s(&pvc, "/spec/volumeName").filter(|_| s(&pvc, "/status/phase") == Some("Bound"));
+        let pv = pv.ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} is not bound"))?;
+        let pvo = self
+            .lookup(st, &ItemKey::cluster("", "persistentvolumes", pv))
+            .ok_or_else(|| format!("PersistentVolume {pv} not found"))?;
+        let driver = s(&pvo, "/spec/csi/driver").ok_or_else(|| format!("PersistentVolume {pv} is not a CSI volume"))?;
+        let handle = s(&pvo, "/spec/csi/volumeHandle").unwrap_or(pv);
+        Ok((size, driver.to_string(), handle.to_string()))
+    }
+
+    fn class(
+        &self,
+        st: &Statics<'_>,
+        gr: &str,
+        resource: &str,
+        name: Option<&str>,
+    ) -> Result<(String, String), String> {
+        let name = name.ok_or_else(|| "no snapshot class named".to_string())?;
+        let c = self
+            .lookup(st, &ItemKey::cluster(gr, resource, name))
+            .ok_or_else(|| format!("{resource} {name} not found"))?;
+        let driver = s(&c, "/driver").unwrap_or_default().to_string();
+        let policy = s(&c, "/deletionPolicy").unwrap_or("Delete").to_string();
+        Ok((driver, policy))
+    }
+
+    fn snapshot_created(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) {
+        let Some(mut vs) = self.lookup_overlay(key) else { return };
+        let ns = key.namespace.clone().unwrap_or_default();
+        let Some(claim) = s(&vs, "/spec/source/persistentVolumeClaimName").map(str::to_string) else { return };
+        set_finalizers(&mut vs, &[AS_SOURCE.to_string()]);
+        self.put(key, Some(vs.clone()));
+        let check = self.claim_volume(st, &ns, &claim).and_then(|(_, driver, _)| {
+            let (cdriver, _) =
+                self.class(st, SNAP, "volumesnapshotclasses", s(&vs, "/spec/volumeSnapshotClassName"))?;
+            if cdriver != driver {
+                return Err(format!("the snapshot class is of driver {cdriver}, the volume of driver {driver}"));
+            }
+            Ok(())
+        });
+        if let Err(e) = check {
+            self.fail(now, key, format!("failed to create snapshot content: {e}"));
+            return;
+        }
+        let b = st.config.claims.get(&(ns, claim)).copied().unwrap_or(st.config.default);
+        let uid = s(&vs, "/metadata/uid").unwrap_or_default().to_string();
+        let touches = vec![key.clone(), vsc_key(&format!("snapcontent-{uid}"))];
+        self.schedule(now + b.timing.cut_ms, JobKind::Cut, key, &uid, touches, b, now);
+    }
+
+    fn group_created(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) {
+        let Some(mut vgs) = self.lookup_overlay(key) else { return };
+        let ns = key.namespace.clone().unwrap_or_default();
+        set_finalizers(&mut vgs, &[VGS_BOUND.to_string()]);
+        self.put(key, Some(vgs.clone()));
+        let labels: BTreeMap<String, String> = vgs
+            .pointer("/spec/source/selector/matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default();
+        let claims = self.selected_claims(st, &ns, &labels);
+        let uid = s(&vgs, "/metadata/uid").unwrap_or_default().to_string();
+        let check = (|| {
+            if labels.is_empty() || claims.is_empty() {
+                return Err("the selector selects no PersistentVolumeClaim".to_string());
+            }
+            let (cdriver, _) =
+                self.class(st, GSNAP, "volumegroupsnapshotclasses", s(&vgs, "/spec/volumeGroupSnapshotClassName"))?;
+            let mut members = Vec::new();
+            for c in &claims {
+                let (_, driver, handle) = self.claim_volume(st, &ns, c)?;
+                if driver != cdriver {
+                    return Err(format!("claim {c} is on driver {driver}, the class is of driver {cdriver}"));
+                }
+                members.push(vs_key(&ns, &format!("snapshot-{}", hex(&[&uid, &handle], 32))));
+                members.push(vsc_key(&format!("snapcontent-{}", hex(&[&uid, &handle], 32))));
+            }
+            Ok(members)
+        })();
+        let members = match check {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(now, key, format!("failed to create group snapshot content: {e}"));
+                return;
+            }
+        };
+        let group = labels.values().next().cloned().unwrap_or_default();
+        let b = st.config.groups.get(&(ns, group)).copied().unwrap_or(st.config.default);
+        let mut touches = vec![key.clone(), vgsc_key(&format!("groupsnapcontent-{uid}"))];
+        touches.extend(members);
+        self.schedule(now + b.timing.cut_ms, JobKind::GroupCut, key, &uid, touches, b, now);
+    }
+
+    /// Claims of namespace `ns` whose labels include every one of `labels`, by name.
+    fn selected_claims(&self, st: &Statics<'_>, ns: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
+        let gr = GroupResource::new("", "persistentvolumeclaims");
+        let mut names: BTreeSet<String> = st
+            .objects
+            .get(&gr)
+            .into_iter()
+            .flatten()
+            .filter(|((n, _), _)| n == ns)
+            .map(|((_, name), _)| name.clone())
+            .collect();
+        for ((n, name), v) in self.overlay.get(&gr).into_iter().flatten() {
+            if n == ns {
+                if v.is_some() {
+                    names.insert(name.clone());
+                } else {
+                    names.remove(name);
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter(|name| {
+                self.lookup(st, &ItemKey::namespaced("", "persistentvolumeclaims", ns, name)).is_some_and(|pvc| {
+                    labels.iter().all(|(k, v)| {
+                        pvc.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v)
+                    })
+                })
+            })
+            .collect()
+    }
+
+    fn run(&mut self, st: &Statics<'_>, job: &Job) {
+        let target = self.lookup_overlay(&job.target);
+        let alive = target.as_ref().filter(|o| {
+            s(o, "/metadata/uid") == Some(job.uid.as_str()) && o.pointer("/metadata/deletionTimestamp").is_none()
+        });
+        // A group's members become ready whether or not the group object is still there (Velero
+        // deletes it once the members are detached); everything else needs its snapshot.
+        let Some(obj) = alive.cloned().or_else(|| (job.kind == JobKind::GroupReady).then(|| json!({}))) else { return };
+        match job.kind {
+            JobKind::Cut => self.cut(st, job, obj),
+            JobKind::GroupCut => self.group_cut(st, job, obj),
+            JobKind::Ready | JobKind::GroupReady => {
+                for k in &job.touches {
+                    if let Some(mut v) = self.lookup_overlay(k) {
+                        if v.get("status").is_some() && v.pointer("/metadata/deletionTimestamp").is_none() {
+                            v["status"]["readyToUse"] = json!(true);
+                            self.bump(&mut v);
+                            self.put(k, Some(v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new content bound to snapshot `vs` with (unless `handle` is `None`) a cut storage snapshot.
+    #[allow(clippy::too_many_arguments)]
+    fn content(
+        &mut self,
+        at: u64,
+        name: &str,
+        vs: &Value,
+        driver: &str,
+        policy: &str,
+        volume: &str,
+        size: u64,
+        handle: Option<&str>,
+        group_handle: Option<&str>,
+    ) -> Value {
+        let id = format!("{SNAP}/volumesnapshotcontents//{name}");
+        let n = self.incarnations.entry(id.clone()).or_insert(0);
+        *n += 1;
+        let mut status = json!({"readyToUse": false});
+        if let Some(h) = handle {
+            status = json!({"snapshotHandle": h, "creationTime": at as u128 * 1_000_000, "restoreSize": size, "readyToUse": false});
+            if let Some(g) = group_handle {
+                status["volumeGroupSnapshotHandle"] = json!(g);
+            }
+        }
+        let mut c = json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshotContent",
+            "metadata": {"name": name, "uid": uuid(&["uid", &id, &n.to_string()]), "creationTimestamp": time(at),
+                "generation": 1, "finalizers": [VSC_BOUND]},
+            "spec": {
+                "volumeSnapshotRef": {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                    "namespace": s(vs, "/metadata/namespace"), "name": s(vs, "/metadata/name"), "uid": s(vs, "/metadata/uid")},
+                "deletionPolicy": policy,
+                "driver": driver,
+                "source": {"volumeHandle": volume},
+            },
+            "status": status,
+        });
+        if let Some(class) = s(vs, "/spec/volumeSnapshotClassName") {
+            c["spec"]["volumeSnapshotClassName"] = json!(class);
+        }
+        self.bump(&mut c);
+        self.put(&vsc_key(name), Some(c.clone()));
+        c
+    }
+
+    fn cut(&mut self, st: &Statics<'_>, job: &Job, mut vs: Value) {
+        let at = job.at;
+        let ns = job.target.namespace.clone().unwrap_or_default();
+        let claim = s(&vs, "/spec/source/persistentVolumeClaimName").unwrap_or_default().to_string();
+        if job.fault == Some(CsiFault::Error) {
+            self.fail(
+                at,
+                &job.target,
+                format!("failed to take snapshot of the volume of {ns}/{claim}: rpc error: code = Internal (injected)"),
+            );
+            return;
+        }
+        let Ok((size, driver, volume)) = self.claim_volume(st, &ns, &claim) else { return };
+        let (_, policy) =
+            self.class(st, SNAP, "volumesnapshotclasses", s(&vs, "/spec/volumeSnapshotClassName")).unwrap_or_default();
+        let name = format!("snapcontent-{}", s(&vs, "/metadata/uid").unwrap_or_default());
+        let handle = format!("snap-{}", hex(&["handle", &name], 10));
+        let never = job.fault == Some(CsiFault::NeverHandle);
+        self.content(at, &name, &vs, &driver, &policy, &volume, size, (!never).then_some(handle.as_str()), None);
+        let mut f = finalizers(&vs);
+        if policy == "Delete" && !f.iter().any(|x| x == VS_BOUND) {
+            f.push(VS_BOUND.to_string());
+        }
+        set_finalizers(&mut vs, &f);
+        vs["status"] = if never {
+            json!({"boundVolumeSnapshotContentName": name, "readyToUse": false})
+        } else {
+            json!({"boundVolumeSnapshotContentName": name, "creationTime": time(at),
+                   "restoreSize": blockwise_engine::snapshot::binary_quantity(size), "readyToUse": false})
+        };
+        self.bump(&mut vs);
+        self.put(&job.target, Some(vs));
+        if never {
+            return;
+        }
+        let claim_key = ItemKey::namespaced("", "persistentvolumeclaims", &ns, &claim);
+        self.storage.insert(
+            handle.clone(),
+            StorageSnapshot {
+                handle: handle.clone(),
+                claim: claim_key.clone(),
+                group: None,
+                cut_ms: at,
+                deleted_ms: None,
+            },
+        );
+        self.events.push(CsiEvent::Cut {
+            at_ms: at,
+            object: job.target.clone(),
+            created_ms: job.created,
+            members: vec![(claim_key, handle)],
+        });
+        if job.fault != Some(CsiFault::NeverReady) {
+            let b = Behaviour { timing: Timing { cut_ms: 0, ready_ms: job.ready_ms }, fault: None };
+            self.schedule(
+                at + job.ready_ms,
+                JobKind::Ready,
+                &job.target,
+                &job.uid,
+                job.touches.clone(),
+                b,
+                job.created,
+            );
+        }
+    }
+
+    fn group_cut(&mut self, st: &Statics<'_>, job: &Job, mut vgs: Value) {
+        let at = job.at;
+        let ns = job.target.namespace.clone().unwrap_or_default();
+        if job.fault == Some(CsiFault::Error) {
+            self.fail(at, &job.target, "failed to create group snapshot: rpc error: code = Internal (injected)".into());
+            return;
+        }
+        let uid = s(&vgs, "/metadata/uid").unwrap_or_default().to_string();
+        let labels: BTreeMap<String, String> = vgs
+            .pointer("/spec/source/selector/matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default();
+        let mut claims = self.selected_claims(st, &ns, &labels);
+        let (driver, policy) = self
+            .class(st, GSNAP, "volumegroupsnapshotclasses", s(&vgs, "/spec/volumeGroupSnapshotClassName"))
+            .unwrap_or_default();
+        let content_name = format!("groupsnapcontent-{uid}");
+        let group_handle = format!("group-{}", hex(&["handle", &content_name], 10));
+        if job.fault == Some(CsiFault::Partial) {
+            claims.pop();
+        }
+        let api_version =
+            vgs.get("apiVersion").and_then(Value::as_str).unwrap_or("groupsnapshot.storage.k8s.io/v1").to_string();
+        let mut infos = Vec::new();
+        let mut members = Vec::new();
+        for c in &claims {
+            let Ok((size, _, volume)) = self.claim_volume(st, &ns, c) else { continue };
+            let h = hex(&[&uid, &volume], 32);
+            let (vs_name, vsc_name) = (format!("snapshot-{h}"), format!("snapcontent-{h}"));
+            let handle = format!("snap-{}", hex(&["handle", &vsc_name], 10));
+            let id = format!("{SNAP}/volumesnapshots/{ns}/{vs_name}");
+            let n = self.incarnations.entry(id.clone()).or_insert(0);
+            *n += 1;
+            let mut vs = json!({
+                "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": vs_name, "namespace": ns, "uid": uuid(&["uid", &id, &n.to_string()]),
+                    "creationTimestamp": time(at), "generation": 1, "finalizers": [IN_GROUP, AS_SOURCE],
+                    "ownerReferences": [{"apiVersion": api_version, "kind": "VolumeGroupSnapshot", "name": s(&vgs, "/metadata/name"), "uid": uid}]},
+                "spec": {"source": {"persistentVolumeClaimName": c}},
+                "status": {"boundVolumeSnapshotContentName": vsc_name, "creationTime": time(at),
+                    "restoreSize": blockwise_engine::snapshot::binary_quantity(size), "readyToUse": false,
+                    "volumeGroupSnapshotName": s(&vgs, "/metadata/name")},
+            });
+            self.content(at, &vsc_name, &vs, &driver, &policy, &volume, size, Some(&handle), Some(&group_handle));
+            self.bump(&mut vs);
+            self.put(&vs_key(&ns, &vs_name), Some(vs));
+            infos.push(json!({"volumeHandle": volume, "snapshotHandle": handle, "creationTime": at as u128 * 1_000_000, "readyToUse": false, "restoreSize": size}));
+            let claim_key = ItemKey::namespaced("", "persistentvolumeclaims", &ns, c);
+            self.storage.insert(
+                handle.clone(),
+                StorageSnapshot {
+                    handle: handle.clone(),
+                    claim: claim_key.clone(),
+                    group: Some(group_handle.clone()),
+                    cut_ms: at,
+                    deleted_ms: None,
+                },
+            );
+            members.push((claim_key, handle));
+        }
+        let n = self.incarnations.entry(format!("{GSNAP}/volumegroupsnapshotcontents//{content_name}")).or_insert(0);
+        *n += 1;
+        let mut vgsc = json!({
+            "apiVersion": api_version, "kind": "VolumeGroupSnapshotContent",
+            "metadata": {"name": content_name, "uid": uuid(&["uid", &content_name, &n.to_string()]), "creationTimestamp": time(at),
+                "generation": 1, "finalizers": [VGSC_BOUND]},
+            "spec": {"volumeGroupSnapshotRef": {"apiVersion": api_version, "kind": "VolumeGroupSnapshot", "namespace": ns,
+                    "name": s(&vgs, "/metadata/name"), "uid": uid},
+                "deletionPolicy": policy, "driver": driver,
+                "volumeGroupSnapshotClassName": s(&vgs, "/spec/volumeGroupSnapshotClassName")},
+            "status": {"volumeGroupSnapshotHandle": group_handle, "creationTime": time(at), "readyToUse": false,
+                "volumeSnapshotInfoList": infos},
+        });
+        self.bump(&mut vgsc);
+        self.put(&vgsc_key(&content_name), Some(vgsc));
+        vgs["status"] =
+            json!({"boundVolumeGroupSnapshotContentName": content_name, "creationTime": time(at), "readyToUse": false});
+        self.bump(&mut vgs);
+        self.put(&job.target, Some(vgs));
+        self.events.push(CsiEvent::Cut { at_ms: at, object: job.target.clone(), created_ms: job.created, members });
+        if job.fault != Some(CsiFault::NeverReady) {
+            let b = Behaviour { timing: Timing { cut_ms: 0, ready_ms: job.ready_ms }, fault: None };
+            self.schedule(
+                at + job.ready_ms,
+                JobKind::GroupReady,
+                &job.target,
+                &job.uid,
+                job.touches.clone(),
+                b,
+                job.created,
+            );
+        }
+    }
+
+    /// Objects of the snapshot kinds that exist now (what a backup must not leave behind).
+    pub fn snapshot_objects(&self) -> Vec<ItemKey> {
+        let mut out = Vec::new();
+        for (gr, objs) in &self.overlay {
+            if gr.group != SNAP && gr.group != GSNAP || gr.resource.ends_with("classes") {
+                continue;
+            }
+            for ((ns, name), v) in objs {
+                if v.is_some() {
+                    out.push(key_of(gr, ns, name, !ns.is_empty()));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statics(
+        objects: &BTreeMap<GroupResource, BTreeMap<(String, String), Value>>,
+        config: &CsiConfig,
+    ) -> Statics<'static> {
+        // Leaked for the test's lifetime: the fixtures are tiny.
+        let objects: &'static _ = Box::leak(Box::new(objects.clone()));
+        let config: &'static _ = Box::leak(Box::new(config.clone()));
+        let resources: &'static _ = Box::leak(Box::new(snapshot_resources(Some("v1"))));
+        Statics { objects, resources, config }
+    }
+
+    fn world() -> BTreeMap<GroupResource, BTreeMap<(String, String), Value>> {
+        let mut o: BTreeMap<GroupResource, BTreeMap<(String, String), Value>> = BTreeMap::new();
+        let mut put = |g: &str, r: &str, ns: &str, v: Value| {
+            let name = v["metadata"]["name"].as_str().unwrap().to_string();
+            o.entry(GroupResource::new(g, r)).or_default().insert((ns.to_string(), name), v);
+        };
+        for c in ["a", "b"] {
+            put(
+                "",
+                "persistentvolumeclaims",
+                "ns",
+                json!({"metadata": {"name": c, "namespace": "ns", "labels": {"velero.io/volume-group": "g"}},
+                "spec": {"volumeName": format!("pv-{c}"), "resources": {"requests": {"storage": "2Gi"}}}, "status": {"phase": "Bound"}}),
+            );
+            put(
+                "",
+                "persistentvolumes",
+                "",
+                json!({"metadata": {"name": format!("pv-{c}")}, "spec": {"csi": {"driver": "d", "volumeHandle": format!("vol-{c}")}}}),
+            );
+        }
+        put(
+            SNAP,
+            "volumesnapshotclasses",
+            "",
+            json!({"metadata": {"name": "k"}, "driver": "d", "deletionPolicy": "Delete"}),
+        );
+        put(
+            GSNAP,
+            "volumegroupsnapshotclasses",
+            "",
+            json!({"metadata": {"name": "gk"}, "driver": "d", "deletionPolicy": "Delete"}),
+        );
+        o
+    }
+
+    fn rt(r: &str) -> ResourceType {
+        snapshot_resources(Some("v1")).into_iter().find(|t| t.gr.resource == r).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_is_cut_then_ready_and_its_deletion_follows_the_content_policy() {
+        let config = CsiConfig {
+            default: Behaviour { timing: Timing { cut_ms: 10, ready_ms: 5 }, fault: None },
+            ..CsiConfig::default()
+        };
+        let objects = world();
+        let st = statics(&objects, &config);
+        let mut d = Dynamic::default();
+        let body = json!({"metadata": {"name": "s", "namespace": "ns", "labels": {"velero.io/backup-uid": "u"}},
+            "spec": {"source": {"persistentVolumeClaimName": "a"}, "volumeSnapshotClassName": "k"}})
+        .to_string();
+        let vs = d.create(&st, 100, &rt("volumesnapshots"), Some("ns"), &body).unwrap();
+        assert!(vs.get("status").is_none());
+        let e = d.create(&st, 101, &rt("volumesnapshots"), Some("ns"), &body).unwrap_err();
+        assert!(matches!(e, ClusterError::AlreadyExists(_)), "{e:?}");
+        let key = vs_key("ns", "s");
+        assert_eq!(d.next_change(&key), Some(110));
+        d.settle(&st, 109);
+        assert!(d.lookup(&st, &key).unwrap().get("status").is_none());
+        d.settle(&st, 110);
+        let vs = d.lookup(&st, &key).unwrap();
+        let content = vs["status"]["boundVolumeSnapshotContentName"].as_str().unwrap().to_string();
+        assert_eq!(vs["status"]["restoreSize"], "2Gi");
+        let vsc = d.lookup(&st, &vsc_key(&content)).unwrap();
+        let handle = vsc["status"]["snapshotHandle"].as_str().unwrap().to_string();
+        assert_eq!(vsc["status"]["readyToUse"], false);
+        assert!(matches!(&d.take_events()[..], [CsiEvent::Cut { at_ms: 110, .. }]));
+        d.settle(&st, 115);
+        assert_eq!(d.lookup(&st, &key).unwrap()["status"]["readyToUse"], true);
+        // Velero's release: content to Retain, delete the content, then the snapshot.
+        d.patch(&st, 120, &vsc_key(&content), r#"{"spec":{"deletionPolicy":"Retain"}}"#).unwrap();
+        assert!(d.delete(&st, 121, &vsc_key(&content)).unwrap());
+        assert!(d.lookup(&st, &vsc_key(&content)).is_some(), "pending while its snapshot exists");
+        assert!(d.delete(&st, 122, &key).unwrap());
+        assert!(d.snapshot_objects().is_empty(), "{:?}", d.snapshot_objects());
+        assert_eq!(d.storage[&handle].deleted_ms, None, "retained");
+        // The state survives a round trip through its file format.
+        let back: Dynamic = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        assert_eq!((back.overlay.clone(), back.storage.clone()), (d.overlay.clone(), d.storage.clone()));
+        // The same name again: a new uid, so a new content and handle.
+        d.create(&st, 130, &rt("volumesnapshots"), Some("ns"), &body).unwrap();
+        d.settle(&st, 140);
+        let vs2 = d.lookup(&st, &key).unwrap();
+        assert_ne!(vs2["status"]["boundVolumeSnapshotContentName"].as_str().unwrap(), content);
+        // Deleting with policy Delete deletes the storage snapshot.
+        d.delete(&st, 150, &key).unwrap();
+        assert!(d.snapshot_objects().is_empty());
+        assert_eq!(d.storage.values().filter(|s| s.deleted_ms.is_none()).count(), 1);
+    }
+
+    #[test]
+    fn a_group_snapshot_makes_owned_members_that_can_be_detached() {
+        let config = CsiConfig {
+            default: Behaviour { timing: Timing { cut_ms: 10, ready_ms: 5 }, fault: None },
+            ..CsiConfig::default()
+        };
+        let objects = world();
+        let st = statics(&objects, &config);
+        let mut d = Dynamic::default();
+        let body = json!({"metadata": {"name": "g1", "namespace": "ns"},
+            "spec": {"source": {"selector": {"matchLabels": {"velero.io/volume-group": "g"}}}, "volumeGroupSnapshotClassName": "gk"}}).to_string();
+        d.create(&st, 0, &rt("volumegroupsnapshots"), Some("ns"), &body).unwrap();
+        d.settle(&st, 10);
+        let members: Vec<ItemKey> =
+            d.snapshot_objects().into_iter().filter(|k| k.is(SNAP, "volumesnapshots")).collect();
+        assert_eq!(members.len(), 2);
+        let m = d.lookup(&st, &members[0]).unwrap();
+        assert_eq!(m["status"]["volumeGroupSnapshotName"], "g1");
+        // A member cannot go while its group exists; once detached it stays when the group goes.
+        d.delete(&st, 11, &members[0]).unwrap();
+        assert!(d.lookup(&st, &members[0]).is_some());
+        d.patch(&st, 12, &members[1], r#"{"metadata":{"ownerReferences":null,"finalizers":null}}"#).unwrap();
+        let vgs = d.lookup(&st, &vgs_key("ns", "g1")).unwrap();
+        let content = vgs["status"]["boundVolumeGroupSnapshotContentName"].as_str().unwrap().to_string();
+        d.patch(&st, 13, &vgsc_key(&content), r#"{"spec":{"deletionPolicy":"Retain"}}"#).unwrap();
+        d.delete(&st, 14, &vgsc_key(&content)).unwrap();
+        d.delete(&st, 15, &vgs_key("ns", "g1")).unwrap();
+        let left = d.snapshot_objects();
+        assert!(left.contains(&members[1]) && !left.contains(&members[0]), "{left:?}");
+        assert!(!left.iter().any(|k| k.group == GSNAP), "{left:?}");
+    }
+
+    #[test]
+    fn faults_fail_or_stall_the_snapshot() {
+        let objects = world();
+        let mut config = CsiConfig::default();
+        config.claims.insert(
+            ("ns".into(), "a".into()),
+            Behaviour { timing: Timing { cut_ms: 1, ready_ms: 1 }, fault: Some(CsiFault::Error) },
+        );
+        config.claims.insert(
+            ("ns".into(), "b".into()),
+            Behaviour { timing: Timing { cut_ms: 1, ready_ms: 1 }, fault: Some(CsiFault::NeverHandle) },
+        );
+        let st = statics(&objects, &config);
+        let mut d = Dynamic::default();
+        for c in ["a", "b"] {
+            let body = json!({"metadata": {"name": c, "namespace": "ns"}, "spec": {"source": {"persistentVolumeClaimName": c}, "volumeSnapshotClassName": "k"}}).to_string();
+            d.create(&st, 0, &rt("volumesnapshots"), Some("ns"), &body).unwrap();
+        }
+        d.settle(&st, 100);
+        assert!(d.lookup(&st, &vs_key("ns", "a")).unwrap()["status"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected"));
+        let b = d.lookup(&st, &vs_key("ns", "b")).unwrap();
+        let c = b["status"]["boundVolumeSnapshotContentName"].as_str().unwrap();
+        assert!(d.lookup(&st, &vsc_key(c)).unwrap()["status"].get("snapshotHandle").is_none());
+        assert!(d.storage.is_empty());
+        // A class of another driver is an error at once.
+        let bad = json!({"metadata": {"name": "x", "namespace": "ns"}, "spec": {"source": {"persistentVolumeClaimName": "a"}, "volumeSnapshotClassName": "nope"}}).to_string();
+        d.create(&st, 0, &rt("volumesnapshots"), Some("ns"), &bad).unwrap();
+        assert!(d.lookup(&st, &vs_key("ns", "x")).unwrap()["status"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not found"));
+    }
+}
