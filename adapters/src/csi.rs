@@ -341,7 +341,19 @@ async fn cut_group(
             }
         }
         members = found.into_iter().filter(|(c, _)| p.claims.contains(c)).collect();
-        group_handle = drop_group_objects(cluster, api, &vgs).await?;
+        // The group as it is now, bound to its content (the object read before may predate the
+        // binding): its content must be set to Retain before the group goes, or deleting the
+        // group deletes the members' storage with it.
+        let bound = loop {
+            let now = get(cluster, &g.snapshots, &vgs_key(ns, name))
+                .await?
+                .ok_or_else(|| format!("VolumeGroupSnapshot {ns}/{name} was deleted while it was being cut"))?;
+            if s(&now, "/status/boundVolumeGroupSnapshotContentName").is_some() {
+                break now;
+            }
+            watch(cluster, &g.snapshots, &vgs_key(ns, name), &rv(&now), GROUP_WATCH_MS_MAX).await?;
+        };
+        group_handle = drop_group_objects(cluster, api, &bound).await?;
     }
     let mut raw = Vec::new();
     for claim in &p.claims {

@@ -1037,7 +1037,11 @@ impl Engine {
         let (Some(api), _) = self.snapshot_api() else { return true };
         self.releasing = true;
         let group_label = self.group_label();
-        self.issue(Pending::Release, None, CommandKind::ReleaseSnapshots { api, group_label, orders });
+        // Write-ahead: releasing deletes the objects a resumed cut would create-or-get, so every
+        // fact about the snapshots (cut, failed, ready) must be durable before any is deleted —
+        // else a crash could lose a cut and a resume would take the snapshot a second time.
+        let last = self.state.events.checked_sub(1);
+        self.issue(Pending::Release, last, CommandKind::ReleaseSnapshots { api, group_label, orders });
         false
     }
 

@@ -26,6 +26,17 @@
 //!   These two read the log, because "finished" and "written" are what the log promised; they hold
 //!   the engine to that promise with the world's records.
 //! - **L1/R1** — the run reached a terminal phase, or recovery refused exactly the flipped record.
+//! - **S1** — every snapshot the fake CSI driver cut (its record: created when, cut when, of which
+//!   claims) was created after every model pre-hook of its block's pods had ended (and none in Fail
+//!   mode failed) and cut before any of their post-hooks started; the snapshots that survive for
+//!   one block were all taken in one window. **S2** — the claims the model says a group snapshot
+//!   captures survive as members of one group cut. **S3** — at the end, each claim has exactly as
+//!   many surviving storage snapshots as the model says (one when captured, else none), and no
+//!   snapshot object is left in the cluster. **S4** — after a snapshot was created inside a window,
+//!   the window's post-hook starts within the CSI timeout (per process that waited), whatever the
+//!   driver did. E1 holds the archive to the model's volume fates ([`Model::volume_fates`]): a
+//!   failed claim is not in it, a captured one is annotated with the snapshot the driver recorded,
+//!   whose VolumeSnapshot and content are archived with the driver's handle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -37,7 +48,8 @@ use blockwise_engine::item::ItemKey;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::model::{HookDef, Model, Visibility};
+use crate::csi::{CsiEvent, CutMember};
+use crate::model::{HookDef, Model, Visibility, VolumeFate, SIM_CSI_TIMEOUT_MS};
 use crate::records::{ExecEnd, GetAnswer, ListAnswer, Record};
 use crate::sim::{Outcome, RunReport, BACKUP};
 
@@ -76,6 +88,32 @@ impl Exec {
     }
 }
 
+/// A cut the fake CSI driver recorded.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    /// The VolumeSnapshot or VolumeGroupSnapshot.
+    pub object: ItemKey,
+    /// When it was created.
+    pub created_ms: u64,
+    /// When the driver cut it.
+    pub at_ms: u64,
+    /// One per claim.
+    pub members: Vec<CutMember>,
+}
+
+/// A snapshot object created through the API.
+#[derive(Debug, Clone)]
+pub struct Create {
+    /// Record index.
+    pub record: usize,
+    /// When.
+    pub at_ms: u64,
+    /// The VolumeSnapshot or VolumeGroupSnapshot.
+    pub key: ItemKey,
+    /// Its claim (a VolumeSnapshot) or volume-group label value (a VolumeGroupSnapshot).
+    pub subject: String,
+}
+
 /// The world's records, indexed for the judges.
 pub struct Evidence {
     /// Every exec, in start order.
@@ -86,6 +124,10 @@ pub struct Evidence {
     pub missing: Vec<(usize, ItemKey)>,
     /// What the engine could see.
     pub visibility: Visibility,
+    /// Cuts of the fake CSI driver.
+    pub cuts: Vec<Cut>,
+    /// Snapshot objects created.
+    pub creates: Vec<Create>,
 }
 
 /// The item of a staged path, `backups/<b>/staging/resources/<res>[.<group>]/{namespaces/<ns>|cluster}/<name>.json`,
@@ -115,6 +157,8 @@ pub fn evidence(records: &[Record]) -> Evidence {
     let mut missing = Vec::new();
     let mut last_list: BTreeMap<(String, Option<String>), bool> = BTreeMap::new();
     let mut last_get: BTreeMap<ItemKey, bool> = BTreeMap::new();
+    let mut cuts = Vec::new();
+    let mut creates = Vec::new();
     for (i, r) in records.iter().enumerate() {
         match r {
             Record::ExecStart { id, at_ms, pod, command, .. } => {
@@ -143,6 +187,17 @@ pub fn evidence(records: &[Record]) -> Evidence {
             Record::Get { key, answer, .. } => {
                 last_get.insert(key.clone(), matches!(answer, GetAnswer::Error(_)));
             }
+            Record::Csi(CsiEvent::Cut { at_ms, object, created_ms, members }) => cuts.push(Cut {
+                object: object.clone(),
+                created_ms: *created_ms,
+                at_ms: *at_ms,
+                members: members.clone(),
+            }),
+            Record::Write { at_ms, verb: "create", key, answer: "ok", subject: Some(subject) }
+                if key.resource == "volumesnapshots" || key.resource == "volumegroupsnapshots" =>
+            {
+                creates.push(Create { record: i, at_ms: *at_ms, key: key.clone(), subject: subject.clone() });
+            }
             _ => {}
         }
     }
@@ -150,7 +205,7 @@ pub fn evidence(records: &[Record]) -> Evidence {
         failed_lists: last_list.into_iter().filter(|(_, f)| *f).map(|(k, _)| k).collect(),
         failed_gets: last_get.into_iter().filter(|(_, f)| *f).map(|(k, _)| k).collect(),
     };
-    Evidence { execs, staged, missing, visibility }
+    Evidence { execs, staged, missing, visibility, cuts, creates }
 }
 
 /// The planned blocks recorded in a log.
@@ -432,8 +487,16 @@ fn untar(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
 }
 
 /// The items E1 expects in the archive: those of every oracle block whose Fail-mode pre-hooks are
-/// all valid and whose last exec succeeded.
+/// all valid and whose last exec succeeded, less the claims whose snapshot the model says fails.
 pub fn expected_items(model: &Model, ev: &Evidence) -> BTreeSet<ItemKey> {
+    let items = block_items(model, ev);
+    let fates = model.volume_fates(&items, &ev.visibility);
+    items.into_iter().filter(|k| fates.get(k) != Some(&VolumeFate::Fails)).collect()
+}
+
+/// Items of the oracle blocks that are written (every Fail-mode pre-hook valid and succeeded in its
+/// last exec), before volume snapshots are considered.
+fn block_items(model: &Model, ev: &Evidence) -> BTreeSet<ItemKey> {
     let b = blocks(model, ev);
     let mut out = BTreeSet::new();
     for (i, items) in b.items.iter().enumerate() {
@@ -471,6 +534,20 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
     };
     let objects = model.objects_by_key();
     let mut want = expected_items(model, ev);
+    let fates = model.volume_fates(&block_items(model, ev), &ev.visibility);
+    let alive = surviving(report, ev);
+    // The VolumeSnapshot and content of each captured claim with exactly one surviving snapshot
+    // (S3 judges the others).
+    let mut want_snap: BTreeMap<ItemKey, (ItemKey, CutMember)> = BTreeMap::new();
+    for (claim, fate) in &fates {
+        if let (VolumeFate::Captured(_), Some([(_, m)])) = (fate, alive.get(claim).map(Vec::as_slice)) {
+            let ns = claim.namespace.clone().unwrap_or_default();
+            let vs = ItemKey::namespaced(crate::csi::SNAP, "volumesnapshots", &ns, &m.snapshot);
+            let vsc = ItemKey::cluster(crate::csi::SNAP, "volumesnapshotcontents", &m.content);
+            want_snap.insert(vs, (claim.clone(), (*m).clone()));
+            want_snap.insert(vsc, (claim.clone(), (*m).clone()));
+        }
+    }
     let mut seen = BTreeSet::new();
     let mut version = None;
     for (path, bytes) in &entries {
@@ -488,17 +565,38 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
         if !seen.insert(key.clone()) {
             out.push(v("E1", format!("{key} is in the archive twice")));
         }
+        let got: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        if key.group == crate::csi::SNAP && key.resource != "volumesnapshotclasses" {
+            match want_snap.remove(&key) {
+                Some((claim, m)) => out.extend(check_snapshot_object(&key, &got, &claim, &m)),
+                None => out.push(v("E1", format!("{key} is in the archive but is no snapshot the backup kept"))),
+            }
+            continue;
+        }
         if !want.remove(&key) {
             out.push(v("E1", format!("{key} is in the archive but should not be")));
             continue;
         }
-        let got: Option<Value> = serde_json::from_slice(bytes).ok();
-        if got.as_ref() != objects.get(&key) {
-            out.push(v("E1", format!("{key}: the archived object differs from the cluster's")));
+        let expected = objects.get(&key);
+        match fates.get(&key) {
+            Some(VolumeFate::Captured(_)) => {
+                let snapshot = alive.get(&key).and_then(|a| match a.as_slice() {
+                    [(_, m)] => Some(m.snapshot.as_str()),
+                    _ => None,
+                });
+                out.extend(check_captured_claim(&key, &got, expected, snapshot));
+            }
+            _ if Some(&got) != expected => {
+                out.push(v("E1", format!("{key}: the archived object differs from the cluster's")));
+            }
+            _ => {}
         }
     }
     if let Some(k) = want.iter().next() {
         out.push(v("E1", format!("{k} is missing from the archive ({} missing in all)", want.len())));
+    }
+    if let Some((k, (claim, _))) = want_snap.iter().next() {
+        out.push(v("E1", format!("{k}, the snapshot of {claim}, is missing from the archive")));
     }
     if version.as_deref() != Some(b"1.1.0\n".as_slice()) {
         out.push(v(
@@ -518,6 +616,11 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
         format!("{BACKUP}-resource-list.json.gz"),
         format!("{BACKUP}-results.gz"),
         format!("{BACKUP}-logs.gz"),
+        format!("{BACKUP}-volumeinfo.json.gz"),
+        format!("{BACKUP}-itemoperations.json.gz"),
+        format!("{BACKUP}-csi-volumesnapshots.json.gz"),
+        format!("{BACKUP}-csi-volumesnapshotcontents.json.gz"),
+        format!("{BACKUP}-csi-volumesnapshotclasses.json.gz"),
         "velero-backup.json".to_string(),
     ];
     for f in &companions {
@@ -533,11 +636,290 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
     };
     for (i, r) in report.records.iter().enumerate() {
         if matches!(r, Record::FileWritten { path, .. } if path.ends_with("/velero-backup.json")) {
-            for f in &companions[..3] {
+            for f in &companions[..companions.len() - 1] {
                 if !written(f, i) {
                     out.push(v("E1", format!("velero-backup.json was stored (record {i}) before {f}")));
                 }
             }
+        }
+    }
+    out
+}
+
+/// Each claim's surviving storage snapshots, with the cut that made each.
+pub fn surviving<'a>(report: &RunReport, ev: &'a Evidence) -> BTreeMap<ItemKey, Vec<(&'a Cut, &'a CutMember)>> {
+    let alive: BTreeSet<&str> =
+        report.storage.values().filter(|s| s.deleted_ms.is_none()).map(|s| s.handle.as_str()).collect();
+    let mut out: BTreeMap<ItemKey, Vec<(&Cut, &CutMember)>> = BTreeMap::new();
+    for c in &ev.cuts {
+        for m in c.members.iter().filter(|m| alive.contains(m.handle.as_str())) {
+            out.entry(m.claim.clone()).or_default().push((c, m));
+        }
+    }
+    out
+}
+
+/// Drops empty `labels`/`annotations` maps, so "absent" and "empty" compare equal.
+fn without_empty_maps(mut v: Value) -> Value {
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        for f in ["labels", "annotations"] {
+            if meta.get(f).and_then(Value::as_object).is_some_and(|m| m.is_empty()) {
+                meta.remove(f);
+            }
+        }
+    }
+    v
+}
+
+/// E1 for a captured claim: the cluster's object plus the snapshot's name (label and annotation,
+/// as Velero's restore reads it), the backup's name and Velero's must-include annotation.
+fn check_captured_claim(
+    key: &ItemKey,
+    got: &Value,
+    expected: Option<&Value>,
+    snapshot: Option<&str>,
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let label = got.pointer("/metadata/labels").and_then(|l| l.get("velero.io/volume-snapshot-name"));
+    let ann = got.pointer("/metadata/annotations").and_then(|a| a.get("velero.io/volume-snapshot-name"));
+    let named = label.and_then(Value::as_str);
+    if named.is_none() || label != ann {
+        out.push(v("E1", format!("{key}: the archived claim does not name its snapshot (label and annotation)")));
+    }
+    if let (Some(want), Some(got)) = (snapshot, named) {
+        if want != got {
+            out.push(v("E1", format!("{key}: the archived claim names snapshot {got}, the driver cut {want}")));
+        }
+    }
+    let mut base = got.clone();
+    if let Some(meta) = base.get_mut("metadata").and_then(Value::as_object_mut) {
+        for (f, k) in [
+            ("labels", "velero.io/volume-snapshot-name"),
+            ("labels", "velero.io/backup-name"),
+            ("annotations", "velero.io/volume-snapshot-name"),
+            ("annotations", "backup.velero.io/must-include-additional-items"),
+        ] {
+            if let Some(m) = meta.get_mut(f).and_then(Value::as_object_mut) {
+                m.remove(k);
+            }
+        }
+    }
+    if Some(without_empty_maps(base)) != expected.cloned().map(without_empty_maps) {
+        out.push(v(
+            "E1",
+            format!("{key}: the archived claim differs from the cluster's beyond its snapshot annotations"),
+        ));
+    }
+    out
+}
+
+/// E1 for an archived VolumeSnapshot or content: it is the one the driver cut for `claim`.
+fn check_snapshot_object(key: &ItemKey, got: &Value, claim: &ItemKey, m: &CutMember) -> Vec<Violation> {
+    let text = |p: &str| got.pointer(p).and_then(Value::as_str);
+    let ns = claim.namespace.as_deref();
+    let ok = if key.resource == "volumesnapshots" {
+        text("/spec/source/persistentVolumeClaimName") == Some(claim.name.as_str())
+            && text("/status/boundVolumeSnapshotContentName") == Some(m.content.as_str())
+            && got.pointer("/metadata/annotations").and_then(|a| a.get("velero.io/csi-volumesnapshot-handle"))
+                == Some(&Value::String(m.handle.clone()))
+            && text("/metadata/namespace") == ns
+    } else {
+        text("/status/snapshotHandle") == Some(m.handle.as_str())
+            && text("/spec/volumeSnapshotRef/name") == Some(m.snapshot.as_str())
+            && text("/spec/volumeSnapshotRef/namespace") == ns
+    };
+    if ok {
+        Vec::new()
+    } else {
+        vec![v("E1", format!("{key}: does not describe the snapshot the driver cut for {claim} (handle {})", m.handle))]
+    }
+}
+
+/// The oracle block of a snapshot subject (a claim, or a volume group's label value) in `ns`.
+fn subject_block(model: &Model, b: &Blocks, ns: &str, subject: &str) -> Option<usize> {
+    let claim = |name: &str| ItemKey::namespaced("", "persistentvolumeclaims", ns, name);
+    if let Some(&i) = b.of_item.get(&claim(subject)) {
+        return Some(i);
+    }
+    model
+        .pvcs
+        .iter()
+        .filter(|c| {
+            crate::model::NAMESPACES[c.ns] == ns && c.group.map(|g| format!("g{g}")).as_deref() == Some(subject)
+        })
+        .find_map(|c| b.of_item.get(&claim(&c.name)).copied())
+}
+
+/// The pre- and post-hook execs of `pod` by the model, and the model's pre-hooks of it.
+fn is_phase(hooks: &[HookDef], e: &Exec, phase: HookPhase) -> bool {
+    hooks.iter().any(|h| h.phase == phase && h.pod == e.pod && h.command == e.command)
+}
+
+/// S1 and S4: snapshots are created inside complete windows and cut before they close; the
+/// surviving snapshots of a block share one window; a window with a snapshot in it closes within
+/// the CSI timeout.
+pub fn check_snapshot_windows(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let b = blocks(model, ev);
+    let records = &report.records;
+    let cut_of = |key: &ItemKey| ev.cuts.iter().find(|c| &c.object == key);
+    for cr in &ev.creates {
+        let ns = cr.key.namespace.clone().unwrap_or_default();
+        let Some(bi) = subject_block(model, &b, &ns, &cr.subject) else { continue };
+        let hooks = &b.hooks[bi];
+        let cut = cut_of(&cr.key).filter(|c| c.created_ms == cr.at_ms);
+        for h in hooks.iter().filter(|h| h.phase == HookPhase::Pre) {
+            let pod = &h.pod;
+            if !h.valid {
+                if h.on_error == OnError::Fail {
+                    out.push(v(
+                        "S1",
+                        format!("{} was created although the Fail-mode pre-hook of {pod} is invalid", cr.key),
+                    ));
+                }
+                continue;
+            }
+            let last = ev.execs.iter().rfind(|e| {
+                e.start < cr.record
+                    && &e.pod == pod
+                    && (is_phase(hooks, e, HookPhase::Pre) || is_phase(hooks, e, HookPhase::Post))
+            });
+            let open = match last {
+                Some(e) if is_phase(hooks, e, HookPhase::Pre) => match &e.end {
+                    Some((end, _, _)) if *end < cr.record => {
+                        if h.on_error == OnError::Fail && !e.succeeded(h.timeout_ms) {
+                            out.push(v(
+                                "S1",
+                                format!(
+                                    "{} was created (record {}) after the Fail-mode pre-hook of {pod} failed",
+                                    cr.key, cr.record
+                                ),
+                            ));
+                        }
+                        true
+                    }
+                    _ => {
+                        out.push(v(
+                            "S1",
+                            format!(
+                                "{} was created (record {}) while the pre-hook of {pod} was still running",
+                                cr.key, cr.record
+                            ),
+                        ));
+                        false
+                    }
+                },
+                Some(e) => {
+                    out.push(v("S1", format!("{} was created (record {}) after the post-hook of {pod} started (record {}): outside the window", cr.key, cr.record, e.start)));
+                    false
+                }
+                None => {
+                    out.push(v(
+                        "S1",
+                        format!("{} was created (record {}) before the pre-hook of {pod} ran", cr.key, cr.record),
+                    ));
+                    false
+                }
+            };
+            if !open {
+                continue;
+            }
+            let close =
+                ev.execs.iter().find(|e| e.start > cr.record && &e.pod == pod && is_phase(hooks, e, HookPhase::Post));
+            if let (Some(c), Some(x)) = (cut, close) {
+                if x.start_ms < c.at_ms {
+                    out.push(v(
+                        "S1",
+                        format!(
+                            "the post-hook of {pod} started (record {}) before {} was cut (at {} ms)",
+                            x.start, cr.key, c.at_ms
+                        ),
+                    ));
+                }
+            }
+            // S4: the window closes within the CSI timeout, per process that waited for the cut.
+            let has_post = hooks.iter().any(|p| p.phase == HookPhase::Post && &p.pod == pod);
+            if let (true, Some(x)) = (has_post, close) {
+                let restarts =
+                    records[cr.record..x.start].iter().filter(|r| matches!(r, Record::Restart { .. })).count() as u64;
+                let bound = cr.at_ms + SIM_CSI_TIMEOUT_MS * (restarts + 1) + 20_000;
+                if x.start_ms > bound {
+                    out.push(v("S4", format!("the window of {pod} stayed open {} ms after {} was created (CSI timeout {SIM_CSI_TIMEOUT_MS} ms, {restarts} restarts)", x.start_ms - cr.at_ms, cr.key)));
+                }
+            }
+        }
+    }
+    // The snapshots that survive for one block were cut in one window of each of its pods.
+    if matches!(report.outcome, Outcome::Finished(_)) {
+        let alive = surviving(report, ev);
+        let mut by_block: BTreeMap<usize, Vec<&Cut>> = BTreeMap::new();
+        for (claim, cuts) in &alive {
+            if let Some(&bi) = b.of_item.get(claim) {
+                by_block.entry(bi).or_default().extend(cuts.iter().map(|(c, _)| *c));
+            }
+        }
+        for (bi, cuts) in by_block {
+            let first = cuts.iter().map(|c| c.created_ms).min().unwrap_or(0);
+            let last = cuts.iter().map(|c| c.at_ms).max().unwrap_or(0);
+            let hooks = &b.hooks[bi];
+            for h in hooks.iter().filter(|h| h.phase == HookPhase::Post) {
+                let between = ev.execs.iter().find(|e| {
+                    e.pod == h.pod && is_phase(hooks, e, HookPhase::Post) && e.start_ms > first && e.start_ms < last
+                });
+                if let Some(x) = between {
+                    out.push(v("S1", format!("the surviving snapshots of the block of {} were not taken in one window: its post-hook ran (record {}) between them", h.pod, x.start)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// S2 and S3: volume groups captured by one group cut; one surviving snapshot per captured claim,
+/// none for others, and no snapshot object left in the cluster.
+pub fn check_snapshot_storage(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Violation> {
+    let mut out = Vec::new();
+    if !matches!(report.outcome, Outcome::Finished(_)) {
+        return out;
+    }
+    let fates = model.volume_fates(&block_items(model, ev), &ev.visibility);
+    let alive = surviving(report, ev);
+    for c in &model.pvcs {
+        let key = ItemKey::namespaced("", "persistentvolumeclaims", crate::model::NAMESPACES[c.ns], &c.name);
+        let n = alive.get(&key).map_or(0, Vec::len);
+        let want = usize::from(matches!(fates.get(&key), Some(VolumeFate::Captured(_))));
+        if n != want {
+            out.push(v(
+                "S3",
+                format!("{key} has {n} surviving snapshots; the model says {want} ({:?})", fates.get(&key)),
+            ));
+        }
+    }
+    for k in &report.leftover {
+        out.push(v("S3", format!("{k} is left in the cluster after the backup")));
+    }
+    let mut groups: BTreeMap<(String, String), Vec<&ItemKey>> = BTreeMap::new();
+    for (k, f) in &fates {
+        if let VolumeFate::Captured(Some(g)) = f {
+            groups.entry((k.namespace.clone().unwrap_or_default(), g.clone())).or_default().push(k);
+        }
+    }
+    for ((ns, g), claims) in groups {
+        let cuts: BTreeSet<(String, u64)> = claims
+            .iter()
+            .filter_map(|k| alive.get(*k))
+            .flatten()
+            .map(|(c, _)| (format!("{}", c.object), c.at_ms))
+            .collect();
+        let one_group = cuts.len() == 1 && cuts.iter().all(|(o, _)| o.starts_with("volumegroupsnapshots"));
+        if !one_group {
+            out.push(v(
+                "S2",
+                format!(
+                    "volume group {g} in {ns}: its claims survive from {} cuts ({cuts:?}), not one group snapshot",
+                    cuts.len()
+                ),
+            ));
         }
     }
     out
@@ -622,5 +1004,7 @@ pub fn check_report(model: &Model, report: &RunReport) -> Vec<Violation> {
     out.extend(check_archive(model, report, &ev));
     out.extend(check_write_ahead(report));
     out.extend(check_finished_not_redone(report, &ev));
+    out.extend(check_snapshot_windows(model, report, &ev));
+    out.extend(check_snapshot_storage(model, report, &ev));
     out
 }

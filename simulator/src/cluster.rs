@@ -230,12 +230,18 @@ impl SimCluster {
         lock(&self.fake).snapshot_objects()
     }
 
-    fn write_record(&self, verb: &'static str, key: ItemKey, answer: &Result<impl Sized, ClusterError>) {
+    fn write_record(
+        &self,
+        verb: &'static str,
+        key: ItemKey,
+        answer: &Result<impl Sized, ClusterError>,
+        subject: Option<String>,
+    ) {
         let answer = match answer {
             Ok(_) => "ok",
             Err(e) => kind(e),
         };
-        self.records.push(Record::Write { at_ms: self.rt.now(), verb, key, answer });
+        self.records.push(Record::Write { at_ms: self.rt.now(), verb, key, answer, subject });
         self.drain();
     }
 
@@ -423,16 +429,19 @@ impl Cluster for SimCluster {
         if self.death.is_dead() {
             return never().await;
         }
-        let name = serde_json::from_str::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| v.pointer("/metadata/name").and_then(|n| n.as_str()).map(str::to_string))
-            .unwrap_or_default();
+        let body = serde_json::from_str::<serde_json::Value>(json).unwrap_or_default();
+        let text = |p: &str| body.pointer(p).and_then(|n| n.as_str()).map(str::to_string);
+        let name = text("/metadata/name").unwrap_or_default();
+        let subject = text("/spec/source/persistentVolumeClaimName").or_else(|| {
+            let labels = body.pointer("/spec/source/selector/matchLabels")?.as_object()?;
+            labels.values().next()?.as_str().map(str::to_string)
+        });
         let key = match namespace.filter(|_| rt.namespaced) {
             Some(ns) => ItemKey::namespaced(&rt.gr.group, &rt.gr.resource, ns, &name),
             None => ItemKey::cluster(&rt.gr.group, &rt.gr.resource, &name),
         };
         let answer = lock(&self.fake).create_at(self.rt.now(), rt, namespace, json);
-        self.write_record("create", key, &answer);
+        self.write_record("create", key, &answer, subject);
         answer
     }
 
@@ -443,7 +452,7 @@ impl Cluster for SimCluster {
             return never().await;
         }
         let answer = lock(&self.fake).patch_at(self.rt.now(), rt, key, merge_patch);
-        self.write_record("patch", key.clone(), &answer);
+        self.write_record("patch", key.clone(), &answer, None);
         answer
     }
 
@@ -459,7 +468,7 @@ impl Cluster for SimCluster {
             Ok(true) => Ok(()),
             Err(e) => Err(e.clone()),
         };
-        self.write_record("delete", key.clone(), &recorded);
+        self.write_record("delete", key.clone(), &recorded, None);
         answer
     }
 

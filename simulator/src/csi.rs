@@ -117,16 +117,32 @@ pub struct StorageSnapshot {
     pub deleted_ms: Option<u64>,
 }
 
+/// One claim's part of a cut: its VolumeSnapshot, content and handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CutMember {
+    /// The claim.
+    pub claim: ItemKey,
+    /// Its VolumeSnapshot's name.
+    pub snapshot: String,
+    /// Its VolumeSnapshotContent's name.
+    pub content: String,
+    /// The storage snapshot's handle.
+    pub handle: String,
+}
+
 /// What the fake driver did, for the judges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum CsiEvent {
     /// Storage snapshots were cut at one instant: one per claim of `object` (a VolumeSnapshot, or
     /// a VolumeGroupSnapshot), which was created at `created_ms`.
-    Cut { at_ms: u64, object: ItemKey, created_ms: u64, members: Vec<(ItemKey, String)> },
+    Cut { at_ms: u64, object: ItemKey, created_ms: u64, members: Vec<CutMember> },
     /// The snapshot `object` failed.
     Failed { at_ms: u64, object: ItemKey, message: String },
     /// A storage snapshot was deleted.
     Deleted { at_ms: u64, handle: String },
+    /// A fault held the snapshot `object` back: its handle, its readiness or a group member
+    /// (`what`) will never come.
+    Stalled { at_ms: u64, object: ItemKey, what: &'static str },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,8 +483,21 @@ impl Dynamic {
     }
 
     /// Removes an object for good, with what its removal does to storage.
-    fn remove(&mut self, _st: &Statics<'_>, now: u64, key: &ItemKey, obj: &Value) {
+    fn remove(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, obj: &Value) {
         self.put(key, None);
+        // A content whose snapshot is gone is deleted when its policy is Delete (the common
+        // controller's content sync), also when the snapshot went without finalizers.
+        if key.is(SNAP, "volumesnapshots") {
+            if let Some(c) = s(obj, "/status/boundVolumeSnapshotContentName").map(str::to_string) {
+                let doomed = self.lookup(st, &vsc_key(&c)).is_some_and(|vsc| {
+                    s(&vsc, "/spec/deletionPolicy") == Some("Delete")
+                        && vsc.pointer("/metadata/deletionTimestamp").is_none()
+                });
+                if doomed {
+                    let _ = self.delete(st, now, &vsc_key(&c));
+                }
+            }
+        }
         let delete_policy = s(obj, "/spec/deletionPolicy") == Some("Delete");
         if key.is(SNAP, "volumesnapshotcontents") && delete_policy {
             if let Some(h) = s(obj, "/status/snapshotHandle") {
@@ -885,6 +914,7 @@ impl Dynamic {
         self.bump(&mut vs);
         self.put(&job.target, Some(vs));
         if never {
+            self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "handle" });
             return;
         }
         let claim_key = ItemKey::namespaced("", "persistentvolumeclaims", &ns, &claim);
@@ -902,9 +932,11 @@ impl Dynamic {
             at_ms: at,
             object: job.target.clone(),
             created_ms: job.created,
-            members: vec![(claim_key, handle)],
+            members: vec![CutMember { claim: claim_key, snapshot: job.target.name.clone(), content: name, handle }],
         });
-        if job.fault != Some(CsiFault::NeverReady) {
+        if job.fault == Some(CsiFault::NeverReady) {
+            self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "ready" });
+        } else {
             let b = Behaviour { timing: Timing { cut_ms: 0, ready_ms: job.ready_ms }, fault: None };
             self.schedule(
                 at + job.ready_ms,
@@ -926,6 +958,15 @@ impl Dynamic {
             return;
         }
         let uid = s(&vgs, "/metadata/uid").unwrap_or_default().to_string();
+        if job.fault == Some(CsiFault::NeverHandle) {
+            // Bound to a group content whose handle never comes: no member is ever made.
+            vgs["status"] =
+                json!({"boundVolumeGroupSnapshotContentName": format!("groupsnapcontent-{uid}"), "readyToUse": false});
+            self.bump(&mut vgs);
+            self.put(&job.target, Some(vgs));
+            self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "handle" });
+            return;
+        }
         let labels: BTreeMap<String, String> = vgs
             .pointer("/spec/source/selector/matchLabels")
             .and_then(Value::as_object)
@@ -937,8 +978,8 @@ impl Dynamic {
             .unwrap_or_default();
         let content_name = format!("groupsnapcontent-{uid}");
         let group_handle = format!("group-{}", hex(&["handle", &content_name], 10));
-        if job.fault == Some(CsiFault::Partial) {
-            claims.pop();
+        if job.fault == Some(CsiFault::Partial) && claims.pop().is_some() {
+            self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "member" });
         }
         let api_version =
             vgs.get("apiVersion").and_then(Value::as_str).unwrap_or("groupsnapshot.storage.k8s.io/v1").to_string();
@@ -977,7 +1018,7 @@ impl Dynamic {
                     deleted_ms: None,
                 },
             );
-            members.push((claim_key, handle));
+            members.push(CutMember { claim: claim_key, snapshot: vs_name, content: vsc_name, handle });
         }
         let n = self.incarnations.entry(format!("{GSNAP}/volumegroupsnapshotcontents//{content_name}")).or_insert(0);
         *n += 1;
@@ -999,7 +1040,9 @@ impl Dynamic {
         self.bump(&mut vgs);
         self.put(&job.target, Some(vgs));
         self.events.push(CsiEvent::Cut { at_ms: at, object: job.target.clone(), created_ms: job.created, members });
-        if job.fault != Some(CsiFault::NeverReady) {
+        if job.fault == Some(CsiFault::NeverReady) {
+            self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "ready" });
+        } else {
             let b = Behaviour { timing: Timing { cut_ms: 0, ready_ms: job.ready_ms }, fault: None };
             self.schedule(
                 at + job.ready_ms,

@@ -96,7 +96,11 @@ impl Fixture {
         }
         let store = StoreFaults { failing_paths, ..StoreFaults::default() };
         let ecfg = EngineConfig { workers, ..EngineConfig::default() };
-        SimWorld::new(self.cluster(), spec, faults, store, seed, &ecfg, Latencies::SEEDED)
+        let options = blockwise_engine::snapshot::BackupOptions {
+            uid: crate::model::SIM_UID.into(),
+            ..blockwise_engine::snapshot::BackupOptions::default()
+        };
+        SimWorld::new(self.cluster(), spec, &options, faults, store, seed, &ecfg, Latencies::SEEDED)
     }
 
     /// A whole backup in one process, without crashes.

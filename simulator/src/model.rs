@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 
 pub use crate::cluster::HookFault;
 use crate::cluster::{Change, ClusterFaults};
+pub use crate::csi::CsiFault;
+use crate::csi::{Behaviour, CsiConfig, Timing};
 use crate::fake::FakeCluster;
 use crate::rng::Rng;
 
@@ -83,6 +85,34 @@ pub struct PvcM {
     /// `app` label value (so a label selector can pick the claim itself).
     #[serde(default)]
     pub app: Option<u8>,
+    /// Its volume is not a CSI volume (no snapshot is taken).
+    #[serde(default)]
+    pub not_csi: bool,
+}
+
+/// The cluster's CSI snapshot support. The default (older models) serves no snapshot API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsiM {
+    /// The snapshot CRDs are served.
+    pub crds: bool,
+    /// VolumeGroupSnapshots are served.
+    pub groups: bool,
+    /// A VolumeSnapshotClass of the driver exists.
+    pub class: bool,
+    /// A VolumeGroupSnapshotClass of the driver exists.
+    pub group_class: bool,
+}
+
+/// What happens to one claim's volume in a backup, as DESIGN §4a says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeFate {
+    /// Backed up as a manifest only (snapshots off, no snapshot API, not a CSI volume).
+    Plain,
+    /// Captured: by one VolumeGroupSnapshot of its volume group (`Some(group)`), or by a
+    /// VolumeSnapshot of its own.
+    Captured(Option<String>),
+    /// The snapshot cannot be taken or fails: the claim is not in the archive.
+    Fails,
 }
 
 /// A ServiceAccount bound by ClusterRoleBindings to ClusterRoles.
@@ -123,6 +153,12 @@ pub struct WorldM {
     pub delete_pods: Vec<String>,
     /// Pods whose containers are renamed at the first exec.
     pub rename_containers: Vec<String>,
+    /// How the fake CSI driver misbehaves, per claim name or `group:<ns>/<group>`.
+    #[serde(default)]
+    pub snapshot_faults: BTreeMap<String, CsiFault>,
+    /// Claims (or `group:<ns>/<group>`) whose snapshots are slow to cut (within the timeout).
+    #[serde(default)]
+    pub slow_snapshots: BTreeSet<String>,
 }
 
 /// A whole generated cluster, the spec to back it up with, and the world's faults.
@@ -161,6 +197,26 @@ pub struct Model {
     /// The world's faults.
     #[serde(default)]
     pub world: WorldM,
+    /// The cluster's snapshot support.
+    #[serde(default)]
+    pub csi: CsiM,
+    /// Velero's `snapshotVolumes`.
+    #[serde(default)]
+    pub snapshot_volumes: Option<bool>,
+}
+
+/// The CSI driver of generated volumes.
+pub const CSI_DRIVER: &str = "csi.sim.blockwise.dev";
+/// The simulated backups' uid.
+pub const SIM_UID: &str = "5e1d0000-0000-4000-8000-00000000b10c";
+/// The CSI snapshot timeout of simulated backups (virtual milliseconds).
+pub const SIM_CSI_TIMEOUT_MS: u64 = 30_000;
+/// The item-operation timeout of simulated backups (virtual milliseconds).
+pub const SIM_READY_TIMEOUT_MS: u64 = 600_000;
+
+/// The key of a volume group in [`WorldM::snapshot_faults`] and [`WorldM::slow_snapshots`].
+pub fn group_fault_key(ns: usize, group: u8) -> String {
+    format!("group:{}/g{group}", NAMESPACES[ns])
 }
 
 /// One hook as the model says it must run.
@@ -273,6 +329,8 @@ impl Model {
             spec_hook: None,
             exclude_label: BTreeSet::new(),
             world: WorldM::default(),
+            csi: CsiM::default(),
+            snapshot_volumes: None,
         }
     }
 
@@ -291,6 +349,7 @@ impl Model {
                 group: rng.chance(0.25).then(|| rng.below(2) as u8),
                 deleting: rng.chance(0.04),
                 app: rng.chance(0.2).then(|| rng.below(3) as u8),
+                not_csi: false,
             });
         }
         let npods = rng.range(1, size as u64 / 2 + 2) as usize;
@@ -378,6 +437,28 @@ impl Model {
         for tag in m.tags() {
             if rng.chance(0.04) {
                 m.exclude_label.insert(tag);
+            }
+        }
+        // Snapshot support, drawn last so the draws above are those of models without it.
+        m.csi = CsiM { crds: true, groups: rng.chance(0.75), class: rng.chance(0.9), group_class: rng.chance(0.8) };
+        m.snapshot_volumes = match rng.below(12) {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        };
+        for c in &mut m.pvcs {
+            c.not_csi = rng.chance(0.08);
+        }
+        // Often one whole volume group: two or three bound claims of one namespace.
+        if rng.chance(0.4) {
+            let ns = rng.below(nns as u64) as usize;
+            let want = rng.range(2, 3) as usize;
+            let mut n = 0;
+            for c in m.pvcs.iter_mut().filter(|c| c.ns == ns && c.bound) {
+                if n < want {
+                    c.group = Some(0);
+                    n += 1;
+                }
             }
         }
         m
@@ -487,8 +568,9 @@ impl Model {
             if c.deleting {
                 meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
             }
-            let (spec, phase) =
+            let (mut spec, phase) =
                 if c.bound { (json!({"volumeName": pv_name(c.ns, &c.name)}), "Bound") } else { (json!({}), "Pending") };
+            spec["resources"] = json!({"requests": {"storage": "1Gi"}});
             out.push((
                 rt("persistentvolumeclaims"),
                 json!({"metadata": meta, "spec": spec, "status": {"phase": phase}}),
@@ -496,9 +578,14 @@ impl Model {
             if c.bound && !c.pv_missing {
                 let pv = pv_name(c.ns, &c.name);
                 let labels = self.labels(&format!("pv/{pv}"), json!({}));
+                let spec = if c.not_csi {
+                    json!({"hostPath": {"path": format!("/data/{pv}")}})
+                } else {
+                    json!({"csi": {"driver": CSI_DRIVER, "volumeHandle": format!("vol-{pv}")}})
+                };
                 out.push((
                     rt("persistentvolumes"),
-                    json!({"metadata": {"name": pv, "uid": format!("uid-{pv}"), "labels": labels}}),
+                    json!({"metadata": {"name": pv, "uid": format!("uid-{pv}"), "labels": labels}, "spec": spec}),
                 ));
             }
         }
@@ -543,6 +630,111 @@ impl Model {
                 json!({"metadata": {"namespace": NAMESPACES[*ns], "name": n, "labels": labels}, "spec": {"size": 3}}),
             ));
         }
+        let csi = crate::csi::snapshot_resources(Some("v1"));
+        let csi_rt = |r: &str| csi.iter().find(|t| t.gr.resource == r).cloned();
+        if let (true, true, Some(rt)) = (self.csi.crds, self.csi.class, csi_rt("volumesnapshotclasses")) {
+            out.push((rt, json!({"metadata": {"name": "snap"}, "driver": CSI_DRIVER, "deletionPolicy": "Delete"})));
+        }
+        if let (true, true, true, Some(rt)) =
+            (self.csi.crds, self.csi.groups, self.csi.group_class, csi_rt("volumegroupsnapshotclasses"))
+        {
+            out.push((rt, json!({"metadata": {"name": "gsnap"}, "driver": CSI_DRIVER, "deletionPolicy": "Delete"})));
+        }
+        out
+    }
+
+    /// Resource types this model's cluster serves: the generated ones, and the snapshot CRDs it has.
+    pub fn resources(&self) -> Vec<ResourceType> {
+        let mut out = model_resources();
+        if self.csi.crds {
+            out.extend(crate::csi::snapshot_resources(self.csi.groups.then_some("v1")));
+        }
+        out
+    }
+
+    /// The backup options this model is backed up with.
+    pub fn options(&self) -> blockwise_engine::snapshot::BackupOptions {
+        blockwise_engine::snapshot::BackupOptions {
+            snapshot_volumes: self.snapshot_volumes,
+            csi_snapshot_timeout_ms: SIM_CSI_TIMEOUT_MS,
+            item_operation_timeout_ms: SIM_READY_TIMEOUT_MS,
+            annotations: BTreeMap::new(),
+            uid: SIM_UID.to_string(),
+        }
+    }
+
+    /// How the fake CSI driver behaves: timings drawn from the claim's (or group's) name, faults
+    /// and slowness from [`WorldM`].
+    pub fn csi_config(&self) -> CsiConfig {
+        let behaviour = |key: &str| {
+            let h = crate::rng::hash_str(0x5eed, key);
+            let slow = self.world.slow_snapshots.contains(key);
+            let cut_ms = if slow { 5_000 + h % 20_000 } else { 10 + h % 300 };
+            let timing = Timing { cut_ms, ready_ms: 20 + (h >> 20) % 2_000 };
+            Behaviour { timing, fault: self.world.snapshot_faults.get(key).copied() }
+        };
+        let mut cfg = CsiConfig::default();
+        for c in &self.pvcs {
+            cfg.claims.insert((NAMESPACES[c.ns].to_string(), c.name.clone()), behaviour(&c.name));
+            if let Some(g) = c.group {
+                let key = group_fault_key(c.ns, g);
+                cfg.groups.insert((NAMESPACES[c.ns].to_string(), format!("g{g}")), behaviour(&key));
+            }
+        }
+        cfg
+    }
+
+    /// What happens to each bound claim of `in_backup` (the items the archive must hold, before
+    /// snapshots are considered), given the gets that failed — DESIGN §4a over the model: no
+    /// snapshot when they are off, the API is not served or the volume is not CSI; a claim whose
+    /// volume is missing or unreadable, or without a snapshot class, fails; the claims of a volume
+    /// group are captured by one group snapshot when group snapshots and a group class are there
+    /// and every claim of the group the backup can see is in it, bound and CSI (else one by one);
+    /// the driver's faults fail the claim (error, no handle) or its whole group (error, a missing
+    /// member); slowness and readiness do not.
+    pub fn volume_fates(&self, in_backup: &BTreeSet<ItemKey>, seen: &Visibility) -> BTreeMap<ItemKey, VolumeFate> {
+        let mut out = BTreeMap::new();
+        let key_pvc = |c: &PvcM| ItemKey::namespaced("", "persistentvolumeclaims", NAMESPACES[c.ns], &c.name);
+        let key_pv = |c: &PvcM| ItemKey::cluster("", "persistentvolumes", &pv_name(c.ns, &c.name));
+        let on = self.snapshot_volumes != Some(false) && self.csi.crds;
+        // A claim's volume can be snapshotted: bound, its volume there, readable and CSI.
+        let volume_ok = |c: &PvcM| c.bound && !c.pv_missing && !seen.failed_gets.contains(&key_pv(c)) && !c.not_csi;
+        let listed = |c: &PvcM| {
+            let unit_ns = (!self.include_ns.is_empty()).then(|| NAMESPACES[c.ns].to_string());
+            !seen.failed_lists.contains(&("persistentvolumeclaims".to_string(), unit_ns))
+        };
+        for c in self.pvcs.iter().filter(|c| c.bound && in_backup.contains(&key_pvc(c))) {
+            let fault = |key: &str| self.world.snapshot_faults.get(key).copied();
+            let fate = if !on || (c.not_csi && !c.pv_missing && !seen.failed_gets.contains(&key_pv(c))) {
+                VolumeFate::Plain
+            } else if !volume_ok(c) {
+                VolumeFate::Fails
+            } else {
+                let group = c.group.filter(|_| self.csi.groups && self.csi.group_class).and_then(|g| {
+                    let members: Vec<&PvcM> = self
+                        .pvcs
+                        .iter()
+                        .filter(|o| o.ns == c.ns && o.group == Some(g))
+                        .filter(|o| listed(o) || in_backup.contains(&key_pvc(o)))
+                        .collect();
+                    let whole =
+                        members.len() >= 2 && members.iter().all(|o| in_backup.contains(&key_pvc(o)) && volume_ok(o));
+                    whole.then_some(g)
+                });
+                match group {
+                    Some(g) => match fault(&group_fault_key(c.ns, g)) {
+                        Some(CsiFault::Error | CsiFault::Partial | CsiFault::NeverHandle) => VolumeFate::Fails,
+                        _ => VolumeFate::Captured(Some(format!("g{g}"))),
+                    },
+                    None if !self.csi.class => VolumeFate::Fails,
+                    None => match fault(&c.name) {
+                        Some(CsiFault::Error | CsiFault::NeverHandle) => VolumeFate::Fails,
+                        _ => VolumeFate::Captured(None),
+                    },
+                }
+            };
+            out.insert(key_pvc(c), fate);
+        }
         out
     }
 
@@ -574,13 +766,13 @@ impl Model {
     /// The fake cluster serving this model.
     pub fn fake(&self) -> FakeCluster {
         let mut f = FakeCluster::new();
-        for rt in model_resources() {
+        for rt in self.resources() {
             f.add_resource(rt);
         }
         for (rt, o) in self.objects() {
             f.add_object(&rt, o);
         }
-        f
+        f.with_csi(self.csi_config())
     }
 
     /// The backup spec this model is backed up with.
@@ -894,6 +1086,19 @@ impl Model {
                 ItemKey::namespaced("", "configmaps", NAMESPACES[*ns], n),
                 (!self.ns_ok(*ns) || labelled(format!("cm/{n}")), sel_ok(None), listed("configmaps", Some(*ns))),
             );
+        }
+        // The snapshot classes the cluster has are cluster-scoped objects like any other.
+        let classes = [
+            (self.csi.class, "volumesnapshotclasses", crate::csi::SNAP, "snap"),
+            (self.csi.groups && self.csi.group_class, "volumegroupsnapshotclasses", crate::csi::GSNAP, "gsnap"),
+        ];
+        for (present, resource, group, name) in classes {
+            if self.csi.crds && present {
+                exists.insert(
+                    ItemKey::cluster(group, resource, name),
+                    (cluster_off, cluster_seed && sel_ok(None), listed(&format!("{resource}.{group}"), None)),
+                );
+            }
         }
         for (ns, n) in &self.widgets {
             exists.insert(

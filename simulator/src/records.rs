@@ -77,8 +77,10 @@ pub enum Record {
     /// A new process started (the backup is resumed, or created again).
     Restart { at_ms: u64 },
     /// A write through the API (`create`, `patch`, `delete`) and what it answered (`ok`,
-    /// `exists`, `missing`, or an error kind).
-    Write { at_ms: u64, verb: &'static str, key: ItemKey, answer: &'static str },
+    /// `exists`, `missing`, or an error kind). `subject`: what a created snapshot is of, read
+    /// from the request — the claim of a VolumeSnapshot, the `matchLabels` value of a
+    /// VolumeGroupSnapshot.
+    Write { at_ms: u64, verb: &'static str, key: ItemKey, answer: &'static str, subject: Option<String> },
     /// The fake CSI driver cut, failed or deleted a snapshot.
     Csi(CsiEvent),
 }

@@ -86,6 +86,44 @@ pub fn assign_world_faults(model: &mut Model, faults: &BTreeSet<FaultKind>, rng:
             }
         }
     }
+    // The fake CSI driver's faults, per claim and per volume group.
+    let claim_faults: Vec<crate::csi::CsiFault> = [
+        (FaultKind::SnapshotError, crate::csi::CsiFault::Error),
+        (FaultKind::HandleNeverSet, crate::csi::CsiFault::NeverHandle),
+        (FaultKind::SnapshotNeverReady, crate::csi::CsiFault::NeverReady),
+    ]
+    .into_iter()
+    .filter(|(k, _)| faults.contains(k))
+    .map(|(_, f)| f)
+    .collect();
+    let mut group_faults = claim_faults.clone();
+    if faults.contains(&FaultKind::GroupPartial) {
+        group_faults.push(crate::csi::CsiFault::Partial);
+    }
+    let claims: Vec<(String, Option<String>)> = model
+        .pvcs
+        .iter()
+        .filter(|c| c.bound)
+        .map(|c| (c.name.clone(), c.group.map(|g| crate::model::group_fault_key(c.ns, g))))
+        .collect();
+    for (claim, group) in claims {
+        for key in std::iter::once(claim).chain(group) {
+            if !claim_faults.is_empty() || !group_faults.is_empty() {
+                let pool = if key.starts_with("group:") { &group_faults } else { &claim_faults };
+                if rng.chance(0.3) {
+                    if let Some(f) = rng.pick(pool) {
+                        model.world.snapshot_faults.insert(key.clone(), *f);
+                    }
+                }
+            }
+            if faults.contains(&FaultKind::SnapshotSlow) && rng.chance(0.3) {
+                model.world.slow_snapshots.insert(key);
+            }
+        }
+    }
+    if faults.contains(&FaultKind::CrdsAbsent) {
+        model.csi.crds = false;
+    }
     if faults.contains(&FaultKind::ClusterChange) {
         let hooked: Vec<String> =
             model.pods.iter().filter(|p| !model.hooks(p).is_empty()).map(|p| p.name.clone()).collect();

@@ -25,6 +25,7 @@ use blockwise_adapters::world::Runtime;
 use blockwise_engine::event::{recover_records, Event, Phase, Seq};
 use blockwise_engine::item::ItemKey;
 use blockwise_engine::mutation::{Mutation, MutationGuard};
+use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{BackupSpec, Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
@@ -90,11 +91,23 @@ pub enum FaultKind {
     ClockJump,
     /// A hooked pod is deleted or its containers renamed after everything was listed.
     ClusterChange,
+    /// A snapshot takes seconds to be cut (within the CSI timeout).
+    SnapshotSlow,
+    /// A snapshot (or a group snapshot) fails: the driver sets an error.
+    SnapshotError,
+    /// A snapshot is bound to a content whose handle is never set: the CSI timeout runs out.
+    HandleNeverSet,
+    /// A cut snapshot never becomes ready to use.
+    SnapshotNeverReady,
+    /// A group snapshot is cut without one of its members.
+    GroupPartial,
+    /// The cluster serves no snapshot CRDs: a manifest-only backup, with one warning.
+    CrdsAbsent,
 }
 
 impl FaultKind {
     /// Every fault type.
-    pub const ALL: [FaultKind; 18] = [
+    pub const ALL: [FaultKind; 24] = [
         FaultKind::Crash,
         FaultKind::LostUnflushed,
         FaultKind::TornRecord,
@@ -113,6 +126,12 @@ impl FaultKind {
         FaultKind::SlowWorker,
         FaultKind::ClockJump,
         FaultKind::ClusterChange,
+        FaultKind::SnapshotSlow,
+        FaultKind::SnapshotError,
+        FaultKind::HandleNeverSet,
+        FaultKind::SnapshotNeverReady,
+        FaultKind::GroupPartial,
+        FaultKind::CrdsAbsent,
     ];
 
     /// The kebab-case name used on the command line and in JSON.
@@ -136,6 +155,12 @@ impl FaultKind {
             FaultKind::SlowWorker => "slow-worker",
             FaultKind::ClockJump => "clock-jump",
             FaultKind::ClusterChange => "cluster-change",
+            FaultKind::SnapshotSlow => "snapshot-slow",
+            FaultKind::SnapshotError => "snapshot-error",
+            FaultKind::HandleNeverSet => "handle-never-set",
+            FaultKind::SnapshotNeverReady => "snapshot-never-ready",
+            FaultKind::GroupPartial => "group-partial",
+            FaultKind::CrdsAbsent => "crds-absent",
         }
     }
 
@@ -228,6 +253,10 @@ pub struct RunReport {
     pub crashes: u32,
     /// Virtual milliseconds from the request to the end of the run.
     pub makespan_ms: u64,
+    /// The fake CSI driver's storage snapshots at the end, by handle.
+    pub storage: BTreeMap<String, crate::csi::StorageSnapshot>,
+    /// Snapshot objects (VolumeSnapshots, contents, groups) left in the cluster at the end.
+    pub leftover: Vec<ItemKey>,
 }
 
 /// Engine bounds for simulated seeds: tiny pages, batches and records, so every path is exercised.
@@ -266,15 +295,20 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
     } else {
         StoreFaults::default()
     };
-    simulate_world(
+    let mut report = simulate_world(
         fake,
         &model.spec(BACKUP),
+        &model.options(),
         cluster_faults,
         store_faults,
         cfg,
         &seeded_engine_config(cfg.workers),
         Latencies::SEEDED,
-    )
+    );
+    if cfg.on(FaultKind::CrdsAbsent) && model.pvcs.iter().any(|c| c.bound) {
+        report.hits.insert(FaultKind::CrdsAbsent);
+    }
+    report
 }
 
 /// The blocks whose `BlockFinished` is in `events`: their items and hooked pods.
@@ -335,6 +369,7 @@ pub struct SimWorld {
     pub log: MemLog,
     world: World,
     spec: BackupSpec,
+    options: BackupOptions,
     ecfg: EngineConfig,
     workers: usize,
     /// The torn tail the last open cut, if any.
@@ -344,10 +379,12 @@ pub struct SimWorld {
 }
 
 impl SimWorld {
-    /// A fresh world for a backup of `fake` with `spec`.
+    /// A fresh world for a backup of `fake` with `spec` and `options`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         fake: FakeCluster,
         spec: &BackupSpec,
+        options: &BackupOptions,
         cluster_faults: ClusterFaults,
         store_faults: StoreFaults,
         seed: u64,
@@ -379,6 +416,7 @@ impl SimWorld {
             log,
             world,
             spec: spec.clone(),
+            options: options.clone(),
             ecfg: ecfg.clone(),
             workers: ecfg.workers,
             last_cut: None,
@@ -407,7 +445,8 @@ impl SimWorld {
         let now = self.rt.now_ms();
         let engine = if events.is_empty() {
             // Nothing durable: the backup was never created, and the user creates it again.
-            Engine::new(self.spec.clone(), self.ecfg.clone(), now).map_err(|e| e.to_string())
+            Engine::with_options(self.spec.clone(), self.options.clone(), self.ecfg.clone(), now)
+                .map_err(|e| e.to_string())
         } else {
             Engine::resume(&events, self.ecfg.clone(), now).map_err(|e| e.to_string())
         };
@@ -509,17 +548,20 @@ impl SimWorld {
     }
 }
 
-/// Runs one backup of any fake cluster with `spec`, engine bounds `ecfg` and latencies `lat`.
+/// Runs one backup of any fake cluster with `spec` and `options`, engine bounds `ecfg` and
+/// latencies `lat`.
+#[allow(clippy::too_many_arguments)]
 pub fn simulate_world(
     fake: FakeCluster,
     spec: &BackupSpec,
+    options: &BackupOptions,
     cluster_faults: ClusterFaults,
     store_faults: StoreFaults,
     cfg: &RunConfig,
     ecfg: &EngineConfig,
     lat: Latencies,
 ) -> RunReport {
-    let mut w = SimWorld::new(fake, spec, cluster_faults, store_faults, cfg.seed, ecfg, lat);
+    let mut w = SimWorld::new(fake, spec, options, cluster_faults, store_faults, cfg.seed, ecfg, lat);
     let mut rng = Rng::new(mix64(cfg.seed ^ 0x00c0_ffee));
     if let Some(n) = cfg.crash_at_append {
         w.log.crash_after_inserts(n);
@@ -610,7 +652,29 @@ pub fn simulate_world(
             hits.insert(f);
         }
     }
+    // The snapshot controller catches up to the end of the run; what it did is on the record.
+    w.cluster.settle();
+    let storage = w.cluster.storage_snapshots();
+    let leftover = w.cluster.snapshot_objects();
     let recs = w.records.snapshot();
+    for r in &recs {
+        match r {
+            Record::Csi(crate::csi::CsiEvent::Failed { message, .. }) if message.contains("injected") => {
+                hits.insert(FaultKind::SnapshotError);
+            }
+            Record::Csi(crate::csi::CsiEvent::Cut { at_ms, created_ms, .. }) if at_ms - created_ms >= 5_000 => {
+                hits.insert(FaultKind::SnapshotSlow);
+            }
+            Record::Csi(crate::csi::CsiEvent::Stalled { what, .. }) => {
+                hits.insert(match *what {
+                    "handle" => FaultKind::HandleNeverSet,
+                    "ready" => FaultKind::SnapshotNeverReady,
+                    _ => FaultKind::GroupPartial,
+                });
+            }
+            _ => {}
+        }
+    }
     if cfg.on(FaultKind::StoreWriteFailure) && recs.iter().any(|r| matches!(r, Record::StoreFailed { .. })) {
         hits.insert(FaultKind::StoreWriteFailure);
     }
@@ -643,5 +707,7 @@ pub fn simulate_world(
         hits,
         crashes,
         makespan_ms: w.rt.now() - START_MS,
+        storage,
+        leftover,
     }
 }

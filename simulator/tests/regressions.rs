@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use blockwise_engine::hooks::{HookPhase, OnError};
-use blockwise_simulator::model::{hook_fault_key, HookFault, HookM, Model, PodM, PvcM, SpecHookM};
+use blockwise_simulator::model::{hook_fault_key, CsiM, HookFault, HookM, Model, PodM, PvcM, SpecHookM};
 use blockwise_simulator::runner::{check_run, check_seed, plan_seed};
 use blockwise_simulator::sim::{simulate, FaultKind, Outcome, RunConfig};
 
@@ -81,6 +81,7 @@ fn sim_bug_03_an_unlisted_volume_group_member_cannot_be_pulled() {
         group: Some(1),
         deleting: false,
         app: None,
+        not_csi: false,
     };
     m.pvcs = vec![claim("c0", false), claim("c1", true)];
     m.world.list_unavailable.insert("persistentvolumeclaims".into(), 8);
@@ -114,5 +115,71 @@ fn sim_bug_04_timeouts_fire_on_time_while_the_driver_flushes() {
     for seed in 0..10 {
         let (v, _) = check_run(&m, &RunConfig::new(seed, faults.clone(), 4), false);
         assert!(v.is_empty(), "seed {seed}: {v:?}");
+    }
+}
+
+/// A model whose cluster serves the snapshot API with both classes.
+fn csi_model() -> Model {
+    let mut m = Model::empty();
+    m.csi = CsiM { crds: true, groups: true, class: true, group_class: true };
+    m
+}
+
+fn claim(ns: usize, name: &str, group: Option<u8>) -> PvcM {
+    PvcM { ns, name: name.into(), bound: true, pv_missing: false, group, deleting: false, app: None, not_csi: false }
+}
+
+/// sim_bug_05 (seed 1132 of the first sweep with snapshots, shrunk to one claim): the snapshots were
+/// released (Retain, then their objects deleted) before their `SnapshotCut` facts were durable; a
+/// crash that lost the unflushed tail left a log saying "requested, not cut", and the resumed cut
+/// created the snapshot a second time — two survived (S3). Every crash point is tried here.
+#[test]
+fn sim_bug_05_snapshots_are_released_only_after_their_facts_are_durable() {
+    let mut m = csi_model();
+    m.pvcs.push(claim(0, "c0", None));
+    let faults = BTreeSet::from([FaultKind::Crash, FaultKind::LostUnflushed]);
+    let reference = simulate(&m, &RunConfig::new(1, BTreeSet::new(), 1));
+    let appends = reference.events.len() as u64;
+    assert!(appends > 10, "{appends}");
+    for n in 1..=appends + 2 {
+        let mut cfg = RunConfig::new(n, faults.clone(), 1);
+        cfg.crash_at_append = Some(n);
+        let (v, report) = check_run(&m, &cfg, false);
+        assert!(v.is_empty(), "crash after append {n}: {v:?}");
+        assert!(matches!(report.outcome, Outcome::Finished(_)), "crash after append {n}: {:?}", report.outcome);
+    }
+}
+
+/// sim_bug_06 (seed 347 of the sweep with whole volume groups): when the group's members were there
+/// at the first look, the group snapshot was released as it was read at its creation — not yet bound
+/// to its content — so its content was never set to Retain, and deleting the group deleted the
+/// members' storage (S2, S3). The group is now read again, bound, before it goes.
+#[test]
+fn sim_bug_06_a_group_content_is_retained_before_the_group_is_deleted() {
+    let mut m = csi_model();
+    m.pvcs = vec![claim(0, "c0", Some(0)), claim(0, "c1", Some(0))];
+    m.pods.push(pod(0, "p0", 1, &["c0", "c1"]));
+    for seed in 0..20 {
+        let (v, _) = check_run(&m, &RunConfig::new(seed, BTreeSet::new(), 2), false);
+        assert!(v.is_empty(), "seed {seed}: {v:?}");
+    }
+}
+
+/// sim_bug_07 (seed 1030, shrunk): the claims listing failed for good, so the engine knew only the
+/// volume-group members its pods pulled and snapshotted the group; the group's selector also picked
+/// a member outside the backup, which the engine deleted after detaching it — and the fake
+/// controller, unlike the real one, kept the content of a snapshot deleted without finalizers
+/// (a left-over content, S3). The fake now deletes a `Delete`-policy content whose snapshot is gone.
+#[test]
+fn sim_bug_07_an_extra_group_member_is_deleted_with_its_content() {
+    let mut m = csi_model();
+    m.pvcs = vec![claim(0, "c0", Some(0)), claim(0, "c1", Some(0)), claim(0, "c2", Some(0))];
+    m.pods.push(pod(0, "p0", 1, &["c0", "c1"]));
+    m.world.list_unavailable.insert("persistentvolumeclaims".into(), 8);
+    let faults = BTreeSet::from([FaultKind::List5xx]);
+    for seed in 0..10 {
+        let (v, report) = check_run(&m, &RunConfig::new(seed, faults.clone(), 2), false);
+        assert!(v.is_empty(), "seed {seed}: {v:?}");
+        assert!(report.leftover.is_empty(), "seed {seed}: {:?}", report.leftover);
     }
 }

@@ -30,7 +30,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 15] = [
+    let expected: [(Mutation, &[&str]); 18] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -41,11 +41,14 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::StopWithoutClosingWindows, &["H2"]),
         (Mutation::PostHooksForUnopenedWindows, &["H2"]),
         (Mutation::DefaultOnErrorContinue, &["H3", "E1"]),
-        (Mutation::DispatchBeforeDurable, &["H2", "E1"]),
+        (Mutation::DispatchBeforeDurable, &["H2", "E1", "W1", "L1"]),
         (Mutation::NoHookTimeout, &["T1", "L1"]),
         (Mutation::SkipStagedSync, &["W1"]),
         (Mutation::LogStaleNextSeq, &["L1"]),
         (Mutation::LogSkipsChecksum, &["R1"]),
+        (Mutation::SnapshotBeforePreHooks, &["S1"]),
+        (Mutation::SecondSnapshotAfterResume, &["S3", "S1"]),
+        (Mutation::SkipSnapshotRelease, &["S3"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

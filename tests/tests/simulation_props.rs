@@ -47,6 +47,7 @@ fn model() -> impl Strategy<Value = Model> {
             group,
             deleting,
             app,
+            not_csi: false,
         });
     let hook = (on_error(), hook_fault(), hook_fault(), prop::bool::weighted(0.05), 0u8..3).prop_map(
         |(on_error, pre_fault, post_fault, malformed, which)| {

@@ -24,6 +24,7 @@ use blockwise_adapters::world::{Runtime, TokioRuntime};
 use blockwise_engine::event::{encode_record, Event};
 use blockwise_engine::grouping::{builtin_actions, plan, Index, PlanInput, PlanStep};
 use blockwise_engine::item::{Item, ItemKey};
+use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{BackupSpec, Selection};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
@@ -155,7 +156,9 @@ fn efficiency(objects: usize) -> Vec<Efficiency> {
         let ecfg = EngineConfig { workers, ..EngineConfig::default() };
         let lat = EFFICIENCY_LATENCIES;
         let cluster = demo_cluster(objects, DEMO_SEED);
-        let r = simulate_world(cluster, &spec, ClusterFaults::default(), StoreFaults::default(), &cfg, &ecfg, lat);
+        let options = BackupOptions::default();
+        let (cf, sf) = (ClusterFaults::default(), StoreFaults::default());
+        let r = simulate_world(cluster, &spec, &options, cf, sf, &cfg, &ecfg, lat);
         // Which block each item and hooked pod is in (the plan), to add up each block's work.
         let mut block_of = BTreeMap::new();
         for e in &r.events {

@@ -7,8 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_windows_closed, blockwise, kill_after_line, local_archive as archive};
-
+use common::{assert_windows_closed, blockwise, kill_after_line, live_snapshot_claims, local_archive as archive};
 /// Starts `backup create NAME --demo --workers 4 EXTRA…` and SIGKILLs it right after progress
 /// line `kill_at`; whether the kill landed before the backup finished.
 fn create_and_kill(data: &Path, name: &str, extra: &[&str], kill_at: usize) -> bool {
@@ -33,6 +32,8 @@ fn kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive() {
     );
     let expected = archive(&reference, "ref");
     assert_windows_closed(&reference.join("backups/ref/demo-exec.jsonl"));
+    let snapshotted = live_snapshot_claims(&reference, "ref");
+    assert!(!snapshotted.is_empty(), "the demo backup snapshots its claims");
 
     let mut interrupted = 0;
     for (round, kill_at) in [2usize, 12, 25, 40, 55].into_iter().enumerate() {
@@ -53,6 +54,7 @@ fn kill_9_at_several_points_then_resume_gives_the_uninterrupted_archive() {
             got == expected,
             "round {round} (kill after line {kill_at}): archive differs from the uninterrupted run"
         );
+        assert_eq!(live_snapshot_claims(&data, "ref"), snapshotted, "round {round}: the snapshots left in storage");
         assert_windows_closed(&data.join("backups/ref/demo-exec.jsonl"));
         let describe = blockwise(&data, &["backup", "describe", "ref", "-o", "json"]).output().expect("describe");
         let j: serde_json::Value = serde_json::from_slice(&describe.stdout).expect("describe -o json is JSON");
@@ -71,9 +73,10 @@ fn same_archive_bytes_for_1_and_16_workers() {
             .output()
             .expect("run");
         assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
-        archives.push(archive(&data, "w"));
+        archives.push((archive(&data, "w"), live_snapshot_claims(&data, "w")));
     }
-    assert!(archives[0] == archives[1], "archives differ between 1 and 16 workers");
+    assert!(archives[0].0 == archives[1].0, "archives differ between 1 and 16 workers");
+    assert_eq!(archives[0].1, archives[1].1, "the snapshots left in storage differ between 1 and 16 workers");
 }
 
 #[test]
@@ -155,6 +158,7 @@ fn a_kill_at_any_instant_of_create_leaves_a_resumable_backup_or_none() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(archive(&data, "b") == expected, "round {round} ({ms} ms): archive differs");
+        assert_eq!(live_snapshot_claims(&data, "b"), live_snapshot_claims(&reference, "b"), "round {round} ({ms} ms)");
     }
 }
 
@@ -209,5 +213,10 @@ fn kills_while_resume_opens_the_log_never_make_it_unreadable() {
     let out = blockwise(&data, &["backup", "resume", "r"]).output().expect("resume");
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(archive(&data, "r") == expected, "archive differs from the uninterrupted run");
+    assert_eq!(
+        live_snapshot_claims(&data, "r"),
+        live_snapshot_claims(&reference, "r"),
+        "the snapshots left in storage"
+    );
     assert_windows_closed(&data.join("backups/r/demo-exec.jsonl"));
 }

@@ -6,6 +6,8 @@
 //! overridden so nothing outside is read. The archive made through kube-rs must be byte-identical
 //! to the one made from the same demo cluster in memory.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -43,7 +45,8 @@ fn serve(cluster: FakeCluster) -> Served {
 }
 
 fn serve_demo() -> Served {
-    serve(demo_cluster(DEMO_OBJECTS, DEMO_SEED))
+    // As `simulator serve` and the in-memory demo: the demo's fake CSI driver.
+    serve(demo_cluster(DEMO_OBJECTS, DEMO_SEED).with_csi(blockwise_simulator::demo::demo_csi(0)))
 }
 
 impl Served {
@@ -62,7 +65,7 @@ fn blockwise(home: &Path, data: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("--data-dir")
         .arg(data)
-        .args(args)
+        .args(common::with_test_uid(args))
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("HOME", home)
@@ -400,4 +403,68 @@ fn kubectl_lists_gets_discovers_and_execs_against_the_fake_server() {
     let recorded = fake.exec_records();
     assert_eq!(recorded.len(), 2);
     assert_eq!(recorded[0].command, vec!["/bin/echo".to_string(), "hello".into()]);
+}
+
+/// The snapshot API is served like any other resource (issue 10): kubectl discovers it, with the
+/// `vs` short name, creates a VolumeSnapshot of a demo claim, lists it with `get volumesnapshots -A`
+/// and deletes it. What kubectl shows is compared with the fake cluster's own objects.
+#[test]
+fn kubectl_creates_lists_and_deletes_volume_snapshots_against_the_fake_server() {
+    let s = serve_demo();
+    let fake = s.server.cluster().clone();
+
+    let out = kubectl(&s, &["api-resources", "--api-group", "snapshot.storage.k8s.io"]);
+    check_exit(&out, 0, "kubectl api-resources --api-group snapshot.storage.k8s.io");
+    let resources = text(&out.stdout);
+    for r in ["volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"] {
+        assert!(resources.lines().any(|l| l.starts_with(r)), "{r} missing:\n{resources}");
+    }
+    let out = kubectl(&s, &["get", "volumesnapshotclasses"]);
+    check_exit(&out, 0, "kubectl get volumesnapshotclasses");
+    assert!(text(&out.stdout).contains("pd-snapshots"), "{}", text(&out.stdout));
+    let out = kubectl(&s, &["get", "volumesnapshots", "-A"]);
+    check_exit(&out, 0, "kubectl get volumesnapshots -A (none yet)");
+    assert!(text(&out.stdout).is_empty(), "no snapshot before one is created: {}", text(&out.stdout));
+
+    let claim = fake
+        .objects()
+        .find(|(gr, o)| gr.resource == "persistentvolumeclaims" && o["status"]["phase"] == "Bound")
+        .map(|(_, o)| o.clone())
+        .expect("the demo has a bound claim");
+    let ns = claim["metadata"]["namespace"].as_str().unwrap();
+    let pvc = claim["metadata"]["name"].as_str().unwrap();
+    let manifest = s.dir.path().join("vs.json");
+    let vs = serde_json::json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": "by-kubectl", "namespace": ns},
+        "spec": {"volumeSnapshotClassName": "pd-snapshots", "source": {"persistentVolumeClaimName": pvc}},
+    });
+    std::fs::write(&manifest, serde_json::to_vec(&vs).unwrap()).unwrap();
+    // The fake server serves no OpenAPI document, which client-side validation would download.
+    let out = kubectl(&s, &["create", "--validate=false", "-f", manifest.to_str().unwrap()]);
+    check_exit(&out, 0, "kubectl create -f vs.json");
+    assert!(text(&out.stdout).contains("by-kubectl created"), "{}", text(&out.stdout));
+    let out = kubectl(&s, &["create", "--validate=false", "-f", manifest.to_str().unwrap()]);
+    check_exit(&out, 1, "a second create of the same name");
+    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
+
+    let out = kubectl(&s, &["get", "volumesnapshots", "-A"]);
+    check_exit(&out, 0, "kubectl get volumesnapshots -A");
+    let listing = text(&out.stdout);
+    assert_eq!(listing.lines().count(), 2, "a header and the one snapshot:\n{listing}");
+    assert!(listing.lines().nth(1).is_some_and(|l| l.starts_with(ns) && l.contains("by-kubectl")), "{listing}");
+    let out = kubectl(&s, &["get", "vs", "by-kubectl", "-n", ns, "-o", "json"]);
+    check_exit(&out, 0, "kubectl get vs NAME -o json");
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["spec"]["source"]["persistentVolumeClaimName"], pvc);
+    assert!(got["metadata"]["uid"].as_str().is_some_and(|u| !u.is_empty()), "the server gives it a uid: {got}");
+    let key = ItemKey::namespaced("snapshot.storage.k8s.io", "volumesnapshots", ns, "by-kubectl");
+    assert!(fake.snapshot_objects().contains(&key), "the fake cluster holds the snapshot kubectl created");
+
+    let out = kubectl(&s, &["delete", "vs", "by-kubectl", "-n", ns, "--wait=false"]);
+    check_exit(&out, 0, "kubectl delete vs");
+    assert!(!fake.snapshot_objects().contains(&key), "the fake cluster no longer holds it");
+    let out = kubectl(&s, &["get", "volumesnapshots", "-A"]);
+    check_exit(&out, 0, "kubectl get volumesnapshots -A after the delete");
+    assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
 }

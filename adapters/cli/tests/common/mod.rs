@@ -17,10 +17,25 @@ const MOTO_START_POLLS_MAX: u32 = 600;
 /// when it is unset.
 pub const MOTO_PORT_ENV: &str = "BLOCKWISE_TEST_MOTO_PORT";
 
-/// The binary with a data dir, no kubeconfig, no store faults and fake AWS credentials.
+/// The uid every `backup create` of these tests runs under (unless it names one): a backup's uid
+/// names and labels its snapshots, so two runs give the same archive bytes only under the same uid
+/// — as a resumed run keeps its first one. Left to default, each create would draw a new uid.
+pub const TEST_UID: &str = "0d5c2e1a-blockwise-test";
+
+/// `args`, with `--uid TEST_UID` added to a `backup create` that names no uid.
+pub fn with_test_uid<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if args.starts_with(&["backup", "create"]) && !args.contains(&"--uid") {
+        v.extend(["--uid", TEST_UID]);
+    }
+    v
+}
+
+/// The binary with a data dir, no kubeconfig, no store faults and fake AWS credentials (and the
+/// test uid for `backup create`: [`with_test_uid`]).
 pub fn blockwise(data: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(args)
+    c.args(with_test_uid(args))
         .arg("--data-dir")
         .arg(data)
         .env_remove("KUBECONFIG")
@@ -225,4 +240,38 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(bytes).expect("gzip");
     gz.finish().expect("gzip")
+}
+
+/// What the demo cluster's own records (`backups/NAME/demo-cluster.json`, written by the fake
+/// cluster, not by the engine) say the backup left behind: the claims with a live storage
+/// snapshot, each once. Panics on a claim snapshotted twice and still alive (a duplicate), and on
+/// any snapshot API object still present (an orphan: a finished backup keeps only storage).
+pub fn live_snapshot_claims(data: &Path, name: &str) -> Vec<String> {
+    let p = data.join("backups").join(name).join("demo-cluster.json");
+    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let state: serde_json::Value = serde_json::from_slice(&bytes).expect("the demo cluster state is JSON");
+    // The overlay is a list of [resource, [[[namespace, name], object or null], …]].
+    for entry in state["overlay"].as_array().expect("the overlay is a list") {
+        for object in entry[1].as_array().expect("a resource's objects") {
+            assert!(
+                object[1].is_null(),
+                "{} {} is still in the cluster after the backup: {}",
+                entry[0],
+                object[0],
+                object[1]
+            );
+        }
+    }
+    let mut claims: Vec<String> = state["storage"]
+        .as_object()
+        .expect("storage snapshots")
+        .values()
+        .filter(|s| s["deleted_ms"].is_null())
+        .map(|s| s["claim"].to_string())
+        .collect();
+    claims.sort();
+    let before = claims.len();
+    claims.dedup();
+    assert_eq!(before, claims.len(), "a claim has two live storage snapshots: one was taken twice");
+    claims
 }
