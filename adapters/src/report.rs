@@ -590,11 +590,20 @@ pub fn csi_objects(s: &BackupState) -> (Value, Value, Value) {
             contents.push(parse(&m.content_json));
         }
     }
+    // Listed classes lack apiVersion and kind (a list response omits them): set them, as for items.
+    let class_type = s.resources.iter().flatten().find(|r| r.gr.resource == "volumesnapshotclasses");
     let classes: Vec<Value> = s
         .snapshot_classes
         .iter()
         .filter_map(|j| serde_json::from_str::<Value>(j).ok())
         .filter(|c| c.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| used.contains(n)))
+        .map(|mut c| {
+            if let (Some(rt), Some(o)) = (class_type, c.as_object_mut()) {
+                o.insert("apiVersion".into(), Value::String(rt.api_version()));
+                o.insert("kind".into(), Value::String(rt.kind.clone()));
+            }
+            c
+        })
         .collect();
     (Value::Array(snapshots), Value::Array(contents), Value::Array(classes))
 }

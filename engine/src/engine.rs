@@ -852,7 +852,12 @@ impl Engine {
         for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
             self.emit(Event::SnapshotsPlanned { snapshots: chunk.to_vec() });
         }
-        self.emit(Event::PlanFinished { blocks: total, items });
+        // Each claim a snapshot can capture adds its VolumeSnapshot and VolumeSnapshotContent.
+        let snapshot_items: u64 = (self.state.snapshots.iter())
+            .filter(|s| s.plan.blocked.is_none())
+            .map(|s| 2 * s.plan.claims.len() as u64)
+            .sum();
+        self.emit(Event::PlanFinished { blocks: total, items: items + snapshot_items });
     }
 
     fn plan_snapshots(&mut self, p: &crate::grouping::Plan, claims: &BTreeMap<ItemKey, Claim>) -> Vec<SnapshotPlan> {

@@ -721,9 +721,18 @@ impl Model {
                         members.len() >= 2 && members.iter().all(|o| in_backup.contains(&key_pvc(o)) && volume_ok(o));
                     whole.then_some(g)
                 });
+                // A partial group cut leaves out the last claim (by name) its label selects — which
+                // fails the group only when the backup needs that claim.
+                let partial_misses_one_needed = |g: u8| {
+                    let selected = self.pvcs.iter().filter(|o| o.ns == c.ns && o.group == Some(g)).map(|o| &o.name);
+                    selected.max().is_some_and(|last| {
+                        self.pvcs.iter().any(|o| o.ns == c.ns && &o.name == last && in_backup.contains(&key_pvc(o)))
+                    })
+                };
                 match group {
                     Some(g) => match fault(&group_fault_key(c.ns, g)) {
-                        Some(CsiFault::Error | CsiFault::Partial | CsiFault::NeverHandle) => VolumeFate::Fails,
+                        Some(CsiFault::Error | CsiFault::NeverHandle) => VolumeFate::Fails,
+                        Some(CsiFault::Partial) if partial_misses_one_needed(g) => VolumeFate::Fails,
                         _ => VolumeFate::Captured(Some(format!("g{g}"))),
                     },
                     None if !self.csi.class => VolumeFate::Fails,

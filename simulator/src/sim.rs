@@ -305,7 +305,7 @@ pub fn simulate(model: &Model, cfg: &RunConfig) -> RunReport {
         &seeded_engine_config(cfg.workers),
         Latencies::SEEDED,
     );
-    if cfg.on(FaultKind::CrdsAbsent) && model.pvcs.iter().any(|c| c.bound) {
+    if cfg.on(FaultKind::CrdsAbsent) && !model.csi.crds && model.pvcs.iter().any(|c| c.bound) {
         report.hits.insert(FaultKind::CrdsAbsent);
     }
     report
