@@ -34,6 +34,10 @@ use serde_json::{json, Value};
 
 use crate::world::{timeout, Runtime};
 
+/// Snapshots read (waiting for readiness) or released at once: a backup of thousands of volumes
+/// must not pay one API round trip after the other for them, nor flood the API server.
+pub const SNAPSHOT_CALLS_CONCURRENT_MAX: usize = 16;
+
 /// Longest single watch: a return re-reads the object, so this only bounds how long a missed
 /// event could delay the wait.
 pub const WATCH_MS_MAX: u64 = 30_000;
@@ -105,8 +109,10 @@ async fn create_or_get(
         Err(e) => return Err(format!("creating {what}: {e}")),
     };
     let v = parse(&what, &json)?;
-    match s(&v, &format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1"))) {
-        Some(u) if u == uid => Ok(v),
+    // An unset uid (an engine driven without one) creates objects with an empty label, which the
+    // API server may store as no label at all: both mean "no uid".
+    match s(&v, &format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1"))).unwrap_or_default() {
+        u if u == uid => Ok(v),
         other => Err(format!("{what} exists and belongs to another backup (backup uid {other:?})")),
     }
 }
@@ -400,6 +406,30 @@ pub async fn cut_all(
     futures::future::join_all(cuts).await
 }
 
+/// The state of one wait's snapshots: the first failure, else the first not yet ready (its key and
+/// resourceVersion, to watch).
+async fn read_wait(
+    cluster: &dyn Cluster,
+    api: &SnapshotApi,
+    w: &ReadyWait,
+) -> (Option<String>, Option<(ItemKey, String)>) {
+    let mut pending = None;
+    let mut failed = None;
+    for name in &w.snapshots {
+        let key = vs_key(&w.namespace, name);
+        match get(cluster, &api.snapshots, &key).await {
+            Err(e) => failed = Some(e),
+            Ok(None) => failed = Some(format!("VolumeSnapshot {}/{name} was deleted before it was ready", w.namespace)),
+            Ok(Some(vs)) if vs.pointer("/status/readyToUse").and_then(Value::as_bool) == Some(true) => {}
+            Ok(Some(vs)) => match s(&vs, "/status/error/message") {
+                Some(msg) => failed = Some(format!("VolumeSnapshot {}/{name}: {msg}", w.namespace)),
+                None => pending = pending.or(Some((key, rv(&vs)))),
+            },
+        }
+    }
+    (failed, pending)
+}
+
 /// Waits until at least one of `waits` settles: every snapshot of it ready to use, one failed, or
 /// its deadline (wall clock) passed while not ready. Returns the settled ones.
 pub async fn await_ready(
@@ -412,23 +442,12 @@ pub async fn await_ready(
         let now = rt.now_ms();
         let mut settled = Vec::new();
         let mut next: Option<(ItemKey, String, u64)> = None;
-        for w in waits {
-            let mut pending = None;
-            let mut failed = None;
-            for name in &w.snapshots {
-                let key = vs_key(&w.namespace, name);
-                match get(cluster, &api.snapshots, &key).await {
-                    Err(e) => failed = Some(e),
-                    Ok(None) => {
-                        failed = Some(format!("VolumeSnapshot {}/{name} was deleted before it was ready", w.namespace))
-                    }
-                    Ok(Some(vs)) if vs.pointer("/status/readyToUse").and_then(Value::as_bool) == Some(true) => {}
-                    Ok(Some(vs)) => match s(&vs, "/status/error/message") {
-                        Some(msg) => failed = Some(format!("VolumeSnapshot {}/{name}: {msg}", w.namespace)),
-                        None => pending = pending.or(Some((key, rv(&vs)))),
-                    },
-                }
-            }
+        // Every wait's snapshots read, a bounded number of waits at once, answers in order.
+        let mut reads = Vec::with_capacity(waits.len());
+        for chunk in waits.chunks(SNAPSHOT_CALLS_CONCURRENT_MAX) {
+            reads.extend(futures::future::join_all(chunk.iter().map(|w| read_wait(cluster, api, w))).await);
+        }
+        for (w, (failed, pending)) in waits.iter().zip(reads) {
             match (failed, pending) {
                 (Some(e), _) => settled.push((w.id, Err(e))),
                 (None, None) => settled.push((w.id, Ok(()))),
@@ -506,8 +525,9 @@ pub async fn release_all(
     orders: &[ReleaseOrder],
 ) -> Vec<(u32, Result<(), String>)> {
     let mut out = Vec::with_capacity(orders.len());
-    for o in orders {
-        out.push((o.plan.id, release_one(cluster, api, group_label, o).await));
+    for chunk in orders.chunks(SNAPSHOT_CALLS_CONCURRENT_MAX) {
+        let results = futures::future::join_all(chunk.iter().map(|o| release_one(cluster, api, group_label, o))).await;
+        out.extend(chunk.iter().map(|o| o.plan.id).zip(results));
     }
     out
 }

@@ -292,7 +292,10 @@ pub struct Engine {
     recovering: VecDeque<(u32, Run)>,
     /// Blocks whose `BlockStarted` is recorded, waiting for a worker.
     primed: VecDeque<(u32, u32, Seq)>,
+    /// Position in [`Engine::start_order`] of the next block to consider starting.
     cursor: usize,
+    /// The order in which blocks start, fixed once the plan is: see [`Engine::start_order`].
+    order: Option<Vec<u32>>,
     finalizing: bool,
     /// Restage commands in flight.
     restaging: usize,
@@ -391,6 +394,7 @@ impl Engine {
             recovering: VecDeque::new(),
             primed: VecDeque::new(),
             cursor: 0,
+            order: None,
             finalizing: false,
             restaging: 0,
             restage_rounds: 0,
@@ -912,9 +916,26 @@ impl Engine {
 
     /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
     /// attempt belong to recovery; finished blocks are never redone.
+    /// The order in which blocks start: blocks with volume snapshots first, so that the wait for
+    /// their readiness (after their windows close, off the workers) overlaps the other blocks'
+    /// work instead of trailing the last block; then the others. Both in id order. With
+    /// `--ordered-resources`, plain id order: the ordered blocks (the lowest ids) go first.
+    fn start_order(&self) -> Vec<u32> {
+        let ids = 0..self.state.blocks.len() as u32;
+        if self.state.spec.as_ref().is_some_and(|s| !s.ordered_resources.is_empty()) {
+            return ids.collect();
+        }
+        let snapshots = |id: &u32| self.state.snapshots_of(*id).any(|s| s.plan.blocked.is_none());
+        let (first, rest): (Vec<u32>, Vec<u32>) = ids.partition(snapshots);
+        first.into_iter().chain(rest).collect()
+    }
+
     fn start_next_block(&mut self) -> Option<(u32, u32, Seq)> {
+        if self.order.is_none() {
+            self.order = Some(self.start_order());
+        }
         while self.cursor < self.state.blocks.len() {
-            let id = self.cursor as u32;
+            let id = self.order.as_ref().and_then(|o| o.get(self.cursor)).copied().unwrap_or(self.cursor as u32);
             self.cursor += 1;
             let b = &self.state.blocks[id as usize];
             if b.outcome.is_some() || b.attempt.is_some() {

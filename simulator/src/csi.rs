@@ -195,6 +195,10 @@ pub struct Dynamic {
     /// Events not yet taken ([`Dynamic::take_events`]).
     #[serde(skip)]
     events: Vec<CsiEvent>,
+    /// The overlay's objects with a deletionTimestamp (built on first use, then kept by `put`):
+    /// the controller's deletion work visits these, not the whole overlay, after every write.
+    #[serde(skip)]
+    deleting: Option<BTreeSet<ItemKey>>,
 }
 
 /// Written objects by resource, then (namespace or "", name): the object, or `None` when deleted.
@@ -330,7 +334,31 @@ impl Dynamic {
     }
 
     fn put(&mut self, key: &ItemKey, v: Option<Value>) {
+        if let Some(deleting) = &mut self.deleting {
+            if v.as_ref().is_some_and(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+                deleting.insert(key.clone());
+            } else {
+                deleting.remove(key);
+            }
+        }
         self.overlay.entry(key.gr()).or_default().insert(slot(key), v);
+    }
+
+    /// The keys of the overlay's objects being deleted, in key order.
+    fn being_deleted(&mut self) -> Vec<ItemKey> {
+        let overlay = &self.overlay;
+        let set = self.deleting.get_or_insert_with(|| {
+            overlay
+                .iter()
+                .flat_map(|(gr, objs)| {
+                    objs.iter().filter_map(move |((ns, name), v)| {
+                        v.as_ref()?.pointer("/metadata/deletionTimestamp")?;
+                        Some(key_of(gr, ns, name, !ns.is_empty()))
+                    })
+                })
+                .collect()
+        });
+        set.iter().cloned().collect()
     }
 
     fn bump(&mut self, v: &mut Value) {
@@ -527,16 +555,10 @@ impl Dynamic {
     /// until nothing changes.
     fn reconcile(&mut self, st: &Statics<'_>, now: u64) {
         for _ in 0..64 {
-            let deleting: Vec<(ItemKey, Value)> = self
-                .overlay
-                .iter()
-                .flat_map(|(gr, objs)| {
-                    objs.iter().filter_map(move |((ns, name), v)| {
-                        let v = v.as_ref()?;
-                        v.pointer("/metadata/deletionTimestamp")?;
-                        let namespaced = !ns.is_empty();
-                        Some((key_of(gr, ns, name, namespaced), v.clone()))
-                    })
+            let deleting: Vec<(ItemKey, Value)> = (self.being_deleted().into_iter())
+                .filter_map(|k| {
+                    let v = self.lookup_overlay(&k)?;
+                    Some((k, v))
                 })
                 .collect();
             let mut changed = false;

@@ -16,7 +16,7 @@
 //!
 //! Objects can also be created, merge-patched, deleted and watched ([`crate::csi`]: an overlay over
 //! the built-in objects, with finalizers and a fake CSI snapshot controller). The overlay can be
-//! kept in a JSON file ([`FakeCluster::with_state_file`], written atomically after every change),
+//! kept in a JSON file and a journal of writes beside it ([`FakeCluster::with_state_file`]),
 //! so the demo cluster's snapshots outlive a killed `blockwise` process as a real cluster's would.
 
 use std::collections::{BTreeMap, HashMap};
@@ -119,6 +119,8 @@ pub struct FakeCluster {
     csi: CsiConfig,
     dynamic: Mutex<Dynamic>,
     state_file: Option<PathBuf>,
+    /// The write journal beside the state file, when there is one; see [`FakeCluster::with_state_file`].
+    journal: Mutex<Journal>,
     /// The clock of a fake cluster without one: a watch moves it to the next change.
     virtual_now: AtomicU64,
 }
@@ -134,6 +136,51 @@ impl fmt::Debug for FakeCluster {
             .field("exec_log", &self.exec_log)
             .finish()
     }
+}
+
+/// The writes since the state file was last written whole.
+#[derive(Debug, Default)]
+struct Journal {
+    /// The sequence number of the last write journaled (or folded into the state file).
+    seq: u64,
+    /// Lines appended since the state file was written.
+    lines: u64,
+}
+
+/// Journal lines after which the state file is written whole again (and the journal emptied):
+/// each write then costs one appended line, plus a whole state every this many writes.
+const JOURNAL_LINES_MAX: u64 = 512;
+
+/// One write through the API, as the journal records it: replayed in order over the state file,
+/// the same writes at the same instants give the same state (the controller's jobs run on the
+/// cluster's clock, and every write first runs the jobs due at its instant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum JournalOp {
+    Create { now: u64, rt: ResourceType, namespace: Option<String>, json: String },
+    Patch { now: u64, key: ItemKey, patch: String },
+    Delete { now: u64, key: ItemKey },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalLine {
+    seq: u64,
+    op: JournalOp,
+}
+
+/// The state file: the overlay and controller state, and the last journaled write it holds.
+#[derive(Serialize)]
+struct StateOut<'a> {
+    seq: u64,
+    #[serde(flatten)]
+    dynamic: &'a Dynamic,
+}
+
+#[derive(Deserialize)]
+struct StateIn {
+    #[serde(default)]
+    seq: u64,
+    #[serde(flatten)]
+    dynamic: Dynamic,
 }
 
 fn ns_name(key: &ItemKey) -> String {
@@ -220,20 +267,65 @@ impl FakeCluster {
     }
 
     /// Keeps the written objects and the snapshot controller's state in `path` (JSON), loading
-    /// what an earlier process left there. A file that does not parse is an error naming it.
+    /// what an earlier process left there. Each write is appended to a journal beside it
+    /// (`<path>.journal`, one JSON line per write, its sequence number first); every
+    /// [`JOURNAL_LINES_MAX`] writes, when loading a journal and when the cluster is dropped, the state is
+    /// written whole (atomically: a temporary file renamed) and the journal emptied. Loading replays
+    /// the journal's writes the state file does not hold yet; a torn last line (a process killed
+    /// while appending it, before its write was answered) is ignored. A state file or a journal line
+    /// before the last that does not parse is an error naming the file (and line). Call it after
+    /// [`FakeCluster::with_csi`] and the objects: replaying writes needs them.
     pub fn with_state_file(mut self, path: impl Into<PathBuf>) -> io::Result<Self> {
         let path = path.into();
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let mut seq = 0;
         match fs::read(&path) {
             Ok(bytes) => {
-                let d: Dynamic = serde_json::from_slice(&bytes).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("fake cluster state {}: {e}", path.display()))
-                })?;
-                *self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner) = d;
+                let st: StateIn = serde_json::from_slice(&bytes)
+                    .map_err(|e| invalid(format!("fake cluster state {}: {e}", path.display())))?;
+                seq = st.seq;
+                *self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner) = st.dynamic;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        let journal = journal_path(&path);
+        let text = match fs::read_to_string(&journal) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let rec: JournalLine = match serde_json::from_str(line) {
+                Ok(r) => r,
+                Err(_) if i + 1 == lines.len() => break,
+                Err(e) => {
+                    return Err(invalid(format!("fake cluster journal {} line {}: {e}", journal.display(), i + 1)))
+                }
+            };
+            if rec.seq <= seq {
+                continue;
+            }
+            seq = rec.seq;
+            let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
+            let st = Statics { objects: &self.objects, resources: &self.resources, config: &self.csi };
+            // A write that failed when it was made fails the same way now: nothing to do.
+            let _ = match rec.op {
+                JournalOp::Create { now, rt, namespace, json } => {
+                    d.create(&st, now, &rt, namespace.as_deref(), &json).map(|_| ())
+                }
+                JournalOp::Patch { now, key, patch } => d.patch(&st, now, &key, &patch).map(|_| ()),
+                JournalOp::Delete { now, key } => d.delete(&st, now, &key).map(|_| ()),
+            };
+        }
         self.state_file = Some(path);
+        *self.journal.get_mut().unwrap_or_else(PoisonError::into_inner) = Journal { seq, lines: lines.len() as u64 };
+        if !lines.is_empty() {
+            let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
+            let snapshot = serde_json::to_vec(&StateOut { seq, dynamic: d }).map_err(io::Error::other)?;
+            self.write_whole(&snapshot)?;
+        }
         Ok(self)
     }
 
@@ -245,13 +337,38 @@ impl FakeCluster {
         Statics { objects: &self.objects, resources: &self.resources, config: &self.csi }
     }
 
-    /// Writes the overlay to the state file, if there is one (atomically: a temporary file renamed).
-    fn persist(&self, d: &Dynamic) {
+    /// Writes the state file whole (a temporary file renamed), then empties the journal.
+    fn write_whole(&self, state: &[u8]) -> io::Result<()> {
+        let Some(path) = &self.state_file else { return Ok(()) };
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, state)?;
+        fs::rename(&tmp, path)?;
+        // Lines the state now holds are skipped by sequence number, so a crash before this
+        // truncation loses nothing.
+        fs::write(journal_path(path), b"")?;
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner).lines = 0;
+        Ok(())
+    }
+
+    /// Records a write made under the dynamic lock `d`, if the cluster keeps a state file: one
+    /// journal line, or the whole state every [`JOURNAL_LINES_MAX`] writes.
+    fn persist(&self, d: &Dynamic, op: JournalOp) {
         let Some(path) = &self.state_file else { return };
         let write = || -> io::Result<()> {
-            let tmp = path.with_extension("tmp");
-            fs::write(&tmp, serde_json::to_vec(d).map_err(io::Error::other)?)?;
-            fs::rename(&tmp, path)
+            let (seq, whole) = {
+                let mut j = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+                j.seq += 1;
+                j.lines += 1;
+                (j.seq, j.lines >= JOURNAL_LINES_MAX)
+            };
+            if whole {
+                let state = serde_json::to_vec(&StateOut { seq, dynamic: d }).map_err(io::Error::other)?;
+                return self.write_whole(&state);
+            }
+            let mut line = serde_json::to_vec(&JournalLine { seq, op }).map_err(io::Error::other)?;
+            line.push(b'\n');
+            // One write(2) of the whole line in append mode: a kill tears at most this line.
+            OpenOptions::new().create(true).append(true).open(journal_path(path))?.write_all(&line)
         };
         if let Err(e) = write() {
             // The fake cluster has no error channel for this; say it where a user sees it.
@@ -270,9 +387,7 @@ impl FakeCluster {
     /// Runs the snapshot controller's jobs due at `now`.
     pub fn settle_at(&self, now: u64) {
         let mut d = self.dyn_lock();
-        if d.settle(&self.statics(), now) {
-            self.persist(&d);
-        }
+        d.settle(&self.statics(), now);
     }
 
     /// The fake driver's storage snapshots, by handle.
@@ -306,7 +421,9 @@ impl FakeCluster {
         self.discovered(rt)?;
         let mut d = self.dyn_lock();
         let r = d.create(&self.statics(), now, rt, namespace, json);
-        self.persist(&d);
+        let op =
+            JournalOp::Create { now, rt: rt.clone(), namespace: namespace.map(str::to_string), json: json.to_string() };
+        self.persist(&d, op);
         r.map(|v| v.to_string())
     }
 
@@ -315,7 +432,7 @@ impl FakeCluster {
         self.discovered(rt)?;
         let mut d = self.dyn_lock();
         let r = d.patch(&self.statics(), now, key, patch);
-        self.persist(&d);
+        self.persist(&d, JournalOp::Patch { now, key: key.clone(), patch: patch.to_string() });
         r.map(|v| v.to_string())
     }
 
@@ -324,7 +441,7 @@ impl FakeCluster {
         self.discovered(rt)?;
         let mut d = self.dyn_lock();
         let r = d.delete(&self.statics(), now, key);
-        self.persist(&d);
+        self.persist(&d, JournalOp::Delete { now, key: key.clone() });
         r
     }
 
@@ -332,9 +449,7 @@ impl FakeCluster {
     pub fn get_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
         self.discovered(rt)?;
         let mut d = self.dyn_lock();
-        if d.settle(&self.statics(), now) {
-            self.persist(&d);
-        }
+        d.settle(&self.statics(), now);
         let Some(mut obj) = d.lookup(&self.statics(), key) else { return Ok(None) };
         if let Some(map) = obj.as_object_mut() {
             map.insert("apiVersion".into(), Value::String(rt.api_version()));
@@ -347,9 +462,7 @@ impl FakeCluster {
     /// already, else until its next scheduled change, at most `timeout_ms`.
     pub fn watch_wait(&self, now: u64, key: &ItemKey, resource_version: &str, timeout_ms: u64) -> u64 {
         let mut d = self.dyn_lock();
-        if d.settle(&self.statics(), now) {
-            self.persist(&d);
-        }
+        d.settle(&self.statics(), now);
         let current = d.lookup(&self.statics(), key);
         let rv = current.as_ref().and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
         if current.is_none() || rv != Some(resource_version) {
@@ -373,9 +486,7 @@ impl FakeCluster {
             Some(t) => t.parse::<usize>().map_err(|_| ClusterError::Other(format!("invalid continue token {t:?}")))?,
         };
         let mut d = self.dyn_lock();
-        if d.settle(&self.statics(), now) {
-            self.persist(&d);
-        }
+        d.settle(&self.statics(), now);
         // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
         let ns_filter = namespace.filter(|_| rt.namespaced);
         let mut merged: BTreeMap<&(String, String), &Value> = self
@@ -852,5 +963,81 @@ pub(crate) mod tests {
         let e = read_exec_log(&path).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The state file and its journal: writes of a process killed without dropping the cluster are
+    /// replayed by the next one (a torn last line ignored), which then holds the same objects and
+    /// storage snapshots; a bad line before the last is an error naming it.
+    #[test]
+    fn a_killed_cluster_s_writes_are_replayed_from_the_journal() {
+        let dir = std::env::temp_dir().join(format!("blockwise-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("demo-cluster.json");
+        let demo = || crate::demo::demo_cluster(200, crate::demo::DEMO_SEED).with_csi(crate::demo::demo_csi(0));
+        let c1 = demo().with_state_file(&path).unwrap();
+        let claim = c1
+            .objects()
+            .find(|(gr, o)| gr.resource == "persistentvolumeclaims" && o["status"]["phase"] == "Bound")
+            .map(|(_, o)| o.clone())
+            .unwrap();
+        let ns = claim["metadata"]["namespace"].as_str().unwrap().to_string();
+        let vs_rt = crate::csi::snapshot_resources(Some("v1")).into_iter().find(|r| r.gr.resource == "volumesnapshots");
+        let vs_rt = vs_rt.unwrap();
+        let body = json!({"metadata": {"name": "s1", "namespace": ns},
+            "spec": {"volumeSnapshotClassName": "pd-snapshots",
+                     "source": {"persistentVolumeClaimName": claim["metadata"]["name"]}}});
+        c1.create_at(1_000, &vs_rt, Some(&ns), &body.to_string()).unwrap();
+        let key = ItemKey::namespaced("snapshot.storage.k8s.io", "volumesnapshots", &ns, "s1");
+        c1.patch_at(60_000, &vs_rt, &key, r#"{"metadata":{"labels":{"x":"y"}}}"#).unwrap();
+        c1.settle_at(120_000);
+        let expected = (c1.storage_snapshots(), c1.snapshot_objects(), c1.get_at(120_000, &vs_rt, &key).unwrap());
+        assert_eq!(expected.0.len(), 1, "cut: {:?}", expected.0);
+        // A kill: no drop, so no whole state; the journal holds the writes, the last one torn.
+        std::mem::forget(c1);
+        assert!(!path.exists());
+        let journal = journal_path(&path);
+        OpenOptions::new().append(true).open(&journal).unwrap().write_all(br#"{"seq":3,"op":{"Del"#).unwrap();
+        let c2 = demo().with_state_file(&path).unwrap();
+        c2.settle_at(120_000);
+        let got = (c2.storage_snapshots(), c2.snapshot_objects(), c2.get_at(120_000, &vs_rt, &key).unwrap());
+        assert_eq!(got, expected);
+        assert!(path.exists() && fs::read(&journal).unwrap().is_empty(), "loading folded the journal in");
+        // The next writes continue the sequence; dropping the cluster writes the state whole.
+        assert!(c2.delete_at(130_000, &vs_rt, &key).unwrap());
+        drop(c2);
+        assert!(fs::read(&journal).unwrap().is_empty());
+        let c3 = demo().with_state_file(&path).unwrap();
+        assert!(c3.snapshot_objects().is_empty(), "{:?}", c3.snapshot_objects());
+        drop(c3);
+
+        fs::write(&journal, "not json\n{}\n").unwrap();
+        let e = demo().with_state_file(&path).unwrap_err();
+        assert!(e.to_string().contains("line 1") && e.to_string().contains("journal"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn journal_path(state: &Path) -> PathBuf {
+    let mut name = state.file_name().unwrap_or_default().to_os_string();
+    name.push(".journal");
+    state.with_file_name(name)
+}
+
+impl Drop for FakeCluster {
+    /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
+    fn drop(&mut self) {
+        let pending = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).lines > 0;
+        if self.state_file.is_none() || !pending {
+            return;
+        }
+        let seq = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).seq;
+        let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let written = serde_json::to_vec(&StateOut { seq, dynamic: d })
+            .map_err(io::Error::other)
+            .and_then(|state| self.write_whole(&state));
+        if let Err(e) = written {
+            eprintln!("warning: cannot write the demo cluster's state: {e}");
+        }
     }
 }

@@ -248,6 +248,10 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 /// any snapshot API object still present (an orphan: a finished backup keeps only storage).
 pub fn live_snapshot_claims(data: &Path, name: &str) -> Vec<String> {
     let p = data.join("backups").join(name).join("demo-cluster.json");
+    // A process that ended writes the state whole; only a killed one leaves writes in the journal.
+    let journal = data.join("backups").join(name).join("demo-cluster.json.journal");
+    let pending = std::fs::read(&journal).map(|j| j.len()).unwrap_or(0);
+    assert_eq!(pending, 0, "{} holds writes the state file does not: the last run did not end", journal.display());
     let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
     let state: serde_json::Value = serde_json::from_slice(&bytes).expect("the demo cluster state is JSON");
     // The overlay is a list of [resource, [[[namespace, name], object or null], …]].
