@@ -747,6 +747,30 @@ impl Cluster for FakeCluster {
     }
 }
 
+fn journal_path(state: &Path) -> PathBuf {
+    let mut name = state.file_name().unwrap_or_default().to_os_string();
+    name.push(".journal");
+    state.with_file_name(name)
+}
+
+impl Drop for FakeCluster {
+    /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
+    fn drop(&mut self) {
+        let pending = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).lines > 0;
+        if self.state_file.is_none() || !pending {
+            return;
+        }
+        let seq = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).seq;
+        let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let written = serde_json::to_vec(&StateOut { seq, dynamic: d })
+            .map_err(io::Error::other)
+            .and_then(|state| self.write_whole(&state));
+        if let Err(e) = written {
+            eprintln!("warning: cannot write the demo cluster's state: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1015,29 +1039,5 @@ pub(crate) mod tests {
         let e = demo().with_state_file(&path).unwrap_err();
         assert!(e.to_string().contains("line 1") && e.to_string().contains("journal"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-fn journal_path(state: &Path) -> PathBuf {
-    let mut name = state.file_name().unwrap_or_default().to_os_string();
-    name.push(".journal");
-    state.with_file_name(name)
-}
-
-impl Drop for FakeCluster {
-    /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
-    fn drop(&mut self) {
-        let pending = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).lines > 0;
-        if self.state_file.is_none() || !pending {
-            return;
-        }
-        let seq = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).seq;
-        let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let written = serde_json::to_vec(&StateOut { seq, dynamic: d })
-            .map_err(io::Error::other)
-            .and_then(|state| self.write_whole(&state));
-        if let Err(e) = written {
-            eprintln!("warning: cannot write the demo cluster's state: {e}");
-        }
     }
 }

@@ -38,10 +38,12 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::ContinueFailsBlock, &["E1"]),
         (Mutation::PullExcludedObjects, &["G1"]),
         (Mutation::RedoFinishedBlocks, &["F1", "L1"]),
-        (Mutation::StopWithoutClosingWindows, &["H2"]),
+        // A stop that does not close windows also abandons a hook exec in flight, uncancelled: T1.
+        (Mutation::StopWithoutClosingWindows, &["H2", "T1"]),
         (Mutation::PostHooksForUnopenedWindows, &["H2"]),
         (Mutation::DefaultOnErrorContinue, &["H3", "E1"]),
-        (Mutation::DispatchBeforeDurable, &["H2", "E1", "W1", "L1"]),
+        // Whatever the lost intent was: a window (H1, H2), an item (E1, W1), a snapshot (S1, S3).
+        (Mutation::DispatchBeforeDurable, &["H1", "H2", "E1", "W1", "L1", "S1", "S3"]),
         (Mutation::NoHookTimeout, &["T1", "L1"]),
         (Mutation::SkipStagedSync, &["W1"]),
         (Mutation::LogStaleNextSeq, &["L1"]),
