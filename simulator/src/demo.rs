@@ -132,6 +132,19 @@ pub fn demo_csi(latency_ms: u64) -> crate::csi::CsiConfig {
     crate::csi::CsiConfig { default: crate::csi::Behaviour { timing, fault: None }, ..Default::default() }
 }
 
+/// The demo cluster a `blockwise` run of these parameters backs up, with its fake CSI driver and
+/// the state earlier runs left in `state` (written objects, storage snapshots; see
+/// [`crate::fake::FakeCluster::with_state_file`]).
+pub fn demo_cluster_at(
+    objects: usize,
+    seed: u64,
+    faults: bool,
+    latency_ms: u64,
+    state: &std::path::Path,
+) -> std::io::Result<crate::fake::FakeCluster> {
+    demo_cluster_with(objects, seed, faults).with_csi(demo_csi(latency_ms)).with_state_file(state)
+}
+
 /// How many namespaces a demo of `objects` objects has: about 10 for 2000, at least 2, at most 64.
 pub fn demo_namespace_count(objects: usize) -> usize {
     ((objects as f64 / 20.0).sqrt().round() as usize).clamp(2, 64)

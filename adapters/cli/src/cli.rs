@@ -416,13 +416,11 @@ fn build_cluster(
     match source {
         ClusterSource::Demo { objects, seed, latency_ms, faults } => {
             let state = data.demo_cluster_state(name);
-            let fake = demo::demo_cluster_with(*objects, *seed, *faults)
+            let fake = demo::demo_cluster_at(*objects, *seed, *faults, *latency_ms, &state)
+                .with_context(|| format!("loading the demo cluster's state {}", state.display()))?
                 .with_latency(blockwise_simulator::fake::Latency { api_ms: *latency_ms, exec_ms: *latency_ms })
                 .with_clock(Arc::new(TokioRuntime))
-                .with_csi(demo::demo_csi(*latency_ms))
-                .with_exec_log(data.demo_exec_log(name))
-                .with_state_file(&state)
-                .with_context(|| format!("loading the demo cluster's state {}", state.display()))?;
+                .with_exec_log(data.demo_exec_log(name));
             Ok(Arc::new(fake))
         }
         ClusterSource::Kube { kubeconfig, context } => {

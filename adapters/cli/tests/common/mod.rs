@@ -242,36 +242,27 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     gz.finish().expect("gzip")
 }
 
-/// What the demo cluster's own records (`backups/NAME/demo-cluster.json`, written by the fake
-/// cluster, not by the engine) say the backup left behind: the claims with a live storage
-/// snapshot, each once. Panics on a claim snapshotted twice and still alive (a duplicate), and on
-/// any snapshot API object still present (an orphan: a finished backup keeps only storage).
+/// What the demo cluster's own records (`backups/NAME/demo-cluster.json` and its journal, written
+/// by the fake cluster, not by the engine) say the backup left behind: the claims with a live
+/// storage snapshot, each once. The cluster is loaded as the binary loads it (the parameters
+/// recorded in `cluster.json`), which replays what a killed process left in the journal. Panics on
+/// a claim snapshotted twice and still alive (a duplicate), and on any snapshot API object still
+/// present (an orphan: a finished backup keeps only storage).
 pub fn live_snapshot_claims(data: &Path, name: &str) -> Vec<String> {
-    let p = data.join("backups").join(name).join("demo-cluster.json");
-    // A process that ended writes the state whole; only a killed one leaves writes in the journal.
-    let journal = data.join("backups").join(name).join("demo-cluster.json.journal");
-    let pending = std::fs::read(&journal).map(|j| j.len()).unwrap_or(0);
-    assert_eq!(pending, 0, "{} holds writes the state file does not: the last run did not end", journal.display());
-    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-    let state: serde_json::Value = serde_json::from_slice(&bytes).expect("the demo cluster state is JSON");
-    // The overlay is a list of [resource, [[[namespace, name], object or null], …]].
-    for entry in state["overlay"].as_array().expect("the overlay is a list") {
-        for object in entry[1].as_array().expect("a resource's objects") {
-            assert!(
-                object[1].is_null(),
-                "{} {} is still in the cluster after the backup: {}",
-                entry[0],
-                object[0],
-                object[1]
-            );
-        }
-    }
-    let mut claims: Vec<String> = state["storage"]
-        .as_object()
-        .expect("storage snapshots")
-        .values()
-        .filter(|s| s["deleted_ms"].is_null())
-        .map(|s| s["claim"].to_string())
+    let dir = data.join("backups").join(name);
+    let source = std::fs::read(dir.join("cluster.json")).expect("cluster.json");
+    let source: blockwise_adapters::session::ClusterSource = serde_json::from_slice(&source).expect("cluster.json");
+    let blockwise_adapters::session::ClusterSource::Demo { objects, seed, latency_ms, faults } = source else {
+        panic!("{name} did not back up the demo cluster");
+    };
+    let state = dir.join("demo-cluster.json");
+    let cluster = blockwise_simulator::demo::demo_cluster_at(objects, seed, faults, latency_ms, &state)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", state.display()));
+    let left = cluster.snapshot_objects();
+    assert!(left.is_empty(), "snapshot objects still in the cluster after the backup: {left:?}");
+    let mut claims: Vec<String> = (cluster.storage_snapshots().into_values())
+        .filter(|s| s.deleted_ms.is_none())
+        .map(|s| s.claim.to_string())
         .collect();
     claims.sort();
     let before = claims.len();
