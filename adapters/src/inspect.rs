@@ -37,6 +37,8 @@ pub struct Inspection {
     pub entries: usize,
     /// Whether a resource list was compared.
     pub resource_list_checked: bool,
+    /// Snapshots listed in the CSI files, when they were compared with the archive.
+    pub csi_snapshots_checked: Option<usize>,
     /// Everything wrong, one sentence each.
     pub defects: Vec<String>,
 }
@@ -120,8 +122,50 @@ fn check_item(path: &str, p: &ItemPath, bytes: &[u8], defects: &mut Vec<String>)
     }
 }
 
+/// The CSI companion files of a backup (gzipped JSON arrays, as stored), each if there is one.
+#[derive(Debug, Default, Clone)]
+pub struct CsiFiles {
+    /// `<name>-csi-volumesnapshots.json.gz`.
+    pub snapshots: Option<Vec<u8>>,
+    /// `<name>-csi-volumesnapshotcontents.json.gz`.
+    pub contents: Option<Vec<u8>>,
+    /// `<name>-csi-volumesnapshotclasses.json.gz`.
+    pub classes: Option<Vec<u8>>,
+    /// `<name>-volumeinfo.json.gz`.
+    pub volume_info: Option<Vec<u8>>,
+    /// `<name>-itemoperations.json.gz`.
+    pub item_operations: Option<Vec<u8>>,
+}
+
+impl CsiFiles {
+    /// The file names, in field order, for a backup `name`.
+    pub fn names(name: &str) -> [String; 5] {
+        [
+            format!("{name}-csi-volumesnapshots.json.gz"),
+            format!("{name}-csi-volumesnapshotcontents.json.gz"),
+            format!("{name}-csi-volumesnapshotclasses.json.gz"),
+            format!("{name}-volumeinfo.json.gz"),
+            format!("{name}-itemoperations.json.gz"),
+        ]
+    }
+
+    /// From the files read in [`CsiFiles::names`] order.
+    pub fn from_files([snapshots, contents, classes, volume_info, item_operations]: [Option<Vec<u8>>; 5]) -> Self {
+        CsiFiles { snapshots, contents, classes, volume_info, item_operations }
+    }
+}
+
 /// Reads and verifies an archive; `resource_list` is the gzipped resource list, if there is one.
 pub fn inspect(archive: &[u8], resource_list: Option<&[u8]>) -> Inspection {
+    inspect_with(archive, resource_list, None)
+}
+
+/// [`inspect`], and when `csi` is given, checks the CSI files against the archive: every archived
+/// VolumeSnapshot and VolumeSnapshotContent listed, each listed one in the archive with the same
+/// JSON; each claim of `-volumeinfo` in the archive annotated with a listed snapshot, its content
+/// listed with the same handle; each snapshot's class in the classes file; each item operation
+/// naming a listed snapshot.
+pub fn inspect_with(archive: &[u8], resource_list: Option<&[u8]>, csi: Option<&CsiFiles>) -> Inspection {
     let mut out = Inspection::default();
     // Items: bytes and "<apiVersion>/<Kind>"; preferred-version copies: path and bytes.
     let mut primaries: BTreeMap<ItemId, (Vec<u8>, Option<String>)> = BTreeMap::new();
@@ -226,7 +270,103 @@ pub fn inspect(archive: &[u8], resource_list: Option<&[u8]>) -> Inspection {
         }
         compare_resource_list(list, &in_archive, &mut out.defects);
     }
+    if let Some(csi) = csi {
+        out.csi_snapshots_checked = compare_csi_files(csi, &primaries, &mut out.defects);
+    }
     out
+}
+
+const VS_DIR: &str = "volumesnapshots.snapshot.storage.k8s.io";
+const VSC_DIR: &str = "volumesnapshotcontents.snapshot.storage.k8s.io";
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// One CSI file as a JSON array: `None` (and a defect) when it is missing or not one.
+fn csi_array(file: &Option<Vec<u8>>, what: &str, defects: &mut Vec<String>) -> Option<Vec<Value>> {
+    let Some(gz) = file else {
+        defects.push(format!("{what} is missing"));
+        return None;
+    };
+    let parsed = gunzip(gz, what).and_then(|raw| {
+        serde_json::from_slice::<Vec<Value>>(&raw).map_err(|e| format!("{what} is not a JSON array: {e}"))
+    });
+    parsed.map_err(|e| defects.push(e)).ok()
+}
+
+/// The checks of [`inspect_with`]; the number of snapshots listed, if the files could be read.
+fn compare_csi_files(
+    csi: &CsiFiles,
+    primaries: &BTreeMap<ItemId, (Vec<u8>, Option<String>)>,
+    defects: &mut Vec<String>,
+) -> Option<usize> {
+    let snapshots = csi_array(&csi.snapshots, "the VolumeSnapshots file", defects);
+    let contents = csi_array(&csi.contents, "the VolumeSnapshotContents file", defects);
+    let classes = csi_array(&csi.classes, "the VolumeSnapshotClasses file", defects);
+    let infos = csi_array(&csi.volume_info, "the volume info file", defects);
+    let operations = csi_array(&csi.item_operations, "the item operations file", defects);
+    let (snapshots, contents, classes, infos, operations) = (snapshots?, contents?, classes?, infos?, operations?);
+    let archived = |id: &ItemId| primaries.get(id).and_then(|(b, _)| serde_json::from_slice::<Value>(b).ok());
+    // Listed ones are in the archive, as they are there; archived ones are listed.
+    let mut listed: BTreeSet<ItemId> = BTreeSet::new();
+    for (dir, entries, what) in [(VS_DIR, &snapshots, "VolumeSnapshot"), (VSC_DIR, &contents, "VolumeSnapshotContent")]
+    {
+        for e in entries {
+            let ns = (dir == VS_DIR).then(|| str_at(e, "/metadata/namespace").to_string());
+            let id = (dir.to_string(), ns, str_at(e, "/metadata/name").to_string());
+            let place = format!("{what} {}", id.1.as_ref().map_or(id.2.clone(), |ns| format!("{ns}/{}", id.2)));
+            match archived(&id) {
+                None => defects.push(format!("{place} is in the CSI files but not in the archive")),
+                Some(a) if &a != e => defects.push(format!("{place} differs between the CSI files and the archive")),
+                Some(_) => {}
+            }
+            listed.insert(id);
+        }
+    }
+    for (id, _) in primaries.iter().filter(|((dir, _, _), _)| dir == VS_DIR || dir == VSC_DIR) {
+        if !listed.contains(id) {
+            let place = id.1.as_ref().map_or(id.2.clone(), |ns| format!("{ns}/{}", id.2));
+            defects.push(format!("{} {place} is in the archive but not in the CSI files", id.0));
+        }
+    }
+    let class_names: BTreeSet<&str> = classes.iter().map(|c| str_at(c, "/metadata/name")).collect();
+    for vs in &snapshots {
+        let class = str_at(vs, "/spec/volumeSnapshotClassName");
+        if !class.is_empty() && !class_names.contains(class) {
+            defects.push(format!(
+                "VolumeSnapshot {}: its class {class} is not in the classes file",
+                str_at(vs, "/metadata/name")
+            ));
+        }
+    }
+    let handles: BTreeMap<&str, &str> =
+        contents.iter().map(|c| (str_at(c, "/metadata/name"), str_at(c, "/status/snapshotHandle"))).collect();
+    for info in infos.iter().filter(|i| str_at(i, "/backupMethod") == "CSISnapshot") {
+        let (ns, pvc) = (str_at(info, "/pvcNamespace"), str_at(info, "/pvcName"));
+        let claim = archived(&("persistentvolumeclaims".to_string(), Some(ns.to_string()), pvc.to_string()));
+        let snapshot =
+            claim.as_ref().map(|c| str_at(c, "/metadata/annotations/velero.io~1volume-snapshot-name").to_string());
+        match snapshot.as_deref() {
+            None => defects.push(format!("volume info names claim {ns}/{pvc}, which is not in the archive")),
+            Some(s) if !listed.contains(&(VS_DIR.to_string(), Some(ns.to_string()), s.to_string())) => defects
+                .push(format!("claim {ns}/{pvc} is annotated with snapshot {s:?}, which is not in the CSI files")),
+            Some(_) => {}
+        }
+        let (vsc, handle) = (str_at(info, "/csiSnapshotInfo/vscName"), str_at(info, "/csiSnapshotInfo/snapshotHandle"));
+        if handles.get(vsc) != Some(&handle) {
+            defects
+                .push(format!("volume info of {ns}/{pvc}: content {vsc} with handle {handle} is not in the CSI files"));
+        }
+    }
+    for op in &operations {
+        let (ns, name) =
+            (str_at(op, "/spec/resourceIdentifier/Namespace"), str_at(op, "/spec/resourceIdentifier/Name"));
+        if !listed.contains(&(VS_DIR.to_string(), Some(ns.to_string()), name.to_string())) {
+            defects.push(format!("item operation on VolumeSnapshot {ns}/{name}, which is not in the CSI files"));
+        }
+    }
+    Some(snapshots.len())
 }
 
 fn compare_resource_list(list: &[u8], in_archive: &BTreeMap<String, BTreeSet<String>>, defects: &mut Vec<String>) {
@@ -283,6 +423,10 @@ pub fn render(what: &str, i: &Inspection) -> String {
         "resource list: compared\n"
     } else {
         "resource list: not available, counts not compared\n"
+    });
+    out.push_str(&match i.csi_snapshots_checked {
+        Some(n) => format!("CSI files: compared ({n} snapshots)\n"),
+        None => "CSI files: not compared\n".to_string(),
     });
     if i.defects.is_empty() {
         out.push_str("defects: none\n");

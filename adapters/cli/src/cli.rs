@@ -715,7 +715,10 @@ fn download(a: DownloadArgs, data: &DataDir) -> Result<ExitCode> {
 fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
     let path = Path::new(&a.target);
     let is_file = path.is_file() || a.target.contains('/') || a.target.ends_with(".tar.gz");
-    let (what, archive, list) = if is_file {
+    use blockwise_adapters::inspect::CsiFiles;
+    // The CSI files of a backup, or none at all (a backup made before blockwise wrote them).
+    let csi_of = |files: [Option<Vec<u8>>; 5]| files.iter().any(Option::is_some).then(|| CsiFiles::from_files(files));
+    let (what, archive, list, csi) = if is_file {
         if !path.is_file() {
             return Err(usage(format!("{}: no such archive file", path.display())));
         }
@@ -731,7 +734,18 @@ fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
             }
             None => None,
         };
-        (path.display().to_string(), archive, list)
+        // Likewise its CSI files.
+        let mut files: [Option<Vec<u8>>; 5] = Default::default();
+        if let Some(stem) = stem {
+            for (slot, name) in files.iter_mut().zip(CsiFiles::names(stem)) {
+                let p = path.with_file_name(name);
+                *slot = p
+                    .is_file()
+                    .then(|| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()?;
+            }
+        }
+        (path.display().to_string(), archive, list, csi_of(files))
     } else {
         validate_backup_name(&a.target).map_err(|e| usage(e.to_string()))?;
         if !data.log_dir(&a.target).exists() {
@@ -747,9 +761,14 @@ fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
         let list = rt
             .block_on(store.get_file(name, &format!("{name}-resource-list.json.gz")))
             .with_context(|| format!("reading the resource list of backup {name}"))?;
-        (store.archive_location(name), archive, list)
+        let mut files: [Option<Vec<u8>>; 5] = Default::default();
+        for (slot, file) in files.iter_mut().zip(CsiFiles::names(name)) {
+            *slot =
+                rt.block_on(store.get_file(name, &file)).with_context(|| format!("reading {file} of backup {name}"))?;
+        }
+        (store.archive_location(name), archive, list, csi_of(files))
     };
-    let found = blockwise_adapters::inspect::inspect(&archive, list.as_deref());
+    let found = blockwise_adapters::inspect::inspect_with(&archive, list.as_deref(), csi.as_ref());
     emit(&blockwise_adapters::inspect::render(&what, &found))?;
     if found.defects.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -139,6 +139,23 @@ fn inspect_finds_a_tampered_archive() {
     assert_exit(&out, 1, "wrong resource list");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("defect: v1/Pod: the resource list has 1 items"), "{text}");
+    // By name, the CSI files are compared with the archive; one emptied is found out.
+    let out = run(data, &["backup", "inspect", "b"]);
+    assert_exit(&out, 0, "the stored backup");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CSI files: compared ("),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let snapshots = dir.join("b-csi-volumesnapshots.json.gz");
+    let kept = std::fs::read(&snapshots).expect("the VolumeSnapshots file");
+    std::fs::write(&snapshots, common::gzip(b"[]\n")).expect("write");
+    let out = run(data, &["backup", "inspect", "b"]);
+    assert_exit(&out, 1, "an emptied VolumeSnapshots file");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("is in the archive but not in the CSI files"), "{text}");
+    assert!(text.contains("which is not in the CSI files"), "{text}");
+    std::fs::write(&snapshots, kept).expect("write");
     // Truncated archive.
     let bytes = std::fs::read(dir.join("b.tar.gz")).expect("archive");
     std::fs::write(dir.join("b.tar.gz"), &bytes[..bytes.len() / 2]).expect("truncate");
