@@ -496,7 +496,7 @@ mod tests {
         let text = render("b.tar.gz", &i);
         assert_eq!(
             text,
-            "b.tar.gz: format 1.1.0, 2 items in 5 entries\npersistentvolumes\n  cluster (1): pv-1\npods\n  namespace shop (1): web-0\nresource list: compared\ndefects: none\n"
+            "b.tar.gz: format 1.1.0, 2 items in 5 entries\npersistentvolumes\n  cluster (1): pv-1\npods\n  namespace shop (1): web-0\nresource list: compared\nCSI files: not compared\ndefects: none\n"
         );
     }
 
@@ -557,5 +557,57 @@ mod tests {
         let mut truncated = archive(&good());
         truncated.truncate(truncated.len() / 2);
         assert!(!inspect(&truncated, None).defects.is_empty());
+    }
+
+    /// The CSI files against the archive: consistent files pass; a snapshot listed with other
+    /// JSON, a content missing from the files, a claim annotated with an unlisted snapshot, an
+    /// unknown class and an operation on an unlisted snapshot are each a defect.
+    #[test]
+    fn csi_files_are_compared_with_the_archive() {
+        const VS: &str = r#"{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshot","metadata":{"name":"s1","namespace":"shop"},"spec":{"volumeSnapshotClassName":"k"}}"#;
+        const VSC: &str = r#"{"apiVersion":"snapshot.storage.k8s.io/v1","kind":"VolumeSnapshotContent","metadata":{"name":"c1"},"status":{"snapshotHandle":"h1"}}"#;
+        const PVC: &str = r#"{"apiVersion":"v1","kind":"PersistentVolumeClaim","metadata":{"name":"data","namespace":"shop","annotations":{"velero.io/volume-snapshot-name":"s1"}}}"#;
+        let files = [
+            ("metadata/version", "1.1.0\n"),
+            ("resources/persistentvolumeclaims/namespaces/shop/data.json", PVC),
+            ("resources/persistentvolumeclaims/v1-preferredversion/namespaces/shop/data.json", PVC),
+            ("resources/volumesnapshots.snapshot.storage.k8s.io/namespaces/shop/s1.json", VS),
+            ("resources/volumesnapshots.snapshot.storage.k8s.io/v1-preferredversion/namespaces/shop/s1.json", VS),
+            ("resources/volumesnapshotcontents.snapshot.storage.k8s.io/cluster/c1.json", VSC),
+            ("resources/volumesnapshotcontents.snapshot.storage.k8s.io/v1-preferredversion/cluster/c1.json", VSC),
+        ];
+        let gz = |s: &str| Some(list(s));
+        let info = r#"[{"backupMethod":"CSISnapshot","pvcName":"data","pvcNamespace":"shop","csiSnapshotInfo":{"vscName":"c1","snapshotHandle":"h1"}}]"#;
+        let op = r#"[{"spec":{"resourceIdentifier":{"Namespace":"shop","Name":"s1"}}}]"#;
+        let good = CsiFiles {
+            snapshots: gz(&format!("[{VS}]")),
+            contents: gz(&format!("[{VSC}]")),
+            classes: gz(r#"[{"metadata":{"name":"k"}}]"#),
+            volume_info: gz(info),
+            item_operations: gz(op),
+        };
+        let i = inspect_with(&archive(&files), None, Some(&good));
+        assert!(i.defects.is_empty(), "{:?}", i.defects);
+        assert_eq!(i.csi_snapshots_checked, Some(1));
+        let bad = CsiFiles {
+            snapshots: gz(&format!("[{}]", VS.replace(r#""k""#, r#""other""#))),
+            contents: gz("[]"),
+            classes: gz(r#"[{"metadata":{"name":"k"}}]"#),
+            volume_info: gz(&info.replace(r#""h1""#, r#""h2""#)),
+            item_operations: gz(&op.replace("s1", "s9")),
+        };
+        let i = inspect_with(&archive(&files), None, Some(&bad));
+        let want = [
+            "VolumeSnapshot shop/s1 differs between the CSI files and the archive",
+            "volumesnapshotcontents.snapshot.storage.k8s.io c1 is in the archive but not in the CSI files",
+            "VolumeSnapshot s1: its class other is not in the classes file",
+            "volume info of shop/data: content c1 with handle h2 is not in the CSI files",
+            "item operation on VolumeSnapshot shop/s9, which is not in the CSI files",
+        ];
+        assert_eq!(i.defects, want, "{:#?}", i.defects);
+        let missing = CsiFiles { classes: None, ..good };
+        let i = inspect_with(&archive(&files), None, Some(&missing));
+        assert_eq!(i.defects, ["the VolumeSnapshotClasses file is missing"]);
+        assert_eq!(i.csi_snapshots_checked, None);
     }
 }
