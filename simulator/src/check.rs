@@ -608,7 +608,10 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
         ));
     }
     let list = report.files.get(&format!("{BACKUP}-resource-list.json.gz"));
-    let found = blockwise_adapters::inspect::inspect(archive, list.map(Vec::as_slice));
+    // `inspect` as a user runs it: the archive, the resource list and the CSI files, consistent.
+    let csi_files = blockwise_adapters::inspect::CsiFiles::names(BACKUP).map(|f| report.files.get(&f).cloned());
+    let csi = blockwise_adapters::inspect::CsiFiles::from_files(csi_files);
+    let found = blockwise_adapters::inspect::inspect_with(archive, list.map(Vec::as_slice), Some(&csi));
     for d in found.defects {
         out.push(v("E1", format!("inspect: {d}")));
     }
