@@ -489,9 +489,14 @@ fn untar(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
 /// The items E1 expects in the archive: those of every oracle block whose Fail-mode pre-hooks are
 /// all valid and whose last exec succeeded, less the claims whose snapshot the model says fails.
 pub fn expected_items(model: &Model, ev: &Evidence) -> BTreeSet<ItemKey> {
+    expected_items_and_fates(model, ev).0
+}
+
+/// [`expected_items`], and the model's volume fates of the oracle blocks' claims.
+fn expected_items_and_fates(model: &Model, ev: &Evidence) -> (BTreeSet<ItemKey>, BTreeMap<ItemKey, VolumeFate>) {
     let items = block_items(model, ev);
     let fates = model.volume_fates(&items, &ev.visibility);
-    items.into_iter().filter(|k| fates.get(k) != Some(&VolumeFate::Fails)).collect()
+    (items.into_iter().filter(|k| fates.get(k) != Some(&VolumeFate::Fails)).collect(), fates)
 }
 
 /// Items of the oracle blocks that are written (every Fail-mode pre-hook valid and succeeded in its
@@ -533,8 +538,7 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
         }
     };
     let objects = model.objects_by_key();
-    let mut want = expected_items(model, ev);
-    let fates = model.volume_fates(&block_items(model, ev), &ev.visibility);
+    let (mut want, fates) = expected_items_and_fates(model, ev);
     let alive = surviving(report, ev);
     // The VolumeSnapshot and content of each captured claim with exactly one surviving snapshot
     // (S3 judges the others).
@@ -753,7 +757,7 @@ fn subject_block(model: &Model, b: &Blocks, ns: &str, subject: &str) -> Option<u
         .find_map(|c| b.of_item.get(&claim(&c.name)).copied())
 }
 
-/// The pre- and post-hook execs of `pod` by the model, and the model's pre-hooks of it.
+/// Whether `e` runs one of the model's `phase` hooks of its pod.
 fn is_phase(hooks: &[HookDef], e: &Exec, phase: HookPhase) -> bool {
     hooks.iter().any(|h| h.phase == phase && h.pod == e.pod && h.command == e.command)
 }
@@ -885,7 +889,7 @@ pub fn check_snapshot_storage(model: &Model, report: &RunReport, ev: &Evidence) 
     if !matches!(report.outcome, Outcome::Finished(_)) {
         return out;
     }
-    let fates = model.volume_fates(&block_items(model, ev), &ev.visibility);
+    let (_, fates) = expected_items_and_fates(model, ev);
     let alive = surviving(report, ev);
     for c in &model.pvcs {
         let key = ItemKey::namespaced("", "persistentvolumeclaims", crate::model::NAMESPACES[c.ns], &c.name);

@@ -139,7 +139,7 @@ impl fmt::Debug for FakeCluster {
 }
 
 /// The writes since the state file was last written whole.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Journal {
     /// The sequence number of the last write journaled (or folded into the state file).
     seq: u64,
@@ -296,6 +296,9 @@ impl FakeCluster {
             Err(e) => return Err(e),
         };
         let lines: Vec<&str> = text.lines().collect();
+        // Replayed outside the mutex (taken out, put back), so the statics can be borrowed whole.
+        let mut d = std::mem::take(self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let st = self.statics();
         for (i, line) in lines.iter().enumerate() {
             let rec: JournalLine = match serde_json::from_str(line) {
                 Ok(r) => r,
@@ -308,8 +311,6 @@ impl FakeCluster {
                 continue;
             }
             seq = rec.seq;
-            let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
-            let st = Statics { objects: &self.objects, resources: &self.resources, config: &self.csi };
             // A write that failed when it was made fails the same way now: nothing to do.
             let _ = match rec.op {
                 JournalOp::Create { now, rt, namespace, json } => {
@@ -322,10 +323,9 @@ impl FakeCluster {
         self.state_file = Some(path);
         *self.journal.get_mut().unwrap_or_else(PoisonError::into_inner) = Journal { seq, lines: lines.len() as u64 };
         if !lines.is_empty() {
-            let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
-            let snapshot = serde_json::to_vec(&StateOut { seq, dynamic: d }).map_err(io::Error::other)?;
-            self.write_whole(&snapshot)?;
+            self.write_whole(seq, &d)?;
         }
+        *self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner) = d;
         Ok(self)
     }
 
@@ -337,9 +337,11 @@ impl FakeCluster {
         Statics { objects: &self.objects, resources: &self.resources, config: &self.csi }
     }
 
-    /// Writes the state file whole (a temporary file renamed), then empties the journal.
-    fn write_whole(&self, state: &[u8]) -> io::Result<()> {
+    /// Writes the state `d`, holding the journal's writes up to `seq`, whole to the state file (a
+    /// temporary file renamed), then empties the journal.
+    fn write_whole(&self, seq: u64, d: &Dynamic) -> io::Result<()> {
         let Some(path) = &self.state_file else { return Ok(()) };
+        let state = serde_json::to_vec(&StateOut { seq, dynamic: d }).map_err(io::Error::other)?;
         let tmp = path.with_extension("tmp");
         fs::write(&tmp, state)?;
         fs::rename(&tmp, path)?;
@@ -362,8 +364,7 @@ impl FakeCluster {
                 (j.seq, j.lines >= JOURNAL_LINES_MAX)
             };
             if whole {
-                let state = serde_json::to_vec(&StateOut { seq, dynamic: d }).map_err(io::Error::other)?;
-                return self.write_whole(&state);
+                return self.write_whole(seq, d);
             }
             let mut line = serde_json::to_vec(&JournalLine { seq, op }).map_err(io::Error::other)?;
             line.push(b'\n');
@@ -756,16 +757,11 @@ fn journal_path(state: &Path) -> PathBuf {
 impl Drop for FakeCluster {
     /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
     fn drop(&mut self) {
-        let pending = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).lines > 0;
-        if self.state_file.is_none() || !pending {
+        let Journal { seq, lines } = *self.journal.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if lines == 0 {
             return;
         }
-        let seq = self.journal.get_mut().unwrap_or_else(PoisonError::into_inner).seq;
-        let d = self.dynamic.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let written = serde_json::to_vec(&StateOut { seq, dynamic: d })
-            .map_err(io::Error::other)
-            .and_then(|state| self.write_whole(&state));
-        if let Err(e) = written {
+        if let Err(e) = self.write_whole(seq, &self.dyn_lock()) {
             eprintln!("warning: cannot write the demo cluster's state: {e}");
         }
     }
@@ -998,8 +994,8 @@ pub(crate) mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("demo-cluster.json");
-        let demo = || crate::demo::demo_cluster(200, crate::demo::DEMO_SEED).with_csi(crate::demo::demo_csi(0));
-        let c1 = demo().with_state_file(&path).unwrap();
+        let demo = || crate::demo::demo_cluster_at(200, crate::demo::DEMO_SEED, true, 0, &path);
+        let c1 = demo().unwrap();
         let claim = c1
             .objects()
             .find(|(gr, o)| gr.resource == "persistentvolumeclaims" && o["status"]["phase"] == "Bound")
@@ -1022,7 +1018,7 @@ pub(crate) mod tests {
         assert!(!path.exists());
         let journal = journal_path(&path);
         OpenOptions::new().append(true).open(&journal).unwrap().write_all(br#"{"seq":3,"op":{"Del"#).unwrap();
-        let c2 = demo().with_state_file(&path).unwrap();
+        let c2 = demo().unwrap();
         c2.settle_at(120_000);
         let got = (c2.storage_snapshots(), c2.snapshot_objects(), c2.get_at(120_000, &vs_rt, &key).unwrap());
         assert_eq!(got, expected);
@@ -1031,12 +1027,12 @@ pub(crate) mod tests {
         assert!(c2.delete_at(130_000, &vs_rt, &key).unwrap());
         drop(c2);
         assert!(fs::read(&journal).unwrap().is_empty());
-        let c3 = demo().with_state_file(&path).unwrap();
+        let c3 = demo().unwrap();
         assert!(c3.snapshot_objects().is_empty(), "{:?}", c3.snapshot_objects());
         drop(c3);
 
         fs::write(&journal, "not json\n{}\n").unwrap();
-        let e = demo().with_state_file(&path).unwrap_err();
+        let e = demo().unwrap_err();
         assert!(e.to_string().contains("line 1") && e.to_string().contains("journal"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -108,7 +108,8 @@ pub fn assign_world_faults(model: &mut Model, faults: &BTreeSet<FaultKind>, rng:
         .collect();
     for (claim, group) in claims {
         for key in std::iter::once(claim).chain(group) {
-            if !claim_faults.is_empty() || !group_faults.is_empty() {
+            // The group pool holds the claim pool's faults and more.
+            if !group_faults.is_empty() {
                 let group = key.starts_with("group:");
                 let pool = if group { &group_faults } else { &claim_faults };
                 // A group snapshot is rarer than a claim's (its claims must all be visible, bound and

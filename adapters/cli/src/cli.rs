@@ -723,26 +723,17 @@ fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
             return Err(usage(format!("{}: no such archive file", path.display())));
         }
         let archive = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        // `NAME.tar.gz` may have `NAME-resource-list.json.gz` beside it, as in a store.
+        // `NAME.tar.gz` may have `NAME-resource-list.json.gz` and the CSI files beside it, as in a store.
         let stem = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".tar.gz"));
-        let list = match stem {
-            Some(stem) => {
-                let p = path.with_file_name(format!("{stem}-resource-list.json.gz"));
-                p.is_file()
-                    .then(|| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
-                    .transpose()?
-            }
-            None => None,
+        let beside = |file: String| -> Result<Option<Vec<u8>>> {
+            let p = path.with_file_name(file);
+            p.is_file().then(|| std::fs::read(&p).with_context(|| format!("reading {}", p.display()))).transpose()
         };
-        // Likewise its CSI files.
+        let list = stem.map(|stem| beside(format!("{stem}-resource-list.json.gz"))).transpose()?.flatten();
         let mut files: [Option<Vec<u8>>; 5] = Default::default();
         if let Some(stem) = stem {
             for (slot, name) in files.iter_mut().zip(CsiFiles::names(stem)) {
-                let p = path.with_file_name(name);
-                *slot = p
-                    .is_file()
-                    .then(|| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
-                    .transpose()?;
+                *slot = beside(name)?;
             }
         }
         (path.display().to_string(), archive, list, csi_of(files))
