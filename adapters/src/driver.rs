@@ -75,6 +75,8 @@ pub trait Observer: Send {
     fn event(&mut self, event: &Event, state: &BackupState);
     /// Called after each group commit: every event so far is durable.
     fn committed(&mut self, _state: &BackupState) {}
+    /// Called after each group commit with how long making it durable took (metrics).
+    fn flushed(&mut self, _took: std::time::Duration) {}
 }
 
 /// An observer that does nothing.
@@ -264,7 +266,9 @@ pub async fn drive<M: LogMedium>(
         let idle = inflight.is_empty() && ready.is_empty();
         if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || terminal || idle) {
             let was_stopping = engine.is_stopping();
+            let started = std::time::Instant::now();
             commit(log, &mut engine, world, &mut staged_unsynced).await?;
+            observer.flushed(started.elapsed());
             unflushed = 0;
             observer.committed(engine.state());
             if engine.is_stopping() && !was_stopping {

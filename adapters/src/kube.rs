@@ -149,6 +149,11 @@ impl KubeCluster {
         Ok(KubeCluster { client, server, context: ctx })
     }
 
+    /// The kube-rs client (the controller's watches and status patches).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The API server's URL.
     pub fn server(&self) -> &str {
         &self.server

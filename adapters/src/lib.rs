@@ -6,7 +6,8 @@
 //! ([`csi`]), the event log over a medium (sled in
 //! production: [`log`]), the stores and the Velero-layout archive ([`store`], [`s3`], fault
 //! injection in [`faults`], verification in [`inspect`]), the data directory and crash-atomic
-//! backup sessions ([`session`]), and what users read ([`report`]). The engine's decisions are
+//! backup sessions ([`session`]), what users read ([`report`]), and the in-cluster controller
+//! ([`serve`]). The engine's decisions are
 //! never re-implemented here: this crate executes commands, appends and flushes events, and reports
 //! results back. The simulator runs this same code with a fake world plugged in; the `blockwise`
 //! binary (`adapters/cli`) parses arguments and prints.
@@ -21,6 +22,7 @@ pub mod log;
 pub mod report;
 pub mod retry;
 pub mod s3;
+pub mod serve;
 pub mod session;
 pub mod store;
 pub mod world;

@@ -281,6 +281,27 @@ impl S3Store {
         parts.into_iter().collect()
     }
 
+    /// Deletes every object under the backup's directory (its archive, files and staged items).
+    pub async fn delete_backup(&self, backup: &str) -> Result<u64, StoreError> {
+        use futures::TryStreamExt;
+        check_name("backup name", backup)?;
+        let prefix = self.key(backup, &[]);
+        let keys: Vec<Path> = self
+            .inner
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(self.remote("list", &prefix))?;
+        for k in &keys {
+            match self.inner.delete(k).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.remote("delete", k)(e)),
+            }
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// The full URL of a key, for messages.
     fn url(&self, key: &Path) -> String {
         format!("s3://{}/{key}", self.cfg.location.bucket)

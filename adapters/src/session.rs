@@ -248,6 +248,22 @@ impl DataDir {
         Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default(), Arc::new(TokioRuntime))))
     }
 
+    /// Deletes a backup: its files in its store, then its directory (log included). Nothing is
+    /// left that `names` or `status` would find; deleting a backup that is not there is no error.
+    pub async fn delete(&self, name: &str) -> Result<(), SessionError> {
+        validate_backup_name(name)?;
+        match self.storage(name)? {
+            StorageSpec::Local { root } => {
+                let dir = root.unwrap_or_else(|| self.default_store()).join("backups").join(name);
+                remove_tree(&dir)?;
+            }
+            StorageSpec::S3(loc) => {
+                S3Store::new(S3Config::new(loc, self.root.join("tmp")))?.delete_backup(name).await?;
+            }
+        }
+        remove_tree(&self.backup_dir(name))
+    }
+
     /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`). A log
     /// without a durable request is no backup: not found.
     pub fn read_events(&self, name: &str) -> Result<Vec<Event>, SessionError> {
@@ -352,6 +368,14 @@ fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), Sessio
         message: e.to_string(),
     })?;
     write_durable(path, &bytes)
+}
+
+fn remove_tree(dir: &Path) -> Result<(), SessionError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(file_err("removing", dir)(e)),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SessionError> {
@@ -586,6 +610,10 @@ impl Observer for LiveView<'_> {
         self.lines.push_str(&report::event_line(state.events.saturating_sub(1), event));
         self.lines.push('\n');
         self.inner.event(event, state);
+    }
+
+    fn flushed(&mut self, took: std::time::Duration) {
+        self.inner.flushed(took);
     }
 
     fn committed(&mut self, state: &BackupState) {

@@ -62,6 +62,10 @@ enum Top {
     Simulate(SimulateArgs),
     /// Measure: scale, parallel efficiency, event log, recovery, grouping, simulator.
     Bench(BenchArgs),
+    /// Run the in-cluster controller of backups.blockwise.dev Backups.
+    Serve(Box<crate::service::ServeArgs>),
+    /// Print the manifests that install the controller (CRD, RBAC, Deployment, …).
+    Install(crate::service::InstallArgs),
     /// The simulator's fake Kubernetes API server.
     Simulator {
         #[command(subcommand)]
@@ -169,19 +173,19 @@ enum BackupCommand {
 }
 
 #[derive(Args, Debug, Clone)]
-struct StorageArgs {
+pub struct StorageArgs {
     /// Where the backup goes: a local directory (default: <data-dir>/store) or s3://BUCKET/PREFIX.
     #[arg(long)]
-    storage: Option<String>,
+    pub storage: Option<String>,
     /// S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, …); default AWS.
     #[arg(long)]
-    s3_endpoint: Option<String>,
+    pub s3_endpoint: Option<String>,
     /// S3 region (default: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1).
     #[arg(long)]
-    s3_region: Option<String>,
+    pub s3_region: Option<String>,
     /// Allow a plain-HTTP (unencrypted) S3 endpoint.
     #[arg(long)]
-    s3_allow_http: bool,
+    pub s3_allow_http: bool,
 }
 
 #[derive(Args, Debug)]
@@ -365,7 +369,7 @@ fn parse_annotations(pairs: &[String]) -> Result<std::collections::BTreeMap<Stri
     Ok(out)
 }
 
-fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
+pub fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
     let s3_flags = a.s3_endpoint.is_some() || a.s3_region.is_some() || a.s3_allow_http;
     match a.storage.as_deref() {
         Some(url) if url.starts_with("s3://") => {
@@ -535,16 +539,16 @@ fn phase_exit(phase: Phase) -> ExitCode {
 #[error("{0}")]
 pub struct UsageError(String);
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error, the output just ends there.
-fn emit(text: &str) -> Result<()> {
+pub fn emit(text: &str) -> Result<()> {
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -867,6 +871,8 @@ pub fn main() -> ExitCode {
         Top::Backup { command } => command,
         Top::Simulate(a) => return exit_with(simulate(a)),
         Top::Simulator { command: SimulatorCommand::Serve(a) } => return exit_with(serve(a)),
+        Top::Serve(a) => return exit_with(crate::service::serve(*a, data.root().to_path_buf())),
+        Top::Install(a) => return exit_with(crate::service::install(a)),
         Top::Bench(a) => {
             return exit_with(crate::bench::run(a.quick, a.output == "json", a.dir).map(|()| ExitCode::SUCCESS))
         }

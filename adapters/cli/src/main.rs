@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod service;
 mod simulate;
 
 fn main() -> std::process::ExitCode {

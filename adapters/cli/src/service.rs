@@ -1,0 +1,171 @@
+//! `blockwise serve` (the in-cluster controller) and `blockwise install` (its manifests): argument
+//! parsing over [`blockwise_adapters::serve`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use blockwise_adapters::serve::controller::{self, LeaseConfig, ServeConfig, ServeError};
+use blockwise_adapters::serve::crd::Locations;
+use blockwise_adapters::serve::install::{self, InstallOptions};
+use blockwise_adapters::serve::metrics::Metrics;
+use clap::Args;
+
+use crate::cli::{runtime, storage_from_args, usage, StorageArgs};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Kubeconfig to use (also KUBECONFIG, ~/.kube/config; in a pod, its service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (default: its current-context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Only Backups in this namespace (default: every namespace).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Backups run at once; a Backup whose namespaces overlap a running one waits (Queued).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    concurrent_backups: u32,
+    /// Where /metrics, /healthz and /readyz listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    metrics_addr: SocketAddr,
+    /// Run backups without leader election (one replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, else blockwise-system).
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = install::LEASE)]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: POD_NAME, else host name and process id).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Seconds the Lease lasts after its last renewal.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_duration: u64,
+    /// Seconds before expiry the leader renews.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_grace: u64,
+    /// A named store Backups can ask for with spec.storageLocation: NAME=DIR or NAME=s3://BUCKET/PREFIX
+    /// (repeatable; S3 locations use the --s3-* flags).
+    #[arg(long = "storage-location")]
+    storage_locations: Vec<String>,
+    /// Objects per list page.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    page_size: u32,
+    /// The default store (Backups that name none): `--storage DIR|s3://…`, default <data-dir>/store.
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn identity() -> String {
+    if let Some(p) = std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()) {
+        return p;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{}-{}", if host.is_empty() { "blockwise" } else { &host }, std::process::id())
+}
+
+pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
+    if a.lease_grace >= a.lease_duration {
+        return Err(usage(format!(
+            "--lease-grace {} must be shorter than --lease-duration {}",
+            a.lease_grace, a.lease_duration
+        )));
+    }
+    let mut locations = Locations { default: Some(storage_from_args(&a.storage)?), ..Locations::default() };
+    for l in &a.storage_locations {
+        let (name, url) = l
+            .split_once('=')
+            .filter(|(n, u)| !n.trim().is_empty() && !u.trim().is_empty())
+            .ok_or_else(|| usage(format!("--storage-location {l:?}: expected NAME=DIR or NAME=s3://BUCKET/PREFIX")))?;
+        let args = StorageArgs { storage: Some(url.trim().to_string()), ..a.storage.clone() };
+        locations.named.insert(name.trim().to_string(), storage_from_args(&args)?);
+    }
+    let data_dir =
+        std::path::absolute(&data_dir).with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
+    let kubeconfig = a.kubeconfig.as_ref().map(std::path::absolute).transpose().context("resolving --kubeconfig")?;
+    let lease = (!a.no_leader_election).then(|| LeaseConfig {
+        namespace: a
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "blockwise-system".into()),
+        name: a.lease_name.clone(),
+        identity: a.identity.clone().unwrap_or_else(identity),
+        duration_s: a.lease_duration,
+        grace_s: a.lease_grace,
+    });
+    let cfg = ServeConfig {
+        data_dir,
+        kubeconfig,
+        context: a.context.clone(),
+        namespace: a.namespace.clone(),
+        concurrent_backups: a.concurrent_backups as usize,
+        lease,
+        metrics_addr: a.metrics_addr,
+        locations,
+        page_size: a.page_size,
+    };
+    let rt = runtime()?;
+    let metrics = Arc::new(Metrics::new());
+    let scope = cfg.namespace.clone().map_or_else(|| "every namespace".to_string(), |n| format!("namespace {n}"));
+    let result = rt.block_on(controller::run(cfg, metrics, |addr| {
+        eprintln!("blockwise serve: Backups in {scope}; metrics on http://{addr}/metrics");
+    }));
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(ServeError::Config(e)) => Err(usage(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// Print the manifests instead of applying them (the only mode: pipe them to `kubectl apply -f -`).
+    #[arg(long)]
+    dry_run: bool,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "yaml", value_parser = ["yaml", "json"])]
+    output: String,
+    /// The namespace to install into.
+    #[arg(long, default_value = "blockwise-system")]
+    namespace: String,
+    /// The controller's image.
+    #[arg(long)]
+    image: Option<String>,
+    /// Controller replicas (one leads; the others stand by).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Size of the data volume.
+    #[arg(long, default_value = "10Gi")]
+    data_size: String,
+}
+
+pub fn install(a: InstallArgs) -> Result<ExitCode> {
+    if !a.dry_run {
+        return Err(usage(
+            "blockwise install only prints its manifests: run `blockwise install --dry-run -o yaml | kubectl apply -f -`",
+        ));
+    }
+    let defaults = InstallOptions::default();
+    let o = InstallOptions {
+        namespace: a.namespace,
+        image: a.image.unwrap_or(defaults.image),
+        replicas: a.replicas,
+        data_size: a.data_size,
+        metrics_port: defaults.metrics_port,
+    };
+    let text = if a.output == "json" {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": install::manifests(&o)});
+        format!("{list:#}\n")
+    } else {
+        install::manifests_yaml(&o).map_err(anyhow::Error::msg)?
+    };
+    crate::cli::emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,682 @@
+//! `blockwise serve`: the controller of `backups.blockwise.dev`.
+//!
+//! A kube-runtime [`Controller`] watches Backups (in every namespace, or one); each reconcile
+//! decides from the object and the data directory, and a Backup that should run is run by a task
+//! of its own through the same [`Session`] API as the CLI — its log under
+//! `<data-dir>/namespaces/<ns>/backups/<name>/log`. Reconcile never waits for a backup.
+//!
+//! - **Resume, never fail**: a Backup whose log exists and is not finished is opened and resumed
+//!   (the engine runs owed post-hooks first), and `status.resumedCount` goes up. A log whose
+//!   backup uid is not the object's (an older Backup of the same name) is removed first.
+//! - **Status** is computed from the run's own folded state (never from the cached object) and
+//!   patched on the `status` subresource at most every [`STATUS_INTERVAL_MS`], the latest value
+//!   winning; the final status is patched after every earlier patch has finished.
+//! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes its store files and log,
+//!   then removes the finalizer. Finalizers are changed by merge patches that carry the object's
+//!   resourceVersion, so a concurrent change is a conflict and the reconcile runs again.
+//! - **Queue** (Velero 1.18): at most `concurrent_backups` run; a Backup whose included
+//!   namespaces may overlap a running one's, or an earlier waiting one's, waits in `Queued` with
+//!   `status.queuePosition`.
+//! - **One leader**: with leader election, nothing runs until this replica holds the Lease;
+//!   losing it ends the process at once (as client-go's leader election does), so no write
+//!   follows the loss, and the next leader resumes every backup from its log.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use blockwise_engine::event::{Event, Phase};
+use blockwise_engine::ports::Cluster;
+use blockwise_engine::state::BackupState;
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::Store as Reflector;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::{watch, Notify};
+
+use super::crd::{phase, ArchiveStatus, Backup, BackupStatus, HookStatus, Locations, Progress, Request, FINALIZER};
+use super::metrics::{Health, Metrics};
+use crate::driver::{Observer, RunError};
+use crate::kube::KubeCluster;
+use crate::report::rfc3339;
+use crate::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError};
+
+/// Least time between two status patches of one Backup.
+pub const STATUS_INTERVAL_MS: u64 = 1000;
+/// The field manager of the controller's writes.
+pub const FIELD_MANAGER: &str = "blockwise-controller";
+
+/// Leader election.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// The Lease's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// This replica's identity (the pod name).
+    pub identity: String,
+    /// Seconds a lock lasts after its last renewal.
+    pub duration_s: u64,
+    /// Seconds before expiry the holder renews.
+    pub grace_s: u64,
+}
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Logs and the default local store.
+    pub data_dir: PathBuf,
+    /// Kubeconfig (`None`: KUBECONFIG, ~/.kube/config or in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// Its context.
+    pub context: Option<String>,
+    /// Only Backups in this namespace (`None`: every namespace).
+    pub namespace: Option<String>,
+    /// Backups run at once.
+    pub concurrent_backups: usize,
+    /// Leader election (`None`: this replica runs backups at once).
+    pub lease: Option<LeaseConfig>,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub metrics_addr: SocketAddr,
+    /// Named stores and the default.
+    pub locations: Locations,
+    /// Objects per list page.
+    pub page_size: u32,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The kubeconfig or client.
+    #[error(transparent)]
+    Config(#[from] crate::kube::KubeConfigError),
+    /// The metrics listener.
+    #[error("listening on {addr} for /metrics: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    /// Leader election.
+    #[error("leader election (Lease {name}): {message}")]
+    Lease { name: String, message: String },
+    /// This replica lost the Lease: it stopped at once.
+    #[error("lost the Lease {0}: stopped so the new leader can resume the running backups")]
+    LostLease(String),
+}
+
+/// A reconcile that failed; the controller retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The API.
+    #[error("{what}: {source}")]
+    Kube { what: String, source: kube::Error },
+    /// The data directory.
+    #[error("{0}")]
+    Session(#[from] SessionError),
+}
+
+/// One running backup.
+struct Running {
+    namespaces: Vec<String>,
+    cancel: Arc<Notify>,
+    done: watch::Receiver<bool>,
+}
+
+type Key = (String, String);
+
+struct Ctx {
+    client: Client,
+    cfg: ServeConfig,
+    source: ClusterSource,
+    cluster: Arc<dyn Cluster>,
+    metrics: Arc<Metrics>,
+    running: Mutex<BTreeMap<Key, Running>>,
+    store: OnceLock<Reflector<Backup>>,
+    wake: futures::channel::mpsc::UnboundedSender<()>,
+}
+
+impl Ctx {
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Running>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn data(&self, ns: &str) -> DataDir {
+        DataDir::new(self.cfg.data_dir.join("namespaces").join(ns))
+    }
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Kube { what, source }
+}
+
+/// Runs the controller until Ctrl-C or SIGTERM (Ok) or the loss of the Lease (Err). `started` is
+/// told the metrics address once it listens.
+pub async fn run(cfg: ServeConfig, metrics: Arc<Metrics>, started: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let kube = KubeCluster::connect(cfg.kubeconfig.as_deref(), cfg.context.as_deref()).await?;
+    let client = kube.client();
+    let health = Arc::new(Health::default());
+    let (addr, metrics_task) = super::metrics::serve(cfg.metrics_addr, metrics.clone(), health.clone())
+        .await
+        .map_err(|source| ServeError::Listen { addr: cfg.metrics_addr, source })?;
+    started(addr);
+    health.set_ready(true);
+    let result = lead_then_reconcile(cfg, kube, client, metrics).await;
+    metrics_task.abort();
+    result
+}
+
+async fn lead_then_reconcile(
+    cfg: ServeConfig,
+    kube: KubeCluster,
+    client: Client,
+    metrics: Arc<Metrics>,
+) -> Result<(), ServeError> {
+    let mut leadership = None;
+    if let Some(l) = &cfg.lease {
+        let lease_err = |e: kube_lease_manager::LeaseManagerError| ServeError::Lease {
+            name: format!("{}/{}", l.namespace, l.name),
+            message: e.to_string(),
+        };
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &l.name)
+            .with_namespace(&l.namespace)
+            .with_identity(&l.identity)
+            .with_duration(l.duration_s)
+            .with_grace(l.grace_s)
+            .with_field_manager(format!("blockwise-{}", l.identity))
+            .build()
+            .await
+            .map_err(lease_err)?;
+        let (mut rx, task) = manager.watch().await;
+        tracing::info!("waiting for the Lease {}/{} (identity {})", l.namespace, l.name, l.identity);
+        eprintln!("standing by: waiting for the Lease {}/{} as {}", l.namespace, l.name, l.identity);
+        loop {
+            if *rx.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(ServeError::Lease { name: l.name.clone(), message: "the lease manager stopped".into() });
+                },
+                _ = shutdown_signal() => return Ok(()),
+            }
+        }
+        eprintln!("leading: holding the Lease {}/{} as {}", l.namespace, l.name, l.identity);
+        leadership = Some((rx, task, format!("{}/{}", l.namespace, l.name)));
+    }
+    let cluster: Arc<dyn Cluster> = Arc::new(kube);
+    let source = ClusterSource::Kube { kubeconfig: cfg.kubeconfig.clone(), context: cfg.context.clone() };
+    let api: Api<Backup> = match &cfg.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (wake, wakes) = futures::channel::mpsc::unbounded();
+    let ctx = Arc::new(Ctx {
+        client,
+        cfg,
+        source,
+        cluster,
+        metrics,
+        running: Mutex::new(BTreeMap::new()),
+        store: OnceLock::new(),
+        wake,
+    });
+    let controller = Controller::new(api, watcher::Config::default()).reconcile_all_on(wakes);
+    let _ = ctx.store.set(controller.store());
+    let work = controller.run(reconcile, error_policy, ctx.clone()).for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!("reconcile: {e}");
+        }
+    });
+    match leadership {
+        Some((mut rx, _task, name)) => {
+            let lost = async {
+                loop {
+                    if rx.changed().await.is_err() || !*rx.borrow_and_update() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = work => Ok(()),
+                _ = lost => Err(ServeError::LostLease(name)),
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+        None => {
+            tokio::select! {
+                _ = work => Ok(()),
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn error_policy(b: Arc<Backup>, e: &ReconcileError, _: Arc<Ctx>) -> Action {
+    tracing::warn!("backup {}/{}: {e}", b.namespace().unwrap_or_default(), b.name_any());
+    Action::requeue(Duration::from_secs(2))
+}
+
+async fn patch_status(api: &Api<Backup>, name: &str, status: &BackupStatus) -> Result<(), ReconcileError> {
+    let body = json!({"status": status});
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
+        .await
+        .map_err(kube_err(format!("patching the status of backup {name}")))?;
+    Ok(())
+}
+
+async fn set_finalizers(api: &Api<Backup>, b: &Backup, finalizers: Vec<String>) -> Result<(), ReconcileError> {
+    let body = json!({"metadata": {"finalizers": finalizers, "resourceVersion": b.resource_version()}});
+    api.patch(&b.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map_err(kube_err(format!("changing the finalizers of backup {}", b.name_any())))?;
+    Ok(())
+}
+
+/// Whether two Backups' included namespaces may overlap: every namespace (empty) or a glob overlaps
+/// everything; otherwise the names must meet.
+fn overlap(a: &[String], b: &[String]) -> bool {
+    let all = |n: &[String]| n.is_empty() || n.iter().any(|x| x.contains('*'));
+    all(a) || all(b) || a.iter().any(|x| b.contains(x))
+}
+
+async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let ns = b.namespace().unwrap_or_default();
+    let name = b.name_any();
+    let key = (ns.clone(), name.clone());
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    let data = ctx.data(&ns);
+    let finalizers = b.finalizers().to_vec();
+    let ours = finalizers.iter().any(|f| f == FINALIZER);
+    if b.metadata.deletion_timestamp.is_some() {
+        if !ours {
+            return Ok(Action::await_change());
+        }
+        let run = ctx.running().remove(&key);
+        if let Some(mut run) = run {
+            run.cancel.notify_one();
+            let _ = run.done.wait_for(|d| *d).await;
+        }
+        let mut status = b.status.clone().unwrap_or_default();
+        if status.phase.as_deref() != Some(phase::DELETING) {
+            status.phase = Some(phase::DELETING.into());
+            patch_status(&api, &name, &status).await?;
+        }
+        data.delete(&name).await?;
+        eprintln!("backup {ns}/{name}: deleted its store files and log");
+        let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
+        set_finalizers(&api, &b, rest).await?;
+        let _ = ctx.wake.unbounded_send(());
+        return Ok(Action::await_change());
+    }
+    if !ours {
+        let mut all = finalizers;
+        all.push(FINALIZER.into());
+        set_finalizers(&api, &b, all).await?;
+        return Ok(Action::await_change());
+    }
+    let status = b.status.clone().unwrap_or_default();
+    if status.phase.as_deref().is_some_and(phase::is_terminal) || ctx.running().contains_key(&key) {
+        return Ok(Action::await_change());
+    }
+    let req = match b.to_request(&ctx.cfg.locations) {
+        Ok(r) => r,
+        Err(errors) => {
+            let status = BackupStatus {
+                phase: Some(phase::FAILED_VALIDATION.into()),
+                failure_reason: Some(errors.join("; ")),
+                validation_errors: errors,
+                ..status
+            };
+            patch_status(&api, &name, &status).await?;
+            ctx.metrics.failure.inc();
+            eprintln!("backup {ns}/{name}: FailedValidation: {}", status.failure_reason.unwrap_or_default());
+            return Ok(Action::await_change());
+        }
+    };
+    if let Some(position) = queue_position(&b, &req, &ctx) {
+        if status.phase.as_deref() != Some(phase::QUEUED) || status.queue_position != Some(position) {
+            let status = BackupStatus { phase: Some(phase::QUEUED.into()), queue_position: Some(position), ..status };
+            patch_status(&api, &name, &status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    start(&b, req, status, &ctx)?;
+    Ok(Action::await_change())
+}
+
+/// `Some(position)` when the Backup must wait (see the module docs).
+fn queue_position(b: &Backup, req: &Request, ctx: &Ctx) -> Option<u32> {
+    let running = ctx.running();
+    let order = |x: &Backup| (x.metadata.creation_timestamp.clone().map(|t| t.0), x.namespace(), x.name_any());
+    let mine = order(b);
+    let earlier: Vec<Arc<Backup>> = ctx
+        .store
+        .get()
+        .map(|s| s.state())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|x| {
+            let k = (x.namespace().unwrap_or_default(), x.name_any());
+            let phase = x.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            x.metadata.deletion_timestamp.is_none()
+                && !phase::is_terminal(&phase)
+                && !running.contains_key(&k)
+                && order(x) < mine
+        })
+        .collect();
+    let full = running.len() >= ctx.cfg.concurrent_backups.max(1);
+    let overlaps_running = running.values().any(|r| overlap(&r.namespaces, &req.spec.included_namespaces));
+    let overlaps_earlier = earlier.iter().any(|x| overlap(&x.spec.included_namespaces, &req.spec.included_namespaces));
+    (full || overlaps_running || overlaps_earlier).then(|| earlier.len() as u32 + 1)
+}
+
+/// Starts (or resumes) the Backup's run in a task of its own.
+fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Result<(), ReconcileError> {
+    let ns = b.namespace().unwrap_or_default();
+    let name = b.name_any();
+    let data = ctx.data(&ns);
+    let uid = b.uid().unwrap_or_default();
+    let existing = match data.read_events(&name) {
+        Ok(events) => Some(events),
+        Err(SessionError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let resumed = match existing {
+        Some(events) => {
+            let state = BackupState::fold(&events)
+                .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+            if state.options.uid == uid {
+                true
+            } else {
+                // A log of an earlier Backup of this name (deleted while no controller ran).
+                std::fs::remove_dir_all(data.backup_dir(&name)).map_err(|e| SessionError::File {
+                    what: "removing",
+                    path: data.backup_dir(&name),
+                    message: e.to_string(),
+                })?;
+                false
+            }
+        }
+        None => false,
+    };
+    let session = if resumed {
+        Session::open(&data, &name)?
+    } else {
+        Session::create(
+            &data,
+            CreateRequest {
+                spec: req.spec.clone(),
+                workers: req.workers,
+                options: req.options.clone(),
+                source: ctx.source.clone(),
+                storage: req.storage.clone(),
+            },
+        )?
+    };
+    let cancel = Arc::new(Notify::new());
+    let (done_tx, done) = watch::channel(false);
+    ctx.running().insert(
+        (ns.clone(), name.clone()),
+        Running { namespaces: req.spec.included_namespaces.clone(), cancel: cancel.clone(), done },
+    );
+    let ctx = ctx.clone();
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    let handle = tokio::runtime::Handle::current();
+    // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(async move {
+            run_backup(session, resumed, req, status, &api, &ctx, cancel).await;
+            ctx.running().remove(&(ns, name));
+            let _ = done_tx.send(true);
+            let _ = ctx.wake.unbounded_send(());
+        })
+    });
+    Ok(())
+}
+
+/// The status of a run, from its folded state.
+fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> BackupStatus {
+    let all_done = state.plan_finished && state.blocks.iter().all(|b| b.outcome.is_some());
+    let phase = match state.finished {
+        Some((p, _)) => p.to_string(),
+        None if state.stopped.is_some() => phase::FAILED.into(),
+        None if state.waiting_for_snapshots() => phase::WAITING_FOR_SNAPSHOTS.into(),
+        None if all_done => phase::FINALIZING.into(),
+        None => phase::IN_PROGRESS.into(),
+    };
+    let (mut attempted, mut failed) = (0u32, 0u32);
+    for b in &state.blocks {
+        if let Some(a) = &b.attempt {
+            attempted += a.hooks_started.len() as u32;
+            failed += a.hooks_finished.values().filter(|o| !o.ok()).count() as u32;
+        }
+    }
+    BackupStatus {
+        phase: Some(phase),
+        progress: Some(Progress {
+            total_items: state.planned_items,
+            items_backed_up: state.items_done(),
+            total_blocks: state.blocks.len() as u64,
+            blocks_done: state.blocks_done() as u64,
+        }),
+        hook_status: Some(HookStatus { hooks_attempted: attempted, hooks_failed: failed }),
+        warnings: state.warnings.len() as u32,
+        errors: state.errors.len() as u32,
+        failure_reason: state.stopped.clone().or_else(|| base.failure_reason.clone()),
+        validation_errors: Vec::new(),
+        start_timestamp: Some(rfc3339(state.requested_ms)),
+        completion_timestamp: state.finished.map(|(_, t)| rfc3339(t)),
+        expiration: ttl_ms.map(|t| rfc3339(state.requested_ms + t)),
+        archive: state
+            .archive
+            .as_ref()
+            .map(|a| ArchiveStatus { sha256: a.digest.iter().map(|b| format!("{b:02x}")).collect(), bytes: a.bytes }),
+        resumed_count: base.resumed_count,
+        queue_position: None,
+    }
+}
+
+/// Sends the run's status to the patcher (at most every [`STATUS_INTERVAL_MS`]) and keeps the
+/// hook, block and flush metrics.
+struct StatusObserver {
+    tx: watch::Sender<Option<BackupStatus>>,
+    base: BackupStatus,
+    ttl_ms: Option<u64>,
+    metrics: Arc<Metrics>,
+    last: Option<Instant>,
+    hook_started: BTreeMap<(u32, u32, String), u64>,
+    in_flight: i64,
+}
+
+impl Observer for StatusObserver {
+    fn event(&mut self, event: &Event, _state: &BackupState) {
+        match event {
+            Event::HookStarted { block, attempt, hook, at_ms } => {
+                self.hook_started.insert((*block, *attempt, format!("{hook:?}")), *at_ms);
+            }
+            Event::HookFinished { block, attempt, hook, outcome, at_ms } => {
+                if let Some(t) = self.hook_started.remove(&(*block, *attempt, format!("{hook:?}"))) {
+                    self.metrics.hook_duration.observe(at_ms.saturating_sub(t) as f64 / 1000.0);
+                }
+                if !outcome.ok() {
+                    self.metrics.hook_failures.inc();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn flushed(&mut self, took: Duration) {
+        self.metrics.log_flush.observe(took.as_secs_f64());
+    }
+
+    fn committed(&mut self, state: &BackupState) {
+        let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count() as i64;
+        self.metrics.blocks_in_flight.inc_by(in_flight - self.in_flight);
+        self.in_flight = in_flight;
+        let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(STATUS_INTERVAL_MS));
+        if due {
+            self.last = Some(Instant::now());
+            let _ = self.tx.send(Some(status_of(state, &self.base, self.ttl_ms)));
+        }
+    }
+}
+
+async fn run_backup(
+    session: Session,
+    resumed: bool,
+    req: Request,
+    status: BackupStatus,
+    api: &Api<Backup>,
+    ctx: &Ctx,
+    cancel: Arc<Notify>,
+) {
+    let name = session.name().to_string();
+    let ns = api_namespace(api);
+    let mut base = status;
+    base.queue_position = None;
+    if resumed {
+        base.resumed_count += 1;
+        ctx.metrics.resumed.inc();
+        eprintln!("backup {ns}/{name}: resuming from its log (resume {})", base.resumed_count);
+    } else {
+        ctx.metrics.attempt.inc();
+        eprintln!("backup {ns}/{name}: started");
+    }
+    let first = status_of(session.state(), &base, req.ttl_ms);
+    if let Err(e) = patch_status(api, &name, &first).await {
+        tracing::warn!("backup {ns}/{name}: {e}");
+    }
+    let (tx, mut rx) = watch::channel::<Option<BackupStatus>>(None);
+    let patcher = {
+        let api = api.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let latest = rx.borrow_and_update().clone();
+                if let Some(s) = latest {
+                    if let Err(e) = patch_status(&api, &name, &s).await {
+                        tracing::warn!("backup {name}: {e}");
+                    }
+                }
+            }
+        })
+    };
+    let mut observer = StatusObserver {
+        tx,
+        base: base.clone(),
+        ttl_ms: req.ttl_ms,
+        metrics: ctx.metrics.clone(),
+        last: Some(Instant::now()),
+        hook_started: BTreeMap::new(),
+        in_flight: 0,
+    };
+    let finished = session.state().clone();
+    let store = match session.store() {
+        Ok(s) => s,
+        Err(e) => {
+            drop(observer);
+            let _ = patcher.await;
+            let failed = BackupStatus {
+                phase: Some(phase::FAILED.into()),
+                failure_reason: Some(format!("opening the store: {e}")),
+                ..first
+            };
+            let _ = patch_status(api, &name, &failed).await;
+            ctx.metrics.failure.inc();
+            return;
+        }
+    };
+    let result = if !finished.resumable() {
+        // The log finished before the status said so: store its files again, report it.
+        Some(session.store_files(store).await)
+    } else {
+        let run = session.run(ctx.cluster.clone(), store, req.workers, ctx.cfg.page_size, &mut observer);
+        tokio::select! {
+            r = run => Some(r),
+            _ = cancel.notified() => None,
+        }
+    };
+    let in_flight = observer.in_flight;
+    ctx.metrics.blocks_in_flight.dec_by(in_flight);
+    drop(observer);
+    let _ = patcher.await;
+    let Some(result) = result else {
+        eprintln!("backup {ns}/{name}: stopped (being deleted)");
+        return;
+    };
+    let end = match result {
+        Ok(state) => {
+            let s = status_of(&state, &base, req.ttl_ms);
+            let secs = state.finished.map_or(0, |(_, t)| t.saturating_sub(state.requested_ms)) as f64 / 1000.0;
+            ctx.metrics.duration.observe(secs);
+            ctx.metrics.items.inc_by(state.items_done());
+            match state.phase() {
+                Phase::Completed => {
+                    ctx.metrics.success.inc();
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    ctx.metrics.last_successful.set(now as i64);
+                }
+                Phase::PartiallyFailed => {
+                    ctx.metrics.partial_failure.inc();
+                }
+                _ => {
+                    ctx.metrics.failure.inc();
+                }
+            }
+            if let Some(a) = &state.archive {
+                ctx.metrics.tarball_size.set(a.bytes as i64);
+            }
+            s
+        }
+        Err(e) => {
+            ctx.metrics.failure.inc();
+            let reason = match e {
+                RunError::Files { file, source } => format!("storing {file} failed: {source}"),
+                e => e.to_string(),
+            };
+            BackupStatus { phase: Some(phase::FAILED.into()), failure_reason: Some(reason), ..first }
+        }
+    };
+    eprintln!("backup {ns}/{name}: {}", end.phase.as_deref().unwrap_or("?"));
+    if let Err(e) = patch_status(api, &name, &end).await {
+        tracing::warn!("backup {ns}/{name}: {e}");
+    }
+}
+
+fn api_namespace(api: &Api<Backup>) -> String {
+    api.resource_url().split('/').skip_while(|s| *s != "namespaces").nth(1).unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_overlap_conservatively() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(overlap(&v(&[]), &v(&["a"])));
+        assert!(overlap(&v(&["a", "b"]), &v(&["b"])));
+        assert!(overlap(&v(&["web-*"]), &v(&["db"])));
+        assert!(!overlap(&v(&["a"]), &v(&["b"])));
+    }
+}

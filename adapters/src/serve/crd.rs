@@ -1,0 +1,527 @@
+//! The `backups.blockwise.dev` custom resource: Velero's Backup spec field names and meanings,
+//! our status, and the conversion of a spec to what a [`Session`](crate::session::Session) runs.
+//!
+//! The CRD is generated from these types (kube's derive and schemars), so the schema served by the
+//! cluster and the fields the controller reads cannot drift apart. A spec the controller cannot
+//! run is rejected by [`BackupResource::to_request`] with every reason, and the Backup ends in
+//! `FailedValidation` without anything being written.
+
+use std::collections::BTreeMap;
+
+use blockwise_engine::hooks::parse_go_duration_ms;
+use blockwise_engine::snapshot::{BackupOptions, CSI_SNAPSHOT_TIMEOUT_MS_DEFAULT, ITEM_OPERATION_TIMEOUT_MS_DEFAULT};
+use blockwise_engine::spec::{
+    parse_ordered_resources, validate_backup_name, BackupSpec as EngineSpec, DEFAULT_VOLUME_GROUP_LABEL,
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::s3::S3Location;
+use crate::session::StorageSpec;
+
+/// The API group of blockwise's resources.
+pub const GROUP: &str = "blockwise.dev";
+/// The finalizer the controller puts on every Backup: its store files and log go with it.
+pub const FINALIZER: &str = "blockwise.dev/backup-files";
+/// Workers of a Backup that does not say.
+pub const WORKERS_DEFAULT: u32 = 8;
+
+/// What a Backup backs up, with Velero's Backup field names; see the module docs.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "blockwise.dev",
+    version = "v1alpha1",
+    kind = "Backup",
+    plural = "backups",
+    shortname = "bwb",
+    category = "blockwise",
+    namespaced,
+    status = "BackupStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Items","type":"integer","jsonPath":".status.progress.itemsBackedUp"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.progress.totalItems"}"#,
+    printcolumn = r#"{"name":"Errors","type":"integer","jsonPath":".status.errors"}"#,
+    printcolumn = r#"{"name":"Resumed","type":"integer","jsonPath":".status.resumedCount","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// Namespaces to include (`*` globs); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub included_namespaces: Vec<String>,
+    /// Namespaces to exclude.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_namespaces: Vec<String>,
+    /// Resources to include (plural, plural.group or kind); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub included_resources: Vec<String>,
+    /// Resources to exclude.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_resources: Vec<String>,
+    /// Include cluster-scoped resources; unset: only when every namespace is included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_cluster_resources: Option<bool>,
+    /// Only objects with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<LabelSelector>,
+    /// Velero's orderedResources: resource → "ns/name,ns/name" in write order.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ordered_resources: BTreeMap<String, String>,
+    /// Velero's `spec.hooks` (`{"resources": [...]}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object")]
+    pub hooks: Option<Value>,
+    /// How long the backup is kept (a Go duration, e.g. 720h); recorded as `status.expiration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// A store the controller was started with (`--storage-location NAME=URL`); unset and no
+    /// `storage`: the controller's default store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_location: Option<String>,
+    /// An inline store, instead of a named location.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<InlineStorage>,
+    /// How long to wait for a CSI snapshot to be cut (Go duration; default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi_snapshot_timeout: Option<String>,
+    /// How long a cut snapshot may take to become ready to use (Go duration; default 4h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_operation_timeout: Option<String>,
+    /// The PVC label whose value forms a volume group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_label_key: Option<String>,
+    /// Take CSI snapshots of the backup's volumes (unset: yes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_volumes: Option<bool>,
+    /// ItemBlocks backed up in parallel (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+}
+
+fn free_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+/// A Kubernetes label selector (`metav1.LabelSelector`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Exact label values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Set-based requirements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One set-based requirement of a label selector.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct LabelSelectorRequirement {
+    /// The label key.
+    pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
+    pub operator: String,
+    /// The values of In and NotIn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// A store given in the Backup itself.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineStorage {
+    /// An absolute directory in the controller's pod, or `s3://BUCKET/PREFIX`.
+    pub url: String,
+    /// S3 endpoint URL, for S3-compatible stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub s3_allow_http: bool,
+}
+
+/// Velero's backup phases, plus `Queued` (waiting for an overlapping backup, Velero 1.18).
+pub mod phase {
+    /// Seen, not yet started.
+    pub const NEW: &str = "New";
+    /// Waiting for a running backup whose namespaces overlap.
+    pub const QUEUED: &str = "Queued";
+    /// Running (or interrupted and being resumed).
+    pub const IN_PROGRESS: &str = "InProgress";
+    /// Every block done; waiting for snapshots to be ready.
+    pub const WAITING_FOR_SNAPSHOTS: &str = "WaitingForSnapshots";
+    /// Building and storing the archive.
+    pub const FINALIZING: &str = "Finalizing";
+    /// Done without errors.
+    pub const COMPLETED: &str = "Completed";
+    /// Done with errors.
+    pub const PARTIALLY_FAILED: &str = "PartiallyFailed";
+    /// Could not finish.
+    pub const FAILED: &str = "Failed";
+    /// The spec cannot be run; nothing was.
+    pub const FAILED_VALIDATION: &str = "FailedValidation";
+    /// Its files are being deleted.
+    pub const DELETING: &str = "Deleting";
+
+    /// Whether nothing more happens to a backup in this phase (until it is deleted).
+    pub fn is_terminal(p: &str) -> bool {
+        matches!(p, COMPLETED | PARTIALLY_FAILED | FAILED | FAILED_VALIDATION)
+    }
+}
+
+/// What the controller reports of a Backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// Velero's phase names (see [`phase`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Items and blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Hooks run and failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_status: Option<HookStatus>,
+    /// Warnings recorded.
+    #[serde(default)]
+    pub warnings: u32,
+    /// Errors recorded.
+    #[serde(default)]
+    pub errors: u32,
+    /// Why the backup failed (or failed validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// The validation errors of a FailedValidation backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_errors: Vec<String>,
+    /// When the backup started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timestamp: Option<String>,
+    /// When it reached a terminal phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_timestamp: Option<String>,
+    /// When it expires (start + ttl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiration: Option<String>,
+    /// The archive, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+    /// How many times a restarted controller resumed this backup from its log.
+    #[serde(default)]
+    pub resumed_count: u32,
+    /// Place in the queue while Queued (1: next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+}
+
+/// Progress of a running backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Items planned.
+    pub total_items: u64,
+    /// Items written by finished blocks.
+    pub items_backed_up: u64,
+    /// ItemBlocks planned.
+    pub total_blocks: u64,
+    /// ItemBlocks finished.
+    pub blocks_done: u64,
+}
+
+/// Hooks of a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookStatus {
+    /// Hooks started.
+    pub hooks_attempted: u32,
+    /// Hooks that did not succeed.
+    pub hooks_failed: u32,
+}
+
+/// The stored archive.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveStatus {
+    /// sha256 of the `.tar.gz`, hex.
+    pub sha256: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// What a valid Backup runs: the engine's spec and options, workers, the store and the ttl.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The engine's spec (named after the Backup).
+    pub spec: EngineSpec,
+    /// Snapshot options (uid: the Backup's uid).
+    pub options: BackupOptions,
+    /// Blocks in parallel.
+    pub workers: usize,
+    /// The store.
+    pub storage: StorageSpec,
+    /// `spec.ttl`, in milliseconds.
+    pub ttl_ms: Option<u64>,
+}
+
+/// Named stores the controller knows (`--storage-location NAME=URL`), and the default.
+#[derive(Debug, Clone, Default)]
+pub struct Locations {
+    /// By name.
+    pub named: BTreeMap<String, StorageSpec>,
+    /// For a Backup that names none.
+    pub default: Option<StorageSpec>,
+}
+
+fn duration(field: &str, v: &Option<String>, default: u64, errors: &mut Vec<String>) -> u64 {
+    match v.as_deref() {
+        None => default,
+        Some(s) => match parse_go_duration_ms(s) {
+            Some(ms) if ms > 0 => ms,
+            _ => {
+                errors.push(format!("spec.{field} {s:?} is not a positive duration (e.g. 10m, 90s, 1h30m)"));
+                default
+            }
+        },
+    }
+}
+
+/// A label selector as the engine's string (`k=v,k in (a,b),!k`).
+pub fn selector_string(s: &LabelSelector) -> Result<String, String> {
+    let mut parts: Vec<String> = s.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in &s.match_expressions {
+        let values = e.values.join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => return Err(format!("operator {other:?} is not In, NotIn, Exists or DoesNotExist")),
+        });
+    }
+    Ok(parts.join(","))
+}
+
+fn inline_storage(s: &InlineStorage) -> Result<StorageSpec, String> {
+    if s.url.starts_with("s3://") {
+        let mut loc = S3Location::parse(&s.url).map_err(|e| e.to_string())?;
+        if let Some(e) = &s.s3_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(format!("s3Endpoint {e:?}: expected an http:// or https:// URL"));
+            }
+            if e.starts_with("http://") && !s.s3_allow_http {
+                return Err(format!("s3Endpoint {e} is plain HTTP: set s3AllowHttp to send data unencrypted"));
+            }
+        }
+        loc.endpoint = s.s3_endpoint.clone();
+        loc.region = s.s3_region.clone();
+        loc.allow_http = s.s3_allow_http;
+        Ok(StorageSpec::S3(loc))
+    } else if s.url.starts_with('/') && !s.url.contains("://") {
+        Ok(StorageSpec::Local { root: Some(s.url.clone().into()) })
+    } else {
+        Err(format!("url {:?}: expected an absolute directory or s3://BUCKET/PREFIX", s.url))
+    }
+}
+
+impl Backup {
+    /// The run this Backup asks for, or every reason it cannot run (FailedValidation).
+    pub fn to_request(&self, locations: &Locations) -> Result<Request, Vec<String>> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let uid = self.metadata.uid.clone().unwrap_or_default();
+        let s = &self.spec;
+        let mut errors = Vec::new();
+        if let Err(e) = validate_backup_name(&name) {
+            errors.push(e.to_string());
+        }
+        let mut spec = EngineSpec::new(&name);
+        spec.included_namespaces = s.included_namespaces.clone();
+        spec.excluded_namespaces = s.excluded_namespaces.clone();
+        spec.included_resources = s.included_resources.clone();
+        spec.excluded_resources = s.excluded_resources.clone();
+        spec.include_cluster_resources = s.include_cluster_resources;
+        if let Some(sel) = &s.label_selector {
+            match selector_string(sel) {
+                Ok(text) if text.is_empty() => {}
+                Ok(text) => match blockwise_engine::spec::LabelSelector::parse(&text) {
+                    Ok(_) => spec.label_selector = Some(text),
+                    Err(e) => errors.push(format!("spec.labelSelector: {e}")),
+                },
+                Err(e) => errors.push(format!("spec.labelSelector: {e}")),
+            }
+        }
+        let ordered: Vec<String> = s.ordered_resources.iter().map(|(r, names)| format!("{r}={names}")).collect();
+        match parse_ordered_resources(&ordered.join(";")) {
+            Ok(o) => spec.ordered_resources = o,
+            Err(e) => errors.push(format!("spec.orderedResources: {e}")),
+        }
+        spec.volume_group_label =
+            s.volume_group_snapshot_label_key.clone().unwrap_or_else(|| DEFAULT_VOLUME_GROUP_LABEL.to_string());
+        if spec.volume_group_label.is_empty() {
+            errors.push("spec.volumeGroupSnapshotLabelKey is empty".into());
+        }
+        if let Some(h) = &s.hooks {
+            match crate::hookspec::parse_hooks_file(&h.to_string()) {
+                Ok(hooks) => spec.hooks = hooks,
+                Err(e) => errors.push(format!("spec.hooks: {e}")),
+            }
+        }
+        let options = BackupOptions {
+            snapshot_volumes: s.snapshot_volumes,
+            csi_snapshot_timeout_ms: duration(
+                "csiSnapshotTimeout",
+                &s.csi_snapshot_timeout,
+                CSI_SNAPSHOT_TIMEOUT_MS_DEFAULT,
+                &mut errors,
+            ),
+            item_operation_timeout_ms: duration(
+                "itemOperationTimeout",
+                &s.item_operation_timeout,
+                ITEM_OPERATION_TIMEOUT_MS_DEFAULT,
+                &mut errors,
+            ),
+            annotations: self.metadata.annotations.clone().unwrap_or_default(),
+            uid,
+        };
+        let ttl_ms = s.ttl.as_ref().map(|_| duration("ttl", &s.ttl, 0, &mut errors));
+        let workers = s.workers.unwrap_or(WORKERS_DEFAULT);
+        if !(1..=1024).contains(&workers) {
+            errors.push(format!("spec.workers {workers}: expected 1 to 1024"));
+        }
+        let storage = match (&s.storage_location, &s.storage) {
+            (Some(_), Some(_)) => {
+                errors.push("spec.storageLocation and spec.storage are both set: give one".into());
+                None
+            }
+            (Some(n), None) => match locations.named.get(n) {
+                Some(l) => Some(l.clone()),
+                None => {
+                    let known: Vec<&str> = locations.named.keys().map(String::as_str).collect();
+                    errors.push(format!(
+                        "spec.storageLocation {n:?} is not a location this controller knows ({})",
+                        if known.is_empty() { "it has none".to_string() } else { known.join(", ") }
+                    ));
+                    None
+                }
+            },
+            (None, Some(inline)) => match inline_storage(inline) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    errors.push(format!("spec.storage: {e}"));
+                    None
+                }
+            },
+            (None, None) => Some(locations.default.clone().unwrap_or(StorageSpec::Local { root: None })),
+        };
+        match storage {
+            Some(storage) if errors.is_empty() => {
+                Ok(Request { spec, options, workers: workers as usize, storage, ttl_ms })
+            }
+            _ => Err(errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn backup(spec: Value) -> Backup {
+        let mut b: Backup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "blockwise.dev/v1alpha1", "kind": "Backup",
+            "metadata": {"name": "nightly", "namespace": "ops", "uid": "0d5c2e1a-test"},
+            "spec": spec,
+        }))
+        .unwrap();
+        b.metadata.annotations.get_or_insert_default().insert("a".into(), "b".into());
+        b
+    }
+
+    #[test]
+    fn the_crd_is_namespaced_with_status_and_printer_columns() {
+        let crd = serde_json::to_value(Backup::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "backups.blockwise.dev");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "bwb");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        assert!(v["subresources"]["status"].is_object());
+        let cols: Vec<&str> =
+            v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(cols, ["Phase", "Items", "Total", "Errors", "Resumed", "Age"]);
+        let props = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for field in [
+            "includedNamespaces",
+            "excludedNamespaces",
+            "includedResources",
+            "excludedResources",
+            "includeClusterResources",
+            "labelSelector",
+            "orderedResources",
+            "hooks",
+            "ttl",
+            "storageLocation",
+            "storage",
+            "csiSnapshotTimeout",
+            "itemOperationTimeout",
+            "volumeGroupSnapshotLabelKey",
+            "snapshotVolumes",
+            "workers",
+        ] {
+            assert!(props[field].is_object(), "spec.{field} missing from the schema");
+        }
+        assert_eq!(props["hooks"]["x-kubernetes-preserve-unknown-fields"], true);
+    }
+
+    #[test]
+    fn a_velero_spec_converts() {
+        let b = backup(serde_json::json!({
+            "includedNamespaces": ["db", "web-*"], "excludedResources": ["secrets"],
+            "includeClusterResources": false,
+            "labelSelector": {"matchLabels": {"app": "pg"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]},
+            "orderedResources": {"pods": "db/a,db/b"},
+            "hooks": {"resources": [{"name": "freeze", "pre": [{"exec": {"command": ["sync"]}}]}]},
+            "ttl": "720h", "csiSnapshotTimeout": "90s", "snapshotVolumes": true, "workers": 4,
+            "storage": {"url": "/var/lib/store"},
+        }));
+        let r = b.to_request(&Locations::default()).unwrap();
+        assert_eq!(r.spec.name, "nightly");
+        assert_eq!(r.spec.included_namespaces, ["db", "web-*"]);
+        assert_eq!(r.spec.label_selector.as_deref(), Some("app=pg,tier in (a,b)"));
+        assert_eq!(r.spec.ordered_resources, [("pods".to_string(), vec!["db/a".to_string(), "db/b".to_string()])]);
+        assert_eq!(r.spec.hooks.len(), 1);
+        assert_eq!(r.options.csi_snapshot_timeout_ms, 90_000);
+        assert_eq!(r.options.uid, "0d5c2e1a-test");
+        assert_eq!(r.options.annotations.get("a").map(String::as_str), Some("b"));
+        assert_eq!(r.ttl_ms, Some(720 * 3600 * 1000));
+        assert_eq!(r.workers, 4);
+        assert_eq!(r.storage, StorageSpec::Local { root: Some("/var/lib/store".into()) });
+    }
+
+    #[test]
+    fn every_reason_a_spec_is_invalid_is_reported() {
+        let b = backup(serde_json::json!({
+            "labelSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
+            "hooks": {"resources": [{"name": "h", "pre": [{"exec": {"command": []}}]}]},
+            "ttl": "soon", "workers": 0, "storageLocation": "offsite",
+        }));
+        let errors = b.to_request(&Locations::default()).unwrap_err();
+        let all = errors.join("\n");
+        for needle in [
+            "spec.labelSelector: operator \"Gt\"",
+            "spec.hooks: hook \"h\": exec.command is empty",
+            "spec.ttl \"soon\"",
+            "spec.workers 0",
+            "spec.storageLocation \"offsite\"",
+        ] {
+            assert!(all.contains(needle), "{needle:?} not in {all}");
+        }
+        let relative = backup(serde_json::json!({"storage": {"url": "store"}}));
+        assert!(relative.to_request(&Locations::default()).unwrap_err()[0].contains("absolute directory"));
+    }
+}

@@ -1,0 +1,8 @@
+//! The in-cluster service: the `backups.blockwise.dev` resource ([`crd`]), its controller
+//! ([`controller`], `blockwise serve`), metrics and health ([`metrics`]), and the manifests that
+//! install it ([`install`], `blockwise install`).
+
+pub mod controller;
+pub mod crd;
+pub mod install;
+pub mod metrics;
