@@ -89,6 +89,10 @@ struct ServeArgs {
     /// Write a kubeconfig pointing at the server here.
     #[arg(long)]
     kubeconfig_out: Option<PathBuf>,
+    /// Record every exec the server runs here, one JSON line each, at its start (tests read it to
+    /// check that no pod was left frozen).
+    #[arg(long)]
+    exec_log: Option<PathBuf>,
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
@@ -100,6 +104,10 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             .with_latency(blockwise_simulator::fake::Latency { api_ms: d.demo_latency_ms, exec_ms: d.demo_latency_ms })
             .with_clock(Arc::new(TokioRuntime))
             .with_csi(demo::demo_csi(d.demo_latency_ms));
+        let cluster = match &a.exec_log {
+            Some(path) => cluster.with_exec_log(path),
+            None => cluster,
+        };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
         let server = FakeApiServer::start(Arc::new(cluster), addr)
             .await

@@ -330,6 +330,10 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         let mut all = finalizers;
         all.push(FINALIZER.into());
         set_finalizers(&api, &b, all).await?;
+        if b.status.as_ref().and_then(|s| s.phase.as_ref()).is_none() {
+            let status = BackupStatus { phase: Some(phase::NEW.into()), ..BackupStatus::default() };
+            patch_status(&api, &name, &status).await?;
+        }
         return Ok(Action::await_change());
     }
     let status = b.status.clone().unwrap_or_default();

@@ -1,0 +1,368 @@
+//! `blockwise serve` end to end, with real processes: the simulator's fake API server
+//! (`blockwise simulator serve`, another process, so its state outlives the controller), the
+//! controller (`blockwise serve`, killed with SIGKILL at chosen points) and `kubectl`.
+//!
+//! What is judged comes from outside the controller: the Backup object the API server holds (read
+//! through a kube-rs watch, never a sleep), the archive bytes against the CLI's for the same
+//! cluster, the fake cluster's exec record (`--exec-log`: no pod left frozen) and the API
+//! server's own request log is not needed: a kill happens between two observed statuses.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use blockwise_adapters::serve::crd::Backup;
+use kube::api::Api;
+use kube::runtime::wait::{await_condition, Condition};
+
+const BIN: &str = env!("CARGO_BIN_EXE_blockwise");
+const NS: &str = "blockwise-system";
+const OBJECTS: usize = 300;
+
+/// A child process killed when dropped, with its stderr (or stdout) lines forwarded.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, stdout: bool) -> Proc {
+        cmd.stdin(Stdio::null());
+        if stdout {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let (tx, lines) = mpsc::channel();
+        let pipe: Box<dyn std::io::Read + Send> =
+            if stdout { Box::new(child.stdout.take().unwrap()) } else { Box::new(child.stderr.take().unwrap()) };
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits (at most 60 s) for a line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!("no line with {needle:?} ({e}); lines so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Every line so far (without waiting).
+    fn drain(&mut self) -> &[String] {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        &self.seen
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The fake API server in a process of its own, with the demo cluster.
+struct Sim {
+    _proc: Proc,
+    dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn start(latency_ms: u64) -> Sim {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["simulator", "serve", "--port", "0", "--demo-objects", &OBJECTS.to_string()])
+            .args(["--demo-latency-ms", &latency_ms.to_string()])
+            .arg("--kubeconfig-out")
+            .arg(dir.path().join("kubeconfig"))
+            .arg("--exec-log")
+            .arg(dir.path().join("exec.jsonl"));
+        let mut proc = Proc::spawn(cmd, true);
+        proc.wait_for("serving the demo cluster");
+        Sim { _proc: proc, dir }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new("kubectl");
+        cmd.args(args).env("KUBECONFIG", self.kubeconfig()).env("HOME", self.dir.path());
+        match stdin {
+            None => cmd.output().expect("kubectl"),
+            Some(text) => {
+                use std::io::Write;
+                let mut child =
+                    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+                child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+                child.wait_with_output().unwrap()
+            }
+        }
+    }
+
+    fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Installs the controller's manifests as a user would.
+    fn install(&self) {
+        let manifests = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/blockwise.yaml"))
+            .expect("deploy/blockwise.yaml");
+        self.kubectl_ok(&["apply", "-f", "-"], Some(&manifests));
+    }
+
+    /// A controller on this server.
+    fn controller(&self, data: &Path, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", NS])
+            .args(extra)
+            .env("HOME", self.dir.path())
+            .env("RUST_LOG", "warn");
+        let mut p = Proc::spawn(cmd, false);
+        p.wait_for("metrics on http://");
+        p
+    }
+}
+
+fn backup_yaml(name: &str, namespaces: &[String]) -> String {
+    let list = namespaces.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Backup\nmetadata:\n  name: {name}\n  namespace: {NS}\n\
+         spec:\n  includedNamespaces: [{list}]\n  ttl: 720h\n  workers: 4\n"
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+async fn api(sim: &Sim) -> Api<Backup> {
+    let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    Api::namespaced(kube::Client::try_from(config).unwrap(), NS)
+}
+
+fn phase_is(p: &'static str) -> impl Condition<Backup> {
+    move |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase.as_deref()) == Some(p)
+}
+
+/// Waits (through a watch, at most `secs`) until the Backup satisfies `cond`; returns it.
+fn wait_until(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, cond: impl Condition<Backup>) -> Backup {
+    rt.block_on(async {
+        let api = api(sim).await;
+        let got = tokio::time::timeout(Duration::from_secs(secs), await_condition(api.clone(), name, cond)).await;
+        match got {
+            Ok(Ok(Some(b))) => b,
+            other => {
+                let now = api.get_opt(name).await.ok().flatten().and_then(|b| b.status);
+                panic!("backup {name}: condition not met within {secs} s ({other:?}); status now: {now:?}")
+            }
+        }
+    })
+}
+
+/// The archive the CLI makes of a fresh copy of the same demo cluster, with the same uid.
+fn cli_reference(name: &str, uid: &str, namespaces: &[String]) -> Vec<u8> {
+    let sim = Sim::start(0);
+    let data = sim.dir.path().join("cli-data");
+    let out = Command::new(BIN)
+        .args(["backup", "create", name, "--workers", "4", "--uid", uid])
+        .arg("--include-namespaces")
+        .arg(namespaces.join(","))
+        .arg("--kubeconfig")
+        .arg(sim.kubeconfig())
+        .arg("--data-dir")
+        .arg(&data)
+        .env("HOME", sim.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "CLI backup: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(data.join("store/backups").join(name).join(format!("{name}.tar.gz"))).unwrap()
+}
+
+fn controller_archive(data: &Path, name: &str) -> Vec<u8> {
+    let path = data.join("namespaces").join(NS).join("store/backups").join(name).join(format!("{name}.tar.gz"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn namespaces() -> Vec<String> {
+    blockwise_simulator::demo::demo_namespaces(OBJECTS).into_iter().take(3).collect()
+}
+
+#[test]
+fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
+    let rt = rt();
+    let sim = Sim::start(0);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("nightly", &ns)));
+    let b = wait_until(&rt, &sim, "nightly", 120, phase_is("Completed"));
+    let s = b.status.clone().unwrap();
+    let progress = s.progress.unwrap();
+    assert!(progress.total_items > 0 && progress.items_backed_up == progress.total_items, "{progress:?}");
+    assert_eq!(progress.blocks_done, progress.total_blocks);
+    assert_eq!(s.resumed_count, 0);
+    assert!(s.expiration.is_some() && s.completion_timestamp.is_some());
+    let archive = controller_archive(&data, "nightly");
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&archive).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert_eq!(s.archive.as_ref().map(|a| a.sha256.as_str()), Some(sha.as_str()));
+    let uid = b.metadata.uid.clone().unwrap();
+    assert!(cli_reference("nightly", &uid, &ns) == archive, "the controller's archive differs from the CLI's");
+    // kubectl shows the printer columns.
+    let table = sim.kubectl_ok(&["get", "bwb", "-n", NS], None);
+    assert!(table.contains("nightly") && table.contains("Completed"), "{table}");
+    // A spec that cannot run fails validation, and nothing runs.
+    let bad =
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Backup\nmetadata:\n  name: broken\n  namespace: blockwise-system\n\
+               spec:\n  ttl: soon\n  csiSnapshotTimeout: never\n";
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(bad));
+    let b = wait_until(&rt, &sim, "broken", 60, phase_is("FailedValidation"));
+    let reason = b.status.unwrap().failure_reason.unwrap();
+    assert!(reason.contains("spec.ttl \"soon\"") && reason.contains("spec.csiSnapshotTimeout \"never\""), "{reason}");
+    assert!(!data.join("namespaces").join(NS).join("backups/broken").exists(), "a FailedValidation backup wrote a log");
+    // Deleting a Backup deletes its store files and its log, then the object.
+    sim.kubectl_ok(&["delete", "bwb", "nightly", "-n", NS, "--wait=true", "--timeout=60s"], None);
+    assert!(!data.join("namespaces").join(NS).join("backups/nightly").exists(), "the log is still there");
+    assert!(
+        !data.join("namespaces").join(NS).join("store/backups/nightly").exists(),
+        "the store files are still there"
+    );
+    // The metrics say what happened, in a format Prometheus reads.
+    let metrics_line = ctl.wait_for("metrics on http://");
+    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let text = http_get(&addr, "/metrics");
+    assert!(text.contains("blockwise_backup_success_total 1"), "{text}");
+    assert!(text.contains("blockwise_backup_failure_total 1"), "{text}");
+    assert!(http_get(&addr, "/readyz").starts_with("ok"));
+}
+
+/// A plain HTTP/1.1 GET on loopback; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+fn progress_at_least(blocks: u64, resumed: u32) -> impl Condition<Backup> {
+    move |b: Option<&Backup>| {
+        let Some(s) = b.and_then(|b| b.status.as_ref()) else { return false };
+        s.resumed_count >= resumed && s.progress.as_ref().is_some_and(|p| p.blocks_done >= blocks)
+    }
+}
+
+#[test]
+fn kill_9_of_the_controller_at_several_points_then_every_backup_completes() {
+    let rt = rt();
+    let sim = Sim::start(15);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let ns = namespaces();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("killed", &ns)));
+    // Kill points: after the first finished block, then twice more further on, each in a new
+    // incarnation (the resumed count tells which one is running).
+    for (i, blocks) in [1u64, 4, 8].into_iter().enumerate() {
+        let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+        let b = wait_until(&rt, &sim, "killed", 120, progress_at_least(blocks, i as u32));
+        if b.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Completed") {
+            break;
+        }
+        ctl.kill();
+    }
+    let _ctl = sim.controller(&data, &["--no-leader-election"]);
+    let b = wait_until(&rt, &sim, "killed", 180, phase_is("Completed"));
+    let s = b.status.unwrap();
+    assert!(s.resumed_count > 0, "resumedCount {}", s.resumed_count);
+    common::assert_windows_closed(&sim.dir.path().join("exec.jsonl"));
+    let uid = b.metadata.uid.unwrap();
+    assert!(cli_reference("killed", &uid, &ns) == controller_archive(&data, "killed"), "archives differ after kill -9");
+}
+
+#[test]
+fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
+    let rt = rt();
+    let sim = Sim::start(15);
+    sim.install();
+    let lease = ["--lease-duration", "3", "--lease-grace", "1"];
+    let data = sim.dir.path().join("controller");
+    let mut a = sim.controller(&data, &[&lease[..], &["--identity", "replica-a"]].concat());
+    a.wait_for("leading");
+    let mut b = sim.controller(&data, &[&lease[..], &["--identity", "replica-b"]].concat());
+    b.wait_for("standing by");
+    let ns = namespaces();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("shared", &ns)));
+    wait_until(&rt, &sim, "shared", 120, progress_at_least(2, 0));
+    assert!(
+        !b.drain().iter().any(|l| l.contains("leading") || l.contains("backup ")),
+        "the standby ran something:\n{}",
+        b.seen.join("\n")
+    );
+    a.kill();
+    b.wait_for("leading");
+    let done = wait_until(&rt, &sim, "shared", 180, phase_is("Completed"));
+    assert!(done.status.unwrap().resumed_count >= 1);
+    common::assert_windows_closed(&sim.dir.path().join("exec.jsonl"));
+}
