@@ -117,6 +117,8 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     let result = rt.block_on(controller::run(cfg, metrics, |addr| {
         eprintln!("blockwise serve: Backups in {scope}; metrics on http://{addr}/metrics");
     }));
+    // Running backups are left to their logs: do not wait for their threads.
+    rt.shutdown_background();
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(ServeError::Config(e)) => Err(usage(e.to_string())),

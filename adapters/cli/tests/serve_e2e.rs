@@ -366,3 +366,62 @@ fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
     assert!(done.status.unwrap().resumed_count >= 1);
     common::assert_windows_closed(&sim.dir.path().join("exec.jsonl"));
 }
+
+/// The ClusterRole grants exactly what the controller calls: every request the controller made
+/// (from the fake API server's own request log) is granted by the rules, and every verb of every
+/// rule was needed by some request no other rule grants.
+#[test]
+fn the_cluster_role_grants_exactly_what_the_controller_calls() {
+    use blockwise_adapters::serve::install::{granted, rbac_checks, RULES};
+    use blockwise_simulator::server::FakeApiServer;
+    use std::sync::Arc;
+    let rt = rt();
+    let cluster = blockwise_simulator::demo::demo_cluster(OBJECTS, blockwise_simulator::demo::DEMO_SEED)
+        .with_csi(blockwise_simulator::demo::demo_csi(0))
+        .with_clock(Arc::new(blockwise_adapters::world::TokioRuntime));
+    let server = rt.block_on(FakeApiServer::start(Arc::new(cluster), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let sim = Sim { _proc: Proc::spawn(Command::new("true"), true), dir };
+    sim.install();
+    let ns = namespaces();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("rbac", &ns)));
+    // From here until the controller says it is done, only the controller talks to the server.
+    let mark = server.requests().len();
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--lease-duration", "3", "--lease-grace", "1"]);
+    ctl.wait_for("backup blockwise-system/rbac: Completed");
+    let mut calls: Vec<(String, String, String)> =
+        server.requests()[mark..].iter().flat_map(|r| rbac_checks(&r.method, &r.path, &r.query)).collect();
+    // Deletion: kubectl's one DELETE, then the controller's finalizer work.
+    let mark = server.requests().len();
+    sim.kubectl_ok(&["delete", "bwb", "rbac", "-n", NS, "--wait=false"], None);
+    ctl.wait_for("backup blockwise-system/rbac: deleted");
+    calls.extend(
+        server.requests()[mark..]
+            .iter()
+            .filter(|r| !(r.method == "DELETE" && r.path.ends_with("/backups/rbac")))
+            .flat_map(|r| rbac_checks(&r.method, &r.path, &r.query)),
+    );
+    calls.sort();
+    calls.dedup();
+    let denied: Vec<_> = calls.iter().filter(|(v, g, r)| !granted(RULES, v, g, r)).collect();
+    assert!(denied.is_empty(), "the ClusterRole does not grant: {denied:?}");
+    let mut unused = Vec::new();
+    for (i, (groups, resources, verbs)) in RULES.iter().enumerate() {
+        let others: Vec<_> = RULES.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| *r).collect();
+        for verb in *verbs {
+            let needed = calls.iter().any(|(v, g, r)| {
+                let this = v == verb
+                    && (groups.contains(&"*") || groups.contains(&g.as_str()))
+                    && (resources.contains(&r.as_str()) || (resources.contains(&"*") && !r.contains('/')));
+                this && !granted(&others, v, g, r)
+            });
+            if !needed {
+                unused.push(format!("{verb} {groups:?} {resources:?}"));
+            }
+        }
+    }
+    assert!(unused.is_empty(), "granted but never needed: {unused:?}\ncalls: {calls:#?}");
+}

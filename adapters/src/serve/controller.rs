@@ -18,8 +18,10 @@
 //!   namespaces may overlap a running one's, or an earlier waiting one's, waits in `Queued` with
 //!   `status.queuePosition`.
 //! - **One leader**: with leader election, nothing runs until this replica holds the Lease;
-//!   losing it ends the process at once (as client-go's leader election does), so no write
-//!   follows the loss, and the next leader resumes every backup from its log.
+//!   losing it ends the process at once with exit code 1 (as client-go's leader election does),
+//!   so no write follows the loss, and the next leader resumes every backup from its log. On
+//!   SIGTERM or Ctrl-C the controller returns without waiting for running backups (their logs
+//!   make them resumable); the caller must not wait for their threads either.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -241,7 +243,12 @@ async fn lead_then_reconcile(
             };
             tokio::select! {
                 _ = work => Ok(()),
-                _ = lost => Err(ServeError::LostLease(name)),
+                _ = lost => {
+                    // Backups run on threads of their own: returning would let them write on
+                    // until they noticed. The process ends here, before anything else is sent.
+                    eprintln!("error: {}", ServeError::LostLease(name));
+                    std::process::exit(1);
+                }
                 _ = shutdown_signal() => Ok(()),
             }
         }
@@ -320,9 +327,9 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             patch_status(&api, &name, &status).await?;
         }
         data.delete(&name).await?;
-        eprintln!("backup {ns}/{name}: deleted its store files and log");
         let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
         set_finalizers(&api, &b, rest).await?;
+        eprintln!("backup {ns}/{name}: deleted its store files and log");
         let _ = ctx.wake.unbounded_send(());
         return Ok(Action::await_change());
     }

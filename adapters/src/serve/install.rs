@@ -2,7 +2,7 @@
 //! binding, the data PVC, the Deployment (Recreate: the log volume is ReadWriteOnce, and two pods
 //! on one log are never wanted) and a Service for the metrics.
 //!
-//! The ClusterRole is derived from what the code calls, and [`rbac_request`] maps any API request
+//! The ClusterRole is derived from what the code calls, and [`rbac_checks`] maps any API request
 //! to the (verb, group, resource) RBAC would check, so a test can run the controller against the
 //! fake API server and check that every request it made is granted — and every rule is used.
 
@@ -134,14 +134,16 @@ pub fn manifests_yaml(o: &InstallOptions) -> Result<String, String> {
     Ok(out)
 }
 
-/// The (verb, API group, resource or resource/subresource) RBAC checks for one API request, or
-/// `None` for a request RBAC does not check by resource (discovery, /version).
-pub fn rbac_request(method: &str, path: &str, query: &str) -> Option<(String, String, String)> {
+/// The (verb, API group, resource or resource/subresource) checks RBAC makes for one API request
+/// — none for a request RBAC does not check by resource (discovery, /version). A WebSocket exec is
+/// a GET, authorized as `get` before Kubernetes 1.35 and as `create` from 1.35 on (KEP-4006,
+/// `AuthorizePodWebsocketUpgradeCreatePermission`): both are needed to work on either.
+pub fn rbac_checks(method: &str, path: &str, query: &str) -> Vec<(String, String, String)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let (group, rest): (&str, &[&str]) = match segs.as_slice() {
         ["api", _v, rest @ ..] if !rest.is_empty() => ("", rest),
         ["apis", g, _v, rest @ ..] if !rest.is_empty() => (g, rest),
-        _ => return None,
+        _ => return Vec::new(),
     };
     let (resource, name, sub) = match rest {
         ["namespaces", _ns, r] => (*r, None, None),
@@ -150,7 +152,7 @@ pub fn rbac_request(method: &str, path: &str, query: &str) -> Option<(String, St
         [r] => (*r, None, None),
         [r, n] => (*r, Some(*n), None),
         [r, n, s] => (*r, Some(*n), Some(*s)),
-        _ => return None,
+        _ => return Vec::new(),
     };
     let watch = query.split('&').any(|kv| kv == "watch=1" || kv == "watch=true");
     let verb = match (method, name) {
@@ -162,13 +164,18 @@ pub fn rbac_request(method: &str, path: &str, query: &str) -> Option<(String, St
         ("PATCH", _) => "patch",
         ("DELETE", None) => "deletecollection",
         ("DELETE", Some(_)) => "delete",
-        _ => return None,
+        _ => return Vec::new(),
     };
     let resource = match sub {
         Some(s) => format!("{resource}/{s}"),
         None => resource.to_string(),
     };
-    Some((verb.to_string(), group.to_string(), resource))
+    let connect = matches!(sub, Some("exec" | "attach" | "portforward"));
+    let mut out = vec![(verb.to_string(), group.to_string(), resource.clone())];
+    if connect && verb == "get" {
+        out.push(("create".to_string(), group.to_string(), resource));
+    }
+    out
 }
 
 /// Whether the rules grant a request.
@@ -219,18 +226,21 @@ mod tests {
 
     #[test]
     fn requests_map_to_what_rbac_checks() {
-        let r = |m, p, q| rbac_request(m, p, q).map(|(v, g, r)| format!("{v} {g} {r}"));
-        assert_eq!(r("GET", "/api/v1/pods", "limit=500").as_deref(), Some("list  pods"));
-        assert_eq!(r("POST", "/api/v1/namespaces/a/pods/p/exec", "command=x").as_deref(), Some("create  pods/exec"));
+        let r = |m, p, q| {
+            rbac_checks(m, p, q).into_iter().map(|(v, g, r)| format!("{v} {g} {r}")).collect::<Vec<_>>().join("; ")
+        };
+        assert_eq!(r("GET", "/api/v1/pods", "limit=500"), "list  pods");
+        assert_eq!(r("POST", "/api/v1/namespaces/a/pods/p/exec", "command=x"), "create  pods/exec");
+        assert_eq!(r("GET", "/api/v1/namespaces/a/pods/p/exec", "command=x"), "get  pods/exec; create  pods/exec");
         assert_eq!(
-            r("GET", "/apis/blockwise.dev/v1alpha1/backups", "watch=true&resourceVersion=5").as_deref(),
-            Some("watch blockwise.dev backups")
+            r("GET", "/apis/blockwise.dev/v1alpha1/backups", "watch=true&resourceVersion=5"),
+            "watch blockwise.dev backups"
         );
         assert_eq!(
-            r("PATCH", "/apis/blockwise.dev/v1alpha1/namespaces/o/backups/b/status", "").as_deref(),
-            Some("patch blockwise.dev backups/status")
+            r("PATCH", "/apis/blockwise.dev/v1alpha1/namespaces/o/backups/b/status", ""),
+            "patch blockwise.dev backups/status"
         );
-        assert_eq!(r("GET", "/apis/apps/v1", ""), None);
+        assert_eq!(r("GET", "/apis/apps/v1", ""), "");
         assert!(granted(RULES, "list", "apps", "deployments"));
         assert!(!granted(RULES, "delete", "apps", "deployments"));
         assert!(!granted(RULES, "get", "", "secrets/proxy"));
