@@ -276,6 +276,27 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
     assert!(text.contains("blockwise_backup_success_total 1"), "{text}");
     assert!(text.contains("blockwise_backup_failure_total 1"), "{text}");
     assert!(http_get(&addr, "/readyz").starts_with("ok"));
+    promtool_check(&text);
+}
+
+/// `promtool check metrics` (Debian's prometheus package; `.ci/test` installs it) on a scrape.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is not installed (Debian's prometheus package; .ci/test installs it)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A plain HTTP/1.1 GET on loopback; the body.
