@@ -20,10 +20,19 @@
 //! simulator's E2 and the CLI's kill-and-resume test compare archives byte for byte). Faults per
 //! claim or group ([`CsiFault`]): an error, a handle never set, never ready, a group missing a
 //! member. Every cut, failure and storage deletion is an event ([`CsiEvent`]) for the judges, and
-//! [`Dynamic::storage`] says which storage snapshots exist. Deliberately absent: watches of lists,
-//! resourceVersion conflicts (writes are last-write-wins), strategic merge patch.
+//! [`Dynamic::storage`] says which storage snapshots exist.
+//!
+//! Every write of the overlay goes through one function, which also records the change — with a
+//! resourceVersion from the one counter, which continues above the built-in objects' versions — in
+//! a bounded history ([`HISTORY_CHANGES_MAX`]) that watches read. Writes through the API server
+//! ([`ApiWrite`]) add what a controller relies on: a `metadata.resourceVersion` precondition
+//! (409 `Conflict`), the status subresource (a write to the object keeps `.status`, a write to
+//! the status changes nothing else), the generation bumped by changes outside metadata and status,
+//! field ownership and server-side apply ([`crate::fields`]), CRDs whose objects go with them and
+//! namespaces whose deletion deletes their contents. A write that changes nothing changes no
+//! version. Deliberately absent: strategic merge patch's list merging (it is a merge patch here).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::ports::ClusterError;
@@ -179,6 +188,8 @@ pub struct Statics<'a> {
     pub resources: &'a [ResourceType],
     /// The driver's behaviour.
     pub config: &'a CsiConfig,
+    /// The highest resourceVersion of a built-in object: the overlay's versions start above it.
+    pub rv_floor: u64,
 }
 
 /// Created, changed and deleted objects, and the snapshot controller's state; see the module docs.
@@ -199,7 +210,121 @@ pub struct Dynamic {
     /// the controller's deletion work visits these, not the whole overlay, after every write.
     #[serde(skip)]
     deleting: Option<BTreeSet<ItemKey>>,
+    /// The last [`HISTORY_CHANGES_MAX`] changes, oldest first, for watches (not persisted: a
+    /// loaded state starts a new history at its current resourceVersion).
+    #[serde(skip)]
+    history: VecDeque<Change>,
+    /// Every change after this resourceVersion is in `history` (set when the first call settles).
+    #[serde(skip)]
+    history_from: Option<u64>,
 }
+
+/// Changes kept for watches; a watch from an older resourceVersion is told it expired (410).
+pub const HISTORY_CHANGES_MAX: usize = 4096;
+
+/// What happened to an object, as a watch event's type says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// It was created.
+    Added,
+    /// It changed.
+    Modified,
+    /// It was removed for good.
+    Deleted,
+}
+
+impl ChangeKind {
+    /// The watch event type: `ADDED`, `MODIFIED`, `DELETED`.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "ADDED",
+            ChangeKind::Modified => "MODIFIED",
+            ChangeKind::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change of one object, with the object at that resourceVersion (its last state, deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The resourceVersion the change made.
+    pub rv: u64,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The object.
+    pub key: ItemKey,
+    /// The object after the change (before it, for a deletion), as stored.
+    pub object: Value,
+}
+
+/// A write through the API server, with the client's intent (kept whole in the journal).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ApiWrite {
+    /// `POST`: creates `body` in `namespace`.
+    Create { rt: ResourceType, namespace: Option<String>, body: Value, manager: Option<String> },
+    /// `PUT` of the object (or of its status).
+    Replace { rt: ResourceType, key: ItemKey, body: Value, status: bool, manager: Option<String> },
+    /// `PATCH` with a JSON merge patch (or a strategic merge patch, treated as one).
+    Merge { rt: ResourceType, key: ItemKey, patch: Value, status: bool, manager: Option<String> },
+    /// `PATCH` with server-side apply; creates a missing object.
+    Apply { rt: ResourceType, key: ItemKey, body: Value, status: bool, manager: String, force: bool },
+    /// `DELETE`.
+    Delete { key: ItemKey },
+}
+
+/// A write refused, as the API server answers it: HTTP code, `Status` reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status code.
+    pub code: u16,
+    /// The `Status` reason (`Conflict`, `AlreadyExists`, `NotFound`, `Invalid`, `BadRequest`).
+    pub reason: &'static str,
+    /// The message.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { code, reason, message: message.into() }
+    }
+
+    /// The engine port's error for it.
+    pub fn into_cluster_error(self) -> ClusterError {
+        match self.code {
+            404 => ClusterError::NotFound(self.message),
+            409 if self.reason == "AlreadyExists" => ClusterError::AlreadyExists(self.message),
+            _ => ClusterError::Other(self.message),
+        }
+    }
+}
+
+fn resource_label(gr: &GroupResource) -> String {
+    if gr.group.is_empty() {
+        gr.resource.clone()
+    } else {
+        format!("{}.{}", gr.resource, gr.group)
+    }
+}
+
+fn conflict(key: &ItemKey) -> ApiError {
+    ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+            resource_label(&key.gr()),
+            key.name
+        ),
+    )
+}
+
+fn rv_of(v: &Value) -> Option<u64> {
+    v.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|r| r.parse().ok())
+}
+
+/// Metadata a write cannot change: the server's.
+const SERVER_METADATA: [&str; 7] =
+    ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"];
 
 /// Written objects by resource, then (namespace or "", name): the object, or `None` when deleted.
 pub type Overlay = BTreeMap<GroupResource, BTreeMap<(String, String), Option<Value>>>;
@@ -333,7 +458,46 @@ impl Dynamic {
         }
     }
 
-    fn put(&mut self, key: &ItemKey, v: Option<Value>) {
+    /// Writes the overlay, recording the change for watches: every change gets a resourceVersion
+    /// of its own (a deletion one more), except a second write of one object at the same version,
+    /// which replaces the first's recorded state.
+    fn put(&mut self, st: &Statics<'_>, key: &ItemKey, mut v: Option<Value>) {
+        let gr = key.gr();
+        let before = match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {
+            Some(x) => x.is_some(),
+            None => st.objects.get(&gr).is_some_and(|o| o.contains_key(&slot(key))),
+        };
+        let change = match &mut v {
+            None if before => {
+                let mut last = self.lookup(st, key).unwrap_or(Value::Null);
+                self.bump(&mut last);
+                Some(Change { rv: self.next_rv, kind: ChangeKind::Deleted, key: key.clone(), object: last })
+            }
+            None => None,
+            Some(obj) => {
+                let rv = rv_of(obj).unwrap_or(0);
+                let same = self.history.back_mut().filter(|c| c.key == *key && c.rv == rv && rv == self.next_rv);
+                if let Some(last) = same {
+                    last.object = obj.clone();
+                    None
+                } else {
+                    if rv != self.next_rv || self.history.back().is_some_and(|c| c.rv == rv) {
+                        self.bump(obj);
+                    }
+                    let kind = if before { ChangeKind::Modified } else { ChangeKind::Added };
+                    Some(Change { rv: self.next_rv, kind, key: key.clone(), object: obj.clone() })
+                }
+            }
+        };
+        if let Some(c) = change {
+            self.history_from.get_or_insert(c.rv - 1);
+            self.history.push_back(c);
+            while self.history.len() > HISTORY_CHANGES_MAX {
+                if let Some(old) = self.history.pop_front() {
+                    self.history_from = Some(old.rv);
+                }
+            }
+        }
         if let Some(deleting) = &mut self.deleting {
             if v.as_ref().is_some_and(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
                 deleting.insert(key.clone());
@@ -378,8 +542,31 @@ impl Dynamic {
         self.jobs.iter().filter(|j| j.touches.contains(key)).map(|j| j.at).min()
     }
 
+    /// The current resourceVersion: the last change's, at least the built-in objects' highest.
+    pub fn resource_version(&self, st: &Statics<'_>) -> u64 {
+        self.next_rv.max(st.rv_floor)
+    }
+
+    /// The changes after resourceVersion `rv`, oldest first; `Err` with the oldest resourceVersion
+    /// a watch can start from when changes after `rv` were not kept (or were never recorded).
+    pub fn changes_since(&self, st: &Statics<'_>, rv: u64) -> Result<Vec<Change>, u64> {
+        let from = self.history_from.unwrap_or_else(|| self.resource_version(st));
+        if rv < from {
+            return Err(from);
+        }
+        Ok(self.history.iter().filter(|c| c.rv > rv).cloned().collect())
+    }
+
+    /// When the controller's next job is due, if one is scheduled.
+    pub fn next_job(&self) -> Option<u64> {
+        self.jobs.iter().map(|j| j.at).min()
+    }
+
     /// Runs every job due at `now`, in time order. Returns whether anything changed.
     pub fn settle(&mut self, st: &Statics<'_>, now: u64) -> bool {
+        // The overlay's versions continue above the built-in objects'; the history starts here.
+        self.next_rv = self.next_rv.max(st.rv_floor);
+        self.history_from.get_or_insert(self.next_rv);
         let mut changed = false;
         while let Some(i) =
             self.jobs.iter().enumerate().filter(|(_, j)| j.at <= now).min_by_key(|(i, j)| (j.at, *i)).map(|(i, _)| i)
@@ -401,42 +588,87 @@ impl Dynamic {
         json: &str,
     ) -> Result<Value, ClusterError> {
         self.settle(st, now);
-        let mut obj: Value = serde_json::from_str(json)
+        let obj: Value = serde_json::from_str(json)
             .map_err(|e| ClusterError::Other(format!("create {}: the body is not JSON: {e}", rt.gr)))?;
+        self.create_object(st, now, rt, ns, obj, None).map_err(ApiError::into_cluster_error)
+    }
+
+    /// Whether writes to objects of `gr` keep `.status` for the status subresource: the snapshot
+    /// kinds, and the resources of CRDs that declare one.
+    pub fn status_subresource(&self, st: &Statics<'_>, gr: &GroupResource) -> bool {
+        has_status(gr)
+            || (gr.group == crate::crd::APIEXTENSIONS && gr.resource == "customresourcedefinitions")
+            || self.crds(st).iter().flat_map(crate::crd::served).any(|c| c.rt.gr == *gr && c.status)
+    }
+
+    /// The CustomResourceDefinition objects that exist now.
+    pub fn crds(&self, st: &Statics<'_>) -> Vec<Value> {
+        self.live(st, &crate::crd::crd_resource().gr).into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The objects of `gr` that exist now, with their keys, in (namespace, name) order.
+    pub fn live(&self, st: &Statics<'_>, gr: &GroupResource) -> Vec<(ItemKey, Value)> {
+        let mut merged: BTreeMap<(String, String), Value> = st.objects.get(gr).cloned().unwrap_or_default();
+        for (k, v) in self.overlay.get(gr).into_iter().flatten() {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        merged.into_iter().map(|((ns, name), v)| (key_of(gr, &ns, &name, !ns.is_empty()), v)).collect()
+    }
+
+    fn create_object(
+        &mut self,
+        st: &Statics<'_>,
+        now: u64,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        mut obj: Value,
+        manager: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let bad = |m: String| ApiError::new(400, "BadRequest", m);
         if !obj.is_object() {
-            return Err(ClusterError::Other(format!("create {}: the body is not an object", rt.gr)));
+            return Err(bad(format!("create {}: the body is not an object", rt.gr)));
+        }
+        if s(&obj, "/metadata/name").is_none() {
+            if let Some(prefix) = s(&obj, "/metadata/generateName").map(str::to_string) {
+                let n = self.next_rv.to_string();
+                obj["metadata"]["name"] = json!(format!("{prefix}{}", &hex(&[&prefix, &n], 3)[..5]));
+            }
         }
         let name = s(&obj, "/metadata/name")
             .map(str::to_string)
-            .ok_or_else(|| ClusterError::Other(format!("create {}: metadata.name is required", rt.gr)))?;
+            .ok_or_else(|| ApiError::new(422, "Invalid", format!("create {}: metadata.name is required", rt.gr)))?;
         let ns = if rt.namespaced {
             let given = s(&obj, "/metadata/namespace").map(str::to_string);
             match (ns, given) {
                 (Some(a), Some(b)) if a != b => {
-                    return Err(ClusterError::Other(format!(
+                    return Err(bad(format!(
                         "create {}: the namespace of the object ({b}) does not match the request ({a})",
                         rt.gr
                     )))
                 }
                 (Some(a), _) => a.to_string(),
                 (None, Some(b)) => b,
-                (None, None) => return Err(ClusterError::Other(format!("create {}: a namespace is required", rt.gr))),
+                (None, None) => return Err(bad(format!("create {}: a namespace is required", rt.gr))),
             }
         } else {
             String::new()
         };
         let key = key_of(&rt.gr, &ns, &name, rt.namespaced);
         if self.lookup(st, &key).is_some() {
-            return Err(ClusterError::AlreadyExists(format!("{} \"{name}\" already exists", rt.gr)));
+            return Err(ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.gr)));
         }
         let id = format!("{}/{ns}/{name}", rt.gr);
         let n = self.incarnations.entry(id.clone()).or_insert(0);
         *n += 1;
         let uid = uuid(&["uid", &id, &n.to_string()]);
+        let status_sub = self.status_subresource(st, &rt.gr);
         if let Some(m) = obj.as_object_mut() {
             m.insert("apiVersion".into(), json!(rt.api_version()));
             m.insert("kind".into(), json!(rt.kind));
-            if has_status(&rt.gr) {
+            if status_sub {
                 m.remove("status");
             }
         }
@@ -444,12 +676,24 @@ impl Dynamic {
             m.insert("uid".into(), json!(uid));
             m.insert("creationTimestamp".into(), json!(time(now)));
             m.insert("generation".into(), json!(1));
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+            m.remove("deletionTimestamp");
             if rt.namespaced {
                 m.insert("namespace".into(), json!(ns));
             }
         }
+        if rt.gr == crate::crd::crd_resource().gr {
+            obj["status"] = crate::crd::status(&obj, &time(now));
+        } else if rt.gr.group.is_empty() && rt.gr.resource == "namespaces" {
+            obj["status"] = json!({"phase": "Active"});
+        }
+        if let Some(manager) = manager {
+            let owners = crate::fields::after_update(Default::default(), &json!({}), &obj, manager);
+            crate::fields::write(&mut obj, &owners, &time(now));
+        }
         self.bump(&mut obj);
-        self.put(&key, Some(obj.clone()));
+        self.put(st, &key, Some(obj.clone()));
         if rt.gr.group == SNAP && rt.gr.resource == "volumesnapshots" {
             self.snapshot_created(st, now, &key);
         } else if rt.gr.group == GSNAP && rt.gr.resource == "volumegroupsnapshots" {
@@ -464,39 +708,195 @@ impl Dynamic {
         self.settle(st, now);
         let p: Value = serde_json::from_str(patch)
             .map_err(|e| ClusterError::Other(format!("patch {key}: the patch is not JSON: {e}")))?;
-        let mut obj = self
+        let obj = self
             .lookup(st, key)
             .ok_or_else(|| ClusterError::NotFound(format!("{} \"{}\" not found", key.gr(), key.name)))?;
-        let status = obj.get("status").cloned();
-        let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
-        let before = finalizers(&obj);
-        merge_patch(&mut obj, &p);
-        if has_status(&key.gr()) {
+        let mut new = obj.clone();
+        merge_patch(&mut new, &p);
+        self.commit(st, now, key, obj, new, false, None, None).map_err(ApiError::into_cluster_error)
+    }
+
+    /// A write through the API server (see [`ApiWrite`]); the object after it, `None` when a
+    /// delete removed it.
+    pub fn api_write(&mut self, st: &Statics<'_>, now: u64, op: &ApiWrite) -> Result<Option<Value>, ApiError> {
+        self.settle(st, now);
+        let not_found = |key: &ItemKey| {
+            ApiError::new(404, "NotFound", format!("{} \"{}\" not found", resource_label(&key.gr()), key.name))
+        };
+        match op {
+            ApiWrite::Create { rt, namespace, body, manager } => {
+                self.create_object(st, now, rt, namespace.as_deref(), body.clone(), manager.as_deref()).map(Some)
+            }
+            ApiWrite::Replace { key, body, status, manager, .. } => {
+                let old = self.lookup(st, key).ok_or_else(|| not_found(key))?;
+                if !body.is_object() {
+                    return Err(ApiError::new(400, "BadRequest", format!("replace {key}: the body is not an object")));
+                }
+                let mut new = body.clone();
+                if s(&new, "/metadata/resourceVersion").is_none() {
+                    // An unconditional update: no precondition.
+                    new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+                }
+                self.commit(st, now, key, old, new, *status, manager.as_deref(), None).map(Some)
+            }
+            ApiWrite::Merge { key, patch, status, manager, .. } => {
+                let old = self.lookup(st, key).ok_or_else(|| not_found(key))?;
+                let mut new = old.clone();
+                merge_patch(&mut new, patch);
+                self.commit(st, now, key, old, new, *status, manager.as_deref(), None).map(Some)
+            }
+            ApiWrite::Apply { rt, key, body, status, manager, force } => {
+                if !body.is_object() {
+                    return Err(ApiError::new(400, "BadRequest", format!("apply {key}: the body is not an object")));
+                }
+                let Some(old) = self.lookup(st, key) else {
+                    let mut obj = body.clone();
+                    obj["metadata"]["name"] = json!(key.name);
+                    return self.create_object(st, now, rt, key.namespace.as_deref(), obj, Some(manager)).map(Some);
+                };
+                let owners = crate::fields::read(&old);
+                let conflicts = crate::fields::conflicts(&owners, &old, body, manager);
+                if !conflicts.is_empty() && !force {
+                    return Err(ApiError::new(409, "Conflict", crate::fields::conflict_message(&conflicts)));
+                }
+                let (new, owners) = crate::fields::apply(&old, &owners, body, manager);
+                self.commit(st, now, key, old, new, *status, Some(manager), Some(owners)).map(Some)
+            }
+            ApiWrite::Delete { key } => match self.delete(st, now, key) {
+                Ok(true) => Ok(self.lookup(st, key)),
+                Ok(false) => Err(not_found(key)),
+                Err(e) => Err(ApiError::new(500, "InternalError", e.to_string())),
+            },
+        }
+    }
+
+    /// Stores `new` as the next state of `old` (at `key`), as an update of the object or (when
+    /// `status_write`) of its status: the resourceVersion precondition, the status subresource,
+    /// the server's metadata, the generation, ownership (with a manager), no change without a
+    /// difference. `owners` overrides the ownership an update would compute (an apply's).
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &mut self,
+        st: &Statics<'_>,
+        now: u64,
+        key: &ItemKey,
+        old: Value,
+        mut new: Value,
+        status_write: bool,
+        manager: Option<&str>,
+        owners: Option<crate::fields::Owners>,
+    ) -> Result<Value, ApiError> {
+        let gr = key.gr();
+        if !new.is_object() {
+            return Err(ApiError::new(400, "BadRequest", format!("update {key}: the object is not a JSON object")));
+        }
+        let wanted =
+            new.pointer("/metadata/resourceVersion").cloned().filter(|v| v.as_str().is_some_and(|s| !s.is_empty()));
+        if wanted.is_some_and(|w| Some(&w) != old.pointer("/metadata/resourceVersion")) {
+            return Err(conflict(key));
+        }
+        let status_sub = self.status_subresource(st, &gr);
+        if status_write {
+            let status = new.get("status").cloned();
+            new = old.clone();
             match status {
-                Some(s) => obj["status"] = s,
+                Some(s) => new["status"] = s,
                 None => {
-                    if let Some(m) = obj.as_object_mut() {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+        } else if status_sub {
+            match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
                         m.remove("status");
                     }
                 }
             }
         }
-        if deleting && finalizers(&obj).iter().any(|f| !before.contains(f)) {
-            return Err(ClusterError::Other(format!(
-                "patch {key}: no new finalizers can be added if the object is being deleted"
-            )));
+        for f in ["apiVersion", "kind"] {
+            if let Some(v) = old.get(f) {
+                new[f] = v.clone();
+            }
         }
-        self.bump(&mut obj);
-        self.put(key, Some(obj));
+        if !new.get("metadata").is_some_and(Value::is_object) {
+            new["metadata"] = json!({});
+        }
+        let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut) else { return Ok(old) };
+        for f in SERVER_METADATA.iter().chain(&["resourceVersion", "managedFields"]) {
+            match old.pointer(&format!("/metadata/{f}")) {
+                Some(v) => meta.insert(f.to_string(), v.clone()),
+                None => meta.remove(*f),
+            };
+        }
+        let deleting = old.pointer("/metadata/deletionTimestamp").is_some();
+        let before = finalizers(&old);
+        if deleting && finalizers(&new).iter().any(|f| !before.contains(f)) {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!("patch {key}: no new finalizers can be added if the object is being deleted"),
+            ));
+        }
+        if gr == crate::crd::crd_resource().gr && !status_write {
+            new["status"] = crate::crd::status(&new, &time(now));
+        }
+        if new == old {
+            return Ok(old);
+        }
+        let body = |v: &Value| -> Value {
+            v.as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<Map<String, Value>>()
+                })
+                .map(Value::Object)
+                .unwrap_or(Value::Null)
+        };
+        if !status_write && body(&new) != body(&old) {
+            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+            new["metadata"]["generation"] = json!(g + 1);
+        }
+        if let Some(manager) = manager {
+            let owners =
+                owners.unwrap_or_else(|| crate::fields::after_update(crate::fields::read(&old), &old, &new, manager));
+            crate::fields::write(&mut new, &owners, &time(now));
+        }
+        self.bump(&mut new);
+        self.put(st, key, Some(new));
         self.reconcile(st, now);
-        self.lookup(st, key).map_or_else(|| Ok(json!({"kind": "Status", "status": "Success"})), Ok)
+        Ok(self.lookup(st, key).unwrap_or_else(|| json!({"kind": "Status", "status": "Success"})))
     }
 
     /// Deletes an object (marks it, when it has finalizers); `Ok(false)` when there is none.
     pub fn delete(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) -> Result<bool, ClusterError> {
         self.settle(st, now);
         let Some(mut obj) = self.lookup(st, key) else { return Ok(false) };
-        if finalizers(&obj).is_empty() {
+        if key.is(crate::crd::APIEXTENSIONS, "customresourcedefinitions") {
+            // Its objects go with it, finalizers or not.
+            if let Some(gr) = crate::crd::defined(&obj) {
+                for (k, _) in self.live(st, &gr) {
+                    self.put(st, &k, None);
+                }
+            }
+        }
+        let namespace = key.is("", "namespaces");
+        if namespace {
+            // Everything in it is deleted; it goes when the last object has.
+            for k in self.in_namespace(st, &key.name) {
+                let _ = self.delete(st, now, &k);
+            }
+            if !self.in_namespace(st, &key.name).is_empty() && obj.pointer("/metadata/deletionTimestamp").is_none() {
+                obj["status"] = json!({"phase": "Terminating"});
+            }
+        }
+        let waits = namespace && !self.in_namespace(st, &key.name).is_empty();
+        if finalizers(&obj).is_empty() && !waits {
             self.remove(st, now, key, &obj);
         } else if obj.pointer("/metadata/deletionTimestamp").is_none() {
             if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -504,15 +904,39 @@ impl Dynamic {
                 m.insert("deletionGracePeriodSeconds".into(), json!(0));
             }
             self.bump(&mut obj);
-            self.put(key, Some(obj));
+            self.put(st, key, Some(obj));
         }
         self.reconcile(st, now);
         Ok(true)
     }
 
+    /// The keys of the objects in namespace `ns` that exist now.
+    fn in_namespace(&self, st: &Statics<'_>, ns: &str) -> Vec<ItemKey> {
+        let mut grs: BTreeSet<&GroupResource> = st.objects.keys().collect();
+        grs.extend(self.overlay.keys());
+        let mut out = Vec::new();
+        for gr in grs {
+            let mut names: BTreeSet<&str> = BTreeSet::new();
+            if let Some(o) = st.objects.get(gr) {
+                names.extend(o.keys().filter(|(n, _)| n == ns).map(|(_, name)| name.as_str()));
+            }
+            for ((n, name), v) in self.overlay.get(gr).into_iter().flatten() {
+                if n == ns {
+                    if v.is_some() {
+                        names.insert(name);
+                    } else {
+                        names.remove(name.as_str());
+                    }
+                }
+            }
+            out.extend(names.into_iter().map(|name| ItemKey::namespaced(&gr.group, &gr.resource, ns, name)));
+        }
+        out
+    }
+
     /// Removes an object for good, with what its removal does to storage.
     fn remove(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, obj: &Value) {
-        self.put(key, None);
+        self.put(st, key, None);
         // A content whose snapshot is gone is deleted when its policy is Delete (the common
         // controller's content sync), also when the snapshot went without finalizers.
         if key.is(SNAP, "volumesnapshots") {
@@ -573,6 +997,9 @@ impl Dynamic {
 
     /// The controller's work for one object being deleted; whether anything changed.
     fn finalize(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, mut obj: Value) -> bool {
+        if key.is("", "namespaces") && !self.in_namespace(st, &key.name).is_empty() {
+            return false;
+        }
         let ns = key.namespace.clone().unwrap_or_default();
         let mut release: Vec<&str> = Vec::new();
         if key.is(SNAP, "volumesnapshots") {
@@ -658,7 +1085,7 @@ impl Dynamic {
         if after.len() != before.len() {
             set_finalizers(&mut obj, &after);
             self.bump(&mut obj);
-            self.put(key, Some(obj));
+            self.put(st, key, Some(obj));
             return true;
         }
         false
@@ -687,11 +1114,11 @@ impl Dynamic {
         });
     }
 
-    fn fail(&mut self, now: u64, key: &ItemKey, message: String) {
+    fn fail(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, message: String) {
         if let Some(mut v) = self.lookup_overlay(key) {
             v["status"] = json!({"readyToUse": false, "error": {"time": time(now), "message": message}});
             self.bump(&mut v);
-            self.put(key, Some(v));
+            self.put(st, key, Some(v));
         }
         self.events.push(CsiEvent::Failed { at_ms: now, object: key.clone(), message });
     }
@@ -738,7 +1165,7 @@ impl Dynamic {
         let ns = key.namespace.clone().unwrap_or_default();
         let Some(claim) = s(&vs, "/spec/source/persistentVolumeClaimName").map(str::to_string) else { return };
         set_finalizers(&mut vs, &[AS_SOURCE.to_string()]);
-        self.put(key, Some(vs.clone()));
+        self.put(st, key, Some(vs.clone()));
         let check = self.claim_volume(st, &ns, &claim).and_then(|(_, driver, _)| {
             let (cdriver, _) =
                 self.class(st, SNAP, "volumesnapshotclasses", s(&vs, "/spec/volumeSnapshotClassName"))?;
@@ -748,7 +1175,7 @@ impl Dynamic {
             Ok(())
         });
         if let Err(e) = check {
-            self.fail(now, key, format!("failed to create snapshot content: {e}"));
+            self.fail(st, now, key, format!("failed to create snapshot content: {e}"));
             return;
         }
         let b = st.config.claims.get(&(ns, claim)).copied().unwrap_or(st.config.default);
@@ -761,7 +1188,7 @@ impl Dynamic {
         let Some(mut vgs) = self.lookup_overlay(key) else { return };
         let ns = key.namespace.clone().unwrap_or_default();
         set_finalizers(&mut vgs, &[VGS_BOUND.to_string()]);
-        self.put(key, Some(vgs.clone()));
+        self.put(st, key, Some(vgs.clone()));
         let labels: BTreeMap<String, String> = vgs
             .pointer("/spec/source/selector/matchLabels")
             .and_then(Value::as_object)
@@ -789,7 +1216,7 @@ impl Dynamic {
         let members = match check {
             Ok(m) => m,
             Err(e) => {
-                self.fail(now, key, format!("failed to create group snapshot content: {e}"));
+                self.fail(st, now, key, format!("failed to create group snapshot content: {e}"));
                 return;
             }
         };
@@ -849,7 +1276,7 @@ impl Dynamic {
                         if v.get("status").is_some() && v.pointer("/metadata/deletionTimestamp").is_none() {
                             v["status"]["readyToUse"] = json!(true);
                             self.bump(&mut v);
-                            self.put(k, Some(v));
+                            self.put(st, k, Some(v));
                         }
                     }
                 }
@@ -861,6 +1288,7 @@ impl Dynamic {
     #[allow(clippy::too_many_arguments)]
     fn content(
         &mut self,
+        st: &Statics<'_>,
         at: u64,
         name: &str,
         vs: &Value,
@@ -899,7 +1327,7 @@ impl Dynamic {
             c["spec"]["volumeSnapshotClassName"] = json!(class);
         }
         self.bump(&mut c);
-        self.put(&vsc_key(name), Some(c.clone()));
+        self.put(st, &vsc_key(name), Some(c.clone()));
         c
     }
 
@@ -909,6 +1337,7 @@ impl Dynamic {
         let claim = s(&vs, "/spec/source/persistentVolumeClaimName").unwrap_or_default().to_string();
         if job.fault == Some(CsiFault::Error) {
             self.fail(
+                st,
                 at,
                 &job.target,
                 format!("failed to take snapshot of the volume of {ns}/{claim}: rpc error: code = Internal (injected)"),
@@ -921,7 +1350,7 @@ impl Dynamic {
         let name = format!("snapcontent-{}", s(&vs, "/metadata/uid").unwrap_or_default());
         let handle = format!("snap-{}", hex(&["handle", &name], 10));
         let never = job.fault == Some(CsiFault::NeverHandle);
-        self.content(at, &name, &vs, &driver, &policy, &volume, size, (!never).then_some(handle.as_str()), None);
+        self.content(st, at, &name, &vs, &driver, &policy, &volume, size, (!never).then_some(handle.as_str()), None);
         let mut f = finalizers(&vs);
         if policy == "Delete" && !f.iter().any(|x| x == VS_BOUND) {
             f.push(VS_BOUND.to_string());
@@ -934,7 +1363,7 @@ impl Dynamic {
                    "restoreSize": blockwise_engine::snapshot::binary_quantity(size), "readyToUse": false})
         };
         self.bump(&mut vs);
-        self.put(&job.target, Some(vs));
+        self.put(st, &job.target, Some(vs));
         if never {
             self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "handle" });
             return;
@@ -976,7 +1405,12 @@ impl Dynamic {
         let at = job.at;
         let ns = job.target.namespace.clone().unwrap_or_default();
         if job.fault == Some(CsiFault::Error) {
-            self.fail(at, &job.target, "failed to create group snapshot: rpc error: code = Internal (injected)".into());
+            self.fail(
+                st,
+                at,
+                &job.target,
+                "failed to create group snapshot: rpc error: code = Internal (injected)".into(),
+            );
             return;
         }
         let uid = s(&vgs, "/metadata/uid").unwrap_or_default().to_string();
@@ -985,7 +1419,7 @@ impl Dynamic {
             vgs["status"] =
                 json!({"boundVolumeGroupSnapshotContentName": format!("groupsnapcontent-{uid}"), "readyToUse": false});
             self.bump(&mut vgs);
-            self.put(&job.target, Some(vgs));
+            self.put(st, &job.target, Some(vgs));
             self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "handle" });
             return;
         }
@@ -1025,9 +1459,9 @@ impl Dynamic {
                     "restoreSize": blockwise_engine::snapshot::binary_quantity(size), "readyToUse": false,
                     "volumeGroupSnapshotName": s(&vgs, "/metadata/name")},
             });
-            self.content(at, &vsc_name, &vs, &driver, &policy, &volume, size, Some(&handle), Some(&group_handle));
+            self.content(st, at, &vsc_name, &vs, &driver, &policy, &volume, size, Some(&handle), Some(&group_handle));
             self.bump(&mut vs);
-            self.put(&vs_key(&ns, &vs_name), Some(vs));
+            self.put(st, &vs_key(&ns, &vs_name), Some(vs));
             infos.push(json!({"volumeHandle": volume, "snapshotHandle": handle, "creationTime": at as u128 * 1_000_000, "readyToUse": false, "restoreSize": size}));
             let claim_key = ItemKey::namespaced("", "persistentvolumeclaims", &ns, c);
             self.storage.insert(
@@ -1056,11 +1490,11 @@ impl Dynamic {
                 "volumeSnapshotInfoList": infos},
         });
         self.bump(&mut vgsc);
-        self.put(&vgsc_key(&content_name), Some(vgsc));
+        self.put(st, &vgsc_key(&content_name), Some(vgsc));
         vgs["status"] =
             json!({"boundVolumeGroupSnapshotContentName": content_name, "creationTime": time(at), "readyToUse": false});
         self.bump(&mut vgs);
-        self.put(&job.target, Some(vgs));
+        self.put(st, &job.target, Some(vgs));
         self.events.push(CsiEvent::Cut { at_ms: at, object: job.target.clone(), created_ms: job.created, members });
         if job.fault == Some(CsiFault::NeverReady) {
             self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "ready" });
@@ -1107,7 +1541,7 @@ mod tests {
         let objects: &'static _ = Box::leak(Box::new(objects.clone()));
         let config: &'static _ = Box::leak(Box::new(config.clone()));
         let resources: &'static _ = Box::leak(Box::new(snapshot_resources(Some("v1"))));
-        Statics { objects, resources, config }
+        Statics { objects, resources, config, rv_floor: 0 }
     }
 
     fn world() -> BTreeMap<GroupResource, BTreeMap<(String, String), Value>> {

@@ -34,7 +34,7 @@ use blockwise_engine::ports::{Cluster, ClusterError, ExecResult, ListPage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::csi::{CsiConfig, CsiEvent, Dynamic, Statics, StorageSnapshot};
+use crate::csi::{ApiError, ApiWrite, Change, CsiConfig, CsiEvent, Dynamic, Statics, StorageSnapshot};
 
 /// How long a [`ExecScript::Hang`] exec sleeps: one hour, far beyond any hook timeout.
 pub const HANG_MS: u64 = 3_600_000;
@@ -123,6 +123,12 @@ pub struct FakeCluster {
     journal: Mutex<Journal>,
     /// The clock of a fake cluster without one: a watch moves it to the next change.
     virtual_now: AtomicU64,
+    /// The highest resourceVersion of a built-in object.
+    rv_floor: u64,
+    /// Resource types served besides the built-in ones and the CRDs' ([`FakeCluster::serve_also`]).
+    also_served: Mutex<Vec<ResourceType>>,
+    /// Called after every change ([`FakeCluster::on_change`]).
+    on_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl fmt::Debug for FakeCluster {
@@ -159,6 +165,7 @@ enum JournalOp {
     Create { now: u64, rt: ResourceType, namespace: Option<String>, json: String },
     Patch { now: u64, key: ItemKey, patch: String },
     Delete { now: u64, key: ItemKey },
+    Api { now: u64, op: ApiWrite },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -212,6 +219,9 @@ impl FakeCluster {
     pub fn add_object(&mut self, gr: impl AsGroupResource, object: Value) -> &mut Self {
         let ns = meta_str(&object, "namespace").unwrap_or("").to_string();
         let name = meta_str(&object, "name").unwrap_or("").to_string();
+        if let Some(rv) = meta_str(&object, "resourceVersion").and_then(|r| r.parse::<u64>().ok()) {
+            self.rv_floor = self.rv_floor.max(rv);
+        }
         self.objects.entry(gr.group_resource()).or_default().insert((ns, name), object);
         self
     }
@@ -314,10 +324,11 @@ impl FakeCluster {
             // A write that failed when it was made fails the same way now: nothing to do.
             let _ = match rec.op {
                 JournalOp::Create { now, rt, namespace, json } => {
-                    d.create(&st, now, &rt, namespace.as_deref(), &json).map(|_| ())
+                    d.create(&st, now, &rt, namespace.as_deref(), &json).map(|_| ()).is_ok()
                 }
-                JournalOp::Patch { now, key, patch } => d.patch(&st, now, &key, &patch).map(|_| ()),
-                JournalOp::Delete { now, key } => d.delete(&st, now, &key).map(|_| ()),
+                JournalOp::Patch { now, key, patch } => d.patch(&st, now, &key, &patch).is_ok(),
+                JournalOp::Delete { now, key } => d.delete(&st, now, &key).is_ok(),
+                JournalOp::Api { now, op } => d.api_write(&st, now, &op).is_ok(),
             };
         }
         self.state_file = Some(path);
@@ -334,7 +345,7 @@ impl FakeCluster {
     }
 
     fn statics(&self) -> Statics<'_> {
-        Statics { objects: &self.objects, resources: &self.resources, config: &self.csi }
+        Statics { objects: &self.objects, resources: &self.resources, config: &self.csi, rv_floor: self.rv_floor }
     }
 
     /// Writes the state `d`, holding the journal's writes up to `seq`, whole to the state file (a
@@ -385,10 +396,127 @@ impl FakeCluster {
         }
     }
 
+    /// Whether the cluster has a clock ([`FakeCluster::with_clock`]); without one, time moves only
+    /// when a watch moves it ([`FakeCluster::advance_clock_to`]).
+    pub fn has_clock(&self) -> bool {
+        self.sleeper.is_some()
+    }
+
+    /// Moves the virtual clock of a cluster without a clock forward to `ms` (never back); a
+    /// cluster with a clock ignores it.
+    pub fn advance_clock_to(&self, ms: u64) {
+        if self.sleeper.is_none() {
+            self.virtual_now.fetch_max(ms, Ordering::SeqCst);
+        }
+    }
+
     /// Runs the snapshot controller's jobs due at `now`.
     pub fn settle_at(&self, now: u64) {
-        let mut d = self.dyn_lock();
-        d.settle(&self.statics(), now);
+        self.with_dynamic(|d, st| d.settle(st, now));
+    }
+
+    /// Runs `f` on the overlay under its lock; then, if the resourceVersion moved, calls the
+    /// [`FakeCluster::on_change`] callback (outside the lock).
+    fn with_dynamic<R>(&self, f: impl FnOnce(&mut Dynamic, &Statics<'_>) -> R) -> R {
+        let (r, changed) = {
+            let mut d = self.dyn_lock();
+            let st = self.statics();
+            let before = d.resource_version(&st);
+            let r = f(&mut d, &st);
+            (r, d.resource_version(&st) != before)
+        };
+        if changed {
+            let cb = self.on_change.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some(cb) = cb {
+                cb();
+            }
+        }
+        r
+    }
+
+    /// Sets the callback called after every change of the cluster's objects (the API server wakes
+    /// its watches with it). The fake cluster itself never waits or spawns.
+    pub fn on_change(&self, callback: Arc<dyn Fn() + Send + Sync>) {
+        *self.on_change.lock().unwrap_or_else(PoisonError::into_inner) = Some(callback);
+    }
+
+    /// Also serves `rt` (discovery and every verb), if no served type has its group/resource. The
+    /// API server adds the resources its clients expect this way; they are not persisted.
+    pub fn serve_also(&self, rt: ResourceType) {
+        if self.resources().iter().any(|r| r.gr == rt.gr) {
+            return;
+        }
+        self.also_served.lock().unwrap_or_else(PoisonError::into_inner).push(rt);
+    }
+
+    /// The served versions of the CustomResourceDefinitions that exist now.
+    pub fn crd_served(&self) -> Vec<crate::crd::Served> {
+        let d = self.dyn_lock();
+        d.crds(&self.statics()).iter().flat_map(crate::crd::served).collect()
+    }
+
+    /// Whether `.status` of objects of `gr` is a subresource.
+    pub fn status_subresource(&self, gr: &GroupResource) -> bool {
+        self.dyn_lock().status_subresource(&self.statics(), gr)
+    }
+
+    /// The current resourceVersion, after running the jobs due at `now`.
+    pub fn resource_version_at(&self, now: u64) -> u64 {
+        self.with_dynamic(|d, st| {
+            d.settle(st, now);
+            d.resource_version(st)
+        })
+    }
+
+    /// The changes after resourceVersion `rv` (see [`Dynamic::changes_since`]), after running the
+    /// jobs due at `now`, with the resourceVersion they lead to.
+    pub fn changes_since_at(&self, now: u64, rv: u64) -> Result<(Vec<Change>, u64), u64> {
+        self.with_dynamic(|d, st| {
+            d.settle(st, now);
+            d.changes_since(st, rv).map(|c| (c, d.resource_version(st)))
+        })
+    }
+
+    /// Every object of `gr` that exists at `now`, with its key, and the resourceVersion then.
+    pub fn live_at(&self, now: u64, gr: &GroupResource) -> (Vec<(ItemKey, Value)>, u64) {
+        self.with_dynamic(|d, st| {
+            d.settle(st, now);
+            (d.live(st, gr), d.resource_version(st))
+        })
+    }
+
+    /// When the snapshot controller's next job is due.
+    pub fn next_job(&self) -> Option<u64> {
+        self.dyn_lock().next_job()
+    }
+
+    /// A write through the API server now, after the API latency.
+    pub async fn api_write(&self, op: ApiWrite) -> Result<Option<Value>, ApiError> {
+        self.pause(self.latency.api_ms).await;
+        self.api_write_at(self.now(), op)
+    }
+
+    /// A write through the API server at time `now` (see [`ApiWrite`]), journaled like the others.
+    pub fn api_write_at(&self, now: u64, op: ApiWrite) -> Result<Option<Value>, ApiError> {
+        let gr = match &op {
+            ApiWrite::Create { rt, .. }
+            | ApiWrite::Replace { rt, .. }
+            | ApiWrite::Merge { rt, .. }
+            | ApiWrite::Apply { rt, .. } => rt.gr.clone(),
+            ApiWrite::Delete { key } => key.gr(),
+        };
+        if !self.resources().iter().any(|r| r.gr == gr) {
+            return Err(ApiError {
+                code: 404,
+                reason: "NotFound",
+                message: format!("the server could not find the requested resource {gr}"),
+            });
+        }
+        self.with_dynamic(|d, st| {
+            let r = d.api_write(st, now, &op);
+            self.persist(d, JournalOp::Api { now, op });
+            r
+        })
     }
 
     /// The fake driver's storage snapshots, by handle.
@@ -420,38 +548,48 @@ impl FakeCluster {
         json: &str,
     ) -> Result<String, ClusterError> {
         self.discovered(rt)?;
-        let mut d = self.dyn_lock();
-        let r = d.create(&self.statics(), now, rt, namespace, json);
-        let op =
-            JournalOp::Create { now, rt: rt.clone(), namespace: namespace.map(str::to_string), json: json.to_string() };
-        self.persist(&d, op);
-        r.map(|v| v.to_string())
+        self.with_dynamic(|d, st| {
+            let r = d.create(st, now, rt, namespace, json);
+            let op = JournalOp::Create {
+                now,
+                rt: rt.clone(),
+                namespace: namespace.map(str::to_string),
+                json: json.to_string(),
+            };
+            self.persist(d, op);
+            r.map(|v| v.to_string())
+        })
     }
 
     /// Merge-patches an object at time `now`.
     pub fn patch_at(&self, now: u64, rt: &ResourceType, key: &ItemKey, patch: &str) -> Result<String, ClusterError> {
         self.discovered(rt)?;
-        let mut d = self.dyn_lock();
-        let r = d.patch(&self.statics(), now, key, patch);
-        self.persist(&d, JournalOp::Patch { now, key: key.clone(), patch: patch.to_string() });
-        r.map(|v| v.to_string())
+        self.with_dynamic(|d, st| {
+            let r = d.patch(st, now, key, patch);
+            self.persist(d, JournalOp::Patch { now, key: key.clone(), patch: patch.to_string() });
+            r.map(|v| v.to_string())
+        })
     }
 
     /// Deletes an object at time `now`.
     pub fn delete_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
         self.discovered(rt)?;
-        let mut d = self.dyn_lock();
-        let r = d.delete(&self.statics(), now, key);
-        self.persist(&d, JournalOp::Delete { now, key: key.clone() });
-        r
+        self.with_dynamic(|d, st| {
+            let r = d.delete(st, now, key);
+            self.persist(d, JournalOp::Delete { now, key: key.clone() });
+            r
+        })
     }
 
     /// One object at time `now`, as a get serves it (apiVersion and kind set).
     pub fn get_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
         self.discovered(rt)?;
-        let mut d = self.dyn_lock();
-        d.settle(&self.statics(), now);
-        let Some(mut obj) = d.lookup(&self.statics(), key) else { return Ok(None) };
+        let Some(mut obj) = self.with_dynamic(|d, st| {
+            d.settle(st, now);
+            d.lookup(st, key)
+        }) else {
+            return Ok(None);
+        };
         if let Some(map) = obj.as_object_mut() {
             map.insert("apiVersion".into(), Value::String(rt.api_version()));
             map.insert("kind".into(), Value::String(rt.kind.clone()));
@@ -462,14 +600,15 @@ impl FakeCluster {
     /// How long a watch of `key` from `resource_version` at `now` waits: 0 when the object changed
     /// already, else until its next scheduled change, at most `timeout_ms`.
     pub fn watch_wait(&self, now: u64, key: &ItemKey, resource_version: &str, timeout_ms: u64) -> u64 {
-        let mut d = self.dyn_lock();
-        d.settle(&self.statics(), now);
-        let current = d.lookup(&self.statics(), key);
-        let rv = current.as_ref().and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
-        if current.is_none() || rv != Some(resource_version) {
-            return 0;
-        }
-        d.next_change(key).map_or(timeout_ms, |t| t.saturating_sub(now).min(timeout_ms))
+        self.with_dynamic(|d, st| {
+            d.settle(st, now);
+            let current = d.lookup(st, key);
+            let rv = current.as_ref().and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
+            if current.is_none() || rv != Some(resource_version) {
+                return 0;
+            }
+            d.next_change(key).map_or(timeout_ms, |t| t.saturating_sub(now).min(timeout_ms))
+        })
     }
 
     /// One page of a list at time `now` (see [`Cluster::list`]).
@@ -486,8 +625,8 @@ impl FakeCluster {
             None => 0,
             Some(t) => t.parse::<usize>().map_err(|_| ClusterError::Other(format!("invalid continue token {t:?}")))?,
         };
-        let mut d = self.dyn_lock();
-        d.settle(&self.statics(), now);
+        self.with_dynamic(|d, st| d.settle(st, now));
+        let d = self.dyn_lock();
         // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
         let ns_filter = namespace.filter(|_| rt.namespaced);
         let mut merged: BTreeMap<&(String, String), &Value> = self
@@ -534,9 +673,18 @@ impl FakeCluster {
         Ok(ListPage { objects, continue_token })
     }
 
-    /// The resource types served by discovery.
-    pub fn resources(&self) -> &[ResourceType] {
-        &self.resources
+    /// The resource types served by discovery: the built-in ones, those added with
+    /// [`FakeCluster::serve_also`], and the served versions of the CustomResourceDefinitions that
+    /// exist now (built-in types first, in the order added).
+    pub fn resources(&self) -> Vec<ResourceType> {
+        let mut out = self.resources.clone();
+        out.extend(self.also_served.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned());
+        for s in self.crd_served() {
+            if !out.iter().any(|r| r.gr == s.rt.gr && r.version == s.rt.version) {
+                out.push(s.rt);
+            }
+        }
+        out
     }
 
     /// Every object with its group/resource, by group/resource then (namespace, name).
@@ -571,7 +719,7 @@ impl FakeCluster {
     }
 
     fn discovered(&self, rt: &ResourceType) -> Result<(), ClusterError> {
-        if self.resources.iter().any(|r| r.gr == rt.gr) {
+        if self.resources.iter().any(|r| r.gr == rt.gr) || self.resources().iter().any(|r| r.gr == rt.gr) {
             Ok(())
         } else {
             Err(ClusterError::Other(format!("the server could not find the requested resource {}", rt.gr)))
@@ -673,7 +821,7 @@ pub fn read_exec_log(path: impl AsRef<Path>) -> io::Result<Vec<ExecRecord>> {
 #[async_trait]
 impl Cluster for FakeCluster {
     async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError> {
-        Ok(self.resources.clone())
+        Ok(self.resources())
     }
 
     async fn list(

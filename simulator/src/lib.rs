@@ -18,9 +18,11 @@
 
 pub mod check;
 pub mod cluster;
+pub mod crd;
 pub mod csi;
 pub mod demo;
 pub mod fake;
+pub mod fields;
 pub mod fixture;
 pub mod media;
 pub mod model;

@@ -1,29 +1,43 @@
 //! A fake Kubernetes API server: any [`FakeCluster`] served over the real wire protocol.
 //!
-//! No kube-apiserver can run where blockwise is built, so this module speaks just enough of the
-//! Kubernetes HTTP API for real clients — kube-rs and `kubectl` — to back up, list, get and exec
-//! against a fake cluster over plain HTTP on loopback: discovery (`/api`, `/apis`, `/api/v1`,
-//! `/apis/{group}/{version}`, `/version`), lists (namespaced, cluster-wide and across namespaces)
-//! with `limit`/`continue` pagination, `resourceVersion` and label selectors, gets, and pod exec over
-//! WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`: stdout on channel 1, stderr on 2, the
-//! `Status` on 3). Exec runs the fake cluster's scripted or interpreted commands, with their latency,
-//! so the exec records of the [`FakeCluster`] are the server's record of every exec call.
+//! No kube-apiserver can run where blockwise is built, so this module speaks enough of the
+//! Kubernetes HTTP API for real clients — kube-rs (backups, a controller's watcher, leader election,
+//! status patches) and `kubectl` — to run against a fake cluster over plain HTTP on loopback:
+//! discovery (`/api`, `/apis`, their group versions, `/version`, with short names, categories and
+//! `{resource}/status` entries), lists (namespaced, cluster-wide, across namespaces) with
+//! `limit`/`continue` pagination, label selectors and field selectors (`path=value`, `path!=value` on
+//! dotted paths), gets, and
+//! pod exec over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`: stdout on channel 1, stderr
+//! on 2, the `Status` on 3), which runs the fake cluster's scripted or interpreted commands.
 //!
-//! Writes go to the fake cluster's overlay ([`crate::csi`]): `POST` creates (201; 409
-//! `AlreadyExists`), `PATCH` with `application/merge-patch+json` merges (other patch types are 415,
-//! as for custom resources), `DELETE` deletes or marks for deletion. A `GET …?watch=1` with
-//! `fieldSelector=metadata.name=NAME` waits until that object changes (the fake snapshot
-//! controller's next step, or `timeoutSeconds`) and streams one event, which is all kube-rs's
-//! watch-until-changed needs.
+//! **One resourceVersion.** Every write bumps the cluster's one counter (built-in objects keep
+//! versions at or below where it starts); lists report the current one, gets the object's.
+//! **Watches** of lists ([`watch`]) stream the cluster's change history from a resourceVersion,
+//! then live changes — including the fake snapshot controller's time-driven ones — with bookmarks,
+//! a 410 `Expired` ERROR event for a version older than the history, and synthetic ADDED events
+//! from `""`/`"0"`. **Writes** ([`crate::csi::ApiWrite`]): `POST` (201; 409 `AlreadyExists`),
+//! `PUT` and `PATCH` — merge patch, strategic merge patch **treated as a merge patch** (lists are
+//! replaced, not merged by key), server-side apply with field ownership per manager
+//! ([`crate::fields`]: 409 `Conflict` naming field and manager, `force`) — with a
+//! `metadata.resourceVersion` precondition (409 `Conflict`), `DELETE` with finalizers, and the
+//! status subresource (`…/{name}/status`) for the snapshot kinds and CRDs that declare one.
+//! Created **CustomResourceDefinitions** are served at once ([`crate::crd`]); deleting one removes
+//! its objects; deleting a namespace deletes what is in it. Resources a controller and an install
+//! manifest need ([`always_served`]) are added to any served cluster that lacks them. **Tables**
+//! for `kubectl get` (`as=Table`, also in watches) with pod and CRD printer columns.
 //!
 //! Key decisions: the server holds no state of its own beyond [`Faults`] (injected HTTP errors —
-//! 5xx, 429, 410 on continued lists, 403 — for tests) and a request log; everything else is the
-//! fake cluster's, so an in-memory backup and one through this server see the same objects. Paths
-//! are parsed by hand in one fallback handler rather than by a router table, because the Kubernetes
-//! path grammar (`/api/v1/namespaces/{ns}` is both a get of a namespace and a prefix) does not fit
-//! one. Deliberately absent: TLS, authentication, watches of whole lists, strategic merge patch,
-//! SPDY exec, OpenAPI (404, which kubectl tolerates), server-side tables (kubectl falls back to
-//! NAME and AGE). This module is compiled only with the `server` feature, so the deterministic
+//! 5xx, 429, 410 on continued lists, 403, failed watches — for tests) and a request log; the
+//! objects, their history and the served CRDs are the fake cluster's, so an in-memory backup and
+//! one through this server see the same objects. Paths are parsed by hand in one fallback handler
+//! rather than by a router table, because the Kubernetes path grammar (`/api/v1/namespaces/{ns}`
+//! is both a get of a namespace and a prefix) does not fit one. Deliberately absent: TLS,
+//! authentication and authorization, admission and schema validation, JSON patch (415), YAML
+//! apply bodies (kubectl and kube-rs send JSON), SPDY exec (kubectl 1.30+ uses WebSocket), OpenAPI
+//! (404: `kubectl apply` and `create` need `--validate=false`, as their client-side validation
+//! downloads it), delete
+//! collection, and watch-cache details (an object leaving a label selector is not sent as
+//! DELETED). This module is compiled only with the `server` feature, so the deterministic
 //! simulator core stays free of tokio.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,14 +58,19 @@ use blockwise_engine::ports::{Cluster, ClusterError, ExecResult};
 use blockwise_engine::spec::LabelSelector;
 use serde_json::{json, Value};
 
+use crate::csi::{ApiError, ApiWrite};
 use crate::fake::FakeCluster;
+
+mod table;
+mod watch;
+
+pub use table::human_duration;
+pub use watch::{WATCH_POLL_MS_MAX, WATCH_SECONDS_DEFAULT, WATCH_SECONDS_MAX};
 
 /// The context, cluster and user name in kubeconfigs written for this server.
 pub const KUBECONFIG_CONTEXT: &str = "blockwise-simulator";
 /// Exec subprotocols served, in order of preference.
 pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
-/// The `resourceVersion` reported on lists (the fake cluster does not change while served).
-pub const LIST_RESOURCE_VERSION: &str = "1";
 
 /// Which kind of call a [`Fault`] applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +83,10 @@ pub enum Verb {
     Get,
     /// A pod exec (fails before the WebSocket upgrade).
     Exec,
-    /// A create, patch or delete.
+    /// A create, replace, patch or delete.
     Write,
+    /// A watch of a list (fails before the stream starts).
+    Watch,
 }
 
 /// One injected error: the next `times` matching calls answer `status` instead of being served.
@@ -147,7 +168,15 @@ struct Shared {
     requests: Mutex<Vec<RequestRecord>>,
     execs_cancelled: Arc<AtomicU64>,
     addr: SocketAddr,
+    /// Woken after every change of the cluster (its [`FakeCluster::on_change`] callback).
+    changed: Arc<tokio::sync::Notify>,
+    /// How often a watch that allows bookmarks gets one, in milliseconds.
+    bookmark_ms: AtomicU64,
 }
+
+/// How often a watch with `allowWatchBookmarks` gets a BOOKMARK by default (the real server: about
+/// once a minute).
+pub const BOOKMARK_MS_DEFAULT: u64 = 60_000;
 
 /// A running fake API server; stops when dropped.
 pub struct FakeApiServer {
@@ -162,12 +191,20 @@ impl FakeApiServer {
     pub async fn start(cluster: Arc<FakeCluster>, addr: SocketAddr) -> io::Result<FakeApiServer> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let wake = changed.clone();
+        cluster.on_change(Arc::new(move || wake.notify_waiters()));
+        for rt in always_served() {
+            cluster.serve_also(rt);
+        }
         let shared = Arc::new(Shared {
             cluster,
             faults: Arc::new(Faults::default()),
             requests: Mutex::new(Vec::new()),
             execs_cancelled: Arc::new(AtomicU64::new(0)),
             addr,
+            changed,
+            bookmark_ms: AtomicU64::new(BOOKMARK_MS_DEFAULT),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let task = tokio::spawn(async move {
@@ -176,6 +213,11 @@ impl FakeApiServer {
             }
         });
         Ok(FakeApiServer { shared, task })
+    }
+
+    /// Sets how often watches that allow bookmarks get one (tests use a few milliseconds).
+    pub fn set_bookmark_interval_ms(&self, ms: u64) {
+        self.shared.bookmark_ms.store(ms.max(1), Ordering::SeqCst);
     }
 
     /// The address served.
@@ -331,8 +373,32 @@ async fn handle(
     response
 }
 
+/// Resources every served cluster gets, if its built-in set lacks them: what a controller and
+/// `kubectl apply` of an install manifest need. Added at [`FakeApiServer::start`] through
+/// [`FakeCluster::serve_also`], so the engine's view of a cluster without a server is unchanged.
+pub fn always_served() -> Vec<ResourceType> {
+    [
+        ("", "v1", "namespaces", "Namespace", false),
+        ("", "v1", "serviceaccounts", "ServiceAccount", true),
+        ("", "v1", "services", "Service", true),
+        ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true),
+        ("", "v1", "configmaps", "ConfigMap", true),
+        ("", "v1", "events", "Event", true),
+        ("apps", "v1", "deployments", "Deployment", true),
+        ("coordination.k8s.io", "v1", "leases", "Lease", true),
+        ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),
+        ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false),
+        ("rbac.authorization.k8s.io", "v1", "roles", "Role", true),
+        ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true),
+    ]
+    .into_iter()
+    .map(|(g, v, r, k, n)| ResourceType::new(g, v, r, k, n))
+    .chain(std::iter::once(crate::crd::crd_resource()))
+    .collect()
+}
+
 async fn route(
-    s: &Shared,
+    s: &Arc<Shared>,
     req: &Req<'_>,
     path: &str,
     query: &Query,
@@ -340,7 +406,7 @@ async fn route(
 ) -> Response {
     let method = req.method;
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
-    let writes = [Method::POST, Method::PATCH, Method::DELETE];
+    let writes = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
     if method != Method::GET && !writes.contains(method) {
         return failure(405, format!("{method} {path}: not supported by this fake API server"));
     }
@@ -362,7 +428,12 @@ async fn route(
     let (namespace, resource, name, sub) = match rest {
         [r] => (None, *r, None, None),
         [r, n] => (None, *r, Some(*n), None),
+        // A namespace's own subresources.
+        ["namespaces", n, sub @ ("status" | "finalize")] if group.is_empty() => {
+            (None, "namespaces", Some(*n), Some(*sub))
+        }
         ["namespaces", ns, r] => (Some(*ns), *r, None, None),
+        [r, n, sub] => (None, *r, Some(*n), Some(*sub)),
         ["namespaces", ns, r, n] => (Some(*ns), *r, Some(*n), None),
         ["namespaces", ns, r, n, sub] => (Some(*ns), *r, Some(*n), Some(*sub)),
         _ => return not_found(path),
@@ -370,29 +441,56 @@ async fn route(
     let Some(rt) = s
         .cluster
         .resources()
-        .iter()
+        .into_iter()
         .find(|rt| rt.gr.group == group && rt.version == version && rt.gr.resource == resource)
-        .cloned()
     else {
         return not_found(path);
     };
     if namespace.is_some() && !rt.namespaced {
         return not_found(path);
     }
-    let watching = matches!(query.get("watch"), Some("true" | "1"));
-    match (method.as_str(), name, sub) {
-        ("GET", None, _) if watching => watch(s, &rt, namespace, query).await,
-        ("GET", None, _) => list(s, &rt, namespace, query).await,
-        ("GET", Some(name), None) => get(s, &rt, namespace, name).await,
-        ("POST", Some(name), Some("exec")) | ("GET", Some(name), Some("exec"))
-            if rt.gr.group.is_empty() && rt.gr.resource == "pods" =>
-        {
-            exec(s, namespace.unwrap_or_default(), name, query, ws).await
+    let status = match sub {
+        None => false,
+        Some("status") if s.cluster.status_subresource(&rt.gr) => true,
+        Some("exec") if rt.gr.group.is_empty() && rt.gr.resource == "pods" => {
+            if method == Method::GET || method == Method::POST {
+                return exec(s, namespace.unwrap_or_default(), name.unwrap_or_default(), query, ws).await;
+            }
+            return failure(405, format!("{method} {path}: exec is GET or POST"));
         }
-        ("POST", None, None) => write(s, req, &rt, namespace, None).await,
-        ("PATCH" | "DELETE", Some(name), None) => write(s, req, &rt, namespace, Some(name)).await,
-        _ => not_found(path),
+        Some(_) => return not_found(path),
+    };
+    let watching = matches!(query.get("watch"), Some("true" | "1"));
+    let table = match table_request(s, req, &rt, query) {
+        Ok(t) => t,
+        Err(e) => return failure(400, e),
+    };
+    match (method.as_str(), name) {
+        ("GET", None) if watching => {
+            if let Some(code) = s.faults.take(Verb::Watch, Some(&fault_name(&rt)), false) {
+                return failure(code, format!("watch {}: injected error", fault_name(&rt)));
+            }
+            watch::watch(s.clone(), watch::Render { rt, table }, namespace, query)
+        }
+        ("GET", None) => list(s, &rt, namespace, query, table).await,
+        ("GET", Some(name)) => get(s, &rt, namespace, name, table).await,
+        ("POST", None) => write(s, req, &rt, namespace, None, false, query).await,
+        ("PUT" | "PATCH" | "DELETE", Some(name)) => write(s, req, &rt, namespace, Some(name), status, query).await,
+        _ => failure(405, format!("{method} {path}: not supported")),
     }
+}
+
+/// The table a request asks for (`Accept: …;as=Table`): its columns, whether they are a pod's,
+/// and what rows carry; `None` for plain JSON.
+fn table_request(s: &Shared, req: &Req<'_>, rt: &ResourceType, q: &Query) -> Result<TableSpec, String> {
+    let accept = req.headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !table::wants_table(accept) {
+        return Ok(None);
+    }
+    let include = table::Include::parse(q.get("includeObject"))?;
+    let pods = rt.gr.group.is_empty() && rt.gr.resource == "pods";
+    let crd = s.cluster.crd_served().into_iter().find(|c| c.rt.gr == rt.gr && c.rt.version == rt.version);
+    Ok(Some((table::columns(pods, crd.as_ref().map(|c| c.columns.as_slice())), pods, include)))
 }
 
 fn object_key(rt: &ResourceType, namespace: Option<&str>, name: &str) -> ItemKey {
@@ -404,83 +502,146 @@ fn object_key(rt: &ResourceType, namespace: Option<&str>, name: &str) -> ItemKey
     }
 }
 
-/// A create (`name` is `None`), merge patch or delete.
-async fn write(s: &Shared, req: &Req<'_>, rt: &ResourceType, namespace: Option<&str>, name: Option<&str>) -> Response {
+fn api_failure(e: ApiError) -> Response {
+    json_response(e.code, &status_body(e.code, e.reason, &e.message))
+}
+
+/// The field manager of a write: the `fieldManager` parameter, else the client's user agent up
+/// to its first `/`, as the real server defaults it.
+fn manager_of(req: &Req<'_>, q: &Query) -> String {
+    if let Some(m) = q.get("fieldManager") {
+        return m.to_string();
+    }
+    let ua = req.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let m = ua.split('/').next().unwrap_or("").trim();
+    if m.is_empty() {
+        "unknown".to_string()
+    } else {
+        m.to_string()
+    }
+}
+
+/// A create (`name` is `None`), replace, patch (merge, strategic merge as merge, server-side
+/// apply) or delete, of the object or (`status`) its status.
+async fn write(
+    s: &Shared,
+    req: &Req<'_>,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    name: Option<&str>,
+    status: bool,
+    q: &Query,
+) -> Response {
     let verb = req.method.as_str().to_lowercase();
     let what = format!("{verb} {}{}", fault_name(rt), name.map(|n| format!(" {n}")).unwrap_or_default());
     if let Some(code) = s.faults.take(Verb::Write, Some(&fault_name(rt)), false) {
         return failure(code, format!("{what}: injected error"));
     }
-    let body = String::from_utf8_lossy(req.body).into_owned();
-    match (req.method.as_str(), name) {
-        ("POST", _) => match s.cluster.create(rt, namespace, &body).await {
-            Ok(obj) => match serde_json::from_str::<Value>(&obj) {
-                Ok(v) => json_response(201, &v),
-                Err(_) => failure(500, format!("{what}: the fake cluster answered an object that is not JSON")),
+    let body = || -> Result<Value, String> {
+        serde_json::from_slice::<Value>(req.body)
+            .map_err(|e| format!("{what}: the body of the request is not valid JSON: {e}"))
+    };
+    let manager = manager_of(req, q);
+    let key = name.map(|n| object_key(rt, namespace, n));
+    let op = match (req.method.as_str(), key) {
+        ("POST", None) => match body() {
+            Ok(b) => ApiWrite::Create {
+                rt: rt.clone(),
+                namespace: namespace.map(str::to_string),
+                body: b,
+                manager: Some(manager),
             },
-            Err(e) => cluster_error(&what, e),
+            Err(m) => return failure(400, m),
         },
-        ("PATCH", Some(name)) => {
+        ("PUT", Some(key)) => match body() {
+            Ok(b) => {
+                if b.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n != key.name) {
+                    return failure(
+                        400,
+                        format!("{what}: the name of the object does not match the name on the URL ({})", key.name),
+                    );
+                }
+                ApiWrite::Replace { rt: rt.clone(), key, body: b, status, manager: Some(manager) }
+            }
+            Err(m) => return failure(400, m),
+        },
+        ("PATCH", Some(key)) => {
             let ct = req.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
             let ct = ct.split(';').next().unwrap_or("").trim();
-            if ct != "application/merge-patch+json" {
-                return failure(
-                    415,
-                    format!(
-                        "the body of the request was in an unknown format ({ct}) - accepted media types include: application/merge-patch+json"
-                    ),
-                );
-            }
-            match s.cluster.patch(rt, &object_key(rt, namespace, name), &body).await {
-                Ok(obj) => json_response(200, &serde_json::from_str::<Value>(&obj).unwrap_or(Value::Null)),
-                Err(e) => cluster_error(&what, e),
-            }
-        }
-        ("DELETE", Some(name)) => {
-            let key = object_key(rt, namespace, name);
-            match s.cluster.delete(rt, &key).await {
-                Ok(true) => match s.cluster.get(rt, &key).await {
-                    Ok(Some(obj)) => json_response(200, &serde_json::from_str::<Value>(&obj).unwrap_or(Value::Null)),
-                    _ => json_response(
-                        200,
-                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                                "details": {"name": name, "group": rt.gr.group, "kind": rt.gr.resource}}),
-                    ),
+            match ct {
+                "application/merge-patch+json" | "application/strategic-merge-patch+json" => match body() {
+                    Ok(p) => ApiWrite::Merge { rt: rt.clone(), key, patch: p, status, manager: Some(manager) },
+                    Err(m) => return failure(400, m),
                 },
-                Ok(false) => failure(404, format!("{} \"{name}\" not found", fault_name(rt))),
-                Err(e) => cluster_error(&what, e),
+                "application/apply-patch+yaml" | "application/apply-patch+json" => {
+                    let Some(m) = q.get("fieldManager") else {
+                        return failure(
+                            422,
+                            format!("{what}: PatchOptions is invalid: fieldManager: Required value: is required for apply patch"),
+                        );
+                    };
+                    let force = match q.get("force") {
+                        None | Some("false") => false,
+                        Some("true") => true,
+                        Some(f) => return failure(400, format!("{what}: invalid force {f:?}: true or false")),
+                    };
+                    let b = match serde_json::from_slice::<Value>(req.body) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return failure(
+                                400,
+                                format!(
+                                    "{what}: this fake API server reads apply bodies as JSON (which kubectl and kube-rs send), and the body is not valid JSON: {e}"
+                                ),
+                            )
+                        }
+                    };
+                    ApiWrite::Apply { rt: rt.clone(), key, body: b, status, manager: m.to_string(), force }
+                }
+                _ => {
+                    return failure(
+                        415,
+                        format!(
+                            "the body of the request was in an unknown format ({ct}) - accepted media types include: \
+                             application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+                        ),
+                    )
+                }
             }
         }
-        _ => failure(405, format!("{what}: not supported")),
+        ("DELETE", Some(key)) => {
+            if status {
+                return failure(405, format!("{what}: the status subresource cannot be deleted"));
+            }
+            ApiWrite::Delete { key }
+        }
+        _ => return failure(405, format!("{what}: not supported")),
+    };
+    let (deleting, key) = match &op {
+        ApiWrite::Delete { key } => (true, Some(key.clone())),
+        _ => (false, None),
+    };
+    match s.cluster.api_write(op).await {
+        Ok(Some(obj)) => json_response(if req.method == Method::POST { 201 } else { 200 }, &with_type(rt, obj)),
+        Ok(None) if deleting => {
+            let name = key.map(|k| k.name).unwrap_or_default();
+            json_response(
+                200,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                        "details": {"name": name, "group": rt.gr.group, "kind": rt.gr.resource}}),
+            )
+        }
+        Ok(None) => failure(500, format!("{what}: the fake cluster answered no object")),
+        Err(e) => api_failure(e),
     }
 }
 
-/// A watch of one object (`fieldSelector=metadata.name=NAME`): waits until it changes from
-/// `resourceVersion`, or `timeoutSeconds` pass, then streams one event and ends.
-async fn watch(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query) -> Response {
-    let what = format!("watch {}", fault_name(rt));
-    let Some(name) = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")) else {
-        return failure(
-            400,
-            format!("{what}: this fake API server watches single objects (fieldSelector=metadata.name=NAME)"),
-        );
-    };
-    let secs = match q.get("timeoutSeconds").map(str::parse::<u64>).transpose() {
-        Ok(t) => t.unwrap_or(60),
-        Err(e) => return failure(400, format!("{what}: invalid timeoutSeconds: {e}")),
-    };
-    let key = object_key(rt, namespace, name);
-    let rv = q.get("resourceVersion").unwrap_or("");
-    let got = match s.cluster.watch(rt, &key, rv, secs.saturating_mul(1000)).await {
-        Ok(o) => o,
-        Err(e) => return cluster_error(&what, e),
-    };
-    let event = match got.and_then(|o| serde_json::from_str::<Value>(&o).ok()) {
-        Some(obj) => json!({"type": "MODIFIED", "object": obj}),
-        None => json!({"type": "DELETED", "object": {"apiVersion": rt.api_version(), "kind": rt.kind,
-            "metadata": {"name": name, "namespace": namespace}}}),
-    };
-    json_response(200, &event)
+fn with_type(rt: &ResourceType, mut obj: Value) -> Value {
+    if let Some(m) = obj.as_object_mut() {
+        m.insert("apiVersion".into(), json!(rt.api_version()));
+        m.insert("kind".into(), json!(rt.kind));
+    }
+    obj
 }
 
 fn version_info() -> Value {
@@ -490,16 +651,17 @@ fn version_info() -> Value {
 }
 
 /// group → versions (sorted, in the order they are advertised).
-fn groups(s: &Shared) -> BTreeMap<String, BTreeSet<String>> {
+fn groups(resources: &[ResourceType]) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for rt in s.cluster.resources() {
+    for rt in resources {
         out.entry(rt.gr.group.clone()).or_default().insert(rt.version.clone());
     }
     out
 }
 
 fn discovery(s: &Shared, segs: &[&str]) -> Option<Response> {
-    let groups = groups(s);
+    let resources = s.cluster.resources();
+    let groups = groups(&resources);
     let body = match segs {
         ["api"] => json!({
             "kind": "APIVersions",
@@ -519,36 +681,53 @@ fn discovery(s: &Shared, segs: &[&str]) -> Option<Response> {
                 .collect();
             json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": list})
         }
-        ["api", v] => resource_list(s, "", v)?,
-        ["apis", g, v] => resource_list(s, g, v)?,
+        ["api", v] => resource_list(s, &resources, "", v)?,
+        ["apis", g, v] => resource_list(s, &resources, g, v)?,
         _ => return None,
     };
     Some(json_response(200, &body))
 }
 
-fn resource_list(s: &Shared, group: &str, version: &str) -> Option<Value> {
-    let rts: Vec<&ResourceType> =
-        s.cluster.resources().iter().filter(|rt| rt.gr.group == group && rt.version == version).collect();
+fn resource_list(s: &Shared, resources: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+    let rts: Vec<&ResourceType> = resources.iter().filter(|rt| rt.gr.group == group && rt.version == version).collect();
     if rts.is_empty() {
         return None;
     }
-    let mut resources = Vec::new();
+    let crds = s.cluster.crd_served();
+    let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+    let mut out = Vec::new();
     for rt in rts {
-        resources.push(json!({
+        let crd = crds.iter().find(|c| c.rt.gr == rt.gr && c.rt.version == rt.version);
+        let (short, singular, categories): (Vec<String>, String, Vec<String>) = match crd {
+            Some(c) => (c.short_names.clone(), c.singular.clone(), c.categories.clone()),
+            None => (
+                short_names(&rt.gr.resource).iter().map(|s| s.to_string()).collect(),
+                rt.kind.to_lowercase(),
+                Vec::new(),
+            ),
+        };
+        out.push(json!({
             "name": rt.gr.resource,
-            "shortNames": short_names(&rt.gr.resource),
-            "singularName": rt.kind.to_lowercase(),
+            "shortNames": short,
+            "singularName": singular,
+            "categories": categories,
             "namespaced": rt.namespaced,
             "kind": rt.kind,
-            "verbs": ["create", "delete", "get", "list", "patch", "watch"],
+            "verbs": verbs,
         }));
+        if s.cluster.status_subresource(&rt.gr) {
+            out.push(
+                json!({"name": format!("{}/status", rt.gr.resource), "singularName": "", "namespaced": rt.namespaced,
+                            "kind": rt.kind, "verbs": ["get", "patch", "update"]}),
+            );
+        }
         if group.is_empty() && rt.gr.resource == "pods" {
-            resources.push(json!({"name": "pods/exec", "singularName": "", "namespaced": true,
-                                  "kind": "PodExecOptions", "verbs": ["create", "get"]}));
+            out.push(json!({"name": "pods/exec", "singularName": "", "namespaced": true,
+                            "kind": "PodExecOptions", "verbs": ["create", "get"]}));
         }
     }
     let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
 }
 
 /// kubectl's usual abbreviations (`pvc`, `deploy`, …) for the built-in resources it may be asked for.
@@ -566,6 +745,8 @@ fn short_names(resource: &str) -> &'static [&'static str] {
         "statefulsets" => &["sts"],
         "priorityclasses" => &["pc"],
         "storageclasses" => &["sc"],
+        "events" => &["ev"],
+        "customresourcedefinitions" => &["crd", "crds"],
         "volumesnapshots" => &["vs"],
         "volumesnapshotcontents" => &["vsc", "vscs"],
         "volumesnapshotclasses" => &["vsclass", "vsclasses"],
@@ -573,6 +754,42 @@ fn short_names(resource: &str) -> &'static [&'static str] {
         "volumegroupsnapshotcontents" => &["vgsc", "vgscs"],
         "volumegroupsnapshotclasses" => &["vgsclass", "vgsclasses"],
         _ => &[],
+    }
+}
+
+/// A field selector: `path=value`, `path==value` and `path!=value` terms on dotted paths
+/// (`metadata.name`, `involvedObject.uid`), all of which must hold; a missing field is `""`.
+#[derive(Debug, Default)]
+struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    fn parse(fs: Option<&str>) -> Result<FieldSelector, String> {
+        let mut terms = Vec::new();
+        for term in fs.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            let (path, eq, value) = if let Some((p, v)) = term.split_once("!=") {
+                (p, false, v)
+            } else if let Some((p, v)) = term.split_once('=') {
+                (p, true, v.strip_prefix('=').unwrap_or(v))
+            } else {
+                return Err(format!("invalid fieldSelector term {term:?}: expected field=value or field!=value"));
+            };
+            if path.trim().is_empty() {
+                return Err(format!("invalid fieldSelector term {term:?}: no field"));
+            }
+            terms.push((path.trim().to_string(), eq, value.trim().to_string()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        self.0.iter().all(|(path, eq, value)| {
+            let got = match crate::crd::eval_path(obj, &format!(".{path}")) {
+                Some(Value::String(s)) => s,
+                Some(Value::Null) | None => String::new(),
+                Some(v) => v.to_string(),
+            };
+            (got == *value) == *eq
+        })
     }
 }
 
@@ -595,7 +812,9 @@ fn cluster_error(what: &str, e: ClusterError) -> Response {
     }
 }
 
-async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query) -> Response {
+type TableSpec = Option<(Vec<crate::crd::Column>, bool, table::Include)>;
+
+async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query, table: TableSpec) -> Response {
     let token = q.get("continue");
     let what = match namespace {
         Some(ns) => format!("list {} in namespace {ns}", fault_name(rt)),
@@ -615,10 +834,21 @@ async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query)
         Ok(s) => s,
         Err(e) => return failure(400, format!("{what}: unable to parse labelSelector: {e}")),
     };
+    let fields = match FieldSelector::parse(q.get("fieldSelector")) {
+        Ok(f) => f,
+        Err(e) => return failure(400, format!("{what}: {e}")),
+    };
     let limit = match q.get("limit").map(str::parse::<u32>).transpose() {
         Ok(l) => l.unwrap_or(0),
         Err(e) => return failure(400, format!("{what}: invalid limit: {e}")),
     };
+    if let Some(rv) = q.get("resourceVersion") {
+        if rv.parse::<u64>().is_err() {
+            return failure(400, format!("{what}: invalid resourceVersion {rv:?}: not a number"));
+        }
+    }
+    // Read before the list: a watch from it sees every change the list may have missed.
+    let rv = s.cluster.resource_version_at(s.cluster.now());
     let page = match s.cluster.list(rt, namespace, limit, token).await {
         Ok(p) => p,
         Err(e) => return cluster_error(&what, e),
@@ -628,13 +858,17 @@ async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query)
         let Ok(obj) = serde_json::from_str::<Value>(raw) else {
             return failure(500, format!("{what}: the fake cluster holds an object that is not JSON"));
         };
-        if selector.as_ref().is_none_or(|sel| sel.matches(&labels_of(&obj))) {
+        if fields.matches(&obj) && selector.as_ref().is_none_or(|sel| sel.matches(&labels_of(&obj))) {
             items.push(obj);
         }
     }
-    let mut metadata = json!({"resourceVersion": LIST_RESOURCE_VERSION});
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
     if let Some(t) = &page.continue_token {
         metadata["continue"] = Value::String(t.clone());
+    }
+    if let Some((cols, pods, include)) = table {
+        let typed: Vec<Value> = items.into_iter().map(|o| with_type(rt, o)).collect();
+        return json_response(200, &table::table(&typed, &cols, pods, include, metadata, s.cluster.now()));
     }
     json_response(
         200,
@@ -642,20 +876,22 @@ async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query)
     )
 }
 
-async fn get(s: &Shared, rt: &ResourceType, namespace: Option<&str>, name: &str) -> Response {
-    let key = ItemKey {
-        group: rt.gr.group.clone(),
-        resource: rt.gr.resource.clone(),
-        namespace: namespace.map(str::to_string),
-        name: name.to_string(),
-    };
+async fn get(s: &Shared, rt: &ResourceType, namespace: Option<&str>, name: &str, table: TableSpec) -> Response {
+    let key = object_key(rt, namespace, name);
     let what = format!("get {} {key}", fault_name(rt));
     if let Some(code) = s.faults.take(Verb::Get, Some(&fault_name(rt)), false) {
         return failure(code, format!("{what}: injected error"));
     }
     match s.cluster.get(rt, &key).await {
         Ok(Some(raw)) => match serde_json::from_str::<Value>(&raw) {
-            Ok(v) => json_response(200, &v),
+            Ok(v) => match table {
+                Some((cols, pods, include)) => {
+                    let rv = v.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null);
+                    let meta = json!({"resourceVersion": rv});
+                    json_response(200, &table::table(&[v], &cols, pods, include, meta, s.cluster.now()))
+                }
+                None => json_response(200, &v),
+            },
             Err(_) => failure(500, format!("{what}: the fake cluster holds an object that is not JSON")),
         },
         Ok(None) => failure(404, format!("{} \"{name}\" not found", fault_name(rt))),
