@@ -334,3 +334,36 @@ async fn a_lease_is_held_by_one_manager_and_passes_on_release_and_on_expiry() {
     assert_eq!(holder(&leases).await.as_deref(), Some("a"));
     drop(b);
 }
+
+/// A watch of one resource across namespaces streams that resource's changes only (a regression:
+/// the controller's watch of Backups once received every snapshot content the backup wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_one_resource_never_streams_another_resources_changes() {
+    let (_server, client) = start(small_demo()).await;
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "default");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut events = watcher(all, watcher::Config::default()).boxed();
+    let mut seen = Vec::new();
+    bounded("the configmap after the secret", async {
+        while let Some(e) = events.next().await {
+            match e {
+                Ok(watcher::Event::InitDone) => {
+                    let s = json!({"metadata": {"name": "not-a-configmap", "namespace": "default"}, "data": {}});
+                    secrets.create(&PostParams::default(), &serde_json::from_value(s).unwrap()).await.unwrap();
+                    cms.create(&PostParams::default(), &cm("after", "1")).await.unwrap();
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    let name = o.metadata.name.unwrap_or_default();
+                    seen.push(name.clone());
+                    if name == "after" {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen, ["after"]);
+}

@@ -50,6 +50,8 @@ use crate::session::{ClusterSource, CreateRequest, DataDir, Session, SessionErro
 
 /// Least time between two status patches of one Backup.
 pub const STATUS_INTERVAL_MS: u64 = 1000;
+/// How often a Queued Backup is looked at again without a wake-up.
+const QUEUE_RECHECK: Duration = Duration::from_secs(5);
 /// The field manager of the controller's writes.
 pub const FIELD_MANAGER: &str = "blockwise-controller";
 
@@ -135,6 +137,9 @@ struct Ctx {
     cluster: Arc<dyn Cluster>,
     metrics: Arc<Metrics>,
     running: Mutex<BTreeMap<Key, Running>>,
+    /// Backups (namespace, name, uid) whose runs ended in this process: terminal whatever a
+    /// not-yet-updated cache says.
+    ended: Mutex<std::collections::BTreeSet<(String, String, String)>>,
     store: OnceLock<Reflector<Backup>>,
     wake: futures::channel::mpsc::UnboundedSender<()>,
 }
@@ -142,6 +147,11 @@ struct Ctx {
 impl Ctx {
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Running>> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ended(&self, b: &Backup) -> bool {
+        let id = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).contains(&id)
     }
 
     fn data(&self, ns: &str) -> DataDir {
@@ -222,6 +232,7 @@ async fn lead_then_reconcile(
         cluster,
         metrics,
         running: Mutex::new(BTreeMap::new()),
+        ended: Mutex::new(std::collections::BTreeSet::new()),
         store: OnceLock::new(),
         wake,
     });
@@ -344,7 +355,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         return Ok(Action::await_change());
     }
     let status = b.status.clone().unwrap_or_default();
-    if status.phase.as_deref().is_some_and(phase::is_terminal) || ctx.running().contains_key(&key) {
+    if status.phase.as_deref().is_some_and(phase::is_terminal) || ctx.running().contains_key(&key) || ctx.ended(&b) {
         return Ok(Action::await_change());
     }
     let req = match b.to_request(&ctx.cfg.locations) {
@@ -367,7 +378,8 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             let status = BackupStatus { phase: Some(phase::QUEUED.into()), queue_position: Some(position), ..status };
             patch_status(&api, &name, &status).await?;
         }
-        return Ok(Action::await_change());
+        // Woken when a run ends; looked at again now and then in case a wake-up met a stale cache.
+        return Ok(Action::requeue(QUEUE_RECHECK));
     }
     start(&b, req, status, &ctx)?;
     Ok(Action::await_change())
@@ -390,6 +402,7 @@ fn queue_position(b: &Backup, req: &Request, ctx: &Ctx) -> Option<u32> {
             x.metadata.deletion_timestamp.is_none()
                 && !phase::is_terminal(&phase)
                 && !running.contains_key(&k)
+                && !ctx.ended(x)
                 && order(x) < mine
         })
         .collect();
@@ -415,7 +428,9 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
             let state = BackupState::fold(&events)
                 .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
             if state.options.uid == uid {
-                true
+                // A finished log whose status was not reported (a kill between the two) is
+                // reported, not resumed.
+                state.resumable()
             } else {
                 // A log of an earlier Backup of this name (deleted while no controller ran).
                 std::fs::remove_dir_all(data.backup_dir(&name)).map_err(|e| SessionError::File {
@@ -428,7 +443,7 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
         }
         None => false,
     };
-    let session = if resumed {
+    let session = if data.backup_dir(&name).exists() {
         Session::open(&data, &name)?
     } else {
         Session::create(
@@ -455,6 +470,7 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
             run_backup(session, resumed, req, status, &api, &ctx, cancel).await;
+            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid));
             ctx.running().remove(&(ns, name));
             let _ = done_tx.send(true);
             let _ = ctx.wake.unbounded_send(());
@@ -564,7 +580,9 @@ async fn run_backup(
     let ns = api_namespace(api);
     let mut base = status;
     base.queue_position = None;
-    if resumed {
+    if !session.state().resumable() {
+        eprintln!("backup {ns}/{name}: its log had finished before its status was reported; reporting it");
+    } else if resumed {
         base.resumed_count += 1;
         ctx.metrics.resumed.inc();
         eprintln!("backup {ns}/{name}: resuming from its log (resume {})", base.resumed_count);

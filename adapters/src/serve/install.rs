@@ -49,22 +49,21 @@ pub const LEASE: &str = "blockwise-leader";
 pub type Rule = (&'static [&'static str], &'static [&'static str], &'static [&'static str]);
 
 /// The ClusterRole's rules: what the code calls, nothing more. Backups read every resource type
-/// (get and list: Velero backs up whatever a spec selects); writes are limited to hooks' execs,
-/// snapshot objects, the leader Lease and blockwise's own Backups.
+/// (get and list: Velero backs up whatever a spec selects, and the CSI procedure and the
+/// controller read through the same grant); writes are limited to hooks' execs, what the CSI
+/// procedure (`crate::csi`) does to snapshot objects, the leader Lease (kube-lease-manager:
+/// create, server-side apply and strategic merge patches) and blockwise's own Backups (watch,
+/// finalizer merge patches, status patches).
 pub const RULES: &[Rule] = &[
     (&["*"], &["*"], &["get", "list"]),
     (&[""], &["pods/exec"], &["create", "get"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["create", "get", "list", "watch", "patch", "delete"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["get", "list", "watch", "patch", "delete"]),
-    (
-        &["groupsnapshot.storage.k8s.io"],
-        &["volumegroupsnapshots"],
-        &["create", "get", "list", "watch", "patch", "delete"],
-    ),
-    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["get", "list", "watch", "patch", "delete"]),
-    (&["coordination.k8s.io"], &["leases"], &["get", "create", "patch", "update"]),
-    (&["blockwise.dev"], &["backups"], &["get", "list", "watch", "patch", "update"]),
-    (&["blockwise.dev"], &["backups/status"], &["get", "patch", "update"]),
+    (&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["create", "watch", "patch", "delete"]),
+    (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["watch", "patch", "delete"]),
+    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshots"], &["create", "watch", "delete"]),
+    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["patch", "delete"]),
+    (&["coordination.k8s.io"], &["leases"], &["create", "patch"]),
+    (&["blockwise.dev"], &["backups"], &["watch", "patch"]),
+    (&["blockwise.dev"], &["backups/status"], &["patch"]),
 ];
 
 /// Every manifest, in the order `kubectl apply` should create them.

@@ -139,7 +139,9 @@ impl Watch {
                     return Some(line(&json!({"type": "ERROR", "object": status})));
                 }
                 Ok((changes, rv)) => {
-                    for c in changes.iter().filter(|c| self.filter.matches(&c.object)) {
+                    for c in
+                        changes.iter().filter(|c| c.key.gr() == self.render.rt.gr && self.filter.matches(&c.object))
+                    {
                         self.ready.push_back(self.render.event(c.kind.event_type(), &c.object, now));
                     }
                     self.cursor = rv;
