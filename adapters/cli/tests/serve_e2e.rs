@@ -179,6 +179,59 @@ async fn api(sim: &Sim) -> Api<Backup> {
     Api::namespaced(kube::Client::try_from(config).unwrap(), NS)
 }
 
+/// Every (name, phase, queuePosition) change the API server streams for Backups in [`NS`], in
+/// order, from a kube-rs watcher running on the test's runtime.
+struct Phases {
+    rx: mpsc::Receiver<(String, String, Option<u32>)>,
+    seen: Vec<(String, String, Option<u32>)>,
+}
+
+impl Phases {
+    fn record(rt: &tokio::runtime::Runtime, sim: &Sim) -> Phases {
+        use futures::StreamExt;
+        let (tx, rx) = mpsc::channel();
+        let api = rt.block_on(api(sim));
+        rt.spawn(async move {
+            let mut last: std::collections::BTreeMap<String, (String, Option<u32>)> = Default::default();
+            let mut events = kube::runtime::watcher(api, Default::default()).boxed();
+            while let Some(e) = events.next().await {
+                let b = match e {
+                    Ok(kube::runtime::watcher::Event::Apply(b) | kube::runtime::watcher::Event::InitApply(b)) => b,
+                    _ => continue,
+                };
+                let Some(s) = b.status.as_ref() else { continue };
+                let Some(phase) = s.phase.clone() else { continue };
+                let name = b.metadata.name.clone().unwrap_or_default();
+                let now = (phase.clone(), s.queue_position);
+                if last.get(&name) != Some(&now) {
+                    last.insert(name.clone(), now);
+                    if tx.send((name, phase, s.queue_position)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Phases { rx, seen: Vec::new() }
+    }
+
+    /// Waits (at most 180 s) until `name` has been seen in `phase`; every change so far.
+    fn wait(&mut self, name: &str, phase: &str) -> &[(String, String, Option<u32>)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while !self.seen.iter().any(|(n, p, _)| n == name && p == phase) {
+            match self.rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(c) => self.seen.push(c),
+                Err(e) => panic!("{name} never seen {phase} ({e}); seen: {:?}", self.seen),
+            }
+        }
+        &self.seen
+    }
+
+    /// The phases of `name`, in order.
+    fn of(&self, name: &str) -> Vec<&str> {
+        self.seen.iter().filter(|(n, ..)| n == name).map(|(_, p, _)| p.as_str()).collect()
+    }
+}
+
 fn phase_is(p: &'static str) -> impl Condition<Backup> {
     move |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).and_then(|s| s.phase.as_deref()) == Some(p)
 }
@@ -234,8 +287,21 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
     let data = sim.dir.path().join("controller");
     let mut ctl = sim.controller(&data, &["--no-leader-election"]);
     let ns = namespaces();
+    let mut phases = Phases::record(&rt, &sim);
     sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&backup_yaml("nightly", &ns)));
+    phases.wait("nightly", "Completed");
     let b = wait_until(&rt, &sim, "nightly", 120, phase_is("Completed"));
+    // New → InProgress → (WaitingForSnapshots, Finalizing, when a status patch fell there) → Completed.
+    let seen = phases.of("nightly");
+    let order = ["New", "InProgress", "WaitingForSnapshots", "Finalizing", "Completed"];
+    let ranks: Vec<usize> = seen.iter().map(|p| order.iter().position(|o| o == p).unwrap_or(usize::MAX)).collect();
+    assert!(
+        seen.first() == Some(&"New")
+            && seen.get(1) == Some(&"InProgress")
+            && seen.last() == Some(&"Completed")
+            && ranks.windows(2).all(|w| w[0] < w[1]),
+        "the phases the API server held, in order: {seen:?}"
+    );
     let s = b.status.clone().unwrap();
     let progress = s.progress.unwrap();
     assert!(progress.total_items > 0 && progress.items_backed_up == progress.total_items, "{progress:?}");
@@ -447,4 +513,36 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
         }
     }
     assert!(unused.is_empty(), "granted but never needed: {unused:?}\ncalls: {calls:#?}");
+}
+
+/// `--concurrent-backups 2` with Velero 1.18's rule: a Backup whose namespaces overlap a running
+/// one waits in Queued (position 1) until it ends; one whose namespaces do not runs beside it.
+#[test]
+fn overlapping_backups_queue_and_disjoint_ones_run_together() {
+    let rt = rt();
+    let sim = Sim::start(15);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let ns = namespaces();
+    let mut phases = Phases::record(&rt, &sim);
+    let _ctl = sim.controller(&data, &["--no-leader-election", "--concurrent-backups", "2"]);
+    // One apply, three objects: created in this order (creation order is the queue's order).
+    let yaml = [backup_yaml("first", &ns[..2]), backup_yaml("overlaps", &ns[1..2]), backup_yaml("disjoint", &ns[2..3])]
+        .join("---\n");
+    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&yaml));
+    for name in ["first", "overlaps", "disjoint"] {
+        phases.wait(name, "Completed");
+    }
+    let seen = phases.seen.clone();
+    let at = |name: &str, phase: &str| {
+        seen.iter()
+            .position(|(n, p, _)| n == name && p == phase)
+            .unwrap_or_else(|| panic!("{name} never {phase}: {seen:?}"))
+    };
+    assert!(
+        seen.iter().any(|(n, p, q)| n == "overlaps" && p == "Queued" && *q == Some(1)),
+        "the overlapping backup was never Queued at position 1: {seen:?}"
+    );
+    assert!(at("overlaps", "InProgress") > at("first", "Completed"), "it ran beside the one it overlaps: {seen:?}");
+    assert!(at("disjoint", "InProgress") < at("first", "Completed"), "the disjoint one waited: {seen:?}");
 }

@@ -292,8 +292,31 @@ fn error_policy(b: Arc<Backup>, e: &ReconcileError, _: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_secs(2))
 }
 
+/// The merge patch that makes the object's status exactly `status`: fields it leaves unset are
+/// sent as null, so an earlier value (a queue position, a failure reason) does not linger.
+fn status_patch(status: &BackupStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
+    if let Some(m) = v.as_object_mut() {
+        for f in [
+            "phase",
+            "progress",
+            "hookStatus",
+            "failureReason",
+            "validationErrors",
+            "startTimestamp",
+            "completionTimestamp",
+            "expiration",
+            "archive",
+            "queuePosition",
+        ] {
+            m.entry(f).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": v })
+}
+
 async fn patch_status(api: &Api<Backup>, name: &str, status: &BackupStatus) -> Result<(), ReconcileError> {
-    let body = json!({"status": status});
+    let body = status_patch(status);
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
         .await
         .map_err(kube_err(format!("patching the status of backup {name}")))?;
@@ -463,6 +486,8 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
         (ns.clone(), name.clone()),
         Running { namespaces: req.spec.included_namespaces.clone(), cancel: cancel.clone(), done },
     );
+    // Queued Backups move up when one ahead of them starts.
+    let _ = ctx.wake.unbounded_send(());
     let ctx = ctx.clone();
     let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
     let handle = tokio::runtime::Handle::current();
@@ -699,6 +724,14 @@ fn api_namespace(api: &Api<Backup>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_patch_clears_what_the_status_leaves_unset() {
+        let p = status_patch(&BackupStatus { phase: Some("InProgress".into()), ..BackupStatus::default() });
+        assert_eq!(p["status"]["phase"], "InProgress");
+        assert!(p["status"]["queuePosition"].is_null() && p["status"].get("queuePosition").is_some());
+        assert_eq!(p["status"]["resumedCount"], 0);
+    }
 
     #[test]
     fn namespaces_overlap_conservatively() {
