@@ -5,8 +5,11 @@
 //! singular name for discovery, whether it has a status subresource, and its printer columns for
 //! server-side tables. The served set is **derived from the CRD objects** each time it is needed,
 //! not kept beside them, so it is persisted with the overlay that holds them and a deleted CRD
-//! stops being served at once. Deliberately absent: schema validation and defaulting, conversion
-//! between versions (every version serves the same stored object), the scale subresource.
+//! stops being served at once. Of a version's schema only field names are checked
+//! ([`prune_unknown`]: what the API server's `fieldValidation` reports and prunes). Deliberately
+//! absent: validation of types, formats, enums and other value constraints, defaulting,
+//! conversion between versions (every version serves the same stored object), the scale
+//! subresource.
 
 use blockwise_engine::item::{GroupResource, ResourceType};
 use serde_json::Value;
@@ -47,6 +50,8 @@ pub struct Served {
     pub status: bool,
     /// The additional printer columns.
     pub columns: Vec<Column>,
+    /// The version's `schema.openAPIV3Schema`, if it has one.
+    pub schema: Option<Value>,
 }
 
 fn strs(v: Option<&Value>) -> Vec<String> {
@@ -98,6 +103,7 @@ pub fn served(crd: &Value) -> Vec<Served> {
             categories: strs(spec.pointer("/names/categories")),
             status: v.pointer("/subresources/status").is_some(),
             columns,
+            schema: v.pointer("/schema/openAPIV3Schema").cloned(),
         });
     }
     out
@@ -140,6 +146,59 @@ pub fn eval_path(obj: &Value, path: &str) -> Option<Value> {
     Some(cur.clone())
 }
 
+/// Removes from `obj` every field its structural `schema` does not declare, as the API server
+/// prunes a custom resource, and returns their paths (`spec.colour`, `spec.items[0].x`). An
+/// object schema (`type: object`, or one with `properties`) declares its `properties`;
+/// `additionalProperties` allows any key (walked with it when it is a schema);
+/// `x-kubernetes-preserve-unknown-fields: true` keeps unknown keys; at the root and in an
+/// `x-kubernetes-embedded-resource`, `apiVersion`, `kind` and `metadata` are always allowed, and
+/// metadata is not walked. A node of another or no type is not walked.
+pub fn prune_unknown(schema: &Value, obj: &mut Value) -> Vec<String> {
+    let mut out = Vec::new();
+    prune(schema, obj, "", true, &mut out);
+    out
+}
+
+fn prune(schema: &Value, value: &mut Value, path: &str, root: bool, out: &mut Vec<String>) {
+    let flag = |name: &str| schema.get(name).and_then(Value::as_bool) == Some(true);
+    match value {
+        Value::Object(m) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties");
+            if props.is_none() && additional.is_none() && schema.get("type").and_then(Value::as_str) != Some("object") {
+                return;
+            }
+            let keep_unknown = flag("x-kubernetes-preserve-unknown-fields") || additional == Some(&Value::Bool(true));
+            let resource = root || flag("x-kubernetes-embedded-resource");
+            let keys: Vec<String> = m.keys().cloned().collect();
+            for key in keys {
+                if resource && matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let declared = props.and_then(|p| p.get(&key)).or(additional.filter(|a| a.is_object()));
+                match (declared, m.get_mut(&key)) {
+                    (Some(s), Some(v)) => prune(s, v, &child, false, out),
+                    (None, _) if keep_unknown => {}
+                    (None, _) => {
+                        m.remove(&key);
+                        out.push(child);
+                    }
+                    (Some(_), None) => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item) = schema.get("items") {
+                for (i, v) in items.iter_mut().enumerate() {
+                    prune(item, v, &format!("{path}[{i}]"), false, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +233,69 @@ mod tests {
         assert_eq!(eval_path(&o, ".status.progress.itemsBackedUp"), Some(json!(3)));
         assert_eq!(eval_path(&o, "{.l[0].n}"), Some(json!("a")));
         assert_eq!(eval_path(&o, ".status.nope"), None);
+    }
+}
+
+#[cfg(test)]
+mod prune_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[track_caller]
+    fn check(schema: Value, obj: Value, pruned: Value, unknown: &[&str]) {
+        let mut got = obj;
+        let paths = prune_unknown(&schema, &mut got);
+        assert_eq!(paths, unknown);
+        assert_eq!(got, pruned);
+    }
+
+    fn widget() -> Value {
+        json!({"type": "object", "properties": {
+            "spec": {"type": "object", "properties": {
+                "size": {"type": "integer"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "parts": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "template": {"type": "object", "x-kubernetes-embedded-resource": true, "properties": {}},
+            }},
+            "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+        }})
+    }
+
+    #[test]
+    fn declared_fields_stay_and_unknown_ones_go() {
+        let meta = json!({"name": "w", "anything": 1});
+        check(
+            widget(),
+            json!({"apiVersion": "x/v1", "kind": "Widget", "metadata": meta, "spec": {"size": 3, "colour": "red"}, "extra": true}),
+            json!({"apiVersion": "x/v1", "kind": "Widget", "metadata": meta, "spec": {"size": 3}}),
+            &["extra", "spec.colour"],
+        );
+    }
+
+    #[test]
+    fn maps_lists_preserved_and_embedded_nodes() {
+        let spec = json!({
+            "labels": {"a": "b", "c": "d"},
+            "parts": [{"name": "x"}, {"name": "y", "weight": 2}],
+            "free": {"whatever": {"deep": 1}},
+            "template": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}},
+        });
+        let mut want = spec.clone();
+        want["parts"][1].as_object_mut().unwrap().remove("weight");
+        want["template"].as_object_mut().unwrap().remove("spec");
+        check(widget(), json!({"spec": spec}), json!({"spec": want}), &["spec.parts[1].weight", "spec.template.spec"]);
+    }
+
+    #[test]
+    fn a_schema_that_preserves_unknown_fields_prunes_nothing() {
+        let schema = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+        let obj = json!({"spec": {"anything": [1, 2]}, "other": null});
+        check(schema, obj.clone(), obj, &[]);
+    }
+
+    #[test]
+    fn a_merge_patchs_nulls_are_walked_like_values() {
+        check(widget(), json!({"spec": {"size": null, "gone": null}}), json!({"spec": {"size": null}}), &["spec.gone"]);
     }
 }

@@ -53,6 +53,15 @@ pub struct Latency {
 pub enum ExecScript {
     /// The command exits with this status.
     Exit(i32),
+    /// The command prints these and exits with this status (what a served exec passes on).
+    Output {
+        /// The exit status.
+        exit_code: i32,
+        /// Its standard output.
+        stdout: String,
+        /// Its standard error.
+        stderr: String,
+    },
     /// The exec itself fails (stream error, API error) with this message.
     Error(String),
     /// The command never finishes: sleeps [`HANG_MS`] so the caller's timeout fires.
@@ -846,6 +855,9 @@ impl Cluster for FakeCluster {
         match self.scripts.get(&(pod.clone(), command.to_vec())) {
             Some(ExecScript::Exit(code)) => {
                 Ok(ExecResult { exit_code: *code, stdout: String::new(), stderr: String::new() })
+            }
+            Some(ExecScript::Output { exit_code, stdout, stderr }) => {
+                Ok(ExecResult { exit_code: *exit_code, stdout: stdout.clone(), stderr: stderr.clone() })
             }
             Some(ExecScript::Error(msg)) => Err(ClusterError::Other(msg.clone())),
             Some(ExecScript::Hang) => match &self.sleeper {

@@ -8,7 +8,9 @@
 //! `limit`/`continue` pagination, label selectors and field selectors (`path=value`, `path!=value` on
 //! dotted paths), gets, and
 //! pod exec over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`: stdout on channel 1, stderr
-//! on 2, the `Status` on 3), which runs the fake cluster's scripted or interpreted commands.
+//! on 2, the `Status` on 3; kubectl 1.30+) or over SPDY/3.1 ([`spdy`], `v4.channel.k8s.io`: one
+//! stream per channel; kubectl before 1.30), either running the fake cluster's scripted or
+//! interpreted commands.
 //!
 //! **One resourceVersion.** Every write bumps the cluster's one counter (built-in objects keep
 //! versions at or below where it starts); lists report the current one, gets the object's.
@@ -24,7 +26,13 @@
 //! Created **CustomResourceDefinitions** are served at once ([`crate::crd`]); deleting one removes
 //! its objects; deleting a namespace deletes what is in it. Resources a controller and an install
 //! manifest need ([`always_served`]) are added to any served cluster that lacks them. **Tables**
-//! for `kubectl get` (`as=Table`, also in watches) with pod and CRD printer columns.
+//! for `kubectl get` (`as=Table`, also in watches) with pod and CRD printer columns. **OpenAPI**
+//! ([`openapi`]): `/openapi/v3` and a document per group-version declaring the paths, operations
+//! and `fieldValidation` parameter, so kubectl leaves validation to the server (`kubectl apply`
+//! needs no `--validate=false`); an empty `/openapi/v2`. **Field validation** on writes
+//! (`fieldValidation=Strict|Warn|Ignore`, default Warn): fields a CRD's schema does not declare
+//! are pruned from the body ([`crate::crd::prune_unknown`]) — Strict refuses the write (400)
+//! instead, Warn names each in a `Warning` header.
 //!
 //! Key decisions: the server holds no state of its own beyond [`Faults`] (injected HTTP errors —
 //! 5xx, 429, 410 on continued lists, 403, failed watches — for tests) and a request log; the
@@ -32,12 +40,12 @@
 //! one through this server see the same objects. Paths are parsed by hand in one fallback handler
 //! rather than by a router table, because the Kubernetes path grammar (`/api/v1/namespaces/{ns}`
 //! is both a get of a namespace and a prefix) does not fit one. Deliberately absent: TLS,
-//! authentication and authorization, admission and schema validation, JSON patch (415), YAML
-//! apply bodies (kubectl and kube-rs send JSON), SPDY exec (kubectl 1.30+ uses WebSocket), OpenAPI
-//! (404: `kubectl apply` and `create` need `--validate=false`, as their client-side validation
-//! downloads it), delete
-//! collection, and watch-cache details (an object leaving a label selector is not sent as
-//! DELETED). This module is compiled only with the `server` feature, so the deterministic
+//! authentication and authorization, admission, schema validation beyond a CRD's field names
+//! (no types, formats or enums; built-in kinds have no schema here, so nothing of theirs is
+//! checked or pruned; duplicate JSON keys are not detected), schemas in the OpenAPI documents for
+//! built-in kinds, JSON patch (415), YAML apply bodies (kubectl and kube-rs send JSON), exec stdin
+//! and terminal resizing (read and dropped), SPDY exec protocols before v4, delete collection, and
+//! watch-cache details (an object leaving a label selector is not sent as DELETED). This module is compiled only with the `server` feature, so the deterministic
 //! simulator core stays free of tokio.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,7 +57,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -61,6 +69,8 @@ use serde_json::{json, Value};
 use crate::csi::{ApiError, ApiWrite};
 use crate::fake::FakeCluster;
 
+mod openapi;
+pub mod spdy;
 mod table;
 mod watch;
 
@@ -75,7 +85,7 @@ pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
 /// Which kind of call a [`Fault`] applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
-    /// Discovery (`/api`, `/apis`, their group versions).
+    /// Discovery (`/api`, `/apis`, their group versions) and the OpenAPI documents.
     Discovery,
     /// A list call.
     List,
@@ -345,6 +355,28 @@ fn fault_name(rt: &ResourceType) -> String {
     }
 }
 
+/// The connection of a request that asks to upgrade to SPDY/3.1 (`Upgrade: SPDY/3.1`), taken out
+/// of the request for an exec to keep; `None` for every other request.
+struct SpdyUpgrade(Option<hyper::upgrade::OnUpgrade>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SpdyUpgrade {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let spdy = parts
+            .headers
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|u| u.trim().eq_ignore_ascii_case(SPDY_UPGRADE));
+        Ok(SpdyUpgrade(if spdy { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None }))
+    }
+}
+
+/// The `Upgrade` token of SPDY exec.
+const SPDY_UPGRADE: &str = "SPDY/3.1";
+/// The header in which an exec client offers, and the server names, the stream protocol.
+const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
+
 /// A request's method, headers and body.
 struct Req<'a> {
     method: &'a Method,
@@ -358,12 +390,13 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    spdy: SpdyUpgrade,
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
     let query = Query::parse(uri.query());
     let req = Req { method: &method, headers: &headers, body: &body };
-    let response = route(&s, &req, &path, &query, ws).await;
+    let response = route(&s, &req, &path, &query, Upgrade { ws, spdy: spdy.0 }).await;
     s.requests.lock().unwrap_or_else(PoisonError::into_inner).push(RequestRecord {
         method: method.to_string(),
         path,
@@ -397,13 +430,13 @@ pub fn always_served() -> Vec<ResourceType> {
     .collect()
 }
 
-async fn route(
-    s: &Arc<Shared>,
-    req: &Req<'_>,
-    path: &str,
-    query: &Query,
+/// The ways a request may ask to switch protocols (only an exec uses them).
+struct Upgrade {
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
+    spdy: Option<hyper::upgrade::OnUpgrade>,
+}
+
+async fn route(s: &Arc<Shared>, req: &Req<'_>, path: &str, query: &Query, upgrade: Upgrade) -> Response {
     let method = req.method;
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|p| !p.is_empty()).collect();
     let writes = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
@@ -420,6 +453,21 @@ async fn route(
                 return failure(code, format!("discovery {path}: injected error"));
             }
             return discovery(s, &segs).unwrap_or_else(|| not_found(path));
+        }
+        ["openapi", ..] => {
+            if method != Method::GET {
+                return failure(405, format!("{method} {path}: the OpenAPI documents are read-only"));
+            }
+            if let Some(code) = s.faults.take(Verb::Discovery, None, false) {
+                return failure(code, format!("openapi {path}: injected error"));
+            }
+            let accept = req.headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+            return match &segs[1..] {
+                ["v2"] => openapi::v2(accept),
+                ["v3"] => openapi::v3_index(s),
+                ["v3", gv @ ..] => openapi::v3_group_version(s, gv).unwrap_or_else(|| not_found(path)),
+                _ => not_found(path),
+            };
         }
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
@@ -454,7 +502,7 @@ async fn route(
         Some("status") if s.cluster.status_subresource(&rt.gr) => true,
         Some("exec") if rt.gr.group.is_empty() && rt.gr.resource == "pods" => {
             if method == Method::GET || method == Method::POST {
-                return exec(s, namespace.unwrap_or_default(), name.unwrap_or_default(), query, ws).await;
+                return exec(s, req, namespace.unwrap_or_default(), name.unwrap_or_default(), query, upgrade).await;
             }
             return failure(405, format!("{method} {path}: exec is GET or POST"));
         }
@@ -542,8 +590,19 @@ async fn write(
             .map_err(|e| format!("{what}: the body of the request is not valid JSON: {e}"))
     };
     let manager = manager_of(req, q);
+    let directive = match q.get("fieldValidation") {
+        None | Some("Warn") => FieldValidation::Warn,
+        Some("Strict") => FieldValidation::Strict,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some(other) => {
+            return failure(
+                400,
+                format!("{what}: fieldValidation: Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""),
+            )
+        }
+    };
     let key = name.map(|n| object_key(rt, namespace, n));
-    let op = match (req.method.as_str(), key) {
+    let mut op = match (req.method.as_str(), key) {
         ("POST", None) => match body() {
             Ok(b) => ApiWrite::Create {
                 rt: rt.clone(),
@@ -617,12 +676,40 @@ async fn write(
         }
         _ => return failure(405, format!("{what}: not supported")),
     };
+    let unknown = match prune_unknown(s, rt, &mut op) {
+        unknown if unknown.is_empty() => Vec::new(),
+        unknown => {
+            let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
+            match directive {
+                FieldValidation::Strict => {
+                    let (kind, v) = (&rt.kind, &rt.version);
+                    let message = format!(
+                        "{kind} in version {v:?} cannot be handled as a {kind}: strict decoding error: {}",
+                        list.join(", ")
+                    );
+                    return failure(400, message);
+                }
+                FieldValidation::Warn => list,
+                FieldValidation::Ignore => Vec::new(),
+            }
+        }
+    };
     let (deleting, key) = match &op {
         ApiWrite::Delete { key } => (true, Some(key.clone())),
         _ => (false, None),
     };
     match s.cluster.api_write(op).await {
-        Ok(Some(obj)) => json_response(if req.method == Method::POST { 201 } else { 200 }, &with_type(rt, obj)),
+        Ok(Some(obj)) => {
+            let mut r = json_response(if req.method == Method::POST { 201 } else { 200 }, &with_type(rt, obj));
+            for w in unknown {
+                // RFC 7234 warn-text: a quoted string; kubectl prints "Warning: <text>".
+                let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
+                if let Ok(v) = header::HeaderValue::from_str(&text) {
+                    r.headers_mut().append(header::WARNING, v);
+                }
+            }
+            r
+        }
         Ok(None) if deleting => {
             let name = key.map(|k| k.name).unwrap_or_default();
             json_response(
@@ -633,6 +720,33 @@ async fn write(
         }
         Ok(None) => failure(500, format!("{what}: the fake cluster answered no object")),
         Err(e) => api_failure(e),
+    }
+}
+
+/// What a write does with fields its kind's schema does not declare (`fieldValidation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldValidation {
+    /// Refuse the write (400) naming them.
+    Strict,
+    /// Drop them and name them in `Warning` headers (the default, as on a real server).
+    Warn,
+    /// Drop them silently.
+    Ignore,
+}
+
+/// Removes the fields the schema of a CRD-served kind does not declare from a write's body (the
+/// object, or a merge patch as a partial object) and returns their paths. Kinds without a
+/// schema — every built-in kind here — keep everything.
+fn prune_unknown(s: &Shared, rt: &ResourceType, op: &mut ApiWrite) -> Vec<String> {
+    let body = match op {
+        ApiWrite::Create { body, .. } | ApiWrite::Replace { body, .. } | ApiWrite::Apply { body, .. } => body,
+        ApiWrite::Merge { patch, .. } => patch,
+        ApiWrite::Delete { .. } => return Vec::new(),
+    };
+    let crds = s.cluster.crd_served();
+    match crds.iter().find(|c| c.rt.gr == rt.gr && c.rt.version == rt.version).and_then(|c| c.schema.as_ref()) {
+        Some(schema) => crate::crd::prune_unknown(schema, body),
+        None => Vec::new(),
     }
 }
 
@@ -899,13 +1013,7 @@ async fn get(s: &Shared, rt: &ResourceType, namespace: Option<&str>, name: &str,
     }
 }
 
-async fn exec(
-    s: &Shared,
-    namespace: &str,
-    name: &str,
-    q: &Query,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
+async fn exec(s: &Shared, req: &Req<'_>, namespace: &str, name: &str, q: &Query, upgrade: Upgrade) -> Response {
     let pod = ItemKey::namespaced("", "pods", namespace, name);
     if let Some(code) = s.faults.take(Verb::Exec, Some("pods"), false) {
         return failure(code, format!("exec in pod {namespace}/{name}: injected error"));
@@ -921,7 +1029,23 @@ async fn exec(
     let Some(container) = q.get("container").map(str::to_string).or(first_container) else {
         return failure(400, format!("exec in pod {namespace}/{name}: the pod has no containers"));
     };
-    let ws = match ws {
+    if let Some(on_upgrade) = upgrade.spdy {
+        let call = spdy::ExecCall {
+            cluster: s.cluster.clone(),
+            pod,
+            container,
+            command,
+            cancelled: s.execs_cancelled.clone(),
+            wanted: spdy::Wanted {
+                stdin: flag(q, "stdin"),
+                stdout: flag(q, "stdout"),
+                stderr: flag(q, "stderr"),
+                tty: flag(q, "tty"),
+            },
+        };
+        return spdy_exec(req, &format!("exec in pod {namespace}/{name}"), on_upgrade, call);
+    }
+    let ws = match upgrade.ws {
         Ok(ws) => ws,
         Err(e) => {
             return failure(
@@ -933,6 +1057,46 @@ async fn exec(
     let cluster = s.cluster.clone();
     let cancelled = s.execs_cancelled.clone();
     ws.protocols(EXEC_PROTOCOLS).on_upgrade(move |socket| run_exec(socket, cluster, pod, container, command, cancelled))
+}
+
+/// A boolean query parameter as the API server reads it (`true`/`1`).
+fn flag(q: &Query, key: &str) -> bool {
+    matches!(q.get(key), Some("true" | "1"))
+}
+
+/// Answers an exec's SPDY/3.1 upgrade (101 naming the stream protocol) and serves the exec on the
+/// upgraded connection once hyper hands it over.
+fn spdy_exec(req: &Req<'_>, what: &str, on_upgrade: hyper::upgrade::OnUpgrade, call: spdy::ExecCall) -> Response {
+    let offered: Vec<String> = req
+        .headers
+        .get_all(STREAM_PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .collect();
+    if !offered.iter().any(|p| p == spdy::PROTOCOL) {
+        return failure(
+            403,
+            format!("{what}: unable to upgrade: the client offers stream protocols {offered:?}; this server speaks only {} over SPDY", spdy::PROTOCOL),
+        );
+    }
+    let w = &call.wanted;
+    if !(w.stdin || w.stdout || w.stderr) {
+        return failure(400, format!("{what}: you must specify at least 1 of stdin, stdout, stderr"));
+    }
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => spdy::serve_exec(hyper_util::rt::TokioIo::new(upgraded), call).await,
+            Err(e) => tracing::warn!(error = %e, "SPDY exec: the connection was not upgraded"),
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, header::HeaderValue::from_static(SPDY_UPGRADE));
+    h.insert(STREAM_PROTOCOL_HEADER, header::HeaderValue::from_static(spdy::PROTOCOL));
+    r
 }
 
 async fn run_exec(
@@ -979,7 +1143,20 @@ async fn run_exec(
     let _ = socket.send(Message::Binary(frame.into())).await;
     // A normal closure (1000): kubectl reads a close without a status code (1005) as an error.
     let close = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
-    let _ = socket.send(Message::Close(Some(close))).await;
+    if socket.send(Message::Close(Some(close))).await.is_err() {
+        return;
+    }
+    // The closing handshake: read until the client's Close. Dropping the socket with the
+    // client's frames (stdin, v5's close signal) unread resets the connection, and kubectl reports
+    // the reset as an error.
+    let drain = async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(spdy::DRAIN_MS_MAX), drain).await;
 }
 
 /// The `Status` the API server sends on channel 3 when a command exits.

@@ -1,6 +1,8 @@
 //! Real `kubectl`, of every version installed beside it (`kubectl.1.27` … `kubectl.1.33`), against
-//! the fake API server: `apply -f` of an install manifest (twice), a custom resource listed with
-//! its printer columns, `get -w` following a change, `get`, `describe` and `exec`.
+//! the fake API server: `apply -f` of an install manifest (twice) with default validation, the
+//! server's field validation (Strict, Warn, Ignore) of a custom resource, a custom resource listed with
+//! its printer columns, `get -w` following a change, `get`, `describe` and `exec` — over SPDY/3.1
+//! before 1.30, over WebSocket since — with output, errors and exit codes passed through.
 //!
 //! Each test owns its server (on `127.0.0.1:0`, on a runtime the test owns) and a tempdir that is
 //! kubectl's HOME (its discovery cache) and holds the kubeconfig. Nothing sleeps: a watch is read
@@ -15,6 +17,7 @@ use std::time::Duration;
 use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::item::{ItemKey, ResourceType};
 use blockwise_simulator::csi::ApiWrite;
+use blockwise_simulator::fake::ExecScript;
 use blockwise_simulator::server::FakeApiServer;
 use serde_json::{json, Value};
 
@@ -27,10 +30,26 @@ struct Served {
     _rt: tokio::runtime::Runtime,
 }
 
+/// Scripted on [`blockwise_simulator::demo_failing_hook_pod`]: `echo hi` prints `hi`, `report`
+/// writes to both streams and exits 2. Anything else runs the fake cluster's interpreter
+/// (`sh -c "exit N"` exits N).
+fn scripts() -> Vec<(Vec<String>, ExecScript)> {
+    let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let out = |exit_code, stdout: &str, stderr: &str| ExecScript::Output {
+        exit_code,
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+    };
+    vec![(cmd(&["echo", "hi"]), out(0, "hi\n", "")), (cmd(&["report"]), out(2, "rows: 3\n", "disk almost full\n"))]
+}
+
 fn serve() -> Served {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let cluster =
-        blockwise_simulator::demo_cluster(120, blockwise_simulator::DEMO_SEED).with_clock(Arc::new(TokioRuntime));
+    let mut cluster = blockwise_simulator::demo_cluster(120, blockwise_simulator::DEMO_SEED);
+    for (command, script) in scripts() {
+        cluster.script_exec(blockwise_simulator::demo_failing_hook_pod(), command, script);
+    }
+    let cluster = cluster.with_clock(Arc::new(TokioRuntime));
     let server = rt.block_on(FakeApiServer::start(Arc::new(cluster), "127.0.0.1:0".parse().unwrap())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -87,10 +106,7 @@ fn kubectl_applies_an_install_manifest_twice_then_lists_a_backup_with_its_printe
     let s = serve();
     let k = kubectl();
     let install = format!("{FIXTURES}/install.yaml");
-    // The server serves no OpenAPI document (404), and kubectl's client-side validation refuses
-    // to apply without one; the server validates nothing either way.
-    let out =
-        check_ok(&run(&k, &s, &["apply", "--validate=false", "-f", &install]), "first apply of the install manifest");
+    let out = check_ok(&run(&k, &s, &["apply", "-f", &install]), "first apply of the install manifest");
     for created in [
         "customresourcedefinition.apiextensions.k8s.io/backups.blockwise.dev created",
         "namespace/blockwise-system created",
@@ -109,13 +125,12 @@ fn kubectl_applies_an_install_manifest_twice_then_lists_a_backup_with_its_printe
     let got: Value = serde_json::from_str(&fake.get_at(fake.now(), &deploy, &key).unwrap().unwrap()).unwrap();
     assert_eq!(got["spec"]["strategy"]["type"], "Recreate");
 
-    let out =
-        check_ok(&run(&k, &s, &["apply", "--validate=false", "-f", &install]), "second apply of the install manifest");
+    let out = check_ok(&run(&k, &s, &["apply", "-f", &install]), "second apply of the install manifest");
     assert!(!out.contains("created"), "nothing is created again:\n{out}");
     assert_eq!(out.lines().count(), 8, "one line per object:\n{out}");
 
     let backup = format!("{FIXTURES}/backup.yaml");
-    let out = check_ok(&run(&k, &s, &["apply", "--validate=false", "-f", &backup]), "apply of a Backup");
+    let out = check_ok(&run(&k, &s, &["apply", "-f", &backup]), "apply of a Backup");
     assert!(out.contains("backup.blockwise.dev/nightly created"), "{out}");
     // The controller's part, through the status subresource.
     let backups = ResourceType::new("blockwise.dev", "v1alpha1", "backups", "Backup", true);
@@ -182,13 +197,38 @@ fn kubectl_get_w_prints_a_change_made_after_it_started() {
     assert!(watches >= 1, "kubectl watched");
 }
 
+/// Runs `kubectl exec` of `command` (stdin empty; `-i` passes it on) and checks what it printed
+/// and how it exited.
+#[track_caller]
+fn check_exec(bin: &Path, s: &Served, command: &[&str], code: i32, stdout: &str, stderr_has: &str) {
+    let pod = blockwise_simulator::demo_failing_hook_pod();
+    let ns = pod.namespace.clone().unwrap();
+    let (flag, command) = match command {
+        ["-i", rest @ ..] => (Some("-i"), rest),
+        _ => (None, command),
+    };
+    let mut args = vec!["exec", pod.name.as_str(), "-n", ns.as_str()];
+    args.extend(flag);
+    args.push("--");
+    args.extend_from_slice(command);
+    let out = run(bin, s, &args);
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    let what = format!("{} exec {command:?}\nstdout:\n{o}\nstderr:\n{e}", bin.display());
+    assert_eq!(out.status.code(), Some(code), "{what}");
+    assert_eq!(o, stdout, "{what}");
+    assert!(e.contains(stderr_has), "{what}");
+}
+
 #[test]
 fn every_kubectl_version_gets_describes_and_execs() {
     let s = serve();
     let pod = blockwise_simulator::demo_failing_hook_pod();
     let ns = pod.namespace.clone().unwrap();
     let versions = kubectls();
-    assert!(versions.len() > 1, "kubectl.1.NN binaries beside kubectl: {versions:?}");
+    assert!(
+        versions.iter().any(|(_, minor)| (27..=29).contains(minor)),
+        "a kubectl.1.NN before 1.30 (which execs over SPDY) beside kubectl: {versions:?}"
+    );
     for (bin, minor) in versions {
         let v = bin.display().to_string();
         let out = check_ok(&run(&bin, &s, &["get", "pods", "-n", &ns]), &format!("{v} get pods"));
@@ -197,13 +237,74 @@ fn every_kubectl_version_gets_describes_and_execs() {
         assert!(out.lines().any(|l| l.starts_with(&pod.name)), "{v}: {out}");
         let out = check_ok(&run(&bin, &s, &["describe", "pod", &pod.name, "-n", &ns]), &format!("{v} describe pod"));
         assert!(out.contains(&pod.name) && out.contains("Namespace:"), "{v}: {out}");
-        // Before 1.30 kubectl execs over SPDY, which this server does not speak.
-        if minor >= 30 {
-            let out = check_ok(
-                &run(&bin, &s, &["exec", &pod.name, "-n", &ns, "--", "/bin/echo", "hi"]),
-                &format!("{v} exec"),
-            );
-            assert_eq!(out.trim(), "ok", "{v}: the fake cluster's interpreter answers ok");
-        }
+        let execs_before = s.server.cluster().exec_records().len();
+        let requests_before = s.server.requests().len();
+        check_exec(&bin, &s, &["echo", "hi"], 0, "hi\n", "");
+        check_exec(&bin, &s, &["sh", "-c", "exit 3"], 3, "", "command terminated with exit code 3");
+        check_exec(&bin, &s, &["report"], 2, "rows: 3\n", "disk almost full");
+        check_exec(&bin, &s, &["-i", "echo", "hi"], 0, "hi\n", "");
+        // The fake world's own records: four execs ran in the pod, each through one upgrade —
+        // a POST to SPDY/3.1 before 1.30, a GET to a WebSocket since.
+        let execs: Vec<Vec<String>> =
+            s.server.cluster().exec_records()[execs_before..].iter().map(|r| r.command.clone()).collect();
+        assert_eq!(execs, [vec!["echo", "hi"], vec!["sh", "-c", "exit 3"], vec!["report"], vec!["echo", "hi"]], "{v}");
+        let upgrades: Vec<(String, u16)> = s.server.requests()[requests_before..]
+            .iter()
+            .filter(|r| r.path.ends_with("/exec"))
+            .map(|r| (r.method.clone(), r.status))
+            .collect();
+        let method = if minor < 30 { "POST" } else { "GET" };
+        assert_eq!(upgrades, vec![(method.to_string(), 101); 4], "{v}");
+    }
+}
+
+/// The object `kubectl` created, as the fake cluster holds it.
+fn stored(s: &Served, rt: &ResourceType, namespace: &str, name: &str) -> Option<Value> {
+    let fake = s.server.cluster();
+    let key = ItemKey::namespaced(&rt.gr.group, &rt.gr.resource, namespace, name);
+    fake.get_at(fake.now(), rt, &key).unwrap().map(|raw| serde_json::from_str(&raw).unwrap())
+}
+
+#[test]
+fn every_kubectl_version_applies_with_default_validation_and_the_server_validates_fields() {
+    let install = format!("{FIXTURES}/install.yaml");
+    let (widget_crd, widget) = (format!("{FIXTURES}/widget-crd.yaml"), format!("{FIXTURES}/widget.yaml"));
+    let widgets = ResourceType::new("example.dev", "v1", "widgets", "Widget", true);
+    let unknown = ["unknown field \"spec.colour\"", "unknown field \"spec.parts[0].weight\""];
+    for (bin, _) in kubectls() {
+        let v = bin.display().to_string();
+        let s = serve();
+        // No --validate flag: kubectl finds `fieldValidation` on the server's PATCH operations and
+        // leaves validation to the server (`fieldValidation=Strict`).
+        let out = check_ok(&run(&bin, &s, &["apply", "-f", &install]), &format!("{v} apply"));
+        assert_eq!(out.matches(" created").count(), 8, "{v}: {out}");
+        let out = check_ok(&run(&bin, &s, &["apply", "-f", &install]), &format!("{v} apply again"));
+        assert_eq!(out.matches(" unchanged").count(), 8, "{v}: {out}");
+        check_ok(&run(&bin, &s, &["apply", "-f", &widget_crd]), &format!("{v} apply the Widget CRD"));
+
+        // Strict (the default): refused, naming both fields; nothing stored.
+        let out = run(&bin, &s, &["apply", "-f", &widget]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{v}: {err}");
+        assert!(unknown.iter().all(|u| err.contains(u)) && err.contains("strict decoding error"), "{v}: {err}");
+        assert_eq!(stored(&s, &widgets, "default", "w1"), None, "{v}");
+
+        // Warn: stored without them, each named in a warning.
+        let out = check_ok(&run(&bin, &s, &["apply", "--validate=warn", "-f", &widget]), &format!("{v} warn"));
+        assert!(out.contains("widget.example.dev/w1 created"), "{v}: {out}");
+        let err = text(&run(&bin, &s, &["delete", "widget", "w1"]).stderr);
+        assert!(err.is_empty(), "{v}: {err}");
+        let out = run(&bin, &s, &["apply", "--validate=warn", "-f", &widget]);
+        let err = text(&out.stderr);
+        assert!(unknown.iter().all(|u| err.contains(&format!("Warning: {u}"))), "{v}: {err}");
+        let got = stored(&s, &widgets, "default", "w1").expect("stored");
+        assert_eq!(got["spec"], json!({"size": 3, "parts": [{"name": "bolt"}]}), "{v}: pruned");
+
+        // Ignore (--validate=false): pruned without a word.
+        check_ok(&run(&bin, &s, &["delete", "widget", "w1"]), &format!("{v} delete"));
+        let out = run(&bin, &s, &["apply", "--validate=false", "-f", &widget]);
+        assert_eq!((out.status.code(), text(&out.stderr)), (Some(0), String::new()), "{v}");
+        let got = stored(&s, &widgets, "default", "w1").expect("stored");
+        assert_eq!(got["spec"], json!({"size": 3, "parts": [{"name": "bolt"}]}), "{v}: pruned");
     }
 }
