@@ -140,7 +140,7 @@ impl Sim {
     fn install(&self) {
         let manifests = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/blockwise.yaml"))
             .expect("deploy/blockwise.yaml");
-        self.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&manifests));
+        self.kubectl_ok(&["apply", "-f", "-"], Some(&manifests));
     }
 
     /// A controller on this server.
@@ -193,7 +193,9 @@ impl Phases {
         let api = rt.block_on(api(sim));
         rt.spawn(async move {
             let mut last: std::collections::BTreeMap<String, (String, Option<u32>)> = Default::default();
-            let mut events = kube::runtime::watcher(api, Default::default()).boxed();
+            // With backoff: once the server is gone at the test's end, errors must not spin.
+            let mut events =
+                kube::runtime::WatchStreamExt::default_backoff(kube::runtime::watcher(api, Default::default())).boxed();
             while let Some(e) = events.next().await {
                 let b = match e {
                     Ok(kube::runtime::watcher::Event::Apply(b) | kube::runtime::watcher::Event::InitApply(b)) => b,
@@ -288,7 +290,7 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
     let mut ctl = sim.controller(&data, &["--no-leader-election"]);
     let ns = namespaces();
     let mut phases = Phases::record(&rt, &sim);
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&backup_yaml("nightly", &ns)));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("nightly", &ns)));
     phases.wait("nightly", "Completed");
     let b = wait_until(&rt, &sim, "nightly", 120, phase_is("Completed"));
     // New → InProgress → (WaitingForSnapshots, Finalizing, when a status patch fell there) → Completed.
@@ -323,7 +325,7 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
     let bad =
         "apiVersion: blockwise.dev/v1alpha1\nkind: Backup\nmetadata:\n  name: broken\n  namespace: blockwise-system\n\
                spec:\n  ttl: soon\n  csiSnapshotTimeout: never\n";
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(bad));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(bad));
     let b = wait_until(&rt, &sim, "broken", 60, phase_is("FailedValidation"));
     let reason = b.status.unwrap().failure_reason.unwrap();
     assert!(reason.contains("spec.ttl \"soon\"") && reason.contains("spec.csiSnapshotTimeout \"never\""), "{reason}");
@@ -408,7 +410,7 @@ fn kill_9_of_the_controller_at_several_points_then_every_backup_completes() {
     sim.install();
     let data = sim.dir.path().join("controller");
     let ns = namespaces();
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&backup_yaml("killed", &ns)));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("killed", &ns)));
     // Kill points: after the first finished block, then twice more further on, each in a new
     // incarnation (the resumed count tells which one is running).
     for (i, blocks) in [1u64, 4, 8].into_iter().enumerate() {
@@ -439,7 +441,7 @@ fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
     let mut b = sim.controller(&data, &[&lease[..], &["--identity", "replica-b"]].concat());
     b.wait_for("standing by");
     let ns = namespaces();
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&backup_yaml("shared", &ns)));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("shared", &ns)));
     wait_until(&rt, &sim, "shared", 120, progress_at_least(2, 0));
     assert!(
         !b.drain().iter().any(|l| l.contains("leading") || l.contains("backup ")),
@@ -472,7 +474,7 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     let sim = Sim { _proc: Proc::spawn(Command::new("true"), true), dir };
     sim.install();
     let ns = namespaces();
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&backup_yaml("rbac", &ns)));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("rbac", &ns)));
     // From here until the controller says it is done, only the controller talks to the server.
     let mark = server.requests().len();
     let data = sim.dir.path().join("controller");
@@ -529,7 +531,7 @@ fn overlapping_backups_queue_and_disjoint_ones_run_together() {
     // One apply, three objects: created in this order (creation order is the queue's order).
     let yaml = [backup_yaml("first", &ns[..2]), backup_yaml("overlaps", &ns[1..2]), backup_yaml("disjoint", &ns[2..3])]
         .join("---\n");
-    sim.kubectl_ok(&["apply", "--validate=false", "-f", "-"], Some(&yaml));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
     for name in ["first", "overlaps", "disjoint"] {
         phases.wait(name, "Completed");
     }
