@@ -154,7 +154,7 @@ fn kubectl_applies_an_install_manifest_twice_then_lists_a_backup_with_its_printe
 }
 
 #[test]
-fn kubectl_get_w_prints_a_change_made_after_it_started() {
+fn every_kubectl_version_get_w_prints_a_change_made_after_it_started() {
     let s = serve();
     let fake = s.server.cluster().clone();
     let cms = ResourceType::new("", "v1", "configmaps", "ConfigMap", true);
@@ -164,37 +164,43 @@ fn kubectl_get_w_prints_a_change_made_after_it_started() {
         fake.api_write_at(fake.now(), op).unwrap();
     };
     create("before");
-    let mut child = command(&kubectl(), &s, &["get", "configmaps", "-n", "default", "-w"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+    for (bin, minor) in kubectls() {
+        let before = s.server.requests().into_iter().filter(|r| r.query.contains("watch=")).count();
+        let mut child = command(&bin, &s, &["get", "configmaps", "-n", "default", "-w"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let wait_for = |name: &str, seen: &mut Vec<String>| loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("kubectl 1.{minor}: no {name} line: {seen:?}"));
+            seen.push(line.clone());
+            if line.split_whitespace().next() == Some(name) {
                 return;
             }
-        }
-    });
-    let mut seen = Vec::new();
-    let wait_for = |name: &str, seen: &mut Vec<String>| loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no {name} line: {seen:?}"));
-        seen.push(line.clone());
-        if line.split_whitespace().next() == Some(name) {
-            return;
-        }
-    };
-    // Listed first; the change made after the list reaches the watch (from the list's version).
-    wait_for("before", &mut seen);
-    create("after");
-    wait_for("after", &mut seen);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(seen[0].starts_with("NAME"), "a table header first: {seen:?}");
-    let watches = s.server.requests().into_iter().filter(|r| r.query.contains("watch=")).count();
-    assert!(watches >= 1, "kubectl watched");
+        };
+        // Listed first; the change made after the list reaches the watch (from the list's version).
+        wait_for("before", &mut seen);
+        let after = format!("after-1-{minor}");
+        create(&after);
+        wait_for(&after, &mut seen);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(seen[0].starts_with("NAME"), "kubectl 1.{minor}: a table header first: {seen:?}");
+        let watches = s.server.requests().into_iter().filter(|r| r.query.contains("watch=")).count();
+        assert!(watches > before, "kubectl 1.{minor} watched");
+    }
 }
 
 /// Runs `kubectl exec` of `command` (stdin empty; `-i` passes it on) and checks what it printed

@@ -340,7 +340,7 @@ struct NamedArgs {
 }
 
 /// A Go-style duration (`10m`, `90s`, `1h30m`, `500ms`) in milliseconds, for clap.
-fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
     match blockwise_engine::hooks::parse_go_duration_ms(s) {
         Some(ms) if ms > 0 => Ok(ms),
         _ => Err(format!("{s:?} is not a positive duration (e.g. 10m, 90s, 1h30m)")),

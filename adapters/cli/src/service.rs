@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// Objects per list page.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
+    /// Least time between two status patches of one Backup, e.g. 1s or 200ms.
+    #[arg(long, default_value = "1s", value_parser = crate::cli::parse_duration)]
+    status_interval: u64,
     /// The default store (Backups that name none): `--storage DIR|s3://…`, default <data-dir>/store.
     #[command(flatten)]
     storage: StorageArgs,
@@ -110,6 +113,7 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         metrics_addr: a.metrics_addr,
         locations,
         page_size: a.page_size,
+        status_interval_ms: a.status_interval,
     };
     let rt = runtime()?;
     let metrics = Arc::new(Metrics::new());

@@ -9,7 +9,8 @@
 //!   (the engine runs owed post-hooks first), and `status.resumedCount` goes up. A log whose
 //!   backup uid is not the object's (an older Backup of the same name) is removed first.
 //! - **Status** is computed from the run's own folded state (never from the cached object) and
-//!   patched on the `status` subresource at most every [`STATUS_INTERVAL_MS`], the latest value
+//!   patched on the `status` subresource at most every `--status-interval` (default
+//!   [`STATUS_INTERVAL_MS`]), the latest value
 //!   winning; the final status is patched after every earlier patch has finished.
 //! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes its store files and log,
 //!   then removes the finalizer. Finalizers are changed by merge patches that carry the object's
@@ -48,7 +49,7 @@ use crate::kube::KubeCluster;
 use crate::report::rfc3339;
 use crate::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError};
 
-/// Least time between two status patches of one Backup.
+/// Least time between two status patches of one Backup, by default.
 pub const STATUS_INTERVAL_MS: u64 = 1000;
 /// How often a Queued Backup is looked at again without a wake-up.
 const QUEUE_RECHECK: Duration = Duration::from_secs(5);
@@ -91,6 +92,8 @@ pub struct ServeConfig {
     pub locations: Locations,
     /// Objects per list page.
     pub page_size: u32,
+    /// Least time between two status patches of one Backup ([`STATUS_INTERVAL_MS`] by default).
+    pub status_interval_ms: u64,
 }
 
 /// Why the controller stopped.
@@ -546,7 +549,7 @@ fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> B
     }
 }
 
-/// Sends the run's status to the patcher (at most every [`STATUS_INTERVAL_MS`]) and keeps the
+/// Sends the run's status to the patcher (at most every status interval) and keeps the
 /// hook, block and flush metrics.
 struct StatusObserver {
     tx: watch::Sender<Option<BackupStatus>>,
@@ -554,6 +557,7 @@ struct StatusObserver {
     ttl_ms: Option<u64>,
     metrics: Arc<Metrics>,
     last: Option<Instant>,
+    interval: Duration,
     hook_started: BTreeMap<(u32, u32, String), u64>,
     in_flight: i64,
 }
@@ -584,7 +588,7 @@ impl Observer for StatusObserver {
         let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count() as i64;
         self.metrics.blocks_in_flight.inc_by(in_flight - self.in_flight);
         self.in_flight = in_flight;
-        let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(STATUS_INTERVAL_MS));
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.interval);
         if due {
             self.last = Some(Instant::now());
             let _ = self.tx.send(Some(status_of(state, &self.base, self.ttl_ms)));
@@ -640,6 +644,7 @@ async fn run_backup(
         ttl_ms: req.ttl_ms,
         metrics: ctx.metrics.clone(),
         last: Some(Instant::now()),
+        interval: Duration::from_millis(ctx.cfg.status_interval_ms),
         hook_started: BTreeMap::new(),
         in_flight: 0,
     };

@@ -99,6 +99,13 @@ fn cells(obj: &Value, cols: &[Column], pods: bool, now_ms: u64) -> Vec<Value> {
     cols.iter()
         .map(|c| match (c.name.as_str(), c.type_.as_str()) {
             ("Age", "string") => json!(age(obj, now_ms)),
+            // As the real server's table convertor: a date cell is the time since it, as kubectl
+            // prints ages (`5m`), not the timestamp itself.
+            (_, "date") => match eval_path(obj, &c.json_path) {
+                Some(Value::String(t)) => parse_rfc3339(&t)
+                    .map_or(Value::String(t), |at| json!(human_duration(now_ms.saturating_sub(at) / 1000))),
+                other => other.unwrap_or(Value::Null),
+            },
             _ => eval_path(obj, &c.json_path).unwrap_or(Value::Null),
         })
         .collect()
@@ -209,6 +216,10 @@ mod tests {
         let t = table(std::slice::from_ref(&o), &columns(false, None), false, Include::Object, json!({}), 0);
         assert_eq!(t["rows"][0]["object"], o);
         assert_eq!(t["rows"][0]["cells"][1], Value::Null, "no timestamp: the date cell is empty");
+        let dated = json!({"metadata": {"name": "b2", "creationTimestamp": "2024-05-01T12:00:00Z"}});
+        let now = parse_rfc3339("2024-05-01T12:02:10Z").unwrap();
+        let t = table(std::slice::from_ref(&dated), &columns(false, None), false, Include::None, json!({}), now);
+        assert_eq!(t["rows"][0]["cells"], json!(["b2", "2m10s"]), "a date cell is an age");
         assert!(Include::parse(Some("Everything")).unwrap_err().contains("Everything"));
         assert!(wants_table("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"));
         assert!(!wants_table("application/json"));
