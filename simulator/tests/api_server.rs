@@ -367,3 +367,30 @@ async fn a_watch_of_one_resource_never_streams_another_resources_changes() {
     .await;
     assert_eq!(seen, ["after"]);
 }
+
+/// Deleting a namespace deletes what is in it, then itself: an object held by a finalizer keeps
+/// the namespace Terminating until the finalizer goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_namespace_deletes_its_objects_then_itself() {
+    use k8s_openapi::api::core::v1::Namespace;
+    let (_server, client) = start(small_demo()).await;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let scratch = serde_json::from_value(json!({"metadata": {"name": "scratch"}})).unwrap();
+    nss.create(&PostParams::default(), &scratch).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "scratch");
+    let mut held = cm("held", "1");
+    held.metadata.namespace = Some("scratch".into());
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    let mut free = cm("free", "1");
+    free.metadata.namespace = Some("scratch".into());
+    cms.create(&PostParams::default(), &free).await.unwrap();
+    nss.delete("scratch", &DeleteParams::default()).await.unwrap();
+    assert!(cms.get_opt("free").await.unwrap().is_none(), "an object without finalizers goes at once");
+    let ns = nss.get("scratch").await.unwrap();
+    assert!(ns.metadata.deletion_timestamp.is_some(), "the namespace waits for what is left");
+    assert_eq!(ns.status.and_then(|s| s.phase).as_deref(), Some("Terminating"));
+    cms.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    assert!(cms.get_opt("held").await.unwrap().is_none(), "its finalizer gone, the object goes");
+    assert!(nss.get_opt("scratch").await.unwrap().is_none(), "and the namespace with its last object");
+}
