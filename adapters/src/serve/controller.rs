@@ -117,7 +117,7 @@ pub enum ServeError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// The API.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", api_message(.source))]
     Kube { what: String, source: kube::Error },
     /// The data directory.
     #[error("{0}")]
@@ -159,6 +159,21 @@ impl Ctx {
 
     fn data(&self, ns: &str) -> DataDir {
         DataDir::new(self.cfg.data_dir.join("namespaces").join(ns))
+    }
+}
+
+impl ReconcileError {
+    /// The object is not there (404).
+    fn is_gone(&self) -> bool {
+        matches!(self, ReconcileError::Kube { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+}
+
+/// An API error as a person reads it: the server's message and code, not kube's whole record.
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        e => e.to_string(),
     }
 }
 
@@ -205,7 +220,6 @@ async fn lead_then_reconcile(
             .await
             .map_err(lease_err)?;
         let (mut rx, task) = manager.watch().await;
-        tracing::info!("waiting for the Lease {}/{} (identity {})", l.namespace, l.name, l.identity);
         eprintln!("standing by: waiting for the Lease {}/{} as {}", l.namespace, l.name, l.identity);
         loop {
             if *rx.borrow_and_update() {
@@ -291,7 +305,8 @@ async fn shutdown_signal() {
 }
 
 fn error_policy(b: Arc<Backup>, e: &ReconcileError, _: Arc<Ctx>) -> Action {
-    tracing::warn!("backup {}/{}: {e}", b.namespace().unwrap_or_default(), b.name_any());
+    // The process's log is its stderr (`kubectl logs`): no tracing subscriber is installed.
+    eprintln!("warning: backup {}/{}: {e} (retrying)", b.namespace().unwrap_or_default(), b.name_any());
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -318,12 +333,12 @@ fn status_patch(status: &BackupStatus) -> serde_json::Value {
     json!({ "status": v })
 }
 
-async fn patch_status(api: &Api<Backup>, name: &str, status: &BackupStatus) -> Result<(), ReconcileError> {
+/// Patches the status; the object as it is after the patch.
+async fn patch_status(api: &Api<Backup>, name: &str, status: &BackupStatus) -> Result<Backup, ReconcileError> {
     let body = status_patch(status);
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
         .await
-        .map_err(kube_err(format!("patching the status of backup {name}")))?;
-    Ok(())
+        .map_err(kube_err(format!("patching the status of backup {name}")))
 }
 
 async fn set_finalizers(api: &Api<Backup>, b: &Backup, finalizers: Vec<String>) -> Result<(), ReconcileError> {
@@ -359,14 +374,24 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             let _ = run.done.wait_for(|d| *d).await;
         }
         let mut status = b.status.clone().unwrap_or_default();
+        let mut current = (*b).clone();
         if status.phase.as_deref() != Some(phase::DELETING) {
             status.phase = Some(phase::DELETING.into());
-            patch_status(&api, &name, &status).await?;
+            // Our own write: the finalizer patch below is conditioned on what it made.
+            match patch_status(&api, &name, &status).await {
+                Ok(after) => current = after,
+                // Already gone: a reconcile of a cached copy after the deletion finished.
+                Err(e) if e.is_gone() => return Ok(Action::await_change()),
+                Err(e) => return Err(e),
+            }
         }
         data.delete(&name).await?;
         let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
-        set_finalizers(&api, &b, rest).await?;
-        eprintln!("backup {ns}/{name}: deleted its store files and log");
+        match set_finalizers(&api, &current, rest).await {
+            Ok(()) => eprintln!("backup {ns}/{name}: deleted its store files and log"),
+            Err(e) if e.is_gone() => {}
+            Err(e) => return Err(e),
+        }
         let _ = ctx.wake.unbounded_send(());
         return Ok(Action::await_change());
     }
@@ -621,7 +646,7 @@ async fn run_backup(
     }
     let first = status_of(session.state(), &base, req.ttl_ms);
     if let Err(e) = patch_status(api, &name, &first).await {
-        tracing::warn!("backup {ns}/{name}: {e}");
+        eprintln!("warning: backup {ns}/{name}: {e}");
     }
     let (tx, mut rx) = watch::channel::<Option<BackupStatus>>(None);
     let patcher = {
@@ -632,7 +657,7 @@ async fn run_backup(
                 let latest = rx.borrow_and_update().clone();
                 if let Some(s) = latest {
                     if let Err(e) = patch_status(&api, &name, &s).await {
-                        tracing::warn!("backup {name}: {e}");
+                        eprintln!("warning: backup {name}: {e}");
                     }
                 }
             }
@@ -718,7 +743,7 @@ async fn run_backup(
     };
     eprintln!("backup {ns}/{name}: {}", end.phase.as_deref().unwrap_or("?"));
     if let Err(e) = patch_status(api, &name, &end).await {
-        tracing::warn!("backup {ns}/{name}: {e}");
+        eprintln!("warning: backup {ns}/{name}: {e}");
     }
 }
 

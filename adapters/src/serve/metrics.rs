@@ -203,7 +203,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("metrics server: {e}");
+            eprintln!("warning: the metrics server stopped: {e}");
         }
     });
     Ok((bound, task))
