@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use blockwise_engine::body::Body;
 use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::Cluster;
@@ -24,8 +25,9 @@ use blockwise_engine::state::BackupState;
 use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use sha2::{Digest, Sha256};
 
-use crate::log::{EventLog, LogError, LogMedium};
+use crate::log::{Bodies, EventLog, LogError, LogMedium};
 use crate::report;
 use crate::store::{Store, StoreError};
 use crate::world::{timeout, BoxFuture, Runtime};
@@ -97,8 +99,16 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Executes one command against the world.
-async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
+/// The bytes of a body: held, or read back from the log's objects.
+fn body_bytes(body: &Body, bodies: &Bodies) -> Result<Arc<str>, String> {
+    match body {
+        Body::Held(json) => Ok(json.clone()),
+        Body::Logged(id) => bodies.get(*id),
+    }
+}
+
+/// Executes one command against the world; bodies the log carries are read from `bodies`.
+async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies) -> Completion {
     let (cluster, store, rt) = (world.cluster.as_ref(), world.store.as_ref(), world.runtime.as_ref());
     match kind {
         CommandKind::Discover => Completion::Discovered(cluster.discover().await),
@@ -132,10 +142,20 @@ async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
             };
             Completion::HookRan(outcome)
         }
-        CommandKind::WriteItem { key, json, .. } => {
-            Completion::Written(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
+        CommandKind::WriteItem { key, body, .. } => {
+            let json = match body_bytes(&body, bodies) {
+                Ok(j) => j,
+                Err(e) => return Completion::Written(Err(format!("reading the logged object back: {e}"))),
+            };
+            let digest: [u8; 32] = Sha256::digest(json.as_bytes()).into();
+            let staged = store.put_item(backup, &key, json.as_bytes()).await;
+            Completion::Written(staged.map(|()| (digest, json.len() as u64)).map_err(|e| e.to_string()))
         }
-        CommandKind::Restage { key, json } => {
+        CommandKind::Restage { key, body } => {
+            let json = match body_bytes(&body, bodies) {
+                Ok(j) => j,
+                Err(e) => return Completion::Restaged(Err(format!("reading the logged object back: {e}"))),
+            };
             Completion::Restaged(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
         }
         CommandKind::InspectVolumes { pvs, classes } => {
@@ -163,12 +183,17 @@ async fn execute(kind: CommandKind, backup: &str, world: &World) -> Completion {
 
 /// Starts `cmd` on the world's runtime; the future yields its id and completion (`None` only if
 /// the task ended without one, which the runtime's spawn rules out: a panic is re-raised).
-fn dispatch(cmd: Command, backup: &Arc<str>, world: &World) -> BoxFuture<(CmdId, Option<Completion>)> {
+fn dispatch(
+    cmd: Command,
+    backup: &Arc<str>,
+    world: &World,
+    bodies: &Arc<Bodies>,
+) -> BoxFuture<(CmdId, Option<Completion>)> {
     let slot: Arc<Mutex<Option<Completion>>> = Arc::new(Mutex::new(None));
-    let (out, backup, w) = (slot.clone(), backup.clone(), world.clone());
+    let (out, backup, w, bodies) = (slot.clone(), backup.clone(), world.clone(), bodies.clone());
     let id = cmd.id;
     let work = world.runtime.spawn(Box::pin(async move {
-        let c = execute(cmd.kind, &backup, &w).await;
+        let c = execute(cmd.kind, &backup, &w, &bodies).await;
         *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);
     }));
     Box::pin(async move {
@@ -210,10 +235,11 @@ fn dispatch_ready(
     executors_max: usize,
     backup: &Arc<str>,
     world: &World,
+    bodies: &Arc<Bodies>,
 ) {
     while inflight.len() < executors_max {
         let Some(cmd) = ready.pop_front() else { break };
-        inflight.push(dispatch(cmd, backup, world));
+        inflight.push(dispatch(cmd, backup, world, bodies));
     }
 }
 
@@ -236,6 +262,7 @@ pub async fn drive<M: LogMedium>(
     observer: &mut dyn Observer,
 ) -> Result<BackupState, RunError> {
     let backup: Arc<str> = Arc::from(log.name());
+    let bodies = log.bodies();
     let rt = world.runtime.clone();
     let executors_max = workers.max(1) + EXECUTORS_EXTRA;
     let mut waiting: Vec<Command> = Vec::new();
@@ -260,7 +287,7 @@ pub async fn drive<M: LogMedium>(
         // a flush is needed only when a command waits for it, when nothing else could make
         // progress, or when the batch is full.
         promote(&mut waiting, &mut ready, log.durable_seq());
-        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world);
+        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world, &bodies);
         let blocked = !waiting.is_empty();
         let terminal = engine.is_finished() || engine.stopped().is_some();
         let idle = inflight.is_empty() && ready.is_empty();
@@ -284,7 +311,7 @@ pub async fn drive<M: LogMedium>(
         if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
             return Ok(engine.state().clone());
         }
-        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world);
+        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world, &bodies);
         let Some(first) = inflight.next().await else {
             return Err(RunError::Engine("the engine has nothing to do but the backup is not finished".into()));
         };
@@ -308,8 +335,9 @@ pub async fn store_backup_files<M: LogMedium>(
     state: &BackupState,
     store: &dyn Store,
 ) -> Result<(), RunError> {
-    let events = log.read_back()?;
-    let files = report::backup_files(log.name(), state, &events).map_err(|e| RunError::Encode(e.to_string()))?;
+    let mut builder = report::BackupFiles::new(log.name(), state);
+    log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
+    let files = builder.finish().map_err(|e| RunError::Encode(e.to_string()))?;
     for (file, bytes) in &files {
         store
             .put_file(log.name(), file, bytes)

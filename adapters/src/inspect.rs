@@ -85,7 +85,9 @@ fn parse_path(path: &str) -> Option<ItemPath> {
 
 fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out).map_err(|e| format!("{what} is not valid gzip: {e}"))?;
+    flate2::read::MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{what} is not valid gzip: {e}"))?;
     Ok(out)
 }
 
@@ -171,7 +173,7 @@ pub fn inspect_with(archive: &[u8], resource_list: Option<&[u8]>, csi: Option<&C
     let mut primaries: BTreeMap<ItemId, (Vec<u8>, Option<String>)> = BTreeMap::new();
     let mut copies: BTreeMap<ItemId, Vec<(String, Vec<u8>)>> = BTreeMap::new();
     let mut paths = BTreeSet::new();
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
     let entries = match tar.entries() {
         Ok(e) => e,
         Err(e) => {

@@ -20,7 +20,10 @@
 //! every record, so nothing unverified is ever trusted.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+
+use blockwise_engine::body::BodyId;
 
 use blockwise_engine::event::{encode_record, recover_records};
 use blockwise_engine::mutation::{self, Mutation};
@@ -73,6 +76,9 @@ pub struct OpenReport {
 /// before the bad key) and why.
 pub type Records = Result<Vec<(Seq, Vec<u8>)>, (usize, String)>;
 
+/// What [`LogMedium::scan`] calls with each record: its sequence number and bytes.
+pub type RecordVisitor<'a> = &'a mut dyn FnMut(Seq, &[u8]) -> Result<(), String>;
+
 /// A flush that can run on another thread: makes every prior insert durable.
 pub type FlushJob = Box<dyn FnOnce() -> Result<(), String> + Send + 'static>;
 
@@ -93,6 +99,126 @@ pub trait LogMedium: Send {
     fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String>;
     /// A job that makes every insert and removal so far durable.
     fn flush_job(&self) -> FlushJob;
+    /// Calls `f` with every record of backup `id` in key order (as [`LogMedium::records`], one at a
+    /// time); stops at the first error, of the medium or of `f`.
+    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
+        for (seq, v) in self.records(id).map_err(|(_, m)| m)? {
+            f(seq, &v)?;
+        }
+        Ok(())
+    }
+    /// Where the log's objects are spilled (`None`: held in memory).
+    fn spill_path(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+fn new_bodies<M: LogMedium>(medium: &M) -> Result<Bodies, String> {
+    match medium.spill_path() {
+        Some(p) => Bodies::spill(&p).map_err(|e| format!("creating {}: {e}", p.display())),
+        None => Ok(Bodies::memory()),
+    }
+}
+
+/// The objects a log carries, by [`BodyId`] (`blockwise_engine::body`): every object of every
+/// `ResourceListed` and `ItemsFetched` record appended or read back, numbered in log order as the
+/// fold numbers them. Derived from the log, never a source of truth: rebuilt on every open.
+/// Production keeps them in a spill file beside the log (read back with positioned reads, so the
+/// process holds only 12 bytes per object); the simulator in memory.
+pub struct Bodies {
+    inner: BodiesInner,
+}
+
+enum BodiesInner {
+    Memory(RwLock<Vec<Arc<str>>>),
+    File { path: PathBuf, file: std::fs::File, index: RwLock<Vec<(u64, u32)>> },
+}
+
+impl std::fmt::Debug for Bodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            BodiesInner::Memory(v) => {
+                write!(f, "Bodies(memory, {})", v.read().unwrap_or_else(PoisonError::into_inner).len())
+            }
+            BodiesInner::File { path, .. } => write!(f, "Bodies({})", path.display()),
+        }
+    }
+}
+
+impl Bodies {
+    /// Bodies held in memory.
+    pub fn memory() -> Bodies {
+        Bodies { inner: BodiesInner::Memory(RwLock::new(Vec::new())) }
+    }
+
+    /// Bodies in a spill file at `path`, created empty (truncated if it exists).
+    pub fn spill(path: &Path) -> std::io::Result<Bodies> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(Bodies { inner: BodiesInner::File { path: path.to_path_buf(), file, index: RwLock::new(Vec::new()) } })
+    }
+
+    /// Objects numbered so far.
+    pub fn len(&self) -> u64 {
+        match &self.inner {
+            BodiesInner::Memory(v) => v.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
+            BodiesInner::File { index, .. } => index.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
+        }
+    }
+
+    /// Whether no object is numbered yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Numbers the objects `event` carries.
+    fn add(&self, event: &Event) -> Result<(), String> {
+        let mut objects = event.bodies().peekable();
+        if objects.peek().is_none() {
+            return Ok(());
+        }
+        match &self.inner {
+            BodiesInner::Memory(v) => {
+                v.write().unwrap_or_else(PoisonError::into_inner).extend(objects.map(Arc::<str>::from));
+                Ok(())
+            }
+            BodiesInner::File { path, file, index } => {
+                use std::os::unix::fs::FileExt;
+                let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
+                let mut end = index.last().map_or(0, |&(o, l)| o + u64::from(l));
+                let start = end;
+                let mut buf = Vec::new();
+                for o in objects {
+                    let len = u32::try_from(o.len()).map_err(|_| format!("an object of {} bytes", o.len()))?;
+                    buf.extend_from_slice(o.as_bytes());
+                    index.push((end, len));
+                    end += u64::from(len);
+                }
+                file.write_all_at(&buf, start).map_err(|e| format!("writing {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// The object numbered `id`.
+    pub fn get(&self, id: BodyId) -> Result<Arc<str>, String> {
+        let missing = || format!("object {id} is not in the log ({} objects)", self.len());
+        match &self.inner {
+            BodiesInner::Memory(v) => {
+                v.read().unwrap_or_else(PoisonError::into_inner).get(id as usize).cloned().ok_or_else(missing)
+            }
+            BodiesInner::File { path, file, index } => {
+                use std::os::unix::fs::FileExt;
+                let (offset, len) = {
+                    let index = index.read().unwrap_or_else(PoisonError::into_inner);
+                    *index.get(id as usize).ok_or_else(missing)?
+                };
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                String::from_utf8(buf)
+                    .map(Arc::from)
+                    .map_err(|_| format!("{}: object {id} is not UTF-8", path.display()))
+            }
+        }
+    }
 }
 
 /// The durable event log of one backup, over a [`LogMedium`].
@@ -103,6 +229,7 @@ pub struct EventLog<M: LogMedium = SledMedium> {
     id: u64,
     next: Seq,
     durable: Option<Seq>,
+    bodies: Arc<Bodies>,
 }
 
 impl<M: LogMedium> std::fmt::Debug for EventLog<M> {
@@ -144,11 +271,18 @@ impl<M: LogMedium> EventLog<M> {
         }
         medium.write_name(backup_name).map_err(storage)?;
         (medium.flush_job())().map_err(storage)?;
-        Ok(EventLog { medium, path, name: backup_name.to_string(), id, next: 0, durable: None })
+        let bodies = Arc::new(new_bodies(&medium).map_err(storage)?);
+        Ok(EventLog { medium, path, name: backup_name.to_string(), id, next: 0, durable: None, bodies })
     }
 
     /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
-    pub fn open_on(mut medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+    pub fn open_on(medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+        EventLog::open_with(medium, true)
+    }
+
+    /// [`EventLog::open_on`]; with `number_bodies` false the log's objects are not numbered (a
+    /// reader that only looks at the events: the log is not for appending).
+    fn open_with(mut medium: M, number_bodies: bool) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
         let path = medium.location().to_path_buf();
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
         let name = match medium.read_name().map_err(storage)? {
@@ -182,16 +316,27 @@ impl<M: LogMedium> EventLog<M> {
             }
             report.cut_tail = Some((seq, reason));
         }
-        let log = EventLog { medium, path, name, id, next, durable };
+        let bodies = if number_bodies { new_bodies(&medium).map_err(storage)? } else { Bodies::memory() };
+        for e in events.iter().filter(|_| number_bodies) {
+            bodies.add(e).map_err(storage)?;
+        }
+        let log = EventLog { medium, path, name, id, next, durable, bodies: Arc::new(bodies) };
         Ok((log, events, report))
     }
 
     /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
     pub fn append(&mut self, seq: Seq, event: &Event) -> Result<(), LogError> {
-        self.append_encoded(seq, &encode_record(event))
+        self.append_encoded(seq, &encode_record(event))?;
+        self.bodies.add(event).map_err(|m| self.storage(m))
     }
 
-    /// Appends already encoded record bytes as record `seq`; not yet durable.
+    /// The objects the log carries, by number: what a write whose body is logged reads back.
+    pub fn bodies(&self) -> Arc<Bodies> {
+        self.bodies.clone()
+    }
+
+    /// Appends already encoded record bytes as record `seq`; not yet durable. The objects such a
+    /// record carries are not numbered ([`EventLog::bodies`]): benchmarks and corruption tests only.
     pub fn append_encoded(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
         if seq != self.next {
             return Err(LogError::OutOfOrder { path: self.path.clone(), expected: self.next, got: seq });
@@ -241,6 +386,32 @@ impl<M: LogMedium> EventLog<M> {
         let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
             .map_err(|e| LogError::Corrupt { path: self.path.clone(), seq: e.seq, reason: e.reason })?;
         Ok(recovered.events)
+    }
+
+    /// Calls `f` with every event of the log in order, decoding one record at a time (the log
+    /// stays open; nothing but the current record is held). A bad record or a gap is corruption.
+    pub fn for_each_event(&self, mut f: impl FnMut(Seq, &Event) -> Result<(), String>) -> Result<(), LogError> {
+        let mut expected: Seq = 0;
+        let mut bad: Option<(Seq, String)> = None;
+        let scanned = self.medium.scan(self.id, &mut |seq, bytes| {
+            if seq != expected {
+                bad = Some((expected, format!("record {expected} is missing (found {seq})")));
+                return Err(String::new());
+            }
+            let event = match blockwise_engine::event::decode_record(bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    bad = Some((seq, e.to_string()));
+                    return Err(String::new());
+                }
+            };
+            expected += 1;
+            f(seq, &event)
+        });
+        if let Some((seq, reason)) = bad {
+            return Err(LogError::Corrupt { path: self.path.clone(), seq, reason });
+        }
+        scanned.map_err(|m| self.storage(m))
     }
 
     /// The last record known durable, if any.
@@ -405,7 +576,27 @@ impl LogMedium for SledMedium {
         let db = self.db.clone();
         Box::new(move || db.flush().map(|_| ()).map_err(|e| e.to_string()))
     }
+
+    fn spill_path(&self) -> Option<PathBuf> {
+        Some(self.path.join(SPILL_FILE))
+    }
+
+    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
+        for kv in self.db.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv.map_err(|e| e.to_string())?;
+            if k.len() != 16 {
+                return Err(format!("unexpected key of {} bytes among the records", k.len()));
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&k[8..]);
+            f(Seq::from_be_bytes(seq), &v)?;
+        }
+        Ok(())
+    }
 }
+
+/// The spill file of a sled log's objects, inside its directory ([`Bodies`]).
+pub const SPILL_FILE: &str = "bodies.spill";
 
 impl EventLog<SledMedium> {
     /// Creates the sled log of backup `backup_name` in `dir`; fails if it already has records.
@@ -429,7 +620,7 @@ pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
     if !dir.join("db").is_file() {
         return Err(LogError::NotFound(dir.to_path_buf()));
     }
-    EventLog::open_on(SledMedium::open_waiting(dir, READER_LOCK_WAIT)?).map(|(_, events, _)| events)
+    EventLog::open_with(SledMedium::open_waiting(dir, READER_LOCK_WAIT)?, false).map(|(_, events, _)| events)
 }
 #[cfg(test)]
 mod tests {

@@ -423,7 +423,8 @@ fn objects_of(s: &BackupState, wanted: &BTreeSet<ItemKey>) -> BTreeMap<ItemKey, 
         if !wanted.iter().any(|k| k.gr() == rt.gr) {
             continue;
         }
-        for o in &l.objects {
+        // Claims and volumes, the only objects asked for here, are held in memory.
+        for o in l.objects.iter().filter_map(|b| b.held()) {
             if let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, o) {
                 if wanted.contains(&it.key) {
                     out.entry(it.key.clone()).or_insert(it.object);
@@ -432,7 +433,7 @@ fn objects_of(s: &BackupState, wanted: &BTreeSet<ItemKey>) -> BTreeMap<ItemKey, 
         }
     }
     for (key, json) in &s.fetched {
-        if let (true, Some(j)) = (wanted.contains(key), json) {
+        if let (true, Some(j)) = (wanted.contains(key), json.as_ref().and_then(|b| b.held())) {
             if let Ok(v) = serde_json::from_str::<Value>(j) {
                 out.entry(key.clone()).or_insert(v);
             }
@@ -668,87 +669,141 @@ impl ResultPart {
 /// `results.Result` into `velero` (backup-wide), `cluster` (cluster-scoped items) and `namespaces`.
 /// The messages are exactly those of `describe` (the fold's, de-duplicated the same way).
 pub fn results_json(s: &BackupState, events: &[Event]) -> Value {
-    let (mut errors, mut warnings) = (ResultPart::default(), ResultPart::default());
-    let mut seen = BTreeSet::new();
+    let mut r = Results::default();
     for e in events {
+        r.push(s, e);
+    }
+    r.to_json()
+}
+
+/// The results of a backup, gathered event by event.
+#[derive(Default)]
+struct Results {
+    errors: ResultPart,
+    warnings: ResultPart,
+    seen: BTreeSet<String>,
+}
+
+impl Results {
+    fn push(&mut self, s: &BackupState, e: &Event) {
         let (part, ns, cluster, message) = match e {
             Event::ListFailed { unit, error } => {
-                (&mut errors, unit.namespace.clone(), false, format!("listing {unit} failed: {error}"))
+                (&mut self.errors, unit.namespace.clone(), false, format!("listing {unit} failed: {error}"))
             }
-            Event::Diagnostic { severity: Severity::Error, message } => (&mut errors, None, false, message.clone()),
-            Event::Diagnostic { severity: Severity::Warning, message } => (&mut warnings, None, false, message.clone()),
+            Event::Diagnostic { severity: Severity::Error, message } => {
+                (&mut self.errors, None, false, message.clone())
+            }
+            Event::Diagnostic { severity: Severity::Warning, message } => {
+                (&mut self.warnings, None, false, message.clone())
+            }
             Event::HookFinished { block, hook, outcome, .. } if !outcome.ok() => (
-                &mut errors,
+                &mut self.errors,
                 hook.pod.namespace.clone(),
                 true,
                 format!("block {block}: {:?} hook {} of {}: {outcome}", hook.phase, hook.index, hook.pod),
             ),
             Event::ItemFailed { block, key, error, .. } => {
-                (&mut errors, key.namespace.clone(), true, format!("block {block}: {key}: {error}"))
+                (&mut self.errors, key.namespace.clone(), true, format!("block {block}: {key}: {error}"))
             }
             Event::SnapshotFailed { id, error, .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                let Some(st) = s.snapshots.get(*id as usize) else { return };
                 let msg =
                     format!("snapshot {} of {}/{}: {error}", st.plan.name, st.plan.namespace, st.plan.claims.join(","));
-                (&mut errors, Some(st.plan.namespace.clone()), false, msg)
+                (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
             }
             Event::SnapshotReady { id, error: Some(e), .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                let Some(st) = s.snapshots.get(*id as usize) else { return };
                 (
-                    &mut errors,
+                    &mut self.errors,
                     Some(st.plan.namespace.clone()),
                     false,
                     format!("snapshot {} in {}: {e}", st.plan.name, st.plan.namespace),
                 )
             }
             Event::SnapshotReleased { id, error: Some(e), .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { continue };
+                let Some(st) = s.snapshots.get(*id as usize) else { return };
                 let msg = format!("releasing snapshot {} in {}: {e}", st.plan.name, st.plan.namespace);
-                (&mut errors, Some(st.plan.namespace.clone()), false, msg)
+                (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
             }
             Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
                 let ns =
                     s.blocks.get(*block as usize).and_then(|b| b.plan.items.iter().find_map(|k| k.namespace.clone()));
-                (&mut errors, ns, true, format!("block {block} failed: {reason}"))
+                (&mut self.errors, ns, true, format!("block {block} failed: {reason}"))
             }
-            _ => continue,
+            _ => return,
         };
-        if seen.insert(message.clone()) {
+        if self.seen.insert(message.clone()) {
             part.push(ns.as_deref(), cluster, message);
         }
     }
-    json!({"errors": errors.to_json(), "warnings": warnings.to_json()})
+
+    fn to_json(&self) -> Value {
+        json!({"errors": self.errors.to_json(), "warnings": self.warnings.to_json()})
+    }
 }
 
-/// The files Velero keeps beside the archive, in the order to store them: `velero-backup.json`
-/// last, because Velero takes its presence to mean the backup is complete.
-pub fn backup_files(name: &str, s: &BackupState, events: &[Event]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    let list = serde_json::to_vec(&resource_list(s)).map_err(std::io::Error::other)?;
-    let results = serde_json::to_vec(&results_json(s, events)).map_err(std::io::Error::other)?;
-    let mut logs = String::new();
-    for (i, e) in events.iter().enumerate() {
-        logs.push_str(&event_line(i as u64, e));
-        logs.push('\n');
+/// Velero's companion files of a backup, built from its events one at a time (a 300,000-object
+/// backup's log is not held in memory for them): the log lines are compressed as they come.
+pub struct BackupFiles<'a> {
+    name: &'a str,
+    state: &'a BackupState,
+    results: Results,
+    logs: flate2::write::GzEncoder<Vec<u8>>,
+    next: u64,
+}
+
+impl<'a> BackupFiles<'a> {
+    /// Starts the files of backup `name`, whose final state is `state`.
+    pub fn new(name: &'a str, state: &'a BackupState) -> BackupFiles<'a> {
+        BackupFiles { name, state, results: Results::default(), logs: crate::store::gzip_encoder(Vec::new()), next: 0 }
     }
-    let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
-    // Velero writes these with a JSON encoder: the value and a newline.
-    let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
-        let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
-        b.push(b'\n');
-        gzip_reproducible(&b)
-    };
-    let (snapshots, contents, classes) = csi_objects(s);
-    Ok(vec![
-        (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
-        (format!("{name}-results.gz"), gzip_reproducible(&results)?),
-        (format!("{name}-logs.gz"), gzip_reproducible(logs.as_bytes())?),
-        (format!("{name}-volumeinfo.json.gz"), encode(&volume_infos(s))?),
-        (format!("{name}-itemoperations.json.gz"), encode(&item_operations(s))?),
-        (format!("{name}-csi-volumesnapshots.json.gz"), encode(&snapshots)?),
-        (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode(&contents)?),
-        (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
-        ("velero-backup.json".to_string(), backup),
-    ])
+
+    /// Takes the log's next event.
+    pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
+        use std::io::Write;
+        self.results.push(self.state, e);
+        let mut line = event_line(self.next, e);
+        line.push('\n');
+        self.next += 1;
+        self.logs.write_all(line.as_bytes())
+    }
+
+    /// The files, in the order to store them: `velero-backup.json` last, because Velero takes its
+    /// presence to mean the backup is complete.
+    pub fn finish(self) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+        let (name, s) = (self.name, self.state);
+        let list = serde_json::to_vec(&resource_list(s)).map_err(std::io::Error::other)?;
+        let results = serde_json::to_vec(&self.results.to_json()).map_err(std::io::Error::other)?;
+        let logs = self.logs.finish()?;
+        let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
+        // Velero writes these with a JSON encoder: the value and a newline.
+        let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
+            let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+            b.push(b'\n');
+            gzip_reproducible(&b)
+        };
+        let (snapshots, contents, classes) = csi_objects(s);
+        Ok(vec![
+            (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
+            (format!("{name}-results.gz"), gzip_reproducible(&results)?),
+            (format!("{name}-logs.gz"), logs),
+            (format!("{name}-volumeinfo.json.gz"), encode(&volume_infos(s))?),
+            (format!("{name}-itemoperations.json.gz"), encode(&item_operations(s))?),
+            (format!("{name}-csi-volumesnapshots.json.gz"), encode(&snapshots)?),
+            (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode(&contents)?),
+            (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
+            ("velero-backup.json".to_string(), backup),
+        ])
+    }
+}
+
+/// The files Velero keeps beside the archive ([`BackupFiles`]) of a log held in memory.
+pub fn backup_files(name: &str, s: &BackupState, events: &[Event]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = BackupFiles::new(name, s);
+    for e in events {
+        files.push(e)?;
+    }
+    files.finish()
 }
 
 #[cfg(test)]

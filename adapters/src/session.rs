@@ -539,6 +539,9 @@ impl Session {
             runtime,
         };
         let mut live = LiveView::start(&self.data.backup_dir(&self.name), &self.events, &self.state, observer);
+        // The engine and the live view have what they need from the log read at open: a resumed
+        // backup's events are not kept for the whole run.
+        self.events = Vec::new();
         run_backup(engine, &mut self.log, &world, workers, &mut live).await
     }
 }

@@ -44,6 +44,9 @@ pub const FORMAT_VERSION: &str = "1.1.0";
 pub const VERSION_FILE_BYTES: &[u8] = b"1.1.0\n";
 /// The gzip level of every archive; fixed so the bytes are reproducible.
 const GZIP_LEVEL: u32 = 6;
+/// Bytes of the tar stream compressed as one gzip member of the archive. Fixed, so the archive's
+/// bytes do not depend on how many threads compress it.
+pub const GZIP_MEMBER_BYTES: usize = 1 << 20;
 /// Distinguishes concurrent temp files of one process.
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -672,7 +675,7 @@ pub fn verify_staged(entry: &ArchiveEntry, bytes: &[u8]) -> Result<(), StoreErro
 }
 
 /// The gzip encoder of every file we write: mtime 0, no file name, OS "unknown", one level.
-fn gzip_encoder<W: Write>(sink: W) -> flate2::write::GzEncoder<W> {
+pub(crate) fn gzip_encoder<W: Write>(sink: W) -> flate2::write::GzEncoder<W> {
     flate2::GzBuilder::new().mtime(0).operating_system(255).write(sink, flate2::Compression::new(GZIP_LEVEL))
 }
 
@@ -693,7 +696,8 @@ pub fn write_archive<W: Write>(
     mut read: impl FnMut(&ArchiveEntry) -> Result<Vec<u8>, StoreError>,
 ) -> Result<(W, [u8; 32], u64), StoreError> {
     let sink = HashingWriter { inner: sink, hasher: Sha256::new(), bytes: 0 };
-    let mut tar = tar::Builder::new(gzip_encoder(sink));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut tar = tar::Builder::new(ParallelGzip::new(sink, threads));
     for p in planned {
         let bytes = match p.entry {
             Some(entry) => read(entry)?,
@@ -712,6 +716,93 @@ pub fn write_archive<W: Write>(
     let sink = gz.finish().map_err(io_err("write", what))?;
     Ok((sink.inner, sink.hasher.finalize().into(), sink.bytes))
 }
+/// A writer that cuts what it is given into [`GZIP_MEMBER_BYTES`] chunks and compresses each as an
+/// independent gzip member (RFC 1952 §2.2: a gzip file is a series of members) on up to `threads`
+/// threads, writing the members to the sink in order. The bytes depend on the input alone, never on
+/// the thread count. Go's `gzip.Reader` (Velero), GNU gzip and tar, and flate2's `MultiGzDecoder`
+/// read the members as one stream.
+pub struct ParallelGzip<W: Write> {
+    sink: W,
+    buf: Vec<u8>,
+    threads: usize,
+    /// Members being compressed, oldest first.
+    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
+}
+
+impl<W: Write> ParallelGzip<W> {
+    /// A writer into `sink` compressing on up to `threads` threads (1: on the caller's thread).
+    pub fn new(sink: W, threads: usize) -> ParallelGzip<W> {
+        ParallelGzip {
+            sink,
+            buf: Vec::with_capacity(GZIP_MEMBER_BYTES),
+            threads: threads.max(1),
+            pending: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn compress(chunk: &[u8]) -> io::Result<Vec<u8>> {
+        let mut gz = gzip_encoder(Vec::with_capacity(chunk.len() / 4 + 64));
+        gz.write_all(chunk)?;
+        gz.finish()
+    }
+
+    /// Writes the oldest member in flight to the sink.
+    fn write_oldest(&mut self) -> io::Result<()> {
+        if let Some(rx) = self.pending.pop_front() {
+            let member = rx.recv().map_err(|_| io::Error::other("a gzip thread ended without its member"))??;
+            self.sink.write_all(&member)?;
+        }
+        Ok(())
+    }
+
+    /// Compresses the buffered chunk: on a thread of its own when more than one is allowed.
+    fn cut(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(GZIP_MEMBER_BYTES));
+        if self.threads == 1 {
+            let member = Self::compress(&chunk)?;
+            return self.sink.write_all(&member);
+        }
+        while self.pending.len() >= self.threads {
+            self.write_oldest()?;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name("gzip".into()).spawn(move || {
+            let _ = tx.send(Self::compress(&chunk));
+        })?;
+        self.pending.push_back(rx);
+        Ok(())
+    }
+
+    /// Compresses what is left, writes every member, and returns the sink.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.cut()?;
+        while !self.pending.is_empty() {
+            self.write_oldest()?;
+        }
+        self.sink.flush()?;
+        Ok(self.sink)
+    }
+}
+
+impl<W: Write> Write for ParallelGzip<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(GZIP_MEMBER_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == GZIP_MEMBER_BYTES {
+            self.cut()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Members are cut at fixed offsets only; flushing does not cut one.
+        Ok(())
+    }
+}
+
 /// Bounds of [`RetryingStore`]: attempts per operation and the exponential backoff between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -832,6 +923,41 @@ mod tests {
         format!("very-long-{}", "x".repeat(120))
     }
 
+    /// Bytes that deflate somewhat, over several members, with a short last one.
+    fn sample_stream() -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut x: u64 = 7;
+        while v.len() < 3 * GZIP_MEMBER_BYTES + 12_345 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            v.extend_from_slice(format!("{{\"k\":{}}}", x >> 50).as_bytes());
+        }
+        v
+    }
+
+    fn parallel_gzip(data: &[u8], threads: usize, piece: usize) -> Vec<u8> {
+        let mut gz = ParallelGzip::new(Vec::new(), threads);
+        for p in data.chunks(piece) {
+            gz.write_all(p).unwrap();
+        }
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn parallel_gzip_bytes_do_not_depend_on_threads_or_write_sizes() {
+        let data = sample_stream();
+        let one = parallel_gzip(&data, 1, 4096);
+        for (threads, piece) in [(2, 4096), (8, 1 << 20), (3, 777)] {
+            assert!(parallel_gzip(&data, threads, piece) == one, "{threads} threads, writes of {piece}");
+        }
+        // Independent members, read back as one stream.
+        let mut back = Vec::new();
+        flate2::read::MultiGzDecoder::new(one.as_slice()).read_to_end(&mut back).unwrap();
+        assert!(back == data);
+        let mut first = Vec::new();
+        flate2::read::GzDecoder::new(one.as_slice()).read_to_end(&mut first).unwrap();
+        assert_eq!(first.len(), GZIP_MEMBER_BYTES, "the first member holds exactly one chunk");
+    }
+
     /// Items of several groups and scopes, one with a path too long for a plain tar header.
     fn items() -> Vec<(ItemKey, &'static str, Vec<u8>)> {
         vec![
@@ -859,7 +985,7 @@ mod tests {
     }
 
     fn read_archive(path: &Path) -> Vec<(String, tar::Header, Vec<u8>)> {
-        let gz = flate2::read::GzDecoder::new(File::open(path).unwrap());
+        let gz = flate2::read::MultiGzDecoder::new(File::open(path).unwrap());
         let mut archive = tar::Archive::new(gz);
         let mut out = Vec::new();
         for e in archive.entries().unwrap() {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
@@ -102,11 +103,12 @@ pub enum CommandKind {
     Get { items: Vec<(ResourceType, ItemKey)> },
     /// Exec a hook (the runtime enforces `hook.timeout_ms`).
     RunHook { block: u32, attempt: u32, hook: Hook },
-    /// Stage one item's canonical JSON under its deterministic key (idempotent).
-    WriteItem { block: u32, attempt: u32, key: ItemKey, json: Arc<str> },
+    /// Stage one item's canonical JSON under its deterministic key (idempotent): the bytes, or the
+    /// logged object to read back (`crate::body`).
+    WriteItem { block: u32, attempt: u32, key: ItemKey, body: Body },
     /// Stage again an item the archive build found missing or changed; its `ItemWritten` fact is
     /// already in the log, so the bytes are the logged ones and nothing new is recorded.
-    Restage { key: ItemKey, json: Arc<str> },
+    Restage { key: ItemKey, body: Body },
     /// Build the archive from the staged items.
     Finalize { entries: Vec<ArchiveEntry> },
     /// Read the claims' PersistentVolumes (`pvs`) and list the snapshot classes of `classes`
@@ -150,8 +152,8 @@ pub enum Completion {
     Fetched(Vec<(ItemKey, Result<Option<String>, ClusterError>)>),
     /// Result of `RunHook`.
     HookRan(HookOutcome),
-    /// Result of `WriteItem`.
-    Written(Result<(), String>),
+    /// Result of `WriteItem`: the sha256 and length of the bytes staged.
+    Written(Result<([u8; 32], u64), String>),
     /// Result of `Restage`.
     Restaged(Result<(), String>),
     /// Result of `Finalize`.
@@ -221,8 +223,8 @@ enum BlockRun {
 /// One entry of a block attempt's writes.
 #[derive(Debug, Clone)]
 enum PlannedWrite {
-    /// Stage this JSON.
-    Write { key: ItemKey, json: Arc<str> },
+    /// Stage this object.
+    Write { key: ItemKey, body: Body },
     /// The item cannot be written: record why.
     Fail { key: ItemKey, error: String },
 }
@@ -286,7 +288,12 @@ pub struct Engine {
     discovering: bool,
     listing: BTreeSet<ListUnit>,
     fetching: bool,
-    objects: Option<HashMap<ItemKey, Arc<str>>>,
+    /// The write path's view of every known object, once the plan is finished.
+    objects: Option<HashMap<ItemKey, Body>>,
+    /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
+    /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
+    /// is built.
+    catalog: Vec<Item>,
     runs: BTreeMap<u32, Run>,
     /// Interrupted attempts waiting for a worker to close them (recovery).
     recovering: VecDeque<(u32, Run)>,
@@ -353,12 +360,14 @@ impl Engine {
         cfg: EngineConfig,
         now_ms: u64,
     ) -> Result<Engine, ResumeError> {
-        let state = BackupState::fold(events)?;
+        let events: Vec<&Event> = events.into_iter().collect();
+        let state = BackupState::fold(events.iter().copied())?;
         let spec = state.spec.clone().ok_or(ResumeError::Empty)?;
         let selection = Selection::compile(&spec)?;
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, state, selection, actions);
         e.now_ms = now_ms;
+        e.catalog_from(&events);
         if e.state.stopped.is_some() {
             e.emit(Event::RunResumed { at_ms: now_ms });
         }
@@ -390,6 +399,7 @@ impl Engine {
             listing: BTreeSet::new(),
             fetching: false,
             objects: None,
+            catalog: Vec::new(),
             runs: BTreeMap::new(),
             recovering: VecDeque::new(),
             primed: VecDeque::new(),
@@ -639,32 +649,97 @@ impl Engine {
         self.pump_blocks();
     }
 
-    /// Parses every known object (listed and fetched) into items; bad ones were reported at list time.
-    fn known_items(&self) -> Vec<Item> {
-        let mut items = Vec::new();
-        let types = self.resource_types();
-        // Bodies no action reads (and hooks do not need) are dropped right after parsing.
-        let pv_bodies = self.state.options.snapshots_on();
-        let keep_body = |gr: &GroupResource| {
-            gr.group.is_empty() && (gr.resource == "pods" || pv_bodies && gr.resource == "persistentvolumes")
-                || self.actions.iter().any(|a| a.reads(gr))
-        };
-        let mut slim = |mut it: Item| {
-            if !keep_body(&it.key.gr()) {
-                it.object = serde_json::Value::Null;
-            }
-            it
-        };
-        for (unit, l) in &self.state.listings {
-            let Some(rt) = types.get(&unit.resource) else { continue };
-            items.extend(l.objects.iter().enumerate().filter_map(|(i, o)| Item::parse(rt, i, o).ok().map(&mut slim)));
+    /// An item as planning keeps it: bodies no action reads (and hooks do not need) are dropped
+    /// right after parsing, so a cluster's ConfigMaps and Secrets are not held as parsed JSON.
+    fn slim(&self, mut it: Item) -> Item {
+        let gr = it.key.gr();
+        let pod = gr.group.is_empty() && gr.resource == "pods";
+        let builtin = |name: &str| BUILTIN_ACTIONS.contains(&name);
+        if pod && !self.actions.iter().any(|a| !builtin(a.name()) && a.reads(&gr)) {
+            // Only what hooks and the built-in actions read of a pod.
+            it.object = project_pod(&it.object);
+            return it;
         }
-        for (key, json) in &self.state.fetched {
-            if let (Some(rt), Some(json)) = (types.get(&key.gr()), json) {
-                items.extend(Item::parse(rt, 0, json).ok().map(&mut slim));
+        let keep = gr.group.is_empty() && self.state.options.snapshots_on() && gr.resource == "persistentvolumes"
+            || self.actions.iter().any(|a| a.reads(&gr));
+        if !keep {
+            it.object = serde_json::Value::Null;
+        }
+        it
+    }
+
+    /// The body of the `n`-th object the log carries, by the fold's rule ([`crate::body`]).
+    fn body_of(gr: &GroupResource, json: &str, n: u64) -> Body {
+        if crate::body::held(gr) {
+            Body::Held(Arc::from(json))
+        } else {
+            Body::Logged(n)
+        }
+    }
+
+    /// Drops the catalog's objects of `unit` (its listing starts again, or failed).
+    fn forget_unit(&mut self, unit: &ListUnit) {
+        let fetched = &self.state.fetched;
+        self.catalog.retain(|it| {
+            let of_unit = it.key.group == unit.resource.group
+                && it.key.resource == unit.resource.resource
+                && (unit.namespace.is_none() || it.key.namespace == unit.namespace);
+            !of_unit || fetched.contains_key(&it.key)
+        });
+    }
+
+    /// Rebuilds the catalog from a resumed log's events: parsed for planning while the plan is not
+    /// finished, only the keys after (the write path needs nothing else).
+    fn catalog_from(&mut self, events: &[&Event]) {
+        let types: BTreeMap<GroupResource, ResourceType> =
+            self.resource_types().into_iter().map(|(g, r)| (g.clone(), r.clone())).collect();
+        let planning = !self.state.plan_finished;
+        let item = |e: &Engine, rt: &ResourceType, json: &str, n: u64| -> Option<Item> {
+            let mut it = if planning {
+                e.slim(Item::parse(rt, 0, json).ok()?)
+            } else {
+                Item {
+                    key: object_key(rt, json)?,
+                    uid: String::new(),
+                    resource_version: String::new(),
+                    labels: BTreeMap::new(),
+                    annotations: BTreeMap::new(),
+                    deleting: false,
+                    object: serde_json::Value::Null,
+                    body: None,
+                }
+            };
+            it.body = Some(Engine::body_of(&rt.gr, json, n));
+            Some(it)
+        };
+        let mut n: u64 = 0;
+        for e in events {
+            match e {
+                Event::ResourceListed { unit, chunk, objects, .. } => {
+                    if *chunk == 0 {
+                        self.forget_unit(unit);
+                    }
+                    let rt = types.get(&unit.resource);
+                    for o in objects {
+                        if let Some(it) = rt.and_then(|rt| item(self, rt, o, n)) {
+                            self.catalog.push(it);
+                        }
+                        n += 1;
+                    }
+                }
+                Event::ListFailed { unit, .. } => self.forget_unit(unit),
+                Event::ItemsFetched { items } => {
+                    for (key, json) in items {
+                        let Some(json) = json else { continue };
+                        if let Some(it) = types.get(&key.gr()).and_then(|rt| item(self, rt, json, n)) {
+                            self.catalog.push(it);
+                        }
+                        n += 1;
+                    }
+                }
+                _ => {}
             }
         }
-        items
     }
 
     fn plan_round(&mut self) {
@@ -680,7 +755,7 @@ impl Engine {
         let not_found: BTreeSet<ItemKey> =
             self.state.fetched.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect();
         let failed: BTreeSet<ItemKey> = self.state.fetch_failed.keys().cloned().collect();
-        let index = Index::new(self.known_items(), &self.selection.spec().volume_group_label);
+        let index = Index::new(std::mem::take(&mut self.catalog), &self.selection.spec().volume_group_label);
         let input = PlanInput {
             selection: &self.selection,
             resources: &resources,
@@ -713,6 +788,7 @@ impl Engine {
                         (Some(api), _) => {
                             self.inspect_volumes(&api, &claims, &index);
                             self.pending_plan = Some((p, claims));
+                            self.catalog = index.into_items();
                             return;
                         }
                     }
@@ -720,6 +796,8 @@ impl Engine {
                 self.emit_plan(p, &claims);
             }
         }
+        // The next round (after the gets), or `build_objects`, takes the items back.
+        self.catalog = index.into_items();
     }
 
     /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
@@ -893,22 +971,13 @@ impl Engine {
         plans
     }
 
-    /// The write path's view of every known object: key → its canonical JSON, shared with the
-    /// fold (no copy). Keys come from a metadata-only parse; the JSON was canonicalized at list time.
+    /// The write path's view of every known object: key → its body (held, or its number in the
+    /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) {
-        let mut map = HashMap::new();
-        let types = self.resource_types();
-        for (unit, l) in &self.state.listings {
-            let Some(rt) = types.get(&unit.resource) else { continue };
-            for o in &l.objects {
-                if let Some(key) = object_key(rt, o) {
-                    map.entry(key).or_insert_with(|| o.clone());
-                }
-            }
-        }
-        for (key, json) in &self.state.fetched {
-            if let Some(json) = json {
-                map.entry(key.clone()).or_insert_with(|| Arc::from(json.as_str()));
+        let mut map = HashMap::with_capacity(self.catalog.len());
+        for it in std::mem::take(&mut self.catalog) {
+            if let Some(body) = it.body {
+                map.entry(it.key).or_insert(body);
             }
         }
         self.objects = Some(map);
@@ -1209,11 +1278,11 @@ impl Engine {
                     };
                     if let Some(w) = writes.get(next).cloned() {
                         match w {
-                            PlannedWrite::Write { key, json } => {
+                            PlannedWrite::Write { key, body } => {
                                 if let Some(r) = self.runs.get_mut(&id) {
                                     r.busy = true;
                                 }
-                                let kind = CommandKind::WriteItem { block: id, attempt: run.attempt, key, json };
+                                let kind = CommandKind::WriteItem { block: id, attempt: run.attempt, key, body };
                                 self.issue(Pending::Block(id), Some(run.intent_seq), kind);
                                 return;
                             }
@@ -1403,7 +1472,7 @@ impl Engine {
         }
         let mut out = Vec::new();
         for key in &self.state.blocks[id as usize].plan.items {
-            let Some(json) = self.objects.as_ref().and_then(|m| m.get(key).cloned()) else {
+            let Some(body) = self.objects.as_ref().and_then(|m| m.get(key).cloned()) else {
                 let error = "object is no longer known (listing changed after planning)".to_string();
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
                 continue;
@@ -1411,8 +1480,8 @@ impl Engine {
             let snap = of_claim.get(key);
             let member = snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name));
             match (snap, member) {
-                (_, Some(m)) => match annotated_claim(&json, &backup, &m.snapshot) {
-                    Some(j) => out.push(PlannedWrite::Write { key: key.clone(), json: Arc::from(j) }),
+                (_, Some(m)) => match body.held().and_then(|json| annotated_claim(json, &backup, &m.snapshot)) {
+                    Some(j) => out.push(PlannedWrite::Write { key: key.clone(), body: Body::Held(Arc::from(j)) }),
                     None => {
                         out.push(PlannedWrite::Fail { key: key.clone(), error: "claim is not a JSON object".into() })
                     }
@@ -1422,7 +1491,7 @@ impl Engine {
                     let error = format!("not backed up: its volume snapshot failed: {why}");
                     out.push(PlannedWrite::Fail { key: key.clone(), error });
                 }
-                _ => out.push(PlannedWrite::Write { key: key.clone(), json }),
+                _ => out.push(PlannedWrite::Write { key: key.clone(), body }),
             }
         }
         let mut extra: Vec<(ItemKey, Arc<str>)> = Vec::new();
@@ -1434,33 +1503,36 @@ impl Engine {
             }
         }
         extra.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(extra.into_iter().map(|(key, json)| PlannedWrite::Write { key, json }));
+        out.extend(extra.into_iter().map(|(key, json)| PlannedWrite::Write { key, body: Body::Held(json) }));
         out
     }
 
     /// The bytes an item was staged with, for re-staging: what [`Engine::block_writes`] wrote.
-    fn staged_json(&self, key: &ItemKey) -> Option<Arc<str>> {
+    fn staged_json(&self, key: &ItemKey) -> Option<Body> {
         for s in &self.state.snapshots {
             let Some(cut) = &s.cut else { continue };
             for m in &cut.members {
                 let (vs, vsc) = m.keys(&s.plan.namespace);
                 if &vs == key {
-                    return Some(Arc::from(m.snapshot_json.as_str()));
+                    return Some(Body::Held(Arc::from(m.snapshot_json.as_str())));
                 }
                 if &vsc == key {
-                    return Some(Arc::from(m.content_json.as_str()));
+                    return Some(Body::Held(Arc::from(m.content_json.as_str())));
                 }
             }
         }
-        let json = self.objects.as_ref().and_then(|m| m.get(key).cloned())?;
+        let body = self.objects.as_ref().and_then(|m| m.get(key).cloned())?;
         let member = self.state.snapshots.iter().find_map(|s| {
             let ns_ok = key.namespace.as_deref() == Some(s.plan.namespace.as_str());
             let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;
             c.members.iter().find(|m| m.claim == key.name)
         });
         match member {
-            Some(m) => annotated_claim(&json, &self.backup_name(), &m.snapshot).map(Arc::from),
-            None => Some(json),
+            Some(m) => {
+                let json = body.held()?;
+                annotated_claim(json, &self.backup_name(), &m.snapshot).map(|j| Body::Held(Arc::from(j)))
+            }
+            None => Some(body),
         }
     }
 
@@ -1538,14 +1610,26 @@ impl Engine {
                     match r {
                         Ok(json) => {
                             let canon = json.and_then(|j| self.canonicalize_fetched(&key, &j));
-                            items.push((key, canon));
+                            items.push((key, canon.map(|(it, s)| (self.slim(it), s))));
                         }
                         // Recorded once; planning treats the key as unavailable and never asks again.
                         Err(e) => failed.push((key, e.to_string())),
                     }
                 }
+                // Numbered as the fold numbers them: found objects, in record order.
+                let mut n = self.state.bodies;
+                let mut found = Vec::with_capacity(items.len());
+                for (key, got) in items {
+                    let json = got.map(|(mut it, s)| {
+                        it.body = Some(Engine::body_of(&key.gr(), &s, n));
+                        n += 1;
+                        self.catalog.push(it);
+                        s
+                    });
+                    found.push((key, json));
+                }
                 let max = self.cfg.record_objects_bytes_max;
-                for chunk in split_by_bytes(items, max, |(_, j)| j.as_ref().map_or(0, String::len)) {
+                for chunk in split_by_bytes(found, max, |(_, j)| j.as_ref().map_or(0, String::len)) {
                     self.emit(Event::ItemsFetched { items: chunk });
                 }
                 for (key, error) in failed {
@@ -1620,11 +1704,10 @@ impl Engine {
     /// Issues a `Restage` of each key's logged JSON; the archive is built again once all are done.
     fn restage(&mut self, keys: Vec<ItemKey>) {
         for key in keys {
-            let json = self.staged_json(&key);
-            match json {
-                Some(json) => {
+            match self.staged_json(&key) {
+                Some(body) => {
                     self.restaging += 1;
-                    self.issue(Pending::Restage(key.clone()), None, CommandKind::Restage { key, json });
+                    self.issue(Pending::Restage(key.clone()), None, CommandKind::Restage { key, body });
                 }
                 None => {
                     self.stop(format!("building the archive failed: {key} is not staged and not in the log"));
@@ -1637,10 +1720,10 @@ impl Engine {
         }
     }
 
-    fn canonicalize_fetched(&mut self, key: &ItemKey, json: &str) -> Option<String> {
+    fn canonicalize_fetched(&mut self, key: &ItemKey, json: &str) -> Option<(Item, String)> {
         let rt = self.resource(&key.gr())?;
         match canonicalize(&rt, 0, json) {
-            Ok((it, s)) if &it.key == key => Some(s),
+            Ok((it, s)) if &it.key == key => Some((it, s)),
             Ok((it, _)) => {
                 self.warn(format!("get {key} returned a different object ({})", it.key));
                 None
@@ -1658,13 +1741,26 @@ impl Engine {
                 let Some(rt) = self.resource(&unit.resource) else { return };
                 let base = self.state.listings.get(&unit).filter(|_| chunk > 0).map_or(0, |l| l.objects.len());
                 let mut objects = Vec::with_capacity(page.objects.len());
+                let mut parsed = Vec::with_capacity(page.objects.len());
                 let mut bad = Vec::new();
+                // Numbered as the fold numbers them: this page's objects, in order.
+                let mut n = self.state.bodies;
                 for (i, raw) in page.objects.iter().enumerate() {
                     match canonicalize(&rt, base + i, raw) {
-                        Ok((_, s)) => objects.push(s),
+                        Ok((it, s)) => {
+                            let mut it = self.slim(it);
+                            it.body = Some(Engine::body_of(&unit.resource, &s, n));
+                            n += 1;
+                            parsed.push(it);
+                            objects.push(s);
+                        }
                         Err(e) => bad.push(e.to_string()),
                     }
                 }
+                if chunk == 0 {
+                    self.forget_unit(&unit);
+                }
+                self.catalog.extend(parsed);
                 let complete = page.continue_token.is_none();
                 // A page of large objects becomes several records, each bounded in bytes.
                 let parts = split_by_bytes(objects, self.cfg.record_objects_bytes_max, String::len);
@@ -1704,6 +1800,7 @@ impl Engine {
             }
             Err(e) => {
                 self.listing.remove(&unit);
+                self.forget_unit(&unit);
                 self.emit(Event::ListFailed { unit, error: e.to_string() });
             }
         }
@@ -1742,21 +1839,20 @@ impl Engine {
                 }
             }
             (BlockRun::Writing { next }, Completion::Written(r)) => {
-                let Some(PlannedWrite::Write { key, json }) = run.writes.as_ref().and_then(|w| w.get(next)).cloned()
+                let Some(PlannedWrite::Write { key, body }) = run.writes.as_ref().and_then(|w| w.get(next)).cloned()
                 else {
                     self.fatal.get_or_insert(format!("block {id}: a write completed that was not planned"));
                     return;
                 };
                 match r {
-                    Ok(()) => {
-                        let digest: [u8; 32] = Sha256::digest(json.as_bytes()).into();
-                        self.emit(Event::ItemWritten {
-                            block: id,
-                            attempt: run.attempt,
-                            key,
-                            digest,
-                            bytes: json.len() as u64,
-                        });
+                    Ok((staged_digest, bytes)) => {
+                        // Bytes held here are hashed here; a logged body's hash is the shell's,
+                        // of the bytes it read back and staged.
+                        let (digest, bytes) = match body.held() {
+                            Some(json) => (Sha256::digest(json.as_bytes()).into(), json.len() as u64),
+                            None => (staged_digest, bytes),
+                        };
+                        self.emit(Event::ItemWritten { block: id, attempt: run.attempt, key, digest, bytes });
                     }
                     Err(error) => {
                         // The store is failing, not the item: stop, and let `resume` redo the block.
@@ -1829,6 +1925,34 @@ fn owed_post_hooks(b: &crate::state::BlockState) -> Vec<Hook> {
 /// The reference of a hook inside its block.
 pub fn hook_ref(h: &Hook) -> HookRef {
     HookRef { pod: h.pod.clone(), phase: h.phase, index: h.index }
+}
+
+/// Names of the built-in ItemBlockActions: what they read of a pod is known
+/// ([`project_pod`]).
+const BUILTIN_ACTIONS: [&str; 3] = ["pod", "persistentvolumeclaim", "serviceaccount"];
+
+/// What planning reads of a pod — hooks (`status.phase`, container names) and the built-in actions
+/// (`spec.volumes`, `spec.priorityClassName`) — and nothing else: a pod's status and container
+/// specs are most of its JSON, and a cluster has many pods.
+fn project_pod(pod: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    let mut spec = Map::new();
+    if let Some(v) = pod.pointer("/spec/volumes") {
+        spec.insert("volumes".into(), v.clone());
+    }
+    if let Some(v) = pod.pointer("/spec/priorityClassName") {
+        spec.insert("priorityClassName".into(), v.clone());
+    }
+    if let Some(cs) = pod.pointer("/spec/containers").and_then(Value::as_array) {
+        let names = cs.iter().map(|c| serde_json::json!({"name": c.get("name").cloned().unwrap_or(Value::Null)}));
+        spec.insert("containers".into(), Value::Array(names.collect()));
+    }
+    let mut out = Map::new();
+    out.insert("spec".into(), Value::Object(spec));
+    if let Some(p) = pod.pointer("/status/phase") {
+        out.insert("status".into(), serde_json::json!({"phase": p}));
+    }
+    Value::Object(out)
 }
 
 /// The key of an already validated (canonical) object, from its metadata alone.

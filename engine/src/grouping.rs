@@ -117,6 +117,11 @@ impl Index {
         ix
     }
 
+    /// The items, sorted by key (the index is not needed any more).
+    pub fn into_items(self) -> Vec<Item> {
+        self.items
+    }
+
     /// The item with this key, if known.
     pub fn get(&self, key: &ItemKey) -> Option<&Item> {
         self.by_key.get(key).map(|&i| &self.items[i as usize])

@@ -191,8 +191,10 @@ pub struct Item {
     pub annotations: BTreeMap<String, String>,
     /// Whether `metadata.deletionTimestamp` is set.
     pub deleting: bool,
-    /// The whole object as returned by the API server.
+    /// The whole object as returned by the API server (planning may keep only what it reads).
     pub object: Value,
+    /// Where the object's canonical JSON is once it is logged (`None` until then).
+    pub body: Option<crate::body::Body>,
 }
 
 impl Item {
@@ -243,6 +245,7 @@ impl Item {
             annotations: map("annotations"),
             deleting,
             object,
+            body: None,
         })
     }
 

@@ -7,6 +7,7 @@
 //! (tokio in `blockwise-adapters`, the seeded single-threaded one in `blockwise-simulator`) execute
 //! its commands and report back, so the same decisions run in production and under simulation.
 
+pub mod body;
 pub mod engine;
 pub mod event;
 pub mod grouping;

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
@@ -31,8 +32,9 @@ pub struct FoldError {
 /// Progress of one listing unit.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Listing {
-    /// Canonical JSON of the objects received so far, shared with the engine's write path.
-    pub objects: Vec<Arc<str>>,
+    /// The objects received so far: claims and volumes held, the others by their number in the
+    /// log ([`crate::body`]).
+    pub objects: Vec<Body>,
     /// Chunks received.
     pub chunks: u32,
     /// All pages received.
@@ -174,8 +176,10 @@ pub struct BackupState {
     pub resources: Option<Vec<ResourceType>>,
     /// Listing progress per unit.
     pub listings: BTreeMap<ListUnit, Listing>,
-    /// Pull targets fetched by key.
-    pub fetched: BTreeMap<ItemKey, Option<String>>,
+    /// Pull targets fetched by key: the object, or `None` when not found.
+    pub fetched: BTreeMap<ItemKey, Option<Body>>,
+    /// Objects the log carried so far: the next object's [`crate::body::BodyId`].
+    pub bodies: u64,
     /// Pull targets whose get failed, with the error.
     pub fetch_failed: BTreeMap<ItemKey, String>,
     /// Planned blocks, by id.
@@ -464,7 +468,11 @@ impl BackupState {
                         reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
                     });
                 }
-                l.objects.extend(objects.iter().map(|o| Arc::<str>::from(o.as_str())));
+                let held = crate::body::held(&unit.resource);
+                for o in objects {
+                    l.objects.push(if held { Body::Held(Arc::from(o.as_str())) } else { Body::Logged(self.bodies) });
+                    self.bodies += 1;
+                }
                 l.chunks = chunk + 1;
                 l.complete = *complete;
             }
@@ -475,7 +483,16 @@ impl BackupState {
             }
             Event::ItemsFetched { items } => {
                 for (k, v) in items {
-                    self.fetched.insert(k.clone(), v.clone());
+                    let body = v.as_ref().map(|j| {
+                        let b = if crate::body::held(&k.gr()) {
+                            Body::Held(Arc::from(j.as_str()))
+                        } else {
+                            Body::Logged(self.bodies)
+                        };
+                        self.bodies += 1;
+                        b
+                    });
+                    self.fetched.insert(k.clone(), body);
                 }
             }
             Event::Diagnostic { severity, message } => match severity {

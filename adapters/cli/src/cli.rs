@@ -135,6 +135,13 @@ struct BenchArgs {
     /// Scratch directory (default: a fresh one under the system temp dir, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run only these sections (comma-separated): scale-http, memory, back-to-back, scale,
+    /// efficiency, log, recovery (needs scale), grouping, simulator.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Objects in the scale rows (scale-http, back-to-back, scale) instead of the default.
+    #[arg(long)]
+    objects: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -882,7 +889,14 @@ pub fn main() -> ExitCode {
         Top::Serve(a) => return exit_with(crate::service::serve(*a, data.root().to_path_buf())),
         Top::Install(a) => return exit_with(crate::service::install(a)),
         Top::Bench(a) => {
-            return exit_with(crate::bench::run(a.quick, a.output == "json", a.dir).map(|()| ExitCode::SUCCESS))
+            let opts = crate::bench::BenchOptions {
+                quick: a.quick,
+                json_out: a.output == "json",
+                dir: a.dir,
+                only: a.only,
+                objects: a.objects,
+            };
+            return exit_with(crate::bench::run(opts).map(|()| ExitCode::SUCCESS));
         }
     };
     let result = match command {

@@ -419,7 +419,11 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
                 ..status
             };
             patch_status(&api, &name, &status).await?;
-            ctx.metrics.failure.inc();
+            // A reconcile from a cache that has not seen this patch yet must not count it again.
+            let id = (ns.clone(), name.clone(), b.uid().unwrap_or_default());
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert(id) {
+                ctx.metrics.failure.inc();
+            }
             eprintln!("backup {ns}/{name}: FailedValidation: {}", status.failure_reason.unwrap_or_default());
             return Ok(Action::await_change());
         }
