@@ -309,7 +309,7 @@ pub async fn drive<M: LogMedium>(
         }
         promote(&mut waiting, &mut ready, log.durable_seq());
         if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
-            return Ok(engine.state().clone());
+            return Ok(engine.into_state());
         }
         dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world, &bodies);
         let Some(first) = inflight.next().await else {

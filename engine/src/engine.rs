@@ -454,6 +454,11 @@ impl Engine {
         &self.state
     }
 
+    /// The folded state, taken (the engine is done with).
+    pub fn into_state(self) -> BackupState {
+        self.state
+    }
+
     /// Whether the backup reached a terminal phase.
     pub fn is_finished(&self) -> bool {
         self.state.finished.is_some()

@@ -43,6 +43,54 @@ pub struct Listing {
     pub failed: Option<String>,
 }
 
+/// The items an attempt wrote, sorted by key: a vector, not a map, because most blocks hold one
+/// to three items and a B-tree node per block cost 1.5 KiB (400 MiB at 300,000 objects).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written(Vec<(ItemKey, ([u8; 32], u64))>);
+
+impl Written {
+    /// Records `key` (again: the latest digest wins).
+    pub fn insert(&mut self, key: ItemKey, value: ([u8; 32], u64)) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    /// Items written.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The digest and size of `key`, if written.
+    pub fn get(&self, key: &ItemKey) -> Option<&([u8; 32], u64)> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key)).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &ItemKey> + '_ {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// Key, (digest, bytes), in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&ItemKey, &([u8; 32], u64))> + '_ {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<'a> IntoIterator for &'a Written {
+    type Item = (&'a ItemKey, &'a ([u8; 32], u64));
+    type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
 /// One attempt at a block.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Attempt {
@@ -53,7 +101,7 @@ pub struct Attempt {
     /// Hooks whose end is recorded, with how they ended.
     pub hooks_finished: BTreeMap<HookRef, HookOutcome>,
     /// Items written in this attempt: key → (digest, bytes).
-    pub written: BTreeMap<ItemKey, ([u8; 32], u64)>,
+    pub written: Written,
     /// Items that failed to write.
     pub failed_items: BTreeMap<ItemKey, String>,
     /// When it started.

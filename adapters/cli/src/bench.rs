@@ -202,6 +202,8 @@ fn serve_demo(dir: &Path, objects: usize) -> Result<ServedDemo> {
     let mut child = std::process::Command::new(exe)
         .args(["simulator", "serve", "--port", "0", "--demo-objects", &objects.to_string(), "--kubeconfig-out"])
         .arg(&kubeconfig)
+        // A profiler preloaded into the bench (heaptrack) profiles the bench, not the server.
+        .env_remove("LD_PRELOAD")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -209,9 +211,12 @@ fn serve_demo(dir: &Path, objects: usize) -> Result<ServedDemo> {
         .context("starting `blockwise simulator serve`")?;
     let stdout = child.stdout.take().context("the server's stdout")?;
     let served = ServedDemo { child, kubeconfig };
-    for line in std::io::BufReader::new(stdout).lines() {
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    while let Some(line) = lines.next() {
         let line = line.context("reading the server's stdout")?;
         if line.starts_with("serving the demo cluster") {
+            // Keep reading what it prints after: a closed pipe would end the server.
+            std::thread::spawn(move || lines.for_each(drop));
             return Ok(served);
         }
     }
@@ -248,6 +253,12 @@ fn backup_over_http(rt: &tokio::runtime::Runtime, served: &ServedDemo, dir: &Pat
     let state = rt.block_on(run_backup(engine, &mut log, &world, 8, &mut Quiet))?;
     let seconds = start.elapsed().as_secs_f64();
     let items = state.items_done();
+    anyhow::ensure!(
+        state.phase() != blockwise_engine::Phase::Failed && items > 0,
+        "the backup over HTTP ended {} with {items} items: {}",
+        state.phase(),
+        state.errors.join("; ")
+    );
     drop((state, log, world));
     Ok(HttpRun { seconds, peak_rss: proc_status_bytes("VmHWM:"), rss_after: proc_status_bytes("VmRSS:"), items })
 }
