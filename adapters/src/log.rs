@@ -457,6 +457,74 @@ const READER_LOCK_WAIT: Duration = Duration::from_millis(100);
 pub struct SledMedium {
     db: sled::Db,
     path: PathBuf,
+    /// Where the bytes of blob records are: sled tree `record key → offset ‖ length`.
+    pointers: sled::Tree,
+    blob: Arc<Blob>,
+}
+
+/// Records of at least this many bytes (listed pages, mostly) are appended to the blob file beside
+/// the database, and sled holds a pointer: sled 0.34 keeps every value it is given in memory — its
+/// cache does not bound them — so a 300,000-object backup's listed pages stayed resident (~0.5 GiB).
+pub const BLOB_RECORD_BYTES_MIN: usize = 16 << 10;
+/// The blob file of a sled log, inside its directory.
+pub const BLOB_FILE: &str = "records.blob";
+/// The tree of blob pointers.
+const POINTER_TREE: &[u8] = b"blob-pointers";
+
+/// The append-only file of blob records. A pointer is inserted only after its bytes are written,
+/// and a flush makes the file durable (`fdatasync`) before sled's flush: a durable pointer never
+/// names bytes that are not. Bytes whose pointer did not survive a crash are never read.
+#[derive(Debug)]
+struct Blob {
+    file: std::fs::File,
+    end: std::sync::Mutex<u64>,
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Blob {
+    fn open(path: &Path) -> std::io::Result<Blob> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let end = file.metadata()?.len();
+        Ok(Blob { file, end: std::sync::Mutex::new(end), dirty: false.into() })
+    }
+
+    /// Appends `bytes`; returns where they are.
+    fn append(&self, bytes: &[u8]) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut end = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = *end;
+        self.file.write_all_at(bytes, at)?;
+        *end += bytes.len() as u64;
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        Ok(at)
+    }
+
+    /// The bytes at `pointer` (`offset ‖ length`, big-endian); empty when they cannot be read, which
+    /// the record checksum then reports (a torn tail, or corruption naming the record).
+    fn read(&self, pointer: &[u8]) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let (Ok(off), Ok(len)) = (
+            pointer.get(..8).unwrap_or_default().try_into().map(u64::from_be_bytes),
+            pointer.get(8..12).unwrap_or_default().try_into().map(u32::from_be_bytes),
+        ) else {
+            return Vec::new();
+        };
+        let mut buf = vec![0u8; len as usize];
+        match self.file.read_exact_at(&mut buf, off) {
+            Ok(()) => buf,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn record_key(id: u64, seq: Seq) -> [u8; 16] {
@@ -523,7 +591,13 @@ impl SledMedium {
             }
             let opened = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open();
             match opened {
-                Ok(db) => return Ok(SledMedium { db, path: dir.to_path_buf() }),
+                Ok(db) => {
+                    let storage = |message: String| LogError::Storage { path: dir.to_path_buf(), message };
+                    let pointers = db.open_tree(POINTER_TREE).map_err(|e| storage(e.to_string()))?;
+                    let blob = Blob::open(&dir.join(BLOB_FILE))
+                        .map_err(|e| storage(format!("opening {}: {e}", dir.join(BLOB_FILE).display())))?;
+                    return Ok(SledMedium { db, path: dir.to_path_buf(), pointers, blob: Arc::new(blob) });
+                }
                 Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
                     if started.elapsed() >= lock_wait {
                         return Err(LogError::InUse(dir.to_path_buf()));
@@ -552,29 +626,42 @@ impl LogMedium for SledMedium {
 
     fn records(&self, id: u64) -> Records {
         let mut out = Vec::new();
-        for kv in self.db.scan_prefix(id.to_be_bytes()) {
-            let (k, v) = kv.map_err(|e| (out.len(), e.to_string()))?;
-            if k.len() != 16 {
-                return Err((out.len(), format!("unexpected key of {} bytes among the records", k.len())));
-            }
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&k[8..]);
-            out.push((Seq::from_be_bytes(seq), v.to_vec()));
-        }
+        self.scan(id, &mut |seq, bytes| {
+            out.push((seq, bytes.to_vec()));
+            Ok(())
+        })
+        .map_err(|m| (out.len(), m))?;
         Ok(out)
     }
 
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
-        self.db.insert(record_key(id, seq), bytes).map(|_| ()).map_err(|e| e.to_string())
+        let key = record_key(id, seq);
+        if bytes.len() >= BLOB_RECORD_BYTES_MIN {
+            // Bytes, then pointer, then the empty placeholder: sled recovers a prefix of its
+            // operations, so a placeholder that survived has its pointer.
+            let at =
+                self.blob.append(bytes).map_err(|e| format!("writing {}: {e}", self.path.join(BLOB_FILE).display()))?;
+            let mut pointer = [0u8; 12];
+            pointer[..8].copy_from_slice(&at.to_be_bytes());
+            pointer[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+            self.pointers.insert(key, &pointer[..]).map_err(|e| e.to_string())?;
+            return self.db.insert(key, &[][..]).map(|_| ()).map_err(|e| e.to_string());
+        }
+        self.db.insert(key, bytes).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String> {
-        self.db.remove(record_key(id, seq)).map(|_| ()).map_err(|e| e.to_string())
+        let key = record_key(id, seq);
+        self.db.remove(key).map_err(|e| e.to_string())?;
+        self.pointers.remove(key).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn flush_job(&self) -> FlushJob {
-        let db = self.db.clone();
-        Box::new(move || db.flush().map(|_| ()).map_err(|e| e.to_string()))
+        let (db, blob, path) = (self.db.clone(), self.blob.clone(), self.path.join(BLOB_FILE));
+        Box::new(move || {
+            blob.sync().map_err(|e| format!("syncing {}: {e}", path.display()))?;
+            db.flush().map(|_| ()).map_err(|e| e.to_string())
+        })
     }
 
     fn spill_path(&self) -> Option<PathBuf> {
@@ -589,7 +676,14 @@ impl LogMedium for SledMedium {
             }
             let mut seq = [0u8; 8];
             seq.copy_from_slice(&k[8..]);
-            f(Seq::from_be_bytes(seq), &v)?;
+            if v.is_empty() {
+                // A blob record (no record is empty: every one has its 8-byte header).
+                let pointer = self.pointers.get(&k).map_err(|e| e.to_string())?;
+                let bytes = pointer.map(|p| self.blob.read(&p)).unwrap_or_default();
+                f(Seq::from_be_bytes(seq), &bytes)?;
+            } else {
+                f(Seq::from_be_bytes(seq), &v)?;
+            }
         }
         Ok(())
     }
@@ -894,6 +988,57 @@ mod tests {
         log.flush().unwrap();
         drop(log);
         assert_eq!(read_events(&dir).unwrap().len(), 28);
+    }
+
+    /// A listed page big enough to be a blob record.
+    fn big_page(i: u64) -> Event {
+        let o =
+            format!("{{\"metadata\":{{\"name\":\"cm-{i}\",\"namespace\":\"ns\"}},\"data\":\"{}\"}}", "x".repeat(700));
+        Event::ResourceListed {
+            unit: ListUnit { resource: blockwise_engine::GroupResource::new("", "configmaps"), namespace: None },
+            chunk: i as u32,
+            objects: vec![o; 40],
+            complete: false,
+        }
+    }
+
+    #[test]
+    fn big_records_live_in_the_blob_file_and_read_back_through_reopen_and_a_torn_blob() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let events: Vec<Event> = (0..4).map(|i| if i % 2 == 0 { big_page(i) } else { ev(i) }).collect();
+        assert!(encode_record(&events[0]).len() >= BLOB_RECORD_BYTES_MIN);
+        {
+            let mut log = EventLog::create(&dir, "b1").unwrap();
+            for (i, e) in events.iter().enumerate() {
+                log.append(i as u64, e).unwrap();
+            }
+            log.flush().unwrap();
+            // sled holds a pointer, not the page.
+            let placeholder = log.medium().db.get(record_key(backup_id("b1"), 0)).unwrap().unwrap();
+            assert!(placeholder.is_empty());
+            assert!(std::fs::metadata(dir.join(BLOB_FILE)).unwrap().len() >= BLOB_RECORD_BYTES_MIN as u64);
+        }
+        let (mut log, back, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(back, events);
+        assert_eq!(report.cut_tail, None);
+        // A blob record whose bytes were torn is a torn tail, cut, and the log stays appendable.
+        log.append(4, &big_page(4)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let blob = std::fs::OpenOptions::new().write(true).open(dir.join(BLOB_FILE)).unwrap();
+        let len = blob.metadata().unwrap().len();
+        blob.set_len(len - 10).unwrap();
+        drop(blob);
+        let (mut log, back, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(back, events);
+        assert_eq!(report.cut_tail.as_ref().map(|c| c.0), Some(4), "{report:?}");
+        log.append(4, &big_page(4)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let (_, back, _) = EventLog::open(&dir).unwrap();
+        assert_eq!(back.len(), 5);
+        assert_eq!(back[4], big_page(4));
     }
 
     #[test]

@@ -660,7 +660,18 @@ impl Engine {
         let gr = it.key.gr();
         let pod = gr.group.is_empty() && gr.resource == "pods";
         let builtin = |name: &str| BUILTIN_ACTIONS.contains(&name);
-        if pod && !self.actions.iter().any(|a| !builtin(a.name()) && a.reads(&gr)) {
+        if self.actions.iter().any(|a| !builtin(a.name()) && a.reads(&gr)) {
+            // A user's action reads this resource: it gets whole items.
+            return it;
+        }
+        // Planning reads annotations of pods (hooks) and claims (snapshot classes) only, and no
+        // uid or resourceVersion: an empty map or string holds no memory.
+        if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
+            it.annotations = BTreeMap::new();
+        }
+        it.uid = String::new();
+        it.resource_version = String::new();
+        if pod {
             // Only what hooks and the built-in actions read of a pod.
             it.object = project_pod(&it.object);
             return it;
@@ -1937,13 +1948,18 @@ pub fn hook_ref(h: &Hook) -> HookRef {
 const BUILTIN_ACTIONS: [&str; 3] = ["pod", "persistentvolumeclaim", "serviceaccount"];
 
 /// What planning reads of a pod — hooks (`status.phase`, container names) and the built-in actions
-/// (`spec.volumes`, `spec.priorityClassName`) — and nothing else: a pod's status and container
+/// (the claims of `spec.volumes`, `spec.priorityClassName`) — and nothing else: a pod's status and container
 /// specs are most of its JSON, and a cluster has many pods.
 fn project_pod(pod: &serde_json::Value) -> serde_json::Value {
     use serde_json::{Map, Value};
     let mut spec = Map::new();
-    if let Some(v) = pod.pointer("/spec/volumes") {
-        spec.insert("volumes".into(), v.clone());
+    // Of the volumes, the claims they mount (each JSON map costs a B-tree node: keep few).
+    let claims: Vec<Value> = (pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten())
+        .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName"))
+        .map(|c| serde_json::json!({"persistentVolumeClaim": {"claimName": c}}))
+        .collect();
+    if !claims.is_empty() {
+        spec.insert("volumes".into(), Value::Array(claims));
     }
     if let Some(v) = pod.pointer("/spec/priorityClassName") {
         spec.insert("priorityClassName".into(), v.clone());

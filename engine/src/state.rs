@@ -51,6 +51,10 @@ pub struct Written(Vec<(ItemKey, ([u8; 32], u64))>);
 impl Written {
     /// Records `key` (again: the latest digest wins).
     pub fn insert(&mut self, key: ItemKey, value: ([u8; 32], u64)) {
+        if self.0.capacity() == 0 {
+            // Most blocks write one item: no room for four.
+            self.0.reserve_exact(1);
+        }
         match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
             Ok(i) => self.0[i].1 = value,
             Err(i) => self.0.insert(i, (key, value)),
