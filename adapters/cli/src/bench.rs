@@ -149,7 +149,7 @@ fn floor_seconds(cluster: &blockwise_simulator::fake::FakeCluster) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-fn scale(dir: &Path, objects: usize) -> Result<Scale> {
+fn scale(dir: &Path, objects: usize, workers: usize) -> Result<Scale> {
     reset_peak_rss();
     let cluster = demo_cluster(objects, DEMO_SEED);
     let cluster_rss = proc_status_bytes("VmRSS:");
@@ -162,11 +162,11 @@ fn scale(dir: &Path, objects: usize) -> Result<Scale> {
         store: Arc::new(LocalStore::new(dir.join("store"))),
         runtime: runtime.clone(),
     };
-    let cfg = EngineConfig { workers: 8, ..EngineConfig::default() };
+    let cfg = EngineConfig { workers, ..EngineConfig::default() };
     let engine = Engine::new(BackupSpec::new("scale"), cfg, runtime.now_ms())?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let start = Instant::now();
-    let state = rt.block_on(drive(engine, &mut log, &world, 8, &mut Quiet))?;
+    let state = rt.block_on(drive(engine, &mut log, &world, workers, &mut Quiet))?;
     let seconds = start.elapsed().as_secs_f64();
     drop(log);
     Ok(Scale {
@@ -235,7 +235,13 @@ struct HttpRun {
 
 /// Backs up the served cluster through kube-rs as a real cluster is reached, the whole run as the
 /// CLI makes it (`run_backup`: the archive and Velero's companion files).
-fn backup_over_http(rt: &tokio::runtime::Runtime, served: &ServedDemo, dir: &Path, name: &str) -> Result<HttpRun> {
+fn backup_over_http(
+    rt: &tokio::runtime::Runtime,
+    served: &ServedDemo,
+    dir: &Path,
+    name: &str,
+    workers: usize,
+) -> Result<HttpRun> {
     reset_peak_rss();
     let start = Instant::now();
     let kube = rt
@@ -248,9 +254,9 @@ fn backup_over_http(rt: &tokio::runtime::Runtime, served: &ServedDemo, dir: &Pat
         store: Arc::new(LocalStore::new(dir.join(format!("{name}-store")))),
         runtime: runtime.clone(),
     };
-    let cfg = EngineConfig { workers: 8, ..EngineConfig::default() };
+    let cfg = EngineConfig { workers, ..EngineConfig::default() };
     let engine = Engine::new(BackupSpec::new(name), cfg, runtime.now_ms())?;
-    let state = rt.block_on(run_backup(engine, &mut log, &world, 8, &mut Quiet))?;
+    let state = rt.block_on(run_backup(engine, &mut log, &world, workers, &mut Quiet))?;
     let seconds = start.elapsed().as_secs_f64();
     let items = state.items_done();
     anyhow::ensure!(
@@ -265,19 +271,20 @@ fn backup_over_http(rt: &tokio::runtime::Runtime, served: &ServedDemo, dir: &Pat
 
 /// The scale run over HTTP: the demo cluster in another process; `runs` backups of it one after
 /// the other in this process (a long-running controller must not grow).
-fn scale_http(dir: &Path, what: &str, objects: usize, runs: usize) -> Result<Vec<HttpRun>> {
+fn scale_http(dir: &Path, what: &str, objects: usize, runs: usize, workers: usize) -> Result<Vec<HttpRun>> {
     let served = serve_demo(dir, objects)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    (0..runs).map(|i| backup_over_http(&rt, &served, dir, &format!("{what}-{i}"))).collect()
+    (0..runs).map(|i| backup_over_http(&rt, &served, dir, &format!("{what}-{i}"), workers)).collect()
 }
 
 /// The scale run over HTTP at `objects`, in a fresh `blockwise bench` process of its own, so
 /// that its peak RSS is not the mark of an earlier, larger run.
-fn scale_http_child(dir: &Path, objects: usize) -> Result<HttpRun> {
+fn scale_http_child(dir: &Path, objects: usize, workers: usize) -> Result<HttpRun> {
     let exe = std::env::current_exe().context("finding the blockwise binary")?;
     let sub = dir.join(format!("memory-{objects}"));
     let out = std::process::Command::new(exe)
-        .args(["bench", "--only", "scale-http", "--objects", &objects.to_string(), "-o", "json", "--dir"])
+        .args(["bench", "--only", "scale-http", "--objects", &objects.to_string(), "-o", "json"])
+        .args(["--workers", &workers.to_string(), "--dir"])
         .arg(&sub)
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -524,6 +531,8 @@ pub struct BenchOptions {
     pub only: Vec<String>,
     /// Objects of the scale rows instead of the size's default.
     pub objects: Option<usize>,
+    /// Blocks in parallel in the scale rows.
+    pub workers: usize,
 }
 
 /// Runs the sections asked for and prints the table (or JSON); a section not run is `null`.
@@ -554,7 +563,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     // Over HTTP first, while this process is small: its peak RSS is then the backup's own.
     let http = if on("scale-http") {
         progress(&format!("scale over HTTP, {} objects (the server in another process)", sizes.scale_objects));
-        scale_http(&dir, "scale-http", sizes.scale_objects, 1)?.pop()
+        scale_http(&dir, "scale-http", sizes.scale_objects, 1, opts.workers)?.pop()
     } else {
         None
     };
@@ -562,7 +571,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     if on("memory") {
         for &n in sizes.memory_objects {
             progress(&format!("memory: scale over HTTP, {n} objects, in a process of its own"));
-            memory.push((n, scale_http_child(&dir, n)?));
+            memory.push((n, scale_http_child(&dir, n, opts.workers)?));
         }
     }
     let b2b = if on("back-to-back") {
@@ -570,13 +579,13 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             "two backups of {} objects over HTTP, one after the other in one process",
             sizes.scale_objects
         ));
-        Some(scale_http(&dir, "back-to-back", sizes.scale_objects, 2)?)
+        Some(scale_http(&dir, "back-to-back", sizes.scale_objects, 2, opts.workers)?)
     } else {
         None
     };
     let sc = if on("scale") {
         progress(&format!("scale, {} objects", sizes.scale_objects));
-        Some(scale(&dir, sizes.scale_objects)?)
+        Some(scale(&dir, sizes.scale_objects, opts.workers)?)
     } else {
         None
     };

@@ -142,6 +142,9 @@ struct BenchArgs {
     /// Objects in the scale rows (scale-http, back-to-back, scale) instead of the default.
     #[arg(long)]
     objects: Option<usize>,
+    /// Blocks backed up in parallel in the scale rows (as `backup create --workers`).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: u32,
 }
 
 #[derive(Args, Debug)]
@@ -895,6 +898,7 @@ pub fn main() -> ExitCode {
                 dir: a.dir,
                 only: a.only,
                 objects: a.objects,
+                workers: a.workers as usize,
             };
             return exit_with(crate::bench::run(opts).map(|()| ExitCode::SUCCESS));
         }
