@@ -275,6 +275,10 @@ pub async fn drive<M: LogMedium>(
         let out = engine.poll();
         for (seq, ev) in &out.events {
             staged_unsynced |= matches!(ev, Event::ItemWritten { .. });
+            if matches!(ev, Event::PlanFinished { .. }) {
+                // Planning's catalog and index are gone: return their pages.
+                crate::world::release_free_memory();
+            }
             log.append(*seq, ev)?;
             observer.event(ev, engine.state());
         }

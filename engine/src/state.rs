@@ -43,16 +43,22 @@ pub struct Listing {
     pub failed: Option<String>,
 }
 
-/// The items an attempt wrote, sorted by key: a vector, not a map, because most blocks hold one
-/// to three items and a B-tree node per block cost 1.5 KiB (400 MiB at 300,000 objects).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Written(Vec<(ItemKey, ([u8; 32], u64))>);
+/// A small map kept as a vector sorted by key: an attempt's hooks and written items are one to a
+/// few entries, and a B-tree leaf per map cost ~1.5 KiB (hundreds of MiB at 300,000 objects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecMap<K, V>(Vec<(K, V)>);
 
-impl Written {
-    /// Records `key` (again: the latest digest wins).
-    pub fn insert(&mut self, key: ItemKey, value: ([u8; 32], u64)) {
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        VecMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    /// Sets `key` (again: the latest value wins).
+    pub fn insert(&mut self, key: K, value: V) {
         if self.0.capacity() == 0 {
-            // Most blocks write one item: no room for four.
+            // Most maps hold one entry: no room for four.
             self.0.reserve_exact(1);
         }
         match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
@@ -61,39 +67,52 @@ impl Written {
         }
     }
 
-    /// Items written.
+    /// Entries.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// Whether nothing was written.
+    /// Whether there is none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// The digest and size of `key`, if written.
-    pub fn get(&self, key: &ItemKey) -> Option<&([u8; 32], u64)> {
+    /// The value of `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
         self.0.binary_search_by(|(k, _)| k.cmp(key)).ok().map(|i| &self.0[i].1)
     }
 
+    /// Whether `key` is set.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.get(key).is_some()
+    }
+
     /// The keys, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &ItemKey> + '_ {
+    pub fn keys(&self) -> impl Iterator<Item = &K> + '_ {
         self.0.iter().map(|(k, _)| k)
     }
 
-    /// Key, (digest, bytes), in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&ItemKey, &([u8; 32], u64))> + '_ {
+    /// The values, in key order.
+    pub fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
         self.0.iter().map(|(k, v)| (k, v))
     }
 }
 
-impl<'a> IntoIterator for &'a Written {
-    type Item = (&'a ItemKey, &'a ([u8; 32], u64));
+impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {
+    type Item = (&'a K, &'a V);
     type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'a>;
     fn into_iter(self) -> Self::IntoIter {
         Box::new(self.iter())
     }
 }
+
+/// The items an attempt wrote: key → (digest, bytes).
+pub type Written = VecMap<ItemKey, ([u8; 32], u64)>;
 
 /// One attempt at a block.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -101,9 +120,9 @@ pub struct Attempt {
     /// Attempt number, from 1.
     pub number: u32,
     /// Hooks whose start is recorded.
-    pub hooks_started: BTreeSet<HookRef>,
+    pub hooks_started: VecMap<HookRef, ()>,
     /// Hooks whose end is recorded, with how they ended.
-    pub hooks_finished: BTreeMap<HookRef, HookOutcome>,
+    pub hooks_finished: VecMap<HookRef, HookOutcome>,
     /// Items written in this attempt: key → (digest, bytes).
     pub written: Written,
     /// Items that failed to write.
@@ -115,7 +134,7 @@ pub struct Attempt {
 impl Attempt {
     /// Pods with at least one pre-hook started in this attempt: their post-hooks are owed.
     pub fn pods_with_pre_started(&self) -> BTreeSet<&ItemKey> {
-        self.hooks_started.iter().filter(|h| h.phase == HookPhase::Pre).map(|h| &h.pod).collect()
+        self.hooks_started.keys().filter(|h| h.phase == HookPhase::Pre).map(|h| &h.pod).collect()
     }
 }
 
@@ -589,7 +608,7 @@ impl BackupState {
             }
             Event::HookStarted { block, attempt, hook, at_ms } => {
                 self.last_ms = *at_ms;
-                self.attempt_mut(seq, kind, *block, *attempt)?.hooks_started.insert(hook.clone());
+                self.attempt_mut(seq, kind, *block, *attempt)?.hooks_started.insert(hook.clone(), ());
             }
             Event::HookFinished { block, attempt, hook, outcome, at_ms } => {
                 self.last_ms = *at_ms;
