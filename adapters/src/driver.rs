@@ -22,7 +22,7 @@ use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::state::BackupState;
-use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError};
+use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -99,12 +99,21 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// The bytes of a body: held, or read back from the log's objects.
-fn body_bytes(body: &Body, bodies: &Bodies) -> Result<Arc<str>, String> {
-    match body {
-        Body::Held(json) => Ok(json.clone()),
-        Body::Logged(id) => bodies.get(*id),
-    }
+/// Stages `key` with its body's bytes (held, or read back from the log's objects); returns their
+/// sha256 and length.
+async fn stage(
+    store: &dyn Store,
+    backup: &str,
+    key: &ItemKey,
+    body: &Body,
+    bodies: &Bodies,
+) -> Result<([u8; 32], u64), String> {
+    let json = match body {
+        Body::Held(json) => json.clone(),
+        Body::Logged(id) => bodies.get(*id).map_err(|e| format!("reading the logged object back: {e}"))?,
+    };
+    store.put_item(backup, key, json.as_bytes()).await.map_err(|e| e.to_string())?;
+    Ok((Sha256::digest(json.as_bytes()).into(), json.len() as u64))
 }
 
 /// Executes one command against the world; bodies the log carries are read from `bodies`.
@@ -143,20 +152,10 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             Completion::HookRan(outcome)
         }
         CommandKind::WriteItem { key, body, .. } => {
-            let json = match body_bytes(&body, bodies) {
-                Ok(j) => j,
-                Err(e) => return Completion::Written(Err(format!("reading the logged object back: {e}"))),
-            };
-            let digest: [u8; 32] = Sha256::digest(json.as_bytes()).into();
-            let staged = store.put_item(backup, &key, json.as_bytes()).await;
-            Completion::Written(staged.map(|()| (digest, json.len() as u64)).map_err(|e| e.to_string()))
+            Completion::Written(stage(store, backup, &key, &body, bodies).await)
         }
         CommandKind::Restage { key, body } => {
-            let json = match body_bytes(&body, bodies) {
-                Ok(j) => j,
-                Err(e) => return Completion::Restaged(Err(format!("reading the logged object back: {e}"))),
-            };
-            Completion::Restaged(store.put_item(backup, &key, json.as_bytes()).await.map_err(|e| e.to_string()))
+            Completion::Restaged(stage(store, backup, &key, &body, bodies).await.map(|_| ()))
         }
         CommandKind::InspectVolumes { pvs, classes } => {
             Completion::VolumesInspected(crate::csi::inspect(cluster, &pvs, &classes).await)

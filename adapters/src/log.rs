@@ -376,18 +376,6 @@ impl<M: LogMedium> EventLog<M> {
         Ok(())
     }
 
-    /// Every event in the log, read back from the medium (the log stays open).
-    pub fn read_back(&self) -> Result<Vec<Event>, LogError> {
-        let records = self.medium.records(self.id).map_err(|(seq, reason)| LogError::Corrupt {
-            path: self.path.clone(),
-            seq: seq as Seq,
-            reason,
-        })?;
-        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
-            .map_err(|e| LogError::Corrupt { path: self.path.clone(), seq: e.seq, reason: e.reason })?;
-        Ok(recovered.events)
-    }
-
     /// Calls `f` with every event of the log in order, decoding one record at a time (the log
     /// stays open; nothing but the current record is held). A bad record or a gap is corruption.
     pub fn for_each_event(&self, mut f: impl FnMut(Seq, &Event) -> Result<(), String>) -> Result<(), LogError> {

@@ -665,18 +665,10 @@ impl ResultPart {
     }
 }
 
-/// `<name>-results.gz`'s content: `{"errors": {...}, "warnings": {...}}`, each split like Velero's
-/// `results.Result` into `velero` (backup-wide), `cluster` (cluster-scoped items) and `namespaces`.
-/// The messages are exactly those of `describe` (the fold's, de-duplicated the same way).
-pub fn results_json(s: &BackupState, events: &[Event]) -> Value {
-    let mut r = Results::default();
-    for e in events {
-        r.push(s, e);
-    }
-    r.to_json()
-}
-
-/// The results of a backup, gathered event by event.
+/// `<name>-results.gz`'s content, gathered event by event: `{"errors": {...}, "warnings": {...}}`,
+/// each split like Velero's `results.Result` into `velero` (backup-wide), `cluster` (cluster-scoped
+/// items) and `namespaces`. The messages are exactly those of `describe` (the fold's,
+/// de-duplicated the same way).
 #[derive(Default)]
 struct Results {
     errors: ResultPart,
@@ -795,15 +787,6 @@ impl<'a> BackupFiles<'a> {
             ("velero-backup.json".to_string(), backup),
         ])
     }
-}
-
-/// The files Velero keeps beside the archive ([`BackupFiles`]) of a log held in memory.
-pub fn backup_files(name: &str, s: &BackupState, events: &[Event]) -> std::io::Result<Vec<(String, Vec<u8>)>> {
-    let mut files = BackupFiles::new(name, s);
-    for e in events {
-        files.push(e)?;
-    }
-    files.finish()
 }
 
 #[cfg(test)]

@@ -28,6 +28,16 @@ pub enum Body {
 }
 
 impl Body {
+    /// The body of `json`, the `n`-th object the log carries, of resource `gr`: held or by number
+    /// ([`held`]). The fold and the engine's catalog both number objects with this.
+    pub fn of(gr: &GroupResource, json: &str, n: BodyId) -> Body {
+        if held(gr) {
+            Body::Held(Arc::from(json))
+        } else {
+            Body::Logged(n)
+        }
+    }
+
     /// The JSON, when it is held in memory.
     pub fn held(&self) -> Option<&Arc<str>> {
         match self {

@@ -684,15 +684,6 @@ impl Engine {
         it
     }
 
-    /// The body of the `n`-th object the log carries, by the fold's rule ([`crate::body`]).
-    fn body_of(gr: &GroupResource, json: &str, n: u64) -> Body {
-        if crate::body::held(gr) {
-            Body::Held(Arc::from(json))
-        } else {
-            Body::Logged(n)
-        }
-    }
-
     /// Drops the catalog's objects of `unit` (its listing starts again, or failed).
     fn forget_unit(&mut self, unit: &ListUnit) {
         let fetched = &self.state.fetched;
@@ -725,7 +716,7 @@ impl Engine {
                     body: None,
                 }
             };
-            it.body = Some(Engine::body_of(&rt.gr, json, n));
+            it.body = Some(Body::of(&rt.gr, json, n));
             Some(it)
         };
         let mut n: u64 = 0;
@@ -1632,14 +1623,11 @@ impl Engine {
                         Err(e) => failed.push((key, e.to_string())),
                     }
                 }
-                // Numbered as the fold numbers them: found objects, in record order.
-                let mut n = self.state.bodies;
+                let mut parsed = Vec::new();
                 let mut found = Vec::with_capacity(items.len());
                 for (key, got) in items {
-                    let json = got.map(|(mut it, s)| {
-                        it.body = Some(Engine::body_of(&key.gr(), &s, n));
-                        n += 1;
-                        self.catalog.push(it);
+                    let json = got.map(|(it, s)| {
+                        parsed.push(it);
                         s
                     });
                     found.push((key, json));
@@ -1647,6 +1635,11 @@ impl Engine {
                 let max = self.cfg.record_objects_bytes_max;
                 for chunk in split_by_bytes(found, max, |(_, j)| j.as_ref().map_or(0, String::len)) {
                     self.emit(Event::ItemsFetched { items: chunk });
+                }
+                // Each with the body the fold gave it.
+                for mut it in parsed {
+                    it.body = self.state.fetched.get(&it.key).cloned().flatten();
+                    self.catalog.push(it);
                 }
                 for (key, error) in failed {
                     self.emit(Event::FetchFailed { key, error });
@@ -1759,15 +1752,10 @@ impl Engine {
                 let mut objects = Vec::with_capacity(page.objects.len());
                 let mut parsed = Vec::with_capacity(page.objects.len());
                 let mut bad = Vec::new();
-                // Numbered as the fold numbers them: this page's objects, in order.
-                let mut n = self.state.bodies;
                 for (i, raw) in page.objects.iter().enumerate() {
                     match canonicalize(&rt, base + i, raw) {
                         Ok((it, s)) => {
-                            let mut it = self.slim(it);
-                            it.body = Some(Engine::body_of(&unit.resource, &s, n));
-                            n += 1;
-                            parsed.push(it);
+                            parsed.push(self.slim(it));
                             objects.push(s);
                         }
                         Err(e) => bad.push(e.to_string()),
@@ -1776,7 +1764,6 @@ impl Engine {
                 if chunk == 0 {
                     self.forget_unit(&unit);
                 }
-                self.catalog.extend(parsed);
                 let complete = page.continue_token.is_none();
                 // A page of large objects becomes several records, each bounded in bytes.
                 let parts = split_by_bytes(objects, self.cfg.record_objects_bytes_max, String::len);
@@ -1791,6 +1778,14 @@ impl Engine {
                         complete: complete && last,
                     });
                 }
+                // Each with the body the fold gave it: the page's objects end the unit's listing.
+                if let Some(l) = self.state.listings.get(&unit) {
+                    let bodies = &l.objects[l.objects.len().saturating_sub(parsed.len())..];
+                    for (it, body) in parsed.iter_mut().zip(bodies) {
+                        it.body = Some(body.clone());
+                    }
+                }
+                self.catalog.extend(parsed);
                 for b in bad {
                     self.warn(b);
                 }

@@ -7,7 +7,6 @@
 //! [`FoldError`] naming the sequence number, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
@@ -539,9 +538,8 @@ impl BackupState {
                         reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
                     });
                 }
-                let held = crate::body::held(&unit.resource);
                 for o in objects {
-                    l.objects.push(if held { Body::Held(Arc::from(o.as_str())) } else { Body::Logged(self.bodies) });
+                    l.objects.push(Body::of(&unit.resource, o, self.bodies));
                     self.bodies += 1;
                 }
                 l.chunks = chunk + 1;
@@ -555,13 +553,8 @@ impl BackupState {
             Event::ItemsFetched { items } => {
                 for (k, v) in items {
                     let body = v.as_ref().map(|j| {
-                        let b = if crate::body::held(&k.gr()) {
-                            Body::Held(Arc::from(j.as_str()))
-                        } else {
-                            Body::Logged(self.bodies)
-                        };
                         self.bodies += 1;
-                        b
+                        Body::of(&k.gr(), j, self.bodies - 1)
                     });
                     self.fetched.insert(k.clone(), body);
                 }
