@@ -159,6 +159,11 @@ impl Sim {
         p.wait_for("metrics on http://");
         p
     }
+
+    /// A controller with leader election on a short Lease (3 s, 1 s grace), as `identity`.
+    fn replica(&self, data: &Path, identity: &str) -> Proc {
+        self.controller(data, &["--lease-duration", "3", "--lease-grace", "1", "--identity", identity])
+    }
 }
 
 fn backup_yaml(name: &str, namespaces: &[String]) -> String {
@@ -455,11 +460,10 @@ fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
     let rt = rt();
     let sim = Sim::start(15);
     sim.install();
-    let lease = ["--lease-duration", "3", "--lease-grace", "1"];
     let data = sim.dir.path().join("controller");
-    let mut a = sim.controller(&data, &[&lease[..], &["--identity", "replica-a"]].concat());
+    let mut a = sim.replica(&data, "replica-a");
     a.wait_for("leading");
-    let mut b = sim.controller(&data, &[&lease[..], &["--identity", "replica-b"]].concat());
+    let mut b = sim.replica(&data, "replica-b");
     b.wait_for("standing by");
     let ns = namespaces();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("shared", &ns)));
@@ -577,9 +581,8 @@ fn a_leader_that_loses_its_lease_stops_at_once_and_the_next_one_finishes() {
     let rt = rt();
     let sim = Sim::start(15);
     sim.install();
-    let lease = ["--lease-duration", "3", "--lease-grace", "1"];
     let data = sim.dir.path().join("controller");
-    let mut a = sim.controller(&data, &[&lease[..], &["--identity", "replica-a"]].concat());
+    let mut a = sim.replica(&data, "replica-a");
     a.wait_for("leading");
     let ns = namespaces();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("handover", &ns)));
@@ -610,7 +613,7 @@ fn a_leader_that_loses_its_lease_stops_at_once_and_the_next_one_finishes() {
         ],
         None,
     );
-    let mut b = sim.controller(&data, &[&lease[..], &["--identity", "replica-b"]].concat());
+    let mut b = sim.replica(&data, "replica-b");
     b.wait_for("leading");
     let done = wait_until(&rt, &sim, "handover", 180, phase_is("Completed"));
     assert!(done.status.unwrap().resumed_count >= 1);
