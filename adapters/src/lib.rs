@@ -19,6 +19,7 @@ pub mod hookspec;
 pub mod inspect;
 pub mod kube;
 pub mod log;
+pub mod pack;
 pub mod report;
 pub mod retry;
 pub mod s3;

@@ -22,11 +22,12 @@
 //! failures; what still fails is an error naming the key, which stops the run (the engine records
 //! `RunStopped`) so `resume` can finish once the store is back.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
@@ -34,6 +35,7 @@ use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::{ArchiveEntry, ItemKey};
 use sha2::{Digest, Sha256};
 
+use crate::pack::PackIndex;
 use crate::world::{offload, BoxFuture, Runtime, TokioRuntime};
 
 /// Path of the format version file inside the archive.
@@ -170,8 +172,17 @@ pub trait StoreMedium: Clone + Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// The bytes of `path`, `None` when it does not exist.
     fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Makes every write below `dir` durable (one barrier for many writes).
+    /// Makes every write below `dir` durable (one barrier for many writes), appends included.
     fn sync_tree(&self, dir: &Path) -> Result<(), StoreError>;
+    /// Appends the staging record of `name` with `body` ([`crate::pack::record`]) to this medium's
+    /// own pack in `dir`, started on first use (a medium never appends to a pack it did not
+    /// start): visible at once, durable once a later [`StoreMedium::sync_tree`] above it returned.
+    fn append_staged(&self, dir: &Path, name: &str, body: &[u8]) -> Result<(), StoreError>;
+    /// The packs in `dir` (files named `*.pack`), oldest first; none when `dir` does not exist.
+    fn packs(&self, dir: &Path) -> Result<Vec<PathBuf>, StoreError>;
+    /// Up to `len` bytes of `path` from `offset`: fewer at its end, none past it or when it does
+    /// not exist.
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, StoreError>;
     /// Copies `path` to the local file `dest`, atomically and durably; `false` when `path` does not
     /// exist.
     fn copy_out(&self, path: &Path, dest: &Path) -> Result<bool, StoreError> {
@@ -188,12 +199,73 @@ pub trait StoreMedium: Clone + Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct FsMedium {
     root: PathBuf,
+    /// The packs this medium started, by directory (absolute).
+    packs: Arc<Mutex<BTreeMap<PathBuf, Arc<OpenPack>>>>,
+    /// Whether a file was staged on its own (not in a pack) since the last barrier.
+    loose: Arc<AtomicBool>,
+    /// Files recently read with [`StoreMedium::read_at`], kept open (at most [`READERS_MAX`]).
+    readers: Arc<Mutex<BTreeMap<PathBuf, Arc<File>>>>,
+}
+
+/// Files an [`FsMedium`] keeps open for reading at once.
+const READERS_MAX: usize = 16;
+
+/// A pack this medium appends to.
+#[derive(Debug)]
+struct OpenPack {
+    file: File,
+    path: PathBuf,
+    /// Held while appending, so one record's bytes are never interleaved with another's; a
+    /// barrier syncs the file without it.
+    append: Mutex<()>,
 }
 
 impl FsMedium {
     /// The directory `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> FsMedium {
-        FsMedium { root: root.into() }
+        FsMedium { root: root.into(), packs: Arc::default(), loose: Arc::default(), readers: Arc::default() }
+    }
+
+    /// An open handle on the absolute `path` for reading: its own pack, a cached one, or a new
+    /// one; `None` when it does not exist.
+    fn reader(&self, path: &Path) -> Result<Option<Arc<File>>, StoreError> {
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = readers.get(path) {
+            return Ok(Some(f.clone()));
+        }
+        let file = match File::open(path) {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        if readers.len() >= READERS_MAX {
+            readers.clear();
+        }
+        readers.insert(path.to_path_buf(), file.clone());
+        Ok(Some(file))
+    }
+
+    /// This medium's pack in the absolute directory `dir`, created (and its directory entry made
+    /// durable) on first use. Its name sorts by creation time: `<ns since epoch>-<pid>-<n>.pack`.
+    fn pack(&self, dir: &Path) -> Result<Arc<OpenPack>, StoreError> {
+        let mut packs = self.packs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = packs.get(dir) {
+            return Ok(p.clone());
+        }
+        create_dirs(dir)?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{nanos:024}-{}-{n}{}", std::process::id(), crate::pack::PACK_SUFFIX));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        sync_dir(dir)?;
+        let p = Arc::new(OpenPack { file, path, append: Mutex::new(()) });
+        packs.insert(dir.to_path_buf(), p.clone());
+        Ok(p)
     }
 }
 
@@ -211,6 +283,7 @@ impl StoreMedium for FsMedium {
         if durable {
             write_atomic(&path, bytes)
         } else {
+            self.loose.store(true, Ordering::SeqCst);
             stage_file(&path, bytes)
         }
     }
@@ -249,10 +322,65 @@ impl StoreMedium for FsMedium {
 
     fn sync_tree(&self, dir: &Path) -> Result<(), StoreError> {
         let dir = self.root.join(dir);
-        if dir.is_dir() {
-            sync_filesystem(&dir)?;
+        let packs: Vec<Arc<OpenPack>> = {
+            let packs = self.packs.lock().unwrap_or_else(PoisonError::into_inner);
+            packs.iter().filter(|(d, _)| d.starts_with(&dir)).map(|(_, p)| p.clone()).collect()
+        };
+        for p in packs {
+            p.file.sync_data().map_err(io_err("sync", &p.path))?;
+        }
+        // Files staged on their own: one barrier for the file system (cleared first, so a write
+        // racing with it is synced by the next barrier).
+        if self.loose.swap(false, Ordering::SeqCst) && dir.is_dir() {
+            if let Err(e) = sync_filesystem(&dir) {
+                self.loose.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    fn append_staged(&self, dir: &Path, name: &str, body: &[u8]) -> Result<(), StoreError> {
+        let record = crate::pack::record(name, body)?;
+        let pack = self.pack(&self.root.join(dir))?;
+        let _held = pack.append.lock().unwrap_or_else(PoisonError::into_inner);
+        (&pack.file).write_all(&record).map_err(io_err("append to", &pack.path))
+    }
+
+    fn packs(&self, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let abs = self.root.join(dir);
+        let entries = match fs::read_dir(&abs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &abs)(e)),
+        };
+        let mut names = Vec::new();
+        for e in entries {
+            let name = e.map_err(io_err("list", &abs))?.file_name().to_string_lossy().into_owned();
+            if name.ends_with(crate::pack::PACK_SUFFIX) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names.into_iter().map(|n| dir.join(n)).collect())
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.root.join(path);
+        let Some(file) = self.reader(&path)? else { return Ok(Vec::new()) };
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("read", &path)(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
     }
 
     /// Streams the file, so a large archive is never held in memory.
@@ -294,10 +422,16 @@ fn backup_rel(backup: &str) -> Result<PathBuf, StoreError> {
     Ok(Path::new("backups").join(backup))
 }
 
-/// The relative path where an item is staged.
+/// The relative path of a backup's staging directory (its packs).
+fn staging_rel(backup: &str) -> Result<PathBuf, StoreError> {
+    Ok(backup_rel(backup)?.join("staging"))
+}
+
+/// The relative path where an item was staged as a file of its own (before staging packs: a
+/// backup an earlier version started is still finished from those).
 fn staged_rel(backup: &str, key: &ItemKey) -> Result<PathBuf, StoreError> {
     check_key(key)?;
-    Ok(backup_rel(backup)?.join("staging").join(key.archive_path()))
+    Ok(staging_rel(backup)?.join(key.archive_path()))
 }
 
 /// The relative path of a file beside the archive.
@@ -360,23 +494,31 @@ fn build_archive<M: StoreMedium>(
 ) -> Result<ArchiveInfo, StoreError> {
     let planned = plan_archive(entries)?;
     let what = m.location(archive);
+    let index = PackIndex::scan(m, &staging_rel(backup)?)?;
     let mut unstaged: Vec<(ItemKey, StoreError)> = Vec::new();
     let mut result = None;
     m.write_with(archive, &mut |sink| {
         let (_, digest, bytes) = write_archive(&planned, sink, &what, |entry| {
-            let rel = staged_rel(backup, &entry.key)?;
-            let bytes = match m.read(&rel)? {
-                Some(b) => b,
-                None => {
-                    let e = StoreError::NotStaged { key: entry.key.to_string(), path: m.location(&rel) };
-                    unstaged.push((entry.key.clone(), e));
-                    return Ok(Vec::new());
+            // The newest packed copy whose bytes are the logged ones, else a file of its own.
+            let mut mismatch = None;
+            for body in index.candidates(m, &entry.key.archive_path()) {
+                let body = body?;
+                match verify_staged(entry, &body) {
+                    Ok(()) => return Ok(body),
+                    Err(e) => mismatch = mismatch.or(Some(e)),
                 }
-            };
-            if let Err(e) = verify_staged(entry, &bytes) {
-                unstaged.push((entry.key.clone(), e));
             }
-            Ok(bytes)
+            let rel = staged_rel(backup, &entry.key)?;
+            let found = m.read(&rel)?;
+            let checked = match found {
+                Some(b) => verify_staged(entry, &b).map(|()| b),
+                None => Err(mismatch
+                    .unwrap_or_else(|| StoreError::NotStaged { key: entry.key.to_string(), path: m.location(&rel) })),
+            };
+            checked.or_else(|e| {
+                unstaged.push((entry.key.clone(), e));
+                Ok(Vec::new())
+            })
         })?;
         if let Some(e) = unstaged_error(&mut unstaged) {
             return Err(e);
@@ -407,9 +549,10 @@ pub(crate) fn unstaged_error(found: &mut Vec<(ItemKey, StoreError)>) -> Option<S
 #[async_trait]
 impl<M: StoreMedium> Store for LocalStore<M> {
     async fn put_item(&self, backup: &str, key: &ItemKey, bytes: &[u8]) -> Result<(), StoreError> {
-        let rel = staged_rel(backup, key)?;
-        let (m, bytes) = (self.medium.clone(), bytes.to_vec());
-        self.medium.run(move || m.write(&rel, &bytes, false)).await
+        check_key(key)?;
+        let dir = staging_rel(backup)?;
+        let (m, name, bytes) = (self.medium.clone(), key.archive_path(), bytes.to_vec());
+        self.medium.run(move || m.append_staged(&dir, &name, &bytes)).await
     }
 
     async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
@@ -1161,19 +1304,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn put_item_is_idempotent_and_atomic() {
+    async fn put_item_appends_to_one_pack_and_the_newest_matching_copy_wins() {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::new(tmp.path());
         let key = ItemKey::namespaced("", "pods", "ns1", "a");
         store.put_item("b1", &key, b"{\"v\":1}").await.unwrap();
         store.put_item("b1", &key, b"{\"v\":1}").await.unwrap();
-        let path = store.staged_path("b1", &key).unwrap();
-        assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/a.json"));
-        assert_eq!(fs::read(&path).unwrap(), b"{\"v\":1}");
-        // A rewrite (a retried block) replaces the bytes.
+        // A rewrite (a retried block) appends; no file per item, no temp file.
         store.put_item("b1", &key, b"{\"v\":2}").await.unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"{\"v\":2}");
-        assert_eq!(list_dir_recursive(&tmp.path().join("backups")), ["a.json"]);
+        let packs = list_dir_recursive(&tmp.path().join("backups"));
+        assert_eq!(packs.len(), 1, "{packs:?}");
+        assert!(packs[0].ends_with(".pack"), "{packs:?}");
+        assert!(!store.staged_path("b1", &key).unwrap().exists());
+        // Whichever bytes the log recorded are found.
+        for v in [2, 1] {
+            let body = format!("{{\"v\":{v}}}");
+            let info = store.finalize("b1", &[entry(&key, "v1", body.as_bytes())]).await.unwrap();
+            assert_eq!(info.items, 1);
+            let got = read_archive(&store.archive_path("b1").unwrap());
+            assert_eq!(got[1].2, body.as_bytes());
+        }
+    }
+
+    /// One pack per process: a new store (a resumed run) never appends behind a torn tail, and
+    /// the archive build reads every process's pack.
+    #[tokio::test]
+    async fn a_torn_pack_loses_only_its_tail_and_the_next_process_starts_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = LocalStore::new(tmp.path());
+        let all = stage(&first, &[0, 1, 2]).await;
+        let staging = tmp.path().join("backups/b1/staging");
+        let pack = staging.join(&list_dir_recursive(&staging)[0]);
+        // A crash cut the last record in half.
+        let len = fs::metadata(&pack).unwrap().len();
+        let file = fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        file.set_len(len - 3).unwrap();
+        let e = first.finalize("b1", &all).await.unwrap_err();
+        let StoreError::Unstaged { keys, first: why } = &e else { panic!("{e}") };
+        assert_eq!(keys, std::slice::from_ref(&all[2].key), "{e}");
+        assert!(matches!(**why, StoreError::DigestMismatch { .. }), "{e}");
+        // The next process stages it again, into a pack of its own.
+        let second = LocalStore::new(tmp.path());
+        stage(&second, &[2]).await;
+        assert_eq!(list_dir_recursive(&staging).len(), 2);
+        assert_eq!(second.finalize("b1", &all).await.unwrap().items, 3);
+        // A damaged header ends its pack's scan: what follows is missing, not misread.
+        let mut bytes = fs::read(&pack).unwrap();
+        bytes[crate::pack::HEADER_BYTES + 2] ^= 0x20;
+        fs::write(&pack, &bytes).unwrap();
+        let e = LocalStore::new(tmp.path()).finalize("b1", &all).await.unwrap_err();
+        let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
+        assert_eq!(keys.len(), 2, "items 0 and 1 were in the damaged pack: {e}");
+    }
+
+    /// A backup an earlier version staged one file per item is still finished.
+    #[tokio::test]
+    async fn items_staged_as_files_of_their_own_are_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path());
+        let (key, version, bytes) = items().swap_remove(0);
+        let path = store.staged_path("b1", &key).unwrap();
+        assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/web-0.json"));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &bytes).unwrap();
+        let info = store.finalize("b1", &[entry(&key, version, &bytes)]).await.unwrap();
+        assert_eq!(info.items, 1);
     }
 
     #[tokio::test]

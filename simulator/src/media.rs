@@ -265,10 +265,25 @@ pub struct StoreFaults {
     pub failing_paths: Vec<String>,
 }
 
+/// A staging pack: the bytes appended to it, and which items they hold.
+#[derive(Default)]
+struct MemPack {
+    bytes: Vec<u8>,
+    /// Each appended item: where its record ends, its logical path (the pack's directory joined
+    /// with the item's name) and its body.
+    items: Vec<(usize, String, Vec<u8>)>,
+    /// Bytes a barrier made durable.
+    durable: usize,
+}
+
 #[derive(Default)]
 struct StoreDisk {
     durable: BTreeMap<String, Vec<u8>>,
     unsynced: BTreeMap<String, Vec<u8>>,
+    /// Staging packs by path.
+    packs: BTreeMap<String, MemPack>,
+    /// Which process appends now: a crash starts the next one's packs.
+    generation: u64,
     /// Remaining injected failures per path (decided at the path's first write).
     failures: BTreeMap<String, u64>,
     decided: BTreeSet<String>,
@@ -314,7 +329,9 @@ impl MemStore {
         d.faults.failing_paths.clear();
     }
 
-    /// A crash: unsynced writes survive or not by a draw from `rng`.
+    /// A crash: unsynced writes survive or not by a draw from `rng`; a pack keeps its durable
+    /// bytes and, by a draw, all, none or a torn part of what was appended after them. The next
+    /// process appends to packs of its own.
     pub fn crash(&self, rng: &mut Rng) {
         let mut d = lock(&self.disk);
         let unsynced = std::mem::take(&mut d.unsynced);
@@ -323,18 +340,39 @@ impl MemStore {
                 d.durable.insert(path, bytes);
             }
         }
+        for pack in d.packs.values_mut() {
+            let (lo, hi) = (pack.durable, pack.bytes.len());
+            if hi > lo {
+                let keep = if rng.chance(0.5) { hi } else { rng.range(lo as u64, hi as u64) as usize };
+                pack.bytes.truncate(keep);
+                pack.items.retain(|(end, _, _)| *end <= keep);
+                pack.durable = keep;
+            }
+        }
+        d.generation += 1;
     }
 
-    /// Every file that survives a crash now, by path.
+    /// Every file that survives a crash now, by path; a staged item in a pack as a file of its
+    /// own under its logical path (the newest copy).
     pub fn durable_files(&self) -> BTreeMap<String, Vec<u8>> {
-        lock(&self.disk).durable.clone()
+        let d = lock(&self.disk);
+        let mut all = d.durable.clone();
+        for pack in d.packs.values() {
+            let durable = pack.items.iter().filter(|(end, _, _)| *end <= pack.durable);
+            all.extend(durable.map(|(_, path, body)| (path.clone(), body.clone())));
+        }
+        all
     }
 
-    /// Every file as a reader sees it now, by path.
+    /// Every file as a reader sees it now, by path (staged items in packs as in
+    /// [`MemStore::durable_files`]).
     pub fn files(&self) -> BTreeMap<String, Vec<u8>> {
         let d = lock(&self.disk);
         let mut all = d.durable.clone();
         all.extend(d.unsynced.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for pack in d.packs.values() {
+            all.extend(pack.items.iter().map(|(_, path, body)| (path.clone(), body.clone())));
+        }
         all
     }
 
@@ -444,9 +482,45 @@ impl StoreMedium for MemStore {
                 d.durable.insert(k, v);
             }
         }
+        for (_, pack) in d.packs.iter_mut().filter(|(k, _)| k.starts_with(&prefix)) {
+            pack.durable = pack.bytes.len();
+        }
         drop(d);
         self.records.push(Record::Synced { at_ms: self.now(), dir: prefix });
         Ok(())
+    }
+
+    fn append_staged(&self, dir: &Path, name: &str, body: &[u8]) -> Result<(), StoreError> {
+        let logical = key(&dir.join(name));
+        self.check_fault(&logical)?;
+        let record = blockwise_adapters::pack::record(name, body)?;
+        let at_ms = self.now();
+        let mut d = lock(&self.disk);
+        let path = key(&dir.join(format!("{:08}.pack", d.generation)));
+        let pack = d.packs.entry(path).or_default();
+        pack.bytes.extend_from_slice(&record);
+        pack.items.push((pack.bytes.len(), logical.clone(), body.to_vec()));
+        drop(d);
+        let digest: [u8; 32] = Sha256::digest(body).into();
+        self.records.push(Record::Staged { at_ms, path: logical, digest });
+        Ok(())
+    }
+
+    fn packs(&self, dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let d = lock(&self.disk);
+        Ok(d.packs.keys().map(PathBuf::from).filter(|p| p.parent() == Some(dir)).collect())
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let p = key(path);
+        let d = lock(&self.disk);
+        let bytes = match d.packs.get(&p) {
+            Some(pack) => Some(&pack.bytes),
+            None => d.unsynced.get(&p).or_else(|| d.durable.get(&p)),
+        };
+        let Some(bytes) = bytes else { return Ok(Vec::new()) };
+        let from = (offset as usize).min(bytes.len());
+        Ok(bytes[from..(from + len).min(bytes.len())].to_vec())
     }
 
     fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> BoxFuture<T> {

@@ -175,12 +175,18 @@ fn a_staged_item_lost_before_the_archive_is_built_is_staged_again_from_the_log()
     let expected = local_archive(&clean, "b");
     let data = tmp.path().join("lost");
     assert_exit(&create(&data, "b", Some("finalize=always")), 1, "the archive build fails");
-    // Every block finished; now a staged item disappears and another is damaged.
-    let staging = data.join("store/backups/b/staging/resources");
-    let lost = staging.join("namespaces/cluster/shop.json");
-    std::fs::remove_file(&lost).unwrap_or_else(|e| panic!("removing {}: {e}", lost.display()));
-    let damaged = staging.join("namespaces/cluster/payments.json");
-    std::fs::write(&damaged, b"{}").expect("damage a staged item");
+    // Every block finished; now the staging pack loses its last record (a torn tail) and
+    // another item's bytes are damaged.
+    let staging = data.join("store/backups/b/staging");
+    let packs: Vec<_> = std::fs::read_dir(&staging).expect("staging").map(|e| e.expect("entry").path()).collect();
+    assert_eq!(packs.len(), 1, "one process, one pack: {packs:?}");
+    let mut bytes = std::fs::read(&packs[0]).expect("pack");
+    let last = bytes.windows(4).rposition(|w| w == b"BWS1").expect("a record");
+    bytes.truncate(last + 20);
+    let name = b"resources/namespaces/cluster/payments.json";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("payments is staged before the last record");
+    bytes[at + name.len()] ^= 0x01;
+    std::fs::write(&packs[0], &bytes).expect("damage the pack");
     let out = run(&data, &["backup", "resume", "b"]);
     assert_exit(&out, 3, "resume stages the two items again and builds the archive");
     assert!(local_archive(&data, "b") == expected, "archive differs from the undisturbed run");
