@@ -547,14 +547,16 @@ impl Dynamic {
         self.next_rv.max(st.rv_floor)
     }
 
-    /// The changes after resourceVersion `rv`, oldest first; `Err` with the oldest resourceVersion
+    /// The changes after resourceVersion `rv` that `keep` accepts, oldest first; `Err` with the oldest resourceVersion
     /// a watch can start from when changes after `rv` were not kept (or were never recorded).
-    pub fn changes_since(&self, st: &Statics<'_>, rv: u64) -> Result<Vec<Change>, u64> {
+    pub fn changes_since(&self, st: &Statics<'_>, rv: u64, keep: impl Fn(&Change) -> bool) -> Result<Vec<Change>, u64> {
         let from = self.history_from.unwrap_or_else(|| self.resource_version(st));
         if rv < from {
             return Err(from);
         }
-        Ok(self.history.iter().filter(|c| c.rv > rv).cloned().collect())
+        // The history is in version order: start at the first change after `rv`.
+        let first = self.history.partition_point(|c| c.rv <= rv);
+        Ok(self.history.range(first..).filter(|c| keep(c)).cloned().collect())
     }
 
     /// When the controller's next job is due, if one is scheduled.

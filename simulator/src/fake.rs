@@ -479,10 +479,15 @@ impl FakeCluster {
 
     /// The changes after resourceVersion `rv` (see [`Dynamic::changes_since`]), after running the
     /// jobs due at `now`, with the resourceVersion they lead to.
-    pub fn changes_since_at(&self, now: u64, rv: u64) -> Result<(Vec<Change>, u64), u64> {
+    pub fn changes_since_at(
+        &self,
+        now: u64,
+        rv: u64,
+        keep: impl Fn(&Change) -> bool,
+    ) -> Result<(Vec<Change>, u64), u64> {
         self.with_dynamic(|d, st| {
             d.settle(st, now);
-            d.changes_since(st, rv).map(|c| (c, d.resource_version(st)))
+            d.changes_since(st, rv, keep).map(|c| (c, d.resource_version(st)))
         })
     }
 
@@ -638,45 +643,43 @@ impl FakeCluster {
         let d = self.dyn_lock();
         // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
         let ns_filter = namespace.filter(|_| rt.namespaced);
-        let mut merged: BTreeMap<&(String, String), &Value> = self
-            .objects
-            .get(&rt.gr)
-            .into_iter()
-            .flat_map(|objs| objs.iter())
-            .filter(|((ns, _), _)| ns_filter.is_none_or(|f| f == ns))
-            .collect();
-        for (k, v) in d.overlay.get(&rt.gr).into_iter().flatten() {
-            if ns_filter.is_some_and(|f| f != k.0) {
-                continue;
-            }
-            match v {
-                Some(v) => {
-                    merged.insert(k, v);
-                }
-                None => {
-                    merged.remove(k);
-                }
-            }
-        }
-        let mut matching: Vec<(&(String, String), &Value)> = merged.into_iter().collect();
-        if let Some(seed) = self.list_order_seed {
-            matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
-        }
-        let matching = matching.into_iter().map(|(_, o)| o);
+        let empty_objects = Objects::new();
+        let empty_overlay = BTreeMap::new();
+        let base = self.objects.get(&rt.gr).unwrap_or(&empty_objects);
+        let over = d.overlay.get(&rt.gr).unwrap_or(&empty_overlay);
+        // The built-in objects with the overlay applied, in key order, without copying either:
+        // a page costs its own objects (and the skip to its offset), not the whole resource.
+        let in_scope = |k: &(String, String)| ns_filter.is_none_or(|f| f == k.0);
+        let merged =
+            MergeOverlay { base: base.iter().peekable(), over: over.iter().peekable() }.filter(|(k, _)| in_scope(k));
         let limit = if limit == 0 { usize::MAX } else { limit as usize };
         let mut objects = Vec::new();
         let mut more = false;
-        for obj in matching.skip(offset) {
+        let mut push = |obj: &Value| -> Result<bool, ClusterError> {
             if objects.len() == limit {
                 more = true;
-                break;
+                return Ok(false);
             }
-            let mut obj = obj.clone();
-            if let Some(map) = obj.as_object_mut() {
-                map.remove("apiVersion");
-                map.remove("kind");
+            objects.push(serde_json::to_string(&WithoutType(obj)).map_err(|e| ClusterError::Other(e.to_string()))?);
+            Ok(true)
+        };
+        match self.list_order_seed {
+            Some(seed) => {
+                let mut matching: Vec<(&(String, String), &Value)> = merged.collect();
+                matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
+                for (_, obj) in matching.into_iter().skip(offset) {
+                    if !push(obj)? {
+                        break;
+                    }
+                }
             }
-            objects.push(serde_json::to_string(&obj).map_err(|e| ClusterError::Other(e.to_string()))?);
+            None => {
+                for (_, obj) in merged.skip(offset) {
+                    if !push(obj)? {
+                        break;
+                    }
+                }
+            }
         }
         let continue_token = more.then(|| (offset + objects.len()).to_string());
         Ok(ListPage { objects, continue_token })
@@ -923,6 +926,68 @@ impl Drop for FakeCluster {
         }
         if let Err(e) = self.write_whole(seq, &self.dyn_lock()) {
             eprintln!("warning: cannot write the demo cluster's state: {e}");
+        }
+    }
+}
+
+/// The built-in objects of one resource merged with the overlay's changes to it, in key order: an
+/// overlay entry replaces (or, when `None`, deletes) the built-in object of its key.
+struct MergeOverlay<'a, B, O>
+where
+    B: Iterator<Item = (&'a (String, String), &'a Value)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+{
+    base: std::iter::Peekable<B>,
+    over: std::iter::Peekable<O>,
+}
+
+impl<'a, B, O> Iterator for MergeOverlay<'a, B, O>
+where
+    B: Iterator<Item = (&'a (String, String), &'a Value)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+{
+    type Item = (&'a (String, String), &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.base.peek(), self.over.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((b, _)), Some((o, _))) => b.cmp(o),
+            };
+            if order == std::cmp::Ordering::Equal {
+                // The overlay's entry stands for the built-in object of its key.
+                self.base.next();
+            }
+            let take_over = order != std::cmp::Ordering::Less;
+            if !take_over {
+                return self.base.next();
+            }
+            let (k, v) = self.over.next()?;
+            if let Some(v) = v {
+                return Some((k, v));
+            }
+        }
+    }
+}
+
+/// An object serialized without `apiVersion` and `kind` (a list's items carry neither), without
+/// copying it.
+struct WithoutType<'a>(&'a Value);
+
+impl Serialize for WithoutType<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            Value::Object(m) => {
+                let mut map = s.serialize_map(None)?;
+                for (k, v) in m.iter().filter(|(k, _)| *k != "apiVersion" && *k != "kind") {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+            v => v.serialize(s),
         }
     }
 }

@@ -315,8 +315,13 @@ fn reason_of(code: u16) -> &'static str {
 }
 
 fn json_response(code: u16, body: &Value) -> Response {
+    raw_json_response(code, body.to_string())
+}
+
+/// A response whose body is JSON already serialized.
+fn raw_json_response(code: u16, body: String) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut r = (status, body.to_string()).into_response();
+    let mut r = (status, body).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     r
 }
@@ -967,6 +972,26 @@ async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query,
         Ok(p) => p,
         Err(e) => return cluster_error(&what, e),
     };
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(t) = &page.continue_token {
+        metadata["continue"] = Value::String(t.clone());
+    }
+    if table.is_none() && selector.is_none() && fields.0.is_empty() {
+        // Nothing to select or render: the objects as the cluster serialized them.
+        let head = json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata});
+        let head = head.to_string();
+        let mut body = String::with_capacity(head.len() + page.objects.iter().map(|o| o.len() + 1).sum::<usize>() + 12);
+        body.push_str(&head[..head.len() - 1]);
+        body.push_str(",\"items\":[");
+        for (i, raw) in page.objects.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(raw);
+        }
+        body.push_str("]}");
+        return raw_json_response(200, body);
+    }
     let mut items = Vec::with_capacity(page.objects.len());
     for raw in &page.objects {
         let Ok(obj) = serde_json::from_str::<Value>(raw) else {
@@ -975,10 +1000,6 @@ async fn list(s: &Shared, rt: &ResourceType, namespace: Option<&str>, q: &Query,
         if fields.matches(&obj) && selector.as_ref().is_none_or(|sel| sel.matches(&labels_of(&obj))) {
             items.push(obj);
         }
-    }
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if let Some(t) = &page.continue_token {
-        metadata["continue"] = Value::String(t.clone());
     }
     if let Some((cols, pods, include)) = table {
         let typed: Vec<Value> = items.into_iter().map(|o| with_type(rt, o)).collect();

@@ -128,7 +128,10 @@ impl Watch {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = cluster.now();
-            match cluster.changes_since_at(now, self.cursor) {
+            let (gr, filter) = (&self.render.rt.gr, &self.filter);
+            match cluster
+                .changes_since_at(now, self.cursor, |c| c.key.is(&gr.group, &gr.resource) && filter.matches(&c.object))
+            {
                 Err(oldest) => {
                     self.done = true;
                     let status = super::status_body(
@@ -139,9 +142,7 @@ impl Watch {
                     return Some(line(&json!({"type": "ERROR", "object": status})));
                 }
                 Ok((changes, rv)) => {
-                    for c in
-                        changes.iter().filter(|c| c.key.gr() == self.render.rt.gr && self.filter.matches(&c.object))
-                    {
+                    for c in &changes {
                         self.ready.push_back(self.render.event(c.kind.event_type(), &c.object, now));
                     }
                     self.cursor = rv;
