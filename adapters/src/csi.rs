@@ -35,8 +35,9 @@ use serde_json::{json, Value};
 use crate::world::{timeout, Runtime};
 
 /// Snapshots read (waiting for readiness) or released at once: a backup of thousands of volumes
-/// must not pay one API round trip after the other for them, nor flood the API server.
-pub const SNAPSHOT_CALLS_CONCURRENT_MAX: usize = 16;
+/// must not pay one API round trip after the other for them, nor flood the API server. A window,
+/// not batches: the next call starts as soon as one ends.
+pub const SNAPSHOT_CALLS_CONCURRENT_MAX: usize = 32;
 
 /// Longest single watch: a return re-reads the object, so this only bounds how long a missed
 /// event could delay the wait.
@@ -444,8 +445,15 @@ pub async fn await_ready(
         let mut next: Option<(ItemKey, String, u64)> = None;
         // Every wait's snapshots read, a bounded number of waits at once, answers in order.
         let mut reads = Vec::with_capacity(waits.len());
-        for chunk in waits.chunks(SNAPSHOT_CALLS_CONCURRENT_MAX) {
-            reads.extend(futures::future::join_all(chunk.iter().map(|w| read_wait(cluster, api, w))).await);
+        let mut inflight = futures::stream::FuturesOrdered::new();
+        for w in waits {
+            inflight.push_back(read_wait(cluster, api, w));
+            if inflight.len() >= SNAPSHOT_CALLS_CONCURRENT_MAX {
+                reads.extend(futures::StreamExt::next(&mut inflight).await);
+            }
+        }
+        while let Some(r) = futures::StreamExt::next(&mut inflight).await {
+            reads.push(r);
         }
         for (w, (failed, pending)) in waits.iter().zip(reads) {
             match (failed, pending) {
@@ -525,11 +533,17 @@ pub async fn release_all(
     orders: &[ReleaseOrder],
 ) -> Vec<(u32, Result<(), String>)> {
     let mut out = Vec::with_capacity(orders.len());
-    for chunk in orders.chunks(SNAPSHOT_CALLS_CONCURRENT_MAX) {
-        let results = futures::future::join_all(chunk.iter().map(|o| release_one(cluster, api, group_label, o))).await;
-        out.extend(chunk.iter().map(|o| o.plan.id).zip(results));
+    let mut inflight = futures::stream::FuturesOrdered::new();
+    for o in orders {
+        inflight.push_back(release_one(cluster, api, group_label, o));
+        if inflight.len() >= SNAPSHOT_CALLS_CONCURRENT_MAX {
+            out.extend(futures::StreamExt::next(&mut inflight).await);
+        }
     }
-    out
+    while let Some(r) = futures::StreamExt::next(&mut inflight).await {
+        out.push(r);
+    }
+    orders.iter().map(|o| o.plan.id).zip(out).collect()
 }
 
 /// Reads the PersistentVolumes and lists the snapshot classes for `InspectVolumes`.

@@ -1059,6 +1059,7 @@ impl Engine {
             }
         }
         self.await_snapshots();
+        self.release_settled();
         if self.runs.is_empty()
             && self.recovering.is_empty()
             && self.primed.is_empty()
@@ -1117,11 +1118,30 @@ impl Engine {
         if waiting {
             return false;
         }
+        !self.release_where(|_, _| true)
+    }
+
+    /// Releases, while other blocks still run, the snapshots that are settled: their block has
+    /// finished (no cut of theirs can be in flight) and, when kept, they are ready or past their
+    /// deadline. At 20k volumes, releasing them all at the end was a third of the backup.
+    fn release_settled(&mut self) {
+        if self.releasing {
+            return;
+        }
+        self.release_where(|e, s| {
+            let finished = e.state.blocks[s.plan.block as usize].outcome.is_some();
+            finished && (s.ready.is_some() || !e.snapshot_kept(s))
+        });
+    }
+
+    /// Issues one `ReleaseSnapshots` for the requested, unreleased snapshots `pick` accepts;
+    /// whether one was issued.
+    fn release_where(&mut self, pick: impl Fn(&Engine, &SnapshotState) -> bool) -> bool {
         let orders: Vec<ReleaseOrder> = self
             .state
             .snapshots
             .iter()
-            .filter(|s| s.requested.is_some() && s.released.is_none())
+            .filter(|s| s.requested.is_some() && s.released.is_none() && pick(self, s))
             .map(|s| ReleaseOrder {
                 plan: s.plan.clone(),
                 members: s
@@ -1134,9 +1154,9 @@ impl Engine {
             })
             .collect();
         if orders.is_empty() || mutation::active(Mutation::SkipSnapshotRelease) {
-            return true;
+            return false;
         }
-        let (Some(api), _) = self.snapshot_api() else { return true };
+        let (Some(api), _) = self.snapshot_api() else { return false };
         self.releasing = true;
         let group_label = self.group_label();
         // Write-ahead: releasing deletes the objects a resumed cut would create-or-get, so every
@@ -1144,7 +1164,7 @@ impl Engine {
         // else a crash could lose a cut and a resume would take the snapshot a second time.
         let last = self.state.events.checked_sub(1);
         self.issue(Pending::Release, last, CommandKind::ReleaseSnapshots { api, group_label, orders });
-        false
+        true
     }
 
     fn finish(&mut self) {

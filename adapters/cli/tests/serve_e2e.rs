@@ -458,7 +458,7 @@ fn kill_9_of_the_controller_at_several_points_then_every_backup_completes() {
 #[test]
 fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
     let rt = rt();
-    let sim = Sim::start(15);
+    let sim = Sim::start(40);
     sim.install();
     let data = sim.dir.path().join("controller");
     let mut a = sim.replica(&data, "replica-a");
@@ -579,7 +579,9 @@ fn overlapping_backups_queue_and_disjoint_ones_run_together() {
 #[test]
 fn a_leader_that_loses_its_lease_stops_at_once_and_the_next_one_finishes() {
     let rt = rt();
-    let sim = Sim::start(15);
+    // API calls slow enough that the backup outlasts the renewal (every 2 s) that finds the Lease
+    // taken: at 15 ms a backup of this cluster can finish first.
+    let sim = Sim::start(150);
     sim.install();
     let data = sim.dir.path().join("controller");
     let mut a = sim.replica(&data, "replica-a");
