@@ -37,7 +37,7 @@ use crate::world::{timeout, Runtime};
 /// Snapshots read (waiting for readiness) or released at once: a backup of thousands of volumes
 /// must not pay one API round trip after the other for them, nor flood the API server. A window,
 /// not batches: the next call starts as soon as one ends.
-pub const SNAPSHOT_CALLS_CONCURRENT_MAX: usize = 32;
+pub const SNAPSHOT_CALLS_CONCURRENT_MAX: usize = 8;
 
 /// Longest single watch: a return re-reads the object, so this only bounds how long a missed
 /// event could delay the wait.

@@ -2,13 +2,15 @@
 //!
 //! [`Store`] is the port the driver writes through; [`LocalStore`] implements it on a directory
 //! tree, a [`StoreMedium`]: a real directory ([`FsMedium`], the default) or the simulator's
-//! in-memory one, so the simulator runs this same store code. Items are staged one file each under
-//! a deterministic key (`backups/<backup>/staging/<archive path>`), each replaced atomically (temp
-//! file, rename) and made durable in bulk by [`Store::sync_staged`], so a retried or resumed block
-//! simply rewrites them. Blocking file-system calls run on the runtime's blocking pool, never on a
+//! in-memory one, so the simulator runs this same store code. Items are staged as records of an
+//! append-only pack, one per process and backup (`backups/<backup>/staging/<writer>.pack`, see
+//! [`crate::pack`]), each record named by the item's archive path and made durable in bulk by
+//! [`Store::sync_staged`] (one `fdatasync` per pack), so a retried or resumed block simply appends
+//! them again. Blocking file-system calls run on the runtime's blocking pool, never on a
 //! worker thread. [`Store::finalize`] then builds
-//! `backups/<backup>/<backup>.tar.gz` from the staged files, checking each against the digest the
-//! log recorded, with every tar entry sorted by path and every piece of metadata fixed (mtime 0,
+//! `backups/<backup>/<backup>.tar.gz` from the newest staged copy of each item whose bytes match
+//! the digest the log recorded (an item an earlier version staged as a file of its own,
+//! `staging/<archive path>`, is read from there), with every tar entry sorted by path and every piece of metadata fixed (mtime 0,
 //! uid/gid 0, mode 0644, GNU headers, gzip mtime 0 and no file name, one compression level): the
 //! same items give a byte-identical archive whatever the worker count or crash/resume history.
 //! Items it finds missing or changed are reported together ([`StoreError::Unstaged`]) so the

@@ -64,6 +64,9 @@ pub struct EngineConfig {
     pub record_objects_bytes_max: usize,
     /// Times the archive build may be retried after re-staging items it found missing or changed.
     pub restage_rounds_max: u32,
+    /// Snapshots one `AwaitSnapshots` watches (the earliest cut first): each round of it reads
+    /// every one, so watching all of thousands at once cost reads quadratic in their number.
+    pub await_snapshots_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -76,6 +79,7 @@ impl Default for EngineConfig {
             plan_chunk_blocks_max: 512,
             intent_lookahead_blocks: 64,
             record_objects_bytes_max: 4 << 20,
+            await_snapshots_max: 64,
             restage_rounds_max: 2,
         }
     }
@@ -1083,7 +1087,7 @@ impl Engine {
             return;
         }
         let timeout = self.state.options.item_operation_timeout_ms;
-        let waits: Vec<ReadyWait> = self
+        let mut waits: Vec<ReadyWait> = self
             .state
             .snapshots
             .iter()
@@ -1099,6 +1103,9 @@ impl Engine {
                 })
             })
             .collect();
+        // The earliest cuts (earliest deadlines) first: the ones likely to settle next.
+        waits.sort_by_key(|w| (w.deadline_ms, w.id));
+        waits.truncate(self.cfg.await_snapshots_max.max(1));
         if waits.is_empty() {
             return;
         }

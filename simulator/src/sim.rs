@@ -270,6 +270,7 @@ pub fn seeded_engine_config(workers: usize) -> EngineConfig {
         intent_lookahead_blocks: 2,
         record_objects_bytes_max: 600,
         restage_rounds_max: 2,
+        await_snapshots_max: 2,
     }
 }
 
