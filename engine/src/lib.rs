@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod item;
 pub mod mutation;
 pub mod ports;
+pub mod restore;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
