@@ -26,7 +26,8 @@
 //! resourceVersion from the one counter, which continues above the built-in objects' versions — in
 //! a bounded history ([`HISTORY_CHANGES_MAX`]) that watches read. Writes through the API server
 //! ([`ApiWrite`]) add what a controller relies on: a `metadata.resourceVersion` precondition
-//! (409 `Conflict`), the status subresource (a write to the object keeps `.status`, a write to
+//! (409 `Conflict`), no create in a namespace that does not exist (404) or is being deleted (403),
+//! as the API server's NamespaceLifecycle admission, the status subresource (a write to the object keeps `.status`, a write to
 //! the status changes nothing else), the generation bumped by changes outside metadata and status,
 //! field ownership and server-side apply ([`crate::fields`]), CRDs whose objects go with them and
 //! namespaces whose deletion deletes their contents. A write that changes nothing changes no
@@ -221,6 +222,10 @@ pub struct Dynamic {
 
 /// Changes kept for watches; a watch from an older resourceVersion is told it expired (410).
 pub const HISTORY_CHANGES_MAX: usize = 4096;
+
+/// The namespaces a cluster always has: creates in them are admitted even when the fake cluster
+/// holds no Namespace object for them.
+pub const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// What happened to an object, as a watch event's type says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -659,6 +664,26 @@ impl Dynamic {
             String::new()
         };
         let key = key_of(&rt.gr, &ns, &name, rt.namespaced);
+        if rt.namespaced {
+            // As the API server's NamespaceLifecycle admission: no object in a namespace that
+            // does not exist, nor in one being deleted. The namespaces every cluster has count as
+            // existing even where the fake cluster holds no object for them.
+            match self.lookup(st, &key_of(&GroupResource::new("", "namespaces"), "", &ns, false)) {
+                None if SYSTEM_NAMESPACES.contains(&ns.as_str()) => {}
+                None => return Err(ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))),
+                Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => {
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                            rt.gr
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         if self.lookup(st, &key).is_some() {
             return Err(ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.gr)));
         }
@@ -1555,6 +1580,7 @@ mod tests {
             let name = v["metadata"]["name"].as_str().unwrap().to_string();
             o.entry(GroupResource::new(g, r)).or_default().insert((ns.to_string(), name), v);
         };
+        put("", "namespaces", "", json!({"metadata": {"name": "ns"}}));
         for c in ["a", "b"] {
             put(
                 "",
@@ -1587,6 +1613,28 @@ mod tests {
 
     fn rt(r: &str) -> ResourceType {
         snapshot_resources(Some("v1")).into_iter().find(|t| t.gr.resource == r).unwrap()
+    }
+
+    #[test]
+    fn a_create_in_a_namespace_that_does_not_exist_or_is_terminating_is_refused() {
+        let config = CsiConfig::default();
+        let objects = world();
+        let st = statics(&objects, &config);
+        let mut d = Dynamic::default();
+        let body = |ns: &str| {
+            json!({"metadata": {"name": "s", "namespace": ns}, "spec": {"source": {"persistentVolumeClaimName": "a"}}})
+                .to_string()
+        };
+        let e = d.create(&st, 100, &rt("volumesnapshots"), Some("nowhere"), &body("nowhere")).unwrap_err();
+        assert!(matches!(&e, ClusterError::NotFound(m) if m.contains("namespaces \"nowhere\" not found")), "{e:?}");
+        // A namespace created through the API takes objects; one being deleted does not.
+        let ns_rt = ResourceType::new("", "v1", "namespaces", "Namespace", false);
+        d.create(&st, 101, &ns_rt, None, &json!({"metadata": {"name": "fresh", "finalizers": ["x"]}}).to_string())
+            .unwrap();
+        d.create(&st, 102, &rt("volumesnapshots"), Some("fresh"), &body("fresh")).unwrap();
+        d.delete(&st, 103, &ItemKey::cluster("", "namespaces", "fresh")).unwrap();
+        let e = d.create(&st, 104, &rt("volumesnapshots"), Some("fresh"), &body("fresh")).unwrap_err();
+        assert!(format!("{e:?}").contains("being terminated"), "{e:?}");
     }
 
     #[test]
