@@ -173,6 +173,17 @@ pub fn demo_cluster(objects: usize, seed: u64) -> FakeCluster {
     demo_cluster_with(objects, seed, true)
 }
 
+/// A cluster that serves the demo's resource types and holds no object: where a restore goes
+/// (`blockwise simulator serve --empty`). Only the namespaces every cluster has are there (their
+/// objects are not served, but creates in them are admitted).
+pub fn empty_cluster() -> FakeCluster {
+    let mut cluster = FakeCluster::new();
+    for rt in demo_resource_types() {
+        cluster.add_resource(rt);
+    }
+    cluster
+}
+
 /// A deterministic demo cluster; without `faults`, [`demo_failing_hook_pod`] has an ordinary
 /// freeze hook and every hook succeeds, so a backup of it completes.
 pub fn demo_cluster_with(objects: usize, seed: u64, faults: bool) -> FakeCluster {

@@ -75,7 +75,8 @@ enum Top {
 
 #[derive(Subcommand, Debug)]
 enum SimulatorCommand {
-    /// Serve the demo cluster over the Kubernetes HTTP API on 127.0.0.1 until interrupted.
+    /// Serve the demo cluster (or, with `--empty`, a cluster with no objects) over the Kubernetes
+    /// HTTP API on 127.0.0.1 until interrupted.
     Serve(ServeArgs),
 }
 
@@ -93,6 +94,10 @@ struct ServeArgs {
     /// check that no pod was left frozen).
     #[arg(long)]
     exec_log: Option<PathBuf>,
+    /// Serve a cluster with the demo's resource types and no objects (a restore target) instead
+    /// of the demo cluster.
+    #[arg(long, conflicts_with_all = ["demo_objects", "demo_faults"])]
+    empty: bool,
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode> {
@@ -100,7 +105,12 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let d = &a.demo;
-        let cluster = demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults)
+        let cluster = if a.empty {
+            demo::empty_cluster()
+        } else {
+            demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults)
+        };
+        let cluster = cluster
             .with_latency(blockwise_simulator::fake::Latency { api_ms: d.demo_latency_ms, exec_ms: d.demo_latency_ms })
             .with_clock(Arc::new(TokioRuntime))
             .with_csi(demo::demo_csi(d.demo_latency_ms));
@@ -116,7 +126,11 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             server.write_kubeconfig(path).with_context(|| format!("writing kubeconfig {}", path.display()))?;
             println!("kubeconfig: {}", path.display());
         }
-        println!("serving the demo cluster ({} objects) at {}", d.demo_objects, server.url());
+        if a.empty {
+            println!("serving an empty cluster at {}", server.url());
+        } else {
+            println!("serving the demo cluster ({} objects) at {}", d.demo_objects, server.url());
+        }
         println!("press Ctrl-C to stop");
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
         drop(server);

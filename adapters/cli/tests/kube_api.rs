@@ -352,6 +352,45 @@ fn kubectl(s: &Served, args: &[&str]) -> Output {
         .expect("running kubectl (it is installed on development and CI machines)")
 }
 
+/// The restore target: no objects, creates admitted as an API server admits them.
+#[test]
+fn an_empty_cluster_takes_creates_only_in_namespaces_that_exist() {
+    let s = serve(blockwise_simulator::demo::empty_cluster().with_csi(blockwise_simulator::demo::demo_csi(0)));
+    let out = kubectl(&s, &["get", "configmaps", "-A", "-o", "name"]);
+    assert!(out.status.success() && text(&out.stdout).trim().is_empty(), "{}", text(&out.stderr));
+    // Manifests as JSON files: `kubectl create -f` sends them as they are.
+    let file = |name: &str, v: Value| {
+        let path = s.dir.path().join(name);
+        std::fs::write(&path, v.to_string()).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let cm = |ns: &str| {
+        file(
+            &format!("cm-{ns}.json"),
+            serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "cfg", "namespace": ns}, "data": {"k": "v"}}),
+        )
+    };
+    let out = kubectl(&s, &["create", "-f", &cm("shop")]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("namespaces \"shop\" not found"), "{}", text(&out.stderr));
+    let ns =
+        file("ns.json", serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    let out = kubectl(&s, &["create", "-f", &ns]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = kubectl(&s, &["create", "-f", &cm("shop")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = kubectl(&s, &["get", "configmap", "cfg", "-n", "shop", "-o", "json"]);
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["data"]["k"], "v");
+    assert!(got["metadata"]["uid"].as_str().is_some_and(|u| !u.is_empty()), "{got}");
+    let out = kubectl(&s, &["create", "-f", &cm("shop")]);
+    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
+    // The namespaces every cluster has take objects although none is listed.
+    let out = kubectl(&s, &["create", "-f", &cm("default")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn kubectl_lists_gets_discovers_and_execs_against_the_fake_server() {
     let s = serve_demo();
