@@ -444,17 +444,7 @@ pub async fn await_ready(
         let mut settled = Vec::new();
         let mut next: Option<(ItemKey, String, u64)> = None;
         // Every wait's snapshots read, a bounded number of waits at once, answers in order.
-        let mut reads = Vec::with_capacity(waits.len());
-        let mut inflight = futures::stream::FuturesOrdered::new();
-        for w in waits {
-            inflight.push_back(read_wait(cluster, api, w));
-            if inflight.len() >= SNAPSHOT_CALLS_CONCURRENT_MAX {
-                reads.extend(futures::StreamExt::next(&mut inflight).await);
-            }
-        }
-        while let Some(r) = futures::StreamExt::next(&mut inflight).await {
-            reads.push(r);
-        }
+        let reads = in_order_window(waits.iter().map(|w| read_wait(cluster, api, w)).collect()).await;
         for (w, (failed, pending)) in waits.iter().zip(reads) {
             match (failed, pending) {
                 (Some(e), _) => settled.push((w.id, Err(e))),
@@ -532,10 +522,18 @@ pub async fn release_all(
     group_label: &str,
     orders: &[ReleaseOrder],
 ) -> Vec<(u32, Result<(), String>)> {
-    let mut out = Vec::with_capacity(orders.len());
+    let out = in_order_window(orders.iter().map(|o| release_one(cluster, api, group_label, o)).collect()).await;
+    orders.iter().map(|o| o.plan.id).zip(out).collect()
+}
+
+/// Runs `calls` with at most [`SNAPSHOT_CALLS_CONCURRENT_MAX`] in flight (the next starts as soon
+/// as one ends), answers in the calls' order. A vector, not an iterator: an iterator adapter held
+/// across the awaits makes the caller's future fail tokio's `Send` bound.
+async fn in_order_window<F: std::future::Future>(calls: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(calls.len());
     let mut inflight = futures::stream::FuturesOrdered::new();
-    for o in orders {
-        inflight.push_back(release_one(cluster, api, group_label, o));
+    for call in calls {
+        inflight.push_back(call);
         if inflight.len() >= SNAPSHOT_CALLS_CONCURRENT_MAX {
             out.extend(futures::StreamExt::next(&mut inflight).await);
         }
@@ -543,7 +541,7 @@ pub async fn release_all(
     while let Some(r) = futures::StreamExt::next(&mut inflight).await {
         out.push(r);
     }
-    orders.iter().map(|o| o.plan.id).zip(out).collect()
+    out
 }
 
 /// Reads the PersistentVolumes and lists the snapshot classes for `InspectVolumes`.

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -154,17 +154,18 @@ pub trait Store: Send + Sync {
     }
 }
 /// Where a [`LocalStore`] keeps its files: a directory tree, addressed by paths relative to the
-/// store's root. Writes replace a file atomically (a reader sees the old bytes or the new ones); a
-/// write that is not `durable` survives a crash only once a later [`StoreMedium::sync_tree`] of a
-/// directory above it returned. [`FsMedium`] is a real directory; the simulator's in-memory medium
-/// loses unsynced writes when the simulated process dies. Both run the same [`LocalStore`] code.
+/// store's root. Writes replace a file atomically (a reader sees the old bytes or the new ones) and
+/// durably; staged items are appended to packs, which survive a crash only once a later
+/// [`StoreMedium::sync_tree`] of a directory above them returned. [`FsMedium`] is a real
+/// directory; the simulator's in-memory medium loses unsynced appends when the simulated process
+/// dies. Both run the same [`LocalStore`] code.
 pub trait StoreMedium: Clone + Send + Sync + 'static {
     /// A human description, e.g. `local directory /x/store`.
     fn describe(&self) -> String;
     /// Where `path` is, for messages (an absolute path for a real directory).
     fn location(&self, path: &Path) -> PathBuf;
-    /// Replaces `path` with `bytes` atomically; `durable` also makes it survive a crash at once.
-    fn write(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError>;
+    /// Replaces `path` with `bytes` atomically and durably.
+    fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError>;
     /// Replaces `path` with what `fill` writes, atomically and durably; nothing is left behind
     /// when `fill` fails.
     fn write_with(
@@ -174,7 +175,7 @@ pub trait StoreMedium: Clone + Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// The bytes of `path`, `None` when it does not exist.
     fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Makes every write below `dir` durable (one barrier for many writes), appends included.
+    /// Makes every append below `dir` durable (one barrier for many appends).
     fn sync_tree(&self, dir: &Path) -> Result<(), StoreError>;
     /// Appends the staging record of `name` with `body` ([`crate::pack::record`]) to this medium's
     /// own pack in `dir`, started on first use (a medium never appends to a pack it did not
@@ -203,8 +204,6 @@ pub struct FsMedium {
     root: PathBuf,
     /// The packs this medium started, by directory (absolute).
     packs: Arc<Mutex<BTreeMap<PathBuf, Arc<OpenPack>>>>,
-    /// Whether a file was staged on its own (not in a pack) since the last barrier.
-    loose: Arc<AtomicBool>,
     /// Files recently read with [`StoreMedium::read_at`], kept open (at most [`READERS_MAX`]).
     readers: Arc<Mutex<BTreeMap<PathBuf, Arc<File>>>>,
 }
@@ -225,7 +224,7 @@ struct OpenPack {
 impl FsMedium {
     /// The directory `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> FsMedium {
-        FsMedium { root: root.into(), packs: Arc::default(), loose: Arc::default(), readers: Arc::default() }
+        FsMedium { root: root.into(), packs: Arc::default(), readers: Arc::default() }
     }
 
     /// An open handle on the absolute `path` for reading: its own pack, a cached one, or a new
@@ -280,14 +279,8 @@ impl StoreMedium for FsMedium {
         self.root.join(path)
     }
 
-    fn write(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
-        let path = self.root.join(path);
-        if durable {
-            write_atomic(&path, bytes)
-        } else {
-            self.loose.store(true, Ordering::SeqCst);
-            stage_file(&path, bytes)
-        }
+    fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.root.join(path), bytes)
     }
 
     fn write_with(
@@ -330,14 +323,6 @@ impl StoreMedium for FsMedium {
         };
         for p in packs {
             p.file.sync_data().map_err(io_err("sync", &p.path))?;
-        }
-        // Files staged on their own: one barrier for the file system (cleared first, so a write
-        // racing with it is synced by the next barrier).
-        if self.loose.swap(false, Ordering::SeqCst) && dir.is_dir() {
-            if let Err(e) = sync_filesystem(&dir) {
-                self.loose.store(true, Ordering::SeqCst);
-                return Err(e);
-            }
         }
         Ok(())
     }
@@ -572,7 +557,7 @@ impl<M: StoreMedium> Store for LocalStore<M> {
     async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let rel = file_rel(backup, name)?;
         let (m, bytes) = (self.medium.clone(), bytes.to_vec());
-        self.medium.run(move || m.write(&rel, &bytes, true)).await
+        self.medium.run(move || m.write(&rel, &bytes)).await
     }
 
     async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -689,38 +674,6 @@ pub(crate) fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
         return Err(io_err("rename into", path)(e));
     }
     sync_dir(parent_dir(path))
-}
-
-/// Writes `bytes` to `path` atomically (temp file, rename) without forcing it to disk: durability
-/// comes from [`Store::sync_staged`] before the log records the write.
-fn stage_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = parent_dir(path);
-    create_dirs(dir)?;
-    let tmp = temp_path(dir);
-    if let Err(e) = File::create(&tmp).and_then(|mut f| f.write_all(bytes)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("write", &tmp)(e));
-    }
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_err("rename into", path)(e)
-    })
-}
-
-/// Flushes the whole filesystem holding `dir` (data and directory entries) in one call.
-fn sync_filesystem(dir: &Path) -> Result<(), StoreError> {
-    let d = File::open(dir).map_err(io_err("open", dir))?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs on a file descriptor we own for the duration of the call.
-        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-            return Err(io_err("syncfs", dir)(io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-    #[cfg(not(target_os = "linux"))]
-    d.sync_all().map_err(io_err("sync", dir))
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.

@@ -615,14 +615,9 @@ impl Dynamic {
 
     /// The objects of `gr` that exist now, with their keys, in (namespace, name) order.
     pub fn live(&self, st: &Statics<'_>, gr: &GroupResource) -> Vec<(ItemKey, Value)> {
-        let mut merged: BTreeMap<(String, String), Value> = st.objects.get(gr).cloned().unwrap_or_default();
-        for (k, v) in self.overlay.get(gr).into_iter().flatten() {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
-        }
-        merged.into_iter().map(|((ns, name), v)| (key_of(gr, &ns, &name, !ns.is_empty()), v)).collect()
+        merge_overlay(st.objects.get(gr), self.overlay.get(gr))
+            .map(|((ns, name), v)| (key_of(gr, ns, name, !ns.is_empty()), v.clone()))
+            .collect()
     }
 
     fn create_object(
@@ -1556,6 +1551,57 @@ impl Dynamic {
             }
         }
         out
+    }
+}
+
+/// The built-in objects of one resource (`base`) with the overlay's changes to it (`over`), in key
+/// order, without copying either: an overlay entry replaces (or, when `None`, deletes) the built-in
+/// object of its key.
+pub fn merge_overlay<'a>(
+    base: Option<&'a BTreeMap<(String, String), Value>>,
+    over: Option<&'a BTreeMap<(String, String), Option<Value>>>,
+) -> impl Iterator<Item = (&'a (String, String), &'a Value)> + 'a {
+    MergeOverlay { base: base.into_iter().flatten().peekable(), over: over.into_iter().flatten().peekable() }
+}
+
+/// The iterator of [`merge_overlay`].
+struct MergeOverlay<'a, B, O>
+where
+    B: Iterator<Item = (&'a (String, String), &'a Value)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+{
+    base: std::iter::Peekable<B>,
+    over: std::iter::Peekable<O>,
+}
+
+impl<'a, B, O> Iterator for MergeOverlay<'a, B, O>
+where
+    B: Iterator<Item = (&'a (String, String), &'a Value)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+{
+    type Item = (&'a (String, String), &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.base.peek(), self.over.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((b, _)), Some((o, _))) => b.cmp(o),
+            };
+            if order == std::cmp::Ordering::Equal {
+                // The overlay's entry stands for the built-in object of its key.
+                self.base.next();
+            }
+            let take_over = order != std::cmp::Ordering::Less;
+            if !take_over {
+                return self.base.next();
+            }
+            let (k, v) = self.over.next()?;
+            if let Some(v) = v {
+                return Some((k, v));
+            }
+        }
     }
 }
 

@@ -643,43 +643,27 @@ impl FakeCluster {
         let d = self.dyn_lock();
         // A namespace filter on a cluster-scoped resource is ignored, as kubectl does.
         let ns_filter = namespace.filter(|_| rt.namespaced);
-        let empty_objects = Objects::new();
-        let empty_overlay = BTreeMap::new();
-        let base = self.objects.get(&rt.gr).unwrap_or(&empty_objects);
-        let over = d.overlay.get(&rt.gr).unwrap_or(&empty_overlay);
         // The built-in objects with the overlay applied, in key order, without copying either:
         // a page costs its own objects (and the skip to its offset), not the whole resource.
-        let in_scope = |k: &(String, String)| ns_filter.is_none_or(|f| f == k.0);
-        let merged =
-            MergeOverlay { base: base.iter().peekable(), over: over.iter().peekable() }.filter(|(k, _)| in_scope(k));
-        let limit = if limit == 0 { usize::MAX } else { limit as usize };
-        let mut objects = Vec::new();
-        let mut more = false;
-        let mut push = |obj: &Value| -> Result<bool, ClusterError> {
-            if objects.len() == limit {
-                more = true;
-                return Ok(false);
-            }
-            objects.push(serde_json::to_string(&WithoutType(obj)).map_err(|e| ClusterError::Other(e.to_string()))?);
-            Ok(true)
-        };
-        match self.list_order_seed {
+        let merged = crate::csi::merge_overlay(self.objects.get(&rt.gr), d.overlay.get(&rt.gr))
+            .filter(|(k, _)| ns_filter.is_none_or(|f| f == k.0));
+        let ordered: Box<dyn Iterator<Item = (&(String, String), &Value)>> = match self.list_order_seed {
             Some(seed) => {
                 let mut matching: Vec<(&(String, String), &Value)> = merged.collect();
                 matching.sort_by_key(|((ns, name), _)| crate::rng::hash_str(seed, &format!("{ns}/{name}")));
-                for (_, obj) in matching.into_iter().skip(offset) {
-                    if !push(obj)? {
-                        break;
-                    }
-                }
+                Box::new(matching.into_iter())
             }
-            None => {
-                for (_, obj) in merged.skip(offset) {
-                    if !push(obj)? {
-                        break;
-                    }
-                }
+            None => Box::new(merged),
+        };
+        let limit = if limit == 0 { usize::MAX } else { limit as usize };
+        let mut objects = Vec::new();
+        let mut more = false;
+        for (_, obj) in ordered.skip(offset) {
+            if objects.len() == limit {
+                more = true;
+                break;
             }
+            objects.push(serde_json::to_string(&WithoutType(obj)).map_err(|e| ClusterError::Other(e.to_string()))?);
         }
         let continue_token = more.then(|| (offset + objects.len()).to_string());
         Ok(ListPage { objects, continue_token })
@@ -926,48 +910,6 @@ impl Drop for FakeCluster {
         }
         if let Err(e) = self.write_whole(seq, &self.dyn_lock()) {
             eprintln!("warning: cannot write the demo cluster's state: {e}");
-        }
-    }
-}
-
-/// The built-in objects of one resource merged with the overlay's changes to it, in key order: an
-/// overlay entry replaces (or, when `None`, deletes) the built-in object of its key.
-struct MergeOverlay<'a, B, O>
-where
-    B: Iterator<Item = (&'a (String, String), &'a Value)>,
-    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
-{
-    base: std::iter::Peekable<B>,
-    over: std::iter::Peekable<O>,
-}
-
-impl<'a, B, O> Iterator for MergeOverlay<'a, B, O>
-where
-    B: Iterator<Item = (&'a (String, String), &'a Value)>,
-    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
-{
-    type Item = (&'a (String, String), &'a Value);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let order = match (self.base.peek(), self.over.peek()) {
-                (None, None) => return None,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some((b, _)), Some((o, _))) => b.cmp(o),
-            };
-            if order == std::cmp::Ordering::Equal {
-                // The overlay's entry stands for the built-in object of its key.
-                self.base.next();
-            }
-            let take_over = order != std::cmp::Ordering::Less;
-            if !take_over {
-                return self.base.next();
-            }
-            let (k, v) = self.over.next()?;
-            if let Some(v) = v {
-                return Some((k, v));
-            }
         }
     }
 }

@@ -10,9 +10,9 @@
 //! operation fails because the process is gone.
 //!
 //! [`MemStore`] is a [`StoreMedium`] under the production [`LocalStore`](blockwise_adapters::store::LocalStore):
-//! a staged write is visible at once but lost at a crash unless a later sync covered it (each
-//! unsynced file survives a crash or not by a seeded draw, as on a real file system); durable
-//! writes survive. Each operation takes virtual time and can fail by injected fault or outage.
+//! a staged item appended to a pack is visible at once but lost at a crash unless a later sync
+//! covered it (the unsynced tail of a pack survives whole, not at all or torn, by a seeded draw,
+//! as on a real file system); files, written durably, survive. Each operation takes virtual time and can fail by injected fault or outage.
 //! Both record what they do in the [`WorldLog`].
 //!
 //! A shared [`Death`] flag marks the process dead between the crash point and the restart: from
@@ -279,7 +279,6 @@ struct MemPack {
 #[derive(Default)]
 struct StoreDisk {
     durable: BTreeMap<String, Vec<u8>>,
-    unsynced: BTreeMap<String, Vec<u8>>,
     /// Staging packs by path.
     packs: BTreeMap<String, MemPack>,
     /// Which process appends now: a crash starts the next one's packs.
@@ -329,17 +328,10 @@ impl MemStore {
         d.faults.failing_paths.clear();
     }
 
-    /// A crash: unsynced writes survive or not by a draw from `rng`; a pack keeps its durable
-    /// bytes and, by a draw, all, none or a torn part of what was appended after them. The next
-    /// process appends to packs of its own.
+    /// A crash: a pack keeps its durable bytes and, by a draw from `rng`, all, none or a torn
+    /// part of what was appended after them. The next process appends to packs of its own.
     pub fn crash(&self, rng: &mut Rng) {
         let mut d = lock(&self.disk);
-        let unsynced = std::mem::take(&mut d.unsynced);
-        for (path, bytes) in unsynced {
-            if rng.chance(0.5) {
-                d.durable.insert(path, bytes);
-            }
-        }
         for pack in d.packs.values_mut() {
             let (lo, hi) = (pack.durable, pack.bytes.len());
             if hi > lo {
@@ -369,7 +361,6 @@ impl MemStore {
     pub fn files(&self) -> BTreeMap<String, Vec<u8>> {
         let d = lock(&self.disk);
         let mut all = d.durable.clone();
-        all.extend(d.unsynced.iter().map(|(k, v)| (k.clone(), v.clone())));
         for pack in d.packs.values() {
             all.extend(pack.items.iter().map(|(_, path, body)| (path.clone(), body.clone())));
         }
@@ -379,7 +370,7 @@ impl MemStore {
     /// A file as a reader sees it now.
     pub fn file(&self, path: &str) -> Option<Vec<u8>> {
         let d = lock(&self.disk);
-        d.unsynced.get(path).or_else(|| d.durable.get(path)).cloned()
+        d.durable.get(path).cloned()
     }
 
     fn now(&self) -> u64 {
@@ -423,22 +414,12 @@ impl StoreMedium for MemStore {
         Path::new("mem://store").join(path)
     }
 
-    fn write(&self, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+    fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let p = key(path);
         self.check_fault(&p)?;
         let at_ms = self.now();
-        let mut d = lock(&self.disk);
-        if durable {
-            d.unsynced.remove(&p);
-            d.durable.insert(p.clone(), bytes.to_vec());
-            drop(d);
-            self.records.push(Record::FileWritten { at_ms, path: p });
-        } else {
-            d.unsynced.insert(p.clone(), bytes.to_vec());
-            drop(d);
-            let digest: [u8; 32] = Sha256::digest(bytes).into();
-            self.records.push(Record::Staged { at_ms, path: p, digest });
-        }
+        lock(&self.disk).durable.insert(p.clone(), bytes.to_vec());
+        self.records.push(Record::FileWritten { at_ms, path: p });
         Ok(())
     }
 
@@ -452,7 +433,6 @@ impl StoreMedium for MemStore {
         let mut buf: Vec<u8> = Vec::new();
         fill(&mut buf)?;
         let mut d = lock(&self.disk);
-        d.unsynced.remove(&p);
         d.durable.insert(p.clone(), buf);
         drop(d);
         self.records.push(Record::FileWritten { at_ms: self.now(), path: p });
@@ -475,12 +455,6 @@ impl StoreMedium for MemStore {
             drop(d);
             self.records.push(Record::SyncFailed { at_ms: self.now(), dir: prefix.clone() });
             return Err(StoreError::Injected { op: "sync", key: prefix });
-        }
-        let below: Vec<String> = d.unsynced.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
-        for k in below {
-            if let Some(v) = d.unsynced.remove(&k) {
-                d.durable.insert(k, v);
-            }
         }
         for (_, pack) in d.packs.iter_mut().filter(|(k, _)| k.starts_with(&prefix)) {
             pack.durable = pack.bytes.len();
@@ -516,7 +490,7 @@ impl StoreMedium for MemStore {
         let d = lock(&self.disk);
         let bytes = match d.packs.get(&p) {
             Some(pack) => Some(&pack.bytes),
-            None => d.unsynced.get(&p).or_else(|| d.durable.get(&p)),
+            None => d.durable.get(&p),
         };
         let Some(bytes) = bytes else { return Ok(Vec::new()) };
         let from = (offset as usize).min(bytes.len());
