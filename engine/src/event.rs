@@ -238,6 +238,12 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Encodes an event as one record.
 pub fn encode_record(event: &Event) -> Vec<u8> {
+    encode_record_of(event)
+}
+
+/// Encodes any record payload (a backup's [`Event`], a restore's event) as one record:
+/// `len ‖ crc32c ‖ version ‖ bincode`.
+pub fn encode_record_of<T: Serialize>(event: &T) -> Vec<u8> {
     let mut out = vec![0u8; RECORD_HEADER_BYTES];
     out.push(RECORD_VERSION);
     // Encoding plain data into a Vec cannot fail except past the limit, which no event reaches:
@@ -255,6 +261,11 @@ pub fn encode_record(event: &Event) -> Vec<u8> {
 
 /// Decodes one record, checking length, checksum and version. Never panics.
 pub fn decode_record(bytes: &[u8]) -> Result<Event, RecordError> {
+    decode_record_of(bytes)
+}
+
+/// Decodes one record of any payload type (see [`encode_record_of`]). Never panics.
+pub fn decode_record_of<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
     if bytes.len() < RECORD_HEADER_BYTES + 1 {
         return Err(RecordError::Truncated { have: bytes.len(), need: RECORD_HEADER_BYTES + 1 });
     }
@@ -278,7 +289,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Event, RecordError> {
     if body[0] != RECORD_VERSION {
         return Err(RecordError::Version(body[0]));
     }
-    let (event, used) = bincode::serde::decode_from_slice::<Event, _>(&body[1..], bincode_config())
+    let (event, used) = bincode::serde::decode_from_slice::<T, _>(&body[1..], bincode_config())
         .map_err(|e| RecordError::Payload(e.to_string()))?;
     if used != body.len() - 1 {
         return Err(RecordError::Payload(format!("{} unused payload bytes", body.len() - 1 - used)));
@@ -323,9 +334,9 @@ impl Event {
 
 /// What [`recover_records`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovered {
+pub struct Recovered<T = Event> {
     /// The good events, in order.
-    pub events: Vec<Event>,
+    pub events: Vec<T>,
     /// A torn or corrupt last record that must be cut: its sequence number and why.
     pub cut_tail: Option<(Seq, String)>,
 }
@@ -345,6 +356,13 @@ pub struct CorruptRecord {
 /// record is a torn tail (reported, to be cut); a bad record or a gap anywhere before the last is
 /// [`CorruptRecord`]. Never panics.
 pub fn recover_records<'a>(records: impl IntoIterator<Item = (Seq, &'a [u8])>) -> Result<Recovered, CorruptRecord> {
+    recover_records_of(records)
+}
+
+/// [`recover_records`] for records of any payload type.
+pub fn recover_records_of<'a, T: serde::de::DeserializeOwned>(
+    records: impl IntoIterator<Item = (Seq, &'a [u8])>,
+) -> Result<Recovered<T>, CorruptRecord> {
     let mut events = Vec::new();
     let mut bad: Option<(Seq, String)> = None;
     for (seq, bytes) in records {
@@ -358,7 +376,7 @@ pub fn recover_records<'a>(records: impl IntoIterator<Item = (Seq, &'a [u8])>) -
                 reason: format!("record {expected} is missing; the next record present is {seq}"),
             });
         }
-        match decode_record(bytes) {
+        match decode_record_of::<T>(bytes) {
             Ok(e) => events.push(e),
             Err(e) => bad = Some((seq, e.to_string())),
         }

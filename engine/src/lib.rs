@@ -16,6 +16,7 @@ pub mod item;
 pub mod mutation;
 pub mod ports;
 pub mod restore;
+pub mod restore_run;
 pub mod snapshot;
 pub mod spec;
 pub mod state;

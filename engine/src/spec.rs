@@ -80,6 +80,9 @@ pub enum SpecError {
     /// An ordered-resources entry does not parse.
     #[error("invalid --ordered-resources entry {0:?}: expected resource=ns/name,ns/name;resource2=name")]
     BadOrdered(String),
+    /// A restore's field is not usable.
+    #[error("invalid {what} {value:?}: {reason}")]
+    BadRestore { what: &'static str, value: String, reason: String },
 }
 
 /// Checks that a backup name is a DNS-1123 label, so it is safe as a path and object-store key.

@@ -1,0 +1,1036 @@
+//! A restore as data (issue 13): its spec, its plan, its events and their fold — pure, like the
+//! backup's engine. The shell (`adapters/src/restore.rs`) reads the archive, asks [`plan_restore`]
+//! what to create in which order, records an intent ([`RestoreEvent::CreatesStarted`]) before it
+//! sends a create and the outcome ([`RestoreEvent::ItemRestored`]) after; [`RestoreState::fold`]
+//! of the log is the restore's state, so a killed restore resumes where it stopped: an item with a
+//! durable outcome is never touched again, one with only an intent is looked up first (an object
+//! that carries this restore's label is its own earlier create, RT3).
+//!
+//! The plan is a function of the archive's bytes and the spec only; the `Planned` event records
+//! the archive's digest so a resume refuses an archive that changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::item::GroupResource;
+use crate::restore::{label_value, prepare, restorable, restore_order, skip_reason, RestoreNaming, RESTORE_NAME_LABEL};
+use crate::spec::{glob_match, validate_backup_name, LabelSelector, SpecError};
+
+/// The snapshot API group.
+const SNAPSHOT_GROUP: &str = "snapshot.storage.k8s.io";
+
+/// Velero's existing-resource policy: what a restore does with an object that exists already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ExistingPolicy {
+    /// Leave it, with a warning (Velero's default).
+    #[default]
+    None,
+    /// Patch it to the backed-up version (labels, annotations, spec and the other top-level
+    /// fields); a failed patch is a warning.
+    Update,
+}
+
+impl ExistingPolicy {
+    /// Parses `none` or `update`.
+    pub fn parse(s: &str) -> Result<ExistingPolicy, String> {
+        match s {
+            "none" => Ok(ExistingPolicy::None),
+            "update" => Ok(ExistingPolicy::Update),
+            other => Err(format!("--existing-resource-policy must be none or update, not {other:?}")),
+        }
+    }
+
+    /// Its flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExistingPolicy::None => "none",
+            ExistingPolicy::Update => "update",
+        }
+    }
+}
+
+/// What a restore restores (Velero's Restore spec, by its field names where it has one).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The restore's name.
+    pub name: String,
+    /// The backup restored from (its name labels every restored object).
+    pub backup_name: String,
+    /// Namespaces restored (globs; empty or `*`: all).
+    pub included_namespaces: Vec<String>,
+    /// Namespaces not restored (globs).
+    pub excluded_namespaces: Vec<String>,
+    /// Resources restored (plural, `plural.group`, kind, or `*`; empty: all).
+    pub included_resources: Vec<String>,
+    /// Resources not restored.
+    pub excluded_resources: Vec<String>,
+    /// Namespace mappings, archived → restored.
+    pub namespace_mapping: BTreeMap<String, String>,
+    /// What to do with objects that exist.
+    pub existing_resource_policy: ExistingPolicy,
+    /// Claims with a snapshot are provisioned from it (pre-provisioned VolumeSnapshotContent from
+    /// the recorded handle, a VolumeSnapshot bound to it, the claim's `dataSource`).
+    pub restore_volumes: bool,
+    /// Only objects whose labels match (Kubernetes selector syntax).
+    pub label_selector: Option<String>,
+}
+
+impl RestoreSpec {
+    /// A spec restoring everything of `backup` as `name`.
+    pub fn new(name: &str, backup: &str) -> RestoreSpec {
+        RestoreSpec { name: name.into(), backup_name: backup.into(), ..RestoreSpec::default() }
+    }
+
+    /// Checks the names, the mappings and the selector.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_backup_name(&self.name).map_err(|_| SpecError::BadRestore {
+            what: "restore name",
+            value: self.name.clone(),
+            reason: "use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit".into(),
+        })?;
+        if !crate::item::is_safe_name(&self.backup_name) {
+            return Err(SpecError::BadRestore {
+                what: "backup name",
+                value: self.backup_name.clone(),
+                reason: "it must be a name".into(),
+            });
+        }
+        for (from, to) in &self.namespace_mapping {
+            for ns in [from, to] {
+                if validate_backup_name(ns).is_err() {
+                    return Err(SpecError::BadRestore {
+                        what: "namespace in --namespace-mappings",
+                        value: ns.clone(),
+                        reason: "a namespace is 1-63 lower-case letters, digits and '-'".into(),
+                    });
+                }
+            }
+        }
+        if let Some(sel) = &self.label_selector {
+            LabelSelector::parse(sel)?;
+        }
+        Ok(())
+    }
+
+    fn naming(&self) -> RestoreNaming {
+        RestoreNaming {
+            backup: self.backup_name.clone(),
+            restore: self.name.clone(),
+            namespaces: self.namespace_mapping.clone(),
+        }
+    }
+
+    fn namespaces_filtered(&self) -> bool {
+        let all = self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|n| n == "*");
+        !all || !self.excluded_namespaces.is_empty()
+    }
+
+    fn namespace_included(&self, ns: &str) -> bool {
+        let included = self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|p| glob_match(p, ns));
+        included && !self.excluded_namespaces.iter().any(|p| glob_match(p, ns))
+    }
+
+    fn resource_included(&self, gr: &GroupResource, kind: &str) -> bool {
+        let named = |n: &String| {
+            let n = n.to_ascii_lowercase();
+            n == "*" || n == gr.resource || n == gr.dir_name() || n == kind.to_ascii_lowercase()
+        };
+        (self.included_resources.is_empty() || self.included_resources.iter().any(named))
+            && !self.excluded_resources.iter().any(named)
+    }
+}
+
+/// Parses `a:b,c:d` into a mapping.
+pub fn parse_namespace_mappings(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = pair
+            .split_once(':')
+            .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+            .ok_or_else(|| format!("--namespace-mappings: {pair:?} is not OLD:NEW"))?;
+        if out.insert(a.to_string(), b.to_string()).is_some() {
+            return Err(format!("--namespace-mappings: namespace {a:?} is mapped twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// One item read from an archive: its resource directory (`<resource>[.<group>]`), archived
+/// namespace, name and JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedItem {
+    /// `<resource>[.<group>]`, as the archive's directory names it.
+    pub dir: String,
+    /// Archived namespace (`None`: cluster-scoped).
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+    /// The object.
+    pub json: String,
+}
+
+/// The group/resource a Velero resource directory names: `pods` → core pods, `deployments.apps` →
+/// apps deployments.
+pub fn dir_group_resource(dir: &str) -> GroupResource {
+    match dir.split_once('.') {
+        Some((resource, group)) => GroupResource::new(group, resource),
+        None => GroupResource::new("", dir),
+    }
+}
+
+/// An item as recorded in the log: resource, restored namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RestoreRef {
+    /// `<resource>[.<group>]`.
+    pub resource: String,
+    /// The namespace it is restored into (`None`: cluster-scoped).
+    pub namespace: Option<String>,
+    /// Its name.
+    pub name: String,
+}
+
+impl std::fmt::Display for RestoreRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.resource, self.name),
+            None => write!(f, "{} {}", self.resource, self.name),
+        }
+    }
+}
+
+/// One object the restore creates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedItem {
+    /// What it is.
+    pub target: RestoreRef,
+    /// Its group/resource.
+    pub gr: GroupResource,
+    /// The version of its `apiVersion`.
+    pub version: String,
+    /// Its kind.
+    pub kind: String,
+    /// The prepared object to create.
+    pub body: Value,
+    /// A namespace the restore creates because something restored lives in it and the archive
+    /// (or the filters) do not bring its Namespace object: it existing already is no warning.
+    pub ensured: bool,
+}
+
+/// An archived item the restore does not create, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skip {
+    /// The item (archived namespace).
+    pub item: RestoreRef,
+    /// Why.
+    pub reason: String,
+}
+
+/// What [`plan_restore`] decided.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RestorePlan {
+    /// What to create, in order; stage boundaries in `stages`.
+    pub items: Vec<PlannedItem>,
+    /// Runs of `items` of one resource, in restore order: a stage is created after every earlier
+    /// stage has its outcome (and, for CRDs, once they are established).
+    pub stages: Vec<(GroupResource, std::ops::Range<usize>)>,
+    /// Archived items left out by a rule (not by a filter).
+    pub skipped: Vec<Skip>,
+    /// Archived items that cannot be restored (not a JSON object, no metadata, …).
+    pub invalid: Vec<Skip>,
+    /// Archived items the filters left out.
+    pub filtered: usize,
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+fn labels_of(v: &Value) -> BTreeMap<String, String> {
+    v.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string()))).collect())
+        .unwrap_or_default()
+}
+
+/// The version part of an `apiVersion` (`apps/v1` → `v1`).
+fn version_of(api_version: &str) -> String {
+    api_version.rsplit('/').next().unwrap_or(api_version).to_string()
+}
+
+/// A parsed archived item.
+struct Parsed {
+    gr: GroupResource,
+    namespace: Option<String>,
+    name: String,
+    kind: String,
+    version: String,
+    obj: Value,
+}
+
+fn is_core(gr: &GroupResource, resource: &str) -> bool {
+    gr.group.is_empty() && gr.resource == resource
+}
+
+fn is_snapshot(gr: &GroupResource, resource: &str) -> bool {
+    gr.group == SNAPSHOT_GROUP && gr.resource == resource
+}
+
+/// The snapshot a claim is provisioned from under `--restore-volumes`.
+struct VolumeFromSnapshot {
+    snapshot: String,
+    content: String,
+    handle: String,
+    driver: String,
+    class: Option<String>,
+}
+
+/// Plans a restore of `archive` under `spec` (see the module docs and `docs/restore.md`): the
+/// filters, the rules that skip, the preparation of each object, Velero's order. Deterministic:
+/// the same archive and spec give the same plan, whatever the order of `archive`.
+pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePlan {
+    let naming = spec.naming();
+    let selector = spec.label_selector.as_deref().and_then(|s| LabelSelector::parse(s).ok());
+    let mut plan = RestorePlan::default();
+    let mut parsed: Vec<Parsed> = Vec::new();
+    for a in archive {
+        let gr = dir_group_resource(&a.dir);
+        let archived_ref = RestoreRef { resource: a.dir.clone(), namespace: a.namespace.clone(), name: a.name.clone() };
+        let obj: Value = match serde_json::from_str(&a.json) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                plan.invalid.push(Skip { item: archived_ref, reason: "the archived object is not a JSON object".into() });
+                continue;
+            }
+            Err(e) => {
+                plan.invalid.push(Skip { item: archived_ref, reason: format!("the archived object is not JSON: {e}") });
+                continue;
+            }
+        };
+        let (Some(kind), Some(api_version)) = (str_at(&obj, "/kind"), str_at(&obj, "/apiVersion")) else {
+            plan.invalid.push(Skip { item: archived_ref, reason: "the archived object has no kind or apiVersion".into() });
+            continue;
+        };
+        let (kind, version) = (kind.to_string(), version_of(api_version));
+        parsed.push(Parsed { gr, namespace: a.namespace, name: a.name, kind, version, obj });
+    }
+    parsed.sort_by(|a, b| (a.gr.dir_name(), &a.namespace, &a.name).cmp(&(b.gr.dir_name(), &b.namespace, &b.name)));
+
+    // Filters. With namespaces filtered, cluster-scoped objects come only where restored objects
+    // need them (Velero's default for cluster resources): the CRDs of restored custom resources,
+    // the volumes of restored claims.
+    let in_scope = |p: &Parsed| -> bool {
+        if !spec.resource_included(&p.gr, &p.kind) {
+            return false;
+        }
+        if let Some(sel) = &selector {
+            if !sel.matches(&labels_of(&p.obj)) {
+                return false;
+            }
+        }
+        match &p.namespace {
+            Some(ns) => spec.namespace_included(ns),
+            None if is_core(&p.gr, "namespaces") => spec.namespace_included(&p.name),
+            None => true,
+        }
+    };
+    let mut keep: Vec<bool> = parsed.iter().map(in_scope).collect();
+    if spec.namespaces_filtered() {
+        let groups: BTreeSet<String> =
+            parsed.iter().zip(&keep).filter(|(p, k)| **k && p.namespace.is_some()).map(|(p, _)| p.gr.dir_name()).collect();
+        let volumes: BTreeSet<&str> = parsed
+            .iter()
+            .zip(&keep)
+            .filter(|(p, k)| **k && is_core(&p.gr, "persistentvolumeclaims"))
+            .filter_map(|(p, _)| str_at(&p.obj, "/spec/volumeName"))
+            .collect();
+        for (i, p) in parsed.iter().enumerate() {
+            if p.namespace.is_some() || is_core(&p.gr, "namespaces") || !keep[i] {
+                continue;
+            }
+            keep[i] = if p.gr.group == "apiextensions.k8s.io" && p.gr.resource == "customresourcedefinitions" {
+                groups.contains(&p.name)
+            } else if is_core(&p.gr, "persistentvolumes") {
+                volumes.contains(p.name.as_str())
+            } else {
+                false
+            };
+        }
+    }
+    plan.filtered = keep.iter().filter(|k| !**k).count();
+    let parsed: Vec<Parsed> = parsed.into_iter().zip(keep).filter(|(_, k)| *k).map(|(p, _)| p).collect();
+
+    // Volumes from snapshots: a claim whose VolumeSnapshot (and its content's handle) is archived.
+    let mut from_snapshot: BTreeMap<(String, String), VolumeFromSnapshot> = BTreeMap::new();
+    if spec.restore_volumes {
+        let contents: BTreeMap<&str, &Value> = parsed
+            .iter()
+            .filter(|p| is_snapshot(&p.gr, "volumesnapshotcontents"))
+            .map(|p| (p.name.as_str(), &p.obj))
+            .collect();
+        for p in parsed.iter().filter(|p| is_snapshot(&p.gr, "volumesnapshots")) {
+            let (Some(ns), Some(claim)) = (&p.namespace, str_at(&p.obj, "/spec/source/persistentVolumeClaimName")) else {
+                continue;
+            };
+            let Some(content) = str_at(&p.obj, "/status/boundVolumeSnapshotContentName") else { continue };
+            let Some(c) = contents.get(content) else { continue };
+            let (Some(handle), Some(driver)) = (str_at(c, "/status/snapshotHandle"), str_at(c, "/spec/driver")) else {
+                continue;
+            };
+            from_snapshot.insert(
+                (ns.clone(), claim.to_string()),
+                VolumeFromSnapshot {
+                    snapshot: p.name.clone(),
+                    content: content.to_string(),
+                    handle: handle.to_string(),
+                    driver: driver.to_string(),
+                    class: str_at(&p.obj, "/spec/volumeSnapshotClassName").map(str::to_string),
+                },
+            );
+        }
+    }
+    let provisioned_volumes: BTreeSet<String> = parsed
+        .iter()
+        .filter(|p| is_core(&p.gr, "persistentvolumeclaims"))
+        .filter(|p| p.namespace.as_ref().is_some_and(|ns| from_snapshot.contains_key(&(ns.clone(), p.name.clone()))))
+        .filter_map(|p| str_at(&p.obj, "/spec/volumeName").map(str::to_string))
+        .collect();
+    let used_snapshots: BTreeSet<(String, String)> =
+        from_snapshot.values().flat_map(|v| [("vs".to_string(), v.snapshot.clone()), ("vsc".to_string(), v.content.clone())]).collect();
+
+    // Rules, then preparation.
+    let mut by_gr: BTreeMap<GroupResource, Vec<PlannedItem>> = BTreeMap::new();
+    let mut namespaces_needed: BTreeSet<String> = BTreeSet::new();
+    let mut namespaces_planned: BTreeSet<String> = BTreeSet::new();
+    for mut p in parsed {
+        let archived_ref = RestoreRef { resource: p.gr.dir_name(), namespace: p.namespace.clone(), name: p.name.clone() };
+        let skip = |reason: String| Skip { item: archived_ref.clone(), reason };
+        if !restorable(&p.gr) {
+            plan.skipped.push(skip("this resource is never restored".into()));
+            continue;
+        }
+        if let Some(reason) = skip_reason(&p.gr, &p.obj) {
+            plan.skipped.push(skip(reason));
+            continue;
+        }
+        let vs = is_snapshot(&p.gr, "volumesnapshots");
+        let vsc = is_snapshot(&p.gr, "volumesnapshotcontents");
+        if vs || vsc || is_snapshot(&p.gr, "volumegroupsnapshots") || is_snapshot(&p.gr, "volumegroupsnapshotcontents") {
+            let used = used_snapshots.contains(&(if vs { "vs" } else { "vsc" }.to_string(), p.name.clone()));
+            if !used {
+                let why = if spec.restore_volumes {
+                    "a snapshot object no restored claim is provisioned from"
+                } else {
+                    "snapshot objects are restored only with --restore-volumes"
+                };
+                plan.skipped.push(skip(why.into()));
+                continue;
+            }
+        }
+        if is_core(&p.gr, "persistentvolumes") && provisioned_volumes.contains(&p.name) {
+            plan.skipped.push(skip("its claim is provisioned again from its snapshot (--restore-volumes)".into()));
+            continue;
+        }
+        if let Err(e) = prepare(&p.gr, &mut p.obj, &naming) {
+            plan.invalid.push(skip(e.reason));
+            continue;
+        }
+        if spec.restore_volumes {
+            pre_provision(&mut p, &from_snapshot, &naming);
+        }
+        let target_ns = p.namespace.as_deref().map(|ns| naming.namespace(ns).to_string());
+        let target_name = if is_core(&p.gr, "namespaces") { naming.namespace(&p.name).to_string() } else { p.name.clone() };
+        if let Some(ns) = &target_ns {
+            namespaces_needed.insert(ns.clone());
+        }
+        if is_core(&p.gr, "namespaces") {
+            namespaces_planned.insert(target_name.clone());
+        }
+        by_gr.entry(p.gr.clone()).or_default().push(PlannedItem {
+            target: RestoreRef { resource: p.gr.dir_name(), namespace: target_ns, name: target_name },
+            gr: p.gr,
+            version: p.version,
+            kind: p.kind,
+            body: p.obj,
+            ensured: false,
+        });
+    }
+    // Every namespace something is restored into exists before it (Velero's
+    // EnsureNamespaceExistsAndIsReady): bare Namespaces for those the archive does not bring.
+    for ns in namespaces_needed.difference(&namespaces_planned) {
+        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        by_gr.entry(GroupResource::new("", "namespaces")).or_default().push(PlannedItem {
+            target: RestoreRef { resource: "namespaces".into(), namespace: None, name: ns.clone() },
+            gr: GroupResource::new("", "namespaces"),
+            version: "v1".into(),
+            kind: "Namespace".into(),
+            body,
+            ensured: true,
+        });
+    }
+    for gr in restore_order(by_gr.keys()) {
+        let Some(mut items) = by_gr.remove(&gr) else { continue };
+        items.sort_by(|a, b| a.target.cmp(&b.target));
+        let start = plan.items.len();
+        plan.items.extend(items);
+        plan.stages.push((gr, start..plan.items.len()));
+    }
+    plan
+}
+
+/// Rewrites a claim, a VolumeSnapshot or a VolumeSnapshotContent for `--restore-volumes`.
+fn pre_provision(p: &mut Parsed, from: &BTreeMap<(String, String), VolumeFromSnapshot>, naming: &RestoreNaming) {
+    let Some(spec) = p.obj.get_mut("spec").and_then(Value::as_object_mut) else { return };
+    if is_core(&p.gr, "persistentvolumeclaims") {
+        let Some(v) = p.namespace.as_ref().and_then(|ns| from.get(&(ns.clone(), p.name.clone()))) else { return };
+        spec.remove("volumeName");
+        let source = json!({"apiGroup": SNAPSHOT_GROUP, "kind": "VolumeSnapshot", "name": v.snapshot});
+        spec.insert("dataSource".into(), source.clone());
+        spec.insert("dataSourceRef".into(), source);
+    } else if is_snapshot(&p.gr, "volumesnapshots") {
+        let Some(v) = from.values().find(|v| v.snapshot == p.name) else { return };
+        spec.insert("source".into(), json!({"volumeSnapshotContentName": v.content}));
+    } else if is_snapshot(&p.gr, "volumesnapshotcontents") {
+        let Some((ns, v)) = from.iter().find(|(_, v)| v.content == p.name).map(|((ns, _), v)| (ns, v)) else { return };
+        spec.insert("source".into(), json!({"snapshotHandle": v.handle}));
+        spec.insert("deletionPolicy".into(), json!("Retain"));
+        spec.insert("driver".into(), json!(v.driver));
+        spec.insert(
+            "volumeSnapshotRef".into(),
+            json!({"apiVersion": format!("{SNAPSHOT_GROUP}/v1"), "kind": "VolumeSnapshot",
+                   "name": v.snapshot, "namespace": naming.namespace(ns)}),
+        );
+        match &v.class {
+            Some(c) => spec.insert("volumeSnapshotClassName".into(), json!(c)),
+            None => spec.remove("volumeSnapshotClassName"),
+        };
+    }
+}
+
+/// Whether an object found in the cluster is this restore's own create (RT3): it carries the
+/// restore's name label.
+pub fn restored_by(existing: &Value, restore: &str) -> bool {
+    str_at(existing, &format!("/metadata/labels/{}", RESTORE_NAME_LABEL.replace('/', "~1")))
+        == Some(label_value(restore).as_str())
+}
+
+/// The JSON merge patch that makes an existing object the backed-up version under
+/// `--existing-resource-policy update`: its labels and annotations, and every top-level field but
+/// `metadata`, `apiVersion`, `kind` and `status`.
+pub fn update_patch(prepared: &Value) -> Value {
+    let mut patch = serde_json::Map::new();
+    if let Some(o) = prepared.as_object() {
+        for (k, v) in o {
+            if !matches!(k.as_str(), "metadata" | "apiVersion" | "kind" | "status") {
+                patch.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let mut meta = serde_json::Map::new();
+    for f in ["labels", "annotations"] {
+        if let Some(v) = prepared.pointer(&format!("/metadata/{f}")) {
+            meta.insert(f.into(), v.clone());
+        }
+    }
+    patch.insert("metadata".into(), Value::Object(meta));
+    Value::Object(patch)
+}
+
+/// How one item's restore ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ItemOutcome {
+    /// Created by this restore (or found carrying its label after a crash).
+    Created,
+    /// It existed and was left as it is; the warning, if it is one.
+    Existed { warning: Option<String> },
+    /// It existed and was patched to the backed-up version (`update`).
+    Updated,
+    /// It could not be restored.
+    Failed { error: String },
+}
+
+/// The restore's phases, Velero's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestorePhase {
+    /// Running (or interrupted: `restore resume` continues it).
+    InProgress,
+    /// Every item restored.
+    Completed,
+    /// Some items failed.
+    PartiallyFailed,
+    /// The restore could not run (its archive unreadable, …).
+    Failed,
+}
+
+impl std::fmt::Display for RestorePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestorePhase::InProgress => "InProgress",
+            RestorePhase::Completed => "Completed",
+            RestorePhase::PartiallyFailed => "PartiallyFailed",
+            RestorePhase::Failed => "Failed",
+        })
+    }
+}
+
+/// A restore's events. Variants are only appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreEvent {
+    /// Intent: the restore is asked for; `source` says where its archive is.
+    Requested { spec: RestoreSpec, source: String, workers: u32, at_ms: u64 },
+    /// Fact: the archive was read and planned. `archive_sha256` pins the archive; `planned` counts
+    /// the objects to create by resource; `skipped` and `invalid` are the plan's.
+    Planned {
+        archive_sha256: String,
+        items: u32,
+        planned: BTreeMap<String, u32>,
+        skipped: Vec<Skip>,
+        invalid: Vec<Skip>,
+        filtered: u32,
+        at_ms: u64,
+    },
+    /// Intent: the creates of these plan items are about to be sent.
+    CreatesStarted { items: Vec<u32> },
+    /// Fact: plan item `item` has its outcome.
+    ItemRestored { item: u32, target: RestoreRef, outcome: ItemOutcome, at_ms: u64 },
+    /// Fact: the restore could not go on (its archive cannot be read or planned).
+    RestoreFailed { error: String, at_ms: u64 },
+    /// Fact: every planned item has its outcome.
+    RestoreFinished { at_ms: u64 },
+}
+
+impl RestoreEvent {
+    /// The variant's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RestoreEvent::Requested { .. } => "Requested",
+            RestoreEvent::Planned { .. } => "Planned",
+            RestoreEvent::CreatesStarted { .. } => "CreatesStarted",
+            RestoreEvent::ItemRestored { .. } => "ItemRestored",
+            RestoreEvent::RestoreFailed { .. } => "RestoreFailed",
+            RestoreEvent::RestoreFinished { .. } => "RestoreFinished",
+        }
+    }
+}
+
+/// Counts of one resource or namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Counts {
+    /// Planned.
+    pub planned: u32,
+    /// Created.
+    pub created: u32,
+    /// Existed (left or updated).
+    pub existed: u32,
+    /// Failed.
+    pub failed: u32,
+}
+
+/// Warnings or errors the way Velero's restore results group them: cluster-scoped, and by
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Results {
+    /// About cluster-scoped objects and the restore itself.
+    pub cluster: Vec<String>,
+    /// About objects in each namespace.
+    pub namespaces: BTreeMap<String, Vec<String>>,
+}
+
+impl Results {
+    fn add(&mut self, ns: Option<&str>, msg: String) {
+        match ns {
+            Some(ns) => self.namespaces.entry(ns.to_string()).or_default().push(msg),
+            None => self.cluster.push(msg),
+        }
+    }
+
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.cluster.len() + self.namespaces.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A restore's log does not fold: which record and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("restore event {seq}: {reason}")]
+pub struct RestoreFoldError {
+    /// The record.
+    pub seq: u64,
+    /// What contradicts what.
+    pub reason: String,
+}
+
+/// The fold of a restore's events.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RestoreState {
+    /// The request.
+    pub spec: RestoreSpec,
+    /// Where the archive is.
+    pub source: String,
+    /// Creates in flight at once.
+    pub workers: u32,
+    /// When it was requested.
+    pub started_ms: u64,
+    /// The archive's digest, once planned.
+    pub archive_sha256: Option<String>,
+    /// Plan items, once planned.
+    pub items: u32,
+    /// Counts by resource.
+    pub by_resource: BTreeMap<String, Counts>,
+    /// Archived items skipped by a rule.
+    pub skipped: Vec<Skip>,
+    /// Archived items the filters left out.
+    pub filtered: u32,
+    /// Items whose create was sent (or about to be) in some run.
+    pub intents: BTreeSet<u32>,
+    /// Items with their outcome.
+    pub done: BTreeMap<u32, ItemOutcome>,
+    /// Warnings, Velero's grouping.
+    pub warnings: Results,
+    /// Errors, Velero's grouping.
+    pub errors: Results,
+    /// Set when the restore could not run.
+    pub failure: Option<String>,
+    /// When it finished.
+    pub finished_ms: Option<u64>,
+}
+
+impl RestoreState {
+    /// Folds a whole log.
+    pub fn fold(events: &[RestoreEvent]) -> Result<RestoreState, RestoreFoldError> {
+        let mut s = RestoreState::default();
+        for (seq, e) in events.iter().enumerate() {
+            s.apply(seq as u64, e)?;
+        }
+        Ok(s)
+    }
+
+    /// Applies one event (record `seq`).
+    pub fn apply(&mut self, seq: u64, e: &RestoreEvent) -> Result<(), RestoreFoldError> {
+        let bad = |reason: String| Err(RestoreFoldError { seq, reason });
+        if seq == 0 {
+            let RestoreEvent::Requested { spec, source, workers, at_ms } = e else {
+                return bad(format!("the log starts with {}, not Requested", e.kind()));
+            };
+            self.spec = spec.clone();
+            self.source = source.clone();
+            self.workers = *workers;
+            self.started_ms = *at_ms;
+            return Ok(());
+        }
+        if self.finished_ms.is_some() {
+            return bad(format!("{} after the restore ended", e.kind()));
+        }
+        match e {
+            RestoreEvent::Requested { .. } => return bad("a second Requested".into()),
+            RestoreEvent::Planned { archive_sha256, items, planned, skipped, invalid, filtered, .. } => {
+                if self.archive_sha256.is_some() {
+                    return bad("a second Planned".into());
+                }
+                self.archive_sha256 = Some(archive_sha256.clone());
+                self.items = *items;
+                for (r, n) in planned {
+                    self.by_resource.entry(r.clone()).or_default().planned = *n;
+                }
+                self.skipped = skipped.clone();
+                self.filtered = *filtered;
+                for s in invalid {
+                    self.by_resource.entry(s.item.resource.clone()).or_default().failed += 1;
+                    self.errors.add(s.item.namespace.as_deref(), format!("{}: {}", s.item, s.reason));
+                }
+            }
+            RestoreEvent::CreatesStarted { items } => {
+                if self.archive_sha256.is_none() {
+                    return bad("CreatesStarted before Planned".into());
+                }
+                for i in items {
+                    if *i >= self.items {
+                        return bad(format!("item {i} is not in the plan of {} items", self.items));
+                    }
+                    if self.done.contains_key(i) {
+                        return bad(format!("item {i} already has its outcome"));
+                    }
+                    self.intents.insert(*i);
+                }
+            }
+            RestoreEvent::ItemRestored { item, target, outcome, .. } => {
+                if *item >= self.items || self.archive_sha256.is_none() {
+                    return bad(format!("item {item} is not in the plan of {} items", self.items));
+                }
+                if self.done.contains_key(item) {
+                    return bad(format!("item {item} ({target}) has a second outcome"));
+                }
+                let c = self.by_resource.entry(target.resource.clone()).or_default();
+                let ns = target.namespace.as_deref();
+                match outcome {
+                    ItemOutcome::Created => c.created += 1,
+                    ItemOutcome::Updated => c.existed += 1,
+                    ItemOutcome::Existed { warning } => {
+                        c.existed += 1;
+                        if let Some(w) = warning {
+                            self.warnings.add(ns, w.clone());
+                        }
+                    }
+                    ItemOutcome::Failed { error } => {
+                        c.failed += 1;
+                        self.errors.add(ns, format!("{target}: {error}"));
+                    }
+                }
+                self.done.insert(*item, outcome.clone());
+            }
+            RestoreEvent::RestoreFailed { error, at_ms } => {
+                self.failure = Some(error.clone());
+                self.errors.add(None, error.clone());
+                self.finished_ms = Some(*at_ms);
+            }
+            RestoreEvent::RestoreFinished { at_ms } => {
+                if self.archive_sha256.is_none() || self.done.len() as u32 != self.items {
+                    return bad(format!("RestoreFinished with {} of {} items restored", self.done.len(), self.items));
+                }
+                self.finished_ms = Some(*at_ms);
+            }
+        }
+        Ok(())
+    }
+
+    /// The phase.
+    pub fn phase(&self) -> RestorePhase {
+        match (self.finished_ms, &self.failure) {
+            (_, Some(_)) => RestorePhase::Failed,
+            (None, None) => RestorePhase::InProgress,
+            (Some(_), None) if self.errors.is_empty() => RestorePhase::Completed,
+            (Some(_), None) => RestorePhase::PartiallyFailed,
+        }
+    }
+
+    /// Plan items without an outcome.
+    pub fn pending(&self) -> u32 {
+        self.items - self.done.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(dir: &str, ns: Option<&str>, name: &str, obj: Value) -> ArchivedItem {
+        ArchivedItem { dir: dir.into(), namespace: ns.map(str::to_string), name: name.into(), json: obj.to_string() }
+    }
+
+    fn obj(api: &str, kind: &str, ns: Option<&str>, name: &str) -> Value {
+        let mut m = json!({"apiVersion": api, "kind": kind, "metadata": {"name": name, "uid": "u", "labels": {"app": "x"}}});
+        if let Some(ns) = ns {
+            m["metadata"]["namespace"] = json!(ns);
+        }
+        m
+    }
+
+    fn archive() -> Vec<ArchivedItem> {
+        vec![
+            item("pods", Some("shop"), "web", obj("v1", "Pod", Some("shop"), "web")),
+            item("configmaps", Some("shop"), "cfg", obj("v1", "ConfigMap", Some("shop"), "cfg")),
+            item("namespaces", None, "shop", obj("v1", "Namespace", None, "shop")),
+            item("configmaps", Some("other"), "c2", obj("v1", "ConfigMap", Some("other"), "c2")),
+            item("nodes", None, "n1", obj("v1", "Node", None, "n1")),
+            item("widgets.example.com", Some("shop"), "w", obj("example.com/v1", "Widget", Some("shop"), "w")),
+            item(
+                "customresourcedefinitions.apiextensions.k8s.io",
+                None,
+                "widgets.example.com",
+                obj("apiextensions.k8s.io/v1", "CustomResourceDefinition", None, "widgets.example.com"),
+            ),
+            item("configmaps", Some("shop"), "broken", json!([1])),
+        ]
+    }
+
+    fn names(plan: &RestorePlan) -> Vec<String> {
+        plan.items.iter().map(|i| i.target.to_string()).collect()
+    }
+
+    #[test]
+    fn plan_follows_velero_order_ensures_namespaces_and_skips_what_is_never_restored() {
+        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive());
+        assert_eq!(
+            names(&plan),
+            [
+                "customresourcedefinitions.apiextensions.k8s.io widgets.example.com",
+                "namespaces other",
+                "namespaces shop",
+                "configmaps other/c2",
+                "configmaps shop/cfg",
+                "pods shop/web",
+                "widgets.example.com shop/w",
+            ]
+        );
+        assert!(plan.items[1].ensured && !plan.items[2].ensured);
+        assert_eq!(plan.skipped.len(), 1);
+        assert_eq!(plan.skipped[0].item.name, "n1");
+        assert_eq!(plan.invalid.len(), 1);
+        assert_eq!(plan.stages.len(), 5);
+        assert_eq!(plan.stages[1].1, 1..3);
+        let pod = &plan.items[5].body;
+        assert!(pod["metadata"].get("uid").is_none());
+        assert_eq!(pod["metadata"]["labels"]["velero.io/restore-name"], "r");
+        // The order of the archive does not matter.
+        let mut reversed = archive();
+        reversed.reverse();
+        assert_eq!(plan_restore(&RestoreSpec::new("r", "b"), reversed), plan);
+    }
+
+    #[test]
+    fn filters_mappings_and_the_selector() {
+        let mut spec = RestoreSpec::new("r", "b");
+        spec.included_namespaces = vec!["shop".into()];
+        spec.excluded_resources = vec!["pods".into()];
+        spec.namespace_mapping = BTreeMap::from([("shop".into(), "shop2".into())]);
+        let plan = plan_restore(&spec, archive());
+        assert_eq!(
+            names(&plan),
+            [
+                "customresourcedefinitions.apiextensions.k8s.io widgets.example.com",
+                "namespaces shop2",
+                "configmaps shop2/cfg",
+                "widgets.example.com shop2/w",
+            ]
+        );
+        assert_eq!(plan.items[2].body["metadata"]["namespace"], "shop2");
+        // Without custom resources restored, their CRD is not needed under a namespace filter.
+        spec.excluded_resources.push("widgets.example.com".into());
+        assert!(!names(&plan_restore(&spec, archive())).iter().any(|n| n.starts_with("customresource")));
+        let mut spec = RestoreSpec::new("r", "b");
+        spec.label_selector = Some("app=y".into());
+        let plan = plan_restore(&spec, archive());
+        assert!(plan.items.is_empty(), "{:?}", names(&plan));
+    }
+
+    #[test]
+    fn restore_volumes_provisions_claims_from_their_snapshots() {
+        let mut pvc = obj("v1", "PersistentVolumeClaim", Some("a"), "data");
+        pvc["spec"] = json!({"volumeName": "pv-1", "storageClassName": "csi"});
+        let mut pv = obj("v1", "PersistentVolume", None, "pv-1");
+        pv["spec"] = json!({"csi": {"driver": "d", "volumeHandle": "vol-1"}});
+        let mut vs = obj("snapshot.storage.k8s.io/v1", "VolumeSnapshot", Some("a"), "snap");
+        vs["spec"] = json!({"source": {"persistentVolumeClaimName": "data"}, "volumeSnapshotClassName": "c"});
+        vs["status"] = json!({"boundVolumeSnapshotContentName": "content"});
+        let mut vsc = obj("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent", None, "content");
+        vsc["spec"] = json!({"driver": "d", "source": {"volumeHandle": "vol-1"}, "volumeSnapshotRef": {"name": "snap", "namespace": "a", "uid": "x"}});
+        vsc["status"] = json!({"snapshotHandle": "h-1"});
+        let archive = vec![
+            item("persistentvolumeclaims", Some("a"), "data", pvc),
+            item("persistentvolumes", None, "pv-1", pv),
+            item("volumesnapshots.snapshot.storage.k8s.io", Some("a"), "snap", vs),
+            item("volumesnapshotcontents.snapshot.storage.k8s.io", None, "content", vsc),
+        ];
+        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive.clone());
+        assert_eq!(names(&plan), ["namespaces a", "persistentvolumes pv-1", "persistentvolumeclaims a/data"]);
+        assert_eq!(plan.skipped.len(), 2);
+        let mut spec = RestoreSpec::new("r", "b");
+        spec.restore_volumes = true;
+        spec.namespace_mapping = BTreeMap::from([("a".into(), "z".into())]);
+        let plan = plan_restore(&spec, archive);
+        assert_eq!(
+            names(&plan),
+            [
+                "namespaces z",
+                "volumesnapshotcontents.snapshot.storage.k8s.io content",
+                "volumesnapshots.snapshot.storage.k8s.io z/snap",
+                "persistentvolumeclaims z/data",
+            ]
+        );
+        let vsc = &plan.items[1].body["spec"];
+        assert_eq!(vsc["source"], json!({"snapshotHandle": "h-1"}));
+        assert_eq!(vsc["volumeSnapshotRef"]["namespace"], "z");
+        assert!(vsc["volumeSnapshotRef"].get("uid").is_none());
+        assert_eq!(plan.items[2].body["spec"]["source"], json!({"volumeSnapshotContentName": "content"}));
+        let claim = &plan.items[3].body["spec"];
+        assert_eq!(claim["dataSource"]["name"], "snap");
+        assert!(claim.get("volumeName").is_none());
+        assert_eq!(plan.skipped[0].item.name, "pv-1");
+    }
+
+    fn planned(items: u32) -> RestoreEvent {
+        RestoreEvent::Planned {
+            archive_sha256: "d".into(),
+            items,
+            planned: BTreeMap::from([("configmaps".into(), items)]),
+            skipped: vec![],
+            invalid: vec![],
+            filtered: 0,
+            at_ms: 1,
+        }
+    }
+
+    fn restored(item: u32, outcome: ItemOutcome) -> RestoreEvent {
+        let target = RestoreRef { resource: "configmaps".into(), namespace: Some("a".into()), name: format!("c{item}") };
+        RestoreEvent::ItemRestored { item, target, outcome, at_ms: 2 }
+    }
+
+    #[test]
+    fn fold_counts_outcomes_and_refuses_contradictions() {
+        let req = RestoreEvent::Requested { spec: RestoreSpec::new("r", "b"), source: "s".into(), workers: 1, at_ms: 0 };
+        let mut events = vec![
+            req.clone(),
+            planned(3),
+            RestoreEvent::CreatesStarted { items: vec![0, 1, 2] },
+            restored(0, ItemOutcome::Created),
+            restored(1, ItemOutcome::Existed { warning: Some("exists".into()) }),
+        ];
+        let s = RestoreState::fold(&events).unwrap();
+        assert_eq!(s.phase(), RestorePhase::InProgress);
+        assert_eq!(s.pending(), 1);
+        assert_eq!(s.warnings.namespaces["a"], ["exists"]);
+        // Finishing with an item left is a contradiction.
+        let mut early = events.clone();
+        early.push(RestoreEvent::RestoreFinished { at_ms: 3 });
+        assert!(RestoreState::fold(&early).unwrap_err().reason.contains("2 of 3"));
+        events.push(restored(2, ItemOutcome::Failed { error: "boom".into() }));
+        events.push(RestoreEvent::RestoreFinished { at_ms: 3 });
+        let s = RestoreState::fold(&events).unwrap();
+        assert_eq!(s.phase(), RestorePhase::PartiallyFailed);
+        assert_eq!(s.by_resource["configmaps"], Counts { planned: 3, created: 1, existed: 1, failed: 1 });
+        for bad in [
+            vec![planned(1)],
+            vec![req.clone(), planned(1), restored(0, ItemOutcome::Created), restored(0, ItemOutcome::Created)],
+            vec![req.clone(), planned(1), restored(5, ItemOutcome::Created)],
+            vec![req.clone(), RestoreEvent::CreatesStarted { items: vec![0] }],
+            vec![req.clone(), planned(0), RestoreEvent::RestoreFinished { at_ms: 1 }, planned(0)],
+        ] {
+            assert!(RestoreState::fold(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn own_objects_are_recognised_by_the_restore_label() {
+        let mut o = obj("v1", "ConfigMap", Some("a"), "c");
+        assert!(!restored_by(&o, "r"));
+        o["metadata"]["labels"]["velero.io/restore-name"] = json!("r");
+        assert!(restored_by(&o, "r"));
+        assert!(!restored_by(&o, "r2"));
+    }
+
+    #[test]
+    fn update_patch_carries_spec_labels_and_annotations_only() {
+        let p = update_patch(&json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"},
+            "metadata": {"name": "c", "labels": {"a": "b"}, "annotations": {"x": "y"}}, "status": {}}));
+        assert_eq!(p, json!({"data": {"k": "v"}, "metadata": {"labels": {"a": "b"}, "annotations": {"x": "y"}}}));
+    }
+
+    #[test]
+    fn namespace_mappings_parse_or_name_what_is_wrong() {
+        assert_eq!(parse_namespace_mappings("a:b, c:d").unwrap().len(), 2);
+        assert!(parse_namespace_mappings("a").unwrap_err().contains("\"a\""));
+        assert!(parse_namespace_mappings("a:b,a:c").unwrap_err().contains("twice"));
+        let mut spec = RestoreSpec::new("r", "b");
+        spec.namespace_mapping = BTreeMap::from([("a".into(), "../x".into())]);
+        assert!(spec.validate().is_err());
+        spec.namespace_mapping.clear();
+        spec.label_selector = Some("a in (".into());
+        assert!(spec.validate().is_err());
+    }
+}
