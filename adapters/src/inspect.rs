@@ -124,6 +124,53 @@ fn check_item(path: &str, p: &ItemPath, bytes: &[u8], defects: &mut Vec<String>)
     }
 }
 
+/// The items of an archive, for a restore: each item once (its primary copy; an archive that
+/// holds only `<version>-preferredversion` copies, as some Velero versions write, gives those),
+/// unparsed. A damaged gzip or tar stream, or an entry outside Velero's layout, is an error naming
+/// it: a restore never starts from half an archive.
+pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run::ArchivedItem>, String> {
+    let mut primaries: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
+    let mut copies: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
+    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
+    let entries = tar.entries().map_err(|e| format!("not a gzip tar archive: {e}"))?;
+    let mut seen = 0usize;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("the archive is damaged after {seen} entries: {e}"))?;
+        seen += 1;
+        if seen > ENTRIES_MAX {
+            return Err(format!("the archive has more than {ENTRIES_MAX} entries"));
+        }
+        let path = entry.path().map_err(|e| format!("entry {seen} has an unreadable path: {e}"))?;
+        let path = path.to_string_lossy().into_owned();
+        if entry.header().entry_type().is_dir() || path == VERSION_PATH || path.starts_with("metadata/") {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(|e| format!("{path}: cannot be read: {e}"))?;
+        let Some(p) = parse_path(&path) else {
+            return Err(format!("{path}: unexpected entry (not resources/<resource>/…/<name>.json)"));
+        };
+        let key = (p.gr, p.namespace, p.name);
+        match p.preferred {
+            None => primaries.insert(key, bytes),
+            Some(_) => copies.insert(key, bytes),
+        };
+    }
+    for (key, bytes) in copies {
+        primaries.entry(key).or_insert(bytes);
+    }
+    primaries
+        .into_iter()
+        .map(|((dir, namespace, name), bytes)| {
+            let json = String::from_utf8(bytes).map_err(|_| {
+                let place = namespace.as_ref().map_or_else(|| name.clone(), |ns| format!("{ns}/{name}"));
+                format!("{dir} {place}: the archived object is not UTF-8")
+            })?;
+            Ok(blockwise_engine::restore_run::ArchivedItem { dir, namespace, name, json })
+        })
+        .collect()
+}
+
 /// The CSI companion files of a backup (gzipped JSON arrays, as stored), each if there is one.
 #[derive(Debug, Default, Clone)]
 pub struct CsiFiles {

@@ -21,6 +21,7 @@ pub mod kube;
 pub mod log;
 pub mod pack;
 pub mod report;
+pub mod restore;
 pub mod retry;
 pub mod s3;
 pub mod serve;

@@ -568,6 +568,12 @@ impl SledMedium {
         SledMedium::open_waiting(dir, LOCK_WAIT)
     }
 
+    /// [`SledMedium::open`] for a reader (`describe`, `get`, `logs`): a lock another process holds
+    /// is [`LogError::InUse`] after a short wait.
+    pub fn open_for_reading(dir: &Path) -> Result<SledMedium, LogError> {
+        SledMedium::open_waiting(dir, READER_LOCK_WAIT)
+    }
+
     /// [`SledMedium::open`], waiting at most `lock_wait` for a held lock.
     fn open_waiting(dir: &Path, lock_wait: Duration) -> Result<SledMedium, LogError> {
         let started = Instant::now();

@@ -800,3 +800,130 @@ mod tests {
         assert_eq!(rfc3339(1_795_492_870_000), "2026-11-24T04:01:10Z");
     }
 }
+
+/// A restore's `describe -o json` (and its live view): Velero's Restore status names where it has
+/// one (`phase`, `progress.itemsRestored`/`totalItems`, `warnings`, `errors`), counts per resource,
+/// skips and the results per namespace.
+pub fn restore_json(s: &blockwise_engine::restore_run::RestoreState) -> Value {
+    let spec = &s.spec;
+    let resources: serde_json::Map<String, Value> =
+        s.by_resource.iter().map(|(r, c)| (r.clone(), serde_json::to_value(c).unwrap_or(Value::Null))).collect();
+    let skipped: Vec<Value> =
+        s.skipped.iter().map(|k| json!({"item": k.item.to_string(), "reason": k.reason})).collect();
+    json!({
+        "name": spec.name,
+        "backupName": spec.backup_name,
+        "source": s.source,
+        "phase": s.phase().to_string(),
+        "startTimestamp": rfc3339(s.started_ms),
+        "completionTimestamp": s.finished_ms.map(rfc3339),
+        "workers": s.workers,
+        "spec": {
+            "includedNamespaces": spec.included_namespaces,
+            "excludedNamespaces": spec.excluded_namespaces,
+            "includedResources": spec.included_resources,
+            "excludedResources": spec.excluded_resources,
+            "namespaceMapping": spec.namespace_mapping,
+            "existingResourcePolicy": spec.existing_resource_policy.as_str(),
+            "restorePVs": spec.restore_volumes,
+            "labelSelector": spec.label_selector,
+        },
+        "archiveSha256": s.archive_sha256,
+        "progress": {"totalItems": s.items, "itemsRestored": s.done.len()},
+        "resources": resources,
+        "skipped": skipped,
+        "filtered": s.filtered,
+        "warnings": s.warnings.len(),
+        "errors": s.errors.len(),
+        "failureReason": s.failure,
+        "results": {"warnings": s.warnings, "errors": s.errors},
+    })
+}
+
+/// `restore describe` as text, from [`restore_json`] (so a live view renders the same way).
+pub fn restore_text(j: &Value) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    line(&mut out, "Name:", s(&j["name"]));
+    line(&mut out, "Phase:", s(&j["phase"]));
+    line(&mut out, "Backup:", format!("{} ({})", s(&j["backupName"]), s(&j["source"])));
+    line(&mut out, "Started:", s(&j["startTimestamp"]));
+    if let Some(t) = j["completionTimestamp"].as_str() {
+        line(&mut out, "Completed:", t.to_string());
+    }
+    let p = &j["progress"];
+    line(&mut out, "Items:", format!("{}/{} restored", p["itemsRestored"], p["totalItems"]));
+    if let Some(m) = j["spec"]["namespaceMapping"].as_object().filter(|m| !m.is_empty()) {
+        let pairs: Vec<String> = m.iter().map(|(a, b)| format!("{a}:{}", b.as_str().unwrap_or(""))).collect();
+        line(&mut out, "Namespaces:", format!("mapped {}", pairs.join(",")));
+    }
+    line(&mut out, "Policy:", format!("existing resources: {}", s(&j["spec"]["existingResourcePolicy"])));
+    if let Some(r) = j["failureReason"].as_str() {
+        line(&mut out, "Failure:", r.to_string());
+    }
+    out.push_str(&format!("{:<58} {:>7} {:>8} {:>8} {:>7}\n", "Resources:", "planned", "created", "existed", "failed"));
+    if let Some(rs) = j["resources"].as_object() {
+        for (r, c) in rs {
+            out.push_str(&format!(
+                "  {r:<56} {:>7} {:>8} {:>8} {:>7}\n",
+                c["planned"], c["created"], c["existed"], c["failed"]
+            ));
+        }
+    }
+    if let Some(sk) = j["skipped"].as_array().filter(|a| !a.is_empty()) {
+        out.push_str(&format!("Skipped:       {}\n", sk.len()));
+        for k in sk.iter().take(50) {
+            out.push_str(&format!("  {}: {}\n", s(&k["item"]), s(&k["reason"])));
+        }
+        if sk.len() > 50 {
+            out.push_str(&format!("  … and {} more\n", sk.len() - 50));
+        }
+    }
+    if j["filtered"].as_u64().unwrap_or(0) > 0 {
+        line(&mut out, "Filtered:", format!("{} archived items left out by the filters", j["filtered"]));
+    }
+    for (title, key) in [("Warnings:", "warnings"), ("Errors:", "errors")] {
+        let r = &j["results"][key];
+        line(&mut out, title, j[key].to_string());
+        for m in r["cluster"].as_array().into_iter().flatten() {
+            out.push_str(&format!("  Cluster: {}\n", s(m)));
+        }
+        for (ns, ms) in r["namespaces"].as_object().into_iter().flatten() {
+            for m in ms.as_array().into_iter().flatten() {
+                out.push_str(&format!("  Namespace {ns}: {}\n", s(m)));
+            }
+        }
+    }
+    out
+}
+
+/// One line of `restore logs`.
+pub fn restore_event_line(seq: u64, e: &blockwise_engine::restore_run::RestoreEvent) -> String {
+    use blockwise_engine::restore_run::{ItemOutcome, RestoreEvent as E};
+    let body = match e {
+        E::Requested { spec, source, workers, at_ms } => {
+            format!("{} restore {} of backup {} requested from {source}, {workers} workers", rfc3339(*at_ms), spec.name, spec.backup_name)
+        }
+        E::Planned { archive_sha256, items, skipped, invalid, filtered, at_ms, .. } => format!(
+            "{} planned {items} objects from the archive (sha256 {archive_sha256}); {} skipped, {} invalid, {filtered} filtered out",
+            rfc3339(*at_ms),
+            skipped.len(),
+            invalid.len()
+        ),
+        E::CreatesStarted { items } => format!("creates of {} items about to be sent", items.len()),
+        E::ItemRestored { target, outcome, at_ms, .. } => {
+            let what = match outcome {
+                ItemOutcome::Created => "created".to_string(),
+                ItemOutcome::Updated => "existed, updated".to_string(),
+                ItemOutcome::Existed { warning: None } => "existed".to_string(),
+                ItemOutcome::Existed { warning: Some(w) } => format!("existed: warning: {w}"),
+                ItemOutcome::Failed { error } => format!("failed: {error}"),
+            };
+            format!("{} {target}: {what}", rfc3339(*at_ms))
+        }
+        E::RestoreFailed { error, at_ms } => format!("{} restore failed: {error}", rfc3339(*at_ms)),
+        E::RestoreFinished { at_ms } => format!("{} restore finished", rfc3339(*at_ms)),
+    };
+    format!("{seq:>6} {body}")
+}

@@ -128,7 +128,8 @@ impl RestoreSpec {
     }
 
     fn namespace_included(&self, ns: &str) -> bool {
-        let included = self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|p| glob_match(p, ns));
+        let included =
+            self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|p| glob_match(p, ns));
         included && !self.excluded_namespaces.iter().any(|p| glob_match(p, ns))
     }
 
@@ -300,7 +301,8 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
         let obj: Value = match serde_json::from_str(&a.json) {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => {
-                plan.invalid.push(Skip { item: archived_ref, reason: "the archived object is not a JSON object".into() });
+                plan.invalid
+                    .push(Skip { item: archived_ref, reason: "the archived object is not a JSON object".into() });
                 continue;
             }
             Err(e) => {
@@ -309,7 +311,8 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
             }
         };
         let (Some(kind), Some(api_version)) = (str_at(&obj, "/kind"), str_at(&obj, "/apiVersion")) else {
-            plan.invalid.push(Skip { item: archived_ref, reason: "the archived object has no kind or apiVersion".into() });
+            plan.invalid
+                .push(Skip { item: archived_ref, reason: "the archived object has no kind or apiVersion".into() });
             continue;
         };
         let (kind, version) = (kind.to_string(), version_of(api_version));
@@ -337,8 +340,12 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
     };
     let mut keep: Vec<bool> = parsed.iter().map(in_scope).collect();
     if spec.namespaces_filtered() {
-        let groups: BTreeSet<String> =
-            parsed.iter().zip(&keep).filter(|(p, k)| **k && p.namespace.is_some()).map(|(p, _)| p.gr.dir_name()).collect();
+        let groups: BTreeSet<String> = parsed
+            .iter()
+            .zip(&keep)
+            .filter(|(p, k)| **k && p.namespace.is_some())
+            .map(|(p, _)| p.gr.dir_name())
+            .collect();
         let volumes: BTreeSet<&str> = parsed
             .iter()
             .zip(&keep)
@@ -370,7 +377,8 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
             .map(|p| (p.name.as_str(), &p.obj))
             .collect();
         for p in parsed.iter().filter(|p| is_snapshot(&p.gr, "volumesnapshots")) {
-            let (Some(ns), Some(claim)) = (&p.namespace, str_at(&p.obj, "/spec/source/persistentVolumeClaimName")) else {
+            let (Some(ns), Some(claim)) = (&p.namespace, str_at(&p.obj, "/spec/source/persistentVolumeClaimName"))
+            else {
                 continue;
             };
             let Some(content) = str_at(&p.obj, "/status/boundVolumeSnapshotContentName") else { continue };
@@ -396,15 +404,18 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
         .filter(|p| p.namespace.as_ref().is_some_and(|ns| from_snapshot.contains_key(&(ns.clone(), p.name.clone()))))
         .filter_map(|p| str_at(&p.obj, "/spec/volumeName").map(str::to_string))
         .collect();
-    let used_snapshots: BTreeSet<(String, String)> =
-        from_snapshot.values().flat_map(|v| [("vs".to_string(), v.snapshot.clone()), ("vsc".to_string(), v.content.clone())]).collect();
+    let used_snapshots: BTreeSet<(String, String)> = from_snapshot
+        .values()
+        .flat_map(|v| [("vs".to_string(), v.snapshot.clone()), ("vsc".to_string(), v.content.clone())])
+        .collect();
 
     // Rules, then preparation.
     let mut by_gr: BTreeMap<GroupResource, Vec<PlannedItem>> = BTreeMap::new();
     let mut namespaces_needed: BTreeSet<String> = BTreeSet::new();
     let mut namespaces_planned: BTreeSet<String> = BTreeSet::new();
     for mut p in parsed {
-        let archived_ref = RestoreRef { resource: p.gr.dir_name(), namespace: p.namespace.clone(), name: p.name.clone() };
+        let archived_ref =
+            RestoreRef { resource: p.gr.dir_name(), namespace: p.namespace.clone(), name: p.name.clone() };
         let skip = |reason: String| Skip { item: archived_ref.clone(), reason };
         if !restorable(&p.gr) {
             plan.skipped.push(skip("this resource is never restored".into()));
@@ -416,7 +427,8 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
         }
         let vs = is_snapshot(&p.gr, "volumesnapshots");
         let vsc = is_snapshot(&p.gr, "volumesnapshotcontents");
-        if vs || vsc || is_snapshot(&p.gr, "volumegroupsnapshots") || is_snapshot(&p.gr, "volumegroupsnapshotcontents") {
+        if vs || vsc || is_snapshot(&p.gr, "volumegroupsnapshots") || is_snapshot(&p.gr, "volumegroupsnapshotcontents")
+        {
             let used = used_snapshots.contains(&(if vs { "vs" } else { "vsc" }.to_string(), p.name.clone()));
             if !used {
                 let why = if spec.restore_volumes {
@@ -440,7 +452,8 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
             pre_provision(&mut p, &from_snapshot, &naming);
         }
         let target_ns = p.namespace.as_deref().map(|ns| naming.namespace(ns).to_string());
-        let target_name = if is_core(&p.gr, "namespaces") { naming.namespace(&p.name).to_string() } else { p.name.clone() };
+        let target_name =
+            if is_core(&p.gr, "namespaces") { naming.namespace(&p.name).to_string() } else { p.name.clone() };
         if let Some(ns) = &target_ns {
             namespaces_needed.insert(ns.clone());
         }
@@ -824,7 +837,8 @@ mod tests {
     }
 
     fn obj(api: &str, kind: &str, ns: Option<&str>, name: &str) -> Value {
-        let mut m = json!({"apiVersion": api, "kind": kind, "metadata": {"name": name, "uid": "u", "labels": {"app": "x"}}});
+        let mut m =
+            json!({"apiVersion": api, "kind": kind, "metadata": {"name": name, "uid": "u", "labels": {"app": "x"}}});
         if let Some(ns) = ns {
             m["metadata"]["namespace"] = json!(ns);
         }
@@ -967,13 +981,15 @@ mod tests {
     }
 
     fn restored(item: u32, outcome: ItemOutcome) -> RestoreEvent {
-        let target = RestoreRef { resource: "configmaps".into(), namespace: Some("a".into()), name: format!("c{item}") };
+        let target =
+            RestoreRef { resource: "configmaps".into(), namespace: Some("a".into()), name: format!("c{item}") };
         RestoreEvent::ItemRestored { item, target, outcome, at_ms: 2 }
     }
 
     #[test]
     fn fold_counts_outcomes_and_refuses_contradictions() {
-        let req = RestoreEvent::Requested { spec: RestoreSpec::new("r", "b"), source: "s".into(), workers: 1, at_ms: 0 };
+        let req =
+            RestoreEvent::Requested { spec: RestoreSpec::new("r", "b"), source: "s".into(), workers: 1, at_ms: 0 };
         let mut events = vec![
             req.clone(),
             planned(3),

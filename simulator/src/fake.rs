@@ -138,6 +138,8 @@ pub struct FakeCluster {
     also_served: Mutex<Vec<ResourceType>>,
     /// Called after every change ([`FakeCluster::on_change`]).
     on_change: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Tests' observers of changes, beside the API server's callback ([`FakeCluster::also_on_change`]).
+    observers: Mutex<Vec<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl fmt::Debug for FakeCluster {
@@ -439,6 +441,10 @@ impl FakeCluster {
             if let Some(cb) = cb {
                 cb();
             }
+            let observers = self.observers.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            for o in observers {
+                o();
+            }
         }
         r
     }
@@ -447,6 +453,12 @@ impl FakeCluster {
     /// its watches with it). The fake cluster itself never waits or spawns.
     pub fn on_change(&self, callback: Arc<dyn Fn() + Send + Sync>) {
         *self.on_change.lock().unwrap_or_else(PoisonError::into_inner) = Some(callback);
+    }
+
+    /// Adds a callback called after every change, before the call that made it returns (tests: a
+    /// client killed right after the server applied its N-th write, before it heard the answer).
+    pub fn also_on_change(&self, callback: Arc<dyn Fn() + Send + Sync>) {
+        self.observers.lock().unwrap_or_else(PoisonError::into_inner).push(callback);
     }
 
     /// Also serves `rt` (discovery and every verb), if no served type has its group/resource. The

@@ -1,4 +1,5 @@
-//! The `blockwise` command line, in Velero's vocabulary (`backup create|resume|describe|get|logs`).
+//! The `blockwise` command line, in Velero's vocabulary (`backup create|resume|describe|get|logs`,
+//! `restore create|resume|describe|get|logs` in `restore_cmd.rs`).
 //!
 //! This module parses arguments and prints; everything a backup *is* — the data directory's
 //! layout, crash-atomic creation, resume, the live view of a running backup — is the adapters'
@@ -57,6 +58,11 @@ enum Top {
     Backup {
         #[command(subcommand)]
         command: BackupCommand,
+    },
+    /// Restore backups into a cluster, resume and inspect restores.
+    Restore {
+        #[command(subcommand)]
+        command: crate::restore_cmd::RestoreCommand,
     },
     /// Run the deterministic simulator: seeds, faults, invariants, shrinking.
     Simulate(SimulateArgs),
@@ -436,7 +442,7 @@ pub fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
 }
 
 /// A session error as the CLI reports it: the user's input is exit 2.
-fn session_err(e: SessionError) -> anyhow::Error {
+pub fn session_err(e: SessionError) -> anyhow::Error {
     if e.is_usage() {
         usage(e.to_string())
     } else {
@@ -903,6 +909,7 @@ pub fn main() -> ExitCode {
     let data = DataDir::new(cli.data.data_dir);
     let command = match cli.command {
         Top::Backup { command } => command,
+        Top::Restore { command } => return exit_with(crate::restore_cmd::run(command, &data)),
         Top::Simulate(a) => return exit_with(simulate(a)),
         Top::Simulator { command: SimulatorCommand::Serve(a) } => return exit_with(serve(a)),
         Top::Serve(a) => return exit_with(crate::service::serve(*a, data.root().to_path_buf())),

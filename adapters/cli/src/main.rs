@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod restore_cmd;
 mod service;
 mod simulate;
 

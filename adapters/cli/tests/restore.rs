@@ -1,0 +1,308 @@
+//! Restores, end to end (issue 13): a demo backup made by the real binary, restored by the real
+//! binary through kube-rs into the simulator's fake API server holding an empty cluster, judged
+//! from the archive (read here with tar and flate2, not with the restore's own reader) and from
+//! the fake cluster's objects and the server's request log — never from the restore's plan or
+//! events. The rules the judge applies are `docs/restore.md`'s, written out again here.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use blockwise_adapters::world::TokioRuntime;
+use blockwise_engine::item::GroupResource;
+use blockwise_simulator::demo::{demo_resource_types, empty_cluster};
+use blockwise_simulator::fake::FakeCluster;
+use blockwise_simulator::server::FakeApiServer;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_blockwise");
+const DEMO_OBJECTS: &str = "400";
+
+struct Served {
+    server: FakeApiServer,
+    cluster: Arc<FakeCluster>,
+    kubeconfig: PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn serve_empty(dir: &Path) -> Served {
+    serve_empty_with(dir, 0)
+}
+
+/// An empty cluster whose API calls take `latency_ms` each (creates are in flight when a kill lands).
+fn serve_empty_with(dir: &Path, latency_ms: u64) -> Served {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let latency = blockwise_simulator::fake::Latency { api_ms: latency_ms, exec_ms: 0 };
+    let cluster = Arc::new(empty_cluster().with_latency(latency).with_clock(Arc::new(TokioRuntime)));
+    let server = rt.block_on(FakeApiServer::start(cluster.clone(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let kubeconfig = dir.join(format!("kubeconfig-{}", server.addr().port()));
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    Served { server, cluster, kubeconfig, _rt: rt }
+}
+
+fn cmd(home: &Path, data: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", home);
+    c
+}
+
+fn run(home: &Path, data: &Path, args: &[&str]) -> Output {
+    cmd(home, data, args).output().expect("running blockwise")
+}
+
+/// A demo backup `b` in `data`; returns its archive's items: (resource dir, namespace, name) → object.
+fn demo_backup(home: &Path, data: &Path) -> BTreeMap<(String, Option<String>, String), Value> {
+    let out =
+        run(home, data, &common::with_test_uid(&["backup", "create", "b", "--demo", "--demo-objects", DEMO_OBJECTS]));
+    common::assert_exit(&out, 0, "backup create");
+    archive_items(&common::local_archive(data, "b"))
+}
+
+fn archive_items(archive: &[u8]) -> BTreeMap<(String, Option<String>, String), Value> {
+    let mut out = BTreeMap::new();
+    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let parts: Vec<&str> = path.split('/').collect();
+        let key = match parts.as_slice() {
+            ["resources", gr, "namespaces", ns, file] => (gr.to_string(), Some(ns.to_string()), file.to_string()),
+            ["resources", gr, "cluster", file] => (gr.to_string(), None, file.to_string()),
+            _ => continue,
+        };
+        let mut text = String::new();
+        entry.read_to_string(&mut text).unwrap();
+        let name = key.2.strip_suffix(".json").unwrap().to_string();
+        out.insert((key.0, key.1, name), serde_json::from_str(&text).unwrap());
+    }
+    out
+}
+
+/// Every object the fake cluster holds, by (resource dir, namespace, name).
+fn served_objects(cluster: &FakeCluster) -> BTreeMap<(String, Option<String>, String), Value> {
+    let mut out = BTreeMap::new();
+    for rt in demo_resource_types() {
+        let (objects, _) = cluster.live_at(cluster.now(), &rt.gr);
+        for (key, obj) in objects {
+            out.insert((rt.gr.dir_name(), key.namespace.clone(), key.name.clone()), obj);
+        }
+    }
+    let (namespaces, _) = cluster.live_at(cluster.now(), &GroupResource::new("", "namespaces"));
+    for (key, obj) in namespaces {
+        out.insert(("namespaces".to_string(), None, key.name.clone()), obj);
+    }
+    out
+}
+
+/// What docs/restore.md says a restore of `archived` creates, written out independently: the
+/// archived object minus the reset fields, status dropped, the two Velero labels added.
+fn expected(dir: &str, archived: &Value, restore: &str) -> Option<Value> {
+    // Not restored: completed pods, and snapshot objects without --restore-volumes.
+    if dir == "pods"
+        && matches!(archived.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    if dir.ends_with(".snapshot.storage.k8s.io") && dir.starts_with("volumesnapshot") && !dir.contains("classes") {
+        return None;
+    }
+    let mut v = archived.clone();
+    let o = v.as_object_mut().unwrap();
+    o.remove("status");
+    let meta = o.get_mut("metadata").unwrap().as_object_mut().unwrap();
+    for k in
+        ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "ownerReferences", "selfLink"]
+    {
+        meta.remove(k);
+    }
+    let labels = meta.entry("labels").or_insert(json!({}));
+    labels["velero.io/backup-name"] = json!("b");
+    labels["velero.io/restore-name"] = json!(restore);
+    if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+        for k in [
+            "pv.kubernetes.io/bind-completed",
+            "pv.kubernetes.io/bound-by-controller",
+            "volume.kubernetes.io/selected-node",
+        ] {
+            a.remove(k);
+        }
+    }
+    if dir == "services" {
+        let spec = o.get_mut("spec").unwrap().as_object_mut().unwrap();
+        if spec.get("clusterIP") != Some(&json!("None")) {
+            spec.remove("clusterIP");
+            spec.remove("clusterIPs");
+        }
+        spec.remove("healthCheckNodePort");
+        for p in spec.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+            p.as_object_mut().unwrap().remove("nodePort");
+        }
+    }
+    if dir == "persistentvolumes" {
+        if let Some(c) = o.get_mut("spec").and_then(|s| s.get_mut("claimRef")).and_then(Value::as_object_mut) {
+            c.remove("uid");
+            c.remove("resourceVersion");
+        }
+    }
+    Some(v)
+}
+
+/// The part of a served object a restore decides: everything but the fields the API server owns.
+fn comparable(served: &Value) -> Value {
+    let mut v = served.clone();
+    let o = v.as_object_mut().unwrap();
+    o.remove("status");
+    let meta = o.get_mut("metadata").unwrap().as_object_mut().unwrap();
+    for k in ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
+        meta.remove(k);
+    }
+    v
+}
+
+/// Diffs the cluster against the archive: every object the rules restore is there as they say,
+/// and nothing else was created.
+fn assert_restored(archive: &BTreeMap<(String, Option<String>, String), Value>, cluster: &FakeCluster, restore: &str) {
+    let served = served_objects(cluster);
+    let mut want = BTreeSet::new();
+    let mut diffs = Vec::new();
+    for ((dir, ns, name), archived) in archive {
+        let Some(exp) = expected(dir, archived, restore) else { continue };
+        let key = (dir.clone(), ns.clone(), name.clone());
+        want.insert(key.clone());
+        match served.get(&key) {
+            None => diffs.push(format!("{dir} {ns:?}/{name}: not restored")),
+            Some(s) if comparable(s) != exp => {
+                diffs.push(format!("{dir} {ns:?}/{name}:\n  served   {}\n  expected {exp}", comparable(s)))
+            }
+            Some(_) => {}
+        }
+    }
+    let extra: Vec<_> = served.keys().filter(|k| !want.contains(*k)).collect();
+    assert!(diffs.is_empty(), "{} objects differ from the archive, first: {}", diffs.len(), diffs[0]);
+    assert!(extra.is_empty(), "objects the archive does not explain: {extra:?}");
+    assert!(want.len() > 300, "the round trip covered only {} objects", want.len());
+}
+
+#[test]
+fn a_demo_backup_restored_into_an_empty_cluster_recreates_every_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let archive = demo_backup(dir.path(), &data);
+    let served = serve_empty(dir.path());
+    let kc = served.kubeconfig.to_str().unwrap();
+    let out = run(dir.path(), &data, &["restore", "create", "r", "--from-backup", "b", "--kubeconfig", kc]);
+    common::assert_exit(&out, 0, "restore create");
+    assert_restored(&archive, &served.cluster, "r");
+    // describe counts per resource what the cluster holds.
+    let out = run(dir.path(), &data, &["restore", "describe", "r", "-o", "json"]);
+    common::assert_exit(&out, 0, "restore describe");
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["phase"], "Completed");
+    let objects = served_objects(&served.cluster);
+    for (resource, counts) in d["resources"].as_object().unwrap() {
+        let held = objects.keys().filter(|(r, _, _)| r == resource).count() as u64;
+        assert_eq!(counts["created"].as_u64(), Some(held), "{resource}: {counts}");
+    }
+    let text = run(dir.path(), &data, &["restore", "describe", "r"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("Phase:        Completed"));
+    // Restoring again: every object exists and is not ours, so each is left with a warning.
+    let out = run(dir.path(), &data, &["restore", "create", "r2", "--from-backup", "b", "--kubeconfig", kc]);
+    common::assert_exit(&out, 0, "second restore");
+    let d: Value =
+        serde_json::from_slice(&run(dir.path(), &data, &["restore", "describe", "r2", "-o", "json"]).stdout).unwrap();
+    let planned: u64 = d["resources"].as_object().unwrap().values().map(|c| c["planned"].as_u64().unwrap()).sum();
+    let namespaces = d["resources"]["namespaces"]["planned"].as_u64().unwrap();
+    assert_eq!(d["warnings"].as_u64(), Some(planned - namespaces), "namespaces that exist are no warning");
+    assert!(run(dir.path(), &data, &["restore", "get"]).stdout.windows(2).any(|w| w == b"r2"));
+    let posts_201 = served.server.requests().iter().filter(|r| r.method == "POST" && r.status == 201).count();
+    assert_eq!(posts_201, objects.len(), "one successful create per object");
+}
+
+#[test]
+fn a_killed_restore_resumes_to_the_same_cluster_without_duplicate_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let archive = demo_backup(dir.path(), &data);
+    // Killed right after the fake cluster applied its N-th create, before the restore heard the
+    // answer (the kill is sent from inside the server): the create is done, its outcome is not.
+    for kill_at in [1u64, 2, 9, 40, 150, 250] {
+        let served = serve_empty_with(dir.path(), 2);
+        let kc = served.kubeconfig.to_str().unwrap();
+        let name = format!("k{kill_at}");
+        let mut create = cmd(
+            dir.path(),
+            &data,
+            &["restore", "create", &name, "--from-backup", "b", "--kubeconfig", kc, "--workers", "2"],
+        );
+        let child = create.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockwise");
+        let (pid, changes) = (child.id() as i32, Arc::new(AtomicU64::new(0)));
+        served.cluster.also_on_change(Arc::new(move || {
+            if changes.fetch_add(1, Ordering::SeqCst) + 1 == kill_at {
+                // SAFETY: plain kill(2) of our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }));
+        let status = child.wait_with_output().expect("wait").status;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "kill point {kill_at}: the restore was not killed");
+        let out = run(dir.path(), &data, &["restore", "resume", &name]);
+        common::assert_exit(&out, 0, &format!("restore resume after a kill at line {kill_at}"));
+        assert_restored(&archive, &served.cluster, &name);
+        let requests = served.server.requests();
+        let conflicts: Vec<_> = requests.iter().filter(|r| r.method == "POST" && r.status == 409).collect();
+        assert!(conflicts.is_empty(), "kill point {kill_at}: creates sent twice: {conflicts:?}");
+        let created = requests.iter().filter(|r| r.method == "POST" && r.status == 201).count();
+        assert_eq!(created, served_objects(&served.cluster).len(), "kill point {kill_at}");
+        let d: Value =
+            serde_json::from_slice(&run(dir.path(), &data, &["restore", "describe", &name, "-o", "json"]).stdout)
+                .unwrap();
+        assert_eq!((d["phase"].as_str(), d["warnings"].as_u64()), (Some("Completed"), Some(0)), "{d}");
+    }
+}
+
+#[test]
+fn bad_restore_input_is_named_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let served = serve_empty(dir.path());
+    let kc = served.kubeconfig.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["restore", "create", "r", "--from-backup", "nope", "--kubeconfig", kc], "not in"),
+        (&["restore", "create", "R!", "--from-file", kc, "--kubeconfig", kc], "invalid restore name"),
+        (&["restore", "create", "r", "--from-file", kc, "--kubeconfig", kc, "--namespace-mappings", "a"], "OLD:NEW"),
+        (
+            &["restore", "create", "r", "--from-file", kc, "--kubeconfig", kc, "--existing-resource-policy", "merge"],
+            "none or update",
+        ),
+        (&["restore", "create", "r", "--from-file", "/no/such.tar.gz", "--kubeconfig", kc], "no such archive"),
+        (&["restore", "create", "r", "--from-file", kc], "needs a target cluster"),
+        (&["restore", "describe", "nope"], "not found"),
+    ];
+    for (args, says) in cases {
+        let out = run(dir.path(), &data, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!data.join("restores").join("r").exists());
+    // An archive that is not one: the restore exists, Failed, and says why; nothing is created.
+    let junk = dir.path().join("junk.tar.gz");
+    std::fs::write(&junk, b"not a gzip stream").unwrap();
+    let out =
+        run(dir.path(), &data, &["restore", "create", "r", "--from-file", junk.to_str().unwrap(), "--kubeconfig", kc]);
+    common::assert_exit(&out, 1, "restore of a junk archive");
+    let d = run(dir.path(), &data, &["restore", "describe", "r"]);
+    let text = String::from_utf8_lossy(&d.stdout);
+    assert!(text.contains("Phase:        Failed") && text.contains("archive cannot be read"), "{text}");
+    assert!(served.server.requests().iter().all(|r| r.method != "POST"));
+}

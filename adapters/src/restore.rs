@@ -1,0 +1,792 @@
+//! Running a restore (issue 13): its event log, the driver that creates the planned objects, and
+//! restores in a data directory.
+//!
+//! [`drive_restore`] is the one restore driver, run by `blockwise restore create|resume` and by the
+//! simulator's round trips alike. It reads the archive, plans it ([`plan_restore`]; the `Planned`
+//! event pins the archive's sha256, so a resume refuses an archive that changed), then creates the
+//! plan stage by stage in Velero's resource order: within a stage, windows of at most
+//! [`WINDOW_PER_WORKER`]` × workers` items, whose `CreatesStarted` intent is made durable before
+//! any of their creates is sent, at most `workers` creates in flight; each outcome is an
+//! `ItemRestored` fact. Once the CRD stage has its outcomes, the driver waits for each restored
+//! CRD to be Established and discovers the cluster's resources again. An item whose intent a
+//! killed run left without an outcome is looked up before it is created: found carrying this
+//! restore's `velero.io/restore-name` label, it is the earlier run's create (RT3). An existing
+//! object that is not ours is left with a warning, or patched under `--existing-resource-policy
+//! update`. A cluster that stays unavailable past the retries stops the run with nothing lost —
+//! `restore resume` continues it.
+//!
+//! ```text
+//! <data-dir>/restores/<name>/log/          the sled event log (the restore's truth)
+//! <data-dir>/restores/<name>/restore.json  where the archive and the cluster are (no credentials)
+//! <data-dir>/restores/<name>/status.json   live view for describe/get while a run holds the log
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockwise_engine::event::{decode_record_of, encode_record_of, recover_records_of, Seq};
+use blockwise_engine::ports::{Cluster, ClusterError};
+use blockwise_engine::restore_run::{
+    plan_restore, restored_by, update_patch, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent, RestorePhase,
+    RestorePlan, RestoreSpec, RestoreState,
+};
+use blockwise_engine::{ItemKey, ResourceType};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::log::{backup_id, LogError, LogMedium, OpenReport, SledMedium};
+use crate::session::{ClusterSource, DataDir, SessionError, StorageSpec};
+use crate::world::{offload, Runtime};
+
+/// Items per worker whose intents one window records before their creates are sent.
+pub const WINDOW_PER_WORKER: usize = 8;
+/// How long the driver waits for a restored CRD to be Established.
+pub const CRD_ESTABLISHED_TIMEOUT_MS: u64 = 60_000;
+/// Pause between two reads of a CRD that is not Established yet.
+const CRD_POLL_MS: u64 = 250;
+
+/// A restore's event log on a [`LogMedium`] (sled in production, the simulator's in-memory log):
+/// records `len ‖ crc32c ‖ version ‖ bincode` of [`RestoreEvent`]s, a torn last record cut at open.
+pub struct RestoreLog<M: LogMedium = SledMedium> {
+    medium: M,
+    path: PathBuf,
+    id: u64,
+    next: Seq,
+    durable: Option<Seq>,
+}
+
+impl<M: LogMedium> RestoreLog<M> {
+    fn storage(&self, message: String) -> LogError {
+        LogError::Storage { path: self.path.clone(), message }
+    }
+
+    /// Creates the log of restore `name` on `medium`; fails if it already has records.
+    pub fn create_on(mut medium: M, name: &str) -> Result<RestoreLog<M>, LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        let id = backup_id(name);
+        let records = medium.records(id).map_err(|(_, m)| storage(m))?.len() as u64;
+        if records > 0 {
+            return Err(LogError::AlreadyExists { path, name: name.to_string(), records });
+        }
+        medium.write_name(name).map_err(storage)?;
+        (medium.flush_job())().map_err(storage)?;
+        Ok(RestoreLog { medium, path, id, next: 0, durable: None })
+    }
+
+    /// Opens an existing log and reads it whole, cutting a torn last record.
+    pub fn open_on(mut medium: M) -> Result<(RestoreLog<M>, Vec<RestoreEvent>, OpenReport), LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        let name = match medium.read_name().map_err(storage)? {
+            Some(n) => String::from_utf8_lossy(&n).into_owned(),
+            None => return Err(LogError::NotFound(path)),
+        };
+        let id = backup_id(&name);
+        let records = medium.records(id).map_err(|(seq, reason)| LogError::Corrupt {
+            path: path.clone(),
+            seq: seq as Seq,
+            reason,
+        })?;
+        let recovered = recover_records_of::<RestoreEvent>(records.iter().map(|(s, v)| (*s, v.as_slice())))
+            .map_err(|e| LogError::Corrupt { path: path.clone(), seq: e.seq, reason: e.reason })?;
+        let mut report = OpenReport { events: recovered.events.len(), cut_tail: None };
+        if let Some((seq, reason)) = recovered.cut_tail {
+            tracing::warn!("restore log {}: cutting torn last record {seq}: {reason}", path.display());
+            medium.remove(id, seq).map_err(storage)?;
+            (medium.flush_job())().map_err(storage)?;
+            report.cut_tail = Some((seq, reason));
+        }
+        let next = recovered.events.len() as Seq;
+        let log = RestoreLog { medium, path, id, next, durable: next.checked_sub(1) };
+        Ok((log, recovered.events, report))
+    }
+
+    /// Appends one event; not yet durable.
+    pub fn append(&mut self, event: &RestoreEvent) -> Result<Seq, LogError> {
+        let seq = self.next;
+        self.medium.insert(self.id, seq, &encode_record_of(event)).map_err(|m| self.storage(m))?;
+        self.next += 1;
+        Ok(seq)
+    }
+
+    /// Group commit through `rt`: every append so far durable.
+    pub async fn flush_on(&mut self, rt: &dyn Runtime) -> Result<(), LogError> {
+        let upto = self.next.checked_sub(1);
+        if upto == self.durable {
+            return Ok(());
+        }
+        let job = self.medium.flush_job();
+        offload(rt, job).await.map_err(|m| self.storage(m))?;
+        self.durable = upto;
+        Ok(())
+    }
+
+    /// The medium (the simulator crashes it).
+    pub fn medium(&self) -> &M {
+        &self.medium
+    }
+
+    /// Where the log is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Decodes one stored record (for tools that read a log record by record).
+pub fn decode_restore_record(bytes: &[u8]) -> Result<RestoreEvent, String> {
+    decode_record_of::<RestoreEvent>(bytes).map_err(|e| e.to_string())
+}
+
+/// Why a restore run stopped before the restore ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreRunError {
+    /// The log could not be written.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The cluster stayed unavailable past the retries; `restore resume` continues.
+    #[error("the cluster is unavailable: {0}; `blockwise restore resume` continues the restore")]
+    Cluster(String),
+    /// The archive is not the one the restore planned, or cannot be read any more.
+    #[error("{0}")]
+    Archive(String),
+    /// The log does not fold.
+    #[error("{0}")]
+    State(String),
+}
+
+/// Something that watches a restore run.
+pub trait RestoreObserver: Send {
+    /// After each append, with the state including it.
+    fn event(&mut self, _event: &RestoreEvent, _state: &RestoreState) {}
+    /// After each group commit.
+    fn committed(&mut self, _state: &RestoreState) {}
+}
+
+/// An observer that does nothing.
+pub struct QuietRestore;
+
+impl RestoreObserver for QuietRestore {}
+
+/// The cluster and the runtime a restore acts on (the cluster with its retries).
+#[derive(Clone)]
+pub struct RestoreWorld {
+    /// The target cluster.
+    pub cluster: Arc<dyn Cluster>,
+    /// Time and where blocking work runs.
+    pub runtime: Arc<dyn Runtime>,
+}
+
+struct Run<'a, M: LogMedium> {
+    log: &'a mut RestoreLog<M>,
+    state: &'a mut RestoreState,
+    observer: &'a mut dyn RestoreObserver,
+    world: &'a RestoreWorld,
+}
+
+impl<M: LogMedium> Run<'_, M> {
+    fn append(&mut self, event: RestoreEvent) -> Result<(), RestoreRunError> {
+        let seq = self.log.append(&event)?;
+        self.state.apply(seq, &event).map_err(|e| RestoreRunError::State(e.to_string()))?;
+        self.observer.event(&event, self.state);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), RestoreRunError> {
+        self.log.flush_on(self.world.runtime.as_ref()).await?;
+        self.observer.committed(self.state);
+        Ok(())
+    }
+}
+
+/// The sha256 of an archive, hex.
+pub fn archive_digest(archive: &[u8]) -> String {
+    Sha256::digest(archive).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads and plans an archive for `spec`.
+pub fn plan_archive(spec: &RestoreSpec, archive: &[u8]) -> Result<RestorePlan, String> {
+    Ok(plan_restore(spec, crate::inspect::archive_items(archive)?))
+}
+
+fn key_of(item: &PlannedItem) -> ItemKey {
+    match &item.target.namespace {
+        Some(ns) => ItemKey::namespaced(&item.gr.group, &item.gr.resource, ns, &item.target.name),
+        None => ItemKey::cluster(&item.gr.group, &item.gr.resource, &item.target.name),
+    }
+}
+
+/// The outcome for an object that exists already.
+async fn existing(
+    cluster: &dyn Cluster,
+    rt: &ResourceType,
+    item: &PlannedItem,
+    found: &str,
+    spec: &RestoreSpec,
+) -> Result<ItemOutcome, String> {
+    let found: Value = serde_json::from_str(found).unwrap_or(Value::Null);
+    if restored_by(&found, &spec.name) {
+        return Ok(ItemOutcome::Created);
+    }
+    if item.gr.group.is_empty() && item.gr.resource == "namespaces" {
+        // Velero: a namespace that exists is used as it is, without a warning.
+        return Ok(ItemOutcome::Existed { warning: None });
+    }
+    match spec.existing_resource_policy {
+        ExistingPolicy::None => Ok(ItemOutcome::Existed {
+            warning: Some(format!(
+                "could not restore {}: it already exists in the cluster (existing-resource-policy none)",
+                item.target
+            )),
+        }),
+        ExistingPolicy::Update => {
+            let patch = update_patch(&item.body).to_string();
+            match cluster.patch(rt, &key_of(item), &patch).await {
+                Ok(_) => Ok(ItemOutcome::Updated),
+                Err(ClusterError::Unavailable(m)) => Err(m),
+                Err(e) => Ok(ItemOutcome::Existed {
+                    warning: Some(format!("could not update {} to the backed-up version: {e}", item.target)),
+                }),
+            }
+        }
+    }
+}
+
+/// Restores one item: `Err` only when the cluster stays unavailable (the run stops).
+async fn restore_item(
+    cluster: &dyn Cluster,
+    rt: &ResourceType,
+    item: &PlannedItem,
+    look_first: bool,
+    spec: &RestoreSpec,
+) -> Result<ItemOutcome, String> {
+    let key = key_of(item);
+    let get = |rt: ResourceType, key: ItemKey| async move {
+        match cluster.get(&rt, &key).await {
+            Ok(found) => Ok(found),
+            Err(ClusterError::Unavailable(m)) => Err(Err(m)),
+            Err(e) => Err(Ok(ItemOutcome::Failed { error: format!("reading it back: {e}") })),
+        }
+    };
+    if look_first {
+        match get(rt.clone(), key.clone()).await {
+            Ok(Some(found)) => return existing(cluster, rt, item, &found, spec).await,
+            Ok(None) => {}
+            Err(end) => return end,
+        }
+    }
+    match cluster.create(rt, item.target.namespace.as_deref(), &item.body.to_string()).await {
+        Ok(_) => Ok(ItemOutcome::Created),
+        Err(ClusterError::AlreadyExists(m)) => match get(rt.clone(), key).await {
+            Ok(Some(found)) => existing(cluster, rt, item, &found, spec).await,
+            Ok(None) => Ok(ItemOutcome::Failed {
+                error: format!("the create answered AlreadyExists ({m}), yet it is not there"),
+            }),
+            Err(end) => end,
+        },
+        Err(ClusterError::Unavailable(m)) => Err(m),
+        Err(e) => Ok(ItemOutcome::Failed { error: e.to_string() }),
+    }
+}
+
+/// The cluster's resource types by `resource[.group]`.
+async fn discover(cluster: &dyn Cluster) -> Result<BTreeMap<String, ResourceType>, RestoreRunError> {
+    let types = cluster.discover().await.map_err(|e| RestoreRunError::Cluster(format!("discovery: {e}")))?;
+    Ok(types.into_iter().map(|rt| (rt.gr.dir_name(), rt)).collect())
+}
+
+/// Waits until each restored CRD is Established (or the timeout passes: its objects then fail as
+/// not served, and say so).
+async fn await_established(world: &RestoreWorld, crds: &[ItemKey]) -> Result<(), RestoreRunError> {
+    let rt =
+        ResourceType::new("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", false);
+    let deadline = world.runtime.now_ms() + CRD_ESTABLISHED_TIMEOUT_MS;
+    for key in crds {
+        loop {
+            let found = match world.cluster.get(&rt, key).await {
+                Ok(found) => found,
+                Err(ClusterError::Unavailable(m)) => return Err(RestoreRunError::Cluster(m)),
+                Err(_) => None,
+            };
+            let established = found.and_then(|f| serde_json::from_str::<Value>(&f).ok()).is_some_and(|v| {
+                v.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
+            });
+            if established || world.runtime.now_ms() >= deadline {
+                break;
+            }
+            world.runtime.sleep(CRD_POLL_MS).await;
+        }
+    }
+    Ok(())
+}
+
+/// Drives a restore to its end (see the module docs). `state` is the fold of `log`; `archive` the
+/// bytes of the archive its request names.
+pub async fn drive_restore<M: LogMedium>(
+    log: &mut RestoreLog<M>,
+    state: &mut RestoreState,
+    archive: &[u8],
+    world: &RestoreWorld,
+    observer: &mut dyn RestoreObserver,
+) -> Result<(), RestoreRunError> {
+    if state.finished_ms.is_some() {
+        return Ok(());
+    }
+    let spec = state.spec.clone();
+    let workers = state.workers.max(1) as usize;
+    let mut run = Run { log, state, observer, world };
+    let digest = archive_digest(archive);
+    let plan = match (plan_archive(&spec, archive), run.state.archive_sha256.clone()) {
+        (Err(e), None) => {
+            run.append(RestoreEvent::RestoreFailed {
+                error: format!("the archive cannot be read: {e}"),
+                at_ms: world.runtime.now_ms(),
+            })?;
+            return run.flush().await;
+        }
+        (Err(e), Some(_)) => return Err(RestoreRunError::Archive(format!("the archive cannot be read: {e}"))),
+        (Ok(plan), Some(recorded)) => {
+            if recorded != digest || plan.items.len() as u32 != run.state.items {
+                return Err(RestoreRunError::Archive(format!(
+                    "the archive changed since the restore planned it (sha256 {recorded}, now {digest})"
+                )));
+            }
+            plan
+        }
+        (Ok(plan), None) => {
+            let mut planned: BTreeMap<String, u32> = BTreeMap::new();
+            for i in &plan.items {
+                *planned.entry(i.target.resource.clone()).or_default() += 1;
+            }
+            run.append(RestoreEvent::Planned {
+                archive_sha256: digest,
+                items: plan.items.len() as u32,
+                planned,
+                skipped: plan.skipped.clone(),
+                invalid: plan.invalid.clone(),
+                filtered: plan.filtered as u32,
+                at_ms: world.runtime.now_ms(),
+            })?;
+            run.flush().await?;
+            plan
+        }
+    };
+    // Intents an earlier run left without outcomes: those creates may have reached the cluster.
+    let earlier: BTreeSet<u32> =
+        run.state.intents.difference(&run.state.done.keys().copied().collect()).copied().collect();
+    let mut types = discover(world.cluster.as_ref()).await?;
+    for (gr, range) in &plan.stages {
+        let pending: Vec<u32> = range.clone().map(|i| i as u32).filter(|i| !run.state.done.contains_key(i)).collect();
+        let is_crd = gr.group == "apiextensions.k8s.io" && gr.resource == "customresourcedefinitions";
+        if !pending.is_empty() && !types.contains_key(&gr.dir_name()) {
+            types = discover(world.cluster.as_ref()).await?;
+        }
+        for window in pending.chunks(workers * WINDOW_PER_WORKER) {
+            let Some(served) = types.get(&gr.dir_name()).cloned() else {
+                for &i in window {
+                    let item = &plan.items[i as usize];
+                    run.append(RestoreEvent::ItemRestored {
+                        item: i,
+                        target: item.target.clone(),
+                        outcome: ItemOutcome::Failed { error: format!("the cluster does not serve {gr}") },
+                        at_ms: world.runtime.now_ms(),
+                    })?;
+                }
+                continue;
+            };
+            let fresh: Vec<u32> = window.iter().copied().filter(|i| !run.state.intents.contains(i)).collect();
+            if !fresh.is_empty() {
+                run.append(RestoreEvent::CreatesStarted { items: fresh })?;
+            }
+            // The intents are durable before any create of the window is sent.
+            run.flush().await?;
+            let mut creates = Vec::with_capacity(window.len());
+            for &i in window {
+                let item = &plan.items[i as usize];
+                let rt = ResourceType { version: item.version.clone(), kind: item.kind.clone(), ..served.clone() };
+                let (cluster, spec, look) = (world.cluster.clone(), &spec, earlier.contains(&i));
+                creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, item, look, spec).await) });
+            }
+            let mut done = futures::stream::iter(creates).buffer_unordered(workers);
+            let mut unavailable = None;
+            while let Some((i, outcome)) = done.next().await {
+                match outcome {
+                    Ok(outcome) => {
+                        let target = plan.items[i as usize].target.clone();
+                        let at_ms = world.runtime.now_ms();
+                        run.append(RestoreEvent::ItemRestored { item: i, target, outcome, at_ms })?;
+                    }
+                    Err(m) => unavailable = unavailable.or(Some(m)),
+                }
+            }
+            drop(done);
+            run.flush().await?;
+            if let Some(m) = unavailable {
+                return Err(RestoreRunError::Cluster(m));
+            }
+        }
+        if is_crd {
+            let crds: Vec<ItemKey> = range
+                .clone()
+                .filter(
+                    |i| matches!(run.state.done.get(&(*i as u32)), Some(o) if !matches!(o, ItemOutcome::Failed { .. })),
+                )
+                .map(|i| key_of(&plan.items[i]))
+                .collect();
+            await_established(world, &crds).await?;
+            types = discover(world.cluster.as_ref()).await?;
+        }
+    }
+    run.append(RestoreEvent::RestoreFinished { at_ms: world.runtime.now_ms() })?;
+    run.flush().await
+}
+
+/// Where a restore's archive is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ArchiveSource {
+    /// A backup in a store: `backups/<name>/<name>.tar.gz`.
+    Backup {
+        /// The backup.
+        name: String,
+        /// Its store.
+        storage: StorageSpec,
+    },
+    /// An archive file (any Velero archive).
+    File {
+        /// Absolute path.
+        path: PathBuf,
+    },
+}
+
+impl std::fmt::Display for ArchiveSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArchiveSource::Backup { name, storage: StorageSpec::Local { root: Some(root) } } => {
+                write!(f, "backup {name} in {}", root.display())
+            }
+            ArchiveSource::Backup { name, storage: StorageSpec::Local { root: None } } => {
+                write!(f, "backup {name} in the default store")
+            }
+            ArchiveSource::Backup { name, storage: StorageSpec::S3(loc) } => write!(f, "backup {name} in {loc:?}"),
+            ArchiveSource::File { path } => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+impl ArchiveSource {
+    /// Reads the archive's bytes.
+    pub async fn load(&self, data: &DataDir) -> Result<Vec<u8>, SessionError> {
+        match self {
+            ArchiveSource::File { path } => std::fs::read(path).map_err(|e| SessionError::File {
+                what: "reading the archive",
+                path: path.clone(),
+                message: e.to_string(),
+            }),
+            ArchiveSource::Backup { name, storage } => {
+                let store = data.open_store(storage)?;
+                let file = format!("{name}.tar.gz");
+                store.get_file(name, &file).await?.ok_or_else(|| SessionError::File {
+                    what: "reading the archive",
+                    path: PathBuf::from(store.archive_location(name)),
+                    message: "the backup has no archive there (is it finished?)".into(),
+                })
+            }
+        }
+    }
+}
+
+/// What `restore.json` records beside the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreFiles {
+    /// The archive.
+    pub archive: ArchiveSource,
+    /// The target cluster.
+    pub cluster: ClusterSource,
+}
+
+/// A restore in a data directory, opened for a run.
+pub struct RestoreSession {
+    data: DataDir,
+    name: String,
+    log: RestoreLog,
+    state: RestoreState,
+    files: RestoreFiles,
+    report: OpenReport,
+}
+
+impl DataDir {
+    /// Where the restores' directories are.
+    pub fn restores(&self) -> PathBuf {
+        self.root().join("restores")
+    }
+
+    /// One restore's directory.
+    pub fn restore_dir(&self, name: &str) -> PathBuf {
+        self.restores().join(name)
+    }
+
+    /// The names of every restore, sorted.
+    pub fn restore_names(&self) -> Result<Vec<String>, SessionError> {
+        let dir = self.restores();
+        let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(SessionError::File { what: "reading", path: dir, message: e.to_string() }),
+        };
+        names.sort();
+        Ok(names)
+    }
+
+    /// A restore's events (read while no run holds its log; else `LogError::InUse`).
+    pub fn restore_events(&self, name: &str) -> Result<Vec<RestoreEvent>, SessionError> {
+        let dir = self.restore_dir(name).join("log");
+        let not_found = || SessionError::NotFound { name: format!("restore {name}"), data_dir: self.root().into() };
+        if !dir.join("db").is_file() {
+            return Err(not_found());
+        }
+        let (_, events, _) = RestoreLog::open_on(SledMedium::open_for_reading(&dir)?)?;
+        if events.is_empty() {
+            return Err(not_found());
+        }
+        Ok(events)
+    }
+
+    /// A restore's state: from its log, or the live view of the process that runs it.
+    pub fn restore_status(&self, name: &str) -> Result<RestoreStatus, SessionError> {
+        match self.restore_events(name) {
+            Ok(events) => {
+                let state = RestoreState::fold(&events)
+                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+                Ok(RestoreStatus::Log { events, state: Box::new(state) })
+            }
+            Err(SessionError::Log(LogError::InUse(_))) => {
+                let path = self.restore_dir(name).join("status.json");
+                let bytes = std::fs::read(&path).map_err(|e| SessionError::File {
+                    what: "reading the live status",
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let view = serde_json::from_slice(&bytes).map_err(|e| SessionError::File {
+                    what: "parsing",
+                    path,
+                    message: e.to_string(),
+                })?;
+                Ok(RestoreStatus::Live { view })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What [`DataDir::restore_status`] found.
+pub enum RestoreStatus {
+    /// From the log.
+    Log {
+        /// Every event.
+        events: Vec<RestoreEvent>,
+        /// Their fold.
+        state: Box<RestoreState>,
+    },
+    /// Another process runs it: its live view (`crate::report::restore_json`).
+    Live {
+        /// The view.
+        view: Value,
+    },
+}
+
+impl RestoreSession {
+    /// Creates a restore crash-atomically (built under `restores/.new-<name>-<pid>`, renamed into
+    /// place once its request is durable), as a backup is created.
+    pub fn create(
+        data: &DataDir,
+        spec: RestoreSpec,
+        files: RestoreFiles,
+        workers: u32,
+        now_ms: u64,
+    ) -> Result<RestoreSession, SessionError> {
+        spec.validate()?;
+        let name = spec.name.clone();
+        let dir = data.restore_dir(&name);
+        if dir.exists() {
+            match data.restore_events(&name) {
+                Ok(events) => {
+                    let state = RestoreState::fold(&events)
+                        .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+                    return Err(match state.phase() {
+                        RestorePhase::InProgress => SessionError::State {
+                            name: format!("restore {name}"),
+                            message: format!(
+                                "it is InProgress (interrupted): run `blockwise restore resume {name}` to continue it"
+                            ),
+                        },
+                        phase => SessionError::State {
+                            name: format!("restore {name}"),
+                            message: format!("it already exists ({phase})"),
+                        },
+                    });
+                }
+                Err(SessionError::NotFound { .. }) => {
+                    std::fs::remove_dir_all(&dir).map_err(|e| SessionError::File {
+                        what: "removing",
+                        path: dir.clone(),
+                        message: e.to_string(),
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let parent = data.restores();
+        let file_err = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |e: std::io::Error| SessionError::File { what, path, message: e.to_string() }
+        };
+        let store_err = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |e: crate::store::StoreError| SessionError::File { what, path, message: e.to_string() }
+        };
+        crate::store::create_dirs(&parent).map_err(store_err("creating", &parent))?;
+        let tmp = parent.join(format!(".new-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
+        let json = serde_json::to_vec_pretty(&files).map_err(|e| SessionError::File {
+            what: "encoding",
+            path: tmp.join("restore.json"),
+            message: e.to_string(),
+        })?;
+        crate::store::write_atomic(&tmp.join("restore.json"), &json).map_err(store_err("writing", &tmp))?;
+        {
+            let mut log = RestoreLog::create_on(SledMedium::open(&tmp.join("log"))?, &name)?;
+            log.append(&RestoreEvent::Requested { spec, source: files.archive.to_string(), workers, at_ms: now_ms })?;
+            (log.medium.flush_job())().map_err(|m| log.storage(m))?;
+        }
+        std::fs::File::open(&tmp).and_then(|d| d.sync_all()).map_err(file_err("syncing", &tmp))?;
+        std::fs::rename(&tmp, &dir).map_err(file_err("renaming into place", &dir))?;
+        std::fs::File::open(&parent).and_then(|d| d.sync_all()).map_err(file_err("syncing", &parent))?;
+        RestoreSession::open(data, &name)
+    }
+
+    /// Opens an existing restore for a run (`resume`).
+    pub fn open(data: &DataDir, name: &str) -> Result<RestoreSession, SessionError> {
+        let dir = data.restore_dir(name);
+        let not_found = || SessionError::NotFound { name: format!("restore {name}"), data_dir: data.root().into() };
+        if !dir.join("log").join("db").is_file() {
+            return Err(not_found());
+        }
+        let (log, events, report) = RestoreLog::open_on(SledMedium::open(&dir.join("log"))?)?;
+        if events.is_empty() {
+            return Err(not_found());
+        }
+        let state = RestoreState::fold(&events)
+            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+        let path = dir.join("restore.json");
+        let bytes = std::fs::read(&path).map_err(|e| SessionError::File {
+            what: "reading",
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let files: RestoreFiles = serde_json::from_slice(&bytes).map_err(|e| SessionError::File {
+            what: "parsing",
+            path,
+            message: e.to_string(),
+        })?;
+        Ok(RestoreSession { data: data.clone(), name: name.into(), log, state, files, report })
+    }
+
+    /// The state as opened.
+    pub fn state(&self) -> &RestoreState {
+        &self.state
+    }
+
+    /// What `restore.json` says.
+    pub fn files(&self) -> &RestoreFiles {
+        &self.files
+    }
+
+    /// What opening the log found.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// Runs the restore to its end against `cluster` (wrapped in the shell's retries), keeping the
+    /// live view current.
+    pub async fn run(
+        mut self,
+        cluster: Arc<dyn Cluster>,
+        observer: &mut dyn RestoreObserver,
+    ) -> Result<RestoreState, RestoreRunError> {
+        let runtime: Arc<dyn Runtime> = Arc::new(crate::world::TokioRuntime);
+        if self.state.finished_ms.is_none() {
+            let archive =
+                self.files.archive.load(&self.data).await.map_err(|e| RestoreRunError::Archive(e.to_string()));
+            let archive = match archive {
+                Ok(a) => a,
+                Err(e) if self.state.archive_sha256.is_none() => {
+                    // Nothing was planned yet: a restore whose archive cannot be had has failed.
+                    let ev = RestoreEvent::RestoreFailed { error: e.to_string(), at_ms: runtime.now_ms() };
+                    let seq = self.log.append(&ev)?;
+                    self.state.apply(seq, &ev).map_err(|e| RestoreRunError::State(e.to_string()))?;
+                    self.log.flush_on(runtime.as_ref()).await?;
+                    return Ok(self.state);
+                }
+                Err(e) => return Err(e),
+            };
+            let world = RestoreWorld {
+                cluster: Arc::new(crate::retry::RetryingCluster::new(
+                    cluster,
+                    crate::retry::RetryPolicy::default(),
+                    runtime.clone(),
+                )),
+                runtime: runtime.clone(),
+            };
+            let mut live = RestoreLive { dir: self.data.restore_dir(&self.name), last_ms: 0, inner: observer };
+            live.write(&self.state);
+            let result = drive_restore(&mut self.log, &mut self.state, &archive, &world, &mut live).await;
+            live.write(&self.state);
+            result?;
+        }
+        Ok(self.state)
+    }
+}
+
+/// Keeps `status.json` current during a run (at most every `STATUS_INTERVAL_MS`).
+struct RestoreLive<'a> {
+    dir: PathBuf,
+    last_ms: u64,
+    inner: &'a mut dyn RestoreObserver,
+}
+
+impl RestoreLive<'_> {
+    fn write(&mut self, state: &RestoreState) {
+        let view = crate::report::restore_json(state);
+        if let Ok(bytes) = serde_json::to_vec_pretty(&view) {
+            if let Err(e) = crate::store::write_atomic(&self.dir.join("status.json"), &bytes) {
+                tracing::warn!("writing the live status of the restore: {e}");
+            }
+        }
+    }
+}
+
+impl RestoreObserver for RestoreLive<'_> {
+    fn event(&mut self, event: &RestoreEvent, state: &RestoreState) {
+        self.inner.event(event, state);
+    }
+
+    fn committed(&mut self, state: &RestoreState) {
+        self.inner.committed(state);
+        let now = crate::world::TokioRuntime.now_ms();
+        if now >= self.last_ms + crate::session::STATUS_INTERVAL_MS {
+            self.last_ms = now;
+            self.write(state);
+        }
+    }
+}
