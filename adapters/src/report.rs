@@ -789,18 +789,6 @@ impl<'a> BackupFiles<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_492_870_000), "2026-11-24T04:01:10Z");
-    }
-}
-
 /// A restore's `describe -o json` (and its live view): Velero's Restore status names where it has
 /// one (`phase`, `progress.itemsRestored`/`totalItems`, `warnings`, `errors`), counts per resource,
 /// skips and the results per namespace.
@@ -926,4 +914,16 @@ pub fn restore_event_line(seq: u64, e: &blockwise_engine::restore_run::RestoreEv
         E::RestoreFinished { at_ms } => format!("{} restore finished", rfc3339(*at_ms)),
     };
     format!("{seq:>6} {body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_492_870_000), "2026-11-24T04:01:10Z");
+    }
 }

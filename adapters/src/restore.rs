@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockwise_engine::event::{decode_record_of, encode_record_of, recover_records_of, Seq};
+use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::restore_run::{
     plan_restore, restored_by, update_patch, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent, RestorePhase,
@@ -409,7 +410,8 @@ pub async fn drive_restore<M: LogMedium>(
             for &i in window {
                 let item = &plan.items[i as usize];
                 let rt = ResourceType { version: item.version.clone(), kind: item.kind.clone(), ..served.clone() };
-                let (cluster, spec, look) = (world.cluster.clone(), &spec, earlier.contains(&i));
+                let look = earlier.contains(&i) && !mutation::active(Mutation::RestoreSkipsLookup);
+                let (cluster, spec) = (world.cluster.clone(), &spec);
                 creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, item, look, spec).await) });
             }
             let mut done = futures::stream::iter(creates).buffer_unordered(workers);

@@ -48,11 +48,18 @@ pub enum Mutation {
     SecondSnapshotAfterResume,
     /// Engine: leave the snapshots' cluster objects behind at the end (breaks S3).
     SkipSnapshotRelease,
+    /// Restore: a resumed run sends the creates of items with a durable intent without looking
+    /// them up first (RT3).
+    RestoreSkipsLookup,
+    /// Restore: objects are created without the `velero.io/*-name` labels (RT1).
+    RestoreDropsLabels,
+    /// Restore: claims are created before the volumes they bind to (RT2).
+    RestoreClaimsBeforeVolumes,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 18] = [
+    pub const ALL: [Mutation; 21] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -71,6 +78,9 @@ impl Mutation {
         Mutation::SnapshotBeforePreHooks,
         Mutation::SecondSnapshotAfterResume,
         Mutation::SkipSnapshotRelease,
+        Mutation::RestoreSkipsLookup,
+        Mutation::RestoreDropsLabels,
+        Mutation::RestoreClaimsBeforeVolumes,
     ];
 }
 

@@ -223,7 +223,9 @@ pub fn prepare(gr: &GroupResource, obj: &mut Value, naming: &RestoreNaming) -> R
     if !labels.is_object() {
         *labels = Value::Object(Map::new());
     }
-    if let Some(l) = labels.as_object_mut() {
+    if let Some(l) =
+        labels.as_object_mut().filter(|_| !crate::mutation::active(crate::mutation::Mutation::RestoreDropsLabels))
+    {
         l.insert(BACKUP_NAME_LABEL.into(), Value::String(label_value(&naming.backup)));
         l.insert(RESTORE_NAME_LABEL.into(), Value::String(label_value(&naming.restore)));
     }

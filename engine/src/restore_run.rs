@@ -482,7 +482,14 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
             ensured: true,
         });
     }
-    for gr in restore_order(by_gr.keys()) {
+    let mut order = restore_order(by_gr.keys());
+    if crate::mutation::active(crate::mutation::Mutation::RestoreClaimsBeforeVolumes) {
+        let at = |r: &str| order.iter().position(|g| g.group.is_empty() && g.resource == r);
+        if let (Some(pv), Some(pvc)) = (at("persistentvolumes"), at("persistentvolumeclaims")) {
+            order.swap(pv, pvc);
+        }
+    }
+    for gr in order {
         let Some(mut items) = by_gr.remove(&gr) else { continue };
         items.sort_by(|a, b| a.target.cmp(&b.target));
         let start = plan.items.len();

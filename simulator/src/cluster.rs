@@ -86,6 +86,10 @@ pub struct ClusterFaults {
     pub slow_p: f64,
     /// Changes made at the first exec.
     pub changes: Vec<Change>,
+    /// Chance that a create answers 503 without applying it (restores).
+    pub create_unavailable_p: f64,
+    /// Chance that a create is applied but answered 503: the answer was lost (restores).
+    pub create_lost_p: f64,
 }
 
 /// How long a "timeout" exec takes: far beyond any simulated hook timeout.
@@ -218,6 +222,17 @@ impl SimCluster {
     pub fn settle(&self) {
         lock(&self.fake).settle_at(self.rt.now());
         self.drain();
+    }
+
+    /// Every object the cluster holds now (the end of a simulated restore), by key.
+    pub fn live_objects(&self) -> BTreeMap<ItemKey, serde_json::Value> {
+        let fake = lock(&self.fake);
+        let now = self.rt.now();
+        let mut out = BTreeMap::new();
+        for rt in fake.resources() {
+            out.extend(fake.live_at(now, &rt.gr).0);
+        }
+        out
     }
 
     /// The fake driver's storage snapshots.
@@ -440,7 +455,23 @@ impl Cluster for SimCluster {
             Some(ns) => ItemKey::namespaced(&rt.gr.group, &rt.gr.resource, ns, &name),
             None => ItemKey::cluster(&rt.gr.group, &rt.gr.resource, &name),
         };
+        let chance = |p: f64| p > 0.0 && self.rt.draw(|r| u64::from(r.chance(p))) == 1;
+        let (down, lost) = (chance(self.faults.create_unavailable_p), chance(self.faults.create_lost_p));
+        if down {
+            self.hit("create-5xx");
+            let answer: Result<String, ClusterError> =
+                Err(ClusterError::Unavailable("503 injected before the create".into()));
+            self.write_record("create", key, &answer, subject);
+            return answer;
+        }
         let answer = lock(&self.fake).create_at(self.rt.now(), rt, namespace, json);
+        if lost && answer.is_ok() {
+            // Applied, but the caller hears a 503 (a response lost on the way back).
+            self.hit("create-lost");
+            self.records.push(Record::Write { at_ms: self.rt.now(), verb: "create", key, answer: "lost", subject });
+            self.drain();
+            return Err(ClusterError::Unavailable("503 injected after the create was applied".into()));
+        }
         self.write_record("create", key, &answer, subject);
         answer
     }

@@ -28,6 +28,7 @@ pub mod media;
 pub mod model;
 pub mod records;
 pub mod rng;
+pub mod roundtrip;
 pub mod runner;
 #[cfg(feature = "server")]
 pub mod server;

@@ -840,7 +840,18 @@ impl Model {
             hooks,
             slow_p,
             changes,
+            ..ClusterFaults::default()
         }
+    }
+
+    /// A cluster serving this model's resource types with none of its objects: where a simulated
+    /// restore goes.
+    pub fn empty_target(&self) -> FakeCluster {
+        let mut f = FakeCluster::new();
+        for rt in self.resources() {
+            f.add_resource(rt);
+        }
+        f
     }
 
     /// Records in the model, for shrinking progress.

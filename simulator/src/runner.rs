@@ -186,6 +186,9 @@ pub struct SeedResult {
     pub violations: Vec<Violation>,
     /// Crashes injected.
     pub crashes: u32,
+    /// The round trip of the archive, when there was one.
+    #[serde(skip)]
+    pub round_trip: Option<crate::sim::RoundTripSummary>,
 }
 
 /// G3 and E2 against a reference run without the process faults, with another worker count and
@@ -223,11 +226,26 @@ fn check_reference(model: &Model, cfg: &RunConfig, report: &RunReport) -> Vec<Vi
 
 /// Runs every check on one configured run.
 pub fn check_run(model: &Model, cfg: &RunConfig, check_determinism: bool) -> (Vec<Violation>, RunReport) {
-    let report = simulate(model, cfg);
+    let mut report = simulate(model, cfg);
     let mut out = check_report(model, &report);
     if matches!(report.outcome, Outcome::Finished(_)) {
         out.extend(check_reference(model, cfg, &report));
     }
+    // The round trip: the stored archive restored into an empty cluster (RT1–RT3).
+    let restored = match (&report.outcome, &report.archive) {
+        (Outcome::Finished(_), Some(archive)) => {
+            let restore = crate::roundtrip::simulate_restore(model, archive, cfg);
+            let expected = expected_items(model, &evidence(&report.records));
+            out.extend(crate::roundtrip::check_round_trip(archive, &expected, &restore));
+            Some((archive.clone(), restore))
+        }
+        _ => None,
+    };
+    report.round_trip = restored.as_ref().map(|(_, r)| crate::sim::RoundTripSummary {
+        objects: r.objects.len(),
+        crashes: r.crashes,
+        hits: r.hits.clone(),
+    });
     if check_determinism {
         let again = simulate(model, cfg);
         if again.trace != report.trace {
@@ -243,6 +261,21 @@ pub fn check_run(model: &Model, cfg: &RunConfig, check_determinism: bool) -> (Ve
                 invariant: "D1",
                 detail: format!("runs diverge at step {i}: first run {a:?}, second run {b:?}"),
             });
+        }
+        if let Some((archive, first)) = &restored {
+            let second = crate::roundtrip::simulate_restore(model, archive, cfg);
+            if let Some(i) = first.records.iter().zip(&second.records).position(|(a, b)| a != b).or_else(|| {
+                (first.records.len() != second.records.len()).then(|| first.records.len().min(second.records.len()))
+            }) {
+                out.push(Violation {
+                    invariant: "D1",
+                    detail: format!(
+                        "two restores of the same archive diverge at record {i}: {:?} vs {:?}",
+                        first.records.get(i),
+                        second.records.get(i)
+                    ),
+                });
+            }
         }
     }
     (out, report)
@@ -263,6 +296,7 @@ pub fn check_seed(
         hits: report.hits,
         violations,
         crashes: report.crashes,
+        round_trip: report.round_trip,
     };
     (result, plan)
 }

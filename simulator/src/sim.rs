@@ -257,6 +257,19 @@ pub struct RunReport {
     pub storage: BTreeMap<String, crate::csi::StorageSnapshot>,
     /// Snapshot objects (VolumeSnapshots, contents, groups) left in the cluster at the end.
     pub leftover: Vec<ItemKey>,
+    /// The round trip of the stored archive, once `runner::check_run` ran it.
+    pub round_trip: Option<RoundTripSummary>,
+}
+
+/// What the round trip of a run's archive did (`blockwise simulate` sums them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundTripSummary {
+    /// Objects in the restored cluster.
+    pub objects: usize,
+    /// Crashes of the restore.
+    pub crashes: u32,
+    /// Faults that happened during the restore.
+    pub hits: BTreeSet<&'static str>,
 }
 
 /// Engine bounds for simulated seeds: tiny pages, batches and records, so every path is exercised.
@@ -710,5 +723,6 @@ pub fn simulate_world(
         makespan_ms: w.rt.now() - START_MS,
         storage,
         leftover,
+        round_trip: None,
     }
 }

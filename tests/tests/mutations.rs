@@ -30,7 +30,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 18] = [
+    let expected: [(Mutation, &[&str]); 21] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -51,6 +51,9 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::SnapshotBeforePreHooks, &["S1"]),
         (Mutation::SecondSnapshotAfterResume, &["S3", "S1"]),
         (Mutation::SkipSnapshotRelease, &["S3"]),
+        (Mutation::RestoreSkipsLookup, &["RT3"]),
+        (Mutation::RestoreDropsLabels, &["RT1"]),
+        (Mutation::RestoreClaimsBeforeVolumes, &["RT2"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

@@ -44,8 +44,18 @@ pub fn run(
     let start = Instant::now();
     let mut hits: BTreeMap<FaultKind, u64> = FaultKind::ALL.into_iter().map(|f| (f, 0)).collect();
     let mut failures = Vec::new();
+    // Round trips: restores run, objects restored, and the restore faults that happened, by seed.
+    let (mut trips, mut restored) = (0u64, 0u64);
+    let mut trip_hits: BTreeMap<&'static str, u64> = BTreeMap::new();
     for seed in first..first.saturating_add(seeds) {
         let (r, plan) = check_seed(seed, faults, check_determinism, None);
+        if let Some(t) = &r.round_trip {
+            trips += 1;
+            restored += t.objects as u64;
+            for h in &t.hits {
+                *trip_hits.entry(h).or_default() += 1;
+            }
+        }
         for h in &r.hits {
             *hits.entry(*h).or_default() += 1;
         }
@@ -76,6 +86,7 @@ pub fn run(
             "seeds_per_second": per_second,
             "determinism_checked": check_determinism,
             "fault_hits": fault_hits,
+            "round_trips": {"restores": trips, "objects": restored, "fault_hits": trip_hits},
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -86,6 +97,11 @@ pub fn run(
             let mark = if faults.contains(f) { "" } else { "  (disabled)" };
             println!("{:<22} {:>10}{mark}", f.name(), n);
         }
+        let faults: Vec<String> = trip_hits.iter().map(|(h, n)| format!("{h} {n}")).collect();
+        println!(
+            "round trips: {trips} restores of the stored archive, {restored} objects restored; restore faults hit (seeds): {}",
+            if faults.is_empty() { "none".to_string() } else { faults.join(", ") }
+        );
         println!("{} failing seeds", failures.len());
         for f in &failures {
             println!(

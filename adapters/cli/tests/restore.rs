@@ -2,7 +2,8 @@
 //! binary through kube-rs into the simulator's fake API server holding an empty cluster, judged
 //! from the archive (read here with tar and flate2, not with the restore's own reader) and from
 //! the fake cluster's objects and the server's request log — never from the restore's plan or
-//! events. The rules the judge applies are `docs/restore.md`'s, written out again here.
+//! events. The judge applies `docs/restore.md`'s rules as the simulator's round-trip judge writes
+//! them out (`blockwise_simulator::roundtrip::restored_form`), independently of the restore's code.
 
 mod common;
 
@@ -18,8 +19,9 @@ use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::item::GroupResource;
 use blockwise_simulator::demo::{demo_resource_types, empty_cluster};
 use blockwise_simulator::fake::FakeCluster;
+use blockwise_simulator::roundtrip::{restored_form, served_form};
 use blockwise_simulator::server::FakeApiServer;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blockwise");
 const DEMO_OBJECTS: &str = "400";
@@ -105,71 +107,6 @@ fn served_objects(cluster: &FakeCluster) -> BTreeMap<(String, Option<String>, St
     out
 }
 
-/// What docs/restore.md says a restore of `archived` creates, written out independently: the
-/// archived object minus the reset fields, status dropped, the two Velero labels added.
-fn expected(dir: &str, archived: &Value, restore: &str) -> Option<Value> {
-    // Not restored: completed pods, and snapshot objects without --restore-volumes.
-    if dir == "pods"
-        && matches!(archived.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"))
-    {
-        return None;
-    }
-    if dir.ends_with(".snapshot.storage.k8s.io") && dir.starts_with("volumesnapshot") && !dir.contains("classes") {
-        return None;
-    }
-    let mut v = archived.clone();
-    let o = v.as_object_mut().unwrap();
-    o.remove("status");
-    let meta = o.get_mut("metadata").unwrap().as_object_mut().unwrap();
-    for k in
-        ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "ownerReferences", "selfLink"]
-    {
-        meta.remove(k);
-    }
-    let labels = meta.entry("labels").or_insert(json!({}));
-    labels["velero.io/backup-name"] = json!("b");
-    labels["velero.io/restore-name"] = json!(restore);
-    if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
-        for k in [
-            "pv.kubernetes.io/bind-completed",
-            "pv.kubernetes.io/bound-by-controller",
-            "volume.kubernetes.io/selected-node",
-        ] {
-            a.remove(k);
-        }
-    }
-    if dir == "services" {
-        let spec = o.get_mut("spec").unwrap().as_object_mut().unwrap();
-        if spec.get("clusterIP") != Some(&json!("None")) {
-            spec.remove("clusterIP");
-            spec.remove("clusterIPs");
-        }
-        spec.remove("healthCheckNodePort");
-        for p in spec.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
-            p.as_object_mut().unwrap().remove("nodePort");
-        }
-    }
-    if dir == "persistentvolumes" {
-        if let Some(c) = o.get_mut("spec").and_then(|s| s.get_mut("claimRef")).and_then(Value::as_object_mut) {
-            c.remove("uid");
-            c.remove("resourceVersion");
-        }
-    }
-    Some(v)
-}
-
-/// The part of a served object a restore decides: everything but the fields the API server owns.
-fn comparable(served: &Value) -> Value {
-    let mut v = served.clone();
-    let o = v.as_object_mut().unwrap();
-    o.remove("status");
-    let meta = o.get_mut("metadata").unwrap().as_object_mut().unwrap();
-    for k in ["uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"] {
-        meta.remove(k);
-    }
-    v
-}
-
 /// Diffs the cluster against the archive: every object the rules restore is there as they say,
 /// and nothing else was created.
 fn assert_restored(archive: &BTreeMap<(String, Option<String>, String), Value>, cluster: &FakeCluster, restore: &str) {
@@ -177,13 +114,13 @@ fn assert_restored(archive: &BTreeMap<(String, Option<String>, String), Value>, 
     let mut want = BTreeSet::new();
     let mut diffs = Vec::new();
     for ((dir, ns, name), archived) in archive {
-        let Some(exp) = expected(dir, archived, restore) else { continue };
+        let Some(exp) = restored_form(dir, archived, "b", restore) else { continue };
         let key = (dir.clone(), ns.clone(), name.clone());
         want.insert(key.clone());
         match served.get(&key) {
             None => diffs.push(format!("{dir} {ns:?}/{name}: not restored")),
-            Some(s) if comparable(s) != exp => {
-                diffs.push(format!("{dir} {ns:?}/{name}:\n  served   {}\n  expected {exp}", comparable(s)))
+            Some(s) if served_form(s) != exp => {
+                diffs.push(format!("{dir} {ns:?}/{name}:\n  served   {}\n  expected {exp}", served_form(s)))
             }
             Some(_) => {}
         }
