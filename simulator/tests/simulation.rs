@@ -18,10 +18,17 @@ fn fixed_seeds_hold_every_invariant_and_hit_every_fault() {
     let all: BTreeSet<FaultKind> = FaultKind::ALL.into_iter().collect();
     let mut hits: BTreeMap<FaultKind, u64> = BTreeMap::new();
     let mut failures = Vec::new();
+    let (mut trips, mut trip_hits) = (0u64, BTreeMap::<&str, u64>::new());
     for seed in 0..seed_count() {
         let (r, plan) = check_seed(seed, &all, true, None);
         for h in &r.hits {
             *hits.entry(*h).or_default() += 1;
+        }
+        if let Some(t) = &r.round_trip {
+            trips += 1;
+            for h in &t.hits {
+                *trip_hits.entry(h).or_default() += 1;
+            }
         }
         if let Some(v) = r.violations.first() {
             let small = shrink(&plan, v.invariant, 50);
@@ -36,6 +43,13 @@ fn fixed_seeds_hold_every_invariant_and_hit_every_fault() {
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
     let missing: Vec<&str> = FaultKind::ALL.into_iter().filter(|f| !hits.contains_key(f)).map(|f| f.name()).collect();
     assert!(missing.is_empty(), "fault types never hit: {missing:?} (hits: {hits:?})");
+    // Most seeds' archives make a round trip (RT1–RT3), and the restores met every restore fault.
+    assert!(trips * 10 >= seed_count() * 8, "only {trips} round trips in {} seeds", seed_count());
+    let missing: Vec<&str> = ["crash", "create-5xx", "create-lost", "lost-unflushed", "torn-record"]
+        .into_iter()
+        .filter(|f| !trip_hits.contains_key(f))
+        .collect();
+    assert!(missing.is_empty(), "restore faults never hit: {missing:?} (hits: {trip_hits:?})");
 }
 
 #[test]
