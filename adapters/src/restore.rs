@@ -510,6 +510,10 @@ pub struct RestoreFiles {
     pub archive: ArchiveSource,
     /// The target cluster.
     pub cluster: ClusterSource,
+    /// The uid of the `restores.blockwise.dev` object this restore runs for (the controller), so a
+    /// Restore deleted and created again under the name gets a fresh restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// A restore in a data directory, opened for a run.

@@ -202,7 +202,7 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     let rt = runtime()?;
     // Connect before anything is written: a bad kubeconfig leaves no restore behind.
     let cluster = connect(&cluster_source, &rt)?;
-    let files = RestoreFiles { archive, cluster: cluster_source };
+    let files = RestoreFiles { archive, cluster: cluster_source, uid: None };
     let session =
         RestoreSession::create(data, spec, files, a.workers, TokioRuntime.now_ms()).map_err(restore_session_err)?;
     run_session(session, cluster, &rt)

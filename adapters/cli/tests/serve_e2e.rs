@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use blockwise_adapters::serve::crd::Backup;
+use blockwise_adapters::serve::restores::Restore;
 use kube::api::Api;
 use kube::runtime::wait::{await_condition, Condition};
 
@@ -505,8 +506,19 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     let data = sim.dir.path().join("controller");
     let mut ctl = sim.controller(&data, &["--lease-duration", "3", "--lease-grace", "1"]);
     ctl.wait_for("backup blockwise-system/rbac: Completed");
-    let mut calls: Vec<(String, String, String)> =
-        server.requests()[mark..].iter().flat_map(|r| rbac_checks(&r.method, &r.path, &r.query)).collect();
+    // A restore of it over what is there, under the update policy: creates (refused) and patches.
+    let restore = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: rbac-restore\n  namespace: {NS}\n\
+         spec:\n  backupName: rbac\n  existingResourcePolicy: update\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
+    ctl.wait_for("restore blockwise-system/rbac-restore: ended");
+    // kubectl's create of the Restore is not the controller's (its other calls are reads).
+    let mut calls: Vec<(String, String, String)> = server.requests()[mark..]
+        .iter()
+        .filter(|r| !(r.method == "POST" && r.path.ends_with("/restores")))
+        .flat_map(|r| rbac_checks(&r.method, &r.path, &r.query))
+        .collect();
     // Deletion: kubectl's one DELETE, then the controller's finalizer work.
     let mark = server.requests().len();
     sim.kubectl_ok(&["delete", "bwb", "rbac", "-n", NS, "--wait=false"], None);
@@ -620,4 +632,102 @@ fn a_leader_that_loses_its_lease_stops_at_once_and_the_next_one_finishes() {
     let done = wait_until(&rt, &sim, "handover", 180, phase_is("Completed"));
     assert!(done.status.unwrap().resumed_count >= 1);
     common::assert_windows_closed(&sim.dir.path().join("exec.jsonl"));
+}
+
+/// Waits (through a watch, at most `secs`) until the Restore `name` reaches `phase`.
+fn wait_restore(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, phase: &'static str) -> Restore {
+    rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let api: Api<Restore> = Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+        let cond = move |r: Option<&Restore>| {
+            r.and_then(|r| r.status.as_ref()).and_then(|s| s.phase.as_deref()) == Some(phase)
+        };
+        match tokio::time::timeout(Duration::from_secs(secs), await_condition(api.clone(), name, cond)).await {
+            Ok(Ok(Some(r))) => r,
+            other => {
+                let now = api.get_opt(name).await.ok().flatten().and_then(|r| r.status);
+                panic!("restore {name}: not {phase} within {secs} s ({other:?}); status now: {now:?}")
+            }
+        }
+    })
+}
+
+#[test]
+fn a_restore_applied_with_kubectl_recreates_a_backup_in_a_new_namespace_and_resumes_after_kill_9() {
+    let rt = rt();
+    let sim = Sim::start(20);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("nightly", std::slice::from_ref(&ns))));
+    wait_until(&rt, &sim, "nightly", 180, phase_is("Completed"));
+    let target = format!("{ns}-restored");
+    let restore = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: back\n  namespace: {NS}\n\
+         spec:\n  backupName: nightly\n  namespaceMapping:\n    {ns}: {target}\n  workers: 2\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
+    // Killed as soon as the restore is durably created: the next controller resumes it.
+    ctl.wait_for(&format!("restore {NS}/back: started"));
+    ctl.kill();
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    ctl.wait_for(&format!("restore {NS}/back: resuming from its log"));
+    let r = wait_restore(&rt, &sim, "back", 180, "Completed");
+    let s = r.status.unwrap();
+    let p = s.progress.unwrap();
+    assert!(p.total_items > 0 && p.items_restored == p.total_items, "{p:?}");
+    assert_eq!((s.resumed_count, s.errors), (1, 0));
+    // The cluster holds, in the new namespace, every namespaced object the archive has of the old
+    // one that the rules restore, labelled with the restore.
+    let archive = controller_archive(&data, "nightly");
+    let mut want = std::collections::BTreeSet::new();
+    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive.as_slice()));
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let parts: Vec<&str> = path.split('/').collect();
+        if let ["resources", dir, "namespaces", _, file] = parts.as_slice() {
+            let mut v = String::new();
+            std::io::Read::read_to_string(&mut e, &mut v).unwrap();
+            let obj: serde_json::Value = serde_json::from_str(&v).unwrap();
+            if blockwise_simulator::roundtrip::restored_form(dir, &obj, "nightly", "back").is_some() {
+                want.insert(format!("{dir}/{}", file.trim_end_matches(".json")));
+            }
+        }
+    }
+    let kinds: std::collections::BTreeSet<&str> = want.iter().map(|w| w.split('/').next().unwrap()).collect();
+    let kinds: Vec<&str> = kinds.into_iter().collect();
+    let listed = sim
+        .kubectl_ok(&["get", &kinds.join(","), "-n", &target, "-l", "velero.io/restore-name=back", "-o", "json"], None);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let got: std::collections::BTreeSet<String> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let kind = o["kind"].as_str().unwrap();
+            let dir = kinds.iter().find(|k| {
+                let plural = k.split('.').next().unwrap();
+                plural.trim_end_matches('s').eq_ignore_ascii_case(kind)
+                    || plural.eq_ignore_ascii_case(&format!("{kind}es"))
+                    || plural.eq_ignore_ascii_case(&format!("{kind}s"))
+            });
+            format!("{}/{}", dir.unwrap_or(&"?"), o["metadata"]["name"].as_str().unwrap())
+        })
+        .collect();
+    assert!(want.len() > 10, "the archive has only {} objects of {ns}", want.len());
+    assert_eq!(got, want, "the restored namespace differs from the archive's");
+    let table = sim.kubectl_ok(&["get", "bwr", "-n", NS], None);
+    assert!(table.contains("back") && table.contains("Completed"), "{table}");
+    // A Restore of a backup that does not exist fails validation, and nothing runs.
+    let bad = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: nothing\n  namespace: {NS}\n\
+         spec:\n  backupName: nope\n  existingResourcePolicy: merge\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&bad));
+    let r = wait_restore(&rt, &sim, "nothing", 60, "FailedValidation");
+    let reason = r.status.unwrap().failure_reason.unwrap();
+    assert!(reason.contains("merge"), "{reason}");
 }

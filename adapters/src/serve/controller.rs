@@ -255,11 +255,24 @@ async fn lead_then_reconcile(
     });
     let controller = Controller::new(api, watcher::Config::default()).reconcile_all_on(wakes);
     let _ = ctx.store.set(controller.store());
-    let work = controller.run(reconcile, error_policy, ctx.clone()).for_each(|r| async move {
+    let backups = controller.run(reconcile, error_policy, ctx.clone()).for_each(|r| async move {
         if let Err(e) = r {
             tracing::debug!("reconcile: {e}");
         }
     });
+    // Restores beside the backups, into the cluster served (`serve/restores.rs`).
+    let restore_api: Api<super::restores::Restore> = match &ctx.cfg.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let restore_ctx = Arc::new(super::restores::RestoreCtx::new(
+        ctx.client.clone(),
+        ctx.cluster.clone(),
+        ctx.source.clone(),
+        ctx.cfg.data_dir.clone(),
+        Duration::from_millis(ctx.cfg.status_interval_ms),
+    ));
+    let work = futures::future::join(backups, super::restores::run_controller(restore_api, restore_ctx));
     match leadership {
         Some((mut rx, _task, name)) => {
             let lost = async {

@@ -48,22 +48,26 @@ pub const LEASE: &str = "blockwise-leader";
 /// One RBAC rule: API groups, resources (with `/subresource`), verbs.
 pub type Rule = (&'static [&'static str], &'static [&'static str], &'static [&'static str]);
 
-/// The ClusterRole's rules: what the code calls, nothing more. Backups read every resource type
-/// (get and list: Velero backs up whatever a spec selects, and the CSI procedure and the
-/// controller read through the same grant); writes are limited to hooks' execs, what the CSI
-/// procedure (`crate::csi`) does to snapshot objects, the leader Lease (kube-lease-manager:
-/// create, server-side apply and strategic merge patches) and blockwise's own Backups (watch,
-/// finalizer merge patches, status patches).
+/// The ClusterRole's rules: what the code calls, nothing more — each rule needed by some call no
+/// other rule grants (`serve_e2e` checks both ways). Backups read every resource type (get and
+/// list: Velero backs up whatever a spec selects); restores create every type a backup may hold
+/// and, under `existingResourcePolicy: update`, patch it — so create and patch are granted on every
+/// type, as Velero's server runs with cluster-admin — which also covers the CSI procedure's
+/// snapshot creates and patches, the leader Lease (kube-lease-manager) and the Backups'
+/// finalizers. Beyond those: hooks' execs, the watches and deletes of the CSI procedure
+/// (`crate::csi`), the watches of Backups and Restores, and their status patches.
 pub const RULES: &[Rule] = &[
     (&["*"], &["*"], &["get", "list"]),
+    (&["*"], &["*"], &["create", "patch"]),
     (&[""], &["pods/exec"], &["create", "get"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["create", "watch", "patch", "delete"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["watch", "patch", "delete"]),
-    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshots"], &["create", "watch", "delete"]),
-    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["patch", "delete"]),
-    (&["coordination.k8s.io"], &["leases"], &["create", "patch"]),
-    (&["blockwise.dev"], &["backups"], &["watch", "patch"]),
+    (&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["watch", "delete"]),
+    (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["watch", "delete"]),
+    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshots"], &["watch", "delete"]),
+    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["delete"]),
+    (&["blockwise.dev"], &["backups"], &["watch"]),
     (&["blockwise.dev"], &["backups/status"], &["patch"]),
+    (&["blockwise.dev"], &["restores"], &["watch"]),
+    (&["blockwise.dev"], &["restores/status"], &["patch"]),
 ];
 
 /// Every manifest, in the order `kubectl apply` should create them.
@@ -73,10 +77,13 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
     let rules: Vec<Value> = RULES.iter().map(|(g, r, v)| json!({"apiGroups": g, "resources": r, "verbs": v})).collect();
     let mut crd = serde_json::to_value(Backup::crd()).unwrap_or(Value::Null);
     crd["metadata"]["labels"] = labels.clone();
+    let mut restore_crd = serde_json::to_value(super::restores::Restore::crd()).unwrap_or(Value::Null);
+    restore_crd["metadata"]["labels"] = labels.clone();
     let port = o.metrics_port;
     vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
         crd,
+        restore_crd,
         json!({"apiVersion": "v1", "kind": "ServiceAccount",
                "metadata": {"name": NAME, "namespace": ns, "labels": labels}}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -210,6 +217,7 @@ mod tests {
             [
                 "Namespace",
                 "CustomResourceDefinition",
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -218,7 +226,7 @@ mod tests {
                 "Service"
             ]
         );
-        let d = &manifests(&o)[6];
+        let d = &manifests(&o)[7];
         assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
         assert_eq!(d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], DATA_PVC);
     }

@@ -1,4 +1,5 @@
-//! The in-cluster service: the `backups.blockwise.dev` resource ([`crd`]), its controller
+//! The in-cluster service: the `backups.blockwise.dev` resource ([`crd`]) and
+//! `restores.blockwise.dev` ([`restores`]), their controller
 //! ([`controller`], `blockwise serve`), metrics and health ([`metrics`]), and the manifests that
 //! install it ([`install`], `blockwise install`).
 
@@ -6,3 +7,4 @@ pub mod controller;
 pub mod crd;
 pub mod install;
 pub mod metrics;
+pub mod restores;

@@ -1,0 +1,481 @@
+//! `restores.blockwise.dev` (issue 13, part 6): Velero's Restore spec names and status phases,
+//! run by the controller through [`RestoreSession`] — the same restore driver as `blockwise
+//! restore create` — into the cluster the controller serves, from a Backup of the same namespace.
+//!
+//! A Restore is validated (its backup must exist in the namespace's data directory; names,
+//! mappings, policy and selector must be valid) or ends `FailedValidation` with every reason.
+//! A valid one runs on a thread of its own; its status (phase, progress, warnings, errors) is
+//! patched at most once a status interval and at the end. A restarted controller — or a new
+//! leader — finds the Restore InProgress and **resumes it from its log**: items an earlier run
+//! may have created are looked up first, nothing is created twice (`docs/restore.md`). A Restore
+//! deleted and created again under its name gets a fresh restore (the log records the uid).
+//! Deleting a Restore leaves what it restored in the cluster, as Velero does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use blockwise_engine::ports::Cluster;
+use blockwise_engine::restore_run::{
+    ExistingPolicy, RestoreEvent, RestorePhase, RestoreSpec as EngineRestoreSpec, RestoreState,
+};
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, CustomResource, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::controller::FIELD_MANAGER;
+use super::crd::{selector_string, LabelSelector, WORKERS_DEFAULT};
+use crate::report::rfc3339;
+use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
+use crate::session::{ClusterSource, DataDir, SessionError};
+use crate::world::{Runtime, TokioRuntime};
+
+/// A restore of a Backup, with Velero's Restore field names; see the module docs.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "blockwise.dev",
+    version = "v1alpha1",
+    kind = "Restore",
+    plural = "restores",
+    shortname = "bwr",
+    category = "blockwise",
+    namespaced,
+    status = "RestoreStatus",
+    printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".spec.backupName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Restored","type":"integer","jsonPath":".status.progress.itemsRestored"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.progress.totalItems"}"#,
+    printcolumn = r#"{"name":"Errors","type":"integer","jsonPath":".status.errors"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// The Backup (of this namespace) to restore.
+    pub backup_name: String,
+    /// Namespaces to restore (`*` globs); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub included_namespaces: Vec<String>,
+    /// Namespaces not to restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_namespaces: Vec<String>,
+    /// Resources to restore (plural, plural.group or kind); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub included_resources: Vec<String>,
+    /// Resources not to restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_resources: Vec<String>,
+    /// Archived namespace → namespace restored into.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_mapping: BTreeMap<String, String>,
+    /// `none` (default) or `update`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub existing_resource_policy: Option<String>,
+    /// Provision claims from their CSI snapshots (default false; `docs/restore.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "restorePVs")]
+    pub restore_pvs: Option<bool>,
+    /// Only objects whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<LabelSelector>,
+    /// Creates in flight at once (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+}
+
+/// Velero's restore phase names.
+pub mod phase {
+    /// Accepted, not started.
+    pub const NEW: &str = "New";
+    /// Running (or interrupted: a controller resumes it).
+    pub const IN_PROGRESS: &str = "InProgress";
+    /// Done without errors.
+    pub const COMPLETED: &str = "Completed";
+    /// Done with errors.
+    pub const PARTIALLY_FAILED: &str = "PartiallyFailed";
+    /// Could not run.
+    pub const FAILED: &str = "Failed";
+    /// The spec cannot be run; nothing was.
+    pub const FAILED_VALIDATION: &str = "FailedValidation";
+
+    /// Whether nothing more happens to a restore in this phase.
+    pub fn is_terminal(p: &str) -> bool {
+        matches!(p, COMPLETED | PARTIALLY_FAILED | FAILED | FAILED_VALIDATION)
+    }
+}
+
+/// What the controller reports of a Restore.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// Velero's phase names (see [`phase`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Objects planned and restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RestoreProgress>,
+    /// Warnings recorded.
+    #[serde(default)]
+    pub warnings: u32,
+    /// Errors recorded.
+    #[serde(default)]
+    pub errors: u32,
+    /// Why the restore failed (or failed validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// The validation errors of a FailedValidation restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_errors: Vec<String>,
+    /// When it started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timestamp: Option<String>,
+    /// When it reached a terminal phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_timestamp: Option<String>,
+    /// How many times a restarted controller resumed it from its log.
+    #[serde(default)]
+    pub resumed_count: u32,
+}
+
+/// Progress of a restore (Velero's names).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreProgress {
+    /// Objects the restore creates.
+    pub total_items: u64,
+    /// Objects with their outcome.
+    pub items_restored: u64,
+}
+
+impl Restore {
+    /// The engine's restore spec and workers, or every reason the Restore cannot run.
+    pub fn to_spec(&self) -> Result<(EngineRestoreSpec, u32), Vec<String>> {
+        let s = &self.spec;
+        let mut errors = Vec::new();
+        let mut spec = EngineRestoreSpec::new(&self.name_any(), &s.backup_name);
+        if s.backup_name.is_empty() {
+            errors.push("spec.backupName is required".to_string());
+        }
+        spec.included_namespaces = s.included_namespaces.clone();
+        spec.excluded_namespaces = s.excluded_namespaces.clone();
+        spec.included_resources = s.included_resources.clone();
+        spec.excluded_resources = s.excluded_resources.clone();
+        spec.namespace_mapping = s.namespace_mapping.clone();
+        match ExistingPolicy::parse(s.existing_resource_policy.as_deref().unwrap_or("none")) {
+            Ok(p) => spec.existing_resource_policy = p,
+            Err(e) => errors.push(format!("spec.existingResourcePolicy: {e}")),
+        }
+        spec.restore_volumes = s.restore_pvs.unwrap_or(false);
+        if let Some(sel) = &s.label_selector {
+            match selector_string(sel) {
+                Ok(sel) => spec.label_selector = Some(sel),
+                Err(e) => errors.push(format!("spec.labelSelector: {e}")),
+            }
+        }
+        let workers = s.workers.unwrap_or(WORKERS_DEFAULT);
+        if !(1..=1024).contains(&workers) {
+            errors.push(format!("spec.workers {workers}: must be between 1 and 1024"));
+        }
+        if errors.is_empty() {
+            if let Err(e) = spec.validate() {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok((spec, workers))
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// What the restore controller needs.
+pub struct RestoreCtx {
+    /// The API client.
+    pub client: Client,
+    /// The cluster restored into (the one served).
+    pub cluster: Arc<dyn Cluster>,
+    /// How it is reached (recorded beside each restore's log).
+    pub source: ClusterSource,
+    /// `<data-dir>`; each namespace's restores live under `namespaces/<ns>/`, beside its backups.
+    pub data_dir: PathBuf,
+    /// Least time between two status patches of a running restore.
+    pub status_interval: Duration,
+    running: Mutex<BTreeSet<(String, String)>>,
+    ended: Mutex<BTreeSet<(String, String, String)>>,
+}
+
+impl RestoreCtx {
+    /// A context with nothing running.
+    pub fn new(
+        client: Client,
+        cluster: Arc<dyn Cluster>,
+        source: ClusterSource,
+        data_dir: PathBuf,
+        status_interval: Duration,
+    ) -> RestoreCtx {
+        RestoreCtx {
+            client,
+            cluster,
+            source,
+            data_dir,
+            status_interval,
+            running: Mutex::new(BTreeSet::new()),
+            ended: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn data(&self, ns: &str) -> DataDir {
+        DataDir::new(self.data_dir.join("namespaces").join(ns))
+    }
+}
+
+/// A reconcile that failed; retried.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreReconcileError {
+    /// The API.
+    #[error("{0}")]
+    Kube(String),
+    /// The data directory.
+    #[error("{0}")]
+    Session(#[from] SessionError),
+}
+
+async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) -> Result<(), RestoreReconcileError> {
+    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
+    if let Some(m) = v.as_object_mut() {
+        // A merge patch leaves absent fields as they were: unset ones are cleared.
+        for f in ["phase", "progress", "failureReason", "validationErrors", "startTimestamp", "completionTimestamp"] {
+            m.entry(f).or_insert(serde_json::Value::Null);
+        }
+    }
+    let body = json!({ "status": v });
+    let params = PatchParams::apply(FIELD_MANAGER);
+    api.patch_status(name, &params, &Patch::Merge(&body))
+        .await
+        .map(|_| ())
+        .map_err(|e| RestoreReconcileError::Kube(format!("patching the status of restore {name}: {e}")))
+}
+
+/// The status of a restore from its folded state.
+fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
+    let phase = match state.phase() {
+        RestorePhase::InProgress => phase::IN_PROGRESS,
+        RestorePhase::Completed => phase::COMPLETED,
+        RestorePhase::PartiallyFailed => phase::PARTIALLY_FAILED,
+        RestorePhase::Failed => phase::FAILED,
+    };
+    RestoreStatus {
+        phase: Some(phase.into()),
+        progress: Some(RestoreProgress { total_items: state.items.into(), items_restored: state.done.len() as u64 }),
+        warnings: state.warnings.len() as u32,
+        errors: state.errors.len() as u32,
+        failure_reason: state.failure.clone().or_else(|| base.failure_reason.clone()),
+        validation_errors: Vec::new(),
+        start_timestamp: Some(rfc3339(state.started_ms)),
+        completion_timestamp: state.finished_ms.map(rfc3339),
+        resumed_count: base.resumed_count,
+    }
+}
+
+/// Reconciles one Restore (see the module docs).
+pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, RestoreReconcileError> {
+    let ns = r.namespace().unwrap_or_default();
+    let name = r.name_any();
+    let uid = r.uid().unwrap_or_default();
+    let api: Api<Restore> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = r.status.clone().unwrap_or_default();
+    let key = (ns.clone(), name.clone());
+    let ended =
+        ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).contains(&(ns.clone(), name.clone(), uid.clone()));
+    let running = ctx.running.lock().unwrap_or_else(PoisonError::into_inner).contains(&key);
+    if r.metadata.deletion_timestamp.is_some()
+        || status.phase.as_deref().is_some_and(phase::is_terminal)
+        || running
+        || ended
+    {
+        return Ok(Action::await_change());
+    }
+    let data = ctx.data(&ns);
+    let validated = r.to_spec().and_then(|(spec, workers)| {
+        if data.log_dir(&spec.backup_name).exists() {
+            Ok((spec, workers))
+        } else {
+            Err(vec![format!("backup {:?} not found in namespace {ns}", spec.backup_name)])
+        }
+    });
+    let (spec, workers) = match validated {
+        Ok(v) => v,
+        Err(errors) => {
+            let failed = RestoreStatus {
+                phase: Some(phase::FAILED_VALIDATION.into()),
+                failure_reason: Some(errors.join("; ")),
+                validation_errors: errors,
+                ..status
+            };
+            patch_status(&api, &name, &failed).await?;
+            eprintln!("restore {ns}/{name}: FailedValidation: {}", failed.failure_reason.unwrap_or_default());
+            return Ok(Action::await_change());
+        }
+    };
+    // An existing restore of this name: resumed when it is this Restore's, replaced when it is an
+    // earlier Restore's that was deleted.
+    let dir = data.restore_dir(&name);
+    let mut resumed = false;
+    if dir.exists() {
+        match RestoreSession::open(&data, &name) {
+            Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => resumed = s.state().finished_ms.is_none(),
+            Ok(_) | Err(SessionError::NotFound { .. }) => std::fs::remove_dir_all(&dir)
+                .map_err(|e| SessionError::File { what: "removing", path: dir.clone(), message: e.to_string() })?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let session = if dir.exists() {
+        RestoreSession::open(&data, &name)?
+    } else {
+        let storage = data.storage(&spec.backup_name)?;
+        let files = RestoreFiles {
+            archive: ArchiveSource::Backup { name: spec.backup_name.clone(), storage },
+            cluster: ctx.source.clone(),
+            uid: Some(uid.clone()),
+        };
+        RestoreSession::create(&data, spec, files, workers, TokioRuntime.now_ms())?
+    };
+    ctx.running.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone());
+    let mut base = status;
+    if resumed {
+        base.resumed_count += 1;
+        eprintln!("restore {ns}/{name}: resuming from its log (resume {})", base.resumed_count);
+    } else {
+        eprintln!("restore {ns}/{name}: started");
+    }
+    let handle = tokio::runtime::Handle::current();
+    let ctx = ctx.clone();
+    // As a backup's run: the driver's future runs on a blocking thread of its own.
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(async move {
+            run(session, base, &api, &ctx, &ns).await;
+            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid));
+            ctx.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+        })
+    });
+    Ok(Action::await_change())
+}
+
+/// Sends the state to the status patcher at most once an interval.
+struct StatusObserver {
+    tx: watch::Sender<Option<RestoreStatus>>,
+    base: RestoreStatus,
+    last: Instant,
+    interval: Duration,
+}
+
+impl RestoreObserver for StatusObserver {
+    fn event(&mut self, _: &RestoreEvent, _: &RestoreState) {}
+
+    fn committed(&mut self, state: &RestoreState) {
+        if self.last.elapsed() >= self.interval {
+            self.last = Instant::now();
+            let _ = self.tx.send(Some(status_of(state, &self.base)));
+        }
+    }
+}
+
+async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, ctx: &RestoreCtx, ns: &str) {
+    let name = session.state().spec.name.clone();
+    let first = status_of(session.state(), &base);
+    if let Err(e) = patch_status(api, &name, &first).await {
+        eprintln!("warning: restore {name}: {e}");
+    }
+    let (tx, mut rx) = watch::channel::<Option<RestoreStatus>>(None);
+    let patcher = {
+        let (api, name) = (api.clone(), name.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let latest = rx.borrow_and_update().clone();
+                if let Some(s) = latest {
+                    if let Err(e) = patch_status(&api, &name, &s).await {
+                        eprintln!("warning: restore {name}: {e}");
+                    }
+                }
+            }
+        })
+    };
+    let mut observer = StatusObserver { tx, base: base.clone(), last: Instant::now(), interval: ctx.status_interval };
+    let result = session.run(ctx.cluster.clone(), &mut observer).await;
+    drop(observer);
+    let _ = patcher.await;
+    let end = match result {
+        Ok(state) => status_of(&state, &base),
+        // The run stopped (the cluster unavailable, the archive gone): the Restore stays
+        // InProgress with the reason, and the next controller start resumes it.
+        Err(e) => RestoreStatus { failure_reason: Some(e.to_string()), ..first },
+    };
+    eprintln!("restore {ns}/{name}: ended {}", end.phase.as_deref().unwrap_or("?"));
+    if let Err(e) = patch_status(api, &name, &end).await {
+        eprintln!("warning: restore {name}: {e}");
+    }
+}
+
+fn error_policy(_: Arc<Restore>, e: &RestoreReconcileError, _: Arc<RestoreCtx>) -> Action {
+    tracing::warn!("restore reconcile: {e}");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs the Restore controller until the stream ends (the caller selects it against shutdown).
+pub async fn run_controller(api: Api<Restore>, ctx: Arc<RestoreCtx>) {
+    Controller::new(api, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("restore reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::CustomResourceExt;
+
+    fn restore(spec: serde_json::Value) -> Restore {
+        let mut r = Restore::new("r", serde_json::from_value(spec).unwrap());
+        r.metadata.namespace = Some("ns".into());
+        r
+    }
+
+    #[test]
+    fn the_crd_is_namespaced_with_status_and_velero_names() {
+        let crd = serde_json::to_value(Restore::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "restores.blockwise.dev");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for f in ["backupName", "includedNamespaces", "namespaceMapping", "existingResourcePolicy", "restorePVs"] {
+            assert!(props.get(f).is_some(), "{f} missing from {props}");
+        }
+    }
+
+    #[test]
+    fn a_velero_spec_converts_and_bad_ones_say_every_reason() {
+        let (spec, workers) = restore(json!({"backupName": "b", "namespaceMapping": {"a": "c"},
+            "existingResourcePolicy": "update", "restorePVs": true,
+            "labelSelector": {"matchLabels": {"app": "x"}}}))
+        .to_spec()
+        .unwrap();
+        assert_eq!((spec.backup_name.as_str(), workers), ("b", WORKERS_DEFAULT));
+        assert_eq!(spec.existing_resource_policy, ExistingPolicy::Update);
+        assert!(spec.restore_volumes);
+        assert_eq!(spec.label_selector.as_deref(), Some("app=x"));
+        let errors = restore(json!({"backupName": "", "existingResourcePolicy": "merge", "workers": 0,
+            "labelSelector": {"matchExpressions": [{"key": "k", "operator": "Bogus"}]}}))
+        .to_spec()
+        .unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:?}");
+    }
+}
