@@ -164,6 +164,38 @@ fn a_demo_backup_restored_into_an_empty_cluster_recreates_every_object() {
     assert!(run(dir.path(), &data, &["restore", "get"]).stdout.windows(2).any(|w| w == b"r2"));
     let posts_201 = served.server.requests().iter().filter(|r| r.method == "POST" && r.status == 201).count();
     assert_eq!(posts_201, objects.len(), "one successful create per object");
+    // Any Velero archive file, one namespace of it, mapped to a new one: exactly that namespace's
+    // restorable objects appear there, and nothing else is created.
+    let file = dir.path().join("b.tar.gz");
+    std::fs::write(&file, common::local_archive(&data, "b")).unwrap();
+    let ns = archive.keys().find_map(|(d, ns, _)| (d == "configmaps").then(|| ns.clone().unwrap())).unwrap();
+    let copy = format!("{ns}-copy");
+    let mapping = format!("{ns}:{copy}");
+    let out = run(
+        dir.path(),
+        &data,
+        &["restore", "create", "r3", "--from-file", file.to_str().unwrap(), "--kubeconfig", kc]
+            .into_iter()
+            .chain(["--include-namespaces", ns.as_str(), "--namespace-mappings", mapping.as_str()])
+            .collect::<Vec<_>>(),
+    );
+    common::assert_exit(&out, 0, "restore --from-file with a mapping");
+    let want: BTreeSet<(String, String)> = archive
+        .iter()
+        .filter(|((dir, n, _), obj)| n.as_deref() == Some(ns.as_str()) && restored_form(dir, obj, "b", "r3").is_some())
+        .map(|((dir, _, name), _)| (dir.clone(), name.clone()))
+        .collect();
+    let after = served_objects(&served.cluster);
+    let got: BTreeSet<(String, String)> = after
+        .iter()
+        .filter(|((_, n, _), _)| n.as_deref() == Some(copy.as_str()))
+        .map(|((dir, _, name), _)| (dir.clone(), name.clone()))
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(got, want, "namespace {copy} differs from the archive's {ns}");
+    let new_objects: Vec<_> = after.keys().filter(|k| !objects.contains_key(*k)).collect();
+    let expected_new = want.len() + 1; // and the Namespace itself
+    assert_eq!(new_objects.len(), expected_new, "{new_objects:?}");
 }
 
 #[test]
