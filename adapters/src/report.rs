@@ -833,6 +833,7 @@ pub fn restore_text(j: &Value) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
     line(&mut out, "Name:", s(&j["name"]));
     line(&mut out, "Phase:", s(&j["phase"]));
     line(&mut out, "Backup:", format!("{} ({})", s(&j["backupName"]), s(&j["source"])));
@@ -855,7 +856,10 @@ pub fn restore_text(j: &Value) -> String {
         for (r, c) in rs {
             out.push_str(&format!(
                 "  {r:<56} {:>7} {:>8} {:>8} {:>7}\n",
-                c["planned"], c["created"], c["existed"], c["failed"]
+                n(&c["planned"]),
+                n(&c["created"]),
+                n(&c["existed"]),
+                n(&c["failed"])
             ));
         }
     }

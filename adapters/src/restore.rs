@@ -572,7 +572,7 @@ impl DataDir {
         match self.restore_events(name) {
             Ok(events) => {
                 let state = RestoreState::fold(&events)
-                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+                    .map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
                 Ok(RestoreStatus::Log { events, state: Box::new(state) })
             }
             Err(SessionError::Log(LogError::InUse(_))) => {
@@ -627,16 +627,16 @@ impl RestoreSession {
             match data.restore_events(&name) {
                 Ok(events) => {
                     let state = RestoreState::fold(&events)
-                        .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+                        .map_err(|e| SessionError::RestoreState { name: name.clone(), message: e.to_string() })?;
                     return Err(match state.phase() {
-                        RestorePhase::InProgress => SessionError::State {
-                            name: format!("restore {name}"),
+                        RestorePhase::InProgress => SessionError::Restore {
+                            name: name.clone(),
                             message: format!(
                                 "it is InProgress (interrupted): run `blockwise restore resume {name}` to continue it"
                             ),
                         },
-                        phase => SessionError::State {
-                            name: format!("restore {name}"),
+                        phase => SessionError::Restore {
+                            name: name.clone(),
                             message: format!("it already exists ({phase})"),
                         },
                     });
@@ -693,7 +693,7 @@ impl RestoreSession {
             return Err(not_found());
         }
         let state = RestoreState::fold(&events)
-            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+            .map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
         let path = dir.join("restore.json");
         let bytes = std::fs::read(&path).map_err(|e| SessionError::File {
             what: "reading",

@@ -120,6 +120,12 @@ pub enum SessionError {
     /// The store.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `restore create` of a name that is taken.
+    #[error("restore {name}: {message}")]
+    Restore { name: String, message: String },
+    /// A restore's log does not fold.
+    #[error("restore {name}: {message}")]
+    RestoreState { name: String, message: String },
 }
 
 impl SessionError {
@@ -132,6 +138,7 @@ impl SessionError {
                 | SessionError::Exists { .. }
                 | SessionError::Interrupted { .. }
                 | SessionError::Stopped { .. }
+                | SessionError::Restore { .. }
                 | SessionError::Store(StoreError::BadLocation { .. })
         )
     }

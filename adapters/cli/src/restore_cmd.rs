@@ -210,7 +210,7 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
 
 fn restore_session_err(e: SessionError) -> anyhow::Error {
     match e {
-        SessionError::State { .. } | SessionError::Spec(_) => usage(e.to_string()),
+        SessionError::Restore { .. } | SessionError::Spec(_) => usage(e.to_string()),
         e => session_err(e),
     }
 }
@@ -235,7 +235,8 @@ impl RestoreObserver for Progress {
             // The intents are durable: these creates are about to be sent.
             let sending = s.intents.len() - self.intents;
             self.intents = s.intents.len();
-            let _ = writeln!(std::io::stdout().lock(), "creating {sending} objects");
+            let noun = if sending == 1 { "object" } else { "objects" };
+            let _ = writeln!(std::io::stdout().lock(), "creating {sending} {noun}");
         }
         if s.done.len() != self.last {
             self.last = s.done.len();
@@ -324,8 +325,8 @@ fn get(data: &DataDir) -> Result<ExitCode> {
             name,
             view["backupName"].as_str().unwrap_or("?"),
             view["phase"].as_str().unwrap_or("?"),
-            view["errors"],
-            view["warnings"],
+            view["errors"].as_u64().unwrap_or(0),
+            view["warnings"].as_u64().unwrap_or(0),
             format!("{}/{}", p["itemsRestored"], p["totalItems"]),
             view["startTimestamp"].as_str().unwrap_or("?")
         ));

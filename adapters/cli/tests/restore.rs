@@ -151,6 +151,9 @@ fn a_demo_backup_restored_into_an_empty_cluster_recreates_every_object() {
         let held = objects.keys().filter(|(r, _, _)| r == resource).count() as u64;
         assert_eq!(counts["created"].as_u64(), Some(held), "{resource}: {counts}");
     }
+    let again = run(dir.path(), &data, &["restore", "create", "r", "--from-backup", "b", "--kubeconfig", kc]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("restore r: it already exists (Completed)"));
     let text = run(dir.path(), &data, &["restore", "describe", "r"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("Phase:        Completed"));
     // Restoring again: every object exists and is not ours, so each is left with a warning.
