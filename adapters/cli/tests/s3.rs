@@ -172,3 +172,41 @@ fn a_large_archive_goes_up_as_a_multipart_upload() {
     let got = moto.get("big", "multi/backups/b/b.tar.gz").expect("archive in the bucket");
     assert!(got == std::fs::read(local.archive_path("b").expect("path")).expect("local archive"), "bytes differ");
 }
+
+/// A backup stored in S3, restored on another machine: a data directory that knows nothing of it
+/// finds the archive through `--storage`, and the restore recreates the backup's objects.
+#[test]
+fn a_backup_in_s3_restores_from_a_data_directory_that_never_saw_it() {
+    use std::sync::Arc;
+    let moto = Moto::start();
+    moto.create_bucket("restores");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (here, there) = (tmp.path().join("here"), tmp.path().join("there"));
+    let flags = moto.flags("restores", "cluster-a");
+    let out = run(&here, &args(&["backup", "create", "s3b", "--demo", SMALL[0], SMALL[1]], &flags));
+    assert_exit(&out, 0, "S3 backup");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cluster = Arc::new(
+        blockwise_simulator::demo::empty_cluster().with_clock(Arc::new(blockwise_adapters::world::TokioRuntime)),
+    );
+    let server = rt
+        .block_on(blockwise_simulator::server::FakeApiServer::start(cluster.clone(), "127.0.0.1:0".parse().unwrap()))
+        .unwrap();
+    let kc = tmp.path().join("kubeconfig");
+    server.write_kubeconfig(&kc).unwrap();
+    let kc = kc.to_str().unwrap().to_string();
+    // Without --storage, a backup this data directory never made is a usage error naming it.
+    let out = run(&there, &["restore", "create", "r", "--from-backup", "s3b", "--kubeconfig", &kc]);
+    assert_exit(&out, 2, "restore of an unknown backup");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --storage"));
+    let out = run(&there, &args(&["restore", "create", "r", "--from-backup", "s3b", "--kubeconfig", &kc], &flags));
+    assert_exit(&out, 0, "restore from S3");
+    let d: serde_json::Value =
+        serde_json::from_slice(&run(&there, &["restore", "describe", "r", "-o", "json"]).stdout).unwrap();
+    let created: u64 = d["resources"].as_object().unwrap().values().map(|c| c["created"].as_u64().unwrap()).sum();
+    assert_eq!(d["phase"], "Completed");
+    assert!(created > 200, "{created} objects restored");
+    let pods =
+        server.requests().iter().filter(|r| r.method == "POST" && r.path.ends_with("/pods") && r.status == 201).count();
+    assert_eq!(pods as u64, d["resources"]["pods"]["created"].as_u64().unwrap());
+}
