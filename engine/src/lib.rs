@@ -17,6 +17,7 @@ pub mod mutation;
 pub mod ports;
 pub mod restore;
 pub mod restore_run;
+pub mod schedule;
 pub mod snapshot;
 pub mod spec;
 pub mod state;

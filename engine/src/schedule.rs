@@ -1,0 +1,557 @@
+//! Schedules and retention, the time logic (issue 14, first part): pure functions of an injected
+//! time — no clock is read here — so the controller and the simulator's year-long runs use the same
+//! rules.
+//!
+//! - [`Cron`]: Velero's schedule syntax — five fields (minute hour day-of-month month
+//!   day-of-week, with `*`, lists, ranges, `/steps` and month and day names), the descriptors
+//!   `@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`/`@midnight`, `@hourly` and
+//!   `@every <duration>`, an optional `CRON_TZ=<zone>` (or `TZ=`) prefix. Zones: `UTC` and fixed
+//!   offsets (`+02:00`, `UTC-05:30`); IANA names are not supported yet and are an error naming them.
+//!   Day-of-month and day-of-week combine as cron's do: when both are restricted, a day matching
+//!   either is due.
+//! - [`Cron::next_after`]: the first due instant strictly after a time.
+//! - [`decide`]: on each look at a schedule, whether to start a backup now — **exactly one** when
+//!   one or more due times passed since the last run (Velero's rule after downtime: never a
+//!   burst), none while the previous backup still runs (skipped, reported) — and when to look next.
+//! - [`retain`]: which backups of a schedule the rules keep (`keepLast`, `keepHourly`,
+//!   `keepDaily`, `keepWeekly`, `keepMonthly`, K8up's and restic's meaning: for each of the last
+//!   N periods that has a backup, its newest), in the schedule's zone.
+
+use std::collections::BTreeSet;
+
+/// Milliseconds per minute, hour, day.
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 60 * MINUTE_MS;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// How far [`Cron::next_after`] looks before it gives up (a spec like `0 0 30 2 *` never fires).
+const SEARCH_DAYS_MAX: i64 = 366 * 8;
+
+/// A schedule that does not parse, with what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid schedule {spec:?}: {reason}")]
+pub struct CronError {
+    /// The schedule as given.
+    pub spec: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A parsed schedule; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cron {
+    kind: Kind,
+    /// The zone's offset from UTC, in minutes.
+    offset_min: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Fields { minutes: u64, hours: u32, doms: u32, months: u16, dows: u8, dom_star: bool, dow_star: bool },
+    Every { ms: u64 },
+}
+
+/// A civil date and time (in some zone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Civil {
+    /// Year.
+    pub year: i64,
+    /// 1–12.
+    pub month: u32,
+    /// 1–31.
+    pub day: u32,
+    /// 0–23.
+    pub hour: u32,
+    /// 0–59.
+    pub minute: u32,
+    /// 0 (Sunday) – 6.
+    pub weekday: u32,
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's `days_from_civil`).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The civil date of a day number (Hinnant's `civil_from_days`).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The civil time of `ms` (since the epoch) at `offset_min` from UTC.
+pub fn civil(ms: i64, offset_min: i32) -> Civil {
+    let local = ms + i64::from(offset_min) * MINUTE_MS;
+    let days = local.div_euclid(DAY_MS);
+    let rem = local.rem_euclid(DAY_MS);
+    let (year, month, day) = civil_from_days(days);
+    Civil {
+        year,
+        month,
+        day,
+        hour: (rem / HOUR_MS) as u32,
+        minute: ((rem % HOUR_MS) / MINUTE_MS) as u32,
+        weekday: (days + 4).rem_euclid(7) as u32,
+    }
+}
+
+const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+/// Parses one cron field into a bit set of the values in `lo..=hi`.
+fn field(text: &str, lo: u32, hi: u32, names: &[&str], what: &str) -> Result<(u64, bool), String> {
+    let value = |s: &str| -> Result<u32, String> {
+        let l = s.to_ascii_lowercase();
+        if let Some(i) = names.iter().position(|n| *n == l) {
+            return Ok(i as u32 + lo);
+        }
+        let v: u32 = s.parse().map_err(|_| format!("{what} {s:?} is not a number"))?;
+        // Day-of-week 7 is Sunday, as in cron.
+        let v = if what == "day-of-week" && v == 7 { 0 } else { v };
+        if v < lo || v > hi {
+            return Err(format!("{what} {v} is outside {lo}-{hi}"));
+        }
+        Ok(v)
+    };
+    let mut bits = 0u64;
+    let star = text == "*" || text == "?";
+    for part in text.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: u32 = s.parse().map_err(|_| format!("{what} step {s:?} is not a number"))?;
+                if step == 0 {
+                    return Err(format!("{what} step 0"));
+                }
+                (r, step)
+            }
+            None => (part, 1),
+        };
+        let (a, b) = if range == "*" || range == "?" {
+            (lo, hi)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (value(a)?, value(b)?)
+        } else {
+            let a = value(range)?;
+            (a, if part.contains('/') { hi } else { a })
+        };
+        if a > b {
+            return Err(format!("{what} range {range:?} runs backwards"));
+        }
+        let mut v = a;
+        while v <= b {
+            bits |= 1 << v;
+            v += step;
+        }
+    }
+    Ok((bits, star))
+}
+
+/// Parses a zone: `UTC`, `Z`, or an offset `+HH:MM` / `-HHMM` / `UTC+HH[:MM]`; its offset in minutes.
+fn zone(z: &str) -> Result<i32, String> {
+    let rest = z.strip_prefix("UTC").or_else(|| z.strip_prefix("GMT")).unwrap_or(z);
+    if rest.is_empty() || rest == "Z" {
+        return Ok(0);
+    }
+    let (sign, digits) = match rest.as_bytes().first() {
+        Some(b'+') => (1, &rest[1..]),
+        Some(b'-') => (-1, &rest[1..]),
+        _ => {
+            return Err(format!(
+                "time zone {z:?} is not supported: use UTC or a fixed offset such as +02:00 (IANA zone names are not supported yet)"
+            ))
+        }
+    };
+    let digits: String = digits.chars().filter(|c| *c != ':').collect();
+    let (h, m) = match digits.len() {
+        1 | 2 => (digits.parse::<i32>().ok(), Some(0)),
+        3 | 4 => {
+            let (h, m) = digits.split_at(digits.len() - 2);
+            (h.parse().ok(), m.parse().ok())
+        }
+        _ => (None, None),
+    };
+    match (h, m) {
+        (Some(h), Some(m)) if h <= 14 && m < 60 => Ok(sign * (h * 60 + m)),
+        _ => Err(format!("time zone offset {z:?} is not ±HH:MM")),
+    }
+}
+
+impl Cron {
+    /// Parses a schedule (see the module docs).
+    pub fn parse(spec: &str) -> Result<Cron, CronError> {
+        let err = |reason: String| CronError { spec: spec.to_string(), reason };
+        let mut text = spec.trim();
+        let mut offset_min = 0;
+        if let Some(rest) = text.strip_prefix("CRON_TZ=").or_else(|| text.strip_prefix("TZ=")) {
+            let (z, after) =
+                rest.split_once(char::is_whitespace).ok_or_else(|| err("nothing after the time zone".into()))?;
+            offset_min = zone(z).map_err(err)?;
+            text = after.trim();
+        }
+        let fields = match text {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            t if t.starts_with("@every ") => {
+                let d = t["@every ".len()..].trim();
+                let ms = crate::hooks::parse_go_duration_ms(d)
+                    .ok_or_else(|| err(format!("@every {d:?}: not a duration such as 10s, 6h or 1h30m")))?;
+                if ms < 1000 {
+                    return Err(err(format!("@every {d}: the interval must be at least 1s")));
+                }
+                return Ok(Cron { kind: Kind::Every { ms }, offset_min });
+            }
+            t if t.starts_with('@') => return Err(err(format!("unknown descriptor {t:?}"))),
+            t => t,
+        };
+        let parts: Vec<&str> = fields.split_whitespace().collect();
+        if parts.len() != 5 {
+            return Err(err(format!(
+                "expected 5 fields (minute hour day-of-month month day-of-week), found {}",
+                parts.len()
+            )));
+        }
+        let (minutes, _) = field(parts[0], 0, 59, &[], "minute").map_err(err)?;
+        let (hours, _) = field(parts[1], 0, 23, &[], "hour").map_err(err)?;
+        let (doms, dom_star) = field(parts[2], 1, 31, &[], "day-of-month").map_err(err)?;
+        let (months, _) = field(parts[3], 1, 12, &MONTHS, "month").map_err(err)?;
+        let (dows, dow_star) = field(parts[4], 0, 7, &DAYS, "day-of-week").map_err(err)?;
+        // Day-of-week 7 is Sunday.
+        let dows = (dows | (dows >> 7)) & 0x7f;
+        Ok(Cron {
+            kind: Kind::Fields {
+                minutes,
+                hours: hours as u32,
+                doms: doms as u32,
+                months: months as u16,
+                dows: dows as u8,
+                dom_star,
+                dow_star,
+            },
+            offset_min,
+        })
+    }
+
+    /// The zone's offset from UTC, in minutes.
+    pub fn offset_min(&self) -> i32 {
+        self.offset_min
+    }
+
+    /// The first due instant strictly after `after_ms` (for `@every`: counted from `after_ms`, the
+    /// last run or the schedule's creation); `None` when the fields never match (`0 0 30 2 *`).
+    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        let (minutes, hours, doms, months, dows, dom_star, dow_star) = match self.kind {
+            Kind::Every { ms } => return Some(after_ms + ms as i64),
+            Kind::Fields { minutes, hours, doms, months, dows, dom_star, dow_star } => {
+                (minutes, hours, doms, months, dows, dom_star, dow_star)
+            }
+        };
+        let off = i64::from(self.offset_min) * MINUTE_MS;
+        // Local minutes since the epoch, starting at the minute after `after_ms`.
+        let mut local = (after_ms + off).div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS;
+        let limit = local + SEARCH_DAYS_MAX * DAY_MS;
+        while local < limit {
+            let c = civil(local, 0);
+            let day_start = local - local.rem_euclid(DAY_MS);
+            if months & (1 << c.month) == 0 {
+                // The first day of the next month.
+                let (y, m) = if c.month == 12 { (c.year + 1, 1) } else { (c.year, c.month + 1) };
+                local = days_from_civil(y, m, 1) * DAY_MS;
+                continue;
+            }
+            let dom_ok = doms & (1 << c.day) != 0;
+            let dow_ok = dows & (1 << c.weekday) != 0;
+            let day_ok = if dom_star || dow_star { dom_ok && dow_ok } else { dom_ok || dow_ok };
+            if !day_ok {
+                local = day_start + DAY_MS;
+                continue;
+            }
+            if hours & (1 << c.hour) == 0 {
+                local = local - local.rem_euclid(HOUR_MS) + HOUR_MS;
+                continue;
+            }
+            if minutes & (1 << c.minute) == 0 {
+                local += MINUTE_MS;
+                continue;
+            }
+            return Some(local - off);
+        }
+        None
+    }
+}
+
+/// What to do with a schedule now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Start a backup now.
+    pub run: bool,
+    /// A due time passed while the previous backup still ran: skipped (reported).
+    pub skipped: bool,
+    /// When the schedule is next due (look again then).
+    pub next_run_ms: Option<i64>,
+}
+
+/// Decides for a schedule at `now_ms`: `last_ms` is when its last backup was started (or, before
+/// the first, when the schedule was created), `running` whether that backup still runs, `paused`
+/// whether the schedule is paused. One or more due times in `(last_ms, now_ms]` give exactly one
+/// run now (never a burst after downtime), unless the previous backup still runs or the schedule
+/// is paused.
+pub fn decide(cron: &Cron, last_ms: i64, now_ms: i64, running: bool, paused: bool) -> Decision {
+    let due = cron.next_after(last_ms).is_some_and(|t| t <= now_ms);
+    let run = due && !running && !paused;
+    let from = if run { now_ms } else { last_ms.max(now_ms) };
+    let next = match cron.kind {
+        // `@every`: the next interval counts from this run (or from the last one).
+        Kind::Every { .. } if !run && !due => cron.next_after(last_ms),
+        _ => cron.next_after(from),
+    };
+    Decision { run, skipped: due && running && !paused, next_run_ms: next }
+}
+
+/// Retention rules (K8up's names); `None` or 0: the rule keeps nothing by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// The newest N backups.
+    pub keep_last: Option<u32>,
+    /// The newest backup of each of the last N hours that have one.
+    pub keep_hourly: Option<u32>,
+    /// … days.
+    pub keep_daily: Option<u32>,
+    /// … ISO weeks (Monday to Sunday).
+    pub keep_weekly: Option<u32>,
+    /// … months.
+    pub keep_monthly: Option<u32>,
+}
+
+impl Retention {
+    /// Whether any rule is set (else retention leaves expiry to each backup's TTL).
+    pub fn is_set(&self) -> bool {
+        [self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly]
+            .iter()
+            .any(|k| k.is_some_and(|n| n > 0))
+    }
+}
+
+/// The period a backup falls in, for one rule.
+fn period(ms: i64, offset_min: i32, rule: usize) -> i64 {
+    let c = civil(ms, offset_min);
+    let days = days_from_civil(c.year, c.month, c.day);
+    match rule {
+        0 => days * 24 + i64::from(c.hour),
+        1 => days,
+        // ISO week: Monday-based.
+        2 => (days - i64::from((c.weekday + 6) % 7)).div_euclid(7),
+        _ => c.year * 12 + i64::from(c.month),
+    }
+}
+
+/// The names of the backups `retention` keeps, of `backups` (name, start time); the rules' union.
+/// Newest first within each rule; ties broken by name so the choice is deterministic.
+pub fn retain(backups: &[(String, i64)], retention: &Retention, offset_min: i32) -> BTreeSet<String> {
+    let mut sorted: Vec<&(String, i64)> = backups.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let mut keep = BTreeSet::new();
+    if let Some(n) = retention.keep_last {
+        keep.extend(sorted.iter().take(n as usize).map(|(name, _)| name.clone()));
+    }
+    let rules = [retention.keep_hourly, retention.keep_daily, retention.keep_weekly, retention.keep_monthly];
+    for (rule, n) in rules.iter().enumerate() {
+        let Some(n) = n.filter(|n| *n > 0) else { continue };
+        let mut seen = BTreeSet::new();
+        for (name, t) in &sorted {
+            if seen.len() as u32 >= n {
+                break;
+            }
+            if seen.insert(period(*t, offset_min, rule)) {
+                keep.insert(name.clone());
+            }
+        }
+    }
+    keep
+}
+
+/// The name of a scheduled backup started at `ms`: `<schedule>-<UTC yyyymmddhhmmss>`, as Velero
+/// names them.
+pub fn backup_name(schedule: &str, ms: i64) -> String {
+    let c = civil(ms, 0);
+    let secs = ms.div_euclid(1000).rem_euclid(60);
+    format!("{schedule}-{:04}{:02}{:02}{:02}{:02}{secs:02}", c.year, c.month, c.day, c.hour, c.minute)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Milliseconds of a UTC civil time.
+    fn at(y: i64, mo: u32, d: u32, h: u32, mi: u32) -> i64 {
+        days_from_civil(y, mo, d) * DAY_MS + i64::from(h) * HOUR_MS + i64::from(mi) * MINUTE_MS
+    }
+
+    #[test]
+    fn civil_dates_round_trip_and_know_their_weekday() {
+        for z in [-800_000, -1, 0, 1, 18_000, 19_000, 60_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil(at(2026, 12, 2, 11, 31), 0).weekday, 3, "2026-12-02 is a Wednesday");
+        assert_eq!(
+            civil(at(2024, 2, 29, 0, 0), 0),
+            Civil { year: 2024, month: 2, day: 29, hour: 0, minute: 0, weekday: 4 }
+        );
+        assert_eq!(civil(at(2026, 1, 1, 0, 30), -60).day, 31, "an hour behind UTC it is still December 31");
+    }
+
+    #[test]
+    fn fields_descriptors_and_zones() {
+        let next = |s: &str, t: i64| Cron::parse(s).unwrap().next_after(t).unwrap();
+        let t = at(2026, 12, 2, 11, 31);
+        assert_eq!(next("*/15 * * * *", t), at(2026, 12, 2, 11, 45));
+        assert_eq!(next("0 3 * * *", t), at(2026, 12, 3, 3, 0));
+        assert_eq!(next("@daily", t), at(2026, 12, 3, 0, 0));
+        assert_eq!(next("@hourly", t), at(2026, 12, 2, 12, 0));
+        assert_eq!(next("@weekly", t), at(2026, 12, 6, 0, 0), "the next Sunday");
+        assert_eq!(next("@monthly", t), at(2027, 1, 1, 0, 0));
+        assert_eq!(next("@yearly", t), at(2027, 1, 1, 0, 0));
+        assert_eq!(next("30 2 * * mon-fri", t), at(2026, 12, 3, 2, 30));
+        assert_eq!(next("0 0 29 feb *", t), at(2028, 2, 29, 0, 0));
+        assert_eq!(next("0 0 * * 7", t), at(2026, 12, 6, 0, 0), "7 is Sunday");
+        // Both day fields restricted: either matches (the 13th, or a Friday).
+        assert_eq!(next("0 0 13 * 5", t), at(2026, 12, 4, 0, 0));
+        // Strictly after: a due time equal to `after` is not due again.
+        assert_eq!(next("0 3 * * *", at(2026, 12, 3, 3, 0)), at(2026, 12, 4, 3, 0));
+        // 03:00 at +02:00 is 01:00 UTC.
+        assert_eq!(next("CRON_TZ=+02:00 0 3 * * *", t), at(2026, 12, 3, 1, 0));
+        assert_eq!(next("TZ=UTC-05:30 0 0 * * *", t), at(2026, 12, 3, 5, 30), "local midnight is 05:30 UTC");
+        assert_eq!(next("@every 6h", t), t + 6 * HOUR_MS);
+        assert_eq!(Cron::parse("0 0 30 2 *").unwrap().next_after(t), None);
+    }
+
+    /// `next_after` against a minute-by-minute scan that reads the fields directly.
+    #[test]
+    fn next_after_agrees_with_a_minute_by_minute_scan() {
+        let specs = [
+            ("*/7 1-3 * * *", vec![7u32, 14], vec![1, 2, 3], None, None, None),
+            ("5 0 1,15 * *", vec![5], vec![0], Some(vec![1, 15]), None, None),
+            ("0 12 * * sat,sun", vec![0], vec![12], None, None, Some(vec![0, 6])),
+            ("30 6 10 * 1", vec![30], vec![6], Some(vec![10]), None, Some(vec![1])),
+            ("0 0 * 3 *", vec![0], vec![0], None, Some(vec![3]), None),
+        ];
+        for (spec, mins, hours, doms, months, dows) in specs {
+            let cron = Cron::parse(spec).unwrap();
+            let matches = |t: i64| {
+                let c = civil(t, 0);
+                let min_ok =
+                    if spec.starts_with("*/7") { c.minute.is_multiple_of(7) } else { mins.contains(&c.minute) };
+                let dom_ok = doms.as_ref().is_none_or(|d| d.contains(&c.day));
+                let dow_ok = dows.as_ref().is_none_or(|d| d.contains(&c.weekday));
+                let day_ok = if doms.is_some() && dows.is_some() { dom_ok || dow_ok } else { dom_ok && dow_ok };
+                min_ok && hours.contains(&c.hour) && months.as_ref().is_none_or(|m| m.contains(&c.month)) && day_ok
+            };
+            for start in [at(2026, 12, 2, 11, 31), at(2027, 2, 27, 23, 59), at(2028, 12, 31, 12, 0)] {
+                let mut t = start - start.rem_euclid(MINUTE_MS) + MINUTE_MS;
+                while !matches(t) {
+                    t += MINUTE_MS;
+                }
+                assert_eq!(cron.next_after(start), Some(t), "{spec} after {start}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_schedules_name_what_is_wrong() {
+        for (spec, says) in [
+            ("* * * *", "expected 5 fields"),
+            ("61 * * * *", "minute 61 is outside 0-59"),
+            ("* * * foo *", "month \"foo\""),
+            ("*/0 * * * *", "step 0"),
+            ("5-1 * * * *", "runs backwards"),
+            ("@often", "unknown descriptor"),
+            ("@every 10ms", "at least 1s"),
+            ("@every soon", "@every"),
+            ("CRON_TZ=Europe/Berlin 0 3 * * *", "IANA zone names are not supported yet"),
+            ("CRON_TZ=+25:00 0 3 * * *", "not ±HH:MM"),
+        ] {
+            let e = Cron::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(says), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn missed_runs_give_one_backup_never_a_burst_and_a_running_one_skips() {
+        let cron = Cron::parse("0 * * * *").unwrap();
+        let last = at(2026, 12, 1, 0, 0);
+        // Down for a day: 24 due times passed, one run now.
+        let now = at(2026, 12, 2, 0, 30);
+        let d = decide(&cron, last, now, false, false);
+        assert_eq!(d, Decision { run: true, skipped: false, next_run_ms: Some(at(2026, 12, 2, 1, 0)) });
+        // Right after that run, nothing is due until the next hour.
+        assert!(!decide(&cron, now, now + MINUTE_MS, false, false).run);
+        // The previous backup still runs: skipped, reported.
+        let d = decide(&cron, last, now, true, false);
+        assert!(!d.run && d.skipped);
+        // Paused: nothing, and nothing skipped.
+        let d = decide(&cron, last, now, false, true);
+        assert!(!d.run && !d.skipped);
+        // Not yet due.
+        let d = decide(&cron, last, last + 30 * MINUTE_MS, false, false);
+        assert_eq!(d, Decision { run: false, skipped: false, next_run_ms: Some(at(2026, 12, 1, 1, 0)) });
+        // @every counts from the last run.
+        let every = Cron::parse("@every 10s").unwrap();
+        assert!(!decide(&every, 0, 9_999, false, false).run);
+        let d = decide(&every, 0, 35_000, false, false);
+        assert_eq!((d.run, d.next_run_ms), (true, Some(45_000)));
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_of_each_period_and_the_rules_union() {
+        // One backup every 6 hours for 40 days, from 2026-01-01.
+        let start = at(2026, 1, 1, 0, 0);
+        let backups: Vec<(String, i64)> =
+            (0..160).map(|i| (backup_name("s", start + i * 6 * HOUR_MS), start + i * 6 * HOUR_MS)).collect();
+        let keep = |r: Retention| retain(&backups, &r, 0);
+        let last3 = keep(Retention { keep_last: Some(3), ..Retention::default() });
+        assert_eq!(last3.len(), 3);
+        assert!(last3.contains(&backups[159].0) && last3.contains(&backups[157].0));
+        // Daily 7: the 18:00 backup of each of the last 7 days.
+        let daily = keep(Retention { keep_daily: Some(7), ..Retention::default() });
+        assert_eq!(daily.len(), 7);
+        assert!(daily.iter().all(|n| n.ends_with("180000")), "{daily:?}");
+        // Weekly 2: the newest of this ISO week and of the one before.
+        let weekly = keep(Retention { keep_weekly: Some(2), ..Retention::default() });
+        assert_eq!(weekly.len(), 2);
+        assert!(weekly.contains(&backups[159].0));
+        assert!(weekly.contains("s-20260208180000"), "Sunday Feb 8 ends the week before: {weekly:?}");
+        // Monthly 12 with only two months of backups: the newest of each.
+        let monthly = keep(Retention { keep_monthly: Some(12), ..Retention::default() });
+        assert_eq!(monthly, BTreeSet::from(["s-20260131180000".to_string(), backups[159].0.clone()]));
+        // The union of rules.
+        let both = keep(Retention { keep_last: Some(3), keep_daily: Some(7), ..Retention::default() });
+        assert_eq!(both, last3.union(&daily).cloned().collect());
+        assert!(keep(Retention::default()).is_empty() && !Retention::default().is_set());
+        // In a zone two hours ahead, 22:00 UTC is already the next day.
+        let late = vec![("a".to_string(), at(2026, 3, 1, 21, 0)), ("b".to_string(), at(2026, 3, 1, 23, 0))];
+        let r = Retention { keep_daily: Some(2), ..Retention::default() };
+        assert_eq!(retain(&late, &r, 0).len(), 1);
+        assert_eq!(retain(&late, &r, 120).len(), 2);
+    }
+
+    #[test]
+    fn scheduled_backups_are_named_by_their_utc_start() {
+        assert_eq!(backup_name("nightly", at(2026, 12, 2, 3, 0) + 7_000), "nightly-20261202030007");
+    }
+}
