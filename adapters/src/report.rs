@@ -27,19 +27,9 @@ pub const BACKUP_FORMAT_VERSION: &str = "1.1.0";
 
 /// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-24T04:01:10Z`.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let c = blockwise_engine::schedule::civil(ms as i64, 0);
+    let secs = (ms / 1000) % 60;
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{secs:02}Z", c.year, c.month, c.day, c.hour, c.minute)
 }
 
 fn hex(d: &[u8; 32]) -> String {

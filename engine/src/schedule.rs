@@ -384,6 +384,31 @@ pub fn retain(backups: &[(String, i64)], retention: &Retention, offset_min: i32)
     keep
 }
 
+/// Milliseconds since the epoch of an RFC 3339 UTC timestamp as the controller writes them
+/// (`2026-12-02T12:33:15Z`, optionally with fractional seconds); `None` for anything else.
+pub fn parse_utc_timestamp(s: &str) -> Option<i64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let ms_frac = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(3).collect();
+        if !frac.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        format!("{digits:0<3}").parse::<i64>().ok()?
+    };
+    Some(days_from_civil(y, mo as u32, day as u32) * DAY_MS + h * HOUR_MS + mi * MINUTE_MS + sec * 1000 + ms_frac)
+}
+
 /// The name of a scheduled backup started at `ms`: `<schedule>-<UTC yyyymmddhhmmss>`, as Velero
 /// names them.
 pub fn backup_name(schedule: &str, ms: i64) -> String {
@@ -548,6 +573,15 @@ mod tests {
         let r = Retention { keep_daily: Some(2), ..Retention::default() };
         assert_eq!(retain(&late, &r, 0).len(), 1);
         assert_eq!(retain(&late, &r, 120).len(), 2);
+    }
+
+    #[test]
+    fn utc_timestamps_parse_back() {
+        assert_eq!(parse_utc_timestamp("2026-12-02T03:00:07Z"), Some(at(2026, 12, 2, 3, 0) + 7_000));
+        assert_eq!(parse_utc_timestamp("2026-12-02T03:00:07.25Z"), Some(at(2026, 12, 2, 3, 0) + 7_250));
+        for bad in ["2026-12-02T03:00:07", "2026-13-02T03:00:07Z", "yesterday", "2026-12-02T03:00:07.x5Z", ""] {
+            assert_eq!(parse_utc_timestamp(bad), None, "{bad}");
+        }
     }
 
     #[test]

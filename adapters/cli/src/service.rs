@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Objects per list page.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     page_size: u32,
+    /// Time between two garbage-collection passes, which delete Backups whose ttl has passed
+    /// (store files and log with them), e.g. 1h (Velero's default) or 10s.
+    #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
+    gc_interval: u64,
     /// Least time between two status patches of one Backup, e.g. 1s or 200ms.
     #[arg(long, default_value = "1s", value_parser = crate::cli::parse_duration)]
     status_interval: u64,
@@ -114,6 +118,7 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         locations,
         page_size: a.page_size,
         status_interval_ms: a.status_interval,
+        gc_interval_ms: a.gc_interval,
     };
     let rt = runtime()?;
     let metrics = Arc::new(Metrics::new());

@@ -175,6 +175,11 @@ fn backup_yaml(name: &str, namespaces: &[String]) -> String {
     )
 }
 
+/// A Backup of `namespaces` that expires `ttl` after it starts.
+fn expiring_backup_yaml(name: &str, namespaces: &[String], ttl: &str) -> String {
+    backup_yaml(name, namespaces).replace("ttl: 720h", &format!("ttl: {ttl}"))
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -504,8 +509,12 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     // From here until the controller says it is done, only the controller talks to the server.
     let mark = server.requests().len();
     let data = sim.dir.path().join("controller");
-    let mut ctl = sim.controller(&data, &["--lease-duration", "3", "--lease-grace", "1"]);
+    let mut ctl = sim.controller(&data, &["--lease-duration", "3", "--lease-grace", "1", "--gc-interval", "1s"]);
     ctl.wait_for("backup blockwise-system/rbac: Completed");
+    // One that expires at once: the garbage collector deletes it (its finalizer then its files).
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&expiring_backup_yaml("rbac-ttl", &ns[..1], "1s")));
+    ctl.wait_for("backup blockwise-system/rbac-ttl: expired at");
+    ctl.wait_for("backup blockwise-system/rbac-ttl: deleted its store files and log");
     // A restore of it over what is there, under the update policy: creates (refused) and patches.
     let restore = format!(
         "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: rbac-restore\n  namespace: {NS}\n\
@@ -516,7 +525,7 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     // kubectl's create of the Restore is not the controller's (its other calls are reads).
     let mut calls: Vec<(String, String, String)> = server.requests()[mark..]
         .iter()
-        .filter(|r| !(r.method == "POST" && r.path.ends_with("/restores")))
+        .filter(|r| !(r.method == "POST" && (r.path.ends_with("/restores") || r.path.ends_with("/backups"))))
         .flat_map(|r| rbac_checks(&r.method, &r.path, &r.query))
         .collect();
     // Deletion: kubectl's one DELETE, then the controller's finalizer work.
@@ -730,4 +739,40 @@ fn a_restore_applied_with_kubectl_recreates_a_backup_in_a_new_namespace_and_resu
     let r = wait_restore(&rt, &sim, "nothing", 60, "FailedValidation");
     let reason = r.status.unwrap().failure_reason.unwrap();
     assert!(reason.contains("merge"), "{reason}");
+}
+
+#[test]
+fn an_expired_backup_is_collected_with_its_store_files_and_log() {
+    let rt = rt();
+    let sim = Sim::start(0);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--gc-interval", "1s"]);
+    let ns = namespaces();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&expiring_backup_yaml("short", &ns[..1], "2s")));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("long", &ns[1..2])));
+    let b = wait_until(&rt, &sim, "short", 120, phase_is("Completed"));
+    wait_until(&rt, &sim, "long", 120, phase_is("Completed"));
+    let uid = b.metadata.uid.clone().unwrap();
+    let files = data.join("namespaces").join(NS);
+    assert!(files.join("store/backups/short").exists() && files.join("backups/short").exists());
+    // Gone from the API (watched, not slept on), with its store files and log.
+    rt.block_on(async {
+        let api = api(&sim).await;
+        let gone = kube::runtime::wait::conditions::is_deleted(&uid);
+        tokio::time::timeout(Duration::from_secs(60), await_condition(api, "short", gone)).await
+    })
+    .expect("the expired backup was not collected within 60 s")
+    .unwrap();
+    assert!(!files.join("store/backups/short").exists(), "the expired backup's store files are still there");
+    assert!(!files.join("backups/short").exists(), "the expired backup's log is still there");
+    // The unexpired one stays.
+    assert!(files.join("store/backups/long/long.tar.gz").exists());
+    let line = ctl.wait_for("backup blockwise-system/short: expired at");
+    assert!(line.contains(b.status.unwrap().expiration.as_deref().unwrap()), "{line}");
+    let metrics_line = ctl.wait_for("metrics on http://");
+    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let text = http_get(&addr, "/metrics");
+    assert!(text.contains("blockwise_gc_deleted_total 1"), "{text}");
+    assert!(text.contains("blockwise_gc_failures_total 0"), "{text}");
 }

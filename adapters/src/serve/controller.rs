@@ -94,7 +94,12 @@ pub struct ServeConfig {
     pub page_size: u32,
     /// Least time between two status patches of one Backup ([`STATUS_INTERVAL_MS`] by default).
     pub status_interval_ms: u64,
+    /// Time between two garbage-collection passes ([`GC_INTERVAL_MS`] by default).
+    pub gc_interval_ms: u64,
 }
+
+/// Velero's default garbage-collection frequency: one pass an hour.
+pub const GC_INTERVAL_MS: u64 = 3_600_000;
 
 /// Why the controller stopped.
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +277,11 @@ async fn lead_then_reconcile(
         ctx.cfg.data_dir.clone(),
         Duration::from_millis(ctx.cfg.status_interval_ms),
     ));
-    let work = futures::future::join(backups, super::restores::run_controller(restore_api, restore_ctx));
+    let work = futures::future::join3(
+        backups,
+        super::restores::run_controller(restore_api, restore_ctx),
+        collect_garbage(ctx.clone()),
+    );
     match leadership {
         Some((mut rx, _task, name)) => {
             let lost = async {
@@ -299,6 +308,52 @@ async fn lead_then_reconcile(
                 _ = shutdown_signal() => Ok(()),
             }
         }
+    }
+}
+
+/// The garbage collector: at start and then every `gc_interval_ms`, each Backup in a terminal
+/// phase whose `status.expiration` has passed is deleted through the API; its finalizer
+/// (`reconcile`) then deletes its store files and log, so a collection interrupted by a kill
+/// finishes when the next controller reconciles the deleted object. A failed delete is counted and
+/// tried again at the next pass.
+async fn collect_garbage(ctx: Arc<Ctx>) {
+    // The first pass sees the Backups the cluster holds, not an empty cache.
+    if let Some(store) = ctx.store.get() {
+        let _ = store.wait_until_ready().await;
+    }
+    loop {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let backups = ctx.store.get().map(|s| s.state()).unwrap_or_default();
+        for b in backups {
+            let Some(status) = &b.status else { continue };
+            let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
+            let expired = status
+                .expiration
+                .as_deref()
+                .and_then(blockwise_engine::schedule::parse_utc_timestamp)
+                .is_some_and(|t| t <= now);
+            if !terminal || !expired || b.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let (ns, name) = (b.namespace().unwrap_or_default(), b.name_any());
+            let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+            match api.delete(&name, &kube::api::DeleteParams::default()).await {
+                Ok(_) => {
+                    ctx.metrics.gc_deleted.inc();
+                    eprintln!(
+                        "backup {ns}/{name}: expired at {}; deleting it",
+                        status.expiration.as_deref().unwrap_or("?")
+                    );
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    ctx.metrics.gc_failures.inc();
+                    eprintln!("warning: backup {ns}/{name}: deleting the expired backup failed: {}", api_message(&e));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(ctx.cfg.gc_interval_ms.max(100))).await;
     }
 }
 

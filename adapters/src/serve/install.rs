@@ -55,7 +55,8 @@ pub type Rule = (&'static [&'static str], &'static [&'static str], &'static [&'s
 /// type, as Velero's server runs with cluster-admin — which also covers the CSI procedure's
 /// snapshot creates and patches, the leader Lease (kube-lease-manager) and the Backups'
 /// finalizers. Beyond those: hooks' execs, the watches and deletes of the CSI procedure
-/// (`crate::csi`), the watches of Backups and Restores, and their status patches.
+/// (`crate::csi`), the watches of Backups and Restores, and their status patches, and the
+/// garbage collector's deletes of expired Backups.
 pub const RULES: &[Rule] = &[
     (&["*"], &["*"], &["get", "list"]),
     (&["*"], &["*"], &["create", "patch"]),
@@ -64,7 +65,7 @@ pub const RULES: &[Rule] = &[
     (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["watch", "delete"]),
     (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshots"], &["watch", "delete"]),
     (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["delete"]),
-    (&["blockwise.dev"], &["backups"], &["watch"]),
+    (&["blockwise.dev"], &["backups"], &["watch", "delete"]),
     (&["blockwise.dev"], &["backups/status"], &["patch"]),
     (&["blockwise.dev"], &["restores"], &["watch"]),
     (&["blockwise.dev"], &["restores/status"], &["patch"]),

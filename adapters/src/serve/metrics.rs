@@ -46,6 +46,10 @@ pub struct Metrics {
     pub hook_failures: Counter,
     /// Seconds each group commit of an event log took.
     pub log_flush: Histogram,
+    /// Expired Backups the garbage collector deleted.
+    pub gc_deleted: Counter,
+    /// Deletions of expired Backups that failed (retried at the next pass).
+    pub gc_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +76,8 @@ impl Metrics {
             hook_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             hook_failures: Counter::default(),
             log_flush: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            gc_deleted: Counter::default(),
+            gc_failures: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(PoisonError::into_inner);
@@ -100,6 +106,8 @@ impl Metrics {
             r.register("blockwise_hook_duration_seconds", "Time each hook ran", m.hook_duration.clone());
             r.register("blockwise_hook_failures", "Hooks that did not succeed", m.hook_failures.clone());
             r.register("blockwise_log_flush_seconds", "Time of each event-log group commit", m.log_flush.clone());
+            r.register("blockwise_gc_deleted", "Expired backups the garbage collector deleted", m.gc_deleted.clone());
+            r.register("blockwise_gc_failures", "Deletions of expired backups that failed", m.gc_failures.clone());
         }
         m
     }
