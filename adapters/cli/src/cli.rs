@@ -210,6 +210,18 @@ enum BackupCommand {
     Download(DownloadArgs),
     /// List an archive's items by resource and namespace and verify it (exit 1 on any defect).
     Inspect(InspectArgs),
+    /// Delete a backup: its store files (archive, companion files, staged items) and its log, the
+    /// path the controller's garbage collector takes.
+    Delete(DeleteArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeleteArgs {
+    /// Backup name.
+    name: String,
+    /// Delete without asking (required: there is no prompt).
+    #[arg(long)]
+    confirm: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -813,6 +825,27 @@ fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
     }
 }
 
+fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
+    if !a.confirm {
+        return Err(usage(format!("deleting backup {} removes its archive and log: pass --confirm", a.name)));
+    }
+    // Only a backup that exists, and that no process is running (its log would be in use).
+    match data.status(&a.name).map_err(session_err)? {
+        Status::Log { .. } => {}
+        Status::Live { view, .. } => {
+            return Err(usage(format!(
+                "backup {} is running in process {}; delete it once it has ended",
+                a.name, view["pid"]
+            )))
+        }
+    }
+    let storage = data.storage(&a.name).map_err(session_err)?;
+    runtime()?.block_on(data.delete(&a.name)).map_err(session_err)?;
+    let store = data.open_store(&storage).map_err(session_err)?;
+    eprintln!("deleted backup {}: its files in {} and its log", a.name, store.describe());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The note printed under a live view.
 fn live_note(view: &serde_json::Value) -> String {
     format!("(live view: the backup is running in process {}; this is its last published status)\n", view["pid"])
@@ -934,6 +967,7 @@ pub fn main() -> ExitCode {
         BackupCommand::Logs(a) => logs(a, &data),
         BackupCommand::Download(a) => download(a, &data),
         BackupCommand::Inspect(a) => inspect(a, &data),
+        BackupCommand::Delete(a) => delete(a, &data),
     };
     exit_with(result)
 }

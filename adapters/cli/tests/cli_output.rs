@@ -77,3 +77,24 @@ fn describe_logs_and_get_show_a_backup_running_in_another_process() {
         "{table}"
     );
 }
+
+#[test]
+fn backup_delete_removes_the_store_files_and_the_log_and_asks_for_confirm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    assert_exit(&run(data, &["backup", "create", "gone", "--demo", "--demo-objects", "200"]), 0, "create");
+    assert_exit(&run(data, &["backup", "create", "kept", "--demo", "--demo-objects", "200"]), 0, "create");
+    let out = run(data, &["backup", "delete", "gone"]);
+    assert_exit(&out, 2, "delete without --confirm");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--confirm"));
+    assert!(data.join("store/backups/gone/gone.tar.gz").exists(), "nothing is deleted without --confirm");
+    assert_exit(&run(data, &["backup", "delete", "gone", "--confirm"]), 0, "delete");
+    assert!(!data.join("store/backups/gone").exists(), "the store files are still there");
+    assert!(!data.join("backups/gone").exists(), "the log is still there");
+    assert!(data.join("store/backups/kept/kept.tar.gz").exists(), "another backup was touched");
+    let listed = String::from_utf8_lossy(&run(data, &["backup", "get"]).stdout).into_owned();
+    assert!(listed.contains("kept") && !listed.contains("gone"), "{listed}");
+    let out = run(data, &["backup", "delete", "gone", "--confirm"]);
+    assert_exit(&out, 2, "delete of a backup that is not there");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
