@@ -71,6 +71,27 @@ impl Proc {
         }
     }
 
+    /// Waits (at most 60 s) for the next line containing `needle` that was not seen before.
+    fn wait_for_next(&mut self, needle: &str) -> String {
+        loop {
+            let l = self.next_line();
+            if l.contains(needle) {
+                return l;
+            }
+        }
+    }
+
+    /// Waits (at most 60 s) for the next line.
+    fn next_line(&mut self) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => {
+                self.seen.push(l.clone());
+                l
+            }
+            Err(e) => panic!("no next line ({e}); lines so far:\n{}", self.seen.join("\n")),
+        }
+    }
+
     /// Every line so far (without waiting).
     fn drain(&mut self) -> &[String] {
         while let Ok(l) = self.lines.try_recv() {
@@ -522,10 +543,31 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     );
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
     ctl.wait_for("restore blockwise-system/rbac-restore: ended");
+    // A paused Schedule: the controller reports it (Enabled) and starts nothing.
+    let schedule = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Schedule\nmetadata:\n  name: rbac-schedule\n  namespace: {NS}\n\
+         spec:\n  schedule: \"@daily\"\n  paused: true\n  template:\n    ttl: 1h\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&schedule));
+    rt.block_on(async {
+        use blockwise_adapters::serve::schedules::Schedule;
+        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let api: Api<Schedule> = Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+        let enabled = |s: Option<&Schedule>| {
+            s.and_then(|s| s.status.as_ref()).and_then(|st| st.phase.as_deref()) == Some("Enabled")
+        };
+        tokio::time::timeout(Duration::from_secs(60), await_condition(api, "rbac-schedule", enabled)).await
+    })
+    .expect("the schedule was never reported")
+    .unwrap();
     // kubectl's create of the Restore is not the controller's (its other calls are reads).
     let mut calls: Vec<(String, String, String)> = server.requests()[mark..]
         .iter()
-        .filter(|r| !(r.method == "POST" && (r.path.ends_with("/restores") || r.path.ends_with("/backups"))))
+        .filter(|r| {
+            let ours = ["/restores", "/backups", "/schedules"].iter().any(|p| r.path.ends_with(p));
+            !(r.method == "POST" && ours)
+        })
         .flat_map(|r| rbac_checks(&r.method, &r.path, &r.query))
         .collect();
     // Deletion: kubectl's one DELETE, then the controller's finalizer work.
@@ -775,4 +817,81 @@ fn an_expired_backup_is_collected_with_its_store_files_and_log() {
     let text = http_get(&addr, "/metrics");
     assert!(text.contains("blockwise_gc_deleted_total 1"), "{text}");
     assert!(text.contains("blockwise_gc_failures_total 0"), "{text}");
+}
+
+#[test]
+fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
+    use blockwise_adapters::serve::schedules::Schedule;
+    let rt = rt();
+    let sim = Sim::start(0);
+    sim.install();
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    let schedule = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Schedule\nmetadata:\n  name: often\n  namespace: {NS}\n\
+         spec:\n  schedule: \"@every 2s\"\n  template:\n    includedNamespaces: [\"{ns}\"]\n    workers: 4\n\
+         \x20 retention:\n    keepLast: 2\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&schedule));
+    for _ in 0..4 {
+        ctl.wait_for_next("schedule blockwise-system/often: started backup often-");
+    }
+    sim.kubectl_ok(&["patch", "bws", "often", "-n", NS, "--type", "merge", "-p", "{\"spec\":{\"paused\":true}}"], None);
+    // Paused (no next run), then settled: exactly the two newest backups left, both ended.
+    let (schedules, backups) = rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        (Api::<Schedule>::namespaced(client.clone(), NS), Api::<Backup>::namespaced(client, NS))
+    });
+    rt.block_on(async {
+        let paused = |s: Option<&Schedule>| s.and_then(|s| s.status.as_ref()).is_some_and(|st| st.next_run.is_none());
+        tokio::time::timeout(Duration::from_secs(60), await_condition(schedules.clone(), "often", paused)).await
+    })
+    .expect("the schedule never showed it was paused")
+    .unwrap();
+    let params = kube::api::ListParams::default().labels("velero.io/schedule-name=often");
+    let kept = loop {
+        let list = rt.block_on(backups.list(&params)).unwrap();
+        let ended = list.items.iter().all(|b| {
+            b.metadata.deletion_timestamp.is_none()
+                && b.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Completed")
+        });
+        if list.items.len() == 2 && ended {
+            break list.items;
+        }
+        // Each retention deletion and each finished backup prints a line: wait for the next one.
+        ctl.next_line();
+    };
+    let started: Vec<String> =
+        ctl.drain().iter().filter_map(|l| l.split("started backup ").nth(1).map(str::to_string)).collect();
+    assert!(started.len() >= 4, "{started:?}");
+    let distinct: std::collections::BTreeSet<&String> = started.iter().collect();
+    assert_eq!(distinct.len(), started.len(), "a run was started twice: {started:?}");
+    let mut newest = started.clone();
+    newest.sort();
+    let newest: Vec<String> = newest.into_iter().rev().take(2).collect();
+    let mut kept_names: Vec<String> = kept.iter().map(|b| b.metadata.name.clone().unwrap()).collect();
+    kept_names.sort();
+    kept_names.reverse();
+    assert_eq!(kept_names, newest, "retention keeps the two newest backups");
+    let files = data.join("namespaces").join(NS);
+    let dirs = |p: PathBuf| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v.reverse();
+        v
+    };
+    assert_eq!(dirs(files.join("store/backups")), newest, "store files of deleted backups remain");
+    assert_eq!(dirs(files.join("backups")), newest, "logs of deleted backups remain");
+    for b in &kept {
+        assert!(b.metadata.name.as_deref().unwrap().len() == "often-".len() + 14);
+    }
+    let table = sim.kubectl_ok(&["get", "bws", "-n", NS], None);
+    assert!(table.contains("often") && table.contains("@every 2s"), "{table}");
 }

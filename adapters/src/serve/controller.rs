@@ -277,10 +277,28 @@ async fn lead_then_reconcile(
         ctx.cfg.data_dir.clone(),
         Duration::from_millis(ctx.cfg.status_interval_ms),
     ));
-    let work = futures::future::join3(
+    // Schedules, which make Backups and apply their retention rules (`serve/schedules.rs`).
+    let (schedule_api, schedule_backups): (Api<super::schedules::Schedule>, Api<Backup>) = match &ctx.cfg.namespace {
+        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let schedules = async {
+        let Some(backups) = ctx.store.get().cloned() else { return };
+        let _ = backups.wait_until_ready().await;
+        let sctx = Arc::new(super::schedules::ScheduleCtx {
+            client: ctx.client.clone(),
+            backups,
+            locations: ctx.cfg.locations.clone(),
+            metrics: ctx.metrics.clone(),
+            started: Mutex::new(BTreeMap::new()),
+        });
+        super::schedules::run_controller(schedule_api, schedule_backups, sctx).await;
+    };
+    let work = futures::future::join4(
         backups,
         super::restores::run_controller(restore_api, restore_ctx),
         collect_garbage(ctx.clone()),
+        schedules,
     );
     match leadership {
         Some((mut rx, _task, name)) => {

@@ -69,6 +69,8 @@ pub const RULES: &[Rule] = &[
     (&["blockwise.dev"], &["backups/status"], &["patch"]),
     (&["blockwise.dev"], &["restores"], &["watch"]),
     (&["blockwise.dev"], &["restores/status"], &["patch"]),
+    (&["blockwise.dev"], &["schedules"], &["watch"]),
+    (&["blockwise.dev"], &["schedules/status"], &["patch"]),
 ];
 
 /// Every manifest, in the order `kubectl apply` should create them.
@@ -80,11 +82,14 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
     crd["metadata"]["labels"] = labels.clone();
     let mut restore_crd = serde_json::to_value(super::restores::Restore::crd()).unwrap_or(Value::Null);
     restore_crd["metadata"]["labels"] = labels.clone();
+    let mut schedule_crd = serde_json::to_value(super::schedules::Schedule::crd()).unwrap_or(Value::Null);
+    schedule_crd["metadata"]["labels"] = labels.clone();
     let port = o.metrics_port;
     vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
         crd,
         restore_crd,
+        schedule_crd,
         json!({"apiVersion": "v1", "kind": "ServiceAccount",
                "metadata": {"name": NAME, "namespace": ns, "labels": labels}}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -219,6 +224,7 @@ mod tests {
                 "Namespace",
                 "CustomResourceDefinition",
                 "CustomResourceDefinition",
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
@@ -227,7 +233,7 @@ mod tests {
                 "Service"
             ]
         );
-        let d = &manifests(&o)[7];
+        let d = &manifests(&o)[8];
         assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
         assert_eq!(d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], DATA_PVC);
     }

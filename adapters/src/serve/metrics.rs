@@ -50,6 +50,10 @@ pub struct Metrics {
     pub gc_deleted: Counter,
     /// Deletions of expired Backups that failed (retried at the next pass).
     pub gc_failures: Counter,
+    /// Backups started by Schedules.
+    pub schedule_runs: Counter,
+    /// Due Schedule runs skipped because the previous Backup still ran.
+    pub schedule_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +82,8 @@ impl Metrics {
             log_flush: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             gc_deleted: Counter::default(),
             gc_failures: Counter::default(),
+            schedule_runs: Counter::default(),
+            schedule_skipped: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(PoisonError::into_inner);
@@ -108,6 +114,12 @@ impl Metrics {
             r.register("blockwise_log_flush_seconds", "Time of each event-log group commit", m.log_flush.clone());
             r.register("blockwise_gc_deleted", "Expired backups the garbage collector deleted", m.gc_deleted.clone());
             r.register("blockwise_gc_failures", "Deletions of expired backups that failed", m.gc_failures.clone());
+            r.register("blockwise_schedule_runs", "Backups started by schedules", m.schedule_runs.clone());
+            r.register(
+                "blockwise_schedule_skipped",
+                "Due schedule runs skipped while the previous backup still ran",
+                m.schedule_skipped.clone(),
+            );
         }
         m
     }
