@@ -55,11 +55,15 @@ pub enum Mutation {
     RestoreDropsLabels,
     /// Restore: claims are created before the volumes they bind to (RT2).
     RestoreClaimsBeforeVolumes,
+    /// Schedules: the last run is forgotten, so every look after a due time runs again (Y1/Y3).
+    ScheduleForgetsLastRun,
+    /// Schedules: `keepLast` keeps one backup too few (Y4).
+    RetentionKeepsOneTooFew,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 21] = [
+    pub const ALL: [Mutation; 23] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -81,6 +85,8 @@ impl Mutation {
         Mutation::RestoreSkipsLookup,
         Mutation::RestoreDropsLabels,
         Mutation::RestoreClaimsBeforeVolumes,
+        Mutation::ScheduleForgetsLastRun,
+        Mutation::RetentionKeepsOneTooFew,
     ];
 }
 

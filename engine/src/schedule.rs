@@ -322,6 +322,99 @@ pub fn decide(cron: &Cron, last_ms: i64, now_ms: i64, running: bool, paused: boo
     Decision { run, skipped: due && running && !paused, next_run_ms: next }
 }
 
+/// How long a run this process started counts as running while the cache does not show it (the
+/// caches lag behind the process's own writes by well under a second).
+pub const REMEMBERED_GRACE_MS: i64 = 60_000;
+
+/// One Backup of a schedule, as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledBackup {
+    /// Its name.
+    pub name: String,
+    /// When it started (or was created).
+    pub started_ms: i64,
+    /// Whether it reached a terminal phase.
+    pub ended: bool,
+}
+
+/// What one look at a schedule knows.
+#[derive(Debug, Clone)]
+pub struct ScheduleView<'a> {
+    /// The schedule's name (its backups are named after it).
+    pub name: &'a str,
+    /// Its cron.
+    pub cron: &'a Cron,
+    /// Its retention rules.
+    pub retention: &'a Retention,
+    /// Paused.
+    pub paused: bool,
+    /// When the schedule was created.
+    pub created_ms: i64,
+    /// `status.lastBackup`, as stored.
+    pub status_last_ms: Option<i64>,
+    /// The last backup this process started for it (when, name): caches can lag behind it.
+    pub remembered: Option<(i64, String)>,
+    /// Its backups (not being deleted), as cached.
+    pub backups: &'a [ScheduledBackup],
+    /// Now.
+    pub now_ms: i64,
+}
+
+/// What one look at a schedule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleStep {
+    /// Start this backup now.
+    pub start: Option<String>,
+    /// A due run was skipped (the previous backup still runs).
+    pub skipped: bool,
+    /// When it is next due (none while paused).
+    pub next_run_ms: Option<i64>,
+    /// Backups retention does not keep and that have ended: delete them.
+    pub delete: Vec<String>,
+    /// The remembered run is in the backups seen, or older than [`REMEMBERED_GRACE_MS`]: the
+    /// caller forgets it (the cache knows it, or it is gone; its deletion must not look like a run
+    /// still to appear).
+    pub forget_remembered: bool,
+}
+
+/// One look at a schedule — the controller's reconcile and the simulator's year-long runs both
+/// call it: running is any backup not ended, or the remembered one not yet seen; the last run is
+/// the latest of the stored status, the remembered run and the creation; [`decide`]; then
+/// [`retain`] over the backups seen, ended ones not kept to be deleted.
+pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
+    let seen = |n: &String| v.backups.iter().any(|b| &b.name == n);
+    // A run this process started and the cache does not show yet is running — for a short while:
+    // after that, its absence means it is gone (collected, deleted), not late.
+    let unseen_recent =
+        v.remembered.as_ref().is_some_and(|(t, n)| !seen(n) && v.now_ms.saturating_sub(*t) < REMEMBERED_GRACE_MS);
+    let running = v.backups.iter().any(|b| !b.ended) || unseen_recent;
+    let mut last_ms = v.status_last_ms.unwrap_or(v.created_ms).max(v.remembered.as_ref().map_or(i64::MIN, |(t, _)| *t));
+    if crate::mutation::active(crate::mutation::Mutation::ScheduleForgetsLastRun) {
+        last_ms = v.created_ms;
+    }
+    let d = decide(v.cron, last_ms, v.now_ms, running, v.paused);
+    let mut delete = Vec::new();
+    if v.retention.is_set() {
+        let list: Vec<(String, i64)> = v.backups.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
+        let keep = retain(&list, v.retention, v.cron.offset_min());
+        delete = v.backups.iter().filter(|b| b.ended && !keep.contains(&b.name)).map(|b| b.name.clone()).collect();
+        delete.sort();
+    }
+    ScheduleStep {
+        start: d.run.then(|| backup_name(v.name, v.now_ms)),
+        skipped: d.skipped,
+        next_run_ms: d.next_run_ms.filter(|_| !v.paused),
+        delete,
+        forget_remembered: v.remembered.is_some() && !unseen_recent,
+    }
+}
+
+/// Whether the garbage collector deletes a backup now: it has ended and its expiration (start +
+/// ttl) has passed. The controller's collector and the simulator's year both ask this.
+pub fn collectable(ended: bool, expiration_ms: Option<i64>, now_ms: i64) -> bool {
+    ended && expiration_ms.is_some_and(|e| e <= now_ms)
+}
+
 /// Retention rules (K8up's names); `None` or 0: the rule keeps nothing by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Retention {
@@ -366,6 +459,11 @@ pub fn retain(backups: &[(String, i64)], retention: &Retention, offset_min: i32)
     sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
     let mut keep = BTreeSet::new();
     if let Some(n) = retention.keep_last {
+        let n = if crate::mutation::active(crate::mutation::Mutation::RetentionKeepsOneTooFew) {
+            n.saturating_sub(1)
+        } else {
+            n
+        };
         keep.extend(sorted.iter().take(n as usize).map(|(name, _)| name.clone()));
     }
     let rules = [retention.keep_hourly, retention.keep_daily, retention.keep_weekly, retention.keep_monthly];

@@ -34,6 +34,7 @@ pub mod runner;
 pub mod server;
 pub mod sim;
 pub mod vt;
+pub mod year;
 
 pub use demo::{
     demo_cluster, demo_cluster_with, demo_failing_hook_pod, demo_resource_types, DEMO_OBJECTS_DEFAULT, DEMO_SEED,

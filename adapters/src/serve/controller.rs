@@ -346,12 +346,10 @@ async fn collect_garbage(ctx: Arc<Ctx>) {
         for b in backups {
             let Some(status) = &b.status else { continue };
             let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
-            let expired = status
-                .expiration
-                .as_deref()
-                .and_then(blockwise_engine::schedule::parse_utc_timestamp)
-                .is_some_and(|t| t <= now);
-            if !terminal || !expired || b.metadata.deletion_timestamp.is_some() {
+            let expiration = status.expiration.as_deref().and_then(blockwise_engine::schedule::parse_utc_timestamp);
+            if !blockwise_engine::schedule::collectable(terminal, expiration, now)
+                || b.metadata.deletion_timestamp.is_some()
+            {
                 continue;
             }
             let (ns, name) = (b.namespace().unwrap_or_default(), b.name_any());

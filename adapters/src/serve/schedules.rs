@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockwise_engine::schedule::{backup_name, decide, parse_utc_timestamp, retain, Cron, Retention};
+use blockwise_engine::schedule::{
+    backup_name, parse_utc_timestamp, step, Cron, Retention, ScheduleView, ScheduledBackup,
+};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -209,29 +211,45 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
         .collect();
     let phase_of = |b: &Backup| b.status.as_ref().and_then(|st| st.phase.clone()).unwrap_or_default();
     let key = (ns.clone(), name.clone());
-    let ours = ctx.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).cloned();
-    // Running: one of its Backups has not ended, or the one this process started last is not in
-    // the cache yet.
-    let running =
-        mine.iter().any(|b| b.metadata.deletion_timestamp.is_none() && !backup_phase::is_terminal(&phase_of(b)))
-            || ours.as_ref().is_some_and(|(_, n)| !mine.iter().any(|b| &b.name_any() == n));
-    let created_ms = s.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond());
-    let last_ms = status
-        .last_backup
-        .as_deref()
-        .and_then(parse_utc_timestamp)
-        .unwrap_or(created_ms)
-        .max(ours.as_ref().map_or(0, |(t, _)| *t));
+    let remembered = ctx.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).cloned();
+    let seen: Vec<ScheduledBackup> = mine
+        .iter()
+        // One being deleted counts only while it still runs (its finalizer stops it).
+        .filter(|b| b.metadata.deletion_timestamp.is_none() || !backup_phase::is_terminal(&phase_of(b)))
+        .map(|b| ScheduledBackup {
+            name: b.name_any(),
+            started_ms: b
+                .status
+                .as_ref()
+                .and_then(|st| st.start_timestamp.as_deref())
+                .and_then(parse_utc_timestamp)
+                .or_else(|| b.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()))
+                .unwrap_or(0),
+            ended: backup_phase::is_terminal(&phase_of(b)),
+        })
+        .collect();
     let now = now_ms();
-    let paused = s.spec.paused.unwrap_or(false);
-    let d = decide(&cron, last_ms, now, running, paused);
+    let view = ScheduleView {
+        name: &name,
+        cron: &cron,
+        retention: &retention,
+        paused: s.spec.paused.unwrap_or(false),
+        created_ms: s.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond()),
+        status_last_ms: status.last_backup.as_deref().and_then(parse_utc_timestamp),
+        remembered,
+        backups: &seen,
+        now_ms: now,
+    };
+    let plan = step(&view);
+    if plan.forget_remembered {
+        ctx.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+    }
     let mut next = status.clone();
     next.phase = Some("Enabled".into());
     next.validation_errors = Vec::new();
-    next.next_run = d.next_run_ms.filter(|_| !paused).map(|t| rfc3339(t.max(0) as u64));
-    if d.run {
-        let backup_name = backup_name(&name, now);
-        let mut b = Backup::new(&backup_name, s.spec.template.clone());
+    next.next_run = plan.next_run_ms.map(|t| rfc3339(t.max(0) as u64));
+    if let Some(backup_name) = &plan.start {
+        let mut b = Backup::new(backup_name, s.spec.template.clone());
         b.metadata.namespace = Some(ns.clone());
         b.metadata.labels = Some(BTreeMap::from([(SCHEDULE_LABEL.to_string(), name.clone())]));
         if s.spec.use_owner_references_in_backup.unwrap_or(false) {
@@ -249,7 +267,7 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
             ctx.metrics.schedule_runs.inc();
             eprintln!("schedule {ns}/{name}: started backup {backup_name}");
         }
-    } else if d.skipped {
+    } else if plan.skipped {
         ctx.metrics.schedule_skipped.inc();
         next.last_skipped = Some(rfc3339(now as u64));
         eprintln!("schedule {ns}/{name}: a due run was skipped: its previous backup still runs");
@@ -258,35 +276,16 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
         patch_status(&api, &name, &next).await?;
     }
     // Retention: what the rules do not keep, once it has ended, goes.
-    if retention.is_set() {
-        let started = |b: &Backup| {
-            b.status
-                .as_ref()
-                .and_then(|st| st.start_timestamp.as_deref())
-                .and_then(parse_utc_timestamp)
-                .or_else(|| b.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()))
-                .unwrap_or(0)
-        };
-        let live: Vec<&Arc<Backup>> = mine.iter().filter(|b| b.metadata.deletion_timestamp.is_none()).collect();
-        let list: Vec<(String, i64)> = live.iter().map(|b| (b.name_any(), started(b))).collect();
-        let keep = retain(&list, &retention, cron.offset_min());
-        for b in live {
-            if keep.contains(&b.name_any()) || !backup_phase::is_terminal(&phase_of(b)) {
-                continue;
+    for victim in &plan.delete {
+        match backups_api.delete(victim, &DeleteParams::default()).await {
+            Ok(_) => {
+                ctx.metrics.gc_deleted.inc();
+                eprintln!("schedule {ns}/{name}: backup {victim} is not kept by its retention rules; deleting it");
             }
-            match backups_api.delete(&b.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {
-                    ctx.metrics.gc_deleted.inc();
-                    eprintln!(
-                        "schedule {ns}/{name}: backup {} is not kept by its retention rules; deleting it",
-                        b.name_any()
-                    );
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    ctx.metrics.gc_failures.inc();
-                    eprintln!("warning: schedule {ns}/{name}: deleting backup {}: {e}", b.name_any());
-                }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                ctx.metrics.gc_failures.inc();
+                eprintln!("warning: schedule {ns}/{name}: deleting backup {victim}: {e}");
             }
         }
     }
