@@ -141,8 +141,9 @@ pub fn simulate_year(seed: u64) -> YearReport {
     let mut report = YearReport::default();
     let v = |inv: &'static str, detail: String| Violation { invariant: inv, detail };
     let count = 1 + rng.below(3) as usize;
-    let mut scheds: Vec<Sched> = (0..count)
-        .map(|i| {
+    let mut scheds: Vec<Sched> = Vec::new();
+    for i in 0..count {
+        {
             let spec = *rng.pick(CRONS).unwrap_or(&"@daily");
             let opt = |rng: &mut Rng, hi: u64| rng.chance(0.5).then(|| rng.range(1, hi) as u32);
             let retention = Retention {
@@ -153,16 +154,16 @@ pub fn simulate_year(seed: u64) -> YearReport {
                 keep_monthly: opt(&mut rng, 12),
             };
             let ttl = *rng.pick(&[HOUR, 30 * HOUR, 7 * DAY, 30 * DAY, 720 * HOUR]).unwrap_or(&(720 * HOUR));
-            Sched {
-                name: format!("s{i}"),
-                spec,
-                cron: Cron::parse(spec).expect("generated crons parse"),
-                retention,
-                ttl,
-                status_last: None,
-            }
-        })
-        .collect();
+            let cron = match Cron::parse(spec) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.violations.push(v("R1", format!("a generated schedule does not parse: {e}")));
+                    return report;
+                }
+            };
+            scheds.push(Sched { name: format!("s{i}"), spec, cron, retention, ttl, status_last: None });
+        }
+    }
     // Downtimes and jumps: gaps in which the controller does nothing.
     let mut gaps: Vec<(i64, i64, bool)> = Vec::new(); // (from, to, is_restart)
     let mut t = START;
@@ -241,7 +242,7 @@ pub fn simulate_year(seed: u64) -> YearReport {
                     .cloned()
                     .collect();
                 for name in gone {
-                    let b = backups.get_mut(&name).expect("indexed");
+                    let Some(b) = backups.get_mut(&name) else { continue };
                     if b.expires > t || b.ends > t {
                         report.violations.push(v(
                             "Y6",
