@@ -39,7 +39,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::log::{backup_id, LogError, LogMedium, OpenReport, SledMedium};
-use crate::session::{ClusterSource, DataDir, SessionError, StorageSpec};
+use crate::session::{
+    file_err, remove_tree, sync_dir, write_json_durable, ClusterSource, DataDir, SessionError, StorageSpec,
+};
 use crate::world::{offload, Runtime};
 
 /// Items per worker whose intents one window records before their creates are sent.
@@ -539,18 +541,7 @@ impl DataDir {
 
     /// The names of every restore, sorted.
     pub fn restore_names(&self) -> Result<Vec<String>, SessionError> {
-        let dir = self.restores();
-        let mut names: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(SessionError::File { what: "reading", path: dir, message: e.to_string() }),
-        };
-        names.sort();
-        Ok(names)
+        crate::session::entry_names(&self.restores())
     }
 
     /// A restore's events (read while no run holds its log; else `LogError::InUse`).
@@ -641,43 +632,28 @@ impl RestoreSession {
                         },
                     });
                 }
-                Err(SessionError::NotFound { .. }) => {
-                    std::fs::remove_dir_all(&dir).map_err(|e| SessionError::File {
-                        what: "removing",
-                        path: dir.clone(),
-                        message: e.to_string(),
-                    })?;
-                }
+                Err(SessionError::NotFound { .. }) => remove_tree(&dir)?,
                 Err(e) => return Err(e),
             }
         }
         let parent = data.restores();
-        let file_err = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |e: std::io::Error| SessionError::File { what, path, message: e.to_string() }
-        };
-        let store_err = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |e: crate::store::StoreError| SessionError::File { what, path, message: e.to_string() }
-        };
-        crate::store::create_dirs(&parent).map_err(store_err("creating", &parent))?;
-        let tmp = parent.join(format!(".new-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
-        let json = serde_json::to_vec_pretty(&files).map_err(|e| SessionError::File {
-            what: "encoding",
-            path: tmp.join("restore.json"),
+        crate::store::create_dirs(&parent).map_err(|e| SessionError::File {
+            what: "creating",
+            path: parent.clone(),
             message: e.to_string(),
         })?;
-        crate::store::write_atomic(&tmp.join("restore.json"), &json).map_err(store_err("writing", &tmp))?;
+        let tmp = parent.join(format!(".new-{name}-{}", std::process::id()));
+        remove_tree(&tmp)?;
+        std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
+        write_json_durable(&tmp.join("restore.json"), &files)?;
         {
             let mut log = RestoreLog::create_on(SledMedium::open(&tmp.join("log"))?, &name)?;
             log.append(&RestoreEvent::Requested { spec, source: files.archive.to_string(), workers, at_ms: now_ms })?;
             (log.medium.flush_job())().map_err(|m| log.storage(m))?;
         }
-        std::fs::File::open(&tmp).and_then(|d| d.sync_all()).map_err(file_err("syncing", &tmp))?;
+        sync_dir(&tmp)?;
         std::fs::rename(&tmp, &dir).map_err(file_err("renaming into place", &dir))?;
-        std::fs::File::open(&parent).and_then(|d| d.sync_all()).map_err(file_err("syncing", &parent))?;
+        sync_dir(&parent)?;
         RestoreSession::open(data, &name)
     }
 

@@ -144,8 +144,24 @@ impl SessionError {
     }
 }
 
-fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SessionError + 'a {
+pub(crate) fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SessionError + 'a {
     move |e| SessionError::File { what, path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// The sorted names of the entries of `dir` that do not start with a dot (a missing directory has
+/// none): backups and restores, without the temporary directories of their creations.
+pub(crate) fn entry_names(dir: &Path) -> Result<Vec<String>, SessionError> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(file_err("reading", dir)(e)),
+    };
+    names.sort();
+    Ok(names)
 }
 
 /// A data directory: see the module docs.
@@ -199,18 +215,7 @@ impl DataDir {
     /// The names of every backup directory, sorted (temporary directories of a create are not
     /// backups).
     pub fn names(&self) -> Result<Vec<String>, SessionError> {
-        let dir = self.backups();
-        let mut names: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(file_err("reading", &dir)(e)),
-        };
-        names.sort();
-        Ok(names)
+        entry_names(&self.backups())
     }
 
     /// The storage a backup was created with (`storage.json`; before it existed: the default).
@@ -368,7 +373,7 @@ fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), SessionError> {
 }
 
 /// Writes `value` as pretty JSON to `path`, durably.
-fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), SessionError> {
+pub(crate) fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), SessionError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| SessionError::File {
         what: "encoding",
         path: path.to_path_buf(),
@@ -377,7 +382,7 @@ fn write_json_durable<T: Serialize>(path: &Path, value: &T) -> Result<(), Sessio
     write_durable(path, &bytes)
 }
 
-fn remove_tree(dir: &Path) -> Result<(), SessionError> {
+pub(crate) fn remove_tree(dir: &Path) -> Result<(), SessionError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -385,7 +390,7 @@ fn remove_tree(dir: &Path) -> Result<(), SessionError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SessionError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SessionError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err("syncing", dir))
 }
 

@@ -473,7 +473,7 @@ pub fn check_execs(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Viol
 }
 
 /// Reads a gzip tar: (path, bytes) in archive order.
-fn untar(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+pub(crate) fn untar(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(bytes));
     let mut out = Vec::new();
     for e in archive.entries().map_err(|e| e.to_string())? {

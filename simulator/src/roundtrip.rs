@@ -163,20 +163,14 @@ fn dir_of(key: &ItemKey) -> String {
     key.gr().dir_name()
 }
 
-/// An archive's items by key, untarred here.
+/// An archive's items by key (untarred by the judges' own reader, not the restore's).
 fn archived(archive: &[u8]) -> Result<BTreeMap<ItemKey, Value>, String> {
-    use std::io::Read;
     let mut out = BTreeMap::new();
-    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
-    for entry in tar.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let path = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+    for (path, bytes) in crate::check::untar(archive)? {
         let Some(key) = crate::check::item_of_path(&path) else { continue };
         if path.split('/').nth(2).is_some_and(|p| p.ends_with("-preferredversion")) {
             continue;
         }
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
         out.insert(key, serde_json::from_slice(&bytes).map_err(|e| format!("{path}: {e}"))?);
     }
     Ok(out)

@@ -205,10 +205,15 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-async fn api(sim: &Sim) -> Api<Backup> {
+/// A kube-rs client of the fake API server.
+async fn client(sim: &Sim) -> kube::Client {
     let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    Api::namespaced(kube::Client::try_from(config).unwrap(), NS)
+    kube::Client::try_from(config).unwrap()
+}
+
+async fn api(sim: &Sim) -> Api<Backup> {
+    Api::namespaced(client(sim).await, NS)
 }
 
 /// Every (name, phase, queuePosition) change the API server streams for Backups in [`NS`], in
@@ -551,9 +556,7 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&schedule));
     rt.block_on(async {
         use blockwise_adapters::serve::schedules::Schedule;
-        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-        let api: Api<Schedule> = Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+        let api: Api<Schedule> = Api::namespaced(client(&sim).await, NS);
         let enabled = |s: Option<&Schedule>| {
             s.and_then(|s| s.status.as_ref()).and_then(|st| st.phase.as_deref()) == Some("Enabled")
         };
@@ -688,9 +691,7 @@ fn a_leader_that_loses_its_lease_stops_at_once_and_the_next_one_finishes() {
 /// Waits (through a watch, at most `secs`) until the Restore `name` reaches `phase`.
 fn wait_restore(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, phase: &'static str) -> Restore {
     rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-        let api: Api<Restore> = Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+        let api: Api<Restore> = Api::namespaced(client(sim).await, NS);
         let cond = move |r: Option<&Restore>| {
             r.and_then(|r| r.status.as_ref()).and_then(|s| s.phase.as_deref()) == Some(phase)
         };
@@ -840,9 +841,7 @@ fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
     sim.kubectl_ok(&["patch", "bws", "often", "-n", NS, "--type", "merge", "-p", "{\"spec\":{\"paused\":true}}"], None);
     // Paused (no next run), then settled: exactly the two newest backups left, both ended.
     let (schedules, backups) = rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(sim.kubeconfig()).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-        let client = kube::Client::try_from(config).unwrap();
+        let client = client(&sim).await;
         (Api::<Schedule>::namespaced(client.clone(), NS), Api::<Backup>::namespaced(client, NS))
     });
     rt.block_on(async {

@@ -340,8 +340,7 @@ async fn collect_garbage(ctx: Arc<Ctx>) {
         let _ = store.wait_until_ready().await;
     }
     loop {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = crate::world::Runtime::now_ms(&crate::world::TokioRuntime) as i64;
         let backups = ctx.store.get().map(|s| s.state()).unwrap_or_default();
         for b in backups {
             let Some(status) = &b.status else { continue };
@@ -397,9 +396,9 @@ fn error_policy(b: Arc<Backup>, e: &ReconcileError, _: Arc<Ctx>) -> Action {
 /// The merge patch that makes the object's status exactly `status`: fields it leaves unset are
 /// sent as null, so an earlier value (a queue position, a failure reason) does not linger.
 fn status_patch(status: &BackupStatus) -> serde_json::Value {
-    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
-    if let Some(m) = v.as_object_mut() {
-        for f in [
+    status_merge_patch(
+        status,
+        &[
             "phase",
             "progress",
             "hookStatus",
@@ -410,8 +409,18 @@ fn status_patch(status: &BackupStatus) -> serde_json::Value {
             "expiration",
             "archive",
             "queuePosition",
-        ] {
-            m.entry(f).or_insert(serde_json::Value::Null);
+        ],
+    )
+}
+
+/// The JSON merge patch that makes an object's status `status`: a merge patch leaves absent fields
+/// as they were, so each of `clearable` that `status` leaves unset is sent as `null` (Backups,
+/// Restores and Schedules all patch their status this way).
+pub(super) fn status_merge_patch<T: serde::Serialize>(status: &T, clearable: &[&str]) -> serde_json::Value {
+    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
+    if let Some(m) = v.as_object_mut() {
+        for f in clearable {
+            m.entry(*f).or_insert(serde_json::Value::Null);
         }
     }
     json!({ "status": v })

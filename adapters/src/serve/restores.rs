@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use blockwise_engine::ports::Cluster;
-use blockwise_engine::restore_run::{
-    ExistingPolicy, RestoreEvent, RestorePhase, RestoreSpec as EngineRestoreSpec, RestoreState,
-};
+use blockwise_engine::restore_run::{ExistingPolicy, RestoreEvent, RestoreSpec as EngineRestoreSpec, RestoreState};
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -27,11 +25,10 @@ use kube::runtime::watcher;
 use kube::{Client, CustomResource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::watch;
 
-use super::controller::FIELD_MANAGER;
-use super::crd::{selector_string, LabelSelector, WORKERS_DEFAULT};
+use super::controller::{status_merge_patch, FIELD_MANAGER};
+use super::crd::{phase, selector_string, LabelSelector, WORKERS_DEFAULT};
 use crate::report::rfc3339;
 use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
 use crate::session::{ClusterSource, DataDir, SessionError};
@@ -88,32 +85,12 @@ pub struct RestoreSpec {
     pub workers: Option<u32>,
 }
 
-/// Velero's restore phase names.
-pub mod phase {
-    /// Accepted, not started.
-    pub const NEW: &str = "New";
-    /// Running (or interrupted: a controller resumes it).
-    pub const IN_PROGRESS: &str = "InProgress";
-    /// Done without errors.
-    pub const COMPLETED: &str = "Completed";
-    /// Done with errors.
-    pub const PARTIALLY_FAILED: &str = "PartiallyFailed";
-    /// Could not run.
-    pub const FAILED: &str = "Failed";
-    /// The spec cannot be run; nothing was.
-    pub const FAILED_VALIDATION: &str = "FailedValidation";
-
-    /// Whether nothing more happens to a restore in this phase.
-    pub fn is_terminal(p: &str) -> bool {
-        matches!(p, COMPLETED | PARTIALLY_FAILED | FAILED | FAILED_VALIDATION)
-    }
-}
-
 /// What the controller reports of a Restore.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreStatus {
-    /// Velero's phase names (see [`phase`]).
+    /// Velero's restore phase names: `InProgress`, `Completed`, `PartiallyFailed`, `Failed`,
+    /// `FailedValidation` (the Backups' terminal names, [`phase`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Objects planned and restored.
@@ -247,14 +224,8 @@ pub enum RestoreReconcileError {
 }
 
 async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) -> Result<(), RestoreReconcileError> {
-    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
-    if let Some(m) = v.as_object_mut() {
-        // A merge patch leaves absent fields as they were: unset ones are cleared.
-        for f in ["phase", "progress", "failureReason", "validationErrors", "startTimestamp", "completionTimestamp"] {
-            m.entry(f).or_insert(serde_json::Value::Null);
-        }
-    }
-    let body = json!({ "status": v });
+    let fields = ["phase", "progress", "failureReason", "validationErrors", "startTimestamp", "completionTimestamp"];
+    let body = status_merge_patch(status, &fields);
     let params = PatchParams::apply(FIELD_MANAGER);
     api.patch_status(name, &params, &Patch::Merge(&body))
         .await
@@ -264,14 +235,9 @@ async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) ->
 
 /// The status of a restore from its folded state.
 fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
-    let phase = match state.phase() {
-        RestorePhase::InProgress => phase::IN_PROGRESS,
-        RestorePhase::Completed => phase::COMPLETED,
-        RestorePhase::PartiallyFailed => phase::PARTIALLY_FAILED,
-        RestorePhase::Failed => phase::FAILED,
-    };
     RestoreStatus {
-        phase: Some(phase.into()),
+        // Velero's restore phase names, which `RestorePhase` displays.
+        phase: Some(state.phase().to_string()),
         progress: Some(RestoreProgress { total_items: state.items.into(), items_restored: state.done.len() as u64 }),
         warnings: state.warnings.len() as u32,
         errors: state.errors.len() as u32,
@@ -326,17 +292,17 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     // An existing restore of this name: resumed when it is this Restore's, replaced when it is an
     // earlier Restore's that was deleted.
     let dir = data.restore_dir(&name);
-    let mut resumed = false;
-    if dir.exists() {
-        match RestoreSession::open(&data, &name) {
-            Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => resumed = s.state().finished_ms.is_none(),
-            Ok(_) | Err(SessionError::NotFound { .. }) => std::fs::remove_dir_all(&dir)
-                .map_err(|e| SessionError::File { what: "removing", path: dir.clone(), message: e.to_string() })?,
-            Err(e) => return Err(e.into()),
+    let existing = match RestoreSession::open(&data, &name) {
+        Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
+        Ok(_) | Err(SessionError::NotFound { .. }) => {
+            crate::session::remove_tree(&dir)?;
+            None
         }
-    }
-    let session = if dir.exists() {
-        RestoreSession::open(&data, &name)?
+        Err(e) => return Err(e.into()),
+    };
+    let resumed = existing.as_ref().is_some_and(|s| s.state().finished_ms.is_none());
+    let session = if let Some(s) = existing {
+        s
     } else {
         let storage = data.storage(&spec.backup_name)?;
         let files = RestoreFiles {
@@ -443,6 +409,7 @@ pub async fn run_controller(api: Api<Restore>, ctx: Arc<RestoreCtx>) {
 mod tests {
     use super::*;
     use kube::core::CustomResourceExt;
+    use serde_json::json;
 
     fn restore(spec: serde_json::Value) -> Restore {
         let mut r = Restore::new("r", serde_json::from_value(spec).unwrap());

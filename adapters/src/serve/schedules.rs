@@ -26,12 +26,12 @@ use kube::runtime::watcher;
 use kube::{Client, CustomResource, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use super::controller::FIELD_MANAGER;
+use super::controller::{status_merge_patch, FIELD_MANAGER};
 use super::crd::{phase as backup_phase, Backup, BackupSpec, Locations};
 use super::metrics::Metrics;
 use crate::report::rfc3339;
+use crate::world::Runtime;
 
 /// The label naming the Schedule a Backup was made by (Velero's).
 pub const SCHEDULE_LABEL: &str = "velero.io/schedule-name";
@@ -134,7 +134,7 @@ pub struct ScheduleCtx {
 pub struct ScheduleError(String);
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    crate::world::TokioRuntime.now_ms() as i64
 }
 
 impl Schedule {
@@ -165,13 +165,8 @@ impl Schedule {
 }
 
 async fn patch_status(api: &Api<Schedule>, name: &str, status: &ScheduleStatus) -> Result<(), ScheduleError> {
-    let mut v = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
-    if let Some(m) = v.as_object_mut() {
-        for f in ["phase", "lastBackup", "nextRun", "lastSkipped", "validationErrors"] {
-            m.entry(f).or_insert(serde_json::Value::Null);
-        }
-    }
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&json!({ "status": v })))
+    let body = status_merge_patch(status, &["phase", "lastBackup", "nextRun", "lastSkipped", "validationErrors"]);
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
         .await
         .map(|_| ())
         .map_err(|e| ScheduleError(format!("patching the status of schedule {name}: {e}")))
@@ -321,6 +316,7 @@ pub async fn run_controller(api: Api<Schedule>, backups: Api<Backup>, ctx: Arc<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn schedule(spec: serde_json::Value) -> Schedule {
         let mut s = Schedule::new("nightly", serde_json::from_value(spec).unwrap());
