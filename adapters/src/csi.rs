@@ -579,3 +579,135 @@ pub async fn inspect(
         group_classes: lists.next().unwrap_or(Ok(Vec::new())),
     }
 }
+
+/// How deleting one retained storage snapshot ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotDeletion {
+    /// The driver had it and deleted it.
+    Deleted,
+    /// The driver did not know the handle (deleted before — by an earlier, interrupted deletion,
+    /// or by hand): nothing was left to delete. The driver's message.
+    AlreadyGone(String),
+}
+
+/// The name of the content [`delete_retained`] imports a handle under: deterministic, so a
+/// deletion resumed after a crash finds its own object instead of making another.
+pub fn deletion_content_name(handle: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(handle.as_bytes());
+    let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("blockwise-delete-{hex}")
+}
+
+/// Deletes a storage snapshot a backup retained, as Velero 1.17's VolumeSnapshotContent delete
+/// action does: the content the backup released is gone, so a content is **imported** for the
+/// handle (`spec.source.snapshotHandle`, `deletionPolicy: Delete`, a reference to a VolumeSnapshot
+/// that does not exist); once the snapshot controller has looked at it (its status holds the
+/// handle, or an error when the driver has no such snapshot), deleting the content makes the
+/// driver delete the storage snapshot, and the wait ends when the content is gone. A snapshot
+/// the backup never released (stopped, or releasing failed) still has its objects: they are set
+/// to `Delete` and deleted first. Every step is idempotent: a deletion killed halfway is simply
+/// run again. Waits are watches bounded by `timeout_ms` each.
+#[allow(clippy::too_many_arguments)]
+pub async fn delete_retained(
+    cluster: &dyn Cluster,
+    runtime: &dyn Runtime,
+    contents: &ResourceType,
+    snapshots: &ResourceType,
+    backup: &str,
+    uid: &str,
+    r: &blockwise_engine::state::RetainedSnapshot,
+    timeout_ms: u64,
+) -> Result<SnapshotDeletion, String> {
+    let original = vsc_key(&r.content);
+    let had_objects = get(cluster, contents, &original).await?.is_some();
+    if had_objects {
+        set_policy(cluster, contents, &original, "Delete").await?;
+        if get(cluster, snapshots, &vs_key(&r.namespace, &r.snapshot)).await?.is_some() {
+            delete(cluster, snapshots, &vs_key(&r.namespace, &r.snapshot)).await?;
+        }
+        delete(cluster, contents, &original).await?;
+    }
+    let name = deletion_content_name(&r.handle);
+    let key = vsc_key(&name);
+    let body = json!({
+        "apiVersion": format!("{}/{}", contents.gr.group, contents.version),
+        "kind": "VolumeSnapshotContent",
+        "metadata": {"name": name, "labels": {BACKUP_NAME_LABEL: backup, BACKUP_UID_LABEL: uid}},
+        "spec": {
+            "deletionPolicy": "Delete",
+            "driver": r.driver,
+            "source": {"snapshotHandle": r.handle},
+            "volumeSnapshotRef": {"apiVersion": format!("{}/{}", snapshots.gr.group, snapshots.version),
+                "kind": "VolumeSnapshot", "namespace": r.namespace, "name": name},
+        },
+    })
+    .to_string();
+    let looked = timeout(runtime, timeout_ms, async {
+        let mut vsc = create_or_get(cluster, contents, &key, &body, uid).await?;
+        loop {
+            if s(&vsc, "/status/snapshotHandle").is_some() {
+                return Ok(SnapshotDeletion::Deleted);
+            }
+            if let Some(msg) = s(&vsc, "/status/error/message") {
+                return Ok(match had_objects {
+                    true => SnapshotDeletion::Deleted,
+                    false => SnapshotDeletion::AlreadyGone(msg.to_string()),
+                });
+            }
+            watch(cluster, contents, &key, &rv(&vsc), WATCH_MS_MAX).await?;
+            vsc = match get(cluster, contents, &key).await? {
+                Some(v) => v,
+                None => return Err(format!("VolumeSnapshotContent {name} was deleted by someone else")),
+            };
+        }
+    })
+    .await;
+    let outcome = match looked {
+        Some(r) => r?,
+        None => {
+            return Err(format!(
+                "VolumeSnapshotContent {name} (snapshot {}): the snapshot controller did not look at it within {}",
+                r.handle,
+                human_ms(timeout_ms)
+            ))
+        }
+    };
+    delete(cluster, contents, &key).await?;
+    let gone = timeout(runtime, timeout_ms, async {
+        loop {
+            let Some(vsc) = get(cluster, contents, &key).await? else { return Ok::<_, String>(()) };
+            watch(cluster, contents, &key, &rv(&vsc), WATCH_MS_MAX).await?;
+        }
+    })
+    .await;
+    match gone {
+        Some(r) => r.map(|()| outcome),
+        None => Err(format!(
+            "VolumeSnapshotContent {name} (snapshot {}) was not gone within {}",
+            r.handle,
+            human_ms(timeout_ms)
+        )),
+    }
+}
+
+/// Deletes every storage snapshot of `retained` ([`delete_retained`]), at most
+/// [`SNAPSHOT_CALLS_CONCURRENT_MAX`] at once; answers in their order.
+#[allow(clippy::too_many_arguments)]
+pub async fn delete_all_retained(
+    cluster: &dyn Cluster,
+    runtime: &dyn Runtime,
+    contents: &ResourceType,
+    snapshots: &ResourceType,
+    backup: &str,
+    uid: &str,
+    retained: &[blockwise_engine::state::RetainedSnapshot],
+    timeout_ms: u64,
+) -> Vec<Result<SnapshotDeletion, String>> {
+    in_order_window(
+        (retained.iter())
+            .map(|r| delete_retained(cluster, runtime, contents, snapshots, backup, uid, r, timeout_ms))
+            .collect(),
+    )
+    .await
+}

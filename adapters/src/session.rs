@@ -260,10 +260,64 @@ impl DataDir {
         Ok(Arc::new(RetryingStore::new(base, RetryPolicy::default(), Arc::new(TokioRuntime))))
     }
 
-    /// Deletes a backup: its files in its store, then its directory (log included). Nothing is
-    /// left that `names` or `status` would find; deleting a backup that is not there is no error.
-    pub async fn delete(&self, name: &str) -> Result<(), SessionError> {
+    /// Deletes a backup: the storage snapshots it holds (through `cluster`, its cluster — see
+    /// [`crate::csi::delete_retained`]), its files in its store, then its directory (log
+    /// included). Nothing is left that `names` or `status` would find; deleting a backup that is
+    /// not there is no error, and a deletion stopped halfway is finished by running it again (the
+    /// log goes last, so the snapshots are still known). A backup that holds snapshots cannot be
+    /// deleted without its cluster (`cluster` `None`): an error says so and nothing is deleted.
+    pub async fn delete(
+        &self,
+        name: &str,
+        cluster: Option<(&dyn Cluster, &dyn Runtime)>,
+    ) -> Result<Deleted, SessionError> {
         validate_backup_name(name)?;
+        let state = match self.read_events(name) {
+            Ok(events) => Some(
+                BackupState::fold(&events)
+                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?,
+            ),
+            Err(SessionError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let retained = state.as_ref().map(BackupState::retained_snapshots).unwrap_or_default();
+        let mut deleted = Deleted::default();
+        if let (Some(state), false) = (&state, retained.is_empty()) {
+            let Some((cluster, runtime)) = cluster else {
+                return Err(SessionError::State {
+                    name: name.into(),
+                    message: format!("holds {} storage snapshots: deleting it needs its cluster", retained.len()),
+                });
+            };
+            let (contents, snapshots) = snapshot_types(state);
+            let timeout_ms = state.options.csi_snapshot_timeout_ms.max(1);
+            let uid = state.options.uid.as_str();
+            let all = crate::csi::delete_all_retained(
+                cluster, runtime, &contents, &snapshots, name, uid, &retained, timeout_ms,
+            )
+            .await;
+            let mut errors = Vec::new();
+            for (r, outcome) in retained.iter().zip(all) {
+                match outcome {
+                    Ok(crate::csi::SnapshotDeletion::Deleted) => deleted.snapshots += 1,
+                    Ok(crate::csi::SnapshotDeletion::AlreadyGone(m)) => {
+                        deleted.already_gone.push(format!("{} ({}/{}): {m}", r.handle, r.namespace, r.snapshot))
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(SessionError::State {
+                    name: name.into(),
+                    message: format!(
+                        "deleting {} of its {} storage snapshots failed (run the deletion again): {}",
+                        errors.len(),
+                        retained.len(),
+                        errors.join("; ")
+                    ),
+                });
+            }
+        }
         match self.storage(name)? {
             StorageSpec::Local { root } => {
                 let dir = root.unwrap_or_else(|| self.default_store()).join("backups").join(name);
@@ -273,7 +327,8 @@ impl DataDir {
                 S3Store::new(S3Config::new(loc, self.root.join("tmp")))?.delete_backup(name).await?;
             }
         }
-        remove_tree(&self.backup_dir(name))
+        remove_tree(&self.backup_dir(name))?;
+        Ok(deleted)
     }
 
     /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`). A log
@@ -317,6 +372,34 @@ impl DataDir {
             Err(e) => Err(e),
         }
     }
+}
+
+/// What [`DataDir::delete`] deleted beside the files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Storage snapshots the driver deleted.
+    pub snapshots: usize,
+    /// Storage snapshots the driver no longer had (handle, objects, the driver's message).
+    pub already_gone: Vec<String>,
+}
+
+/// The VolumeSnapshotContent and VolumeSnapshot types a backup discovered (`v1` when it
+/// recorded none).
+fn snapshot_types(state: &BackupState) -> (blockwise_engine::item::ResourceType, blockwise_engine::item::ResourceType) {
+    use blockwise_engine::item::ResourceType;
+    use blockwise_engine::snapshot::SNAPSHOT_GROUP;
+    let found = |resource: &str| {
+        (state.resources.iter().flatten())
+            .find(|rt| rt.gr.group == SNAPSHOT_GROUP && rt.gr.resource == resource)
+            .cloned()
+    };
+    (
+        found("volumesnapshotcontents").unwrap_or_else(|| {
+            ResourceType::new(SNAPSHOT_GROUP, "v1", "volumesnapshotcontents", "VolumeSnapshotContent", false)
+        }),
+        found("volumesnapshots")
+            .unwrap_or_else(|| ResourceType::new(SNAPSHOT_GROUP, "v1", "volumesnapshots", "VolumeSnapshot", true)),
+    )
 }
 
 /// What [`DataDir::status`] found.

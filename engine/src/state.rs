@@ -177,6 +177,21 @@ pub struct Released {
     pub error: Option<String>,
 }
 
+/// A storage snapshot a backup holds: deleting the backup deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedSnapshot {
+    /// The claims' namespace.
+    pub namespace: String,
+    /// The VolumeSnapshot that cut it (gone once released).
+    pub snapshot: String,
+    /// Its VolumeSnapshotContent (gone once released).
+    pub content: String,
+    /// The CSI driver.
+    pub driver: String,
+    /// The storage snapshot's handle.
+    pub handle: String,
+}
+
 /// A planned snapshot and its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotState {
@@ -281,6 +296,25 @@ pub struct BackupState {
 }
 
 impl BackupState {
+    /// The storage snapshots this backup holds: every member of every cut snapshot, unless its
+    /// release deleted them (a discarded snapshot). A snapshot never released — the backup was
+    /// stopped, or releasing failed — is held too: its objects may still be in the cluster.
+    pub fn retained_snapshots(&self) -> Vec<RetainedSnapshot> {
+        let held = |s: &&SnapshotState| s.released.as_ref().is_none_or(|r| r.kept || r.error.is_some());
+        (self.snapshots.iter().filter(held))
+            .filter_map(|s| Some((s, s.cut.as_ref()?)))
+            .flat_map(|(s, cut)| {
+                cut.members.iter().map(|m| RetainedSnapshot {
+                    namespace: s.plan.namespace.clone(),
+                    snapshot: m.snapshot.clone(),
+                    content: m.content.clone(),
+                    driver: m.driver.clone(),
+                    handle: m.handle.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Folds a whole log.
     pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<BackupState, FoldError> {
         let mut s = BackupState::default();

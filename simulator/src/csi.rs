@@ -718,6 +718,8 @@ impl Dynamic {
         self.put(st, &key, Some(obj.clone()));
         if rt.gr.group == SNAP && rt.gr.resource == "volumesnapshots" {
             self.snapshot_created(st, now, &key);
+        } else if rt.gr.group == SNAP && rt.gr.resource == "volumesnapshotcontents" {
+            self.content_imported(st, now, &key);
         } else if rt.gr.group == GSNAP && rt.gr.resource == "volumegroupsnapshots" {
             self.group_created(st, now, &key);
         }
@@ -1307,6 +1309,25 @@ impl Dynamic {
                 }
             }
         }
+    }
+
+    /// A pre-provisioned content (`spec.source.snapshotHandle`, as a restore or a deletion of a
+    /// retained snapshot creates one): the sidecar asks the driver for the snapshot and sets the
+    /// status — the handle, ready — or, when the driver has no such snapshot (never cut, or deleted
+    /// already), an error. Deleting it with `deletionPolicy: Delete` then deletes the storage
+    /// snapshot through `status.snapshotHandle`, as for a content the driver cut.
+    fn content_imported(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) {
+        let Some(mut c) = self.lookup_overlay(key) else { return };
+        let Some(handle) = s(&c, "/spec/source/snapshotHandle").map(str::to_string) else { return };
+        c["status"] = match self.storage.get(&handle).filter(|x| x.deleted_ms.is_none()) {
+            Some(snap) => {
+                json!({"snapshotHandle": handle, "creationTime": snap.cut_ms as u128 * 1_000_000, "readyToUse": true})
+            }
+            None => json!({"readyToUse": false, "error": {"time": time(now),
+                "message": format!("failed to check and update snapshot content: snapshot {handle} not found")}}),
+        };
+        self.bump(&mut c);
+        self.put(st, key, Some(c));
     }
 
     /// A new content bound to snapshot `vs` with (unless `handle` is `None`) a cut storage snapshot.

@@ -378,6 +378,9 @@ impl FakeCluster {
     /// journal line, or the whole state every [`JOURNAL_LINES_MAX`] writes.
     fn persist(&self, d: &Dynamic, op: JournalOp) {
         let Some(path) = &self.state_file else { return };
+        if gone_with_its_directory(path) {
+            return;
+        }
         let write = || -> io::Result<()> {
             let (seq, whole) = {
                 let mut j = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
@@ -907,6 +910,13 @@ impl Cluster for FakeCluster {
     }
 }
 
+/// Whether the directory of a state file was removed: the demo cluster of a backup lives in the
+/// backup's directory and goes with it when the backup is deleted (after the deletion's own
+/// writes, its snapshots' deletions, were journalled there).
+fn gone_with_its_directory(state: &Path) -> bool {
+    state.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+}
+
 fn journal_path(state: &Path) -> PathBuf {
     let mut name = state.file_name().unwrap_or_default().to_os_string();
     name.push(".journal");
@@ -917,7 +927,7 @@ impl Drop for FakeCluster {
     /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
     fn drop(&mut self) {
         let Journal { seq, lines } = *self.journal.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if lines == 0 {
+        if lines == 0 || self.state_file.as_deref().is_some_and(gone_with_its_directory) {
             return;
         }
         if let Err(e) = self.write_whole(seq, &self.dyn_lock()) {

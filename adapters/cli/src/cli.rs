@@ -210,8 +210,9 @@ enum BackupCommand {
     Download(DownloadArgs),
     /// List an archive's items by resource and namespace and verify it (exit 1 on any defect).
     Inspect(InspectArgs),
-    /// Delete a backup: its store files (archive, companion files, staged items) and its log, the
-    /// path the controller's garbage collector takes.
+    /// Delete a backup: the storage snapshots it holds (through the cluster it was taken from),
+    /// its store files (archive, companion files, staged items) and its log, the path the
+    /// controller's garbage collector takes. A deletion that failed is finished by running it again.
     Delete(DeleteArgs),
 }
 
@@ -830,19 +831,36 @@ fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
         return Err(usage(format!("deleting backup {} removes its archive and log: pass --confirm", a.name)));
     }
     // Only a backup that exists, and that no process is running (its log would be in use).
-    match data.status(&a.name).map_err(session_err)? {
-        Status::Log { .. } => {}
+    let holds = match data.status(&a.name).map_err(session_err)? {
+        Status::Log { state, .. } => state.retained_snapshots().len(),
         Status::Live { view, .. } => {
             return Err(usage(format!(
                 "backup {} is running in process {}; delete it once it has ended",
                 a.name, view["pid"]
             )))
         }
-    }
+    };
     let storage = data.storage(&a.name).map_err(session_err)?;
-    runtime()?.block_on(data.delete(&a.name)).map_err(session_err)?;
+    let rt = runtime()?;
+    // Its storage snapshots are deleted through the cluster it was taken from (connected only
+    // when it holds some).
+    let cluster = match holds {
+        0 => None,
+        _ => Some(build_cluster(&data.source(&a.name).map_err(session_err)?, data, &a.name, &rt)?),
+    };
+    let tokio_rt = TokioRuntime;
+    let access = cluster.as_deref().map(|c| (c, &tokio_rt as &dyn blockwise_adapters::world::Runtime));
+    let deleted = rt.block_on(data.delete(&a.name, access)).map_err(session_err)?;
     let store = data.open_store(&storage).map_err(session_err)?;
-    eprintln!("deleted backup {}: its files in {} and its log", a.name, store.describe());
+    for gone in &deleted.already_gone {
+        eprintln!("storage snapshot {gone}: already gone");
+    }
+    eprintln!(
+        "deleted backup {}: {} storage snapshots, its files in {} and its log",
+        a.name,
+        deleted.snapshots,
+        store.describe()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -537,10 +537,22 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     let data = sim.dir.path().join("controller");
     let mut ctl = sim.controller(&data, &["--lease-duration", "3", "--lease-grace", "1", "--gc-interval", "1s"]);
     ctl.wait_for("backup blockwise-system/rbac: Completed");
-    // One that expires at once: the garbage collector deletes it (its finalizer then its files).
+    // One that expires at once: the garbage collector deletes it (its finalizer then its storage
+    // snapshots and files). Judged from the fake driver's storage: exactly the snapshots the
+    // first backup retained are left, and the second one had cut some.
+    let live = || -> std::collections::BTreeSet<String> {
+        (server.cluster().storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none()))
+            .map(|x| x.handle)
+            .collect()
+    };
+    let retained_by_rbac = live();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&expiring_backup_yaml("rbac-ttl", &ns[..1], "1s")));
     ctl.wait_for("backup blockwise-system/rbac-ttl: expired at");
-    ctl.wait_for("backup blockwise-system/rbac-ttl: deleted its store files and log");
+    let line = ctl.wait_for("backup blockwise-system/rbac-ttl: deleted its");
+    assert!(line.contains("storage snapshots, store files and log"), "{line}");
+    let cut = server.cluster().storage_snapshots().len();
+    assert!(cut > retained_by_rbac.len(), "the expiring backup cut no snapshot ({cut} in all)");
+    assert_eq!(live(), retained_by_rbac, "the collected backup's snapshots are deleted, no other");
     // A restore of it over what is there, under the update policy: creates (refused) and patches.
     let restore = format!(
         "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: rbac-restore\n  namespace: {NS}\n\

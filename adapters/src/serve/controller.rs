@@ -12,8 +12,9 @@
 //!   patched on the `status` subresource at most every `--status-interval` (default
 //!   [`STATUS_INTERVAL_MS`]), the latest value
 //!   winning; the final status is patched after every earlier patch has finished.
-//! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes its store files and log,
-//!   then removes the finalizer. Finalizers are changed by merge patches that carry the object's
+//! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes the storage snapshots it
+//!   holds (`csi::delete_retained`), its store files and log, then removes the finalizer (a
+//!   failure is counted in `blockwise_gc_failures_total` and retried). Finalizers are changed by merge patches that carry the object's
 //!   resourceVersion, so a concurrent change is a conflict and the reconcile runs again.
 //! - **Queue** (Velero 1.18): at most `concurrent_backups` run; a Backup whose included
 //!   namespaces may overlap a running one's, or an earlier waiting one's, waits in `Queued` with
@@ -478,10 +479,24 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
                 Err(e) => return Err(e),
             }
         }
-        data.delete(&name).await?;
+        let runtime = crate::world::TokioRuntime;
+        let deleted = match data.delete(&name, Some((ctx.cluster.as_ref(), &runtime))).await {
+            Ok(d) => d,
+            Err(e) => {
+                // Retried by the error policy; the finalizer holds the object until it succeeds.
+                ctx.metrics.gc_failures.inc();
+                return Err(e.into());
+            }
+        };
+        for gone in &deleted.already_gone {
+            eprintln!("backup {ns}/{name}: storage snapshot {gone}: already gone");
+        }
         let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
         match set_finalizers(&api, &current, rest).await {
-            Ok(()) => eprintln!("backup {ns}/{name}: deleted its store files and log"),
+            Ok(()) => eprintln!(
+                "backup {ns}/{name}: deleted its {} storage snapshots, store files and log",
+                deleted.snapshots
+            ),
             Err(e) if e.is_gone() => {}
             Err(e) => return Err(e),
         }
