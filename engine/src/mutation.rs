@@ -59,11 +59,15 @@ pub enum Mutation {
     ScheduleForgetsLastRun,
     /// Schedules: `keepLast` keeps one backup too few (Y4).
     RetentionKeepsOneTooFew,
+    /// Schedules: the last run is read from the status alone, which a cache may show from before
+    /// the controller's own patch while it shows the Backup made with it (Y7: a run reported
+    /// skipped with none due).
+    ScheduleTrustsStaleStatus,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 23] = [
+    pub const ALL: [Mutation; 24] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -87,6 +91,7 @@ impl Mutation {
         Mutation::RestoreClaimsBeforeVolumes,
         Mutation::ScheduleForgetsLastRun,
         Mutation::RetentionKeepsOneTooFew,
+        Mutation::ScheduleTrustsStaleStatus,
     ];
 }
 

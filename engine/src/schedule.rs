@@ -331,7 +331,7 @@ pub const REMEMBERED_GRACE_MS: i64 = 60_000;
 pub struct ScheduledBackup {
     /// Its name.
     pub name: String,
-    /// When it started (or was created).
+    /// When the schedule started it: its creation (whole seconds from the API server).
     pub started_ms: i64,
     /// Whether it reached a terminal phase.
     pub ended: bool,
@@ -379,7 +379,9 @@ pub struct ScheduleStep {
 
 /// One look at a schedule — the controller's reconcile and the simulator's year-long runs both
 /// call it: running is any backup not ended, or the remembered one not yet seen; the last run is
-/// the latest of the stored status, the remembered run and the creation; [`decide`]; then
+/// the latest of the stored status, the remembered run, the newest backup seen and the
+/// schedule's creation (a cache may show the Backup the controller made before the status patch
+/// it made with it); [`decide`]; then
 /// [`retain`] over the backups seen, ended ones not kept to be deleted.
 pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
     let seen = |n: &String| v.backups.iter().any(|b| &b.name == n);
@@ -388,7 +390,15 @@ pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
     let unseen_recent =
         v.remembered.as_ref().is_some_and(|(t, n)| !seen(n) && v.now_ms.saturating_sub(*t) < REMEMBERED_GRACE_MS);
     let running = v.backups.iter().any(|b| !b.ended) || unseen_recent;
-    let mut last_ms = v.status_last_ms.unwrap_or(v.created_ms).max(v.remembered.as_ref().map_or(i64::MIN, |(t, _)| *t));
+    // The last run: the status says it, unless the cache holding the status is older than a
+    // Backup it shows (the controller's own patch not seen yet), or than the run remembered.
+    let mut newest_seen = v.backups.iter().map(|b| b.started_ms).max().unwrap_or(i64::MIN);
+    if crate::mutation::active(crate::mutation::Mutation::ScheduleTrustsStaleStatus) {
+        newest_seen = i64::MIN;
+    }
+    let mut last_ms = (v.status_last_ms.unwrap_or(v.created_ms))
+        .max(v.remembered.as_ref().map_or(i64::MIN, |(t, _)| *t))
+        .max(newest_seen);
     if crate::mutation::active(crate::mutation::Mutation::ScheduleForgetsLastRun) {
         last_ms = v.created_ms;
     }

@@ -17,6 +17,11 @@
 //!   backup left is kept by the rules over what is left.
 //! - **Y5** nothing expired survives a garbage-collection pass; **Y6** nothing unexpired is
 //!   deleted by one.
+//! - **Y7** a skip is reported only when a due time came while the schedule's backup ran.
+//!
+//! The controller's caches are modelled where they lag: right after a start, the created
+//! Backup's watch event makes a look within a second, which may still read the status from
+//! before the patch (`lastBackup` is stored to whole seconds, as are Backups' creation times).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -53,8 +58,12 @@ struct Sched {
     cron: Cron,
     retention: Retention,
     ttl: i64,
-    /// `status.lastBackup` (persistent).
+    /// `status.lastBackup` (persistent; whole seconds, as RFC 3339 stores it).
     status_last: Option<i64>,
+    /// The value before the last patch, and when the patch reaches the controller's cache: a
+    /// look before then reads the old value (a stale cache, as after the controller's own write).
+    status_before: Option<i64>,
+    status_cached_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +83,9 @@ pub struct YearReport {
     pub runs: u64,
     /// Due runs skipped while a backup ran.
     pub skipped: u64,
+    /// Looks at a schedule right after it started a backup (the created Backup's watch event),
+    /// while the cache may not show the status patch yet.
+    pub early_looks: u64,
     /// Controller restarts.
     pub restarts: u32,
     /// Clock jumps.
@@ -161,7 +173,16 @@ pub fn simulate_year(seed: u64) -> YearReport {
                     return report;
                 }
             };
-            scheds.push(Sched { name: format!("s{i}"), spec, cron, retention, ttl, status_last: None });
+            scheds.push(Sched {
+                name: format!("s{i}"),
+                spec,
+                cron,
+                retention,
+                ttl,
+                status_last: None,
+                status_before: None,
+                status_cached_at: i64::MIN,
+            });
         }
     }
     // Downtimes and jumps: gaps in which the controller does nothing.
@@ -192,6 +213,8 @@ pub fn simulate_year(seed: u64) -> YearReport {
     let mut now = START;
     let mut gap_i = 0;
     let mut starts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut skips: Vec<(usize, i64)> = Vec::new();
+    let mut early_looks: BTreeMap<usize, std::collections::VecDeque<i64>> = BTreeMap::new();
     while now < START + YEAR {
         // The next event: a look, a backup end, a GC pass, a gap.
         let look_t = next_look.values().copied().min().unwrap_or(i64::MAX);
@@ -207,6 +230,7 @@ pub fn simulate_year(seed: u64) -> YearReport {
             if restart {
                 report.restarts += 1;
                 remembered.clear();
+                early_looks.clear();
             } else {
                 report.jumps += 1;
             }
@@ -265,17 +289,19 @@ pub fn simulate_year(seed: u64) -> YearReport {
                 .flatten()
                 .map(|n| ScheduledBackup {
                     name: n.clone(),
-                    started_ms: backups[n].started,
+                    // Its creationTimestamp: whole seconds.
+                    started_ms: backups[n].started - backups[n].started.rem_euclid(1000),
                     ended: backups[n].ends <= t,
                 })
                 .collect();
+            let status_seen = if t >= s.status_cached_at { s.status_last } else { s.status_before };
             let view = ScheduleView {
                 name: &s.name,
                 cron: &s.cron,
                 retention: &s.retention,
                 paused: false,
                 created_ms: START,
-                status_last_ms: s.status_last,
+                status_last_ms: status_seen,
                 remembered: remembered.get(&i).cloned(),
                 backups: &seen,
                 now_ms: t,
@@ -286,6 +312,7 @@ pub fn simulate_year(seed: u64) -> YearReport {
             }
             if plan.skipped {
                 report.skipped += 1;
+                skips.push((i, t));
             }
             // Retention deletions, judged against the set the step saw.
             let set: Vec<(String, i64)> = seen.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
@@ -320,9 +347,23 @@ pub fn simulate_year(seed: u64) -> YearReport {
                     report.runs += 1;
                 }
                 remembered.insert(i, (t, name));
-                scheds[i].status_last = Some(t);
+                let sc = &mut scheds[i];
+                sc.status_before = sc.status_last;
+                sc.status_last = Some(t - t.rem_euclid(1000));
+                // The patch reaches the cache within two seconds; the created Backup's watch
+                // events (its creation, its first status changes) make looks within one and a
+                // half — often before the patch is seen.
+                sc.status_cached_at = t + rng.range(1, 2000) as i64;
+                let mut early: Vec<i64> = (0..3).map(|_| t + rng.range(1, 1500) as i64).collect();
+                early.sort_unstable();
+                report.early_looks += early.len() as u64;
+                early_looks.insert(i, early.into());
             }
-            next_look.insert(i, plan.next_run_ms.unwrap_or(t + DAY).max(t + 1));
+            let next = match early_looks.get_mut(&i).and_then(std::collections::VecDeque::pop_front) {
+                Some(x) => x,
+                None => plan.next_run_ms.unwrap_or(t + DAY).max(t + 1),
+            };
+            next_look.insert(i, next);
         }
     }
     // Y1–Y3 over each schedule's starts.
@@ -352,6 +393,24 @@ pub fn simulate_year(seed: u64) -> YearReport {
                     ),
                 ));
             }
+        }
+    }
+    // Y7: a skip is reported only when a due time came while the schedule's last backup ran.
+    for (i, t) in &skips {
+        let s = &scheds[*i];
+        let mine = starts.get(i).map_or(&[][..], Vec::as_slice);
+        // Starts are in time order: the last one at or before the skip.
+        let at = mine.partition_point(|n| backups[n].started <= *t);
+        let prev = at.checked_sub(1).map(|k| &backups[&mine[k]]);
+        let ok = prev.is_some_and(|b| b.ends > *t && s.cron.next_after(b.started).is_some_and(|d| d <= *t));
+        if !ok {
+            report.violations.push(v(
+                "Y7",
+                format!(
+                    "{} ({}): a run was reported skipped at {t} with no due time while a backup ran",
+                    s.name, s.spec
+                ),
+            ));
         }
     }
     // Y4 at the end; Y5 for the last GC pass.

@@ -1,6 +1,6 @@
 //! A year of schedules per seed (issue 14): the controller's schedule step and garbage
 //! collection over 365 virtual days with restarts and clock jumps, judged by `simulator/src/year.rs`
-//! (Y1–Y6). Fixed seeds in CI; `BLOCKWISE_YEAR_SEEDS` raises the count locally. A failure names
+//! (Y1–Y7). Fixed seeds in CI; `BLOCKWISE_YEAR_SEEDS` raises the count locally. A failure names
 //! the seed, whose run is deterministic.
 
 use blockwise_simulator::year::simulate_year;
@@ -12,11 +12,13 @@ fn seed_count() -> u64 {
 #[test]
 fn a_year_of_schedules_holds_every_invariant_over_fixed_seeds() {
     let (mut runs, mut skipped, mut restarts, mut jumps, mut retained, mut expired) = (0, 0, 0, 0, 0, 0);
+    let mut early = 0;
     let mut failures = Vec::new();
     for seed in 0..seed_count() {
         let r = simulate_year(seed);
         runs += r.runs;
         skipped += r.skipped;
+        early += r.early_looks;
         restarts += r.restarts;
         jumps += r.jumps;
         retained += r.retention_deleted;
@@ -27,12 +29,18 @@ fn a_year_of_schedules_holds_every_invariant_over_fixed_seeds() {
     }
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
     // Every path was taken: runs, skips, restarts, jumps, retention and TTL deletions.
-    for (what, n) in [("runs", runs), ("skips", skipped), ("retention deletions", retained), ("expiries", expired)] {
+    for (what, n) in [
+        ("runs", runs),
+        ("skips", skipped),
+        ("looks right after a start", early),
+        ("retention deletions", retained),
+        ("expiries", expired),
+    ] {
         assert!(n > 0, "no {what} in {} seeds", seed_count());
     }
     assert!(restarts > 0 && jumps > 0, "restarts {restarts}, jumps {jumps}");
     println!(
-        "{} years: {runs} runs, {skipped} skipped, {restarts} restarts, {jumps} jumps, {retained} retention deletions, {expired} expired",
+        "{} years: {runs} runs, {skipped} skipped, {early} looks right after a start, {restarts} restarts, {jumps} jumps, {retained} retention deletions, {expired} expired",
         seed_count()
     );
 }

@@ -17,7 +17,10 @@ const SEEDS_MAX: u64 = 2000;
 /// The first seed at which `m` is reported, and the invariants reported there.
 fn caught(m: Mutation) -> Option<(u64, Vec<&'static str>)> {
     // The schedule bugs live in the schedule step: a simulated year shows them.
-    if matches!(m, Mutation::ScheduleForgetsLastRun | Mutation::RetentionKeepsOneTooFew) {
+    if matches!(
+        m,
+        Mutation::ScheduleForgetsLastRun | Mutation::RetentionKeepsOneTooFew | Mutation::ScheduleTrustsStaleStatus
+    ) {
         return (0..SEEDS_MAX).find_map(|seed| {
             let _bug = MutationGuard::set(Some(m));
             let r = blockwise_simulator::year::simulate_year(seed);
@@ -38,7 +41,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 23] = [
+    let expected: [(Mutation, &[&str]); 24] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -64,6 +67,7 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::RestoreClaimsBeforeVolumes, &["RT2"]),
         (Mutation::ScheduleForgetsLastRun, &["Y1", "Y3"]),
         (Mutation::RetentionKeepsOneTooFew, &["Y4"]),
+        (Mutation::ScheduleTrustsStaleStatus, &["Y7"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

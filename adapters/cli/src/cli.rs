@@ -64,6 +64,11 @@ enum Top {
         #[command(subcommand)]
         command: crate::restore_cmd::RestoreCommand,
     },
+    /// Cron Schedules of Backups for the in-cluster controller (`blockwise serve`).
+    Schedule {
+        #[command(subcommand)]
+        command: crate::schedule_cmd::ScheduleCommand,
+    },
     /// Run the deterministic simulator: seeds, faults, invariants, shrinking.
     Simulate(SimulateArgs),
     /// Measure: scale, parallel efficiency, event log, recovery, grouping, simulator.
@@ -961,6 +966,7 @@ pub fn main() -> ExitCode {
     let command = match cli.command {
         Top::Backup { command } => command,
         Top::Restore { command } => return exit_with(crate::restore_cmd::run(command, &data)),
+        Top::Schedule { command } => return exit_with(crate::schedule_cmd::run(command)),
         Top::Simulate(a) => return exit_with(simulate(a)),
         Top::Simulator { command: SimulatorCommand::Serve(a) } => return exit_with(serve(a)),
         Top::Serve(a) => return exit_with(crate::service::serve(*a, data.root().to_path_buf())),

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod restore_cmd;
+mod schedule_cmd;
 mod service;
 mod simulate;
 

@@ -152,6 +152,18 @@ impl Sim {
         }
     }
 
+    /// `blockwise ARGS --kubeconfig <this server's>`, as a user runs the schedule commands.
+    fn blockwise(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("blockwise")
+    }
+
     fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.kubectl(args, stdin);
         assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -841,16 +853,21 @@ fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
     let data = sim.dir.path().join("controller");
     let mut ctl = sim.controller(&data, &["--no-leader-election"]);
     let ns = namespaces()[0].clone();
-    let schedule = format!(
-        "apiVersion: blockwise.dev/v1alpha1\nkind: Schedule\nmetadata:\n  name: often\n  namespace: {NS}\n\
-         spec:\n  schedule: \"@every 2s\"\n  template:\n    includedNamespaces: [\"{ns}\"]\n    workers: 4\n\
-         \x20 retention:\n    keepLast: 2\n"
-    );
-    sim.kubectl_ok(&["apply", "-f", "-"], Some(&schedule));
+    // Made and paused with the CLI, as a user would (`blockwise schedule …`).
+    let create = ["schedule", "create", "often", "--schedule", "@every 2s", "--include-namespaces", ns.as_str()];
+    let out = sim.blockwise(&[&create[..], &["--workers", "4", "--keep-last", "2"]].concat());
+    common::assert_exit(&out, 0, "schedule create");
+    let out = sim.blockwise(&create);
+    common::assert_exit(&out, 2, "a second schedule of the same name");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = sim.blockwise(&["schedule", "create", "bad", "--schedule", "61 * * * *", "--ttl", "soon"]);
+    common::assert_exit(&out, 2, "a bad cron and ttl");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("minute 61 is outside 0-59") && err.contains("spec.ttl \"soon\""), "{err}");
     for _ in 0..4 {
         ctl.wait_for_next("schedule blockwise-system/often: started backup often-");
     }
-    sim.kubectl_ok(&["patch", "bws", "often", "-n", NS, "--type", "merge", "-p", "{\"spec\":{\"paused\":true}}"], None);
+    common::assert_exit(&sim.blockwise(&["schedule", "pause", "often"]), 0, "schedule pause");
     // Paused (no next run), then settled: exactly the two newest backups left, both ended.
     let (schedules, backups) = rt.block_on(async {
         let client = client(&sim).await;
@@ -863,18 +880,28 @@ fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
     .expect("the schedule never showed it was paused")
     .unwrap();
     let params = kube::api::ListParams::default().labels("velero.io/schedule-name=often");
-    let kept = loop {
-        let list = rt.block_on(backups.list(&params)).unwrap();
-        let ended = list.items.iter().all(|b| {
-            b.metadata.deletion_timestamp.is_none()
-                && b.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Completed")
-        });
-        if list.items.len() == 2 && ended {
-            break list.items;
-        }
-        // Each retention deletion and each finished backup prints a line: wait for the next one.
-        ctl.next_line();
-    };
+    // Re-listed at every change the API server streams (a watch, never a sleep).
+    let kept = rt
+        .block_on(async {
+            use futures::StreamExt;
+            let cfg = kube::runtime::watcher::Config::default().labels("velero.io/schedule-name=often");
+            let mut changes = std::pin::pin!(kube::runtime::watcher(backups.clone(), cfg));
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    let list = backups.list(&params).await.unwrap();
+                    let ended = list.items.iter().all(|b| {
+                        b.metadata.deletion_timestamp.is_none()
+                            && b.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Completed")
+                    });
+                    if list.items.len() == 2 && ended {
+                        return list.items;
+                    }
+                    changes.next().await;
+                }
+            })
+            .await
+        })
+        .expect("the paused schedule's backups did not settle to the two newest, Completed, within 60 s");
     let started: Vec<String> =
         ctl.drain().iter().filter_map(|l| l.split("started backup ").nth(1).map(str::to_string)).collect();
     assert!(started.len() >= 4, "{started:?}");
@@ -905,4 +932,26 @@ fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
     }
     let table = sim.kubectl_ok(&["get", "bws", "-n", NS], None);
     assert!(table.contains("often") && table.contains("@every 2s"), "{table}");
+    assert!(!table.contains("bad"), "a refused schedule was created: {table}");
+    // The CLI's views agree with the API server's objects.
+    let out = sim.blockwise(&["schedule", "get"]);
+    common::assert_exit(&out, 0, "schedule get");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = table.lines().find(|l| l.starts_with("often ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("Enabled") && row.contains("@every 2s") && row.ends_with("true"), "{row}");
+    let out = sim.blockwise(&["schedule", "describe", "often"]);
+    common::assert_exit(&out, 0, "schedule describe");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Retention:            keep last 2") && text.contains("Backups (2):"), "{text}");
+    for name in &kept_names {
+        assert!(text.lines().any(|l| l.trim_start().starts_with(name.as_str()) && l.contains("Completed")), "{text}");
+    }
+    let schedule = rt.block_on(schedules.get("often")).unwrap();
+    assert_eq!(schedule.spec.paused, Some(true));
+    assert_eq!(schedule.spec.template.included_namespaces, vec![ns.clone()]);
+    common::assert_exit(&sim.blockwise(&["schedule", "unpause", "often"]), 0, "schedule unpause");
+    assert_eq!(rt.block_on(schedules.get("often")).unwrap().spec.paused, Some(false));
+    let out = sim.blockwise(&["schedule", "pause", "often", "nope"]);
+    common::assert_exit(&out, 2, "pausing one that is not there");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found in blockwise-system: nope"));
 }

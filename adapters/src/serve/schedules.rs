@@ -213,13 +213,8 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
         .filter(|b| b.metadata.deletion_timestamp.is_none() || !backup_phase::is_terminal(&phase_of(b)))
         .map(|b| ScheduledBackup {
             name: b.name_any(),
-            started_ms: b
-                .status
-                .as_ref()
-                .and_then(|st| st.start_timestamp.as_deref())
-                .and_then(parse_utc_timestamp)
-                .or_else(|| b.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond()))
-                .unwrap_or(0),
+            // When the schedule made it (a queued Backup starts later; its run was due then).
+            started_ms: b.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond()),
             ended: backup_phase::is_terminal(&phase_of(b)),
         })
         .collect();
