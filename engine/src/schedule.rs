@@ -5,8 +5,13 @@
 //! - [`Cron`]: Velero's schedule syntax — five fields (minute hour day-of-month month
 //!   day-of-week, with `*`, lists, ranges, `/steps` and month and day names), the descriptors
 //!   `@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`/`@midnight`, `@hourly` and
-//!   `@every <duration>`, an optional `CRON_TZ=<zone>` (or `TZ=`) prefix. Zones: `UTC` and fixed
-//!   offsets (`+02:00`, `UTC-05:30`); IANA names are not supported yet and are an error naming them.
+//!   `@every <duration>`, an optional `CRON_TZ=<zone>` (or `TZ=`) prefix. Zones: `UTC`, fixed
+//!   offsets (`+02:00`, `UTC-05:30`) and IANA names (`Europe/Berlin`, from the tz database bundled
+//!   into the binary — nothing is read at run time, so the same schedule decides the same
+//!   everywhere). Across daylight-saving changes a local time that does not exist (the hour
+//!   skipped in spring) is due at the same wall-clock distance after the change (`02:30` → `03:30`),
+//!   and a local time that occurs twice (the hour repeated in autumn) is due once, at its first
+//!   occurrence — RFC 5545's (and Temporal's "compatible") reading of local times.
 //!   Day-of-month and day-of-week combine as cron's do: when both are restricted, a day matching
 //!   either is due.
 //! - [`Cron::next_after`]: the first due instant strictly after a time.
@@ -40,8 +45,52 @@ pub struct CronError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cron {
     kind: Kind,
-    /// The zone's offset from UTC, in minutes.
-    offset_min: i32,
+    zone: Zone,
+}
+
+/// The zone a schedule's fields are read in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Zone {
+    /// A fixed offset from UTC, in minutes.
+    Fixed(i32),
+    /// An IANA zone.
+    Named(jiff::tz::TimeZone),
+}
+
+impl Zone {
+    /// The offset from UTC at instant `ms`, in minutes.
+    fn offset_min_at(&self, ms: i64) -> i32 {
+        match self {
+            Zone::Fixed(m) => *m,
+            Zone::Named(tz) => match jiff::Timestamp::from_millisecond(ms) {
+                Ok(t) => tz.to_offset(t).seconds() / 60,
+                Err(_) => 0,
+            },
+        }
+    }
+
+    /// The instant a local wall time is due at (see the module docs), `None` outside jiff's range.
+    fn instant_of(&self, local_ms: i64) -> Option<i64> {
+        match self {
+            Zone::Fixed(m) => Some(local_ms - i64::from(*m) * MINUTE_MS),
+            Zone::Named(tz) => {
+                let c = civil(local_ms, 0);
+                let dt = jiff::civil::DateTime::new(
+                    i16::try_from(c.year).ok()?,
+                    c.month as i8,
+                    c.day as i8,
+                    c.hour as i8,
+                    c.minute as i8,
+                    0,
+                    0,
+                )
+                .ok()?;
+                // Compatible: a gap's time moves forward by the gap, a fold's is its earlier one.
+                let t = tz.to_ambiguous_timestamp(dt).compatible().ok()?;
+                Some(t.as_millisecond())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,19 +207,22 @@ fn field(text: &str, lo: u32, hi: u32, names: &[&str], what: &str) -> Result<(u6
     Ok((bits, star))
 }
 
-/// Parses a zone: `UTC`, `Z`, or an offset `+HH:MM` / `-HHMM` / `UTC+HH[:MM]`; its offset in minutes.
-fn zone(z: &str) -> Result<i32, String> {
+/// Parses a zone: `UTC`, `Z`, an offset `+HH:MM` / `-HHMM` / `UTC+HH[:MM]`, or an IANA name.
+fn zone(z: &str) -> Result<Zone, String> {
     let rest = z.strip_prefix("UTC").or_else(|| z.strip_prefix("GMT")).unwrap_or(z);
     if rest.is_empty() || rest == "Z" {
-        return Ok(0);
+        return Ok(Zone::Fixed(0));
     }
     let (sign, digits) = match rest.as_bytes().first() {
         Some(b'+') => (1, &rest[1..]),
         Some(b'-') => (-1, &rest[1..]),
         _ => {
-            return Err(format!(
-                "time zone {z:?} is not supported: use UTC or a fixed offset such as +02:00 (IANA zone names are not supported yet)"
-            ))
+            return match jiff::tz::TimeZoneDatabase::bundled().get(z) {
+                Ok(tz) => Ok(Zone::Named(tz)),
+                Err(_) => Err(format!(
+                    "time zone {z:?} is not an IANA zone name (such as Europe/Berlin), UTC or an offset such as +02:00"
+                )),
+            }
         }
     };
     let digits: String = digits.chars().filter(|c| *c != ':').collect();
@@ -183,7 +235,7 @@ fn zone(z: &str) -> Result<i32, String> {
         _ => (None, None),
     };
     match (h, m) {
-        (Some(h), Some(m)) if h <= 14 && m < 60 => Ok(sign * (h * 60 + m)),
+        (Some(h), Some(m)) if h <= 14 && m < 60 => Ok(Zone::Fixed(sign * (h * 60 + m))),
         _ => Err(format!("time zone offset {z:?} is not ±HH:MM")),
     }
 }
@@ -193,11 +245,11 @@ impl Cron {
     pub fn parse(spec: &str) -> Result<Cron, CronError> {
         let err = |reason: String| CronError { spec: spec.to_string(), reason };
         let mut text = spec.trim();
-        let mut offset_min = 0;
+        let mut tz = Zone::Fixed(0);
         if let Some(rest) = text.strip_prefix("CRON_TZ=").or_else(|| text.strip_prefix("TZ=")) {
             let (z, after) =
                 rest.split_once(char::is_whitespace).ok_or_else(|| err("nothing after the time zone".into()))?;
-            offset_min = zone(z).map_err(err)?;
+            tz = zone(z).map_err(err)?;
             text = after.trim();
         }
         let fields = match text {
@@ -213,7 +265,7 @@ impl Cron {
                 if ms < 1000 {
                     return Err(err(format!("@every {d}: the interval must be at least 1s")));
                 }
-                return Ok(Cron { kind: Kind::Every { ms }, offset_min });
+                return Ok(Cron { kind: Kind::Every { ms }, zone: tz });
             }
             t if t.starts_with('@') => return Err(err(format!("unknown descriptor {t:?}"))),
             t => t,
@@ -242,13 +294,13 @@ impl Cron {
                 dom_star,
                 dow_star,
             },
-            offset_min,
+            zone: tz,
         })
     }
 
-    /// The zone's offset from UTC, in minutes.
-    pub fn offset_min(&self) -> i32 {
-        self.offset_min
+    /// The zone's offset from UTC at instant `ms`, in minutes (retention's periods are local).
+    pub fn offset_min_at(&self, ms: i64) -> i32 {
+        self.zone.offset_min_at(ms)
     }
 
     /// The first due instant strictly after `after_ms` (for `@every`: counted from `after_ms`, the
@@ -260,7 +312,7 @@ impl Cron {
                 (minutes, hours, doms, months, dows, dom_star, dow_star)
             }
         };
-        let off = i64::from(self.offset_min) * MINUTE_MS;
+        let off = i64::from(self.zone.offset_min_at(after_ms)) * MINUTE_MS;
         // Local minutes since the epoch, starting at the minute after `after_ms`.
         let mut local = (after_ms + off).div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS;
         let limit = local + SEARCH_DAYS_MAX * DAY_MS;
@@ -288,7 +340,12 @@ impl Cron {
                 local += MINUTE_MS;
                 continue;
             }
-            return Some(local - off);
+            // A due local time; in a zone with changes it may lie in a fold before `after_ms`.
+            match self.zone.instant_of(local) {
+                Some(t) if t > after_ms => return Some(t),
+                Some(_) => local += MINUTE_MS,
+                None => return None,
+            }
         }
         None
     }
@@ -406,7 +463,7 @@ pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
     let mut delete = Vec::new();
     if v.retention.is_set() {
         let list: Vec<(String, i64)> = v.backups.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
-        let keep = retain(&list, v.retention, v.cron.offset_min());
+        let keep = retain(&list, v.retention, v.cron);
         delete = v.backups.iter().filter(|b| b.ended && !keep.contains(&b.name)).map(|b| b.name.clone()).collect();
         delete.sort();
     }
@@ -464,7 +521,7 @@ fn period(ms: i64, offset_min: i32, rule: usize) -> i64 {
 
 /// The names of the backups `retention` keeps, of `backups` (name, start time); the rules' union.
 /// Newest first within each rule; ties broken by name so the choice is deterministic.
-pub fn retain(backups: &[(String, i64)], retention: &Retention, offset_min: i32) -> BTreeSet<String> {
+pub fn retain(backups: &[(String, i64)], retention: &Retention, cron: &Cron) -> BTreeSet<String> {
     let mut sorted: Vec<&(String, i64)> = backups.iter().collect();
     sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
     let mut keep = BTreeSet::new();
@@ -484,7 +541,7 @@ pub fn retain(backups: &[(String, i64)], retention: &Retention, offset_min: i32)
             if seen.len() as u32 >= n {
                 break;
             }
-            if seen.insert(period(*t, offset_min, rule)) {
+            if seen.insert(period(*t, cron.offset_min_at(*t), rule)) {
                 keep.insert(name.clone());
             }
         }
@@ -616,7 +673,7 @@ mod tests {
             ("@often", "unknown descriptor"),
             ("@every 10ms", "at least 1s"),
             ("@every soon", "@every"),
-            ("CRON_TZ=Europe/Berlin 0 3 * * *", "IANA zone names are not supported yet"),
+            ("CRON_TZ=Mars/Olympus_Mons 0 3 * * *", "not an IANA zone name"),
             ("CRON_TZ=+25:00 0 3 * * *", "not ±HH:MM"),
         ] {
             let e = Cron::parse(spec).unwrap_err().to_string();
@@ -656,7 +713,8 @@ mod tests {
         let start = at(2026, 1, 1, 0, 0);
         let backups: Vec<(String, i64)> =
             (0..160).map(|i| (backup_name("s", start + i * 6 * HOUR_MS), start + i * 6 * HOUR_MS)).collect();
-        let keep = |r: Retention| retain(&backups, &r, 0);
+        let utc = Cron::parse("@daily").unwrap();
+        let keep = |r: Retention| retain(&backups, &r, &utc);
         let last3 = keep(Retention { keep_last: Some(3), ..Retention::default() });
         assert_eq!(last3.len(), 3);
         assert!(last3.contains(&backups[159].0) && last3.contains(&backups[157].0));
@@ -679,8 +737,39 @@ mod tests {
         // In a zone two hours ahead, 22:00 UTC is already the next day.
         let late = vec![("a".to_string(), at(2026, 3, 1, 21, 0)), ("b".to_string(), at(2026, 3, 1, 23, 0))];
         let r = Retention { keep_daily: Some(2), ..Retention::default() };
-        assert_eq!(retain(&late, &r, 0).len(), 1);
-        assert_eq!(retain(&late, &r, 120).len(), 2);
+        assert_eq!(retain(&late, &r, &utc).len(), 1);
+        assert_eq!(retain(&late, &r, &Cron::parse("CRON_TZ=+02:00 @daily").unwrap()).len(), 2);
+        // In Europe/Berlin, 23:30 UTC is the next day in summer (+2) and in winter (+1).
+        let berlin = Cron::parse("CRON_TZ=Europe/Berlin @daily").unwrap();
+        let pair = |y, m, d| vec![("a".to_string(), at(y, m, d, 22, 10)), ("b".to_string(), at(y, m, d, 23, 30))];
+        assert_eq!(retain(&pair(2026, 7, 1), &r, &berlin).len(), 1, "summer: both on the next day");
+        assert_eq!(retain(&pair(2026, 12, 1), &r, &berlin).len(), 2, "winter: 23:10 and 00:30");
+    }
+
+    #[test]
+    fn iana_zones_follow_daylight_saving_time() {
+        let next = |s: &str, t: i64| Cron::parse(s).unwrap().next_after(t).unwrap();
+        // 03:00 in Berlin: 02:00 UTC in winter, 01:00 UTC in summer.
+        assert_eq!(next("CRON_TZ=Europe/Berlin 0 3 * * *", at(2026, 12, 2, 12, 0)), at(2026, 12, 3, 2, 0));
+        assert_eq!(next("CRON_TZ=Europe/Berlin 0 3 * * *", at(2026, 7, 2, 12, 0)), at(2026, 7, 3, 1, 0));
+        assert_eq!(next("TZ=Asia/Kolkata 0 0 * * *", at(2026, 12, 2, 12, 0)), at(2026, 12, 2, 18, 30));
+        // New York springs forward on 2027-03-14 at 02:00 (EST, -5) to 03:00 (EDT, -4): 02:30 does
+        // not exist that day and is due an hour of wall clock later, 03:30 EDT.
+        let ny_230 = "CRON_TZ=America/New_York 30 2 * * *";
+        assert_eq!(next(ny_230, at(2027, 3, 13, 12, 0)), at(2027, 3, 14, 7, 30));
+        assert_eq!(next(ny_230, at(2027, 3, 14, 7, 30)), at(2027, 3, 15, 6, 30), "then 02:30 EDT again");
+        // Hourly across the gap: 01:00 EST, then 03:00 EDT (the 02:00 that never was), 04:00 EDT.
+        let hourly = "CRON_TZ=America/New_York 0 * * * *";
+        assert_eq!(next(hourly, at(2027, 3, 14, 6, 0)), at(2027, 3, 14, 7, 0));
+        assert_eq!(next(hourly, at(2027, 3, 14, 7, 0)), at(2027, 3, 14, 8, 0));
+        // Falls back on 2026-11-01 at 02:00 EDT to 01:00 EST: 01:30 happens twice, due once, first.
+        let ny_130 = "CRON_TZ=America/New_York 30 1 * * *";
+        assert_eq!(next(ny_130, at(2026, 10, 31, 12, 0)), at(2026, 11, 1, 5, 30));
+        assert_eq!(next(ny_130, at(2026, 11, 1, 5, 30)), at(2026, 11, 2, 6, 30), "not again at 06:30 UTC");
+        let half = "CRON_TZ=America/New_York 30 * * * *";
+        assert_eq!(next(half, at(2026, 11, 1, 5, 30)), at(2026, 11, 1, 7, 30), "02:30 EST follows the first 01:30");
+        // From inside the repeated hour (01:10 EST, the second time): nothing until 02:30 EST.
+        assert_eq!(next(half, at(2026, 11, 1, 6, 10)), at(2026, 11, 1, 7, 30));
     }
 
     #[test]

@@ -48,6 +48,8 @@ const CRONS: &[&str] = &[
     "@weekly",
     "@daily",
     "CRON_TZ=+05:30 0 1 * * *",
+    "CRON_TZ=America/New_York 30 1 * * *",
+    "CRON_TZ=Europe/Berlin 30 2 * * *",
     "0 0 1 * *",
 ];
 
@@ -128,7 +130,8 @@ fn judge_period(ms: i64, offset_min: i32, rule: usize) -> i64 {
 }
 
 /// The judge's retention: the names kept of `set` (name, start).
-fn judge_keep(set: &[(String, i64)], r: &Retention, offset_min: i32) -> BTreeSet<String> {
+/// `offset_min_at` is the zone's offset at an instant (the tz database's, for an IANA zone).
+fn judge_keep(set: &[(String, i64)], r: &Retention, offset_min_at: impl Fn(i64) -> i32) -> BTreeSet<String> {
     let mut sorted = set.to_vec();
     sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
     let mut keep: BTreeSet<String> =
@@ -137,7 +140,7 @@ fn judge_keep(set: &[(String, i64)], r: &Retention, offset_min: i32) -> BTreeSet
         let n = n.unwrap_or(0) as usize;
         let mut periods = Vec::new();
         for (name, t) in &sorted {
-            let p = judge_period(*t, offset_min, rule);
+            let p = judge_period(*t, offset_min_at(*t), rule);
             if periods.len() < n && !periods.contains(&p) {
                 periods.push(p);
                 keep.insert(name.clone());
@@ -316,7 +319,7 @@ pub fn simulate_year(seed: u64) -> YearReport {
             }
             // Retention deletions, judged against the set the step saw.
             let set: Vec<(String, i64)> = seen.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
-            let keep = judge_keep(&set, &s.retention, s.cron.offset_min());
+            let keep = judge_keep(&set, &s.retention, |t| s.cron.offset_min_at(t));
             for victim in &plan.delete {
                 let ended = seen.iter().any(|b| &b.name == victim && b.ended);
                 if keep.contains(victim) || !ended {
@@ -425,7 +428,7 @@ pub fn simulate_year(seed: u64) -> YearReport {
             .map(|n| (n.clone(), backups[n].started))
             .collect();
         if s.retention.is_set() {
-            let keep = judge_keep(&left, &s.retention, s.cron.offset_min());
+            let keep = judge_keep(&left, &s.retention, |t| s.cron.offset_min_at(t));
             // Only ended backups, and only once the schedule was looked at after they ended.
             for (n, _) in &left {
                 let b = &backups[n];
@@ -459,7 +462,7 @@ mod tests {
         let set =
             vec![("a".to_string(), START + HOUR), ("b".to_string(), START + 2 * HOUR), ("c".to_string(), START + DAY)];
         let r = Retention { keep_daily: Some(2), ..Retention::default() };
-        assert_eq!(judge_keep(&set, &r, 0), BTreeSet::from(["b".to_string(), "c".to_string()]));
+        assert_eq!(judge_keep(&set, &r, |_| 0), BTreeSet::from(["b".to_string(), "c".to_string()]));
         assert_eq!(judge_period(START, 0, 3), 2026 * 12);
         assert_eq!(judge_period(START + 31 * DAY, 0, 3), 2026 * 12 + 1);
     }

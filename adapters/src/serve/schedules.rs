@@ -55,7 +55,7 @@ pub const SCHEDULE_LABEL: &str = "velero.io/schedule-name";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleSpec {
-    /// Cron (five fields, `@daily`, `@every 6h`, optional `CRON_TZ=<offset>`; docs/schedules.md).
+    /// Cron (five fields, `@daily`, `@every 6h`, optional `CRON_TZ=<zone>`: an IANA name or an offset; docs/schedules.md).
     pub schedule: String,
     /// The spec of every Backup it makes.
     pub template: BackupSpec,
