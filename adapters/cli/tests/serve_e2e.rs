@@ -527,21 +527,76 @@ fn two_replicas_one_leads_and_the_other_takes_over_when_it_dies() {
 /// The ClusterRole grants exactly what the controller calls: every request the controller made
 /// (from the fake API server's own request log) is granted by the rules, and every verb of every
 /// rule was needed by some request no other rule grants.
-#[test]
-fn the_cluster_role_grants_exactly_what_the_controller_calls() {
-    use blockwise_adapters::serve::install::{granted, rbac_checks, RULES};
-    use blockwise_simulator::server::FakeApiServer;
+/// The demo cluster served in this process (its request log, faults and fake CSI storage are
+/// readable), with the controller's manifests installed.
+fn in_process_sim(rt: &tokio::runtime::Runtime) -> (blockwise_simulator::server::FakeApiServer, Sim) {
     use std::sync::Arc;
-    let rt = rt();
     let cluster = blockwise_simulator::demo::demo_cluster_with(OBJECTS, blockwise_simulator::demo::DEMO_SEED, false)
         .with_csi(blockwise_simulator::demo::demo_csi(0))
         .with_clock(Arc::new(blockwise_adapters::world::TokioRuntime));
-    let server = rt.block_on(FakeApiServer::start(Arc::new(cluster), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let server = rt
+        .block_on(blockwise_simulator::server::FakeApiServer::start(Arc::new(cluster), "127.0.0.1:0".parse().unwrap()))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).unwrap();
+    server.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
     let sim = Sim { _proc: Proc::spawn(Command::new("true"), true), dir };
     sim.install();
+    (server, sim)
+}
+
+/// The storage snapshots the fake driver of `server` holds and has not deleted.
+fn live_storage(server: &blockwise_simulator::server::FakeApiServer) -> std::collections::BTreeSet<String> {
+    (server.cluster().storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none())).map(|x| x.handle).collect()
+}
+
+/// A Backup deleted while every snapshot deletion is refused stays (its finalizer retried,
+/// counted as a GC failure); the controller is killed with SIGKILL in that state, and the next
+/// one finishes the deletion: storage snapshots, files and log, then the object.
+#[test]
+fn a_deletion_that_fails_and_is_killed_is_finished_by_the_next_controller() {
+    use blockwise_simulator::server::{Fault, Verb};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let ns = namespaces();
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("doomed", &ns[..1])));
+    ctl.wait_for("backup blockwise-system/doomed: Completed");
+    let held = live_storage(&server);
+    assert!(!held.is_empty(), "the backup retained no snapshot");
+    let files = data.join("namespaces").join(NS);
+    let vsc = "volumesnapshotcontents.snapshot.storage.k8s.io";
+    server.faults().add(Fault::new(Verb::Write, Some(vsc), 403, u32::MAX));
+    sim.kubectl_ok(&["delete", "bwb", "doomed", "-n", NS, "--wait=false"], None);
+    let line = ctl.wait_for("warning: backup blockwise-system/doomed:");
+    assert!(line.contains("storage snapshots failed") && line.contains("retrying"), "{line}");
+    let metrics_line = ctl.wait_for("metrics on http://");
+    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let text = http_get(&addr, "/metrics");
+    let failures = text
+        .lines()
+        .find_map(|l| l.strip_prefix("blockwise_gc_failures_total ").and_then(|v| v.trim().parse::<f64>().ok()));
+    assert!(failures.is_some_and(|n| n >= 1.0), "the failed finalizer is not counted: {text}");
+    ctl.kill();
+    assert_eq!(live_storage(&server), held, "a refused deletion deleted a snapshot");
+    assert!(files.join("backups/doomed").exists() && files.join("store/backups/doomed").exists());
+    server.faults().clear();
+    let _next = sim.controller(&data, &["--no-leader-election"]);
+    rt.block_on(async {
+        let gone = |b: Option<&Backup>| b.is_none();
+        tokio::time::timeout(Duration::from_secs(60), await_condition(api(&sim).await, "doomed", gone)).await
+    })
+    .expect("the next controller did not finish the deletion within 60 s")
+    .unwrap();
+    assert!(live_storage(&server).is_disjoint(&held), "snapshots of the deleted backup are left");
+    assert!(!files.join("backups/doomed").exists() && !files.join("store/backups/doomed").exists());
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_controller_calls() {
+    use blockwise_adapters::serve::install::{granted, rbac_checks, RULES};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
     let ns = namespaces();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("rbac", &ns)));
     // From here until the controller says it is done, only the controller talks to the server.
@@ -552,11 +607,7 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     // One that expires at once: the garbage collector deletes it (its finalizer then its storage
     // snapshots and files). Judged from the fake driver's storage: exactly the snapshots the
     // first backup retained are left, and the second one had cut some.
-    let live = || -> std::collections::BTreeSet<String> {
-        (server.cluster().storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none()))
-            .map(|x| x.handle)
-            .collect()
-    };
+    let live = || live_storage(&server);
     let retained_by_rbac = live();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&expiring_backup_yaml("rbac-ttl", &ns[..1], "1s")));
     ctl.wait_for("backup blockwise-system/rbac-ttl: expired at");
