@@ -833,7 +833,10 @@ fn inspect(a: InspectArgs, data: &DataDir) -> Result<ExitCode> {
 
 fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
     if !a.confirm {
-        return Err(usage(format!("deleting backup {} removes its archive and log: pass --confirm", a.name)));
+        return Err(usage(format!(
+            "deleting backup {} removes its storage snapshots, archive and log: pass --confirm",
+            a.name
+        )));
     }
     // Only a backup that exists, and that no process is running (its log would be in use).
     let holds = match data.status(&a.name).map_err(session_err)? {

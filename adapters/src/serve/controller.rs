@@ -14,8 +14,9 @@
 //!   winning; the final status is patched after every earlier patch has finished.
 //! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes the storage snapshots it
 //!   holds (`csi::delete_retained`), its store files and log, then removes the finalizer (a
-//!   failure is counted in `blockwise_gc_failures_total` and retried). Finalizers are changed by merge patches that carry the object's
-//!   resourceVersion, so a concurrent change is a conflict and the reconcile runs again.
+//!   failure is counted in `blockwise_gc_failures_total` and retried). Finalizers are changed by
+//!   merge patches that carry the object's resourceVersion, so a concurrent change is a conflict
+//!   and the reconcile runs again.
 //! - **Queue** (Velero 1.18): at most `concurrent_backups` run; a Backup whose included
 //!   namespaces may overlap a running one's, or an earlier waiting one's, waits in `Queued` with
 //!   `status.queuePosition`.
