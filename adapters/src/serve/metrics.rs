@@ -46,9 +46,11 @@ pub struct Metrics {
     pub hook_failures: Counter,
     /// Seconds each group commit of an event log took.
     pub log_flush: Histogram,
-    /// Expired Backups the garbage collector deleted.
+    /// Backups deleted because their ttl passed (the garbage collector) or their Schedule's
+    /// retention does not keep them.
     pub gc_deleted: Counter,
-    /// Deletions of expired Backups that failed (retried at the next pass).
+    /// Deletions that failed: of such a Backup through the API (retried at the next pass), or of a
+    /// deleted Backup's snapshots and files by its finalizer (retried until it succeeds).
     pub gc_failures: Counter,
     /// Backups started by Schedules.
     pub schedule_runs: Counter,
@@ -112,8 +114,16 @@ impl Metrics {
             r.register("blockwise_hook_duration_seconds", "Time each hook ran", m.hook_duration.clone());
             r.register("blockwise_hook_failures", "Hooks that did not succeed", m.hook_failures.clone());
             r.register("blockwise_log_flush_seconds", "Time of each event-log group commit", m.log_flush.clone());
-            r.register("blockwise_gc_deleted", "Expired backups the garbage collector deleted", m.gc_deleted.clone());
-            r.register("blockwise_gc_failures", "Deletions of expired backups that failed", m.gc_failures.clone());
+            r.register(
+                "blockwise_gc_deleted",
+                "Backups deleted because their ttl passed or their schedule's retention does not keep them",
+                m.gc_deleted.clone(),
+            );
+            r.register(
+                "blockwise_gc_failures",
+                "Backup deletions that failed (through the API, or of a backup's snapshots and files); retried",
+                m.gc_failures.clone(),
+            );
             r.register("blockwise_schedule_runs", "Backups started by schedules", m.schedule_runs.clone());
             r.register(
                 "blockwise_schedule_skipped",
