@@ -857,6 +857,30 @@ fn a_restore_applied_with_kubectl_recreates_a_backup_in_a_new_namespace_and_resu
     let r = wait_restore(&rt, &sim, "nothing", 60, "FailedValidation");
     let reason = r.status.unwrap().failure_reason.unwrap();
     assert!(reason.contains("merge"), "{reason}");
+    // The second controller's counters: the resumed restore (not a new attempt), its end, the
+    // refused one, and at most the objects the API server holds as restored.
+    let metrics_line = ctl.wait_for("metrics on http://");
+    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let text = http_get(&addr, "/metrics");
+    promtool_check(&text);
+    let value = |name: &str| -> f64 {
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} is missing:\n{text}"))
+    };
+    assert_eq!(value("blockwise_restore_attempt_total"), 0.0);
+    assert_eq!(value("blockwise_restore_resumed_total"), 1.0);
+    assert_eq!(value("blockwise_restore_success_total"), 1.0);
+    assert_eq!(value("blockwise_restore_validation_failed_total"), 1.0);
+    assert_eq!(value("blockwise_restore_partial_failure_total") + value("blockwise_restore_failed_total"), 0.0);
+    // What the API server holds as restored: the namespace's objects and the namespace itself.
+    let namespace: serde_json::Value =
+        serde_json::from_str(&sim.kubectl_ok(&["get", "ns", &target, "-o", "json"], None)).unwrap();
+    assert_eq!(namespace["metadata"]["labels"]["velero.io/restore-name"], "back", "{namespace}");
+    let held = got.len() + 1;
+    let items = value("blockwise_restore_items_total");
+    assert!(items > 0.0 && items <= held as f64, "{items} items restored, {held} held by the API server");
 }
 
 #[test]

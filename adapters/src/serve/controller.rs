@@ -278,6 +278,7 @@ async fn lead_then_reconcile(
         ctx.source.clone(),
         ctx.cfg.data_dir.clone(),
         Duration::from_millis(ctx.cfg.status_interval_ms),
+        ctx.metrics.clone(),
     ));
     // Schedules, which make Backups and apply their retention rules (`serve/schedules.rs`).
     let (schedule_api, schedule_backups): (Api<super::schedules::Schedule>, Api<Backup>) = match &ctx.cfg.namespace {

@@ -56,6 +56,20 @@ pub struct Metrics {
     pub schedule_runs: Counter,
     /// Due Schedule runs skipped because the previous Backup still ran.
     pub schedule_skipped: Counter,
+    /// Restores started (a resume is not a new attempt).
+    pub restore_attempt: Counter,
+    /// Restores Completed.
+    pub restore_success: Counter,
+    /// Restores PartiallyFailed.
+    pub restore_partial_failure: Counter,
+    /// Restores Failed.
+    pub restore_failed: Counter,
+    /// Restores FailedValidation.
+    pub restore_validation_failed: Counter,
+    /// Restores resumed from their logs by a (re)started controller.
+    pub restore_resumed: Counter,
+    /// Items restored (created, or patched under `update`), over all restores.
+    pub restore_items: Counter,
 }
 
 impl Default for Metrics {
@@ -86,6 +100,13 @@ impl Metrics {
             gc_failures: Counter::default(),
             schedule_runs: Counter::default(),
             schedule_skipped: Counter::default(),
+            restore_attempt: Counter::default(),
+            restore_success: Counter::default(),
+            restore_partial_failure: Counter::default(),
+            restore_failed: Counter::default(),
+            restore_validation_failed: Counter::default(),
+            restore_resumed: Counter::default(),
+            restore_items: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(PoisonError::into_inner);
@@ -130,6 +151,25 @@ impl Metrics {
                 "Due schedule runs skipped while the previous backup still ran",
                 m.schedule_skipped.clone(),
             );
+            r.register("blockwise_restore_attempt", "Restores started", m.restore_attempt.clone());
+            r.register("blockwise_restore_success", "Restores that ended Completed", m.restore_success.clone());
+            r.register(
+                "blockwise_restore_partial_failure",
+                "Restores that ended PartiallyFailed",
+                m.restore_partial_failure.clone(),
+            );
+            r.register("blockwise_restore_failed", "Restores that ended Failed", m.restore_failed.clone());
+            r.register(
+                "blockwise_restore_validation_failed",
+                "Restores that ended FailedValidation",
+                m.restore_validation_failed.clone(),
+            );
+            r.register(
+                "blockwise_restore_resumed",
+                "Restores resumed from their event logs",
+                m.restore_resumed.clone(),
+            );
+            r.register("blockwise_restore_items", "Items restores created or updated", m.restore_items.clone());
         }
         m
     }

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use blockwise_engine::ports::Cluster;
-use blockwise_engine::restore_run::{ExistingPolicy, RestoreEvent, RestoreSpec as EngineRestoreSpec, RestoreState};
+use blockwise_engine::restore_run::{
+    ExistingPolicy, ItemOutcome, RestoreEvent, RestorePhase, RestoreSpec as EngineRestoreSpec, RestoreState,
+};
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -29,6 +31,7 @@ use tokio::sync::watch;
 
 use super::controller::{status_merge_patch, FIELD_MANAGER};
 use super::crd::{phase, selector_string, LabelSelector, WORKERS_DEFAULT};
+use super::metrics::Metrics;
 use crate::report::rfc3339;
 use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
 use crate::session::{ClusterSource, DataDir, SessionError};
@@ -183,6 +186,8 @@ pub struct RestoreCtx {
     pub data_dir: PathBuf,
     /// Least time between two status patches of a running restore.
     pub status_interval: Duration,
+    /// Counters (`blockwise_restore_*`).
+    pub metrics: Arc<Metrics>,
     running: Mutex<BTreeSet<(String, String)>>,
     ended: Mutex<BTreeSet<(String, String, String)>>,
 }
@@ -195,6 +200,7 @@ impl RestoreCtx {
         source: ClusterSource,
         data_dir: PathBuf,
         status_interval: Duration,
+        metrics: Arc<Metrics>,
     ) -> RestoreCtx {
         RestoreCtx {
             client,
@@ -202,6 +208,7 @@ impl RestoreCtx {
             source,
             data_dir,
             status_interval,
+            metrics,
             running: Mutex::new(BTreeSet::new()),
             ended: Mutex::new(BTreeSet::new()),
         }
@@ -231,6 +238,11 @@ async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) ->
         .await
         .map(|_| ())
         .map_err(|e| RestoreReconcileError::Kube(format!("patching the status of restore {name}: {e}")))
+}
+
+/// Items a restore created or patched.
+fn written(state: &RestoreState) -> u64 {
+    state.done.values().filter(|o| matches!(o, ItemOutcome::Created | ItemOutcome::Updated)).count() as u64
 }
 
 /// The status of a restore from its folded state.
@@ -285,6 +297,10 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
                 ..status
             };
             patch_status(&api, &name, &failed).await?;
+            // A reconcile from a cache that has not seen this patch yet must not count it again.
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid)) {
+                ctx.metrics.restore_validation_failed.inc();
+            }
             eprintln!("restore {ns}/{name}: FailedValidation: {}", failed.failure_reason.unwrap_or_default());
             return Ok(Action::await_change());
         }
@@ -316,8 +332,10 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let mut base = status;
     if resumed {
         base.resumed_count += 1;
+        ctx.metrics.restore_resumed.inc();
         eprintln!("restore {ns}/{name}: resuming from its log (resume {})", base.resumed_count);
     } else {
+        ctx.metrics.restore_attempt.inc();
         eprintln!("restore {ns}/{name}: started");
     }
     let handle = tokio::runtime::Handle::current();
@@ -355,6 +373,7 @@ impl RestoreObserver for StatusObserver {
 async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, ctx: &RestoreCtx, ns: &str) {
     let name = session.state().spec.name.clone();
     let first = status_of(session.state(), &base);
+    let written_before = written(session.state());
     if let Err(e) = patch_status(api, &name, &first).await {
         eprintln!("warning: restore {name}: {e}");
     }
@@ -377,7 +396,20 @@ async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, c
     drop(observer);
     let _ = patcher.await;
     let end = match result {
-        Ok(state) => status_of(&state, &base),
+        Ok(state) => {
+            let counter = match state.phase() {
+                RestorePhase::Completed => Some(&ctx.metrics.restore_success),
+                RestorePhase::PartiallyFailed => Some(&ctx.metrics.restore_partial_failure),
+                RestorePhase::Failed => Some(&ctx.metrics.restore_failed),
+                RestorePhase::InProgress => None,
+            };
+            if let Some(c) = counter {
+                c.inc();
+            }
+            // This run's items: a resumed restore's earlier ones were counted by the run before.
+            ctx.metrics.restore_items.inc_by(written(&state).saturating_sub(written_before));
+            status_of(&state, &base)
+        }
         // The run stopped (the cluster unavailable, the archive gone): the Restore stays
         // InProgress with the reason, and the next controller start resumes it.
         Err(e) => RestoreStatus { failure_reason: Some(e.to_string()), ..first },
