@@ -81,6 +81,8 @@ pub use watch::{WATCH_POLL_MS_MAX, WATCH_SECONDS_DEFAULT, WATCH_SECONDS_MAX};
 pub const KUBECONFIG_CONTEXT: &str = "blockwise-simulator";
 /// Exec subprotocols served, in order of preference.
 pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The least time from a WebSocket exec's upgrade to its first output (see `run_exec`).
+pub const EXEC_START_MS: u64 = 10;
 
 /// Which kind of call a [`Fault`] applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1128,7 +1130,16 @@ async fn run_exec(
     command: Vec<String>,
     cancelled: Arc<AtomicU64>,
 ) {
-    let run = cluster.exec(&pod, &container, &command);
+    // A container runtime takes milliseconds to start an exec'd process, and kubectl (client-go's
+    // WebSocket executor, 1.30 and later) relies on it: its reader starts before it registers its
+    // streams, and a frame that arrives first is dropped ("Unknown stream id 1"). The fake's
+    // output would otherwise come at once; seen once under load in CI as an empty `echo hi`.
+    let started = tokio::time::Instant::now() + std::time::Duration::from_millis(EXEC_START_MS);
+    let run = async {
+        let r = cluster.exec(&pod, &container, &command).await;
+        tokio::time::sleep_until(started).await;
+        r
+    };
     tokio::pin!(run);
     let result = loop {
         tokio::select! {
