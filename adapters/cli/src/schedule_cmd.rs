@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
 use blockwise_adapters::report::rfc3339;
-use blockwise_adapters::serve::crd::{Backup, BackupSpec, LabelSelector, LabelSelectorRequirement, Locations};
+use blockwise_adapters::serve::crd::{Backup, BackupSpec, LabelSelector, Locations};
 use blockwise_adapters::serve::schedules::{RetentionSpec, Schedule, ScheduleSpec, SCHEDULE_LABEL};
 use blockwise_engine::schedule::Cron;
 use clap::{Args, Subcommand};
@@ -179,54 +179,16 @@ fn api_err(what: String, server: &str) -> impl FnOnce(kube::Error) -> anyhow::Er
     }
 }
 
-/// A selector string (`a=b,c!=d,e in (x,y),f notin (z),g,!h`) as a `metav1.LabelSelector`;
-/// checked with the engine's parser first, so what is accepted here is what a Backup runs.
+/// A selector string (`a=b,c!=d,e in (x,y),f notin (z),g,!h`) as a `metav1.LabelSelector`:
+/// parsed by the engine, so what is accepted here is what a Backup runs, and shaped by it
+/// (`LabelSelector::to_k8s_json`).
 fn label_selector(text: &str) -> Result<LabelSelector, String> {
-    blockwise_engine::spec::LabelSelector::parse(text).map_err(|e| e.to_string())?;
-    let mut parts = Vec::new();
-    let (mut depth, mut start) = (0i32, 0usize);
-    for (i, c) in text.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&text[start..]);
-    let mut sel = LabelSelector::default();
-    let req = |key: &str, operator: &str, values: Vec<String>| LabelSelectorRequirement {
-        key: key.trim().to_string(),
-        operator: operator.to_string(),
-        values,
-    };
-    let set = |rest: &str| -> Vec<String> {
-        let inner = rest.trim().trim_start_matches('(').trim_end_matches(')');
-        inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect()
-    };
-    for part in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
-        if let Some((k, v)) = part.split_once("!=") {
-            sel.match_expressions.push(req(k, "NotIn", vec![v.trim().to_string()]));
-        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-            sel.match_labels.insert(k.trim().to_string(), v.trim().to_string());
-        } else if let Some((k, rest)) = part.split_once(" notin ") {
-            sel.match_expressions.push(req(k, "NotIn", set(rest)));
-        } else if let Some((k, rest)) = part.split_once(" in ") {
-            sel.match_expressions.push(req(k, "In", set(rest)));
-        } else if let Some(k) = part.strip_prefix('!') {
-            sel.match_expressions.push(req(k, "DoesNotExist", Vec::new()));
-        } else {
-            sel.match_expressions.push(req(part, "Exists", Vec::new()));
-        }
-    }
-    Ok(sel)
+    let parsed = blockwise_engine::spec::LabelSelector::parse(text).map_err(|e| e.to_string())?;
+    serde_json::from_value(parsed.to_k8s_json()).map_err(|e| format!("{text:?}: {e}"))
 }
 
-/// The Schedule `create` asks for, or why not (exit 2).
-fn schedule_of(a: &CreateArgs) -> Result<Schedule> {
+/// The Schedule `create` asks for and its parsed cron, or why not (exit 2).
+fn schedule_of(a: &CreateArgs) -> Result<(Schedule, Cron)> {
     let template = BackupSpec {
         included_namespaces: a.include_namespaces.clone(),
         excluded_namespaces: a.exclude_namespaces.clone(),
@@ -270,12 +232,12 @@ fn schedule_of(a: &CreateArgs) -> Result<Schedule> {
     if let Some(l) = &a.storage_location {
         locations.named.insert(l.clone(), blockwise_adapters::session::StorageSpec::Local { root: None });
     }
-    s.validate(&locations).map_err(|errors| usage(errors.join("; ")))?;
-    Ok(s)
+    let (cron, _) = s.validate(&locations).map_err(|errors| usage(errors.join("; ")))?;
+    Ok((s, cron))
 }
 
 fn create(a: CreateArgs) -> Result<ExitCode> {
-    let schedule = schedule_of(&a)?;
+    let (schedule, cron) = schedule_of(&a)?;
     let rt = runtime()?;
     let (client, server) = client(&a.target, &rt)?;
     let api: Api<Schedule> = Api::namespaced(client, &a.target.namespace);
@@ -287,7 +249,6 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(api_err(what, &server)(e)),
     }
-    let cron = Cron::parse(&a.schedule).map_err(|e| usage(e.to_string()))?;
     let now = blockwise_adapters::world::Runtime::now_ms(&blockwise_adapters::world::TokioRuntime) as i64;
     let next = match cron.next_after(now) {
         Some(t) if !a.paused => format!("; first run at {} (UTC)", rfc3339(t.max(0) as u64)),
