@@ -283,6 +283,27 @@ struct ClusterArgs {
     shape: DemoArgs,
 }
 
+/// Which objects: Velero's filter flags, shared by `backup create`, `restore create` and
+/// `schedule create`.
+#[derive(Args, Debug, Clone)]
+pub struct FilterArgs {
+    /// Namespaces to include (comma-separated, '*' globs); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub include_namespaces: Vec<String>,
+    /// Namespaces to exclude.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_namespaces: Vec<String>,
+    /// Resources to include (plural, plural.group or kind); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub include_resources: Vec<String>,
+    /// Resources to exclude.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_resources: Vec<String>,
+    /// Label selector, e.g. 'app=db,tier in (a,b)'.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+}
+
 /// The built-in demo cluster's shape (`backup create` and `simulator serve`).
 #[derive(Args, Debug, Clone)]
 struct DemoArgs {
@@ -305,24 +326,11 @@ struct CreateArgs {
     /// Blocks backed up in parallel.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     workers: u32,
-    /// Namespaces to include (comma-separated, '*' globs); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_namespaces: Vec<String>,
-    /// Namespaces to exclude.
-    #[arg(long, value_delimiter = ',')]
-    exclude_namespaces: Vec<String>,
-    /// Resources to include (plural, plural.group or kind); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_resources: Vec<String>,
-    /// Resources to exclude.
-    #[arg(long, value_delimiter = ',')]
-    exclude_resources: Vec<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Include cluster-scoped resources (unset: only when all namespaces are included).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     include_cluster_resources: Option<bool>,
-    /// Label selector, e.g. 'app=db,tier in (a,b)'.
-    #[arg(short = 'l', long)]
-    selector: Option<String>,
     /// Ordered resources: 'pods=ns/a,ns/b;persistentvolumes=pv1'.
     #[arg(long)]
     ordered_resources: Option<String>,
@@ -659,12 +667,12 @@ fn report_end(name: &str, result: Result<BackupState, RunError>, store: &dyn Sto
 fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     validate_backup_name(&a.name).map_err(|e| usage(e.to_string()))?;
     let mut spec = BackupSpec::new(&a.name);
-    spec.included_namespaces = a.include_namespaces;
-    spec.excluded_namespaces = a.exclude_namespaces;
-    spec.included_resources = a.include_resources;
-    spec.excluded_resources = a.exclude_resources;
+    spec.included_namespaces = a.filter.include_namespaces;
+    spec.excluded_namespaces = a.filter.exclude_namespaces;
+    spec.included_resources = a.filter.include_resources;
+    spec.excluded_resources = a.filter.exclude_resources;
     spec.include_cluster_resources = a.include_cluster_resources;
-    spec.label_selector = a.selector;
+    spec.label_selector = a.filter.selector;
     spec.volume_group_label = a.volume_group_label;
     if let Some(o) = &a.ordered_resources {
         spec.ordered_resources = parse_ordered_resources(o).map_err(|e| usage(e.to_string()))?;

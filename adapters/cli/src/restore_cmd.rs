@@ -22,7 +22,7 @@ use blockwise_engine::restore_run::{
 };
 use clap::{Args, Subcommand};
 
-use crate::cli::{emit, runtime, session_err, storage_from_args, usage, StorageArgs};
+use crate::cli::{emit, runtime, session_err, storage_from_args, usage, FilterArgs, StorageArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum RestoreCommand {
@@ -48,18 +48,9 @@ pub struct CreateArgs {
     /// A Velero archive file (NAME.tar.gz) to restore instead of a backup.
     #[arg(long)]
     from_file: Option<PathBuf>,
-    /// Namespaces to restore (comma-separated, '*' globs); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_namespaces: Vec<String>,
-    /// Namespaces not to restore.
-    #[arg(long, value_delimiter = ',')]
-    exclude_namespaces: Vec<String>,
-    /// Resources to restore (plural, plural.group or kind); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_resources: Vec<String>,
-    /// Resources not to restore.
-    #[arg(long, value_delimiter = ',')]
-    exclude_resources: Vec<String>,
+    // Which objects of the archive to restore.
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Namespace mappings, OLD:NEW (comma-separated).
     #[arg(long)]
     namespace_mappings: Option<String>,
@@ -71,9 +62,6 @@ pub struct CreateArgs {
     /// PersistentVolumes as archived.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     restore_volumes: Option<bool>,
-    /// Only objects whose labels match, e.g. 'app=db'.
-    #[arg(short = 'l', long)]
-    selector: Option<String>,
     /// Creates in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     workers: u32,
@@ -187,16 +175,16 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
             .unwrap_or_else(|| "archive".into()),
     };
     let mut spec = RestoreSpec::new(&a.name, &backup_name);
-    spec.included_namespaces = a.include_namespaces;
-    spec.excluded_namespaces = a.exclude_namespaces;
-    spec.included_resources = a.include_resources;
-    spec.excluded_resources = a.exclude_resources;
+    spec.included_namespaces = a.filter.include_namespaces;
+    spec.excluded_namespaces = a.filter.exclude_namespaces;
+    spec.included_resources = a.filter.include_resources;
+    spec.excluded_resources = a.filter.exclude_resources;
     if let Some(m) = &a.namespace_mappings {
         spec.namespace_mapping = parse_namespace_mappings(m).map_err(usage)?;
     }
     spec.existing_resource_policy = ExistingPolicy::parse(&a.existing_resource_policy).map_err(usage)?;
     spec.restore_volumes = a.restore_volumes.unwrap_or(false);
-    spec.label_selector = a.selector;
+    spec.label_selector = a.filter.selector;
     spec.validate().map_err(|e| usage(e.to_string()))?;
     let cluster_source = target(a.kubeconfig, a.context)?;
     let rt = runtime()?;

@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
-use crate::cli::{emit, runtime, usage};
+use crate::cli::{emit, runtime, usage, FilterArgs};
 
 /// The schedule subcommands.
 #[derive(Subcommand, Debug)]
@@ -56,24 +56,12 @@ pub struct CreateArgs {
     /// `CRON_TZ=<zone> ` prefix (docs/schedules.md).
     #[arg(long)]
     schedule: String,
-    /// Namespaces to include (comma-separated, '*' globs); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_namespaces: Vec<String>,
-    /// Namespaces to exclude.
-    #[arg(long, value_delimiter = ',')]
-    exclude_namespaces: Vec<String>,
-    /// Resources to include (plural, plural.group or kind); default all.
-    #[arg(long, value_delimiter = ',')]
-    include_resources: Vec<String>,
-    /// Resources to exclude.
-    #[arg(long, value_delimiter = ',')]
-    exclude_resources: Vec<String>,
+    // Which objects each Backup takes.
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Include cluster-scoped resources (unset: only when all namespaces are included).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     include_cluster_resources: Option<bool>,
-    /// Label selector, e.g. 'app=db,tier in (a,b)'.
-    #[arg(short = 'l', long)]
-    selector: Option<String>,
     /// How long each Backup is kept before the garbage collector deletes it, e.g. 720h (the
     /// default when unset) or 30m.
     #[arg(long)]
@@ -190,12 +178,13 @@ fn label_selector(text: &str) -> Result<LabelSelector, String> {
 /// The Schedule `create` asks for and its parsed cron, or why not (exit 2).
 fn schedule_of(a: &CreateArgs) -> Result<(Schedule, Cron)> {
     let template = BackupSpec {
-        included_namespaces: a.include_namespaces.clone(),
-        excluded_namespaces: a.exclude_namespaces.clone(),
-        included_resources: a.include_resources.clone(),
-        excluded_resources: a.exclude_resources.clone(),
+        included_namespaces: a.filter.include_namespaces.clone(),
+        excluded_namespaces: a.filter.exclude_namespaces.clone(),
+        included_resources: a.filter.include_resources.clone(),
+        excluded_resources: a.filter.exclude_resources.clone(),
         include_cluster_resources: a.include_cluster_resources,
         label_selector: a
+            .filter
             .selector
             .as_deref()
             .map(label_selector)
