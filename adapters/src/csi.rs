@@ -590,6 +590,25 @@ pub enum SnapshotDeletion {
     AlreadyGone(String),
 }
 
+/// What deleting one backup's storage snapshots works with.
+#[derive(Clone, Copy)]
+pub struct RetainedDeletion<'a> {
+    /// The backup's cluster.
+    pub cluster: &'a dyn Cluster,
+    /// Its clock, for the waits.
+    pub runtime: &'a dyn Runtime,
+    /// The VolumeSnapshotContent type.
+    pub contents: &'a ResourceType,
+    /// The VolumeSnapshot type.
+    pub snapshots: &'a ResourceType,
+    /// The backup's name and uid, labels of the imported contents.
+    pub backup: &'a str,
+    /// See `backup`.
+    pub uid: &'a str,
+    /// Bound of each wait.
+    pub timeout_ms: u64,
+}
+
 /// The name of the content [`delete_retained`] imports a handle under: deterministic, so a
 /// deletion resumed after a crash finds its own object instead of making another.
 pub fn deletion_content_name(handle: &str) -> String {
@@ -608,17 +627,11 @@ pub fn deletion_content_name(handle: &str) -> String {
 /// the backup never released (stopped, or releasing failed) still has its objects: they are set
 /// to `Delete` and deleted first. Every step is idempotent: a deletion killed halfway is simply
 /// run again. Waits are watches bounded by `timeout_ms` each.
-#[allow(clippy::too_many_arguments)]
 pub async fn delete_retained(
-    cluster: &dyn Cluster,
-    runtime: &dyn Runtime,
-    contents: &ResourceType,
-    snapshots: &ResourceType,
-    backup: &str,
-    uid: &str,
+    d: &RetainedDeletion<'_>,
     r: &blockwise_engine::state::RetainedSnapshot,
-    timeout_ms: u64,
 ) -> Result<SnapshotDeletion, String> {
+    let RetainedDeletion { cluster, runtime, contents, snapshots, backup, uid, timeout_ms } = *d;
     let original = vsc_key(&r.content);
     let had_objects = get(cluster, contents, &original).await?.is_some();
     if had_objects {
@@ -693,21 +706,9 @@ pub async fn delete_retained(
 
 /// Deletes every storage snapshot of `retained` ([`delete_retained`]), at most
 /// [`SNAPSHOT_CALLS_CONCURRENT_MAX`] at once; answers in their order.
-#[allow(clippy::too_many_arguments)]
 pub async fn delete_all_retained(
-    cluster: &dyn Cluster,
-    runtime: &dyn Runtime,
-    contents: &ResourceType,
-    snapshots: &ResourceType,
-    backup: &str,
-    uid: &str,
+    d: &RetainedDeletion<'_>,
     retained: &[blockwise_engine::state::RetainedSnapshot],
-    timeout_ms: u64,
 ) -> Vec<Result<SnapshotDeletion, String>> {
-    in_order_window(
-        (retained.iter())
-            .map(|r| delete_retained(cluster, runtime, contents, snapshots, backup, uid, r, timeout_ms))
-            .collect(),
-    )
-    .await
+    in_order_window(retained.iter().map(|r| delete_retained(d, r)).collect()).await
 }

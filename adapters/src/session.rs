@@ -290,12 +290,16 @@ impl DataDir {
                 });
             };
             let (contents, snapshots) = snapshot_types(state);
-            let timeout_ms = state.options.csi_snapshot_timeout_ms.max(1);
-            let uid = state.options.uid.as_str();
-            let all = crate::csi::delete_all_retained(
-                cluster, runtime, &contents, &snapshots, name, uid, &retained, timeout_ms,
-            )
-            .await;
+            let d = crate::csi::RetainedDeletion {
+                cluster,
+                runtime,
+                contents: &contents,
+                snapshots: &snapshots,
+                backup: name,
+                uid: &state.options.uid,
+                timeout_ms: state.options.csi_snapshot_timeout_ms.max(1),
+            };
+            let all = crate::csi::delete_all_retained(&d, &retained).await;
             let mut errors = Vec::new();
             for (r, outcome) in retained.iter().zip(all) {
                 match outcome {
