@@ -508,14 +508,6 @@ fn kubectl_creates_lists_and_deletes_volume_snapshots_against_the_fake_server() 
     assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
 }
 
-/// The storage snapshots the fake driver holds and has not deleted.
-fn live_storage(s: &Served) -> std::collections::BTreeSet<String> {
-    (s.server.cluster().storage_snapshots().into_values())
-        .filter(|x| x.deleted_ms.is_none())
-        .map(|x| x.handle)
-        .collect()
-}
-
 #[test]
 fn backup_delete_deletes_the_storage_snapshots_it_holds_and_a_failed_deletion_finishes_when_run_again() {
     let s = serve_demo();
@@ -524,10 +516,10 @@ fn backup_delete_deletes_the_storage_snapshots_it_holds_and_a_failed_deletion_fi
     check_exit(&s.blockwise(&data, &["backup", "create", "held", "--kubeconfig", kc]), 3, "backup held");
     // Judged from the fake driver's storage, not from the backup's log: what the first backup
     // left, then what the second one added.
-    let first = live_storage(&s);
+    let first = common::live_storage(s.server.cluster());
     assert!(first.len() > 10, "the demo backup retained its snapshots: {first:?}");
     check_exit(&s.blockwise(&data, &["backup", "create", "other", "--kubeconfig", kc]), 3, "backup other");
-    let both = live_storage(&s);
+    let both = common::live_storage(s.server.cluster());
     let second: std::collections::BTreeSet<String> = both.difference(&first).cloned().collect();
     assert_eq!(second.len(), first.len(), "the second backup retained as many snapshots of its own");
 
@@ -536,14 +528,18 @@ fn backup_delete_deletes_the_storage_snapshots_it_holds_and_a_failed_deletion_fi
     let out = s.blockwise(&data, &["backup", "delete", "held", "--confirm"]);
     check_exit(&out, 1, "a deletion whose snapshot deletions fail");
     assert!(text(&out.stderr).contains("deleting 3 of its"), "{}", text(&out.stderr));
-    let left = live_storage(&s);
+    let left = common::live_storage(s.server.cluster());
     assert_eq!(left.difference(&second).count(), 3, "exactly the three refused are left of the first backup's");
     assert!(data.join("backups/held/log").exists() && data.join("store/backups/held").exists(), "files kept");
 
     let out = s.blockwise(&data, &["backup", "delete", "held", "--confirm"]);
     check_exit(&out, 0, "the deletion run again");
     assert!(text(&out.stderr).contains("deleted backup held: 3 storage snapshots"), "{}", text(&out.stderr));
-    assert_eq!(live_storage(&s), second, "every snapshot of held is deleted, every one of other kept");
+    assert_eq!(
+        common::live_storage(s.server.cluster()),
+        second,
+        "every snapshot of held is deleted, every one of other kept"
+    );
     assert!(!data.join("backups/held").exists() && !data.join("store/backups/held").exists());
     assert!(
         s.server.cluster().snapshot_objects().is_empty(),

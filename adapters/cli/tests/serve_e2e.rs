@@ -100,6 +100,12 @@ impl Proc {
         &self.seen
     }
 
+    /// Where this controller serves `/metrics` (`host:port`), from its start-up line.
+    fn metrics_addr(&mut self) -> String {
+        let line = self.wait_for("metrics on http://");
+        line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string()
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -387,8 +393,7 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
         "the store files are still there"
     );
     // The metrics say what happened, in a format Prometheus reads.
-    let metrics_line = ctl.wait_for("metrics on http://");
-    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let addr = ctl.metrics_addr();
     let text = http_get(&addr, "/metrics");
     assert!(text.contains("blockwise_backup_success_total 1"), "{text}");
     assert!(text.contains("blockwise_backup_failure_total 1"), "{text}");
@@ -397,6 +402,11 @@ fn a_backup_applied_with_kubectl_completes_with_the_clis_archive() {
 }
 
 /// `promtool check metrics` (Debian's prometheus package; `.ci/test` installs it) on a scrape.
+/// The value of the unlabelled sample `name` in a metrics text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn promtool_check(text: &str) {
     use std::io::Write;
     let mut child = Command::new("promtool")
@@ -544,11 +554,6 @@ fn in_process_sim(rt: &tokio::runtime::Runtime) -> (blockwise_simulator::server:
     (server, sim)
 }
 
-/// The storage snapshots the fake driver of `server` holds and has not deleted.
-fn live_storage(server: &blockwise_simulator::server::FakeApiServer) -> std::collections::BTreeSet<String> {
-    (server.cluster().storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none())).map(|x| x.handle).collect()
-}
-
 /// A Backup deleted while every snapshot deletion is refused stays (its finalizer retried,
 /// counted as a GC failure); the controller is killed with SIGKILL in that state, and the next
 /// one finishes the deletion: storage snapshots, files and log, then the object.
@@ -562,7 +567,7 @@ fn a_deletion_that_fails_and_is_killed_is_finished_by_the_next_controller() {
     let mut ctl = sim.controller(&data, &["--no-leader-election"]);
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("doomed", &ns[..1])));
     ctl.wait_for("backup blockwise-system/doomed: Completed");
-    let held = live_storage(&server);
+    let held = common::live_storage(server.cluster());
     assert!(!held.is_empty(), "the backup retained no snapshot");
     let files = data.join("namespaces").join(NS);
     let vsc = "volumesnapshotcontents.snapshot.storage.k8s.io";
@@ -570,15 +575,12 @@ fn a_deletion_that_fails_and_is_killed_is_finished_by_the_next_controller() {
     sim.kubectl_ok(&["delete", "bwb", "doomed", "-n", NS, "--wait=false"], None);
     let line = ctl.wait_for("warning: backup blockwise-system/doomed:");
     assert!(line.contains("storage snapshots failed") && line.contains("retrying"), "{line}");
-    let metrics_line = ctl.wait_for("metrics on http://");
-    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let addr = ctl.metrics_addr();
     let text = http_get(&addr, "/metrics");
-    let failures = text
-        .lines()
-        .find_map(|l| l.strip_prefix("blockwise_gc_failures_total ").and_then(|v| v.trim().parse::<f64>().ok()));
+    let failures = metric(&text, "blockwise_gc_failures_total");
     assert!(failures.is_some_and(|n| n >= 1.0), "the failed finalizer is not counted: {text}");
     ctl.kill();
-    assert_eq!(live_storage(&server), held, "a refused deletion deleted a snapshot");
+    assert_eq!(common::live_storage(server.cluster()), held, "a refused deletion deleted a snapshot");
     assert!(files.join("backups/doomed").exists() && files.join("store/backups/doomed").exists());
     server.faults().clear();
     let _next = sim.controller(&data, &["--no-leader-election"]);
@@ -588,7 +590,7 @@ fn a_deletion_that_fails_and_is_killed_is_finished_by_the_next_controller() {
     })
     .expect("the next controller did not finish the deletion within 60 s")
     .unwrap();
-    assert!(live_storage(&server).is_disjoint(&held), "snapshots of the deleted backup are left");
+    assert!(common::live_storage(server.cluster()).is_disjoint(&held), "snapshots of the deleted backup are left");
     assert!(!files.join("backups/doomed").exists() && !files.join("store/backups/doomed").exists());
 }
 
@@ -607,7 +609,7 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     // One that expires at once: the garbage collector deletes it (its finalizer then its storage
     // snapshots and files). Judged from the fake driver's storage: exactly the snapshots the
     // first backup retained are left, and the second one had cut some.
-    let live = || live_storage(&server);
+    let live = || common::live_storage(server.cluster());
     let retained_by_rbac = live();
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&expiring_backup_yaml("rbac-ttl", &ns[..1], "1s")));
     ctl.wait_for("backup blockwise-system/rbac-ttl: expired at");
@@ -859,16 +861,10 @@ fn a_restore_applied_with_kubectl_recreates_a_backup_in_a_new_namespace_and_resu
     assert!(reason.contains("merge"), "{reason}");
     // The second controller's counters: the resumed restore (not a new attempt), its end, the
     // refused one, and at most the objects the API server holds as restored.
-    let metrics_line = ctl.wait_for("metrics on http://");
-    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let addr = ctl.metrics_addr();
     let text = http_get(&addr, "/metrics");
     promtool_check(&text);
-    let value = |name: &str| -> f64 {
-        let prefix = format!("{name} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("{name} is missing:\n{text}"))
-    };
+    let value = |name: &str| metric(&text, name).unwrap_or_else(|| panic!("{name} is missing:\n{text}"));
     assert_eq!(value("blockwise_restore_attempt_total"), 0.0);
     assert_eq!(value("blockwise_restore_resumed_total"), 1.0);
     assert_eq!(value("blockwise_restore_success_total"), 1.0);
@@ -912,8 +908,7 @@ fn an_expired_backup_is_collected_with_its_store_files_and_log() {
     assert!(files.join("store/backups/long/long.tar.gz").exists());
     let line = ctl.wait_for("backup blockwise-system/short: expired at");
     assert!(line.contains(b.status.unwrap().expiration.as_deref().unwrap()), "{line}");
-    let metrics_line = ctl.wait_for("metrics on http://");
-    let addr = metrics_line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+    let addr = ctl.metrics_addr();
     let text = http_get(&addr, "/metrics");
     assert!(text.contains("blockwise_gc_deleted_total 1"), "{text}");
     assert!(text.contains("blockwise_gc_failures_total 0"), "{text}");

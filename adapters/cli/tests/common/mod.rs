@@ -270,3 +270,9 @@ pub fn live_snapshot_claims(data: &Path, name: &str) -> Vec<String> {
     assert_eq!(before, claims.len(), "a claim has two live storage snapshots: one was taken twice");
     claims
 }
+
+/// The handles of the storage snapshots the fake driver of `cluster` holds and has not deleted
+/// (the fake world's own record, not the backup's).
+pub fn live_storage(cluster: &blockwise_simulator::fake::FakeCluster) -> std::collections::BTreeSet<String> {
+    (cluster.storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none())).map(|x| x.handle).collect()
+}
