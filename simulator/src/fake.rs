@@ -378,9 +378,6 @@ impl FakeCluster {
     /// journal line, or the whole state every [`JOURNAL_LINES_MAX`] writes.
     fn persist(&self, d: &Dynamic, op: JournalOp) {
         let Some(path) = &self.state_file else { return };
-        if gone_with_its_directory(path) {
-            return;
-        }
         let write = || -> io::Result<()> {
             let (seq, whole) = {
                 let mut j = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
@@ -396,8 +393,8 @@ impl FakeCluster {
             // One write(2) of the whole line in append mode: a kill tears at most this line.
             OpenOptions::new().create(true).append(true).open(journal_path(path))?.write_all(&line)
         };
-        if let Err(e) = write() {
-            // The fake cluster has no error channel for this; say it where a user sees it.
+        // The fake cluster has no error channel for this; say it where a user sees it.
+        if let Err(Some(e)) = write().map_err(|e| worth_a_warning(e, path)) {
             eprintln!("warning: cannot write the demo cluster's state {}: {e}", path.display());
         }
     }
@@ -910,11 +907,13 @@ impl Cluster for FakeCluster {
     }
 }
 
-/// Whether the directory of a state file was removed: the demo cluster of a backup lives in the
-/// backup's directory and goes with it when the backup is deleted (after the deletion's own
-/// writes, its snapshots' deletions, were journalled there).
-fn gone_with_its_directory(state: &Path) -> bool {
-    state.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.exists())
+/// A failed write of a state file, unless its directory was removed: the demo cluster of a backup
+/// lives in the backup's directory and goes with it when the backup is deleted (after the
+/// deletion's own writes, its snapshots' deletions, were journalled there). Checked only after a
+/// write failed, so writes that succeed cost nothing more.
+fn worth_a_warning(e: io::Error, state: &Path) -> Option<io::Error> {
+    let gone = state.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.exists());
+    (!(e.kind() == io::ErrorKind::NotFound && gone)).then_some(e)
 }
 
 fn journal_path(state: &Path) -> PathBuf {
@@ -927,10 +926,11 @@ impl Drop for FakeCluster {
     /// Writes the state whole, so that a cluster that ended normally leaves one JSON file to read.
     fn drop(&mut self) {
         let Journal { seq, lines } = *self.journal.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if lines == 0 || self.state_file.as_deref().is_some_and(gone_with_its_directory) {
+        if lines == 0 {
             return;
         }
-        if let Err(e) = self.write_whole(seq, &self.dyn_lock()) {
+        let Some(path) = self.state_file.as_deref() else { return };
+        if let Err(Some(e)) = self.write_whole(seq, &self.dyn_lock()).map_err(|e| worth_a_warning(e, path)) {
             eprintln!("warning: cannot write the demo cluster's state: {e}");
         }
     }
