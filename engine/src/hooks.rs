@@ -97,7 +97,13 @@ pub struct Hook {
     pub invalid: Option<String>,
 }
 
-/// Parses a Go duration (`30s`, `1m30s`, `500ms`, `2h`) into milliseconds.
+/// The longest duration Go's `time.ParseDuration` accepts (`i64::MAX` nanoseconds, about 292
+/// years), in milliseconds: anything longer is an error there and here, so no sum of a time and a
+/// duration can wrap (a wrapped `@every` or TTL would make a schedule or the GC act at once).
+pub const DURATION_MS_MAX: u64 = (i64::MAX as u64) / 1_000_000;
+
+/// Parses a Go duration (`30s`, `1m30s`, `500ms`, `2h`) into milliseconds; `None` beyond
+/// [`DURATION_MS_MAX`].
 pub fn parse_go_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();
     if s.is_empty() {
@@ -128,7 +134,7 @@ pub fn parse_go_duration_ms(s: &str) -> Option<u64> {
         rest = &rest[unit_len..];
         total += n * mult;
     }
-    if total.is_finite() && total <= u64::MAX as f64 {
+    if total.is_finite() && total.round() <= DURATION_MS_MAX as f64 {
         Some(total.round() as u64)
     } else {
         None
@@ -445,6 +451,11 @@ mod tests {
             ("s", None),
             ("", None),
             ("-1s", None),
+            // Go's limit: 2562047h47m16.854775807s is the longest; an hour more is an error.
+            ("2562047h", Some(2_562_047 * 3_600_000)),
+            ("2562048h", None),
+            ("3000000000h", None),
+            ("18446744073709551615ms", None),
         ] {
             assert_eq!(parse_go_duration_ms(s), ms, "{s}");
         }

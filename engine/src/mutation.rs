@@ -63,11 +63,14 @@ pub enum Mutation {
     /// the controller's own patch while it shows the Backup made with it (Y7: a run reported
     /// skipped with none due).
     ScheduleTrustsStaleStatus,
+    /// Schedules: retention counts failed and running backups, as it once did (C1: failed runs
+    /// push the last usable backup out of `keepLast`).
+    RetentionCountsUnusable,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 24] = [
+    pub const ALL: [Mutation; 25] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -92,6 +95,7 @@ impl Mutation {
         Mutation::ScheduleForgetsLastRun,
         Mutation::RetentionKeepsOneTooFew,
         Mutation::ScheduleTrustsStaleStatus,
+        Mutation::RetentionCountsUnusable,
     ];
 }
 

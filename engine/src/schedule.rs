@@ -307,7 +307,8 @@ impl Cron {
     /// last run or the schedule's creation); `None` when the fields never match (`0 0 30 2 *`).
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
         let (minutes, hours, doms, months, dows, dom_star, dow_star) = match self.kind {
-            Kind::Every { ms } => return Some(after_ms + ms as i64),
+            // `ms` is at most `DURATION_MS_MAX` (about 292 years): no wrap, and saturating anyway.
+            Kind::Every { ms } => return Some(after_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))),
             Kind::Fields { minutes, hours, doms, months, dows, dom_star, dow_star } => {
                 (minutes, hours, doms, months, dows, dom_star, dow_star)
             }
@@ -383,6 +384,30 @@ pub fn decide(cron: &Cron, last_ms: i64, now_ms: i64, running: bool, paused: boo
 /// caches lag behind the process's own writes by well under a second).
 pub const REMEMBERED_GRACE_MS: i64 = 60_000;
 
+/// Where a Backup of a schedule stands, for retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not in a terminal phase (new, queued, running, finalizing): never deleted by retention.
+    Running,
+    /// Ended `Completed` or `PartiallyFailed`: an archive a restore can use; what the rules count.
+    Usable,
+    /// Ended `Failed` or `FailedValidation`: no archive to restore. Never counted by the rules;
+    /// deleted once a newer usable backup exists (superseded), kept before that as the record of
+    /// why the runs fail (its TTL still collects it).
+    Unusable,
+}
+
+impl Outcome {
+    /// The outcome of a Backup in `phase` (Velero's phase names).
+    pub fn of_phase(phase: &str) -> Outcome {
+        match phase {
+            "Completed" | "PartiallyFailed" => Outcome::Usable,
+            "Failed" | "FailedValidation" => Outcome::Unusable,
+            _ => Outcome::Running,
+        }
+    }
+}
+
 /// One Backup of a schedule, as the controller sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledBackup {
@@ -390,8 +415,15 @@ pub struct ScheduledBackup {
     pub name: String,
     /// When the schedule started it: its creation (whole seconds from the API server).
     pub started_ms: i64,
+    /// Whether it runs, ended usable or ended unusable.
+    pub outcome: Outcome,
+}
+
+impl ScheduledBackup {
     /// Whether it reached a terminal phase.
-    pub ended: bool,
+    pub fn ended(&self) -> bool {
+        self.outcome != Outcome::Running
+    }
 }
 
 /// What one look at a schedule knows.
@@ -426,7 +458,8 @@ pub struct ScheduleStep {
     pub skipped: bool,
     /// When it is next due (none while paused).
     pub next_run_ms: Option<i64>,
-    /// Backups retention does not keep and that have ended: delete them.
+    /// Backups retention deletes: usable ones its rules do not keep, and unusable ones older than
+    /// the newest usable backup (see [`retention_victims`]).
     pub delete: Vec<String>,
     /// The remembered run is in the backups seen, or older than [`REMEMBERED_GRACE_MS`]: the
     /// caller forgets it (the cache knows it, or it is gone; its deletion must not look like a run
@@ -438,15 +471,14 @@ pub struct ScheduleStep {
 /// call it: running is any backup not ended, or the remembered one not yet seen; the last run is
 /// the latest of the stored status, the remembered run, the newest backup seen and the
 /// schedule's creation (a cache may show the Backup the controller made before the status patch
-/// it made with it); [`decide`]; then
-/// [`retain`] over the backups seen, ended ones not kept to be deleted.
+/// it made with it); [`decide`]; then [`retention_victims`] over the backups seen.
 pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
     let seen = |n: &String| v.backups.iter().any(|b| &b.name == n);
     // A run this process started and the cache does not show yet is running — for a short while:
     // after that, its absence means it is gone (collected, deleted), not late.
     let unseen_recent =
         v.remembered.as_ref().is_some_and(|(t, n)| !seen(n) && v.now_ms.saturating_sub(*t) < REMEMBERED_GRACE_MS);
-    let running = v.backups.iter().any(|b| !b.ended) || unseen_recent;
+    let running = v.backups.iter().any(|b| !b.ended()) || unseen_recent;
     // The last run: the status says it, unless the cache holding the status is older than a
     // Backup it shows (the controller's own patch not seen yet), or than the run remembered.
     let mut newest_seen = v.backups.iter().map(|b| b.started_ms).max().unwrap_or(i64::MIN);
@@ -460,13 +492,7 @@ pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
         last_ms = v.created_ms;
     }
     let d = decide(v.cron, last_ms, v.now_ms, running, v.paused);
-    let mut delete = Vec::new();
-    if v.retention.is_set() {
-        let list: Vec<(String, i64)> = v.backups.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
-        let keep = retain(&list, v.retention, v.cron);
-        delete = v.backups.iter().filter(|b| b.ended && !keep.contains(&b.name)).map(|b| b.name.clone()).collect();
-        delete.sort();
-    }
+    let delete = retention_victims(v.backups, v.retention, v.cron);
     ScheduleStep {
         start: d.run.then(|| backup_name(v.name, v.now_ms)),
         skipped: d.skipped,
@@ -474,6 +500,54 @@ pub fn step(v: &ScheduleView<'_>) -> ScheduleStep {
         delete,
         forget_remembered: v.remembered.is_some() && !unseen_recent,
     }
+}
+
+/// The backups of a schedule that its retention deletes (sorted by name; none when no rule is set):
+/// - the rules ([`retain`]) count **usable** backups only — a failed run is no backup to keep, so
+///   N failed runs in a row never push the last good backup out of `keepLast: N`, and a running
+///   one does not count before it has ended usable;
+/// - the newest usable backup is always kept, whatever the rules say;
+/// - a running backup is never deleted;
+/// - an unusable backup is deleted once a newer usable one exists; before that it stays (the
+///   record of why the runs fail) until its TTL.
+pub fn retention_victims(backups: &[ScheduledBackup], retention: &Retention, cron: &Cron) -> Vec<String> {
+    if !retention.is_set() {
+        return Vec::new();
+    }
+    let counts_all = crate::mutation::active(crate::mutation::Mutation::RetentionCountsUnusable);
+    let counted: Vec<(String, i64)> = backups
+        .iter()
+        .filter(|b| counts_all || b.outcome == Outcome::Usable)
+        .map(|b| (b.name.clone(), b.started_ms))
+        .collect();
+    let mut keep = retain(&counted, retention, cron);
+    let newest_usable = backups
+        .iter()
+        .filter(|b| b.outcome == Outcome::Usable)
+        .max_by(|a, b| a.started_ms.cmp(&b.started_ms).then_with(|| a.name.cmp(&b.name)));
+    if let Some(n) = newest_usable.filter(|_| !counts_all) {
+        keep.insert(n.name.clone());
+    }
+    let superseded =
+        |b: &ScheduledBackup| newest_usable.is_some_and(|n| (b.started_ms, &b.name) < (n.started_ms, &n.name));
+    let mut delete: Vec<String> = backups
+        .iter()
+        .filter(|b| match b.outcome {
+            Outcome::Running => false,
+            Outcome::Usable => !keep.contains(&b.name),
+            Outcome::Unusable if counts_all => !keep.contains(&b.name),
+            Outcome::Unusable => superseded(b),
+        })
+        .map(|b| b.name.clone())
+        .collect();
+    delete.sort();
+    delete
+}
+
+/// A Backup's `status.expiration`: its start (the request, as Velero's is the backup's start) plus
+/// its TTL — never its completion — saturating, so no TTL wraps into the past.
+pub fn expiration_ms(start_ms: u64, ttl_ms: u64) -> u64 {
+    start_ms.saturating_add(ttl_ms)
 }
 
 /// Whether the garbage collector deletes a backup now: it has ended and its expiration (start +
@@ -744,6 +818,47 @@ mod tests {
         let pair = |y, m, d| vec![("a".to_string(), at(y, m, d, 22, 10)), ("b".to_string(), at(y, m, d, 23, 30))];
         assert_eq!(retain(&pair(2026, 7, 1), &r, &berlin).len(), 1, "summer: both on the next day");
         assert_eq!(retain(&pair(2026, 12, 1), &r, &berlin).len(), 2, "winter: 23:10 and 00:30");
+    }
+
+    /// Issue 21, defect 1: failed and running backups are not counted by the rules.
+    #[test]
+    fn retention_counts_only_usable_backups_and_keeps_the_newest_one() {
+        let utc = Cron::parse("@hourly").unwrap();
+        let b = |i: i64, outcome| ScheduledBackup { name: format!("s-{i:02}"), started_ms: i * HOUR_MS, outcome };
+        let last = |n| Retention { keep_last: Some(n), ..Retention::default() };
+        // keepLast 2: two good backups, then three failed runs in a row: both good ones stay, the
+        // failures stay too (nothing newer is usable).
+        let set = [
+            b(1, Outcome::Usable),
+            b(2, Outcome::Usable),
+            b(3, Outcome::Unusable),
+            b(4, Outcome::Unusable),
+            b(5, Outcome::Unusable),
+        ];
+        assert_eq!(retention_victims(&set, &last(2), &utc), Vec::<String>::new());
+        // keepLast 1: the last Completed backup stays while the next one runs.
+        let set = [b(1, Outcome::Usable), b(2, Outcome::Usable), b(3, Outcome::Running)];
+        assert_eq!(retention_victims(&set, &last(1), &utc), vec!["s-01".to_string()]);
+        // A usable run after failures: the failures before it are superseded, the older good one
+        // beyond keepLast goes, a failure after it stays.
+        let set = [
+            b(1, Outcome::Usable),
+            b(2, Outcome::Unusable),
+            b(3, Outcome::Usable),
+            b(4, Outcome::Unusable),
+            b(5, Outcome::Running),
+        ];
+        assert_eq!(retention_victims(&set, &last(1), &utc), vec!["s-01".to_string(), "s-02".to_string()]);
+        // Period rules too: daily 1 over usable backups only keeps the newest usable one, even
+        // when a later failure is in the same day.
+        let daily = Retention { keep_daily: Some(1), ..Retention::default() };
+        let set = [b(1, Outcome::Usable), b(2, Outcome::Usable), b(3, Outcome::Unusable)];
+        assert_eq!(retention_victims(&set, &daily, &utc), vec!["s-01".to_string()]);
+        // No rule: retention deletes nothing (the TTL decides).
+        assert!(retention_victims(&set, &Retention::default(), &utc).is_empty());
+        assert_eq!(Outcome::of_phase("PartiallyFailed"), Outcome::Usable);
+        assert_eq!(Outcome::of_phase("FailedValidation"), Outcome::Unusable);
+        assert_eq!(Outcome::of_phase("WaitingForSnapshots"), Outcome::Running);
     }
 
     #[test]

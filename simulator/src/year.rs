@@ -15,9 +15,14 @@
 //!   was up at or after both the next due time and the end of that backup.
 //! - **Y4** retention deletes only ended backups its rules do not keep, and at the end every ended
 //!   backup left is kept by the rules over what is left.
-//! - **Y5** nothing expired survives a garbage-collection pass; **Y6** nothing unexpired is
-//!   deleted by one.
+//! - **Y5** nothing expired (start + ttl, the judge's own sum) survives a garbage-collection
+//!   pass; **C5** (was Y6) nothing unexpired or running is deleted by one — the GC reads the
+//!   expiration the controller's `expiration_ms` computed, as it reads `status.expiration`.
 //! - **Y7** a skip is reported only when a due time came while the schedule's backup ran.
+//! - **C1** retention counts only usable backups (Completed, PartiallyFailed): it never deletes a
+//!   running backup, nor the newest usable one, nor a failed one that no usable backup
+//!   supersedes. Runs fail — alone (a Fail-mode hook, at a per-seed rate) and in streaks (store
+//!   outages of hours to days) — so `keepLast: N` meets N failures in a row.
 //!
 //! The controller's caches are modelled where they lag: right after a start, the created
 //! Backup's watch event makes a look within a second, which may still read the status from
@@ -25,7 +30,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blockwise_engine::schedule::{collectable, step, Cron, Retention, ScheduleView, ScheduledBackup};
+use blockwise_engine::schedule::{
+    collectable, expiration_ms, step, Cron, Outcome, Retention, ScheduleView, ScheduledBackup,
+};
 
 use crate::check::Violation;
 use crate::rng::{mix64, Rng};
@@ -72,8 +79,13 @@ struct Sched {
 struct Bk {
     started: i64,
     ends: i64,
+    /// `status.expiration` as the controller computes it (`expiration_ms`); the judges use
+    /// `started + ttl`, their own.
     expires: i64,
+    ttl: i64,
     deleted: Option<i64>,
+    /// It ends Completed or PartiallyFailed (else Failed: a store outage, a Fail-mode hook).
+    usable: bool,
 }
 
 /// What a year of schedules did.
@@ -96,6 +108,11 @@ pub struct YearReport {
     pub retention_deleted: u64,
     /// Backups deleted by the garbage collector.
     pub expired: u64,
+    /// Backups that ended Failed (no archive).
+    pub failed: u64,
+    /// Retention looks that saw failed runs newer than the newest usable backup (a failure
+    /// streak that `keepLast` must not let push the good backups out).
+    pub failure_streak_looks: u64,
 }
 
 /// The judge's own period of a time for a rule (0 hour, 1 day, 2 ISO week, 3 month).
@@ -150,6 +167,11 @@ fn judge_keep(set: &[(String, i64)], r: &Retention, offset_min_at: impl Fn(i64) 
     keep
 }
 
+/// The newest usable backup of `set` (name, start, usable), by start then name.
+fn judge_newest_usable(set: &[(String, i64, bool)]) -> Option<&(String, i64, bool)> {
+    set.iter().filter(|b| b.2).max_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+}
+
 /// Runs one seed's year.
 pub fn simulate_year(seed: u64) -> YearReport {
     let mut rng = Rng::new(mix64(seed ^ 0x7ea2));
@@ -188,6 +210,20 @@ pub fn simulate_year(seed: u64) -> YearReport {
             });
         }
     }
+    // Store outages: days on which every run of the affected schedules fails (a failure streak),
+    // beside single failed runs (a Fail-mode hook) at `fail_chance`.
+    let mut outages: Vec<(i64, i64)> = Vec::new();
+    let mut t = START;
+    loop {
+        t += rng.range(5, 60) as i64 * DAY;
+        if t >= START + YEAR {
+            break;
+        }
+        let len = rng.range(2, 72) as i64 * HOUR;
+        outages.push((t, t + len));
+        t += len;
+    }
+    let fail_chance = *rng.pick(&[0.0, 0.05, 0.2, 0.5]).unwrap_or(&0.05);
     // Downtimes and jumps: gaps in which the controller does nothing.
     let mut gaps: Vec<(i64, i64, bool)> = Vec::new(); // (from, to, is_restart)
     let mut t = START;
@@ -270,9 +306,9 @@ pub fn simulate_year(seed: u64) -> YearReport {
                     .collect();
                 for name in gone {
                     let Some(b) = backups.get_mut(&name) else { continue };
-                    if b.expires > t || b.ends > t {
+                    if b.started + b.ttl > t || b.ends > t {
                         report.violations.push(v(
-                            "Y6",
+                            "C5",
                             format!("{name} (schedule s{i}) deleted by the GC at {t} before it expired or ended"),
                         ));
                     }
@@ -290,11 +326,18 @@ pub fn simulate_year(seed: u64) -> YearReport {
                 .get(&i)
                 .into_iter()
                 .flatten()
-                .map(|n| ScheduledBackup {
-                    name: n.clone(),
-                    // Its creationTimestamp: whole seconds.
-                    started_ms: backups[n].started - backups[n].started.rem_euclid(1000),
-                    ended: backups[n].ends <= t,
+                .map(|n| {
+                    let b = &backups[n];
+                    ScheduledBackup {
+                        name: n.clone(),
+                        // Its creationTimestamp: whole seconds.
+                        started_ms: b.started - b.started.rem_euclid(1000),
+                        outcome: match (b.ends <= t, b.usable) {
+                            (false, _) => Outcome::Running,
+                            (true, true) => Outcome::Usable,
+                            (true, false) => Outcome::Unusable,
+                        },
+                    }
                 })
                 .collect();
             let status_seen = if t >= s.status_cached_at { s.status_last } else { s.status_before };
@@ -317,16 +360,43 @@ pub fn simulate_year(seed: u64) -> YearReport {
                 report.skipped += 1;
                 skips.push((i, t));
             }
-            // Retention deletions, judged against the set the step saw.
-            let set: Vec<(String, i64)> = seen.iter().map(|b| (b.name.clone(), b.started_ms)).collect();
-            let keep = judge_keep(&set, &s.retention, |t| s.cron.offset_min_at(t));
+            // Retention deletions, judged against the set the step saw, from the world's record of
+            // which runs ended and how.
+            let set: Vec<(String, i64, bool)> = live
+                .get(&i)
+                .into_iter()
+                .flatten()
+                .filter(|n| backups[*n].ends <= t)
+                .map(|n| (n.clone(), backups[n].started - backups[n].started.rem_euclid(1000), backups[n].usable))
+                .collect();
+            let usable: Vec<(String, i64)> = set.iter().filter(|b| b.2).map(|b| (b.0.clone(), b.1)).collect();
+            let keep = judge_keep(&usable, &s.retention, |t| s.cron.offset_min_at(t));
+            let newest = judge_newest_usable(&set).cloned();
+            if set.iter().any(|b| !b.2 && newest.as_ref().is_none_or(|n| b.1 > n.1)) && s.retention.is_set() {
+                report.failure_streak_looks += 1;
+            }
             for victim in &plan.delete {
-                let ended = seen.iter().any(|b| &b.name == victim && b.ended);
-                if keep.contains(victim) || !ended {
+                let Some(b) = set.iter().find(|b| &b.0 == victim) else {
+                    report
+                        .violations
+                        .push(v("C1", format!("schedule {} ({}) deleted {victim}, which still ran", s.name, s.spec)));
+                    continue;
+                };
+                if newest.as_ref().is_some_and(|n| &n.0 == victim) {
+                    report.violations.push(v(
+                        "C1",
+                        format!("schedule {} ({}) deleted {victim}, its newest usable backup", s.name, s.spec),
+                    ));
+                } else if b.2 && keep.contains(victim) {
                     report.violations.push(v(
                         "Y4",
+                        format!("schedule {} ({}) deleted {victim}, which its rules keep", s.name, s.spec),
+                    ));
+                } else if !b.2 && newest.as_ref().is_none_or(|n| b.1 > n.1) {
+                    report.violations.push(v(
+                        "C1",
                         format!(
-                            "schedule {} ({}) deleted {victim}, which its rules keep or which still ran",
+                            "schedule {} ({}) deleted the failed {victim}, which no usable backup supersedes",
                             s.name, s.spec
                         ),
                     ));
@@ -343,7 +413,20 @@ pub fn simulate_year(seed: u64) -> YearReport {
                 if !backups.contains_key(&name) {
                     let long = rng.chance(0.03);
                     let dur = if long { rng.range(1, 30) as i64 * HOUR } else { rng.range(1, 20) as i64 * MINUTE };
-                    backups.insert(name.clone(), Bk { started: t, ends: t + dur, expires: t + s.ttl, deleted: None });
+                    let outage = outages.iter().any(|(a, b)| t + dur >= *a && t + dur < *b);
+                    let usable = !outage && !rng.chance(fail_chance);
+                    report.failed += u64::from(!usable);
+                    backups.insert(
+                        name.clone(),
+                        Bk {
+                            started: t,
+                            ends: t + dur,
+                            expires: expiration_ms(t as u64, s.ttl as u64) as i64,
+                            ttl: s.ttl,
+                            deleted: None,
+                            usable,
+                        },
+                    );
                     live.entry(i).or_default().insert(name.clone());
                     pending_ends.insert((t + dur, i));
                     starts.entry(i).or_default().push(name.clone());
@@ -420,20 +503,21 @@ pub fn simulate_year(seed: u64) -> YearReport {
     for (i, s) in scheds.iter().enumerate() {
         // What the schedule's last look saw: not the backup that look started.
         let looked = last_look.get(&i).copied().unwrap_or(i64::MIN);
-        let left: Vec<(String, i64)> = live
+        // Only backups that had ended by then count (a running one is not counted by the rules).
+        let left: Vec<(String, i64, bool)> = live
             .get(&i)
             .into_iter()
             .flatten()
-            .filter(|n| backups[*n].started < looked)
-            .map(|n| (n.clone(), backups[n].started))
+            .filter(|n| backups[*n].started < looked && backups[*n].ends <= looked)
+            .map(|n| (n.clone(), backups[n].started - backups[n].started.rem_euclid(1000), backups[n].usable))
             .collect();
         if s.retention.is_set() {
-            let keep = judge_keep(&left, &s.retention, |t| s.cron.offset_min_at(t));
-            // Only ended backups, and only once the schedule was looked at after they ended.
-            for (n, _) in &left {
-                let b = &backups[n];
-                let looked_after = last_look.get(&i).is_some_and(|t| *t >= b.ends);
-                if !keep.contains(n) && looked_after {
+            let usable: Vec<(String, i64)> = left.iter().filter(|b| b.2).map(|b| (b.0.clone(), b.1)).collect();
+            let keep = judge_keep(&usable, &s.retention, |t| s.cron.offset_min_at(t));
+            let newest = judge_newest_usable(&left).cloned();
+            for (n, started, ok) in &left {
+                let kept = if *ok { keep.contains(n) } else { newest.as_ref().is_none_or(|x| *started > x.1) };
+                if !kept {
                     report.violations.push(v(
                         "Y4",
                         format!("{} ({}): {n} survives though its rules do not keep it", s.name, s.spec),
@@ -443,10 +527,9 @@ pub fn simulate_year(seed: u64) -> YearReport {
         }
     }
     for (n, b) in &backups {
-        if b.deleted.is_none() && b.ends <= gc_done && b.expires <= gc_done {
-            report
-                .violations
-                .push(v("Y5", format!("{n} expired at {} and survived the GC pass at {gc_done}", b.expires)));
+        let expiry = b.started + b.ttl;
+        if b.deleted.is_none() && b.ends <= gc_done && expiry <= gc_done {
+            report.violations.push(v("Y5", format!("{n} expired at {expiry} and survived the GC pass at {gc_done}")));
         }
     }
     report

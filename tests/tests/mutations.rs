@@ -19,7 +19,10 @@ fn caught(m: Mutation) -> Option<(u64, Vec<&'static str>)> {
     // The schedule bugs live in the schedule step: a simulated year shows them.
     if matches!(
         m,
-        Mutation::ScheduleForgetsLastRun | Mutation::RetentionKeepsOneTooFew | Mutation::ScheduleTrustsStaleStatus
+        Mutation::ScheduleForgetsLastRun
+            | Mutation::RetentionKeepsOneTooFew
+            | Mutation::ScheduleTrustsStaleStatus
+            | Mutation::RetentionCountsUnusable
     ) {
         return (0..SEEDS_MAX).find_map(|seed| {
             let _bug = MutationGuard::set(Some(m));
@@ -41,7 +44,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 24] = [
+    let expected: [(Mutation, &[&str]); 25] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -68,6 +71,7 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::ScheduleForgetsLastRun, &["Y1", "Y3"]),
         (Mutation::RetentionKeepsOneTooFew, &["Y4"]),
         (Mutation::ScheduleTrustsStaleStatus, &["Y7"]),
+        (Mutation::RetentionCountsUnusable, &["C1", "Y4"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

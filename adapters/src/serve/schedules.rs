@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockwise_engine::schedule::{
-    backup_name, parse_utc_timestamp, step, Cron, Retention, ScheduleView, ScheduledBackup,
+    backup_name, parse_utc_timestamp, step, Cron, Outcome, Retention, ScheduleView, ScheduledBackup,
 };
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -215,7 +215,7 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
             name: b.name_any(),
             // When the schedule made it (a queued Backup starts later; its run was due then).
             started_ms: b.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond()),
-            ended: backup_phase::is_terminal(&phase_of(b)),
+            outcome: Outcome::of_phase(&phase_of(b)),
         })
         .collect();
     let now = now_ms();
