@@ -6,15 +6,18 @@
 //! `<data-dir>/namespaces/<ns>/backups/<name>/log`. Reconcile never waits for a backup.
 //!
 //! - **Resume, never fail**: a Backup whose log exists and is not finished is opened and resumed
-//!   (the engine runs owed post-hooks first), and `status.resumedCount` goes up. A log whose
-//!   backup uid is not the object's (an older Backup of the same name) is removed first.
+//!   (the engine runs owed post-hooks first), and `status.resumedCount` goes up.
 //! - **Status** is computed from the run's own folded state (never from the cached object) and
 //!   patched on the `status` subresource at most every `--status-interval` (default
 //!   [`STATUS_INTERVAL_MS`]), the latest value
 //!   winning; the final status is patched after every earlier patch has finished.
-//! - **Deletion**: a finalizer; deleting a Backup stops its run, deletes the storage snapshots it
-//!   holds (`csi::delete_retained`), its store files and log, then removes the finalizer (a
-//!   failure is counted in `blockwise_gc_failures_total` and retried). Finalizers are changed by
+//! - **Deletion**: a finalizer; deleting a Backup that runs lets the run end first (Velero
+//!   refuses to delete a backup in progress; cutting the run short would leave a pod frozen and
+//!   snapshots half-taken) — one a killed controller left unfinished is resumed to its end — then
+//!   deletes the storage snapshots it holds (`csi::delete_retained`), its store files and log,
+//!   and removes the finalizer (a failure is counted in `blockwise_gc_failures_total` and
+//!   retried). A log of an earlier Backup of the same name is deleted the same way before a new
+//!   one starts. Finalizers are changed by
 //!   merge patches that carry the object's resourceVersion, so a concurrent change is a conflict
 //!   and the reconcile runs again.
 //! - **Queue** (Velero 1.18): at most `concurrent_backups` run; a Backup whose included
@@ -42,7 +45,7 @@ use kube::runtime::reflector::Store as Reflector;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use super::crd::{phase, ArchiveStatus, Backup, BackupStatus, HookStatus, Locations, Progress, Request, FINALIZER};
 use super::metrics::{Health, Metrics};
@@ -134,8 +137,6 @@ pub enum ReconcileError {
 /// One running backup.
 struct Running {
     namespaces: Vec<String>,
-    cancel: Arc<Notify>,
-    done: watch::Receiver<bool>,
 }
 
 type Key = (String, String);
@@ -464,10 +465,17 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         if !ours {
             return Ok(Action::await_change());
         }
-        let run = ctx.running().remove(&key);
-        if let Some(mut run) = run {
-            run.cancel.notify_one();
-            let _ = run.done.wait_for(|d| *d).await;
+        // A running backup is not cut short (Velero refuses to delete one in progress): its run
+        // goes on to its end — owed post-hooks run, snapshots cut and released — and its end
+        // wakes this reconcile. One a killed controller left unfinished is resumed first.
+        if ctx.running().contains_key(&key) {
+            return Ok(Action::await_change());
+        }
+        if let Some(req) = unfinished_run(&b, &data, &ctx)? {
+            eprintln!("backup {ns}/{name}: deletion requested while it runs; it is deleted once its run ends");
+            let status = b.status.clone().unwrap_or_default();
+            start(&b, req, status, &ctx)?;
+            return Ok(Action::await_change());
         }
         let mut status = b.status.clone().unwrap_or_default();
         let mut current = (*b).clone();
@@ -546,8 +554,60 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         // Woken when a run ends; looked at again now and then in case a wake-up met a stale cache.
         return Ok(Action::requeue(QUEUE_RECHECK));
     }
+    delete_stale_log(&b, &data, &ctx).await?;
     start(&b, req, status, &ctx)?;
     Ok(Action::await_change())
+}
+
+/// A log under this Backup's name that belongs to an earlier Backup of the same name (deleted
+/// while no controller ran) is deleted the way a Backup is — its storage snapshots, known only
+/// from that log, then its store files and the log — before this one starts.
+async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), ReconcileError> {
+    let name = b.name_any();
+    let events = match data.read_events(&name) {
+        Ok(events) => events,
+        Err(SessionError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let state =
+        BackupState::fold(&events).map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+    if b.uid().is_some_and(|u| u == state.options.uid) {
+        return Ok(());
+    }
+    let runtime = crate::world::TokioRuntime;
+    let deleted = data.delete(&name, Some((ctx.cluster.as_ref(), &runtime))).await.inspect_err(|_| {
+        ctx.metrics.gc_failures.inc();
+    })?;
+    eprintln!(
+        "backup {}/{name}: deleted the log of an earlier Backup of this name (uid {}): its {} storage snapshots, store files and log",
+        b.namespace().unwrap_or_default(),
+        state.options.uid,
+        deleted.snapshots
+    );
+    Ok(())
+}
+
+/// The request of a Backup being deleted whose log this process must finish before deleting it:
+/// the log is this Backup's (same uid), its run neither finished nor stopped (a stopped run closed
+/// its windows and released what it could; the deletion deletes the rest), and no run of it ended
+/// in this process (so a run that cannot go on does not hold the deletion forever).
+fn unfinished_run(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<Option<Request>, ReconcileError> {
+    if ctx.ended(b) {
+        return Ok(None);
+    }
+    let name = b.name_any();
+    let events = match data.read_events(&name) {
+        Ok(events) => events,
+        Err(SessionError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let state =
+        BackupState::fold(&events).map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+    let mine = b.uid().is_some_and(|u| u == state.options.uid);
+    if !mine || !state.resumable() || state.stopped.is_some() {
+        return Ok(None);
+    }
+    Ok(b.to_request(&ctx.cfg.locations).ok())
 }
 
 /// `Some(position)` when the Backup must wait (see the module docs).
@@ -592,19 +652,17 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
         Some(events) => {
             let state = BackupState::fold(&events)
                 .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
-            if state.options.uid == uid {
-                // A finished log whose status was not reported (a kill between the two) is
-                // reported, not resumed.
-                state.resumable()
-            } else {
-                // A log of an earlier Backup of this name (deleted while no controller ran).
-                std::fs::remove_dir_all(data.backup_dir(&name)).map_err(|e| SessionError::File {
-                    what: "removing",
-                    path: data.backup_dir(&name),
-                    message: e.to_string(),
-                })?;
-                false
+            if state.options.uid != uid {
+                // `delete_stale_log` runs before every start; a log that changed since is not ours.
+                return Err(SessionError::State {
+                    name: name.clone(),
+                    message: format!("its log belongs to another Backup (uid {})", state.options.uid),
+                }
+                .into());
             }
+            // A finished log whose status was not reported (a kill between the two) is reported,
+            // not resumed.
+            state.resumable()
         }
         None => false,
     };
@@ -622,12 +680,7 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
             },
         )?
     };
-    let cancel = Arc::new(Notify::new());
-    let (done_tx, done) = watch::channel(false);
-    ctx.running().insert(
-        (ns.clone(), name.clone()),
-        Running { namespaces: req.spec.included_namespaces.clone(), cancel: cancel.clone(), done },
-    );
+    ctx.running().insert((ns.clone(), name.clone()), Running { namespaces: req.spec.included_namespaces.clone() });
     // Queued Backups move up when one ahead of them starts.
     let _ = ctx.wake.unbounded_send(());
     let ctx = ctx.clone();
@@ -636,10 +689,9 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
     // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
-            run_backup(session, resumed, req, status, &api, &ctx, cancel).await;
+            run_backup(session, resumed, req, status, &api, &ctx).await;
             ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid));
             ctx.running().remove(&(ns, name));
-            let _ = done_tx.send(true);
             let _ = ctx.wake.unbounded_send(());
         })
     });
@@ -678,7 +730,7 @@ fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> B
         validation_errors: Vec::new(),
         start_timestamp: Some(rfc3339(state.requested_ms)),
         completion_timestamp: state.finished.map(|(_, t)| rfc3339(t)),
-        expiration: ttl_ms.map(|t| rfc3339(state.requested_ms + t)),
+        expiration: ttl_ms.map(|t| rfc3339(blockwise_engine::schedule::expiration_ms(state.requested_ms, t))),
         archive: state
             .archive
             .as_ref()
@@ -735,15 +787,7 @@ impl Observer for StatusObserver {
     }
 }
 
-async fn run_backup(
-    session: Session,
-    resumed: bool,
-    req: Request,
-    status: BackupStatus,
-    api: &Api<Backup>,
-    ctx: &Ctx,
-    cancel: Arc<Notify>,
-) {
+async fn run_backup(session: Session, resumed: bool, req: Request, status: BackupStatus, api: &Api<Backup>, ctx: &Ctx) {
     let name = session.name().to_string();
     let ns = api_namespace(api);
     let mut base = status;
@@ -805,22 +849,14 @@ async fn run_backup(
     };
     let result = if !finished.resumable() {
         // The log finished before the status said so: store its files again, report it.
-        Some(session.store_files(store).await)
+        session.store_files(store).await
     } else {
-        let run = session.run(ctx.cluster.clone(), store, req.workers, ctx.cfg.page_size, &mut observer);
-        tokio::select! {
-            r = run => Some(r),
-            _ = cancel.notified() => None,
-        }
+        session.run(ctx.cluster.clone(), store, req.workers, ctx.cfg.page_size, &mut observer).await
     };
     let in_flight = observer.in_flight;
     ctx.metrics.blocks_in_flight.dec_by(in_flight);
     drop(observer);
     let _ = patcher.await;
-    let Some(result) = result else {
-        eprintln!("backup {ns}/{name}: stopped (being deleted)");
-        return;
-    };
     let end = match result {
         Ok(state) => {
             let s = status_of(&state, &base, req.ttl_ms);
@@ -875,6 +911,25 @@ mod tests {
         assert_eq!(p["status"]["phase"], "InProgress");
         assert!(p["status"]["queuePosition"].is_null() && p["status"].get("queuePosition").is_some());
         assert_eq!(p["status"]["resumedCount"], 0);
+    }
+
+    /// Issue 21, defect 8: the expiration counts from the start, not from the completion.
+    #[test]
+    fn the_expiration_is_the_start_plus_the_ttl() {
+        use blockwise_engine::spec::BackupSpec;
+        let start = 1_767_225_600_000u64; // 2026-01-01T00:00:00Z
+        let events = [
+            Event::BackupRequested { spec: BackupSpec::new("b"), workers: 1, at_ms: start },
+            Event::BackupFinished { phase: Phase::Completed, at_ms: start + 5 * 3_600_000 },
+        ];
+        let state = BackupState::fold(&events).unwrap();
+        let s = status_of(&state, &BackupStatus::default(), Some(3_600_000));
+        assert_eq!(s.start_timestamp.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(s.completion_timestamp.as_deref(), Some("2026-01-01T05:00:00Z"));
+        assert_eq!(s.expiration.as_deref(), Some("2026-01-01T01:00:00Z"), "start + ttl, not completion + ttl");
+        // The longest TTL a spec can hold does not wrap.
+        let s = status_of(&state, &BackupStatus::default(), Some(blockwise_engine::hooks::DURATION_MS_MAX));
+        assert!(s.expiration.as_deref().is_some_and(|e| e.starts_with("2318-")), "{:?}", s.expiration);
     }
 
     #[test]
