@@ -155,6 +155,42 @@ pub struct InstallArgs {
     /// Size of the data volume.
     #[arg(long, default_value = "10Gi")]
     data_size: String,
+    /// Custom resources the ClusterRole lets backups list and restores create, beside the built-in
+    /// types: `resource.group`, comma-separated (e.g. certificates.cert-manager.io).
+    #[arg(long, value_delimiter = ',')]
+    resources: Vec<String>,
+    /// Also every listable resource type the cluster serves (its discovery) that is not built in:
+    /// the cluster's custom resources at the time of the install.
+    #[arg(long)]
+    resources_from_cluster: bool,
+    /// Kubeconfig for --resources-from-cluster (also KUBECONFIG, ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context for --resources-from-cluster.
+    #[arg(long)]
+    context: Option<String>,
+}
+
+/// The listable resource types the cluster serves that are not built in (its custom resources).
+fn resources_from_cluster(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<Vec<(String, String)>> {
+    use blockwise_engine::ports::Cluster;
+    let rt = runtime()?;
+    let found = rt.block_on(async {
+        let kube = blockwise_adapters::kube::KubeCluster::connect(kubeconfig, context)
+            .await
+            .map_err(|e| usage(e.to_string()))?;
+        kube.discover().await.context("reading the cluster's discovery for --resources-from-cluster")
+    });
+    rt.shutdown_background();
+    let built_in = |g: &str, r: &str| install::BUILT_IN.iter().any(|(bg, rs)| *bg == g && rs.contains(&r));
+    Ok(found?
+        .into_iter()
+        .filter(|t| !built_in(&t.gr.group, &t.gr.resource))
+        .map(|t| (t.gr.group.clone(), t.gr.resource.clone()))
+        .collect())
 }
 
 pub fn install(a: InstallArgs) -> Result<ExitCode> {
@@ -163,6 +199,15 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
             "blockwise install only prints its manifests: run `blockwise install --dry-run -o yaml | kubectl apply -f -`",
         ));
     }
+    let mut extra = Vec::new();
+    for r in &a.resources {
+        extra.push(install::parse_extra_resource(r).map_err(|e| usage(format!("--resources {e}")))?);
+    }
+    if a.resources_from_cluster {
+        extra.extend(resources_from_cluster(a.kubeconfig.as_deref(), a.context.as_deref())?);
+    }
+    extra.sort();
+    extra.dedup();
     let defaults = InstallOptions::default();
     let o = InstallOptions {
         namespace: a.namespace,
@@ -170,6 +215,7 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
         replicas: a.replicas,
         data_size: a.data_size,
         metrics_port: defaults.metrics_port,
+        extra_resources: extra,
     };
     let text = if a.output == "json" {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": install::manifests(&o)});

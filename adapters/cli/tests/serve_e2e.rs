@@ -660,6 +660,51 @@ fn deleting_a_running_backup_leaves_no_frozen_pod_and_no_snapshot() {
     assert!(!files.join("store/backups/doomed-while-running").exists());
 }
 
+/// `install --resources-from-cluster` adds the cluster's custom resources (from its discovery) to
+/// the ClusterRole by name — and still no `*`; `--resources` adds named ones; a bad one is a usage
+/// error naming it.
+#[test]
+fn install_reads_custom_resources_from_the_cluster() {
+    use blockwise_engine::item::ResourceType;
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    server.cluster().serve_also(ResourceType::new("example.com", "v1", "widgets", "Widget", true));
+    let out = sim.blockwise(&[
+        "install",
+        "--dry-run",
+        "-o",
+        "json",
+        "--resources-from-cluster",
+        "--resources",
+        "certificates.cert-manager.io",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let role = list["items"].as_array().unwrap().iter().find(|m| m["kind"] == "ClusterRole").unwrap();
+    let rules = role["rules"].as_array().unwrap();
+    let has = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r["apiGroups"][0] == group
+                && r["resources"].as_array().unwrap().iter().any(|x| x == resource)
+                && r["verbs"].as_array().unwrap().iter().any(|v| v == verb)
+        })
+    };
+    assert!(has("example.com", "widgets", "list") && has("example.com", "widgets", "create"), "{role:#}");
+    assert!(has("cert-manager.io", "certificates", "get"), "{role:#}");
+    assert!(!rules.iter().any(|r| r["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x.as_str().unwrap().contains('*'))));
+    let bad = sim.blockwise(&["install", "--dry-run", "--resources", "widgets"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--resources \"widgets\""),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
 /// Issue 21, defect 4: a Backup deleted while no controller ran (its finalizer removed by hand)
 /// and created again under its name: the new controller finds the old Backup's log (another uid)
 /// and deletes it the full way — the storage snapshots only that log knows, then its files and log
@@ -694,7 +739,7 @@ fn a_log_left_by_an_earlier_backup_of_the_name_is_deleted_with_its_snapshots() {
 
 #[test]
 fn the_cluster_role_grants_exactly_what_the_controller_calls() {
-    use blockwise_adapters::serve::install::{granted, rbac_checks, RULES};
+    use blockwise_adapters::serve::install::{granted, rbac_checks, rules, Rule};
     let rt = rt();
     let (server, sim) = in_process_sim(&rt);
     let ns = namespaces();
@@ -760,27 +805,55 @@ fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     );
     calls.sort();
     calls.dedup();
-    let denied: Vec<_> = calls.iter().filter(|(v, g, r)| !granted(RULES, v, g, r)).collect();
+    // The rules as installed (deploy/blockwise.yaml), under Kubernetes' own matching.
+    let installed = common::installed_cluster_role_rules();
+    let denied: Vec<_> = calls.iter().filter(|(v, g, r)| !common::rbac_allows(&installed, v, g, r)).collect();
     assert!(denied.is_empty(), "the ClusterRole does not grant: {denied:?}");
+    // Every rule is needed: a rule for one code path, verb by verb, by a call no other rule
+    // grants; the catalogue (get/list and create/patch per API group over named types, which the
+    // demo cluster cannot all serve) verb by verb over all its rules together.
+    let rules = rules(&[]);
     let mut unused = Vec::new();
-    for (i, (groups, resources, verbs)) in RULES.iter().enumerate() {
-        let others: Vec<_> = RULES.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| *r).collect();
-        for verb in *verbs {
-            let needed = calls.iter().any(|(v, g, r)| {
-                let this = v == verb
-                    && (groups.contains(&"*") || groups.contains(&g.as_str()))
-                    && (resources.contains(&r.as_str()) || (resources.contains(&"*") && !r.contains('/')));
-                this && !granted(&others, v, g, r)
-            });
+    let catalogue: Vec<Rule> = rules.iter().filter(|r| r.catalogue).cloned().collect();
+    let specific: Vec<Rule> = rules.iter().filter(|r| !r.catalogue).cloned().collect();
+    let needed = |mine: &[Rule], others: &[Rule], verb: &str| {
+        calls.iter().any(|(v, g, r)| v == verb && granted(mine, v, g, r) && !granted(others, v, g, r))
+    };
+    for verb in ["get", "list", "create", "patch"] {
+        if !needed(&catalogue, &specific, verb) {
+            unused.push(format!("{verb} on the catalogue"));
+        }
+    }
+    for (i, rule) in specific.iter().enumerate() {
+        let others: Vec<Rule> = rules
+            .iter()
+            .filter(|r| r.catalogue)
+            .chain(specific.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r))
+            .cloned()
+            .collect();
+        for verb in &rule.verbs {
+            let mine = Rule { verbs: vec![verb.clone()], ..rule.clone() };
             // Code paths the fake CSI controller cannot take: it binds a snapshot and sets its
             // content's handle in one step, so `csi::wait_cut` never waits on a content.
-            let untaken = *verb == "watch" && resources == &["volumesnapshotcontents"];
-            if !needed && !untaken {
-                unused.push(format!("{verb} {groups:?} {resources:?}"));
+            let untaken = verb == "watch" && rule.resources == ["volumesnapshotcontents"];
+            if !needed(std::slice::from_ref(&mine), &others, verb) && !untaken {
+                unused.push(format!("{verb} {:?} {:?}", rule.groups, rule.resources));
             }
         }
     }
     assert!(unused.is_empty(), "granted but never needed: {unused:?}\ncalls: {calls:#?}");
+    // What the role must never grant, under the same matching (issue 21): tokens, attach,
+    // port-forward, node proxy; exec only as hooks need it.
+    for verb in ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"] {
+        for sub in ["serviceaccounts/token", "pods/attach", "pods/portforward", "nodes/proxy"] {
+            assert!(!common::rbac_allows(&installed, verb, "", sub), "the ClusterRole grants {verb} {sub}");
+        }
+        assert_eq!(
+            common::rbac_allows(&installed, verb, "", "pods/exec"),
+            verb == "get" || verb == "create",
+            "{verb} pods/exec"
+        );
+    }
 }
 
 /// `--concurrent-backups 2` with Velero 1.18's rule: a Backup whose namespaces overlap a running

@@ -2,9 +2,11 @@
 //! binding, the data PVC, the Deployment (Recreate: the log volume is ReadWriteOnce, and two pods
 //! on one log are never wanted) and a Service for the metrics.
 //!
-//! The ClusterRole is derived from what the code calls, and [`rbac_checks`] maps any API request
-//! to the (verb, group, resource) RBAC would check, so a test can run the controller against the
-//! fake API server and check that every request it made is granted — and every rule is used.
+//! The ClusterRole is derived from what the code calls and names every resource it grants (never
+//! `*`, which under Kubernetes' RBAC also covers every subresource: tokens, attach, port-forward,
+//! node proxy); [`rbac_checks`] maps any API request to the (verb, group, resource) RBAC would
+//! check, so a test can run the controller against the fake API server and check that every
+//! request it made is granted — and every rule is used.
 
 use kube::CustomResourceExt;
 use serde_json::{json, Value};
@@ -24,6 +26,8 @@ pub struct InstallOptions {
     pub data_size: String,
     /// Port of /metrics, /healthz and /readyz.
     pub metrics_port: u16,
+    /// Custom resources (group, resource) the ClusterRole grants beside [`BUILT_IN`].
+    pub extra_resources: Vec<(String, String)>,
 }
 
 impl Default for InstallOptions {
@@ -34,6 +38,7 @@ impl Default for InstallOptions {
             replicas: 1,
             data_size: "10Gi".into(),
             metrics_port: 8080,
+            extra_resources: Vec::new(),
         }
     }
 }
@@ -46,38 +51,178 @@ pub const DATA_PVC: &str = "blockwise-data";
 pub const LEASE: &str = "blockwise-leader";
 
 /// One RBAC rule: API groups, resources (with `/subresource`), verbs.
-pub type Rule = (&'static [&'static str], &'static [&'static str], &'static [&'static str]);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// API groups (`""` is the core group).
+    pub groups: Vec<String>,
+    /// Resources, `resource/subresource` for a subresource. Never `*`: under Kubernetes' RBAC a
+    /// `*` resource also matches every subresource (`serviceaccounts/token`, `pods/attach`,
+    /// `nodes/proxy`, …).
+    pub resources: Vec<String>,
+    /// Verbs.
+    pub verbs: Vec<String>,
+    /// A rule of the resource catalogue (get and list for backups, create and patch for restores,
+    /// one per API group), as opposed to a rule a single code path needs.
+    pub catalogue: bool,
+}
 
-/// The ClusterRole's rules: what the code calls, nothing more — each rule needed by some call no
-/// other rule grants (`serve_e2e` checks both ways). Backups read every resource type (get and
-/// list: Velero backs up whatever a spec selects); restores create every type a backup may hold
-/// and, under `existingResourcePolicy: update`, patch it — so create and patch are granted on every
-/// type, as Velero's server runs with cluster-admin — which also covers the CSI procedure's
-/// snapshot creates and patches, the leader Lease (kube-lease-manager) and the Backups'
-/// finalizers. Beyond those: hooks' execs, the watches and deletes of the CSI procedure
-/// (`crate::csi`), the watches of Backups and Restores, and their status patches, and the
-/// garbage collector's deletes of expired Backups.
-pub const RULES: &[Rule] = &[
-    (&["*"], &["*"], &["get", "list"]),
-    (&["*"], &["*"], &["create", "patch"]),
-    (&[""], &["pods/exec"], &["create", "get"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshots"], &["watch", "delete"]),
-    (&["snapshot.storage.k8s.io"], &["volumesnapshotcontents"], &["watch", "delete"]),
-    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshots"], &["watch", "delete"]),
-    (&["groupsnapshot.storage.k8s.io"], &["volumegroupsnapshotcontents"], &["delete"]),
-    (&["blockwise.dev"], &["backups"], &["watch", "delete"]),
-    (&["blockwise.dev"], &["backups/status"], &["patch"]),
-    (&["blockwise.dev"], &["restores"], &["watch"]),
-    (&["blockwise.dev"], &["restores/status"], &["patch"]),
-    (&["blockwise.dev"], &["schedules"], &["watch"]),
-    (&["blockwise.dev"], &["schedules/status"], &["patch"]),
+/// The Kubernetes API's own resource types (1.33, with the CSI snapshot and group snapshot types
+/// every snapshotting cluster installs) that a backup may list and a restore may create — by API
+/// group. Subresources are deliberately absent.
+pub const BUILT_IN: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "configmaps",
+            "endpoints",
+            "events",
+            "limitranges",
+            "namespaces",
+            "nodes",
+            "persistentvolumeclaims",
+            "persistentvolumes",
+            "pods",
+            "podtemplates",
+            "replicationcontrollers",
+            "resourcequotas",
+            "secrets",
+            "serviceaccounts",
+            "services",
+        ],
+    ),
+    (
+        "admissionregistration.k8s.io",
+        &[
+            "mutatingwebhookconfigurations",
+            "validatingadmissionpolicies",
+            "validatingadmissionpolicybindings",
+            "validatingwebhookconfigurations",
+        ],
+    ),
+    ("apiextensions.k8s.io", &["customresourcedefinitions"]),
+    ("apiregistration.k8s.io", &["apiservices"]),
+    ("apps", &["controllerrevisions", "daemonsets", "deployments", "replicasets", "statefulsets"]),
+    ("autoscaling", &["horizontalpodautoscalers"]),
+    ("batch", &["cronjobs", "jobs"]),
+    ("certificates.k8s.io", &["certificatesigningrequests"]),
+    ("coordination.k8s.io", &["leases"]),
+    ("discovery.k8s.io", &["endpointslices"]),
+    ("events.k8s.io", &["events"]),
+    ("flowcontrol.apiserver.k8s.io", &["flowschemas", "prioritylevelconfigurations"]),
+    ("networking.k8s.io", &["ingressclasses", "ingresses", "ipaddresses", "networkpolicies", "servicecidrs"]),
+    ("node.k8s.io", &["runtimeclasses"]),
+    ("policy", &["poddisruptionbudgets"]),
+    ("rbac.authorization.k8s.io", &["clusterrolebindings", "clusterroles", "rolebindings", "roles"]),
+    ("resource.k8s.io", &["deviceclasses", "resourceclaims", "resourceclaimtemplates", "resourceslices"]),
+    ("scheduling.k8s.io", &["priorityclasses"]),
+    (
+        "storage.k8s.io",
+        &[
+            "csidrivers",
+            "csinodes",
+            "csistoragecapacities",
+            "storageclasses",
+            "volumeattachments",
+            "volumeattributesclasses",
+        ],
+    ),
+    ("snapshot.storage.k8s.io", &["volumesnapshotclasses", "volumesnapshotcontents", "volumesnapshots"]),
+    (
+        "groupsnapshot.storage.k8s.io",
+        &["volumegroupsnapshotclasses", "volumegroupsnapshotcontents", "volumegroupsnapshots"],
+    ),
+    ("blockwise.dev", &["backups", "restores", "schedules"]),
 ];
+
+/// The rules a single code path needs, beside the catalogue: hooks' execs (a WebSocket exec is
+/// authorized as `get` before Kubernetes 1.35 and `create` from then on), the watches and deletes
+/// of the CSI procedure (`crate::csi`), the watches of Backups, Restores and Schedules and their
+/// status patches, and the deletes of Backups (garbage collection, retention).
+const SPECIFIC: &[(&str, &str, &[&str])] = &[
+    ("", "pods/exec", &["create", "get"]),
+    ("snapshot.storage.k8s.io", "volumesnapshots", &["watch", "delete"]),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["watch", "delete"]),
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshots", &["watch", "delete"]),
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", &["delete"]),
+    ("blockwise.dev", "backups", &["watch", "delete"]),
+    ("blockwise.dev", "backups/status", &["patch"]),
+    ("blockwise.dev", "restores", &["watch"]),
+    ("blockwise.dev", "restores/status", &["patch"]),
+    ("blockwise.dev", "schedules", &["watch"]),
+    ("blockwise.dev", "schedules/status", &["patch"]),
+];
+
+/// Whether a restore may create `resource` of `group` (not one of the engine's never-restored
+/// types: nodes, events, CSI nodes, volume attachments, …).
+fn restorable(group: &str, resource: &str) -> bool {
+    let name = if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") };
+    !blockwise_engine::restore::NON_RESTORABLE.contains(&name.as_str())
+}
+
+/// The ClusterRole's rules: what the code calls, nothing more, on named resources only.
+/// Backups get and list every resource type of the catalogue ([`BUILT_IN`] and `extra`, the
+/// custom resources the install was told about, as `(group, resource)`); restores create and,
+/// under `existingResourcePolicy: update`, patch each of them a restore may create — which also
+/// covers the CSI procedure's snapshot creates and patches, the leader Lease (kube-lease-manager)
+/// and the Backups' finalizers. Then [`SPECIFIC`]. Velero's server runs with cluster-admin.
+pub fn rules(extra: &[(String, String)]) -> Vec<Rule> {
+    let mut by_group: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    for (g, rs) in BUILT_IN {
+        by_group.entry(g.to_string()).or_default().extend(rs.iter().map(|r| r.to_string()));
+    }
+    for (g, r) in extra {
+        by_group.entry(g.clone()).or_default().insert(r.clone());
+    }
+    let verbs = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    for (g, rs) in &by_group {
+        let all: Vec<String> = rs.iter().cloned().collect();
+        out.push(Rule { groups: vec![g.clone()], resources: all, verbs: verbs(&["get", "list"]), catalogue: true });
+        let writable: Vec<String> = rs.iter().filter(|r| restorable(g, r)).cloned().collect();
+        if !writable.is_empty() {
+            out.push(Rule {
+                groups: vec![g.clone()],
+                resources: writable,
+                verbs: verbs(&["create", "patch"]),
+                catalogue: true,
+            });
+        }
+    }
+    for (g, r, v) in SPECIFIC {
+        out.push(Rule {
+            groups: vec![g.to_string()],
+            resources: vec![r.to_string()],
+            verbs: verbs(v),
+            catalogue: false,
+        });
+    }
+    out
+}
+
+/// A custom resource to add to the catalogue, as `resource.group` (Velero's `--include-resources`
+/// form, such as `certificates.cert-manager.io`): `(group, resource)`, or what is wrong with it.
+pub fn parse_extra_resource(s: &str) -> Result<(String, String), String> {
+    let (resource, group) = s.split_once('.').ok_or_else(|| {
+        format!("{s:?}: expected resource.group (such as certificates.cert-manager.io); core types are built in")
+    })?;
+    let ok = |x: &str| {
+        !x.is_empty() && x.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    };
+    if !ok(resource) || !ok(group) || resource.contains('.') {
+        return Err(format!("{s:?}: a resource and a group are lowercase DNS names; no '*' and no subresource"));
+    }
+    Ok((group.to_string(), resource.to_string()))
+}
 
 /// Every manifest, in the order `kubectl apply` should create them.
 pub fn manifests(o: &InstallOptions) -> Vec<Value> {
     let labels = json!({"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": NAME});
     let ns = &o.namespace;
-    let rules: Vec<Value> = RULES.iter().map(|(g, r, v)| json!({"apiGroups": g, "resources": r, "verbs": v})).collect();
+    let rules: Vec<Value> = rules(&o.extra_resources)
+        .iter()
+        .map(|r| json!({"apiGroups": r.groups, "resources": r.resources, "verbs": r.verbs}))
+        .collect();
     let mut crd = serde_json::to_value(Backup::crd()).unwrap_or(Value::Null);
     crd["metadata"]["labels"] = labels.clone();
     let mut restore_crd = serde_json::to_value(super::restores::Restore::crd()).unwrap_or(Value::Null);
@@ -190,12 +335,23 @@ pub fn rbac_checks(method: &str, path: &str, query: &str) -> Vec<(String, String
     out
 }
 
-/// Whether the rules grant a request.
+/// Whether the rules grant a request, under Kubernetes' RBAC matching (`rbac/v1` helpers'
+/// `VerbMatches`, `APIGroupMatches`, `ResourceMatches`): `*` verbs and groups match all; a `*`
+/// resource matches every resource **and every subresource**; `*/sub` matches that subresource of
+/// any resource. `res/*` is counted as matching `res`'s subresources too (the RBAC docs' reading;
+/// the API server's matcher does not, so this errs on the side of finding a grant).
 pub fn granted(rules: &[Rule], verb: &str, group: &str, resource: &str) -> bool {
-    rules.iter().any(|(g, r, v)| {
-        (g.contains(&"*") || g.contains(&group))
-            && (r.contains(&resource) || (r.contains(&"*") && !resource.contains('/')))
-            && v.contains(&verb)
+    let sub = resource.split_once('/').map(|(_, s)| s);
+    rules.iter().any(|r| {
+        let verb_ok = r.verbs.iter().any(|v| v == "*" || v == verb);
+        let group_ok = r.groups.iter().any(|g| g == "*" || g == group);
+        let resource_ok = r.resources.iter().any(|x| {
+            x == "*"
+                || x == resource
+                || sub.is_some_and(|s| x.strip_prefix("*/") == Some(s))
+                || (sub.is_some() && x.strip_suffix("/*").is_some_and(|base| resource.starts_with(&format!("{base}/"))))
+        });
+        verb_ok && group_ok && resource_ok
     })
 }
 
@@ -255,9 +411,61 @@ mod tests {
             "patch blockwise.dev backups/status"
         );
         assert_eq!(r("GET", "/apis/apps/v1", ""), "");
-        assert!(granted(RULES, "list", "apps", "deployments"));
-        assert!(!granted(RULES, "delete", "apps", "deployments"));
-        assert!(!granted(RULES, "get", "", "secrets/proxy"));
-        assert!(granted(RULES, "patch", "blockwise.dev", "backups/status"));
+        let rules = rules(&[]);
+        assert!(granted(&rules, "list", "apps", "deployments"));
+        assert!(!granted(&rules, "delete", "apps", "deployments"));
+        assert!(!granted(&rules, "get", "", "secrets/proxy"));
+        assert!(granted(&rules, "patch", "blockwise.dev", "backups/status"));
+    }
+
+    #[test]
+    fn the_matcher_follows_kubernetes_wildcards() {
+        let rule = |g: &str, r: &str, v: &str| Rule {
+            groups: vec![g.into()],
+            resources: vec![r.into()],
+            verbs: vec![v.into()],
+            catalogue: false,
+        };
+        // A `*` resource covers subresources: minting tokens, attaching, port-forwarding.
+        assert!(granted(&[rule("*", "*", "create")], "create", "", "serviceaccounts/token"));
+        assert!(granted(&[rule("", "*", "get")], "get", "", "nodes/proxy"));
+        assert!(granted(&[rule("", "*/exec", "create")], "create", "", "pods/exec"));
+        assert!(granted(&[rule("", "pods/*", "create")], "create", "", "pods/attach"));
+        assert!(!granted(&[rule("", "pods/*", "create")], "create", "", "pods"));
+        assert!(!granted(&[rule("", "pods", "create")], "create", "", "pods/portforward"));
+        assert!(granted(&[rule("", "pods", "*")], "delete", "", "pods"));
+        assert!(!granted(&[rule("apps", "pods", "get")], "get", "", "pods"));
+    }
+
+    /// Issue 21, defect 5: no rule names `*`, and none grants the five dangerous subresources
+    /// (exec only as hooks need it), with or without custom resources added.
+    #[test]
+    fn the_role_names_its_resources_and_grants_no_token_attach_portforward_or_proxy() {
+        let extra = vec![parse_extra_resource("certificates.cert-manager.io").unwrap()];
+        for rules in [rules(&[]), rules(&extra)] {
+            for r in &rules {
+                assert!(!r.resources.iter().any(|x| x.contains('*')) && !r.groups.iter().any(|g| g == "*"), "{r:?}");
+                assert!(!r.verbs.iter().any(|v| v == "*"), "{r:?}");
+            }
+            for verb in ["get", "list", "watch", "create", "update", "patch", "delete"] {
+                assert!(!granted(&rules, verb, "", "serviceaccounts/token"), "{verb} serviceaccounts/token");
+                assert!(!granted(&rules, verb, "", "pods/attach"), "{verb} pods/attach");
+                assert!(!granted(&rules, verb, "", "pods/portforward"), "{verb} pods/portforward");
+                assert!(!granted(&rules, verb, "", "nodes/proxy"), "{verb} nodes/proxy");
+                assert_eq!(
+                    granted(&rules, verb, "", "pods/exec"),
+                    verb == "get" || verb == "create",
+                    "{verb} pods/exec"
+                );
+            }
+            // What a restore may not create is not granted: nodes, events.
+            assert!(granted(&rules, "list", "", "nodes") && !granted(&rules, "create", "", "nodes"));
+            assert!(!granted(&rules, "create", "events.k8s.io", "events"));
+        }
+        assert!(granted(&rules(&extra), "create", "cert-manager.io", "certificates"));
+        assert!(!granted(&rules(&[]), "list", "cert-manager.io", "certificates"));
+        for bad in ["certificates", "*.cert-manager.io", "pods/exec.core", ".x", "Certs.example.com"] {
+            assert!(parse_extra_resource(bad).is_err(), "{bad}");
+        }
     }
 }

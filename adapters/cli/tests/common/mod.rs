@@ -276,3 +276,46 @@ pub fn live_snapshot_claims(data: &Path, name: &str) -> Vec<String> {
 pub fn live_storage(cluster: &blockwise_simulator::fake::FakeCluster) -> std::collections::BTreeSet<String> {
     (cluster.storage_snapshots().into_values().filter(|x| x.deleted_ms.is_none())).map(|x| x.handle).collect()
 }
+
+/// The ClusterRole's rules in `deploy/blockwise.yaml` (what a user installs): (apiGroups,
+/// resources, verbs) as written there.
+pub fn installed_cluster_role_rules() -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/blockwise.yaml"))
+        .expect("deploy/blockwise.yaml");
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+    };
+    let mut out = Vec::new();
+    for doc in text.split("\n---").filter(|d| !d.trim().is_empty()) {
+        let v: serde_json::Value = serde_yaml_ng::from_str(doc).expect("a YAML document");
+        if v["kind"] == "ClusterRole" {
+            for r in v["rules"].as_array().expect("rules") {
+                out.push((strings(&r["apiGroups"]), strings(&r["resources"]), strings(&r["verbs"])));
+            }
+        }
+    }
+    assert!(!out.is_empty(), "deploy/blockwise.yaml has no ClusterRole rules");
+    out
+}
+
+/// Whether RBAC rules allow (verb, group, resource[/subresource]), as the Kubernetes API server
+/// matches them (`VerbMatches`, `APIGroupMatches`, `ResourceMatches` of k8s.io/rbac/v1 helpers),
+/// written here apart from the product's own matcher: `*` verbs and groups match all; a `*`
+/// resource matches every resource and every subresource; `*/sub` matches that subresource of any
+/// resource; and — as the RBAC documentation reads — `res/*` matches `res`'s subresources.
+pub fn rbac_allows(rules: &[(Vec<String>, Vec<String>, Vec<String>)], verb: &str, group: &str, resource: &str) -> bool {
+    let (base, sub) = match resource.split_once('/') {
+        Some((b, s)) => (b, Some(s)),
+        None => (resource, None),
+    };
+    rules.iter().any(|(groups, resources, verbs)| {
+        verbs.iter().any(|v| v == "*" || v == verb)
+            && groups.iter().any(|g| g == "*" || g == group)
+            && resources.iter().any(|r| match (r.split_once('/'), sub) {
+                _ if r == "*" || r == resource => true,
+                (Some(("*", rs)), Some(s)) => rs == s,
+                (Some((rb, "*")), Some(_)) => rb == base,
+                _ => false,
+            })
+    })
+}
