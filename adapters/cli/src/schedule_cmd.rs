@@ -221,7 +221,9 @@ fn schedule_of(a: &CreateArgs) -> Result<(Schedule, Cron)> {
     if let Some(l) = &a.storage_location {
         locations.named.insert(l.clone(), blockwise_adapters::session::StorageSpec::Local { root: None });
     }
-    let (cron, _) = s.validate(&locations).map_err(|errors| usage(errors.join("; ")))?;
+    let (cron, _) = s
+        .validate(&locations, &blockwise_adapters::serve::crd::Scope::Admin)
+        .map_err(|errors| usage(errors.join("; ")))?;
     Ok((s, cron))
 }
 

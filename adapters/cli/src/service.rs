@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use blockwise_adapters::serve::controller::{self, LeaseConfig, ServeConfig, ServeError};
-use blockwise_adapters::serve::crd::Locations;
+use blockwise_adapters::serve::crd::{Locations, Tenancy, Tenants};
 use blockwise_adapters::serve::install::{self, InstallOptions};
 use blockwise_adapters::serve::metrics::Metrics;
 use clap::Args;
@@ -23,9 +23,15 @@ pub struct ServeArgs {
     /// Kubeconfig context to use (default: its current-context).
     #[arg(long)]
     context: Option<String>,
-    /// Only Backups in this namespace (default: every namespace).
+    /// The controller's own namespace: it acts on the Backups, Restores and Schedules there
+    /// (default: POD_NAMESPACE, else --lease-namespace, else blockwise-system).
     #[arg(long)]
     namespace: Option<String>,
+    /// Also act on CRs in these namespaces, in tenant mode — a CR in namespace X covers X only and
+    /// names only the controller's storage locations: a comma-separated list, or '*' for every
+    /// namespace (default: none).
+    #[arg(long)]
+    tenant_namespaces: Option<String>,
     /// Backups run at once; a Backup whose namespaces overlap a running one waits (Queued).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     concurrent_backups: u32,
@@ -96,11 +102,23 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     let data_dir =
         std::path::absolute(&data_dir).with_context(|| format!("resolving --data-dir {}", data_dir.display()))?;
     let kubeconfig = a.kubeconfig.as_ref().map(std::path::absolute).transpose().context("resolving --kubeconfig")?;
+    let pod_namespace = std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty());
+    let home = a
+        .namespace
+        .clone()
+        .or_else(|| pod_namespace.clone())
+        .or_else(|| a.lease_namespace.clone())
+        .unwrap_or_else(|| "blockwise-system".into());
+    let tenants = match &a.tenant_namespaces {
+        Some(t) => Tenancy::parse_tenants(t).map_err(|e| usage(format!("--tenant-namespaces: {e}")))?,
+        None => Tenants::None,
+    };
+    let tenancy = Tenancy { home, tenants };
     let lease = (!a.no_leader_election).then(|| LeaseConfig {
         namespace: a
             .lease_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|n| !n.is_empty()))
+            .or_else(|| pod_namespace.clone())
             .unwrap_or_else(|| "blockwise-system".into()),
         name: a.lease_name.clone(),
         identity: a.identity.clone().unwrap_or_else(identity),
@@ -111,7 +129,7 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         data_dir,
         kubeconfig,
         context: a.context.clone(),
-        namespace: a.namespace.clone(),
+        tenancy,
         concurrent_backups: a.concurrent_backups as usize,
         lease,
         metrics_addr: a.metrics_addr,
@@ -122,7 +140,13 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     };
     let rt = runtime()?;
     let metrics = Arc::new(Metrics::new());
-    let scope = cfg.namespace.clone().map_or_else(|| "every namespace".to_string(), |n| format!("namespace {n}"));
+    let scope = match &cfg.tenancy.tenants {
+        Tenants::None => format!("namespace {}", cfg.tenancy.home),
+        Tenants::Some(t) => {
+            format!("namespace {} (tenants: {})", cfg.tenancy.home, t.iter().cloned().collect::<Vec<_>>().join(", "))
+        }
+        Tenants::All => format!("namespace {} (tenants: every other namespace)", cfg.tenancy.home),
+    };
     let result = rt.block_on(controller::run(cfg, metrics, |addr| {
         eprintln!("blockwise serve: Backups in {scope}; metrics on http://{addr}/metrics");
     }));
@@ -163,6 +187,11 @@ pub struct InstallArgs {
     /// the cluster's custom resources at the time of the install.
     #[arg(long)]
     resources_from_cluster: bool,
+    /// Run the controller with --tenant-namespaces (a comma-separated list or '*') and add the
+    /// aggregated ClusterRole that lets a namespace's editors create Backups, Restores and
+    /// Schedules in it.
+    #[arg(long)]
+    tenant_namespaces: Option<String>,
     /// Kubeconfig for --resources-from-cluster (also KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -199,6 +228,9 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
             "blockwise install only prints its manifests: run `blockwise install --dry-run -o yaml | kubectl apply -f -`",
         ));
     }
+    if let Some(t) = &a.tenant_namespaces {
+        Tenancy::parse_tenants(t).map_err(|e| usage(format!("--tenant-namespaces: {e}")))?;
+    }
     let mut extra = Vec::new();
     for r in &a.resources {
         extra.push(install::parse_extra_resource(r).map_err(|e| usage(format!("--resources {e}")))?);
@@ -216,6 +248,7 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
         data_size: a.data_size,
         metrics_port: defaults.metrics_port,
         extra_resources: extra,
+        tenant_namespaces: a.tenant_namespaces,
     };
     let text = if a.output == "json" {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": install::manifests(&o)});

@@ -737,6 +737,109 @@ fn a_log_left_by_an_earlier_backup_of_the_name_is_deleted_with_its_snapshots() {
     assert!(line.contains(&format!("its {} storage snapshots", held.len())), "{line}");
 }
 
+/// A Backup of `includes` in namespace `ns`, with extra spec lines.
+fn backup_in(ns: &str, name: &str, includes: &[&str], extra: &str) -> String {
+    let list = includes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Backup\nmetadata:\n  name: {name}\n  namespace: {ns}\n\
+         spec:\n  includedNamespaces: [{list}]\n  workers: 4\n{extra}"
+    )
+}
+
+/// Issue 21, defects 2 and 6: the namespace boundary. By default a Backup outside the
+/// controller's namespace is ignored (no finalizer, no status); with `--tenant-namespaces T` one in
+/// T runs, covering T only and writing under `tenants/T/` of the shared location, while specs
+/// that step outside (another namespace, cluster resources, inline storage, a restore mapped
+/// elsewhere) end FailedValidation naming the field. Judged from the objects the API server holds
+/// and the files in the shared store.
+#[test]
+fn tenants_stay_inside_their_namespace_and_their_store_prefix() {
+    let rt = rt();
+    let (_server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let shared = sim.dir.path().join("shared-store");
+    let location = format!("shared={}", shared.display());
+    let ns = namespaces();
+    let (tenant, other) = (ns[0].as_str(), ns[1].as_str());
+    let client = rt.block_on(client(&sim));
+    let in_ns = |n: &str| -> Api<Backup> { Api::namespaced(client.clone(), n) };
+    let get = |n: &str, name: &str| rt.block_on(in_ns(n).get(name)).unwrap();
+    // The default: only the controller's own namespace.
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--storage-location", &location]);
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_in(tenant, "early", &[tenant], "  storageLocation: shared\n")));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("home", &ns[2..3])));
+    ctl.wait_for("backup blockwise-system/home: Completed");
+    let early = get(tenant, "early");
+    assert!(early.status.is_none() && early.metadata.finalizers.is_none(), "acted on outside its namespace: {early:?}");
+    ctl.kill();
+    // Tenant mode for one namespace.
+    let mut ctl = sim
+        .controller(&data, &["--no-leader-election", "--storage-location", &location, "--tenant-namespaces", tenant]);
+    let failed = |b: &Backup| {
+        let s = b.status.clone().unwrap_or_default();
+        assert_eq!(s.phase.as_deref(), Some("FailedValidation"), "{s:?}");
+        s.validation_errors.join("; ")
+    };
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_in(other, "stranger", &[other], "")));
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_in(tenant, "reach", &[tenant, other], "")));
+    sim.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&backup_in(tenant, "inline", &[tenant], &format!("  storage:\n    url: {}\n", data.display()))),
+    );
+    sim.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&backup_in(tenant, "everything", &[], "  includeClusterResources: true\n")),
+    );
+    ctl.wait_for(&format!("backup {tenant}/early: Completed"));
+    for (name, field) in [
+        ("reach", "spec.includedNamespaces"),
+        ("inline", "spec.storage"),
+        ("everything", "spec.includeClusterResources"),
+    ] {
+        ctl.wait_for(&format!("backup {tenant}/{name}: FailedValidation"));
+        let errors = failed(&get(tenant, name));
+        assert!(errors.contains(field) && errors.contains(tenant), "{name}: {errors}");
+    }
+    // The tenant's archive: under its prefix, its namespace only.
+    let archive = shared.join("tenants").join(tenant).join("backups/early/early.tar.gz");
+    let bytes = std::fs::read(&archive).unwrap_or_else(|e| panic!("{}: {e}", archive.display()));
+    assert!(!shared.join("backups").exists(), "a tenant wrote outside its prefix");
+    let mut entries = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut items = 0;
+    for e in entries.entries().unwrap() {
+        use std::io::Read;
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut body = String::new();
+        e.read_to_string(&mut body).unwrap();
+        if let Some(rest) = path.strip_prefix("resources/") {
+            items += 1;
+            // Its namespace's objects, its Namespace, and the contents of its own snapshots.
+            let content_of_its_snapshot = rest.starts_with("volumesnapshotcontents.")
+                && serde_json::from_str::<serde_json::Value>(&body).unwrap()["spec"]["volumeSnapshotRef"]["namespace"]
+                    == tenant;
+            let own = rest.contains(&format!("/namespaces/{tenant}/"))
+                || (rest.starts_with("namespaces/") && rest.ends_with(&format!("/cluster/{tenant}.json")))
+                || content_of_its_snapshot;
+            assert!(own, "the tenant's archive holds {path}");
+        }
+    }
+    assert!(items > 0, "the tenant's archive holds no item");
+    // A restore mapped out of the tenant's namespace.
+    let restore = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: away\n  namespace: {tenant}\n\
+         spec:\n  backupName: early\n  namespaceMapping:\n    {tenant}: {other}\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
+    ctl.wait_for(&format!("restore {tenant}/away: FailedValidation"));
+    let r: Restore = rt.block_on(Api::namespaced(client.clone(), tenant).get("away")).unwrap();
+    let reason = r.status.and_then(|s| s.failure_reason).unwrap_or_default();
+    assert!(reason.contains("spec.namespaceMapping"), "{reason}");
+    // Still not ours: the Backup in a namespace that is neither the controller's nor a tenant's.
+    let stranger = get(other, "stranger");
+    assert!(stranger.status.is_none() && stranger.metadata.finalizers.is_none(), "{stranger:?}");
+}
+
 #[test]
 fn the_cluster_role_grants_exactly_what_the_controller_calls() {
     use blockwise_adapters::serve::install::{granted, rbac_checks, rules, Rule};

@@ -1,6 +1,7 @@
 //! `blockwise serve`: the controller of `backups.blockwise.dev`.
 //!
-//! A kube-runtime [`Controller`] watches Backups (in every namespace, or one); each reconcile
+//! A kube-runtime [`Controller`] watches Backups (in its own namespace, or — with tenant
+//! namespaces, issue 21 — in every namespace, acting only on its own and the tenants'); each reconcile
 //! decides from the object and the data directory, and a Backup that should run is run by a task
 //! of its own through the same [`Session`] API as the CLI — its log under
 //! `<data-dir>/namespaces/<ns>/backups/<name>/log`. Reconcile never waits for a backup.
@@ -47,7 +48,9 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::crd::{phase, ArchiveStatus, Backup, BackupStatus, HookStatus, Locations, Progress, Request, FINALIZER};
+use super::crd::{
+    phase, ArchiveStatus, Backup, BackupStatus, HookStatus, Locations, Progress, Request, Scope, Tenancy, FINALIZER,
+};
 use super::metrics::{Health, Metrics};
 use crate::driver::{Observer, RunError};
 use crate::kube::KubeCluster;
@@ -85,8 +88,8 @@ pub struct ServeConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Its context.
     pub context: Option<String>,
-    /// Only Backups in this namespace (`None`: every namespace).
-    pub namespace: Option<String>,
+    /// The controller's own namespace and its tenant namespaces: CRs elsewhere are ignored.
+    pub tenancy: Tenancy,
     /// Backups run at once.
     pub concurrent_backups: usize,
     /// Leader election (`None`: this replica runs backups at once).
@@ -245,10 +248,7 @@ async fn lead_then_reconcile(
     }
     let cluster: Arc<dyn Cluster> = Arc::new(kube);
     let source = ClusterSource::Kube { kubeconfig: cfg.kubeconfig.clone(), context: cfg.context.clone() };
-    let api: Api<Backup> = match &cfg.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let api: Api<Backup> = scoped_api(&client, &cfg.tenancy);
     let (wake, wakes) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Ctx {
         client,
@@ -269,10 +269,7 @@ async fn lead_then_reconcile(
         }
     });
     // Restores beside the backups, into the cluster served (`serve/restores.rs`).
-    let restore_api: Api<super::restores::Restore> = match &ctx.cfg.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let restore_api: Api<super::restores::Restore> = scoped_api(&ctx.client, &ctx.cfg.tenancy);
     let restore_ctx = Arc::new(super::restores::RestoreCtx::new(
         ctx.client.clone(),
         ctx.cluster.clone(),
@@ -280,12 +277,11 @@ async fn lead_then_reconcile(
         ctx.cfg.data_dir.clone(),
         Duration::from_millis(ctx.cfg.status_interval_ms),
         ctx.metrics.clone(),
+        ctx.cfg.tenancy.clone(),
     ));
     // Schedules, which make Backups and apply their retention rules (`serve/schedules.rs`).
-    let (schedule_api, schedule_backups): (Api<super::schedules::Schedule>, Api<Backup>) = match &ctx.cfg.namespace {
-        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
+    let (schedule_api, schedule_backups): (Api<super::schedules::Schedule>, Api<Backup>) =
+        (scoped_api(&ctx.client, &ctx.cfg.tenancy), scoped_api(&ctx.client, &ctx.cfg.tenancy));
     let schedules = async {
         let Some(backups) = ctx.store.get().cloned() else { return };
         let _ = backups.wait_until_ready().await;
@@ -293,6 +289,7 @@ async fn lead_then_reconcile(
             client: ctx.client.clone(),
             backups,
             locations: ctx.cfg.locations.clone(),
+            tenancy: ctx.cfg.tenancy.clone(),
             metrics: ctx.metrics.clone(),
             started: Mutex::new(BTreeMap::new()),
         });
@@ -333,6 +330,20 @@ async fn lead_then_reconcile(
     }
 }
 
+/// The API of `K` in the controller's own namespace, or in every namespace when it has tenants
+/// (each reconcile then ignores what is outside them).
+fn scoped_api<K>(client: &Client, tenancy: &Tenancy) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    if tenancy.watches_all() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), &tenancy.home)
+    }
+}
+
 /// The garbage collector: at start and then every `gc_interval_ms`, each Backup in a terminal
 /// phase whose `status.expiration` has passed is deleted through the API; its finalizer
 /// (`reconcile`) then deletes its store files and log, so a collection interrupted by a kill
@@ -348,6 +359,9 @@ async fn collect_garbage(ctx: Arc<Ctx>) {
         let backups = ctx.store.get().map(|s| s.state()).unwrap_or_default();
         for b in backups {
             let Some(status) = &b.status else { continue };
+            if ctx.cfg.tenancy.scope(&b.namespace().unwrap_or_default()).is_none() {
+                continue;
+            }
             let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
             let expiration = status.expiration.as_deref().and_then(blockwise_engine::schedule::parse_utc_timestamp);
             if !blockwise_engine::schedule::collectable(terminal, expiration, now)
@@ -455,6 +469,8 @@ fn overlap(a: &[String], b: &[String]) -> bool {
 
 async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
     let ns = b.namespace().unwrap_or_default();
+    // Outside the controller's namespaces (issue 21): not ours — no finalizer, no status, no run.
+    let Some(scope) = ctx.cfg.tenancy.scope(&ns) else { return Ok(Action::await_change()) };
     let name = b.name_any();
     let key = (ns.clone(), name.clone());
     let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
@@ -471,7 +487,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         if ctx.running().contains_key(&key) {
             return Ok(Action::await_change());
         }
-        if let Some(req) = unfinished_run(&b, &data, &ctx)? {
+        if let Some(req) = unfinished_run(&b, &data, &ctx, &scope)? {
             eprintln!("backup {ns}/{name}: deletion requested while it runs; it is deleted once its run ends");
             let status = b.status.clone().unwrap_or_default();
             start(&b, req, status, &ctx)?;
@@ -527,7 +543,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
     if status.phase.as_deref().is_some_and(phase::is_terminal) || ctx.running().contains_key(&key) || ctx.ended(&b) {
         return Ok(Action::await_change());
     }
-    let req = match b.to_request(&ctx.cfg.locations) {
+    let req = match b.to_request(&ctx.cfg.locations, &scope) {
         Ok(r) => r,
         Err(errors) => {
             let status = BackupStatus {
@@ -591,7 +607,7 @@ async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), R
 /// the log is this Backup's (same uid), its run neither finished nor stopped (a stopped run closed
 /// its windows and released what it could; the deletion deletes the rest), and no run of it ended
 /// in this process (so a run that cannot go on does not hold the deletion forever).
-fn unfinished_run(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<Option<Request>, ReconcileError> {
+fn unfinished_run(b: &Backup, data: &DataDir, ctx: &Ctx, scope: &Scope) -> Result<Option<Request>, ReconcileError> {
     if ctx.ended(b) {
         return Ok(None);
     }
@@ -607,7 +623,7 @@ fn unfinished_run(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<Option<Reques
     if !mine || !state.resumable() || state.stopped.is_some() {
         return Ok(None);
     }
-    Ok(b.to_request(&ctx.cfg.locations).ok())
+    Ok(b.to_request(&ctx.cfg.locations, scope).ok())
 }
 
 /// `Some(position)` when the Backup must wait (see the module docs).

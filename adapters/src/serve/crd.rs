@@ -277,6 +277,111 @@ pub struct Locations {
     pub default: Option<StorageSpec>,
 }
 
+impl Locations {
+    /// The locations a CR in `scope` writes to: an administrator's as they are; a tenant's each
+    /// under `tenants/<namespace>/` of the location (a directory below it, or a key prefix), so
+    /// no two namespaces share a store prefix and no tenant reaches another's backups. The default
+    /// local store (`<data-dir>/namespaces/<ns>/store`) is per namespace already.
+    pub fn scoped(&self, scope: &Scope) -> Locations {
+        let Scope::Tenant(ns) = scope else { return self.clone() };
+        let under = |l: &StorageSpec| match l {
+            StorageSpec::Local { root: Some(r) } => StorageSpec::Local { root: Some(r.join("tenants").join(ns)) },
+            StorageSpec::Local { root: None } => StorageSpec::Local { root: None },
+            StorageSpec::S3(loc) => {
+                let mut loc = loc.clone();
+                loc.prefix = if loc.prefix.is_empty() {
+                    format!("tenants/{ns}")
+                } else {
+                    format!("{}/tenants/{ns}", loc.prefix)
+                };
+                StorageSpec::S3(loc)
+            }
+        };
+        Locations {
+            named: self.named.iter().map(|(n, l)| (n.clone(), under(l))).collect(),
+            default: self.default.as_ref().map(under),
+        }
+    }
+}
+
+/// Whom a CR speaks for (issue 21; `docs/service.md`, "Tenancy").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A CR in the controller's own namespace: the administrator's — any namespaces, cluster
+    /// resources, inline storage.
+    Admin,
+    /// A CR in tenant namespace X: it covers X only (included namespaces ⊆ {X}, no cluster-scoped
+    /// resources, restores only into X), names only the controller's storage locations, and
+    /// writes under `tenants/X/` of them.
+    Tenant(String),
+}
+
+/// The tenant namespaces a controller acts in beside its own (`--tenant-namespaces`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tenants {
+    /// None: only CRs in the controller's own namespace are acted on (the default, as Velero's).
+    #[default]
+    None,
+    /// These namespaces.
+    Some(std::collections::BTreeSet<String>),
+    /// Every namespace (`*`).
+    All,
+}
+
+/// Which CRs the controller acts on, and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenancy {
+    /// The controller's own namespace.
+    pub home: String,
+    /// Tenant namespaces.
+    pub tenants: Tenants,
+}
+
+impl Tenancy {
+    /// Only the controller's own namespace.
+    pub fn home_only(home: &str) -> Tenancy {
+        Tenancy { home: home.to_string(), tenants: Tenants::None }
+    }
+
+    /// Parses `--tenant-namespaces`: `*`, or namespace names separated by commas.
+    pub fn parse_tenants(text: &str) -> Result<Tenants, String> {
+        if text.trim() == "*" {
+            return Ok(Tenants::All);
+        }
+        let mut set = std::collections::BTreeSet::new();
+        for n in text.split(',').map(str::trim) {
+            let ok = !n.is_empty()
+                && n.len() <= 63
+                && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !n.starts_with('-')
+                && !n.ends_with('-');
+            if !ok {
+                return Err(format!("{n:?} is not a namespace name (lowercase letters, digits and '-'), nor '*'"));
+            }
+            set.insert(n.to_string());
+        }
+        Ok(Tenants::Some(set))
+    }
+
+    /// The scope of a CR in `namespace`, or `None` when the controller does not act on it.
+    pub fn scope(&self, namespace: &str) -> Option<Scope> {
+        if namespace == self.home {
+            return Some(Scope::Admin);
+        }
+        let tenant = match &self.tenants {
+            Tenants::None => false,
+            Tenants::Some(set) => set.contains(namespace),
+            Tenants::All => true,
+        };
+        tenant.then(|| Scope::Tenant(namespace.to_string()))
+    }
+
+    /// Whether the controller watches every namespace (else only its own).
+    pub fn watches_all(&self) -> bool {
+        self.tenants != Tenants::None
+    }
+}
+
 fn duration(field: &str, v: &Option<String>, default: u64, errors: &mut Vec<String>) -> u64 {
     match v.as_deref() {
         None => default,
@@ -330,7 +435,10 @@ fn inline_storage(s: &InlineStorage) -> Result<StorageSpec, String> {
 
 impl Backup {
     /// The run this Backup asks for, or every reason it cannot run (FailedValidation).
-    pub fn to_request(&self, locations: &Locations) -> Result<Request, Vec<String>> {
+    /// `scope` is whom it speaks for: a tenant's Backup covers its namespace only (an empty
+    /// `includedNamespaces` means it), never cluster-scoped resources, and names only the
+    /// controller's locations, under its tenant prefix.
+    pub fn to_request(&self, locations: &Locations, scope: &Scope) -> Result<Request, Vec<String>> {
         let name = self.metadata.name.clone().unwrap_or_default();
         let uid = self.metadata.uid.clone().unwrap_or_default();
         let s = &self.spec;
@@ -344,6 +452,29 @@ impl Backup {
         spec.included_resources = s.included_resources.clone();
         spec.excluded_resources = s.excluded_resources.clone();
         spec.include_cluster_resources = s.include_cluster_resources;
+        if let Scope::Tenant(ns) = scope {
+            let outside: Vec<&String> = s.included_namespaces.iter().filter(|n| *n != ns).collect();
+            if !outside.is_empty() {
+                errors.push(format!(
+                    "spec.includedNamespaces: a Backup in tenant namespace {ns} may include {ns} only, not {}",
+                    outside.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if s.include_cluster_resources == Some(true) {
+                errors.push(format!(
+                    "spec.includeClusterResources: a Backup in tenant namespace {ns} cannot include cluster-scoped resources"
+                ));
+            }
+            if s.storage.is_some() {
+                errors.push(format!(
+                    "spec.storage: a Backup in tenant namespace {ns} cannot name its own store; use spec.storageLocation (one of the controller's) or none"
+                ));
+            }
+            spec.included_namespaces = vec![ns.clone()];
+            spec.include_cluster_resources = Some(false);
+        }
+        let scoped = locations.scoped(scope);
+        let locations = &scoped;
         if let Some(sel) = &s.label_selector {
             match selector_string(sel) {
                 Ok(text) if text.is_empty() => {}
@@ -408,6 +539,7 @@ impl Backup {
                     None
                 }
             },
+            (None, Some(_)) if matches!(scope, Scope::Tenant(_)) => None,
             (None, Some(inline)) => match inline_storage(inline) {
                 Ok(l) => Some(l),
                 Err(e) => {
@@ -489,7 +621,7 @@ mod tests {
             "ttl": "720h", "csiSnapshotTimeout": "90s", "snapshotVolumes": true, "workers": 4,
             "storage": {"url": "/var/lib/store"},
         }));
-        let r = b.to_request(&Locations::default()).unwrap();
+        let r = b.to_request(&Locations::default(), &Scope::Admin).unwrap();
         assert_eq!(r.spec.name, "nightly");
         assert_eq!(r.spec.included_namespaces, ["db", "web-*"]);
         assert_eq!(r.spec.label_selector.as_deref(), Some("app=pg,tier in (a,b)"));
@@ -503,6 +635,62 @@ mod tests {
         assert_eq!(r.storage, StorageSpec::Local { root: Some("/var/lib/store".into()) });
     }
 
+    /// Issue 21, defects 2 and 6: a tenant's Backup covers its namespace, names no store of its
+    /// own, and writes under its tenant prefix of a shared location.
+    #[test]
+    fn a_tenants_backup_stays_in_its_namespace_and_under_its_prefix() {
+        let tenant = Scope::Tenant("payments".into());
+        let mut locations = Locations::default();
+        locations.named.insert("shared".into(), StorageSpec::Local { root: Some("/stores/shared".into()) });
+        let s3 = S3Location::parse("s3://bucket/cluster-a").unwrap();
+        locations.default = Some(StorageSpec::S3(s3));
+        // Empty includedNamespaces: the tenant's namespace; cluster resources off.
+        let r = backup(serde_json::json!({})).to_request(&locations, &tenant).unwrap();
+        assert_eq!(r.spec.included_namespaces, ["payments"]);
+        assert_eq!(r.spec.include_cluster_resources, Some(false));
+        let StorageSpec::S3(loc) = &r.storage else { panic!("{:?}", r.storage) };
+        assert_eq!(loc.prefix, "cluster-a/tenants/payments");
+        let r = backup(serde_json::json!({"storageLocation": "shared", "includedNamespaces": ["payments"]}))
+            .to_request(&locations, &tenant)
+            .unwrap();
+        assert_eq!(r.storage, StorageSpec::Local { root: Some("/stores/shared/tenants/payments".into()) });
+        // The administrator's: as given.
+        let r = backup(serde_json::json!({"storageLocation": "shared"})).to_request(&locations, &Scope::Admin).unwrap();
+        assert_eq!(r.storage, StorageSpec::Local { root: Some("/stores/shared".into()) });
+        assert!(r.spec.included_namespaces.is_empty());
+        // Stepping outside: each field named.
+        let bad = backup(serde_json::json!({
+            "includedNamespaces": ["payments", "identity"], "includeClusterResources": true,
+            "storage": {"url": "/stores/other-tenant"},
+        }));
+        let errors = bad.to_request(&locations, &tenant).unwrap_err().join("\n");
+        for needle in [
+            "spec.includedNamespaces: a Backup in tenant namespace payments may include payments only, not \"identity\"",
+            "spec.includeClusterResources",
+            "spec.storage: a Backup in tenant namespace payments cannot name its own store",
+        ] {
+            assert!(errors.contains(needle), "{needle:?} not in {errors}");
+        }
+        let glob = backup(serde_json::json!({"includedNamespaces": ["*"]}));
+        assert!(glob.to_request(&locations, &tenant).unwrap_err()[0].contains("spec.includedNamespaces"));
+    }
+
+    #[test]
+    fn tenancy_scopes_namespaces() {
+        let t =
+            Tenancy { home: "blockwise-system".into(), tenants: Tenancy::parse_tenants("payments, billing").unwrap() };
+        assert_eq!(t.scope("blockwise-system"), Some(Scope::Admin));
+        assert_eq!(t.scope("payments"), Some(Scope::Tenant("payments".into())));
+        assert_eq!(t.scope("identity"), None);
+        assert_eq!(Tenancy::home_only("blockwise-system").scope("payments"), None);
+        let all = Tenancy { home: "ops".into(), tenants: Tenancy::parse_tenants("*").unwrap() };
+        assert_eq!(all.scope("anything"), Some(Scope::Tenant("anything".into())));
+        assert!(all.watches_all() && !Tenancy::home_only("ops").watches_all());
+        for bad in ["", "a,,b", "Payments", "-x", "a b"] {
+            assert!(Tenancy::parse_tenants(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn every_reason_a_spec_is_invalid_is_reported() {
         let b = backup(serde_json::json!({
@@ -510,7 +698,7 @@ mod tests {
             "hooks": {"resources": [{"name": "h", "pre": [{"exec": {"command": []}}]}]},
             "ttl": "soon", "workers": 0, "storageLocation": "offsite",
         }));
-        let errors = b.to_request(&Locations::default()).unwrap_err();
+        let errors = b.to_request(&Locations::default(), &Scope::Admin).unwrap_err();
         let all = errors.join("\n");
         for needle in [
             "spec.labelSelector: operator \"Gt\"",
@@ -522,6 +710,8 @@ mod tests {
             assert!(all.contains(needle), "{needle:?} not in {all}");
         }
         let relative = backup(serde_json::json!({"storage": {"url": "store"}}));
-        assert!(relative.to_request(&Locations::default()).unwrap_err()[0].contains("absolute directory"));
+        assert!(
+            relative.to_request(&Locations::default(), &Scope::Admin).unwrap_err()[0].contains("absolute directory")
+        );
     }
 }

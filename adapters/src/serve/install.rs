@@ -28,6 +28,10 @@ pub struct InstallOptions {
     pub metrics_port: u16,
     /// Custom resources (group, resource) the ClusterRole grants beside [`BUILT_IN`].
     pub extra_resources: Vec<(String, String)>,
+    /// `--tenant-namespaces` for the controller (a list or `*`), and with it the aggregated
+    /// ClusterRole [`TENANT_ROLE`] that lets namespace editors create Backups, Restores and
+    /// Schedules.
+    pub tenant_namespaces: Option<String>,
 }
 
 impl Default for InstallOptions {
@@ -39,6 +43,7 @@ impl Default for InstallOptions {
             data_size: "10Gi".into(),
             metrics_port: 8080,
             extra_resources: Vec::new(),
+            tenant_namespaces: None,
         }
     }
 }
@@ -49,6 +54,9 @@ pub const NAME: &str = "blockwise";
 pub const DATA_PVC: &str = "blockwise-data";
 /// The Lease of leader election.
 pub const LEASE: &str = "blockwise-leader";
+/// The aggregated ClusterRole of tenant mode: Kubernetes adds its rules to the built-in `edit`
+/// and `admin` roles, so whoever may edit a namespace may create our CRs in it.
+pub const TENANT_ROLE: &str = "blockwise-tenant-edit";
 
 /// One RBAC rule: API groups, resources (with `/subresource`), verbs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +238,15 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
     let mut schedule_crd = serde_json::to_value(super::schedules::Schedule::crd()).unwrap_or(Value::Null);
     schedule_crd["metadata"]["labels"] = labels.clone();
     let port = o.metrics_port;
-    vec![
+    let mut args: Vec<String> = ["serve", "--data-dir", "/data", "--lease-namespace", ns]
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["--metrics-addr".to_string(), format!("0.0.0.0:{port}")])
+        .collect();
+    if let Some(t) = &o.tenant_namespaces {
+        args.extend(["--tenant-namespaces".to_string(), t.clone()]);
+    }
+    let mut all = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}),
         crd,
         restore_crd,
@@ -260,8 +276,7 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
                     "containers": [{
                         "name": NAME,
                         "image": o.image,
-                        "args": ["serve", "--data-dir", "/data", "--lease-namespace", ns,
-                                 "--metrics-addr", format!("0.0.0.0:{port}")],
+                        "args": args,
                         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                         "ports": [{"name": "metrics", "containerPort": port}],
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
@@ -278,7 +293,17 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
                "metadata": {"name": NAME, "namespace": ns, "labels": labels},
                "spec": {"selector": {"app.kubernetes.io/name": NAME},
                         "ports": [{"name": "metrics", "port": port, "targetPort": "metrics"}]}}),
-    ]
+    ];
+    if o.tenant_namespaces.is_some() {
+        let mut aggregate = labels.clone();
+        aggregate["rbac.authorization.k8s.io/aggregate-to-edit"] = json!("true");
+        aggregate["rbac.authorization.k8s.io/aggregate-to-admin"] = json!("true");
+        all.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": TENANT_ROLE, "labels": aggregate},
+            "rules": [{"apiGroups": ["blockwise.dev"], "resources": ["backups", "restores", "schedules"],
+                       "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]}));
+    }
+    all
 }
 
 /// The manifests as one YAML stream (`---` between documents).
@@ -392,6 +417,23 @@ mod tests {
         let d = &manifests(&o)[8];
         assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
         assert_eq!(d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], DATA_PVC);
+    }
+
+    #[test]
+    fn tenant_mode_passes_the_namespaces_and_aggregates_a_role_for_editors() {
+        let o = InstallOptions { tenant_namespaces: Some("payments,billing".into()), ..InstallOptions::default() };
+        let all = manifests(&o);
+        let args = all[8]["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+        let pos = args.iter().position(|a| a == "--tenant-namespaces").unwrap();
+        assert_eq!(args[pos + 1], "payments,billing");
+        let role = all.last().unwrap();
+        assert_eq!(role["metadata"]["name"], TENANT_ROLE);
+        assert_eq!(role["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
+        assert_eq!(role["rules"][0]["resources"], json!(["backups", "restores", "schedules"]));
+        // Without tenants: neither.
+        let plain = manifests(&InstallOptions::default());
+        assert!(!plain.iter().any(|m| m["metadata"]["name"] == TENANT_ROLE));
+        assert!(!plain[8].to_string().contains("--tenant-namespaces"));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::controller::{status_merge_patch, FIELD_MANAGER};
-use super::crd::{phase, selector_string, LabelSelector, WORKERS_DEFAULT};
+use super::crd::{phase, selector_string, LabelSelector, Scope, Tenancy, WORKERS_DEFAULT};
 use super::metrics::Metrics;
 use crate::report::rfc3339;
 use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
@@ -133,8 +133,11 @@ pub struct RestoreProgress {
 }
 
 impl Restore {
-    /// The engine's restore spec and workers, or every reason the Restore cannot run.
-    pub fn to_spec(&self) -> Result<(EngineRestoreSpec, u32), Vec<String>> {
+    /// The engine's restore spec and workers, or every reason the Restore cannot run. A tenant's
+    /// Restore (`scope`) restores into its own namespace only: every mapping targets it, and the
+    /// namespaces restored are it and those mapped into it (an empty `includedNamespaces` means
+    /// them).
+    pub fn to_spec(&self, scope: &Scope) -> Result<(EngineRestoreSpec, u32), Vec<String>> {
         let s = &self.spec;
         let mut errors = Vec::new();
         let mut spec = EngineRestoreSpec::new(&self.name_any(), &s.backup_name);
@@ -146,6 +149,33 @@ impl Restore {
         spec.included_resources = s.included_resources.clone();
         spec.excluded_resources = s.excluded_resources.clone();
         spec.namespace_mapping = s.namespace_mapping.clone();
+        if let Scope::Tenant(ns) = scope {
+            let elsewhere: Vec<String> = s
+                .namespace_mapping
+                .iter()
+                .filter(|(_, to)| *to != ns)
+                .map(|(from, to)| format!("{from}:{to}"))
+                .collect();
+            if !elsewhere.is_empty() {
+                errors.push(format!(
+                    "spec.namespaceMapping: a Restore in tenant namespace {ns} restores into {ns} only, not {}",
+                    elsewhere.join(", ")
+                ));
+            }
+            let lands_here = |n: &String| s.namespace_mapping.get(n).unwrap_or(n) == ns;
+            let outside: Vec<&String> = s.included_namespaces.iter().filter(|n| !lands_here(n)).collect();
+            if !outside.is_empty() {
+                errors.push(format!(
+                    "spec.includedNamespaces: a Restore in tenant namespace {ns} may restore {ns} (or namespaces mapped into it) only, not {}",
+                    outside.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if s.included_namespaces.is_empty() {
+                spec.included_namespaces = std::iter::once(ns.clone())
+                    .chain(s.namespace_mapping.iter().filter(|(_, to)| *to == ns).map(|(from, _)| from.clone()))
+                    .collect();
+            }
+        }
         match ExistingPolicy::parse(s.existing_resource_policy.as_deref().unwrap_or("none")) {
             Ok(p) => spec.existing_resource_policy = p,
             Err(e) => errors.push(format!("spec.existingResourcePolicy: {e}")),
@@ -188,6 +218,8 @@ pub struct RestoreCtx {
     pub status_interval: Duration,
     /// Counters (`blockwise_restore_*`).
     pub metrics: Arc<Metrics>,
+    /// Which namespaces' Restores are acted on, and as whom.
+    pub tenancy: Tenancy,
     running: Mutex<BTreeSet<(String, String)>>,
     ended: Mutex<BTreeSet<(String, String, String)>>,
 }
@@ -201,6 +233,7 @@ impl RestoreCtx {
         data_dir: PathBuf,
         status_interval: Duration,
         metrics: Arc<Metrics>,
+        tenancy: Tenancy,
     ) -> RestoreCtx {
         RestoreCtx {
             client,
@@ -209,6 +242,7 @@ impl RestoreCtx {
             data_dir,
             status_interval,
             metrics,
+            tenancy,
             running: Mutex::new(BTreeSet::new()),
             ended: Mutex::new(BTreeSet::new()),
         }
@@ -261,11 +295,31 @@ fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
     }
 }
 
+/// A tenant restores only a backup made under the tenant rules (its namespace only, no cluster
+/// resources) — not one the administrator left in its namespace, or one made before tenant mode.
+fn tenant_made(data: &DataDir, backup: &str, tenant: &str) -> Result<(), Vec<String>> {
+    let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
+    let events = data.read_events(backup).map_err(|e| refuse(e.to_string()))?;
+    let state = blockwise_engine::state::BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
+    let ok = state.spec.as_ref().is_some_and(|s| {
+        s.included_namespaces.iter().all(|n| n == tenant)
+            && !s.included_namespaces.is_empty()
+            && s.include_cluster_resources == Some(false)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(format!("it was not made under tenant {tenant}'s rules (its namespace only, no cluster resources)")))
+    }
+}
+
 /// Reconciles one Restore (see the module docs).
 pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, RestoreReconcileError> {
     let ns = r.namespace().unwrap_or_default();
     let name = r.name_any();
     let uid = r.uid().unwrap_or_default();
+    // Outside the controller's namespaces: not ours to act on.
+    let Some(scope) = ctx.tenancy.scope(&ns) else { return Ok(Action::await_change()) };
     let api: Api<Restore> = Api::namespaced(ctx.client.clone(), &ns);
     let status = r.status.clone().unwrap_or_default();
     let key = (ns.clone(), name.clone());
@@ -280,12 +334,14 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let data = ctx.data(&ns);
-    let validated = r.to_spec().and_then(|(spec, workers)| {
-        if data.log_dir(&spec.backup_name).exists() {
-            Ok((spec, workers))
-        } else {
-            Err(vec![format!("backup {:?} not found in namespace {ns}", spec.backup_name)])
+    let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
+        if !data.log_dir(&spec.backup_name).exists() {
+            return Err(vec![format!("backup {:?} not found in namespace {ns}", spec.backup_name)]);
         }
+        if let Scope::Tenant(tenant) = &scope {
+            tenant_made(&data, &spec.backup_name, tenant)?;
+        }
+        Ok((spec, workers))
     });
     let (spec, workers) = match validated {
         Ok(v) => v,
@@ -465,7 +521,7 @@ mod tests {
         let (spec, workers) = restore(json!({"backupName": "b", "namespaceMapping": {"a": "c"},
             "existingResourcePolicy": "update", "restorePVs": true,
             "labelSelector": {"matchLabels": {"app": "x"}}}))
-        .to_spec()
+        .to_spec(&Scope::Admin)
         .unwrap();
         assert_eq!((spec.backup_name.as_str(), workers), ("b", WORKERS_DEFAULT));
         assert_eq!(spec.existing_resource_policy, ExistingPolicy::Update);
@@ -473,8 +529,30 @@ mod tests {
         assert_eq!(spec.label_selector.as_deref(), Some("app=x"));
         let errors = restore(json!({"backupName": "", "existingResourcePolicy": "merge", "workers": 0,
             "labelSelector": {"matchExpressions": [{"key": "k", "operator": "Bogus"}]}}))
-        .to_spec()
+        .to_spec(&Scope::Admin)
         .unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:?}");
+    }
+
+    /// Issue 21, defect 6: a tenant's Restore lands in its namespace only.
+    #[test]
+    fn a_tenants_restore_lands_in_its_namespace_only() {
+        let tenant = Scope::Tenant("payments".into());
+        let (spec, _) = restore(json!({"backupName": "b"})).to_spec(&tenant).unwrap();
+        assert_eq!(spec.included_namespaces, ["payments"]);
+        let (spec, _) =
+            restore(json!({"backupName": "b", "namespaceMapping": {"old": "payments"}})).to_spec(&tenant).unwrap();
+        assert_eq!(spec.included_namespaces, ["payments", "old"]);
+        let errors = restore(json!({"backupName": "b", "namespaceMapping": {"payments": "identity"},
+            "includedNamespaces": ["payments", "kube-system"]}))
+        .to_spec(&tenant)
+        .unwrap_err()
+        .join("\n");
+        assert!(errors.contains("spec.namespaceMapping: a Restore in tenant namespace payments restores into payments only, not payments:identity"), "{errors}");
+        assert!(errors.contains("not \"payments\", \"kube-system\""), "{errors}");
+        // The administrator maps anywhere.
+        assert!(restore(json!({"backupName": "b", "namespaceMapping": {"payments": "identity"}}))
+            .to_spec(&Scope::Admin)
+            .is_ok());
     }
 }

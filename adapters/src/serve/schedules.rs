@@ -28,7 +28,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::controller::{status_merge_patch, FIELD_MANAGER};
-use super::crd::{phase as backup_phase, Backup, BackupSpec, Locations};
+use super::crd::{phase as backup_phase, Backup, BackupSpec, Locations, Scope, Tenancy};
 use super::metrics::Metrics;
 use crate::report::rfc3339;
 use crate::world::Runtime;
@@ -120,6 +120,8 @@ pub struct ScheduleCtx {
     pub backups: Reflector<Backup>,
     /// Named stores, to validate templates as Backups are.
     pub locations: Locations,
+    /// Which namespaces' Schedules are acted on, and as whom.
+    pub tenancy: Tenancy,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// The last Backup this process started for each Schedule (namespace, name): when, and its
@@ -139,14 +141,15 @@ fn now_ms() -> i64 {
 
 impl Schedule {
     /// The cron, the retention rules, or every reason the Schedule cannot run.
-    pub fn validate(&self, locations: &Locations) -> Result<(Cron, Retention), Vec<String>> {
+    /// `scope`: whom it speaks for (its template is checked as a Backup of its namespace).
+    pub fn validate(&self, locations: &Locations, scope: &Scope) -> Result<(Cron, Retention), Vec<String>> {
         let mut errors = Vec::new();
         let cron = Cron::parse(&self.spec.schedule).map_err(|e| errors.push(format!("spec.schedule: {e}"))).ok();
         // The template must be a Backup the controller can run, named as its Backups will be.
         let probe = backup_name(&self.name_any(), 0);
         let mut backup = Backup::new(&probe, self.spec.template.clone());
         backup.metadata.uid = Some("probe".into());
-        if let Err(es) = backup.to_request(locations) {
+        if let Err(es) = backup.to_request(locations, scope) {
             errors.extend(es.into_iter().map(|e| format!("spec.template: {e}")));
         }
         let r = self.spec.retention.clone().unwrap_or_default();
@@ -178,11 +181,13 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
     let name = s.name_any();
     let api: Api<Schedule> = Api::namespaced(ctx.client.clone(), &ns);
     let backups_api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    // Outside the controller's namespaces: not ours to act on (no status, no Backups).
+    let Some(scope) = ctx.tenancy.scope(&ns) else { return Ok(Action::await_change()) };
     if s.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let status = s.status.clone().unwrap_or_default();
-    let (cron, retention) = match s.validate(&ctx.locations) {
+    let (cron, retention) = match s.validate(&ctx.locations, &scope) {
         Ok(v) => v,
         Err(errors) => {
             if status.phase.as_deref() != Some("FailedValidation") || status.validation_errors != errors {
@@ -322,10 +327,10 @@ mod tests {
     #[test]
     fn a_schedule_validates_its_cron_and_its_template() {
         let ok = schedule(json!({"schedule": "@every 10s", "template": {"ttl": "1h"}, "retention": {"keepLast": 3}}));
-        let (_, r) = ok.validate(&Locations::default()).unwrap();
+        let (_, r) = ok.validate(&Locations::default(), &Scope::Admin).unwrap();
         assert_eq!(r.keep_last, Some(3));
         let bad = schedule(json!({"schedule": "61 * * * *", "template": {"ttl": "soon"}}));
-        let errors = bad.validate(&Locations::default()).unwrap_err();
+        let errors = bad.validate(&Locations::default(), &Scope::Admin).unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("minute 61") && errors[1].contains("spec.template"), "{errors:?}");
     }
