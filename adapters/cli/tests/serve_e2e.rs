@@ -737,6 +737,39 @@ fn a_log_left_by_an_earlier_backup_of_the_name_is_deleted_with_its_snapshots() {
     assert!(line.contains(&format!("its {} storage snapshots", held.len())), "{line}");
 }
 
+/// Issue 21, defect 7: a store outage stops a run. The Backup stays InProgress with the reason
+/// and when it is tried again — never Failed — and the same controller resumes it from its log
+/// with backoff once the store is back: no restart, no `backup resume`. The outage is real I/O: the
+/// store's directory is a file until the test removes it.
+#[test]
+fn a_backup_stopped_by_a_store_outage_is_resumed_when_the_store_is_back() {
+    let rt = rt();
+    let (_server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let root = sim.dir.path().join("flaky-store");
+    std::fs::write(&root, "a file where the store's directory should be").unwrap();
+    let location = format!("flaky={}", root.display());
+    let mut phases = Phases::record(&rt, &sim);
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--storage-location", &location]);
+    let yaml = backup_yaml("flaky", &namespaces()[..1]) + "  storageLocation: flaky\n";
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    let line = ctl.wait_for("backup blockwise-system/flaky: stopped (");
+    assert!(line.contains("resuming it in 2 s"), "{line}");
+    let stopped = |b: Option<&Backup>| b.and_then(|b| b.status.as_ref()).is_some_and(|s| s.stop_reason.is_some());
+    let b = wait_until(&rt, &sim, "flaky", 60, stopped);
+    let s = b.status.unwrap();
+    assert_eq!(s.phase.as_deref(), Some("InProgress"), "a stopped run is not failed: {s:?}");
+    assert!(s.next_retry.is_some() && s.failure_reason.is_none(), "{s:?}");
+    // The store is back.
+    std::fs::remove_file(&root).unwrap();
+    let b = wait_until(&rt, &sim, "flaky", 120, phase_is("Completed"));
+    let s = b.status.unwrap();
+    assert!(s.retry_count >= 1 && s.stop_reason.is_none() && s.next_retry.is_none(), "{s:?}");
+    phases.wait("flaky", "Completed");
+    assert!(!phases.of("flaky").contains(&"Failed"), "{:?}", phases.of("flaky"));
+    assert!(root.join("backups/flaky/flaky.tar.gz").exists(), "no archive in the store once it was back");
+}
+
 /// A Backup of `includes` in namespace `ns`, with extra spec lines.
 fn backup_in(ns: &str, name: &str, includes: &[&str], extra: &str) -> String {
     let list = includes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
@@ -1054,6 +1087,58 @@ fn wait_restore(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, 
             }
         }
     })
+}
+
+/// Issue 21, defects 7 and 9: a Restore whose creates meet an unavailable API server (503s past
+/// the retries) stops; it stays InProgress with the reason and its progress so far, and the same
+/// controller resumes it with backoff once the server answers — counted as one attempt and one
+/// success. A Restore of a Backup that has not finished is a validation error, not a failure.
+#[test]
+fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_restorable() {
+    use blockwise_simulator::server::{Fault, Verb};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/source: Completed");
+    server.faults().add(Fault::new(Verb::Write, Some("configmaps"), 503, u32::MAX));
+    let restore = |name: &str, backup: &str| {
+        format!(
+            "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: {name}\n  namespace: {NS}\n\
+             spec:\n  backupName: {backup}\n  namespaceMapping:\n    {ns}: {ns}-again\n"
+        )
+    };
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore("again", "source")));
+    let line = ctl.wait_for(&format!("restore {NS}/again: stopped ("));
+    assert!(line.contains("resuming it in 2 s"), "{line}");
+    let api: Api<Restore> = rt.block_on(async { Api::namespaced(client(&sim).await, NS) });
+    let stopped = |r: Option<&Restore>| r.and_then(|r| r.status.as_ref()).is_some_and(|s| s.stop_reason.is_some());
+    let r = rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), await_condition(api.clone(), "again", stopped)).await
+        })
+        .expect("the stop was never reported")
+        .unwrap()
+        .unwrap();
+    let s = r.status.unwrap();
+    assert_eq!(s.phase.as_deref(), Some("InProgress"), "{s:?}");
+    assert!(s.progress.is_some_and(|p| p.total_items > 0), "the stopped restore's progress was lost");
+    server.faults().clear();
+    let r = wait_restore(&rt, &sim, "again", 120, "Completed");
+    let s = r.status.unwrap();
+    assert!(s.retry_count >= 1 && s.stop_reason.is_none() && s.resumed_count == 0, "{s:?}");
+    let text = http_get(&ctl.metrics_addr(), "/metrics");
+    assert_eq!(metric(&text, "blockwise_restore_attempt_total"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "blockwise_restore_success_total"), Some(1.0), "{text}");
+    // A Backup still running is nothing to restore yet: FailedValidation naming the field.
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("later", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/later: started");
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore("too-early", "later")));
+    let r = wait_restore(&rt, &sim, "too-early", 60, "FailedValidation");
+    let reason = r.status.and_then(|s| s.failure_reason).unwrap_or_default();
+    assert!(reason.contains("spec.backupName \"later\": the backup has not finished yet"), "{reason}");
 }
 
 #[test]

@@ -142,6 +142,24 @@ struct Running {
     namespaces: Vec<String>,
 }
 
+/// How a run of this process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// In a terminal phase.
+    Terminal,
+    /// Stopped by an outage (store, log) after `stops` stops in a row; resumed at `retry_at`.
+    Stopped { stops: u32, retry_at: Instant },
+}
+
+/// The wait before resuming a run after its `stops`-th stop in a row: 2 s, doubling, at most 5 min.
+pub(super) fn retry_backoff(stops: u32) -> Duration {
+    let ms = 2_000u64.saturating_mul(1u64 << stops.saturating_sub(1).min(20));
+    Duration::from_millis(ms.min(RETRY_BACKOFF_MS_MAX))
+}
+
+/// The longest wait between two retries of a stopped run.
+const RETRY_BACKOFF_MS_MAX: u64 = 300_000;
+
 type Key = (String, String);
 
 struct Ctx {
@@ -151,9 +169,10 @@ struct Ctx {
     cluster: Arc<dyn Cluster>,
     metrics: Arc<Metrics>,
     running: Mutex<BTreeMap<Key, Running>>,
-    /// Backups (namespace, name, uid) whose runs ended in this process: terminal whatever a
-    /// not-yet-updated cache says.
-    ended: Mutex<std::collections::BTreeSet<(String, String, String)>>,
+    /// Backups (namespace, name, uid) whose runs ended in this process: terminal — whatever a
+    /// not-yet-updated cache says — or stopped, to be retried. Pruned by the garbage collector's
+    /// passes once the cache shows the end or the Backup is gone, so it stays bounded.
+    ended: Mutex<BTreeMap<(String, String, String), Ended>>,
     store: OnceLock<Reflector<Backup>>,
     wake: futures::channel::mpsc::UnboundedSender<()>,
 }
@@ -164,8 +183,12 @@ impl Ctx {
     }
 
     fn ended(&self, b: &Backup) -> bool {
+        self.end_of(b).is_some()
+    }
+
+    fn end_of(&self, b: &Backup) -> Option<Ended> {
         let id = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
-        self.ended.lock().unwrap_or_else(PoisonError::into_inner).contains(&id)
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).get(&id).copied()
     }
 
     fn data(&self, ns: &str) -> DataDir {
@@ -257,7 +280,7 @@ async fn lead_then_reconcile(
         cluster,
         metrics,
         running: Mutex::new(BTreeMap::new()),
-        ended: Mutex::new(std::collections::BTreeSet::new()),
+        ended: Mutex::new(BTreeMap::new()),
         store: OnceLock::new(),
         wake,
     });
@@ -357,6 +380,7 @@ async fn collect_garbage(ctx: Arc<Ctx>) {
     loop {
         let now = crate::world::Runtime::now_ms(&crate::world::TokioRuntime) as i64;
         let backups = ctx.store.get().map(|s| s.state()).unwrap_or_default();
+        prune_ended(&ctx, &backups);
         for b in backups {
             let Some(status) = &b.status else { continue };
             if ctx.cfg.tenancy.scope(&b.namespace().unwrap_or_default()).is_none() {
@@ -388,6 +412,22 @@ async fn collect_garbage(ctx: Arc<Ctx>) {
         }
         tokio::time::sleep(Duration::from_millis(ctx.cfg.gc_interval_ms.max(100))).await;
     }
+}
+
+/// Forgets the runs of Backups that are gone, and the ends the cache already shows (a terminal
+/// phase): what is left is what a stale cache could still contradict, or a stop to retry.
+fn prune_ended(ctx: &Ctx, backups: &[Arc<Backup>]) {
+    let seen: BTreeMap<(String, String, String), bool> = backups
+        .iter()
+        .map(|b| {
+            let id = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
+            (id, b.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(phase::is_terminal))
+        })
+        .collect();
+    ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, end| match seen.get(id) {
+        None => false,
+        Some(terminal) => matches!(end, Ended::Stopped { .. }) || !terminal,
+    });
 }
 
 async fn shutdown_signal() {
@@ -427,6 +467,8 @@ fn status_patch(status: &BackupStatus) -> serde_json::Value {
             "expiration",
             "archive",
             "queuePosition",
+            "stopReason",
+            "nextRetry",
         ],
     )
 }
@@ -490,7 +532,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         if let Some(req) = unfinished_run(&b, &data, &ctx, &scope)? {
             eprintln!("backup {ns}/{name}: deletion requested while it runs; it is deleted once its run ends");
             let status = b.status.clone().unwrap_or_default();
-            start(&b, req, status, &ctx)?;
+            start(&b, req, status, &ctx, 0)?;
             return Ok(Action::await_change());
         }
         let mut status = b.status.clone().unwrap_or_default();
@@ -540,8 +582,21 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         return Ok(Action::await_change());
     }
     let status = b.status.clone().unwrap_or_default();
-    if status.phase.as_deref().is_some_and(phase::is_terminal) || ctx.running().contains_key(&key) || ctx.ended(&b) {
+    let end = ctx.end_of(&b);
+    if status.phase.as_deref().is_some_and(phase::is_terminal)
+        || ctx.running().contains_key(&key)
+        || end == Some(Ended::Terminal)
+    {
         return Ok(Action::await_change());
+    }
+    // A run stopped by an outage is resumed once its backoff has passed (issue 21).
+    let mut stops = 0;
+    if let Some(Ended::Stopped { stops: n, retry_at }) = end {
+        let now = Instant::now();
+        if now < retry_at {
+            return Ok(Action::requeue(retry_at - now));
+        }
+        stops = n;
     }
     let req = match b.to_request(&ctx.cfg.locations, &scope) {
         Ok(r) => r,
@@ -555,7 +610,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             patch_status(&api, &name, &status).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
             let id = (ns.clone(), name.clone(), b.uid().unwrap_or_default());
-            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert(id) {
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert(id, Ended::Terminal).is_none() {
                 ctx.metrics.failure.inc();
             }
             eprintln!("backup {ns}/{name}: FailedValidation: {}", status.failure_reason.unwrap_or_default());
@@ -571,7 +626,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         return Ok(Action::requeue(QUEUE_RECHECK));
     }
     delete_stale_log(&b, &data, &ctx).await?;
-    start(&b, req, status, &ctx)?;
+    start(&b, req, status, &ctx, stops)?;
     Ok(Action::await_change())
 }
 
@@ -653,8 +708,9 @@ fn queue_position(b: &Backup, req: &Request, ctx: &Ctx) -> Option<u32> {
     (full || overlaps_running || overlaps_earlier).then(|| earlier.len() as u32 + 1)
 }
 
-/// Starts (or resumes) the Backup's run in a task of its own.
-fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Result<(), ReconcileError> {
+/// Starts (or resumes) the Backup's run in a task of its own; `stops`: how many times in a row
+/// its runs in this process stopped on an outage (0: this is no retry).
+fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: u32) -> Result<(), ReconcileError> {
     let ns = b.namespace().unwrap_or_default();
     let name = b.name_any();
     let data = ctx.data(&ns);
@@ -705,8 +761,12 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>) -> Resu
     // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
-            run_backup(session, resumed, req, status, &api, &ctx).await;
-            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid));
+            let retry_at = run_backup(session, resumed, req, status, &api, &ctx, stops).await;
+            let end = match retry_at {
+                Some(retry_at) => Ended::Stopped { stops: stops + 1, retry_at },
+                None => Ended::Terminal,
+            };
+            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid), end);
             ctx.running().remove(&(ns, name));
             let _ = ctx.wake.unbounded_send(());
         })
@@ -719,7 +779,8 @@ fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> B
     let all_done = state.plan_finished && state.blocks.iter().all(|b| b.outcome.is_some());
     let phase = match state.finished {
         Some((p, _)) => p.to_string(),
-        None if state.stopped.is_some() => phase::FAILED.into(),
+        // Stopped by an outage: resumed with backoff, never Failed for it (issue 21).
+        None if state.stopped.is_some() => phase::IN_PROGRESS.into(),
         None if state.waiting_for_snapshots() => phase::WAITING_FOR_SNAPSHOTS.into(),
         None if all_done => phase::FINALIZING.into(),
         None => phase::IN_PROGRESS.into(),
@@ -742,7 +803,10 @@ fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> B
         hook_status: Some(HookStatus { hooks_attempted: attempted, hooks_failed: failed }),
         warnings: state.warnings.len() as u32,
         errors: state.errors.len() as u32,
-        failure_reason: state.stopped.clone().or_else(|| base.failure_reason.clone()),
+        failure_reason: base.failure_reason.clone(),
+        stop_reason: state.stopped.clone(),
+        next_retry: None,
+        retry_count: base.retry_count,
         validation_errors: Vec::new(),
         start_timestamp: Some(rfc3339(state.requested_ms)),
         completion_timestamp: state.finished.map(|(_, t)| rfc3339(t)),
@@ -767,6 +831,8 @@ struct StatusObserver {
     interval: Duration,
     hook_started: BTreeMap<(u32, u32, String), u64>,
     in_flight: i64,
+    /// The last status sent: a run that stops reports its progress from here, not from its start.
+    latest: Option<BackupStatus>,
 }
 
 impl Observer for StatusObserver {
@@ -798,18 +864,34 @@ impl Observer for StatusObserver {
         let due = self.last.is_none_or(|t| t.elapsed() >= self.interval);
         if due {
             self.last = Some(Instant::now());
-            let _ = self.tx.send(Some(status_of(state, &self.base, self.ttl_ms)));
+            let status = status_of(state, &self.base, self.ttl_ms);
+            self.latest = Some(status.clone());
+            let _ = self.tx.send(Some(status));
         }
     }
 }
 
-async fn run_backup(session: Session, resumed: bool, req: Request, status: BackupStatus, api: &Api<Backup>, ctx: &Ctx) {
+/// Runs a Backup to its end and reports it. `Some(when)`: the run stopped on an outage (the store
+/// or the log failed after their retries; its log is resumable) and is to be resumed then — the
+/// phase stays InProgress with the reason, as `blockwise backup resume` would continue it.
+async fn run_backup(
+    session: Session,
+    resumed: bool,
+    req: Request,
+    status: BackupStatus,
+    api: &Api<Backup>,
+    ctx: &Ctx,
+    stops: u32,
+) -> Option<Instant> {
     let name = session.name().to_string();
     let ns = api_namespace(api);
     let mut base = status;
     base.queue_position = None;
     if !session.state().resumable() {
         eprintln!("backup {ns}/{name}: its log had finished before its status was reported; reporting it");
+    } else if stops > 0 {
+        base.retry_count += 1;
+        eprintln!("backup {ns}/{name}: resuming after {stops} stop(s) (retry {})", base.retry_count);
     } else if resumed {
         base.resumed_count += 1;
         ctx.metrics.resumed.inc();
@@ -846,6 +928,7 @@ async fn run_backup(session: Session, resumed: bool, req: Request, status: Backu
         interval: Duration::from_millis(ctx.cfg.status_interval_ms),
         hook_started: BTreeMap::new(),
         in_flight: 0,
+        latest: None,
     };
     let finished = session.state().clone();
     let store = match session.store() {
@@ -853,14 +936,7 @@ async fn run_backup(session: Session, resumed: bool, req: Request, status: Backu
         Err(e) => {
             drop(observer);
             let _ = patcher.await;
-            let failed = BackupStatus {
-                phase: Some(phase::FAILED.into()),
-                failure_reason: Some(format!("opening the store: {e}")),
-                ..first
-            };
-            let _ = patch_status(api, &name, &failed).await;
-            ctx.metrics.failure.inc();
-            return;
+            return stopped(api, &ns, &name, first, format!("opening the store: {e}"), stops).await;
         }
     };
     let result = if !finished.resumable() {
@@ -871,6 +947,7 @@ async fn run_backup(session: Session, resumed: bool, req: Request, status: Backu
     };
     let in_flight = observer.in_flight;
     ctx.metrics.blocks_in_flight.dec_by(in_flight);
+    let last_seen = observer.latest.take().unwrap_or_else(|| first.clone());
     drop(observer);
     let _ = patcher.await;
     let end = match result {
@@ -898,19 +975,47 @@ async fn run_backup(session: Session, resumed: bool, req: Request, status: Backu
             }
             s
         }
-        Err(e) => {
-            ctx.metrics.failure.inc();
+        Err(e @ (RunError::Stopped(_) | RunError::Log(_) | RunError::Files { .. })) => {
             let reason = match e {
                 RunError::Files { file, source } => format!("storing {file} failed: {source}"),
                 e => e.to_string(),
             };
-            BackupStatus { phase: Some(phase::FAILED.into()), failure_reason: Some(reason), ..first }
+            return stopped(api, &ns, &name, last_seen, reason, stops).await;
+        }
+        Err(e) => {
+            ctx.metrics.failure.inc();
+            BackupStatus { phase: Some(phase::FAILED.into()), failure_reason: Some(e.to_string()), ..first }
         }
     };
     eprintln!("backup {ns}/{name}: {}", end.phase.as_deref().unwrap_or("?"));
     if let Err(e) = patch_status(api, &name, &end).await {
         eprintln!("warning: backup {ns}/{name}: {e}");
     }
+    None
+}
+
+/// Reports a run stopped by an outage (InProgress, the reason, when it is resumed); that instant.
+async fn stopped(
+    api: &Api<Backup>,
+    ns: &str,
+    name: &str,
+    last: BackupStatus,
+    reason: String,
+    stops: u32,
+) -> Option<Instant> {
+    let wait = retry_backoff(stops + 1);
+    let now_ms = crate::world::Runtime::now_ms(&crate::world::TokioRuntime);
+    let status = BackupStatus {
+        phase: Some(phase::IN_PROGRESS.into()),
+        stop_reason: Some(reason.clone()),
+        next_retry: Some(rfc3339(now_ms + wait.as_millis() as u64)),
+        ..last
+    };
+    eprintln!("backup {ns}/{name}: stopped ({reason}); resuming it in {} s", wait.as_secs());
+    if let Err(e) = patch_status(api, name, &status).await {
+        eprintln!("warning: backup {ns}/{name}: {e}");
+    }
+    Some(Instant::now() + wait)
 }
 
 fn api_namespace(api: &Api<Backup>) -> String {

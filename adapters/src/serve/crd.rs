@@ -100,6 +100,10 @@ pub struct BackupSpec {
     pub workers: Option<u32>,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn free_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
@@ -217,6 +221,16 @@ pub struct BackupStatus {
     /// Place in the queue while Queued (1: next).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
+    /// Why the run stopped before its end (the store or the log failed after their retries): the
+    /// phase stays InProgress and the controller resumes the run from its log at `nextRetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// When a stopped run is resumed next (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry: Option<String>,
+    /// Runs resumed after a stop by this controller (backoff doubles with each, from 2 s to 5 min).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_count: u32,
 }
 
 /// Progress of a running backup.

@@ -120,6 +120,20 @@ pub struct RestoreStatus {
     /// How many times a restarted controller resumed it from its log.
     #[serde(default)]
     pub resumed_count: u32,
+    /// Why the run stopped before its end (the cluster or the archive unavailable): the phase
+    /// stays InProgress and the controller resumes it from its log at `nextRetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// When a stopped run is resumed next (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry: Option<String>,
+    /// Runs resumed after a stop by this controller.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Progress of a restore (Velero's names).
@@ -204,6 +218,9 @@ impl Restore {
     }
 }
 
+/// A run's Restore: namespace, name, uid.
+type RunId = (String, String, String);
+
 /// What the restore controller needs.
 pub struct RestoreCtx {
     /// The API client.
@@ -221,7 +238,16 @@ pub struct RestoreCtx {
     /// Which namespaces' Restores are acted on, and as whom.
     pub tenancy: Tenancy,
     running: Mutex<BTreeSet<(String, String)>>,
-    ended: Mutex<BTreeSet<(String, String, String)>>,
+    /// Restores (namespace, name, uid) whose runs ended in this process: terminal, or stopped
+    /// after `n` stops in a row and resumed at the instant (issue 21). Forgotten once the cache
+    /// shows the end (see `reconcile`), so it stays bounded.
+    ended: Mutex<BTreeMap<RunId, Option<(u32, Instant)>>>,
+    /// Wakes every Restore when a run ends: one recreated under a running one's name, or stopped
+    /// and due again, is looked at then.
+    wake: futures::channel::mpsc::UnboundedSender<()>,
+    wakes: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<()>>>,
+    /// The controller's cache of Restores (to forget the ends of those that are gone).
+    store: std::sync::OnceLock<kube::runtime::reflector::Store<Restore>>,
 }
 
 impl RestoreCtx {
@@ -235,7 +261,11 @@ impl RestoreCtx {
         metrics: Arc<Metrics>,
         tenancy: Tenancy,
     ) -> RestoreCtx {
+        let (wake, wakes) = futures::channel::mpsc::unbounded();
         RestoreCtx {
+            wake,
+            wakes: Mutex::new(Some(wakes)),
+            store: std::sync::OnceLock::new(),
             client,
             cluster,
             source,
@@ -244,12 +274,24 @@ impl RestoreCtx {
             metrics,
             tenancy,
             running: Mutex::new(BTreeSet::new()),
-            ended: Mutex::new(BTreeSet::new()),
+            ended: Mutex::new(BTreeMap::new()),
         }
     }
 
     fn data(&self, ns: &str) -> DataDir {
         DataDir::new(self.data_dir.join("namespaces").join(ns))
+    }
+
+    /// Forgets the ends of Restores the cache no longer has (deleted): `ended` holds only what a
+    /// stale cache could still contradict, or a stop to retry.
+    fn forget_gone(&self) {
+        let Some(store) = self.store.get() else { return };
+        let present: BTreeSet<RunId> = store
+            .state()
+            .iter()
+            .map(|r| (r.namespace().unwrap_or_default(), r.name_any(), r.uid().unwrap_or_default()))
+            .collect();
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| present.contains(id));
     }
 }
 
@@ -265,7 +307,16 @@ pub enum RestoreReconcileError {
 }
 
 async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) -> Result<(), RestoreReconcileError> {
-    let fields = ["phase", "progress", "failureReason", "validationErrors", "startTimestamp", "completionTimestamp"];
+    let fields = [
+        "phase",
+        "progress",
+        "failureReason",
+        "validationErrors",
+        "startTimestamp",
+        "completionTimestamp",
+        "stopReason",
+        "nextRetry",
+    ];
     let body = status_merge_patch(status, &fields);
     let params = PatchParams::apply(FIELD_MANAGER);
     api.patch_status(name, &params, &Patch::Merge(&body))
@@ -292,6 +343,9 @@ fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
         start_timestamp: Some(rfc3339(state.started_ms)),
         completion_timestamp: state.finished_ms.map(rfc3339),
         resumed_count: base.resumed_count,
+        stop_reason: None,
+        next_retry: None,
+        retry_count: base.retry_count,
     }
 }
 
@@ -323,21 +377,46 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let api: Api<Restore> = Api::namespaced(ctx.client.clone(), &ns);
     let status = r.status.clone().unwrap_or_default();
     let key = (ns.clone(), name.clone());
-    let ended =
-        ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).contains(&(ns.clone(), name.clone(), uid.clone()));
+    let id = (ns.clone(), name.clone(), uid.clone());
+    let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
+    let end = {
+        let mut ended = ctx.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if terminal {
+            // The cache shows the end: nothing stale can contradict it any more.
+            ended.remove(&id);
+        }
+        ended.get(&id).copied()
+    };
     let running = ctx.running.lock().unwrap_or_else(PoisonError::into_inner).contains(&key);
-    if r.metadata.deletion_timestamp.is_some()
-        || status.phase.as_deref().is_some_and(phase::is_terminal)
-        || running
-        || ended
-    {
+    if r.metadata.deletion_timestamp.is_some() || terminal || running || end == Some(None) {
         return Ok(Action::await_change());
     }
-    let data = ctx.data(&ns);
-    let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
-        if !data.log_dir(&spec.backup_name).exists() {
-            return Err(vec![format!("backup {:?} not found in namespace {ns}", spec.backup_name)]);
+    // A run stopped by an outage is resumed once its backoff has passed.
+    let mut stops = 0;
+    if let Some(Some((n, retry_at))) = end {
+        let now = Instant::now();
+        if now < retry_at {
+            return Ok(Action::requeue(retry_at - now));
         }
+        stops = n;
+    }
+    let data = ctx.data(&ns);
+    // This Restore's own log (same uid): validated when it was created; resumed as it is, even if
+    // its Backup has been collected since (the run then says what is missing).
+    let dir = data.restore_dir(&name);
+    let existing = match RestoreSession::open(&data, &name) {
+        Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
+        Ok(_) | Err(SessionError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
+        if existing.is_some() {
+            return Ok((spec, workers));
+        }
+        if !data.log_dir(&spec.backup_name).exists() {
+            return Err(vec![format!("spec.backupName: backup {:?} not found in namespace {ns}", spec.backup_name)]);
+        }
+        usable_backup(&data, &spec.backup_name)?;
         if let Scope::Tenant(tenant) = &scope {
             tenant_made(&data, &spec.backup_name, tenant)?;
         }
@@ -354,7 +433,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
             };
             patch_status(&api, &name, &failed).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
-            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid)) {
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert(id, None).is_none() {
                 ctx.metrics.restore_validation_failed.inc();
             }
             eprintln!("restore {ns}/{name}: FailedValidation: {}", failed.failure_reason.unwrap_or_default());
@@ -363,19 +442,12 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     };
     // An existing restore of this name: resumed when it is this Restore's, replaced when it is an
     // earlier Restore's that was deleted.
-    let dir = data.restore_dir(&name);
-    let existing = match RestoreSession::open(&data, &name) {
-        Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
-        Ok(_) | Err(SessionError::NotFound { .. }) => {
-            crate::session::remove_tree(&dir)?;
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let resumed = existing.as_ref().is_some_and(|s| s.state().finished_ms.is_none());
+    let finished_before = existing.as_ref().is_some_and(|s| s.state().finished_ms.is_some());
+    let resumed = existing.is_some() && !finished_before;
     let session = if let Some(s) = existing {
         s
     } else {
+        crate::session::remove_tree(&dir)?;
         let storage = data.storage(&spec.backup_name)?;
         let files = RestoreFiles {
             archive: ArchiveSource::Backup { name: spec.backup_name.clone(), storage },
@@ -386,7 +458,15 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     };
     ctx.running.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone());
     let mut base = status;
-    if resumed {
+    base.stop_reason = None;
+    base.next_retry = None;
+    if finished_before {
+        // Killed between its last event and its status: reported, not counted again.
+        eprintln!("restore {ns}/{name}: its log had finished before its status was reported; reporting it");
+    } else if stops > 0 {
+        base.retry_count += 1;
+        eprintln!("restore {ns}/{name}: resuming after {stops} stop(s) (retry {})", base.retry_count);
+    } else if resumed {
         base.resumed_count += 1;
         ctx.metrics.restore_resumed.inc();
         eprintln!("restore {ns}/{name}: resuming from its log (resume {})", base.resumed_count);
@@ -399,9 +479,12 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     // As a backup's run: the driver's future runs on a blocking thread of its own.
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
-            run(session, base, &api, &ctx, &ns).await;
-            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid));
+            let stopped = run(session, base, &api, &ctx, &ns, stops, finished_before).await;
+            let end = stopped.map(|at| (stops + 1, at));
+            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid), end);
             ctx.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+            ctx.forget_gone();
+            let _ = ctx.wake.unbounded_send(());
         })
     });
     Ok(Action::await_change())
@@ -413,6 +496,8 @@ struct StatusObserver {
     base: RestoreStatus,
     last: Instant,
     interval: Duration,
+    /// The last status sent: a run that stops reports its progress from here.
+    latest: Option<RestoreStatus>,
 }
 
 impl RestoreObserver for StatusObserver {
@@ -421,12 +506,25 @@ impl RestoreObserver for StatusObserver {
     fn committed(&mut self, state: &RestoreState) {
         if self.last.elapsed() >= self.interval {
             self.last = Instant::now();
-            let _ = self.tx.send(Some(status_of(state, &self.base)));
+            let status = status_of(state, &self.base);
+            self.latest = Some(status.clone());
+            let _ = self.tx.send(Some(status));
         }
     }
 }
 
-async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, ctx: &RestoreCtx, ns: &str) {
+/// Runs a restore to its end and reports it; `Some(when)`: it stopped (the cluster or its archive
+/// unavailable) and is resumed then, InProgress meanwhile with the reason. `counted`: its end was
+/// counted by an earlier run (a finished log whose status was not reported).
+async fn run(
+    session: RestoreSession,
+    base: RestoreStatus,
+    api: &Api<Restore>,
+    ctx: &RestoreCtx,
+    ns: &str,
+    stops: u32,
+    counted: bool,
+) -> Option<Instant> {
     let name = session.state().spec.name.clone();
     let first = status_of(session.state(), &base);
     let written_before = written(session.state());
@@ -447,10 +545,13 @@ async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, c
             }
         })
     };
-    let mut observer = StatusObserver { tx, base: base.clone(), last: Instant::now(), interval: ctx.status_interval };
+    let mut observer =
+        StatusObserver { tx, base: base.clone(), last: Instant::now(), interval: ctx.status_interval, latest: None };
     let result = session.run(ctx.cluster.clone(), &mut observer).await;
+    let last_seen = observer.latest.take().unwrap_or_else(|| first.clone());
     drop(observer);
     let _ = patcher.await;
+    let mut retry_at = None;
     let end = match result {
         Ok(state) => {
             let counter = match state.phase() {
@@ -459,7 +560,7 @@ async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, c
                 RestorePhase::Failed => Some(&ctx.metrics.restore_failed),
                 RestorePhase::InProgress => None,
             };
-            if let Some(c) = counter {
+            if let Some(c) = counter.filter(|_| !counted) {
                 c.inc();
             }
             // This run's items: a resumed restore's earlier ones were counted by the run before.
@@ -467,12 +568,49 @@ async fn run(session: RestoreSession, base: RestoreStatus, api: &Api<Restore>, c
             status_of(&state, &base)
         }
         // The run stopped (the cluster unavailable, the archive gone): the Restore stays
-        // InProgress with the reason, and the next controller start resumes it.
-        Err(e) => RestoreStatus { failure_reason: Some(e.to_string()), ..first },
+        // InProgress with the reason and its progress so far, and is resumed with backoff.
+        Err(e) => {
+            let wait = super::controller::retry_backoff(stops + 1);
+            retry_at = Some(Instant::now() + wait);
+            eprintln!("restore {ns}/{name}: stopped ({e}); resuming it in {} s", wait.as_secs());
+            RestoreStatus {
+                stop_reason: Some(e.to_string()),
+                next_retry: Some(rfc3339(TokioRuntime.now_ms() + wait.as_millis() as u64)),
+                ..last_seen
+            }
+        }
     };
-    eprintln!("restore {ns}/{name}: ended {}", end.phase.as_deref().unwrap_or("?"));
+    if retry_at.is_none() {
+        eprintln!("restore {ns}/{name}: ended {}", end.phase.as_deref().unwrap_or("?"));
+    }
     if let Err(e) = patch_status(api, &name, &end).await {
         eprintln!("warning: restore {name}: {e}");
+    }
+    retry_at
+}
+
+/// A Restore's Backup must have ended usable (Completed or PartiallyFailed): one still running or
+/// failed is a validation error, not a failed restore.
+fn usable_backup(data: &DataDir, backup: &str) -> Result<(), Vec<String>> {
+    let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
+    let events = match data.read_events(backup) {
+        Ok(events) => events,
+        // Its run holds the log.
+        Err(SessionError::Log(crate::log::LogError::InUse(_))) => {
+            return Err(refuse("the backup has not finished yet".into()));
+        }
+        Err(e) => return Err(refuse(e.to_string())),
+    };
+    let state = blockwise_engine::state::BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
+    match state.finished {
+        Some((p, _))
+            if blockwise_engine::schedule::Outcome::of_phase(&p.to_string())
+                == blockwise_engine::schedule::Outcome::Usable =>
+        {
+            Ok(())
+        }
+        Some((p, _)) => Err(refuse(format!("the backup ended {p}: there is nothing to restore"))),
+        None => Err(refuse("the backup has not finished yet".into())),
     }
 }
 
@@ -483,7 +621,14 @@ fn error_policy(_: Arc<Restore>, e: &RestoreReconcileError, _: Arc<RestoreCtx>) 
 
 /// Runs the Restore controller until the stream ends (the caller selects it against shutdown).
 pub async fn run_controller(api: Api<Restore>, ctx: Arc<RestoreCtx>) {
-    Controller::new(api, watcher::Config::default())
+    let wakes = ctx.wakes.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let controller = Controller::new(api, watcher::Config::default());
+    let _ = ctx.store.set(controller.store());
+    let controller = match wakes {
+        Some(w) => controller.reconcile_all_on(w),
+        None => controller,
+    };
+    controller
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
