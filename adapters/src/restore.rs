@@ -151,7 +151,7 @@ pub enum RestoreRunError {
     #[error(transparent)]
     Log(#[from] LogError),
     /// The cluster stayed unavailable past the retries; `restore resume` continues.
-    #[error("the cluster is unavailable: {0}; `blockwise restore resume` continues the restore")]
+    #[error("the cluster is unavailable: {0}")]
     Cluster(String),
     /// The archive is not the one the restore planned, or cannot be read any more.
     #[error("{0}")]
@@ -212,7 +212,7 @@ pub fn archive_digest(archive: &[u8]) -> String {
 
 /// Reads and plans an archive for `spec`.
 pub fn plan_archive(spec: &RestoreSpec, archive: &[u8]) -> Result<RestorePlan, String> {
-    Ok(plan_restore(spec, crate::inspect::archive_items(archive)?))
+    plan_restore(spec, crate::inspect::archive_items(archive)?).map_err(|e| e.to_string())
 }
 
 fn key_of(item: &PlannedItem) -> ItemKey {

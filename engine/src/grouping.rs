@@ -413,7 +413,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     let mut entry_of_root: BTreeMap<u32, usize> = BTreeMap::new();
     for (e, (res, names)) in sel.spec().ordered_resources.iter().enumerate() {
         let Some(rt) = find_resource(input.resources, res) else {
-            warnings.push(format!("--ordered-resources: resource {res:?} is not served by the cluster"));
+            warnings.push(format!("ordered resources: resource {res:?} is not served by the cluster"));
             continue;
         };
         let mut first: Option<u32> = None;
@@ -423,7 +423,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
                 (false, None) => ItemKey::cluster(&rt.gr.group, &rt.gr.resource, nm),
                 _ => {
                     warnings.push(format!(
-                        "--ordered-resources: {res}={nm}: expected {}",
+                        "ordered resources: {res}={nm}: expected {}",
                         if rt.namespaced { "namespace/name" } else { "name" }
                     ));
                     continue;
@@ -439,7 +439,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
                         None => first = Some(j),
                     }
                 }
-                _ => warnings.push(format!("--ordered-resources: {key} is not in the backup")),
+                _ => warnings.push(format!("ordered resources: {key} is not in the backup")),
             }
         }
         if let Some(f) = first {

@@ -38,7 +38,7 @@ impl ExistingPolicy {
         match s {
             "none" => Ok(ExistingPolicy::None),
             "update" => Ok(ExistingPolicy::Update),
-            other => Err(format!("--existing-resource-policy must be none or update, not {other:?}")),
+            other => Err(format!("the existing-resource policy must be none or update, not {other:?}")),
         }
     }
 
@@ -101,7 +101,7 @@ impl RestoreSpec {
             for ns in [from, to] {
                 if validate_backup_name(ns).is_err() {
                     return Err(SpecError::BadRestore {
-                        what: "namespace in --namespace-mappings",
+                        what: "namespace in the namespace mappings",
                         value: ns.clone(),
                         reason: "a namespace is 1-63 lower-case letters, digits and '-'".into(),
                     });
@@ -150,9 +150,9 @@ pub fn parse_namespace_mappings(s: &str) -> Result<BTreeMap<String, String>, Str
         let (a, b) = pair
             .split_once(':')
             .filter(|(a, b)| !a.is_empty() && !b.is_empty())
-            .ok_or_else(|| format!("--namespace-mappings: {pair:?} is not OLD:NEW"))?;
+            .ok_or_else(|| format!("namespace mappings: {pair:?} is not OLD:NEW"))?;
         if out.insert(a.to_string(), b.to_string()).is_some() {
-            return Err(format!("--namespace-mappings: namespace {a:?} is mapped twice"));
+            return Err(format!("namespace mappings: namespace {a:?} is mapped twice"));
         }
     }
     Ok(out)
@@ -289,10 +289,13 @@ struct VolumeFromSnapshot {
 
 /// Plans a restore of `archive` under `spec` (see the module docs and `docs/restore.md`): the
 /// filters, the rules that skip, the preparation of each object, Velero's order. Deterministic:
-/// the same archive and spec give the same plan, whatever the order of `archive`.
-pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePlan {
+/// the same archive and spec give the same plan, whatever the order of `archive`. A spec that does
+/// not validate — a selector that does not parse, above all, which would otherwise select
+/// everything — is an error, never a wider restore.
+pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<RestorePlan, SpecError> {
+    spec.validate()?;
     let naming = spec.naming();
-    let selector = spec.label_selector.as_deref().and_then(|s| LabelSelector::parse(s).ok());
+    let selector = spec.label_selector.as_deref().map(LabelSelector::parse).transpose()?;
     let mut plan = RestorePlan::default();
     let mut parsed: Vec<Parsed> = Vec::new();
     for a in archive {
@@ -434,14 +437,14 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
                 let why = if spec.restore_volumes {
                     "a snapshot object no restored claim is provisioned from"
                 } else {
-                    "snapshot objects are restored only with --restore-volumes"
+                    "snapshot objects are restored only when volumes are restored (restorePVs, --restore-volumes)"
                 };
                 plan.skipped.push(skip(why.into()));
                 continue;
             }
         }
         if is_core(&p.gr, "persistentvolumes") && provisioned_volumes.contains(&p.name) {
-            plan.skipped.push(skip("its claim is provisioned again from its snapshot (--restore-volumes)".into()));
+            plan.skipped.push(skip("its claim is provisioned again from its snapshot (volumes are restored)".into()));
             continue;
         }
         if let Err(e) = prepare(&p.gr, &mut p.obj, &naming) {
@@ -496,7 +499,7 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> RestorePl
         plan.items.extend(items);
         plan.stages.push((gr, start..plan.items.len()));
     }
-    plan
+    Ok(plan)
 }
 
 /// Rewrites a claim, a VolumeSnapshot or a VolumeSnapshotContent for `--restore-volumes`.
@@ -876,7 +879,7 @@ mod tests {
 
     #[test]
     fn plan_follows_velero_order_ensures_namespaces_and_skips_what_is_never_restored() {
-        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive());
+        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive()).unwrap();
         assert_eq!(
             names(&plan),
             [
@@ -901,7 +904,7 @@ mod tests {
         // The order of the archive does not matter.
         let mut reversed = archive();
         reversed.reverse();
-        assert_eq!(plan_restore(&RestoreSpec::new("r", "b"), reversed), plan);
+        assert_eq!(plan_restore(&RestoreSpec::new("r", "b"), reversed).unwrap(), plan);
     }
 
     #[test]
@@ -910,7 +913,7 @@ mod tests {
         spec.included_namespaces = vec!["shop".into()];
         spec.excluded_resources = vec!["pods".into()];
         spec.namespace_mapping = BTreeMap::from([("shop".into(), "shop2".into())]);
-        let plan = plan_restore(&spec, archive());
+        let plan = plan_restore(&spec, archive()).unwrap();
         assert_eq!(
             names(&plan),
             [
@@ -923,10 +926,10 @@ mod tests {
         assert_eq!(plan.items[2].body["metadata"]["namespace"], "shop2");
         // Without custom resources restored, their CRD is not needed under a namespace filter.
         spec.excluded_resources.push("widgets.example.com".into());
-        assert!(!names(&plan_restore(&spec, archive())).iter().any(|n| n.starts_with("customresource")));
+        assert!(!names(&plan_restore(&spec, archive()).unwrap()).iter().any(|n| n.starts_with("customresource")));
         let mut spec = RestoreSpec::new("r", "b");
         spec.label_selector = Some("app=y".into());
-        let plan = plan_restore(&spec, archive());
+        let plan = plan_restore(&spec, archive()).unwrap();
         assert!(plan.items.is_empty(), "{:?}", names(&plan));
     }
 
@@ -948,13 +951,13 @@ mod tests {
             item("volumesnapshots.snapshot.storage.k8s.io", Some("a"), "snap", vs),
             item("volumesnapshotcontents.snapshot.storage.k8s.io", None, "content", vsc),
         ];
-        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive.clone());
+        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive.clone()).unwrap();
         assert_eq!(names(&plan), ["namespaces a", "persistentvolumes pv-1", "persistentvolumeclaims a/data"]);
         assert_eq!(plan.skipped.len(), 2);
         let mut spec = RestoreSpec::new("r", "b");
         spec.restore_volumes = true;
         spec.namespace_mapping = BTreeMap::from([("a".into(), "z".into())]);
-        let plan = plan_restore(&spec, archive);
+        let plan = plan_restore(&spec, archive).unwrap();
         assert_eq!(
             names(&plan),
             [
@@ -1055,5 +1058,7 @@ mod tests {
         spec.namespace_mapping.clear();
         spec.label_selector = Some("a in (".into());
         assert!(spec.validate().is_err());
+        // Issue 21: planning with it is an error too, not a restore of everything.
+        assert!(plan_restore(&spec, Vec::new()).is_err());
     }
 }

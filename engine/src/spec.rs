@@ -78,7 +78,7 @@ pub enum SpecError {
     #[error("invalid label selector {selector:?}: {reason}")]
     BadSelector { selector: String, reason: String },
     /// An ordered-resources entry does not parse.
-    #[error("invalid --ordered-resources entry {0:?}: expected resource=ns/name,ns/name;resource2=name")]
+    #[error("invalid ordered-resources entry {0:?}: expected resource=ns/name,ns/name;resource2=name")]
     BadOrdered(String),
     /// A restore's field is not usable.
     #[error("invalid {what} {value:?}: {reason}")]

@@ -675,7 +675,7 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     spec.label_selector = a.filter.selector;
     spec.volume_group_label = a.volume_group_label;
     if let Some(o) = &a.ordered_resources {
-        spec.ordered_resources = parse_ordered_resources(o).map_err(|e| usage(e.to_string()))?;
+        spec.ordered_resources = parse_ordered_resources(o).map_err(|e| usage(format!("--ordered-resources: {e}")))?;
     }
     if let Some(path) = &a.hooks_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading hooks file {}", path.display()))?;

@@ -180,9 +180,11 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
     spec.included_resources = a.filter.include_resources;
     spec.excluded_resources = a.filter.exclude_resources;
     if let Some(m) = &a.namespace_mappings {
-        spec.namespace_mapping = parse_namespace_mappings(m).map_err(usage)?;
+        spec.namespace_mapping =
+            parse_namespace_mappings(m).map_err(|e| usage(format!("--namespace-mappings: {e}")))?;
     }
-    spec.existing_resource_policy = ExistingPolicy::parse(&a.existing_resource_policy).map_err(usage)?;
+    spec.existing_resource_policy = ExistingPolicy::parse(&a.existing_resource_policy)
+        .map_err(|e| usage(format!("--existing-resource-policy: {e}")))?;
     spec.restore_volumes = a.restore_volumes.unwrap_or(false);
     spec.label_selector = a.filter.selector;
     spec.validate().map_err(|e| usage(e.to_string()))?;

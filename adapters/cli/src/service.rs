@@ -192,12 +192,36 @@ pub struct InstallArgs {
     /// Schedules in it.
     #[arg(long)]
     tenant_namespaces: Option<String>,
+    /// The controller's CPU request (default 500m).
+    #[arg(long, default_value = "500m")]
+    cpu_request: String,
+    /// The controller's memory request (default 1Gi: a 100k-object backup peaks near 790 MiB; see
+    /// docs/benchmarks.md).
+    #[arg(long, default_value = "1Gi")]
+    memory_request: String,
+    /// The controller's CPU limit (default 2).
+    #[arg(long, default_value = "2")]
+    cpu_limit: String,
+    /// The controller's memory limit (default 2Gi: a 300k-object backup peaks near 1.8 GiB).
+    #[arg(long, default_value = "2Gi")]
+    memory_limit: String,
     /// Kubeconfig for --resources-from-cluster (also KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Kubeconfig context for --resources-from-cluster.
     #[arg(long)]
     context: Option<String>,
+}
+
+/// Whether `q` is a Kubernetes quantity: a decimal number with an optional SI or binary suffix.
+fn is_quantity(q: &str) -> bool {
+    const SUFFIXES: [&str; 13] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E"];
+    let number = SUFFIXES.iter().find_map(|s| q.strip_suffix(s)).unwrap_or(q);
+    let (int, frac) = number.split_once('.').unwrap_or((number, "0"));
+    !int.is_empty()
+        && int.chars().all(|c| c.is_ascii_digit())
+        && !frac.is_empty()
+        && frac.chars().all(|c| c.is_ascii_digit())
 }
 
 /// The listable resource types the cluster serves that are not built in (its custom resources).
@@ -228,6 +252,16 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
             "blockwise install only prints its manifests: run `blockwise install --dry-run -o yaml | kubectl apply -f -`",
         ));
     }
+    for (flag, q) in [
+        ("--cpu-request", &a.cpu_request),
+        ("--memory-request", &a.memory_request),
+        ("--cpu-limit", &a.cpu_limit),
+        ("--memory-limit", &a.memory_limit),
+    ] {
+        if !is_quantity(q) {
+            return Err(usage(format!("{flag} {q:?}: not a Kubernetes quantity (such as 500m, 2, 1Gi, 512Mi)")));
+        }
+    }
     if let Some(t) = &a.tenant_namespaces {
         Tenancy::parse_tenants(t).map_err(|e| usage(format!("--tenant-namespaces: {e}")))?;
     }
@@ -249,6 +283,12 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
         metrics_port: defaults.metrics_port,
         extra_resources: extra,
         tenant_namespaces: a.tenant_namespaces,
+        resources: install::ContainerResources {
+            cpu_request: a.cpu_request,
+            memory_request: a.memory_request,
+            cpu_limit: a.cpu_limit,
+            memory_limit: a.memory_limit,
+        },
     };
     let text = if a.output == "json" {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": install::manifests(&o)});

@@ -38,6 +38,16 @@ fn install_without_dry_run_and_bad_serve_flags_are_usage_errors() {
     let out = run(&["install"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run -o yaml | kubectl apply -f -"));
+    let out = run(&["install", "--dry-run", "--memory-limit", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--memory-limit \"lots\": not a Kubernetes quantity"));
+    let out = run(&["install", "--dry-run", "--memory-limit", "4Gi", "--cpu-request", "1.5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(yaml.contains("memory: 4Gi") && yaml.contains("cpu: '1.5'"), "{yaml}");
+    let out = run(&["install", "--dry-run", "--tenant-namespaces", "Payments"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tenant-namespaces"));
     let out = run(&["serve", "--lease-duration", "5", "--lease-grace", "5"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lease-grace 5 must be shorter"));

@@ -710,16 +710,19 @@ mod tests {
         let b = backup(serde_json::json!({
             "labelSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
             "hooks": {"resources": [{"name": "h", "pre": [{"exec": {"command": []}}]}]},
-            "ttl": "soon", "workers": 0, "storageLocation": "offsite",
+            "ttl": "soon", "workers": 0, "storageLocation": "offsite", "orderedResources": {"pods": " , "},
         }));
         let errors = b.to_request(&Locations::default(), &Scope::Admin).unwrap_err();
         let all = errors.join("\n");
+        // A Backup's status names its fields, never the CLI's flags (issue 21).
+        assert!(!all.contains("--"), "a CLI flag in a CR's status: {all}");
         for needle in [
             "spec.labelSelector: operator \"Gt\"",
             "spec.hooks: hook \"h\": exec.command is empty",
             "spec.ttl \"soon\"",
             "spec.workers 0",
             "spec.storageLocation \"offsite\"",
+            "spec.orderedResources: invalid ordered-resources entry",
         ] {
             assert!(all.contains(needle), "{needle:?} not in {all}");
         }

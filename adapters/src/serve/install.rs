@@ -28,6 +28,8 @@ pub struct InstallOptions {
     pub metrics_port: u16,
     /// Custom resources (group, resource) the ClusterRole grants beside [`BUILT_IN`].
     pub extra_resources: Vec<(String, String)>,
+    /// The controller container's requests and limits (`cpu`, `memory`, Kubernetes quantities).
+    pub resources: ContainerResources,
     /// `--tenant-namespaces` for the controller (a list or `*`), and with it the aggregated
     /// ClusterRole [`TENANT_ROLE`] that lets namespace editors create Backups, Restores and
     /// Schedules.
@@ -44,6 +46,34 @@ impl Default for InstallOptions {
             metrics_port: 8080,
             extra_resources: Vec::new(),
             tenant_namespaces: None,
+            resources: ContainerResources::default(),
+        }
+    }
+}
+
+/// The controller container's resources. The defaults are sized from `docs/benchmarks.md`: a
+/// backup's peak RSS is ~270 MiB at 30k objects, ~790 MiB at 100k and ~1.8 GiB at 300k (it still
+/// grows with the cluster, issue 23), so the request covers a 100k-object cluster and the limit a
+/// 300k one; one CPU is what a backup's hooks, lists and archive building keep busy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerResources {
+    /// `requests.cpu`.
+    pub cpu_request: String,
+    /// `requests.memory`.
+    pub memory_request: String,
+    /// `limits.cpu`.
+    pub cpu_limit: String,
+    /// `limits.memory`.
+    pub memory_limit: String,
+}
+
+impl Default for ContainerResources {
+    fn default() -> Self {
+        ContainerResources {
+            cpu_request: "500m".into(),
+            memory_request: "1Gi".into(),
+            cpu_limit: "2".into(),
+            memory_limit: "2Gi".into(),
         }
     }
 }
@@ -281,6 +311,10 @@ pub fn manifests(o: &InstallOptions) -> Vec<Value> {
                         "ports": [{"name": "metrics", "containerPort": port}],
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
+                        "resources": {
+                            "requests": {"cpu": o.resources.cpu_request, "memory": o.resources.memory_request},
+                            "limits": {"cpu": o.resources.cpu_limit, "memory": o.resources.memory_limit},
+                        },
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}},
@@ -416,6 +450,8 @@ mod tests {
         );
         let d = &manifests(&o)[8];
         assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+        let r = &d["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!((r["requests"]["memory"].as_str(), r["limits"]["memory"].as_str()), (Some("1Gi"), Some("2Gi")));
         assert_eq!(d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], DATA_PVC);
     }
 

@@ -677,6 +677,10 @@ mod tests {
         .to_spec(&Scope::Admin)
         .unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(!errors.join(" ").contains("--"), "a CLI flag in a CR's status: {errors:?}");
+        let mapped = restore(json!({"backupName": "b", "namespaceMapping": {"a": "Bad_NS"}})).to_spec(&Scope::Admin);
+        let mapped = mapped.unwrap_err().join(" ");
+        assert!(mapped.contains("namespace mappings") && !mapped.contains("--"), "{mapped}");
     }
 
     /// Issue 21, defect 6: a tenant's Restore lands in its namespace only.
