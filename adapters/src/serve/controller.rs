@@ -529,7 +529,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         if ctx.running().contains_key(&key) {
             return Ok(Action::await_change());
         }
-        if let Some(req) = unfinished_run(&b, &data, &ctx, &scope)? {
+        if let Some(req) = unfinished_run(&b, &data, &ctx, &scope).await? {
             eprintln!("backup {ns}/{name}: deletion requested while it runs; it is deleted once its run ends");
             let status = b.status.clone().unwrap_or_default();
             start(&b, req, status, &ctx, 0)?;
@@ -547,13 +547,12 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
                 Err(e) => return Err(e),
             }
         }
-        let runtime = crate::world::TokioRuntime;
-        let deleted = match data.delete(&name, Some((ctx.cluster.as_ref(), &runtime))).await {
+        let deleted = match delete_off_worker(&ctx, &data, &name).await {
             Ok(d) => d,
             Err(e) => {
                 // Retried by the error policy; the finalizer holds the object until it succeeds.
                 ctx.metrics.gc_failures.inc();
-                return Err(e.into());
+                return Err(e);
             }
         };
         for gone in &deleted.already_gone {
@@ -635,18 +634,11 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
 /// from that log, then its store files and the log — before this one starts.
 async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), ReconcileError> {
     let name = b.name_any();
-    let events = match data.read_events(&name) {
-        Ok(events) => events,
-        Err(SessionError::NotFound { .. }) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    let state =
-        BackupState::fold(&events).map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+    let Some(state) = folded_log(data, &name).await? else { return Ok(()) };
     if b.uid().is_some_and(|u| u == state.options.uid) {
         return Ok(());
     }
-    let runtime = crate::world::TokioRuntime;
-    let deleted = data.delete(&name, Some((ctx.cluster.as_ref(), &runtime))).await.inspect_err(|_| {
+    let deleted = delete_off_worker(ctx, data, &name).await.inspect_err(|_| {
         ctx.metrics.gc_failures.inc();
     })?;
     eprintln!(
@@ -662,23 +654,36 @@ async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), R
 /// the log is this Backup's (same uid), its run neither finished nor stopped (a stopped run closed
 /// its windows and released what it could; the deletion deletes the rest), and no run of it ended
 /// in this process (so a run that cannot go on does not hold the deletion forever).
-fn unfinished_run(b: &Backup, data: &DataDir, ctx: &Ctx, scope: &Scope) -> Result<Option<Request>, ReconcileError> {
+async fn unfinished_run(
+    b: &Backup,
+    data: &DataDir,
+    ctx: &Ctx,
+    scope: &Scope,
+) -> Result<Option<Request>, ReconcileError> {
     if ctx.ended(b) {
         return Ok(None);
     }
-    let name = b.name_any();
-    let events = match data.read_events(&name) {
-        Ok(events) => events,
-        Err(SessionError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let state =
-        BackupState::fold(&events).map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+    let Some(state) = folded_log(data, &b.name_any()).await? else { return Ok(None) };
     let mine = b.uid().is_some_and(|u| u == state.options.uid);
     if !mine || !state.resumable() || state.stopped.is_some() {
         return Ok(None);
     }
     Ok(b.to_request(&ctx.cfg.locations, scope).ok())
+}
+
+/// The folded state of the log under `name`, if there is one (read on a blocking thread).
+async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupState>, ReconcileError> {
+    let (data, name) = (data.clone(), name.to_string());
+    off_worker(move || {
+        let events = match data.read_events(&name) {
+            Ok(events) => events,
+            Err(SessionError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        BackupState::fold(&events).map(Some).map_err(|e| SessionError::State { name, message: e.to_string() })
+    })
+    .await
+    .map_err(ReconcileError::from)
 }
 
 /// `Some(position)` when the Backup must wait (see the module docs).
@@ -709,28 +714,66 @@ fn queue_position(b: &Backup, req: &Request, ctx: &Ctx) -> Option<u32> {
 }
 
 /// Starts (or resumes) the Backup's run in a task of its own; `stops`: how many times in a row
-/// its runs in this process stopped on an outage (0: this is no retry).
+/// its runs in this process stopped on an outage (0: this is no retry). The log is opened or
+/// created on that task's thread, not on a tokio worker: sled's open and fsync block.
 fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: u32) -> Result<(), ReconcileError> {
     let ns = b.namespace().unwrap_or_default();
     let name = b.name_any();
     let data = ctx.data(&ns);
     let uid = b.uid().unwrap_or_default();
-    let existing = match data.read_events(&name) {
+    ctx.running().insert((ns.clone(), name.clone()), Running { namespaces: req.spec.included_namespaces.clone() });
+    // Queued Backups move up when one ahead of them starts.
+    let _ = ctx.wake.unbounded_send(());
+    let ctx = ctx.clone();
+    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    let handle = tokio::runtime::Handle::current();
+    // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
+    tokio::task::spawn_blocking(move || {
+        let end = match open_session(&data, &name, &uid, &req, &ctx) {
+            Ok((session, resumed)) => {
+                let retry_at = handle.block_on(run_backup(session, resumed, req, status, &api, &ctx, stops));
+                match retry_at {
+                    Some(retry_at) => Ended::Stopped { stops: stops + 1, retry_at },
+                    None => Ended::Terminal,
+                }
+            }
+            Err(e) => {
+                // Tried again after the backoff, as a stopped run is.
+                let wait = retry_backoff(stops + 1);
+                eprintln!("warning: backup {ns}/{name}: {e} (trying again in {} s)", wait.as_secs());
+                Ended::Stopped { stops: stops + 1, retry_at: Instant::now() + wait }
+            }
+        };
+        ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid), end);
+        ctx.running().remove(&(ns, name));
+        let _ = ctx.wake.unbounded_send(());
+    });
+    Ok(())
+}
+
+/// Opens the Backup's log (resumed: it was unfinished) or creates it. Blocking.
+fn open_session(
+    data: &DataDir,
+    name: &str,
+    uid: &str,
+    req: &Request,
+    ctx: &Ctx,
+) -> Result<(Session, bool), SessionError> {
+    let existing = match data.read_events(name) {
         Ok(events) => Some(events),
         Err(SessionError::NotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     let resumed = match existing {
         Some(events) => {
             let state = BackupState::fold(&events)
-                .map_err(|e| SessionError::State { name: name.clone(), message: e.to_string() })?;
+                .map_err(|e| SessionError::State { name: name.to_string(), message: e.to_string() })?;
             if state.options.uid != uid {
                 // `delete_stale_log` runs before every start; a log that changed since is not ours.
                 return Err(SessionError::State {
-                    name: name.clone(),
+                    name: name.to_string(),
                     message: format!("its log belongs to another Backup (uid {})", state.options.uid),
-                }
-                .into());
+                });
             }
             // A finished log whose status was not reported (a kill between the two) is reported,
             // not resumed.
@@ -738,11 +781,11 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
         }
         None => false,
     };
-    let session = if data.backup_dir(&name).exists() {
-        Session::open(&data, &name)?
+    let session = if data.backup_dir(name).exists() {
+        Session::open(data, name)?
     } else {
         Session::create(
-            &data,
+            data,
             CreateRequest {
                 spec: req.spec.clone(),
                 workers: req.workers,
@@ -752,26 +795,29 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
             },
         )?
     };
-    ctx.running().insert((ns.clone(), name.clone()), Running { namespaces: req.spec.included_namespaces.clone() });
-    // Queued Backups move up when one ahead of them starts.
-    let _ = ctx.wake.unbounded_send(());
-    let ctx = ctx.clone();
-    let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
+    Ok((session, resumed))
+}
+
+/// Runs blocking file work (sled opens and folds, directory removal, a deletion's file part) on
+/// a blocking thread, so a reconcile never holds a tokio worker the Lease's renewal needs (the
+/// Backup and Restore controllers both use it).
+pub(super) async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SessionError> + Send + 'static,
+) -> Result<T, SessionError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(SessionError::State { name: String::new(), message: format!("a blocking task failed: {e}") })
+    })
+}
+
+/// [`DataDir::delete`] on a blocking thread (its CSI calls driven from there).
+async fn delete_off_worker(ctx: &Ctx, data: &DataDir, name: &str) -> Result<crate::session::Deleted, ReconcileError> {
+    let (data, name, cluster) = (data.clone(), name.to_string(), ctx.cluster.clone());
     let handle = tokio::runtime::Handle::current();
-    // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
-    tokio::task::spawn_blocking(move || {
-        handle.block_on(async move {
-            let retry_at = run_backup(session, resumed, req, status, &api, &ctx, stops).await;
-            let end = match retry_at {
-                Some(retry_at) => Ended::Stopped { stops: stops + 1, retry_at },
-                None => Ended::Terminal,
-            };
-            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid), end);
-            ctx.running().remove(&(ns, name));
-            let _ = ctx.wake.unbounded_send(());
-        })
-    });
-    Ok(())
+    Ok(off_worker(move || {
+        let runtime = crate::world::TokioRuntime;
+        handle.block_on(data.delete(&name, Some((cluster.as_ref(), &runtime))))
+    })
+    .await?)
 }
 
 /// The status of a run, from its folded state.

@@ -29,7 +29,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::controller::{status_merge_patch, FIELD_MANAGER};
+use super::controller::{off_worker, status_merge_patch, FIELD_MANAGER};
 use super::crd::{phase, selector_string, LabelSelector, Scope, Tenancy, WORKERS_DEFAULT};
 use super::metrics::Metrics;
 use crate::report::rfc3339;
@@ -403,25 +403,37 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let data = ctx.data(&ns);
     // This Restore's own log (same uid): validated when it was created; resumed as it is, even if
     // its Backup has been collected since (the run then says what is missing).
-    let dir = data.restore_dir(&name);
-    let existing = match RestoreSession::open(&data, &name) {
-        Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
-        Ok(_) | Err(SessionError::NotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
+    // Blocking file work (sled opens and folds) runs off the tokio workers.
+    let looked = {
+        let (data, name, uid, ns, scope, r) =
+            (data.clone(), name.clone(), uid.clone(), ns.clone(), scope.clone(), r.clone());
+        off_worker(move || {
+            let existing = match RestoreSession::open(&data, &name) {
+                Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
+                Ok(_) | Err(SessionError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
+                if existing.is_some() {
+                    return Ok((spec, workers));
+                }
+                if !data.log_dir(&spec.backup_name).exists() {
+                    return Err(vec![format!(
+                        "spec.backupName: backup {:?} not found in namespace {ns}",
+                        spec.backup_name
+                    )]);
+                }
+                usable_backup(&data, &spec.backup_name)?;
+                if let Scope::Tenant(tenant) = &scope {
+                    tenant_made(&data, &spec.backup_name, tenant)?;
+                }
+                Ok((spec, workers))
+            });
+            Ok((existing, validated))
+        })
+        .await?
     };
-    let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
-        if existing.is_some() {
-            return Ok((spec, workers));
-        }
-        if !data.log_dir(&spec.backup_name).exists() {
-            return Err(vec![format!("spec.backupName: backup {:?} not found in namespace {ns}", spec.backup_name)]);
-        }
-        usable_backup(&data, &spec.backup_name)?;
-        if let Scope::Tenant(tenant) = &scope {
-            tenant_made(&data, &spec.backup_name, tenant)?;
-        }
-        Ok((spec, workers))
-    });
+    let (existing, validated) = looked;
     let (spec, workers) = match validated {
         Ok(v) => v,
         Err(errors) => {
@@ -447,14 +459,18 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let session = if let Some(s) = existing {
         s
     } else {
-        crate::session::remove_tree(&dir)?;
-        let storage = data.storage(&spec.backup_name)?;
-        let files = RestoreFiles {
-            archive: ArchiveSource::Backup { name: spec.backup_name.clone(), storage },
-            cluster: ctx.source.clone(),
-            uid: Some(uid.clone()),
-        };
-        RestoreSession::create(&data, spec, files, workers, TokioRuntime.now_ms())?
+        let (data, name, source, uid) = (data.clone(), name.clone(), ctx.source.clone(), uid.clone());
+        off_worker(move || {
+            crate::session::remove_tree(&data.restore_dir(&name))?;
+            let storage = data.storage(&spec.backup_name)?;
+            let files = RestoreFiles {
+                archive: ArchiveSource::Backup { name: spec.backup_name.clone(), storage },
+                cluster: source,
+                uid: Some(uid),
+            };
+            RestoreSession::create(&data, spec, files, workers, TokioRuntime.now_ms())
+        })
+        .await?
     };
     ctx.running.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone());
     let mut base = status;
