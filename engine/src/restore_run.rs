@@ -407,9 +407,21 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<Re
         .filter(|p| p.namespace.as_ref().is_some_and(|ns| from_snapshot.contains_key(&(ns.clone(), p.name.clone()))))
         .filter_map(|p| str_at(&p.obj, "/spec/volumeName").map(str::to_string))
         .collect();
-    let used_snapshots: BTreeSet<(String, String)> = from_snapshot
-        .values()
-        .flat_map(|v| [("vs".to_string(), v.snapshot.clone()), ("vsc".to_string(), v.content.clone())])
+    // Snapshot objects in use: VolumeSnapshots by namespace and name (two namespaces may both
+    // have a `data` snapshot), contents by name (cluster-scoped).
+    let used_snapshots: BTreeSet<(Option<String>, String)> = from_snapshot
+        .iter()
+        .flat_map(|((ns, _), v)| [(Some(ns.clone()), v.snapshot.clone()), (None, v.content.clone())])
+        .collect();
+    // Volumes restored as new ones (Velero's rule): a PersistentVolume whose reclaim policy is
+    // Delete and that no snapshot restores is not recreated — created as archived it would bind
+    // this cluster to the old cluster's live disk, and deleting the restored claim would delete
+    // that disk — so its claim is provisioned anew. A Retain volume is restored as archived.
+    let reprovisioned: BTreeSet<String> = parsed
+        .iter()
+        .filter(|p| is_core(&p.gr, "persistentvolumes") && !provisioned_volumes.contains(&p.name))
+        .filter(|p| str_at(&p.obj, "/spec/persistentVolumeReclaimPolicy") == Some("Delete"))
+        .map(|p| p.name.clone())
         .collect();
 
     // Rules, then preparation.
@@ -432,7 +444,7 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<Re
         let vsc = is_snapshot(&p.gr, "volumesnapshotcontents");
         if vs || vsc || is_snapshot(&p.gr, "volumegroupsnapshots") || is_snapshot(&p.gr, "volumegroupsnapshotcontents")
         {
-            let used = used_snapshots.contains(&(if vs { "vs" } else { "vsc" }.to_string(), p.name.clone()));
+            let used = used_snapshots.contains(&(if vsc { None } else { p.namespace.clone() }, p.name.clone()));
             if !used {
                 let why = if spec.restore_volumes {
                     "a snapshot object no restored claim is provisioned from"
@@ -446,6 +458,21 @@ pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<Re
         if is_core(&p.gr, "persistentvolumes") && provisioned_volumes.contains(&p.name) {
             plan.skipped.push(skip("its claim is provisioned again from its snapshot (volumes are restored)".into()));
             continue;
+        }
+        if is_core(&p.gr, "persistentvolumes") && reprovisioned.contains(&p.name) {
+            plan.skipped.push(skip(
+                "its reclaim policy is Delete and no snapshot restores it: its claim gets a new volume (restored as is, \
+                 it would bind this cluster to the old disk)"
+                    .into(),
+            ));
+            continue;
+        }
+        if is_core(&p.gr, "persistentvolumeclaims")
+            && str_at(&p.obj, "/spec/volumeName").is_some_and(|v| reprovisioned.contains(v))
+        {
+            if let Some(spec) = p.obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("volumeName");
+            }
         }
         if let Err(e) = prepare(&p.gr, &mut p.obj, &naming) {
             plan.invalid.push(skip(e.reason));
@@ -512,8 +539,10 @@ fn pre_provision(p: &mut Parsed, from: &BTreeMap<(String, String), VolumeFromSna
         spec.insert("dataSource".into(), source.clone());
         spec.insert("dataSourceRef".into(), source);
     } else if is_snapshot(&p.gr, "volumesnapshots") {
-        let Some(v) = from.values().find(|v| v.snapshot == p.name) else { return };
-        spec.insert("source".into(), json!({"volumeSnapshotContentName": v.content}));
+        let Some(v) = from.iter().find(|((ns, _), v)| v.snapshot == p.name && p.namespace.as_ref() == Some(ns)) else {
+            return;
+        };
+        spec.insert("source".into(), json!({"volumeSnapshotContentName": v.1.content}));
     } else if is_snapshot(&p.gr, "volumesnapshotcontents") {
         let Some((ns, v)) = from.iter().find(|(_, v)| v.content == p.name).map(|((ns, _), v)| (ns, v)) else { return };
         spec.insert("source".into(), json!({"snapshotHandle": v.handle}));
@@ -976,6 +1005,71 @@ mod tests {
         assert_eq!(claim["dataSource"]["name"], "snap");
         assert!(claim.get("volumeName").is_none());
         assert_eq!(plan.skipped[0].item.name, "pv-1");
+    }
+
+    /// Issue 21, defect 10: a Delete volume without a snapshot is not restored as is; its claim
+    /// gets a new volume. A Retain one is restored as archived.
+    #[test]
+    fn delete_volumes_without_snapshots_are_provisioned_anew_and_retain_ones_restored() {
+        let claim = |name: &str, pv: &str| {
+            let mut c = obj("v1", "PersistentVolumeClaim", Some("a"), name);
+            c["spec"] = json!({"volumeName": pv, "storageClassName": "csi"});
+            item("persistentvolumeclaims", Some("a"), name, c)
+        };
+        let volume = |name: &str, policy: &str| {
+            let mut v = obj("v1", "PersistentVolume", None, name);
+            v["spec"] = json!({"persistentVolumeReclaimPolicy": policy, "csi": {"driver": "d", "volumeHandle": name}});
+            item("persistentvolumes", None, name, v)
+        };
+        let archive = vec![
+            claim("gone", "pv-del"),
+            claim("kept", "pv-ret"),
+            volume("pv-del", "Delete"),
+            volume("pv-ret", "Retain"),
+        ];
+        let plan = plan_restore(&RestoreSpec::new("r", "b"), archive).unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                "namespaces a",
+                "persistentvolumes pv-ret",
+                "persistentvolumeclaims a/gone",
+                "persistentvolumeclaims a/kept"
+            ]
+        );
+        assert!(plan.skipped.iter().any(|s| s.item.name == "pv-del" && s.reason.contains("reclaim policy is Delete")));
+        assert!(plan.items[2].body["spec"].get("volumeName").is_none(), "the claim of a Delete volume binds anew");
+        assert_eq!(plan.items[3].body["spec"]["volumeName"], "pv-ret");
+    }
+
+    /// Issue 21, defect 9: `restore volumes` matches VolumeSnapshots by namespace and name.
+    #[test]
+    fn same_named_snapshots_in_two_namespaces_do_not_collide() {
+        let mut archive = Vec::new();
+        for (ns, content, handle) in [("a", "content-a", "h-a"), ("b", "content-b", "h-b")] {
+            let mut pvc = obj("v1", "PersistentVolumeClaim", Some(ns), "data");
+            pvc["spec"] = json!({"storageClassName": "csi"});
+            let mut vs = obj("snapshot.storage.k8s.io/v1", "VolumeSnapshot", Some(ns), "snap");
+            vs["spec"] = json!({"source": {"persistentVolumeClaimName": "data"}});
+            vs["status"] = json!({"boundVolumeSnapshotContentName": content});
+            let mut vsc = obj("snapshot.storage.k8s.io/v1", "VolumeSnapshotContent", None, content);
+            vsc["spec"] = json!({"driver": "d", "volumeSnapshotRef": {"name": "snap", "namespace": ns}});
+            vsc["status"] = json!({"snapshotHandle": handle});
+            archive.push(item("persistentvolumeclaims", Some(ns), "data", pvc));
+            archive.push(item("volumesnapshots.snapshot.storage.k8s.io", Some(ns), "snap", vs));
+            archive.push(item("volumesnapshotcontents.snapshot.storage.k8s.io", None, content, vsc));
+        }
+        // Each namespace's VolumeSnapshot names its own content.
+        let mut spec = RestoreSpec::new("r", "b");
+        spec.restore_volumes = true;
+        let plan = plan_restore(&spec, archive).unwrap();
+        let snaps: Vec<&PlannedItem> =
+            plan.items.iter().filter(|i| i.target.resource.starts_with("volumesnapshots.")).collect();
+        assert_eq!(snaps.len(), 2, "{:?}", names(&plan));
+        for s in snaps {
+            let ns = s.target.namespace.clone().unwrap_or_default();
+            assert_eq!(s.body["spec"]["source"], json!({"volumeSnapshotContentName": format!("content-{ns}")}), "{ns}");
+        }
     }
 
     fn planned(items: u32) -> RestoreEvent {

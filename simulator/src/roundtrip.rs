@@ -58,10 +58,21 @@ const NEVER_RESTORED: &[&str] = &[
 /// What `docs/restore.md` says a restore of the archived object `archived` (resource directory
 /// `dir`) creates — `None` when a rule skips it — with the restore's options at their defaults (no
 /// namespace mapping, no `--restore-volumes`). Written independently of the restore's code: the
-/// judges of the simulator and the CLI's round-trip test hold the cluster to it.
-pub fn restored_form(dir: &str, archived: &Value, backup: &str, restore: &str) -> Option<Value> {
+/// judges of the simulator and the CLI's round-trip test hold the cluster to it. `reprovisioned`:
+/// the archive's volumes a restore provisions anew ([`reprovisioned_volumes`]).
+pub fn restored_form(
+    dir: &str,
+    archived: &Value,
+    backup: &str,
+    restore: &str,
+    reprovisioned: &BTreeSet<String>,
+) -> Option<Value> {
     let annotation = |k: &str| archived.pointer("/metadata/annotations").and_then(|a| a.get(k)).is_some();
     if NEVER_RESTORED.contains(&dir) {
+        return None;
+    }
+    let name = archived.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    if dir == "persistentvolumes" && reprovisioned.contains(name) {
         return None;
     }
     if dir == "pods"
@@ -122,6 +133,14 @@ pub fn restored_form(dir: &str, archived: &Value, backup: &str, restore: &str) -
             }
         }
     }
+    if dir == "persistentvolumeclaims" {
+        let spec = o.get_mut("spec").and_then(Value::as_object_mut);
+        if let Some(spec) =
+            spec.filter(|s| s.get("volumeName").and_then(Value::as_str).is_some_and(|v| reprovisioned.contains(v)))
+        {
+            spec.remove("volumeName");
+        }
+    }
     if dir == "persistentvolumes" {
         if let Some(c) = o.get_mut("spec").and_then(|s| s.get_mut("claimRef")).and_then(Value::as_object_mut) {
             c.remove("uid");
@@ -129,6 +148,20 @@ pub fn restored_form(dir: &str, archived: &Value, backup: &str, restore: &str) -
         }
     }
     Some(v)
+}
+
+/// The volumes (PersistentVolume names) of an archive that a restore without restored volumes
+/// provisions anew rather than recreating (`docs/restore.md`, Velero's rule): those whose reclaim
+/// policy is Delete. `archive`: (resource directory, archived object).
+pub fn reprovisioned_volumes<'a>(archive: impl IntoIterator<Item = (&'a str, &'a Value)>) -> BTreeSet<String> {
+    archive
+        .into_iter()
+        .filter(|(dir, o)| {
+            *dir == "persistentvolumes"
+                && o.pointer("/spec/persistentVolumeReclaimPolicy").and_then(Value::as_str) == Some("Delete")
+        })
+        .filter_map(|(_, o)| o.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string))
+        .collect()
 }
 
 /// The part of a served object a restore decides: the object without the fields its API server
@@ -341,9 +374,11 @@ pub fn check_round_trip(archive: &[u8], expected: &BTreeSet<ItemKey>, report: &R
         }
     };
     // RT1: the documented form of every restored archived object, nothing unexplained.
+    let dirs: Vec<(String, &Value)> = items.iter().map(|(k, o)| (dir_of(k), o)).collect();
+    let reprovisioned = reprovisioned_volumes(dirs.iter().map(|(d, o)| (d.as_str(), *o)));
     let mut explained = BTreeSet::new();
     for (key, obj) in &items {
-        let Some(want) = restored_form(&dir_of(key), obj, BACKUP, RESTORE) else { continue };
+        let Some(want) = restored_form(&dir_of(key), obj, BACKUP, RESTORE, &reprovisioned) else { continue };
         explained.insert(key.clone());
         match report.objects.get(key) {
             None => out.push(v("RT1", format!("{key} is in the archive and was not restored"))),
@@ -366,7 +401,8 @@ pub fn check_round_trip(archive: &[u8], expected: &BTreeSet<ItemKey>, report: &R
         }
     }
     for key in expected {
-        let restorable = items.get(key).is_some_and(|o| restored_form(&dir_of(key), o, BACKUP, RESTORE).is_some());
+        let restorable =
+            items.get(key).is_some_and(|o| restored_form(&dir_of(key), o, BACKUP, RESTORE, &reprovisioned).is_some());
         if restorable && !report.objects.contains_key(key) {
             out.push(v("RT1", format!("{key} is in the model's backup and not in the restored cluster")));
         }

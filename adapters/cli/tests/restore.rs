@@ -19,7 +19,7 @@ use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::item::GroupResource;
 use blockwise_simulator::demo::{demo_resource_types, empty_cluster};
 use blockwise_simulator::fake::FakeCluster;
-use blockwise_simulator::roundtrip::{restored_form, served_form};
+use blockwise_simulator::roundtrip::{reprovisioned_volumes, restored_form, served_form};
 use blockwise_simulator::server::FakeApiServer;
 use serde_json::Value;
 
@@ -111,10 +111,11 @@ fn served_objects(cluster: &FakeCluster) -> BTreeMap<(String, Option<String>, St
 /// and nothing else was created.
 fn assert_restored(archive: &BTreeMap<(String, Option<String>, String), Value>, cluster: &FakeCluster, restore: &str) {
     let served = served_objects(cluster);
+    let reprovisioned = reprovisioned_volumes(archive.iter().map(|((dir, _, _), o)| (dir.as_str(), o)));
     let mut want = BTreeSet::new();
     let mut diffs = Vec::new();
     for ((dir, ns, name), archived) in archive {
-        let Some(exp) = restored_form(dir, archived, "b", restore) else { continue };
+        let Some(exp) = restored_form(dir, archived, "b", restore, &reprovisioned) else { continue };
         let key = (dir.clone(), ns.clone(), name.clone());
         want.insert(key.clone());
         match served.get(&key) {
@@ -183,9 +184,12 @@ fn a_demo_backup_restored_into_an_empty_cluster_recreates_every_object() {
             .collect::<Vec<_>>(),
     );
     common::assert_exit(&out, 0, "restore --from-file with a mapping");
+    let reprovisioned = reprovisioned_volumes(archive.iter().map(|((dir, _, _), o)| (dir.as_str(), o)));
     let want: BTreeSet<(String, String)> = archive
         .iter()
-        .filter(|((dir, n, _), obj)| n.as_deref() == Some(ns.as_str()) && restored_form(dir, obj, "b", "r3").is_some())
+        .filter(|((dir, n, _), obj)| {
+            n.as_deref() == Some(ns.as_str()) && restored_form(dir, obj, "b", "r3", &reprovisioned).is_some()
+        })
         .map(|((dir, _, name), _)| (dir.clone(), name.clone()))
         .collect();
     let after = served_objects(&served.cluster);
