@@ -29,8 +29,8 @@ use blockwise_engine::event::{decode_record_of, encode_record_of, recover_record
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::restore_run::{
-    plan_restore, restored_by, update_patch, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent, RestorePhase,
-    RestorePlan, RestoreSpec, RestoreState,
+    plan_restore, restored_by, update_patch, with_restore_uid, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent,
+    RestorePhase, RestorePlan, RestoreSpec, RestoreState,
 };
 use blockwise_engine::{ItemKey, ResourceType};
 use futures::StreamExt;
@@ -229,9 +229,10 @@ async fn existing(
     item: &PlannedItem,
     found: &str,
     spec: &RestoreSpec,
+    uid: Option<&str>,
 ) -> Result<ItemOutcome, String> {
     let found: Value = serde_json::from_str(found).unwrap_or(Value::Null);
-    if restored_by(&found, &spec.name) {
+    if restored_by(&found, &spec.name, uid) {
         return Ok(ItemOutcome::Created);
     }
     if item.gr.group.is_empty() && item.gr.resource == "namespaces" {
@@ -265,6 +266,7 @@ async fn restore_item(
     item: &PlannedItem,
     look_first: bool,
     spec: &RestoreSpec,
+    uid: Option<&str>,
 ) -> Result<ItemOutcome, String> {
     let key = key_of(item);
     let get = |rt: ResourceType, key: ItemKey| async move {
@@ -276,15 +278,19 @@ async fn restore_item(
     };
     if look_first {
         match get(rt.clone(), key.clone()).await {
-            Ok(Some(found)) => return existing(cluster, rt, item, &found, spec).await,
+            Ok(Some(found)) => return existing(cluster, rt, item, &found, spec, uid).await,
             Ok(None) => {}
             Err(end) => return end,
         }
     }
-    match cluster.create(rt, item.target.namespace.as_deref(), &item.body.to_string()).await {
+    let body = match uid {
+        Some(u) => with_restore_uid(&item.body, u),
+        None => item.body.clone(),
+    };
+    match cluster.create(rt, item.target.namespace.as_deref(), &body.to_string()).await {
         Ok(_) => Ok(ItemOutcome::Created),
         Err(ClusterError::AlreadyExists(m)) => match get(rt.clone(), key).await {
-            Ok(Some(found)) => existing(cluster, rt, item, &found, spec).await,
+            Ok(Some(found)) => existing(cluster, rt, item, &found, spec, uid).await,
             Ok(None) => Ok(ItemOutcome::Failed {
                 error: format!("the create answered AlreadyExists ({m}), yet it is not there"),
             }),
@@ -336,6 +342,7 @@ pub async fn drive_restore<M: LogMedium>(
     archive: &[u8],
     world: &RestoreWorld,
     observer: &mut dyn RestoreObserver,
+    uid: Option<&str>,
 ) -> Result<(), RestoreRunError> {
     if state.finished_ms.is_some() {
         return Ok(());
@@ -414,7 +421,7 @@ pub async fn drive_restore<M: LogMedium>(
                 let rt = ResourceType { version: item.version.clone(), kind: item.kind.clone(), ..served.clone() };
                 let look = earlier.contains(&i) && !mutation::active(Mutation::RestoreSkipsLookup);
                 let (cluster, spec) = (world.cluster.clone(), &spec);
-                creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, item, look, spec).await) });
+                creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, item, look, spec, uid).await) });
             }
             let mut done = futures::stream::iter(creates).buffer_unordered(workers);
             let mut unavailable = None;
@@ -732,7 +739,8 @@ impl RestoreSession {
             };
             let mut live = RestoreLive { dir: self.data.restore_dir(&self.name), last_ms: 0, inner: observer };
             live.write(&self.state);
-            let result = drive_restore(&mut self.log, &mut self.state, &archive, &world, &mut live).await;
+            let uid = self.files.uid.as_deref();
+            let result = drive_restore(&mut self.log, &mut self.state, &archive, &world, &mut live, uid).await;
             live.write(&self.state);
             result?;
         }

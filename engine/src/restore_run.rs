@@ -562,9 +562,32 @@ fn pre_provision(p: &mut Parsed, from: &BTreeMap<(String, String), VolumeFromSna
 
 /// Whether an object found in the cluster is this restore's own create (RT3): it carries the
 /// restore's name label.
-pub fn restored_by(existing: &Value, restore: &str) -> bool {
-    str_at(existing, &format!("/metadata/labels/{}", RESTORE_NAME_LABEL.replace('/', "~1")))
-        == Some(label_value(restore).as_str())
+///
+/// `uid`: the restore's own id (a Restore object's uid), which the restore also writes into
+/// [`RESTORE_UID_ANNOTATION`] — with it, an object an earlier restore of the same name created
+/// (a Restore deleted and created again) is not taken for this one's. An object with the label
+/// and no such annotation counts as this restore's (made before the annotation existed).
+pub fn restored_by(existing: &Value, restore: &str, uid: Option<&str>) -> bool {
+    let named = str_at(existing, &format!("/metadata/labels/{}", RESTORE_NAME_LABEL.replace('/', "~1")))
+        == Some(label_value(restore).as_str());
+    let annotation = format!("/metadata/annotations/{}", RESTORE_UID_ANNOTATION.replace('/', "~1"));
+    named && uid.is_none_or(|u| str_at(existing, &annotation).is_none_or(|a| a == u))
+}
+
+/// The annotation naming the restore (its object's uid) that created an object, when the restore
+/// has one (Restores of the controller).
+pub const RESTORE_UID_ANNOTATION: &str = "blockwise.dev/restore-uid";
+
+/// `body` with the [`RESTORE_UID_ANNOTATION`] of restore `uid`.
+pub fn with_restore_uid(body: &Value, uid: &str) -> Value {
+    let mut b = body.clone();
+    if let Some(meta) = b.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(a) = annotations.as_object_mut() {
+            a.insert(RESTORE_UID_ANNOTATION.into(), json!(uid));
+        }
+    }
+    b
 }
 
 /// The JSON merge patch that makes an existing object the backed-up version under
@@ -1128,10 +1151,16 @@ mod tests {
     #[test]
     fn own_objects_are_recognised_by_the_restore_label() {
         let mut o = obj("v1", "ConfigMap", Some("a"), "c");
-        assert!(!restored_by(&o, "r"));
+        assert!(!restored_by(&o, "r", None));
         o["metadata"]["labels"]["velero.io/restore-name"] = json!("r");
-        assert!(restored_by(&o, "r"));
-        assert!(!restored_by(&o, "r2"));
+        assert!(restored_by(&o, "r", None));
+        assert!(!restored_by(&o, "r2", None));
+        // Issue 21, defect 9: a Restore created again under the same name (another uid) does not
+        // take the first one's objects for its own.
+        let first = with_restore_uid(&o, "uid-1");
+        assert!(restored_by(&first, "r", Some("uid-1")));
+        assert!(!restored_by(&first, "r", Some("uid-2")));
+        assert!(restored_by(&o, "r", Some("uid-2")), "labelled before the annotation existed: ours");
     }
 
     #[test]

@@ -297,7 +297,7 @@ pub fn simulate_restore(model: &Model, archive: &[u8], cfg: &RunConfig) -> Resto
                 state.apply(seq, &ev).map_err(|e| RestoreRunError::State(e.to_string()))?;
                 restore_log.flush_on(world.runtime.as_ref()).await?;
             }
-            drive_restore(&mut restore_log, &mut state, archive, &world, &mut QuietRestore).await?;
+            drive_restore(&mut restore_log, &mut state, archive, &world, &mut QuietRestore, None).await?;
             Ok::<RestoreState, RestoreRunError>(state)
         };
         let crashes_before = crashes;
