@@ -98,3 +98,20 @@ fn backup_delete_removes_the_store_files_and_the_log_and_asks_for_confirm() {
     assert_exit(&out, 2, "delete of a backup that is not there");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+/// `blockwise simulate` runs the service's schedule world beside the engine's for each seed and
+/// reports both (issue 21): its JSON carries the schedule world's coverage, and a run prints it.
+#[test]
+fn simulate_reports_the_schedule_world_beside_the_engine_world() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = run(tmp.path(), &["simulate", "--seed", "3", "--seeds", "2", "-o", "json"]);
+    assert_exit(&out, 0, "two seeds pass");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("simulate -o json");
+    let s = &doc["schedules"];
+    assert_eq!(s["years"], 2, "{doc:#}");
+    assert!(s["runs"].as_u64().is_some_and(|n| n > 0) && s["retention_deletions"].as_u64().is_some(), "{s}");
+    let out = run(tmp.path(), &["simulate", "--seed", "3", "--seeds", "1"]);
+    assert_exit(&out, 0, "one seed passes");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("schedules: 1 simulated years") && text.contains("(judges Y1-Y7, C1, C5)"), "{text}");
+}
