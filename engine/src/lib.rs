@@ -18,6 +18,7 @@ pub mod ports;
 pub mod restore;
 pub mod restore_run;
 pub mod schedule;
+pub mod service;
 pub mod snapshot;
 pub mod spec;
 pub mod state;

@@ -36,6 +36,7 @@ use crate::report::rfc3339;
 use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
 use crate::session::{ClusterSource, DataDir, SessionError};
 use crate::world::{Runtime, TokioRuntime};
+use blockwise_engine::service::{restore_step, BackupLook, BackupStep, RunEnd, RunId, RunRegistry};
 
 /// A restore of a Backup, with Velero's Restore field names; see the module docs.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -218,9 +219,6 @@ impl Restore {
     }
 }
 
-/// A run's Restore: namespace, name, uid.
-type RunId = (String, String, String);
-
 /// What the restore controller needs.
 pub struct RestoreCtx {
     /// The API client.
@@ -241,7 +239,7 @@ pub struct RestoreCtx {
     /// Restores (namespace, name, uid) whose runs ended in this process: terminal, or stopped
     /// after `n` stops in a row and resumed at the instant (issue 21). Forgotten once the cache
     /// shows the end (see `reconcile`), so it stays bounded.
-    ended: Mutex<BTreeMap<RunId, Option<(u32, Instant)>>>,
+    ended: Mutex<RunRegistry>,
     /// Wakes every Restore when a run ends: one recreated under a running one's name, or stopped
     /// and due again, is looked at then.
     wake: futures::channel::mpsc::UnboundedSender<()>,
@@ -274,7 +272,7 @@ impl RestoreCtx {
             metrics,
             tenancy,
             running: Mutex::new(BTreeSet::new()),
-            ended: Mutex::new(BTreeMap::new()),
+            ended: Mutex::new(RunRegistry::default()),
         }
     }
 
@@ -291,7 +289,7 @@ impl RestoreCtx {
             .iter()
             .map(|r| (r.namespace().unwrap_or_default(), r.name_any(), r.uid().unwrap_or_default()))
             .collect();
-        self.ended.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| present.contains(id));
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).prune(|id| present.contains(id).then_some(false));
     }
 }
 
@@ -383,23 +381,26 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         let mut ended = ctx.ended.lock().unwrap_or_else(PoisonError::into_inner);
         if terminal {
             // The cache shows the end: nothing stale can contradict it any more.
-            ended.remove(&id);
+            ended.forget(&id);
         }
-        ended.get(&id).copied()
+        ended.end_of(&id)
     };
-    let running = ctx.running.lock().unwrap_or_else(PoisonError::into_inner).contains(&key);
-    if r.metadata.deletion_timestamp.is_some() || terminal || running || end == Some(None) {
-        return Ok(Action::await_change());
-    }
-    // A run stopped by an outage is resumed once its backoff has passed.
-    let mut stops = 0;
-    if let Some(Some((n, retry_at))) = end {
-        let now = Instant::now();
-        if now < retry_at {
-            return Ok(Action::requeue(retry_at - now));
-        }
-        stops = n;
-    }
+    let now = TokioRuntime.now_ms() as i64;
+    let look = BackupLook {
+        in_scope: true,
+        deleting: r.metadata.deletion_timestamp.is_some(),
+        finalizer: false,
+        phase: status.phase.as_deref(),
+        running_here: ctx.running.lock().unwrap_or_else(PoisonError::into_inner).contains(&key),
+        end,
+        now_ms: now,
+    };
+    // The engine's pure step decides; a stopped run is resumed once its backoff has passed.
+    let stops = match restore_step(&look) {
+        BackupStep::Run { stops } => stops,
+        BackupStep::RetryAt(at) => return Ok(Action::requeue(Duration::from_millis((at - now).max(1) as u64))),
+        _ => return Ok(Action::await_change()),
+    };
     let data = ctx.data(&ns);
     // This Restore's own log (same uid): validated when it was created; resumed as it is, even if
     // its Backup has been collected since (the run then says what is missing).
@@ -445,7 +446,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
             };
             patch_status(&api, &name, &failed).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
-            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert(id, None).is_none() {
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
                 ctx.metrics.restore_validation_failed.inc();
             }
             eprintln!("restore {ns}/{name}: FailedValidation: {}", failed.failure_reason.unwrap_or_default());
@@ -496,8 +497,11 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
             let stopped = run(session, base, &api, &ctx, &ns, stops, finished_before).await;
-            let end = stopped.map(|at| (stops + 1, at));
-            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).insert((ns.clone(), name.clone(), uid), end);
+            let end = match stopped {
+                Some(retry_at_ms) => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
+                None => RunEnd::Terminal,
+            };
+            ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record((ns.clone(), name.clone(), uid), end);
             ctx.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
             ctx.forget_gone();
             let _ = ctx.wake.unbounded_send(());
@@ -540,7 +544,7 @@ async fn run(
     ns: &str,
     stops: u32,
     counted: bool,
-) -> Option<Instant> {
+) -> Option<i64> {
     let name = session.state().spec.name.clone();
     let first = status_of(session.state(), &base);
     let written_before = written(session.state());
@@ -587,7 +591,7 @@ async fn run(
         // InProgress with the reason and its progress so far, and is resumed with backoff.
         Err(e) => {
             let wait = super::controller::retry_backoff(stops + 1);
-            retry_at = Some(Instant::now() + wait);
+            retry_at = Some(TokioRuntime.now_ms() as i64 + wait.as_millis() as i64);
             eprintln!("restore {ns}/{name}: stopped ({e}); resuming it in {} s", wait.as_secs());
             RestoreStatus {
                 stop_reason: Some(e.to_string()),

@@ -1,0 +1,319 @@
+//! The controllers' decisions, pure (DESIGN §8a, issue 21): what the Backup and Restore
+//! controllers of `blockwise serve` do with an object, as functions of what they see — the object,
+//! what its log says, the runs this process ended ([`RunRegistry`]) and the clock — so that the
+//! shell (`adapters/src/serve/`) only performs the step and reports back, and a simulator can call
+//! the same functions.
+//!
+//! - [`RunRegistry`]: the runs a controller process ended — terminal (whatever a stale cache
+//!   says) or stopped by an outage and due again at an instant — bounded by pruning against the
+//!   objects that still exist.
+//! - [`backup_step`] (and [`restore_step`]): one look at a Backup — ignore, put the finalizer on, wait for the run's end
+//!   before a deletion, delete, wait for a retry, or run — and [`deletion_step`]: whether an
+//!   unfinished log is finished before a deletion.
+//! - [`queue_position`]: Velero 1.18's queue over plain data; [`retry_backoff_ms`].
+//!
+//! What it rules out: a decision that reads the API, the disk or a clock. Not yet here (issue 21
+//! goes on): the Restore controller's and the Schedule controller's looks, and the service world
+//! that drives them in `blockwise simulate`.
+
+use std::collections::BTreeMap;
+
+/// A run's Backup or Restore: namespace, name, uid.
+pub type RunId = (String, String, String);
+
+/// How a run of this process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// In a terminal phase.
+    Terminal,
+    /// Stopped by an outage (the store, the log, the API server) after `stops` stops in a row;
+    /// run again from its log at `retry_at_ms`.
+    Stopped {
+        /// Stops in a row.
+        stops: u32,
+        /// When it is due again.
+        retry_at_ms: i64,
+    },
+}
+
+/// The runs a controller process ended (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunRegistry {
+    ended: BTreeMap<RunId, RunEnd>,
+}
+
+impl RunRegistry {
+    /// How the run of `id` ended here, if it did.
+    pub fn end_of(&self, id: &RunId) -> Option<RunEnd> {
+        self.ended.get(id).copied()
+    }
+
+    /// Records how the run of `id` ended; the previous record, if any.
+    pub fn record(&mut self, id: RunId, end: RunEnd) -> Option<RunEnd> {
+        self.ended.insert(id, end)
+    }
+
+    /// Forgets the run of `id` (its end is shown by the cache now).
+    pub fn forget(&mut self, id: &RunId) {
+        self.ended.remove(id);
+    }
+
+    /// Keeps only what a stale cache could still contradict, or a stop to retry: `seen(id)` is
+    /// `None` when the object is gone, else whether the cache already shows a terminal phase.
+    pub fn prune(&mut self, seen: impl Fn(&RunId) -> Option<bool>) {
+        self.ended.retain(|id, end| match seen(id) {
+            None => false,
+            Some(terminal) => matches!(end, RunEnd::Stopped { .. }) || !terminal,
+        });
+    }
+
+    /// Runs remembered.
+    pub fn len(&self) -> usize {
+        self.ended.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ended.is_empty()
+    }
+}
+
+/// The longest wait between two retries of a stopped run.
+pub const RETRY_BACKOFF_MS_MAX: i64 = 300_000;
+
+/// The wait before running again after the `stops`-th stop in a row: 2 s, doubling, at most
+/// [`RETRY_BACKOFF_MS_MAX`].
+pub fn retry_backoff_ms(stops: u32) -> i64 {
+    let ms = 2_000i64.saturating_mul(1i64 << stops.saturating_sub(1).min(20));
+    ms.min(RETRY_BACKOFF_MS_MAX)
+}
+
+/// What one look at a Backup sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupLook<'a> {
+    /// In a namespace the controller acts in (its own or a tenant's).
+    pub in_scope: bool,
+    /// It has a deletionTimestamp.
+    pub deleting: bool,
+    /// It carries the controller's finalizer.
+    pub finalizer: bool,
+    /// `status.phase`, as cached.
+    pub phase: Option<&'a str>,
+    /// Its run goes on in this process now.
+    pub running_here: bool,
+    /// How its last run in this process ended.
+    pub end: Option<RunEnd>,
+    /// Now.
+    pub now_ms: i64,
+}
+
+/// What the controller does after one look at a Backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupStep {
+    /// Nothing until it changes: not ours, or ended.
+    Ignore,
+    /// Put the finalizer on; `mark_new`: and the `New` phase (it has none yet).
+    AddFinalizer {
+        /// Also set `status.phase: New`.
+        mark_new: bool,
+    },
+    /// Being deleted while its run goes on here: the run's end wakes it (Velero refuses to delete
+    /// a backup in progress; cut short, the run would leave a pod frozen).
+    AwaitRunEnd,
+    /// Being deleted and not running here: see [`deletion_step`].
+    Delete,
+    /// A stopped run's backoff has not passed: look again then.
+    RetryAt(i64),
+    /// Validate, queue and run (or resume) it; `stops`: its stops in a row so far.
+    Run {
+        /// Stops in a row (0: no retry).
+        stops: u32,
+    },
+}
+
+/// Whether a phase is terminal (Velero's names).
+pub fn is_terminal_phase(phase: &str) -> bool {
+    matches!(phase, "Completed" | "PartiallyFailed" | "Failed" | "FailedValidation")
+}
+
+/// One look at a Backup (see [`BackupStep`]).
+pub fn backup_step(look: &BackupLook<'_>) -> BackupStep {
+    if !look.in_scope {
+        return BackupStep::Ignore;
+    }
+    if look.deleting {
+        if !look.finalizer {
+            return BackupStep::Ignore;
+        }
+        return if look.running_here { BackupStep::AwaitRunEnd } else { BackupStep::Delete };
+    }
+    if !look.finalizer {
+        return BackupStep::AddFinalizer { mark_new: look.phase.is_none() };
+    }
+    if look.phase.is_some_and(is_terminal_phase) || look.running_here || look.end == Some(RunEnd::Terminal) {
+        return BackupStep::Ignore;
+    }
+    match look.end {
+        Some(RunEnd::Stopped { retry_at_ms, .. }) if look.now_ms < retry_at_ms => BackupStep::RetryAt(retry_at_ms),
+        Some(RunEnd::Stopped { stops, .. }) => BackupStep::Run { stops },
+        _ => BackupStep::Run { stops: 0 },
+    }
+}
+
+/// One look at a Restore: as a Backup's, without a finalizer (deleting a Restore leaves what it
+/// restored, as Velero does: nothing to wait for, nothing to delete).
+pub fn restore_step(look: &BackupLook<'_>) -> BackupStep {
+    if look.deleting {
+        return BackupStep::Ignore;
+    }
+    backup_step(&BackupLook { finalizer: true, ..look.clone() })
+}
+
+/// What a Backup's log says, for a deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLook {
+    /// The log is this Backup's (same uid), not an earlier one's of the same name.
+    pub same_uid: bool,
+    /// It reached a terminal phase.
+    pub finished: bool,
+    /// Its run stopped on an outage (its windows are closed).
+    pub stopped: bool,
+}
+
+/// What a deletion does first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletionStep {
+    /// Run the unfinished log to its end first (owed post-hooks, snapshots cut and released):
+    /// a killed controller left it running.
+    FinishRunFirst,
+    /// Delete now: its snapshots, files and log.
+    DeleteNow,
+}
+
+/// Whether a Backup being deleted (and not running here) has its log finished first: only a log
+/// of this Backup, neither finished nor stopped, whose run has not already ended in this process
+/// (a run that cannot go on must not hold the deletion forever).
+pub fn deletion_step(log: Option<LogLook>, ended_here: bool) -> DeletionStep {
+    match log {
+        Some(l) if l.same_uid && !l.finished && !l.stopped && !ended_here => DeletionStep::FinishRunFirst,
+        _ => DeletionStep::DeleteNow,
+    }
+}
+
+/// Whether two Backups' included namespaces may overlap: every namespace (empty) or a glob
+/// overlaps everything; otherwise the names must meet.
+pub fn namespaces_overlap(a: &[String], b: &[String]) -> bool {
+    let all = |n: &[String]| n.is_empty() || n.iter().any(|x| x.contains('*'));
+    all(a) || all(b) || a.iter().any(|x| b.contains(x))
+}
+
+/// Velero 1.18's queue: `Some(position)` when a Backup of `mine` (its included namespaces) must
+/// wait — `running` runs are at `concurrent_max` already, or one of them, or one of the `earlier`
+/// waiting Backups (created before it), may overlap it — its position being 1 + the earlier ones.
+pub fn queue_position(
+    mine: &[String],
+    running: &[&[String]],
+    earlier: &[&[String]],
+    concurrent_max: usize,
+) -> Option<u32> {
+    let full = running.len() >= concurrent_max.max(1);
+    let overlaps = |others: &[&[String]]| others.iter().any(|o| namespaces_overlap(o, mine));
+    (full || overlaps(running) || overlaps(earlier)).then(|| earlier.len() as u32 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn look(phase: Option<&str>) -> BackupLook<'_> {
+        BackupLook {
+            in_scope: true,
+            deleting: false,
+            finalizer: true,
+            phase,
+            running_here: false,
+            end: None,
+            now_ms: 10_000,
+        }
+    }
+
+    #[track_caller]
+    fn check(l: BackupLook<'_>, expected: BackupStep) {
+        assert_eq!(backup_step(&l), expected, "{l:?}");
+    }
+
+    #[test]
+    fn one_look_at_a_backup() {
+        check(BackupLook { in_scope: false, ..look(None) }, BackupStep::Ignore);
+        check(BackupLook { finalizer: false, ..look(None) }, BackupStep::AddFinalizer { mark_new: true });
+        check(BackupLook { finalizer: false, ..look(Some("Queued")) }, BackupStep::AddFinalizer { mark_new: false });
+        check(look(None), BackupStep::Run { stops: 0 });
+        check(look(Some("InProgress")), BackupStep::Run { stops: 0 });
+        check(look(Some("Completed")), BackupStep::Ignore);
+        check(BackupLook { running_here: true, ..look(Some("InProgress")) }, BackupStep::Ignore);
+        // Ended here while the cache still shows it running: not run again.
+        check(BackupLook { end: Some(RunEnd::Terminal), ..look(Some("InProgress")) }, BackupStep::Ignore);
+        // Stopped: retried once its backoff has passed.
+        let stopped = |at| Some(RunEnd::Stopped { stops: 2, retry_at_ms: at });
+        check(BackupLook { end: stopped(12_000), ..look(Some("InProgress")) }, BackupStep::RetryAt(12_000));
+        check(BackupLook { end: stopped(10_000), ..look(Some("InProgress")) }, BackupStep::Run { stops: 2 });
+    }
+
+    #[test]
+    fn one_look_at_a_restore() {
+        assert_eq!(restore_step(&BackupLook { finalizer: false, ..look(None) }), BackupStep::Run { stops: 0 });
+        assert_eq!(restore_step(&BackupLook { deleting: true, ..look(Some("InProgress")) }), BackupStep::Ignore);
+        let stopped = Some(RunEnd::Stopped { stops: 1, retry_at_ms: 20_000 });
+        assert_eq!(restore_step(&BackupLook { end: stopped, ..look(Some("InProgress")) }), BackupStep::RetryAt(20_000));
+        assert_eq!(restore_step(&look(Some("Failed"))), BackupStep::Ignore);
+    }
+
+    #[test]
+    fn a_deleted_backup_waits_for_its_run_and_an_unfinished_log_is_finished_first() {
+        let deleting = BackupLook { deleting: true, ..look(Some("InProgress")) };
+        check(BackupLook { running_here: true, ..deleting.clone() }, BackupStep::AwaitRunEnd);
+        check(deleting.clone(), BackupStep::Delete);
+        check(BackupLook { finalizer: false, ..deleting }, BackupStep::Ignore);
+        let log = |same_uid, finished, stopped| Some(LogLook { same_uid, finished, stopped });
+        assert_eq!(deletion_step(log(true, false, false), false), DeletionStep::FinishRunFirst);
+        assert_eq!(deletion_step(log(true, false, false), true), DeletionStep::DeleteNow, "ended here: no loop");
+        assert_eq!(deletion_step(log(true, true, false), false), DeletionStep::DeleteNow);
+        assert_eq!(deletion_step(log(true, false, true), false), DeletionStep::DeleteNow, "a stop closed its windows");
+        assert_eq!(deletion_step(log(false, false, false), false), DeletionStep::DeleteNow, "an earlier Backup's log");
+        assert_eq!(deletion_step(None, false), DeletionStep::DeleteNow);
+    }
+
+    #[test]
+    fn the_registry_forgets_what_is_gone_or_shown_and_keeps_stops() {
+        let id = |n: &str| ("ns".to_string(), n.to_string(), format!("uid-{n}"));
+        let mut r = RunRegistry::default();
+        r.record(id("shown"), RunEnd::Terminal);
+        r.record(id("stale"), RunEnd::Terminal);
+        r.record(id("gone"), RunEnd::Terminal);
+        r.record(id("stopped"), RunEnd::Stopped { stops: 1, retry_at_ms: 5 });
+        r.prune(|x| match x.1.as_str() {
+            "shown" => Some(true),
+            "stale" | "stopped" => Some(false),
+            _ => None,
+        });
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.end_of(&id("stale")), Some(RunEnd::Terminal));
+        assert!(r.end_of(&id("stopped")).is_some() && r.end_of(&id("gone")).is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_minutes_and_the_queue_is_velero_s() {
+        assert_eq!([1, 2, 3, 9, 40].map(retry_backoff_ms), [2_000, 4_000, 8_000, 300_000, 300_000]);
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(namespaces_overlap(&v(&[]), &v(&["a"])));
+        assert!(namespaces_overlap(&v(&["a", "b"]), &v(&["b"])));
+        assert!(namespaces_overlap(&v(&["web-*"]), &v(&["db"])));
+        assert!(!namespaces_overlap(&v(&["a"]), &v(&["b"])));
+        let (a, b) = (v(&["a"]), v(&["b"]));
+        assert_eq!(queue_position(&a, &[], &[], 1), None);
+        assert_eq!(queue_position(&a, &[&b], &[], 1), Some(1), "full");
+        assert_eq!(queue_position(&a, &[&b], &[], 2), None, "disjoint, room");
+        assert_eq!(queue_position(&a, &[&a], &[], 2), Some(1), "overlaps a running one");
+        assert_eq!(queue_position(&a, &[], &[&b, &a], 2), Some(3), "overlaps an earlier waiting one");
+    }
+}
