@@ -66,11 +66,20 @@ pub enum Mutation {
     /// Schedules: retention counts failed and running backups, as it once did (C1: failed runs
     /// push the last usable backup out of `keepLast`).
     RetentionCountsUnusable,
+    /// Service: a deleted Backup is deleted while its run goes on here, as the controller once did
+    /// (C3: a pod left frozen, a run cut short).
+    DeleteCutsRunShort,
+    /// Service: a deletion never finishes an unfinished log first (C3: a killed run's frozen pod).
+    DeletionSkipsUnfinishedLog,
+    /// Service: the queue ignores overlapping namespaces (Q1).
+    QueueIgnoresOverlap,
+    /// Service: a run stopped by an outage is never retried (C4: it never ends).
+    StoppedRunsNeverRetried,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 25] = [
+    pub const ALL: [Mutation; 29] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -96,6 +105,10 @@ impl Mutation {
         Mutation::RetentionKeepsOneTooFew,
         Mutation::ScheduleTrustsStaleStatus,
         Mutation::RetentionCountsUnusable,
+        Mutation::DeleteCutsRunShort,
+        Mutation::DeletionSkipsUnfinishedLog,
+        Mutation::QueueIgnoresOverlap,
+        Mutation::StoppedRunsNeverRetried,
     ];
 }
 

@@ -145,7 +145,8 @@ pub fn backup_step(look: &BackupLook<'_>) -> BackupStep {
         if !look.finalizer {
             return BackupStep::Ignore;
         }
-        return if look.running_here { BackupStep::AwaitRunEnd } else { BackupStep::Delete };
+        let cut_short = crate::mutation::active(crate::mutation::Mutation::DeleteCutsRunShort);
+        return if look.running_here && !cut_short { BackupStep::AwaitRunEnd } else { BackupStep::Delete };
     }
     if !look.finalizer {
         return BackupStep::AddFinalizer { mark_new: look.phase.is_none() };
@@ -153,7 +154,9 @@ pub fn backup_step(look: &BackupLook<'_>) -> BackupStep {
     if look.phase.is_some_and(is_terminal_phase) || look.running_here || look.end == Some(RunEnd::Terminal) {
         return BackupStep::Ignore;
     }
+    let never_retried = crate::mutation::active(crate::mutation::Mutation::StoppedRunsNeverRetried);
     match look.end {
+        Some(RunEnd::Stopped { .. }) if never_retried => BackupStep::Ignore,
         Some(RunEnd::Stopped { retry_at_ms, .. }) if look.now_ms < retry_at_ms => BackupStep::RetryAt(retry_at_ms),
         Some(RunEnd::Stopped { stops, .. }) => BackupStep::Run { stops },
         _ => BackupStep::Run { stops: 0 },
@@ -194,6 +197,9 @@ pub enum DeletionStep {
 /// of this Backup, neither finished nor stopped, whose run has not already ended in this process
 /// (a run that cannot go on must not hold the deletion forever).
 pub fn deletion_step(log: Option<LogLook>, ended_here: bool) -> DeletionStep {
+    if crate::mutation::active(crate::mutation::Mutation::DeletionSkipsUnfinishedLog) {
+        return DeletionStep::DeleteNow;
+    }
     match log {
         Some(l) if l.same_uid && !l.finished && !l.stopped && !ended_here => DeletionStep::FinishRunFirst,
         _ => DeletionStep::DeleteNow,
@@ -217,7 +223,8 @@ pub fn queue_position(
     concurrent_max: usize,
 ) -> Option<u32> {
     let full = running.len() >= concurrent_max.max(1);
-    let overlaps = |others: &[&[String]]| others.iter().any(|o| namespaces_overlap(o, mine));
+    let ignore = crate::mutation::active(crate::mutation::Mutation::QueueIgnoresOverlap);
+    let overlaps = |others: &[&[String]]| !ignore && others.iter().any(|o| namespaces_overlap(o, mine));
     (full || overlaps(running) || overlaps(earlier)).then(|| earlier.len() as u32 + 1)
 }
 

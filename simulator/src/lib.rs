@@ -32,6 +32,7 @@ pub mod roundtrip;
 pub mod runner;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod service;
 pub mod sim;
 pub mod vt;
 pub mod year;

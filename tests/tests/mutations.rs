@@ -13,6 +13,8 @@ use blockwise_simulator::sim::FaultKind;
 /// Seeds tried per mutation before giving up (the slowest to show needs a crash between an exec's
 /// dispatch and the flush of its intent, with the unflushed tail lost).
 const SEEDS_MAX: u64 = 2000;
+/// Seeds of the service world tried per mutation of the controllers' decisions.
+const SERVICE_SEEDS_MAX: u64 = 50;
 
 /// The first seed at which `m` is reported, and the invariants reported there.
 fn caught(m: Mutation) -> Option<(u64, Vec<&'static str>)> {
@@ -30,6 +32,20 @@ fn caught(m: Mutation) -> Option<(u64, Vec<&'static str>)> {
             (!r.violations.is_empty()).then(|| (seed, r.violations.iter().map(|v| v.invariant).collect()))
         });
     }
+    // The controllers' decisions: the service world shows them.
+    if matches!(
+        m,
+        Mutation::DeleteCutsRunShort
+            | Mutation::DeletionSkipsUnfinishedLog
+            | Mutation::QueueIgnoresOverlap
+            | Mutation::StoppedRunsNeverRetried
+    ) {
+        return (0..SERVICE_SEEDS_MAX).find_map(|seed| {
+            let _bug = MutationGuard::set(Some(m));
+            let r = blockwise_simulator::service::simulate_service(seed);
+            (!r.violations.is_empty()).then(|| (seed, r.violations.iter().map(|v| v.invariant).collect()))
+        });
+    }
     let all: BTreeSet<FaultKind> = FaultKind::ALL.into_iter().collect();
     (0..SEEDS_MAX).find_map(|seed| {
         let (r, _) = check_seed(seed, &all, false, Some(m));
@@ -44,7 +60,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 25] = [
+    let expected: [(Mutation, &[&str]); 29] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -72,6 +88,10 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::RetentionKeepsOneTooFew, &["Y4"]),
         (Mutation::ScheduleTrustsStaleStatus, &["Y7"]),
         (Mutation::RetentionCountsUnusable, &["C1", "Y4"]),
+        (Mutation::DeleteCutsRunShort, &["C3"]),
+        (Mutation::DeletionSkipsUnfinishedLog, &["C3"]),
+        (Mutation::QueueIgnoresOverlap, &["Q1"]),
+        (Mutation::StoppedRunsNeverRetried, &["C4"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

@@ -8,7 +8,9 @@
 //! Each seed also runs the service's schedule world (`blockwise_simulator::year`): a year of
 //! schedules whose backups fail alone and in streaks, with controller restarts and clock jumps,
 //! driving the controller's own schedule step, retention and garbage collection, judged Y1–Y7,
-//! C1 and C5; its coverage is printed beside the engine world's.
+//! C1 and C5 — and the service world (`blockwise_simulator::service`): the Backup controller's own
+//! decisions over an hour of users creating and deleting Backups, store outages and controller
+//! kills, judged C3, C4 and Q1. Their coverage is printed beside the engine world's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -53,7 +55,22 @@ pub fn run(
     let (mut trips, mut restored) = (0u64, 0u64);
     let mut trip_hits: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut year = YearTotals::default();
+    let mut service = ServiceTotals::default();
     for seed in first..first.saturating_add(seeds) {
+        let w = blockwise_simulator::service::simulate_service(seed);
+        service.add(&w);
+        if let Some(v) = w.violations.first() {
+            failures.push(json!({
+                "seed": seed,
+                "world": "service",
+                "invariant": v.invariant,
+                "detail": v.detail,
+                "violations": w.violations,
+                "faults": [],
+                "shrunk_cluster": null,
+                "reproduce": format!("blockwise simulate --seed {seed} --seeds 1"),
+            }));
+        }
         let y = blockwise_simulator::year::simulate_year(seed);
         year.add(&y);
         if let Some(v) = y.violations.first() {
@@ -108,6 +125,7 @@ pub fn run(
             "fault_hits": fault_hits,
             "round_trips": {"restores": trips, "objects": restored, "fault_hits": trip_hits},
             "schedules": year.json(),
+            "service": service.json(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -124,6 +142,7 @@ pub fn run(
             if faults.is_empty() { "none".to_string() } else { faults.join(", ") }
         );
         println!("{}", year.line());
+        println!("{}", service.line());
         println!("{} failing seeds", failures.len());
         for f in &failures {
             println!(
@@ -192,6 +211,58 @@ impl YearTotals {
             self.expired,
             self.restarts,
             self.jumps
+        )
+    }
+}
+
+/// What the service worlds of all seeds did.
+#[derive(Debug, Default)]
+struct ServiceTotals {
+    worlds: u64,
+    created: u64,
+    runs: u64,
+    stops: u64,
+    interrupted: u64,
+    kills: u64,
+    deletions_while_running: u64,
+    deleted: u64,
+    queued: u64,
+}
+
+impl ServiceTotals {
+    fn add(&mut self, w: &blockwise_simulator::service::ServiceReport) {
+        self.worlds += 1;
+        self.created += w.created;
+        self.runs += w.runs;
+        self.stops += w.stops;
+        self.interrupted += w.interrupted;
+        self.kills += w.kills;
+        self.deletions_while_running += w.deletions_while_running;
+        self.deleted += w.deleted;
+        self.queued += w.queued;
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "worlds": self.worlds, "backups": self.created, "runs": self.runs,
+            "stopped_by_outages": self.stops, "interrupted_by_kills": self.interrupted,
+            "controller_kills": self.kills, "deletions_while_running": self.deletions_while_running,
+            "deleted": self.deleted, "queued_looks": self.queued,
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "service: {} worlds, {} backups, {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} deletions while running, {} deleted, {} queued looks (judges C3, C4, Q1)",
+            self.worlds,
+            self.created,
+            self.runs,
+            self.stops,
+            self.interrupted,
+            self.kills,
+            self.deletions_while_running,
+            self.deleted,
+            self.queued
         )
     }
 }

@@ -110,8 +110,11 @@ fn simulate_reports_the_schedule_world_beside_the_engine_world() {
     let s = &doc["schedules"];
     assert_eq!(s["years"], 2, "{doc:#}");
     assert!(s["runs"].as_u64().is_some_and(|n| n > 0) && s["retention_deletions"].as_u64().is_some(), "{s}");
+    assert_eq!(doc["service"]["worlds"], 2, "{doc:#}");
+    assert!(doc["service"]["runs"].as_u64().is_some_and(|n| n > 0), "{doc:#}");
     let out = run(tmp.path(), &["simulate", "--seed", "3", "--seeds", "1"]);
     assert_exit(&out, 0, "one seed passes");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("schedules: 1 simulated years") && text.contains("(judges Y1-Y7, C1, C5)"), "{text}");
+    assert!(text.contains("service: 1 worlds") && text.contains("(judges C3, C4, Q1)"), "{text}");
 }
