@@ -100,7 +100,8 @@ pub struct BackupSpec {
     pub workers: Option<u32>,
 }
 
-fn is_zero(n: &u32) -> bool {
+/// Whether a counter is zero (left out of a status when it is).
+pub(super) fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 

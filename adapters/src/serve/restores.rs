@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::controller::{off_worker, status_merge_patch, FIELD_MANAGER};
-use super::crd::{phase, selector_string, LabelSelector, Scope, Tenancy, WORKERS_DEFAULT};
+use super::crd::{is_zero, phase, selector_string, LabelSelector, Scope, Tenancy, WORKERS_DEFAULT};
 use super::metrics::Metrics;
 use crate::report::rfc3339;
 use crate::restore::{ArchiveSource, RestoreFiles, RestoreObserver, RestoreSession};
@@ -133,9 +133,6 @@ pub struct RestoreStatus {
     pub retry_count: u32,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
 
 /// Progress of a restore (Velero's names).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
