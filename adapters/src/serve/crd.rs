@@ -175,7 +175,7 @@ pub mod phase {
 
     /// Whether nothing more happens to a backup in this phase (until it is deleted).
     pub fn is_terminal(p: &str) -> bool {
-        matches!(p, COMPLETED | PARTIALLY_FAILED | FAILED | FAILED_VALIDATION)
+        blockwise_engine::service::is_terminal_phase(p)
     }
 }
 
