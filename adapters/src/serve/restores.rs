@@ -133,7 +133,6 @@ pub struct RestoreStatus {
     pub retry_count: u32,
 }
 
-
 /// Progress of a restore (Velero's names).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
