@@ -730,32 +730,8 @@ fn open_session(
     req: &Request,
     ctx: &Ctx,
 ) -> Result<(Session, bool), SessionError> {
-    let existing = match data.read_events(name) {
-        Ok(events) => Some(events),
-        Err(SessionError::NotFound { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    let resumed = match existing {
-        Some(events) => {
-            let state = BackupState::fold(&events)
-                .map_err(|e| SessionError::State { name: name.to_string(), message: e.to_string() })?;
-            if state.options.uid != uid {
-                // `delete_stale_log` runs before every start; a log that changed since is not ours.
-                return Err(SessionError::State {
-                    name: name.to_string(),
-                    message: format!("its log belongs to another Backup (uid {})", state.options.uid),
-                });
-            }
-            // A finished log whose status was not reported (a kill between the two) is reported,
-            // not resumed.
-            state.resumable()
-        }
-        None => false,
-    };
-    let session = if data.backup_dir(name).exists() {
-        Session::open(data, name)?
-    } else {
-        Session::create(
+    if !data.backup_dir(name).exists() {
+        let session = Session::create(
             data,
             CreateRequest {
                 spec: req.spec.clone(),
@@ -764,8 +740,22 @@ fn open_session(
                 source: ctx.source.clone(),
                 storage: req.storage.clone(),
             },
-        )?
-    };
+        )?;
+        return Ok((session, false));
+    }
+    // The log is read and folded once, by the open.
+    let session = Session::open(data, name)?;
+    let state = session.state();
+    if state.options.uid != uid {
+        // `delete_stale_log` runs before every start; a log that changed since is not ours.
+        return Err(SessionError::State {
+            name: name.to_string(),
+            message: format!("its log belongs to another Backup (uid {})", state.options.uid),
+        });
+    }
+    // A finished log whose status was not reported (a kill between the two) is reported, not
+    // resumed.
+    let resumed = state.resumable();
     Ok((session, resumed))
 }
 

@@ -365,12 +365,8 @@ impl Tenancy {
         }
         let mut set = std::collections::BTreeSet::new();
         for n in text.split(',').map(str::trim) {
-            let ok = !n.is_empty()
-                && n.len() <= 63
-                && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !n.starts_with('-')
-                && !n.ends_with('-');
-            if !ok {
+            // A namespace name is a DNS-1123 label, as a backup name is.
+            if validate_backup_name(n).is_err() {
                 return Err(format!("{n:?} is not a namespace name (lowercase letters, digits and '-'), nor '*'"));
             }
             set.insert(n.to_string());

@@ -16,10 +16,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use blockwise_engine::event::Phase;
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::restore_run::{
     ExistingPolicy, ItemOutcome, RestoreEvent, RestorePhase, RestoreSpec as EngineRestoreSpec, RestoreState,
 };
+use blockwise_engine::state::BackupState;
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -345,10 +347,7 @@ fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
 
 /// A tenant restores only a backup made under the tenant rules (its namespace only, no cluster
 /// resources) — not one the administrator left in its namespace, or one made before tenant mode.
-fn tenant_made(data: &DataDir, backup: &str, tenant: &str) -> Result<(), Vec<String>> {
-    let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
-    let events = data.read_events(backup).map_err(|e| refuse(e.to_string()))?;
-    let state = blockwise_engine::state::BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
+fn tenant_made(state: &BackupState, backup: &str, tenant: &str) -> Result<(), Vec<String>> {
     let ok = state.spec.as_ref().is_some_and(|s| {
         s.included_namespaces.iter().all(|n| n == tenant)
             && !s.included_namespaces.is_empty()
@@ -357,7 +356,9 @@ fn tenant_made(data: &DataDir, backup: &str, tenant: &str) -> Result<(), Vec<Str
     if ok {
         Ok(())
     } else {
-        Err(refuse(format!("it was not made under tenant {tenant}'s rules (its namespace only, no cluster resources)")))
+        Err(vec![format!(
+            "spec.backupName {backup:?}: it was not made under tenant {tenant}'s rules (its namespace only, no cluster resources)"
+        )])
     }
 }
 
@@ -420,9 +421,10 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
                         spec.backup_name
                     )]);
                 }
-                usable_backup(&data, &spec.backup_name)?;
+                // The Backup's log is read and folded once, for both checks.
+                let backup = usable_backup(&data, &spec.backup_name)?;
                 if let Scope::Tenant(tenant) = &scope {
-                    tenant_made(&data, &spec.backup_name, tenant)?;
+                    tenant_made(&backup, &spec.backup_name, tenant)?;
                 }
                 Ok((spec, workers))
             });
@@ -587,13 +589,10 @@ async fn run(
         // InProgress with the reason and its progress so far, and is resumed with backoff.
         Err(e) => {
             let wait = super::controller::retry_backoff(stops + 1);
-            retry_at = Some(TokioRuntime.now_ms() as i64 + wait.as_millis() as i64);
+            let at_ms = TokioRuntime.now_ms() + wait.as_millis() as u64;
+            retry_at = Some(at_ms as i64);
             eprintln!("restore {ns}/{name}: stopped ({e}); resuming it in {} s", wait.as_secs());
-            RestoreStatus {
-                stop_reason: Some(e.to_string()),
-                next_retry: Some(rfc3339(TokioRuntime.now_ms() + wait.as_millis() as u64)),
-                ..last_seen
-            }
+            RestoreStatus { stop_reason: Some(e.to_string()), next_retry: Some(rfc3339(at_ms)), ..last_seen }
         }
     };
     if retry_at.is_none() {
@@ -605,9 +604,9 @@ async fn run(
     retry_at
 }
 
-/// A Restore's Backup must have ended usable (Completed or PartiallyFailed): one still running or
-/// failed is a validation error, not a failed restore.
-fn usable_backup(data: &DataDir, backup: &str) -> Result<(), Vec<String>> {
+/// A Restore's Backup, folded from its log, once it has ended usable (Completed or
+/// PartiallyFailed): one still running or failed is a validation error, not a failed restore.
+fn usable_backup(data: &DataDir, backup: &str) -> Result<BackupState, Vec<String>> {
     let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
     let events = match data.read_events(backup) {
         Ok(events) => events,
@@ -617,14 +616,9 @@ fn usable_backup(data: &DataDir, backup: &str) -> Result<(), Vec<String>> {
         }
         Err(e) => return Err(refuse(e.to_string())),
     };
-    let state = blockwise_engine::state::BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
+    let state = BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
     match state.finished {
-        Some((p, _))
-            if blockwise_engine::schedule::Outcome::of_phase(&p.to_string())
-                == blockwise_engine::schedule::Outcome::Usable =>
-        {
-            Ok(())
-        }
+        Some((Phase::Completed | Phase::PartiallyFailed, _)) => Ok(state),
         Some((p, _)) => Err(refuse(format!("the backup ended {p}: there is nothing to restore"))),
         None => Err(refuse("the backup has not finished yet".into())),
     }
