@@ -819,6 +819,23 @@ impl Dynamic {
         if wanted.is_some_and(|w| Some(&w) != old.pointer("/metadata/resourceVersion")) {
             return Err(conflict(key));
         }
+        // A uid in the body names the object it was meant for: an object deleted and created again
+        // under the name has another, and the write is refused (`metadata.uid` is immutable), as
+        // Kubernetes refuses it — what keeps a late write from landing on the new object.
+        let uid_of = |v: &Value| v.pointer("/metadata/uid").and_then(Value::as_str).map(str::to_string);
+        if let Some(meant) = uid_of(&new).filter(|u| !u.is_empty()) {
+            if Some(&meant) != uid_of(&old).as_ref() {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{} \"{}\" is invalid: metadata.uid: Invalid value: \"{meant}\": field is immutable",
+                        resource_label(&gr),
+                        key.name
+                    ),
+                ));
+            }
+        }
         let status_sub = self.status_subresource(st, &gr);
         if status_write {
             let status = new.get("status").cloned();

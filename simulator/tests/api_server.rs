@@ -197,6 +197,22 @@ async fn apply_owns_fields_and_conflicts_and_stale_versions_are_refused() {
     cms.replace("a", &PostParams::default(), &replaced).await.unwrap();
     let e = cms.replace("a", &PostParams::default(), &replaced).await.unwrap_err();
     assert!(matches!(&e, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict"), "the version moved: {e}");
+    // A write naming another uid was meant for an earlier object of the name: refused (the uid is
+    // immutable); the right uid is no obstacle.
+    let uid = cms.get("a").await.unwrap().metadata.uid.unwrap();
+    let e = cms
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"uid": "an-earlier-one"}, "data": {"k": "y"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 422 && s.message.contains("metadata.uid")), "{e}");
+    assert_eq!(cms.get("a").await.unwrap().data.unwrap()["k"], "4", "the refused write changed the object");
+    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"uid": uid}, "data": {"k": "5"}})))
+        .await
+        .unwrap();
     // Unknown patch types and bodies that are not JSON are named.
     let req = http::Request::patch("/api/v1/namespaces/default/configmaps/a")
         .header("content-type", "application/json-patch+json")

@@ -1141,6 +1141,54 @@ fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_res
     assert!(reason.contains("spec.backupName \"later\": the backup has not finished yet"), "{reason}");
 }
 
+/// Issue 21, defect 7: a Restore deleted while it runs and created again under its name (another
+/// uid, another mapping) runs itself once the earlier run has ended — the earlier run's last status
+/// patch, meant for the object it started for, is refused by the API server (its uid is another)
+/// instead of landing on the new Restore, which would then show that run's end and never run.
+#[test]
+fn a_restore_created_again_under_a_running_ones_name_runs_itself() {
+    use blockwise_simulator::server::{Fault, Verb};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/source: Completed");
+    let restore = |target: &str| -> Restore {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "blockwise.dev/v1alpha1", "kind": "Restore",
+            "metadata": {"name": "again", "namespace": NS},
+            "spec": {"backupName": "source", "namespaceMapping": {ns.clone(): target}},
+        }))
+        .unwrap()
+    };
+    // The first run's ConfigMap creates are answered 503 five times (each retried, backing off from
+    // 100 ms: at least 1.5 s in all), so it is still running when its Restore is replaced.
+    server.faults().add(Fault::new(Verb::Write, Some("configmaps"), 503, 5));
+    let api: Api<Restore> = rt.block_on(async { Api::namespaced(client(&sim).await, NS) });
+    let (first, second) = (format!("{ns}-first"), format!("{ns}-second"));
+    rt.block_on(api.create(&Default::default(), &restore(&first))).unwrap();
+    ctl.wait_for(&format!("restore {NS}/again: started"));
+    rt.block_on(async {
+        api.delete("again", &Default::default()).await.unwrap();
+        api.create(&Default::default(), &restore(&second)).await.unwrap();
+    });
+    ctl.wait_for(&format!("restore {NS}/again: ended Completed"));
+    let line = ctl.wait_for_next(&format!("restore {NS}/again: "));
+    assert!(line.contains("started"), "the Restore created again did not run itself: {line}");
+    ctl.wait_for_next(&format!("restore {NS}/again: ended Completed"));
+    let r = wait_restore(&rt, &sim, "again", 60, "Completed");
+    assert_eq!(r.spec.namespace_mapping.get(&ns), Some(&second));
+    let restored = |target: &str| {
+        let out = sim
+            .kubectl_ok(&["get", "configmaps", "-n", target, "-l", "velero.io/restore-name=again", "-o", "name"], None);
+        out.lines().count()
+    };
+    assert!(restored(&first) > 0, "the first run restored nothing");
+    assert_eq!(restored(&second), restored(&first), "the Restore created again restored another set");
+}
+
 #[test]
 fn a_restore_applied_with_kubectl_recreates_a_backup_in_a_new_namespace_and_resumes_after_kill_9() {
     let rt = rt();

@@ -474,9 +474,17 @@ pub(super) fn status_merge_patch<T: serde::Serialize>(status: &T, clearable: &[&
     json!({ "status": v })
 }
 
-/// Patches the status; the object as it is after the patch.
-async fn patch_status(api: &Api<Backup>, name: &str, status: &BackupStatus) -> Result<Backup, ReconcileError> {
-    let body = status_patch(status);
+/// Patches the status of the Backup `name` whose uid is `uid` (a Backup deleted and created again
+/// under the name has another: the API server refuses the patch, so a late write of an earlier
+/// run never lands on it); the object as it is after the patch.
+async fn patch_status(
+    api: &Api<Backup>,
+    name: &str,
+    uid: &str,
+    status: &BackupStatus,
+) -> Result<Backup, ReconcileError> {
+    let mut body = status_patch(status);
+    body["metadata"] = json!({ "uid": uid });
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&body))
         .await
         .map_err(kube_err(format!("patching the status of backup {name}")))
@@ -493,6 +501,7 @@ async fn set_finalizers(api: &Api<Backup>, b: &Backup, finalizers: Vec<String>) 
 async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
     let ns = b.namespace().unwrap_or_default();
     let name = b.name_any();
+    let uid = b.uid().unwrap_or_default();
     let key = (ns.clone(), name.clone());
     let finalizers = b.finalizers().to_vec();
     let scope = ctx.cfg.tenancy.scope(&ns);
@@ -523,7 +532,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             set_finalizers(&api, &b, all).await?;
             if mark_new {
                 let status = BackupStatus { phase: Some(phase::NEW.into()), ..BackupStatus::default() };
-                patch_status(&api, &name, &status).await?;
+                patch_status(&api, &name, &uid, &status).await?;
             }
             return Ok(Action::await_change());
         }
@@ -539,7 +548,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
                 validation_errors: errors,
                 ..status
             };
-            patch_status(&api, &name, &status).await?;
+            patch_status(&api, &name, &uid, &status).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
             let id = (ns.clone(), name.clone(), b.uid().unwrap_or_default());
             if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
@@ -552,7 +561,7 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
     if let Some(position) = queue_of(&b, &req, &ctx) {
         if status.phase.as_deref() != Some(phase::QUEUED) || status.queue_position != Some(position) {
             let status = BackupStatus { phase: Some(phase::QUEUED.into()), queue_position: Some(position), ..status };
-            patch_status(&api, &name, &status).await?;
+            patch_status(&api, &name, &uid, &status).await?;
         }
         // Woken when a run ends; looked at again now and then in case a wake-up met a stale cache.
         return Ok(Action::requeue(QUEUE_RECHECK));
@@ -594,7 +603,7 @@ async fn delete_backup(
     data: &DataDir,
     ctx: &Arc<Ctx>,
 ) -> Result<Action, ReconcileError> {
-    let (ns, name) = (b.namespace().unwrap_or_default(), b.name_any());
+    let (ns, name, uid) = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
     let log = folded_log(data, &name).await?.map(|state| LogLook {
         same_uid: b.uid().is_some_and(|u| u == state.options.uid),
         finished: !state.resumable(),
@@ -612,7 +621,7 @@ async fn delete_backup(
     if status.phase.as_deref() != Some(phase::DELETING) {
         status.phase = Some(phase::DELETING.into());
         // Our own write: the finalizer patch below is conditioned on what it made.
-        match patch_status(api, &name, &status).await {
+        match patch_status(api, &name, &uid, &status).await {
             Ok(after) => current = after,
             // Already gone: a reconcile of a cached copy after the deletion finished.
             Err(e) if e.is_gone() => return Ok(Action::await_change()),
@@ -702,7 +711,7 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
     tokio::task::spawn_blocking(move || {
         let end = match open_session(&data, &name, &uid, &req, &ctx) {
             Ok((session, resumed)) => {
-                let retry_at = handle.block_on(run_backup(session, resumed, req, status, &api, &ctx, stops));
+                let retry_at = handle.block_on(run_backup(session, resumed, req, status, (&api, &uid), &ctx, stops));
                 match retry_at {
                     Some(retry_at_ms) => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
                     None => RunEnd::Terminal,
@@ -886,7 +895,7 @@ async fn run_backup(
     resumed: bool,
     req: Request,
     status: BackupStatus,
-    api: &Api<Backup>,
+    (api, uid): (&Api<Backup>, &str),
     ctx: &Ctx,
     stops: u32,
 ) -> Option<i64> {
@@ -908,18 +917,17 @@ async fn run_backup(
         eprintln!("backup {ns}/{name}: started");
     }
     let first = status_of(session.state(), &base, req.ttl_ms);
-    if let Err(e) = patch_status(api, &name, &first).await {
+    if let Err(e) = patch_status(api, &name, uid, &first).await {
         eprintln!("warning: backup {ns}/{name}: {e}");
     }
     let (tx, mut rx) = watch::channel::<Option<BackupStatus>>(None);
     let patcher = {
-        let api = api.clone();
-        let name = name.clone();
+        let (api, name, uid) = (api.clone(), name.clone(), uid.to_string());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let latest = rx.borrow_and_update().clone();
                 if let Some(s) = latest {
-                    if let Err(e) = patch_status(&api, &name, &s).await {
+                    if let Err(e) = patch_status(&api, &name, &uid, &s).await {
                         eprintln!("warning: backup {name}: {e}");
                     }
                 }
@@ -943,7 +951,7 @@ async fn run_backup(
         Err(e) => {
             drop(observer);
             let _ = patcher.await;
-            return stopped(api, &ns, &name, first, format!("opening the store: {e}"), stops).await;
+            return stopped((api, uid), &ns, &name, first, format!("opening the store: {e}"), stops).await;
         }
     };
     let result = if !finished.resumable() {
@@ -987,7 +995,7 @@ async fn run_backup(
                 RunError::Files { file, source } => format!("storing {file} failed: {source}"),
                 e => e.to_string(),
             };
-            return stopped(api, &ns, &name, last_seen, reason, stops).await;
+            return stopped((api, uid), &ns, &name, last_seen, reason, stops).await;
         }
         Err(e) => {
             ctx.metrics.failure.inc();
@@ -995,7 +1003,7 @@ async fn run_backup(
         }
     };
     eprintln!("backup {ns}/{name}: {}", end.phase.as_deref().unwrap_or("?"));
-    if let Err(e) = patch_status(api, &name, &end).await {
+    if let Err(e) = patch_status(api, &name, uid, &end).await {
         eprintln!("warning: backup {ns}/{name}: {e}");
     }
     None
@@ -1003,7 +1011,7 @@ async fn run_backup(
 
 /// Reports a run stopped by an outage (InProgress, the reason, when it is resumed); that instant.
 async fn stopped(
-    api: &Api<Backup>,
+    (api, uid): (&Api<Backup>, &str),
     ns: &str,
     name: &str,
     last: BackupStatus,
@@ -1019,7 +1027,7 @@ async fn stopped(
         ..last
     };
     eprintln!("backup {ns}/{name}: stopped ({reason}); resuming it in {} s", wait.as_secs());
-    if let Err(e) = patch_status(api, name, &status).await {
+    if let Err(e) = patch_status(api, name, uid, &status).await {
         eprintln!("warning: backup {ns}/{name}: {e}");
     }
     Some(now_ms as i64 + wait.as_millis() as i64)

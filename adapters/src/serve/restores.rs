@@ -302,7 +302,15 @@ pub enum RestoreReconcileError {
     Session(#[from] SessionError),
 }
 
-async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) -> Result<(), RestoreReconcileError> {
+/// Patches the status of the Restore `name` whose uid is `uid`: one deleted and created again under
+/// the name has another, and the API server refuses the patch — an earlier run's late write never
+/// lands on the new Restore (which would then show that run's end and never run itself).
+async fn patch_status(
+    api: &Api<Restore>,
+    name: &str,
+    uid: &str,
+    status: &RestoreStatus,
+) -> Result<(), RestoreReconcileError> {
     let fields = [
         "phase",
         "progress",
@@ -313,7 +321,8 @@ async fn patch_status(api: &Api<Restore>, name: &str, status: &RestoreStatus) ->
         "stopReason",
         "nextRetry",
     ];
-    let body = status_merge_patch(status, &fields);
+    let mut body = status_merge_patch(status, &fields);
+    body["metadata"] = serde_json::json!({ "uid": uid });
     let params = PatchParams::apply(FIELD_MANAGER);
     api.patch_status(name, &params, &Patch::Merge(&body))
         .await
@@ -442,7 +451,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
                 validation_errors: errors,
                 ..status
             };
-            patch_status(&api, &name, &failed).await?;
+            patch_status(&api, &name, &uid, &failed).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
             if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
                 ctx.metrics.restore_validation_failed.inc();
@@ -494,7 +503,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     // As a backup's run: the driver's future runs on a blocking thread of its own.
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
-            let stopped = run(session, base, &api, &ctx, &ns, stops, finished_before).await;
+            let stopped = run(session, base, (&api, &uid), &ctx, &ns, stops, finished_before).await;
             let end = match stopped {
                 Some(retry_at_ms) => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
                 None => RunEnd::Terminal,
@@ -537,7 +546,7 @@ impl RestoreObserver for StatusObserver {
 async fn run(
     session: RestoreSession,
     base: RestoreStatus,
-    api: &Api<Restore>,
+    (api, uid): (&Api<Restore>, &str),
     ctx: &RestoreCtx,
     ns: &str,
     stops: u32,
@@ -546,17 +555,17 @@ async fn run(
     let name = session.state().spec.name.clone();
     let first = status_of(session.state(), &base);
     let written_before = written(session.state());
-    if let Err(e) = patch_status(api, &name, &first).await {
+    if let Err(e) = patch_status(api, &name, uid, &first).await {
         eprintln!("warning: restore {name}: {e}");
     }
     let (tx, mut rx) = watch::channel::<Option<RestoreStatus>>(None);
     let patcher = {
-        let (api, name) = (api.clone(), name.clone());
+        let (api, name, uid) = (api.clone(), name.clone(), uid.to_string());
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let latest = rx.borrow_and_update().clone();
                 if let Some(s) = latest {
-                    if let Err(e) = patch_status(&api, &name, &s).await {
+                    if let Err(e) = patch_status(&api, &name, &uid, &s).await {
                         eprintln!("warning: restore {name}: {e}");
                     }
                 }
@@ -598,7 +607,7 @@ async fn run(
     if retry_at.is_none() {
         eprintln!("restore {ns}/{name}: ended {}", end.phase.as_deref().unwrap_or("?"));
     }
-    if let Err(e) = patch_status(api, &name, &end).await {
+    if let Err(e) = patch_status(api, &name, uid, &end).await {
         eprintln!("warning: restore {name}: {e}");
     }
     retry_at
