@@ -351,24 +351,22 @@ pub async fn drive_restore<M: LogMedium>(
     let workers = state.workers.max(1) as usize;
     let mut run = Run { log, state, observer, world };
     let digest = archive_digest(archive);
-    let plan = match (plan_archive(&spec, archive), run.state.archive_sha256.clone()) {
-        (Err(e), None) => {
-            run.append(RestoreEvent::RestoreFailed {
-                error: format!("the archive cannot be read: {e}"),
-                at_ms: world.runtime.now_ms(),
-            })?;
+    // An archive that cannot be read, or is not the one planned, will not mend by waiting: the
+    // restore fails (also one half done), with the reason in its log.
+    let checked = match (plan_archive(&spec, archive), run.state.archive_sha256.clone()) {
+        (Err(e), _) => Err(format!("the archive cannot be read: {e}")),
+        (Ok(plan), Some(recorded)) if recorded != digest || plan.items.len() as u32 != run.state.items => {
+            Err(format!("the archive changed since the restore planned it (sha256 {recorded}, now {digest})"))
+        }
+        (Ok(plan), recorded) => Ok((plan, recorded)),
+    };
+    let plan = match checked {
+        Err(error) => {
+            run.append(RestoreEvent::RestoreFailed { error, at_ms: world.runtime.now_ms() })?;
             return run.flush().await;
         }
-        (Err(e), Some(_)) => return Err(RestoreRunError::Archive(format!("the archive cannot be read: {e}"))),
-        (Ok(plan), Some(recorded)) => {
-            if recorded != digest || plan.items.len() as u32 != run.state.items {
-                return Err(RestoreRunError::Archive(format!(
-                    "the archive changed since the restore planned it (sha256 {recorded}, now {digest})"
-                )));
-            }
-            plan
-        }
-        (Ok(plan), None) => {
+        Ok((plan, Some(_))) => plan,
+        Ok((plan, None)) => {
             let mut planned: BTreeMap<String, u32> = BTreeMap::new();
             for i in &plan.items {
                 *planned.entry(i.target.resource.clone()).or_default() += 1;
@@ -715,19 +713,24 @@ impl RestoreSession {
     ) -> Result<RestoreState, RestoreRunError> {
         let runtime: Arc<dyn Runtime> = Arc::new(crate::world::TokioRuntime);
         if self.state.finished_ms.is_none() {
-            let archive =
-                self.files.archive.load(&self.data).await.map_err(|e| RestoreRunError::Archive(e.to_string()));
-            let archive = match archive {
+            let archive = match self.files.archive.load(&self.data).await {
                 Ok(a) => a,
-                Err(e) if self.state.archive_sha256.is_none() => {
-                    // Nothing was planned yet: a restore whose archive cannot be had has failed.
-                    let ev = RestoreEvent::RestoreFailed { error: e.to_string(), at_ms: runtime.now_ms() };
+                // The store unreachable: the run stops, and is resumed once it answers.
+                Err(SessionError::Store(e)) if e.is_transient() => return Err(RestoreRunError::Archive(e.to_string())),
+                Err(e) => {
+                    // Gone (its Backup deleted, its store emptied) or unreadable: nothing brings
+                    // it back by waiting, so the restore has failed — also one already half done
+                    // (retried, it would stay InProgress for ever).
+                    let error = match self.state.archive_sha256 {
+                        Some(_) => format!("the archive the restore planned is gone: {e}"),
+                        None => e.to_string(),
+                    };
+                    let ev = RestoreEvent::RestoreFailed { error, at_ms: runtime.now_ms() };
                     let seq = self.log.append(&ev)?;
                     self.state.apply(seq, &ev).map_err(|e| RestoreRunError::State(e.to_string()))?;
                     self.log.flush_on(runtime.as_ref()).await?;
                     return Ok(self.state);
                 }
-                Err(e) => return Err(e),
             };
             let world = RestoreWorld {
                 cluster: Arc::new(crate::retry::RetryingCluster::new(

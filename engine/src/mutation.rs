@@ -75,11 +75,20 @@ pub enum Mutation {
     QueueIgnoresOverlap,
     /// Service: a run stopped by an outage is never retried (C4: it never ends).
     StoppedRunsNeverRetried,
+    /// Service: a stopped run's retry instant is trusted after the clock went back (C4: a Backup
+    /// waits out the jump, InProgress, long after the faults healed).
+    RetryTrustsTheClock,
+    /// Service: a tenant's locations are not put under `tenants/<ns>/` (C2: two namespaces'
+    /// Backups of one name share a store prefix).
+    TenantPrefixDropped,
+    /// Service: a tenant's included namespaces and cluster resources are taken as given (C2: a
+    /// tenant's Backup reads another namespace).
+    TenantNamespacesUnchecked,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 29] = [
+    pub const ALL: [Mutation; 32] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -109,6 +118,9 @@ impl Mutation {
         Mutation::DeletionSkipsUnfinishedLog,
         Mutation::QueueIgnoresOverlap,
         Mutation::StoppedRunsNeverRetried,
+        Mutation::RetryTrustsTheClock,
+        Mutation::TenantPrefixDropped,
+        Mutation::TenantNamespacesUnchecked,
     ];
 }
 

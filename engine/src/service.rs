@@ -157,7 +157,15 @@ pub fn backup_step(look: &BackupLook<'_>) -> BackupStep {
     let never_retried = crate::mutation::active(crate::mutation::Mutation::StoppedRunsNeverRetried);
     match look.end {
         Some(RunEnd::Stopped { .. }) if never_retried => BackupStep::Ignore,
-        Some(RunEnd::Stopped { retry_at_ms, .. }) if look.now_ms < retry_at_ms => BackupStep::RetryAt(retry_at_ms),
+        // A retry instant further ahead than the longest backoff means the clock went back since
+        // the stop: the run is due (it would otherwise wait out the jump).
+        Some(RunEnd::Stopped { retry_at_ms, .. })
+            if look.now_ms < retry_at_ms
+                && (retry_at_ms - look.now_ms <= RETRY_BACKOFF_MS_MAX
+                    || crate::mutation::active(crate::mutation::Mutation::RetryTrustsTheClock)) =>
+        {
+            BackupStep::RetryAt(retry_at_ms)
+        }
         Some(RunEnd::Stopped { stops, .. }) => BackupStep::Run { stops },
         _ => BackupStep::Run { stops: 0 },
     }
@@ -264,6 +272,12 @@ mod tests {
         let stopped = |at| Some(RunEnd::Stopped { stops: 2, retry_at_ms: at });
         check(BackupLook { end: stopped(12_000), ..look(Some("InProgress")) }, BackupStep::RetryAt(12_000));
         check(BackupLook { end: stopped(10_000), ..look(Some("InProgress")) }, BackupStep::Run { stops: 2 });
+        // The clock went back an hour since the stop: due now, not in an hour.
+        check(BackupLook { end: stopped(3_610_000), ..look(Some("InProgress")) }, BackupStep::Run { stops: 2 });
+        check(
+            BackupLook { end: stopped(10_000 + RETRY_BACKOFF_MS_MAX), ..look(Some("InProgress")) },
+            BackupStep::RetryAt(10_000 + RETRY_BACKOFF_MS_MAX),
+        );
     }
 
     #[test]

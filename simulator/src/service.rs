@@ -1,31 +1,50 @@
-//! The service world, first part (issue 21): the Backup controller's own decisions
-//! (`blockwise_engine::service`: `backup_step`, `deletion_step`, `queue_position` and the
-//! `RunRegistry`) driven over an hour of a simulated cluster in one-second ticks, and judged.
+//! The service world (issue 21): the controllers' own decisions — the engine's pure steps
+//! (`blockwise_engine::service`: `backup_step`, `restore_step`, `deletion_step`, `queue_position`
+//! and the `RunRegistry`) and the real validation of a Backup against the controller's tenancy
+//! and locations (`blockwise_adapters::serve::crd`: `Tenancy::scope`, `Backup::to_request`,
+//! `Locations::scoped`) — driven over an hour of a simulated cluster in one-second ticks, and
+//! judged.
 //!
-//! The world: users create Backups (in the controller's namespace, and some in a stranger's) over
-//! overlapping namespaces and delete them — often while they run; runs take seconds to a minute,
-//! with a pod's hook window open while they run; the store has outages (a run that ends inside one
-//! stops: its windows closed, its log resumable); the controller is killed at any tick (its
-//! registry and running set lost, its runs interrupted with their windows as they were) and comes
-//! back after a few seconds. After the faulty part, a quiet part lets everything heal. The
-//! controller performs each step as `serve/controller.rs` does; the world keeps its own records —
-//! runs started and ended, windows open, deletions — and the judges read only those:
+//! The world: users create Backups in the controller's namespace, in its two tenant namespaces
+//! and in a stranger's, under a few shared names (so two namespaces' `nightly` meet), over
+//! overlapping namespaces — a tenant's sometimes stepping outside its namespace, an
+//! administrator's sometimes with an inline store (inside a location, or not) — and delete them,
+//! often while they run, and create them again under the name. Users create Restores of those
+//! Backups (finished or not, existing or not), delete them while they run and create them again
+//! under the name. Runs take seconds to a minute, with a pod's hook window open while a Backup's
+//! runs; the store has outages (a run that ends inside one stops: its windows closed, its log
+//! resumable); the controller is killed at any tick (its registries and running sets lost, its runs
+//! interrupted with their windows as they were) and comes back after a few seconds; its clock
+//! jumps (forward or back, ten minutes to three hours) and stays wrong. After the faulty part, a quiet part
+//! lets everything heal. The controller performs each step as `serve/controller.rs` and
+//! `serve/restores.rs` do; the world keeps its own records — runs started and ended, windows
+//! open, the store prefixes written and the namespaces read, deletions — and the judges read only
+//! those:
 //!
+//! - **C2** no two Backups (namespace, name) write under the same store prefix or one inside the
+//!   other's (so a deletion, retention or TTL of one never deletes the other's archive), and a
+//!   tenant's Backup reads its own namespace only, without cluster-scoped resources;
 //! - **C3** a Backup's data is deleted only when none of its runs goes on and no window of it is
 //!   open (a deleted running Backup leaves no frozen pod, no snapshot in flight);
-//! - **C4** no Backup is run twice at once; with faults healed, every Backup is deleted or ends
-//!   (terminal), no window stays open, and a Backup outside the controller's namespace is never
-//!   touched;
+//! - **C4** no Backup or Restore is run twice at once; with faults healed, every Backup and Restore
+//!   is deleted or ends (terminal), no window stays open, and nothing outside the controller's
+//!   namespaces is touched;
 //! - **Q1** at most `concurrent_max` runs at once, and never two whose namespaces may overlap.
 //!
-//! Not yet modelled (issue 21 goes on): Restores, tenancy's validation, two replicas with a stolen
-//! Lease, stale caches, clock jumps — the end-to-end tests against the fake API server cover those.
+//! What is modelled rather than run: a run is a duration and an outcome (the engine world runs the
+//! real session code), a Restore's validation is "its Backup ended usable", and a Restore resumed
+//! after its Backup was deleted ends Failed (its archive is gone). Not yet here: two replicas with
+//! a stolen Lease, stale caches, Schedules (the year world, `year.rs`, has those).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
 
+use blockwise_adapters::s3::S3Location;
+use blockwise_adapters::serve::crd::{Backup as BackupCr, Locations, Scope, Tenancy, Tenants};
+use blockwise_adapters::session::StorageSpec;
 use blockwise_engine::service::{
-    backup_step, deletion_step, namespaces_overlap, queue_position, retry_backoff_ms, BackupLook, BackupStep,
-    DeletionStep, LogLook, RunEnd, RunRegistry,
+    backup_step, deletion_step, is_terminal_phase, namespaces_overlap, queue_position, restore_step, retry_backoff_ms,
+    BackupLook, BackupStep, DeletionStep, LogLook, RunEnd, RunRegistry,
 };
 
 use crate::check::Violation;
@@ -35,16 +54,29 @@ const TICK_MS: i64 = 1_000;
 /// Ticks with users and faults, then ticks of quiet for everything to heal.
 const FAULTY_TICKS: i64 = 3_600;
 const QUIET_TICKS: i64 = 1_800;
+/// The controller's namespace.
 const HOME: &str = "blockwise-system";
-const STRANGER: &str = "payments";
-const NAMESPACES: [&str; 4] = ["shop", "identity", "analytics", "web-a"];
+/// Its tenant namespaces (`--tenant-namespaces payments,identity`).
+const TENANTS: [&str; 2] = ["payments", "identity"];
+/// A namespace the controller does not act in.
+const STRANGER: &str = "web-a";
+/// The cluster's application namespaces.
+const NAMESPACES: [&str; 5] = ["shop", "identity", "analytics", "web-a", "payments"];
+/// Names users give Backups in every namespace.
+const NAMES: [&str; 5] = ["nightly", "hourly", "adhoc", "pre-upgrade", "weekly"];
+/// Names users give Restores.
+const RESTORE_NAMES: [&str; 3] = ["again", "dr-drill", "rollback"];
+
+type Key = (String, String);
 
 #[derive(Debug, Clone)]
 struct Obj {
-    ns: &'static str,
+    ns: String,
     name: String,
     uid: String,
-    includes: Vec<String>,
+    /// Creation order (the queue's "earlier").
+    seq: u64,
+    cr: BackupCr,
     finalizer: bool,
     phase: Option<&'static str>,
     deleting: bool,
@@ -62,9 +94,33 @@ struct Log {
 
 #[derive(Debug, Clone)]
 struct Run {
-    key: (String, String),
+    key: Key,
     ends_ms: i64,
     includes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct RestoreObj {
+    uid: String,
+    backup: String,
+    phase: Option<&'static str>,
+}
+
+#[derive(Debug, Clone)]
+struct RestoreRun {
+    /// The Restore object it runs for.
+    uid: String,
+    ends_ms: i64,
+}
+
+/// A Restore's log (its progress), by the Restore's name: the uid it was made for, and the
+/// Backup (and that Backup's uid) whose archive it planned.
+#[derive(Debug, Clone)]
+struct RestoreLog {
+    uid: String,
+    finished: bool,
+    backup: Key,
+    backup_uid: String,
 }
 
 /// What one seed's service world did.
@@ -74,6 +130,11 @@ pub struct ServiceReport {
     pub violations: Vec<Violation>,
     /// Backups created.
     pub created: u64,
+    /// Backups created in a tenant namespace.
+    pub tenant_backups: u64,
+    /// Backups that ended FailedValidation (a tenant stepping outside, an inline store inside a
+    /// location, an unknown location).
+    pub refused: u64,
     /// Runs started (first runs, resumes and retries).
     pub runs: u64,
     /// Runs stopped by a store outage.
@@ -88,14 +149,114 @@ pub struct ServiceReport {
     pub queued: u64,
     /// Controller kills.
     pub kills: u64,
+    /// Jumps of the controller's clock.
+    pub clock_jumps: u64,
+    /// Restores created.
+    pub restores: u64,
+    /// Restore runs started (first runs, resumes and retries).
+    pub restore_runs: u64,
+    /// Restores deleted while their run went on (and often created again under the name).
+    pub restores_deleted_while_running: u64,
+    /// Status writes of a Restore run refused because the Restore is another object now.
+    pub late_writes_refused: u64,
 }
 
 /// The controller process: what it remembers (lost when killed).
 #[derive(Default)]
 struct Controller {
     registry: RunRegistry,
-    running: BTreeMap<(String, String), ()>,
+    running: BTreeMap<Key, ()>,
+    restore_registry: RunRegistry,
+    restores_running: BTreeSet<String>,
     down_until_ms: i64,
+}
+
+/// `p` with `.` dropped and `..` taking the component before it: the path a file system reaches.
+fn resolved(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Where a run of Backup `name` in `ns` writes, by the world's own reading of the store it was
+/// given: every file a store keeps of a backup lies under `<root or prefix>/backups/<name>/`; the
+/// default local store of the controller is `<data-dir>/namespaces/<ns>/store`.
+fn written_prefix(storage: &StorageSpec, ns: &str, name: &str) -> String {
+    match storage {
+        StorageSpec::Local { root: Some(r) } => format!("file:{}/backups/{name}/", resolved(r).display()),
+        StorageSpec::Local { root: None } => format!("file:/data/namespaces/{ns}/store/backups/{name}/"),
+        StorageSpec::S3(l) => {
+            let prefix = l.prefix.trim_matches('/');
+            let sep = if prefix.is_empty() { "" } else { "/" };
+            format!("s3:{}:{}/{prefix}{sep}backups/{name}/", l.endpoint.as_deref().unwrap_or(""), l.bucket)
+        }
+    }
+}
+
+/// A user's Backup in `ns`: its includes, store and cluster resources drawn at random.
+fn user_backup(rng: &mut Rng, ns: &str, name: &str, uid: &str) -> BackupCr {
+    let tenant = TENANTS.contains(&ns);
+    let mut includes: Vec<String> = NAMESPACES.iter().filter(|_| rng.chance(0.35)).map(|s| s.to_string()).collect();
+    if rng.chance(0.1) {
+        includes = vec!["web-*".to_string()];
+    }
+    if tenant && rng.chance(0.7) {
+        // Most tenants ask for their own namespace (or leave it empty, which means it).
+        includes = if rng.chance(0.5) { vec![ns.to_string()] } else { Vec::new() };
+    }
+    let mut spec = serde_json::json!({ "includedNamespaces": includes });
+    if rng.chance(0.08) {
+        spec["includeClusterResources"] = serde_json::json!(true);
+    }
+    match rng.below(10) {
+        0..=3 => {}
+        4..=5 => spec["storageLocation"] = serde_json::json!("primary"),
+        6..=7 => spec["storageLocation"] = serde_json::json!("archive"),
+        8 if rng.chance(0.2) => spec["storageLocation"] = serde_json::json!("nowhere"),
+        _ => {
+            let url = *rng
+                .pick(&[
+                    "/stores/primary/tenants/payments",
+                    "/stores/primary/backups/nightly",
+                    "/stores/elsewhere",
+                    "/stores/primary/../elsewhere",
+                    "s3://backups-a/cluster-a/tenants/identity",
+                    "s3://backups-a/cluster-b",
+                ])
+                .unwrap_or(&"/stores/elsewhere");
+            spec["storage"] = serde_json::json!({ "url": url });
+        }
+    }
+    let obj = serde_json::json!({
+        "apiVersion": "blockwise.dev/v1alpha1", "kind": "Backup",
+        "metadata": { "name": name, "namespace": ns, "uid": uid },
+        "spec": spec,
+    });
+    serde_json::from_value(obj).unwrap_or_else(|e| panic!("the world's Backup does not parse: {e}"))
+}
+
+/// The namespaces a run of `includes` reads (globs over the cluster's), and whether it reads
+/// cluster-scoped resources — the world's own reading of Velero's rules.
+fn reads(includes: &[String], cluster: Option<bool>) -> (BTreeSet<String>, bool) {
+    let all: Vec<&str> = NAMESPACES.iter().chain(&[HOME]).copied().collect();
+    let matches = |pat: &str, ns: &str| match pat.strip_suffix('*') {
+        Some(p) => ns.starts_with(p),
+        None => pat == "*" || pat == ns,
+    };
+    let read: BTreeSet<String> = if includes.is_empty() {
+        all.iter().map(|s| s.to_string()).collect()
+    } else {
+        all.iter().filter(|ns| includes.iter().any(|p| matches(p, ns))).map(|s| s.to_string()).collect()
+    };
+    (read, cluster.unwrap_or(includes.is_empty()))
 }
 
 /// Runs one seed's service world.
@@ -107,34 +268,61 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
     let outage_p = *rng.pick(&[0.0, 0.002, 0.01]).unwrap_or(&0.002);
     let kill_p = *rng.pick(&[0.0, 0.001, 0.005]).unwrap_or(&0.001);
     let delete_p = *rng.pick(&[0.01, 0.03]).unwrap_or(&0.01);
-    let mut objs: BTreeMap<(String, String), Obj> = BTreeMap::new();
-    let mut logs: BTreeMap<(String, String), Log> = BTreeMap::new();
-    let mut runs: BTreeMap<(String, String), Run> = BTreeMap::new();
+    let jump_p = *rng.pick(&[0.0, 0.002, 0.006]).unwrap_or(&0.002);
+    let restore_p = *rng.pick(&[0.0, 0.005, 0.015]).unwrap_or(&0.005);
+    let tenancy =
+        Tenancy { home: HOME.to_string(), tenants: Tenants::Some(TENANTS.iter().map(|s| s.to_string()).collect()) };
+    let mut locations = Locations::default();
+    let primary = StorageSpec::Local { root: Some("/stores/primary".into()) };
+    locations.named.insert("primary".into(), primary.clone());
+    let archive = S3Location::parse("s3://backups-a/cluster-a").unwrap_or_else(|e| panic!("{e}"));
+    locations.named.insert("archive".into(), StorageSpec::S3(archive));
+    // The controller's default store: a location, or its data directory's (per namespace).
+    locations.default = rng.chance(0.5).then_some(primary);
+    let mut objs: BTreeMap<Key, Obj> = BTreeMap::new();
+    let mut logs: BTreeMap<Key, Log> = BTreeMap::new();
+    let mut runs: BTreeMap<Key, Run> = BTreeMap::new();
+    // Store prefixes written, and the Backup whose they are (until its data is deleted).
+    let mut prefixes: BTreeMap<String, Key> = BTreeMap::new();
+    let mut restores: BTreeMap<String, RestoreObj> = BTreeMap::new();
+    let mut restore_runs: BTreeMap<String, RestoreRun> = BTreeMap::new();
+    let mut restore_logs: BTreeMap<String, RestoreLog> = BTreeMap::new();
     let mut ctl = Controller::default();
     let mut outage_until = i64::MIN;
-    let mut next_name = 0u64;
+    let mut skew_ms = 0i64;
+    let mut next_uid = 0u64;
     for tick in 0..FAULTY_TICKS + QUIET_TICKS {
         let now = tick * TICK_MS;
         let faulty = tick < FAULTY_TICKS;
-        // Users.
+        // Users: Backups.
         if faulty && rng.chance(0.03) {
-            next_name += 1;
-            let ns = if rng.chance(0.1) { STRANGER } else { HOME };
-            let mut includes: Vec<String> =
-                NAMESPACES.iter().filter(|_| rng.chance(0.35)).map(|s| s.to_string()).collect();
-            if rng.chance(0.1) {
-                includes = vec!["web-*".to_string()];
+            next_uid += 1;
+            let ns = match rng.below(10) {
+                0..=4 => HOME,
+                5..=8 => TENANTS[rng.below(2) as usize],
+                _ => STRANGER,
+            };
+            let name = rng.pick(&NAMES).copied().unwrap_or("nightly");
+            let key = (ns.to_string(), name.to_string());
+            if let std::collections::btree_map::Entry::Vacant(slot) = objs.entry(key) {
+                let uid = format!("uid-{seed}-{next_uid}");
+                let cr = user_backup(&mut rng, ns, name, &uid);
+                slot.insert(Obj {
+                    ns: ns.to_string(),
+                    name: name.to_string(),
+                    uid,
+                    seq: next_uid,
+                    cr,
+                    finalizer: false,
+                    phase: None,
+                    deleting: false,
+                });
+                report.created += 1;
+                report.tenant_backups += u64::from(TENANTS.contains(&ns));
             }
-            let name = format!("b{next_name}");
-            let uid = format!("uid-{seed}-{next_name}");
-            objs.insert(
-                (ns.to_string(), name.clone()),
-                Obj { ns, name, uid, includes, finalizer: false, phase: None, deleting: false },
-            );
-            report.created += 1;
         }
         if faulty && !objs.is_empty() && rng.chance(delete_p) {
-            let keys: Vec<(String, String)> = objs.keys().cloned().collect();
+            let keys: Vec<Key> = objs.keys().cloned().collect();
             if let Some(k) = rng.pick(&keys).cloned() {
                 let running = runs.contains_key(&k) || logs.get(&k).is_some_and(|l| !l.finished && !l.stopped);
                 if let Some(o) = objs.get_mut(&k) {
@@ -149,23 +337,53 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 }
             }
         }
-        // Faults: a store outage; a controller kill.
+        // Users: Restores (in the controller's namespace), deleted — often while they run — and
+        // created again under the name.
+        if faulty && rng.chance(restore_p) {
+            let name = rng.pick(&RESTORE_NAMES).copied().unwrap_or("again");
+            if let Some(old) = restores.get(name) {
+                if restore_runs.contains_key(name) || !old.phase.is_some_and(is_terminal_phase) {
+                    report.restores_deleted_while_running += 1;
+                }
+                restores.remove(name);
+            }
+            // Half the deletions are a `kubectl replace --force`: created again at once.
+            if !restores.contains_key(name) && rng.chance(0.5) {
+                next_uid += 1;
+                let backup = rng.pick(&NAMES).copied().unwrap_or("nightly").to_string();
+                restores.insert(
+                    name.to_string(),
+                    RestoreObj { uid: format!("uid-{seed}-{next_uid}"), backup, phase: None },
+                );
+                report.restores += 1;
+            }
+        }
+        // Faults: a store outage; a controller kill; a jump of the controller's clock.
         if faulty && rng.chance(outage_p) {
             outage_until = now + rng.range(5, 120) as i64 * TICK_MS;
         }
         if faulty && ctl.down_until_ms <= now && rng.chance(kill_p) {
             report.kills += 1;
             // Its runs are interrupted where they are: logs unfinished, windows as they were.
-            let mine: Vec<(String, String)> = ctl.running.keys().cloned().collect();
+            let mine: Vec<Key> = ctl.running.keys().cloned().collect();
             for k in mine {
                 runs.remove(&k);
                 report.interrupted += 1;
             }
+            for name in &ctl.restores_running {
+                restore_runs.remove(name);
+            }
             ctl = Controller { down_until_ms: now + rng.range(1, 30) as i64 * TICK_MS, ..Controller::default() };
         }
-        // Runs that end now.
-        let ending: Vec<(String, String)> =
-            runs.iter().filter(|(_, r)| r.ends_ms <= now).map(|(k, _)| k.clone()).collect();
+        if faulty && rng.chance(jump_p) {
+            let by = rng.range(600, 10_800) as i64 * TICK_MS;
+            skew_ms += if rng.chance(0.5) { by } else { -by };
+            report.clock_jumps += 1;
+        }
+        // The controller's clock.
+        let clock = now + skew_ms;
+        // Backup runs that end now.
+        let ending: Vec<Key> = runs.iter().filter(|(_, r)| r.ends_ms <= now).map(|(k, _)| k.clone()).collect();
         for k in ending {
             runs.remove(&k);
             let stopped = now < outage_until;
@@ -188,42 +406,74 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 _ => 0,
             };
             let end = if stopped {
-                RunEnd::Stopped { stops: stops + 1, retry_at_ms: now + retry_backoff_ms(stops + 1) }
+                RunEnd::Stopped { stops: stops + 1, retry_at_ms: clock + retry_backoff_ms(stops + 1) }
             } else {
                 RunEnd::Terminal
             };
             ctl.registry.record((k.0.clone(), k.1.clone(), uid), end);
         }
+        // Restore runs that end now: their status written for the object they ran for (the API
+        // server refuses the write when the Restore of the name is another object now).
+        let ending: Vec<String> =
+            restore_runs.iter().filter(|(_, r)| r.ends_ms <= now).map(|(n, _)| n.clone()).collect();
+        for name in ending {
+            let Some(run) = restore_runs.remove(&name) else { continue };
+            ctl.restores_running.remove(&name);
+            let id = (HOME.to_string(), name.clone(), run.uid.clone());
+            let end = if now < outage_until {
+                report.stops += 1;
+                let stops = match ctl.restore_registry.end_of(&id) {
+                    Some(RunEnd::Stopped { stops, .. }) => stops,
+                    _ => 0,
+                };
+                RunEnd::Stopped { stops: stops + 1, retry_at_ms: clock + retry_backoff_ms(stops + 1) }
+            } else {
+                if let Some(l) = restore_logs.get_mut(&name).filter(|l| l.uid == run.uid) {
+                    l.finished = true;
+                }
+                match restores.get_mut(&name) {
+                    Some(r) if r.uid == run.uid => r.phase = Some("Completed"),
+                    Some(_) => report.late_writes_refused += 1,
+                    None => {}
+                }
+                RunEnd::Terminal
+            };
+            ctl.restore_registry.record(id, end);
+        }
         if ctl.down_until_ms > now {
             continue;
         }
-        // The controller looks at every Backup (its caches are fresh in this first world).
-        let keys: Vec<(String, String)> = objs.keys().cloned().collect();
+        // The controller looks at every Backup (its caches are fresh in this world).
+        let keys: Vec<Key> = objs.keys().cloned().collect();
         for k in keys {
             let Some(o) = objs.get(&k).cloned() else { continue };
-            let id = (o.ns.to_string(), o.name.clone(), o.uid.clone());
+            let id = (o.ns.clone(), o.name.clone(), o.uid.clone());
+            let scope = tenancy.scope(&o.ns);
             let look = BackupLook {
-                in_scope: o.ns == HOME,
+                in_scope: scope.is_some(),
                 deleting: o.deleting,
                 finalizer: o.finalizer,
                 phase: o.phase,
                 running_here: ctl.running.contains_key(&k),
                 end: ctl.registry.end_of(&id),
-                now_ms: now,
+                now_ms: clock,
             };
             let step = backup_step(&look);
-            if o.ns != HOME && step != BackupStep::Ignore {
-                report.violations.push(v(
-                    "C4",
-                    format!("{}/{} is outside the controller's namespace and was acted on", o.ns, o.name),
-                ));
+            let Some(scope) = scope else {
+                if step != BackupStep::Ignore {
+                    report.violations.push(v(
+                        "C4",
+                        format!("{}/{} is outside the controller's namespaces and was acted on", o.ns, o.name),
+                    ));
+                }
                 continue;
-            }
-            let start = |runs: &mut BTreeMap<(String, String), Run>,
-                         logs: &mut BTreeMap<(String, String), Log>,
+            };
+            let start = |runs: &mut BTreeMap<Key, Run>,
+                         logs: &mut BTreeMap<Key, Log>,
                          ctl: &mut Controller,
                          rng: &mut Rng,
-                         report: &mut ServiceReport| {
+                         report: &mut ServiceReport,
+                         includes: Vec<String>| {
                 if runs.contains_key(&k) {
                     report.violations.push(v("C4", format!("{}/{} was run twice at once", o.ns, o.name)));
                 }
@@ -232,11 +482,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 log.window_open = true;
                 runs.insert(
                     k.clone(),
-                    Run {
-                        key: k.clone(),
-                        ends_ms: now + rng.range(5, 60) as i64 * TICK_MS,
-                        includes: o.includes.clone(),
-                    },
+                    Run { key: k.clone(), ends_ms: now + rng.range(5, 60) as i64 * TICK_MS, includes },
                 );
                 ctl.running.insert(k.clone(), ());
                 report.runs += 1;
@@ -258,7 +504,14 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                         stopped: l.stopped,
                     });
                     match deletion_step(log, ctl.registry.end_of(&id).is_some()) {
-                        DeletionStep::FinishRunFirst => start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report),
+                        DeletionStep::FinishRunFirst => {
+                            // Its request is valid: it ran before.
+                            let includes =
+                                o.cr.to_request(&locations, &scope)
+                                    .map(|r| r.spec.included_namespaces)
+                                    .unwrap_or_default();
+                            start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report, includes)
+                        }
                         DeletionStep::DeleteNow => {
                             // C3, from the world's own records.
                             if runs.contains_key(&k) {
@@ -272,29 +525,42 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                                     .push(v("C3", format!("{}/{} was deleted with a pod still frozen", o.ns, o.name)));
                             }
                             logs.remove(&k);
+                            prefixes.retain(|_, owner| *owner != k);
                             objs.remove(&k);
                             report.deleted += 1;
                         }
                     }
                 }
                 BackupStep::Run { .. } => {
+                    // Validated as the controller validates it, against its tenancy and locations.
+                    let req = match o.cr.to_request(&locations, &scope) {
+                        Ok(req) => req,
+                        Err(_) => {
+                            if let Some(x) = objs.get_mut(&k) {
+                                x.phase = Some("FailedValidation");
+                            }
+                            ctl.registry.record(id, RunEnd::Terminal);
+                            report.refused += 1;
+                            continue;
+                        }
+                    };
                     // The queue over this controller's runs and the earlier waiting Backups.
                     let running_ns: Vec<&[String]> =
                         ctl.running.keys().filter_map(|r| runs.get(r).map(|x| x.includes.as_slice())).collect();
                     let earlier: Vec<&[String]> = objs
                         .iter()
                         .filter(|(ek, e)| {
-                            e.ns == HOME
+                            tenancy.scope(&e.ns).is_some()
                                 && !e.deleting
-                                && ek.1.trim_start_matches('b').parse::<u64>().ok()
-                                    < k.1.trim_start_matches('b').parse::<u64>().ok()
+                                && e.seq < o.seq
                                 && !ctl.running.contains_key(*ek)
-                                && !e.phase.is_some_and(blockwise_engine::service::is_terminal_phase)
-                                && ctl.registry.end_of(&(e.ns.to_string(), e.name.clone(), e.uid.clone())).is_none()
+                                && !e.phase.is_some_and(is_terminal_phase)
+                                && ctl.registry.end_of(&(e.ns.clone(), e.name.clone(), e.uid.clone())).is_none()
                         })
-                        .map(|(_, e)| e.includes.as_slice())
+                        .map(|(_, e)| e.cr.spec.included_namespaces.as_slice())
                         .collect();
-                    if queue_position(&o.includes, &running_ns, &earlier, concurrent_max).is_some() {
+                    let includes = req.spec.included_namespaces.clone();
+                    if queue_position(&includes, &running_ns, &earlier, concurrent_max).is_some() {
                         report.queued += 1;
                         if let Some(x) = objs.get_mut(&k) {
                             x.phase = Some("Queued");
@@ -303,7 +569,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                     }
                     // Q1, from the world's runs.
                     let overlapping: Vec<&Run> =
-                        runs.values().filter(|r| r.key != k && namespaces_overlap(&r.includes, &o.includes)).collect();
+                        runs.values().filter(|r| r.key != k && namespaces_overlap(&r.includes, &includes)).collect();
                     if let Some(r) = overlapping.first() {
                         report.violations.push(v(
                             "Q1",
@@ -324,32 +590,154 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                             ),
                         ));
                     }
+                    // C2, from what the run reads and where it writes.
+                    let prefix = written_prefix(&req.storage, &o.ns, &o.name);
+                    for (p, owner) in &prefixes {
+                        if *owner != k && (p.starts_with(&prefix) || prefix.starts_with(p.as_str())) {
+                            report.violations.push(v(
+                                "C2",
+                                format!(
+                                    "{}/{} writes under {prefix}, and {}/{} under {p}: one's deletion deletes the other's archive",
+                                    o.ns, o.name, owner.0, owner.1
+                                ),
+                            ));
+                        }
+                    }
+                    prefixes.insert(prefix, k.clone());
+                    if let Scope::Tenant(tenant) = &scope {
+                        let (read, cluster) = reads(&includes, req.spec.include_cluster_resources);
+                        let outside: Vec<&String> = read.iter().filter(|n| *n != tenant).collect();
+                        if !outside.is_empty() || cluster {
+                            report.violations.push(v(
+                                "C2",
+                                format!(
+                                    "{}/{}, a tenant's Backup, reads {outside:?}{}",
+                                    o.ns,
+                                    o.name,
+                                    if cluster { " and cluster-scoped resources" } else { "" }
+                                ),
+                            ));
+                        }
+                    }
                     if let Some(x) = objs.get_mut(&k) {
                         x.phase = Some("InProgress");
                     }
-                    start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report);
+                    // A log of an earlier Backup of the name (deleted before it had a finalizer)
+                    // is deleted before the new one starts.
+                    if logs.get(&k).is_some_and(|l| l.uid != o.uid) {
+                        logs.remove(&k);
+                    }
+                    start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report, includes);
                 }
             }
         }
-        // The garbage collector's pass prunes the registry.
+        // The controller looks at every Restore.
+        let names: Vec<String> = restores.keys().cloned().collect();
+        for name in names {
+            let Some(r) = restores.get(&name).cloned() else { continue };
+            let id = (HOME.to_string(), name.clone(), r.uid.clone());
+            let look = BackupLook {
+                in_scope: true,
+                deleting: false,
+                finalizer: false,
+                phase: r.phase,
+                running_here: ctl.restores_running.contains(&name),
+                end: ctl.restore_registry.end_of(&id),
+                now_ms: clock,
+            };
+            if !matches!(restore_step(&look), BackupStep::Run { .. }) {
+                continue;
+            }
+            // Its own log resumes as it is (no second validation); a new one needs its Backup
+            // ended usable.
+            let backup_key = (HOME.to_string(), r.backup.clone());
+            match restore_logs.get(&name).filter(|l| l.uid == r.uid) {
+                None => {
+                    let usable = objs
+                        .get(&backup_key)
+                        .filter(|b| !b.deleting && matches!(b.phase, Some("Completed" | "PartiallyFailed")));
+                    let Some(b) = usable else {
+                        if let Some(x) = restores.get_mut(&name) {
+                            x.phase = Some("FailedValidation");
+                        }
+                        ctl.restore_registry.record(id, RunEnd::Terminal);
+                        continue;
+                    };
+                    let log = RestoreLog {
+                        uid: r.uid.clone(),
+                        finished: false,
+                        backup: backup_key,
+                        backup_uid: b.uid.clone(),
+                    };
+                    restore_logs.insert(name.clone(), log);
+                }
+                Some(l) if l.finished => {
+                    // Finished before its status was reported: reported now.
+                    if let Some(x) = restores.get_mut(&name) {
+                        x.phase = Some("Completed");
+                    }
+                    ctl.restore_registry.record(id, RunEnd::Terminal);
+                    continue;
+                }
+                Some(l) => {
+                    // Every run reads the archive it planned: gone with its Backup's data (or
+                    // another Backup's in its place), the restore cannot go on and fails.
+                    let there = logs.get(&l.backup).is_some_and(|b| b.finished && b.uid == l.backup_uid);
+                    if !there {
+                        if let Some(x) = restores.get_mut(&name) {
+                            x.phase = Some("Failed");
+                        }
+                        if let Some(l) = restore_logs.get_mut(&name) {
+                            l.finished = true;
+                        }
+                        ctl.restore_registry.record(id, RunEnd::Terminal);
+                        continue;
+                    }
+                }
+            }
+            if restore_runs.contains_key(&name) {
+                report.violations.push(v("C4", format!("restore {name} was run twice at once")));
+            }
+            if let Some(x) = restores.get_mut(&name) {
+                x.phase = Some("InProgress");
+            }
+            restore_runs.insert(
+                name.clone(),
+                RestoreRun { uid: r.uid.clone(), ends_ms: now + rng.range(3, 40) as i64 * TICK_MS },
+            );
+            ctl.restores_running.insert(name);
+            report.restore_runs += 1;
+        }
+        // The garbage collector's pass prunes the registries.
         if tick % 60 == 0 {
             ctl.registry.prune(|id| {
                 objs.get(&(id.0.clone(), id.1.clone()))
                     .filter(|o| o.uid == id.2)
-                    .map(|o| o.phase.is_some_and(blockwise_engine::service::is_terminal_phase))
+                    .map(|o| o.phase.is_some_and(is_terminal_phase))
+            });
+            ctl.restore_registry.prune(|id| {
+                restores.get(&id.1).filter(|r| r.uid == id.2).map(|r| r.phase.is_some_and(is_terminal_phase))
             });
         }
     }
-    // C4 once faults have healed: every Backup of the controller's namespace ended or was deleted,
-    // no run goes on, no window is open.
+    // C4 once faults have healed: every Backup and Restore of the controller's namespaces ended or
+    // was deleted, no run goes on, no window is open.
     for ((ns, name), o) in &objs {
-        if ns == HOME && !o.phase.is_some_and(blockwise_engine::service::is_terminal_phase) {
+        let ours = tenancy.scope(ns).is_some();
+        if ours && !o.phase.is_some_and(is_terminal_phase) {
             report.violations.push(v("C4", format!("{ns}/{name} never ended ({:?}) after the faults healed", o.phase)));
         }
-        if ns != HOME && (o.finalizer || o.phase.is_some()) {
+        if !ours && (o.finalizer || o.phase.is_some()) {
             report
                 .violations
-                .push(v("C4", format!("{ns}/{name} is outside the controller's namespace and was acted on")));
+                .push(v("C4", format!("{ns}/{name} is outside the controller's namespaces and was acted on")));
+        }
+    }
+    for (name, r) in &restores {
+        if !r.phase.is_some_and(is_terminal_phase) {
+            report
+                .violations
+                .push(v("C4", format!("restore {name} never ended ({:?}) after the faults healed", r.phase)));
         }
     }
     for ((ns, name), l) in &logs {
@@ -357,8 +745,15 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
             report.violations.push(v("C3", format!("{ns}/{name}: a pod stays frozen after the faults healed")));
         }
     }
-    if !runs.is_empty() {
-        report.violations.push(v("C4", format!("{} runs still going after the faults healed", runs.len())));
+    if !runs.is_empty() || !restore_runs.is_empty() {
+        report.violations.push(v(
+            "C4",
+            format!(
+                "{} backup and {} restore runs still going after the faults healed",
+                runs.len(),
+                restore_runs.len()
+            ),
+        ));
     }
     report
 }

@@ -1,7 +1,8 @@
-//! The service world per seed (issue 21, first part): the Backup controller's pure decisions
-//! (`blockwise_engine::service`) over an hour of users creating and deleting Backups, store
-//! outages and controller kills, judged by `simulator/src/service.rs` (C3, C4, Q1) from the world's
-//! own records. Fixed seeds in CI; `BLOCKWISE_SERVICE_SEEDS` raises the count locally. A failure
+//! The service world per seed (issue 21): the Backup and Restore controllers' pure decisions
+//! (`blockwise_engine::service`) and the real tenancy validation over an hour of users creating,
+//! deleting and recreating Backups and Restores in the controller's, tenants' and strangers'
+//! namespaces, store outages, controller kills and clock jumps, judged by
+//! `simulator/src/service.rs` (C2, C3, C4, Q1) from the world's own records. Fixed seeds in CI; `BLOCKWISE_SERVICE_SEEDS` raises the count locally. A failure
 //! names the seed, whose run is deterministic.
 
 use blockwise_simulator::service::simulate_service;
@@ -15,6 +16,8 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
     let mut failures = Vec::new();
     let (mut runs, mut stops, mut interrupted, mut while_running, mut deleted, mut queued, mut kills) =
         (0, 0, 0, 0, 0, 0, 0);
+    let (mut tenants, mut refused, mut jumps, mut restore_runs, mut restores_while_running, mut late) =
+        (0, 0, 0, 0, 0, 0);
     for seed in 0..seed_count() {
         let r = simulate_service(seed);
         runs += r.runs;
@@ -24,6 +27,12 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         deleted += r.deleted;
         queued += r.queued;
         kills += r.kills;
+        tenants += r.tenant_backups;
+        refused += r.refused;
+        jumps += r.clock_jumps;
+        restore_runs += r.restore_runs;
+        restores_while_running += r.restores_deleted_while_running;
+        late += r.late_writes_refused;
         if let Some(v) = r.violations.first() {
             failures.push(format!("seed {seed}: {} {} ({} violations)", v.invariant, v.detail, r.violations.len()));
         }
@@ -37,11 +46,17 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         ("deletions", deleted),
         ("queued looks", queued),
         ("controller kills", kills),
+        ("tenants' Backups", tenants),
+        ("Backups refused by validation", refused),
+        ("clock jumps", jumps),
+        ("restore runs", restore_runs),
+        ("Restores deleted while running", restores_while_running),
+        ("late status writes refused", late),
     ] {
         assert!(n > 0, "no {what} in {} seeds", seed_count());
     }
     println!(
-        "{} service worlds: {runs} runs, {stops} stopped, {interrupted} interrupted, {kills} kills, {while_running} deletions while running, {deleted} deleted, {queued} queued looks",
+        "{} service worlds: {runs} runs, {stops} stopped, {interrupted} interrupted, {kills} kills, {jumps} clock jumps, {while_running} deletions while running, {deleted} deleted, {queued} queued looks, {tenants} tenants' Backups, {refused} refused, {restore_runs} restore runs, {restores_while_running} Restores deleted while running, {late} late writes refused",
         seed_count()
     );
 }

@@ -8,9 +8,11 @@
 //! Each seed also runs the service's schedule world (`blockwise_simulator::year`): a year of
 //! schedules whose backups fail alone and in streaks, with controller restarts and clock jumps,
 //! driving the controller's own schedule step, retention and garbage collection, judged Y1–Y7,
-//! C1 and C5 — and the service world (`blockwise_simulator::service`): the Backup controller's own
-//! decisions over an hour of users creating and deleting Backups, store outages and controller
-//! kills, judged C3, C4 and Q1. Their coverage is printed beside the engine world's.
+//! C1 and C5 — and the service world (`blockwise_simulator::service`): the Backup and Restore
+//! controllers' own decisions and the real tenancy validation over an hour of users creating,
+//! deleting and recreating Backups and Restores in the controller's, tenants' and strangers'
+//! namespaces, store outages, controller kills and clock jumps, judged C2, C3, C4 and Q1. Their
+//! coverage is printed beside the engine world's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -227,6 +229,13 @@ struct ServiceTotals {
     deletions_while_running: u64,
     deleted: u64,
     queued: u64,
+    tenant_backups: u64,
+    refused: u64,
+    clock_jumps: u64,
+    restores: u64,
+    restore_runs: u64,
+    restores_deleted_while_running: u64,
+    late_writes_refused: u64,
 }
 
 impl ServiceTotals {
@@ -240,6 +249,13 @@ impl ServiceTotals {
         self.deletions_while_running += w.deletions_while_running;
         self.deleted += w.deleted;
         self.queued += w.queued;
+        self.tenant_backups += w.tenant_backups;
+        self.refused += w.refused;
+        self.clock_jumps += w.clock_jumps;
+        self.restores += w.restores;
+        self.restore_runs += w.restore_runs;
+        self.restores_deleted_while_running += w.restores_deleted_while_running;
+        self.late_writes_refused += w.late_writes_refused;
     }
 
     fn json(&self) -> serde_json::Value {
@@ -248,21 +264,32 @@ impl ServiceTotals {
             "stopped_by_outages": self.stops, "interrupted_by_kills": self.interrupted,
             "controller_kills": self.kills, "deletions_while_running": self.deletions_while_running,
             "deleted": self.deleted, "queued_looks": self.queued,
+            "tenant_backups": self.tenant_backups, "refused_by_validation": self.refused,
+            "clock_jumps": self.clock_jumps, "restores": self.restores, "restore_runs": self.restore_runs,
+            "restores_deleted_while_running": self.restores_deleted_while_running,
+            "late_status_writes_refused": self.late_writes_refused,
         })
     }
 
     fn line(&self) -> String {
         format!(
-            "service: {} worlds, {} backups, {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} deletions while running, {} deleted, {} queued looks (judges C3, C4, Q1)",
+            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused (judges C2, C3, C4, Q1)",
             self.worlds,
             self.created,
+            self.tenant_backups,
+            self.refused,
             self.runs,
             self.stops,
             self.interrupted,
             self.kills,
+            self.clock_jumps,
             self.deletions_while_running,
             self.deleted,
-            self.queued
+            self.queued,
+            self.restores,
+            self.restore_runs,
+            self.restores_deleted_while_running,
+            self.late_writes_refused
         )
     }
 }

@@ -282,3 +282,36 @@ fn bad_restore_input_is_named_and_leaves_nothing_behind() {
     assert!(text.contains("Phase:        Failed") && text.contains("archive cannot be read"), "{text}");
     assert!(served.server.requests().iter().all(|r| r.method != "POST"));
 }
+
+/// Issue 21: a restore killed half-way whose Backup is deleted before it resumes has lost its
+/// archive for good — the resume ends it Failed, saying so, instead of stopping again and again
+/// (the controller would retry it for ever, InProgress); nothing more is created.
+#[test]
+fn a_half_done_restore_whose_archive_is_gone_fails_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    demo_backup(dir.path(), &data);
+    let served = serve_empty_with(dir.path(), 2);
+    let kc = served.kubeconfig.to_str().unwrap();
+    let mut create = cmd(dir.path(), &data, &["restore", "create", "gone", "--from-backup", "b", "--kubeconfig", kc]);
+    let child = create.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn blockwise");
+    let (pid, changes) = (child.id() as i32, Arc::new(AtomicU64::new(0)));
+    served.cluster.also_on_change(Arc::new(move || {
+        if changes.fetch_add(1, Ordering::SeqCst) + 1 == 20 {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }));
+    let status = child.wait_with_output().expect("wait").status;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the restore was not killed");
+    common::assert_exit(&run(dir.path(), &data, &["backup", "delete", "b", "--confirm"]), 0, "backup delete");
+    let posts = || served.server.requests().iter().filter(|r| r.method == "POST").count();
+    let before = posts();
+    let out = run(dir.path(), &data, &["restore", "resume", "gone"]);
+    common::assert_exit(&out, 1, "restore resume without its archive");
+    let d: Value =
+        serde_json::from_slice(&run(dir.path(), &data, &["restore", "describe", "gone", "-o", "json"]).stdout).unwrap();
+    assert_eq!(d["phase"].as_str(), Some("Failed"), "{d}");
+    assert!(d.to_string().contains("the archive the restore planned is gone"), "{d}");
+    assert_eq!(posts(), before, "the resume created objects without its archive");
+}

@@ -299,6 +299,9 @@ impl Locations {
     /// local store (`<data-dir>/namespaces/<ns>/store`) is per namespace already.
     pub fn scoped(&self, scope: &Scope) -> Locations {
         let Scope::Tenant(ns) = scope else { return self.clone() };
+        if blockwise_engine::mutation::active(blockwise_engine::Mutation::TenantPrefixDropped) {
+            return self.clone();
+        }
         let under = |l: &StorageSpec| match l {
             StorageSpec::Local { root: Some(r) } => StorageSpec::Local { root: Some(r.join("tenants").join(ns)) },
             StorageSpec::Local { root: None } => StorageSpec::Local { root: None },
@@ -317,6 +320,47 @@ impl Locations {
             default: self.default.as_ref().map(under),
         }
     }
+}
+
+impl Locations {
+    /// The location whose inside (below its root: its `backups/<name>/` and its tenants'
+    /// `tenants/<ns>/`) `l` lies in, if any: a store there would share a prefix with that
+    /// location's backups, and the retention or TTL of one would delete the other's archive. The
+    /// same root as a location is not inside it (it is that store, with its layout).
+    pub fn inside_of(&self, l: &StorageSpec) -> Option<String> {
+        self.named.values().chain(self.default.iter()).find_map(|base| match (base, l) {
+            (StorageSpec::Local { root: Some(b) }, StorageSpec::Local { root: Some(r) }) => {
+                // Component-wise, after `..` and `.` are resolved lexically.
+                let (b, r) = (lexical(b), lexical(r));
+                (r != b && r.starts_with(&b)).then(|| b.display().to_string())
+            }
+            (StorageSpec::S3(b), StorageSpec::S3(x)) if b.bucket == x.bucket && b.endpoint == x.endpoint => {
+                let inside = if b.prefix.is_empty() {
+                    !x.prefix.is_empty()
+                } else {
+                    x.prefix.starts_with(&format!("{}/", b.prefix))
+                };
+                inside.then(|| format!("s3://{}/{}", b.bucket, b.prefix))
+            }
+            _ => None,
+        })
+    }
+}
+
+/// `p` with `.` dropped and `..` taking the component before it (no file system access).
+fn lexical(p: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Whom a CR speaks for (issue 21; `docs/service.md`, "Tenancy").
@@ -463,7 +507,8 @@ impl Backup {
         spec.included_resources = s.included_resources.clone();
         spec.excluded_resources = s.excluded_resources.clone();
         spec.include_cluster_resources = s.include_cluster_resources;
-        if let Scope::Tenant(ns) = scope {
+        let unchecked = blockwise_engine::mutation::active(blockwise_engine::Mutation::TenantNamespacesUnchecked);
+        if let (Scope::Tenant(ns), false) = (scope, unchecked) {
             let outside: Vec<&String> = s.included_namespaces.iter().filter(|n| *n != ns).collect();
             if !outside.is_empty() {
                 errors.push(format!(
@@ -552,7 +597,16 @@ impl Backup {
             },
             (None, Some(_)) if matches!(scope, Scope::Tenant(_)) => None,
             (None, Some(inline)) => match inline_storage(inline) {
-                Ok(l) => Some(l),
+                Ok(l) => match locations.inside_of(&l) {
+                    Some(location) => {
+                        errors.push(format!(
+                            "spec.storage {:?}: lies inside the controller's location {location} (its backups and its tenants' are there); give that location's root or a store outside it",
+                            inline.url
+                        ));
+                        None
+                    }
+                    None => Some(l),
+                },
                 Err(e) => {
                     errors.push(format!("spec.storage: {e}"));
                     None
@@ -684,6 +738,28 @@ mod tests {
         }
         let glob = backup(serde_json::json!({"includedNamespaces": ["*"]}));
         assert!(glob.to_request(&locations, &tenant).unwrap_err()[0].contains("spec.includedNamespaces"));
+        // The administrator's inline store may not lie inside a location: it would share a prefix
+        // with that location's backups or its tenants'.
+        for url in [
+            "/stores/shared/tenants/payments",
+            "/stores/shared/x/../tenants",
+            "/stores/shared/backups/nightly",
+            "s3://bucket/cluster-a/tenants",
+        ] {
+            let inline = backup(serde_json::json!({"storage": {"url": url}}));
+            let errors = inline.to_request(&locations, &Scope::Admin).unwrap_err().join("\n");
+            assert!(errors.contains("inside the controller's location"), "{url}: {errors}");
+        }
+        for url in [
+            "/stores/shared",
+            "/stores/x/../shared",
+            "/stores/shared-b",
+            "s3://bucket/cluster-b/tenants",
+            "s3://other/cluster-a/tenants",
+        ] {
+            let inline = backup(serde_json::json!({"storage": {"url": url}}));
+            assert!(inline.to_request(&locations, &Scope::Admin).is_ok(), "{url}");
+        }
     }
 
     #[test]
