@@ -1141,6 +1141,38 @@ fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_res
     assert!(reason.contains("spec.backupName \"later\": the backup has not finished yet"), "{reason}");
 }
 
+/// Issue 21, defect 9: a Restore half done when its Backup is deleted is not validated again (it
+/// was valid when it started: not FailedValidation) and, its archive gone, ends Failed saying so
+/// on its next run — not InProgress, retried for ever.
+#[test]
+fn a_half_done_restore_whose_backup_is_deleted_ends_failed_not_revalidated() {
+    use blockwise_simulator::server::{Fault, Verb};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/source: Completed");
+    // ConfigMap creates answered 503 until cleared: the restore plans, then stops half done.
+    server.faults().add(Fault::new(Verb::Write, Some("configmaps"), 503, u32::MAX));
+    let restore = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: half\n  namespace: {NS}\n\
+         spec:\n  backupName: source\n  namespaceMapping:\n    {ns}: {ns}-half\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
+    ctl.wait_for(&format!("restore {NS}/half: stopped ("));
+    sim.kubectl_ok(&["delete", "bwb", "source", "-n", NS], None);
+    let archive = data.join("namespaces").join(NS).join("store/backups/source/source.tar.gz");
+    assert!(!archive.exists(), "the Backup's archive is still there");
+    server.faults().clear();
+    let r = wait_restore(&rt, &sim, "half", 120, "Failed");
+    let s = r.status.unwrap();
+    let reason = s.failure_reason.unwrap_or_default();
+    assert!(reason.contains("the archive the restore planned is gone"), "{reason}");
+    assert!(s.validation_errors.is_empty() && s.stop_reason.is_none(), "{:?}", s.validation_errors);
+}
+
 /// Issue 21, defect 7: a Restore deleted while it runs and created again under its name (another
 /// uid, another mapping) runs itself once the earlier run has ended — the earlier run's last status
 /// patch, meant for the object it started for, is refused by the API server (its uid is another)
