@@ -432,6 +432,17 @@ impl<M: LogMedium> EventLog<M> {
     }
 }
 
+/// Whether the sled log in `dir` is held — its `db` file locked, as sled locks it (`flock`) — by a
+/// process: another one, for a log this process does not run (a paused leader's run, whose Lease
+/// another replica has taken, holds it until that process ends). A probe: the lock is taken and
+/// let go at once; no log there is not held.
+pub fn held(dir: &Path) -> bool {
+    match std::fs::File::open(dir.join("db")) {
+        Ok(db) => matches!(db.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
 /// How long `open` keeps retrying a held lock. sled 0.34's background threads can keep the
 /// locked file open for a moment after a `Db` in this process is dropped, so a lock that is only
 /// briefly held is waited for; one held by another process stays held and is reported.
@@ -982,6 +993,17 @@ mod tests {
         log.flush().unwrap();
         drop(log);
         assert_eq!(read_events(&dir).unwrap().len(), 28);
+    }
+
+    #[test]
+    fn a_log_is_held_while_a_process_has_it_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        assert!(!held(&dir), "no log is not held");
+        let log = EventLog::create(&dir, "nightly").unwrap();
+        // sled's lock is per open file: the probe's own descriptor meets it, as another process's.
+        assert!(held(&dir));
+        drop(log);
     }
 
     /// A listed page big enough to be a blob record.

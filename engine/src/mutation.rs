@@ -84,11 +84,21 @@ pub enum Mutation {
     /// Service: a tenant's included namespaces and cluster resources are taken as given (C2: a
     /// tenant's Backup reads another namespace).
     TenantNamespacesUnchecked,
+    /// Service: the queue counts only this process's runs, not those another process's log locks
+    /// show (a paused leader's, whose Lease was taken) (Q1).
+    QueueIgnoresOtherProcesses,
+    /// Service: an open refused because another process held the log counts as a run that ended
+    /// here, so a deletion no longer finishes the paused leader's interrupted run first (C3).
+    RefusalCountsAsRun,
+    /// Service: the queue waits for Backups outside the controller's namespaces, which a controller
+    /// watching every namespace for its tenants sees and never runs, as it once did (C4: whatever
+    /// they overlap waits for ever).
+    QueueCountsStrangers,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 32] = [
+    pub const ALL: [Mutation; 35] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -121,6 +131,9 @@ impl Mutation {
         Mutation::RetryTrustsTheClock,
         Mutation::TenantPrefixDropped,
         Mutation::TenantNamespacesUnchecked,
+        Mutation::QueueIgnoresOtherProcesses,
+        Mutation::RefusalCountsAsRun,
+        Mutation::QueueCountsStrangers,
     ];
 }
 

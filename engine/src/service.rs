@@ -34,6 +34,31 @@ pub enum RunEnd {
         /// When it is due again.
         retry_at_ms: i64,
     },
+    /// Never ran: its log could not be opened because another process holds it (a paused
+    /// leader's run, whose Lease this process took) — tried again at `retry_at_ms`, as a stopped
+    /// run is, but nothing of it ended here.
+    Refused {
+        /// Stops and refusals in a row.
+        stops: u32,
+        /// When it is tried again.
+        retry_at_ms: i64,
+    },
+}
+
+impl RunEnd {
+    /// Whether a run of it went on in this process and ended (a refused open is none).
+    pub fn ran(&self) -> bool {
+        !matches!(self, RunEnd::Refused { .. })
+            || crate::mutation::active(crate::mutation::Mutation::RefusalCountsAsRun)
+    }
+
+    /// Stops (and refusals) in a row so far; 0 after a terminal end.
+    pub fn stops(&self) -> u32 {
+        match self {
+            RunEnd::Terminal => 0,
+            RunEnd::Stopped { stops, .. } | RunEnd::Refused { stops, .. } => *stops,
+        }
+    }
 }
 
 /// The runs a controller process ended (see the module docs).
@@ -63,7 +88,7 @@ impl RunRegistry {
     pub fn prune(&mut self, seen: impl Fn(&RunId) -> Option<bool>) {
         self.ended.retain(|id, end| match seen(id) {
             None => false,
-            Some(terminal) => matches!(end, RunEnd::Stopped { .. }) || !terminal,
+            Some(terminal) => matches!(end, RunEnd::Stopped { .. } | RunEnd::Refused { .. }) || !terminal,
         });
     }
 
@@ -156,17 +181,17 @@ pub fn backup_step(look: &BackupLook<'_>) -> BackupStep {
     }
     let never_retried = crate::mutation::active(crate::mutation::Mutation::StoppedRunsNeverRetried);
     match look.end {
-        Some(RunEnd::Stopped { .. }) if never_retried => BackupStep::Ignore,
+        Some(RunEnd::Stopped { .. } | RunEnd::Refused { .. }) if never_retried => BackupStep::Ignore,
         // A retry instant further ahead than the longest backoff means the clock went back since
         // the stop: the run is due (it would otherwise wait out the jump).
-        Some(RunEnd::Stopped { retry_at_ms, .. })
+        Some(RunEnd::Stopped { retry_at_ms, .. } | RunEnd::Refused { retry_at_ms, .. })
             if look.now_ms < retry_at_ms
                 && (retry_at_ms - look.now_ms <= RETRY_BACKOFF_MS_MAX
                     || crate::mutation::active(crate::mutation::Mutation::RetryTrustsTheClock)) =>
         {
             BackupStep::RetryAt(retry_at_ms)
         }
-        Some(RunEnd::Stopped { stops, .. }) => BackupStep::Run { stops },
+        Some(RunEnd::Stopped { stops, .. } | RunEnd::Refused { stops, .. }) => BackupStep::Run { stops },
         _ => BackupStep::Run { stops: 0 },
     }
 }
@@ -219,6 +244,68 @@ pub fn deletion_step(log: Option<LogLook>, ended_here: bool) -> DeletionStep {
 pub fn namespaces_overlap(a: &[String], b: &[String]) -> bool {
     let all = |n: &[String]| n.is_empty() || n.iter().any(|x| x.contains('*'));
     all(a) || all(b) || a.iter().any(|x| b.contains(x))
+}
+
+/// A Backup as the queue sees it (from the controller's cache, its running set, its registry and
+/// the log locks of the data volume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry<'a> {
+    /// (namespace, name).
+    pub key: (&'a str, &'a str),
+    /// In a namespace the controller acts in: a Backup outside (in the cache of a controller that
+    /// watches every namespace for its tenants) never runs, and holds nothing back.
+    pub in_scope: bool,
+    /// `status.phase`.
+    pub phase: Option<&'a str>,
+    /// It has a deletionTimestamp.
+    pub deleting: bool,
+    /// Its creation, in milliseconds.
+    pub created_ms: i64,
+    /// The namespaces it covers: its run's (tenant-scoped) when running here, else its spec's.
+    pub namespaces: &'a [String],
+    /// Its run goes on in this process.
+    pub running_here: bool,
+    /// Another process holds its log: a paused leader's run, going on until that process ends.
+    pub running_elsewhere: bool,
+    /// Its run ended in this process in a terminal phase (the cache may not show it yet); one
+    /// stopped or refused is still to run, and keeps its place.
+    pub ended_here: bool,
+}
+
+/// Whether the Backup `mine` (covering `includes`) must wait, and at which position: the runs
+/// here and elsewhere (another process's, its log lock shows), and the Backups created before it
+/// still to run — one stopped or refused keeps its place; one being deleted waits for nothing
+/// unless it was started (its run is finished first); one outside the controller's namespaces
+/// never runs — fed to [`queue_position`].
+pub fn queue_wait(
+    mine: &QueueEntry<'_>,
+    includes: &[String],
+    all: &[QueueEntry<'_>],
+    concurrent_max: usize,
+) -> Option<u32> {
+    let elsewhere_counts = !crate::mutation::active(crate::mutation::Mutation::QueueIgnoresOtherProcesses);
+    let running: Vec<&[String]> = all
+        .iter()
+        .filter(|e| e.key != mine.key && (e.running_here || (e.running_elsewhere && elsewhere_counts)))
+        .map(|e| e.namespaces)
+        .collect();
+    // Creation order, names breaking ties (creation timestamps have a second's resolution).
+    let me = (mine.created_ms, mine.key);
+    let earlier: Vec<&[String]> = all
+        .iter()
+        .filter(|e| {
+            e.key != mine.key
+                && (e.in_scope || crate::mutation::active(crate::mutation::Mutation::QueueCountsStrangers))
+                && (!e.deleting || e.phase == Some("InProgress"))
+                && !e.phase.is_some_and(is_terminal_phase)
+                && !e.running_here
+                && !e.running_elsewhere
+                && !e.ended_here
+                && (e.created_ms, e.key) < me
+        })
+        .map(|e| e.namespaces)
+        .collect();
+    queue_position(includes, &running, &earlier, concurrent_max)
 }
 
 /// Velero 1.18's queue: `Some(position)` when a Backup of `mine` (its included namespaces) must
@@ -336,5 +423,39 @@ mod tests {
         assert_eq!(queue_position(&a, &[&b], &[], 2), None, "disjoint, room");
         assert_eq!(queue_position(&a, &[&a], &[], 2), Some(1), "overlaps a running one");
         assert_eq!(queue_position(&a, &[], &[&b, &a], 2), Some(3), "overlaps an earlier waiting one");
+        let entry =
+            |name: &'static str, phase: Option<&'static str>, created_ms: i64, ns: &'static [String]| QueueEntry {
+                key: ("ns", name),
+                in_scope: true,
+                phase,
+                deleting: false,
+                created_ms,
+                namespaces: ns,
+                running_here: false,
+                running_elsewhere: false,
+                ended_here: false,
+            };
+        static A: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| vec!["a".to_string()]);
+        let (x, y) = (entry("x", Some("InProgress"), 1, &A), entry("y", None, 9, &A));
+        // One created before it holds it back, also stopped or refused here (not ended); a run
+        // elsewhere counts as running; a tie in creation is broken by name.
+        assert_eq!(queue_wait(&y, &A, &[x.clone(), y.clone()], 2), Some(2));
+        assert_eq!(queue_wait(&x, &A, &[x.clone(), y.clone()], 2), None);
+        let elsewhere = QueueEntry { running_elsewhere: true, ..x.clone() };
+        assert_eq!(queue_wait(&y, &A, &[elsewhere.clone(), y.clone()], 2), Some(1));
+        let ended = QueueEntry { ended_here: true, ..x.clone() };
+        assert_eq!(queue_wait(&y, &A, &[ended, y.clone()], 2), None);
+        let tie = entry("w", None, 9, &A);
+        assert_eq!(queue_wait(&y, &A, &[tie.clone(), y.clone()], 2), Some(2));
+        assert_eq!(queue_wait(&tie, &A, &[tie.clone(), y.clone()], 2), None);
+        // One being deleted: only a started one is waited for.
+        let deleting_new = QueueEntry { deleting: true, phase: Some("New"), created_ms: 0, ..y.clone() };
+        let mine = entry("z", None, 5, &A);
+        assert_eq!(queue_wait(&mine, &A, &[deleting_new, mine.clone()], 2), None);
+        let deleting_started = QueueEntry { deleting: true, ..x };
+        assert_eq!(queue_wait(&mine, &A, &[deleting_started, mine.clone()], 2), Some(2));
+        // Outside the controller's namespaces: never waited for.
+        let stranger = QueueEntry { in_scope: false, ..entry("s", None, 0, &A) };
+        assert_eq!(queue_wait(&mine, &A, &[stranger, mine.clone()], 2), None);
     }
 }

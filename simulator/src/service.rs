@@ -43,8 +43,8 @@ use blockwise_adapters::s3::S3Location;
 use blockwise_adapters::serve::crd::{Backup as BackupCr, Locations, Scope, Tenancy, Tenants};
 use blockwise_adapters::session::StorageSpec;
 use blockwise_engine::service::{
-    backup_step, deletion_step, is_terminal_phase, namespaces_overlap, queue_position, restore_step, retry_backoff_ms,
-    BackupLook, BackupStep, DeletionStep, LogLook, RunEnd, RunRegistry,
+    backup_step, deletion_step, is_terminal_phase, namespaces_overlap, queue_wait, restore_step, retry_backoff_ms,
+    BackupLook, BackupStep, DeletionStep, LogLook, QueueEntry, RunEnd, RunRegistry,
 };
 
 use crate::check::Violation;
@@ -90,13 +90,18 @@ struct Log {
     stopped: bool,
     /// A pod of it is frozen now (a run opened its window and has not closed it).
     window_open: bool,
+    /// The namespaces its last run covered.
+    includes: Vec<String>,
 }
 
+/// A run, in the process of replica `by` (it holds the Backup's log: sled's file lock, on the
+/// shared volume, until the run ends or the process dies — also while the process is paused).
 #[derive(Debug, Clone)]
 struct Run {
     key: Key,
     ends_ms: i64,
     includes: Vec<String>,
+    by: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +116,8 @@ struct RestoreRun {
     /// The Restore object it runs for.
     uid: String,
     ends_ms: i64,
+    /// The replica whose process runs it (and holds its log).
+    by: usize,
 }
 
 /// A Restore's log (its progress), by the Restore's name: the uid it was made for, and the
@@ -159,9 +166,19 @@ pub struct ServiceReport {
     pub restores_deleted_while_running: u64,
     /// Status writes of a Restore run refused because the Restore is another object now.
     pub late_writes_refused: u64,
+    /// Worlds with two replicas (the others have one).
+    pub two_replicas: u64,
+    /// Pauses of a replica's process.
+    pub pauses: u64,
+    /// Leases taken over from a holder that stopped renewing.
+    pub lease_takeovers: u64,
+    /// Leaders that found their Lease taken and exited.
+    pub lease_losses: u64,
+    /// Runs refused at their start because another replica's process still held the log.
+    pub lock_refusals: u64,
 }
 
-/// The controller process: what it remembers (lost when killed).
+/// A controller replica: its process's memory (lost when killed), its clock and its state.
 #[derive(Default)]
 struct Controller {
     registry: RunRegistry,
@@ -169,6 +186,19 @@ struct Controller {
     restore_registry: RunRegistry,
     restores_running: BTreeSet<String>,
     down_until_ms: i64,
+    /// Paused (a stop-the-world pause, a frozen node): neither it nor its runs move.
+    frozen_until_ms: i64,
+    /// It believes it holds the Lease (and acts).
+    leading: bool,
+    /// Its clock's error.
+    skew_ms: i64,
+}
+
+impl Controller {
+    /// The process after a restart: its memory gone, its clock as wrong as before.
+    fn restarted(&self, down_until_ms: i64) -> Controller {
+        Controller { down_until_ms, skew_ms: self.skew_ms, ..Controller::default() }
+    }
 }
 
 /// `p` with `.` dropped and `..` taking the component before it: the path a file system reaches.
@@ -270,6 +300,9 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
     let delete_p = *rng.pick(&[0.01, 0.03]).unwrap_or(&0.01);
     let jump_p = *rng.pick(&[0.0, 0.002, 0.006]).unwrap_or(&0.002);
     let restore_p = *rng.pick(&[0.0, 0.005, 0.015]).unwrap_or(&0.005);
+    let replicas = 1 + rng.below(2) as usize;
+    let pause_p = if replicas == 2 { *rng.pick(&[0.001, 0.003]).unwrap_or(&0.001) } else { 0.0 };
+    report.two_replicas = u64::from(replicas == 2);
     let tenancy =
         Tenancy { home: HOME.to_string(), tenants: Tenants::Some(TENANTS.iter().map(|s| s.to_string()).collect()) };
     let mut locations = Locations::default();
@@ -287,9 +320,10 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
     let mut restores: BTreeMap<String, RestoreObj> = BTreeMap::new();
     let mut restore_runs: BTreeMap<String, RestoreRun> = BTreeMap::new();
     let mut restore_logs: BTreeMap<String, RestoreLog> = BTreeMap::new();
-    let mut ctl = Controller::default();
+    let mut reps: Vec<Controller> = (0..replicas).map(|_| Controller::default()).collect();
+    // The Lease (kube-lease-manager's: 15 s): its holder, and the holder's clock at its last renewal.
+    let (mut holder, mut renewed_ms): (Option<usize>, i64) = (None, 0);
     let mut outage_until = i64::MIN;
-    let mut skew_ms = 0i64;
     let mut next_uid = 0u64;
     for tick in 0..FAULTY_TICKS + QUIET_TICKS {
         let now = tick * TICK_MS;
@@ -362,30 +396,67 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
         if faulty && rng.chance(outage_p) {
             outage_until = now + rng.range(5, 120) as i64 * TICK_MS;
         }
-        if faulty && ctl.down_until_ms <= now && rng.chance(kill_p) {
+        // A process that dies (killed, OOM, or exiting on a lost Lease): its runs are interrupted
+        // where they are — logs unfinished, windows as they were — and their logs freed.
+        let die = |r: usize,
+                   down_s: u64,
+                   reps: &mut Vec<Controller>,
+                   runs: &mut BTreeMap<Key, Run>,
+                   restore_runs: &mut BTreeMap<String, RestoreRun>,
+                   report: &mut ServiceReport| {
+            let before = runs.len();
+            runs.retain(|_, x| x.by != r);
+            report.interrupted += (before - runs.len()) as u64;
+            restore_runs.retain(|_, x| x.by != r);
+            reps[r] = reps[r].restarted(now + down_s as i64 * TICK_MS);
+        };
+        let r = rng.below(replicas as u64) as usize;
+        if faulty && reps[r].down_until_ms <= now && rng.chance(kill_p) {
             report.kills += 1;
-            // Its runs are interrupted where they are: logs unfinished, windows as they were.
-            let mine: Vec<Key> = ctl.running.keys().cloned().collect();
-            for k in mine {
-                runs.remove(&k);
-                report.interrupted += 1;
-            }
-            for name in &ctl.restores_running {
-                restore_runs.remove(name);
-            }
-            ctl = Controller { down_until_ms: now + rng.range(1, 30) as i64 * TICK_MS, ..Controller::default() };
+            let down_s = rng.range(1, 30);
+            die(r, down_s, &mut reps, &mut runs, &mut restore_runs, &mut report);
         }
         if faulty && rng.chance(jump_p) {
             let by = rng.range(600, 10_800) as i64 * TICK_MS;
-            skew_ms += if rng.chance(0.5) { by } else { -by };
+            reps[r].skew_ms += if rng.chance(0.5) { by } else { -by };
             report.clock_jumps += 1;
         }
-        // The controller's clock.
-        let clock = now + skew_ms;
-        // Backup runs that end now.
-        let ending: Vec<Key> = runs.iter().filter(|(_, r)| r.ends_ms <= now).map(|(k, _)| k.clone()).collect();
+        if faulty && reps[r].frozen_until_ms <= now && rng.chance(pause_p) {
+            reps[r].frozen_until_ms = now + rng.range(5, 60) as i64 * TICK_MS;
+            report.pauses += 1;
+        }
+        // The Lease: the holder renews it; a leader that finds another holder exits at once (a
+        // paused one, when it moves again: before its runs go on); another replica takes it once
+        // it is 15 s old by its own clock.
+        for r in 0..replicas {
+            if reps[r].down_until_ms > now || reps[r].frozen_until_ms > now {
+                continue;
+            }
+            let clock = now + reps[r].skew_ms;
+            if holder == Some(r) {
+                reps[r].leading = true;
+                renewed_ms = clock;
+            } else if reps[r].leading {
+                report.lease_losses += 1;
+                let down_s = rng.range(1, 10);
+                die(r, down_s, &mut reps, &mut runs, &mut restore_runs, &mut report);
+            } else if holder.is_none() || clock > renewed_ms + 15_000 {
+                report.lease_takeovers += u64::from(holder.is_some());
+                holder = Some(r);
+                renewed_ms = clock;
+                reps[r].leading = true;
+            }
+        }
+        // Backup runs that end now (a paused process's do not move).
+        let ending: Vec<Key> = runs
+            .iter()
+            .filter(|(_, x)| x.ends_ms <= now && reps[x.by].frozen_until_ms <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in ending {
-            runs.remove(&k);
+            let Some(run) = runs.remove(&k) else { continue };
+            let ctl = &mut reps[run.by];
+            let clock = now + ctl.skew_ms;
             let stopped = now < outage_until;
             let Some(log) = logs.get_mut(&k) else { continue };
             log.window_open = false;
@@ -414,18 +485,20 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
         }
         // Restore runs that end now: their status written for the object they ran for (the API
         // server refuses the write when the Restore of the name is another object now).
-        let ending: Vec<String> =
-            restore_runs.iter().filter(|(_, r)| r.ends_ms <= now).map(|(n, _)| n.clone()).collect();
+        let ending: Vec<String> = restore_runs
+            .iter()
+            .filter(|(_, x)| x.ends_ms <= now && reps[x.by].frozen_until_ms <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in ending {
             let Some(run) = restore_runs.remove(&name) else { continue };
+            let ctl = &mut reps[run.by];
+            let clock = now + ctl.skew_ms;
             ctl.restores_running.remove(&name);
             let id = (HOME.to_string(), name.clone(), run.uid.clone());
             let end = if now < outage_until {
                 report.stops += 1;
-                let stops = match ctl.restore_registry.end_of(&id) {
-                    Some(RunEnd::Stopped { stops, .. }) => stops,
-                    _ => 0,
-                };
+                let stops = ctl.restore_registry.end_of(&id).map_or(0, |e| e.stops());
                 RunEnd::Stopped { stops: stops + 1, retry_at_ms: clock + retry_backoff_ms(stops + 1) }
             } else {
                 if let Some(l) = restore_logs.get_mut(&name).filter(|l| l.uid == run.uid) {
@@ -440,284 +513,350 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
             };
             ctl.restore_registry.record(id, end);
         }
-        if ctl.down_until_ms > now {
-            continue;
-        }
-        // The controller looks at every Backup (its caches are fresh in this world).
-        let keys: Vec<Key> = objs.keys().cloned().collect();
-        for k in keys {
-            let Some(o) = objs.get(&k).cloned() else { continue };
-            let id = (o.ns.clone(), o.name.clone(), o.uid.clone());
-            let scope = tenancy.scope(&o.ns);
-            let look = BackupLook {
-                in_scope: scope.is_some(),
-                deleting: o.deleting,
-                finalizer: o.finalizer,
-                phase: o.phase,
-                running_here: ctl.running.contains_key(&k),
-                end: ctl.registry.end_of(&id),
-                now_ms: clock,
-            };
-            let step = backup_step(&look);
-            let Some(scope) = scope else {
-                if step != BackupStep::Ignore {
-                    report.violations.push(v(
-                        "C4",
-                        format!("{}/{} is outside the controller's namespaces and was acted on", o.ns, o.name),
-                    ));
-                }
+        // Every replica that leads (and moves) looks at every Backup and Restore — its caches are
+        // fresh in this world.
+        for (me, ctl) in reps.iter_mut().enumerate() {
+            if !ctl.leading || ctl.down_until_ms > now || ctl.frozen_until_ms > now {
                 continue;
-            };
-            let start = |runs: &mut BTreeMap<Key, Run>,
-                         logs: &mut BTreeMap<Key, Log>,
-                         ctl: &mut Controller,
-                         rng: &mut Rng,
-                         report: &mut ServiceReport,
-                         includes: Vec<String>| {
-                if runs.contains_key(&k) {
-                    report.violations.push(v("C4", format!("{}/{} was run twice at once", o.ns, o.name)));
-                }
-                let log = logs.entry(k.clone()).or_insert_with(|| Log { uid: o.uid.clone(), ..Log::default() });
-                log.stopped = false;
-                log.window_open = true;
-                runs.insert(
-                    k.clone(),
-                    Run { key: k.clone(), ends_ms: now + rng.range(5, 60) as i64 * TICK_MS, includes },
-                );
-                ctl.running.insert(k.clone(), ());
-                report.runs += 1;
-            };
-            match step {
-                BackupStep::Ignore | BackupStep::AwaitRunEnd | BackupStep::RetryAt(_) => {}
-                BackupStep::AddFinalizer { mark_new } => {
-                    if let Some(x) = objs.get_mut(&k) {
-                        x.finalizer = true;
-                        if mark_new {
-                            x.phase = Some("New");
+            }
+            let clock = now + ctl.skew_ms;
+            let keys: Vec<Key> = objs.keys().cloned().collect();
+            for k in keys {
+                let Some(o) = objs.get(&k).cloned() else { continue };
+                let id = (o.ns.clone(), o.name.clone(), o.uid.clone());
+                let scope = tenancy.scope(&o.ns);
+                let look = BackupLook {
+                    in_scope: scope.is_some(),
+                    deleting: o.deleting,
+                    finalizer: o.finalizer,
+                    phase: o.phase,
+                    running_here: ctl.running.contains_key(&k),
+                    end: ctl.registry.end_of(&id),
+                    now_ms: clock,
+                };
+                let step = backup_step(&look);
+                let Some(scope) = scope else {
+                    if step != BackupStep::Ignore {
+                        report.violations.push(v(
+                            "C4",
+                            format!("{}/{} is outside the controller's namespaces and was acted on", o.ns, o.name),
+                        ));
+                    }
+                    continue;
+                };
+                let start = |runs: &mut BTreeMap<Key, Run>,
+                             logs: &mut BTreeMap<Key, Log>,
+                             ctl: &mut Controller,
+                             rng: &mut Rng,
+                             report: &mut ServiceReport,
+                             includes: Vec<String>| {
+                    if runs.contains_key(&k) {
+                        report.violations.push(v("C4", format!("{}/{} was run twice at once", o.ns, o.name)));
+                    }
+                    let log = logs.entry(k.clone()).or_insert_with(|| Log { uid: o.uid.clone(), ..Log::default() });
+                    log.stopped = false;
+                    log.window_open = true;
+                    log.includes = includes.clone();
+                    let ends_ms = now + rng.range(5, 60) as i64 * TICK_MS;
+                    runs.insert(k.clone(), Run { key: k.clone(), ends_ms, includes, by: me });
+                    ctl.running.insert(k.clone(), ());
+                    report.runs += 1;
+                };
+                match step {
+                    BackupStep::Ignore | BackupStep::AwaitRunEnd | BackupStep::RetryAt(_) => {}
+                    BackupStep::AddFinalizer { mark_new } => {
+                        if let Some(x) = objs.get_mut(&k) {
+                            x.finalizer = true;
+                            if mark_new {
+                                x.phase = Some("New");
+                            }
                         }
                     }
-                }
-                BackupStep::Delete => {
-                    let log = logs.get(&k).map(|l| LogLook {
-                        same_uid: l.uid == o.uid,
-                        finished: l.finished,
-                        stopped: l.stopped,
-                    });
-                    match deletion_step(log, ctl.registry.end_of(&id).is_some()) {
-                        DeletionStep::FinishRunFirst => {
-                            // Its request is valid: it ran before.
-                            let includes =
-                                o.cr.to_request(&locations, &scope)
-                                    .map(|r| r.spec.included_namespaces)
-                                    .unwrap_or_default();
-                            start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report, includes)
-                        }
-                        DeletionStep::DeleteNow => {
-                            // C3, from the world's own records.
-                            if runs.contains_key(&k) {
-                                report
-                                    .violations
-                                    .push(v("C3", format!("{}/{} was deleted while its run went on", o.ns, o.name)));
-                            }
-                            if logs.get(&k).is_some_and(|l| l.window_open) {
-                                report
-                                    .violations
-                                    .push(v("C3", format!("{}/{} was deleted with a pod still frozen", o.ns, o.name)));
-                            }
-                            logs.remove(&k);
-                            prefixes.retain(|_, owner| *owner != k);
-                            objs.remove(&k);
-                            report.deleted += 1;
-                        }
-                    }
-                }
-                BackupStep::Run { .. } => {
-                    // Validated as the controller validates it, against its tenancy and locations.
-                    let req = match o.cr.to_request(&locations, &scope) {
-                        Ok(req) => req,
-                        Err(_) => {
-                            if let Some(x) = objs.get_mut(&k) {
-                                x.phase = Some("FailedValidation");
-                            }
-                            ctl.registry.record(id, RunEnd::Terminal);
-                            report.refused += 1;
+                    BackupStep::Delete => {
+                        if runs.get(&k).is_some_and(|x| x.by != me) {
+                            // Another process holds its log: reading it fails, the look is retried.
                             continue;
                         }
-                    };
-                    // The queue over this controller's runs and the earlier waiting Backups.
-                    let running_ns: Vec<&[String]> =
-                        ctl.running.keys().filter_map(|r| runs.get(r).map(|x| x.includes.as_slice())).collect();
-                    let earlier: Vec<&[String]> = objs
-                        .iter()
-                        .filter(|(ek, e)| {
-                            tenancy.scope(&e.ns).is_some()
-                                && !e.deleting
-                                && e.seq < o.seq
-                                && !ctl.running.contains_key(*ek)
-                                && !e.phase.is_some_and(is_terminal_phase)
-                                && ctl.registry.end_of(&(e.ns.clone(), e.name.clone(), e.uid.clone())).is_none()
-                        })
-                        .map(|(_, e)| e.cr.spec.included_namespaces.as_slice())
-                        .collect();
-                    let includes = req.spec.included_namespaces.clone();
-                    if queue_position(&includes, &running_ns, &earlier, concurrent_max).is_some() {
-                        report.queued += 1;
-                        if let Some(x) = objs.get_mut(&k) {
-                            x.phase = Some("Queued");
+                        let log = logs.get(&k).map(|l| LogLook {
+                            same_uid: l.uid == o.uid,
+                            finished: l.finished,
+                            stopped: l.stopped,
+                        });
+                        match deletion_step(log, ctl.registry.end_of(&id).is_some_and(|e| e.ran())) {
+                            DeletionStep::FinishRunFirst => {
+                                // Its request is valid: it ran before.
+                                let includes =
+                                    o.cr.to_request(&locations, &scope)
+                                        .map(|r| r.spec.included_namespaces)
+                                        .unwrap_or_default();
+                                start(&mut runs, &mut logs, &mut *ctl, &mut rng, &mut report, includes)
+                            }
+                            DeletionStep::DeleteNow => {
+                                // C3, from the world's own records.
+                                if runs.contains_key(&k) {
+                                    report.violations.push(v(
+                                        "C3",
+                                        format!("{}/{} was deleted while its run went on", o.ns, o.name),
+                                    ));
+                                }
+                                if logs.get(&k).is_some_and(|l| l.window_open) {
+                                    report.violations.push(v(
+                                        "C3",
+                                        format!("{}/{} was deleted with a pod still frozen", o.ns, o.name),
+                                    ));
+                                }
+                                logs.remove(&k);
+                                prefixes.retain(|_, owner| *owner != k);
+                                objs.remove(&k);
+                                report.deleted += 1;
+                            }
                         }
-                        continue;
                     }
-                    // Q1, from the world's runs.
-                    let overlapping: Vec<&Run> =
-                        runs.values().filter(|r| r.key != k && namespaces_overlap(&r.includes, &includes)).collect();
-                    if let Some(r) = overlapping.first() {
-                        report.violations.push(v(
-                            "Q1",
-                            format!(
-                                "{}/{} started while {}/{} ran over the same namespaces",
-                                o.ns, o.name, r.key.0, r.key.1
-                            ),
-                        ));
-                    }
-                    if runs.len() >= concurrent_max {
-                        report.violations.push(v(
-                            "Q1",
-                            format!(
-                                "{}/{} started with {} runs going (at most {concurrent_max})",
-                                o.ns,
-                                o.name,
-                                runs.len()
-                            ),
-                        ));
-                    }
-                    // C2, from what the run reads and where it writes.
-                    let prefix = written_prefix(&req.storage, &o.ns, &o.name);
-                    for (p, owner) in &prefixes {
-                        if *owner != k && (p.starts_with(&prefix) || prefix.starts_with(p.as_str())) {
+                    BackupStep::Run { .. } => {
+                        // Validated as the controller validates it, against its tenancy and locations.
+                        let req = match o.cr.to_request(&locations, &scope) {
+                            Ok(req) => req,
+                            Err(_) => {
+                                if let Some(x) = objs.get_mut(&k) {
+                                    x.phase = Some("FailedValidation");
+                                }
+                                ctl.registry.record(id, RunEnd::Terminal);
+                                report.refused += 1;
+                                continue;
+                            }
+                        };
+                        // The queue, as the controller's cache, running set, registry and the
+                        // data volume's log locks show every Backup (a stranger's too: the
+                        // controller watches every namespace for its tenants).
+                        let entries: Vec<QueueEntry<'_>> = objs
+                            .values()
+                            .map(|e| {
+                                let ek = (e.ns.clone(), e.name.clone());
+                                let here = ctl.running.contains_key(&ek);
+                                QueueEntry {
+                                    key: (e.ns.as_str(), e.name.as_str()),
+                                    in_scope: tenancy.scope(&e.ns).is_some(),
+                                    phase: e.phase,
+                                    deleting: e.deleting,
+                                    created_ms: e.seq as i64,
+                                    namespaces: match runs.get(&ek) {
+                                        Some(r) if here => r.includes.as_slice(),
+                                        _ => e.cr.spec.included_namespaces.as_slice(),
+                                    },
+                                    running_here: here,
+                                    running_elsewhere: runs.get(&ek).is_some_and(|r| r.by != me),
+                                    ended_here: ctl.registry.end_of(&(e.ns.clone(), e.name.clone(), e.uid.clone()))
+                                        == Some(RunEnd::Terminal),
+                                }
+                            })
+                            .collect();
+                        let includes = req.spec.included_namespaces.clone();
+                        let mine = QueueEntry {
+                            key: (o.ns.as_str(), o.name.as_str()),
+                            in_scope: true,
+                            phase: o.phase,
+                            deleting: false,
+                            created_ms: o.seq as i64,
+                            namespaces: &includes,
+                            running_here: false,
+                            running_elsewhere: false,
+                            ended_here: false,
+                        };
+                        let waits = queue_wait(&mine, &includes, &entries, concurrent_max).is_some();
+                        drop(entries);
+                        if waits {
+                            report.queued += 1;
+                            if let Some(x) = objs.get_mut(&k) {
+                                x.phase = Some("Queued");
+                            }
+                            continue;
+                        }
+                        if runs.get(&k).is_some_and(|x| x.by != me) {
+                            // A paused process still holds its log: the open fails, and the start is
+                            // tried again after the backoff, as a stopped run is.
+                            report.lock_refusals += 1;
+                            let stops = ctl.registry.end_of(&id).map_or(0, |e| e.stops());
+                            let retry_at_ms = clock + retry_backoff_ms(stops + 1);
+                            ctl.registry.record(id, RunEnd::Refused { stops: stops + 1, retry_at_ms });
+                            continue;
+                        }
+                        // Q1, from the world's runs (every process's).
+                        let overlapping: Vec<&Run> = runs
+                            .values()
+                            .filter(|r| r.key != k && namespaces_overlap(&r.includes, &includes))
+                            .collect();
+                        if let Some(r) = overlapping.first() {
                             report.violations.push(v(
+                                "Q1",
+                                format!(
+                                    "{}/{} started while {}/{} ran over the same namespaces",
+                                    o.ns, o.name, r.key.0, r.key.1
+                                ),
+                            ));
+                        }
+                        // An interrupted run whose pod stays frozen holds its namespaces as a run does: it
+                        // is resumed (its post-hooks run) before anything overlapping starts.
+                        for (lk, l) in &logs {
+                            if *lk != k
+                                && l.window_open
+                                && !runs.contains_key(lk)
+                                && namespaces_overlap(&l.includes, &includes)
+                            {
+                                report.violations.push(v(
+                                    "Q1",
+                                    format!(
+                                        "{}/{} started over the namespaces of {}/{}, whose interrupted run keeps a pod frozen",
+                                        o.ns, o.name, lk.0, lk.1
+                                    ),
+                                ));
+                            }
+                        }
+                        if runs.len() >= concurrent_max {
+                            report.violations.push(v(
+                                "Q1",
+                                format!(
+                                    "{}/{} started with {} runs going (at most {concurrent_max})",
+                                    o.ns,
+                                    o.name,
+                                    runs.len()
+                                ),
+                            ));
+                        }
+                        // C2, from what the run reads and where it writes.
+                        let prefix = written_prefix(&req.storage, &o.ns, &o.name);
+                        for (p, owner) in &prefixes {
+                            if *owner != k && (p.starts_with(&prefix) || prefix.starts_with(p.as_str())) {
+                                report.violations.push(v(
                                 "C2",
                                 format!(
                                     "{}/{} writes under {prefix}, and {}/{} under {p}: one's deletion deletes the other's archive",
                                     o.ns, o.name, owner.0, owner.1
                                 ),
                             ));
+                            }
                         }
-                    }
-                    prefixes.insert(prefix, k.clone());
-                    if let Scope::Tenant(tenant) = &scope {
-                        let (read, cluster) = reads(&includes, req.spec.include_cluster_resources);
-                        let outside: Vec<&String> = read.iter().filter(|n| *n != tenant).collect();
-                        if !outside.is_empty() || cluster {
-                            report.violations.push(v(
-                                "C2",
-                                format!(
-                                    "{}/{}, a tenant's Backup, reads {outside:?}{}",
-                                    o.ns,
-                                    o.name,
-                                    if cluster { " and cluster-scoped resources" } else { "" }
-                                ),
-                            ));
+                        prefixes.insert(prefix, k.clone());
+                        if let Scope::Tenant(tenant) = &scope {
+                            let (read, cluster) = reads(&includes, req.spec.include_cluster_resources);
+                            let outside: Vec<&String> = read.iter().filter(|n| *n != tenant).collect();
+                            if !outside.is_empty() || cluster {
+                                report.violations.push(v(
+                                    "C2",
+                                    format!(
+                                        "{}/{}, a tenant's Backup, reads {outside:?}{}",
+                                        o.ns,
+                                        o.name,
+                                        if cluster { " and cluster-scoped resources" } else { "" }
+                                    ),
+                                ));
+                            }
                         }
+                        if let Some(x) = objs.get_mut(&k) {
+                            x.phase = Some("InProgress");
+                        }
+                        // A log of an earlier Backup of the name (deleted before it had a finalizer)
+                        // is deleted before the new one starts.
+                        if logs.get(&k).is_some_and(|l| l.uid != o.uid) {
+                            logs.remove(&k);
+                        }
+                        start(&mut runs, &mut logs, &mut *ctl, &mut rng, &mut report, includes);
                     }
-                    if let Some(x) = objs.get_mut(&k) {
-                        x.phase = Some("InProgress");
-                    }
-                    // A log of an earlier Backup of the name (deleted before it had a finalizer)
-                    // is deleted before the new one starts.
-                    if logs.get(&k).is_some_and(|l| l.uid != o.uid) {
-                        logs.remove(&k);
-                    }
-                    start(&mut runs, &mut logs, &mut ctl, &mut rng, &mut report, includes);
                 }
             }
-        }
-        // The controller looks at every Restore.
-        let names: Vec<String> = restores.keys().cloned().collect();
-        for name in names {
-            let Some(r) = restores.get(&name).cloned() else { continue };
-            let id = (HOME.to_string(), name.clone(), r.uid.clone());
-            let look = BackupLook {
-                in_scope: true,
-                deleting: false,
-                finalizer: false,
-                phase: r.phase,
-                running_here: ctl.restores_running.contains(&name),
-                end: ctl.restore_registry.end_of(&id),
-                now_ms: clock,
-            };
-            if !matches!(restore_step(&look), BackupStep::Run { .. }) {
-                continue;
-            }
-            // Its own log resumes as it is (no second validation); a new one needs its Backup
-            // ended usable.
-            let backup_key = (HOME.to_string(), r.backup.clone());
-            match restore_logs.get(&name).filter(|l| l.uid == r.uid) {
-                None => {
-                    let usable = objs
-                        .get(&backup_key)
-                        .filter(|b| !b.deleting && matches!(b.phase, Some("Completed" | "PartiallyFailed")));
-                    let Some(b) = usable else {
-                        if let Some(x) = restores.get_mut(&name) {
-                            x.phase = Some("FailedValidation");
-                        }
-                        ctl.restore_registry.record(id, RunEnd::Terminal);
-                        continue;
-                    };
-                    let log = RestoreLog {
-                        uid: r.uid.clone(),
-                        finished: false,
-                        backup: backup_key,
-                        backup_uid: b.uid.clone(),
-                    };
-                    restore_logs.insert(name.clone(), log);
-                }
-                Some(l) if l.finished => {
-                    // Finished before its status was reported: reported now.
-                    if let Some(x) = restores.get_mut(&name) {
-                        x.phase = Some("Completed");
-                    }
-                    ctl.restore_registry.record(id, RunEnd::Terminal);
+            // The controller looks at every Restore.
+            let names: Vec<String> = restores.keys().cloned().collect();
+            for name in names {
+                let Some(r) = restores.get(&name).cloned() else { continue };
+                let id = (HOME.to_string(), name.clone(), r.uid.clone());
+                let look = BackupLook {
+                    in_scope: true,
+                    deleting: false,
+                    finalizer: false,
+                    phase: r.phase,
+                    running_here: ctl.restores_running.contains(&name),
+                    end: ctl.restore_registry.end_of(&id),
+                    now_ms: clock,
+                };
+                if !matches!(restore_step(&look), BackupStep::Run { .. }) {
                     continue;
                 }
-                Some(l) => {
-                    // Every run reads the archive it planned: gone with its Backup's data (or
-                    // another Backup's in its place), the restore cannot go on and fails.
-                    let there = logs.get(&l.backup).is_some_and(|b| b.finished && b.uid == l.backup_uid);
-                    if !there {
+                // Its own log resumes as it is (no second validation); a new one needs its Backup
+                // ended usable.
+                let backup_key = (HOME.to_string(), r.backup.clone());
+                match restore_logs.get(&name).filter(|l| l.uid == r.uid) {
+                    None => {
+                        let usable = objs
+                            .get(&backup_key)
+                            .filter(|b| !b.deleting && matches!(b.phase, Some("Completed" | "PartiallyFailed")));
+                        let Some(b) = usable else {
+                            if let Some(x) = restores.get_mut(&name) {
+                                x.phase = Some("FailedValidation");
+                            }
+                            ctl.restore_registry.record(id, RunEnd::Terminal);
+                            continue;
+                        };
+                        let log = RestoreLog {
+                            uid: r.uid.clone(),
+                            finished: false,
+                            backup: backup_key,
+                            backup_uid: b.uid.clone(),
+                        };
+                        restore_logs.insert(name.clone(), log);
+                    }
+                    Some(l) if l.finished => {
+                        // Finished before its status was reported: reported now.
                         if let Some(x) = restores.get_mut(&name) {
-                            x.phase = Some("Failed");
-                        }
-                        if let Some(l) = restore_logs.get_mut(&name) {
-                            l.finished = true;
+                            x.phase = Some("Completed");
                         }
                         ctl.restore_registry.record(id, RunEnd::Terminal);
                         continue;
                     }
+                    Some(l) => {
+                        // Every run reads the archive it planned: gone with its Backup's data (or
+                        // another Backup's in its place), the restore cannot go on and fails.
+                        let there = logs.get(&l.backup).is_some_and(|b| b.finished && b.uid == l.backup_uid);
+                        if !there {
+                            if let Some(x) = restores.get_mut(&name) {
+                                x.phase = Some("Failed");
+                            }
+                            if let Some(l) = restore_logs.get_mut(&name) {
+                                l.finished = true;
+                            }
+                            ctl.restore_registry.record(id, RunEnd::Terminal);
+                            continue;
+                        }
+                    }
                 }
+                if restore_runs.get(&name).is_some_and(|x| x.by != me) {
+                    // A paused process still holds the restore's log.
+                    report.lock_refusals += 1;
+                    let stops = ctl.restore_registry.end_of(&id).map_or(0, |e| e.stops());
+                    let retry_at_ms = clock + retry_backoff_ms(stops + 1);
+                    ctl.restore_registry.record(id, RunEnd::Refused { stops: stops + 1, retry_at_ms });
+                    continue;
+                }
+                if restore_runs.contains_key(&name) {
+                    report.violations.push(v("C4", format!("restore {name} was run twice at once")));
+                }
+                if let Some(x) = restores.get_mut(&name) {
+                    x.phase = Some("InProgress");
+                }
+                let ends_ms = now + rng.range(3, 40) as i64 * TICK_MS;
+                restore_runs.insert(name.clone(), RestoreRun { uid: r.uid.clone(), ends_ms, by: me });
+                ctl.restores_running.insert(name);
+                report.restore_runs += 1;
             }
-            if restore_runs.contains_key(&name) {
-                report.violations.push(v("C4", format!("restore {name} was run twice at once")));
+            // The garbage collector's pass prunes the registries.
+            if tick % 60 == 0 {
+                ctl.registry.prune(|id| {
+                    objs.get(&(id.0.clone(), id.1.clone()))
+                        .filter(|o| o.uid == id.2)
+                        .map(|o| o.phase.is_some_and(is_terminal_phase))
+                });
+                ctl.restore_registry.prune(|id| {
+                    restores.get(&id.1).filter(|r| r.uid == id.2).map(|r| r.phase.is_some_and(is_terminal_phase))
+                });
             }
-            if let Some(x) = restores.get_mut(&name) {
-                x.phase = Some("InProgress");
-            }
-            restore_runs.insert(
-                name.clone(),
-                RestoreRun { uid: r.uid.clone(), ends_ms: now + rng.range(3, 40) as i64 * TICK_MS },
-            );
-            ctl.restores_running.insert(name);
-            report.restore_runs += 1;
-        }
-        // The garbage collector's pass prunes the registries.
-        if tick % 60 == 0 {
-            ctl.registry.prune(|id| {
-                objs.get(&(id.0.clone(), id.1.clone()))
-                    .filter(|o| o.uid == id.2)
-                    .map(|o| o.phase.is_some_and(is_terminal_phase))
-            });
-            ctl.restore_registry.prune(|id| {
-                restores.get(&id.1).filter(|r| r.uid == id.2).map(|r| r.phase.is_some_and(is_terminal_phase))
-            });
         }
     }
     // C4 once faults have healed: every Backup and Restore of the controller's namespaces ended or

@@ -43,6 +43,9 @@ fn caught(m: Mutation) -> Option<(u64, Vec<&'static str>)> {
             | Mutation::RetryTrustsTheClock
             | Mutation::TenantPrefixDropped
             | Mutation::TenantNamespacesUnchecked
+            | Mutation::QueueIgnoresOtherProcesses
+            | Mutation::RefusalCountsAsRun
+            | Mutation::QueueCountsStrangers
     ) {
         return (0..SERVICE_SEEDS_MAX).find_map(|seed| {
             let _bug = MutationGuard::set(Some(m));
@@ -64,7 +67,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 32] = [
+    let expected: [(Mutation, &[&str]); 35] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -99,6 +102,9 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::RetryTrustsTheClock, &["C4"]),
         (Mutation::TenantPrefixDropped, &["C2"]),
         (Mutation::TenantNamespacesUnchecked, &["C2"]),
+        (Mutation::QueueIgnoresOtherProcesses, &["Q1"]),
+        (Mutation::RefusalCountsAsRun, &["C3"]),
+        (Mutation::QueueCountsStrangers, &["C4"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();

@@ -11,7 +11,8 @@
 //! C1 and C5 — and the service world (`blockwise_simulator::service`): the Backup and Restore
 //! controllers' own decisions and the real tenancy validation over an hour of users creating,
 //! deleting and recreating Backups and Restores in the controller's, tenants' and strangers'
-//! namespaces, store outages, controller kills and clock jumps, judged C2, C3, C4 and Q1. Their
+//! namespaces, store outages, controller kills, clock jumps and two replicas whose paused leader
+//! loses its Lease, judged C2, C3, C4 and Q1. Their
 //! coverage is printed beside the engine world's.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -236,6 +237,11 @@ struct ServiceTotals {
     restore_runs: u64,
     restores_deleted_while_running: u64,
     late_writes_refused: u64,
+    two_replicas: u64,
+    pauses: u64,
+    lease_takeovers: u64,
+    lease_losses: u64,
+    lock_refusals: u64,
 }
 
 impl ServiceTotals {
@@ -256,6 +262,11 @@ impl ServiceTotals {
         self.restore_runs += w.restore_runs;
         self.restores_deleted_while_running += w.restores_deleted_while_running;
         self.late_writes_refused += w.late_writes_refused;
+        self.two_replicas += w.two_replicas;
+        self.pauses += w.pauses;
+        self.lease_takeovers += w.lease_takeovers;
+        self.lease_losses += w.lease_losses;
+        self.lock_refusals += w.lock_refusals;
     }
 
     fn json(&self) -> serde_json::Value {
@@ -268,12 +279,15 @@ impl ServiceTotals {
             "clock_jumps": self.clock_jumps, "restores": self.restores, "restore_runs": self.restore_runs,
             "restores_deleted_while_running": self.restores_deleted_while_running,
             "late_status_writes_refused": self.late_writes_refused,
+            "two_replica_worlds": self.two_replicas, "leader_pauses": self.pauses,
+            "lease_takeovers": self.lease_takeovers, "leases_lost": self.lease_losses,
+            "starts_refused_by_a_log_lock": self.lock_refusals,
         })
     }
 
     fn line(&self) -> String {
         format!(
-            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused (judges C2, C3, C4, Q1)",
+            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused; {} worlds with two replicas: {} pauses, {} Lease takeovers, {} Leases lost, {} starts refused by a log lock (judges C2, C3, C4, Q1)",
             self.worlds,
             self.created,
             self.tenant_backups,
@@ -289,7 +303,12 @@ impl ServiceTotals {
             self.restores,
             self.restore_runs,
             self.restores_deleted_while_running,
-            self.late_writes_refused
+            self.late_writes_refused,
+            self.two_replicas,
+            self.pauses,
+            self.lease_takeovers,
+            self.lease_losses,
+            self.lock_refusals
         )
     }
 }

@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::service::{
-    backup_step, deletion_step, queue_position, retry_backoff_ms, BackupLook, BackupStep, DeletionStep, LogLook,
-    RunEnd, RunRegistry,
+    backup_step, deletion_step, queue_wait, retry_backoff_ms, BackupLook, BackupStep, DeletionStep, LogLook,
+    QueueEntry, RunEnd, RunRegistry,
 };
 use blockwise_engine::state::BackupState;
 use futures::StreamExt;
@@ -171,10 +171,6 @@ struct Ctx {
 impl Ctx {
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Running>> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn ended(&self, b: &Backup) -> bool {
-        self.end_of(b).is_some()
     }
 
     fn end_of(&self, b: &Backup) -> Option<RunEnd> {
@@ -558,7 +554,8 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
             return Ok(Action::await_change());
         }
     };
-    if let Some(position) = queue_of(&b, &req, &ctx) {
+    let elsewhere = run_elsewhere(&ctx).await;
+    if let Some(position) = queue_of(&b, &req, &ctx, &elsewhere) {
         if status.phase.as_deref() != Some(phase::QUEUED) || status.queue_position != Some(position) {
             let status = BackupStatus { phase: Some(phase::QUEUED.into()), queue_position: Some(position), ..status };
             patch_status(&api, &name, &uid, &status).await?;
@@ -609,7 +606,9 @@ async fn delete_backup(
         finished: !state.resumable(),
         stopped: state.stopped.is_some(),
     });
-    if deletion_step(log, ctx.ended(b)) == DeletionStep::FinishRunFirst {
+    // A refused open (another process held the log) is no run that ended here.
+    let ran_here = ctx.end_of(b).is_some_and(|e| e.ran());
+    if deletion_step(log, ran_here) == DeletionStep::FinishRunFirst {
         if let Ok(req) = b.to_request(&ctx.cfg.locations, scope) {
             eprintln!("backup {ns}/{name}: deletion requested while it runs; it is deleted once its run ends");
             start(b, req, b.status.clone().unwrap_or_default(), ctx, 0)?;
@@ -666,31 +665,116 @@ async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupState>, R
     .map_err(ReconcileError::from)
 }
 
+/// The InProgress Backups of the cache that this process does not run but whose log another
+/// process holds: runs of a paused leader's process (its Lease taken), going on until it ends.
+/// Probed off the tokio workers.
+async fn run_elsewhere(ctx: &Arc<Ctx>) -> BTreeMap<(String, String), Vec<String>> {
+    let candidates: Vec<((String, String), Vec<String>, std::path::PathBuf)> = {
+        let running = ctx.running();
+        ctx.store
+            .get()
+            .map(|s| s.state())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|x| x.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase::IN_PROGRESS))
+            .map(|x| (x.namespace().unwrap_or_default(), x.name_any(), x))
+            .filter(|(ns, name, _)| !running.contains_key(&(ns.clone(), name.clone())))
+            .map(|(ns, name, x)| {
+                let dir = ctx.data(&ns).log_dir(&name);
+                ((ns, name), x.spec.included_namespaces.clone(), dir)
+            })
+            .collect()
+    };
+    if candidates.is_empty() {
+        return BTreeMap::new();
+    }
+    off_worker(move || {
+        Ok(candidates
+            .into_iter()
+            .filter(|(_, _, dir)| crate::log::held(dir))
+            .map(|(key, namespaces, _)| (key, namespaces))
+            .collect())
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// `Some(position)` when the Backup must wait (see the module docs): the engine's
-/// [`queue_position`] over the runs of this process and the earlier waiting Backups of the cache.
-fn queue_of(b: &Backup, req: &Request, ctx: &Ctx) -> Option<u32> {
+/// [`queue_position`] over the runs of this process and of another's (`elsewhere`: a paused
+/// leader's, still holding their logs) and the earlier waiting Backups of the cache.
+fn queue_of(b: &Backup, req: &Request, ctx: &Ctx, elsewhere: &BTreeMap<(String, String), Vec<String>>) -> Option<u32> {
     let running = ctx.running();
-    let order = |x: &Backup| (x.metadata.creation_timestamp.clone().map(|t| t.0), x.namespace(), x.name_any());
-    let mine = order(b);
-    let earlier: Vec<Arc<Backup>> = ctx
-        .store
-        .get()
-        .map(|s| s.state())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|x| {
-            let k = (x.namespace().unwrap_or_default(), x.name_any());
-            let phase = x.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-            x.metadata.deletion_timestamp.is_none()
-                && !phase::is_terminal(&phase)
-                && !running.contains_key(&k)
-                && !ctx.ended(x)
-                && order(x) < mine
+    let cached = ctx.store.get().map(|s| s.state()).unwrap_or_default();
+    // What the engine's queue reads of each Backup: owned here, borrowed by its entries.
+    struct Seen {
+        key: (String, String),
+        phase: Option<String>,
+        deleting: bool,
+        created_ms: i64,
+        namespaces: Vec<String>,
+        ended: bool,
+    }
+    let created_ms = |x: &Backup| x.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond());
+    let mut seen: Vec<Seen> = cached
+        .iter()
+        .map(|x| {
+            let key = (x.namespace().unwrap_or_default(), x.name_any());
+            let namespaces = match running.get(&key) {
+                Some(r) => r.namespaces.clone(),
+                None => x.spec.included_namespaces.clone(),
+            };
+            Seen {
+                phase: x.status.as_ref().and_then(|s| s.phase.clone()),
+                deleting: x.metadata.deletion_timestamp.is_some(),
+                created_ms: created_ms(x),
+                namespaces,
+                ended: ctx.end_of(x) == Some(RunEnd::Terminal),
+                key,
+            }
         })
         .collect();
-    let running_ns: Vec<&[String]> = running.values().map(|r| r.namespaces.as_slice()).collect();
-    let earlier_ns: Vec<&[String]> = earlier.iter().map(|x| x.spec.included_namespaces.as_slice()).collect();
-    queue_position(&req.spec.included_namespaces, &running_ns, &earlier_ns, ctx.cfg.concurrent_backups)
+    // Runs here the cache does not show (yet, or any more).
+    for (key, r) in running.iter() {
+        if !seen.iter().any(|x| &x.key == key) {
+            let s = Seen {
+                key: key.clone(),
+                phase: None,
+                deleting: false,
+                created_ms: 0,
+                namespaces: r.namespaces.clone(),
+                ended: false,
+            };
+            seen.push(s);
+        }
+    }
+    let all: Vec<QueueEntry<'_>> = seen
+        .iter()
+        .map(|x| QueueEntry {
+            key: (x.key.0.as_str(), x.key.1.as_str()),
+            in_scope: ctx.cfg.tenancy.scope(&x.key.0).is_some(),
+            phase: x.phase.as_deref(),
+            deleting: x.deleting,
+            created_ms: x.created_ms,
+            namespaces: &x.namespaces,
+            running_here: running.contains_key(&x.key),
+            running_elsewhere: elsewhere.contains_key(&x.key),
+            ended_here: x.ended,
+        })
+        .collect();
+    let (ns, name) = (b.namespace().unwrap_or_default(), b.name_any());
+    let phase = b.status.as_ref().and_then(|s| s.phase.as_deref());
+    let mine = QueueEntry {
+        key: (ns.as_str(), name.as_str()),
+        in_scope: true,
+        phase,
+        deleting: false,
+        created_ms: created_ms(b),
+        namespaces: &req.spec.included_namespaces,
+        running_here: false,
+        running_elsewhere: false,
+        ended_here: false,
+    };
+    queue_wait(&mine, &req.spec.included_namespaces, &all, ctx.cfg.concurrent_backups)
 }
 
 /// Starts (or resumes) the Backup's run in a task of its own; `stops`: how many times in a row
@@ -718,10 +802,18 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
                 }
             }
             Err(e) => {
-                // Tried again after the backoff, as a stopped run is.
+                // Tried again after the backoff, as a stopped run is. A log another process holds
+                // (a paused leader's run, whose Lease this process took) is a refusal: nothing
+                // ran, so a deletion still finishes that run first once the log is free.
                 let wait = retry_backoff(stops + 1);
                 eprintln!("warning: backup {ns}/{name}: {e} (trying again in {} s)", wait.as_secs());
-                RunEnd::Stopped { stops: stops + 1, retry_at_ms: now_ms() + wait.as_millis() as i64 }
+                let retry_at_ms = now_ms() + wait.as_millis() as i64;
+                match e {
+                    SessionError::Log(crate::log::LogError::InUse(_)) => {
+                        RunEnd::Refused { stops: stops + 1, retry_at_ms }
+                    }
+                    _ => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
+                }
             }
         };
         ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record((ns.clone(), name.clone(), uid), end);
