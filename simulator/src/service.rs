@@ -1,7 +1,7 @@
 //! The service world (issue 21): the controllers' own decisions — the engine's pure steps
-//! (`blockwise_engine::service`: `backup_step`, `restore_step`, `deletion_step`, `queue_position`
-//! and the `RunRegistry`) and the real validation of a Backup against the controller's tenancy
-//! and locations (`blockwise_adapters::serve::crd`: `Tenancy::scope`, `Backup::to_request`,
+//! (`blockwise_engine::service`: `backup_step`, `restore_step`, `deletion_step`, `queue_wait` and
+//! the `RunRegistry`) and the real validation of a Backup against the controller's tenancy and
+//! locations (`blockwise_adapters::serve::crd`: `Tenancy::scope`, `Backup::to_request`,
 //! `Locations::scoped`) — driven over an hour of a simulated cluster in one-second ticks, and
 //! judged.
 //!
@@ -13,28 +13,33 @@
 //! Backups (finished or not, existing or not), delete them while they run and create them again
 //! under the name. Runs take seconds to a minute, with a pod's hook window open while a Backup's
 //! runs; the store has outages (a run that ends inside one stops: its windows closed, its log
-//! resumable); the controller is killed at any tick (its registries and running sets lost, its runs
+//! resumable); a controller is killed at any tick (its registries and running sets lost, its runs
 //! interrupted with their windows as they were) and comes back after a few seconds; its clock
-//! jumps (forward or back, ten minutes to three hours) and stays wrong. After the faulty part, a quiet part
-//! lets everything heal. The controller performs each step as `serve/controller.rs` and
-//! `serve/restores.rs` do; the world keeps its own records — runs started and ended, windows
-//! open, the store prefixes written and the namespaces read, deletions — and the judges read only
-//! those:
+//! jumps (forward or back, ten minutes to three hours) and stays wrong; its caches lag behind
+//! writes (its own too) by a tick or more. In half the worlds two replicas run behind the Lease:
+//! the leader is sometimes paused, the other takes the Lease, and the paused one exits when it
+//! moves again; a run holds its log (sled's lock) until it ends or its process dies. After the
+//! faulty part, a quiet part lets everything heal. The controller performs each step as
+//! `serve/controller.rs` and `serve/restores.rs` do; the world keeps its own records — runs
+//! started and ended (by which process), windows open, the store prefixes written and the
+//! namespaces read, deletions — and the judges read only those:
 //!
 //! - **C2** no two Backups (namespace, name) write under the same store prefix or one inside the
 //!   other's (so a deletion, retention or TTL of one never deletes the other's archive), and a
 //!   tenant's Backup reads its own namespace only, without cluster-scoped resources;
 //! - **C3** a Backup's data is deleted only when none of its runs goes on and no window of it is
 //!   open (a deleted running Backup leaves no frozen pod, no snapshot in flight);
-//! - **C4** no Backup or Restore is run twice at once; with faults healed, every Backup and Restore
-//!   is deleted or ends (terminal), no window stays open, and nothing outside the controller's
-//!   namespaces is touched;
-//! - **Q1** at most `concurrent_max` runs at once, and never two whose namespaces may overlap.
+//! - **C4** no Backup or Restore is run twice at once (by any process); with faults healed, every
+//!   Backup and Restore is deleted or ends (terminal), no window stays open, and nothing outside
+//!   the controller's namespaces is touched;
+//! - **Q1** at most `concurrent_max` runs at once (every process's), never two whose namespaces
+//!   may overlap, and none over the namespaces of an interrupted run that keeps a pod frozen.
 //!
 //! What is modelled rather than run: a run is a duration and an outcome (the engine world runs the
-//! real session code), a Restore's validation is "its Backup ended usable", and a Restore resumed
-//! after its Backup was deleted ends Failed (its archive is gone). Not yet here: two replicas with
-//! a stolen Lease, stale caches, Schedules (the year world, `year.rs`, has those).
+//! real session code), a Restore's validation is "its Backup ended usable", a Restore resumed
+//! after its Backup was deleted ends Failed (its archive is gone), the Lease follows
+//! kube-lease-manager's rule. Not yet here: Schedules and the GC loop (the year world, `year.rs`,
+//! has those, with stale caches, restarts and clock jumps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -79,6 +84,8 @@ struct Obj {
     cr: BackupCr,
     finalizer: bool,
     phase: Option<&'static str>,
+    /// The phase the controller's cache shows (it lags behind its own writes).
+    cached: Option<&'static str>,
     deleting: bool,
 }
 
@@ -102,6 +109,9 @@ struct Run {
     ends_ms: i64,
     includes: Vec<String>,
     by: usize,
+    /// It may freeze pods and cut snapshots: not a run of a log that had finished already (a
+    /// cache behind the end, after a restart), which only stores the files and reports.
+    touches: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +119,8 @@ struct RestoreObj {
     uid: String,
     backup: String,
     phase: Option<&'static str>,
+    /// The phase the controller's cache shows.
+    cached: Option<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +188,8 @@ pub struct ServiceReport {
     pub lease_losses: u64,
     /// Runs refused at their start because another replica's process still held the log.
     pub lock_refusals: u64,
+    /// Looks at a Backup whose cached phase was not its phase (the cache behind a write).
+    pub stale_looks: u64,
 }
 
 /// A controller replica: its process's memory (lost when killed), its clock and its state.
@@ -303,6 +317,8 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
     let replicas = 1 + rng.below(2) as usize;
     let pause_p = if replicas == 2 { *rng.pick(&[0.001, 0.003]).unwrap_or(&0.001) } else { 0.0 };
     report.two_replicas = u64::from(replicas == 2);
+    // How likely the cache catches up with a write in a tick (1: it is always fresh).
+    let fresh_p = *rng.pick(&[1.0, 0.5, 0.2]).unwrap_or(&1.0);
     let tenancy =
         Tenancy { home: HOME.to_string(), tenants: Tenants::Some(TENANTS.iter().map(|s| s.to_string()).collect()) };
     let mut locations = Locations::default();
@@ -349,6 +365,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                     cr,
                     finalizer: false,
                     phase: None,
+                    cached: None,
                     deleting: false,
                 });
                 report.created += 1;
@@ -387,9 +404,20 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 let backup = rng.pick(&NAMES).copied().unwrap_or("nightly").to_string();
                 restores.insert(
                     name.to_string(),
-                    RestoreObj { uid: format!("uid-{seed}-{next_uid}"), backup, phase: None },
+                    RestoreObj { uid: format!("uid-{seed}-{next_uid}"), backup, phase: None, cached: None },
                 );
                 report.restores += 1;
+            }
+        }
+        // The controllers' caches catch up, or not yet.
+        for o in objs.values_mut() {
+            if o.cached != o.phase && rng.chance(fresh_p) {
+                o.cached = o.phase;
+            }
+        }
+        for r in restores.values_mut() {
+            if r.cached != r.phase && rng.chance(fresh_p) {
+                r.cached = r.phase;
             }
         }
         // Faults: a store outage; a controller kill; a jump of the controller's clock.
@@ -525,11 +553,12 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 let Some(o) = objs.get(&k).cloned() else { continue };
                 let id = (o.ns.clone(), o.name.clone(), o.uid.clone());
                 let scope = tenancy.scope(&o.ns);
+                report.stale_looks += u64::from(o.cached != o.phase);
                 let look = BackupLook {
                     in_scope: scope.is_some(),
                     deleting: o.deleting,
                     finalizer: o.finalizer,
-                    phase: o.phase,
+                    phase: o.cached,
                     running_here: ctl.running.contains_key(&k),
                     end: ctl.registry.end_of(&id),
                     now_ms: clock,
@@ -555,10 +584,13 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                     }
                     let log = logs.entry(k.clone()).or_insert_with(|| Log { uid: o.uid.clone(), ..Log::default() });
                     log.stopped = false;
-                    log.window_open = true;
-                    log.includes = includes.clone();
-                    let ends_ms = now + rng.range(5, 60) as i64 * TICK_MS;
-                    runs.insert(k.clone(), Run { key: k.clone(), ends_ms, includes, by: me });
+                    let touches = !log.finished;
+                    if touches {
+                        log.window_open = true;
+                        log.includes = includes.clone();
+                    }
+                    let ends_ms = now + if touches { rng.range(5, 60) as i64 } else { 1 } * TICK_MS;
+                    runs.insert(k.clone(), Run { key: k.clone(), ends_ms, includes, by: me, touches });
                     ctl.running.insert(k.clone(), ());
                     report.runs += 1;
                 };
@@ -636,7 +668,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                                 QueueEntry {
                                     key: (e.ns.as_str(), e.name.as_str()),
                                     in_scope: tenancy.scope(&e.ns).is_some(),
-                                    phase: e.phase,
+                                    phase: e.cached,
                                     deleting: e.deleting,
                                     created_ms: e.seq as i64,
                                     namespaces: match runs.get(&ek) {
@@ -654,7 +686,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                         let mine = QueueEntry {
                             key: (o.ns.as_str(), o.name.as_str()),
                             in_scope: true,
-                            phase: o.phase,
+                            phase: o.cached,
                             deleting: false,
                             created_ms: o.seq as i64,
                             namespaces: &includes,
@@ -680,10 +712,15 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                             ctl.registry.record(id, RunEnd::Refused { stops: stops + 1, retry_at_ms });
                             continue;
                         }
+                        // A run of a log that finished already touches nothing (it stores the
+                        // files and reports).
+                        let touches = !logs.get(&k).is_some_and(|l| l.finished && l.uid == o.uid);
                         // Q1, from the world's runs (every process's).
                         let overlapping: Vec<&Run> = runs
                             .values()
-                            .filter(|r| r.key != k && namespaces_overlap(&r.includes, &includes))
+                            .filter(|r| {
+                                touches && r.touches && r.key != k && namespaces_overlap(&r.includes, &includes)
+                            })
                             .collect();
                         if let Some(r) = overlapping.first() {
                             report.violations.push(v(
@@ -697,7 +734,8 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                         // An interrupted run whose pod stays frozen holds its namespaces as a run does: it
                         // is resumed (its post-hooks run) before anything overlapping starts.
                         for (lk, l) in &logs {
-                            if *lk != k
+                            if touches
+                                && *lk != k
                                 && l.window_open
                                 && !runs.contains_key(lk)
                                 && namespaces_overlap(&l.includes, &includes)
@@ -772,7 +810,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                     in_scope: true,
                     deleting: false,
                     finalizer: false,
-                    phase: r.phase,
+                    phase: r.cached,
                     running_here: ctl.restores_running.contains(&name),
                     end: ctl.restore_registry.end_of(&id),
                     now_ms: clock,
@@ -851,10 +889,10 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 ctl.registry.prune(|id| {
                     objs.get(&(id.0.clone(), id.1.clone()))
                         .filter(|o| o.uid == id.2)
-                        .map(|o| o.phase.is_some_and(is_terminal_phase))
+                        .map(|o| o.cached.is_some_and(is_terminal_phase))
                 });
                 ctl.restore_registry.prune(|id| {
-                    restores.get(&id.1).filter(|r| r.uid == id.2).map(|r| r.phase.is_some_and(is_terminal_phase))
+                    restores.get(&id.1).filter(|r| r.uid == id.2).map(|r| r.cached.is_some_and(is_terminal_phase))
                 });
             }
         }

@@ -19,7 +19,7 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         (0, 0, 0, 0, 0, 0, 0);
     let (mut tenants, mut refused, mut jumps, mut restore_runs, mut restores_while_running, mut late) =
         (0, 0, 0, 0, 0, 0);
-    let (mut pairs, mut pauses, mut takeovers, mut losses, mut lock_refusals) = (0, 0, 0, 0, 0);
+    let (mut pairs, mut pauses, mut takeovers, mut losses, mut lock_refusals, mut stale) = (0, 0, 0, 0, 0, 0);
     for seed in 0..seed_count() {
         let r = simulate_service(seed);
         runs += r.runs;
@@ -40,6 +40,7 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         takeovers += r.lease_takeovers;
         losses += r.lease_losses;
         lock_refusals += r.lock_refusals;
+        stale += r.stale_looks;
         if let Some(v) = r.violations.first() {
             failures.push(format!("seed {seed}: {} {} ({} violations)", v.invariant, v.detail, r.violations.len()));
         }
@@ -64,11 +65,12 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         ("Lease takeovers", takeovers),
         ("leaders that found their Lease taken", losses),
         ("starts refused by another process's log lock", lock_refusals),
+        ("looks at a stale cache", stale),
     ] {
         assert!(n > 0, "no {what} in {} seeds", seed_count());
     }
     println!(
-        "{} service worlds: {runs} runs, {stops} stopped, {interrupted} interrupted, {kills} kills, {jumps} clock jumps, {while_running} deletions while running, {deleted} deleted, {queued} queued looks, {tenants} tenants' Backups, {refused} refused, {restore_runs} restore runs, {restores_while_running} Restores deleted while running, {late} late writes refused, {pairs} with two replicas: {pauses} pauses, {takeovers} Lease takeovers, {losses} Leases lost, {lock_refusals} starts refused by a log lock",
+        "{} service worlds: {runs} runs, {stops} stopped, {interrupted} interrupted, {kills} kills, {jumps} clock jumps, {while_running} deletions while running, {deleted} deleted, {queued} queued looks, {tenants} tenants' Backups, {refused} refused, {restore_runs} restore runs, {restores_while_running} Restores deleted while running, {late} late writes refused, {pairs} with two replicas: {pauses} pauses, {takeovers} Lease takeovers, {losses} Leases lost, {lock_refusals} starts refused by a log lock, {stale} stale looks",
         seed_count()
     );
 }

@@ -242,6 +242,7 @@ struct ServiceTotals {
     lease_takeovers: u64,
     lease_losses: u64,
     lock_refusals: u64,
+    stale_looks: u64,
 }
 
 impl ServiceTotals {
@@ -267,6 +268,7 @@ impl ServiceTotals {
         self.lease_takeovers += w.lease_takeovers;
         self.lease_losses += w.lease_losses;
         self.lock_refusals += w.lock_refusals;
+        self.stale_looks += w.stale_looks;
     }
 
     fn json(&self) -> serde_json::Value {
@@ -281,13 +283,13 @@ impl ServiceTotals {
             "late_status_writes_refused": self.late_writes_refused,
             "two_replica_worlds": self.two_replicas, "leader_pauses": self.pauses,
             "lease_takeovers": self.lease_takeovers, "leases_lost": self.lease_losses,
-            "starts_refused_by_a_log_lock": self.lock_refusals,
+            "starts_refused_by_a_log_lock": self.lock_refusals, "stale_looks": self.stale_looks,
         })
     }
 
     fn line(&self) -> String {
         format!(
-            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused; {} worlds with two replicas: {} pauses, {} Lease takeovers, {} Leases lost, {} starts refused by a log lock (judges C2, C3, C4, Q1)",
+            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused; {} worlds with two replicas: {} pauses, {} Lease takeovers, {} Leases lost, {} starts refused by a log lock; {} looks at a stale cache (judges C2, C3, C4, Q1)",
             self.worlds,
             self.created,
             self.tenant_backups,
@@ -308,7 +310,8 @@ impl ServiceTotals {
             self.pauses,
             self.lease_takeovers,
             self.lease_losses,
-            self.lock_refusals
+            self.lock_refusals,
+            self.stale_looks
         )
     }
 }
