@@ -106,7 +106,8 @@ pub enum Verb {
 pub struct Fault {
     /// The kind of call.
     pub verb: Verb,
-    /// Plural resource, `plural.group` for non-core groups; `None` matches every resource.
+    /// Plural resource, `plural.group` for non-core groups (`…/status`: writes of the status
+    /// subresource only); `None` matches every resource.
     pub resource: Option<String>,
     /// Only lists that carry a `continue` token (how a 410 Gone on an expired token looks).
     pub continued_only: bool,
@@ -589,7 +590,9 @@ async fn write(
 ) -> Response {
     let verb = req.method.as_str().to_lowercase();
     let what = format!("{verb} {}{}", fault_name(rt), name.map(|n| format!(" {n}")).unwrap_or_default());
-    if let Some(code) = s.faults.take(Verb::Write, Some(&fault_name(rt)), false) {
+    // A fault may name the status subresource alone (`plural.group/status`), or the resource.
+    let status_fault = status.then(|| s.faults.take(Verb::Write, Some(&format!("{}/status", fault_name(rt))), false));
+    if let Some(code) = status_fault.flatten().or_else(|| s.faults.take(Verb::Write, Some(&fault_name(rt)), false)) {
         return failure(code, format!("{what}: injected error"));
     }
     let body = || -> Result<Value, String> {

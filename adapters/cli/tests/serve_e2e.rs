@@ -1141,6 +1141,43 @@ fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_res
     assert!(reason.contains("spec.backupName \"later\": the backup has not finished yet"), "{reason}");
 }
 
+/// Issue 21, defect 9: a Restore that finished while every write of its status was refused is
+/// reported by the next controller from its log — not run again, and not counted a second time
+/// (the next process counts neither an attempt nor a success).
+#[test]
+fn a_finished_but_unreported_restore_is_reported_and_not_counted_again() {
+    use blockwise_simulator::server::{Fault, Verb};
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/source: Completed");
+    server.faults().add(Fault::new(Verb::Write, Some("restores.blockwise.dev/status"), 503, u32::MAX));
+    let restore = format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: told\n  namespace: {NS}\n\
+         spec:\n  backupName: source\n  namespaceMapping:\n    {ns}: {ns}-told\n"
+    );
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
+    ctl.wait_for(&format!("restore {NS}/told: ended Completed"));
+    let text = http_get(&ctl.metrics_addr(), "/metrics");
+    assert_eq!(metric(&text, "blockwise_restore_success_total"), Some(1.0), "{text}");
+    ctl.kill();
+    server.faults().clear();
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    ctl.wait_for(&format!("restore {NS}/told: its log had finished before its status was reported; reporting it"));
+    let r = wait_restore(&rt, &sim, "told", 60, "Completed");
+    let s = r.status.unwrap();
+    assert_eq!((s.resumed_count, s.retry_count), (0, 0), "{s:?}");
+    let text = http_get(&ctl.metrics_addr(), "/metrics");
+    for counter in
+        ["blockwise_restore_attempt_total", "blockwise_restore_success_total", "blockwise_restore_resumed_total"]
+    {
+        assert_eq!(metric(&text, counter), Some(0.0), "{counter} counted again:\n{text}");
+    }
+}
+
 /// Issue 21, defect 9: a Restore half done when its Backup is deleted is not validated again (it
 /// was valid when it started: not FailedValidation) and, its archive gone, ends Failed saying so
 /// on its next run — not InProgress, retried for ever.
