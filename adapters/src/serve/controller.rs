@@ -1138,6 +1138,26 @@ fn api_namespace(api: &Api<Backup>) -> String {
 mod tests {
     use super::*;
 
+    /// Issue 21, defect 11: blocking file work leaves the runtime's workers free. On a runtime
+    /// with a single worker, the work waits for a message that only a task on that worker sends:
+    /// run on the worker itself, it would wait out the timeout (the Lease's renewal, starved).
+    #[test]
+    fn blocking_work_runs_off_the_workers() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let got = rt.block_on(async {
+            let (tx, rx) = std::sync::mpsc::channel::<&str>();
+            let renewal = tokio::spawn(async move { tx.send("renewed").ok() });
+            let work = off_worker(move || {
+                rx.recv_timeout(Duration::from_secs(30))
+                    .map_err(|e| SessionError::State { name: "probe".into(), message: e.to_string() })
+            });
+            let got = work.await;
+            renewal.await.ok();
+            got
+        });
+        assert_eq!(got.unwrap(), "renewed");
+    }
+
     #[test]
     fn a_status_patch_clears_what_the_status_leaves_unset() {
         let p = status_patch(&BackupStatus { phase: Some("InProgress".into()), ..BackupStatus::default() });
