@@ -2,9 +2,9 @@
 //! (`blockwise_engine::service`) and the real tenancy validation over an hour of users creating,
 //! deleting and recreating Backups and Restores in the controller's, tenants' and strangers'
 //! namespaces, store outages, controller kills, clock jumps and two replicas whose paused leader
-//! loses its Lease, judged by
-//! `simulator/src/service.rs` (C2, C3, C4, Q1) from the world's own records. Fixed seeds in CI; `BLOCKWISE_SERVICE_SEEDS` raises the count locally. A failure
-//! names the seed, whose run is deterministic.
+//! loses its Lease, judged by `simulator/src/service.rs` (C2, C3, C4, Q1) from the world's own
+//! records. Fixed seeds in CI; `BLOCKWISE_SERVICE_SEEDS` raises the count locally. A failure names
+//! the seed, whose run is deterministic.
 
 use blockwise_simulator::service::simulate_service;
 

@@ -116,5 +116,5 @@ fn simulate_reports_the_schedule_world_beside_the_engine_world() {
     assert_exit(&out, 0, "one seed passes");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("schedules: 1 simulated years") && text.contains("(judges Y1-Y7, C1, C5)"), "{text}");
-    assert!(text.contains("service: 1 worlds") && text.contains("(judges C3, C4, Q1)"), "{text}");
+    assert!(text.contains("service: 1 worlds") && text.contains("(judges C2, C3, C4, Q1)"), "{text}");
 }
