@@ -656,9 +656,50 @@ pub fn backup_name(schedule: &str, ms: i64) -> String {
     format!("{schedule}-{:04}{:02}{:02}{:02}{:02}{secs:02}", c.year, c.month, c.day, c.hour, c.minute)
 }
 
+/// When the controller started `backup`, a Backup of `schedule`, on the controller's own clock:
+/// the instant its name carries ([`backup_name`]), to the second. `None` for a name of another
+/// form. The step compares it with `now_ms` and `lastBackup`, both on that clock — not with the
+/// API server's `creationTimestamp`, which a skewed clock puts minutes or hours away.
+pub fn started_ms_of_name(schedule: &str, backup: &str) -> Option<i64> {
+    let t = backup.strip_prefix(schedule)?.strip_prefix('-')?;
+    if t.len() != 14 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    parse_utc_timestamp(&format!("{}-{}-{}T{}:{}:{}Z", &t[..4], &t[4..6], &t[6..8], &t[8..10], &t[10..12], &t[12..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scheduled_backup_names_its_start_on_the_controllers_clock() {
+        let ms = at(2026, 12, 5, 3, 0) + 7_250;
+        assert_eq!(started_ms_of_name("nightly", &backup_name("nightly", ms)), Some(ms - 250));
+        assert_eq!(started_ms_of_name("nightly", "nightly-2026120503000"), None, "13 digits");
+        assert_eq!(started_ms_of_name("nightly", "other-20261205030000"), None);
+        assert_eq!(started_ms_of_name("nightly", "nightly-2026120503000x"), None);
+        // Why it matters: a step that took the API server's creationTimestamp, two minutes ahead
+        // of the controller's clock, would find a 5-minute schedule not due when it is.
+        let cron = Cron::parse("@every 5m").unwrap();
+        let (last, now) = (at(2026, 12, 5, 3, 0), at(2026, 12, 5, 3, 5));
+        let view = |started_ms| {
+            let backups = vec![ScheduledBackup { name: backup_name("s", last), started_ms, outcome: Outcome::Usable }];
+            step(&ScheduleView {
+                name: "s",
+                cron: &cron,
+                retention: &Retention::default(),
+                paused: false,
+                created_ms: last - 3_600_000,
+                status_last_ms: Some(last),
+                remembered: None,
+                backups: &backups,
+                now_ms: now,
+            })
+        };
+        assert!(view(started_ms_of_name("s", &backup_name("s", last)).unwrap()).start.is_some());
+        assert!(view(last + 120_000).start.is_none(), "the skewed creationTimestamp delays the run");
+    }
 
     /// Milliseconds of a UTC civil time.
     fn at(y: i64, mo: u32, d: u32, h: u32, mi: u32) -> i64 {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockwise_engine::schedule::{
-    backup_name, parse_utc_timestamp, step, Cron, Outcome, Retention, ScheduleView, ScheduledBackup,
+    backup_name, parse_utc_timestamp, started_ms_of_name, step, Cron, Outcome, Retention, ScheduleView, ScheduledBackup,
 };
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -218,8 +218,7 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
         .filter(|b| b.metadata.deletion_timestamp.is_none() || !backup_phase::is_terminal(&phase_of(b)))
         .map(|b| ScheduledBackup {
             name: b.name_any(),
-            // When the schedule made it (a queued Backup starts later; its run was due then).
-            started_ms: b.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond()),
+            started_ms: started_ms(b, &name),
             outcome: Outcome::of_phase(&phase_of(b)),
         })
         .collect();
@@ -313,10 +312,35 @@ pub async fn run_controller(api: Api<Schedule>, backups: Api<Backup>, ctx: Arc<S
         .await;
 }
 
+/// When the schedule made Backup `b` (a queued Backup starts later; its run was due then), on
+/// this controller's clock, as `now` and `lastBackup` are: the instant in its name; its
+/// creationTimestamp (the API server's clock) only for a name of another form.
+fn started_ms(b: &Backup, schedule: &str) -> i64 {
+    started_ms_of_name(schedule, &b.name_any())
+        .unwrap_or_else(|| b.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_millisecond()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_scheduled_backups_start_is_on_the_controllers_clock_not_the_api_servers() {
+        let made = |name: &str, created: &str| -> Backup {
+            serde_json::from_value(json!({
+                "apiVersion": "blockwise.dev/v1alpha1", "kind": "Backup",
+                "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created},
+                "spec": {},
+            }))
+            .unwrap()
+        };
+        // The API server's clock is ten minutes ahead of the controller's.
+        let b = made("nightly-20261205030000", "2026-12-05T03:10:00Z");
+        assert_eq!(started_ms(&b, "nightly"), parse_utc_timestamp("2026-12-05T03:00:00Z").unwrap());
+        let other = made("by-hand", "2026-12-05T03:10:00Z");
+        assert_eq!(started_ms(&other, "nightly"), parse_utc_timestamp("2026-12-05T03:10:00Z").unwrap());
+    }
 
     fn schedule(spec: serde_json::Value) -> Schedule {
         let mut s = Schedule::new("nightly", serde_json::from_value(spec).unwrap());
