@@ -1089,6 +1089,28 @@ fn wait_restore(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, 
     })
 }
 
+/// What a Restore test starts from: the in-process demo cluster, a controller on it (its data
+/// directory) and a Backup `source` of the first demo namespace (returned), Completed.
+fn a_completed_source(
+    rt: &tokio::runtime::Runtime,
+) -> (blockwise_simulator::server::FakeApiServer, Sim, PathBuf, Proc, String) {
+    let (server, sim) = in_process_sim(rt);
+    let data = sim.dir.path().join("controller");
+    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
+    let ns = namespaces()[0].clone();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
+    ctl.wait_for("backup blockwise-system/source: Completed");
+    (server, sim, data, ctl, ns)
+}
+
+/// A Restore `name` (in the controller's namespace) of `backup`, mapping `from` to `to`.
+fn restore_yaml(name: &str, backup: &str, from: &str, to: &str) -> String {
+    format!(
+        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: {name}\n  namespace: {NS}\n\
+         spec:\n  backupName: {backup}\n  namespaceMapping:\n    {from}: {to}\n"
+    )
+}
+
 /// Issue 21, defects 7 and 9: a Restore whose creates meet an unavailable API server (503s past
 /// the retries) stops; it stays InProgress with the reason and its progress so far, and the same
 /// controller resumes it with backoff once the server answers — counted as one attempt and one
@@ -1097,19 +1119,9 @@ fn wait_restore(rt: &tokio::runtime::Runtime, sim: &Sim, name: &str, secs: u64, 
 fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_restorable() {
     use blockwise_simulator::server::{Fault, Verb};
     let rt = rt();
-    let (server, sim) = in_process_sim(&rt);
-    let data = sim.dir.path().join("controller");
-    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
-    let ns = namespaces()[0].clone();
-    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
-    ctl.wait_for("backup blockwise-system/source: Completed");
+    let (server, sim, _, mut ctl, ns) = a_completed_source(&rt);
     server.faults().add(Fault::new(Verb::Write, Some("configmaps"), 503, u32::MAX));
-    let restore = |name: &str, backup: &str| {
-        format!(
-            "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: {name}\n  namespace: {NS}\n\
-             spec:\n  backupName: {backup}\n  namespaceMapping:\n    {ns}: {ns}-again\n"
-        )
-    };
+    let restore = |name: &str, backup: &str| restore_yaml(name, backup, &ns, &format!("{ns}-again"));
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore("again", "source")));
     let line = ctl.wait_for(&format!("restore {NS}/again: stopped ("));
     assert!(line.contains("resuming it in 2 s"), "{line}");
@@ -1148,17 +1160,9 @@ fn a_restore_stopped_by_an_outage_is_resumed_and_an_unfinished_backup_is_not_res
 fn a_finished_but_unreported_restore_is_reported_and_not_counted_again() {
     use blockwise_simulator::server::{Fault, Verb};
     let rt = rt();
-    let (server, sim) = in_process_sim(&rt);
-    let data = sim.dir.path().join("controller");
-    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
-    let ns = namespaces()[0].clone();
-    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
-    ctl.wait_for("backup blockwise-system/source: Completed");
+    let (server, sim, data, mut ctl, ns) = a_completed_source(&rt);
     server.faults().add(Fault::new(Verb::Write, Some("restores.blockwise.dev/status"), 503, u32::MAX));
-    let restore = format!(
-        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: told\n  namespace: {NS}\n\
-         spec:\n  backupName: source\n  namespaceMapping:\n    {ns}: {ns}-told\n"
-    );
+    let restore = restore_yaml("told", "source", &ns, &format!("{ns}-told"));
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
     ctl.wait_for(&format!("restore {NS}/told: ended Completed"));
     let text = http_get(&ctl.metrics_addr(), "/metrics");
@@ -1185,18 +1189,10 @@ fn a_finished_but_unreported_restore_is_reported_and_not_counted_again() {
 fn a_half_done_restore_whose_backup_is_deleted_ends_failed_not_revalidated() {
     use blockwise_simulator::server::{Fault, Verb};
     let rt = rt();
-    let (server, sim) = in_process_sim(&rt);
-    let data = sim.dir.path().join("controller");
-    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
-    let ns = namespaces()[0].clone();
-    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
-    ctl.wait_for("backup blockwise-system/source: Completed");
+    let (server, sim, data, mut ctl, ns) = a_completed_source(&rt);
     // ConfigMap creates answered 503 until cleared: the restore plans, then stops half done.
     server.faults().add(Fault::new(Verb::Write, Some("configmaps"), 503, u32::MAX));
-    let restore = format!(
-        "apiVersion: blockwise.dev/v1alpha1\nkind: Restore\nmetadata:\n  name: half\n  namespace: {NS}\n\
-         spec:\n  backupName: source\n  namespaceMapping:\n    {ns}: {ns}-half\n"
-    );
+    let restore = restore_yaml("half", "source", &ns, &format!("{ns}-half"));
     sim.kubectl_ok(&["apply", "-f", "-"], Some(&restore));
     ctl.wait_for(&format!("restore {NS}/half: stopped ("));
     sim.kubectl_ok(&["delete", "bwb", "source", "-n", NS], None);
@@ -1218,12 +1214,7 @@ fn a_half_done_restore_whose_backup_is_deleted_ends_failed_not_revalidated() {
 fn a_restore_created_again_under_a_running_ones_name_runs_itself() {
     use blockwise_simulator::server::{Fault, Verb};
     let rt = rt();
-    let (server, sim) = in_process_sim(&rt);
-    let data = sim.dir.path().join("controller");
-    let mut ctl = sim.controller(&data, &["--no-leader-election"]);
-    let ns = namespaces()[0].clone();
-    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("source", std::slice::from_ref(&ns))));
-    ctl.wait_for("backup blockwise-system/source: Completed");
+    let (server, sim, _, mut ctl, ns) = a_completed_source(&rt);
     let restore = |target: &str| -> Restore {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "blockwise.dev/v1alpha1", "kind": "Restore",
