@@ -49,7 +49,7 @@ use blockwise_adapters::serve::crd::{Backup as BackupCr, Locations, Scope, Tenan
 use blockwise_adapters::session::StorageSpec;
 use blockwise_engine::service::{
     backup_step, deletion_step, is_terminal_phase, namespaces_overlap, queue_wait, restore_step, retry_backoff_ms,
-    BackupLook, BackupStep, DeletionStep, LogLook, QueueEntry, RunEnd, RunRegistry,
+    BackupLook, BackupStep, DeletionStep, LogLook, QueueEntry, RunEnd, RunId, RunRegistry,
 };
 
 use crate::check::Violation;
@@ -242,6 +242,19 @@ fn written_prefix(storage: &StorageSpec, ns: &str, name: &str) -> String {
             let sep = if prefix.is_empty() { "" } else { "/" };
             format!("s3:{}:{}/{prefix}{sep}backups/{name}/", l.endpoint.as_deref().unwrap_or(""), l.bucket)
         }
+    }
+}
+
+/// How a run of `id` ends that stopped on an outage (`refused`: whose log another process held),
+/// one more in a row than `registry` remembers, due again after the real backoff on `clock` — as
+/// the controllers count them (a refusal is a stop for the backoff).
+fn again(registry: &RunRegistry, id: &RunId, clock: i64, refused: bool) -> RunEnd {
+    let stops = registry.end_of(id).map_or(0, |e| e.stops()) + 1;
+    let retry_at_ms = clock + retry_backoff_ms(stops);
+    if refused {
+        RunEnd::Refused { stops, retry_at_ms }
+    } else {
+        RunEnd::Stopped { stops, retry_at_ms }
     }
 }
 
@@ -499,17 +512,9 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 }
             }
             ctl.running.remove(&k);
-            let prev = ctl.registry.end_of(&(k.0.clone(), k.1.clone(), uid.clone()));
-            let stops = match prev {
-                Some(RunEnd::Stopped { stops, .. }) => stops,
-                _ => 0,
-            };
-            let end = if stopped {
-                RunEnd::Stopped { stops: stops + 1, retry_at_ms: clock + retry_backoff_ms(stops + 1) }
-            } else {
-                RunEnd::Terminal
-            };
-            ctl.registry.record((k.0.clone(), k.1.clone(), uid), end);
+            let id = (k.0.clone(), k.1.clone(), uid);
+            let end = if stopped { again(&ctl.registry, &id, clock, false) } else { RunEnd::Terminal };
+            ctl.registry.record(id, end);
         }
         // Restore runs that end now: their status written for the object they ran for (the API
         // server refuses the write when the Restore of the name is another object now).
@@ -526,8 +531,7 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
             let id = (HOME.to_string(), name.clone(), run.uid.clone());
             let end = if now < outage_until {
                 report.stops += 1;
-                let stops = ctl.restore_registry.end_of(&id).map_or(0, |e| e.stops());
-                RunEnd::Stopped { stops: stops + 1, retry_at_ms: clock + retry_backoff_ms(stops + 1) }
+                again(&ctl.restore_registry, &id, clock, false)
             } else {
                 if let Some(l) = restore_logs.get_mut(&name).filter(|l| l.uid == run.uid) {
                     l.finished = true;
@@ -707,9 +711,8 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                             // A paused process still holds its log: the open fails, and the start is
                             // tried again after the backoff, as a stopped run is.
                             report.lock_refusals += 1;
-                            let stops = ctl.registry.end_of(&id).map_or(0, |e| e.stops());
-                            let retry_at_ms = clock + retry_backoff_ms(stops + 1);
-                            ctl.registry.record(id, RunEnd::Refused { stops: stops + 1, retry_at_ms });
+                            let end = again(&ctl.registry, &id, clock, true);
+                            ctl.registry.record(id, end);
                             continue;
                         }
                         // A run of a log that finished already touches nothing (it stores the
@@ -868,9 +871,8 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 if restore_runs.get(&name).is_some_and(|x| x.by != me) {
                     // A paused process still holds the restore's log.
                     report.lock_refusals += 1;
-                    let stops = ctl.restore_registry.end_of(&id).map_or(0, |e| e.stops());
-                    let retry_at_ms = clock + retry_backoff_ms(stops + 1);
-                    ctl.restore_registry.record(id, RunEnd::Refused { stops: stops + 1, retry_at_ms });
+                    let end = again(&ctl.restore_registry, &id, clock, true);
+                    ctl.restore_registry.record(id, end);
                     continue;
                 }
                 if restore_runs.contains_key(&name) {
