@@ -503,7 +503,10 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     // As a backup's run: the driver's future runs on a blocking thread of its own.
     tokio::task::spawn_blocking(move || {
         handle.block_on(async move {
-            let stopped = run(session, base, (&api, &uid), &ctx, &ns, stops, finished_before).await;
+            // A log that finished in a run of this process which then stopped (its last status
+            // write failed) was not counted: `stops` says so.
+            let counted = finished_before && stops == 0;
+            let stopped = run(session, base, (&api, &uid), &ctx, &ns, stops, counted).await;
             let end = match stopped {
                 Some(retry_at_ms) => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
                 None => RunEnd::Terminal,
@@ -531,7 +534,9 @@ impl RestoreObserver for StatusObserver {
     fn event(&mut self, _: &RestoreEvent, _: &RestoreState) {}
 
     fn committed(&mut self, state: &RestoreState) {
-        if self.last.elapsed() >= self.interval {
+        // A finished state's status goes out from the run, after its end is counted: a client
+        // that sees the terminal phase then sees its metrics too.
+        if self.last.elapsed() >= self.interval && state.finished_ms.is_none() {
             self.last = Instant::now();
             let status = status_of(state, &self.base);
             self.latest = Some(status.clone());
@@ -555,8 +560,11 @@ async fn run(
     let name = session.state().spec.name.clone();
     let first = status_of(session.state(), &base);
     let written_before = written(session.state());
-    if let Err(e) = patch_status(api, &name, uid, &first).await {
-        eprintln!("warning: restore {name}: {e}");
+    // A finished log's terminal status goes out once, after its end is counted.
+    if session.state().finished_ms.is_none() {
+        if let Err(e) = patch_status(api, &name, uid, &first).await {
+            eprintln!("warning: restore {name}: {e}");
+        }
     }
     let (tx, mut rx) = watch::channel::<Option<RestoreStatus>>(None);
     let patcher = {
@@ -667,6 +675,29 @@ mod tests {
         let mut r = Restore::new("r", serde_json::from_value(spec).unwrap());
         r.metadata.namespace = Some("ns".into());
         r
+    }
+
+    /// A client that sees a Restore's terminal phase sees its end in the metrics too: the status
+    /// patcher never sends a finished state; the run sends it after counting.
+    #[test]
+    fn the_observer_never_sends_a_finished_status() {
+        use blockwise_engine::restore_run::RestoreSpec;
+        let (tx, rx) = watch::channel::<Option<RestoreStatus>>(None);
+        let mut observer = StatusObserver {
+            tx,
+            base: RestoreStatus::default(),
+            last: Instant::now(),
+            interval: Duration::ZERO,
+            latest: None,
+        };
+        let requested =
+            RestoreEvent::Requested { spec: RestoreSpec::new("r", "b"), source: "s".into(), workers: 1, at_ms: 1 };
+        let mut state = RestoreState::fold(&[requested]).unwrap();
+        observer.committed(&state);
+        assert_eq!(rx.borrow().as_ref().and_then(|s| s.phase.clone()).as_deref(), Some("InProgress"));
+        state.finished_ms = Some(2);
+        observer.committed(&state);
+        assert_eq!(rx.borrow().as_ref().and_then(|s| s.phase.clone()).as_deref(), Some("InProgress"));
     }
 
     #[test]
