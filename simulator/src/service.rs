@@ -12,8 +12,9 @@
 //! often while they run, and create them again under the name. Users create Restores of those
 //! Backups (finished or not, existing or not), delete them while they run and create them again
 //! under the name. Runs take seconds to a minute, with a pod's hook window open while a Backup's
-//! runs; the store has outages (a run that ends inside one stops: its windows closed, its log
-//! resumable); a controller is killed at any tick (its registries and running sets lost, its runs
+//! runs; a run that is not stopped ends Completed or, in some worlds, Failed or PartiallyFailed
+//! (a failed hook, a snapshot not cut; its window closed); the store has outages (a run that ends
+//! inside one stops: its windows closed, its log resumable); a controller is killed at any tick (its registries and running sets lost, its runs
 //! interrupted with their windows as they were) and comes back after a few seconds; its clock
 //! jumps (forward or back, ten minutes to three hours) and stays wrong; its caches lag behind
 //! writes (its own too) by a tick or more. In half the worlds two replicas run behind the Lease:
@@ -94,6 +95,8 @@ struct Obj {
 struct Log {
     uid: String,
     finished: bool,
+    /// The phase it finished with (Completed, PartiallyFailed or Failed).
+    ended: Option<&'static str>,
     stopped: bool,
     /// A pod of it is frozen now (a run opened its window and has not closed it).
     window_open: bool,
@@ -158,6 +161,10 @@ pub struct ServiceReport {
     pub runs: u64,
     /// Runs stopped by a store outage.
     pub stops: u64,
+    /// Backup runs that ended Failed (a Fail-mode hook failed, a snapshot could not be cut).
+    pub failed: u64,
+    /// Backup runs that ended PartiallyFailed (an item or a Continue-mode hook failed).
+    pub partially_failed: u64,
     /// Runs interrupted by a controller kill.
     pub interrupted: u64,
     /// Deletions asked while the Backup's run went on or its log was unfinished.
@@ -327,6 +334,8 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
     let delete_p = *rng.pick(&[0.01, 0.03]).unwrap_or(&0.01);
     let jump_p = *rng.pick(&[0.0, 0.002, 0.006]).unwrap_or(&0.002);
     let restore_p = *rng.pick(&[0.0, 0.005, 0.015]).unwrap_or(&0.005);
+    // How likely a Backup run that is not stopped ends Failed or PartiallyFailed (half each).
+    let fail_p = *rng.pick(&[0.0, 0.1, 0.3]).unwrap_or(&0.1);
     let replicas = 1 + rng.below(2) as usize;
     let pause_p = if replicas == 2 { *rng.pick(&[0.001, 0.003]).unwrap_or(&0.001) } else { 0.0 };
     report.two_replicas = u64::from(replicas == 2);
@@ -506,9 +515,24 @@ pub fn simulate_service(seed: u64) -> ServiceReport {
                 log.stopped = true;
                 report.stops += 1;
             } else {
+                // A run of a log that had finished reports the phase it finished with.
+                let phase = match log.ended {
+                    Some(p) if log.finished => p,
+                    _ if rng.chance(fail_p) => {
+                        if rng.chance(0.5) {
+                            report.failed += 1;
+                            "Failed"
+                        } else {
+                            report.partially_failed += 1;
+                            "PartiallyFailed"
+                        }
+                    }
+                    _ => "Completed",
+                };
                 log.finished = true;
+                log.ended = Some(phase);
                 if let Some(o) = objs.get_mut(&k).filter(|o| o.uid == uid) {
-                    o.phase = Some("Completed");
+                    o.phase = Some(phase);
                 }
             }
             ctl.running.remove(&k);

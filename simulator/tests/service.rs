@@ -20,10 +20,13 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
     let (mut tenants, mut refused, mut jumps, mut restore_runs, mut restores_while_running, mut late) =
         (0, 0, 0, 0, 0, 0);
     let (mut pairs, mut pauses, mut takeovers, mut losses, mut lock_refusals, mut stale) = (0, 0, 0, 0, 0, 0);
+    let (mut failed, mut partially_failed) = (0, 0);
     for seed in 0..seed_count() {
         let r = simulate_service(seed);
         runs += r.runs;
         stops += r.stops;
+        failed += r.failed;
+        partially_failed += r.partially_failed;
         interrupted += r.interrupted;
         while_running += r.deletions_while_running;
         deleted += r.deleted;
@@ -48,6 +51,8 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
     for (what, n) in [
         ("runs", runs),
+        ("runs ended Failed", failed),
+        ("runs ended PartiallyFailed", partially_failed),
         ("runs stopped by an outage", stops),
         ("runs interrupted by a kill", interrupted),
         ("deletions while running", while_running),
@@ -70,7 +75,7 @@ fn the_service_world_holds_every_invariant_over_fixed_seeds() {
         assert!(n > 0, "no {what} in {} seeds", seed_count());
     }
     println!(
-        "{} service worlds: {runs} runs, {stops} stopped, {interrupted} interrupted, {kills} kills, {jumps} clock jumps, {while_running} deletions while running, {deleted} deleted, {queued} queued looks, {tenants} tenants' Backups, {refused} refused, {restore_runs} restore runs, {restores_while_running} Restores deleted while running, {late} late writes refused, {pairs} with two replicas: {pauses} pauses, {takeovers} Lease takeovers, {losses} Leases lost, {lock_refusals} starts refused by a log lock, {stale} stale looks",
+        "{} service worlds: {runs} runs, {failed} Failed, {partially_failed} PartiallyFailed, {stops} stopped, {interrupted} interrupted, {kills} kills, {jumps} clock jumps, {while_running} deletions while running, {deleted} deleted, {queued} queued looks, {tenants} tenants' Backups, {refused} refused, {restore_runs} restore runs, {restores_while_running} Restores deleted while running, {late} late writes refused, {pairs} with two replicas: {pauses} pauses, {takeovers} Lease takeovers, {losses} Leases lost, {lock_refusals} starts refused by a log lock, {stale} stale looks",
         seed_count()
     );
 }

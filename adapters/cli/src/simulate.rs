@@ -225,6 +225,8 @@ struct ServiceTotals {
     created: u64,
     runs: u64,
     stops: u64,
+    failed: u64,
+    partially_failed: u64,
     interrupted: u64,
     kills: u64,
     deletions_while_running: u64,
@@ -251,6 +253,8 @@ impl ServiceTotals {
         self.created += w.created;
         self.runs += w.runs;
         self.stops += w.stops;
+        self.failed += w.failed;
+        self.partially_failed += w.partially_failed;
         self.interrupted += w.interrupted;
         self.kills += w.kills;
         self.deletions_while_running += w.deletions_while_running;
@@ -274,7 +278,8 @@ impl ServiceTotals {
     fn json(&self) -> serde_json::Value {
         json!({
             "worlds": self.worlds, "backups": self.created, "runs": self.runs,
-            "stopped_by_outages": self.stops, "interrupted_by_kills": self.interrupted,
+            "stopped_by_outages": self.stops, "ended_failed": self.failed,
+            "ended_partially_failed": self.partially_failed, "interrupted_by_kills": self.interrupted,
             "controller_kills": self.kills, "deletions_while_running": self.deletions_while_running,
             "deleted": self.deleted, "queued_looks": self.queued,
             "tenant_backups": self.tenant_backups, "refused_by_validation": self.refused,
@@ -289,12 +294,14 @@ impl ServiceTotals {
 
     fn line(&self) -> String {
         format!(
-            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused; {} worlds with two replicas: {} pauses, {} Lease takeovers, {} Leases lost, {} starts refused by a log lock; {} looks at a stale cache (judges C2, C3, C4, Q1)",
+            "service: {} worlds, {} backups ({} tenants', {} refused by validation), {} runs ({} ended Failed, {} PartiallyFailed, {} stopped by outages, {} interrupted by {} controller kills), {} clock jumps, {} deletions while running, {} deleted, {} queued looks; {} restores, {} restore runs, {} deleted while running, {} late status writes refused; {} worlds with two replicas: {} pauses, {} Lease takeovers, {} Leases lost, {} starts refused by a log lock; {} looks at a stale cache (judges C2, C3, C4, Q1)",
             self.worlds,
             self.created,
             self.tenant_backups,
             self.refused,
             self.runs,
+            self.failed,
+            self.partially_failed,
             self.stops,
             self.interrupted,
             self.kills,
