@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use blockwise_engine::item::{ItemKey, ResourceType};
@@ -40,6 +41,9 @@ use crate::world::TokioRuntime;
 
 /// Bytes of a hook's stdout and of its stderr kept; the rest is read and dropped.
 pub const EXEC_OUTPUT_BYTES_MAX: usize = 16 * 1024;
+/// The longest a TCP (and TLS) connect to the API server may take (or the request timeout, when
+/// shorter).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a cluster could not be configured; names the kubeconfig file and context.
 #[derive(Debug, thiserror::Error)]
@@ -143,9 +147,16 @@ impl KubeCluster {
         // kube's own retry layer (15 retries, delays up to 1000 s) would hide our bounded policy.
         let mut config = config;
         config.default_retry = false;
+        // Deadlines (issue 22): a connect, and every request's answer (its status and headers: a
+        // watch's or an exec's stream then goes on for as long as it needs), within the request
+        // timeout; an API server that accepts and never answers fails the call as unavailable.
+        let request_timeout = Duration::from_millis(crate::retry::request_timeout_ms());
+        config.connect_timeout = Some(request_timeout.min(CONNECT_TIMEOUT));
         let server = config.cluster_url.to_string().trim_end_matches('/').to_string();
-        let client = Client::try_from(config)
-            .map_err(|e| KubeConfigError::Client { server: server.clone(), message: error_chain(&e) })?;
+        let client = kube::client::ClientBuilder::try_from(config)
+            .map_err(|e| KubeConfigError::Client { server: server.clone(), message: error_chain(&e) })?
+            .with_layer(&tower::timeout::TimeoutLayer::new(request_timeout))
+            .build();
         Ok(KubeCluster { client, server, context: ctx })
     }
 
@@ -250,6 +261,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A kube-rs error as a user reads it: a request the client's deadline cut is "no answer from
+/// the API server within …", anything else its chain of causes.
+pub fn error_text(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Service(inner) if inner.is::<tower::timeout::error::Elapsed>() => format!(
+            "no answer from the API server within {}",
+            crate::retry::go_duration(crate::retry::request_timeout_ms())
+        ),
+        e => error_chain(e),
+    }
+}
+
 fn classify(what: &str, e: &kube::Error) -> Failure {
     match e {
         kube::Error::Api(status) => {
@@ -271,6 +294,9 @@ fn classify(what: &str, e: &kube::Error) -> Failure {
                 429 | 500..=599 => Failure::Retryable(msg),
                 _ => Failure::Final(ClusterError::Other(msg)),
             }
+        }
+        kube::Error::Service(inner) if inner.is::<tower::timeout::error::Elapsed>() => {
+            Failure::Retryable(format!("{what}: {}", error_text(e)))
         }
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => {
             Failure::Retryable(format!("{what}: {}", error_chain(e)))

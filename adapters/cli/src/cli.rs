@@ -48,6 +48,11 @@ pub const RESUME_PAGE_SIZE: u32 = 500;
 struct Cli {
     #[command(flatten)]
     data: DataDirArgs,
+    /// The longest one request to the Kubernetes API server (a connect, a list page, a get, a
+    /// write, the answer to a watch or an exec) may go unanswered before it is retried or given up,
+    /// e.g. 30s or 5s (kubectl's flag; hooks are bounded by their own timeout)
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    request_timeout: u64,
     #[command(subcommand)]
     command: Top,
 }
@@ -973,6 +978,7 @@ pub fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
         }
     };
+    blockwise_adapters::retry::set_request_timeout_ms(cli.request_timeout);
     let data = DataDir::new(cli.data.data_dir);
     let command = match cli.command {
         Top::Backup { command } => command,

@@ -163,7 +163,7 @@ fn api_err(what: String, server: &str) -> impl FnOnce(kube::Error) -> anyhow::Er
             s.message
         ),
         kube::Error::Api(s) => anyhow!("{what}: {} ({})", s.message, s.code),
-        _ => anyhow!("{what}: cannot reach the API server {server}: {e}"),
+        _ => anyhow!("{what}: cannot reach the API server {server}: {}", blockwise_adapters::kube::error_text(&e)),
     }
 }
 

@@ -51,7 +51,7 @@ fn serve_demo() -> Served {
 
 impl Served {
     fn cluster(&self) -> RetryingCluster {
-        let fast = RetryPolicy { attempts_max: 4, backoff_base_ms: 5, backoff_max_ms: 20 };
+        let fast = RetryPolicy { attempts_max: 4, backoff_base_ms: 5, backoff_max_ms: 20, attempt_deadline_ms: 30_000 };
         let kube = self.rt.block_on(KubeCluster::connect(Some(&self.kubeconfig), None)).unwrap();
         RetryingCluster::new(Arc::new(kube), fast, Arc::new(TokioRuntime))
     }
@@ -546,4 +546,110 @@ fn backup_delete_deletes_the_storage_snapshots_it_holds_and_a_failed_deletion_fi
         "no snapshot object is left in the cluster: {:?}",
         s.server.cluster().snapshot_objects()
     );
+}
+
+/// An API server that accepts connections and never answers (a stopped process, a stuck proxy):
+/// every connection is held open, unread, until the server is dropped.
+struct BlackHole {
+    url: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn start() -> BlackHole {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = conn {
+                    held.push(c);
+                }
+            }
+        });
+        BlackHole { url, stop, thread: Some(thread) }
+    }
+
+    fn kubeconfig(&self, path: &Path) {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: hole\n  cluster: {{server: \"{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: hole\n  context: {{cluster: hole, user: u}}\ncurrent-context: hole\n",
+            self.url
+        );
+        std::fs::write(path, yaml).unwrap();
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the flag.
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://"));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs the binary; a run still going after `bound` is killed and fails the test (a hang, not a
+/// slow answer: the bound is many times what the request timeouts add up to).
+fn blockwise_within(home: &Path, data: &Path, args: &[&str], bound: Duration) -> Output {
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running blockwise");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(bound) {
+        Ok(out) => out.expect("waiting for blockwise"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("blockwise {args:?} still ran after {bound:?}: it hangs on an API server that never answers");
+        }
+    }
+}
+
+/// Issue 22: against an API server that accepts and never answers, `backup create`, `restore
+/// create` and `schedule create` give up with exit 1 naming the server and the unanswered request
+/// (they hung for 15 minutes and more before: no request had a deadline).
+#[test]
+fn commands_against_a_server_that_never_answers_give_up_naming_it() {
+    let hole = BlackHole::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    hole.kubeconfig(&kc);
+    let kc = kc.to_str().unwrap();
+    let data = dir.path().join("data");
+    let bound = Duration::from_secs(120);
+    // A backup to restore, from the demo (no cluster needed).
+    let out = blockwise(dir.path(), &data, &["backup", "create", "src", "--demo", "--demo-objects", "40"]);
+    check_exit(&out, 0, "the demo backup");
+    for args in [
+        vec!["backup", "create", "b", "--kubeconfig", kc],
+        vec!["restore", "create", "r", "--from-backup", "src", "--kubeconfig", kc],
+        vec!["schedule", "create", "s", "--schedule", "@daily", "--kubeconfig", kc],
+    ] {
+        let mut args = args;
+        args.extend(["--request-timeout", "1s"]);
+        let out = blockwise_within(dir.path(), &data, &args, bound);
+        check_exit(&out, 1, &format!("{args:?}"));
+        let err = text(&out.stderr);
+        assert!(err.contains(&hole.url), "{args:?} names the server: {err}");
+        assert!(err.contains("no answer from the API server within 1s"), "{args:?} says why: {err}");
+    }
 }
