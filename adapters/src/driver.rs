@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use blockwise_engine::body::Body;
 use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
-use blockwise_engine::ports::Cluster;
+use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
 use futures::stream::FuturesUnordered;
@@ -116,19 +116,57 @@ async fn stage(
     Ok((Sha256::digest(json.as_bytes()).into(), json.len() as u64))
 }
 
+/// Whether a call's failure is the API server's absence: a transient failure (past its retries)
+/// after which the server does not answer at all. A resource that keeps answering 503 (an
+/// aggregated API whose backend is down) is that resource's failure, recorded as such; only a
+/// server that cannot be reached stops the run. `Some(why)` names both.
+async fn unreachable(cluster: &dyn Cluster, error: Option<&ClusterError>) -> Option<String> {
+    let Some(e @ ClusterError::Unavailable(_)) = error else { return None };
+    match cluster.reachable().await {
+        Err(ClusterError::Unavailable(probe)) => Some(format!("{e}; then {probe}")),
+        _ => None,
+    }
+}
+
+/// A snapshot command's completion, or — when some of it failed and the API server does not
+/// answer — [`Completion::Unreachable`]: the failures are the cluster's, not the snapshots'.
+async fn unless_unreachable(cluster: &dyn Cluster, failed: bool, what: &str, done: Completion) -> Completion {
+    if !failed {
+        return done;
+    }
+    match cluster.reachable().await {
+        Err(ClusterError::Unavailable(m)) => Completion::Unreachable(format!("{what}: {m}")),
+        _ => done,
+    }
+}
+
 /// Executes one command against the world; bodies the log carries are read from `bodies`.
 async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies) -> Completion {
     let (cluster, store, rt) = (world.cluster.as_ref(), world.store.as_ref(), world.runtime.as_ref());
     match kind {
-        CommandKind::Discover => Completion::Discovered(cluster.discover().await),
-        CommandKind::List { unit, resource, limit, continue_token } => Completion::Listed(
-            cluster.list(&resource, unit.namespace.as_deref(), limit, continue_token.as_deref()).await,
-        ),
+        CommandKind::Discover => {
+            let r = cluster.discover().await;
+            match unreachable(cluster, r.as_ref().err()).await {
+                Some(m) => Completion::Unreachable(format!("discovery: {m}")),
+                None => Completion::Discovered(r),
+            }
+        }
+        CommandKind::List { unit, resource, limit, continue_token } => {
+            let r = cluster.list(&resource, unit.namespace.as_deref(), limit, continue_token.as_deref()).await;
+            match unreachable(cluster, r.as_ref().err()).await {
+                Some(m) => Completion::Unreachable(m),
+                None => Completion::Listed(r),
+            }
+        }
         CommandKind::Get { items } => {
-            // Each key's answer stands on its own: one failing get does not fail the others.
+            // Each key's answer stands on its own: one failing get does not fail the others — but
+            // a cluster that cannot be reached fails none of them (the run stops).
             let mut out = Vec::with_capacity(items.len());
             for (rt, key) in items {
                 let got = cluster.get(&rt, &key).await;
+                if let Some(m) = unreachable(cluster, got.as_ref().err()).await {
+                    return Completion::Unreachable(m);
+                }
                 out.push((key, got));
             }
             Completion::Fetched(out)
@@ -140,9 +178,22 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             } else {
                 timeout(rt, hook.timeout_ms, exec).await
             };
+            let what = format!("hook {} of pod {} ({:?})", hook.index, hook.pod, hook.phase);
             let outcome = match result {
-                None => HookOutcome::TimedOut { timeout_ms: hook.timeout_ms },
-                Some(Err(e)) => HookOutcome::Errored { message: e.to_string() },
+                // A timeout with a server that does not answer is the cluster's, not the hook's.
+                None => match cluster.reachable().await {
+                    Err(ClusterError::Unavailable(m)) => {
+                        return Completion::Unreachable(format!(
+                            "{what} timed out after {} ms and the API server does not answer: {m}",
+                            hook.timeout_ms
+                        ))
+                    }
+                    _ => HookOutcome::TimedOut { timeout_ms: hook.timeout_ms },
+                },
+                Some(Err(e)) => match unreachable(cluster, Some(&e)).await {
+                    Some(m) => return Completion::Unreachable(format!("{what}: {m}")),
+                    None => HookOutcome::Errored { message: e.to_string() },
+                },
                 Some(Ok(r)) if r.exit_code == 0 => HookOutcome::Succeeded,
                 Some(Ok(r)) => {
                     let output = if r.stderr.trim().is_empty() { truncate(&r.stdout) } else { truncate(&r.stderr) };
@@ -158,16 +209,34 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             Completion::Restaged(stage(store, backup, &key, &body, bodies).await.map(|_| ()))
         }
         CommandKind::InspectVolumes { pvs, classes } => {
-            Completion::VolumesInspected(crate::csi::inspect(cluster, &pvs, &classes).await)
+            let inv = crate::csi::inspect(cluster, &pvs, &classes).await;
+            let unavailable = inv
+                .volumes
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().err())
+                .chain(inv.classes.as_ref().err())
+                .chain(inv.group_classes.as_ref().err())
+                .find(|e| matches!(e, ClusterError::Unavailable(_)))
+                .cloned();
+            match unreachable(cluster, unavailable.as_ref()).await {
+                Some(m) => Completion::Unreachable(format!("inspecting volumes: {m}")),
+                None => Completion::VolumesInspected(inv),
+            }
         }
         CommandKind::CutSnapshots { api, group_label, orders, timeout_ms, .. } => {
-            Completion::SnapshotsCut(crate::csi::cut_all(cluster, rt, &api, &group_label, &orders, timeout_ms).await)
+            let r = crate::csi::cut_all(cluster, rt, &api, &group_label, &orders, timeout_ms).await;
+            let failed = r.iter().any(|(_, r)| r.is_err());
+            unless_unreachable(cluster, failed, "cutting snapshots", Completion::SnapshotsCut(r)).await
         }
         CommandKind::AwaitSnapshots { api, waits } => {
-            Completion::SnapshotsSettled(crate::csi::await_ready(cluster, rt, &api, &waits).await)
+            let r = crate::csi::await_ready(cluster, rt, &api, &waits).await;
+            let failed = r.iter().any(|(_, r)| r.is_err());
+            unless_unreachable(cluster, failed, "waiting for snapshots", Completion::SnapshotsSettled(r)).await
         }
         CommandKind::ReleaseSnapshots { api, group_label, orders } => {
-            Completion::SnapshotsReleased(crate::csi::release_all(cluster, &api, &group_label, &orders).await)
+            let r = crate::csi::release_all(cluster, &api, &group_label, &orders).await;
+            let failed = r.iter().any(|(_, r)| r.is_err());
+            unless_unreachable(cluster, failed, "releasing snapshots", Completion::SnapshotsReleased(r)).await
         }
         CommandKind::Finalize { entries } => {
             Completion::Finalized(store.finalize(backup, &entries).await.map_err(|e| match e {

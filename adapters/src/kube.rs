@@ -536,6 +536,11 @@ impl Cluster for KubeCluster {
         }
     }
 
+    async fn reachable(&self) -> Result<(), ClusterError> {
+        let what = format!("reaching the API server {}", self.server);
+        self.once(&what, self.client.apiserver_version()).await.map(|_| ())
+    }
+
     async fn watch(
         &self,
         rt: &ResourceType,

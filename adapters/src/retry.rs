@@ -216,6 +216,16 @@ impl Cluster for RetryingCluster {
         })
         .await
     }
+
+    /// One attempt, within the deadline: a probe, not a call to see through. The deadline is a
+    /// second longer than a request's, so a client with its own (kube's, which names the server)
+    /// answers first.
+    async fn reachable(&self) -> Result<(), ClusterError> {
+        let ms = self.policy.attempt_deadline_ms.saturating_add(1_000);
+        timeout(self.runtime.as_ref(), ms, self.inner.reachable()).await.unwrap_or_else(|| {
+            Err(ClusterError::Unavailable(format!("reaching the API server: no answer within {}", go_duration(ms))))
+        })
+    }
 }
 
 #[cfg(test)]

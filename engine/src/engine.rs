@@ -18,7 +18,11 @@
 //! is not an item error: the engine starts nothing new, closes every open hook window (each block
 //! in flight runs the post-hooks its attempt owes, in [`BlockRun::Closing`]), then records
 //! `RunStopped` and issues nothing more, so `resume` finishes the backup once the store is back. A
-//! resumed stopped run first records `RunResumed`. An archive build that finds staged items missing
+//! resumed stopped run first records `RunResumed`. A cluster that cannot be reached
+//! ([`Completion::Unreachable`], issue 22) stops the run the same way, recording nothing of the
+//! command: a post-hook it kept from running stays owed (its window open in the log), and a cut it
+//! interrupted leaves its window open for `resume` to finish the cut inside it (as after a kill).
+//! An archive build that finds staged items missing
 //! or changed stages them again from the log (`Restage`) and builds again, a bounded number of times.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -170,6 +174,10 @@ pub enum Completion {
     SnapshotsSettled(Vec<(u32, Result<(), String>)>),
     /// Result of `ReleaseSnapshots`, per snapshot id.
     SnapshotsReleased(Vec<(u32, Result<(), String>)>),
+    /// Any command on the cluster: the API server could not be reached (past the shell's retries
+    /// and deadlines), so nothing of the command is known to have happened. The run stops — it does
+    /// not fail — and nothing of the command is recorded: `resume` does it again (issue 22).
+    Unreachable(String),
 }
 
 /// Why building the archive failed.
@@ -1617,6 +1625,10 @@ impl Engine {
         if self.is_finished() || self.fatal.is_some() || self.stopped().is_some() {
             return;
         }
+        if let Completion::Unreachable(message) = completion {
+            self.unreachable(pending, message);
+            return;
+        }
         match (pending, completion) {
             (Pending::Discover, Completion::Discovered(r)) => {
                 self.discovering = false;
@@ -1840,6 +1852,58 @@ impl Engine {
                 self.listing.remove(&unit);
                 self.forget_unit(&unit);
                 self.emit(Event::ListFailed { unit, error: e.to_string() });
+            }
+        }
+    }
+
+    /// The cluster could not be reached for a command: stop the run as after a store failure,
+    /// recording nothing of the command (it is done again on `resume`).
+    fn unreachable(&mut self, pending: Pending, message: String) {
+        let reason = format!("the cluster is unreachable: {message}");
+        match pending {
+            Pending::Discover => self.discovering = false,
+            Pending::List { unit, .. } => {
+                self.listing.remove(&unit);
+            }
+            Pending::Get => {
+                if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
+                    self.fetching = false;
+                }
+            }
+            Pending::Inspect => self.inspecting = false,
+            Pending::Await => self.awaiting = false,
+            Pending::Release => self.releasing = false,
+            Pending::Block(id) => self.block_unreachable(id),
+            Pending::Restage(_) => self.restaging = self.restaging.saturating_sub(1),
+            Pending::Finalize => self.finalizing = false,
+        }
+        self.stop(reason);
+    }
+
+    /// A block's hook or cut could not reach the cluster. A hook's outcome is not recorded: a
+    /// post-hook stays owed to `resume` (its window open in the log), and the other windows of the
+    /// stopping run are closed as after a store failure — each post-hook tried within its own
+    /// timeout. A cut that could not finish leaves its window open for `resume`, which finishes the
+    /// cut inside it before the post-hooks close it (as after a kill): a snapshot is never taken
+    /// outside its window.
+    fn block_unreachable(&mut self, id: u32) {
+        let Some(run) = self.runs.get(&id).cloned() else { return };
+        if let Some(r) = self.runs.get_mut(&id) {
+            r.busy = false;
+        }
+        match run.state {
+            // Stopping turns it into closing what the attempt opened (this pod's window included:
+            // its pre-hook started and may have run).
+            BlockRun::Pre { .. } | BlockRun::Writing { .. } => {}
+            BlockRun::Post { hooks, next, .. } | BlockRun::Closing { hooks, next } => {
+                let rest = hooks.into_iter().skip(next + 1).collect();
+                self.set_state(id, BlockRun::Closing { hooks: rest, next: 0 });
+            }
+            BlockRun::ClosingInterrupted { attempt, owed, next } => {
+                self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: next + 1 });
+            }
+            BlockRun::Cutting | BlockRun::FinishingCut { .. } => {
+                self.runs.remove(&id);
             }
         }
     }

@@ -88,4 +88,10 @@ pub trait Cluster: Send + Sync {
         resource_version: &str,
         timeout_ms: u64,
     ) -> Result<Option<String>, ClusterError>;
+    /// Whether the API server answers at all (one request, within the request timeout): asked
+    /// after a hook timed out or a snapshot call failed, to tell a failing command from a cluster
+    /// that cannot be reached ([`ClusterError::Unavailable`]). Clusters without a server answer.
+    async fn reachable(&self) -> Result<(), ClusterError> {
+        Ok(())
+    }
 }

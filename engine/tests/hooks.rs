@@ -300,6 +300,56 @@ fn store_outage_stops_the_run_after_closing_its_windows_and_resume_finishes_it()
     }
 }
 
+/// Issue 22: the API server goes away (its process gone, or hung: calls accepted and never
+/// answered) right after pod a's freeze. The run stops — it does not fail: nothing is recorded
+/// as an error, no hook outcome of the outage is logged — within the deadlines of virtual time;
+/// the window it could not close is owed, and once the server is back `resume` unfreezes the pod
+/// and ends Completed with the reference's items.
+#[test]
+fn an_unreachable_api_server_stops_the_run_and_resume_completes_it() {
+    use blockwise_simulator::cluster::ApiOutage;
+    let reference = backup(&fixture(), BackupSpec::new("t"), 2, 7);
+    for outage in [ApiOutage::Gone, ApiOutage::Hung] {
+        for seed in 1..12 {
+            let mut c = fixture();
+            c.api_outage_after = Some(("a".into(), cmd("freeze-a"), outage));
+            let mut w = c.world(&BackupSpec::new("t"), 2, seed);
+            let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+            let at = format!("{outage:?}, seed {seed}");
+            assert!(matches!(life, Life::Stopped(_)), "{at}: {life:?}");
+            let stopped = Observed::of(&w, &life);
+            let Some(Event::RunStopped { reason, .. }) = stopped.events.last() else {
+                panic!("{at}: the last event must be RunStopped: {:?}", stopped.events.last())
+            };
+            assert!(reason.contains("the cluster is unreachable"), "{at}: {reason}");
+            // Nothing of the outage counted as an error that the resume then does.
+            for e in &stopped.events {
+                let bad = match e {
+                    Event::HookFinished { outcome, .. } => !outcome.ok(),
+                    Event::ItemFailed { .. }
+                    | Event::FetchFailed { .. }
+                    | Event::ListFailed { .. }
+                    | Event::SnapshotFailed { .. }
+                    | Event::SnapshotReady { error: Some(_), .. }
+                    | Event::SnapshotReleased { error: Some(_), .. } => true,
+                    _ => false,
+                };
+                assert!(!bad, "{at}: recorded as a failure: {e:?}");
+            }
+            assert!(BackupState::fold(&stopped.events).unwrap().resumable(), "{at}");
+
+            w.restart();
+            let (life, _) = w.live(RUN_STEPS_MAX, |_| false);
+            let last = Observed::of(&w, &life);
+            assert!(last.finished, "{at}: {}", last.life);
+            assert_eq!(finished_phase(&last.events), Some(Phase::Completed), "{at}");
+            assert_eq!(last.staged, reference.staged, "{at}");
+            // Every freeze, the one before the outage included, was followed by its unfreeze.
+            assert_h2(&last.effects);
+        }
+    }
+}
+
 #[test]
 fn failed_archive_build_stops_and_resume_builds_it_without_redoing_blocks() {
     let mut c = fixture();

@@ -41,6 +41,16 @@ pub enum HookFault {
     Hang,
 }
 
+/// How the API server goes away (issue 22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiOutage {
+    /// The process is gone: every call is refused at once.
+    Gone,
+    /// The process hangs (stopped, a stuck proxy): every call is accepted and never answered —
+    /// only the caller's deadline ends it.
+    Hung,
+}
+
 /// A change of the cluster made at the first exec, after everything was listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -90,6 +100,9 @@ pub struct ClusterFaults {
     pub create_unavailable_p: f64,
     /// Chance that a create is applied but answered 503: the answer was lost (restores).
     pub create_lost_p: f64,
+    /// The API server goes away once this exec (pod, command) has answered — inside the window it
+    /// opened when it is a pre-hook — until the next process starts; once.
+    pub api_outage_after: Option<(ItemKey, Vec<String>, ApiOutage)>,
 }
 
 /// How long a "timeout" exec takes: far beyond any simulated hook timeout.
@@ -102,6 +115,10 @@ struct State {
     changed: bool,
     next_exec: u64,
     hits: BTreeSet<&'static str>,
+    /// The API server is away.
+    outage: Option<ApiOutage>,
+    /// The outage happened (it happens once).
+    outage_had: bool,
 }
 
 /// The simulated cluster; see the module docs.
@@ -211,6 +228,32 @@ impl SimCluster {
         d
     }
 
+    /// The API server is back (a new process starts after the outage).
+    pub fn heal(&self) {
+        let was = lock(&self.state).outage.take();
+        if let Some(o) = was {
+            self.records.push(Record::ApiBack { at_ms: self.rt.now(), outage: o });
+        }
+    }
+
+    /// What a call meets while the API server is away: `Some(error)` at once when it is gone, no
+    /// answer ever when it hangs; `None` when the server is there.
+    async fn outage(&self) -> Option<ClusterError> {
+        let outage = lock(&self.state).outage;
+        match outage {
+            None => None,
+            Some(ApiOutage::Gone) => {
+                self.rt.sleep(1).await;
+                Some(ClusterError::Unavailable("connection refused (injected: the API server is gone)".into()))
+            }
+            Some(ApiOutage::Hung) => {
+                // Accepted, never answered: only the caller's deadline (or a crash) ends it.
+                std::future::pending::<()>().await;
+                Some(waited())
+            }
+        }
+    }
+
     /// Moves the fake CSI driver's events into the world's records.
     fn drain(&self) {
         for e in lock(&self.fake).take_csi_events() {
@@ -296,6 +339,9 @@ impl SimCluster {
 #[async_trait]
 impl Cluster for SimCluster {
     async fn discover(&self) -> Result<Vec<ResourceType>, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         self.rt.sleep(5).await;
         if self.death.is_dead() {
             return never().await;
@@ -310,6 +356,9 @@ impl Cluster for SimCluster {
         limit: u32,
         continue_token: Option<&str>,
     ) -> Result<ListPage, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         let d = self.latency(self.lat.list_page_ms);
         self.rt.sleep(d).await;
         if self.death.is_dead() {
@@ -353,6 +402,9 @@ impl Cluster for SimCluster {
     }
 
     async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         let d = self.latency(self.lat.get_ms);
         self.rt.sleep(d).await;
         if self.death.is_dead() {
@@ -378,6 +430,9 @@ impl Cluster for SimCluster {
     }
 
     async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         if self.death.is_dead() {
             return never().await;
         }
@@ -435,10 +490,39 @@ impl Cluster for SimCluster {
             Ok(r) => ExecEnd::Exited(r.exit_code),
             Err(e) => ExecEnd::Failed(e.to_string()),
         });
+        if let Some((p, c, outage)) = &self.faults.api_outage_after {
+            if p == pod && c.as_slice() == command {
+                let first = {
+                    let mut st = lock(&self.state);
+                    let first = !std::mem::replace(&mut st.outage_had, true);
+                    if first {
+                        st.outage = Some(*outage);
+                    }
+                    first
+                };
+                if first {
+                    self.hit(match outage {
+                        ApiOutage::Gone => "api-gone",
+                        ApiOutage::Hung => "api-hung",
+                    });
+                    self.records.push(Record::ApiAway { at_ms: self.rt.now(), outage: *outage });
+                }
+            }
+        }
         result
     }
 
+    async fn reachable(&self) -> Result<(), ClusterError> {
+        match self.outage().await {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     async fn create(&self, rt: &ResourceType, namespace: Option<&str>, json: &str) -> Result<String, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         let d = self.latency(self.lat.get_ms);
         self.rt.sleep(d).await;
         if self.death.is_dead() {
@@ -477,6 +561,9 @@ impl Cluster for SimCluster {
     }
 
     async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         let d = self.latency(self.lat.get_ms);
         self.rt.sleep(d).await;
         if self.death.is_dead() {
@@ -488,6 +575,9 @@ impl Cluster for SimCluster {
     }
 
     async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         let d = self.latency(self.lat.get_ms);
         self.rt.sleep(d).await;
         if self.death.is_dead() {
@@ -512,6 +602,9 @@ impl Cluster for SimCluster {
         resource_version: &str,
         timeout_ms: u64,
     ) -> Result<Option<String>, ClusterError> {
+        if let Some(e) = self.outage().await {
+            return Err(e);
+        }
         if self.death.is_dead() {
             return never().await;
         }

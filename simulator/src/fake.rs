@@ -124,6 +124,8 @@ pub struct FakeCluster {
     sleeper: Option<Arc<dyn Runtime>>,
     list_order_seed: Option<u64>,
     exec_log: Option<PathBuf>,
+    /// Also print every exec record on stdout (`simulator serve --print-execs`).
+    exec_echo: bool,
     execs: Mutex<ExecState>,
     csi: CsiConfig,
     dynamic: Mutex<Dynamic>,
@@ -278,6 +280,13 @@ impl FakeCluster {
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot prepare exec log"),
         }
         self.exec_log = Some(path);
+        self
+    }
+
+    /// Also prints every exec record on stdout as `exec <JSON line>` when the exec starts (a test
+    /// that must act at an exec reads the server's output instead of polling its log).
+    pub fn with_exec_echo(mut self) -> Self {
+        self.exec_echo = true;
         self
     }
 
@@ -748,6 +757,11 @@ impl FakeCluster {
         if let Some(path) = &self.exec_log {
             if let Err(e) = append_record(path, &rec) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot append to exec log");
+            }
+        }
+        if self.exec_echo {
+            if let Ok(line) = serde_json::to_string(&rec) {
+                println!("exec {line}");
             }
         }
         st.records.push(rec);

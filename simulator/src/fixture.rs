@@ -46,6 +46,9 @@ pub struct Fixture {
     pub list_order_seed: Option<u64>,
     /// Gets of these objects are forbidden (403), always.
     pub get_forbidden: BTreeSet<ItemKey>,
+    /// The API server goes away once this pod's exec of this command has answered, until the
+    /// next process starts.
+    pub api_outage_after: Option<(String, Vec<String>, crate::cluster::ApiOutage)>,
 }
 
 impl Fixture {
@@ -89,7 +92,16 @@ impl Fixture {
             .iter()
             .filter_map(|((pod, command), f)| Some(((self.pod_key(pod)?, command.clone()), *f)))
             .collect();
-        let faults = ClusterFaults { hooks, get_forbidden: self.get_forbidden.clone(), ..ClusterFaults::default() };
+        let api_outage_after = self
+            .api_outage_after
+            .as_ref()
+            .and_then(|(pod, command, outage)| Some((self.pod_key(pod)?, command.clone(), *outage)));
+        let faults = ClusterFaults {
+            hooks,
+            get_forbidden: self.get_forbidden.clone(),
+            api_outage_after,
+            ..ClusterFaults::default()
+        };
         let mut failing_paths: Vec<String> = self.write_fails.iter().map(|n| format!("/{n}.json")).collect();
         if self.finalize_fails {
             failing_paths.push(".tar.gz".into());

@@ -76,6 +76,10 @@ pub enum Record {
     Stopped { at_ms: u64 },
     /// A new process started (the backup is resumed, or created again).
     Restart { at_ms: u64 },
+    /// The API server went away (issue 22).
+    ApiAway { at_ms: u64, outage: crate::cluster::ApiOutage },
+    /// The API server is back.
+    ApiBack { at_ms: u64, outage: crate::cluster::ApiOutage },
     /// A write through the API (`create`, `patch`, `delete`) and what it answered (`ok`,
     /// `exists`, `missing`, or an error kind). `subject`: what a created snapshot is of, read
     /// from the request — the claim of a VolumeSnapshot, the `matchLabels` value of a

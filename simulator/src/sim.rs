@@ -508,6 +508,7 @@ impl SimWorld {
     /// passes, and the log's durable promises are noted for F1.
     pub fn restart(&mut self) -> Promise {
         self.store.heal();
+        self.cluster.heal();
         self.death.revive();
         self.rt.pass(1);
         let events = self.durable_events();

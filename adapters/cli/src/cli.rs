@@ -110,6 +110,13 @@ struct ServeArgs {
     /// check that no pod was left frozen).
     #[arg(long)]
     exec_log: Option<PathBuf>,
+    /// Also print every exec on stdout (`exec <JSON>`) as it starts.
+    #[arg(long)]
+    print_execs: bool,
+    /// Keep the demo cluster's state (objects created or changed, snapshots) in this file, loaded
+    /// at start: a server killed and started again with it serves the same cluster.
+    #[arg(long, conflicts_with = "empty")]
+    state: Option<PathBuf>,
     /// Serve a cluster with the demo's resource types and no objects (a restore target) instead
     /// of the demo cluster.
     #[arg(long, conflicts_with_all = ["demo_objects", "demo_faults"])]
@@ -121,10 +128,13 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(async {
         let d = &a.demo;
-        let cluster = if a.empty {
-            demo::empty_cluster()
-        } else {
-            demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults)
+        let cluster = match (&a.state, a.empty) {
+            (_, true) => demo::empty_cluster(),
+            (Some(state), false) => {
+                demo::demo_cluster_at(d.demo_objects, demo::DEMO_SEED, d.demo_faults, d.demo_latency_ms, state)
+                    .with_context(|| format!("loading the demo cluster's state {}", state.display()))?
+            }
+            (None, false) => demo::demo_cluster_with(d.demo_objects, demo::DEMO_SEED, d.demo_faults),
         };
         let cluster = cluster
             .with_latency(blockwise_simulator::fake::Latency { api_ms: d.demo_latency_ms, exec_ms: d.demo_latency_ms })
@@ -134,6 +144,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             Some(path) => cluster.with_exec_log(path),
             None => cluster,
         };
+        let cluster = if a.print_execs { cluster.with_exec_echo() } else { cluster };
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
         let server = FakeApiServer::start(Arc::new(cluster), addr)
             .await
