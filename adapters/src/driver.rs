@@ -122,6 +122,9 @@ async fn stage(
 /// server that cannot be reached stops the run. `Some(why)` names both.
 async fn unreachable(cluster: &dyn Cluster, error: Option<&ClusterError>) -> Option<String> {
     let Some(e @ ClusterError::Unavailable(_)) = error else { return None };
+    if mutation::active(Mutation::UnreachableRecordedAsFailure) {
+        return None;
+    }
     match cluster.reachable().await {
         Err(ClusterError::Unavailable(probe)) => Some(format!("{e}; then {probe}")),
         _ => None,
@@ -131,7 +134,7 @@ async fn unreachable(cluster: &dyn Cluster, error: Option<&ClusterError>) -> Opt
 /// A snapshot command's completion, or — when some of it failed and the API server does not
 /// answer — [`Completion::Unreachable`]: the failures are the cluster's, not the snapshots'.
 async fn unless_unreachable(cluster: &dyn Cluster, failed: bool, what: &str, done: Completion) -> Completion {
-    if !failed {
+    if !failed || mutation::active(Mutation::UnreachableRecordedAsFailure) {
         return done;
     }
     match cluster.reachable().await {
@@ -181,6 +184,9 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             let what = format!("hook {} of pod {} ({:?})", hook.index, hook.pod, hook.phase);
             let outcome = match result {
                 // A timeout with a server that does not answer is the cluster's, not the hook's.
+                None if mutation::active(Mutation::UnreachableRecordedAsFailure) => {
+                    HookOutcome::TimedOut { timeout_ms: hook.timeout_ms }
+                }
                 None => match cluster.reachable().await {
                     Err(ClusterError::Unavailable(m)) => {
                         return Completion::Unreachable(format!(
@@ -338,6 +344,10 @@ pub async fn drive<M: LogMedium>(
     let mut inflight: InFlight = FuturesUnordered::new();
     let mut unflushed = 0usize;
     let mut staged_unsynced = false;
+    if mutation::active(Mutation::ResumeWaitsFirst) && engine.state().events > 1 {
+        // Deliberate bug: a resumed run first gives the cluster five minutes to recover.
+        rt.sleep(300_000).await;
+    }
     loop {
         engine.set_now(rt.now_ms());
         let out = engine.poll();

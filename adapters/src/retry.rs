@@ -95,7 +95,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClusterError>>,
 {
-    retry_within(policy, rt, what, Some(policy.attempt_deadline_ms), call).await
+    let deadline = if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
+        None
+    } else {
+        Some(policy.attempt_deadline_ms)
+    };
+    retry_within(policy, rt, what, deadline, call).await
 }
 
 /// `ms` as a Go duration: `30s`, `1500ms`.
@@ -211,7 +216,12 @@ impl Cluster for RetryingCluster {
         timeout_ms: u64,
     ) -> Result<Option<String>, ClusterError> {
         let deadline = timeout_ms.saturating_add(self.policy.attempt_deadline_ms);
-        retry_within(&self.policy, self.runtime.as_ref(), "watch", Some(deadline), || {
+        let deadline = if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
+            None
+        } else {
+            Some(deadline)
+        };
+        retry_within(&self.policy, self.runtime.as_ref(), "watch", deadline, || {
             self.inner.watch(rt, key, resource_version, timeout_ms)
         })
         .await
@@ -222,6 +232,9 @@ impl Cluster for RetryingCluster {
     /// answers first.
     async fn reachable(&self) -> Result<(), ClusterError> {
         let ms = self.policy.attempt_deadline_ms.saturating_add(1_000);
+        if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
+            return self.inner.reachable().await;
+        }
         timeout(self.runtime.as_ref(), ms, self.inner.reachable()).await.unwrap_or_else(|| {
             Err(ClusterError::Unavailable(format!("reaching the API server: no answer within {}", go_duration(ms))))
         })

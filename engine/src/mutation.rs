@@ -94,11 +94,22 @@ pub enum Mutation {
     /// watching every namespace for its tenants sees and never runs, as it once did (C4: whatever
     /// they overlap waits for ever).
     QueueCountsStrangers,
+    /// Shell: a cluster that cannot be reached is taken for failing commands, as before issue 22:
+    /// the driver never reports the cluster unreachable, so the outage's failures are recorded
+    /// (hooks errored or timed out, windows closed on paper while the pod stays frozen).
+    UnreachableRecordedAsFailure,
+    /// Shell: calls to the API server have no deadline of ours, as before issue 22 (a hung server
+    /// holds the run for ever: L1).
+    NoRequestDeadline,
+    /// Shell: a resumed run waits five minutes before anything, to give the cluster time to
+    /// recover (A1: a pod frozen when the API server went away stays frozen long after it is
+    /// back).
+    ResumeWaitsFirst,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 35] = [
+    pub const ALL: [Mutation; 38] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -134,6 +145,9 @@ impl Mutation {
         Mutation::QueueIgnoresOtherProcesses,
         Mutation::RefusalCountsAsRun,
         Mutation::QueueCountsStrangers,
+        Mutation::UnreachableRecordedAsFailure,
+        Mutation::NoRequestDeadline,
+        Mutation::ResumeWaitsFirst,
     ];
 }
 

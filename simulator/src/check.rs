@@ -352,7 +352,11 @@ pub fn check_windows(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
 }
 
 /// H2: every opened window is closed — before the pod's next pre-hook, before a stopped run ends
-/// its process, and by the end of the run.
+/// its process (unless the API server went away while it was open: nothing could close it then),
+/// and by the end of the run. A1 (issue 22): a window open when the API server went away is
+/// closed within the CSI snapshot timeout (an interrupted cut is finished inside it first) plus
+/// the pod's post-hook timeouts and a minute, of the server coming back — unless a crash came
+/// between.
 pub fn check_closed(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Violation> {
     let mut out = Vec::new();
     if matches!(report.outcome, Outcome::CorruptionDetected { .. } | Outcome::CorruptionMissed { .. }) {
@@ -393,7 +397,14 @@ pub fn check_closed(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vio
         let closed = later.clone().find(|x| is(x, HookPhase::Post)).map(|x| x.start);
         let stopped =
             report.records[e.start..].iter().position(|r| matches!(r, Record::Stopped { .. })).map(|i| i + e.start);
+        let away =
+            report.records[e.start..].iter().position(|r| matches!(r, Record::ApiAway { .. })).map(|i| i + e.start);
         let pod = &e.pod;
+        if let (Some(a), Some(c)) = (away, closed) {
+            if a < c {
+                out.extend(closed_after_return(model, report, ev, e, a, c));
+            }
+        }
         match (closed, next_pre, stopped) {
             (None, _, _) => {
                 out.push(v("H2", format!("{pod}: pre-hook started (record {}) but no post-hook ran after it", e.start)))
@@ -405,7 +416,7 @@ pub fn check_closed(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vio
                     e.start
                 ),
             )),
-            (Some(c), _, Some(s)) if s < c => out.push(v(
+            (Some(c), _, Some(s)) if s < c && away.is_none_or(|a| a >= s) => out.push(v(
                 "H2",
                 format!("{pod}: the run stopped (record {s}) with the window opened at record {} still open", e.start),
             )),
@@ -413,6 +424,40 @@ pub fn check_closed(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vio
         }
     }
     out
+}
+
+/// A1 for the window `e` opened, still open when the API server went away (record `away`) and
+/// closed by the exec at record `closed`.
+fn closed_after_return(
+    model: &Model,
+    report: &RunReport,
+    ev: &Evidence,
+    e: &Exec,
+    away: usize,
+    closed: usize,
+) -> Option<Violation> {
+    let back = report.records[away..].iter().position(|r| matches!(r, Record::ApiBack { .. }))? + away;
+    let Record::ApiBack { at_ms: back_ms, .. } = &report.records[back] else { return None };
+    if back > closed {
+        // Closed before the process that met the outage gave up: within its hook's own bounds.
+        return None;
+    }
+    let crashed = report.records[back..closed].iter().any(|r| matches!(r, Record::Crash { .. }));
+    let close_ms = ev.execs.iter().find(|x| x.start == closed)?.start_ms;
+    let posts: u64 =
+        model.all_hooks().values().filter(|h| h.pod == e.pod && h.phase == HookPhase::Post).map(|h| h.timeout_ms).sum();
+    let bound = model.options().csi_snapshot_timeout_ms + posts + 60_000;
+    (!crashed && close_ms > back_ms + bound).then(|| {
+        v(
+            "A1",
+            format!(
+                "{}: the window opened at record {} stayed open {} ms after the API server came back (bound {bound} ms)",
+                e.pod,
+                e.start,
+                close_ms - back_ms
+            ),
+        )
+    })
 }
 
 /// HR and T1: every exec is a valid model hook of its pod, and ended within its timeout.

@@ -228,6 +228,25 @@ impl SimCluster {
         d
     }
 
+    /// The API server goes away now (until [`SimCluster::heal`]); once per world.
+    pub fn go_away(&self, outage: ApiOutage) {
+        let first = {
+            let mut st = lock(&self.state);
+            let first = !std::mem::replace(&mut st.outage_had, true);
+            if first {
+                st.outage = Some(outage);
+            }
+            first
+        };
+        if first {
+            self.hit(match outage {
+                ApiOutage::Gone => "api-gone",
+                ApiOutage::Hung => "api-hung",
+            });
+            self.records.push(Record::ApiAway { at_ms: self.rt.now(), outage });
+        }
+    }
+
     /// The API server is back (a new process starts after the outage).
     pub fn heal(&self) {
         let was = lock(&self.state).outage.take();
@@ -492,21 +511,7 @@ impl Cluster for SimCluster {
         });
         if let Some((p, c, outage)) = &self.faults.api_outage_after {
             if p == pod && c.as_slice() == command {
-                let first = {
-                    let mut st = lock(&self.state);
-                    let first = !std::mem::replace(&mut st.outage_had, true);
-                    if first {
-                        st.outage = Some(*outage);
-                    }
-                    first
-                };
-                if first {
-                    self.hit(match outage {
-                        ApiOutage::Gone => "api-gone",
-                        ApiOutage::Hung => "api-hung",
-                    });
-                    self.records.push(Record::ApiAway { at_ms: self.rt.now(), outage: *outage });
-                }
+                self.go_away(*outage);
             }
         }
         result

@@ -20,8 +20,15 @@ use crate::rng::{mix64, Rng};
 use crate::sim::{simulate, FaultKind, Outcome, RunConfig, RunReport};
 
 /// Faults that kill or stop the process; the reference run leaves them out.
-const PROCESS_FAULTS: [FaultKind; 5] =
-    [FaultKind::Crash, FaultKind::LostUnflushed, FaultKind::TornRecord, FaultKind::BitFlip, FaultKind::StoreOutage];
+const PROCESS_FAULTS: [FaultKind; 7] = [
+    FaultKind::Crash,
+    FaultKind::LostUnflushed,
+    FaultKind::TornRecord,
+    FaultKind::BitFlip,
+    FaultKind::StoreOutage,
+    FaultKind::ApiGone,
+    FaultKind::ApiHung,
+];
 
 /// A seed's model and run configuration.
 #[derive(Debug, Clone)]

@@ -31,7 +31,7 @@ use blockwise_engine::{BackupSpec, Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cluster::{ClusterFaults, Latencies, SimCluster};
+use crate::cluster::{ApiOutage, ClusterFaults, Latencies, SimCluster};
 use crate::fake::FakeCluster;
 use crate::media::{Death, LogCrash, MemLog, MemStore, StoreFaults};
 use crate::model::Model;
@@ -103,11 +103,17 @@ pub enum FaultKind {
     GroupPartial,
     /// The cluster serves no snapshot CRDs: a manifest-only backup, with one warning.
     CrdsAbsent,
+    /// The API server goes away (its process gone: calls refused) at a random step, inside a hook
+    /// window or not, until the next process starts: the run stops and is resumed.
+    ApiGone,
+    /// The API server hangs (calls accepted and never answered) at a random step until the next
+    /// process starts: deadlines end the calls, the run stops and is resumed.
+    ApiHung,
 }
 
 impl FaultKind {
     /// Every fault type.
-    pub const ALL: [FaultKind; 24] = [
+    pub const ALL: [FaultKind; 26] = [
         FaultKind::Crash,
         FaultKind::LostUnflushed,
         FaultKind::TornRecord,
@@ -132,6 +138,8 @@ impl FaultKind {
         FaultKind::SnapshotNeverReady,
         FaultKind::GroupPartial,
         FaultKind::CrdsAbsent,
+        FaultKind::ApiGone,
+        FaultKind::ApiHung,
     ];
 
     /// The kebab-case name used on the command line and in JSON.
@@ -161,6 +169,8 @@ impl FaultKind {
             FaultKind::SnapshotNeverReady => "snapshot-never-ready",
             FaultKind::GroupPartial => "group-partial",
             FaultKind::CrdsAbsent => "crds-absent",
+            FaultKind::ApiGone => "api-gone",
+            FaultKind::ApiHung => "api-hung",
         }
     }
 
@@ -591,10 +601,16 @@ pub fn simulate_world(
     let mut promises = Vec::new();
     let crash_on = cfg.on(FaultKind::Crash) && cfg.crash_at_append.is_none();
     let outage_on = cfg.on(FaultKind::StoreOutage);
+    let api_outages: Vec<ApiOutage> = [(FaultKind::ApiGone, ApiOutage::Gone), (FaultKind::ApiHung, ApiOutage::Hung)]
+        .into_iter()
+        .filter(|(f, _)| cfg.on(*f))
+        .map(|(_, o)| o)
+        .collect();
+    let mut api_done = false;
     let jump_on = cfg.on(FaultKind::ClockJump);
     let outcome = loop {
         let crashes_before = crashes;
-        let (store, rt) = (w.store.clone(), w.rt.clone());
+        let (store, rt, cluster) = (w.store.clone(), w.rt.clone(), w.cluster.clone());
         let budget = RUN_STEPS_MAX.saturating_sub(steps_used);
         let (life, steps) = w.live(budget, |_| {
             if jump_on && rng.chance(0.005) {
@@ -605,6 +621,11 @@ pub fn simulate_world(
                 outage_done = true;
                 hits.insert(FaultKind::StoreOutage);
                 store.set_down(true);
+            }
+            if !api_outages.is_empty() && !api_done && rng.chance(0.004) {
+                api_done = true;
+                let i = rng.below(api_outages.len() as u64) as usize;
+                cluster.go_away(api_outages[i]);
             }
             crash_on && crashes_before < CRASHES_PER_RUN_MAX && rng.chance(CRASH_P)
         });

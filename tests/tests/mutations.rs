@@ -68,7 +68,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 35] = [
+    let expected: [(Mutation, &[&str]); 38] = [
         (Mutation::WriteBeforePreHooks, &["H1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
@@ -106,6 +106,11 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::QueueIgnoresOtherProcesses, &["Q1"]),
         (Mutation::RefusalCountsAsRun, &["C3"]),
         (Mutation::QueueCountsStrangers, &["C4"]),
+        // The outage's failures recorded: windows closed on paper, snapshots left uncut (S3).
+        (Mutation::UnreachableRecordedAsFailure, &["H2", "S3"]),
+        // A hung server holds the run: stuck (L1), a window never closed (H2).
+        (Mutation::NoRequestDeadline, &["L1", "H2"]),
+        (Mutation::ResumeWaitsFirst, &["A1", "S4"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();
