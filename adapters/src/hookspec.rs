@@ -10,11 +10,11 @@
 use blockwise_engine::hooks::{ExecHookSpec, OnError, ResourceHookSpec};
 use serde::Deserialize;
 
+/// Velero's `spec.hooks`: `resources` is its only field.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum HooksFile {
-    Spec { resources: Vec<VeleroResourceHook> },
-    List(Vec<VeleroResourceHook>),
+#[serde(deny_unknown_fields)]
+struct HooksSpec {
+    resources: Vec<VeleroResourceHook>,
 }
 
 #[derive(Deserialize)]
@@ -106,13 +106,29 @@ fn exec(name: &str, h: VeleroHook) -> Result<ExecHookSpec, String> {
     Ok(ExecHookSpec { container: h.exec.container, command: h.exec.command, on_error, timeout: h.exec.timeout })
 }
 
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// Parses a hooks file (Velero's `spec.hooks` JSON, or its `resources` array).
 pub fn parse_hooks_file(text: &str) -> Result<Vec<ResourceHookSpec>, String> {
-    let file: HooksFile = serde_json::from_str(text).map_err(|e| {
-        format!("expected Velero's spec.hooks as JSON ({{\"resources\": [...]}} or the array itself): {e}")
-    })?;
-    let resources = match file {
-        HooksFile::Spec { resources } | HooksFile::List(resources) => resources,
+    let expected = "expected Velero's spec.hooks as JSON ({\"resources\": [...]}) or its resources array";
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("{expected}: {e}"))?;
+    // Each shape parsed on its own, so an error names the field that is wrong (an untagged enum
+    // would only say that neither shape matched — and accepted unknown top-level fields).
+    let resources: Vec<VeleroResourceHook> = match value {
+        serde_json::Value::Object(_) => {
+            serde_json::from_value::<HooksSpec>(value).map_err(|e| e.to_string())?.resources
+        }
+        serde_json::Value::Array(_) => serde_json::from_value(value).map_err(|e| format!("resources: {e}"))?,
+        other => return Err(format!("{expected}, not {}", json_kind(&other))),
     };
     let mut out = Vec::new();
     for r in resources {
@@ -171,7 +187,12 @@ mod tests {
                 "operator \"Gt\"",
             ),
             (r#"[{"name": "h", "includedResources": ["deployments"]}]"#, "must allow pods"),
-            (r#"[{"name": "h", "pre": [{"command": ["x"]}]}]"#, "expected Velero's spec.hooks"),
+            (r#"[{"name": "h", "pre": [{"command": ["x"]}]}]"#, "resources: unknown field `command`"),
+            // Issue 22: an unknown field anywhere is refused, and named.
+            (r#"{"bogusTop": 1, "resources": []}"#, "unknown field `bogusTop`, expected `resources`"),
+            (r#"{"resources": [{"name": "h", "bogus": 1}]}"#, "unknown field `bogus`"),
+            ("42", "not a number"),
+            ("{", "expected Velero's spec.hooks"),
         ] {
             let e = parse_hooks_file(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

@@ -552,7 +552,8 @@ impl DataDir {
     /// A restore's events (read while no run holds its log; else `LogError::InUse`).
     pub fn restore_events(&self, name: &str) -> Result<Vec<RestoreEvent>, SessionError> {
         let dir = self.restore_dir(name).join("log");
-        let not_found = || SessionError::NotFound { name: format!("restore {name}"), data_dir: self.root().into() };
+        let not_found =
+            || SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: self.root().into() };
         if !dir.join("db").is_file() {
             return Err(not_found());
         }
@@ -665,7 +666,8 @@ impl RestoreSession {
     /// Opens an existing restore for a run (`resume`).
     pub fn open(data: &DataDir, name: &str) -> Result<RestoreSession, SessionError> {
         let dir = data.restore_dir(name);
-        let not_found = || SessionError::NotFound { name: format!("restore {name}"), data_dir: data.root().into() };
+        let not_found =
+            || SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: data.root().into() };
         if !dir.join("log").join("db").is_file() {
             return Err(not_found());
         }

@@ -96,9 +96,9 @@ pub enum SessionError {
     /// The name or spec is not acceptable.
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// No backup of that name exists.
-    #[error("backup {name:?} not found in {}", .data_dir.display())]
-    NotFound { name: String, data_dir: PathBuf },
+    /// No backup (or restore: `what`) of that name exists.
+    #[error("{what} {name:?} not found in {}", .data_dir.display())]
+    NotFound { what: &'static str, name: String, data_dir: PathBuf },
     /// `create` of a name that is taken.
     #[error("backup {name} already exists ({phase})")]
     Exists { name: String, phase: Phase },
@@ -340,7 +340,7 @@ impl DataDir {
     pub fn read_events(&self, name: &str) -> Result<Vec<Event>, SessionError> {
         validate_backup_name(name)?;
         let dir = self.log_dir(name);
-        let not_found = || SessionError::NotFound { name: name.into(), data_dir: self.root.clone() };
+        let not_found = || SessionError::NotFound { what: "backup", name: name.into(), data_dir: self.root.clone() };
         if !dir.exists() {
             return Err(not_found());
         }
@@ -440,6 +440,14 @@ pub struct CreateRequest {
     pub storage: StorageSpec,
 }
 
+/// Whether files can be made in `dir` (made first when missing): a probe file created and removed.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    crate::store::create_dirs(dir).map_err(|e| format!("cannot create the directory: {e}"))?;
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write in it: {e}"))?;
+    std::fs::remove_file(&probe).map_err(|e| format!("cannot remove a file from it: {e}"))
+}
+
 /// One backup, opened for a run.
 pub struct Session {
     data: DataDir,
@@ -502,6 +510,14 @@ impl Session {
             options.uid = new_uid(&name);
         }
         let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
+        // A local store that cannot be written is the user's input, said now — not at the first
+        // staged item, after the backup was recorded (issue 22: `--storage /proc/nope`).
+        if let StorageSpec::Local { root } = &req.storage {
+            let root = root.clone().unwrap_or_else(|| data.default_store());
+            writable_dir(&root).map_err(|reason| {
+                SessionError::Store(StoreError::BadLocation { location: root.display().to_string(), reason })
+            })?;
+        }
         let dir = data.backup_dir(&name);
         if dir.exists() {
             match Session::existing(data, &name)? {
@@ -569,7 +585,7 @@ impl Session {
     pub fn open(data: &DataDir, name: &str) -> Result<Session, SessionError> {
         validate_backup_name(name)?;
         let dir = data.log_dir(name);
-        let not_found = || SessionError::NotFound { name: name.into(), data_dir: data.root.clone() };
+        let not_found = || SessionError::NotFound { what: "backup", name: name.into(), data_dir: data.root.clone() };
         if !dir.exists() {
             return Err(not_found());
         }

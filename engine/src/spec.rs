@@ -83,6 +83,29 @@ pub enum SpecError {
     /// A restore's field is not usable.
     #[error("invalid {what} {value:?}: {reason}")]
     BadRestore { what: &'static str, value: String, reason: String },
+    /// An included or excluded namespace is neither a namespace name nor a pattern of one.
+    #[error("invalid {which} namespace {value:?}: {NAMESPACE_PATTERN_RULE}")]
+    BadNamespace { which: &'static str, value: String },
+}
+
+/// What a namespace (or a pattern of namespaces) in a spec may be.
+pub const NAMESPACE_PATTERN_RULE: &str =
+    "use a namespace name (1-63 lower-case letters, digits and '-', starting and ending with a letter or digit), optionally with '*' wildcards";
+
+/// Checks a namespace or a pattern of namespaces (`*` wildcards): a name would be a request path
+/// in the API server's URL, so only what a namespace can be is let through (`../etc`, `!!` are not).
+pub fn validate_namespace_pattern(p: &str) -> Result<(), String> {
+    if p == "*" {
+        return Ok(());
+    }
+    let chars_ok = p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*');
+    let literal = !p.contains('*');
+    let ends_ok = !(p.starts_with('-') || p.ends_with('-'));
+    if !p.is_empty() && p.len() <= 63 && chars_ok && (!literal || ends_ok) {
+        Ok(())
+    } else {
+        Err(NAMESPACE_PATTERN_RULE.to_string())
+    }
 }
 
 /// Checks that a backup name is a DNS-1123 label, so it is safe as a path and object-store key.
@@ -296,6 +319,11 @@ impl Selection {
     /// Compiles the spec; fails on a bad selector or name.
     pub fn compile(spec: &BackupSpec) -> Result<Selection, SpecError> {
         validate_backup_name(&spec.name)?;
+        for (which, list) in [("included", &spec.included_namespaces), ("excluded", &spec.excluded_namespaces)] {
+            if let Some(bad) = list.iter().find(|p| validate_namespace_pattern(p).is_err()) {
+                return Err(SpecError::BadNamespace { which, value: bad.clone() });
+            }
+        }
         let selector = match spec.label_selector.as_deref().map(str::trim) {
             Some(s) if !s.is_empty() => Some(LabelSelector::parse(s)?),
             _ => None,
@@ -425,6 +453,24 @@ mod tests {
             )
         );
         assert_eq!(LabelSelector::parse("").unwrap().to_k8s_json().to_string(), "{}");
+    }
+
+    /// Issue 22: a namespace that is no namespace (`../etc` would be a request path) is refused.
+    #[test]
+    fn namespaces_are_names_or_patterns_of_names() {
+        for ok in ["*", "payments", "web-*", "*-prod", "a", "team-1"] {
+            assert!(validate_namespace_pattern(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../etc", "!!", "Payments", "-a", "a-", "a/b", "a b", &"x".repeat(64)] {
+            assert!(validate_namespace_pattern(bad).is_err(), "{bad:?}");
+        }
+        let mut spec = BackupSpec::new("b");
+        spec.included_namespaces = vec!["ok".into(), "../etc".into()];
+        let e = Selection::compile(&spec).unwrap_err();
+        assert!(e.to_string().contains("invalid included namespace \"../etc\""), "{e}");
+        spec.included_namespaces.clear();
+        spec.excluded_namespaces = vec!["!!".into()];
+        assert!(Selection::compile(&spec).unwrap_err().to_string().contains("excluded namespace \"!!\""));
     }
 
     #[test]

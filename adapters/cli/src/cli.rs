@@ -476,8 +476,9 @@ pub fn storage_from_args(a: &StorageArgs) -> Result<StorageSpec> {
         Some(other) if other.contains("://") => {
             Err(usage(format!("--storage {other:?}: expected a local directory or s3://BUCKET/PREFIX")))
         }
+        Some("") => Err(usage("--storage \"\": expected a local directory or s3://BUCKET/PREFIX, not an empty path")),
         Some(dir) => {
-            let root = std::path::absolute(dir).with_context(|| format!("resolving --storage {dir}"))?;
+            let root = std::path::absolute(dir).map_err(|e| usage(format!("--storage {dir:?}: {e}")))?;
             Ok(StorageSpec::Local { root: Some(root) })
         }
     }
@@ -694,7 +695,9 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
         spec.ordered_resources = parse_ordered_resources(o).map_err(|e| usage(format!("--ordered-resources: {e}")))?;
     }
     if let Some(path) = &a.hooks_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading hooks file {}", path.display()))?;
+        // The user's input: a path that is not a readable file is exit 2, naming it.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("--hooks-file {}: cannot read it: {e}", path.display())))?;
         spec.hooks = blockwise_adapters::hookspec::parse_hooks_file(&text)
             .map_err(|e| usage(format!("hooks file {}: {e}", path.display())))?;
     }

@@ -256,6 +256,10 @@ fn report_end(name: &str, result: Result<RestoreState, RestoreRunError>) -> Resu
         state.warnings.len(),
         state.errors.len()
     );
+    // Why a failed restore failed, here and not only in `describe` (issue 22: "1 errors" alone).
+    if let Some(why) = &state.failure {
+        eprintln!("failed: {why}");
+    }
     if !state.errors.is_empty() || !state.warnings.is_empty() {
         eprintln!("run `blockwise restore describe {name}` for details");
     }

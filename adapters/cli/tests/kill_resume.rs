@@ -111,6 +111,22 @@ fn bad_input_is_a_clear_usage_error() {
     check(&["backup", "create", "x", "--demo", "--workers", "0"], "--workers");
     check(&["backup", "describe", "missing"], "backup \"missing\" not found");
     check(&["backup", "resume", "missing"], "backup \"missing\" not found");
+    // Issue 22's small defects: each is the user's input (exit 2) and names what is wrong.
+    check(&["restore", "resume", "nope"], "restore \"nope\" not found");
+    check(&["backup", "create", "x", "--demo", "--hooks-file", "/"], "--hooks-file /: cannot read it");
+    check(&["backup", "create", "x", "--demo", "--storage", ""], "--storage \"\"");
+    check(
+        &["backup", "create", "x", "--demo", "--include-namespaces", "../etc"],
+        "invalid included namespace \"../etc\"",
+    );
+    check(&["backup", "create", "x", "--demo", "--exclude-namespaces", "!!"], "invalid excluded namespace \"!!\"");
+    check(
+        &["backup", "create", "x", "--demo", "--storage", "/proc/nope"],
+        "storage \"/proc/nope\": cannot create the directory",
+    );
+    let hooks = data.join("hooks.json");
+    std::fs::write(&hooks, r#"{"bogusTop": 1, "resources": []}"#).unwrap();
+    check(&["backup", "create", "x", "--demo", "--hooks-file", hooks.to_str().unwrap()], "unknown field `bogusTop`");
 }
 
 /// Spawns `cmd` and SIGKILLs it after `after_ms` (the kill's timing is the fault being injected,

@@ -277,6 +277,9 @@ fn bad_restore_input_is_named_and_leaves_nothing_behind() {
     let out =
         run(dir.path(), &data, &["restore", "create", "r", "--from-file", junk.to_str().unwrap(), "--kubeconfig", kc]);
     common::assert_exit(&out, 1, "restore of a junk archive");
+    // The reason, where the command ends — not only "1 errors" (issue 22).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("failed: the archive cannot be read"), "{err}");
     let d = run(dir.path(), &data, &["restore", "describe", "r"]);
     let text = String::from_utf8_lossy(&d.stdout);
     assert!(text.contains("Phase:        Failed") && text.contains("archive cannot be read"), "{text}");

@@ -501,6 +501,15 @@ impl Backup {
         if let Err(e) = validate_backup_name(&name) {
             errors.push(e.to_string());
         }
+        for (field, list) in
+            [("spec.includedNamespaces", &s.included_namespaces), ("spec.excludedNamespaces", &s.excluded_namespaces)]
+        {
+            for n in list {
+                if let Err(why) = blockwise_engine::spec::validate_namespace_pattern(n) {
+                    errors.push(format!("{field}: {n:?}: {why}"));
+                }
+            }
+        }
         let mut spec = EngineSpec::new(&name);
         spec.included_namespaces = s.included_namespaces.clone();
         spec.excluded_namespaces = s.excluded_namespaces.clone();
@@ -784,6 +793,7 @@ mod tests {
             "labelSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
             "hooks": {"resources": [{"name": "h", "pre": [{"exec": {"command": []}}]}]},
             "ttl": "soon", "workers": 0, "storageLocation": "offsite", "orderedResources": {"pods": " , "},
+            "includedNamespaces": ["../etc", "!!"], "excludedNamespaces": ["Bad"],
         }));
         let errors = b.to_request(&Locations::default(), &Scope::Admin).unwrap_err();
         let all = errors.join("\n");
@@ -796,6 +806,10 @@ mod tests {
             "spec.workers 0",
             "spec.storageLocation \"offsite\"",
             "spec.orderedResources: invalid ordered-resources entry",
+            // Issue 22: a namespace that is no namespace name (it would be a request path).
+            "spec.includedNamespaces: \"../etc\"",
+            "spec.includedNamespaces: \"!!\"",
+            "spec.excludedNamespaces: \"Bad\"",
         ] {
             assert!(all.contains(needle), "{needle:?} not in {all}");
         }
