@@ -361,7 +361,12 @@ impl DataDir {
                     .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
                 Ok(Status::Log { events, state: Box::new(state) })
             }
-            Err(SessionError::Log(LogError::InUse(_))) => {
+            Err(SessionError::Log(ref e @ (LogError::InUse(_) | LogError::Storage { .. })))
+                if matches!(e, LogError::InUse(_)) || medium_full(e) =>
+            {
+                // Opening the log writes (sled): a full or read-only disk refuses it, though the
+                // command only reads — the last run's live view then answers, and says so.
+                let unreadable = (!matches!(e, LogError::InUse(_))).then(|| e.to_string());
                 let path = self.backup_dir(name).join("status.json");
                 let bytes = std::fs::read(&path).map_err(file_err("reading the live status", &path))?;
                 let view: Value = serde_json::from_slice(&bytes).map_err(|e| SessionError::File {
@@ -371,11 +376,17 @@ impl DataDir {
                 })?;
                 let events_log = self.backup_dir(name).join("events.log");
                 let lines = std::fs::read_to_string(&events_log).unwrap_or_default();
-                Ok(Status::Live { view, lines })
+                Ok(Status::Live { view, lines, unreadable })
             }
             Err(e) => Err(e),
         }
     }
+}
+
+/// Whether opening the log failed because its disk cannot be written (full: ENOSPC, or read-only:
+/// EROFS) — sled writes when it opens, though reading commands only read.
+fn medium_full(e: &LogError) -> bool {
+    matches!(e, LogError::Storage { message, .. } if message.contains("os error 28") || message.contains("os error 30"))
 }
 
 /// What [`DataDir::delete`] deleted beside the files.
@@ -416,12 +427,15 @@ pub enum Status {
         /// Their fold.
         state: Box<BackupState>,
     },
-    /// Another process runs the backup: its live view.
+    /// Another process runs the backup — or the log cannot be opened on this disk (full, or
+    /// read-only: `unreadable` says why): the live view its last run kept.
     Live {
         /// `status.json`: `describe` JSON and text, written by the running process.
         view: Value,
         /// `events.log`: a line per durable event.
         lines: String,
+        /// Why the log itself could not be read, when no other process holds it.
+        unreadable: Option<String>,
     },
 }
 
@@ -746,5 +760,26 @@ impl Observer for LiveView<'_> {
             self.write_status(state);
         }
         self.inner.committed(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 22: `describe`/`get`/`logs` of a backup whose disk is full (or read-only) answer from
+    /// the live view — sled cannot open the log there — but a damaged log is never hidden so.
+    #[test]
+    fn only_a_full_or_read_only_disk_falls_back_to_the_live_view() {
+        let storage = |message: &str| LogError::Storage { path: PathBuf::from("log"), message: message.into() };
+        assert!(medium_full(&storage("IO error: No space left on device (os error 28)")));
+        assert!(medium_full(&storage("IO error: Read-only file system (os error 30)")));
+        assert!(!medium_full(&storage("Corruption: at 4096")));
+        assert!(!medium_full(&storage("IO error: Permission denied (os error 13)")));
+        assert!(!medium_full(&LogError::Corrupt {
+            path: PathBuf::from("log"),
+            seq: 3,
+            reason: "os error 28 in its text".into()
+        }));
     }
 }

@@ -868,6 +868,9 @@ fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
     // Only a backup that exists, and that no process is running (its log would be in use).
     let holds = match data.status(&a.name).map_err(session_err)? {
         Status::Log { state, .. } => state.retained_snapshots().len(),
+        Status::Live { unreadable: Some(why), .. } => {
+            return Err(anyhow!("backup {}: its log cannot be opened: {why}", a.name));
+        }
         Status::Live { view, .. } => {
             return Err(usage(format!(
                 "backup {} is running in process {}; delete it once it has ended",
@@ -900,8 +903,16 @@ fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
 }
 
 /// The note printed under a live view.
-fn live_note(view: &serde_json::Value) -> String {
-    format!("(live view: the backup is running in process {}; this is its last published status)\n", view["pid"])
+fn live_note(view: &serde_json::Value, unreadable: Option<&str>) -> String {
+    match unreadable {
+        Some(why) => format!("(from the live view its last run kept: the log cannot be opened now: {why})\n"),
+        None => {
+            format!(
+                "(live view: the backup is running in process {}; this is its last published status)\n",
+                view["pid"]
+            )
+        }
+    }
 }
 
 fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
@@ -916,9 +927,9 @@ fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
             doc["live"] = serde_json::json!(true);
             emit(&format!("{}\n", serde_json::to_string_pretty(&doc).context("encoding JSON")?))?
         }
-        Status::Live { view, .. } => {
+        Status::Live { view, unreadable, .. } => {
             emit(view["text"].as_str().unwrap_or_default())?;
-            emit(&live_note(&view))?;
+            emit(&live_note(&view, unreadable.as_deref()))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -937,10 +948,12 @@ fn get(data: &DataDir) -> Result<ExitCode> {
                 format!("{}/{}", s.items_done(), s.planned_items),
                 report::rfc3339(s.requested_ms)
             )),
-            Ok(Status::Live { view, .. }) => {
+            Ok(Status::Live { view, unreadable, .. }) => {
                 let r = &view["row"];
+                let note =
+                    if unreadable.is_some() { "(log unreadable here: last published status)" } else { "(running)" };
                 out.push_str(&format!(
-                    "{:<32} {:<16} {:>8} {:>8} {:>9} {} (running)\n",
+                    "{:<32} {:<16} {:>8} {:>8} {:>9} {} {note}\n",
                     name,
                     r["phase"].as_str().unwrap_or("?"),
                     r["errors"],
@@ -975,9 +988,9 @@ fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
                 _ => {}
             }
         }
-        Status::Live { view, lines } => {
+        Status::Live { view, lines, unreadable } => {
             emit(&lines)?;
-            emit(&live_note(&view))?;
+            emit(&live_note(&view, unreadable.as_deref()))?;
         }
     }
     Ok(ExitCode::SUCCESS)
