@@ -889,9 +889,12 @@ pub fn check_snapshot_windows(model: &Model, report: &RunReport, ev: &Evidence) 
                     ));
                 }
             }
-            // S4: the window closes within the CSI timeout, per process that waited for the cut.
+            // S4: the window closes within the CSI timeout, per process that waited for the cut —
+            // unless the API server went away meanwhile: the cut could not finish, and A1 bounds
+            // the window from the server's return.
             let has_post = hooks.iter().any(|p| p.phase == HookPhase::Post && &p.pod == pod);
-            if let (true, Some(x)) = (has_post, close) {
+            let away = |x: &Exec| records[cr.record..x.start].iter().any(|r| matches!(r, Record::ApiAway { .. }));
+            if let (true, Some(x)) = (has_post, close.filter(|x| !away(x))) {
                 let restarts =
                     records[cr.record..x.start].iter().filter(|r| matches!(r, Record::Restart { .. })).count() as u64;
                 let bound = cr.at_ms + SIM_CSI_TIMEOUT_MS * (restarts + 1) + 20_000;
