@@ -352,6 +352,18 @@ impl DataDir {
         }
     }
 
+    /// Checks that a local store can be written (its directory made, a probe file written and
+    /// removed): the CLI asks before recording a backup, so `--storage /proc/nope` is the user's
+    /// input at `create`, not a stop at the first staged item (issue 22). The controller does not:
+    /// a store that is down when a Backup starts is an outage its retries wait out.
+    pub fn probe_store(&self, spec: &StorageSpec) -> Result<(), SessionError> {
+        let StorageSpec::Local { root } = spec else { return Ok(()) };
+        let root = root.clone().unwrap_or_else(|| self.default_store());
+        writable_dir(&root).map_err(|reason| {
+            SessionError::Store(StoreError::BadLocation { location: root.display().to_string(), reason })
+        })
+    }
+
     /// A backup's folded state: from its log, or — while another process runs it and holds the
     /// log — from the live view that process keeps (`live` is then true).
     pub fn status(&self, name: &str) -> Result<Status, SessionError> {
@@ -524,14 +536,6 @@ impl Session {
             options.uid = new_uid(&name);
         }
         let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
-        // A local store that cannot be written is the user's input, said now — not at the first
-        // staged item, after the backup was recorded (issue 22: `--storage /proc/nope`).
-        if let StorageSpec::Local { root } = &req.storage {
-            let root = root.clone().unwrap_or_else(|| data.default_store());
-            writable_dir(&root).map_err(|reason| {
-                SessionError::Store(StoreError::BadLocation { location: root.display().to_string(), reason })
-            })?;
-        }
         let dir = data.backup_dir(&name);
         if dir.exists() {
             match Session::existing(data, &name)? {

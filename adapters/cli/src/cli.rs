@@ -724,6 +724,7 @@ fn create(a: CreateArgs, data: &DataDir) -> Result<ExitCode> {
         }
     };
     let storage = storage_from_args(&a.storage)?;
+    data.probe_store(&storage).map_err(session_err)?;
     let store = data.open_store(&storage).map_err(session_err)?;
     let rt = runtime()?;
     // Connect before anything is written, so a bad kubeconfig or an unreachable server leaves no
