@@ -122,11 +122,17 @@ async fn stage(
 /// server that cannot be reached stops the run. `Some(why)` names both.
 async fn unreachable(cluster: &dyn Cluster, error: Option<&ClusterError>) -> Option<String> {
     let Some(e @ ClusterError::Unavailable(_)) = error else { return None };
+    probe(cluster).await.map(|probe| format!("{e}; then {probe}"))
+}
+
+/// Asks the API server whether it answers at all: `Some(why)` when it does not (never under the
+/// planted bug `UnreachableRecordedAsFailure`).
+async fn probe(cluster: &dyn Cluster) -> Option<String> {
     if mutation::active(Mutation::UnreachableRecordedAsFailure) {
         return None;
     }
     match cluster.reachable().await {
-        Err(ClusterError::Unavailable(probe)) => Some(format!("{e}; then {probe}")),
+        Err(ClusterError::Unavailable(m)) => Some(m),
         _ => None,
     }
 }
@@ -134,12 +140,12 @@ async fn unreachable(cluster: &dyn Cluster, error: Option<&ClusterError>) -> Opt
 /// A snapshot command's completion, or — when some of it failed and the API server does not
 /// answer — [`Completion::Unreachable`]: the failures are the cluster's, not the snapshots'.
 async fn unless_unreachable(cluster: &dyn Cluster, failed: bool, what: &str, done: Completion) -> Completion {
-    if !failed || mutation::active(Mutation::UnreachableRecordedAsFailure) {
+    if !failed {
         return done;
     }
-    match cluster.reachable().await {
-        Err(ClusterError::Unavailable(m)) => Completion::Unreachable(format!("{what}: {m}")),
-        _ => done,
+    match probe(cluster).await {
+        Some(m) => Completion::Unreachable(format!("{what}: {m}")),
+        None => done,
     }
 }
 
@@ -184,17 +190,14 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             let what = format!("hook {} of pod {} ({:?})", hook.index, hook.pod, hook.phase);
             let outcome = match result {
                 // A timeout with a server that does not answer is the cluster's, not the hook's.
-                None if mutation::active(Mutation::UnreachableRecordedAsFailure) => {
-                    HookOutcome::TimedOut { timeout_ms: hook.timeout_ms }
-                }
-                None => match cluster.reachable().await {
-                    Err(ClusterError::Unavailable(m)) => {
+                None => match probe(cluster).await {
+                    Some(m) => {
                         return Completion::Unreachable(format!(
                             "{what} timed out after {} ms and the API server does not answer: {m}",
                             hook.timeout_ms
                         ))
                     }
-                    _ => HookOutcome::TimedOut { timeout_ms: hook.timeout_ms },
+                    None => HookOutcome::TimedOut { timeout_ms: hook.timeout_ms },
                 },
                 Some(Err(e)) => match unreachable(cluster, Some(&e)).await {
                     Some(m) => return Completion::Unreachable(format!("{what}: {m}")),

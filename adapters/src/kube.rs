@@ -295,11 +295,8 @@ fn classify(what: &str, e: &kube::Error) -> Failure {
                 _ => Failure::Final(ClusterError::Other(msg)),
             }
         }
-        kube::Error::Service(inner) if inner.is::<tower::timeout::error::Elapsed>() => {
-            Failure::Retryable(format!("{what}: {}", error_text(e)))
-        }
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => {
-            Failure::Retryable(format!("{what}: {}", error_chain(e)))
+            Failure::Retryable(format!("{what}: {}", error_text(e)))
         }
         _ => Failure::Final(ClusterError::Other(format!("{what}: {}", error_chain(e)))),
     }

@@ -95,12 +95,13 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClusterError>>,
 {
-    let deadline = if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
-        None
-    } else {
-        Some(policy.attempt_deadline_ms)
-    };
-    retry_within(policy, rt, what, deadline, call).await
+    retry_within(policy, rt, what, Some(policy.attempt_deadline_ms), call).await
+}
+
+/// `ms` as a deadline of ours — none under the planted bug `NoRequestDeadline`.
+fn deadline(ms: u64) -> Option<u64> {
+    use blockwise_engine::mutation::{active, Mutation};
+    (!active(Mutation::NoRequestDeadline)).then_some(ms)
 }
 
 /// `ms` as a Go duration: `30s`, `1500ms`.
@@ -127,7 +128,7 @@ where
     let attempts = policy.attempts_max.max(1);
     let mut retry = 0u32;
     loop {
-        let attempt = match deadline_ms {
+        let attempt = match deadline_ms.and_then(deadline) {
             Some(ms) => timeout(rt, ms, call()).await.unwrap_or_else(|| {
                 Err(ClusterError::Unavailable(format!(
                     "{what}: no answer from the API server within {}",
@@ -216,12 +217,7 @@ impl Cluster for RetryingCluster {
         timeout_ms: u64,
     ) -> Result<Option<String>, ClusterError> {
         let deadline = timeout_ms.saturating_add(self.policy.attempt_deadline_ms);
-        let deadline = if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
-            None
-        } else {
-            Some(deadline)
-        };
-        retry_within(&self.policy, self.runtime.as_ref(), "watch", deadline, || {
+        retry_within(&self.policy, self.runtime.as_ref(), "watch", Some(deadline), || {
             self.inner.watch(rt, key, resource_version, timeout_ms)
         })
         .await
@@ -231,10 +227,9 @@ impl Cluster for RetryingCluster {
     /// second longer than a request's, so a client with its own (kube's, which names the server)
     /// answers first.
     async fn reachable(&self) -> Result<(), ClusterError> {
-        let ms = self.policy.attempt_deadline_ms.saturating_add(1_000);
-        if blockwise_engine::mutation::active(blockwise_engine::mutation::Mutation::NoRequestDeadline) {
+        let Some(ms) = deadline(self.policy.attempt_deadline_ms.saturating_add(1_000)) else {
             return self.inner.reachable().await;
-        }
+        };
         timeout(self.runtime.as_ref(), ms, self.inner.reachable()).await.unwrap_or_else(|| {
             Err(ClusterError::Unavailable(format!("reaching the API server: no answer within {}", go_duration(ms))))
         })

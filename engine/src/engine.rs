@@ -1683,9 +1683,7 @@ impl Engine {
                 for (key, error) in failed {
                     self.emit(Event::FetchFailed { key, error });
                 }
-                if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
-                    self.fetching = false;
-                }
+                self.get_answered();
             }
             (Pending::Block(b), c) => self.block_completion(b, c),
             (Pending::Inspect, Completion::VolumesInspected(inv)) => self.volumes_inspected(inv),
@@ -1856,6 +1854,13 @@ impl Engine {
         }
     }
 
+    /// A `Get` was answered: fetching ends with the last one in flight.
+    fn get_answered(&mut self) {
+        if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
+            self.fetching = false;
+        }
+    }
+
     /// The cluster could not be reached for a command: stop the run as after a store failure,
     /// recording nothing of the command (it is done again on `resume`).
     fn unreachable(&mut self, pending: Pending, message: String) {
@@ -1865,11 +1870,7 @@ impl Engine {
             Pending::List { unit, .. } => {
                 self.listing.remove(&unit);
             }
-            Pending::Get => {
-                if !self.inflight.values().any(|p| matches!(p, Pending::Get)) {
-                    self.fetching = false;
-                }
-            }
+            Pending::Get => self.get_answered(),
             Pending::Inspect => self.inspecting = false,
             Pending::Await => self.awaiting = false,
             Pending::Release => self.releasing = false,
