@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use blockwise_engine::body::BodyId;
 
-use blockwise_engine::event::{encode_record, recover_records};
+use blockwise_engine::event::{check_end, encode_record, recover_records_of};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::{Event, Seq};
 
@@ -34,6 +34,9 @@ use crate::world::{offload, Runtime};
 /// Meta key holding the backup name; it starts with 0xff and is 17 bytes long, so it never falls
 /// inside a backup's 16-byte record keys.
 const META_NAME_KEY: &[u8] = b"\xffmeta/backup-name";
+/// Meta key holding the log's format: present (2) in logs that keep a commit marker.
+const META_FORMAT_KEY: &[u8] = b"\xffmeta/format";
+const LOG_FORMAT: u8 = 2;
 /// sled's page cache size.
 const CACHE_BYTES: u64 = 64 << 20;
 
@@ -52,9 +55,11 @@ pub enum LogError {
     /// The log belongs to another backup than the one asked for.
     #[error("event log {}: belongs to backup {stored:?}, not {requested:?}", .path.display())]
     WrongBackup { path: PathBuf, stored: String, requested: String },
-    /// A record before the last one is bad, or a sequence number is missing.
-    #[error("event log {}: record {seq} is corrupt: {reason}", .path.display())]
-    Corrupt { path: PathBuf, seq: Seq, reason: String },
+    /// The log is damaged: a committed record is missing, bad or out of sequence, the commit
+    /// marker or the metadata is unreadable, or the medium (sled) failed reading it back. Names the
+    /// backup (or restore), the file and, when one is to blame, the record.
+    #[error("{what} is damaged: {}{}: {reason}", .file.display(), .seq.map(|s| format!(", record {s}")).unwrap_or_default())]
+    Damaged { path: PathBuf, what: String, file: PathBuf, seq: Option<Seq>, reason: String },
     /// An append with a sequence number other than the next one.
     #[error("event log {}: append of record {got} out of order: the next record must be {expected}", .path.display())]
     OutOfOrder { path: PathBuf, expected: Seq, got: Seq },
@@ -111,6 +116,106 @@ pub trait LogMedium: Send {
     fn spill_path(&self) -> Option<PathBuf> {
         None
     }
+    /// How many records were committed — made durable by a flush — and of which backup id, as the
+    /// medium keeps it apart from the records, so that a medium that loses records cannot lose this
+    /// with them ([`blockwise_engine::event::check_end`]). `Ok(None)`: no count is kept (a log
+    /// written before it was, or never created). An error names the file that holds the count and
+    /// what is wrong with it.
+    fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
+        Ok(None)
+    }
+    /// The file that holds record `seq` of backup `id`, for messages.
+    fn record_file(&self, id: u64, seq: Seq) -> PathBuf {
+        let _ = (id, seq);
+        self.location().to_path_buf()
+    }
+}
+
+/// What opening a log read back: its name, id, good records and the report of the open.
+pub(crate) struct Opened<T> {
+    pub name: String,
+    pub id: u64,
+    pub events: Vec<T>,
+    pub report: OpenReport,
+}
+
+/// What the messages of a log call it: `backup "b"` or `restore "r"`; before the name is read, the
+/// name of the directory that holds the log.
+fn what_of(kind: &str, name: Option<&str>, path: &Path) -> String {
+    let dir_name = || {
+        let parent = path.parent().unwrap_or(path);
+        parent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    };
+    format!("{kind} {:?}", name.map(str::to_string).unwrap_or_else(dir_name))
+}
+
+/// The kind of log in `dir` by where it lies: `<data-dir>/restores/<name>/log` holds a restore's.
+fn kind_of(dir: &Path) -> &'static str {
+    let parent = dir.parent().and_then(Path::parent).and_then(Path::file_name);
+    if parent.is_some_and(|p| p == "restores") {
+        "restore"
+    } else {
+        "backup"
+    }
+}
+
+/// Reads an existing log of `kind` ("backup", "restore") back whole: its name, every record
+/// verified ([`recover_records_of`]), its end checked against the committed count
+/// ([`check_end`]), and a torn last record past that count cut (removed and flushed). Anything
+/// else wrong is [`LogError::Damaged`] naming the log, the file and the record. One kernel for
+/// every log and every medium: the simulator's in-memory medium runs exactly these checks.
+pub(crate) fn open_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+    medium: &mut M,
+    kind: &str,
+) -> Result<Opened<T>, LogError> {
+    let path = medium.location().to_path_buf();
+    let damaged = |name: Option<&str>, file: PathBuf, seq: Option<Seq>, reason: String| LogError::Damaged {
+        path: path.clone(),
+        what: what_of(kind, name, &path),
+        file,
+        seq,
+        reason,
+    };
+    let committed = medium.committed().map_err(|(file, reason)| damaged(None, file, None, reason))?;
+    let name = match medium.read_name() {
+        Ok(Some(n)) => String::from_utf8(n).map_err(|_| {
+            damaged(None, path.clone(), None, "the name in the log's metadata is not UTF-8".to_string())
+        })?,
+        // Never created (or its creation never finished) — unless a commit marker says records
+        // were committed: then the metadata was lost.
+        Ok(None) if committed.is_none_or(|(_, n)| n == 0) => return Err(LogError::NotFound(path.clone())),
+        Ok(None) => return Err(damaged(None, path.clone(), None, "the log's metadata (its name) is gone".to_string())),
+        Err(reason) => return Err(damaged(None, path.clone(), None, format!("reading the log's metadata: {reason}"))),
+    };
+    let id = backup_id(&name);
+    let committed = match committed {
+        Some((marked, _)) if marked != id => {
+            return Err(damaged(
+                Some(&name),
+                path.clone(),
+                None,
+                format!("the commit marker belongs to another log (id {marked:#x}, not {id:#x} of this name)"),
+            ))
+        }
+        c => c.map(|(_, n)| n),
+    };
+    let records = medium.records(id).map_err(|(n, reason)| {
+        damaged(Some(&name), medium.record_file(id, n as Seq), Some(n as Seq), format!("reading it back: {reason}"))
+    })?;
+    // The engine decides torn tail versus damage, for every medium.
+    let recovered = recover_records_of::<T>(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
+        .and_then(|r| check_end(&r, committed).map(|()| r))
+        .map_err(|e| damaged(Some(&name), medium.record_file(id, e.seq), Some(e.seq), e.reason))?;
+    drop(records);
+    let mut report = OpenReport { events: recovered.events.len(), cut_tail: None };
+    if let Some((seq, reason)) = recovered.cut_tail {
+        tracing::warn!("{kind} log {}: cutting torn last record {seq}: {reason}", path.display());
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        medium.remove(id, seq).map_err(storage)?;
+        (medium.flush_job())().map_err(storage)?;
+        report.cut_tail = Some((seq, reason));
+    }
+    Ok(Opened { name, id, events: recovered.events, report })
 }
 
 fn new_bodies<M: LogMedium>(medium: &M) -> Result<Bodies, String> {
@@ -284,37 +389,13 @@ impl<M: LogMedium> EventLog<M> {
     /// reader that only looks at the events: the log is not for appending).
     fn open_with(mut medium: M, number_bodies: bool) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
         let path = medium.location().to_path_buf();
+        let Opened { name, id, events, report } = open_records::<M, Event>(&mut medium, "backup")?;
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let name = match medium.read_name().map_err(storage)? {
-            Some(n) => String::from_utf8(n).map_err(|_| LogError::Corrupt {
-                path: path.clone(),
-                seq: 0,
-                reason: "the backup name in the log's metadata is not UTF-8".to_string(),
-            })?,
-            None => return Err(LogError::NotFound(path)),
-        };
-        let id = backup_id(&name);
-        let records = medium.records(id).map_err(|(seq, reason)| LogError::Corrupt {
-            path: path.clone(),
-            seq: seq as Seq,
-            reason,
-        })?;
-        // The engine's `recover_records` decides torn tail versus corruption, for every medium.
-        let recovered = recover_records(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
-            .map_err(|e| LogError::Corrupt { path: path.clone(), seq: e.seq, reason: e.reason })?;
-        let (events, bad) = (recovered.events, recovered.cut_tail);
-        let mut report = OpenReport { events: events.len(), cut_tail: None };
         let mut next = events.len() as Seq;
         let durable = next.checked_sub(1);
-        if let Some((seq, reason)) = bad {
-            tracing::warn!("event log {}: cutting torn last record {seq}: {reason}", path.display());
-            medium.remove(id, seq).map_err(storage)?;
-            (medium.flush_job())().map_err(storage)?;
-            if mutation::active(Mutation::LogStaleNextSeq) {
-                // Deliberate bug: count the cut record, so appends resume one past the tail.
-                next = records.len() as Seq;
-            }
-            report.cut_tail = Some((seq, reason));
+        if report.cut_tail.is_some() && mutation::active(Mutation::LogStaleNextSeq) {
+            // Deliberate bug: count the cut record, so appends resume one past the tail.
+            next += 1;
         }
         let bodies = if number_bodies { new_bodies(&medium).map_err(storage)? } else { Bodies::memory() };
         for e in events.iter().filter(|_| number_bodies) {
@@ -397,7 +478,13 @@ impl<M: LogMedium> EventLog<M> {
             f(seq, &event)
         });
         if let Some((seq, reason)) = bad {
-            return Err(LogError::Corrupt { path: self.path.clone(), seq, reason });
+            return Err(LogError::Damaged {
+                path: self.path.clone(),
+                what: what_of("backup", Some(&self.name), &self.path),
+                file: self.medium.record_file(self.id, seq),
+                seq: Some(seq),
+                reason,
+            });
         }
         scanned.map_err(|m| self.storage(m))
     }
@@ -459,6 +546,7 @@ pub struct SledMedium {
     /// Where the bytes of blob records are: sled tree `record key → offset ‖ length`.
     pointers: sled::Tree,
     blob: Arc<Blob>,
+    commit: Arc<CommitMarker>,
 }
 
 /// Records of at least this many bytes (listed pages, mostly) are appended to the blob file beside
@@ -524,6 +612,182 @@ impl Blob {
         }
         Ok(())
     }
+}
+
+/// The commit marker of a sled log, inside its directory: how many records its flushes made
+/// durable (DESIGN §5, "a log that knows its end"). sled recovers a *prefix* of a damaged database
+/// without a word — a Completed backup would read back as InProgress — so the count is kept in a
+/// file of its own, which a damaged `db` cannot take with it.
+pub const COMMIT_FILE: &str = "commit";
+/// Bytes of one slot of the commit marker: `magic ‖ backup id ‖ records ‖ generation` (u64 BE
+/// each) `‖ crc32c of those 32 bytes` (u32 BE) `‖ 4 zero bytes`.
+const COMMIT_SLOT_BYTES: usize = 40;
+const COMMIT_MAGIC: &[u8; 8] = b"bwcommit";
+
+/// The commit marker's two slots, written alternately (a write torn by a crash spoils only the
+/// slot being written; the other keeps the count before it); the valid slot of the higher
+/// generation holds the count. Written after sled's flush and synced, so the count never exceeds
+/// what sled made durable; created (atomically, by rename) before the log's name is, so a log that
+/// has a name has a marker — unless it was written before markers were kept (no format key).
+#[derive(Debug)]
+struct CommitMarker {
+    path: PathBuf,
+    state: std::sync::Mutex<MarkerState>,
+}
+
+#[derive(Debug, Default)]
+struct MarkerState {
+    file: Option<std::fs::File>,
+    /// The backup id whose records are counted (known once the name is written or read).
+    id: Option<u64>,
+    /// One past the highest record inserted (lowered by a removal): what the next flush commits.
+    next: Seq,
+    generation: u64,
+}
+
+/// A marker slot's fields, when it is valid.
+fn read_slot(bytes: &[u8]) -> Option<(u64, Seq, u64)> {
+    let slot = bytes.get(..COMMIT_SLOT_BYTES)?;
+    let word = |i: usize| slot.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    let crc = slot.get(32..36).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)?;
+    if slot.get(..8)? != COMMIT_MAGIC || crc32c::crc32c(slot.get(..32)?) != crc {
+        return None;
+    }
+    Some((word(1)?, word(2)?, word(3)?))
+}
+
+fn slot_bytes(id: u64, records: Seq, generation: u64) -> [u8; COMMIT_SLOT_BYTES] {
+    let mut slot = [0u8; COMMIT_SLOT_BYTES];
+    slot[..8].copy_from_slice(COMMIT_MAGIC);
+    slot[8..16].copy_from_slice(&id.to_be_bytes());
+    slot[16..24].copy_from_slice(&records.to_be_bytes());
+    slot[24..32].copy_from_slice(&generation.to_be_bytes());
+    let crc = crc32c::crc32c(&slot[..32]);
+    slot[32..36].copy_from_slice(&crc.to_be_bytes());
+    slot
+}
+
+impl CommitMarker {
+    /// The marker of the log in `dir` (its file is read when there is one).
+    fn open(dir: &Path) -> CommitMarker {
+        let path = dir.join(COMMIT_FILE);
+        let mut state = MarkerState::default();
+        if let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            if let Ok(Some((id, records, generation))) = CommitMarker::read_file(&file) {
+                state = MarkerState { file: None, id: Some(id), next: records, generation };
+            }
+            state.file = Some(file);
+        }
+        CommitMarker { path, state: std::sync::Mutex::new(state) }
+    }
+
+    /// The valid slot of the highest generation; `Ok(None)` when the file is empty; an error when
+    /// no slot is valid.
+    fn read_file(file: &std::fs::File) -> Result<Option<(u64, Seq, u64)>, String> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        (&*file).take(2 * COMMIT_SLOT_BYTES as u64).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+        let slots = [bytes.get(..COMMIT_SLOT_BYTES), bytes.get(COMMIT_SLOT_BYTES..)];
+        match slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation) {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(format!("no valid slot in its {} bytes", bytes.len())),
+        }
+    }
+
+    /// What the file says now (the count a reader checks the records against).
+    fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file) = &state.file else { return Ok(None) };
+        let bad = |m: String| (self.path.clone(), format!("the commit marker is unreadable: {m}"));
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; 2 * COMMIT_SLOT_BYTES];
+        let n = file.read_at(&mut bytes, 0).map_err(|e| bad(e.to_string()))?;
+        bytes.truncate(n);
+        let slots = [bytes.get(..COMMIT_SLOT_BYTES), bytes.get(COMMIT_SLOT_BYTES..)];
+        match slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation) {
+            Some((id, records, _)) => Ok(Some((id, records))),
+            None => Err(bad(format!("no valid slot in its {n} bytes"))),
+        }
+    }
+
+    /// The log's name is about to be written: its marker exists (count 0) before the name does.
+    fn create(&self, id: u64) -> Result<(), String> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.id = Some(id);
+        if state.file.is_some() {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("new");
+        let io = |e: std::io::Error| format!("creating {}: {e}", self.path.display());
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&slot_bytes(id, 0, 1)).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        state.file = Some(std::fs::OpenOptions::new().read(true).write(true).open(&self.path).map_err(io)?);
+        state.generation = 1;
+        state.next = 0;
+        Ok(())
+    }
+
+    fn inserted(&self, id: u64, seq: Seq) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.id.get_or_insert(id);
+        state.next = state.next.max(seq + 1);
+    }
+
+    fn removed(&self, seq: Seq) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.next = state.next.min(seq);
+    }
+
+    /// What the flush about to start will commit.
+    fn pending(&self) -> Option<(u64, Seq)> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.id.map(|id| (id, state.next))
+    }
+
+    /// sled's flush made `records` records of `id` durable: say so, durably, in the other slot.
+    fn commit(&self, id: u64, records: Seq) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let io = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        if state.file.is_none() {
+            // A log written before markers were kept gets one now, after a flush: never ahead.
+            drop(state);
+            self.create(id)?;
+            state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        }
+        let generation = state.generation + 1;
+        let Some(file) = &state.file else { return Ok(()) };
+        let at = (generation % 2) * COMMIT_SLOT_BYTES as u64;
+        file.write_all_at(&slot_bytes(id, records, generation), at).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        state.generation = generation;
+        Ok(())
+    }
+}
+
+/// Runs a call into sled, turning a panic of sled's (a damaged database can make sled 0.34 panic
+/// while it reads one back: "tried to serialize Uninitialized") into an error naming it.
+fn unpanicked<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(format!("sled failed {what}: {}", panic_message(&*panic))),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 fn record_key(id: u64, seq: Seq) -> [u8; 16] {
@@ -594,14 +858,35 @@ impl SledMedium {
             for path in remove_interrupted_snapshots(dir)? {
                 tracing::warn!("event log {}: removed interrupted sled snapshot {}", dir.display(), path.display());
             }
-            let opened = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open();
+            let opened = std::panic::catch_unwind(|| {
+                sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open()
+            });
+            // sled does not say which of its files (`db`, `conf`, `snap.*`) it could not read.
+            let damaged = |reason: String| LogError::Damaged {
+                path: dir.to_path_buf(),
+                what: what_of(kind_of(dir), None, dir),
+                file: dir.to_path_buf(),
+                seq: None,
+                reason: format!("its sled database (db, conf, snap.*): {}", reason.trim_end_matches(" backtrace ()")),
+            };
+            let opened = match opened {
+                Ok(opened) => opened,
+                Err(panic) => return Err(damaged(format!("sled failed opening it: {}", panic_message(&*panic)))),
+            };
             match opened {
                 Ok(db) => {
                     let storage = |message: String| LogError::Storage { path: dir.to_path_buf(), message };
-                    let pointers = db.open_tree(POINTER_TREE).map_err(|e| storage(e.to_string()))?;
+                    let pointers = unpanicked("opening its pointer tree", || {
+                        db.open_tree(POINTER_TREE).map_err(|e| e.to_string())
+                    })
+                    .map_err(damaged)?;
                     let blob = Blob::open(&dir.join(BLOB_FILE))
                         .map_err(|e| storage(format!("opening {}: {e}", dir.join(BLOB_FILE).display())))?;
-                    return Ok(SledMedium { db, path: dir.to_path_buf(), pointers, blob: Arc::new(blob) });
+                    let commit = Arc::new(CommitMarker::open(dir));
+                    return Ok(SledMedium { db, path: dir.to_path_buf(), pointers, blob: Arc::new(blob), commit });
+                }
+                Err(e @ (sled::Error::Corruption { .. } | sled::Error::ReportableBug(_))) => {
+                    return Err(damaged(format!("sled cannot read it back: {e}")));
                 }
                 Err(sled::Error::Io(ref io)) if io.to_string().contains("could not acquire lock") => {
                     if started.elapsed() >= lock_wait {
@@ -622,11 +907,18 @@ impl LogMedium for SledMedium {
     }
 
     fn read_name(&self) -> Result<Option<Vec<u8>>, String> {
-        self.db.get(META_NAME_KEY).map(|v| v.map(|v| v.to_vec())).map_err(|e| e.to_string())
+        unpanicked("reading the log's name", || {
+            self.db.get(META_NAME_KEY).map(|v| v.map(|v| v.to_vec())).map_err(|e| e.to_string())
+        })
     }
 
     fn write_name(&mut self, name: &str) -> Result<(), String> {
-        self.db.insert(META_NAME_KEY, name.as_bytes()).map(|_| ()).map_err(|e| e.to_string())
+        // The marker first: a log with a name always has one.
+        self.commit.create(backup_id(name))?;
+        unpanicked("writing the log's name", || {
+            self.db.insert(META_FORMAT_KEY, &[LOG_FORMAT][..]).map_err(|e| e.to_string())?;
+            self.db.insert(META_NAME_KEY, name.as_bytes()).map(|_| ()).map_err(|e| e.to_string())
+        })
     }
 
     fn records(&self, id: u64) -> Records {
@@ -641,31 +933,46 @@ impl LogMedium for SledMedium {
 
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
         let key = record_key(id, seq);
-        if bytes.len() >= BLOB_RECORD_BYTES_MIN {
-            // Bytes, then pointer, then the empty placeholder: sled recovers a prefix of its
-            // operations, so a placeholder that survived has its pointer.
-            let at =
-                self.blob.append(bytes).map_err(|e| format!("writing {}: {e}", self.path.join(BLOB_FILE).display()))?;
-            let mut pointer = [0u8; 12];
-            pointer[..8].copy_from_slice(&at.to_be_bytes());
-            pointer[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-            self.pointers.insert(key, &pointer[..]).map_err(|e| e.to_string())?;
-            return self.db.insert(key, &[][..]).map(|_| ()).map_err(|e| e.to_string());
-        }
-        self.db.insert(key, bytes).map(|_| ()).map_err(|e| e.to_string())
+        unpanicked("appending a record", || {
+            if bytes.len() >= BLOB_RECORD_BYTES_MIN {
+                // Bytes, then pointer, then the empty placeholder: sled recovers a prefix of its
+                // operations, so a placeholder that survived has its pointer.
+                let at = self
+                    .blob
+                    .append(bytes)
+                    .map_err(|e| format!("writing {}: {e}", self.path.join(BLOB_FILE).display()))?;
+                let mut pointer = [0u8; 12];
+                pointer[..8].copy_from_slice(&at.to_be_bytes());
+                pointer[8..].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+                self.pointers.insert(key, &pointer[..]).map_err(|e| e.to_string())?;
+                return self.db.insert(key, &[][..]).map(|_| ()).map_err(|e| e.to_string());
+            }
+            self.db.insert(key, bytes).map(|_| ()).map_err(|e| e.to_string())
+        })?;
+        self.commit.inserted(id, seq);
+        Ok(())
     }
 
     fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String> {
         let key = record_key(id, seq);
-        self.db.remove(key).map_err(|e| e.to_string())?;
-        self.pointers.remove(key).map(|_| ()).map_err(|e| e.to_string())
+        unpanicked("removing a record", || {
+            self.db.remove(key).map_err(|e| e.to_string())?;
+            self.pointers.remove(key).map(|_| ()).map_err(|e| e.to_string())
+        })?;
+        self.commit.removed(seq);
+        Ok(())
     }
 
     fn flush_job(&self) -> FlushJob {
         let (db, blob, path) = (self.db.clone(), self.blob.clone(), self.path.join(BLOB_FILE));
+        let (commit, pending) = (self.commit.clone(), self.commit.pending());
         Box::new(move || {
             blob.sync().map_err(|e| format!("syncing {}: {e}", path.display()))?;
-            db.flush().map(|_| ()).map_err(|e| e.to_string())
+            unpanicked("flushing", || db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
+            match pending {
+                Some((id, records)) => commit.commit(id, records),
+                None => Ok(()),
+            }
         })
     }
 
@@ -673,24 +980,51 @@ impl LogMedium for SledMedium {
         Some(self.path.join(SPILL_FILE))
     }
 
-    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
-        for kv in self.db.scan_prefix(id.to_be_bytes()) {
-            let (k, v) = kv.map_err(|e| e.to_string())?;
-            if k.len() != 16 {
-                return Err(format!("unexpected key of {} bytes among the records", k.len()));
-            }
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&k[8..]);
-            if v.is_empty() {
-                // A blob record (no record is empty: every one has its 8-byte header).
-                let pointer = self.pointers.get(&k).map_err(|e| e.to_string())?;
-                let bytes = pointer.map(|p| self.blob.read(&p)).unwrap_or_default();
-                f(Seq::from_be_bytes(seq), &bytes)?;
-            } else {
-                f(Seq::from_be_bytes(seq), &v)?;
+    fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
+        match self.commit.committed()? {
+            Some(c) => Ok(Some(c)),
+            None => {
+                let format =
+                    unpanicked("reading the log's format", || self.db.get(META_FORMAT_KEY).map_err(|e| e.to_string()))
+                        .map_err(|m| (self.path.join("db"), m))?;
+                match format {
+                    // Written before commit markers were kept: nothing to check the end against.
+                    None => Ok(None),
+                    Some(_) => Err((self.commit.path.clone(), "the commit marker is missing".to_string())),
+                }
             }
         }
-        Ok(())
+    }
+
+    fn record_file(&self, id: u64, seq: Seq) -> PathBuf {
+        let blob =
+            unpanicked("reading a pointer", || self.pointers.get(record_key(id, seq)).map_err(|e| e.to_string()));
+        match blob {
+            Ok(Some(_)) => self.path.join(BLOB_FILE),
+            _ => self.path.join("db"),
+        }
+    }
+
+    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
+        unpanicked("reading the records back", || {
+            for kv in self.db.scan_prefix(id.to_be_bytes()) {
+                let (k, v) = kv.map_err(|e| e.to_string())?;
+                if k.len() != 16 {
+                    return Err(format!("unexpected key of {} bytes among the records", k.len()));
+                }
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&k[8..]);
+                if v.is_empty() {
+                    // A blob record (no record is empty: every one has its 8-byte header).
+                    let pointer = self.pointers.get(&k).map_err(|e| e.to_string())?;
+                    let bytes = pointer.map(|p| self.blob.read(&p)).unwrap_or_default();
+                    f(Seq::from_be_bytes(seq), &bytes)?;
+                } else {
+                    f(Seq::from_be_bytes(seq), &v)?;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -721,6 +1055,27 @@ pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
     }
     EventLog::open_with(SledMedium::open_waiting(dir, READER_LOCK_WAIT)?, false).map(|(_, events, _)| events)
 }
+/// The verified prefix of a log that cannot be opened whole (it is damaged): every record from the
+/// first on while each is in sequence and its checksum holds. Reads only: nothing is cut. Empty
+/// when not even the database opens. For deleting a damaged backup — its uid and the snapshots it
+/// recorded before the damage — never for resuming one.
+pub fn salvage(dir: &Path) -> Vec<Event> {
+    if !dir.join("db").is_file() {
+        return Vec::new();
+    }
+    let Ok(medium) = SledMedium::open_waiting(dir, READER_LOCK_WAIT) else { return Vec::new() };
+    let Ok(Some(name)) = medium.read_name() else { return Vec::new() };
+    let mut events = Vec::new();
+    let _ = medium.scan(backup_id(&String::from_utf8_lossy(&name)), &mut |seq, bytes| {
+        if seq != events.len() as Seq {
+            return Err(String::new());
+        }
+        events.push(blockwise_engine::event::decode_record(bytes).map_err(|e| e.to_string())?);
+        Ok(())
+    });
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -1038,14 +1393,17 @@ mod tests {
         let (mut log, back, report) = EventLog::open(&dir).unwrap();
         assert_eq!(back, events);
         assert_eq!(report.cut_tail, None);
-        // A blob record whose bytes were torn is a torn tail, cut, and the log stays appendable.
+        // A blob record whose bytes were torn before a flush committed it is a torn tail, cut,
+        // and the log stays appendable.
         log.append(4, &big_page(4)).unwrap();
-        log.flush().unwrap();
+        log.medium().db.flush().unwrap(); // sled wrote its placeholder out on its own
         drop(log);
-        let blob = std::fs::OpenOptions::new().write(true).open(dir.join(BLOB_FILE)).unwrap();
-        let len = blob.metadata().unwrap().len();
-        blob.set_len(len - 10).unwrap();
-        drop(blob);
+        let truncate_blob = || {
+            let blob = std::fs::OpenOptions::new().write(true).open(dir.join(BLOB_FILE)).unwrap();
+            let len = blob.metadata().unwrap().len();
+            blob.set_len(len - 10).unwrap();
+        };
+        truncate_blob();
         let (mut log, back, report) = EventLog::open(&dir).unwrap();
         assert_eq!(back, events);
         assert_eq!(report.cut_tail.as_ref().map(|c| c.0), Some(4), "{report:?}");
@@ -1055,6 +1413,10 @@ mod tests {
         let (_, back, _) = EventLog::open(&dir).unwrap();
         assert_eq!(back.len(), 5);
         assert_eq!(back[4], big_page(4));
+        // The same cut once the record was committed: damage naming the blob file and the record.
+        truncate_blob();
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(&e, LogError::Damaged { seq: Some(4), file, .. } if file.ends_with(BLOB_FILE)), "{e}");
     }
 
     #[test]
@@ -1120,8 +1482,24 @@ mod tests {
     }
 
     #[test]
-    fn flipped_byte_in_last_record_is_cut() {
+    fn a_flipped_byte_in_the_last_record_is_a_torn_tail_only_past_the_committed_count() {
+        // Record 4 appended and never flushed: a torn tail, cut.
         let (_tmp, dir) = new_log(4);
+        {
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
+            let mut rec = encode_record(&ev(4));
+            let last = rec.len() - 1;
+            rec[last] ^= 0x40;
+            log.put_raw(4, &rec).unwrap();
+        }
+        let (log, events, report) = EventLog::open(&dir).unwrap();
+        assert_eq!(events.len(), 4);
+        let (seq, reason) = report.cut_tail.unwrap();
+        assert_eq!(seq, 4);
+        assert!(reason.contains("checksum mismatch"), "{reason}");
+        assert_eq!(log.next_seq(), 4);
+        drop(log);
+        // Record 3 was committed by a flush: the same flip there is damage, named.
         {
             let (mut log, _, _) = EventLog::open(&dir).unwrap();
             let mut rec = encode_record(&ev(3));
@@ -1129,12 +1507,11 @@ mod tests {
             rec[last] ^= 0x40;
             log.put_raw(3, &rec).unwrap();
         }
-        let (log, events, report) = EventLog::open(&dir).unwrap();
-        assert_eq!(events.len(), 3);
-        let (seq, reason) = report.cut_tail.unwrap();
-        assert_eq!(seq, 3);
-        assert!(reason.contains("checksum mismatch"), "{reason}");
-        assert_eq!(log.next_seq(), 3);
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::Damaged { seq: Some(3), .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.starts_with("backup \"b1\" is damaged: ") && msg.contains("db, record 3: "), "{msg}");
+        assert!(msg.contains("committed"), "{msg}");
     }
 
     #[test]
@@ -1147,14 +1524,11 @@ mod tests {
             log.put_raw(17, &rec).unwrap();
         }
         let e = EventLog::open(&dir).unwrap_err();
-        assert!(matches!(e, LogError::Corrupt { seq: 17, .. }), "{e}");
+        assert!(matches!(e, LogError::Damaged { seq: Some(17), .. }), "{e}");
         let msg = e.to_string();
-        assert!(
-            msg.starts_with("event log ") && msg.contains("record 17 is corrupt: record checksum mismatch"),
-            "{msg}"
-        );
+        assert!(msg.contains("record 17: record checksum mismatch"), "{msg}");
         // Opening again gives the same answer: nothing was cut.
-        assert!(matches!(read_events(&dir).unwrap_err(), LogError::Corrupt { seq: 17, .. }));
+        assert!(matches!(read_events(&dir).unwrap_err(), LogError::Damaged { seq: Some(17), .. }));
     }
 
     #[test]
@@ -1165,7 +1539,7 @@ mod tests {
             log.put_raw(4, &encode_record(&ev(4))).unwrap();
         }
         let e = EventLog::open(&dir).unwrap_err();
-        assert!(matches!(e, LogError::Corrupt { seq: 3, .. }), "{e}");
+        assert!(matches!(e, LogError::Damaged { seq: Some(3), .. }), "{e}");
         assert!(e.to_string().contains("record 3 is missing; the next record present is 4"), "{e}");
     }
 
@@ -1179,7 +1553,95 @@ mod tests {
             }
         }
         let e = EventLog::open(&dir).unwrap_err();
-        assert!(matches!(e, LogError::Corrupt { seq: 1, .. }), "{e}");
+        assert!(matches!(e, LogError::Damaged { seq: Some(1), .. }), "{e}");
+    }
+
+    /// Removes records `from..` behind the log's back, as sled does when it recovers a prefix of a
+    /// damaged database.
+    fn cut_in_sled(dir: &Path, from: Seq) {
+        let db = sled::open(dir).unwrap();
+        let id = backup_id("b1");
+        let keys: Vec<_> = db.scan_prefix(id.to_be_bytes()).keys().map(Result::unwrap).collect();
+        for k in keys.iter().skip(from as usize) {
+            db.remove(k).unwrap();
+        }
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_log_cut_short_is_damage_naming_the_first_missing_record_never_a_shorter_log() {
+        let (_tmp, dir) = new_log(12);
+        cut_in_sled(&dir, 7);
+        for e in [EventLog::open(&dir).unwrap_err(), read_events(&dir).unwrap_err()] {
+            assert!(matches!(e, LogError::Damaged { seq: Some(7), .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains("cut short") && msg.contains("12 were committed"), "{msg}");
+        }
+        // Every record gone, the name kept: still damage, not an empty log.
+        cut_in_sled(&dir, 0);
+        assert!(matches!(EventLog::open(&dir).unwrap_err(), LogError::Damaged { seq: Some(0), .. }));
+    }
+
+    #[test]
+    fn the_commit_marker_survives_a_torn_slot_and_its_loss_is_named() {
+        let (_tmp, dir) = new_log(6);
+        let marker = dir.join(COMMIT_FILE);
+        let good = std::fs::read(&marker).unwrap();
+        assert_eq!(good.len(), 2 * COMMIT_SLOT_BYTES);
+        // Spoil the newest slot (a write torn by a crash): the other one holds an older count.
+        for slot in 0..2 {
+            let mut bytes = good.clone();
+            bytes[slot * COMMIT_SLOT_BYTES + 20] ^= 0xff;
+            std::fs::write(&marker, &bytes).unwrap();
+            let (_, events, _) = EventLog::open(&dir).unwrap();
+            assert_eq!(events.len(), 6);
+        }
+        // Both slots spoiled, or the file gone: damage naming the marker file.
+        let mut bytes = good.clone();
+        bytes[4] ^= 1;
+        bytes[COMMIT_SLOT_BYTES + 4] ^= 1;
+        std::fs::write(&marker, &bytes).unwrap();
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(&e, LogError::Damaged { file, seq: None, .. } if file == &marker), "{e}");
+        std::fs::remove_file(&marker).unwrap();
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(e.to_string().contains("the commit marker is missing"), "{e}");
+    }
+
+    #[test]
+    fn a_log_written_before_markers_were_kept_opens_and_gets_one_at_its_next_flush() {
+        let (_tmp, dir) = new_log(3);
+        {
+            let db = sled::open(&dir).unwrap();
+            db.remove(META_FORMAT_KEY).unwrap();
+            db.flush().unwrap();
+        }
+        std::fs::remove_file(dir.join(COMMIT_FILE)).unwrap();
+        let (mut log, events, _) = EventLog::open(&dir).unwrap();
+        assert_eq!(events.len(), 3);
+        log.append(3, &ev(3)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        cut_in_sled(&dir, 2);
+        let e = EventLog::open(&dir).unwrap_err();
+        assert!(matches!(e, LogError::Damaged { seq: Some(2), .. }), "{e}");
+    }
+
+    #[test]
+    fn a_creation_that_never_finished_is_not_found_not_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        {
+            // The marker is written, the process dies before the name is flushed.
+            let medium = SledMedium::open(&dir).unwrap();
+            medium.commit.create(backup_id("b1")).unwrap();
+        }
+        assert!(matches!(EventLog::open(&dir).unwrap_err(), LogError::NotFound(_)));
+        let mut log = EventLog::create(&dir, "b1").unwrap();
+        log.append(0, &ev(0)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        assert_eq!(EventLog::open(&dir).unwrap().1.len(), 1);
     }
 
     #[test]

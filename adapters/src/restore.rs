@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockwise_engine::event::{decode_record_of, encode_record_of, recover_records_of, Seq};
+use blockwise_engine::event::{decode_record_of, encode_record_of, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::restore_run::{
@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::log::{backup_id, LogError, LogMedium, OpenReport, SledMedium};
+use crate::log::{backup_id, open_records, LogError, LogMedium, OpenReport, Opened, SledMedium};
 use crate::session::{
     file_err, remove_tree, sync_dir, write_json_durable, ClusterSource, DataDir, SessionError, StorageSpec,
 };
@@ -83,29 +83,10 @@ impl<M: LogMedium> RestoreLog<M> {
     /// Opens an existing log and reads it whole, cutting a torn last record.
     pub fn open_on(mut medium: M) -> Result<(RestoreLog<M>, Vec<RestoreEvent>, OpenReport), LogError> {
         let path = medium.location().to_path_buf();
-        let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let name = match medium.read_name().map_err(storage)? {
-            Some(n) => String::from_utf8_lossy(&n).into_owned(),
-            None => return Err(LogError::NotFound(path)),
-        };
-        let id = backup_id(&name);
-        let records = medium.records(id).map_err(|(seq, reason)| LogError::Corrupt {
-            path: path.clone(),
-            seq: seq as Seq,
-            reason,
-        })?;
-        let recovered = recover_records_of::<RestoreEvent>(records.iter().map(|(s, v)| (*s, v.as_slice())))
-            .map_err(|e| LogError::Corrupt { path: path.clone(), seq: e.seq, reason: e.reason })?;
-        let mut report = OpenReport { events: recovered.events.len(), cut_tail: None };
-        if let Some((seq, reason)) = recovered.cut_tail {
-            tracing::warn!("restore log {}: cutting torn last record {seq}: {reason}", path.display());
-            medium.remove(id, seq).map_err(storage)?;
-            (medium.flush_job())().map_err(storage)?;
-            report.cut_tail = Some((seq, reason));
-        }
-        let next = recovered.events.len() as Seq;
+        let Opened { id, events, report, .. } = open_records::<M, RestoreEvent>(&mut medium, "restore")?;
+        let next = events.len() as Seq;
         let log = RestoreLog { medium, path, id, next, durable: next.checked_sub(1) };
-        Ok((log, recovered.events, report))
+        Ok((log, events, report))
     }
 
     /// Appends one event; not yet durable.

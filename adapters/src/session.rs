@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
-use blockwise_engine::snapshot::BackupOptions;
+use blockwise_engine::snapshot::{BackupOptions, BACKUP_UID_LABEL};
 use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
@@ -278,17 +278,41 @@ impl DataDir {
                     .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?,
             ),
             Err(SessionError::NotFound { .. }) => None,
+            Err(SessionError::Log(damage @ LogError::Damaged { .. })) => {
+                let deleted = self.delete_damaged_snapshots(name, &damage, cluster).await?;
+                self.delete_files(name).await?;
+                return Ok(deleted);
+            }
             Err(e) => return Err(e),
         };
         let retained = state.as_ref().map(BackupState::retained_snapshots).unwrap_or_default();
+        let deleted = match (&state, retained.is_empty()) {
+            (Some(state), false) => {
+                let Some(access) = cluster else {
+                    return Err(SessionError::State {
+                        name: name.into(),
+                        message: format!("holds {} storage snapshots: deleting it needs its cluster", retained.len()),
+                    });
+                };
+                self.delete_snapshots(name, state, &retained, access).await?
+            }
+            _ => Deleted::default(),
+        };
+        self.delete_files(name).await?;
+        Ok(deleted)
+    }
+
+    /// Deletes `retained`, storage snapshots of backup `name` (whose state, or what of it could be
+    /// read, is `state`), through its cluster.
+    async fn delete_snapshots(
+        &self,
+        name: &str,
+        state: &BackupState,
+        retained: &[blockwise_engine::state::RetainedSnapshot],
+        (cluster, runtime): (&dyn Cluster, &dyn Runtime),
+    ) -> Result<Deleted, SessionError> {
         let mut deleted = Deleted::default();
-        if let (Some(state), false) = (&state, retained.is_empty()) {
-            let Some((cluster, runtime)) = cluster else {
-                return Err(SessionError::State {
-                    name: name.into(),
-                    message: format!("holds {} storage snapshots: deleting it needs its cluster", retained.len()),
-                });
-            };
+        {
             let (contents, snapshots) = snapshot_types(state);
             let d = crate::csi::RetainedDeletion {
                 cluster,
@@ -322,6 +346,101 @@ impl DataDir {
                 });
             }
         }
+        Ok(deleted)
+    }
+
+    /// The uid recorded beside backup `name`'s log at its creation (`None` for one created before
+    /// it was kept, or none there).
+    pub fn recorded_uid(&self, name: &str) -> Option<String> {
+        let bytes = std::fs::read(self.backup_dir(name).join(UID_FILE)).ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        v["uid"].as_str().filter(|u| !u.is_empty()).map(str::to_string)
+    }
+
+    /// The storage snapshots of a backup whose log is damaged (issue 22), found without trusting
+    /// the log: those its verified prefix recorded, those its store's
+    /// `<name>-csi-volumesnapshotcontents.json.gz` lists (a finished backup's, released from the
+    /// cluster), and every VolumeSnapshotContent in the cluster labelled with its uid (one that was
+    /// still being cut) — then deleted as any backup's are.
+    async fn delete_damaged_snapshots(
+        &self,
+        name: &str,
+        damage: &LogError,
+        cluster: Option<(&dyn Cluster, &dyn Runtime)>,
+    ) -> Result<Deleted, SessionError> {
+        use blockwise_engine::state::RetainedSnapshot;
+        tracing::warn!("backup {name}: {damage}; finding its storage snapshots without its log");
+        let prefix = crate::log::salvage(&self.log_dir(name));
+        let mut state = BackupState::default();
+        for e in &prefix {
+            if state.apply(e).is_err() {
+                break;
+            }
+        }
+        if state.options.uid.is_empty() {
+            state.options.uid = self.recorded_uid(name).unwrap_or_default();
+        }
+        if state.options.csi_snapshot_timeout_ms == 0 {
+            state.options.csi_snapshot_timeout_ms = BackupOptions::default().csi_snapshot_timeout_ms;
+        }
+        let Some((cluster, runtime)) = cluster else {
+            return Err(SessionError::State {
+                name: name.into(),
+                message: format!("{damage}: deleting it needs its cluster, to find its storage snapshots there"),
+            });
+        };
+        let mut retained = state.retained_snapshots();
+        let from_contents = |v: &Value| -> Option<RetainedSnapshot> {
+            let handle = v.pointer("/status/snapshotHandle").or_else(|| v.pointer("/spec/source/snapshotHandle"));
+            Some(RetainedSnapshot {
+                namespace: v.pointer("/spec/volumeSnapshotRef/namespace")?.as_str()?.to_string(),
+                snapshot: v.pointer("/spec/volumeSnapshotRef/name")?.as_str()?.to_string(),
+                content: v.pointer("/metadata/name")?.as_str()?.to_string(),
+                driver: v.pointer("/spec/driver")?.as_str()?.to_string(),
+                handle: handle?.as_str()?.to_string(),
+            })
+        };
+        let store = self.open_store(&self.storage(name)?)?;
+        let file = format!("{name}-csi-volumesnapshotcontents.json.gz");
+        if let Some(gz) = store.get_file(name, &file).await? {
+            let mut text = Vec::new();
+            use std::io::Read;
+            let listed: Value = flate2::read::GzDecoder::new(gz.as_slice())
+                .read_to_end(&mut text)
+                .ok()
+                .and_then(|_| serde_json::from_slice(&text).ok())
+                .unwrap_or_default();
+            retained.extend(listed.as_array().into_iter().flatten().filter_map(from_contents));
+        }
+        let (contents, _) = snapshot_types(&state);
+        if !state.options.uid.is_empty() {
+            let mut token: Option<String> = None;
+            loop {
+                let page = cluster.list(&contents, None, 500, token.as_deref()).await.map_err(|e| {
+                    SessionError::State { name: name.into(), message: format!("listing VolumeSnapshotContents: {e}") }
+                })?;
+                for item in &page.objects {
+                    let v: Value = serde_json::from_str(item).unwrap_or_default();
+                    let labelled = v.pointer(&format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1")))
+                        == Some(&Value::from(state.options.uid.as_str()));
+                    let deletion = v["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("blockwise-delete-"));
+                    if labelled && !deletion {
+                        retained.extend(from_contents(&v));
+                    }
+                }
+                match page.continue_token {
+                    Some(t) if !t.is_empty() => token = Some(t),
+                    _ => break,
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        retained.retain(|r| seen.insert(r.handle.clone()));
+        self.delete_snapshots(name, &state, &retained, (cluster, runtime)).await
+    }
+
+    /// Deletes a backup's files in its store, then its directory (log included).
+    async fn delete_files(&self, name: &str) -> Result<(), SessionError> {
         match self.storage(name)? {
             StorageSpec::Local { root } => {
                 let dir = root.unwrap_or_else(|| self.default_store()).join("backups").join(name);
@@ -332,7 +451,7 @@ impl DataDir {
             }
         }
         remove_tree(&self.backup_dir(name))?;
-        Ok(deleted)
+        Ok(())
     }
 
     /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`). A log
@@ -428,6 +547,9 @@ fn snapshot_types(state: &BackupState) -> (blockwise_engine::item::ResourceType,
             .unwrap_or_else(|| ResourceType::new(SNAPSHOT_GROUP, "v1", "volumesnapshots", "VolumeSnapshot", true)),
     )
 }
+
+/// The file beside a backup's log that keeps its uid.
+const UID_FILE: &str = "uid.json";
 
 /// What [`DataDir::status`] found.
 #[derive(Debug)]
@@ -535,6 +657,7 @@ impl Session {
         if options.uid.is_empty() {
             options.uid = new_uid(&name);
         }
+        let uid = options.uid.clone();
         let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
         let dir = data.backup_dir(&name);
         if dir.exists() {
@@ -564,6 +687,9 @@ impl Session {
         std::fs::create_dir(&tmp).map_err(file_err("creating", &tmp))?;
         write_json_durable(&tmp.join("storage.json"), &req.storage)?;
         write_json_durable(&tmp.join("cluster.json"), &req.source)?;
+        // The uid labels the backup's snapshots: kept beside the log too, so that deleting a backup
+        // whose log is damaged still finds them (`DataDir::delete`).
+        write_json_durable(&tmp.join(UID_FILE), &json!({ "uid": uid }))?;
         {
             let mut log = EventLog::create(&tmp.join("log"), &name)?;
             log.append(0, &first)?;
@@ -780,9 +906,11 @@ mod tests {
         assert!(medium_full(&storage("IO error: Read-only file system (os error 30)")));
         assert!(!medium_full(&storage("Corruption: at 4096")));
         assert!(!medium_full(&storage("IO error: Permission denied (os error 13)")));
-        assert!(!medium_full(&LogError::Corrupt {
+        assert!(!medium_full(&LogError::Damaged {
             path: PathBuf::from("log"),
-            seq: 3,
+            what: "backup \"b\"".into(),
+            file: PathBuf::from("log/db"),
+            seq: Some(3),
             reason: "os error 28 in its text".into()
         }));
     }

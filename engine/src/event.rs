@@ -384,6 +384,39 @@ pub fn recover_records_of<'a, T: serde::de::DeserializeOwned>(
     Ok(Recovered { events, cut_tail: bad })
 }
 
+/// The end rule of a log whose medium keeps, apart from its records, how many were **committed**
+/// (made durable by a flush): no record below that count may be missing or bad. A bad last record
+/// at or past it is a torn tail (cut, as [`recover_records`] reports it); one below it, or fewer
+/// good records than were committed, is damage — the medium lost or altered what it had made
+/// durable (a truncated or bit-flipped file), which must never pass as a shorter, valid log.
+/// `committed` is `None` for a medium that keeps no count (a log written before it was kept).
+pub fn check_end<T>(recovered: &Recovered<T>, committed: Option<Seq>) -> Result<(), CorruptRecord> {
+    let Some(committed) = committed else { return Ok(()) };
+    if crate::mutation::active(crate::mutation::Mutation::LogTrustsItsEnd) {
+        // Deliberate bug: a shorter log passes as a valid one.
+        return Ok(());
+    }
+    if let Some((seq, reason)) = &recovered.cut_tail {
+        if *seq < committed {
+            return Err(CorruptRecord {
+                seq: *seq,
+                reason: format!("{reason} (the record was committed: {committed} records were made durable)"),
+            });
+        }
+    }
+    let good = recovered.events.len() as Seq;
+    if good < committed {
+        return Err(CorruptRecord {
+            seq: good,
+            reason: format!(
+                "the log was cut short: it ends after {good} records, but {committed} were committed (records {good}..={} are missing)",
+                committed - 1
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +441,25 @@ mod tests {
         assert!(e.to_string().contains("checksum"), "{e}");
         let e = recover_records([(0, a.as_slice()), (2, c.as_slice())]).unwrap_err();
         assert_eq!(e.seq, 1);
+    }
+
+    #[test]
+    fn a_committed_record_is_never_a_torn_tail_and_a_cut_log_is_damage() {
+        let (a, b, c) = (rec(0), rec(1), rec(2));
+        let torn = &c[..c.len() - 2];
+        let r = recover_records([(0, a.as_slice()), (1, b.as_slice()), (2, torn)]).unwrap();
+        // Past the committed count it is a torn tail; within it, damage naming the record.
+        assert_eq!(check_end(&r, Some(2)), Ok(()));
+        assert_eq!(check_end(&r, None), Ok(()));
+        let e = check_end(&r, Some(3)).unwrap_err();
+        assert_eq!(e.seq, 2);
+        assert!(e.reason.contains("committed"), "{e}");
+        // Two good records where three were committed: cut short, naming the first missing one.
+        let short = recover_records([(0, a.as_slice()), (1, b.as_slice())]).unwrap();
+        let e = check_end(&short, Some(3)).unwrap_err();
+        assert_eq!(e.seq, 2);
+        assert!(e.reason.contains("cut short"), "{e}");
+        // More records than committed (durable without a flush's marker): fine.
+        assert_eq!(check_end(&short, Some(1)), Ok(()));
     }
 }

@@ -41,6 +41,8 @@ pub enum Mutation {
     LogStaleNextSeq,
     /// Log: decode records without verifying their checksum (breaks R1).
     LogSkipsChecksum,
+    /// Log: ignore the committed count, so a log cut short passes as a shorter valid one (R1).
+    LogTrustsItsEnd,
     /// Engine: cut a block's snapshots before its pre-hooks (breaks S1).
     SnapshotBeforePreHooks,
     /// Engine: after a crash during a cut, take the snapshot again under a new name instead of
@@ -109,7 +111,7 @@ pub enum Mutation {
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 38] = [
+    pub const ALL: [Mutation; 39] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -125,6 +127,7 @@ impl Mutation {
         Mutation::SkipStagedSync,
         Mutation::LogStaleNextSeq,
         Mutation::LogSkipsChecksum,
+        Mutation::LogTrustsItsEnd,
         Mutation::SnapshotBeforePreHooks,
         Mutation::SecondSnapshotAfterResume,
         Mutation::SkipSnapshotRelease,

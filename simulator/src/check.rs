@@ -1039,10 +1039,10 @@ pub fn check_liveness(report: &RunReport) -> Vec<Violation> {
         Outcome::Finished(_) => Vec::new(),
         Outcome::CorruptionDetected { found, flipped } if found == flipped => Vec::new(),
         Outcome::CorruptionDetected { found, flipped } => {
-            vec![v("R1", format!("bit flipped in record {flipped} but recovery blamed record {found}"))]
+            vec![v("R1", format!("committed record {flipped} damaged (a flipped bit, or the log cut there) but recovery blamed record {found}"))]
         }
         Outcome::CorruptionMissed { flipped } => {
-            vec![v("R1", format!("bit flipped in record {flipped}, not the last, was read back or cut as a torn tail instead of refused"))]
+            vec![v("R1", format!("committed record {flipped} damaged (a flipped bit, or the log cut there) was read back, cut as a torn tail or lost without a word instead of refused"))]
         }
         Outcome::Stuck(why) => vec![v("L1", why.clone())],
     }

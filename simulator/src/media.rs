@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use blockwise_adapters::log::{FlushJob, LogMedium, Records};
+use blockwise_adapters::log::{backup_id, FlushJob, LogMedium, Records};
 use blockwise_adapters::store::{StoreError, StoreMedium};
 use blockwise_adapters::world::{BoxFuture, Runtime};
 use blockwise_engine::event::Seq;
@@ -92,6 +92,9 @@ pub struct LogDisk {
     crash_after_inserts: Option<u64>,
     /// Records durable through a flush (not merely kept by a crash's luck).
     flushed: usize,
+    /// The commit marker, kept apart from the records as the sled medium keeps its file: the
+    /// backup id and how many of its records the last flush committed.
+    committed: Option<(u64, Seq)>,
 }
 
 impl LogDisk {
@@ -188,6 +191,24 @@ impl MemLog {
         Some(key.1)
     }
 
+    /// The medium loses its records from the `keep`-th on, as sled does when it recovers a
+    /// prefix of a damaged database; the commit marker, kept apart, stays. Returns the first lost
+    /// sequence number, when a committed record was lost.
+    pub fn cut_committed(&self, keep: u64) -> Option<Seq> {
+        let mut d = lock(&self.disk);
+        let (_, committed) = d.committed?;
+        if keep >= committed {
+            return None;
+        }
+        d.durable.retain(|(_, seq), _| *seq < keep);
+        Some(keep)
+    }
+
+    /// How many records the last flush committed.
+    pub fn committed_records(&self) -> Seq {
+        lock(&self.disk).committed.map_or(0, |(_, n)| n)
+    }
+
     fn alive(&self) -> Result<(), String> {
         if self.death.is_dead() {
             Err("the process is dead".into())
@@ -236,6 +257,11 @@ impl LogMedium for MemLog {
         Ok(())
     }
 
+    fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
+        self.alive().map_err(|e| (self.path.clone(), e))?;
+        Ok(lock(&self.disk).committed)
+    }
+
     fn flush_job(&self) -> FlushJob {
         let (disk, death) = (self.disk.clone(), self.death.clone());
         Box::new(move || {
@@ -249,6 +275,10 @@ impl LogMedium for MemLog {
                 LogDisk::apply(name, durable, op);
             }
             d.flushed = d.durable.len();
+            d.committed = d.name.as_deref().map(|n| {
+                let id = backup_id(n);
+                (id, d.durable.keys().filter(|(i, _)| *i == id).map(|(_, seq)| seq + 1).max().unwrap_or(0))
+            });
             Ok(())
         })
     }

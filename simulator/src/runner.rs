@@ -20,11 +20,12 @@ use crate::rng::{mix64, Rng};
 use crate::sim::{simulate, FaultKind, Outcome, RunConfig, RunReport};
 
 /// Faults that kill or stop the process; the reference run leaves them out.
-const PROCESS_FAULTS: [FaultKind; 7] = [
+const PROCESS_FAULTS: [FaultKind; 8] = [
     FaultKind::Crash,
     FaultKind::LostUnflushed,
     FaultKind::TornRecord,
     FaultKind::BitFlip,
+    FaultKind::LogCut,
     FaultKind::StoreOutage,
     FaultKind::ApiGone,
     FaultKind::ApiHung,

@@ -61,8 +61,11 @@ pub enum FaultKind {
     LostUnflushed,
     /// A crash leaves the first lost record half-written in the log.
     TornRecord,
-    /// A stored record (not the last) has a bit flipped; recovery must refuse it.
+    /// A committed record has a bit flipped; recovery must refuse it.
     BitFlip,
+    /// The medium loses committed records from some point on (sled recovering a prefix of a
+    /// damaged database); recovery must refuse the log naming the first one lost.
+    LogCut,
     /// A hook exits non-zero.
     HookExit,
     /// A hook exec errors.
@@ -113,11 +116,12 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every fault type.
-    pub const ALL: [FaultKind; 26] = [
+    pub const ALL: [FaultKind; 27] = [
         FaultKind::Crash,
         FaultKind::LostUnflushed,
         FaultKind::TornRecord,
         FaultKind::BitFlip,
+        FaultKind::LogCut,
         FaultKind::HookExit,
         FaultKind::HookError,
         FaultKind::HookTimeout,
@@ -149,6 +153,7 @@ impl FaultKind {
             FaultKind::LostUnflushed => "lost-unflushed",
             FaultKind::TornRecord => "torn-record",
             FaultKind::BitFlip => "bit-flip",
+            FaultKind::LogCut => "log-cut",
             FaultKind::HookExit => "hook-exit",
             FaultKind::HookError => "hook-error",
             FaultKind::HookTimeout => "hook-timeout",
@@ -455,7 +460,7 @@ impl SimWorld {
     pub fn live(&mut self, steps_max: u64, mut crash_now: impl FnMut(u64) -> bool) -> (Life, u64) {
         self.last_cut = None;
         let (mut log, events) = match EventLog::open_on(self.log.clone()) {
-            Err(LogError::Corrupt { seq, reason, .. }) => return (Life::Refused { seq, reason }, 0),
+            Err(LogError::Damaged { seq, reason, .. }) => return (Life::Refused { seq: seq.unwrap_or(0), reason }, 0),
             Err(LogError::NotFound(_)) => match EventLog::create_on(self.log.clone(), BACKUP) {
                 Ok(log) => (log, Vec::new()),
                 Err(e) => return (Life::Failed(format!("creating the log failed: {e}")), 0),
@@ -669,14 +674,18 @@ pub fn simulate_world(
             if lost.torn.is_some() {
                 hits.insert(FaultKind::TornRecord);
             }
-            if cfg.on(FaultKind::BitFlip) && crashes == CRASHES_PER_RUN_MAX.min(2) && flipped.is_none() {
-                let n = w.log.disk().durable_records().len();
-                if n >= 3 {
-                    let i = rng.below(n as u64 - 1) as usize;
-                    let bit = rng.next_u64();
-                    flipped = w.log.flip_bit(i, bit);
-                    hits.insert(FaultKind::BitFlip);
-                }
+            // Damage to what a flush committed (records past the commit marker are a crash's
+            // business: torn or lost, they are cut).
+            let damage_now = crashes == CRASHES_PER_RUN_MAX.min(2) && flipped.is_none();
+            let committed = w.log.committed_records();
+            if damage_now && cfg.on(FaultKind::LogCut) && committed >= 2 && rng.chance(0.5) {
+                flipped = w.log.cut_committed(rng.below(committed));
+                hits.insert(FaultKind::LogCut);
+            } else if damage_now && cfg.on(FaultKind::BitFlip) && committed >= 3 {
+                let i = rng.below(committed) as usize;
+                let bit = rng.next_u64();
+                flipped = w.log.flip_bit(i, bit);
+                hits.insert(FaultKind::BitFlip);
             }
         } else {
             w.records.push(Record::Stopped { at_ms: w.rt.now() });

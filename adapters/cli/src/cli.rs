@@ -21,6 +21,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use blockwise_adapters::driver::{Observer, RunError};
 use blockwise_adapters::kube::KubeCluster;
+use blockwise_adapters::log::LogError;
 use blockwise_adapters::report;
 use blockwise_adapters::s3::S3Location;
 use blockwise_adapters::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError, Status, StorageSpec};
@@ -867,17 +868,24 @@ fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
         )));
     }
     // Only a backup that exists, and that no process is running (its log would be in use).
-    let holds = match data.status(&a.name).map_err(session_err)? {
-        Status::Log { state, .. } => state.retained_snapshots().len(),
-        Status::Live { unreadable: Some(why), .. } => {
-            return Err(anyhow!("backup {}: its log cannot be opened: {why}", a.name));
+    let holds = match data.status(&a.name) {
+        // A damaged log: its snapshots are looked for in its store's files and its cluster.
+        Err(SessionError::Log(ref e @ LogError::Damaged { .. })) => {
+            eprintln!("{e}: deleting it, its storage snapshots found without its log");
+            usize::MAX
         }
-        Status::Live { view, .. } => {
-            return Err(usage(format!(
-                "backup {} is running in process {}; delete it once it has ended",
-                a.name, view["pid"]
-            )))
-        }
+        status => match status.map_err(session_err)? {
+            Status::Log { state, .. } => state.retained_snapshots().len(),
+            Status::Live { unreadable: Some(why), .. } => {
+                return Err(anyhow!("backup {}: its log cannot be opened: {why}", a.name));
+            }
+            Status::Live { view, .. } => {
+                return Err(usage(format!(
+                    "backup {} is running in process {}; delete it once it has ended",
+                    a.name, view["pid"]
+                )))
+            }
+        },
     };
     let storage = data.storage(&a.name).map_err(session_err)?;
     let rt = runtime()?;
@@ -949,6 +957,9 @@ fn get(data: &DataDir) -> Result<ExitCode> {
                 format!("{}/{}", s.items_done(), s.planned_items),
                 report::rfc3339(s.requested_ms)
             )),
+            Err(SessionError::Log(e @ LogError::Damaged { .. })) => {
+                out.push_str(&format!("{name:<32} {:<16} {e}\n", "Damaged"))
+            }
             Ok(Status::Live { view, unreadable, .. }) => {
                 let r = &view["row"];
                 let note =

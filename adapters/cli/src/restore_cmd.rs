@@ -309,7 +309,9 @@ fn get(data: &DataDir) -> Result<ExitCode> {
             Ok(RestoreStatus::Live { view }) => view,
             Err(SessionError::NotFound { .. }) => continue,
             Err(e) => {
-                out.push_str(&format!("{name:<32} {:<24} {:<16} {e}\n", "", "Unreadable"));
+                let damaged = matches!(e, SessionError::Log(blockwise_adapters::log::LogError::Damaged { .. }));
+                let label = if damaged { "Damaged" } else { "Unreadable" };
+                out.push_str(&format!("{name:<32} {:<24} {label:<16} {e}\n", ""));
                 continue;
             }
         };

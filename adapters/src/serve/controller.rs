@@ -58,6 +58,7 @@ use super::crd::{
 use super::metrics::{Health, Metrics};
 use crate::driver::{Observer, RunError};
 use crate::kube::KubeCluster;
+use crate::log::LogError;
 use crate::report::rfc3339;
 use crate::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError};
 
@@ -563,17 +564,68 @@ async fn reconcile(b: Arc<Backup>, ctx: Arc<Ctx>) -> Result<Action, ReconcileErr
         // Woken when a run ends; looked at again now and then in case a wake-up met a stale cache.
         return Ok(Action::requeue(QUEUE_RECHECK));
     }
-    delete_stale_log(&b, &data, &ctx).await?;
+    match delete_stale_log(&b, &data, &ctx).await {
+        Err(ReconcileError::Session(SessionError::Log(damage @ LogError::Damaged { .. }))) => {
+            fail_damaged(&api, &b, status, &ctx, &damage).await?;
+            return Ok(Action::await_change());
+        }
+        r => r?,
+    }
     start(&b, req, status, &ctx, stops)?;
     Ok(Action::await_change())
 }
+
+/// A Backup whose log is damaged can be neither run nor resumed (issue 22): it ends **Failed**
+/// with the reason `LogDamaged: …` naming the file and the record, counted once; every other
+/// Backup goes on. Deleting it still deletes its store files and finds its storage snapshots
+/// without the log ([`DataDir::delete`]).
+async fn fail_damaged(
+    api: &Api<Backup>,
+    b: &Backup,
+    status: BackupStatus,
+    ctx: &Ctx,
+    damage: &LogError,
+) -> Result<(), ReconcileError> {
+    let (ns, name, uid) = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
+    let status = BackupStatus {
+        phase: Some(phase::FAILED.into()),
+        failure_reason: Some(format!("{LOG_DAMAGED}: {damage}")),
+        ..status
+    };
+    patch_status(api, &name, &uid, &status).await?;
+    let id = (ns.clone(), name.clone(), uid);
+    if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
+        ctx.metrics.failure.inc();
+    }
+    eprintln!("backup {ns}/{name}: Failed: {LOG_DAMAGED}: {damage}");
+    Ok(())
+}
+
+/// The reason a Backup whose log is damaged failed with.
+pub const LOG_DAMAGED: &str = "LogDamaged";
 
 /// A log under this Backup's name that belongs to an earlier Backup of the same name (deleted
 /// while no controller ran) is deleted the way a Backup is — its storage snapshots, known only
 /// from that log, then its store files and the log — before this one starts.
 async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), ReconcileError> {
     let name = b.name_any();
-    let Some(state) = folded_log(data, &name).await? else { return Ok(()) };
+    let state = match folded_log(data, &name).await {
+        // A damaged log is this Backup's (it fails), unless the uid kept beside it says otherwise.
+        Err(ReconcileError::Session(SessionError::Log(damage @ LogError::Damaged { .. })))
+            if data.recorded_uid(&name).is_none_or(|u| b.uid().is_some_and(|mine| mine == u)) =>
+        {
+            return Err(SessionError::Log(damage).into())
+        }
+        Err(ReconcileError::Session(SessionError::Log(LogError::Damaged { .. }))) => {
+            let mut s = BackupState::default();
+            s.options.uid = data.recorded_uid(&name).unwrap_or_default();
+            s
+        }
+        r => match r? {
+            Some(state) => state,
+            None => return Ok(()),
+        },
+    };
     if b.uid().is_some_and(|u| u == state.options.uid) {
         return Ok(());
     }
@@ -601,11 +653,18 @@ async fn delete_backup(
     ctx: &Arc<Ctx>,
 ) -> Result<Action, ReconcileError> {
     let (ns, name, uid) = (b.namespace().unwrap_or_default(), b.name_any(), b.uid().unwrap_or_default());
-    let log = folded_log(data, &name).await?.map(|state| LogLook {
-        same_uid: b.uid().is_some_and(|u| u == state.options.uid),
-        finished: !state.resumable(),
-        stopped: state.stopped.is_some(),
-    });
+    let log = match folded_log(data, &name).await {
+        Ok(log) => log.map(|state| LogLook {
+            same_uid: b.uid().is_some_and(|u| u == state.options.uid),
+            finished: !state.resumable(),
+            stopped: state.stopped.is_some(),
+        }),
+        // A damaged log cannot be run to its end: deleted as it is.
+        Err(ReconcileError::Session(SessionError::Log(LogError::Damaged { .. }))) => {
+            Some(LogLook { same_uid: true, finished: true, stopped: false })
+        }
+        Err(e) => return Err(e),
+    };
     // A refused open (another process held the log) is no run that ended here.
     let ran_here = ctx.end_of(b).is_some_and(|e| e.ran());
     if deletion_step(log, ran_here) == DeletionStep::FinishRunFirst {
@@ -791,6 +850,7 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
     let ctx = ctx.clone();
     let api: Api<Backup> = Api::namespaced(ctx.client.clone(), &ns);
     let handle = tokio::runtime::Handle::current();
+    let b_now = b.clone();
     // The driver's future is not `Send` everywhere; a blocking thread of its own runs it.
     tokio::task::spawn_blocking(move || {
         let end = match open_session(&data, &name, &uid, &req, &ctx) {
@@ -799,6 +859,19 @@ fn start(b: &Backup, req: Request, status: BackupStatus, ctx: &Arc<Ctx>, stops: 
                 match retry_at {
                     Some(retry_at_ms) => RunEnd::Stopped { stops: stops + 1, retry_at_ms },
                     None => RunEnd::Terminal,
+                }
+            }
+            Err(SessionError::Log(damage @ LogError::Damaged { .. })) => {
+                let status = BackupStatus { phase: Some(phase::IN_PROGRESS.into()), ..status };
+                match handle.block_on(fail_damaged(&api, &b_now, status, &ctx, &damage)) {
+                    Ok(()) => RunEnd::Terminal,
+                    Err(e) => {
+                        eprintln!("warning: backup {ns}/{name}: {e}");
+                        RunEnd::Stopped {
+                            stops: stops + 1,
+                            retry_at_ms: now_ms() + retry_backoff(stops + 1).as_millis() as i64,
+                        }
+                    }
                 }
             }
             Err(e) => {

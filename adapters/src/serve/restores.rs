@@ -418,6 +418,10 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
             let existing = match RestoreSession::open(&data, &name) {
                 Ok(s) if s.files().uid.as_deref() == Some(uid.as_str()) => Some(s),
                 Ok(_) | Err(SessionError::NotFound { .. }) => None,
+                // Neither run nor resumed: it fails, naming the damage (issue 22).
+                Err(SessionError::Log(damage @ crate::log::LogError::Damaged { .. })) => {
+                    return Ok((None, Err(vec![damage.to_string()]), true))
+                }
                 Err(e) => return Err(e),
             };
             let validated = r.to_spec(&scope).and_then(|(spec, workers)| {
@@ -437,13 +441,26 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
                 }
                 Ok((spec, workers))
             });
-            Ok((existing, validated))
+            Ok((existing, validated, false))
         })
         .await?
     };
-    let (existing, validated) = looked;
+    let (existing, validated, damaged) = looked;
     let (spec, workers) = match validated {
         Ok(v) => v,
+        Err(errors) if damaged => {
+            let failed = RestoreStatus {
+                phase: Some(phase::FAILED.into()),
+                failure_reason: Some(format!("{}: {}", super::controller::LOG_DAMAGED, errors.join("; "))),
+                ..status
+            };
+            patch_status(&api, &name, &uid, &failed).await?;
+            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
+                ctx.metrics.restore_failed.inc();
+            }
+            eprintln!("restore {ns}/{name}: Failed: {}", failed.failure_reason.unwrap_or_default());
+            return Ok(Action::await_change());
+        }
         Err(errors) => {
             let failed = RestoreStatus {
                 phase: Some(phase::FAILED_VALIDATION.into()),
