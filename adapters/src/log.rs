@@ -997,10 +997,13 @@ impl LogMedium for SledMedium {
     }
 
     fn record_file(&self, id: u64, seq: Seq) -> PathBuf {
-        let blob =
-            unpanicked("reading a pointer", || self.pointers.get(record_key(id, seq)).map_err(|e| e.to_string()));
-        match blob {
-            Ok(Some(_)) => self.path.join(BLOB_FILE),
+        // A record whose placeholder sled still has lives in the blob file; any other (a missing
+        // one too: sled lost it) in sled's.
+        let placeholder = unpanicked("reading a record", || {
+            self.db.get(record_key(id, seq)).map(|v| v.is_some_and(|v| v.is_empty())).map_err(|e| e.to_string())
+        });
+        match placeholder {
+            Ok(true) => self.path.join(BLOB_FILE),
             _ => self.path.join("db"),
         }
     }
