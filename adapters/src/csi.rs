@@ -704,6 +704,64 @@ pub async fn delete_retained(
     }
 }
 
+/// The storage snapshots of backup `uid` that its snapshot objects in the cluster still name (a
+/// backup whose log is damaged: `DataDir::delete`): every VolumeSnapshot and VolumeSnapshotContent
+/// labelled with its uid, with the content a snapshot is bound to, as far as a handle is set. Group
+/// snapshots' members are VolumeSnapshots of their own, found the same way.
+pub async fn labelled_snapshots(
+    cluster: &dyn Cluster,
+    contents: &ResourceType,
+    snapshots: &ResourceType,
+    uid: &str,
+) -> Result<Vec<blockwise_engine::state::RetainedSnapshot>, String> {
+    use blockwise_engine::state::RetainedSnapshot;
+    let label = format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1"));
+    let mut out = Vec::new();
+    let of_content = |vsc: &Value, namespace: &str, snapshot: &str| -> Option<RetainedSnapshot> {
+        Some(RetainedSnapshot {
+            namespace: namespace.to_string(),
+            snapshot: snapshot.to_string(),
+            content: s(vsc, "/metadata/name")?.to_string(),
+            driver: s(vsc, "/spec/driver")?.to_string(),
+            handle: s(vsc, "/status/snapshotHandle").or_else(|| s(vsc, "/spec/source/snapshotHandle"))?.to_string(),
+        })
+    };
+    for rt in [snapshots, contents] {
+        let mut token: Option<String> = None;
+        loop {
+            let page = cluster
+                .list(rt, None, 500, token.as_deref())
+                .await
+                .map_err(|e| format!("listing {}: {e}", rt.gr.resource))?;
+            for json in &page.objects {
+                let v = parse(&rt.kind, json)?;
+                let deletion = s(&v, "/metadata/name").is_some_and(|n| n.starts_with("blockwise-delete-"));
+                if s(&v, &label) != Some(uid) || deletion {
+                    continue;
+                }
+                if rt.namespaced {
+                    let (ns, name) = (s(&v, "/metadata/namespace").unwrap_or_default(), s(&v, "/metadata/name"));
+                    let bound = s(&v, "/status/boundVolumeSnapshotContentName");
+                    if let (Some(name), Some(bound)) = (name, bound) {
+                        if let Some(vsc) = get(cluster, contents, &vsc_key(bound)).await? {
+                            out.extend(of_content(&vsc, ns, name));
+                        }
+                    }
+                } else {
+                    let ns = s(&v, "/spec/volumeSnapshotRef/namespace").unwrap_or_default().to_string();
+                    let name = s(&v, "/spec/volumeSnapshotRef/name").unwrap_or_default().to_string();
+                    out.extend(of_content(&v, &ns, &name));
+                }
+            }
+            match page.continue_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Deletes every storage snapshot of `retained` ([`delete_retained`]), at most
 /// [`SNAPSHOT_CALLS_CONCURRENT_MAX`] at once; answers in their order.
 pub async fn delete_all_retained(

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use blockwise_engine::event::{Event, Phase};
 use blockwise_engine::ports::Cluster;
-use blockwise_engine::snapshot::{BackupOptions, BACKUP_UID_LABEL};
+use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
 use blockwise_engine::state::BackupState;
 use blockwise_engine::{Engine, EngineConfig};
@@ -412,27 +412,12 @@ impl DataDir {
                 .unwrap_or_default();
             retained.extend(listed.as_array().into_iter().flatten().filter_map(from_contents));
         }
-        let (contents, _) = snapshot_types(&state);
         if !state.options.uid.is_empty() {
-            let mut token: Option<String> = None;
-            loop {
-                let page = cluster.list(&contents, None, 500, token.as_deref()).await.map_err(|e| {
-                    SessionError::State { name: name.into(), message: format!("listing VolumeSnapshotContents: {e}") }
-                })?;
-                for item in &page.objects {
-                    let v: Value = serde_json::from_str(item).unwrap_or_default();
-                    let labelled = v.pointer(&format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1")))
-                        == Some(&Value::from(state.options.uid.as_str()));
-                    let deletion = v["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("blockwise-delete-"));
-                    if labelled && !deletion {
-                        retained.extend(from_contents(&v));
-                    }
-                }
-                match page.continue_token {
-                    Some(t) if !t.is_empty() => token = Some(t),
-                    _ => break,
-                }
-            }
+            let (contents, snapshots) = snapshot_types(&state);
+            let found = crate::csi::labelled_snapshots(cluster, &contents, &snapshots, &state.options.uid)
+                .await
+                .map_err(|message| SessionError::State { name: name.into(), message })?;
+            retained.extend(found);
         }
         let mut seen = std::collections::BTreeSet::new();
         retained.retain(|r| seen.insert(r.handle.clone()));

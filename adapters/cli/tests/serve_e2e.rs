@@ -1493,3 +1493,60 @@ fn a_schedule_runs_its_backups_and_keeps_what_its_retention_says() {
     common::assert_exit(&out, 2, "pausing one that is not there");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found in blockwise-system: nope"));
 }
+
+/// Issue 22: a Backup whose log is damaged while no controller runs (here: a stopped run's sled
+/// files emptied) ends Failed with the reason `LogDamaged` when the next controller meets it; the
+/// controller goes on serving the other Backups; deleting the damaged one still deletes its store
+/// files, its log and the storage snapshots it had cut — found by its uid label in the cluster.
+#[test]
+fn a_backup_whose_log_is_damaged_fails_as_log_damaged_and_the_others_go_on() {
+    let rt = rt();
+    let (server, sim) = in_process_sim(&rt);
+    let data = sim.dir.path().join("controller");
+    let before = common::live_storage(server.cluster());
+    let root = sim.dir.path().join("flaky-store");
+    std::fs::write(&root, "a file where the store's directory should be").unwrap();
+    let location = format!("flaky={}", root.display());
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--storage-location", &location]);
+    let ns = namespaces();
+    let yaml = backup_yaml("broken", &ns[..1]) + "  storageLocation: flaky\n";
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    ctl.wait_for("backup blockwise-system/broken: stopped (");
+    ctl.kill();
+    let held: std::collections::BTreeSet<String> =
+        common::live_storage(server.cluster()).difference(&before).cloned().collect();
+    let files = data.join("namespaces").join(NS);
+    let log = files.join("backups/broken/log");
+    // sled's files emptied: nothing of the log is readable (its uid is kept beside it), and the
+    // commit marker says records were committed.
+    for entry in std::fs::read_dir(&log).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "db" || name.starts_with("snap.") {
+            std::fs::OpenOptions::new().write(true).open(entry.path()).unwrap().set_len(0).unwrap();
+        }
+    }
+    std::fs::remove_file(&root).unwrap();
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--storage-location", &location]);
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&backup_yaml("healthy", &ns[1..2])));
+    let line = ctl.wait_for("backup blockwise-system/broken: Failed: LogDamaged: ");
+    assert!(line.contains("is damaged"), "{line}");
+    let b = wait_until(&rt, &sim, "broken", 60, phase_is("Failed"));
+    let reason = b.status.and_then(|s| s.failure_reason).unwrap_or_default();
+    assert!(reason.starts_with("LogDamaged: backup \"broken\" is damaged: "), "{reason}");
+    wait_until(&rt, &sim, "healthy", 120, phase_is("Completed"));
+    sim.kubectl_ok(&["delete", "bwb", "broken", "-n", NS, "--wait=false"], None);
+    rt.block_on(async {
+        let gone = |b: Option<&Backup>| b.is_none();
+        tokio::time::timeout(Duration::from_secs(60), await_condition(api(&sim).await, "broken", gone)).await
+    })
+    .expect("the damaged backup was not deleted within 60 s")
+    .unwrap();
+    assert!(!files.join("backups/broken").exists(), "its log is left");
+    assert!(
+        root.join("backups/broken").read_dir().map_or(true, |mut d| d.next().is_none()),
+        "its store files are left"
+    );
+    let left: Vec<_> = common::live_storage(server.cluster()).intersection(&held).cloned().collect();
+    assert!(left.is_empty(), "storage snapshots of the damaged backup are left: {left:?} (it held {held:?})");
+    eprintln!("the damaged backup held {} storage snapshots; all deleted", held.len());
+}
