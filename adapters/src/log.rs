@@ -645,8 +645,11 @@ struct MarkerState {
     generation: u64,
 }
 
+/// A marker slot's fields: backup id, records committed, generation.
+type Slot = (u64, Seq, u64);
+
 /// A marker slot's fields, when it is valid.
-fn read_slot(bytes: &[u8]) -> Option<(u64, Seq, u64)> {
+fn read_slot(bytes: &[u8]) -> Option<Slot> {
     let slot = bytes.get(..COMMIT_SLOT_BYTES)?;
     let word = |i: usize| slot.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
     let crc = slot.get(32..36).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)?;
@@ -654,6 +657,15 @@ fn read_slot(bytes: &[u8]) -> Option<(u64, Seq, u64)> {
         return None;
     }
     Some((word(1)?, word(2)?, word(3)?))
+}
+
+/// The commit marker file's length and its valid slot of the highest generation, if any.
+fn read_marker(file: &std::fs::File) -> std::io::Result<(usize, Option<Slot>)> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = [0u8; 2 * COMMIT_SLOT_BYTES];
+    let n = file.read_at(&mut bytes, 0)?;
+    let slots = [bytes.get(..COMMIT_SLOT_BYTES.min(n)), bytes.get(COMMIT_SLOT_BYTES..n.max(COMMIT_SLOT_BYTES))];
+    Ok((n, slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation)))
 }
 
 fn slot_bytes(id: u64, records: Seq, generation: u64) -> [u8; COMMIT_SLOT_BYTES] {
@@ -673,7 +685,7 @@ impl CommitMarker {
         let path = dir.join(COMMIT_FILE);
         let mut state = MarkerState::default();
         if let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
-            if let Ok(Some((id, records, generation))) = CommitMarker::read_file(&file) {
+            if let Ok((_, Some((id, records, generation)))) = read_marker(&file) {
                 state = MarkerState { file: None, id: Some(id), next: records, generation };
             }
             state.file = Some(file);
@@ -681,32 +693,14 @@ impl CommitMarker {
         CommitMarker { path, state: std::sync::Mutex::new(state) }
     }
 
-    /// The valid slot of the highest generation; `Ok(None)` when the file is empty; an error when
-    /// no slot is valid.
-    fn read_file(file: &std::fs::File) -> Result<Option<(u64, Seq, u64)>, String> {
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        (&*file).take(2 * COMMIT_SLOT_BYTES as u64).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
-        let slots = [bytes.get(..COMMIT_SLOT_BYTES), bytes.get(COMMIT_SLOT_BYTES..)];
-        match slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation) {
-            Some(slot) => Ok(Some(slot)),
-            None => Err(format!("no valid slot in its {} bytes", bytes.len())),
-        }
-    }
-
     /// What the file says now (the count a reader checks the records against).
     fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(file) = &state.file else { return Ok(None) };
         let bad = |m: String| (self.path.clone(), format!("the commit marker is unreadable: {m}"));
-        use std::os::unix::fs::FileExt;
-        let mut bytes = vec![0u8; 2 * COMMIT_SLOT_BYTES];
-        let n = file.read_at(&mut bytes, 0).map_err(|e| bad(e.to_string()))?;
-        bytes.truncate(n);
-        let slots = [bytes.get(..COMMIT_SLOT_BYTES), bytes.get(COMMIT_SLOT_BYTES..)];
-        match slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation) {
-            Some((id, records, _)) => Ok(Some((id, records))),
-            None => Err(bad(format!("no valid slot in its {n} bytes"))),
+        match read_marker(file).map_err(|e| bad(e.to_string()))? {
+            (_, Some((id, records, _))) => Ok(Some((id, records))),
+            (n, None) => Err(bad(format!("no valid slot in its {n} bytes"))),
         }
     }
 

@@ -323,7 +323,7 @@ impl DataDir {
                 uid: &state.options.uid,
                 timeout_ms: state.options.csi_snapshot_timeout_ms.max(1),
             };
-            let all = crate::csi::delete_all_retained(&d, &retained).await;
+            let all = crate::csi::delete_all_retained(&d, retained).await;
             let mut errors = Vec::new();
             for (r, outcome) in retained.iter().zip(all) {
                 match outcome {
