@@ -301,6 +301,14 @@ pub fn simulate_restore(model: &Model, archive: &[u8], cfg: &RunConfig) -> Resto
             Ok::<RestoreState, RestoreRunError>(state)
         };
         let crashes_before = crashes;
+        if crash_on && (lose_on || tear_on) && crashes_before < CRASHES_PER_RUN_MAX && rng.chance(0.3) {
+            // A crash among appends not yet flushed, which a crash at a timer step rarely meets
+            // (the driver flushes before it waits): what lost and torn records need.
+            let inserts = log.disk().inserts();
+            log.crash_after_inserts(inserts + 1 + rng.below(24));
+        } else {
+            log.crash_after_inserts(u64::MAX);
+        }
         let mut steps = 0;
         let dead = death.clone();
         let ended = rt.run(
