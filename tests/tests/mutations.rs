@@ -69,7 +69,9 @@ fn mutations_are_available_in_this_build() {
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
     let expected: [(Mutation, &[&str]); 39] = [
-        (Mutation::WriteBeforePreHooks, &["H1"]),
+        // Items written before the pre-hooks: H1; and when a Fail-mode pre-hook then fails, the
+        // failed block's items are in the archive: E1.
+        (Mutation::WriteBeforePreHooks, &["H1", "E1"]),
         (Mutation::SkipOwedPostHooks, &["H2"]),
         (Mutation::IgnorePreHookFailure, &["H3"]),
         (Mutation::SkipPreHooksOfMultiPodBlocks, &["H1"]),
@@ -109,7 +111,8 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         (Mutation::RefusalCountsAsRun, &["C3"]),
         (Mutation::QueueCountsStrangers, &["C4"]),
         // The outage's failures recorded: windows closed on paper, snapshots left uncut (S3).
-        (Mutation::UnreachableRecordedAsFailure, &["H2", "S3"]),
+        // Gets the outage cut recorded as failures: items missing from the archive (G1, E1).
+        (Mutation::UnreachableRecordedAsFailure, &["H2", "S3", "G1", "E1"]),
         // A hung server holds the run: stuck (L1), a window never closed (H2).
         (Mutation::NoRequestDeadline, &["L1", "H2"]),
         (Mutation::ResumeWaitsFirst, &["A1", "S4"]),

@@ -318,3 +318,86 @@ fn a_half_done_restore_whose_archive_is_gone_fails_on_resume() {
     assert!(d.to_string().contains("the archive the restore planned is gone"), "{d}");
     assert_eq!(posts(), before, "the resume created objects without its archive");
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Issue 22, for restores: bytes flipped and files truncated at several offsets of every file of a
+/// finished restore's log (each on a fresh copy, made before any reader opened the log): no restore
+/// command exits 101; `restore get` lists the other restore; the damaged one reads back whole or is
+/// named `Damaged` by `get`, `describe`, `logs` and `resume` (exit 1).
+#[test]
+fn a_damaged_restore_log_is_named_never_a_panic_or_a_shorter_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    demo_backup(dir.path(), &data);
+    // Each restore into an empty cluster of its own.
+    let servers = [serve_empty(dir.path()), serve_empty(dir.path())];
+    for (name, served) in ["r", "other"].into_iter().zip(&servers) {
+        let kc = served.kubeconfig.to_str().unwrap();
+        let out = run(dir.path(), &data, &["restore", "create", name, "--from-backup", "b", "--kubeconfig", kc]);
+        common::assert_exit(&out, 0, &format!("restore create {name}"));
+    }
+    let pristine = dir.path().join("pristine");
+    copy_tree(&data, &pristine);
+    let events = String::from_utf8_lossy(&run(dir.path(), &data, &["restore", "logs", "r"]).stdout).lines().count();
+    let log = pristine.join("restores/r/log");
+    let mut files: Vec<String> = std::fs::read_dir(&log)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_file() && e.metadata().unwrap().len() > 0)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut damaged = 0;
+    for file in &files {
+        let len = std::fs::metadata(log.join(file)).unwrap().len();
+        for (mode, at) in [1u64, 3, 5].iter().flat_map(|k| [("flip", len * k / 6), ("truncate", len * k / 6)]) {
+            let case = format!("{file} {mode} at {at} of {len}");
+            let work = dir.path().join("work");
+            let _ = std::fs::remove_dir_all(&work);
+            copy_tree(&pristine, &work);
+            let path = work.join("restores/r/log").join(file);
+            if mode == "flip" {
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[at as usize] ^= 0x5a;
+                std::fs::write(&path, bytes).unwrap();
+            } else {
+                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
+            }
+            let go = |args: &[&str]| {
+                let o = run(dir.path(), &work, args);
+                assert!(!matches!(o.status.code(), Some(101) | None), "{case}: {args:?}: {:?}", o.status);
+                o
+            };
+            let get = String::from_utf8_lossy(&go(&["restore", "get"]).stdout).into_owned();
+            let row = |n: &str| get.lines().find(|l| l.split_whitespace().next() == Some(n)).unwrap_or("").to_string();
+            assert!(row("other").contains("Completed"), "{case}: the other restore: {get}");
+            let r = row("r");
+            let logs = go(&["restore", "logs", "r"]);
+            if r.contains("Damaged") {
+                damaged += 1;
+                assert!(r.contains("restore \"r\" is damaged"), "{case}: {r}");
+                for args in [&["restore", "describe", "r"][..], &["restore", "resume", "r"][..]] {
+                    let o = go(args);
+                    common::assert_exit(&o, 1, &format!("{case}: {args:?}"));
+                    assert!(String::from_utf8_lossy(&o.stderr).contains("is damaged"), "{case}: {args:?}");
+                }
+                common::assert_exit(&logs, 1, &format!("{case}: logs"));
+            } else {
+                assert!(r.contains("Completed"), "{case}: {r}");
+                let n = String::from_utf8_lossy(&logs.stdout).lines().count();
+                assert_eq!(n, events, "{case}: the log reads back with {n} events, not {events}");
+            }
+        }
+    }
+    assert!(damaged >= files.len(), "only {damaged} damages were noticed in {files:?}");
+}
