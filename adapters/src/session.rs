@@ -6,6 +6,7 @@
 //! <data-dir>/backups/<name>/log/          the sled event log (the backup's truth)
 //! <data-dir>/backups/<name>/cluster.json  where the cluster is (ClusterSource; never credentials)
 //! <data-dir>/backups/<name>/storage.json  where the store is (StorageSpec; never credentials)
+//! <data-dir>/backups/<name>/uid.json      its uid, for deleting it when its log is damaged
 //! <data-dir>/backups/<name>/status.json   live view for describe/get while a run holds the log
 //! <data-dir>/backups/<name>/events.log    live view for logs (one line per durable event)
 //! <data-dir>/store/                        the default local store
