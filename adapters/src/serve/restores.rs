@@ -505,7 +505,9 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         // Killed between its last event and its status: reported, not counted again.
         eprintln!("restore {ns}/{name}: its log had finished before its status was reported; reporting it");
     } else if stops > 0 {
-        base.retry_count += 1;
+        // At least this process's stops in a row: while status patches fail (a hung server)
+        // the status read back does not count the retries before.
+        base.retry_count = (base.retry_count + 1).max(stops);
         eprintln!("restore {ns}/{name}: resuming after {stops} stop(s) (retry {})", base.retry_count);
     } else if resumed {
         base.resumed_count += 1;
