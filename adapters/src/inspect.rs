@@ -23,6 +23,84 @@ const NAMES_SHOWN_MAX: usize = 50;
 /// Entries read from one archive; more is a defect (hostile input).
 const ENTRIES_MAX: usize = 10_000_000;
 
+/// The most bytes one archive entry may hold: a Kubernetes object is at most about 1.5 MiB (etcd's
+/// default request limit); 16 MiB is room for any object a server stores, and a bound on what one
+/// entry can make the process hold.
+pub const ENTRY_BYTES_MAX: u64 = 16 << 20;
+/// The most bytes a gzipped archive or file may decompress to in all…
+pub const TOTAL_BYTES_MAX: u64 = 16 << 30;
+/// …and at most this many times its compressed size (past [`RATIO_FLOOR_BYTES`]): archived JSON
+/// compresses 5–30×, a gzip bomb about 1,000×.
+pub const RATIO_MAX: u64 = 100;
+/// What any gzipped input may decompress to whatever its ratio.
+pub const RATIO_FLOOR_BYTES: u64 = 64 << 20;
+
+/// How many bytes `compressed` bytes of gzip may decompress to ([`TOTAL_BYTES_MAX`], [`RATIO_MAX`]).
+pub fn decompressed_limit(compressed: usize) -> u64 {
+    (compressed as u64).saturating_mul(RATIO_MAX).clamp(RATIO_FLOOR_BYTES, TOTAL_BYTES_MAX)
+}
+
+/// A gzip stream decompressed under [`decompressed_limit`]: past it, reading fails with an error
+/// that names the limit (a gzip bomb is refused, not decompressed into memory).
+pub struct Bounded<'a> {
+    inner: flate2::read::MultiGzDecoder<&'a [u8]>,
+    read: u64,
+    limit: u64,
+    compressed: usize,
+}
+
+impl<'a> Bounded<'a> {
+    /// Decompresses `gz`.
+    pub fn new(gz: &'a [u8]) -> Bounded<'a> {
+        Bounded {
+            inner: flate2::read::MultiGzDecoder::new(gz),
+            read: 0,
+            limit: decompressed_limit(gz.len()),
+            compressed: gz.len(),
+        }
+    }
+
+    /// The error of a stream past its limit.
+    fn too_big(&self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "it decompresses to more than {} MiB ({RATIO_MAX} times its {} compressed bytes, at most {} GiB): refused as a gzip bomb",
+            self.limit >> 20,
+            self.compressed,
+            TOTAL_BYTES_MAX >> 30
+        ))
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read >= self.limit {
+            // One byte more would pass the limit: is there one?
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(self.too_big()),
+            };
+        }
+        let room = (self.limit - self.read).min(buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..room])?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads an archive entry of `declared` bytes whole, refusing one larger than [`ENTRY_BYTES_MAX`].
+fn read_entry(entry: &mut impl Read, declared: u64, path: &str) -> Result<Vec<u8>, String> {
+    if declared > ENTRY_BYTES_MAX {
+        return Err(format!(
+            "{path}: an entry of {declared} bytes, more than the {} MiB an archived object may have",
+            ENTRY_BYTES_MAX >> 20
+        ));
+    }
+    let mut bytes = Vec::with_capacity(declared as usize);
+    entry.take(ENTRY_BYTES_MAX + 1).read_to_end(&mut bytes).map_err(|e| format!("{path}: cannot be read: {e}"))?;
+    Ok(bytes)
+}
+
 /// Where an item sits: resource directory (`<resource>[.<group>]`) and namespace (`None`: cluster).
 pub type Place = (String, Option<String>);
 
@@ -83,11 +161,10 @@ fn parse_path(path: &str) -> Option<ItemPath> {
     Some(ItemPath { gr, preferred, namespace, name })
 }
 
-fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>, String> {
+/// Decompresses a gzipped file (beside an archive) under [`decompressed_limit`].
+pub fn gunzip(bytes: &[u8], what: &str) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("{what} is not valid gzip: {e}"))?;
+    Bounded::new(bytes).read_to_end(&mut out).map_err(|e| format!("{what} is not valid gzip: {e}"))?;
     Ok(out)
 }
 
@@ -131,7 +208,7 @@ fn check_item(path: &str, p: &ItemPath, bytes: &[u8], defects: &mut Vec<String>)
 pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run::ArchivedItem>, String> {
     let mut primaries: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
     let mut copies: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
-    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
+    let mut tar = tar::Archive::new(Bounded::new(archive));
     let entries = tar.entries().map_err(|e| format!("not a gzip tar archive: {e}"))?;
     let mut seen = 0usize;
     for entry in entries {
@@ -145,8 +222,8 @@ pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run
         if entry.header().entry_type().is_dir() || path == VERSION_PATH || path.starts_with("metadata/") {
             continue;
         }
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(|e| format!("{path}: cannot be read: {e}"))?;
+        let declared = entry.header().size().unwrap_or(u64::MAX);
+        let bytes = read_entry(&mut entry, declared, &path)?;
         let Some(p) = parse_path(&path) else {
             return Err(format!("{path}: unexpected entry (not resources/<resource>/…/<name>.json)"));
         };
@@ -220,7 +297,7 @@ pub fn inspect_with(archive: &[u8], resource_list: Option<&[u8]>, csi: Option<&C
     let mut primaries: BTreeMap<ItemId, (Vec<u8>, Option<String>)> = BTreeMap::new();
     let mut copies: BTreeMap<ItemId, Vec<(String, Vec<u8>)>> = BTreeMap::new();
     let mut paths = BTreeSet::new();
-    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive));
+    let mut tar = tar::Archive::new(Bounded::new(archive));
     let entries = match tar.entries() {
         Ok(e) => e,
         Err(e) => {
@@ -256,11 +333,14 @@ pub fn inspect_with(archive: &[u8], resource_list: Option<&[u8]>, csi: Option<&C
             out.defects.push(format!("{path}: is not a regular file ({:?})", entry.header().entry_type()));
             continue;
         }
-        let mut bytes = Vec::new();
-        if let Err(e) = entry.read_to_end(&mut bytes) {
-            out.defects.push(format!("{path}: cannot be read: {e}"));
-            break;
-        }
+        let declared = entry.header().size().unwrap_or(u64::MAX);
+        let bytes = match read_entry(&mut entry, declared, &path) {
+            Ok(b) => b,
+            Err(e) => {
+                out.defects.push(e);
+                break;
+            }
+        };
         if path == VERSION_PATH {
             out.format_version = Some(String::from_utf8_lossy(&bytes).into_owned());
             continue;
@@ -533,6 +613,55 @@ mod tests {
         for (d, want) in i.defects.iter().zip(expected_defects) {
             assert!(d.contains(want), "defect {d:?} should contain {want:?}");
         }
+    }
+
+    /// One gzip member holding a tar entry of `size` zero bytes at `path` (no end-of-archive
+    /// blocks), to be repeated: a gzip bomb of concatenated members.
+    fn bomb_member(path: &str, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(h.as_bytes()).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..size.div_ceil(1 << 20) {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_by_its_size_not_decompressed_into_memory() {
+        // 80 members of one 8 MiB entry each: 640 MiB from about 650 KB.
+        let member = bomb_member("resources/configmaps/namespaces/a/x.json", 8 << 20);
+        let bomb: Vec<u8> = std::iter::repeat_n(member.as_slice(), 80).flatten().copied().collect();
+        assert!(decompressed_limit(bomb.len()) < 640 << 20, "the bomb must pass the limit");
+        let e = archive_items(&bomb).unwrap_err();
+        assert!(e.contains("refused as a gzip bomb"), "{e}");
+        let i = inspect(&bomb, None);
+        assert!(i.defects.iter().any(|d| d.contains("refused as a gzip bomb")), "{:?}", i.defects);
+        // A file beside an archive, the same.
+        let e = gunzip(&bomb, "the resource list").unwrap_err();
+        assert!(e.contains("the resource list is not valid gzip") && e.contains("gzip bomb"), "{e}");
+        // Below the limit, concatenated members are read whole (Velero's and GNU tar's reading).
+        let small: Vec<u8> = std::iter::repeat_n(bomb_member("a", 1 << 20).as_slice(), 3).flatten().copied().collect();
+        assert_eq!(gunzip(&small, "x").unwrap().len(), 3 * ((1 << 20) + 512));
+    }
+
+    #[test]
+    fn an_entry_larger_than_an_object_can_be_is_refused_before_it_is_read() {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("resources/configmaps/namespaces/a/x.json").unwrap();
+        h.set_size(1 << 40);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let header_only = gzip_reproducible(h.as_bytes()).unwrap();
+        let e = archive_items(&header_only).unwrap_err();
+        assert!(e.contains("x.json: an entry of 1099511627776 bytes, more than the 16 MiB"), "{e}");
+        let i = inspect(&header_only, None);
+        assert!(i.defects.iter().any(|d| d.contains("more than the 16 MiB")), "{:?}", i.defects);
     }
 
     #[test]

@@ -404,12 +404,9 @@ impl DataDir {
         let store = self.open_store(&self.storage(name)?)?;
         let file = format!("{name}-csi-volumesnapshotcontents.json.gz");
         if let Some(gz) = store.get_file(name, &file).await? {
-            let mut text = Vec::new();
-            use std::io::Read;
-            let listed: Value = flate2::read::GzDecoder::new(gz.as_slice())
-                .read_to_end(&mut text)
+            let listed: Value = crate::inspect::gunzip(&gz, &file)
                 .ok()
-                .and_then(|_| serde_json::from_slice(&text).ok())
+                .and_then(|text| serde_json::from_slice(&text).ok())
                 .unwrap_or_default();
             retained.extend(listed.as_array().into_iter().flatten().filter_map(from_contents));
         }

@@ -401,3 +401,39 @@ fn a_damaged_restore_log_is_named_never_a_panic_or_a_shorter_log() {
     }
     assert!(damaged >= files.len(), "only {damaged} damages were noticed in {files:?}");
 }
+
+/// Issue 23: a gzip bomb given to `restore create --from-file` (80 concatenated gzip members, each
+/// one tar entry of 8 MiB of zeros: 640 MiB from about 650 KB) is refused by its decompressed size,
+/// naming it — the restore ends Failed saying why, nothing is created — and `backup inspect`
+/// names it as a defect.
+#[test]
+fn a_gzip_bomb_archive_is_refused_naming_the_limit() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let served = serve_empty(dir.path());
+    let kc = served.kubeconfig.to_str().unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("resources/configmaps/namespaces/a/x.json").unwrap();
+    h.set_size(8 << 20);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(h.as_bytes()).unwrap();
+    gz.write_all(&vec![0u8; 8 << 20]).unwrap();
+    let member = gz.finish().unwrap();
+    let bomb_path = dir.path().join("bomb.tar.gz");
+    std::fs::write(&bomb_path, member.repeat(80)).unwrap();
+    let bomb = bomb_path.to_str().unwrap();
+    let out = run(dir.path(), &data, &["restore", "create", "r", "--from-file", bomb, "--kubeconfig", kc]);
+    common::assert_exit(&out, 1, "restore of a gzip bomb");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused as a gzip bomb"), "{err}");
+    let d = String::from_utf8_lossy(&run(dir.path(), &data, &["restore", "describe", "r"]).stdout).into_owned();
+    assert!(d.contains("Phase:        Failed") && d.contains("gzip bomb"), "{d}");
+    assert!(served.server.requests().iter().all(|r| r.method != "POST"), "objects were created");
+    let out = run(dir.path(), &data, &["backup", "inspect", bomb]);
+    common::assert_exit(&out, 1, "inspect of a gzip bomb");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("refused as a gzip bomb"), "{text}");
+}
