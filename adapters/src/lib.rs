@@ -19,6 +19,7 @@ pub mod hookspec;
 pub mod inspect;
 pub mod kube;
 pub mod log;
+pub mod memory;
 pub mod pack;
 pub mod report;
 pub mod restore;

@@ -37,8 +37,6 @@ const META_NAME_KEY: &[u8] = b"\xffmeta/backup-name";
 /// Meta key holding the log's format: present (2) in logs that keep a commit marker.
 const META_FORMAT_KEY: &[u8] = b"\xffmeta/format";
 const LOG_FORMAT: u8 = 2;
-/// sled's page cache size.
-const CACHE_BYTES: u64 = 64 << 20;
 
 /// Why the event log cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -853,7 +851,11 @@ impl SledMedium {
                 tracing::warn!("event log {}: removed interrupted sled snapshot {}", dir.display(), path.display());
             }
             let opened = std::panic::catch_unwind(|| {
-                sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).flush_every_ms(None).open()
+                sled::Config::new()
+                    .path(dir)
+                    .cache_capacity(crate::memory::budget().sled_cache_bytes())
+                    .flush_every_ms(None)
+                    .open()
             });
             // sled does not say which of its files (`db`, `conf`, `snap.*`) it could not read.
             let damaged = |reason: String| LogError::Damaged {

@@ -54,6 +54,10 @@ struct Cli {
     /// e.g. 30s or 5s (kubectl's flag; hooks are bounded by their own timeout)
     #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
     request_timeout: u64,
+    /// The memory this process may use, e.g. 256Mi or 1Gi (default: its memory cgroup's limit,
+    /// as in a pod with resources.limits.memory); caches and work in flight are sized under it
+    #[arg(long, value_parser = blockwise_adapters::memory::parse_quantity, global = true)]
+    memory_limit: Option<u64>,
     #[command(subcommand)]
     command: Top,
 }
@@ -649,6 +653,10 @@ fn run_session(
     rt: &tokio::runtime::Runtime,
 ) -> Result<ExitCode> {
     let name = session.name().to_string();
+    let budget = blockwise_adapters::memory::budget();
+    if budget.limit.is_some() {
+        eprintln!("{}", budget.describe());
+    }
     let mut progress = Progress::new();
     let result = rt.block_on(session.run(cluster, store.clone(), workers, page_size, &mut progress));
     drop(progress);
@@ -1018,6 +1026,7 @@ pub fn main() -> ExitCode {
         }
     };
     blockwise_adapters::retry::set_request_timeout_ms(cli.request_timeout);
+    blockwise_adapters::memory::init(cli.memory_limit);
     let data = DataDir::new(cli.data.data_dir);
     let command = match cli.command {
         Top::Backup { command } => command,

@@ -149,6 +149,7 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     };
     let result = rt.block_on(controller::run(cfg, metrics, |addr| {
         eprintln!("blockwise serve: Backups in {scope}; metrics on http://{addr}/metrics");
+        eprintln!("blockwise serve: {}", blockwise_adapters::memory::budget().describe());
     }));
     // Running backups are left to their logs: do not wait for their threads.
     rt.shutdown_background();

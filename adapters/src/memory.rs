@@ -1,0 +1,212 @@
+//! The process's memory budget (issue 23): the limit of the memory cgroup it runs in — cgroup v2
+//! `memory.max`, or v1 `memory.limit_in_bytes`, the lowest along the path from its cgroup to the
+//! root, as the kernel enforces it — or `--memory-limit`, which overrides it. What is sized under
+//! the budget reads it from here ([`budget`]); the process logs it once at start
+//! ([`Budget::describe`]).
+//!
+//! Reading is a pure function of `/proc/self/cgroup`'s text and a cgroup file system root
+//! ([`limit_from`]), so tests give it fake trees.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Limits at or above this are "no limit" (v1 writes `PAGE_COUNTER_MAX` pages, 2^63 − 4096 here).
+const UNLIMITED_FROM: u64 = 1 << 62;
+/// sled's page cache per open log: at most this…
+pub const SLED_CACHE_MAX: u64 = 64 << 20;
+/// …at least this…
+pub const SLED_CACHE_MIN: u64 = 8 << 20;
+/// …and this fraction of the budget (1/8).
+const SLED_CACHE_SHARE: u64 = 8;
+
+/// Where the budget came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `--memory-limit`.
+    Flag,
+    /// The memory cgroup's limit, from this file.
+    Cgroup(PathBuf),
+    /// No limit found.
+    None,
+}
+
+/// The memory the process may use, and where that was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes; `None`: unlimited.
+    pub limit: Option<u64>,
+    /// Where it was found.
+    pub source: Source,
+}
+
+impl Budget {
+    /// sled's page cache for one log under this budget: an eighth of it, between 8 and 64 MiB.
+    pub fn sled_cache_bytes(&self) -> u64 {
+        self.limit.map_or(SLED_CACHE_MAX, |l| (l / SLED_CACHE_SHARE).clamp(SLED_CACHE_MIN, SLED_CACHE_MAX))
+    }
+
+    /// One line for the start of a run: the budget, its source and what is sized under it.
+    pub fn describe(&self) -> String {
+        let limit = match self.limit {
+            Some(l) => format!("{} MiB", l >> 20),
+            None => "unlimited".to_string(),
+        };
+        let source = match &self.source {
+            Source::Flag => "--memory-limit".to_string(),
+            Source::Cgroup(p) => p.display().to_string(),
+            Source::None => "no memory cgroup limit found".to_string(),
+        };
+        format!("memory budget: {limit} ({source}); sled cache per log {} MiB", self.sled_cache_bytes() >> 20)
+    }
+}
+
+static BUDGET: OnceLock<Budget> = OnceLock::new();
+
+/// Sets the budget for this process: `flag` (`--memory-limit`) when given, else the cgroup's.
+/// The first call wins; later ones return the budget already set.
+pub fn init(flag: Option<u64>) -> &'static Budget {
+    BUDGET.get_or_init(|| match flag {
+        Some(l) => Budget { limit: Some(l), source: Source::Flag },
+        None => {
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            match limit_from(&cgroup, Path::new("/sys/fs/cgroup")) {
+                Some((l, path)) => Budget { limit: Some(l), source: Source::Cgroup(path) },
+                None => Budget { limit: None, source: Source::None },
+            }
+        }
+    })
+}
+
+/// The process's budget ([`init`] with no flag, if nothing set it).
+pub fn budget() -> &'static Budget {
+    init(None)
+}
+
+/// The memory limit that applies to the process whose `/proc/self/cgroup` is `proc_cgroup`, under
+/// the cgroup file system mounted at `root`: the lowest limit from its cgroup up to the root, in
+/// the v2 hierarchy (`0::/path`, `memory.max`) or the v1 memory controller (`N:memory:/path`,
+/// `memory/…/memory.limit_in_bytes`), with the file that set it. `None` when no limit is set.
+pub fn limit_from(proc_cgroup: &str, root: &Path) -> Option<(u64, PathBuf)> {
+    let mut found: Option<(u64, PathBuf)> = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (base, file) = if controllers.is_empty() {
+            // v2: unified at the root, or beside v1 under `unified` (hybrid).
+            let base = if root.join("cgroup.controllers").exists() { root.to_path_buf() } else { root.join("unified") };
+            (base, "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            let at = dir.join(file);
+            if let Some(l) = std::fs::read_to_string(&at).ok().and_then(|t| parse_limit(&t)) {
+                if found.as_ref().is_none_or(|(f, _)| l < *f) {
+                    found = Some((l, at));
+                }
+            }
+            if dir == base || !dir.pop() || !dir.starts_with(&base) {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// A limit file's value: bytes, or `None` for `max` / no limit.
+fn parse_limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    t.parse::<u64>().ok().filter(|&l| l < UNLIMITED_FROM)
+}
+
+/// A `--memory-limit`: bytes, or a number with a unit — Kubernetes' `Ki`, `Mi`, `Gi`, `Ti` (powers
+/// of 1024) or `k`/`K`, `M`, `G`, `T` (powers of 1000).
+pub fn parse_quantity(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 =
+        digits.parse().map_err(|_| format!("{s:?}: expected bytes or a number with Ki, Mi, Gi, Ti, K, M, G or T"))?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (Ki, Mi, Gi, Ti, K, M, G or T)")),
+    };
+    let bytes = n.checked_mul(factor).ok_or_else(|| format!("{s:?}: too large"))?;
+    if bytes < 16 << 20 {
+        return Err(format!("{s:?}: below 16Mi, no backup fits"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn v2_the_lowest_limit_from_the_cgroup_up_to_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(root, "cgroup.controllers", "memory\n");
+        write(root, "kubepods/memory.max", "1073741824\n");
+        write(root, "kubepods/pod1/memory.max", "max\n");
+        write(root, "kubepods/pod1/c1/memory.max", "268435456\n");
+        let (l, at) = limit_from("0::/kubepods/pod1/c1\n", root).unwrap();
+        assert_eq!((l, at), (256 << 20, root.join("kubepods/pod1/c1/memory.max")));
+        // A parent's lower limit applies.
+        write(root, "kubepods/pod1/memory.max", "134217728\n");
+        assert_eq!(limit_from("0::/kubepods/pod1/c1\n", root).unwrap().0, 128 << 20);
+        // Nothing set anywhere: no limit.
+        assert_eq!(limit_from("0::/elsewhere\n", root), None);
+    }
+
+    #[test]
+    fn v1_the_memory_controller_and_its_unlimited_value() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(root, "memory/memory.limit_in_bytes", "9223372036854771712\n");
+        write(root, "memory/process_api/x/memory.limit_in_bytes", "536870912\n");
+        let text = "9:name=systemd:/\n4:memory:/process_api/x\n1:cpu,cpuacct:/\n0::/\n";
+        let (l, at) = limit_from(text, root).unwrap();
+        assert_eq!((l, at), (512 << 20, root.join("memory/process_api/x/memory.limit_in_bytes")));
+        assert_eq!(limit_from("4:memory:/\n", root), None);
+    }
+
+    #[test]
+    fn quantities_and_the_budget_derived_from_them() {
+        assert_eq!(parse_quantity("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_quantity("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_quantity("500M"), Ok(500_000_000));
+        assert_eq!(parse_quantity("268435456"), Ok(256 << 20));
+        for bad in ["", "Mi", "12Xi", "1Ki", "-5Mi", "99999999999999999999Ti"] {
+            assert!(parse_quantity(bad).is_err(), "{bad:?}");
+        }
+        let b = |l: Option<u64>| Budget { limit: l, source: Source::Flag };
+        assert_eq!(b(Some(256 << 20)).sled_cache_bytes(), 32 << 20);
+        assert_eq!(b(Some(64 << 20)).sled_cache_bytes(), SLED_CACHE_MIN);
+        assert_eq!(b(Some(4 << 30)).sled_cache_bytes(), SLED_CACHE_MAX);
+        assert_eq!(b(None).sled_cache_bytes(), SLED_CACHE_MAX);
+        assert!(b(Some(256 << 20))
+            .describe()
+            .starts_with("memory budget: 256 MiB (--memory-limit); sled cache per log 32 MiB"));
+    }
+}
