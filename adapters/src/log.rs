@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use blockwise_engine::body::BodyId;
 
-use blockwise_engine::event::{check_end, encode_record, recover_records_of};
+use blockwise_engine::event::{check_end, encode_record, recover_records_of, RecordStream};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::{Event, Seq};
 
@@ -157,6 +157,93 @@ fn kind_of(dir: &Path) -> &'static str {
     }
 }
 
+/// What a log's metadata says: its name, id and the count its medium says was committed.
+struct Header {
+    name: String,
+    id: u64,
+    committed: Option<Seq>,
+}
+
+/// Reads a log's name and committed count, checking one against the other.
+fn read_header<M: LogMedium>(medium: &M, kind: &str) -> Result<Header, LogError> {
+    let path = medium.location().to_path_buf();
+    let damaged = |name: Option<&str>, file: PathBuf, reason: String| LogError::Damaged {
+        path: path.clone(),
+        what: what_of(kind, name, &path),
+        file,
+        seq: None,
+        reason,
+    };
+    let committed = medium.committed().map_err(|(file, reason)| damaged(None, file, reason))?;
+    let name = match medium.read_name() {
+        Ok(Some(n)) => String::from_utf8(n)
+            .map_err(|_| damaged(None, path.clone(), "the name in the log's metadata is not UTF-8".to_string()))?,
+        // Never created (or its creation never finished) — unless a commit marker says records
+        // were committed: then the metadata was lost.
+        Ok(None) if committed.is_none_or(|(_, n)| n == 0) => return Err(LogError::NotFound(path.clone())),
+        Ok(None) => return Err(damaged(None, path.clone(), "the log's metadata (its name) is gone".to_string())),
+        Err(reason) => return Err(damaged(None, path.clone(), format!("reading the log's metadata: {reason}"))),
+    };
+    let id = backup_id(&name);
+    let committed = match committed {
+        Some((marked, _)) if marked != id => {
+            return Err(damaged(
+                Some(&name),
+                path.clone(),
+                format!("the commit marker belongs to another log (id {marked:#x}, not {id:#x} of this name)"),
+            ))
+        }
+        c => c.map(|(_, n)| n),
+    };
+    Ok(Header { name, id, committed })
+}
+
+/// Reads a log of `kind` one record at a time, holding none but the current one: `f` gets each
+/// good event in order. The checks are [`open_records`]' (the engine's [`RecordStream`]: sequence,
+/// checksums, the end against the committed count); a torn tail past that count is left as it is
+/// — a reader writes nothing — and not passed on.
+pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+    medium: &M,
+    kind: &str,
+    mut f: impl FnMut(Seq, T),
+) -> Result<(), LogError> {
+    let path = medium.location().to_path_buf();
+    let Header { name, id, committed } = read_header(medium, kind)?;
+    let damaged = |file: PathBuf, seq: Seq, reason: String| LogError::Damaged {
+        path: path.clone(),
+        what: what_of(kind, Some(&name), &path),
+        file,
+        seq: Some(seq),
+        reason,
+    };
+    let mut stream = RecordStream::new();
+    let mut corrupt = None;
+    let (mut read, mut last) = (0u64, None);
+    let scanned = medium.scan(id, &mut |seq, bytes| {
+        read += 1;
+        last = Some(seq);
+        match stream.push::<T>(seq, bytes) {
+            Ok(Some(e)) => {
+                f(seq, e);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(c) => {
+                corrupt = Some(c);
+                Err(String::new())
+            }
+        }
+    });
+    if let Some(c) = corrupt {
+        return Err(damaged(medium.record_file(id, c.seq), c.seq, c.reason));
+    }
+    if let Err(reason) = scanned {
+        let at = last.map_or(0, |s| s + 1).min(read);
+        return Err(damaged(medium.record_file(id, at), at, format!("reading it back: {reason}")));
+    }
+    stream.finish(committed).map(|_| ()).map_err(|c| damaged(medium.record_file(id, c.seq), c.seq, c.reason))
+}
+
 /// Reads an existing log of `kind` ("backup", "restore") back whole: its name, every record
 /// verified ([`recover_records_of`]), its end checked against the committed count
 /// ([`check_end`]), and a torn last record past that count cut (removed and flushed). Anything
@@ -167,35 +254,13 @@ pub(crate) fn open_records<M: LogMedium, T: serde::de::DeserializeOwned>(
     kind: &str,
 ) -> Result<Opened<T>, LogError> {
     let path = medium.location().to_path_buf();
+    let Header { name, id, committed } = read_header(medium, kind)?;
     let damaged = |name: Option<&str>, file: PathBuf, seq: Option<Seq>, reason: String| LogError::Damaged {
         path: path.clone(),
         what: what_of(kind, name, &path),
         file,
         seq,
         reason,
-    };
-    let committed = medium.committed().map_err(|(file, reason)| damaged(None, file, None, reason))?;
-    let name = match medium.read_name() {
-        Ok(Some(n)) => String::from_utf8(n).map_err(|_| {
-            damaged(None, path.clone(), None, "the name in the log's metadata is not UTF-8".to_string())
-        })?,
-        // Never created (or its creation never finished) — unless a commit marker says records
-        // were committed: then the metadata was lost.
-        Ok(None) if committed.is_none_or(|(_, n)| n == 0) => return Err(LogError::NotFound(path.clone())),
-        Ok(None) => return Err(damaged(None, path.clone(), None, "the log's metadata (its name) is gone".to_string())),
-        Err(reason) => return Err(damaged(None, path.clone(), None, format!("reading the log's metadata: {reason}"))),
-    };
-    let id = backup_id(&name);
-    let committed = match committed {
-        Some((marked, _)) if marked != id => {
-            return Err(damaged(
-                Some(&name),
-                path.clone(),
-                None,
-                format!("the commit marker belongs to another log (id {marked:#x}, not {id:#x} of this name)"),
-            ))
-        }
-        c => c.map(|(_, n)| n),
     };
     let records = medium.records(id).map_err(|(n, reason)| {
         damaged(Some(&name), medium.record_file(id, n as Seq), Some(n as Seq), format!("reading it back: {reason}"))
@@ -853,7 +918,11 @@ impl SledMedium {
             let opened = std::panic::catch_unwind(|| {
                 sled::Config::new()
                     .path(dir)
-                    .cache_capacity(crate::memory::budget().sled_cache_bytes())
+                    // A reader scans once: a cache would only hold what it already read.
+                    .cache_capacity(match lock_wait == READER_LOCK_WAIT {
+                        true => crate::memory::SLED_CACHE_MIN,
+                        false => crate::memory::budget().sled_cache_bytes(),
+                    })
                     .flush_every_ms(None)
                     .open()
             });
@@ -1046,13 +1115,21 @@ impl EventLog<SledMedium> {
     }
 }
 
-/// Reads a backup's events for inspection (may cut a torn tail, like [`EventLog::open`]). A log
-/// another process holds is [`LogError::InUse`] after a short wait.
-pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
+/// Calls `f` with each event of a backup's log, one at a time ([`scan_records`]: nothing held but
+/// the current record, a torn tail left as it is). A log another process holds is
+/// [`LogError::InUse`] after a short wait.
+pub fn scan_events(dir: &Path, f: impl FnMut(Seq, Event)) -> Result<(), LogError> {
     if !dir.join("db").is_file() {
         return Err(LogError::NotFound(dir.to_path_buf()));
     }
-    EventLog::open_with(SledMedium::open_waiting(dir, READER_LOCK_WAIT)?, false).map(|(_, events, _)| events)
+    scan_records(&SledMedium::open_waiting(dir, READER_LOCK_WAIT)?, "backup", f)
+}
+
+/// Every event of a backup's log ([`scan_events`], collected): for small logs and tests.
+pub fn read_events(dir: &Path) -> Result<Vec<Event>, LogError> {
+    let mut events = Vec::new();
+    scan_events(dir, |_, e| events.push(e))?;
+    Ok(events)
 }
 /// The verified prefix of a log that cannot be opened whole (it is damaged): every record from the
 /// first on while each is in sequence and its checksum holds. Reads only: nothing is cut. Empty

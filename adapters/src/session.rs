@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use blockwise_engine::event::{Event, Phase};
+use blockwise_engine::event::{Event, Phase, Seq};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
@@ -273,11 +273,8 @@ impl DataDir {
         cluster: Option<(&dyn Cluster, &dyn Runtime)>,
     ) -> Result<Deleted, SessionError> {
         validate_backup_name(name)?;
-        let state = match self.read_events(name) {
-            Ok(events) => Some(
-                BackupState::fold(&events)
-                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?,
-            ),
+        let state = match self.fold(name) {
+            Ok(state) => Some(state),
             Err(SessionError::NotFound { .. }) => None,
             Err(SessionError::Log(damage @ LogError::Damaged { .. })) => {
                 let deleted = self.delete_damaged_snapshots(name, &damage, cluster).await?;
@@ -437,20 +434,41 @@ impl DataDir {
         Ok(())
     }
 
-    /// The events of a backup's log, for reading (a torn tail is cut, as by `resume`). A log
+    /// Calls `f` with each event of a backup's log in order, one at a time: nothing is held but the
+    /// current record, and nothing is written (a torn tail is left for `resume` to cut). A log
     /// without a durable request is no backup: not found.
-    pub fn read_events(&self, name: &str) -> Result<Vec<Event>, SessionError> {
+    pub fn each_event(&self, name: &str, mut f: impl FnMut(Seq, Event)) -> Result<(), SessionError> {
         validate_backup_name(name)?;
         let dir = self.log_dir(name);
         let not_found = || SessionError::NotFound { what: "backup", name: name.into(), data_dir: self.root.clone() };
         if !dir.exists() {
             return Err(not_found());
         }
-        match crate::log::read_events(&dir) {
-            Ok(events) if events.is_empty() => Err(not_found()),
-            Ok(events) => Ok(events),
+        let mut any = false;
+        match crate::log::scan_events(&dir, |seq, e| {
+            any = true;
+            f(seq, e)
+        }) {
+            Ok(()) if !any => Err(not_found()),
+            Ok(()) => Ok(()),
             Err(LogError::NotFound(_)) => Err(not_found()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A backup's state, folded from its log as it is read ([`DataDir::each_event`]: the events are
+    /// never held together).
+    pub fn fold(&self, name: &str) -> Result<BackupState, SessionError> {
+        let mut state = BackupState::default();
+        let mut failed = None;
+        self.each_event(name, |_, e| {
+            if failed.is_none() {
+                failed = state.apply(&e).err();
+            }
+        })?;
+        match failed {
+            Some(e) => Err(SessionError::State { name: name.into(), message: e.to_string() }),
+            None => Ok(state),
         }
     }
 
@@ -469,17 +487,25 @@ impl DataDir {
     /// A backup's folded state: from its log, or — while another process runs it and holds the
     /// log — from the live view that process keeps (`live` is then true).
     pub fn status(&self, name: &str) -> Result<Status, SessionError> {
-        match self.read_events(name) {
-            Ok(events) => {
-                let state = BackupState::fold(&events)
-                    .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
-                Ok(Status::Log { events, state: Box::new(state) })
-            }
+        match self.or_live(name, || self.fold(name))? {
+            Ok(state) => Ok(Status::Log { state: Box::new(state) }),
+            Err(live) => Ok(live),
+        }
+    }
+
+    /// `read` of backup `name`'s log — or, when another process holds the log or this disk cannot
+    /// open it (full or read-only: sled writes when it opens a log, though the command only
+    /// reads), the live view its last run kept ([`Status::Live`], saying which).
+    pub fn or_live<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce() -> Result<T, SessionError>,
+    ) -> Result<Result<T, Status>, SessionError> {
+        match read() {
+            Ok(t) => Ok(Ok(t)),
             Err(SessionError::Log(ref e @ (LogError::InUse(_) | LogError::Storage { .. })))
                 if matches!(e, LogError::InUse(_)) || medium_full(e) =>
             {
-                // Opening the log writes (sled): a full or read-only disk refuses it, though the
-                // command only reads — the last run's live view then answers, and says so.
                 let unreadable = (!matches!(e, LogError::InUse(_))).then(|| e.to_string());
                 let path = self.backup_dir(name).join("status.json");
                 let bytes = std::fs::read(&path).map_err(file_err("reading the live status", &path))?;
@@ -490,7 +516,7 @@ impl DataDir {
                 })?;
                 let events_log = self.backup_dir(name).join("events.log");
                 let lines = std::fs::read_to_string(&events_log).unwrap_or_default();
-                Ok(Status::Live { view, lines, unreadable })
+                Ok(Err(Status::Live { view, lines, unreadable }))
             }
             Err(e) => Err(e),
         }
@@ -539,9 +565,7 @@ const UID_FILE: &str = "uid.json";
 pub enum Status {
     /// Read from the log.
     Log {
-        /// Every event.
-        events: Vec<Event>,
-        /// Their fold.
+        /// Its events' fold (`DataDir::each_event` reads the events themselves).
         state: Box<BackupState>,
     },
     /// Another process runs the backup — or the log cannot be opened on this disk (full, or
@@ -686,18 +710,11 @@ impl Session {
 
     /// The state of an existing backup directory: `None` when its log holds no durable request.
     fn existing(data: &DataDir, name: &str) -> Result<Option<BackupState>, SessionError> {
-        let log = data.log_dir(name);
-        let events = match crate::log::read_events(&log) {
-            Ok(events) => events,
-            Err(LogError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if events.is_empty() {
-            return Ok(None);
+        match data.fold(name) {
+            Ok(state) => Ok(Some(state)),
+            Err(SessionError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
-        let state = BackupState::fold(&events)
-            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
-        Ok(Some(state))
     }
 
     fn refusal(name: &str, state: &BackupState) -> SessionError {

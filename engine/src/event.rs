@@ -363,25 +363,59 @@ pub fn recover_records<'a>(records: impl IntoIterator<Item = (Seq, &'a [u8])>) -
 pub fn recover_records_of<'a, T: serde::de::DeserializeOwned>(
     records: impl IntoIterator<Item = (Seq, &'a [u8])>,
 ) -> Result<Recovered<T>, CorruptRecord> {
+    let mut stream = RecordStream::new();
     let mut events = Vec::new();
-    let mut bad: Option<(Seq, String)> = None;
     for (seq, bytes) in records {
-        let expected = events.len() as Seq;
-        if let Some((seq, reason)) = bad.take() {
+        events.extend(stream.push::<T>(seq, bytes)?);
+    }
+    Ok(Recovered { events, cut_tail: stream.bad })
+}
+
+/// [`recover_records`] one record at a time, for a reader that must not hold the whole log: the
+/// same rules, applied as the records come. A bad record is held back until the next one shows it
+/// was not the last ([`RecordStream::push`]); [`RecordStream::finish`] judges the end.
+#[derive(Debug, Default)]
+pub struct RecordStream {
+    next: Seq,
+    bad: Option<(Seq, String)>,
+}
+
+impl RecordStream {
+    /// A stream expecting record 0.
+    pub fn new() -> RecordStream {
+        RecordStream::default()
+    }
+
+    /// The next stored record: its event, or `None` when it is bad (a torn tail if nothing follows
+    /// it). A record after a bad one, or out of sequence, is corruption.
+    pub fn push<T: serde::de::DeserializeOwned>(&mut self, seq: Seq, bytes: &[u8]) -> Result<Option<T>, CorruptRecord> {
+        if let Some((seq, reason)) = self.bad.take() {
             return Err(CorruptRecord { seq, reason });
         }
-        if seq != expected {
+        if seq != self.next {
+            let expected = self.next;
             return Err(CorruptRecord {
                 seq: expected,
                 reason: format!("record {expected} is missing; the next record present is {seq}"),
             });
         }
         match decode_record_of::<T>(bytes) {
-            Ok(e) => events.push(e),
-            Err(e) => bad = Some((seq, e.to_string())),
+            Ok(e) => {
+                self.next += 1;
+                Ok(Some(e))
+            }
+            Err(e) => {
+                self.bad = Some((seq, e.to_string()));
+                Ok(None)
+            }
         }
     }
-    Ok(Recovered { events, cut_tail: bad })
+
+    /// The end of the records: [`check_end`]'s rule against `committed`; the torn tail, if any.
+    pub fn finish(self, committed: Option<Seq>) -> Result<Option<(Seq, String)>, CorruptRecord> {
+        end_rule(self.next, self.bad.as_ref(), committed)?;
+        Ok(self.bad)
+    }
 }
 
 /// The end rule of a log whose medium keeps, apart from its records, how many were **committed**
@@ -391,12 +425,17 @@ pub fn recover_records_of<'a, T: serde::de::DeserializeOwned>(
 /// durable (a truncated or bit-flipped file), which must never pass as a shorter, valid log.
 /// `committed` is `None` for a medium that keeps no count (a log written before it was kept).
 pub fn check_end<T>(recovered: &Recovered<T>, committed: Option<Seq>) -> Result<(), CorruptRecord> {
+    end_rule(recovered.events.len() as Seq, recovered.cut_tail.as_ref(), committed)
+}
+
+/// [`check_end`] over `good` records and a bad last one.
+fn end_rule(good: Seq, cut_tail: Option<&(Seq, String)>, committed: Option<Seq>) -> Result<(), CorruptRecord> {
     let Some(committed) = committed else { return Ok(()) };
     if crate::mutation::active(crate::mutation::Mutation::LogTrustsItsEnd) {
         // Deliberate bug: a shorter log passes as a valid one.
         return Ok(());
     }
-    if let Some((seq, reason)) = &recovered.cut_tail {
+    if let Some((seq, reason)) = cut_tail {
         if *seq < committed {
             return Err(CorruptRecord {
                 seq: *seq,
@@ -404,7 +443,6 @@ pub fn check_end<T>(recovered: &Recovered<T>, committed: Option<Seq>) -> Result<
             });
         }
     }
-    let good = recovered.events.len() as Seq;
     if good < committed {
         return Err(CorruptRecord {
             seq: good,

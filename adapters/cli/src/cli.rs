@@ -992,28 +992,27 @@ fn get(data: &DataDir) -> Result<ExitCode> {
 }
 
 fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
-    match data.status(&a.name).map_err(session_err)? {
-        Status::Log { events, .. } => {
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for (i, e) in events.iter().enumerate() {
-                if let Err(e) = writeln!(out, "{}", report::event_line(i as u64, e)) {
-                    if e.kind() == std::io::ErrorKind::BrokenPipe {
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    return Err(e).context("writing to stdout");
-                }
+    // The log, streamed: one event at a time, never the whole log in memory.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut written: std::io::Result<()> = Ok(());
+    let read = data.or_live(&a.name, || {
+        data.each_event(&a.name, |seq, e| {
+            if written.is_ok() {
+                written = writeln!(out, "{}", report::event_line(seq, &e));
             }
-            match out.flush() {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e).context("writing to stdout"),
-                _ => {}
-            }
-        }
-        Status::Live { view, lines, unreadable } => {
-            emit(&lines)?;
-            emit(&live_note(&view, unreadable.as_deref()))?;
-        }
+        })
+    });
+    // Another process runs it (or the disk is full): the live view.
+    if let Err(Status::Live { view, lines, unreadable }) = read.map_err(session_err)? {
+        drop(out);
+        emit(&lines)?;
+        emit(&live_note(&view, unreadable.as_deref()))?;
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Runs the command line; returns the process exit code.

@@ -712,13 +712,10 @@ async fn delete_backup(
 /// The folded state of the log under `name`, if there is one (read on a blocking thread).
 async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupState>, ReconcileError> {
     let (data, name) = (data.clone(), name.to_string());
-    off_worker(move || {
-        let events = match data.read_events(&name) {
-            Ok(events) => events,
-            Err(SessionError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        BackupState::fold(&events).map(Some).map_err(|e| SessionError::State { name, message: e.to_string() })
+    off_worker(move || match data.fold(&name) {
+        Ok(state) => Ok(Some(state)),
+        Err(SessionError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
     })
     .await
     .map_err(ReconcileError::from)

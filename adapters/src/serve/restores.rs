@@ -644,15 +644,14 @@ async fn run(
 /// PartiallyFailed): one still running or failed is a validation error, not a failed restore.
 fn usable_backup(data: &DataDir, backup: &str) -> Result<BackupState, Vec<String>> {
     let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
-    let events = match data.read_events(backup) {
-        Ok(events) => events,
+    let state = match data.fold(backup) {
+        Ok(state) => state,
         // Its run holds the log.
         Err(SessionError::Log(crate::log::LogError::InUse(_))) => {
             return Err(refuse("the backup has not finished yet".into()));
         }
         Err(e) => return Err(refuse(e.to_string())),
     };
-    let state = BackupState::fold(&events).map_err(|e| refuse(e.to_string()))?;
     match state.finished {
         Some((Phase::Completed | Phase::PartiallyFailed, _)) => Ok(state),
         Some((p, _)) => Err(refuse(format!("the backup ended {p}: there is nothing to restore"))),
