@@ -55,7 +55,8 @@ struct Cli {
     #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
     request_timeout: u64,
     /// The memory this process may use, e.g. 256Mi or 1Gi (default: its memory cgroup's limit,
-    /// as in a pod with resources.limits.memory); caches and work in flight are sized under it
+    /// as in a pod with resources.limits.memory); caches and work in flight are sized under it.
+    /// For `install`: the controller pod's memory limit (default 2Gi)
     #[arg(long, value_parser = blockwise_adapters::memory::parse_quantity, global = true)]
     memory_limit: Option<u64>,
     #[command(subcommand)]
@@ -1034,7 +1035,7 @@ pub fn main() -> ExitCode {
         Top::Simulate(a) => return exit_with(simulate(a)),
         Top::Simulator { command: SimulatorCommand::Serve(a) } => return exit_with(serve(a)),
         Top::Serve(a) => return exit_with(crate::service::serve(*a, data.root().to_path_buf())),
-        Top::Install(a) => return exit_with(crate::service::install(a)),
+        Top::Install(a) => return exit_with(crate::service::install(a, cli.memory_limit)),
         Top::Bench(a) => {
             let opts = crate::bench::BenchOptions {
                 quick: a.quick,

@@ -203,9 +203,6 @@ pub struct InstallArgs {
     /// The controller's CPU limit (default 2).
     #[arg(long, default_value = "2")]
     cpu_limit: String,
-    /// The controller's memory limit (default 2Gi: a 300k-object backup peaks near 1.8 GiB).
-    #[arg(long, default_value = "2Gi")]
-    memory_limit: String,
     /// Kubeconfig for --resources-from-cluster (also KUBECONFIG, ~/.kube/config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -247,18 +244,31 @@ fn resources_from_cluster(
         .collect())
 }
 
-pub fn install(a: InstallArgs) -> Result<ExitCode> {
+/// The controller's memory limit when `--memory-limit` (the global flag: for `install`, the pod's
+/// limit, which the controller then reads from its cgroup) is not given: a 300k-object backup
+/// peaks near 1.8 GiB.
+const INSTALL_MEMORY_LIMIT: &str = "2Gi";
+
+/// `bytes` as a Kubernetes quantity, in the largest binary unit that divides it.
+fn quantity(bytes: u64) -> String {
+    for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
+        if bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+pub fn install(a: InstallArgs, memory_limit: Option<u64>) -> Result<ExitCode> {
+    let memory_limit = memory_limit.map_or_else(|| INSTALL_MEMORY_LIMIT.to_string(), quantity);
     if !a.dry_run {
         return Err(usage(
             "blockwise install only prints its manifests: run `blockwise install --dry-run -o yaml | kubectl apply -f -`",
         ));
     }
-    for (flag, q) in [
-        ("--cpu-request", &a.cpu_request),
-        ("--memory-request", &a.memory_request),
-        ("--cpu-limit", &a.cpu_limit),
-        ("--memory-limit", &a.memory_limit),
-    ] {
+    for (flag, q) in
+        [("--cpu-request", &a.cpu_request), ("--memory-request", &a.memory_request), ("--cpu-limit", &a.cpu_limit)]
+    {
         if !is_quantity(q) {
             return Err(usage(format!("{flag} {q:?}: not a Kubernetes quantity (such as 500m, 2, 1Gi, 512Mi)")));
         }
@@ -288,7 +298,7 @@ pub fn install(a: InstallArgs) -> Result<ExitCode> {
             cpu_request: a.cpu_request,
             memory_request: a.memory_request,
             cpu_limit: a.cpu_limit,
-            memory_limit: a.memory_limit,
+            memory_limit,
         },
     };
     let text = if a.output == "json" {

@@ -40,7 +40,11 @@ fn install_without_dry_run_and_bad_serve_flags_are_usage_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dry-run -o yaml | kubectl apply -f -"));
     let out = run(&["install", "--dry-run", "--memory-limit", "lots"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--memory-limit \"lots\": not a Kubernetes quantity"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("for '--memory-limit") && err.contains("\"lots\": expected bytes or a number with Ki"),
+        "{err}"
+    );
     let out = run(&["install", "--dry-run", "--memory-limit", "4Gi", "--cpu-request", "1.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let yaml = String::from_utf8_lossy(&out.stdout);
