@@ -218,10 +218,9 @@ pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
     };
     let mut stream = RecordStream::new();
     let mut corrupt = None;
-    let (mut read, mut last) = (0u64, None);
+    let mut read: Seq = 0;
     let scanned = medium.scan(id, &mut |seq, bytes| {
         read += 1;
-        last = Some(seq);
         match stream.push::<T>(seq, bytes) {
             Ok(Some(e)) => {
                 f(seq, e);
@@ -238,8 +237,8 @@ pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
         return Err(damaged(medium.record_file(id, c.seq), c.seq, c.reason));
     }
     if let Err(reason) = scanned {
-        let at = last.map_or(0, |s| s + 1).min(read);
-        return Err(damaged(medium.record_file(id, at), at, format!("reading it back: {reason}")));
+        // The medium failed after `read` records, all in sequence (else `corrupt` is set).
+        return Err(damaged(medium.record_file(id, read), read, format!("reading it back: {reason}")));
     }
     stream.finish(committed).map(|_| ()).map_err(|c| damaged(medium.record_file(id, c.seq), c.seq, c.reason))
 }
@@ -444,13 +443,7 @@ impl<M: LogMedium> EventLog<M> {
     }
 
     /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
-    pub fn open_on(medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
-        EventLog::open_with(medium, true)
-    }
-
-    /// [`EventLog::open_on`]; with `number_bodies` false the log's objects are not numbered (a
-    /// reader that only looks at the events: the log is not for appending).
-    fn open_with(mut medium: M, number_bodies: bool) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+    pub fn open_on(mut medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
         let path = medium.location().to_path_buf();
         let Opened { name, id, events, report } = open_records::<M, Event>(&mut medium, "backup")?;
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
@@ -460,8 +453,8 @@ impl<M: LogMedium> EventLog<M> {
             // Deliberate bug: count the cut record, so appends resume one past the tail.
             next += 1;
         }
-        let bodies = if number_bodies { new_bodies(&medium).map_err(storage)? } else { Bodies::memory() };
-        for e in events.iter().filter(|_| number_bodies) {
+        let bodies = new_bodies(&medium).map_err(storage)?;
+        for e in &events {
             bodies.add(e).map_err(storage)?;
         }
         let log = EventLog { medium, path, name, id, next, durable, bodies: Arc::new(bodies) };
@@ -725,9 +718,10 @@ fn read_slot(bytes: &[u8]) -> Option<Slot> {
 /// The commit marker file's length and its valid slot of the highest generation, if any.
 fn read_marker(file: &std::fs::File) -> std::io::Result<(usize, Option<Slot>)> {
     use std::os::unix::fs::FileExt;
-    let mut bytes = [0u8; 2 * COMMIT_SLOT_BYTES];
-    let n = file.read_at(&mut bytes, 0)?;
-    let slots = [bytes.get(..COMMIT_SLOT_BYTES.min(n)), bytes.get(COMMIT_SLOT_BYTES..n.max(COMMIT_SLOT_BYTES))];
+    let mut buf = [0u8; 2 * COMMIT_SLOT_BYTES];
+    let n = file.read_at(&mut buf, 0)?;
+    let bytes = &buf[..n];
+    let slots = [bytes.get(..COMMIT_SLOT_BYTES), bytes.get(COMMIT_SLOT_BYTES..)];
     Ok((n, slots.into_iter().flatten().filter_map(read_slot).max_by_key(|&(_, _, generation)| generation)))
 }
 
