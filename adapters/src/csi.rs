@@ -704,6 +704,19 @@ pub async fn delete_retained(
     }
 }
 
+/// The storage snapshot a VolumeSnapshotContent (`vsc`) holds, as the VolumeSnapshot
+/// `namespace/snapshot` cut it: `None` without a name, a driver or a handle (status, or the source
+/// of an imported content).
+pub fn retained_of(vsc: &Value, namespace: &str, snapshot: &str) -> Option<blockwise_engine::state::RetainedSnapshot> {
+    Some(blockwise_engine::state::RetainedSnapshot {
+        namespace: namespace.to_string(),
+        snapshot: snapshot.to_string(),
+        content: s(vsc, "/metadata/name")?.to_string(),
+        driver: s(vsc, "/spec/driver")?.to_string(),
+        handle: s(vsc, "/status/snapshotHandle").or_else(|| s(vsc, "/spec/source/snapshotHandle"))?.to_string(),
+    })
+}
+
 /// The storage snapshots of backup `uid` that its snapshot objects in the cluster still name (a
 /// backup whose log is damaged: `DataDir::delete`): every VolumeSnapshot and VolumeSnapshotContent
 /// labelled with its uid, with the content a snapshot is bound to, as far as a handle is set. Group
@@ -714,18 +727,8 @@ pub async fn labelled_snapshots(
     snapshots: &ResourceType,
     uid: &str,
 ) -> Result<Vec<blockwise_engine::state::RetainedSnapshot>, String> {
-    use blockwise_engine::state::RetainedSnapshot;
     let label = format!("/metadata/labels/{}", BACKUP_UID_LABEL.replace('/', "~1"));
     let mut out = Vec::new();
-    let of_content = |vsc: &Value, namespace: &str, snapshot: &str| -> Option<RetainedSnapshot> {
-        Some(RetainedSnapshot {
-            namespace: namespace.to_string(),
-            snapshot: snapshot.to_string(),
-            content: s(vsc, "/metadata/name")?.to_string(),
-            driver: s(vsc, "/spec/driver")?.to_string(),
-            handle: s(vsc, "/status/snapshotHandle").or_else(|| s(vsc, "/spec/source/snapshotHandle"))?.to_string(),
-        })
-    };
     for rt in [snapshots, contents] {
         let mut token: Option<String> = None;
         loop {
@@ -744,13 +747,13 @@ pub async fn labelled_snapshots(
                     let bound = s(&v, "/status/boundVolumeSnapshotContentName");
                     if let (Some(name), Some(bound)) = (name, bound) {
                         if let Some(vsc) = get(cluster, contents, &vsc_key(bound)).await? {
-                            out.extend(of_content(&vsc, ns, name));
+                            out.extend(retained_of(&vsc, ns, name));
                         }
                     }
                 } else {
                     let ns = s(&v, "/spec/volumeSnapshotRef/namespace").unwrap_or_default().to_string();
                     let name = s(&v, "/spec/volumeSnapshotRef/name").unwrap_or_default().to_string();
-                    out.extend(of_content(&v, &ns, &name));
+                    out.extend(retained_of(&v, &ns, &name));
                 }
             }
             match page.continue_token {

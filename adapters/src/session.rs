@@ -366,7 +366,6 @@ impl DataDir {
         damage: &LogError,
         cluster: Option<(&dyn Cluster, &dyn Runtime)>,
     ) -> Result<Deleted, SessionError> {
-        use blockwise_engine::state::RetainedSnapshot;
         tracing::warn!("backup {name}: {damage}; finding its storage snapshots without its log");
         let prefix = crate::log::salvage(&self.log_dir(name));
         let mut state = BackupState::default();
@@ -388,15 +387,13 @@ impl DataDir {
             });
         };
         let mut retained = state.retained_snapshots();
-        let from_contents = |v: &Value| -> Option<RetainedSnapshot> {
-            let handle = v.pointer("/status/snapshotHandle").or_else(|| v.pointer("/spec/source/snapshotHandle"));
-            Some(RetainedSnapshot {
-                namespace: v.pointer("/spec/volumeSnapshotRef/namespace")?.as_str()?.to_string(),
-                snapshot: v.pointer("/spec/volumeSnapshotRef/name")?.as_str()?.to_string(),
-                content: v.pointer("/metadata/name")?.as_str()?.to_string(),
-                driver: v.pointer("/spec/driver")?.as_str()?.to_string(),
-                handle: handle?.as_str()?.to_string(),
-            })
+        let from_contents = |v: &Value| {
+            let text = |p: &str| v.pointer(p).and_then(Value::as_str);
+            crate::csi::retained_of(
+                v,
+                text("/spec/volumeSnapshotRef/namespace")?,
+                text("/spec/volumeSnapshotRef/name")?,
+            )
         };
         let store = self.open_store(&self.storage(name)?)?;
         let file = format!("{name}-csi-volumesnapshotcontents.json.gz");
