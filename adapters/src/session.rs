@@ -469,6 +469,15 @@ impl DataDir {
         }
     }
 
+    /// [`DataDir::fold`], or `None` when no backup of that name exists.
+    pub fn fold_if_any(&self, name: &str) -> Result<Option<BackupState>, SessionError> {
+        match self.fold(name) {
+            Ok(state) => Ok(Some(state)),
+            Err(SessionError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Checks that a local store can be written (its directory made, a probe file written and
     /// removed): the CLI asks before recording a backup, so `--storage /proc/nope` is the user's
     /// input at `create`, not a stop at the first staged item (issue 22). The controller does not:
@@ -665,7 +674,7 @@ impl Session {
         let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
         let dir = data.backup_dir(&name);
         if dir.exists() {
-            match Session::existing(data, &name)? {
+            match data.fold_if_any(&name)? {
                 Some(state) => return Err(Session::refusal(&name, &state)),
                 None => {
                     // A create that died before its request was durable: it never existed.
@@ -706,13 +715,6 @@ impl Session {
     }
 
     /// The state of an existing backup directory: `None` when its log holds no durable request.
-    fn existing(data: &DataDir, name: &str) -> Result<Option<BackupState>, SessionError> {
-        match data.fold(name) {
-            Ok(state) => Ok(Some(state)),
-            Err(SessionError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
 
     fn refusal(name: &str, state: &BackupState) -> SessionError {
         match (&state.stopped, state.phase()) {

@@ -611,15 +611,15 @@ async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), R
     let name = b.name_any();
     let state = match folded_log(data, &name).await {
         // A damaged log is this Backup's (it fails), unless the uid kept beside it says otherwise.
-        Err(ReconcileError::Session(SessionError::Log(damage @ LogError::Damaged { .. })))
-            if data.recorded_uid(&name).is_none_or(|u| b.uid().is_some_and(|mine| mine == u)) =>
-        {
-            return Err(SessionError::Log(damage).into())
-        }
-        Err(ReconcileError::Session(SessionError::Log(LogError::Damaged { .. }))) => {
-            let mut s = BackupState::default();
-            s.options.uid = data.recorded_uid(&name).unwrap_or_default();
-            s
+        Err(ReconcileError::Session(SessionError::Log(damage @ LogError::Damaged { .. }))) => {
+            match data.recorded_uid(&name) {
+                Some(uid) if b.uid().is_none_or(|mine| mine != uid) => {
+                    let mut s = BackupState::default();
+                    s.options.uid = uid;
+                    s
+                }
+                _ => return Err(SessionError::Log(damage).into()),
+            }
         }
         r => match r? {
             Some(state) => state,
@@ -712,13 +712,7 @@ async fn delete_backup(
 /// The folded state of the log under `name`, if there is one (read on a blocking thread).
 async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupState>, ReconcileError> {
     let (data, name) = (data.clone(), name.to_string());
-    off_worker(move || match data.fold(&name) {
-        Ok(state) => Ok(Some(state)),
-        Err(SessionError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    })
-    .await
-    .map_err(ReconcileError::from)
+    off_worker(move || data.fold_if_any(&name)).await.map_err(ReconcileError::from)
 }
 
 /// The InProgress Backups of the cache that this process does not run but whose log another
