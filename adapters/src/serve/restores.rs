@@ -448,32 +448,29 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let (existing, validated, damaged) = looked;
     let (spec, workers) = match validated {
         Ok(v) => v,
-        Err(errors) if damaged => {
-            let failed = RestoreStatus {
-                phase: Some(phase::FAILED.into()),
-                failure_reason: Some(format!("{}: {}", super::controller::LOG_DAMAGED, errors.join("; "))),
-                ..status
-            };
-            patch_status(&api, &name, &uid, &failed).await?;
-            if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
-                ctx.metrics.restore_failed.inc();
-            }
-            eprintln!("restore {ns}/{name}: Failed: {}", failed.failure_reason.unwrap_or_default());
-            return Ok(Action::await_change());
-        }
         Err(errors) => {
-            let failed = RestoreStatus {
-                phase: Some(phase::FAILED_VALIDATION.into()),
-                failure_reason: Some(errors.join("; ")),
-                validation_errors: errors,
-                ..status
+            // A damaged log of its own: Failed (LogDamaged). Else the spec or its Backup: invalid.
+            let (failed, counter) = if damaged {
+                let reason = format!("{}: {}", super::controller::LOG_DAMAGED, errors.join("; "));
+                let failed =
+                    RestoreStatus { phase: Some(phase::FAILED.into()), failure_reason: Some(reason), ..status };
+                (failed, &ctx.metrics.restore_failed)
+            } else {
+                let failed = RestoreStatus {
+                    phase: Some(phase::FAILED_VALIDATION.into()),
+                    failure_reason: Some(errors.join("; ")),
+                    validation_errors: errors,
+                    ..status
+                };
+                (failed, &ctx.metrics.restore_validation_failed)
             };
             patch_status(&api, &name, &uid, &failed).await?;
             // A reconcile from a cache that has not seen this patch yet must not count it again.
             if ctx.ended.lock().unwrap_or_else(PoisonError::into_inner).record(id, RunEnd::Terminal).is_none() {
-                ctx.metrics.restore_validation_failed.inc();
+                counter.inc();
             }
-            eprintln!("restore {ns}/{name}: FailedValidation: {}", failed.failure_reason.unwrap_or_default());
+            let (phase, reason) = (failed.phase.unwrap_or_default(), failed.failure_reason.unwrap_or_default());
+            eprintln!("restore {ns}/{name}: {phase}: {reason}");
             return Ok(Action::await_change());
         }
     };
