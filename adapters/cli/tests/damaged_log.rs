@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_exit, blockwise, run};
+use common::{assert_exit, blockwise, copy_dir, run};
 
 /// A command still running after this long hangs.
 const HANG: Duration = Duration::from_secs(60);
@@ -53,19 +53,6 @@ fn run_bounded(mut cmd: Command, what: &str) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     };
     Output { status, stdout: out.join().expect("stdout"), stderr: err.join().expect("stderr") }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 fn files_under(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) {
@@ -150,13 +137,7 @@ fn no_damage_to_any_file_of_a_log_panics_hangs_hides_other_backups_or_passes_as_
             let _ = std::fs::remove_dir_all(&work);
             copy_dir(&pristine, &work);
             let path = work.join("backups/a/log").join(file);
-            if mode == "flip" {
-                let mut bytes = std::fs::read(&path).unwrap();
-                bytes[at as usize] ^= 0x5a;
-                std::fs::write(&path, bytes).unwrap();
-            } else {
-                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
-            }
+            common::damage(&path, mode, at);
             let cmd = |args: &[&str]| {
                 let o = run_bounded(blockwise(&work, args), &format!("{case}: {args:?}"));
                 assert!(

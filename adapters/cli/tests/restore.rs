@@ -319,17 +319,6 @@ fn a_half_done_restore_whose_archive_is_gone_fails_on_resume() {
     assert_eq!(posts(), before, "the resume created objects without its archive");
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 /// Issue 22, for restores: bytes flipped and files truncated at several offsets of every file of a
 /// finished restore's log (each on a fresh copy, made before any reader opened the log): no restore
 /// command exits 101; `restore get` lists the other restore; the damaged one reads back whole or is
@@ -347,7 +336,7 @@ fn a_damaged_restore_log_is_named_never_a_panic_or_a_shorter_log() {
         common::assert_exit(&out, 0, &format!("restore create {name}"));
     }
     let pristine = dir.path().join("pristine");
-    copy_tree(&data, &pristine);
+    common::copy_dir(&data, &pristine);
     let events = String::from_utf8_lossy(&run(dir.path(), &data, &["restore", "logs", "r"]).stdout).lines().count();
     let log = pristine.join("restores/r/log");
     let mut files: Vec<String> = std::fs::read_dir(&log)
@@ -364,15 +353,9 @@ fn a_damaged_restore_log_is_named_never_a_panic_or_a_shorter_log() {
             let case = format!("{file} {mode} at {at} of {len}");
             let work = dir.path().join("work");
             let _ = std::fs::remove_dir_all(&work);
-            copy_tree(&pristine, &work);
+            common::copy_dir(&pristine, &work);
             let path = work.join("restores/r/log").join(file);
-            if mode == "flip" {
-                let mut bytes = std::fs::read(&path).unwrap();
-                bytes[at as usize] ^= 0x5a;
-                std::fs::write(&path, bytes).unwrap();
-            } else {
-                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
-            }
+            common::damage(&path, mode, at);
             let go = |args: &[&str]| {
                 let o = run(dir.path(), &work, args);
                 assert!(!matches!(o.status.code(), Some(101) | None), "{case}: {args:?}: {:?}", o.status);

@@ -319,3 +319,29 @@ pub fn rbac_allows(rules: &[(Vec<String>, Vec<String>, Vec<String>)], verb: &str
             })
     })
 }
+
+/// Copies the directory tree `from` to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Damages the file at `path`: `"flip"` flips bits of its byte at `at` (xor 0x5a), `"truncate"`
+/// cuts it to `at` bytes.
+pub fn damage(path: &Path, mode: &str, at: u64) {
+    match mode {
+        "flip" => {
+            let mut bytes = std::fs::read(path).unwrap();
+            bytes[at as usize] ^= 0x5a;
+            std::fs::write(path, bytes).unwrap();
+        }
+        "truncate" => std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(at).unwrap(),
+        other => panic!("unknown damage {other:?}"),
+    }
+}
