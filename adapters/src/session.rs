@@ -714,8 +714,6 @@ impl Session {
         Session::open(data, &name)
     }
 
-    /// The state of an existing backup directory: `None` when its log holds no durable request.
-
     fn refusal(name: &str, state: &BackupState) -> SessionError {
         match (&state.stopped, state.phase()) {
             (Some(reason), _) => SessionError::Stopped { name: name.into(), reason: reason.clone() },
