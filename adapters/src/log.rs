@@ -1135,13 +1135,16 @@ pub fn salvage(dir: &Path) -> Vec<Event> {
     }
     let Ok(medium) = SledMedium::open_waiting(dir, READER_LOCK_WAIT) else { return Vec::new() };
     let Ok(Some(name)) = medium.read_name() else { return Vec::new() };
-    let mut events = Vec::new();
-    let _ = medium.scan(backup_id(&String::from_utf8_lossy(&name)), &mut |seq, bytes| {
-        if seq != events.len() as Seq {
-            return Err(String::new());
+    let (mut events, mut stream) = (Vec::new(), RecordStream::new());
+    // Up to the first record out of sequence or bad (the engine's checks, one at a time).
+    let _ = medium.scan(backup_id(&String::from_utf8_lossy(&name)), &mut |seq, bytes| match stream
+        .push::<Event>(seq, bytes)
+    {
+        Ok(Some(e)) => {
+            events.push(e);
+            Ok(())
         }
-        events.push(blockwise_engine::event::decode_record(bytes).map_err(|e| e.to_string())?);
-        Ok(())
+        _ => Err(String::new()),
     });
     events
 }
