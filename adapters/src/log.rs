@@ -5,7 +5,8 @@
 //! payload); durability comes solely from [`EventLog::flush`], a group commit that makes every
 //! append since the previous flush durable at once; on open, a bad *last* record is a torn tail —
 //! cut and reported — while a bad record or a gap anywhere before it is corruption, reported as an
-//! error naming the sequence number (through the engine's shared [`recover_records`]).
+//! error naming the sequence number (through the engine's shared
+//! [`RecordStream`](blockwise_engine::event::RecordStream)).
 //!
 //! Where the bytes live is a [`LogMedium`]: [`SledMedium`] in production (one sled database per
 //! backup, keys `backup id (u64 BE) ‖ seq (u64 BE)`, the backup id being the FNV-1a 64 hash of the
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use blockwise_engine::body::BodyId;
 
-use blockwise_engine::event::{check_end, encode_record, recover_records_of, RecordStream};
+use blockwise_engine::event::{encode_record, RecordStream, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::{Event, Seq};
 
@@ -34,9 +35,13 @@ use crate::world::{offload, Runtime};
 /// Meta key holding the backup name; it starts with 0xff and is 17 bytes long, so it never falls
 /// inside a backup's 16-byte record keys.
 const META_NAME_KEY: &[u8] = b"\xffmeta/backup-name";
-/// Meta key holding the log's format: present (2) in logs that keep a commit marker.
+/// Meta key holding the log's format: present in logs that keep a commit marker — 2: one sled
+/// entry per record; 3: records in batches in the blob file ([`Layout`]).
 const META_FORMAT_KEY: &[u8] = b"\xffmeta/format";
-const LOG_FORMAT: u8 = 2;
+/// The format of a log with one sled entry per record (written 2026-12-05 and before).
+const LOG_FORMAT_PER_RECORD: u8 = 2;
+/// The format of new logs: every record in the blob file, one sled entry per group commit.
+const LOG_FORMAT_BATCHED: u8 = 3;
 
 /// Why the event log cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +134,8 @@ pub trait LogMedium: Send {
     }
 }
 
-/// What opening a log read back: its name, id, good records and the report of the open.
+/// What opening a log read back: its id, good records and the report of the open.
 pub(crate) struct Opened<T> {
-    pub name: String,
     pub id: u64,
     pub events: Vec<T>,
     pub report: OpenReport,
@@ -198,15 +202,26 @@ fn read_header<M: LogMedium>(medium: &M, kind: &str) -> Result<Header, LogError>
     Ok(Header { name, id, committed })
 }
 
+/// What reading a log through found: its name and id, how many good records it has, and a torn
+/// last record past the committed count (left as it is by a reader, cut by an open).
+struct ReadThrough {
+    name: String,
+    id: u64,
+    good: Seq,
+    cut_tail: Option<(Seq, String)>,
+}
+
 /// Reads a log of `kind` one record at a time, holding none but the current one: `f` gets each
-/// good event in order. The checks are [`open_records`]' (the engine's [`RecordStream`]: sequence,
-/// checksums, the end against the committed count); a torn tail past that count is left as it is
-/// — a reader writes nothing — and not passed on.
-pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+/// good event in order (an error of `f`'s stops the read: [`LogError::Storage`]). The checks are
+/// the engine's [`RecordStream`] — sequence, checksums — and the end against the committed count
+/// ([`blockwise_engine::event::check_end`]'s rule); anything wrong is [`LogError::Damaged`] naming the log, the file and the
+/// record. One kernel for every log and every medium: the simulator's in-memory medium runs
+/// exactly these checks.
+fn read_through<M: LogMedium, T: serde::de::DeserializeOwned>(
     medium: &M,
     kind: &str,
-    mut f: impl FnMut(Seq, T),
-) -> Result<(), LogError> {
+    mut f: impl FnMut(Seq, T) -> Result<(), String>,
+) -> Result<ReadThrough, LogError> {
     let path = medium.location().to_path_buf();
     let Header { name, id, committed } = read_header(medium, kind)?;
     let damaged = |file: PathBuf, seq: Seq, reason: String| LogError::Damaged {
@@ -217,15 +232,15 @@ pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
         reason,
     };
     let mut stream = RecordStream::new();
-    let mut corrupt = None;
+    let (mut corrupt, mut refused) = (None, None);
     let mut read: Seq = 0;
     let scanned = medium.scan(id, &mut |seq, bytes| {
         read += 1;
         match stream.push::<T>(seq, bytes) {
-            Ok(Some(e)) => {
-                f(seq, e);
-                Ok(())
-            }
+            Ok(Some(e)) => f(seq, e).map_err(|m| {
+                refused = Some(m);
+                String::new()
+            }),
             Ok(None) => Ok(()),
             Err(c) => {
                 corrupt = Some(c);
@@ -236,48 +251,65 @@ pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
     if let Some(c) = corrupt {
         return Err(damaged(medium.record_file(id, c.seq), c.seq, c.reason));
     }
+    if let Some(message) = refused {
+        return Err(LogError::Storage { path: path.clone(), message });
+    }
     if let Err(reason) = scanned {
         // The medium failed after `read` records, all in sequence (else `corrupt` is set).
         return Err(damaged(medium.record_file(id, read), read, format!("reading it back: {reason}")));
     }
-    stream.finish(committed).map(|_| ()).map_err(|c| damaged(medium.record_file(id, c.seq), c.seq, c.reason))
+    let good = stream.good();
+    let cut_tail = stream.finish(committed).map_err(|c| damaged(medium.record_file(id, c.seq), c.seq, c.reason))?;
+    Ok(ReadThrough { name, id, good, cut_tail })
 }
 
-/// Reads an existing log of `kind` ("backup", "restore") back whole: its name, every record
-/// verified ([`recover_records_of`]), its end checked against the committed count
-/// ([`check_end`]), and a torn last record past that count cut (removed and flushed). Anything
-/// else wrong is [`LogError::Damaged`] naming the log, the file and the record. One kernel for
-/// every log and every medium: the simulator's in-memory medium runs exactly these checks.
-pub(crate) fn open_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+/// Reads a log of `kind` one record at a time, holding none but the current one: `f` gets each
+/// good event in order ([`read_through`]). A torn tail past the committed count is left as it is —
+/// a reader writes nothing — and not passed on.
+pub(crate) fn scan_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+    medium: &M,
+    kind: &str,
+    mut f: impl FnMut(Seq, T),
+) -> Result<(), LogError> {
+    read_through(medium, kind, |seq, e| {
+        f(seq, e);
+        Ok(())
+    })
+    .map(|_| ())
+}
+
+/// Opens an existing log of `kind` ("backup", "restore"), giving `f` each good event in order
+/// ([`read_through`]: nothing held but the current record) and cutting a torn last record past
+/// the committed count (removed and flushed). Returns the log's name, id and the open's report.
+pub(crate) fn open_records_with<M: LogMedium, T: serde::de::DeserializeOwned>(
     medium: &mut M,
     kind: &str,
-) -> Result<Opened<T>, LogError> {
+    f: impl FnMut(Seq, T) -> Result<(), String>,
+) -> Result<(String, u64, OpenReport), LogError> {
     let path = medium.location().to_path_buf();
-    let Header { name, id, committed } = read_header(medium, kind)?;
-    let damaged = |name: Option<&str>, file: PathBuf, seq: Option<Seq>, reason: String| LogError::Damaged {
-        path: path.clone(),
-        what: what_of(kind, name, &path),
-        file,
-        seq,
-        reason,
-    };
-    let records = medium.records(id).map_err(|(n, reason)| {
-        damaged(Some(&name), medium.record_file(id, n as Seq), Some(n as Seq), format!("reading it back: {reason}"))
-    })?;
-    // The engine decides torn tail versus damage, for every medium.
-    let recovered = recover_records_of::<T>(records.iter().map(|(seq, v)| (*seq, v.as_slice())))
-        .and_then(|r| check_end(&r, committed).map(|()| r))
-        .map_err(|e| damaged(Some(&name), medium.record_file(id, e.seq), Some(e.seq), e.reason))?;
-    drop(records);
-    let mut report = OpenReport { events: recovered.events.len(), cut_tail: None };
-    if let Some((seq, reason)) = recovered.cut_tail {
+    let ReadThrough { name, id, good, cut_tail } = read_through(medium, kind, f)?;
+    let mut report = OpenReport { events: good as usize, cut_tail: None };
+    if let Some((seq, reason)) = cut_tail {
         tracing::warn!("{kind} log {}: cutting torn last record {seq}: {reason}", path.display());
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
         medium.remove(id, seq).map_err(storage)?;
         (medium.flush_job())().map_err(storage)?;
         report.cut_tail = Some((seq, reason));
     }
-    Ok(Opened { name, id, events: recovered.events, report })
+    Ok((name, id, report))
+}
+
+/// [`open_records_with`], every event collected (restore logs, tests, small logs).
+pub(crate) fn open_records<M: LogMedium, T: serde::de::DeserializeOwned>(
+    medium: &mut M,
+    kind: &str,
+) -> Result<Opened<T>, LogError> {
+    let mut events = Vec::new();
+    let (_, id, report) = open_records_with(medium, kind, |_, e| {
+        events.push(e);
+        Ok(())
+    })?;
+    Ok(Opened { id, events, report })
 }
 
 fn new_bodies<M: LogMedium>(medium: &M) -> Result<Bodies, String> {
@@ -443,22 +475,31 @@ impl<M: LogMedium> EventLog<M> {
     }
 
     /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
-    pub fn open_on(mut medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+    pub fn open_on(medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+        let mut events = Vec::new();
+        let (log, report) = EventLog::open_with_on(medium, |_, e| events.push(e.clone()))?;
+        Ok((log, events, report))
+    }
+
+    /// Opens an existing log on `medium`, giving `f` each event in order — one at a time: nothing
+    /// but the current record is held — and cutting a torn last record.
+    pub fn open_with_on(mut medium: M, mut f: impl FnMut(Seq, &Event)) -> Result<(EventLog<M>, OpenReport), LogError> {
         let path = medium.location().to_path_buf();
-        let Opened { name, id, events, report } = open_records::<M, Event>(&mut medium, "backup")?;
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let mut next = events.len() as Seq;
+        let bodies = new_bodies(&medium).map_err(storage)?;
+        let (name, id, report) = open_records_with::<M, Event>(&mut medium, "backup", |seq, e| {
+            bodies.add(&e)?;
+            f(seq, &e);
+            Ok(())
+        })?;
+        let mut next = report.events as Seq;
         let durable = next.checked_sub(1);
         if report.cut_tail.is_some() && mutation::active(Mutation::LogStaleNextSeq) {
             // Deliberate bug: count the cut record, so appends resume one past the tail.
             next += 1;
         }
-        let bodies = new_bodies(&medium).map_err(storage)?;
-        for e in &events {
-            bodies.add(e).map_err(storage)?;
-        }
         let log = EventLog { medium, path, name, id, next, durable, bodies: Arc::new(bodies) };
-        Ok((log, events, report))
+        Ok((log, report))
     }
 
     /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
@@ -599,10 +640,91 @@ const READER_LOCK_WAIT: Duration = Duration::from_millis(100);
 pub struct SledMedium {
     db: sled::Db,
     path: PathBuf,
-    /// Where the bytes of blob records are: sled tree `record key → offset ‖ length`.
+    layout: Layout,
+    /// Where the bytes of blob records are: sled tree `record key → offset ‖ length`
+    /// ([`Layout::PerRecord`]).
     pointers: sled::Tree,
+    /// The committed batches: sled tree `record key of the first record → offset ‖ bytes ‖ count`
+    /// ([`Layout::Batched`]).
+    batches: sled::Tree,
+    /// Batches appended to the blob file and not yet handed to a flush.
+    pending: Arc<std::sync::Mutex<Vec<Batch>>>,
     blob: Arc<Blob>,
     commit: Arc<CommitMarker>,
+}
+
+/// How a sled log keeps its records.
+///
+/// sled 0.34 keeps every value it is given in memory, and more: the IO buffer of every write
+/// awaiting reclamation. With one sled entry per record a 100,000-object backup's log held
+/// ~350 MB in sled alone (heaptrack, 2026-12-05). A batched log appends every record to the blob
+/// file and gives sled one small entry per group commit; sled then holds kilobytes per thousand
+/// records. Logs written per record before are read and appended to as they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One sled entry per record (big records' bytes in the blob file): format 2 and before.
+    PerRecord,
+    /// Every record in the blob file, back to back (each record says its length); sled holds one
+    /// [`Batch`] per group commit: format 3.
+    Batched,
+}
+
+/// Records `first..first + count` of one log, `bytes` long from `at` in the blob file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Batch {
+    id: u64,
+    first: Seq,
+    count: u64,
+    at: u64,
+    bytes: u64,
+}
+
+impl Batch {
+    const VALUE_BYTES: usize = 24;
+
+    fn value(&self) -> [u8; Batch::VALUE_BYTES] {
+        let mut v = [0u8; Batch::VALUE_BYTES];
+        v[..8].copy_from_slice(&self.at.to_be_bytes());
+        v[8..16].copy_from_slice(&self.bytes.to_be_bytes());
+        v[16..].copy_from_slice(&self.count.to_be_bytes());
+        v
+    }
+
+    /// The batch a sled entry holds; `None` when the entry is not one.
+    fn read(key: &[u8], value: &[u8]) -> Option<Batch> {
+        let word = |b: &[u8], i: usize| b.get(i..i + 8).and_then(|w| w.try_into().ok()).map(u64::from_be_bytes);
+        if key.len() != 16 || value.len() != Batch::VALUE_BYTES {
+            return None;
+        }
+        Some(Batch {
+            id: word(key, 0)?,
+            first: word(key, 8)?,
+            at: word(value, 0)?,
+            bytes: word(value, 8)?,
+            count: word(value, 16)?,
+        })
+    }
+
+    fn end(&self) -> Seq {
+        self.first + self.count
+    }
+}
+
+/// Bytes of sled's IO buffer (its `segment_size`) for new logs: sled's default is 512 KiB, and it
+/// keeps an IO buffer alive per group commit until reclamation — 286 of them at once (150 MB) in a
+/// 100,000-object backup. A batched log writes a few dozen bytes to sled per commit. sled refuses
+/// to open a database with another size than it was created with, so an existing log is opened
+/// with the size its `conf` file records.
+const NEW_SEGMENT_BYTES: usize = 64 << 10;
+
+/// The `segment_size` sled's `conf` file in `dir` records, when it records one sled accepts (text
+/// lines, then a 4-byte checksum). A damaged `conf` is left for sled to refuse.
+fn recorded_segment_size(dir: &Path) -> Option<usize> {
+    let conf = std::fs::read(dir.join("conf")).ok()?;
+    let text = String::from_utf8_lossy(conf.get(..conf.len().checked_sub(4)?)?);
+    let size: usize =
+        text.lines().find_map(|l| l.strip_prefix("segment_size: ")).and_then(|v| v.trim().parse().ok())?;
+    (size.is_power_of_two() && (256..=1 << 24).contains(&size)).then_some(size)
 }
 
 /// Records of at least this many bytes (listed pages, mostly) are appended to the blob file beside
@@ -613,6 +735,10 @@ pub const BLOB_RECORD_BYTES_MIN: usize = 16 << 10;
 pub const BLOB_FILE: &str = "records.blob";
 /// The tree of blob pointers.
 const POINTER_TREE: &[u8] = b"blob-pointers";
+/// The tree of record batches.
+const BATCH_TREE: &[u8] = b"record-batches";
+/// Bytes a batched log's reader reads from the blob file at a time.
+const READ_WINDOW_BYTES: usize = 256 << 10;
 
 /// The append-only file of blob records. A pointer is inserted only after its bytes are written,
 /// and a flush makes the file durable (`fdatasync`) before sled's flush: a durable pointer never
@@ -640,6 +766,31 @@ impl Blob {
         *end += bytes.len() as u64;
         self.dirty.store(true, std::sync::atomic::Ordering::Release);
         Ok(at)
+    }
+
+    /// Overwrites bytes at `at` (test corruption only: [`EventLog::put_raw`]).
+    fn write_at(&self, bytes: &[u8], at: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(bytes, at)?;
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Up to `len` bytes at `at` (fewer where the file ends).
+    fn read_upto(&self, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match self.file.read_at(&mut buf[got..], at + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
     }
 
     /// The bytes at `pointer` (`offset ‖ length`, big-endian); empty when they cannot be read, which
@@ -792,6 +943,11 @@ impl CommitMarker {
         state.next = state.next.max(seq + 1);
     }
 
+    /// One past the highest record inserted (or kept by a removal), as far as this process knows.
+    fn next(&self) -> Seq {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).next
+    }
+
     fn removed(&self, seq: Seq) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.next = state.next.min(seq);
@@ -909,9 +1065,11 @@ impl SledMedium {
             for path in remove_interrupted_snapshots(dir)? {
                 tracing::warn!("event log {}: removed interrupted sled snapshot {}", dir.display(), path.display());
             }
+            let segment = recorded_segment_size(dir).unwrap_or(NEW_SEGMENT_BYTES);
             let opened = std::panic::catch_unwind(|| {
                 sled::Config::new()
                     .path(dir)
+                    .segment_size(segment)
                     // A reader scans once: a cache would only hold what it already read.
                     .cache_capacity(match lock_wait == READER_LOCK_WAIT {
                         true => crate::memory::SLED_CACHE_MIN,
@@ -935,14 +1093,31 @@ impl SledMedium {
             match opened {
                 Ok(db) => {
                     let storage = |message: String| LogError::Storage { path: dir.to_path_buf(), message };
-                    let pointers = unpanicked("opening its pointer tree", || {
-                        db.open_tree(POINTER_TREE).map_err(|e| e.to_string())
+                    let (pointers, batches, layout) = unpanicked("opening its trees", || {
+                        let e = |e: sled::Error| e.to_string();
+                        let layout = match db.get(META_FORMAT_KEY).map_err(e)?.as_deref() {
+                            Some([LOG_FORMAT_BATCHED]) => Layout::Batched,
+                            Some(_) => Layout::PerRecord,
+                            // Created before formats were recorded, or new.
+                            None if db.get(META_NAME_KEY).map_err(e)?.is_some() => Layout::PerRecord,
+                            None => Layout::Batched,
+                        };
+                        Ok((db.open_tree(POINTER_TREE).map_err(e)?, db.open_tree(BATCH_TREE).map_err(e)?, layout))
                     })
                     .map_err(damaged)?;
                     let blob = Blob::open(&dir.join(BLOB_FILE))
                         .map_err(|e| storage(format!("opening {}: {e}", dir.join(BLOB_FILE).display())))?;
                     let commit = Arc::new(CommitMarker::open(dir));
-                    return Ok(SledMedium { db, path: dir.to_path_buf(), pointers, blob: Arc::new(blob), commit });
+                    return Ok(SledMedium {
+                        db,
+                        path: dir.to_path_buf(),
+                        layout,
+                        pointers,
+                        batches,
+                        pending: Arc::default(),
+                        blob: Arc::new(blob),
+                        commit,
+                    });
                 }
                 Err(e @ (sled::Error::Corruption { .. } | sled::Error::ReportableBug(_))) => {
                     return Err(damaged(format!("sled cannot read it back: {e}")));
@@ -957,6 +1132,185 @@ impl SledMedium {
                 Err(e) => return Err(LogError::Storage { path: dir.to_path_buf(), message: e.to_string() }),
             }
         }
+    }
+}
+
+/// A window of the blob file, for reading a batched log's records in order with few reads.
+#[derive(Default)]
+struct Window {
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl Window {
+    /// Up to `len` bytes at `at` (fewer where the file ends).
+    fn get(&mut self, blob: &Blob, at: u64, len: usize) -> std::io::Result<&[u8]> {
+        let inside = at >= self.start && at + len as u64 <= self.start + self.buf.len() as u64;
+        if !inside {
+            self.buf = blob.read_upto(at, len.max(READ_WINDOW_BYTES))?;
+            self.start = at;
+        }
+        let off = (at - self.start) as usize;
+        Ok(self.buf.get(off..(off + len).min(self.buf.len())).unwrap_or_default())
+    }
+}
+
+impl SledMedium {
+    /// How this log keeps its records.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Calls `f` with each record of `batch`. A record whose length is impossible or runs past the
+    /// batch is passed with what remains of the batch — the record checks then name it — and ends
+    /// the batch, as does the blob file ending early (what it holds of the record is passed); when
+    /// the batch counts more records, an empty one follows it.
+    fn scan_batch(&self, b: &Batch, window: &mut Window, f: RecordVisitor<'_>) -> Result<(), String> {
+        const HEADER: u64 = RECORD_HEADER_BYTES as u64;
+        const MAX: u64 = (RECORD_PAYLOAD_BYTES_MAX + 1) as u64 + HEADER;
+        let end = b.at + b.bytes;
+        let mut pos = b.at;
+        // The batch says records follow one that cannot be read whole: show the record checks
+        // that one does (an empty record), so a bad record inside a batch is never a torn tail.
+        let more = |seq: Seq, f: RecordVisitor<'_>| match seq + 1 < b.end() {
+            true => f(seq + 1, &[]),
+            false => Ok(()),
+        };
+        for seq in b.first..b.end() {
+            let left = end.saturating_sub(pos);
+            let record_len = match window.get(&self.blob, pos, HEADER.min(left) as usize) {
+                Ok(h) if h.len() == RECORD_HEADER_BYTES => {
+                    Some(HEADER + u64::from(u32::from_le_bytes([h[0], h[1], h[2], h[3]])))
+                }
+                _ => None,
+            };
+            match record_len {
+                Some(n) if n <= left && n <= MAX => {
+                    let record = window.get(&self.blob, pos, n as usize).unwrap_or_default();
+                    let whole = record.len() as u64 == n;
+                    f(seq, record)?;
+                    if !whole {
+                        return more(seq, f);
+                    }
+                    pos += n;
+                }
+                _ => {
+                    let rest = window.get(&self.blob, pos, left.min(MAX) as usize).unwrap_or_default();
+                    f(seq, rest)?;
+                    return more(seq, f);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the first `upto - first` records of `b` (records the log already read back whole).
+    fn prefix_bytes(&self, b: &Batch, upto: Seq) -> Result<u64, String> {
+        let mut bytes = 0;
+        let mut window = Window::default();
+        let mut seen = b.first;
+        let cut = Batch { count: upto.saturating_sub(b.first), ..*b };
+        self.scan_batch(&cut, &mut window, &mut |seq, record| {
+            let whole = record
+                .get(..4)
+                .and_then(|h| h.try_into().ok())
+                .map(u32::from_le_bytes)
+                .map(|n| n as usize + RECORD_HEADER_BYTES == record.len());
+            if whole != Some(true) {
+                return Err(format!("record {seq} of the batch from record {} is unreadable", b.first));
+            }
+            seen = seq + 1;
+            bytes += record.len() as u64;
+            Ok(())
+        })?;
+        match seen == upto {
+            true => Ok(bytes),
+            false => Err(format!("record {seen} of the batch from record {} is unreadable", b.first)),
+        }
+    }
+
+    /// The batch (committed or pending) that holds record `seq` of `id`.
+    fn batch_of(&self, id: u64, seq: Seq) -> Result<Option<Batch>, String> {
+        let covers = |b: &Batch| b.id == id && b.first <= seq && seq < b.end();
+        if let Some(b) = self.pending.lock().unwrap_or_else(PoisonError::into_inner).iter().rev().find(|b| covers(b)) {
+            return Ok(Some(*b));
+        }
+        let found = self.batches.range(..=record_key(id, seq)).next_back().transpose().map_err(|e| e.to_string())?;
+        Ok(found.and_then(|(k, v)| Batch::read(&k, &v)).filter(covers))
+    }
+
+    /// Cuts a batched log at `seq`: records `seq..` of `id` are gone (not durable until a flush).
+    fn cut_batches(&mut self, id: u64, seq: Seq) -> Result<(), String> {
+        let mut pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        pending.retain(|b| b.id != id || b.first < seq);
+        for b in pending.iter_mut().filter(|b| b.id == id && seq < b.end()) {
+            b.bytes = self.prefix_bytes(b, seq)?;
+            b.count = seq - b.first;
+        }
+        *self.pending.lock().unwrap_or_else(PoisonError::into_inner) = pending;
+        let mut after = Vec::new();
+        for kv in self.batches.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv.map_err(|e| e.to_string())?;
+            match Batch::read(&k, &v) {
+                Some(b) if seq < b.end() => after.push((k, b)),
+                _ => {}
+            }
+        }
+        for (k, b) in after {
+            if b.first >= seq {
+                self.batches.remove(k).map_err(|e| e.to_string())?;
+            } else {
+                let cut = Batch { bytes: self.prefix_bytes(&b, seq)?, count: seq - b.first, ..b };
+                self.batches.insert(k, &cut.value()[..]).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a record to a batched log, or replaces an existing one in place with bytes of its
+    /// length (corruption tests: [`EventLog::put_raw`]).
+    fn insert_batched(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
+        let blob_error = |e: std::io::Error| format!("writing {}: {e}", self.path.join(BLOB_FILE).display());
+        let appends = {
+            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.last().is_some_and(|b| b.id == id && b.end() == seq) || seq >= self.commit.next()
+        };
+        if !appends {
+            if let Some(b) = self.batch_of(id, seq)? {
+                let at = b.at + self.prefix_bytes(&b, seq)?;
+                let old = self.prefix_bytes(&Batch { first: seq, count: 1, at, ..b }, seq + 1)?;
+                if old != bytes.len() as u64 {
+                    return Err(format!("record {seq} can be replaced only by bytes of its length ({old})"));
+                }
+                return self.blob.write_at(bytes, at).map_err(blob_error);
+            }
+        }
+        let at = self.blob.append(bytes).map_err(blob_error)?;
+        let len = bytes.len() as u64;
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        match pending.last_mut() {
+            Some(b) if b.id == id && b.end() == seq && b.at + b.bytes == at => {
+                b.count += 1;
+                b.bytes += len;
+            }
+            _ => pending.push(Batch { id, first: seq, count: 1, at, bytes: len }),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl SledMedium {
+    /// Writes the pending batches and flushes sled without advancing the commit marker: the
+    /// instant between sled's flush and the marker's write, when a crash leaves durable records
+    /// past the committed count.
+    fn flush_unmarked(&self) {
+        let batches = std::mem::take(&mut *self.pending.lock().unwrap());
+        self.blob.sync().unwrap();
+        for b in &batches {
+            self.batches.insert(record_key(b.id, b.first), &b.value()[..]).unwrap();
+        }
+        self.db.flush().unwrap();
     }
 }
 
@@ -975,7 +1329,11 @@ impl LogMedium for SledMedium {
         // The marker first: a log with a name always has one.
         self.commit.create(backup_id(name))?;
         unpanicked("writing the log's name", || {
-            self.db.insert(META_FORMAT_KEY, &[LOG_FORMAT][..]).map_err(|e| e.to_string())?;
+            let format = match self.layout {
+                Layout::PerRecord => LOG_FORMAT_PER_RECORD,
+                Layout::Batched => LOG_FORMAT_BATCHED,
+            };
+            self.db.insert(META_FORMAT_KEY, &[format][..]).map_err(|e| e.to_string())?;
             self.db.insert(META_NAME_KEY, name.as_bytes()).map(|_| ()).map_err(|e| e.to_string())
         })
     }
@@ -991,6 +1349,11 @@ impl LogMedium for SledMedium {
     }
 
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
+        if self.layout == Layout::Batched {
+            unpanicked("appending a record", || self.insert_batched(id, seq, bytes))?;
+            self.commit.inserted(id, seq);
+            return Ok(());
+        }
         let key = record_key(id, seq);
         unpanicked("appending a record", || {
             if bytes.len() >= BLOB_RECORD_BYTES_MIN {
@@ -1013,6 +1376,12 @@ impl LogMedium for SledMedium {
     }
 
     fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String> {
+        if self.layout == Layout::Batched {
+            // Only a log's last record is ever removed (a torn tail): a batched log is cut there.
+            unpanicked("removing a record", || self.cut_batches(id, seq))?;
+            self.commit.removed(seq);
+            return Ok(());
+        }
         let key = record_key(id, seq);
         unpanicked("removing a record", || {
             self.db.remove(key).map_err(|e| e.to_string())?;
@@ -1025,8 +1394,25 @@ impl LogMedium for SledMedium {
     fn flush_job(&self) -> FlushJob {
         let (db, blob, path) = (self.db.clone(), self.blob.clone(), self.path.join(BLOB_FILE));
         let (commit, pending) = (self.commit.clone(), self.commit.pending());
+        let (tree, queue) = (self.batches.clone(), self.pending.clone());
+        let batches = std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         Box::new(move || {
-            blob.sync().map_err(|e| format!("syncing {}: {e}", path.display()))?;
+            // The batches' bytes are durable before sled names them; a failed flush keeps them
+            // for the next one.
+            let written = blob.sync().map_err(|e| format!("syncing {}: {e}", path.display())).and_then(|()| {
+                unpanicked("recording the record batches", || {
+                    for b in &batches {
+                        tree.insert(record_key(b.id, b.first), &b.value()[..]).map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            });
+            if let Err(e) = written {
+                let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+                let newer = std::mem::replace(&mut *queue, batches);
+                queue.extend(newer);
+                return Err(e);
+            }
             unpanicked("flushing", || db.flush().map(|_| ()).map_err(|e| e.to_string()))?;
             match pending {
                 Some((id, records)) => commit.commit(id, records),
@@ -1056,6 +1442,13 @@ impl LogMedium for SledMedium {
     }
 
     fn record_file(&self, id: u64, seq: Seq) -> PathBuf {
+        if self.layout == Layout::Batched {
+            // A record a batch names lives in the blob file; a missing one is sled's loss.
+            return match unpanicked("reading a record batch", || self.batch_of(id, seq)) {
+                Ok(Some(_)) => self.path.join(BLOB_FILE),
+                _ => self.path.join("db"),
+            };
+        }
         // A record whose placeholder sled still has lives in the blob file; any other (a missing
         // one too: sled lost it) in sled's.
         let placeholder = unpanicked("reading a record", || {
@@ -1068,6 +1461,30 @@ impl LogMedium for SledMedium {
     }
 
     fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
+        if self.layout == Layout::Batched {
+            return unpanicked("reading the records back", || {
+                let mut window = Window::default();
+                for kv in self.batches.scan_prefix(id.to_be_bytes()) {
+                    let (k, v) = kv.map_err(|e| e.to_string())?;
+                    let b = Batch::read(&k, &v)
+                        .ok_or_else(|| format!("an entry of {} bytes among the record batches is not one", v.len()))?;
+                    self.scan_batch(&b, &mut window, f)?;
+                }
+                // Appended and not yet flushed: what this process's own reader expects to see.
+                let pending: Vec<Batch> = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .filter(|b| b.id == id)
+                    .copied()
+                    .collect();
+                for b in &pending {
+                    self.scan_batch(b, &mut window, f)?;
+                }
+                Ok(())
+            });
+        }
         unpanicked("reading the records back", || {
             for kv in self.db.scan_prefix(id.to_be_bytes()) {
                 let (k, v) = kv.map_err(|e| e.to_string())?;
@@ -1101,11 +1518,19 @@ impl EventLog<SledMedium> {
 
     /// Opens an existing sled log and reads it whole, cutting a torn last record.
     pub fn open(dir: &Path) -> Result<(EventLog<SledMedium>, Vec<Event>, OpenReport), LogError> {
+        let mut events = Vec::new();
+        let (log, report) = EventLog::open_with(dir, |_, e| events.push(e.clone()))?;
+        Ok((log, events, report))
+    }
+
+    /// Opens an existing sled log, giving `f` each event in order (one at a time), cutting a torn
+    /// last record.
+    pub fn open_with(dir: &Path, f: impl FnMut(Seq, &Event)) -> Result<(EventLog<SledMedium>, OpenReport), LogError> {
         // sled would create a missing database; a log that was never created is simply not there.
         if !dir.join("db").is_file() {
             return Err(LogError::NotFound(dir.to_path_buf()));
         }
-        EventLog::open_on(SledMedium::open(dir)?)
+        EventLog::open_with_on(SledMedium::open(dir)?, f)
     }
 }
 
@@ -1387,6 +1812,20 @@ mod tests {
         Event::BlockStarted { block: i as u32, attempt: 0, at_ms: i * 10 }
     }
 
+    /// A log of `n` records kept one sled entry per record, as logs were before batches.
+    fn new_per_record_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut medium = SledMedium::open(&dir).unwrap();
+        medium.layout = Layout::PerRecord;
+        let mut log = EventLog::create_on(medium, "b1").unwrap();
+        for i in 0..n {
+            log.append(i, &ev(i)).unwrap();
+        }
+        log.flush().unwrap();
+        (tmp, dir)
+    }
+
     fn new_log(n: u64) -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
@@ -1447,29 +1886,38 @@ mod tests {
     }
 
     #[test]
-    fn big_records_live_in_the_blob_file_and_read_back_through_reopen_and_a_torn_blob() {
+    fn records_live_in_the_blob_file_in_one_batch_per_flush_and_read_back_through_reopen_and_a_torn_blob() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
         let events: Vec<Event> = (0..4).map(|i| if i % 2 == 0 { big_page(i) } else { ev(i) }).collect();
-        assert!(encode_record(&events[0]).len() >= BLOB_RECORD_BYTES_MIN);
+        let bytes: usize = events.iter().map(|e| encode_record(e).len()).sum();
         {
             let mut log = EventLog::create(&dir, "b1").unwrap();
+            assert_eq!(log.medium().layout(), Layout::Batched);
             for (i, e) in events.iter().enumerate() {
                 log.append(i as u64, e).unwrap();
             }
             log.flush().unwrap();
-            // sled holds a pointer, not the page.
-            let placeholder = log.medium().db.get(record_key(backup_id("b1"), 0)).unwrap().unwrap();
-            assert!(placeholder.is_empty());
-            assert!(std::fs::metadata(dir.join(BLOB_FILE)).unwrap().len() >= BLOB_RECORD_BYTES_MIN as u64);
+            // sled holds one batch, not the records.
+            let batches: Vec<_> = log.medium().batches.iter().map(Result::unwrap).collect();
+            assert_eq!(batches.len(), 1);
+            let b = Batch::read(&batches[0].0, &batches[0].1).unwrap();
+            assert_eq!((b.first, b.count, b.bytes), (0, 4, bytes as u64));
+            assert!(log.medium().db.scan_prefix(backup_id("b1").to_be_bytes()).next().is_none());
+            assert_eq!(std::fs::metadata(dir.join(BLOB_FILE)).unwrap().len(), bytes as u64);
         }
         let (mut log, back, report) = EventLog::open(&dir).unwrap();
         assert_eq!(back, events);
         assert_eq!(report.cut_tail, None);
-        // A blob record whose bytes were torn before a flush committed it is a torn tail, cut,
-        // and the log stays appendable.
+        // Appended and never flushed: gone with the process, not torn.
         log.append(4, &big_page(4)).unwrap();
-        log.medium().db.flush().unwrap(); // sled wrote its placeholder out on its own
+        drop(log);
+        let (mut log, back, report) = EventLog::open(&dir).unwrap();
+        assert_eq!((back.len(), report.cut_tail), (4, None));
+        // A record sled names but whose bytes were torn, past the committed count: a torn tail,
+        // cut, and the log stays appendable.
+        log.append(4, &big_page(4)).unwrap();
+        log.medium().flush_unmarked();
         drop(log);
         let truncate_blob = || {
             let blob = std::fs::OpenOptions::new().write(true).open(dir.join(BLOB_FILE)).unwrap();
@@ -1481,15 +1929,37 @@ mod tests {
         assert_eq!(back, events);
         assert_eq!(report.cut_tail.as_ref().map(|c| c.0), Some(4), "{report:?}");
         log.append(4, &big_page(4)).unwrap();
+        log.append(5, &ev(5)).unwrap();
         log.flush().unwrap();
         drop(log);
         let (_, back, _) = EventLog::open(&dir).unwrap();
-        assert_eq!(back.len(), 5);
-        assert_eq!(back[4], big_page(4));
+        assert_eq!(back.len(), 6);
+        assert_eq!((&back[4], &back[5]), (&big_page(4), &ev(5)));
         // The same cut once the record was committed: damage naming the blob file and the record.
         truncate_blob();
         let e = EventLog::open(&dir).unwrap_err();
-        assert!(matches!(&e, LogError::Damaged { seq: Some(4), file, .. } if file.ends_with(BLOB_FILE)), "{e}");
+        assert!(matches!(&e, LogError::Damaged { seq: Some(5), file, .. } if file.ends_with(BLOB_FILE)), "{e}");
+    }
+
+    #[test]
+    fn a_log_kept_per_record_reads_back_and_appends_as_it_was() {
+        let (_tmp, dir) = new_per_record_log(3);
+        let (mut log, events, _) = EventLog::open(&dir).unwrap();
+        assert_eq!(log.medium().layout(), Layout::PerRecord);
+        assert_eq!(events, (0..3).map(ev).collect::<Vec<_>>());
+        log.append(3, &big_page(3)).unwrap();
+        log.flush().unwrap();
+        // sled holds a pointer for the big one, the small ones themselves.
+        let placeholder = log.medium().db.get(record_key(backup_id("b1"), 3)).unwrap().unwrap();
+        assert!(placeholder.is_empty());
+        assert_eq!(
+            log.medium().db.get(record_key(backup_id("b1"), 0)).unwrap().unwrap().to_vec(),
+            encode_record(&ev(0))
+        );
+        drop(log);
+        let (log, events, _) = EventLog::open(&dir).unwrap();
+        assert_eq!((log.medium().layout(), events.len()), (Layout::PerRecord, 4));
+        assert_eq!(events[3], big_page(3));
     }
 
     #[test]
@@ -1539,6 +2009,7 @@ mod tests {
             let (mut log, _, _) = EventLog::open(&dir).unwrap();
             let rec = encode_record(&ev(5));
             log.put_raw(5, &rec[..rec.len() - 3]).unwrap();
+            log.medium().flush_unmarked();
         }
         let (mut log, events, report) = EventLog::open(&dir).unwrap();
         assert_eq!(events.len(), 5);
@@ -1564,6 +2035,7 @@ mod tests {
             let last = rec.len() - 1;
             rec[last] ^= 0x40;
             log.put_raw(4, &rec).unwrap();
+            log.medium().flush_unmarked();
         }
         let (log, events, report) = EventLog::open(&dir).unwrap();
         assert_eq!(events.len(), 4);
@@ -1583,7 +2055,7 @@ mod tests {
         let e = EventLog::open(&dir).unwrap_err();
         assert!(matches!(e, LogError::Damaged { seq: Some(3), .. }), "{e}");
         let msg = e.to_string();
-        assert!(msg.starts_with("backup \"b1\" is damaged: ") && msg.contains("db, record 3: "), "{msg}");
+        assert!(msg.starts_with("backup \"b1\" is damaged: ") && msg.contains("records.blob, record 3: "), "{msg}");
         assert!(msg.contains("committed"), "{msg}");
     }
 
@@ -1610,6 +2082,7 @@ mod tests {
         {
             let (mut log, _, _) = EventLog::open(&dir).unwrap();
             log.put_raw(4, &encode_record(&ev(4))).unwrap();
+            log.medium().flush_unmarked();
         }
         let e = EventLog::open(&dir).unwrap_err();
         assert!(matches!(e, LogError::Damaged { seq: Some(3), .. }), "{e}");
@@ -1624,21 +2097,27 @@ mod tests {
             for (i, junk) in [&b""[..], &[0xff; 3], &[1, 0, 0, 0, 0, 0, 0, 0], &[0xff; 64]].iter().enumerate() {
                 log.put_raw(1 + i as u64, junk).unwrap();
             }
+            log.medium().flush_unmarked();
         }
         let e = EventLog::open(&dir).unwrap_err();
         assert!(matches!(e, LogError::Damaged { seq: Some(1), .. }), "{e}");
     }
 
     /// Removes records `from..` behind the log's back, as sled does when it recovers a prefix of a
-    /// damaged database.
+    /// damaged database: its entries, the commit marker left as it was.
     fn cut_in_sled(dir: &Path, from: Seq) {
-        let db = sled::open(dir).unwrap();
+        let mut medium = SledMedium::open(dir).unwrap();
         let id = backup_id("b1");
-        let keys: Vec<_> = db.scan_prefix(id.to_be_bytes()).keys().map(Result::unwrap).collect();
-        for k in keys.iter().skip(from as usize) {
-            db.remove(k).unwrap();
+        match medium.layout {
+            Layout::Batched => medium.cut_batches(id, from).unwrap(),
+            Layout::PerRecord => {
+                let keys: Vec<_> = medium.db.scan_prefix(id.to_be_bytes()).keys().map(Result::unwrap).collect();
+                for k in keys.iter().skip(from as usize) {
+                    medium.db.remove(k).unwrap();
+                }
+            }
         }
-        db.flush().unwrap();
+        medium.db.flush().unwrap();
     }
 
     #[test]
@@ -1683,11 +2162,11 @@ mod tests {
 
     #[test]
     fn a_log_written_before_markers_were_kept_opens_and_gets_one_at_its_next_flush() {
-        let (_tmp, dir) = new_log(3);
+        let (_tmp, dir) = new_per_record_log(3);
         {
-            let db = sled::open(&dir).unwrap();
-            db.remove(META_FORMAT_KEY).unwrap();
-            db.flush().unwrap();
+            let medium = SledMedium::open(&dir).unwrap();
+            medium.db.remove(META_FORMAT_KEY).unwrap();
+            medium.db.flush().unwrap();
         }
         std::fs::remove_file(dir.join(COMMIT_FILE)).unwrap();
         let (mut log, events, _) = EventLog::open(&dir).unwrap();

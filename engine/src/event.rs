@@ -411,6 +411,11 @@ impl RecordStream {
         }
     }
 
+    /// How many good records came so far.
+    pub fn good(&self) -> Seq {
+        self.next
+    }
+
     /// The end of the records: [`check_end`]'s rule against `committed`; the torn tail, if any.
     pub fn finish(self, committed: Option<Seq>) -> Result<Option<(Seq, String)>, CorruptRecord> {
         end_rule(self.next, self.bad.as_ref(), committed)?;
