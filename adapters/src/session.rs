@@ -614,7 +614,9 @@ pub struct Session {
     data: DataDir,
     name: String,
     log: EventLog,
-    events: Vec<Event>,
+    /// Events in the log when it was opened (the events themselves are read again, one at a time,
+    /// when the run starts: a resumed backup never holds its whole log).
+    events: usize,
     state: BackupState,
     report: OpenReport,
 }
@@ -730,18 +732,24 @@ impl Session {
         if !dir.exists() {
             return Err(not_found());
         }
-        let (log, events, report) = match EventLog::open(&dir) {
+        let mut state = BackupState::default();
+        let mut folded = Ok(());
+        let opened = EventLog::open_with(&dir, |_, e| {
+            if folded.is_ok() {
+                folded = state.apply(e);
+            }
+        });
+        let (log, report) = match opened {
             Ok(opened) => opened,
             Err(LogError::NotFound(_)) => return Err(not_found()),
             Err(e) => return Err(e.into()),
         };
-        if events.is_empty() {
+        if report.events == 0 {
             // Never durably requested: the backup does not exist.
             return Err(not_found());
         }
-        let state = BackupState::fold(&events)
-            .map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
-        Ok(Session { data: data.clone(), name: name.into(), log, events, state, report })
+        folded.map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+        Ok(Session { data: data.clone(), name: name.into(), log, events: report.events, state, report })
     }
 
     /// The backup's name.
@@ -756,7 +764,7 @@ impl Session {
 
     /// Events in the log when it was opened.
     pub fn events(&self) -> usize {
-        self.events.len()
+        self.events
     }
 
     /// What opening the log found (a cut torn tail).
@@ -787,17 +795,25 @@ impl Session {
     ) -> Result<BackupState, RunError> {
         let runtime: Arc<dyn Runtime> = Arc::new(TokioRuntime);
         let cfg = EngineConfig { workers, list_page_items_max: page_size, ..EngineConfig::default() };
-        let engine =
-            Engine::resume(&self.events, cfg, runtime.now_ms()).map_err(|e| RunError::Engine(e.to_string()))?;
+        // The log is read again from its start, one event at a time: to rebuild the engine's
+        // catalog, and to write the live view's event lines.
+        let log = &self.log;
+        let mut replay = |f: &mut dyn FnMut(&Event)| {
+            log.for_each_event(|_, e| {
+                f(e);
+                Ok(())
+            })
+            .map_err(|e| e.to_string())
+        };
+        let state = std::mem::take(&mut self.state);
+        let engine = Engine::resume_folded(state, &mut replay, cfg, runtime.now_ms())
+            .map_err(|e| RunError::Engine(e.to_string()))?;
         let world = World {
             cluster: Arc::new(RetryingCluster::new(cluster, ClusterRetryPolicy::default(), runtime.clone())),
             store,
             runtime,
         };
-        let mut live = LiveView::start(&self.data.backup_dir(&self.name), &self.events, &self.state, observer);
-        // The engine and the live view have what they need from the log read at open: a resumed
-        // backup's events are not kept for the whole run.
-        self.events = Vec::new();
+        let mut live = LiveView::start(&self.data.backup_dir(&self.name), &mut replay, engine.state(), observer);
         run_backup(engine, &mut self.log, &world, workers, &mut live).await
     }
 }
@@ -821,14 +837,30 @@ struct LiveView<'a> {
 }
 
 impl<'a> LiveView<'a> {
-    fn start(dir: &Path, events: &[Event], state: &BackupState, inner: &'a mut dyn Observer) -> LiveView<'a> {
-        let mut all = String::new();
-        for (i, e) in events.iter().enumerate() {
-            all.push_str(&report::event_line(i as u64, e));
-            all.push('\n');
-        }
+    fn start(
+        dir: &Path,
+        replay: &mut blockwise_engine::engine::Replay<'_>,
+        state: &BackupState,
+        inner: &'a mut dyn Observer,
+    ) -> LiveView<'a> {
+        use std::io::Write as _;
         let path = dir.join("events.log");
-        let events_file = std::fs::write(&path, all)
+        let written = std::fs::File::create(&path).and_then(|file| {
+            let mut out = std::io::BufWriter::new(file);
+            let (mut i, mut failed) = (0u64, None);
+            let read = replay(&mut |e| {
+                if failed.is_none() {
+                    failed = writeln!(out, "{}", report::event_line(i, e)).err();
+                }
+                i += 1;
+            });
+            match (failed, read) {
+                (Some(e), _) => Err(e),
+                (None, Err(m)) => Err(std::io::Error::other(m)),
+                (None, Ok(())) => out.flush(),
+            }
+        });
+        let events_file = written
             .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path))
             .map_err(|e| tracing::warn!("cannot keep {} current: {e}", path.display()))
             .ok();

@@ -34,7 +34,7 @@ use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
-use crate::item::{GroupResource, Item, ItemKey, ResourceType};
+use crate::item::{GroupResource, Item, ItemKey, ResourceType, StrMap};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
 use crate::snapshot::{
@@ -285,7 +285,14 @@ pub enum ResumeError {
     /// Nothing was ever recorded.
     #[error("the log is empty")]
     Empty,
+    /// Reading the log back failed.
+    #[error("reading the log: {0}")]
+    Log(String),
 }
+
+/// A log that can be read from its start as often as asked: each call gives every event, in order,
+/// to the function it is given ([`Engine::resume_from`]).
+pub type Replay<'a> = dyn FnMut(&mut dyn FnMut(&Event)) -> Result<(), String> + 'a;
 
 /// The backup engine: state, decisions, nothing else.
 pub struct Engine {
@@ -373,13 +380,49 @@ impl Engine {
         now_ms: u64,
     ) -> Result<Engine, ResumeError> {
         let events: Vec<&Event> = events.into_iter().collect();
-        let state = BackupState::fold(events.iter().copied())?;
+        Engine::resume_from(
+            &mut |f| {
+                events.iter().for_each(|e| f(e));
+                Ok(())
+            },
+            cfg,
+            now_ms,
+        )
+    }
+
+    /// [`Engine::resume`] from a log read twice from its start, one event at a time — first to fold
+    /// it, then to rebuild the planning catalog — so that no `Vec` of every event is ever held: a
+    /// resumed backup of a million objects holds what its state needs, not its log.
+    pub fn resume_from(replay: &mut Replay<'_>, cfg: EngineConfig, now_ms: u64) -> Result<Engine, ResumeError> {
+        let mut state = BackupState::default();
+        let mut folded = Ok(());
+        replay(&mut |e| {
+            if folded.is_ok() {
+                folded = state.apply(e);
+            }
+        })
+        .map_err(ResumeError::Log)?;
+        folded?;
+        Engine::resume_folded(state, replay, cfg, now_ms)
+    }
+
+    /// [`Engine::resume_from`] for a shell that has already folded the log into `state` (while
+    /// opening it): the log is read once more, for the catalog.
+    pub fn resume_folded(
+        state: BackupState,
+        replay: &mut Replay<'_>,
+        cfg: EngineConfig,
+        now_ms: u64,
+    ) -> Result<Engine, ResumeError> {
         let spec = state.spec.clone().ok_or(ResumeError::Empty)?;
         let selection = Selection::compile(&spec)?;
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, state, selection, actions);
         e.now_ms = now_ms;
-        e.catalog_from(&events);
+        let types: BTreeMap<GroupResource, ResourceType> =
+            e.resource_types().into_iter().map(|(g, r)| (g.clone(), r.clone())).collect();
+        let mut n: u64 = 0;
+        replay(&mut |ev| e.catalog_push(&types, &mut n, ev)).map_err(ResumeError::Log)?;
         if e.state.stopped.is_some() {
             e.emit(Event::RunResumed { at_ms: now_ms });
         }
@@ -679,7 +722,7 @@ impl Engine {
         // Planning reads annotations of pods (hooks) and claims (snapshot classes) only, and no
         // uid or resourceVersion: an empty map or string holds no memory.
         if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
-            it.annotations = BTreeMap::new();
+            it.annotations = StrMap::default();
         }
         it.uid = String::new();
         it.resource_version = String::new();
@@ -688,11 +731,15 @@ impl Engine {
             it.object = project_pod(&it.object);
             return it;
         }
-        let keep = gr.group.is_empty() && self.state.options.snapshots_on() && gr.resource == "persistentvolumes"
-            || self.actions.iter().any(|a| a.reads(&gr));
-        if !keep {
-            it.object = serde_json::Value::Null;
-        }
+        let pv = gr.group.is_empty() && gr.resource == "persistentvolumes";
+        let keep = pv && self.state.options.snapshots_on() || self.actions.iter().any(|a| a.reads(&gr));
+        it.object = match (keep, projection(&gr)) {
+            (false, _) => serde_json::Value::Null,
+            // Only what the built-in actions and snapshot planning read (each JSON map held costs a
+            // B-tree node of ~0.6 KiB: a whole claim is a dozen).
+            (true, Some(pointers)) => project(&it.object, pointers),
+            (true, None) => it.object,
+        };
         it
     }
 
@@ -707,11 +754,10 @@ impl Engine {
         });
     }
 
-    /// Rebuilds the catalog from a resumed log's events: parsed for planning while the plan is not
-    /// finished, only the keys after (the write path needs nothing else).
-    fn catalog_from(&mut self, events: &[&Event]) {
-        let types: BTreeMap<GroupResource, ResourceType> =
-            self.resource_types().into_iter().map(|(g, r)| (g.clone(), r.clone())).collect();
+    /// Rebuilds the catalog from a resumed log's events, one at a time (`n` numbers the objects the
+    /// log carries): parsed for planning while the plan is not finished, only the keys after (the
+    /// write path needs nothing else).
+    fn catalog_push(&mut self, types: &BTreeMap<GroupResource, ResourceType>, n: &mut u64, e: &Event) {
         let planning = !self.state.plan_finished;
         let item = |e: &Engine, rt: &ResourceType, json: &str, n: u64| -> Option<Item> {
             let mut it = if planning {
@@ -721,8 +767,8 @@ impl Engine {
                     key: object_key(rt, json)?,
                     uid: String::new(),
                     resource_version: String::new(),
-                    labels: BTreeMap::new(),
-                    annotations: BTreeMap::new(),
+                    labels: StrMap::default(),
+                    annotations: StrMap::default(),
                     deleting: false,
                     object: serde_json::Value::Null,
                     body: None,
@@ -731,33 +777,30 @@ impl Engine {
             it.body = Some(Body::of(&rt.gr, json, n));
             Some(it)
         };
-        let mut n: u64 = 0;
-        for e in events {
-            match e {
-                Event::ResourceListed { unit, chunk, objects, .. } => {
-                    if *chunk == 0 {
-                        self.forget_unit(unit);
-                    }
-                    let rt = types.get(&unit.resource);
-                    for o in objects {
-                        if let Some(it) = rt.and_then(|rt| item(self, rt, o, n)) {
-                            self.catalog.push(it);
-                        }
-                        n += 1;
-                    }
+        match e {
+            Event::ResourceListed { unit, chunk, objects, .. } => {
+                if *chunk == 0 {
+                    self.forget_unit(unit);
                 }
-                Event::ListFailed { unit, .. } => self.forget_unit(unit),
-                Event::ItemsFetched { items } => {
-                    for (key, json) in items {
-                        let Some(json) = json else { continue };
-                        if let Some(it) = types.get(&key.gr()).and_then(|rt| item(self, rt, json, n)) {
-                            self.catalog.push(it);
-                        }
-                        n += 1;
+                let rt = types.get(&unit.resource);
+                for o in objects {
+                    if let Some(it) = rt.and_then(|rt| item(self, rt, o, *n)) {
+                        self.catalog.push(it);
                     }
+                    *n += 1;
                 }
-                _ => {}
             }
+            Event::ListFailed { unit, .. } => self.forget_unit(unit),
+            Event::ItemsFetched { items } => {
+                for (key, json) in items {
+                    let Some(json) = json else { continue };
+                    if let Some(it) = types.get(&key.gr()).and_then(|rt| item(self, rt, json, *n)) {
+                        self.catalog.push(it);
+                    }
+                    *n += 1;
+                }
+            }
+            _ => {}
         }
     }
 
@@ -839,8 +882,8 @@ impl Engine {
                     key: it.key.clone(),
                     volume,
                     in_backup: inb,
-                    labels: it.labels.clone(),
-                    annotations: it.annotations.clone(),
+                    labels: it.labels.to_map(),
+                    annotations: it.annotations.to_map(),
                 },
             );
         }
@@ -2063,6 +2106,60 @@ fn project_pod(pod: &serde_json::Value) -> serde_json::Value {
     Value::Object(out)
 }
 
+/// The strings the built-in actions and snapshot planning read of an object of `gr`, as JSON
+/// pointers (`/subjects` keeps each subject's kind, namespace and name); `None`: nothing projects
+/// it, the whole object is kept.
+fn projection(gr: &GroupResource) -> Option<&'static [&'static str]> {
+    match (gr.group.as_str(), gr.resource.as_str()) {
+        // `grouping::pvc_bound`, the claim action.
+        ("", "persistentvolumeclaims") => Some(&["/spec/volumeName", "/status/phase"]),
+        // `PvVolume::of`.
+        ("", "persistentvolumes") => Some(&["/spec/csi/driver", "/spec/csi/volumeHandle"]),
+        // The service-account action: subjects, and the role a binding grants.
+        ("rbac.authorization.k8s.io", "clusterrolebindings") => Some(&["/subjects", "/roleRef/kind", "/roleRef/name"]),
+        _ => None,
+    }
+}
+
+/// The strings of `object` at `pointers` (and `/subjects`' kind, namespace and name), in maps of
+/// their own: nothing else of the object.
+fn project(object: &serde_json::Value, pointers: &[&str]) -> serde_json::Value {
+    use serde_json::Value;
+    let mut out = Value::Object(serde_json::Map::new());
+    for p in pointers {
+        let Some(found) = object.pointer(p) else { continue };
+        let kept = match found {
+            Value::String(_) => found.clone(),
+            Value::Array(subjects) if *p == "/subjects" => Value::Array(
+                subjects
+                    .iter()
+                    .map(|s| {
+                        let fields = ["kind", "namespace", "name"]
+                            .into_iter()
+                            .filter_map(|k| s.get(k).filter(|v| v.is_string()).map(|v| (k.to_string(), v.clone())));
+                        Value::Object(fields.collect())
+                    })
+                    .collect(),
+            ),
+            _ => continue,
+        };
+        let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+        set_at(&mut out, &parts, kept);
+    }
+    out
+}
+
+/// Sets `value` at the path `parts` inside `at`, making the maps on the way.
+fn set_at(at: &mut serde_json::Value, parts: &[&str], value: serde_json::Value) {
+    let (Some(map), Some((first, rest))) = (at.as_object_mut(), parts.split_first()) else { return };
+    if rest.is_empty() {
+        map.insert(first.to_string(), value);
+    } else {
+        let next = map.entry(first.to_string()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        set_at(next, rest, value);
+    }
+}
+
 /// The key of an already validated (canonical) object, from its metadata alone.
 fn object_key(rt: &ResourceType, json: &str) -> Option<ItemKey> {
     #[derive(serde::Deserialize)]
@@ -2097,4 +2194,42 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     }
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn projected(group: &str, resource: &str, object: serde_json::Value) -> serde_json::Value {
+        project(&object, projection(&GroupResource::new(group, resource)).unwrap())
+    }
+
+    #[test]
+    fn a_projection_keeps_exactly_the_strings_planning_reads() {
+        let pvc = json!({"metadata": {"name": "data", "labels": {"a": "b"}},
+            "spec": {"volumeName": "pv1", "storageClassName": "fast", "resources": {"requests": {"storage": "1Gi"}}},
+            "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}});
+        assert_eq!(
+            projected("", "persistentvolumeclaims", pvc),
+            json!({"spec": {"volumeName": "pv1"}, "status": {"phase": "Bound"}})
+        );
+        let pending =
+            json!({"metadata": {"name": "data"}, "spec": {"storageClassName": "fast"}, "status": {"phase": "Pending"}});
+        assert_eq!(projected("", "persistentvolumeclaims", pending), json!({"status": {"phase": "Pending"}}));
+        let pv = json!({"metadata": {"name": "pv1"}, "spec": {"capacity": {"storage": "1Gi"},
+            "csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "h1", "fsType": "ext4"}}});
+        let kept = projected("", "persistentvolumes", pv.clone());
+        assert_eq!(kept, json!({"spec": {"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "h1"}}}));
+        assert_eq!(PvVolume::of(&kept), PvVolume::of(&pv));
+        let crb = json!({"metadata": {"name": "r"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "ServiceAccount", "namespace": "ns", "name": "sa", "apiGroup": ""}, {"kind": "User", "name": "u"}]});
+        assert_eq!(
+            projected("rbac.authorization.k8s.io", "clusterrolebindings", crb),
+            json!({"roleRef": {"kind": "ClusterRole", "name": "view"},
+                "subjects": [{"kind": "ServiceAccount", "namespace": "ns", "name": "sa"}, {"kind": "User", "name": "u"}]})
+        );
+        assert!(projection(&GroupResource::new("", "configmaps")).is_none());
+    }
 }

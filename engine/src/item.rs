@@ -176,6 +176,63 @@ pub fn is_safe_name(s: &str) -> bool {
         && !s.chars().any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
+/// A string-to-string map (an object's labels or annotations) as a sorted vector: most objects
+/// have none to a few, and a B-tree map's first leaf costs ~0.5 KiB — at a million objects the
+/// planning catalog's labels alone were hundreds of megabytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StrMap(Box<[(String, String)]>);
+
+impl StrMap {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Whether `key` is set.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Entries, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a B-tree map.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+impl FromIterator<(String, String)> for StrMap {
+    /// The last value of a key repeated wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> StrMap {
+        let mut v: Vec<(String, String)> = iter.into_iter().collect();
+        // Stable sort of the reversed entries: of one key's entries the last given comes first,
+        // and dedup keeps it.
+        v.reverse();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        StrMap(v.into_boxed_slice())
+    }
+}
+
+impl From<BTreeMap<String, String>> for StrMap {
+    fn from(map: BTreeMap<String, String>) -> StrMap {
+        StrMap(map.into_iter().collect())
+    }
+}
+
 /// One Kubernetes object, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
@@ -186,9 +243,9 @@ pub struct Item {
     /// `metadata.resourceVersion`, empty when absent.
     pub resource_version: String,
     /// `metadata.labels`.
-    pub labels: BTreeMap<String, String>,
+    pub labels: StrMap,
     /// `metadata.annotations`.
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: StrMap,
     /// Whether `metadata.deletionTimestamp` is set.
     pub deleting: bool,
     /// The whole object as returned by the API server (planning may keep only what it reads).
@@ -230,7 +287,7 @@ impl Item {
         } else {
             None
         };
-        let map = |k: &str| -> BTreeMap<String, String> {
+        let map = |k: &str| -> StrMap {
             meta.and_then(|m| m.get(k))
                 .and_then(Value::as_object)
                 .map(|o| o.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())

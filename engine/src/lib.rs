@@ -25,7 +25,7 @@ pub mod state;
 
 pub use engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, FinalizeError, Output};
 pub use event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
-pub use item::{GroupResource, Item, ItemKey, ResourceType};
+pub use item::{GroupResource, Item, ItemKey, ResourceType, StrMap};
 pub use mutation::Mutation;
 pub use spec::BackupSpec;
 pub use state::BackupState;
