@@ -1,8 +1,9 @@
 //! `blockwise bench`: the numbers that say whether blockwise is fast, measured, never asserted.
 //!
-//! Seven sections, one table (or JSON with `-o json`): scale over HTTP (the demo cluster served by
+//! Sections, one table (or JSON with `-o json`): scale over HTTP (the demo cluster served by
 //! `blockwise simulator serve` in another process, backed up through kube-rs: wall time and this
-//! process's peak RSS), scale (a generated cluster in this process, through the real tokio
+//! process's peak RSS), memory (that at several sizes), resume (that backup killed half way and
+//! resumed, each in a `blockwise` process: the resumed process's peak RSS), scale (a generated cluster in this process, through the real tokio
 //! runtime, sled log and local store, with wall time and peak RSS read from the OS), parallel
 //! efficiency (the engine under the deterministic simulator with fixed latencies, against the ideal
 //! makespan), the event log (group commit against a raw write + fdatasync loop with the same batch
@@ -56,6 +57,8 @@ pub struct Sizes {
     pub sim_seeds: u64,
     /// Cluster sizes of the flat-memory row (scale over HTTP, each in a process of its own).
     pub memory_objects: &'static [usize],
+    /// Objects in the resume row (a backup killed half way: big enough to be seen half way).
+    pub resume_objects: usize,
 }
 
 impl Sizes {
@@ -68,6 +71,7 @@ impl Sizes {
         plan_objects: [10_000, 100_000, 300_000],
         sim_seeds: 300,
         memory_objects: &[30_000, 100_000, 300_000, 1_000_000],
+        resume_objects: 300_000,
     };
     /// `--quick`: a smoke test that finishes in well under two minutes even in a debug build.
     pub const QUICK: Sizes = Sizes {
@@ -78,6 +82,7 @@ impl Sizes {
         plan_objects: [1_000, 3_000, 6_000],
         sim_seeds: 20,
         memory_objects: &[1_000, 3_000],
+        resume_objects: 10_000,
     };
 }
 
@@ -300,6 +305,71 @@ fn scale_http_child(dir: &Path, objects: usize, workers: usize) -> Result<HttpRu
     })
 }
 
+/// A backup over HTTP killed (SIGKILL) about half way through its items, then `backup resume`d,
+/// each in a `blockwise` process of its own: the resumed process's peak RSS (`ru_maxrss` of the
+/// child) and its wall seconds. The killed run's progress is read from its live view
+/// (`status.json`), which it rewrites as it goes.
+#[derive(Debug, Clone, Copy, Default)]
+struct ResumeRun {
+    killed_at_items: u64,
+    planned: u64,
+    peak_rss: u64,
+    seconds: f64,
+}
+
+fn resume_half_way(dir: &Path, objects: usize, workers: usize) -> Result<ResumeRun> {
+    let served = serve_demo(dir, objects)?;
+    let exe = std::env::current_exe().context("finding the blockwise binary")?;
+    let data = dir.join("resume-data");
+    let blockwise = |args: &[&str]| {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("--data-dir").arg(&data).args(args).args(["--workers", &workers.to_string()]);
+        c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
+        c
+    };
+    // `resume` reaches the cluster `create` recorded.
+    let mut create = blockwise(&["backup", "create", "half"]);
+    create.arg("--kubeconfig").arg(&served.kubeconfig);
+    let mut run = create.spawn().context("starting `backup create`")?;
+    let status = data.join("backups/half/status.json");
+    let (done, planned) = loop {
+        if let Some(exit) = run.try_wait()? {
+            anyhow::bail!("the backup ended ({exit}) before it was half way");
+        }
+        let row = std::fs::read(&status).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        let items = row.as_ref().and_then(|r| r["row"]["items"].as_str().map(str::to_string)).unwrap_or_default();
+        let (done, planned) = items.split_once('/').unwrap_or(("0", "0"));
+        let (done, planned): (u64, u64) = (done.parse().unwrap_or(0), planned.parse().unwrap_or(0));
+        if planned > 0 && done * 2 >= planned {
+            break (done, planned);
+        }
+        // Polling another process's progress file: nothing to wait on but time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    run.kill().context("killing the backup")?;
+    run.wait()?;
+    let start = Instant::now();
+    let child = blockwise(&["backup", "resume", "half"]).spawn().context("starting `backup resume`")?;
+    let (code, peak_rss) = wait_with_peak_rss(child)?;
+    let seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(code == 0, "`backup resume` exited {code}");
+    Ok(ResumeRun { killed_at_items: done, planned, peak_rss, seconds })
+}
+
+/// Waits for `child`; its exit code and peak RSS in bytes (`wait4`'s `ru_maxrss`, KiB on Linux).
+fn wait_with_peak_rss(child: std::process::Child) -> Result<(i32, u64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: `usage` is a plain C struct the call fills; `pid` is our own child, not yet reaped
+    // (the `Child` is dropped without waiting).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    anyhow::ensure!(r == pid, "waiting for process {pid}: {}", std::io::Error::last_os_error());
+    drop(child);
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    Ok((code, usage.ru_maxrss as u64 * 1024))
+}
+
 struct Efficiency {
     workers: usize,
     /// Whether the fake CSI driver took [`EFFICIENCY_SNAPSHOTS`] (else it cut and readied at once).
@@ -515,8 +585,18 @@ fn sim_seeds_per_cpu_second(seeds: u64) -> f64 {
 }
 
 /// The sections of `blockwise bench`, in the order they run.
-pub const SECTIONS: [&str; 9] =
-    ["scale-http", "memory", "back-to-back", "scale", "efficiency", "log", "recovery", "grouping", "simulator"];
+pub const SECTIONS: [&str; 10] = [
+    "scale-http",
+    "memory",
+    "resume",
+    "back-to-back",
+    "scale",
+    "efficiency",
+    "log",
+    "recovery",
+    "grouping",
+    "simulator",
+];
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -549,6 +629,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     let mut sizes = if quick { Sizes::QUICK } else { Sizes::FULL };
     if let Some(n) = opts.objects {
         sizes.scale_objects = n;
+        sizes.resume_objects = n;
     }
     let dir = opts.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("blockwise-bench-{}", std::process::id())));
     if dir.exists() {
@@ -574,6 +655,15 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             memory.push((n, scale_http_child(&dir, n, opts.workers)?));
         }
     }
+    let resumed = if on("resume") {
+        progress(&format!(
+            "resume: a backup of {} objects over HTTP killed half way, then resumed",
+            sizes.resume_objects
+        ));
+        Some(resume_half_way(&dir, sizes.resume_objects, opts.workers)?)
+    } else {
+        None
+    };
     let b2b = if on("back-to-back") {
         progress(&format!(
             "two backups of {} objects over HTTP, one after the other in one process",
@@ -644,6 +734,14 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         "scale_http_rss_after_bytes": http.map(|h| h.rss_after),
         "memory": memory.iter().map(|(n, h)| json!({"objects": n, "items": h.items, "seconds": h.seconds, "peak_rss_bytes": h.peak_rss})).collect::<Vec<_>>(),
         "memory_growth_100k_to_1m": growth(&memory, 100_000, 1_000_000),
+        "memory_growth_100k_1m": growth(&memory, 100_000, 1_000_000),
+        "memory_1m_peak_rss_bytes": memory.iter().find(|(n, _)| *n == 1_000_000).map(|(_, h)| h.peak_rss),
+        "resume_objects": resumed.map(|_| sizes.resume_objects),
+        "resume_killed_at_items": resumed.map(|r| r.killed_at_items),
+        "resume_planned_items": resumed.map(|r| r.planned),
+        "resume_peak_rss_bytes": resumed.map(|r| r.peak_rss),
+        "resume_seconds": resumed.map(|r| r.seconds),
+        "resume_1m_peak_rss_bytes": resumed.filter(|_| sizes.resume_objects == 1_000_000).map(|r| r.peak_rss),
         "back_to_back": b2b.as_ref().map(|runs| runs.iter().map(|h| json!({"items": h.items, "seconds": h.seconds, "peak_rss_bytes": h.peak_rss, "rss_after_bytes": h.rss_after})).collect::<Vec<_>>()),
         "efficiency_objects": sizes.efficiency_objects,
         "efficiency_workers_16": eff16,
@@ -710,6 +808,18 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     }
     if let Some(g) = growth(&memory, 100_000, 1_000_000) {
         row("memory: peak RSS growth 100k -> 1M", format!("{g:.2}x"), "target < 2x");
+    }
+    if let Some(r) = resumed {
+        row(
+            &format!("resume: {} objects, killed at item", sizes.resume_objects),
+            format!("{} / {}", r.killed_at_items, r.planned),
+            "",
+        );
+        row(
+            "resume: peak RSS MiB (s)",
+            format!("{:.0} ({:.1})", mib(r.peak_rss), r.seconds),
+            "target <= 256 MiB at 1M",
+        );
     }
     if let Some(runs) = &b2b {
         for (i, h) in runs.iter().enumerate() {

@@ -21,6 +21,8 @@ fn quick_bench_reports_every_key() {
         "scale_http_seconds",
         "scale_http_peak_rss_bytes",
         "scale_http_rss_after_bytes",
+        "resume_peak_rss_bytes",
+        "resume_seconds",
         "scale_floor_seconds",
         "efficiency_workers_16",
         "log_events_per_second",
