@@ -401,8 +401,10 @@ fn operation_id(ns: &str, snapshot: &str, at_ms: u64) -> String {
     format!("{ns}/{snapshot}/{}", rfc3339(at_ms))
 }
 
-/// Objects of the backup's listings and fetches by key, for the keys asked for.
-fn objects_of(s: &BackupState, wanted: &BTreeSet<ItemKey>) -> BTreeMap<ItemKey, Value> {
+/// What `keep` takes of the objects of the backup's listings and fetches, by key, for the keys
+/// asked for: each object is parsed, kept from and dropped in turn (a backup's claims and volumes
+/// as parsed JSON at once were ~100 MB at 100k objects).
+fn objects_of<T>(s: &BackupState, wanted: &BTreeSet<ItemKey>, keep: impl Fn(&Value) -> T) -> BTreeMap<ItemKey, T> {
     let mut out = BTreeMap::new();
     if wanted.is_empty() {
         return out;
@@ -416,16 +418,16 @@ fn objects_of(s: &BackupState, wanted: &BTreeSet<ItemKey>) -> BTreeMap<ItemKey, 
         // Claims and volumes, the only objects asked for here, are held in memory.
         for o in l.objects.iter().filter_map(|b| b.held()) {
             if let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, o) {
-                if wanted.contains(&it.key) {
-                    out.entry(it.key.clone()).or_insert(it.object);
+                if wanted.contains(&it.key) && !out.contains_key(&it.key) {
+                    out.insert(it.key.clone(), keep(&it.object));
                 }
             }
         }
     }
     for (key, json) in &s.fetched {
         if let (true, Some(j)) = (wanted.contains(key), json.as_ref().and_then(|b| b.held())) {
-            if let Ok(v) = serde_json::from_str::<Value>(j) {
-                out.entry(key.clone()).or_insert(v);
+            if let (false, Ok(v)) = (out.contains_key(key), serde_json::from_str::<Value>(j)) {
+                out.insert(key.clone(), keep(&v));
             }
         }
     }
@@ -444,28 +446,26 @@ pub fn volume_infos(s: &BackupState) -> Value {
         .filter(|k| k.is("", "persistentvolumeclaims"))
         .cloned()
         .collect();
-    let claim_objs = objects_of(s, &claims);
-    let pv_keys: BTreeSet<ItemKey> = claim_objs
-        .values()
-        .filter_map(|c| c.pointer("/spec/volumeName").and_then(Value::as_str))
-        .map(|v| ItemKey::cluster("", "persistentvolumes", v))
-        .collect();
-    let pvs = objects_of(s, &pv_keys);
+    let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+    // Of a claim, its volume when it is bound; of a volume, its reclaim policy and labels.
+    let claim_objs = objects_of(s, &claims, |c| {
+        str_at(c, "/spec/volumeName").filter(|_| str_at(c, "/status/phase").as_deref() == Some("Bound"))
+    });
+    let pv_keys: BTreeSet<ItemKey> =
+        claim_objs.values().flatten().map(|v| ItemKey::cluster("", "persistentvolumes", v)).collect();
+    let pvs = objects_of(s, &pv_keys, |pv| {
+        json!({
+            "reclaimPolicy": str_at(pv, "/spec/persistentVolumeReclaimPolicy").unwrap_or_default(),
+            "labels": pv.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
+        })
+    });
     let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
         claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
     let mut out = Vec::new();
-    for (key, claim) in &claim_objs {
-        let bound = claim.pointer("/status/phase").and_then(Value::as_str) == Some("Bound");
-        let Some(pv_name) = claim.pointer("/spec/volumeName").and_then(Value::as_str).filter(|_| bound) else {
-            continue;
-        };
+    for (key, bound_to) in &claim_objs {
+        let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace.clone().unwrap_or_default();
-        let pv_info = pvs.get(&ItemKey::cluster("", "persistentvolumes", pv_name)).map(|pv| {
-            json!({
-                "reclaimPolicy": pv.pointer("/spec/persistentVolumeReclaimPolicy").and_then(Value::as_str).unwrap_or_default(),
-                "labels": pv.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
-            })
-        });
+        let pv_info = pvs.get(&ItemKey::cluster("", "persistentvolumes", pv_name)).cloned();
         let mut v = json!({"pvcName": key.name, "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
         match snap_of.get(key) {
             Some((st, Some(m))) => {
@@ -562,10 +562,11 @@ pub fn item_operations(s: &BackupState) -> Value {
 }
 
 /// The archived VolumeSnapshots, VolumeSnapshotContents and used VolumeSnapshotClasses of the
-/// backup's kept snapshots (`-csi-volumesnapshots.json.gz` and its two siblings).
-pub fn csi_objects(s: &BackupState) -> (Value, Value, Value) {
-    let mut snapshots = Vec::new();
-    let mut contents = Vec::new();
+/// backup's kept snapshots (`-csi-volumesnapshots.json.gz` and its two siblings): the first two as
+/// the bytes of their JSON arrays, each object parsed, written and dropped in turn (as `Value`s at
+/// once they were tens of megabytes at 100k objects).
+pub fn csi_objects(s: &BackupState) -> (Vec<u8>, Vec<u8>, Value) {
+    let (mut snapshots, mut contents) = (JsonArray::default(), JsonArray::default());
     let mut used: BTreeSet<String> = BTreeSet::new();
     for st in kept_snapshots(s) {
         if st.plan.group.is_none() {
@@ -577,8 +578,8 @@ pub fn csi_objects(s: &BackupState) -> (Value, Value, Value) {
             if let Some(c) = vs.pointer("/spec/volumeSnapshotClassName").and_then(Value::as_str) {
                 used.insert(c.to_string());
             }
-            snapshots.push(vs);
-            contents.push(parse(&m.content_json));
+            snapshots.push(&vs);
+            contents.push(&parse(&m.content_json));
         }
     }
     // Listed classes lack apiVersion and kind (a list response omits them): set them, as for items.
@@ -596,7 +597,27 @@ pub fn csi_objects(s: &BackupState) -> (Value, Value, Value) {
             c
         })
         .collect();
-    (Value::Array(snapshots), Value::Array(contents), Value::Array(classes))
+    (snapshots.finish(), contents.finish(), Value::Array(classes))
+}
+
+/// A JSON array written one element at a time: the bytes `serde_json::to_vec` gives the array.
+#[derive(Default)]
+struct JsonArray(Vec<u8>);
+
+impl JsonArray {
+    fn push(&mut self, v: &Value) {
+        self.0.push(if self.0.is_empty() { b'[' } else { b',' });
+        // Writing a `Value` into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, v);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.0.is_empty() {
+            self.0.push(b'[');
+        }
+        self.0.push(b']');
+        self.0
+    }
 }
 
 /// `<name>-resource-list.json.gz`'s content: `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or
@@ -759,11 +780,11 @@ impl<'a> BackupFiles<'a> {
         let logs = self.logs.finish()?;
         let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
         // Velero writes these with a JSON encoder: the value and a newline.
-        let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
-            let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+        let encode_bytes = |mut b: Vec<u8>| -> std::io::Result<Vec<u8>> {
             b.push(b'\n');
             gzip_reproducible(&b)
         };
+        let encode = |v: &Value| encode_bytes(serde_json::to_vec(v).map_err(std::io::Error::other)?);
         let (snapshots, contents, classes) = csi_objects(s);
         Ok(vec![
             (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
@@ -771,8 +792,8 @@ impl<'a> BackupFiles<'a> {
             (format!("{name}-logs.gz"), logs),
             (format!("{name}-volumeinfo.json.gz"), encode(&volume_infos(s))?),
             (format!("{name}-itemoperations.json.gz"), encode(&item_operations(s))?),
-            (format!("{name}-csi-volumesnapshots.json.gz"), encode(&snapshots)?),
-            (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode(&contents)?),
+            (format!("{name}-csi-volumesnapshots.json.gz"), encode_bytes(snapshots)?),
+            (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode_bytes(contents)?),
             (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
             ("velero-backup.json".to_string(), backup),
         ])
@@ -912,6 +933,19 @@ pub fn restore_event_line(seq: u64, e: &blockwise_engine::restore_run::RestoreEv
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_json_array_written_element_by_element_is_the_array_serde_writes() {
+        for n in 0..3 {
+            let values: Vec<Value> = (0..n).map(|i| json!({"b": i, "a": [i, "x"]})).collect();
+            let mut array = JsonArray::default();
+            for v in &values {
+                array.push(v);
+            }
+            assert_eq!(array.finish(), serde_json::to_vec(&Value::Array(values)).unwrap());
+        }
+    }
+
     use super::*;
 
     #[test]

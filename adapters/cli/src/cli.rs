@@ -766,29 +766,31 @@ fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {
     if let Some((seq, reason)) = &session.open_report().cut_tail {
         eprintln!("log of backup {}: cut a torn tail at record {seq} ({reason})", a.name);
     }
-    let state = session.state().clone();
+    // What is said before the run, read off the opened state (not a copy of it: at a million
+    // objects the state is most of what a resumed process holds).
+    let state = session.state();
+    let (resumable, phase, stopped) = (state.resumable(), state.phase(), state.stopped.clone());
+    let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count();
+    let (done, blocks, recorded_workers) = (state.blocks_done(), state.blocks.len(), state.workers);
     let store = session.store().map_err(session_err)?;
     let mut source = session.source().map_err(session_err)?;
     if let (Some(l), ClusterSource::Demo { latency_ms, .. }) = (a.demo_latency_ms, &mut source) {
         *latency_ms = l;
     }
-    let workers = a.workers.unwrap_or(state.workers.max(1)) as usize;
+    let workers = a.workers.unwrap_or(recorded_workers.max(1)) as usize;
     let rt = runtime()?;
-    if !state.resumable() {
-        eprintln!("backup {} already finished: {}; storing its files again", a.name, state.phase());
+    if !resumable {
+        eprintln!("backup {} already finished: {phase}; storing its files again", a.name);
         let result = rt.block_on(session.store_files(store.clone()));
         return report_end(&a.name, result, store.as_ref());
     }
-    if let Some(reason) = &state.stopped {
+    if let Some(reason) = &stopped {
         eprintln!("backup {} had stopped: {reason}", a.name);
     }
-    let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count();
     eprintln!(
-        "resuming backup {} at event {}: {}/{} blocks done, {in_flight} interrupted",
+        "resuming backup {} at event {}: {done}/{blocks} blocks done, {in_flight} interrupted",
         a.name,
         session.events(),
-        state.blocks_done(),
-        state.blocks.len()
     );
     let cluster = build_cluster(&source, data, &a.name, &rt)?;
     run_session(session, cluster, store, (workers, RESUME_PAGE_SIZE), &rt)
