@@ -34,7 +34,7 @@ use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
-use crate::item::{GroupResource, Item, ItemKey, ResourceType, StrMap};
+use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType, StrMap};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
 use crate::snapshot::{
@@ -728,7 +728,8 @@ impl Engine {
         it.resource_version = String::new();
         if pod {
             // Only what hooks and the built-in actions read of a pod.
-            it.object = project_pod(&it.object);
+            it.pod = Some(Box::new(PodFacts::of(&it.object)));
+            it.object = serde_json::Value::Null;
             return it;
         }
         let pv = gr.group.is_empty() && gr.resource == "persistentvolumes";
@@ -772,6 +773,7 @@ impl Engine {
                     deleting: false,
                     object: serde_json::Value::Null,
                     body: None,
+                    pod: None,
                 }
             };
             it.body = Some(Body::of(&rt.gr, json, n));
@@ -2076,35 +2078,6 @@ pub fn hook_ref(h: &Hook) -> HookRef {
 /// Names of the built-in ItemBlockActions: what they read of a pod is known
 /// ([`project_pod`]).
 const BUILTIN_ACTIONS: [&str; 3] = ["pod", "persistentvolumeclaim", "serviceaccount"];
-
-/// What planning reads of a pod — hooks (`status.phase`, container names) and the built-in actions
-/// (the claims of `spec.volumes`, `spec.priorityClassName`) — and nothing else: a pod's status and container
-/// specs are most of its JSON, and a cluster has many pods.
-fn project_pod(pod: &serde_json::Value) -> serde_json::Value {
-    use serde_json::{Map, Value};
-    let mut spec = Map::new();
-    // Of the volumes, the claims they mount (each JSON map costs a B-tree node: keep few).
-    let claims: Vec<Value> = (pod.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten())
-        .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName"))
-        .map(|c| serde_json::json!({"persistentVolumeClaim": {"claimName": c}}))
-        .collect();
-    if !claims.is_empty() {
-        spec.insert("volumes".into(), Value::Array(claims));
-    }
-    if let Some(v) = pod.pointer("/spec/priorityClassName") {
-        spec.insert("priorityClassName".into(), v.clone());
-    }
-    if let Some(cs) = pod.pointer("/spec/containers").and_then(Value::as_array) {
-        let names = cs.iter().map(|c| serde_json::json!({"name": c.get("name").cloned().unwrap_or(Value::Null)}));
-        spec.insert("containers".into(), Value::Array(names.collect()));
-    }
-    let mut out = Map::new();
-    out.insert("spec".into(), Value::Object(spec));
-    if let Some(p) = pod.pointer("/status/phase") {
-        out.insert("status".into(), serde_json::json!({"phase": p}));
-    }
-    Value::Object(out)
-}
 
 /// The strings the built-in actions and snapshot planning read of an object of `gr`, as JSON
 /// pointers (`/subjects` keeps each subject's kind, namespace and name); `None`: nothing projects

@@ -62,17 +62,7 @@ const RBAC: &str = "rbac.authorization.k8s.io";
 
 /// Claim names a pod mounts, from `spec.volumes[].persistentVolumeClaim.claimName`.
 pub fn pod_claims(pod: &Item) -> Vec<String> {
-    pod.object
-        .pointer("/spec/volumes")
-        .and_then(Value::as_array)
-        .map(|vs| {
-            vs.iter()
-                .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName").and_then(Value::as_str))
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+    pod.pod_facts().claims.clone()
 }
 
 impl Index {
@@ -170,7 +160,7 @@ impl ItemBlockAction for PodAction {
         for c in pod_claims(item) {
             out.push(Relation { to: ItemKey::namespaced(PVCS.0, PVCS.1, ns, &c), together: true, pull: true });
         }
-        if let Some(pc) = item.str_at("/spec/priorityClassName").filter(|p| !p.is_empty()) {
+        if let Some(pc) = item.pod_facts().priority_class.as_deref().filter(|p| !p.is_empty()) {
             out.push(Relation {
                 to: ItemKey::cluster("scheduling.k8s.io", "priorityclasses", pc),
                 together: false,

@@ -162,15 +162,14 @@ pub fn parse_command(s: &str) -> Result<Vec<String>, String> {
 
 /// Whether the pod's `status.phase` is `Running`.
 pub fn pod_running(pod: &Item) -> bool {
-    pod.str_at("/status/phase") == Some("Running")
+    match &pod.pod {
+        Some(f) => f.phase.as_deref() == Some("Running"),
+        None => pod.str_at("/status/phase") == Some("Running"),
+    }
 }
 
 fn containers(pod: &Item) -> Vec<String> {
-    pod.object
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map(|cs| cs.iter().filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string)).collect())
-        .unwrap_or_default()
+    pod.pod_facts().containers.clone()
 }
 
 /// Resolves every hook of a pod, pre and post, and the warnings that resolution produced.
