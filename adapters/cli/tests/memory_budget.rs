@@ -120,13 +120,16 @@ impl Served {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start simulator serve");
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let stdout = child.stdout.take();
+        // Killed and waited for on drop, whatever happens next.
+        let served = Served { child, kubeconfig };
+        let mut lines = std::io::BufReader::new(stdout.unwrap()).lines();
         loop {
             let line = lines.next().expect("simulator serve ended before serving").unwrap();
             if line.starts_with("serving the demo cluster") {
                 // A closed pipe would end the server: keep reading what it prints.
                 std::thread::spawn(move || lines.for_each(drop));
-                return Served { child, kubeconfig };
+                return served;
             }
         }
     }
