@@ -807,7 +807,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
         );
     }
     if let Some(g) = growth(&memory, 100_000, 1_000_000) {
-        row("memory: peak RSS growth 100k -> 1M", format!("{g:.2}x"), "target < 2x");
+        row("memory: peak RSS growth 100k -> 1M", format!("{g:.2}x"), "target < 1.3x");
     }
     if let Some(r) = resumed {
         row(
