@@ -422,22 +422,18 @@ impl Bodies {
 
 /// The durable event log of one backup, over a [`LogMedium`].
 pub struct EventLog<M: LogMedium = SledMedium> {
-    medium: M,
-    path: PathBuf,
+    log: RecordLog<M>,
     name: String,
-    id: u64,
-    next: Seq,
-    durable: Option<Seq>,
     bodies: Arc<Bodies>,
 }
 
 impl<M: LogMedium> std::fmt::Debug for EventLog<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLog")
-            .field("path", &self.path)
+            .field("path", &self.log.path)
             .field("name", &self.name)
-            .field("next", &self.next)
-            .field("durable", &self.durable)
+            .field("next", &self.log.next)
+            .field("durable", &self.log.durable)
             .finish()
     }
 }
@@ -452,82 +448,54 @@ pub fn backup_id(name: &str) -> u64 {
     h
 }
 
-impl<M: LogMedium> EventLog<M> {
-    /// Creates the log of backup `backup_name` on `medium`; fails if it already has records.
-    pub fn create_on(mut medium: M, backup_name: &str) -> Result<EventLog<M>, LogError> {
+/// The kernel of every log — a backup's [`EventLog`], a restore's
+/// [`RestoreLog`](crate::restore::RestoreLog): the records of one log id on a medium, numbered from
+/// 0 and appended only in order, made durable by group commits. Opening one is
+/// [`open_records_with`]; what a record holds is the wrapper's business.
+pub struct RecordLog<M: LogMedium> {
+    medium: M,
+    path: PathBuf,
+    id: u64,
+    next: Seq,
+    durable: Option<Seq>,
+}
+
+impl<M: LogMedium> RecordLog<M> {
+    /// Creates the log named `name` on `medium` (its name written and flushed); fails if the
+    /// medium already has records under that name.
+    pub(crate) fn create(mut medium: M, name: &str) -> Result<RecordLog<M>, LogError> {
         let path = medium.location().to_path_buf();
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let id = backup_id(backup_name);
-        if let Some(stored) = medium.read_name().map_err(storage)? {
-            let stored = String::from_utf8_lossy(&stored).into_owned();
-            if stored != backup_name {
-                return Err(LogError::WrongBackup { path, stored, requested: backup_name.to_string() });
-            }
-        }
-        let records = medium.records(id).map_err(|(_, m)| storage(m))?.len() as u64;
+        let id = backup_id(name);
+        let mut records = 0u64;
+        medium
+            .scan(id, &mut |_, _| {
+                records += 1;
+                Ok(())
+            })
+            .map_err(storage)?;
         if records > 0 {
-            return Err(LogError::AlreadyExists { path, name: backup_name.to_string(), records });
+            return Err(LogError::AlreadyExists { path, name: name.to_string(), records });
         }
-        medium.write_name(backup_name).map_err(storage)?;
+        medium.write_name(name).map_err(storage)?;
         (medium.flush_job())().map_err(storage)?;
-        let bodies = Arc::new(new_bodies(&medium).map_err(storage)?);
-        Ok(EventLog { medium, path, name: backup_name.to_string(), id, next: 0, durable: None, bodies })
+        Ok(RecordLog { medium, path, id, next: 0, durable: None })
     }
 
-    /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
-    pub fn open_on(medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
-        let mut events = Vec::new();
-        let (log, report) = EventLog::open_with_on(medium, |_, e| events.push(e.clone()))?;
-        Ok((log, events, report))
-    }
-
-    /// Opens an existing log on `medium`, giving `f` each event in order — one at a time: nothing
-    /// but the current record is held — and cutting a torn last record.
-    pub fn open_with_on(mut medium: M, mut f: impl FnMut(Seq, &Event)) -> Result<(EventLog<M>, OpenReport), LogError> {
+    /// The log of `id` on `medium`, opened with `records` good records ([`open_records_with`]).
+    pub(crate) fn opened(medium: M, id: u64, records: Seq) -> RecordLog<M> {
         let path = medium.location().to_path_buf();
-        let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let bodies = new_bodies(&medium).map_err(storage)?;
-        let (name, id, report) = open_records_with::<M, Event>(&mut medium, "backup", |seq, e| {
-            bodies.add(&e)?;
-            f(seq, &e);
-            Ok(())
-        })?;
-        let mut next = report.events as Seq;
-        let durable = next.checked_sub(1);
-        if report.cut_tail.is_some() && mutation::active(Mutation::LogStaleNextSeq) {
-            // Deliberate bug: count the cut record, so appends resume one past the tail.
-            next += 1;
-        }
-        let log = EventLog { medium, path, name, id, next, durable, bodies: Arc::new(bodies) };
-        Ok((log, report))
+        RecordLog { medium, path, id, next: records, durable: records.checked_sub(1) }
     }
 
-    /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
-    pub fn append(&mut self, seq: Seq, event: &Event) -> Result<(), LogError> {
-        self.append_encoded(seq, &encode_record(event))?;
-        self.bodies.add(event).map_err(|m| self.storage(m))
-    }
-
-    /// The objects the log carries, by number: what a write whose body is logged reads back.
-    pub fn bodies(&self) -> Arc<Bodies> {
-        self.bodies.clone()
-    }
-
-    /// Appends already encoded record bytes as record `seq`; not yet durable. The objects such a
-    /// record carries are not numbered ([`EventLog::bodies`]): benchmarks and corruption tests only.
-    pub fn append_encoded(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+    /// Appends encoded record bytes as record `seq`, which must be the next one; not yet durable.
+    pub fn append_bytes(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
         if seq != self.next {
             return Err(LogError::OutOfOrder { path: self.path.clone(), expected: self.next, got: seq });
         }
         self.medium.insert(self.id, seq, bytes).map_err(|m| self.storage(m))?;
         self.next = seq + 1;
         Ok(())
-    }
-
-    /// Writes arbitrary bytes at any `seq`, bypassing every check (corruption tests only).
-    #[doc(hidden)]
-    pub fn put_raw(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
-        self.medium.insert(self.id, seq, bytes).map_err(|m| self.storage(m))
     }
 
     /// Group commit, on this thread: makes every append so far durable with one flush.
@@ -554,36 +522,19 @@ impl<M: LogMedium> EventLog<M> {
         Ok(())
     }
 
-    /// Calls `f` with every event of the log in order, decoding one record at a time (the log
-    /// stays open; nothing but the current record is held). A bad record or a gap is corruption.
-    pub fn for_each_event(&self, mut f: impl FnMut(Seq, &Event) -> Result<(), String>) -> Result<(), LogError> {
-        let mut expected: Seq = 0;
-        let mut bad: Option<(Seq, String)> = None;
-        let scanned = self.medium.scan(self.id, &mut |seq, bytes| {
-            if seq != expected {
-                bad = Some((expected, format!("record {expected} is missing (found {seq})")));
-                return Err(String::new());
-            }
-            let event = match blockwise_engine::event::decode_record(bytes) {
-                Ok(e) => e,
-                Err(e) => {
-                    bad = Some((seq, e.to_string()));
-                    return Err(String::new());
-                }
-            };
-            expected += 1;
-            f(seq, &event)
-        });
-        if let Some((seq, reason)) = bad {
-            return Err(LogError::Damaged {
-                path: self.path.clone(),
-                what: what_of("backup", Some(&self.name), &self.path),
-                file: self.medium.record_file(self.id, seq),
-                seq: Some(seq),
-                reason,
-            });
-        }
-        scanned.map_err(|m| self.storage(m))
+    /// The medium.
+    pub fn medium(&self) -> &M {
+        &self.medium
+    }
+
+    /// Where the log is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The sequence number the next append must use.
+    pub fn next_seq(&self) -> Seq {
+        self.next
     }
 
     /// The last record known durable, if any.
@@ -591,9 +542,103 @@ impl<M: LogMedium> EventLog<M> {
         self.durable
     }
 
+    fn storage(&self, message: String) -> LogError {
+        LogError::Storage { path: self.path.clone(), message }
+    }
+}
+
+impl<M: LogMedium> EventLog<M> {
+    /// Creates the log of backup `backup_name` on `medium`; fails if it already has records.
+    pub fn create_on(medium: M, backup_name: &str) -> Result<EventLog<M>, LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        if let Some(stored) = medium.read_name().map_err(storage)? {
+            let stored = String::from_utf8_lossy(&stored).into_owned();
+            if stored != backup_name {
+                return Err(LogError::WrongBackup { path, stored, requested: backup_name.to_string() });
+            }
+        }
+        let log = RecordLog::create(medium, backup_name)?;
+        let bodies = Arc::new(new_bodies(&log.medium).map_err(storage)?);
+        Ok(EventLog { log, name: backup_name.to_string(), bodies })
+    }
+
+    /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
+    pub fn open_on(medium: M) -> Result<(EventLog<M>, Vec<Event>, OpenReport), LogError> {
+        let mut events = Vec::new();
+        let (log, report) = EventLog::open_with_on(medium, |_, e| events.push(e.clone()))?;
+        Ok((log, events, report))
+    }
+
+    /// Opens an existing log on `medium`, giving `f` each event in order — one at a time: nothing
+    /// but the current record is held — and cutting a torn last record.
+    pub fn open_with_on(mut medium: M, mut f: impl FnMut(Seq, &Event)) -> Result<(EventLog<M>, OpenReport), LogError> {
+        let path = medium.location().to_path_buf();
+        let storage = |message: String| LogError::Storage { path: path.clone(), message };
+        let bodies = new_bodies(&medium).map_err(storage)?;
+        let (name, id, report) = open_records_with::<M, Event>(&mut medium, "backup", |seq, e| {
+            bodies.add(&e)?;
+            f(seq, &e);
+            Ok(())
+        })?;
+        let mut log = RecordLog::opened(medium, id, report.events as Seq);
+        if report.cut_tail.is_some() && mutation::active(Mutation::LogStaleNextSeq) {
+            // Deliberate bug: count the cut record, so appends resume one past the tail.
+            log.next += 1;
+        }
+        Ok((EventLog { log, name, bodies: Arc::new(bodies) }, report))
+    }
+
+    /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
+    pub fn append(&mut self, seq: Seq, event: &Event) -> Result<(), LogError> {
+        self.append_encoded(seq, &encode_record(event))?;
+        self.bodies.add(event).map_err(|m| self.log.storage(m))
+    }
+
+    /// The objects the log carries, by number: what a write whose body is logged reads back.
+    pub fn bodies(&self) -> Arc<Bodies> {
+        self.bodies.clone()
+    }
+
+    /// Appends already encoded record bytes as record `seq`; not yet durable. The objects such a
+    /// record carries are not numbered ([`EventLog::bodies`]): benchmarks and corruption tests only.
+    pub fn append_encoded(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+        self.log.append_bytes(seq, bytes)
+    }
+
+    /// Writes arbitrary bytes at any `seq`, bypassing every check (corruption tests only).
+    #[doc(hidden)]
+    pub fn put_raw(&mut self, seq: Seq, bytes: &[u8]) -> Result<(), LogError> {
+        let id = self.log.id;
+        self.log.medium.insert(id, seq, bytes).map_err(|m| self.log.storage(m))
+    }
+
+    /// Group commit, on this thread: makes every append so far durable with one flush.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        self.log.flush()
+    }
+
+    /// Group commit through `rt` (production: `spawn_blocking`, so an fsync never stalls a
+    /// runtime thread).
+    pub async fn flush_on(&mut self, rt: &dyn Runtime) -> Result<(), LogError> {
+        self.log.flush_on(rt).await
+    }
+
+    /// Calls `f` with every event of the log in order, decoding one record at a time (the log
+    /// stays open; nothing but the current record is held). Every check of an open applies
+    /// ([`read_through`]); a torn tail past the committed count is left out.
+    pub fn for_each_event(&self, mut f: impl FnMut(Seq, &Event) -> Result<(), String>) -> Result<(), LogError> {
+        read_through(&self.log.medium, "backup", |seq, e: Event| f(seq, &e)).map(|_| ())
+    }
+
+    /// The last record known durable, if any.
+    pub fn durable_seq(&self) -> Option<Seq> {
+        self.log.durable
+    }
+
     /// The sequence number the next append must use.
     pub fn next_seq(&self) -> Seq {
-        self.next
+        self.log.next
     }
 
     /// The backup this log belongs to.
@@ -603,16 +648,12 @@ impl<M: LogMedium> EventLog<M> {
 
     /// The log's location.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.log.path
     }
 
     /// The medium (tests).
     pub fn medium(&self) -> &M {
-        &self.medium
-    }
-
-    fn storage(&self, message: String) -> LogError {
-        LogError::Storage { path: self.path.clone(), message }
+        &self.log.medium
     }
 }
 

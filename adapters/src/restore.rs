@@ -38,11 +38,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::log::{backup_id, open_records, LogError, LogMedium, OpenReport, Opened, SledMedium};
+use crate::log::{open_records, LogError, LogMedium, OpenReport, Opened, RecordLog, SledMedium};
 use crate::session::{
     file_err, remove_tree, sync_dir, write_json_durable, ClusterSource, DataDir, SessionError, StorageSpec,
 };
-use crate::world::{offload, Runtime};
+use crate::world::Runtime;
 
 /// Items per worker whose intents one window records before their creates are sent.
 pub const WINDOW_PER_WORKER: usize = 8;
@@ -52,71 +52,50 @@ pub const CRD_ESTABLISHED_TIMEOUT_MS: u64 = 60_000;
 const CRD_POLL_MS: u64 = 250;
 
 /// A restore's event log on a [`LogMedium`] (sled in production, the simulator's in-memory log):
-/// records `len ‖ crc32c ‖ version ‖ bincode` of [`RestoreEvent`]s, a torn last record cut at open.
+/// records `len ‖ crc32c ‖ version ‖ bincode` of [`RestoreEvent`]s over the kernel every log
+/// shares ([`RecordLog`]: order, group commit; opened through the same checks as a backup's).
 pub struct RestoreLog<M: LogMedium = SledMedium> {
-    medium: M,
-    path: PathBuf,
-    id: u64,
-    next: Seq,
-    durable: Option<Seq>,
+    log: RecordLog<M>,
 }
 
 impl<M: LogMedium> RestoreLog<M> {
-    fn storage(&self, message: String) -> LogError {
-        LogError::Storage { path: self.path.clone(), message }
-    }
-
     /// Creates the log of restore `name` on `medium`; fails if it already has records.
-    pub fn create_on(mut medium: M, name: &str) -> Result<RestoreLog<M>, LogError> {
-        let path = medium.location().to_path_buf();
-        let storage = |message: String| LogError::Storage { path: path.clone(), message };
-        let id = backup_id(name);
-        let records = medium.records(id).map_err(|(_, m)| storage(m))?.len() as u64;
-        if records > 0 {
-            return Err(LogError::AlreadyExists { path, name: name.to_string(), records });
-        }
-        medium.write_name(name).map_err(storage)?;
-        (medium.flush_job())().map_err(storage)?;
-        Ok(RestoreLog { medium, path, id, next: 0, durable: None })
+    pub fn create_on(medium: M, name: &str) -> Result<RestoreLog<M>, LogError> {
+        Ok(RestoreLog { log: RecordLog::create(medium, name)? })
     }
 
     /// Opens an existing log and reads it whole, cutting a torn last record.
     pub fn open_on(mut medium: M) -> Result<(RestoreLog<M>, Vec<RestoreEvent>, OpenReport), LogError> {
-        let path = medium.location().to_path_buf();
-        let Opened { id, events, report, .. } = open_records::<M, RestoreEvent>(&mut medium, "restore")?;
-        let next = events.len() as Seq;
-        let log = RestoreLog { medium, path, id, next, durable: next.checked_sub(1) };
-        Ok((log, events, report))
+        let Opened { id, events, report } = open_records::<M, RestoreEvent>(&mut medium, "restore")?;
+        let log = RecordLog::opened(medium, id, events.len() as Seq);
+        Ok((RestoreLog { log }, events, report))
     }
 
     /// Appends one event; not yet durable.
     pub fn append(&mut self, event: &RestoreEvent) -> Result<Seq, LogError> {
-        let seq = self.next;
-        self.medium.insert(self.id, seq, &encode_record_of(event)).map_err(|m| self.storage(m))?;
-        self.next += 1;
+        let seq = self.log.next_seq();
+        self.log.append_bytes(seq, &encode_record_of(event))?;
         Ok(seq)
+    }
+
+    /// Group commit, on this thread: every append so far durable.
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        self.log.flush()
     }
 
     /// Group commit through `rt`: every append so far durable.
     pub async fn flush_on(&mut self, rt: &dyn Runtime) -> Result<(), LogError> {
-        let upto = self.next.checked_sub(1);
-        if upto == self.durable {
-            return Ok(());
-        }
-        let job = self.medium.flush_job();
-        offload(rt, job).await.map_err(|m| self.storage(m))?;
-        self.durable = upto;
-        Ok(())
+        self.log.flush_on(rt).await
     }
 
     /// The medium (the simulator crashes it).
     pub fn medium(&self) -> &M {
-        &self.medium
+        self.log.medium()
     }
 
     /// Where the log is.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 }
 
@@ -636,7 +615,7 @@ impl RestoreSession {
         {
             let mut log = RestoreLog::create_on(SledMedium::open(&tmp.join("log"))?, &name)?;
             log.append(&RestoreEvent::Requested { spec, source: files.archive.to_string(), workers, at_ms: now_ms })?;
-            (log.medium.flush_job())().map_err(|m| log.storage(m))?;
+            log.flush()?;
         }
         sync_dir(&tmp)?;
         std::fs::rename(&tmp, &dir).map_err(file_err("renaming into place", &dir))?;
