@@ -872,9 +872,10 @@ pub const COMMIT_FILE: &str = "commit";
 const COMMIT_SLOT_BYTES: usize = 40;
 const COMMIT_MAGIC: &[u8; 8] = b"bwcommit";
 
-/// The commit marker's two slots, written alternately (a write torn by a crash spoils only the
-/// slot being written; the other keeps the count before it); the valid slot of the higher
-/// generation holds the count. Written after sled's flush and synced, so the count never exceeds
+/// The commit marker's two slots, both written at each commit, one after the other, each synced
+/// (a write torn by a crash spoils only the slot being written; the other keeps this count or the
+/// one before; a slot damaged afterwards leaves the other with the newest count); the valid slot
+/// of the higher generation holds the count. Written after sled's flush and synced, so the count never exceeds
 /// what sled made durable; created (atomically, by rename) before the log's name is, so a log that
 /// has a name has a marker — unless it was written before markers were kept (no format key).
 #[derive(Debug)]
@@ -966,6 +967,7 @@ impl CommitMarker {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             f.write_all(&slot_bytes(id, 0, 1)).map_err(io)?;
+            f.write_all(&slot_bytes(id, 0, 1)).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(io)?;
@@ -1013,9 +1015,15 @@ impl CommitMarker {
         }
         let generation = state.generation + 1;
         let Some(file) = &state.file else { return Ok(()) };
-        let at = (generation % 2) * COMMIT_SLOT_BYTES as u64;
-        file.write_all_at(&slot_bytes(id, records, generation), at).map_err(io)?;
-        file.sync_data().map_err(io)?;
+        // Both slots, one after the other, each synced: a crash tears at most the one being
+        // written (the other holds this count or the one before, never more than sled made
+        // durable), and a slot damaged later leaves the other with the newest count — one bad
+        // slot never turns the marker back to an older count, which a log that also lost its
+        // last batch would pass as its whole (found by fuzz_targets/damaged_log_dir).
+        for slot in [generation % 2, (generation + 1) % 2] {
+            file.write_all_at(&slot_bytes(id, records, generation), slot * COMMIT_SLOT_BYTES as u64).map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
         state.generation = generation;
         Ok(())
     }
@@ -2199,6 +2207,29 @@ mod tests {
         std::fs::remove_file(&marker).unwrap();
         let e = EventLog::open(&dir).unwrap_err();
         assert!(e.to_string().contains("the commit marker is missing"), "{e}");
+    }
+
+    #[test]
+    fn a_spoiled_marker_slot_does_not_let_a_log_that_lost_its_last_batch_pass_as_whole() {
+        // Two commits: the second one's records lost by sled, and a marker slot spoiled.
+        let (_tmp, dir) = new_log(6);
+        {
+            let (mut log, _, _) = EventLog::open(&dir).unwrap();
+            for i in 6..10 {
+                log.append(i, &ev(i)).unwrap();
+            }
+            log.flush().unwrap();
+        }
+        cut_in_sled(&dir, 6);
+        let marker = dir.join(COMMIT_FILE);
+        let good = std::fs::read(&marker).unwrap();
+        for slot in 0..2 {
+            let mut bytes = good.clone();
+            bytes[slot * COMMIT_SLOT_BYTES + 20] ^= 0xff;
+            std::fs::write(&marker, &bytes).unwrap();
+            let e = EventLog::open(&dir).unwrap_err();
+            assert!(matches!(e, LogError::Damaged { seq: Some(6), .. }), "slot {slot}: {e}");
+        }
     }
 
     #[test]
