@@ -32,7 +32,7 @@ use blockwise_engine::event::{Event, Phase, Seq};
 use blockwise_engine::ports::Cluster;
 use blockwise_engine::snapshot::BackupOptions;
 use blockwise_engine::spec::{validate_backup_name, BackupSpec, SpecError};
-use blockwise_engine::state::BackupState;
+use blockwise_engine::state::{BackupState, Folding};
 use blockwise_engine::{Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -456,17 +456,9 @@ impl DataDir {
     /// A backup's state, folded from its log as it is read ([`DataDir::each_event`]: the events are
     /// never held together).
     pub fn fold(&self, name: &str) -> Result<BackupState, SessionError> {
-        let mut state = BackupState::default();
-        let mut failed = None;
-        self.each_event(name, |_, e| {
-            if failed.is_none() {
-                failed = state.apply(&e).err();
-            }
-        })?;
-        match failed {
-            Some(e) => Err(SessionError::State { name: name.into(), message: e.to_string() }),
-            None => Ok(state),
-        }
+        let mut folding = Folding::default();
+        self.each_event(name, |_, e| folding.push(&e))?;
+        folding.finish().map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })
     }
 
     /// [`DataDir::fold`], or `None` when no backup of that name exists.
@@ -614,9 +606,6 @@ pub struct Session {
     data: DataDir,
     name: String,
     log: EventLog,
-    /// Events in the log when it was opened (the events themselves are read again, one at a time,
-    /// when the run starts: a resumed backup never holds its whole log).
-    events: usize,
     state: BackupState,
     report: OpenReport,
 }
@@ -732,13 +721,8 @@ impl Session {
         if !dir.exists() {
             return Err(not_found());
         }
-        let mut state = BackupState::default();
-        let mut folded = Ok(());
-        let opened = EventLog::open_with(&dir, |_, e| {
-            if folded.is_ok() {
-                folded = state.apply(e);
-            }
-        });
+        let mut folding = Folding::default();
+        let opened = EventLog::open_with(&dir, |_, e| folding.push(e));
         let (log, report) = match opened {
             Ok(opened) => opened,
             Err(LogError::NotFound(_)) => return Err(not_found()),
@@ -748,8 +732,8 @@ impl Session {
             // Never durably requested: the backup does not exist.
             return Err(not_found());
         }
-        folded.map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
-        Ok(Session { data: data.clone(), name: name.into(), log, events: report.events, state, report })
+        let state = folding.finish().map_err(|e| SessionError::State { name: name.into(), message: e.to_string() })?;
+        Ok(Session { data: data.clone(), name: name.into(), log, state, report })
     }
 
     /// The backup's name.
@@ -762,9 +746,10 @@ impl Session {
         &self.state
     }
 
-    /// Events in the log when it was opened.
+    /// Events in the log when it was opened (they are read again, one at a time, when the run
+    /// starts: a resumed backup never holds its whole log).
     pub fn events(&self) -> usize {
-        self.events
+        self.report.events
     }
 
     /// What opening the log found (a cut torn tail).

@@ -291,7 +291,7 @@ pub enum ResumeError {
 }
 
 /// A log that can be read from its start as often as asked: each call gives every event, in order,
-/// to the function it is given ([`Engine::resume_from`]).
+/// to the function it is given ([`Engine::resume_folded`]).
 pub type Replay<'a> = dyn FnMut(&mut dyn FnMut(&Event)) -> Result<(), String> + 'a;
 
 /// The backup engine: state, decisions, nothing else.
@@ -380,34 +380,18 @@ impl Engine {
         now_ms: u64,
     ) -> Result<Engine, ResumeError> {
         let events: Vec<&Event> = events.into_iter().collect();
-        Engine::resume_from(
-            &mut |f| {
-                events.iter().for_each(|e| f(e));
-                Ok(())
-            },
-            cfg,
-            now_ms,
-        )
+        let state = BackupState::fold(events.iter().copied())?;
+        let mut replay = |f: &mut dyn FnMut(&Event)| {
+            events.iter().for_each(|e| f(e));
+            Ok(())
+        };
+        Engine::resume_folded(state, &mut replay, cfg, now_ms)
     }
 
-    /// [`Engine::resume`] from a log read twice from its start, one event at a time — first to fold
-    /// it, then to rebuild the planning catalog — so that no `Vec` of every event is ever held: a
-    /// resumed backup of a million objects holds what its state needs, not its log.
-    pub fn resume_from(replay: &mut Replay<'_>, cfg: EngineConfig, now_ms: u64) -> Result<Engine, ResumeError> {
-        let mut state = BackupState::default();
-        let mut folded = Ok(());
-        replay(&mut |e| {
-            if folded.is_ok() {
-                folded = state.apply(e);
-            }
-        })
-        .map_err(ResumeError::Log)?;
-        folded?;
-        Engine::resume_folded(state, replay, cfg, now_ms)
-    }
-
-    /// [`Engine::resume_from`] for a shell that has already folded the log into `state` (while
-    /// opening it): the log is read once more, for the catalog.
+    /// [`Engine::resume`] for a shell that has already folded the log into `state` while it read
+    /// the log one record at a time ([`crate::state::Folding`]): the log is read once more, for the
+    /// catalog, so that no `Vec` of every event is ever held — a resumed backup of a million
+    /// objects holds what its state needs, not its log.
     pub fn resume_folded(
         state: BackupState,
         replay: &mut Replay<'_>,

@@ -323,7 +323,34 @@ impl BackupState {
         }
         Ok(s)
     }
+}
 
+/// [`BackupState::fold`] fed one event at a time, for a log read record by record (no `Vec` of
+/// its events): the first event that does not fold is the error, and what follows it is ignored.
+#[derive(Default)]
+pub struct Folding {
+    state: BackupState,
+    failed: Option<FoldError>,
+}
+
+impl Folding {
+    /// Folds the log's next event.
+    pub fn push(&mut self, e: &Event) {
+        if self.failed.is_none() {
+            self.failed = self.state.apply(e).err();
+        }
+    }
+
+    /// The state folded, or the first event that did not fold.
+    pub fn finish(self) -> Result<BackupState, FoldError> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.state),
+        }
+    }
+}
+
+impl BackupState {
     fn error(&mut self, message: String) {
         if self.seen.insert(message.clone()) {
             self.errors.push(message);
