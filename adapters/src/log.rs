@@ -80,10 +80,6 @@ pub struct OpenReport {
     pub cut_tail: Option<(Seq, String)>,
 }
 
-/// Stored records with their sequence numbers, or where reading them failed (how many records came
-/// before the bad key) and why.
-pub type Records = Result<Vec<(Seq, Vec<u8>)>, (usize, String)>;
-
 /// What [`LogMedium::scan`] calls with each record: its sequence number and bytes.
 pub type RecordVisitor<'a> = &'a mut dyn FnMut(Seq, &[u8]) -> Result<(), String>;
 
@@ -98,23 +94,16 @@ pub trait LogMedium: Send {
     fn read_name(&self) -> Result<Option<Vec<u8>>, String>;
     /// Stores the backup name (durable at the next flush).
     fn write_name(&mut self, name: &str) -> Result<(), String>;
-    /// Every record of backup `id`, in key order, with its sequence number; a key that is not a
-    /// record key is an error naming how many records came before it.
-    fn records(&self, id: u64) -> Records;
     /// Inserts (or replaces) a record; not durable until a flush.
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String>;
     /// Removes a record; not durable until a flush.
     fn remove(&mut self, id: u64, seq: Seq) -> Result<(), String>;
     /// A job that makes every insert and removal so far durable.
     fn flush_job(&self) -> FlushJob;
-    /// Calls `f` with every record of backup `id` in key order (as [`LogMedium::records`], one at a
-    /// time); stops at the first error, of the medium or of `f`.
-    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
-        for (seq, v) in self.records(id).map_err(|(_, m)| m)? {
-            f(seq, &v)?;
-        }
-        Ok(())
-    }
+    /// Calls `f` with every record of backup `id` in key order, with its sequence number, one at a
+    /// time (a key that is not a record key is an error); stops at the first error, of the medium or
+    /// of `f`.
+    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String>;
     /// Where the log's objects are spilled (`None`: held in memory).
     fn spill_path(&self) -> Option<PathBuf> {
         None
@@ -214,9 +203,9 @@ struct ReadThrough {
 /// Reads a log of `kind` one record at a time, holding none but the current one: `f` gets each
 /// good event in order (an error of `f`'s stops the read: [`LogError::Storage`]). The checks are
 /// the engine's [`RecordStream`] — sequence, checksums — and the end against the committed count
-/// ([`blockwise_engine::event::check_end`]'s rule); anything wrong is [`LogError::Damaged`] naming the log, the file and the
-/// record. One kernel for every log and every medium: the simulator's in-memory medium runs
-/// exactly these checks.
+/// ([`blockwise_engine::event::check_end`]'s rule); anything wrong is [`LogError::Damaged`] naming
+/// the log, the file and the record. One kernel for every log and every medium: the simulator's
+/// in-memory medium runs exactly these checks.
 fn read_through<M: LogMedium, T: serde::de::DeserializeOwned>(
     medium: &M,
     kind: &str,
@@ -1385,16 +1374,6 @@ impl LogMedium for SledMedium {
             self.db.insert(META_FORMAT_KEY, &[format][..]).map_err(|e| e.to_string())?;
             self.db.insert(META_NAME_KEY, name.as_bytes()).map(|_| ()).map_err(|e| e.to_string())
         })
-    }
-
-    fn records(&self, id: u64) -> Records {
-        let mut out = Vec::new();
-        self.scan(id, &mut |seq, bytes| {
-            out.push((seq, bytes.to_vec()));
-            Ok(())
-        })
-        .map_err(|m| (out.len(), m))?;
-        Ok(out)
     }
 
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use blockwise_adapters::log::{backup_id, FlushJob, LogMedium, Records};
+use blockwise_adapters::log::{backup_id, FlushJob, LogMedium, RecordVisitor};
 use blockwise_adapters::store::{StoreError, StoreMedium};
 use blockwise_adapters::world::{BoxFuture, Runtime};
 use blockwise_engine::event::Seq;
@@ -234,10 +234,13 @@ impl LogMedium for MemLog {
         Ok(())
     }
 
-    fn records(&self, id: u64) -> Records {
-        self.alive().map_err(|e| (0, e))?;
+    fn scan(&self, id: u64, f: RecordVisitor<'_>) -> Result<(), String> {
+        self.alive()?;
         let (_, records) = lock(&self.disk).view();
-        Ok(records.into_iter().filter(|((i, _), _)| *i == id).map(|((_, seq), v)| (seq, v)).collect())
+        for ((_, seq), v) in records.into_iter().filter(|((i, _), _)| *i == id) {
+            f(seq, &v)?;
+        }
+        Ok(())
     }
 
     fn insert(&mut self, id: u64, seq: Seq, bytes: &[u8]) -> Result<(), String> {
