@@ -125,25 +125,17 @@ fn parse_limit(text: &str) -> Option<u64> {
     t.parse::<u64>().ok().filter(|&l| l < UNLIMITED_FROM)
 }
 
-/// A `--memory-limit`: bytes, or a number with a unit — Kubernetes' `Ki`, `Mi`, `Gi`, `Ti` (powers
-/// of 1024) or `k`/`K`, `M`, `G`, `T` (powers of 1000).
+/// A `--memory-limit`: bytes, or a number with a unit — Kubernetes' `Ki`, `Mi`, `Gi`, `Ti`, `Pi`,
+/// `Ei` (powers of 1024) or `k`, `M`, `G`, `T` (powers of 1000; `K` too) — the engine's quantity
+/// units ([`blockwise_engine::snapshot::quantity_unit`]).
 pub fn parse_quantity(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 =
-        digits.parse().map_err(|_| format!("{s:?}: expected bytes or a number with Ki, Mi, Gi, Ti, K, M, G or T"))?;
-    let factor: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "k" | "K" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (Ki, Mi, Gi, Ti, K, M, G or T)")),
+    use blockwise_engine::snapshot::{quantity_unit, split_quantity};
+    const UNITS: &str = "Ki, Mi, Gi, Ti, Pi, Ei, K, M, G or T";
+    let (digits, unit) = split_quantity(s);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?}: expected bytes or a number with {UNITS}"))?;
+    let factor = match unit {
+        "K" => 1_000,
+        unit => quantity_unit(unit).ok_or_else(|| format!("{s:?}: unknown unit {unit:?} ({UNITS})"))?,
     };
     let bytes = n.checked_mul(factor).ok_or_else(|| format!("{s:?}: too large"))?;
     if bytes < 16 << 20 {
@@ -197,6 +189,7 @@ mod tests {
         assert_eq!(parse_quantity("1Gi"), Ok(1 << 30));
         assert_eq!(parse_quantity("500M"), Ok(500_000_000));
         assert_eq!(parse_quantity("268435456"), Ok(256 << 20));
+        assert_eq!(parse_quantity("20000K"), Ok(20_000_000));
         for bad in ["", "Mi", "12Xi", "1Ki", "-5Mi", "99999999999999999999Ti"] {
             assert!(parse_quantity(bad).is_err(), "{bad:?}");
         }

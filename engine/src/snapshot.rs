@@ -677,11 +677,20 @@ pub fn binary_quantity(bytes: u64) -> String {
 
 /// Parses a quantity (`10Gi`, `500M`, `1073741824`) to bytes.
 pub fn parse_quantity(q: &str) -> Option<u64> {
+    let (num, suffix) = split_quantity(q);
+    num.parse::<u64>().ok()?.checked_mul(quantity_unit(suffix)?)
+}
+
+/// A quantity's digits and its suffix, surrounding space trimmed.
+pub fn split_quantity(q: &str) -> (&str, &str) {
     let q = q.trim();
-    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match suffix {
+    q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()))
+}
+
+/// The bytes one unit of a quantity's suffix stands for: Kubernetes' binary `Ki`…`Ei` (powers of
+/// 1024) and decimal `k`, `M`, `G`, `T` (powers of 1000); no suffix is bytes.
+pub fn quantity_unit(suffix: &str) -> Option<u64> {
+    Some(match suffix {
         "" => 1,
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
@@ -694,8 +703,7 @@ pub fn parse_quantity(q: &str) -> Option<u64> {
         "G" => 1_000_000_000,
         "T" => 1_000_000_000_000,
         _ => return None,
-    };
-    n.checked_mul(mult)
+    })
 }
 
 /// Metadata fields that change while an object settles, or that a restore resets anyway.
