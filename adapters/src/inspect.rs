@@ -42,21 +42,28 @@ pub fn decompressed_limit(compressed: usize) -> u64 {
 
 /// A gzip stream decompressed under [`decompressed_limit`]: past it, reading fails with an error
 /// that names the limit (a gzip bomb is refused, not decompressed into memory).
-pub struct Bounded<'a> {
-    inner: flate2::read::MultiGzDecoder<&'a [u8]>,
+pub struct Bounded<R: Read> {
+    inner: flate2::read::MultiGzDecoder<R>,
     read: u64,
     limit: u64,
-    compressed: usize,
+    compressed: u64,
 }
 
-impl<'a> Bounded<'a> {
+impl<'a> Bounded<&'a [u8]> {
     /// Decompresses `gz`.
-    pub fn new(gz: &'a [u8]) -> Bounded<'a> {
+    pub fn new(gz: &'a [u8]) -> Bounded<&'a [u8]> {
+        Bounded::over(gz, gz.len() as u64)
+    }
+}
+
+impl<R: Read> Bounded<R> {
+    /// Decompresses the `compressed` bytes `gz` reads (a file's length, say).
+    pub fn over(gz: R, compressed: u64) -> Bounded<R> {
         Bounded {
             inner: flate2::read::MultiGzDecoder::new(gz),
             read: 0,
-            limit: decompressed_limit(gz.len()),
-            compressed: gz.len(),
+            limit: decompressed_limit(compressed.min(usize::MAX as u64) as usize),
+            compressed,
         }
     }
 
@@ -71,7 +78,7 @@ impl<'a> Bounded<'a> {
     }
 }
 
-impl Read for Bounded<'_> {
+impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.read >= self.limit {
             // One byte more would pass the limit: is there one?
@@ -201,14 +208,31 @@ fn check_item(path: &str, p: &ItemPath, bytes: &[u8], defects: &mut Vec<String>)
     }
 }
 
-/// The items of an archive, for a restore: each item once (its primary copy; an archive that
-/// holds only `<version>-preferredversion` copies, as some Velero versions write, gives those),
-/// unparsed. A damaged gzip or tar stream, or an entry outside Velero's layout, is an error naming
-/// it: a restore never starts from half an archive.
-pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run::ArchivedItem>, String> {
-    let mut primaries: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
-    let mut copies: BTreeMap<ItemId, Vec<u8>> = BTreeMap::new();
-    let mut tar = tar::Archive::new(Bounded::new(archive));
+/// One item entry of an archive, as [`for_each_item`] reads it.
+pub struct ArchiveEntry<'a> {
+    /// `<resource>[.<group>]`.
+    pub dir: &'a str,
+    /// Archived namespace (`None`: cluster-scoped).
+    pub namespace: Option<&'a str>,
+    /// Name.
+    pub name: &'a str,
+    /// Whether it is a `<version>-preferredversion` copy.
+    pub copy: bool,
+    /// The entry's bytes (UTF-8 checked).
+    pub json: &'a str,
+}
+
+/// Reads an archive's item entries one at a time, in the archive's order, each under
+/// [`ENTRY_BYTES_MAX`] and the whole under [`decompressed_limit`] of its `compressed` length: the
+/// reader a restore plans from without holding the archive. A damaged gzip or tar stream, an entry
+/// outside Velero's layout or one that is not UTF-8 is an error naming it: a restore never starts
+/// from half an archive. `each`'s error stops the reading and is returned.
+pub fn for_each_item(
+    archive: impl Read,
+    compressed: u64,
+    mut each: impl FnMut(ArchiveEntry<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut tar = tar::Archive::new(Bounded::over(archive, compressed));
     let entries = tar.entries().map_err(|e| format!("not a gzip tar archive: {e}"))?;
     let mut seen = 0usize;
     for entry in entries {
@@ -227,25 +251,46 @@ pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run
         let Some(p) = parse_path(&path) else {
             return Err(format!("{path}: unexpected entry (not resources/<resource>/…/<name>.json)"));
         };
-        let key = (p.gr, p.namespace, p.name);
-        match p.preferred {
-            None => primaries.insert(key, bytes),
-            Some(_) => copies.insert(key, bytes),
+        let Ok(json) = std::str::from_utf8(&bytes) else {
+            let place = p.namespace.as_ref().map_or_else(|| p.name.clone(), |ns| format!("{ns}/{}", p.name));
+            return Err(format!("{} {place}: the archived object is not UTF-8", p.gr));
         };
+        each(ArchiveEntry {
+            dir: &p.gr,
+            namespace: p.namespace.as_deref(),
+            name: &p.name,
+            copy: p.preferred.is_some(),
+            json,
+        })?;
     }
-    for (key, bytes) in copies {
-        primaries.entry(key).or_insert(bytes);
+    Ok(())
+}
+
+/// The items of an archive held in memory, each once (its primary copy; an archive that holds
+/// only `<version>-preferredversion` copies, as some Velero versions write, gives those), sorted.
+pub fn archive_items(archive: &[u8]) -> Result<Vec<blockwise_engine::restore_run::ArchivedItem>, String> {
+    let mut primaries: BTreeMap<ItemId, String> = BTreeMap::new();
+    let mut copies: BTreeMap<ItemId, String> = BTreeMap::new();
+    for_each_item(archive, archive.len() as u64, |e| {
+        let key = (e.dir.to_string(), e.namespace.map(str::to_string), e.name.to_string());
+        match e.copy {
+            false => primaries.insert(key, e.json.to_string()),
+            true => copies.insert(key, e.json.to_string()),
+        };
+        Ok(())
+    })?;
+    for (key, json) in copies {
+        primaries.entry(key).or_insert(json);
     }
-    primaries
+    Ok(primaries
         .into_iter()
-        .map(|((dir, namespace, name), bytes)| {
-            let json = String::from_utf8(bytes).map_err(|_| {
-                let place = namespace.as_ref().map_or_else(|| name.clone(), |ns| format!("{ns}/{name}"));
-                format!("{dir} {place}: the archived object is not UTF-8")
-            })?;
-            Ok(blockwise_engine::restore_run::ArchivedItem { dir, namespace, name, json })
+        .map(|((dir, namespace, name), json)| blockwise_engine::restore_run::ArchivedItem {
+            dir,
+            namespace,
+            name,
+            json,
         })
-        .collect()
+        .collect())
 }
 
 /// The CSI companion files of a backup (gzipped JSON arrays, as stored), each if there is one.

@@ -800,24 +800,56 @@ impl<'a> BackupFiles<'a> {
     }
 }
 
-/// A restore's `describe -o json` (and its live view): Velero's Restore status names where it has
-/// one (`phase`, `progress.itemsRestored`/`totalItems`, `warnings`, `errors`), counts per resource,
-/// skips and the results per namespace.
-pub fn restore_json(s: &blockwise_engine::restore_run::RestoreState) -> Value {
+/// A restore as `restore describe -o json` shows it and its live view (`status.json`) records
+/// it; [`restore_json`] makes the JSON value, [`write_restore_json`] streams it (the skipped items
+/// — tens of thousands in a large restore — one at a time, never a value of them all).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreView<'a> {
+    name: &'a str,
+    backup_name: &'a str,
+    source: &'a str,
+    phase: String,
+    start_timestamp: String,
+    completion_timestamp: Option<String>,
+    workers: u32,
+    spec: Value,
+    archive_sha256: &'a Option<String>,
+    progress: Value,
+    resources: &'a BTreeMap<String, blockwise_engine::restore_run::Counts>,
+    skipped: SkippedView<'a>,
+    filtered: u32,
+    warnings: usize,
+    errors: usize,
+    failure_reason: &'a Option<String>,
+    results: Value,
+}
+
+/// The skipped items, serialized one at a time.
+struct SkippedView<'a>(&'a [blockwise_engine::restore_run::Skip]);
+
+impl serde::Serialize for SkippedView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct One<'b> {
+            item: String,
+            reason: &'b str,
+        }
+        s.collect_seq(self.0.iter().map(|k| One { item: k.item.to_string(), reason: &k.reason }))
+    }
+}
+
+fn restore_view(s: &blockwise_engine::restore_run::RestoreState) -> RestoreView<'_> {
     let spec = &s.spec;
-    let resources: serde_json::Map<String, Value> =
-        s.by_resource.iter().map(|(r, c)| (r.clone(), serde_json::to_value(c).unwrap_or(Value::Null))).collect();
-    let skipped: Vec<Value> =
-        s.skipped.iter().map(|k| json!({"item": k.item.to_string(), "reason": k.reason})).collect();
-    json!({
-        "name": spec.name,
-        "backupName": spec.backup_name,
-        "source": s.source,
-        "phase": s.phase().to_string(),
-        "startTimestamp": rfc3339(s.started_ms),
-        "completionTimestamp": s.finished_ms.map(rfc3339),
-        "workers": s.workers,
-        "spec": {
+    RestoreView {
+        name: &spec.name,
+        backup_name: &spec.backup_name,
+        source: &s.source,
+        phase: s.phase().to_string(),
+        start_timestamp: rfc3339(s.started_ms),
+        completion_timestamp: s.finished_ms.map(rfc3339),
+        workers: s.workers,
+        spec: json!({
             "includedNamespaces": spec.included_namespaces,
             "excludedNamespaces": spec.excluded_namespaces,
             "includedResources": spec.included_resources,
@@ -826,17 +858,32 @@ pub fn restore_json(s: &blockwise_engine::restore_run::RestoreState) -> Value {
             "existingResourcePolicy": spec.existing_resource_policy.as_str(),
             "restorePVs": spec.restore_volumes,
             "labelSelector": spec.label_selector,
-        },
-        "archiveSha256": s.archive_sha256,
-        "progress": {"totalItems": s.items, "itemsRestored": s.done.len()},
-        "resources": resources,
-        "skipped": skipped,
-        "filtered": s.filtered,
-        "warnings": s.warnings.len(),
-        "errors": s.errors.len(),
-        "failureReason": s.failure,
-        "results": {"warnings": s.warnings, "errors": s.errors},
-    })
+        }),
+        archive_sha256: &s.archive_sha256,
+        progress: json!({"totalItems": s.items, "itemsRestored": s.done.len()}),
+        resources: &s.by_resource,
+        skipped: SkippedView(&s.skipped),
+        filtered: s.filtered,
+        warnings: s.warnings.len(),
+        errors: s.errors.len(),
+        failure_reason: &s.failure,
+        results: json!({"warnings": s.warnings, "errors": s.errors}),
+    }
+}
+
+/// A restore's `describe -o json` (and its live view): Velero's Restore status names where it has
+/// one (`phase`, `progress.itemsRestored`/`totalItems`, `warnings`, `errors`), counts per resource,
+/// skips and the results per namespace.
+pub fn restore_json(s: &blockwise_engine::restore_run::RestoreState) -> Value {
+    serde_json::to_value(restore_view(s)).unwrap_or(Value::Null)
+}
+
+/// [`restore_json`] written to `w` as it is made (pretty), for the live view.
+pub fn write_restore_json(
+    w: impl std::io::Write,
+    s: &blockwise_engine::restore_run::RestoreState,
+) -> serde_json::Result<()> {
+    serde_json::to_writer_pretty(w, &restore_view(s))
 }
 
 /// `restore describe` as text, from [`restore_json`] (so a live view renders the same way).

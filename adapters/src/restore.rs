@@ -2,7 +2,8 @@
 //! restores in a data directory.
 //!
 //! [`drive_restore`] is the one restore driver, run by `blockwise restore create|resume` and by the
-//! simulator's round trips alike. It reads the archive, plans it ([`plan_restore`]; the `Planned`
+//! simulator's round trips alike. It reads the archive once, as a stream, spilling each item's JSON
+//! and planning it ([`plan_archive`]; the `Planned`
 //! event pins the archive's sha256, so a resume refuses an archive that changed), then creates the
 //! plan stage by stage in Velero's resource order: within a stage, windows of at most
 //! [`WINDOW_PER_WORKER`]` × workers` items, whose `CreatesStarted` intent is made durable before
@@ -19,6 +20,8 @@
 //! <data-dir>/restores/<name>/log/          the sled event log (the restore's truth)
 //! <data-dir>/restores/<name>/restore.json  where the archive and the cluster are (no credentials)
 //! <data-dir>/restores/<name>/status.json   live view for describe/get while a run holds the log
+//! <data-dir>/restores/<name>/spill          the archived objects planned, during a run
+//! <data-dir>/restores/<name>/archive.tar.gz a store's archive, downloaded for a run
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,8 +32,8 @@ use blockwise_engine::event::{decode_record_of, encode_record_of, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::restore_run::{
-    plan_restore, restored_by, update_patch, with_restore_uid, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent,
-    RestorePhase, RestorePlan, RestoreSpec, RestoreState,
+    restored_by, update_patch, with_restore_uid, BodyAt, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent,
+    RestorePhase, RestorePlan, RestorePlanner, RestoreSpec, RestoreState,
 };
 use blockwise_engine::{ItemKey, ResourceType};
 use futures::StreamExt;
@@ -165,20 +168,150 @@ impl<M: LogMedium> Run<'_, M> {
     }
 }
 
-/// The sha256 of an archive, hex.
-pub fn archive_digest(archive: &[u8]) -> String {
-    Sha256::digest(archive).iter().map(|b| format!("{b:02x}")).collect()
+/// Where a restore keeps the archived objects it planned until it creates them: the archive is
+/// read once, each item's JSON appended here, and read back (by offset) for its create — so a
+/// restore holds what planning needs (a few dozen bytes an item), never the archive or its objects.
+/// `restore create|resume` spill to a file in the restore's directory, removed after the run; the
+/// simulator's round trips to memory.
+pub enum Spill {
+    /// In memory.
+    Memory(Vec<u8>),
+    /// A file (written once, then read at offsets).
+    File {
+        /// The open file.
+        file: std::fs::File,
+        /// Its path, for messages.
+        path: PathBuf,
+        /// Bytes written.
+        len: u64,
+        /// Writes not yet in the file.
+        pending: Vec<u8>,
+    },
 }
 
-/// Reads and plans an archive for `spec`.
-pub fn plan_archive(spec: &RestoreSpec, archive: &[u8]) -> Result<RestorePlan, String> {
-    plan_restore(spec, crate::inspect::archive_items(archive)?).map_err(|e| e.to_string())
+/// What one append to the file spill gathers before it writes.
+const SPILL_BUFFER: usize = 1 << 20;
+
+impl Spill {
+    /// A file spill at `path` (replacing one an earlier run left).
+    pub fn file(path: &Path) -> std::io::Result<Spill> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
+        Ok(Spill::File { file, path: path.to_path_buf(), len: 0, pending: Vec::new() })
+    }
+
+    /// Appends `bytes`; where they are.
+    fn put(&mut self, bytes: &[u8]) -> Result<BodyAt, String> {
+        let len = u32::try_from(bytes.len()).map_err(|_| "an archived object of more than 4 GiB".to_string())?;
+        match self {
+            Spill::Memory(v) => {
+                let offset = v.len() as u64;
+                v.extend_from_slice(bytes);
+                Ok(BodyAt { offset, len })
+            }
+            Spill::File { len: written, pending, .. } => {
+                let offset = *written + pending.len() as u64;
+                pending.extend_from_slice(bytes);
+                if pending.len() >= SPILL_BUFFER {
+                    self.write_pending()?;
+                }
+                Ok(BodyAt { offset, len })
+            }
+        }
+    }
+
+    /// Writes what `put` gathered.
+    fn write_pending(&mut self) -> Result<(), String> {
+        use std::io::Write;
+        if let Spill::File { file, path, len, pending } = self {
+            file.write_all(pending).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            *len += pending.len() as u64;
+            pending.clear();
+        }
+        Ok(())
+    }
+
+    /// The bytes at `at`.
+    fn get(&self, at: BodyAt) -> Result<String, String> {
+        let bytes = match self {
+            Spill::Memory(v) => {
+                let range = at.offset as usize..at.offset as usize + at.len as usize;
+                v.get(range).ok_or_else(|| format!("no spilled object at {}", at.offset))?.to_vec()
+            }
+            Spill::File { file, path, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; at.len as usize];
+                file.read_exact_at(&mut buf, at.offset).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                buf
+            }
+        };
+        String::from_utf8(bytes).map_err(|_| format!("the spilled object at {} is not UTF-8", at.offset))
+    }
 }
 
-fn key_of(item: &PlannedItem) -> ItemKey {
-    match &item.target.namespace {
-        Some(ns) => ItemKey::namespaced(&item.gr.group, &item.gr.resource, ns, &item.target.name),
-        None => ItemKey::cluster(&item.gr.group, &item.gr.resource, &item.target.name),
+/// Counts what it reads into a sha256.
+struct Hashing<R> {
+    inner: R,
+    digest: Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.digest.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A 128-bit digest of an item's identity: which primary copies were read (the preferred-version
+/// copy of one is then not read at all). Distinct identities share one with a probability of about
+/// n²/2¹²⁹ — below 10⁻²⁷ for ten million items.
+fn identity_digest(dir: &str, namespace: Option<&str>, name: &str) -> u128 {
+    let mut d = Sha256::new();
+    for part in [dir, namespace.unwrap_or("\0"), name] {
+        d.update((part.len() as u64).to_le_bytes());
+        d.update(part.as_bytes());
+    }
+    let out = d.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&out[..16]);
+    u128::from_le_bytes(first)
+}
+
+/// Reads the gzipped archive `archive` (`compressed` bytes) once, item by item, spilling each
+/// item's JSON to `spill` and planning it for `spec`; the plan and the archive's sha256.
+pub fn plan_archive(
+    spec: &RestoreSpec,
+    archive: impl std::io::Read,
+    compressed: u64,
+    spill: &mut Spill,
+) -> Result<(RestorePlan, String), String> {
+    let mut planner = RestorePlanner::new(spec).map_err(|e| e.to_string())?;
+    let mut hashing = Hashing { inner: archive, digest: Sha256::new() };
+    let mut primaries: std::collections::HashSet<u128> = std::collections::HashSet::new();
+    crate::inspect::for_each_item(&mut hashing, compressed, |e| {
+        let id = identity_digest(e.dir, e.namespace, e.name);
+        if e.copy && primaries.contains(&id) {
+            return Ok(());
+        }
+        if !e.copy {
+            primaries.insert(id);
+        }
+        let at = spill.put(e.json.as_bytes())?;
+        planner.add(e.dir, e.namespace, e.name, e.json, at, e.copy);
+        Ok(())
+    })?;
+    spill.write_pending()?;
+    // The digest is of every byte, also those after the tar's end.
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| format!("reading the archive: {e}"))?;
+    let digest = hashing.digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((planner.plan(), digest))
+}
+
+fn key_of(plan: &RestorePlan, item: &PlannedItem) -> ItemKey {
+    let gr = &plan.item_type(item).gr;
+    match &item.namespace {
+        Some(ns) => ItemKey::namespaced(&gr.group, &gr.resource, ns, &item.name),
+        None => ItemKey::cluster(&gr.group, &gr.resource, &item.name),
     }
 }
 
@@ -186,16 +319,18 @@ fn key_of(item: &PlannedItem) -> ItemKey {
 async fn existing(
     cluster: &dyn Cluster,
     rt: &ResourceType,
-    item: &PlannedItem,
+    planned: Planned<'_>,
+    body: &Value,
     found: &str,
-    spec: &RestoreSpec,
     uid: Option<&str>,
 ) -> Result<ItemOutcome, String> {
+    let Planned { plan, item, spec } = planned;
     let found: Value = serde_json::from_str(found).unwrap_or(Value::Null);
     if restored_by(&found, &spec.name, uid) {
         return Ok(ItemOutcome::Created);
     }
-    if item.gr.group.is_empty() && item.gr.resource == "namespaces" {
+    let gr = &plan.item_type(item).gr;
+    if gr.group.is_empty() && gr.resource == "namespaces" {
         // Velero: a namespace that exists is used as it is, without a warning.
         return Ok(ItemOutcome::Existed { warning: None });
     }
@@ -203,32 +338,50 @@ async fn existing(
         ExistingPolicy::None => Ok(ItemOutcome::Existed {
             warning: Some(format!(
                 "could not restore {}: it already exists in the cluster (existing-resource-policy none)",
-                item.target
+                plan.target(item)
             )),
         }),
         ExistingPolicy::Update => {
-            let patch = update_patch(&item.body).to_string();
-            match cluster.patch(rt, &key_of(item), &patch).await {
+            let patch = update_patch(body).to_string();
+            match cluster.patch(rt, &key_of(plan, item), &patch).await {
                 Ok(_) => Ok(ItemOutcome::Updated),
                 Err(ClusterError::Unavailable(m)) => Err(m),
                 Err(e) => Ok(ItemOutcome::Existed {
-                    warning: Some(format!("could not update {} to the backed-up version: {e}", item.target)),
+                    warning: Some(format!("could not update {} to the backed-up version: {e}", plan.target(item))),
                 }),
             }
         }
     }
 }
 
-/// Restores one item: `Err` only when the cluster stays unavailable (the run stops).
+/// One planned item, with its plan and the restore's spec.
+#[derive(Clone, Copy)]
+struct Planned<'a> {
+    plan: &'a RestorePlan,
+    item: &'a PlannedItem,
+    spec: &'a RestoreSpec,
+}
+
+/// Restores one item, its body read back from `spill`: `Err` only when the cluster stays
+/// unavailable (the run stops).
 async fn restore_item(
     cluster: &dyn Cluster,
     rt: &ResourceType,
-    item: &PlannedItem,
+    planned: Planned<'_>,
+    spill: &Spill,
     look_first: bool,
-    spec: &RestoreSpec,
     uid: Option<&str>,
 ) -> Result<ItemOutcome, String> {
-    let key = key_of(item);
+    let Planned { plan, item, .. } = planned;
+    let made = match item.archived {
+        Some(at) => spill.get(at).and_then(|json| plan.body(item, Some(&json))),
+        None => plan.body(item, None),
+    };
+    let body = match made {
+        Ok(body) => body,
+        Err(error) => return Ok(ItemOutcome::Failed { error: format!("making the object to create: {error}") }),
+    };
+    let key = key_of(plan, item);
     let get = |rt: ResourceType, key: ItemKey| async move {
         match cluster.get(&rt, &key).await {
             Ok(found) => Ok(found),
@@ -238,19 +391,20 @@ async fn restore_item(
     };
     if look_first {
         match get(rt.clone(), key.clone()).await {
-            Ok(Some(found)) => return existing(cluster, rt, item, &found, spec, uid).await,
+            Ok(Some(found)) => return existing(cluster, rt, planned, &body, &found, uid).await,
             Ok(None) => {}
             Err(end) => return end,
         }
     }
-    let body = match uid {
-        Some(u) => with_restore_uid(&item.body, u),
-        None => item.body.clone(),
+    // The annotation goes on the create only (an update patches the backed-up version).
+    let sent = match uid {
+        Some(u) => with_restore_uid(&body, u).to_string(),
+        None => body.to_string(),
     };
-    match cluster.create(rt, item.target.namespace.as_deref(), &body.to_string()).await {
+    match cluster.create(rt, item.namespace.as_deref(), &sent).await {
         Ok(_) => Ok(ItemOutcome::Created),
         Err(ClusterError::AlreadyExists(m)) => match get(rt.clone(), key).await {
-            Ok(Some(found)) => existing(cluster, rt, item, &found, spec, uid).await,
+            Ok(Some(found)) => existing(cluster, rt, planned, &body, &found, uid).await,
             Ok(None) => Ok(ItemOutcome::Failed {
                 error: format!("the create answered AlreadyExists ({m}), yet it is not there"),
             }),
@@ -294,12 +448,31 @@ async fn await_established(world: &RestoreWorld, crds: &[ItemKey]) -> Result<(),
     Ok(())
 }
 
+/// The archive a restore run reads: a reader of its gzipped bytes, how many there are, and where
+/// the run spills the objects it plans until it creates them.
+pub struct ArchiveInput<'a> {
+    /// The gzipped archive.
+    pub reader: &'a mut (dyn std::io::Read + Send),
+    /// Its length in bytes (bounds what it may decompress to).
+    pub len: u64,
+    /// Where the planned objects wait for their creates.
+    pub spill: &'a mut Spill,
+}
+
+impl<'a> ArchiveInput<'a> {
+    /// An archive held in memory, spilled to `spill`.
+    pub fn bytes(archive: &'a mut &'a [u8], spill: &'a mut Spill) -> ArchiveInput<'a> {
+        let len = archive.len() as u64;
+        ArchiveInput { reader: archive, len, spill }
+    }
+}
+
 /// Drives a restore to its end (see the module docs). `state` is the fold of `log`; `archive` the
-/// bytes of the archive its request names.
+/// archive its request names, read once.
 pub async fn drive_restore<M: LogMedium>(
     log: &mut RestoreLog<M>,
     state: &mut RestoreState,
-    archive: &[u8],
+    archive: ArchiveInput<'_>,
     world: &RestoreWorld,
     observer: &mut dyn RestoreObserver,
     uid: Option<&str>,
@@ -310,33 +483,35 @@ pub async fn drive_restore<M: LogMedium>(
     let spec = state.spec.clone();
     let workers = state.workers.max(1) as usize;
     let mut run = Run { log, state, observer, world };
-    let digest = archive_digest(archive);
+    let ArchiveInput { reader, len, spill } = archive;
     // An archive that cannot be read, or is not the one planned, will not mend by waiting: the
     // restore fails (also one half done), with the reason in its log.
-    let checked = match (plan_archive(&spec, archive), run.state.archive_sha256.clone()) {
+    let checked = match (plan_archive(&spec, reader, len, spill), run.state.archive_sha256.clone()) {
         (Err(e), _) => Err(format!("the archive cannot be read: {e}")),
-        (Ok(plan), Some(recorded)) if recorded != digest || plan.items.len() as u32 != run.state.items => {
+        (Ok((plan, digest)), Some(recorded)) if recorded != digest || plan.items.len() as u32 != run.state.items => {
             Err(format!("the archive changed since the restore planned it (sha256 {recorded}, now {digest})"))
         }
-        (Ok(plan), recorded) => Ok((plan, recorded)),
+        (Ok((plan, digest)), recorded) => Ok((plan, digest, recorded)),
     };
+    let spill: &Spill = spill;
     let plan = match checked {
         Err(error) => {
             run.append(RestoreEvent::RestoreFailed { error, at_ms: world.runtime.now_ms() })?;
             return run.flush().await;
         }
-        Ok((plan, Some(_))) => plan,
-        Ok((plan, None)) => {
+        Ok((plan, _, Some(_))) => plan,
+        Ok((mut plan, digest, None)) => {
             let mut planned: BTreeMap<String, u32> = BTreeMap::new();
             for i in &plan.items {
-                *planned.entry(i.target.resource.clone()).or_default() += 1;
+                *planned.entry(plan.item_type(i).dir.clone()).or_default() += 1;
             }
             run.append(RestoreEvent::Planned {
                 archive_sha256: digest,
                 items: plan.items.len() as u32,
                 planned,
-                skipped: plan.skipped.clone(),
-                invalid: plan.invalid.clone(),
+                // The run needs neither list again: the event takes them.
+                skipped: std::mem::take(&mut plan.skipped),
+                invalid: std::mem::take(&mut plan.invalid),
                 filtered: plan.filtered as u32,
                 at_ms: world.runtime.now_ms(),
             })?;
@@ -360,7 +535,7 @@ pub async fn drive_restore<M: LogMedium>(
                     let item = &plan.items[i as usize];
                     run.append(RestoreEvent::ItemRestored {
                         item: i,
-                        target: item.target.clone(),
+                        target: plan.target(item),
                         outcome: ItemOutcome::Failed { error: format!("the cluster does not serve {gr}") },
                         at_ms: world.runtime.now_ms(),
                     })?;
@@ -376,17 +551,19 @@ pub async fn drive_restore<M: LogMedium>(
             let mut creates = Vec::with_capacity(window.len());
             for &i in window {
                 let item = &plan.items[i as usize];
-                let rt = ResourceType { version: item.version.clone(), kind: item.kind.clone(), ..served.clone() };
+                let ty = plan.item_type(item);
+                let rt = ResourceType { version: ty.version.clone(), kind: ty.kind.clone(), ..served.clone() };
                 let look = earlier.contains(&i) && !mutation::active(Mutation::RestoreSkipsLookup);
-                let (cluster, spec) = (world.cluster.clone(), &spec);
-                creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, item, look, spec, uid).await) });
+                let cluster = world.cluster.clone();
+                let planned = Planned { plan: &plan, item, spec: &spec };
+                creates.push(async move { (i, restore_item(cluster.as_ref(), &rt, planned, spill, look, uid).await) });
             }
             let mut done = futures::stream::iter(creates).buffer_unordered(workers);
             let mut unavailable = None;
             while let Some((i, outcome)) = done.next().await {
                 match outcome {
                     Ok(outcome) => {
-                        let target = plan.items[i as usize].target.clone();
+                        let target = plan.target(&plan.items[i as usize]);
                         let at_ms = world.runtime.now_ms();
                         run.append(RestoreEvent::ItemRestored { item: i, target, outcome, at_ms })?;
                     }
@@ -405,7 +582,7 @@ pub async fn drive_restore<M: LogMedium>(
                 .filter(
                     |i| matches!(run.state.done.get(&(*i as u32)), Some(o) if !matches!(o, ItemOutcome::Failed { .. })),
                 )
-                .map(|i| key_of(&plan.items[i]))
+                .map(|i| key_of(&plan, &plan.items[i]))
                 .collect();
             await_established(world, &crds).await?;
             types = discover(world.cluster.as_ref()).await?;
@@ -449,24 +626,31 @@ impl std::fmt::Display for ArchiveSource {
 }
 
 impl ArchiveSource {
-    /// Reads the archive's bytes.
-    pub async fn load(&self, data: &DataDir) -> Result<Vec<u8>, SessionError> {
-        match self {
-            ArchiveSource::File { path } => std::fs::read(path).map_err(|e| SessionError::File {
-                what: "reading the archive",
-                path: path.clone(),
-                message: e.to_string(),
-            }),
+    /// Opens the archive for a run: the named file, or the store's archive downloaded (streamed)
+    /// to `download` — a restore never holds the archive in memory.
+    pub async fn open(&self, data: &DataDir, download: &Path) -> Result<(std::fs::File, u64), SessionError> {
+        let path = match self {
+            ArchiveSource::File { path } => path.clone(),
             ArchiveSource::Backup { name, storage } => {
                 let store = data.open_store(storage)?;
-                let file = format!("{name}.tar.gz");
-                store.get_file(name, &file).await?.ok_or_else(|| SessionError::File {
-                    what: "reading the archive",
-                    path: PathBuf::from(store.archive_location(name)),
-                    message: "the backup has no archive there (is it finished?)".into(),
-                })
+                if !store.download_file(name, &format!("{name}.tar.gz"), download).await? {
+                    return Err(SessionError::File {
+                        what: "reading the archive",
+                        path: PathBuf::from(store.archive_location(name)),
+                        message: "the backup has no archive there (is it finished?)".into(),
+                    });
+                }
+                download.to_path_buf()
             }
-        }
+        };
+        let err = |e: std::io::Error| SessionError::File {
+            what: "reading the archive",
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let file = std::fs::File::open(&path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        Ok((file, len))
     }
 }
 
@@ -675,7 +859,9 @@ impl RestoreSession {
     ) -> Result<RestoreState, RestoreRunError> {
         let runtime: Arc<dyn Runtime> = Arc::new(crate::world::TokioRuntime);
         if self.state.finished_ms.is_none() {
-            let archive = match self.files.archive.load(&self.data).await {
+            let dir = self.data.restore_dir(&self.name);
+            let (download, spilled) = (dir.join("archive.tar.gz"), dir.join("spill"));
+            let (archive, len) = match self.files.archive.open(&self.data, &download).await {
                 Ok(a) => a,
                 // The store unreachable: the run stops, and is resumed once it answers.
                 Err(SessionError::Store(e)) if e.is_transient() => return Err(RestoreRunError::Archive(e.to_string())),
@@ -705,8 +891,23 @@ impl RestoreSession {
             let mut live = RestoreLive { dir: self.data.restore_dir(&self.name), last_ms: 0, inner: observer };
             live.write(&self.state);
             let uid = self.files.uid.as_deref();
-            let result = drive_restore(&mut self.log, &mut self.state, &archive, &world, &mut live, uid).await;
+            let result = match Spill::file(&spilled) {
+                Ok(mut spill) => {
+                    let mut reader = std::io::BufReader::with_capacity(1 << 16, archive);
+                    let input = ArchiveInput { reader: &mut reader, len, spill: &mut spill };
+                    drive_restore(&mut self.log, &mut self.state, input, &world, &mut live, uid).await
+                }
+                Err(e) => Err(RestoreRunError::Archive(format!("creating {}: {e}", spilled.display()))),
+            };
             live.write(&self.state);
+            // What the run downloaded and spilled is read again by the next run, not kept.
+            for leftover in [&download, &spilled] {
+                if let Err(e) = std::fs::remove_file(leftover) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("removing {}: {e}", leftover.display());
+                    }
+                }
+            }
             result?;
         }
         Ok(self.state)
@@ -722,11 +923,12 @@ struct RestoreLive<'a> {
 
 impl RestoreLive<'_> {
     fn write(&mut self, state: &RestoreState) {
-        let view = crate::report::restore_json(state);
-        if let Ok(bytes) = serde_json::to_vec_pretty(&view) {
-            if let Err(e) = crate::store::write_atomic(&self.dir.join("status.json"), &bytes) {
-                tracing::warn!("writing the live status of the restore: {e}");
-            }
+        // Streamed: a large restore's view (its skipped items) is never held whole.
+        let written = crate::store::write_atomic_with(&self.dir.join("status.json"), |w| {
+            crate::report::write_restore_json(w, state).map_err(std::io::Error::other)
+        });
+        if let Err(e) = written {
+            tracing::warn!("writing the live status of the restore: {e}");
         }
     }
 }

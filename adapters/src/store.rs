@@ -678,12 +678,22 @@ pub(crate) fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes (buffered): a file made as it is written, never held
+/// whole in memory.
+pub(crate) fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
     let dir = parent_dir(path);
     create_dirs(dir)?;
     let tmp = temp_path(dir);
-    let written = File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = std::io::BufWriter::new(f);
+        write(&mut w)?;
+        w.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()
     });
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);

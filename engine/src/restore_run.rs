@@ -1,5 +1,5 @@
 //! A restore as data (issue 13): its spec, its plan, its events and their fold — pure, like the
-//! backup's engine. The shell (`adapters/src/restore.rs`) reads the archive, asks [`plan_restore`]
+//! backup's engine. The shell (`adapters/src/restore.rs`) reads the archive, asks [`RestorePlanner`]
 //! what to create in which order, records an intent ([`RestoreEvent::CreatesStarted`]) before it
 //! sends a create and the outcome ([`RestoreEvent::ItemRestored`]) after; [`RestoreState::fold`]
 //! of the log is the restore's state, so a killed restore resumes where it stopped: an item with a
@@ -201,19 +201,53 @@ impl std::fmt::Display for RestoreRef {
     }
 }
 
-/// One object the restore creates.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlannedItem {
-    /// What it is.
-    pub target: RestoreRef,
+/// Where the caller keeps an archived item's JSON: opaque to the planner, handed back with each
+/// planned item so that the body is read again when the item is created — a restore holds no
+/// archived object longer than its create (the shell's spill file: offset and length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BodyAt {
+    /// Offset (or any position the caller understands).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// The resource, version and kind that planned items share (items hold an index to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemType {
+    /// `<resource>[.<group>]`, the archive's directory.
+    pub dir: String,
     /// Its group/resource.
     pub gr: GroupResource,
     /// The version of its `apiVersion`.
     pub version: String,
     /// Its kind.
     pub kind: String,
-    /// The prepared object to create.
-    pub body: Value,
+}
+
+/// What is done to an archived object, beyond [`prepare`], before its create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    None,
+    /// A claim whose volume is provisioned anew: its `spec.volumeName` goes.
+    Unbind,
+    /// A claim provisioned from a snapshot, or the snapshot objects it is provisioned from
+    /// (`--restore-volumes`): index in [`RestorePlan::provisions`].
+    Provision(u32),
+}
+
+/// One object the restore creates: its identity, and where its archived JSON is — the body is
+/// made when it is created ([`RestorePlan::body`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedItem {
+    ty: u32,
+    /// The namespace it is restored into (`None`: cluster-scoped).
+    pub namespace: Option<Box<str>>,
+    /// Its name (a Namespace's, mapped).
+    pub name: Box<str>,
+    /// Where its archived JSON is; `None` for a namespace the plan ensures (made from nothing).
+    pub archived: Option<BodyAt>,
+    edit: Edit,
     /// A namespace the restore creates because something restored lives in it and the archive
     /// (or the filters) do not bring its Namespace object: it existing already is no warning.
     pub ensured: bool,
@@ -228,9 +262,11 @@ pub struct Skip {
     pub reason: String,
 }
 
-/// What [`plan_restore`] decided.
+/// What the planner decided.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RestorePlan {
+    /// The types of `items`.
+    pub types: Vec<ItemType>,
     /// What to create, in order; stage boundaries in `stages`.
     pub items: Vec<PlannedItem>,
     /// Runs of `items` of one resource, in restore order: a stage is created after every earlier
@@ -242,6 +278,50 @@ pub struct RestorePlan {
     pub invalid: Vec<Skip>,
     /// Archived items the filters left out.
     pub filtered: usize,
+    naming: RestoreNaming,
+    restore_volumes: bool,
+    /// Claims provisioned from snapshots: (archived namespace, what).
+    provisions: Vec<(String, VolumeFromSnapshot)>,
+}
+
+impl RestorePlan {
+    /// An item's resource, version and kind.
+    pub fn item_type(&self, item: &PlannedItem) -> &ItemType {
+        &self.types[item.ty as usize]
+    }
+
+    /// What an item is, as the log records it.
+    pub fn target(&self, item: &PlannedItem) -> RestoreRef {
+        RestoreRef {
+            resource: self.item_type(item).dir.clone(),
+            namespace: item.namespace.as_deref().map(str::to_string),
+            name: item.name.to_string(),
+        }
+    }
+
+    /// The object to create for `item` from its archived JSON (`archived`: the bytes at
+    /// [`PlannedItem::archived`]; `None` for an ensured namespace): prepared ([`prepare`]), its
+    /// claim unbound or provisioned from its snapshot as the plan decided. An archived JSON that
+    /// no longer reads as it did when planned is an error naming what is wrong.
+    pub fn body(&self, item: &PlannedItem, archived: Option<&str>) -> Result<Value, String> {
+        let ty = self.item_type(item);
+        let Some(json) = archived else {
+            return Ok(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": &*item.name}}));
+        };
+        let mut obj: Value = serde_json::from_str(json).map_err(|e| format!("the archived object is not JSON: {e}"))?;
+        if item.edit == Edit::Unbind {
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                spec.remove("volumeName");
+            }
+        }
+        prepare(&ty.gr, &mut obj, &self.naming).map_err(|e| e.reason)?;
+        if let (true, Edit::Provision(i)) = (self.restore_volumes, item.edit) {
+            if let Some((ns, v)) = self.provisions.get(i as usize) {
+                pre_provision(&ty.gr, &mut obj, ns, v, &self.naming);
+            }
+        }
+        Ok(obj)
+    }
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
@@ -260,16 +340,6 @@ fn version_of(api_version: &str) -> String {
     api_version.rsplit('/').next().unwrap_or(api_version).to_string()
 }
 
-/// A parsed archived item.
-struct Parsed {
-    gr: GroupResource,
-    namespace: Option<String>,
-    name: String,
-    kind: String,
-    version: String,
-    obj: Value,
-}
-
 fn is_core(gr: &GroupResource, resource: &str) -> bool {
     gr.group.is_empty() && gr.resource == resource
 }
@@ -279,7 +349,9 @@ fn is_snapshot(gr: &GroupResource, resource: &str) -> bool {
 }
 
 /// The snapshot a claim is provisioned from under `--restore-volumes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct VolumeFromSnapshot {
+    claim: String,
     snapshot: String,
     content: String,
     handle: String,
@@ -287,264 +359,438 @@ struct VolumeFromSnapshot {
     class: Option<String>,
 }
 
-/// Plans a restore of `archive` under `spec` (see the module docs and `docs/restore.md`): the
-/// filters, the rules that skip, the preparation of each object, Velero's order. Deterministic:
-/// the same archive and spec give the same plan, whatever the order of `archive`. A spec that does
-/// not validate — a selector that does not parse, above all, which would otherwise select
-/// everything — is an error, never a wider restore.
-pub fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<RestorePlan, SpecError> {
-    spec.validate()?;
-    let naming = spec.naming();
-    let selector = spec.label_selector.as_deref().map(LabelSelector::parse).transpose()?;
-    let mut plan = RestorePlan::default();
-    let mut parsed: Vec<Parsed> = Vec::new();
-    for a in archive {
-        let gr = dir_group_resource(&a.dir);
-        let archived_ref = RestoreRef { resource: a.dir.clone(), namespace: a.namespace.clone(), name: a.name.clone() };
-        let obj: Value = match serde_json::from_str(&a.json) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                plan.invalid
-                    .push(Skip { item: archived_ref, reason: "the archived object is not a JSON object".into() });
-                continue;
-            }
-            Err(e) => {
-                plan.invalid.push(Skip { item: archived_ref, reason: format!("the archived object is not JSON: {e}") });
-                continue;
-            }
-        };
-        let (Some(kind), Some(api_version)) = (str_at(&obj, "/kind"), str_at(&obj, "/apiVersion")) else {
-            plan.invalid
-                .push(Skip { item: archived_ref, reason: "the archived object has no kind or apiVersion".into() });
-            continue;
-        };
-        let (kind, version) = (kind.to_string(), version_of(api_version));
-        parsed.push(Parsed { gr, namespace: a.namespace, name: a.name, kind, version, obj });
-    }
-    parsed.sort_by(|a, b| (a.gr.dir_name(), &a.namespace, &a.name).cmp(&(b.gr.dir_name(), &b.namespace, &b.name)));
-
-    // Filters. With namespaces filtered, cluster-scoped objects come only where restored objects
-    // need them (Velero's default for cluster resources): the CRDs of restored custom resources,
-    // the volumes of restored claims.
-    let in_scope = |p: &Parsed| -> bool {
-        if !spec.resource_included(&p.gr, &p.kind) {
-            return false;
-        }
-        if let Some(sel) = &selector {
-            if !sel.matches(&labels_of(&p.obj)) {
-                return false;
-            }
-        }
-        match &p.namespace {
-            Some(ns) => spec.namespace_included(ns),
-            None if is_core(&p.gr, "namespaces") => spec.namespace_included(&p.name),
-            None => true,
-        }
-    };
-    let mut keep: Vec<bool> = parsed.iter().map(in_scope).collect();
-    if spec.namespaces_filtered() {
-        let groups: BTreeSet<String> = parsed
-            .iter()
-            .zip(&keep)
-            .filter(|(p, k)| **k && p.namespace.is_some())
-            .map(|(p, _)| p.gr.dir_name())
-            .collect();
-        let volumes: BTreeSet<&str> = parsed
-            .iter()
-            .zip(&keep)
-            .filter(|(p, k)| **k && is_core(&p.gr, "persistentvolumeclaims"))
-            .filter_map(|(p, _)| str_at(&p.obj, "/spec/volumeName"))
-            .collect();
-        for (i, p) in parsed.iter().enumerate() {
-            if p.namespace.is_some() || is_core(&p.gr, "namespaces") || !keep[i] {
-                continue;
-            }
-            keep[i] = if p.gr.group == "apiextensions.k8s.io" && p.gr.resource == "customresourcedefinitions" {
-                groups.contains(&p.name)
-            } else if is_core(&p.gr, "persistentvolumes") {
-                volumes.contains(p.name.as_str())
-            } else {
-                false
-            };
-        }
-    }
-    plan.filtered = keep.iter().filter(|k| !**k).count();
-    let parsed: Vec<Parsed> = parsed.into_iter().zip(keep).filter(|(_, k)| *k).map(|(p, _)| p).collect();
-
-    // Volumes from snapshots: a claim whose VolumeSnapshot (and its content's handle) is archived.
-    let mut from_snapshot: BTreeMap<(String, String), VolumeFromSnapshot> = BTreeMap::new();
-    if spec.restore_volumes {
-        let contents: BTreeMap<&str, &Value> = parsed
-            .iter()
-            .filter(|p| is_snapshot(&p.gr, "volumesnapshotcontents"))
-            .map(|p| (p.name.as_str(), &p.obj))
-            .collect();
-        for p in parsed.iter().filter(|p| is_snapshot(&p.gr, "volumesnapshots")) {
-            let (Some(ns), Some(claim)) = (&p.namespace, str_at(&p.obj, "/spec/source/persistentVolumeClaimName"))
-            else {
-                continue;
-            };
-            let Some(content) = str_at(&p.obj, "/status/boundVolumeSnapshotContentName") else { continue };
-            let Some(c) = contents.get(content) else { continue };
-            let (Some(handle), Some(driver)) = (str_at(c, "/status/snapshotHandle"), str_at(c, "/spec/driver")) else {
-                continue;
-            };
-            from_snapshot.insert(
-                (ns.clone(), claim.to_string()),
-                VolumeFromSnapshot {
-                    snapshot: p.name.clone(),
-                    content: content.to_string(),
-                    handle: handle.to_string(),
-                    driver: driver.to_string(),
-                    class: str_at(&p.obj, "/spec/volumeSnapshotClassName").map(str::to_string),
-                },
-            );
-        }
-    }
-    let provisioned_volumes: BTreeSet<String> = parsed
-        .iter()
-        .filter(|p| is_core(&p.gr, "persistentvolumeclaims"))
-        .filter(|p| p.namespace.as_ref().is_some_and(|ns| from_snapshot.contains_key(&(ns.clone(), p.name.clone()))))
-        .filter_map(|p| str_at(&p.obj, "/spec/volumeName").map(str::to_string))
-        .collect();
-    // Snapshot objects in use: VolumeSnapshots by namespace and name (two namespaces may both
-    // have a `data` snapshot), contents by name (cluster-scoped).
-    let used_snapshots: BTreeSet<(Option<String>, String)> = from_snapshot
-        .iter()
-        .flat_map(|((ns, _), v)| [(Some(ns.clone()), v.snapshot.clone()), (None, v.content.clone())])
-        .collect();
-    // Volumes restored as new ones (Velero's rule): a PersistentVolume whose reclaim policy is
-    // Delete and that no snapshot restores is not recreated — created as archived it would bind
-    // this cluster to the old cluster's live disk, and deleting the restored claim would delete
-    // that disk — so its claim is provisioned anew. A Retain volume is restored as archived.
-    let reprovisioned: BTreeSet<String> = parsed
-        .iter()
-        .filter(|p| is_core(&p.gr, "persistentvolumes") && !provisioned_volumes.contains(&p.name))
-        .filter(|p| str_at(&p.obj, "/spec/persistentVolumeReclaimPolicy") == Some("Delete"))
-        .map(|p| p.name.clone())
-        .collect();
-
-    // Rules, then preparation.
-    let mut by_gr: BTreeMap<GroupResource, Vec<PlannedItem>> = BTreeMap::new();
-    let mut namespaces_needed: BTreeSet<String> = BTreeSet::new();
-    let mut namespaces_planned: BTreeSet<String> = BTreeSet::new();
-    for mut p in parsed {
-        let archived_ref =
-            RestoreRef { resource: p.gr.dir_name(), namespace: p.namespace.clone(), name: p.name.clone() };
-        let skip = |reason: String| Skip { item: archived_ref.clone(), reason };
-        if !restorable(&p.gr) {
-            plan.skipped.push(skip("this resource is never restored".into()));
-            continue;
-        }
-        if let Some(reason) = skip_reason(&p.gr, &p.obj) {
-            plan.skipped.push(skip(reason));
-            continue;
-        }
-        let vs = is_snapshot(&p.gr, "volumesnapshots");
-        let vsc = is_snapshot(&p.gr, "volumesnapshotcontents");
-        if vs || vsc || is_snapshot(&p.gr, "volumegroupsnapshots") || is_snapshot(&p.gr, "volumegroupsnapshotcontents")
-        {
-            let used = used_snapshots.contains(&(if vsc { None } else { p.namespace.clone() }, p.name.clone()));
-            if !used {
-                let why = if spec.restore_volumes {
-                    "a snapshot object no restored claim is provisioned from"
-                } else {
-                    "snapshot objects are restored only when volumes are restored (restorePVs, --restore-volumes)"
-                };
-                plan.skipped.push(skip(why.into()));
-                continue;
-            }
-        }
-        if is_core(&p.gr, "persistentvolumes") && provisioned_volumes.contains(&p.name) {
-            plan.skipped.push(skip("its claim is provisioned again from its snapshot (volumes are restored)".into()));
-            continue;
-        }
-        if is_core(&p.gr, "persistentvolumes") && reprovisioned.contains(&p.name) {
-            plan.skipped.push(skip(
-                "its reclaim policy is Delete and no snapshot restores it: its claim gets a new volume (restored as is, \
-                 it would bind this cluster to the old disk)"
-                    .into(),
-            ));
-            continue;
-        }
-        if is_core(&p.gr, "persistentvolumeclaims")
-            && str_at(&p.obj, "/spec/volumeName").is_some_and(|v| reprovisioned.contains(v))
-        {
-            if let Some(spec) = p.obj.get_mut("spec").and_then(Value::as_object_mut) {
-                spec.remove("volumeName");
-            }
-        }
-        if let Err(e) = prepare(&p.gr, &mut p.obj, &naming) {
-            plan.invalid.push(skip(e.reason));
-            continue;
-        }
-        if spec.restore_volumes {
-            pre_provision(&mut p, &from_snapshot, &naming);
-        }
-        let target_ns = p.namespace.as_deref().map(|ns| naming.namespace(ns).to_string());
-        let target_name =
-            if is_core(&p.gr, "namespaces") { naming.namespace(&p.name).to_string() } else { p.name.clone() };
-        if let Some(ns) = &target_ns {
-            namespaces_needed.insert(ns.clone());
-        }
-        if is_core(&p.gr, "namespaces") {
-            namespaces_planned.insert(target_name.clone());
-        }
-        by_gr.entry(p.gr.clone()).or_default().push(PlannedItem {
-            target: RestoreRef { resource: p.gr.dir_name(), namespace: target_ns, name: target_name },
-            gr: p.gr,
-            version: p.version,
-            kind: p.kind,
-            body: p.obj,
-            ensured: false,
-        });
-    }
-    // Every namespace something is restored into exists before it (Velero's
-    // EnsureNamespaceExistsAndIsReady): bare Namespaces for those the archive does not bring.
-    for ns in namespaces_needed.difference(&namespaces_planned) {
-        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-        by_gr.entry(GroupResource::new("", "namespaces")).or_default().push(PlannedItem {
-            target: RestoreRef { resource: "namespaces".into(), namespace: None, name: ns.clone() },
-            gr: GroupResource::new("", "namespaces"),
-            version: "v1".into(),
-            kind: "Namespace".into(),
-            body,
-            ensured: true,
-        });
-    }
-    let mut order = restore_order(by_gr.keys());
-    if crate::mutation::active(crate::mutation::Mutation::RestoreClaimsBeforeVolumes) {
-        let at = |r: &str| order.iter().position(|g| g.group.is_empty() && g.resource == r);
-        if let (Some(pv), Some(pvc)) = (at("persistentvolumes"), at("persistentvolumeclaims")) {
-            order.swap(pv, pvc);
-        }
-    }
-    for gr in order {
-        let Some(mut items) = by_gr.remove(&gr) else { continue };
-        items.sort_by(|a, b| a.target.cmp(&b.target));
-        let start = plan.items.len();
-        plan.items.extend(items);
-        plan.stages.push((gr, start..plan.items.len()));
-    }
-    Ok(plan)
+/// What planning reads of an archived object beyond its identity, by kind.
+enum Extra {
+    None,
+    /// A claim's `spec.volumeName`.
+    Claim(Option<Box<str>>),
+    /// A volume: whether its reclaim policy is Delete.
+    Volume {
+        delete: bool,
+    },
+    /// A VolumeSnapshot: its claim, bound content and class.
+    Snapshot(Box<[Option<String>; 3]>),
+    /// A VolumeSnapshotContent: its handle and driver.
+    Content(Box<[Option<String>; 2]>),
 }
 
-/// Rewrites a claim, a VolumeSnapshot or a VolumeSnapshotContent for `--restore-volumes`.
-fn pre_provision(p: &mut Parsed, from: &BTreeMap<(String, String), VolumeFromSnapshot>, naming: &RestoreNaming) {
-    let Some(spec) = p.obj.get_mut("spec").and_then(Value::as_object_mut) else { return };
-    if is_core(&p.gr, "persistentvolumeclaims") {
-        let Some(v) = p.namespace.as_ref().and_then(|ns| from.get(&(ns.clone(), p.name.clone()))) else { return };
+/// What planning keeps of one archived item: its identity, where its JSON is, and the few facts
+/// the rules read — never the object.
+struct Fact {
+    ty: u32,
+    namespace: Option<Box<str>>,
+    name: Box<str>,
+    at: BodyAt,
+    /// A `<version>-preferredversion` copy: used only when the archive has no primary copy.
+    copy: bool,
+    /// Position in the archive: of two entries for one item, the later one counts (as a tar
+    /// extracts).
+    seq: u32,
+    /// Why it cannot be restored at all (not JSON, no kind, no metadata object).
+    invalid: Option<Box<str>>,
+    /// Whether the filters (resources, label selector, namespaces) select it.
+    selected: bool,
+    /// A rule that skips it ([`skip_reason`]).
+    rule: Option<Box<str>>,
+    /// Why [`prepare`] refuses it (counted only if the filters and rules keep it).
+    unpreparable: Option<Box<str>>,
+    extra: Extra,
+}
+
+/// Plans a restore item by item (see the module docs and `docs/restore.md`): [`add`] reads each
+/// archived item once, keeps what the rules need (a [`Fact`], a few dozen bytes) and drops the
+/// object; [`plan`] applies the filters, the rules that skip and Velero's order. Deterministic: the
+/// same archive and spec give the same plan, whatever the order of `add`s.
+///
+/// [`add`]: RestorePlanner::add
+/// [`plan`]: RestorePlanner::plan
+pub struct RestorePlanner {
+    spec: RestoreSpec,
+    naming: RestoreNaming,
+    selector: Option<LabelSelector>,
+    types: Vec<ItemType>,
+    type_ids: BTreeMap<(String, String, String), u32>,
+    facts: Vec<Fact>,
+}
+
+impl RestorePlanner {
+    /// A planner for `spec`. A spec that does not validate — a selector that does not parse, above
+    /// all, which would otherwise select everything — is an error, never a wider restore.
+    pub fn new(spec: &RestoreSpec) -> Result<RestorePlanner, SpecError> {
+        spec.validate()?;
+        Ok(RestorePlanner {
+            naming: spec.naming(),
+            selector: spec.label_selector.as_deref().map(LabelSelector::parse).transpose()?,
+            spec: spec.clone(),
+            types: Vec::new(),
+            type_ids: BTreeMap::new(),
+            facts: Vec::new(),
+        })
+    }
+
+    fn type_id(&mut self, dir: &str, version: &str, kind: &str) -> u32 {
+        let key = (dir.to_string(), version.to_string(), kind.to_string());
+        if let Some(id) = self.type_ids.get(&key) {
+            return *id;
+        }
+        let id = self.types.len() as u32;
+        let gr = dir_group_resource(dir);
+        self.types.push(ItemType { dir: gr.dir_name(), gr, version: version.into(), kind: kind.into() });
+        self.type_ids.insert(key, id);
+        id
+    }
+
+    /// Items read so far.
+    pub fn len(&self) -> usize {
+        self.facts.len()
+    }
+
+    /// Whether none was read.
+    pub fn is_empty(&self) -> bool {
+        self.facts.is_empty()
+    }
+
+    /// Reads one archived item: its resource directory (`<resource>[.<group>]`), archived
+    /// namespace and name, its JSON, and where the caller keeps that JSON. `copy`: it is a
+    /// `<version>-preferredversion` copy (used only if the archive has no primary copy).
+    pub fn add(&mut self, dir: &str, namespace: Option<&str>, name: &str, json: &str, at: BodyAt, copy: bool) {
+        let seq = self.facts.len() as u32;
+        let mut fact = Fact {
+            ty: 0,
+            namespace: namespace.map(Box::from),
+            name: Box::from(name),
+            at,
+            copy,
+            seq,
+            invalid: None,
+            selected: false,
+            rule: None,
+            unpreparable: None,
+            extra: Extra::None,
+        };
+        let parsed: Result<Value, String> = match serde_json::from_str(json) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            Ok(_) => Err("the archived object is not a JSON object".into()),
+            Err(e) => Err(format!("the archived object is not JSON: {e}")),
+        };
+        let typed = parsed.and_then(|obj| match (str_at(&obj, "/kind"), str_at(&obj, "/apiVersion")) {
+            (Some(kind), Some(api)) => Ok((kind.to_string(), version_of(api), obj)),
+            _ => Err("the archived object has no kind or apiVersion".into()),
+        });
+        let (kind, version, mut obj) = match typed {
+            Ok(t) => t,
+            Err(reason) => {
+                fact.ty = self.type_id(dir, "", "");
+                fact.invalid = Some(reason.into());
+                self.facts.push(fact);
+                return;
+            }
+        };
+        fact.ty = self.type_id(dir, &version, &kind);
+        let gr = &self.types[fact.ty as usize].gr;
+        fact.selected = self.spec.resource_included(gr, &kind)
+            && self.selector.as_ref().is_none_or(|sel| sel.matches(&labels_of(&obj)))
+            && match namespace {
+                Some(ns) => self.spec.namespace_included(ns),
+                None if is_core(gr, "namespaces") => self.spec.namespace_included(name),
+                None => true,
+            };
+        fact.rule = skip_reason(gr, &obj).map(Box::from);
+        let text = |p: &str| str_at(&obj, p).map(str::to_string);
+        fact.extra = if is_core(gr, "persistentvolumeclaims") {
+            Extra::Claim(str_at(&obj, "/spec/volumeName").map(Box::from))
+        } else if is_core(gr, "persistentvolumes") {
+            Extra::Volume { delete: str_at(&obj, "/spec/persistentVolumeReclaimPolicy") == Some("Delete") }
+        } else if is_snapshot(gr, "volumesnapshots") {
+            Extra::Snapshot(Box::new([
+                text("/spec/source/persistentVolumeClaimName"),
+                text("/status/boundVolumeSnapshotContentName"),
+                text("/spec/volumeSnapshotClassName"),
+            ]))
+        } else if is_snapshot(gr, "volumesnapshotcontents") {
+            Extra::Content(Box::new([text("/status/snapshotHandle"), text("/spec/driver")]))
+        } else {
+            Extra::None
+        };
+        // Whether it can be prepared is known now: the object goes, and its create, much later,
+        // must not be the first to find out.
+        fact.unpreparable = prepare(gr, &mut obj, &self.naming).err().map(|e| Box::from(e.reason));
+        self.facts.push(fact);
+    }
+
+    /// The plan of every item read.
+    pub fn plan(mut self) -> RestorePlan {
+        let spec = &self.spec;
+        let types = &self.types;
+        // One entry per item: the primary copy if there is one, else the preferred-version copy;
+        // of two entries with one path, the later.
+        fn key<'a>(types: &'a [ItemType], f: &'a Fact) -> (&'a str, Option<&'a str>, &'a str) {
+            (types[f.ty as usize].dir.as_str(), f.namespace.as_deref(), &f.name)
+        }
+        self.facts.sort_by(|a, b| key(types, a).cmp(&key(types, b)).then(a.copy.cmp(&b.copy)).then(b.seq.cmp(&a.seq)));
+        self.facts.dedup_by(|later, first| key(types, later) == key(types, first));
+        let archived_ref = |f: &Fact| RestoreRef {
+            resource: types[f.ty as usize].dir.clone(),
+            namespace: f.namespace.as_deref().map(str::to_string),
+            name: f.name.to_string(),
+        };
+        let mut plan = RestorePlan {
+            naming: self.naming.clone(),
+            restore_volumes: spec.restore_volumes,
+            ..RestorePlan::default()
+        };
+        let mut facts: Vec<Fact> = Vec::with_capacity(self.facts.len());
+        for f in std::mem::take(&mut self.facts) {
+            match &f.invalid {
+                Some(reason) => plan.invalid.push(Skip { item: archived_ref(&f), reason: reason.to_string() }),
+                None => facts.push(f),
+            }
+        }
+        let gr_of = |f: &Fact| -> &GroupResource { &types[f.ty as usize].gr };
+        fn claim_volume(f: &Fact) -> Option<&str> {
+            match &f.extra {
+                Extra::Claim(v) => v.as_deref(),
+                _ => None,
+            }
+        }
+
+        // Filters. With namespaces filtered, cluster-scoped objects come only where restored
+        // objects need them (Velero's default for cluster resources): the CRDs of restored custom
+        // resources, the volumes of restored claims.
+        let mut keep: Vec<bool> = facts.iter().map(|f| f.selected).collect();
+        if spec.namespaces_filtered() {
+            let groups: BTreeSet<&str> = facts
+                .iter()
+                .zip(&keep)
+                .filter(|(f, k)| **k && f.namespace.is_some())
+                .map(|(f, _)| types[f.ty as usize].dir.as_str())
+                .collect();
+            let volumes: BTreeSet<&str> =
+                facts.iter().zip(&keep).filter(|(_, k)| **k).filter_map(|(f, _)| claim_volume(f)).collect();
+            let mut narrowed = keep.clone();
+            for (i, f) in facts.iter().enumerate() {
+                let gr = gr_of(f);
+                if f.namespace.is_some() || is_core(gr, "namespaces") || !keep[i] {
+                    continue;
+                }
+                narrowed[i] = if gr.group == "apiextensions.k8s.io" && gr.resource == "customresourcedefinitions" {
+                    groups.contains(&*f.name)
+                } else if is_core(gr, "persistentvolumes") {
+                    volumes.contains(&*f.name)
+                } else {
+                    false
+                };
+            }
+            keep = narrowed;
+        }
+        plan.filtered = keep.iter().filter(|k| !**k).count();
+        let facts: Vec<Fact> = facts.into_iter().zip(keep).filter(|(_, k)| *k).map(|(f, _)| f).collect();
+
+        // Volumes from snapshots: a claim whose VolumeSnapshot (and its content's handle) is
+        // archived.
+        let mut from_snapshot: BTreeMap<(String, String), VolumeFromSnapshot> = BTreeMap::new();
+        if spec.restore_volumes {
+            let contents: BTreeMap<&str, &[Option<String>; 2]> = facts
+                .iter()
+                .filter_map(|f| match &f.extra {
+                    Extra::Content(c) => Some((&*f.name, &**c)),
+                    _ => None,
+                })
+                .collect();
+            for f in &facts {
+                let Extra::Snapshot(s) = &f.extra else { continue };
+                let [Some(claim), Some(content), class] = &**s else { continue };
+                let Some(ns) = &f.namespace else { continue };
+                let Some([Some(handle), Some(driver)]) = contents.get(content.as_str()) else { continue };
+                from_snapshot.insert(
+                    (ns.to_string(), claim.clone()),
+                    VolumeFromSnapshot {
+                        claim: claim.clone(),
+                        snapshot: f.name.to_string(),
+                        content: content.clone(),
+                        handle: handle.clone(),
+                        driver: driver.clone(),
+                        class: class.clone(),
+                    },
+                );
+            }
+        }
+        let provisioned_volumes: BTreeSet<&str> = facts
+            .iter()
+            .filter(|f| matches!(f.extra, Extra::Claim(_)))
+            .filter(|f| {
+                f.namespace
+                    .as_deref()
+                    .is_some_and(|ns| from_snapshot.contains_key(&(ns.to_string(), f.name.to_string())))
+            })
+            .filter_map(claim_volume)
+            .collect();
+        // Snapshot objects in use: VolumeSnapshots by namespace and name (two namespaces may both
+        // have a `data` snapshot), contents by name (cluster-scoped).
+        let used_snapshots: BTreeSet<(Option<&str>, &str)> = from_snapshot
+            .iter()
+            .flat_map(|((ns, _), v)| [(Some(ns.as_str()), v.snapshot.as_str()), (None, v.content.as_str())])
+            .collect();
+        // Volumes restored as new ones (Velero's rule): a PersistentVolume whose reclaim policy is
+        // Delete and that no snapshot restores is not recreated — created as archived it would
+        // bind this cluster to the old cluster's live disk, and deleting the restored claim would
+        // delete that disk — so its claim is provisioned anew. A Retain volume is restored as
+        // archived.
+        let reprovisioned: BTreeSet<&str> = facts
+            .iter()
+            .filter(|f| matches!(f.extra, Extra::Volume { delete: true }) && !provisioned_volumes.contains(&*f.name))
+            .map(|f| &*f.name)
+            .collect();
+        plan.provisions = from_snapshot.iter().map(|((ns, _), v)| (ns.clone(), v.clone())).collect();
+        // Which provision a claim, a snapshot or a content is part of (the first, as named).
+        let (mut by_claim, mut by_snapshot, mut by_content) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for (i, (ns, v)) in plan.provisions.iter().enumerate() {
+            by_claim.entry((ns.as_str(), v.claim.as_str())).or_insert(i as u32);
+            by_snapshot.entry((ns.as_str(), v.snapshot.as_str())).or_insert(i as u32);
+            by_content.entry(v.content.as_str()).or_insert(i as u32);
+        }
+        let provision_of = |f: &Fact| -> Option<u32> {
+            let gr = gr_of(f);
+            let ns = f.namespace.as_deref().unwrap_or("");
+            if is_core(gr, "persistentvolumeclaims") && f.namespace.is_some() {
+                by_claim.get(&(ns, &*f.name)).copied()
+            } else if is_snapshot(gr, "volumesnapshots") && f.namespace.is_some() {
+                by_snapshot.get(&(ns, &*f.name)).copied()
+            } else if is_snapshot(gr, "volumesnapshotcontents") {
+                by_content.get(&*f.name).copied()
+            } else {
+                None
+            }
+        };
+
+        // Rules.
+        let mut by_gr: BTreeMap<GroupResource, Vec<PlannedItem>> = BTreeMap::new();
+        let mut namespaces_needed: BTreeSet<String> = BTreeSet::new();
+        let mut namespaces_planned: BTreeSet<String> = BTreeSet::new();
+        let (mut skipped, mut invalid) = (Vec::new(), Vec::new());
+        for f in &facts {
+            let gr = gr_of(f);
+            let skip = |reason: &str| Skip { item: archived_ref(f), reason: reason.to_string() };
+            if !restorable(gr) {
+                skipped.push(skip("this resource is never restored"));
+                continue;
+            }
+            if let Some(reason) = &f.rule {
+                skipped.push(skip(reason));
+                continue;
+            }
+            let vsc = is_snapshot(gr, "volumesnapshotcontents");
+            if is_snapshot(gr, "volumesnapshots")
+                || vsc
+                || is_snapshot(gr, "volumegroupsnapshots")
+                || is_snapshot(gr, "volumegroupsnapshotcontents")
+            {
+                let ns = if vsc { None } else { f.namespace.as_deref() };
+                if !used_snapshots.contains(&(ns, &*f.name)) {
+                    skipped.push(skip(if spec.restore_volumes {
+                        "a snapshot object no restored claim is provisioned from"
+                    } else {
+                        "snapshot objects are restored only when volumes are restored (restorePVs, --restore-volumes)"
+                    }));
+                    continue;
+                }
+            }
+            if is_core(gr, "persistentvolumes") && provisioned_volumes.contains(&*f.name) {
+                skipped.push(skip("its claim is provisioned again from its snapshot (volumes are restored)"));
+                continue;
+            }
+            if is_core(gr, "persistentvolumes") && reprovisioned.contains(&*f.name) {
+                skipped.push(skip(
+                    "its reclaim policy is Delete and no snapshot restores it: its claim gets a new volume \
+                     (restored as is, it would bind this cluster to the old disk)",
+                ));
+                continue;
+            }
+            if let Some(reason) = &f.unpreparable {
+                invalid.push(skip(reason));
+                continue;
+            }
+            let edit = match (spec.restore_volumes).then(|| provision_of(f)).flatten() {
+                Some(i) => Edit::Provision(i),
+                None if claim_volume(f).is_some_and(|v| reprovisioned.contains(v)) => Edit::Unbind,
+                None => Edit::None,
+            };
+            let target_ns = f.namespace.as_deref().map(|ns| plan.naming.namespace(ns).to_string());
+            let target_name =
+                if is_core(gr, "namespaces") { plan.naming.namespace(&f.name).to_string() } else { f.name.to_string() };
+            if let Some(ns) = &target_ns {
+                namespaces_needed.insert(ns.clone());
+            }
+            if is_core(gr, "namespaces") {
+                namespaces_planned.insert(target_name.clone());
+            }
+            by_gr.entry(gr.clone()).or_default().push(PlannedItem {
+                ty: f.ty,
+                namespace: target_ns.map(Box::from),
+                name: target_name.into(),
+                archived: Some(f.at),
+                edit,
+                ensured: false,
+            });
+        }
+        plan.skipped = skipped;
+        plan.invalid.extend(invalid);
+        drop(facts);
+        // Every namespace something is restored into exists before it (Velero's
+        // EnsureNamespaceExistsAndIsReady): bare Namespaces for those the archive does not bring.
+        let namespace_type = self.type_id("namespaces", "v1", "Namespace");
+        for ns in namespaces_needed.difference(&namespaces_planned) {
+            by_gr.entry(GroupResource::new("", "namespaces")).or_default().push(PlannedItem {
+                ty: namespace_type,
+                namespace: None,
+                name: ns.as_str().into(),
+                archived: None,
+                edit: Edit::None,
+                ensured: true,
+            });
+        }
+        let mut order = restore_order(by_gr.keys());
+        if crate::mutation::active(crate::mutation::Mutation::RestoreClaimsBeforeVolumes) {
+            let at = |r: &str| order.iter().position(|g| g.group.is_empty() && g.resource == r);
+            if let (Some(pv), Some(pvc)) = (at("persistentvolumes"), at("persistentvolumeclaims")) {
+                order.swap(pv, pvc);
+            }
+        }
+        plan.items.reserve_exact(by_gr.values().map(Vec::len).sum());
+        for gr in order {
+            let Some(mut items) = by_gr.remove(&gr) else { continue };
+            items.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            let start = plan.items.len();
+            plan.items.extend(items);
+            plan.stages.push((gr, start..plan.items.len()));
+        }
+        plan.types = self.types;
+        plan
+    }
+}
+
+/// Plans a restore of `archive` under `spec` (every item in memory; [`RestorePlanner`] reads one at
+/// a time): item `i`'s [`BodyAt::offset`] is its index in `archive`.
+pub fn plan_restore(spec: &RestoreSpec, archive: &[ArchivedItem]) -> Result<RestorePlan, SpecError> {
+    let mut planner = RestorePlanner::new(spec)?;
+    for (i, a) in archive.iter().enumerate() {
+        planner.add(&a.dir, a.namespace.as_deref(), &a.name, &a.json, BodyAt { offset: i as u64, len: 0 }, false);
+    }
+    Ok(planner.plan())
+}
+
+/// Rewrites a claim, a VolumeSnapshot or a VolumeSnapshotContent for `--restore-volumes`; `ns`:
+/// the archived namespace of the claim and its snapshot.
+fn pre_provision(gr: &GroupResource, obj: &mut Value, ns: &str, v: &VolumeFromSnapshot, naming: &RestoreNaming) {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else { return };
+    if is_core(gr, "persistentvolumeclaims") {
         spec.remove("volumeName");
         let source = json!({"apiGroup": SNAPSHOT_GROUP, "kind": "VolumeSnapshot", "name": v.snapshot});
         spec.insert("dataSource".into(), source.clone());
         spec.insert("dataSourceRef".into(), source);
-    } else if is_snapshot(&p.gr, "volumesnapshots") {
-        let Some(v) = from.iter().find(|((ns, _), v)| v.snapshot == p.name && p.namespace.as_ref() == Some(ns)) else {
-            return;
-        };
-        spec.insert("source".into(), json!({"volumeSnapshotContentName": v.1.content}));
-    } else if is_snapshot(&p.gr, "volumesnapshotcontents") {
-        let Some((ns, v)) = from.iter().find(|(_, v)| v.content == p.name).map(|((ns, _), v)| (ns, v)) else { return };
+    } else if is_snapshot(gr, "volumesnapshots") {
+        spec.insert("source".into(), json!({"volumeSnapshotContentName": v.content}));
+    } else if is_snapshot(gr, "volumesnapshotcontents") {
         spec.insert("source".into(), json!({"snapshotHandle": v.handle}));
         spec.insert("deletionPolicy".into(), json!("Retain"));
         spec.insert("driver".into(), json!(v.driver));
@@ -925,8 +1171,62 @@ mod tests {
         ]
     }
 
-    fn names(plan: &RestorePlan) -> Vec<String> {
+    /// A planned item as the tests read it: its body made from the archive.
+    #[derive(Debug, PartialEq)]
+    struct TestItem {
+        target: RestoreRef,
+        ensured: bool,
+        body: Value,
+    }
+
+    /// A plan with every body made.
+    #[derive(Debug, PartialEq)]
+    struct TestPlan {
+        items: Vec<TestItem>,
+        stages: Vec<(GroupResource, std::ops::Range<usize>)>,
+        skipped: Vec<Skip>,
+        invalid: Vec<Skip>,
+    }
+
+    /// [`super::plan_restore`], each item's body made from the archive as the shell makes it.
+    fn plan_restore(spec: &RestoreSpec, archive: Vec<ArchivedItem>) -> Result<TestPlan, SpecError> {
+        let plan = super::plan_restore(spec, &archive)?;
+        let items = plan
+            .items
+            .iter()
+            .map(|i| {
+                let json = i.archived.map(|at| archive[at.offset as usize].json.as_str());
+                TestItem { target: plan.target(i), ensured: i.ensured, body: plan.body(i, json).unwrap() }
+            })
+            .collect();
+        Ok(TestPlan { items, stages: plan.stages, skipped: plan.skipped, invalid: plan.invalid })
+    }
+
+    fn names(plan: &TestPlan) -> Vec<String> {
         plan.items.iter().map(|i| i.target.to_string()).collect()
+    }
+
+    /// An archive may hold an item twice (its primary copy and a `<version>-preferredversion`
+    /// one, or one path twice): the primary counts, else the copy; of one path twice, the later.
+    #[test]
+    fn the_primary_copy_counts_else_the_preferred_version_copy_else_the_later_entry() {
+        let spec = RestoreSpec::new("r", "b");
+        let mut planner = RestorePlanner::new(&spec).unwrap();
+        let cm = |name: &str, v: &str| {
+            let mut o = obj("v1", "ConfigMap", Some("a"), name);
+            o["data"] = json!({"v": v});
+            o.to_string()
+        };
+        let at = |offset: u64| BodyAt { offset, len: 0 };
+        planner.add("configmaps", Some("a"), "both", &cm("both", "copy"), at(0), true);
+        planner.add("configmaps", Some("a"), "both", &cm("both", "primary"), at(1), false);
+        planner.add("configmaps", Some("a"), "only-copy", &cm("only-copy", "copy"), at(2), true);
+        planner.add("configmaps", Some("a"), "twice", &cm("twice", "first"), at(3), false);
+        planner.add("configmaps", Some("a"), "twice", &cm("twice", "second"), at(4), false);
+        let plan = planner.plan();
+        let chosen: Vec<(String, u64)> =
+            plan.items.iter().filter_map(|i| Some((i.name.to_string(), i.archived?.offset))).collect();
+        assert_eq!(chosen, [("both".into(), 1), ("only-copy".into(), 2), ("twice".into(), 4)]);
     }
 
     #[test]
@@ -1086,7 +1386,7 @@ mod tests {
         let mut spec = RestoreSpec::new("r", "b");
         spec.restore_volumes = true;
         let plan = plan_restore(&spec, archive).unwrap();
-        let snaps: Vec<&PlannedItem> =
+        let snaps: Vec<&TestItem> =
             plan.items.iter().filter(|i| i.target.resource.starts_with("volumesnapshots.")).collect();
         assert_eq!(snaps.len(), 2, "{:?}", names(&plan));
         for s in snaps {

@@ -21,7 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use blockwise_adapters::restore::{drive_restore, QuietRestore, RestoreLog, RestoreRunError, RestoreWorld};
+use blockwise_adapters::restore::{
+    drive_restore, ArchiveInput, QuietRestore, RestoreLog, RestoreRunError, RestoreWorld, Spill,
+};
 use blockwise_adapters::retry::{RetryPolicy, RetryingCluster};
 use blockwise_adapters::world::Runtime;
 use blockwise_engine::item::ItemKey;
@@ -297,7 +299,9 @@ pub fn simulate_restore(model: &Model, archive: &[u8], cfg: &RunConfig) -> Resto
                 state.apply(seq, &ev).map_err(|e| RestoreRunError::State(e.to_string()))?;
                 restore_log.flush_on(world.runtime.as_ref()).await?;
             }
-            drive_restore(&mut restore_log, &mut state, archive, &world, &mut QuietRestore, None).await?;
+            let (mut reader, mut spill) = (archive, Spill::Memory(Vec::new()));
+            let input = ArchiveInput::bytes(&mut reader, &mut spill);
+            drive_restore(&mut restore_log, &mut state, input, &world, &mut QuietRestore, None).await?;
             Ok::<RestoreState, RestoreRunError>(state)
         };
         let crashes_before = crashes;

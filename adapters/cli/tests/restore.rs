@@ -142,6 +142,10 @@ fn a_demo_backup_restored_into_an_empty_cluster_recreates_every_object() {
     let out = run(dir.path(), &data, &["restore", "create", "r", "--from-backup", "b", "--kubeconfig", kc]);
     common::assert_exit(&out, 0, "restore create");
     assert_restored(&archive, &served.cluster, "r");
+    // What the run downloaded and spilled (issue 23: a restore holds neither in memory) is gone.
+    for leftover in ["archive.tar.gz", "spill"] {
+        assert!(!data.join("restores/r").join(leftover).exists(), "restores/r/{leftover} is left behind");
+    }
     // describe counts per resource what the cluster holds.
     let out = run(dir.path(), &data, &["restore", "describe", "r", "-o", "json"]);
     common::assert_exit(&out, 0, "restore describe");
