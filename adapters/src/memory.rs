@@ -19,6 +19,14 @@ pub const SLED_CACHE_MIN: u64 = 8 << 20;
 /// …and this fraction of the budget (1/8).
 const SLED_CACHE_SHARE: u64 = 8;
 
+/// The most one Restore is planned to need: a restore's memory is its plan (about 100 bytes an
+/// item) and its log's fold, measured at about 200 MiB for 300k objects (docs/benchmarks.md).
+pub const RESTORE_BYTES: u64 = 256 << 20;
+/// Restores run at once by default: at most this many…
+pub const RESTORES_MAX: u64 = 8;
+/// …and with no limit known, this many.
+const RESTORES_UNLIMITED: u64 = 4;
+
 /// Where the budget came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -43,6 +51,12 @@ impl Budget {
     /// sled's page cache for one log under this budget: an eighth of it, between 8 and 64 MiB.
     pub fn sled_cache_bytes(&self) -> u64 {
         self.limit.map_or(SLED_CACHE_MAX, |l| (l / SLED_CACHE_SHARE).clamp(SLED_CACHE_MIN, SLED_CACHE_MAX))
+    }
+
+    /// Restores `serve` runs at once unless told (`--concurrent-restores`): half the budget, in
+    /// [`RESTORE_BYTES`] each, between 1 and [`RESTORES_MAX`] (the other half is the backups').
+    pub fn restores_at_once(&self) -> usize {
+        self.limit.map_or(RESTORES_UNLIMITED, |l| (l / 2 / RESTORE_BYTES).clamp(1, RESTORES_MAX)) as usize
     }
 
     /// One line for the start of a run: the budget, its source and what is sized under it.
@@ -198,6 +212,10 @@ mod tests {
         assert_eq!(b(Some(64 << 20)).sled_cache_bytes(), SLED_CACHE_MIN);
         assert_eq!(b(Some(4 << 30)).sled_cache_bytes(), SLED_CACHE_MAX);
         assert_eq!(b(None).sled_cache_bytes(), SLED_CACHE_MAX);
+        // Restores at once: half the budget, 256 MiB each, 1 to 8.
+        let at_once = |l: Option<u64>| b(l).restores_at_once();
+        assert_eq!([at_once(Some(256 << 20)), at_once(Some(512 << 20)), at_once(Some(2 << 30))], [1, 1, 4]);
+        assert_eq!([at_once(Some(64 << 30)), at_once(None)], [8, 4]);
         assert!(b(Some(256 << 20))
             .describe()
             .starts_with("memory budget: 256 MiB (--memory-limit); sled cache per log 32 MiB"));

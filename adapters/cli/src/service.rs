@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Backups run at once; a Backup whose namespaces overlap a running one waits (Queued).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     concurrent_backups: u32,
+    /// Restores run at once; more wait until one ends (default: from the memory budget, half of it
+    /// at 256 MiB a restore, 1 to 8; 4 with no limit — see docs/service.md).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    concurrent_restores: Option<u32>,
     /// Where /metrics, /healthz and /readyz listen.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_addr: SocketAddr,
@@ -131,6 +135,9 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         context: a.context.clone(),
         tenancy,
         concurrent_backups: a.concurrent_backups as usize,
+        concurrent_restores: a
+            .concurrent_restores
+            .map_or_else(|| blockwise_adapters::memory::budget().restores_at_once(), |n| n as usize),
         lease,
         metrics_addr: a.metrics_addr,
         locations,
@@ -147,9 +154,10 @@ pub fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         }
         Tenants::All => format!("namespace {} (tenants: every other namespace)", cfg.tenancy.home),
     };
+    let at_once = format!("{} backup(s) and {} restore(s) at once", cfg.concurrent_backups, cfg.concurrent_restores);
     let result = rt.block_on(controller::run(cfg, metrics, |addr| {
         eprintln!("blockwise serve: Backups in {scope}; metrics on http://{addr}/metrics");
-        eprintln!("blockwise serve: {}", blockwise_adapters::memory::budget().describe());
+        eprintln!("blockwise serve: {}; {at_once}", blockwise_adapters::memory::budget().describe());
     }));
     // Running backups are left to their logs: do not wait for their threads.
     rt.shutdown_background();

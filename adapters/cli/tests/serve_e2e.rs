@@ -1550,3 +1550,43 @@ fn a_backup_whose_log_is_damaged_fails_as_log_damaged_and_the_others_go_on() {
     assert!(left.is_empty(), "storage snapshots of the damaged backup are left: {left:?} (it held {held:?})");
     eprintln!("the damaged backup held {} storage snapshots; all deleted", held.len());
 }
+
+/// Issue 23: `serve` runs at most `--concurrent-restores` Restores at once; the others wait (their
+/// phase unset) and start as runs end, and every one completes. Judged from the fake API server's
+/// own record of requests: each Restore's creates (into a namespace of its own) end before the
+/// next one's begin.
+#[test]
+fn restores_past_the_concurrency_wait_for_a_run_to_end() {
+    let rt = rt();
+    let (server, sim, data, mut ctl, ns) = a_completed_source(&rt);
+    ctl.kill();
+    let mut ctl = sim.controller(&data, &["--no-leader-election", "--concurrent-restores", "1"]);
+    ctl.wait_for("1 backup(s) and 1 restore(s) at once");
+    let names = ["r1", "r2", "r3"];
+    let yaml: Vec<String> = names.iter().map(|n| restore_yaml(n, "source", &ns, &format!("{ns}-{n}"))).collect();
+    let before = server.requests().len();
+    sim.kubectl_ok(&["apply", "-f", "-"], Some(&yaml.join("---\n")));
+    for n in names {
+        let r = wait_restore(&rt, &sim, n, 120, "Completed");
+        assert!(r.status.and_then(|s| s.progress).is_some_and(|p| p.items_restored > 0), "{n} restored nothing");
+    }
+    // Each Restore's creates, by their position among the server's requests.
+    let requests = server.requests();
+    let spans: Vec<(usize, usize)> = names
+        .iter()
+        .map(|n| {
+            let inside = format!("/namespaces/{ns}-{n}/");
+            let at: Vec<usize> = (before..requests.len())
+                .filter(|&i| requests[i].method == "POST" && requests[i].path.contains(&inside))
+                .collect();
+            assert!(!at.is_empty(), "no create of restore {n}");
+            (at[0], at[at.len() - 1])
+        })
+        .collect();
+    let mut sorted = spans.clone();
+    sorted.sort();
+    for pair in sorted.windows(2) {
+        assert!(pair[0].1 < pair[1].0, "two restores created at once: {spans:?} (request positions)");
+    }
+    ctl.wait_for("waiting (1 restore(s) running, --concurrent-restores 1)");
+}

@@ -97,6 +97,8 @@ pub struct ServeConfig {
     pub tenancy: Tenancy,
     /// Backups run at once.
     pub concurrent_backups: usize,
+    /// Restores run at once.
+    pub concurrent_restores: usize,
     /// Leader election (`None`: this replica runs backups at once).
     pub lease: Option<LeaseConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
@@ -281,15 +283,18 @@ async fn lead_then_reconcile(
     });
     // Restores beside the backups, into the cluster served (`serve/restores.rs`).
     let restore_api: Api<super::restores::Restore> = scoped_api(&ctx.client, &ctx.cfg.tenancy);
-    let restore_ctx = Arc::new(super::restores::RestoreCtx::new(
-        ctx.client.clone(),
-        ctx.cluster.clone(),
-        ctx.source.clone(),
-        ctx.cfg.data_dir.clone(),
-        Duration::from_millis(ctx.cfg.status_interval_ms),
-        ctx.metrics.clone(),
-        ctx.cfg.tenancy.clone(),
-    ));
+    let restore_ctx = Arc::new(
+        super::restores::RestoreCtx::new(
+            ctx.client.clone(),
+            ctx.cluster.clone(),
+            ctx.source.clone(),
+            ctx.cfg.data_dir.clone(),
+            Duration::from_millis(ctx.cfg.status_interval_ms),
+            ctx.metrics.clone(),
+            ctx.cfg.tenancy.clone(),
+        )
+        .with_concurrent_restores(ctx.cfg.concurrent_restores),
+    );
     // Schedules, which make Backups and apply their retention rules (`serve/schedules.rs`).
     let (schedule_api, schedule_backups): (Api<super::schedules::Schedule>, Api<Backup>) =
         (scoped_api(&ctx.client, &ctx.cfg.tenancy), scoped_api(&ctx.client, &ctx.cfg.tenancy));

@@ -233,6 +233,8 @@ pub struct RestoreCtx {
     pub metrics: Arc<Metrics>,
     /// Which namespaces' Restores are acted on, and as whom.
     pub tenancy: Tenancy,
+    /// Restores run at once (a slot is taken before a run is prepared, freed when it ends).
+    concurrent: usize,
     running: Mutex<BTreeSet<(String, String)>>,
     /// Restores (namespace, name, uid) whose runs ended in this process: terminal, or stopped
     /// after `n` stops in a row and resumed at the instant (issue 21). Forgotten once the cache
@@ -269,9 +271,17 @@ impl RestoreCtx {
             status_interval,
             metrics,
             tenancy,
+            concurrent: 1,
             running: Mutex::new(BTreeSet::new()),
             ended: Mutex::new(RunRegistry::default()),
         }
+    }
+
+    /// At most `n` Restores run at once (at least one); the others wait, their phase unset, and
+    /// are looked at again each time a run ends.
+    pub fn with_concurrent_restores(mut self, n: usize) -> RestoreCtx {
+        self.concurrent = n.max(1);
+        self
     }
 
     fn data(&self, ns: &str) -> DataDir {
@@ -407,6 +417,22 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         BackupStep::RetryAt(at) => return Ok(Action::requeue(Duration::from_millis((at - now).max(1) as u64))),
         _ => return Ok(Action::await_change()),
     };
+    // A slot among the restores run at once, taken before anything is opened (a restore's memory
+    // is its plan and its log's fold: docs/service.md, "Memory"); given back if this reconcile
+    // does not start a run.
+    let mut slot = {
+        let mut running = ctx.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.len() >= ctx.concurrent {
+            let n = running.len();
+            drop(running);
+            let waiting = format!("{n} restore(s) running, --concurrent-restores {}", ctx.concurrent);
+            eprintln!("restore {ns}/{name}: waiting ({waiting})");
+            // Woken when a run ends (`wake`).
+            return Ok(Action::await_change());
+        }
+        running.insert(key.clone());
+        Slot { ctx: &ctx, key: Some(key.clone()) }
+    };
     let data = ctx.data(&ns);
     // This Restore's own log (same uid): validated when it was created; resumed as it is, even if
     // its Backup has been collected since (the run then says what is missing).
@@ -494,7 +520,9 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         })
         .await?
     };
-    ctx.running.lock().unwrap_or_else(PoisonError::into_inner).insert(key.clone());
+    // The run holds the slot now, and gives it back when it ends.
+    slot.key = None;
+    drop(slot);
     let mut base = status;
     base.stop_reason = None;
     base.next_retry = None;
@@ -534,6 +562,20 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         })
     });
     Ok(Action::await_change())
+}
+
+/// A taken slot of [`RestoreCtx::running`], given back when dropped unless a run took it over.
+struct Slot<'a> {
+    ctx: &'a RestoreCtx,
+    key: Option<(String, String)>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.ctx.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&key);
+        }
+    }
 }
 
 /// Sends the state to the status patcher at most once an interval.
