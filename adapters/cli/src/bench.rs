@@ -3,7 +3,9 @@
 //! Sections, one table (or JSON with `-o json`): scale over HTTP (the demo cluster served by
 //! `blockwise simulator serve` in another process, backed up through kube-rs: wall time and this
 //! process's peak RSS), memory (that at several sizes), resume (that backup killed half way and
-//! resumed, each in a `blockwise` process: the resumed process's peak RSS), scale (a generated cluster in this process, through the real tokio
+//! resumed, each in a `blockwise` process: the resumed process's peak RSS), restore (the backup of a
+//! demo cluster restored into `simulator serve --empty` by `restore create` in a process of its
+//! own: its peak RSS and wall time), scale (a generated cluster in this process, through the real tokio
 //! runtime, sled log and local store, with wall time and peak RSS read from the OS), parallel
 //! efficiency (the engine under the deterministic simulator with fixed latencies, against the ideal
 //! makespan), the event log (group commit against a raw write + fdatasync loop with the same batch
@@ -59,6 +61,8 @@ pub struct Sizes {
     pub memory_objects: &'static [usize],
     /// Objects in the resume row (a backup killed half way: big enough to be seen half way).
     pub resume_objects: usize,
+    /// Objects in the cluster whose backup the restore row restores.
+    pub restore_objects: usize,
 }
 
 impl Sizes {
@@ -72,6 +76,7 @@ impl Sizes {
         sim_seeds: 300,
         memory_objects: &[30_000, 100_000, 300_000, 1_000_000],
         resume_objects: 300_000,
+        restore_objects: 300_000,
     };
     /// `--quick`: a smoke test that finishes in well under two minutes even in a debug build.
     pub const QUICK: Sizes = Sizes {
@@ -83,6 +88,7 @@ impl Sizes {
         sim_seeds: 20,
         memory_objects: &[1_000, 3_000],
         resume_objects: 10_000,
+        restore_objects: 3_000,
     };
 }
 
@@ -201,12 +207,19 @@ impl Drop for ServedDemo {
 
 /// Starts `simulator serve` with `objects` objects and waits for it to say it serves.
 fn serve_demo(dir: &Path, objects: usize) -> Result<ServedDemo> {
+    serve(&dir.join("scale-http.kubeconfig"), &["--demo-objects", &objects.to_string()], "serving the demo cluster")
+}
+
+/// Starts `simulator serve` with `args`, its kubeconfig written to `kubeconfig`, and waits for the
+/// line that starts with `ready`.
+fn serve(kubeconfig: &Path, args: &[&str], ready: &str) -> Result<ServedDemo> {
     use std::io::BufRead;
-    let kubeconfig = dir.join("scale-http.kubeconfig");
     let exe = std::env::current_exe().context("finding the blockwise binary")?;
     let mut child = std::process::Command::new(exe)
-        .args(["simulator", "serve", "--port", "0", "--demo-objects", &objects.to_string(), "--kubeconfig-out"])
-        .arg(&kubeconfig)
+        .args(["simulator", "serve", "--port", "0"])
+        .args(args)
+        .arg("--kubeconfig-out")
+        .arg(kubeconfig)
         // A profiler preloaded into the bench (heaptrack) profiles the bench, not the server.
         .env_remove("LD_PRELOAD")
         .stdin(std::process::Stdio::null())
@@ -215,11 +228,11 @@ fn serve_demo(dir: &Path, objects: usize) -> Result<ServedDemo> {
         .spawn()
         .context("starting `blockwise simulator serve`")?;
     let stdout = child.stdout.take().context("the server's stdout")?;
-    let served = ServedDemo { child, kubeconfig };
+    let served = ServedDemo { child, kubeconfig: kubeconfig.to_path_buf() };
     let mut lines = std::io::BufReader::new(stdout).lines();
     while let Some(line) = lines.next() {
         let line = line.context("reading the server's stdout")?;
-        if line.starts_with("serving the demo cluster") {
+        if line.starts_with(ready) {
             // Keep reading what it prints after: a closed pipe would end the server.
             std::thread::spawn(move || lines.for_each(drop));
             return Ok(served);
@@ -357,6 +370,11 @@ fn resume_half_way(dir: &Path, objects: usize, workers: usize) -> Result<ResumeR
 }
 
 /// Waits for `child`; its exit code and peak RSS in bytes (`wait4`'s `ru_maxrss`, KiB on Linux).
+///
+/// A child's `ru_maxrss` starts at the peak of the process that spawned it (Linux records the
+/// address space it leaves at `exec`, which a vfork-style spawn shares with this process): a
+/// child's peak at or below this process's own cannot be told from it, and is an error — spawn
+/// measured children while this process is small (the sections that do run first).
 fn wait_with_peak_rss(child: std::process::Child) -> Result<(i32, u64)> {
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
@@ -367,7 +385,77 @@ fn wait_with_peak_rss(child: std::process::Child) -> Result<(i32, u64)> {
     anyhow::ensure!(r == pid, "waiting for process {pid}: {}", std::io::Error::last_os_error());
     drop(child);
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    Ok((code, usage.ru_maxrss as u64 * 1024))
+    let (peak, own) = (usage.ru_maxrss as u64 * 1024, proc_status_bytes("VmHWM:"));
+    anyhow::ensure!(
+        peak > own,
+        "the child's peak RSS ({} MiB) is not above this process's own ({} MiB): it cannot be measured from here",
+        peak >> 20,
+        own >> 20
+    );
+    Ok((code, peak))
+}
+
+/// A restore of the backup of a demo cluster into `simulator serve --empty`, in a `blockwise
+/// restore create` process of its own: its peak RSS (`ru_maxrss`) and wall seconds, and the
+/// objects it created. The archive is made first, by `backup create` over HTTP.
+#[derive(Debug, Clone, Copy, Default)]
+struct RestoreRun {
+    archive_bytes: u64,
+    created: u64,
+    peak_rss: u64,
+    seconds: f64,
+}
+
+fn restore_into_empty(dir: &Path, objects: usize, workers: usize) -> Result<RestoreRun> {
+    let exe = std::env::current_exe().context("finding the blockwise binary")?;
+    let data = dir.join("restore-data");
+    {
+        // In a process of its own too: a child inherits the peak RSS of the process it is forked
+        // from (Linux records the old address space's peak at exec), so this one stays small.
+        let served = serve_demo(dir, objects)?;
+        let status = std::process::Command::new(&exe)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["backup", "create", "restored", "--workers", &workers.to_string(), "--kubeconfig"])
+            .arg(&served.kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .status()
+            .context("running `backup create`")?;
+        anyhow::ensure!(status.success(), "`backup create` of the archive to restore failed ({status})");
+    }
+    let archive = data.join("store/backups/restored/restored.tar.gz");
+    let archive_bytes = std::fs::metadata(&archive).with_context(|| format!("reading {}", archive.display()))?.len();
+    let empty = serve(&dir.join("empty.kubeconfig"), &["--empty"], "serving an empty cluster")?;
+    let out_path = dir.join("restore.out");
+    let out = std::fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let start = Instant::now();
+    let child = std::process::Command::new(exe)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["restore", "create", "bench", "--workers", &workers.to_string(), "--from-file"])
+        .arg(&archive)
+        .arg("--kubeconfig")
+        .arg(&empty.kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().context("sharing the restore's output file")?)
+        .stderr(out)
+        .spawn()
+        .context("starting `restore create`")?;
+    let (code, peak_rss) = wait_with_peak_rss(child)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let said = std::fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+    // Its progress lines are many: an error quotes the end.
+    let said = said.get(said.len().saturating_sub(4000)..).unwrap_or(&said).to_string();
+    anyhow::ensure!(code == 0, "`restore create` exited {code}: {said}");
+    // "restore bench Completed: N created, …"
+    let created = said
+        .lines()
+        .find_map(|l| l.strip_prefix("restore bench Completed: "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .with_context(|| format!("the restore did not complete: {said}"))?;
+    Ok(RestoreRun { archive_bytes, created, peak_rss, seconds })
 }
 
 struct Efficiency {
@@ -585,10 +673,11 @@ fn sim_seeds_per_cpu_second(seeds: u64) -> f64 {
 }
 
 /// The sections of `blockwise bench`, in the order they run.
-pub const SECTIONS: [&str; 10] = [
+pub const SECTIONS: [&str; 11] = [
+    "resume",
+    "restore",
     "scale-http",
     "memory",
-    "resume",
     "back-to-back",
     "scale",
     "efficiency",
@@ -630,6 +719,7 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     if let Some(n) = opts.objects {
         sizes.scale_objects = n;
         sizes.resume_objects = n;
+        sizes.restore_objects = n;
     }
     let dir = opts.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("blockwise-bench-{}", std::process::id())));
     if dir.exists() {
@@ -641,7 +731,26 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             eprintln!("bench: {what}…");
         }
     };
-    // Over HTTP first, while this process is small: its peak RSS is then the backup's own.
+    // The sections that measure a child process first, while this process is small (see
+    // `wait_with_peak_rss`); then over HTTP, its peak RSS then the backup's own.
+    let resumed = if on("resume") {
+        progress(&format!(
+            "resume: a backup of {} objects over HTTP killed half way, then resumed",
+            sizes.resume_objects
+        ));
+        Some(resume_half_way(&dir, sizes.resume_objects, opts.workers)?)
+    } else {
+        None
+    };
+    let restored = if on("restore") {
+        progress(&format!(
+            "restore: a backup of {} objects restored into an empty cluster, in a process of its own",
+            sizes.restore_objects
+        ));
+        Some(restore_into_empty(&dir, sizes.restore_objects, opts.workers)?)
+    } else {
+        None
+    };
     let http = if on("scale-http") {
         progress(&format!("scale over HTTP, {} objects (the server in another process)", sizes.scale_objects));
         scale_http(&dir, "scale-http", sizes.scale_objects, 1, opts.workers)?.pop()
@@ -655,15 +764,6 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             memory.push((n, scale_http_child(&dir, n, opts.workers)?));
         }
     }
-    let resumed = if on("resume") {
-        progress(&format!(
-            "resume: a backup of {} objects over HTTP killed half way, then resumed",
-            sizes.resume_objects
-        ));
-        Some(resume_half_way(&dir, sizes.resume_objects, opts.workers)?)
-    } else {
-        None
-    };
     let b2b = if on("back-to-back") {
         progress(&format!(
             "two backups of {} objects over HTTP, one after the other in one process",
@@ -767,6 +867,19 @@ pub fn run(opts: BenchOptions) -> Result<()> {
     for (n, s) in &plans {
         doc[format!("plan_seconds_{n}")] = json!(s);
     }
+    // (Beside the rest: one `json!` of every key passes the macro's recursion limit.)
+    let at_300k = restored.filter(|_| sizes.restore_objects == 300_000);
+    for (key, value) in [
+        ("restore_objects", json!(restored.map(|_| sizes.restore_objects))),
+        ("restore_archive_bytes", json!(restored.map(|r| r.archive_bytes))),
+        ("restore_created", json!(restored.map(|r| r.created))),
+        ("restore_peak_rss_bytes", json!(restored.map(|r| r.peak_rss))),
+        ("restore_seconds", json!(restored.map(|r| r.seconds))),
+        ("restore_300k_peak_rss_bytes", json!(at_300k.map(|r| r.peak_rss))),
+        ("restore_300k_seconds", json!(at_300k.map(|r| r.seconds))),
+    ] {
+        doc[key] = value;
+    }
     if json_out {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -820,6 +933,19 @@ pub fn run(opts: BenchOptions) -> Result<()> {
             format!("{:.0} ({:.1})", mib(r.peak_rss), r.seconds),
             "target <= 256 MiB at 1M",
         );
+    }
+    if let Some(r) = restored {
+        row(
+            &format!("restore: {} objects, archive MiB / created", sizes.restore_objects),
+            format!("{:.0} / {}", mib(r.archive_bytes), r.created),
+            "",
+        );
+        let note = match sizes.restore_objects {
+            300_000 if mib(r.peak_rss) <= 256.0 => "target <= 256 MiB at 300k: met".to_string(),
+            300_000 => format!("target <= 256 MiB at 300k: missed, {:.1}x it", mib(r.peak_rss) / 256.0),
+            _ => "target <= 256 MiB at 300k".to_string(),
+        };
+        row("restore: peak RSS MiB (s)", format!("{:.0} ({:.1})", mib(r.peak_rss), r.seconds), &note);
     }
     if let Some(runs) = &b2b {
         for (i, h) in runs.iter().enumerate() {

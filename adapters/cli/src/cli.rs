@@ -182,11 +182,12 @@ struct BenchArgs {
     /// Scratch directory (default: a fresh one under the system temp dir, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Run only these sections (comma-separated): scale-http, memory, back-to-back, scale,
-    /// efficiency, log, recovery (needs scale), grouping, simulator.
+    /// Run only these sections (comma-separated): scale-http, memory, resume, restore,
+    /// back-to-back, scale, efficiency, log, recovery (needs scale), grouping, simulator.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Objects in the scale rows (scale-http, back-to-back, scale) instead of the default.
+    /// Objects in the scale rows (scale-http, resume, restore, back-to-back, scale) instead of the
+    /// default.
     #[arg(long)]
     objects: Option<usize>,
     /// Blocks backed up in parallel in the scale rows (as `backup create --workers`). 64: the

@@ -23,6 +23,8 @@ fn quick_bench_reports_every_key() {
         "scale_http_rss_after_bytes",
         "resume_peak_rss_bytes",
         "resume_seconds",
+        "restore_peak_rss_bytes",
+        "restore_seconds",
         "scale_floor_seconds",
         "efficiency_workers_16",
         "log_events_per_second",
@@ -36,6 +38,7 @@ fn quick_bench_reports_every_key() {
     assert_eq!(doc["quick"], true);
     assert!(doc["scale_items"].as_u64().unwrap_or(0) > 0, "the scale run wrote nothing");
     assert!(doc["scale_http_items"].as_u64().unwrap_or(0) > 0, "the scale run over HTTP wrote nothing");
+    assert!(doc["restore_created"].as_u64().unwrap_or(0) > 0, "the restore row created nothing");
     // The flat-memory row: one run per size, each in a process of its own.
     let memory = doc["memory"].as_array().expect("memory is a list");
     assert_eq!(memory.len(), 2, "{memory:?}");
