@@ -33,7 +33,7 @@ use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::restore_run::{
     restored_by, update_patch, with_restore_uid, BodyAt, ExistingPolicy, ItemOutcome, PlannedItem, RestoreEvent,
-    RestorePhase, RestorePlan, RestorePlanner, RestoreSpec, RestoreState,
+    RestoreFoldError, RestorePhase, RestorePlan, RestorePlanner, RestoreSpec, RestoreState,
 };
 use blockwise_engine::{ItemKey, ResourceType};
 use futures::StreamExt;
@@ -41,7 +41,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::log::{open_records, LogError, LogMedium, OpenReport, Opened, RecordLog, SledMedium};
+use crate::log::{
+    open_records, open_records_with, scan_records, LogError, LogMedium, OpenReport, Opened, RecordLog, SledMedium,
+};
 use crate::session::{
     file_err, remove_tree, sync_dir, write_json_durable, ClusterSource, DataDir, SessionError, StorageSpec,
 };
@@ -72,6 +74,25 @@ impl<M: LogMedium> RestoreLog<M> {
         let Opened { id, events, report } = open_records::<M, RestoreEvent>(&mut medium, "restore")?;
         let log = RecordLog::opened(medium, id, events.len() as Seq);
         Ok((RestoreLog { log }, events, report))
+    }
+
+    /// Opens an existing log and folds it as it reads — nothing held but the state, whatever the
+    /// log's length — cutting a torn last record: the log, the events read, their fold (the first
+    /// event that does not fold is the error; the read goes on, so damage is still found).
+    #[allow(clippy::type_complexity)]
+    pub fn open_folding(
+        mut medium: M,
+    ) -> Result<(RestoreLog<M>, Seq, Result<RestoreState, RestoreFoldError>, OpenReport), LogError> {
+        let (mut state, mut failed) = (RestoreState::default(), None);
+        let (_, id, report) = open_records_with::<M, RestoreEvent>(&mut medium, "restore", |seq, e| {
+            if failed.is_none() {
+                failed = state.apply(seq, &e).err();
+            }
+            Ok(())
+        })?;
+        let events = report.events as Seq;
+        let log = RecordLog::opened(medium, id, events);
+        Ok((RestoreLog { log }, events, failed.map_or(Ok(state), Err), report))
     }
 
     /// Appends one event; not yet durable.
@@ -693,29 +714,46 @@ impl DataDir {
         crate::session::entry_names(&self.restores())
     }
 
-    /// A restore's events (read while no run holds its log; else `LogError::InUse`).
-    pub fn restore_events(&self, name: &str) -> Result<Vec<RestoreEvent>, SessionError> {
+    /// A restore's state, its log folded as it is read (while no run holds it; else
+    /// `LogError::InUse`).
+    pub fn restore_state(&self, name: &str) -> Result<RestoreState, SessionError> {
         let dir = self.restore_dir(name).join("log");
         let not_found =
             || SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: self.root().into() };
         if !dir.join("db").is_file() {
             return Err(not_found());
         }
-        let (_, events, _) = RestoreLog::open_on(SledMedium::open_for_reading(&dir)?)?;
-        if events.is_empty() {
+        let (_, events, state, _) = RestoreLog::open_folding(SledMedium::open_for_reading(&dir)?)?;
+        if events == 0 {
             return Err(not_found());
         }
-        Ok(events)
+        state.map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })
+    }
+
+    /// Gives `f` each of a restore's events in order, one at a time (`restore logs`), while no
+    /// run holds its log.
+    pub fn for_each_restore_event(
+        &self,
+        name: &str,
+        mut f: impl FnMut(Seq, &RestoreEvent),
+    ) -> Result<(), SessionError> {
+        let dir = self.restore_dir(name).join("log");
+        if !dir.join("db").is_file() {
+            return Err(SessionError::NotFound {
+                what: "restore",
+                name: name.to_string(),
+                data_dir: self.root().into(),
+            });
+        }
+        let medium = SledMedium::open_for_reading(&dir)?;
+        scan_records::<_, RestoreEvent>(&medium, "restore", |seq, e| f(seq, &e))?;
+        Ok(())
     }
 
     /// A restore's state: from its log, or the live view of the process that runs it.
     pub fn restore_status(&self, name: &str) -> Result<RestoreStatus, SessionError> {
-        match self.restore_events(name) {
-            Ok(events) => {
-                let state = RestoreState::fold(&events)
-                    .map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
-                Ok(RestoreStatus::Log { events, state: Box::new(state) })
-            }
+        match self.restore_state(name) {
+            Ok(state) => Ok(RestoreStatus::Log { state: Box::new(state) }),
             Err(SessionError::Log(LogError::InUse(_))) => {
                 let path = self.restore_dir(name).join("status.json");
                 let bytes = std::fs::read(&path).map_err(|e| SessionError::File {
@@ -737,11 +775,9 @@ impl DataDir {
 
 /// What [`DataDir::restore_status`] found.
 pub enum RestoreStatus {
-    /// From the log.
+    /// From the log (folded as it was read).
     Log {
-        /// Every event.
-        events: Vec<RestoreEvent>,
-        /// Their fold.
+        /// The fold of its events.
         state: Box<RestoreState>,
     },
     /// Another process runs it: its live view (`crate::report::restore_json`).
@@ -765,10 +801,8 @@ impl RestoreSession {
         let name = spec.name.clone();
         let dir = data.restore_dir(&name);
         if dir.exists() {
-            match data.restore_events(&name) {
-                Ok(events) => {
-                    let state = RestoreState::fold(&events)
-                        .map_err(|e| SessionError::RestoreState { name: name.clone(), message: e.to_string() })?;
+            match data.restore_state(&name) {
+                Ok(state) => {
                     return Err(match state.phase() {
                         RestorePhase::InProgress => SessionError::Restore {
                             name: name.clone(),
@@ -815,12 +849,11 @@ impl RestoreSession {
         if !dir.join("log").join("db").is_file() {
             return Err(not_found());
         }
-        let (log, events, report) = RestoreLog::open_on(SledMedium::open(&dir.join("log"))?)?;
-        if events.is_empty() {
+        let (log, events, state, report) = RestoreLog::open_folding(SledMedium::open(&dir.join("log"))?)?;
+        if events == 0 {
             return Err(not_found());
         }
-        let state = RestoreState::fold(&events)
-            .map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
+        let state = state.map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
         let path = dir.join("restore.json");
         let bytes = std::fs::read(&path).map_err(|e| SessionError::File {
             what: "reading",

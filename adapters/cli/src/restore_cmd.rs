@@ -332,18 +332,30 @@ fn get(data: &DataDir) -> Result<ExitCode> {
 }
 
 fn logs(a: NameArgs, data: &DataDir) -> Result<ExitCode> {
-    let events = match data.restore_status(&a.name).map_err(session_err)? {
-        RestoreStatus::Log { events, .. } => events,
-        RestoreStatus::Live { .. } => {
+    // One event at a time from the log (a restore of many items has as many events).
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut closed, mut failed) = (false, None);
+    let read = data.for_each_restore_event(&a.name, |seq, e| {
+        if closed || failed.is_some() {
+            return;
+        }
+        match writeln!(out, "{}", report::restore_event_line(seq, e)) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => closed = true,
+            Err(e) => failed = Some(e),
+            Ok(()) => {}
+        }
+    });
+    match read {
+        Err(SessionError::Log(blockwise_adapters::log::LogError::InUse(_))) => {
             return Err(anyhow!("restore {} is running in another process; its log can be read once it ends", a.name))
         }
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (i, e) in events.iter().enumerate() {
-        match writeln!(out, "{}", report::restore_event_line(i as u64, e)) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
-            r => r.context("writing to stdout")?,
-        }
+        r => r.map_err(session_err)?,
+    }
+    if let Some(e) = failed {
+        return Err(e).context("writing to stdout");
+    }
+    if closed {
+        return Ok(ExitCode::SUCCESS);
     }
     match out.flush() {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
