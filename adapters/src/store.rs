@@ -128,7 +128,8 @@ pub trait Store: Send + Sync {
     }
 
     /// Builds the backup's `.tar.gz` from the staged items, checking their digests.
-    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError>;
+    /// (`entries` shared, not copied: the blocking task that builds the archive holds them.)
+    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError>;
 
     /// Stores a file beside the archive (`velero-backup.json`, …); `name` is one path component.
     async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
@@ -548,9 +549,9 @@ impl<M: StoreMedium> Store for LocalStore<M> {
         self.medium.run(move || m.sync_tree(&rel)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
         let archive = backup_rel(backup)?.join(format!("{backup}.tar.gz"));
-        let (m, backup, entries) = (self.medium.clone(), backup.to_string(), entries.to_vec());
+        let (m, backup) = (self.medium.clone(), backup.to_string());
         self.medium.run(move || build_archive(&m, &backup, &entries, &archive)).await
     }
 
@@ -722,20 +723,53 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// One tar entry to write: its path, and the entry whose staged bytes it holds (`None`: the
-/// format version file).
+/// One tar entry to write: the entry whose staged bytes it holds (`None`: the format version file)
+/// and which of its two paths. The path is made when it is written ([`Planned::path`]) and
+/// compared piece by piece when the archive is sorted — an archive of a million items does not
+/// hold two million path strings.
+#[derive(Clone, Copy)]
 pub struct Planned<'a> {
-    /// Path inside the archive.
-    pub path: String,
     /// The item, or `None` for `metadata/version`.
     pub entry: Option<&'a ArchiveEntry>,
+    /// Its `<version>-preferredversion` copy.
+    pub copy: bool,
+}
+
+impl Planned<'_> {
+    /// The pieces whose concatenation is the path: [`ItemKey::archive_path`] or
+    /// [`ItemKey::preferred_version_path`].
+    fn pieces(&self) -> [&str; 12] {
+        let Some(e) = self.entry else {
+            return [VERSION_PATH, "", "", "", "", "", "", "", "", "", "", ""];
+        };
+        let k = &e.key;
+        let (dot, group) = if k.group.is_empty() { ("", "") } else { (".", k.group.as_str()) };
+        let (version, preferred) = if self.copy { (e.version.as_str(), "-preferredversion/") } else { ("", "") };
+        let (scope, ns, slash) = match &k.namespace {
+            Some(ns) => ("namespaces/", ns.as_str(), "/"),
+            None => ("cluster/", "", ""),
+        };
+        ["resources/", &k.resource, dot, group, "/", version, preferred, scope, ns, slash, &k.name, ".json"]
+    }
+
+    /// Its path inside the archive.
+    pub fn path(&self) -> String {
+        self.pieces().concat()
+    }
+
+    /// Orders by path, byte by byte, without making either.
+    fn cmp_path(&self, other: &Planned<'_>) -> std::cmp::Ordering {
+        let (a, b) = (self.pieces(), other.pieces());
+        a.iter().flat_map(|s| s.bytes()).cmp(b.iter().flat_map(|s| s.bytes()))
+    }
 }
 
 /// Every tar entry of the archive in archive order (sorted by path): `metadata/version`, then each
 /// item twice (its own path and its `-preferredversion` copy); duplicates of identical items are
 /// dropped, and two different items claiming one path are an error.
 pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreError> {
-    let mut planned = vec![Planned { path: VERSION_PATH.to_string(), entry: None }];
+    let mut planned = Vec::with_capacity(1 + 2 * entries.len());
+    planned.push(Planned { entry: None, copy: false });
     for entry in entries {
         check_key(&entry.key)?;
         if !is_safe_name(&entry.version) {
@@ -745,14 +779,14 @@ pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreE
                 value: entry.version.clone(),
             });
         }
-        planned.push(Planned { path: entry.key.archive_path(), entry: Some(entry) });
-        planned.push(Planned { path: entry.key.preferred_version_path(&entry.version), entry: Some(entry) });
+        planned.push(Planned { entry: Some(entry), copy: false });
+        planned.push(Planned { entry: Some(entry), copy: true });
     }
-    planned.sort_by(|a, b| a.path.cmp(&b.path));
+    planned.sort_by(|a, b| a.cmp_path(b));
     let mut out: Vec<Planned<'_>> = Vec::with_capacity(planned.len());
     for p in planned {
         if let Some(prev) = out.last() {
-            if prev.path == p.path {
+            if prev.cmp_path(&p).is_eq() {
                 let same = match (prev.entry, p.entry) {
                     (Some(a), Some(b)) => a.digest == b.digest,
                     _ => false,
@@ -761,7 +795,7 @@ pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreE
                     continue;
                 }
                 let who = |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
-                return Err(StoreError::DuplicatePath { path: p.path, first: who(prev.entry), second: who(p.entry) });
+                return Err(StoreError::DuplicatePath { path: p.path(), first: who(prev.entry), second: who(p.entry) });
             }
         }
         out.push(p);
@@ -818,7 +852,7 @@ pub fn write_archive<W: Write>(
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(0);
-        tar.append_data(&mut header, &p.path, bytes.as_slice()).map_err(io_err("write", what))?;
+        tar.append_data(&mut header, p.path(), bytes.as_slice()).map_err(io_err("write", what))?;
     }
     let gz = tar.into_inner().map_err(io_err("write", what))?;
     let sink = gz.finish().map_err(io_err("write", what))?;
@@ -989,8 +1023,8 @@ impl Store for RetryingStore {
         self.retry(|| self.inner.put_item(backup, key, bytes)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: &[ArchiveEntry]) -> Result<ArchiveInfo, StoreError> {
-        self.retry(|| self.inner.finalize(backup, entries)).await
+    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
+        self.retry(|| self.inner.finalize(backup, entries.clone())).await
     }
 
     async fn sync_staged(&self, backup: &str) -> Result<(), StoreError> {
@@ -1126,8 +1160,8 @@ mod tests {
         let (sa, sb) = (LocalStore::new(a.path()), LocalStore::new(b.path()));
         let ea = stage(&sa, &[0, 1, 2, 3, 4]).await;
         let eb = stage(&sb, &[4, 2, 0, 3, 1]).await;
-        let ia = sa.finalize("b1", &ea).await.unwrap();
-        let ib = sb.finalize("b1", &eb).await.unwrap();
+        let ia = sa.finalize("b1", ea.as_slice().into()).await.unwrap();
+        let ib = sb.finalize("b1", eb.as_slice().into()).await.unwrap();
         let (ba, bb) =
             (fs::read(archive_path(a.path(), "b1")).unwrap(), fs::read(archive_path(b.path(), "b1")).unwrap());
         assert_eq!(ba, bb);
@@ -1137,8 +1171,42 @@ mod tests {
         // Finalizing again (a resumed backup) gives the same bytes.
         let mut reversed = ea.clone();
         reversed.reverse();
-        assert_eq!(sa.finalize("b1", &reversed).await.unwrap(), ia);
+        assert_eq!(sa.finalize("b1", reversed.as_slice().into()).await.unwrap(), ia);
         assert_eq!(fs::read(sa.archive_path("b1").unwrap()).unwrap(), ba);
+    }
+
+    /// The archive's order is its paths' byte order, compared piece by piece without making them:
+    /// the same as sorting the path strings, also where one resource's name is a prefix of
+    /// another's or a group sorts between them.
+    #[test]
+    fn paths_are_made_and_ordered_as_the_strings_would_be() {
+        let entry = |group: &str, resource: &str, ns: Option<&str>, name: &str, version: &str| ArchiveEntry {
+            key: match ns {
+                Some(ns) => ItemKey::namespaced(group, resource, ns, name),
+                None => ItemKey::cluster(group, resource, name),
+            },
+            version: version.into(),
+            digest: [0; 32],
+        };
+        let entries = vec![
+            entry("", "pods", Some("a"), "x", "v1"),
+            entry("x", "pods", Some("a"), "x", "v1"),
+            entry("", "pod", Some("a"), "x", "v1"),
+            entry("", "pods-old", None, "x", "v1"),
+            entry("apps", "deployments", Some("a-b"), "web", "v1"),
+            entry("apps", "deployments", Some("a"), "web.json", "v1beta1"),
+            entry("", "namespaces", None, "a", "v1"),
+            entry("", "persistentvolumes", None, "pv", "v1"),
+        ];
+        let planned = plan_archive(&entries).unwrap();
+        let paths: Vec<String> = planned.iter().map(Planned::path).collect();
+        let mut want: Vec<String> = vec![VERSION_PATH.to_string()];
+        for e in &entries {
+            want.push(e.key.archive_path());
+            want.push(e.key.preferred_version_path(&e.version));
+        }
+        want.sort();
+        assert_eq!(paths, want);
     }
 
     #[tokio::test]
@@ -1146,7 +1214,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::new(tmp.path());
         let entries = stage(&store, &[3, 1, 4, 0, 2]).await;
-        store.finalize("b1", &entries).await.unwrap();
+        store.finalize("b1", entries.as_slice().into()).await.unwrap();
         let path = store.archive_path("b1").unwrap();
         let raw = fs::read(&path).unwrap();
         assert_eq!(&raw[..4], &[0x1f, 0x8b, 8, 0], "gzip header without file name");
@@ -1186,7 +1254,7 @@ mod tests {
         let store = LocalStore::new(tmp.path());
         let mut entries = stage(&store, &[0, 1]).await;
         entries[1].digest[0] ^= 1;
-        let e = store.finalize("b1", &entries).await.unwrap_err();
+        let e = store.finalize("b1", entries.as_slice().into()).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { first, .. } if matches!(**first, StoreError::DigestMismatch { .. })),
             "{e}"
@@ -1194,7 +1262,7 @@ mod tests {
         assert!(e.to_string().contains("item deployments.apps ns1/web"), "{e}");
 
         let key = ItemKey::namespaced("", "secrets", "ns1", "never");
-        let e = store.finalize("b1", &[entry(&key, "v1", b"x")]).await.unwrap_err();
+        let e = store.finalize("b1", Arc::from(vec![entry(&key, "v1", b"x")])).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { keys, first } if keys == std::slice::from_ref(&key) && matches!(**first, StoreError::NotStaged { .. })),
             "{e}"
@@ -1204,7 +1272,7 @@ mod tests {
         let mut all = stage(&store, &[0, 1]).await;
         all[0].digest[0] ^= 1;
         all.push(entry(&key, "v1", b"x"));
-        let e = store.finalize("b1", &all).await.unwrap_err();
+        let e = store.finalize("b1", all.as_slice().into()).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "{e}");
 
@@ -1225,12 +1293,12 @@ mod tests {
         store.put_item("b1", &key, b"{}").await.unwrap();
         let e1 = entry(&key, "v1", b"{}");
         // The same entry twice is one item.
-        let info = store.finalize("b1", &[e1.clone(), e1.clone()]).await.unwrap();
+        let info = store.finalize("b1", Arc::from(vec![e1.clone(), e1.clone()])).await.unwrap();
         assert_eq!(read_archive(&store.archive_path("b1").unwrap()).len(), 3);
         assert_eq!(info.items, 2);
         let mut e2 = e1.clone();
         e2.digest = [0; 32];
-        let e = store.finalize("b1", &[e1, e2]).await.unwrap_err();
+        let e = store.finalize("b1", Arc::from(vec![e1, e2])).await.unwrap_err();
         assert!(matches!(e, StoreError::DuplicatePath { .. }), "{e}");
     }
 
@@ -1242,7 +1310,7 @@ mod tests {
         for backup in ["", ".", "..", "a/b", "../x", "a\\b"] {
             let e = store.put_item(backup, &good, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeName { what: "backup name", .. }), "{backup:?}: {e}");
-            assert!(store.finalize(backup, &[]).await.is_err());
+            assert!(store.finalize(backup, Arc::from(vec![])).await.is_err());
             assert!(store.put_file(backup, "velero-backup.json", b"{}").await.is_err());
         }
         let bad_keys = [
@@ -1256,10 +1324,10 @@ mod tests {
             let e = store.put_item("b1", key, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
             assert!(e.to_string().contains("not a safe path component"), "{e}");
-            let e = store.finalize("b1", &[entry(key, "v1", b"{}")]).await.unwrap_err();
+            let e = store.finalize("b1", Arc::from(vec![entry(key, "v1", b"{}")])).await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
         }
-        let e = store.finalize("b1", &[entry(&good, "../v1", b"{}")]).await.unwrap_err();
+        let e = store.finalize("b1", Arc::from(vec![entry(&good, "../v1", b"{}")])).await.unwrap_err();
         assert!(matches!(e, StoreError::UnsafeKey { field: "version", .. }), "{e}");
         for name in ["", "..", "a/b", "../velero-backup.json", "staging", ".tmp-1-2"] {
             assert!(store.put_file("b1", name, b"{}").await.is_err(), "{name:?}");
@@ -1284,7 +1352,7 @@ mod tests {
         // Whichever bytes the log recorded are found.
         for v in [2, 1] {
             let body = format!("{{\"v\":{v}}}");
-            let info = store.finalize("b1", &[entry(&key, "v1", body.as_bytes())]).await.unwrap();
+            let info = store.finalize("b1", Arc::from(vec![entry(&key, "v1", body.as_bytes())])).await.unwrap();
             assert_eq!(info.items, 1);
             let got = read_archive(&store.archive_path("b1").unwrap());
             assert_eq!(got[1].2, body.as_bytes());
@@ -1304,7 +1372,7 @@ mod tests {
         let len = fs::metadata(&pack).unwrap().len();
         let file = fs::OpenOptions::new().write(true).open(&pack).unwrap();
         file.set_len(len - 3).unwrap();
-        let e = first.finalize("b1", &all).await.unwrap_err();
+        let e = first.finalize("b1", all.as_slice().into()).await.unwrap_err();
         let StoreError::Unstaged { keys, first: why } = &e else { panic!("{e}") };
         assert_eq!(keys, std::slice::from_ref(&all[2].key), "{e}");
         assert!(matches!(**why, StoreError::DigestMismatch { .. }), "{e}");
@@ -1312,12 +1380,12 @@ mod tests {
         let second = LocalStore::new(tmp.path());
         stage(&second, &[2]).await;
         assert_eq!(list_dir_recursive(&staging).len(), 2);
-        assert_eq!(second.finalize("b1", &all).await.unwrap().items, 3);
+        assert_eq!(second.finalize("b1", all.as_slice().into()).await.unwrap().items, 3);
         // A damaged header ends its pack's scan: what follows is missing, not misread.
         let mut bytes = fs::read(&pack).unwrap();
         bytes[crate::pack::HEADER_BYTES + 2] ^= 0x20;
         fs::write(&pack, &bytes).unwrap();
-        let e = LocalStore::new(tmp.path()).finalize("b1", &all).await.unwrap_err();
+        let e = LocalStore::new(tmp.path()).finalize("b1", all.as_slice().into()).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "items 0 and 1 were in the damaged pack: {e}");
     }
@@ -1332,7 +1400,7 @@ mod tests {
         assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/web-0.json"));
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, &bytes).unwrap();
-        let info = store.finalize("b1", &[entry(&key, version, &bytes)]).await.unwrap();
+        let info = store.finalize("b1", Arc::from(vec![entry(&key, version, &bytes)])).await.unwrap();
         assert_eq!(info.items, 1);
     }
 
