@@ -20,7 +20,7 @@ use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::{BackupState, SnapshotState};
 use serde_json::{json, Value};
 
-use crate::store::gzip_reproducible;
+use crate::store::{gzip_reproducible, hex};
 
 /// Velero's backup format version, written into the archive and `velero-backup.json`.
 pub const BACKUP_FORMAT_VERSION: &str = "1.1.0";
@@ -30,10 +30,6 @@ pub fn rfc3339(ms: u64) -> String {
     let c = blockwise_engine::schedule::civil(ms as i64, 0);
     let secs = (ms / 1000) % 60;
     format!("{:04}-{:02}-{:02}T{:02}:{:02}:{secs:02}Z", c.year, c.month, c.day, c.hour, c.minute)
-}
-
-fn hex(d: &[u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Hook results across blocks: (block, pod, phase, index, outcome) of each block's latest attempt.

@@ -324,7 +324,7 @@ pub fn plan_archive(
     spill.write_pending()?;
     // The digest is of every byte, also those after the tar's end.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| format!("reading the archive: {e}"))?;
-    let digest = hashing.digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let digest = crate::store::hex(&hashing.digest.finalize());
     Ok((planner.plan(), digest))
 }
 
@@ -714,18 +714,26 @@ impl DataDir {
         crate::session::entry_names(&self.restores())
     }
 
+    fn restore_not_found(&self, name: &str) -> SessionError {
+        SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: self.root().into() }
+    }
+
+    /// A restore's log directory, if it has a log.
+    fn restore_log_dir(&self, name: &str) -> Result<PathBuf, SessionError> {
+        let dir = self.restore_dir(name).join("log");
+        match dir.join("db").is_file() {
+            true => Ok(dir),
+            false => Err(self.restore_not_found(name)),
+        }
+    }
+
     /// A restore's state, its log folded as it is read (while no run holds it; else
     /// `LogError::InUse`).
     pub fn restore_state(&self, name: &str) -> Result<RestoreState, SessionError> {
-        let dir = self.restore_dir(name).join("log");
-        let not_found =
-            || SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: self.root().into() };
-        if !dir.join("db").is_file() {
-            return Err(not_found());
-        }
+        let dir = self.restore_log_dir(name)?;
         let (_, events, state, _) = RestoreLog::open_folding(SledMedium::open_for_reading(&dir)?)?;
         if events == 0 {
-            return Err(not_found());
+            return Err(self.restore_not_found(name));
         }
         state.map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })
     }
@@ -737,15 +745,7 @@ impl DataDir {
         name: &str,
         mut f: impl FnMut(Seq, &RestoreEvent),
     ) -> Result<(), SessionError> {
-        let dir = self.restore_dir(name).join("log");
-        if !dir.join("db").is_file() {
-            return Err(SessionError::NotFound {
-                what: "restore",
-                name: name.to_string(),
-                data_dir: self.root().into(),
-            });
-        }
-        let medium = SledMedium::open_for_reading(&dir)?;
+        let medium = SledMedium::open_for_reading(&self.restore_log_dir(name)?)?;
         scan_records::<_, RestoreEvent>(&medium, "restore", |seq, e| f(seq, &e))?;
         Ok(())
     }
@@ -844,14 +844,9 @@ impl RestoreSession {
     /// Opens an existing restore for a run (`resume`).
     pub fn open(data: &DataDir, name: &str) -> Result<RestoreSession, SessionError> {
         let dir = data.restore_dir(name);
-        let not_found =
-            || SessionError::NotFound { what: "restore", name: name.to_string(), data_dir: data.root().into() };
-        if !dir.join("log").join("db").is_file() {
-            return Err(not_found());
-        }
-        let (log, events, state, report) = RestoreLog::open_folding(SledMedium::open(&dir.join("log"))?)?;
+        let (log, events, state, report) = RestoreLog::open_folding(SledMedium::open(&data.restore_log_dir(name)?)?)?;
         if events == 0 {
-            return Err(not_found());
+            return Err(data.restore_not_found(name));
         }
         let state = state.map_err(|e| SessionError::RestoreState { name: name.into(), message: e.to_string() })?;
         let path = dir.join("restore.json");
@@ -921,7 +916,7 @@ impl RestoreSession {
                 )),
                 runtime: runtime.clone(),
             };
-            let mut live = RestoreLive { dir: self.data.restore_dir(&self.name), last_ms: 0, inner: observer };
+            let mut live = RestoreLive { dir, last_ms: 0, inner: observer };
             live.write(&self.state);
             let uid = self.files.uid.as_deref();
             let result = match Spill::file(&spilled) {

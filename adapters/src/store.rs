@@ -625,7 +625,8 @@ pub fn check_key(key: &ItemKey) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lower-case hex (digests in messages, reports and logs).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

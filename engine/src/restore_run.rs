@@ -279,8 +279,7 @@ pub struct RestorePlan {
     /// Archived items the filters left out.
     pub filtered: usize,
     naming: RestoreNaming,
-    restore_volumes: bool,
-    /// Claims provisioned from snapshots: (archived namespace, what).
+    /// Claims provisioned from snapshots (`--restore-volumes`): (archived namespace, what).
     provisions: Vec<(String, VolumeFromSnapshot)>,
 }
 
@@ -315,7 +314,7 @@ impl RestorePlan {
             }
         }
         prepare(&ty.gr, &mut obj, &self.naming).map_err(|e| e.reason)?;
-        if let (true, Edit::Provision(i)) = (self.restore_volumes, item.edit) {
+        if let Edit::Provision(i) = item.edit {
             if let Some((ns, v)) = self.provisions.get(i as usize) {
                 pre_provision(&ty.gr, &mut obj, ns, v, &self.naming);
             }
@@ -440,16 +439,6 @@ impl RestorePlanner {
         id
     }
 
-    /// Items read so far.
-    pub fn len(&self) -> usize {
-        self.facts.len()
-    }
-
-    /// Whether none was read.
-    pub fn is_empty(&self) -> bool {
-        self.facts.is_empty()
-    }
-
     /// Reads one archived item: its resource directory (`<resource>[.<group>]`), archived
     /// namespace and name, its JSON, and where the caller keeps that JSON. `copy`: it is a
     /// `<version>-preferredversion` copy (used only if the archive has no primary copy).
@@ -534,11 +523,7 @@ impl RestorePlanner {
             namespace: f.namespace.as_deref().map(str::to_string),
             name: f.name.to_string(),
         };
-        let mut plan = RestorePlan {
-            naming: self.naming.clone(),
-            restore_volumes: spec.restore_volumes,
-            ..RestorePlan::default()
-        };
+        let mut plan = RestorePlan { naming: self.naming.clone(), ..RestorePlan::default() };
         let mut facts: Vec<Fact> = Vec::with_capacity(self.facts.len());
         for f in std::mem::take(&mut self.facts) {
             match &f.invalid {
@@ -615,21 +600,26 @@ impl RestorePlanner {
                 );
             }
         }
+        // In the map's order (by archived namespace and claim); what the rules and `body` read.
+        plan.provisions = from_snapshot.into_iter().map(|((ns, _), v)| (ns, v)).collect();
+        // Which provision a claim, a snapshot or a content is part of (the first, as named).
+        let (mut by_claim, mut by_snapshot, mut by_content) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for (i, (ns, v)) in plan.provisions.iter().enumerate() {
+            by_claim.entry((ns.as_str(), v.claim.as_str())).or_insert(i as u32);
+            by_snapshot.entry((ns.as_str(), v.snapshot.as_str())).or_insert(i as u32);
+            by_content.entry(v.content.as_str()).or_insert(i as u32);
+        }
         let provisioned_volumes: BTreeSet<&str> = facts
             .iter()
-            .filter(|f| matches!(f.extra, Extra::Claim(_)))
-            .filter(|f| {
-                f.namespace
-                    .as_deref()
-                    .is_some_and(|ns| from_snapshot.contains_key(&(ns.to_string(), f.name.to_string())))
-            })
+            .filter(|f| f.namespace.as_deref().is_some_and(|ns| by_claim.contains_key(&(ns, &*f.name))))
             .filter_map(claim_volume)
             .collect();
         // Snapshot objects in use: VolumeSnapshots by namespace and name (two namespaces may both
         // have a `data` snapshot), contents by name (cluster-scoped).
-        let used_snapshots: BTreeSet<(Option<&str>, &str)> = from_snapshot
+        let used_snapshots: BTreeSet<(Option<&str>, &str)> = plan
+            .provisions
             .iter()
-            .flat_map(|((ns, _), v)| [(Some(ns.as_str()), v.snapshot.as_str()), (None, v.content.as_str())])
+            .flat_map(|(ns, v)| [(Some(ns.as_str()), v.snapshot.as_str()), (None, v.content.as_str())])
             .collect();
         // Volumes restored as new ones (Velero's rule): a PersistentVolume whose reclaim policy is
         // Delete and that no snapshot restores is not recreated — created as archived it would
@@ -641,14 +631,6 @@ impl RestorePlanner {
             .filter(|f| matches!(f.extra, Extra::Volume { delete: true }) && !provisioned_volumes.contains(&*f.name))
             .map(|f| &*f.name)
             .collect();
-        plan.provisions = from_snapshot.iter().map(|((ns, _), v)| (ns.clone(), v.clone())).collect();
-        // Which provision a claim, a snapshot or a content is part of (the first, as named).
-        let (mut by_claim, mut by_snapshot, mut by_content) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        for (i, (ns, v)) in plan.provisions.iter().enumerate() {
-            by_claim.entry((ns.as_str(), v.claim.as_str())).or_insert(i as u32);
-            by_snapshot.entry((ns.as_str(), v.snapshot.as_str())).or_insert(i as u32);
-            by_content.entry(v.content.as_str()).or_insert(i as u32);
-        }
         let provision_of = |f: &Fact| -> Option<u32> {
             let gr = gr_of(f);
             let ns = f.namespace.as_deref().unwrap_or("");
@@ -710,7 +692,7 @@ impl RestorePlanner {
                 invalid.push(skip(reason));
                 continue;
             }
-            let edit = match (spec.restore_volumes).then(|| provision_of(f)).flatten() {
+            let edit = match provision_of(f) {
                 Some(i) => Edit::Provision(i),
                 None if claim_volume(f).is_some_and(|v| reprovisioned.contains(v)) => Edit::Unbind,
                 None => Edit::None,
