@@ -248,7 +248,7 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             unless_unreachable(cluster, failed, "releasing snapshots", Completion::SnapshotsReleased(r)).await
         }
         CommandKind::Finalize { entries } => {
-            Completion::Finalized(store.finalize(backup, entries.into()).await.map_err(|e| match e {
+            Completion::Finalized(store.finalize(backup, entries).await.map_err(|e| match e {
                 StoreError::Unstaged { ref keys, .. } => {
                     FinalizeError::Unstaged { keys: keys.clone(), message: e.to_string() }
                 }

@@ -132,7 +132,7 @@ impl Store for FaultyStore {
         self.inner.sync_staged(backup).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
         self.check("put", self.plan.finalize, format!("{backup}/{backup}.tar.gz"))?;
         self.inner.finalize(backup, entries).await
     }
@@ -201,7 +201,7 @@ mod tests {
             .iter()
             .map(|k| ArchiveEntry { key: (*k).clone(), version: "v1".into(), digest: Sha256::digest(b"{}").into() })
             .collect();
-        assert_eq!(store.finalize("b1", entries.as_slice().into()).await.unwrap().items, 2);
+        assert_eq!(store.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap().items, 2);
     }
 
     #[tokio::test]

@@ -1727,11 +1727,11 @@ mod tests {
             },
             Event::Diagnostic { severity: Severity::Warning, message: "block 3 has 1200 items".into() },
             Event::BlockPlanned {
-                blocks: vec![BlockPlan {
+                blocks: vec![std::sync::Arc::new(BlockPlan {
                     id: 7,
                     items: vec![pod("ns1", "db-0"), pod("ns1", "db-1")],
                     hooks: vec![hook],
-                }],
+                })],
             },
             Event::PlanFinished { blocks: 8, items: 1234 },
             Event::BlockStarted { block: 7, attempt: 2, at_ms: 1_700_000_000_500 },

@@ -432,8 +432,8 @@ fn objects_of<T>(s: &BackupState, wanted: &BTreeSet<ItemKey>, keep: impl Fn(&Val
 
 /// `<name>-volumeinfo.json.gz`'s content: one Velero `BackupVolumeInfo` per bound claim of the
 /// backup — `CSISnapshot` with its snapshot's facts when captured, skipped (with the reason)
-/// otherwise.
-pub fn volume_infos(s: &BackupState) -> Value {
+/// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
+pub fn volume_infos(s: &BackupState) -> Vec<u8> {
     let claims: BTreeSet<ItemKey> = s
         .blocks
         .iter()
@@ -457,7 +457,7 @@ pub fn volume_infos(s: &BackupState) -> Value {
     });
     let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
         claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
-    let mut out = Vec::new();
+    let mut out = JsonArray::default();
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace.clone().unwrap_or_default();
@@ -512,16 +512,17 @@ pub fn volume_infos(s: &BackupState) -> Value {
         if let Some(p) = pv_info {
             v["pvInfo"] = p;
         }
-        out.push(v);
+        out.push(&v);
     }
-    Value::Array(out)
+    out.finish()
 }
 
 /// `<name>-itemoperations.json.gz`'s content: one Velero `BackupOperation` per captured
-/// VolumeSnapshot — the asynchronous wait until it is ready to use.
-pub fn item_operations(s: &BackupState) -> Value {
+/// VolumeSnapshot — the asynchronous wait until it is ready to use. The bytes of the JSON array,
+/// each element made, written and dropped in turn.
+pub fn item_operations(s: &BackupState) -> Vec<u8> {
     let name = s.spec.as_ref().map(|x| x.name.clone()).unwrap_or_default();
-    let mut out = Vec::new();
+    let mut out = JsonArray::default();
     for st in kept_snapshots(s) {
         let Some(cut) = &st.cut else { continue };
         let ns = &st.plan.namespace;
@@ -541,7 +542,7 @@ pub fn item_operations(s: &BackupState) -> Value {
                 }
                 None => status["phase"] = json!("InProgress"),
             }
-            out.push(json!({
+            out.push(&json!({
                 "spec": {
                     "backupName": name,
                     "backupUID": s.options.uid,
@@ -554,7 +555,7 @@ pub fn item_operations(s: &BackupState) -> Value {
             }));
         }
     }
-    Value::Array(out)
+    out.finish()
 }
 
 /// The archived VolumeSnapshots, VolumeSnapshotContents and used VolumeSnapshotClasses of the
@@ -623,8 +624,7 @@ pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
     for b in &s.blocks {
-        let Some(a) = &b.attempt else { continue };
-        for key in a.written.keys() {
+        for (key, _) in b.written() {
             let gvk = match types.get(&key.gr()) {
                 Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
                 None => format!("{}/unknown", key.gr().dir_name()),
@@ -786,8 +786,8 @@ impl<'a> BackupFiles<'a> {
             (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
             (format!("{name}-results.gz"), gzip_reproducible(&results)?),
             (format!("{name}-logs.gz"), logs),
-            (format!("{name}-volumeinfo.json.gz"), encode(&volume_infos(s))?),
-            (format!("{name}-itemoperations.json.gz"), encode(&item_operations(s))?),
+            (format!("{name}-volumeinfo.json.gz"), encode_bytes(volume_infos(s))?),
+            (format!("{name}-itemoperations.json.gz"), encode_bytes(item_operations(s))?),
             (format!("{name}-csi-volumesnapshots.json.gz"), encode_bytes(snapshots)?),
             (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode_bytes(contents)?),
             (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),

@@ -451,7 +451,7 @@ impl Store for S3Store {
         self.inner.put(&k, PutPayload::from(bytes.to_vec())).await.map(|_| ()).map_err(self.remote("put", &k))
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
         let key = self.file_key(backup, &format!("{backup}.tar.gz"))?;
         create_dirs(&self.cfg.scratch_dir)?;
         let scratch = temp_path(&self.cfg.scratch_dir);
@@ -614,12 +614,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let local = LocalStore::new(tmp.path().join("local"));
         let entries = stage(&local).await;
-        let info = local.finalize("b1", entries.as_slice().into()).await.unwrap();
+        let info = local.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap();
         let expected = fs::read(local.archive_path("b1").unwrap()).unwrap();
         for threshold in [u64::MAX, 0] {
             let (mem, s3) = memory_store(tmp.path(), threshold);
             let e = stage(&s3).await;
-            let got = s3.finalize("b1", e.as_slice().into()).await.unwrap();
+            let got = s3.finalize("b1", std::sync::Arc::new(e.clone())).await.unwrap();
             assert_eq!(got, info, "threshold {threshold}");
             let stored = mem.get(&Path::from("team/a/backups/b1/b1.tar.gz")).await.unwrap().bytes().await.unwrap();
             assert!(stored.as_ref() == expected.as_slice(), "threshold {threshold}: archive bytes differ");
@@ -644,14 +644,14 @@ mod tests {
         let entries = stage(&s3).await;
         let victim = Path::from("team/a/backups/b1/staging/resources/configmaps/namespaces/ns1/cm-1.json");
         mem.put(&victim, PutPayload::from_static(b"{}")).await.unwrap();
-        let e = s3.finalize("b1", entries.as_slice().into()).await.unwrap_err();
+        let e = s3.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { keys, first } if keys.len() == 1 && matches!(**first, StoreError::DigestMismatch { .. }))
                 && e.to_string().contains("configmaps ns1/cm-1"),
             "{e}"
         );
         mem.delete(&victim).await.unwrap();
-        let e = s3.finalize("b1", entries.as_slice().into()).await.unwrap_err();
+        let e = s3.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap_err();
         assert!(e.to_string().contains("item configmaps ns1/cm-1 is not staged"), "{e}");
         assert!(e.to_string().contains("s3://bkt/team/a/backups/b1/staging/"), "{e}");
         assert!(mem.head(&Path::from("team/a/backups/b1/b1.tar.gz")).await.is_err(), "no archive was stored");

@@ -129,7 +129,7 @@ pub trait Store: Send + Sync {
 
     /// Builds the backup's `.tar.gz` from the staged items, checking their digests.
     /// (`entries` shared, not copied: the blocking task that builds the archive holds them.)
-    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError>;
+    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError>;
 
     /// Stores a file beside the archive (`velero-backup.json`, …); `name` is one path component.
     async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
@@ -549,7 +549,7 @@ impl<M: StoreMedium> Store for LocalStore<M> {
         self.medium.run(move || m.sync_tree(&rel)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
         let archive = backup_rel(backup)?.join(format!("{backup}.tar.gz"));
         let (m, backup) = (self.medium.clone(), backup.to_string());
         self.medium.run(move || build_archive(&m, &backup, &entries, &archive)).await
@@ -745,7 +745,7 @@ impl Planned<'_> {
         };
         let k = &e.key;
         let (dot, group) = if k.group.is_empty() { ("", "") } else { (".", k.group.as_str()) };
-        let (version, preferred) = if self.copy { (e.version.as_str(), "-preferredversion/") } else { ("", "") };
+        let (version, preferred) = if self.copy { (&*e.version, "-preferredversion/") } else { ("", "") };
         let (scope, ns, slash) = match &k.namespace {
             Some(ns) => ("namespaces/", ns.as_str(), "/"),
             None => ("cluster/", "", ""),
@@ -777,7 +777,7 @@ pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreE
             return Err(StoreError::UnsafeKey {
                 key: entry.key.to_string(),
                 field: "version",
-                value: entry.version.clone(),
+                value: entry.version.to_string(),
             });
         }
         planned.push(Planned { entry: Some(entry), copy: false });
@@ -1024,7 +1024,7 @@ impl Store for RetryingStore {
         self.retry(|| self.inner.put_item(backup, key, bytes)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<[ArchiveEntry]>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
         self.retry(|| self.inner.finalize(backup, entries.clone())).await
     }
 
@@ -1059,7 +1059,7 @@ mod tests {
     use super::*;
 
     fn entry(key: &ItemKey, version: &str, bytes: &[u8]) -> ArchiveEntry {
-        ArchiveEntry { key: key.clone(), version: version.to_string(), digest: Sha256::digest(bytes).into() }
+        ArchiveEntry { key: key.clone(), version: version.into(), digest: Sha256::digest(bytes).into() }
     }
 
     fn long_name() -> String {
@@ -1161,8 +1161,8 @@ mod tests {
         let (sa, sb) = (LocalStore::new(a.path()), LocalStore::new(b.path()));
         let ea = stage(&sa, &[0, 1, 2, 3, 4]).await;
         let eb = stage(&sb, &[4, 2, 0, 3, 1]).await;
-        let ia = sa.finalize("b1", ea.as_slice().into()).await.unwrap();
-        let ib = sb.finalize("b1", eb.as_slice().into()).await.unwrap();
+        let ia = sa.finalize("b1", Arc::new(ea.clone())).await.unwrap();
+        let ib = sb.finalize("b1", Arc::new(eb.clone())).await.unwrap();
         let (ba, bb) =
             (fs::read(archive_path(a.path(), "b1")).unwrap(), fs::read(archive_path(b.path(), "b1")).unwrap());
         assert_eq!(ba, bb);
@@ -1172,7 +1172,7 @@ mod tests {
         // Finalizing again (a resumed backup) gives the same bytes.
         let mut reversed = ea.clone();
         reversed.reverse();
-        assert_eq!(sa.finalize("b1", reversed.as_slice().into()).await.unwrap(), ia);
+        assert_eq!(sa.finalize("b1", Arc::new(reversed.clone())).await.unwrap(), ia);
         assert_eq!(fs::read(sa.archive_path("b1").unwrap()).unwrap(), ba);
     }
 
@@ -1215,7 +1215,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::new(tmp.path());
         let entries = stage(&store, &[3, 1, 4, 0, 2]).await;
-        store.finalize("b1", entries.as_slice().into()).await.unwrap();
+        store.finalize("b1", Arc::new(entries.clone())).await.unwrap();
         let path = store.archive_path("b1").unwrap();
         let raw = fs::read(&path).unwrap();
         assert_eq!(&raw[..4], &[0x1f, 0x8b, 8, 0], "gzip header without file name");
@@ -1255,7 +1255,7 @@ mod tests {
         let store = LocalStore::new(tmp.path());
         let mut entries = stage(&store, &[0, 1]).await;
         entries[1].digest[0] ^= 1;
-        let e = store.finalize("b1", entries.as_slice().into()).await.unwrap_err();
+        let e = store.finalize("b1", Arc::new(entries.clone())).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { first, .. } if matches!(**first, StoreError::DigestMismatch { .. })),
             "{e}"
@@ -1263,7 +1263,7 @@ mod tests {
         assert!(e.to_string().contains("item deployments.apps ns1/web"), "{e}");
 
         let key = ItemKey::namespaced("", "secrets", "ns1", "never");
-        let e = store.finalize("b1", Arc::from(vec![entry(&key, "v1", b"x")])).await.unwrap_err();
+        let e = store.finalize("b1", Arc::new(vec![entry(&key, "v1", b"x")])).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { keys, first } if keys == std::slice::from_ref(&key) && matches!(**first, StoreError::NotStaged { .. })),
             "{e}"
@@ -1273,7 +1273,7 @@ mod tests {
         let mut all = stage(&store, &[0, 1]).await;
         all[0].digest[0] ^= 1;
         all.push(entry(&key, "v1", b"x"));
-        let e = store.finalize("b1", all.as_slice().into()).await.unwrap_err();
+        let e = store.finalize("b1", Arc::new(all.clone())).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "{e}");
 
@@ -1294,12 +1294,12 @@ mod tests {
         store.put_item("b1", &key, b"{}").await.unwrap();
         let e1 = entry(&key, "v1", b"{}");
         // The same entry twice is one item.
-        let info = store.finalize("b1", Arc::from(vec![e1.clone(), e1.clone()])).await.unwrap();
+        let info = store.finalize("b1", Arc::new(vec![e1.clone(), e1.clone()])).await.unwrap();
         assert_eq!(read_archive(&store.archive_path("b1").unwrap()).len(), 3);
         assert_eq!(info.items, 2);
         let mut e2 = e1.clone();
         e2.digest = [0; 32];
-        let e = store.finalize("b1", Arc::from(vec![e1, e2])).await.unwrap_err();
+        let e = store.finalize("b1", Arc::new(vec![e1, e2])).await.unwrap_err();
         assert!(matches!(e, StoreError::DuplicatePath { .. }), "{e}");
     }
 
@@ -1311,7 +1311,7 @@ mod tests {
         for backup in ["", ".", "..", "a/b", "../x", "a\\b"] {
             let e = store.put_item(backup, &good, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeName { what: "backup name", .. }), "{backup:?}: {e}");
-            assert!(store.finalize(backup, Arc::from(vec![])).await.is_err());
+            assert!(store.finalize(backup, Arc::new(vec![])).await.is_err());
             assert!(store.put_file(backup, "velero-backup.json", b"{}").await.is_err());
         }
         let bad_keys = [
@@ -1325,10 +1325,10 @@ mod tests {
             let e = store.put_item("b1", key, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
             assert!(e.to_string().contains("not a safe path component"), "{e}");
-            let e = store.finalize("b1", Arc::from(vec![entry(key, "v1", b"{}")])).await.unwrap_err();
+            let e = store.finalize("b1", Arc::new(vec![entry(key, "v1", b"{}")])).await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
         }
-        let e = store.finalize("b1", Arc::from(vec![entry(&good, "../v1", b"{}")])).await.unwrap_err();
+        let e = store.finalize("b1", Arc::new(vec![entry(&good, "../v1", b"{}")])).await.unwrap_err();
         assert!(matches!(e, StoreError::UnsafeKey { field: "version", .. }), "{e}");
         for name in ["", "..", "a/b", "../velero-backup.json", "staging", ".tmp-1-2"] {
             assert!(store.put_file("b1", name, b"{}").await.is_err(), "{name:?}");
@@ -1353,7 +1353,7 @@ mod tests {
         // Whichever bytes the log recorded are found.
         for v in [2, 1] {
             let body = format!("{{\"v\":{v}}}");
-            let info = store.finalize("b1", Arc::from(vec![entry(&key, "v1", body.as_bytes())])).await.unwrap();
+            let info = store.finalize("b1", Arc::new(vec![entry(&key, "v1", body.as_bytes())])).await.unwrap();
             assert_eq!(info.items, 1);
             let got = read_archive(&store.archive_path("b1").unwrap());
             assert_eq!(got[1].2, body.as_bytes());
@@ -1373,7 +1373,7 @@ mod tests {
         let len = fs::metadata(&pack).unwrap().len();
         let file = fs::OpenOptions::new().write(true).open(&pack).unwrap();
         file.set_len(len - 3).unwrap();
-        let e = first.finalize("b1", all.as_slice().into()).await.unwrap_err();
+        let e = first.finalize("b1", Arc::new(all.clone())).await.unwrap_err();
         let StoreError::Unstaged { keys, first: why } = &e else { panic!("{e}") };
         assert_eq!(keys, std::slice::from_ref(&all[2].key), "{e}");
         assert!(matches!(**why, StoreError::DigestMismatch { .. }), "{e}");
@@ -1381,12 +1381,12 @@ mod tests {
         let second = LocalStore::new(tmp.path());
         stage(&second, &[2]).await;
         assert_eq!(list_dir_recursive(&staging).len(), 2);
-        assert_eq!(second.finalize("b1", all.as_slice().into()).await.unwrap().items, 3);
+        assert_eq!(second.finalize("b1", Arc::new(all.clone())).await.unwrap().items, 3);
         // A damaged header ends its pack's scan: what follows is missing, not misread.
         let mut bytes = fs::read(&pack).unwrap();
         bytes[crate::pack::HEADER_BYTES + 2] ^= 0x20;
         fs::write(&pack, &bytes).unwrap();
-        let e = LocalStore::new(tmp.path()).finalize("b1", all.as_slice().into()).await.unwrap_err();
+        let e = LocalStore::new(tmp.path()).finalize("b1", Arc::new(all.clone())).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "items 0 and 1 were in the damaged pack: {e}");
     }
@@ -1401,7 +1401,7 @@ mod tests {
         assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/web-0.json"));
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, &bytes).unwrap();
-        let info = store.finalize("b1", Arc::from(vec![entry(&key, version, &bytes)])).await.unwrap();
+        let info = store.finalize("b1", Arc::new(vec![entry(&key, version, &bytes)])).await.unwrap();
         assert_eq!(info.items, 1);
     }
 

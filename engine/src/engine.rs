@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
-use crate::grouping::{builtin_actions, plan, Index, ItemBlockAction, PlanInput, PlanStep};
+use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
 use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType, StrMap};
 use crate::mutation::{self, Mutation};
@@ -94,8 +94,8 @@ impl Default for EngineConfig {
 pub struct ArchiveEntry {
     /// The item.
     pub key: ItemKey,
-    /// Its preferred version, for the `-preferredversion` copy.
-    pub version: String,
+    /// Its preferred version, for the `-preferredversion` copy (shared by the entries of a type).
+    pub version: Arc<str>,
     /// sha256 of the staged bytes.
     pub digest: [u8; 32],
 }
@@ -118,7 +118,7 @@ pub enum CommandKind {
     /// already in the log, so the bytes are the logged ones and nothing new is recorded.
     Restage { key: ItemKey, body: Body },
     /// Build the archive from the staged items.
-    Finalize { entries: Vec<ArchiveEntry> },
+    Finalize { entries: Arc<Vec<ArchiveEntry>> },
     /// Read the claims' PersistentVolumes (`pvs`) and list the snapshot classes of `classes`
     /// (VolumeSnapshotClasses, then VolumeGroupSnapshotClasses when served).
     InspectVolumes { pvs: Vec<(ResourceType, ItemKey)>, classes: Vec<ResourceType> },
@@ -720,6 +720,12 @@ impl Engine {
         let keep = pv && self.state.options.snapshots_on() || self.actions.iter().any(|a| a.reads(&gr));
         it.object = match (keep, projection(&gr)) {
             (false, _) => serde_json::Value::Null,
+            // Strings only (a claim's, a volume's): kept as strings, not JSON maps.
+            (true, Some(pointers)) if !pointers.contains(&"/subjects") => {
+                let at = |p: &'static str| Some((p, Box::from(it.object.pointer(p)?.as_str()?)));
+                it.strings = Some(pointers.iter().filter_map(|p| at(p)).collect());
+                serde_json::Value::Null
+            }
             // Only what the built-in actions and snapshot planning read (each JSON map held costs a
             // B-tree node of ~0.6 KiB: a whole claim is a dozen).
             (true, Some(pointers)) => project(&it.object, pointers),
@@ -758,6 +764,7 @@ impl Engine {
                     object: serde_json::Value::Null,
                     body: None,
                     pod: None,
+                    strings: None,
                 }
             };
             it.body = Some(Body::of(&rt.gr, json, n));
@@ -886,8 +893,8 @@ impl Engine {
             claims.values().filter(|c| c.in_backup).filter_map(|c| c.volume.as_ref()).collect();
         for name in names {
             let key = ItemKey::cluster("", "persistentvolumes", name);
-            match (index.get(&key).filter(|it| !it.object.is_null()), &pv_type) {
-                (Some(pv), _) => known.push((name.clone(), PvVolume::of(&pv.object))),
+            match (index.get(&key).filter(|it| it.has_object()), &pv_type) {
+                (Some(pv), _) => known.push((name.clone(), PvVolume::of(&pv.kept_object()))),
                 (None, Some(rt)) => gets.push((rt.clone(), key)),
                 (None, None) => known.push((
                     name.clone(),
@@ -973,7 +980,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let rest: Vec<_> = p.blocks.into_iter().skip(already).collect();
+        let rest: Vec<Arc<BlockPlan>> = p.blocks.into_iter().skip(already).map(Arc::new).collect();
         for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
             self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
         }
@@ -1215,17 +1222,25 @@ impl Engine {
         if self.state.archive.is_none() {
             if !self.finalizing && self.restaging == 0 {
                 self.finalizing = true;
-                let mut entries = Vec::new();
+                // Each type's version once; the entries made at their final size and handed over
+                // as they are (no copy of every key into another list).
+                let types: Vec<(&GroupResource, Arc<str>)> =
+                    self.state.resources.iter().flatten().map(|r| (&r.gr, Arc::from(r.version.as_str()))).collect();
+                let version_of = |key: &ItemKey| {
+                    let of =
+                        |(gr, _): &&(&GroupResource, Arc<str>)| gr.group == key.group && gr.resource == key.resource;
+                    types.iter().find(of).map_or_else(|| Arc::from(""), |(_, v)| v.clone())
+                };
+                let n = self.state.blocks.iter().map(|b| b.attempt.as_ref().map_or(0, |a| a.written.len())).sum();
+                let mut entries = Vec::with_capacity(n);
                 for b in &self.state.blocks {
-                    let Some(a) = &b.attempt else { continue };
-                    for (key, (digest, _)) in &a.written {
-                        let version = self.resource(&key.gr()).map(|r| r.version).unwrap_or_default();
-                        entries.push(ArchiveEntry { key: key.clone(), version, digest: *digest });
+                    for (key, (digest, _)) in b.written() {
+                        entries.push(ArchiveEntry { key: key.clone(), version: version_of(key), digest: *digest });
                     }
                 }
                 entries.sort_by(|a, b| a.key.cmp(&b.key));
                 let last = self.state.events.checked_sub(1);
-                self.issue(Pending::Finalize, last, CommandKind::Finalize { entries });
+                self.issue(Pending::Finalize, last, CommandKind::Finalize { entries: Arc::new(entries) });
             }
             return;
         }
@@ -2101,20 +2116,9 @@ fn project(object: &serde_json::Value, pointers: &[&str]) -> serde_json::Value {
             _ => continue,
         };
         let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
-        set_at(&mut out, &parts, kept);
+        crate::item::set_at(&mut out, &parts, kept);
     }
     out
-}
-
-/// Sets `value` at the path `parts` inside `at`, making the maps on the way.
-fn set_at(at: &mut serde_json::Value, parts: &[&str], value: serde_json::Value) {
-    let (Some(map), Some((first, rest))) = (at.as_object_mut(), parts.split_first()) else { return };
-    if rest.is_empty() {
-        map.insert(first.to_string(), value);
-    } else {
-        let next = map.entry(first.to_string()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
-        set_at(next, rest, value);
-    }
 }
 
 /// The key of an already validated (canonical) object, from its metadata alone.
@@ -2188,5 +2192,29 @@ mod tests {
                 "subjects": [{"kind": "ServiceAccount", "namespace": "ns", "name": "sa"}, {"kind": "User", "name": "u"}]})
         );
         assert!(projection(&GroupResource::new("", "configmaps")).is_none());
+    }
+
+    /// Planning keeps a claim's and a volume's strings, not their JSON, and reads the same answers
+    /// from them as from the projection; a volume with none of the strings is still known.
+    #[test]
+    fn a_slim_claim_or_volume_keeps_its_strings_and_answers_as_its_projection() {
+        let e = Engine::new(BackupSpec::new("b"), EngineConfig::default(), 0).unwrap();
+        let pvcs = ResourceType::new("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true);
+        let pvc = json!({"metadata": {"name": "data", "namespace": "ns"},
+            "spec": {"volumeName": "pv1", "storageClassName": "fast"}, "status": {"phase": "Bound"}});
+        let it = e.slim(Item::from_value(&pvcs, 0, pvc.clone()).unwrap());
+        assert!(it.object.is_null() && it.has_object());
+        assert_eq!(it.str_at("/spec/volumeName"), Some("pv1"));
+        assert_eq!(it.str_at("/status/phase"), Some("Bound"));
+        assert_eq!(it.str_at("/spec/storageClassName"), None);
+        assert!(crate::grouping::pvc_bound(&it));
+        assert_eq!(*it.kept_object(), projected("", "persistentvolumeclaims", pvc));
+        let pvs = ResourceType::new("", "v1", "persistentvolumes", "PersistentVolume", false);
+        let pv = json!({"metadata": {"name": "pv1"}, "spec": {"csi": {"driver": "d.csi", "volumeHandle": "h1"}}});
+        let it = e.slim(Item::from_value(&pvs, 0, pv.clone()).unwrap());
+        assert_eq!(PvVolume::of(&it.kept_object()), PvVolume::of(&pv));
+        let bare = e.slim(Item::from_value(&pvs, 0, json!({"metadata": {"name": "pv2"}, "spec": {}})).unwrap());
+        assert!(bare.has_object(), "a volume without CSI strings must not be fetched again");
+        assert_eq!(PvVolume::of(&bare.kept_object()), PvVolume::NotCsi);
     }
 }

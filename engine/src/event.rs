@@ -8,6 +8,8 @@
 //! Variants are only ever appended at the end of the enum, and golden-byte fixtures in the tests
 //! pin every variant's encoding, so old logs stay readable.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::grouping::BlockPlan;
@@ -149,8 +151,10 @@ pub enum Event {
     ItemsFetched { items: Vec<(ItemKey, Option<String>)> },
     /// A warning or error found by the engine (bad objects, bad annotations, …).
     Diagnostic { severity: Severity, message: String },
-    /// Some planned blocks, in id order.
-    BlockPlanned { blocks: Vec<BlockPlan> },
+    /// Some planned blocks, in id order. Shared with the state that folds them (encoded as the
+    /// plans themselves): a plan is held once, not once per event waiting to be logged and again in
+    /// the state.
+    BlockPlanned { blocks: Vec<Arc<BlockPlan>> },
     /// Planning is over: this many blocks and items.
     PlanFinished { blocks: u32, items: u64 },
     /// Intent: a block attempt begins (durable before any hook or write of it).

@@ -7,6 +7,7 @@
 //! [`FoldError`] naming the sequence number, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
@@ -110,8 +111,19 @@ impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {
     }
 }
 
-/// The items an attempt wrote: key → (digest, bytes).
-pub type Written = VecMap<ItemKey, ([u8; 32], u64)>;
+/// An item an attempt wrote, as [`Attempt::written`] keeps it: its position in the block's plan,
+/// or (an item the plan does not list: a snapshot's VolumeSnapshot and VolumeSnapshotContent) its
+/// key. A key per written item beside the plan's was ~200 bytes an item.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WrittenKey {
+    /// `plan.items[i]`.
+    Planned(u32),
+    /// An item the plan does not list.
+    Other(Box<ItemKey>),
+}
+
+/// The items an attempt wrote: key (by [`WrittenKey`]) → (digest, bytes).
+pub type Written = VecMap<WrittenKey, ([u8; 32], u64)>;
 
 /// One attempt at a block.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -122,7 +134,8 @@ pub struct Attempt {
     pub hooks_started: VecMap<HookRef, ()>,
     /// Hooks whose end is recorded, with how they ended.
     pub hooks_finished: VecMap<HookRef, HookOutcome>,
-    /// Items written in this attempt: key → (digest, bytes).
+    /// Items written in this attempt: key → (digest, bytes); [`BlockState::written`] gives them by
+    /// key.
     pub written: Written,
     /// Items that failed to write.
     pub failed_items: BTreeMap<ItemKey, String>,
@@ -140,10 +153,11 @@ impl Attempt {
 /// A planned block and its history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockState {
-    /// The plan.
-    pub plan: BlockPlan,
-    /// The latest attempt, if any started.
-    pub attempt: Option<Attempt>,
+    /// The plan (shared with the `BlockPlanned` event that carried it).
+    pub plan: Arc<BlockPlan>,
+    /// The latest attempt, if any started (boxed: most blocks of a large backup are one item, and
+    /// an unboxed attempt made each block's state ~200 bytes).
+    pub attempt: Option<Box<Attempt>>,
     /// How the block ended, once it has.
     pub outcome: Option<BlockOutcome>,
     /// When it finished.
@@ -154,6 +168,28 @@ impl BlockState {
     /// Started, not finished: a crash left this attempt open (or it is running now).
     pub fn in_flight(&self) -> bool {
         self.attempt.is_some() && self.outcome.is_none()
+    }
+
+    /// The items the latest attempt wrote, by key: key → (digest, bytes).
+    pub fn written(&self) -> impl Iterator<Item = (&ItemKey, &([u8; 32], u64))> + '_ {
+        let written = self.attempt.as_ref().map(|a| a.written.iter());
+        written.into_iter().flatten().filter_map(|(k, v)| match k {
+            WrittenKey::Planned(i) => self.plan.items.get(*i as usize).map(|k| (k, v)),
+            WrittenKey::Other(k) => Some((&**k, v)),
+        })
+    }
+
+    /// How the latest attempt keeps `key` among its written items: its position in the plan (the
+    /// next one in write order looked at first), or the key itself.
+    fn written_key(&self, key: &ItemKey) -> WrittenKey {
+        let next = self.attempt.as_ref().map_or(0, |a| a.written.len());
+        if self.plan.items.get(next) == Some(key) {
+            return WrittenKey::Planned(next as u32);
+        }
+        match self.plan.items.iter().position(|k| k == key) {
+            Some(i) => WrittenKey::Planned(i as u32),
+            None => WrittenKey::Other(Box::new(key.clone())),
+        }
     }
 }
 
@@ -658,7 +694,7 @@ impl BackupState {
                         reason: format!("block {block}: attempt {attempt} after {prev}"),
                     });
                 }
-                b.attempt = Some(Attempt { number: *attempt, started_ms: *at_ms, ..Attempt::default() });
+                b.attempt = Some(Box::new(Attempt { number: *attempt, started_ms: *at_ms, ..Attempt::default() }));
             }
             Event::HookStarted { block, attempt, hook, at_ms } => {
                 self.last_ms = *at_ms;
@@ -673,7 +709,12 @@ impl BackupState {
                 }
             }
             Event::ItemWritten { block, attempt, key, digest, bytes } => {
-                self.attempt_mut(seq, kind, *block, *attempt)?.written.insert(key.clone(), (*digest, *bytes));
+                self.attempt_mut(seq, kind, *block, *attempt)?;
+                let b = &mut self.blocks[*block as usize];
+                let k = b.written_key(key);
+                if let Some(a) = b.attempt.as_mut() {
+                    a.written.insert(k, (*digest, *bytes));
+                }
             }
             Event::ItemFailed { block, attempt, key, error } => {
                 self.attempt_mut(seq, kind, *block, *attempt)?.failed_items.insert(key.clone(), error.clone());
@@ -715,5 +756,41 @@ impl BackupState {
         }
         self.events += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An attempt keeps its written items by position in the plan (any order) or, for items the
+    /// plan does not list, by key; `written()` gives every one back by key, the latest write of
+    /// an item winning.
+    #[test]
+    fn written_items_are_kept_by_plan_position_and_given_back_by_key() {
+        let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
+        let plan = BlockPlan { id: 0, items: vec![key("a"), key("b"), key("c")], hooks: Vec::new() };
+        let snap = ItemKey::namespaced("snapshot.storage.k8s.io", "volumesnapshots", "ns", "s1");
+        let mut s = BackupState::default();
+        let events = [
+            Event::BackupRequested { spec: crate::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
+            Event::BlockPlanned { blocks: vec![Arc::new(plan)] },
+            Event::BlockStarted { block: 0, attempt: 1, at_ms: 2 },
+        ];
+        let write = |k: &ItemKey, d: u8| Event::ItemWritten {
+            block: 0,
+            attempt: 1,
+            key: k.clone(),
+            digest: [d; 32],
+            bytes: d as u64,
+        };
+        for e in events.iter().chain(&[write(&key("c"), 1), write(&key("a"), 2), write(&snap, 3), write(&key("c"), 4)])
+        {
+            s.apply(e).unwrap();
+        }
+        let got: BTreeMap<ItemKey, u8> = s.blocks[0].written().map(|(k, (d, _))| (k.clone(), d[0])).collect();
+        assert_eq!(got, BTreeMap::from([(key("a"), 2), (key("c"), 4), (snap.clone(), 3)]));
+        let kept: Vec<&WrittenKey> = s.blocks[0].attempt.as_ref().unwrap().written.keys().collect();
+        assert_eq!(kept, [&WrittenKey::Planned(0), &WrittenKey::Planned(2), &WrittenKey::Other(Box::new(snap))]);
     }
 }

@@ -212,8 +212,9 @@ pub fn evidence(records: &[Record]) -> Evidence {
 pub fn planned_blocks(events: &[Event]) -> Vec<BlockPlan> {
     events
         .iter()
-        .filter_map(|e| if let Event::BlockPlanned { blocks } = e { Some(blocks.clone()) } else { None })
+        .filter_map(|e| if let Event::BlockPlanned { blocks } = e { Some(blocks) } else { None })
         .flatten()
+        .map(|b| BlockPlan::clone(b))
         .collect()
 }
 

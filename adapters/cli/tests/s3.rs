@@ -164,8 +164,8 @@ fn a_large_archive_goes_up_as_a_multipart_upload() {
             local.put_item("b", key, bytes).await.expect("put locally");
             entries.push(ArchiveEntry { key: key.clone(), version: "v1".into(), digest: Sha256::digest(bytes).into() });
         }
-        let info = store.finalize("b", entries.as_slice().into()).await.expect("multipart finalize");
-        (info, local.finalize("b", entries.as_slice().into()).await.expect("local finalize"))
+        let info = store.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("multipart finalize");
+        (info, local.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("local finalize"))
     });
     assert!(info.bytes > 10 << 20, "the archive must need several parts: {} bytes", info.bytes);
     assert_eq!(info, local_info);
