@@ -137,7 +137,11 @@ pub fn describe_json(s: &BackupState) -> Value {
 
 /// `describe` for people.
 pub fn describe_text(s: &BackupState) -> String {
-    let j = describe_json(s);
+    describe_text_of(s, &describe_json(s))
+}
+
+/// `describe` for people, from the backup's [`describe_json`] `j` (made once for both).
+pub fn describe_text_of(s: &BackupState, j: &Value) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     line(&mut out, "Name:", j["name"].as_str().unwrap_or("?").to_string());

@@ -856,10 +856,12 @@ impl<'a> LiveView<'a> {
 
     /// The live view is a convenience: failing to write it never fails the backup.
     fn write_status(&mut self, state: &BackupState) {
+        let describe = report::describe_json(state);
+        let text = report::describe_text_of(state, &describe);
         let doc = json!({
             "pid": std::process::id(),
-            "describe": report::describe_json(state),
-            "text": report::describe_text(state),
+            "describe": describe,
+            "text": text,
             "row": {
                 "phase": state.phase().to_string(),
                 "errors": state.errors.len(),

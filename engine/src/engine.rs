@@ -307,8 +307,9 @@ pub struct Engine {
     discovering: bool,
     listing: BTreeSet<ListUnit>,
     fetching: bool,
-    /// The write path's view of every known object, once the plan is finished.
-    objects: Option<HashMap<ItemKey, Body>>,
+    /// The write path's view of every known object, once the plan is finished, by key digest
+    /// ([`ItemKey::digest`]: the keys themselves were ~200 bytes an item more).
+    objects: Option<HashMap<u128, Body>>,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
     /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
     /// is built.
@@ -1032,7 +1033,7 @@ impl Engine {
         let mut map = HashMap::with_capacity(self.catalog.len());
         for it in std::mem::take(&mut self.catalog) {
             if let Some(body) = it.body {
-                map.entry(it.key).or_insert(body);
+                map.entry(it.key.digest()).or_insert(body);
             }
         }
         self.objects = Some(map);
@@ -1558,7 +1559,7 @@ impl Engine {
         }
         let mut out = Vec::new();
         for key in &self.state.blocks[id as usize].plan.items {
-            let Some(body) = self.objects.as_ref().and_then(|m| m.get(key).cloned()) else {
+            let Some(body) = self.objects.as_ref().and_then(|m| m.get(&key.digest()).cloned()) else {
                 let error = "object is no longer known (listing changed after planning)".to_string();
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
                 continue;
@@ -1607,7 +1608,7 @@ impl Engine {
                 }
             }
         }
-        let body = self.objects.as_ref().and_then(|m| m.get(key).cloned())?;
+        let body = self.objects.as_ref().and_then(|m| m.get(&key.digest()).cloned())?;
         let member = self.state.snapshots.iter().find_map(|s| {
             let ns_ok = key.namespace.as_deref() == Some(s.plan.namespace.as_str());
             let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;
