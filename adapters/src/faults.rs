@@ -199,7 +199,11 @@ mod tests {
         store.put_item("b1", &other, b"{}").await.unwrap();
         let entries: Vec<ArchiveEntry> = [&key, &other]
             .iter()
-            .map(|k| ArchiveEntry { key: (*k).clone(), version: "v1".into(), digest: Sha256::digest(b"{}").into() })
+            .map(|k| ArchiveEntry {
+                key: (*k).clone().into(),
+                version: "v1".into(),
+                digest: Sha256::digest(b"{}").into(),
+            })
             .collect();
         assert_eq!(store.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap().items, 2);
     }

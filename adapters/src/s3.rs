@@ -379,21 +379,21 @@ impl S3Store {
             let bytes = match got {
                 Ok(b) => b,
                 Err(e @ (StoreError::NotStaged { .. } | StoreError::DigestMismatch { .. })) => {
-                    unstaged.push((entries[i].key.clone(), e));
+                    unstaged.push((ItemKey::clone(&entries[i].key), e));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             let path = scratch.join(i.to_string());
             fs::write(&path, &bytes).map_err(io("write", &path))?;
-            index.insert(&entries[i].key, path);
+            index.insert(&*entries[i].key, path);
         }
         if let Some(e) = unstaged_error(&mut unstaged) {
             return Err(e);
         }
         let file = File::create(tmp).map_err(io("create", tmp))?;
         let (buf, digest, size) = write_archive(&planned, BufWriter::new(file), tmp, |entry| {
-            let path = index.get(&entry.key).cloned().unwrap_or_default();
+            let path = index.get(&*entry.key).cloned().unwrap_or_default();
             let bytes = fs::read(&path).map_err(io("read", &path))?;
             verify_staged(entry, &bytes)?;
             Ok(bytes)
@@ -604,7 +604,7 @@ mod tests {
         let mut entries = Vec::new();
         for (key, bytes) in items().into_iter().rev() {
             store.put_item("b1", &key, &bytes).await.unwrap();
-            entries.push(ArchiveEntry { key, version: "v1".into(), digest: Sha256::digest(&bytes).into() });
+            entries.push(ArchiveEntry { key: key.into(), version: "v1".into(), digest: Sha256::digest(&bytes).into() });
         }
         entries
     }

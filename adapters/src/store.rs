@@ -504,7 +504,7 @@ fn build_archive<M: StoreMedium>(
                     .unwrap_or_else(|| StoreError::NotStaged { key: entry.key.to_string(), path: m.location(&rel) })),
             };
             checked.or_else(|e| {
-                unstaged.push((entry.key.clone(), e));
+                unstaged.push((ItemKey::clone(&entry.key), e));
                 Ok(Vec::new())
             })
         })?;
@@ -1059,7 +1059,7 @@ mod tests {
     use super::*;
 
     fn entry(key: &ItemKey, version: &str, bytes: &[u8]) -> ArchiveEntry {
-        ArchiveEntry { key: key.clone(), version: version.into(), digest: Sha256::digest(bytes).into() }
+        ArchiveEntry { key: key.clone().into(), version: version.into(), digest: Sha256::digest(bytes).into() }
     }
 
     fn long_name() -> String {
@@ -1185,7 +1185,8 @@ mod tests {
             key: match ns {
                 Some(ns) => ItemKey::namespaced(group, resource, ns, name),
                 None => ItemKey::cluster(group, resource, name),
-            },
+            }
+            .into(),
             version: version.into(),
             digest: [0; 32],
         };
@@ -1375,7 +1376,7 @@ mod tests {
         file.set_len(len - 3).unwrap();
         let e = first.finalize("b1", Arc::new(all.clone())).await.unwrap_err();
         let StoreError::Unstaged { keys, first: why } = &e else { panic!("{e}") };
-        assert_eq!(keys, std::slice::from_ref(&all[2].key), "{e}");
+        assert_eq!(keys, std::slice::from_ref(&*all[2].key), "{e}");
         assert!(matches!(**why, StoreError::DigestMismatch { .. }), "{e}");
         // The next process stages it again, into a pack of its own.
         let second = LocalStore::new(tmp.path());

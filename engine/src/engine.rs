@@ -42,7 +42,7 @@ use crate::snapshot::{
     SnapshotApi, SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
-use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState};
+use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState, WrittenKey};
 
 /// Identifies a command until its completion is reported.
 pub type CmdId = u64;
@@ -89,11 +89,55 @@ impl Default for EngineConfig {
     }
 }
 
+/// The key of an archive entry: the block plan that lists the item and its position there, or
+/// (an item no plan lists: a snapshot's objects) the key itself. A copy of every key for the
+/// archive's list was ~200 bytes an item; this is 16. Dereferences to the [`ItemKey`].
+#[derive(Debug, Clone)]
+pub struct EntryKey(EntryKeyRepr);
+
+#[derive(Debug, Clone)]
+enum EntryKeyRepr {
+    InPlan(Arc<BlockPlan>, u32),
+    Own(Box<ItemKey>),
+}
+
+impl EntryKey {
+    /// The `i`-th item of `plan`, if it has one.
+    pub fn in_plan(plan: &Arc<BlockPlan>, i: u32) -> Option<EntryKey> {
+        plan.items.get(i as usize).map(|_| EntryKey(EntryKeyRepr::InPlan(plan.clone(), i)))
+    }
+}
+
+impl From<ItemKey> for EntryKey {
+    fn from(key: ItemKey) -> EntryKey {
+        EntryKey(EntryKeyRepr::Own(Box::new(key)))
+    }
+}
+
+impl std::ops::Deref for EntryKey {
+    type Target = ItemKey;
+    fn deref(&self) -> &ItemKey {
+        match &self.0 {
+            // In range: `in_plan` checked it, and a plan is never changed once shared.
+            EntryKeyRepr::InPlan(plan, i) => &plan.items[*i as usize],
+            EntryKeyRepr::Own(key) => key,
+        }
+    }
+}
+
+impl PartialEq for EntryKey {
+    fn eq(&self, other: &EntryKey) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for EntryKey {}
+
 /// One entry of the final archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveEntry {
     /// The item.
-    pub key: ItemKey,
+    pub key: EntryKey,
     /// Its preferred version, for the `-preferredversion` copy (shared by the entries of a type).
     pub version: Arc<str>,
     /// sha256 of the staged bytes.
@@ -1235,8 +1279,14 @@ impl Engine {
                 let n = self.state.blocks.iter().map(|b| b.attempt.as_ref().map_or(0, |a| a.written.len())).sum();
                 let mut entries = Vec::with_capacity(n);
                 for b in &self.state.blocks {
-                    for (key, (digest, _)) in b.written() {
-                        entries.push(ArchiveEntry { key: key.clone(), version: version_of(key), digest: *digest });
+                    for (at, (digest, _)) in b.attempt.iter().flat_map(|a| a.written.iter()) {
+                        let key = match at {
+                            WrittenKey::Planned(i) => EntryKey::in_plan(&b.plan, *i),
+                            WrittenKey::Other(key) => Some(EntryKey::from(ItemKey::clone(key))),
+                        };
+                        if let Some(key) = key {
+                            entries.push(ArchiveEntry { version: version_of(&key), key, digest: *digest });
+                        }
                     }
                 }
                 entries.sort_by(|a, b| a.key.cmp(&b.key));
@@ -2193,6 +2243,19 @@ mod tests {
                 "subjects": [{"kind": "ServiceAccount", "namespace": "ns", "name": "sa"}, {"kind": "User", "name": "u"}]})
         );
         assert!(projection(&GroupResource::new("", "configmaps")).is_none());
+    }
+
+    /// An archive entry's key in a plan is that plan's item (equal to the same key held on its
+    /// own); a position the plan does not have makes none.
+    #[test]
+    fn an_entry_key_in_a_plan_is_the_plans_item() {
+        let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
+        let plan = Arc::new(BlockPlan { id: 0, items: vec![key("a"), key("b")], hooks: Vec::new() });
+        let b = EntryKey::in_plan(&plan, 1).unwrap();
+        assert_eq!(*b, key("b"));
+        assert_eq!(b, EntryKey::from(key("b")));
+        assert_ne!(b, EntryKey::in_plan(&plan, 0).unwrap());
+        assert!(EntryKey::in_plan(&plan, 2).is_none());
     }
 
     /// Planning keeps a claim's and a volume's strings, not their JSON, and reads the same answers

@@ -23,7 +23,9 @@ pub mod snapshot;
 pub mod spec;
 pub mod state;
 
-pub use engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, FinalizeError, Output};
+pub use engine::{
+    ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, EntryKey, FinalizeError, Output,
+};
 pub use event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 pub use item::{GroupResource, Item, ItemKey, ResourceType, StrMap};
 pub use mutation::Mutation;

@@ -162,7 +162,11 @@ fn a_large_archive_goes_up_as_a_multipart_upload() {
         for (key, bytes) in &items {
             store.put_item("b", key, bytes).await.expect("put to S3");
             local.put_item("b", key, bytes).await.expect("put locally");
-            entries.push(ArchiveEntry { key: key.clone(), version: "v1".into(), digest: Sha256::digest(bytes).into() });
+            entries.push(ArchiveEntry {
+                key: key.clone().into(),
+                version: "v1".into(),
+                digest: Sha256::digest(bytes).into(),
+            });
         }
         let info = store.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("multipart finalize");
         (info, local.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("local finalize"))

@@ -71,7 +71,7 @@ impl Default for ContainerResources {
     fn default() -> Self {
         ContainerResources {
             cpu_request: "500m".into(),
-            memory_request: "1Gi".into(),
+            memory_request: "256Mi".into(),
             cpu_limit: "2".into(),
             memory_limit: "2Gi".into(),
         }
@@ -451,7 +451,7 @@ mod tests {
         let d = &manifests(&o)[8];
         assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
         let r = &d["spec"]["template"]["spec"]["containers"][0]["resources"];
-        assert_eq!((r["requests"]["memory"].as_str(), r["limits"]["memory"].as_str()), (Some("1Gi"), Some("2Gi")));
+        assert_eq!((r["requests"]["memory"].as_str(), r["limits"]["memory"].as_str()), (Some("256Mi"), Some("2Gi")));
         assert_eq!(d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], DATA_PVC);
     }
 
