@@ -753,8 +753,6 @@ impl Engine {
         if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
             it.annotations = StrMap::default();
         }
-        it.uid = String::new();
-        it.resource_version = String::new();
         if pod {
             // Only what hooks and the built-in actions read of a pod.
             it.pod = Some(Box::new(PodFacts::of(&it.object)));
@@ -801,8 +799,6 @@ impl Engine {
             } else {
                 Item {
                     key: object_key(rt, json)?,
-                    uid: String::new(),
-                    resource_version: String::new(),
                     labels: StrMap::default(),
                     annotations: StrMap::default(),
                     deleting: false,

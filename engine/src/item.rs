@@ -263,10 +263,6 @@ pub type KeptStrings = Box<[(&'static str, Box<str>)]>;
 pub struct Item {
     /// Identity.
     pub key: ItemKey,
-    /// `metadata.uid`, empty when absent.
-    pub uid: String,
-    /// `metadata.resourceVersion`, empty when absent.
-    pub resource_version: String,
     /// `metadata.labels`.
     pub labels: StrMap,
     /// `metadata.annotations`.
@@ -363,8 +359,6 @@ impl Item {
         let deleting = meta.and_then(|m| m.get("deletionTimestamp")).is_some_and(|v| !v.is_null());
         Ok(Item {
             key: ItemKey { group: rt.gr.group.clone(), resource: rt.gr.resource.clone(), namespace, name },
-            uid: field("uid").unwrap_or_default(),
-            resource_version: field("resourceVersion").unwrap_or_default(),
             labels: map("labels"),
             annotations: map("annotations"),
             deleting,
@@ -390,6 +384,11 @@ impl Item {
             Some(kept) => kept.iter().find(|(p, _)| *p == pointer).map(|(_, s)| &**s),
             None => self.object.pointer(pointer).and_then(Value::as_str),
         }
+    }
+
+    /// `metadata.uid`, while the object is held (planning keeps no uid: nothing reads it).
+    pub fn uid(&self) -> Option<&str> {
+        self.str_at("/metadata/uid")
     }
 
     /// Whether planning kept anything of the object (its JSON, or strings of it).
