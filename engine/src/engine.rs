@@ -748,10 +748,12 @@ impl Engine {
             // A user's action reads this resource: it gets whole items.
             return it;
         }
-        // Planning reads annotations of pods (hooks) and claims (snapshot classes) only, and no
-        // uid or resourceVersion: an empty map or string holds no memory.
+        // Planning reads annotations of pods (hooks) and claims (snapshot classes) only: an empty
+        // map holds no memory. Of the other objects' labels it reads those the selection reads
+        // (pods' go to hook selectors, claims' onto their VolumeSnapshots).
         if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
             it.annotations = StrMap::default();
+            it.labels.retain(|k| self.selection.reads_label(k));
         }
         if pod {
             // Only what hooks and the built-in actions read of a pod.
@@ -2239,6 +2241,24 @@ mod tests {
                 "subjects": [{"kind": "ServiceAccount", "namespace": "ns", "name": "sa"}, {"kind": "User", "name": "u"}]})
         );
         assert!(projection(&GroupResource::new("", "configmaps")).is_none());
+    }
+
+    /// Planning keeps of most objects' labels those the selection reads (the exclude label, the
+    /// label selector's keys); of pods and claims, all.
+    #[test]
+    fn a_slim_object_keeps_the_labels_the_selection_reads() {
+        let labels = json!({"app": "web", "tier": "a", "velero.io/exclude-from-backup": "false"});
+        let cms = ResourceType::new("", "v1", "configmaps", "ConfigMap", true);
+        let pods = ResourceType::new("", "v1", "pods", "Pod", true);
+        let obj = json!({"metadata": {"name": "x", "namespace": "ns", "labels": labels}});
+        let keys = |spec: BackupSpec, rt: &ResourceType| -> Vec<String> {
+            let e = Engine::new(spec, EngineConfig::default(), 0).unwrap();
+            e.slim(Item::from_value(rt, 0, obj.clone()).unwrap()).labels.iter().map(|(k, _)| k.clone()).collect()
+        };
+        assert_eq!(keys(BackupSpec::new("b"), &cms), ["velero.io/exclude-from-backup"]);
+        let spec = BackupSpec { label_selector: Some("app in (web),!gone".into()), ..BackupSpec::new("b") };
+        assert_eq!(keys(spec, &cms), ["app", "velero.io/exclude-from-backup"]);
+        assert_eq!(keys(BackupSpec::new("b"), &pods), ["app", "tier", "velero.io/exclude-from-backup"]);
     }
 
     /// An archive entry's key in a plan is that plan's item (equal to the same key held on its

@@ -205,6 +205,16 @@ pub fn is_safe_name(s: &str) -> bool {
 pub struct StrMap(Box<[(String, String)]>);
 
 impl StrMap {
+    /// Keeps the entries whose key `keep` accepts.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        if self.0.iter().all(|(k, _)| keep(k)) {
+            return;
+        }
+        let kept: Vec<(String, String)> =
+            std::mem::take(&mut self.0).into_vec().into_iter().filter(|(k, _)| keep(k)).collect();
+        self.0 = kept.into_boxed_slice();
+    }
+
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&String> {
         self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|i| &self.0[i].1)

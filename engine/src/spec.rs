@@ -184,6 +184,18 @@ pub struct LabelSelector {
 }
 
 impl LabelSelector {
+    /// The label keys the selector reads.
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.reqs.iter().map(|r| match r {
+            Requirement::Eq(k, _)
+            | Requirement::NotEq(k, _)
+            | Requirement::In(k, _)
+            | Requirement::NotIn(k, _)
+            | Requirement::Exists(k)
+            | Requirement::NotExists(k) => k.as_str(),
+        })
+    }
+
     /// Parses `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
     pub fn parse(s: &str) -> Result<LabelSelector, SpecError> {
         let err = |reason: &str| SpecError::BadSelector { selector: s.to_string(), reason: reason.to_string() };
@@ -348,6 +360,12 @@ impl Selection {
             _ => None,
         };
         Ok(Selection { spec: spec.clone(), selector })
+    }
+
+    /// Whether selecting an item reads its label `key`: the exclude label, and the keys of the
+    /// backup's label selector (planning keeps no other label of most objects).
+    pub fn reads_label(&self, key: &str) -> bool {
+        key == EXCLUDE_LABEL || self.selector.as_ref().is_some_and(|s| s.keys().any(|k| k == key))
     }
 
     /// Whether a namespace passes the include/exclude namespace filter.
