@@ -91,6 +91,18 @@ pub fn init(flag: Option<u64>) -> &'static Budget {
     })
 }
 
+/// Limits glibc's malloc to 2 arenas, unless `MALLOC_ARENA_MAX` sets the number. glibc makes up
+/// to 8 a core, one for each thread that finds the others busy, and each keeps what its threads
+/// freed: the tokio workers' arenas were ~35 MB of a 100k-object backup's peak (211 → 176 MiB with
+/// 2, the same seconds). Call it first, before the process starts threads.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt(3) sets a tuning parameter of glibc's allocator; no memory is touched.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+}
+
 /// The process's budget ([`init`] with no flag, if nothing set it).
 pub fn budget() -> &'static Budget {
     init(None)
