@@ -743,14 +743,7 @@ impl Planned<'_> {
         let Some(e) = self.entry else {
             return [VERSION_PATH, "", "", "", "", "", "", "", "", "", "", ""];
         };
-        let k = &e.key;
-        let (dot, group) = if k.group.is_empty() { ("", "") } else { (".", k.group.as_str()) };
-        let (version, preferred) = if self.copy { (&*e.version, "-preferredversion/") } else { ("", "") };
-        let (scope, ns, slash) = match &k.namespace {
-            Some(ns) => ("namespaces/", ns.as_str(), "/"),
-            None => ("cluster/", "", ""),
-        };
-        ["resources/", &k.resource, dot, group, "/", version, preferred, scope, ns, slash, &k.name, ".json"]
+        e.key.path_pieces(self.copy.then_some(&*e.version))
     }
 
     /// Its path inside the archive.

@@ -141,20 +141,29 @@ impl ItemKey {
     /// The item's path inside the archive, in Velero's layout:
     /// `resources/<resource>[.<group>]/namespaces/<ns>/<name>.json` or `…/cluster/<name>.json`.
     pub fn archive_path(&self) -> String {
-        format!("resources/{}/{}", self.gr().dir_name(), self.scope_path())
+        self.path_pieces(None).concat()
     }
 
     /// The preferred-version copy of [`ItemKey::archive_path`]:
     /// `resources/<gr>/<version>-preferredversion/…`.
     pub fn preferred_version_path(&self, version: &str) -> String {
-        format!("resources/{}/{}-preferredversion/{}", self.gr().dir_name(), version, self.scope_path())
+        self.path_pieces(Some(version)).concat()
     }
 
-    fn scope_path(&self) -> String {
-        match &self.namespace {
-            Some(ns) => format!("namespaces/{}/{}.json", ns, self.name),
-            None => format!("cluster/{}.json", self.name),
-        }
+    /// The pieces whose concatenation is the archive path (with `version`: the preferred-version
+    /// copy's): the one definition of the layout, which the store also compares piece by piece
+    /// when it sorts an archive's entries without making their paths.
+    pub fn path_pieces<'a>(&'a self, version: Option<&'a str>) -> [&'a str; 12] {
+        let (dot, group) = if self.group.is_empty() { ("", "") } else { (".", self.group.as_str()) };
+        let (version, preferred) = match version {
+            Some(v) => (v, "-preferredversion/"),
+            None => ("", ""),
+        };
+        let (scope, ns, slash) = match &self.namespace {
+            Some(ns) => ("namespaces/", ns.as_str(), "/"),
+            None => ("cluster/", "", ""),
+        };
+        ["resources/", &self.resource, dot, group, "/", version, preferred, scope, ns, slash, &self.name, ".json"]
     }
 }
 
@@ -394,11 +403,6 @@ impl Item {
             Some(kept) => kept.iter().find(|(p, _)| *p == pointer).map(|(_, s)| &**s),
             None => self.object.pointer(pointer).and_then(Value::as_str),
         }
-    }
-
-    /// `metadata.uid`, while the object is held (planning keeps no uid: nothing reads it).
-    pub fn uid(&self) -> Option<&str> {
-        self.str_at("/metadata/uid")
     }
 
     /// Whether planning kept anything of the object (its JSON, or strings of it).

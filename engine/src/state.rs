@@ -709,12 +709,8 @@ impl BackupState {
                 }
             }
             Event::ItemWritten { block, attempt, key, digest, bytes } => {
-                self.attempt_mut(seq, kind, *block, *attempt)?;
-                let b = &mut self.blocks[*block as usize];
-                let k = b.written_key(key);
-                if let Some(a) = b.attempt.as_mut() {
-                    a.written.insert(k, (*digest, *bytes));
-                }
+                let k = self.block_mut(seq, kind, *block)?.written_key(key);
+                self.attempt_mut(seq, kind, *block, *attempt)?.written.insert(k, (*digest, *bytes));
             }
             Event::ItemFailed { block, attempt, key, error } => {
                 self.attempt_mut(seq, kind, *block, *attempt)?.failed_items.insert(key.clone(), error.clone());

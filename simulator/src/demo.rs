@@ -989,9 +989,10 @@ mod tests {
             let c = demo_cluster(n, seed);
             let items = items(&c);
             let keys: BTreeSet<&ItemKey> = items.iter().map(|i| &i.key).collect();
-            let uids: BTreeSet<&str> = items.iter().map(|i| i.uid().unwrap_or_default()).collect();
+            let uids: BTreeSet<&str> = items.iter().map(|i| i.str_at("/metadata/uid").unwrap_or_default()).collect();
             assert_eq!(uids.len(), items.len(), "uids are unique");
-            let by_uid: BTreeMap<&str, &Item> = items.iter().map(|i| (i.uid().unwrap_or_default(), i)).collect();
+            let by_uid: BTreeMap<&str, &Item> =
+                items.iter().map(|i| (i.str_at("/metadata/uid").unwrap_or_default(), i)).collect();
             for it in &items {
                 assert!(it.str_at("/metadata/resourceVersion").is_some_and(|v| !v.is_empty()));
                 assert_eq!(it.str_at("/metadata/creationTimestamp"), Some(CREATION_TIMESTAMP));
@@ -1022,7 +1023,7 @@ mod tests {
                 let pv = c.object(&ItemKey::cluster("", "persistentvolumes", pvc.str_at("/spec/volumeName").unwrap()));
                 let pv = pv.expect("bound PVC has its PV");
                 assert_eq!(pv["spec"]["claimRef"]["name"].as_str(), Some(pvc.key.name.as_str()));
-                assert_eq!(pv["spec"]["claimRef"]["uid"].as_str(), pvc.uid());
+                assert_eq!(pv["spec"]["claimRef"]["uid"].as_str(), pvc.str_at("/metadata/uid"));
             }
         }
     }
