@@ -1791,7 +1791,7 @@ mod tests {
                 complete: true,
             },
             Event::SnapshotsPlanned {
-                snapshots: vec![SnapshotPlan {
+                snapshots: vec![Arc::new(SnapshotPlan {
                     id: 0,
                     block: 7,
                     namespace: "ns1".into(),
@@ -1802,7 +1802,7 @@ mod tests {
                     class: "fast-group".into(),
                     labels: [("velero.io/backup-name".to_string(), "nightly".to_string())].into_iter().collect(),
                     blocked: Some("no class".into()),
-                }],
+                })],
             },
             Event::SnapshotRequested { id: 0, attempt: 2, at_ms: 1_700_000_005_000 },
             Event::SnapshotCut {

@@ -25,7 +25,7 @@
 //! An archive build that finds staged items missing
 //! or changed stages them again from the log (`Restage`) and builds again, a bounded number of times.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -351,9 +351,10 @@ pub struct Engine {
     discovering: bool,
     listing: BTreeSet<ListUnit>,
     fetching: bool,
-    /// The write path's view of every known object, once the plan is finished, by key digest
-    /// ([`ItemKey::digest`]: the keys themselves were ~200 bytes an item more).
-    objects: Option<HashMap<u128, Body>>,
+    /// The write path's view of every known object, once the plan is finished: (key digest, body)
+    /// sorted by digest ([`ItemKey::digest`]: the keys themselves were ~200 bytes an item more; a
+    /// hash map's buckets, up to twice the objects, ~40 MB more at a million).
+    objects: Option<Vec<(u128, Body)>>,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
     /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
     /// is built.
@@ -918,8 +919,8 @@ impl Engine {
                     key: it.key.clone(),
                     volume,
                     in_backup: inb,
-                    labels: it.labels.to_map(),
-                    annotations: it.annotations.to_map(),
+                    labels: it.labels.clone(),
+                    annotations: it.annotations.clone(),
                 },
             );
         }
@@ -1028,7 +1029,7 @@ impl Engine {
             self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
         }
         let done = self.state.snapshots.len();
-        let rest: Vec<_> = snapshots.into_iter().skip(done).collect();
+        let rest: Vec<Arc<SnapshotPlan>> = snapshots.into_iter().skip(done).map(Arc::new).collect();
         for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
             self.emit(Event::SnapshotsPlanned { snapshots: chunk.to_vec() });
         }
@@ -1072,13 +1073,24 @@ impl Engine {
     /// The write path's view of every known object: key → its body (held, or its number in the
     /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) {
-        let mut map = HashMap::with_capacity(self.catalog.len());
+        let mut objects: Vec<(u128, Body)> = Vec::with_capacity(self.catalog.len());
         for it in std::mem::take(&mut self.catalog) {
             if let Some(body) = it.body {
-                map.entry(it.key.digest()).or_insert(body);
+                objects.push((it.key.digest(), body));
             }
         }
-        self.objects = Some(map);
+        // Stable: of one key listed twice, the first stays, as planning's index keeps it.
+        objects.sort_by_key(|(d, _)| *d);
+        objects.dedup_by_key(|(d, _)| *d);
+        objects.shrink_to_fit();
+        self.objects = Some(objects);
+    }
+
+    /// The body of `key` in the write path's view ([`Engine::build_objects`]).
+    fn object_body(&self, key: &ItemKey) -> Option<Body> {
+        let objects = self.objects.as_ref()?;
+        let d = key.digest();
+        objects.binary_search_by_key(&d, |(x, _)| *x).ok().map(|i| objects[i].1.clone())
     }
 
     /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
@@ -1237,7 +1249,7 @@ impl Engine {
             .iter()
             .filter(|s| s.requested.is_some() && s.released.is_none() && pick(self, s))
             .map(|s| ReleaseOrder {
-                plan: s.plan.clone(),
+                plan: (*s.plan).clone(),
                 members: s
                     .cut
                     .iter()
@@ -1353,7 +1365,7 @@ impl Engine {
                     // Every snapshot of the block not settled yet is cut now, inside the window
                     // the interrupted attempt opened; those it never requested are requested now.
                     let todo: Vec<SnapshotPlan> =
-                        self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| s.plan.clone()).collect();
+                        self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| (*s.plan).clone()).collect();
                     if todo.is_empty() {
                         self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: 0 });
                         continue;
@@ -1500,7 +1512,7 @@ impl Engine {
     /// whether a command was issued (the block is then busy in `Cutting`).
     fn start_cut(&mut self, id: u32, attempt: u32) -> bool {
         let todo: Vec<SnapshotPlan> =
-            self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| s.plan.clone()).collect();
+            self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| (*s.plan).clone()).collect();
         if todo.is_empty() {
             return false;
         }
@@ -1607,7 +1619,7 @@ impl Engine {
         }
         let mut out = Vec::new();
         for key in &self.state.blocks[id as usize].plan.items {
-            let Some(body) = self.objects.as_ref().and_then(|m| m.get(&key.digest()).cloned()) else {
+            let Some(body) = self.object_body(key) else {
                 let error = "object is no longer known (listing changed after planning)".to_string();
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
                 continue;
@@ -1656,7 +1668,7 @@ impl Engine {
                 }
             }
         }
-        let body = self.objects.as_ref().and_then(|m| m.get(&key.digest()).cloned())?;
+        let body = self.object_body(key)?;
         let member = self.state.snapshots.iter().find_map(|s| {
             let ns_ok = key.namespace.as_deref() == Some(s.plan.namespace.as_str());
             let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;

@@ -198,8 +198,9 @@ pub enum Event {
         group_classes: Vec<String>,
         complete: bool,
     },
-    /// Some planned snapshots, in id order (after the last `BlockPlanned`, before `PlanFinished`).
-    SnapshotsPlanned { snapshots: Vec<SnapshotPlan> },
+    /// Some planned snapshots, in id order (after the last `BlockPlanned`, before `PlanFinished`);
+    /// shared with the state (encoded as the plans themselves).
+    SnapshotsPlanned { snapshots: Vec<Arc<SnapshotPlan>> },
     /// Intent: snapshot `id` is about to be created, inside attempt `attempt` of its block's window.
     SnapshotRequested { id: u32, attempt: u32, at_ms: u64 },
     /// Fact: snapshot `id` is cut (every member's handle is set).

@@ -231,8 +231,8 @@ pub struct RetainedSnapshot {
 /// A planned snapshot and its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotState {
-    /// The plan.
-    pub plan: SnapshotPlan,
+    /// The plan (shared with the `SnapshotsPlanned` event that carried it).
+    pub plan: Arc<SnapshotPlan>,
     /// The attempt of its block that requested it (the latest request).
     pub requested: Option<u32>,
     /// When it was requested.
@@ -552,7 +552,7 @@ impl BackupState {
                     }
                     self.block_snapshots.entry(p.block).or_default().push(p.id);
                     self.snapshots.push(SnapshotState {
-                        plan: p.clone(),
+                        plan: Arc::clone(p),
                         requested: None,
                         requested_ms: 0,
                         cut: None,
