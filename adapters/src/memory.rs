@@ -94,14 +94,32 @@ pub fn init(flag: Option<u64>) -> &'static Budget {
 /// Limits glibc's malloc to 2 arenas, unless `MALLOC_ARENA_MAX` sets the number. glibc makes up
 /// to 8 a core, one for each thread that finds the others busy, and each keeps what its threads
 /// freed: the tokio workers' arenas were ~35 MB of a 100k-object backup's peak (211 → 176 MiB with
-/// 2, the same seconds). Call it first, before the process starts threads.
-pub fn limit_malloc_arenas() {
+/// 2, the same seconds).
+///
+/// And fixes the size from which an allocation gets pages of its own (`mmap`) at 256 KiB, unless
+/// `MALLOC_MMAP_THRESHOLD_` sets it: glibc otherwise raises that threshold to the largest block
+/// freed so far (up to 32 MiB), so after planning frees its catalog every later large buffer (a
+/// list page, a response body) is carved from the arenas and, once freed, fragments them —
+/// resident memory no live object used (300k objects over HTTP: 477 → 427 MiB peak).
+///
+/// Call it first, before the process starts threads.
+pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt(3) sets a tuning parameter of glibc's allocator; no memory is touched.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: mallopt(3) sets a tuning parameter of glibc's allocator; no memory is touched.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) };
+        }
     }
 }
+
+/// Allocations of at least this many bytes get pages of their own ([`tune_malloc`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD_BYTES: libc::c_int = 256 << 10;
 
 /// The process's budget ([`init`] with no flag, if nothing set it).
 pub fn budget() -> &'static Budget {

@@ -1021,7 +1021,7 @@ fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
-    blockwise_adapters::memory::limit_malloc_arenas();
+    blockwise_adapters::memory::tune_malloc();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
