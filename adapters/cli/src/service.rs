@@ -205,7 +205,7 @@ pub struct InstallArgs {
     #[arg(long, default_value = "500m")]
     cpu_request: String,
     /// The controller's memory request (default 256Mi: an idle controller and a backup of ~100k
-    /// objects, which peaks near 175 MiB; see docs/benchmarks.md).
+    /// objects, which peaks near 171 MiB; see docs/benchmarks.md).
     #[arg(long, default_value = "256Mi")]
     memory_request: String,
     /// The controller's CPU limit (default 2).
@@ -254,7 +254,7 @@ fn resources_from_cluster(
 
 /// The controller's memory limit when `--memory-limit` (the global flag: for `install`, the pod's
 /// limit, which the controller then reads from its cgroup) is not given: a 1M-object backup peaks
-/// near 1.5 GiB (docs/benchmarks.md).
+/// near 1.3 GiB (docs/benchmarks.md).
 const INSTALL_MEMORY_LIMIT: &str = "2Gi";
 
 /// `bytes` as a Kubernetes quantity, in the largest binary unit that divides it.
