@@ -509,7 +509,7 @@ impl Engine {
         for b in &self.state.blocks {
             if mutation::active(Mutation::RedoFinishedBlocks) && b.outcome == Some(BlockOutcome::Completed) {
                 // Deliberate bug: write a finished block's items again.
-                let attempt = b.attempt.as_ref().map_or(1, |a| a.number);
+                let attempt = b.attempts.max(1);
                 self.recovering.push_back((b.plan.id, Run::new(BlockRun::Writing { next: 0 }, attempt, 0)));
                 continue;
             }
@@ -844,6 +844,7 @@ impl Engine {
     fn plan_round(&mut self) {
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
+                self.build_objects();
                 self.emit_plan(p, &claims);
             } else {
                 self.pending_plan = Some((p, claims));
@@ -892,7 +893,12 @@ impl Engine {
                         }
                     }
                 }
+                // The catalog becomes the write path's view before the plan is recorded: the
+                // parsed items are not held beside the fold's blocks and the events carrying them.
+                self.catalog = index.into_items();
+                self.build_objects();
                 self.emit_plan(p, &claims);
+                return;
             }
         }
         // The next round (after the gets), or `build_objects`, takes the items back.
@@ -1024,7 +1030,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let rest: Vec<Arc<BlockPlan>> = p.blocks.into_iter().skip(already).map(Arc::new).collect();
+        let rest: Vec<Arc<BlockPlan>> = p.blocks.into_iter().skip(already).collect();
         for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
             self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
         }
@@ -1286,10 +1292,10 @@ impl Engine {
                         |(gr, _): &&(&GroupResource, Arc<str>)| gr.group == key.group && gr.resource == key.resource;
                     types.iter().find(of).map_or_else(|| Arc::from(""), |(_, v)| v.clone())
                 };
-                let n = self.state.blocks.iter().map(|b| b.attempt.as_ref().map_or(0, |a| a.written.len())).sum();
+                let n = self.state.blocks.iter().map(|b| self.state.written_count(b)).sum();
                 let mut entries = Vec::with_capacity(n);
                 for b in &self.state.blocks {
-                    for (at, (digest, _)) in b.attempt.iter().flat_map(|a| a.written.iter()) {
+                    for (at, (digest, _)) in self.state.written_entries(b) {
                         let key = match at {
                             WrittenKey::Planned(i) => EntryKey::in_plan(&b.plan, *i),
                             WrittenKey::Other(key) => Some(EntryKey::from(ItemKey::clone(key))),

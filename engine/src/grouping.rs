@@ -11,6 +11,7 @@
 //! is O(items + relations) plus the sorts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -68,8 +69,9 @@ impl Index {
     /// Builds the index; `items` may be in any order and is sorted by key here.
     /// Later duplicates of a key are dropped (the first listing wins).
     pub fn new(mut items: Vec<Item>, volume_group_label: &str) -> Index {
-        items.sort_by(|a, b| a.key.cmp(&b.key));
+        sort_stably_in_place(&mut items);
         items.dedup_by(|a, b| a.key == b.key);
+        items.shrink_to_fit();
         let mut ix = Index {
             pods_by_claim: HashMap::new(),
             pvcs_by_group: HashMap::new(),
@@ -142,6 +144,27 @@ impl Index {
     /// ClusterRoleBindings with a ServiceAccount subject `ns/name`.
     pub fn crbs_naming(&self, ns: &str, name: &str) -> impl Iterator<Item = &Item> {
         self.at(self.crbs_by_sa.get(&(ns.to_string(), name.to_string())))
+    }
+}
+
+/// Sorts `items` by key, stably (of equal keys the first stays first), without the scratch buffer
+/// of half the items a stable sort of them allocates (~100 MB of items at 1,000,000 objects): the
+/// positions are sorted (4 bytes each), then the items moved along the permutation's cycles.
+fn sort_stably_in_place(items: &mut [Item]) {
+    let mut order: Vec<u32> = (0..items.len() as u32).collect();
+    order.sort_by(|&a, &b| items[a as usize].key.cmp(&items[b as usize].key));
+    // `items[k]` is to receive what is now at `order[k]`; a placed position is marked `order[k] = k`.
+    for start in 0..order.len() {
+        let mut k = start;
+        loop {
+            let from = order[k] as usize;
+            order[k] = k as u32;
+            if from == start {
+                break;
+            }
+            items.swap(k, from);
+            k = from;
+        }
     }
 }
 
@@ -273,8 +296,8 @@ pub enum PlanStep {
 /// The planned backup.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
-    /// Blocks in id order.
-    pub blocks: Vec<BlockPlan>,
+    /// Blocks in id order (shared, as the events and the state that carry them hold them).
+    pub blocks: Vec<Arc<BlockPlan>>,
     /// Warnings found while planning (bad annotations, oversized blocks, missing pull targets).
     pub warnings: Vec<String>,
 }
@@ -440,14 +463,16 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
             entry_of_root.entry(root).or_insert(e);
         }
     }
-    // Collect components; items are visited in key order, so members come out sorted.
-    let mut comps: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    // Collect components: (root, member) sorted, so each component's members are a run in key
+    // order (a vector per component was ~70 bytes an item at a million one-item blocks).
+    let mut members_of: Vec<(u32, u32)> = Vec::with_capacity(n);
     for i in 0..n as u32 {
         if in_backup[i as usize] {
-            let r = uf.find(i);
-            comps.entry(r).or_default().push(i);
+            members_of.push((uf.find(i), i));
         }
     }
+    drop(in_backup);
+    members_of.sort_unstable();
     // Entry indices may point at roots that later unions replaced: re-resolve.
     let mut ordered_rank: BTreeMap<u32, usize> = BTreeMap::new();
     for (root, e) in entry_of_root {
@@ -455,12 +480,23 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
         let slot = ordered_rank.entry(r).or_insert(e);
         *slot = (*slot).min(e);
     }
-    let mut comp_list: Vec<(u32, Vec<u32>)> = comps.into_iter().collect();
-    comp_list.sort_by_key(|(root, members)| {
-        (ordered_rank.get(root).map_or(1, |_| 0), ordered_rank.get(root).copied().unwrap_or(0), members[0])
+    // Each component as (root, its members' range in `members_of`), in block order.
+    let mut comp_list: Vec<(u32, u32, u32)> = Vec::new();
+    let mut at = 0;
+    while at < members_of.len() {
+        let root = members_of[at].0;
+        let end = at + members_of[at..].iter().take_while(|(r, _)| *r == root).count();
+        comp_list.push((root, at as u32, end as u32));
+        at = end;
+    }
+    comp_list.shrink_to_fit();
+    comp_list.sort_by_key(|&(root, from, _)| {
+        let rank = ordered_rank.get(&root);
+        (rank.map_or(1, |_| 0), rank.copied().unwrap_or(0), members_of[from as usize].1)
     });
     let mut blocks = Vec::with_capacity(comp_list.len());
-    for (id, (root, members)) in comp_list.into_iter().enumerate() {
+    for (id, (root, from, to)) in comp_list.into_iter().enumerate() {
+        let members: Vec<u32> = members_of[from as usize..to as usize].iter().map(|&(_, i)| i).collect();
         let mut order: Vec<u32> = named_order.iter().copied().filter(|&j| uf.find(j) == root).collect();
         let named: BTreeSet<u32> = order.iter().copied().collect();
         order.extend(members.iter().copied().filter(|j| !named.contains(j)));
@@ -487,7 +523,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
             }
         }
         pre.extend(post);
-        blocks.push(BlockPlan { id: id as u32, items, hooks: pre });
+        blocks.push(Arc::new(BlockPlan { id: id as u32, items, hooks: pre }));
     }
     PlanStep::Done(Plan { blocks, warnings })
 }

@@ -278,7 +278,7 @@ pub struct SnapshotPlanInput<'a> {
     /// The label whose value names a volume group.
     pub group_label: &'a str,
     /// The blocks, in id order.
-    pub blocks: &'a [BlockPlan],
+    pub blocks: &'a [std::sync::Arc<BlockPlan>],
     /// Claims: those in the backup, and every claim with a volume-group label.
     pub claims: &'a BTreeMap<ItemKey, Claim>,
     /// What each PersistentVolume is.
@@ -1025,12 +1025,12 @@ mod tests {
         assert_eq!(parse_quantity("12x"), None);
     }
 
-    fn blocks(items: &[(&str, &str)]) -> Vec<BlockPlan> {
-        vec![BlockPlan {
+    fn blocks(items: &[(&str, &str)]) -> Vec<std::sync::Arc<BlockPlan>> {
+        vec![std::sync::Arc::new(BlockPlan {
             id: 0,
             items: items.iter().map(|(ns, n)| ItemKey::namespaced("", "persistentvolumeclaims", ns, n)).collect(),
             hooks: Vec::new(),
-        }]
+        })]
     }
 
     #[test]

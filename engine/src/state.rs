@@ -101,6 +101,11 @@ impl<K: Ord, V> VecMap<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
         self.0.iter().map(|(k, v)| (k, v))
     }
+
+    /// The entries, in key order.
+    pub fn into_entries(self) -> Vec<(K, V)> {
+        self.0
+    }
 }
 
 impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {
@@ -144,6 +149,12 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// Ran no hook and failed no item: once its block finished, nothing of it but its written
+    /// items (kept apart) and its number is read.
+    fn plain(&self) -> bool {
+        self.hooks_started.is_empty() && self.hooks_finished.is_empty() && self.failed_items.is_empty()
+    }
+
     /// Pods with at least one pre-hook started in this attempt: their post-hooks are owed.
     pub fn pods_with_pre_started(&self) -> BTreeSet<&ItemKey> {
         self.hooks_started.keys().filter(|h| h.phase == HookPhase::Pre).map(|h| &h.pod).collect()
@@ -155,13 +166,19 @@ impl Attempt {
 pub struct BlockState {
     /// The plan (shared with the `BlockPlanned` event that carried it).
     pub plan: Arc<BlockPlan>,
-    /// The latest attempt, if any started (boxed: most blocks of a large backup are one item, and
-    /// an unboxed attempt made each block's state ~200 bytes).
+    /// The latest attempt while it is open; once the block finished, only if the attempt ran a
+    /// hook or failed an item (boxed: most blocks of a large backup are one item). A finished
+    /// block's written items are in its backup's table ([`BackupState::written`]): the box, the
+    /// written map's own allocation and their slack were ~190 bytes a finished block.
     pub attempt: Option<Box<Attempt>>,
+    /// The number of the latest attempt (0: none started).
+    pub attempts: u32,
     /// How the block ended, once it has.
     pub outcome: Option<BlockOutcome>,
     /// When it finished.
     pub finished_ms: Option<u64>,
+    /// A finished block's written items: their range in [`BackupState`]'s table of them.
+    written_at: (u32, u32),
 }
 
 impl BlockState {
@@ -170,13 +187,12 @@ impl BlockState {
         self.attempt.is_some() && self.outcome.is_none()
     }
 
-    /// The items the latest attempt wrote, by key: key → (digest, bytes).
-    pub fn written(&self) -> impl Iterator<Item = (&ItemKey, &([u8; 32], u64))> + '_ {
-        let written = self.attempt.as_ref().map(|a| a.written.iter());
-        written.into_iter().flatten().filter_map(|(k, v)| match k {
-            WrittenKey::Planned(i) => self.plan.items.get(*i as usize).map(|k| (k, v)),
-            WrittenKey::Other(k) => Some((&**k, v)),
-        })
+    /// An item as `written` keeps it, by key.
+    fn key_of<'a>(&'a self, k: &'a WrittenKey) -> Option<&'a ItemKey> {
+        match k {
+            WrittenKey::Planned(i) => self.plan.items.get(*i as usize),
+            WrittenKey::Other(k) => Some(&**k),
+        }
     }
 
     /// How the latest attempt keeps `key` among its written items: its position in the plan (the
@@ -325,6 +341,9 @@ pub struct BackupState {
     pub last_ms: u64,
     /// Messages already recorded: a diagnostic repeated after a crash is recorded once.
     seen: BTreeSet<String>,
+    /// The items finished blocks wrote in their last attempts, each block's a run in the order
+    /// the blocks finished ([`BlockState`] knows where its run is).
+    finished_written: Vec<(WrittenKey, ([u8; 32], u64))>,
     /// Blocks with an outcome.
     finished_blocks: usize,
     /// Items written by blocks with an outcome.
@@ -349,6 +368,33 @@ impl BackupState {
                 })
             })
             .collect()
+    }
+
+    /// The items the latest attempt of `b` (one of this state's blocks) wrote, by key: key →
+    /// (digest, bytes). An item the attempt wrote twice is given once, as its latest write.
+    pub fn written<'a>(&'a self, b: &'a BlockState) -> impl Iterator<Item = (&'a ItemKey, &'a ([u8; 32], u64))> + 'a {
+        self.written_entries(b).filter_map(|(k, v)| Some((b.key_of(k)?, v)))
+    }
+
+    /// The items the latest attempt of `b` wrote, as it keeps them ([`WrittenKey`] → (digest,
+    /// bytes)), each once.
+    pub fn written_entries<'a>(
+        &'a self,
+        b: &'a BlockState,
+    ) -> impl Iterator<Item = (&'a WrittenKey, &'a ([u8; 32], u64))> + 'a {
+        let open = b.attempt.as_ref().filter(|_| b.outcome.is_none()).map(|a| a.written.iter());
+        let (from, len) = (b.written_at.0 as usize, b.written_at.1 as usize);
+        let done = (b.outcome.is_some()).then(|| self.finished_written.get(from..from + len)).flatten();
+        open.into_iter().flatten().chain(done.into_iter().flatten().map(|(k, v)| (k, v)))
+    }
+
+    /// How many items the latest attempt of `b` wrote.
+    pub fn written_count(&self, b: &BlockState) -> usize {
+        match (&b.outcome, &b.attempt) {
+            (Some(_), _) => b.written_at.1 as usize,
+            (None, Some(a)) => a.written.len(),
+            (None, None) => 0,
+        }
     }
 
     /// Folds a whole log.
@@ -669,7 +715,14 @@ impl BackupState {
                     if b.id as usize != self.blocks.len() {
                         return Err(FoldError { seq, kind, reason: format!("block {} planned out of order", b.id) });
                     }
-                    self.blocks.push(BlockState { plan: b.clone(), attempt: None, outcome: None, finished_ms: None });
+                    self.blocks.push(BlockState {
+                        plan: b.clone(),
+                        attempt: None,
+                        attempts: 0,
+                        outcome: None,
+                        finished_ms: None,
+                        written_at: (0, 0),
+                    });
                 }
             }
             Event::PlanFinished { blocks, items } => {
@@ -686,7 +739,7 @@ impl BackupState {
             Event::BlockStarted { block, attempt, at_ms } => {
                 self.last_ms = *at_ms;
                 let b = self.block_mut(seq, kind, *block)?;
-                let prev = b.attempt.as_ref().map_or(0, |a| a.number);
+                let prev = b.attempts;
                 if b.outcome.is_some() || *attempt != prev + 1 {
                     return Err(FoldError {
                         seq,
@@ -695,6 +748,7 @@ impl BackupState {
                     });
                 }
                 b.attempt = Some(Box::new(Attempt { number: *attempt, started_ms: *at_ms, ..Attempt::default() }));
+                b.attempts = *attempt;
             }
             Event::HookStarted { block, attempt, hook, at_ms } => {
                 self.last_ms = *at_ms;
@@ -725,8 +779,19 @@ impl BackupState {
                 let b = &mut self.blocks[*block as usize];
                 b.outcome = Some(outcome.clone());
                 b.finished_ms = Some(*at_ms);
+                // The written items move to the table; the attempt stays only for its hooks or
+                // failed items (what `describe` and the controller's status read of it).
+                let from = self.finished_written.len() as u32;
+                if let Some(a) = b.attempt.as_mut() {
+                    self.finished_written.extend(std::mem::take(&mut a.written).into_entries());
+                }
+                let len = self.finished_written.len() as u32 - from;
+                b.written_at = (from, len);
+                if b.attempt.as_ref().is_some_and(|a| a.plain()) {
+                    b.attempt = None;
+                }
                 self.finished_blocks += 1;
-                self.finished_items += b.attempt.as_ref().map_or(0, |a| a.written.len() as u64);
+                self.finished_items += u64::from(len);
             }
             Event::ArchiveFinalized { digest, bytes, items } => {
                 self.archive = Some(ArchiveInfo { digest: *digest, bytes: *bytes, items: *items });
@@ -784,9 +849,60 @@ mod tests {
         {
             s.apply(e).unwrap();
         }
-        let got: BTreeMap<ItemKey, u8> = s.blocks[0].written().map(|(k, (d, _))| (k.clone(), d[0])).collect();
+        let got: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
         assert_eq!(got, BTreeMap::from([(key("a"), 2), (key("c"), 4), (snap.clone(), 3)]));
         let kept: Vec<&WrittenKey> = s.blocks[0].attempt.as_ref().unwrap().written.keys().collect();
         assert_eq!(kept, [&WrittenKey::Planned(0), &WrittenKey::Planned(2), &WrittenKey::Other(Box::new(snap))]);
+        // Finished, the items move to the backup's table and a plain attempt is dropped: the
+        // same items come back, and the counters see them.
+        let finished = Event::BlockFinished { block: 0, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 3 };
+        s.apply(&finished).unwrap();
+        let after: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
+        assert_eq!(after, got);
+        assert_eq!((s.written_count(&s.blocks[0]), s.items_done(), s.blocks[0].attempts), (3, 3, 1));
+        assert!(s.blocks[0].attempt.is_none());
+    }
+
+    /// A finished block's attempt that ran a hook stays (describe reads its hooks); its written
+    /// items are in the table all the same, and blocks finishing in any order keep their own.
+    #[test]
+    fn a_finished_attempt_keeps_its_hooks_and_each_block_its_own_items() {
+        let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
+        let plan = |id: u32, names: &[&str]| {
+            Arc::new(BlockPlan { id, items: names.iter().map(|n| key(n)).collect(), hooks: Vec::new() })
+        };
+        let hook = HookRef { pod: key("p"), phase: HookPhase::Pre, index: 0 };
+        let write = |block: u32, n: &str, d: u8| Event::ItemWritten {
+            block,
+            attempt: 1,
+            key: key(n),
+            digest: [d; 32],
+            bytes: 1,
+        };
+        let finish =
+            |block: u32| Event::BlockFinished { block, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 9 };
+        let events = [
+            Event::BackupRequested { spec: crate::spec::BackupSpec::new("b"), workers: 2, at_ms: 1 },
+            Event::BlockPlanned { blocks: vec![plan(0, &["a", "b"]), plan(1, &["c"])] },
+            Event::BlockStarted { block: 0, attempt: 1, at_ms: 2 },
+            Event::BlockStarted { block: 1, attempt: 1, at_ms: 2 },
+            Event::HookStarted { block: 1, attempt: 1, hook: hook.clone(), at_ms: 3 },
+            Event::HookFinished { block: 1, attempt: 1, hook: hook.clone(), outcome: HookOutcome::Succeeded, at_ms: 4 },
+            write(0, "a", 1),
+            write(1, "c", 3),
+            finish(1),
+            write(0, "b", 2),
+            finish(0),
+        ];
+        let s = BackupState::fold(&events).unwrap();
+        let names = |b: usize| -> Vec<(String, u8)> {
+            s.written(&s.blocks[b]).map(|(k, (d, _))| (k.name.clone(), d[0])).collect()
+        };
+        assert_eq!(names(0), [("a".to_string(), 1), ("b".to_string(), 2)]);
+        assert_eq!(names(1), [("c".to_string(), 3)]);
+        assert!(s.blocks[0].attempt.is_none());
+        let kept = s.blocks[1].attempt.as_ref().map(|a| a.hooks_finished.len());
+        assert_eq!(kept, Some(1));
+        assert_eq!(s.items_done(), 3);
     }
 }
