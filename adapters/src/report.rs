@@ -11,6 +11,7 @@
 //! byte-identical for the same cluster state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
@@ -437,7 +438,7 @@ fn objects_of<T>(s: &BackupState, wanted: &BTreeSet<ItemKey>, keep: impl Fn(&Val
 /// `<name>-volumeinfo.json.gz`'s content: one Velero `BackupVolumeInfo` per bound claim of the
 /// backup — `CSISnapshot` with its snapshot's facts when captured, skipped (with the reason)
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
-pub fn volume_infos(s: &BackupState) -> Vec<u8> {
+pub fn volume_infos<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W> {
     let claims: BTreeSet<ItemKey> = s
         .blocks
         .iter()
@@ -461,7 +462,7 @@ pub fn volume_infos(s: &BackupState) -> Vec<u8> {
     });
     let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
         claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
-    let mut out = JsonArray::default();
+    let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace.clone().unwrap_or_default();
@@ -516,7 +517,7 @@ pub fn volume_infos(s: &BackupState) -> Vec<u8> {
         if let Some(p) = pv_info {
             v["pvInfo"] = p;
         }
-        out.push(&v);
+        out.push(&v)?;
     }
     out.finish()
 }
@@ -524,9 +525,9 @@ pub fn volume_infos(s: &BackupState) -> Vec<u8> {
 /// `<name>-itemoperations.json.gz`'s content: one Velero `BackupOperation` per captured
 /// VolumeSnapshot — the asynchronous wait until it is ready to use. The bytes of the JSON array,
 /// each element made, written and dropped in turn.
-pub fn item_operations(s: &BackupState) -> Vec<u8> {
+pub fn item_operations<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W> {
     let name = s.spec.as_ref().map(|x| x.name.clone()).unwrap_or_default();
-    let mut out = JsonArray::default();
+    let mut out = JsonArray::new(sink);
     for st in kept_snapshots(s) {
         let Some(cut) = &st.cut else { continue };
         let ns = &st.plan.namespace;
@@ -556,7 +557,7 @@ pub fn item_operations(s: &BackupState) -> Vec<u8> {
                     "postOperationItems": [vs, vsc],
                 },
                 "status": status,
-            }));
+            }))?;
         }
     }
     out.finish()
@@ -566,8 +567,8 @@ pub fn item_operations(s: &BackupState) -> Vec<u8> {
 /// backup's kept snapshots (`-csi-volumesnapshots.json.gz` and its two siblings): the first two as
 /// the bytes of their JSON arrays, each object parsed, written and dropped in turn (as `Value`s at
 /// once they were tens of megabytes at 100k objects).
-pub fn csi_objects(s: &BackupState) -> (Vec<u8>, Vec<u8>, Value) {
-    let (mut snapshots, mut contents) = (JsonArray::default(), JsonArray::default());
+pub fn csi_objects<W: Write>(s: &BackupState, snapshots: W, contents: W) -> std::io::Result<(W, W, Value)> {
+    let (mut snapshots, mut contents) = (JsonArray::new(snapshots), JsonArray::new(contents));
     let mut used: BTreeSet<String> = BTreeSet::new();
     for st in kept_snapshots(s) {
         if st.plan.group.is_none() {
@@ -579,8 +580,8 @@ pub fn csi_objects(s: &BackupState) -> (Vec<u8>, Vec<u8>, Value) {
             if let Some(c) = vs.pointer("/spec/volumeSnapshotClassName").and_then(Value::as_str) {
                 used.insert(c.to_string());
             }
-            snapshots.push(&vs);
-            contents.push(&parse(&m.content_json));
+            snapshots.push(&vs)?;
+            contents.push(&parse(&m.content_json))?;
         }
     }
     // Listed classes lack apiVersion and kind (a list response omits them): set them, as for items.
@@ -598,26 +599,51 @@ pub fn csi_objects(s: &BackupState) -> (Vec<u8>, Vec<u8>, Value) {
             c
         })
         .collect();
-    (snapshots.finish(), contents.finish(), Value::Array(classes))
+    Ok((snapshots.finish()?, contents.finish()?, Value::Array(classes)))
 }
 
-/// A JSON array written one element at a time: the bytes `serde_json::to_vec` gives the array.
-#[derive(Default)]
-struct JsonArray(Vec<u8>);
+/// A companion file being written: its JSON compressed as it is made (never whole in memory:
+/// tens of megabytes at a million objects), handed to the encoder in 64 KiB pieces. The pieces
+/// decide the compressed bytes, and they are the same for the same JSON: the same state gives the
+/// same file.
+pub type GzFile = std::io::BufWriter<flate2::write::GzEncoder<Vec<u8>>>;
 
-impl JsonArray {
-    fn push(&mut self, v: &Value) {
-        self.0.push(if self.0.is_empty() { b'[' } else { b',' });
-        // Writing a `Value` into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.0, v);
+/// A new [`GzFile`].
+pub fn gz_file() -> GzFile {
+    std::io::BufWriter::with_capacity(64 << 10, crate::store::gzip_encoder(Vec::new()))
+}
+
+/// The compressed bytes of `f`, with `tail` written last.
+pub fn gz_finish(f: GzFile, tail: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut gz = f.into_inner().map_err(|e| e.into_error())?;
+    gz.write_all(tail)?;
+    gz.finish()
+}
+
+/// A JSON array written one element at a time into `W` (a gzip encoder: the file's JSON is never
+/// whole in memory): the bytes `serde_json::to_vec` gives the array.
+struct JsonArray<W: Write> {
+    sink: W,
+    started: bool,
+}
+
+impl<W: Write> JsonArray<W> {
+    fn new(sink: W) -> JsonArray<W> {
+        JsonArray { sink, started: false }
     }
 
-    fn finish(mut self) -> Vec<u8> {
-        if self.0.is_empty() {
-            self.0.push(b'[');
+    fn push(&mut self, v: &Value) -> std::io::Result<()> {
+        self.sink.write_all(if self.started { b"," } else { b"[" })?;
+        self.started = true;
+        serde_json::to_writer(&mut self.sink, v).map_err(std::io::Error::other)
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        if !self.started {
+            self.sink.write_all(b"[")?;
         }
-        self.0.push(b']');
-        self.0
+        self.sink.write_all(b"]")?;
+        Ok(self.sink)
     }
 }
 
@@ -628,7 +654,7 @@ pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
     for b in &s.blocks {
-        for (key, _) in b.written() {
+        for (key, _) in s.written(b) {
             let gvk = match types.get(&key.gr()) {
                 Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
                 None => format!("{}/unknown", key.gr().dir_name()),
@@ -641,6 +667,73 @@ pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
         }
     }
     out.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+}
+
+/// [`resource_list`] as the JSON `<name>-resource-list.json.gz` holds, the same bytes, made
+/// without a set of every name (a B-tree of a million names and its copy into lists cost more
+/// than the names): each item's type is numbered, the (type, name) pairs sorted in one vector,
+/// and the JSON written from it.
+pub fn resource_list_json<W: Write>(s: &BackupState, mut out: W) -> std::io::Result<W> {
+    let types: Vec<_> = s.resources.iter().flatten().collect();
+    // Each type's name ("<apiVersion>/<Kind>", or "<resource>[.<group>]/unknown"), numbered as met.
+    let mut gvks: Vec<(String, String, String)> = Vec::new();
+    let mut names: Vec<(u32, String)> = Vec::with_capacity(s.items_done() as usize);
+    for b in &s.blocks {
+        for (key, _) in s.written(b) {
+            let at = gvks.iter().position(|(g, r, _)| *g == key.group && *r == key.resource);
+            let id = at.unwrap_or_else(|| {
+                let gvk = match types.iter().find(|rt| rt.gr.group == key.group && rt.gr.resource == key.resource) {
+                    Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
+                    None => format!("{}/unknown", key.gr().dir_name()),
+                };
+                gvks.push((key.group.clone(), key.resource.clone(), gvk));
+                gvks.len() - 1
+            });
+            let name = match &key.namespace {
+                Some(ns) => format!("{ns}/{}", key.name),
+                None => key.name.clone(),
+            };
+            names.push((id as u32, name));
+        }
+    }
+    // Types in the order of their names (two types may share one: their names merge).
+    let mut order: Vec<usize> = (0..gvks.len()).collect();
+    order.sort_by(|&a, &b| gvks[a].2.cmp(&gvks[b].2));
+    let mut rank = vec![0u32; gvks.len()];
+    let mut r = 0u32;
+    for (i, &t) in order.iter().enumerate() {
+        if i > 0 && gvks[order[i - 1]].2 != gvks[t].2 {
+            r += 1;
+        }
+        rank[t] = r;
+    }
+    let label: BTreeMap<u32, &str> = (0..gvks.len()).map(|t| (rank[t], gvks[t].2.as_str())).collect();
+    for (id, _) in names.iter_mut() {
+        *id = rank[*id as usize];
+    }
+    names.sort_unstable();
+    names.dedup();
+    out.write_all(b"{")?;
+    let mut prev: Option<u32> = None;
+    for (id, name) in &names {
+        if prev != Some(*id) {
+            if prev.is_some() {
+                out.write_all(b"],")?;
+            }
+            serde_json::to_writer(&mut out, label.get(id).copied().unwrap_or_default())
+                .map_err(std::io::Error::other)?;
+            out.write_all(b":[")?;
+        } else {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut out, name).map_err(std::io::Error::other)?;
+        prev = Some(*id);
+    }
+    if prev.is_some() {
+        out.write_all(b"]")?;
+    }
+    out.write_all(b"}")?;
+    Ok(out)
 }
 
 /// Errors or warnings in Velero's `results.Result` shape.
@@ -763,7 +856,6 @@ impl<'a> BackupFiles<'a> {
 
     /// Takes the log's next event.
     pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
-        use std::io::Write;
         self.results.push(self.state, e);
         let mut line = event_line(self.next, e);
         line.push('\n');
@@ -775,25 +867,27 @@ impl<'a> BackupFiles<'a> {
     /// presence to mean the backup is complete.
     pub fn finish(self) -> std::io::Result<Vec<(String, Vec<u8>)>> {
         let (name, s) = (self.name, self.state);
-        let list = serde_json::to_vec(&resource_list(s)).map_err(std::io::Error::other)?;
+        let gz = gz_file;
+        // Velero writes these with a JSON encoder: the value and a newline.
+        let with_newline = |f: GzFile| gz_finish(f, b"\n");
+        let list = gz_finish(resource_list_json(s, gz())?, b"")?;
         let results = serde_json::to_vec(&self.results.to_json()).map_err(std::io::Error::other)?;
         let logs = self.logs.finish()?;
         let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
-        // Velero writes these with a JSON encoder: the value and a newline.
-        let encode_bytes = |mut b: Vec<u8>| -> std::io::Result<Vec<u8>> {
+        let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
+            let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
             b.push(b'\n');
             gzip_reproducible(&b)
         };
-        let encode = |v: &Value| encode_bytes(serde_json::to_vec(v).map_err(std::io::Error::other)?);
-        let (snapshots, contents, classes) = csi_objects(s);
+        let (snapshots, contents, classes) = csi_objects(s, gz(), gz())?;
         Ok(vec![
-            (format!("{name}-resource-list.json.gz"), gzip_reproducible(&list)?),
+            (format!("{name}-resource-list.json.gz"), list),
             (format!("{name}-results.gz"), gzip_reproducible(&results)?),
             (format!("{name}-logs.gz"), logs),
-            (format!("{name}-volumeinfo.json.gz"), encode_bytes(volume_infos(s))?),
-            (format!("{name}-itemoperations.json.gz"), encode_bytes(item_operations(s))?),
-            (format!("{name}-csi-volumesnapshots.json.gz"), encode_bytes(snapshots)?),
-            (format!("{name}-csi-volumesnapshotcontents.json.gz"), encode_bytes(contents)?),
+            (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, gz())?)?),
+            (format!("{name}-itemoperations.json.gz"), with_newline(item_operations(s, gz())?)?),
+            (format!("{name}-csi-volumesnapshots.json.gz"), with_newline(snapshots)?),
+            (format!("{name}-csi-volumesnapshotcontents.json.gz"), with_newline(contents)?),
             (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
             ("velero-backup.json".to_string(), backup),
         ])
@@ -985,15 +1079,89 @@ mod tests {
     fn a_json_array_written_element_by_element_is_the_array_serde_writes() {
         for n in 0..3 {
             let values: Vec<Value> = (0..n).map(|i| json!({"b": i, "a": [i, "x"]})).collect();
-            let mut array = JsonArray::default();
+            let mut array = JsonArray::new(Vec::new());
             for v in &values {
-                array.push(v);
+                array.push(v).unwrap();
             }
-            assert_eq!(array.finish(), serde_json::to_vec(&Value::Array(values)).unwrap());
+            assert_eq!(array.finish().unwrap(), serde_json::to_vec(&Value::Array(values)).unwrap());
         }
     }
 
+    /// A companion file compressed as its JSON is written holds the JSON (and its newline), and
+    /// the same JSON written again gives the same bytes.
+    #[test]
+    fn a_file_gzipped_as_it_is_written_holds_its_json_and_is_reproducible() {
+        let values: Vec<Value> = (0..60_000)
+            .map(|i| json!({"name": format!("claim-{i}"), "n": i * 7919 % 1000, "ok": i % 3 == 0}))
+            .collect();
+        let streamed = || {
+            let mut array = JsonArray::new(gz_file());
+            for v in &values {
+                array.push(v).unwrap();
+            }
+            gz_finish(array.finish().unwrap(), b"\n").unwrap()
+        };
+        let bytes = streamed();
+        let mut whole = serde_json::to_vec(&Value::Array(values.clone())).unwrap();
+        whole.push(b'\n');
+        assert!(whole.len() > 1 << 20, "more than one deflate window and buffer");
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut read).unwrap();
+        assert!(read == whole, "the file does not hold its JSON");
+        assert_eq!(bytes, streamed());
+    }
+
     use super::*;
+
+    /// The resource list written from one sorted vector is byte for byte the serialized map,
+    /// across types (one served twice under one name, one not served), namespaced and
+    /// cluster-scoped names, names needing escapes, an item written twice, and no item at all.
+    #[test]
+    fn the_resource_list_json_is_the_serialized_map() {
+        use blockwise_engine::event::{BlockOutcome, Event};
+        use blockwise_engine::grouping::BlockPlan;
+        use blockwise_engine::item::ResourceType;
+        use std::sync::Arc;
+        let cm = |ns: &str, n: &str| ItemKey::namespaced("", "configmaps", ns, n);
+        let keys = [
+            cm("b", "x"),
+            cm("a-b", "y"),
+            cm("a", "z\"quote"),
+            ItemKey::cluster("", "namespaces", "a"),
+            ItemKey::namespaced("apps", "deployments", "a", "web"),
+            ItemKey::namespaced("example.com", "widgets", "a", "w"),
+            ItemKey::namespaced("apps", "olddeployments", "a", "old"),
+        ];
+        let resources = vec![
+            ResourceType::new("", "v1", "configmaps", "ConfigMap", true),
+            ResourceType::new("", "v1", "namespaces", "Namespace", false),
+            ResourceType::new("apps", "v1", "deployments", "Deployment", true),
+            ResourceType::new("apps", "v1", "olddeployments", "Deployment", true),
+        ];
+        let plan = |id: u32, keys: &[ItemKey]| Arc::new(BlockPlan { id, items: keys.to_vec(), hooks: Vec::new() });
+        let mut events = vec![
+            Event::BackupRequested { spec: blockwise_engine::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
+            Event::ResourcesDiscovered { resources },
+            Event::BlockPlanned { blocks: vec![plan(0, &keys[..4]), plan(1, &keys[4..])] },
+        ];
+        let empty = BackupState::fold(&events).unwrap();
+        assert_eq!(resource_list_json(&empty, Vec::new()).unwrap(), b"{}");
+        for (block, keys) in [(1u32, &keys[4..]), (0, &keys[..4])] {
+            events.push(Event::BlockStarted { block, attempt: 1, at_ms: 2 });
+            for (i, key) in keys.iter().chain(&keys[..1]).enumerate() {
+                let digest = [i as u8; 32];
+                events.push(Event::ItemWritten { block, attempt: 1, key: key.clone(), digest, bytes: 1 });
+            }
+            events.push(Event::BlockFinished { block, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 3 });
+        }
+        let s = BackupState::fold(&events).unwrap();
+        let map = resource_list(&s);
+        assert_eq!(map["apps/v1/Deployment"], ["a/old", "a/web"]);
+        assert_eq!(map["v1/ConfigMap"], ["a-b/y", "a/z\"quote", "b/x"]);
+        assert_eq!(map["widgets.example.com/unknown"], ["a/w"]);
+        let json = String::from_utf8(resource_list_json(&s, Vec::new()).unwrap()).unwrap();
+        assert_eq!(json, serde_json::to_string(&map).unwrap());
+    }
 
     #[test]
     fn rfc3339_dates() {
