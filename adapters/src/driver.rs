@@ -356,9 +356,21 @@ pub async fn drive<M: LogMedium>(
         let out = engine.poll();
         for (seq, ev) in &out.events {
             staged_unsynced |= matches!(ev, Event::ItemWritten { .. });
-            if matches!(ev, Event::PlanFinished { .. }) {
-                // Planning's catalog and index are gone: return their pages.
-                crate::world::release_free_memory();
+            match ev {
+                Event::BlockPlanned { blocks } if blocks.first().is_some_and(|b| b.id == 0) => {
+                    crate::world::heap_trace("at the plan")
+                }
+                Event::PlanFinished { .. } => {
+                    crate::world::heap_trace("after planning");
+                    // Planning's catalog and index are gone: return their pages.
+                    crate::world::release_free_memory();
+                    crate::world::heap_trace("after planning, trimmed");
+                }
+                Event::BlockFinished { block, .. } if block % 100_000 == 0 => {
+                    crate::world::heap_trace(&format!("block {block} finished"))
+                }
+                Event::ArchiveFinalized { .. } => crate::world::heap_trace("archive built"),
+                _ => {}
             }
             log.append(*seq, ev)?;
             observer.event(ev, engine.state());

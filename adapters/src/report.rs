@@ -417,7 +417,7 @@ fn objects_of<T>(s: &BackupState, wanted: &BTreeSet<ItemKey>, keep: impl Fn(&Val
             continue;
         }
         // Claims and volumes, the only objects asked for here, are held in memory.
-        for o in l.objects.iter().filter_map(|b| b.held()) {
+        for o in &l.held {
             if let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, o) {
                 if wanted.contains(&it.key) && !out.contains_key(&it.key) {
                     out.insert(it.key.clone(), keep(&it.object));

@@ -143,3 +143,23 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// With `BLOCKWISE_HEAP_TRACE` set, prints glibc's view of the heap at a named moment of a run to
+/// stderr (`heap <moment>: in use N MiB, free N MiB, mapped N MiB`): what a phase holds, against
+/// what the allocator keeps free. A measuring aid (docs/benchmarks.md), silent otherwise.
+pub fn heap_trace(moment: &str) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("BLOCKWISE_HEAP_TRACE").is_some() {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let m = unsafe { libc::mallinfo2() };
+        let mib = |b: usize| b >> 20;
+        eprintln!(
+            "heap {moment}: in use {} MiB, free {} MiB, mapped {} MiB",
+            mib(m.uordblks + m.hblkhd),
+            mib(m.fordblks),
+            mib(m.hblkhd)
+        );
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = moment;
+}

@@ -1896,7 +1896,7 @@ impl Engine {
         match r {
             Ok(page) => {
                 let Some(rt) = self.resource(&unit.resource) else { return };
-                let base = self.state.listings.get(&unit).filter(|_| chunk > 0).map_or(0, |l| l.objects.len());
+                let base = self.state.listings.get(&unit).filter(|_| chunk > 0).map_or(0, |l| l.received as usize);
                 let mut objects = Vec::with_capacity(page.objects.len());
                 let mut parsed = Vec::with_capacity(page.objects.len());
                 let mut bad = Vec::new();
@@ -1913,6 +1913,8 @@ impl Engine {
                     self.forget_unit(&unit);
                 }
                 let complete = page.continue_token.is_none();
+                // The number the fold gives the page's first object.
+                let first = self.state.bodies;
                 // A page of large objects becomes several records, each bounded in bytes.
                 let parts = split_by_bytes(objects, self.cfg.record_objects_bytes_max, String::len);
                 let n = parts.len() as u32;
@@ -1926,11 +1928,18 @@ impl Engine {
                         complete: complete && last,
                     });
                 }
-                // Each with the body the fold gave it: the page's objects end the unit's listing.
-                if let Some(l) = self.state.listings.get(&unit) {
-                    let bodies = &l.objects[l.objects.len().saturating_sub(parsed.len())..];
-                    for (it, body) in parsed.iter_mut().zip(bodies) {
-                        it.body = Some(body.clone());
+                // Each with the body the fold gave it: its number, or (claims, volumes) the JSON the
+                // fold holds, the last of the unit's.
+                if crate::body::held(&unit.resource) {
+                    if let Some(l) = self.state.listings.get(&unit) {
+                        let held = &l.held[l.held.len().saturating_sub(parsed.len())..];
+                        for (it, json) in parsed.iter_mut().zip(held) {
+                            it.body = Some(Body::Held(json.clone()));
+                        }
+                    }
+                } else {
+                    for (i, it) in parsed.iter_mut().enumerate() {
+                        it.body = Some(Body::Logged(first + i as u64));
                     }
                 }
                 self.catalog.extend(parsed);

@@ -32,9 +32,12 @@ pub struct FoldError {
 /// Progress of one listing unit.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Listing {
-    /// The objects received so far: claims and volumes held, the others by their number in the
-    /// log ([`crate::body`]).
-    pub objects: Vec<Body>,
+    /// Objects received so far.
+    pub received: u64,
+    /// The bodies of the objects received that stay in memory (claims, volumes:
+    /// [`crate::body::held`]); the others are in the log, by number. (A body per object listed
+    /// was 24 bytes an object, and as much again of the vectors' slack.)
+    pub held: Vec<Arc<str>>,
     /// Chunks received.
     pub chunks: u32,
     /// All pages received.
@@ -681,8 +684,12 @@ impl BackupState {
                         reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
                     });
                 }
+                let held = crate::body::held(&unit.resource);
                 for o in objects {
-                    l.objects.push(Body::of(&unit.resource, o, self.bodies));
+                    if held {
+                        l.held.push(Arc::from(o.as_str()));
+                    }
+                    l.received += 1;
                     self.bodies += 1;
                 }
                 l.chunks = chunk + 1;
