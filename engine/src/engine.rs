@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::body::Body;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
-use crate::grouping::{builtin_actions, place, BlockPlan, Index, ItemBlockAction, PlaceStep, Placed, PlanInput};
+use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
 use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType, StrMap};
 use crate::mutation::{self, Mutation};
@@ -379,7 +379,7 @@ pub struct Engine {
     /// The volume inspection is in flight.
     inspecting: bool,
     /// The finished item plan and its claims, kept while the volumes are inspected.
-    pending_plan: Option<(Placed, BTreeMap<ItemKey, Claim>)>,
+    pending_plan: Option<(crate::grouping::Plan, BTreeMap<ItemKey, Claim>)>,
     /// Volume facts read from listed objects, recorded with the inspection's answer.
     known_volumes: Vec<(String, PvVolume)>,
     /// The snapshot API the cluster serves, and why group snapshots cannot be used.
@@ -844,7 +844,8 @@ impl Engine {
     fn plan_round(&mut self) {
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
-                self.emit_placed(p, &claims);
+                self.build_objects();
+                self.emit_plan(p, &claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -862,8 +863,8 @@ impl Engine {
             fetch_failed: &failed,
             actions: &self.actions,
         };
-        match place(&input, &index) {
-            PlaceStep::Fetch(keys) => {
+        match plan(&input, &index) {
+            PlanStep::Fetch(keys) => {
                 let items: Vec<(ResourceType, ItemKey)> = keys
                     .into_iter()
                     .filter_map(|k| resources.iter().find(|r| r.gr == k.gr()).map(|rt| (rt.clone(), k)))
@@ -873,7 +874,7 @@ impl Engine {
                     self.issue(Pending::Get, None, CommandKind::Get { items: chunk.to_vec() });
                 }
             }
-            PlaceStep::Done(p) => {
+            PlanStep::Done(p) => {
                 let claims = if self.state.options.snapshots_on() { self.claims(&p, &index) } else { BTreeMap::new() };
                 let bound = claims.values().any(|c| c.in_backup && c.volume.is_some());
                 if bound && !self.state.volumes_inspected {
@@ -892,8 +893,11 @@ impl Engine {
                         }
                     }
                 }
+                // The catalog becomes the write path's view before the plan is recorded: the
+                // parsed items are not held beside the fold's blocks and the events carrying them.
                 self.catalog = index.into_items();
-                self.emit_placed(p, &claims);
+                self.build_objects();
+                self.emit_plan(p, &claims);
                 return;
             }
         }
@@ -901,27 +905,14 @@ impl Engine {
         self.catalog = index.into_items();
     }
 
-    /// Records the plan made by positions in the catalog (`self.catalog`, the index's items): the
-    /// catalog becomes the write path's view, then the keys move from its items into the block
-    /// plans (none is copied) and the rest of it is dropped — before the plan is recorded, so the
-    /// parsed items are not alive beside the fold's blocks and the events carrying them.
-    fn emit_placed(&mut self, placed: Placed, claims: &BTreeMap<ItemKey, Claim>) {
-        self.build_objects();
-        let mut items = std::mem::take(&mut self.catalog);
-        let p = placed.into_plan(&mut items);
-        drop(items);
-        self.emit_plan(p, claims);
-    }
-
     /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
-    fn claims(&self, p: &Placed, index: &Index) -> BTreeMap<ItemKey, Claim> {
-        let items = index.items();
-        let in_backup: BTreeSet<u32> =
-            p.members.iter().copied().filter(|&j| items[j as usize].key.is("", "persistentvolumeclaims")).collect();
+    fn claims(&self, p: &crate::grouping::Plan, index: &Index) -> BTreeMap<ItemKey, Claim> {
+        let in_backup: BTreeSet<&ItemKey> =
+            p.blocks.iter().flat_map(|b| &b.items).filter(|k| k.is("", "persistentvolumeclaims")).collect();
         let group_label = self.group_label();
         let mut out = BTreeMap::new();
-        for (i, it) in items.iter().enumerate().filter(|(_, it)| it.key.is("", "persistentvolumeclaims")) {
-            let inb = in_backup.contains(&(i as u32));
+        for it in index.items().iter().filter(|it| it.key.is("", "persistentvolumeclaims")) {
+            let inb = in_backup.contains(&it.key);
             let grouped = it.labels.get(&group_label).is_some_and(|g| !g.is_empty());
             if !inb && !grouped {
                 continue;
@@ -1086,12 +1077,12 @@ impl Engine {
     }
 
     /// The write path's view of every known object: key → its body (held, or its number in the
-    /// log), from the catalog (which only the plan's keys are taken from after this).
+    /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) {
         let mut objects: Vec<(u128, Body)> = Vec::with_capacity(self.catalog.len());
-        for it in &self.catalog {
-            if let Some(body) = &it.body {
-                objects.push((it.key.digest(), body.clone()));
+        for it in std::mem::take(&mut self.catalog) {
+            if let Some(body) = it.body {
+                objects.push((it.key.digest(), body));
             }
         }
         // Stable: of one key listed twice, the first stays, as planning's index keeps it.
@@ -1145,8 +1136,6 @@ impl Engine {
     fn pump_blocks(&mut self) {
         if self.objects.is_none() {
             self.build_objects();
-            // A resumed run's catalog (keys only) is not needed after this.
-            self.catalog = Vec::new();
         }
         let workers = self.cfg.workers.max(1);
         loop {

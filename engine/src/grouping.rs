@@ -293,72 +293,6 @@ pub enum PlanStep {
     Done(Plan),
 }
 
-/// The planned backup with its items by position in the index ([`place`]): made into a [`Plan`]
-/// by copying the keys ([`Placed::keyed`]) or by moving them out of the index's items
-/// ([`Placed::into_plan`]), so that a million keys are not held twice while the plan is made. The
-/// blocks' items are one flat vector (a vector per block was ~50 bytes a block more).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Placed {
-    /// Every block's items' positions in the index, block after block, each block's in write
-    /// order.
-    pub members: Vec<u32>,
-    /// Where each block's items start in `members`, and (last) their end: blocks + 1 entries.
-    pub starts: Vec<u32>,
-    /// The hooks of the blocks that have any, by block id (as [`BlockPlan::hooks`]).
-    pub hooks: BTreeMap<u32, Vec<Hook>>,
-    /// As [`Plan::warnings`].
-    pub warnings: Vec<String>,
-}
-
-impl Placed {
-    /// The number of blocks.
-    pub fn len(&self) -> usize {
-        self.starts.len().saturating_sub(1)
-    }
-
-    /// Whether there is no block.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The positions of block `id`'s items, in write order.
-    pub fn block(&self, id: usize) -> &[u32] {
-        let (from, to) = (self.starts[id] as usize, self.starts[id + 1] as usize);
-        &self.members[from..to]
-    }
-
-    /// The plan, each item's key copied from `items` (the index's items, sorted by key).
-    pub fn keyed(&self, items: &[Item]) -> Plan {
-        self.make(|j| items[j as usize].key.clone())
-    }
-
-    /// The plan, each item's key moved out of `items` (the index's items, sorted by key, which are
-    /// not used after: an item is in one block only, so each key is taken once).
-    pub fn into_plan(self, items: &mut [Item]) -> Plan {
-        let empty = || ItemKey { group: String::new(), resource: String::new(), namespace: None, name: String::new() };
-        self.make(|j| std::mem::replace(&mut items[j as usize].key, empty()))
-    }
-
-    fn make(&self, mut key: impl FnMut(u32) -> ItemKey) -> Plan {
-        let mut blocks = Vec::with_capacity(self.len());
-        for id in 0..self.len() {
-            let keys = self.block(id).iter().map(|&j| key(j)).collect();
-            let hooks = self.hooks.get(&(id as u32)).cloned().unwrap_or_default();
-            blocks.push(Arc::new(BlockPlan { id: id as u32, items: keys, hooks }));
-        }
-        Plan { blocks, warnings: self.warnings.clone() }
-    }
-}
-
-/// The result of a planning round by positions ([`place`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum PlaceStep {
-    /// Pull targets that are not known yet: get them, then plan again.
-    Fetch(Vec<ItemKey>),
-    /// The finished plan.
-    Done(Placed),
-}
-
 /// The planned backup.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
@@ -415,14 +349,6 @@ impl UnionFind {
 
 /// Plans the backup over the items of `index`: selection, pull closure, components, hooks.
 pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
-    match place(input, index) {
-        PlaceStep::Fetch(keys) => PlanStep::Fetch(keys),
-        PlaceStep::Done(p) => PlanStep::Done(p.keyed(&index.items)),
-    }
-}
-
-/// [`plan`], with the blocks' items by their positions in `index`.
-pub fn place(input: &PlanInput<'_>, index: &Index) -> PlaceStep {
     let types: BTreeMap<GroupResource, &ResourceType> = input.resources.iter().map(|r| (r.gr.clone(), r)).collect();
     let sel = input.selection;
     let mut warnings = Vec::new();
@@ -490,7 +416,7 @@ pub fn place(input: &PlanInput<'_>, index: &Index) -> PlaceStep {
         }
     }
     if !missing.is_empty() {
-        return PlaceStep::Fetch(missing.into_iter().collect());
+        return PlanStep::Fetch(missing.into_iter().collect());
     }
     let mut uf = UnionFind { parent: (0..n as u32).collect() };
     for &(a, b) in &together {
@@ -568,19 +494,19 @@ pub fn place(input: &PlanInput<'_>, index: &Index) -> PlaceStep {
         let rank = ordered_rank.get(&root);
         (rank.map_or(1, |_| 0), rank.copied().unwrap_or(0), members_of[from as usize].1)
     });
-    let mut placed = Placed { members: Vec::with_capacity(members_of.len()), ..Placed::default() };
-    placed.starts.reserve_exact(comp_list.len() + 1);
+    let mut blocks = Vec::with_capacity(comp_list.len());
     for (id, (root, from, to)) in comp_list.into_iter().enumerate() {
         let members: Vec<u32> = members_of[from as usize..to as usize].iter().map(|&(_, i)| i).collect();
         let mut order: Vec<u32> = named_order.iter().copied().filter(|&j| uf.find(j) == root).collect();
         let named: BTreeSet<u32> = order.iter().copied().collect();
         order.extend(members.iter().copied().filter(|j| !named.contains(j)));
-        if order.len() > sel.spec().block_items_max as usize {
+        let items: Vec<ItemKey> = order.iter().map(|&j| index.items[j as usize].key.clone()).collect();
+        if items.len() > sel.spec().block_items_max as usize {
             warnings.push(format!(
                 "block {id} has {} items, more than block_items_max {}; it is kept whole (first item {})",
-                order.len(),
+                items.len(),
                 sel.spec().block_items_max,
-                index.items[order[0] as usize].key
+                items[0]
             ));
         }
         let mut pre = Vec::new();
@@ -597,13 +523,7 @@ pub fn place(input: &PlanInput<'_>, index: &Index) -> PlaceStep {
             }
         }
         pre.extend(post);
-        placed.starts.push(placed.members.len() as u32);
-        placed.members.extend(order);
-        if !pre.is_empty() {
-            placed.hooks.insert(id as u32, pre);
-        }
+        blocks.push(Arc::new(BlockPlan { id: id as u32, items, hooks: pre }));
     }
-    placed.starts.push(placed.members.len() as u32);
-    placed.warnings = warnings;
-    PlaceStep::Done(placed)
+    PlanStep::Done(Plan { blocks, warnings })
 }
