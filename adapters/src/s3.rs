@@ -392,7 +392,7 @@ impl S3Store {
             return Err(e);
         }
         let file = File::create(tmp).map_err(io("create", tmp))?;
-        let (buf, digest, size) = write_archive(&planned, BufWriter::new(file), tmp, |entry| {
+        let (buf, digest, size) = write_archive(planned.iter(), BufWriter::new(file), tmp, |entry| {
             let path = index.get(&*entry.key).cloned().unwrap_or_default();
             let bytes = fs::read(&path).map_err(io("read", &path))?;
             verify_staged(entry, &bytes)?;

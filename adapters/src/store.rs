@@ -486,7 +486,7 @@ fn build_archive<M: StoreMedium>(
     let mut unstaged: Vec<(ItemKey, StoreError)> = Vec::new();
     let mut result = None;
     m.write_with(archive, &mut |sink| {
-        let (_, digest, bytes) = write_archive(&planned, sink, &what, |entry| {
+        let (_, digest, bytes) = write_archive(planned.iter(), sink, &what, |entry| {
             // The newest packed copy whose bytes are the logged ones, else a file of its own.
             let mut mismatch = None;
             for body in index.candidates(m, &entry.key.archive_path()) {
@@ -759,11 +759,45 @@ impl Planned<'_> {
 }
 
 /// Every tar entry of the archive in archive order (sorted by path): `metadata/version`, then each
-/// item twice (its own path and its `-preferredversion` copy); duplicates of identical items are
-/// dropped, and two different items claiming one path are an error.
-pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreError> {
-    let mut planned = Vec::with_capacity(1 + 2 * entries.len());
-    planned.push(Planned { entry: None, copy: false });
+/// item twice (its own path and its `-preferredversion` copy), held as two orders of the entries'
+/// positions — by own path and by copy path — merged as the archive is written (a vector of both
+/// paths of every item, sorted, was 16 bytes a path and as much again of sort scratch: ~55 MB at
+/// a million items). Duplicates of identical items are dropped, and two different items claiming
+/// one path are an error.
+pub struct ArchivePlan<'a> {
+    entries: &'a [ArchiveEntry],
+    own: Vec<u32>,
+    copies: Vec<u32>,
+}
+
+impl<'a> ArchivePlan<'a> {
+    /// The tar entries in archive order, duplicates included (each right after its first).
+    fn merged(&self) -> impl Iterator<Item = Planned<'a>> + '_ {
+        let at = |i: &u32, copy: bool| Planned { entry: Some(&self.entries[*i as usize]), copy };
+        let mut own = self.own.iter().map(move |i| at(i, false)).peekable();
+        let mut copies = self.copies.iter().map(move |i| at(i, true)).peekable();
+        std::iter::once(Planned { entry: None, copy: false }).chain(std::iter::from_fn(move || {
+            match (own.peek(), copies.peek()) {
+                (Some(a), Some(b)) if b.cmp_path(a).is_lt() => copies.next(),
+                (Some(_), _) => own.next(),
+                (None, _) => copies.next(),
+            }
+        }))
+    }
+
+    /// The tar entries to write, in archive order (each duplicate dropped).
+    pub fn iter(&self) -> impl Iterator<Item = Planned<'a>> + '_ {
+        let mut prev: Option<Planned<'a>> = None;
+        self.merged().filter(move |p| {
+            let dup = prev.is_some_and(|q| q.cmp_path(p).is_eq());
+            prev = Some(*p);
+            !dup
+        })
+    }
+}
+
+/// Plans the archive of `entries` ([`ArchivePlan`]), checking every key and version first.
+pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<ArchivePlan<'_>, StoreError> {
     for entry in entries {
         check_key(&entry.key)?;
         if !is_safe_name(&entry.version) {
@@ -773,28 +807,31 @@ pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<Vec<Planned<'_>>, StoreE
                 value: entry.version.to_string(),
             });
         }
-        planned.push(Planned { entry: Some(entry), copy: false });
-        planned.push(Planned { entry: Some(entry), copy: true });
     }
-    planned.sort_by(|a, b| a.cmp_path(b));
-    let mut out: Vec<Planned<'_>> = Vec::with_capacity(planned.len());
-    for p in planned {
-        if let Some(prev) = out.last() {
-            if prev.cmp_path(&p).is_eq() {
-                let same = match (prev.entry, p.entry) {
-                    (Some(a), Some(b)) => a.digest == b.digest,
-                    _ => false,
-                };
-                if same {
-                    continue;
-                }
+    let order = |copy: bool| {
+        let mut v: Vec<u32> = (0..entries.len() as u32).collect();
+        let at = |i: u32| Planned { entry: Some(&entries[i as usize]), copy };
+        // Stable: of equal paths, the earlier entry first (it is the one kept).
+        v.sort_by(|&a, &b| at(a).cmp_path(&at(b)));
+        v
+    };
+    let plan = ArchivePlan { entries, own: order(false), copies: order(true) };
+    let mut prev: Option<Planned<'_>> = None;
+    for p in plan.merged() {
+        if let Some(q) = prev.filter(|q| q.cmp_path(&p).is_eq()) {
+            let same = match (q.entry, p.entry) {
+                (Some(a), Some(b)) => a.digest == b.digest,
+                _ => false,
+            };
+            if !same {
                 let who = |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
-                return Err(StoreError::DuplicatePath { path: p.path(), first: who(prev.entry), second: who(p.entry) });
+                return Err(StoreError::DuplicatePath { path: p.path(), first: who(q.entry), second: who(p.entry) });
             }
+            continue;
         }
-        out.push(p);
+        prev = Some(p);
     }
-    Ok(out)
+    Ok(plan)
 }
 
 /// Checks staged bytes against the digest the log recorded for the entry.
@@ -825,8 +862,8 @@ pub fn gzip_reproducible(bytes: &[u8]) -> io::Result<Vec<u8>> {
 /// Writes the reproducible `.tar.gz` of `planned` into `sink` — the one place archive bytes are
 /// made, for every store. `read` returns an entry's verified staged bytes; `what` names the
 /// destination in errors. Returns the sink, and the sha256 and size of what was written.
-pub fn write_archive<W: Write>(
-    planned: &[Planned<'_>],
+pub fn write_archive<'a, W: Write>(
+    planned: impl IntoIterator<Item = Planned<'a>>,
     sink: W,
     what: &Path,
     mut read: impl FnMut(&ArchiveEntry) -> Result<Vec<u8>, StoreError>,
@@ -1194,7 +1231,7 @@ mod tests {
             entry("", "persistentvolumes", None, "pv", "v1"),
         ];
         let planned = plan_archive(&entries).unwrap();
-        let paths: Vec<String> = planned.iter().map(Planned::path).collect();
+        let paths: Vec<String> = planned.iter().map(|p| p.path()).collect();
         let mut want: Vec<String> = vec![VERSION_PATH.to_string()];
         for e in &entries {
             want.push(e.key.archive_path());
