@@ -15,7 +15,7 @@ use std::io::Write;
 
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
-use blockwise_engine::item::ItemKey;
+use blockwise_engine::item::{ItemKey, ResourceType};
 use blockwise_engine::snapshot::{MemberCut, PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::{BackupState, SnapshotState};
@@ -652,21 +652,30 @@ impl<W: Write> JsonArray<W> {
 /// hands to `Finalize`.
 pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
+    let types: Vec<&ResourceType> = s.resources.iter().flatten().collect();
     for b in &s.blocks {
         for (key, _) in s.written(b) {
-            let gvk = match types.get(&key.gr()) {
-                Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
-                None => format!("{}/unknown", key.gr().dir_name()),
-            };
-            let name = match &key.namespace {
-                Some(ns) => format!("{ns}/{}", key.name),
-                None => key.name.clone(),
-            };
-            out.entry(gvk).or_default().insert(name);
+            out.entry(list_type(&types, key)).or_default().insert(list_name(key));
         }
     }
     out.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+}
+
+/// The resource list's name of `key`'s type: `"<apiVersion>/<Kind>"` of its served type, or
+/// `"<resource>[.<group>]/unknown"`.
+fn list_type(types: &[&ResourceType], key: &ItemKey) -> String {
+    match types.iter().find(|rt| rt.gr.group == key.group && rt.gr.resource == key.resource) {
+        Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
+        None => format!("{}/unknown", key.gr().dir_name()),
+    }
+}
+
+/// The resource list's name of `key`: `"ns/name"`, or `"name"` for a cluster-scoped item.
+fn list_name(key: &ItemKey) -> String {
+    match &key.namespace {
+        Some(ns) => format!("{ns}/{}", key.name),
+        None => key.name.clone(),
+    }
 }
 
 /// [`resource_list`] as the JSON `<name>-resource-list.json.gz` holds, the same bytes, made
@@ -674,26 +683,18 @@ pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
 /// than the names): each item's type is numbered, the (type, name) pairs sorted in one vector,
 /// and the JSON written from it.
 pub fn resource_list_json<W: Write>(s: &BackupState, mut out: W) -> std::io::Result<W> {
-    let types: Vec<_> = s.resources.iter().flatten().collect();
-    // Each type's name ("<apiVersion>/<Kind>", or "<resource>[.<group>]/unknown"), numbered as met.
+    let types: Vec<&ResourceType> = s.resources.iter().flatten().collect();
+    // Each type's name ([`list_type`]), numbered as met.
     let mut gvks: Vec<(String, String, String)> = Vec::new();
     let mut names: Vec<(u32, String)> = Vec::with_capacity(s.items_done() as usize);
     for b in &s.blocks {
         for (key, _) in s.written(b) {
             let at = gvks.iter().position(|(g, r, _)| *g == key.group && *r == key.resource);
             let id = at.unwrap_or_else(|| {
-                let gvk = match types.iter().find(|rt| rt.gr.group == key.group && rt.gr.resource == key.resource) {
-                    Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
-                    None => format!("{}/unknown", key.gr().dir_name()),
-                };
-                gvks.push((key.group.clone(), key.resource.clone(), gvk));
+                gvks.push((key.group.clone(), key.resource.clone(), list_type(&types, key)));
                 gvks.len() - 1
             });
-            let name = match &key.namespace {
-                Some(ns) => format!("{ns}/{}", key.name),
-                None => key.name.clone(),
-            };
-            names.push((id as u32, name));
+            names.push((id as u32, list_name(key)));
         }
     }
     // Types in the order of their names (two types may share one: their names merge).

@@ -496,10 +496,10 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     });
     let mut blocks = Vec::with_capacity(comp_list.len());
     for (id, (root, from, to)) in comp_list.into_iter().enumerate() {
-        let members: Vec<u32> = members_of[from as usize..to as usize].iter().map(|&(_, i)| i).collect();
+        let members = || members_of[from as usize..to as usize].iter().map(|&(_, i)| i);
         let mut order: Vec<u32> = named_order.iter().copied().filter(|&j| uf.find(j) == root).collect();
         let named: BTreeSet<u32> = order.iter().copied().collect();
-        order.extend(members.iter().copied().filter(|j| !named.contains(j)));
+        order.extend(members().filter(|j| !named.contains(j)));
         let items: Vec<ItemKey> = order.iter().map(|&j| index.items[j as usize].key.clone()).collect();
         if items.len() > sel.spec().block_items_max as usize {
             warnings.push(format!(
@@ -511,7 +511,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
         }
         let mut pre = Vec::new();
         let mut post = Vec::new();
-        for &j in &members {
+        for j in members() {
             let it = &index.items[j as usize];
             if it.key.is(PODS.0, PODS.1) {
                 for h in resolve_pod_hooks(it, &sel.spec().hooks, &mut warnings) {
