@@ -99,8 +99,8 @@ async fn create_or_get(
     uid: &str,
 ) -> Result<Value, String> {
     let what =
-        format!("{} {}", rt.kind, key.namespace.as_ref().map_or(key.name.clone(), |n| format!("{n}/{}", key.name)));
-    let json = match cluster.create(rt, key.namespace.as_deref(), body).await {
+        format!("{} {}", rt.kind, key.namespace().map_or(key.name().to_string(), |n| format!("{n}/{}", key.name())));
+    let json = match cluster.create(rt, key.namespace(), body).await {
         Ok(j) => j,
         Err(ClusterError::AlreadyExists(_)) => match cluster.get(rt, key).await {
             Ok(Some(j)) => j,
@@ -121,9 +121,9 @@ async fn create_or_get(
 /// Gets an object, parsed; `None` when it does not exist.
 async fn get(cluster: &dyn Cluster, rt: &ResourceType, key: &ItemKey) -> Result<Option<Value>, String> {
     match cluster.get(rt, key).await {
-        Ok(Some(j)) => parse(&format!("{} {}", rt.kind, key.name), &j).map(Some),
+        Ok(Some(j)) => parse(&format!("{} {}", rt.kind, key.name()), &j).map(Some),
         Ok(None) => Ok(None),
-        Err(e) => Err(format!("reading {} {}: {e}", rt.kind, key.name)),
+        Err(e) => Err(format!("reading {} {}: {e}", rt.kind, key.name())),
     }
 }
 
@@ -132,7 +132,7 @@ async fn watch(cluster: &dyn Cluster, rt: &ResourceType, key: &ItemKey, rv: &str
         .watch(rt, key, rv, ms.max(1))
         .await
         .map(|_| ())
-        .map_err(|e| format!("watching {} {}: {e}", rt.kind, key.name))
+        .map_err(|e| format!("watching {} {}: {e}", rt.kind, key.name()))
 }
 
 /// Watches VolumeSnapshot `ns/name` until its content has a snapshot handle; returns both objects
@@ -273,12 +273,12 @@ async fn set_policy(cluster: &dyn Cluster, rt: &ResourceType, key: &ItemKey, pol
     let patch = json!({"spec": {"deletionPolicy": policy}}).to_string();
     match cluster.patch(rt, key, &patch).await {
         Ok(_) | Err(ClusterError::NotFound(_)) => Ok(()),
-        Err(e) => Err(format!("setting {} {} to {policy}: {e}", rt.kind, key.name)),
+        Err(e) => Err(format!("setting {} {} to {policy}: {e}", rt.kind, key.name())),
     }
 }
 
 async fn delete(cluster: &dyn Cluster, rt: &ResourceType, key: &ItemKey) -> Result<(), String> {
-    cluster.delete(rt, key).await.map(|_| ()).map_err(|e| format!("deleting {} {}: {e}", rt.kind, key.name))
+    cluster.delete(rt, key).await.map(|_| ()).map_err(|e| format!("deleting {} {}: {e}", rt.kind, key.name()))
 }
 
 /// Deletes the group objects of `vgs` keeping its content's snapshots (Retain); returns the group
@@ -552,7 +552,7 @@ pub async fn inspect(
 ) -> blockwise_engine::snapshot::VolumeInventory {
     let mut volumes = Vec::with_capacity(pvs.len());
     for (rt, key) in pvs {
-        volumes.push((key.name.clone(), cluster.get(rt, key).await));
+        volumes.push((key.name().to_string(), cluster.get(rt, key).await));
     }
     let mut lists = Vec::new();
     for rt in classes {

@@ -468,8 +468,9 @@ impl Cluster for KubeCluster {
 
     async fn get(&self, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
         let what = format!("get {} {key}", resource_label(rt));
-        let url = collection_url(rt, key.namespace.as_deref());
-        let text = self.raw_get(&what, || kube::core::Request::new(&url).get(&key.name, &GetParams::default())).await?;
+        let url = collection_url(rt, key.namespace());
+        let text =
+            self.raw_get(&what, || kube::core::Request::new(&url).get(key.name(), &GetParams::default())).await?;
         match text {
             None => Ok(None),
             Some(t) => {
@@ -482,11 +483,11 @@ impl Cluster for KubeCluster {
     }
 
     async fn exec(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
-        let ns = pod.namespace.as_deref().unwrap_or("default");
-        let what = format!("exec {command:?} in pod {ns}/{} container {container}", pod.name);
+        let ns = pod.namespace().unwrap_or("default");
+        let what = format!("exec {command:?} in pod {ns}/{} container {container}", pod.name());
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let params = AttachParams::default().container(container).stdin(false).stdout(true).stderr(true);
-        let mut process = self.once(&what, api.exec(&pod.name, command.to_vec(), &params)).await?;
+        let mut process = self.once(&what, api.exec(pod.name(), command.to_vec(), &params)).await?;
         let stdout = process.stdout();
         let stderr = process.stderr();
         let status = process.take_status();
@@ -515,17 +516,17 @@ impl Cluster for KubeCluster {
 
     async fn patch(&self, rt: &ResourceType, key: &ItemKey, merge_patch: &str) -> Result<String, ClusterError> {
         let what = format!("patch {} {key}", resource_label(rt));
-        let url = collection_url(rt, key.namespace.as_deref());
+        let url = collection_url(rt, key.namespace());
         let body: Value = serde_json::from_str(merge_patch)
             .map_err(|e| ClusterError::Other(format!("{what}: the patch is not JSON: {e}")))?;
-        let req = kube::core::Request::new(&url).patch(&key.name, &PatchParams::default(), &Patch::Merge(&body));
+        let req = kube::core::Request::new(&url).patch(key.name(), &PatchParams::default(), &Patch::Merge(&body));
         compact(&what, self.raw_write(&what, req).await?)
     }
 
     async fn delete(&self, rt: &ResourceType, key: &ItemKey) -> Result<bool, ClusterError> {
         let what = format!("delete {} {key}", resource_label(rt));
-        let url = collection_url(rt, key.namespace.as_deref());
-        let req = kube::core::Request::new(&url).delete(&key.name, &DeleteParams::default());
+        let url = collection_url(rt, key.namespace());
+        let req = kube::core::Request::new(&url).delete(key.name(), &DeleteParams::default());
         match self.raw_write(&what, req).await {
             Ok(_) => Ok(true),
             Err(ClusterError::NotFound(_)) => Ok(false),
@@ -546,9 +547,9 @@ impl Cluster for KubeCluster {
         timeout_ms: u64,
     ) -> Result<Option<String>, ClusterError> {
         let what = format!("watch {} {key}", resource_label(rt));
-        let url = collection_url(rt, key.namespace.as_deref());
+        let url = collection_url(rt, key.namespace());
         let secs = timeout_ms.div_ceil(1000).clamp(1, WATCH_SECONDS_MAX) as u32;
-        let wp = WatchParams::default().fields(&format!("metadata.name={}", key.name)).timeout(secs);
+        let wp = WatchParams::default().fields(&format!("metadata.name={}", key.name())).timeout(secs);
         let req = kube::core::Request::new(&url)
             .watch(&wp, resource_version)
             .map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;

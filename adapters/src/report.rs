@@ -51,7 +51,7 @@ fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&Mem
     let mut out = Vec::new();
     for st in &s.snapshots {
         for key in st.plan.claim_keys() {
-            let m = st.cut.as_ref().and_then(|c| c.members.iter().find(|m| m.claim == key.name));
+            let m = st.cut.as_ref().and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
             out.push((key, st, m));
         }
     }
@@ -100,7 +100,7 @@ pub fn describe_json(s: &BackupState) -> Value {
         .into_iter()
         .map(|(key, st, m)| {
             json!({
-                "claim": format!("{}/{}", key.namespace.clone().unwrap_or_default(), key.name),
+                "claim": format!("{}/{}", key.namespace().map(str::to_string).unwrap_or_default(), key.name()),
                 "block": st.plan.block,
                 "snapshot": m.map_or(st.plan.name.clone(), |m| m.snapshot.clone()),
                 "group": st.plan.group,
@@ -182,8 +182,8 @@ pub fn describe_text_of(s: &BackupState, j: &Value) -> String {
             let group = st.plan.group.as_ref().map(|g| format!(" (group {g})")).unwrap_or_default();
             out.push_str(&format!(
                 "  {}/{}: snapshot {name}{group}: {}\n",
-                key.namespace.clone().unwrap_or_default(),
-                key.name,
+                key.namespace().map(str::to_string).unwrap_or_default(),
+                key.name(),
                 snapshot_status(st, m)
             ));
         }
@@ -465,9 +465,9 @@ pub fn volume_infos<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W> {
     let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
-        let ns = key.namespace.clone().unwrap_or_default();
+        let ns = key.namespace().map(str::to_string).unwrap_or_default();
         let pv_info = pvs.get(&ItemKey::cluster("", "persistentvolumes", pv_name)).cloned();
-        let mut v = json!({"pvcName": key.name, "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
+        let mut v = json!({"pvcName": key.name(), "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
         match snap_of.get(key) {
             Some((st, Some(m))) => {
                 let cut_ms = st.cut.as_ref().map_or(0, |c| c.at_ms);
@@ -664,7 +664,7 @@ pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
 /// The resource list's name of `key`'s type: `"<apiVersion>/<Kind>"` of its served type, or
 /// `"<resource>[.<group>]/unknown"`.
 fn list_type(types: &[&ResourceType], key: &ItemKey) -> String {
-    match types.iter().find(|rt| rt.gr.group == key.group && rt.gr.resource == key.resource) {
+    match types.iter().find(|rt| rt.gr.group == key.group() && rt.gr.resource == key.resource()) {
         Some(rt) => format!("{}/{}", rt.api_version(), rt.kind),
         None => format!("{}/unknown", key.gr().dir_name()),
     }
@@ -672,9 +672,9 @@ fn list_type(types: &[&ResourceType], key: &ItemKey) -> String {
 
 /// The resource list's name of `key`: `"ns/name"`, or `"name"` for a cluster-scoped item.
 fn list_name(key: &ItemKey) -> String {
-    match &key.namespace {
-        Some(ns) => format!("{ns}/{}", key.name),
-        None => key.name.clone(),
+    match &key.namespace() {
+        Some(ns) => format!("{ns}/{}", key.name()),
+        None => key.name().to_string(),
     }
 }
 
@@ -689,9 +689,9 @@ pub fn resource_list_json<W: Write>(s: &BackupState, mut out: W) -> std::io::Res
     let mut names: Vec<(u32, String)> = Vec::with_capacity(s.items_done() as usize);
     for b in &s.blocks {
         for (key, _) in s.written(b) {
-            let at = gvks.iter().position(|(g, r, _)| *g == key.group && *r == key.resource);
+            let at = gvks.iter().position(|(g, r, _)| *g == key.group() && *r == key.resource());
             let id = at.unwrap_or_else(|| {
-                gvks.push((key.group.clone(), key.resource.clone(), list_type(&types, key)));
+                gvks.push((key.group().to_string(), key.resource().to_string(), list_type(&types, key)));
                 gvks.len() - 1
             });
             names.push((id as u32, list_name(key)));
@@ -795,12 +795,12 @@ impl Results {
             }
             Event::HookFinished { block, hook, outcome, .. } if !outcome.ok() => (
                 &mut self.errors,
-                hook.pod.namespace.clone(),
+                hook.pod.namespace().map(str::to_string),
                 true,
                 format!("block {block}: {:?} hook {} of {}: {outcome}", hook.phase, hook.index, hook.pod),
             ),
             Event::ItemFailed { block, key, error, .. } => {
-                (&mut self.errors, key.namespace.clone(), true, format!("block {block}: {key}: {error}"))
+                (&mut self.errors, key.namespace().map(str::to_string), true, format!("block {block}: {key}: {error}"))
             }
             Event::SnapshotFailed { id, error, .. } => {
                 let Some(st) = s.snapshots.get(*id as usize) else { return };
@@ -823,8 +823,10 @@ impl Results {
                 (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
             }
             Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
-                let ns =
-                    s.blocks.get(*block as usize).and_then(|b| b.plan.items.iter().find_map(|k| k.namespace.clone()));
+                let ns = s
+                    .blocks
+                    .get(*block as usize)
+                    .and_then(|b| b.plan.items.iter().find_map(|k| k.namespace().map(str::to_string)));
                 (&mut self.errors, ns, true, format!("block {block} failed: {reason}"))
             }
             _ => return,

@@ -608,19 +608,19 @@ pub fn check_key(key: &ItemKey) -> Result<(), StoreError> {
         field,
         value: value.to_string(),
     };
-    if !key.group.is_empty() && !is_safe_name(&key.group) {
-        return Err(bad("group", &key.group));
+    if !key.group().is_empty() && !is_safe_name(key.group()) {
+        return Err(bad("group", key.group()));
     }
-    if !is_safe_name(&key.resource) {
-        return Err(bad("resource", &key.resource));
+    if !is_safe_name(key.resource()) {
+        return Err(bad("resource", key.resource()));
     }
-    if let Some(ns) = &key.namespace {
+    if let Some(ns) = &key.namespace() {
         if !is_safe_name(ns) {
             return Err(bad("namespace", ns));
         }
     }
-    if !is_safe_name(&key.name) {
-        return Err(bad("name", &key.name));
+    if !is_safe_name(key.name()) {
+        return Err(bad("name", key.name()));
     }
     Ok(())
 }

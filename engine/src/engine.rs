@@ -784,9 +784,9 @@ impl Engine {
     fn forget_unit(&mut self, unit: &ListUnit) {
         let fetched = &self.state.fetched;
         self.catalog.retain(|it| {
-            let of_unit = it.key.group == unit.resource.group
-                && it.key.resource == unit.resource.resource
-                && (unit.namespace.is_none() || it.key.namespace == unit.namespace);
+            let of_unit = it.key.group() == unit.resource.group
+                && it.key.resource() == unit.resource.resource
+                && (unit.namespace.is_none() || it.key.namespace() == unit.namespace.as_deref());
             !of_unit || fetched.contains_key(&it.key)
         });
     }
@@ -1288,8 +1288,9 @@ impl Engine {
                 let types: Vec<(&GroupResource, Arc<str>)> =
                     self.state.resources.iter().flatten().map(|r| (&r.gr, Arc::from(r.version.as_str()))).collect();
                 let version_of = |key: &ItemKey| {
-                    let of =
-                        |(gr, _): &&(&GroupResource, Arc<str>)| gr.group == key.group && gr.resource == key.resource;
+                    let of = |(gr, _): &&(&GroupResource, Arc<str>)| {
+                        gr.group == key.group() && gr.resource == key.resource()
+                    };
                     types.iter().find(of).map_or_else(|| Arc::from(""), |(_, v)| v.clone())
                 };
                 let n = self.state.blocks.iter().map(|b| self.state.written_count(b)).sum();
@@ -1631,7 +1632,8 @@ impl Engine {
                 continue;
             };
             let snap = of_claim.get(key);
-            let member = snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name));
+            let member =
+                snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
             match (snap, member) {
                 (_, Some(m)) => match body.held().and_then(|json| annotated_claim(json, &backup, &m.snapshot)) {
                     Some(j) => out.push(PlannedWrite::Write { key: key.clone(), body: Body::Held(Arc::from(j)) }),
@@ -1676,9 +1678,9 @@ impl Engine {
         }
         let body = self.object_body(key)?;
         let member = self.state.snapshots.iter().find_map(|s| {
-            let ns_ok = key.namespace.as_deref() == Some(s.plan.namespace.as_str());
+            let ns_ok = key.namespace() == Some(s.plan.namespace.as_str());
             let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;
-            c.members.iter().find(|m| m.claim == key.name)
+            c.members.iter().find(|m| m.claim == key.name())
         });
         match member {
             Some(m) => {
@@ -2212,13 +2214,8 @@ fn object_key(rt: &ResourceType, json: &str) -> Option<ItemKey> {
         namespace: Option<std::borrow::Cow<'a, str>>,
     }
     let m: Meta<'_> = serde_json::from_str(json).ok()?;
-    let namespace = if rt.namespaced { Some(m.metadata.namespace?.into_owned()) } else { None };
-    Some(ItemKey {
-        group: rt.gr.group.clone(),
-        resource: rt.gr.resource.clone(),
-        namespace,
-        name: m.metadata.name.into_owned(),
-    })
+    let namespace = if rt.namespaced { Some(m.metadata.namespace?) } else { None };
+    Some(ItemKey::new(&rt.gr.group, &rt.gr.resource, namespace.as_deref(), &m.metadata.name))
 }
 
 /// Validates a served object and returns its canonical JSON (sorted keys, apiVersion and kind set,

@@ -80,7 +80,7 @@ impl Index {
         };
         for (i, it) in items.iter().enumerate() {
             let i = i as u32;
-            let ns = it.key.namespace.clone().unwrap_or_default();
+            let ns = it.key.namespace().map(str::to_string).unwrap_or_default();
             if it.key.is(PODS.0, PODS.1) {
                 for c in pod_claims(it) {
                     ix.pods_by_claim.entry((ns.clone(), c)).or_default().push(i);
@@ -182,7 +182,7 @@ impl ItemBlockAction for PodAction {
         if !item.key.is(PODS.0, PODS.1) {
             return;
         }
-        let ns = item.key.namespace.as_deref().unwrap_or("");
+        let ns = item.key.namespace().unwrap_or("");
         for c in pod_claims(item) {
             out.push(Relation { to: ItemKey::namespaced(PVCS.0, PVCS.1, ns, &c), together: true, pull: true });
         }
@@ -219,11 +219,11 @@ impl ItemBlockAction for PvcAction {
         if !item.key.is(PVCS.0, PVCS.1) || !pvc_bound(item) {
             return;
         }
-        let ns = item.key.namespace.as_deref().unwrap_or("");
+        let ns = item.key.namespace().unwrap_or("");
         if let Some(pv) = item.str_at("/spec/volumeName") {
             out.push(Relation { to: ItemKey::cluster(PVS.0, PVS.1, pv), together: true, pull: true });
         }
-        for pod in ix.pods_mounting(ns, &item.key.name).filter(|p| crate::hooks::pod_running(p)) {
+        for pod in ix.pods_mounting(ns, item.key.name()).filter(|p| crate::hooks::pod_running(p)) {
             out.push(Relation { to: pod.key.clone(), together: true, pull: false });
         }
         if let Some(g) = item.labels.get(&self.volume_group_label).filter(|g| !g.is_empty()) {
@@ -248,8 +248,8 @@ impl ItemBlockAction for ServiceAccountAction {
         if !item.key.is(SAS.0, SAS.1) {
             return;
         }
-        let ns = item.key.namespace.as_deref().unwrap_or("");
-        for crb in ix.crbs_naming(ns, &item.key.name) {
+        let ns = item.key.namespace().unwrap_or("");
+        for crb in ix.crbs_naming(ns, item.key.name()) {
             out.push(Relation { to: crb.key.clone(), together: false, pull: true });
             if crb.str_at("/roleRef/kind") == Some("ClusterRole") {
                 if let Some(role) = crb.str_at("/roleRef/name") {

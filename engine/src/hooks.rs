@@ -236,7 +236,7 @@ fn spec_hooks_for(
     containers: &[String],
     warnings: &mut Vec<String>,
 ) -> Vec<Hook> {
-    let ns = pod.key.namespace.as_deref().unwrap_or("");
+    let ns = pod.key.namespace().unwrap_or("");
     let mut out = Vec::new();
     for rh in spec_hooks {
         let ns_ok = (rh.included_namespaces.is_empty() || rh.included_namespaces.iter().any(|p| glob_match(p, ns)))
@@ -323,9 +323,9 @@ fn build_hook(
 }
 
 fn ns_name(k: &ItemKey) -> String {
-    match &k.namespace {
-        Some(ns) => format!("{ns}/{}", k.name),
-        None => k.name.clone(),
+    match &k.namespace() {
+        Some(ns) => format!("{ns}/{}", k.name()),
+        None => k.name().to_string(),
     }
 }
 

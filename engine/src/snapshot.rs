@@ -460,7 +460,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
     let mut groups: BTreeMap<(String, String), Vec<&Claim>> = BTreeMap::new();
     for c in input.claims.values() {
         if let Some(g) = c.labels.get(input.group_label).filter(|g| !g.is_empty()) {
-            groups.entry((c.key.namespace.clone().unwrap_or_default(), g.clone())).or_default().push(c);
+            groups.entry((c.key.namespace().map(str::to_string).unwrap_or_default(), g.clone())).or_default().push(c);
         }
     }
     let volume = |c: &Claim| c.volume.as_ref().map(|v| input.volumes.get(v).cloned().unwrap_or(PvVolume::Missing));
@@ -477,7 +477,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
             if done.contains(&c.key) {
                 continue;
             }
-            let ns = c.key.namespace.clone().unwrap_or_default();
+            let ns = c.key.namespace().map(str::to_string).unwrap_or_default();
             // A volume group: one VolumeGroupSnapshot when every claim the group's selector picks
             // is in this backup, bound, and on one CSI driver with a group class; otherwise the
             // claims are snapshotted one by one (still inside the same hook window).
@@ -491,7 +491,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                 });
                 match decided {
                     Ok((driver, class)) => {
-                        let mut names: Vec<String> = members.iter().map(|m| m.key.name.clone()).collect();
+                        let mut names: Vec<String> = members.iter().map(|m| m.key.name().to_string()).collect();
                         names.sort();
                         for m in &members {
                             done.insert(&m.key);
@@ -552,8 +552,8 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                 id: plans.len() as u32,
                 block: b.id,
                 namespace: ns.clone(),
-                name: snapshot_name(input.backup, &o.uid, &ns, &c.key.name),
-                claims: vec![c.key.name.clone()],
+                name: snapshot_name(input.backup, &o.uid, &ns, c.key.name()),
+                claims: vec![c.key.name().to_string()],
                 group: None,
                 driver,
                 class,
@@ -576,14 +576,14 @@ fn group_plan(
     let mut drivers = BTreeSet::new();
     for m in members {
         if !m.in_backup || !block_claims.iter().any(|c| c.key == m.key) {
-            return Err(format!("claim {} is not in the backup", m.key.name));
+            return Err(format!("claim {} is not in the backup", m.key.name()));
         }
         match volume(m) {
             Some(PvVolume::Csi { driver, .. }) => {
                 drivers.insert(driver);
             }
-            None => return Err(format!("claim {} is not bound", m.key.name)),
-            Some(_) => return Err(format!("claim {} is not on a CSI volume", m.key.name)),
+            None => return Err(format!("claim {} is not bound", m.key.name())),
+            Some(_) => return Err(format!("claim {} is not on a CSI volume", m.key.name())),
         }
     }
     let driver = match drivers.len() {

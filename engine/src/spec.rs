@@ -402,9 +402,9 @@ impl Selection {
         if !self.resource_included(rt) {
             return Some("resource excluded");
         }
-        match &key.namespace {
+        match &key.namespace() {
             Some(ns) if !self.namespace_included(ns) => return Some("namespace excluded"),
-            None if is_namespace_object(key) && !self.namespace_included(&key.name) => {
+            None if is_namespace_object(key) && !self.namespace_included(key.name()) => {
                 return Some("namespace excluded")
             }
             None if self.spec.include_cluster_resources == Some(false) && !is_namespace_object(key) => {
@@ -425,7 +425,7 @@ impl Selection {
 
     /// Whether a non-excluded item is selected on its own (not only through pull).
     pub fn is_seed(&self, item: &Item) -> bool {
-        let scope_ok = item.key.namespace.is_some()
+        let scope_ok = item.key.namespace().is_some()
             || is_namespace_object(&item.key)
             || match self.spec.include_cluster_resources {
                 Some(v) => v,
@@ -442,7 +442,7 @@ impl Selection {
 
 /// Namespace objects are cluster-scoped but follow the namespace filter, as in Velero.
 fn is_namespace_object(key: &ItemKey) -> bool {
-    key.namespace.is_none() && key.is("", "namespaces")
+    key.namespace().is_none() && key.is("", "namespaces")
 }
 
 /// The group/resource of a command-line resource name, among `resources`.

@@ -903,7 +903,7 @@ mod tests {
         ];
         let s = BackupState::fold(&events).unwrap();
         let names = |b: usize| -> Vec<(String, u8)> {
-            s.written(&s.blocks[b]).map(|(k, (d, _))| (k.name.clone(), d[0])).collect()
+            s.written(&s.blocks[b]).map(|(k, (d, _))| (k.name().to_string(), d[0])).collect()
         };
         assert_eq!(names(0), [("a".to_string(), 1), ("b".to_string(), 2)]);
         assert_eq!(names(1), [("c".to_string(), 3)]);

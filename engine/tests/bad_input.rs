@@ -40,7 +40,7 @@ fn malformed_objects_are_warnings_naming_them_and_the_rest_is_backed_up() {
     let invalid = run.events.iter().any(|e| matches!(e, Event::HookFinished { outcome: HookOutcome::Invalid { reason }, .. } if reason.contains("a/web")));
     assert!(invalid);
     assert!(run.effects.iter().all(|e| !matches!(e, common::Effect::Hook { .. })), "no exec for an invalid hook");
-    let staged: Vec<String> = run.staged.keys().map(|k| k.name.clone()).collect();
+    let staged: Vec<String> = run.staged.keys().map(|k| k.name().to_string()).collect();
     assert_eq!(staged, ["good"], "everything valid is written; nothing escapes");
     let phase =
         run.events.iter().find_map(|e| if let Event::BackupFinished { phase, .. } = e { Some(*phase) } else { None });

@@ -44,9 +44,9 @@ fn blocks(c: &Cluster, spec: BackupSpec, workers: usize, seed: u64) -> String {
                 let items: Vec<String> = b
                     .items
                     .iter()
-                    .map(|k| match &k.namespace {
-                        Some(ns) => format!("{} {ns}/{}", k.resource, k.name),
-                        None => format!("{} {}", k.resource, k.name),
+                    .map(|k| match &k.namespace() {
+                        Some(ns) => format!("{} {ns}/{}", k.resource(), k.name()),
+                        None => format!("{} {}", k.resource(), k.name()),
                     })
                     .collect();
                 lines.push(items.join(", "));

@@ -124,7 +124,7 @@ fn failing_fail_mode_pre_hook_writes_nothing_of_its_block_and_closes_open_window
     c.hook_faults.insert(("b".into(), cmd("freeze-b")), HookFault::Exit);
     let run = backup(&c, BackupSpec::new("t"), 2, 5);
     assert!(run.finished);
-    let written: BTreeSet<&str> = run.staged.keys().map(|k| k.name.as_str()).collect();
+    let written: BTreeSet<&str> = run.staged.keys().map(|k| k.name()).collect();
     assert_eq!(written, ["c", "own", "pv2", "settings"].into_iter().collect(), "only the other blocks are written");
     let hooks: Vec<String> = run
         .effects
@@ -167,7 +167,7 @@ fn timeout_counts_as_failure_and_hang_is_cut_at_the_timeout() {
         let run = backup(&c, BackupSpec::new("t"), 4, 2);
         assert!(run.finished, "{fault:?}: {}", run.life);
         assert!(
-            !run.staged.keys().any(|k| k.name == "own" || k.name == "c" || k.name == "pv2"),
+            !run.staged.keys().any(|k| k.name() == "own" || k.name() == "c" || k.name() == "pv2"),
             "{fault:?}: {:?}",
             run.staged.keys()
         );

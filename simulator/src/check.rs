@@ -194,7 +194,7 @@ pub fn evidence(records: &[Record]) -> Evidence {
                 members: members.clone(),
             }),
             Record::Write { at_ms, verb: "create", key, answer: "ok", subject: Some(subject) }
-                if key.resource == "volumesnapshots" || key.resource == "volumegroupsnapshots" =>
+                if key.resource() == "volumesnapshots" || key.resource() == "volumegroupsnapshots" =>
             {
                 creates.push(Create { record: i, at_ms: *at_ms, key: key.clone(), subject: subject.clone() });
             }
@@ -591,7 +591,7 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
     let mut want_snap: BTreeMap<ItemKey, (ItemKey, CutMember)> = BTreeMap::new();
     for (claim, fate) in &fates {
         if let (VolumeFate::Captured(_), Some([(_, m)])) = (fate, alive.get(claim).map(Vec::as_slice)) {
-            let ns = claim.namespace.clone().unwrap_or_default();
+            let ns = claim.namespace().map(str::to_string).unwrap_or_default();
             let vs = ItemKey::namespaced(crate::csi::SNAP, "volumesnapshots", &ns, &m.snapshot);
             let vsc = ItemKey::cluster(crate::csi::SNAP, "volumesnapshotcontents", &m.content);
             want_snap.insert(vs, (claim.clone(), (*m).clone()));
@@ -616,7 +616,7 @@ pub fn check_archive(model: &Model, report: &RunReport, ev: &Evidence) -> Vec<Vi
             out.push(v("E1", format!("{key} is in the archive twice")));
         }
         let got: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        if key.group == crate::csi::SNAP && key.resource != "volumesnapshotclasses" {
+        if key.group() == crate::csi::SNAP && key.resource() != "volumesnapshotclasses" {
             match want_snap.remove(&key) {
                 Some((claim, m)) => out.extend(check_snapshot_object(&key, &got, &claim, &m)),
                 None => out.push(v("E1", format!("{key} is in the archive but is no snapshot the backup kept"))),
@@ -769,9 +769,9 @@ fn check_captured_claim(
 /// E1 for an archived VolumeSnapshot or content: it is the one the driver cut for `claim`.
 fn check_snapshot_object(key: &ItemKey, got: &Value, claim: &ItemKey, m: &CutMember) -> Vec<Violation> {
     let text = |p: &str| got.pointer(p).and_then(Value::as_str);
-    let ns = claim.namespace.as_deref();
-    let ok = if key.resource == "volumesnapshots" {
-        text("/spec/source/persistentVolumeClaimName") == Some(claim.name.as_str())
+    let ns = claim.namespace();
+    let ok = if key.resource() == "volumesnapshots" {
+        text("/spec/source/persistentVolumeClaimName") == Some(claim.name())
             && text("/status/boundVolumeSnapshotContentName") == Some(m.content.as_str())
             && got.pointer("/metadata/annotations").and_then(|a| a.get("velero.io/csi-volumesnapshot-handle"))
                 == Some(&Value::String(m.handle.clone()))
@@ -817,7 +817,7 @@ pub fn check_snapshot_windows(model: &Model, report: &RunReport, ev: &Evidence) 
     let records = &report.records;
     let cut_of = |key: &ItemKey| ev.cuts.iter().find(|c| &c.object == key);
     for cr in &ev.creates {
-        let ns = cr.key.namespace.clone().unwrap_or_default();
+        let ns = cr.key.namespace().map(str::to_string).unwrap_or_default();
         let Some(bi) = subject_block(model, &b, &ns, &cr.subject) else { continue };
         let hooks = &b.hooks[bi];
         let cut = cut_of(&cr.key).filter(|c| c.created_ms == cr.at_ms);
@@ -957,7 +957,7 @@ pub fn check_snapshot_storage(model: &Model, report: &RunReport, ev: &Evidence) 
     let mut groups: BTreeMap<(String, String), Vec<&ItemKey>> = BTreeMap::new();
     for (k, f) in &fates {
         if let VolumeFate::Captured(Some(g)) = f {
-            groups.entry((k.namespace.clone().unwrap_or_default(), g.clone())).or_default().push(k);
+            groups.entry((k.namespace().map(str::to_string).unwrap_or_default(), g.clone())).or_default().push(k);
         }
     }
     for ((ns, g), claims) in groups {

@@ -318,7 +318,7 @@ fn conflict(key: &ItemKey) -> ApiError {
         format!(
             "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
             resource_label(&key.gr()),
-            key.name
+            key.name()
         ),
     )
 }
@@ -354,7 +354,7 @@ mod overlay_entries {
 }
 
 fn slot(key: &ItemKey) -> (String, String) {
-    (key.namespace.clone().unwrap_or_default(), key.name.clone())
+    (key.namespace().map(str::to_string).unwrap_or_default(), key.name().to_string())
 }
 
 fn key_of(gr: &GroupResource, ns: &str, name: &str, namespaced: bool) -> ItemKey {
@@ -734,7 +734,7 @@ impl Dynamic {
             .map_err(|e| ClusterError::Other(format!("patch {key}: the patch is not JSON: {e}")))?;
         let obj = self
             .lookup(st, key)
-            .ok_or_else(|| ClusterError::NotFound(format!("{} \"{}\" not found", key.gr(), key.name)))?;
+            .ok_or_else(|| ClusterError::NotFound(format!("{} \"{}\" not found", key.gr(), key.name())))?;
         let mut new = obj.clone();
         merge_patch(&mut new, &p);
         self.commit(st, now, key, obj, new, false, None, None).map_err(ApiError::into_cluster_error)
@@ -745,7 +745,7 @@ impl Dynamic {
     pub fn api_write(&mut self, st: &Statics<'_>, now: u64, op: &ApiWrite) -> Result<Option<Value>, ApiError> {
         self.settle(st, now);
         let not_found = |key: &ItemKey| {
-            ApiError::new(404, "NotFound", format!("{} \"{}\" not found", resource_label(&key.gr()), key.name))
+            ApiError::new(404, "NotFound", format!("{} \"{}\" not found", resource_label(&key.gr()), key.name()))
         };
         match op {
             ApiWrite::Create { rt, namespace, body, manager } => {
@@ -775,8 +775,8 @@ impl Dynamic {
                 }
                 let Some(old) = self.lookup(st, key) else {
                     let mut obj = body.clone();
-                    obj["metadata"]["name"] = json!(key.name);
-                    return self.create_object(st, now, rt, key.namespace.as_deref(), obj, Some(manager)).map(Some);
+                    obj["metadata"]["name"] = json!(key.name());
+                    return self.create_object(st, now, rt, key.namespace(), obj, Some(manager)).map(Some);
                 };
                 let owners = crate::fields::read(&old);
                 let conflicts = crate::fields::conflicts(&owners, &old, body, manager);
@@ -831,7 +831,7 @@ impl Dynamic {
                     format!(
                         "{} \"{}\" is invalid: metadata.uid: Invalid value: \"{meant}\": field is immutable",
                         resource_label(&gr),
-                        key.name
+                        key.name()
                     ),
                 ));
             }
@@ -932,14 +932,14 @@ impl Dynamic {
         let namespace = key.is("", "namespaces");
         if namespace {
             // Everything in it is deleted; it goes when the last object has.
-            for k in self.in_namespace(st, &key.name) {
+            for k in self.in_namespace(st, key.name()) {
                 let _ = self.delete(st, now, &k);
             }
-            if !self.in_namespace(st, &key.name).is_empty() && obj.pointer("/metadata/deletionTimestamp").is_none() {
+            if !self.in_namespace(st, key.name()).is_empty() && obj.pointer("/metadata/deletionTimestamp").is_none() {
                 obj["status"] = json!({"phase": "Terminating"});
             }
         }
-        let waits = namespace && !self.in_namespace(st, &key.name).is_empty();
+        let waits = namespace && !self.in_namespace(st, key.name()).is_empty();
         if finalizers(&obj).is_empty() && !waits {
             self.remove(st, now, key, &obj);
         } else if obj.pointer("/metadata/deletionTimestamp").is_none() {
@@ -1041,10 +1041,10 @@ impl Dynamic {
 
     /// The controller's work for one object being deleted; whether anything changed.
     fn finalize(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, mut obj: Value) -> bool {
-        if key.is("", "namespaces") && !self.in_namespace(st, &key.name).is_empty() {
+        if key.is("", "namespaces") && !self.in_namespace(st, key.name()).is_empty() {
             return false;
         }
-        let ns = key.namespace.clone().unwrap_or_default();
+        let ns = key.namespace().map(str::to_string).unwrap_or_default();
         let mut release: Vec<&str> = Vec::new();
         if key.is(SNAP, "volumesnapshots") {
             let owner = obj
@@ -1206,7 +1206,7 @@ impl Dynamic {
 
     fn snapshot_created(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) {
         let Some(mut vs) = self.lookup_overlay(key) else { return };
-        let ns = key.namespace.clone().unwrap_or_default();
+        let ns = key.namespace().map(str::to_string).unwrap_or_default();
         let Some(claim) = s(&vs, "/spec/source/persistentVolumeClaimName").map(str::to_string) else { return };
         set_finalizers(&mut vs, &[AS_SOURCE.to_string()]);
         self.put(st, key, Some(vs.clone()));
@@ -1230,7 +1230,7 @@ impl Dynamic {
 
     fn group_created(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) {
         let Some(mut vgs) = self.lookup_overlay(key) else { return };
-        let ns = key.namespace.clone().unwrap_or_default();
+        let ns = key.namespace().map(str::to_string).unwrap_or_default();
         set_finalizers(&mut vgs, &[VGS_BOUND.to_string()]);
         self.put(st, key, Some(vgs.clone()));
         let labels: BTreeMap<String, String> = vgs
@@ -1396,7 +1396,7 @@ impl Dynamic {
 
     fn cut(&mut self, st: &Statics<'_>, job: &Job, mut vs: Value) {
         let at = job.at;
-        let ns = job.target.namespace.clone().unwrap_or_default();
+        let ns = job.target.namespace().map(str::to_string).unwrap_or_default();
         let claim = s(&vs, "/spec/source/persistentVolumeClaimName").unwrap_or_default().to_string();
         if job.fault == Some(CsiFault::Error) {
             self.fail(
@@ -1446,7 +1446,12 @@ impl Dynamic {
             at_ms: at,
             object: job.target.clone(),
             created_ms: job.created,
-            members: vec![CutMember { claim: claim_key, snapshot: job.target.name.clone(), content: name, handle }],
+            members: vec![CutMember {
+                claim: claim_key,
+                snapshot: job.target.name().to_string(),
+                content: name,
+                handle,
+            }],
         });
         if job.fault == Some(CsiFault::NeverReady) {
             self.events.push(CsiEvent::Stalled { at_ms: at, object: job.target.clone(), what: "ready" });
@@ -1466,7 +1471,7 @@ impl Dynamic {
 
     fn group_cut(&mut self, st: &Statics<'_>, job: &Job, mut vgs: Value) {
         let at = job.at;
-        let ns = job.target.namespace.clone().unwrap_or_default();
+        let ns = job.target.namespace().map(str::to_string).unwrap_or_default();
         if job.fault == Some(CsiFault::Error) {
             self.fail(
                 st,
@@ -1801,7 +1806,7 @@ mod tests {
         d.delete(&st, 15, &vgs_key("ns", "g1")).unwrap();
         let left = d.snapshot_objects();
         assert!(left.contains(&members[1]) && !left.contains(&members[0]), "{left:?}");
-        assert!(!left.iter().any(|k| k.group == GSNAP), "{left:?}");
+        assert!(!left.iter().any(|k| k.group() == GSNAP), "{left:?}");
     }
 
     #[test]

@@ -946,7 +946,7 @@ mod tests {
 
     fn of<'a>(items: &'a [Item], resource: &str) -> impl Iterator<Item = &'a Item> + 'a {
         let resource = resource.to_string();
-        items.iter().filter(move |i| i.key.resource == resource)
+        items.iter().filter(move |i| i.key.resource() == resource)
     }
 
     fn claims(pod: &Item) -> Vec<String> {
@@ -996,17 +996,17 @@ mod tests {
             for it in &items {
                 assert!(it.str_at("/metadata/resourceVersion").is_some_and(|v| !v.is_empty()));
                 assert_eq!(it.str_at("/metadata/creationTimestamp"), Some(CREATION_TIMESTAMP));
-                if let Some(ns) = &it.key.namespace {
+                if let Some(ns) = &it.key.namespace() {
                     assert!(keys.contains(&ItemKey::cluster("", "namespaces", ns)), "{}", it.key);
                 }
                 for o in it.object.pointer("/metadata/ownerReferences").and_then(Value::as_array).into_iter().flatten()
                 {
                     let owner = by_uid[o["uid"].as_str().unwrap()];
-                    assert_eq!(owner.key.name, o["name"].as_str().unwrap());
+                    assert_eq!(owner.key.name(), o["name"].as_str().unwrap());
                 }
             }
             for pod in of(&items, "pods") {
-                let ns = pod.key.namespace.as_deref().unwrap();
+                let ns = pod.key.namespace().unwrap();
                 for claim in claims(pod) {
                     assert!(keys.contains(&ItemKey::namespaced("", "persistentvolumeclaims", ns, &claim)), "{claim}");
                 }
@@ -1022,7 +1022,7 @@ mod tests {
             for pvc in of(&items, "persistentvolumeclaims").filter(|p| blockwise_engine::grouping::pvc_bound(p)) {
                 let pv = c.object(&ItemKey::cluster("", "persistentvolumes", pvc.str_at("/spec/volumeName").unwrap()));
                 let pv = pv.expect("bound PVC has its PV");
-                assert_eq!(pv["spec"]["claimRef"]["name"].as_str(), Some(pvc.key.name.as_str()));
+                assert_eq!(pv["spec"]["claimRef"]["name"].as_str(), Some(pvc.key.name()));
                 assert_eq!(pv["spec"]["claimRef"]["uid"].as_str(), pvc.str_at("/metadata/uid"));
             }
         }
@@ -1057,8 +1057,8 @@ mod tests {
             let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
             for p in &pvcs {
                 if let Some(g) = p.labels.get(VOLUME_GROUP_LABEL) {
-                    *groups.entry((p.key.namespace.clone().unwrap(), g.clone())).or_default() += 1;
-                    let mounted = pods.iter().any(|pod| claims(pod).contains(&p.key.name));
+                    *groups.entry((p.key.namespace().map(str::to_string).unwrap(), g.clone())).or_default() += 1;
+                    let mounted = pods.iter().any(|pod| claims(pod).iter().any(|c| c == p.key.name()));
                     assert!(mounted, "{} is mounted", p.key);
                 }
             }
@@ -1068,7 +1068,7 @@ mod tests {
                 .iter()
                 .find(|p| p.object.pointer("/spec/accessModes/0").and_then(Value::as_str) == Some("ReadWriteMany"))
                 .expect("an RWX claim");
-            let users = pods.iter().filter(|p| running(p) && claims(p).contains(&rwx.key.name)).count();
+            let users = pods.iter().filter(|p| running(p) && claims(p).iter().any(|c| c == rwx.key.name())).count();
             assert!(users >= 2, "{users} Running pods share the RWX claim");
             assert!(pvcs
                 .iter()

@@ -204,9 +204,9 @@ struct StateIn {
 }
 
 fn ns_name(key: &ItemKey) -> String {
-    match &key.namespace {
-        Some(ns) => format!("{ns}/{}", key.name),
-        None => key.name.clone(),
+    match &key.namespace() {
+        Some(ns) => format!("{ns}/{}", key.name()),
+        None => key.name().to_string(),
     }
 }
 
@@ -242,7 +242,7 @@ impl FakeCluster {
     /// Removes an object; returns it if it existed.
     pub fn remove_object(&mut self, key: &ItemKey) -> Option<Value> {
         let objs = self.objects.get_mut(&key.gr())?;
-        objs.remove(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+        objs.remove(&(key.namespace().map(str::to_string).unwrap_or_default(), key.name().to_string()))
     }
 
     /// Registers a scripted outcome for `command` exec'd in `pod` (any container).
@@ -716,12 +716,16 @@ impl FakeCluster {
 
     /// The object with this key, as stored.
     pub fn object(&self, key: &ItemKey) -> Option<&Value> {
-        self.objects.get(&key.gr())?.get(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+        self.objects
+            .get(&key.gr())?
+            .get(&(key.namespace().map(str::to_string).unwrap_or_default(), key.name().to_string()))
     }
 
     /// The object with this key, to change it in place (the simulator's cluster changes).
     pub fn object_mut(&mut self, key: &ItemKey) -> Option<&mut Value> {
-        self.objects.get_mut(&key.gr())?.get_mut(&(key.namespace.clone().unwrap_or_default(), key.name.clone()))
+        self.objects
+            .get_mut(&key.gr())?
+            .get_mut(&(key.namespace().map(str::to_string).unwrap_or_default(), key.name().to_string()))
     }
 
     /// Every exec started so far by this instance, in start order.
@@ -770,7 +774,7 @@ impl FakeCluster {
     /// What an unscripted exec does: checks the pod and container, then interprets the command.
     fn interpret(&self, pod: &ItemKey, container: &str, command: &[String]) -> Result<ExecResult, ClusterError> {
         let obj = self
-            .object(&ItemKey { group: String::new(), resource: "pods".into(), ..pod.clone() })
+            .object(&pod.with_gr("", "pods"))
             .ok_or_else(|| ClusterError::Other(format!("pod {}: not found", ns_name(pod))))?;
         let has_container = obj
             .pointer("/spec/containers")

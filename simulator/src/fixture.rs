@@ -214,7 +214,7 @@ pub fn effects(records: &[Record], events: &[Event]) -> Vec<Effect> {
                 out.push(Effect::Hook {
                     block,
                     attempt: attempt(block, *at_ms),
-                    pod: pod.name.clone(),
+                    pod: pod.name().to_string(),
                     phase,
                     command: command.first().cloned().unwrap_or_default(),
                 });

@@ -401,13 +401,12 @@ pub fn check_round_trip(archive: &[u8], expected: &BTreeSet<ItemKey>, report: &R
             Some(_) => {}
         }
     }
-    let namespaces_used: BTreeSet<&str> = explained.iter().filter_map(|k| k.namespace.as_deref()).collect();
+    let namespaces_used: BTreeSet<&str> = explained.iter().filter_map(|k| k.namespace()).collect();
     for (key, served) in &report.objects {
         if explained.contains(key) {
             continue;
         }
-        let bare_ns =
-            key.is("", "namespaces") && namespaces_used.contains(key.name.as_str()) && is_bare_namespace(served);
+        let bare_ns = key.is("", "namespaces") && namespaces_used.contains(key.name()) && is_bare_namespace(served);
         if !bare_ns {
             out.push(v("RT1", format!("{key} is in the cluster and the archive does not explain it")));
         }
@@ -445,14 +444,14 @@ pub fn check_round_trip(archive: &[u8], expected: &BTreeSet<ItemKey>, report: &R
         }
     };
     for key in applied.keys() {
-        if let Some(ns) = &key.namespace {
+        if let Some(ns) = key.namespace() {
             let ns_key = ItemKey::cluster("", "namespaces", ns);
-            if !applied.contains_key(&ns_key) && !crate::csi::SYSTEM_NAMESPACES.contains(&ns.as_str()) {
+            if !applied.contains_key(&ns_key) && !crate::csi::SYSTEM_NAMESPACES.contains(&ns) {
                 out.push(v("RT2", format!("{key} was created in namespace {ns}, which the restore never created")));
             }
             before(&ns_key, key, "its namespace", &mut out);
         }
-        if !key.group.is_empty() {
+        if !key.group().is_empty() {
             let crd = ItemKey::cluster("apiextensions.k8s.io", "customresourcedefinitions", &dir_of(key));
             before(&crd, key, "its CRD", &mut out);
         }
@@ -463,7 +462,7 @@ pub fn check_round_trip(archive: &[u8], expected: &BTreeSet<ItemKey>, report: &R
             }
         }
         if key.is("", "pods") {
-            let ns = key.namespace.clone().unwrap_or_default();
+            let ns = key.namespace().map(str::to_string).unwrap_or_default();
             for vol in obj.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten() {
                 if let Some(c) = vol.pointer("/persistentVolumeClaim/claimName").and_then(Value::as_str) {
                     before(

@@ -550,12 +550,7 @@ fn table_request(s: &Shared, req: &Req<'_>, rt: &ResourceType, q: &Query) -> Res
 }
 
 fn object_key(rt: &ResourceType, namespace: Option<&str>, name: &str) -> ItemKey {
-    ItemKey {
-        group: rt.gr.group.clone(),
-        resource: rt.gr.resource.clone(),
-        namespace: namespace.filter(|_| rt.namespaced).map(str::to_string),
-        name: name.to_string(),
-    }
+    ItemKey::new(&rt.gr.group, &rt.gr.resource, namespace.filter(|_| rt.namespaced), name)
 }
 
 fn api_failure(e: ApiError) -> Response {
@@ -624,10 +619,10 @@ async fn write(
         },
         ("PUT", Some(key)) => match body() {
             Ok(b) => {
-                if b.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n != key.name) {
+                if b.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n != key.name()) {
                     return failure(
                         400,
-                        format!("{what}: the name of the object does not match the name on the URL ({})", key.name),
+                        format!("{what}: the name of the object does not match the name on the URL ({})", key.name()),
                     );
                 }
                 ApiWrite::Replace { rt: rt.clone(), key, body: b, status, manager: Some(manager) }
@@ -721,7 +716,7 @@ async fn write(
             r
         }
         Ok(None) if deleting => {
-            let name = key.map(|k| k.name).unwrap_or_default();
+            let name = key.map(|k| k.name().to_string()).unwrap_or_default();
             json_response(
                 200,
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",

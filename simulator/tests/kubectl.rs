@@ -208,12 +208,12 @@ fn every_kubectl_version_get_w_prints_a_change_made_after_it_started() {
 #[track_caller]
 fn check_exec(bin: &Path, s: &Served, command: &[&str], code: i32, stdout: &str, stderr_has: &str) {
     let pod = blockwise_simulator::demo_failing_hook_pod();
-    let ns = pod.namespace.clone().unwrap();
+    let ns = pod.namespace().map(str::to_string).unwrap();
     let (flag, command) = match command {
         ["-i", rest @ ..] => (Some("-i"), rest),
         _ => (None, command),
     };
-    let mut args = vec!["exec", pod.name.as_str(), "-n", ns.as_str()];
+    let mut args = vec!["exec", pod.name(), "-n", ns.as_str()];
     args.extend(flag);
     args.push("--");
     args.extend_from_slice(command);
@@ -229,7 +229,7 @@ fn check_exec(bin: &Path, s: &Served, command: &[&str], code: i32, stdout: &str,
 fn every_kubectl_version_gets_describes_and_execs() {
     let s = serve();
     let pod = blockwise_simulator::demo_failing_hook_pod();
-    let ns = pod.namespace.clone().unwrap();
+    let ns = pod.namespace().map(str::to_string).unwrap();
     let versions = kubectls();
     assert!(
         versions.iter().any(|(_, minor)| (27..=29).contains(minor)),
@@ -240,9 +240,9 @@ fn every_kubectl_version_gets_describes_and_execs() {
         let out = check_ok(&run(&bin, &s, &["get", "pods", "-n", &ns]), &format!("{v} get pods"));
         let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
         assert_eq!(header, ["NAME", "READY", "STATUS", "RESTARTS", "AGE"], "{v}: the server's pod table\n{out}");
-        assert!(out.lines().any(|l| l.starts_with(&pod.name)), "{v}: {out}");
-        let out = check_ok(&run(&bin, &s, &["describe", "pod", &pod.name, "-n", &ns]), &format!("{v} describe pod"));
-        assert!(out.contains(&pod.name) && out.contains("Namespace:"), "{v}: {out}");
+        assert!(out.lines().any(|l| l.starts_with(pod.name())), "{v}: {out}");
+        let out = check_ok(&run(&bin, &s, &["describe", "pod", pod.name(), "-n", &ns]), &format!("{v} describe pod"));
+        assert!(out.contains(pod.name()) && out.contains("Namespace:"), "{v}: {out}");
         let execs_before = s.server.cluster().exec_records().len();
         let requests_before = s.server.requests().len();
         check_exec(&bin, &s, &["echo", "hi"], 0, "hi\n", "");

@@ -305,11 +305,11 @@ fn exec_outcomes_through_websocket() {
     assert_eq!(run(&["/bin/sh", "-c", "exit 3"]).unwrap().exit_code, 3);
     assert_eq!(run(&["seven"]).unwrap().exit_code, 7);
     let e = run(&["broken"]).unwrap_err();
-    assert!(e.to_string().contains("stream reset by peer") && e.to_string().contains(&pod.name), "{e}");
+    assert!(e.to_string().contains("stream reset by peer") && e.to_string().contains(pod.name()), "{e}");
     let cmd = vec!["true".to_string()];
     let e = s.rt.block_on(c.exec(&pod, "no-such-container", &cmd)).unwrap_err();
     assert!(e.to_string().contains("no-such-container"), "{e}");
-    let ghost = ItemKey::namespaced("", "pods", pod.namespace.as_deref().unwrap(), "ghost");
+    let ghost = ItemKey::namespaced("", "pods", pod.namespace().unwrap(), "ghost");
     let e = s.rt.block_on(c.exec(&ghost, &container, &cmd)).unwrap_err();
     assert!(e.to_string().contains("ghost"), "{e}");
     let recorded = s.server.cluster().exec_records();
@@ -433,11 +433,11 @@ fn kubectl_lists_gets_discovers_and_execs_against_the_fake_server() {
     }
 
     let pod = blockwise_simulator::demo::demo_failing_hook_pod();
-    let pns = pod.namespace.clone().unwrap();
-    let out = kubectl(&s, &["exec", &pod.name, "-n", &pns, "--", "/bin/echo", "hello"]);
+    let pns = pod.namespace().map(str::to_string).unwrap();
+    let out = kubectl(&s, &["exec", pod.name(), "-n", &pns, "--", "/bin/echo", "hello"]);
     check_exit(&out, 0, "kubectl exec");
     assert_eq!(text(&out.stdout).trim(), "ok", "the fake cluster's interpreter answers ok");
-    let out = kubectl(&s, &["exec", &pod.name, "-n", &pns, "--", "/bin/sh", "-c", "exit 3"]);
+    let out = kubectl(&s, &["exec", pod.name(), "-n", &pns, "--", "/bin/sh", "-c", "exit 3"]);
     check_exit(&out, 3, "kubectl exec passes the exit status through");
     let recorded = fake.exec_records();
     assert_eq!(recorded.len(), 2);

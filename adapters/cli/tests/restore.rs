@@ -97,12 +97,12 @@ fn served_objects(cluster: &FakeCluster) -> BTreeMap<(String, Option<String>, St
     for rt in demo_resource_types() {
         let (objects, _) = cluster.live_at(cluster.now(), &rt.gr);
         for (key, obj) in objects {
-            out.insert((rt.gr.dir_name(), key.namespace.clone(), key.name.clone()), obj);
+            out.insert((rt.gr.dir_name(), key.namespace().map(str::to_string), key.name().to_string()), obj);
         }
     }
     let (namespaces, _) = cluster.live_at(cluster.now(), &GroupResource::new("", "namespaces"));
     for (key, obj) in namespaces {
-        out.insert(("namespaces".to_string(), None, key.name.clone()), obj);
+        out.insert(("namespaces".to_string(), None, key.name().to_string()), obj);
     }
     out
 }

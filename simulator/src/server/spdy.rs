@@ -827,7 +827,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
 
 /// Serves one exec over an upgraded SPDY/3.1 connection; a session that ends early is logged.
 pub async fn serve_exec<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, call: ExecCall) {
-    let what = format!("SPDY exec in pod {}/{}", call.pod.namespace.as_deref().unwrap_or(""), call.pod.name);
+    let what = format!("SPDY exec in pod {}/{}", call.pod.namespace().unwrap_or(""), call.pod.name());
     let mut conn = Conn { io, codec: Codec::default(), buf: Vec::new() };
     match session(&mut conn, &call).await {
         Ok(()) => {}
