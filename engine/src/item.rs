@@ -390,6 +390,19 @@ impl From<BTreeMap<String, String>> for StrMap {
     }
 }
 
+/// Serialized as the map it stands for (the bytes a `BTreeMap<String, String>` gives).
+impl Serialize for StrMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for StrMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, String>::deserialize(deserializer).map(StrMap::from)
+    }
+}
+
 /// Strings of an object by JSON pointer: what planning keeps of a claim or volume ([`Item::strings`]).
 pub type KeptStrings = Box<[(&'static str, Box<str>)]>;
 
@@ -633,6 +646,21 @@ mod tests {
         assert_eq!(set.len(), 2);
         assert_eq!(a.with_namespace(None), ItemKey::cluster("apps", "deployments", "web"));
         assert_eq!(a.with_gr("", "pods").archive_path(), "resources/pods/namespaces/ns/web.json");
+    }
+
+    #[test]
+    fn a_string_map_serializes_as_the_map_it_stands_for() {
+        let map: BTreeMap<String, String> =
+            [("b", "2"), ("a", "1"), ("velero.io/x", "")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let strs = StrMap::from(map.clone());
+        assert_eq!(serde_json::to_string(&strs).unwrap(), serde_json::to_string(&map).unwrap());
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&strs, cfg).unwrap();
+        assert_eq!(bytes, bincode::serde::encode_to_vec(&map, cfg).unwrap());
+        let (back, _): (StrMap, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, strs);
+        let back: StrMap = serde_json::from_str(r#"{"z":"1","a":"2"}"#).unwrap();
+        assert_eq!(back.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "z"]);
     }
 
     #[test]

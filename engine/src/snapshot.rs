@@ -256,8 +256,8 @@ pub struct SnapshotPlan {
     pub driver: String,
     /// The VolumeSnapshotClass, or the VolumeGroupSnapshotClass of a group.
     pub class: String,
-    /// Labels of the object created.
-    pub labels: BTreeMap<String, String>,
+    /// Labels of the object created (a sorted vector: a B-tree map per snapshot was ~0.5 KiB).
+    pub labels: StrMap,
     /// Why the snapshot cannot be taken (its claims then fail), if it cannot.
     pub blocked: Option<String>,
 }
@@ -456,6 +456,11 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
         l.insert(BACKUP_UID_LABEL.to_string(), o.uid.clone());
         l
     };
+    let group_labels = |g: &str| {
+        let mut l = base_labels(&StrMap::default());
+        l.insert(input.group_label.to_string(), g.to_string());
+        StrMap::from(l)
+    };
     // Every claim of a volume group the cluster has, in the backup or not, by (namespace, value).
     let mut groups: BTreeMap<(String, String), Vec<&Claim>> = BTreeMap::new();
     for c in input.claims.values() {
@@ -496,8 +501,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                         for m in &members {
                             done.insert(&m.key);
                         }
-                        let mut labels = base_labels(&StrMap::default());
-                        labels.insert(input.group_label.to_string(), g.clone());
+                        let labels = group_labels(g);
                         plans.push(SnapshotPlan {
                             id: plans.len() as u32,
                             block: b.id,
@@ -557,7 +561,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                 group: None,
                 driver,
                 class,
-                labels: base_labels(&c.labels),
+                labels: base_labels(&c.labels).into(),
                 blocked,
             });
         }
