@@ -108,10 +108,7 @@ async fn stage(
     body: &Body,
     bodies: &Bodies,
 ) -> Result<([u8; 32], u64), String> {
-    let json = match body {
-        Body::Held(json) => json.clone(),
-        Body::Logged(id) => bodies.get(*id).map_err(|e| format!("reading the logged object back: {e}"))?,
-    };
+    let json = body.resolve(|id| bodies.get(id).map_err(|e| format!("reading the logged object back: {e}")))?;
     store.put_item(backup, key, json.as_bytes()).await.map_err(|e| e.to_string())?;
     Ok((Sha256::digest(json.as_bytes()).into(), json.len() as u64))
 }

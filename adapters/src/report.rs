@@ -15,7 +15,7 @@ use std::io::Write;
 
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
-use blockwise_engine::item::{ItemKey, ResourceType};
+use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::snapshot::{MemberCut, PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::{BackupState, SnapshotState};
@@ -402,71 +402,99 @@ fn operation_id(ns: &str, snapshot: &str, at_ms: u64) -> String {
     format!("{ns}/{snapshot}/{}", rfc3339(at_ms))
 }
 
-/// What `keep` takes of the objects of the backup's listings and fetches, by key, for the keys
-/// asked for: each object is parsed, kept from and dropped in turn (a backup's claims and volumes
-/// as parsed JSON at once were ~100 MB at 100k objects).
-fn objects_of<T>(s: &BackupState, wanted: &BTreeSet<ItemKey>, keep: impl Fn(&Value) -> T) -> BTreeMap<ItemKey, T> {
-    let mut out = BTreeMap::new();
-    if wanted.is_empty() {
-        return out;
+/// What Velero's volume information reads of a backup's claims and volumes, taken from the
+/// objects of its log's listings and fetches as [`BackupFiles`] goes through the events: each
+/// object parsed, kept from and dropped in turn (the claims and volumes are not held in memory
+/// through the backup for it). A listed object wins over a fetched one, a later one over an earlier.
+pub struct VolumeObjects {
+    types: BTreeMap<GroupResource, ResourceType>,
+    /// The claims the volume information is about: those of blocks that did not fail.
+    wanted: BTreeSet<ItemKey>,
+    /// Listed and fetched: of a wanted claim, its volume when it is bound.
+    claims: [BTreeMap<ItemKey, Option<String>>; 2],
+    /// Listed and fetched: of a volume, by name, its reclaim policy and labels.
+    volumes: [BTreeMap<String, Value>; 2],
+}
+
+impl VolumeObjects {
+    /// Ready to take the objects of backup `s`'s log.
+    pub fn new(s: &BackupState) -> VolumeObjects {
+        let wanted = s
+            .blocks
+            .iter()
+            .filter(|b| !matches!(b.outcome, Some(BlockOutcome::Failed { .. })))
+            .flat_map(|b| &b.plan.items)
+            .filter(|k| k.is("", "persistentvolumeclaims"))
+            .cloned()
+            .collect();
+        let types = s.resources.iter().flatten().map(|r| (r.gr.clone(), r.clone())).collect();
+        VolumeObjects { types, wanted, claims: Default::default(), volumes: Default::default() }
     }
-    let types: BTreeMap<_, _> = s.resources.iter().flatten().map(|r| (r.gr.clone(), r)).collect();
-    for (unit, l) in &s.listings {
-        let Some(rt) = types.get(&unit.resource) else { continue };
-        if !wanted.iter().any(|k| k.gr() == rt.gr) {
-            continue;
-        }
-        // Claims and volumes, the only objects asked for here, are held in memory.
-        for o in &l.held {
-            if let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, o) {
-                if wanted.contains(&it.key) && !out.contains_key(&it.key) {
-                    out.insert(it.key.clone(), keep(&it.object));
+
+    /// Takes what it reads of the objects `e` carries.
+    pub fn push(&mut self, e: &Event) {
+        match e {
+            Event::ResourceListed { unit, objects, .. } => {
+                for o in objects {
+                    self.take(&unit.resource, o, 0);
                 }
             }
-        }
-    }
-    for (key, json) in &s.fetched {
-        if let (true, Some(j)) = (wanted.contains(key), json.as_ref().and_then(|b| b.held())) {
-            if let (false, Ok(v)) = (out.contains_key(key), serde_json::from_str::<Value>(j)) {
-                out.insert(key.clone(), keep(&v));
+            Event::ItemsFetched { items } => {
+                for (k, json) in items {
+                    if let Some(j) = json {
+                        self.take(&k.gr(), j, 1);
+                    }
+                }
             }
+            _ => {}
         }
     }
-    out
+
+    fn take(&mut self, gr: &GroupResource, json: &str, from: usize) {
+        let (claim, volume) = (
+            gr.group.is_empty() && gr.resource == "persistentvolumeclaims",
+            gr.group.is_empty() && gr.resource == "persistentvolumes",
+        );
+        if !(claim || volume) || self.wanted.is_empty() {
+            return;
+        }
+        let Some(rt) = self.types.get(gr) else { return };
+        let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, json) else { return };
+        let str_at = |p: &str| it.object.pointer(p).and_then(Value::as_str).map(str::to_string);
+        if claim && self.wanted.contains(&it.key) {
+            let bound = str_at("/spec/volumeName").filter(|_| str_at("/status/phase").as_deref() == Some("Bound"));
+            self.claims[from].insert(it.key.clone(), bound);
+        } else if volume {
+            let info = json!({
+                "reclaimPolicy": str_at("/spec/persistentVolumeReclaimPolicy").unwrap_or_default(),
+                "labels": it.object.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
+            });
+            self.volumes[from].insert(it.key.name().to_string(), info);
+        }
+    }
+
+    /// Of each wanted claim, its volume when bound; of each volume, its facts.
+    fn finish(self) -> (BTreeMap<ItemKey, Option<String>>, BTreeMap<String, Value>) {
+        let [listed, mut claims] = self.claims;
+        claims.extend(listed);
+        let [listed, mut volumes] = self.volumes;
+        volumes.extend(listed);
+        (claims, volumes)
+    }
 }
 
 /// `<name>-volumeinfo.json.gz`'s content: one Velero `BackupVolumeInfo` per bound claim of the
 /// backup — `CSISnapshot` with its snapshot's facts when captured, skipped (with the reason)
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
-pub fn volume_infos<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W> {
-    let claims: BTreeSet<ItemKey> = s
-        .blocks
-        .iter()
-        .filter(|b| !matches!(b.outcome, Some(BlockOutcome::Failed { .. })))
-        .flat_map(|b| &b.plan.items)
-        .filter(|k| k.is("", "persistentvolumeclaims"))
-        .cloned()
-        .collect();
-    let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
-    // Of a claim, its volume when it is bound; of a volume, its reclaim policy and labels.
-    let claim_objs = objects_of(s, &claims, |c| {
-        str_at(c, "/spec/volumeName").filter(|_| str_at(c, "/status/phase").as_deref() == Some("Bound"))
-    });
-    let pv_keys: BTreeSet<ItemKey> =
-        claim_objs.values().flatten().map(|v| ItemKey::cluster("", "persistentvolumes", v)).collect();
-    let pvs = objects_of(s, &pv_keys, |pv| {
-        json!({
-            "reclaimPolicy": str_at(pv, "/spec/persistentVolumeReclaimPolicy").unwrap_or_default(),
-            "labels": pv.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
-        })
-    });
+pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) -> std::io::Result<W> {
+    let (claim_objs, pvs) = objects.finish();
     let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
         claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
     let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace().map(str::to_string).unwrap_or_default();
-        let pv_info = pvs.get(&ItemKey::cluster("", "persistentvolumes", pv_name)).cloned();
+        let pv_info = pvs.get(pv_name).cloned();
         let mut v = json!({"pvcName": key.name(), "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
         match snap_of.get(key) {
             Some((st, Some(m))) => {
@@ -848,18 +876,27 @@ pub struct BackupFiles<'a> {
     state: &'a BackupState,
     results: Results,
     logs: flate2::write::GzEncoder<Vec<u8>>,
+    volumes: VolumeObjects,
     next: u64,
 }
 
 impl<'a> BackupFiles<'a> {
     /// Starts the files of backup `name`, whose final state is `state`.
     pub fn new(name: &'a str, state: &'a BackupState) -> BackupFiles<'a> {
-        BackupFiles { name, state, results: Results::default(), logs: crate::store::gzip_encoder(Vec::new()), next: 0 }
+        BackupFiles {
+            name,
+            state,
+            results: Results::default(),
+            logs: crate::store::gzip_encoder(Vec::new()),
+            volumes: VolumeObjects::new(state),
+            next: 0,
+        }
     }
 
     /// Takes the log's next event.
     pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
         self.results.push(self.state, e);
+        self.volumes.push(e);
         let mut line = event_line(self.next, e);
         line.push('\n');
         self.next += 1;
@@ -887,7 +924,7 @@ impl<'a> BackupFiles<'a> {
             (format!("{name}-resource-list.json.gz"), list),
             (format!("{name}-results.gz"), gzip_reproducible(&results)?),
             (format!("{name}-logs.gz"), logs),
-            (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, gz())?)?),
+            (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, self.volumes, gz())?)?),
             (format!("{name}-itemoperations.json.gz"), with_newline(item_operations(s, gz())?)?),
             (format!("{name}-csi-volumesnapshots.json.gz"), with_newline(snapshots)?),
             (format!("{name}-csi-volumesnapshotcontents.json.gz"), with_newline(contents)?),

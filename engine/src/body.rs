@@ -7,13 +7,15 @@
 //! the bodies where it can read one back by number (a spill file beside the log, rebuilt from the
 //! log on every open, or memory in the simulator) and a write names the body it stages.
 //!
-//! Claims and PersistentVolumes stay in memory ([`held`]): snapshot planning and Velero's volume
-//! information read them after the listing, and a captured claim is written with annotations.
+//! A captured claim is written with its snapshot's labels and annotations: its body names the
+//! logged claim and the snapshot ([`Body::Claim`]), and the shell annotates the bytes it reads back
+//! ([`crate::snapshot::annotated_claim`]). (Claims and volumes were held in memory for that, and
+//! for Velero's volume information, which now reads them from the log: ~90 MB at a million
+//! objects.)
 
 use std::sync::Arc;
 
 use crate::event::Event;
-use crate::item::GroupResource;
 
 /// The ordinal of an object among the objects the log carries, from 0.
 pub type BodyId = u64;
@@ -25,31 +27,42 @@ pub enum Body {
     Held(Arc<str>),
     /// The `n`-th object the log carries.
     Logged(BodyId),
+    /// The `n`-th object the log carries, a claim, with the labels and annotations of its snapshot
+    /// in backup `backup` set ([`crate::snapshot::annotated_claim`]).
+    Claim { id: BodyId, backup: Arc<str>, snapshot: Arc<str> },
 }
 
 impl Body {
-    /// The body of `json`, the `n`-th object the log carries, of resource `gr`: held or by number
-    /// ([`held`]). The fold and the engine's catalog both number objects with this.
-    pub fn of(gr: &GroupResource, json: &str, n: BodyId) -> Body {
-        if held(gr) {
-            Body::Held(Arc::from(json))
-        } else {
-            Body::Logged(n)
-        }
-    }
-
     /// The JSON, when it is held in memory.
     pub fn held(&self) -> Option<&Arc<str>> {
         match self {
             Body::Held(j) => Some(j),
-            Body::Logged(_) => None,
+            Body::Logged(_) | Body::Claim { .. } => None,
         }
     }
-}
 
-/// Whether objects of `gr` stay in memory after they are logged: claims and PersistentVolumes.
-pub fn held(gr: &GroupResource) -> bool {
-    gr.group.is_empty() && (gr.resource == "persistentvolumeclaims" || gr.resource == "persistentvolumes")
+    /// The logged object this body is made from, if it is.
+    pub fn logged(&self) -> Option<BodyId> {
+        match self {
+            Body::Held(_) => None,
+            Body::Logged(id) | Body::Claim { id, .. } => Some(*id),
+        }
+    }
+
+    /// The bytes of this body, given those of the logged object it names (ignored when held):
+    /// `None` for a claim that is not a JSON object.
+    pub fn resolve(&self, logged: impl FnOnce(BodyId) -> Result<Arc<str>, String>) -> Result<Arc<str>, String> {
+        match self {
+            Body::Held(json) => Ok(json.clone()),
+            Body::Logged(id) => logged(*id),
+            Body::Claim { id, backup, snapshot } => {
+                let json = logged(*id)?;
+                crate::snapshot::annotated_claim(&json, backup, snapshot)
+                    .map(Arc::from)
+                    .ok_or_else(|| format!("the logged claim (object {id}) is not a JSON object"))
+            }
+        }
+    }
 }
 
 impl Event {

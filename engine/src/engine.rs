@@ -811,7 +811,7 @@ impl Engine {
                     strings: None,
                 }
             };
-            it.body = Some(Body::of(&rt.gr, json, n));
+            it.body = Some(Body::Logged(n));
             Some(it)
         };
         match e {
@@ -1635,8 +1635,8 @@ impl Engine {
             let member =
                 snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
             match (snap, member) {
-                (_, Some(m)) => match body.held().and_then(|json| annotated_claim(json, &backup, &m.snapshot)) {
-                    Some(j) => out.push(PlannedWrite::Write { key: key.clone(), body: Body::Held(Arc::from(j)) }),
+                (_, Some(m)) => match claim_body(&body, &backup, &m.snapshot) {
+                    Some(body) => out.push(PlannedWrite::Write { key: key.clone(), body }),
                     None => {
                         out.push(PlannedWrite::Fail { key: key.clone(), error: "claim is not a JSON object".into() })
                     }
@@ -1683,10 +1683,7 @@ impl Engine {
             c.members.iter().find(|m| m.claim == key.name())
         });
         match member {
-            Some(m) => {
-                let json = body.held()?;
-                annotated_claim(json, &self.backup_name(), &m.snapshot).map(|j| Body::Held(Arc::from(j)))
-            }
+            Some(m) => claim_body(&body, &self.backup_name(), &m.snapshot),
             None => Some(body),
         }
     }
@@ -1930,19 +1927,9 @@ impl Engine {
                         complete: complete && last,
                     });
                 }
-                // Each with the body the fold gave it: its number, or (claims, volumes) the JSON the
-                // fold holds, the last of the unit's.
-                if crate::body::held(&unit.resource) {
-                    if let Some(l) = self.state.listings.get(&unit) {
-                        let held = &l.held[l.held.len().saturating_sub(parsed.len())..];
-                        for (it, json) in parsed.iter_mut().zip(held) {
-                            it.body = Some(Body::Held(json.clone()));
-                        }
-                    }
-                } else {
-                    for (i, it) in parsed.iter_mut().enumerate() {
-                        it.body = Some(Body::Logged(first + i as u64));
-                    }
+                // Each with the number the fold gave its body.
+                for (i, it) in parsed.iter_mut().enumerate() {
+                    it.body = Some(Body::Logged(first + i as u64));
                 }
                 self.catalog.extend(parsed);
                 for b in bad {
@@ -2228,6 +2215,17 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     }
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
+}
+
+/// The body of a claim written with the labels and annotations of its snapshot `snapshot`: made
+/// here from held bytes, by the shell from a logged claim it reads back (`None`: not a JSON object).
+fn claim_body(body: &Body, backup: &str, snapshot: &str) -> Option<Body> {
+    match body {
+        Body::Held(json) => annotated_claim(json, backup, snapshot).map(|j| Body::Held(Arc::from(j))),
+        Body::Logged(id) => Some(Body::Claim { id: *id, backup: Arc::from(backup), snapshot: Arc::from(snapshot) }),
+        // Annotated already: the same snapshot of the same backup.
+        Body::Claim { .. } => Some(body.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -34,10 +34,6 @@ pub struct FoldError {
 pub struct Listing {
     /// Objects received so far.
     pub received: u64,
-    /// The bodies of the objects received that stay in memory (claims, volumes:
-    /// [`crate::body::held`]); the others are in the log, by number. (A body per object listed
-    /// was 24 bytes an object, and as much again of the vectors' slack.)
-    pub held: Vec<Arc<str>>,
     /// Chunks received.
     pub chunks: u32,
     /// All pages received.
@@ -684,14 +680,8 @@ impl BackupState {
                         reason: format!("{unit}: chunk {chunk} after {} chunks", l.chunks),
                     });
                 }
-                let held = crate::body::held(&unit.resource);
-                for o in objects {
-                    if held {
-                        l.held.push(Arc::from(o.as_str()));
-                    }
-                    l.received += 1;
-                    self.bodies += 1;
-                }
+                l.received += objects.len() as u64;
+                self.bodies += objects.len() as u64;
                 l.chunks = chunk + 1;
                 l.complete = *complete;
             }
@@ -702,9 +692,9 @@ impl BackupState {
             }
             Event::ItemsFetched { items } => {
                 for (k, v) in items {
-                    let body = v.as_ref().map(|j| {
+                    let body = v.as_ref().map(|_| {
                         self.bodies += 1;
-                        Body::of(&k.gr(), j, self.bodies - 1)
+                        Body::Logged(self.bodies - 1)
                     });
                     self.fetched.insert(k.clone(), body);
                 }

@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 
-use common::{assert_exit, blockwise, run};
+use common::{assert_exit, blockwise, local_archive, local_file, run};
 
 #[test]
 fn the_default_demo_completes_and_says_what_to_try_next() {
@@ -19,6 +19,53 @@ fn the_default_demo_completes_and_says_what_to_try_next() {
     assert!(err.contains("blockwise backup describe demo") && err.contains("--demo-faults"), "{err}");
     let out = run(tmp.path(), &["backup", "create", "faulty", "--demo", "--demo-faults", "--demo-objects", "300"]);
     assert_exit(&out, 3, "the demo's deliberate failing pre-hook: PartiallyFailed");
+}
+
+/// Velero's volume information names each bound claim the archive holds, with its volume and
+/// that volume's reclaim policy — judged from the archive's own claims and volumes (the claims and
+/// volumes are read back from the log for it, not held in memory through the backup).
+#[test]
+fn volume_information_names_every_bound_claim_of_the_archive_with_its_volume() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_exit(&run(tmp.path(), &["backup", "create", "v", "--demo", "--demo-objects", "600"]), 0, "create");
+    let archive = local_archive(tmp.path(), "v");
+    let mut tar = tar::Archive::new(flate2::read::MultiGzDecoder::new(archive.as_slice()));
+    let (mut claims, mut policies) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    for entry in tar.entries().expect("tar") {
+        let mut entry = entry.expect("entry");
+        let path = entry.path().expect("path").display().to_string();
+        let mut text = String::new();
+        entry.read_to_string(&mut text).expect("read");
+        if path.contains("-preferredversion/") {
+            continue;
+        }
+        let str_at = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+        if path.starts_with("resources/persistentvolumeclaims/namespaces/") {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("claim JSON");
+            if str_at(&v, "/status/phase").as_deref() == Some("Bound") {
+                let key = (str_at(&v, "/metadata/namespace").unwrap(), str_at(&v, "/metadata/name").unwrap());
+                claims.insert(key, str_at(&v, "/spec/volumeName").unwrap());
+            }
+        } else if path.starts_with("resources/persistentvolumes/cluster/") {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("volume JSON");
+            policies.insert(str_at(&v, "/metadata/name").unwrap(), str_at(&v, "/spec/persistentVolumeReclaimPolicy"));
+        }
+    }
+    assert!(claims.len() >= 4, "the demo has bound claims: {claims:?}");
+    let mut gz = String::new();
+    flate2::read::GzDecoder::new(local_file(tmp.path(), "v", "v-volumeinfo.json.gz").as_slice())
+        .read_to_string(&mut gz)
+        .expect("gunzip");
+    let infos: Vec<serde_json::Value> = serde_json::from_str(&gz).expect("volume information is a JSON array");
+    let mut named = std::collections::BTreeMap::new();
+    for i in &infos {
+        let s = |p: &str| i.pointer(p).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+        let claim = (s("/pvcNamespace"), s("/pvcName"));
+        assert!(named.insert(claim.clone(), s("/pvName")).is_none(), "{claim:?} is named twice");
+        let policy = i.pointer("/pvInfo/reclaimPolicy").and_then(|x| x.as_str()).map(str::to_string);
+        assert_eq!(policy, policies.get(&s("/pvName")).cloned().flatten(), "{claim:?}: its volume's reclaim policy");
+    }
+    assert_eq!(named, claims, "one entry per bound claim of the archive, with its volume");
 }
 
 /// Regression (issue 9): `blockwise backup logs NAME | head` panicked on the closed pipe.
