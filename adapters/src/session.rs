@@ -49,6 +49,11 @@ use crate::world::{Runtime, TokioRuntime};
 /// Least time between two rewrites of `status.json` during a run.
 pub const STATUS_INTERVAL_MS: u64 = 500;
 
+/// A rewrite of `status.json` waits this many times as long as the last one took: its `describe`
+/// names every snapshot (~17 MB of a 22 MB file half way through a million objects), and
+/// rewriting it every 500 ms took most of a core from the backup it describes.
+pub const STATUS_COST_FACTOR: u32 = 20;
+
 /// Where a backup's cluster came from, recorded so `resume` talks to the same one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -819,6 +824,8 @@ struct LiveView<'a> {
     lines: String,
     events_file: Option<std::fs::File>,
     last_status: Option<Instant>,
+    /// How long the last rewrite of `status.json` took.
+    status_cost: std::time::Duration,
 }
 
 impl<'a> LiveView<'a> {
@@ -849,13 +856,21 @@ impl<'a> LiveView<'a> {
             .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path))
             .map_err(|e| tracing::warn!("cannot keep {} current: {e}", path.display()))
             .ok();
-        let mut view = LiveView { dir: dir.to_path_buf(), inner, lines: String::new(), events_file, last_status: None };
+        let mut view = LiveView {
+            dir: dir.to_path_buf(),
+            inner,
+            lines: String::new(),
+            events_file,
+            last_status: None,
+            status_cost: std::time::Duration::ZERO,
+        };
         view.write_status(state);
         view
     }
 
     /// The live view is a convenience: failing to write it never fails the backup.
     fn write_status(&mut self, state: &BackupState) {
+        let started = Instant::now();
         let describe = report::describe_json(state);
         let text = report::describe_text_of(state, &describe);
         let doc = json!({
@@ -879,7 +894,17 @@ impl<'a> LiveView<'a> {
         if let Err(e) = written {
             tracing::warn!("cannot write {}: {e}", path.display());
         }
-        self.last_status = Some(Instant::now());
+        let now = Instant::now();
+        self.status_cost = now.duration_since(started);
+        self.last_status = Some(now);
+    }
+
+    /// Whether `status.json` is due for a rewrite: [`STATUS_INTERVAL_MS`] after the last one, and
+    /// [`STATUS_COST_FACTOR`] times as long as it took (a large backup's view is not rewritten at
+    /// the cost of the backup).
+    fn status_due(&self) -> bool {
+        let wait = std::time::Duration::from_millis(STATUS_INTERVAL_MS).max(self.status_cost * STATUS_COST_FACTOR);
+        self.last_status.is_none_or(|t| t.elapsed() >= wait)
     }
 }
 
@@ -901,8 +926,7 @@ impl Observer for LiveView<'_> {
             }
         }
         self.lines.clear();
-        let due = self.last_status.is_none_or(|t| t.elapsed().as_millis() as u64 >= STATUS_INTERVAL_MS);
-        if due || state.finished.is_some() || state.stopped.is_some() {
+        if self.status_due() || state.finished.is_some() || state.stopped.is_some() {
             self.write_status(state);
         }
         self.inner.committed(state);
