@@ -41,16 +41,8 @@ impl Body {
         }
     }
 
-    /// The logged object this body is made from, if it is.
-    pub fn logged(&self) -> Option<BodyId> {
-        match self {
-            Body::Held(_) => None,
-            Body::Logged(id) | Body::Claim { id, .. } => Some(*id),
-        }
-    }
-
-    /// The bytes of this body, given those of the logged object it names (ignored when held):
-    /// `None` for a claim that is not a JSON object.
+    /// The bytes of this body, given a reader of the logged object it names (not called when
+    /// held); an error when the object cannot be read or a claim is not a JSON object.
     pub fn resolve(&self, logged: impl FnOnce(BodyId) -> Result<Arc<str>, String>) -> Result<Arc<str>, String> {
         match self {
             Body::Held(json) => Ok(json.clone()),
