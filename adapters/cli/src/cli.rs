@@ -1020,8 +1020,28 @@ fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
 }
 
 /// Runs the command line; returns the process exit code.
+/// Warnings and errors the library reports through `tracing` (a torn log record cut, a reconcile
+/// that failed and is retried, a store request retried) go to stderr: at `warn` and above unless
+/// `RUST_LOG` says otherwise (`debug`, `blockwise_adapters=debug,warn`: tracing's target syntax).
+/// A `RUST_LOG` that does not parse is named and the default kept.
+fn init_logging(rust_log: Option<&str>) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Targets::new().with_default(LevelFilter::WARN),
+        Some(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG {spec:?} is not a log filter ({e}); logging warnings");
+            Targets::new().with_default(LevelFilter::WARN)
+        }),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).without_time().with_target(false);
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+}
+
 pub fn main() -> ExitCode {
     blockwise_adapters::memory::tune_malloc();
+    init_logging(std::env::var("RUST_LOG").ok().as_deref());
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

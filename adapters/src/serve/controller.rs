@@ -278,7 +278,7 @@ async fn lead_then_reconcile(
     let _ = ctx.store.set(controller.store());
     let backups = controller.run(reconcile, error_policy, ctx.clone()).for_each(|r| async move {
         if let Err(e) = r {
-            tracing::debug!("reconcile: {e}");
+            super::report_stream_error("backup", &e);
         }
     });
     // Restores beside the backups, into the cluster served (`serve/restores.rs`).
@@ -436,7 +436,7 @@ async fn shutdown_signal() {
 }
 
 fn error_policy(b: Arc<Backup>, e: &ReconcileError, _: Arc<Ctx>) -> Action {
-    // The process's log is its stderr (`kubectl logs`): no tracing subscriber is installed.
+    // The process's log is its stderr (`kubectl logs`), one line an event like the runs' own.
     eprintln!("warning: backup {}/{}: {e} (retrying)", b.namespace().unwrap_or_default(), b.name_any());
     Action::requeue(Duration::from_secs(2))
 }

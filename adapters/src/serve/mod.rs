@@ -9,3 +9,17 @@ pub mod install;
 pub mod metrics;
 pub mod restores;
 pub mod schedules;
+
+/// What a controller's stream yields besides its reconciles' ends: a failed reconcile was already
+/// reported by its error policy (and is retried); a watch that fails (RBAC, a lost connection) is
+/// reported here, once a failure, as a warning on stderr (the process's log) — not dropped.
+pub(crate) fn report_stream_error<E: std::error::Error, Q: std::error::Error>(
+    kind: &str,
+    e: &kube::runtime::controller::Error<E, Q>,
+) {
+    use kube::runtime::controller::Error;
+    match e {
+        Error::ReconcilerFailed(..) | Error::ObjectNotFound(..) => {}
+        other => eprintln!("warning: {kind} controller: {other}"),
+    }
+}

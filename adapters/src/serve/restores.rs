@@ -698,8 +698,8 @@ fn usable_backup(data: &DataDir, backup: &str) -> Result<BackupState, Vec<String
     }
 }
 
-fn error_policy(_: Arc<Restore>, e: &RestoreReconcileError, _: Arc<RestoreCtx>) -> Action {
-    tracing::warn!("restore reconcile: {e}");
+fn error_policy(r: Arc<Restore>, e: &RestoreReconcileError, _: Arc<RestoreCtx>) -> Action {
+    eprintln!("warning: restore {}/{}: {e} (retrying)", r.namespace().unwrap_or_default(), r.name_any());
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -716,7 +716,7 @@ pub async fn run_controller(api: Api<Restore>, ctx: Arc<RestoreCtx>) {
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
-                tracing::debug!("restore reconcile: {e}");
+                super::report_stream_error("restore", &e);
             }
         })
         .await;

@@ -290,8 +290,8 @@ pub async fn reconcile(s: Arc<Schedule>, ctx: Arc<ScheduleCtx>) -> Result<Action
     Ok(Action::requeue(wait))
 }
 
-fn error_policy(_: Arc<Schedule>, e: &ScheduleError, _: Arc<ScheduleCtx>) -> Action {
-    tracing::warn!("schedule reconcile: {e}");
+fn error_policy(s: Arc<Schedule>, e: &ScheduleError, _: Arc<ScheduleCtx>) -> Action {
+    eprintln!("warning: schedule {}/{}: {e} (retrying)", s.namespace().unwrap_or_default(), s.name_any());
     Action::requeue(Duration::from_secs(2))
 }
 
@@ -306,7 +306,7 @@ pub async fn run_controller(api: Api<Schedule>, backups: Api<Backup>, ctx: Arc<S
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
-                tracing::debug!("schedule reconcile: {e}");
+                super::report_stream_error("schedule", &e);
             }
         })
         .await;
