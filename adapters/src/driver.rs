@@ -431,7 +431,8 @@ pub async fn store_backup_files<M: LogMedium>(
 ) -> Result<(), RunError> {
     let mut builder = report::BackupFiles::new(log.name(), state);
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
-    let files = builder.finish().map_err(|e| RunError::Encode(e.to_string()))?;
+    let bodies = log.bodies();
+    let files = builder.finish(&|id| bodies.get(id)).map_err(|e| RunError::Encode(e.to_string()))?;
     for (file, bytes) in &files {
         store
             .put_file(log.name(), file, bytes)

@@ -12,13 +12,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::sync::Arc;
 
+use blockwise_engine::body::BodyId;
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
-use blockwise_engine::snapshot::{MemberCut, PvVolume, SNAPSHOT_GROUP};
+use blockwise_engine::snapshot::{PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
-use blockwise_engine::state::{BackupState, SnapshotState};
+use blockwise_engine::state::{BackupState, CutMember, SnapshotState};
 use serde_json::{json, Value};
 
 use crate::store::{gzip_reproducible, hex};
@@ -47,7 +49,7 @@ fn hook_results(s: &BackupState) -> Vec<(u32, String, HookPhase, u32, HookOutcom
 }
 
 /// One row per claim with a planned snapshot: (claim, snapshot state, member when cut).
-fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&MemberCut>)> {
+fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&CutMember>)> {
     let mut out = Vec::new();
     for st in &s.snapshots {
         for key in st.plan.claim_keys() {
@@ -59,7 +61,7 @@ fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&Mem
 }
 
 /// What `describe` says about one claim's snapshot.
-fn snapshot_status(st: &SnapshotState, m: Option<&MemberCut>) -> String {
+fn snapshot_status(st: &SnapshotState, m: Option<&CutMember>) -> String {
     if let Some(why) = st.failure() {
         return format!("failed: {why}");
     }
@@ -488,7 +490,7 @@ impl VolumeObjects {
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
 pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) -> std::io::Result<W> {
     let (claim_objs, pvs) = objects.finish();
-    let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&MemberCut>)> =
+    let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&CutMember>)> =
         claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
     let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
@@ -595,7 +597,12 @@ pub fn item_operations<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W>
 /// backup's kept snapshots (`-csi-volumesnapshots.json.gz` and its two siblings): the first two as
 /// the bytes of their JSON arrays, each object parsed, written and dropped in turn (as `Value`s at
 /// once they were tens of megabytes at 100k objects).
-pub fn csi_objects<W: Write>(s: &BackupState, snapshots: W, contents: W) -> std::io::Result<(W, W, Value)> {
+pub fn csi_objects<W: Write>(
+    s: &BackupState,
+    body: &dyn Fn(BodyId) -> Result<Arc<str>, String>,
+    snapshots: W,
+    contents: W,
+) -> std::io::Result<(W, W, Value)> {
     let (mut snapshots, mut contents) = (JsonArray::new(snapshots), JsonArray::new(contents));
     let mut used: BTreeSet<String> = BTreeSet::new();
     for st in kept_snapshots(s) {
@@ -603,13 +610,17 @@ pub fn csi_objects<W: Write>(s: &BackupState, snapshots: W, contents: W) -> std:
             used.insert(st.plan.class.clone());
         }
         for m in st.cut.iter().flat_map(|c| &c.members) {
-            let parse = |j: &str| serde_json::from_str::<Value>(j).unwrap_or(Value::Null);
-            let vs = parse(&m.snapshot_json);
+            // The archived objects, read back from the log's bodies (not held by the state).
+            let parse = |id: BodyId| -> std::io::Result<Value> {
+                let json = body(id).map_err(std::io::Error::other)?;
+                Ok(serde_json::from_str::<Value>(&json).unwrap_or(Value::Null))
+            };
+            let vs = parse(m.snapshot_body)?;
             if let Some(c) = vs.pointer("/spec/volumeSnapshotClassName").and_then(Value::as_str) {
                 used.insert(c.to_string());
             }
             snapshots.push(&vs)?;
-            contents.push(&parse(&m.content_json))?;
+            contents.push(&parse(m.content_body)?)?;
         }
     }
     // Listed classes lack apiVersion and kind (a list response omits them): set them, as for items.
@@ -904,8 +915,8 @@ impl<'a> BackupFiles<'a> {
     }
 
     /// The files, in the order to store them: `velero-backup.json` last, because Velero takes its
-    /// presence to mean the backup is complete.
-    pub fn finish(self) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    /// presence to mean the backup is complete. `body` reads back an object the log carries.
+    pub fn finish(self, body: &dyn Fn(BodyId) -> Result<Arc<str>, String>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
         let (name, s) = (self.name, self.state);
         let gz = gz_file;
         // Velero writes these with a JSON encoder: the value and a newline.
@@ -919,7 +930,7 @@ impl<'a> BackupFiles<'a> {
             b.push(b'\n');
             gzip_reproducible(&b)
         };
-        let (snapshots, contents, classes) = csi_objects(s, gz(), gz())?;
+        let (snapshots, contents, classes) = csi_objects(s, body, gz(), gz())?;
         Ok(vec![
             (format!("{name}-resource-list.json.gz"), list),
             (format!("{name}-results.gz"), gzip_reproducible(&results)?),

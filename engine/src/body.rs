@@ -59,11 +59,15 @@ impl Body {
 
 impl Event {
     /// The objects this event carries, in the order their [`BodyId`]s are given: a listed page's
-    /// objects, and the fetched objects that were found.
+    /// objects, the fetched objects that were found, and a cut snapshot's archived objects (of
+    /// each member its VolumeSnapshot, then its VolumeSnapshotContent).
     pub fn bodies(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
             Event::ResourceListed { objects, .. } => Box::new(objects.iter().map(String::as_str)),
             Event::ItemsFetched { items } => Box::new(items.iter().filter_map(|(_, j)| j.as_deref())),
+            Event::SnapshotCut { members, .. } => {
+                Box::new(members.iter().flat_map(|m| [m.snapshot_json.as_str(), m.content_json.as_str()]))
+            }
             _ => Box::new(std::iter::empty()),
         }
     }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::body::Body;
+use crate::body::{Body, BodyId};
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
@@ -1649,16 +1649,16 @@ impl Engine {
                 _ => out.push(PlannedWrite::Write { key: key.clone(), body }),
             }
         }
-        let mut extra: Vec<(ItemKey, Arc<str>)> = Vec::new();
+        let mut extra: Vec<(ItemKey, BodyId)> = Vec::new();
         for s in self.state.snapshots_of(id) {
             for m in s.cut.iter().flat_map(|c| &c.members) {
                 let (vs, vsc) = m.keys(&s.plan.namespace);
-                extra.push((vs, Arc::from(m.snapshot_json.as_str())));
-                extra.push((vsc, Arc::from(m.content_json.as_str())));
+                extra.push((vs, m.snapshot_body));
+                extra.push((vsc, m.content_body));
             }
         }
         extra.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(extra.into_iter().map(|(key, json)| PlannedWrite::Write { key, body: Body::Held(json) }));
+        out.extend(extra.into_iter().map(|(key, id)| PlannedWrite::Write { key, body: Body::Logged(id) }));
         out
     }
 
@@ -1669,10 +1669,10 @@ impl Engine {
             for m in &cut.members {
                 let (vs, vsc) = m.keys(&s.plan.namespace);
                 if &vs == key {
-                    return Some(Body::Held(Arc::from(m.snapshot_json.as_str())));
+                    return Some(Body::Logged(m.snapshot_body));
                 }
                 if &vsc == key {
-                    return Some(Body::Held(Arc::from(m.content_json.as_str())));
+                    return Some(Body::Logged(m.content_body));
                 }
             }
         }

@@ -9,12 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::body::Body;
+use crate::body::{Body, BodyId};
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
 use crate::item::{ItemKey, ResourceType};
-use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
+use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan, SNAPSHOT_GROUP};
 use crate::spec::BackupSpec;
 
 /// An event that does not fit the state it is applied to.
@@ -212,11 +212,61 @@ impl BlockState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
     /// One per claim.
-    pub members: Vec<MemberCut>,
+    pub members: Vec<CutMember>,
     /// The group snapshot's handle, for a volume group.
     pub group_handle: Option<String>,
     /// When the cut was observed.
     pub at_ms: u64,
+}
+
+/// A cut member as the state holds it: what its `SnapshotCut` record says of it, with its archived
+/// VolumeSnapshot and VolumeSnapshotContent by number among the objects the log carries
+/// ([`Event::bodies`]) — read back when written, not held (~100 MB of JSON at a million objects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutMember {
+    /// The claim.
+    pub claim: String,
+    /// The VolumeSnapshot.
+    pub snapshot: String,
+    /// The VolumeSnapshotContent.
+    pub content: String,
+    /// `status.snapshotHandle` of the content.
+    pub handle: String,
+    /// The CSI driver.
+    pub driver: String,
+    /// Restore size in bytes, when reported.
+    pub restore_size: Option<u64>,
+    /// `status.creationTime` of the snapshot (RFC 3339), when reported.
+    pub creation_time: Option<String>,
+    /// The VolumeSnapshot as archived: the logged object with this number.
+    pub snapshot_body: BodyId,
+    /// The VolumeSnapshotContent as archived: the logged object with this number.
+    pub content_body: BodyId,
+}
+
+impl CutMember {
+    /// Member `m` of a `SnapshotCut` record, its two objects numbered from `first`.
+    fn of(m: &MemberCut, first: BodyId) -> CutMember {
+        CutMember {
+            claim: m.claim.clone(),
+            snapshot: m.snapshot.clone(),
+            content: m.content.clone(),
+            handle: m.handle.clone(),
+            driver: m.driver.clone(),
+            restore_size: m.restore_size,
+            creation_time: m.creation_time.clone(),
+            snapshot_body: first,
+            content_body: first + 1,
+        }
+    }
+
+    /// The archive keys of the VolumeSnapshot and the VolumeSnapshotContent.
+    pub fn keys(&self, namespace: &str) -> (ItemKey, ItemKey) {
+        (
+            ItemKey::namespaced(SNAPSHOT_GROUP, "volumesnapshots", namespace, &self.snapshot),
+            ItemKey::cluster(SNAPSHOT_GROUP, "volumesnapshotcontents", &self.content),
+        )
+    }
 }
 
 /// How a snapshot's cluster objects were released at the end of the backup.
@@ -624,7 +674,14 @@ impl BackupState {
                 if s.requested.is_none() || s.settled() {
                     return Err(FoldError { seq, kind, reason: format!("snapshot {id} is not waiting for its cut") });
                 }
-                s.cut = Some(Cut { members: members.clone(), group_handle: group_handle.clone(), at_ms: *at_ms });
+                // The members' two objects each are numbered as `Event::bodies` gives them.
+                let first = self.bodies;
+                let members = (members.iter().enumerate())
+                    .map(|(i, m)| CutMember::of(m, first + 2 * i as u64))
+                    .collect::<Vec<_>>();
+                self.bodies += 2 * members.len() as u64;
+                let s = self.snapshot_mut(seq, kind, *id)?;
+                s.cut = Some(Cut { members, group_handle: group_handle.clone(), at_ms: *at_ms });
             }
             Event::SnapshotFailed { id, error, at_ms } => {
                 self.last_ms = *at_ms;
