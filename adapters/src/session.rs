@@ -518,8 +518,7 @@ impl DataDir {
                     message: e.to_string(),
                 })?;
                 let events_log = self.backup_dir(name).join("events.log");
-                let lines = std::fs::read_to_string(&events_log).unwrap_or_default();
-                Ok(Err(Status::Live { view, lines, unreadable }))
+                Ok(Err(Status::Live { view, events_log, unreadable }))
             }
             Err(e) => Err(e),
         }
@@ -576,8 +575,9 @@ pub enum Status {
     Live {
         /// `status.json`: `describe` JSON and text, written by the running process.
         view: Value,
-        /// `events.log`: a line per durable event.
-        lines: String,
+        /// `events.log`: a line per durable event (read as a stream: a million-object backup's
+        /// is hundreds of megabytes).
+        events_log: PathBuf,
         /// Why the log itself could not be read, when no other process holds it.
         unreadable: Option<String>,
     },

@@ -1007,19 +1007,27 @@ fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
         })
     });
     // Another process runs it (or the disk is full): the live view.
-    if let Err(Status::Live { view, lines, unreadable }) = read.map_err(session_err)? {
+    if let Err(Status::Live { view, events_log, unreadable }) = read.map_err(session_err)? {
+        // Copied as it is read (a missing file: no durable event yet).
+        let copied = match std::fs::File::open(&events_log) {
+            Ok(f) => std::io::copy(&mut std::io::BufReader::new(f), &mut out).map(drop),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", events_log.display())),
+        };
+        written = copied.and_then(|()| out.flush());
         drop(out);
-        emit(&lines)?;
-        emit(&live_note(&view, unreadable.as_deref()))?;
-        return Ok(ExitCode::SUCCESS);
+        if written.is_ok() {
+            emit(&live_note(&view, unreadable.as_deref()))?;
+        }
+    } else {
+        written = written.and_then(|()| out.flush());
     }
-    match written.and_then(|()| out.flush()) {
+    match written {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
         _ => Ok(ExitCode::SUCCESS),
     }
 }
 
-/// Runs the command line; returns the process exit code.
 /// Warnings and errors the library reports through `tracing` (a torn log record cut, a reconcile
 /// that failed and is retried, a store request retried) go to stderr: at `warn` and above unless
 /// `RUST_LOG` says otherwise (`debug`, `blockwise_adapters=debug,warn`: tracing's target syntax).
@@ -1039,6 +1047,7 @@ fn init_logging(rust_log: Option<&str>) {
     let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
 }
 
+/// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     blockwise_adapters::memory::tune_malloc();
     init_logging(std::env::var("RUST_LOG").ok().as_deref());
