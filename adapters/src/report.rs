@@ -21,6 +21,7 @@ use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::snapshot::{PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::{BackupState, CutMember, SnapshotState};
+use blockwise_engine::summary::BackupSummary;
 use serde_json::{json, Value};
 
 use crate::store::{gzip_reproducible, hex};
@@ -36,13 +37,11 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 /// Hook results across blocks: (block, pod, phase, index, outcome) of each block's latest attempt.
-fn hook_results(s: &BackupState) -> Vec<(u32, String, HookPhase, u32, HookOutcome)> {
+fn hook_results(s: &BackupSummary) -> Vec<(u32, String, HookPhase, u32, HookOutcome)> {
     let mut out = Vec::new();
-    for b in &s.blocks {
-        if let Some(a) = &b.attempt {
-            for (h, o) in &a.hooks_finished {
-                out.push((b.plan.id, h.pod.to_string(), h.phase, h.index, o.clone()));
-            }
+    for (block, hooks) in &s.hooks {
+        for (h, o) in hooks {
+            out.push((*block, h.pod.to_string(), h.phase, h.index, o.clone()));
         }
     }
     out
@@ -82,22 +81,11 @@ fn snapshot_status(st: &SnapshotState, m: Option<&CutMember>) -> String {
     format!("{ready}{released}, handle {}", m.handle)
 }
 
-/// `describe -o json`.
+/// `describe -o json` with `--details`: the summary ([`summary_json`]) and each claim's
+/// snapshot (name, content, handle, readiness) — from the full fold, whose memory grows with the
+/// backup.
 pub fn describe_json(s: &BackupState) -> Value {
-    let spec = s.spec.as_ref();
-    let blocks_failed = s.blocks.iter().filter(|b| matches!(b.outcome, Some(BlockOutcome::Failed { .. }))).count();
-    let in_flight: Vec<Value> = s
-        .blocks
-        .iter()
-        .filter(|b| b.in_flight())
-        .map(|b| json!({"id": b.plan.id, "attempt": b.attempt.as_ref().map_or(0, |a| a.number), "items": b.plan.items.len()}))
-        .collect();
-    let hooks: Vec<Value> = hook_results(s)
-        .into_iter()
-        .map(|(block, pod, phase, index, o)| {
-            json!({"block": block, "pod": pod, "phase": format!("{phase:?}"), "index": index, "ok": o.ok(), "result": o.to_string()})
-        })
-        .collect();
+    let mut j = summary_json(&BackupSummary::of(s));
     let snapshots: Vec<Value> = claim_snapshots(s)
         .into_iter()
         .map(|(key, st, m)| {
@@ -115,21 +103,42 @@ pub fn describe_json(s: &BackupState) -> Value {
             })
         })
         .collect();
+    j["snapshots"] = Value::Array(snapshots);
+    j
+}
+
+/// `describe -o json`: what the summary fold knows (`get` and `describe` read a log into it, in
+/// memory that does not grow with the backup's objects), the volume snapshots as counts.
+pub fn summary_json(s: &BackupSummary) -> Value {
+    let spec = s.spec.as_ref();
+    let in_flight: Vec<Value> = (s.open.iter())
+        .map(|(id, a)| json!({"id": id, "attempt": a.number, "items": s.block_items.get(*id as usize).copied().unwrap_or(0)}))
+        .collect();
+    let hooks: Vec<Value> = hook_results(s)
+        .into_iter()
+        .map(|(block, pod, phase, index, o)| {
+            json!({"block": block, "pod": pod, "phase": format!("{phase:?}"), "index": index, "ok": o.ok(), "result": o.to_string()})
+        })
+        .collect();
+    let claims: usize = s.snapshots.iter().map(|st| st.claims.len()).sum();
+    let captured: u32 = s.snapshots.iter().filter_map(|st| st.members).sum();
+    let ready: u32 = s.snapshots.iter().filter(|st| st.ready == Some(true)).filter_map(|st| st.members).sum();
+    let failed: usize = s.snapshots.iter().filter(|st| st.failed).map(|st| st.claims.len()).sum();
     json!({
         "name": spec.map(|s| s.name.clone()),
         "uid": s.options.uid,
         "phase": s.phase_name(),
         "snapshotVolumes": s.options.snapshots_on(),
-        "snapshots": snapshots,
+        "volumeSnapshots": {"claims": claims, "captured": captured, "ready": ready, "failed": failed},
         "stopped": s.stopped,
         "startTimestamp": rfc3339(s.requested_ms),
         "completionTimestamp": s.finished.map(|(_, t)| rfc3339(t)),
         "durationSeconds": (s.finished.map_or(s.last_ms, |(_, t)| t).saturating_sub(s.requested_ms)) as f64 / 1000.0,
         "workers": s.workers,
-        "resourcesDiscovered": s.resources.as_ref().map_or(0, Vec::len),
-        "listingsComplete": s.listings.values().filter(|l| l.complete).count(),
-        "items": {"planned": s.planned_items, "written": s.items_done()},
-        "blocks": {"planned": s.blocks.len(), "done": s.blocks_done(), "failed": blocks_failed, "inFlight": in_flight},
+        "resourcesDiscovered": s.resources,
+        "listingsComplete": s.listings.values().filter(|c| **c).count(),
+        "items": {"planned": s.planned_items, "written": s.items_done},
+        "blocks": {"planned": s.blocks(), "done": s.blocks_done, "failed": s.blocks_failed, "inFlight": in_flight},
         "hooks": hooks,
         "archive": s.archive.map(|a| json!({"sha256": hex(&a.digest), "bytes": a.bytes, "items": a.items})),
         "warnings": s.warnings,
@@ -138,13 +147,14 @@ pub fn describe_json(s: &BackupState) -> Value {
     })
 }
 
-/// `describe` for people.
+/// `describe --details` for people.
 pub fn describe_text(s: &BackupState) -> String {
-    describe_text_of(s, &describe_json(s))
+    describe_text_of(&BackupSummary::of(s), &describe_json(s))
 }
 
-/// `describe` for people, from the backup's [`describe_json`] `j` (made once for both).
-pub fn describe_text_of(s: &BackupState, j: &Value) -> String {
+/// `describe` for people, from the backup's summary and its [`summary_json`] (or, with each
+/// claim's snapshot listed, [`describe_json`]) `j`, made once for both.
+pub fn describe_text_of(s: &BackupSummary, j: &Value) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     line(&mut out, "Name:", j["name"].as_str().unwrap_or("?").to_string());
@@ -159,35 +169,33 @@ pub fn describe_text_of(s: &BackupState, j: &Value) -> String {
     }
     line(&mut out, "Duration:", format!("{:.1}s", j["durationSeconds"].as_f64().unwrap_or(0.0)));
     line(&mut out, "Workers:", s.workers.to_string());
-    line(&mut out, "Items:", format!("{}/{} written", s.items_done(), s.planned_items));
-    let failed = j["blocks"]["failed"].as_u64().unwrap_or(0);
-    line(&mut out, "Blocks:", format!("{}/{} done, {failed} failed", s.blocks_done(), s.blocks.len()));
-    for b in s.blocks.iter().filter(|b| b.in_flight()) {
-        let a = b.attempt.as_ref().map_or(0, |a| a.number);
-        let written = b.attempt.as_ref().map_or(0, |a| a.written.len());
-        out.push_str(&format!(
-            "  in flight: block {} attempt {a}: {written}/{} items\n",
-            b.plan.id,
-            b.plan.items.len()
-        ));
+    line(&mut out, "Items:", format!("{}/{} written", s.items_done, s.planned_items));
+    line(&mut out, "Blocks:", format!("{}/{} done, {} failed", s.blocks_done, s.blocks(), s.blocks_failed));
+    for (id, a) in &s.open {
+        let items = s.block_items.get(*id as usize).copied().unwrap_or(0);
+        out.push_str(&format!("  in flight: block {id} attempt {}: {}/{items} items\n", a.number, a.written.len()));
     }
     if let Some(a) = s.archive {
         line(&mut out, "Archive:", format!("{} bytes, {} items, sha256 {}", a.bytes, a.items, hex(&a.digest)));
     }
-    let rows = claim_snapshots(s);
-    if !rows.is_empty() {
-        let captured = rows.iter().filter(|(_, _, m)| m.is_some()).count();
-        let ready = rows.iter().filter(|(_, st, m)| m.is_some() && matches!(st.ready, Some(Ok(_)))).count();
-        line(&mut out, "Snapshots:", format!("{captured}/{} claims captured, {ready} ready", rows.len()));
-        for (key, st, m) in rows {
-            let name = m.map_or(st.plan.name.as_str(), |m| m.snapshot.as_str());
-            let group = st.plan.group.as_ref().map(|g| format!(" (group {g})")).unwrap_or_default();
-            out.push_str(&format!(
-                "  {}/{}: snapshot {name}{group}: {}\n",
-                key.namespace().map(str::to_string).unwrap_or_default(),
-                key.name(),
-                snapshot_status(st, m)
-            ));
+    let counts = &j["volumeSnapshots"];
+    let claims = counts["claims"].as_u64().unwrap_or(0);
+    if claims > 0 {
+        let (captured, ready) = (counts["captured"].as_u64().unwrap_or(0), counts["ready"].as_u64().unwrap_or(0));
+        line(&mut out, "Snapshots:", format!("{captured}/{claims} claims captured, {ready} ready"));
+        match j["snapshots"].as_array() {
+            Some(rows) => {
+                for r in rows {
+                    let group = r["group"].as_str().map(|g| format!(" (group {g})")).unwrap_or_default();
+                    out.push_str(&format!(
+                        "  {}: snapshot {}{group}: {}\n",
+                        r["claim"].as_str().unwrap_or("?"),
+                        r["snapshot"].as_str().unwrap_or("?"),
+                        r["status"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+            None => out.push_str("  (`describe --details` lists each claim's snapshot)\n"),
         }
     } else if !s.options.snapshots_on() {
         line(&mut out, "Snapshots:", "off (--snapshot-volumes=false)".into());

@@ -22,6 +22,7 @@ pub mod service;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod summary;
 
 pub use engine::{
     ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, EntryKey, FinalizeError, Output,

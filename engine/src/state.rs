@@ -16,6 +16,7 @@ use crate::hooks::HookPhase;
 use crate::item::{ItemKey, ResourceType};
 use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan, SNAPSHOT_GROUP};
 use crate::spec::BackupSpec;
+use crate::summary::{event_message, SnapshotNames};
 
 /// An event that does not fit the state it is applied to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -482,9 +483,15 @@ impl Folding {
 }
 
 impl BackupState {
-    fn error(&mut self, message: String) {
-        if self.seen.insert(message.clone()) {
-            self.errors.push(message);
+    /// Records a warning or an error once (a message repeated after a crash is recorded once).
+    fn record(&mut self, severity: Severity, message: String) {
+        if self.seen.contains(&message) {
+            return;
+        }
+        self.seen.insert(message.clone());
+        match severity {
+            Severity::Warning => self.warnings.push(message),
+            Severity::Error => self.errors.push(message),
         }
     }
 
@@ -690,9 +697,6 @@ impl BackupState {
                     return Err(FoldError { seq, kind, reason: format!("snapshot {id} is not waiting for its cut") });
                 }
                 s.failed = Some(error.clone());
-                let msg =
-                    format!("snapshot {} of {}/{}: {error}", s.plan.name, s.plan.namespace, s.plan.claims.join(","));
-                self.error(msg);
             }
             Event::SnapshotReady { id, error, at_ms } => {
                 self.last_ms = *at_ms;
@@ -704,10 +708,6 @@ impl BackupState {
                     None => Ok(*at_ms),
                     Some(e) => Err(e.clone()),
                 });
-                if let Some(e) = error {
-                    let msg = format!("snapshot {} in {}: {e}", s.plan.name, s.plan.namespace);
-                    self.error(msg);
-                }
             }
             Event::SnapshotReleased { id, kept, error, at_ms } => {
                 self.last_ms = *at_ms;
@@ -720,10 +720,6 @@ impl BackupState {
                     });
                 }
                 s.released = Some(Released { kept: *kept, error: error.clone() });
-                if let Some(e) = error {
-                    let msg = format!("releasing snapshot {} in {}: {e}", s.plan.name, s.plan.namespace);
-                    self.error(msg);
-                }
             }
             Event::ResourcesDiscovered { resources } => self.resources = Some(resources.clone()),
             Event::ResourceListed { unit, chunk, objects, complete } => {
@@ -745,7 +741,6 @@ impl BackupState {
             Event::ListFailed { unit, error } => {
                 let l = self.listings.entry(unit.clone()).or_default();
                 *l = Listing { complete: true, failed: Some(error.clone()), ..Listing::default() };
-                self.error(format!("listing {unit} failed: {error}"));
             }
             Event::ItemsFetched { items } => {
                 for (k, v) in items {
@@ -756,14 +751,7 @@ impl BackupState {
                     self.fetched.insert(k.clone(), body);
                 }
             }
-            Event::Diagnostic { severity, message } => match severity {
-                Severity::Warning => {
-                    if self.seen.insert(message.clone()) {
-                        self.warnings.push(message.clone());
-                    }
-                }
-                Severity::Error => self.error(message.clone()),
-            },
+            Event::Diagnostic { .. } => {}
             Event::BlockPlanned { blocks } => {
                 for b in blocks {
                     if b.id as usize != self.blocks.len() {
@@ -811,10 +799,6 @@ impl BackupState {
             Event::HookFinished { block, attempt, hook, outcome, at_ms } => {
                 self.last_ms = *at_ms;
                 self.attempt_mut(seq, kind, *block, *attempt)?.hooks_finished.insert(hook.clone(), outcome.clone());
-                if !outcome.ok() {
-                    let msg = format!("block {block}: {:?} hook {} of {}: {outcome}", hook.phase, hook.index, hook.pod);
-                    self.error(msg);
-                }
             }
             Event::ItemWritten { block, attempt, key, digest, bytes } => {
                 let k = self.block_mut(seq, kind, *block)?.written_key(key);
@@ -822,14 +806,10 @@ impl BackupState {
             }
             Event::ItemFailed { block, attempt, key, error } => {
                 self.attempt_mut(seq, kind, *block, *attempt)?.failed_items.insert(key.clone(), error.clone());
-                self.error(format!("block {block}: {key}: {error}"));
             }
             Event::BlockFinished { block, attempt, outcome, at_ms } => {
                 self.last_ms = *at_ms;
                 self.attempt_mut(seq, kind, *block, *attempt)?;
-                if let BlockOutcome::Failed { reason } = outcome {
-                    self.error(format!("block {block} failed: {reason}"));
-                }
                 let b = &mut self.blocks[*block as usize];
                 b.outcome = Some(outcome.clone());
                 b.finished_ms = Some(*at_ms);
@@ -866,8 +846,13 @@ impl BackupState {
             }
             Event::FetchFailed { key, error } => {
                 self.fetch_failed.insert(key.clone(), error.clone());
-                self.error(format!("get of {key} failed: {error}"));
             }
+        }
+        // What the event records for people, once its facts are folded (the summary's fold
+        // records the same: `summary::event_message`).
+        let names = |id: u32| self.snapshots.get(id as usize).map(|s| SnapshotNames::of(&s.plan));
+        if let Some((severity, message)) = event_message(e, names) {
+            self.record(severity, message);
         }
         self.events += 1;
         Ok(())

@@ -70,3 +70,38 @@ fn crash_after_every_append_gives_the_crash_free_archive() {
         }
     }
 }
+
+/// `get` and `describe` read a backup through its summary fold (memory that does not grow with
+/// the objects), a run and its resume through the full fold: for the logs of fixed seeds with
+/// every fault type — cut at several points, so attempts, snapshots and listings are open — the
+/// summary folded from the events equals the summary of the full fold (counts, open attempts,
+/// hooks, snapshots, warnings and errors in their order).
+#[test]
+fn the_summary_fold_agrees_with_the_full_fold_on_every_prefix_looked_at() {
+    use blockwise_engine::state::BackupState;
+    use blockwise_engine::summary::BackupSummary;
+    let all: BTreeSet<FaultKind> = FaultKind::ALL.into_iter().collect();
+    let mut checked = 0;
+    for seed in 0..seed_count().min(60) {
+        let plan = plan_seed(seed, &all, None);
+        let report = blockwise_simulator::sim::simulate(&plan.model, &plan.cfg);
+        let events = &report.events;
+        let n = events.len();
+        for cut in [n / 5, n / 3, n / 2, 2 * n / 3, n.saturating_sub(3), n] {
+            let prefix = &events[..cut];
+            let full = BackupState::fold(prefix)
+                .unwrap_or_else(|e| panic!("seed {seed}: the log's first {cut} events do not fold: {e:?}"));
+            let mut summary = BackupSummary::default();
+            for e in prefix {
+                summary.push(e);
+            }
+            assert_eq!(
+                summary,
+                BackupSummary::of(&full),
+                "seed {seed}, the first {cut} of {n} events (reproduce: blockwise simulate --seed {seed} --seeds 1)"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "only {checked} prefixes compared");
+}

@@ -412,6 +412,11 @@ struct DescribeArgs {
     /// Output format: text or json.
     #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
     output: String,
+    /// List each claim's volume snapshot (name, content, handle, readiness), as Velero's
+    /// `--details`. It folds the whole log (memory grows with the backup); without it, `describe`
+    /// reads a summary in memory that does not, and counts the snapshots.
+    #[arg(long)]
+    details: bool,
 }
 
 #[derive(Args, Debug)]
@@ -798,9 +803,10 @@ fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {
 }
 
 fn download(a: DownloadArgs, data: &DataDir) -> Result<ExitCode> {
-    let phase = match data.status(&a.name).map_err(session_err)? {
-        Status::Log { state, .. } => state.phase().to_string(),
-        Status::Live { view, .. } => view["row"]["phase"].as_str().unwrap_or("InProgress").to_string(),
+    let phase = match data.summary_or_live(&a.name).map_err(session_err)? {
+        Ok(summary) => summary.phase().to_string(),
+        Err(Status::Live { view, .. }) => view["row"]["phase"].as_str().unwrap_or("InProgress").to_string(),
+        Err(Status::Log { state }) => state.phase().to_string(),
     };
     let store = data.open_store(&data.storage(&a.name).map_err(session_err)?).map_err(session_err)?;
     let dest = a.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.gz", a.name)));
@@ -937,13 +943,32 @@ fn live_note(view: &serde_json::Value, unreadable: Option<&str>) -> String {
 }
 
 fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
-    match data.status(&a.name).map_err(session_err)? {
-        Status::Log { state, .. } if a.output == "json" => emit(&format!(
+    let json = a.output == "json";
+    // The summary unless each snapshot is asked for (the full fold); the live view of a running
+    // backup either way (it keeps the summary).
+    let status = if a.details {
+        data.status(&a.name).map_err(session_err)?
+    } else {
+        match data.summary_or_live(&a.name).map_err(session_err)? {
+            Ok(summary) => {
+                let doc = report::summary_json(&summary);
+                if json {
+                    emit(&format!("{}\n", serde_json::to_string_pretty(&doc).context("encoding JSON")?))?;
+                } else {
+                    emit(&report::describe_text_of(&summary, &doc))?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(status) => status,
+        }
+    };
+    match status {
+        Status::Log { state, .. } if json => emit(&format!(
             "{}\n",
             serde_json::to_string_pretty(&report::describe_json(&state)).context("encoding JSON")?
         ))?,
         Status::Log { state, .. } => emit(&report::describe_text(&state))?,
-        Status::Live { view, .. } if a.output == "json" => {
+        Status::Live { view, .. } if json => {
             let mut doc = view["describe"].clone();
             doc["live"] = serde_json::json!(true);
             emit(&format!("{}\n", serde_json::to_string_pretty(&doc).context("encoding JSON")?))?
@@ -959,16 +984,28 @@ fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
 fn get(data: &DataDir) -> Result<ExitCode> {
     let mut out = format!("{:<32} {:<16} {:>8} {:>8} {:>9} CREATED\n", "NAME", "STATUS", "ERRORS", "WARNINGS", "ITEMS");
     for name in data.names().map_err(session_err)? {
-        match data.status(&name) {
-            Ok(Status::Log { state: s, .. }) => out.push_str(&format!(
+        // Each backup's summary: `get` of many large backups holds one summary at a time.
+        let row = |s: &blockwise_engine::summary::BackupSummary| {
+            format!(
                 "{:<32} {:<16} {:>8} {:>8} {:>9} {}\n",
                 name,
                 s.phase().to_string(),
                 s.errors.len(),
                 s.warnings.len(),
-                format!("{}/{}", s.items_done(), s.planned_items),
+                format!("{}/{}", s.items_done, s.planned_items),
                 report::rfc3339(s.requested_ms)
-            )),
+            )
+        };
+        let status = match data.summary_or_live(&name) {
+            Ok(Ok(summary)) => {
+                out.push_str(&row(&summary));
+                continue;
+            }
+            Ok(Err(status)) => Ok(status),
+            Err(e) => Err(e),
+        };
+        match status {
+            Ok(Status::Log { state, .. }) => out.push_str(&row(&blockwise_engine::summary::BackupSummary::of(&state))),
             Err(SessionError::Log(e @ LogError::Damaged { .. })) => {
                 out.push_str(&format!("{name:<32} {:<16} {e}\n", "Damaged"))
             }

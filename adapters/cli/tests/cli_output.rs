@@ -21,6 +21,47 @@ fn the_default_demo_completes_and_says_what_to_try_next() {
     assert_exit(&out, 3, "the demo's deliberate failing pre-hook: PartiallyFailed");
 }
 
+/// `describe` reads the backup's summary and counts its volume snapshots; `--details` (the full
+/// fold, as Velero's flag) lists each claim's — judged against the VolumeSnapshots the CSI file in
+/// the store holds, not against the log.
+#[test]
+fn describe_counts_the_snapshots_and_details_lists_each_one_the_csi_file_holds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_exit(&run(tmp.path(), &["backup", "create", "d", "--demo", "--demo-objects", "600"]), 0, "create");
+    let mut gz = String::new();
+    flate2::read::GzDecoder::new(local_file(tmp.path(), "d", "d-csi-volumesnapshots.json.gz").as_slice())
+        .read_to_string(&mut gz)
+        .expect("gunzip");
+    let stored: Vec<serde_json::Value> = serde_json::from_str(&gz).expect("a JSON array");
+    let mut names: Vec<String> =
+        stored.iter().map(|v| v.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap().to_string()).collect();
+    names.sort();
+    assert!(names.len() >= 4, "the demo captures volumes: {names:?}");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = run(tmp.path(), args);
+        assert_exit(&out, 0, "describe");
+        serde_json::from_slice(&out.stdout).expect("describe -o json is JSON")
+    };
+    let summary = json(&["backup", "describe", "d", "-o", "json"]);
+    assert_eq!(summary["volumeSnapshots"]["captured"], names.len(), "{}", summary["volumeSnapshots"]);
+    assert!(summary.get("snapshots").is_none(), "the summary lists no snapshot: {summary}");
+    let details = json(&["backup", "describe", "d", "-o", "json", "--details"]);
+    let mut listed: Vec<String> = (details["snapshots"].as_array().expect("--details lists the snapshots").iter())
+        .map(|r| r["snapshot"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    listed.dedup();
+    assert_eq!(listed, names, "--details names the VolumeSnapshots the CSI file holds");
+    for (k, v) in summary.as_object().unwrap() {
+        assert_eq!(details.get(k), Some(v), "{k}: --details adds the list and changes nothing else");
+    }
+    let text = String::from_utf8_lossy(&run(tmp.path(), &["backup", "describe", "d"]).stdout).into_owned();
+    assert!(text.contains(&format!("Snapshots:    {n}/{n} claims captured", n = names.len())), "{text}");
+    assert!(text.contains("describe --details") && !text.contains(&names[0]), "{text}");
+    let text = String::from_utf8_lossy(&run(tmp.path(), &["backup", "describe", "d", "--details"]).stdout).into_owned();
+    assert!(names.iter().all(|n| text.contains(n.as_str())), "{text}");
+}
+
 /// Velero's volume information names each bound claim the archive holds, with its volume and
 /// that volume's reclaim policy — judged from the archive's own claims and volumes (the claims and
 /// volumes are read back from the log for it, not held in memory through the backup).
