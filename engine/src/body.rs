@@ -20,11 +20,9 @@ use crate::event::Event;
 /// The ordinal of an object among the objects the log carries, from 0.
 pub type BodyId = u64;
 
-/// An object's canonical JSON: in memory, or the logged object with this number.
+/// An object's canonical JSON: the logged object with this number (as it is, or annotated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    /// The bytes themselves.
-    Held(Arc<str>),
     /// The `n`-th object the log carries.
     Logged(BodyId),
     /// The `n`-th object the log carries, a claim, with the labels and annotations of its snapshot
@@ -33,19 +31,10 @@ pub enum Body {
 }
 
 impl Body {
-    /// The JSON, when it is held in memory.
-    pub fn held(&self) -> Option<&Arc<str>> {
-        match self {
-            Body::Held(j) => Some(j),
-            Body::Logged(_) | Body::Claim { .. } => None,
-        }
-    }
-
-    /// The bytes of this body, given a reader of the logged object it names (not called when
-    /// held); an error when the object cannot be read or a claim is not a JSON object.
+    /// The bytes of this body, given a reader of the logged object it names; an error when the
+    /// object cannot be read or a claim is not a JSON object.
     pub fn resolve(&self, logged: impl FnOnce(BodyId) -> Result<Arc<str>, String>) -> Result<Arc<str>, String> {
         match self {
-            Body::Held(json) => Ok(json.clone()),
             Body::Logged(id) => logged(*id),
             Body::Claim { id, backup, snapshot } => {
                 let json = logged(*id)?;

@@ -28,8 +28,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use crate::body::{Body, BodyId};
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
@@ -38,8 +36,8 @@ use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType, StrMap};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
 use crate::snapshot::{
-    self, annotated_claim, archived_member, BackupOptions, Claim, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder,
-    SnapshotApi, SnapshotPlan, SnapshotPlanInput, VolumeInventory,
+    self, archived_member, BackupOptions, Claim, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder, SnapshotApi,
+    SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
 use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState, WrittenKey};
@@ -2051,19 +2049,15 @@ impl Engine {
                 }
             }
             (BlockRun::Writing { next }, Completion::Written(r)) => {
-                let Some(PlannedWrite::Write { key, body }) = run.writes.as_ref().and_then(|w| w.get(next)).cloned()
+                let Some(PlannedWrite::Write { key, .. }) = run.writes.as_ref().and_then(|w| w.get(next)).cloned()
                 else {
                     self.fatal.get_or_insert(format!("block {id}: a write completed that was not planned"));
                     return;
                 };
                 match r {
-                    Ok((staged_digest, bytes)) => {
-                        // Bytes held here are hashed here; a logged body's hash is the shell's,
-                        // of the bytes it read back and staged.
-                        let (digest, bytes) = match body.held() {
-                            Some(json) => (Sha256::digest(json.as_bytes()).into(), json.len() as u64),
-                            None => (staged_digest, bytes),
-                        };
+                    Ok((digest, bytes)) => {
+                        // Every body is logged: its hash is the shell's, of the bytes it read back
+                        // and staged.
                         self.emit(Event::ItemWritten { block: id, attempt: run.attempt, key, digest, bytes });
                     }
                     Err(error) => {
@@ -2218,10 +2212,9 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
 }
 
 /// The body of a claim written with the labels and annotations of its snapshot `snapshot`: made
-/// here from held bytes, by the shell from a logged claim it reads back (`None`: not a JSON object).
+/// by the shell from the logged claim it reads back.
 fn claim_body(body: &Body, backup: &str, snapshot: &str) -> Option<Body> {
     match body {
-        Body::Held(json) => annotated_claim(json, backup, snapshot).map(|j| Body::Held(Arc::from(j))),
         Body::Logged(id) => Some(Body::Claim { id: *id, backup: Arc::from(backup), snapshot: Arc::from(snapshot) }),
         // Annotated already: the same snapshot of the same backup.
         Body::Claim { .. } => Some(body.clone()),
