@@ -477,6 +477,15 @@ impl DataDir {
         Ok(summary)
     }
 
+    /// [`DataDir::summary`], or `None` when no backup of that name exists.
+    pub fn summary_if_any(&self, name: &str) -> Result<Option<BackupSummary>, SessionError> {
+        match self.summary(name) {
+            Ok(summary) => Ok(Some(summary)),
+            Err(SessionError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// [`DataDir::summary`] of backup `name`, or — another process runs it, or this disk cannot
     /// open its log — the live view its last run kept ([`DataDir::or_live`]).
     pub fn summary_or_live(&self, name: &str) -> Result<Result<BackupSummary, Status>, SessionError> {
@@ -687,8 +696,8 @@ impl Session {
         let first = Engine::request(req.spec.clone(), options, req.workers, TokioRuntime.now_ms())?;
         let dir = data.backup_dir(&name);
         if dir.exists() {
-            match data.fold_if_any(&name)? {
-                Some(state) => return Err(Session::refusal(&name, &state)),
+            match data.summary_if_any(&name)? {
+                Some(summary) => return Err(Session::refusal(&name, &summary)),
                 None => {
                     // A create that died before its request was durable: it never existed.
                     tracing::warn!("removing {}: a backup whose creation was interrupted", dir.display());
@@ -727,8 +736,8 @@ impl Session {
         Session::open(data, &name)
     }
 
-    fn refusal(name: &str, state: &BackupState) -> SessionError {
-        match (&state.stopped, state.phase()) {
+    fn refusal(name: &str, summary: &BackupSummary) -> SessionError {
+        match (&summary.stopped, summary.phase()) {
             (Some(reason), _) => SessionError::Stopped { name: name.into(), reason: reason.clone() },
             (None, Phase::InProgress) => SessionError::Interrupted { name: name.into() },
             (None, phase) => SessionError::Exists { name: name.into(), phase },

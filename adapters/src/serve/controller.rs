@@ -43,6 +43,7 @@ use blockwise_engine::service::{
     QueueEntry, RunEnd, RunRegistry,
 };
 use blockwise_engine::state::BackupState;
+use blockwise_engine::summary::BackupSummary;
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -619,7 +620,7 @@ async fn delete_stale_log(b: &Backup, data: &DataDir, ctx: &Ctx) -> Result<(), R
         Err(ReconcileError::Session(SessionError::Log(damage @ LogError::Damaged { .. }))) => {
             match data.recorded_uid(&name) {
                 Some(uid) if b.uid().is_none_or(|mine| mine != uid) => {
-                    let mut s = BackupState::default();
+                    let mut s = BackupSummary::default();
                     s.options.uid = uid;
                     s
                 }
@@ -661,7 +662,7 @@ async fn delete_backup(
     let log = match folded_log(data, &name).await {
         Ok(log) => log.map(|state| LogLook {
             same_uid: b.uid().is_some_and(|u| u == state.options.uid),
-            finished: !state.resumable(),
+            finished: state.finished.is_some(),
             stopped: state.stopped.is_some(),
         }),
         // A damaged log cannot be run to its end: deleted as it is.
@@ -714,10 +715,11 @@ async fn delete_backup(
     Ok(Action::await_change())
 }
 
-/// The folded state of the log under `name`, if there is one (read on a blocking thread).
-async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupState>, ReconcileError> {
+/// The summary of the log under `name`, if there is one (read on a blocking thread): its uid and
+/// whether it finished or stopped are all the deletion paths read of it.
+async fn folded_log(data: &DataDir, name: &str) -> Result<Option<BackupSummary>, ReconcileError> {
     let (data, name) = (data.clone(), name.to_string());
-    off_worker(move || data.fold_if_any(&name)).await.map_err(ReconcileError::from)
+    off_worker(move || data.summary_if_any(&name)).await.map_err(ReconcileError::from)
 }
 
 /// The InProgress Backups of the cache that this process does not run but whose log another

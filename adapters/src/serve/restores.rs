@@ -21,7 +21,7 @@ use blockwise_engine::ports::Cluster;
 use blockwise_engine::restore_run::{
     ExistingPolicy, ItemOutcome, RestoreEvent, RestorePhase, RestoreSpec as EngineRestoreSpec, RestoreState,
 };
-use blockwise_engine::state::BackupState;
+use blockwise_engine::summary::BackupSummary;
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -366,7 +366,7 @@ fn status_of(state: &RestoreState, base: &RestoreStatus) -> RestoreStatus {
 
 /// A tenant restores only a backup made under the tenant rules (its namespace only, no cluster
 /// resources) — not one the administrator left in its namespace, or one made before tenant mode.
-fn tenant_made(state: &BackupState, backup: &str, tenant: &str) -> Result<(), Vec<String>> {
+fn tenant_made(state: &BackupSummary, backup: &str, tenant: &str) -> Result<(), Vec<String>> {
     let ok = state.spec.as_ref().is_some_and(|s| {
         s.included_namespaces.iter().all(|n| n == tenant)
             && !s.included_namespaces.is_empty()
@@ -681,9 +681,10 @@ async fn run(
 
 /// A Restore's Backup, folded from its log, once it has ended usable (Completed or
 /// PartiallyFailed): one still running or failed is a validation error, not a failed restore.
-fn usable_backup(data: &DataDir, backup: &str) -> Result<BackupState, Vec<String>> {
+fn usable_backup(data: &DataDir, backup: &str) -> Result<BackupSummary, Vec<String>> {
     let refuse = |why: String| vec![format!("spec.backupName {backup:?}: {why}")];
-    let state = match data.fold(backup) {
+    // Its summary: a Backup of a million objects is validated in tens of MiB, not hundreds.
+    let state = match data.summary(backup) {
         Ok(state) => state,
         // Its run holds the log.
         Err(SessionError::Log(crate::log::LogError::InUse(_))) => {
