@@ -85,7 +85,12 @@ fn snapshot_status(st: &SnapshotState, m: Option<&CutMember>) -> String {
 /// snapshot (name, content, handle, readiness) — from the full fold, whose memory grows with the
 /// backup.
 pub fn describe_json(s: &BackupState) -> Value {
-    let mut j = summary_json(&BackupSummary::of(s));
+    details_json(s, &BackupSummary::of(s))
+}
+
+/// [`describe_json`] of `s`, whose summary is `summary`.
+fn details_json(s: &BackupState, summary: &BackupSummary) -> Value {
+    let mut j = summary_json(summary);
     let snapshots: Vec<Value> = claim_snapshots(s)
         .into_iter()
         .map(|(key, st, m)| {
@@ -149,7 +154,8 @@ pub fn summary_json(s: &BackupSummary) -> Value {
 
 /// `describe --details` for people.
 pub fn describe_text(s: &BackupState) -> String {
-    describe_text_of(&BackupSummary::of(s), &describe_json(s))
+    let summary = BackupSummary::of(s);
+    describe_text_of(&summary, &details_json(s, &summary))
 }
 
 /// `describe` for people, from the backup's summary and its [`summary_json`] (or, with each

@@ -488,7 +488,7 @@ impl DataDir {
 
     /// [`DataDir::summary`] of backup `name`, or — another process runs it, or this disk cannot
     /// open its log — the live view its last run kept ([`DataDir::or_live`]).
-    pub fn summary_or_live(&self, name: &str) -> Result<Result<BackupSummary, Status>, SessionError> {
+    pub fn summary_or_live(&self, name: &str) -> Result<Result<BackupSummary, LiveStatus>, SessionError> {
         self.or_live(name, || self.summary(name))
     }
 
@@ -518,18 +518,18 @@ impl DataDir {
     pub fn status(&self, name: &str) -> Result<Status, SessionError> {
         match self.or_live(name, || self.fold(name))? {
             Ok(state) => Ok(Status::Log { state: Box::new(state) }),
-            Err(live) => Ok(live),
+            Err(live) => Ok(Status::Live(live)),
         }
     }
 
     /// `read` of backup `name`'s log — or, when another process holds the log or this disk cannot
     /// open it (full or read-only: sled writes when it opens a log, though the command only
-    /// reads), the live view its last run kept ([`Status::Live`], saying which).
+    /// reads), the live view its last run kept ([`LiveStatus`], saying which).
     pub fn or_live<T>(
         &self,
         name: &str,
         read: impl FnOnce() -> Result<T, SessionError>,
-    ) -> Result<Result<T, Status>, SessionError> {
+    ) -> Result<Result<T, LiveStatus>, SessionError> {
         match read() {
             Ok(t) => Ok(Ok(t)),
             Err(SessionError::Log(ref e @ (LogError::InUse(_) | LogError::Storage { .. })))
@@ -544,7 +544,7 @@ impl DataDir {
                     message: e.to_string(),
                 })?;
                 let events_log = self.backup_dir(name).join("events.log");
-                Ok(Err(Status::Live { view, events_log, unreadable }))
+                Ok(Err(LiveStatus { view, events_log, unreadable }))
             }
             Err(e) => Err(e),
         }
@@ -596,17 +596,21 @@ pub enum Status {
         /// Its events' fold (`DataDir::each_event` reads the events themselves).
         state: Box<BackupState>,
     },
-    /// Another process runs the backup — or the log cannot be opened on this disk (full, or
-    /// read-only: `unreadable` says why): the live view its last run kept.
-    Live {
-        /// `status.json`: `describe` JSON and text, written by the running process.
-        view: Value,
-        /// `events.log`: a line per durable event (read as a stream: a million-object backup's
-        /// is hundreds of megabytes).
-        events_log: PathBuf,
-        /// Why the log itself could not be read, when no other process holds it.
-        unreadable: Option<String>,
-    },
+    /// Another process runs the backup — or the log cannot be opened on this disk.
+    Live(LiveStatus),
+}
+
+/// The live view a backup's last run kept, read when its log cannot be: another process runs the
+/// backup — or the log cannot be opened on this disk (full, or read-only: `unreadable` says why).
+#[derive(Debug)]
+pub struct LiveStatus {
+    /// `status.json`: `describe` JSON and text, written by the running process.
+    pub view: Value,
+    /// `events.log`: a line per durable event (read as a stream: a million-object backup's is
+    /// hundreds of megabytes).
+    pub events_log: PathBuf,
+    /// Why the log itself could not be read, when no other process holds it.
+    pub unreadable: Option<String>,
 }
 
 /// What a new backup is.

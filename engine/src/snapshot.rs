@@ -652,11 +652,17 @@ pub struct MemberCut {
 impl MemberCut {
     /// The archive keys of the VolumeSnapshot and the VolumeSnapshotContent.
     pub fn keys(&self, namespace: &str) -> (ItemKey, ItemKey) {
-        (
-            ItemKey::namespaced(SNAPSHOT_GROUP, "volumesnapshots", namespace, &self.snapshot),
-            ItemKey::cluster(SNAPSHOT_GROUP, "volumesnapshotcontents", &self.content),
-        )
+        member_keys(namespace, &self.snapshot, &self.content)
     }
+}
+
+/// The archive keys of a cut member's VolumeSnapshot `snapshot` (in `namespace`) and its
+/// VolumeSnapshotContent `content`.
+pub fn member_keys(namespace: &str, snapshot: &str, content: &str) -> (ItemKey, ItemKey) {
+    (
+        ItemKey::namespaced(SNAPSHOT_GROUP, "volumesnapshots", namespace, snapshot),
+        ItemKey::cluster(SNAPSHOT_GROUP, "volumesnapshotcontents", content),
+    )
 }
 
 /// A Kubernetes quantity in binary SI, as the snapshot controller prints a size: `10Gi` for an

@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::body::{Body, BodyId};
-use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
+use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq};
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
 use crate::item::{ItemKey, ResourceType};
-use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan, SNAPSHOT_GROUP};
+use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
 use crate::spec::BackupSpec;
-use crate::summary::{event_message, SnapshotNames};
+use crate::summary::{event_message, phase_name, phase_of, record_once, SnapshotNames};
 
 /// An event that does not fit the state it is applied to.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,10 +263,7 @@ impl CutMember {
 
     /// The archive keys of the VolumeSnapshot and the VolumeSnapshotContent.
     pub fn keys(&self, namespace: &str) -> (ItemKey, ItemKey) {
-        (
-            ItemKey::namespaced(SNAPSHOT_GROUP, "volumesnapshots", namespace, &self.snapshot),
-            ItemKey::cluster(SNAPSHOT_GROUP, "volumesnapshotcontents", &self.content),
-        )
+        crate::snapshot::member_keys(namespace, &self.snapshot, &self.content)
     }
 }
 
@@ -483,25 +480,9 @@ impl Folding {
 }
 
 impl BackupState {
-    /// Records a warning or an error once (a message repeated after a crash is recorded once).
-    fn record(&mut self, severity: Severity, message: String) {
-        if self.seen.contains(&message) {
-            return;
-        }
-        self.seen.insert(message.clone());
-        match severity {
-            Severity::Warning => self.warnings.push(message),
-            Severity::Error => self.errors.push(message),
-        }
-    }
-
     /// The phase as of now: a stopped run is Failed until `resume` continues it.
     pub fn phase(&self) -> Phase {
-        match (self.finished, &self.stopped) {
-            (Some((p, _)), _) => p,
-            (None, Some(_)) => Phase::Failed,
-            (None, None) => Phase::InProgress,
-        }
+        phase_of(self.finished, self.stopped.is_some())
     }
 
     /// Every block is done and the backup waits for its snapshots to be ready to use (or for
@@ -517,11 +498,7 @@ impl BackupState {
     /// The phase as shown to people: Velero's phase, or `WaitingForSnapshots` while an InProgress
     /// backup waits for its snapshots.
     pub fn phase_name(&self) -> String {
-        if self.waiting_for_snapshots() {
-            "WaitingForSnapshots".to_string()
-        } else {
-            self.phase().to_string()
-        }
+        phase_name(self.phase(), self.waiting_for_snapshots())
     }
 
     /// Whether `resume` can continue the backup: interrupted (InProgress) or stopped.
@@ -852,7 +829,7 @@ impl BackupState {
         // records the same: `summary::event_message`).
         let names = |id: u32| self.snapshots.get(id as usize).map(|s| SnapshotNames::of(&s.plan));
         if let Some((severity, message)) = event_message(e, names) {
-            self.record(severity, message);
+            record_once(&mut self.seen, (&mut self.warnings, &mut self.errors), severity, message);
         }
         self.events += 1;
         Ok(())

@@ -66,6 +66,42 @@ pub fn event_message<'a>(e: &Event, snapshot: impl Fn(u32) -> Option<SnapshotNam
     }
 }
 
+/// Records `message` once among `warnings` or `errors` (`seen` holds the messages of both): a
+/// message repeated after a crash is recorded once. Both folds record through it.
+pub(crate) fn record_once(
+    seen: &mut BTreeSet<String>,
+    (warnings, errors): (&mut Vec<String>, &mut Vec<String>),
+    severity: Severity,
+    message: String,
+) {
+    if seen.insert(message.clone()) {
+        match severity {
+            Severity::Warning => warnings.push(message),
+            Severity::Error => errors.push(message),
+        }
+    }
+}
+
+/// A backup's phase as of now, from its terminal phase and whether its run stopped: a stopped run
+/// is Failed until `resume` continues it.
+pub(crate) fn phase_of(finished: Option<(Phase, u64)>, stopped: bool) -> Phase {
+    match (finished, stopped) {
+        (Some((p, _)), _) => p,
+        (None, true) => Phase::Failed,
+        (None, false) => Phase::InProgress,
+    }
+}
+
+/// The phase as shown to people: Velero's phase, or `WaitingForSnapshots` while an InProgress
+/// backup waits for its snapshots (`waiting`).
+pub(crate) fn phase_name(phase: Phase, waiting: bool) -> String {
+    if waiting {
+        "WaitingForSnapshots".to_string()
+    } else {
+        phase.to_string()
+    }
+}
+
 /// An attempt still open (its block has no outcome yet).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenAttempt {
@@ -161,12 +197,7 @@ impl BackupSummary {
             })
         };
         if let Some((severity, message)) = event_message(e, names) {
-            if self.seen.insert(message.clone()) {
-                match severity {
-                    Severity::Warning => self.warnings.push(message),
-                    Severity::Error => self.errors.push(message),
-                }
-            }
+            record_once(&mut self.seen, (&mut self.warnings, &mut self.errors), severity, message);
         }
         self.events += 1;
     }
@@ -345,11 +376,7 @@ impl BackupSummary {
 
     /// The phase as of now: a stopped run is Failed until `resume` continues it.
     pub fn phase(&self) -> Phase {
-        match (self.finished, &self.stopped) {
-            (Some((p, _)), _) => p,
-            (None, Some(_)) => Phase::Failed,
-            (None, None) => Phase::InProgress,
-        }
+        phase_of(self.finished, self.stopped.is_some())
     }
 
     /// As [`BackupState::phase_name`]: Velero's phase, or `WaitingForSnapshots`.
@@ -359,11 +386,7 @@ impl BackupSummary {
             && self.plan_finished
             && self.blocks_done == self.block_items.len()
             && self.snapshots.iter().any(|s| s.requested && !s.released);
-        if waiting {
-            "WaitingForSnapshots".to_string()
-        } else {
-            self.phase().to_string()
-        }
+        phase_name(self.phase(), waiting)
     }
 
     /// Blocks planned.

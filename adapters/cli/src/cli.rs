@@ -24,7 +24,9 @@ use blockwise_adapters::kube::KubeCluster;
 use blockwise_adapters::log::LogError;
 use blockwise_adapters::report;
 use blockwise_adapters::s3::S3Location;
-use blockwise_adapters::session::{ClusterSource, CreateRequest, DataDir, Session, SessionError, Status, StorageSpec};
+use blockwise_adapters::session::{
+    ClusterSource, CreateRequest, DataDir, LiveStatus, Session, SessionError, Status, StorageSpec,
+};
 use blockwise_adapters::store::Store;
 use blockwise_adapters::world::TokioRuntime;
 use blockwise_engine::event::{Event, Phase};
@@ -805,8 +807,7 @@ fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {
 fn download(a: DownloadArgs, data: &DataDir) -> Result<ExitCode> {
     let phase = match data.summary_or_live(&a.name).map_err(session_err)? {
         Ok(summary) => summary.phase().to_string(),
-        Err(Status::Live { view, .. }) => view["row"]["phase"].as_str().unwrap_or("InProgress").to_string(),
-        Err(Status::Log { state }) => state.phase().to_string(),
+        Err(live) => live.view["row"]["phase"].as_str().unwrap_or("InProgress").to_string(),
     };
     let store = data.open_store(&data.storage(&a.name).map_err(session_err)?).map_err(session_err)?;
     let dest = a.output.unwrap_or_else(|| PathBuf::from(format!("{}.tar.gz", a.name)));
@@ -894,10 +895,10 @@ fn delete(a: DeleteArgs, data: &DataDir) -> Result<ExitCode> {
         }
         status => match status.map_err(session_err)? {
             Status::Log { state, .. } => state.retained_snapshots().len(),
-            Status::Live { unreadable: Some(why), .. } => {
+            Status::Live(LiveStatus { unreadable: Some(why), .. }) => {
                 return Err(anyhow!("backup {}: its log cannot be opened: {why}", a.name));
             }
-            Status::Live { view, .. } => {
+            Status::Live(LiveStatus { view, .. }) => {
                 return Err(usage(format!(
                     "backup {} is running in process {}; delete it once it has ended",
                     a.name, view["pid"]
@@ -959,7 +960,7 @@ fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            Err(status) => status,
+            Err(live) => Status::Live(live),
         }
     };
     match status {
@@ -968,12 +969,12 @@ fn describe(a: DescribeArgs, data: &DataDir) -> Result<ExitCode> {
             serde_json::to_string_pretty(&report::describe_json(&state)).context("encoding JSON")?
         ))?,
         Status::Log { state, .. } => emit(&report::describe_text(&state))?,
-        Status::Live { view, .. } if json => {
+        Status::Live(LiveStatus { view, .. }) if json => {
             let mut doc = view["describe"].clone();
             doc["live"] = serde_json::json!(true);
             emit(&format!("{}\n", serde_json::to_string_pretty(&doc).context("encoding JSON")?))?
         }
-        Status::Live { view, unreadable, .. } => {
+        Status::Live(LiveStatus { view, unreadable, .. }) => {
             emit(view["text"].as_str().unwrap_or_default())?;
             emit(&live_note(&view, unreadable.as_deref()))?;
         }
@@ -985,8 +986,8 @@ fn get(data: &DataDir) -> Result<ExitCode> {
     let mut out = format!("{:<32} {:<16} {:>8} {:>8} {:>9} CREATED\n", "NAME", "STATUS", "ERRORS", "WARNINGS", "ITEMS");
     for name in data.names().map_err(session_err)? {
         // Each backup's summary: `get` of many large backups holds one summary at a time.
-        let row = |s: &blockwise_engine::summary::BackupSummary| {
-            format!(
+        match data.summary_or_live(&name) {
+            Ok(Ok(s)) => out.push_str(&format!(
                 "{:<32} {:<16} {:>8} {:>8} {:>9} {}\n",
                 name,
                 s.phase().to_string(),
@@ -994,22 +995,11 @@ fn get(data: &DataDir) -> Result<ExitCode> {
                 s.warnings.len(),
                 format!("{}/{}", s.items_done, s.planned_items),
                 report::rfc3339(s.requested_ms)
-            )
-        };
-        let status = match data.summary_or_live(&name) {
-            Ok(Ok(summary)) => {
-                out.push_str(&row(&summary));
-                continue;
-            }
-            Ok(Err(status)) => Ok(status),
-            Err(e) => Err(e),
-        };
-        match status {
-            Ok(Status::Log { state, .. }) => out.push_str(&row(&blockwise_engine::summary::BackupSummary::of(&state))),
+            )),
             Err(SessionError::Log(e @ LogError::Damaged { .. })) => {
                 out.push_str(&format!("{name:<32} {:<16} {e}\n", "Damaged"))
             }
-            Ok(Status::Live { view, unreadable, .. }) => {
+            Ok(Err(LiveStatus { view, unreadable, .. })) => {
                 let r = &view["row"];
                 let note =
                     if unreadable.is_some() { "(log unreadable here: last published status)" } else { "(running)" };
@@ -1044,7 +1034,7 @@ fn logs(a: NamedArgs, data: &DataDir) -> Result<ExitCode> {
         })
     });
     // Another process runs it (or the disk is full): the live view.
-    if let Err(Status::Live { view, events_log, unreadable }) = read.map_err(session_err)? {
+    if let Err(LiveStatus { view, events_log, unreadable }) = read.map_err(session_err)? {
         // Copied as it is read (a missing file: no durable event yet).
         let copied = match std::fs::File::open(&events_log) {
             Ok(f) => std::io::copy(&mut std::io::BufReader::new(f), &mut out).map(drop),
