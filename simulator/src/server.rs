@@ -69,6 +69,7 @@ use serde_json::{json, Value};
 use crate::csi::{ApiError, ApiWrite};
 use crate::fake::FakeCluster;
 
+mod connections;
 mod openapi;
 pub mod spdy;
 mod table;
@@ -185,6 +186,8 @@ struct Shared {
     changed: Arc<tokio::sync::Notify>,
     /// How often a watch that allows bookmarks gets one, in milliseconds.
     bookmark_ms: AtomicU64,
+    /// The connections open now ([`FakeApiServer::quiesce`]).
+    connections: connections::Connections,
 }
 
 /// How often a watch with `allowWatchBookmarks` gets a BOOKMARK by default (the real server: about
@@ -218,8 +221,10 @@ impl FakeApiServer {
             addr,
             changed,
             bookmark_ms: AtomicU64::new(BOOKMARK_MS_DEFAULT),
+            connections: connections::Connections::default(),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = connections::CountedListener { inner: listener, connections: shared.connections.clone() };
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!(error = %e, "fake API server stopped");
@@ -256,6 +261,14 @@ impl FakeApiServer {
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.requests.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Returns once every connection open (or waiting to be accepted) now has closed: after a
+    /// client is killed, nothing it sent is served later — a test changes the server (clears a
+    /// fault) after this, not while a dead process's request is still to be answered. Connections
+    /// made after the call are not waited for; a live client's open watch holds it.
+    pub async fn quiesce(&self) -> io::Result<()> {
+        self.shared.connections.quiesce(self.shared.addr).await
     }
 
     /// Execs whose client went away before the command finished (a cancelled stream).

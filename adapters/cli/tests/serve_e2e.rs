@@ -194,7 +194,9 @@ impl Sim {
             .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", NS])
             .args(extra)
             .env("HOME", self.dir.path())
-            .env("RUST_LOG", "warn");
+            // BLOCKWISE_TEST_RUST_LOG, to chase a controller that says nothing (e.g.
+            // `warn,kube_runtime=debug,blockwise_adapters=debug`: each restore reconcile's look).
+            .env("RUST_LOG", std::env::var("BLOCKWISE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()));
         let mut p = Proc::spawn(cmd, false);
         p.wait_for("metrics on http://");
         p
@@ -591,6 +593,8 @@ fn a_deletion_that_fails_and_is_killed_is_finished_by_the_next_controller() {
     let failures = metric(&text, "blockwise_gc_failures_total");
     assert!(failures.is_some_and(|n| n >= 1.0), "the failed finalizer is not counted: {text}");
     ctl.kill();
+    // Nothing the dead process sent is answered after the fault is cleared.
+    rt.block_on(server.quiesce()).unwrap();
     assert_eq!(common::live_storage(server.cluster()), held, "a refused deletion deleted a snapshot");
     assert!(files.join("backups/doomed").exists() && files.join("store/backups/doomed").exists());
     server.faults().clear();
@@ -1168,7 +1172,12 @@ fn a_finished_but_unreported_restore_is_reported_and_not_counted_again() {
     let text = http_get(&ctl.metrics_addr(), "/metrics");
     assert_eq!(metric(&text, "blockwise_restore_success_total"), Some(1.0), "{text}");
     ctl.kill();
+    // A status write the dead process sent and the server has not answered yet would land once
+    // the fault is cleared, as if the controller had reported the end itself.
+    rt.block_on(server.quiesce()).unwrap();
     server.faults().clear();
+    let phase = sim.kubectl_ok(&["get", "bwr", "told", "-n", NS, "-o", "jsonpath={.status.phase}"], None);
+    assert_eq!(phase.trim(), "", "the refused status reached the Restore");
     let mut ctl = sim.controller(&data, &["--no-leader-election"]);
     ctl.wait_for(&format!("restore {NS}/told: its log had finished before its status was reported; reporting it"));
     let r = wait_restore(&rt, &sim, "told", 60, "Completed");

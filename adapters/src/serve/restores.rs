@@ -392,6 +392,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let status = r.status.clone().unwrap_or_default();
     let key = (ns.clone(), name.clone());
     let id = (ns.clone(), name.clone(), uid.clone());
+    tracing::debug!(restore = %format!("{ns}/{name}"), phase = ?status.phase, "reconcile");
     let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
     let end = {
         let mut ended = ctx.ended.lock().unwrap_or_else(PoisonError::into_inner);
@@ -412,7 +413,9 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         now_ms: now,
     };
     // The engine's pure step decides; a stopped run is resumed once its backoff has passed.
-    let stops = match restore_step(&look) {
+    let step = restore_step(&look);
+    tracing::debug!(restore = %format!("{ns}/{name}"), ?step, "step");
+    let stops = match step {
         BackupStep::Run { stops } => stops,
         BackupStep::RetryAt(at) => return Ok(Action::requeue(Duration::from_millis((at - now).max(1) as u64))),
         _ => return Ok(Action::await_change()),
@@ -472,6 +475,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
         .await?
     };
     let (existing, validated, damaged) = looked;
+    tracing::debug!(restore = %format!("{ns}/{name}"), existing = existing.is_some(), "looked");
     let (spec, workers) = match validated {
         Ok(v) => v,
         Err(errors) => {
