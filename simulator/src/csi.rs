@@ -34,6 +34,7 @@
 //! version. Deliberately absent: strategic merge patch's list merging (it is a merge patch here).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::ports::ClusterError;
@@ -258,8 +259,9 @@ pub struct Change {
     pub kind: ChangeKind,
     /// The object.
     pub key: ItemKey,
-    /// The object after the change (before it, for a deletion), as stored.
-    pub object: Value,
+    /// The object after the change (before it, for a deletion), as stored; shared, so each watch
+    /// that takes the change does not copy it.
+    pub object: Arc<Value>,
 }
 
 /// A write through the API server, with the client's intent (kept whole in the journal).
@@ -456,10 +458,16 @@ fn quantity(q: Option<&str>) -> u64 {
 impl Dynamic {
     /// An object as the API serves it now: overlay first, then the built-in objects.
     pub fn lookup(&self, st: &Statics<'_>, key: &ItemKey) -> Option<Value> {
+        self.get(st, key).cloned()
+    }
+
+    /// [`Self::lookup`] without the copy: what a check reads (a copy of every object looked at
+    /// was most of the fake API server's time in a large backup).
+    pub fn get<'a>(&'a self, st: &'a Statics<'_>, key: &ItemKey) -> Option<&'a Value> {
         let gr = key.gr();
         match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {
-            Some(v) => v.clone(),
-            None => st.objects.get(&gr).and_then(|o| o.get(&slot(key))).cloned(),
+            Some(v) => v.as_ref(),
+            None => st.objects.get(&gr).and_then(|o| o.get(&slot(key))),
         }
     }
 
@@ -476,21 +484,21 @@ impl Dynamic {
             None if before => {
                 let mut last = self.lookup(st, key).unwrap_or(Value::Null);
                 self.bump(&mut last);
-                Some(Change { rv: self.next_rv, kind: ChangeKind::Deleted, key: key.clone(), object: last })
+                Some(Change { rv: self.next_rv, kind: ChangeKind::Deleted, key: key.clone(), object: Arc::new(last) })
             }
             None => None,
             Some(obj) => {
                 let rv = rv_of(obj).unwrap_or(0);
                 let same = self.history.back_mut().filter(|c| c.key == *key && c.rv == rv && rv == self.next_rv);
                 if let Some(last) = same {
-                    last.object = obj.clone();
+                    last.object = Arc::new(obj.clone());
                     None
                 } else {
                     if rv != self.next_rv || self.history.back().is_some_and(|c| c.rv == rv) {
                         self.bump(obj);
                     }
                     let kind = if before { ChangeKind::Modified } else { ChangeKind::Added };
-                    Some(Change { rv: self.next_rv, kind, key: key.clone(), object: obj.clone() })
+                    Some(Change { rv: self.next_rv, kind, key: key.clone(), object: Arc::new(obj.clone()) })
                 }
             }
         };
@@ -663,7 +671,7 @@ impl Dynamic {
             // As the API server's NamespaceLifecycle admission: no object in a namespace that
             // does not exist, nor in one being deleted. The namespaces every cluster has count as
             // existing even where the fake cluster holds no object for them.
-            match self.lookup(st, &key_of(&GroupResource::new("", "namespaces"), "", &ns, false)) {
+            match self.get(st, &key_of(&GroupResource::new("", "namespaces"), "", &ns, false)) {
                 None if SYSTEM_NAMESPACES.contains(&ns.as_str()) => {}
                 None => return Err(ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))),
                 Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => {
@@ -679,7 +687,7 @@ impl Dynamic {
                 Some(_) => {}
             }
         }
-        if self.lookup(st, &key).is_some() {
+        if self.get(st, &key).is_some() {
             return Err(ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.gr)));
         }
         let id = format!("{}/{ns}/{name}", rt.gr);
@@ -985,8 +993,8 @@ impl Dynamic {
         // controller's content sync), also when the snapshot went without finalizers.
         if key.is(SNAP, "volumesnapshots") {
             if let Some(c) = s(obj, "/status/boundVolumeSnapshotContentName").map(str::to_string) {
-                let doomed = self.lookup(st, &vsc_key(&c)).is_some_and(|vsc| {
-                    s(&vsc, "/spec/deletionPolicy") == Some("Delete")
+                let doomed = self.get(st, &vsc_key(&c)).is_some_and(|vsc| {
+                    s(vsc, "/spec/deletionPolicy") == Some("Delete")
                         && vsc.pointer("/metadata/deletionTimestamp").is_none()
                 });
                 if doomed {
@@ -1023,15 +1031,9 @@ impl Dynamic {
     /// until nothing changes.
     fn reconcile(&mut self, st: &Statics<'_>, now: u64) {
         for _ in 0..64 {
-            let deleting: Vec<(ItemKey, Value)> = (self.being_deleted().into_iter())
-                .filter_map(|k| {
-                    let v = self.lookup_overlay(&k)?;
-                    Some((k, v))
-                })
-                .collect();
             let mut changed = false;
-            for (key, obj) in deleting {
-                changed |= self.finalize(st, now, &key, obj);
+            for key in self.being_deleted() {
+                changed |= self.finalize(st, now, &key);
             }
             if !changed {
                 return;
@@ -1040,93 +1042,90 @@ impl Dynamic {
     }
 
     /// The controller's work for one object being deleted; whether anything changed.
-    fn finalize(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey, mut obj: Value) -> bool {
+    fn finalize(&mut self, st: &Statics<'_>, now: u64, key: &ItemKey) -> bool {
         if key.is("", "namespaces") && !self.in_namespace(st, key.name()).is_empty() {
             return false;
         }
         let ns = key.namespace().map(str::to_string).unwrap_or_default();
-        let mut release: Vec<&str> = Vec::new();
-        if key.is(SNAP, "volumesnapshots") {
-            let owner = obj
-                .pointer("/metadata/ownerReferences")
-                .and_then(Value::as_array)
-                .and_then(|r| r.iter().find(|o| o.get("kind").and_then(Value::as_str) == Some("VolumeGroupSnapshot")))
-                .and_then(|o| o.get("name").and_then(Value::as_str))
-                .map(str::to_string);
-            let group_alive = owner.is_some_and(|g| self.lookup(st, &vgs_key(&ns, &g)).is_some());
-            if finalizers(&obj).iter().any(|f| f == IN_GROUP) && group_alive {
-                return false; // SnapshotDeletePending: its group still exists.
-            }
-            if let Some(c) = s(&obj, "/status/boundVolumeSnapshotContentName").map(str::to_string) {
-                if let Some(vsc) = self.lookup(st, &vsc_key(&c)) {
-                    if s(&vsc, "/spec/deletionPolicy") == Some("Delete")
-                        && vsc.pointer("/metadata/deletionTimestamp").is_none()
-                    {
-                        let _ = self.delete(st, now, &vsc_key(&c));
-                    }
-                }
-            }
-            release = vec![AS_SOURCE, VS_BOUND, IN_GROUP];
-        } else if key.is(SNAP, "volumesnapshotcontents") {
-            let vs = match (s(&obj, "/spec/volumeSnapshotRef/namespace"), s(&obj, "/spec/volumeSnapshotRef/name")) {
-                (Some(n), Some(v)) => self.lookup(st, &vs_key(n, v)),
-                _ => None,
+        let mut release: &[&str] = &[];
+        // Objects whose deletion this one's waits on, deleted first (read without a copy).
+        let mut first: Vec<ItemKey> = Vec::new();
+        {
+            let Some(obj) = self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).and_then(Option::as_ref) else {
+                return false;
             };
-            if vs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
-                release = vec![VSC_BOUND];
-            }
-        } else if key.is(GSNAP, "volumegroupsnapshots") {
-            let uid = s(&obj, "/metadata/uid").unwrap_or_default().to_string();
-            if let Some(c) = s(&obj, "/status/boundVolumeGroupSnapshotContentName").map(str::to_string) {
-                if let Some(vgsc) = self.lookup(st, &vgsc_key(&c)) {
-                    if s(&vgsc, "/spec/deletionPolicy") == Some("Delete")
-                        && vgsc.pointer("/metadata/deletionTimestamp").is_none()
-                    {
-                        let _ = self.delete(st, now, &vgsc_key(&c));
+            let deletable = |v: &Value| {
+                s(v, "/spec/deletionPolicy") == Some("Delete") && v.pointer("/metadata/deletionTimestamp").is_none()
+            };
+            if key.is(SNAP, "volumesnapshots") {
+                let owner = obj
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .and_then(|r| {
+                        r.iter().find(|o| o.get("kind").and_then(Value::as_str) == Some("VolumeGroupSnapshot"))
+                    })
+                    .and_then(|o| o.get("name").and_then(Value::as_str));
+                let group_alive = owner.is_some_and(|g| self.get(st, &vgs_key(&ns, g)).is_some());
+                if finalizers(obj).iter().any(|f| f == IN_GROUP) && group_alive {
+                    return false; // SnapshotDeletePending: its group still exists.
+                }
+                if let Some(c) = s(obj, "/status/boundVolumeSnapshotContentName") {
+                    if self.get(st, &vsc_key(c)).is_some_and(deletable) {
+                        first.push(vsc_key(c));
                     }
                 }
-            }
-            // Garbage collection of the members it still owns.
-            let owned: Vec<ItemKey> = self
-                .overlay
-                .get(&GroupResource::new(SNAP, "volumesnapshots"))
-                .into_iter()
-                .flatten()
-                .filter_map(|((n, name), v)| {
-                    let v = v.as_ref()?;
-                    let refs = v.pointer("/metadata/ownerReferences")?.as_array()?;
-                    let ours = refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()));
-                    (ours && v.pointer("/metadata/deletionTimestamp").is_none()).then(|| vs_key(n, name))
-                })
-                .collect();
-            for m in owned {
-                let _ = self.delete(st, now, &m);
-            }
-            release = vec![VGS_BOUND];
-        } else if key.is(GSNAP, "volumegroupsnapshotcontents") {
-            let vgs =
-                match (s(&obj, "/spec/volumeGroupSnapshotRef/namespace"), s(&obj, "/spec/volumeGroupSnapshotRef/name"))
-                {
-                    (Some(n), Some(v)) => self.lookup(st, &vgs_key(n, v)),
+                release = &[AS_SOURCE, VS_BOUND, IN_GROUP];
+            } else if key.is(SNAP, "volumesnapshotcontents") {
+                let vs = match (s(obj, "/spec/volumeSnapshotRef/namespace"), s(obj, "/spec/volumeSnapshotRef/name")) {
+                    (Some(n), Some(v)) => self.get(st, &vs_key(n, v)),
                     _ => None,
                 };
-            if vgs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
-                release = vec![VGSC_BOUND];
+                if vs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+                    release = &[VSC_BOUND];
+                }
+            } else if key.is(GSNAP, "volumegroupsnapshots") {
+                let uid = s(obj, "/metadata/uid").unwrap_or_default();
+                if let Some(c) = s(obj, "/status/boundVolumeGroupSnapshotContentName") {
+                    if self.get(st, &vgsc_key(c)).is_some_and(deletable) {
+                        first.push(vgsc_key(c));
+                    }
+                }
+                // Garbage collection of the members it still owns.
+                let owned = self.overlay.get(&GroupResource::new(SNAP, "volumesnapshots")).into_iter().flatten();
+                first.extend(owned.filter_map(|((n, name), v)| {
+                    let v = v.as_ref()?;
+                    let refs = v.pointer("/metadata/ownerReferences")?.as_array()?;
+                    let ours = refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid));
+                    (ours && v.pointer("/metadata/deletionTimestamp").is_none()).then(|| vs_key(n, name))
+                }));
+                release = &[VGS_BOUND];
+            } else if key.is(GSNAP, "volumegroupsnapshotcontents") {
+                let vgs = match (
+                    s(obj, "/spec/volumeGroupSnapshotRef/namespace"),
+                    s(obj, "/spec/volumeGroupSnapshotRef/name"),
+                ) {
+                    (Some(n), Some(v)) => self.get(st, &vgs_key(n, v)),
+                    _ => None,
+                };
+                if vgs.is_none_or(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+                    release = &[VGSC_BOUND];
+                }
             }
         }
-        // The object may have changed through the deletions above.
-        if let Some(now_obj) = self.lookup(st, key) {
-            obj = now_obj;
-        } else {
-            return true;
+        for k in &first {
+            let _ = self.delete(st, now, k);
         }
-        let before = finalizers(&obj);
+        // The object may have changed through the deletions above.
+        let Some(obj) = self.get(st, key) else { return true };
+        let before = finalizers(obj);
         let after: Vec<String> = before.iter().filter(|f| !release.contains(&f.as_str())).cloned().collect();
         if after.is_empty() {
+            let obj = obj.clone();
             self.remove(st, now, key, &obj);
             return true;
         }
         if after.len() != before.len() {
+            let mut obj = obj.clone();
             set_finalizers(&mut obj, &after);
             self.bump(&mut obj);
             self.put(st, key, Some(obj));
@@ -1294,7 +1293,7 @@ impl Dynamic {
         names
             .into_iter()
             .filter(|name| {
-                self.lookup(st, &ItemKey::namespaced("", "persistentvolumeclaims", ns, name)).is_some_and(|pvc| {
+                self.get(st, &ItemKey::namespaced("", "persistentvolumeclaims", ns, name)).is_some_and(|pvc| {
                     labels.iter().all(|(k, v)| {
                         pvc.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v)
                     })

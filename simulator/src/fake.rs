@@ -619,17 +619,15 @@ impl FakeCluster {
     /// One object at time `now`, as a get serves it (apiVersion and kind set).
     pub fn get_at(&self, now: u64, rt: &ResourceType, key: &ItemKey) -> Result<Option<String>, ClusterError> {
         self.discovered(rt)?;
-        let Some(mut obj) = self.with_dynamic(|d, st| {
+        let api_version = rt.api_version();
+        // Written under the lock from the stored object: no copy of it is made (copies of every
+        // object got were much of the fake API server's time in a large backup).
+        self.with_dynamic(|d, st| {
             d.settle(st, now);
-            d.lookup(st, key)
-        }) else {
-            return Ok(None);
-        };
-        if let Some(map) = obj.as_object_mut() {
-            map.insert("apiVersion".into(), Value::String(rt.api_version()));
-            map.insert("kind".into(), Value::String(rt.kind.clone()));
-        }
-        serde_json::to_string(&obj).map(Some).map_err(|e| ClusterError::Other(e.to_string()))
+            d.get(st, key).map(|obj| serde_json::to_string(&Typed { obj, api_version: &api_version, kind: &rt.kind }))
+        })
+        .transpose()
+        .map_err(|e| ClusterError::Other(e.to_string()))
     }
 
     /// How long a watch of `key` from `resource_version` at `now` waits: 0 when the object changed
@@ -637,8 +635,8 @@ impl FakeCluster {
     pub fn watch_wait(&self, now: u64, key: &ItemKey, resource_version: &str, timeout_ms: u64) -> u64 {
         self.with_dynamic(|d, st| {
             d.settle(st, now);
-            let current = d.lookup(st, key);
-            let rv = current.as_ref().and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
+            let current = d.get(st, key);
+            let rv = current.and_then(|v| v.pointer("/metadata/resourceVersion")).and_then(Value::as_str);
             if current.is_none() || rv != Some(resource_version) {
                 return 0;
             }
@@ -974,12 +972,63 @@ impl Serialize for WithoutType<'_> {
     }
 }
 
+/// An object as a get serves it: its own fields with `apiVersion` and `kind` set, in the order a
+/// `serde_json::Map` (sorted keys) would hold them — the same bytes as inserting both and writing
+/// the map.
+struct Typed<'a> {
+    obj: &'a Value,
+    api_version: &'a str,
+    kind: &'a str,
+}
+
+impl serde::Serialize for Typed<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Some(map) = self.obj.as_object() else { return self.obj.serialize(s) };
+        let set = [("apiVersion", self.api_version), ("kind", self.kind)];
+        let mut out = s.serialize_map(None)?;
+        let mut extra = set.iter().peekable();
+        for (k, v) in map.iter().filter(|(k, _)| !set.iter().any(|(n, _)| n == k)) {
+            while let Some((n, x)) = extra.next_if(|(n, _)| *n < k.as_str()) {
+                out.serialize_entry(n, x)?;
+            }
+            out.serialize_entry(k, v)?;
+        }
+        for (n, x) in extra {
+            out.serialize_entry(n, x)?;
+        }
+        out.end()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use serde_json::json;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::task::{Context, Poll, Waker};
+
+    /// A got object is written without a copy ([`Typed`]) and reads as the copy with `apiVersion`
+    /// and `kind` inserted did: the same bytes, whichever keys it has before, after or as them.
+    #[test]
+    fn a_typed_object_is_the_bytes_of_the_object_with_its_type_inserted() {
+        let objects = [
+            json!({"metadata": {"name": "a"}, "spec": {"x": 1}}),
+            json!({"apiVersion": "old/v0", "data": {}, "kind": "Old", "zzz": true, "AAA": 0}),
+            json!({"b": 1, "apiVersionX": 2, "kinda": 3, "k": 4}),
+            json!({}),
+            json!("not an object"),
+        ];
+        for obj in objects {
+            let mut copy = obj.clone();
+            if let Some(map) = copy.as_object_mut() {
+                map.insert("apiVersion".into(), json!("apps/v1"));
+                map.insert("kind".into(), json!("Deployment"));
+            }
+            let typed = Typed { obj: &obj, api_version: "apps/v1", kind: "Deployment" };
+            assert_eq!(serde_json::to_string(&typed).unwrap(), serde_json::to_string(&copy).unwrap(), "{obj}");
+        }
+    }
 
     /// Polls a future to completion on this thread; FakeCluster never blocks without a sleeper.
     pub(crate) fn block_on<F: std::future::Future>(fut: F) -> F::Output {
