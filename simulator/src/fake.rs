@@ -473,7 +473,7 @@ impl FakeCluster {
     /// Also serves `rt` (discovery and every verb), if no served type has its group/resource. The
     /// API server adds the resources its clients expect this way; they are not persisted.
     pub fn serve_also(&self, rt: ResourceType) {
-        if self.resources().iter().any(|r| r.gr == rt.gr) {
+        if self.serves(&rt.gr) {
             return;
         }
         self.also_served.lock().unwrap_or_else(PoisonError::into_inner).push(rt);
@@ -540,7 +540,7 @@ impl FakeCluster {
             | ApiWrite::Apply { rt, .. } => rt.gr.clone(),
             ApiWrite::Delete { key } => key.gr(),
         };
-        if !self.resources().iter().any(|r| r.gr == gr) {
+        if !self.serves(&gr) {
             return Err(ApiError {
                 code: 404,
                 reason: "NotFound",
@@ -702,6 +702,23 @@ impl FakeCluster {
         out
     }
 
+    /// The first served type `pick` accepts, in [`Self::resources`]' order, without making that
+    /// list: the built-in types, those served also, then the CRDs' (whose objects are read only
+    /// when neither has it). Every request is routed through this: copying every type (and
+    /// reading every CRD) per request was a tenth of the fake API server's time.
+    pub fn find_resource(&self, pick: impl Fn(&ResourceType) -> bool) -> Option<ResourceType> {
+        if let Some(rt) = self.resources.iter().find(|r| pick(r)) {
+            return Some(rt.clone());
+        }
+        let also = self.also_served.lock().unwrap_or_else(PoisonError::into_inner).iter().find(|r| pick(r)).cloned();
+        also.or_else(|| self.crd_served().into_iter().map(|s| s.rt).find(|r| pick(r)))
+    }
+
+    /// Whether a type of `gr` is served ([`Self::find_resource`]).
+    pub fn serves(&self, gr: &GroupResource) -> bool {
+        self.find_resource(|r| r.gr == *gr).is_some()
+    }
+
     /// Every object with its group/resource, by group/resource then (namespace, name).
     pub fn objects(&self) -> impl Iterator<Item = (&GroupResource, &Value)> + '_ {
         self.objects.iter().flat_map(|(gr, objs)| objs.values().map(move |o| (gr, o)))
@@ -738,7 +755,7 @@ impl FakeCluster {
     }
 
     fn discovered(&self, rt: &ResourceType) -> Result<(), ClusterError> {
-        if self.resources.iter().any(|r| r.gr == rt.gr) || self.resources().iter().any(|r| r.gr == rt.gr) {
+        if self.serves(&rt.gr) {
             Ok(())
         } else {
             Err(ClusterError::Other(format!("the server could not find the requested resource {}", rt.gr)))

@@ -507,11 +507,8 @@ async fn route(s: &Arc<Shared>, req: &Req<'_>, path: &str, query: &Query, upgrad
         ["namespaces", ns, r, n, sub] => (Some(*ns), *r, Some(*n), Some(*sub)),
         _ => return not_found(path),
     };
-    let Some(rt) = s
-        .cluster
-        .resources()
-        .into_iter()
-        .find(|rt| rt.gr.group == group && rt.version == version && rt.gr.resource == resource)
+    let Some(rt) =
+        s.cluster.find_resource(|rt| rt.gr.group == group && rt.version == version && rt.gr.resource == resource)
     else {
         return not_found(path);
     };
