@@ -461,8 +461,8 @@ impl Dynamic {
         self.get(st, key).cloned()
     }
 
-    /// [`Self::lookup`] without the copy: what a check reads (a copy of every object looked at
-    /// was most of the fake API server's time in a large backup).
+    /// [`Self::lookup`] without the copy: what a check reads (copying every object looked at was
+    /// a large share of the fake API server's time in a large backup).
     pub fn get<'a>(&'a self, st: &'a Statics<'_>, key: &ItemKey) -> Option<&'a Value> {
         let gr = key.gr();
         match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {

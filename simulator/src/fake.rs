@@ -624,7 +624,7 @@ impl FakeCluster {
         // object got were much of the fake API server's time in a large backup).
         self.with_dynamic(|d, st| {
             d.settle(st, now);
-            d.get(st, key).map(|obj| serde_json::to_string(&Typed { obj, api_version: &api_version, kind: &rt.kind }))
+            d.get(st, key).map(|obj| serde_json::to_string(&Typed { obj, typ: Some((&api_version, &rt.kind)) }))
         })
         .transpose()
         .map_err(|e| ClusterError::Other(e.to_string()))
@@ -682,7 +682,9 @@ impl FakeCluster {
                 more = true;
                 break;
             }
-            objects.push(serde_json::to_string(&WithoutType(obj)).map_err(|e| ClusterError::Other(e.to_string()))?);
+            objects.push(
+                serde_json::to_string(&Typed { obj, typ: None }).map_err(|e| ClusterError::Other(e.to_string()))?,
+            );
         }
         let continue_token = more.then(|| (offset + objects.len()).to_string());
         Ok(ListPage { objects, continue_token })
@@ -969,43 +971,23 @@ impl Drop for FakeCluster {
     }
 }
 
-/// An object serialized without `apiVersion` and `kind` (a list's items carry neither), without
-/// copying it.
-struct WithoutType<'a>(&'a Value);
-
-impl Serialize for WithoutType<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        match self.0 {
-            Value::Object(m) => {
-                let mut map = s.serialize_map(None)?;
-                for (k, v) in m.iter().filter(|(k, _)| *k != "apiVersion" && *k != "kind") {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-            v => v.serialize(s),
-        }
-    }
-}
-
-/// An object as a get serves it: its own fields with `apiVersion` and `kind` set, in the order a
-/// `serde_json::Map` (sorted keys) would hold them — the same bytes as inserting both and writing
-/// the map.
+/// An object serialized without copying it, its `apiVersion` and `kind` left out (`typ: None`: a
+/// list's items carry neither) or set (`Some((apiVersion, kind))`: a get), in the order a
+/// `serde_json::Map` (sorted keys) holds them — the same bytes as removing or inserting both in a
+/// copy and writing that.
 struct Typed<'a> {
     obj: &'a Value,
-    api_version: &'a str,
-    kind: &'a str,
+    typ: Option<(&'a str, &'a str)>,
 }
 
-impl serde::Serialize for Typed<'_> {
+impl Serialize for Typed<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let Some(map) = self.obj.as_object() else { return self.obj.serialize(s) };
-        let set = [("apiVersion", self.api_version), ("kind", self.kind)];
+        let set = self.typ.map(|(api_version, kind)| [("apiVersion", api_version), ("kind", kind)]);
         let mut out = s.serialize_map(None)?;
-        let mut extra = set.iter().peekable();
-        for (k, v) in map.iter().filter(|(k, _)| !set.iter().any(|(n, _)| n == k)) {
+        let mut extra = set.iter().flatten().peekable();
+        for (k, v) in map.iter().filter(|(k, _)| *k != "apiVersion" && *k != "kind") {
             while let Some((n, x)) = extra.next_if(|(n, _)| *n < k.as_str()) {
                 out.serialize_entry(n, x)?;
             }
@@ -1026,7 +1008,8 @@ pub(crate) mod tests {
     use std::task::{Context, Poll, Waker};
 
     /// A got object is written without a copy ([`Typed`]) and reads as the copy with `apiVersion`
-    /// and `kind` inserted did: the same bytes, whichever keys it has before, after or as them.
+    /// and `kind` inserted did: the same bytes, whichever keys it has before, after or as them; a
+    /// list's item as the copy with both removed.
     #[test]
     fn a_typed_object_is_the_bytes_of_the_object_with_its_type_inserted() {
         let objects = [
@@ -1042,8 +1025,15 @@ pub(crate) mod tests {
                 map.insert("apiVersion".into(), json!("apps/v1"));
                 map.insert("kind".into(), json!("Deployment"));
             }
-            let typed = Typed { obj: &obj, api_version: "apps/v1", kind: "Deployment" };
+            let typed = Typed { obj: &obj, typ: Some(("apps/v1", "Deployment")) };
             assert_eq!(serde_json::to_string(&typed).unwrap(), serde_json::to_string(&copy).unwrap(), "{obj}");
+            let mut bare = obj.clone();
+            if let Some(map) = bare.as_object_mut() {
+                map.remove("apiVersion");
+                map.remove("kind");
+            }
+            let item = Typed { obj: &obj, typ: None };
+            assert_eq!(serde_json::to_string(&item).unwrap(), serde_json::to_string(&bare).unwrap(), "{obj}");
         }
     }
 

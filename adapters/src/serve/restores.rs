@@ -392,7 +392,6 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     let status = r.status.clone().unwrap_or_default();
     let key = (ns.clone(), name.clone());
     let id = (ns.clone(), name.clone(), uid.clone());
-    tracing::debug!(restore = %format!("{ns}/{name}"), phase = ?status.phase, "reconcile");
     let terminal = status.phase.as_deref().is_some_and(phase::is_terminal);
     let end = {
         let mut ended = ctx.ended.lock().unwrap_or_else(PoisonError::into_inner);
@@ -414,7 +413,7 @@ pub async fn reconcile(r: Arc<Restore>, ctx: Arc<RestoreCtx>) -> Result<Action, 
     };
     // The engine's pure step decides; a stopped run is resumed once its backoff has passed.
     let step = restore_step(&look);
-    tracing::debug!(restore = %format!("{ns}/{name}"), ?step, "step");
+    tracing::debug!(restore = %format!("{ns}/{name}"), phase = ?status.phase, ?step, "reconcile");
     let stops = match step {
         BackupStep::Run { stops } => stops,
         BackupStep::RetryAt(at) => return Ok(Action::requeue(Duration::from_millis((at - now).max(1) as u64))),
