@@ -18,11 +18,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use blockwise_engine::body::Body;
+use blockwise_engine::entries::ArchiveEntries;
 use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::state::BackupState;
-use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
+use blockwise_engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -146,8 +147,15 @@ async fn unless_unreachable(cluster: &dyn Cluster, failed: bool, what: &str, don
     }
 }
 
-/// Executes one command against the world; bodies the log carries are read from `bodies`.
-async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies) -> Completion {
+/// Executes one command against the world; bodies the log carries are read from `bodies`, and a
+/// `Finalize` builds the archive of `entries` (gathered from the log by [`archive_entries`]).
+async fn execute(
+    kind: CommandKind,
+    entries: Option<Arc<Vec<ArchiveEntry>>>,
+    backup: &str,
+    world: &World,
+    bodies: &Bodies,
+) -> Completion {
     let (cluster, store, rt) = (world.cluster.as_ref(), world.store.as_ref(), world.runtime.as_ref());
     match kind {
         CommandKind::Discover => {
@@ -244,7 +252,11 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
             let failed = r.iter().any(|(_, r)| r.is_err());
             unless_unreachable(cluster, failed, "releasing snapshots", Completion::SnapshotsReleased(r)).await
         }
-        CommandKind::Finalize { entries } => {
+        CommandKind::Finalize => {
+            let Some(entries) = entries else {
+                let e = "the driver gathered no entries for the archive".to_string();
+                return Completion::Finalized(Err(FinalizeError::Store(e)));
+            };
             Completion::Finalized(store.finalize(backup, entries).await.map_err(|e| match e {
                 StoreError::Unstaged { ref keys, .. } => {
                     FinalizeError::Unstaged { keys: keys.clone(), message: e.to_string() }
@@ -259,6 +271,7 @@ async fn execute(kind: CommandKind, backup: &str, world: &World, bodies: &Bodies
 /// the task ended without one, which the runtime's spawn rules out: a panic is re-raised).
 fn dispatch(
     cmd: Command,
+    entries: Option<Arc<Vec<ArchiveEntry>>>,
     backup: &Arc<str>,
     world: &World,
     bodies: &Arc<Bodies>,
@@ -267,7 +280,7 @@ fn dispatch(
     let (out, backup, w, bodies) = (slot.clone(), backup.clone(), world.clone(), bodies.clone());
     let id = cmd.id;
     let work = world.runtime.spawn(Box::pin(async move {
-        let c = execute(cmd.kind, &backup, &w, &bodies).await;
+        let c = execute(cmd.kind, entries, &backup, &w, &bodies).await;
         *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(c);
     }));
     Box::pin(async move {
@@ -302,19 +315,44 @@ async fn commit<M: LogMedium>(
 /// Commands in flight, each yielding its id and completion.
 type InFlight = FuturesUnordered<BoxFuture<(CmdId, Option<Completion>)>>;
 
-/// Starts ready commands, in order, while fewer than `executors_max` are in flight.
-fn dispatch_ready(
+/// What [`dispatch_ready`] starts commands with.
+struct Dispatch<'a, M: LogMedium> {
+    backup: &'a Arc<str>,
+    world: &'a World,
+    bodies: &'a Arc<Bodies>,
+    log: &'a EventLog<M>,
+    executors_max: usize,
+}
+
+/// Starts ready commands, in order, while fewer than `executors_max` are in flight; a `Finalize`
+/// with the archive's entries gathered from the log over `state` (every event is durable by then:
+/// the command waits for the last one).
+fn dispatch_ready<M: LogMedium>(
     ready: &mut VecDeque<Command>,
     inflight: &mut InFlight,
-    executors_max: usize,
-    backup: &Arc<str>,
-    world: &World,
-    bodies: &Arc<Bodies>,
-) {
-    while inflight.len() < executors_max {
+    d: &Dispatch<'_, M>,
+    state: &BackupState,
+) -> Result<(), LogError> {
+    while inflight.len() < d.executors_max {
         let Some(cmd) = ready.pop_front() else { break };
-        inflight.push(dispatch(cmd, backup, world, bodies));
+        let entries = match cmd.kind {
+            CommandKind::Finalize => Some(Arc::new(archive_entries(d.log, state)?)),
+            _ => None,
+        };
+        inflight.push(dispatch(cmd, entries, d.backup, d.world, d.bodies));
     }
+    Ok(())
+}
+
+/// The archive's entries: the log's writes that `state` (folded from it) says the archive holds
+/// ([`ArchiveEntries`]), read in one pass over the log.
+pub fn archive_entries<M: LogMedium>(log: &EventLog<M>, state: &BackupState) -> Result<Vec<ArchiveEntry>, LogError> {
+    let mut gather = ArchiveEntries::new(state);
+    log.for_each_event(|_, e| {
+        gather.push(e);
+        Ok(())
+    })?;
+    Ok(gather.finish())
 }
 
 /// Moves the commands whose intent is durable (up to `durable`) from `waiting` to `ready`, in order.
@@ -381,7 +419,8 @@ pub async fn drive<M: LogMedium>(
         // a flush is needed only when a command waits for it, when nothing else could make
         // progress, or when the batch is full.
         promote(&mut waiting, &mut ready, log.durable_seq());
-        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world, &bodies);
+        let d = Dispatch { backup: &backup, world, bodies: &bodies, log, executors_max };
+        dispatch_ready(&mut ready, &mut inflight, &d, engine.state())?;
         let blocked = !waiting.is_empty();
         let terminal = engine.is_finished() || engine.stopped().is_some();
         let idle = inflight.is_empty() && ready.is_empty();
@@ -405,7 +444,8 @@ pub async fn drive<M: LogMedium>(
         if engine.is_finished() && inflight.is_empty() && ready.is_empty() {
             return Ok(engine.into_state());
         }
-        dispatch_ready(&mut ready, &mut inflight, executors_max, &backup, world, &bodies);
+        let d = Dispatch { backup: &backup, world, bodies: &bodies, log, executors_max };
+        dispatch_ready(&mut ready, &mut inflight, &d, engine.state())?;
         let Some(first) = inflight.next().await else {
             return Err(RunError::Engine("the engine has nothing to do but the backup is not finished".into()));
         };

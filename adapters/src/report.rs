@@ -15,6 +15,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use blockwise_engine::body::BodyId;
+use blockwise_engine::entries::final_write;
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
@@ -700,20 +701,6 @@ impl<W: Write> JsonArray<W> {
     }
 }
 
-/// `<name>-resource-list.json.gz`'s content: `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or
-/// `"name"` for cluster-scoped items) of every item in the archive — the same entries the engine
-/// hands to `Finalize`.
-pub fn resource_list(s: &BackupState) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let types: Vec<&ResourceType> = s.resources.iter().flatten().collect();
-    for b in &s.blocks {
-        for (key, _) in s.written(b) {
-            out.entry(list_type(&types, key)).or_default().insert(list_name(key));
-        }
-    }
-    out.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
-}
-
 /// The resource list's name of `key`'s type: `"<apiVersion>/<Kind>"` of its served type, or
 /// `"<resource>[.<group>]/unknown"`.
 fn list_type(types: &[&ResourceType], key: &ItemKey) -> String {
@@ -731,63 +718,81 @@ fn list_name(key: &ItemKey) -> String {
     }
 }
 
-/// [`resource_list`] as the JSON `<name>-resource-list.json.gz` holds, the same bytes, made
-/// without a set of every name (a B-tree of a million names and its copy into lists cost more
-/// than the names): each item's type is numbered, the (type, name) pairs sorted in one vector,
-/// and the JSON written from it.
-pub fn resource_list_json<W: Write>(s: &BackupState, mut out: W) -> std::io::Result<W> {
-    let types: Vec<&ResourceType> = s.resources.iter().flatten().collect();
-    // Each type's name ([`list_type`]), numbered as met.
-    let mut gvks: Vec<(String, String, String)> = Vec::new();
-    let mut names: Vec<(u32, String)> = Vec::with_capacity(s.items_done() as usize);
-    for b in &s.blocks {
-        for (key, _) in s.written(b) {
-            let at = gvks.iter().position(|(g, r, _)| *g == key.group() && *r == key.resource());
-            let id = at.unwrap_or_else(|| {
-                gvks.push((key.group().to_string(), key.resource().to_string(), list_type(&types, key)));
-                gvks.len() - 1
-            });
-            names.push((id as u32, list_name(key)));
-        }
+/// `<name>-resource-list.json.gz`'s content, gathered from the log's events
+/// ([`ResourceNames::push`]): `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or `"name"` for
+/// cluster-scoped items) of every item in the archive — the writes the archive's entries are
+/// ([`final_write`]). Written without a set of every name (a B-tree of a million names and its
+/// copy into lists cost more than the names): each item's type is numbered, the (type, name)
+/// pairs sorted in one vector, and the JSON written from it.
+pub struct ResourceNames<'a> {
+    state: &'a BackupState,
+    types: Vec<&'a ResourceType>,
+    /// Each type met: group, resource, its name in the list ([`list_type`]).
+    gvks: Vec<(String, String, String)>,
+    names: Vec<(u32, String)>,
+}
+
+impl<'a> ResourceNames<'a> {
+    /// Starts the list of the backup whose whole log folds to `state`.
+    pub fn new(state: &'a BackupState) -> ResourceNames<'a> {
+        let types = state.resources.iter().flatten().collect();
+        let names = Vec::with_capacity(usize::try_from(state.items_done()).unwrap_or(0));
+        ResourceNames { state, types, gvks: Vec::new(), names }
     }
-    // Types in the order of their names (two types may share one: their names merge).
-    let mut order: Vec<usize> = (0..gvks.len()).collect();
-    order.sort_by(|&a, &b| gvks[a].2.cmp(&gvks[b].2));
-    let mut rank = vec![0u32; gvks.len()];
-    let mut r = 0u32;
-    for (i, &t) in order.iter().enumerate() {
-        if i > 0 && gvks[order[i - 1]].2 != gvks[t].2 {
-            r += 1;
-        }
-        rank[t] = r;
+
+    /// Takes the log's next event.
+    pub fn push(&mut self, e: &Event) {
+        let Some((_, key, _)) = final_write(self.state, e) else { return };
+        let at = self.gvks.iter().position(|(g, r, _)| *g == key.group() && *r == key.resource());
+        let id = at.unwrap_or_else(|| {
+            self.gvks.push((key.group().to_string(), key.resource().to_string(), list_type(&self.types, key)));
+            self.gvks.len() - 1
+        });
+        self.names.push((id as u32, list_name(key)));
     }
-    let label: BTreeMap<u32, &str> = (0..gvks.len()).map(|t| (rank[t], gvks[t].2.as_str())).collect();
-    for (id, _) in names.iter_mut() {
-        *id = rank[*id as usize];
-    }
-    names.sort_unstable();
-    names.dedup();
-    out.write_all(b"{")?;
-    let mut prev: Option<u32> = None;
-    for (id, name) in &names {
-        if prev != Some(*id) {
-            if prev.is_some() {
-                out.write_all(b"],")?;
+
+    /// The list as JSON, into `out`.
+    pub fn json<W: Write>(self, mut out: W) -> std::io::Result<W> {
+        let ResourceNames { gvks, mut names, .. } = self;
+        // Types in the order of their names (two types may share one: their names merge).
+        let mut order: Vec<usize> = (0..gvks.len()).collect();
+        order.sort_by(|&a, &b| gvks[a].2.cmp(&gvks[b].2));
+        let mut rank = vec![0u32; gvks.len()];
+        let mut r = 0u32;
+        for (i, &t) in order.iter().enumerate() {
+            if i > 0 && gvks[order[i - 1]].2 != gvks[t].2 {
+                r += 1;
             }
-            serde_json::to_writer(&mut out, label.get(id).copied().unwrap_or_default())
-                .map_err(std::io::Error::other)?;
-            out.write_all(b":[")?;
-        } else {
-            out.write_all(b",")?;
+            rank[t] = r;
         }
-        serde_json::to_writer(&mut out, name).map_err(std::io::Error::other)?;
-        prev = Some(*id);
+        let label: BTreeMap<u32, &str> = (0..gvks.len()).map(|t| (rank[t], gvks[t].2.as_str())).collect();
+        for (id, _) in names.iter_mut() {
+            *id = rank[*id as usize];
+        }
+        names.sort_unstable();
+        names.dedup();
+        out.write_all(b"{")?;
+        let mut prev: Option<u32> = None;
+        for (id, name) in &names {
+            if prev != Some(*id) {
+                if prev.is_some() {
+                    out.write_all(b"],")?;
+                }
+                serde_json::to_writer(&mut out, label.get(id).copied().unwrap_or_default())
+                    .map_err(std::io::Error::other)?;
+                out.write_all(b":[")?;
+            } else {
+                out.write_all(b",")?;
+            }
+            serde_json::to_writer(&mut out, name).map_err(std::io::Error::other)?;
+            prev = Some(*id);
+        }
+        if prev.is_some() {
+            out.write_all(b"]")?;
+        }
+        out.write_all(b"}")?;
+        Ok(out)
     }
-    if prev.is_some() {
-        out.write_all(b"]")?;
-    }
-    out.write_all(b"}")?;
-    Ok(out)
 }
 
 /// Errors or warnings in Velero's `results.Result` shape.
@@ -902,6 +907,7 @@ pub struct BackupFiles<'a> {
     results: Results,
     logs: flate2::write::GzEncoder<Vec<u8>>,
     volumes: VolumeObjects,
+    names: ResourceNames<'a>,
     next: u64,
 }
 
@@ -914,6 +920,7 @@ impl<'a> BackupFiles<'a> {
             results: Results::default(),
             logs: crate::store::gzip_encoder(Vec::new()),
             volumes: VolumeObjects::new(state),
+            names: ResourceNames::new(state),
             next: 0,
         }
     }
@@ -922,6 +929,7 @@ impl<'a> BackupFiles<'a> {
     pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
         self.results.push(self.state, e);
         self.volumes.push(e);
+        self.names.push(e);
         let mut line = event_line(self.next, e);
         line.push('\n');
         self.next += 1;
@@ -935,7 +943,7 @@ impl<'a> BackupFiles<'a> {
         let gz = gz_file;
         // Velero writes these with a JSON encoder: the value and a newline.
         let with_newline = |f: GzFile| gz_finish(f, b"\n");
-        let list = gz_finish(resource_list_json(s, gz())?, b"")?;
+        let list = gz_finish(self.names.json(gz())?, b"")?;
         let results = serde_json::to_vec(&self.results.to_json()).map_err(std::io::Error::other)?;
         let logs = self.logs.finish()?;
         let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
@@ -1183,9 +1191,8 @@ mod tests {
     /// cluster-scoped names, names needing escapes, an item written twice, and no item at all.
     #[test]
     fn the_resource_list_json_is_the_serialized_map() {
-        use blockwise_engine::event::{BlockOutcome, Event};
+        use blockwise_engine::event::BlockOutcome;
         use blockwise_engine::grouping::BlockPlan;
-        use blockwise_engine::item::ResourceType;
         use std::sync::Arc;
         let cm = |ns: &str, n: &str| ItemKey::namespaced("", "configmaps", ns, n);
         let keys = [
@@ -1197,6 +1204,8 @@ mod tests {
             ItemKey::namespaced("example.com", "widgets", "a", "w"),
             ItemKey::namespaced("apps", "olddeployments", "a", "old"),
         ];
+        let strays =
+            [ItemKey::namespaced("", "secrets", "a", "stray"), ItemKey::namespaced("", "secrets", "a", "open")];
         let resources = vec![
             ResourceType::new("", "v1", "configmaps", "ConfigMap", true),
             ResourceType::new("", "v1", "namespaces", "Namespace", false),
@@ -1207,10 +1216,12 @@ mod tests {
         let mut events = vec![
             Event::BackupRequested { spec: blockwise_engine::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
             Event::ResourcesDiscovered { resources },
-            Event::BlockPlanned { blocks: vec![plan(0, &keys[..4]), plan(1, &keys[4..])] },
+            Event::BlockPlanned {
+                blocks: vec![plan(0, &keys[..4]), plan(1, &keys[4..]), plan(2, &strays[..1]), plan(3, &strays[1..])],
+            },
         ];
         let empty = BackupState::fold(&events).unwrap();
-        assert_eq!(resource_list_json(&empty, Vec::new()).unwrap(), b"{}");
+        assert_eq!(names(&empty, &events).json(Vec::new()).unwrap(), b"{}");
         for (block, keys) in [(1u32, &keys[4..]), (0, &keys[..4])] {
             events.push(Event::BlockStarted { block, attempt: 1, at_ms: 2 });
             for (i, key) in keys.iter().chain(&keys[..1]).enumerate() {
@@ -1219,13 +1230,40 @@ mod tests {
             }
             events.push(Event::BlockFinished { block, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 3 });
         }
+        // An earlier attempt's write that the last one did not repeat is not listed; an
+        // unfinished block's writes are not either.
+        for (block, attempt) in [(2, 1), (3, 1), (2, 2)] {
+            events.push(Event::BlockStarted { block, attempt, at_ms: 4 });
+            let key = strays[block as usize - 2].clone();
+            if attempt == 1 {
+                events.push(Event::ItemWritten { block, attempt, key, digest: [9; 32], bytes: 1 });
+            }
+        }
+        events.push(Event::BlockFinished { block: 2, attempt: 2, outcome: BlockOutcome::Completed, at_ms: 5 });
         let s = BackupState::fold(&events).unwrap();
-        let map = resource_list(&s);
+        let map = resource_list(&s, &events);
         assert_eq!(map["apps/v1/Deployment"], ["a/old", "a/web"]);
         assert_eq!(map["v1/ConfigMap"], ["a-b/y", "a/z\"quote", "b/x"]);
         assert_eq!(map["widgets.example.com/unknown"], ["a/w"]);
-        let json = String::from_utf8(resource_list_json(&s, Vec::new()).unwrap()).unwrap();
+        assert_eq!(map.len(), 4, "{map:?}");
+        let json = String::from_utf8(names(&s, &events).json(Vec::new()).unwrap()).unwrap();
         assert_eq!(json, serde_json::to_string(&map).unwrap());
+    }
+
+    fn names<'a>(s: &'a BackupState, events: &[Event]) -> ResourceNames<'a> {
+        let mut names = ResourceNames::new(s);
+        events.iter().for_each(|e| names.push(e));
+        names
+    }
+
+    /// The list as a map of sets: what [`ResourceNames::json`] must serialize to.
+    fn resource_list(s: &BackupState, events: &[Event]) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let types: Vec<&ResourceType> = s.resources.iter().flatten().collect();
+        for (_, key, _) in events.iter().filter_map(|e| final_write(s, e)) {
+            out.entry(list_type(&types, key)).or_default().insert(list_name(key));
+        }
+        out.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
     }
 
     #[test]

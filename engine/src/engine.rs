@@ -40,7 +40,7 @@ use crate::snapshot::{
     SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
-use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState, WrittenKey};
+use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState};
 
 /// Identifies a command until its completion is reported.
 pub type CmdId = u64;
@@ -159,8 +159,10 @@ pub enum CommandKind {
     /// Stage again an item the archive build found missing or changed; its `ItemWritten` fact is
     /// already in the log, so the bytes are the logged ones and nothing new is recorded.
     Restage { key: ItemKey, body: Body },
-    /// Build the archive from the staged items.
-    Finalize { entries: Arc<Vec<ArchiveEntry>> },
+    /// Build the archive from the staged items: those the log's events name, gathered by
+    /// [`crate::entries::ArchiveEntries`] over the engine's state (every event is durable when
+    /// this is issued). The entries are not in the command: the fold does not hold them.
+    Finalize,
     /// Read the claims' PersistentVolumes (`pvs`) and list the snapshot classes of `classes`
     /// (VolumeSnapshotClasses, then VolumeGroupSnapshotClasses when served).
     InspectVolumes { pvs: Vec<(ResourceType, ItemKey)>, classes: Vec<ResourceType> },
@@ -1281,32 +1283,8 @@ impl Engine {
         if self.state.archive.is_none() {
             if !self.finalizing && self.restaging == 0 {
                 self.finalizing = true;
-                // Each type's version once; the entries made at their final size and handed over
-                // as they are (no copy of every key into another list).
-                let types: Vec<(&GroupResource, Arc<str>)> =
-                    self.state.resources.iter().flatten().map(|r| (&r.gr, Arc::from(r.version.as_str()))).collect();
-                let version_of = |key: &ItemKey| {
-                    let of = |(gr, _): &&(&GroupResource, Arc<str>)| {
-                        gr.group == key.group() && gr.resource == key.resource()
-                    };
-                    types.iter().find(of).map_or_else(|| Arc::from(""), |(_, v)| v.clone())
-                };
-                let n = self.state.blocks.iter().map(|b| self.state.written_count(b)).sum();
-                let mut entries = Vec::with_capacity(n);
-                for b in &self.state.blocks {
-                    for (at, (digest, _)) in self.state.written_entries(b) {
-                        let key = match at {
-                            WrittenKey::Planned(i) => EntryKey::in_plan(&b.plan, *i),
-                            WrittenKey::Other(key) => Some(EntryKey::from(ItemKey::clone(key))),
-                        };
-                        if let Some(key) = key {
-                            entries.push(ArchiveEntry { version: version_of(&key), key, digest: *digest });
-                        }
-                    }
-                }
-                entries.sort_by(|a, b| a.key.cmp(&b.key));
                 let last = self.state.events.checked_sub(1);
-                self.issue(Pending::Finalize, last, CommandKind::Finalize { entries: Arc::new(entries) });
+                self.issue(Pending::Finalize, last, CommandKind::Finalize);
             }
             return;
         }

@@ -153,19 +153,7 @@ impl Index {
 fn sort_stably_in_place(items: &mut [Item]) {
     let mut order: Vec<u32> = (0..items.len() as u32).collect();
     order.sort_by(|&a, &b| items[a as usize].key.cmp(&items[b as usize].key));
-    // `items[k]` is to receive what is now at `order[k]`; a placed position is marked `order[k] = k`.
-    for start in 0..order.len() {
-        let mut k = start;
-        loop {
-            let from = order[k] as usize;
-            order[k] = k as u32;
-            if from == start {
-                break;
-            }
-            items.swap(k, from);
-            k = from;
-        }
-    }
+    crate::entries::permute_in_place(items, order);
 }
 
 /// pod → each PVC it mounts (together + pull); pod → its PriorityClass (pull).

@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod engine;
+pub mod entries;
 pub mod event;
 pub mod grouping;
 pub mod hooks;

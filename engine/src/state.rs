@@ -101,11 +101,6 @@ impl<K: Ord, V> VecMap<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
         self.0.iter().map(|(k, v)| (k, v))
     }
-
-    /// The entries, in key order.
-    pub fn into_entries(self) -> Vec<(K, V)> {
-        self.0
-    }
 }
 
 impl<'a, K: Ord, V> IntoIterator for &'a VecMap<K, V> {
@@ -177,8 +172,9 @@ pub struct BlockState {
     pub outcome: Option<BlockOutcome>,
     /// When it finished.
     pub finished_ms: Option<u64>,
-    /// A finished block's written items: their range in [`BackupState`]'s table of them.
-    written_at: (u32, u32),
+    /// How many items a finished block's last attempt wrote (the items themselves are the log's:
+    /// [`crate::entries`]).
+    written_done: u32,
 }
 
 impl BlockState {
@@ -388,9 +384,6 @@ pub struct BackupState {
     pub last_ms: u64,
     /// Messages already recorded: a diagnostic repeated after a crash is recorded once.
     seen: BTreeSet<String>,
-    /// The items finished blocks wrote in their last attempts, each block's a run in the order
-    /// the blocks finished ([`BlockState`] knows where its run is).
-    finished_written: Vec<(WrittenKey, ([u8; 32], u64))>,
     /// Blocks with an outcome.
     finished_blocks: usize,
     /// Items written by blocks with an outcome.
@@ -417,28 +410,18 @@ impl BackupState {
             .collect()
     }
 
-    /// The items the latest attempt of `b` (one of this state's blocks) wrote, by key: key →
-    /// (digest, bytes). An item the attempt wrote twice is given once, as its latest write.
+    /// The items the open attempt of `b` (one of this state's blocks, not finished) has written, by
+    /// key: key → (digest, bytes), an item written twice once, as its latest write. A finished
+    /// block's items are not held: the log has them ([`crate::entries`]).
     pub fn written<'a>(&'a self, b: &'a BlockState) -> impl Iterator<Item = (&'a ItemKey, &'a ([u8; 32], u64))> + 'a {
-        self.written_entries(b).filter_map(|(k, v)| Some((b.key_of(k)?, v)))
-    }
-
-    /// The items the latest attempt of `b` wrote, as it keeps them ([`WrittenKey`] → (digest,
-    /// bytes)), each once.
-    pub fn written_entries<'a>(
-        &'a self,
-        b: &'a BlockState,
-    ) -> impl Iterator<Item = (&'a WrittenKey, &'a ([u8; 32], u64))> + 'a {
         let open = b.attempt.as_ref().filter(|_| b.outcome.is_none()).map(|a| a.written.iter());
-        let (from, len) = (b.written_at.0 as usize, b.written_at.1 as usize);
-        let done = (b.outcome.is_some()).then(|| self.finished_written.get(from..from + len)).flatten();
-        open.into_iter().flatten().chain(done.into_iter().flatten().map(|(k, v)| (k, v)))
+        open.into_iter().flatten().filter_map(|(k, v)| Some((b.key_of(k)?, v)))
     }
 
     /// How many items the latest attempt of `b` wrote.
     pub fn written_count(&self, b: &BlockState) -> usize {
         match (&b.outcome, &b.attempt) {
-            (Some(_), _) => b.written_at.1 as usize,
+            (Some(_), _) => b.written_done as usize,
             (None, Some(a)) => a.written.len(),
             (None, None) => 0,
         }
@@ -740,7 +723,7 @@ impl BackupState {
                         attempts: 0,
                         outcome: None,
                         finished_ms: None,
-                        written_at: (0, 0),
+                        written_done: 0,
                     });
                 }
             }
@@ -790,14 +773,11 @@ impl BackupState {
                 let b = &mut self.blocks[*block as usize];
                 b.outcome = Some(outcome.clone());
                 b.finished_ms = Some(*at_ms);
-                // The written items move to the table; the attempt stays only for its hooks or
-                // failed items (what `describe` and the controller's status read of it).
-                let from = self.finished_written.len() as u32;
-                if let Some(a) = b.attempt.as_mut() {
-                    self.finished_written.extend(std::mem::take(&mut a.written).into_entries());
-                }
-                let len = self.finished_written.len() as u32 - from;
-                b.written_at = (from, len);
+                // Of the written items the count stays (the log has the items); the attempt stays
+                // only for its hooks or failed items (what `describe` and the controller's status
+                // read of it).
+                let len = b.attempt.as_mut().map_or(0, |a| std::mem::take(&mut a.written).len() as u32);
+                b.written_done = len;
                 if b.attempt.as_ref().is_some_and(|a| a.plain()) {
                     b.attempt = None;
                 }
@@ -868,19 +848,30 @@ mod tests {
         let got: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
         assert_eq!(got, BTreeMap::from([(key("a"), 2), (key("c"), 4), (snap.clone(), 3)]));
         let kept: Vec<&WrittenKey> = s.blocks[0].attempt.as_ref().unwrap().written.keys().collect();
-        assert_eq!(kept, [&WrittenKey::Planned(0), &WrittenKey::Planned(2), &WrittenKey::Other(Box::new(snap))]);
-        // Finished, the items move to the backup's table and a plain attempt is dropped: the
-        // same items come back, and the counters see them.
+        assert_eq!(
+            kept,
+            [&WrittenKey::Planned(0), &WrittenKey::Planned(2), &WrittenKey::Other(Box::new(snap.clone()))]
+        );
+        // Finished, the items are counted and left to the log (`crate::entries` reads them back:
+        // the same items), and a plain attempt is dropped.
         let finished = Event::BlockFinished { block: 0, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 3 };
         s.apply(&finished).unwrap();
-        let after: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
-        assert_eq!(after, got);
+        assert_eq!(s.written(&s.blocks[0]).count(), 0);
         assert_eq!((s.written_count(&s.blocks[0]), s.items_done(), s.blocks[0].attempts), (3, 3, 1));
         assert!(s.blocks[0].attempt.is_none());
+        let log: Vec<Event> = events
+            .iter()
+            .cloned()
+            .chain([write(&key("c"), 1), write(&key("a"), 2), write(&snap, 3), write(&key("c"), 4), finished])
+            .collect();
+        let mut entries = crate::entries::ArchiveEntries::new(&s);
+        log.iter().for_each(|e| entries.push(e));
+        let after: BTreeMap<ItemKey, u8> = entries.finish().iter().map(|e| ((*e.key).clone(), e.digest[0])).collect();
+        assert_eq!(after, got);
     }
 
     /// A finished block's attempt that ran a hook stays (describe reads its hooks); its written
-    /// items are in the table all the same, and blocks finishing in any order keep their own.
+    /// items are counted all the same, and blocks finishing in any order keep their own counts.
     #[test]
     fn a_finished_attempt_keeps_its_hooks_and_each_block_its_own_items() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
@@ -911,11 +902,7 @@ mod tests {
             finish(0),
         ];
         let s = BackupState::fold(&events).unwrap();
-        let names = |b: usize| -> Vec<(String, u8)> {
-            s.written(&s.blocks[b]).map(|(k, (d, _))| (k.name().to_string(), d[0])).collect()
-        };
-        assert_eq!(names(0), [("a".to_string(), 1), ("b".to_string(), 2)]);
-        assert_eq!(names(1), [("c".to_string(), 3)]);
+        assert_eq!((s.written_count(&s.blocks[0]), s.written_count(&s.blocks[1])), (2, 1));
         assert!(s.blocks[0].attempt.is_none());
         let kept = s.blocks[1].attempt.as_ref().map(|a| a.hooks_finished.len());
         assert_eq!(kept, Some(1));
