@@ -334,7 +334,11 @@ const SERVER_METADATA: [&str; 7] =
     ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"];
 
 /// Written objects by resource, then (namespace or "", name): the object, or `None` when deleted.
-pub type Overlay = BTreeMap<GroupResource, BTreeMap<(String, String), Option<Value>>>;
+/// An object is shared with the change history's record of its write (one copy, not two).
+pub type Overlay = BTreeMap<GroupResource, Written>;
+
+/// The overlay of one resource: (namespace or "", name) → the object, or `None` when deleted.
+pub type Written = BTreeMap<(String, String), Option<Arc<Value>>>;
 
 /// The overlay as lists of entries: JSON object keys must be strings.
 mod overlay_entries {
@@ -344,14 +348,16 @@ mod overlay_entries {
     type Entries = Vec<(GroupResource, Vec<((String, String), Option<Value>)>)>;
 
     pub fn serialize<S: Serializer>(o: &Overlay, s: S) -> Result<S::Ok, S::Error> {
-        let entries: Entries =
-            o.iter().map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())).collect();
+        type Borrowed<'a> = Vec<(&'a GroupResource, Vec<(&'a (String, String), Option<&'a Value>)>)>;
+        let entries: Borrowed<'_> =
+            o.iter().map(|(g, m)| (g, m.iter().map(|(k, v)| (k, v.as_deref())).collect())).collect();
         entries.serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Overlay, D::Error> {
         let entries = Entries::deserialize(d)?;
-        Ok(entries.into_iter().map(|(g, m)| (g, m.into_iter().collect())).collect())
+        let shared = |m: Vec<((String, String), Option<Value>)>| m.into_iter().map(|(k, v)| (k, v.map(Arc::new)));
+        Ok(entries.into_iter().map(|(g, m)| (g, shared(m).collect())).collect())
     }
 }
 
@@ -466,7 +472,7 @@ impl Dynamic {
     pub fn get<'a>(&'a self, st: &'a Statics<'_>, key: &ItemKey) -> Option<&'a Value> {
         let gr = key.gr();
         match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {
-            Some(v) => v.as_ref(),
+            Some(v) => v.as_deref(),
             None => st.objects.get(&gr).and_then(|o| o.get(&slot(key))),
         }
     }
@@ -474,31 +480,39 @@ impl Dynamic {
     /// Writes the overlay, recording the change for watches: every change gets a resourceVersion
     /// of its own (a deletion one more), except a second write of one object at the same version,
     /// which replaces the first's recorded state.
-    fn put(&mut self, st: &Statics<'_>, key: &ItemKey, mut v: Option<Value>) {
+    fn put(&mut self, st: &Statics<'_>, key: &ItemKey, v: Option<Value>) {
         let gr = key.gr();
         let before = match self.overlay.get(&gr).and_then(|o| o.get(&slot(key))) {
             Some(x) => x.is_some(),
             None => st.objects.get(&gr).is_some_and(|o| o.contains_key(&slot(key))),
         };
-        let change = match &mut v {
+        // The object as stored, shared with its change record.
+        let (stored, change) = match v {
             None if before => {
                 let mut last = self.lookup(st, key).unwrap_or(Value::Null);
                 self.bump(&mut last);
-                Some(Change { rv: self.next_rv, kind: ChangeKind::Deleted, key: key.clone(), object: Arc::new(last) })
+                let c =
+                    Change { rv: self.next_rv, kind: ChangeKind::Deleted, key: key.clone(), object: Arc::new(last) };
+                (None, Some(c))
             }
-            None => None,
-            Some(obj) => {
-                let rv = rv_of(obj).unwrap_or(0);
-                let same = self.history.back_mut().filter(|c| c.key == *key && c.rv == rv && rv == self.next_rv);
-                if let Some(last) = same {
-                    last.object = Arc::new(obj.clone());
-                    None
-                } else {
-                    if rv != self.next_rv || self.history.back().is_some_and(|c| c.rv == rv) {
-                        self.bump(obj);
+            None => (None, None),
+            Some(mut obj) => {
+                let rv = rv_of(&obj).unwrap_or(0);
+                let same = self.history.back().is_some_and(|c| c.key == *key && c.rv == rv && rv == self.next_rv);
+                if !same && (rv != self.next_rv || self.history.back().is_some_and(|c| c.rv == rv)) {
+                    self.bump(&mut obj);
+                }
+                let obj = Arc::new(obj);
+                match self.history.back_mut().filter(|_| same) {
+                    Some(last) => {
+                        last.object = obj.clone();
+                        (Some(obj), None)
                     }
-                    let kind = if before { ChangeKind::Modified } else { ChangeKind::Added };
-                    Some(Change { rv: self.next_rv, kind, key: key.clone(), object: Arc::new(obj.clone()) })
+                    None => {
+                        let kind = if before { ChangeKind::Modified } else { ChangeKind::Added };
+                        let c = Change { rv: self.next_rv, kind, key: key.clone(), object: obj.clone() };
+                        (Some(obj), Some(c))
+                    }
                 }
             }
         };
@@ -512,13 +526,13 @@ impl Dynamic {
             }
         }
         if let Some(deleting) = &mut self.deleting {
-            if v.as_ref().is_some_and(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
+            if stored.as_ref().is_some_and(|v| v.pointer("/metadata/deletionTimestamp").is_some()) {
                 deleting.insert(key.clone());
             } else {
                 deleting.remove(key);
             }
         }
-        self.overlay.entry(key.gr()).or_default().insert(slot(key), v);
+        self.overlay.entry(key.gr()).or_default().insert(slot(key), stored);
     }
 
     /// The keys of the overlay's objects being deleted, in key order.
@@ -1167,7 +1181,7 @@ impl Dynamic {
     }
 
     fn lookup_overlay(&self, key: &ItemKey) -> Option<Value> {
-        self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).cloned().flatten()
+        self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).and_then(|v| v.as_deref().cloned())
     }
 
     /// What a claim is: its storage request, its volume's driver and handle, or why it cannot be
@@ -1601,7 +1615,7 @@ impl Dynamic {
 /// object of its key.
 pub fn merge_overlay<'a>(
     base: Option<&'a BTreeMap<(String, String), Value>>,
-    over: Option<&'a BTreeMap<(String, String), Option<Value>>>,
+    over: Option<&'a Written>,
 ) -> impl Iterator<Item = (&'a (String, String), &'a Value)> + 'a {
     MergeOverlay { base: base.into_iter().flatten().peekable(), over: over.into_iter().flatten().peekable() }
 }
@@ -1610,7 +1624,7 @@ pub fn merge_overlay<'a>(
 struct MergeOverlay<'a, B, O>
 where
     B: Iterator<Item = (&'a (String, String), &'a Value)>,
-    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Arc<Value>>)>,
 {
     base: std::iter::Peekable<B>,
     over: std::iter::Peekable<O>,
@@ -1619,7 +1633,7 @@ where
 impl<'a, B, O> Iterator for MergeOverlay<'a, B, O>
 where
     B: Iterator<Item = (&'a (String, String), &'a Value)>,
-    O: Iterator<Item = (&'a (String, String), &'a Option<Value>)>,
+    O: Iterator<Item = (&'a (String, String), &'a Option<Arc<Value>>)>,
 {
     type Item = (&'a (String, String), &'a Value);
 
@@ -1641,7 +1655,7 @@ where
             }
             let (k, v) = self.over.next()?;
             if let Some(v) = v {
-                return Some((k, v));
+                return Some((k, &**v));
             }
         }
     }
