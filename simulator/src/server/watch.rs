@@ -47,8 +47,8 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, obj: &Value) -> bool {
-        let meta = |f: &str| obj.pointer(&format!("/metadata/{f}")).and_then(Value::as_str);
-        self.namespace.as_deref().is_none_or(|ns| meta("namespace") == Some(ns))
+        let namespace = obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str);
+        self.namespace.as_deref().is_none_or(|ns| namespace == Some(ns))
             && self.fields.matches(obj)
             && self.selector.as_ref().is_none_or(|s| s.matches(&labels_of(obj)))
     }
