@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::engine::{ArchiveEntry, EntryKey};
 use crate::event::Event;
 use crate::item::{GroupResource, ItemKey};
+use crate::mutation::{self, Mutation};
 use crate::state::BackupState;
 
 /// The write `e` records, if it is one the archive holds: an `ItemWritten` of block `block`'s
@@ -20,7 +21,8 @@ use crate::state::BackupState;
 pub fn final_write<'e>(s: &BackupState, e: &'e Event) -> Option<(u32, &'e ItemKey, &'e [u8; 32])> {
     let Event::ItemWritten { block, attempt, key, digest, .. } = e else { return None };
     let b = s.blocks.get(*block as usize)?;
-    (b.outcome.is_some() && b.attempts == *attempt).then_some((*block, key, digest))
+    let last = b.attempts == *attempt || mutation::active(Mutation::ArchiveKeepsEarlierAttempts);
+    (b.outcome.is_some() && last).then_some((*block, key, digest))
 }
 
 /// The archive's entries, gathered from the log's events in log order ([`ArchiveEntries::push`]):

@@ -107,11 +107,14 @@ pub enum Mutation {
     /// recover (A1: a pod frozen when the API server went away stays frozen long after it is
     /// back).
     ResumeWaitsFirst,
+    /// Engine: the archive holds what every attempt of a finished block wrote, not only its last
+    /// (E1: a block whose last attempt failed its Fail-mode pre-hook is in the archive anyway).
+    ArchiveKeepsEarlierAttempts,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 39] = [
+    pub const ALL: [Mutation; 40] = [
         Mutation::WriteBeforePreHooks,
         Mutation::SkipOwedPostHooks,
         Mutation::IgnorePreHookFailure,
@@ -151,6 +154,7 @@ impl Mutation {
         Mutation::UnreachableRecordedAsFailure,
         Mutation::NoRequestDeadline,
         Mutation::ResumeWaitsFirst,
+        Mutation::ArchiveKeepsEarlierAttempts,
     ];
 }
 

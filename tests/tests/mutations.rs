@@ -68,7 +68,7 @@ fn mutations_are_available_in_this_build() {
 
 #[test]
 fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
-    let expected: [(Mutation, &[&str]); 39] = [
+    let expected: [(Mutation, &[&str]); 40] = [
         // Items written before the pre-hooks: H1; and when a Fail-mode pre-hook then fails, the
         // failed block's items are in the archive: E1.
         (Mutation::WriteBeforePreHooks, &["H1", "E1"]),
@@ -116,6 +116,8 @@ fn every_planted_bug_is_caught_by_the_invariant_it_breaks() {
         // A hung server holds the run: stuck (L1), a window never closed (H2).
         (Mutation::NoRequestDeadline, &["L1", "H2"]),
         (Mutation::ResumeWaitsFirst, &["A1", "S4"]),
+        // An earlier attempt's writes of a block whose last attempt wrote other items, or none.
+        (Mutation::ArchiveKeepsEarlierAttempts, &["E1"]),
     ];
     assert_eq!(expected.len(), Mutation::ALL.len(), "every mutation has an expected invariant");
     let mut missed = Vec::new();
