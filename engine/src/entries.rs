@@ -35,7 +35,7 @@ pub struct ArchiveEntries<'a> {
     /// Each served type's preferred version, once.
     versions: Vec<(&'a GroupResource, Arc<str>)>,
     /// Per block, how many of its last attempt's writes were seen: where in its plan the next
-    /// one is looked for first (items are written in plan order).
+    /// one is looked for first ([`crate::state::BlockState::plan_position`]).
     seen: Vec<u32>,
     entries: Vec<ArchiveEntry>,
     /// The block of each entry.
@@ -62,10 +62,7 @@ impl<'a> ArchiveEntries<'a> {
         let b = &self.state.blocks[block as usize];
         let next = self.seen[block as usize];
         self.seen[block as usize] += 1;
-        let at = match b.plan.items.get(next as usize) {
-            Some(k) if k == key => Some(next),
-            _ => b.plan.items.iter().position(|k| k == key).map(|i| i as u32),
-        };
+        let at = b.plan_position(key, next as usize);
         let key = match at.and_then(|i| EntryKey::in_plan(&b.plan, i)) {
             Some(k) => k,
             None => EntryKey::from(key.clone()),
@@ -97,31 +94,13 @@ impl<'a> ArchiveEntries<'a> {
             })
             .collect();
         drop(blocks);
-        permute_in_place(&mut entries, order);
+        crate::grouping::permute_in_place(&mut entries, order);
         let mut at = 0;
         entries.retain(|_| {
             at += 1;
             !gone[at - 1]
         });
         entries
-    }
-}
-
-/// Puts `items[order[k]]` at position `k`, for every `k` (`order` a permutation of the positions),
-/// moving the items along the permutation's cycles — no second buffer of items.
-pub fn permute_in_place<T>(items: &mut [T], mut order: Vec<u32>) {
-    // A placed position is marked `order[k] = k`.
-    for start in 0..order.len() {
-        let mut k = start;
-        loop {
-            let from = order[k] as usize;
-            order[k] = k as u32;
-            if from == start {
-                break;
-            }
-            items.swap(k, from);
-            k = from;
-        }
     }
 }
 
@@ -195,12 +174,5 @@ mod tests {
             |n: &str| entries.iter().any(|e| e.key.name() == n && std::ptr::eq(&*e.key, &s.blocks[0].plan.items[1]));
         assert!(shared("b"));
         assert!(!shared("snap"));
-    }
-
-    #[test]
-    fn permuting_puts_each_item_where_the_order_says() {
-        let mut items = vec!['a', 'b', 'c', 'd', 'e'];
-        permute_in_place(&mut items, vec![3, 0, 4, 1, 2]);
-        assert_eq!(items, ['d', 'a', 'e', 'b', 'c']);
     }
 }

@@ -153,7 +153,25 @@ impl Index {
 fn sort_stably_in_place(items: &mut [Item]) {
     let mut order: Vec<u32> = (0..items.len() as u32).collect();
     order.sort_by(|&a, &b| items[a as usize].key.cmp(&items[b as usize].key));
-    crate::entries::permute_in_place(items, order);
+    permute_in_place(items, order);
+}
+
+/// Puts `items[order[k]]` at position `k`, for every `k` (`order` a permutation of the positions),
+/// moving the items along the permutation's cycles — no second buffer of items.
+pub(crate) fn permute_in_place<T>(items: &mut [T], mut order: Vec<u32>) {
+    // A placed position is marked `order[k] = k`.
+    for start in 0..order.len() {
+        let mut k = start;
+        loop {
+            let from = order[k] as usize;
+            order[k] = k as u32;
+            if from == start {
+                break;
+            }
+            items.swap(k, from);
+            k = from;
+        }
+    }
 }
 
 /// pod → each PVC it mounts (together + pull); pod → its PriorityClass (pull).
@@ -514,4 +532,16 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
         blocks.push(Arc::new(BlockPlan { id: id as u32, items, hooks: pre }));
     }
     PlanStep::Done(Plan { blocks, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::permute_in_place;
+
+    #[test]
+    fn permuting_puts_each_item_where_the_order_says() {
+        let mut items = vec!['a', 'b', 'c', 'd', 'e'];
+        permute_in_place(&mut items, vec![3, 0, 4, 1, 2]);
+        assert_eq!(items, ['d', 'a', 'e', 'b', 'c']);
+    }
 }

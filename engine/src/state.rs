@@ -195,13 +195,19 @@ impl BlockState {
     /// next one in write order looked at first), or the key itself.
     fn written_key(&self, key: &ItemKey) -> WrittenKey {
         let next = self.attempt.as_ref().map_or(0, |a| a.written.len());
-        if self.plan.items.get(next) == Some(key) {
-            return WrittenKey::Planned(next as u32);
-        }
-        match self.plan.items.iter().position(|k| k == key) {
-            Some(i) => WrittenKey::Planned(i as u32),
+        match self.plan_position(key, next) {
+            Some(i) => WrittenKey::Planned(i),
             None => WrittenKey::Other(Box::new(key.clone())),
         }
+    }
+
+    /// Where the plan lists `key`, if it does: position `next` looked at first (items are written
+    /// in plan order, so the next write is usually the next item).
+    pub fn plan_position(&self, key: &ItemKey, next: usize) -> Option<u32> {
+        if self.plan.items.get(next) == Some(key) {
+            return Some(next as u32);
+        }
+        self.plan.items.iter().position(|k| k == key).map(|i| i as u32)
     }
 }
 

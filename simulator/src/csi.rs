@@ -1065,7 +1065,7 @@ impl Dynamic {
         // Objects whose deletion this one's waits on, deleted first (read without a copy).
         let mut first: Vec<ItemKey> = Vec::new();
         {
-            let Some(obj) = self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).and_then(Option::as_ref) else {
+            let Some(obj) = self.overlay_get(key) else {
                 return false;
             };
             let deletable = |v: &Value| {
@@ -1181,7 +1181,12 @@ impl Dynamic {
     }
 
     fn lookup_overlay(&self, key: &ItemKey) -> Option<Value> {
-        self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).and_then(|v| v.as_deref().cloned())
+        self.overlay_get(key).cloned()
+    }
+
+    /// [`Self::lookup_overlay`] without the copy.
+    fn overlay_get(&self, key: &ItemKey) -> Option<&Value> {
+        self.overlay.get(&key.gr()).and_then(|o| o.get(&slot(key))).and_then(|v| v.as_deref())
     }
 
     /// What a claim is: its storage request, its volume's driver and handle, or why it cannot be
