@@ -18,16 +18,17 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use blockwise_engine::body::Body;
-use blockwise_engine::entries::ArchiveEntries;
+use blockwise_engine::entries::{final_write, Versions};
 use blockwise_engine::event::{Event, HookOutcome, Seq};
 use blockwise_engine::mutation::{self, Mutation};
 use blockwise_engine::ports::{Cluster, ClusterError};
 use blockwise_engine::state::BackupState;
-use blockwise_engine::{ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
+use blockwise_engine::{CmdId, Command, CommandKind, Completion, Engine, FinalizeError, ItemKey};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
 
+use crate::entry_runs::ArchiveEntries;
 use crate::log::{Bodies, EventLog, LogError, LogMedium};
 use crate::report;
 use crate::store::{Store, StoreError};
@@ -147,15 +148,13 @@ async fn unless_unreachable(cluster: &dyn Cluster, failed: bool, what: &str, don
     }
 }
 
+/// The archive's entries a `Finalize` is dispatched with ([`archive_entries`]), or why they could
+/// not be sorted.
+type Entries = Option<Result<Arc<ArchiveEntries>, String>>;
+
 /// Executes one command against the world; bodies the log carries are read from `bodies`, and a
 /// `Finalize` builds the archive of `entries` (gathered from the log by [`archive_entries`]).
-async fn execute(
-    kind: CommandKind,
-    entries: Option<Arc<Vec<ArchiveEntry>>>,
-    backup: &str,
-    world: &World,
-    bodies: &Bodies,
-) -> Completion {
+async fn execute(kind: CommandKind, entries: Entries, backup: &str, world: &World, bodies: &Bodies) -> Completion {
     let (cluster, store, rt) = (world.cluster.as_ref(), world.store.as_ref(), world.runtime.as_ref());
     match kind {
         CommandKind::Discover => {
@@ -253,9 +252,13 @@ async fn execute(
             unless_unreachable(cluster, failed, "releasing snapshots", Completion::SnapshotsReleased(r)).await
         }
         CommandKind::Finalize => {
-            let Some(entries) = entries else {
-                let e = "the driver gathered no entries for the archive".to_string();
-                return Completion::Finalized(Err(FinalizeError::Store(e)));
+            let entries = match entries {
+                Some(Ok(entries)) => entries,
+                Some(Err(e)) => return Completion::Finalized(Err(FinalizeError::Store(e))),
+                None => {
+                    let e = "the driver gathered no entries for the archive".to_string();
+                    return Completion::Finalized(Err(FinalizeError::Store(e)));
+                }
             };
             Completion::Finalized(store.finalize(backup, entries).await.map_err(|e| match e {
                 StoreError::Unstaged { ref keys, .. } => {
@@ -271,7 +274,7 @@ async fn execute(
 /// the task ended without one, which the runtime's spawn rules out: a panic is re-raised).
 fn dispatch(
     cmd: Command,
-    entries: Option<Arc<Vec<ArchiveEntry>>>,
+    entries: Entries,
     backup: &Arc<str>,
     world: &World,
     bodies: &Arc<Bodies>,
@@ -326,7 +329,8 @@ struct Dispatch<'a, M: LogMedium> {
 
 /// Starts ready commands, in order, while fewer than `executors_max` are in flight; a `Finalize`
 /// with the archive's entries gathered from the log over `state` (every event is durable by then:
-/// the command waits for the last one).
+/// the command waits for the last one). Entries that cannot be sorted (the log's disk is full)
+/// fail the `Finalize` as a store failure would; a log that cannot be read stops the run.
 fn dispatch_ready<M: LogMedium>(
     ready: &mut VecDeque<Command>,
     inflight: &mut InFlight,
@@ -336,7 +340,7 @@ fn dispatch_ready<M: LogMedium>(
     while inflight.len() < d.executors_max {
         let Some(cmd) = ready.pop_front() else { break };
         let entries = match cmd.kind {
-            CommandKind::Finalize => Some(Arc::new(archive_entries(d.log, state)?)),
+            CommandKind::Finalize => Some(archive_entries(d.log, state)?.map(Arc::new)),
             _ => None,
         };
         inflight.push(dispatch(cmd, entries, d.backup, d.world, d.bodies));
@@ -345,14 +349,32 @@ fn dispatch_ready<M: LogMedium>(
 }
 
 /// The archive's entries: the log's writes that `state` (folded from it) says the archive holds
-/// ([`ArchiveEntries`]), read in one pass over the log.
-pub fn archive_entries<M: LogMedium>(log: &EventLog<M>, state: &BackupState) -> Result<Vec<ArchiveEntry>, LogError> {
-    let mut gather = ArchiveEntries::new(state);
+/// ([`final_write`]), read in one pass over the log and sorted beside it
+/// ([`LogMedium::sort_dir`]; in memory for a log held there). `Err` is the log's; `Ok(Err)` says
+/// why the entries could not be sorted.
+pub fn archive_entries<M: LogMedium>(
+    log: &EventLog<M>,
+    state: &BackupState,
+) -> Result<Result<ArchiveEntries, String>, LogError> {
+    let dir = log.medium().sort_dir();
+    let where_ = || dir.as_ref().map_or_else(|| "memory".to_string(), |d| d.display().to_string());
+    let mut builder = match ArchiveEntries::builder(dir.as_deref()) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(format!("sorting the archive's entries in {}: {e}", where_()))),
+    };
+    let versions = Versions::of(state);
+    let mut failed = None;
     log.for_each_event(|_, e| {
-        gather.push(e);
+        if let (None, Some((block, key, digest))) = (&failed, final_write(state, e)) {
+            failed = builder.push(block, key, versions.of_key(key), digest).err();
+        }
         Ok(())
     })?;
-    Ok(gather.finish())
+    let sorted = match failed {
+        None => builder.finish(),
+        Some(e) => Err(e),
+    };
+    Ok(sorted.map_err(|e| format!("sorting the archive's entries in {}: {e}", where_())))
 }
 
 /// Moves the commands whose intent is durable (up to `durable`) from `waiting` to `ready`, in order.

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use blockwise_engine::state::ArchiveInfo;
-use blockwise_engine::{ArchiveEntry, ItemKey};
+use blockwise_engine::ItemKey;
 
+use crate::entry_runs::ArchiveEntries;
 use crate::store::{Store, StoreError};
 
 /// The environment variable the debug binary reads a [`FaultPlan`] from.
@@ -132,7 +133,7 @@ impl Store for FaultyStore {
         self.inner.sync_staged(backup).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError> {
         self.check("put", self.plan.finalize, format!("{backup}/{backup}.tar.gz"))?;
         self.inner.finalize(backup, entries).await
     }
@@ -165,6 +166,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+    use crate::entry_runs::ArchiveEntry;
     use crate::store::{LocalStore, RetryPolicy, RetryingStore};
 
     fn fast() -> RetryPolicy {
@@ -199,13 +201,9 @@ mod tests {
         store.put_item("b1", &other, b"{}").await.unwrap();
         let entries: Vec<ArchiveEntry> = [&key, &other]
             .iter()
-            .map(|k| ArchiveEntry {
-                key: (*k).clone().into(),
-                version: "v1".into(),
-                digest: Sha256::digest(b"{}").into(),
-            })
+            .map(|k| ArchiveEntry { key: (*k).clone(), version: "v1".into(), digest: Sha256::digest(b"{}").into() })
             .collect();
-        assert_eq!(store.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap().items, 2);
+        assert_eq!(store.finalize("b1", Arc::new(ArchiveEntries::of(&entries).unwrap())).await.unwrap().items, 2);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 
 pub mod csi;
 pub mod driver;
+pub mod entry_runs;
 pub mod faults;
 pub mod hookspec;
 pub mod inspect;
@@ -27,5 +28,6 @@ pub mod retry;
 pub mod s3;
 pub mod serve;
 pub mod session;
+pub mod sorted;
 pub mod store;
 pub mod world;

@@ -108,6 +108,10 @@ pub trait LogMedium: Send {
     fn spill_path(&self) -> Option<PathBuf> {
         None
     }
+    /// Where the archive's entries are sorted while it is built (`None`: in memory).
+    fn sort_dir(&self) -> Option<PathBuf> {
+        None
+    }
     /// How many records were committed — made durable by a flush — and of which backup id, as the
     /// medium keeps it apart from the records, so that a medium that loses records cannot lose this
     /// with them ([`blockwise_engine::event::check_end`]). `Ok(None)`: no count is kept (a log
@@ -1453,6 +1457,10 @@ impl LogMedium for SledMedium {
         Some(self.path.join(SPILL_FILE))
     }
 
+    fn sort_dir(&self) -> Option<PathBuf> {
+        Some(self.path.join(SORT_DIR))
+    }
+
     fn committed(&self) -> Result<Option<(u64, Seq)>, (PathBuf, String)> {
         match self.commit.committed()? {
             Some(c) => Ok(Some(c)),
@@ -1537,6 +1545,9 @@ impl LogMedium for SledMedium {
 
 /// The spill file of a sled log's objects, inside its directory ([`Bodies`]).
 pub const SPILL_FILE: &str = "bodies.spill";
+/// The directory a sled log's archive entries are sorted in, inside its directory
+/// ([`crate::entry_runs`]); empty but while an archive is built.
+pub const SORT_DIR: &str = "archive-entries";
 
 impl EventLog<SledMedium> {
     /// Creates the sled log of backup `backup_name` in `dir`; fails if it already has records.

@@ -29,7 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
 use blockwise_engine::state::ArchiveInfo;
-use blockwise_engine::{ArchiveEntry, ItemKey};
+use blockwise_engine::ItemKey;
 use futures::StreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
@@ -38,9 +38,10 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::entry_runs::{ArchiveEntries, Item};
 use crate::store::{
-    check_key, check_name, commit, create_dirs, plan_archive, temp_path, unstaged_error, verify_staged, write_archive,
-    Store, StoreError,
+    check_key, check_name, commit, create_dirs, temp_path, unstaged_error, verify_staged, write_archive, Store,
+    StoreError,
 };
 
 /// Archives larger than this are uploaded as a multipart upload.
@@ -332,7 +333,7 @@ impl S3Store {
     }
 
     /// Downloads one staged item and checks its digest.
-    async fn fetch_staged(&self, backup: &str, entry: &ArchiveEntry) -> Result<Vec<u8>, StoreError> {
+    async fn fetch_staged(&self, backup: &str, entry: &Item) -> Result<Vec<u8>, StoreError> {
         let (key, _) = self.staged_key(backup, &entry.key)?;
         let bytes = match self.inner.get(&key).await {
             Ok(r) => r.bytes().await.map_err(self.remote("read", &key))?,
@@ -345,62 +346,54 @@ impl S3Store {
         Ok(bytes.to_vec())
     }
 
-    /// [`S3Store::fetch_staged`], tagged with the entry's position.
-    async fn fetch_indexed(
-        &self,
-        backup: &str,
-        i: usize,
-        entry: &ArchiveEntry,
-    ) -> (usize, Result<Vec<u8>, StoreError>) {
-        (i, self.fetch_staged(backup, entry).await)
-    }
-
     /// Builds the archive into `tmp` from the staged items: each downloaded once into `scratch`.
     async fn build(
         &self,
         backup: &str,
-        entries: &[ArchiveEntry],
+        entries: &ArchiveEntries,
         scratch: &FsPath,
         tmp: &FsPath,
-    ) -> Result<([u8; 32], u64), StoreError> {
-        let planned = plan_archive(entries)?;
+    ) -> Result<ArchiveInfo, StoreError> {
         let io = |op: &'static str, path: &FsPath| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { op, path, source }
         };
-        // One GET per entry, a bounded number at a time; each item lands in a scratch file named
-        // by its index, since the archive needs it twice (its path and the preferred-version copy).
-        let fetches: Vec<_> = entries.iter().enumerate().map(|(i, e)| self.fetch_indexed(backup, i, e)).collect();
+        // One GET per item, a bounded number at a time; each item lands in a scratch file named by
+        // its number, since the archive needs it twice (its path and the preferred-version copy).
+        let fetches = entries.items()?.map(|item| async move {
+            let item = item?;
+            let got = self.fetch_staged(backup, &item).await;
+            Ok::<_, StoreError>((item, got))
+        });
         let mut fetched = futures::stream::iter(fetches).buffer_unordered(FINALIZE_GETS_IN_FLIGHT_MAX);
-        let mut index: HashMap<&ItemKey, PathBuf> = HashMap::with_capacity(entries.len());
         // Items missing or changed are all collected, so the engine can stage them again at once.
         let mut unstaged = Vec::new();
-        while let Some((i, got)) = fetched.next().await {
+        while let Some(r) = fetched.next().await {
+            let (item, got) = r?;
             let bytes = match got {
                 Ok(b) => b,
                 Err(e @ (StoreError::NotStaged { .. } | StoreError::DigestMismatch { .. })) => {
-                    unstaged.push((ItemKey::clone(&entries[i].key), e));
+                    unstaged.push((item.key, e));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let path = scratch.join(i.to_string());
+            let path = scratch.join(item.ordinal.to_string());
             fs::write(&path, &bytes).map_err(io("write", &path))?;
-            index.insert(&*entries[i].key, path);
         }
         if let Some(e) = unstaged_error(&mut unstaged) {
             return Err(e);
         }
         let file = File::create(tmp).map_err(io("create", tmp))?;
-        let (buf, digest, size) = write_archive(planned.iter(), BufWriter::new(file), tmp, |entry| {
-            let path = index.get(&*entry.key).cloned().unwrap_or_default();
+        let (buf, info) = write_archive(entries.tar_items()?, BufWriter::new(file), tmp, |item| {
+            let path = scratch.join(item.ordinal.to_string());
             let bytes = fs::read(&path).map_err(io("read", &path))?;
-            verify_staged(entry, &bytes)?;
+            verify_staged(item, &bytes)?;
             Ok(bytes)
         })?;
         let mut file = buf.into_inner().map_err(|e| io("write", tmp)(e.into_error()))?;
         file.flush().map_err(io("write", tmp))?;
-        Ok((digest, size))
+        Ok(info)
     }
 
     /// Uploads the local file `src` to `key`: one PUT, or a multipart upload above the threshold.
@@ -451,7 +444,7 @@ impl Store for S3Store {
         self.inner.put(&k, PutPayload::from(bytes.to_vec())).await.map(|_| ()).map_err(self.remote("put", &k))
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError> {
         let key = self.file_key(backup, &format!("{backup}.tar.gz"))?;
         create_dirs(&self.cfg.scratch_dir)?;
         let scratch = temp_path(&self.cfg.scratch_dir);
@@ -462,9 +455,9 @@ impl Store for S3Store {
         })?;
         let tmp = scratch.join("archive.tar.gz");
         let result = async {
-            let (digest, bytes) = self.build(backup, &entries, &scratch, &tmp).await?;
-            self.upload(&tmp, bytes, &key).await?;
-            Ok(ArchiveInfo { digest, bytes, items: entries.len() as u64 })
+            let info = self.build(backup, &entries, &scratch, &tmp).await?;
+            self.upload(&tmp, info.bytes, &key).await?;
+            Ok(info)
         }
         .await;
         let _ = fs::remove_dir_all(&scratch);
@@ -539,6 +532,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+    use crate::entry_runs::ArchiveEntry;
     use crate::store::LocalStore;
 
     #[test]
@@ -600,11 +594,15 @@ mod tests {
             .collect()
     }
 
+    fn set(entries: &[ArchiveEntry]) -> Arc<ArchiveEntries> {
+        Arc::new(ArchiveEntries::of(entries).unwrap())
+    }
+
     async fn stage(store: &dyn Store) -> Vec<ArchiveEntry> {
         let mut entries = Vec::new();
         for (key, bytes) in items().into_iter().rev() {
             store.put_item("b1", &key, &bytes).await.unwrap();
-            entries.push(ArchiveEntry { key: key.into(), version: "v1".into(), digest: Sha256::digest(&bytes).into() });
+            entries.push(ArchiveEntry { key, version: "v1".into(), digest: Sha256::digest(&bytes).into() });
         }
         entries
     }
@@ -614,12 +612,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let local = LocalStore::new(tmp.path().join("local"));
         let entries = stage(&local).await;
-        let info = local.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap();
+        let info = local.finalize("b1", set(&entries)).await.unwrap();
         let expected = fs::read(local.archive_path("b1").unwrap()).unwrap();
         for threshold in [u64::MAX, 0] {
             let (mem, s3) = memory_store(tmp.path(), threshold);
             let e = stage(&s3).await;
-            let got = s3.finalize("b1", std::sync::Arc::new(e.clone())).await.unwrap();
+            let got = s3.finalize("b1", set(&e)).await.unwrap();
             assert_eq!(got, info, "threshold {threshold}");
             let stored = mem.get(&Path::from("team/a/backups/b1/b1.tar.gz")).await.unwrap().bytes().await.unwrap();
             assert!(stored.as_ref() == expected.as_slice(), "threshold {threshold}: archive bytes differ");
@@ -644,14 +642,14 @@ mod tests {
         let entries = stage(&s3).await;
         let victim = Path::from("team/a/backups/b1/staging/resources/configmaps/namespaces/ns1/cm-1.json");
         mem.put(&victim, PutPayload::from_static(b"{}")).await.unwrap();
-        let e = s3.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap_err();
+        let e = s3.finalize("b1", set(&entries)).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { keys, first } if keys.len() == 1 && matches!(**first, StoreError::DigestMismatch { .. }))
                 && e.to_string().contains("configmaps ns1/cm-1"),
             "{e}"
         );
         mem.delete(&victim).await.unwrap();
-        let e = s3.finalize("b1", std::sync::Arc::new(entries.clone())).await.unwrap_err();
+        let e = s3.finalize("b1", set(&entries)).await.unwrap_err();
         assert!(e.to_string().contains("item configmaps ns1/cm-1 is not staged"), "{e}");
         assert!(e.to_string().contains("s3://bkt/team/a/backups/b1/staging/"), "{e}");
         assert!(mem.head(&Path::from("team/a/backups/b1/b1.tar.gz")).await.is_err(), "no archive was stored");
@@ -665,7 +663,7 @@ mod tests {
         for backup in ["", "..", "a/b", "../x"] {
             assert!(matches!(s3.put_item(backup, &good, b"{}").await, Err(StoreError::UnsafeName { .. })), "{backup}");
             assert!(s3.put_file(backup, "velero-backup.json", b"{}").await.is_err());
-            assert!(s3.finalize(backup, Arc::from(Vec::new())).await.is_err());
+            assert!(s3.finalize(backup, set(&[])).await.is_err());
         }
         let bad = ItemKey::namespaced("", "pods", "..", "a");
         assert!(matches!(s3.put_item("b1", &bad, b"{}").await, Err(StoreError::UnsafeKey { .. })));

@@ -18,7 +18,7 @@
 //! Every backup name and key component is checked with [`is_safe_name`] so nothing escapes the
 //! store root.
 //!
-//! The archive bytes come from one place, [`write_archive`] over [`plan_archive`], whichever store
+//! The archive bytes come from one place, [`write_archive`] over [`ArchiveEntries::tar_items`], whichever store
 //! holds the staged items (the S3 store in [`crate::s3`] uses it too), and the gzip companion files
 //! use [`gzip_reproducible`]. [`RetryingStore`] wraps any store with bounded retries of transient
 //! failures; what still fails is an error naming the key, which stops the run (the engine records
@@ -34,9 +34,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
 use blockwise_engine::state::ArchiveInfo;
-use blockwise_engine::{ArchiveEntry, ItemKey};
+use blockwise_engine::ItemKey;
 use sha2::{Digest, Sha256};
 
+use crate::entry_runs::{ArchiveEntries, Item, TarItem};
 use crate::pack::PackIndex;
 use crate::world::{offload, BoxFuture, Runtime, TokioRuntime};
 
@@ -128,8 +129,9 @@ pub trait Store: Send + Sync {
     }
 
     /// Builds the backup's `.tar.gz` from the staged items, checking their digests.
-    /// (`entries` shared, not copied: the blocking task that builds the archive holds them.)
-    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError>;
+    /// (`entries` shared: the blocking task that builds the archive holds them, and a retry reads
+    /// them again.)
+    async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError>;
 
     /// Stores a file beside the archive (`velero-backup.json`, …); `name` is one path component.
     async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
@@ -471,47 +473,47 @@ impl<M: StoreMedium> LocalStore<M> {
     }
 }
 
-/// Builds the archive of `entries` at `archive` on `m`, reading each staged item once. Items that
-/// are missing or differ from their logged digest are all collected into one
+/// Builds the archive of `entries` at `archive` on `m`, reading each staged item where it is.
+/// Items that are missing or differ from their logged digest are all collected into one
 /// [`StoreError::Unstaged`] (and no archive is written), so the caller can stage them again.
 fn build_archive<M: StoreMedium>(
     m: &M,
     backup: &str,
-    entries: &[ArchiveEntry],
+    entries: &ArchiveEntries,
     archive: &Path,
 ) -> Result<ArchiveInfo, StoreError> {
-    let planned = plan_archive(entries)?;
+    let mut tar = entries.tar_items()?;
     let what = m.location(archive);
     let index = PackIndex::scan(m, &staging_rel(backup)?)?;
     let mut unstaged: Vec<(ItemKey, StoreError)> = Vec::new();
     let mut result = None;
     m.write_with(archive, &mut |sink| {
-        let (_, digest, bytes) = write_archive(planned.iter(), sink, &what, |entry| {
+        let (_, info) = write_archive(tar.by_ref(), sink, &what, |item| {
             // The newest packed copy whose bytes are the logged ones, else a file of its own.
             let mut mismatch = None;
-            for body in index.candidates(m, &entry.key.archive_path()) {
+            for body in index.candidates(m, &item.key.archive_path()) {
                 let body = body?;
-                match verify_staged(entry, &body) {
+                match verify_staged(item, &body) {
                     Ok(()) => return Ok(body),
                     Err(e) => mismatch = mismatch.or(Some(e)),
                 }
             }
-            let rel = staged_rel(backup, &entry.key)?;
+            let rel = staged_rel(backup, &item.key)?;
             let found = m.read(&rel)?;
             let checked = match found {
-                Some(b) => verify_staged(entry, &b).map(|()| b),
+                Some(b) => verify_staged(item, &b).map(|()| b),
                 None => Err(mismatch
-                    .unwrap_or_else(|| StoreError::NotStaged { key: entry.key.to_string(), path: m.location(&rel) })),
+                    .unwrap_or_else(|| StoreError::NotStaged { key: item.key.to_string(), path: m.location(&rel) })),
             };
             checked.or_else(|e| {
-                unstaged.push((ItemKey::clone(&entry.key), e));
+                unstaged.push((item.key.clone(), e));
                 Ok(Vec::new())
             })
         })?;
         if let Some(e) = unstaged_error(&mut unstaged) {
             return Err(e);
         }
-        result = Some(ArchiveInfo { digest, bytes, items: entries.len() as u64 });
+        result = Some(info);
         Ok(())
     })?;
     result.ok_or_else(|| StoreError::Io {
@@ -549,7 +551,7 @@ impl<M: StoreMedium> Store for LocalStore<M> {
         self.medium.run(move || m.sync_tree(&rel)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError> {
         let archive = backup_rel(backup)?.join(format!("{backup}.tar.gz"));
         let (m, backup) = (self.medium.clone(), backup.to_string());
         self.medium.run(move || build_archive(&m, &backup, &entries, &archive)).await
@@ -724,123 +726,13 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// One tar entry to write: the entry whose staged bytes it holds (`None`: the format version file)
-/// and which of its two paths. The path is made when it is written ([`Planned::path`]) and
-/// compared piece by piece when the archive is sorted — an archive of a million items does not
-/// hold two million path strings.
-#[derive(Clone, Copy)]
-pub struct Planned<'a> {
-    /// The item, or `None` for `metadata/version`.
-    pub entry: Option<&'a ArchiveEntry>,
-    /// Its `<version>-preferredversion` copy.
-    pub copy: bool,
-}
-
-impl Planned<'_> {
-    /// The pieces whose concatenation is the path: [`ItemKey::archive_path`] or
-    /// [`ItemKey::preferred_version_path`].
-    fn pieces(&self) -> [&str; 12] {
-        let Some(e) = self.entry else {
-            return [VERSION_PATH, "", "", "", "", "", "", "", "", "", "", ""];
-        };
-        e.key.path_pieces(self.copy.then_some(&*e.version))
-    }
-
-    /// Its path inside the archive.
-    pub fn path(&self) -> String {
-        self.pieces().concat()
-    }
-
-    /// Orders by path, byte by byte, without making either.
-    fn cmp_path(&self, other: &Planned<'_>) -> std::cmp::Ordering {
-        let (a, b) = (self.pieces(), other.pieces());
-        a.iter().flat_map(|s| s.bytes()).cmp(b.iter().flat_map(|s| s.bytes()))
-    }
-}
-
-/// Every tar entry of the archive in archive order (sorted by path): `metadata/version`, then each
-/// item twice (its own path and its `-preferredversion` copy), held as two orders of the entries'
-/// positions — by own path and by copy path — merged as the archive is written (a vector of both
-/// paths of every item, sorted, was 16 bytes a path and as much again of sort scratch: ~55 MB at
-/// a million items). Duplicates of identical items are dropped, and two different items claiming
-/// one path are an error.
-pub struct ArchivePlan<'a> {
-    entries: &'a [ArchiveEntry],
-    own: Vec<u32>,
-    copies: Vec<u32>,
-}
-
-impl<'a> ArchivePlan<'a> {
-    /// The tar entries in archive order, duplicates included (each right after its first).
-    fn merged(&self) -> impl Iterator<Item = Planned<'a>> + '_ {
-        let at = |i: &u32, copy: bool| Planned { entry: Some(&self.entries[*i as usize]), copy };
-        let mut own = self.own.iter().map(move |i| at(i, false)).peekable();
-        let mut copies = self.copies.iter().map(move |i| at(i, true)).peekable();
-        std::iter::once(Planned { entry: None, copy: false }).chain(std::iter::from_fn(move || {
-            match (own.peek(), copies.peek()) {
-                (Some(a), Some(b)) if b.cmp_path(a).is_lt() => copies.next(),
-                (Some(_), _) => own.next(),
-                (None, _) => copies.next(),
-            }
-        }))
-    }
-
-    /// The tar entries to write, in archive order (each duplicate dropped).
-    pub fn iter(&self) -> impl Iterator<Item = Planned<'a>> + '_ {
-        let mut prev: Option<Planned<'a>> = None;
-        self.merged().filter(move |p| {
-            let dup = prev.is_some_and(|q| q.cmp_path(p).is_eq());
-            prev = Some(*p);
-            !dup
-        })
-    }
-}
-
-/// Plans the archive of `entries` ([`ArchivePlan`]), checking every key and version first.
-pub fn plan_archive(entries: &[ArchiveEntry]) -> Result<ArchivePlan<'_>, StoreError> {
-    for entry in entries {
-        check_key(&entry.key)?;
-        if !is_safe_name(&entry.version) {
-            return Err(StoreError::UnsafeKey {
-                key: entry.key.to_string(),
-                field: "version",
-                value: entry.version.to_string(),
-            });
-        }
-    }
-    let order = |copy: bool| {
-        let mut v: Vec<u32> = (0..entries.len() as u32).collect();
-        let at = |i: u32| Planned { entry: Some(&entries[i as usize]), copy };
-        // Stable: of equal paths, the earlier entry first (it is the one kept).
-        v.sort_by(|&a, &b| at(a).cmp_path(&at(b)));
-        v
-    };
-    let plan = ArchivePlan { entries, own: order(false), copies: order(true) };
-    let mut prev: Option<Planned<'_>> = None;
-    for p in plan.merged() {
-        if let Some(q) = prev.filter(|q| q.cmp_path(&p).is_eq()) {
-            let same = match (q.entry, p.entry) {
-                (Some(a), Some(b)) => a.digest == b.digest,
-                _ => false,
-            };
-            if !same {
-                let who = |e: Option<&ArchiveEntry>| e.map_or_else(|| VERSION_PATH.to_string(), |e| e.key.to_string());
-                return Err(StoreError::DuplicatePath { path: p.path(), first: who(q.entry), second: who(p.entry) });
-            }
-            continue;
-        }
-        prev = Some(p);
-    }
-    Ok(plan)
-}
-
 /// Checks staged bytes against the digest the log recorded for the entry.
-pub fn verify_staged(entry: &ArchiveEntry, bytes: &[u8]) -> Result<(), StoreError> {
+pub fn verify_staged(item: &Item, bytes: &[u8]) -> Result<(), StoreError> {
     let actual: [u8; 32] = Sha256::digest(bytes).into();
-    if actual != entry.digest {
+    if actual != item.digest {
         return Err(StoreError::DigestMismatch {
-            key: entry.key.to_string(),
-            expected: hex(&entry.digest),
+            key: item.key.to_string(),
+            expected: hex(&item.digest),
             actual: hex(&actual),
         });
     }
@@ -859,23 +751,27 @@ pub fn gzip_reproducible(bytes: &[u8]) -> io::Result<Vec<u8>> {
     gz.finish()
 }
 
-/// Writes the reproducible `.tar.gz` of `planned` into `sink` — the one place archive bytes are
-/// made, for every store. `read` returns an entry's verified staged bytes; `what` names the
-/// destination in errors. Returns the sink, and the sha256 and size of what was written.
-pub fn write_archive<'a, W: Write>(
-    planned: impl IntoIterator<Item = Planned<'a>>,
+/// Writes the reproducible `.tar.gz` of `tar` (in archive order: [`ArchiveEntries::tar_items`])
+/// into `sink` — the one place archive bytes are made, for every store. `read` returns an item's
+/// verified staged bytes; `what` names the destination in errors. Returns the sink, and the
+/// archive's sha256, size and item count.
+pub fn write_archive<W: Write>(
+    tar: impl Iterator<Item = Result<TarItem, StoreError>>,
     sink: W,
     what: &Path,
-    mut read: impl FnMut(&ArchiveEntry) -> Result<Vec<u8>, StoreError>,
-) -> Result<(W, [u8; 32], u64), StoreError> {
+    mut read: impl FnMut(&Item) -> Result<Vec<u8>, StoreError>,
+) -> Result<(W, ArchiveInfo), StoreError> {
     let sink = HashingWriter { inner: sink, hasher: Sha256::new(), bytes: 0 };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut tar = tar::Builder::new(ParallelGzip::new(sink, threads));
-    for p in planned {
-        let bytes = match p.entry {
-            Some(entry) => read(entry)?,
+    let mut builder = tar::Builder::new(ParallelGzip::new(sink, threads));
+    let mut items = 0u64;
+    for t in tar {
+        let t = t?;
+        let bytes = match &t.item {
+            Some(item) => read(item)?,
             None => VERSION_FILE_BYTES.to_vec(),
         };
+        items += u64::from(t.item.is_some() && !t.copy);
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(bytes.len() as u64);
@@ -883,11 +779,12 @@ pub fn write_archive<'a, W: Write>(
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(0);
-        tar.append_data(&mut header, p.path(), bytes.as_slice()).map_err(io_err("write", what))?;
+        builder.append_data(&mut header, &t.path, bytes.as_slice()).map_err(io_err("write", what))?;
     }
-    let gz = tar.into_inner().map_err(io_err("write", what))?;
+    let gz = builder.into_inner().map_err(io_err("write", what))?;
     let sink = gz.finish().map_err(io_err("write", what))?;
-    Ok((sink.inner, sink.hasher.finalize().into(), sink.bytes))
+    let info = ArchiveInfo { digest: sink.hasher.finalize().into(), bytes: sink.bytes, items };
+    Ok((sink.inner, info))
 }
 /// A writer that cuts what it is given into [`GZIP_MEMBER_BYTES`] chunks and compresses each as an
 /// independent gzip member (RFC 1952 §2.2: a gzip file is a series of members) on up to `threads`
@@ -1054,7 +951,7 @@ impl Store for RetryingStore {
         self.retry(|| self.inner.put_item(backup, key, bytes)).await
     }
 
-    async fn finalize(&self, backup: &str, entries: Arc<Vec<ArchiveEntry>>) -> Result<ArchiveInfo, StoreError> {
+    async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError> {
         self.retry(|| self.inner.finalize(backup, entries.clone())).await
     }
 
@@ -1087,9 +984,15 @@ mod tests {
     use std::io::Read;
 
     use super::*;
+    use crate::entry_runs::ArchiveEntry;
 
     fn entry(key: &ItemKey, version: &str, bytes: &[u8]) -> ArchiveEntry {
-        ArchiveEntry { key: key.clone().into(), version: version.into(), digest: Sha256::digest(bytes).into() }
+        ArchiveEntry { key: key.clone(), version: version.into(), digest: Sha256::digest(bytes).into() }
+    }
+
+    /// The entries, each as written by a block of its own.
+    fn set(entries: &[ArchiveEntry]) -> Arc<ArchiveEntries> {
+        Arc::new(ArchiveEntries::of(entries).unwrap())
     }
 
     fn long_name() -> String {
@@ -1191,8 +1094,8 @@ mod tests {
         let (sa, sb) = (LocalStore::new(a.path()), LocalStore::new(b.path()));
         let ea = stage(&sa, &[0, 1, 2, 3, 4]).await;
         let eb = stage(&sb, &[4, 2, 0, 3, 1]).await;
-        let ia = sa.finalize("b1", Arc::new(ea.clone())).await.unwrap();
-        let ib = sb.finalize("b1", Arc::new(eb.clone())).await.unwrap();
+        let ia = sa.finalize("b1", set(&ea)).await.unwrap();
+        let ib = sb.finalize("b1", set(&eb)).await.unwrap();
         let (ba, bb) =
             (fs::read(archive_path(a.path(), "b1")).unwrap(), fs::read(archive_path(b.path(), "b1")).unwrap());
         assert_eq!(ba, bb);
@@ -1202,7 +1105,7 @@ mod tests {
         // Finalizing again (a resumed backup) gives the same bytes.
         let mut reversed = ea.clone();
         reversed.reverse();
-        assert_eq!(sa.finalize("b1", Arc::new(reversed.clone())).await.unwrap(), ia);
+        assert_eq!(sa.finalize("b1", set(&reversed)).await.unwrap(), ia);
         assert_eq!(fs::read(sa.archive_path("b1").unwrap()).unwrap(), ba);
     }
 
@@ -1215,8 +1118,7 @@ mod tests {
             key: match ns {
                 Some(ns) => ItemKey::namespaced(group, resource, ns, name),
                 None => ItemKey::cluster(group, resource, name),
-            }
-            .into(),
+            },
             version: version.into(),
             digest: [0; 32],
         };
@@ -1230,8 +1132,8 @@ mod tests {
             entry("", "namespaces", None, "a", "v1"),
             entry("", "persistentvolumes", None, "pv", "v1"),
         ];
-        let planned = plan_archive(&entries).unwrap();
-        let paths: Vec<String> = planned.iter().map(|p| p.path()).collect();
+        let planned = ArchiveEntries::of(&entries).unwrap();
+        let paths: Vec<String> = planned.tar_items().unwrap().map(|t| t.unwrap().path).collect();
         let mut want: Vec<String> = vec![VERSION_PATH.to_string()];
         for e in &entries {
             want.push(e.key.archive_path());
@@ -1246,7 +1148,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::new(tmp.path());
         let entries = stage(&store, &[3, 1, 4, 0, 2]).await;
-        store.finalize("b1", Arc::new(entries.clone())).await.unwrap();
+        store.finalize("b1", set(&entries)).await.unwrap();
         let path = store.archive_path("b1").unwrap();
         let raw = fs::read(&path).unwrap();
         assert_eq!(&raw[..4], &[0x1f, 0x8b, 8, 0], "gzip header without file name");
@@ -1286,7 +1188,7 @@ mod tests {
         let store = LocalStore::new(tmp.path());
         let mut entries = stage(&store, &[0, 1]).await;
         entries[1].digest[0] ^= 1;
-        let e = store.finalize("b1", Arc::new(entries.clone())).await.unwrap_err();
+        let e = store.finalize("b1", set(&entries)).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { first, .. } if matches!(**first, StoreError::DigestMismatch { .. })),
             "{e}"
@@ -1294,7 +1196,7 @@ mod tests {
         assert!(e.to_string().contains("item deployments.apps ns1/web"), "{e}");
 
         let key = ItemKey::namespaced("", "secrets", "ns1", "never");
-        let e = store.finalize("b1", Arc::new(vec![entry(&key, "v1", b"x")])).await.unwrap_err();
+        let e = store.finalize("b1", set(&[entry(&key, "v1", b"x")])).await.unwrap_err();
         assert!(
             matches!(&e, StoreError::Unstaged { keys, first } if keys == std::slice::from_ref(&key) && matches!(**first, StoreError::NotStaged { .. })),
             "{e}"
@@ -1304,7 +1206,7 @@ mod tests {
         let mut all = stage(&store, &[0, 1]).await;
         all[0].digest[0] ^= 1;
         all.push(entry(&key, "v1", b"x"));
-        let e = store.finalize("b1", Arc::new(all.clone())).await.unwrap_err();
+        let e = store.finalize("b1", set(&all)).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "{e}");
 
@@ -1325,12 +1227,12 @@ mod tests {
         store.put_item("b1", &key, b"{}").await.unwrap();
         let e1 = entry(&key, "v1", b"{}");
         // The same entry twice is one item.
-        let info = store.finalize("b1", Arc::new(vec![e1.clone(), e1.clone()])).await.unwrap();
+        let info = store.finalize("b1", set(&[e1.clone(), e1.clone()])).await.unwrap();
         assert_eq!(read_archive(&store.archive_path("b1").unwrap()).len(), 3);
-        assert_eq!(info.items, 2);
+        assert_eq!(info.items, 1);
         let mut e2 = e1.clone();
         e2.digest = [0; 32];
-        let e = store.finalize("b1", Arc::new(vec![e1, e2])).await.unwrap_err();
+        let e = store.finalize("b1", set(&[e1, e2])).await.unwrap_err();
         assert!(matches!(e, StoreError::DuplicatePath { .. }), "{e}");
     }
 
@@ -1342,7 +1244,7 @@ mod tests {
         for backup in ["", ".", "..", "a/b", "../x", "a\\b"] {
             let e = store.put_item(backup, &good, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeName { what: "backup name", .. }), "{backup:?}: {e}");
-            assert!(store.finalize(backup, Arc::new(vec![])).await.is_err());
+            assert!(store.finalize(backup, set(&[])).await.is_err());
             assert!(store.put_file(backup, "velero-backup.json", b"{}").await.is_err());
         }
         let bad_keys = [
@@ -1356,10 +1258,10 @@ mod tests {
             let e = store.put_item("b1", key, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
             assert!(e.to_string().contains("not a safe path component"), "{e}");
-            let e = store.finalize("b1", Arc::new(vec![entry(key, "v1", b"{}")])).await.unwrap_err();
+            let e = store.finalize("b1", set(&[entry(key, "v1", b"{}")])).await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeKey { .. }), "{key:?}: {e}");
         }
-        let e = store.finalize("b1", Arc::new(vec![entry(&good, "../v1", b"{}")])).await.unwrap_err();
+        let e = store.finalize("b1", set(&[entry(&good, "../v1", b"{}")])).await.unwrap_err();
         assert!(matches!(e, StoreError::UnsafeKey { field: "version", .. }), "{e}");
         for name in ["", "..", "a/b", "../velero-backup.json", "staging", ".tmp-1-2"] {
             assert!(store.put_file("b1", name, b"{}").await.is_err(), "{name:?}");
@@ -1384,7 +1286,7 @@ mod tests {
         // Whichever bytes the log recorded are found.
         for v in [2, 1] {
             let body = format!("{{\"v\":{v}}}");
-            let info = store.finalize("b1", Arc::new(vec![entry(&key, "v1", body.as_bytes())])).await.unwrap();
+            let info = store.finalize("b1", set(&[entry(&key, "v1", body.as_bytes())])).await.unwrap();
             assert_eq!(info.items, 1);
             let got = read_archive(&store.archive_path("b1").unwrap());
             assert_eq!(got[1].2, body.as_bytes());
@@ -1404,20 +1306,20 @@ mod tests {
         let len = fs::metadata(&pack).unwrap().len();
         let file = fs::OpenOptions::new().write(true).open(&pack).unwrap();
         file.set_len(len - 3).unwrap();
-        let e = first.finalize("b1", Arc::new(all.clone())).await.unwrap_err();
+        let e = first.finalize("b1", set(&all)).await.unwrap_err();
         let StoreError::Unstaged { keys, first: why } = &e else { panic!("{e}") };
-        assert_eq!(keys, std::slice::from_ref(&*all[2].key), "{e}");
+        assert_eq!(keys, std::slice::from_ref(&all[2].key), "{e}");
         assert!(matches!(**why, StoreError::DigestMismatch { .. }), "{e}");
         // The next process stages it again, into a pack of its own.
         let second = LocalStore::new(tmp.path());
         stage(&second, &[2]).await;
         assert_eq!(list_dir_recursive(&staging).len(), 2);
-        assert_eq!(second.finalize("b1", Arc::new(all.clone())).await.unwrap().items, 3);
+        assert_eq!(second.finalize("b1", set(&all)).await.unwrap().items, 3);
         // A damaged header ends its pack's scan: what follows is missing, not misread.
         let mut bytes = fs::read(&pack).unwrap();
         bytes[crate::pack::HEADER_BYTES + 2] ^= 0x20;
         fs::write(&pack, &bytes).unwrap();
-        let e = LocalStore::new(tmp.path()).finalize("b1", Arc::new(all.clone())).await.unwrap_err();
+        let e = LocalStore::new(tmp.path()).finalize("b1", set(&all)).await.unwrap_err();
         let StoreError::Unstaged { keys, .. } = &e else { panic!("{e}") };
         assert_eq!(keys.len(), 2, "items 0 and 1 were in the damaged pack: {e}");
     }
@@ -1432,7 +1334,7 @@ mod tests {
         assert_eq!(path, tmp.path().join("backups/b1/staging/resources/pods/namespaces/ns1/web-0.json"));
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, &bytes).unwrap();
-        let info = store.finalize("b1", Arc::new(vec![entry(&key, version, &bytes)])).await.unwrap();
+        let info = store.finalize("b1", set(&[entry(&key, version, &bytes)])).await.unwrap();
         assert_eq!(info.items, 1);
     }
 

@@ -87,61 +87,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// The key of an archive entry: the block plan that lists the item and its position there, or
-/// (an item no plan lists: a snapshot's objects) the key itself. A copy of every key for the
-/// archive's list was ~200 bytes an item; this is 16. Dereferences to the [`ItemKey`].
-#[derive(Debug, Clone)]
-pub struct EntryKey(EntryKeyRepr);
-
-#[derive(Debug, Clone)]
-enum EntryKeyRepr {
-    InPlan(Arc<BlockPlan>, u32),
-    Own(Box<ItemKey>),
-}
-
-impl EntryKey {
-    /// The `i`-th item of `plan`, if it has one.
-    pub fn in_plan(plan: &Arc<BlockPlan>, i: u32) -> Option<EntryKey> {
-        plan.items.get(i as usize).map(|_| EntryKey(EntryKeyRepr::InPlan(plan.clone(), i)))
-    }
-}
-
-impl From<ItemKey> for EntryKey {
-    fn from(key: ItemKey) -> EntryKey {
-        EntryKey(EntryKeyRepr::Own(Box::new(key)))
-    }
-}
-
-impl std::ops::Deref for EntryKey {
-    type Target = ItemKey;
-    fn deref(&self) -> &ItemKey {
-        match &self.0 {
-            // In range: `in_plan` checked it, and a plan is never changed once shared.
-            EntryKeyRepr::InPlan(plan, i) => &plan.items[*i as usize],
-            EntryKeyRepr::Own(key) => key,
-        }
-    }
-}
-
-impl PartialEq for EntryKey {
-    fn eq(&self, other: &EntryKey) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for EntryKey {}
-
-/// One entry of the final archive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchiveEntry {
-    /// The item.
-    pub key: EntryKey,
-    /// Its preferred version, for the `-preferredversion` copy (shared by the entries of a type).
-    pub version: Arc<str>,
-    /// sha256 of the staged bytes.
-    pub digest: [u8; 32],
-}
-
 /// What a runtime must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandKind {
@@ -159,9 +104,10 @@ pub enum CommandKind {
     /// Stage again an item the archive build found missing or changed; its `ItemWritten` fact is
     /// already in the log, so the bytes are the logged ones and nothing new is recorded.
     Restage { key: ItemKey, body: Body },
-    /// Build the archive from the staged items: those the log's events name, gathered by
-    /// [`crate::entries::ArchiveEntries`] over the engine's state (every event is durable when
-    /// this is issued). The entries are not in the command: the fold does not hold them.
+    /// Build the archive from the staged items: the writes of the log that
+    /// [`crate::entries::final_write`] keeps over the engine's state, gathered by the shell (every
+    /// event is durable when this is issued). The entries are not in the command: the fold does
+    /// not hold them.
     Finalize,
     /// Read the claims' PersistentVolumes (`pvs`) and list the snapshot classes of `classes`
     /// (VolumeSnapshotClasses, then VolumeGroupSnapshotClasses when served).
@@ -2252,19 +2198,6 @@ mod tests {
         let spec = BackupSpec { label_selector: Some("app in (web),!gone".into()), ..BackupSpec::new("b") };
         assert_eq!(keys(spec, &cms), ["app", "velero.io/exclude-from-backup"]);
         assert_eq!(keys(BackupSpec::new("b"), &pods), ["app", "tier", "velero.io/exclude-from-backup"]);
-    }
-
-    /// An archive entry's key in a plan is that plan's item (equal to the same key held on its
-    /// own); a position the plan does not have makes none.
-    #[test]
-    fn an_entry_key_in_a_plan_is_the_plans_item() {
-        let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
-        let plan = Arc::new(BlockPlan { id: 0, items: vec![key("a"), key("b")], hooks: Vec::new() });
-        let b = EntryKey::in_plan(&plan, 1).unwrap();
-        assert_eq!(*b, key("b"));
-        assert_eq!(b, EntryKey::from(key("b")));
-        assert_ne!(b, EntryKey::in_plan(&plan, 0).unwrap());
-        assert!(EntryKey::in_plan(&plan, 2).is_none());
     }
 
     /// Planning keeps a claim's and a volume's strings, not their JSON, and reads the same answers

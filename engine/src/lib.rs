@@ -25,9 +25,7 @@ pub mod spec;
 pub mod state;
 pub mod summary;
 
-pub use engine::{
-    ArchiveEntry, CmdId, Command, CommandKind, Completion, Engine, EngineConfig, EntryKey, FinalizeError, Output,
-};
+pub use engine::{CmdId, Command, CommandKind, Completion, Engine, EngineConfig, FinalizeError, Output};
 pub use event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 pub use item::{GroupResource, Item, ItemKey, ResourceType, StrMap};
 pub use mutation::Mutation;

@@ -203,7 +203,7 @@ impl BlockState {
 
     /// Where the plan lists `key`, if it does: position `next` looked at first (items are written
     /// in plan order, so the next write is usually the next item).
-    pub fn plan_position(&self, key: &ItemKey, next: usize) -> Option<u32> {
+    fn plan_position(&self, key: &ItemKey, next: usize) -> Option<u32> {
         if self.plan.items.get(next) == Some(key) {
             return Some(next as u32);
         }
@@ -870,9 +870,9 @@ mod tests {
             .cloned()
             .chain([write(&key("c"), 1), write(&key("a"), 2), write(&snap, 3), write(&key("c"), 4), finished])
             .collect();
-        let mut entries = crate::entries::ArchiveEntries::new(&s);
-        log.iter().for_each(|e| entries.push(e));
-        let after: BTreeMap<ItemKey, u8> = entries.finish().iter().map(|e| ((*e.key).clone(), e.digest[0])).collect();
+        // The latest of each key's kept writes.
+        let after: BTreeMap<ItemKey, u8> =
+            log.iter().filter_map(|e| crate::entries::final_write(&s, e)).map(|(_, k, d)| (k.clone(), d[0])).collect();
         assert_eq!(after, got);
     }
 

@@ -118,9 +118,10 @@ fn kill_9_then_resume_on_s3_gives_the_uninterrupted_archive() {
 /// to the local store's.
 #[test]
 fn a_large_archive_goes_up_as_a_multipart_upload() {
+    use blockwise_adapters::entry_runs::{ArchiveEntries, ArchiveEntry};
     use blockwise_adapters::s3::{S3Config, S3Location, S3Store};
     use blockwise_adapters::store::{LocalStore, Store};
-    use blockwise_engine::{ArchiveEntry, ItemKey};
+    use blockwise_engine::ItemKey;
     use sha2::{Digest, Sha256};
     use std::sync::Arc;
 
@@ -162,14 +163,11 @@ fn a_large_archive_goes_up_as_a_multipart_upload() {
         for (key, bytes) in &items {
             store.put_item("b", key, bytes).await.expect("put to S3");
             local.put_item("b", key, bytes).await.expect("put locally");
-            entries.push(ArchiveEntry {
-                key: key.clone().into(),
-                version: "v1".into(),
-                digest: Sha256::digest(bytes).into(),
-            });
+            entries.push(ArchiveEntry { key: key.clone(), version: "v1".into(), digest: Sha256::digest(bytes).into() });
         }
-        let info = store.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("multipart finalize");
-        (info, local.finalize("b", std::sync::Arc::new(entries.clone())).await.expect("local finalize"))
+        let entries = Arc::new(ArchiveEntries::of(&entries).expect("entries"));
+        let info = store.finalize("b", entries.clone()).await.expect("multipart finalize");
+        (info, local.finalize("b", entries).await.expect("local finalize"))
     });
     assert!(info.bytes > 10 << 20, "the archive must need several parts: {} bytes", info.bytes);
     assert_eq!(info, local_info);
