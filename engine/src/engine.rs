@@ -325,7 +325,7 @@ pub struct Engine {
     /// The volume inspection is in flight.
     inspecting: bool,
     /// The finished item plan and its claims, kept while the volumes are inspected.
-    pending_plan: Option<(crate::grouping::Plan, BTreeMap<ItemKey, Claim>)>,
+    pending_plan: Option<(crate::grouping::PlanShape, BTreeMap<ItemKey, Claim>)>,
     /// Volume facts read from listed objects, recorded with the inspection's answer.
     known_volumes: Vec<(String, PvVolume)>,
     /// The snapshot API the cluster serves, and why group snapshots cannot be used.
@@ -790,8 +790,8 @@ impl Engine {
     fn plan_round(&mut self) {
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
-                self.build_objects();
-                self.emit_plan(p, &claims);
+                let keys = self.build_objects();
+                self.emit_plan(p.into_plan(&keys), &claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -839,11 +839,12 @@ impl Engine {
                         }
                     }
                 }
-                // The catalog becomes the write path's view before the plan is recorded: the
-                // parsed items are not held beside the fold's blocks and the events carrying them.
+                // The catalog becomes the write path's view and the keys before the block plans
+                // are made and recorded: the parsed items are not held beside the plans, the
+                // fold's blocks and the events carrying them.
                 self.catalog = index.into_items();
-                self.build_objects();
-                self.emit_plan(p, &claims);
+                let keys = self.build_objects();
+                self.emit_plan(p.into_plan(&keys), &claims);
                 return;
             }
         }
@@ -852,9 +853,11 @@ impl Engine {
     }
 
     /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
-    fn claims(&self, p: &crate::grouping::Plan, index: &Index) -> BTreeMap<ItemKey, Claim> {
-        let in_backup: BTreeSet<&ItemKey> =
-            p.blocks.iter().flat_map(|b| &b.items).filter(|k| k.is("", "persistentvolumeclaims")).collect();
+    fn claims(&self, p: &crate::grouping::PlanShape, index: &Index) -> BTreeMap<ItemKey, Claim> {
+        let in_backup: BTreeSet<&ItemKey> = (p.positions().iter())
+            .filter_map(|&j| index.items().get(j as usize).map(|it| &it.key))
+            .filter(|k| k.is("", "persistentvolumeclaims"))
+            .collect();
         let group_label = self.group_label();
         let mut out = BTreeMap::new();
         for it in index.items().iter().filter(|it| it.key.is("", "persistentvolumeclaims")) {
@@ -1024,18 +1027,21 @@ impl Engine {
 
     /// The write path's view of every known object: key → its body (held, or its number in the
     /// log), from the catalog, which is not needed after this.
-    fn build_objects(&mut self) {
+    fn build_objects(&mut self) -> Vec<ItemKey> {
         let mut objects: Vec<(u128, Body)> = Vec::with_capacity(self.catalog.len());
+        let mut keys = Vec::with_capacity(self.catalog.len());
         for it in std::mem::take(&mut self.catalog) {
             if let Some(body) = it.body {
                 objects.push((it.key.digest(), body));
             }
+            keys.push(it.key);
         }
         // Stable: of one key listed twice, the first stays, as planning's index keeps it.
         objects.sort_by_key(|(d, _)| *d);
         objects.dedup_by_key(|(d, _)| *d);
         objects.shrink_to_fit();
         self.objects = Some(objects);
+        keys
     }
 
     /// The body of `key` in the write path's view ([`Engine::build_objects`]).
