@@ -356,7 +356,7 @@ pub fn archive_entries<M: LogMedium>(
     log: &EventLog<M>,
     state: &BackupState,
 ) -> Result<Result<ArchiveEntries, String>, LogError> {
-    let dir = log.medium().sort_dir();
+    let dir = log.medium().sort_dir().map(|d| d.join("archive-entries"));
     let where_ = || dir.as_ref().map_or_else(|| "memory".to_string(), |d| d.display().to_string());
     let mut builder = match ArchiveEntries::builder(dir.as_deref()) {
         Ok(b) => b,
@@ -491,7 +491,9 @@ pub async fn store_backup_files<M: LogMedium>(
     state: &BackupState,
     store: &dyn Store,
 ) -> Result<(), RunError> {
-    let mut builder = report::BackupFiles::new(log.name(), state);
+    let dir = log.medium().sort_dir().map(|d| d.join("resource-names"));
+    let mut builder = report::BackupFiles::new(log.name(), state, dir.as_deref())
+        .map_err(|e| RunError::Encode(format!("sorting the resource list: {e}")))?;
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
     let bodies = log.bodies();
     let files = builder.finish(&|id| bodies.get(id)).map_err(|e| RunError::Encode(e.to_string()))?;

@@ -149,13 +149,7 @@ impl ArchiveEntries {
     /// alone: what an earlier process left there (a run killed while it built an archive) is
     /// removed first.
     pub fn builder(dir: Option<&Path>) -> io::Result<ArchiveEntriesBuilder> {
-        if let Some(d) = dir {
-            match std::fs::remove_dir_all(d) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(ArchiveEntriesBuilder { sorter: Sorter::new(dir, RUN_RECORDS)?, seq: 0, unsafe_entry: None })
+        Ok(ArchiveEntriesBuilder { sorter: Sorter::fresh(dir, RUN_RECORDS)?, seq: 0, unsafe_entry: None })
     }
 
     /// The entries `entries`, in memory, each as written by a block of its own: identical copies

@@ -108,7 +108,8 @@ pub trait LogMedium: Send {
     fn spill_path(&self) -> Option<PathBuf> {
         None
     }
-    /// Where the archive's entries are sorted while it is built (`None`: in memory).
+    /// Where the archive's entries and the resource list are sorted while they are made, each in
+    /// a directory of its own below this one (`None`: in memory).
     fn sort_dir(&self) -> Option<PathBuf> {
         None
     }
@@ -1545,9 +1546,9 @@ impl LogMedium for SledMedium {
 
 /// The spill file of a sled log's objects, inside its directory ([`Bodies`]).
 pub const SPILL_FILE: &str = "bodies.spill";
-/// The directory a sled log's archive entries are sorted in, inside its directory
-/// ([`crate::entry_runs`]); empty but while an archive is built.
-pub const SORT_DIR: &str = "archive-entries";
+/// The directory a sled log's archive entries and resource list are sorted in, inside its
+/// directory ([`crate::sorted`]); empty but while they are made.
+pub const SORT_DIR: &str = "sort";
 
 impl EventLog<SledMedium> {
     /// Creates the sled log of backup `backup_name` in `dir`; fails if it already has records.

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use blockwise_engine::body::BodyId;
@@ -25,6 +26,7 @@ use blockwise_engine::state::{BackupState, CutMember, SnapshotState};
 use blockwise_engine::summary::BackupSummary;
 use serde_json::{json, Value};
 
+use crate::sorted::Sorter;
 use crate::store::{gzip_reproducible, hex};
 
 /// Velero's backup format version, written into the archive and `velero-backup.json`.
@@ -721,71 +723,60 @@ fn list_name(key: &ItemKey) -> String {
 /// `<name>-resource-list.json.gz`'s content, gathered from the log's events
 /// ([`ResourceNames::push`]): `"<apiVersion>/<Kind>"` → sorted `"ns/name"` (or `"name"` for
 /// cluster-scoped items) of every item in the archive — the writes the archive's entries are
-/// ([`final_write`]). Written without a set of every name (a B-tree of a million names and its
-/// copy into lists cost more than the names): each item's type is numbered, the (type, name)
-/// pairs sorted in one vector, and the JSON written from it.
+/// ([`final_write`]). No set or vector of every name is held (a million names and their types
+/// were ~80 MB when the companion files were made): the (type, name) pairs are sorted on disk
+/// beside the log ([`crate::sorted`]) and the JSON written from their merge.
 pub struct ResourceNames<'a> {
     state: &'a BackupState,
     types: Vec<&'a ResourceType>,
     /// Each type met: group, resource, its name in the list ([`list_type`]).
     gvks: Vec<(String, String, String)>,
-    names: Vec<(u32, String)>,
+    names: Sorter<(String, String)>,
 }
 
+/// (type, name) pairs sorted in memory before they are written as one run.
+const NAMES_RUN_RECORDS: usize = 65_536;
+
 impl<'a> ResourceNames<'a> {
-    /// Starts the list of the backup whose whole log folds to `state`.
-    pub fn new(state: &'a BackupState) -> ResourceNames<'a> {
+    /// Starts the list of the backup whose whole log folds to `state`, sorting in `dir` (its own:
+    /// emptied first; `None`: in memory).
+    pub fn new(state: &'a BackupState, dir: Option<&Path>) -> std::io::Result<ResourceNames<'a>> {
         let types = state.resources.iter().flatten().collect();
-        let names = Vec::with_capacity(usize::try_from(state.items_done()).unwrap_or(0));
-        ResourceNames { state, types, gvks: Vec::new(), names }
+        Ok(ResourceNames { state, types, gvks: Vec::new(), names: Sorter::fresh(dir, NAMES_RUN_RECORDS)? })
     }
 
     /// Takes the log's next event.
-    pub fn push(&mut self, e: &Event) {
-        let Some((_, key, _)) = final_write(self.state, e) else { return };
+    pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
+        let Some((_, key, _)) = final_write(self.state, e) else { return Ok(()) };
         let at = self.gvks.iter().position(|(g, r, _)| *g == key.group() && *r == key.resource());
         let id = at.unwrap_or_else(|| {
             self.gvks.push((key.group().to_string(), key.resource().to_string(), list_type(&self.types, key)));
             self.gvks.len() - 1
         });
-        self.names.push((id as u32, list_name(key)));
+        self.names.push((self.gvks[id].2.clone(), list_name(key)))
     }
 
-    /// The list as JSON, into `out`.
+    /// The list as JSON, into `out`: types in the order of their names (two types may share one:
+    /// their names merge), each type's names sorted, each once.
     pub fn json<W: Write>(self, mut out: W) -> std::io::Result<W> {
-        let ResourceNames { gvks, mut names, .. } = self;
-        // Types in the order of their names (two types may share one: their names merge).
-        let mut order: Vec<usize> = (0..gvks.len()).collect();
-        order.sort_by(|&a, &b| gvks[a].2.cmp(&gvks[b].2));
-        let mut rank = vec![0u32; gvks.len()];
-        let mut r = 0u32;
-        for (i, &t) in order.iter().enumerate() {
-            if i > 0 && gvks[order[i - 1]].2 != gvks[t].2 {
-                r += 1;
-            }
-            rank[t] = r;
-        }
-        let label: BTreeMap<u32, &str> = (0..gvks.len()).map(|t| (rank[t], gvks[t].2.as_str())).collect();
-        for (id, _) in names.iter_mut() {
-            *id = rank[*id as usize];
-        }
-        names.sort_unstable();
-        names.dedup();
+        let sorted = self.names.finish()?;
         out.write_all(b"{")?;
-        let mut prev: Option<u32> = None;
-        for (id, name) in &names {
-            if prev != Some(*id) {
-                if prev.is_some() {
-                    out.write_all(b"],")?;
+        let mut prev: Option<(String, String)> = None;
+        for pair in sorted.iter()? {
+            let (label, name) = pair?;
+            match &prev {
+                Some(p) if p.0 == label && p.1 == name => continue,
+                Some(p) if p.0 == label => out.write_all(b",")?,
+                p => {
+                    if p.is_some() {
+                        out.write_all(b"],")?;
+                    }
+                    serde_json::to_writer(&mut out, &label).map_err(std::io::Error::other)?;
+                    out.write_all(b":[")?;
                 }
-                serde_json::to_writer(&mut out, label.get(id).copied().unwrap_or_default())
-                    .map_err(std::io::Error::other)?;
-                out.write_all(b":[")?;
-            } else {
-                out.write_all(b",")?;
             }
-            serde_json::to_writer(&mut out, name).map_err(std::io::Error::other)?;
-            prev = Some(*id);
+            serde_json::to_writer(&mut out, &name).map_err(std::io::Error::other)?;
+            prev = Some((label, name));
         }
         if prev.is_some() {
             out.write_all(b"]")?;
@@ -912,24 +903,25 @@ pub struct BackupFiles<'a> {
 }
 
 impl<'a> BackupFiles<'a> {
-    /// Starts the files of backup `name`, whose final state is `state`.
-    pub fn new(name: &'a str, state: &'a BackupState) -> BackupFiles<'a> {
-        BackupFiles {
+    /// Starts the files of backup `name`, whose final state is `state`; the resource list is
+    /// sorted in `sort_dir` ([`ResourceNames::new`]).
+    pub fn new(name: &'a str, state: &'a BackupState, sort_dir: Option<&Path>) -> std::io::Result<BackupFiles<'a>> {
+        Ok(BackupFiles {
             name,
             state,
             results: Results::default(),
             logs: crate::store::gzip_encoder(Vec::new()),
             volumes: VolumeObjects::new(state),
-            names: ResourceNames::new(state),
+            names: ResourceNames::new(state, sort_dir)?,
             next: 0,
-        }
+        })
     }
 
     /// Takes the log's next event.
     pub fn push(&mut self, e: &Event) -> std::io::Result<()> {
         self.results.push(self.state, e);
         self.volumes.push(e);
-        self.names.push(e);
+        self.names.push(e)?;
         let mut line = event_line(self.next, e);
         line.push('\n');
         self.next += 1;
@@ -1248,11 +1240,20 @@ mod tests {
         assert_eq!(map.len(), 4, "{map:?}");
         let json = String::from_utf8(names(&s, &events).json(Vec::new()).unwrap()).unwrap();
         assert_eq!(json, serde_json::to_string(&map).unwrap());
+        // Sorted through files in runs of two (names repeated across runs, types split by them),
+        // the same bytes; the run files go with the list.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("names");
+        let mut on_disk = ResourceNames::new(&s, Some(&dir)).unwrap();
+        on_disk.names = Sorter::new(Some(&dir), 2).unwrap();
+        events.iter().for_each(|e| on_disk.push(e).unwrap());
+        assert_eq!(String::from_utf8(on_disk.json(Vec::new()).unwrap()).unwrap(), json);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "run files left behind");
     }
 
     fn names<'a>(s: &'a BackupState, events: &[Event]) -> ResourceNames<'a> {
-        let mut names = ResourceNames::new(s);
-        events.iter().for_each(|e| names.push(e));
+        let mut names = ResourceNames::new(s, None).unwrap();
+        events.iter().for_each(|e| names.push(e).unwrap());
         names
     }
 

@@ -88,6 +88,18 @@ impl<T: Ord + Serialize + DeserializeOwned> Sorter<T> {
         })
     }
 
+    /// A sorter whose directory is its own: what an earlier process left in `dir` (one killed
+    /// while it sorted) is removed first.
+    pub fn fresh(dir: Option<&Path>, run_records: usize) -> io::Result<Sorter<T>> {
+        if let Some(d) = dir {
+            match std::fs::remove_dir_all(d) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Sorter::new(dir, run_records)
+    }
+
     /// Adds a record.
     pub fn push(&mut self, record: T) -> io::Result<()> {
         self.buf.push(record);
