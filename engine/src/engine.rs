@@ -300,7 +300,7 @@ pub struct Engine {
     /// The write path's view of every known object, once the plan is finished: (key digest, body)
     /// sorted by digest ([`ItemKey::digest`]: the keys themselves were ~200 bytes an item more; a
     /// hash map's buckets, up to twice the objects, ~40 MB more at a million).
-    objects: Option<Vec<(u128, Body)>>,
+    objects: Option<Objects>,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
     /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
     /// is built.
@@ -1028,27 +1028,32 @@ impl Engine {
     /// The write path's view of every known object: key → its body (held, or its number in the
     /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) -> Vec<ItemKey> {
-        let mut objects: Vec<(u128, Body)> = Vec::with_capacity(self.catalog.len());
+        let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(self.catalog.len());
+        let mut other: Vec<(u128, Body)> = Vec::new();
         let mut keys = Vec::with_capacity(self.catalog.len());
         for it in std::mem::take(&mut self.catalog) {
-            if let Some(body) = it.body {
-                objects.push((it.key.digest(), body));
+            let d = it.key.digest();
+            match it.body {
+                Some(Body::Logged(id)) => logged.push(((d >> 64) as u64, d as u64, id)),
+                Some(body) => other.push((d, body)),
+                None => {}
             }
             keys.push(it.key);
         }
-        // Stable: of one key listed twice, the first stays, as planning's index keeps it.
-        objects.sort_by_key(|(d, _)| *d);
-        objects.dedup_by_key(|(d, _)| *d);
-        objects.shrink_to_fit();
-        self.objects = Some(objects);
+        // Of one key listed twice, the first stays, as planning's index keeps it: sorted by
+        // digest and then by place (ids grow in listing order), the first of a digest kept.
+        logged.sort_unstable();
+        logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
+        logged.shrink_to_fit();
+        other.sort_by_key(|(d, _)| *d);
+        other.dedup_by_key(|(d, _)| *d);
+        self.objects = Some(Objects { logged, other });
         keys
     }
 
     /// The body of `key` in the write path's view ([`Engine::build_objects`]).
     fn object_body(&self, key: &ItemKey) -> Option<Body> {
-        let objects = self.objects.as_ref()?;
-        let d = key.digest();
-        objects.binary_search_by_key(&d, |(x, _)| *x).ok().map(|i| objects[i].1.clone())
+        self.objects.as_ref()?.get(key.digest())
     }
 
     /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
@@ -2139,6 +2144,27 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     }
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
+}
+
+/// The write path's view of every known object: its key's digest → its body. A logged body is
+/// its number, 24 bytes an object (a `(u128, Body)` was 64: 73 MB at a million objects, and as
+/// much again of sort scratch while it was built); any other body is kept whole.
+#[derive(Debug, Default)]
+struct Objects {
+    /// (digest's high half, low half, body number), sorted.
+    logged: Vec<(u64, u64, BodyId)>,
+    /// Bodies that are not plain logged objects, by digest, sorted.
+    other: Vec<(u128, Body)>,
+}
+
+impl Objects {
+    fn get(&self, d: u128) -> Option<Body> {
+        let (hi, lo) = ((d >> 64) as u64, d as u64);
+        match self.logged.binary_search_by_key(&(hi, lo), |&(h, l, _)| (h, l)) {
+            Ok(i) => Some(Body::Logged(self.logged[i].2)),
+            Err(_) => self.other.binary_search_by_key(&d, |(x, _)| *x).ok().map(|i| self.other[i].1.clone()),
+        }
+    }
 }
 
 /// The body of a claim written with the labels and annotations of its snapshot `snapshot`: made
