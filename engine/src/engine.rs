@@ -1028,10 +1028,13 @@ impl Engine {
     /// The write path's view of every known object: key → its body (held, or its number in the
     /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) -> Vec<ItemKey> {
-        let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(self.catalog.len());
+        let mut catalog = std::mem::take(&mut self.catalog);
+        let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(catalog.len());
         let mut other: Vec<(u128, Body)> = Vec::new();
-        let mut keys = Vec::with_capacity(self.catalog.len());
-        for it in std::mem::take(&mut self.catalog) {
+        let mut keys = Vec::with_capacity(catalog.len());
+        // From the back, the catalog's vector shrunk as it goes: it is returned while the view
+        // and the keys grow, not after (~200 bytes an item at a million objects).
+        while let Some(it) = catalog.pop() {
             let d = it.key.digest();
             match it.body {
                 Some(Body::Logged(id)) => logged.push(((d >> 64) as u64, d as u64, id)),
@@ -1039,7 +1042,12 @@ impl Engine {
                 None => {}
             }
             keys.push(it.key);
+            if catalog.len() % CATALOG_SHRINK_ITEMS == 0 {
+                catalog.shrink_to_fit();
+            }
         }
+        keys.reverse();
+        other.reverse();
         // Of one key listed twice, the first stays, as planning's index keeps it: sorted by
         // digest and then by place (ids grow in listing order), the first of a digest kept.
         logged.sort_unstable();
@@ -2145,6 +2153,9 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
 }
+
+/// Items between two shrinks of the catalog's vector while it becomes the write path's view.
+const CATALOG_SHRINK_ITEMS: usize = 1 << 16;
 
 /// The write path's view of every known object: its key's digest → its body. A logged body is
 /// its number, 24 bytes an object (a `(u128, Body)` was 64: 73 MB at a million objects, and as
