@@ -497,9 +497,10 @@ pub async fn store_backup_files<M: LogMedium>(
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
     let bodies = log.bodies();
     let files = builder.finish(&|id| bodies.get(id)).map_err(|e| RunError::Encode(e.to_string()))?;
-    for (file, bytes) in &files {
+    // Each handed over whole and dropped once stored: no copy beside them.
+    for (file, bytes) in files {
         store
-            .put_file(log.name(), file, bytes)
+            .put_file(log.name(), &file, bytes.into())
             .await
             .map_err(|source| RunError::Files { file: file.clone(), source })?;
     }

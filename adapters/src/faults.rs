@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::ItemKey;
+use bytes::Bytes;
 
 use crate::entry_runs::ArchiveEntries;
 use crate::store::{Store, StoreError};
@@ -138,7 +139,7 @@ impl Store for FaultyStore {
         self.inner.finalize(backup, entries).await
     }
 
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    async fn put_file(&self, backup: &str, name: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.check("put", self.plan.put_file, format!("{backup}/{name}"))?;
         self.inner.put_file(backup, name, bytes).await
     }

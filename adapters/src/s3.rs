@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
 use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::ItemKey;
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
@@ -464,9 +465,9 @@ impl Store for S3Store {
         result
     }
 
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    async fn put_file(&self, backup: &str, name: &str, bytes: Bytes) -> Result<(), StoreError> {
         let k = self.file_key(backup, name)?;
-        self.inner.put(&k, PutPayload::from(bytes.to_vec())).await.map(|_| ()).map_err(self.remote("put", &k))
+        self.inner.put(&k, PutPayload::from(bytes)).await.map(|_| ()).map_err(self.remote("put", &k))
     }
 
     async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -662,7 +663,7 @@ mod tests {
         let good = ItemKey::namespaced("", "pods", "ns1", "a");
         for backup in ["", "..", "a/b", "../x"] {
             assert!(matches!(s3.put_item(backup, &good, b"{}").await, Err(StoreError::UnsafeName { .. })), "{backup}");
-            assert!(s3.put_file(backup, "velero-backup.json", b"{}").await.is_err());
+            assert!(s3.put_file(backup, "velero-backup.json", Bytes::from_static(b"{}")).await.is_err());
             assert!(s3.finalize(backup, set(&[])).await.is_err());
         }
         let bad = ItemKey::namespaced("", "pods", "..", "a");

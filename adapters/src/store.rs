@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use blockwise_engine::item::is_safe_name;
 use blockwise_engine::state::ArchiveInfo;
 use blockwise_engine::ItemKey;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::entry_runs::{ArchiveEntries, Item, TarItem};
@@ -134,7 +135,9 @@ pub trait Store: Send + Sync {
     async fn finalize(&self, backup: &str, entries: Arc<ArchiveEntries>) -> Result<ArchiveInfo, StoreError>;
 
     /// Stores a file beside the archive (`velero-backup.json`, …); `name` is one path component.
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// (`bytes` shared, not copied: the blocking task that writes it holds them, and a retry sends
+    /// them again.)
+    async fn put_file(&self, backup: &str, name: &str, bytes: Bytes) -> Result<(), StoreError>;
 
     /// Reads a file stored beside the archive; `None` when it does not exist.
     async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -557,9 +560,9 @@ impl<M: StoreMedium> Store for LocalStore<M> {
         self.medium.run(move || build_archive(&m, &backup, &entries, &archive)).await
     }
 
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    async fn put_file(&self, backup: &str, name: &str, bytes: Bytes) -> Result<(), StoreError> {
         let rel = file_rel(backup, name)?;
-        let (m, bytes) = (self.medium.clone(), bytes.to_vec());
+        let m = self.medium.clone();
         self.medium.run(move || m.write(&rel, &bytes)).await
     }
 
@@ -959,8 +962,8 @@ impl Store for RetryingStore {
         self.retry(|| self.inner.sync_staged(backup)).await
     }
 
-    async fn put_file(&self, backup: &str, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.retry(|| self.inner.put_file(backup, name, bytes)).await
+    async fn put_file(&self, backup: &str, name: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.retry(|| self.inner.put_file(backup, name, bytes.clone())).await
     }
 
     async fn get_file(&self, backup: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1245,7 +1248,7 @@ mod tests {
             let e = store.put_item(backup, &good, b"{}").await.unwrap_err();
             assert!(matches!(e, StoreError::UnsafeName { what: "backup name", .. }), "{backup:?}: {e}");
             assert!(store.finalize(backup, set(&[])).await.is_err());
-            assert!(store.put_file(backup, "velero-backup.json", b"{}").await.is_err());
+            assert!(store.put_file(backup, "velero-backup.json", Bytes::from_static(b"{}")).await.is_err());
         }
         let bad_keys = [
             ItemKey::namespaced("", "pods", "..", "a"),
@@ -1264,7 +1267,7 @@ mod tests {
         let e = store.finalize("b1", set(&[entry(&good, "../v1", b"{}")])).await.unwrap_err();
         assert!(matches!(e, StoreError::UnsafeKey { field: "version", .. }), "{e}");
         for name in ["", "..", "a/b", "../velero-backup.json", "staging", ".tmp-1-2"] {
-            assert!(store.put_file("b1", name, b"{}").await.is_err(), "{name:?}");
+            assert!(store.put_file("b1", name, Bytes::from_static(b"{}")).await.is_err(), "{name:?}");
             assert!(store.get_file("b1", name).await.is_err(), "{name:?}");
         }
         assert!(!tmp.path().join("store").exists(), "nothing may have been written");
@@ -1343,8 +1346,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::new(tmp.path());
         assert_eq!(store.get_file("b1", "velero-backup.json").await.unwrap(), None);
-        store.put_file("b1", "velero-backup.json", b"{\"kind\":\"Backup\"}").await.unwrap();
-        store.put_file("b1", "b1-logs.gz", b"").await.unwrap();
+        store.put_file("b1", "velero-backup.json", Bytes::from_static(b"{\"kind\":\"Backup\"}")).await.unwrap();
+        store.put_file("b1", "b1-logs.gz", Bytes::new()).await.unwrap();
         assert_eq!(store.get_file("b1", "velero-backup.json").await.unwrap().unwrap(), b"{\"kind\":\"Backup\"}");
         assert_eq!(store.get_file("b1", "b1-logs.gz").await.unwrap().unwrap(), b"");
         assert!(tmp.path().join("backups/b1/velero-backup.json").is_file());

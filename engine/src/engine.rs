@@ -1042,7 +1042,7 @@ impl Engine {
                 None => {}
             }
             keys.push(it.key);
-            if catalog.len() % CATALOG_SHRINK_ITEMS == 0 {
+            if catalog.len().is_multiple_of(CATALOG_SHRINK_ITEMS) {
                 catalog.shrink_to_fit();
             }
         }
