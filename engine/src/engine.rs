@@ -297,9 +297,9 @@ pub struct Engine {
     discovering: bool,
     listing: BTreeSet<ListUnit>,
     fetching: bool,
-    /// The write path's view of every known object, once the plan is finished: (key digest, body)
-    /// sorted by digest ([`ItemKey::digest`]: the keys themselves were ~200 bytes an item more; a
-    /// hash map's buckets, up to twice the objects, ~40 MB more at a million).
+    /// The write path's view of every known object, once the plan is finished ([`Objects`]: by
+    /// key digest, [`ItemKey::digest`] — the keys themselves were ~200 bytes an item more; a hash
+    /// map's buckets, up to twice the objects, ~40 MB more at a million).
     objects: Option<Objects>,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
     /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
