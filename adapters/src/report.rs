@@ -479,14 +479,14 @@ impl VolumeObjects {
         }
         let Some(rt) = self.types.get(gr) else { return };
         let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, json) else { return };
-        let str_at = |p: &str| it.object.pointer(p).and_then(Value::as_str).map(str::to_string);
+        let str_at = |p: &str| it.object().pointer(p).and_then(Value::as_str).map(str::to_string);
         if claim && self.wanted.contains(&it.key) {
             let bound = str_at("/spec/volumeName").filter(|_| str_at("/status/phase").as_deref() == Some("Bound"));
             self.claims[from].insert(it.key.clone(), bound);
         } else if volume {
             let info = json!({
                 "reclaimPolicy": str_at("/spec/persistentVolumeReclaimPolicy").unwrap_or_default(),
-                "labels": it.object.pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
+                "labels": it.object().pointer("/metadata/labels").cloned().unwrap_or(Value::Null),
             });
             self.volumes[from].insert(it.key.name().to_string(), info);
         }

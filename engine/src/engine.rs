@@ -32,7 +32,7 @@ use crate::body::{Body, BodyId};
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
-use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType, StrMap};
+use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage};
 use crate::snapshot::{
@@ -699,30 +699,36 @@ impl Engine {
         // map holds no memory. Of the other objects' labels it reads those the selection reads
         // (pods' go to hook selectors, claims' onto their VolumeSnapshots).
         if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
-            it.annotations = StrMap::default();
-            it.labels.retain(|k| self.selection.reads_label(k));
+            it.clear_annotations();
+            it.retain_labels(|k| self.selection.reads_label(k));
         }
         if pod {
             // Only what hooks and the built-in actions read of a pod.
-            it.pod = Some(Box::new(PodFacts::of(&it.object)));
-            it.object = serde_json::Value::Null;
+            let facts = PodFacts::of(it.object());
+            it.keep_pod_facts(facts);
             return it;
         }
         let pv = gr.group.is_empty() && gr.resource == "persistentvolumes";
         let keep = pv && self.state.options.snapshots_on() || self.actions.iter().any(|a| a.reads(&gr));
-        it.object = match (keep, projection(&gr)) {
-            (false, _) => serde_json::Value::Null,
+        match (keep, projection(&gr)) {
+            (false, _) => {
+                it.take_object();
+            }
             // Strings only (a claim's, a volume's): kept as strings, not JSON maps.
             (true, Some(pointers)) if !pointers.contains(&"/subjects") => {
-                let at = |p: &'static str| Some((p, Box::from(it.object.pointer(p)?.as_str()?)));
-                it.strings = Some(pointers.iter().filter_map(|p| at(p)).collect());
-                serde_json::Value::Null
+                let object = it.object();
+                let at = |p: &'static str| Some((p, Box::from(object.pointer(p)?.as_str()?)));
+                let strings = pointers.iter().filter_map(|p| at(p)).collect();
+                it.keep_strings(strings);
             }
             // Only what the built-in actions and snapshot planning read (each JSON map held costs a
             // B-tree node of ~0.6 KiB: a whole claim is a dozen).
-            (true, Some(pointers)) => project(&it.object, pointers),
-            (true, None) => it.object,
-        };
+            (true, Some(pointers)) => {
+                let projected = project(it.object(), pointers);
+                it.set_object(projected);
+            }
+            (true, None) => {}
+        }
         it
     }
 
@@ -743,21 +749,9 @@ impl Engine {
     fn catalog_push(&mut self, types: &BTreeMap<GroupResource, ResourceType>, n: &mut u64, e: &Event) {
         let planning = !self.state.plan_finished;
         let item = |e: &Engine, rt: &ResourceType, json: &str, n: u64| -> Option<Item> {
-            let mut it = if planning {
-                e.slim(Item::parse(rt, 0, json).ok()?)
-            } else {
-                Item {
-                    key: object_key(rt, json)?,
-                    labels: StrMap::default(),
-                    annotations: StrMap::default(),
-                    deleting: false,
-                    object: serde_json::Value::Null,
-                    body: None,
-                    pod: None,
-                    strings: None,
-                }
-            };
-            it.body = Some(Body::Logged(n));
+            let mut it =
+                if planning { e.slim(Item::parse(rt, 0, json).ok()?) } else { Item::of_key(object_key(rt, json)?) };
+            it.body = Some(n);
             Some(it)
         };
         match e {
@@ -862,7 +856,7 @@ impl Engine {
         let mut out = BTreeMap::new();
         for it in index.items().iter().filter(|it| it.key.is("", "persistentvolumeclaims")) {
             let inb = in_backup.contains(&it.key);
-            let grouped = it.labels.get(&group_label).is_some_and(|g| !g.is_empty());
+            let grouped = it.labels().get(&group_label).is_some_and(|g| !g.is_empty());
             if !inb && !grouped {
                 continue;
             }
@@ -874,8 +868,8 @@ impl Engine {
                     key: it.key.clone(),
                     volume,
                     in_backup: inb,
-                    labels: it.labels.clone(),
-                    annotations: it.annotations.clone(),
+                    labels: it.labels().clone(),
+                    annotations: it.annotations().clone(),
                 },
             );
         }
@@ -1030,16 +1024,13 @@ impl Engine {
     fn build_objects(&mut self) -> Vec<ItemKey> {
         let mut catalog = std::mem::take(&mut self.catalog);
         let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(catalog.len());
-        let mut other: Vec<(u128, Body)> = Vec::new();
         let mut keys = Vec::with_capacity(catalog.len());
         // From the back, the catalog's vector shrunk as it goes: it is returned while the view
         // and the keys grow, not after (~200 bytes an item at a million objects).
         while let Some(it) = catalog.pop() {
             let d = it.key.digest();
-            match it.body {
-                Some(Body::Logged(id)) => logged.push(((d >> 64) as u64, d as u64, id)),
-                Some(body) => other.push((d, body)),
-                None => {}
+            if let Some(id) = it.body {
+                logged.push(((d >> 64) as u64, d as u64, id));
             }
             keys.push(it.key);
             if catalog.len().is_multiple_of(CATALOG_SHRINK_ITEMS) {
@@ -1047,15 +1038,12 @@ impl Engine {
             }
         }
         keys.reverse();
-        other.reverse();
         // Of one key listed twice, the first stays, as planning's index keeps it: sorted by
         // digest and then by place (ids grow in listing order), the first of a digest kept.
         logged.sort_unstable();
         logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
         logged.shrink_to_fit();
-        other.sort_by_key(|(d, _)| *d);
-        other.dedup_by_key(|(d, _)| *d);
-        self.objects = Some(Objects { logged, other });
+        self.objects = Some(Objects { logged });
         keys
     }
 
@@ -1728,7 +1716,10 @@ impl Engine {
                 }
                 // Each with the body the fold gave it.
                 for mut it in parsed {
-                    it.body = self.state.fetched.get(&it.key).cloned().flatten();
+                    it.body = match self.state.fetched.get(&it.key) {
+                        Some(Some(Body::Logged(id))) => Some(*id),
+                        _ => None,
+                    };
                     self.catalog.push(it);
                 }
                 for (key, error) in failed {
@@ -1870,7 +1861,7 @@ impl Engine {
                 }
                 // Each with the number the fold gave its body.
                 for (i, it) in parsed.iter_mut().enumerate() {
-                    it.body = Some(Body::Logged(first + i as u64));
+                    it.body = Some(first + i as u64);
                 }
                 self.catalog.extend(parsed);
                 for b in bad {
@@ -2146,10 +2137,12 @@ fn object_key(rt: &ResourceType, json: &str) -> Option<ItemKey> {
 /// as Velero writes them; list responses leave them out of the items).
 pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item, String), crate::item::ItemError> {
     let mut it = Item::parse(rt, index, raw)?;
-    if let Some(o) = it.object.as_object_mut() {
+    let mut object = it.take_object();
+    if let Some(o) = object.as_object_mut() {
         o.insert("apiVersion".into(), serde_json::Value::String(rt.api_version()));
         o.insert("kind".into(), serde_json::Value::String(rt.kind.clone()));
     }
+    it.set_object(object);
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
 }
@@ -2159,22 +2152,18 @@ const CATALOG_SHRINK_ITEMS: usize = 1 << 16;
 
 /// The write path's view of every known object: its key's digest → its body. A logged body is
 /// its number, 24 bytes an object (a `(u128, Body)` was 64: 73 MB at a million objects, and as
-/// much again of sort scratch while it was built); any other body is kept whole.
+/// much again of sort scratch while it was built).
 #[derive(Debug, Default)]
 struct Objects {
     /// (digest's high half, low half, body number), sorted.
     logged: Vec<(u64, u64, BodyId)>,
-    /// Bodies that are not plain logged objects, by digest, sorted.
-    other: Vec<(u128, Body)>,
 }
 
 impl Objects {
     fn get(&self, d: u128) -> Option<Body> {
         let (hi, lo) = ((d >> 64) as u64, d as u64);
-        match self.logged.binary_search_by_key(&(hi, lo), |&(h, l, _)| (h, l)) {
-            Ok(i) => Some(Body::Logged(self.logged[i].2)),
-            Err(_) => self.other.binary_search_by_key(&d, |(x, _)| *x).ok().map(|i| self.other[i].1.clone()),
-        }
+        let i = self.logged.binary_search_by_key(&(hi, lo), |&(h, l, _)| (h, l)).ok()?;
+        Some(Body::Logged(self.logged[i].2))
     }
 }
 
@@ -2235,7 +2224,7 @@ mod tests {
         let obj = json!({"metadata": {"name": "x", "namespace": "ns", "labels": labels}});
         let keys = |spec: BackupSpec, rt: &ResourceType| -> Vec<String> {
             let e = Engine::new(spec, EngineConfig::default(), 0).unwrap();
-            e.slim(Item::from_value(rt, 0, obj.clone()).unwrap()).labels.iter().map(|(k, _)| k.clone()).collect()
+            e.slim(Item::from_value(rt, 0, obj.clone()).unwrap()).labels().iter().map(|(k, _)| k.clone()).collect()
         };
         assert_eq!(keys(BackupSpec::new("b"), &cms), ["velero.io/exclude-from-backup"]);
         let spec = BackupSpec { label_selector: Some("app in (web),!gone".into()), ..BackupSpec::new("b") };
@@ -2252,7 +2241,7 @@ mod tests {
         let pvc = json!({"metadata": {"name": "data", "namespace": "ns"},
             "spec": {"volumeName": "pv1", "storageClassName": "fast"}, "status": {"phase": "Bound"}});
         let it = e.slim(Item::from_value(&pvcs, 0, pvc.clone()).unwrap());
-        assert!(it.object.is_null() && it.has_object());
+        assert!(it.object().is_null() && it.has_object());
         assert_eq!(it.str_at("/spec/volumeName"), Some("pv1"));
         assert_eq!(it.str_at("/status/phase"), Some("Bound"));
         assert_eq!(it.str_at("/spec/storageClassName"), None);

@@ -86,11 +86,11 @@ impl Index {
                     ix.pods_by_claim.entry((ns.clone(), c)).or_default().push(i);
                 }
             } else if it.key.is(PVCS.0, PVCS.1) {
-                if let Some(g) = it.labels.get(volume_group_label).filter(|g| !g.is_empty()) {
+                if let Some(g) = it.labels().get(volume_group_label).filter(|g| !g.is_empty()) {
                     ix.pvcs_by_group.entry((ns, g.clone())).or_default().push(i);
                 }
             } else if it.key.is(RBAC, "clusterrolebindings") {
-                let subjects = it.object.get("subjects").and_then(Value::as_array);
+                let subjects = it.object().get("subjects").and_then(Value::as_array);
                 for s in subjects.into_iter().flatten() {
                     let field = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("");
                     if field("kind") == "ServiceAccount" {
@@ -232,7 +232,7 @@ impl ItemBlockAction for PvcAction {
         for pod in ix.pods_mounting(ns, item.key.name()).filter(|p| crate::hooks::pod_running(p)) {
             out.push(Relation { to: pod.key.clone(), together: true, pull: false });
         }
-        if let Some(g) = item.labels.get(&self.volume_group_label).filter(|g| !g.is_empty()) {
+        if let Some(g) = item.labels().get(&self.volume_group_label).filter(|g| !g.is_empty()) {
             for other in ix.pvcs_in_group(ns, g).filter(|o| o.key != item.key) {
                 out.push(Relation { to: other.key.clone(), together: true, pull: true });
             }
@@ -329,7 +329,11 @@ impl PlanShape {
         let mut from = 0usize;
         for (id, end) in ends.into_iter().enumerate() {
             let id = id as u32;
-            let items = positions[from..end as usize].iter().filter_map(|&j| keys.get(j as usize).cloned()).collect();
+            // Exactly as long as the block (a `filter_map` collects into at least four places:
+            // most blocks are one item, and at a million objects the spare places were ~100 MB).
+            let at = &positions[from..end as usize];
+            let mut items = Vec::with_capacity(at.len());
+            items.extend(at.iter().filter_map(|&j| keys.get(j as usize).cloned()));
             from = end as usize;
             let hooks = match hooks.next_if(|(b, _)| *b == id) {
                 Some((_, h)) => h,

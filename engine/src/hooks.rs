@@ -162,7 +162,7 @@ pub fn parse_command(s: &str) -> Result<Vec<String>, String> {
 
 /// Whether the pod's `status.phase` is `Running`.
 pub fn pod_running(pod: &Item) -> bool {
-    match &pod.pod {
+    match pod.kept_pod_facts() {
         Some(f) => f.phase.as_deref() == Some("Running"),
         None => pod.str_at("/status/phase") == Some("Running"),
     }
@@ -200,8 +200,8 @@ fn annotation_hook(pod: &Item, phase: HookPhase, containers: &[String], warnings
         HookPhase::Post => &["post.hook.backup.velero.io"],
     };
     // The prefixed form wins over the legacy unprefixed one when both are present.
-    let prefix = prefixes.iter().find(|p| pod.annotations.contains_key(&format!("{p}/command")))?;
-    let get = |field: &str| pod.annotations.get(&format!("{prefix}/{field}")).map(String::as_str);
+    let prefix = prefixes.iter().find(|p| pod.annotations().contains_key(&format!("{p}/command")))?;
+    let get = |field: &str| pod.annotations().get(&format!("{prefix}/{field}")).map(String::as_str);
     let spec = ExecHookSpec {
         container: get("container").unwrap_or("").to_string(),
         command: Vec::new(),
@@ -244,7 +244,7 @@ fn spec_hooks_for(
         let labels_ok = match rh.label_selector.as_deref() {
             None | Some("") => true,
             Some(sel) => match LabelSelector::parse(sel) {
-                Ok(s) => s.matches(&pod.labels),
+                Ok(s) => s.matches(pod.labels()),
                 Err(e) => {
                     warnings.push(format!("hook spec {:?}: {e}; it applies to no pod", rh.name));
                     false

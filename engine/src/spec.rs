@@ -413,7 +413,7 @@ impl Selection {
             _ => {}
         }
         if let Some(item) = item {
-            if item.labels.get(EXCLUDE_LABEL).is_some_and(|v| v == "true") {
+            if item.labels().get(EXCLUDE_LABEL).is_some_and(|v| v == "true") {
                 return Some("labelled velero.io/exclude-from-backup=true");
             }
             if item.deleting {
@@ -431,7 +431,7 @@ impl Selection {
                 Some(v) => v,
                 None => !self.namespaces_filtered(),
             };
-        scope_ok && self.selector.as_ref().is_none_or(|s| s.matches(&item.labels))
+        scope_ok && self.selector.as_ref().is_none_or(|s| s.matches(item.labels()))
     }
 
     /// The spec this selection was compiled from.

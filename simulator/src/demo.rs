@@ -999,7 +999,8 @@ mod tests {
                 if let Some(ns) = &it.key.namespace() {
                     assert!(keys.contains(&ItemKey::cluster("", "namespaces", ns)), "{}", it.key);
                 }
-                for o in it.object.pointer("/metadata/ownerReferences").and_then(Value::as_array).into_iter().flatten()
+                for o in
+                    it.object().pointer("/metadata/ownerReferences").and_then(Value::as_array).into_iter().flatten()
                 {
                     let owner = by_uid[o["uid"].as_str().unwrap()];
                     assert_eq!(owner.key.name(), o["name"].as_str().unwrap());
@@ -1056,7 +1057,7 @@ mod tests {
             let pvcs: Vec<&Item> = of(&items, "persistentvolumeclaims").collect();
             let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
             for p in &pvcs {
-                if let Some(g) = p.labels.get(VOLUME_GROUP_LABEL) {
+                if let Some(g) = p.labels().get(VOLUME_GROUP_LABEL) {
                     *groups.entry((p.key.namespace().map(str::to_string).unwrap(), g.clone())).or_default() += 1;
                     let mounted = pods.iter().any(|pod| claims(pod).iter().any(|c| c == p.key.name()));
                     assert!(mounted, "{} is mounted", p.key);
@@ -1066,7 +1067,7 @@ mod tests {
             assert!(groups.values().all(|&n| (2..=3).contains(&n)));
             let rwx = pvcs
                 .iter()
-                .find(|p| p.object.pointer("/spec/accessModes/0").and_then(Value::as_str) == Some("ReadWriteMany"))
+                .find(|p| p.object().pointer("/spec/accessModes/0").and_then(Value::as_str) == Some("ReadWriteMany"))
                 .expect("an RWX claim");
             let users = pods.iter().filter(|p| running(p) && claims(p).iter().any(|c| c == rwx.key.name())).count();
             assert!(users >= 2, "{users} Running pods share the RWX claim");
@@ -1076,7 +1077,7 @@ mod tests {
             assert!(pods.iter().any(|p| p.str_at("/status/phase") == Some("Pending")));
             assert!(pods.iter().any(|p| p.str_at("/status/phase") == Some("Succeeded")));
             let sa_subjects = of(&items, "clusterrolebindings")
-                .flat_map(|crb| crb.object["subjects"].as_array().cloned().unwrap_or_default())
+                .flat_map(|crb| crb.object()["subjects"].as_array().cloned().unwrap_or_default())
                 .filter(|s| s["kind"] == "ServiceAccount")
                 .filter(|s| {
                     let key = ItemKey::namespaced(
