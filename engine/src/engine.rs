@@ -697,12 +697,16 @@ impl Engine {
         }
         // Planning reads annotations of pods (hooks) and claims (snapshot classes) only: an empty
         // map holds no memory. Of the other objects' labels it reads those the selection reads
-        // (pods' go to hook selectors, claims' onto their VolumeSnapshots).
+        // (claims' go onto their VolumeSnapshots); of a pod's, also those the spec's hooks select
+        // by; of its annotations, the hooks' (a pod's labels and other annotations were ~150
+        // bytes a pod that nothing read).
         if !(pod || gr.group.is_empty() && gr.resource == "persistentvolumeclaims") {
             it.clear_annotations();
             it.retain_labels(|k| self.selection.reads_label(k));
         }
         if pod {
+            it.retain_labels(|k| self.selection.reads_pod_label(k));
+            it.retain_annotations(crate::hooks::is_hook_annotation);
             // Only what hooks and the built-in actions read of a pod.
             let facts = PodFacts::of(it.object());
             it.keep_pod_facts(facts);
@@ -2229,7 +2233,33 @@ mod tests {
         assert_eq!(keys(BackupSpec::new("b"), &cms), ["velero.io/exclude-from-backup"]);
         let spec = BackupSpec { label_selector: Some("app in (web),!gone".into()), ..BackupSpec::new("b") };
         assert_eq!(keys(spec, &cms), ["app", "velero.io/exclude-from-backup"]);
-        assert_eq!(keys(BackupSpec::new("b"), &pods), ["app", "tier", "velero.io/exclude-from-backup"]);
+        // A pod's: also those the spec's hooks select pods by; of its annotations, the hooks'.
+        assert_eq!(keys(BackupSpec::new("b"), &pods), ["velero.io/exclude-from-backup"]);
+        let hook = crate::hooks::ResourceHookSpec {
+            name: "h".into(),
+            included_namespaces: Vec::new(),
+            excluded_namespaces: Vec::new(),
+            label_selector: Some("tier=a".into()),
+            pre: Vec::new(),
+            post: Vec::new(),
+        };
+        let spec = BackupSpec { hooks: vec![hook], ..BackupSpec::new("b") };
+        assert_eq!(keys(spec, &pods), ["tier", "velero.io/exclude-from-backup"]);
+        let annotated = json!({"metadata": {"name": "x", "namespace": "ns", "annotations": {
+            "pre.hook.backup.velero.io/command": "[\"sync\"]", "hook.backup.velero.io/container": "c",
+            "post.hook.backup.velero.io/command": "[\"true\"]", "kubectl.kubernetes.io/restartedAt": "now",
+            "pre.hook.backup.velero.ioX/command": "no"}}});
+        let e = Engine::new(BackupSpec::new("b"), EngineConfig::default(), 0).unwrap();
+        let it = e.slim(Item::from_value(&pods, 0, annotated).unwrap());
+        let kept: Vec<&str> = it.annotations().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kept,
+            [
+                "hook.backup.velero.io/container",
+                "post.hook.backup.velero.io/command",
+                "pre.hook.backup.velero.io/command"
+            ]
+        );
     }
 
     /// Planning keeps a claim's and a volume's strings, not their JSON, and reads the same answers

@@ -194,10 +194,19 @@ pub fn resolve_pod_hooks(pod: &Item, spec_hooks: &[ResourceHookSpec], warnings: 
     out
 }
 
+/// The annotation prefixes of pre-hooks (the prefixed form first: it wins) and of post-hooks.
+const PRE_PREFIXES: &[&str] = &["pre.hook.backup.velero.io", "hook.backup.velero.io"];
+const POST_PREFIXES: &[&str] = &["post.hook.backup.velero.io"];
+
+/// Whether a pod's annotation `key` is one hooks read (`<prefix>/<field>` of a hook prefix).
+pub fn is_hook_annotation(key: &str) -> bool {
+    key.split_once('/').is_some_and(|(prefix, _)| PRE_PREFIXES.contains(&prefix) || POST_PREFIXES.contains(&prefix))
+}
+
 fn annotation_hook(pod: &Item, phase: HookPhase, containers: &[String], warnings: &mut Vec<String>) -> Option<Hook> {
-    let prefixes: &[&str] = match phase {
-        HookPhase::Pre => &["pre.hook.backup.velero.io", "hook.backup.velero.io"],
-        HookPhase::Post => &["post.hook.backup.velero.io"],
+    let prefixes = match phase {
+        HookPhase::Pre => PRE_PREFIXES,
+        HookPhase::Post => POST_PREFIXES,
     };
     // The prefixed form wins over the legacy unprefixed one when both are present.
     let prefix = prefixes.iter().find(|p| pod.annotations().contains_key(&format!("{p}/command")))?;

@@ -577,10 +577,17 @@ impl Item {
         self.kept.as_ref().map_or(&NULL, |k| &k.object)
     }
 
-    /// Changes the labels.
+    /// Keeps the labels whose key `keep` accepts.
     pub fn retain_labels(&mut self, keep: impl Fn(&str) -> bool) {
         if self.kept.is_some() {
             self.change_kept(|k| k.labels.retain(keep));
+        }
+    }
+
+    /// Keeps the annotations whose key `keep` accepts.
+    pub fn retain_annotations(&mut self, keep: impl Fn(&str) -> bool) {
+        if self.kept.is_some() {
+            self.change_kept(|k| k.annotations.retain(keep));
         }
     }
 

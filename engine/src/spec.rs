@@ -344,6 +344,9 @@ impl Labels for crate::item::StrMap {
 pub struct Selection {
     spec: BackupSpec,
     selector: Option<LabelSelector>,
+    /// The label keys the spec's hooks select pods by (of the selectors that parse: one that does
+    /// not applies to no pod).
+    hook_label_keys: std::collections::BTreeSet<String>,
 }
 
 impl Selection {
@@ -359,13 +362,24 @@ impl Selection {
             Some(s) if !s.is_empty() => Some(LabelSelector::parse(s)?),
             _ => None,
         };
-        Ok(Selection { spec: spec.clone(), selector })
+        let hook_label_keys = (spec.hooks.iter())
+            .filter_map(|h| h.label_selector.as_deref().filter(|s| !s.trim().is_empty()))
+            .filter_map(|s| LabelSelector::parse(s).ok())
+            .flat_map(|s| s.keys().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        Ok(Selection { spec: spec.clone(), selector, hook_label_keys })
     }
 
     /// Whether selecting an item reads its label `key`: the exclude label, and the keys of the
     /// backup's label selector (planning keeps no other label of most objects).
     pub fn reads_label(&self, key: &str) -> bool {
         key == EXCLUDE_LABEL || self.selector.as_ref().is_some_and(|s| s.keys().any(|k| k == key))
+    }
+
+    /// Whether planning reads a pod's label `key`: the labels selection reads
+    /// ([`Selection::reads_label`]) and those the spec's hooks select pods by.
+    pub fn reads_pod_label(&self, key: &str) -> bool {
+        self.reads_label(key) || self.hook_label_keys.contains(key)
     }
 
     /// Whether a namespace passes the include/exclude namespace filter.
