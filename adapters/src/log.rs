@@ -1741,8 +1741,8 @@ mod tests {
             Event::BlockPlanned {
                 blocks: vec![std::sync::Arc::new(BlockPlan {
                     id: 7,
-                    items: vec![pod("ns1", "db-0"), pod("ns1", "db-1")],
-                    hooks: vec![hook],
+                    items: vec![pod("ns1", "db-0"), pod("ns1", "db-1")].into(),
+                    hooks: vec![hook].into(),
                 })],
             },
             Event::PlanFinished { blocks: 8, items: 1234 },

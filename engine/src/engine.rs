@@ -1411,7 +1411,7 @@ impl Engine {
                         continue;
                     }
                     let outcome = match failed {
-                        Some(reason) => BlockOutcome::Failed { reason },
+                        Some(reason) => BlockOutcome::Failed { reason: reason.into() },
                         None => {
                             let a = self.state.blocks[id as usize].attempt.as_ref();
                             let trouble = a.is_some_and(|a| {

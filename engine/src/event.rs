@@ -100,7 +100,7 @@ pub enum BlockOutcome {
     /// Written, but some item or hook failed (Continue-mode hooks, post-hooks, item writes).
     PartiallyFailed,
     /// A Fail-mode pre-hook failed: nothing of the block was written.
-    Failed { reason: String },
+    Failed { reason: Box<str> },
 }
 
 /// A backup's phase, as Velero names them.

@@ -285,9 +285,9 @@ pub struct BlockPlan {
     /// Deterministic id: position in the plan.
     pub id: u32,
     /// Items in write order.
-    pub items: Vec<ItemKey>,
+    pub items: Box<[ItemKey]>,
     /// Hooks of the block's Running pods: pre-hooks then post-hooks, pods in key order.
-    pub hooks: Vec<Hook>,
+    pub hooks: Box<[Hook]>,
 }
 
 /// The result of a planning round.
@@ -336,10 +336,10 @@ impl PlanShape {
             items.extend(at.iter().filter_map(|&j| keys.get(j as usize).cloned()));
             from = end as usize;
             let hooks = match hooks.next_if(|(b, _)| *b == id) {
-                Some((_, h)) => h,
-                None => Vec::new(),
+                Some((_, h)) => h.into_boxed_slice(),
+                None => Box::default(),
             };
-            blocks.push(Arc::new(BlockPlan { id, items, hooks }));
+            blocks.push(Arc::new(BlockPlan { id, items: items.into_boxed_slice(), hooks }));
         }
         Plan { blocks, warnings }
     }

@@ -1039,7 +1039,7 @@ mod tests {
         vec![std::sync::Arc::new(BlockPlan {
             id: 0,
             items: items.iter().map(|(ns, n)| ItemKey::namespaced("", "persistentvolumeclaims", ns, n)).collect(),
-            hooks: Vec::new(),
+            hooks: Box::default(),
         })]
     }
 

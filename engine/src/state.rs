@@ -170,8 +170,6 @@ pub struct BlockState {
     pub attempts: u32,
     /// How the block ended, once it has.
     pub outcome: Option<BlockOutcome>,
-    /// When it finished.
-    pub finished_ms: Option<u64>,
     /// How many items a finished block's last attempt wrote (the items themselves are the log's:
     /// [`crate::entries`]).
     written_done: u32,
@@ -728,7 +726,6 @@ impl BackupState {
                         attempt: None,
                         attempts: 0,
                         outcome: None,
-                        finished_ms: None,
                         written_done: 0,
                     });
                 }
@@ -778,7 +775,6 @@ impl BackupState {
                 self.attempt_mut(seq, kind, *block, *attempt)?;
                 let b = &mut self.blocks[*block as usize];
                 b.outcome = Some(outcome.clone());
-                b.finished_ms = Some(*at_ms);
                 // Of the written items the count stays (the log has the items); the attempt stays
                 // only for its hooks or failed items (what `describe` and the controller's status
                 // read of it).
@@ -832,7 +828,7 @@ mod tests {
     #[test]
     fn written_items_are_kept_by_plan_position_and_given_back_by_key() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
-        let plan = BlockPlan { id: 0, items: vec![key("a"), key("b"), key("c")], hooks: Vec::new() };
+        let plan = BlockPlan { id: 0, items: vec![key("a"), key("b"), key("c")].into(), hooks: Box::default() };
         let snap = ItemKey::namespaced("snapshot.storage.k8s.io", "volumesnapshots", "ns", "s1");
         let mut s = BackupState::default();
         let events = [
@@ -882,7 +878,7 @@ mod tests {
     fn a_finished_attempt_keeps_its_hooks_and_each_block_its_own_items() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
         let plan = |id: u32, names: &[&str]| {
-            Arc::new(BlockPlan { id, items: names.iter().map(|n| key(n)).collect(), hooks: Vec::new() })
+            Arc::new(BlockPlan { id, items: names.iter().map(|n| key(n)).collect(), hooks: Box::default() })
         };
         let hook = HookRef { pod: key("p"), phase: HookPhase::Pre, index: 0 };
         let write = |block: u32, n: &str, d: u8| Event::ItemWritten {

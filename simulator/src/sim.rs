@@ -349,7 +349,7 @@ fn finished_blocks(events: &[Event]) -> (BTreeSet<ItemKey>, BTreeSet<ItemKey>) {
         match e {
             Event::BlockPlanned { blocks } => {
                 for b in blocks {
-                    plans.insert(b.id, (b.items.clone(), b.hooks.iter().map(|h| h.pod.clone()).collect()));
+                    plans.insert(b.id, (b.items.to_vec(), b.hooks.iter().map(|h| h.pod.clone()).collect()));
                 }
             }
             Event::BlockFinished { block, .. } => {
