@@ -25,7 +25,7 @@
 //! An archive build that finds staged items missing
 //! or changed stages them again from the log (`Restage`) and builds again, a bounded number of times.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::body::{Body, BodyId};
@@ -305,6 +305,9 @@ pub struct Engine {
     /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
     /// is built.
     catalog: Vec<Item>,
+    /// A resumed backup's objects when its plan was finished: what the write path's view is made
+    /// of, without their keys or items ([`Resumed`]).
+    resumed: Resumed,
     runs: BTreeMap<u32, Run>,
     /// Interrupted attempts waiting for a worker to close them (recovery).
     recovering: VecDeque<(u32, Run)>,
@@ -431,6 +434,7 @@ impl Engine {
             fetching: false,
             objects: None,
             catalog: Vec::new(),
+            resumed: Resumed::default(),
             runs: BTreeMap::new(),
             recovering: VecDeque::new(),
             primed: VecDeque::new(),
@@ -745,6 +749,7 @@ impl Engine {
                 && (unit.namespace.is_none() || it.key.namespace() == unit.namespace.as_deref());
             !of_unit || fetched.contains_key(&it.key)
         });
+        self.resumed.forget(unit, fetched);
     }
 
     /// Rebuilds the catalog from a resumed log's events, one at a time (`n` numbers the objects the
@@ -752,11 +757,17 @@ impl Engine {
     /// write path needs nothing else).
     fn catalog_push(&mut self, types: &BTreeMap<GroupResource, ResourceType>, n: &mut u64, e: &Event) {
         let planning = !self.state.plan_finished;
-        let item = |e: &Engine, rt: &ResourceType, json: &str, n: u64| -> Option<Item> {
-            let mut it =
-                if planning { e.slim(Item::parse(rt, 0, json).ok()?) } else { Item::of_key(object_key(rt, json)?) };
-            it.body = Some(n);
-            Some(it)
+        // Planning: the item as planning sees it. Planned: its key's digest and scope only.
+        let add = |e: &mut Engine, rt: &ResourceType, json: &str, n: u64| {
+            if planning {
+                if let Ok(it) = Item::parse(rt, 0, json) {
+                    let mut it = e.slim(it);
+                    it.body = Some(n);
+                    e.catalog.push(it);
+                }
+            } else if let Some(key) = object_key(rt, json) {
+                e.resumed.push(&key, n);
+            }
         };
         match e {
             Event::ResourceListed { unit, chunk, objects, .. } => {
@@ -765,8 +776,8 @@ impl Engine {
                 }
                 let rt = types.get(&unit.resource);
                 for o in objects {
-                    if let Some(it) = rt.and_then(|rt| item(self, rt, o, *n)) {
-                        self.catalog.push(it);
+                    if let Some(rt) = rt {
+                        add(self, rt, o, *n);
                     }
                     *n += 1;
                 }
@@ -775,8 +786,8 @@ impl Engine {
             Event::ItemsFetched { items } => {
                 for (key, json) in items {
                     let Some(json) = json else { continue };
-                    if let Some(it) = types.get(&key.gr()).and_then(|rt| item(self, rt, json, *n)) {
-                        self.catalog.push(it);
+                    if let Some(rt) = types.get(&key.gr()) {
+                        add(self, rt, json, *n);
                     }
                     *n += 1;
                 }
@@ -1026,6 +1037,10 @@ impl Engine {
     /// The write path's view of every known object: key → its body (held, or its number in the
     /// log), from the catalog, which is not needed after this.
     fn build_objects(&mut self) -> Vec<ItemKey> {
+        if self.catalog.is_empty() && !self.resumed.objects.is_empty() {
+            self.objects = Some(std::mem::take(&mut self.resumed).into_objects());
+            return Vec::new();
+        }
         let mut catalog = std::mem::take(&mut self.catalog);
         let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(catalog.len());
         let mut keys = Vec::with_capacity(catalog.len());
@@ -2171,6 +2186,71 @@ impl Objects {
     }
 }
 
+/// A resumed backup's objects when its plan was finished, in log order: the write path's view
+/// is made of them ([`Resumed::into_objects`]) with the live run's rules — a listing started again
+/// forgets its unit's objects, the first of a key listed twice stays — and nothing else is needed
+/// of them. (Each was an [`Item`] of its key, 64 bytes and its key's ~60, turned into the view
+/// beside a vector of every key: ~200 MB at a million objects, the resumed run's peak.)
+#[derive(Debug, Default)]
+struct Resumed {
+    /// (digest's high half, low half, body number, scope).
+    objects: Vec<(u64, u64, BodyId, u32)>,
+    /// Each scope's resource and namespace (what a listing unit matches).
+    scopes: Vec<(GroupResource, Option<String>)>,
+    scope_of: HashMap<(GroupResource, Option<String>), u32>,
+}
+
+impl Resumed {
+    fn push(&mut self, key: &ItemKey, body: BodyId) {
+        let (g, r, ns) = (key.group(), key.resource(), key.namespace());
+        let last = self.objects.last().map(|o| o.3);
+        let same = |s: u32| {
+            self.scopes.get(s as usize).is_some_and(|(gr, n)| gr.group == g && gr.resource == r && n.as_deref() == ns)
+        };
+        let scope = match last.filter(|&s| same(s)) {
+            Some(s) => s,
+            None => {
+                let k = (GroupResource::new(g, r), ns.map(str::to_string));
+                let next = self.scopes.len() as u32;
+                let s = *self.scope_of.entry(k.clone()).or_insert(next);
+                if s == next {
+                    self.scopes.push(k);
+                }
+                s
+            }
+        };
+        let d = key.digest();
+        self.objects.push(((d >> 64) as u64, d as u64, body, scope));
+    }
+
+    /// Forgets the objects of `unit` but those fetched by key (as the catalog does).
+    fn forget(&mut self, unit: &ListUnit, fetched: &BTreeMap<ItemKey, Option<Body>>) {
+        if self.objects.is_empty() {
+            return;
+        }
+        let of_unit: HashSet<u32> = (self.scopes.iter().enumerate())
+            .filter(|(_, (gr, ns))| *gr == unit.resource && (unit.namespace.is_none() || *ns == unit.namespace))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if of_unit.is_empty() {
+            return;
+        }
+        let kept: HashSet<(u64, u64)> =
+            fetched.keys().map(|k| k.digest()).map(|d| ((d >> 64) as u64, d as u64)).collect();
+        self.objects.retain(|&(hi, lo, _, s)| !of_unit.contains(&s) || kept.contains(&(hi, lo)));
+    }
+
+    /// The write path's view: of a key logged twice, the first (ids grow in log order).
+    fn into_objects(self) -> Objects {
+        let mut logged: Vec<(u64, u64, BodyId)> =
+            self.objects.into_iter().map(|(hi, lo, id, _)| (hi, lo, id)).collect();
+        logged.sort_unstable();
+        logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
+        logged.shrink_to_fit();
+        Objects { logged }
+    }
+}
+
 /// The body of a claim written with the labels and annotations of its snapshot `snapshot`: made
 /// by the shell from the logged claim it reads back.
 fn claim_body(body: &Body, backup: &str, snapshot: &str) -> Option<Body> {
@@ -2220,6 +2300,78 @@ mod tests {
 
     /// Planning keeps of most objects' labels those the selection reads (the exclude label, the
     /// label selector's keys); of pods and claims, all.
+    /// A resumed backup whose plan was finished keeps only its objects' digests ([`Resumed`]): the
+    /// write path's view it makes is the one the catalog of items makes from the same log — a
+    /// unit listed again or failed forgets its objects (cluster-wide and per-namespace units
+    /// alike) but those fetched by key, the first of a key logged twice stays — over 300
+    /// generated logs.
+    #[test]
+    fn a_resumed_plan_makes_the_view_the_catalog_makes() {
+        use crate::event::ListUnit;
+        let pods = ResourceType::new("", "v1", "pods", "Pod", true);
+        let cms = ResourceType::new("", "v1", "configmaps", "ConfigMap", true);
+        let types: BTreeMap<GroupResource, ResourceType> =
+            [pods.clone(), cms.clone()].into_iter().map(|r| (r.gr.clone(), r)).collect();
+        // A fixed linear congruential sequence: the same 300 logs every run.
+        let mut seed = 23u64;
+        let mut rng = move |n: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        for case in 0..300 {
+            let mut events = Vec::new();
+            let mut chunks: BTreeMap<ListUnit, u32> = BTreeMap::new();
+            let mut fetched = BTreeMap::new();
+            for _ in 0..rng(12) + 1 {
+                let rt = if rng(2) == 0 { &pods } else { &cms };
+                let namespace = ["a", "b"].get(rng(3) as usize).map(|n| n.to_string());
+                let unit = ListUnit { resource: rt.gr.clone(), namespace: namespace.clone() };
+                let object = |name: u64, ns: &str, v: u64| {
+                    json!({"metadata": {"name": format!("o{name}"), "namespace": ns, "resourceVersion": v.to_string()}})
+                        .to_string()
+                };
+                match rng(6) {
+                    0 => events.push(Event::ListFailed { unit, error: "boom".into() }),
+                    1 => {
+                        let ns = ["a", "b"][rng(2) as usize];
+                        let name = rng(4);
+                        let key = ItemKey::namespaced("", &rt.gr.resource, ns, &format!("o{name}"));
+                        let found = rng(4) > 0;
+                        fetched.insert(key.clone(), found.then_some(Body::Logged(0)));
+                        let json = found.then(|| object(name, ns, rng(100)));
+                        events.push(Event::ItemsFetched { items: vec![(key, json)] });
+                    }
+                    _ => {
+                        let chunk = match rng(3) {
+                            0 => 0,
+                            _ => *chunks.get(&unit).unwrap_or(&0),
+                        };
+                        chunks.insert(unit.clone(), chunk + 1);
+                        let objects = (0..rng(4))
+                            .map(|_| {
+                                let ns = namespace.clone().unwrap_or_else(|| ["a", "b"][rng(2) as usize].to_string());
+                                object(rng(4), &ns, rng(100))
+                            })
+                            .collect();
+                        events.push(Event::ResourceListed { unit, chunk, objects, complete: false });
+                    }
+                }
+            }
+            let view = |plan_finished: bool| {
+                let mut e = Engine::new(BackupSpec::new("b"), EngineConfig::default(), 0).unwrap();
+                e.state.plan_finished = plan_finished;
+                e.state.fetched = fetched.clone();
+                let mut n = 0;
+                for ev in &events {
+                    e.catalog_push(&types, &mut n, ev);
+                }
+                e.build_objects();
+                e.objects.map(|o| o.logged).unwrap_or_default()
+            };
+            assert_eq!(view(true), view(false), "case {case}: {events:?}");
+        }
+    }
+
     #[test]
     fn a_slim_object_keeps_the_labels_the_selection_reads() {
         let labels = json!({"app": "web", "tier": "a", "velero.io/exclude-from-backup": "false"});
