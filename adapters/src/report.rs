@@ -442,8 +442,11 @@ pub struct VolumeObjects {
 struct VolumeFacts {
     reclaim_policy: Box<str>,
     /// `metadata.labels`, in key order (`None`: the volume has none).
-    labels: Option<Box<[(Box<str>, Box<str>)]>>,
+    labels: Option<Labels>,
 }
+
+/// A volume's labels, in key order.
+type Labels = Box<[(Box<str>, Box<str>)]>;
 
 impl VolumeFacts {
     fn json(&self) -> Value {
