@@ -800,7 +800,10 @@ impl Engine {
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
                 let keys = self.build_objects();
-                self.emit_plan(p.into_plan(&keys), &claims);
+                let plan = p.into_plan(&keys);
+                // Not beside the fold's blocks and the events the plan becomes (32 MB at a million).
+                drop(keys);
+                self.emit_plan(plan, &claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -853,7 +856,9 @@ impl Engine {
                 // fold's blocks and the events carrying them.
                 self.catalog = index.into_items();
                 let keys = self.build_objects();
-                self.emit_plan(p.into_plan(&keys), &claims);
+                let plan = p.into_plan(&keys);
+                drop(keys);
+                self.emit_plan(plan, &claims);
                 return;
             }
         }
