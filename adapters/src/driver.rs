@@ -496,9 +496,11 @@ pub async fn store_backup_files<M: LogMedium>(
         .map_err(|e| RunError::Encode(format!("sorting the resource list: {e}")))?;
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
     let bodies = log.bodies();
-    let files = builder.finish(&|id| bodies.get(id)).map_err(|e| RunError::Encode(e.to_string()))?;
-    // Each handed over whole and dropped once stored: no copy beside them.
-    for (file, bytes) in files {
+    let mut files = builder.finish().map_err(|e| RunError::Encode(e.to_string()))?;
+    // Each made, handed over whole and dropped once stored before the next is made.
+    while let Some((file, bytes)) =
+        files.next_file(&|id| bodies.get(id)).map_err(|e| RunError::Encode(e.to_string()))?
+    {
         store
             .put_file(log.name(), &file, bytes.into())
             .await

@@ -953,33 +953,89 @@ impl<'a> BackupFiles<'a> {
     }
 
     /// The files, in the order to store them: `velero-backup.json` last, because Velero takes its
-    /// presence to mean the backup is complete. `body` reads back an object the log carries.
-    pub fn finish(self, body: &dyn Fn(BodyId) -> Result<Arc<str>, String>) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    /// presence to mean the backup is complete. Each is made when asked for
+    /// ([`CompanionFiles::next_file`]), so that the caller stores and drops one before the next is
+    /// made (made together, the compressed files were ~60 MB of the 1M backup's last peak).
+    pub fn finish(self) -> std::io::Result<CompanionFiles<'a>> {
+        Ok(CompanionFiles {
+            name: self.name,
+            state: self.state,
+            step: 0,
+            names: Some(self.names),
+            results: Some(self.results),
+            logs: Some(self.logs),
+            volumes: Some(self.volumes),
+            contents: None,
+            classes: None,
+        })
+    }
+}
+
+/// Velero's companion files of a backup, made one at a time in the order they are stored
+/// ([`BackupFiles::finish`]).
+pub struct CompanionFiles<'a> {
+    name: &'a str,
+    state: &'a BackupState,
+    step: u8,
+    names: Option<ResourceNames<'a>>,
+    results: Option<Results>,
+    logs: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    volumes: Option<VolumeObjects>,
+    /// Made with the VolumeSnapshots' file (one pass over the cut snapshots), stored after it.
+    contents: Option<Vec<u8>>,
+    classes: Option<Value>,
+}
+
+impl CompanionFiles<'_> {
+    /// The next file and its bytes (`None` once all are made); `body` reads back an object the
+    /// log carries.
+    pub fn next_file(
+        &mut self,
+        body: &dyn Fn(BodyId) -> Result<Arc<str>, String>,
+    ) -> std::io::Result<Option<(String, Vec<u8>)>> {
         let (name, s) = (self.name, self.state);
         let gz = gz_file;
         // Velero writes these with a JSON encoder: the value and a newline.
         let with_newline = |f: GzFile| gz_finish(f, b"\n");
-        let list = gz_finish(self.names.json(gz())?, b"")?;
-        let results = serde_json::to_vec(&self.results.to_json()).map_err(std::io::Error::other)?;
-        let logs = self.logs.finish()?;
-        let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
-        let encode = |v: &Value| -> std::io::Result<Vec<u8>> {
-            let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
-            b.push(b'\n');
-            gzip_reproducible(&b)
+        let gone = || std::io::Error::other("a companion file was asked for twice");
+        let step = self.step;
+        self.step = self.step.saturating_add(1);
+        let file = match step {
+            0 => (
+                format!("{name}-resource-list.json.gz"),
+                gz_finish(self.names.take().ok_or_else(gone)?.json(gz())?, b"")?,
+            ),
+            1 => {
+                let results = self.results.take().ok_or_else(gone)?;
+                let bytes = serde_json::to_vec(&results.to_json()).map_err(std::io::Error::other)?;
+                (format!("{name}-results.gz"), gzip_reproducible(&bytes)?)
+            }
+            2 => (format!("{name}-logs.gz"), self.logs.take().ok_or_else(gone)?.finish()?),
+            3 => {
+                let volumes = self.volumes.take().ok_or_else(gone)?;
+                (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, volumes, gz())?)?)
+            }
+            4 => (format!("{name}-itemoperations.json.gz"), with_newline(item_operations(s, gz())?)?),
+            5 => {
+                let (snapshots, contents, classes) = csi_objects(s, body, gz(), gz())?;
+                self.contents = Some(with_newline(contents)?);
+                self.classes = Some(classes);
+                (format!("{name}-csi-volumesnapshots.json.gz"), with_newline(snapshots)?)
+            }
+            6 => (format!("{name}-csi-volumesnapshotcontents.json.gz"), self.contents.take().ok_or_else(gone)?),
+            7 => {
+                let mut b =
+                    serde_json::to_vec(&self.classes.take().ok_or_else(gone)?).map_err(std::io::Error::other)?;
+                b.push(b'\n');
+                (format!("{name}-csi-volumesnapshotclasses.json.gz"), gzip_reproducible(&b)?)
+            }
+            8 => {
+                let backup = serde_json::to_vec_pretty(&velero_backup_json(s)).map_err(std::io::Error::other)?;
+                ("velero-backup.json".to_string(), backup)
+            }
+            _ => return Ok(None),
         };
-        let (snapshots, contents, classes) = csi_objects(s, body, gz(), gz())?;
-        Ok(vec![
-            (format!("{name}-resource-list.json.gz"), list),
-            (format!("{name}-results.gz"), gzip_reproducible(&results)?),
-            (format!("{name}-logs.gz"), logs),
-            (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, self.volumes, gz())?)?),
-            (format!("{name}-itemoperations.json.gz"), with_newline(item_operations(s, gz())?)?),
-            (format!("{name}-csi-volumesnapshots.json.gz"), with_newline(snapshots)?),
-            (format!("{name}-csi-volumesnapshotcontents.json.gz"), with_newline(contents)?),
-            (format!("{name}-csi-volumesnapshotclasses.json.gz"), encode(&classes)?),
-            ("velero-backup.json".to_string(), backup),
-        ])
+        Ok(Some(file))
     }
 }
 
