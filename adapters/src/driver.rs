@@ -491,9 +491,10 @@ pub async fn store_backup_files<M: LogMedium>(
     state: &BackupState,
     store: &dyn Store,
 ) -> Result<(), RunError> {
-    let dir = log.medium().sort_dir().map(|d| d.join("resource-names"));
-    let mut builder = report::BackupFiles::new(log.name(), state, dir.as_deref())
-        .map_err(|e| RunError::Encode(format!("sorting the resource list: {e}")))?;
+    let dir = log.medium().sort_dir();
+    let mut builder = report::BackupFiles::new(log.name(), state, dir.as_deref()).map_err(|e| {
+        RunError::Encode(format!("preparing the companion files (the resource list's sort, the log lines' spool): {e}"))
+    })?;
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
     let bodies = log.bodies();
     let mut files = builder.finish().map_err(|e| RunError::Encode(e.to_string()))?;

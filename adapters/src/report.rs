@@ -920,7 +920,7 @@ pub struct BackupFiles<'a> {
     name: &'a str,
     state: &'a BackupState,
     results: Results,
-    logs: flate2::write::GzEncoder<Vec<u8>>,
+    logs: flate2::write::GzEncoder<Spool>,
     volumes: VolumeObjects,
     names: ResourceNames<'a>,
     next: u64,
@@ -928,15 +928,17 @@ pub struct BackupFiles<'a> {
 
 impl<'a> BackupFiles<'a> {
     /// Starts the files of backup `name`, whose final state is `state`; the resource list is
-    /// sorted in `sort_dir` ([`ResourceNames::new`]).
+    /// sorted in `sort_dir`'s `resource-names/` ([`ResourceNames::new`]) and the compressed log
+    /// lines are spooled to its `companion-logs/` (`None`: both in memory).
     pub fn new(name: &'a str, state: &'a BackupState, sort_dir: Option<&Path>) -> std::io::Result<BackupFiles<'a>> {
+        let names = sort_dir.map(|d| d.join("resource-names"));
         Ok(BackupFiles {
             name,
             state,
             results: Results::default(),
-            logs: crate::store::gzip_encoder(Vec::new()),
+            logs: crate::store::gzip_encoder(Spool::new(sort_dir.map(|d| d.join("companion-logs")).as_deref())?),
             volumes: VolumeObjects::new(state),
-            names: ResourceNames::new(state, sort_dir)?,
+            names: ResourceNames::new(state, names.as_deref())?,
             next: 0,
         })
     }
@@ -971,6 +973,63 @@ impl<'a> BackupFiles<'a> {
     }
 }
 
+/// Bytes written out of memory: to a file of their own in a directory (emptied first: what a
+/// killed process left there goes), or to memory when there is none (a log held in memory).
+pub struct Spool {
+    inner: SpoolInner,
+}
+
+enum SpoolInner {
+    Memory(Vec<u8>),
+    File { path: std::path::PathBuf, file: std::io::BufWriter<std::fs::File> },
+}
+
+impl Spool {
+    /// A spool in `dir` (created; emptied), or in memory.
+    pub fn new(dir: Option<&Path>) -> std::io::Result<Spool> {
+        let Some(dir) = dir else { return Ok(Spool { inner: SpoolInner::Memory(Vec::new()) }) };
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("spool");
+        let file = std::fs::File::create(&path)?;
+        Ok(Spool { inner: SpoolInner::File { path, file: std::io::BufWriter::with_capacity(64 << 10, file) } })
+    }
+
+    /// Everything written, read back (the file removed).
+    pub fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self.inner {
+            SpoolInner::Memory(v) => Ok(v),
+            SpoolInner::File { path, file } => {
+                drop(file.into_inner().map_err(|e| e.into_error())?);
+                let bytes = std::fs::read(&path)?;
+                if let Some(dir) = path.parent() {
+                    std::fs::remove_dir_all(dir)?;
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.inner {
+            SpoolInner::Memory(v) => v.write(buf),
+            SpoolInner::File { file, .. } => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.inner {
+            SpoolInner::Memory(v) => v.flush(),
+            SpoolInner::File { file, .. } => file.flush(),
+        }
+    }
+}
+
 /// Velero's companion files of a backup, made one at a time in the order they are stored
 /// ([`BackupFiles::finish`]).
 pub struct CompanionFiles<'a> {
@@ -979,7 +1038,7 @@ pub struct CompanionFiles<'a> {
     step: u8,
     names: Option<ResourceNames<'a>>,
     results: Option<Results>,
-    logs: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    logs: Option<flate2::write::GzEncoder<Spool>>,
     volumes: Option<VolumeObjects>,
     /// Made with the VolumeSnapshots' file (one pass over the cut snapshots), stored after it.
     contents: Option<Vec<u8>>,
@@ -1010,7 +1069,7 @@ impl CompanionFiles<'_> {
                 let bytes = serde_json::to_vec(&results.to_json()).map_err(std::io::Error::other)?;
                 (format!("{name}-results.gz"), gzip_reproducible(&bytes)?)
             }
-            2 => (format!("{name}-logs.gz"), self.logs.take().ok_or_else(gone)?.finish()?),
+            2 => (format!("{name}-logs.gz"), self.logs.take().ok_or_else(gone)?.finish()?.into_bytes()?),
             3 => {
                 let volumes = self.volumes.take().ok_or_else(gone)?;
                 (format!("{name}-volumeinfo.json.gz"), with_newline(volume_infos(s, volumes, gz())?)?)
@@ -1257,6 +1316,29 @@ mod tests {
     }
 
     use super::*;
+
+    /// A spool gives back what was written to it, from its file (removed then, with its
+    /// directory; what a killed process left there removed when a spool starts) or from memory.
+    #[test]
+    fn a_spool_gives_back_its_bytes_and_leaves_nothing() {
+        let root = std::env::temp_dir().join(format!("blockwise-spool-{}", std::process::id()));
+        let dir = root.join("companion-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("left-by-a-killed-run"), b"x").unwrap();
+        let bytes: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        for at in [Some(dir.as_path()), None] {
+            let mut spool = Spool::new(at).unwrap();
+            if at.is_some() {
+                assert!(!dir.join("left-by-a-killed-run").exists());
+            }
+            for part in bytes.chunks(7_001) {
+                spool.write_all(part).unwrap();
+            }
+            assert_eq!(spool.into_bytes().unwrap(), bytes);
+            assert!(!dir.exists(), "the spool's directory is gone once read");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// The resource list written from one sorted vector is byte for byte the serialized map,
     /// across types (one served twice under one name, one not served), namespaced and
