@@ -988,11 +988,7 @@ impl Spool {
     /// A spool in `dir` (created; emptied), or in memory.
     pub fn new(dir: Option<&Path>) -> std::io::Result<Spool> {
         let Some(dir) = dir else { return Ok(Spool { inner: SpoolInner::Memory(Vec::new()) }) };
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        std::fs::create_dir_all(dir)?;
+        crate::sorted::fresh_dir(dir)?;
         let path = dir.join("spool");
         let file = std::fs::File::create(&path)?;
         Ok(Spool { inner: SpoolInner::File { path, file: std::io::BufWriter::with_capacity(64 << 10, file) } })

@@ -72,6 +72,15 @@ impl Drop for Runs {
     }
 }
 
+/// Makes `dir` an empty directory: what a killed process left there is removed.
+pub(crate) fn fresh_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::create_dir_all(dir)
+}
+
 impl<T: Ord + Serialize + DeserializeOwned> Sorter<T> {
     /// A sorter writing its runs into `dir` (created if missing; `None`: runs kept in memory),
     /// `run_records` records to a run (at least one).
@@ -92,10 +101,7 @@ impl<T: Ord + Serialize + DeserializeOwned> Sorter<T> {
     /// while it sorted) is removed first.
     pub fn fresh(dir: Option<&Path>, run_records: usize) -> io::Result<Sorter<T>> {
         if let Some(d) = dir {
-            match std::fs::remove_dir_all(d) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
+            fresh_dir(d)?;
         }
         Sorter::new(dir, run_records)
     }

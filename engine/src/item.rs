@@ -542,22 +542,18 @@ impl Item {
         Item { key, deleting: false, body: None, kept: None }
     }
 
-    /// An item of its key, labels, annotations and object.
-    pub fn new(key: ItemKey, labels: StrMap, annotations: StrMap, object: Value) -> Item {
-        let mut it = Item::of_key(key);
-        it.set_kept(Kept { labels, annotations, object, pod: None, strings: None });
-        it
-    }
-
     fn set_kept(&mut self, kept: Kept) {
         self.kept = (!kept.is_empty()).then(|| Box::new(kept));
     }
 
-    /// Changes what is kept with `change` (the box is dropped when nothing is left in it).
+    /// Changes what is kept with `change`, in its box (made when there is none; dropped when
+    /// nothing is left in it).
     fn change_kept<R>(&mut self, change: impl FnOnce(&mut Kept) -> R) -> R {
-        let mut kept = self.kept.take().map(|b| *b).unwrap_or_default();
-        let r = change(&mut kept);
-        self.set_kept(kept);
+        let kept = self.kept.get_or_insert_with(Box::default);
+        let r = change(kept);
+        if kept.is_empty() {
+            self.kept = None;
+        }
         r
     }
 
