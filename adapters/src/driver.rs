@@ -386,6 +386,9 @@ fn promote(waiting: &mut Vec<Command>, ready: &mut VecDeque<Command>, durable: O
     ready.extend(go);
 }
 
+/// Finished blocks between two returns of the allocator's free memory ([`drive`]).
+const TRIM_BLOCKS: u32 = 100_000;
+
 /// Runs `engine` until the backup reaches a terminal phase, the run stops (a store outage, after
 /// closing the open hook windows), or the log fails. At most `workers + 4` commands run at once.
 pub async fn drive<M: LogMedium>(
@@ -397,6 +400,8 @@ pub async fn drive<M: LogMedium>(
 ) -> Result<BackupState, RunError> {
     let backup: Arc<str> = Arc::from(log.name());
     let bodies = log.bodies();
+    // The engine reads each block's plan back from the log when the block starts.
+    engine.use_plans(log.plans());
     let rt = world.runtime.clone();
     let executors_max = workers.max(1) + EXECUTORS_EXTRA;
     let mut waiting: Vec<Command> = Vec::new();
@@ -408,9 +413,19 @@ pub async fn drive<M: LogMedium>(
         // Deliberate bug: a resumed run first gives the cluster five minutes to recover.
         rt.sleep(300_000).await;
     }
+    // The allocator's free memory is returned after the plan is recorded and then every
+    // `TRIM_BLOCKS` finished blocks: what planning and the finished blocks freed (the plans, read
+    // back from the log when their blocks start, and their keys) stays resident otherwise.
+    let mut trim = false;
     loop {
         engine.set_now(rt.now_ms());
         let out = engine.poll();
+        if std::mem::take(&mut trim) {
+            // The last poll's events are appended and dropped, and this poll let go of the plans
+            // it kept for them.
+            crate::world::release_free_memory();
+            crate::world::heap_trace("trimmed");
+        }
         for (seq, ev) in &out.events {
             staged_unsynced |= matches!(ev, Event::ItemWritten { .. });
             match ev {
@@ -419,12 +434,11 @@ pub async fn drive<M: LogMedium>(
                 }
                 Event::PlanFinished { .. } => {
                     crate::world::heap_trace("after planning");
-                    // Planning's catalog and index are gone: return their pages.
-                    crate::world::release_free_memory();
-                    crate::world::heap_trace("after planning, trimmed");
+                    trim = true;
                 }
-                Event::BlockFinished { block, .. } if block % 100_000 == 0 => {
-                    crate::world::heap_trace(&format!("block {block} finished"))
+                Event::BlockFinished { block, .. } if block % TRIM_BLOCKS == 0 => {
+                    crate::world::heap_trace(&format!("block {block} finished"));
+                    trim = true;
                 }
                 Event::ArchiveFinalized { .. } => crate::world::heap_trace("archive built"),
                 _ => {}
@@ -433,6 +447,7 @@ pub async fn drive<M: LogMedium>(
             observer.event(ev, engine.state());
         }
         unflushed += out.events.len();
+        let more = out.more;
         waiting.extend(out.commands);
         if let Some(f) = engine.fatal() {
             return Err(RunError::Engine(f.to_string()));
@@ -445,7 +460,8 @@ pub async fn drive<M: LogMedium>(
         dispatch_ready(&mut ready, &mut inflight, &d, engine.state())?;
         let blocked = !waiting.is_empty();
         let terminal = engine.is_finished() || engine.stopped().is_some();
-        let idle = inflight.is_empty() && ready.is_empty();
+        // Recording more (`more`), the engine is polled again at once: the flush can wait.
+        let idle = inflight.is_empty() && ready.is_empty() && !more;
         if unflushed > 0 && (blocked || unflushed >= FLUSH_BATCH_EVENTS_MAX || terminal || idle) {
             let was_stopping = engine.is_stopping();
             let started = std::time::Instant::now();
@@ -468,6 +484,10 @@ pub async fn drive<M: LogMedium>(
         }
         let d = Dispatch { backup: &backup, world, bodies: &bodies, log, executors_max };
         dispatch_ready(&mut ready, &mut inflight, &d, engine.state())?;
+        if more {
+            // The engine records more (a plan, a poll's worth of blocks at a time) first.
+            continue;
+        }
         let Some(first) = inflight.next().await else {
             return Err(RunError::Engine("the engine has nothing to do but the backup is not finished".into()));
         };
@@ -492,8 +512,11 @@ pub async fn store_backup_files<M: LogMedium>(
     store: &dyn Store,
 ) -> Result<(), RunError> {
     let dir = log.medium().sort_dir();
-    let mut builder = report::BackupFiles::new(log.name(), state, dir.as_deref()).map_err(|e| {
-        RunError::Encode(format!("preparing the companion files (the resource list's sort, the log lines' spool): {e}"))
+    let plans = log.plans();
+    let mut builder = report::BackupFiles::new(log.name(), state, plans.as_ref(), dir.as_deref()).map_err(|e| {
+        RunError::Encode(format!(
+            "preparing the companion files (the block plans, the resource list's sort, the log lines' spool): {e}"
+        ))
     })?;
     log.for_each_event(|_, e| builder.push(e).map_err(|e| e.to_string()))?;
     let bodies = log.bodies();

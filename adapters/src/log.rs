@@ -25,6 +25,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use blockwise_engine::body::BodyId;
+use blockwise_engine::grouping::BlockPlan;
+use blockwise_engine::ports::PlanSource;
 
 use blockwise_engine::event::{encode_record, RecordStream, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
 use blockwise_engine::mutation::{self, Mutation};
@@ -307,9 +309,96 @@ pub(crate) fn open_records<M: LogMedium, T: serde::de::DeserializeOwned>(
 }
 
 fn new_bodies<M: LogMedium>(medium: &M) -> Result<Bodies, String> {
-    match medium.spill_path() {
-        Some(p) => Bodies::spill(&p).map_err(|e| format!("creating {}: {e}", p.display())),
-        None => Ok(Bodies::memory()),
+    let path = medium.spill_path();
+    Bodies::new(path.as_deref()).map_err(|e| creating(path.as_deref(), e))
+}
+
+fn new_plans<M: LogMedium>(medium: &M) -> Result<Plans, String> {
+    let path = medium.spill_path().map(|p| p.with_file_name(PLANS_FILE));
+    Plans::new(path.as_deref()).map_err(|e| creating(path.as_deref(), e))
+}
+
+fn creating(path: Option<&Path>, e: std::io::Error) -> String {
+    format!("creating {}: {e}", path.map_or_else(|| "memory".into(), |p| p.display().to_string()))
+}
+
+/// Numbered byte strings appended to a file and read back with positioned reads: `ends[n]` is
+/// where string `n` ends (it starts where `n - 1` ends) — 8 bytes a string in memory. What
+/// [`Bodies`] and [`Plans`] keep on disk.
+struct SpillFile {
+    path: PathBuf,
+    file: std::fs::File,
+    ends: RwLock<Vec<u64>>,
+}
+
+impl SpillFile {
+    /// A spill file at `path`, created empty (truncated if it exists).
+    fn create(path: &Path) -> std::io::Result<SpillFile> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(SpillFile { path: path.to_path_buf(), file, ends: RwLock::new(Vec::new()) })
+    }
+
+    fn len(&self) -> u64 {
+        self.ends.read().unwrap_or_else(PoisonError::into_inner).len() as u64
+    }
+
+    /// Appends `strings`, numbered from [`SpillFile::len`] on, with one write.
+    fn append<'a>(&self, strings: impl Iterator<Item = &'a [u8]>) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let mut ends = self.ends.write().unwrap_or_else(PoisonError::into_inner);
+        let start = ends.last().copied().unwrap_or(0);
+        let mut end = start;
+        let mut buf = Vec::new();
+        for s in strings {
+            buf.extend_from_slice(s);
+            end += s.len() as u64;
+            ends.push(end);
+        }
+        self.file.write_all_at(&buf, start).map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+
+    /// String `n`, or `None` when there is no such number.
+    fn read(&self, n: u64) -> Option<Result<Vec<u8>, String>> {
+        use std::os::unix::fs::FileExt;
+        let (offset, end) = {
+            let ends = self.ends.read().unwrap_or_else(PoisonError::into_inner);
+            let end = *ends.get(usize::try_from(n).ok()?)?;
+            let offset = match n.checked_sub(1) {
+                Some(before) => ends.get(before as usize).copied().unwrap_or(0),
+                None => 0,
+            };
+            (offset, end)
+        };
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        Some(
+            self.file
+                .read_exact_at(&mut buf, offset)
+                .map(|_| buf)
+                .map_err(|e| format!("reading {}: {e}", self.path.display())),
+        )
+    }
+}
+
+/// What a log derives and keeps by number: in memory (the simulator's logs) or in a spill file
+/// beside the log ([`SpillFile`]).
+enum Numbered<T> {
+    Memory(RwLock<Vec<T>>),
+    File(SpillFile),
+}
+
+impl<T> Numbered<T> {
+    fn new(path: Option<&Path>) -> std::io::Result<Numbered<T>> {
+        Ok(match path {
+            Some(p) => Numbered::File(SpillFile::create(p)?),
+            None => Numbered::Memory(RwLock::new(Vec::new())),
+        })
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Numbered::Memory(v) => v.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
+            Numbered::File(s) => s.len(),
+        }
     }
 }
 
@@ -317,51 +406,29 @@ fn new_bodies<M: LogMedium>(medium: &M) -> Result<Bodies, String> {
 /// `ResourceListed` and `ItemsFetched` record appended or read back, numbered in log order as the
 /// fold numbers them. Derived from the log, never a source of truth: rebuilt on every open.
 /// Production keeps them in a spill file beside the log (read back with positioned reads, so the
-/// process holds only 12 bytes per object); the simulator in memory.
+/// process holds only 8 bytes per object); the simulator in memory.
 pub struct Bodies {
-    inner: BodiesInner,
-}
-
-enum BodiesInner {
-    Memory(RwLock<Vec<Arc<str>>>),
-    /// `ends[n]`: where object `n` ends in the file (it starts where object `n - 1` ends): 8
-    /// bytes an object (an offset and a length were 16, 18 MB at a million objects).
-    File {
-        path: PathBuf,
-        file: std::fs::File,
-        ends: RwLock<Vec<u64>>,
-    },
+    inner: Numbered<Arc<str>>,
 }
 
 impl std::fmt::Debug for Bodies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.inner {
-            BodiesInner::Memory(v) => {
-                write!(f, "Bodies(memory, {})", v.read().unwrap_or_else(PoisonError::into_inner).len())
-            }
-            BodiesInner::File { path, .. } => write!(f, "Bodies({})", path.display()),
+            Numbered::Memory(_) => write!(f, "Bodies(memory, {})", self.len()),
+            Numbered::File(s) => write!(f, "Bodies({})", s.path.display()),
         }
     }
 }
 
 impl Bodies {
-    /// Bodies held in memory.
-    pub fn memory() -> Bodies {
-        Bodies { inner: BodiesInner::Memory(RwLock::new(Vec::new())) }
-    }
-
-    /// Bodies in a spill file at `path`, created empty (truncated if it exists).
-    pub fn spill(path: &Path) -> std::io::Result<Bodies> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(Bodies { inner: BodiesInner::File { path: path.to_path_buf(), file, ends: RwLock::new(Vec::new()) } })
+    /// Bodies in a spill file at `path`, created empty (truncated if it exists), or in memory.
+    pub fn new(path: Option<&Path>) -> std::io::Result<Bodies> {
+        Ok(Bodies { inner: Numbered::new(path)? })
     }
 
     /// Objects numbered so far.
     pub fn len(&self) -> u64 {
-        match &self.inner {
-            BodiesInner::Memory(v) => v.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
-            BodiesInner::File { ends, .. } => ends.read().unwrap_or_else(PoisonError::into_inner).len() as u64,
-        }
+        self.inner.len()
     }
 
     /// Whether no object is numbered yet.
@@ -376,24 +443,11 @@ impl Bodies {
             return Ok(());
         }
         match &self.inner {
-            BodiesInner::Memory(v) => {
+            Numbered::Memory(v) => {
                 v.write().unwrap_or_else(PoisonError::into_inner).extend(objects.map(Arc::<str>::from));
                 Ok(())
             }
-            BodiesInner::File { path, file, ends } => {
-                use std::os::unix::fs::FileExt;
-                let mut ends = ends.write().unwrap_or_else(PoisonError::into_inner);
-                let mut end = ends.last().copied().unwrap_or(0);
-                let start = end;
-                let mut buf = Vec::new();
-                for o in objects {
-                    let len = u32::try_from(o.len()).map_err(|_| format!("an object of {} bytes", o.len()))?;
-                    buf.extend_from_slice(o.as_bytes());
-                    end += u64::from(len);
-                    ends.push(end);
-                }
-                file.write_all_at(&buf, start).map_err(|e| format!("writing {}: {e}", path.display()))
-            }
+            Numbered::File(s) => s.append(objects.map(str::as_bytes)),
         }
     }
 
@@ -401,26 +455,96 @@ impl Bodies {
     pub fn get(&self, id: BodyId) -> Result<Arc<str>, String> {
         let missing = || format!("object {id} is not in the log ({} objects)", self.len());
         match &self.inner {
-            BodiesInner::Memory(v) => {
+            Numbered::Memory(v) => {
                 v.read().unwrap_or_else(PoisonError::into_inner).get(id as usize).cloned().ok_or_else(missing)
             }
-            BodiesInner::File { path, file, ends } => {
-                use std::os::unix::fs::FileExt;
-                let (offset, end) = {
-                    let ends = ends.read().unwrap_or_else(PoisonError::into_inner);
-                    let end = *ends.get(id as usize).ok_or_else(missing)?;
-                    let offset = match id.checked_sub(1) {
-                        Some(before) => ends.get(before as usize).copied().unwrap_or(0),
-                        None => 0,
-                    };
-                    (offset, end)
-                };
-                let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-                file.read_exact_at(&mut buf, offset).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            Numbered::File(s) => {
+                let buf = s.read(id).ok_or_else(missing)??;
                 String::from_utf8(buf)
                     .map(Arc::from)
-                    .map_err(|_| format!("{}: object {id} is not UTF-8", path.display()))
+                    .map_err(|_| format!("{}: object {id} is not UTF-8", s.path.display()))
             }
+        }
+    }
+}
+
+/// The block plans a log carries, by block id: every plan of every `BlockPlanned` record appended
+/// or read back. What the engine reads a block's plan from when the block starts
+/// ([`PlanSource`]), so that neither it nor the fold holds every plan of a large backup. Derived
+/// from the log like [`Bodies`] and rebuilt on every open: a spill file of bincode plans beside
+/// the log in production, the plans themselves in memory in the simulator.
+pub struct Plans {
+    inner: Numbered<Arc<BlockPlan>>,
+}
+
+impl Plans {
+    /// Plans in a spill file at `path`, created empty (truncated if it exists), or in memory.
+    pub fn new(path: Option<&Path>) -> std::io::Result<Plans> {
+        Ok(Plans { inner: Numbered::new(path)? })
+    }
+
+    /// Plans kept so far (the next block's id).
+    pub fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    /// Whether no plan is kept yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the plans `event` carries (a `BlockPlanned`; any other event carries none). Plans
+    /// come in id order, from 0; what does not follow on (a log the fold refuses anyway) is not
+    /// kept: the log stays a log of any records, and such a plan is missing when asked for.
+    fn add(&self, event: &Event) -> Result<(), String> {
+        let Event::BlockPlanned { blocks } = event else { return Ok(()) };
+        let next = self.len();
+        let follow = blocks.iter().zip(next..).take_while(|(b, n)| u64::from(b.id) == *n).count();
+        let blocks = &blocks[..follow];
+        match &self.inner {
+            Numbered::Memory(v) => {
+                v.write().unwrap_or_else(PoisonError::into_inner).extend(blocks.iter().cloned());
+                Ok(())
+            }
+            Numbered::File(s) => {
+                let encoded: Vec<Vec<u8>> = blocks.iter().map(|b| encode_plan(b)).collect::<Result<_, _>>()?;
+                s.append(encoded.iter().map(Vec::as_slice))
+            }
+        }
+    }
+}
+
+fn plans_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+fn encode_plan(plan: &BlockPlan) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(plan, plans_config())
+        .map_err(|e| format!("encoding the plan of block {}: {e}", plan.id))
+}
+
+impl PlanSource for Plans {
+    fn plan(&self, id: u32) -> Result<Arc<BlockPlan>, String> {
+        let missing = || format!("block {id} is not planned in the log ({} blocks)", self.len());
+        match &self.inner {
+            Numbered::Memory(v) => {
+                v.read().unwrap_or_else(PoisonError::into_inner).get(id as usize).cloned().ok_or_else(missing)
+            }
+            Numbered::File(s) => {
+                let buf = s.read(u64::from(id)).ok_or_else(missing)??;
+                let (plan, _): (BlockPlan, usize) = bincode::serde::decode_from_slice(&buf, plans_config())
+                    .map_err(|e| format!("{}: the plan of block {id}: {e}", s.path.display()))?;
+                Ok(Arc::new(plan))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Plans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Numbered::Memory(_) => write!(f, "Plans(memory, {})", self.len()),
+            Numbered::File(s) => write!(f, "Plans({})", s.path.display()),
         }
     }
 }
@@ -430,6 +554,7 @@ pub struct EventLog<M: LogMedium = SledMedium> {
     log: RecordLog<M>,
     name: String,
     bodies: Arc<Bodies>,
+    plans: Arc<Plans>,
 }
 
 impl<M: LogMedium> std::fmt::Debug for EventLog<M> {
@@ -565,7 +690,8 @@ impl<M: LogMedium> EventLog<M> {
         }
         let log = RecordLog::create(medium, backup_name)?;
         let bodies = Arc::new(new_bodies(&log.medium).map_err(storage)?);
-        Ok(EventLog { log, name: backup_name.to_string(), bodies })
+        let plans = Arc::new(new_plans(&log.medium).map_err(storage)?);
+        Ok(EventLog { log, name: backup_name.to_string(), bodies, plans })
     }
 
     /// Opens an existing log on `medium` and reads it whole, cutting a torn last record.
@@ -581,8 +707,10 @@ impl<M: LogMedium> EventLog<M> {
         let path = medium.location().to_path_buf();
         let storage = |message: String| LogError::Storage { path: path.clone(), message };
         let bodies = new_bodies(&medium).map_err(storage)?;
+        let plans = new_plans(&medium).map_err(storage)?;
         let (name, id, report) = open_records_with::<M, Event>(&mut medium, "backup", |seq, e| {
             bodies.add(&e)?;
+            plans.add(&e)?;
             f(seq, &e);
             Ok(())
         })?;
@@ -591,18 +719,24 @@ impl<M: LogMedium> EventLog<M> {
             // Deliberate bug: count the cut record, so appends resume one past the tail.
             log.next += 1;
         }
-        Ok((EventLog { log, name, bodies: Arc::new(bodies) }, report))
+        Ok((EventLog { log, name, bodies: Arc::new(bodies), plans: Arc::new(plans) }, report))
     }
 
     /// Appends `event` as record `seq`, which must be [`EventLog::next_seq`]; not yet durable.
     pub fn append(&mut self, seq: Seq, event: &Event) -> Result<(), LogError> {
         self.append_encoded(seq, &encode_record(event))?;
-        self.bodies.add(event).map_err(|m| self.log.storage(m))
+        self.bodies.add(event).map_err(|m| self.log.storage(m))?;
+        self.plans.add(event).map_err(|m| self.log.storage(m))
     }
 
     /// The objects the log carries, by number: what a write whose body is logged reads back.
     pub fn bodies(&self) -> Arc<Bodies> {
         self.bodies.clone()
+    }
+
+    /// The block plans the log carries, by block id: what the engine reads a plan back from.
+    pub fn plans(&self) -> Arc<Plans> {
+        self.plans.clone()
     }
 
     /// Appends already encoded record bytes as record `seq`; not yet durable. The objects such a
@@ -1557,6 +1691,9 @@ impl LogMedium for SledMedium {
 
 /// The spill file of a sled log's objects, inside its directory ([`Bodies`]).
 pub const SPILL_FILE: &str = "bodies.spill";
+
+/// The spill file of a sled log's block plans, beside [`SPILL_FILE`] ([`Plans`]).
+pub const PLANS_FILE: &str = "plans.spill";
 /// The directory a sled log's archive entries and resource list are sorted in, inside its
 /// directory ([`crate::sorted`]); empty but while they are made.
 pub const SORT_DIR: &str = "sort";
@@ -1886,6 +2023,51 @@ mod tests {
         }
         log.flush().unwrap();
         (tmp, dir)
+    }
+
+    /// The log keeps every block plan it appends or reads back, by id, on disk as in memory: the
+    /// plans the engine reads when their blocks start are the plans recorded; one that does not
+    /// follow on is not kept, and asking for a plan the log does not have is an error naming it.
+    #[test]
+    fn the_log_gives_back_every_plan_it_carries() {
+        let key = |n: u32| ItemKey::namespaced("", "configmaps", "ns", &format!("cm-{n}"));
+        let plan = |id: u32| {
+            let items: Vec<ItemKey> = (0..id % 3).map(|i| key(id * 10 + i)).collect();
+            Arc::new(BlockPlan { id, items: items.into(), hooks: Box::default() })
+        };
+        let events = [
+            Event::BlockPlanned { blocks: (0..4).map(plan).collect() },
+            ev(1),
+            Event::BlockPlanned { blocks: (4..9).map(plan).collect() },
+            // Out of order: not kept.
+            Event::BlockPlanned { blocks: vec![plan(20)] },
+        ];
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let check = |plans: &Plans, how: &str| {
+            assert_eq!(plans.len(), 9, "{how}");
+            for id in 0..9 {
+                assert_eq!(plans.plan(id).unwrap(), plan(id), "{how}: block {id}");
+            }
+            let err = plans.plan(9).unwrap_err();
+            assert!(err.contains("block 9"), "{how}: {err}");
+        };
+        {
+            let mut log = EventLog::create(&dir, "b").unwrap();
+            for (i, e) in events.iter().enumerate() {
+                log.append(i as u64, e).unwrap();
+            }
+            log.flush().unwrap();
+            check(&log.plans(), "appended");
+        }
+        let (log, _, _) = EventLog::open(&dir).unwrap();
+        check(&log.plans(), "read back");
+        assert!(dir.join(PLANS_FILE).exists());
+        let memory = Plans::new(None).unwrap();
+        for e in &events {
+            memory.add(e).unwrap();
+        }
+        check(&memory, "in memory");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use blockwise_engine::entries::final_write;
 use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity};
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
+use blockwise_engine::ports::PlanSource;
 use blockwise_engine::snapshot::{PvVolume, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
 use blockwise_engine::state::{BackupState, CutMember, SnapshotState};
@@ -459,18 +460,22 @@ impl VolumeFacts {
 }
 
 impl VolumeObjects {
-    /// Ready to take the objects of backup `s`'s log.
-    pub fn new(s: &BackupState) -> VolumeObjects {
-        let wanted = s
-            .blocks
-            .iter()
-            .filter(|b| !matches!(b.outcome, Some(BlockOutcome::Failed { .. })))
-            .flat_map(|b| &b.plan.items)
-            .filter(|k| k.is("", "persistentvolumeclaims"))
-            .cloned()
-            .collect();
+    /// Ready to take the objects of backup `s`'s log, whose block plans `plans` gives back (the
+    /// state keeps only those of blocks with hooks). An error names the plan that could not be read.
+    pub fn new(s: &BackupState, plans: &dyn PlanSource) -> std::io::Result<VolumeObjects> {
+        let mut wanted = BTreeSet::new();
+        for (b, id) in s.blocks.iter().zip(0u32..) {
+            if matches!(b.outcome, Some(BlockOutcome::Failed { .. })) {
+                continue;
+            }
+            let plan = match &b.plan {
+                Some(p) => p.clone(),
+                None => plans.plan(id).map_err(std::io::Error::other)?,
+            };
+            wanted.extend(plan.items.iter().filter(|k| k.is("", "persistentvolumeclaims")).cloned());
+        }
         let types = s.resources.iter().flatten().map(|r| (r.gr.clone(), r.clone())).collect();
-        VolumeObjects { types, wanted, claims: Default::default(), volumes: Default::default() }
+        Ok(VolumeObjects { types, wanted, claims: Default::default(), volumes: Default::default() })
     }
 
     /// Takes what it reads of the objects `e` carries.
@@ -852,11 +857,25 @@ struct Results {
     errors: ResultPart,
     warnings: ResultPart,
     seen: BTreeSet<String>,
+    /// Of each block that failed (as the final state says), the namespace of its first
+    /// namespaced item, taken from its `BlockPlanned` record (the state does not hold the plans).
+    failed_ns: BTreeMap<u32, Option<String>>,
 }
 
 impl Results {
     fn push(&mut self, s: &BackupState, e: &Event) {
         let (part, ns, cluster, message) = match e {
+            Event::BlockPlanned { blocks } => {
+                for b in blocks {
+                    if matches!(
+                        s.blocks.get(b.id as usize).and_then(|b| b.outcome.as_ref()),
+                        Some(BlockOutcome::Failed { .. })
+                    ) {
+                        self.failed_ns.insert(b.id, b.items.iter().find_map(|k| k.namespace().map(str::to_string)));
+                    }
+                }
+                return;
+            }
             Event::ListFailed { unit, error } => {
                 (&mut self.errors, unit.namespace.clone(), false, format!("listing {unit} failed: {error}"))
             }
@@ -896,10 +915,7 @@ impl Results {
                 (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
             }
             Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
-                let ns = s
-                    .blocks
-                    .get(*block as usize)
-                    .and_then(|b| b.plan.items.iter().find_map(|k| k.namespace().map(str::to_string)));
+                let ns = self.failed_ns.get(block).cloned().flatten();
                 (&mut self.errors, ns, true, format!("block {block} failed: {reason}"))
             }
             _ => return,
@@ -930,14 +946,19 @@ impl<'a> BackupFiles<'a> {
     /// Starts the files of backup `name`, whose final state is `state`; the resource list is
     /// sorted in `sort_dir`'s `resource-names/` ([`ResourceNames::new`]) and the compressed log
     /// lines are spooled to its `companion-logs/` (`None`: both in memory).
-    pub fn new(name: &'a str, state: &'a BackupState, sort_dir: Option<&Path>) -> std::io::Result<BackupFiles<'a>> {
+    pub fn new(
+        name: &'a str,
+        state: &'a BackupState,
+        plans: &dyn PlanSource,
+        sort_dir: Option<&Path>,
+    ) -> std::io::Result<BackupFiles<'a>> {
         let names = sort_dir.map(|d| d.join("resource-names"));
         Ok(BackupFiles {
             name,
             state,
             results: Results::default(),
             logs: crate::store::gzip_encoder(Spool::new(sort_dir.map(|d| d.join("companion-logs")).as_deref())?),
-            volumes: VolumeObjects::new(state),
+            volumes: VolumeObjects::new(state, plans)?,
             names: ResourceNames::new(state, names.as_deref())?,
             next: 0,
         })

@@ -826,7 +826,7 @@ impl Session {
             .map_err(|e| e.to_string())
         };
         let state = std::mem::take(&mut self.state);
-        let engine = Engine::resume_folded(state, &mut replay, cfg, runtime.now_ms())
+        let engine = Engine::resume_folded(state, &mut replay, Some(self.log.plans()), cfg, runtime.now_ms())
             .map_err(|e| RunError::Engine(e.to_string()))?;
         let world = World {
             cluster: Arc::new(RetryingCluster::new(cluster, ClusterRetryPolicy::default(), runtime.clone())),

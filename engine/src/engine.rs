@@ -30,11 +30,11 @@ use std::sync::Arc;
 
 use crate::body::{Body, BodyId};
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
-use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanInput, PlanStep};
+use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanBlocks, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
 use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType};
 use crate::mutation::{self, Mutation};
-use crate::ports::{ClusterError, ListPage};
+use crate::ports::{ClusterError, ListPage, PlanSource};
 use crate::snapshot::{
     self, archived_member, BackupOptions, Claim, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder, SnapshotApi,
     SnapshotPlan, SnapshotPlanInput, VolumeInventory,
@@ -199,6 +199,20 @@ pub struct Output {
     pub events: Vec<(Seq, Event)>,
     /// Commands to execute, each once its `after_seq` is durable.
     pub commands: Vec<Command>,
+    /// The engine has more to record before it waits for a command: poll again (once these
+    /// events are appended) without waiting for one to complete.
+    pub more: bool,
+}
+
+/// Blocks a poll records of a plan being recorded ([`Engine::record_plan`]).
+const PLAN_BLOCKS_PER_POLL: usize = 8192;
+
+/// A finished plan being recorded a poll at a time.
+struct Recording {
+    blocks: PlanBlocks,
+    snapshots: Vec<SnapshotPlan>,
+    /// Items of the plan's blocks.
+    items: u64,
 }
 
 /// The life of one block attempt in this process.
@@ -337,6 +351,22 @@ pub struct Engine {
     awaiting: bool,
     /// A `ReleaseSnapshots` is in flight.
     releasing: bool,
+    /// Where the plans of blocks without hooks are read when the blocks start (the fold keeps
+    /// only the plans of blocks with hooks).
+    plans: PlanHold,
+    /// The plan being recorded, when it is ([`Engine::record_plan`]).
+    recording: Option<Recording>,
+    /// The plans recorded since the last `poll`, consecutive ids: the shell appends them to its
+    /// log (and its [`PlanSource`]) before it polls again.
+    fresh: Vec<Arc<BlockPlan>>,
+}
+
+/// Where an engine reads its block plans back.
+enum PlanHold {
+    /// Every plan, held here: an engine no shell drives (tests, benchmarks of the engine alone).
+    Own(Vec<Arc<BlockPlan>>),
+    /// The shell's log ([`Engine::use_plans`]).
+    Source(Arc<dyn PlanSource>),
 }
 
 impl Engine {
@@ -380,16 +410,18 @@ impl Engine {
             events.iter().for_each(|e| f(e));
             Ok(())
         };
-        Engine::resume_folded(state, &mut replay, cfg, now_ms)
+        Engine::resume_folded(state, &mut replay, None, cfg, now_ms)
     }
 
     /// [`Engine::resume`] for a shell that has already folded the log into `state` while it read
     /// the log one record at a time ([`crate::state::Folding`]): the log is read once more, for the
     /// catalog, so that no `Vec` of every event is ever held — a resumed backup of a million
-    /// objects holds what its state needs, not its log.
+    /// objects holds what its state needs, not its log. With `plans` (the shell's log), block
+    /// plans are read back from it ([`Engine::use_plans`]); without, the engine holds them.
     pub fn resume_folded(
         state: BackupState,
         replay: &mut Replay<'_>,
+        plans: Option<Arc<dyn PlanSource>>,
         cfg: EngineConfig,
         now_ms: u64,
     ) -> Result<Engine, ResumeError> {
@@ -398,6 +430,9 @@ impl Engine {
         let actions = builtin_actions(&spec.volume_group_label);
         let mut e = Engine::with_state(cfg, state, selection, actions);
         e.now_ms = now_ms;
+        if let Some(p) = plans {
+            e.use_plans(p);
+        }
         let types: BTreeMap<GroupResource, ResourceType> =
             e.resource_types().into_iter().map(|(g, r)| (g.clone(), r.clone())).collect();
         let mut n: u64 = 0;
@@ -451,16 +486,50 @@ impl Engine {
             api: None,
             awaiting: false,
             releasing: false,
+            plans: PlanHold::Own(Vec::new()),
+            recording: None,
+            fresh: Vec::new(),
+        }
+    }
+
+    /// Reads the plans of blocks without hooks back from `plans` (the shell's log, which holds
+    /// every plan recorded) instead of holding them: the driver calls it before its first poll.
+    pub fn use_plans(&mut self, plans: Arc<dyn PlanSource>) {
+        self.plans = PlanHold::Source(plans);
+    }
+
+    /// The plan of block `id`: the fold's (a block with hooks), one recorded since the last poll,
+    /// or one read back.
+    fn plan_of(&self, id: u32) -> Result<Arc<BlockPlan>, String> {
+        if let Some(p) = self.state.blocks.get(id as usize).and_then(|b| b.plan.clone()) {
+            return Ok(p);
+        }
+        let first = self.fresh.first().map_or(u32::MAX, |p| p.id);
+        if let Some(p) = id.checked_sub(first).and_then(|i| self.fresh.get(i as usize)) {
+            return Ok(p.clone());
+        }
+        match &self.plans {
+            PlanHold::Own(v) => v.get(id as usize).cloned().ok_or_else(|| format!("block {id} is not planned")),
+            PlanHold::Source(s) => s.plan(id),
+        }
+    }
+
+    /// Keeps the plans a recorded `BlockPlanned` carries where [`Engine::plan_of`] finds them.
+    fn keep_plans(&mut self, e: &Event) {
+        let Event::BlockPlanned { blocks } = e else { return };
+        match &mut self.plans {
+            PlanHold::Own(v) => v.extend(blocks.iter().cloned()),
+            PlanHold::Source(_) => self.fresh.extend(blocks.iter().cloned()),
         }
     }
 
     /// What a crash left open: every in-flight block first runs the post-hooks it owes.
     fn recover(&mut self) {
-        for b in &self.state.blocks {
+        for (id, b) in self.state.blocks.iter().enumerate() {
             if mutation::active(Mutation::RedoFinishedBlocks) && b.outcome == Some(BlockOutcome::Completed) {
                 // Deliberate bug: write a finished block's items again.
                 let attempt = b.attempts.max(1);
-                self.recovering.push_back((b.plan.id, Run::new(BlockRun::Writing { next: 0 }, attempt, 0)));
+                self.recovering.push_back((id as u32, Run::new(BlockRun::Writing { next: 0 }, attempt, 0)));
                 continue;
             }
             let Some(a) = b.attempt.as_ref().filter(|_| b.in_flight()) else { continue };
@@ -469,13 +538,13 @@ impl Engine {
             // finished inside it (create-or-get) before the owed post-hooks close it, so every
             // snapshot of the block is from that one window and none is taken twice.
             let cutting = !mutation::active(Mutation::SecondSnapshotAfterResume)
-                && self.state.snapshots_of(b.plan.id).any(|s| s.requested.is_some() && !s.settled());
+                && self.state.snapshots_of(id as u32).any(|s| s.requested.is_some() && !s.settled());
             let state = if cutting {
                 BlockRun::FinishingCut { attempt: a.number, owed }
             } else {
                 BlockRun::ClosingInterrupted { attempt: a.number, owed, next: 0 }
             };
-            self.recovering.push_back((b.plan.id, Run::new(state, a.number, 0)));
+            self.recovering.push_back((id as u32, Run::new(state, a.number, 0)));
         }
     }
 
@@ -583,6 +652,7 @@ impl Engine {
             self.fatal.get_or_insert(err.to_string());
             return seq;
         }
+        self.keep_plans(&e);
         self.out.events.push((seq, e));
         seq
     }
@@ -596,6 +666,8 @@ impl Engine {
 
     /// Decides everything that can be decided now and hands it over.
     pub fn poll(&mut self) -> Output {
+        // What the last poll recorded is in the shell's log now.
+        self.fresh.clear();
         if self.fatal.is_none() && !self.is_finished() && self.stopped().is_none() {
             self.pump();
         }
@@ -783,6 +855,7 @@ impl Engine {
                 }
             }
             Event::ListFailed { unit, .. } => self.forget_unit(unit),
+            Event::BlockPlanned { .. } if matches!(self.plans, PlanHold::Own(_)) => self.keep_plans(e),
             Event::ItemsFetched { items } => {
                 for (key, json) in items {
                     let Some(json) = json else { continue };
@@ -797,13 +870,14 @@ impl Engine {
     }
 
     fn plan_round(&mut self) {
+        if self.recording.is_some() {
+            self.record_plan();
+            return;
+        }
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
                 let keys = self.build_objects();
-                let plan = p.into_plan(&keys);
-                // Not beside the fold's blocks and the events the plan becomes (32 MB at a million).
-                drop(keys);
-                self.emit_plan(plan, &claims);
+                self.emit_plan(p.into_blocks(keys), &claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -856,9 +930,7 @@ impl Engine {
                 // fold's blocks and the events carrying them.
                 self.catalog = index.into_items();
                 let keys = self.build_objects();
-                let plan = p.into_plan(&keys);
-                drop(keys);
-                self.emit_plan(plan, &claims);
+                self.emit_plan(p.into_blocks(keys), &claims);
                 return;
             }
         }
@@ -977,40 +1049,64 @@ impl Engine {
         }
     }
 
-    /// Records the plan: blocks, then snapshots, then `PlanFinished` (skipping what a crashed
-    /// process recorded already).
-    fn emit_plan(&mut self, p: crate::grouping::Plan, claims: &BTreeMap<ItemKey, Claim>) {
+    /// Starts recording the plan: blocks, then snapshots, then `PlanFinished` (skipping what a
+    /// crashed process recorded already), [`PLAN_BLOCKS_PER_POLL`] blocks a poll
+    /// ([`Engine::record_plan`]).
+    fn emit_plan(&mut self, mut p: PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) {
         let items = p.item_count() as u64;
-        let already = self.state.blocks.len();
+        let already = self.state.blocks.len() as u32;
         if already == 0 {
-            for w in &p.warnings {
-                self.warn(w.clone());
+            for w in std::mem::take(&mut p.warnings) {
+                self.warn(w);
             }
         }
-        let total = p.blocks.len() as u32;
         let snapshots = if self.state.options.snapshots_on() && self.state.volumes_inspected {
             self.plan_snapshots(&p, claims)
         } else {
             Vec::new()
         };
-        let rest: Vec<Arc<BlockPlan>> = p.blocks.into_iter().skip(already).collect();
-        for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
-            self.emit(Event::BlockPlanned { blocks: chunk.to_vec() });
+        p.skip(already);
+        self.state.reserve_blocks(p.len() as usize);
+        self.recording = Some(Recording { blocks: p, snapshots, items });
+        self.record_plan();
+    }
+
+    /// Records the next [`PLAN_BLOCKS_PER_POLL`] blocks of the plan being recorded, and once every
+    /// block is, its snapshots and `PlanFinished`. The shell appends a poll's events and drops
+    /// them before it polls again ([`Output::more`]), so the plans of every block are never all
+    /// in memory at once.
+    fn record_plan(&mut self) {
+        let Some(mut r) = self.recording.take() else { return };
+        let chunk = self.cfg.plan_chunk_blocks_max.max(1);
+        let mut left = PLAN_BLOCKS_PER_POLL.max(chunk);
+        while left > 0 {
+            let blocks: Vec<Arc<BlockPlan>> =
+                std::iter::from_fn(|| r.blocks.next_block()).take(chunk.min(left)).collect();
+            if blocks.is_empty() {
+                break;
+            }
+            left -= blocks.len();
+            self.emit(Event::BlockPlanned { blocks });
+        }
+        if r.blocks.next_id() < r.blocks.len() {
+            self.recording = Some(r);
+            self.out.more = true;
+            return;
         }
         let done = self.state.snapshots.len();
-        let rest: Vec<Arc<SnapshotPlan>> = snapshots.into_iter().skip(done).map(Arc::new).collect();
-        for chunk in rest.chunks(self.cfg.plan_chunk_blocks_max.max(1)) {
-            self.emit(Event::SnapshotsPlanned { snapshots: chunk.to_vec() });
+        let rest: Vec<Arc<SnapshotPlan>> = r.snapshots.into_iter().skip(done).map(Arc::new).collect();
+        for c in rest.chunks(chunk) {
+            self.emit(Event::SnapshotsPlanned { snapshots: c.to_vec() });
         }
         // Each claim a snapshot can capture adds its VolumeSnapshot and VolumeSnapshotContent.
         let snapshot_items: u64 = (self.state.snapshots.iter())
             .filter(|s| s.plan.blocked.is_none())
             .map(|s| 2 * s.plan.claims.len() as u64)
             .sum();
-        self.emit(Event::PlanFinished { blocks: total, items: items + snapshot_items });
+        self.emit(Event::PlanFinished { blocks: r.blocks.len(), items: r.items + snapshot_items });
     }
 
-    fn plan_snapshots(&mut self, p: &crate::grouping::Plan, claims: &BTreeMap<ItemKey, Claim>) -> Vec<SnapshotPlan> {
+    fn plan_snapshots(&mut self, p: &PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) -> Vec<SnapshotPlan> {
         let (Some(_), why) = self.snapshot_api() else { return Vec::new() };
         let parse = |v: &[String]| -> Vec<serde_json::Value> {
             v.iter().filter_map(|j| serde_json::from_str(j).ok()).collect()
@@ -1023,7 +1119,7 @@ impl Engine {
             backup: &backup,
             options: &self.state.options,
             group_label: &group_label,
-            blocks: &p.blocks,
+            blocks: &p.blocks_with(|k| k.is("", "persistentvolumeclaims")),
             claims,
             volumes: &self.state.volumes,
             classes: &classes,
@@ -1271,7 +1367,8 @@ impl Engine {
     }
 
     fn hooks_of(&self, id: u32, phase: HookPhase) -> Vec<Hook> {
-        let hooks = &self.state.blocks[id as usize].plan.hooks;
+        // A block without hooks has no plan in the fold.
+        let hooks = self.state.blocks[id as usize].plan.as_ref().map_or(&[][..], |p| &p.hooks[..]);
         if phase == HookPhase::Pre && mutation::active(Mutation::SkipPreHooksOfMultiPodBlocks) {
             let pods: BTreeSet<&ItemKey> = hooks.iter().map(|h| &h.pod).collect();
             if pods.len() > 1 {
@@ -1376,7 +1473,14 @@ impl Engine {
                     let writes = match &run.writes {
                         Some(w) => w.clone(),
                         None => {
-                            let w = Arc::new(self.block_writes(id));
+                            let w = match self.block_writes(id) {
+                                Ok(w) => Arc::new(w),
+                                Err(e) => {
+                                    // The shell's log could not give the plan back: stop deciding.
+                                    self.fatal.get_or_insert(format!("reading the plan of block {id}: {e}"));
+                                    return;
+                                }
+                            };
                             if let Some(r) = self.runs.get_mut(&id) {
                                 r.writes = Some(w.clone());
                             }
@@ -1569,7 +1673,8 @@ impl Engine {
     /// What attempt of block `id` writes: its items (a claim whose snapshot is cut annotated with
     /// it; a claim whose snapshot failed not at all), then the VolumeSnapshot and
     /// VolumeSnapshotContent of each cut member.
-    fn block_writes(&self, id: u32) -> Vec<PlannedWrite> {
+    fn block_writes(&self, id: u32) -> Result<Vec<PlannedWrite>, String> {
+        let plan = self.plan_of(id)?;
         let backup = self.backup_name();
         let mut of_claim: BTreeMap<ItemKey, &SnapshotState> = BTreeMap::new();
         for s in self.state.snapshots_of(id) {
@@ -1578,7 +1683,7 @@ impl Engine {
             }
         }
         let mut out = Vec::new();
-        for key in &self.state.blocks[id as usize].plan.items {
+        for key in plan.items.iter() {
             let Some(body) = self.object_body(key) else {
                 let error = "object is no longer known (listing changed after planning)".to_string();
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
@@ -1612,7 +1717,7 @@ impl Engine {
         }
         extra.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(extra.into_iter().map(|(key, id)| PlannedWrite::Write { key, body: Body::Logged(id) }));
-        out
+        Ok(out)
     }
 
     /// The bytes an item was staged with, for re-staging: what [`Engine::block_writes`] wrote.
@@ -2077,8 +2182,8 @@ fn split_by_bytes<T>(items: Vec<T>, bytes_max: usize, size: impl Fn(&T) -> usize
 fn owed_post_hooks(b: &crate::state::BlockState) -> Vec<Hook> {
     let Some(a) = &b.attempt else { return Vec::new() };
     let pods = a.pods_with_pre_started();
-    b.plan
-        .hooks
+    let Some(plan) = &b.plan else { return Vec::new() };
+    plan.hooks
         .iter()
         .filter(|h| h.phase == HookPhase::Post && pods.contains(&h.pod))
         .filter(|h| !a.hooks_finished.contains_key(&hook_ref(h)))

@@ -383,44 +383,118 @@ impl PlanShape {
         &self.positions
     }
 
-    /// The plan, each position's key taken from `keys` (the index's items' keys, in its order).
-    pub fn into_plan(self, keys: &[ItemKey]) -> Plan {
+    /// The block plans, each position's key taken from `keys` (the index's items' keys, in its
+    /// order), made one block at a time ([`PlanBlocks`]).
+    pub fn into_blocks(self, keys: Vec<ItemKey>) -> PlanBlocks {
         let PlanShape { ends, positions, hooks, warnings } = self;
-        let mut hooks = hooks.into_iter().peekable();
-        let mut blocks = Vec::with_capacity(ends.len());
-        let mut from = 0usize;
-        for (id, end) in ends.into_iter().enumerate() {
-            let id = id as u32;
-            // Exactly as long as the block (a `filter_map` collects into at least four places:
-            // most blocks are one item, and at a million objects the spare places were ~100 MB).
-            let at = &positions[from..end as usize];
-            let mut items = Vec::with_capacity(at.len());
-            items.extend(at.iter().filter_map(|&j| keys.get(j as usize).cloned()));
-            let items = PlanItems::from(items);
-            from = end as usize;
-            let hooks = match hooks.next_if(|(b, _)| *b == id) {
-                Some((_, h)) => h.into_boxed_slice(),
-                None => Box::default(),
-            };
-            blocks.push(Arc::new(BlockPlan { id, items, hooks }));
+        let items = positions.iter().filter(|&&j| (j as usize) < keys.len()).count();
+        PlanBlocks {
+            ends,
+            positions,
+            hooks: hooks.into(),
+            keys: keys.into_iter().map(Some).collect(),
+            next: 0,
+            from: 0,
+            items,
+            warnings,
         }
-        Plan { blocks, warnings }
     }
 }
 
-/// The planned backup.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Plan {
-    /// Blocks in id order (shared, as the events and the state that carry them hold them).
-    pub blocks: Vec<Arc<BlockPlan>>,
+/// A finished plan whose block plans are made one at a time, in id order, each item's key moved
+/// out of the keys into its block's plan: the engine records a poll's worth of blocks, which the
+/// shell appends to its log and drops, before it makes the next — the plans of every block were
+/// never all in memory at once (~90 MB at a million objects, with the events carrying them).
+#[derive(Debug)]
+pub struct PlanBlocks {
+    ends: Vec<u32>,
+    positions: Vec<u32>,
+    hooks: std::collections::VecDeque<(u32, Vec<Hook>)>,
+    keys: Vec<Option<ItemKey>>,
+    /// The next block's id.
+    next: u32,
+    /// Where its items start in `positions`.
+    from: usize,
+    items: usize,
     /// Warnings found while planning (bad annotations, oversized blocks, missing pull targets).
     pub warnings: Vec<String>,
 }
 
-impl Plan {
+impl PlanBlocks {
+    /// How many blocks the plan has.
+    pub fn len(&self) -> u32 {
+        self.ends.len() as u32
+    }
+
+    /// Whether the plan has no block.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
     /// Every item of the plan.
     pub fn item_count(&self) -> usize {
-        self.blocks.iter().map(|b| b.items.len()).sum()
+        self.items
+    }
+
+    /// The id of the block [`PlanBlocks::next_block`] makes next.
+    pub fn next_id(&self) -> u32 {
+        self.next
+    }
+
+    fn at(&self, id: u32) -> std::ops::Range<usize> {
+        let from = match id.checked_sub(1) {
+            Some(before) => self.ends[before as usize] as usize,
+            None => 0,
+        };
+        from..self.ends[id as usize] as usize
+    }
+
+    /// The next block's plan, its items' keys moved out of the plan's keys.
+    pub fn next_block(&mut self) -> Option<Arc<BlockPlan>> {
+        let id = self.next;
+        let end = *self.ends.get(id as usize)? as usize;
+        let at = &self.positions[self.from..end];
+        // Exactly as long as the block (a `filter_map` collects into at least four places: most
+        // blocks are one item, and at a million objects the spare places were ~100 MB).
+        let mut items = Vec::with_capacity(at.len());
+        items.extend(at.iter().filter_map(|&j| self.keys.get_mut(j as usize).and_then(Option::take)));
+        let hooks = match self.hooks.front().is_some_and(|(b, _)| *b == id) {
+            true => self.hooks.pop_front().map(|(_, h)| h.into_boxed_slice()).unwrap_or_default(),
+            false => Box::default(),
+        };
+        self.from = end;
+        self.next += 1;
+        Some(Arc::new(BlockPlan { id, items: PlanItems::from(items), hooks }))
+    }
+
+    /// Goes past the next `n` blocks without making them (recorded already, by a process that
+    /// crashed while recording the plan).
+    pub fn skip(&mut self, n: u32) {
+        for _ in 0..n {
+            if self.next_block().is_none() {
+                break;
+            }
+        }
+    }
+
+    /// The plans of the blocks not made yet that hold an item `pick` picks — every item of each,
+    /// the keys cloned, not moved (snapshot planning looks at the blocks with claims before the
+    /// blocks are recorded).
+    pub fn blocks_with(&self, pick: impl Fn(&ItemKey) -> bool) -> Vec<Arc<BlockPlan>> {
+        let key = |j: &u32| self.keys.get(*j as usize).and_then(Option::as_ref);
+        let mut hooks = self.hooks.iter().peekable();
+        let mut out = Vec::new();
+        for id in self.next..self.len() {
+            let at = &self.positions[self.at(id)];
+            let h = hooks.next_if(|(b, _)| *b == id);
+            if !at.iter().filter_map(key).any(&pick) {
+                continue;
+            }
+            let items: PlanItems = at.iter().filter_map(key).cloned().collect();
+            let hooks = h.map(|(_, h)| h.clone().into_boxed_slice()).unwrap_or_default();
+            out.push(Arc::new(BlockPlan { id, items, hooks }));
+        }
+        out
     }
 }
 
@@ -696,14 +770,34 @@ mod tests {
             warnings: vec!["w".into()],
         };
         assert_eq!(shape.positions(), [3, 0, 2, 1]);
-        let plan = shape.into_plan(&keys);
-        let names: Vec<Vec<&str>> = plan.blocks.iter().map(|b| b.items.iter().map(|k| k.name()).collect()).collect();
+        let mut plan = shape.into_blocks(keys.clone());
+        assert_eq!((plan.len(), plan.item_count(), &plan.warnings[..]), (3, 4, &["w".to_string()][..]));
+        // Looked at before they are made: the blocks holding "a" or "c", whole, hooks and all.
+        let with: Vec<(u32, usize, usize)> = (plan.blocks_with(|k| ["a", "c"].contains(&k.name())).iter())
+            .map(|b| (b.id, b.items.len(), b.hooks.len()))
+            .collect();
+        assert_eq!(with, [(0, 2, 0), (1, 1, 1)]);
+        let blocks: Vec<Arc<BlockPlan>> = std::iter::from_fn(|| plan.next_block()).collect();
+        let names: Vec<Vec<&str>> = blocks.iter().map(|b| b.items.iter().map(|k| k.name()).collect()).collect();
         assert_eq!(names, [vec!["d", "a"], vec!["c"], vec!["b"]]);
-        let hooks: Vec<usize> = plan.blocks.iter().map(|b| b.hooks.len()).collect();
+        let hooks: Vec<usize> = blocks.iter().map(|b| b.hooks.len()).collect();
         assert_eq!(hooks, [0, 1, 0]);
-        assert_eq!(plan.blocks[1].hooks[0].pod, keys[2]);
-        assert_eq!(plan.blocks.iter().map(|b| b.id).collect::<Vec<_>>(), [0, 1, 2]);
-        assert_eq!(plan.warnings, ["w"]);
+        assert_eq!(blocks[1].hooks[0].pod, keys[2]);
+        assert_eq!(blocks.iter().map(|b| b.id).collect::<Vec<_>>(), [0, 1, 2]);
+        // Every key moved into its block: none left behind.
+        assert!(plan.keys.iter().all(Option::is_none));
+        assert!(plan.next_block().is_none() && plan.blocks_with(|_| true).is_empty());
+        // Skipping what a crashed process recorded: the rest is the same.
+        let mut rest = PlanShape {
+            ends: vec![2, 3, 4],
+            positions: vec![3, 0, 2, 1],
+            hooks: vec![(1, vec![hook(&keys[2])])],
+            warnings: vec![],
+        }
+        .into_blocks(keys.clone());
+        rest.skip(1);
+        assert_eq!(rest.next_id(), 1);
+        assert_eq!(rest.next_block().as_deref(), Some(&*blocks[1]));
     }
 
     #[test]

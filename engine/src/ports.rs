@@ -95,3 +95,12 @@ pub trait Cluster: Send + Sync {
         Ok(())
     }
 }
+
+/// Where a running engine reads back the block plans it recorded (`BlockPlanned`): the shell's log
+/// keeps every plan it appended or read, by block id, so that the engine and its fold hold only
+/// the plans of the blocks in flight (and of blocks with hooks) instead of every plan of the
+/// backup ([`crate::state::BlockState::plan`]). Reads are synchronous and small (one plan).
+pub trait PlanSource: Send + Sync {
+    /// The plan of block `id`; an error names what could not be read.
+    fn plan(&self, id: u32) -> Result<std::sync::Arc<crate::grouping::BlockPlan>, String>;
+}

@@ -322,15 +322,15 @@ impl BackupSummary {
 
     /// The summary of a full fold: what [`BackupSummary::push`] makes of the same events.
     pub fn of(s: &BackupState) -> BackupSummary {
-        let open = (s.blocks.iter().filter(|b| b.in_flight()))
-            .filter_map(|b| {
+        let open = (s.blocks.iter().zip(0u32..).filter(|(b, _)| b.in_flight()))
+            .filter_map(|(b, id)| {
                 let a = b.attempt.as_ref()?;
                 let written = s.written(b).map(|(k, _)| k.clone()).collect();
-                Some((b.plan.id, OpenAttempt { number: a.number, written }))
+                Some((id, OpenAttempt { number: a.number, written }))
             })
             .collect();
-        let hooks = (s.blocks.iter())
-            .filter_map(|b| Some((b.plan.id, b.attempt.as_ref()?.hooks_finished.clone())))
+        let hooks = (s.blocks.iter().zip(0u32..))
+            .filter_map(|(b, id)| Some((id, b.attempt.as_ref()?.hooks_finished.clone())))
             .filter(|(_, h)| !h.is_empty())
             .collect();
         let outcome =
@@ -346,7 +346,7 @@ impl BackupSummary {
             listings: s.listings.iter().map(|(u, l)| (u.clone(), l.complete)).collect(),
             plan_finished: s.plan_finished,
             planned_items: s.planned_items,
-            block_items: s.blocks.iter().map(|b| b.plan.items.len() as u32).collect(),
+            block_items: s.blocks.iter().map(|b| b.items).collect(),
             blocks_done: s.blocks_done(),
             blocks_failed: outcome(|o| matches!(o, BlockOutcome::Failed { .. })),
             blocks_troubled: outcome(|o| !matches!(o, BlockOutcome::Completed)),
