@@ -135,7 +135,9 @@ pub fn wall_ms() -> u64 {
 /// Gives the allocator's free memory back to the operating system (glibc's `malloc_trim`; nothing
 /// elsewhere). Called when a large transient structure was just dropped — the planning catalog and
 /// index once the plan is recorded — so that the pages it freed are not kept resident for the
-/// rest of the run, under the archive build's own allocations.
+/// rest of the run, under the archive build's own allocations. The `blockwise` binary allocates
+/// with jemalloc, which returns freed pages by itself within a second (its background thread;
+/// `adapters/cli/src/main.rs`): there this trims only what C code allocated through glibc.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
@@ -144,15 +146,38 @@ pub fn release_free_memory() {
     }
 }
 
-/// With `BLOCKWISE_HEAP_TRACE` set, prints glibc's view of the heap at a named moment of a run to
-/// stderr (`heap <moment>: in use N MiB, free N MiB, mapped N MiB`): what a phase holds, against
-/// what the allocator keeps free. A measuring aid (docs/benchmarks.md), silent otherwise.
+/// With `BLOCKWISE_HEAP_TRACE` set, prints the allocator's view of the heap at a named moment of a
+/// run to stderr: what a phase holds, against what the allocator keeps. A measuring aid
+/// (docs/benchmarks.md), silent otherwise. With jemalloc (the binary's allocator, feature
+/// `jemalloc`): `heap <moment>: allocated N MiB, resident N MiB, mapped N MiB`; with glibc:
+/// `heap <moment>: in use N MiB, free N MiB, mapped N MiB`.
 pub fn heap_trace(moment: &str) {
+    if std::env::var_os("BLOCKWISE_HEAP_TRACE").is_none() {
+        return;
+    }
+    let mib = |b: usize| b >> 20;
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        // The counters are cached until the epoch advances.
+        if epoch::advance().is_ok() {
+            if let (Ok(a), Ok(r), Ok(m)) = (stats::allocated::read(), stats::resident::read(), stats::mapped::read()) {
+                if a > 0 {
+                    eprintln!(
+                        "heap {moment}: allocated {} MiB, resident {} MiB, mapped {} MiB",
+                        mib(a),
+                        mib(r),
+                        mib(m)
+                    );
+                    return;
+                }
+            }
+        }
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("BLOCKWISE_HEAP_TRACE").is_some() {
+    {
         // SAFETY: mallinfo2 only reads the allocator's counters.
         let m = unsafe { libc::mallinfo2() };
-        let mib = |b: usize| b >> 20;
         eprintln!(
             "heap {moment}: in use {} MiB, free {} MiB, mapped {} MiB",
             mib(m.uordblks + m.hblkhd),
@@ -161,5 +186,5 @@ pub fn heap_trace(moment: &str) {
         );
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = moment;
+    let _ = (moment, mib);
 }
