@@ -342,7 +342,8 @@ impl SpillFile {
         self.ends.read().unwrap_or_else(PoisonError::into_inner).len() as u64
     }
 
-    /// Appends `strings`, numbered from [`SpillFile::len`] on, with one write.
+    /// Appends `strings`, numbered from [`SpillFile::len`] on, with one write; a string of 4 GiB
+    /// or more is refused.
     fn append<'a>(&self, strings: impl Iterator<Item = &'a [u8]>) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
         let mut ends = self.ends.write().unwrap_or_else(PoisonError::into_inner);
@@ -350,8 +351,9 @@ impl SpillFile {
         let mut end = start;
         let mut buf = Vec::new();
         for s in strings {
+            let len = u32::try_from(s.len()).map_err(|_| format!("a string of {} bytes", s.len()))?;
             buf.extend_from_slice(s);
-            end += s.len() as u64;
+            end += u64::from(len);
             ends.push(end);
         }
         self.file.write_all_at(&buf, start).map_err(|e| format!("writing {}: {e}", self.path.display()))

@@ -394,7 +394,6 @@ impl PlanShape {
             hooks: hooks.into(),
             keys: keys.into_iter().map(Some).collect(),
             next: 0,
-            from: 0,
             items,
             warnings,
         }
@@ -413,8 +412,6 @@ pub struct PlanBlocks {
     keys: Vec<Option<ItemKey>>,
     /// The next block's id.
     next: u32,
-    /// Where its items start in `positions`.
-    from: usize,
     items: usize,
     /// Warnings found while planning (bad annotations, oversized blocks, missing pull targets).
     pub warnings: Vec<String>,
@@ -441,6 +438,7 @@ impl PlanBlocks {
         self.next
     }
 
+    /// Where block `id`'s items are in `positions` (`id` below [`PlanBlocks::len`]).
     fn at(&self, id: u32) -> std::ops::Range<usize> {
         let from = match id.checked_sub(1) {
             Some(before) => self.ends[before as usize] as usize,
@@ -452,8 +450,10 @@ impl PlanBlocks {
     /// The next block's plan, its items' keys moved out of the plan's keys.
     pub fn next_block(&mut self) -> Option<Arc<BlockPlan>> {
         let id = self.next;
-        let end = *self.ends.get(id as usize)? as usize;
-        let at = &self.positions[self.from..end];
+        if id >= self.len() {
+            return None;
+        }
+        let at = &self.positions[self.at(id)];
         // Exactly as long as the block (a `filter_map` collects into at least four places: most
         // blocks are one item, and at a million objects the spare places were ~100 MB).
         let mut items = Vec::with_capacity(at.len());
@@ -462,7 +462,6 @@ impl PlanBlocks {
             true => self.hooks.pop_front().map(|(_, h)| h.into_boxed_slice()).unwrap_or_default(),
             false => Box::default(),
         };
-        self.from = end;
         self.next += 1;
         Some(Arc::new(BlockPlan { id, items: PlanItems::from(items), hooks }))
     }
