@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::body::{Body, BodyId};
+use crate::catalog::Catalog;
 use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, Seq, Severity};
 use crate::grouping::{builtin_actions, plan, BlockPlan, Index, ItemBlockAction, PlanBlocks, PlanInput, PlanStep};
 use crate::hooks::{Hook, HookPhase, OnError};
@@ -316,9 +317,9 @@ pub struct Engine {
     /// map's buckets, up to twice the objects, ~40 MB more at a million).
     objects: Option<Objects>,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
-    /// projected), each with where its JSON is; emptied once the plan is finished and `objects`
-    /// is built.
-    catalog: Vec<Item>,
+    /// projected), each with where its JSON is, packed ([`Catalog`]); handed to the plan being
+    /// recorded (its keys) once `objects` is built, and dropped with it.
+    catalog: Catalog,
     /// A resumed backup's objects when its plan was finished: what the write path's view is made
     /// of, without their keys or items ([`Resumed`]).
     resumed: Resumed,
@@ -468,7 +469,7 @@ impl Engine {
             listing: BTreeSet::new(),
             fetching: false,
             objects: None,
-            catalog: Vec::new(),
+            catalog: Catalog::new(),
             resumed: Resumed::default(),
             runs: BTreeMap::new(),
             recovering: VecDeque::new(),
@@ -797,7 +798,7 @@ impl Engine {
             // Strings only (a claim's, a volume's): kept as strings, not JSON maps.
             (true, Some(pointers)) if !pointers.contains(&"/subjects") => {
                 let object = it.object();
-                let at = |p: &'static str| Some((p, Box::from(object.pointer(p)?.as_str()?)));
+                let at = |p: &'static str| Some((Box::from(p), Box::from(object.pointer(p)?.as_str()?)));
                 let strings = pointers.iter().filter_map(|p| at(p)).collect();
                 it.keep_strings(strings);
             }
@@ -815,11 +816,11 @@ impl Engine {
     /// Drops the catalog's objects of `unit` (its listing starts again, or failed).
     fn forget_unit(&mut self, unit: &ListUnit) {
         let fetched = &self.state.fetched;
-        self.catalog.retain(|it| {
-            let of_unit = it.key.group() == unit.resource.group
-                && it.key.resource() == unit.resource.resource
-                && (unit.namespace.is_none() || it.key.namespace() == unit.namespace.as_deref());
-            !of_unit || fetched.contains_key(&it.key)
+        self.catalog.retain(|group, resource, namespace, name| {
+            let of_unit = group == unit.resource.group
+                && resource == unit.resource.resource
+                && (unit.namespace.is_none() || namespace == unit.namespace.as_deref());
+            !of_unit || fetched.contains_key(&ItemKey::new(group, resource, namespace, name))
         });
         self.resumed.forget(unit, fetched);
     }
@@ -835,7 +836,8 @@ impl Engine {
                 if let Ok(it) = Item::parse(rt, 0, json) {
                     let mut it = e.slim(it);
                     it.body = Some(n);
-                    e.catalog.push(it);
+                    // The run that listed it recorded why, when it could not be added.
+                    let _ = e.catalog_add(&it);
                 }
             } else if let Some(key) = object_key(rt, json) {
                 e.resumed.push(&key, n);
@@ -876,8 +878,8 @@ impl Engine {
         }
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
-                let keys = self.build_objects();
-                self.emit_plan(p.into_blocks(keys), &claims);
+                let catalog = self.build_objects();
+                self.emit_plan(p.into_blocks(catalog), &claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -887,7 +889,7 @@ impl Engine {
         let not_found: BTreeSet<ItemKey> =
             self.state.fetched.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect();
         let failed: BTreeSet<ItemKey> = self.state.fetch_failed.keys().cloned().collect();
-        let index = Index::new(std::mem::take(&mut self.catalog), &self.selection.spec().volume_group_label);
+        let index = Index::of(std::mem::take(&mut self.catalog), &self.selection.spec().volume_group_label);
         let input = PlanInput {
             selection: &self.selection,
             resources: &resources,
@@ -920,7 +922,7 @@ impl Engine {
                         (Some(api), _) => {
                             self.inspect_volumes(&api, &claims, &index);
                             self.pending_plan = Some((p, claims));
-                            self.catalog = index.into_items();
+                            self.catalog = index.into_catalog();
                             return;
                         }
                     }
@@ -928,32 +930,32 @@ impl Engine {
                 // The catalog becomes the write path's view and the keys before the block plans
                 // are made and recorded: the parsed items are not held beside the plans, the
                 // fold's blocks and the events carrying them.
-                self.catalog = index.into_items();
-                let keys = self.build_objects();
-                self.emit_plan(p.into_blocks(keys), &claims);
+                self.catalog = index.into_catalog();
+                let catalog = self.build_objects();
+                self.emit_plan(p.into_blocks(catalog), &claims);
                 return;
             }
         }
         // The next round (after the gets), or `build_objects`, takes the items back.
-        self.catalog = index.into_items();
+        self.catalog = index.into_catalog();
     }
 
     /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
     fn claims(&self, p: &crate::grouping::PlanShape, index: &Index) -> BTreeMap<ItemKey, Claim> {
-        let in_backup: BTreeSet<&ItemKey> = (p.positions().iter())
-            .filter_map(|&j| index.items().get(j as usize).map(|it| &it.key))
-            .filter(|k| k.is("", "persistentvolumeclaims"))
-            .collect();
+        let catalog = index.catalog();
+        let is_claim = |j: u32| catalog.is(j, "", "persistentvolumeclaims");
+        let in_backup: BTreeSet<u32> = p.positions().iter().copied().filter(|&j| is_claim(j)).collect();
         let group_label = self.group_label();
         let mut out = BTreeMap::new();
-        for it in index.items().iter().filter(|it| it.key.is("", "persistentvolumeclaims")) {
-            let inb = in_backup.contains(&it.key);
+        for j in (0..catalog.len() as u32).filter(|&j| is_claim(j)) {
+            let it = catalog.item(j);
+            let inb = in_backup.contains(&j);
             let grouped = it.labels().get(&group_label).is_some_and(|g| !g.is_empty());
             if !inb && !grouped {
                 continue;
             }
             let volume =
-                crate::grouping::pvc_bound(it).then(|| it.str_at("/spec/volumeName").unwrap_or_default().to_string());
+                crate::grouping::pvc_bound(&it).then(|| it.str_at("/spec/volumeName").unwrap_or_default().to_string());
             out.insert(
                 it.key.clone(),
                 Claim {
@@ -1135,36 +1137,35 @@ impl Engine {
         plans
     }
 
-    /// The write path's view of every known object: key → its body (held, or its number in the
-    /// log), from the catalog, which is not needed after this.
-    fn build_objects(&mut self) -> Vec<ItemKey> {
-        if self.catalog.is_empty() && !self.resumed.objects.is_empty() {
+    /// The write path's view of every known object: key → its body's number in the log, from
+    /// the catalog (sorted and deduplicated by planning's index), which is returned for the
+    /// plan's keys.
+    fn build_objects(&mut self) -> Catalog {
+        let catalog = std::mem::take(&mut self.catalog);
+        if catalog.is_empty() && !self.resumed.objects.is_empty() {
             self.objects = Some(std::mem::take(&mut self.resumed).into_objects());
-            return Vec::new();
+            return catalog;
         }
-        let mut catalog = std::mem::take(&mut self.catalog);
         let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(catalog.len());
-        let mut keys = Vec::with_capacity(catalog.len());
-        // From the back, the catalog's vector shrunk as it goes: it is returned while the view
-        // and the keys grow, not after (~200 bytes an item at a million objects).
-        while let Some(it) = catalog.pop() {
-            let d = it.key.digest();
-            if let Some(id) = it.body {
+        for i in 0..catalog.len() as u32 {
+            if let Some(id) = catalog.body(i) {
+                let d = catalog.digest(i);
                 logged.push(((d >> 64) as u64, d as u64, id));
             }
-            keys.push(it.key);
-            if catalog.len().is_multiple_of(CATALOG_SHRINK_ITEMS) {
-                catalog.shrink_to_fit();
-            }
         }
-        keys.reverse();
         // Of one key listed twice, the first stays, as planning's index keeps it: sorted by
         // digest and then by place (ids grow in listing order), the first of a digest kept.
         logged.sort_unstable();
         logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
         logged.shrink_to_fit();
         self.objects = Some(Objects { logged });
-        keys
+        catalog
+    }
+
+    /// Adds a parsed object to the catalog; why it could not be, if not.
+    fn catalog_add(&mut self, it: &Item) -> Option<String> {
+        let e = self.catalog.push(it).err()?;
+        Some(format!("{e}: it is not planned (not in the backup)"))
     }
 
     /// The body of `key` in the write path's view ([`Engine::build_objects`]).
@@ -1849,7 +1850,9 @@ impl Engine {
                         Some(Some(Body::Logged(id))) => Some(*id),
                         _ => None,
                     };
-                    self.catalog.push(it);
+                    if let Some(w) = self.catalog_add(&it) {
+                        self.warn(w);
+                    }
                 }
                 for (key, error) in failed {
                     self.emit(Event::FetchFailed { key, error });
@@ -1992,7 +1995,11 @@ impl Engine {
                 for (i, it) in parsed.iter_mut().enumerate() {
                     it.body = Some(first + i as u64);
                 }
-                self.catalog.extend(parsed);
+                for it in parsed {
+                    if let Some(w) = self.catalog_add(&it) {
+                        self.warn(w);
+                    }
+                }
                 for b in bad {
                     self.warn(b);
                 }
@@ -2275,9 +2282,6 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     let s = String::from_utf8(it.canonical_json()).unwrap_or_default();
     Ok((it, s))
 }
-
-/// Items between two shrinks of the catalog's vector while it becomes the write path's view.
-const CATALOG_SHRINK_ITEMS: usize = 1 << 16;
 
 /// The write path's view of every known object: its key's digest → its body. A logged body is
 /// its number, 24 bytes an object (a `(u128, Body)` was 64: 73 MB at a million objects, and as

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::catalog::Catalog;
 use crate::hooks::{resolve_pod_hooks, Hook};
 use crate::item::{GroupResource, Item, ItemKey, ResourceType};
 use crate::spec::{find_resource, Selection};
@@ -46,12 +47,15 @@ pub trait ItemBlockAction: Send + Sync {
     }
 }
 
-/// Lookups over every item known to the plan (listed or fetched), sorted by key.
+/// Lookups over every item known to the plan (listed or fetched), sorted by key: a packed
+/// [`Catalog`] and the maps the built-in actions look up. Items are made when asked for
+/// ([`Index::get`], [`Index::item`]), each for the moment it is looked at.
 pub struct Index {
-    items: Vec<Item>,
-    pods_by_claim: HashMap<(String, String), Vec<u32>>,
-    pvcs_by_group: HashMap<(String, String), Vec<u32>>,
-    crbs_by_sa: HashMap<(String, String), Vec<u32>>,
+    catalog: Catalog,
+    pods_by_claim: HashMap<(u32, Box<str>), Vec<u32>>,
+    pvcs_by_group: HashMap<(u32, Box<str>), Vec<u32>>,
+    crbs_by_sa: HashMap<(Box<str>, Box<str>), Vec<u32>>,
+    ns_numbers: HashMap<Box<str>, u32>,
 }
 
 const PODS: (&str, &str) = ("", "pods");
@@ -66,94 +70,135 @@ pub fn pod_claims(pod: &Item) -> Vec<String> {
 }
 
 impl Index {
-    /// Builds the index; `items` may be in any order and is sorted by key here.
-    /// Later duplicates of a key are dropped (the first listing wins).
-    pub fn new(mut items: Vec<Item>, volume_group_label: &str) -> Index {
-        sort_stably_in_place(&mut items);
-        items.dedup_by(|a, b| a.key == b.key);
-        items.shrink_to_fit();
+    /// Builds the index of `items` (in any order). Later duplicates of a key are dropped (the
+    /// first listing wins). An item the catalog cannot take is left out, with a warning.
+    pub fn new(items: Vec<Item>, volume_group_label: &str) -> Index {
+        let mut catalog = Catalog::new();
+        for it in items {
+            if let Err(e) = catalog.push(&it) {
+                tracing::warn!("{e}");
+            }
+        }
+        Index::of(catalog, volume_group_label)
+    }
+
+    /// Builds the index over `catalog`, which is sorted by key here (the first of a key kept).
+    pub fn of(mut catalog: Catalog, volume_group_label: &str) -> Index {
+        catalog.sort_and_dedup();
         let mut ix = Index {
             pods_by_claim: HashMap::new(),
             pvcs_by_group: HashMap::new(),
             crbs_by_sa: HashMap::new(),
-            items: Vec::new(),
+            ns_numbers: HashMap::new(),
+            catalog: Catalog::new(),
         };
-        for (i, it) in items.iter().enumerate() {
-            let i = i as u32;
-            let ns = it.key.namespace().map(str::to_string).unwrap_or_default();
-            if it.key.is(PODS.0, PODS.1) {
-                for c in pod_claims(it) {
-                    ix.pods_by_claim.entry((ns.clone(), c)).or_default().push(i);
+        // A namespace as a number in the maps' keys (a `String` each was 24 bytes and an
+        // allocation an entry).
+        let mut ns_numbers: HashMap<Box<str>, u32> = HashMap::new();
+        for i in 0..catalog.len() as u32 {
+            let (g, r) = catalog.group_resource(i);
+            let watched = (g, r) == PODS || (g, r) == PVCS || (g, r) == (RBAC, "clusterrolebindings");
+            if !watched {
+                continue;
+            }
+            let it = catalog.item(i);
+            let mut ns = || ns_number(&mut ns_numbers, it.key.namespace().unwrap_or(""));
+            if (g, r) == PODS {
+                let ns = ns();
+                for c in pod_claims(&it) {
+                    ix.pods_by_claim.entry((ns, c.into())).or_default().push(i);
                 }
-            } else if it.key.is(PVCS.0, PVCS.1) {
-                if let Some(g) = it.labels().get(volume_group_label).filter(|g| !g.is_empty()) {
-                    ix.pvcs_by_group.entry((ns, g.clone())).or_default().push(i);
+            } else if (g, r) == PVCS {
+                if let Some(grp) = it.labels().get(volume_group_label).filter(|g| !g.is_empty()) {
+                    ix.pvcs_by_group.entry((ns(), grp.as_str().into())).or_default().push(i);
                 }
-            } else if it.key.is(RBAC, "clusterrolebindings") {
+            } else {
                 let subjects = it.object().get("subjects").and_then(Value::as_array);
                 for s in subjects.into_iter().flatten() {
                     let field = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("");
                     if field("kind") == "ServiceAccount" {
-                        ix.crbs_by_sa
-                            .entry((field("namespace").to_string(), field("name").to_string()))
-                            .or_default()
-                            .push(i);
+                        ix.crbs_by_sa.entry((field("namespace").into(), field("name").into())).or_default().push(i);
                     }
                 }
             }
         }
-        ix.items = items;
+        ix.catalog = catalog;
+        ix.ns_numbers = ns_numbers;
         ix
     }
 
-    /// The items, sorted by key (the index is not needed any more).
-    pub fn into_items(self) -> Vec<Item> {
-        self.items
+    /// The catalog, sorted by key (the index is not needed any more).
+    pub fn into_catalog(self) -> Catalog {
+        self.catalog
     }
 
-    /// The item with this key, if known: a binary search of the sorted items (a map of every key
-    /// beside them was a second copy of each key, 20 MB at 100,000 objects).
-    pub fn get(&self, key: &ItemKey) -> Option<&Item> {
-        self.position(key).map(|i| &self.items[i as usize])
+    /// The sorted catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
-    /// The position of the item with this key among the sorted items, if known.
-    fn position(&self, key: &ItemKey) -> Option<u32> {
-        self.items.binary_search_by(|it| it.key.cmp(key)).ok().map(|i| i as u32)
+    /// How many items.
+    pub fn len(&self) -> usize {
+        self.catalog.len()
     }
 
-    /// Every item, sorted by key.
-    pub fn items(&self) -> &[Item] {
-        &self.items
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.catalog.is_empty()
     }
 
-    fn at<'a>(&'a self, ids: Option<&'a Vec<u32>>) -> impl Iterator<Item = &'a Item> + 'a {
-        ids.into_iter().flatten().map(|&i| &self.items[i as usize])
+    /// The item at position `i` (in key order), made.
+    pub fn item(&self, i: u32) -> Item {
+        self.catalog.item(i)
+    }
+
+    /// The item with this key, if known (made): a binary search of the sorted catalog.
+    pub fn get(&self, key: &ItemKey) -> Option<Item> {
+        self.position(key).map(|i| self.catalog.item(i))
+    }
+
+    /// The position of the item with this key, if known.
+    pub fn position(&self, key: &ItemKey) -> Option<u32> {
+        self.catalog.position(key)
+    }
+
+    /// Every item, sorted by key, made one at a time.
+    pub fn items(&self) -> impl Iterator<Item = Item> + '_ {
+        self.catalog.items()
+    }
+
+    fn at<'a>(&'a self, ids: Option<&'a Vec<u32>>) -> impl Iterator<Item = Item> + 'a {
+        ids.into_iter().flatten().map(|&i| self.catalog.item(i))
+    }
+
+    fn ns(&self, ns: &str) -> u32 {
+        self.ns_numbers.get(ns).copied().unwrap_or(u32::MAX)
     }
 
     /// Pods in `ns` whose volumes mount claim `claim`.
-    pub fn pods_mounting(&self, ns: &str, claim: &str) -> impl Iterator<Item = &Item> {
-        self.at(self.pods_by_claim.get(&(ns.to_string(), claim.to_string())))
+    pub fn pods_mounting(&self, ns: &str, claim: &str) -> impl Iterator<Item = Item> + '_ {
+        self.at(self.pods_by_claim.get(&(self.ns(ns), claim.into())))
     }
 
     /// PVCs in `ns` with the volume-group label value `group`.
-    pub fn pvcs_in_group(&self, ns: &str, group: &str) -> impl Iterator<Item = &Item> {
-        self.at(self.pvcs_by_group.get(&(ns.to_string(), group.to_string())))
+    pub fn pvcs_in_group(&self, ns: &str, group: &str) -> impl Iterator<Item = Item> + '_ {
+        self.at(self.pvcs_by_group.get(&(self.ns(ns), group.into())))
     }
 
     /// ClusterRoleBindings with a ServiceAccount subject `ns/name`.
-    pub fn crbs_naming(&self, ns: &str, name: &str) -> impl Iterator<Item = &Item> {
-        self.at(self.crbs_by_sa.get(&(ns.to_string(), name.to_string())))
+    pub fn crbs_naming(&self, ns: &str, name: &str) -> impl Iterator<Item = Item> + '_ {
+        self.at(self.crbs_by_sa.get(&(ns.into(), name.into())))
     }
 }
 
-/// Sorts `items` by key, stably (of equal keys the first stays first), without the scratch buffer
-/// of half the items a stable sort of them allocates (~100 MB of items at 1,000,000 objects): the
-/// positions are sorted (4 bytes each), then the items moved along the permutation's cycles.
-fn sort_stably_in_place(items: &mut [Item]) {
-    let mut order: Vec<u32> = (0..items.len() as u32).collect();
-    order.sort_by(|&a, &b| items[a as usize].key.cmp(&items[b as usize].key));
-    permute_in_place(items, order);
+/// The number of namespace `ns` in `numbers` (given the next number when new).
+fn ns_number(numbers: &mut HashMap<Box<str>, u32>, ns: &str) -> u32 {
+    if let Some(&n) = numbers.get(ns) {
+        return n;
+    }
+    let n = numbers.len() as u32;
+    numbers.insert(ns.into(), n);
+    n
 }
 
 /// Puts `items[order[k]]` at position `k`, for every `k` (`order` a permutation of the positions),
@@ -229,12 +274,12 @@ impl ItemBlockAction for PvcAction {
         if let Some(pv) = item.str_at("/spec/volumeName") {
             out.push(Relation { to: ItemKey::cluster(PVS.0, PVS.1, pv), together: true, pull: true });
         }
-        for pod in ix.pods_mounting(ns, item.key.name()).filter(|p| crate::hooks::pod_running(p)) {
-            out.push(Relation { to: pod.key.clone(), together: true, pull: false });
+        for pod in ix.pods_mounting(ns, item.key.name()).filter(crate::hooks::pod_running) {
+            out.push(Relation { to: pod.key, together: true, pull: false });
         }
         if let Some(g) = item.labels().get(&self.volume_group_label).filter(|g| !g.is_empty()) {
             for other in ix.pvcs_in_group(ns, g).filter(|o| o.key != item.key) {
-                out.push(Relation { to: other.key.clone(), together: true, pull: true });
+                out.push(Relation { to: other.key, together: true, pull: true });
             }
         }
     }
@@ -383,33 +428,26 @@ impl PlanShape {
         &self.positions
     }
 
-    /// The block plans, each position's key taken from `keys` (the index's items' keys, in its
-    /// order), made one block at a time ([`PlanBlocks`]).
-    pub fn into_blocks(self, keys: Vec<ItemKey>) -> PlanBlocks {
+    /// The block plans, each position's key made from `catalog` (the index's, sorted: the order
+    /// the positions are in), made one block at a time ([`PlanBlocks`]).
+    pub fn into_blocks(self, catalog: Catalog) -> PlanBlocks {
         let PlanShape { ends, positions, hooks, warnings } = self;
-        let items = positions.iter().filter(|&&j| (j as usize) < keys.len()).count();
-        PlanBlocks {
-            ends,
-            positions,
-            hooks: hooks.into(),
-            keys: keys.into_iter().map(Some).collect(),
-            next: 0,
-            items,
-            warnings,
-        }
+        let items = positions.iter().filter(|&&j| (j as usize) < catalog.len()).count();
+        PlanBlocks { ends, positions, hooks: hooks.into(), keys: catalog, next: 0, items, warnings }
     }
 }
 
-/// A finished plan whose block plans are made one at a time, in id order, each item's key moved
-/// out of the keys into its block's plan: the engine records a poll's worth of blocks, which the
-/// shell appends to its log and drops, before it makes the next — the plans of every block were
-/// never all in memory at once (~90 MB at a million objects, with the events carrying them).
+/// A finished plan whose block plans are made one at a time, in id order, each item's key made
+/// from the catalog: the engine records a poll's worth of blocks, which the shell appends to its
+/// log and drops, before it makes the next — the plans of every block are never all in memory at
+/// once (~90 MB at a million objects, with the events carrying them), nor a key of every item
+/// beside the catalog (~100 MB more).
 #[derive(Debug)]
 pub struct PlanBlocks {
     ends: Vec<u32>,
     positions: Vec<u32>,
     hooks: std::collections::VecDeque<(u32, Vec<Hook>)>,
-    keys: Vec<Option<ItemKey>>,
+    keys: Catalog,
     /// The next block's id.
     next: u32,
     items: usize,
@@ -447,7 +485,7 @@ impl PlanBlocks {
         from..self.ends[id as usize] as usize
     }
 
-    /// The next block's plan, its items' keys moved out of the plan's keys.
+    /// The next block's plan.
     pub fn next_block(&mut self) -> Option<Arc<BlockPlan>> {
         let id = self.next;
         if id >= self.len() {
@@ -457,7 +495,7 @@ impl PlanBlocks {
         // Exactly as long as the block (a `filter_map` collects into at least four places: most
         // blocks are one item, and at a million objects the spare places were ~100 MB).
         let mut items = Vec::with_capacity(at.len());
-        items.extend(at.iter().filter_map(|&j| self.keys.get_mut(j as usize).and_then(Option::take)));
+        items.extend(at.iter().filter(|&&j| (j as usize) < self.keys.len()).map(|&j| self.keys.key(j)));
         let hooks = match self.hooks.front().is_some_and(|(b, _)| *b == id) {
             true => self.hooks.pop_front().map(|(_, h)| h.into_boxed_slice()).unwrap_or_default(),
             false => Box::default(),
@@ -469,27 +507,26 @@ impl PlanBlocks {
     /// Goes past the next `n` blocks without making them (recorded already, by a process that
     /// crashed while recording the plan).
     pub fn skip(&mut self, n: u32) {
-        for _ in 0..n {
-            if self.next_block().is_none() {
-                break;
-            }
+        let to = self.next.saturating_add(n).min(self.len());
+        while self.hooks.front().is_some_and(|(b, _)| *b < to) {
+            self.hooks.pop_front();
         }
+        self.next = self.next.max(to);
     }
 
-    /// The plans of the blocks not made yet that hold an item `pick` picks — every item of each,
-    /// the keys cloned, not moved (snapshot planning looks at the blocks with claims before the
-    /// blocks are recorded).
+    /// The plans of the blocks not made yet that hold an item `pick` picks (snapshot planning
+    /// looks at the blocks with claims before the blocks are recorded).
     pub fn blocks_with(&self, pick: impl Fn(&ItemKey) -> bool) -> Vec<Arc<BlockPlan>> {
-        let key = |j: &u32| self.keys.get(*j as usize).and_then(Option::as_ref);
+        let key = |j: &u32| ((*j as usize) < self.keys.len()).then(|| self.keys.key(*j));
         let mut hooks = self.hooks.iter().peekable();
         let mut out = Vec::new();
         for id in self.next..self.len() {
             let at = &self.positions[self.at(id)];
             let h = hooks.next_if(|(b, _)| *b == id);
-            if !at.iter().filter_map(key).any(&pick) {
+            if !at.iter().filter_map(key).any(|k| pick(&k)) {
                 continue;
             }
-            let items: PlanItems = at.iter().filter_map(key).cloned().collect();
+            let items: PlanItems = at.iter().filter_map(key).collect();
             let hooks = h.map(|(_, h)| h.clone().into_boxed_slice()).unwrap_or_default();
             out.push(Arc::new(BlockPlan { id, items, hooks }));
         }
@@ -538,16 +575,20 @@ impl UnionFind {
 /// Plans the backup over the items of `index`: selection, pull closure, components, hooks.
 pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     let types: BTreeMap<GroupResource, &ResourceType> = input.resources.iter().map(|r| (r.gr.clone(), r)).collect();
+    let by_name: HashMap<(&str, &str), &ResourceType> =
+        input.resources.iter().map(|r| ((r.gr.group.as_str(), r.gr.resource.as_str()), r)).collect();
     let sel = input.selection;
     let mut warnings = Vec::new();
-    let n = index.items.len();
+    let n = index.len();
     let mut in_backup = vec![false; n];
     let mut queue: Vec<u32> = Vec::new();
-    for (i, it) in index.items.iter().enumerate() {
-        let Some(rt) = types.get(&it.key.gr()) else { continue };
-        if sel.exclusion(rt, &it.key, Some(it)).is_none() && sel.is_seed(it) {
-            in_backup[i] = true;
-            queue.push(i as u32);
+    for i in 0..n as u32 {
+        let (g, r) = index.catalog().group_resource(i);
+        let Some(rt) = by_name.get(&(g, r)) else { continue };
+        let it = index.item(i);
+        if sel.exclusion(rt, &it.key, Some(&it)).is_none() && sel.is_seed(&it) {
+            in_backup[i as usize] = true;
+            queue.push(i);
         }
     }
     // Pull closure; remember together edges between items that end up in the backup.
@@ -558,10 +599,10 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     while head < queue.len() {
         let i = queue[head];
         head += 1;
-        let item = &index.items[i as usize];
+        let item = index.item(i);
         rels.clear();
         for a in input.actions {
-            a.relations(item, index, &mut rels);
+            a.relations(&item, index, &mut rels);
         }
         for r in &rels {
             let Some(j) = index.position(&r.to) else {
@@ -584,12 +625,12 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
                 continue;
             };
             if r.pull && !in_backup[j as usize] {
-                let target = &index.items[j as usize];
+                let target = index.item(j);
                 // Deliberate bug (mutation): judge a pull target by its key only, missing its labels.
                 let seen = if crate::mutation::active(crate::mutation::Mutation::PullExcludedObjects) {
                     None
                 } else {
-                    Some(target)
+                    Some(&target)
                 };
                 let allowed =
                     types.get(&target.key.gr()).is_some_and(|rt| sel.exclusion(rt, &target.key, seen).is_none());
@@ -695,16 +736,16 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
             warnings.push(format!(
                 "block {id} has {len} items, more than block_items_max {}; it is kept whole (first item {})",
                 sel.spec().block_items_max,
-                index.items[shape.positions[start] as usize].key
+                index.catalog().key(shape.positions[start])
             ));
         }
         shape.ends.push(shape.positions.len() as u32);
         let mut pre = Vec::new();
         let mut post = Vec::new();
-        for j in members() {
-            let it = &index.items[j as usize];
-            if it.key.is(PODS.0, PODS.1) {
-                for h in resolve_pod_hooks(it, &sel.spec().hooks, &mut warnings) {
+        for j in members().filter(|&j| index.catalog().is(j, PODS.0, PODS.1)) {
+            let it = index.item(j);
+            {
+                for h in resolve_pod_hooks(&it, &sel.spec().hooks, &mut warnings) {
                     match h.phase {
                         crate::hooks::HookPhase::Pre => pre.push(h),
                         crate::hooks::HookPhase::Post => post.push(h),
@@ -769,7 +810,8 @@ mod tests {
             warnings: vec!["w".into()],
         };
         assert_eq!(shape.positions(), [3, 0, 2, 1]);
-        let mut plan = shape.into_blocks(keys.clone());
+        let catalog = || Catalog::of_items(keys.iter().cloned().map(Item::of_key)).unwrap();
+        let mut plan = shape.into_blocks(catalog());
         assert_eq!((plan.len(), plan.item_count(), &plan.warnings[..]), (3, 4, &["w".to_string()][..]));
         // Looked at before they are made: the blocks holding "a" or "c", whole, hooks and all.
         let with: Vec<(u32, usize, usize)> = (plan.blocks_with(|k| ["a", "c"].contains(&k.name())).iter())
@@ -783,8 +825,6 @@ mod tests {
         assert_eq!(hooks, [0, 1, 0]);
         assert_eq!(blocks[1].hooks[0].pod, keys[2]);
         assert_eq!(blocks.iter().map(|b| b.id).collect::<Vec<_>>(), [0, 1, 2]);
-        // Every key moved into its block: none left behind.
-        assert!(plan.keys.iter().all(Option::is_none));
         assert!(plan.next_block().is_none() && plan.blocks_with(|_| true).is_empty());
         // Skipping what a crashed process recorded: the rest is the same.
         let mut rest = PlanShape {
@@ -793,10 +833,22 @@ mod tests {
             hooks: vec![(1, vec![hook(&keys[2])])],
             warnings: vec![],
         }
-        .into_blocks(keys.clone());
+        .into_blocks(catalog());
         rest.skip(1);
         assert_eq!(rest.next_id(), 1);
         assert_eq!(rest.next_block().as_deref(), Some(&*blocks[1]));
+        // Past the hooked block: its hooks are not given to the next.
+        let mut past = PlanShape {
+            ends: vec![2, 3, 4],
+            positions: vec![3, 0, 2, 1],
+            hooks: vec![(1, vec![hook(&keys[2])])],
+            warnings: vec![],
+        }
+        .into_blocks(catalog());
+        past.skip(2);
+        assert_eq!(past.next_block().as_deref(), Some(&*blocks[2]));
+        past.skip(5);
+        assert!(past.next_block().is_none());
     }
 
     #[test]

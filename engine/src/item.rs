@@ -169,9 +169,14 @@ impl ItemKey {
     /// A 128-bit digest of the key (sha256 of its parts, each ended by a zero byte, truncated):
     /// what maps of every item use instead of the key itself, ~200 bytes less an item.
     pub fn digest(&self) -> u128 {
+        ItemKey::digest_of(self.group(), self.resource(), self.namespace(), self.name())
+    }
+
+    /// The digest of the key of these parts ([`ItemKey::digest`]), without making the key.
+    pub fn digest_of(group: &str, resource: &str, namespace: Option<&str>, name: &str) -> u128 {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for part in [Some(self.group()), Some(self.resource()), self.namespace(), Some(self.name())] {
+        for part in [Some(group), Some(resource), namespace, Some(name)] {
             match part {
                 Some(p) => {
                     h.update(p.as_bytes());
@@ -404,7 +409,7 @@ impl<'de> Deserialize<'de> for StrMap {
 }
 
 /// Strings of an object by JSON pointer: what planning keeps of a claim or volume ([`Item::strings`]).
-pub type KeptStrings = Box<[(&'static str, Box<str>)]>;
+pub type KeptStrings = Box<[(Box<str>, Box<str>)]>;
 
 /// One Kubernetes object, parsed.
 ///
@@ -457,7 +462,7 @@ static EMPTY_MAP: std::sync::LazyLock<StrMap> = std::sync::LazyLock::new(StrMap:
 static NULL: Value = Value::Null;
 
 /// What hooks and the built-in actions read of a pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodFacts {
     /// `status.phase`.
     pub phase: Option<String>,
@@ -644,7 +649,7 @@ impl Item {
     /// strings when planning kept only those.
     pub fn str_at(&self, pointer: &str) -> Option<&str> {
         match self.strings() {
-            Some(kept) => kept.iter().find(|(p, _)| *p == pointer).map(|(_, s)| &**s),
+            Some(kept) => kept.iter().find(|(p, _)| &**p == pointer).map(|(_, s)| &**s),
             None => self.object().pointer(pointer).and_then(Value::as_str),
         }
     }
@@ -670,6 +675,74 @@ impl Item {
     pub fn canonical_json(&self) -> Vec<u8> {
         // serde_json's Map is a BTreeMap (no preserve_order feature), so keys come out sorted.
         serde_json::to_vec(self.object()).unwrap_or_default()
+    }
+}
+
+/// What an item keeps, as the catalog packs it ([`Item::pack_kept`]): the JSON as its text.
+#[derive(Serialize)]
+struct PackedRef<'a> {
+    labels: &'a StrMap,
+    annotations: &'a StrMap,
+    object: Option<String>,
+    pod: Option<&'a PodFacts>,
+    strings: Option<&'a [(Box<str>, Box<str>)]>,
+}
+
+/// [`PackedRef`] read back.
+#[derive(Deserialize)]
+struct Packed {
+    labels: StrMap,
+    annotations: StrMap,
+    object: Option<String>,
+    pod: Option<PodFacts>,
+    strings: Option<Vec<(Box<str>, Box<str>)>>,
+}
+
+/// Why packed bytes could not be read back as what an item keeps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("packed item: {0}")]
+pub struct UnpackError(String);
+
+impl Item {
+    /// Appends what the item keeps beyond its key, packed (bincode; the JSON as text), to `out`;
+    /// `false` (nothing appended) when it keeps nothing. Read back with [`Item::unpack_kept`].
+    pub fn pack_kept(&self, out: &mut Vec<u8>) -> Result<bool, UnpackError> {
+        let Some(k) = self.kept.as_deref() else { return Ok(false) };
+        let object = match &k.object {
+            Value::Null => None,
+            v => Some(serde_json::to_string(v).map_err(|e| UnpackError(e.to_string()))?),
+        };
+        let packed = PackedRef {
+            labels: &k.labels,
+            annotations: &k.annotations,
+            object,
+            pod: k.pod.as_deref(),
+            strings: k.strings.as_deref(),
+        };
+        bincode::serde::encode_into_std_write(&packed, out, bincode::config::standard())
+            .map_err(|e| UnpackError(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// Sets what the item keeps from bytes [`Item::pack_kept`] made.
+    pub fn unpack_kept(&mut self, bytes: &[u8]) -> Result<(), UnpackError> {
+        let (p, used): (Packed, usize) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .map_err(|e| UnpackError(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(UnpackError(format!("{} bytes after the record", bytes.len() - used)));
+        }
+        let object = match p.object {
+            Some(text) => serde_json::from_str(&text).map_err(|e| UnpackError(e.to_string()))?,
+            None => Value::Null,
+        };
+        self.set_kept(Kept {
+            labels: p.labels,
+            annotations: p.annotations,
+            object,
+            pod: p.pod.map(Box::new),
+            strings: p.strings.map(Vec::into_boxed_slice),
+        });
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@
 //! its commands and report back, so the same decisions run in production and under simulation.
 
 pub mod body;
+pub mod catalog;
 pub mod engine;
 pub mod entries;
 pub mod event;

@@ -46,10 +46,12 @@ fuzz_target!(|data: &[u8]| {
         fetch_failed: &not_found,
         actions: &actions,
     };
-    if let PlanStep::Done(p) = plan(&input, &index) {
+    let step = plan(&input, &index);
+    if let PlanStep::Done(p) = step {
+        let mut blocks = p.into_blocks(index.into_catalog());
         let mut seen = BTreeSet::new();
-        for b in &p.blocks {
-            for k in &b.items {
+        while let Some(b) = blocks.next_block() {
+            for k in b.items.iter() {
                 assert!(seen.insert(k.clone()), "{k} in two blocks");
             }
         }
