@@ -20,6 +20,7 @@
 //! [`SledMedium::open`] removes such files first; the log's own per-record checksums then verify
 //! every record, so nothing unverified is ever trusted.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -322,24 +323,75 @@ fn creating(path: Option<&Path>, e: std::io::Error) -> String {
     format!("creating {}: {e}", path.map_or_else(|| "memory".into(), |p| p.display().to_string()))
 }
 
-/// Numbered byte strings appended to a file and read back with positioned reads: `ends[n]` is
-/// where string `n` ends (it starts where `n - 1` ends) — 8 bytes a string in memory. What
+/// Numbered byte strings appended to a file and read back with positioned reads: `ends` says
+/// where string `n` ends (it starts where `n - 1` ends) — ~4 bytes a string in memory. What
 /// [`Bodies`] and [`Plans`] keep on disk.
 struct SpillFile {
     path: PathBuf,
     file: std::fs::File,
-    ends: RwLock<Vec<u64>>,
+    ends: RwLock<Ends>,
+}
+
+/// Where each string of a [`SpillFile`] ends, 4 bytes a string (a `u64` each was 8: ~18 MB at a
+/// million objects, for the bodies and the block plans): each run of [`ENDS_RUN`] strings keeps
+/// where it starts, and its strings' ends from there; an end 4 GiB or more past its run's start
+/// is kept apart.
+#[derive(Debug, Default)]
+struct Ends {
+    starts: Vec<u64>,
+    from_start: Vec<u32>,
+    far: BTreeMap<u64, u64>,
+    last: u64,
+}
+
+/// Strings in one run of [`Ends`].
+const ENDS_RUN: usize = 4096;
+
+impl Ends {
+    fn len(&self) -> u64 {
+        self.from_start.len() as u64
+    }
+
+    /// Where the last string ends (0: none).
+    fn last(&self) -> u64 {
+        self.last
+    }
+
+    fn push(&mut self, end: u64) {
+        let n = self.from_start.len();
+        if n.is_multiple_of(ENDS_RUN) {
+            self.starts.push(self.last);
+        }
+        let start = self.starts.last().copied().unwrap_or(0);
+        match u32::try_from(end.saturating_sub(start)) {
+            Ok(d) if d != u32::MAX => self.from_start.push(d),
+            _ => {
+                self.far.insert(n as u64, end);
+                self.from_start.push(u32::MAX);
+            }
+        }
+        self.last = end;
+    }
+
+    /// Where string `n` ends.
+    fn get(&self, n: u64) -> Option<u64> {
+        let i = usize::try_from(n).ok()?;
+        match *self.from_start.get(i)? {
+            u32::MAX => self.far.get(&n).copied(),
+            d => Some(self.starts.get(i / ENDS_RUN)? + u64::from(d)),
+        }
+    }
 }
 
 impl SpillFile {
     /// A spill file at `path`, created empty (truncated if it exists).
     fn create(path: &Path) -> std::io::Result<SpillFile> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(SpillFile { path: path.to_path_buf(), file, ends: RwLock::new(Vec::new()) })
+        Ok(SpillFile { path: path.to_path_buf(), file, ends: RwLock::new(Ends::default()) })
     }
 
     fn len(&self) -> u64 {
-        self.ends.read().unwrap_or_else(PoisonError::into_inner).len() as u64
+        self.ends.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Appends `strings`, numbered from [`SpillFile::len`] on, with one write; a string of 4 GiB
@@ -347,7 +399,7 @@ impl SpillFile {
     fn append<'a>(&self, strings: impl Iterator<Item = &'a [u8]>) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
         let mut ends = self.ends.write().unwrap_or_else(PoisonError::into_inner);
-        let start = ends.last().copied().unwrap_or(0);
+        let start = ends.last();
         let mut end = start;
         let mut buf = Vec::new();
         for s in strings {
@@ -364,9 +416,9 @@ impl SpillFile {
         use std::os::unix::fs::FileExt;
         let (offset, end) = {
             let ends = self.ends.read().unwrap_or_else(PoisonError::into_inner);
-            let end = *ends.get(usize::try_from(n).ok()?)?;
+            let end = ends.get(n)?;
             let offset = match n.checked_sub(1) {
-                Some(before) => ends.get(before as usize).copied().unwrap_or(0),
+                Some(before) => ends.get(before).unwrap_or(0),
                 None => 0,
             };
             (offset, end)
@@ -1766,8 +1818,6 @@ pub fn salvage(dir: &Path) -> Vec<Event> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use blockwise_engine::grouping::BlockPlan;
     use blockwise_engine::hooks::{ExecHookSpec, Hook, HookPhase, OnError, ResourceHookSpec};
     use blockwise_engine::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
@@ -1776,6 +1826,30 @@ mod tests {
     };
 
     use super::*;
+
+    /// Ends read back as pushed: across runs, past 4 GiB from a run's start (kept apart), and
+    /// nothing for a number never pushed.
+    #[test]
+    fn spill_ends_read_back_as_pushed() {
+        let mut ends = Ends::default();
+        let mut want = Vec::new();
+        let mut end = 0u64;
+        for n in 0..(3 * ENDS_RUN as u64 + 7) {
+            end += match n % 1000 {
+                999 => 5 << 30,
+                k => k * 3,
+            };
+            ends.push(end);
+            want.push(end);
+        }
+        assert!(!ends.far.is_empty(), "some ends are 4 GiB past their run's start");
+        assert_eq!(ends.len(), want.len() as u64);
+        assert_eq!(ends.last(), end);
+        for (n, w) in want.iter().enumerate() {
+            assert_eq!(ends.get(n as u64), Some(*w), "end {n}");
+        }
+        assert_eq!(ends.get(want.len() as u64), None);
+    }
 
     const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/events-v1.hex");
 

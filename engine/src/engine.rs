@@ -879,7 +879,7 @@ impl Engine {
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
                 let catalog = self.build_objects();
-                self.emit_plan(p.into_blocks(catalog), &claims);
+                self.emit_plan(p.into_blocks(catalog), claims);
             } else {
                 self.pending_plan = Some((p, claims));
             }
@@ -932,7 +932,7 @@ impl Engine {
                 // fold's blocks and the events carrying them.
                 self.catalog = index.into_catalog();
                 let catalog = self.build_objects();
-                self.emit_plan(p.into_blocks(catalog), &claims);
+                self.emit_plan(p.into_blocks(catalog), claims);
                 return;
             }
         }
@@ -1054,7 +1054,7 @@ impl Engine {
     /// Starts recording the plan: blocks, then snapshots, then `PlanFinished` (skipping what a
     /// crashed process recorded already), [`PLAN_BLOCKS_PER_POLL`] blocks a poll
     /// ([`Engine::record_plan`]).
-    fn emit_plan(&mut self, mut p: PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) {
+    fn emit_plan(&mut self, mut p: PlanBlocks, claims: BTreeMap<ItemKey, Claim>) {
         let items = p.item_count() as u64;
         let already = self.state.blocks.len() as u32;
         if already == 0 {
@@ -1063,10 +1063,12 @@ impl Engine {
             }
         }
         let snapshots = if self.state.options.snapshots_on() && self.state.volumes_inspected {
-            self.plan_snapshots(&p, claims)
+            self.plan_snapshots(&p, &claims)
         } else {
             Vec::new()
         };
+        // Read by snapshot planning only: not held beside the blocks' states and the plan.
+        drop(claims);
         p.skip(already);
         self.state.reserve_blocks(p.len() as usize);
         self.recording = Some(Recording { blocks: p, snapshots, items });
@@ -1159,6 +1161,8 @@ impl Engine {
         logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
         logged.shrink_to_fit();
         self.objects = Some(Objects { logged });
+        let mut catalog = catalog;
+        catalog.drop_kept();
         catalog
     }
 
