@@ -1984,7 +1984,7 @@ mod tests {
             Event::BlockFinished {
                 block: 7,
                 attempt: 2,
-                outcome: BlockOutcome::Failed { reason: "pre-hook failed".into() },
+                outcome: BlockOutcome::Failed { reason: Box::new("pre-hook failed".into()) },
                 at_ms: 1_700_000_000_800,
             },
             Event::ArchiveFinalized { digest: [0x5a; 32], bytes: 1 << 20, items: 1234 },

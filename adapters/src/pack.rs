@@ -80,11 +80,21 @@ pub fn record(name: &str, body: &[u8]) -> Result<Vec<u8>, StoreError> {
 
 /// Where a record's body lies: which pack, at which offset, how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One staged record: 20 bytes (its name's hash cut to 32 bits — a name that shares it only adds
+/// a candidate, whose bytes are checked against the logged digest like any other — and its
+/// offset in two halves: as a `u64` hash and offset it was 24).
 struct Loc {
-    hash: u64,
+    hash: u32,
     pack: u32,
-    offset: u64,
+    offset_lo: u32,
+    offset_hi: u32,
     len: u32,
+}
+
+impl Loc {
+    fn offset(&self) -> u64 {
+        u64::from(self.offset_hi) << 32 | u64::from(self.offset_lo)
+    }
 }
 
 /// Reads a pack through a window, so a scan makes one read per [`SCAN_WINDOW_BYTES`].
@@ -114,16 +124,27 @@ impl<M: StoreMedium> Window<'_, M> {
 /// Every staged record of a backup's staging directory, found by name.
 pub struct PackIndex {
     packs: Vec<PathBuf>,
-    /// Sorted by hash, then newest first (later pack, later offset).
-    locs: Vec<Loc>,
+    /// The records in runs of [`INDEX_RUN`] in the order they were scanned (oldest first), each
+    /// run sorted by hash, then newest first (later pack, later offset). One vector of every
+    /// record grew by doubling and was copied to shrink it: at a million items two copies of
+    /// ~27 MB, the archive build's peak.
+    runs: Vec<Vec<Loc>>,
 }
+
+/// Records in one run of a [`PackIndex`].
+const INDEX_RUN: usize = 1 << 16;
 
 impl PackIndex {
     /// Scans every pack in `dir` (headers only). A record whose header is torn, damaged or runs
     /// past the end of its pack ends that pack's scan: what follows it is treated as missing.
     pub fn scan<M: StoreMedium>(m: &M, dir: &Path) -> Result<PackIndex, StoreError> {
+        PackIndex::scan_in_runs(m, dir, INDEX_RUN)
+    }
+
+    fn scan_in_runs<M: StoreMedium>(m: &M, dir: &Path, run_len: usize) -> Result<PackIndex, StoreError> {
+        let run_len = run_len.max(1);
         let packs = m.packs(dir)?;
-        let mut locs = Vec::new();
+        let mut runs: Vec<Vec<Loc>> = Vec::new();
         for (i, path) in packs.iter().enumerate() {
             let mut w = Window { m, path, start: 0, buf: Vec::new() };
             let mut offset = 0u64;
@@ -143,25 +164,37 @@ impl PackIndex {
                 }
                 let hash = fixed_hash(&[name]);
                 let body_at = offset + HEADER_BYTES as u64 + u64::from(name_len);
-                locs.push(Loc { hash, pack: i as u32, offset: body_at, len: body_len });
+                if runs.last().is_none_or(|r| r.len() == run_len) {
+                    runs.push(Vec::with_capacity(run_len));
+                }
+                if let Some(run) = runs.last_mut() {
+                    let (offset_lo, offset_hi) = (body_at as u32, (body_at >> 32) as u32);
+                    run.push(Loc { hash: hash as u32, pack: i as u32, offset_lo, offset_hi, len: body_len });
+                }
                 offset = body_at + u64::from(body_len);
             }
         }
-        // In place (a stable sort's scratch is half the records: ~14 MB at a million items); no two
-        // records share a pack and an offset, so the order is the same.
-        locs.sort_unstable_by(|a, b| a.hash.cmp(&b.hash).then(b.pack.cmp(&a.pack)).then(b.offset.cmp(&a.offset)));
-        locs.shrink_to_fit();
-        Ok(PackIndex { packs, locs })
+        // In place (a stable sort's scratch is half the records); no two records share a pack
+        // and an offset, so the order is the same.
+        for run in &mut runs {
+            run.sort_unstable_by(|a, b| {
+                a.hash.cmp(&b.hash).then(b.pack.cmp(&a.pack)).then(b.offset().cmp(&a.offset()))
+            });
+        }
+        if let Some(last) = runs.last_mut() {
+            last.shrink_to_fit();
+        }
+        Ok(PackIndex { packs, runs })
     }
 
     /// How many records the packs hold.
     pub fn len(&self) -> usize {
-        self.locs.len()
+        self.runs.iter().map(Vec::len).sum()
     }
 
     /// Whether the packs hold no record.
     pub fn is_empty(&self) -> bool {
-        self.locs.is_empty()
+        self.runs.iter().all(Vec::is_empty)
     }
 
     /// The bodies staged under `name`, newest first, read lazily (a body cut short by the end of
@@ -171,17 +204,21 @@ impl PackIndex {
         m: &'a M,
         name: &str,
     ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + 'a {
-        let hash = name_hash(name);
-        let first = self.locs.partition_point(|l| l.hash < hash);
-        self.locs[first..]
-            .iter()
-            .take_while(move |l| l.hash == hash)
-            .map(move |l| m.read_at(&self.packs[l.pack as usize], l.offset, l.len as usize))
+        let hash = name_hash(name) as u32;
+        // The newest run first: later runs were scanned later (later packs, later offsets).
+        (self.runs.iter().rev())
+            .flat_map(move |run| {
+                let first = run.partition_point(|l| l.hash < hash);
+                run[first..].iter().take_while(move |l| l.hash == hash)
+            })
+            .map(move |l| m.read_at(&self.packs[l.pack as usize], l.offset(), l.len as usize))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -197,6 +234,38 @@ mod tests {
         assert_ne!(check(34, 2, b"resources/pods/namespaces/a/c.json"), sum);
         assert_eq!(check(34, 2, b"resources/pods/namespaces/a/b.json"), sum);
         assert!(record(&"x".repeat(NAME_BYTES_MAX + 1), b"").is_err());
+    }
+
+    /// Whatever the runs' length, a name's candidates are its staged copies newest first (later
+    /// pack, later offset), and nothing else.
+    #[test]
+    fn candidates_are_newest_first_across_runs() {
+        use crate::store::{FsMedium, StoreMedium};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Path::new("staging");
+        let names = ["a", "b", "c"];
+        let mut want: BTreeMap<&str, Vec<Vec<u8>>> = BTreeMap::new();
+        for round in 0..2u8 {
+            // A medium per round: each starts a pack of its own.
+            let m = FsMedium::new(tmp.path());
+            for i in 0..7u8 {
+                let name = names[(i as usize * 5 + round as usize) % 3];
+                let body = vec![round, i];
+                m.append_staged(dir, name, &body).unwrap();
+                want.entry(name).or_default().insert(0, body);
+            }
+        }
+        let m = FsMedium::new(tmp.path());
+        assert_eq!(std::mem::size_of::<Loc>(), 20);
+        for run_len in [1, 2, 3, 5, 64] {
+            let index = PackIndex::scan_in_runs(&m, dir, run_len).unwrap();
+            assert_eq!(index.len(), 14);
+            for name in names {
+                let got: Vec<Vec<u8>> = index.candidates(&m, name).map(Result::unwrap).collect();
+                assert_eq!(got, want[name], "{name}, runs of {run_len}");
+            }
+            assert_eq!(index.candidates(&m, "d").count(), 0);
+        }
     }
 
     #[test]
