@@ -299,6 +299,7 @@ pub fn seeded_engine_config(workers: usize) -> EngineConfig {
         record_objects_bytes_max: 600,
         restage_rounds_max: 2,
         await_snapshots_max: 2,
+        release_orders_max: 2,
     }
 }
 
