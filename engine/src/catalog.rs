@@ -46,22 +46,26 @@ struct Arena {
 }
 
 impl Arena {
-    /// Appends one record: where it starts (chunk in the high 32 bits, offset in the low).
-    fn append(&mut self, bytes: &[u8]) -> Result<u64, &'static str> {
-        let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= bytes.len());
+    /// Appends one record, the concatenation of `parts`: where it starts (chunk in the high 32
+    /// bits, offset in the low).
+    fn append(&mut self, parts: &[&[u8]]) -> Result<u64, &'static str> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= len);
         if !fits {
-            if u32::try_from(bytes.len()).is_err() {
+            if u32::try_from(len).is_err() {
                 return Err("a record of 4 GiB or more");
             }
             if u32::try_from(self.chunks.len()).is_err() {
                 return Err("arena chunks");
             }
-            self.chunks.push(Vec::with_capacity(bytes.len().max(CHUNK_BYTES)));
+            self.chunks.push(Vec::with_capacity(len.max(CHUNK_BYTES)));
         }
         let chunk_no = self.chunks.len() - 1;
         let Some(chunk) = self.chunks.last_mut() else { return Err("arena chunks") };
         let offset = chunk.len();
-        chunk.extend_from_slice(bytes);
+        for p in parts {
+            chunk.extend_from_slice(p);
+        }
         Ok(((chunk_no as u64) << 32) | offset as u64)
     }
 
@@ -99,7 +103,6 @@ pub struct Catalog {
     kept: Arena,
     /// Bytes of the arena no row points at any more ([`Catalog::retain`]).
     dropped: usize,
-    scratch: Vec<u8>,
     scratch_kept: Vec<u8>,
 }
 
@@ -136,34 +139,25 @@ impl Catalog {
             Some(ns) => self.namespace_id(ns, key)?,
             None => NO_NAMESPACE,
         };
-        let mut bytes = std::mem::take(&mut self.scratch);
-        bytes.clear();
-        put_len(&mut bytes, key.name().len());
-        bytes.extend_from_slice(key.name().as_bytes());
+        let full = |what| CatalogError::Full { key: key.clone(), what };
         let mut kept = std::mem::take(&mut self.scratch_kept);
         kept.clear();
-        put_len(&mut kept, 0);
-        let has_kept = item.pack_kept(&mut kept);
-        let kept_at = match has_kept {
+        let packed = item.pack_kept(&mut kept);
+        let kept_at = match packed {
             Ok(true) => {
-                // The length in front of the packed bytes (one byte was reserved for it).
-                let len = kept.len() - 1;
-                let mut head = Vec::new();
-                put_len(&mut head, len);
-                kept.splice(0..1, head);
-                Some(self.kept.append(&kept).map_err(|what| CatalogError::Full { key: key.clone(), what }))
+                let (head, n) = len_prefix(kept.len());
+                Some(self.kept.append(&[&head[..n], &kept]))
             }
             _ => None,
         };
         self.scratch_kept = kept;
-        let has_kept = has_kept.map_err(|error| CatalogError::Pack { key: key.clone(), error })?;
-        if let Some(kept_at) = kept_at {
-            bytes.extend_from_slice(&kept_at?.to_le_bytes());
-        }
-        let at = self.names.append(&bytes).map_err(|what| CatalogError::Full { key: key.clone(), what });
-        self.scratch = bytes;
+        let has_kept = packed.map_err(|error| CatalogError::Pack { key: key.clone(), error })?;
+        let kept_at = kept_at.transpose().map_err(full)?.map(u64::to_le_bytes);
+        let name = key.name().as_bytes();
+        let (head, n) = len_prefix(name.len());
+        let at = self.names.append(&[&head[..n], name, kept_at.as_ref().map_or(&[], |b| &b[..])]).map_err(full)?;
         let flags = if item.deleting { DELETING } else { 0 } | if has_kept { KEPT } else { 0 };
-        self.rows.push(Row { body: item.body.unwrap_or(NO_BODY), at: at?, ns, ty, flags });
+        self.rows.push(Row { body: item.body.unwrap_or(NO_BODY), at, ns, ty, flags });
         Ok(())
     }
 
@@ -389,17 +383,19 @@ impl Ranks {
     }
 }
 
-/// Appends `n` as LEB128.
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
-    loop {
+/// `n` as LEB128 (in the array's first bytes: as many as the count says).
+fn len_prefix(mut n: usize) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    for (i, slot) in out.iter_mut().enumerate() {
         let b = (n & 0x7f) as u8;
         n >>= 7;
         if n == 0 {
-            out.push(b);
-            return;
+            *slot = b;
+            return (out, i + 1);
         }
-        out.push(b | 0x80);
+        *slot = b | 0x80;
     }
+    (out, out.len())
 }
 
 /// Reads a LEB128 length: the length and what follows it (a damaged one reads as 0).
@@ -489,8 +485,8 @@ mod tests {
     #[test]
     fn lengths_round_trip_and_damage_reads_as_nothing() {
         for n in [0usize, 1, 127, 128, 300, 1 << 20, usize::MAX] {
-            let mut b = Vec::new();
-            put_len(&mut b, n);
+            let (head, len) = len_prefix(n);
+            let mut b = head[..len].to_vec();
             b.push(9);
             assert_eq!(get_len(&b), (n, &[9u8][..]));
         }

@@ -574,9 +574,10 @@ impl UnionFind {
 
 /// Plans the backup over the items of `index`: selection, pull closure, components, hooks.
 pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
-    let types: BTreeMap<GroupResource, &ResourceType> = input.resources.iter().map(|r| (r.gr.clone(), r)).collect();
-    let by_name: HashMap<(&str, &str), &ResourceType> =
+    // Resource types by group and resource, looked up without making a `GroupResource`.
+    let types: HashMap<(&str, &str), &ResourceType> =
         input.resources.iter().map(|r| ((r.gr.group.as_str(), r.gr.resource.as_str()), r)).collect();
+    let type_of = |k: &ItemKey| types.get(&(k.group(), k.resource())).copied();
     let sel = input.selection;
     let mut warnings = Vec::new();
     let n = index.len();
@@ -584,7 +585,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
     let mut queue: Vec<u32> = Vec::new();
     for i in 0..n as u32 {
         let (g, r) = index.catalog().group_resource(i);
-        let Some(rt) = by_name.get(&(g, r)) else { continue };
+        let Some(rt) = types.get(&(g, r)) else { continue };
         let it = index.item(i);
         if sel.exclusion(rt, &it.key, Some(&it)).is_none() && sel.is_seed(&it) {
             in_backup[i as usize] = true;
@@ -609,7 +610,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
                 if r.pull && input.fetch_failed.contains(&r.to) {
                     // The error is recorded; the item is simply not in the backup.
                 } else if r.pull && !input.not_found.contains(&r.to) {
-                    match types.get(&r.to.gr()) {
+                    match type_of(&r.to) {
                         Some(rt) if sel.exclusion(rt, &r.to, None).is_none() => {
                             missing.insert(r.to.clone());
                         }
@@ -632,8 +633,7 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
                 } else {
                     Some(&target)
                 };
-                let allowed =
-                    types.get(&target.key.gr()).is_some_and(|rt| sel.exclusion(rt, &target.key, seen).is_none());
+                let allowed = type_of(&target.key).is_some_and(|rt| sel.exclusion(rt, &target.key, seen).is_none());
                 if allowed {
                     in_backup[j as usize] = true;
                     queue.push(j);
@@ -811,12 +811,13 @@ mod tests {
             timeout_ms: 1,
             invalid: None,
         };
-        let shape = PlanShape {
+        let shape_of = |warnings: Vec<String>| PlanShape {
             ends: vec![2, 3, 4],
             positions: vec![3, 0, 2, 1],
             hooks: vec![(1, vec![hook(&keys[2])])],
-            warnings: vec!["w".into()],
+            warnings,
         };
+        let shape = shape_of(vec!["w".into()]);
         assert_eq!(shape.positions(), [3, 0, 2, 1]);
         let catalog = || Catalog::of_items(keys.iter().cloned().map(Item::of_key)).unwrap();
         let mut plan = shape.into_blocks(catalog());
@@ -835,24 +836,12 @@ mod tests {
         assert_eq!(blocks.iter().map(|b| b.id).collect::<Vec<_>>(), [0, 1, 2]);
         assert!(plan.next_block().is_none() && plan.blocks_with(|_| true).is_empty());
         // Skipping what a crashed process recorded: the rest is the same.
-        let mut rest = PlanShape {
-            ends: vec![2, 3, 4],
-            positions: vec![3, 0, 2, 1],
-            hooks: vec![(1, vec![hook(&keys[2])])],
-            warnings: vec![],
-        }
-        .into_blocks(catalog());
+        let mut rest = shape_of(vec![]).into_blocks(catalog());
         rest.skip(1);
         assert_eq!(rest.next_id(), 1);
         assert_eq!(rest.next_block().as_deref(), Some(&*blocks[1]));
         // Past the hooked block: its hooks are not given to the next.
-        let mut past = PlanShape {
-            ends: vec![2, 3, 4],
-            positions: vec![3, 0, 2, 1],
-            hooks: vec![(1, vec![hook(&keys[2])])],
-            warnings: vec![],
-        }
-        .into_blocks(catalog());
+        let mut past = shape_of(vec![]).into_blocks(catalog());
         past.skip(2);
         assert_eq!(past.next_block().as_deref(), Some(&*blocks[2]));
         past.skip(5);
