@@ -205,6 +205,18 @@ impl Drop for ServedDemo {
     }
 }
 
+/// A `blockwise` child of this bench: the same binary, and the budget this process was given with
+/// `--memory-limit` (a child in the same pod reads the same cgroup itself; a flag is not inherited).
+fn blockwise_child() -> Result<std::process::Command> {
+    let exe = std::env::current_exe().context("finding the blockwise binary")?;
+    let mut c = std::process::Command::new(exe);
+    let budget = blockwise_adapters::memory::budget();
+    if let (Some(limit), blockwise_adapters::memory::Source::Flag) = (budget.limit, &budget.source) {
+        c.arg("--memory-limit").arg(limit.to_string());
+    }
+    Ok(c)
+}
+
 /// Starts `simulator serve` with `objects` objects and waits for it to say it serves.
 fn serve_demo(dir: &Path, objects: usize) -> Result<ServedDemo> {
     serve(&dir.join("scale-http.kubeconfig"), &["--demo-objects", &objects.to_string()], "serving the demo cluster")
@@ -298,9 +310,8 @@ fn scale_http(dir: &Path, what: &str, objects: usize, runs: usize, workers: usiz
 /// The scale run over HTTP at `objects`, in a fresh `blockwise bench` process of its own, so
 /// that its peak RSS is not the mark of an earlier, larger run.
 fn scale_http_child(dir: &Path, objects: usize, workers: usize) -> Result<HttpRun> {
-    let exe = std::env::current_exe().context("finding the blockwise binary")?;
     let sub = dir.join(format!("memory-{objects}"));
-    let out = std::process::Command::new(exe)
+    let out = blockwise_child()?
         .args(["bench", "--only", "scale-http", "--objects", &objects.to_string(), "-o", "json"])
         .args(["--workers", &workers.to_string(), "--dir"])
         .arg(&sub)
@@ -332,16 +343,15 @@ struct ResumeRun {
 
 fn resume_half_way(dir: &Path, objects: usize, workers: usize) -> Result<ResumeRun> {
     let served = serve_demo(dir, objects)?;
-    let exe = std::env::current_exe().context("finding the blockwise binary")?;
     let data = dir.join("resume-data");
-    let blockwise = |args: &[&str]| {
-        let mut c = std::process::Command::new(&exe);
+    let blockwise = |args: &[&str]| -> Result<std::process::Command> {
+        let mut c = blockwise_child()?;
         c.arg("--data-dir").arg(&data).args(args).args(["--workers", &workers.to_string()]);
         c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
-        c
+        Ok(c)
     };
     // `resume` reaches the cluster `create` recorded.
-    let mut create = blockwise(&["backup", "create", "half"]);
+    let mut create = blockwise(&["backup", "create", "half"])?;
     create.arg("--kubeconfig").arg(&served.kubeconfig);
     let mut run = create.spawn().context("starting `backup create`")?;
     let status = data.join("backups/half/status.json");
@@ -371,7 +381,7 @@ fn resume_half_way(dir: &Path, objects: usize, workers: usize) -> Result<ResumeR
     run.kill().context("killing the backup")?;
     run.wait()?;
     let start = Instant::now();
-    let child = blockwise(&["backup", "resume", "half"]).spawn().context("starting `backup resume`")?;
+    let child = blockwise(&["backup", "resume", "half"])?.spawn().context("starting `backup resume`")?;
     let (code, peak_rss) = wait_with_peak_rss(child)?;
     let seconds = start.elapsed().as_secs_f64();
     anyhow::ensure!(code == 0, "`backup resume` exited {code}");
@@ -416,13 +426,12 @@ struct RestoreRun {
 }
 
 fn restore_into_empty(dir: &Path, objects: usize, workers: usize) -> Result<RestoreRun> {
-    let exe = std::env::current_exe().context("finding the blockwise binary")?;
     let data = dir.join("restore-data");
     {
         // In a process of its own too: a child inherits the peak RSS of the process it is forked
         // from (Linux records the old address space's peak at exec), so this one stays small.
         let served = serve_demo(dir, objects)?;
-        let status = std::process::Command::new(&exe)
+        let status = blockwise_child()?
             .arg("--data-dir")
             .arg(&data)
             .args(["backup", "create", "restored", "--workers", &workers.to_string(), "--kubeconfig"])
@@ -440,7 +449,7 @@ fn restore_into_empty(dir: &Path, objects: usize, workers: usize) -> Result<Rest
     let out_path = dir.join("restore.out");
     let out = std::fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
     let start = Instant::now();
-    let child = std::process::Command::new(exe)
+    let child = blockwise_child()?
         .arg("--data-dir")
         .arg(&data)
         .args(["restore", "create", "bench", "--workers", &workers.to_string(), "--from-file"])
