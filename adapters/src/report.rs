@@ -411,7 +411,7 @@ fn kept_snapshots(s: &BackupState) -> impl Iterator<Item = &SnapshotState> + '_ 
     s.snapshots.iter().filter(|st| {
         st.cut.is_some()
             && !matches!(
-                s.blocks.get(st.plan.block as usize).and_then(|b| b.outcome.as_ref()),
+                s.blocks.full(st.plan.block as usize).and_then(|b| b.outcome.as_ref()),
                 Some(BlockOutcome::Failed { .. })
             )
     })
@@ -868,7 +868,7 @@ impl Results {
             Event::BlockPlanned { blocks } => {
                 for b in blocks {
                     if matches!(
-                        s.blocks.get(b.id as usize).and_then(|b| b.outcome.as_ref()),
+                        s.blocks.full(b.id as usize).and_then(|b| b.outcome.as_ref()),
                         Some(BlockOutcome::Failed { .. })
                     ) {
                         self.failed_ns.insert(b.id, b.items.iter().find_map(|k| k.namespace().map(str::to_string)));

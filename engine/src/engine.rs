@@ -540,7 +540,7 @@ impl Engine {
                 continue;
             }
             let Some(a) = b.attempt.as_ref().filter(|_| b.in_flight()) else { continue };
-            let owed = if mutation::active(Mutation::SkipOwedPostHooks) { Vec::new() } else { owed_post_hooks(b) };
+            let owed = if mutation::active(Mutation::SkipOwedPostHooks) { Vec::new() } else { owed_post_hooks(&b) };
             // An attempt interrupted while cutting snapshots left its window open: the cut is
             // finished inside it (create-or-get) before the owed post-hooks close it, so every
             // snapshot of the block is from that one window and none is taken twice.
@@ -615,7 +615,7 @@ impl Engine {
                 | BlockRun::FinishingCut { .. } => None,
                 BlockRun::ClosingInterrupted { owed, next, .. } => Some(owed.into_iter().skip(next).collect()),
                 BlockRun::Pre { .. } | BlockRun::Writing { .. } => {
-                    Some(owed_post_hooks(&self.state.blocks[id as usize]))
+                    Some(self.state.blocks.full(id as usize).map(owed_post_hooks).unwrap_or_default())
                 }
             };
             if let Some(hooks) = closing {
@@ -1211,7 +1211,7 @@ impl Engine {
         while self.cursor < self.state.blocks.len() {
             let id = self.order.as_ref().and_then(|o| o.get(self.cursor)).copied().unwrap_or(self.cursor as u32);
             self.cursor += 1;
-            let b = &self.state.blocks[id as usize];
+            let Some(b) = self.state.blocks.get(id as usize) else { continue };
             if b.outcome.is_some() || b.attempt.is_some() {
                 continue;
             }
@@ -1271,8 +1271,12 @@ impl Engine {
 
     /// Whether a snapshot's storage belongs to the backup: cut, and its block did not fail.
     fn snapshot_kept(&self, s: &SnapshotState) -> bool {
-        let block = &self.state.blocks[s.plan.block as usize];
-        s.cut.is_some() && !matches!(block.outcome, Some(BlockOutcome::Failed { .. }))
+        let failed = self
+            .state
+            .blocks
+            .full(s.plan.block as usize)
+            .is_some_and(|b| matches!(b.outcome, Some(BlockOutcome::Failed { .. })));
+        s.cut.is_some() && !failed
     }
 
     /// Issues one `AwaitSnapshots` for the cut snapshots of finished blocks that are not ready yet.
@@ -1285,7 +1289,9 @@ impl Engine {
             .state
             .snapshots
             .iter()
-            .filter(|s| s.ready.is_none() && self.state.blocks[s.plan.block as usize].outcome.is_some())
+            .filter(|s| {
+                s.ready.is_none() && self.state.blocks.get(s.plan.block as usize).is_some_and(|b| b.outcome.is_some())
+            })
             .filter(|s| self.snapshot_kept(s))
             .filter_map(|s| {
                 let cut = s.cut.as_ref()?;
@@ -1330,7 +1336,7 @@ impl Engine {
             return;
         }
         self.release_where(|e, s| {
-            let finished = e.state.blocks[s.plan.block as usize].outcome.is_some();
+            let finished = e.state.blocks.get(s.plan.block as usize).is_some_and(|b| b.outcome.is_some());
             finished && (s.ready.is_some() || !e.snapshot_kept(s))
         });
     }
@@ -1386,7 +1392,7 @@ impl Engine {
 
     fn hooks_of(&self, id: u32, phase: HookPhase) -> Vec<Hook> {
         // A block without hooks has no plan in the fold.
-        let hooks = self.state.blocks[id as usize].plan.as_ref().map_or(&[][..], |p| &p.hooks[..]);
+        let hooks = self.state.blocks.full(id as usize).and_then(|b| b.plan.as_ref()).map_or(&[][..], |p| &p.hooks[..]);
         if phase == HookPhase::Pre && mutation::active(Mutation::SkipPreHooksOfMultiPodBlocks) {
             let pods: BTreeSet<&ItemKey> = hooks.iter().map(|h| &h.pod).collect();
             if pods.len() > 1 {
@@ -1555,7 +1561,7 @@ impl Engine {
                     let outcome = match failed {
                         Some(reason) => BlockOutcome::Failed { reason: reason.into() },
                         None => {
-                            let a = self.state.blocks[id as usize].attempt.as_ref();
+                            let a = self.state.blocks.full(id as usize).and_then(|b| b.attempt.as_ref());
                             let trouble = a.is_some_and(|a| {
                                 !a.failed_items.is_empty() || a.hooks_finished.values().any(|o| !o.ok())
                             });
@@ -1787,9 +1793,8 @@ impl Engine {
         let fail = !ok && fail_mode && !mutation::active(Mutation::IgnorePreHookFailure);
         if fail {
             // Post-hooks only for pods whose pre-hook window opened in this attempt.
-            let pods: BTreeSet<ItemKey> = self.state.blocks[id as usize]
-                .attempt
-                .as_ref()
+            let pods: BTreeSet<ItemKey> = (self.state.blocks.full(id as usize))
+                .and_then(|b| b.attempt.as_ref())
                 .map(|a| a.pods_with_pre_started().into_iter().cloned().collect())
                 .unwrap_or_default();
             let all_pods = mutation::active(Mutation::PostHooksForUnopenedWindows);

@@ -216,6 +216,149 @@ impl BlockState {
     }
 }
 
+/// A block as [`Blocks`] holds one that keeps nothing but counts: no plan kept (no hooks), no
+/// attempt (not started, or finished without a hook run or an item failed), an outcome that is
+/// not `Failed` (whose reason is a string). 12 bytes, where a [`BlockState`] is 48: most blocks
+/// of a large backup are such blocks from their plan to the end of the run (~30 MB at a million
+/// blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlimBlock {
+    items: u32,
+    written_done: u32,
+    attempts: u16,
+    /// [`SLIM_NONE`], [`SLIM_COMPLETED`], [`SLIM_PARTIAL`], or [`FULL`]: the block is in
+    /// [`Blocks::full`].
+    outcome: u8,
+}
+
+const SLIM_NONE: u8 = 0;
+const SLIM_COMPLETED: u8 = 1;
+const SLIM_PARTIAL: u8 = 2;
+const FULL: u8 = u8::MAX;
+
+impl SlimBlock {
+    /// `b` in 12 bytes, if it keeps nothing but counts.
+    fn of(b: &BlockState) -> Option<SlimBlock> {
+        let outcome = match &b.outcome {
+            None => SLIM_NONE,
+            Some(BlockOutcome::Completed) => SLIM_COMPLETED,
+            Some(BlockOutcome::PartiallyFailed) => SLIM_PARTIAL,
+            Some(BlockOutcome::Failed { .. }) => return None,
+        };
+        let attempts = u16::try_from(b.attempts).ok()?;
+        (b.plan.is_none() && b.attempt.is_none()).then_some(SlimBlock {
+            items: b.items,
+            written_done: b.written_done,
+            attempts,
+            outcome,
+        })
+    }
+
+    fn state(self) -> BlockState {
+        BlockState {
+            plan: None,
+            items: self.items,
+            attempt: None,
+            attempts: u32::from(self.attempts),
+            outcome: match self.outcome {
+                SLIM_COMPLETED => Some(BlockOutcome::Completed),
+                SLIM_PARTIAL => Some(BlockOutcome::PartiallyFailed),
+                _ => None,
+            },
+            written_done: self.written_done,
+        }
+    }
+}
+
+/// The planned blocks' states, by id: a block that keeps nothing but counts in 12 bytes
+/// ([`SlimBlock`]), any other — one with hooks, an open attempt, a failed item or hook, a
+/// `Failed` outcome — as a [`BlockState`] beside. [`Blocks::get`] gives either as a `BlockState`.
+#[derive(Debug, Clone, Default)]
+pub struct Blocks {
+    slim: Vec<SlimBlock>,
+    full: BTreeMap<u32, BlockState>,
+}
+
+impl PartialEq for Blocks {
+    /// The same states, however each is held.
+    fn eq(&self, other: &Blocks) -> bool {
+        self.len() == other.len() && self.iter().zip(other.iter()).all(|(a, b)| a == b)
+    }
+}
+
+impl Blocks {
+    /// Planned blocks.
+    pub fn len(&self) -> usize {
+        self.slim.len()
+    }
+
+    /// None planned.
+    pub fn is_empty(&self) -> bool {
+        self.slim.is_empty()
+    }
+
+    /// Block `id`'s state: borrowed when held in full, made when slim (no allocation).
+    pub fn get(&self, id: usize) -> Option<std::borrow::Cow<'_, BlockState>> {
+        let slim = *self.slim.get(id)?;
+        match slim.outcome {
+            FULL => self.full.get(&(id as u32)).map(std::borrow::Cow::Borrowed),
+            _ => Some(std::borrow::Cow::Owned(slim.state())),
+        }
+    }
+
+    /// Block `id`'s state if it is held in full (only such a block keeps a plan or an attempt).
+    pub fn full(&self, id: usize) -> Option<&BlockState> {
+        self.full.get(&u32::try_from(id).ok()?)
+    }
+
+    /// The blocks held in full, in id order: the only ones with a kept plan, an attempt, or a
+    /// `Failed` outcome.
+    pub fn held(&self) -> impl Iterator<Item = (u32, &BlockState)> + '_ {
+        self.full.iter().map(|(&id, b)| (id, b))
+    }
+
+    /// Every block's state, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = std::borrow::Cow<'_, BlockState>> + '_ {
+        (0..self.slim.len()).filter_map(|id| self.get(id))
+    }
+
+    /// Makes room for `n` more blocks.
+    fn reserve_exact(&mut self, n: usize) {
+        self.slim.reserve_exact(n);
+    }
+
+    /// Appends a block's state (its id is the number of blocks before it).
+    fn push(&mut self, b: BlockState) {
+        match SlimBlock::of(&b) {
+            Some(slim) => self.slim.push(slim),
+            None => {
+                self.full.insert(self.slim.len() as u32, b);
+                self.slim.push(SlimBlock { items: 0, written_done: 0, attempts: 0, outcome: FULL });
+            }
+        }
+    }
+
+    /// Block `id`'s state to change, held in full from now on (until [`Blocks::settle`]).
+    fn get_mut(&mut self, id: usize) -> Option<&mut BlockState> {
+        let slim = self.slim.get_mut(id)?;
+        if slim.outcome != FULL {
+            let state = slim.state();
+            slim.outcome = FULL;
+            self.full.insert(id as u32, state);
+        }
+        self.full.get_mut(&(id as u32))
+    }
+
+    /// Holds block `id` slim again if it now keeps nothing but counts.
+    fn settle(&mut self, id: usize) {
+        let Some(b) = self.full(id) else { return };
+        if let (Some(slim), Some(place)) = (SlimBlock::of(b), self.slim.get_mut(id)) {
+            *place = slim;
+            self.full.remove(&(id as u32));
+        }
+    }
+}
+
 /// A captured snapshot: every member's handle is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
@@ -375,7 +518,7 @@ pub struct BackupState {
     /// Pull targets whose get failed, with the error.
     pub fetch_failed: BTreeMap<ItemKey, String>,
     /// Planned blocks, by id.
-    pub blocks: Vec<BlockState>,
+    pub blocks: Blocks,
     /// Planning is over.
     pub plan_finished: bool,
     /// Items in the plan.
@@ -792,7 +935,7 @@ impl BackupState {
             Event::BlockFinished { block, attempt, outcome, at_ms } => {
                 self.last_ms = *at_ms;
                 self.attempt_mut(seq, kind, *block, *attempt)?;
-                let b = &mut self.blocks[*block as usize];
+                let b = self.block_mut(seq, kind, *block)?;
                 b.outcome = Some(outcome.clone());
                 // Of the written items the count stays (the log has the items); the attempt stays
                 // only for its hooks or failed items (what `describe` and the controller's status
@@ -802,6 +945,7 @@ impl BackupState {
                 if b.attempt.as_ref().is_some_and(|a| a.plain()) {
                     b.attempt = None;
                 }
+                self.blocks.settle(*block as usize);
                 self.finished_blocks += 1;
                 self.finished_items += u64::from(len);
             }
@@ -842,16 +986,100 @@ mod tests {
     use super::*;
     use crate::hooks::Hook;
 
+    /// Every block that keeps only counts is held in 12 bytes, the others in 48: at a million
+    /// blocks each 8 bytes is ~8 MB of the run.
+    #[test]
+    fn a_block_state_is_48_bytes_and_a_slim_one_12() {
+        assert_eq!(std::mem::size_of::<BlockState>(), 48);
+        assert_eq!(std::mem::size_of::<Option<BlockOutcome>>(), 16);
+        assert_eq!(std::mem::size_of::<SlimBlock>(), 12);
+    }
+
+    /// Whatever way a block is held, it reads back as the state it was given; only the blocks
+    /// that keep a plan, an attempt, a `Failed` outcome or more attempts than 16 bits count are
+    /// held in full, and one changed back to counts only is slim again once settled.
+    #[test]
+    fn blocks_read_back_as_given_and_only_rich_ones_are_held_in_full() {
+        let plain = |items, attempts, outcome| BlockState {
+            plan: None,
+            items,
+            attempt: None,
+            attempts,
+            outcome,
+            written_done: items.saturating_sub(1),
+        };
+        let plan = Arc::new(BlockPlan {
+            id: 4,
+            items: vec![ItemKey::cluster("", "namespaces", "a")].into(),
+            hooks: Box::new([]),
+        });
+        let states = vec![
+            plain(1, 0, None),
+            plain(3, 1, Some(BlockOutcome::Completed)),
+            plain(2, 2, Some(BlockOutcome::PartiallyFailed)),
+            plain(1, 1, Some(BlockOutcome::Failed { reason: Box::new("pre-hook".into()) })),
+            BlockState { plan: Some(plan), ..plain(1, 0, None) },
+            BlockState { attempt: Some(Box::new(Attempt { number: 1, ..Attempt::default() })), ..plain(5, 1, None) },
+            plain(7, 70_000, Some(BlockOutcome::Completed)),
+            plain(u32::MAX, u32::from(u16::MAX), Some(BlockOutcome::Completed)),
+        ];
+        let mut blocks = Blocks::default();
+        for b in &states {
+            blocks.push(b.clone());
+        }
+        assert_eq!(blocks.len(), states.len());
+        for (i, b) in states.iter().enumerate() {
+            assert_eq!(blocks.get(i).as_deref(), Some(b), "block {i}");
+        }
+        assert_eq!(blocks.iter().map(|b| b.into_owned()).collect::<Vec<_>>(), states);
+        assert_eq!(blocks.held().map(|(id, _)| id).collect::<Vec<_>>(), [3, 4, 5, 6]);
+        assert!(blocks.get(states.len()).is_none());
+        // Changed through `get_mut`, a block is held in full until settled.
+        let mut other = blocks.clone();
+        if let Some(b) = other.get_mut(0) {
+            b.attempts = 1;
+            b.outcome = Some(BlockOutcome::Completed);
+        }
+        assert_eq!(other.held().map(|(id, _)| id).collect::<Vec<_>>(), [0, 3, 4, 5, 6]);
+        assert_ne!(other, blocks);
+        other.settle(0);
+        other.settle(5);
+        assert_eq!(other.held().map(|(id, _)| id).collect::<Vec<_>>(), [3, 4, 5, 6]);
+        assert_eq!(other.get(0).as_deref(), Some(&plain(1, 1, Some(BlockOutcome::Completed))));
+        // Equal states held differently are equal.
+        let mut promoted = blocks.clone();
+        let _ = promoted.get_mut(1);
+        assert_eq!(promoted, blocks);
+    }
+
+    /// A block without hooks that finishes plainly is held slim again (the fold settles it).
+    #[test]
+    fn a_plain_block_is_slim_after_it_finishes() {
+        let key = ItemKey::namespaced("", "configmaps", "ns", "a");
+        let mut s = BackupState::default();
+        let plan = BlockPlan { id: 0, items: vec![key.clone()].into(), hooks: Box::new([]) };
+        for e in [
+            Event::BackupRequested { spec: crate::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
+            Event::BlockPlanned { blocks: vec![Arc::new(plan)] },
+            Event::BlockStarted { block: 0, attempt: 1, at_ms: 1 },
+        ] {
+            s.apply(&e).unwrap();
+        }
+        assert_eq!(s.blocks.held().count(), 1, "an open attempt is held in full");
+        let written = Event::ItemWritten { block: 0, attempt: 1, key, digest: [1; 32], bytes: 9 };
+        s.apply(&written).unwrap();
+        s.apply(&Event::BlockFinished { block: 0, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 2 }).unwrap();
+        assert_eq!(s.blocks.held().count(), 0);
+        let b = s.blocks.get(0).unwrap();
+        assert_eq!(
+            (b.outcome.clone(), b.attempts, s.written_count(&b), b.items),
+            (Some(BlockOutcome::Completed), 1, 1, 1)
+        );
+    }
+
     /// A block with hooks keeps its plan, and its attempt keeps its written items by position in
     /// the plan (any order) or, for items the plan does not list, by key; `written()` gives every
     /// one back by key, the latest write of an item winning.
-    /// Every planned block holds one: at a million blocks each 8 bytes is ~8 MB of the run.
-    #[test]
-    fn a_block_state_is_48_bytes() {
-        assert_eq!(std::mem::size_of::<BlockState>(), 48);
-        assert_eq!(std::mem::size_of::<Option<BlockOutcome>>(), 16);
-    }
-
     #[test]
     fn written_items_are_kept_by_plan_position_and_given_back_by_key() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
@@ -884,9 +1112,10 @@ mod tests {
         {
             s.apply(e).unwrap();
         }
-        let got: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
+        let got: BTreeMap<ItemKey, u8> =
+            s.written(&s.blocks.get(0).unwrap()).map(|(k, (d, _))| (k.clone(), d[0])).collect();
         assert_eq!(got, BTreeMap::from([(key("a"), 2), (key("c"), 4), (snap.clone(), 3)]));
-        let kept: Vec<&WrittenKey> = s.blocks[0].attempt.as_ref().unwrap().written.keys().collect();
+        let kept: Vec<&WrittenKey> = s.blocks.full(0).unwrap().attempt.as_ref().unwrap().written.keys().collect();
         assert_eq!(
             kept,
             [&WrittenKey::Planned(0), &WrittenKey::Planned(2), &WrittenKey::Other(Box::new(snap.clone()))]
@@ -895,9 +1124,12 @@ mod tests {
         // the same items), and a plain attempt is dropped.
         let finished = Event::BlockFinished { block: 0, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 3 };
         s.apply(&finished).unwrap();
-        assert_eq!(s.written(&s.blocks[0]).count(), 0);
-        assert_eq!((s.written_count(&s.blocks[0]), s.items_done(), s.blocks[0].attempts), (3, 3, 1));
-        assert!(s.blocks[0].attempt.is_none());
+        assert_eq!(s.written(&s.blocks.get(0).unwrap()).count(), 0);
+        assert_eq!(
+            (s.written_count(&s.blocks.get(0).unwrap()), s.items_done(), s.blocks.get(0).unwrap().attempts),
+            (3, 3, 1)
+        );
+        assert!(s.blocks.get(0).unwrap().attempt.is_none());
         let log: Vec<Event> = events
             .iter()
             .cloned()
@@ -907,7 +1139,7 @@ mod tests {
         let after: BTreeMap<ItemKey, u8> =
             log.iter().filter_map(|e| crate::entries::final_write(&s, e)).map(|(_, k, d)| (k.clone(), d[0])).collect();
         assert_eq!(after, got);
-        assert!(s.blocks[0].plan.is_some());
+        assert!(s.blocks.get(0).unwrap().plan.is_some());
     }
 
     /// A block without hooks keeps no plan (the log has it; the engine reads it back when the
@@ -927,9 +1159,10 @@ mod tests {
             write("b", 3),
         ])
         .unwrap();
-        assert!(s.blocks[0].plan.is_none());
-        assert_eq!(s.blocks[0].items, 2);
-        let got: BTreeMap<ItemKey, u8> = s.written(&s.blocks[0]).map(|(k, (d, _))| (k.clone(), d[0])).collect();
+        assert!(s.blocks.get(0).unwrap().plan.is_none());
+        assert_eq!(s.blocks.get(0).unwrap().items, 2);
+        let got: BTreeMap<ItemKey, u8> =
+            s.written(&s.blocks.get(0).unwrap()).map(|(k, (d, _))| (k.clone(), d[0])).collect();
         assert_eq!(got, BTreeMap::from([(key("a"), 2), (key("b"), 3)]));
     }
 
@@ -965,9 +1198,9 @@ mod tests {
             finish(0),
         ];
         let s = BackupState::fold(&events).unwrap();
-        assert_eq!((s.written_count(&s.blocks[0]), s.written_count(&s.blocks[1])), (2, 1));
-        assert!(s.blocks[0].attempt.is_none());
-        let kept = s.blocks[1].attempt.as_ref().map(|a| a.hooks_finished.len());
+        assert_eq!((s.written_count(&s.blocks.get(0).unwrap()), s.written_count(&s.blocks.get(1).unwrap())), (2, 1));
+        assert!(s.blocks.get(0).unwrap().attempt.is_none());
+        let kept = s.blocks.full(1).unwrap().attempt.as_ref().map(|a| a.hooks_finished.len());
         assert_eq!(kept, Some(1));
         assert_eq!(s.items_done(), 3);
     }

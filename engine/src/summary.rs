@@ -322,15 +322,15 @@ impl BackupSummary {
 
     /// The summary of a full fold: what [`BackupSummary::push`] makes of the same events.
     pub fn of(s: &BackupState) -> BackupSummary {
-        let open = (s.blocks.iter().zip(0u32..).filter(|(b, _)| b.in_flight()))
-            .filter_map(|(b, id)| {
+        let open = (s.blocks.held().filter(|(_, b)| b.in_flight()))
+            .filter_map(|(id, b)| {
                 let a = b.attempt.as_ref()?;
                 let written = s.written(b).map(|(k, _)| k.clone()).collect();
                 Some((id, OpenAttempt { number: a.number, written }))
             })
             .collect();
-        let hooks = (s.blocks.iter().zip(0u32..))
-            .filter_map(|(b, id)| Some((id, b.attempt.as_ref()?.hooks_finished.clone())))
+        let hooks = (s.blocks.held())
+            .filter_map(|(id, b)| Some((id, b.attempt.as_ref()?.hooks_finished.clone())))
             .filter(|(_, h)| !h.is_empty())
             .collect();
         let outcome =

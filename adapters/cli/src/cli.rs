@@ -778,7 +778,7 @@ fn resume(a: ResumeArgs, data: &DataDir) -> Result<ExitCode> {
     // objects the state is most of what a resumed process holds).
     let state = session.state();
     let (resumable, phase, stopped) = (state.resumable(), state.phase(), state.stopped.clone());
-    let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count();
+    let in_flight = state.blocks.held().filter(|(_, b)| b.in_flight()).count();
     let (done, blocks, recorded_workers) = (state.blocks_done(), state.blocks.len(), state.workers);
     let store = session.store().map_err(session_err)?;
     let mut source = session.source().map_err(session_err)?;

@@ -965,7 +965,7 @@ fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> B
         None => phase::IN_PROGRESS.into(),
     };
     let (mut attempted, mut failed) = (0u32, 0u32);
-    for b in &state.blocks {
+    for (_, b) in state.blocks.held() {
         if let Some(a) = &b.attempt {
             attempted += a.hooks_started.len() as u32;
             failed += a.hooks_finished.values().filter(|o| !o.ok()).count() as u32;
@@ -1037,7 +1037,7 @@ impl Observer for StatusObserver {
     }
 
     fn committed(&mut self, state: &BackupState) {
-        let in_flight = state.blocks.iter().filter(|b| b.in_flight()).count() as i64;
+        let in_flight = state.blocks.held().filter(|(_, b)| b.in_flight()).count() as i64;
         self.metrics.blocks_in_flight.inc_by(in_flight - self.in_flight);
         self.in_flight = in_flight;
         // A finished state's status goes out from the run, after its end is counted: a client
