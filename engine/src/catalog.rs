@@ -4,8 +4,8 @@
 //! claim's reach the pods that mount it), so the catalog grows with the cluster. An [`Item`] of
 //! each object was 64 bytes, its key's shared text ~64 and a box of what it keeps ~100–400 more
 //! for pods and claims: ~250 MB at a million objects, the backup's peak. Here an object is a
-//! 24-byte [`Row`] — its type and namespace as numbers into small tables, its body's number, where
-//! its name is — with its name in an arena of 1 MiB chunks and what it keeps, packed by
+//! 16-byte [`Row`] — its type and namespace as numbers into small tables, its body's number (32
+//! bits), where its name is (32 bits) — with its name in an arena of 1 MiB chunks and what it keeps, packed by
 //! [`Item::pack_kept`], in another (dropped whole once planning is done: [`Catalog::drop_kept`]).
 //! Planning reads an object back as an [`Item`] made when asked ([`Catalog::item`]): one key
 //! allocation, and the kept part decoded, for the moment it is looked at.
@@ -20,9 +20,9 @@ use crate::item::{GroupResource, Item, ItemKey, UnpackError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Row {
     /// The body's number in the log ([`NO_BODY`]: none).
-    body: u64,
-    /// Where its name starts in the names' arena: chunk in the high 32 bits, offset in the low.
-    at: u64,
+    body: u32,
+    /// Where its name starts in the names' arena ([`OFFSET_BITS`]).
+    at: u32,
     /// Its namespace's number ([`NO_NAMESPACE`]: cluster-scoped).
     ns: u32,
     /// Its type's number.
@@ -31,7 +31,10 @@ struct Row {
     flags: u8,
 }
 
-const NO_BODY: u64 = u64::MAX;
+const NO_BODY: u32 = u32::MAX;
+/// A row's place in the names' arena: chunk in the high 12 bits, offset in the low 20 (a chunk
+/// is 1 MiB; a longer record is alone in its chunk, at 0).
+const OFFSET_BITS: u32 = 20;
 const NO_NAMESPACE: u32 = u32::MAX;
 const DELETING: u8 = 1;
 const KEPT: u8 = 2;
@@ -74,6 +77,18 @@ impl Arena {
         let chunk = self.chunks.get((at >> 32) as usize).map(Vec::as_slice).unwrap_or_default();
         chunk.get((at & u64::from(u32::MAX)) as usize..).unwrap_or_default()
     }
+}
+
+/// An arena place (chunk in the high 32 bits, offset in the low) in a row's 32 bits, if it fits.
+fn short_at(at: u64) -> Option<u32> {
+    let (chunk, offset) = (at >> 32, at & u64::from(u32::MAX));
+    (chunk < 1 << (32 - OFFSET_BITS) && offset < 1 << OFFSET_BITS)
+        .then_some(((chunk as u32) << OFFSET_BITS) | offset as u32)
+}
+
+/// A row's place in the names' arena as the arena numbers places.
+fn long_at(at: u32) -> u64 {
+    (u64::from(at >> OFFSET_BITS) << 32) | u64::from(at & ((1 << OFFSET_BITS) - 1))
 }
 
 /// Why an object could not join the catalog.
@@ -157,7 +172,12 @@ impl Catalog {
         let (head, n) = len_prefix(name.len());
         let at = self.names.append(&[&head[..n], name, kept_at.as_ref().map_or(&[], |b| &b[..])]).map_err(full)?;
         let flags = if item.deleting { DELETING } else { 0 } | if has_kept { KEPT } else { 0 };
-        self.rows.push(Row { body: item.body.unwrap_or(NO_BODY), at, ns, ty, flags });
+        let at = short_at(at).ok_or_else(|| full("names"))?;
+        let body = match item.body {
+            None => NO_BODY,
+            Some(b) => u32::try_from(b).ok().filter(|&b| b != NO_BODY).ok_or_else(|| full("body numbers"))?,
+        };
+        self.rows.push(Row { body, at, ns, ty, flags });
         Ok(())
     }
 
@@ -190,7 +210,7 @@ impl Catalog {
 
     /// The record of row `r`: its name and what it keeps (empty when nothing).
     fn record(&self, r: &Row) -> (&str, &[u8]) {
-        let rest = self.names.at(r.at);
+        let rest = self.names.at(long_at(r.at));
         let (len, rest) = get_len(rest);
         let (name, rest) = rest.split_at(len.min(rest.len()));
         let kept = match (r.flags & KEPT, rest.first_chunk::<8>()) {
@@ -243,7 +263,7 @@ impl Catalog {
 
     /// The body's number of object `i`.
     pub fn body(&self, i: u32) -> Option<BodyId> {
-        self.row(i).map(|r| r.body).filter(|&b| b != NO_BODY)
+        self.row(i).map(|r| r.body).filter(|&b| b != NO_BODY).map(BodyId::from)
     }
 
     /// The key of object `i`, made.
@@ -480,6 +500,27 @@ mod tests {
         let keep = got[0].key.clone();
         c.retain(|g, r, ns, name| ItemKey::new(g, r, ns, name) == keep);
         assert_eq!(c.items().collect::<Vec<_>>(), vec![got[0].clone()]);
+    }
+
+    /// A row is 16 bytes; an arena place fits its 32 bits while the chunk is below 4,096 and the
+    /// offset inside 1 MiB, and reads back as the arena's own number.
+    #[test]
+    fn a_row_is_16_bytes_and_its_place_round_trips() {
+        assert_eq!(std::mem::size_of::<Row>(), 16);
+        for (chunk, offset) in [(0u64, 0u64), (0, (1 << 20) - 1), (4095, 17), (12, 1 << 19)] {
+            let at = (chunk << 32) | offset;
+            assert_eq!(short_at(at).map(long_at), Some(at), "chunk {chunk} offset {offset}");
+        }
+        assert_eq!(short_at(4096 << 32), None);
+        assert_eq!(short_at(1 << 20), None);
+        // A catalog refuses an object whose body's number does not fit, and keeps the others.
+        let mut c = Catalog::new();
+        let mut it = Item::of_key(ItemKey::namespaced("", "configmaps", "ns", "a"));
+        it.body = Some(u64::from(u32::MAX));
+        assert!(matches!(c.push(&it), Err(CatalogError::Full { what: "body numbers", .. })));
+        it.body = Some(u64::from(u32::MAX) - 1);
+        c.push(&it).unwrap();
+        assert_eq!((c.len(), c.body(0)), (1, Some(u64::from(u32::MAX) - 1)));
     }
 
     #[test]

@@ -1159,19 +1159,10 @@ impl Engine {
             self.objects = Some(std::mem::take(&mut self.resumed).into_objects());
             return catalog;
         }
-        let mut logged: Vec<(u64, u64, BodyId)> = Vec::with_capacity(catalog.len());
-        for i in 0..catalog.len() as u32 {
-            if let Some(id) = catalog.body(i) {
-                let d = catalog.digest(i);
-                logged.push(((d >> 64) as u64, d as u64, id));
-            }
-        }
-        // Of one key listed twice, the first stays, as planning's index keeps it: sorted by
-        // digest and then by place (ids grow in listing order), the first of a digest kept.
-        logged.sort_unstable();
-        logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
-        logged.shrink_to_fit();
-        self.objects = Some(Objects { logged });
+        // Of one key listed twice, the first stays, as planning's index keeps it (ids grow in
+        // listing order).
+        let logged = || (0..catalog.len() as u32).filter_map(|i| Some((catalog.digest(i), catalog.body(i)?)));
+        self.objects = Some(Objects::build(logged));
         let mut catalog = catalog;
         catalog.drop_kept();
         catalog
@@ -2305,20 +2296,73 @@ pub fn canonicalize(rt: &ResourceType, index: usize, raw: &str) -> Result<(Item,
     Ok((it, s))
 }
 
-/// The write path's view of every known object: its key's digest → its body. A logged body is
-/// its number, 24 bytes an object (a `(u128, Body)` was 64: 73 MB at a million objects, and as
-/// much again of sort scratch while it was built).
+/// One object of the write path's view in 16 bytes: its key's digest's high half and the top 32
+/// bits of its low half, and its body's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ShortObject {
+    hi: u64,
+    lo: u32,
+    body: u32,
+}
+
+/// The write path's view of every known object: its key's digest → its body, 16 bytes an object
+/// (a `(u128, Body)` was 64: 73 MB at a million objects; `(u64, u64, BodyId)` 24). An object is
+/// found by 96 bits of its key's 128-bit digest: objects that share those 96 bits (two keys, or
+/// one key logged twice) are kept apart with their whole digest, as are all when a body's number
+/// does not fit 32 bits. A key the view does not hold matches one it holds only if their digests
+/// share 96 bits (~2^-96 a lookup, where the digest itself is trusted to 128).
 #[derive(Debug, Default)]
 struct Objects {
-    /// (digest's high half, low half, body number), sorted.
-    logged: Vec<(u64, u64, BodyId)>,
+    /// Objects whose 96 bits no other shares, sorted.
+    short: Vec<ShortObject>,
+    /// (digest's high half, low half, body number) of the rest, sorted, the first of a digest
+    /// only.
+    long: Vec<(u64, u64, BodyId)>,
 }
 
 impl Objects {
+    /// The view of `objects()`'s (digest, body) pairs: of a digest given twice, the lowest body
+    /// number (the first logged). `objects` is called again only when two objects share 96 bits
+    /// or a body's number does not fit 32 bits.
+    fn build<I: Iterator<Item = (u128, BodyId)>>(objects: impl Fn() -> I) -> Objects {
+        let split = |(d, b): (u128, BodyId)| ((d >> 64) as u64, d as u64, b);
+        let whole = |keep: &dyn Fn(u64, u64) -> bool| {
+            let mut long: Vec<(u64, u64, BodyId)> = objects().map(split).filter(|&(h, l, _)| keep(h, l)).collect();
+            long.sort_unstable();
+            long.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
+            long.shrink_to_fit();
+            long
+        };
+        let mut short = Vec::new();
+        for (hi, lo, body) in objects().map(split) {
+            let Ok(body) = u32::try_from(body) else {
+                // A body numbered past 32 bits: every object kept whole.
+                return Objects { short: Vec::new(), long: whole(&|_, _| true) };
+            };
+            short.push(ShortObject { hi, lo: (lo >> 32) as u32, body });
+        }
+        short.sort_unstable();
+        let prefix = |o: &ShortObject| (o.hi, o.lo);
+        let shared: HashSet<(u64, u32)> =
+            short.windows(2).filter(|w| prefix(&w[0]) == prefix(&w[1])).map(|w| prefix(&w[0])).collect();
+        let long = match shared.is_empty() {
+            true => Vec::new(),
+            false => {
+                short.retain(|o| !shared.contains(&prefix(o)));
+                whole(&|hi, lo| shared.contains(&(hi, (lo >> 32) as u32)))
+            }
+        };
+        short.shrink_to_fit();
+        Objects { short, long }
+    }
+
     fn get(&self, d: u128) -> Option<Body> {
         let (hi, lo) = ((d >> 64) as u64, d as u64);
-        let i = self.logged.binary_search_by_key(&(hi, lo), |&(h, l, _)| (h, l)).ok()?;
-        Some(Body::Logged(self.logged[i].2))
+        if let Ok(i) = self.long.binary_search_by_key(&(hi, lo), |&(h, l, _)| (h, l)) {
+            return Some(Body::Logged(self.long[i].2));
+        }
+        let i = self.short.binary_search_by_key(&(hi, (lo >> 32) as u32), |o| (o.hi, o.lo)).ok()?;
+        Some(Body::Logged(BodyId::from(self.short[i].body)))
     }
 }
 
@@ -2378,12 +2422,8 @@ impl Resumed {
 
     /// The write path's view: of a key logged twice, the first (ids grow in log order).
     fn into_objects(self) -> Objects {
-        let mut logged: Vec<(u64, u64, BodyId)> =
-            self.objects.into_iter().map(|(hi, lo, id, _)| (hi, lo, id)).collect();
-        logged.sort_unstable();
-        logged.dedup_by_key(|(hi, lo, _)| (*hi, *lo));
-        logged.shrink_to_fit();
-        Objects { logged }
+        let logged = || self.objects.iter().map(|&(hi, lo, id, _)| ((u128::from(hi) << 64) | u128::from(lo), id));
+        Objects::build(logged)
     }
 }
 
@@ -2405,6 +2445,43 @@ mod tests {
 
     fn projected(group: &str, resource: &str, object: serde_json::Value) -> serde_json::Value {
         project(&object, projection(&GroupResource::new(group, resource)).unwrap())
+    }
+
+    /// The write path's view finds each object's body by its digest: the first logged of a digest
+    /// given twice, objects sharing 96 bits told apart by the whole digest, and all of them when
+    /// a body's number does not fit 32 bits; a digest not given is not found.
+    #[test]
+    fn the_view_finds_each_body_by_its_whole_digest() {
+        let d = |hi: u64, lo: u64| (u128::from(hi) << 64) | u128::from(lo);
+        let given = [
+            (d(7, 1 << 40), 5),
+            (d(3, 9), 1),
+            (d(7, (1 << 40) | 1), 6), // shares 96 bits with the first
+            (d(3, 9), 0),             // the same digest again, logged first
+            (d(u64::MAX, u64::MAX), 9),
+        ];
+        let check = |given: &[(u128, BodyId)]| {
+            let view = Objects::build(|| given.iter().copied());
+            let body = |d| match view.get(d) {
+                Some(Body::Logged(id)) => Some(id),
+                _ => None,
+            };
+            for &(digest, _) in given {
+                let first = given.iter().filter(|g| g.0 == digest).map(|g| g.1).min();
+                assert_eq!(body(digest), first, "{digest:x}");
+            }
+            // Not given: sharing 96 bits with given ones, or nothing with any.
+            for absent in [d(7, (1 << 40) | 2), d(3, 10), d(4, 9), 0] {
+                assert_eq!(body(absent), None, "{absent:x}");
+            }
+            view
+        };
+        let view = check(&given);
+        assert_eq!((view.short.len(), view.long.len()), (1, 3), "only the shared ones kept whole");
+        let mut big = given.to_vec();
+        big.push((d(1, 1), u64::from(u32::MAX) + 1));
+        let view = check(&big);
+        assert_eq!((view.short.len(), view.long.len()), (0, 5));
     }
 
     #[test]
@@ -2502,7 +2579,7 @@ mod tests {
                     e.catalog_push(&types, &mut n, ev);
                 }
                 e.build_objects();
-                e.objects.map(|o| o.logged).unwrap_or_default()
+                e.objects.map(|o| (o.short, o.long)).unwrap_or_default()
             };
             assert_eq!(view(true), view(false), "case {case}: {events:?}");
         }
