@@ -78,11 +78,11 @@ pub fn record(name: &str, body: &[u8]) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// Where a record's body lies: which pack, at which offset, how long.
+/// Where a record's body lies: which pack, at which offset, how long. 20 bytes: its name's hash
+/// cut to 32 bits (a name that shares it only adds a candidate, whose bytes are checked against
+/// the logged digest like any other) and its offset in two halves (as a `u64` hash and offset it
+/// was 24).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-/// One staged record: 20 bytes (its name's hash cut to 32 bits — a name that shares it only adds
-/// a candidate, whose bytes are checked against the logged digest like any other — and its
-/// offset in two halves: as a `u64` hash and offset it was 24).
 struct Loc {
     hash: u32,
     pack: u32,

@@ -408,13 +408,7 @@ fn members_where(s: &BackupState, pick: impl Fn(&SnapshotState) -> bool) -> usiz
 
 /// Snapshots whose storage the backup holds: cut, in a block that did not fail.
 fn kept_snapshots(s: &BackupState) -> impl Iterator<Item = &SnapshotState> + '_ {
-    s.snapshots.iter().filter(|st| {
-        st.cut.is_some()
-            && !matches!(
-                s.blocks.full(st.plan.block as usize).and_then(|b| b.outcome.as_ref()),
-                Some(BlockOutcome::Failed { .. })
-            )
-    })
+    s.snapshots.iter().filter(|st| st.cut.is_some() && !s.blocks.failed(st.plan.block as usize))
 }
 
 /// Velero's operation id of a VolumeSnapshot: `<namespace>/<name>/<RFC 3339 time>`.
@@ -867,10 +861,7 @@ impl Results {
         let (part, ns, cluster, message) = match e {
             Event::BlockPlanned { blocks } => {
                 for b in blocks {
-                    if matches!(
-                        s.blocks.full(b.id as usize).and_then(|b| b.outcome.as_ref()),
-                        Some(BlockOutcome::Failed { .. })
-                    ) {
+                    if s.blocks.failed(b.id as usize) {
                         self.failed_ns.insert(b.id, b.items.iter().find_map(|k| k.namespace().map(str::to_string)));
                     }
                 }

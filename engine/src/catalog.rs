@@ -5,10 +5,11 @@
 //! each object was 64 bytes, its key's shared text ~64 and a box of what it keeps ~100–400 more
 //! for pods and claims: ~250 MB at a million objects, the backup's peak. Here an object is a
 //! 16-byte [`Row`] — its type and namespace as numbers into small tables, its body's number (32
-//! bits), where its name is (32 bits) — with its name in an arena of 1 MiB chunks and what it keeps, packed by
-//! [`Item::pack_kept`], in another (dropped whole once planning is done: [`Catalog::drop_kept`]).
-//! Planning reads an object back as an [`Item`] made when asked ([`Catalog::item`]): one key
-//! allocation, and the kept part decoded, for the moment it is looked at.
+//! bits), where its name is (32 bits) — with its name in an arena of 1 MiB chunks and what it
+//! keeps, packed by [`Item::pack_kept`], in another (dropped whole once planning is done:
+//! [`Catalog::drop_kept`]). Planning reads an object back as an [`Item`] made when asked
+//! ([`Catalog::item`]): one key allocation, and the kept part decoded, for the moment it is
+//! looked at.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;

@@ -1253,7 +1253,7 @@ impl Engine {
             && self.recovering.is_empty()
             && self.primed.is_empty()
             && self.cursor >= self.state.blocks.len()
-            && self.state.blocks.iter().all(|b| b.outcome.is_some())
+            && self.state.all_blocks_finished()
             && self.release_snapshots()
         {
             self.finish();
@@ -1262,12 +1262,7 @@ impl Engine {
 
     /// Whether a snapshot's storage belongs to the backup: cut, and its block did not fail.
     fn snapshot_kept(&self, s: &SnapshotState) -> bool {
-        let failed = self
-            .state
-            .blocks
-            .full(s.plan.block as usize)
-            .is_some_and(|b| matches!(b.outcome, Some(BlockOutcome::Failed { .. })));
-        s.cut.is_some() && !failed
+        s.cut.is_some() && !self.state.blocks.failed(s.plan.block as usize)
     }
 
     /// Issues one `AwaitSnapshots` for the cut snapshots of finished blocks that are not ready yet.
@@ -1280,9 +1275,7 @@ impl Engine {
             .state
             .snapshots
             .iter()
-            .filter(|s| {
-                s.ready.is_none() && self.state.blocks.get(s.plan.block as usize).is_some_and(|b| b.outcome.is_some())
-            })
+            .filter(|s| s.ready.is_none() && self.state.blocks.finished(s.plan.block as usize))
             .filter(|s| self.snapshot_kept(s))
             .filter_map(|s| {
                 let cut = s.cut.as_ref()?;
@@ -1327,7 +1320,7 @@ impl Engine {
             return;
         }
         self.release_where(|e, s| {
-            let finished = e.state.blocks.get(s.plan.block as usize).is_some_and(|b| b.outcome.is_some());
+            let finished = e.state.blocks.finished(s.plan.block as usize);
             finished && (s.ready.is_some() || !e.snapshot_kept(s))
         });
     }

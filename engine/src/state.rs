@@ -306,6 +306,20 @@ impl Blocks {
         }
     }
 
+    /// Whether block `id` has finished (read without making its state).
+    pub fn finished(&self, id: usize) -> bool {
+        match self.slim.get(id).map(|s| s.outcome) {
+            Some(FULL) => self.full(id).is_some_and(|b| b.outcome.is_some()),
+            Some(outcome) => outcome != SLIM_NONE,
+            None => false,
+        }
+    }
+
+    /// Whether block `id` finished `Failed` (only a block held in full can have).
+    pub fn failed(&self, id: usize) -> bool {
+        self.full(id).is_some_and(|b| matches!(b.outcome, Some(BlockOutcome::Failed { .. })))
+    }
+
     /// Block `id`'s state if it is held in full (only such a block keeps a plan or an attempt).
     pub fn full(&self, id: usize) -> Option<&BlockState> {
         self.full.get(&u32::try_from(id).ok()?)
@@ -629,7 +643,7 @@ impl BackupState {
         self.finished.is_none()
             && self.stopped.is_none()
             && self.plan_finished
-            && self.blocks.iter().all(|b| b.outcome.is_some())
+            && self.all_blocks_finished()
             && self.snapshots.iter().any(|s| s.requested.is_some() && s.released.is_none())
     }
 
@@ -649,6 +663,11 @@ impl BackupState {
     /// it doubled past it — ~50 MB of spare places at a million blocks). Changes nothing else.
     pub fn reserve_blocks(&mut self, blocks: usize) {
         self.blocks.reserve_exact(blocks.saturating_sub(self.blocks.len()));
+    }
+
+    /// Every planned block has finished (the fold's counter against the plan: no block is read).
+    pub fn all_blocks_finished(&self) -> bool {
+        self.finished_blocks == self.blocks.len()
     }
 
     /// Blocks finished (a counter kept by the fold: progress reporting calls this per event).
@@ -1030,7 +1049,10 @@ mod tests {
         assert_eq!(blocks.len(), states.len());
         for (i, b) in states.iter().enumerate() {
             assert_eq!(blocks.get(i).as_deref(), Some(b), "block {i}");
+            assert_eq!(blocks.finished(i), b.outcome.is_some(), "block {i}");
+            assert_eq!(blocks.failed(i), matches!(b.outcome, Some(BlockOutcome::Failed { .. })), "block {i}");
         }
+        assert!(!blocks.finished(states.len()) && !blocks.failed(states.len()));
         assert_eq!(blocks.iter().map(|b| b.into_owned()).collect::<Vec<_>>(), states);
         assert_eq!(blocks.held().map(|(id, _)| id).collect::<Vec<_>>(), [3, 4, 5, 6]);
         assert!(blocks.get(states.len()).is_none());
@@ -1066,10 +1088,12 @@ mod tests {
             s.apply(&e).unwrap();
         }
         assert_eq!(s.blocks.held().count(), 1, "an open attempt is held in full");
+        assert!(!s.all_blocks_finished());
         let written = Event::ItemWritten { block: 0, attempt: 1, key, digest: [1; 32], bytes: 9 };
         s.apply(&written).unwrap();
         s.apply(&Event::BlockFinished { block: 0, attempt: 1, outcome: BlockOutcome::Completed, at_ms: 2 }).unwrap();
         assert_eq!(s.blocks.held().count(), 0);
+        assert!(s.all_blocks_finished());
         let b = s.blocks.get(0).unwrap();
         assert_eq!(
             (b.outcome.clone(), b.attempts, s.written_count(&b), b.items),

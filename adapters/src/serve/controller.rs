@@ -955,7 +955,7 @@ async fn delete_off_worker(ctx: &Ctx, data: &DataDir, name: &str) -> Result<crat
 
 /// The status of a run, from its folded state.
 fn status_of(state: &BackupState, base: &BackupStatus, ttl_ms: Option<u64>) -> BackupStatus {
-    let all_done = state.plan_finished && state.blocks.iter().all(|b| b.outcome.is_some());
+    let all_done = state.plan_finished && state.all_blocks_finished();
     let phase = match state.finished {
         Some((p, _)) => p.to_string(),
         // Stopped by an outage: resumed with backoff, never Failed for it (issue 21).
