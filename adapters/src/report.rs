@@ -21,9 +21,9 @@ use blockwise_engine::event::{BlockOutcome, Event, HookOutcome, Phase, Severity}
 use blockwise_engine::hooks::{ExecHookSpec, HookPhase};
 use blockwise_engine::item::{GroupResource, ItemKey, ResourceType};
 use blockwise_engine::ports::PlanSource;
-use blockwise_engine::snapshot::{PvVolume, SNAPSHOT_GROUP};
+use blockwise_engine::snapshot::{PvVolume, SnapshotPlan, SNAPSHOT_GROUP};
 use blockwise_engine::spec::LabelSelector;
-use blockwise_engine::state::{BackupState, CutMember, SnapshotState};
+use blockwise_engine::state::{BackupState, Cut, CutMember, SnapshotState};
 use blockwise_engine::summary::BackupSummary;
 use serde_json::{json, Value};
 
@@ -51,16 +51,33 @@ fn hook_results(s: &BackupSummary) -> Vec<(u32, String, HookPhase, u32, HookOutc
     out
 }
 
-/// One row per claim with a planned snapshot: (claim, snapshot state, member when cut).
-fn claim_snapshots(s: &BackupState) -> Vec<(ItemKey, &SnapshotState, Option<&CutMember>)> {
-    let mut out = Vec::new();
-    for st in &s.snapshots {
-        for key in st.plan.claim_keys() {
-            let m = st.cut.as_ref().and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
-            out.push((key, st, m));
-        }
+/// A planned snapshot read back whole from the state: its state, plan and cut.
+struct Snapshot<'a> {
+    st: &'a SnapshotState,
+    plan: SnapshotPlan,
+    cut: Option<Cut>,
+}
+
+impl<'a> Snapshot<'a> {
+    /// Snapshot `st` of `s`, its plan and cut read back (a plan that cannot be is none).
+    fn of(s: &BackupState, st: &'a SnapshotState) -> Option<Snapshot<'a>> {
+        Some(Snapshot { st, plan: s.snapshot_plan(st.plan.id)?, cut: s.snapshot_cut(st.plan.id) })
     }
-    out
+
+    /// The member that captured claim `claim`, once cut.
+    fn member(&self, claim: &str) -> Option<&CutMember> {
+        self.cut.as_ref()?.members.iter().find(|m| m.claim == claim)
+    }
+
+    /// Every cut member.
+    fn members(&self) -> impl Iterator<Item = &CutMember> + '_ {
+        self.cut.iter().flat_map(|c| &c.members)
+    }
+}
+
+/// Each planned snapshot of `s`, read back whole one at a time.
+fn snapshots(s: &BackupState) -> impl Iterator<Item = Snapshot<'_>> + '_ {
+    s.snapshots.iter().filter_map(|st| Snapshot::of(s, st))
 }
 
 /// What `describe` says about one claim's snapshot.
@@ -95,24 +112,25 @@ pub fn describe_json(s: &BackupState) -> Value {
 /// [`describe_json`] of `s`, whose summary is `summary`.
 fn details_json(s: &BackupState, summary: &BackupSummary) -> Value {
     let mut j = summary_json(summary);
-    let snapshots: Vec<Value> = claim_snapshots(s)
-        .into_iter()
-        .map(|(key, st, m)| {
-            json!({
+    let mut rows = Vec::new();
+    for snap in snapshots(s) {
+        for key in snap.plan.claim_keys() {
+            let (st, m) = (snap.st, snap.member(key.name()));
+            rows.push(json!({
                 "claim": format!("{}/{}", key.namespace().map(str::to_string).unwrap_or_default(), key.name()),
                 "block": st.plan.block,
-                "snapshot": m.map_or(st.plan.name.clone(), |m| m.snapshot.clone()),
-                "group": st.plan.group,
+                "snapshot": m.map_or(snap.plan.name.clone(), |m| m.snapshot.clone()),
+                "group": snap.plan.group,
                 "content": m.map(|m| m.content.clone()),
                 "handle": m.map(|m| m.handle.clone()),
                 "ready": st.ready.as_ref().map(|r| r.is_ok()),
                 "retained": st.released.as_ref().map(|r| r.kept && r.error.is_none()),
                 "error": st.failure().map(str::to_string).or_else(|| st.ready.as_ref().and_then(|r| r.clone().err())),
                 "status": snapshot_status(st, m),
-            })
-        })
-        .collect();
-    j["snapshots"] = Value::Array(snapshots);
+            }));
+        }
+    }
+    j["snapshots"] = Value::Array(rows);
     j
 }
 
@@ -403,7 +421,7 @@ pub fn go_duration(ms: u64) -> String {
 
 /// Cut members of kept snapshots whose state satisfies `pick`.
 fn members_where(s: &BackupState, pick: impl Fn(&SnapshotState) -> bool) -> usize {
-    kept_snapshots(s).filter(|st| pick(st)).map(|st| st.cut.as_ref().map_or(0, |c| c.members.len())).sum()
+    kept_snapshots(s).filter(|st| pick(st)).map(|st| st.cut.as_ref().map_or(0, |c| c.members as usize)).sum()
 }
 
 /// Snapshots whose storage the backup holds: cut, in a block that did not fail.
@@ -530,17 +548,20 @@ impl VolumeObjects {
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
 pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) -> std::io::Result<W> {
     let (claim_objs, pvs) = objects.finish();
-    let snap_of: BTreeMap<ItemKey, (&SnapshotState, Option<&CutMember>)> =
-        claim_snapshots(s).into_iter().map(|(k, st, m)| (k, (st, m))).collect();
+    // Each claim's snapshot by id: read back whole for that claim only.
+    let snap_of: BTreeMap<ItemKey, u32> = snapshots(s)
+        .flat_map(|snap| snap.plan.claim_keys().map(|k| (k, snap.st.plan.id)).collect::<Vec<_>>())
+        .collect();
     let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace().map(str::to_string).unwrap_or_default();
         let pv_info = pvs.get(pv_name).map(VolumeFacts::json);
         let mut v = json!({"pvcName": key.name(), "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
-        match snap_of.get(key) {
-            Some((st, Some(m))) => {
-                let cut_ms = st.cut.as_ref().map_or(0, |c| c.at_ms);
+        let snap = snap_of.get(key).and_then(|&id| Snapshot::of(s, s.snapshots.get(id as usize)?));
+        match snap.as_ref().map(|snap| (snap.st, snap.member(key.name()), snap.cut.as_ref())) {
+            Some((st, Some(m), cut)) => {
+                let cut_ms = cut.map_or(0, |c| c.at_ms);
                 v["backupMethod"] = json!("CSISnapshot");
                 v["preserveLocalSnapshot"] = json!(true);
                 v["skipped"] = json!(false);
@@ -561,14 +582,14 @@ pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) 
                     "operationID": operation_id(&ns, &m.snapshot, cut_ms),
                     "ReadyToUse": st.ready.as_ref().map(|r| r.is_ok()),
                 });
-                if let Some(h) = st.cut.as_ref().and_then(|c| c.group_handle.clone()) {
+                if let Some(h) = cut.and_then(|c| c.group_handle.clone()) {
                     info["volumeGroupSnapshotHandle"] = json!(h);
                 }
                 v["csiSnapshotInfo"] = info;
             }
             other => {
                 let reason = match other {
-                    Some((st, _)) => {
+                    Some((st, _, _)) => {
                         st.failure().map_or_else(|| "the snapshot was not taken".to_string(), str::to_string)
                     }
                     None if !s.options.snapshots_on() => {
@@ -598,9 +619,9 @@ pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) 
 pub fn item_operations<W: Write>(s: &BackupState, sink: W) -> std::io::Result<W> {
     let name = s.spec.as_ref().map(|x| x.name.clone()).unwrap_or_default();
     let mut out = JsonArray::new(sink);
-    for st in kept_snapshots(s) {
-        let Some(cut) = &st.cut else { continue };
-        let ns = &st.plan.namespace;
+    for snap in kept_snapshots(s).filter_map(|st| Snapshot::of(s, st)) {
+        let (st, ns) = (snap.st, &snap.plan.namespace);
+        let Some(cut) = &snap.cut else { continue };
         for m in &cut.members {
             let vs =
                 json!({"Group": SNAPSHOT_GROUP, "Resource": "volumesnapshots", "Namespace": ns, "Name": m.snapshot});
@@ -645,11 +666,11 @@ pub fn csi_objects<W: Write>(
 ) -> std::io::Result<(W, W, Value)> {
     let (mut snapshots, mut contents) = (JsonArray::new(snapshots), JsonArray::new(contents));
     let mut used: BTreeSet<String> = BTreeSet::new();
-    for st in kept_snapshots(s) {
-        if st.plan.group.is_none() {
-            used.insert(st.plan.class.clone());
+    for snap in kept_snapshots(s).filter_map(|st| Snapshot::of(s, st)) {
+        if snap.plan.group.is_none() {
+            used.insert(snap.plan.class.clone());
         }
-        for m in st.cut.iter().flat_map(|c| &c.members) {
+        for m in snap.members() {
             // The archived objects, read back from the log's bodies (not held by the state).
             let parse = |id: BodyId| -> std::io::Result<Value> {
                 let json = body(id).map_err(std::io::Error::other)?;
@@ -886,24 +907,19 @@ impl Results {
                 (&mut self.errors, key.namespace().map(str::to_string), true, format!("block {block}: {key}: {error}"))
             }
             Event::SnapshotFailed { id, error, .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { return };
-                let msg =
-                    format!("snapshot {} of {}/{}: {error}", st.plan.name, st.plan.namespace, st.plan.claims.join(","));
-                (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
+                let Some(p) = s.snapshot_plan(*id) else { return };
+                let msg = format!("snapshot {} of {}/{}: {error}", p.name, p.namespace, p.claims.join(","));
+                (&mut self.errors, Some(p.namespace), false, msg)
             }
             Event::SnapshotReady { id, error: Some(e), .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { return };
-                (
-                    &mut self.errors,
-                    Some(st.plan.namespace.clone()),
-                    false,
-                    format!("snapshot {} in {}: {e}", st.plan.name, st.plan.namespace),
-                )
+                let Some(p) = s.snapshot_plan(*id) else { return };
+                let msg = format!("snapshot {} in {}: {e}", p.name, p.namespace);
+                (&mut self.errors, Some(p.namespace), false, msg)
             }
             Event::SnapshotReleased { id, error: Some(e), .. } => {
-                let Some(st) = s.snapshots.get(*id as usize) else { return };
-                let msg = format!("releasing snapshot {} in {}: {e}", st.plan.name, st.plan.namespace);
-                (&mut self.errors, Some(st.plan.namespace.clone()), false, msg)
+                let Some(p) = s.snapshot_plan(*id) else { return };
+                let msg = format!("releasing snapshot {} in {}: {e}", p.name, p.namespace);
+                (&mut self.errors, Some(p.namespace), false, msg)
             }
             Event::BlockFinished { block, outcome: BlockOutcome::Failed { reason }, .. } => {
                 let ns = self.failed_ns.get(block).cloned().flatten();

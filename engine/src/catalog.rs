@@ -44,15 +44,15 @@ const CHUNK_BYTES: usize = 1 << 20;
 
 /// Byte records in chunks of [`CHUNK_BYTES`] (a record longer gets a chunk of its own): no
 /// vector of every byte is reallocated, and copied, as it grows.
-#[derive(Debug, Default)]
-struct Arena {
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Arena {
     chunks: Vec<Vec<u8>>,
 }
 
 impl Arena {
     /// Appends one record, the concatenation of `parts`: where it starts (chunk in the high 32
     /// bits, offset in the low).
-    fn append(&mut self, parts: &[&[u8]]) -> Result<u64, &'static str> {
+    pub(crate) fn append(&mut self, parts: &[&[u8]]) -> Result<u64, &'static str> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= len);
         if !fits {
@@ -74,7 +74,7 @@ impl Arena {
     }
 
     /// The bytes from `at` to its chunk's end (empty when there is no such place).
-    fn at(&self, at: u64) -> &[u8] {
+    pub(crate) fn at(&self, at: u64) -> &[u8] {
         let chunk = self.chunks.get((at >> 32) as usize).map(Vec::as_slice).unwrap_or_default();
         chunk.get((at & u64::from(u32::MAX)) as usize..).unwrap_or_default()
     }

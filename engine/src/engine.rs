@@ -41,7 +41,7 @@ use crate::snapshot::{
     SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
-use crate::state::{ArchiveInfo, BackupState, FoldError, SnapshotState};
+use crate::state::{ArchiveInfo, BackupState, Cut, FoldError, SnapshotState};
 
 /// Identifies a command until its completion is reported.
 pub type CmdId = u64;
@@ -217,7 +217,9 @@ const PLAN_BLOCKS_PER_POLL: usize = 8192;
 /// A finished plan being recorded a poll at a time.
 struct Recording {
     blocks: PlanBlocks,
-    snapshots: Vec<SnapshotPlan>,
+    /// The snapshots' plans, packed until they are recorded (a plan in memory is ~700 bytes, and
+    /// they are made while the plan's keys are still held).
+    snapshots: Vec<Box<[u8]>>,
     /// Items of the plan's blocks.
     items: u64,
 }
@@ -1109,19 +1111,21 @@ impl Engine {
         // snapshots' records are made (~45 MB at a million objects).
         drop(r);
         let done = self.state.snapshots.len();
-        let rest: Vec<Arc<SnapshotPlan>> = snapshots.into_iter().skip(done).map(Arc::new).collect();
-        for c in rest.chunks(chunk) {
-            self.emit(Event::SnapshotsPlanned { snapshots: c.to_vec() });
+        let mut rest = snapshots.into_iter().skip(done).map(|b| unpack_plan(&b)).peekable();
+        while rest.peek().is_some() {
+            let c: Vec<Arc<SnapshotPlan>> = rest.by_ref().take(chunk).map(Arc::new).collect();
+            self.emit(Event::SnapshotsPlanned { snapshots: c });
         }
         // Each claim a snapshot can capture adds its VolumeSnapshot and VolumeSnapshotContent.
         let snapshot_items: u64 = (self.state.snapshots.iter())
             .filter(|s| s.plan.blocked.is_none())
-            .map(|s| 2 * s.plan.claims.len() as u64)
+            .map(|s| 2 * u64::from(s.plan.claims))
             .sum();
         self.emit(Event::PlanFinished { blocks, items: items + snapshot_items });
     }
 
-    fn plan_snapshots(&mut self, p: &PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) -> Vec<SnapshotPlan> {
+    /// The snapshots' plans, each packed as it is made ([`unpack_plan`] reads one back).
+    fn plan_snapshots(&mut self, p: &PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) -> Vec<Box<[u8]>> {
         let (Some(_), why) = self.snapshot_api() else { return Vec::new() };
         let parse = |v: &[String]| -> Vec<serde_json::Value> {
             v.iter().filter_map(|j| serde_json::from_str(j).ok()).collect()
@@ -1141,7 +1145,8 @@ impl Engine {
             group_classes: &group_classes,
             groups: why.map_or(Ok(()), Err),
         };
-        let (plans, warnings) = snapshot::plan_snapshots(&input);
+        let mut plans = Vec::new();
+        let warnings = snapshot::plan_snapshots_into(&input, &mut |p| plans.push(pack_plan(&p)));
         if self.state.snapshots.is_empty() {
             for w in warnings {
                 self.warn(w);
@@ -1271,25 +1276,26 @@ impl Engine {
             return;
         }
         let timeout = self.state.options.item_operation_timeout_ms;
-        let mut waits: Vec<ReadyWait> = self
-            .state
-            .snapshots
-            .iter()
+        let mut due: Vec<(u64, u32)> = (self.state.snapshots.iter())
             .filter(|s| s.ready.is_none() && self.state.blocks.finished(s.plan.block as usize))
             .filter(|s| self.snapshot_kept(s))
-            .filter_map(|s| {
-                let cut = s.cut.as_ref()?;
+            .filter_map(|s| Some((s.cut.as_ref()?.at_ms.saturating_add(timeout), s.plan.id)))
+            .collect();
+        // The earliest cuts (earliest deadlines) first: the ones likely to settle next. Only those
+        // awaited now have their names read back.
+        due.sort_unstable();
+        due.truncate(self.cfg.await_snapshots_max.max(1));
+        let waits: Vec<ReadyWait> = (due.into_iter())
+            .filter_map(|(deadline_ms, id)| {
+                let (plan, cut) = (self.state.snapshot_plan(id)?, self.state.snapshot_cut(id)?);
                 Some(ReadyWait {
-                    id: s.plan.id,
-                    namespace: s.plan.namespace.clone(),
-                    snapshots: cut.members.iter().map(|m| m.snapshot.clone()).collect(),
-                    deadline_ms: cut.at_ms.saturating_add(timeout),
+                    id,
+                    namespace: plan.namespace,
+                    snapshots: cut.members.into_iter().map(|m| m.snapshot).collect(),
+                    deadline_ms,
                 })
             })
             .collect();
-        // The earliest cuts (earliest deadlines) first: the ones likely to settle next.
-        waits.sort_by_key(|w| (w.deadline_ms, w.id));
-        waits.truncate(self.cfg.await_snapshots_max.max(1));
         if waits.is_empty() {
             return;
         }
@@ -1335,15 +1341,15 @@ impl Engine {
             .iter()
             .filter(|s| s.requested.is_some() && s.released.is_none() && pick(self, s))
             .take(self.cfg.release_orders_max.max(1))
-            .map(|s| ReleaseOrder {
-                plan: (*s.plan).clone(),
-                members: s
-                    .cut
-                    .iter()
-                    .flat_map(|c| &c.members)
-                    .map(|m| (m.snapshot.clone(), m.content.clone()))
-                    .collect(),
-                keep: self.snapshot_kept(s),
+            .filter_map(|s| {
+                Some(ReleaseOrder {
+                    plan: self.state.snapshot_plan(s.plan.id)?,
+                    members: (self.state.snapshot_cut(s.plan.id).into_iter())
+                        .flat_map(|c| c.members)
+                        .map(|m| (m.snapshot, m.content))
+                        .collect(),
+                    keep: self.snapshot_kept(s),
+                })
             })
             .collect();
         if orders.is_empty() || mutation::active(Mutation::SkipSnapshotRelease) {
@@ -1429,8 +1435,12 @@ impl Engine {
                 BlockRun::FinishingCut { attempt, owed } => {
                     // Every snapshot of the block not settled yet is cut now, inside the window
                     // the interrupted attempt opened; those it never requested are requested now.
-                    let todo: Vec<SnapshotPlan> =
-                        self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| (*s.plan).clone()).collect();
+                    let todo: Vec<SnapshotPlan> = self
+                        .state
+                        .snapshots_of(id)
+                        .filter(|s| !s.settled())
+                        .filter_map(|s| self.state.snapshot_plan(s.plan.id))
+                        .collect();
                     if todo.is_empty() {
                         self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: 0 });
                         continue;
@@ -1583,8 +1593,12 @@ impl Engine {
     /// Requests and issues the cut of every snapshot of block `id` that is not settled; returns
     /// whether a command was issued (the block is then busy in `Cutting`).
     fn start_cut(&mut self, id: u32, attempt: u32) -> bool {
-        let todo: Vec<SnapshotPlan> =
-            self.state.snapshots_of(id).filter(|s| !s.settled()).map(|s| (*s.plan).clone()).collect();
+        let todo: Vec<SnapshotPlan> = self
+            .state
+            .snapshots_of(id)
+            .filter(|s| !s.settled())
+            .filter_map(|s| self.state.snapshot_plan(s.plan.id))
+            .collect();
         if todo.is_empty() {
             return false;
         }
@@ -1641,15 +1655,15 @@ impl Engine {
                 continue;
             }
             let at_ms = self.now_ms;
-            let plan = s.plan.clone();
+            let claims = self.state.snapshot_plan(sid).map(|p| p.claims).unwrap_or_default();
             let cut = r.and_then(|raw| {
                 let mut got: Vec<&str> = raw.members.iter().map(|m| m.claim.as_str()).collect();
                 got.sort();
-                if got != plan.claims.iter().map(String::as_str).collect::<Vec<_>>() {
+                if got != claims.iter().map(String::as_str).collect::<Vec<_>>() {
                     return Err(format!(
                         "the snapshot captured claims [{}], not [{}]",
                         got.join(", "),
-                        plan.claims.join(", ")
+                        claims.join(", ")
                     ));
                 }
                 let members = raw
@@ -1684,10 +1698,14 @@ impl Engine {
     fn block_writes(&self, id: u32) -> Result<Vec<PlannedWrite>, String> {
         let plan = self.plan_of(id)?;
         let backup = self.backup_name();
-        let mut of_claim: BTreeMap<ItemKey, &SnapshotState> = BTreeMap::new();
-        for s in self.state.snapshots_of(id) {
-            for k in s.plan.claim_keys() {
-                of_claim.insert(k, s);
+        // The block's snapshots, read back whole (a few).
+        let snapshots: Vec<(&SnapshotState, SnapshotPlan, Option<Cut>)> = (self.state.snapshots_of(id))
+            .filter_map(|s| Some((s, self.state.snapshot_plan(s.plan.id)?, self.state.snapshot_cut(s.plan.id))))
+            .collect();
+        let mut of_claim: BTreeMap<ItemKey, (&SnapshotState, Option<&Cut>)> = BTreeMap::new();
+        for (s, plan, cut) in &snapshots {
+            for k in plan.claim_keys() {
+                of_claim.insert(k, (*s, cut.as_ref()));
             }
         }
         let mut out = Vec::new();
@@ -1697,9 +1715,9 @@ impl Engine {
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
                 continue;
             };
-            let snap = of_claim.get(key);
+            let snap = of_claim.get(key).map(|(s, _)| *s);
             let member =
-                snap.and_then(|s| s.cut.as_ref()).and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
+                of_claim.get(key).and_then(|(_, c)| *c).and_then(|c| c.members.iter().find(|m| m.claim == key.name()));
             match (snap, member) {
                 (_, Some(m)) => match claim_body(&body, &backup, &m.snapshot) {
                     Some(body) => out.push(PlannedWrite::Write { key: key.clone(), body }),
@@ -1716,9 +1734,9 @@ impl Engine {
             }
         }
         let mut extra: Vec<(ItemKey, BodyId)> = Vec::new();
-        for s in self.state.snapshots_of(id) {
-            for m in s.cut.iter().flat_map(|c| &c.members) {
-                let (vs, vsc) = m.keys(&s.plan.namespace);
+        for (_, plan, cut) in &snapshots {
+            for m in cut.iter().flat_map(|c| &c.members) {
+                let (vs, vsc) = m.keys(&plan.namespace);
                 extra.push((vs, m.snapshot_body));
                 extra.push((vsc, m.content_body));
             }
@@ -1730,23 +1748,31 @@ impl Engine {
 
     /// The bytes an item was staged with, for re-staging: what [`Engine::block_writes`] wrote.
     fn staged_json(&self, key: &ItemKey) -> Option<Body> {
-        for s in &self.state.snapshots {
-            let Some(cut) = &s.cut else { continue };
-            for m in &cut.members {
-                let (vs, vsc) = m.keys(&s.plan.namespace);
-                if &vs == key {
-                    return Some(Body::Logged(m.snapshot_body));
-                }
-                if &vsc == key {
-                    return Some(Body::Logged(m.content_body));
+        // Only a snapshot's objects and a claim can have been staged from a cut: the cuts are
+        // read back (every one) for those keys only.
+        let snapshot_kinds = ["volumesnapshots", "volumesnapshotcontents"];
+        let claim = key.is("", "persistentvolumeclaims");
+        let cuts = || {
+            (self.state.snapshots.iter().filter(|s| s.cut.is_some()))
+                .filter_map(|s| Some((self.state.snapshot_plan(s.plan.id)?, self.state.snapshot_cut(s.plan.id)?)))
+        };
+        if key.group() == snapshot::SNAPSHOT_GROUP && snapshot_kinds.contains(&key.resource()) {
+            for (plan, cut) in cuts() {
+                for m in &cut.members {
+                    let (vs, vsc) = m.keys(&plan.namespace);
+                    if &vs == key {
+                        return Some(Body::Logged(m.snapshot_body));
+                    }
+                    if &vsc == key {
+                        return Some(Body::Logged(m.content_body));
+                    }
                 }
             }
         }
         let body = self.object_body(key)?;
-        let member = self.state.snapshots.iter().find_map(|s| {
-            let ns_ok = key.namespace() == Some(s.plan.namespace.as_str());
-            let c = s.cut.as_ref().filter(|_| ns_ok && key.is("", "persistentvolumeclaims"))?;
-            c.members.iter().find(|m| m.claim == key.name())
+        let member = cuts().filter(|_| claim).find_map(|(plan, cut)| {
+            let ns_ok = key.namespace() == Some(plan.namespace.as_str());
+            cut.members.into_iter().find(|m| ns_ok && m.claim == key.name())
         });
         match member {
             Some(m) => claim_body(&body, &self.backup_name(), &m.snapshot),
@@ -2172,6 +2198,21 @@ impl Engine {
 
 /// Splits `items` into runs whose summed `size` stays within `bytes_max` (an item larger than the
 /// bound gets a run of its own); always at least one run, possibly empty.
+fn plan_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// A snapshot plan packed (bincode) while the plan is recorded.
+fn pack_plan(p: &SnapshotPlan) -> Box<[u8]> {
+    // A plan is strings, numbers and options: bincode encodes every such value.
+    bincode::serde::encode_to_vec(p, plan_config()).unwrap_or_default().into_boxed_slice()
+}
+
+/// A plan [`pack_plan`] packed.
+fn unpack_plan(bytes: &[u8]) -> SnapshotPlan {
+    bincode::serde::decode_from_slice(bytes, plan_config()).map(|(p, _)| p).unwrap_or_default()
+}
+
 fn split_by_bytes<T>(items: Vec<T>, bytes_max: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut out: Vec<Vec<T>> = vec![Vec::new()];
     let mut used = 0usize;

@@ -238,7 +238,7 @@ pub struct Claim {
 
 /// One snapshot of a block: a VolumeSnapshot of one claim, or a VolumeGroupSnapshot of a volume
 /// group's claims.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotPlan {
     /// Position in the backup's snapshot plan.
     pub id: u32,
@@ -448,6 +448,15 @@ pub fn group_snapshot_name(backup: &str, uid: &str, namespace: &str, group: &str
 /// and warnings (volume groups snapshotted claim by claim, and why).
 pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<String>) {
     let mut plans = Vec::new();
+    let warnings = plan_snapshots_into(input, &mut |p| plans.push(p));
+    (plans, warnings)
+}
+
+/// [`plan_snapshots`], each plan given to `out` as it is made (in id order, from 0) instead of
+/// gathered: the engine packs them as they come (a plan in memory is ~700 bytes). Returns the
+/// warnings.
+pub fn plan_snapshots_into(input: &SnapshotPlanInput<'_>, out: &mut dyn FnMut(SnapshotPlan)) -> Vec<String> {
+    let mut next: u32 = 0;
     let mut warnings = Vec::new();
     let o = input.options;
     let base_labels = |extra: &StrMap| {
@@ -502,8 +511,9 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                             done.insert(&m.key);
                         }
                         let labels = group_labels(g);
-                        plans.push(SnapshotPlan {
-                            id: plans.len() as u32,
+                        next += 1;
+                        out(SnapshotPlan {
+                            id: next - 1,
                             block: b.id,
                             namespace: ns.clone(),
                             name: group_snapshot_name(input.backup, &o.uid, &ns, g),
@@ -552,8 +562,9 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
                     )
                 }
             };
-            plans.push(SnapshotPlan {
-                id: plans.len() as u32,
+            next += 1;
+            out(SnapshotPlan {
+                id: next - 1,
                 block: b.id,
                 namespace: ns.clone(),
                 name: snapshot_name(input.backup, &o.uid, &ns, c.key.name()),
@@ -566,7 +577,7 @@ pub fn plan_snapshots(input: &SnapshotPlanInput<'_>) -> (Vec<SnapshotPlan>, Vec<
             });
         }
     }
-    (plans, warnings)
+    warnings
 }
 
 /// Whether a volume group can be captured by one VolumeGroupSnapshot: its driver and class.

@@ -14,7 +14,7 @@ use crate::event::{BlockOutcome, Event, HookOutcome, HookRef, ListUnit, Phase, S
 use crate::grouping::BlockPlan;
 use crate::hooks::HookPhase;
 use crate::item::{ItemKey, ResourceType};
-use crate::snapshot::{BackupOptions, MemberCut, PvVolume, SnapshotPlan};
+use crate::snapshot::{BackupOptions, PvVolume, SnapshotPlan};
 use crate::spec::BackupSpec;
 use crate::summary::{event_message, phase_name, phase_of, record_once, SnapshotNames};
 
@@ -373,7 +373,8 @@ impl Blocks {
     }
 }
 
-/// A captured snapshot: every member's handle is set.
+/// A captured snapshot: every member's handle is set ([`BackupState::snapshot_cut`], read back
+/// from the state's packed details).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
     /// One per claim.
@@ -382,6 +383,81 @@ pub struct Cut {
     pub group_handle: Option<String>,
     /// When the cut was observed.
     pub at_ms: u64,
+}
+
+/// What the fold keeps in the open of a cut: its members' names, handles and times are packed in
+/// the state's details ([`BackupState::snapshot_cut`] reads them back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutHead {
+    /// How many members (claims) it captured.
+    pub members: u32,
+    /// When the cut was observed.
+    pub at_ms: u64,
+    /// The first member's VolumeSnapshot among the objects the log carries (each member's two
+    /// objects follow on).
+    first: BodyId,
+    /// Where its packed members are in the details.
+    at: u64,
+}
+
+/// What the fold keeps in the open of a planned snapshot: its names, claims, class and labels
+/// are packed in the state's details ([`BackupState::snapshot_plan`] reads the whole plan back).
+/// A plan was ~700 bytes in memory (its labels half of it), ~40 MB at a million objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanHead {
+    /// Position in the backup's snapshot plan.
+    pub id: u32,
+    /// The block whose hook window brackets it.
+    pub block: u32,
+    /// How many claims it captures.
+    pub claims: u32,
+    /// One VolumeGroupSnapshot captures its claims.
+    pub group: bool,
+    /// Why the snapshot cannot be taken (its claims then fail), if it cannot.
+    pub blocked: Option<String>,
+    /// Where the packed plan is in the details.
+    at: u64,
+}
+
+/// What a cut keeps, packed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PackedCut {
+    members: Vec<PackedMember>,
+    group_handle: Option<String>,
+}
+
+/// What a cut member keeps, packed: a [`CutMember`] without its objects' numbers.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PackedMember {
+    claim: String,
+    snapshot: String,
+    content: String,
+    handle: String,
+    driver: String,
+    restore_size: Option<u64>,
+    creation_time: Option<String>,
+}
+
+fn pack_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// The planned snapshots' plans and cuts, packed (bincode) in an arena of chunks: read back whole
+/// when a snapshot is cut, waited for, released, written or reported — a few at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotDetails {
+    arena: crate::catalog::Arena,
+}
+
+impl SnapshotDetails {
+    fn pack<T: serde::Serialize>(&mut self, what: &str, value: &T) -> Result<u64, String> {
+        let bytes = bincode::serde::encode_to_vec(value, pack_config()).map_err(|e| format!("packing {what}: {e}"))?;
+        self.arena.append(&[&bytes]).map_err(|e| format!("packing {what}: {e}"))
+    }
+
+    fn unpack<T: serde::de::DeserializeOwned>(&self, at: u64) -> Option<T> {
+        bincode::serde::decode_from_slice(self.arena.at(at), pack_config()).ok().map(|(v, _)| v)
+    }
 }
 
 /// A cut member as the state holds it: what its `SnapshotCut` record says of it, with its archived
@@ -410,16 +486,16 @@ pub struct CutMember {
 }
 
 impl CutMember {
-    /// Member `m` of a `SnapshotCut` record, its two objects numbered from `first`.
-    fn of(m: &MemberCut, first: BodyId) -> CutMember {
+    /// A packed member, its two objects numbered from `first`.
+    fn of(m: PackedMember, first: BodyId) -> CutMember {
         CutMember {
-            claim: m.claim.clone(),
-            snapshot: m.snapshot.clone(),
-            content: m.content.clone(),
-            handle: m.handle.clone(),
-            driver: m.driver.clone(),
+            claim: m.claim,
+            snapshot: m.snapshot,
+            content: m.content,
+            handle: m.handle,
+            driver: m.driver,
             restore_size: m.restore_size,
-            creation_time: m.creation_time.clone(),
+            creation_time: m.creation_time,
             snapshot_body: first,
             content_body: first + 1,
         }
@@ -455,17 +531,18 @@ pub struct RetainedSnapshot {
     pub handle: String,
 }
 
-/// A planned snapshot and its history.
+/// A planned snapshot and its history: what is read of every snapshot as the backup goes, the
+/// rest packed ([`BackupState::snapshot_plan`], [`BackupState::snapshot_cut`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotState {
-    /// The plan (shared with the `SnapshotsPlanned` event that carried it).
-    pub plan: Arc<SnapshotPlan>,
+    /// The plan's head.
+    pub plan: PlanHead,
     /// The attempt of its block that requested it (the latest request).
     pub requested: Option<u32>,
     /// When it was requested.
     pub requested_ms: u64,
-    /// The cut, once observed.
-    pub cut: Option<Cut>,
+    /// The cut's head, once observed.
+    pub cut: Option<CutHead>,
     /// Why it could not be cut.
     pub failed: Option<String>,
     /// Ready to use (`Ok(at_ms)`), or why not within the item-operation timeout.
@@ -515,6 +592,8 @@ pub struct BackupState {
     pub volumes_inspected: bool,
     /// Planned snapshots, by id.
     pub snapshots: Vec<SnapshotState>,
+    /// Their plans and cuts, packed.
+    details: SnapshotDetails,
     /// Snapshot ids of each block.
     pub block_snapshots: BTreeMap<u32, Vec<u32>>,
     /// Workers asked for at creation.
@@ -566,17 +645,33 @@ impl BackupState {
     pub fn retained_snapshots(&self) -> Vec<RetainedSnapshot> {
         let held = |s: &&SnapshotState| s.released.as_ref().is_none_or(|r| r.kept || r.error.is_some());
         (self.snapshots.iter().filter(held))
-            .filter_map(|s| Some((s, s.cut.as_ref()?)))
-            .flat_map(|(s, cut)| {
-                cut.members.iter().map(|m| RetainedSnapshot {
-                    namespace: s.plan.namespace.clone(),
-                    snapshot: m.snapshot.clone(),
-                    content: m.content.clone(),
-                    driver: m.driver.clone(),
-                    handle: m.handle.clone(),
+            .filter(|s| s.cut.is_some())
+            .filter_map(|s| Some((self.snapshot_plan(s.plan.id)?, self.snapshot_cut(s.plan.id)?)))
+            .flat_map(|(plan, cut)| {
+                cut.members.into_iter().map(move |m| RetainedSnapshot {
+                    namespace: plan.namespace.clone(),
+                    snapshot: m.snapshot,
+                    content: m.content,
+                    driver: m.driver,
+                    handle: m.handle,
                 })
             })
             .collect()
+    }
+
+    /// The whole plan of snapshot `id`, read back from the state's packed details.
+    pub fn snapshot_plan(&self, id: u32) -> Option<SnapshotPlan> {
+        let head = &self.snapshots.get(id as usize)?.plan;
+        self.details.unpack(head.at)
+    }
+
+    /// The cut of snapshot `id`, once observed, read back from the state's packed details.
+    pub fn snapshot_cut(&self, id: u32) -> Option<Cut> {
+        let head = self.snapshots.get(id as usize)?.cut.as_ref()?;
+        let packed: PackedCut = self.details.unpack(head.at)?;
+        let members =
+            (packed.members.into_iter().zip(0u64..)).map(|(m, i)| CutMember::of(m, head.first + 2 * i)).collect();
+        Some(Cut { members, group_handle: packed.group_handle, at_ms: head.at_ms })
     }
 
     /// The items the open attempt of `b` (one of this state's blocks, not finished) has written, by
@@ -794,8 +889,18 @@ impl BackupState {
                         });
                     }
                     self.block_snapshots.entry(p.block).or_default().push(p.id);
+                    let at =
+                        self.details.pack("a snapshot plan", &**p).map_err(|reason| FoldError { seq, kind, reason })?;
+                    let plan = PlanHead {
+                        id: p.id,
+                        block: p.block,
+                        claims: u32::try_from(p.claims.len()).unwrap_or(u32::MAX),
+                        group: p.group.is_some(),
+                        blocked: p.blocked.clone(),
+                        at,
+                    };
                     self.snapshots.push(SnapshotState {
-                        plan: Arc::clone(p),
+                        plan,
                         requested: None,
                         requested_ms: 0,
                         cut: None,
@@ -824,12 +929,26 @@ impl BackupState {
                 }
                 // The members' two objects each are numbered as `Event::bodies` gives them.
                 let first = self.bodies;
-                let members = (members.iter().enumerate())
-                    .map(|(i, m)| CutMember::of(m, first + 2 * i as u64))
-                    .collect::<Vec<_>>();
+                let packed = PackedCut {
+                    members: (members.iter())
+                        .map(|m| PackedMember {
+                            claim: m.claim.clone(),
+                            snapshot: m.snapshot.clone(),
+                            content: m.content.clone(),
+                            handle: m.handle.clone(),
+                            driver: m.driver.clone(),
+                            restore_size: m.restore_size,
+                            creation_time: m.creation_time.clone(),
+                        })
+                        .collect(),
+                    group_handle: group_handle.clone(),
+                };
+                let at =
+                    self.details.pack("a snapshot's cut", &packed).map_err(|reason| FoldError { seq, kind, reason })?;
                 self.bodies += 2 * members.len() as u64;
+                let members = u32::try_from(members.len()).unwrap_or(u32::MAX);
                 let s = self.snapshot_mut(seq, kind, *id)?;
-                s.cut = Some(Cut { members, group_handle: group_handle.clone(), at_ms: *at_ms });
+                s.cut = Some(CutHead { members, at_ms: *at_ms, first, at });
             }
             Event::SnapshotFailed { id, error, at_ms } => {
                 self.last_ms = *at_ms;
@@ -991,7 +1110,14 @@ impl BackupState {
         }
         // What the event records for people, once its facts are folded (the summary's fold
         // records the same: `summary::event_message`).
-        let names = |id: u32| self.snapshots.get(id as usize).map(|s| SnapshotNames::of(&s.plan));
+        // A message names a snapshot only when it records a failure: its plan is read back then.
+        let failed = match e {
+            Event::SnapshotFailed { id, .. }
+            | Event::SnapshotReady { id, error: Some(_), .. }
+            | Event::SnapshotReleased { id, error: Some(_), .. } => self.snapshot_plan(*id),
+            _ => None,
+        };
+        let names = |id: u32| failed.as_ref().filter(|p| p.id == id).map(SnapshotNames::of);
         if let Some((severity, message)) = event_message(e, names) {
             record_once(&mut self.seen, (&mut self.warnings, &mut self.errors), severity, message);
         }
@@ -1072,6 +1198,105 @@ mod tests {
         let mut promoted = blocks.clone();
         let _ = promoted.get_mut(1);
         assert_eq!(promoted, blocks);
+    }
+
+    /// A snapshot's plan and cut are held packed and read back as the events gave them: the
+    /// plan whole (labels and all), the cut's members with their objects numbered as the log
+    /// carries them (after the objects listed before the cut); the heads keep the counts.
+    #[test]
+    fn snapshot_plans_and_cuts_read_back_as_recorded() {
+        use crate::snapshot::MemberCut;
+        let key = ItemKey::namespaced("", "persistentvolumeclaims", "ns", "data");
+        let plan = |id: u32, claims: &[&str], group: Option<&str>, blocked: Option<&str>| SnapshotPlan {
+            id,
+            block: 0,
+            namespace: "ns".into(),
+            name: format!("bk-{id}"),
+            claims: claims.iter().map(|c| c.to_string()).collect(),
+            group: group.map(str::to_string),
+            driver: "csi.example.com".into(),
+            class: "fast".into(),
+            labels: crate::item::StrMap::from(BTreeMap::from([
+                ("velero.io/backup-name".to_string(), "bk".to_string()),
+                ("app".to_string(), format!("a{id}")),
+            ])),
+            blocked: blocked.map(str::to_string),
+        };
+        let plans = [
+            plan(0, &["data"], None, None),
+            plan(1, &["a", "b"], Some("g"), None),
+            plan(2, &["c"], None, Some("no class")),
+        ];
+        let member = |claim: &str, n: u32| MemberCut {
+            claim: claim.into(),
+            snapshot: format!("vs-{claim}"),
+            content: format!("vsc-{claim}"),
+            handle: format!("h-{n}"),
+            driver: "csi.example.com".into(),
+            restore_size: Some(u64::from(n) << 30),
+            creation_time: n.is_multiple_of(2).then(|| "2026-12-07T00:00:00Z".to_string()),
+            snapshot_json: "{}".into(),
+            content_json: "{}".into(),
+        };
+        let mut s = BackupState::default();
+        let unit =
+            ListUnit { resource: crate::item::GroupResource::new("", "persistentvolumeclaims"), namespace: None };
+        let events = [
+            Event::BackupRequested { spec: crate::spec::BackupSpec::new("bk"), workers: 1, at_ms: 1 },
+            Event::ResourceListed {
+                unit,
+                chunk: 0,
+                objects: vec!["{}".into(), "{}".into(), "{}".into()],
+                complete: true,
+            },
+            Event::BlockPlanned {
+                blocks: vec![Arc::new(BlockPlan { id: 0, items: vec![key].into(), hooks: Box::new([]) })],
+            },
+            Event::SnapshotsPlanned { snapshots: plans.iter().cloned().map(Arc::new).collect() },
+            Event::BlockStarted { block: 0, attempt: 1, at_ms: 2 },
+            Event::SnapshotRequested { id: 1, attempt: 1, at_ms: 2 },
+            Event::SnapshotCut {
+                id: 1,
+                members: vec![member("a", 1), member("b", 2)],
+                group_handle: Some("gh".into()),
+                at_ms: 3,
+            },
+        ];
+        for e in &events {
+            s.apply(e).unwrap();
+        }
+        for p in &plans {
+            assert_eq!(s.snapshot_plan(p.id).as_ref(), Some(p), "plan {}", p.id);
+            let head = &s.snapshots[p.id as usize].plan;
+            assert_eq!((head.id, head.block, head.claims as usize), (p.id, p.block, p.claims.len()));
+            assert_eq!((head.group, head.blocked.as_deref()), (p.group.is_some(), p.blocked.as_deref()));
+        }
+        assert_eq!(s.snapshot_plan(3), None);
+        assert_eq!(s.snapshot_cut(0), None, "not cut");
+        let cut = s.snapshot_cut(1).unwrap();
+        assert_eq!(
+            (cut.group_handle.as_deref(), cut.at_ms, s.snapshots[1].cut.as_ref().map(|c| c.members)),
+            (Some("gh"), 3, Some(2))
+        );
+        let want = [
+            "a vs-a vsc-a h-1 Some(1073741824) None 3 4",
+            "b vs-b vsc-b h-2 Some(2147483648) Some(\"2026-12-07T00:00:00Z\") 5 6",
+        ];
+        let got: Vec<String> = (cut.members.iter())
+            .map(|m| {
+                let (names, size, time) =
+                    ([&m.claim, &m.snapshot, &m.content, &m.handle], m.restore_size, &m.creation_time);
+                format!(
+                    "{} {size:?} {time:?} {} {}",
+                    names.map(|n| n.as_str()).join(" "),
+                    m.snapshot_body,
+                    m.content_body
+                )
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(s.bodies, 7);
+        assert!(std::mem::size_of::<SnapshotState>() <= 192, "{}", std::mem::size_of::<SnapshotState>());
     }
 
     /// A block without hooks that finishes plainly is held slim again (the fold settles it).

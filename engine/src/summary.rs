@@ -354,12 +354,16 @@ impl BackupSummary {
             open,
             hooks,
             snapshots: (s.snapshots.iter())
-                .map(|st| SnapshotSummary {
-                    name: st.plan.name.clone(),
-                    namespace: st.plan.namespace.clone(),
-                    claims: st.plan.claims.clone(),
+                .map(|st| {
+                    let plan = s.snapshot_plan(st.plan.id).unwrap_or_default();
+                    (st, plan)
+                })
+                .map(|(st, plan)| SnapshotSummary {
+                    name: plan.name,
+                    namespace: plan.namespace,
+                    claims: plan.claims,
                     requested: st.requested.is_some(),
-                    members: st.cut.as_ref().map(|c| c.members.len() as u32),
+                    members: st.cut.as_ref().map(|c| c.members),
                     failed: st.failed.is_some(),
                     ready: st.ready.as_ref().map(Result::is_ok),
                     released: st.released.is_some(),
