@@ -216,10 +216,13 @@ const PLAN_BLOCKS_PER_POLL: usize = 8192;
 
 /// A finished plan being recorded a poll at a time.
 struct Recording {
-    blocks: PlanBlocks,
-    /// The snapshots' plans, packed until they are recorded (a plan in memory is ~700 bytes, and
-    /// they are made while the plan's keys are still held).
-    snapshots: Vec<Box<[u8]>>,
+    /// The blocks' plans being made; gone once every block is recorded, the plan's keys with them.
+    blocks: Option<PlanBlocks>,
+    /// How many blocks the plan has.
+    block_count: u32,
+    /// The snapshots' plans not recorded yet, packed (a plan in memory is ~700 bytes, and they are
+    /// made while the plan's keys are still held).
+    snapshots: std::iter::Peekable<std::vec::IntoIter<Box<[u8]>>>,
     /// Items of the plan's blocks.
     items: u64,
 }
@@ -1079,7 +1082,10 @@ impl Engine {
         drop(claims);
         p.skip(already);
         self.state.reserve_blocks(p.len() as usize);
-        self.recording = Some(Recording { blocks: p, snapshots, items });
+        let mut snapshots = snapshots;
+        snapshots.drain(..self.state.snapshots.len().min(snapshots.len()));
+        let snapshots = snapshots.into_iter().peekable();
+        self.recording = Some(Recording { block_count: p.len(), blocks: Some(p), snapshots, items });
         self.record_plan();
     }
 
@@ -1091,31 +1097,39 @@ impl Engine {
         let Some(mut r) = self.recording.take() else { return };
         let chunk = self.cfg.plan_chunk_blocks_max.max(1);
         let mut left = PLAN_BLOCKS_PER_POLL.max(chunk);
-        while left > 0 {
-            let blocks: Vec<Arc<BlockPlan>> =
-                std::iter::from_fn(|| r.blocks.next_block()).take(chunk.min(left)).collect();
-            if blocks.is_empty() {
-                break;
+        if let Some(plan) = &mut r.blocks {
+            while left > 0 {
+                let blocks: Vec<Arc<BlockPlan>> =
+                    std::iter::from_fn(|| plan.next_block()).take(chunk.min(left)).collect();
+                if blocks.is_empty() {
+                    break;
+                }
+                left -= blocks.len();
+                self.emit(Event::BlockPlanned { blocks });
             }
-            left -= blocks.len();
-            self.emit(Event::BlockPlanned { blocks });
+            if plan.next_id() < plan.len() {
+                self.recording = Some(r);
+                self.out.more = true;
+                return;
+            }
+            // The plan's keys (the catalog) are read by no one past the last block: gone before
+            // the snapshots' records are made (~45 MB at a million objects).
+            r.blocks = None;
         }
-        if r.blocks.next_id() < r.blocks.len() {
+        // The snapshots' records, as many plans a poll as blocks: a poll's events are appended and
+        // dropped before the next (all ~60k plans of a million objects at once were ~43 MB).
+        while left > 0 && r.snapshots.peek().is_some() {
+            let c: Vec<Arc<SnapshotPlan>> =
+                r.snapshots.by_ref().take(chunk.min(left)).map(|b| Arc::new(unpack_plan(&b))).collect();
+            left -= c.len();
+            self.emit(Event::SnapshotsPlanned { snapshots: c });
+        }
+        if r.snapshots.peek().is_some() {
             self.recording = Some(r);
             self.out.more = true;
             return;
         }
-        let (blocks, items) = (r.blocks.len(), r.items);
-        let snapshots = std::mem::take(&mut r.snapshots);
-        // The plan's keys (the catalog) are read by no one past the last block: gone before the
-        // snapshots' records are made (~45 MB at a million objects).
-        drop(r);
-        let done = self.state.snapshots.len();
-        let mut rest = snapshots.into_iter().skip(done).map(|b| unpack_plan(&b)).peekable();
-        while rest.peek().is_some() {
-            let c: Vec<Arc<SnapshotPlan>> = rest.by_ref().take(chunk).map(Arc::new).collect();
-            self.emit(Event::SnapshotsPlanned { snapshots: c });
-        }
+        let (blocks, items) = (r.block_count, r.items);
         // Each claim a snapshot can capture adds its VolumeSnapshot and VolumeSnapshotContent.
         let snapshot_items: u64 = (self.state.snapshots.iter())
             .filter(|s| s.plan.blocked.is_none())

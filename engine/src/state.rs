@@ -594,8 +594,6 @@ pub struct BackupState {
     pub snapshots: Vec<SnapshotState>,
     /// Their plans and cuts, packed.
     details: SnapshotDetails,
-    /// Snapshot ids of each block.
-    pub block_snapshots: BTreeMap<u32, Vec<u32>>,
     /// Workers asked for at creation.
     pub workers: u32,
     /// Request time.
@@ -787,7 +785,9 @@ impl BackupState {
 
     /// The snapshots of block `id`.
     pub fn snapshots_of(&self, id: u32) -> impl Iterator<Item = &SnapshotState> + '_ {
-        self.block_snapshots.get(&id).into_iter().flatten().filter_map(|&s| self.snapshots.get(s as usize))
+        // Snapshots are planned block after block (the fold refuses others): a block's are a run.
+        let from = self.snapshots.partition_point(|s| s.plan.block < id);
+        self.snapshots[from..].iter().take_while(move |s| s.plan.block == id)
     }
 
     fn snapshot_mut(&mut self, seq: Seq, kind: &'static str, id: u32) -> Result<&mut SnapshotState, FoldError> {
@@ -881,14 +881,14 @@ impl BackupState {
                     return Err(FoldError { seq, kind, reason: "snapshots planned after the plan finished".into() });
                 }
                 for p in snapshots {
-                    if p.id as usize != self.snapshots.len() || p.block as usize >= self.blocks.len() {
+                    let behind = self.snapshots.last().is_some_and(|l| p.block < l.plan.block);
+                    if p.id as usize != self.snapshots.len() || p.block as usize >= self.blocks.len() || behind {
                         return Err(FoldError {
                             seq,
                             kind,
                             reason: format!("snapshot {} of block {} planned out of order", p.id, p.block),
                         });
                     }
-                    self.block_snapshots.entry(p.block).or_default().push(p.id);
                     let at =
                         self.details.pack("a snapshot plan", &**p).map_err(|reason| FoldError { seq, kind, reason })?;
                     let plan = PlanHead {
@@ -1297,6 +1297,30 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(s.bodies, 7);
         assert!(std::mem::size_of::<SnapshotState>() <= 192, "{}", std::mem::size_of::<SnapshotState>());
+    }
+
+    /// A block's snapshots are the run of snapshots planned for it (plans come block after block;
+    /// one planned for an earlier block than the last is refused).
+    #[test]
+    fn each_block_finds_its_own_snapshots_and_plans_come_in_block_order() {
+        let block = |id: u32| {
+            let key = ItemKey::namespaced("", "persistentvolumeclaims", "ns", &format!("c{id}"));
+            Arc::new(BlockPlan { id, items: vec![key].into(), hooks: Box::new([]) })
+        };
+        let plan = |id: u32, block: u32| {
+            Arc::new(SnapshotPlan { id, block, claims: vec![format!("c{block}")], ..SnapshotPlan::default() })
+        };
+        let mut s = BackupState::default();
+        s.apply(&Event::BackupRequested { spec: crate::spec::BackupSpec::new("bk"), workers: 1, at_ms: 1 }).unwrap();
+        s.apply(&Event::BlockPlanned { blocks: (0..4).map(block).collect() }).unwrap();
+        s.apply(&Event::SnapshotsPlanned { snapshots: vec![plan(0, 0), plan(1, 0), plan(2, 2)] }).unwrap();
+        let of = |s: &BackupState, b: u32| s.snapshots_of(b).map(|x| x.plan.id).collect::<Vec<_>>();
+        assert_eq!((of(&s, 0), of(&s, 1), of(&s, 2), of(&s, 3)), (vec![0, 1], vec![], vec![2], vec![]));
+        let mut later = s.clone();
+        later.apply(&Event::SnapshotsPlanned { snapshots: vec![plan(3, 3)] }).unwrap();
+        assert_eq!((of(&later, 2), of(&later, 3)), (vec![2], vec![3]));
+        let err = s.apply(&Event::SnapshotsPlanned { snapshots: vec![plan(3, 1)] }).unwrap_err();
+        assert!(err.reason.contains("snapshot 3 of block 1 planned out of order"), "{err}");
     }
 
     /// A block without hooks that finishes plainly is held slim again (the fold settles it).
