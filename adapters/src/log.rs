@@ -572,8 +572,10 @@ fn plans_config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
+/// A plan as the spill file keeps it: the plan as recorded, then its items' bodies when it carries
+/// them (made by this process: [`BlockPlan::bodies`]).
 fn encode_plan(plan: &BlockPlan) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(plan, plans_config())
+    bincode::serde::encode_to_vec((plan, &plan.bodies), plans_config())
         .map_err(|e| format!("encoding the plan of block {}: {e}", plan.id))
 }
 
@@ -586,8 +588,10 @@ impl PlanSource for Plans {
             }
             Numbered::File(s) => {
                 let buf = s.read(u64::from(id)).ok_or_else(missing)??;
-                let (plan, _): (BlockPlan, usize) = bincode::serde::decode_from_slice(&buf, plans_config())
-                    .map_err(|e| format!("{}: the plan of block {id}: {e}", s.path.display()))?;
+                let ((mut plan, bodies), _): ((BlockPlan, Box<[u64]>), usize) =
+                    bincode::serde::decode_from_slice(&buf, plans_config())
+                        .map_err(|e| format!("{}: the plan of block {id}: {e}", s.path.display()))?;
+                plan.bodies = bodies;
                 Ok(Arc::new(plan))
             }
         }
@@ -1967,6 +1971,7 @@ mod tests {
                     id: 7,
                     items: vec![pod("ns1", "db-0"), pod("ns1", "db-1")].into(),
                     hooks: vec![hook].into(),
+                    bodies: Box::default(),
                 })],
             },
             Event::PlanFinished { blocks: 8, items: 1234 },
@@ -2102,14 +2107,17 @@ mod tests {
     }
 
     /// The log keeps every block plan it appends or reads back, by id, on disk as in memory: the
-    /// plans the engine reads when their blocks start are the plans recorded; one that does not
-    /// follow on is not kept, and asking for a plan the log does not have is an error naming it.
+    /// plans the engine reads when their blocks start are the plans recorded, with the bodies a
+    /// plan made by this process carries (a plan read back from the log has none); one that does
+    /// not follow on is not kept, and asking for a plan the log does not have is an error naming
+    /// it.
     #[test]
     fn the_log_gives_back_every_plan_it_carries() {
         let key = |n: u32| ItemKey::namespaced("", "configmaps", "ns", &format!("cm-{n}"));
         let plan = |id: u32| {
             let items: Vec<ItemKey> = (0..id % 3).map(|i| key(id * 10 + i)).collect();
-            Arc::new(BlockPlan { id, items: items.into(), hooks: Box::default() })
+            let bodies = (0..id % 3).map(|i| u64::from(id * 10 + i)).collect();
+            Arc::new(BlockPlan { id, items: items.into(), hooks: Box::default(), bodies })
         };
         let events = [
             Event::BlockPlanned { blocks: (0..4).map(plan).collect() },
@@ -2122,8 +2130,12 @@ mod tests {
         let dir = tmp.path().join("log");
         let check = |plans: &Plans, how: &str| {
             assert_eq!(plans.len(), 9, "{how}");
+            let bodies_kept = how != "read back";
             for id in 0..9 {
-                assert_eq!(plans.plan(id).unwrap(), plan(id), "{how}: block {id}");
+                let got = plans.plan(id).unwrap();
+                assert_eq!(got, plan(id), "{how}: block {id}");
+                let want = if bodies_kept { plan(id).bodies.clone() } else { Box::default() };
+                assert_eq!(got.bodies, want, "{how}: block {id}'s bodies");
             }
             let err = plans.plan(9).unwrap_err();
             assert!(err.contains("block 9"), "{how}: {err}");

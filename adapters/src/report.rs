@@ -1390,7 +1390,9 @@ mod tests {
             ResourceType::new("apps", "v1", "deployments", "Deployment", true),
             ResourceType::new("apps", "v1", "olddeployments", "Deployment", true),
         ];
-        let plan = |id: u32, keys: &[ItemKey]| Arc::new(BlockPlan { id, items: keys.into(), hooks: Box::default() });
+        let plan = |id: u32, keys: &[ItemKey]| {
+            Arc::new(BlockPlan { id, items: keys.into(), hooks: Box::default(), bodies: Box::default() })
+        };
         let mut events = vec![
             Event::BackupRequested { spec: blockwise_engine::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
             Event::ResourcesDiscovered { resources },

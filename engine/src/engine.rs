@@ -327,6 +327,8 @@ pub struct Engine {
     /// key digest, [`ItemKey::digest`] — the keys themselves were ~200 bytes an item more; a hash
     /// map's buckets, up to twice the objects, ~40 MB more at a million).
     objects: Option<Objects>,
+    /// Every block plan is made by this process and carries its items' bodies: no view is made.
+    plan_bodies: bool,
     /// Every listed and fetched object as planning sees it (bodies nobody reads dropped, pods
     /// projected), each with where its JSON is, packed ([`Catalog`]); handed to the plan being
     /// recorded (its keys) once `objects` is built, and dropped with it.
@@ -480,6 +482,7 @@ impl Engine {
             listing: BTreeSet::new(),
             fetching: false,
             objects: None,
+            plan_bodies: false,
             catalog: Catalog::new(),
             resumed: Resumed::default(),
             runs: BTreeMap::new(),
@@ -889,7 +892,7 @@ impl Engine {
         }
         if let Some((p, claims)) = self.pending_plan.take() {
             if self.state.volumes_inspected {
-                let catalog = self.build_objects();
+                let catalog = self.build_objects(self.state.blocks.is_empty());
                 self.emit_plan(p.into_blocks(catalog), claims);
             } else {
                 self.pending_plan = Some((p, claims));
@@ -942,7 +945,7 @@ impl Engine {
                 // are made and recorded: the parsed items are not held beside the plans, the
                 // fold's blocks and the events carrying them.
                 self.catalog = index.into_catalog();
-                let catalog = self.build_objects();
+                let catalog = self.build_objects(self.state.blocks.is_empty());
                 self.emit_plan(p.into_blocks(catalog), claims);
                 return;
             }
@@ -1172,10 +1175,20 @@ impl Engine {
     /// The write path's view of every known object: key → its body's number in the log, from
     /// the catalog (sorted and deduplicated by planning's index), which is returned for the
     /// plan's keys.
-    fn build_objects(&mut self) -> Catalog {
+    ///
+    /// With `bodies` — every block of the plan is recorded by this process, none by a crashed
+    /// one — the plans carry their items' bodies ([`BlockPlan::bodies`]) and no view is made: a
+    /// plan read back from the log has none, and only then is the view needed.
+    fn build_objects(&mut self, bodies: bool) -> Catalog {
         let catalog = std::mem::take(&mut self.catalog);
         if catalog.is_empty() && !self.resumed.objects.is_empty() {
             self.objects = Some(std::mem::take(&mut self.resumed).into_objects());
+            return catalog;
+        }
+        if bodies && !catalog.is_empty() {
+            self.plan_bodies = true;
+            let mut catalog = catalog;
+            catalog.drop_kept();
             return catalog;
         }
         // Of one key listed twice, the first stays, as planning's index keeps it (ids grow in
@@ -1195,7 +1208,16 @@ impl Engine {
 
     /// The body of `key` in the write path's view ([`Engine::build_objects`]).
     fn object_body(&self, key: &ItemKey) -> Option<Body> {
-        self.objects.as_ref()?.get(key.digest())
+        match &self.objects {
+            Some(view) => view.get(key.digest()),
+            // Without a view every plan carries its bodies: the key's block is looked for (only a
+            // re-staged item is looked up by key).
+            None => (0..self.state.blocks.len() as u32).find_map(|id| {
+                let plan = self.plan_of(id).ok()?;
+                let i = plan.items.iter().position(|k| k == key)?;
+                plan.body(i).map(Body::Logged)
+            }),
+        }
     }
 
     /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
@@ -1233,8 +1255,8 @@ impl Engine {
     }
 
     fn pump_blocks(&mut self) {
-        if self.objects.is_none() {
-            self.build_objects();
+        if self.objects.is_none() && !self.plan_bodies {
+            self.build_objects(false);
         }
         let workers = self.cfg.workers.max(1);
         loop {
@@ -1723,8 +1745,12 @@ impl Engine {
             }
         }
         let mut out = Vec::new();
-        for key in plan.items.iter() {
-            let Some(body) = self.object_body(key) else {
+        for (i, key) in plan.items.iter().enumerate() {
+            let body = match plan.has_bodies() {
+                true => plan.body(i).map(Body::Logged),
+                false => self.object_body(key),
+            };
+            let Some(body) = body else {
                 let error = "object is no longer known (listing changed after planning)".to_string();
                 out.push(PlannedWrite::Fail { key: key.clone(), error });
                 continue;
@@ -2626,7 +2652,7 @@ mod tests {
                 for ev in &events {
                     e.catalog_push(&types, &mut n, ev);
                 }
-                e.build_objects();
+                e.build_objects(false);
                 e.objects.map(|o| (o.short, o.long)).unwrap_or_default()
             };
             assert_eq!(view(true), view(false), "case {case}: {events:?}");

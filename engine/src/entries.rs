@@ -76,7 +76,12 @@ mod tests {
     #[test]
     fn the_entries_are_the_last_attempts_latest_writes() {
         let plan = |id: u32, names: &[&str]| {
-            Arc::new(BlockPlan { id, items: names.iter().map(|n| key(n)).collect(), hooks: Box::default() })
+            Arc::new(BlockPlan {
+                id,
+                items: names.iter().map(|n| key(n)).collect(),
+                hooks: Box::default(),
+                bodies: Box::default(),
+            })
         };
         let start = |block: u32, attempt: u32| Event::BlockStarted { block, attempt, at_ms: 2 };
         let finish = |block: u32, attempt: u32| Event::BlockFinished {

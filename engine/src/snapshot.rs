@@ -1051,6 +1051,7 @@ mod tests {
             id: 0,
             items: items.iter().map(|(ns, n)| ItemKey::namespaced("", "persistentvolumeclaims", ns, n)).collect(),
             hooks: Box::default(),
+            bodies: Box::default(),
         })]
     }
 

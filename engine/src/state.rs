@@ -1157,6 +1157,7 @@ mod tests {
             id: 4,
             items: vec![ItemKey::cluster("", "namespaces", "a")].into(),
             hooks: Box::new([]),
+            bodies: Box::default(),
         });
         let states = vec![
             plain(1, 0, None),
@@ -1250,7 +1251,12 @@ mod tests {
                 complete: true,
             },
             Event::BlockPlanned {
-                blocks: vec![Arc::new(BlockPlan { id: 0, items: vec![key].into(), hooks: Box::new([]) })],
+                blocks: vec![Arc::new(BlockPlan {
+                    id: 0,
+                    items: vec![key].into(),
+                    hooks: Box::new([]),
+                    bodies: Box::default(),
+                })],
             },
             Event::SnapshotsPlanned { snapshots: plans.iter().cloned().map(Arc::new).collect() },
             Event::BlockStarted { block: 0, attempt: 1, at_ms: 2 },
@@ -1305,7 +1311,7 @@ mod tests {
     fn each_block_finds_its_own_snapshots_and_plans_come_in_block_order() {
         let block = |id: u32| {
             let key = ItemKey::namespaced("", "persistentvolumeclaims", "ns", &format!("c{id}"));
-            Arc::new(BlockPlan { id, items: vec![key].into(), hooks: Box::new([]) })
+            Arc::new(BlockPlan { id, items: vec![key].into(), hooks: Box::new([]), bodies: Box::default() })
         };
         let plan = |id: u32, block: u32| {
             Arc::new(SnapshotPlan { id, block, claims: vec![format!("c{block}")], ..SnapshotPlan::default() })
@@ -1328,7 +1334,7 @@ mod tests {
     fn a_plain_block_is_slim_after_it_finishes() {
         let key = ItemKey::namespaced("", "configmaps", "ns", "a");
         let mut s = BackupState::default();
-        let plan = BlockPlan { id: 0, items: vec![key.clone()].into(), hooks: Box::new([]) };
+        let plan = BlockPlan { id: 0, items: vec![key.clone()].into(), hooks: Box::new([]), bodies: Box::default() };
         for e in [
             Event::BackupRequested { spec: crate::spec::BackupSpec::new("b"), workers: 1, at_ms: 1 },
             Event::BlockPlanned { blocks: vec![Arc::new(plan)] },
@@ -1366,7 +1372,12 @@ mod tests {
             timeout_ms: 1,
             invalid: None,
         };
-        let plan = BlockPlan { id: 0, items: vec![key("a"), key("b"), key("c")].into(), hooks: Box::new([hook]) };
+        let plan = BlockPlan {
+            id: 0,
+            items: vec![key("a"), key("b"), key("c")].into(),
+            hooks: Box::new([hook]),
+            bodies: Box::default(),
+        };
         let snap = ItemKey::namespaced("snapshot.storage.k8s.io", "volumesnapshots", "ns", "s1");
         let mut s = BackupState::default();
         let events = [
@@ -1420,7 +1431,8 @@ mod tests {
     #[test]
     fn a_block_without_hooks_keeps_no_plan_and_its_writes_by_key() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
-        let plan = BlockPlan { id: 0, items: vec![key("a"), key("b")].into(), hooks: Box::default() };
+        let plan =
+            BlockPlan { id: 0, items: vec![key("a"), key("b")].into(), hooks: Box::default(), bodies: Box::default() };
         let write =
             |k: &str, d: u8| Event::ItemWritten { block: 0, attempt: 1, key: key(k), digest: [d; 32], bytes: 1 };
         let s = BackupState::fold(&[
@@ -1445,7 +1457,12 @@ mod tests {
     fn a_finished_attempt_keeps_its_hooks_and_each_block_its_own_items() {
         let key = |n: &str| ItemKey::namespaced("", "configmaps", "ns", n);
         let plan = |id: u32, names: &[&str]| {
-            Arc::new(BlockPlan { id, items: names.iter().map(|n| key(n)).collect(), hooks: Box::default() })
+            Arc::new(BlockPlan {
+                id,
+                items: names.iter().map(|n| key(n)).collect(),
+                hooks: Box::default(),
+                bodies: Box::default(),
+            })
         };
         let hook = HookRef { pod: key("p"), phase: HookPhase::Pre, index: 0 };
         let write = |block: u32, n: &str, d: u8| Event::ItemWritten {
