@@ -936,7 +936,10 @@ impl Engine {
                         (Some(api), _) => {
                             self.inspect_volumes(&api, &claims, &index);
                             self.pending_plan = Some((p, claims));
+                            // The plan is made and the claims and volumes are read: what objects
+                            // keep is read by no one past here (not held through the inspection).
                             self.catalog = index.into_catalog();
+                            self.catalog.drop_kept();
                             return;
                         }
                     }
@@ -977,7 +980,12 @@ impl Engine {
                     volume,
                     in_backup: inb,
                     labels: it.labels().clone(),
-                    annotations: it.annotations().clone(),
+                    // Snapshot planning reads a claim's class annotations only.
+                    annotations: {
+                        let mut a = it.annotations().clone();
+                        a.retain(|k| k == snapshot::CLASS_KEY || k == snapshot::GROUP_CLASS_CLAIM_ANNOTATION);
+                        a
+                    },
                 },
             );
         }

@@ -871,7 +871,14 @@ impl BackupState {
                 if self.volumes_inspected {
                     return Err(FoldError { seq, kind, reason: "the volumes were inspected already".into() });
                 }
-                self.volumes.extend(volumes.iter().cloned());
+                // A CSI volume's handle is recorded for people; planning reads its driver only.
+                self.volumes.extend(volumes.iter().map(|(name, v)| {
+                    let v = match v {
+                        PvVolume::Csi { driver, .. } => PvVolume::Csi { driver: driver.clone(), handle: String::new() },
+                        other => other.clone(),
+                    };
+                    (name.clone(), v)
+                }));
                 self.snapshot_classes.extend(classes.iter().cloned());
                 self.group_classes.extend(group_classes.iter().cloned());
                 self.volumes_inspected = *complete;
