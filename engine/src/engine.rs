@@ -1215,17 +1215,10 @@ impl Engine {
     }
 
     /// The body of `key` in the write path's view ([`Engine::build_objects`]).
+    /// None without a view: every plan then carries its bodies ([`Engine::staged_bodies`] looks
+    /// a key up in the plans).
     fn object_body(&self, key: &ItemKey) -> Option<Body> {
-        match &self.objects {
-            Some(view) => view.get(key.digest()),
-            // Without a view every plan carries its bodies: the key's block is looked for (only a
-            // re-staged item is looked up by key).
-            None => (0..self.state.blocks.len() as u32).find_map(|id| {
-                let plan = self.plan_of(id).ok()?;
-                let i = plan.items.iter().position(|k| k == key)?;
-                plan.body(i).map(Body::Logged)
-            }),
-        }
+        self.objects.as_ref()?.get(key.digest())
     }
 
     /// Records `BlockStarted` for the next never-attempted block, if any. Blocks with an open
@@ -1794,38 +1787,69 @@ impl Engine {
         Ok(out)
     }
 
-    /// The bytes an item was staged with, for re-staging: what [`Engine::block_writes`] wrote.
-    fn staged_json(&self, key: &ItemKey) -> Option<Body> {
-        // Only a snapshot's objects and a claim can have been staged from a cut: the cuts are
-        // read back (every one) for those keys only.
+    /// The bytes each of `keys` was staged with, for re-staging: what [`Engine::block_writes`]
+    /// wrote. One pass over the cut snapshots (a snapshot's objects; the snapshot a claim is
+    /// annotated with) and, without a view, one over the plans (their bodies) for all the keys.
+    fn staged_bodies(&self, keys: &[ItemKey]) -> BTreeMap<ItemKey, Body> {
+        let wanted: BTreeSet<&ItemKey> = keys.iter().collect();
         let snapshot_kinds = ["volumesnapshots", "volumesnapshotcontents"];
-        let claim = key.is("", "persistentvolumeclaims");
-        let cuts = || {
-            (self.state.snapshots.iter().filter(|s| s.cut.is_some()))
-                .filter_map(|s| Some((self.state.snapshot_plan(s.plan.id)?, self.state.snapshot_cut(s.plan.id)?)))
+        let cut_related = |k: &ItemKey| {
+            k.is("", "persistentvolumeclaims")
+                || (k.group() == snapshot::SNAPSHOT_GROUP && snapshot_kinds.contains(&k.resource()))
         };
-        if key.group() == snapshot::SNAPSHOT_GROUP && snapshot_kinds.contains(&key.resource()) {
-            for (plan, cut) in cuts() {
-                for m in &cut.members {
+        let mut out: BTreeMap<ItemKey, Body> = BTreeMap::new();
+        // The snapshot each wanted claim was annotated with: the first cut that captured it.
+        let mut annotated: BTreeMap<ItemKey, String> = BTreeMap::new();
+        if keys.iter().any(cut_related) {
+            for s in self.state.snapshots.iter().filter(|s| s.cut.is_some()) {
+                let (Some(plan), Some(cut)) = (self.state.snapshot_plan(s.plan.id), self.state.snapshot_cut(s.plan.id))
+                else {
+                    continue;
+                };
+                for m in cut.members {
                     let (vs, vsc) = m.keys(&plan.namespace);
-                    if &vs == key {
-                        return Some(Body::Logged(m.snapshot_body));
+                    for (k, body) in [(vs, m.snapshot_body), (vsc, m.content_body)] {
+                        if wanted.contains(&k) {
+                            out.entry(k).or_insert(Body::Logged(body));
+                        }
                     }
-                    if &vsc == key {
-                        return Some(Body::Logged(m.content_body));
+                    let claim = ItemKey::namespaced("", "persistentvolumeclaims", &plan.namespace, &m.claim);
+                    if wanted.contains(&claim) {
+                        annotated.entry(claim).or_insert(m.snapshot);
                     }
                 }
             }
         }
-        let body = self.object_body(key)?;
-        let member = cuts().filter(|_| claim).find_map(|(plan, cut)| {
-            let ns_ok = key.namespace() == Some(plan.namespace.as_str());
-            cut.members.into_iter().find(|m| ns_ok && m.claim == key.name())
-        });
-        match member {
-            Some(m) => claim_body(&body, &self.backup_name(), &m.snapshot),
-            None => Some(body),
+        // The others' logged bodies: from the view, or from the plans (the first of a key).
+        let mut rest: BTreeSet<&ItemKey> = wanted.iter().copied().filter(|k| !out.contains_key(*k)).collect();
+        let mut logged: Vec<(ItemKey, Body)> = Vec::new();
+        if self.objects.is_some() {
+            logged.extend(rest.iter().filter_map(|k| Some(((*k).clone(), self.object_body(k)?))));
+        } else {
+            for id in 0..self.state.blocks.len() as u32 {
+                if rest.is_empty() {
+                    break;
+                }
+                let Ok(plan) = self.plan_of(id) else { continue };
+                for (i, k) in plan.items.iter().enumerate() {
+                    if let Some(body) = plan.body(i).filter(|_| rest.contains(k)) {
+                        rest.remove(k);
+                        logged.push((k.clone(), Body::Logged(body)));
+                    }
+                }
+            }
         }
+        let backup = self.backup_name();
+        for (k, body) in logged {
+            let body = match annotated.get(&k) {
+                Some(snapshot) => claim_body(&body, &backup, snapshot),
+                None => Some(body),
+            };
+            if let Some(body) = body {
+                out.entry(k).or_insert(body);
+            }
+        }
+        out
     }
 
     fn set_state(&mut self, id: u32, state: BlockRun) {
@@ -2003,8 +2027,9 @@ impl Engine {
 
     /// Issues a `Restage` of each key's logged JSON; the archive is built again once all are done.
     fn restage(&mut self, keys: Vec<ItemKey>) {
+        let bodies = self.staged_bodies(&keys);
         for key in keys {
-            match self.staged_json(&key) {
+            match bodies.get(&key).cloned() {
                 Some(body) => {
                     self.restaging += 1;
                     self.issue(Pending::Restage(key.clone()), None, CommandKind::Restage { key, body });

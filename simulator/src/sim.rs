@@ -555,6 +555,15 @@ impl SimWorld {
         recover_records(durable.iter().map(|(s, b)| (*s, b.as_slice()))).map(|r| r.events).unwrap_or_default()
     }
 
+    /// Puts `wrap` around the store the driver writes to (tests: a store that answers as a
+    /// damaged one would), from the next process life on.
+    pub fn wrap_store(
+        &mut self,
+        wrap: impl FnOnce(Arc<dyn blockwise_adapters::store::Store>) -> Arc<dyn blockwise_adapters::store::Store>,
+    ) {
+        self.world.store = wrap(self.world.store.clone());
+    }
+
     /// Every durable file of the backup in the store, by name (the archive under its own name).
     pub fn stored_files(&self) -> BTreeMap<String, Vec<u8>> {
         let prefix = format!("backups/{BACKUP}/");

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use blockwise_simulator::runner::{check_run, check_seed, plan_seed, shrink};
 use blockwise_simulator::sim::{FaultKind, RunConfig};
+use bytes::Bytes;
 
 /// Seeds run in CI; `BLOCKWISE_SIM_SEEDS` raises it locally.
 fn seed_count() -> u64 {
@@ -104,4 +105,119 @@ fn the_summary_fold_agrees_with_the_full_fold_on_every_prefix_looked_at() {
         }
     }
     assert!(checked >= 60, "only {checked} prefixes compared");
+}
+
+/// A store that loses the staged writes of `keys` made before the first archive build (as a
+/// damaged staging area would: they are acknowledged, never kept), then keeps them as the store
+/// it wraps does.
+struct LosesOnce {
+    inner: std::sync::Arc<dyn blockwise_adapters::store::Store>,
+    keys: Vec<blockwise_engine::item::ItemKey>,
+    built: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl blockwise_adapters::store::Store for LosesOnce {
+    async fn put_item(
+        &self,
+        backup: &str,
+        key: &blockwise_engine::item::ItemKey,
+        bytes: &[u8],
+    ) -> Result<(), blockwise_adapters::store::StoreError> {
+        if !self.built.load(std::sync::atomic::Ordering::SeqCst) && self.keys.contains(key) {
+            return Ok(());
+        }
+        self.inner.put_item(backup, key, bytes).await
+    }
+    async fn sync_staged(&self, backup: &str) -> Result<(), blockwise_adapters::store::StoreError> {
+        self.inner.sync_staged(backup).await
+    }
+    async fn finalize(
+        &self,
+        backup: &str,
+        entries: std::sync::Arc<blockwise_adapters::entry_runs::ArchiveEntries>,
+    ) -> Result<blockwise_engine::state::ArchiveInfo, blockwise_adapters::store::StoreError> {
+        self.built.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.finalize(backup, entries).await
+    }
+    async fn put_file(
+        &self,
+        backup: &str,
+        name: &str,
+        bytes: Bytes,
+    ) -> Result<(), blockwise_adapters::store::StoreError> {
+        self.inner.put_file(backup, name, bytes).await
+    }
+    async fn get_file(
+        &self,
+        backup: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, blockwise_adapters::store::StoreError> {
+        self.inner.get_file(backup, name).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Staged items the archive build finds missing in the process that made the plan — whose plans
+/// carry their items' bodies, with no view of every object — are staged again from the log, each
+/// with the bytes it was written with: an ordinary object, a claim annotated with its snapshot,
+/// and a snapshot's VolumeSnapshot and VolumeSnapshotContent. The archive is the one a run that
+/// lost nothing builds.
+#[test]
+fn items_lost_in_the_planning_process_are_restaged_from_their_plans() {
+    use blockwise_engine::event::Event;
+    use blockwise_engine::item::ItemKey;
+    use blockwise_simulator::demo::{demo_cluster_with, demo_csi};
+    use blockwise_simulator::sim::{SimWorld, RUN_STEPS_MAX};
+    let seed = 7;
+    let world = || {
+        let fake = demo_cluster_with(600, seed, false).with_csi(demo_csi(0));
+        let options = blockwise_engine::snapshot::BackupOptions {
+            uid: blockwise_simulator::model::SIM_UID.into(),
+            ..blockwise_engine::snapshot::BackupOptions::default()
+        };
+        let ecfg = blockwise_engine::EngineConfig { workers: 4, ..blockwise_engine::EngineConfig::default() };
+        let spec = blockwise_engine::BackupSpec::new(blockwise_simulator::sim::BACKUP);
+        let lat = blockwise_simulator::cluster::Latencies::SEEDED;
+        SimWorld::new(fake, &spec, &options, Default::default(), Default::default(), seed, &ecfg, lat)
+    };
+    let mut whole = world();
+    let (life, _) = whole.live(RUN_STEPS_MAX, |_| false);
+    assert!(format!("{life:?}").starts_with("Finished"), "{life:?}");
+    // Of the whole run's writes: a ConfigMap, and a block's VolumeSnapshot, its content and a claim
+    // of the same block (annotated with a snapshot).
+    let written: Vec<(u32, ItemKey)> = (whole.durable_events().iter())
+        .filter_map(|e| match e {
+            Event::ItemWritten { block, key, .. } => Some((*block, key.clone())),
+            _ => None,
+        })
+        .collect();
+    let pick = |group: &str, resource: &str, block: Option<u32>| {
+        (written.iter())
+            .find(|(b, k)| k.is(group, resource) && block.is_none_or(|want| *b == want))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {resource} written"))
+    };
+    let (block, vs) = pick("snapshot.storage.k8s.io", "volumesnapshots", None);
+    let keys = vec![
+        pick("", "configmaps", None).1,
+        pick("", "persistentvolumeclaims", Some(block)).1,
+        vs,
+        pick("snapshot.storage.k8s.io", "volumesnapshotcontents", Some(block)).1,
+    ];
+    let mut lossy = world();
+    let inner_keys = keys.clone();
+    lossy
+        .wrap_store(move |inner| std::sync::Arc::new(LosesOnce { inner, keys: inner_keys, built: Default::default() }));
+    let (life, _) = lossy.live(RUN_STEPS_MAX, |_| false);
+    assert!(format!("{life:?}").starts_with("Finished"), "{life:?}");
+    let restaged = (lossy.durable_events().iter())
+        .any(|e| matches!(e, Event::Diagnostic { message, .. } if message.contains("staging them again from the log")));
+    assert!(restaged, "the lost items were not staged again");
+    let archive = |w: &SimWorld| {
+        w.stored_files().into_iter().find(|(n, _)| n.ends_with(".tar.gz")).map(|(_, b)| b).expect("an archive")
+    };
+    assert!(archive(&lossy) == archive(&whole), "the archive built after re-staging differs from the whole run's");
 }
