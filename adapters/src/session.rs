@@ -903,7 +903,7 @@ impl<'a> LiveView<'a> {
         let started = Instant::now();
         // The summary (counts, not each claim's snapshot: the view of a million-object backup
         // was 22 MB, most of it the snapshot list), as `describe` shows it.
-        let summary = BackupSummary::of(state);
+        let summary = BackupSummary::counts_of(state);
         let describe = report::summary_json(&summary);
         let text = report::describe_text_of(&summary, &describe);
         let doc = json!({
