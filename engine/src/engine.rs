@@ -41,7 +41,7 @@ use crate::snapshot::{
     SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
-use crate::state::{ArchiveInfo, BackupState, Cut, FoldError, SnapshotState};
+use crate::state::{self, ArchiveInfo, BackupState, Cut, FoldError, SnapshotState};
 
 /// Identifies a command until its completion is reported.
 pub type CmdId = u64;
@@ -1472,12 +1472,7 @@ impl Engine {
                 BlockRun::FinishingCut { attempt, owed } => {
                     // Every snapshot of the block not settled yet is cut now, inside the window
                     // the interrupted attempt opened; those it never requested are requested now.
-                    let todo: Vec<SnapshotPlan> = self
-                        .state
-                        .snapshots_of(id)
-                        .filter(|s| !s.settled())
-                        .filter_map(|s| self.state.snapshot_plan(s.plan.id))
-                        .collect();
+                    let todo = self.unsettled_plans(id);
                     if todo.is_empty() {
                         self.set_state(id, BlockRun::ClosingInterrupted { attempt, owed, next: 0 });
                         continue;
@@ -1627,15 +1622,17 @@ impl Engine {
         self.state.spec.as_ref().map(|s| s.volume_group_label.clone()).unwrap_or_default()
     }
 
+    /// The plans, read back, of block `id`'s snapshots that are not settled (to be cut).
+    fn unsettled_plans(&self, id: u32) -> Vec<SnapshotPlan> {
+        (self.state.snapshots_of(id).filter(|s| !s.settled()))
+            .filter_map(|s| self.state.snapshot_plan(s.plan.id))
+            .collect()
+    }
+
     /// Requests and issues the cut of every snapshot of block `id` that is not settled; returns
     /// whether a command was issued (the block is then busy in `Cutting`).
     fn start_cut(&mut self, id: u32, attempt: u32) -> bool {
-        let todo: Vec<SnapshotPlan> = self
-            .state
-            .snapshots_of(id)
-            .filter(|s| !s.settled())
-            .filter_map(|s| self.state.snapshot_plan(s.plan.id))
-            .collect();
+        let todo = self.unsettled_plans(id);
         if todo.is_empty() {
             return false;
         }
@@ -2271,19 +2268,15 @@ impl Engine {
 
 /// Splits `items` into runs whose summed `size` stays within `bytes_max` (an item larger than the
 /// bound gets a run of its own); always at least one run, possibly empty.
-fn plan_config() -> impl bincode::config::Config {
-    bincode::config::standard()
-}
-
-/// A snapshot plan packed (bincode) while the plan is recorded.
+/// A snapshot plan packed while the plan is recorded, as the state packs it ([`state::pack`]).
 fn pack_plan(p: &SnapshotPlan) -> Box<[u8]> {
     // A plan is strings, numbers and options: bincode encodes every such value.
-    bincode::serde::encode_to_vec(p, plan_config()).unwrap_or_default().into_boxed_slice()
+    state::pack(p).unwrap_or_default().into_boxed_slice()
 }
 
 /// A plan [`pack_plan`] packed.
 fn unpack_plan(bytes: &[u8]) -> SnapshotPlan {
-    bincode::serde::decode_from_slice(bytes, plan_config()).map(|(p, _)| p).unwrap_or_default()
+    state::unpack(bytes).unwrap_or_default()
 }
 
 fn split_by_bytes<T>(items: Vec<T>, bytes_max: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {

@@ -442,6 +442,16 @@ fn pack_config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
+/// `value` packed (bincode) as the state packs a snapshot's details.
+pub(crate) fn pack<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(value, pack_config())
+}
+
+/// A value [`pack`] packed, read from the start of `bytes` (none when they are not one).
+pub(crate) fn unpack<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    bincode::serde::decode_from_slice(bytes, pack_config()).ok().map(|(v, _)| v)
+}
+
 /// The planned snapshots' plans and cuts, packed (bincode) in an arena of chunks: read back whole
 /// when a snapshot is cut, waited for, released, written or reported — a few at a time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -451,12 +461,12 @@ pub struct SnapshotDetails {
 
 impl SnapshotDetails {
     fn pack<T: serde::Serialize>(&mut self, what: &str, value: &T) -> Result<u64, String> {
-        let bytes = bincode::serde::encode_to_vec(value, pack_config()).map_err(|e| format!("packing {what}: {e}"))?;
+        let bytes = pack(value).map_err(|e| format!("packing {what}: {e}"))?;
         self.arena.append(&[&bytes]).map_err(|e| format!("packing {what}: {e}"))
     }
 
     fn unpack<T: serde::de::DeserializeOwned>(&self, at: u64) -> Option<T> {
-        bincode::serde::decode_from_slice(self.arena.at(at), pack_config()).ok().map(|(v, _)| v)
+        unpack(self.arena.at(at))
     }
 }
 
