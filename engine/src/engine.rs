@@ -37,8 +37,8 @@ use crate::item::{GroupResource, Item, ItemKey, PodFacts, ResourceType};
 use crate::mutation::{self, Mutation};
 use crate::ports::{ClusterError, ListPage, PlanSource};
 use crate::snapshot::{
-    self, archived_member, BackupOptions, Claim, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder, SnapshotApi,
-    SnapshotPlan, SnapshotPlanInput, VolumeInventory,
+    self, archived_member, BackupOptions, Claim, Claims, CutOrder, CutRaw, PvVolume, ReadyWait, ReleaseOrder,
+    SnapshotApi, SnapshotPlan, SnapshotPlanInput, VolumeInventory,
 };
 use crate::spec::{BackupSpec, Selection, SpecError};
 use crate::state::{self, ArchiveInfo, BackupState, Cut, FoldError, SnapshotState};
@@ -356,7 +356,7 @@ pub struct Engine {
     /// The volume inspection is in flight.
     inspecting: bool,
     /// The finished item plan and its claims, kept while the volumes are inspected.
-    pending_plan: Option<(crate::grouping::PlanShape, BTreeMap<ItemKey, Claim>)>,
+    pending_plan: Option<(crate::grouping::PlanShape, Claims)>,
     /// Volume facts read from listed objects, recorded with the inspection's answer.
     known_volumes: Vec<(String, PvVolume)>,
     /// The snapshot API the cluster serves, and why group snapshots cannot be used.
@@ -891,6 +891,13 @@ impl Engine {
             return;
         }
         if let Some((p, claims)) = self.pending_plan.take() {
+            if self.state.volumes_inspected && !self.out.events.is_empty() {
+                // The inspection's records (~14 MB at a million objects) are appended and dropped
+                // by the shell before the snapshots are planned beside the claims and the blocks.
+                self.pending_plan = Some((p, claims));
+                self.out.more = true;
+                return;
+            }
             if self.state.volumes_inspected {
                 let catalog = self.build_objects(self.state.blocks.is_empty());
                 self.emit_plan(p.into_blocks(catalog), claims);
@@ -923,7 +930,11 @@ impl Engine {
                 }
             }
             PlanStep::Done(p) => {
-                let claims = if self.state.options.snapshots_on() { self.claims(&p, &index) } else { BTreeMap::new() };
+                // The index's lookups are read by no one past the plan: gone before the claims are
+                // read.
+                let catalog = index.into_catalog();
+                let claims =
+                    if self.state.options.snapshots_on() { self.claims(&p, &catalog) } else { Claims::default() };
                 let bound = claims.values().any(|c| c.in_backup && c.volume.is_some());
                 if bound && !self.state.volumes_inspected {
                     match self.snapshot_api() {
@@ -934,11 +945,11 @@ impl Engine {
                             ));
                         }
                         (Some(api), _) => {
-                            self.inspect_volumes(&api, &claims, &index);
+                            self.inspect_volumes(&api, &claims, &catalog);
                             self.pending_plan = Some((p, claims));
                             // The plan is made and the claims and volumes are read: what objects
                             // keep is read by no one past here (not held through the inspection).
-                            self.catalog = index.into_catalog();
+                            self.catalog = catalog;
                             self.catalog.drop_kept();
                             return;
                         }
@@ -947,7 +958,7 @@ impl Engine {
                 // The catalog becomes the write path's view and the keys before the block plans
                 // are made and recorded: the parsed items are not held beside the plans, the
                 // fold's blocks and the events carrying them.
-                self.catalog = index.into_catalog();
+                self.catalog = catalog;
                 let catalog = self.build_objects(self.state.blocks.is_empty());
                 self.emit_plan(p.into_blocks(catalog), claims);
                 return;
@@ -958,55 +969,56 @@ impl Engine {
     }
 
     /// Claims planning looks at: bound ones in the backup, and every one with a volume-group label.
-    fn claims(&self, p: &crate::grouping::PlanShape, index: &Index) -> BTreeMap<ItemKey, Claim> {
-        let catalog = index.catalog();
+    fn claims(&mut self, p: &crate::grouping::PlanShape, catalog: &Catalog) -> Claims {
         let is_claim = |j: u32| catalog.is(j, "", "persistentvolumeclaims");
-        let in_backup: BTreeSet<u32> = p.positions().iter().copied().filter(|&j| is_claim(j)).collect();
+        let mut in_backup: Vec<u32> = p.positions().iter().copied().filter(|&j| is_claim(j)).collect();
+        in_backup.sort_unstable();
         let group_label = self.group_label();
-        let mut out = BTreeMap::new();
+        let mut out = Claims::default();
         for j in (0..catalog.len() as u32).filter(|&j| is_claim(j)) {
             let it = catalog.item(j);
-            let inb = in_backup.contains(&j);
+            let inb = in_backup.binary_search(&j).is_ok();
             let grouped = it.labels().get(&group_label).is_some_and(|g| !g.is_empty());
             if !inb && !grouped {
                 continue;
             }
             let volume =
                 crate::grouping::pvc_bound(&it).then(|| it.str_at("/spec/volumeName").unwrap_or_default().to_string());
-            out.insert(
-                it.key.clone(),
-                Claim {
-                    key: it.key.clone(),
-                    volume,
-                    in_backup: inb,
-                    labels: it.labels().clone(),
-                    // Snapshot planning reads a claim's class annotations only.
-                    annotations: {
-                        let mut a = it.annotations().clone();
-                        a.retain(|k| k == snapshot::CLASS_KEY || k == snapshot::GROUP_CLASS_CLAIM_ANNOTATION);
-                        a
-                    },
+            let claim = Claim {
+                key: it.key.clone(),
+                volume,
+                in_backup: inb,
+                labels: it.labels().clone(),
+                // Snapshot planning reads a claim's class annotations only.
+                annotations: {
+                    let mut a = it.annotations().clone();
+                    a.retain(|k| k == snapshot::CLASS_KEY || k == snapshot::GROUP_CLASS_CLAIM_ANNOTATION);
+                    a
                 },
-            );
+            };
+            if let Err(e) = out.insert(&claim) {
+                self.warn(format!("{e}: its volume is not snapshotted"));
+            }
         }
+        out.seal();
         out
     }
 
     /// Reads what the claims' volumes are from the listed PersistentVolumes, and issues the gets of
     /// the others and the listing of the snapshot classes.
-    fn inspect_volumes(&mut self, api: &SnapshotApi, claims: &BTreeMap<ItemKey, Claim>, index: &Index) {
+    fn inspect_volumes(&mut self, api: &SnapshotApi, claims: &Claims, catalog: &Catalog) {
         let pv_type = self.resource(&GroupResource::new("", "persistentvolumes"));
         let mut known = Vec::new();
         let mut gets = Vec::new();
-        let names: BTreeSet<&String> =
-            claims.values().filter(|c| c.in_backup).filter_map(|c| c.volume.as_ref()).collect();
+        let names: BTreeSet<String> = claims.values().filter(|c| c.in_backup).filter_map(|c| c.volume).collect();
         for name in names {
-            let key = ItemKey::cluster("", "persistentvolumes", name);
-            match (index.get(&key).filter(|it| it.has_object()), &pv_type) {
-                (Some(pv), _) => known.push((name.clone(), PvVolume::of(&pv.kept_object()))),
+            let key = ItemKey::cluster("", "persistentvolumes", &name);
+            let pv = catalog.position(&key).map(|i| catalog.item(i));
+            match (pv.filter(|it| it.has_object()), &pv_type) {
+                (Some(pv), _) => known.push((name, PvVolume::of(&pv.kept_object()))),
                 (None, Some(rt)) => gets.push((rt.clone(), key)),
                 (None, None) => known.push((
-                    name.clone(),
+                    name,
                     PvVolume::Unreadable { error: "the cluster does not serve persistentvolumes".into() },
                 )),
             }
@@ -1076,7 +1088,7 @@ impl Engine {
     /// Starts recording the plan: blocks, then snapshots, then `PlanFinished` (skipping what a
     /// crashed process recorded already), [`PLAN_BLOCKS_PER_POLL`] blocks a poll
     /// ([`Engine::record_plan`]).
-    fn emit_plan(&mut self, mut p: PlanBlocks, claims: BTreeMap<ItemKey, Claim>) {
+    fn emit_plan(&mut self, mut p: PlanBlocks, claims: Claims) {
         let items = p.item_count() as u64;
         let already = self.state.blocks.len() as u32;
         if already == 0 {
@@ -1150,7 +1162,7 @@ impl Engine {
     }
 
     /// The snapshots' plans, each packed as it is made ([`unpack_plan`] reads one back).
-    fn plan_snapshots(&mut self, p: &PlanBlocks, claims: &BTreeMap<ItemKey, Claim>) -> Vec<Box<[u8]>> {
+    fn plan_snapshots(&mut self, p: &PlanBlocks, claims: &Claims) -> Vec<Box<[u8]>> {
         let (Some(_), why) = self.snapshot_api() else { return Vec::new() };
         let parse = |v: &[String]| -> Vec<serde_json::Value> {
             v.iter().filter_map(|j| serde_json::from_str(j).ok()).collect()
@@ -1163,7 +1175,7 @@ impl Engine {
             backup: &backup,
             options: &self.state.options,
             group_label: &group_label,
-            blocks: &p.blocks_with(|k| k.is("", "persistentvolumeclaims")),
+            blocks: p,
             claims,
             volumes: &self.state.volumes,
             classes: &classes,

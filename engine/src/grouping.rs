@@ -49,14 +49,54 @@ pub trait ItemBlockAction: Send + Sync {
 }
 
 /// Lookups over every item known to the plan (listed or fetched), sorted by key: a packed
-/// [`Catalog`] and the maps the built-in actions look up. Items are made when asked for
+/// [`Catalog`] and the lookups the built-in actions make. Items are made when asked for
 /// ([`Index::get`], [`Index::item`]), each for the moment it is looked at.
 pub struct Index {
     catalog: Catalog,
-    pods_by_claim: HashMap<(u32, Box<str>), Vec<u32>>,
-    pvcs_by_group: HashMap<(u32, Box<str>), Vec<u32>>,
-    crbs_by_sa: HashMap<(Box<str>, Box<str>), Vec<u32>>,
-    ns_numbers: HashMap<Box<str>, u32>,
+    /// Pods by (namespace, a claim they mount).
+    pods_by_claim: Lookup,
+    /// Claims by (namespace, their volume-group label's value).
+    pvcs_by_group: Lookup,
+    /// ClusterRoleBindings by (namespace, name) of a ServiceAccount subject.
+    crbs_by_sa: Lookup,
+    volume_group_label: Box<str>,
+}
+
+/// Positions found by a 64-bit hash of two names (a namespace and a name), sorted: 16 bytes an
+/// entry, where a map of boxed names to vectors of positions was ~100 (~11 MB of planning's
+/// peak at a million objects). Two pairs of names can share a hash, so whoever looks up checks
+/// each item it gets back ([`Index::pods_mounting`] and the others do).
+#[derive(Default)]
+struct Lookup(Vec<(u64, u32)>);
+
+impl Lookup {
+    fn hash(ns: &str, name: &str) -> u64 {
+        use std::hash::Hasher;
+        // SipHash with fixed keys: the same in every run (nothing hashed here is kept).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(ns.as_bytes());
+        h.write_u8(0xff);
+        h.write(name.as_bytes());
+        h.finish()
+    }
+
+    fn push(&mut self, ns: &str, name: &str, i: u32) {
+        self.0.push((Lookup::hash(ns, name), i));
+    }
+
+    /// Sorts the entries (positions in ascending order under one hash) and drops repeats.
+    fn seal(&mut self) {
+        self.0.sort_unstable();
+        self.0.dedup();
+        self.0.shrink_to_fit();
+    }
+
+    /// The positions under the hash of `ns` and `name`, ascending.
+    fn get(&self, ns: &str, name: &str) -> impl Iterator<Item = u32> + '_ {
+        let h = Lookup::hash(ns, name);
+        let from = self.0.partition_point(|e| e.0 < h);
+        self.0[from..].iter().take_while(move |e| e.0 == h).map(|e| e.1)
+    }
 }
 
 const PODS: (&str, &str) = ("", "pods");
@@ -87,15 +127,12 @@ impl Index {
     pub fn of(mut catalog: Catalog, volume_group_label: &str) -> Index {
         catalog.sort_and_dedup();
         let mut ix = Index {
-            pods_by_claim: HashMap::new(),
-            pvcs_by_group: HashMap::new(),
-            crbs_by_sa: HashMap::new(),
-            ns_numbers: HashMap::new(),
+            pods_by_claim: Lookup::default(),
+            pvcs_by_group: Lookup::default(),
+            crbs_by_sa: Lookup::default(),
+            volume_group_label: volume_group_label.into(),
             catalog: Catalog::new(),
         };
-        // A namespace as a number in the maps' keys (a `String` each was 24 bytes and an
-        // allocation an entry).
-        let mut ns_numbers: HashMap<Box<str>, u32> = HashMap::new();
         for i in 0..catalog.len() as u32 {
             let (g, r) = catalog.group_resource(i);
             let watched = (g, r) == PODS || (g, r) == PVCS || (g, r) == (RBAC, "clusterrolebindings");
@@ -103,28 +140,25 @@ impl Index {
                 continue;
             }
             let it = catalog.item(i);
-            let mut ns = || ns_number(&mut ns_numbers, it.key.namespace().unwrap_or(""));
+            let ns = it.key.namespace().unwrap_or("");
             if (g, r) == PODS {
-                let ns = ns();
-                for c in pod_claims(&it) {
-                    ix.pods_by_claim.entry((ns, c.into())).or_default().push(i);
+                for c in &it.pod_facts().claims {
+                    ix.pods_by_claim.push(ns, c, i);
                 }
             } else if (g, r) == PVCS {
                 if let Some(grp) = it.labels().get(volume_group_label).filter(|g| !g.is_empty()) {
-                    ix.pvcs_by_group.entry((ns(), grp.as_str().into())).or_default().push(i);
+                    ix.pvcs_by_group.push(ns, grp, i);
                 }
             } else {
-                let subjects = it.object().get("subjects").and_then(Value::as_array);
-                for s in subjects.into_iter().flatten() {
-                    let field = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("");
-                    if field("kind") == "ServiceAccount" {
-                        ix.crbs_by_sa.entry((field("namespace").into(), field("name").into())).or_default().push(i);
-                    }
+                for (sa_ns, sa) in service_account_subjects(&it) {
+                    ix.crbs_by_sa.push(sa_ns, sa, i);
                 }
             }
         }
+        for l in [&mut ix.pods_by_claim, &mut ix.pvcs_by_group, &mut ix.crbs_by_sa] {
+            l.seal();
+        }
         ix.catalog = catalog;
-        ix.ns_numbers = ns_numbers;
         ix
     }
 
@@ -168,38 +202,45 @@ impl Index {
         self.catalog.items()
     }
 
-    fn at<'a>(&'a self, ids: Option<&'a Vec<u32>>) -> impl Iterator<Item = Item> + 'a {
-        ids.into_iter().flatten().map(|&i| self.catalog.item(i))
-    }
-
-    fn ns(&self, ns: &str) -> u32 {
-        self.ns_numbers.get(ns).copied().unwrap_or(u32::MAX)
+    /// The items of `lookup` under `ns` and `name` that `is` holds to be theirs (a hash's other
+    /// pairs of names are not).
+    fn found<'a>(
+        &'a self,
+        lookup: &'a Lookup,
+        ns: &'a str,
+        name: &'a str,
+        is: impl Fn(&Item) -> bool + 'a,
+    ) -> impl Iterator<Item = Item> + 'a {
+        lookup.get(ns, name).map(|i| self.catalog.item(i)).filter(move |it| is(it))
     }
 
     /// Pods in `ns` whose volumes mount claim `claim`.
-    pub fn pods_mounting(&self, ns: &str, claim: &str) -> impl Iterator<Item = Item> + '_ {
-        self.at(self.pods_by_claim.get(&(self.ns(ns), claim.into())))
+    pub fn pods_mounting<'a>(&'a self, ns: &'a str, claim: &'a str) -> impl Iterator<Item = Item> + 'a {
+        self.found(&self.pods_by_claim, ns, claim, move |it| {
+            it.key.namespace() == Some(ns) && it.pod_facts().claims.iter().any(|c| c == claim)
+        })
     }
 
     /// PVCs in `ns` with the volume-group label value `group`.
-    pub fn pvcs_in_group(&self, ns: &str, group: &str) -> impl Iterator<Item = Item> + '_ {
-        self.at(self.pvcs_by_group.get(&(self.ns(ns), group.into())))
+    pub fn pvcs_in_group<'a>(&'a self, ns: &'a str, group: &'a str) -> impl Iterator<Item = Item> + 'a {
+        self.found(&self.pvcs_by_group, ns, group, move |it| {
+            it.key.namespace() == Some(ns) && it.labels().get(&self.volume_group_label).is_some_and(|g| g == group)
+        })
     }
 
     /// ClusterRoleBindings with a ServiceAccount subject `ns/name`.
-    pub fn crbs_naming(&self, ns: &str, name: &str) -> impl Iterator<Item = Item> + '_ {
-        self.at(self.crbs_by_sa.get(&(ns.into(), name.into())))
+    pub fn crbs_naming<'a>(&'a self, ns: &'a str, name: &'a str) -> impl Iterator<Item = Item> + 'a {
+        self.found(&self.crbs_by_sa, ns, name, move |it| service_account_subjects(it).any(|s| s == (ns, name)))
     }
 }
 
-/// The number of namespace `ns` in `numbers` (given the next number when new).
-fn ns_number(numbers: &mut HashMap<Box<str>, u32>, ns: &str) -> u32 {
-    if let Some(&n) = numbers.get(ns) {
-        return n;
-    }
-    let n = numbers.len() as u32;
-    numbers.insert(ns.into(), n);
-    n
+/// The (namespace, name) of each ServiceAccount subject of a binding (namespace "" when unset).
+fn service_account_subjects(binding: &Item) -> impl Iterator<Item = (&str, &str)> {
+    let subjects = binding.object().get("subjects").and_then(Value::as_array);
+    subjects.into_iter().flatten().filter_map(|s| {
+        let field = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("");
+        (field("kind") == "ServiceAccount").then(|| (field("namespace"), field("name")))
+    })
 }
 
 /// Puts `items[order[k]]` at position `k`, for every `k` (`order` a permutation of the positions),
@@ -549,28 +590,27 @@ impl PlanBlocks {
         self.next = self.next.max(to);
     }
 
-    /// The blocks not made yet that hold an item `pick` picks, each with only the items it picks
-    /// and no hooks (snapshot planning looks at the claims of each block before the blocks are
-    /// recorded: the blocks' other keys and hooks, copied, were ~30 MB at a million objects).
-    pub fn blocks_with(&self, pick: impl Fn(&ItemKey) -> bool) -> Vec<Arc<BlockPlan>> {
-        let mut out = Vec::new();
+    /// Calls `each` with the id of every block not made yet that holds items of `group` and
+    /// `resource`, and those items' keys, made from the catalog one block at a time (snapshot
+    /// planning reads each block's claims before the blocks are recorded: the claims of every
+    /// block at once, as plans, were ~11 MB at a million objects).
+    pub fn each_block_of(&self, group: &str, resource: &str, each: &mut dyn FnMut(u32, &[ItemKey])) {
+        let mut keys = Vec::new();
         for id in self.next..self.len() {
+            keys.clear();
             let at = &self.positions[self.at(id)];
-            let items: Vec<ItemKey> = (at.iter())
-                .filter(|&&j| (j as usize) < self.keys.len())
-                .map(|&j| self.keys.key(j))
-                .filter(&pick)
-                .collect();
-            if !items.is_empty() {
-                out.push(Arc::new(BlockPlan {
-                    id,
-                    items: PlanItems::from(items),
-                    hooks: Box::default(),
-                    bodies: Box::default(),
-                }));
+            let picked = at.iter().filter(|&&j| (j as usize) < self.keys.len() && self.keys.is(j, group, resource));
+            keys.extend(picked.map(|&j| self.keys.key(j)));
+            if !keys.is_empty() {
+                each(id, &keys);
             }
         }
-        out
+    }
+}
+
+impl crate::snapshot::BlockClaims for PlanBlocks {
+    fn each_block(&self, each: &mut dyn FnMut(u32, &[ItemKey])) {
+        self.each_block_of(PVCS.0, PVCS.1, each);
     }
 }
 
@@ -598,6 +638,13 @@ impl UnionFind {
             let p = self.parent[x as usize];
             self.parent[x as usize] = self.parent[p as usize];
             x = p;
+        }
+        x
+    }
+    /// [`UnionFind::find`] without shortening the path.
+    fn root(&self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            x = self.parent[x as usize];
         }
         x
     }
@@ -734,16 +781,21 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
             entry_of_root.entry(root).or_insert(e);
         }
     }
-    // Collect components: (root, member) sorted, so each component's members are a run in key
-    // order (a vector per component was ~70 bytes an item at a million one-item blocks).
-    let mut members_of: Vec<(u32, u32)> = Vec::with_capacity(n);
+    // A component's root is its smallest position (its first item in key order). Its other
+    // members are collected as (root, member), sorted: each component's are a run in key order.
+    // Most components are one item, so this is far shorter than a pair for every item (8 bytes
+    // an item at a million objects, beside the union-find's 4 and the positions' 4).
+    let mut others: Vec<(u32, u32)> = Vec::new();
     for i in 0..n as u32 {
         if in_backup[i as usize] {
-            members_of.push((uf.find(i), i));
+            let root = uf.find(i);
+            if root != i {
+                others.push((root, i));
+            }
         }
     }
-    drop(in_backup);
-    members_of.sort_unstable();
+    others.sort_unstable();
+    others.shrink_to_fit();
     // Entry indices may point at roots that later unions replaced: re-resolve.
     let mut ordered_rank: BTreeMap<u32, usize> = BTreeMap::new();
     for (root, e) in entry_of_root {
@@ -751,32 +803,32 @@ pub fn plan(input: &PlanInput<'_>, index: &Index) -> PlanStep {
         let slot = ordered_rank.entry(r).or_insert(e);
         *slot = (*slot).min(e);
     }
-    // Each component as (root, its members' range in `members_of`), in block order: the order of
-    // their first members (a component's root is its smallest position, so `members_of`'s runs
-    // are in that order already), the ordered resources' components first. Only with ordered
-    // resources is a list of every component made and sorted (12 bytes a block).
-    let mut runs = members_of.chunk_by(|a, b| a.0 == b.0).scan(0u32, |at, run| {
+    let is_root = |i: u32| in_backup[i as usize] && uf.parent[i as usize] == i;
+    // Each component as (root, its other members' range in `others`), in block order: the order
+    // of their roots (their first members), the ordered resources' components first. Only with
+    // ordered resources is a list of every component made and sorted (12 bytes a block).
+    let mut runs = (0..n as u32).filter(|&i| is_root(i)).scan(0usize, |at, root| {
         let from = *at;
-        *at += run.len() as u32;
-        Some((run[0].0, from, *at))
+        *at += others[from..].iter().take_while(|e| e.0 == root).count();
+        Some((root, from as u32, *at as u32))
     });
     let components: Box<dyn Iterator<Item = (u32, u32, u32)>> = match ordered_rank.is_empty() {
         true => Box::new(&mut runs),
         false => {
             let mut list: Vec<(u32, u32, u32)> = runs.by_ref().collect();
-            list.sort_by_key(|&(root, from, _)| {
+            list.sort_by_key(|&(root, _, _)| {
                 let rank = ordered_rank.get(&root);
-                (rank.map_or(1, |_| 0), rank.copied().unwrap_or(0), members_of[from as usize].1)
+                (rank.map_or(1, |_| 0), rank.copied().unwrap_or(0), root)
             });
             Box::new(list.into_iter())
         }
     };
     let mut shape = PlanShape::default();
-    shape.positions.reserve_exact(members_of.len());
+    shape.positions.reserve_exact(in_backup.iter().filter(|&&b| b).count());
     for (id, (root, from, to)) in components.enumerate() {
-        let members = || members_of[from as usize..to as usize].iter().map(|&(_, i)| i);
+        let members = || std::iter::once(root).chain(others[from as usize..to as usize].iter().map(|&(_, i)| i));
         let start = shape.positions.len();
-        let named: BTreeSet<u32> = named_order.iter().copied().filter(|&j| uf.find(j) == root).collect();
+        let named: BTreeSet<u32> = named_order.iter().copied().filter(|&j| uf.root(j) == root).collect();
         shape.positions.extend(named_order.iter().copied().filter(|j| named.contains(j)));
         shape.positions.extend(members().filter(|j| !named.contains(j)));
         let len = shape.positions.len() - start;
@@ -839,8 +891,10 @@ mod tests {
     /// write order, each block with its own hooks (none for the blocks that have none).
     #[test]
     fn a_shape_becomes_the_plans_of_its_positions() {
-        let keys: Vec<ItemKey> =
-            ["a", "b", "c", "d"].iter().map(|n| ItemKey::namespaced("", "pods", "ns", n)).collect();
+        let keys: Vec<ItemKey> = [("a", PVCS.1), ("b", "pods"), ("c", PVCS.1), ("d", "pods")]
+            .iter()
+            .map(|(n, r)| ItemKey::namespaced("", r, "ns", n))
+            .collect();
         let hook = |pod: &ItemKey| Hook {
             pod: pod.clone(),
             phase: HookPhase::Pre,
@@ -862,11 +916,11 @@ mod tests {
         let catalog = || Catalog::of_items(keys.iter().cloned().map(Item::of_key)).unwrap();
         let mut plan = shape.into_blocks(catalog());
         assert_eq!((plan.len(), plan.item_count(), &plan.warnings[..]), (3, 4, &["w".to_string()][..]));
-        // Looked at before they are made: the blocks holding "a" or "c", with those items only.
-        let picked = plan.blocks_with(|k| ["a", "c"].contains(&k.name()));
-        let with: Vec<(u32, Vec<&str>, usize)> =
-            (picked.iter()).map(|b| (b.id, b.items.iter().map(|k| k.name()).collect(), b.hooks.len())).collect();
-        assert_eq!(with, [(0, vec!["a"], 0), (1, vec!["c"], 0)]);
+        // Looked at before they are made: the blocks holding claims ("a", "c"), with those only.
+        let mut with: Vec<(u32, Vec<String>)> = Vec::new();
+        let mut collect = |id: u32, k: &[ItemKey]| with.push((id, k.iter().map(|k| k.name().to_string()).collect()));
+        crate::snapshot::BlockClaims::each_block(&plan, &mut collect);
+        assert_eq!(with, [(0, vec!["a".to_string()]), (1, vec!["c".to_string()])]);
         let blocks: Vec<Arc<BlockPlan>> = std::iter::from_fn(|| plan.next_block()).collect();
         let names: Vec<Vec<&str>> = blocks.iter().map(|b| b.items.iter().map(|k| k.name()).collect()).collect();
         assert_eq!(names, [vec!["d", "a"], vec!["c"], vec!["b"]]);
@@ -874,7 +928,9 @@ mod tests {
         assert_eq!(hooks, [0, 1, 0]);
         assert_eq!(blocks[1].hooks[0].pod, keys[2]);
         assert_eq!(blocks.iter().map(|b| b.id).collect::<Vec<_>>(), [0, 1, 2]);
-        assert!(plan.next_block().is_none() && plan.blocks_with(|_| true).is_empty());
+        let mut after = 0;
+        plan.each_block_of("", "pods", &mut |_, _| after += 1);
+        assert!(plan.next_block().is_none() && after == 0);
         // Skipping what a crashed process recorded: the rest is the same.
         let mut rest = shape_of(vec![]).into_blocks(catalog());
         rest.skip(1);
@@ -886,6 +942,68 @@ mod tests {
         assert_eq!(past.next_block().as_deref(), Some(&*blocks[2]));
         past.skip(5);
         assert!(past.next_block().is_none());
+    }
+
+    /// The index finds pods by a claim they mount, claims by their group, bindings by a service
+    /// account subject — in their namespace only — and an entry under the same hash that is not
+    /// the pair of names asked for (a hash collision, forged here) is not given back.
+    #[test]
+    fn lookups_give_back_only_the_items_asked_for() {
+        let rt = |g: &str, r: &str, k: &str, ns: bool| ResourceType::new(g, "v1", r, k, ns);
+        let (pods, pvcs) =
+            (rt("", "pods", "Pod", true), rt("", "persistentvolumeclaims", "PersistentVolumeClaim", true));
+        let crbs = rt(RBAC, "clusterrolebindings", "ClusterRoleBinding", false);
+        let pod = |ns: &str, name: &str, claims: &[&str]| {
+            let vols: Vec<Value> = claims
+                .iter()
+                .map(|c| serde_json::json!({"name": c, "persistentVolumeClaim": {"claimName": c}}))
+                .collect();
+            let o = serde_json::json!({"metadata": {"namespace": ns, "name": name}, "spec": {"volumes": vols}});
+            Item::from_value(&pods, 0, o).unwrap()
+        };
+        let pvc = |ns: &str, name: &str, group: &str| {
+            let o = serde_json::json!({"metadata": {"namespace": ns, "name": name, "labels": {"g": group}}});
+            Item::from_value(&pvcs, 0, o).unwrap()
+        };
+        let crb = |name: &str, subjects: Value| {
+            let o = serde_json::json!({"metadata": {"name": name}, "subjects": subjects});
+            Item::from_value(&crbs, 0, o).unwrap()
+        };
+        let items = vec![
+            pod("a", "p1", &["data", "logs"]),
+            pod("a", "p2", &["data"]),
+            pod("b", "p3", &["data"]),
+            pvc("a", "c1", "db"),
+            pvc("a", "c2", "db"),
+            pvc("b", "c3", "db"),
+            pvc("a", "c4", ""),
+            crb(
+                "r1",
+                serde_json::json!([{"kind": "ServiceAccount", "namespace": "a", "name": "sa"},
+                {"kind": "User", "name": "sa"}]),
+            ),
+            crb("r2", serde_json::json!([{"kind": "ServiceAccount", "namespace": "b", "name": "sa"}])),
+        ];
+        let mut ix = Index::new(items, "g");
+        let names = |it: &mut dyn Iterator<Item = Item>| it.map(|i| i.key.name().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&mut ix.pods_mounting("a", "data")), ["p1", "p2"]);
+        assert_eq!(names(&mut ix.pods_mounting("a", "logs")), ["p1"]);
+        assert_eq!(names(&mut ix.pods_mounting("b", "data")), ["p3"]);
+        assert!(names(&mut ix.pods_mounting("c", "data")).is_empty());
+        assert_eq!(names(&mut ix.pvcs_in_group("a", "db")), ["c1", "c2"]);
+        assert!(names(&mut ix.pvcs_in_group("a", "")).is_empty());
+        assert_eq!(names(&mut ix.crbs_naming("a", "sa")), ["r1"]);
+        assert_eq!(names(&mut ix.crbs_naming("b", "sa")), ["r2"]);
+        // Every item of the index under the hash of each question: only the right ones come back.
+        let all: Vec<u32> = (0..ix.len() as u32).collect();
+        let lookups = [&mut ix.pods_by_claim, &mut ix.pvcs_by_group, &mut ix.crbs_by_sa];
+        for (lookup, (ns, name)) in lookups.into_iter().zip([("a", "data"), ("a", "db"), ("a", "sa")]) {
+            lookup.0.extend(all.iter().map(|&i| (Lookup::hash(ns, name), i)));
+            lookup.seal();
+        }
+        assert_eq!(names(&mut ix.pods_mounting("a", "data")), ["p1", "p2"]);
+        assert_eq!(names(&mut ix.pvcs_in_group("a", "db")), ["c1", "c2"]);
+        assert_eq!(names(&mut ix.crbs_naming("a", "sa")), ["r1"]);
     }
 
     #[test]
