@@ -1105,6 +1105,7 @@ impl Engine {
         drop(claims);
         p.skip(already);
         self.state.reserve_blocks(p.len() as usize);
+        self.state.reserve_snapshots(snapshots.len());
         let mut snapshots = snapshots;
         snapshots.drain(..self.state.snapshots.len().min(snapshots.len()));
         let snapshots = snapshots.into_iter().peekable();

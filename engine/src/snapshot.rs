@@ -357,7 +357,7 @@ pub struct SnapshotPlanInput<'a> {
     /// Claims: those in the backup, and every claim with a volume-group label (sealed).
     pub claims: &'a Claims,
     /// What each PersistentVolume is.
-    pub volumes: &'a BTreeMap<String, PvVolume>,
+    pub volumes: &'a crate::state::Volumes,
     /// The cluster's VolumeSnapshotClasses.
     pub classes: &'a [Value],
     /// The cluster's VolumeGroupSnapshotClasses.
@@ -574,7 +574,7 @@ pub fn plan_snapshots_into(input: &SnapshotPlanInput<'_>, out: &mut dyn FnMut(Sn
     for members in groups.values_mut() {
         members.sort_by(|a, b| a.key.cmp(&b.key));
     }
-    let volume = |c: &Claim| c.volume.as_ref().map(|v| input.volumes.get(v).cloned().unwrap_or(PvVolume::Missing));
+    let volume = |c: &Claim| c.volume.as_ref().map(|v| input.volumes.get(v).unwrap_or(PvVolume::Missing));
     input.blocks.each_block(&mut |block, items| {
         let claims: Vec<Claim> = items
             .iter()
@@ -1184,7 +1184,7 @@ mod tests {
         }
         assert!(claims.get(&ItemKey::namespaced("", "persistentvolumeclaims", "a", "other")).is_none());
         let csi = |h: &str| PvVolume::Csi { driver: d.into(), handle: h.into() };
-        let volumes: BTreeMap<String, PvVolume> = [
+        let volumes: crate::state::Volumes = [
             ("pv1".to_string(), csi("h1")),
             ("pv2".to_string(), csi("h2")),
             ("pv3".to_string(), csi("h3")),
