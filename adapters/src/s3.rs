@@ -386,7 +386,7 @@ impl S3Store {
             return Err(e);
         }
         let file = File::create(tmp).map_err(io("create", tmp))?;
-        let (buf, info) = write_archive(entries.tar_items()?, BufWriter::new(file), tmp, |item| {
+        let (buf, info) = write_archive(entries.tar_items()?, BufWriter::new(file), tmp, |item, _| {
             let path = scratch.join(item.ordinal.to_string());
             let bytes = fs::read(&path).map_err(io("read", &path))?;
             verify_staged(item, &bytes)?;

@@ -200,6 +200,12 @@ pub trait StoreMedium: Clone + Send + Sync + 'static {
             None => Ok(false),
         }
     }
+    /// A directory of the machine's file system at `path` for scratch files (the archive build's
+    /// sorted runs), `None` when the medium has none (they are kept in memory).
+    fn scratch_dir(&self, path: &Path) -> Option<PathBuf> {
+        let _ = path;
+        None
+    }
     /// Runs blocking medium work where it cannot stall other work.
     fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> BoxFuture<T>;
 }
@@ -279,6 +285,10 @@ impl FsMedium {
 impl StoreMedium for FsMedium {
     fn describe(&self) -> String {
         format!("local directory {}", self.root.display())
+    }
+
+    fn scratch_dir(&self, path: &Path) -> Option<PathBuf> {
+        Some(self.root.join(path))
     }
 
     fn location(&self, path: &Path) -> PathBuf {
@@ -415,6 +425,9 @@ fn backup_rel(backup: &str) -> Result<PathBuf, StoreError> {
     Ok(Path::new("backups").join(backup))
 }
 
+/// Where in a backup's staging directory the archive build sorts the staged records.
+const SORT_DIR: &str = ".sort";
+
 /// The relative path of a backup's staging directory (its packs).
 fn staging_rel(backup: &str) -> Result<PathBuf, StoreError> {
     Ok(backup_rel(backup)?.join("staging"))
@@ -487,14 +500,20 @@ fn build_archive<M: StoreMedium>(
 ) -> Result<ArchiveInfo, StoreError> {
     let mut tar = entries.tar_items()?;
     let what = m.location(archive);
-    let index = PackIndex::scan(m, &staging_rel(backup)?)?;
+    let staging = staging_rel(backup)?;
+    let sort_dir = m.scratch_dir(&staging.join(SORT_DIR));
+    let index = PackIndex::scan(m, &staging, sort_dir.as_deref())?;
+    // The archive's items come in their own paths' order, twice over (each item's own entry and
+    // its preferred version's copy, interleaved): a cursor for each reads the sorted records once.
+    let (mut own, mut copies) = (index.cursor(), index.cursor());
     let mut unstaged: Vec<(ItemKey, StoreError)> = Vec::new();
     let mut result = None;
     m.write_with(archive, &mut |sink| {
-        let (_, info) = write_archive(tar.by_ref(), sink, &what, |item| {
+        let (_, info) = write_archive(tar.by_ref(), sink, &what, |item, copy| {
             // The newest packed copy whose bytes are the logged ones, else a file of its own.
             let mut mismatch = None;
-            for body in index.candidates(m, &item.key.archive_path()) {
+            let cursor = if copy { &mut copies } else { &mut own };
+            for body in cursor.candidates(m, &item.key.archive_path())? {
                 let body = body?;
                 match verify_staged(item, &body) {
                     Ok(()) => return Ok(body),
@@ -519,6 +538,12 @@ fn build_archive<M: StoreMedium>(
         result = Some(info);
         Ok(())
     })?;
+    drop(index);
+    if let Some(d) = sort_dir {
+        // The runs are gone with the index; their directory too (what a killed build left there is
+        // removed by the next one).
+        let _ = std::fs::remove_dir_all(d);
+    }
     result.ok_or_else(|| StoreError::Io {
         op: "build",
         path: what,
@@ -762,7 +787,7 @@ pub fn write_archive<W: Write>(
     tar: impl Iterator<Item = Result<TarItem, StoreError>>,
     sink: W,
     what: &Path,
-    mut read: impl FnMut(&Item) -> Result<Vec<u8>, StoreError>,
+    mut read: impl FnMut(&Item, bool) -> Result<Vec<u8>, StoreError>,
 ) -> Result<(W, ArchiveInfo), StoreError> {
     let sink = HashingWriter { inner: sink, hasher: Sha256::new(), bytes: 0 };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -771,7 +796,7 @@ pub fn write_archive<W: Write>(
     for t in tar {
         let t = t?;
         let bytes = match &t.item {
-            Some(item) => read(item)?,
+            Some(item) => read(item, t.copy)?,
             None => VERSION_FILE_BYTES.to_vec(),
         };
         items += u64::from(t.item.is_some() && !t.copy);
