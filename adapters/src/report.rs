@@ -438,14 +438,33 @@ fn operation_id(ns: &str, snapshot: &str, at_ms: u64) -> String {
 /// objects of its log's listings and fetches as [`BackupFiles`] goes through the events: each
 /// object parsed, kept from and dropped in turn (the claims and volumes are not held in memory
 /// through the backup for it). A listed object wins over a fetched one, a later one over an earlier.
+///
+/// Held as vectors sorted once every object is in (maps of claims, volumes and snapshots were
+/// ~60 MB at the end of a million-object backup, its peak): the wanted claims by their keys'
+/// digests, the objects in the order they came, sorted stably by key once with the last of a key
+/// kept (a listed object after the fetched ones).
 pub struct VolumeObjects {
     types: BTreeMap<GroupResource, ResourceType>,
-    /// The claims the volume information is about: those of blocks that did not fail.
-    wanted: BTreeSet<ItemKey>,
-    /// Listed and fetched: of a wanted claim, its volume when it is bound.
-    claims: [BTreeMap<ItemKey, Option<String>>; 2],
-    /// Listed and fetched: of a volume, by name, its reclaim policy and labels.
-    volumes: [BTreeMap<Box<str>, VolumeFacts>; 2],
+    /// The claims the volume information is about (those of blocks that did not fail), by their
+    /// keys' digests, sorted.
+    wanted: Vec<u128>,
+    /// Listed and fetched, each in the order they came: of a wanted claim, its volume when bound.
+    claims: [Vec<(ItemKey, Option<Box<str>>)>; 2],
+    /// Listed and fetched, each in the order they came: of a volume, its reclaim policy and labels.
+    volumes: [Vec<(Box<str>, VolumeFacts)>; 2],
+}
+
+/// `fetched` then `listed`, sorted by key, the last of each key kept (a listed object wins over a
+/// fetched one, a later one over an earlier).
+fn last_of_each<K: Ord, V>([listed, fetched]: [Vec<(K, V)>; 2]) -> Vec<(K, V)> {
+    let mut all = fetched;
+    all.extend(listed);
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.reverse();
+    all.dedup_by(|a, b| a.0 == b.0);
+    all.reverse();
+    all.shrink_to_fit();
+    all
 }
 
 /// What the volume information says of a volume (`pvInfo`): kept as strings, not as the JSON it
@@ -475,7 +494,7 @@ impl VolumeObjects {
     /// Ready to take the objects of backup `s`'s log, whose block plans `plans` gives back (the
     /// state keeps only those of blocks with hooks). An error names the plan that could not be read.
     pub fn new(s: &BackupState, plans: &dyn PlanSource) -> std::io::Result<VolumeObjects> {
-        let mut wanted = BTreeSet::new();
+        let mut wanted = Vec::new();
         for (b, id) in s.blocks.iter().zip(0u32..) {
             if matches!(b.outcome, Some(BlockOutcome::Failed { .. })) {
                 continue;
@@ -484,8 +503,11 @@ impl VolumeObjects {
                 Some(p) => p.clone(),
                 None => plans.plan(id).map_err(std::io::Error::other)?,
             };
-            wanted.extend(plan.items.iter().filter(|k| k.is("", "persistentvolumeclaims")).cloned());
+            wanted.extend(plan.items.iter().filter(|k| k.is("", "persistentvolumeclaims")).map(ItemKey::digest));
         }
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted.shrink_to_fit();
         let types = s.resources.iter().flatten().map(|r| (r.gr.clone(), r.clone())).collect();
         Ok(VolumeObjects { types, wanted, claims: Default::default(), volumes: Default::default() })
     }
@@ -520,26 +542,23 @@ impl VolumeObjects {
         let Some(rt) = self.types.get(gr) else { return };
         let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, json) else { return };
         let str_at = |p: &str| it.object().pointer(p).and_then(Value::as_str).map(str::to_string);
-        if claim && self.wanted.contains(&it.key) {
+        if claim && self.wanted.binary_search(&it.key.digest()).is_ok() {
             let bound = str_at("/spec/volumeName").filter(|_| str_at("/status/phase").as_deref() == Some("Bound"));
-            self.claims[from].insert(it.key.clone(), bound);
+            self.claims[from].push((it.key.clone(), bound.map(Box::from)));
         } else if volume {
             let labels =
                 it.object().pointer("/metadata/labels").and_then(Value::as_object).map(|m| {
                     m.iter().filter_map(|(k, v)| Some((Box::from(k.as_str()), Box::from(v.as_str()?)))).collect()
                 });
             let reclaim_policy = str_at("/spec/persistentVolumeReclaimPolicy").unwrap_or_default().into();
-            self.volumes[from].insert(it.key.name().into(), VolumeFacts { reclaim_policy, labels });
+            self.volumes[from].push((it.key.name().into(), VolumeFacts { reclaim_policy, labels }));
         }
     }
 
-    /// Of each wanted claim, its volume when bound; of each volume, its facts.
-    fn finish(self) -> (BTreeMap<ItemKey, Option<String>>, BTreeMap<Box<str>, VolumeFacts>) {
-        let [listed, mut claims] = self.claims;
-        claims.extend(listed);
-        let [listed, mut volumes] = self.volumes;
-        volumes.extend(listed);
-        (claims, volumes)
+    /// Of each wanted claim, its volume when bound; of each volume, its facts: each sorted by key.
+    #[allow(clippy::type_complexity)]
+    fn finish(self) -> (Vec<(ItemKey, Option<Box<str>>)>, Vec<(Box<str>, VolumeFacts)>) {
+        (last_of_each(self.claims), last_of_each(self.volumes))
     }
 }
 
@@ -548,17 +567,24 @@ impl VolumeObjects {
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
 pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) -> std::io::Result<W> {
     let (claim_objs, pvs) = objects.finish();
-    // Each claim's snapshot by id: read back whole for that claim only.
-    let snap_of: BTreeMap<ItemKey, u32> = snapshots(s)
-        .flat_map(|snap| snap.plan.claim_keys().map(|k| (k, snap.st.plan.id)).collect::<Vec<_>>())
+    // Each claim's snapshot by id, by the claim key's digest: read back whole for that claim only.
+    let mut snap_of: Vec<(u128, u32)> = snapshots(s)
+        .flat_map(|snap| snap.plan.claim_keys().map(|k| (k.digest(), snap.st.plan.id)).collect::<Vec<_>>())
         .collect();
+    // Stable: of a claim two snapshots name (none does), the last, as a map's insert kept.
+    snap_of.sort_by_key(|e| e.0);
+    snap_of.reverse();
+    snap_of.dedup_by_key(|e| e.0);
+    snap_of.reverse();
     let mut out = JsonArray::new(sink);
     for (key, bound_to) in &claim_objs {
         let Some(pv_name) = bound_to.as_deref() else { continue };
         let ns = key.namespace().map(str::to_string).unwrap_or_default();
-        let pv_info = pvs.get(pv_name).map(VolumeFacts::json);
+        let pv = pvs.binary_search_by(|(n, _)| (**n).cmp(pv_name)).ok();
+        let pv_info = pv.map(|i| pvs[i].1.json());
         let mut v = json!({"pvcName": key.name(), "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
-        let snap = snap_of.get(key).and_then(|&id| Snapshot::of(s, s.snapshots.get(id as usize)?));
+        let id = snap_of.binary_search_by_key(&key.digest(), |e| e.0).ok().map(|i| snap_of[i].1);
+        let snap = id.and_then(|id| Snapshot::of(s, s.snapshots.get(id as usize)?));
         match snap.as_ref().map(|snap| (snap.st, snap.member(key.name()), snap.cut.as_ref())) {
             Some((st, Some(m), cut)) => {
                 let cut_ms = cut.map_or(0, |c| c.at_ms);
@@ -1302,6 +1328,15 @@ pub fn restore_event_line(seq: u64, e: &blockwise_engine::restore_run::RestoreEv
 
 #[cfg(test)]
 mod tests {
+
+    /// Of the objects the volume information reads, a listed one wins over a fetched one and a
+    /// later over an earlier: each key once, in key order.
+    #[test]
+    fn the_last_listed_object_of_a_key_wins() {
+        let listed = vec![("b", 1), ("a", 2), ("b", 3)];
+        let fetched = vec![("a", 10), ("c", 11), ("d", 12), ("c", 13)];
+        assert_eq!(last_of_each([listed, fetched]), [("a", 2), ("b", 3), ("c", 13), ("d", 12)]);
+    }
 
     #[test]
     fn a_json_array_written_element_by_element_is_the_array_serde_writes() {
