@@ -439,38 +439,114 @@ fn operation_id(ns: &str, snapshot: &str, at_ms: u64) -> String {
 /// object parsed, kept from and dropped in turn (the claims and volumes are not held in memory
 /// through the backup for it). A listed object wins over a fetched one, a later one over an earlier.
 ///
-/// Held as vectors sorted once every object is in (maps of claims, volumes and snapshots were
-/// ~60 MB at the end of a million-object backup, its peak): the wanted claims by their keys'
-/// digests, the objects in the order they came, sorted stably by key once with the last of a key
-/// kept (a listed object after the fetched ones).
+/// Nothing of every claim or volume is held: the wanted claims by their keys' digests (16 bytes
+/// a claim), the objects sorted on disk (`volume-objects/` of the sort directory; in memory
+/// without one) and joined by merging (maps of claims, volumes and snapshots were ~60 MB at the
+/// end of a million-object backup, its peak).
 pub struct VolumeObjects {
     types: BTreeMap<GroupResource, ResourceType>,
     /// The claims the volume information is about (those of blocks that did not fail), by their
     /// keys' digests, sorted.
     wanted: Vec<u128>,
-    /// Listed and fetched, each in the order they came: of a wanted claim, its volume when bound.
-    claims: [Vec<(ItemKey, Option<Box<str>>)>; 2],
-    /// Listed and fetched, each in the order they came: of a volume, its reclaim policy and labels.
-    volumes: [Vec<(Box<str>, VolumeFacts)>; 2],
+    /// Of a wanted claim, its volume when bound, by key, the winner last.
+    claims: Sorter<ClaimObject>,
+    /// Of a volume, its reclaim policy and labels, by name, the winner last.
+    volumes: Sorter<VolumeObject>,
+    dir: Option<std::path::PathBuf>,
+    /// Objects taken so far (a later one wins over an earlier).
+    seq: u64,
+    /// The first sorting failure (reported when the file is made).
+    failed: Option<std::io::Error>,
 }
 
-/// `fetched` then `listed`, sorted by key, the last of each key kept (a listed object wins over a
-/// fetched one, a later one over an earlier).
-fn last_of_each<K: Ord, V>([listed, fetched]: [Vec<(K, V)>; 2]) -> Vec<(K, V)> {
-    let mut all = fetched;
-    all.extend(listed);
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all.reverse();
-    all.dedup_by(|a, b| a.0 == b.0);
-    all.reverse();
-    all.shrink_to_fit();
-    all
+/// Records a sort holds in memory before it writes them as a run (~1 MB of claims or volumes).
+const VOLUME_OBJECTS_RUN: usize = 8192;
+
+/// Which of two objects of one key wins: a listed one over a fetched one, a later over an earlier.
+type Rank = (bool, u64);
+
+/// A wanted claim as the volume information reads it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ClaimObject {
+    key: ItemKey,
+    rank: Rank,
+    /// Its volume, when bound.
+    volume: Option<String>,
+}
+
+/// A volume as the volume information reads it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VolumeObject {
+    name: String,
+    rank: Rank,
+    facts: VolumeFacts,
+}
+
+/// A bound claim with its volume's facts: sorted by volume (to be joined with the volumes), then
+/// by claim (to be written).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Joined {
+    volume: String,
+    key: ItemKey,
+    facts: Option<VolumeFacts>,
+    by_volume: bool,
+}
+
+/// `Eq` and `Ord` of a record type by the key `$order` makes of `$x` (each of the two compared).
+macro_rules! ordered_by {
+    ($t:ty, |$x:ident| $order:expr) => {
+        impl PartialEq for $t {
+            fn eq(&self, other: &Self) -> bool {
+                self.cmp(other) == std::cmp::Ordering::Equal
+            }
+        }
+        impl Eq for $t {}
+        impl PartialOrd for $t {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for $t {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                let a = {
+                    let $x = self;
+                    $order
+                };
+                let b = {
+                    let $x = other;
+                    $order
+                };
+                a.cmp(&b)
+            }
+        }
+    };
+}
+ordered_by!(ClaimObject, |c| (&c.key, c.rank));
+ordered_by!(VolumeObject, |v| (&v.name, v.rank));
+ordered_by!(Joined, |j| (j.by_volume.then_some(&j.volume), &j.key));
+
+/// Of records sorted by key and rank, the last of each key (the winner).
+fn winners<T, K: PartialEq>(
+    records: impl Iterator<Item = std::io::Result<T>>,
+    key: impl Fn(&T) -> K,
+) -> impl Iterator<Item = std::io::Result<T>> {
+    let mut records = records.peekable();
+    std::iter::from_fn(move || loop {
+        let r = match records.next()? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        match records.peek() {
+            Some(Ok(next)) if key(next) == key(&r) => continue,
+            _ => return Some(Ok(r)),
+        }
+    })
 }
 
 /// What the volume information says of a volume (`pvInfo`): kept as strings, not as the JSON it
 /// becomes — a JSON map is a B-tree node of ~0.5 KiB, two a volume (~100 MB of the 1M backup's
 /// companion files).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct VolumeFacts {
     reclaim_policy: Box<str>,
     /// `metadata.labels`, in key order (`None`: the volume has none).
@@ -492,8 +568,9 @@ impl VolumeFacts {
 
 impl VolumeObjects {
     /// Ready to take the objects of backup `s`'s log, whose block plans `plans` gives back (the
-    /// state keeps only those of blocks with hooks). An error names the plan that could not be read.
-    pub fn new(s: &BackupState, plans: &dyn PlanSource) -> std::io::Result<VolumeObjects> {
+    /// state keeps only those of blocks with hooks), sorting them in `dir` (`None`: in memory). An
+    /// error names the plan that could not be read.
+    pub fn new(s: &BackupState, plans: &dyn PlanSource, dir: Option<&Path>) -> std::io::Result<VolumeObjects> {
         let mut wanted = Vec::new();
         for (b, id) in s.blocks.iter().zip(0u32..) {
             if matches!(b.outcome, Some(BlockOutcome::Failed { .. })) {
@@ -509,7 +586,16 @@ impl VolumeObjects {
         wanted.dedup();
         wanted.shrink_to_fit();
         let types = s.resources.iter().flatten().map(|r| (r.gr.clone(), r.clone())).collect();
-        Ok(VolumeObjects { types, wanted, claims: Default::default(), volumes: Default::default() })
+        let sub = |name: &str| dir.map(|d| d.join(name));
+        Ok(VolumeObjects {
+            types,
+            wanted,
+            claims: Sorter::fresh(sub("claims").as_deref(), VOLUME_OBJECTS_RUN)?,
+            volumes: Sorter::fresh(sub("volumes").as_deref(), VOLUME_OBJECTS_RUN)?,
+            dir: dir.map(Path::to_path_buf),
+            seq: 0,
+            failed: None,
+        })
     }
 
     /// Takes what it reads of the objects `e` carries.
@@ -517,13 +603,13 @@ impl VolumeObjects {
         match e {
             Event::ResourceListed { unit, objects, .. } => {
                 for o in objects {
-                    self.take(&unit.resource, o, 0);
+                    self.take(&unit.resource, o, true);
                 }
             }
             Event::ItemsFetched { items } => {
                 for (k, json) in items {
                     if let Some(j) = json {
-                        self.take(&k.gr(), j, 1);
+                        self.take(&k.gr(), j, false);
                     }
                 }
             }
@@ -531,34 +617,68 @@ impl VolumeObjects {
         }
     }
 
-    fn take(&mut self, gr: &GroupResource, json: &str, from: usize) {
+    fn take(&mut self, gr: &GroupResource, json: &str, listed: bool) {
         let (claim, volume) = (
             gr.group.is_empty() && gr.resource == "persistentvolumeclaims",
             gr.group.is_empty() && gr.resource == "persistentvolumes",
         );
-        if !(claim || volume) || self.wanted.is_empty() {
+        if !(claim || volume) || self.wanted.is_empty() || self.failed.is_some() {
             return;
         }
         let Some(rt) = self.types.get(gr) else { return };
         let Ok(it) = blockwise_engine::item::Item::parse(rt, 0, json) else { return };
         let str_at = |p: &str| it.object().pointer(p).and_then(Value::as_str).map(str::to_string);
-        if claim && self.wanted.binary_search(&it.key.digest()).is_ok() {
+        let rank = (listed, self.seq);
+        self.seq += 1;
+        let pushed = if claim && self.wanted.binary_search(&it.key.digest()).is_ok() {
             let bound = str_at("/spec/volumeName").filter(|_| str_at("/status/phase").as_deref() == Some("Bound"));
-            self.claims[from].push((it.key.clone(), bound.map(Box::from)));
+            self.claims.push(ClaimObject { key: it.key.clone(), rank, volume: bound })
         } else if volume {
             let labels =
                 it.object().pointer("/metadata/labels").and_then(Value::as_object).map(|m| {
                     m.iter().filter_map(|(k, v)| Some((Box::from(k.as_str()), Box::from(v.as_str()?)))).collect()
                 });
             let reclaim_policy = str_at("/spec/persistentVolumeReclaimPolicy").unwrap_or_default().into();
-            self.volumes[from].push((it.key.name().into(), VolumeFacts { reclaim_policy, labels }));
-        }
+            let facts = VolumeFacts { reclaim_policy, labels };
+            self.volumes.push(VolumeObject { name: it.key.name().to_string(), rank, facts })
+        } else {
+            Ok(())
+        };
+        self.failed = pushed.err();
     }
 
-    /// Of each wanted claim, its volume when bound; of each volume, its facts: each sorted by key.
-    #[allow(clippy::type_complexity)]
-    fn finish(self) -> (Vec<(ItemKey, Option<Box<str>>)>, Vec<(Box<str>, VolumeFacts)>) {
-        (last_of_each(self.claims), last_of_each(self.volumes))
+    /// Each bound wanted claim (the winner of its key) with its volume's facts (the winner of the
+    /// volume's name, when there is one), by claim key: sorted by volume to be joined with the
+    /// volumes, then by claim.
+    fn finish(self) -> std::io::Result<crate::sorted::Sorted<Joined>> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let sub = |name: &str| self.dir.as_ref().map(|d| d.join(name));
+        let (claims, volumes) = (self.claims.finish()?, self.volumes.finish()?);
+        let mut by_volume = Sorter::fresh(sub("by-volume").as_deref(), VOLUME_OBJECTS_RUN)?;
+        for c in winners(claims.iter()?, |c: &ClaimObject| c.key.clone()) {
+            let c = c?;
+            if let Some(volume) = c.volume {
+                by_volume.push(Joined { volume, key: c.key, facts: None, by_volume: true })?;
+            }
+        }
+        drop(claims);
+        let mut volumes = winners(volumes.iter()?, |v: &VolumeObject| v.name.clone()).peekable();
+        let mut by_claim = Sorter::fresh(sub("by-claim").as_deref(), VOLUME_OBJECTS_RUN)?;
+        for j in by_volume.finish()?.iter()? {
+            let mut j = j?;
+            while let Some(v) = volumes.next_if(|v| v.as_ref().map_or(true, |v| v.name < j.volume)) {
+                v?;
+            }
+            j.facts = match volumes.peek() {
+                Some(Ok(v)) if v.name == j.volume => Some(v.facts.clone()),
+                _ => None,
+            };
+            j.by_volume = false;
+            by_claim.push(j)?;
+        }
+        by_claim.finish()
     }
 }
 
@@ -566,7 +686,8 @@ impl VolumeObjects {
 /// backup — `CSISnapshot` with its snapshot's facts when captured, skipped (with the reason)
 /// otherwise. The bytes of the JSON array, each element made, written and dropped in turn.
 pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) -> std::io::Result<W> {
-    let (claim_objs, pvs) = objects.finish();
+    let dir = objects.dir.clone();
+    let joined = objects.finish()?;
     // Each claim's snapshot by id, by the claim key's digest: read back whole for that claim only.
     let mut snap_of: Vec<(u128, u32)> = snapshots(s)
         .flat_map(|snap| snap.plan.claim_keys().map(|k| (k.digest(), snap.st.plan.id)).collect::<Vec<_>>())
@@ -577,11 +698,11 @@ pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) 
     snap_of.dedup_by_key(|e| e.0);
     snap_of.reverse();
     let mut out = JsonArray::new(sink);
-    for (key, bound_to) in &claim_objs {
-        let Some(pv_name) = bound_to.as_deref() else { continue };
+    for j in joined.iter()? {
+        let Joined { volume, key, facts, .. } = j?;
+        let (key, pv_name) = (&key, volume.as_str());
         let ns = key.namespace().map(str::to_string).unwrap_or_default();
-        let pv = pvs.binary_search_by(|(n, _)| (**n).cmp(pv_name)).ok();
-        let pv_info = pv.map(|i| pvs[i].1.json());
+        let pv_info = facts.as_ref().map(VolumeFacts::json);
         let mut v = json!({"pvcName": key.name(), "pvcNamespace": ns, "pvName": pv_name, "snapshotDataMoved": false});
         let id = snap_of.binary_search_by_key(&key.digest(), |e| e.0).ok().map(|i| snap_of[i].1);
         let snap = id.and_then(|id| Snapshot::of(s, s.snapshots.get(id as usize)?));
@@ -635,6 +756,10 @@ pub fn volume_infos<W: Write>(s: &BackupState, objects: VolumeObjects, sink: W) 
             v["pvInfo"] = p;
         }
         out.push(&v)?;
+    }
+    drop(joined);
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir_all(d);
     }
     out.finish()
 }
@@ -991,7 +1116,7 @@ impl<'a> BackupFiles<'a> {
             state,
             results: Results::default(),
             logs: crate::store::gzip_encoder(Spool::new(sort_dir.map(|d| d.join("companion-logs")).as_deref())?),
-            volumes: VolumeObjects::new(state, plans)?,
+            volumes: VolumeObjects::new(state, plans, sort_dir.map(|d| d.join("volume-objects")).as_deref())?,
             names: ResourceNames::new(state, names.as_deref())?,
             next: 0,
         })
@@ -1329,13 +1454,63 @@ pub fn restore_event_line(seq: u64, e: &blockwise_engine::restore_run::RestoreEv
 #[cfg(test)]
 mod tests {
 
-    /// Of the objects the volume information reads, a listed one wins over a fetched one and a
-    /// later over an earlier: each key once, in key order.
+    /// The volume information's objects: of a claim or volume taken twice, a listed one wins over
+    /// a fetched one and a later over an earlier; each bound wanted claim comes once, in key
+    /// order, with its volume's facts when the volume was taken — on disk or in memory.
     #[test]
-    fn the_last_listed_object_of_a_key_wins() {
-        let listed = vec![("b", 1), ("a", 2), ("b", 3)];
-        let fetched = vec![("a", 10), ("c", 11), ("d", 12), ("c", 13)];
-        assert_eq!(last_of_each([listed, fetched]), [("a", 2), ("b", 3), ("c", 13), ("d", 12)]);
+    fn volume_objects_join_the_winning_claims_and_volumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        for dir in [None, Some(tmp.path().join("vo"))] {
+            let pvcs = ResourceType::new("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true);
+            let pvs = ResourceType::new("", "v1", "persistentvolumes", "PersistentVolume", false);
+            let claim = |n: &str| ItemKey::namespaced("", "persistentvolumeclaims", "a", n);
+            let mut wanted: Vec<u128> = ["c1", "c2", "c3", "c0"].iter().map(|n| claim(n).digest()).collect();
+            wanted.sort_unstable();
+            let mut objects = VolumeObjects {
+                types: [(pvcs.gr.clone(), pvcs.clone()), (pvs.gr.clone(), pvs.clone())].into_iter().collect(),
+                wanted,
+                claims: Sorter::fresh(dir.as_ref().map(|d| d.join("claims")).as_deref(), 2).unwrap(),
+                volumes: Sorter::fresh(dir.as_ref().map(|d| d.join("volumes")).as_deref(), 2).unwrap(),
+                dir: dir.clone(),
+                seq: 0,
+                failed: None,
+            };
+            let pvc = |n: &str, pv: Option<&str>| match pv {
+                Some(pv) => json!({"metadata": {"namespace": "a", "name": n},
+                    "spec": {"volumeName": pv}, "status": {"phase": "Bound"}})
+                .to_string(),
+                None => json!({"metadata": {"namespace": "a", "name": n}, "status": {"phase": "Pending"}}).to_string(),
+            };
+            let pv = |n: &str, policy: &str| {
+                json!({"metadata": {"name": n}, "spec": {"persistentVolumeReclaimPolicy": policy}}).to_string()
+            };
+            let taken = [
+                (&pvcs, pvc("c3", Some("pv-gone")), true),
+                (&pvcs, pvc("c2", Some("pv3")), true),
+                (&pvcs, pvc("c4", Some("pv4")), true),
+                (&pvcs, pvc("c1", Some("pv2")), true),
+                (&pvcs, pvc("c1", Some("pv1")), false),
+                (&pvcs, pvc("c2", None), true),
+                (&pvcs, pvc("c0", Some("pv0")), false),
+                (&pvs, pv("pv2", "Retain"), true),
+                (&pvs, pv("pv1", "Delete"), false),
+                (&pvs, pv("pv2", "Delete"), false),
+                (&pvs, pv("pv0", "Delete"), false),
+                (&pvs, pv("pv0", "Recycle"), false),
+            ];
+            for (rt, json, listed) in &taken {
+                objects.take(&rt.gr, json, *listed);
+            }
+            let joined = objects.finish().unwrap();
+            let got: Vec<(String, String, Option<String>)> = (joined.iter().unwrap())
+                .map(|j| j.unwrap())
+                .map(|j| (j.key.name().to_string(), j.volume, j.facts.map(|f| f.reclaim_policy.to_string())))
+                .collect();
+            let want = [("c0", "pv0", Some("Recycle")), ("c1", "pv2", Some("Retain")), ("c3", "pv-gone", None)];
+            let want: Vec<(String, String, Option<String>)> =
+                want.iter().map(|(c, v, p)| (c.to_string(), v.to_string(), p.map(str::to_string))).collect();
+            assert_eq!(got, want, "{dir:?}");
+        }
     }
 
     #[test]
