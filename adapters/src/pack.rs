@@ -140,8 +140,8 @@ pub struct PackIndex {
     sorted: Sorted<Staged>,
 }
 
-/// Records sorted in memory before they are written as one run (~6 MB).
-const INDEX_RUN: usize = 1 << 16;
+/// Records sorted in memory before they are written as one run (~1.6 MB).
+const INDEX_RUN: usize = 1 << 14;
 
 impl PackIndex {
     /// Scans every pack in `dir` (headers only), sorting the records in `sort_dir` (emptied first;

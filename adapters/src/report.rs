@@ -929,8 +929,8 @@ pub struct ResourceNames<'a> {
     names: Sorter<(String, String)>,
 }
 
-/// (type, name) pairs sorted in memory before they are written as one run.
-const NAMES_RUN_RECORDS: usize = 65_536;
+/// (type, name) pairs sorted in memory before they are written as one run (~2 MB).
+const NAMES_RUN_RECORDS: usize = 16_384;
 
 impl<'a> ResourceNames<'a> {
     /// Starts the list of the backup whose whole log folds to `state`, sorting in `dir` (its own:
