@@ -45,28 +45,7 @@ struct EntryRecord {
     digest: [u8; 32],
 }
 
-impl EntryRecord {
-    fn order(&self) -> (&str, u32, u64) {
-        (&self.path, self.block, self.seq)
-    }
-}
-
-impl PartialEq for EntryRecord {
-    fn eq(&self, other: &Self) -> bool {
-        self.order() == other.order()
-    }
-}
-impl Eq for EntryRecord {}
-impl PartialOrd for EntryRecord {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for EntryRecord {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.order().cmp(&other.order())
-    }
-}
+crate::sorted::ordered_by!(EntryRecord, |r| (&r.path, r.block, r.seq));
 
 /// One item given whole ([`ArchiveEntries::of`]: tests and small callers).
 #[derive(Debug, Clone, PartialEq, Eq)]

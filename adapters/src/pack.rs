@@ -84,28 +84,7 @@ struct Staged {
     len: u32,
 }
 
-impl Staged {
-    fn order(&self) -> (&str, std::cmp::Reverse<(u32, u64)>) {
-        (&self.name, std::cmp::Reverse((self.pack, self.offset)))
-    }
-}
-
-impl PartialEq for Staged {
-    fn eq(&self, other: &Self) -> bool {
-        self.order() == other.order()
-    }
-}
-impl Eq for Staged {}
-impl PartialOrd for Staged {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Staged {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.order().cmp(&other.order())
-    }
-}
+crate::sorted::ordered_by!(Staged, |s| (&s.name, std::cmp::Reverse((s.pack, s.offset))));
 
 /// Reads a pack through a window, so a scan makes one read per [`SCAN_WINDOW_BYTES`].
 struct Window<'a, M: StoreMedium> {
@@ -247,26 +226,12 @@ impl PackCursor<'_> {
         self.found.clear();
         self.last = Some(name.to_string());
         let Some(merge) = self.merge.as_mut() else { return Ok(()) };
-        loop {
-            let ahead = match merge.peek() {
-                None => break,
-                Some(Err(_)) => match merge.next() {
-                    Some(Err(e)) => return Err(err(e)),
-                    _ => break,
-                },
-                Some(Ok(s)) => s.name.as_str().cmp(name),
-            };
-            match ahead {
-                std::cmp::Ordering::Less => {
-                    merge.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if let Some(Ok(s)) = merge.next() {
-                        self.found.push(s);
-                    }
-                }
-                std::cmp::Ordering::Greater => break,
-            }
+        // Past the earlier names (a damaged run is an error), then this name's records.
+        while let Some(r) = merge.next_if(|r| r.as_ref().map_or(true, |s| s.name.as_str() < name)) {
+            r.map_err(err)?;
+        }
+        while let Some(r) = merge.next_if(|r| r.as_ref().is_ok_and(|s| s.name == name)) {
+            self.found.push(r.map_err(err)?);
         }
         Ok(())
     }

@@ -492,43 +492,15 @@ struct Joined {
     by_volume: bool,
 }
 
-/// `Eq` and `Ord` of a record type by the key `$order` makes of `$x` (each of the two compared).
-macro_rules! ordered_by {
-    ($t:ty, |$x:ident| $order:expr) => {
-        impl PartialEq for $t {
-            fn eq(&self, other: &Self) -> bool {
-                self.cmp(other) == std::cmp::Ordering::Equal
-            }
-        }
-        impl Eq for $t {}
-        impl PartialOrd for $t {
-            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for $t {
-            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-                let a = {
-                    let $x = self;
-                    $order
-                };
-                let b = {
-                    let $x = other;
-                    $order
-                };
-                a.cmp(&b)
-            }
-        }
-    };
-}
-ordered_by!(ClaimObject, |c| (&c.key, c.rank));
-ordered_by!(VolumeObject, |v| (&v.name, v.rank));
-ordered_by!(Joined, |j| (j.by_volume.then_some(&j.volume), &j.key));
+crate::sorted::ordered_by!(ClaimObject, |c| (&c.key, c.rank));
+crate::sorted::ordered_by!(VolumeObject, |v| (&v.name, v.rank));
+crate::sorted::ordered_by!(Joined, |j| (j.by_volume.then_some(&j.volume), &j.key));
 
-/// Of records sorted by key and rank, the last of each key (the winner).
-fn winners<T, K: PartialEq>(
+/// Of records sorted by key and rank, the last of each key (the winner); `same` says whether two
+/// records have one key.
+fn winners<T>(
     records: impl Iterator<Item = std::io::Result<T>>,
-    key: impl Fn(&T) -> K,
+    same: impl Fn(&T, &T) -> bool,
 ) -> impl Iterator<Item = std::io::Result<T>> {
     let mut records = records.peekable();
     std::iter::from_fn(move || loop {
@@ -537,7 +509,7 @@ fn winners<T, K: PartialEq>(
             Err(e) => return Some(Err(e)),
         };
         match records.peek() {
-            Some(Ok(next)) if key(next) == key(&r) => continue,
+            Some(Ok(next)) if same(next, &r) => continue,
             _ => return Some(Ok(r)),
         }
     })
@@ -657,14 +629,14 @@ impl VolumeObjects {
         let sub = |name: &str| self.dir.as_ref().map(|d| d.join(name));
         let (claims, volumes) = (self.claims.finish()?, self.volumes.finish()?);
         let mut by_volume = Sorter::fresh(sub("by-volume").as_deref(), VOLUME_OBJECTS_RUN)?;
-        for c in winners(claims.iter()?, |c: &ClaimObject| c.key.clone()) {
+        for c in winners(claims.iter()?, |a: &ClaimObject, b| a.key == b.key) {
             let c = c?;
             if let Some(volume) = c.volume {
                 by_volume.push(Joined { volume, key: c.key, facts: None, by_volume: true })?;
             }
         }
         drop(claims);
-        let mut volumes = winners(volumes.iter()?, |v: &VolumeObject| v.name.clone()).peekable();
+        let mut volumes = winners(volumes.iter()?, |a: &VolumeObject, b| a.name == b.name).peekable();
         let mut by_claim = Sorter::fresh(sub("by-claim").as_deref(), VOLUME_OBJECTS_RUN)?;
         for j in by_volume.finish()?.iter()? {
             let mut j = j?;

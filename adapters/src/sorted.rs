@@ -49,6 +49,38 @@ impl AsRef<[u8]> for SharedBytes {
     }
 }
 
+/// `Eq` and `Ord` of a record type by the key `$order` makes of `$x` (each of the two compared):
+/// what a [`Sorter`] orders its records by, when not every field takes part.
+macro_rules! ordered_by {
+    ($t:ty, |$x:ident| $order:expr) => {
+        impl PartialEq for $t {
+            fn eq(&self, other: &Self) -> bool {
+                self.cmp(other) == std::cmp::Ordering::Equal
+            }
+        }
+        impl Eq for $t {}
+        impl PartialOrd for $t {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for $t {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                let a = {
+                    let $x = self;
+                    $order
+                };
+                let b = {
+                    let $x = other;
+                    $order
+                };
+                a.cmp(&b)
+            }
+        }
+    };
+}
+pub(crate) use ordered_by;
+
 /// Gathers records into sorted runs.
 pub struct Sorter<T> {
     dir: Option<PathBuf>,
@@ -297,22 +329,7 @@ mod tests {
 
     #[derive(serde::Serialize, serde::Deserialize, Debug)]
     struct ByKey(u32, u32);
-    impl PartialEq for ByKey {
-        fn eq(&self, o: &Self) -> bool {
-            self.0 == o.0
-        }
-    }
-    impl Eq for ByKey {}
-    impl PartialOrd for ByKey {
-        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for ByKey {
-        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-            self.0.cmp(&o.0)
-        }
-    }
+    ordered_by!(ByKey, |k| k.0);
 
     /// A damaged run is an error naming what is wrong, not a panic or a shorter list.
     #[test]

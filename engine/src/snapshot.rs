@@ -244,7 +244,6 @@ pub struct Claims {
     /// (the key's digest, where the claim is packed), sorted by digest once all are in.
     rows: Vec<(u128, u64)>,
     arena: crate::catalog::Arena,
-    sorted: bool,
 }
 
 impl Claims {
@@ -254,22 +253,17 @@ impl Claims {
         let bytes = crate::state::pack(c).map_err(|e| what(&e))?;
         let at = self.arena.append(&[&bytes]).map_err(|e| what(&e))?;
         self.rows.push((c.key.digest(), at));
-        self.sorted = false;
         Ok(())
     }
 
-    /// Sorts the claims for lookups (the last added of a key kept).
+    /// Sorts the claims for lookups (the last added of a key kept); sealing again changes nothing.
     pub fn seal(&mut self) {
-        if self.sorted {
-            return;
-        }
         // Stable: of one key, the last added ends last, and is kept.
         self.rows.sort_by_key(|r| r.0);
         self.rows.reverse();
         self.rows.dedup_by_key(|r| r.0);
         self.rows.reverse();
         self.rows.shrink_to_fit();
-        self.sorted = true;
     }
 
     /// How many claims.
